@@ -1,0 +1,154 @@
+"""Every protocol constant and limit, each with the reason it has its value.
+
+spec/01-parameters.md restates this table; a test checks the two agree.
+Limits that a user may need to change are defaults of constructor or
+function parameters elsewhere; the values here are those defaults.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+# ------------------------------------------------------------------ versions
+
+# Version of every wire structure defined by spec/. A receiver refuses any
+# other value (UNKNOWN_VERSION) rather than guessing at a layout.
+PROTOCOL_VERSION: Final = 1
+
+# Version of serialized state (pickles). Bumped on any layout change; older
+# versions are migrated on load, newer ones refused (UNKNOWN_STATE_VERSION).
+STATE_VERSION: Final = 1
+
+# ------------------------------------------------------------------ key encodings
+# PQXDH revision 2 requires the encodings of all key types to be disjoint, so
+# a curve key can never be parsed as a KEM key. Each encoding is one type
+# byte followed by the raw key; the type bytes are distinct.
+
+KEY_TYPE_X25519: Final = 0x05  # as libsignal's DJB type byte
+KEY_TYPE_ED25519: Final = 0x06  # hushchat's own assignment
+# libsignal uses 0x07 (Kyber768), 0x08 (Kyber1024), 0x0A (ML-KEM-1024) and
+# has none for ML-KEM-768; hushchat assigns 0x0B, distinct from all of them.
+KEY_TYPE_MLKEM768: Final = 0x0B
+
+X25519_KEY_SIZE: Final = 32
+ED25519_KEY_SIZE: Final = 32
+ED25519_SIGNATURE_SIZE: Final = 64
+MLKEM768_PUBLIC_KEY_SIZE: Final = 1184
+MLKEM768_CIPHERTEXT_SIZE: Final = 1088
+MLKEM768_SEED_SIZE: Final = 64
+MLKEM768_SHARED_SECRET_SIZE: Final = 32
+
+# ------------------------------------------------------------------ info strings
+# HKDF "info" labels. Distinct per use so no derived key can serve two roles.
+# PQXDH asks for an info of at least 8 bytes naming curve, hash and KEM.
+
+X3DH_INFO: Final = b"hushchat_X25519_SHA-256"
+PQXDH_INFO: Final = b"hushchat_X25519_SHA-256_ML-KEM-768"
+RATCHET_ROOT_INFO: Final = b"hushchat_ratchet_root"
+MESSAGE_KEYS_INFO: Final = b"hushchat_message_keys"
+SENDER_KEY_INFO: Final = b"hushchat_sender_key"
+
+# X3DH/PQXDH: F = 32 bytes of 0xFF prepended to the KDF input, so the input
+# can never collide with an XEdDSA-style signature input (X3DH section 2.2).
+KDF_PREFIX: Final = b"\xff" * 32
+SHARED_SECRET_SIZE: Final = 32
+
+# Double Ratchet section 5.2 ENCRYPT: 32-byte AES-256 key, 32-byte HMAC key, 16-byte IV.
+MESSAGE_KEY_MATERIAL_SIZE: Final = 80
+# HMAC-SHA-256 tag truncated to 16 bytes (128 bits): the spec (section 6.6)
+# deems 128 bits fine for CBC+HMAC; libsignal uses 8, we keep the margin.
+MAC_SIZE: Final = 16
+# Sender keys: libsignal's 48 bytes (IV 16 || key 32).
+SENDER_MESSAGE_KEY_MATERIAL_SIZE: Final = 48
+
+# KDF_CK / sender-key chain constants (HMAC inputs), as in the specs.
+CHAIN_MESSAGE_KEY_SEED: Final = b"\x01"
+CHAIN_NEXT_KEY_SEED: Final = b"\x02"
+
+# ------------------------------------------------------------------ Double Ratchet limits
+
+# Most message keys one incoming message may make us derive and store in a
+# single chain (the spec's MAX_SKIP). Bounds the CPU a forged counter costs
+# us (each skipped key is one HMAC) while tolerating long offline gaps.
+# libsignal allows 25,000; a chat that loses 2,000 messages in a row on one
+# chain has a bigger problem than this limit.
+MAX_SKIP: Final = 2000
+
+# Most skipped message keys kept per session, across all chains; the oldest
+# are evicted first. Bounds memory and the size of a stored session record
+# (libsignal: 2,000). Evicted keys make very late messages undecryptable.
+MAX_SKIPPED_KEYS: Final = 2000
+
+# Previous (archived) sessions kept per peer device beside the current one, so
+# that messages in flight across a session reset or a simultaneous initiation
+# still decrypt (libsignal keeps 40). Each costs a record's size in storage.
+MAX_PREVIOUS_SESSIONS: Final = 10
+
+# An initiator session whose handshake was never answered stops being used
+# for sending after this long (libsignal: 30 days): the peer's prekeys it
+# used may have been rotated away, so a fresh bundle is needed.
+MAX_UNACKNOWLEDGED_SESSION_AGE: Final = 30 * 24 * 3600
+
+# Base keys of handshakes accepted without a one-time prekey, remembered to
+# refuse a replayed initial message (X3DH section 4.2). Bounded; cleared for
+# a signed prekey when that prekey is deleted.
+MAX_REMEMBERED_BASE_KEYS: Final = 1000
+
+# ------------------------------------------------------------------ prekeys
+
+# One-time prekeys generated per batch, and the stock below which the relay
+# tells the owner to upload more (XEP-0384 suggests at least 25 of ~100).
+PREKEY_BATCH_SIZE: Final = 100
+PREKEY_LOW_WATERMARK: Final = 25
+
+# Signed prekeys are rotated after this age (X3DH section 3.2 suggests a week
+# to a month); the previous one is kept this long again for late messages.
+SIGNED_PREKEY_ROTATION_AGE: Final = 7 * 24 * 3600
+SIGNED_PREKEY_GRACE_PERIOD: Final = 7 * 24 * 3600
+
+# ------------------------------------------------------------------ sender keys
+
+# Largest forward jump in one sender chain (libsignal MAX_FORWARD_JUMPS is
+# 25,000). Bounds the HMACs a forged iteration costs a receiver.
+MAX_SENDER_KEY_FORWARD_JUMP: Final = 25_000
+
+# Skipped sender message keys kept per sender-key state, oldest evicted
+# (libsignal MAX_MESSAGE_KEYS: 2,000).
+MAX_SENDER_MESSAGE_KEYS: Final = 2000
+
+# Sender-key states kept per (group, sender device), newest first, so that
+# messages sent just before a rotation still decrypt (libsignal: 5).
+MAX_SENDER_KEY_STATES: Final = 5
+
+# Our own sender key is rotated after this age or this many messages, even
+# without a membership change, to bound what one leaked chain key exposes.
+# Signal-Android rotates after 14 days; Megolm every 100 messages or a week.
+SENDER_KEY_MAX_AGE: Final = 7 * 24 * 3600
+SENDER_KEY_MAX_MESSAGES: Final = 1000
+
+# ------------------------------------------------------------------ groups and devices
+
+# Members of one group (each with its devices). Bounds control messages and
+# the fan-out list a relay is asked to deliver.
+MAX_GROUP_MEMBERS: Final = 1000
+# Devices of one user (Signal allows 6 linked devices).
+MAX_DEVICES_PER_USER: Final = 8
+
+# ------------------------------------------------------------------ safety numbers
+
+# Iterations of SHA-512 per fingerprint, as Signal (> 112 bits of work for a
+# second-preimage search on 30 digits).
+FINGERPRINT_ITERATIONS: Final = 5200
+FINGERPRINT_VERSION: Final = 0
+
+# ------------------------------------------------------------------ decoding
+
+# Largest message any decoder accepts. Bounds memory spent on one hostile
+# input before any check runs; Signal-Server caps a message at 96 KiB, and
+# our group messages carry at most a plaintext of MAX_PLAINTEXT_SIZE.
+MAX_MESSAGE_SIZE: Final = 256 * 1024
+MAX_PLAINTEXT_SIZE: Final = 64 * 1024
+
+# Largest serialized state accepted by a loader (a session record with
+# MAX_SKIPPED_KEYS keys and its previous sessions stays well below).
+MAX_STATE_SIZE: Final = 16 * 1024 * 1024

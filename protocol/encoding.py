@@ -1,0 +1,181 @@
+"""Canonical msgpack: the one encoding of every wire structure and pickle.
+
+Wire structures are msgpack arrays of integers, byte strings (``bin``),
+UTF-8 strings, booleans and nil, never maps or floats. The canonical
+encoding of a value is what :func:`pack` produces (smallest integer and
+length formats); :func:`unpack` refuses anything else, so every value has
+exactly one encoding and signatures over encodings are unambiguous.
+
+Decoding never raises anything but :class:`~protocol.errors.DecodeError`
+and its subclasses. :class:`Fields` reads the positional fields of a decoded
+array with type and size checks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, NoReturn
+
+import msgpack
+
+from .consts import MAX_MESSAGE_SIZE
+from .errors import DecodeError, NonCanonicalEncoding
+
+UINT32_MAX = 2**32 - 1
+UINT64_MAX = 2**64 - 1
+
+
+def pack(value: Any) -> bytes:
+    """Encode ``value`` canonically (bytes as ``bin``, str as ``str``)."""
+    data: bytes = msgpack.packb(value, use_bin_type=True)
+    return data
+
+
+def unpack(data: bytes, *, what: str, max_size: int = MAX_MESSAGE_SIZE) -> Any:
+    """Decode exactly one canonical msgpack value from ``data``.
+
+    Raises DecodeError on anything malformed, oversized, trailing, of an
+    unsupported type (map keys, floats, extension types), and
+    NonCanonicalEncoding when the bytes are not the canonical encoding.
+    """
+    if not isinstance(data, bytes | bytearray | memoryview):
+        raise DecodeError(f"{what}: expected bytes")
+    data = bytes(data)
+    if len(data) > max_size:
+        raise DecodeError(f"{what}: {len(data)} bytes exceeds the limit of {max_size}")
+    try:
+        value = msgpack.unpackb(
+            data,
+            raw=False,
+            use_list=True,
+            strict_map_key=True,
+            max_buffer_size=max_size,
+            max_bin_len=max_size,
+            max_str_len=max_size,
+            max_array_len=max_size,
+            max_map_len=max_size,
+            max_ext_len=0,
+        )
+    except Exception as exc:  # msgpack raises a zoo of types; all are "malformed"
+        raise DecodeError(f"{what}: not a single msgpack value") from exc
+    _check_types(value, what)
+    if pack(value) != data:
+        raise NonCanonicalEncoding(f"{what}: not canonically encoded")
+    return value
+
+
+def _check_types(value: Any, what: str, depth: int = 0) -> None:
+    # Depth is bounded by msgpack's own recursion guard; this walks the result
+    # once to refuse floats and extension types before any field is read.
+    if isinstance(value, bool | int | bytes | str) or value is None:
+        return
+    if isinstance(value, list):
+        for item in value:
+            _check_types(item, what, depth + 1)
+        return
+    if isinstance(value, dict):
+        for key, item in value.items():
+            _check_types(key, what, depth + 1)
+            _check_types(item, what, depth + 1)
+        return
+    raise DecodeError(f"{what}: unsupported msgpack type {type(value).__name__}")
+
+
+class Fields:
+    """Typed reader over the positional fields of a decoded msgpack array."""
+
+    __slots__ = ("_items", "_pos", "_what")
+
+    def __init__(self, value: Any, *, what: str, count: int | None = None) -> None:
+        if not isinstance(value, list):
+            raise DecodeError(f"{what}: expected an array")
+        if count is not None and len(value) != count:
+            raise DecodeError(f"{what}: expected {count} fields, got {len(value)}")
+        self._items: Sequence[Any] = value
+        self._pos = 0
+        self._what = what
+
+    @classmethod
+    def decode(
+        cls, data: bytes, *, what: str, count: int | None = None, max_size: int = MAX_MESSAGE_SIZE
+    ) -> Fields:
+        """Decode ``data`` as one canonical array and read its fields."""
+        return cls(unpack(data, what=what, max_size=max_size), what=what, count=count)
+
+    def _fail(self, expected: str) -> NoReturn:
+        raise DecodeError(f"{self._what}: field {self._pos} must be {expected}")
+
+    def _next(self) -> Any:
+        if self._pos >= len(self._items):
+            raise DecodeError(f"{self._what}: missing field {self._pos}")
+        item = self._items[self._pos]
+        return item
+
+    def _advance(self, item: Any) -> Any:
+        self._pos += 1
+        return item
+
+    @property
+    def remaining(self) -> int:
+        return len(self._items) - self._pos
+
+    def uint(self, maximum: int = UINT32_MAX) -> int:
+        item = self._next()
+        if isinstance(item, bool) or not isinstance(item, int) or not 0 <= item <= maximum:
+            self._fail(f"an integer from 0 to {maximum}")
+        return int(self._advance(item))
+
+    def boolean(self) -> bool:
+        item = self._next()
+        if not isinstance(item, bool):
+            self._fail("a boolean")
+        return bool(self._advance(item))
+
+    def bin(self, size: int | None = None, *, max_size: int | None = None) -> bytes:
+        item = self._next()
+        if not isinstance(item, bytes):
+            self._fail("a byte string")
+        if size is not None and len(item) != size:
+            self._fail(f"{size} bytes long")
+        if max_size is not None and len(item) > max_size:
+            self._fail(f"at most {max_size} bytes long")
+        return bytes(self._advance(item))
+
+    def text(self, max_size: int = 1024) -> str:
+        item = self._next()
+        if not isinstance(item, str) or len(item.encode()) > max_size:
+            self._fail(f"a string of at most {max_size} bytes")
+        return str(self._advance(item))
+
+    def optional_uint(self, maximum: int = UINT32_MAX) -> int | None:
+        if self._next() is None:
+            self._advance(None)
+            return None
+        return self.uint(maximum)
+
+    def optional_bin(self, size: int | None = None, *, max_size: int | None = None) -> bytes | None:
+        if self._next() is None:
+            self._advance(None)
+            return None
+        return self.bin(size, max_size=max_size)
+
+    def array(self, *, max_len: int) -> list[Any]:
+        item = self._next()
+        if not isinstance(item, list) or len(item) > max_len:
+            self._fail(f"an array of at most {max_len} items")
+        return list(self._advance(item))
+
+    def nested(self, *, what: str, count: int | None = None) -> Fields:
+        """The next field as an array of its own."""
+        item = self._next()
+        self._advance(item)
+        return Fields(item, what=f"{self._what}.{what}", count=count)
+
+    def raw(self) -> Any:
+        """The next field undecoded (its reader checks it)."""
+        return self._advance(self._next())
+
+    def end(self) -> None:
+        """Assert every field was read."""
+        if self._pos != len(self._items):
+            raise DecodeError(f"{self._what}: {len(self._items) - self._pos} unexpected fields")

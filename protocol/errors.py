@@ -1,0 +1,197 @@
+"""The one exception hierarchy of hushchat.
+
+Every error carries a stable ``code`` string. The codes are part of the
+protocol: spec/08-errors.md lists them and the test vectors name them in
+their ``error`` field, so other implementations can agree on *why* an input
+was refused, not only *that* it was.
+
+Three branches, as h11 separates local from remote errors:
+
+* :class:`RemoteProtocolError`: the bytes we were given (by a peer, or by a
+  relay in between) are bad. Safe to drop the input and carry on.
+* :class:`LocalProtocolError`: the caller misused the API. A bug in the app.
+* :class:`StateError`: stored state (a pickle) is corrupt or from an
+  unknown version.
+
+Messages never contain key material or plaintext.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+
+class ProtocolError(Exception):
+    """Base of every error raised by hushchat."""
+
+    code: ClassVar[str] = "PROTOCOL_ERROR"
+
+    def __init__(self, message: str = "") -> None:
+        super().__init__(message or self.code)
+        self.message = message or self.code
+
+
+# ---------------------------------------------------------------- remote input
+
+
+class RemoteProtocolError(ProtocolError):
+    """Input from the network was refused; state is unchanged."""
+
+    code = "REMOTE_ERROR"
+
+
+class DecodeError(RemoteProtocolError):
+    """Bytes do not decode to the expected structure (truncated, wrong types)."""
+
+    code = "MALFORMED"
+
+
+class NonCanonicalEncoding(DecodeError):
+    """Bytes decode but are not the unique canonical encoding of their value."""
+
+    code = "NON_CANONICAL"
+
+
+class UnknownVersion(DecodeError):
+    """A message or record names a protocol version we do not speak."""
+
+    code = "UNKNOWN_VERSION"
+
+
+class InvalidKey(RemoteProtocolError):
+    """A public key does not decode, is of small order or outside the subgroup."""
+
+    code = "INVALID_KEY"
+
+
+class NonContributoryKey(InvalidKey):
+    """A Diffie-Hellman output was all zero (the peer's key has small order)."""
+
+    code = "NON_CONTRIBUTORY"
+
+
+class BadMac(RemoteProtocolError):
+    """A message authentication code did not verify."""
+
+    code = "BAD_MAC"
+
+
+class BadSignature(RemoteProtocolError):
+    """An Ed25519 signature did not verify."""
+
+    code = "BAD_SIGNATURE"
+
+
+class DecryptionFailed(RemoteProtocolError):
+    """Authenticated bytes did not decrypt (bad padding under a valid signature)."""
+
+    code = "DECRYPTION_FAILED"
+
+
+class DuplicateMessage(RemoteProtocolError):
+    """This message was already decrypted; its key is gone (forward secrecy)."""
+
+    code = "DUPLICATE_MESSAGE"
+
+
+class TooFarInFuture(RemoteProtocolError):
+    """The message counter jumps further ahead than the skip limit allows."""
+
+    code = "TOO_FAR_IN_FUTURE"
+
+
+class UnknownPreKey(RemoteProtocolError):
+    """An initial message names a prekey we do not hold (unknown or already used)."""
+
+    code = "UNKNOWN_PREKEY"
+
+
+class ReplayedHandshake(RemoteProtocolError):
+    """An initial message without a one-time prekey was seen before."""
+
+    code = "REPLAYED_HANDSHAKE"
+
+
+class NoSession(RemoteProtocolError):
+    """A ratchet message arrived for which no session can decrypt it."""
+
+    code = "NO_SESSION"
+
+
+class NoSenderKey(RemoteProtocolError):
+    """A group message names a sender chain we do not hold."""
+
+    code = "NO_SENDER_KEY"
+
+
+class UntrustedIdentity(RemoteProtocolError):
+    """A peer's identity key differs from the one we trust; the app must confirm."""
+
+    code = "UNTRUSTED_IDENTITY"
+
+
+class UnauthorizedChange(RemoteProtocolError):
+    """A group control message is not allowed by the state we hold."""
+
+    code = "UNAUTHORIZED_CHANGE"
+
+
+class StaleChange(RemoteProtocolError):
+    """A group control message does not build on the epoch we hold."""
+
+    code = "STALE_CHANGE"
+
+
+# ---------------------------------------------------------------- local misuse
+
+
+class LocalProtocolError(ProtocolError):
+    """The caller asked for something the protocol does not allow."""
+
+    code = "LOCAL_ERROR"
+
+
+class InvalidArgument(LocalProtocolError):
+    """An argument has the wrong type, size or value."""
+
+    code = "INVALID_ARGUMENT"
+
+
+class InvalidState(LocalProtocolError):
+    """The object is not in a state where this operation is possible."""
+
+    code = "INVALID_STATE"
+
+
+# ---------------------------------------------------------------- stored state
+
+
+class StateError(ProtocolError):
+    """A serialized state ("pickle") cannot be loaded."""
+
+    code = "CORRUPT_STATE"
+
+
+class UnknownStateVersion(StateError):
+    """A pickle was written by a version of hushchat we cannot read."""
+
+    code = "UNKNOWN_STATE_VERSION"
+
+
+def all_error_classes() -> list[type[ProtocolError]]:
+    """Every error class, for the spec's table and the vector checks."""
+    seen: list[type[ProtocolError]] = []
+    pending: list[type[ProtocolError]] = [ProtocolError]
+    while pending:
+        cls = pending.pop(0)
+        seen.append(cls)
+        pending.extend(cls.__subclasses__())
+    return seen
+
+
+def error_for_code(code: str) -> type[ProtocolError]:
+    """The error class with this stable code (for vector verification)."""
+    for cls in all_error_classes():
+        if cls.code == code:
+            return cls
+    raise InvalidArgument(f"unknown error code {code!r}")

@@ -1,0 +1,1 @@
+"""hushchat's trio transport: the relay server and the client library."""
