@@ -49,7 +49,6 @@ def unpack(data: bytes, *, what: str, max_size: int = MAX_MESSAGE_SIZE) -> Any:
             raw=False,
             use_list=True,
             strict_map_key=True,
-            max_buffer_size=max_size,
             max_bin_len=max_size,
             max_str_len=max_size,
             max_array_len=max_size,
