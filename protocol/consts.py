@@ -133,6 +133,12 @@ SENDER_KEY_MAX_MESSAGES: Final = 1000
 MAX_GROUP_MEMBERS: Final = 1000
 # Devices of one user (Signal allows 6 linked devices).
 MAX_DEVICES_PER_USER: Final = 8
+# Longest user id, in UTF-8 bytes (at least 1). User ids are opaque names the
+# relay routes by; 64 bytes fits a UUID or an e-mail-like handle.
+MAX_USER_ID_SIZE: Final = 64
+# Prefix of the message a user identity signs over a device list body, so
+# that this signature can never be read as any other signed hushchat value.
+DEVICE_LIST_SIGNATURE_CONTEXT: Final = b"hushchat_device_list"
 
 # ------------------------------------------------------------------ safety numbers
 

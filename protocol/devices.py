@@ -1,0 +1,316 @@
+"""Several devices per user: the device list a user identity signs.
+
+A user has one long-term *user identity* (an Ed25519 key pair, kept on the
+primary device or offline) and up to ``MAX_DEVICES_PER_USER`` devices, each
+with its own Ed25519 *device identity* and a u32 device id. The user identity
+signs the list of devices; peers and the relay trust a device only if a
+signed list of its user names it. The relay stores and serves the lists but
+cannot add a device: it holds no user identity key.
+
+Wire format (canonical msgpack, spec/00-conventions.md)::
+
+    SignedDeviceList = [body: bin, signature: bin(64)]
+    body = pack([version: uint (= PROTOCOL_VERSION),
+                 user_id: str (1..MAX_USER_ID_SIZE bytes of UTF-8),
+                 user_identity: bin(32),          # Ed25519 public key
+                 counter: uint64,                 # +1 on every change
+                 devices: [[device_id: uint32, device_identity: bin(32)], ...]])
+    signature = Ed25519(user identity, DEVICE_LIST_SIGNATURE_CONTEXT || body)
+
+``devices`` has 1..MAX_DEVICES_PER_USER entries in strictly increasing
+device id order (so each list has exactly one encoding) and every identity
+is a valid Ed25519 public key (it decodes, is not of small order and lies in
+the prime-order subgroup).
+
+A receiver decodes with :meth:`SignedDeviceList.decode`, which verifies the
+signature with the user identity named in the body, then accepts the list
+only through :func:`check_update` against the list it held: same user id,
+same user identity (else UNTRUSTED_IDENTITY, the app must confirm a new
+identity), and a strictly larger counter (else STALE_CHANGE, so a relay
+cannot replay an old list to resurrect a removed device).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from itertools import pairwise
+
+from .consts import (
+    DEVICE_LIST_SIGNATURE_CONTEXT,
+    ED25519_KEY_SIZE,
+    ED25519_SIGNATURE_SIZE,
+    MAX_DEVICES_PER_USER,
+    MAX_USER_ID_SIZE,
+    PROTOCOL_VERSION,
+)
+from .encoding import UINT32_MAX, UINT64_MAX, Fields, pack
+from .errors import (
+    DecodeError,
+    InvalidArgument,
+    InvalidKey,
+    InvalidState,
+    ProtocolError,
+    StaleChange,
+    UnauthorizedChange,
+    UnknownVersion,
+    UntrustedIdentity,
+)
+from .keys import IdentityKeyPair, PublicIdentity
+
+
+def check_user_id(user_id: object, error: type[ProtocolError] = InvalidArgument) -> str:
+    """``user_id`` if it is a str of 1..MAX_USER_ID_SIZE UTF-8 bytes; else raise ``error``."""
+    if not isinstance(user_id, str):
+        raise error("a user id is a string")
+    try:
+        size = len(user_id.encode("utf-8"))
+    except UnicodeEncodeError:
+        raise error("a user id is valid UTF-8") from None
+    if not 1 <= size <= MAX_USER_ID_SIZE:
+        raise error(f"a user id is 1 to {MAX_USER_ID_SIZE} bytes of UTF-8")
+    return user_id
+
+
+def check_identity_key(public: object, error: type[ProtocolError] = InvalidArgument) -> bytes:
+    """Return ``public`` if it is a valid Ed25519 identity public key, else raise ``error``."""
+    if not isinstance(public, bytes) or len(public) != ED25519_KEY_SIZE:
+        raise error("an identity key is 32 bytes")
+    try:
+        PublicIdentity.from_bytes(public)
+    except InvalidKey:
+        raise error("an identity key must be a valid Ed25519 public key") from None
+    return public
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceEntry:
+    """One device of a user: its id and its Ed25519 device identity public key."""
+
+    device_id: int
+    identity: bytes
+
+    def __post_init__(self) -> None:
+        if (
+            isinstance(self.device_id, bool)
+            or not isinstance(self.device_id, int)
+            or not 0 <= self.device_id <= UINT32_MAX
+        ):
+            raise InvalidArgument("a device id is an integer from 0 to 2**32-1")
+        check_identity_key(self.identity)
+
+    def __repr__(self) -> str:
+        return f"DeviceEntry({self.device_id}, {self.identity.hex()})"
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceChanges:
+    """What differs between two device lists of one user.
+
+    A device whose id stays but whose identity changed counts as removed
+    (the old entry) and added (the new one): it is a different device.
+    """
+
+    added: tuple[DeviceEntry, ...]
+    removed: tuple[DeviceEntry, ...]
+
+    def __bool__(self) -> bool:
+        return bool(self.added or self.removed)
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceList:
+    """A user's devices at one ``counter`` value. Immutable; changes make a new list.
+
+    Construction validates everything (InvalidArgument on local misuse);
+    :meth:`SignedDeviceList.decode` validates network input before it gets here.
+    """
+
+    user_id: str
+    user_identity: bytes
+    counter: int
+    devices: tuple[DeviceEntry, ...]
+
+    def __post_init__(self) -> None:
+        check_user_id(self.user_id)
+        check_identity_key(self.user_identity)
+        if (
+            isinstance(self.counter, bool)
+            or not isinstance(self.counter, int)
+            or not 0 <= self.counter <= UINT64_MAX
+        ):
+            raise InvalidArgument("a device list counter is an integer from 0 to 2**64-1")
+        if not isinstance(self.devices, tuple) or not all(
+            isinstance(d, DeviceEntry) for d in self.devices
+        ):
+            raise InvalidArgument("devices is a tuple of DeviceEntry")
+        _check_device_order([d.device_id for d in self.devices], InvalidArgument)
+
+    @classmethod
+    def initial(
+        cls, user_id: str, user_identity: bytes, devices: Iterable[DeviceEntry]
+    ) -> DeviceList:
+        """A user's first list (counter 0); ``devices`` in any order."""
+        return cls(user_id, user_identity, 0, _sorted(devices))
+
+    # ---------------------------------------------------------------- queries
+
+    @property
+    def device_ids(self) -> tuple[int, ...]:
+        return tuple(d.device_id for d in self.devices)
+
+    def device(self, device_id: int) -> DeviceEntry | None:
+        """The entry with this id, or None."""
+        for entry in self.devices:
+            if entry.device_id == device_id:
+                return entry
+        return None
+
+    # ---------------------------------------------------------------- changes
+
+    def _next(self, devices: Iterable[DeviceEntry]) -> DeviceList:
+        if self.counter >= UINT64_MAX:
+            raise InvalidState("device list counter exhausted")
+        return DeviceList(self.user_id, self.user_identity, self.counter + 1, _sorted(devices))
+
+    def with_device(self, entry: DeviceEntry) -> DeviceList:
+        """The next list (counter + 1) with ``entry`` added; its id must be new."""
+        if self.device(entry.device_id) is not None:
+            raise InvalidArgument(f"device {entry.device_id} is already listed")
+        return self._next((*self.devices, entry))
+
+    def without_device(self, device_id: int) -> DeviceList:
+        """The next list (counter + 1) without ``device_id``; the last device cannot go."""
+        if self.device(device_id) is None:
+            raise InvalidArgument(f"device {device_id} is not listed")
+        return self._next(d for d in self.devices if d.device_id != device_id)
+
+    # ---------------------------------------------------------------- encoding
+
+    def encode_body(self) -> bytes:
+        """The canonical body bytes the user identity signs."""
+        return pack(
+            [
+                PROTOCOL_VERSION,
+                self.user_id,
+                self.user_identity,
+                self.counter,
+                [[d.device_id, d.identity] for d in self.devices],
+            ]
+        )
+
+    def sign(self, user_identity: IdentityKeyPair) -> SignedDeviceList:
+        """Sign this list with the user identity key pair it names."""
+        if user_identity.public.ed25519 != self.user_identity:
+            raise InvalidArgument("signing key is not this list's user identity")
+        body = self.encode_body()
+        signature = user_identity.sign(DEVICE_LIST_SIGNATURE_CONTEXT + body)
+        return SignedDeviceList(body, signature, self)
+
+
+@dataclass(frozen=True, slots=True)
+class SignedDeviceList:
+    """A device list with its user identity's signature, as sent on the wire.
+
+    Obtain one from :meth:`DeviceList.sign` or :meth:`decode` (which verifies).
+    """
+
+    body: bytes
+    signature: bytes
+    device_list: DeviceList
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.device_list, DeviceList):
+            raise InvalidArgument("device_list is a DeviceList")
+        if self.body != self.device_list.encode_body():
+            raise InvalidArgument("body is not the encoding of device_list")
+        if not isinstance(self.signature, bytes) or len(self.signature) != ED25519_SIGNATURE_SIZE:
+            raise InvalidArgument("a signature is 64 bytes")
+
+    def encode(self) -> bytes:
+        return pack([self.body, self.signature])
+
+    @classmethod
+    def decode(cls, data: bytes) -> SignedDeviceList:
+        """Decode and verify a signed list.
+
+        Raises DecodeError (malformed, non-canonical, devices out of order),
+        UnknownVersion, InvalidKey (an identity that is not a valid key) or
+        BadSignature (not signed by the user identity in the body).
+        """
+        outer = Fields.decode(data, what="signed device list", count=2)
+        body = outer.bin()
+        signature = outer.bin(ED25519_SIGNATURE_SIZE)
+        outer.end()
+        device_list = _decode_body(body)
+        PublicIdentity.from_bytes(device_list.user_identity).verify(
+            signature, DEVICE_LIST_SIGNATURE_CONTEXT + body
+        )
+        return cls(body, signature, device_list)
+
+    def __repr__(self) -> str:
+        dl = self.device_list
+        return f"SignedDeviceList({dl.user_id!r}, counter={dl.counter}, devices={dl.device_ids})"
+
+
+def _decode_body(body: bytes) -> DeviceList:
+    fields = Fields.decode(body, what="device list body", count=5)
+    version = fields.uint()
+    if version != PROTOCOL_VERSION:
+        raise UnknownVersion(f"device list version {version}")
+    user_id = check_user_id(fields.text(MAX_USER_ID_SIZE), DecodeError)
+    user_identity = fields.bin(ED25519_KEY_SIZE)
+    check_identity_key(user_identity, InvalidKey)
+    counter = fields.uint(UINT64_MAX)
+    raw_devices = fields.array(max_len=MAX_DEVICES_PER_USER)
+    fields.end()
+    devices = []
+    for index, raw in enumerate(raw_devices):
+        entry = Fields(raw, what=f"device list body.devices[{index}]", count=2)
+        device_id = entry.uint()
+        identity = entry.bin(ED25519_KEY_SIZE)
+        entry.end()
+        check_identity_key(identity, InvalidKey)
+        devices.append(DeviceEntry(device_id, identity))
+    _check_device_order([d.device_id for d in devices], DecodeError)
+    return DeviceList(user_id, user_identity, counter, tuple(devices))
+
+
+def _sorted(devices: Iterable[DeviceEntry]) -> tuple[DeviceEntry, ...]:
+    return tuple(sorted(devices, key=lambda d: d.device_id))
+
+
+def _check_device_order(ids: list[int], error: type[ProtocolError]) -> None:
+    if not 1 <= len(ids) <= MAX_DEVICES_PER_USER:
+        raise error(f"a device list has 1 to {MAX_DEVICES_PER_USER} devices")
+    if any(a >= b for a, b in pairwise(ids)):
+        raise error("device ids must be unique and in increasing order")
+
+
+def check_update(old: DeviceList | None, new: DeviceList) -> None:
+    """Check that ``new`` may replace ``old`` (None: the first list seen for the user).
+
+    Raises UnauthorizedChange if the user id differs (a list for someone
+    else), UntrustedIdentity if the user identity differs (the app must have
+    the user confirm the new identity, then pass ``old=None``), and
+    StaleChange unless ``new.counter > old.counter`` (a replayed or rolled
+    back list; a duplicate of the held list is StaleChange too).
+    """
+    if old is None:
+        return
+    if new.user_id != old.user_id:
+        raise UnauthorizedChange("device list is for another user")
+    if new.user_identity != old.user_identity:
+        raise UntrustedIdentity("device list is signed by a different user identity")
+    if new.counter <= old.counter:
+        raise StaleChange(f"device list counter {new.counter} is not above {old.counter}")
+
+
+def device_changes(old: DeviceList | None, new: DeviceList) -> DeviceChanges:
+    """The devices added and removed from ``old`` (None: no devices) to ``new``."""
+    before = set(old.devices) if old is not None else set()
+    after = set(new.devices)
+    return DeviceChanges(
+        added=_sorted(after - before),
+        removed=_sorted(before - after),
+    )
