@@ -79,6 +79,12 @@ MAX_SKIP: Final = 2000
 # (libsignal: 2,000). Evicted keys make very late messages undecryptable.
 MAX_SKIPPED_KEYS: Final = 2000
 
+# Remote ratchet keys of finished receiving chains remembered per session
+# (libsignal keeps 5 receiver chains), so a late message on such a chain
+# whose key is no longer stored is reported as DUPLICATE_MESSAGE rather than
+# being mistaken for a new DH ratchet step.
+MAX_PREVIOUS_RATCHET_KEYS: Final = 5
+
 # Previous (archived) sessions kept per peer device beside the current one, so
 # that messages in flight across a session reset or a simultaneous initiation
 # still decrypt (libsignal keeps 40). Each costs a record's size in storage.
@@ -125,6 +131,16 @@ MAX_SENDER_KEY_STATES: Final = 5
 # Signal-Android rotates after 14 days; Megolm every 100 messages or a week.
 SENDER_KEY_MAX_AGE: Final = 7 * 24 * 3600
 SENDER_KEY_MAX_MESSAGES: Final = 1000
+
+# Group ids are 16 opaque bytes picked by the group layer (libsignal's
+# distribution UUID); every sender-key message names its group so that a
+# receiver can route it, and the signature binds it to that group.
+GROUP_ID_SIZE: Final = 16
+
+# Highest iteration a sender chain sends at: the chain key after it would be
+# at iteration 2^32, which the u32 field cannot carry (libsignal refuses to
+# advance a sender chain past u32::MAX too). The sender must rotate first.
+MAX_SENDER_KEY_ITERATION: Final = 2**32 - 2
 
 # ------------------------------------------------------------------ groups and devices
 

@@ -170,6 +170,10 @@ class Fields:
         self._advance(item)
         return Fields(item, what=f"{self._what}.{what}", count=count)
 
+    def peek(self) -> Any:
+        """The next field, without consuming it."""
+        return self._next()
+
     def raw(self) -> Any:
         """The next field undecoded (its reader checks it)."""
         return self._advance(self._next())

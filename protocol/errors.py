@@ -130,6 +130,12 @@ class UntrustedIdentity(RemoteProtocolError):
     code = "UNTRUSTED_IDENTITY"
 
 
+class FingerprintMismatch(RemoteProtocolError):
+    """A scanned safety number does not match the identity keys we hold."""
+
+    code = "FINGERPRINT_MISMATCH"
+
+
 class UnauthorizedChange(RemoteProtocolError):
     """A group control message is not allowed by the state we hold."""
 

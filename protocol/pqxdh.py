@@ -1,0 +1,139 @@
+"""X3DH and PQXDH key agreement (signal.org specifications; PQXDH revision 2).
+
+Only the key agreement lives here: which DH outputs and KEM secret go into
+the KDF, in which order, and the associated data. Sessions are built on the
+result by :mod:`protocol.session`.
+
+    DH1 = DH(IK_A, SPK_B)   DH2 = DH(EK_A, IK_B)   DH3 = DH(EK_A, SPK_B)
+    DH4 = DH(EK_A, OPK_B)   (only with a one-time prekey)
+    SS  = ML-KEM-768 shared secret   (PQXDH only)
+    SK  = HKDF-SHA-256(salt = 32 zero bytes,
+                       ikm  = 0xFF * 32 || DH1 || DH2 || DH3 [|| DH4] [|| SS],
+                       info = PQXDH_INFO or X3DH_INFO, length 32)
+    AD  = Encode(IK_A) || Encode(IK_B)
+
+Identity keys are Ed25519, used for DH in their X25519 form; ``Encode`` is
+their Ed25519 encoding (0x06 || key), which binds the full identity (the
+X25519 form loses the sign of x). ML-KEM binds its public key into the
+shared secret, so PQXDH revision 2 section 4.12 does not require adding
+``EncodeKEM(PQPK_B)`` to AD. X3DH and PQXDH use different info strings so a
+session of one can never be confused with the other.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from cryptography.hazmat.primitives.asymmetric.mlkem import MLKEM768PrivateKey
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+
+from . import primitives as p
+from .consts import KDF_PREFIX, PQXDH_INFO, SHARED_SECRET_SIZE, X3DH_INFO
+from .errors import InvalidArgument
+from .keys import IdentityKeyPair, PublicIdentity
+from .prekeys import PreKeyBundle
+
+
+@dataclass(frozen=True, slots=True)
+class HandshakeHeader:
+    """What the responder needs to repeat the key agreement (sent in the clear)."""
+
+    identity: PublicIdentity
+    base_key: bytes
+    signed_prekey_id: int
+    one_time_prekey_id: int | None
+    kem_prekey_id: int | None
+    kem_ciphertext: bytes | None = field(repr=False)
+
+    @property
+    def is_post_quantum(self) -> bool:
+        return self.kem_ciphertext is not None
+
+
+@dataclass(frozen=True, slots=True)
+class SharedSecret:
+    """The agreed secret and associated data. Never printed."""
+
+    secret: bytes = field(repr=False)
+    associated_data: bytes = field(repr=False)
+
+
+def _kdf(dh_outputs: list[bytes], kem_secret: bytes | None) -> bytes:
+    ikm = KDF_PREFIX + b"".join(dh_outputs)
+    info = X3DH_INFO
+    if kem_secret is not None:
+        ikm += kem_secret
+        info = PQXDH_INFO
+    return p.hkdf_sha256(ikm, salt=bytes(32), info=info, length=SHARED_SECRET_SIZE)
+
+
+def associated_data(initiator: PublicIdentity, responder: PublicIdentity) -> bytes:
+    return initiator.encode() + responder.encode()
+
+
+def initiate(
+    identity: IdentityKeyPair,
+    bundle: PreKeyBundle,
+    *,
+    post_quantum: bool = True,
+    rng: p.RandomSource = p.SYSTEM_RANDOM,
+) -> tuple[HandshakeHeader, SharedSecret]:
+    """Alice's side: verify the bundle, agree on SK, say what Bob needs.
+
+    Raises BadSignature for a bad prekey signature, NonContributoryKey for an
+    all-zero DH output, InvalidArgument if PQXDH is asked of a bundle without
+    a KEM prekey.
+    """
+    bundle.verify()
+    if post_quantum and bundle.kem_prekey is None:
+        raise InvalidArgument("PQXDH needs a bundle with an ML-KEM prekey")
+    base_key = p.x25519_generate(rng)
+    spk = bundle.signed_prekey.public
+    dh = [
+        identity.dh(spk),
+        p.x25519(base_key, bundle.identity.x25519),
+        p.x25519(base_key, spk),
+    ]
+    if bundle.one_time_prekey is not None:
+        dh.append(p.x25519(base_key, bundle.one_time_prekey.public))
+    kem_secret = kem_ciphertext = None
+    kem_id = None
+    if post_quantum and bundle.kem_prekey is not None:
+        p.mlkem768_public_key(bundle.kem_prekey.public)  # refuse undecodable keys up front
+        kem_secret, kem_ciphertext = rng.encapsulate(bundle.kem_prekey.public)
+        kem_id = bundle.kem_prekey.key_id
+    secret = _kdf(dh, kem_secret)
+    header = HandshakeHeader(
+        identity=identity.public,
+        base_key=p.x25519_public_bytes(base_key),
+        signed_prekey_id=bundle.signed_prekey.key_id,
+        one_time_prekey_id=None
+        if bundle.one_time_prekey is None
+        else bundle.one_time_prekey.key_id,
+        kem_prekey_id=kem_id,
+        kem_ciphertext=kem_ciphertext,
+    )
+    return header, SharedSecret(secret, associated_data(identity.public, bundle.identity))
+
+
+def respond(
+    identity: IdentityKeyPair,
+    header: HandshakeHeader,
+    *,
+    signed_prekey: X25519PrivateKey,
+    one_time_prekey: X25519PrivateKey | None,
+    kem_prekey: MLKEM768PrivateKey | None,
+) -> SharedSecret:
+    """Bob's side, given the private keys the header's ids name."""
+    dh = [
+        p.x25519(signed_prekey, header.identity.x25519),
+        identity.dh(header.base_key),
+        p.x25519(signed_prekey, header.base_key),
+    ]
+    if one_time_prekey is not None:
+        dh.append(p.x25519(one_time_prekey, header.base_key))
+    kem_secret = None
+    if kem_prekey is not None and header.kem_ciphertext is not None:
+        kem_secret = p.mlkem768_decapsulate(kem_prekey, header.kem_ciphertext)
+    secret = _kdf(dh, kem_secret)
+    return SharedSecret(secret, associated_data(header.identity, identity.public))
