@@ -174,3 +174,8 @@ MAX_PLAINTEXT_SIZE: Final = 64 * 1024
 # Largest serialized state accepted by a loader (a session record with
 # MAX_SKIPPED_KEYS keys and its previous sessions stays well below).
 MAX_STATE_SIZE: Final = 16 * 1024 * 1024
+
+# Deepest array nesting any decoder accepts (the outermost value is at depth
+# 0). No hushchat structure nests deeper than 6; the bound keeps a hostile
+# input of nested arrays from exhausting the decoder's stack.
+MAX_NESTING_DEPTH: Final = 32

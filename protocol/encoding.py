@@ -18,7 +18,7 @@ from typing import Any, NoReturn
 
 import msgpack
 
-from .consts import MAX_MESSAGE_SIZE
+from .consts import MAX_MESSAGE_SIZE, MAX_NESTING_DEPTH
 from .errors import DecodeError, NonCanonicalEncoding
 
 UINT32_MAX = 2**32 - 1
@@ -35,7 +35,8 @@ def unpack(data: bytes, *, what: str, max_size: int = MAX_MESSAGE_SIZE) -> Any:
     """Decode exactly one canonical msgpack value from ``data``.
 
     Raises DecodeError on anything malformed, oversized, trailing, of an
-    unsupported type (map keys, floats, extension types), and
+    unsupported type (maps, floats, extension types), nested deeper than
+    MAX_NESTING_DEPTH, and
     NonCanonicalEncoding when the bytes are not the canonical encoding.
     """
     if not isinstance(data, bytes | bytearray | memoryview):
@@ -63,21 +64,18 @@ def unpack(data: bytes, *, what: str, max_size: int = MAX_MESSAGE_SIZE) -> Any:
     return value
 
 
-def _check_types(value: Any, what: str, depth: int = 0) -> None:
-    # Depth is bounded by msgpack's own recursion guard; this walks the result
-    # once to refuse floats and extension types before any field is read.
-    if isinstance(value, bool | int | bytes | str) or value is None:
-        return
-    if isinstance(value, list):
-        for item in value:
-            _check_types(item, what, depth + 1)
-        return
-    if isinstance(value, dict):
-        for key, item in value.items():
-            _check_types(key, what, depth + 1)
-            _check_types(item, what, depth + 1)
-        return
-    raise DecodeError(f"{what}: unsupported msgpack type {type(value).__name__}")
+def _check_types(value: Any, what: str) -> None:
+    # Walks the result once, iteratively, to refuse maps, floats, extension
+    # types and deep nesting before anything (re-encoding included) recurses.
+    pending: list[tuple[Any, int]] = [(value, 0)]
+    while pending:
+        item, depth = pending.pop()
+        if depth > MAX_NESTING_DEPTH:
+            raise DecodeError(f"{what}: nested deeper than {MAX_NESTING_DEPTH}")
+        if isinstance(item, list):
+            pending.extend((child, depth + 1) for child in item)
+        elif not (isinstance(item, bool | int | bytes | str) or item is None):
+            raise DecodeError(f"{what}: unsupported msgpack type {type(item).__name__}")
 
 
 class Fields:
