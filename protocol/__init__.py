@@ -1,4 +1,27 @@
 """hushchat's pure protocol core: no I/O, no clocks, randomness injected.
 
-The public API is re-exported here; see README.md and spec/.
+The objects an app uses, re-exported here (see README.md and spec/):
+
+* :class:`Account`: a device identity and its private prekeys; publishes
+  :class:`PreKeyBundle` data, starts and answers sessions.
+* :class:`SessionRecord`: every session with one peer device; encrypt and
+  decrypt one-to-one messages (transactional: a failure changes nothing).
+* :class:`OutboundSenderKey` / :class:`SenderKeyRecord`: group encryption.
+* :class:`SafetyNumber`: what two users compare out of band.
+* :class:`ProtocolError` and its subclasses in :mod:`protocol.errors`.
 """
+
+from .account import Account as Account
+from .errors import LocalProtocolError as LocalProtocolError
+from .errors import ProtocolError as ProtocolError
+from .errors import RemoteProtocolError as RemoteProtocolError
+from .fingerprint import SafetyNumber as SafetyNumber
+from .group_cipher import OutboundSenderKey as OutboundSenderKey
+from .group_cipher import SenderKeyRecord as SenderKeyRecord
+from .keys import IdentityKeyPair as IdentityKeyPair
+from .keys import PublicIdentity as PublicIdentity
+from .prekeys import PreKeyBundle as PreKeyBundle
+from .primitives import RandomSource as RandomSource
+from .session import DecryptResult as DecryptResult
+from .session import Session as Session
+from .session import SessionRecord as SessionRecord
