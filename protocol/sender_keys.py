@@ -28,12 +28,12 @@ shortest msgpack unsigned integer (1, 2, 3 or 5 bytes), ``bin N`` a byte
 string of exactly N bytes (``c4 NN`` then the bytes for N < 256).
 
 SenderKeyDistributionMessage (SKDM), sent only inside 1:1 sessions, an
-array of 6 (94..98 bytes for a 31-bit chain id)::
+array of 6 (90..98 bytes)::
 
     96                  fixarray, 6 elements
     01                  version       = PROTOCOL_VERSION
     c4 10 <16 bytes>    group_id
-    <uint>              chain_id      u32 (generated as 4 random bytes >> 1)
+    <uint>              chain_id      u32 (made as big-endian 4 random bytes >> 1)
     <uint>              iteration     u32, the chain's next iteration
     c4 20 <32 bytes>    chain_key     CK_iteration
     c4 20 <32 bytes>    signing_key   raw Ed25519 public key
@@ -51,9 +51,11 @@ SenderKeyMessage, ``body || signature``::
     <64 bytes>          signature     Ed25519 over every preceding byte (the body)
 
 The signature is the last 64 bytes; the body before it must be exactly one
-canonical array. With a 31-bit chain id (5-byte uint) a 100-byte plaintext
-(112-byte ciphertext) costs 204 bytes at iterations 0..127, 205 at 128..255
-and 206 at 256..65535; libsignal's protobuf form costs 205, 206 and 207.
+canonical array. Size: 139 + len(uint iteration) + 64 bytes for a 100-byte
+plaintext (112-byte ciphertext) and a chain id of 2^16 or more (a 5-byte
+uint, as nearly all 31-bit random ids): 204 bytes at iterations 0..127, 205
+at 128..255, 206 at 256..65535. libsignal's protobuf form of the same costs
+205 at 0..127, 206 at 128..16383 and 207 at 16384..65535 (chain id >= 2^28).
 
 Decoders raise only :class:`~protocol.errors.ProtocolError` subclasses:
 UnknownVersion for another version, InvalidKey for a signing key that does
