@@ -207,13 +207,15 @@ class OutboundSenderKey:
         max_age: int = SENDER_KEY_MAX_AGE,
         max_messages: int = SENDER_KEY_MAX_MESSAGES,
     ) -> bool:
-        """Whether this key is ``max_age`` seconds old, has sent ``max_messages``, or is spent."""
+        """Whether this key is ``max_age`` seconds old or has sent ``max_messages``.
+
+        ``max_messages`` is at most 2^32 - 1, so a spent chain (one that can
+        no longer encrypt) always needs rotation.
+        """
         _check_time(now)
-        return (
-            now - self._created_at >= max_age
-            or self._iteration >= max_messages
-            or self._iteration > MAX_SENDER_KEY_ITERATION
-        )
+        _check_limit("max_age", max_age)
+        _check_limit("max_messages", max_messages)
+        return now - self._created_at >= max_age or self._iteration >= max_messages
 
     def to_bytes(self) -> bytes:
         return pack(

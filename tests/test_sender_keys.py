@@ -623,7 +623,7 @@ def test_spent_chain_refuses_to_encrypt() -> None:
     assert bob.decrypt(alice.encrypt(b"last")) == b"last"
     assert bob.chains[0].iteration == 2**32 - 1
     assert SenderKeyRecord.from_bytes(bob.to_bytes()).to_bytes() == bob.to_bytes()
-    assert alice.needs_rotation(NOW, max_messages=2**40)
+    assert alice.needs_rotation(NOW, max_messages=2**32 - 1)  # the largest allowed
     with pytest.raises(InvalidState):
         alice.encrypt(b"one too many")
     assert OutboundSenderKey.from_bytes(alice.to_bytes()).iteration == 2**32 - 1
@@ -641,6 +641,10 @@ def test_argument_checks() -> None:
         OutboundSenderKey.create(GROUP, -1)
     with pytest.raises(InvalidArgument):
         alice.needs_rotation(True)
+    with pytest.raises(InvalidArgument):
+        alice.needs_rotation(NOW, max_age=-1)
+    with pytest.raises(InvalidArgument):
+        alice.needs_rotation(NOW, max_messages="many")  # type: ignore[arg-type]
     with pytest.raises(InvalidArgument):
         SenderKeyRecord(b"short")
     bob = receiver_of(alice)
