@@ -124,7 +124,13 @@ def respond(
     one_time_prekey: X25519PrivateKey | None,
     kem_prekey: MLKEM768PrivateKey | None,
 ) -> SharedSecret:
-    """Bob's side, given the private keys the header's ids name."""
+    """Bob's side, given the private keys the header's ids name.
+
+    The base key must lie in the prime-order subgroup (InvalidKey): it
+    identifies the handshake for replay detection, and a torsioned copy of
+    it would agree on the same SK under a different identifier.
+    """
+    p.check_x25519_prime_order(header.base_key)
     dh = [
         p.x25519(signed_prekey, header.identity.x25519),
         identity.dh(header.base_key),

@@ -373,6 +373,29 @@ def ed25519_public_to_x25519(public: bytes) -> bytes:
     return u.to_bytes(32, "little")
 
 
+def check_x25519_prime_order(public: bytes) -> bytes:
+    """Refuse an X25519 public key unless it is canonical and in the prime-order subgroup.
+
+    X25519 clamps every scalar to a multiple of 8, so adding a small-order
+    point to a key changes its encoding but no DH output: a key that serves
+    as an identifier (a handshake's base key, remembered against replays)
+    would otherwise have eight accepted encodings. Also refuses small-order
+    keys and points on the twist. Costs one scalar multiplication (~1 ms).
+    """
+    check_x25519_public(public)
+    u = int.from_bytes(public, "little")
+    if u == _P - 1:  # the birational map to Edwards form is undefined at u = -1
+        raise InvalidKey("X25519 public key is not in the prime-order subgroup")
+    y = (u - 1) * pow(u + 1, -1, _P) % _P
+    try:
+        point, _ = _decode_edwards(y.to_bytes(32, "little"))
+    except InvalidKey as exc:  # u is on the twist
+        raise InvalidKey("X25519 public key is not on the curve") from exc
+    if not _is_identity(_edwards_multiply(point, _L)):
+        raise InvalidKey("X25519 public key is not in the prime-order subgroup")
+    return public
+
+
 def ed25519_private_to_x25519(seed: bytes) -> bytes:
     """The X25519 private scalar of an Ed25519 seed: SHA-512(seed)[:32], clamped."""
     if len(seed) != ED25519_KEY_SIZE:
