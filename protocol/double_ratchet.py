@@ -36,7 +36,14 @@ from .consts import (
     X25519_KEY_SIZE,
 )
 from .encoding import Fields, pack
-from .errors import DecodeError, DuplicateMessage, InvalidState, TooFarInFuture, UnknownVersion
+from .errors import (
+    DecodeError,
+    DuplicateMessage,
+    InvalidKey,
+    InvalidState,
+    TooFarInFuture,
+    UnknownVersion,
+)
 
 _ZERO_SALT = bytes(32)
 
@@ -241,9 +248,12 @@ class RatchetState:
             root_key, chain = kdf_rk(self.root_key, p.x25519(self.self_private, header.ratchet_key))
             start = 0
         else:
+            if self.receive_chain is None:
+                # Only an initiator's first remote key, the peer's signed
+                # prekey, has no receiving chain: the peer never sends under it.
+                raise InvalidKey("ratchet key has no receiving chain")
             if header.message_number < self.receive_count:
                 raise DuplicateMessage("message number already used on this chain")
-            assert self.receive_chain is not None  # a known remote key has a chain
             chain, start = self.receive_chain, self.receive_count
         chain, more = _skip(chain, start, header.message_number, header.ratchet_key, max_skip)
         new_skipped += more
