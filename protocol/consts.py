@@ -155,6 +155,19 @@ MAX_USER_ID_SIZE: Final = 64
 # Prefix of the message a user identity signs over a device list body, so
 # that this signature can never be read as any other signed hushchat value.
 DEVICE_LIST_SIGNATURE_CONTEXT: Final = b"hushchat_device_list"
+# Longest group title, in UTF-8 bytes. Titles travel in every snapshot a
+# joiner receives; 256 bytes is ample for a name and bounds that cost.
+MAX_GROUP_TITLE_SIZE: Final = 256
+# Group states kept behind the current one. A concurrent change whose parent
+# is at most this many epochs old can still win the fork rule and be applied;
+# an older fork cannot be followed (the member must rejoin). Each kept state
+# costs one snapshot (about 100 bytes per member) in the stored record.
+MAX_GROUP_FORK_DEPTH: Final = 16
+# Domain-separation prefixes of group control messages: the author device's
+# signature, the change id (hash of the body) and the state hash chain.
+GROUP_CONTROL_SIGNATURE_CONTEXT: Final = b"hushchat_group_control"
+GROUP_CHANGE_ID_CONTEXT: Final = b"hushchat_group_change"
+GROUP_STATE_HASH_CONTEXT: Final = b"hushchat_group_state"
 
 # ------------------------------------------------------------------ safety numbers
 
