@@ -151,7 +151,12 @@ def hmac_sha256(key: bytes, data: bytes) -> bytes:
 
 
 def hkdf_sha256(ikm: bytes, *, salt: bytes | None, info: bytes, length: int) -> bytes:
-    """RFC 5869 HKDF-SHA-256; ``salt=None`` means 32 zero bytes."""
+    """RFC 5869 HKDF-SHA-256; ``salt=None`` means 32 zero bytes.
+
+    InvalidArgument for more than 255 blocks (8160 bytes), which RFC 5869 forbids.
+    """
+    if length > 255 * 32:
+        raise InvalidArgument("HKDF-SHA-256 derives at most 8160 bytes")
     return HKDF(algorithm=hashes.SHA256(), length=length, salt=salt, info=info).derive(ikm)
 
 
