@@ -1,0 +1,160 @@
+"""Shared fixtures: deterministic randomness, accounts, one-to-one peers, curve25519 math."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from protocol.account import Account
+from protocol.primitives import SeededRandom
+from protocol.session import DecryptResult, SessionRecord
+
+# A fixed "current time" (seconds); the protocol never reads a clock.
+NOW = 1_700_000_000
+
+
+@pytest.fixture
+def rng(request: pytest.FixtureRequest) -> SeededRandom:
+    """Randomness seeded by the test's id: every run of a test sees the same bytes."""
+    return SeededRandom(request.node.nodeid.encode())
+
+
+@pytest.fixture
+def make_account(rng: SeededRandom) -> Callable[..., Account]:
+    """Factory for accounts with a few one-time prekeys (key generation is the slow part)."""
+
+    def make(one_time_prekeys: int = 2) -> Account:
+        return Account.create(now=NOW, one_time_prekeys=one_time_prekeys, rng=rng)
+
+    return make
+
+
+class Peer:
+    """One device in a one-to-one conversation: its account and its record of the other."""
+
+    def __init__(self, account: Account, rng: SeededRandom) -> None:
+        self.account = account
+        self.record = SessionRecord()
+        self.rng = rng
+
+    def encrypt(self, plaintext: bytes, *, now: int = NOW) -> bytes:
+        return self.record.encrypt(plaintext, now=now)
+
+    def decrypt(self, data: bytes, *, now: int = NOW, **kwargs: Any) -> DecryptResult:
+        return self.record.decrypt(data, self.account, now=now, rng=self.rng, **kwargs)
+
+    def state(self) -> bytes:
+        """Everything a decrypt may change, serialized (for before/after comparisons)."""
+        return self.record.to_bytes() + self.account.to_bytes()
+
+
+@pytest.fixture
+def peers(
+    make_account: Callable[..., Account], rng: SeededRandom
+) -> Callable[..., tuple[Peer, Peer]]:
+    """Factory: (alice, bob) where Alice has started a session from Bob's bundle.
+
+    Nothing is sent yet; ``post_quantum`` picks PQXDH or X3DH and ``one_time``
+    whether Bob's bundle carries one-time prekeys.
+    """
+
+    def make(*, post_quantum: bool = True, one_time: bool = True) -> tuple[Peer, Peer]:
+        alice, bob = Peer(make_account(), rng), Peer(make_account(), rng)
+        bundle = bob.account.bundle("bob", 1, one_time=one_time, post_quantum=post_quantum)
+        alice.record.install(
+            alice.account.create_outbound_session(
+                bundle, now=NOW, post_quantum=post_quantum, rng=rng
+            )
+        )
+        return alice, bob
+
+    return make
+
+
+# ------------------------------------------------------------------ curve25519, independently
+# Affine Edwards arithmetic written from RFC 7748/8032, sharing no code with
+# protocol.primitives, to make inputs (torsion points, torsioned keys) and
+# to check results against.
+
+
+class Curve25519:
+    P = 2**255 - 19
+    D = (-121665 * pow(121666, -1, P)) % P
+    L = 2**252 + 27742317777372353535851937790883648493
+    IDENTITY = (0, 1)
+
+    def __init__(self) -> None:
+        base = self.decode((4 * pow(5, -1, self.P) % self.P).to_bytes(32, "little"))
+        assert base is not None
+        self.base = base  # RFC 8032's B: y = 4/5, x even
+        # A point of order 8: [L] of a curve point whose order has the full cofactor.
+        y = 2
+        while True:
+            x = self.recover_x(y, 0)
+            if x is not None:
+                t = self.mul((x, y), self.L)
+                if self.mul(t, 4) != self.IDENTITY:
+                    break
+            y += 1
+        self.torsion = [self.mul(t, i) for i in range(8)]
+
+    def recover_x(self, y: int, sign: int) -> int | None:
+        p = self.P
+        xx = (y * y - 1) * pow(self.D * y * y + 1, -1, p) % p
+        x = pow(xx, (p + 3) // 8, p)
+        if (x * x - xx) % p:
+            x = x * pow(2, (p - 1) // 4, p) % p
+        if (x * x - xx) % p or (x == 0 and sign):
+            return None
+        return p - x if x & 1 != sign else x
+
+    def add(self, a: tuple[int, int], b: tuple[int, int]) -> tuple[int, int]:
+        p = self.P
+        (x1, y1), (x2, y2) = a, b
+        t = self.D * x1 * x2 * y1 * y2 % p
+        x = (x1 * y2 + x2 * y1) * pow(1 + t, -1, p) % p
+        return x, (y1 * y2 + x1 * x2) * pow(1 - t, -1, p) % p
+
+    def mul(self, point: tuple[int, int], k: int) -> tuple[int, int]:
+        result = self.IDENTITY
+        while k:
+            if k & 1:
+                result = self.add(result, point)
+            point = self.add(point, point)
+            k >>= 1
+        return result
+
+    def encode(self, point: tuple[int, int]) -> bytes:
+        x, y = point
+        return (y | (x & 1) << 255).to_bytes(32, "little")
+
+    def decode(self, data: bytes) -> tuple[int, int] | None:
+        n = int.from_bytes(data, "little")
+        y = n & ((1 << 255) - 1)
+        x = None if y >= self.P else self.recover_x(y, n >> 255)
+        return None if x is None else (x, y)
+
+    def to_u(self, point: tuple[int, int]) -> bytes:
+        """The Montgomery u-coordinate (1 + y) / (1 - y) of an Edwards point."""
+        y = point[1]
+        return ((1 + y) * pow(1 - y, -1, self.P) % self.P).to_bytes(32, "little")
+
+    def from_u(self, u: bytes) -> tuple[int, int] | None:
+        """An Edwards point with this u-coordinate (sign of x: 0), None if on the twist."""
+        n = int.from_bytes(u, "little")
+        y = (n - 1) * pow(n + 1, -1, self.P) % self.P
+        x = self.recover_x(y, 0)
+        return None if x is None else (x, y)
+
+    def add_torsion_to_u(self, u: bytes, index: int) -> bytes:
+        """u of (the point with u) + the index-th 8-torsion point: same X25519 results."""
+        point = self.from_u(u)
+        assert point is not None
+        return self.to_u(self.add(point, self.torsion[index]))
+
+
+@pytest.fixture(scope="session")
+def curve25519() -> Curve25519:
+    return Curve25519()
