@@ -189,6 +189,9 @@ class DirectSend:
 
     recipient_user: str
     payloads: tuple[tuple[int, bytes], ...] = field(repr=False)
+    # The plaintext content, kept so a send refused for a stale device list
+    # can be encrypted again for the current devices (ClientCore.resend_direct).
+    content: bytes = field(repr=False, default=b"")
 
 
 @dataclass(frozen=True, slots=True)
@@ -345,6 +348,11 @@ class ClientCore:
         return self.account.identity.public.ed25519
 
     @property
+    def holds_user_identity(self) -> bool:
+        """Whether this device holds the user identity (and so can change the device list)."""
+        return self._user_identity is not None
+
+    @property
     def own_device_list(self) -> SignedDeviceList | None:
         return self._device_lists.get(self.user_id)
 
@@ -492,19 +500,44 @@ class ClientCore:
     ) -> list[DirectSend]:
         """Encrypt one plaintext for each address, grouped by user."""
         by_user: dict[str, list[tuple[int, bytes]]] = {}
-        missing = []
         targets = list(addresses)
-        for address in targets:
-            record = self._sessions.get(address)
-            if record is None or not record.has_usable_session(now):
-                missing.append(address)
-        if missing:
-            raise MissingSessions(missing)
+        self._check_sessions(targets, now)
         for address in targets:
             payload = self._sessions[address].encrypt(plaintext, now=now)
             self._mark(("session", address.user_id, address.device_id))
             by_user.setdefault(address.user_id, []).append((address.device_id, payload))
-        return [DirectSend(user, tuple(payloads)) for user, payloads in by_user.items()]
+        return [DirectSend(user, tuple(payloads), plaintext) for user, payloads in by_user.items()]
+
+    def resend_direct(self, send: DirectSend, *, now: int) -> DirectSend:
+        """Encrypt a refused send's content again for the recipient's current devices.
+
+        For when the relay refused ``send`` because the device list changed:
+        process the list it returned first, create the missing sessions, then
+        call this. MissingSessions if a session is still missing.
+        """
+        targets = [a for a in self.devices_of(send.recipient_user) if a != self.address]
+        (resent,) = self._encrypt_for(targets, send.content, now)
+        return resent
+
+    def resend_group(self, send: GroupSend, *, now: int) -> list[Send]:
+        """Address a refused group send to the group's current devices.
+
+        Devices that lack our sender key get it first (one-to-one). If our
+        key was retired meanwhile (a member or device left), the payload still
+        goes out; a device that cannot read it asks for a retry.
+        """
+        recipients = self._group_recipients(send.group_id)
+        sends: list[Send] = []
+        outbound = self._outbound.get(send.group_id)
+        if outbound is not None:
+            needing = [a for a in recipients if a not in outbound.shared_with]
+            if needing:
+                distribution = SenderKey(outbound.key.distribution_message()).encode()
+                sends.extend(self._encrypt_for(needing, distribution, now))
+                outbound.shared_with.update(needing)
+                self._mark(("outbound", send.group_id))
+        sends.append(GroupSend(send.group_id, send.payload, tuple(recipients)))
+        return sends
 
     def _own_other_devices(self) -> list[Address]:
         return [a for a in self.devices_of(self.user_id) if a != self.address]
