@@ -5,11 +5,13 @@ from __future__ import annotations
 import contextlib
 import hashlib
 from dataclasses import dataclass
+from itertools import permutations
 from typing import Any
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import event, given, settings
 from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, initialize, rule
 
 from protocol import consts
 from protocol.devices import DeviceEntry, DeviceList, SignedDeviceList
@@ -856,3 +858,317 @@ def test_corrupted_encodings_raise_only_protocol_errors(kind: str, data: st.Data
             with contextlib.suppress(ProtocolError):
                 group.apply(decoded, DIRECTORY)
             assert group.to_pickle() == before
+
+
+# ------------------------------------------------------------------ convergence
+
+# Convergence is tested with unbounded history; the depth limit has its own test.
+DEEP = 10_000
+USERS = {u.user_id: u for u in POOL}
+DEVICES = sorted((u.user_id, d) for u in POOL for d in u.devices)
+Device = tuple[str, int]
+
+
+def best_chain(genesis: GroupState, messages: list[ControlMessage]) -> GroupState:
+    """The oracle: from genesis, repeatedly take the valid child with the smallest change id."""
+    node = genesis
+    while True:
+        children = []
+        for message in messages:
+            if (message.parent_epoch, message.parent_hash) != (node.epoch, node.state_hash):
+                continue
+            with contextlib.suppress(ProtocolError):
+                children.append(Group((node,)).apply(message, DIRECTORY).group.current)
+        if not children:
+            return node
+        node = min(children, key=lambda s: s.change_id)
+
+
+def deliver_all(group: Group, order: list[ControlMessage]) -> Group:
+    """Apply ``order``, retrying stale changes until none applies (as senders retry)."""
+    pending = list(order)
+    progress = True
+    while progress:
+        progress = False
+        retry = []
+        for message in pending:
+            try:
+                group = group.apply(message, DIRECTORY, fork_depth=DEEP).group
+                progress = True
+            except StaleChange:
+                retry.append(message)
+            except DuplicateMessage:
+                pass
+        pending = retry
+    return group
+
+
+def test_every_delivery_order_converges() -> None:
+    group, _ = start(BOB, CAROL, DAVE)
+    group = step(group, ALICE, SetAdmin(BOB.user_id, True)).group
+    group = step(group, ALICE, SetAdmin(CAROL.user_id, True)).group
+    a = sign(group, ALICE, SetTitle("a"))
+    b = sign(group, BOB, ERIN.add(), device_id=2)
+    c = sign(group, CAROL, RemoveMember(DAVE.user_id), device_id=3)
+    a2 = sign(group.apply(a, DIRECTORY).group, ALICE, SetAdmin(DAVE.user_id, True))
+    b2 = sign(group.apply(b, DIRECTORY).group, BOB, SetTitle("b"))
+    messages = [a, b, c, a2, b2]
+    best = best_chain(group.current, messages)
+    assert best.epoch in (group.current.epoch + 1, group.current.epoch + 2)
+    finals = {deliver_all(group, list(order)).current for order in permutations(messages)}
+    assert finals == {best}
+
+
+class Replicas:
+    """Every device's copy of the group, fed by a relay that reorders, drops and duplicates."""
+
+    def __init__(self) -> None:
+        self.groups: dict[Device, Group | None] = dict.fromkeys(DEVICES)
+        self.inbox: dict[Device, list[tuple[str, bytes]]] = {d: [] for d in DEVICES}
+        # Everything ever sent to each device: the senders' retry log.
+        self.sent: dict[Device, list[tuple[str, bytes]]] = {d: [] for d in DEVICES}
+        self.messages: list[ControlMessage] = []
+
+    def send(self, kind: str, data: bytes, to: list[Device]) -> None:
+        for device in to:
+            self.inbox[device].append((kind, data))
+            self.sent[device].append((kind, data))
+
+    def publish(self, author: Device, update: GroupUpdate) -> None:
+        """The author applied ``update``; it sends the change (and any welcome)."""
+        self.groups[author] = update.group
+        message = update.message
+        self.messages.append(message)
+        self.send("control", message.encode(), [d for d in DEVICES if d != author])
+        if isinstance(message.action, (AddMember, CreateGroup)):
+            welcome = update.group.welcome(message, max_history=DEEP).encode()
+            joiners = (
+                [m.user_id for m in message.action.members]
+                if isinstance(message.action, CreateGroup)
+                else [message.action.user_id]
+            )
+            self.send("welcome", welcome, [d for d in DEVICES if d[0] in joiners])
+
+    def receive(self, device: Device, kind: str, data: bytes) -> bool | None:
+        """Process one delivery: True if it changed the group, None if worth retrying later."""
+        group = self.groups[device]
+        if kind == "welcome":
+            welcome = Welcome.decode(data, max_history=DEEP)
+            if group is None:
+                user = USERS[device[0]]
+                self.groups[device] = Group.join(
+                    welcome,
+                    DIRECTORY,
+                    user_id=user.user_id,
+                    user_identity=user.identity,
+                    fork_depth=DEEP,
+                ).group
+                return True
+            message = welcome.message  # a device holding the group applies only the change
+        else:
+            message = ControlMessage.decode(data)
+        if group is None:
+            return None
+        before = group.to_pickle()
+        try:
+            update = group.apply(message, DIRECTORY, fork_depth=DEEP)
+        except StaleChange:
+            assert group.to_pickle() == before
+            return None
+        except (DuplicateMessage, UnauthorizedChange):
+            assert group.to_pickle() == before
+            return False
+        if update.discarded:
+            event("a replica switched to a better fork")
+        self.groups[device] = update.group
+        return True
+
+    def flush(self) -> None:
+        """Senders retry until nothing changes: every message is delivered, in send order."""
+        pending = {d: list(items) for d, items in self.sent.items()}
+        progress = True
+        while progress:
+            progress = False
+            for device, items in pending.items():
+                retry = []
+                for kind, data in items:
+                    outcome = self.receive(device, kind, data)
+                    progress = progress or bool(outcome)
+                    if outcome is None:
+                        retry.append((kind, data))
+                pending[device] = retry
+
+
+class GroupConvergence(RuleBasedStateMachine):
+    """Random admin changes, hostile delivery, then every replica must hold the best chain."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = Replicas()
+        self.genesis: GroupState | None = None
+
+    @initialize(size=st.integers(3, 10), admins=st.integers(0, 3))
+    def create(self, size: int, admins: int) -> None:
+        members = POOL[1:size]
+        message = create_group(
+            title="t",
+            members=[m.add() for m in members],
+            author_user_id=ALICE.user_id,
+            author_device_id=1,
+            device_key=ALICE.devices[1],
+            rng=SeededRandom(b"convergence"),
+        )
+        update = Group.from_genesis(message, DIRECTORY)
+        self.genesis = update.group.current
+        self.net.publish((ALICE.user_id, 1), update)
+        for member in members[:admins]:
+            self.propose_as((ALICE.user_id, 1), SetAdmin(member.user_id, True))
+        # A quiet start: everyone gets the group before the relay turns hostile.
+        for device, inbox in self.net.inbox.items():
+            while inbox:
+                self.net.receive(device, *inbox.pop(0))
+
+    def propose_as(self, device: Device, action: Action) -> None:
+        group = self.net.groups[device]
+        assert group is not None
+        user = USERS[device[0]]
+        try:
+            message = group.propose(
+                action,
+                author_user_id=user.user_id,
+                author_device_id=device[1],
+                device_key=user.devices[device[1]],
+            )
+        except InvalidArgument:
+            return  # not allowed in this device's view of the group
+        self.net.publish(device, group.apply(message, DIRECTORY, fork_depth=DEEP))
+
+    def holders(self) -> list[Device]:
+        return [d for d, g in self.net.groups.items() if g is not None]
+
+    def view(self, device: Device) -> GroupState:
+        group = self.net.groups[device]
+        assert group is not None
+        return group.current
+
+    @rule(data=st.data())
+    def propose(self, data: st.DataObject) -> None:
+        # Mostly admins (in their own view): their changes are the ones that apply.
+        admins = [d for d in self.holders() if d[0] in self.view(d).admins]
+        roll: int = data.draw(st.integers(0, 3))
+        if admins and roll:
+            self.propose_random(data.draw(st.sampled_from(admins)), data)
+        else:
+            self.propose_random(data.draw(st.sampled_from(self.holders())), data)
+
+    @rule(data=st.data())
+    def race(self, data: st.DataObject) -> None:
+        """Several admin devices change the group before hearing of each other's change."""
+        admins = [d for d in self.holders() if d[0] in self.view(d).admins]
+        if len(admins) > 1:
+            for device in data.draw(st.lists(st.sampled_from(admins), min_size=2, unique=True)):
+                self.propose_random(device, data)
+
+    def propose_random(self, device: Device, data: st.DataObject) -> None:
+        members = list(self.view(device).user_ids)
+        outsiders = [u.user_id for u in POOL if u.user_id not in members]
+        choices: list[Action] = [Leave(), SetTitle(data.draw(st.sampled_from("abcd")))]
+        target = data.draw(st.sampled_from(members))
+        choices += [RemoveMember(target), SetAdmin(target, True), SetAdmin(target, False)]
+        if outsiders:
+            choices.append(USERS[data.draw(st.sampled_from(outsiders))].add())
+        self.propose_as(device, data.draw(st.sampled_from(choices)))
+
+    def pick(self, data: st.DataObject) -> tuple[Device, int] | None:
+        busy = [d for d in DEVICES if self.net.inbox[d]]
+        if not busy:
+            return None
+        device = data.draw(st.sampled_from(busy))
+        return device, data.draw(st.integers(0, len(self.net.inbox[device]) - 1))
+
+    @rule(data=st.data())
+    def deliver(self, data: st.DataObject) -> None:
+        picked = self.pick(data)
+        if picked is not None:
+            device, index = picked
+            self.net.receive(device, *self.net.inbox[device].pop(index))
+
+    @rule(data=st.data())
+    def drop(self, data: st.DataObject) -> None:
+        picked = self.pick(data)
+        if picked is not None:
+            device, index = picked
+            del self.net.inbox[device][index]
+
+    @rule(data=st.data())
+    def duplicate(self, data: st.DataObject) -> None:
+        picked = self.pick(data)
+        if picked is not None:
+            device, index = picked
+            self.net.inbox[device].append(self.net.inbox[device][index])
+
+    @rule(data=st.data())
+    def relay_forges(self, data: st.DataObject) -> None:
+        """The relay injects a change: it is refused and the replica is untouched."""
+        device = data.draw(st.sampled_from(self.holders()))
+        group = self.net.groups[device]
+        assert group is not None
+        state = group.current
+        outsider = next((u for u in reversed(POOL) if state.member(u.user_id) is None), None)
+        ghost: Action = outsider.add() if outsider else SetTitle("ghost")
+        admin = USERS[state.admins[0]]
+        plain = [m for m in state.members if not m.admin]
+        kind = data.draw(st.sampled_from(["unsigned", "non-admin", "foreign-key", "outsider"]))
+        if kind == "unsigned":
+            real = sign(group, admin, ghost)
+            forged = ControlMessage(
+                real.group_id,
+                real.parent_epoch,
+                real.parent_hash,
+                real.author_user_id,
+                real.author_device_id,
+                real.action,
+                bytes(64),
+            )
+        elif kind == "non-admin" and plain:
+            forged = sign(group, USERS[plain[0].user_id], ghost)
+        elif kind == "foreign-key":
+            forged = ControlMessage.sign(
+                MALLORY_KEY,
+                group_id=state.group_id,
+                parent_epoch=state.epoch,
+                parent_hash=state.state_hash,
+                author_user_id=admin.user_id,
+                author_device_id=data.draw(st.sampled_from([1, 9])),
+                action=ghost,
+            )
+        elif outsider is not None:
+            forged = sign(group, outsider, ghost)
+        else:
+            return
+        before = group.to_pickle()
+        with pytest.raises((BadSignature, UnauthorizedChange)):
+            group.apply(ControlMessage.decode(forged.encode()), DIRECTORY, fork_depth=DEEP)
+        assert group.to_pickle() == before
+
+    def teardown(self) -> None:
+        if self.genesis is None:
+            return
+        self.net.flush()
+        best = best_chain(self.genesis, self.net.messages)
+        event(f"final epoch >= {best.epoch // 5 * 5}")
+        event(f"changes made: >= {len(self.net.messages) // 5 * 5}")
+        made = {m.change_id for m in self.net.messages}
+        for device, group in self.net.groups.items():
+            if device[0] in best.user_ids:
+                assert group is not None, device
+            if group is not None:
+                # Every device that holds the group, member or not, holds the best chain.
+                assert group.current == best, device
+                assert all(s.change_id in made for s in group.states), "a change nobody made"
+
+
+GroupConvergence.TestCase.settings = settings(
+    max_examples=40, stateful_step_count=50, deadline=None
+)
+TestGroupConvergence = GroupConvergence.TestCase
