@@ -45,16 +45,16 @@ Control message
     signature = Ed25519(author device identity, GROUP_CONTROL_SIGNATURE_CONTEXT || body)
     change_id = SHA-256(GROUP_CHANGE_ID_CONTEXT || body)
 
-==  ==============  ====================================================  ======
-#   action          args                                                  author
-==  ==============  ====================================================  ======
+==  ==============  ======================================================  ======
+#   action          args                                                    author
+==  ==============  ======================================================  ======
 0   create          [title: str, [[user_id, user_identity: bin(32)], ...]]  anyone
-1   add_member      [user_id, user_identity: bin(32)]                     admin
-2   remove_member   [user_id]                                             admin
-3   leave           []                                                    member
-4   set_admin       [user_id, admin: bool]                                admin
-5   set_title       [title: str]                                          admin
-==  ==============  ====================================================  ======
+1   add_member      [user_id, user_identity: bin(32)]                       admin
+2   remove_member   [user_id]                                               admin
+3   leave           []                                                      member
+4   set_admin       [user_id, admin: bool]                                  admin
+5   set_title       [title: str]                                            admin
+==  ==============  ======================================================  ======
 
 ``create`` names the *other* initial members (strictly increasing user ids,
 not the author, at most MAX_GROUP_MEMBERS - 1); its parent is epoch 0 and
@@ -1031,6 +1031,9 @@ class Group:
         InvalidArgument if the action is not allowed on the current state.
         """
         current = self.current
+        author = current.member(author_user_id)
+        if author is None:
+            raise InvalidArgument("only a member can change the group")
         message = ControlMessage.sign(
             device_key,
             group_id=current.group_id,
@@ -1040,9 +1043,6 @@ class Group:
             author_device_id=author_device_id,
             action=action,
         )
-        author = current.member(author_user_id)
-        if author is None:
-            raise InvalidArgument("only a member can change the group")
         try:
             _child(current, message, author.user_identity)
         except RemoteProtocolError as exc:
