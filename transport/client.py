@@ -387,9 +387,11 @@ class Client:
                 events=outcome.events,
                 processed=(envelope.guid, self.now()),
             )
-        # Persisted: now the relay may forget it.
-        await connection.ack(envelope.guid)
+        # Persisted (the inbox holds the events until the app takes them), so the
+        # app may see them and the relay may forget the envelope, in that order:
+        # if the acknowledgement is lost, the redelivery is recognised by guid.
         await self._deliver_events(list(outcome.events), ids)
+        await connection.ack(envelope.guid)
         if outcome.sends:
             await self._flush()
 
