@@ -290,29 +290,34 @@ class Client:
             for row_id, send in self.store.outbox():
                 await self._send_one(connection, row_id, send)
 
-    async def _send_one(self, connection: RelayConnection, row_id: int, send: core.Send) -> None:
-        for _ in range(MAX_SEND_ATTEMPTS):
-            try:
-                if isinstance(send, DirectSend):
-                    await connection.send_direct(send.recipient_user, send.payloads)
-                else:
-                    recipients = [(a.user_id, a.device_id) for a in send.recipients]
-                    await connection.send_group(send.payload, recipients)
-            except DeviceListMismatch as mismatch:
-                replacements = await self._rebuild(connection, send, mismatch)
-                new_ids, _ = await self._commit(
-                    self.core.take_changes(), sends=replacements, sent=[row_id]
-                )
-                for new_id, new_send in zip(new_ids, replacements, strict=True):
-                    await self._send_one(connection, new_id, new_send)
-                return
-            except UnknownUser:
-                await self._commit({}, sent=[row_id])  # the user is gone: nothing to deliver
-                return
+    async def _send_one(
+        self, connection: RelayConnection, row_id: int, send: core.Send, attempt: int = 1
+    ) -> None:
+        try:
+            if isinstance(send, DirectSend):
+                await connection.send_direct(send.recipient_user, send.payloads)
             else:
+                recipients = [(a.user_id, a.device_id) for a in send.recipients]
+                await connection.send_group(send.payload, recipients)
+        except DeviceListMismatch as mismatch:
+            if attempt >= MAX_SEND_ATTEMPTS:
+                # Still refused after rebuilding (say, a changed identity awaits the
+                # user's confirmation, so the list we hold stays old): retrying cannot
+                # help, and a stuck send would block the outbox behind it.
                 await self._commit({}, sent=[row_id])
-                return
-        raise TransportError("a send kept being refused for its device list")
+                raise TransportError(
+                    "a send kept being refused for its device list; it was dropped"
+                ) from None
+            replacements = await self._rebuild(connection, send, mismatch)
+            new_ids, _ = await self._commit(
+                self.core.take_changes(), sends=replacements, sent=[row_id]
+            )
+            for new_id, new_send in zip(new_ids, replacements, strict=True):
+                await self._send_one(connection, new_id, new_send, attempt + 1)
+        except UnknownUser:
+            await self._commit({}, sent=[row_id])  # the user is gone: nothing to deliver
+        else:
+            await self._commit({}, sent=[row_id])
 
     async def _rebuild(
         self, connection: RelayConnection, send: core.Send, mismatch: DeviceListMismatch
