@@ -214,7 +214,8 @@ class Client:
         """Accept a changed identity the app's user has confirmed."""
         async with self._lock:
             outcome = self.core.confirm_identity(user_id)
-            await self._commit(self.core.take_changes(), events=outcome.events)
+            _, ids = await self._commit(self.core.take_changes(), events=outcome.events)
+        await self._deliver_events(list(outcome.events), ids)
 
     async def link_device(self, device_id: int, device_identity: bytes) -> None:
         """(Primary device.) Add a device of ours and publish the new signed device list."""
@@ -250,7 +251,8 @@ class Client:
 
     async def _fetch_device_list(self, connection: RelayConnection, user_id: str) -> None:
         outcome = self.core.process_device_list(await connection.fetch_device_list(user_id))
-        await self._commit(self.core.take_changes(), events=outcome.events)
+        _, ids = await self._commit(self.core.take_changes(), events=outcome.events)
+        await self._deliver_events(list(outcome.events), ids)
 
     async def _prepare(self, connection: RelayConnection, user_ids: Iterable[str]) -> None:
         """Device lists and sessions for these users' devices and our own."""
@@ -325,8 +327,8 @@ class Client:
         events: list[core.Event] = []
         for item in mismatch.mismatches:
             events.extend(self.core.process_device_list(item.signed_device_list).events)
-        await self._commit(self.core.take_changes(), events=events)
-        await self._deliver_events(events)
+        _, ids = await self._commit(self.core.take_changes(), events=events)
+        await self._deliver_events(events, ids)
         if isinstance(send, DirectSend):
             await self._start_sessions(
                 connection,
@@ -369,9 +371,10 @@ class Client:
             )
         )
 
-    async def _deliver_events(self, events: list[core.Event], ids: list[int] | None = None) -> None:
-        for index, event in enumerate(events):
-            await self._events_in.send((None if ids is None else ids[index], event))
+    async def _deliver_events(self, events: list[core.Event], ids: list[int]) -> None:
+        """Hand stored events (``ids``: their inbox rows) to the app."""
+        for row_id, event in zip(ids, events, strict=True):
+            await self._events_in.send((row_id, event))
 
     # ------------------------------------------------------------ receiving
 
