@@ -1,0 +1,563 @@
+"""wire.json: every decoder, on valid encodings and on malformed ones.
+
+One test group per structure (``structure`` names it, as in
+spec/06-wire-format.md). A valid test gives the input and its decoded fields
+(``decoded``); re-encoding them must give the input back. An invalid test
+gives an input with one defect and the error the decoder must raise. Only
+the decoding is tested here: signatures and keys in use are the business of
+the other files (a SignedDeviceList's signature is checked by its decoder,
+so its samples are validly signed).
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from ..consts import DEVICE_LIST_SIGNATURE_CONTEXT, MAX_NESTING_DEPTH, PROTOCOL_VERSION
+from ..devices import DeviceEntry, DeviceList, SignedDeviceList
+from ..double_ratchet import Header
+from ..encoding import pack, unpack
+from ..errors import ProtocolError
+from ..group_cipher import OutboundSenderKey
+from ..keys import IdentityKeyPair
+from ..messages import PreKeyMessage, RatchetMessage, decode_message
+from ..prekeys import PreKeyBundle
+from ..sender_keys import SenderKeyDistributionMessage, SenderKeyMessage
+from . import handshake
+from ._common import Checker, Json, case, h, note, opt_h, seeded, unhex, vector_file
+
+NAME = "wire"
+SMALL_ORDER_EDWARDS = unhex("0100000000000000000000000000000000000000000000000000000000000000")
+NON_CANONICAL_U = unhex("edffffffffffffffffffffffffffffffffffffffffffffffffffffffffffff7f")
+
+NOTES = {
+    "Valid": note("BASIC", "A valid encoding and its decoded fields."),
+    "Empty": note("BASIC", "Zero bytes."),
+    "Truncated": note("BASIC", "The last byte is missing."),
+    "TrailingBytes": note("BASIC", "One byte follows the value."),
+    "NonCanonicalArray": note(
+        "CAN_OF_WORMS", "The array length uses array 16 where fixarray fits."
+    ),
+    "NonCanonicalInteger": note("CAN_OF_WORMS", "An integer uses uint 8 where a fixint fits."),
+    "NonCanonicalBin": note("CAN_OF_WORMS", "A byte string uses bin 16 where bin 8 fits."),
+    "UnknownVersion": note("BASIC", "The version field is 2."),
+    "UnknownType": note("BASIC", "The message type is neither 1 nor 2."),
+    "ExtraField": note("BASIC", "One field too many."),
+    "MissingField": note("BASIC", "The last field is missing."),
+    "WrongType": note("BASIC", "A byte-string field holds a UTF-8 string of the same length."),
+    "Float": note("BASIC", "A field holds a float (no float is valid anywhere)."),
+    "Map": note("BASIC", "A map instead of the array (no map is valid anywhere)."),
+    "Extension": note("BASIC", "A field holds an extension type (none is valid anywhere)."),
+    "TooDeep": note("DOS", f"A field holds arrays nested deeper than {MAX_NESTING_DEPTH}."),
+    "WrongSize": note("BASIC", "A fixed-size byte string is one byte short."),
+    "NegativeInteger": note("BASIC", "An unsigned field holds -1."),
+    "IntegerTooLarge": note("BASIC", "A u32 field holds 2^32."),
+    "InvalidKey": note("CONFIDENTIALITY", "A key of small order or not canonically encoded."),
+    "Inconsistent": note(
+        "BASIC", "Fields that go together do not (e.g. a KEM id without ciphertext)."
+    ),
+    "TooShort": note("BASIC", "Too short to hold a signature and a body."),
+    "BadCiphertextLength": note(
+        "BASIC", "A ciphertext length that is not a positive multiple of 16."
+    ),
+    "Order": note("CAN_OF_WORMS", "Entries out of their required order (a second encoding)."),
+}
+
+
+# ------------------------------------------------------------------ structures
+
+
+@dataclass(frozen=True, slots=True)
+class _Structure:
+    name: str
+    decode: Callable[[bytes], Json]
+    encode: Callable[[Json], bytes]
+    # Index of the version (or type) integer and of the first byte-string field.
+    version_index: int
+    bin_index: int
+    # Whether that byte string has a fixed size.
+    fixed_bin: bool = True
+    # Whether the defects go into a signed body before a 64-byte signature.
+    signed_suffix: bool = False
+
+
+def _bundle_json(data: bytes) -> Json:
+    b = PreKeyBundle.decode(data)
+    opk, kem = b.one_time_prekey, b.kem_prekey
+    return {
+        "version": PROTOCOL_VERSION,
+        "user_id": b.user_id,
+        "device_id": b.device_id,
+        "identity": h(b.identity.ed25519),
+        "signed_prekey": {
+            "id": b.signed_prekey.key_id,
+            "public": h(b.signed_prekey.public),
+            "signature": h(b.signed_prekey.signature),
+        },
+        "one_time_prekey": None if opk is None else {"id": opk.key_id, "public": h(opk.public)},
+        "kem_prekey": None
+        if kem is None
+        else {"id": kem.key_id, "public": h(kem.public), "signature": h(kem.signature)},
+        "kem_is_last_resort": b.kem_is_last_resort,
+    }
+
+
+def _message_json(data: bytes) -> Json:
+    m = decode_message(data)
+    if isinstance(m, RatchetMessage):
+        return {"type": 1, "header": h(m.header), "body": h(m.body)}
+    hs = m.handshake
+    return {
+        "type": 2,
+        "identity": h(hs.identity.ed25519),
+        "base_key": h(hs.base_key),
+        "signed_prekey_id": hs.signed_prekey_id,
+        "one_time_prekey_id": hs.one_time_prekey_id,
+        "kem_prekey_id": hs.kem_prekey_id,
+        "kem_ciphertext": opt_h(hs.kem_ciphertext),
+        "header": h(m.message.header),
+        "body": h(m.message.body),
+    }
+
+
+def _message_encode(d: Json) -> bytes:
+    if d["type"] == 1:
+        return RatchetMessage(unhex(d["header"]), unhex(d["body"])).encode()
+    decoded = decode_message(_raw_prekey(d))
+    assert isinstance(decoded, PreKeyMessage)
+    return decoded.encode()
+
+
+def _raw_prekey(d: Json) -> bytes:
+    return pack(
+        [
+            2,
+            unhex(d["identity"]),
+            unhex(d["base_key"]),
+            d["signed_prekey_id"],
+            d["one_time_prekey_id"],
+            d["kem_prekey_id"],
+            None if d["kem_ciphertext"] is None else unhex(d["kem_ciphertext"]),
+            unhex(d["header"]),
+            unhex(d["body"]),
+        ]
+    )
+
+
+def _header_json(data: bytes) -> Json:
+    header = Header.decode(data)
+    return {
+        "version": PROTOCOL_VERSION,
+        "ratchet_key": h(header.ratchet_key),
+        "previous_chain_length": header.previous_chain_length,
+        "message_number": header.message_number,
+    }
+
+
+def _device_list_json(data: bytes) -> Json:
+    signed = SignedDeviceList.decode(data)
+    dl = signed.device_list
+    return {
+        "body": h(signed.body),
+        "signature": h(signed.signature),
+        "version": PROTOCOL_VERSION,
+        "user_id": dl.user_id,
+        "user_identity": h(dl.user_identity),
+        "counter": dl.counter,
+        "devices": [[d.device_id, h(d.identity)] for d in dl.devices],
+    }
+
+
+def _skdm_json(data: bytes) -> Json:
+    m = SenderKeyDistributionMessage.decode(data)
+    return {
+        "version": PROTOCOL_VERSION,
+        "group_id": h(m.group_id),
+        "chain_id": m.chain_id,
+        "iteration": m.iteration,
+        "chain_key": h(m.chain_key),
+        "signing_key": h(m.signing_key),
+    }
+
+
+def _skm_json(data: bytes) -> Json:
+    m = SenderKeyMessage.decode(data)
+    return {
+        "version": PROTOCOL_VERSION,
+        "group_id": h(m.group_id),
+        "chain_id": m.chain_id,
+        "iteration": m.iteration,
+        "ciphertext": h(m.ciphertext),
+        "signature": h(m.signature),
+    }
+
+
+STRUCTURES = {
+    s.name: s
+    for s in (
+        _Structure(
+            "PreKeyBundle",
+            _bundle_json,
+            lambda d: PreKeyBundle.decode(_repack_bundle(d)).encode(),
+            version_index=0,
+            bin_index=3,
+        ),
+        _Structure(
+            "Message", _message_json, _message_encode, version_index=0, bin_index=1, fixed_bin=False
+        ),
+        _Structure(
+            "RatchetHeader",
+            _header_json,
+            lambda d: Header(
+                unhex(d["ratchet_key"]), d["previous_chain_length"], d["message_number"]
+            ).encode(),
+            version_index=0,
+            bin_index=1,
+        ),
+        _Structure(
+            "SignedDeviceList",
+            _device_list_json,
+            lambda d: pack([unhex(d["body"]), unhex(d["signature"])]),
+            version_index=-1,
+            bin_index=0,
+            fixed_bin=False,
+        ),
+        _Structure(
+            "SenderKeyDistributionMessage",
+            _skdm_json,
+            lambda d: SenderKeyDistributionMessage(
+                unhex(d["group_id"]),
+                d["chain_id"],
+                d["iteration"],
+                unhex(d["chain_key"]),
+                unhex(d["signing_key"]),
+            ).encode(),
+            version_index=0,
+            bin_index=1,
+        ),
+        _Structure(
+            "SenderKeyMessage",
+            _skm_json,
+            lambda d: (
+                SenderKeyMessage.encode_body(
+                    unhex(d["group_id"]), d["chain_id"], d["iteration"], unhex(d["ciphertext"])
+                )
+                + unhex(d["signature"])
+            ),
+            version_index=0,
+            bin_index=1,
+            signed_suffix=True,
+        ),
+    )
+}
+
+
+def _repack_bundle(d: Json) -> bytes:
+    spk, opk, kem = d["signed_prekey"], d["one_time_prekey"], d["kem_prekey"]
+    return pack(
+        [
+            d["version"],
+            d["user_id"],
+            d["device_id"],
+            unhex(d["identity"]),
+            [spk["id"], unhex(spk["public"]), unhex(spk["signature"])],
+            None if opk is None else [opk["id"], unhex(opk["public"])],
+            None if kem is None else [kem["id"], unhex(kem["public"]), unhex(kem["signature"])],
+            d["kem_is_last_resort"],
+        ]
+    )
+
+
+# ------------------------------------------------------------------ samples
+
+
+def _device_list_samples() -> list[tuple[str, bytes]]:
+    rng = seeded("wire/devices")
+    user = IdentityKeyPair(rng.random_bytes(32))
+    devices = [DeviceEntry(i, IdentityKeyPair(rng.random_bytes(32)).public.ed25519) for i in (1, 7)]
+    signed = DeviceList("carol", user.public.ed25519, 3, tuple(devices)).sign(user)
+    return [("two devices, counter 3", signed.encode())]
+
+
+def _sender_key_samples() -> tuple[list[tuple[str, bytes]], list[tuple[str, bytes]]]:
+    rng = seeded("wire/sender-key")
+    key = OutboundSenderKey.create(rng.random_bytes(16), 0, rng)
+    skdm = key.distribution_message()
+    message = key.encrypt(b"group hello")
+    return [("SKDM at iteration 0", skdm)], [("message at iteration 0", message)]
+
+
+def _ratchet_samples() -> list[tuple[str, bytes]]:
+    rng = seeded("wire/header")
+    key = IdentityKeyPair(rng.random_bytes(32)).public.x25519
+    return [
+        ("header PN 0, N 0", Header(key, 0, 0).encode()),
+        ("header PN 300, N 70000", Header(key, 300, 70000).encode()),
+    ]
+
+
+# ------------------------------------------------------------------ defects
+
+
+def _raw_array(items: list[bytes], *, wide: bool = False) -> bytes:
+    n = len(items)
+    prefix = b"\xdc" + n.to_bytes(2, "big") if wide or n > 15 else bytes([0x90 | n])
+    return prefix + b"".join(items)
+
+
+def _split(data: bytes, signed: bool) -> tuple[list[Any], bytes]:
+    """The top-level fields of a sample (of its body, for body || signature)."""
+    if signed:
+        return unpack(data[:-64], what="test"), data[-64:]
+    return unpack(data, what="test"), b""
+
+
+def _with_field(fields: list[Any], index: int, raw: bytes, suffix: bytes) -> bytes:
+    items = [pack(f) for f in fields]
+    items[index] = raw
+    return _raw_array(items) + suffix
+
+
+def _generic_defects(structure: _Structure, sample: bytes) -> list[tuple[str, str, bytes]]:
+    fields, suffix = _split(sample, structure.signed_suffix)
+    items = [pack(f) for f in fields]
+    first_bin = fields[structure.bin_index]
+    defects = [
+        ("empty input", "Empty", b""),
+        ("last byte missing", "Truncated", sample[:-1]),
+        ("a zero byte after the value", "TrailingBytes", sample + b"\x00"),
+        ("array length as array 16", "NonCanonicalArray", _raw_array(items, wide=True) + suffix),
+        (
+            f"field {structure.bin_index} as bin 16",
+            "NonCanonicalBin",
+            _with_field(
+                fields,
+                structure.bin_index,
+                b"\xc5" + len(first_bin).to_bytes(2, "big") + first_bin,
+                suffix,
+            ),
+        ),
+        ("one extra field (nil)", "ExtraField", _raw_array([*items, b"\xc0"]) + suffix),
+        ("last field missing", "MissingField", _raw_array(items[:-1]) + suffix),
+        (
+            f"field {structure.bin_index} as a string",
+            "WrongType",
+            _with_field(fields, structure.bin_index, pack("x" * len(first_bin)), suffix),
+        ),
+        (
+            f"field {structure.bin_index} as a float",
+            "Float",
+            _with_field(fields, structure.bin_index, b"\xcb" + struct.pack(">d", 1.0), suffix),
+        ),
+        (
+            f"field {structure.bin_index} as an extension",
+            "Extension",
+            _with_field(fields, structure.bin_index, b"\xd4\x01\x00", suffix),
+        ),
+        ("a map instead of the array", "Map", pack({"a": 1}) + suffix),
+        (
+            f"last field nested {MAX_NESTING_DEPTH + 1} arrays deep",
+            "TooDeep",
+            _with_field(
+                fields, len(fields) - 1, b"\x91" * (MAX_NESTING_DEPTH + 1) + b"\xc0", suffix
+            ),
+        ),
+    ]
+    if structure.fixed_bin:
+        defects.append(
+            (
+                f"field {structure.bin_index} one byte short",
+                "WrongSize",
+                _with_field(fields, structure.bin_index, pack(first_bin[:-1]), suffix),
+            )
+        )
+    if structure.version_index >= 0:
+        version = fields[structure.version_index]
+        defects += [
+            (
+                f"field {structure.version_index} as uint 8",
+                "NonCanonicalInteger",
+                _with_field(fields, structure.version_index, b"\xcc" + bytes([version]), suffix),
+            ),
+            (
+                f"field {structure.version_index} is -1",
+                "NegativeInteger",
+                _with_field(fields, structure.version_index, pack(-1), suffix),
+            ),
+        ]
+    return defects
+
+
+def _replace(sample: bytes, structure: _Structure, index: int, value: Any) -> bytes:
+    fields, suffix = _split(sample, structure.signed_suffix)
+    fields[index] = value
+    return pack(fields) + suffix
+
+
+def _specific_defects(name: str, sample: bytes) -> list[tuple[str, str, bytes]]:
+    s = STRUCTURES[name]
+    version = ("version 2", "UnknownVersion", _replace(sample, s, 0, PROTOCOL_VERSION + 1))
+    if name == "PreKeyBundle":
+        fields = unpack(sample, what="test")
+        spk = list(fields[4])
+        spk[1] = NON_CANONICAL_U
+        return [
+            version,
+            ("identity of small order", "InvalidKey", _replace(sample, s, 3, SMALL_ORDER_EDWARDS)),
+            ("signed prekey u = p", "InvalidKey", _replace(sample, s, 4, spk)),
+            ("device id 2^32", "IntegerTooLarge", _replace(sample, s, 2, 2**32)),
+            ("user id of 65 bytes", "WrongSize", _replace(sample, s, 1, "u" * 65)),
+        ]
+    if name == "Message":
+        fields = unpack(sample, what="test")
+        if fields[0] == 1:
+            return [
+                ("message type 3", "UnknownType", _replace(sample, s, 0, 3)),
+                ("header of 129 bytes", "WrongSize", _replace(sample, s, 1, bytes(129))),
+            ]
+        return [
+            ("identity of small order", "InvalidKey", _replace(sample, s, 1, SMALL_ORDER_EDWARDS)),
+            ("base key u = p", "InvalidKey", _replace(sample, s, 2, NON_CANONICAL_U)),
+            (
+                "KEM prekey id without ciphertext",
+                "Inconsistent",
+                _replace(sample, s, 6, None)
+                if fields[5] is not None
+                else _replace(sample, s, 5, 5),
+            ),
+            ("signed prekey id 2^32", "IntegerTooLarge", _replace(sample, s, 3, 2**32)),
+        ]
+    if name == "RatchetHeader":
+        return [
+            version,
+            ("ratchet key u = p", "InvalidKey", _replace(sample, s, 1, NON_CANONICAL_U)),
+            ("N = 2^32", "IntegerTooLarge", _replace(sample, s, 3, 2**32)),
+        ]
+    if name == "SignedDeviceList":
+        return _device_list_defects(sample)
+    if name == "SenderKeyDistributionMessage":
+        return [
+            version,
+            (
+                "signing key of small order",
+                "InvalidKey",
+                _replace(sample, s, 5, SMALL_ORDER_EDWARDS),
+            ),
+            ("chain id 2^32", "IntegerTooLarge", _replace(sample, s, 2, 2**32)),
+        ]
+    if name == "SenderKeyMessage":
+        fields, signature = _split(sample, True)
+        return [
+            version,
+            (
+                "iteration 2^32 - 1 (beyond the last)",
+                "IntegerTooLarge",
+                _replace(sample, s, 3, 2**32 - 1),
+            ),
+            ("ciphertext of 15 bytes", "BadCiphertextLength", _replace(sample, s, 4, bytes(15))),
+            ("ciphertext empty", "BadCiphertextLength", _replace(sample, s, 4, b"")),
+            ("only a signature", "TooShort", signature),
+        ]
+    raise AssertionError(name)
+
+
+def _device_list_defects(sample: bytes) -> list[tuple[str, str, bytes]]:
+    """Body defects, each validly signed so the body decoder is what refuses them."""
+    rng = seeded("wire/devices")
+    user = IdentityKeyPair(rng.random_bytes(32))
+    body = unpack(unpack(sample, what="test")[0], what="test")
+
+    def signed(new_body: list[Any]) -> bytes:
+        raw = pack(new_body)
+        return pack([raw, user.sign(DEVICE_LIST_SIGNATURE_CONTEXT + raw)])
+
+    def variant(index: int, value: Any) -> bytes:
+        changed = list(body)
+        changed[index] = value
+        return signed(changed)
+
+    devices = body[4]
+    return [
+        ("body version 2", "UnknownVersion", variant(0, PROTOCOL_VERSION + 1)),
+        ("devices in decreasing id order", "Order", variant(4, list(reversed(devices)))),
+        ("the same device id twice", "Order", variant(4, [devices[0], devices[0]])),
+        ("no devices", "WrongSize", variant(4, [])),
+        ("empty user id", "WrongSize", variant(1, "")),
+        (
+            "device identity of small order",
+            "InvalidKey",
+            variant(4, [[devices[0][0], SMALL_ORDER_EDWARDS]]),
+        ),
+    ]
+
+
+def _error(structure: _Structure, data: bytes) -> str | None:
+    try:
+        structure.decode(data)
+    except ProtocolError as exc:
+        return exc.code
+    return None
+
+
+def _group(name: str, samples: list[tuple[str, bytes]]) -> Json:
+    structure = STRUCTURES[name]
+    tests = [
+        case(comment, flags=("Valid",), input=h(data), decoded=structure.decode(data))
+        for comment, data in samples
+    ]
+    defects = _generic_defects(structure, samples[0][1])
+    for _, data in samples:
+        defects += _specific_defects(name, data)
+    seen: set[str] = set()
+    for comment, flag, data in defects:
+        if comment in seen:  # samples of one structure share their specific defects
+            continue
+        seen.add(comment)
+        error = _error(structure, data)
+        if error is None:
+            raise AssertionError(f"{name}: {comment}: the decoder accepted it")
+        tests.append(case(comment, result="invalid", error=error, flags=(flag,), input=h(data)))
+    return {"type": "Decode", "structure": name, "tests": tests}
+
+
+def generate() -> Json:
+    skdms, skms = _sender_key_samples()
+    rng = seeded("wire/ratchet-message")
+    ratchet_message = RatchetMessage(_ratchet_samples()[0][1], rng.random_bytes(48)).encode()
+    groups = [
+        _group("PreKeyBundle", handshake.sample_bundles()),
+        _group(
+            "Message",
+            [("RatchetMessage", ratchet_message), *handshake.sample_initial_messages()],
+        ),
+        _group("RatchetHeader", _ratchet_samples()),
+        _group("SignedDeviceList", _device_list_samples()),
+        _group("SenderKeyDistributionMessage", skdms),
+        _group("SenderKeyMessage", skms),
+    ]
+    return vector_file(
+        NAME,
+        description=(
+            "Decoding of every wire structure: valid encodings with their fields, and malformed, "
+            "non-canonical, unknown-version and wrongly typed inputs with the error each must give."
+        ),
+        spec=["00-conventions.md", "06-wire-format.md"],
+        notes=NOTES,
+        groups=groups,
+    )
+
+
+def verify_test(group: Json, test: Json) -> list[str]:
+    c = Checker()
+    structure = STRUCTURES.get(group["structure"])
+    if structure is None:
+        return [f"unknown structure {group['structure']}"]
+    data = unhex(test["input"])
+    decoded = c.outcome("decode", test, lambda: structure.decode(data))
+    if decoded is not None:
+        c.equal("decoded", test["decoded"], decoded)
+        c.equal("re-encoded", test["input"], h(structure.encode(test["decoded"])))
+    return c.failures
