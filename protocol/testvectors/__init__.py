@@ -18,6 +18,7 @@ from ..consts import PROTOCOL_VERSION
 from ..errors import ProtocolError
 from . import (
     devices,
+    group,
     handshake,
     kdf,
     key_conversion,
@@ -54,6 +55,7 @@ FILES: tuple[VectorFile, ...] = (
     VectorFile("wire", wire.generate, wire.verify_test),
     VectorFile("safety_number", safety_number.generate, safety_number.verify_test),
     VectorFile("devices", devices.generate, devices.verify_test),
+    VectorFile("group", group.generate, group.verify_test),
 )
 BY_FILENAME = {f.filename: f for f in FILES}
 
@@ -98,8 +100,8 @@ def verify_header(filename: str, data: Json) -> list[str]:
 def verify_file(filename: str, data: Json) -> list[str]:
     """Every failure in one loaded file, each prefixed with ``file:tcId``."""
     failures = verify_header(filename, data)
-    for group, test in iter_tests(data):
-        for failure in verify_test(filename, group, test):
+    for test_group, test in iter_tests(data):
+        for failure in verify_test(filename, test_group, test):
             failures.append(f"{filename}:{test.get('tcId')}: {failure}")
     return failures
 

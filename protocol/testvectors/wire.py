@@ -11,23 +11,20 @@ so its samples are validly signed).
 
 from __future__ import annotations
 
-import struct
-from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 from ..consts import DEVICE_LIST_SIGNATURE_CONTEXT, MAX_NESTING_DEPTH, PROTOCOL_VERSION
 from ..devices import DeviceEntry, DeviceList, SignedDeviceList
 from ..double_ratchet import Header
 from ..encoding import pack, unpack
-from ..errors import ProtocolError
 from ..group_cipher import OutboundSenderKey
 from ..keys import IdentityKeyPair
 from ..messages import PreKeyMessage, RatchetMessage, decode_message
 from ..prekeys import PreKeyBundle
 from ..sender_keys import SenderKeyDistributionMessage, SenderKeyMessage
-from . import handshake
+from . import handshake, wire_group
 from ._common import Checker, Json, case, h, note, opt_h, seeded, unhex, vector_file
+from ._wire import Defect, Structure, error_of, generic_defects, replace, split
 
 NAME = "wire"
 SMALL_ORDER_EDWARDS = unhex("0100000000000000000000000000000000000000000000000000000000000000")
@@ -68,20 +65,6 @@ NOTES = {
 
 
 # ------------------------------------------------------------------ structures
-
-
-@dataclass(frozen=True, slots=True)
-class _Structure:
-    name: str
-    decode: Callable[[bytes], Json]
-    encode: Callable[[Json], bytes]
-    # Index of the version (or type) integer and of the first byte-string field.
-    version_index: int
-    bin_index: int
-    # Whether that byte string has a fixed size.
-    fixed_bin: bool = True
-    # Whether the defects go into a signed body before a 64-byte signature.
-    signed_suffix: bool = False
 
 
 def _bundle_json(data: bytes) -> Json:
@@ -198,17 +181,17 @@ def _skm_json(data: bytes) -> Json:
 STRUCTURES = {
     s.name: s
     for s in (
-        _Structure(
+        Structure(
             "PreKeyBundle",
             _bundle_json,
             lambda d: PreKeyBundle.decode(_repack_bundle(d)).encode(),
             version_index=0,
             bin_index=3,
         ),
-        _Structure(
+        Structure(
             "Message", _message_json, _message_encode, version_index=0, bin_index=1, fixed_bin=False
         ),
-        _Structure(
+        Structure(
             "RatchetHeader",
             _header_json,
             lambda d: Header(
@@ -217,7 +200,7 @@ STRUCTURES = {
             version_index=0,
             bin_index=1,
         ),
-        _Structure(
+        Structure(
             "SignedDeviceList",
             _device_list_json,
             lambda d: pack([unhex(d["body"]), unhex(d["signature"])]),
@@ -225,7 +208,7 @@ STRUCTURES = {
             bin_index=0,
             fixed_bin=False,
         ),
-        _Structure(
+        Structure(
             "SenderKeyDistributionMessage",
             _skdm_json,
             lambda d: SenderKeyDistributionMessage(
@@ -238,7 +221,7 @@ STRUCTURES = {
             version_index=0,
             bin_index=1,
         ),
-        _Structure(
+        Structure(
             "SenderKeyMessage",
             _skm_json,
             lambda d: (
@@ -253,6 +236,9 @@ STRUCTURES = {
         ),
     )
 }
+
+
+STRUCTURES.update(wire_group.STRUCTURES)
 
 
 def _repack_bundle(d: Json) -> bytes:
@@ -302,139 +288,42 @@ def _ratchet_samples() -> list[tuple[str, bytes]]:
 # ------------------------------------------------------------------ defects
 
 
-def _raw_array(items: list[bytes], *, wide: bool = False) -> bytes:
-    n = len(items)
-    prefix = b"\xdc" + n.to_bytes(2, "big") if wide or n > 15 else bytes([0x90 | n])
-    return prefix + b"".join(items)
-
-
-def _split(data: bytes, signed: bool) -> tuple[list[Any], bytes]:
-    """The top-level fields of a sample (of its body, for body || signature)."""
-    if signed:
-        return unpack(data[:-64], what="test"), data[-64:]
-    return unpack(data, what="test"), b""
-
-
-def _with_field(fields: list[Any], index: int, raw: bytes, suffix: bytes) -> bytes:
-    items = [pack(f) for f in fields]
-    items[index] = raw
-    return _raw_array(items) + suffix
-
-
-def _generic_defects(structure: _Structure, sample: bytes) -> list[tuple[str, str, bytes]]:
-    fields, suffix = _split(sample, structure.signed_suffix)
-    items = [pack(f) for f in fields]
-    first_bin = fields[structure.bin_index]
-    defects = [
-        ("empty input", "Empty", b""),
-        ("last byte missing", "Truncated", sample[:-1]),
-        ("a zero byte after the value", "TrailingBytes", sample + b"\x00"),
-        ("array length as array 16", "NonCanonicalArray", _raw_array(items, wide=True) + suffix),
-        (
-            f"field {structure.bin_index} as bin 16",
-            "NonCanonicalBin",
-            _with_field(
-                fields,
-                structure.bin_index,
-                b"\xc5" + len(first_bin).to_bytes(2, "big") + first_bin,
-                suffix,
-            ),
-        ),
-        ("one extra field (nil)", "ExtraField", _raw_array([*items, b"\xc0"]) + suffix),
-        ("last field missing", "MissingField", _raw_array(items[:-1]) + suffix),
-        (
-            f"field {structure.bin_index} as a string",
-            "WrongType",
-            _with_field(fields, structure.bin_index, pack("x" * len(first_bin)), suffix),
-        ),
-        (
-            f"field {structure.bin_index} as a float",
-            "Float",
-            _with_field(fields, structure.bin_index, b"\xcb" + struct.pack(">d", 1.0), suffix),
-        ),
-        (
-            f"field {structure.bin_index} as an extension",
-            "Extension",
-            _with_field(fields, structure.bin_index, b"\xd4\x01\x00", suffix),
-        ),
-        ("a map instead of the array", "Map", pack({"a": 1}) + suffix),
-        (
-            f"last field nested {MAX_NESTING_DEPTH + 1} arrays deep",
-            "TooDeep",
-            _with_field(
-                fields, len(fields) - 1, b"\x91" * (MAX_NESTING_DEPTH + 1) + b"\xc0", suffix
-            ),
-        ),
-    ]
-    if structure.fixed_bin:
-        defects.append(
-            (
-                f"field {structure.bin_index} one byte short",
-                "WrongSize",
-                _with_field(fields, structure.bin_index, pack(first_bin[:-1]), suffix),
-            )
-        )
-    if structure.version_index >= 0:
-        version = fields[structure.version_index]
-        defects += [
-            (
-                f"field {structure.version_index} as uint 8",
-                "NonCanonicalInteger",
-                _with_field(fields, structure.version_index, b"\xcc" + bytes([version]), suffix),
-            ),
-            (
-                f"field {structure.version_index} is -1",
-                "NegativeInteger",
-                _with_field(fields, structure.version_index, pack(-1), suffix),
-            ),
-        ]
-    return defects
-
-
-def _replace(sample: bytes, structure: _Structure, index: int, value: Any) -> bytes:
-    fields, suffix = _split(sample, structure.signed_suffix)
-    fields[index] = value
-    return pack(fields) + suffix
-
-
-def _specific_defects(name: str, sample: bytes) -> list[tuple[str, str, bytes]]:
+def _specific_defects(name: str, sample: bytes) -> list[Defect]:
     s = STRUCTURES[name]
-    version = ("version 2", "UnknownVersion", _replace(sample, s, 0, PROTOCOL_VERSION + 1))
+    version = ("version 2", "UnknownVersion", replace(sample, s, 0, PROTOCOL_VERSION + 1))
     if name == "PreKeyBundle":
         fields = unpack(sample, what="test")
         spk = list(fields[4])
         spk[1] = NON_CANONICAL_U
         return [
             version,
-            ("identity of small order", "InvalidKey", _replace(sample, s, 3, SMALL_ORDER_EDWARDS)),
-            ("signed prekey u = p", "InvalidKey", _replace(sample, s, 4, spk)),
-            ("device id 2^32", "IntegerTooLarge", _replace(sample, s, 2, 2**32)),
-            ("user id of 65 bytes", "WrongSize", _replace(sample, s, 1, "u" * 65)),
+            ("identity of small order", "InvalidKey", replace(sample, s, 3, SMALL_ORDER_EDWARDS)),
+            ("signed prekey u = p", "InvalidKey", replace(sample, s, 4, spk)),
+            ("device id 2^32", "IntegerTooLarge", replace(sample, s, 2, 2**32)),
+            ("user id of 65 bytes", "WrongSize", replace(sample, s, 1, "u" * 65)),
         ]
     if name == "Message":
         fields = unpack(sample, what="test")
         if fields[0] == 1:
             return [
-                ("message type 3", "UnknownType", _replace(sample, s, 0, 3)),
-                ("header of 129 bytes", "WrongSize", _replace(sample, s, 1, bytes(129))),
+                ("message type 3", "UnknownType", replace(sample, s, 0, 3)),
+                ("header of 129 bytes", "WrongSize", replace(sample, s, 1, bytes(129))),
             ]
         return [
-            ("identity of small order", "InvalidKey", _replace(sample, s, 1, SMALL_ORDER_EDWARDS)),
-            ("base key u = p", "InvalidKey", _replace(sample, s, 2, NON_CANONICAL_U)),
+            ("identity of small order", "InvalidKey", replace(sample, s, 1, SMALL_ORDER_EDWARDS)),
+            ("base key u = p", "InvalidKey", replace(sample, s, 2, NON_CANONICAL_U)),
             (
                 "KEM prekey id without ciphertext",
                 "Inconsistent",
-                _replace(sample, s, 6, None)
-                if fields[5] is not None
-                else _replace(sample, s, 5, 5),
+                replace(sample, s, 6, None) if fields[5] is not None else replace(sample, s, 5, 5),
             ),
-            ("signed prekey id 2^32", "IntegerTooLarge", _replace(sample, s, 3, 2**32)),
+            ("signed prekey id 2^32", "IntegerTooLarge", replace(sample, s, 3, 2**32)),
         ]
     if name == "RatchetHeader":
         return [
             version,
-            ("ratchet key u = p", "InvalidKey", _replace(sample, s, 1, NON_CANONICAL_U)),
-            ("N = 2^32", "IntegerTooLarge", _replace(sample, s, 3, 2**32)),
+            ("ratchet key u = p", "InvalidKey", replace(sample, s, 1, NON_CANONICAL_U)),
+            ("N = 2^32", "IntegerTooLarge", replace(sample, s, 3, 2**32)),
         ]
     if name == "SignedDeviceList":
         return _device_list_defects(sample)
@@ -444,27 +333,27 @@ def _specific_defects(name: str, sample: bytes) -> list[tuple[str, str, bytes]]:
             (
                 "signing key of small order",
                 "InvalidKey",
-                _replace(sample, s, 5, SMALL_ORDER_EDWARDS),
+                replace(sample, s, 5, SMALL_ORDER_EDWARDS),
             ),
-            ("chain id 2^32", "IntegerTooLarge", _replace(sample, s, 2, 2**32)),
+            ("chain id 2^32", "IntegerTooLarge", replace(sample, s, 2, 2**32)),
         ]
     if name == "SenderKeyMessage":
-        fields, signature = _split(sample, True)
+        fields, signature = split(sample, True)
         return [
             version,
             (
                 "iteration 2^32 - 1 (beyond the last)",
                 "IntegerTooLarge",
-                _replace(sample, s, 3, 2**32 - 1),
+                replace(sample, s, 3, 2**32 - 1),
             ),
-            ("ciphertext of 15 bytes", "BadCiphertextLength", _replace(sample, s, 4, bytes(15))),
-            ("ciphertext empty", "BadCiphertextLength", _replace(sample, s, 4, b"")),
+            ("ciphertext of 15 bytes", "BadCiphertextLength", replace(sample, s, 4, bytes(15))),
+            ("ciphertext empty", "BadCiphertextLength", replace(sample, s, 4, b"")),
             ("only a signature", "TooShort", signature),
         ]
-    raise AssertionError(name)
+    return wire_group.specific_defects(name, sample)
 
 
-def _device_list_defects(sample: bytes) -> list[tuple[str, str, bytes]]:
+def _device_list_defects(sample: bytes) -> list[Defect]:
     """Body defects, each validly signed so the body decoder is what refuses them."""
     rng = seeded("wire/devices")
     user = IdentityKeyPair(rng.random_bytes(32))
@@ -494,21 +383,13 @@ def _device_list_defects(sample: bytes) -> list[tuple[str, str, bytes]]:
     ]
 
 
-def _error(structure: _Structure, data: bytes) -> str | None:
-    try:
-        structure.decode(data)
-    except ProtocolError as exc:
-        return exc.code
-    return None
-
-
 def _group(name: str, samples: list[tuple[str, bytes]]) -> Json:
     structure = STRUCTURES[name]
     tests = [
         case(comment, flags=("Valid",), input=h(data), decoded=structure.decode(data))
         for comment, data in samples
     ]
-    defects = _generic_defects(structure, samples[0][1])
+    defects = generic_defects(structure, samples[0][1])
     for _, data in samples:
         defects += _specific_defects(name, data)
     seen: set[str] = set()
@@ -516,7 +397,7 @@ def _group(name: str, samples: list[tuple[str, bytes]]) -> Json:
         if comment in seen:  # samples of one structure share their specific defects
             continue
         seen.add(comment)
-        error = _error(structure, data)
+        error = error_of(structure, data)
         if error is None:
             raise AssertionError(f"{name}: {comment}: the decoder accepted it")
         tests.append(case(comment, result="invalid", error=error, flags=(flag,), input=h(data)))
@@ -537,6 +418,7 @@ def generate() -> Json:
         _group("SignedDeviceList", _device_list_samples()),
         _group("SenderKeyDistributionMessage", skdms),
         _group("SenderKeyMessage", skms),
+        *(_group(name, samples) for name, samples in wire_group.samples().items()),
     ]
     return vector_file(
         NAME,
