@@ -1172,3 +1172,10 @@ GroupConvergence.TestCase.settings = settings(
     max_examples=40, stateful_step_count=50, deadline=None
 )
 TestGroupConvergence = GroupConvergence.TestCase
+
+
+@pytest.mark.fuzz
+class TestGroupConvergenceFuzz(GroupConvergence.TestCase):  # type: ignore[misc, valid-type]
+    """The same machine with a long budget: pytest -m fuzz."""
+
+    settings = settings(max_examples=2000, stateful_step_count=120, deadline=None)
