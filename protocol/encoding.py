@@ -39,7 +39,7 @@ def unpack(data: bytes, *, what: str, max_size: int = MAX_MESSAGE_SIZE) -> Any:
     MAX_NESTING_DEPTH, and
     NonCanonicalEncoding when the bytes are not the canonical encoding.
     """
-    if not isinstance(data, bytes | bytearray | memoryview):
+    if not isinstance(data, _BYTES_LIKE):
         raise DecodeError(f"{what}: expected bytes")
     data = bytes(data)
     if len(data) > max_size:
@@ -64,18 +64,32 @@ def unpack(data: bytes, *, what: str, max_size: int = MAX_MESSAGE_SIZE) -> Any:
     return value
 
 
+# Everything a decoded value may hold besides arrays (bool is an int).
+_SCALARS = (int, bytes, str, type(None))
+_BYTES_LIKE = (bytes, bytearray, memoryview)
+
+
 def _check_types(value: Any, what: str) -> None:
     # Walks the result once, iteratively, to refuse maps, floats, extension
     # types and deep nesting before anything (re-encoding included) recurses.
-    pending: list[tuple[Any, int]] = [(value, 0)]
-    while pending:
-        item, depth = pending.pop()
-        if depth > MAX_NESTING_DEPTH:
-            raise DecodeError(f"{what}: nested deeper than {MAX_NESTING_DEPTH}")
-        if isinstance(item, list):
-            pending.extend((child, depth + 1) for child in item)
-        elif not (isinstance(item, bool | int | bytes | str) or item is None):
-            raise DecodeError(f"{what}: unsupported msgpack type {type(item).__name__}")
+    # Depth first, last element first; the outermost value is at depth 0 and
+    # an element of an array on the stack's top is at depth len(stack).
+    if not isinstance(value, list):
+        if not isinstance(value, _SCALARS):
+            raise DecodeError(f"{what}: unsupported msgpack type {type(value).__name__}")
+        return
+    stack = [reversed(value)]
+    while stack:
+        for item in stack[-1]:
+            if isinstance(item, list):
+                if item and len(stack) >= MAX_NESTING_DEPTH:
+                    raise DecodeError(f"{what}: nested deeper than {MAX_NESTING_DEPTH}")
+                stack.append(reversed(item))
+                break
+            if not isinstance(item, _SCALARS):
+                raise DecodeError(f"{what}: unsupported msgpack type {type(item).__name__}")
+        else:
+            stack.pop()
 
 
 class Fields:
