@@ -157,8 +157,14 @@ def test_x25519_refuses_non_canonical_encodings() -> None:
     honest = p.x25519_public_bytes(X25519PrivateKey.from_private_bytes(bytes(range(32))))
     high_bit = honest[:31] + bytes([honest[31] | 0x80])
     private = X25519PrivateKey.from_private_bytes(bytes(32))
-    for bad in [high_bit, P.to_bytes(32, "little"), (P + 1).to_bytes(32, "little"),
-                (2**255 - 1).to_bytes(32, "little"), honest[:31], honest + b"\0"]:  # fmt: skip
+    for bad in [
+        high_bit,
+        P.to_bytes(32, "little"),
+        (P + 1).to_bytes(32, "little"),
+        (2**255 - 1).to_bytes(32, "little"),
+        honest[:31],
+        honest + b"\0",
+    ]:
         with pytest.raises(InvalidKey):
             p.check_x25519_public(bad)
         with pytest.raises(InvalidKey):
