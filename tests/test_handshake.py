@@ -325,6 +325,17 @@ def test_non_canonical_prekeys_in_a_bundle_are_refused(
                 PreKeyBundle.decode(candidate.encode())
 
 
+def test_undecodable_kem_prekey_is_refused(make_account: Callable[..., Account]) -> None:
+    alice, bob = make_account(), make_account()
+    bundle = bob.bundle("bob", 1)
+    garbage = b"\xff" * 1184  # every coefficient >= q: not an ML-KEM-768 encapsulation key
+    kem = KemPreKeyPublic(9, garbage, bob.identity.sign(encode_mlkem768(garbage)))
+    candidate = dataclasses.replace(bundle, kem_prekey=kem)
+    candidate.verify()
+    with pytest.raises(InvalidKey):
+        alice.create_outbound_session(candidate, now=NOW)
+
+
 def test_bundle_round_trip(make_account: Callable[..., Account]) -> None:
     bob = make_account()
     for one_time in (True, False):
