@@ -39,6 +39,7 @@ from .limits import (
     MAX_PAYLOAD_SIZE,
     MAX_PREKEYS_PER_UPLOAD,
     MAX_RECIPIENTS_PER_SEND,
+    RELAY_PROTOCOL_VERSION,
 )
 from .records import GUID_SIZE, Envelope, KemPreKey, OneTimePreKey, SignedPreKey
 
@@ -106,18 +107,34 @@ def _items(fields: Fields, limit: int, error: type[RelayError], what: str) -> li
 
 @dataclass(frozen=True, slots=True)
 class Hello:
-    """``[1, request_id, version]``: the first frame; the version the client speaks."""
+    """``[1, request_id, version, window u32]``: the first frame.
+
+    ``version`` is the relay protocol version the client speaks; the first
+    three fields keep this layout in every version, so a relay can refuse
+    any other version (UNSUPPORTED_VERSION) whatever follows. ``window`` is
+    how many pushed envelopes the client buffers unacknowledged (at least
+    1); the relay pushes at most min(window, its own limit) at a time.
+    """
 
     TYPE: ClassVar[FrameType] = FrameType.HELLO
     request_id: int
     version: int
+    window: int
 
     def to_wire(self) -> list[Any]:
-        return [self.request_id, self.version]
+        return [self.request_id, self.version, self.window]
 
     @classmethod
     def read(cls, fields: Fields, limits: RequestLimits) -> Hello:
-        return cls(fields.uint(), fields.uint())
+        request_id, version = fields.uint(), fields.uint()
+        if version != RELAY_PROTOCOL_VERSION:
+            while fields.remaining:  # another version's fields: not ours to read
+                fields.raw()
+            return cls(request_id, version, 0)
+        window = fields.uint()
+        if window < 1:
+            raise BadFrame("the window is at least 1")
+        return cls(request_id, version, window)
 
 
 @dataclass(frozen=True, slots=True)

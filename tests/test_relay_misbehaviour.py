@@ -1,0 +1,312 @@
+"""Hostile and broken clients: bad frames, wrong order, slow and idle peers.
+
+The relay runs on in-memory streams (trio.testing), so timeouts are tested
+on a virtual clock (autojump_clock) in tests that never wait on a storage
+thread: while a thread runs, every task looks blocked and the clock would
+jump to the next deadline.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import pytest
+import trio
+import trio.testing
+from test_relay_support import RawClient, make_user, relay_config
+
+from protocol.encoding import pack
+from transport.auth import sign_auth
+from transport.connection import RelayConnection, open_relay_connection
+from transport.frames import (
+    Auth,
+    ErrorFrame,
+    FrameType,
+    Hello,
+    Ok,
+    Ping,
+    RelayFrame,
+    Welcome,
+    decode_relay_frame,
+    encode_body,
+)
+from transport.framing import encode_frame
+from transport.records import Envelope
+from transport.relay import Relay
+from transport.sqlite_storage import SqliteStorage
+from transport.storage import StoredDeviceList
+
+
+@asynccontextmanager
+async def memory_relay(**overrides: Any) -> AsyncIterator[Relay]:
+    storage = await SqliteStorage.open(":memory:")
+    try:
+        yield Relay(relay_config(**overrides), storage)
+    finally:
+        await storage.aclose()
+
+
+@asynccontextmanager
+async def raw_connection(relay: Relay) -> AsyncIterator[RawClient]:
+    client, server = trio.testing.memory_stream_pair()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(relay.handle_connection, server)
+        yield RawClient(client)
+        nursery.cancel_scope.cancel()
+
+
+@asynccontextmanager
+async def client_connection(relay: Relay, device: Any = None) -> AsyncIterator[RelayConnection]:
+    client, server = trio.testing.memory_stream_pair()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(relay.handle_connection, server)
+        async with open_relay_connection(client, keepalive_interval=None) as connection:
+            if device is not None:
+                await connection.authenticate(device.user_id, device.device_id, device.identity)
+            yield connection
+        nursery.cancel_scope.cancel()
+
+
+async def receive(client: RawClient) -> RelayFrame | None:
+    body = await client.receive_body()
+    return None if body is None else decode_relay_frame(body)
+
+
+async def expect_error(client: RawClient, code: str, request_id: int | None) -> ErrorFrame:
+    with trio.fail_after(60):
+        frame = await receive(client)
+    assert isinstance(frame, ErrorFrame), frame
+    assert (frame.code, frame.request_id) == (code, request_id)
+    return frame
+
+
+async def expect_closed(client: RawClient) -> None:
+    with trio.fail_after(60):
+        assert await receive(client) is None
+
+
+async def hello(client: RawClient) -> Welcome:
+    await client.send_body(encode_body(Hello(0, 1, 10)))
+    frame = await receive(client)
+    assert isinstance(frame, Welcome)
+    return frame
+
+
+async def authenticated(relay: Relay, client: RawClient, device: Any) -> None:
+    welcome = await hello(client)
+    signature = sign_auth(
+        device.identity, welcome.relay_name, welcome.challenge, device.user_id, device.device_id
+    )
+    await client.send_body(encode_body(Auth(1, device.user_id, device.device_id, signature)))
+    assert await receive(client) == Ok(1)
+
+
+# ------------------------------------------------------------------ before authentication
+
+
+@pytest.mark.parametrize(
+    ("body", "code", "request_id"),
+    [
+        (b"\xc1", "BAD_FRAME", None),  # not msgpack
+        (b"", "BAD_FRAME", None),
+        (pack([FrameType.PING]), "BAD_FRAME", None),  # no request id
+        (pack([77, 5]), "UNKNOWN_FRAME", 5),
+        (encode_body(Welcome(6, 1, "x", bytes(32))), "UNKNOWN_FRAME", 6),  # a relay frame
+        (encode_body(Ping(7)), "UNEXPECTED_FRAME", 7),  # before HELLO
+        (encode_body(Auth(8, "alice", 1, bytes(64))), "UNEXPECTED_FRAME", 8),
+        (encode_body(Hello(9, 2, 10)), "UNSUPPORTED_VERSION", 9),
+        (pack([FrameType.HELLO, 9, 1, 0]), "BAD_FRAME", 9),  # window 0
+    ],
+)
+async def test_bad_first_frames_are_answered_then_closed(
+    body: bytes, code: str, request_id: int | None
+) -> None:
+    async with memory_relay() as relay, raw_connection(relay) as client:
+        await client.send_body(body)
+        error = await expect_error(client, code, request_id)
+        if code == "UNSUPPORTED_VERSION":
+            assert error.detail == [1]
+        await expect_closed(client)
+
+
+async def test_out_of_order_after_hello_closes() -> None:
+    async with memory_relay() as relay, raw_connection(relay) as client:
+        await hello(client)
+        await client.send_body(encode_body(Hello(1, 1, 10)))
+        await expect_error(client, "UNEXPECTED_FRAME", 1)
+        await expect_closed(client)
+    async with memory_relay() as relay, raw_connection(relay) as client:
+        await hello(client)
+        await client.send_body(pack([FrameType.SEND_DIRECT, 2, "bob", [[1, b"x"]]]))
+        await expect_error(client, "UNEXPECTED_FRAME", 2)
+        await expect_closed(client)
+
+
+async def test_oversized_frame_is_refused_from_its_prefix() -> None:
+    async with (
+        memory_relay(max_frame_size=1000, max_payload_size=500) as relay,
+        raw_connection(relay) as client,
+    ):
+        await client.stream.send_all((1001).to_bytes(4, "big"))  # no body follows
+        await expect_error(client, "FRAME_TOO_LARGE", None)
+        await expect_closed(client)
+
+
+# ------------------------------------------------------------------ after authentication
+
+
+async def test_bad_frames_after_authentication_keep_the_connection() -> None:
+    alice = make_user("alice")
+    async with memory_relay(max_frame_size=5000, max_payload_size=100) as relay:
+        async with client_connection(relay) as registrar:
+            await registrar.upload_device_list(alice.signed_list())
+        async with raw_connection(relay) as client:
+            await authenticated(relay, client, alice.devices[1])
+            for body, code, request_id in [
+                (b"\xc1", "BAD_FRAME", None),
+                (pack([FrameType.PING, 3, "extra"]), "BAD_FRAME", 3),
+                (pack([99, 4]), "UNKNOWN_FRAME", 4),
+                (encode_body(Hello(5, 1, 10)), "UNEXPECTED_FRAME", 5),
+                (encode_body(Auth(6, "alice", 1, bytes(64))), "UNEXPECTED_FRAME", 6),
+                (
+                    pack([FrameType.SEND_GROUP, 7, b"x" * 101, [["alice", 1]]]),
+                    "PAYLOAD_TOO_LARGE",
+                    7,
+                ),
+            ]:
+                await client.send_body(body)
+                while not isinstance(frame := await receive(client), ErrorFrame):
+                    pass  # skip pushes (QUEUE_EMPTY, PREKEYS_LOW)
+                assert isinstance(frame, ErrorFrame)
+                assert (frame.code, frame.request_id) == (code, request_id)
+            await client.send_body(encode_body(Ping(10)))
+            while (frame := await receive(client)) != Ok(10):
+                assert not isinstance(frame, ErrorFrame)
+            # An oversized frame still ends the connection: the stream cannot resync.
+            await client.stream.send_all((5001).to_bytes(4, "big"))
+            await expect_error(client, "FRAME_TOO_LARGE", None)
+            await expect_closed(client)
+
+
+async def test_misbehaving_connections_do_not_disturb_others() -> None:
+    alice, bob = make_user("alice"), make_user("bob")
+    async with memory_relay() as relay:
+        async with client_connection(relay) as registrar:
+            await registrar.upload_device_list(alice.signed_list())
+        async with client_connection(relay) as registrar:
+            await registrar.upload_device_list(bob.signed_list())
+        async with client_connection(relay, bob.devices[1]) as bystander:
+            for raw in (
+                encode_frame(b"\xc1"),
+                encode_frame(pack([42, 1])),
+                b"\xff\xff\xff\xff",
+                encode_frame(encode_body(Hello(1, 1, 10)))[:-1],  # then hang up mid-frame
+            ):
+                async with raw_connection(relay) as client:
+                    await client.stream.send_all(raw)
+                    await client.stream.aclose()
+            await bystander.ping()
+            async with client_connection(relay, alice.devices[1]) as sender:
+                await sender.send_direct("bob", [(1, b"still works")])
+            with trio.fail_after(5):
+                while not isinstance(item := await bystander.receive(), Envelope):
+                    pass
+            assert item.payload == b"still works"
+
+
+class BrokenStorage:
+    """Storage whose lookups fail: the relay must answer INTERNAL_ERROR, not crash."""
+
+    def __init__(self, inner: SqliteStorage) -> None:
+        self._inner = inner
+
+    async def device_lists(self, user_ids: Any) -> dict[str, StoredDeviceList]:
+        raise RuntimeError("disk on fire")
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+
+async def test_internal_errors_cost_one_request(caplog: pytest.LogCaptureFixture) -> None:
+    alice = make_user("alice")
+    storage = await SqliteStorage.open(":memory:")
+    relay = Relay(relay_config(), BrokenStorage(storage))
+    try:
+        async with raw_connection(relay) as client:
+            welcome = await hello(client)
+            signature = sign_auth(
+                alice.devices[1].identity, welcome.relay_name, welcome.challenge, "alice", 1
+            )
+            await client.send_body(encode_body(Auth(1, "alice", 1, signature)))
+            await expect_error(client, "INTERNAL_ERROR", 1)
+            await expect_closed(client)
+        async with raw_connection(relay) as client:
+            await hello(client)  # the relay still serves
+    finally:
+        await storage.aclose()
+    assert "disk on fire" in caplog.text
+
+
+# ------------------------------------------------------------------ timeouts (virtual clock)
+
+
+async def test_unauthenticated_connection_times_out(autojump_clock: trio.testing.MockClock) -> None:
+    async with memory_relay(auth_timeout=30) as relay, raw_connection(relay) as client:
+        start = trio.current_time()
+        await hello(client)
+        await expect_error(client, "AUTH_TIMEOUT", None)
+        await expect_closed(client)
+        assert trio.current_time() - start == pytest.approx(30)
+
+
+async def test_silent_connection_times_out(autojump_clock: trio.testing.MockClock) -> None:
+    async with memory_relay(auth_timeout=30) as relay, raw_connection(relay) as client:
+        start = trio.current_time()
+        await expect_error(client, "AUTH_TIMEOUT", None)
+        assert trio.current_time() - start == pytest.approx(30)
+
+
+async def test_trickled_frame_times_out(autojump_clock: trio.testing.MockClock) -> None:
+    # Slowloris: a byte every 3 s keeps the connection busy but never completes a frame.
+    async with (
+        memory_relay(auth_timeout=300, frame_timeout=10) as relay,
+        raw_connection(relay) as client,
+    ):
+        start = trio.current_time()
+        async with trio.open_nursery() as nursery:
+
+            async def trickle() -> None:
+                for byte in encode_frame_bytes():
+                    await client.stream.send_all(bytes([byte]))
+                    await trio.sleep(3)
+
+            nursery.start_soon(trickle)
+            await expect_error(client, "FRAME_TIMEOUT", None)
+            nursery.cancel_scope.cancel()
+        assert trio.current_time() - start == pytest.approx(10)
+
+
+def encode_frame_bytes() -> bytes:
+    body = encode_body(Hello(0, 1, 10))
+    return len(body).to_bytes(4, "big") + body
+
+
+async def test_peer_that_does_not_read_is_dropped(autojump_clock: trio.testing.MockClock) -> None:
+    async with memory_relay(auth_timeout=300, send_timeout=5) as relay:
+        client, server = trio.testing.lockstep_stream_pair()  # writes wait for the reader
+        ended: list[float] = []
+
+        async def serve() -> None:
+            await relay.handle_connection(server)
+            ended.append(trio.current_time())
+
+        async with trio.open_nursery() as nursery:
+            start = trio.current_time()
+            nursery.start_soon(serve)
+            await client.send_all(encode_frame_bytes())  # HELLO; the WELCOME is never read
+            await trio.sleep(60)
+            assert ended and ended[0] - start == pytest.approx(5)
+            while await client.receive_some(100):  # what was in the pipe, then the close
+                pass

@@ -1,0 +1,124 @@
+"""The relay server: listeners, the registry of connected devices, the retention sweeper.
+
+Run it with :func:`serve_relay` (``port = await nursery.start(serve_relay,
+config)``), or drive :meth:`Relay.handle_connection` with any trio stream
+(tests use in-memory streams). The relay stores and forwards ciphertext;
+it authenticates devices, keeps the device and prekey directories, and
+never reads a payload. spec/07-relay-protocol.md describes the protocol.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import trio
+
+from .config import RelayConfig
+from .errors import RelayError, Superseded
+from .frames import RequestLimits
+from .ratelimit import KeyedRateLimiter
+from .records import PreKeyCounts
+from .relay_session import RelaySession
+from .sqlite_storage import SqliteStorage
+from .storage import RelayStorage
+
+logger = logging.getLogger("hushchat.relay")
+
+DeviceKey = tuple[str, int]
+
+
+class Relay:
+    """State shared by a relay's connections. Connections never see each other directly."""
+
+    def __init__(self, config: RelayConfig, storage: RelayStorage) -> None:
+        self.config = config
+        self.storage = storage
+        self.request_limits: RequestLimits = config.limits.request_limits
+        self.bundle_limiter: KeyedRateLimiter[tuple[DeviceKey, DeviceKey]] = KeyedRateLimiter(
+            config.limits.bundle_fetch_rate, max_keys=config.limits.max_rate_limit_keys
+        )
+        self._sessions: dict[DeviceKey, RelaySession] = {}
+
+    async def handle_connection(self, stream: trio.abc.Stream) -> None:
+        """Serve one connection to its end; never raises (but Cancelled)."""
+        try:
+            await RelaySession(self, stream).run()
+        except Exception:
+            # A bug must cost this connection only, never the relay.
+            logger.exception("connection failed")
+        finally:
+            await trio.aclose_forcefully(stream)
+
+    async def run_sweeper(self) -> None:
+        """Purge expired envelopes every sweep interval, forever."""
+        while True:
+            await trio.sleep(self.config.limits.sweep_interval)
+            try:
+                purged = await self.storage.purge_expired(self.config.clock())
+            except Exception:
+                logger.exception("retention sweep failed")
+            else:
+                if purged:
+                    logger.info("retention sweep deleted %d expired envelopes", purged)
+            self.bundle_limiter.prune(trio.current_time())
+
+    # ---------------------------------------------------------------- connected devices
+
+    def attach(self, session: RelaySession) -> None:
+        """Register an authenticated connection; an older one of the same device is closed."""
+        previous = self._sessions.get(session.key)
+        self._sessions[session.key] = session
+        if previous is not None and previous is not session:
+            previous.close(Superseded("another connection authenticated as this device"))
+
+    def detach(self, session: RelaySession) -> None:
+        if self._sessions.get(session.key) is session:
+            del self._sessions[session.key]
+
+    def notify(self, user_id: str, device_id: int) -> None:
+        """Mail was committed for a device: wake its connection, if any."""
+        session = self._sessions.get((user_id, device_id))
+        if session is not None:
+            session.wake()
+
+    def close_device(self, user_id: str, device_id: int, error: RelayError) -> None:
+        session = self._sessions.get((user_id, device_id))
+        if session is not None:
+            session.close(error)
+
+    def is_low(self, counts: PreKeyCounts) -> bool:
+        threshold = self.config.limits.prekey_low_threshold
+        return counts.one_time < threshold or counts.one_time_kem < threshold
+
+    def prekeys_taken(self, user_id: str, device_id: int, remaining: PreKeyCounts) -> None:
+        """A bundle fetch took prekeys of a device: tell it if its stock is low."""
+        session = self._sessions.get((user_id, device_id))
+        if session is not None and self.is_low(remaining):
+            session.prekeys_low(remaining)
+
+
+async def serve_relay(
+    config: RelayConfig, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED
+) -> None:
+    """Run a relay until cancelled; ``task_status.started`` reports the bound TCP port.
+
+    Opens (or creates) the SQLite database ``config.db_path``, listens on
+    ``config.host``/``config.port`` (TLS if ``config.ssl_context``), and
+    runs the retention sweeper. The database is closed on the way out.
+    """
+    storage = await SqliteStorage.open(config.db_path)
+    try:
+        relay = Relay(config, storage)
+        listeners = await trio.open_tcp_listeners(config.port, host=config.host)
+        port: int = listeners[0].socket.getsockname()[1]
+        served: list[trio.abc.Listener[trio.abc.Stream]] = list(listeners)
+        if config.ssl_context is not None:
+            served = [trio.SSLListener(listener, config.ssl_context) for listener in listeners]
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(relay.run_sweeper)
+            await nursery.start(trio.serve_listeners, relay.handle_connection, served)
+            logger.info("relay %r listening on %s port %d", config.name, config.host, port)
+            task_status.started(port)
+    finally:
+        with trio.CancelScope(shield=True):
+            await storage.aclose()
