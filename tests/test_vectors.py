@@ -19,7 +19,7 @@ import pytest
 
 from protocol import consts, testvectors
 from protocol.errors import all_error_classes
-from transport.vectors_cli import add_vectors_command
+from transport.cli import main
 
 ROOT = Path(__file__).resolve().parent.parent
 VECTORS = ROOT / "vectors"
@@ -137,13 +137,7 @@ def test_the_verifier_notices_a_wrong_error(filename: str) -> None:
 
 
 def _run(*argv: str) -> int:
-    import argparse
-
-    parser = argparse.ArgumentParser(prog="hushchat")
-    add_vectors_command(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(list(argv))
-    status: int = args.run(args)
-    return status
+    return main(list(argv))
 
 
 def test_cli_generates_the_committed_files(tmp_path: Path) -> None:

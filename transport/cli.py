@@ -22,6 +22,7 @@ from protocol.errors import InvalidArgument
 from .config import RelayConfig, parse_duration
 from .limits import DEFAULT_RETENTION_SECONDS
 from .relay import serve_relay
+from .vectors_cli import add_vectors_command
 
 logger = logging.getLogger("hushchat.relay")
 
@@ -109,6 +110,7 @@ async def _serve_until_signalled(config: RelayConfig) -> None:
 
 SUBCOMMANDS: list[Callable[[SubParsers], None]] = [
     add_relay_command,
+    add_vectors_command,
 ]
 
 
