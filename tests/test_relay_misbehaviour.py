@@ -216,6 +216,27 @@ async def test_misbehaving_connections_do_not_disturb_others() -> None:
             assert item.payload == b"still works"
 
 
+async def test_closed_connections_leave_the_registry() -> None:
+    alice, bob = make_user("alice"), make_user("bob", [1, 2])
+    async with memory_relay() as relay:
+        for user in (alice, bob):
+            async with client_connection(relay) as registrar:
+                await registrar.upload_device_list(user.signed_list())
+        async with (
+            client_connection(relay, alice.devices[1]),
+            client_connection(relay, bob.devices[2]) as leaving,
+        ):
+            assert relay.connected_devices == {("alice", 1), ("bob", 2)}
+            bob.remove_device(2)
+            await leaving.upload_device_list(bob.signed_list())  # closed after the reply
+            with trio.fail_after(5):
+                while relay.connected_devices != {("alice", 1)}:
+                    await trio.sleep(0.01)
+        with trio.fail_after(5):
+            while relay.connected_devices:
+                await trio.sleep(0.01)
+
+
 class BrokenStorage:
     """Storage whose lookups fail: the relay must answer INTERNAL_ERROR, not crash."""
 

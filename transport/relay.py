@@ -64,6 +64,11 @@ class Relay:
 
     # ---------------------------------------------------------------- connected devices
 
+    @property
+    def connected_devices(self) -> frozenset[DeviceKey]:
+        """(user_id, device_id) of every authenticated connection."""
+        return frozenset(self._sessions)
+
     def attach(self, session: RelaySession) -> None:
         """Register an authenticated connection; an older one of the same device is closed."""
         previous = self._sessions.get(session.key)
@@ -72,6 +77,7 @@ class Relay:
             previous.close(Superseded("another connection authenticated as this device"))
 
     def detach(self, session: RelaySession) -> None:
+        """Forget a connection that ended (a no-op unless it is the registered one)."""
         if self._sessions.get(session.key) is session:
             del self._sessions[session.key]
 

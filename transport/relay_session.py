@@ -135,8 +135,7 @@ class RelaySession:
                 with trio.move_on_after(self._limits.close_timeout):
                     await self._send(ErrorFrame.from_error(None, self._close_error))
         finally:
-            if self._state is ConnectionState.AUTHENTICATED:
-                self._relay.detach(self)
+            self._relay.detach(self)
 
     def close(self, error: RelayError) -> None:
         """End this connection from elsewhere, telling the client ``error`` (best effort)."""
