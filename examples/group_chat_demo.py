@@ -1,0 +1,674 @@
+"""The scripted demo behind ``python examples/group_chat.py demo``.
+
+A real relay on loopback and four people on the client library (alice, bob,
+carol, dave; later alice's desktop too), narrated step by step: prekeys, a
+one-to-one chat, a group, an offline member catching up, a second device, a
+removal with sender-key rotation, safety numbers, and finally what the
+relay's SQLite file holds and what it deleted.
+
+Everything shown really happens over TCP. The relay is the real one
+(:class:`transport.relay.Relay` on :class:`~transport.sqlite_storage.SqliteStorage`);
+the only addition is :class:`ObservedStorage`, which notes what the relay
+stores and deletes so the demo can narrate it. It never sees plaintext either.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sqlite3
+import tempfile
+import textwrap
+import time
+from collections.abc import Callable, Iterable, Sequence
+from typing import TextIO, TypeVar
+
+import trio
+from terminal import Palette
+
+from protocol.client_core import (
+    ENVELOPE_DIRECT,
+    ENVELOPE_GROUP,
+    Address,
+    ClientCore,
+    DeviceAdded,
+    GroupUpdated,
+    MessageReceived,
+    MessageSentByOtherDevice,
+    Undecryptable,
+)
+from protocol.group import MemberRemoved
+from protocol.sender_keys import SenderKeyMessage
+from transport.client import Client, ClientEvent, open_client
+from transport.client_store import ClientStore
+from transport.config import RelayConfig
+from transport.relay import Relay
+from transport.sqlite_storage import SqliteDatabase, SqliteStorage
+from transport.storage import EnvelopeBatch
+
+HOST = "127.0.0.1"
+# A step that takes longer than this is broken, not slow.
+STEP_TIMEOUT = 15.0
+GROUP_TITLE = "Weekend trip"
+COLOURS = {"alice": "magenta", "bob": "cyan", "carol": "green", "dave": "yellow"}
+
+E = TypeVar("E")
+PayloadKey = tuple[int, int]  # (batch number, payload index in the batch)
+
+
+class DemoFailed(Exception):
+    """Something the demo shows did not happen as it should."""
+
+
+class ObservedStorage(SqliteStorage):
+    """The relay's SQLite storage, noting what it stores and deletes (sizes, never contents)."""
+
+    def __init__(self, database: SqliteDatabase) -> None:
+        super().__init__(database)
+        self.batches: list[EnvelopeBatch] = []
+        self._waiting: dict[bytes, tuple[Address, PayloadKey]] = {}  # guid -> recipient, payload
+        self._references: dict[PayloadKey, int] = {}
+        self.deleted_envelopes = 0
+        self.deleted_payloads = 0
+        self.deleted_bytes = 0
+
+    async def enqueue(self, batch: EnvelopeBatch, *, max_mailbox_size: int) -> None:
+        await super().enqueue(batch, max_mailbox_size=max_mailbox_size)
+        number = len(self.batches)  # noted only once committed
+        self.batches.append(batch)
+        for delivery in batch.deliveries:
+            key = (number, delivery.payload_index)
+            self._waiting[delivery.guid] = (Address(delivery.user_id, delivery.device_id), key)
+            self._references[key] = self._references.get(key, 0) + 1
+
+    async def acknowledge(self, user_id: str, device_id: int, guid: bytes) -> bool:
+        deleted = await super().acknowledge(user_id, device_id, guid)
+        if deleted and guid in self._waiting:
+            _, key = self._waiting.pop(guid)
+            self.deleted_envelopes += 1
+            self._references[key] -= 1
+            if not self._references[key]:
+                # The storage deletes a payload with its last delivery.
+                del self._references[key]
+                self.deleted_payloads += 1
+                self.deleted_bytes += len(self.batches[key[0]].payloads[key[1]])
+        return deleted
+
+    def mailbox(self, address: Address) -> list[int]:
+        """Sizes of the envelopes waiting for a device."""
+        return [
+            len(self.batches[key[0]].payloads[key[1]])
+            for recipient, key in self._waiting.values()
+            if recipient == address
+        ]
+
+    @property
+    def queued_envelopes(self) -> int:
+        return sum(len(batch.deliveries) for batch in self.batches)
+
+
+async def serve_observed_relay(
+    storage: ObservedStorage, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED
+) -> None:
+    """A relay on loopback (any free port) over ``storage``; reports its port."""
+    relay = Relay(RelayConfig(host=HOST, port=0, name="hushchat-demo"), storage)
+    listeners = await trio.open_tcp_listeners(0, host=HOST)
+    port: int = listeners[0].socket.getsockname()[1]
+    async with trio.open_nursery() as nursery:
+        await nursery.start(trio.serve_listeners, relay.handle_connection, listeners)
+        task_status.started(port)
+
+
+class Narrator:
+    """Prints the story: section titles, who did what, and notes, wrapped to the terminal."""
+
+    COLUMN = 12  # where the text starts, after the name of who acts
+
+    def __init__(self, out: TextIO, palette: Palette, width: int = 100) -> None:
+        self.out = out
+        self.palette = palette
+        self.width = width
+        self.step = 0
+
+    def _print(self, text: str = "") -> None:
+        print(text, file=self.out)
+
+    def section(self, title: str) -> None:
+        self.step += 1
+        self._print()
+        self._print(self.palette.paint("bold", f"{self.step}. {title}"))
+
+    def say(self, who: str, text: str, style: str = "") -> None:
+        user = who.split(".")[0]
+        name = self.palette.paint(COLOURS.get(user, "blue"), who)
+        lines = textwrap.wrap(text, self.width - self.COLUMN, break_on_hyphens=False) or [""]
+        padding = " " * max(1, self.COLUMN - 2 - len(who))
+        self._print(f"  {name}{padding}{self.palette.paint(style, lines[0])}")
+        for line in lines[1:]:
+            self._print(" " * self.COLUMN + self.palette.paint(style, line))
+
+    def note(self, text: str) -> None:
+        for line in textwrap.wrap(text, self.width - 2, break_on_hyphens=False):
+            self._print("  " + self.palette.paint("dim", line))
+
+
+def quote(text: str | bytes) -> str:
+    return '"' + (text.decode() if isinstance(text, bytes) else text) + '"'
+
+
+def plural(count: int, word: str) -> str:
+    return f"{count} {word}" if count == 1 else f"{count} {word}s"
+
+
+class Person:
+    """One device on the client library, and the events it has not yet been asked about."""
+
+    def __init__(self, user_id: str, device_id: int, workdir: str) -> None:
+        self.user_id = user_id
+        self.device_id = device_id
+        self.label = f"{user_id}.{device_id}"
+        self.store = ClientStore.open(os.path.join(workdir, f"{self.label}.db"))
+        self._client: Client | None = None
+        self._unseen: list[ClientEvent] = []
+        self._arrived = trio.Event()
+        self._scope = trio.CancelScope()
+        self._stopped = trio.Event()
+
+    @property
+    def client(self) -> Client:
+        if self._client is None:
+            raise DemoFailed(f"{self.label} is offline")
+        return self._client
+
+    @property
+    def address(self) -> Address:
+        return Address(self.user_id, self.device_id)
+
+    async def connect(
+        self, nursery: trio.Nursery, port: int, core: ClientCore | None = None
+    ) -> None:
+        """Come online (a new user the first time); returns once connected."""
+        self._scope = trio.CancelScope()
+        self._stopped = trio.Event()
+        await nursery.start(self._run, port, core)
+
+    async def _run(
+        self, port: int, core: ClientCore | None, *, task_status: trio.TaskStatus[None]
+    ) -> None:
+        try:
+            async with open_client(
+                self.store, HOST, port, core_=core, user_id=self.user_id
+            ) as client:
+                self._client = client
+                with self._scope:
+                    task_status.started()
+                    async for event in client.events():
+                        self._unseen.append(event)
+                        self._arrived.set()
+                        self._arrived = trio.Event()
+        finally:
+            self._client = None
+            self._stopped.set()
+
+    async def disconnect(self) -> None:
+        """Close the app (its store stays, as on a phone that is switched off)."""
+        self._scope.cancel()
+        await self._stopped.wait()
+
+    async def expect(self, kind: type[E], match: Callable[[E], bool] = lambda _: True) -> E:
+        """The first unseen event of ``kind`` that ``match``es, waiting for it if needed."""
+        with trio.move_on_after(STEP_TIMEOUT):
+            while True:
+                for index, event in enumerate(self._unseen):
+                    if isinstance(event, kind) and match(event):
+                        del self._unseen[index]
+                        return event
+                await self._arrived.wait()
+        raise DemoFailed(f"{self.label} did not receive the expected {kind.__name__}")
+
+    async def expect_message(self, body: bytes) -> MessageReceived:
+        return await self.expect(MessageReceived, lambda e: e.body == body)
+
+
+class Demo:
+    def __init__(
+        self,
+        nursery: trio.Nursery,
+        port: int,
+        storage: ObservedStorage,
+        workdir: str,
+        narrator: Narrator,
+        pause: float = 0.0,
+    ) -> None:
+        self.nursery = nursery
+        self.pause = pause
+        self.port = port
+        self.storage = storage
+        self.workdir = workdir
+        self.n = narrator
+        self.people = {name: Person(name, 1, workdir) for name in COLOURS}
+        self.desktop = Person("alice", 2, workdir)
+        self.plaintexts: list[bytes] = [GROUP_TITLE.encode()]
+        self._mark = 0
+        self.group_id = b""
+
+    def close(self) -> None:
+        for person in [*self.people.values(), self.desktop]:
+            person.store.close()
+
+    # ------------------------------------------------------------ helpers
+
+    def said(self, text: str) -> bytes:
+        """A message body; remembered, to look for it in the relay's file at the end."""
+        body = text.encode()
+        self.plaintexts.append(body)
+        return body
+
+    def relay_since_mark(self) -> list[EnvelopeBatch]:
+        """What the relay stored since the last call, printed."""
+        batches = self.storage.batches[self._mark :]
+        self._mark = len(self.storage.batches)
+        direct: list[str] = []
+        for batch in batches:
+            if batch.kind == ENVELOPE_DIRECT:
+                for delivery in batch.deliveries:
+                    size = len(batch.payloads[delivery.payload_index])
+                    direct.append(f"{delivery.user_id}.{delivery.device_id} ({size:,} bytes)")
+                continue
+            if direct:
+                self._say_direct(direct)
+                direct = []
+            if batch.kind == ENVELOPE_GROUP:
+                (payload,) = batch.payloads
+                targets = ", ".join(f"{d.user_id}.{d.device_id}" for d in batch.deliveries)
+                self.n.say(
+                    "relay",
+                    f"stored 1 group ciphertext ({len(payload):,} bytes) once, "
+                    f"queued it for {targets}",
+                )
+        if direct:
+            self._say_direct(direct)
+        return batches
+
+    def _say_direct(self, targets: list[str]) -> None:
+        kind = "a one-to-one ciphertext" if len(targets) == 1 else "one-to-one ciphertexts"
+        self.n.say("relay", f"queued {kind} for {', '.join(targets)}")
+
+    async def mailbox_drained(self, address: Address) -> None:
+        with trio.move_on_after(STEP_TIMEOUT):
+            while self.storage.mailbox(address):
+                await trio.sleep(0.01)
+            return
+        raise DemoFailed(f"the relay still holds envelopes for {address}")
+
+    async def show_read(self, reader: Person, body: bytes, *, where: str = "") -> MessageReceived:
+        event = await reader.expect_message(body)
+        place = f" in {where}" if where else ""
+        self.n.say(reader.label, f"reads {quote(body)} from {event.sender}{place}")
+        return event
+
+    def group_batches(self, batches: Iterable[EnvelopeBatch]) -> list[EnvelopeBatch]:
+        return [b for b in batches if b.kind == ENVELOPE_GROUP]
+
+    # ------------------------------------------------------------ the story
+
+    async def run(self) -> None:
+        for step in (
+            self.prekeys,
+            self.one_to_one,
+            self.create_group,
+            self.group_messages,
+            self.offline_member,
+            self.second_device,
+            self.remove_member,
+            self.safety_numbers,
+            self.leave_mail_waiting,
+        ):
+            await step()
+            await trio.sleep(self.pause)
+
+    async def prekeys(self) -> None:
+        self.n.section("Each device creates its keys and publishes the public halves")
+        for index, person in enumerate(self.people.values()):
+            await person.connect(self.nursery, self.port)
+            counts = await self.storage.prekey_counts(person.user_id, 1)
+            if index == 0:
+                self.n.say(
+                    person.label,
+                    f"registered (a device list signed by {person.user_id}'s identity key) and "
+                    f"uploaded a signed prekey, a last-resort ML-KEM-768 prekey, "
+                    f"{counts.one_time} one-time X25519 and {counts.one_time_kem} one-time "
+                    "ML-KEM-768 prekeys",
+                )
+            else:
+                self.n.say(
+                    person.label,
+                    f"did the same ({counts.one_time} + {counts.one_time_kem} one-time prekeys)",
+                )
+        self.n.note("Private keys never leave a device: each keeps them in its own SQLite store.")
+
+    async def one_to_one(self) -> None:
+        alice, bob = self.people["alice"], self.people["bob"]
+        self.n.section("A one-to-one chat")
+        hello = self.said("Hi Bob! Are you free this weekend?")
+        self.n.say("alice", f"-> bob: {quote(hello)}")
+        await alice.client.send_direct("bob", hello)
+        left = await self.storage.prekey_counts("bob", 1)
+        self.n.note(
+            "alice's client fetched bob's signed device list and one prekey bundle for bob.1 "
+            f"({left.one_time} one-time prekeys left), ran PQXDH (X25519 + ML-KEM-768) and "
+            "encrypted with the Double Ratchet:"
+        )
+        self.relay_since_mark()
+        await self.show_read(bob, hello)
+        reply = self.said("Yes! I can bring the tent.")
+        self.n.say("bob", f"-> alice: {quote(reply)}")
+        await bob.client.send_direct("alice", reply)
+        self.relay_since_mark()
+        await self.show_read(alice, reply)
+        self.n.note(
+            "The first message carried the handshake (its ML-KEM ciphertext alone is "
+            "1,088 bytes); replies carry only a ratchet header."
+        )
+
+    async def create_group(self) -> None:
+        alice = self.people["alice"]
+        self.n.section("A group")
+        self.n.say("alice", f"creates {quote(GROUP_TITLE)} with bob, carol and dave")
+        self.group_id = await alice.client.create_group(GROUP_TITLE, ["bob", "carol", "dave"])
+        self.n.note(
+            "The creation is signed by alice's device key; each member gets it with the group "
+            "state (a welcome) one-to-one, after alice's client starts sessions with carol and "
+            "dave from their bundles:"
+        )
+        self.relay_since_mark()
+        for name in ("bob", "carol", "dave"):
+            event = await self.people[name].expect(
+                GroupUpdated, lambda e: e.joined and e.group_id == self.group_id
+            )
+            state = self.people[name].client.group(self.group_id)
+            self.n.say(
+                name + ".1",
+                f"joined {quote(state.title)} (added by {event.author.user_id}; members: "
+                f"{', '.join(state.user_ids)}; admin: {', '.join(state.admins)})",
+            )
+
+    async def send_to_group(self, sender: str, text: str, readers: Sequence[Person]) -> bytes:
+        body = self.said(text)
+        self.n.say(sender, f"-> {GROUP_TITLE}: {quote(text)}")
+        await self.people[sender].client.send_group(self.group_id, body)
+        self.relay_since_mark()
+        for reader in readers:
+            await self.show_read(reader, body)
+        return body
+
+    async def group_messages(self) -> None:
+        p = self.people
+        self.n.section("Group messages: encrypted once, fanned out by the relay")
+        self.n.note(
+            "A member's first group message first sends its sender key to every other member's "
+            "devices (one-to-one); the message itself is encrypted once for everyone:"
+        )
+        await self.send_to_group("alice", "Who's bringing the tent?", [p["bob"], p["carol"]])
+        await p["dave"].expect_message(self.plaintexts[-1])
+        await self.send_to_group("bob", "Me! It sleeps four.", [p["alice"], p["dave"]])
+        await p["carol"].expect_message(self.plaintexts[-1])
+        self.n.note("From now on each message is one upload; the relay copies it to each device:")
+        await self.send_to_group("alice", "Perfect. We leave at 10.", [p["carol"]])
+        for name in ("bob", "dave"):
+            await p[name].expect_message(self.plaintexts[-1])
+
+    async def offline_member(self) -> None:
+        p = self.people
+        dave = p["dave"]
+        self.n.section("A member offline catches up")
+        await dave.disconnect()
+        self.n.say("dave", "goes offline")
+        first = await self.send_to_group("carol", "I'll bring snacks.", [p["alice"]])
+        await p["bob"].expect_message(first)
+        second = await self.send_to_group("alice", "Dave, you're on maps.", [p["bob"]])
+        await p["carol"].expect_message(second)
+        waiting = self.storage.mailbox(dave.address)
+        self.n.say(
+            "relay",
+            f"holds {plural(len(waiting), 'envelope')} ({sum(waiting):,} bytes) for dave.1, "
+            "until dave.1 fetches them (at most 72 hours)",
+        )
+        await dave.connect(self.nursery, self.port)
+        self.n.say("dave", "comes back online")
+        await self.show_read(dave, first, where=GROUP_TITLE)
+        await self.show_read(dave, second, where=GROUP_TITLE)
+        await self.mailbox_drained(dave.address)
+        self.n.say(
+            "relay",
+            "holds nothing for dave.1: each envelope was deleted when dave's client "
+            "acknowledged it, which it does only after saving it",
+        )
+
+    async def second_device(self) -> None:
+        p = self.people
+        alice, bob, desktop = p["alice"], p["bob"], self.desktop
+        self.n.section("A second device: alice's desktop")
+        core = ClientCore.create_linked(
+            "alice", 2, alice.client.core.user_identity_public, now=int(time.time())
+        )
+        await alice.client.link_device(2, core.device_identity)
+        self.n.say(
+            "alice.1",
+            "signed a new device list naming alice.2 (the desktop's own identity key) "
+            "and uploaded it",
+        )
+        await desktop.connect(self.nursery, self.port, core)
+        counts = await self.storage.prekey_counts("alice", 2)
+        self.n.say(
+            "alice.2",
+            f"connected and uploaded its own prekeys ({counts.one_time} + {counts.one_time_kem})",
+        )
+        question = self.said("Alice, did you get the train tickets?")
+        self.n.say("bob", f"-> alice: {quote(question)}")
+        await bob.client.send_direct("alice", question)
+        added = await bob.expect(DeviceAdded, lambda e: e.address == desktop.address)
+        self.n.note(
+            "The relay refused bob's first try (alice's devices had changed); bob's client "
+            f"fetched the new list, checked alice's signature on it, saw {added.address} "
+            "added, started a session with it and sent again:"
+        )
+        self.relay_since_mark()
+        await self.show_read(alice, question)
+        await self.show_read(desktop, question)
+        answer = self.said("Yes, two tickets for Saturday.")
+        self.n.say("alice.1", f"-> bob: {quote(answer)}")
+        await alice.client.send_direct("bob", answer)
+        self.relay_since_mark()
+        await self.show_read(bob, answer)
+        copy = await desktop.expect(MessageSentByOtherDevice, lambda e: e.body == answer)
+        self.n.say(
+            "alice.2",
+            f"shows {quote(answer)} as sent to {copy.to_user} "
+            f"from {copy.device}, from the copy it was sent",
+        )
+        self.n.note(
+            "Group state is per device: the desktop holds the groups created after it was "
+            f"linked; {GROUP_TITLE!r} is older, so it is not on the desktop."
+        )
+
+    async def remove_member(self) -> None:
+        p = self.people
+        alice, bob, carol, dave = p["alice"], p["bob"], p["carol"], p["dave"]
+        self.n.section("A member removed: sender keys rotate")
+        # dave's state before the removal, as a dishonest dave could have kept it.
+        dave_before = ClientCore.load(dave.store.records())
+        self.n.say("alice", f"removes dave from {quote(GROUP_TITLE)}")
+        await alice.client.remove_member(self.group_id, "dave")
+        self.relay_since_mark()
+
+        def removed(event: GroupUpdated) -> bool:
+            return any(isinstance(c, MemberRemoved) and c.user_id == "dave" for c in event.changes)
+
+        for person in (bob, carol, dave):
+            await person.expect(GroupUpdated, removed)
+            remaining = ", ".join(alice.client.group(self.group_id).user_ids)
+            seen = "he was removed" if person is dave else f"members are now {remaining}"
+            self.n.say(person.label, f"verified alice's signed change: {seen}")
+        self.n.note(
+            "dave held everyone's sender keys, so each remaining member drops its own and "
+            "makes a new one for its next message, sent only to the remaining devices:"
+        )
+        old_chain = self._last_chain("alice")
+        after = self.said("New plan: we meet at 9.")
+        self.n.say("alice", f"-> {GROUP_TITLE}: {quote(after)}")
+        await alice.client.send_group(self.group_id, after)
+        (group_batch,) = self.group_batches(self.relay_since_mark())
+        new_chain = SenderKeyMessage.decode(group_batch.payloads[0]).chain_id
+        self.n.say("alice", f"sender key chain {old_chain:#010x} -> {new_chain:#010x}")
+        await self.show_read(bob, after)
+        await self.show_read(carol, after)
+        if any(d.user_id == "dave" for d in group_batch.deliveries):
+            raise DemoFailed("the relay was asked to deliver to a removed member")
+
+        self.n.note(
+            "Can dave read it? Give his client the ciphertext anyway (the relay would not):"
+        )
+        sender, now = Address("alice", 1), int(time.time())
+        for label, core in (
+            ("his client now", ClientCore.load(dave.store.records())),
+            ("a copy of his state from before the removal", dave_before),
+        ):
+            outcome = core.receive(sender, ENVELOPE_GROUP, group_batch.payloads[0], now=now)
+            results = [e for e in outcome.events if isinstance(e, Undecryptable)]
+            if len(results) != len(outcome.events) or not results:
+                raise DemoFailed(f"{label} could read a message after his removal")
+            self.n.say(
+                "dave", f"{label}: cannot decrypt, Undecryptable({results[0].reason})", "green"
+            )
+        self.n.note(
+            "dave's client forgot the group; even a copy of his keys from before the removal "
+            "fails: the message is under a sender key he never received."
+        )
+
+    def _last_chain(self, user_id: str) -> int:
+        for batch in reversed(self.group_batches(self.storage.batches)):
+            if batch.sender_user == user_id:
+                return SenderKeyMessage.decode(batch.payloads[0]).chain_id
+        raise DemoFailed(f"{user_id} has sent no group message")
+
+    async def safety_numbers(self) -> None:
+        alice, bob = self.people["alice"].client, self.people["bob"].client
+        self.n.section("alice and bob compare safety numbers (in person or on a call)")
+        theirs = alice.safety_number("bob").grouped()
+        ours = bob.safety_number("alice").grouped()
+        self.n.say("alice", f"sees {theirs}")
+        self.n.say("bob", f"sees {ours}")
+        if theirs != ours:
+            raise DemoFailed("the safety numbers differ")
+        self.n.note(
+            "They match, so no one in between (the relay included) swapped their identity "
+            "keys. A mismatch would mean someone did."
+        )
+
+    async def leave_mail_waiting(self) -> None:
+        carol, bob = self.people["carol"], self.people["bob"]
+        self.n.section("Closing time")
+        await carol.disconnect()
+        self.n.say("carol", "goes offline")
+        last = self.said("Carol, the tickets are on me.")
+        self.n.say("bob", f"-> carol: {quote(last)}")
+        await bob.client.send_direct("carol", last)
+        self.relay_since_mark()
+        for person in [*self.people.values(), self.desktop]:
+            if person._client is not None:
+                await person.disconnect()
+        self.n.say("everyone", "closes the app; the relay shuts down")
+
+
+def scan_relay_file(
+    path: str, n: Narrator, storage: ObservedStorage, plaintexts: list[bytes]
+) -> bool:
+    """Report what the relay's database holds; True if no plaintext is in it."""
+    n.section("What the relay holds")
+    files = [f for f in (path, path + "-wal", path + "-shm") if os.path.exists(f)]
+    contents = b"".join(open(f, "rb").read() for f in files)  # noqa: SIM115
+    db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    try:
+
+        def count(sql: str) -> int:
+            return int(db.execute(sql).fetchone()[0])
+
+        users, devices = count("SELECT COUNT(*) FROM users"), count("SELECT COUNT(*) FROM devices")
+        one_time = count("SELECT COUNT(*) FROM one_time_prekeys")
+        kem = count("SELECT COUNT(*) FROM one_time_kem_prekeys")
+        held = db.execute(
+            "SELECT d.user_id, d.device_id, LENGTH(p.data) FROM deliveries AS d "
+            "JOIN payloads AS p ON p.id = d.payload_id ORDER BY d.seq"
+        ).fetchall()
+    finally:
+        db.close()
+    n.say("relay", f"{os.path.basename(path)}: {len(contents):,} bytes on disk")
+    n.say("relay", f"{users} users, {devices} devices: public identity keys, signed device lists")
+    n.say("relay", f"public prekeys: {one_time} one-time X25519, {kem} one-time ML-KEM-768")
+    waiting = ", ".join(f"{u}.{d} ({size:,} bytes)" for u, d, size in held) or "none"
+    n.say("relay", f"{plural(len(held), 'envelope')} waiting for delivery: {waiting}")
+    found = [p for p in plaintexts if p in contents]
+    if found:
+        n.say("relay", f"PLAINTEXT FOUND in the file: {found!r}", "bold red")
+    else:
+        n.say(
+            "relay",
+            f"none of the {len(plaintexts) - 1} messages of this demo, nor the group's title, "
+            "appears anywhere in the file or its journal (searched byte for byte)",
+            "green",
+        )
+    n.section("What the relay deleted")
+    n.say(
+        "relay",
+        f"queued {storage.queued_envelopes} envelopes over the demo and deleted "
+        f"{storage.deleted_envelopes} of them on delivery, with their "
+        f"{storage.deleted_payloads} distinct ciphertexts ({storage.deleted_bytes:,} bytes), "
+        "overwritten on disk (SQLite secure_delete), not merely unlinked",
+    )
+    n.note(
+        "What a relay does see is metadata: who sends to whom, when, how much, and which "
+        "devices each group message goes to. It cannot read or forge the messages, the "
+        "group's title or its signed membership changes."
+    )
+    return not found
+
+
+async def run_demo(relay_db: str | None, out: TextIO, palette: Palette, pause: float = 0.0) -> int:
+    """Run the whole demo (``pause``: seconds between steps); 0 if all happened as narrated."""
+    started = time.monotonic()
+    n = Narrator(out, palette, width=min(100, max(60, shutil.get_terminal_size((100, 24)).columns)))
+    if relay_db is not None and os.path.exists(relay_db):
+        print(f"demo: {relay_db} exists; give a path for a new relay database", file=out)
+        return 2
+    with tempfile.TemporaryDirectory(prefix="hushchat-demo-") as workdir:
+        db_path = relay_db or os.path.join(workdir, "relay.db")
+        print(
+            palette.paint("bold", "hushchat demo")
+            + ": a relay and four people on this machine; everything below happens over TCP.",
+            file=out,
+        )
+        storage = ObservedStorage(await trio.to_thread.run_sync(SqliteDatabase, db_path))
+        failure: DemoFailed | None = None
+        try:
+            async with trio.open_nursery() as nursery:
+                port = await nursery.start(serve_observed_relay, storage)
+                n.say("relay", f"listening on {HOST}:{port}, database {db_path}")
+                demo = Demo(nursery, port, storage, workdir, n, pause)
+                try:
+                    await demo.run()
+                except DemoFailed as exc:
+                    failure = exc
+                nursery.cancel_scope.cancel()  # the relay, and any client still online
+            demo.close()
+        finally:
+            await storage.aclose()
+        if failure is not None:
+            n.say("demo", f"FAILED: {failure}", "bold red")
+            return 1
+        clean = scan_relay_file(db_path, n, storage, demo.plaintexts)
+        if relay_db is not None:
+            n.note(f"The relay's database stays at {relay_db}: open it with sqlite3 to look.")
+    print(file=out)
+    print(f"demo finished in {time.monotonic() - started:.1f} s", file=out)
+    return 0 if clean else 1
