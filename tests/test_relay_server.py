@@ -20,9 +20,12 @@ from test_relay_support import (
     running_relay,
 )
 
+from protocol.account import Account
 from protocol.devices import SignedDeviceList
 from protocol.encoding import pack, unpack
 from protocol.keys import encode_mlkem768, encode_x25519, verify_prekey_signature
+from protocol.messages import PreKeyMessage, decode_message
+from protocol.prekeys import PreKeyBundle
 from transport.auth import sign_auth
 from transport.connection import RelayConnection
 from transport.errors import (
@@ -693,3 +696,38 @@ async def test_logs_contain_no_payloads_or_keys(caplog: pytest.LogCaptureFixture
         assert repr(secret)[2:-1] not in text
         assert secret[:8].hex() not in text
     assert "PAYLOAD-MARKER" not in text
+
+
+# ------------------------------------------------------------------ with the protocol core
+
+
+async def test_pqxdh_session_through_the_relay() -> None:
+    """Bundles the relay hands out decode as PreKeyBundle and start working sessions."""
+    bob_account = Account.create(now=0, one_time_prekeys=2)
+    alice_account = Account.create(now=0, one_time_prekeys=0)
+    alice, bob = make_user("alice"), make_user("bob")
+    alice.devices[1].identity = alice_account.identity
+    bob.devices[1].identity = bob_account.identity
+    upload = bob_account.prekey_upload()
+    async with running_relay(relay_config()) as port:
+        await register(port, alice, bob)
+        async with connected(port, bob.devices[1]) as owner:
+            await owner.upload_prekeys(
+                signed_prekey=upload.signed_prekey,
+                last_resort_kem=upload.last_resort_kem_prekey,
+                one_time=upload.one_time_prekeys,
+                one_time_kem=upload.one_time_kem_prekeys,
+            )
+        async with connected(port, alice.devices[1]) as sender:
+            bundle = PreKeyBundle.decode(await sender.fetch_bundle("bob", 1))
+            bundle.verify()
+            assert bundle.one_time_prekey is not None and not bundle.kem_is_last_resort
+            session = alice_account.create_outbound_session(bundle, now=0)
+            await sender.send_direct("bob", [(1, session.encrypt(b"hello through the relay"))])
+        async with connected(port, bob.devices[1]) as receiver:
+            envelope = await next_envelope(receiver)
+            message = decode_message(envelope.payload)
+            assert isinstance(message, PreKeyMessage)
+            _, plaintext = bob_account.create_inbound_session(message, now=0)
+            assert plaintext == b"hello through the relay"
+            await receiver.ack(envelope.guid)

@@ -11,8 +11,9 @@ import pytest
 import trio
 
 from protocol.errors import UnknownStateVersion
+from protocol.prekeys import KemPreKeyPublic, OneTimePreKeyPublic, SignedPreKeyPublic
 from transport.errors import MailboxFull, PreKeyIdInUse, PreKeyStockFull, UnknownDevice
-from transport.records import EnvelopeKind, KemPreKey, OneTimePreKey, PreKeyCounts, SignedPreKey
+from transport.records import EnvelopeKind, PreKeyCounts
 from transport.sqlite_storage import SqliteDatabase, SqliteStorage
 from transport.storage import Delivery, EnvelopeBatch, StorageConflict, StoredDeviceList
 
@@ -33,10 +34,10 @@ def upload(db: SqliteDatabase, user_id: str, device_id: int, *, one_time: int, k
     db.store_prekeys(
         user_id,
         device_id,
-        signed_prekey=SignedPreKey(1, b"S" * 32, SIG),
-        last_resort_kem=KemPreKey(999, b"L" * 1184, SIG),
-        one_time=[OneTimePreKey(i, bytes([i % 256]) * 32) for i in range(1, one_time + 1)],
-        one_time_kem=[KemPreKey(i, bytes([i % 256]) * 1184, SIG) for i in range(1, kem + 1)],
+        signed_prekey=SignedPreKeyPublic(1, b"S" * 32, SIG),
+        last_resort_kem=KemPreKeyPublic(999, b"L" * 1184, SIG),
+        one_time=[OneTimePreKeyPublic(i, bytes([i % 256]) * 32) for i in range(1, one_time + 1)],
+        one_time_kem=[KemPreKeyPublic(i, bytes([i % 256]) * 1184, SIG) for i in range(1, kem + 1)],
         max_stored=1000,
     )
 
@@ -123,9 +124,9 @@ def test_prekey_upload_is_atomic(db: SqliteDatabase) -> None:
         db.store_prekeys(
             "bob",
             1,
-            signed_prekey=SignedPreKey(2, b"T" * 32, SIG),
+            signed_prekey=SignedPreKeyPublic(2, b"T" * 32, SIG),
             last_resort_kem=None,
-            one_time=[OneTimePreKey(10, b"a" * 32), OneTimePreKey(3, b"b" * 32)],
+            one_time=[OneTimePreKeyPublic(10, b"a" * 32), OneTimePreKeyPublic(3, b"b" * 32)],
             one_time_kem=[],
             max_stored=1000,
         )
@@ -138,7 +139,7 @@ def test_prekey_upload_is_atomic(db: SqliteDatabase) -> None:
             1,
             signed_prekey=None,
             last_resort_kem=None,
-            one_time=[OneTimePreKey(50, b"a" * 32)] * 2,
+            one_time=[OneTimePreKeyPublic(50, b"a" * 32)] * 2,
             one_time_kem=[],
             max_stored=1000,
         )
@@ -148,7 +149,7 @@ def test_prekey_upload_is_atomic(db: SqliteDatabase) -> None:
             1,
             signed_prekey=None,
             last_resort_kem=None,
-            one_time=[OneTimePreKey(100 + i, b"a" * 32) for i in range(4)],
+            one_time=[OneTimePreKeyPublic(100 + i, b"a" * 32) for i in range(4)],
             one_time_kem=[],
             max_stored=5,
         )
@@ -178,9 +179,9 @@ def test_no_bundle_without_a_kem_prekey(db: SqliteDatabase) -> None:
     db.store_prekeys(
         "bob",
         1,
-        signed_prekey=SignedPreKey(1, b"S" * 32, SIG),
+        signed_prekey=SignedPreKeyPublic(1, b"S" * 32, SIG),
         last_resort_kem=None,
-        one_time=[OneTimePreKey(1, b"o" * 32)],
+        one_time=[OneTimePreKeyPublic(1, b"o" * 32)],
         one_time_kem=[],
         max_stored=10,
     )
@@ -226,9 +227,9 @@ async def test_concurrent_takes_through_the_async_storage(tmp_path: Path) -> Non
         await storage.store_prekeys(
             "bob",
             1,
-            signed_prekey=SignedPreKey(1, b"S" * 32, SIG),
-            last_resort_kem=KemPreKey(9, b"L" * 1184, SIG),
-            one_time=[OneTimePreKey(i, b"o" * 32) for i in range(10)],
+            signed_prekey=SignedPreKeyPublic(1, b"S" * 32, SIG),
+            last_resort_kem=KemPreKeyPublic(9, b"L" * 1184, SIG),
+            one_time=[OneTimePreKeyPublic(i, b"o" * 32) for i in range(10)],
             one_time_kem=[],
             max_stored=100,
         )

@@ -22,6 +22,7 @@ from cryptography.x509.oid import NameOID
 
 from protocol.devices import DeviceEntry, DeviceList
 from protocol.keys import IdentityKeyPair, encode_mlkem768, encode_x25519, sign_prekey
+from protocol.prekeys import KemPreKeyPublic, OneTimePreKeyPublic, SignedPreKeyPublic
 from protocol.primitives import (
     SeededRandom,
     mlkem768_generate,
@@ -32,7 +33,6 @@ from protocol.primitives import (
 from transport.config import RelayConfig, RelayLimits
 from transport.connection import RelayConnection, connect_relay
 from transport.framing import FrameDecoder, encode_frame
-from transport.records import KemPreKey, OneTimePreKey, SignedPreKey
 from transport.relay import serve_relay
 
 
@@ -96,15 +96,15 @@ def make_prekeys(
     def x25519_public() -> bytes:
         return x25519_public_bytes(x25519_generate(rng))
 
-    def kem(key_id: int) -> KemPreKey:
+    def kem(key_id: int) -> KemPreKeyPublic:
         public = mlkem768_public_bytes(mlkem768_generate(rng))
-        return KemPreKey(key_id, public, sign_prekey(identity, encode_mlkem768(public)))
+        return KemPreKeyPublic(key_id, public, sign_prekey(identity, encode_mlkem768(public)))
 
     spk = x25519_public()
     return {
-        "signed_prekey": SignedPreKey(1, spk, sign_prekey(identity, encode_x25519(spk))),
+        "signed_prekey": SignedPreKeyPublic(1, spk, sign_prekey(identity, encode_x25519(spk))),
         "last_resort_kem": kem(1_000_000),
-        "one_time": [OneTimePreKey(first_id + i, x25519_public()) for i in range(one_time)],
+        "one_time": [OneTimePreKeyPublic(first_id + i, x25519_public()) for i in range(one_time)],
         "one_time_kem": [kem(first_id + i) for i in range(one_time_kem)],
     }
 

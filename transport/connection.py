@@ -40,6 +40,7 @@ from protocol.devices import check_user_id
 from protocol.encoding import UINT32_MAX
 from protocol.errors import DecodeError, InvalidArgument, InvalidState, ProtocolError
 from protocol.keys import IdentityKeyPair
+from protocol.prekeys import KemPreKeyPublic, OneTimePreKeyPublic, SignedPreKeyPublic
 
 from .auth import sign_auth
 from .errors import (
@@ -87,7 +88,7 @@ from .limits import (
     RECEIVE_CHUNK_SIZE,
     RELAY_PROTOCOL_VERSION,
 )
-from .records import GUID_SIZE, Envelope, KemPreKey, OneTimePreKey, PreKeyCounts, SignedPreKey
+from .records import GUID_SIZE, Envelope, PreKeyCounts
 from .states import ConnectionState, check_request, state_after_error, state_after_success
 
 Incoming = Envelope | QueueEmpty | PreKeysLow
@@ -196,10 +197,10 @@ class RelayConnection:
     async def upload_prekeys(
         self,
         *,
-        signed_prekey: SignedPreKey | None = None,
-        last_resort_kem: KemPreKey | None = None,
-        one_time: Sequence[OneTimePreKey] = (),
-        one_time_kem: Sequence[KemPreKey] = (),
+        signed_prekey: SignedPreKeyPublic | None = None,
+        last_resort_kem: KemPreKeyPublic | None = None,
+        one_time: Sequence[OneTimePreKeyPublic] = (),
+        one_time_kem: Sequence[KemPreKeyPublic] = (),
     ) -> PreKeyCounts:
         """Replace the signed and last-resort prekeys (if given), add one-time ones.
 

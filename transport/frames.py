@@ -20,10 +20,16 @@ from dataclasses import dataclass, field
 from enum import IntEnum
 from typing import Any, ClassVar
 
-from protocol.consts import ED25519_SIGNATURE_SIZE, MAX_USER_ID_SIZE
+from protocol.consts import (
+    ED25519_SIGNATURE_SIZE,
+    MAX_USER_ID_SIZE,
+    MLKEM768_PUBLIC_KEY_SIZE,
+    X25519_KEY_SIZE,
+)
 from protocol.devices import check_user_id
 from protocol.encoding import UINT32_MAX, UINT64_MAX, Fields, pack, unpack
 from protocol.errors import DecodeError, ProtocolError
+from protocol.prekeys import KemPreKeyPublic, OneTimePreKeyPublic, SignedPreKeyPublic
 
 from .auth import AUTH_CHALLENGE_SIZE
 from .errors import (
@@ -41,7 +47,7 @@ from .limits import (
     MAX_RECIPIENTS_PER_SEND,
     RELAY_PROTOCOL_VERSION,
 )
-from .records import GUID_SIZE, Envelope, KemPreKey, OneTimePreKey, SignedPreKey
+from .records import GUID_SIZE, Envelope
 
 # Longest relay name (WELCOME), in UTF-8 bytes: a DNS name fits.
 MAX_RELAY_NAME_SIZE = 255
@@ -93,6 +99,30 @@ def _payload(fields: Fields, limits: RequestLimits) -> bytes:
     if len(payload) > limits.max_payload_size:
         raise PayloadTooLarge(f"payload of {len(payload)} bytes exceeds {limits.max_payload_size}")
     return payload
+
+
+# Prekeys are read by size only; the relay checks the keys and signatures
+# afterwards, so that a bad one is PREKEYS_REJECTED with its reason.
+
+
+def _signed_prekey(fields: Fields) -> SignedPreKeyPublic:
+    key_id, public = fields.uint(), fields.bin(X25519_KEY_SIZE)
+    key = SignedPreKeyPublic(key_id, public, fields.bin(ED25519_SIGNATURE_SIZE))
+    fields.end()
+    return key
+
+
+def _one_time_prekey(fields: Fields) -> OneTimePreKeyPublic:
+    key = OneTimePreKeyPublic(fields.uint(), fields.bin(X25519_KEY_SIZE))
+    fields.end()
+    return key
+
+
+def _kem_prekey(fields: Fields) -> KemPreKeyPublic:
+    key_id, public = fields.uint(), fields.bin(MLKEM768_PUBLIC_KEY_SIZE)
+    key = KemPreKeyPublic(key_id, public, fields.bin(ED25519_SIGNATURE_SIZE))
+    fields.end()
+    return key
 
 
 def _items(fields: Fields, limit: int, error: type[RelayError], what: str) -> list[Any]:
@@ -200,10 +230,10 @@ class UploadPreKeys:
 
     TYPE: ClassVar[FrameType] = FrameType.UPLOAD_PREKEYS
     request_id: int
-    signed_prekey: SignedPreKey | None
-    last_resort_kem: KemPreKey | None
-    one_time: tuple[OneTimePreKey, ...]
-    one_time_kem: tuple[KemPreKey, ...]
+    signed_prekey: SignedPreKeyPublic | None
+    last_resort_kem: KemPreKeyPublic | None
+    one_time: tuple[OneTimePreKeyPublic, ...]
+    one_time_kem: tuple[KemPreKeyPublic, ...]
 
     def to_wire(self) -> list[Any]:
         return [
@@ -219,12 +249,12 @@ class UploadPreKeys:
         request_id = fields.uint()
         signed = None
         if fields.peek() is not None:
-            signed = SignedPreKey.read(fields.nested(what="signed_prekey", count=3))
+            signed = _signed_prekey(fields.nested(what="signed_prekey", count=3))
         else:
             fields.raw()
         last_resort = None
         if fields.peek() is not None:
-            last_resort = KemPreKey.read(fields.nested(what="last_resort_kem", count=3))
+            last_resort = _kem_prekey(fields.nested(what="last_resort_kem", count=3))
         else:
             fields.raw()
         limit = limits.max_prekeys_per_upload
@@ -235,11 +265,11 @@ class UploadPreKeys:
             signed,
             last_resort,
             tuple(
-                OneTimePreKey.read(Fields(k, what=f"one_time[{i}]", count=2))
+                _one_time_prekey(Fields(k, what=f"one_time[{i}]", count=2))
                 for i, k in enumerate(one_time)
             ),
             tuple(
-                KemPreKey.read(Fields(k, what=f"one_time_kem[{i}]", count=3))
+                _kem_prekey(Fields(k, what=f"one_time_kem[{i}]", count=3))
                 for i, k in enumerate(one_time_kem)
             ),
         )

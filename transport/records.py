@@ -1,10 +1,8 @@
-"""Values shared by the relay's frames, its storage and the client: prekeys and envelopes.
+"""Values shared by the relay's frames, its storage and the client: envelopes and counts.
 
-Each is a frozen dataclass with its positional wire form (``to_wire`` and
-``read`` over a :class:`protocol.encoding.Fields`). Sizes are checked on
-read; signatures and key validity are checked by the relay on upload and by
-the protocol core on use. Reprs show ids and sizes only, never key bytes or
-payloads, so these values are safe to log.
+Prekeys are the protocol core's own public types
+(:mod:`protocol.prekeys`: SignedPreKeyPublic, OneTimePreKeyPublic,
+KemPreKeyPublic), so what an Account publishes is uploaded as it is.
 """
 
 from __future__ import annotations
@@ -13,12 +11,7 @@ from dataclasses import dataclass
 from enum import IntEnum
 from typing import Any
 
-from protocol.consts import (
-    ED25519_SIGNATURE_SIZE,
-    MAX_USER_ID_SIZE,
-    MLKEM768_PUBLIC_KEY_SIZE,
-    X25519_KEY_SIZE,
-)
+from protocol.consts import MAX_USER_ID_SIZE
 from protocol.devices import check_user_id
 from protocol.encoding import UINT64_MAX, Fields, pack
 from protocol.errors import DecodeError
@@ -35,73 +28,6 @@ class EnvelopeKind(IntEnum):
 
     DIRECT = 1  # a one-to-one Double Ratchet message (SEND_DIRECT)
     GROUP = 2  # a group sender-key message (SEND_GROUP)
-
-
-@dataclass(frozen=True, slots=True)
-class SignedPreKey:
-    """A signed X25519 prekey: ``[id u32, public bin32, signature bin64]``."""
-
-    key_id: int
-    public: bytes
-    signature: bytes
-
-    def to_wire(self) -> list[Any]:
-        return [self.key_id, self.public, self.signature]
-
-    @classmethod
-    def read(cls, fields: Fields) -> SignedPreKey:
-        key_id = fields.uint()
-        public = fields.bin(X25519_KEY_SIZE)
-        signature = fields.bin(ED25519_SIGNATURE_SIZE)
-        fields.end()
-        return cls(key_id, public, signature)
-
-    def __repr__(self) -> str:
-        return f"SignedPreKey(id={self.key_id})"
-
-
-@dataclass(frozen=True, slots=True)
-class OneTimePreKey:
-    """A one-time X25519 prekey: ``[id u32, public bin32]`` (unsigned, as in X3DH)."""
-
-    key_id: int
-    public: bytes
-
-    def to_wire(self) -> list[Any]:
-        return [self.key_id, self.public]
-
-    @classmethod
-    def read(cls, fields: Fields) -> OneTimePreKey:
-        key_id = fields.uint()
-        public = fields.bin(X25519_KEY_SIZE)
-        fields.end()
-        return cls(key_id, public)
-
-    def __repr__(self) -> str:
-        return f"OneTimePreKey(id={self.key_id})"
-
-
-@dataclass(frozen=True, slots=True)
-class KemPreKey:
-    """A signed ML-KEM-768 prekey: ``[id u32, public bin1184, signature bin64]``."""
-
-    key_id: int
-    public: bytes
-    signature: bytes
-
-    def to_wire(self) -> list[Any]:
-        return [self.key_id, self.public, self.signature]
-
-    @classmethod
-    def read(cls, fields: Fields) -> KemPreKey:
-        key_id = fields.uint()
-        public = fields.bin(MLKEM768_PUBLIC_KEY_SIZE)
-        signature = fields.bin(ED25519_SIGNATURE_SIZE)
-        fields.end()
-        return cls(key_id, public, signature)
-
-    def __repr__(self) -> str:
-        return f"KemPreKey(id={self.key_id})"
 
 
 @dataclass(frozen=True, slots=True)

@@ -27,9 +27,10 @@ from typing import Any, TypeVar
 import trio
 
 from protocol.errors import UnknownStateVersion
+from protocol.prekeys import KemPreKeyPublic, OneTimePreKeyPublic, SignedPreKeyPublic
 
 from .errors import MailboxFull, PreKeyIdInUse, PreKeyStockFull, UnknownDevice
-from .records import Envelope, KemPreKey, OneTimePreKey, PreKeyCounts, SignedPreKey
+from .records import Envelope, PreKeyCounts
 from .storage import (
     EnvelopeBatch,
     QueuedEnvelope,
@@ -238,10 +239,10 @@ class SqliteDatabase:
         user_id: str,
         device_id: int,
         *,
-        signed_prekey: SignedPreKey | None,
-        last_resort_kem: KemPreKey | None,
-        one_time: Sequence[OneTimePreKey],
-        one_time_kem: Sequence[KemPreKey],
+        signed_prekey: SignedPreKeyPublic | None,
+        last_resort_kem: KemPreKeyPublic | None,
+        one_time: Sequence[OneTimePreKeyPublic],
+        one_time_kem: Sequence[KemPreKeyPublic],
         max_stored: int,
     ) -> PreKeyCounts:
         key = (user_id, device_id)
@@ -327,9 +328,9 @@ class SqliteDatabase:
             remaining = self._counts(db, key)
         return TakenBundle(
             identity=device[0],
-            signed_prekey=SignedPreKey(*spk),
-            one_time=None if opk is None else OneTimePreKey(*opk),
-            kem=KemPreKey(*kem),
+            signed_prekey=SignedPreKeyPublic(*spk),
+            one_time=None if opk is None else OneTimePreKeyPublic(*opk),
+            kem=KemPreKeyPublic(*kem),
             kem_is_last_resort=last_resort,
             remaining=remaining,
         )
@@ -439,10 +440,10 @@ class SqliteStorage:
         user_id: str,
         device_id: int,
         *,
-        signed_prekey: SignedPreKey | None,
-        last_resort_kem: KemPreKey | None,
-        one_time: Sequence[OneTimePreKey],
-        one_time_kem: Sequence[KemPreKey],
+        signed_prekey: SignedPreKeyPublic | None,
+        last_resort_kem: KemPreKeyPublic | None,
+        one_time: Sequence[OneTimePreKeyPublic],
+        one_time_kem: Sequence[KemPreKeyPublic],
         max_stored: int,
     ) -> PreKeyCounts:
         return await self._run(

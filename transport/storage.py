@@ -14,8 +14,10 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from protocol.prekeys import KemPreKeyPublic, OneTimePreKeyPublic, SignedPreKeyPublic
+
 from .errors import TransportError
-from .records import Envelope, KemPreKey, OneTimePreKey, PreKeyCounts, SignedPreKey
+from .records import Envelope, PreKeyCounts
 
 
 class StorageConflict(TransportError):
@@ -88,9 +90,9 @@ class TakenBundle:
     """What a bundle fetch took: keys for one PreKeyBundle, and the stock left after it."""
 
     identity: bytes
-    signed_prekey: SignedPreKey
-    one_time: OneTimePreKey | None
-    kem: KemPreKey
+    signed_prekey: SignedPreKeyPublic
+    one_time: OneTimePreKeyPublic | None
+    kem: KemPreKeyPublic
     kem_is_last_resort: bool
     remaining: PreKeyCounts
 
@@ -119,10 +121,10 @@ class RelayStorage(Protocol):
         user_id: str,
         device_id: int,
         *,
-        signed_prekey: SignedPreKey | None,
-        last_resort_kem: KemPreKey | None,
-        one_time: Sequence[OneTimePreKey],
-        one_time_kem: Sequence[KemPreKey],
+        signed_prekey: SignedPreKeyPublic | None,
+        last_resort_kem: KemPreKeyPublic | None,
+        one_time: Sequence[OneTimePreKeyPublic],
+        one_time_kem: Sequence[KemPreKeyPublic],
         max_stored: int,
     ) -> PreKeyCounts:
         """Replace the signed and last-resort prekeys (unless None) and add one-time ones.
