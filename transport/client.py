@@ -60,7 +60,7 @@ from .errors import (
 )
 from .frames import PreKeysLow
 from .limits import CLIENT_REQUEST_TIMEOUT
-from .records import Envelope, KemPreKey, OneTimePreKey, SignedPreKey
+from .records import Envelope
 
 # Reconnect backoff: doubles from the first delay up to the cap, with jitter,
 # so a relay restart is not met by every client at the same instant.
@@ -423,12 +423,11 @@ class Client:
                 upload = account.prekey_upload()
                 fresh = [k for k in upload.one_time_prekeys if k.key_id > self._published]
             fresh_kem = [k for k in upload.one_time_kem_prekeys if k.key_id > self._published]
-            spk, kem = upload.signed_prekey, upload.last_resort_kem_prekey
             await connection.upload_prekeys(
-                signed_prekey=SignedPreKey(spk.key_id, spk.public, spk.signature),
-                last_resort_kem=KemPreKey(kem.key_id, kem.public, kem.signature),
-                one_time=[OneTimePreKey(k.key_id, k.public) for k in fresh],
-                one_time_kem=[KemPreKey(k.key_id, k.public, k.signature) for k in fresh_kem],
+                signed_prekey=upload.signed_prekey,
+                last_resort_kem=upload.last_resort_kem_prekey,
+                one_time=fresh,
+                one_time_kem=fresh_kem,
             )
             self._published = max(
                 [self._published, *(k.key_id for k in fresh), *(k.key_id for k in fresh_kem)]
