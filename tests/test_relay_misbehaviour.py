@@ -270,6 +270,37 @@ async def test_internal_errors_cost_one_request(caplog: pytest.LogCaptureFixture
     assert "disk on fire" in caplog.text
 
 
+class UnreadableMailboxes(BrokenStorage):
+    """Storage whose mailboxes cannot be read: the delivery task fails."""
+
+    async def device_lists(self, user_ids: Any) -> dict[str, StoredDeviceList]:
+        return await self._inner.device_lists(user_ids)
+
+    async def pending(self, *args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("mailbox unreadable")
+
+
+async def test_a_failing_delivery_task_ends_only_its_connection(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    alice = make_user("alice")
+    storage = await SqliteStorage.open(":memory:")
+    relay = Relay(relay_config(), UnreadableMailboxes(storage))
+    try:
+        async with client_connection(relay) as registrar:
+            await registrar.upload_device_list(alice.signed_list())
+        async with raw_connection(relay) as client:
+            await authenticated(relay, client, alice.devices[1])
+            with trio.fail_after(5):
+                while await receive(client) is not None:
+                    pass  # a PREKEYS_LOW may come first; then the connection ends
+        async with raw_connection(relay) as client:
+            await hello(client)  # the relay still serves
+    finally:
+        await storage.aclose()
+    assert "mailbox unreadable" in caplog.text
+
+
 # ------------------------------------------------------------------ timeouts (virtual clock)
 
 

@@ -43,8 +43,9 @@ class Relay:
         """Serve one connection to its end; never raises (but Cancelled)."""
         try:
             await RelaySession(self, stream).run()
-        except Exception:
-            # A bug must cost this connection only, never the relay.
+        except* Exception:
+            # A bug must cost this connection only, never the relay (Cancelled,
+            # a BaseException, still propagates when the relay shuts down).
             logger.exception("connection failed")
         finally:
             await trio.aclose_forcefully(stream)
