@@ -120,6 +120,8 @@ async def test_request_times_out(autojump_clock: trio.testing.MockClock) -> None
         with pytest.raises(RelayTimeout):
             await connection.ping()
         assert trio.current_time() - start == pytest.approx(7)
+        with pytest.raises(ConnectionClosed):  # its state is unknown now: closed
+            await connection.ping()
 
 
 async def test_hello_times_out(autojump_clock: trio.testing.MockClock) -> None:

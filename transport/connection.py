@@ -18,10 +18,13 @@ which stops at its in-flight window; size the channel above that window
 (the default does). Writes are serialised by a :class:`trio.StrictFIFOLock`.
 Requests may be issued concurrently from several tasks.
 
-Every request waits at most ``request_timeout`` (RelayTimeout); a relay
-refusal raises the :class:`~transport.errors.RelayError` subclass for its
-code; a closed connection raises ConnectionClosed; a relay that breaks the
-protocol closes the connection with RelayProtocolViolation as the cause.
+Every request waits at most ``request_timeout``; then it raises
+RelayTimeout and the connection is closed, since whether the request took
+effect is unknown (a resent send may arrive twice; the protocol core
+detects duplicates). A relay refusal raises the
+:class:`~transport.errors.RelayError` subclass for its code; a closed
+connection raises ConnectionClosed; a relay that breaks the protocol closes
+the connection with RelayProtocolViolation as the cause.
 This layer keeps no sessions and no state beyond the connection; the
 client library builds those on top.
 """
@@ -269,6 +272,9 @@ class RelayConnection:
                 await self._write(request)
                 await pending.done.wait()
         except trio.TooSlowError:
+            # Whether the request took effect is unknown, and so is the
+            # connection's state (a late OK to AUTH would start pushes): close.
+            await trio.aclose_forcefully(self._stream)
             raise RelayTimeout(f"no reply to {request.TYPE.name} in time") from None
         finally:
             del self._pending[request.request_id]
@@ -400,11 +406,8 @@ class RelayConnection:
             await trio.sleep(interval)
             try:
                 await self.ping()
-            except RelayTimeout:
-                await trio.aclose_forcefully(self._stream)  # the relay is unreachable
-                return
-            except (ConnectionClosed, InvalidState):
-                return
+            except (RelayTimeout, ConnectionClosed, InvalidState):
+                return  # the connection is closed (a ping timeout closes it)
 
     async def aclose(self) -> None:
         """Close the connection (idempotent); pending requests raise ConnectionClosed."""

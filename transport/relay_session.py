@@ -155,19 +155,20 @@ class RelaySession:
     async def _send(self, frame: RelayFrame) -> None:
         data = encode_frame(encode_body(frame), max_frame_size=self._limits.max_frame_size)
         async with self._write_lock:
-            if self._write_broken:
-                raise trio.ClosedResourceError("connection is closing")
-            self._write_broken = True
-            with trio.move_on_after(self._limits.send_timeout) as timeout:
-                try:
-                    await self._stream.send_all(data)
-                    self._write_broken = False
-                except (trio.BrokenResourceError, trio.ClosedResourceError):
-                    pass
+            if not self._write_broken:
+                self._write_broken = True  # until send_all completes
+                with trio.move_on_after(self._limits.send_timeout) as timeout:
+                    try:
+                        await self._stream.send_all(data)
+                        self._write_broken = False
+                    except (trio.BrokenResourceError, trio.ClosedResourceError):
+                        pass
+                if self._write_broken:
+                    reason = "send timeout" if timeout.cancelled_caught else "broken"
+                    logger.debug("connection dropped: %s", reason)
         if self._write_broken:
-            # The peer is gone or does not read (a send timed out): end the connection.
-            reason = "send timeout" if timeout.cancelled_caught else "broken"
-            logger.debug("connection dropped: %s", reason)
+            # The peer is gone or does not read, or a frame was cut short: the
+            # stream is unusable, so the connection ends (nothing more is sent).
             self._cancel_scope.cancel()
             await trio.lowlevel.checkpoint()
 
