@@ -36,7 +36,13 @@ from typing import TypeAlias
 
 from . import primitives as p
 from .account import Account
-from .consts import GROUP_ID_SIZE, SENDER_KEY_MAX_AGE, SENDER_KEY_MAX_MESSAGES, STATE_VERSION
+from .consts import (
+    GROUP_ID_SIZE,
+    MAX_USER_ID_SIZE,
+    SENDER_KEY_MAX_AGE,
+    SENDER_KEY_MAX_MESSAGES,
+    STATE_VERSION,
+)
 from .content import (
     MESSAGE_ID_SIZE,
     GroupControl,
@@ -215,6 +221,11 @@ class Outcome:
 
 
 RecordKey: TypeAlias = tuple[str | int | bytes, ...]
+
+
+def _read_address(value: object, what: str) -> Address:
+    f = Fields(value, what=what, count=2)
+    return Address(f.text(MAX_USER_ID_SIZE), f.uint())
 
 
 def _key_bytes(part: str | int | bytes) -> bytes:
@@ -492,8 +503,14 @@ class ClientCore:
         if self._sessions.pop(address, None) is not None:
             self._mark(("session", address.user_id, address.device_id))
         # A device we re-establish a session with must be sent our sender keys again.
-        for outbound in self._outbound.values():
-            outbound.shared_with.discard(address)
+        self._unshare(address)
+
+    def _unshare(self, address: Address) -> None:
+        """Forget that ``address`` holds our sender keys (it gets them again before our next)."""
+        for group_id, outbound in self._outbound.items():
+            if address in outbound.shared_with:
+                outbound.shared_with.discard(address)
+                self._mark(("outbound", group_id))
 
     def _encrypt_for(
         self, addresses: Iterable[Address], plaintext: bytes, now: int
@@ -623,8 +640,7 @@ class ClientCore:
         if result.new_session:
             self._mark(("account",))
             # The peer started over: whatever we shared before is gone on its side.
-            for outbound in self._outbound.values():
-                outbound.shared_with.discard(sender)
+            self._unshare(sender)
         try:
             content = decode_content(result.plaintext)
         except ProtocolError as exc:
@@ -673,8 +689,10 @@ class ClientCore:
         record = self._inbound.get((group_id, sender))
         if record is None or all(c.chain_id != parsed.chain_id for c in record.chains):
             return self._request_retry(sender, group_id, parsed.chain_id, now)
-        text = GroupText.decode(record.decrypt(payload))
+        plaintext = record.decrypt(payload)
+        # The chain moved on (its key is spent) even if the content turns out malformed.
         self._mark(("inbound", group_id, sender.user_id, sender.device_id))
+        text = GroupText.decode(plaintext)
         return Outcome(
             events=(MessageReceived(sender, text.message_id, text.sent_at, text.body, group_id),)
         )
@@ -998,7 +1016,7 @@ class ClientCore:
             if f.uint() != STATE_VERSION:
                 raise UnknownStateVersion("outbound record version")
             key_bytes = f.bin()
-            shared = {Address(str(a[0]), int(a[1])) for a in f.array(max_len=100_000)}
+            shared = {_read_address(a, "outbound shared") for a in f.array(max_len=100_000)}
             self._outbound[_key_bytes(key[1])] = _Outbound(
                 OutboundSenderKey.from_bytes(key_bytes), shared
             )
