@@ -38,6 +38,7 @@ from . import primitives as p
 from .account import Account
 from .consts import (
     GROUP_ID_SIZE,
+    MAX_HELD_GROUP_CONTROLS,
     MAX_USER_ID_SIZE,
     SENDER_KEY_MAX_AGE,
     SENDER_KEY_MAX_MESSAGES,
@@ -60,6 +61,7 @@ from .errors import (
     InvalidArgument,
     InvalidState,
     ProtocolError,
+    RemoteProtocolError,
     StaleChange,
     StateError,
     UnauthorizedChange,
@@ -308,6 +310,8 @@ class ClientCore:
         self._outbound: dict[bytes, _Outbound] = {}
         self._inbound: dict[tuple[bytes, Address], SenderKeyRecord] = {}
         self._groups: dict[bytes, Group] = {}
+        # Control messages that arrived before their parent change, oldest first.
+        self._held: list[tuple[Address, GroupControl]] = []
         self._dirty: set[RecordKey] = {("meta",), ("account",)}
 
     # ------------------------------------------------------------ creation
@@ -897,12 +901,30 @@ class ClientCore:
         ):
             # Control messages are forwarded by their author only; anything else is suspect.
             raise UnauthorizedChange("control message not sent by its author")
+        try:
+            first = self._apply_control(sender, message, content)
+        except StaleChange:
+            if not self._builds_ahead(message):
+                raise
+            # Reordered: its parent (or our welcome) is still on its way.
+            self._hold_control(sender, content)
+            return Outcome()
+        return Outcome(events=(first, *self._apply_held(message.group_id)))
+
+    def _apply_control(
+        self, sender: Address, message: ControlMessage, content: GroupControl
+    ) -> GroupUpdated:
+        """Apply (or join from) a control message; raises, changing nothing, if refused."""
         group = self._groups.get(message.group_id)
         if group is None:
             if content.snapshot is None:
                 raise StaleChange("a change for a group we do not hold")
+            welcome = Welcome.decode(content.snapshot)
+            if welcome.message.encode() != content.control:
+                # The welcome must be for the change its sender authored, and for this group.
+                raise UnauthorizedChange("the welcome is for another change")
             update = Group.join(
-                Welcome.decode(content.snapshot),
+                welcome,
                 self._device_lists,
                 user_id=self.user_id,
                 user_identity=self.user_identity_public,
@@ -913,7 +935,41 @@ class ClientCore:
             joined = False
         self._set_group(message.group_id, update.group)
         self._after_group_change(message.group_id, update.events)
-        return Outcome(events=(GroupUpdated(message.group_id, sender, update.events, joined),))
+        return GroupUpdated(message.group_id, sender, update.events, joined)
+
+    def _builds_ahead(self, message: ControlMessage) -> bool:
+        """Whether a refused change may apply later: its group or parent epoch is not here yet."""
+        group = self._groups.get(message.group_id)
+        return group is None or message.parent_epoch > group.current.epoch
+
+    def _hold_control(self, sender: Address, content: GroupControl) -> None:
+        if (sender, content) not in self._held:
+            self._held.append((sender, content))
+            del self._held[:-MAX_HELD_GROUP_CONTROLS]
+            self._mark(("held_controls",))
+
+    def _apply_held(self, group_id: bytes) -> list[Event]:
+        """Apply held changes of this group that now fit, until none does; drop refused ones."""
+        events: list[Event] = []
+        progress = True
+        while progress:
+            progress = False
+            for entry in list(self._held):
+                sender, content = entry
+                message = ControlMessage.decode(content.control)
+                if message.group_id != group_id:
+                    continue
+                try:
+                    events.append(self._apply_control(sender, message, content))
+                    progress = True
+                except StaleChange:
+                    if self._builds_ahead(message):
+                        continue
+                except RemoteProtocolError:
+                    pass
+                self._held.remove(entry)
+                self._mark(("held_controls",))
+        return events
 
     # ------------------------------------------------------------ persistence
 
@@ -960,6 +1016,11 @@ class ClientCore:
         if kind == "group":
             group = self._groups.get(_key_bytes(key[1]))
             return None if group is None else group.to_pickle()
+        if kind == "held_controls":
+            if not self._held:
+                return None
+            entries = [[a.user_id, a.device_id, c.control, c.snapshot] for a, c in self._held]
+            return pack([STATE_VERSION, entries])
         raise AssertionError(f"unknown record kind {kind!r}")
 
     @classmethod
@@ -1026,6 +1087,14 @@ class ClientCore:
         elif kind == "group":
             group = Group.from_pickle(data)
             self._groups[group.group_id] = group
+        elif kind == "held_controls":
+            f = Fields(unpack(data, what="held controls"), what="held controls", count=2)
+            if f.uint() != STATE_VERSION:
+                raise UnknownStateVersion("held controls record version")
+            for item in f.array(max_len=MAX_HELD_GROUP_CONTROLS):
+                entry = Fields(item, what="held control", count=4)
+                sender = Address(entry.text(MAX_USER_ID_SIZE), entry.uint())
+                self._held.append((sender, GroupControl(entry.bin(), entry.optional_bin())))
 
     def __repr__(self) -> str:
         return (

@@ -168,6 +168,11 @@ MAX_GROUP_FORK_DEPTH: Final = 16
 GROUP_CONTROL_SIGNATURE_CONTEXT: Final = b"hushchat_group_control"
 GROUP_CHANGE_ID_CONTEXT: Final = b"hushchat_group_change"
 GROUP_STATE_HASH_CONTEXT: Final = b"hushchat_group_state"
+# Control messages a device holds because they arrived before the change they
+# build on (or before the welcome of their group): a relay may reorder
+# envelopes from different senders. They apply once their parent arrives. The
+# bound caps what peers can make a device store; the oldest goes first.
+MAX_HELD_GROUP_CONTROLS: Final = 64
 
 # ------------------------------------------------------------------ safety numbers
 
