@@ -32,6 +32,7 @@ import trio
 
 from protocol.client_core import GroupUpdated, MessageReceived
 from protocol.errors import ProtocolError
+from protocol.group import TitleChanged
 from transport.client import Client, open_client
 from transport.client_store import ClientStore
 
@@ -46,7 +47,8 @@ async def echo(client: Client) -> None:
     answered: list[bytes] = []
     async for event in client.events():
         if isinstance(event, GroupUpdated) and event.joined:
-            title = client.group(event.group_id).title
+            # A join's changes list the group as we first see it: members, then its title.
+            title = next((c.title for c in event.changes if isinstance(c, TitleChanged)), "")
             print(f"joined {title!r}, added by {event.author.user_id}", flush=True)
         elif isinstance(event, MessageReceived) and event.group_id is not None:
             if event.sender.user_id == me or event.message_id in answered:

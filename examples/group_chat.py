@@ -156,7 +156,9 @@ class Screen:
     def _input(self) -> str | None:
         try:
             return input(self.prompt if self.interactive else "")
-        except EOFError:
+        except EOFError:  # Ctrl-D, or the end of piped input
+            if self.interactive:
+                sys.stdout.write("\n")
             return None
 
 
@@ -314,23 +316,25 @@ class Chat:
         self.screen.show(line)
 
     def show_group_update(self, event: GroupUpdated) -> None:
+        # Described from the event alone: the core may already be further on (a removal
+        # processed after this event was queued), so its current state may differ.
         gid, author = event.group_id, event.author.user_id
-        held = gid in self.client.core.group_ids
-        if held:
-            self.titles[gid] = self.client.group(gid).title
+        for change in event.changes:
+            if isinstance(change, TitleChanged):
+                self.titles[gid] = change.title
         name = self.group_name(gid)
-        if event.joined:
-            members = ", ".join(self.client.group(gid).user_ids)
+        if event.joined:  # the changes list every member, and the title
+            members = ", ".join(c.user_id for c in event.changes if isinstance(c, MemberAdded))
             if self.current is None:
                 self.select(Conversation(group_id=gid))
             self.screen.info(f"{author} added you to {name} (members: {members})")
             return
-        if not held and self.current == Conversation(group_id=gid):
-            self.select(None)  # we were removed, or left
         for change in event.changes:
             if isinstance(change, MemberAdded):
                 self.screen.info(f"{author} added {change.user_id} to {name}")
             elif isinstance(change, MemberRemoved):
+                if change.user_id == self.me and self.current == Conversation(group_id=gid):
+                    self.select(None)
                 if change.user_id == author:
                     self.screen.info(f"{author} left {name}")
                 elif change.user_id == self.me:
@@ -367,7 +371,7 @@ class Chat:
     def group_name(self, group_id: bytes | None) -> str:
         if group_id is None:
             return ""
-        return "#" + self.titles.get(group_id, group_id[:4].hex())
+        return "#" + (self.titles.get(group_id) or group_id[:4].hex())
 
     def select(self, conversation: Conversation | None) -> None:
         self.current = conversation
@@ -623,7 +627,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         status = trio.run(run_chat, host, port, args.name, state, palette)
     except* KeyboardInterrupt:  # trio may raise it in an exception group
-        pass
+        print()  # end the line being typed
     finally:
         if terminal is not None:
             termios.tcsetattr(sys.stdin, termios.TCSADRAIN, terminal)
