@@ -23,12 +23,15 @@ import termios
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import cast
 
 import pytest
 import trio
 
-from protocol.client_core import GroupUpdated, MessageReceived
-from transport.client import open_client
+from protocol.client_core import Address, GroupUpdated, MessageReceived
+from protocol.errors import InvalidArgument
+from protocol.group import MemberAdded, MemberRemoved, TitleChanged
+from transport.client import Client, open_client
 from transport.client_store import ClientStore
 from transport.config import RelayConfig
 from transport.relay import serve_relay
@@ -113,6 +116,34 @@ def test_chat_never_prints_control_characters_it_was_sent(
         "\x1b[31m[#\ufffd]0;owned\ufffd] mallory\ufffd[2J: hi\ufffdthere\x1b[0m\n"
         "\x1b[31msecond line\x1b[0m\n"
     )
+
+
+class GoneGroupClient:
+    """A client whose core holds no group any more (it processed a removal already)."""
+
+    address = Address("carol", 1)
+    core = type("Core", (), {"group_ids": ()})()
+
+    def group(self, group_id: bytes) -> None:
+        raise InvalidArgument("unknown group")
+
+
+def test_chat_shows_group_events_from_the_event_alone(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # The event display can lag behind the core: a join shown after the removal that
+    # followed it was processed must not ask the core about the group.
+    from group_chat import Chat, Screen
+
+    chat = Chat(cast(Client, GoneGroupClient()), Screen(Palette(False), False), "r", str(tmp_path))
+    alice, group_id = Address("alice", 1), bytes(16)
+    members = tuple(MemberAdded(name, bytes(32), name == "alice") for name in ("alice", "carol"))
+    chat.show_event(GroupUpdated(group_id, alice, (*members, TitleChanged("Flash")), joined=True))
+    chat.show_event(GroupUpdated(group_id, alice, (MemberRemoved("carol"),)))
+    assert capsys.readouterr().out == (
+        "* alice added you to #Flash (members: alice, carol)\n* alice removed you from #Flash\n"
+    )
+    assert chat.current is None
 
 
 # ------------------------------------------------------------------ the demo
@@ -391,8 +422,18 @@ def test_chat_in_three_terminals(tmp_path: Path, terminals: list[Terminal]) -> N
         bob.expect("now talking to #Weekend trip")
         bob.type("I do, carol is away")
         alice.expect(r"\[#Weekend trip\] bob: I do, carol is away")
+        # Meanwhile alice adds carol to a group and removes her at once: carol's client
+        # processes both before it shows the first (so the chat must not ask the group).
+        alice.type("/group create Flash bob carol")
+        alice.expect("created #Flash with bob, carol")
+        alice.type("/kick Flash carol")
+        alice.expect("removed carol from #Flash")
+        alice.type("/to Weekend trip")
+        alice.expect("now talking to #Weekend trip")
         carol_again = start("carol", NO_COLOR="1")
         carol_again.expect(r"\[#Weekend trip\] bob: I do, carol is away")
+        carol_again.expect(r"alice added you to #Flash \(members: alice, bob, carol\)")
+        carol_again.expect("alice removed you from #Flash")
         # The last message carol saw before quitting is not shown twice.
         assert "who brings the tent" not in carol_again.text
 
