@@ -184,6 +184,10 @@ class Person:
     def address(self) -> Address:
         return Address(self.user_id, self.device_id)
 
+    @property
+    def online(self) -> bool:
+        return self._client is not None
+
     async def connect(
         self, nursery: trio.Nursery, port: int, core: ClientCore | None = None
     ) -> None:
@@ -576,7 +580,7 @@ class Demo:
         await bob.client.send_direct("carol", last)
         self.relay_since_mark()
         for person in [*self.people.values(), self.desktop]:
-            if person._client is not None:
+            if person.online:
                 await person.disconnect()
         self.n.say("everyone", "closes the app; the relay shuts down")
 
@@ -624,7 +628,8 @@ def scan_relay_file(
         f"queued {storage.queued_envelopes} envelopes over the demo and deleted "
         f"{storage.deleted_envelopes} of them on delivery, with their "
         f"{storage.deleted_payloads} distinct ciphertexts ({storage.deleted_bytes:,} bytes), "
-        "overwritten on disk (SQLite secure_delete), not merely unlinked",
+        "overwritten in the file (SQLite secure_delete; the journal is emptied on close), "
+        "not merely marked free",
     )
     n.note(
         "What a relay does see is metadata: who sends to whom, when, how much, and which "
