@@ -29,7 +29,7 @@ from protocol.prekeys import PreKeyBundle
 from protocol.primitives import SeededRandom
 from protocol.session import SessionRecord
 
-DEFAULT_EXAMPLES = 150
+DEFAULT_EXAMPLES = 400
 FUZZ_EXAMPLES = 200_000
 
 
