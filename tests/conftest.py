@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hmac
 from collections.abc import Callable
 from typing import Any
 
@@ -49,6 +50,13 @@ class Peer:
         """Everything a decrypt may change, serialized (for before/after comparisons)."""
         return self.record.to_bytes() + self.account.to_bytes()
 
+    def assert_refused(self, data: bytes, error: type[Exception], **kwargs: Any) -> None:
+        """``data`` raises ``error`` and leaves the record and account byte-identical."""
+        before = self.state()
+        with pytest.raises(error):
+            self.decrypt(data, **kwargs)
+        assert self.state() == before
+
 
 @pytest.fixture
 def peers(
@@ -56,11 +64,14 @@ def peers(
 ) -> Callable[..., tuple[Peer, Peer]]:
     """Factory: (alice, bob) where Alice has started a session from Bob's bundle.
 
-    Nothing is sent yet; ``post_quantum`` picks PQXDH or X3DH and ``one_time``
-    whether Bob's bundle carries one-time prekeys.
+    ``post_quantum`` picks PQXDH or X3DH and ``one_time`` whether Bob's bundle
+    carries one-time prekeys. Nothing is sent yet, unless ``established``:
+    then one message went each way, so both send RatchetMessages.
     """
 
-    def make(*, post_quantum: bool = True, one_time: bool = True) -> tuple[Peer, Peer]:
+    def make(
+        *, post_quantum: bool = True, one_time: bool = True, established: bool = False
+    ) -> tuple[Peer, Peer]:
         alice, bob = Peer(make_account(), rng), Peer(make_account(), rng)
         bundle = bob.account.bundle("bob", 1, one_time=one_time, post_quantum=post_quantum)
         alice.record.install(
@@ -68,12 +79,27 @@ def peers(
                 bundle, now=NOW, post_quantum=post_quantum, rng=rng
             )
         )
+        if established:
+            assert bob.decrypt(alice.encrypt(b"hello")).plaintext == b"hello"
+            assert alice.decrypt(bob.encrypt(b"hi")).plaintext == b"hi"
         return alice, bob
 
     return make
 
 
-# ------------------------------------------------------------------ curve25519, independently
+# ------------------------------------------------------------------ references, independently
+
+
+def reference_hkdf(ikm: bytes, salt: bytes, info: bytes, length: int) -> bytes:
+    """RFC 5869 HKDF-SHA-256 from the stdlib's HMAC, sharing no code with protocol/."""
+    prk = hmac.digest(salt, ikm, "sha256")
+    okm, block = b"", b""
+    for i in range(1, -(-length // 32) + 1):
+        block = hmac.digest(prk, block + info + bytes([i]), "sha256")
+        okm += block
+    return okm[:length]
+
+
 # Affine Edwards arithmetic written from RFC 7748/8032, sharing no code with
 # protocol.primitives, to make inputs (torsion points, torsioned keys) and
 # to check results against.

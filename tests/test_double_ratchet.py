@@ -8,7 +8,7 @@ from collections.abc import Callable
 
 import msgpack
 import pytest
-from conftest import Peer
+from conftest import Peer, reference_hkdf
 from cryptography.hazmat.primitives import padding
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
@@ -33,39 +33,14 @@ from protocol.session import SessionRecord
 Peers = Callable[..., tuple[Peer, Peer]]
 
 
-def hkdf(ikm: bytes, salt: bytes, info: bytes, length: int) -> bytes:
-    """RFC 5869 from the stdlib's HMAC."""
-    prk = hmac.digest(salt, ikm, "sha256")
-    okm, block = b"", b""
-    for i in range(1, -(-length // 32) + 1):
-        block = hmac.digest(prk, block + info + bytes([i]), "sha256")
-        okm += block
-    return okm[:length]
-
-
 def reference_seal(mk: bytes, plaintext: bytes, associated: bytes) -> bytes:
     """Double Ratchet section 5.2 ENCRYPT with hushchat's labels, from pyca's raw AES."""
-    km = hkdf(mk, bytes(32), b"hushchat_message_keys", 80)
+    km = reference_hkdf(mk, bytes(32), b"hushchat_message_keys", 80)
     padder = padding.PKCS7(128).padder()
     padded = padder.update(plaintext) + padder.finalize()
     encryptor = Cipher(algorithms.AES(km[:32]), modes.CBC(km[64:80])).encryptor()
     ciphertext = encryptor.update(padded) + encryptor.finalize()
     return ciphertext + hmac.digest(km[32:64], associated + ciphertext, "sha256")[:16]
-
-
-def established(peers: Peers, **kwargs: bool) -> tuple[Peer, Peer]:
-    """A pair that has exchanged one message each way (both can send RatchetMessages)."""
-    alice, bob = peers(**kwargs)
-    assert bob.decrypt(alice.encrypt(b"hello")).plaintext == b"hello"
-    assert alice.decrypt(bob.encrypt(b"hi")).plaintext == b"hi"
-    return alice, bob
-
-
-def assert_refused(peer: Peer, data: bytes, error: type[Exception], **kwargs: object) -> None:
-    before = peer.state()
-    with pytest.raises(error):
-        peer.decrypt(data, **kwargs)  # type: ignore[arg-type]
-    assert peer.state() == before
 
 
 def ratchet_of(peer: Peer) -> RatchetState:
@@ -78,13 +53,13 @@ def ratchet_of(peer: Peer) -> RatchetState:
 
 def test_kdf_chains_match_independent_computation() -> None:
     root, dh_out, chain = bytes([1]) * 32, bytes([2]) * 32, bytes([3]) * 32
-    okm = hkdf(dh_out, root, b"hushchat_ratchet_root", 64)
+    okm = reference_hkdf(dh_out, root, b"hushchat_ratchet_root", 64)
     assert kdf_rk(root, dh_out) == (okm[:32], okm[32:])
     assert kdf_ck(chain) == (
         hmac.digest(chain, b"\x01", "sha256"),
         hmac.digest(chain, b"\x02", "sha256"),
     )
-    km = hkdf(chain, bytes(32), b"hushchat_message_keys", 80)
+    km = reference_hkdf(chain, bytes(32), b"hushchat_message_keys", 80)
     assert message_keys(chain) == (km[:32], km[32:64], km[64:80])
     assert seal(chain, b"plaintext", b"ad") == reference_seal(chain, b"plaintext", b"ad")
     # Pinned, so that a change of labels or layout on both sides is caught too.
@@ -107,7 +82,7 @@ def test_first_messages_match_independent_computation() -> None:
     ratchet = X25519PrivateKey.from_private_bytes(ratchet_private)
     ratchet_public = ratchet.public_key().public_bytes_raw()
     dh_out = ratchet.exchange(X25519PublicKey.from_public_bytes(spk_public))
-    chain = hkdf(dh_out, shared, b"hushchat_ratchet_root", 64)[32:]
+    chain = reference_hkdf(dh_out, shared, b"hushchat_ratchet_root", 64)[32:]
     for n, plaintext in enumerate([b"first", b"second"]):
         header, body = alice.encrypt(plaintext, ad)
         assert header == msgpack.packb([1, ratchet_public, 0, n], use_bin_type=True)
@@ -138,7 +113,7 @@ def test_header_encoding() -> None:
 
 
 def test_in_order_both_directions(peers: Peers) -> None:
-    alice, bob = established(peers)
+    alice, bob = peers(established=True)
     for round_ in range(5):
         for i in range(round_ + 1):
             text = b"alice %d.%d" % (round_, i)
@@ -150,7 +125,7 @@ def test_in_order_both_directions(peers: Peers) -> None:
 
 
 def test_out_of_order_within_a_chain(peers: Peers) -> None:
-    alice, bob = established(peers)
+    alice, bob = peers(established=True)
     sent = [alice.encrypt(b"%d" % i) for i in range(6)]
     for i in [3, 0, 5, 1, 4, 2]:
         assert bob.decrypt(sent[i]).plaintext == b"%d" % i
@@ -159,7 +134,7 @@ def test_out_of_order_within_a_chain(peers: Peers) -> None:
 
 def test_out_of_order_across_ratchet_steps(peers: Peers) -> None:
     """A late message of each of four earlier receiving chains still decrypts."""
-    alice, bob = established(peers)
+    alice, bob = peers(established=True)
     late = []
     for step in range(4):
         late.append(alice.encrypt(b"late %d" % step))
@@ -185,39 +160,39 @@ def test_late_initial_messages_after_the_reply(peers: Peers) -> None:
 
 
 def test_skipped_key_is_used_once_then_deleted(peers: Peers) -> None:
-    alice, bob = established(peers)
+    alice, bob = peers(established=True)
     sent = [alice.encrypt(b"%d" % i) for i in range(3)]
     bob.decrypt(sent[2])
     assert len(ratchet_of(bob).skipped) == 2
     assert bob.decrypt(sent[0]).plaintext == b"0"
     assert len(ratchet_of(bob).skipped) == 1
-    assert_refused(bob, sent[0], DuplicateMessage)
+    bob.assert_refused(sent[0], DuplicateMessage)
     assert bob.decrypt(sent[1]).plaintext == b"1"
     assert ratchet_of(bob).skipped == {}
 
 
 def test_duplicates_are_reported_as_such(peers: Peers) -> None:
-    alice, bob = established(peers)
+    alice, bob = peers(established=True)
     old_chain = alice.encrypt(b"old chain")
     bob.decrypt(old_chain)
-    assert_refused(bob, old_chain, DuplicateMessage)
+    bob.assert_refused(old_chain, DuplicateMessage)
     bob.decrypt(alice.encrypt(b"filler"))
     alice.decrypt(bob.encrypt(b"step"))
     current = alice.encrypt(b"current chain")
     bob.decrypt(current)
-    assert_refused(bob, current, DuplicateMessage)
+    bob.assert_refused(current, DuplicateMessage)
     # A finished chain whose key is gone: still a duplicate, not a new ratchet step.
-    assert_refused(bob, old_chain, DuplicateMessage)
+    bob.assert_refused(old_chain, DuplicateMessage)
     # A tampered duplicate is a duplicate too (the counter is read before the MAC).
     message = decode_message(current)
     forged = RatchetMessage(message.header, bytes(len(message.body))).encode()  # type: ignore[union-attr]
-    assert_refused(bob, forged, DuplicateMessage)
+    bob.assert_refused(forged, DuplicateMessage)
 
 
 def test_too_far_in_future_within_a_chain(peers: Peers) -> None:
-    alice, bob = established(peers)
+    alice, bob = peers(established=True)
     sent = [alice.encrypt(b"%d" % i) for i in range(7)]
-    assert_refused(bob, sent[6], TooFarInFuture, max_skip=5)
+    bob.assert_refused(sent[6], TooFarInFuture, max_skip=5)
     assert bob.decrypt(sent[5], max_skip=5).plaintext == b"5"
     for i in [6, 0, 4]:
         assert bob.decrypt(sent[i], max_skip=5).plaintext == b"%d" % i
@@ -225,23 +200,23 @@ def test_too_far_in_future_within_a_chain(peers: Peers) -> None:
 
 def test_too_far_in_future_across_a_ratchet_step(peers: Peers) -> None:
     """The limit also applies to the keys left on the previous chain (up to PN)."""
-    alice, bob = established(peers)
+    alice, bob = peers(established=True)
     bob.decrypt(alice.encrypt(b"start of a chain"))
     held = [alice.encrypt(b"held %d" % i) for i in range(7)]
     assert alice.decrypt(bob.encrypt(b"step")).plaintext == b"step"
     after = alice.encrypt(b"after the step")
     header = Header.decode(decode_message(after).header)  # type: ignore[union-attr]
     assert (header.previous_chain_length, header.message_number) == (8, 0)
-    assert_refused(bob, after, TooFarInFuture, max_skip=6)
+    bob.assert_refused(after, TooFarInFuture, max_skip=6)
     assert bob.decrypt(after, max_skip=7).plaintext == b"after the step"
     for i, message in enumerate(held):
         assert bob.decrypt(message).plaintext == b"held %d" % i
 
 
 def test_default_skip_limit(peers: Peers) -> None:
-    alice, bob = established(peers)
+    alice, bob = peers(established=True)
     sent = [alice.encrypt(b"%d" % i) for i in range(MAX_SKIP + 2)]
-    assert_refused(bob, sent[MAX_SKIP + 1], TooFarInFuture)
+    bob.assert_refused(sent[MAX_SKIP + 1], TooFarInFuture)
     assert bob.decrypt(sent[MAX_SKIP]).plaintext == b"%d" % MAX_SKIP
     assert len(ratchet_of(bob).skipped) == MAX_SKIP
     assert bob.decrypt(sent[MAX_SKIP + 1]).plaintext == b"%d" % (MAX_SKIP + 1)
@@ -249,21 +224,21 @@ def test_default_skip_limit(peers: Peers) -> None:
 
 
 def test_stored_keys_cap_evicts_the_oldest(peers: Peers) -> None:
-    alice, bob = established(peers)
+    alice, bob = peers(established=True)
     first_chain = [alice.encrypt(b"a%d" % i) for i in range(4)]
     bob.decrypt(first_chain[3], max_skipped_keys=4)  # stores a0 a1 a2
     alice.decrypt(bob.encrypt(b"step"))
     second_chain = [alice.encrypt(b"b%d" % i) for i in range(3)]
     bob.decrypt(second_chain[2], max_skipped_keys=4)  # stores b0 b1, evicting a0
     assert len(ratchet_of(bob).skipped) == 4
-    assert_refused(bob, first_chain[0], DuplicateMessage)
+    bob.assert_refused(first_chain[0], DuplicateMessage)
     for message, text in [(first_chain[1], b"a1"), (second_chain[0], b"b0")]:
         assert bob.decrypt(message, max_skipped_keys=4).plaintext == text
     third = alice.encrypt(b"b3")
     fourth = [alice.encrypt(b"b%d" % i) for i in range(4, 8)]
     bob.decrypt(fourth[-1], max_skipped_keys=4)  # stores b3..b6: a2 and b1 go
-    assert_refused(bob, first_chain[2], DuplicateMessage)
-    assert_refused(bob, second_chain[1], DuplicateMessage)
+    bob.assert_refused(first_chain[2], DuplicateMessage)
+    bob.assert_refused(second_chain[1], DuplicateMessage)
     assert bob.decrypt(third).plaintext == b"b3"
 
 
@@ -271,29 +246,29 @@ def test_stored_keys_cap_evicts_the_oldest(peers: Peers) -> None:
 
 
 def test_tampered_messages_leave_the_record_unchanged(peers: Peers) -> None:
-    alice, bob = established(peers)
+    alice, bob = peers(established=True)
     genuine = alice.encrypt(b"a message of a little more than one block")
     for bit in range(len(genuine) * 8):
         tampered = bytearray(genuine)
         tampered[bit // 8] ^= 1 << (bit % 8)
-        assert_refused(bob, bytes(tampered), RemoteProtocolError)
+        bob.assert_refused(bytes(tampered), RemoteProtocolError)
     for length in range(len(genuine)):
-        assert_refused(bob, genuine[:length], RemoteProtocolError)
+        bob.assert_refused(genuine[:length], RemoteProtocolError)
     for extra in [b"\0", b"\xc0", genuine]:
-        assert_refused(bob, genuine + extra, RemoteProtocolError)
+        bob.assert_refused(genuine + extra, RemoteProtocolError)
     assert bob.decrypt(genuine).plaintext.startswith(b"a message")
 
 
 def test_spliced_and_misdirected_messages_are_refused(peers: Peers) -> None:
-    alice, bob = established(peers)
+    alice, bob = peers(established=True)
     one, two = alice.encrypt(b"one"), alice.encrypt(b"two")
     first, second = decode_message(one), decode_message(two)
     spliced = RatchetMessage(first.header, second.body).encode()  # type: ignore[union-attr]
-    assert_refused(bob, spliced, BadMac)
+    bob.assert_refused(spliced, BadMac)
     # Alice's message to Alice, and a message of another session (Carol's with Bob).
-    assert_refused(alice, one, RemoteProtocolError)
-    carol, _ = established(peers)
-    assert_refused(bob, carol.encrypt(b"not for this record"), RemoteProtocolError)
+    alice.assert_refused(one, RemoteProtocolError)
+    carol, _ = peers(established=True)
+    bob.assert_refused(carol.encrypt(b"not for this record"), RemoteProtocolError)
     assert bob.decrypt(two).plaintext == b"two"
     assert bob.decrypt(one).plaintext == b"one"
 
@@ -304,16 +279,12 @@ def test_forged_ratchet_keys_are_refused(peers: Peers) -> None:
     # Before any reply Alice's remote ratchet key is Bob's signed prekey, which
     # has no receiving chain (this raised AssertionError once).
     forged = RatchetMessage(Header(spk, 0, 0).encode(), bytes(32)).encode()
-    assert_refused(alice, forged, InvalidKey)
+    alice.assert_refused(forged, InvalidKey)
     bob.decrypt(alice.encrypt(b"x"))
     alice.decrypt(bob.encrypt(b"y"))
-    low_order = bytes(32)
-    assert_refused(
-        bob,
-        RatchetMessage(Header(low_order, 0, 0).encode(), bytes(32)).encode(),
-        NonContributoryKey,
-    )
-    assert_refused(alice, forged, RemoteProtocolError)
+    low_order = RatchetMessage(Header(bytes(32), 0, 0).encode(), bytes(32)).encode()
+    bob.assert_refused(low_order, NonContributoryKey)
+    alice.assert_refused(forged, RemoteProtocolError)
 
 
 def test_responder_cannot_send_first(peers: Peers) -> None:
@@ -329,7 +300,7 @@ def test_responder_cannot_send_first(peers: Peers) -> None:
 
 
 def test_captured_state_cannot_decrypt_what_was_already_decrypted(peers: Peers) -> None:
-    alice, bob = established(peers)
+    alice, bob = peers(established=True)
     in_order = alice.encrypt(b"in order")
     late = alice.encrypt(b"late")
     last = alice.encrypt(b"last")
@@ -345,7 +316,7 @@ def test_captured_state_cannot_decrypt_what_was_already_decrypted(peers: Peers) 
 
 
 def test_post_compromise_healing(peers: Peers) -> None:
-    alice, bob = established(peers)
+    alice, bob = peers(established=True)
     bob.decrypt(alice.encrypt(b"m1"))
     attacker = SessionRecord.from_bytes(bob.record.to_bytes())
 

@@ -5,12 +5,11 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import hmac
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import pytest
-from conftest import NOW, Peer
+from conftest import NOW, Peer, reference_hkdf
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 
 from protocol import primitives as p
@@ -64,14 +63,6 @@ def with_handshake(data: bytes, **changes: object) -> bytes:
     message = prekey_message(data)
     handshake = dataclasses.replace(message.handshake, **changes)  # type: ignore[arg-type]
     return PreKeyMessage(handshake, message.message).encode()
-
-
-def assert_refused(peer: Peer, data: bytes, error: type[Exception], **kwargs: object) -> None:
-    """``data`` raises ``error`` and leaves the peer's record and account byte-identical."""
-    before = peer.state()
-    with pytest.raises(error):
-        peer.decrypt(data, **kwargs)  # type: ignore[arg-type]
-    assert peer.state() == before
 
 
 # ------------------------------------------------------------------ agreement
@@ -141,16 +132,6 @@ def test_last_resort_kem_prekey_stays_usable(
 # ------------------------------------------------------------------ SK, independently
 
 
-def hkdf(ikm: bytes, salt: bytes, info: bytes, length: int) -> bytes:
-    """RFC 5869 from the stdlib's HMAC."""
-    prk = hmac.digest(salt, ikm, "sha256")
-    okm, block = b"", b""
-    for i in range(1, -(-length // 32) + 1):
-        block = hmac.digest(prk, block + info + bytes([i]), "sha256")
-        okm += block
-    return okm[:length]
-
-
 def converted_private(seed: bytes) -> X25519PrivateKey:
     """An Ed25519 seed's X25519 private key: SHA-512(seed)[:32] (pyca clamps it)."""
     return X25519PrivateKey.from_private_bytes(hashlib.sha512(seed).digest()[:32])
@@ -201,7 +182,7 @@ def independent_sk(post_quantum: bool, one_time: bool, kem_secret: bytes) -> byt
     if post_quantum:
         km += kem_secret
         info += b"_ML-KEM-768"
-    return hkdf(b"\xff" * 32 + km, bytes(32), info, 32)
+    return reference_hkdf(b"\xff" * 32 + km, bytes(32), info, 32)
 
 
 @pytest.mark.parametrize(("post_quantum", "one_time"), VARIANTS, ids=VARIANT_IDS)
@@ -354,7 +335,7 @@ def test_bundle_round_trip(make_account: Callable[..., Account]) -> None:
 def test_low_order_base_key_is_refused(peers: Peers, low_order: str) -> None:
     alice, bob = peers()
     first = alice.encrypt(b"x")
-    assert_refused(bob, with_handshake(first, base_key=bytes.fromhex(low_order)), InvalidKey)
+    bob.assert_refused(with_handshake(first, base_key=bytes.fromhex(low_order)), InvalidKey)
     assert bob.decrypt(first).plaintext == b"x"
 
 
@@ -369,12 +350,12 @@ def test_torsioned_base_key_is_refused(
     first = alice.encrypt(b"x")
     base_key = prekey_message(first).handshake.base_key
     torsioned = with_handshake(first, base_key=curve25519.add_torsion_to_u(base_key, torsion))
-    assert_refused(bob, torsioned, InvalidKey)
+    bob.assert_refused(torsioned, InvalidKey)
     assert bob.decrypt(first).plaintext == b"x"
     # A replay with one-time prekey finds it spent; without, the base key is what stops it.
     error = UnknownPreKey if one_time else InvalidKey
-    assert_refused(bob, torsioned, error)
-    assert_refused(Peer(bob.account, bob.rng), torsioned, error)
+    bob.assert_refused(torsioned, error)
+    Peer(bob.account, bob.rng).assert_refused(torsioned, error)
 
 
 def test_non_canonical_base_key_is_refused(peers: Peers) -> None:
@@ -386,7 +367,7 @@ def test_non_canonical_base_key_is_refused(peers: Peers) -> None:
         P.to_bytes(32, "little"),
         (P + 5).to_bytes(32, "little"),
     ]:
-        assert_refused(bob, with_handshake(first, base_key=bad), InvalidKey)
+        bob.assert_refused(with_handshake(first, base_key=bad), InvalidKey)
 
 
 @pytest.mark.parametrize("low_order", LOW_ORDER)
@@ -399,7 +380,7 @@ def test_low_order_ratchet_key_in_an_initial_message_is_refused(
         message.handshake,
         RatchetMessage(Header(bytes.fromhex(low_order), 0, 0).encode(), message.message.body),
     ).encode()
-    assert_refused(bob, forged, NonContributoryKey)
+    bob.assert_refused(forged, NonContributoryKey)
 
 
 def test_unknown_prekey_ids_are_refused(peers: Peers) -> None:
@@ -414,7 +395,7 @@ def test_unknown_prekey_ids_are_refused(peers: Peers) -> None:
         # The signed prekey's id is not a one-time prekey's.
         {"one_time_prekey_id": handshake.signed_prekey_id},
     ]:
-        assert_refused(bob, with_handshake(first, **changes), UnknownPreKey)
+        bob.assert_refused(with_handshake(first, **changes), UnknownPreKey)
     assert bob.decrypt(first).plaintext == b"x"
 
 
@@ -425,10 +406,10 @@ def test_used_one_time_prekey_is_refused(peers: Peers) -> None:
     assert bob.decrypt(first).new_session
     # The same message to a record that lost the session, and a second
     # session from a bundle handed out twice: the one-time prekey is gone.
-    assert_refused(Peer(bob.account, bob.rng), first, UnknownPreKey)
+    Peer(bob.account, bob.rng).assert_refused(first, UnknownPreKey)
     again = Peer(alice.account, alice.rng)
     again.record.install(alice.account.create_outbound_session(bundle, now=NOW, rng=alice.rng))
-    assert_refused(bob, again.encrypt(b"y"), UnknownPreKey)
+    bob.assert_refused(again.encrypt(b"y"), UnknownPreKey)
 
 
 @pytest.mark.parametrize("post_quantum", [True, False], ids=["pqxdh", "x3dh"])
@@ -437,9 +418,9 @@ def test_replayed_handshake_without_one_time_prekey(peers: Peers, post_quantum: 
     first = alice.encrypt(b"x")
     assert bob.decrypt(first).new_session
     # Into the record holding the session: a duplicate of a decrypted message.
-    assert_refused(bob, first, DuplicateMessage)
+    bob.assert_refused(first, DuplicateMessage)
     # Into any other record: the account remembers the base key.
-    assert_refused(Peer(bob.account, bob.rng), first, ReplayedHandshake)
+    Peer(bob.account, bob.rng).assert_refused(first, ReplayedHandshake)
     # Later initial messages of the same handshake still reach the session.
     assert bob.decrypt(alice.encrypt(b"y")).plaintext == b"y"
 
@@ -468,7 +449,7 @@ def test_one_time_prekeys_are_spent_only_by_a_successful_decrypt(
         tampered.append(with_handshake(first, kem_ciphertext=bytes(ciphertext)))
     tampered.append(with_handshake(first, identity=IdentityKeyPair(bytes(32)).public))
     for data in tampered:
-        assert_refused(bob, data, BadMac)
+        bob.assert_refused(data, BadMac)
     opks = bob.account.one_time_prekey_count
     assert bob.decrypt(first).plaintext.startswith(b"genuine")
     assert bob.account.one_time_prekey_count == opks - one_time
@@ -482,8 +463,8 @@ def test_signed_prekey_rotation_and_pruning(peers: Peers) -> None:
     bob.account.prune(now=NOW + 10 + SIGNED_PREKEY_GRACE_PERIOD)
     assert Peer(bob.account, bob.rng).decrypt(first).plaintext == b"x"
     bob.account.prune(now=NOW + 11 + SIGNED_PREKEY_GRACE_PERIOD)
-    assert_refused(Peer(bob.account, bob.rng), first, UnknownPreKey)
-    assert_refused(bob, alice.encrypt(b"y"), UnknownPreKey)
+    Peer(bob.account, bob.rng).assert_refused(first, UnknownPreKey)
+    bob.assert_refused(alice.encrypt(b"y"), UnknownPreKey)
 
 
 def test_a_changed_identity_needs_the_apps_consent(
@@ -496,7 +477,7 @@ def test_a_changed_identity_needs_the_apps_consent(
         mallory.account.create_outbound_session(bob.account.bundle("bob", 1), now=NOW)
     )
     impostor = mallory.encrypt(b"trust me")
-    assert_refused(bob, impostor, UntrustedIdentity)
+    bob.assert_refused(impostor, UntrustedIdentity)
     result = bob.decrypt(impostor, trust_new_identity=True)
     assert (result.plaintext, result.new_session) == (b"trust me", True)
     assert bob.record.remote_identity == mallory.account.identity.public

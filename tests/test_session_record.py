@@ -23,13 +23,6 @@ from protocol.session import SessionRecord
 Peers = Callable[..., tuple[Peer, Peer]]
 
 
-def established(peers: Peers, **kwargs: bool) -> tuple[Peer, Peer]:
-    alice, bob = peers(**kwargs)
-    assert bob.decrypt(alice.encrypt(b"hello")).plaintext == b"hello"
-    assert alice.decrypt(bob.encrypt(b"hi")).plaintext == b"hi"
-    return alice, bob
-
-
 def records_in_every_shape(peers: Peers) -> list[SessionRecord]:
     alice, bob = peers(post_quantum=True)
     pending = SessionRecord.from_bytes(alice.record.to_bytes())  # initiator, unanswered
@@ -56,7 +49,7 @@ def test_session_record_round_trips_exactly(peers: Peers) -> None:
 
 
 def test_a_loaded_record_carries_on_exactly_like_the_original(peers: Peers) -> None:
-    alice, bob = established(peers)
+    alice, bob = peers(established=True)
     held = [alice.encrypt(b"held %d" % i) for i in range(3)]
     bob.decrypt(held[2])
     loaded = SessionRecord.from_bytes(bob.record.to_bytes())
@@ -103,7 +96,7 @@ def corruptions(data: bytes) -> list[bytes]:
 def test_corrupt_or_foreign_pickles_raise_state_errors(
     peers: Peers, make_account: Callable[..., Account]
 ) -> None:
-    _, bob = established(peers)
+    _, bob = peers(established=True)
     for loader, data in [
         (SessionRecord.from_bytes, bob.record.to_bytes()),
         (Account.from_bytes, bob.account.to_bytes()),
@@ -127,7 +120,7 @@ def test_corrupt_or_foreign_pickles_raise_state_errors(
 
 
 def test_misuse_and_missing_sessions(peers: Peers) -> None:
-    alice, bob = established(peers)
+    alice, bob = peers(established=True)
     empty = Peer(bob.account, bob.rng)
     with pytest.raises(InvalidState):
         empty.encrypt(b"no session")
@@ -138,7 +131,7 @@ def test_misuse_and_missing_sessions(peers: Peers) -> None:
 
 
 def test_previous_sessions_still_decrypt_and_are_promoted(peers: Peers) -> None:
-    alice, bob = established(peers)
+    alice, bob = peers(established=True)
     old_session = alice.record.current
     in_flight_old = alice.encrypt(b"old session")
     # Alice resets (say, after losing state) and starts afresh from a new bundle.
@@ -159,7 +152,7 @@ def test_previous_sessions_still_decrypt_and_are_promoted(peers: Peers) -> None:
 
 
 def test_previous_sessions_are_bounded(peers: Peers) -> None:
-    alice, bob = established(peers)
+    alice, bob = peers(established=True)
     bob.record.max_previous = 2
     first_session = alice.encrypt(b"first session")
     for i in range(3):
