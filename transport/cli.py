@@ -19,6 +19,7 @@ import trio
 
 from protocol.errors import InvalidArgument
 
+from .bench import add_bench_command
 from .config import RelayConfig, parse_duration
 from .limits import DEFAULT_RETENTION_SECONDS
 from .relay import serve_relay
@@ -111,6 +112,7 @@ async def _serve_until_signalled(config: RelayConfig) -> None:
 SUBCOMMANDS: list[Callable[[SubParsers], None]] = [
     add_relay_command,
     add_vectors_command,
+    add_bench_command,
 ]
 
 
