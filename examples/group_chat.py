@@ -56,7 +56,7 @@ from protocol.client_core import (
     RetryRequested,
     Undecryptable,
 )
-from protocol.client_core import UnknownUser as NoDeviceList
+from protocol.client_core import DeviceListNeeded as NoDeviceList
 from protocol.errors import ProtocolError
 from protocol.fingerprint import SafetyNumber
 from protocol.group import AdminChanged, MemberAdded, MemberRemoved, TitleChanged

@@ -268,10 +268,10 @@ class MissingSessions(InvalidState):
         super().__init__("no session with " + ", ".join(map(str, self.addresses)))
 
 
-class UnknownUser(InvalidState):
+class DeviceListNeeded(InvalidState):
     """Sending needs this user's device list first: fetch it from the relay."""
 
-    code = "UNKNOWN_USER"
+    code = "DEVICE_LIST_NEEDED"
 
     def __init__(self, user_id: str) -> None:
         self.user_id = user_id
@@ -403,7 +403,7 @@ class ClientCore:
     def devices_of(self, user_id: str) -> tuple[Address, ...]:
         held = self.device_list(user_id)
         if held is None:
-            raise UnknownUser(user_id)
+            raise DeviceListNeeded(user_id)
         return tuple(Address(user_id, d) for d in held.device_ids)
 
     def knows_device(self, address: Address) -> bool:
@@ -493,7 +493,7 @@ class ClientCore:
         held = self.device_list(bundle.user_id)
         entry = None if held is None else held.device(bundle.device_id)
         if entry is None:
-            raise UnknownUser(bundle.user_id)
+            raise DeviceListNeeded(bundle.user_id)
         if entry.identity != bundle.identity.ed25519:
             raise UntrustedIdentity("the bundle's identity is not the one the device list names")
         session = self.account.create_outbound_session(
@@ -566,7 +566,7 @@ class ClientCore:
     def safety_number(self, user_id: str) -> SafetyNumber:
         held = self.device_list(user_id)
         if held is None:
-            raise UnknownUser(user_id)
+            raise DeviceListNeeded(user_id)
         return SafetyNumber.compute(
             self.user_id, self.user_identity_public, user_id, held.user_identity
         )
@@ -579,7 +579,7 @@ class ClientCore:
     def send_direct(self, to_user: str, body: bytes, *, now: int) -> tuple[bytes, list[DirectSend]]:
         """Encrypt a one-to-one message for every device of ``to_user``.
 
-        Our own other devices get a :class:`SentCopy`. Raises UnknownUser or
+        Our own other devices get a :class:`SentCopy`. Raises DeviceListNeeded or
         MissingSessions (nothing changed) when lists or bundles are needed.
         """
         if to_user == self.user_id:
@@ -811,7 +811,7 @@ class ClientCore:
         for user_id in others:
             held = self.device_list(user_id)
             if held is None:
-                raise UnknownUser(user_id)
+                raise DeviceListNeeded(user_id)
             adds.append(AddMember(user_id, held.user_identity))
         group_id = self._rng.random_bytes(GROUP_ID_SIZE)
         message = ControlMessage.sign(
@@ -835,7 +835,7 @@ class ClientCore:
         """(Admin.) Add a user: the change to current members, a welcome to the new one."""
         held = self.device_list(user_id)
         if held is None:
-            raise UnknownUser(user_id)
+            raise DeviceListNeeded(user_id)
         return self._change_group(group_id, AddMember(user_id, held.user_identity), now)
 
     def remove_member(self, group_id: bytes, user_id: str, *, now: int) -> list[Send]:
