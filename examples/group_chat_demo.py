@@ -468,6 +468,13 @@ class Demo:
             "alice.2",
             f"connected and uploaded its own prekeys ({counts.one_time} + {counts.one_time_kem})",
         )
+        synced = await desktop.expect(GroupUpdated, lambda e: e.joined)
+        self.n.say(
+            "alice.2",
+            f"asked alice.1 for her groups: now holds {quote(GROUP_TITLE)} "
+            f"(epoch {desktop.client.group(synced.group_id).epoch}, the same signed state as "
+            "alice.1) and alice.1's sender key; the others send theirs with their next message",
+        )
         question = self.said("Alice, did you get the train tickets?")
         self.n.say("bob", f"-> alice: {quote(question)}")
         await bob.client.send_direct("alice", question)
@@ -492,8 +499,7 @@ class Demo:
             f"from {copy.device}, from the copy it was sent",
         )
         self.n.note(
-            "Group state is per device: the desktop holds the groups created after it was "
-            f"linked; {GROUP_TITLE!r} is older, so it is not on the desktop."
+            "History is not copied to a new device: it reads what is sent after it was linked."
         )
 
     async def remove_member(self) -> None:

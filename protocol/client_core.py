@@ -47,16 +47,19 @@ from .consts import (
 from .content import (
     MESSAGE_ID_SIZE,
     GroupControl,
+    GroupSync,
     GroupText,
     RetryRequest,
     SenderKey,
     SentCopy,
+    SyncRequest,
     Text,
     decode_content,
 )
 from .devices import DeviceEntry, DeviceList, SignedDeviceList, check_update, device_changes
 from .encoding import Fields, pack, unpack
 from .errors import (
+    DecodeError,
     DuplicateMessage,
     InvalidArgument,
     InvalidState,
@@ -81,6 +84,7 @@ from .group import (
     MemberRemoved,
     RemoveMember,
     Welcome,
+    describe_change,
 )
 from .group_cipher import OutboundSenderKey, SenderKeyRecord
 from .keys import IdentityKeyPair
@@ -672,6 +676,13 @@ class ClientCore:
             return self._receive_retry(sender, content, now)
         if isinstance(content, GroupControl):
             return self._receive_group_control(sender, content, now)
+        if sender.user_id != self.user_id:
+            # Sync traffic is between one user's own devices only.
+            return Outcome(events=(Undecryptable(sender, UnauthorizedChange.code),))
+        if isinstance(content, SyncRequest):
+            return self._answer_sync(sender, now)
+        if isinstance(content, GroupSync):
+            return self._receive_group_sync(sender, content)
         raise AssertionError("decode_content returned an unknown type")
 
     def _receive_sender_key(self, sender: Address, content: SenderKey) -> Outcome:
@@ -721,6 +732,42 @@ class ClientCore:
         outbound.shared_with.add(sender)
         self._mark(("outbound", content.group_id))
         return Outcome(events=(RetryRequested(sender, content.group_id),), sends=tuple(sends))
+
+    # ------------------------------------------------------------ linked devices: sync
+
+    def request_sync(self, *, now: int) -> list[Send]:
+        """(A newly linked device.) Ask our user's other devices for the groups they hold.
+
+        Each answers with the group's recent states and its own sender key;
+        other members send us theirs with their next message (they address
+        every listed device of every member). Conversation history is not
+        copied: a new device reads what is sent from now on.
+        """
+        return list(self._encrypt_for(self._own_other_devices(), SyncRequest().encode(), now))
+
+    def _answer_sync(self, sender: Address, now: int) -> Outcome:
+        sends: list[Send] = []
+        for group_id, group in self._groups.items():
+            states = tuple(state.encode() for state in group.states)
+            sends.extend(self._encrypt_for([sender], GroupSync(states).encode(), now))
+            outbound = self._outbound.get(group_id)
+            if outbound is not None:
+                distribution = SenderKey(outbound.key.distribution_message()).encode()
+                sends.extend(self._encrypt_for([sender], distribution, now))
+                outbound.shared_with.add(sender)
+                self._mark(("outbound", group_id))
+        return Outcome(sends=tuple(sends))
+
+    def _receive_group_sync(self, sender: Address, content: GroupSync) -> Outcome:
+        try:
+            group = Group(tuple(GroupState.decode(state) for state in content.states))
+        except InvalidArgument:
+            raise DecodeError("GroupSync: the states do not form a chain") from None
+        if group.group_id in self._groups or group.current.member(self.user_id) is None:
+            return Outcome()  # what we hold is ours; a group without us is not ours to hold
+        self._set_group(group.group_id, group)
+        changes = describe_change(None, group.current)
+        return Outcome(events=(GroupUpdated(group.group_id, sender, changes, joined=True),))
 
     # ------------------------------------------------------------ groups: sender keys
 

@@ -8,20 +8,26 @@ Inside a one-to-one Double Ratchet message (canonical msgpack arrays)::
     RetryRequest  = [4, group_id: bin16, chain_id: u32 | nil]
     SentCopy      = [5, to_kind: u8 (1 user, 2 group), to: str | bin16,
                      message_id: bin16, sent_at: u64, body: bin]
+    SyncRequest   = [6]
+    GroupSync     = [7, states: [snapshot: bin, ...]]     (oldest first)
 
 Inside a group (sender-key) message::
 
     GroupText     = [message_id: bin16, sent_at: u64, body: bin]
 
 ``SentCopy`` is what a device sends its user's other devices for every
-message it sends, so each device holds the whole conversation.
+message it sends, so each device holds the whole conversation. A newly
+linked device sends ``SyncRequest`` to its user's other devices; each answers
+with a ``GroupSync`` per group it holds (the recent states, as group
+snapshots) and its sender key for that group. Both are accepted only from
+devices of the same user.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .consts import GROUP_ID_SIZE, MAX_PLAINTEXT_SIZE
+from .consts import GROUP_ID_SIZE, MAX_GROUP_FORK_DEPTH, MAX_PLAINTEXT_SIZE
 from .encoding import UINT64_MAX, Fields, pack, unpack
 from .errors import DecodeError
 
@@ -32,6 +38,8 @@ CONTENT_SENDER_KEY = 2
 CONTENT_GROUP_CONTROL = 3
 CONTENT_RETRY_REQUEST = 4
 CONTENT_SENT_COPY = 5
+CONTENT_SYNC_REQUEST = 6
+CONTENT_GROUP_SYNC = 7
 
 SENT_TO_USER = 1
 SENT_TO_GROUP = 2
@@ -92,7 +100,25 @@ class SentCopy:
         return pack([CONTENT_SENT_COPY, kind, to, self.message_id, self.sent_at, self.body])
 
 
-Content = Text | SenderKey | GroupControl | RetryRequest | SentCopy
+@dataclass(frozen=True, slots=True)
+class SyncRequest:
+    """From a newly linked device to its user's other devices: send me our groups."""
+
+    def encode(self) -> bytes:
+        return pack([CONTENT_SYNC_REQUEST])
+
+
+@dataclass(frozen=True, slots=True)
+class GroupSync:
+    """One group's recent states (encoded snapshots, oldest first), for our own new device."""
+
+    states: tuple[bytes, ...] = field(repr=False)
+
+    def encode(self) -> bytes:
+        return pack([CONTENT_GROUP_SYNC, list(self.states)])
+
+
+Content = Text | SenderKey | GroupControl | RetryRequest | SentCopy | SyncRequest | GroupSync
 
 
 def decode_content(data: bytes) -> Content:
@@ -134,6 +160,16 @@ def decode_content(data: bytes) -> Content:
             f.uint(UINT64_MAX),
             f.bin(max_size=MAX_PLAINTEXT_SIZE),
         )
+    if kind == CONTENT_SYNC_REQUEST:
+        Fields(value, what="SyncRequest", count=1).uint()
+        return SyncRequest()
+    if kind == CONTENT_GROUP_SYNC:
+        f = Fields(value, what="GroupSync", count=2)
+        f.uint()
+        states = f.array(max_len=MAX_GROUP_FORK_DEPTH + 1)
+        if not states or not all(isinstance(state, bytes) for state in states):
+            raise DecodeError("GroupSync: states must be 1 or more byte strings")
+        return GroupSync(tuple(states))
     raise DecodeError("content: unknown content type")
 
 

@@ -712,7 +712,7 @@ class TitleChanged:
 GroupEvent: TypeAlias = MemberAdded | MemberRemoved | AdminChanged | TitleChanged
 
 
-def _diff(old: GroupState | None, new: GroupState) -> tuple[GroupEvent, ...]:
+def describe_change(old: GroupState | None, new: GroupState) -> tuple[GroupEvent, ...]:
     """Events turning ``old`` (None: an empty group) into ``new``.
 
     Order: removals, then additions, admin changes (by user id), then the
@@ -930,7 +930,7 @@ class Group:
         """Start a group from its verified ``create`` message."""
         author_identity = _verify_author(message, devices)
         genesis = _genesis(message, author_identity)
-        return GroupUpdate(cls((genesis,)), message, _diff(None, genesis), ())
+        return GroupUpdate(cls((genesis,)), message, describe_change(None, genesis), ())
 
     def apply(
         self,
@@ -961,7 +961,7 @@ class Group:
         state = _child(self.states[index], message, author_identity)
         kept = (*self.states[: index + 1], state)[-(fork_depth + 1) :]
         discarded = tuple(s.change_id for s in self.states[index + 1 :])
-        return GroupUpdate(Group(kept), message, _diff(current, state), discarded)
+        return GroupUpdate(Group(kept), message, describe_change(current, state), discarded)
 
     def _parent_index(self, message: ControlMessage) -> int:
         for index, state in enumerate(self.states):
@@ -1013,7 +1013,7 @@ class Group:
         member = update.group.current.member(user_id)
         if member is None or member.user_identity != user_identity:
             raise UnauthorizedChange("the welcome does not make this user a member")
-        return GroupUpdate(update.group, message, _diff(None, update.group.current), ())
+        return GroupUpdate(update.group, message, describe_change(None, update.group.current), ())
 
     # ---------------------------------------------------------------- sending
 

@@ -228,3 +228,31 @@ async def test_relay_database_holds_no_plaintext(tmp_path: Path, relay: Relay) -
     assert len(stored) > 0
     for marker in markers:
         assert marker not in stored
+
+
+async def test_linked_device_receives_existing_groups(tmp_path: Path, relay: Relay) -> None:
+    async with client(tmp_path, relay, "alice") as alice, client(tmp_path, relay, "bob") as bob:
+        group_id = await alice.create_group("before the desktop", ["bob"])
+        await next_matching(bob, GroupUpdated)
+        await alice.send_group(group_id, b"old news")
+        await next_matching(bob, MessageReceived)
+
+        desktop_core = ClientCore.create_linked(
+            "alice", 2, alice.core.user_identity_public, now=alice.now()
+        )
+        await alice.link_device(2, desktop_core.device_identity)
+        store = ClientStore.open(str(tmp_path / "alice-desktop.db"))
+        try:
+            async with open_client(store, "127.0.0.1", relay.port, core_=desktop_core) as desktop:
+                synced = await next_matching(desktop, GroupUpdated)
+                assert synced.joined and synced.group_id == group_id
+                assert desktop.group(group_id) == alice.group(group_id)
+                # The phone shared its sender key with the sync; bob sends his on first use.
+                await alice.send_group(group_id, b"from alice's phone")
+                got = await next_matching(desktop, MessageReceived)
+                assert (got.sender.device_id, got.body) == (1, b"from alice's phone")
+                await bob.send_group(group_id, b"from bob")
+                got = await next_matching(desktop, MessageReceived)
+                assert (got.sender.user_id, got.body) == ("bob", b"from bob")
+        finally:
+            store.close()

@@ -437,6 +437,21 @@ class Client:
             changes[("published_prekeys",)] = self._published.to_bytes(4, "big")
             await self._commit(changes)
 
+    async def _sync_new_device(self, connection: RelayConnection) -> None:
+        """(A linked device, once.) Ask our other devices for the groups they hold."""
+        if self.core.holds_user_identity or self.store.record(("synced",)) is not None:
+            return
+        async with self._lock:
+            others = [a for a in self.core.devices_of(self.core.user_id) if a != self.address]
+            await self._start_sessions(
+                connection,
+                [a for a in self.core.devices_without_session([], now=self.now()) if a in others],
+            )
+            sends = self.core.request_sync(now=self.now())
+            changes = self.core.take_changes()
+            changes[("synced",)] = b"\x01"
+            await self._commit(changes, sends=sends)
+
     async def _register(self, connection: RelayConnection) -> None:
         """(Primary device.) Publish our device list if the relay has not seen this one."""
         own = self.core.own_device_list
@@ -458,6 +473,7 @@ class Client:
         )
         await self._fetch_device_list(connection, self.core.user_id)
         await self._replenish_prekeys(connection)
+        await self._sync_new_device(connection)
         self._connection = connection
         self._ready.set()
         task_status.started()

@@ -7,10 +7,12 @@ from typing import Any
 from ..consts import PROTOCOL_VERSION
 from ..content import (
     GroupControl,
+    GroupSync,
     GroupText,
     RetryRequest,
     SenderKey,
     SentCopy,
+    SyncRequest,
     Text,
     decode_content,
 )
@@ -34,6 +36,10 @@ def _content_json(data: bytes) -> Json:
         return {"type": 3, "control": h(c.control), "snapshot": snapshot}
     if isinstance(c, RetryRequest):
         return {"type": 4, "group_id": h(c.group_id), "chain_id": c.chain_id}
+    if isinstance(c, SyncRequest):
+        return {"type": 6}
+    if isinstance(c, GroupSync):
+        return {"type": 7, "states": [h(state) for state in c.states]}
     return {
         "type": 5,
         "to_kind": 1 if c.to_user is not None else 2,
@@ -55,6 +61,10 @@ def _content_encode(d: Json) -> bytes:
         return GroupControl(unhex(d["control"]), snapshot).encode()
     if kind == 4:
         return RetryRequest(unhex(d["group_id"]), d["chain_id"]).encode()
+    if kind == 6:
+        return SyncRequest().encode()
+    if kind == 7:
+        return GroupSync(tuple(unhex(state) for state in d["states"])).encode()
     to_user = d["to"] if d["to_kind"] == 1 else None
     to_group = unhex(d["to"]) if d["to_kind"] == 2 else None
     return SentCopy(
@@ -177,6 +187,8 @@ def samples() -> dict[str, list[tuple[str, bytes]]]:
             ("RetryRequest without a chain", RetryRequest(group_id, None).encode()),
             ("SentCopy to a user", SentCopy("bob", None, message_id, 5, b"hi").encode()),
             ("SentCopy to a group", SentCopy(None, group_id, message_id, 5, b"hi").encode()),
+            ("SyncRequest", SyncRequest().encode()),
+            ("GroupSync of one state", GroupSync((snapshot,)).encode()),
         ],
         "GroupText": [("group text", GroupText(message_id, 1_700_000_000, b"hi all").encode())],
         "ControlMessage": [("add_member", control)],
@@ -195,7 +207,7 @@ def specific_defects(name: str, sample: bytes) -> list[Defect]:
         if fields[0] == 5:
             return [("SentCopy to_kind 3", "UnknownType", replace(sample, s, 1, 3))]
         if fields[0] == 1:
-            return [("content type 6", "UnknownType", replace(sample, s, 0, 6))]
+            return [("content type 8", "UnknownType", replace(sample, s, 0, 8))]
         return []
     if name == "GroupText":
         return [("sent_at is true", "WrongType", replace(sample, s, 1, True))]
