@@ -256,3 +256,28 @@ async def test_linked_device_receives_existing_groups(tmp_path: Path, relay: Rel
                 assert (got.sender.user_id, got.body) == ("bob", b"from bob")
         finally:
             store.close()
+
+
+async def test_a_bad_device_list_from_the_relay_does_not_stop_the_client(
+    tmp_path: Path, relay: Relay, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from protocol.client_core import Undecryptable
+    from transport import connection as connection_module
+
+    real_fetch = connection_module.RelayConnection.fetch_device_list
+    served: list[str] = []
+
+    async def forged_once(self: Any, user_id: str) -> bytes:
+        if user_id == "alice" and not served:
+            served.append(user_id)
+            return b"\x92\xc4\x01x\xc4\x01y"  # a "signed list" that does not verify
+        return await real_fetch(self, user_id)
+
+    async with client(tmp_path, relay, "alice") as alice, client(tmp_path, relay, "bob") as bob:
+        monkeypatch.setattr(connection_module.RelayConnection, "fetch_device_list", forged_once)
+        await alice.send_direct("bob", b"first")
+        refused = await next_matching(bob, Undecryptable)
+        assert (refused.sender.user_id, refused.reason) == ("alice", "UNKNOWN_DEVICE")
+        await alice.send_direct("bob", b"second")  # still carries the handshake
+        got = await next_matching(bob, MessageReceived)
+        assert got.body == b"second"

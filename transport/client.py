@@ -31,6 +31,7 @@ a single sequence of changes, as the ratchets require.
 
 from __future__ import annotations
 
+import contextlib
 import ssl
 import time
 from collections.abc import AsyncIterator, Callable, Iterable
@@ -43,7 +44,7 @@ import trio
 from protocol import client_core as core
 from protocol.client_core import Address, ClientCore, DirectSend, Outcome
 from protocol.consts import PREKEY_BATCH_SIZE, PREKEY_LOW_WATERMARK, SIGNED_PREKEY_ROTATION_AGE
-from protocol.errors import ProtocolError
+from protocol.errors import ProtocolError, RemoteProtocolError
 from protocol.fingerprint import SafetyNumber
 from protocol.group import GroupState
 from protocol.primitives import SYSTEM_RANDOM, RandomSource
@@ -51,7 +52,6 @@ from protocol.primitives import SYSTEM_RANDOM, RandomSource
 from .client_store import ClientStore
 from .connection import RelayConnection, connect_relay
 from .errors import (
-    ConnectionClosed,
     DeviceListMismatch,
     RelayError,
     RelayTimeout,
@@ -385,7 +385,10 @@ class Client:
         async with self._lock:
             sender = Address(envelope.sender_user, envelope.sender_device)
             if not self.core.knows_device(sender):
-                await self._fetch_device_list(connection, sender.user_id)
+                # Without a valid list naming the sender, the core reports the
+                # envelope as from an unknown device, and it is acknowledged.
+                with contextlib.suppress(RemoteProtocolError, RelayError):
+                    await self._fetch_device_list(connection, sender.user_id)
             outcome: Outcome = self.core.receive(
                 sender, envelope.kind, envelope.payload, now=self.now()
             )
@@ -508,7 +511,7 @@ class Client:
                     started = True
                     await self._session(connection, status)
                 reason = "relay closed the connection"
-            except (ConnectionClosed, RelayTimeout, RelayError, OSError) as exc:
+            except (TransportError, OSError) as exc:
                 reason = getattr(exc, "code", type(exc).__name__)
             finally:
                 self._connection = None
