@@ -176,7 +176,7 @@ class Account:
         job of whoever hands the bundle out, and of :meth:`create_inbound_session`.
         """
         opk = kem = None
-        last_resort = True
+        last_resort = False
         if one_time and self._one_time:
             key_id, key = next(iter(self._one_time.items()))
             opk = OneTimePreKeyPublic(key_id, p.x25519_public_bytes(key))
@@ -187,6 +187,7 @@ class Account:
             else:
                 kem_id = self._kem_last_resort_id
                 kem_key = self._kem_last_resort[kem_id]
+                last_resort = True
             kem = self._kem_public(kem_id, kem_key)
         return PreKeyBundle(
             user_id, device_id, self.identity.public, self._signed_public(), opk, kem, last_resort

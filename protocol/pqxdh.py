@@ -138,6 +138,9 @@ def respond(
     ]
     if one_time_prekey is not None:
         dh.append(p.x25519(one_time_prekey, header.base_key))
+    if (kem_prekey is None) != (header.kem_ciphertext is None):
+        # Never fall back to X3DH (or ignore a KEM secret) behind the caller's back.
+        raise InvalidArgument("a KEM prekey is needed exactly when the header has a ciphertext")
     kem_secret = None
     if kem_prekey is not None and header.kem_ciphertext is not None:
         kem_secret = p.mlkem768_decapsulate(kem_prekey, header.kem_ciphertext)

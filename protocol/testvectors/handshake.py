@@ -187,7 +187,7 @@ def _bundle(
         spk or upload.signed_prekey,
         upload.one_time_prekeys[0] if one_time else None,
         kem_key,
-        kem != "one_time",
+        kem == "last_resort",
     )
 
 

@@ -301,6 +301,12 @@ def _specific_defects(name: str, sample: bytes) -> list[Defect]:
             ("signed prekey u = p", "InvalidKey", replace(sample, s, 4, spk)),
             ("device id 2^32", "IntegerTooLarge", replace(sample, s, 2, 2**32)),
             ("user id of 65 bytes", "WrongSize", replace(sample, s, 1, "u" * 65)),
+            ("empty user id", "WrongSize", replace(sample, s, 1, "")),
+            *(
+                [("no KEM prekey but last resort", "Inconsistent", replace(sample, s, 7, True))]
+                if fields[6] is None
+                else []
+            ),
         ]
     if name == "Message":
         fields = unpack(sample, what="test")
