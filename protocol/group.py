@@ -438,6 +438,16 @@ def _decode_action(code: int, args: Fields) -> Action:
 # ------------------------------------------------------------------ state
 
 
+def _known_member(raw: object, known: dict[tuple[str, bytes, bool], Member]) -> Member | None:
+    """The Member already decoded from an entry equal to ``raw`` (exactly: same types), if any."""
+    if type(raw) is not list or len(raw) != 3:
+        return None
+    user_id, identity, admin = raw
+    if type(user_id) is not str or type(identity) is not bytes or type(admin) is not bool:
+        return None
+    return known.get((user_id, identity, admin))
+
+
 @dataclass(frozen=True, slots=True)
 class GroupState:
     """One immutable snapshot of a group; ``state_hash`` is computed from the rest."""
@@ -449,6 +459,10 @@ class GroupState:
     title: str
     members: tuple[Member, ...]
     state_hash: bytes = field(init=False, repr=False, compare=False)
+    # Made once, as the state is immutable: the hash, pickles and welcomes
+    # need the encoding, and members are looked up on every group message.
+    _encoding: bytes = field(init=False, repr=False, compare=False)
+    _by_user_id: dict[str, Member] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         _check_bytes(self.group_id, GROUP_ID_SIZE, "a group id")
@@ -467,16 +481,26 @@ class GroupState:
         _check_sorted_ids([m.user_id for m in self.members], "group state")
         if not any(m.admin for m in self.members):
             raise InvalidArgument("a group has at least one admin")
-        object.__setattr__(self, "state_hash", _sha256(GROUP_STATE_HASH_CONTEXT, self.encode()))
+        encoding = pack(
+            [
+                PROTOCOL_VERSION,
+                self.group_id,
+                self.epoch,
+                self.prev_hash,
+                self.change_id,
+                self.title,
+                [[m.user_id, m.user_identity, m.admin] for m in self.members],
+            ]
+        )
+        object.__setattr__(self, "_encoding", encoding)
+        object.__setattr__(self, "state_hash", _sha256(GROUP_STATE_HASH_CONTEXT, encoding))
+        object.__setattr__(self, "_by_user_id", {m.user_id: m for m in self.members})
 
     # ---------------------------------------------------------------- queries
 
     def member(self, user_id: str) -> Member | None:
         """The member with this user id, or None."""
-        for member in self.members:
-            if member.user_id == user_id:
-                return member
-        return None
+        return self._by_user_id.get(user_id)
 
     @property
     def user_ids(self) -> tuple[str, ...]:
@@ -490,21 +514,22 @@ class GroupState:
 
     def encode(self) -> bytes:
         """The canonical snapshot (hashed into ``state_hash``, sent in welcomes)."""
-        return pack(
-            [
-                PROTOCOL_VERSION,
-                self.group_id,
-                self.epoch,
-                self.prev_hash,
-                self.change_id,
-                self.title,
-                [[m.user_id, m.user_identity, m.admin] for m in self.members],
-            ]
-        )
+        return self._encoding
 
     @classmethod
-    def decode(cls, data: bytes, *, max_size: int = MAX_STATE_SIZE) -> GroupState:
-        """Decode a snapshot; DecodeError, UnknownVersion or InvalidKey if bad."""
+    def decode(
+        cls,
+        data: bytes,
+        *,
+        max_size: int = MAX_STATE_SIZE,
+        known: dict[tuple[str, bytes, bool], Member] | None = None,
+    ) -> GroupState:
+        """Decode a snapshot; DecodeError, UnknownVersion or InvalidKey if bad.
+
+        ``known`` maps member entries already decoded and checked (by earlier
+        calls given the same dict, e.g. the other states of one pickle) to
+        their Member: an identical entry is not checked again.
+        """
         fields = Fields.decode(data, what="group state", count=7, max_size=max_size)
         version = fields.uint()
         if version != PROTOCOL_VERSION:
@@ -516,15 +541,20 @@ class GroupState:
         title = fields.text(MAX_GROUP_TITLE_SIZE)
         raw_members = fields.array(max_len=MAX_GROUP_MEMBERS)
         fields.end()
+        known = {} if known is None else known
         members = []
         for index, raw in enumerate(raw_members):
-            entry = Fields(raw, what=f"group state.members[{index}]", count=3)
-            user_id = entry.text(MAX_USER_ID_SIZE)
-            identity = entry.bin(ED25519_KEY_SIZE)
-            admin = entry.boolean()
-            check_identity_key(identity, InvalidKey)
-            with _remote("group state member"):
-                members.append(Member(user_id, identity, admin))
+            member = _known_member(raw, known)
+            if member is None:
+                entry = Fields(raw, what=f"group state.members[{index}]", count=3)
+                user_id = entry.text(MAX_USER_ID_SIZE)
+                identity = entry.bin(ED25519_KEY_SIZE)
+                admin = entry.boolean()
+                check_identity_key(identity, InvalidKey)
+                with _remote("group state member"):
+                    member = Member(user_id, identity, admin)
+                known[(user_id, identity, admin)] = member
+            members.append(member)
         with _remote("group state"):
             return cls(group_id, epoch, prev_hash, change_id, title, tuple(members))
 
@@ -883,10 +913,11 @@ class Welcome:
         raw = fields.array(max_len=max_history)
         fields.end()
         history = []
+        known: dict[tuple[str, bytes, bool], Member] = {}
         for index, item in enumerate(raw):
             if not isinstance(item, bytes):
                 raise DecodeError(f"welcome: history[{index}] is not a byte string")
-            history.append(GroupState.decode(item))
+            history.append(GroupState.decode(item, known=known))
         return cls(message, tuple(history))
 
 
@@ -1099,10 +1130,11 @@ class Group:
             raw = fields.array(max_len=MAX_STATE_SIZE)
             fields.end()
             states = []
+            known: dict[tuple[str, bytes, bool], Member] = {}
             for index, item in enumerate(raw):
                 if not isinstance(item, bytes):
                     raise DecodeError(f"group pickle: state {index} is not bytes")
-                states.append(GroupState.decode(item))
+                states.append(GroupState.decode(item, known=known))
             return cls(tuple(states))
         except (RemoteProtocolError, InvalidArgument) as exc:
             raise StateError(f"group pickle: {exc.message}") from None
