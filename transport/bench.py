@@ -607,15 +607,17 @@ def storage_cases(record: SessionRecord, group_bytes: bytes) -> list[Case]:
         f_pack(record_value)
 
     group = Group.from_pickle(group_bytes)
-    state_values = [msgpack.unpackb(state, raw=False) for state in f_decode(group_bytes)[1]]
+    states = f_decode(group_bytes)[1]
 
     def group_load_floor() -> None:
+        # Each held state decoded and hashed (its state hash is not stored).
         for state in f_decode(group_bytes)[1]:
             f_decode(state)
             hashlib.sha256(GROUP_STATE_HASH_CONTEXT + state).digest()
 
     def group_save_floor() -> None:
-        f_pack([1, [f_pack(value) for value in state_values]])
+        # The states' encodings exist from when each state was made (its hash needs them).
+        f_pack([1, states])
 
     def load_record() -> None:
         SessionRecord.from_bytes(record_bytes)
