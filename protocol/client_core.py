@@ -19,7 +19,10 @@ Rules the core enforces (spec/11-devices.md, spec/12-groups.md):
   names it, and a handshake from it must carry the identity that list gives;
 * a changed user identity is never accepted silently: it raises an
   :class:`IdentityChanged` event and is held until :meth:`confirm_identity`;
-* group messages are accepted only from current members' listed devices;
+* group messages are accepted only from current members' listed devices,
+  and sent only to them, where the list must be signed by the user identity
+  the group state records for the member (a member whose identity changed
+  is left out until an admin adds it again with the new one);
 * when a member or one of its devices leaves, every remaining member
   rotates its sender key before its next group message, and distributes the
   new key only to the remaining devices;
@@ -777,14 +780,28 @@ class ClientCore:
 
     def _is_member(self, group_id: bytes, user_id: str) -> bool:
         group = self._groups.get(group_id)
-        return group is not None and group.current.member(user_id) is not None
+        return group is not None and self._listed_as_member(group.current, user_id)
+
+    def _listed_as_member(self, state: GroupState, user_id: str) -> bool:
+        """Whether ``user_id`` is a member and the device list we hold is signed by its identity.
+
+        A user whose identity changed (and was confirmed for one-to-one use)
+        is not the member the group recorded: an admin must add it again.
+        """
+        member = state.member(user_id)
+        held = self.device_list(user_id)
+        return (
+            member is not None and held is not None and held.user_identity == member.user_identity
+        )
 
     def _group_recipients(self, group_id: bytes, state: GroupState | None = None) -> list[Address]:
         """Every listed device of every member (``state``: default the current one), but ours."""
         state = state or self._groups[group_id].current
         recipients: list[Address] = []
         for user_id in state.user_ids:
-            recipients.extend(a for a in self.devices_of(user_id) if a != self.address)
+            devices = self.devices_of(user_id)
+            if self._listed_as_member(state, user_id):
+                recipients.extend(a for a in devices if a != self.address)
         return recipients
 
     def group_send_needs(self, group_id: bytes, *, now: int) -> list[Address]:

@@ -232,6 +232,24 @@ class Network:
 
     def add_user(self, user_id: str, devices: int = 1) -> list[ClientCore]:
         """A user with a primary device (id 1) and ``devices - 1`` linked ones."""
+        cores = [self._new_primary(user_id)]
+        for device_id in range(2, devices + 1):
+            cores.append(self.link_device(user_id, device_id))
+        return cores
+
+    def reinstall(self, user_id: str) -> ClientCore:
+        """The user starts over: a new user identity on a new device 1, the old devices gone.
+
+        Everyone who knew the user gets an IdentityChanged event; envelopes
+        in flight to the old devices are lost.
+        """
+        for address in self.devices_of(user_id):
+            del self.devices[address], self.stores[address], self.prekeys[address]
+        self.in_flight = [e for e in self.in_flight if e.recipient.user_id != user_id]
+        del self.device_lists[user_id]
+        return self._new_primary(user_id)
+
+    def _new_primary(self, user_id: str) -> ClientCore:
         if self.one_time_prekeys is None:
             primary = ClientCore.create_primary(user_id, 1, now=self.now, rng=self.rng)
         else:
@@ -255,10 +273,7 @@ class Network:
         own = primary.own_device_list
         assert own is not None
         self.publish(own)
-        cores = [primary]
-        for device_id in range(2, devices + 1):
-            cores.append(self.link_device(user_id, device_id))
-        return cores
+        return primary
 
     def link_device(self, user_id: str, device_id: int) -> ClientCore:
         """A new device of ``user_id``, linked by its primary and announced to everyone."""

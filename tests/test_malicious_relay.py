@@ -10,7 +10,18 @@ carried it (its ratchet moves on once a message decrypts).
 from __future__ import annotations
 
 import pytest
-from harness import CONTROL, GROUP, RETRY, RETRY_ANSWER, SKDM, TEXT, Envelope, Network, full_state
+from harness import (
+    CONTROL,
+    GROUP,
+    RETRY,
+    RETRY_ANSWER,
+    SKDM,
+    TEXT,
+    Delivery,
+    Envelope,
+    Network,
+    full_state,
+)
 
 from protocol.client_core import (
     ENVELOPE_DIRECT,
@@ -24,7 +35,7 @@ from protocol.client_core import (
     RecordKey,
     Undecryptable,
 )
-from protocol.content import GroupControl
+from protocol.content import GroupControl, GroupText, SenderKey
 from protocol.devices import DeviceEntry, DeviceList
 from protocol.errors import BadSignature, UntrustedIdentity
 from protocol.group import (
@@ -38,6 +49,7 @@ from protocol.group import (
     SetTitle,
     Welcome,
 )
+from protocol.group_cipher import OutboundSenderKey
 from protocol.keys import IdentityKeyPair
 from protocol.prekeys import PreKeyBundle
 from protocol.primitives import SeededRandom
@@ -510,3 +522,56 @@ def test_stale_and_forged_device_lists_change_nothing(net: Network, group: bytes
     with pytest.raises(UntrustedIdentity):
         net.core(A("carol", 2)).process_device_list(own.encode())
     assert states(net) == before
+
+
+def test_a_member_whose_identity_changed_is_out_of_the_group_until_added_again(
+    net: Network, group: bytes
+) -> None:
+    new_bob = net.reinstall("bob")
+    alice = net.core(A("alice"))
+    assert isinstance(net.events[A("carol")][-1], IdentityChanged)
+    # Alice accepts bob's new identity for one-to-one messages...
+    alice.confirm_identity("bob")
+    net.persist(A("alice"))
+    net.send_direct(A("alice"), "bob", b"welcome back, bob")
+    assert received_bodies(net.deliver_all(), A("bob")) == [b"welcome back, bob"]
+    # ...but the group still records the old one: no key and no message for the new device.
+    envelopes = net.send_group(A("alice"), group, b"not for the new bob")
+    assert all(e.recipient.user_id != "bob" for e in envelopes)
+    net.deliver_all()
+    # Nor is the new device's group message taken as bob's.
+    key = OutboundSenderKey.create(group, net.now, SeededRandom(b"new bob key"))
+    skdm = SenderKey(key.distribution_message()).encode()
+    assert net.receive(net.inject_content(A("bob"), A("alice"), skdm)).events == ()
+    text = GroupText(b"\x03" * 16, net.now, b"it's bob").encode()
+    outcome = alice.receive(A("bob"), ENVELOPE_GROUP, key.encrypt(text), now=net.tick())
+    assert outcome.events == (Undecryptable(A("bob"), "NOT_A_MEMBER", group),)
+    # The admin adds the new identity (removing the old first): bob is back.
+    net.remove_member(A("alice"), group, "bob")
+    net.add_member(A("alice"), group, "bob")
+    net.deliver_all()
+    member = alice.group(group).member("bob")
+    assert member is not None and member.user_identity == new_bob.user_identity_public
+    assert net.core(A("bob")).group(group) == alice.group(group)
+    envelopes = net.send_group(A("alice"), group, b"for the new bob")
+    assert A("bob") in {e.recipient for e in envelopes}
+    # Carol, who has not confirmed the new identity yet, leaves bob out until she does.
+    carol_envelopes = net.send_group(A("carol"), group, b"carol's")
+    assert all(e.recipient.user_id != "bob" for e in carol_envelopes)
+    deliveries = net.deliver_all()
+    assert received_bodies(deliveries, A("bob")) == [b"for the new bob"]
+    net.core(A("carol")).confirm_identity("bob")
+    net.persist(A("carol"))
+    carol_envelopes = net.send_group(A("carol"), group, b"now you too")
+    assert A("bob") in {e.recipient for e in carol_envelopes}
+    assert received_bodies(net.deliver_all(), A("bob")) == [b"now you too"]
+
+
+def received_bodies(deliveries: list[Delivery], address: Address) -> list[bytes]:
+    return [
+        e.body
+        for d in deliveries
+        if d.envelope.recipient == address
+        for e in d.events
+        if isinstance(e, MessageReceived)
+    ]
