@@ -42,6 +42,7 @@ from .account import Account
 from .consts import (
     GROUP_ID_SIZE,
     MAX_HELD_GROUP_CONTROLS,
+    MAX_LEFT_GROUPS,
     MAX_USER_ID_SIZE,
     SENDER_KEY_MAX_AGE,
     SENDER_KEY_MAX_MESSAGES,
@@ -319,6 +320,9 @@ class ClientCore:
         self._groups: dict[bytes, Group] = {}
         # Control messages that arrived before their parent change, oldest first.
         self._held: list[tuple[Address, GroupControl]] = []
+        # Groups we were removed from (or left), oldest first: a late GroupSync
+        # from another of our devices must not bring one back.
+        self._left: list[bytes] = []
         self._dirty: set[RecordKey] = {("meta",), ("account",)}
 
     # ------------------------------------------------------------ creation
@@ -766,11 +770,17 @@ class ClientCore:
             group = Group(tuple(GroupState.decode(state) for state in content.states))
         except InvalidArgument:
             raise DecodeError("GroupSync: the states do not form a chain") from None
-        if group.group_id in self._groups or group.current.member(self.user_id) is None:
+        if (
+            group.group_id in self._groups
+            or group.group_id in self._left
+            or group.current.member(self.user_id) is None
+        ):
             return Outcome()  # what we hold is ours; a group without us is not ours to hold
         self._set_group(group.group_id, group)
         changes = describe_change(None, group.current)
-        return Outcome(events=(GroupUpdated(group.group_id, sender, changes, joined=True),))
+        joined = GroupUpdated(group.group_id, sender, changes, joined=True)
+        # Changes made after we were linked may have come first: they apply now.
+        return Outcome(events=(joined, *self._apply_held(group.group_id)))
 
     # ------------------------------------------------------------ groups: sender keys
 
@@ -949,6 +959,8 @@ class ClientCore:
         if self.user_id in removed:
             self._groups.pop(group_id, None)
             self._mark(("group", group_id))
+            self._left = [*(g for g in self._left if g != group_id), group_id][-MAX_LEFT_GROUPS:]
+            self._mark(("left_groups",))
         for key in [
             k
             for k in self._inbound
@@ -994,6 +1006,9 @@ class ClientCore:
                 user_identity=self.user_identity_public,
             )
             joined = True
+            if message.group_id in self._left:
+                self._left.remove(message.group_id)  # added again
+                self._mark(("left_groups",))
         else:
             update = group.apply(message, self._device_lists)
             joined = False
@@ -1080,6 +1095,8 @@ class ClientCore:
         if kind == "group":
             group = self._groups.get(_key_bytes(key[1]))
             return None if group is None else group.to_pickle()
+        if kind == "left_groups":
+            return pack([STATE_VERSION, self._left]) if self._left else None
         if kind == "held_controls":
             if not self._held:
                 return None
@@ -1151,6 +1168,14 @@ class ClientCore:
         elif kind == "group":
             group = Group.from_pickle(data)
             self._groups[group.group_id] = group
+        elif kind == "left_groups":
+            f = Fields(unpack(data, what="left groups"), what="left groups", count=2)
+            if f.uint() != STATE_VERSION:
+                raise UnknownStateVersion("left groups record version")
+            for group_id in f.array(max_len=MAX_LEFT_GROUPS):
+                if not isinstance(group_id, bytes) or len(group_id) != GROUP_ID_SIZE:
+                    raise DecodeError("left groups: not a group id")
+                self._left.append(group_id)
         elif kind == "held_controls":
             f = Fields(unpack(data, what="held controls"), what="held controls", count=2)
             if f.uint() != STATE_VERSION:

@@ -173,6 +173,10 @@ GROUP_STATE_HASH_CONTEXT: Final = b"hushchat_group_state"
 # envelopes from different senders. They apply once their parent arrives. The
 # bound caps what peers can make a device store; the oldest goes first.
 MAX_HELD_GROUP_CONTROLS: Final = 64
+# Groups a device remembers having left (or been removed from): a GroupSync
+# that another of its user's devices sent before it learned of the removal
+# must not bring the group back. The oldest is forgotten first.
+MAX_LEFT_GROUPS: Final = 64
 
 # ------------------------------------------------------------------ safety numbers
 
