@@ -41,13 +41,23 @@ from protocol.client_core import (
     RecordKey,
     RetryRequested,
     Send,
-    Undecryptable,
+)
+from protocol.content import (
+    GroupControl,
+    GroupText,
+    RetryRequest,
+    SenderKey,
+    SentCopy,
+    SyncRequest,
+    Text,
+    decode_content,
 )
 from protocol.devices import DeviceEntry, DeviceList, SignedDeviceList
+from protocol.group import ControlMessage, GroupState
 from protocol.keys import IdentityKeyPair
 from protocol.prekeys import KemPreKeyPublic, OneTimePreKeyPublic, PreKeyBundle, PreKeyUpload
 from protocol.primitives import RandomSource
-from protocol.sender_keys import SenderKeyMessage
+from protocol.sender_keys import SenderKeyDistributionMessage, SenderKeyMessage
 from protocol.session import SessionRecord
 
 # A fixed start time (seconds); each call into a core happens one second later.
@@ -61,6 +71,8 @@ GROUP = "group"  # send_group, the group message
 CONTROL = "control"  # a membership change (and welcomes)
 RETRY = "retry"  # a retry request for an unreadable group message
 RETRY_ANSWER = "retry_answer"  # our sender key again, answering a retry request
+SYNC = "sync"  # a new device asks its user's other devices for their groups
+GROUP_SYNC = "group_sync"  # one group's states, for our own new device
 FORGED = "forged"  # made up by a test
 
 # Envelopes carrying a sender key, and the labels that are 1:1 content.
@@ -88,6 +100,24 @@ class Envelope:
     to_user: str | None = None
     chain: tuple[int, int] | None = None
     sent_at: int | None = None
+
+    @classmethod
+    def known(
+        cls,
+        label: str,
+        *,
+        group_id: bytes | None = None,
+        message_id: bytes | None = None,
+        body: bytes | None = None,
+        to_user: str | None = None,
+        chain: tuple[int, int] | None = None,
+        sent_at: int | None = None,
+    ) -> Envelope:
+        """A template: what is known of an envelope's content, before it is addressed."""
+        nowhere = Address("", 0)
+        return cls(
+            0, nowhere, nowhere, 0, b"", label, group_id, message_id, body, to_user, chain, sent_at
+        )
 
     def received(self) -> MessageReceived:
         """The event delivering this TEXT or GROUP envelope must give."""
@@ -131,6 +161,37 @@ class _PrekeyStore:
         )
 
 
+def _describe(content: bytes, answering_retry: bool) -> Envelope:
+    """The label and known fields of a one-to-one plaintext."""
+    decoded = decode_content(content)
+    if isinstance(decoded, Text):
+        return Envelope.known(
+            TEXT, message_id=decoded.message_id, body=decoded.body, sent_at=decoded.sent_at
+        )
+    if isinstance(decoded, SentCopy):
+        return Envelope.known(
+            COPY,
+            message_id=decoded.message_id,
+            body=decoded.body,
+            sent_at=decoded.sent_at,
+            to_user=decoded.to_user,
+        )
+    if isinstance(decoded, SenderKey):
+        skdm = SenderKeyDistributionMessage.decode(decoded.distribution)
+        return Envelope.known(
+            RETRY_ANSWER if answering_retry else SKDM,
+            group_id=skdm.group_id,
+            chain=(skdm.chain_id, skdm.iteration),
+        )
+    if isinstance(decoded, GroupControl):
+        return Envelope.known(CONTROL, group_id=ControlMessage.decode(decoded.control).group_id)
+    if isinstance(decoded, RetryRequest):
+        return Envelope.known(RETRY, group_id=decoded.group_id)
+    if isinstance(decoded, SyncRequest):
+        return Envelope.known(SYNC)
+    return Envelope.known(GROUP_SYNC, group_id=GroupState.decode(decoded.states[-1]).group_id)
+
+
 def full_state(core: ClientCore) -> dict[RecordKey, bytes]:
     """Every record of ``core``, serialized: what its store must hold.
 
@@ -141,9 +202,11 @@ def full_state(core: ClientCore) -> dict[RecordKey, bytes]:
     known = {
         "user_id", "device_id", "account", "user_identity_public", "_user_identity", "_rng",
         "sender_key_max_age", "sender_key_max_messages", "_device_lists", "_pending_identity",
-        "_sessions", "_outbound", "_inbound", "_groups", "_held", "_dirty",
+        "_sessions", "_outbound", "_inbound", "_groups", "_held", "_left", "_dirty",
     }  # fmt: skip
-    assert set(vars(core)) == known, f"new ClientCore state: {set(vars(core)) ^ known}"
+    # Derived caches, rebuilt after a load (not records).
+    caches = {"_recipients"}
+    assert set(vars(core)) - caches == known, f"new ClientCore state: {set(vars(core)) ^ known}"
     keys: list[RecordKey] = [("meta",), ("account",)]
     keys += [("devices", user_id) for user_id in core._device_lists]
     keys += [("pending_identity", user_id) for user_id in core._pending_identity]
@@ -152,6 +215,7 @@ def full_state(core: ClientCore) -> dict[RecordKey, bytes]:
     keys += [("inbound", g, a.user_id, a.device_id) for g, a in core._inbound]
     keys += [("group", group_id) for group_id in core._groups]
     keys += [("held_controls",)] if core._held else []
+    keys += [("left_groups",)] if core._left else []
     state = {}
     for key in keys:
         data = core._serialize(key)
@@ -183,8 +247,6 @@ class Network:
         self.in_flight: list[Envelope] = []
         self.delivered: list[Delivery] = []
         self.events: dict[Address, list[Event]] = {}
-        # The chain of each device's last group message, per group.
-        self.last_chain: dict[tuple[Address, bytes], tuple[int, int]] = {}
         self._next_ident = 0
 
     # ------------------------------------------------------------ time, persistence
@@ -342,21 +404,9 @@ class Network:
         core = self.devices[address]
         now = self.tick()
         self.ensure_sessions(address, core.devices_without_session([to_user], now=now))
-        message_id, sends = core.send_direct(to_user, body, now=now)
+        _, sends = core.send_direct(to_user, body, now=now)
         self.persist(address)
-        out = []
-        for send in sends:
-            label = TEXT if send.recipient_user == to_user else COPY
-            out += self._enqueue(
-                address,
-                send,
-                label,
-                message_id=message_id,
-                body=body,
-                to_user=to_user,
-                sent_at=now,
-            )
-        return out
+        return self._enqueue_all(address, sends)
 
     def send_group(self, address: Address, group_id: bytes, body: bytes) -> list[Envelope]:
         """``address`` sends a group message (fetching bundles first); its envelopes."""
@@ -365,25 +415,8 @@ class Network:
         self.ensure_sessions(address, core.group_send_needs(group_id, now=now))
         message_id, sends = core.send_group(group_id, body, now=now)
         self.persist(address)
-        group_send = sends[-1]
-        assert isinstance(group_send, GroupSend)
-        parsed = SenderKeyMessage.decode(group_send.payload)
-        chain = (parsed.chain_id, parsed.iteration)
-        self.last_chain[(address, group_id)] = chain
-        out = []
-        for send in sends:
-            label = GROUP if isinstance(send, GroupSend) else SKDM
-            out += self._enqueue(
-                address,
-                send,
-                label,
-                group_id=group_id,
-                message_id=message_id,
-                body=body,
-                chain=chain,
-                sent_at=now,
-            )
-        return out
+        assert isinstance(sends[-1], GroupSend)
+        return self._enqueue_all(address, sends, group_text=GroupText(message_id, now, body))
 
     def create_group(
         self, address: Address, title: str, members: Sequence[str]
@@ -393,7 +426,7 @@ class Network:
         self.ensure_sessions(address, core.membership_needs(members, now=now))
         group_id, sends = core.create_group(title, members, now=now)
         self.persist(address)
-        return group_id, self._enqueue_all(address, sends, CONTROL, group_id=group_id)
+        return group_id, self._enqueue_all(address, sends)
 
     def add_member(self, address: Address, group_id: bytes, user_id: str) -> list[Envelope]:
         core = self.devices[address]
@@ -402,7 +435,7 @@ class Network:
         self.ensure_sessions(address, core.membership_needs(members, now=now))
         sends = core.add_member(group_id, user_id, now=now)
         self.persist(address)
-        return self._enqueue_all(address, sends, CONTROL, group_id=group_id)
+        return self._enqueue_all(address, sends)
 
     def remove_member(self, address: Address, group_id: bytes, user_id: str) -> list[Envelope]:
         core = self.devices[address]
@@ -410,59 +443,61 @@ class Network:
         self.ensure_sessions(address, core.membership_needs(core.group(group_id).user_ids, now=now))
         sends = core.remove_member(group_id, user_id, now=now)
         self.persist(address)
-        return self._enqueue_all(address, sends, CONTROL, group_id=group_id)
+        return self._enqueue_all(address, sends)
+
+    def request_sync(self, address: Address) -> list[Envelope]:
+        """A new device asks its user's other devices for their groups."""
+        core = self.devices[address]
+        now = self.tick()
+        self.ensure_sessions(address, core.devices_without_session([], now=now))
+        sends = core.request_sync(now=now)
+        self.persist(address)
+        return self._enqueue_all(address, sends)
 
     def _enqueue_all(
         self,
         sender: Address,
         sends: Iterable[Send],
-        label: str,
         *,
-        group_id: bytes | None = None,
-        chain: tuple[int, int] | None = None,
+        group_text: GroupText | None = None,
+        answering_retry: bool = False,
     ) -> list[Envelope]:
+        """Put the envelopes of ``sends`` in flight, labelled by what they carry.
+
+        The label and known fields of a one-to-one envelope come from the
+        plaintext the DirectSend keeps; those of a group message from its
+        header and ``group_text`` (what the sender encrypted).
+        """
         out = []
         for send in sends:
-            out += self._enqueue(sender, send, label, group_id=group_id, chain=chain)
-        return out
-
-    def _enqueue(
-        self,
-        sender: Address,
-        send: Send,
-        label: str,
-        *,
-        group_id: bytes | None = None,
-        message_id: bytes | None = None,
-        body: bytes | None = None,
-        to_user: str | None = None,
-        chain: tuple[int, int] | None = None,
-        sent_at: int | None = None,
-    ) -> list[Envelope]:
-        if isinstance(send, DirectSend):
-            targets = [
-                (Address(send.recipient_user, d), ENVELOPE_DIRECT, p) for d, p in send.payloads
-            ]
-        else:
-            targets = [(r, ENVELOPE_GROUP, send.payload) for r in send.recipients]
-        out = []
-        for recipient, kind, payload in targets:
-            out.append(
-                Envelope(
-                    self._new_ident(),
-                    sender,
-                    recipient,
-                    kind,
-                    payload,
-                    label,
-                    group_id=group_id,
-                    message_id=message_id,
-                    body=body,
-                    to_user=to_user,
-                    chain=chain,
-                    sent_at=sent_at,
+            if isinstance(send, DirectSend):
+                known = _describe(send.content, answering_retry)
+                targets = [(Address(send.recipient_user, d), p) for d, p in send.payloads]
+                kind = ENVELOPE_DIRECT
+            else:
+                assert group_text is not None
+                header = SenderKeyMessage.decode(send.payload)
+                known = Envelope.known(
+                    GROUP,
+                    group_id=header.group_id,
+                    chain=(header.chain_id, header.iteration),
+                    message_id=group_text.message_id,
+                    body=group_text.body,
+                    sent_at=group_text.sent_at,
                 )
-            )
+                targets = [(r, send.payload) for r in send.recipients]
+                kind = ENVELOPE_GROUP
+            for recipient, payload in targets:
+                out.append(
+                    replace(
+                        known,
+                        ident=self._new_ident(),
+                        sender=sender,
+                        recipient=recipient,
+                        kind=kind,
+                        payload=payload,
+                    )
+                )
         self.in_flight += out
         return out
 
@@ -487,18 +522,8 @@ class Network:
         outcome = core.receive(envelope.sender, envelope.kind, envelope.payload, now=self.tick())
         self.persist(address)
         self._record(address, outcome)
-        label = RETRY
-        chain = None
-        group_id = None
-        for event in outcome.events:
-            if isinstance(event, RetryRequested):
-                label = RETRY_ANSWER
-                group_id = event.group_id
-                last = self.last_chain[(address, group_id)]
-                chain = (last[0], last[1] + 1)
-            if isinstance(event, Undecryptable):
-                group_id = event.group_id
-        sent = self._enqueue_all(address, outcome.sends, label, group_id=group_id, chain=chain)
+        answering = any(isinstance(e, RetryRequested) for e in outcome.events)
+        sent = self._enqueue_all(address, outcome.sends, answering_retry=answering)
         delivery = Delivery(envelope, outcome, tuple(sent))
         self.delivered.append(delivery)
         return delivery

@@ -15,9 +15,11 @@ from harness import (
     CONTROL,
     COPY,
     GROUP,
+    GROUP_SYNC,
     RETRY,
     RETRY_ANSWER,
     SKDM,
+    SYNC,
     TEXT,
     Delivery,
     Envelope,
@@ -414,6 +416,76 @@ def test_a_forward_jump_beyond_the_limit_is_refused(net: Network) -> None:
     assert isinstance(event, MessageReceived) and event.body == b"from the future"
 
 
+# ------------------------------------------------------------------ linked devices
+
+
+def test_a_linked_device_gets_its_users_groups_and_reads_what_follows(net: Network) -> None:
+    group_id = make_group(net, {"alice": 1, "bob": 2, "carol": 1})
+    for address in others(net):
+        net.send_group(address, group_id, b"before the new device")
+    net.deliver_all()
+    net.link_device("bob", 3)
+    envelopes = net.request_sync(A("bob", 3))
+    assert sorted(e.recipient for e in envelopes) == [A("bob"), A("bob", 2)]
+    deliveries = net.deliver_all()
+    joined = [e for d in deliveries for e in d.events if isinstance(e, GroupUpdated)]
+    assert len(joined) == 1 and joined[0].joined  # the second answer changes nothing
+    assert net.core(A("bob", 3)).group(group_id) == net.core(A("alice")).group(group_id)
+    for address in others(net):
+        net.send_group(address, group_id, str(address).encode())
+    got = received(net.deliver_all())
+    assert sorted(got[A("bob", 3)]) == sorted(str(a).encode() for a in others(net, A("bob", 3)))
+    assert all(str(A("bob", 3)).encode() in got[a] for a in others(net, A("bob", 3)))
+
+
+def test_a_change_that_reaches_a_new_device_before_its_groups_applies_after(
+    net: Network,
+) -> None:
+    group_id = make_group(net, {"alice": 1, "bob": 1, "carol": 1})
+    net.add_user("dave", 1)
+    net.link_device("bob", 2)
+    net.request_sync(A("bob", 2))
+    [request] = net.take(recipient=A("bob"))
+    answers = net.receive(request).sent  # bob's phone answers at once...
+    for answer in answers:
+        net.in_flight.remove(answer)
+    net.add_member(A("alice"), group_id, "dave")
+    net.deliver_all()  # ...but the next change reaches the new device first: held
+    assert group_id not in net.core(A("bob", 2)).group_ids
+    [sync] = [net.receive(a) for a in answers if a.label == GROUP_SYNC]
+    joined, added = sync.events
+    assert isinstance(joined, GroupUpdated) and joined.joined
+    assert isinstance(added, GroupUpdated) and isinstance(added.changes[0], MemberAdded)
+    assert net.core(A("bob", 2)).group(group_id) == net.core(A("alice")).group(group_id)
+
+
+def test_a_late_group_sync_does_not_bring_back_a_group_the_device_left(net: Network) -> None:
+    group_id = make_group(net, {"alice": 1, "bob": 2, "carol": 1})
+    net.link_device("bob", 3)
+    net.request_sync(A("bob", 3))
+    # Both of bob's old devices answer before they learn that bob was removed.
+    answers: list[Envelope] = []
+    for address in (A("bob"), A("bob", 2)):
+        [request] = net.take(label=SYNC, recipient=address)
+        answers += net.receive(request).sent
+    net.remove_member(A("alice"), group_id, "bob")
+    for answer in answers:
+        net.in_flight.remove(answer)
+    net.deliver_all()  # bob.3 holds its removal
+    results = [net.receive(answer) for answer in answers]
+    assert group_id not in net.core(A("bob", 3)).group_ids
+    [first, *_] = [d for d in results if d.envelope.label == GROUP_SYNC]
+    _, removed = first.events
+    assert isinstance(removed, GroupUpdated) and removed.changes == (MemberRemoved("bob"),)
+    assert ("left_groups",) in net.stores[A("bob", 3)]
+    net.reload(A("bob", 3))
+    # Added again, the device joins from the welcome as usual.
+    net.add_member(A("alice"), group_id, "bob")
+    net.deliver_all()
+    assert net.core(A("bob", 3)).group(group_id) == net.core(A("alice")).group(group_id)
+    assert ("left_groups",) not in net.stores[A("bob", 3)]
+
+
 # ------------------------------------------------------------------ changes reordered or lost
 
 
@@ -610,6 +682,9 @@ def test_a_malformed_group_plaintext_still_spends_its_key_in_the_stored_record(
         ("held_controls", [STATE_VERSION, [["bob", 1, b""]]], StateError),
         ("held_controls", [STATE_VERSION, "x"], StateError),
         ("held_controls", [STATE_VERSION + 1, []], UnknownStateVersion),
+        ("left_groups", [STATE_VERSION, [b"short"]], StateError),
+        ("left_groups", [STATE_VERSION, [1]], StateError),
+        ("left_groups", [STATE_VERSION + 1, []], UnknownStateVersion),
     ],
 )
 def test_corrupt_records_fail_to_load_with_state_errors(
@@ -624,7 +699,7 @@ def test_corrupt_records_fail_to_load_with_state_errors(
             record[1] = good[1]
         store[("outbound", group_id)] = pack(record)
     else:
-        store[("held_controls",)] = pack(record)
+        store[(kind,)] = pack(record)
     with pytest.raises(error):
         ClientCore.load(store.items())
 

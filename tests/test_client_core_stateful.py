@@ -39,8 +39,11 @@ from harness import (
     CONTROL,
     COPY,
     GROUP,
+    GROUP_SYNC,
     RETRY,
     SENDER_KEY_LABELS,
+    SKDM,
+    SYNC,
     TEXT,
     Delivery,
     Envelope,
@@ -70,6 +73,8 @@ from protocol.group import MemberRemoved
 from protocol.primitives import SeededRandom
 
 MAX_DEVICES = 3
+# Never dropped: membership changes and what a new device syncs its groups with.
+MUST_ARRIVE = frozenset({CONTROL, SYNC, GROUP_SYNC})
 
 
 @dataclass
@@ -219,17 +224,23 @@ class GroupMachine(RuleBasedStateMachine):
             self.admin, GroupUpdated(self.group_id, self.admin, (MemberRemoved(removed),))
         )
 
-    @precondition(
-        lambda self: any(len(self.net.devices_of(u)) < MAX_DEVICES for u in self._outsiders())
-    )
+    def _can_link(self, user_id: str) -> bool:
+        # A new device gets the groups its user's other devices hold when they
+        # answer its sync request, and every change made after it was linked.
+        # A change made before, still on its way to them, would never reach it
+        # (a limit of the sync), so users link only when none is in flight.
+        return len(self.net.devices_of(user_id)) < MAX_DEVICES and not any(
+            e.label in MUST_ARRIVE and e.recipient.user_id == user_id for e in self.net.in_flight
+        )
+
+    @precondition(lambda self: any(self._can_link(u) for u in self.users))
     @rule(index=st.integers(min_value=0, max_value=1000))
     def link_device(self, index: int) -> None:
-        # Only users outside the group: a device linked later gets no group state
-        # (there is no welcome for it), so the model keeps member device sets fixed.
-        users = [u for u in self._outsiders() if len(self.net.devices_of(u)) < MAX_DEVICES]
+        users = [u for u in self.users if self._can_link(u)]
         user_id = users[index % len(users)]
         core = self.net.link_device(user_id, len(self.net.devices_of(user_id)) + 1)
         self._track(core.address)
+        self.net.request_sync(core.address)
 
     # ------------------------------------------------------------ the relay
 
@@ -243,10 +254,10 @@ class GroupMachine(RuleBasedStateMachine):
     def duplicate(self, index: int) -> None:
         self.net.duplicate(index % len(self.net.in_flight))
 
-    @precondition(lambda self: any(e.label != CONTROL for e in self.net.in_flight))
+    @precondition(lambda self: any(e.label not in MUST_ARRIVE for e in self.net.in_flight))
     @rule(index=st.integers(min_value=0, max_value=1000))
     def drop(self, index: int) -> None:
-        droppable = [i for i, e in enumerate(self.net.in_flight) if e.label != CONTROL]
+        droppable = [i for i, e in enumerate(self.net.in_flight) if e.label not in MUST_ARRIVE]
         self.net.drop(droppable[index % len(droppable)])
 
     @rule(index=st.integers(min_value=0, max_value=1000))
@@ -261,6 +272,8 @@ class GroupMachine(RuleBasedStateMachine):
         core = self.core(receiver)
         duplicate = envelope.ident in self.handed[receiver]
         self.handed[receiver].add(envelope.ident)
+        held_group = self.group_id in core.group_ids
+        has_key = receiver in self.has_key
         if envelope.kind == ENVELOPE_GROUP:
             expected = self._expect_group(envelope)
             had_session = sender not in core.devices_without_session(
@@ -273,13 +286,16 @@ class GroupMachine(RuleBasedStateMachine):
         elif duplicate:
             assert events == () and delivery.sent == (), f"a duplicate did something: {events}"
         else:
-            self._check_direct(envelope, delivery)
+            self._check_direct(envelope, delivery, held_group, has_key)
         for update in events:
             if isinstance(update, GroupUpdated):
                 self._apply_update(receiver, update)
         return delivery
 
-    def _check_direct(self, envelope: Envelope, delivery: Delivery) -> None:
+    def _check_direct(
+        self, envelope: Envelope, delivery: Delivery, held_group: bool, has_key: bool
+    ) -> None:
+        """``held_group``, ``has_key``: whether the receiver held the group and a sender key."""
         receiver, events = envelope.recipient, delivery.events
         assert not any(isinstance(e, Undecryptable) for e in events), events
         if envelope.label == TEXT:
@@ -304,13 +320,24 @@ class GroupMachine(RuleBasedStateMachine):
             # Answered with our current sender key, to members only.
             core = self.core(receiver)
             answer = (
-                receiver in self.has_key
-                and self.group_id in core.group_ids
+                has_key
+                and held_group
                 and envelope.sender.user_id in core.group(self.group_id).user_ids
             )
             expected = (RetryRequested(envelope.sender, self.group_id),) if answer else ()
             assert events == expected, events
             assert len(delivery.sent) == len(expected)
+        elif envelope.label == SYNC:
+            # Our own new device: the group we hold, and our sender key if we have one.
+            assert events == ()
+            labels = [GROUP_SYNC, SKDM][: held_group + has_key] if held_group else []
+            assert [e.label for e in delivery.sent] == labels
+        elif envelope.label == GROUP_SYNC:
+            if held_group:
+                assert events == ()
+            else:
+                assert isinstance(events[0], GroupUpdated) and events[0].joined, events
+                assert all(isinstance(e, GroupUpdated) for e in events[1:]), events
         else:
             assert envelope.label == CONTROL
             assert all(isinstance(e, GroupUpdated) for e in events), events
@@ -380,7 +407,7 @@ class GroupMachine(RuleBasedStateMachine):
 
     @invariant()
     def membership_converges(self) -> None:
-        if any(e.label == CONTROL for e in self.net.in_flight):
+        if any(e.label in MUST_ARRIVE for e in self.net.in_flight):
             return
         admin_state = self.core(self.admin).group(self.group_id)
         for address, core in self.net.devices.items():

@@ -35,7 +35,7 @@ from protocol.client_core import (
     RecordKey,
     Undecryptable,
 )
-from protocol.content import GroupControl, GroupText, SenderKey
+from protocol.content import GroupControl, GroupSync, GroupText, SenderKey, SyncRequest
 from protocol.devices import DeviceEntry, DeviceList
 from protocol.errors import BadSignature, UntrustedIdentity
 from protocol.group import (
@@ -575,3 +575,34 @@ def received_bodies(deliveries: list[Delivery], address: Address) -> list[bytes]
         for e in d.events
         if isinstance(e, MessageReceived)
     ]
+
+
+def test_group_sync_is_taken_from_our_own_devices_only(net: Network, group: bytes) -> None:
+    net.add_user("erin", 1)
+    alice_state = net.core(A("alice")).group(group)
+    snapshots = tuple(s.encode() for s in (alice_state,))
+    erin = net.core(A("erin"))
+    # Mallory (another user) offers erin a group, or asks for erin's groups.
+    for content, reason in (
+        (GroupSync(snapshots).encode(), "UNAUTHORIZED_CHANGE"),
+        (SyncRequest().encode(), "UNAUTHORIZED_CHANGE"),
+    ):
+        before = full_state(erin)
+        delivery = net.receive(net.inject_content(A("mallory"), A("erin"), content))
+        assert delivery.events == (Undecryptable(A("mallory"), reason),) and delivery.sent == ()
+        erin = net.core(A("erin"))
+        assert changed(before, full_state(erin)) <= {("session", "mallory", 1), ("account",)}
+    # Even from its own device, a group without its user is not taken, nor a broken chain.
+    net.link_device("erin", 2)
+    net.persist(A("erin"))
+    before = full_state(net.core(A("erin", 2)))
+    delivery = net.receive(
+        net.inject_content(A("erin"), A("erin", 2), GroupSync(snapshots).encode())
+    )
+    assert delivery.events == ()
+    broken = GroupSync((snapshots[0], snapshots[0])).encode()
+    delivery = net.receive(net.inject_content(A("erin"), A("erin", 2), broken))
+    assert delivery.events == (Undecryptable(A("erin"), "MALFORMED"),)
+    assert group not in net.core(A("erin", 2)).group_ids
+    after = full_state(net.core(A("erin", 2)))
+    assert changed(before, after) <= {("session", "erin", 1), ("account",)}
