@@ -31,7 +31,7 @@ from typing import Any
 from protocol import client_core as core
 from protocol import group
 from protocol.encoding import pack, unpack
-from protocol.errors import StateError
+from protocol.errors import ProtocolError, StateError
 
 from .errors import TransportError
 
@@ -84,12 +84,17 @@ def _to_wire(value: Any) -> Any:
 
 
 def _from_wire(value: Any) -> Any:
+    # Exactly the shapes _to_wire makes; anything else is corrupt (ValueError).
+    if not isinstance(value, list) or len(value) != (3 if value[:1] == ["d"] else 2):
+        raise ValueError("not a stored item")
     tag = value[0]
-    if tag == "d":
+    if tag == "d" and isinstance(value[2], list):
         return _CLASSES[value[1]](*[_from_wire(item) for item in value[2]])
-    if tag == "t":
+    if tag == "t" and isinstance(value[1], list):
         return tuple(_from_wire(item) for item in value[1])
-    return value[1]
+    if tag == "v":
+        return value[1]
+    raise ValueError("not a stored item")
 
 
 def encode_item(value: core.Event | core.Send) -> bytes:
@@ -101,7 +106,7 @@ def decode_item(data: bytes) -> Any:
     """Inverse of :func:`encode_item`; StateError if the bytes are not one."""
     try:
         return _from_wire(unpack(data, what="stored item"))
-    except (KeyError, IndexError, TypeError, ValueError) as exc:
+    except (ProtocolError, KeyError, IndexError, TypeError, ValueError) as exc:
         raise StateError("stored item is corrupt") from exc
 
 
