@@ -125,6 +125,7 @@ class Client:
         self._ready = trio.Event()
         self._published = _stored_int(store, ("published_prekeys",))
         self._registered = _stored_int(store, ("registered_device_list",))
+        self._handed: int | None = None  # inbox row of the event the app holds
         self._events_in, self._events_out = trio.open_memory_channel[
             tuple[int | None, ClientEvent]
         ](event_queue_size)
@@ -139,13 +140,27 @@ class Client:
         return int(self._clock())
 
     async def events(self) -> AsyncIterator[ClientEvent]:
-        """Events in order. A stored event is deleted once the app has taken the next one."""
-        taken: int | None = None
-        async for row_id, event in self._events_out:
-            if taken is not None:
-                await self._commit({}, taken=[taken])
-            taken = row_id
+        """Events in order.
+
+        A stored event is deleted when the app asks for the next event (from
+        this iterator or a later one) or leaves :func:`open_client`'s block
+        normally; one the app was handed when its process died comes again
+        after a restart. So finish with an event before asking for the next.
+        """
+        while True:
+            await self._take_handed()
+            try:
+                row_id, event = await self._events_out.receive()
+            except (trio.EndOfChannel, trio.ClosedResourceError):
+                return
+            self._handed = row_id
             yield event
+
+    async def _take_handed(self) -> None:
+        """Delete the stored event last handed to the app: it is done with it."""
+        if self._handed is not None:
+            row_id, self._handed = self._handed, None
+            await self._commit({}, taken=[row_id])
 
     async def send_direct(self, to_user: str, body: bytes) -> bytes:
         """Send a one-to-one message to every device of ``to_user``; its message id."""
@@ -566,5 +581,6 @@ async def open_client(
         await nursery.start(client.run)
         try:
             yield client
+            await client._take_handed()  # a normal exit: the app is done with it
         finally:
             nursery.cancel_scope.cancel()
