@@ -121,6 +121,7 @@ class Client:
         self._first_delay = reconnect_first_delay
         self._max_delay = reconnect_max_delay
         self._lock = trio.Lock()
+        self._store_lock = trio.Lock()
         self._connection: RelayConnection | None = None
         self._ready = trio.Event()
         self._published = _stored_int(store, ("published_prekeys",))
@@ -375,16 +376,19 @@ class Client:
     ) -> tuple[list[int], list[int]]:
         """One store transaction, off the event loop's thread; new outbox and inbox row ids."""
         events = list(events)
-        return await trio.to_thread.run_sync(
-            lambda: self.store.commit(
-                changes,
-                sends=sends or [],
-                events=events,
-                processed=processed,
-                sent=list(sent),
-                taken=list(taken),
+        # One at a time: the app's events() and the receive loop both commit, and
+        # two threads on one SQLite connection cannot both open a transaction.
+        async with self._store_lock:
+            return await trio.to_thread.run_sync(
+                lambda: self.store.commit(
+                    changes,
+                    sends=sends or [],
+                    events=events,
+                    processed=processed,
+                    sent=list(sent),
+                    taken=list(taken),
+                )
             )
-        )
 
     async def _deliver_events(self, events: list[core.Event], ids: list[int]) -> None:
         """Hand stored events (``ids``: their inbox rows) to the app."""
