@@ -257,13 +257,40 @@ def _key_int(part: str | int | bytes) -> int:
 
 
 class _Outbound:
-    """Our sender key in one group and the devices that already hold it."""
+    """Our sender key in one group and the devices that already hold it.
 
-    __slots__ = ("key", "shared_with")
+    Devices leave ``shared_with`` only through :meth:`unshare`.
+    """
+
+    __slots__ = ("_covers", "key", "recipients", "shared_with")
 
     def __init__(self, key: OutboundSenderKey, shared_with: set[Address]) -> None:
         self.key = key
         self.shared_with = shared_with
+        # The group's devices as of our last send, until a group or a device
+        # list changes (ClientCore._forget_recipients), so that a steady-state
+        # send costs the same whatever the group's size.
+        self.recipients: tuple[Address, ...] | None = None
+        # A recipient tuple found wholly in shared_with. Until unshare(), which
+        # forgets it, shared_with only grows.
+        self._covers: tuple[Address, ...] | None = None
+
+    def lacking(self, recipients: tuple[Address, ...]) -> list[Address]:
+        """The recipients that do not hold this key yet."""
+        if recipients is self._covers:
+            return []
+        missing = [a for a in recipients if a not in self.shared_with]
+        if not missing:
+            self._covers = recipients
+        return missing
+
+    def unshare(self, address: Address) -> bool:
+        """Forget that ``address`` holds this key; whether it did."""
+        self._covers = None
+        if address not in self.shared_with:
+            return False
+        self.shared_with.discard(address)
+        return True
 
 
 class MissingSessions(InvalidState):
@@ -481,6 +508,7 @@ class ClientCore:
 
     def _set_device_list(self, signed: SignedDeviceList) -> None:
         self._device_lists[signed.device_list.user_id] = signed
+        self._forget_recipients()
         self._mark(("devices", signed.device_list.user_id))
 
     # ------------------------------------------------------------ sessions
@@ -523,8 +551,7 @@ class ClientCore:
     def _unshare(self, address: Address) -> None:
         """Forget that ``address`` holds our sender keys (it gets them again before our next)."""
         for group_id, outbound in self._outbound.items():
-            if address in outbound.shared_with:
-                outbound.shared_with.discard(address)
+            if outbound.unshare(address):
                 self._mark(("outbound", group_id))
 
     def _encrypt_for(
@@ -558,17 +585,17 @@ class ClientCore:
         key was retired meanwhile (a member or device left), the payload still
         goes out; a device that cannot read it asks for a retry.
         """
-        recipients = self._group_recipients(send.group_id)
-        sends: list[Send] = []
         outbound = self._outbound.get(send.group_id)
+        recipients = self._current_recipients(send.group_id, outbound)
+        sends: list[Send] = []
         if outbound is not None:
-            needing = [a for a in recipients if a not in outbound.shared_with]
+            needing = outbound.lacking(recipients)
             if needing:
                 distribution = SenderKey(outbound.key.distribution_message()).encode()
                 sends.extend(self._encrypt_for(needing, distribution, now))
                 outbound.shared_with.update(needing)
                 self._mark(("outbound", send.group_id))
-        sends.append(GroupSend(send.group_id, send.payload, tuple(recipients)))
+        sends.append(GroupSend(send.group_id, send.payload, recipients))
         return sends
 
     def _own_other_devices(self) -> list[Address]:
@@ -733,7 +760,7 @@ class ClientCore:
         outbound = self._outbound.get(content.group_id)
         if not self._is_member(content.group_id, sender.user_id) or outbound is None:
             return Outcome()
-        outbound.shared_with.discard(sender)
+        outbound.unshare(sender)
         distribution = SenderKey(outbound.key.distribution_message()).encode()
         sends = self._encrypt_for([sender], distribution, now)
         outbound.shared_with.add(sender)
@@ -814,6 +841,22 @@ class ClientCore:
                 recipients.extend(a for a in devices if a != self.address)
         return recipients
 
+    def _current_recipients(
+        self, group_id: bytes, outbound: _Outbound | None
+    ) -> tuple[Address, ...]:
+        """The current state's recipients, as our sender key last saw them if still valid."""
+        if outbound is not None and outbound.recipients is not None:
+            return outbound.recipients
+        recipients = tuple(self._group_recipients(group_id))
+        if outbound is not None:
+            outbound.recipients = recipients
+        return recipients
+
+    def _forget_recipients(self) -> None:
+        """A group or a device list changed: recipients are computed again."""
+        for outbound in self._outbound.values():
+            outbound.recipients = None
+
     def group_send_needs(self, group_id: bytes, *, now: int) -> list[Address]:
         """Devices a group send would need a session with (fetch their bundles)."""
         if group_id not in self._groups:
@@ -838,16 +881,17 @@ class ClientCore:
         """
         if not self._is_member(group_id, self.user_id):
             raise InvalidArgument("not a member of this group")
-        recipients = self._group_recipients(group_id)
         outbound = self._outbound.get(group_id)
+        recipients = self._current_recipients(group_id, outbound)
         if outbound is not None and outbound.key.needs_rotation(
             now, max_age=self.sender_key_max_age, max_messages=self.sender_key_max_messages
         ):
             outbound = None
-        needing = [a for a in recipients if outbound is None or a not in outbound.shared_with]
+        needing = list(recipients) if outbound is None else outbound.lacking(recipients)
         self._check_sessions(needing, now)
         if outbound is None:
             outbound = _Outbound(OutboundSenderKey.create(group_id, now, self._rng), set())
+            outbound.recipients = recipients
             self._outbound[group_id] = outbound
         sends: list[Send] = []
         if needing:
@@ -857,7 +901,7 @@ class ClientCore:
         message_id = self._new_message_id()
         payload = outbound.key.encrypt(GroupText(message_id, now, body).encode())
         self._mark(("outbound", group_id))
-        sends.append(GroupSend(group_id, payload, tuple(recipients)))
+        sends.append(GroupSend(group_id, payload, recipients))
         return message_id, sends
 
     # ------------------------------------------------------------ groups: membership
@@ -948,6 +992,7 @@ class ClientCore:
 
     def _set_group(self, group_id: bytes, group: Group) -> None:
         self._groups[group_id] = group
+        self._forget_recipients()
         self._mark(("group", group_id))
 
     def _after_group_change(self, group_id: bytes, changes: tuple[GroupEvent, ...]) -> None:
