@@ -28,7 +28,7 @@ import sqlite3
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, suppress
 from pathlib import Path
 from typing import Any
@@ -51,6 +51,20 @@ TIMEOUT = 30
 SLOW_ROUNDS = int(os.environ.get("HUSHCHAT_CRASH_ROUNDS", "20"))
 
 
+# Every subprocess started; one still running when its test ends (a failure) is killed.
+STARTED: list[trio.Process] = []
+
+
+@pytest.fixture(autouse=True)
+def reap_children() -> Iterator[None]:
+    yield
+    while STARTED:
+        process = STARTED.pop()
+        if process.poll() is None:
+            process.kill()
+            os.waitpid(process.pid, 0)
+
+
 def child_env() -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1"}
 
@@ -69,6 +83,7 @@ class Child:
             process = await trio.lowlevel.open_process(
                 args, stdout=subprocess.PIPE, stderr=stderr, env=child_env(), cwd=str(REPO)
             )
+        STARTED.append(process)
         return cls(process, log)
 
     async def line(self, *, source: str = "stdout") -> str:
@@ -115,6 +130,7 @@ class RelayProcess:
             self.process = await trio.lowlevel.open_process(
                 args, stderr=stderr, env=child_env(), cwd=str(REPO)
             )
+        STARTED.append(self.process)
         with trio.fail_after(TIMEOUT):
             while b"listening on" not in (text := log.read_bytes()) or not text.endswith(b"\n"):
                 assert self.process.poll() is None, f"relay ended early: {text.decode()}"
