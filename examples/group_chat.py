@@ -58,7 +58,6 @@ from protocol.client_core import (
 )
 from protocol.client_core import DeviceListNeeded as NoDeviceList
 from protocol.errors import ProtocolError
-from protocol.fingerprint import SafetyNumber
 from protocol.group import AdminChanged, MemberAdded, MemberRemoved, TitleChanged
 from transport.client import Client, Connected, Disconnected, load_or_create_core
 from transport.client_store import ClientStore, StoreLocked, encode_item
@@ -357,14 +356,10 @@ class Chat:
             f"reinstalls, or when someone (even the relay) tries to impersonate {name}.\n"
             f"! Nothing goes to or comes from the new key until you accept it. Compare this "
             f"safety number with the one {name} sees (/safety you), in person or on a call:\n"
-            f"!   {self.new_safety_number(name, event.new_identity)}\n"
+            f"!   {self.client.safety_number(name, pending=True).grouped()}\n"
             f"! If they match, type /confirm {name}.",
             "bold red",
         )
-
-    def new_safety_number(self, user: str, new_identity: bytes) -> str:
-        me = self.client.core
-        return SafetyNumber.compute(self.me, me.user_identity_public, user, new_identity).grouped()
 
     # ------------------------------------------------------------ conversations
 
@@ -540,9 +535,9 @@ class Chat:
             self.screen.info("(offline: showing the key you already have)")
         number = self.client.safety_number(user).grouped()
         self.screen.show(f"safety number with {user}: {number}")
-        new_key = self.pending_identity.get(user)
-        if new_key is not None:
-            pending = self.new_safety_number(user, new_key)
+        # The core keeps a pending change across restarts, so this shows it after one too.
+        if self.client.pending_identity(user) is not None:
+            pending = self.client.safety_number(user, pending=True).grouped()
             self.screen.show(f"with {user}'s NEW key:    {pending}   (/confirm {user} to accept)")
 
     async def cmd_confirm(self, rest: str) -> None:

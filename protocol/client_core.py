@@ -469,6 +469,14 @@ class ClientCore:
             )
         return self._accept_device_list(signed, old)
 
+    def pending_identity(self, user_id: str) -> IdentityChanged | None:
+        """The identity change waiting for :meth:`confirm_identity`, if any (survives reloads)."""
+        pending = self._pending_identity.get(user_id)
+        held = self.device_list(user_id)
+        if pending is None or held is None:
+            return None
+        return IdentityChanged(user_id, held.user_identity, pending.device_list.user_identity)
+
     def confirm_identity(self, user_id: str) -> Outcome:
         """The app's user confirmed a changed identity (ideally after comparing safety numbers)."""
         signed = self._pending_identity.pop(user_id, None)
@@ -601,13 +609,19 @@ class ClientCore:
     def _own_other_devices(self) -> list[Address]:
         return [a for a in self.devices_of(self.user_id) if a != self.address]
 
-    def safety_number(self, user_id: str) -> SafetyNumber:
+    def safety_number(self, user_id: str, *, pending: bool = False) -> SafetyNumber:
+        """The safety number with ``user_id``'s trusted identity (``pending``: with the
+        changed identity waiting for confirmation, to compare before confirming)."""
         held = self.device_list(user_id)
         if held is None:
             raise DeviceListNeeded(user_id)
-        return SafetyNumber.compute(
-            self.user_id, self.user_identity_public, user_id, held.user_identity
-        )
+        identity = held.user_identity
+        if pending:
+            change = self._pending_identity.get(user_id)
+            if change is None:
+                raise InvalidState(f"no identity change pending for {user_id!r}")
+            identity = change.device_list.user_identity
+        return SafetyNumber.compute(self.user_id, self.user_identity_public, user_id, identity)
 
     # ------------------------------------------------------------ sending
 

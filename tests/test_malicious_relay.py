@@ -38,6 +38,7 @@ from protocol.client_core import (
 from protocol.content import GroupControl, GroupSync, GroupText, SenderKey, SyncRequest
 from protocol.devices import DeviceEntry, DeviceList
 from protocol.errors import BadSignature, UntrustedIdentity
+from protocol.fingerprint import SafetyNumber
 from protocol.group import (
     GENESIS_PARENT_HASH,
     Action,
@@ -444,6 +445,12 @@ def test_a_device_list_with_another_identity_is_held_until_confirmed(
     with pytest.raises(UntrustedIdentity):
         alice.process_bundle(fake.account.bundle("bob", 1).encode(), now=net.now)
     fake.process_device_list(net.device_lists["alice"])
+    # The app can show the pending change, and the number to compare before confirming.
+    assert alice.pending_identity("bob") == outcome.events[0]
+    assert alice.safety_number("bob", pending=True) == SafetyNumber.compute(
+        "alice", alice.user_identity_public, "bob", fake.user_identity_public
+    )
+    assert alice.safety_number("bob", pending=True).digits == fake.safety_number("alice").digits
     for address in net.devices_of("alice"):
         fake.process_bundle(net.bundle(address), now=net.now)
     _, sends = fake.send_direct("alice", b"it's me, bob", now=net.now)
@@ -462,6 +469,7 @@ def test_a_device_list_with_another_identity_is_held_until_confirmed(
     assert any(isinstance(e, MessageReceived) for e in got[A("bob")])
     # Confirmed, the new identity replaces the old: sessions with the old bob are gone.
     alice.confirm_identity("bob")
+    assert alice.pending_identity("bob") is None
     assert alice.devices_without_session(["bob"], now=net.now) == [A("bob")]
     assert alice.safety_number("bob") != number
     alice.process_bundle(fake.account.bundle("bob", 1).encode(), now=net.now)

@@ -223,8 +223,13 @@ class Client:
     def group(self, group_id: bytes) -> GroupState:
         return self.core.group(group_id)
 
-    def safety_number(self, user_id: str) -> SafetyNumber:
-        return self.core.safety_number(user_id)
+    def safety_number(self, user_id: str, *, pending: bool = False) -> SafetyNumber:
+        """The safety number with ``user_id`` (``pending``: with an unconfirmed new identity)."""
+        return self.core.safety_number(user_id, pending=pending)
+
+    def pending_identity(self, user_id: str) -> core.IdentityChanged | None:
+        """The identity change of ``user_id`` waiting for :meth:`confirm_identity`, if any."""
+        return self.core.pending_identity(user_id)
 
     async def confirm_identity(self, user_id: str) -> None:
         """Accept a changed identity the app's user has confirmed."""
