@@ -85,7 +85,8 @@ class Envelope:
 
     ``ident`` is shared by an envelope and its duplicates. ``chain`` is the
     sender chain (chain id, iteration) of a group message, or of the sender
-    key a SKDM / RETRY_ANSWER envelope carries.
+    key a SKDM / RETRY_ANSWER envelope carries; ``parent_epoch`` that of a
+    CONTROL's change.
     """
 
     ident: int
@@ -100,6 +101,7 @@ class Envelope:
     to_user: str | None = None
     chain: tuple[int, int] | None = None
     sent_at: int | None = None
+    parent_epoch: int | None = None
 
     @classmethod
     def known(
@@ -112,11 +114,24 @@ class Envelope:
         to_user: str | None = None,
         chain: tuple[int, int] | None = None,
         sent_at: int | None = None,
+        parent_epoch: int | None = None,
     ) -> Envelope:
         """A template: what is known of an envelope's content, before it is addressed."""
         nowhere = Address("", 0)
         return cls(
-            0, nowhere, nowhere, 0, b"", label, group_id, message_id, body, to_user, chain, sent_at
+            0,
+            nowhere,
+            nowhere,
+            0,
+            b"",
+            label,
+            group_id,
+            message_id,
+            body,
+            to_user,
+            chain,
+            sent_at,
+            parent_epoch,
         )
 
     def received(self) -> MessageReceived:
@@ -184,7 +199,8 @@ def _describe(content: bytes, answering_retry: bool) -> Envelope:
             chain=(skdm.chain_id, skdm.iteration),
         )
     if isinstance(decoded, GroupControl):
-        return Envelope.known(CONTROL, group_id=ControlMessage.decode(decoded.control).group_id)
+        control = ControlMessage.decode(decoded.control)
+        return Envelope.known(CONTROL, group_id=control.group_id, parent_epoch=control.parent_epoch)
     if isinstance(decoded, RetryRequest):
         return Envelope.known(RETRY, group_id=decoded.group_id)
     if isinstance(decoded, SyncRequest):
