@@ -734,7 +734,10 @@ def add_bench_command(subparsers: argparse._SubParsersAction[argparse.ArgumentPa
     )
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument(
-        "--repeats", type=int, default=DEFAULT_REPEATS, help="timed batches per operation"
+        "--repeats",
+        type=int,
+        default=DEFAULT_REPEATS,
+        help=f"timed batches per operation, after a warm-up (default {DEFAULT_REPEATS})",
     )
     parser.add_argument(
         "--group-sizes",
@@ -749,7 +752,7 @@ def add_bench_command(subparsers: argparse._SubParsersAction[argparse.ArgumentPa
         help="group size for the first send after a removal (default 100)",
     )
     parser.set_defaults(run=run_bench)
-    targets = parser.add_subparsers(dest="bench_target", metavar="TARGET")
+    targets = parser.add_subparsers(dest="bench_target", metavar="[relay]")
     add_relay_bench_command(targets)
 
 
