@@ -25,6 +25,7 @@ from .encoding import UINT32_MAX, UINT64_MAX, Fields, pack
 from .errors import InvalidArgument, ReplayedHandshake, UnknownPreKey
 from .keys import IdentityKeyPair, encode_mlkem768, encode_x25519
 from .messages import PreKeyMessage
+from .pickles import load_pickle
 from .pqxdh import initiate, respond
 from .prekeys import (
     KemPreKeyPublic,
@@ -33,7 +34,7 @@ from .prekeys import (
     PreKeyUpload,
     SignedPreKeyPublic,
 )
-from .session import Session, load_state
+from .session import Session
 
 
 class _SignedPreKey:
@@ -342,7 +343,7 @@ class Account:
                 raise InvalidArgument("current prekey missing")
             return account
 
-        return load_state(data, "Account", read)
+        return load_pickle(data, "Account", read)
 
     def __repr__(self) -> str:
         return (

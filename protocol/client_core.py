@@ -61,7 +61,7 @@ from .content import (
     decode_content,
 )
 from .devices import DeviceEntry, DeviceList, SignedDeviceList, check_update, device_changes
-from .encoding import Fields, pack, unpack
+from .encoding import Fields, pack
 from .errors import (
     DecodeError,
     DuplicateMessage,
@@ -72,7 +72,6 @@ from .errors import (
     StaleChange,
     StateError,
     UnauthorizedChange,
-    UnknownStateVersion,
     UntrustedIdentity,
 )
 from .fingerprint import SafetyNumber
@@ -93,6 +92,7 @@ from .group import (
 from .group_cipher import OutboundSenderKey, SenderKeyRecord
 from .keys import IdentityKeyPair
 from .messages import PreKeyMessage, decode_message
+from .pickles import load_pickle
 from .prekeys import PreKeyBundle
 from .sender_keys import SenderKeyDistributionMessage, SenderKeyMessage
 from .session import SessionRecord
@@ -1173,16 +1173,12 @@ class ClientCore:
         account = by_key.get(("account",))
         if meta is None or account is None:
             raise StateError("client state: meta or account record missing")
+
+        def read_meta(f: Fields) -> tuple[str, int, bytes, bytes | None]:
+            return f.text(MAX_USER_ID_SIZE), f.uint(), f.bin(32), f.optional_bin(32)
+
+        user_id, device_id, user_public, seed = load_pickle(meta, "client meta", read_meta)
         try:
-            f = Fields(unpack(meta, what="meta"), what="meta", count=5)
-        except ProtocolError as exc:
-            raise StateError("client state: corrupt meta record") from exc
-        try:
-            version = f.uint()
-            if version != STATE_VERSION:
-                raise UnknownStateVersion(f"client state version {version}")
-            user_id, device_id, user_public = f.text(64), f.uint(), f.bin(32)
-            seed = f.optional_bin(32)
             core = cls(
                 user_id,
                 device_id,
@@ -1193,7 +1189,7 @@ class ClientCore:
             )
             for key, data in by_key.items():
                 core._load_record(key, data)
-        except UnknownStateVersion:
+        except StateError:
             raise
         except ProtocolError as exc:
             raise StateError(f"client state: corrupt record ({exc.code})") from exc
@@ -1213,14 +1209,13 @@ class ClientCore:
                 data
             )
         elif kind == "outbound":
-            f = Fields(unpack(data, what="outbound"), what="outbound", count=3)
-            if f.uint() != STATE_VERSION:
-                raise UnknownStateVersion("outbound record version")
-            key_bytes = f.bin()
-            shared = {_read_address(a, "outbound shared") for a in f.array(max_len=100_000)}
-            self._outbound[_key_bytes(key[1])] = _Outbound(
-                OutboundSenderKey.from_bytes(key_bytes), shared
-            )
+
+            def read_outbound(f: Fields) -> _Outbound:
+                sender_key = OutboundSenderKey.from_bytes(f.bin())
+                shared = {_read_address(a, "outbound shared") for a in f.array(max_len=100_000)}
+                return _Outbound(sender_key, shared)
+
+            self._outbound[_key_bytes(key[1])] = load_pickle(data, "outbound", read_outbound)
         elif kind == "inbound":
             address = Address(_key_str(key[2]), _key_int(key[3]))
             self._inbound[(_key_bytes(key[1]), address)] = SenderKeyRecord.from_bytes(data)
@@ -1228,21 +1223,25 @@ class ClientCore:
             group = Group.from_pickle(data)
             self._groups[group.group_id] = group
         elif kind == "left_groups":
-            f = Fields(unpack(data, what="left groups"), what="left groups", count=2)
-            if f.uint() != STATE_VERSION:
-                raise UnknownStateVersion("left groups record version")
-            for group_id in f.array(max_len=MAX_LEFT_GROUPS):
-                if not isinstance(group_id, bytes) or len(group_id) != GROUP_ID_SIZE:
+
+            def read_left(f: Fields) -> list[bytes]:
+                left = f.array(max_len=MAX_LEFT_GROUPS)
+                if not all(isinstance(g, bytes) and len(g) == GROUP_ID_SIZE for g in left):
                     raise DecodeError("left groups: not a group id")
-                self._left.append(group_id)
+                return left
+
+            self._left.extend(load_pickle(data, "left groups", read_left))
         elif kind == "held_controls":
-            f = Fields(unpack(data, what="held controls"), what="held controls", count=2)
-            if f.uint() != STATE_VERSION:
-                raise UnknownStateVersion("held controls record version")
-            for item in f.array(max_len=MAX_HELD_GROUP_CONTROLS):
-                entry = Fields(item, what="held control", count=4)
-                sender = Address(entry.text(MAX_USER_ID_SIZE), entry.uint())
-                self._held.append((sender, GroupControl(entry.bin(), entry.optional_bin())))
+
+            def read_held(f: Fields) -> list[tuple[Address, GroupControl]]:
+                held = []
+                for item in f.array(max_len=MAX_HELD_GROUP_CONTROLS):
+                    entry = Fields(item, what="held control", count=4)
+                    sender = Address(entry.text(MAX_USER_ID_SIZE), entry.uint())
+                    held.append((sender, GroupControl(entry.bin(), entry.optional_bin())))
+                return held
+
+            self._held.extend(load_pickle(data, "held controls", read_held))
 
     def __repr__(self) -> str:
         return (

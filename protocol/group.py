@@ -187,13 +187,12 @@ from .errors import (
     ProtocolError,
     RemoteProtocolError,
     StaleChange,
-    StateError,
     UnauthorizedChange,
-    UnknownStateVersion,
     UnknownVersion,
     UntrustedIdentity,
 )
 from .keys import IdentityKeyPair, PublicIdentity
+from .pickles import load_pickle
 from .primitives import SYSTEM_RANDOM, RandomSource
 
 HASH_SIZE = 32
@@ -1122,22 +1121,17 @@ class Group:
     @classmethod
     def from_pickle(cls, data: bytes) -> Group:
         """Load a stored group; UnknownStateVersion or StateError if it cannot be."""
-        try:
-            fields = Fields.decode(data, what="group pickle", count=2, max_size=MAX_STATE_SIZE)
-            version = fields.uint()
-            if version != STATE_VERSION:
-                raise UnknownStateVersion(f"group pickle version {version}")
-            raw = fields.array(max_len=MAX_STATE_SIZE)
-            fields.end()
+
+        def read(fields: Fields) -> Group:
             states = []
             known: dict[tuple[str, bytes, bool], Member] = {}
-            for index, item in enumerate(raw):
+            for index, item in enumerate(fields.array(max_len=MAX_STATE_SIZE)):
                 if not isinstance(item, bytes):
                     raise DecodeError(f"group pickle: state {index} is not bytes")
                 states.append(GroupState.decode(item, known=known))
             return cls(tuple(states))
-        except (RemoteProtocolError, InvalidArgument) as exc:
-            raise StateError(f"group pickle: {exc.message}") from None
+
+        return load_pickle(data, "group pickle", read)
 
     def __repr__(self) -> str:
         return f"Group({self.current!r}, held={len(self.states)})"

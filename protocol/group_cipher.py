@@ -48,8 +48,6 @@ from __future__ import annotations
 
 import hmac
 from collections import OrderedDict
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -77,8 +75,8 @@ from .errors import (
     NoSenderKey,
     StateError,
     TooFarInFuture,
-    UnknownStateVersion,
 )
+from .pickles import load_pickle
 from .sender_keys import (
     CHAIN_KEY_SIZE,
     SenderKeyDistributionMessage,
@@ -232,24 +230,17 @@ class OutboundSenderKey:
 
     @classmethod
     def from_bytes(cls, data: bytes) -> OutboundSenderKey:
-        what = "outbound sender key"
-        fields = _open_pickle(data, what)
-        with _as_state_error(what):
-            group_id = fields.bin(GROUP_ID_SIZE)
-            chain_id = fields.uint()
-            iteration = fields.uint()
-            chain_key = fields.bin(CHAIN_KEY_SIZE)
-            signing_seed = fields.bin(ED25519_KEY_SIZE)
-            created_at = fields.uint(UINT64_MAX)
-            fields.end()
-        return cls(
-            group_id=group_id,
-            chain_id=chain_id,
-            iteration=iteration,
-            chain_key=chain_key,
-            signing_key=p.ed25519_private_from_bytes(signing_seed),
-            created_at=created_at,
-        )
+        def read(fields: Fields) -> OutboundSenderKey:
+            return cls(
+                group_id=fields.bin(GROUP_ID_SIZE),
+                chain_id=fields.uint(),
+                iteration=fields.uint(),
+                chain_key=fields.bin(CHAIN_KEY_SIZE),
+                signing_key=p.ed25519_private_from_bytes(fields.bin(ED25519_KEY_SIZE)),
+                created_at=fields.uint(UINT64_MAX),
+            )
+
+        return load_pickle(data, "outbound sender key", read)
 
     def __repr__(self) -> str:
         return (
@@ -462,20 +453,17 @@ class SenderKeyRecord:
 
     @classmethod
     def from_bytes(cls, data: bytes) -> SenderKeyRecord:
-        what = "sender key record"
-        fields = _open_pickle(data, what)
-        with _as_state_error(what):
-            group_id = fields.bin(GROUP_ID_SIZE)
-            chains = [
-                _InboundChain.read(Fields(item, what=f"{what}.chain", count=5))
+        def read(fields: Fields) -> SenderKeyRecord:
+            record = cls(fields.bin(GROUP_ID_SIZE))
+            record._chains = [
+                _InboundChain.read(Fields(item, what="sender key record.chain", count=5))
                 for item in fields.array(max_len=MAX_STATE_SIZE)
             ]
-            fields.end()
-        if len({chain.chain_id for chain in chains}) != len(chains):
-            raise StateError(f"{what}: a chain id appears twice")
-        record = cls(group_id)
-        record._chains = chains
-        return record
+            if len({chain.chain_id for chain in record._chains}) != len(record._chains):
+                raise StateError("sender key record: a chain id appears twice")
+            return record
+
+        return load_pickle(data, "sender key record", read)
 
     def __repr__(self) -> str:
         chains = ", ".join(f"{c.chain_id}@{c.iteration}" for c in self._chains)
@@ -498,21 +486,3 @@ def _check_time(now: object) -> None:
 def _check_limit(name: str, value: object, *, minimum: int = 0) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or not minimum <= value <= UINT32_MAX:
         raise InvalidArgument(f"{name} must be an integer from {minimum} to {UINT32_MAX}")
-
-
-@contextmanager
-def _as_state_error(what: str) -> Iterator[None]:
-    try:
-        yield
-    except DecodeError as exc:
-        raise StateError(f"{what}: {exc.message}") from exc
-
-
-def _open_pickle(data: bytes, what: str) -> Fields:
-    """Decode a pickle's array and check its version (the first field)."""
-    with _as_state_error(what):
-        fields = Fields.decode(data, what=what, max_size=MAX_STATE_SIZE)
-        version = fields.uint(UINT64_MAX)
-    if version != STATE_VERSION:
-        raise UnknownStateVersion(f"{what}: state version {version} is not {STATE_VERSION}")
-    return fields

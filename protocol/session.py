@@ -22,7 +22,6 @@ Every decrypt is transactional: on any error, nothing changes.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, TypeVar
 
@@ -32,7 +31,6 @@ from .consts import (
     MAX_PREVIOUS_SESSIONS,
     MAX_SKIP,
     MAX_SKIPPED_KEYS,
-    MAX_STATE_SIZE,
     MAX_UNACKNOWLEDGED_SESSION_AGE,
     MLKEM768_CIPHERTEXT_SIZE,
     STATE_VERSION,
@@ -40,17 +38,15 @@ from .consts import (
 from .double_ratchet import RatchetState
 from .encoding import UINT64_MAX, Fields, pack
 from .errors import (
-    DecodeError,
     DuplicateMessage,
     InvalidState,
     NoSession,
     ProtocolError,
-    StateError,
-    UnknownStateVersion,
     UntrustedIdentity,
 )
 from .keys import PublicIdentity
 from .messages import PreKeyMessage, RatchetMessage, decode_message
+from .pickles import load_pickle
 from .pqxdh import HandshakeHeader, associated_data
 
 if TYPE_CHECKING:
@@ -196,29 +192,6 @@ class Session:
         )
 
 
-def _state_reader(data: bytes, kind: str) -> Fields:
-    """Fields of a pickle, with StateError (not DecodeError) for corruption."""
-    try:
-        fields = Fields.decode(data, what=kind, max_size=MAX_STATE_SIZE)
-        version = fields.uint()
-    except DecodeError as exc:
-        raise StateError(f"{kind}: corrupt state") from exc
-    if version != STATE_VERSION:
-        raise UnknownStateVersion(f"{kind}: state version {version} is not supported")
-    return fields
-
-
-def load_state(data: bytes, kind: str, read: Callable[[Fields], _T]) -> _T:
-    """Load a versioned pickle with ``read``; only StateError subclasses escape."""
-    fields = _state_reader(data, kind)
-    try:
-        result = read(fields)
-        fields.end()
-    except ProtocolError as exc:
-        raise StateError(f"{kind}: corrupt state") from exc
-    return result
-
-
 class SessionRecord:
     """All sessions with one peer device: the current one and previous ones."""
 
@@ -345,7 +318,7 @@ class SessionRecord:
             previous = [Session.from_wire(v) for v in fields.array(max_len=max_previous)]
             return cls(current, previous, max_previous=max_previous)
 
-        return load_state(data, "SessionRecord", read)
+        return load_pickle(data, "SessionRecord", read)
 
     def __repr__(self) -> str:
         return f"SessionRecord(current={self.current!r}, previous={len(self.previous)})"
