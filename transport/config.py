@@ -40,6 +40,7 @@ def parse_duration(text: str) -> int:
 
 BUNDLE_FETCH_RATE = RateLimit(L.BUNDLE_FETCH_CAPACITY, L.BUNDLE_FETCH_PER_SECOND)
 SEND_RATE = RateLimit(L.SEND_CAPACITY, L.SEND_PER_SECOND)
+FRAME_RATE = RateLimit(L.FRAME_CAPACITY, L.FRAME_PER_SECOND)
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,6 +57,7 @@ class RelayLimits:
     max_in_flight: int = L.MAX_IN_FLIGHT
     bundle_fetch_rate: RateLimit = BUNDLE_FETCH_RATE
     send_rate: RateLimit = SEND_RATE
+    frame_rate: RateLimit = FRAME_RATE
     max_rate_limit_keys: int = L.MAX_RATE_LIMIT_KEYS
     auth_timeout: float = L.AUTH_TIMEOUT
     idle_timeout: float = L.IDLE_TIMEOUT

@@ -108,6 +108,15 @@ BUNDLE_FETCH_PER_SECOND: Final = 1 / 600
 SEND_CAPACITY: Final = 60.0
 SEND_PER_SECOND: Final = 60.0
 
+# Frames read per connection, of any kind, valid or not. A client needs one
+# request per envelope it acknowledges (paced by the relay's commits, a few
+# hundred per second) plus its sends (SEND_PER_SECOND). Above the rate the
+# relay stops reading the connection until it is back under it: no reply, so
+# a flood of cheap frames (malformed, pings) costs no CPU and cannot hold
+# the event loop, and with it every other connection's storage work.
+FRAME_CAPACITY: Final = 1000.0
+FRAME_PER_SECOND: Final = 500.0
+
 # Rate-limit buckets kept in memory before full (idle) ones are dropped;
 # bounds the limiter's memory whatever the number of device pairs.
 MAX_RATE_LIMIT_KEYS: Final = 100_000

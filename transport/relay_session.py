@@ -114,6 +114,7 @@ class RelaySession:
         self._low_counts: PreKeyCounts | None = None
         self._low_notified = False
         self._send_bucket = TokenBucket(self._limits.send_rate, trio.current_time())
+        self._frame_bucket = TokenBucket(self._limits.frame_rate, trio.current_time())
         self._nursery: trio.Nursery | None = None
 
     @property
@@ -186,6 +187,7 @@ class RelaySession:
                 await self._refuse(None, too_large)
                 return
             if body is not None:
+                await self._pace()
                 last_frame = trio.current_time()
                 frame_deadline = None
                 await self._handle(body)
@@ -204,6 +206,11 @@ class RelaySession:
             if not data:
                 return  # the client closed its side
             self._decoder.receive_data(data)
+
+    async def _pace(self) -> None:
+        """Hold the connection to its frame rate: above it, read nothing until under it."""
+        while (wait := self._frame_bucket.take(trio.current_time())) > 0:
+            await trio.sleep(wait)
 
     def _deadline(
         self, auth_deadline: float, last_frame: float, frame_deadline: float | None
