@@ -59,10 +59,13 @@ STARTED: list[trio.Process] = []
 def reap_children() -> Iterator[None]:
     yield
     while STARTED:
-        process = STARTED.pop()
-        if process.poll() is None:
-            process.kill()
-            os.waitpid(process.pid, 0)
+        pid = STARTED.pop().pid
+        try:
+            if os.waitpid(pid, os.WNOHANG) == (0, 0):  # our child, still running
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+        except ChildProcessError:
+            pass  # reaped already (so the pid is not ours to signal any more)
 
 
 def child_env() -> dict[str, str]:
@@ -147,7 +150,7 @@ class RelayProcess:
 
 
 async def test_kill_9_relay_under_load_loses_nothing_it_accepted(tmp_path: Path) -> None:
-    await relay_kill_rounds(tmp_path, rounds=2)
+    await relay_kill_rounds(tmp_path, rounds=1)
 
 
 @pytest.mark.slow
@@ -429,7 +432,7 @@ def received_bodies(bob_path: Path, store: ClientStore | None = None) -> list[by
 
 
 async def test_kill_9_while_saving_never_corrupts_the_store(tmp_path: Path) -> None:
-    await writer_kill_rounds(tmp_path, rounds=4)
+    await writer_kill_rounds(tmp_path, rounds=2)
 
 
 @pytest.mark.slow
