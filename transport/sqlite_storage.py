@@ -1,4 +1,4 @@
-"""The relay's storage on one SQLite file.
+"""The relay's storage on one SQLite file, with group commit.
 
 * WAL journal with ``synchronous=FULL``: a transaction is on disk (WAL
   fsynced) when COMMIT returns, so "accepted" survives a crash or power
@@ -6,11 +6,21 @@
   power loss).
 * ``secure_delete=ON`` and a WAL truncation on every purge and on close:
   acknowledged or expired ciphertext is overwritten, not left in free pages.
-* One connection, used by one thread at a time (a trio CapacityLimiter of
-  1 around ``trio.to_thread.run_sync``), so the event loop never blocks on
-  disk and every method is one serial ``BEGIN IMMEDIATE`` transaction.
-  Take-once of prekeys is a single ``DELETE ... RETURNING`` inside it, so
-  even several relay processes sharing the file hand out a key only once.
+* Group commit. One writer thread owns the connection, so the event loop
+  never blocks on disk. Every storage call, reads included, is queued to
+  it; the thread takes everything queued (at most ``max_batch`` calls) and
+  runs it as ONE ``BEGIN IMMEDIATE`` transaction, each call inside its own
+  SAVEPOINT (a call that fails, e.g. MailboxFull or a compare-and-set
+  conflict, rolls back alone), then commits once: one fsync for the whole
+  batch. Callers are woken only after that COMMIT returned, so a returned
+  value still means "committed", and every call sees exactly the calls
+  queued before it (queue order is commit order). Calls that arrive while a
+  batch commits go into the next one. At most ``max_queued`` calls wait;
+  further callers wait to queue (backpressure).
+* Take-once of prekeys is a single ``DELETE ... RETURNING`` inside the
+  transaction, so even several relay processes sharing the file (each
+  batch holds the write lock from BEGIN IMMEDIATE to COMMIT) hand out a
+  key only once.
 
 Device-list counters are u64 and SQLite integers are i64, so counters are
 stored as 8-byte big-endian blobs (compared only for equality).
@@ -18,15 +28,17 @@ stored as 8-byte big-endian blobs (compared only for equality).
 
 from __future__ import annotations
 
+import queue
 import sqlite3
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+import threading
+from collections.abc import Callable, Sequence
+from contextlib import suppress
 from functools import partial
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import trio
 
-from protocol.errors import UnknownStateVersion
+from protocol.errors import InvalidArgument, UnknownStateVersion
 from protocol.prekeys import KemPreKeyPublic, OneTimePreKeyPublic, SignedPreKeyPublic
 
 from .errors import MailboxFull, PreKeyIdInUse, PreKeyStockFull, UnknownDevice
@@ -42,6 +54,17 @@ from .storage import (
 T = TypeVar("T")
 
 SCHEMA_VERSION = 1
+
+# Calls committed in one transaction at most. One fsync (~4 ms on a cloud
+# disk) is shared by the whole batch; a batch of this many small calls
+# costs ~10-20 ms of CPU, so larger batches would only add latency.
+DEFAULT_MAX_BATCH = 512
+
+# Calls queued to the writer at most; callers beyond wait to queue. A
+# connection has at most two calls outstanding (its request and its
+# delivery), so this is thousands of busy connections before anyone waits,
+# and it bounds the memory held by queued sends.
+DEFAULT_MAX_QUEUED = 4096
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS users (
@@ -131,10 +154,43 @@ def _counter_blob(counter: int) -> bytes:
     return counter.to_bytes(8, "big")
 
 
-class SqliteDatabase:
-    """The synchronous implementation; :class:`SqliteStorage` runs it off the event loop.
+class DatabaseCall:
+    """One storage call for :meth:`SqliteDatabase.run_batch`: what to run, then its outcome.
 
-    Not thread-safe by itself: one call at a time.
+    ``run`` executes inside the batch's transaction; ``writes`` False (a
+    pure read) skips its savepoint. ``after_commit`` runs once the batch
+    committed, outside any transaction (WAL truncation, closing).
+    """
+
+    __slots__ = ("after_commit", "done", "error", "result", "run", "writes")
+
+    def __init__(
+        self,
+        run: Callable[[], object],
+        *,
+        writes: bool = True,
+        after_commit: Callable[[], None] | None = None,
+    ) -> None:
+        self.run = run
+        self.writes = writes
+        self.after_commit = after_commit
+        self.result: object = None
+        self.error: BaseException | None = None
+        self.done: trio.Event | None = None  # set by SqliteStorage when the call is reported
+
+    def outcome(self) -> Any:
+        """The call's result, or raise its error."""
+        if self.error is not None:
+            raise self.error
+        return self.result
+
+
+class SqliteDatabase:
+    """The synchronous implementation; :class:`SqliteStorage` runs it in its writer thread.
+
+    Not thread-safe by itself: one call at a time. The public methods each
+    run as one transaction (a batch of one call); :meth:`run_batch` runs
+    many in one.
     """
 
     def __init__(self, path: str) -> None:
@@ -155,84 +211,71 @@ class SqliteDatabase:
             self._conn.close()
             raise
 
-    @contextmanager
-    def _transaction(self) -> Iterator[sqlite3.Connection]:
-        self._conn.execute("BEGIN IMMEDIATE")
-        try:
-            yield self._conn
-        except BaseException:
-            self._conn.execute("ROLLBACK")
-            raise
-        self._conn.execute("COMMIT")
+    # ---------------------------------------------------------------- transactions
 
-    # ---------------------------------------------------------------- users and devices
+    def run_batch(self, calls: Sequence[DatabaseCall]) -> None:
+        """Run ``calls`` in order in one transaction, each atomic on its own; commit once.
+
+        Fills each call's result or error. A call that raises is rolled back
+        to its savepoint and the others go on. If the transaction itself
+        fails (BEGIN, COMMIT, or an error SQLite answers by rolling back
+        everything), every call of the batch gets that error: nothing of
+        the batch was stored. After-commit actions run only after a commit.
+        """
+        db = self._conn
+        try:
+            db.execute("BEGIN IMMEDIATE")
+            for call in calls:
+                self._run_call(call)
+            db.execute("COMMIT")
+        except BaseException as exc:  # the transaction failed: nothing of the batch is stored
+            if db.in_transaction:
+                with suppress(sqlite3.Error):  # already failing; the batch's error is reported
+                    db.execute("ROLLBACK")
+            _fail_all(calls, exc)
+            return
+        for call in calls:
+            if call.after_commit is not None and call.error is None:
+                try:
+                    call.after_commit()
+                except Exception as exc:
+                    call.error = exc
+
+    def _run_call(self, call: DatabaseCall) -> None:
+        db = self._conn
+        if call.writes:
+            db.execute("SAVEPOINT call")
+        try:
+            call.result = call.run()
+        except Exception as exc:
+            if not db.in_transaction:
+                raise  # SQLite rolled the whole transaction back (disk full, I/O error)
+            call.error = exc
+            if call.writes:
+                db.execute("ROLLBACK TO call")
+        if call.writes:
+            db.execute("RELEASE call")
+
+    def _single(
+        self,
+        run: Callable[[], T],
+        *,
+        writes: bool = True,
+        after_commit: Callable[[], None] | None = None,
+    ) -> T:
+        call = DatabaseCall(run, writes=writes, after_commit=after_commit)
+        self.run_batch([call])
+        return cast(T, call.outcome())
+
+    # ---------------------------------------------------------------- one transaction per call
 
     def device_lists(self, user_ids: Sequence[str]) -> dict[str, StoredDeviceList]:
-        found: dict[str, StoredDeviceList] = {}
-        with self._transaction() as db:
-            for user_id in dict.fromkeys(user_ids):
-                row = db.execute(
-                    "SELECT user_identity, counter, signed FROM users WHERE user_id = ?",
-                    (user_id,),
-                ).fetchone()
-                if row is None:
-                    continue
-                devices = db.execute(
-                    "SELECT device_id, identity FROM devices WHERE user_id = ? ORDER BY device_id",
-                    (user_id,),
-                ).fetchall()
-                found[user_id] = StoredDeviceList(
-                    user_id,
-                    row[0],
-                    int.from_bytes(row[1], "big"),
-                    row[2],
-                    tuple((d, i) for d, i in devices),
-                )
-        return found
+        return self._single(partial(self._device_lists, user_ids), writes=False)
 
     def store_device_list(
         self, new: StoredDeviceList, *, previous_counter: int | None
     ) -> tuple[int, ...]:
-        with self._transaction() as db:
-            row = db.execute(
-                "SELECT counter FROM users WHERE user_id = ?", (new.user_id,)
-            ).fetchone()
-            stored = None if row is None else int.from_bytes(row[0], "big")
-            if stored != previous_counter:
-                raise StorageConflict("the device list changed meanwhile")
-            old = dict(
-                db.execute(
-                    "SELECT device_id, identity FROM devices WHERE user_id = ?", (new.user_id,)
-                ).fetchall()
-            )
-            wanted = dict(new.devices)
-            removed = tuple(sorted(d for d, ident in old.items() if wanted.get(d) != ident))
-            for device_id in removed:
-                self._wipe_device(db, new.user_id, device_id)
-            db.executemany(
-                "INSERT INTO devices (user_id, device_id, identity) VALUES (?, ?, ?)",
-                [
-                    (new.user_id, d, ident)
-                    for d, ident in new.devices
-                    if d not in old or d in removed
-                ],
-            )
-            db.execute(
-                "INSERT OR REPLACE INTO users (user_id, user_identity, counter, signed) "
-                "VALUES (?, ?, ?, ?)",
-                (new.user_id, new.user_identity, _counter_blob(new.counter), new.signed),
-            )
-        return removed
-
-    @staticmethod
-    def _wipe_device(db: sqlite3.Connection, user_id: str, device_id: int) -> None:
-        key = (user_id, device_id)
-        db.execute("DELETE FROM deliveries WHERE user_id = ? AND device_id = ?", key)
-        for table in _PREKEY_TABLES:
-            db.execute(f"DELETE FROM {table} WHERE user_id = ? AND device_id = ?", key)
-        db.execute("DELETE FROM devices WHERE user_id = ? AND device_id = ?", key)
-
-    # ---------------------------------------------------------------- prekeys
+        return self._single(partial(self._store_device_list, new, previous_counter))
 
     def store_prekeys(
         self,
@@ -245,195 +288,363 @@ class SqliteDatabase:
         one_time_kem: Sequence[KemPreKeyPublic],
         max_stored: int,
     ) -> PreKeyCounts:
-        key = (user_id, device_id)
-        with self._transaction() as db:
-            if (
-                db.execute(
-                    "SELECT 1 FROM devices WHERE user_id = ? AND device_id = ?", key
-                ).fetchone()
-                is None
-            ):
-                raise UnknownDevice("the device is not in its user's list")
-            if signed_prekey is not None:
-                db.execute(
-                    "INSERT OR REPLACE INTO signed_prekeys VALUES (?, ?, ?, ?, ?)",
-                    (*key, signed_prekey.key_id, signed_prekey.public, signed_prekey.signature),
-                )
-            if last_resort_kem is not None:
-                db.execute(
-                    "INSERT OR REPLACE INTO last_resort_kem_prekeys VALUES (?, ?, ?, ?, ?)",
-                    (
-                        *key,
-                        last_resort_kem.key_id,
-                        last_resort_kem.public,
-                        last_resort_kem.signature,
-                    ),
-                )
-            try:
-                db.executemany(
-                    "INSERT INTO one_time_prekeys VALUES (?, ?, ?, ?)",
-                    [(*key, k.key_id, k.public) for k in one_time],
-                )
-                db.executemany(
-                    "INSERT INTO one_time_kem_prekeys VALUES (?, ?, ?, ?, ?)",
-                    [(*key, k.key_id, k.public, k.signature) for k in one_time_kem],
-                )
-            except sqlite3.IntegrityError:
-                raise PreKeyIdInUse("a one-time prekey id is already in use") from None
-            counts = self._counts(db, key)
-            if max(counts.one_time, counts.one_time_kem) > max_stored:
-                raise PreKeyStockFull(f"at most {max_stored} one-time prekeys of a kind")
+        return self._single(
+            partial(
+                self._store_prekeys,
+                user_id,
+                device_id,
+                signed_prekey,
+                last_resort_kem,
+                one_time,
+                one_time_kem,
+                max_stored,
+            )
+        )
+
+    def prekey_counts(self, user_id: str, device_id: int) -> PreKeyCounts:
+        return self._single(partial(self._counts, (user_id, device_id)), writes=False)
+
+    def take_bundle(self, user_id: str, device_id: int) -> TakenBundle | None:
+        return self._single(partial(self._take_bundle, user_id, device_id))
+
+    def enqueue(self, batch: EnvelopeBatch, *, max_mailbox_size: int) -> None:
+        self._single(partial(self._enqueue, batch, max_mailbox_size))
+
+    def pending(
+        self, user_id: str, device_id: int, *, after_seq: int, limit: int, now: int
+    ) -> list[QueuedEnvelope]:
+        return self._single(
+            partial(self._pending, user_id, device_id, after_seq, limit, now), writes=False
+        )
+
+    def acknowledge(self, user_id: str, device_id: int, guid: bytes) -> bool:
+        return self._single(partial(self._acknowledge, user_id, device_id, guid))
+
+    def purge_expired(self, now: int) -> int:
+        return self._single(partial(self._purge_expired, now), after_commit=self._truncate_wal)
+
+    def close(self) -> None:
+        self._truncate_wal()
+        self._conn.close()
+
+    # ---------------------------------------------------------------- users and devices
+    # The methods below run inside a transaction (run_batch); they never commit.
+
+    def _device_lists(self, user_ids: Sequence[str]) -> dict[str, StoredDeviceList]:
+        db = self._conn
+        found: dict[str, StoredDeviceList] = {}
+        for user_id in dict.fromkeys(user_ids):
+            row = db.execute(
+                "SELECT user_identity, counter, signed FROM users WHERE user_id = ?",
+                (user_id,),
+            ).fetchone()
+            if row is None:
+                continue
+            devices = db.execute(
+                "SELECT device_id, identity FROM devices WHERE user_id = ? ORDER BY device_id",
+                (user_id,),
+            ).fetchall()
+            found[user_id] = StoredDeviceList(
+                user_id,
+                row[0],
+                int.from_bytes(row[1], "big"),
+                row[2],
+                tuple((d, i) for d, i in devices),
+            )
+        return found
+
+    def _store_device_list(
+        self, new: StoredDeviceList, previous_counter: int | None
+    ) -> tuple[int, ...]:
+        db = self._conn
+        row = db.execute("SELECT counter FROM users WHERE user_id = ?", (new.user_id,)).fetchone()
+        stored = None if row is None else int.from_bytes(row[0], "big")
+        if stored != previous_counter:
+            raise StorageConflict("the device list changed meanwhile")
+        old = dict(
+            db.execute(
+                "SELECT device_id, identity FROM devices WHERE user_id = ?", (new.user_id,)
+            ).fetchall()
+        )
+        wanted = dict(new.devices)
+        removed = tuple(sorted(d for d, ident in old.items() if wanted.get(d) != ident))
+        for device_id in removed:
+            self._wipe_device(new.user_id, device_id)
+        db.executemany(
+            "INSERT INTO devices (user_id, device_id, identity) VALUES (?, ?, ?)",
+            [(new.user_id, d, ident) for d, ident in new.devices if d not in old or d in removed],
+        )
+        db.execute(
+            "INSERT OR REPLACE INTO users (user_id, user_identity, counter, signed) "
+            "VALUES (?, ?, ?, ?)",
+            (new.user_id, new.user_identity, _counter_blob(new.counter), new.signed),
+        )
+        return removed
+
+    def _wipe_device(self, user_id: str, device_id: int) -> None:
+        db, key = self._conn, (user_id, device_id)
+        db.execute("DELETE FROM deliveries WHERE user_id = ? AND device_id = ?", key)
+        for table in _PREKEY_TABLES:
+            db.execute(f"DELETE FROM {table} WHERE user_id = ? AND device_id = ?", key)
+        db.execute("DELETE FROM devices WHERE user_id = ? AND device_id = ?", key)
+
+    # ---------------------------------------------------------------- prekeys
+
+    def _store_prekeys(
+        self,
+        user_id: str,
+        device_id: int,
+        signed_prekey: SignedPreKeyPublic | None,
+        last_resort_kem: KemPreKeyPublic | None,
+        one_time: Sequence[OneTimePreKeyPublic],
+        one_time_kem: Sequence[KemPreKeyPublic],
+        max_stored: int,
+    ) -> PreKeyCounts:
+        db, key = self._conn, (user_id, device_id)
+        if (
+            db.execute("SELECT 1 FROM devices WHERE user_id = ? AND device_id = ?", key).fetchone()
+            is None
+        ):
+            raise UnknownDevice("the device is not in its user's list")
+        if signed_prekey is not None:
+            db.execute(
+                "INSERT OR REPLACE INTO signed_prekeys VALUES (?, ?, ?, ?, ?)",
+                (*key, signed_prekey.key_id, signed_prekey.public, signed_prekey.signature),
+            )
+        if last_resort_kem is not None:
+            db.execute(
+                "INSERT OR REPLACE INTO last_resort_kem_prekeys VALUES (?, ?, ?, ?, ?)",
+                (*key, last_resort_kem.key_id, last_resort_kem.public, last_resort_kem.signature),
+            )
+        try:
+            db.executemany(
+                "INSERT INTO one_time_prekeys VALUES (?, ?, ?, ?)",
+                [(*key, k.key_id, k.public) for k in one_time],
+            )
+            db.executemany(
+                "INSERT INTO one_time_kem_prekeys VALUES (?, ?, ?, ?, ?)",
+                [(*key, k.key_id, k.public, k.signature) for k in one_time_kem],
+            )
+        except sqlite3.IntegrityError:
+            raise PreKeyIdInUse("a one-time prekey id is already in use") from None
+        counts = self._counts(key)
+        if max(counts.one_time, counts.one_time_kem) > max_stored:
+            raise PreKeyStockFull(f"at most {max_stored} one-time prekeys of a kind")
         return counts
 
-    @staticmethod
-    def _counts(db: sqlite3.Connection, key: tuple[str, int]) -> PreKeyCounts:
-        where = "WHERE user_id = ? AND device_id = ?"
+    def _counts(self, key: tuple[str, int]) -> PreKeyCounts:
+        db, where = self._conn, "WHERE user_id = ? AND device_id = ?"
         (one_time,) = db.execute(f"SELECT COUNT(*) FROM one_time_prekeys {where}", key).fetchone()
         (kem,) = db.execute(f"SELECT COUNT(*) FROM one_time_kem_prekeys {where}", key).fetchone()
         return PreKeyCounts(one_time, kem)
 
-    def prekey_counts(self, user_id: str, device_id: int) -> PreKeyCounts:
-        with self._transaction() as db:
-            return self._counts(db, (user_id, device_id))
-
-    def take_bundle(self, user_id: str, device_id: int) -> TakenBundle | None:
-        key = (user_id, device_id)
+    def _take_bundle(self, user_id: str, device_id: int) -> TakenBundle | None:
+        db, key = self._conn, (user_id, device_id)
         where = "WHERE user_id = ? AND device_id = ?"
-        with self._transaction() as db:
-            device = db.execute(f"SELECT identity FROM devices {where}", key).fetchone()
-            spk = db.execute(
-                f"SELECT key_id, public, signature FROM signed_prekeys {where}", key
-            ).fetchone()
-            if device is None or spk is None:
-                return None
-            # Take-once: the row is deleted and returned by one statement.
+        device = db.execute(f"SELECT identity FROM devices {where}", key).fetchone()
+        spk = db.execute(
+            f"SELECT key_id, public, signature FROM signed_prekeys {where}", key
+        ).fetchone()
+        if device is None or spk is None:
+            return None
+        # Take-once: the row is deleted and returned by one statement.
+        kem = db.execute(
+            f"DELETE FROM one_time_kem_prekeys {where} AND key_id = "
+            f"(SELECT MIN(key_id) FROM one_time_kem_prekeys {where}) "
+            "RETURNING key_id, public, signature",
+            key + key,
+        ).fetchone()
+        last_resort = kem is None
+        if last_resort:
             kem = db.execute(
-                f"DELETE FROM one_time_kem_prekeys {where} AND key_id = "
-                f"(SELECT MIN(key_id) FROM one_time_kem_prekeys {where}) "
-                "RETURNING key_id, public, signature",
-                key + key,
+                f"SELECT key_id, public, signature FROM last_resort_kem_prekeys {where}", key
             ).fetchone()
-            last_resort = kem is None
-            if last_resort:
-                kem = db.execute(
-                    f"SELECT key_id, public, signature FROM last_resort_kem_prekeys {where}", key
-                ).fetchone()
-                if kem is None:
-                    return None
-            opk = db.execute(
-                f"DELETE FROM one_time_prekeys {where} AND key_id = "
-                f"(SELECT MIN(key_id) FROM one_time_prekeys {where}) RETURNING key_id, public",
-                key + key,
-            ).fetchone()
-            remaining = self._counts(db, key)
+            if kem is None:
+                return None
+        opk = db.execute(
+            f"DELETE FROM one_time_prekeys {where} AND key_id = "
+            f"(SELECT MIN(key_id) FROM one_time_prekeys {where}) RETURNING key_id, public",
+            key + key,
+        ).fetchone()
         return TakenBundle(
             identity=device[0],
             signed_prekey=SignedPreKeyPublic(*spk),
             one_time=None if opk is None else OneTimePreKeyPublic(*opk),
             kem=KemPreKeyPublic(*kem),
             kem_is_last_resort=last_resort,
-            remaining=remaining,
+            remaining=self._counts(key),
         )
 
     # ---------------------------------------------------------------- mailboxes
 
-    def enqueue(self, batch: EnvelopeBatch, *, max_mailbox_size: int) -> None:
-        with self._transaction() as db:
-            for user_id, counter in batch.device_list_counters.items():
-                row = db.execute(
-                    "SELECT counter FROM users WHERE user_id = ?", (user_id,)
-                ).fetchone()
-                if row is None or int.from_bytes(row[0], "big") != counter:
-                    raise StorageConflict("a recipient's device list changed meanwhile")
-            full = []
-            for d in batch.deliveries:
-                row = db.execute(
-                    "SELECT queued FROM devices WHERE user_id = ? AND device_id = ?",
-                    (d.user_id, d.device_id),
-                ).fetchone()
-                if row is None:
-                    raise StorageConflict("a recipient device is gone")
-                if row[0] >= max_mailbox_size:
-                    full.append((d.user_id, d.device_id))
-            if full:
-                raise MailboxFull(f"{len(full)} recipient mailboxes are full", devices=full)
-            payload_ids = [
-                db.execute(
-                    "INSERT INTO payloads (sender_user, sender_device, kind, server_ts, data) "
-                    "VALUES (?, ?, ?, ?, ?) RETURNING id",
-                    (batch.sender_user, batch.sender_device, batch.kind, batch.server_ts, data),
-                ).fetchone()[0]
-                for data in batch.payloads
-            ]
-            db.executemany(
-                "INSERT INTO deliveries (user_id, device_id, guid, payload_id, expires_at) "
-                "VALUES (?, ?, ?, ?, ?)",
-                [
-                    (d.user_id, d.device_id, d.guid, payload_ids[d.payload_index], batch.expires_at)
-                    for d in batch.deliveries
-                ],
-            )
+    def _enqueue(self, batch: EnvelopeBatch, max_mailbox_size: int) -> None:
+        db = self._conn
+        for user_id, counter in batch.device_list_counters.items():
+            row = db.execute("SELECT counter FROM users WHERE user_id = ?", (user_id,)).fetchone()
+            if row is None or int.from_bytes(row[0], "big") != counter:
+                raise StorageConflict("a recipient's device list changed meanwhile")
+        full = []
+        for d in batch.deliveries:
+            row = db.execute(
+                "SELECT queued FROM devices WHERE user_id = ? AND device_id = ?",
+                (d.user_id, d.device_id),
+            ).fetchone()
+            if row is None:
+                raise StorageConflict("a recipient device is gone")
+            if row[0] >= max_mailbox_size:
+                full.append((d.user_id, d.device_id))
+        if full:
+            raise MailboxFull(f"{len(full)} recipient mailboxes are full", devices=full)
+        payload_ids = [
+            db.execute(
+                "INSERT INTO payloads (sender_user, sender_device, kind, server_ts, data) "
+                "VALUES (?, ?, ?, ?, ?) RETURNING id",
+                (batch.sender_user, batch.sender_device, batch.kind, batch.server_ts, data),
+            ).fetchone()[0]
+            for data in batch.payloads
+        ]
+        db.executemany(
+            "INSERT INTO deliveries (user_id, device_id, guid, payload_id, expires_at) "
+            "VALUES (?, ?, ?, ?, ?)",
+            [
+                (d.user_id, d.device_id, d.guid, payload_ids[d.payload_index], batch.expires_at)
+                for d in batch.deliveries
+            ],
+        )
 
-    def pending(
-        self, user_id: str, device_id: int, *, after_seq: int, limit: int, now: int
+    def _pending(
+        self, user_id: str, device_id: int, after_seq: int, limit: int, now: int
     ) -> list[QueuedEnvelope]:
-        with self._transaction() as db:
-            rows = db.execute(
-                "SELECT d.seq, d.guid, p.server_ts, p.sender_user, p.sender_device, p.kind, "
-                "p.data FROM deliveries AS d JOIN payloads AS p ON p.id = d.payload_id "
-                "WHERE d.user_id = ? AND d.device_id = ? AND d.seq > ? AND d.expires_at > ? "
-                "ORDER BY d.seq LIMIT ?",
-                (user_id, device_id, after_seq, now, limit),
-            ).fetchall()
+        rows = self._conn.execute(
+            "SELECT d.seq, d.guid, p.server_ts, p.sender_user, p.sender_device, p.kind, "
+            "p.data FROM deliveries AS d JOIN payloads AS p ON p.id = d.payload_id "
+            "WHERE d.user_id = ? AND d.device_id = ? AND d.seq > ? AND d.expires_at > ? "
+            "ORDER BY d.seq LIMIT ?",
+            (user_id, device_id, after_seq, now, limit),
+        ).fetchall()
         return [QueuedEnvelope(row[0], Envelope(*row[1:])) for row in rows]
 
-    def acknowledge(self, user_id: str, device_id: int, guid: bytes) -> bool:
-        with self._transaction() as db:
-            cursor = db.execute(
-                "DELETE FROM deliveries WHERE user_id = ? AND device_id = ? AND guid = ?",
-                (user_id, device_id, guid),
-            )
-            return cursor.rowcount > 0
+    def _acknowledge(self, user_id: str, device_id: int, guid: bytes) -> bool:
+        cursor = self._conn.execute(
+            "DELETE FROM deliveries WHERE user_id = ? AND device_id = ? AND guid = ?",
+            (user_id, device_id, guid),
+        )
+        return cursor.rowcount > 0
 
-    def purge_expired(self, now: int) -> int:
-        with self._transaction() as db:
-            count = db.execute("DELETE FROM deliveries WHERE expires_at <= ?", (now,)).rowcount
-        self._truncate_wal()
-        return count
+    def _purge_expired(self, now: int) -> int:
+        cursor = self._conn.execute("DELETE FROM deliveries WHERE expires_at <= ?", (now,))
+        return cursor.rowcount
 
     def _truncate_wal(self) -> None:
         # Old page images (deleted ciphertext) live in the WAL until it is reset.
         self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
 
-    def close(self) -> None:
-        self._truncate_wal()
-        self._conn.close()
+
+def _fail_all(calls: Sequence[DatabaseCall], error: BaseException) -> None:
+    for call in calls:
+        call.result, call.error = None, error
 
 
 class SqliteStorage:
-    """:class:`~transport.storage.RelayStorage` on a SQLite file, off the event loop."""
+    """:class:`~transport.storage.RelayStorage` on a SQLite file, with group commit.
 
-    def __init__(self, database: SqliteDatabase) -> None:
+    A writer thread (started by the first call) owns the database; see the
+    module docstring. Calls are made from one trio run.
+    """
+
+    def __init__(
+        self,
+        database: SqliteDatabase,
+        *,
+        max_batch: int = DEFAULT_MAX_BATCH,
+        max_queued: int = DEFAULT_MAX_QUEUED,
+    ) -> None:
+        if max_batch < 1 or max_queued < 1:
+            raise InvalidArgument("max_batch and max_queued must be at least 1")
         self._db = database
-        self._limiter = trio.CapacityLimiter(1)
+        self._max_batch = max_batch
+        self._room = trio.Semaphore(max_queued)
+        self._queue: queue.SimpleQueue[DatabaseCall] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._token: trio.lowlevel.TrioToken | None = None
+        self._closed = False
+        self._last: DatabaseCall | None = None  # the close call: the writer's last
 
     @classmethod
-    async def open(cls, path: str) -> SqliteStorage:
-        """Open (creating if needed) the database at ``path`` (``":memory:"``: a temporary one)."""
-        return cls(await trio.to_thread.run_sync(SqliteDatabase, path))
+    async def open(cls, path: str, **options: int) -> SqliteStorage:
+        """Open (creating if needed) the database at ``path`` (``":memory:"``: a temporary one).
 
-    async def _run(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-        # One thread at a time; the call completes even if the caller is
-        # cancelled, so a commit is never half-observed.
-        return await trio.to_thread.run_sync(partial(fn, *args, **kwargs), limiter=self._limiter)
+        ``options``: ``max_batch``, ``max_queued`` (see the class).
+        """
+        return cls(await trio.to_thread.run_sync(SqliteDatabase, path), **options)
+
+    # ---------------------------------------------------------------- the writer
+
+    async def _call(
+        self,
+        run: Callable[[], T],
+        *,
+        writes: bool = True,
+        after_commit: Callable[[], None] | None = None,
+    ) -> T:
+        call = DatabaseCall(run, writes=writes, after_commit=after_commit)
+        await self._submit(call)
+        return cast(T, call.outcome())
+
+    async def _submit(self, call: DatabaseCall, *, closing: bool = False) -> None:
+        """Queue ``call`` and wait until its batch committed (or failed)."""
+        await self._room.acquire()
+        # Checked right before queueing: nothing can be queued behind the close call.
+        if self._closed and not closing:
+            self._room.release()
+            raise trio.ClosedResourceError("the relay storage is closed")
+        call.done = trio.Event()
+        if self._thread is None:
+            self._token = trio.lowlevel.current_trio_token()
+            self._thread = threading.Thread(
+                target=self._write, name="hushchat-relay-db", daemon=True
+            )
+            self._thread.start()
+        self._queue.put(call)
+        # Queued means it runs: like a thread call, it completes even if the
+        # caller is cancelled meanwhile, so a commit is never half-observed.
+        with trio.CancelScope(shield=True):
+            await call.done.wait()
+
+    def _write(self) -> None:
+        """The writer thread: batch whatever is queued, commit, report; until closed."""
+        assert self._token is not None
+        while True:
+            batch = [self._queue.get()]
+            while len(batch) < self._max_batch:
+                try:
+                    batch.append(self._queue.get_nowait())
+                except queue.Empty:
+                    break
+            self._db.run_batch(batch)  # never raises: outcomes are in the calls
+            try:
+                self._token.run_sync_soon(self._report, batch)
+            except trio.RunFinishedError:
+                return
+            if self._last is not None and self._last in batch:
+                return
+
+    def _report(self, batch: list[DatabaseCall]) -> None:
+        """In the trio thread: wake the callers of a committed batch, make room."""
+        for call in batch:
+            assert call.done is not None
+            call.done.set()
+            self._room.release()
+
+    # ---------------------------------------------------------------- RelayStorage
 
     async def device_lists(self, user_ids: Sequence[str]) -> dict[str, StoredDeviceList]:
-        return await self._run(self._db.device_lists, user_ids)
+        return await self._call(partial(self._db._device_lists, user_ids), writes=False)
 
     async def store_device_list(
         self, new: StoredDeviceList, *, previous_counter: int | None
     ) -> tuple[int, ...]:
-        return await self._run(self._db.store_device_list, new, previous_counter=previous_counter)
+        return await self._call(partial(self._db._store_device_list, new, previous_counter))
 
     async def store_prekeys(
         self,
@@ -446,38 +657,52 @@ class SqliteStorage:
         one_time_kem: Sequence[KemPreKeyPublic],
         max_stored: int,
     ) -> PreKeyCounts:
-        return await self._run(
-            self._db.store_prekeys,
-            user_id,
-            device_id,
-            signed_prekey=signed_prekey,
-            last_resort_kem=last_resort_kem,
-            one_time=one_time,
-            one_time_kem=one_time_kem,
-            max_stored=max_stored,
+        return await self._call(
+            partial(
+                self._db._store_prekeys,
+                user_id,
+                device_id,
+                signed_prekey,
+                last_resort_kem,
+                one_time,
+                one_time_kem,
+                max_stored,
+            )
         )
 
     async def prekey_counts(self, user_id: str, device_id: int) -> PreKeyCounts:
-        return await self._run(self._db.prekey_counts, user_id, device_id)
+        return await self._call(partial(self._db._counts, (user_id, device_id)), writes=False)
 
     async def take_bundle(self, user_id: str, device_id: int) -> TakenBundle | None:
-        return await self._run(self._db.take_bundle, user_id, device_id)
+        return await self._call(partial(self._db._take_bundle, user_id, device_id))
 
     async def enqueue(self, batch: EnvelopeBatch, *, max_mailbox_size: int) -> None:
-        await self._run(self._db.enqueue, batch, max_mailbox_size=max_mailbox_size)
+        await self._call(partial(self._db._enqueue, batch, max_mailbox_size))
 
     async def pending(
         self, user_id: str, device_id: int, *, after_seq: int, limit: int, now: int
     ) -> list[QueuedEnvelope]:
-        return await self._run(
-            self._db.pending, user_id, device_id, after_seq=after_seq, limit=limit, now=now
+        return await self._call(
+            partial(self._db._pending, user_id, device_id, after_seq, limit, now), writes=False
         )
 
     async def acknowledge(self, user_id: str, device_id: int, guid: bytes) -> bool:
-        return await self._run(self._db.acknowledge, user_id, device_id, guid)
+        return await self._call(partial(self._db._acknowledge, user_id, device_id, guid))
 
     async def purge_expired(self, now: int) -> int:
-        return await self._run(self._db.purge_expired, now)
+        return await self._call(
+            partial(self._db._purge_expired, now), after_commit=self._db._truncate_wal
+        )
 
     async def aclose(self) -> None:
-        await self._run(self._db.close)
+        """Let every queued call commit, truncate the WAL, close the file. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._thread is None:
+            await trio.to_thread.run_sync(self._db.close)
+            return
+        self._last = DatabaseCall(lambda: None, writes=False, after_commit=self._db.close)
+        await self._submit(self._last, closing=True)
+        await trio.to_thread.run_sync(self._thread.join)
+        self._last.outcome()

@@ -5,7 +5,9 @@ The relay keeps only what delivery needs: each user's signed device list
 prekeys, and queued envelopes (opaque ciphertext with the sender the relay
 stamped, a timestamp and an expiry). :class:`transport.sqlite_storage.SqliteStorage`
 implements it on one SQLite file; another database can implement it for a
-relay cluster. Every method is one atomic transaction.
+relay cluster. Every method is one atomic transaction; an implementation
+may commit the transactions of concurrent calls together (group commit), as
+long as each call returns only after its own transaction committed.
 """
 
 from __future__ import annotations

@@ -1,0 +1,277 @@
+"""Group commit in the relay's SQLite storage: many calls, one transaction, one fsync.
+
+What must hold whatever the batching: a call returns only after the
+transaction holding it committed; each call is atomic on its own (one that
+fails leaves the others of its batch alone); calls see the calls queued
+before them; the queue and the batches are bounded; a cancelled caller's
+queued call still commits.
+"""
+
+from __future__ import annotations
+
+import secrets
+import sqlite3
+import threading
+from collections.abc import Sequence
+from functools import partial
+from pathlib import Path
+
+import pytest
+import trio
+from test_relay_storage import batch, device_list, register, upload
+
+from protocol.errors import InvalidArgument
+from protocol.prekeys import OneTimePreKeyPublic, SignedPreKeyPublic
+from transport.errors import MailboxFull, PreKeyIdInUse
+from transport.records import PreKeyCounts
+from transport.sqlite_storage import DatabaseCall, SqliteDatabase, SqliteStorage
+from transport.storage import StorageConflict
+
+
+class RecordingDatabase(SqliteDatabase):
+    """Notes the size of every batch; ``gate``, when cleared, holds the writer before a batch."""
+
+    def __init__(self, path: str) -> None:
+        super().__init__(path)
+        self.batches: list[int] = []
+        self.gate = threading.Event()
+        self.gate.set()
+        self.waiting = threading.Event()  # the writer is held at the gate
+        self.held = 0  # calls in the held batch
+
+    def run_batch(self, calls: Sequence[DatabaseCall]) -> None:
+        if not self.gate.is_set():
+            self.held = len(calls)
+            self.waiting.set()
+            self.gate.wait()
+        self.batches.append(len(calls))
+        super().run_batch(calls)
+
+
+def registered(path: Path) -> RecordingDatabase:
+    db = RecordingDatabase(str(path))
+    register(db, "alice", 1)
+    register(db, "bob", 1, 2)
+    db.batches.clear()
+    return db
+
+
+def guid_stored(path: Path, guid: bytes) -> bool:
+    """Whether another connection (as after a crash) sees the delivery: it is committed."""
+    with sqlite3.connect(path) as other:
+        row = other.execute("SELECT 1 FROM deliveries WHERE guid = ?", (guid,)).fetchone()
+    return row is not None
+
+
+# ------------------------------------------------------------------ one batch, many calls
+
+
+@pytest.fixture
+def db(tmp_path: Path) -> RecordingDatabase:
+    return registered(tmp_path / "relay.db")
+
+
+def test_a_failing_call_rolls_back_alone(db: RecordingDatabase) -> None:
+    upload(db, "bob", 1, one_time=1, kem=1)
+    first = batch([("bob", 1)], (b"one",), counters={"bob": 0})
+    stale = batch([("bob", 2)], (b"stale",), counters={"bob": 7})
+    full = batch([("bob", 2), ("bob", 1)], (b"two", b"three"), counters={"bob": 0})
+    new_spk = SignedPreKeyPublic(2, b"N" * 32, b"\x05" * 64)
+    opk = OneTimePreKeyPublic(77, b"o" * 32)
+    calls = [
+        DatabaseCall(partial(db._enqueue, first, 10)),
+        DatabaseCall(partial(db._enqueue, stale, 10)),
+        DatabaseCall(partial(db._take_bundle, "bob", 1)),
+        DatabaseCall(partial(db._enqueue, full, 1)),  # bob/1 holds one already: full
+        DatabaseCall(partial(db._take_bundle, "bob", 1)),
+        # Fails after writing: the new signed prekey goes back out with the rest.
+        DatabaseCall(partial(db._store_prekeys, "bob", 1, new_spk, None, [opk, opk], [], 100)),
+    ]
+    db.run_batch(calls)
+    with pytest.raises(PreKeyIdInUse):
+        calls[5].outcome()
+    assert calls[0].outcome() is None
+    with pytest.raises(StorageConflict):
+        calls[1].outcome()
+    with pytest.raises(MailboxFull) as info:
+        calls[3].outcome()
+    assert info.value.devices == (("bob", 1),)
+    taken, again = calls[2].outcome(), calls[4].outcome()
+    assert taken.one_time is not None and taken.one_time.key_id == 1  # take-once, in order
+    assert again.one_time is None and again.kem_is_last_resort
+    assert [q.envelope.payload for q in db.pending("bob", 1, after_seq=0, limit=9, now=0)] == [
+        b"one"
+    ]
+    assert db.pending("bob", 2, after_seq=0, limit=9, now=0) == []  # nothing of the refusals
+    assert db._conn.execute("SELECT COUNT(*) FROM payloads").fetchone()[0] == 1
+    assert db.prekey_counts("bob", 1) == PreKeyCounts(0, 0)
+    assert db._conn.execute("SELECT key_id FROM signed_prekeys").fetchall() == [(1,)]
+
+
+def test_calls_see_the_calls_before_them_in_the_batch(db: RecordingDatabase) -> None:
+    send = batch([("bob", 1)], (b"seen",), counters={"bob": 0})
+    guid = send.deliveries[0].guid
+    pending = partial(db._pending, "bob", 1, 0, 10, 0)
+    calls = [
+        DatabaseCall(pending, writes=False),
+        DatabaseCall(partial(db._enqueue, send, 10)),
+        DatabaseCall(pending, writes=False),
+        DatabaseCall(partial(db._acknowledge, "bob", 1, guid)),
+        DatabaseCall(partial(db._acknowledge, "bob", 1, guid)),
+        DatabaseCall(pending, writes=False),
+    ]
+    db.run_batch(calls)
+    assert db.batches == [6]
+    outcomes = [call.outcome() for call in calls]
+    assert outcomes[0] == [] and outcomes[5] == []
+    assert [q.envelope.guid for q in outcomes[2]] == [guid]
+    assert outcomes[3:5] == [True, False]
+
+
+def test_a_failed_transaction_fails_every_call_and_stores_nothing(db: RecordingDatabase) -> None:
+    def abort() -> None:
+        # As SQLite does on a full disk or an I/O error: the whole transaction is rolled back.
+        db._conn.execute("ROLLBACK")
+        raise sqlite3.OperationalError("database or disk is full")
+
+    send = batch([("bob", 1)], (b"lost",), counters={"bob": 0})
+    truncated = []
+    calls = [
+        DatabaseCall(partial(db._enqueue, send, 10), after_commit=lambda: truncated.append(1)),
+        DatabaseCall(abort),
+        DatabaseCall(partial(db._pending, "bob", 1, 0, 10, 0), writes=False),
+    ]
+    db.run_batch(calls)
+    for call in calls:
+        with pytest.raises(sqlite3.OperationalError, match="disk is full"):
+            call.outcome()
+    assert truncated == []  # after-commit actions wait for a commit
+    assert db.pending("bob", 1, after_seq=0, limit=9, now=0) == []
+    # The connection is usable again.
+    db.enqueue(send, max_mailbox_size=10)
+    assert len(db.pending("bob", 1, after_seq=0, limit=9, now=0)) == 1
+
+
+# ------------------------------------------------------------------ the writer thread
+
+
+async def test_concurrent_calls_share_commits_and_return_only_once_committed(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "relay.db"
+    storage = SqliteStorage(registered(path))
+    db = storage._db
+    assert isinstance(db, RecordingDatabase)
+    sends = [batch([("bob", 1)], (b"%d" % i,), counters={"bob": 0}) for i in range(200)]
+
+    async def send(index: int) -> None:
+        await storage.enqueue(sends[index], max_mailbox_size=1000)
+        assert guid_stored(path, sends[index].deliveries[0].guid)
+
+    try:
+        async with trio.open_nursery() as nursery:
+            for index in range(len(sends)):
+                nursery.start_soon(send, index)
+        assert sum(db.batches) == len(sends)
+        assert len(db.batches) < len(sends) // 4, db.batches  # commits were shared
+        queued = await storage.pending("bob", 1, after_seq=0, limit=1000, now=0)
+        assert len(queued) == len(sends)
+    finally:
+        await storage.aclose()
+
+
+async def test_batches_and_the_queue_are_bounded(tmp_path: Path) -> None:
+    db = registered(tmp_path / "relay.db")
+    storage = SqliteStorage(db, max_batch=3, max_queued=5)
+    try:
+        async with trio.open_nursery() as nursery:
+            for index in range(40):
+                send = batch([("bob", 1)], (b"%d" % index,), counters={"bob": 0})
+                nursery.start_soon(partial(storage.enqueue, send, max_mailbox_size=1000))
+        assert sum(db.batches) == 40
+        assert max(db.batches) == 3
+        # With the writer held, at most max_queued calls get queued; the rest wait to queue.
+        db.gate.clear()
+        db.batches.clear()
+        async with trio.open_nursery() as nursery:
+            for _ in range(9):
+                nursery.start_soon(storage.prekey_counts, "bob", 1)
+            await trio.to_thread.run_sync(db.waiting.wait)
+            await trio.sleep(0.1)
+            assert storage._queue.qsize() + db.held == 5
+            db.gate.set()
+        assert sum(db.batches) == 9 and max(db.batches) <= 3
+    finally:
+        db.gate.set()
+        await storage.aclose()
+    with pytest.raises(InvalidArgument):
+        SqliteStorage(db, max_batch=0)
+
+
+async def test_a_cancelled_caller_s_call_still_commits(tmp_path: Path) -> None:
+    path = tmp_path / "relay.db"
+    db = registered(path)
+    storage = SqliteStorage(db)
+    send = batch([("bob", 1)], (b"cancelled",), counters={"bob": 0})
+    try:
+        db.gate.clear()
+        with trio.CancelScope() as scope:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(partial(storage.enqueue, send, max_mailbox_size=10))
+                await trio.to_thread.run_sync(db.waiting.wait)
+                scope.cancel()  # while the call is queued: it is not abandoned
+                db.gate.set()
+        assert guid_stored(path, send.deliveries[0].guid)
+        assert len(await storage.pending("bob", 1, after_seq=0, limit=5, now=0)) == 1
+    finally:
+        db.gate.set()
+        await storage.aclose()
+
+
+async def test_close_commits_what_is_queued_then_refuses(tmp_path: Path) -> None:
+    path = tmp_path / "relay.db"
+    db = registered(path)
+    storage = SqliteStorage(db)
+    sends = [batch([("bob", 2)], (b"%d" % i,), counters={"bob": 0}) for i in range(20)]
+    db.gate.clear()
+    async with trio.open_nursery() as nursery:
+        for send in sends:
+            nursery.start_soon(partial(storage.enqueue, send, max_mailbox_size=100))
+        await trio.to_thread.run_sync(db.waiting.wait)
+        with trio.fail_after(5):
+            while storage._queue.qsize() + db.held < len(sends):
+                await trio.sleep(0.01)
+        nursery.start_soon(storage.aclose)
+        await trio.sleep(0.05)
+        with pytest.raises(trio.ClosedResourceError):
+            await storage.device_lists(["bob"])  # refused once closing, never stranded
+        db.gate.set()
+    for send in sends:
+        assert guid_stored(path, send.deliveries[0].guid)
+    with pytest.raises(trio.ClosedResourceError):
+        await storage.device_lists(["bob"])
+    await storage.aclose()  # idempotent
+    reopened = SqliteDatabase(str(path))
+    assert len(reopened.pending("bob", 2, after_seq=0, limit=100, now=0)) == 20
+    reopened.close()
+
+
+async def test_device_list_compare_and_set_through_the_writer(tmp_path: Path) -> None:
+    storage = await SqliteStorage.open(str(tmp_path / "relay.db"))
+    try:
+        first = device_list("carol", 0, (1, secrets.token_bytes(32)))
+        results: list[bool] = []
+
+        async def publish() -> None:
+            try:
+                await storage.store_device_list(first, previous_counter=None)
+                results.append(True)
+            except StorageConflict:
+                results.append(False)
+
+        async with trio.open_nursery() as nursery:
+            for _ in range(10):
+                nursery.start_soon(publish)
+        assert sorted(results) == [False] * 9 + [True]  # one registration wins, in one batch
+    finally:
+        await storage.aclose()
