@@ -535,7 +535,10 @@ class Client:
                     started = True
                     await self._session(connection, status)
                 reason = "relay closed the connection"
-            except (TransportError, OSError) as exc:
+            except (TransportError, OSError, RemoteProtocolError) as exc:
+                # RemoteProtocolError: the relay served something that does not
+                # verify (our own device list, a bundle to sync with): drop this
+                # connection and try again, as for any transport failure.
                 reason = getattr(exc, "code", type(exc).__name__)
             finally:
                 self._connection = None
