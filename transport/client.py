@@ -44,6 +44,7 @@ import trio
 from protocol import client_core as core
 from protocol.client_core import Address, ClientCore, DirectSend, Outcome
 from protocol.consts import PREKEY_BATCH_SIZE, PREKEY_LOW_WATERMARK, SIGNED_PREKEY_ROTATION_AGE
+from protocol.devices import SignedDeviceList
 from protocol.errors import ProtocolError, RemoteProtocolError
 from protocol.fingerprint import SafetyNumber
 from protocol.group import GroupState
@@ -54,6 +55,7 @@ from .connection import RelayConnection, connect_relay
 from .errors import (
     DeviceListMismatch,
     RelayError,
+    RelayProtocolViolation,
     RelayTimeout,
     TransportError,
     UnknownUser,
@@ -271,7 +273,10 @@ class Client:
         raise RelayTimeout("not connected to the relay")
 
     async def _fetch_device_list(self, connection: RelayConnection, user_id: str) -> None:
-        outcome = self.core.process_device_list(await connection.fetch_device_list(user_id))
+        data = await connection.fetch_device_list(user_id)
+        if SignedDeviceList.decode(data).device_list.user_id != user_id:
+            raise RelayProtocolViolation(f"the relay served another user's list for {user_id!r}")
+        outcome = self.core.process_device_list(data)
         _, ids = await self._commit(self.core.take_changes(), events=outcome.events)
         await self._deliver_events(list(outcome.events), ids)
 
