@@ -45,7 +45,7 @@ from protocol.errors import BadSignature, RemoteProtocolError, UntrustedIdentity
 from protocol.keys import IdentityKeyPair
 from protocol.prekeys import PreKeyBundle
 from protocol.primitives import SeededRandom
-from transport.client import Client, ClientEvent, open_client
+from transport.client import Client, ClientEvent, Connected, Disconnected, open_client
 from transport.client_store import ClientStore
 from transport.config import RelayConfig
 from transport.frames import (
@@ -87,6 +87,10 @@ class Link:
         self._bundles: dict[int, Address] = {}
         self._own_ids: set[int] = set()
         self._next_id = PROXY_REQUEST_IDS
+
+    async def close(self) -> None:
+        """Cut the connection (the client reconnects)."""
+        await trio.aclose_forcefully(self.client)
 
     async def push(self, envelope: Envelope) -> None:
         """Deliver an envelope to the client as if the relay had pushed it."""
@@ -271,7 +275,7 @@ async def converse(alice: Client, bob: Client) -> None:
     await events_until(alice, body_is(b"hello alice"))
 
 
-BOB, CAROL = Address("bob", 1), Address("carol", 1)
+ALICE, BOB, CAROL = Address("alice", 1), Address("bob", 1), Address("carol", 1)
 
 
 # ------------------------------------------------------------------ envelopes
@@ -536,3 +540,38 @@ async def test_a_device_list_with_another_identity_raises_identity_changed(setup
         await alice.send_direct("bob", b"still to the real bob")
         events = await events_until(bob, body_is(b"still to the real bob"))
         assert received(events) == [("alice", b"still to the real bob")]
+
+
+async def test_a_bad_own_device_list_makes_the_client_reconnect(setup: Setup) -> None:
+    """A relay serving our own list garbled on connect costs a reconnect, never the client."""
+    proxy = setup.proxy
+    async with client(setup, "alice") as alice, client(setup, "bob") as bob:
+        garbled = b"\x92\xc4\x01x\xc4\x01y"
+        proxy.device_list_hook = lambda user_id, data: garbled if user_id == "alice" else data
+        await (await proxy.link(ALICE)).close()
+        await events_until(alice, lambda e: isinstance(e, Disconnected) and e.reason == "MALFORMED")
+        proxy.device_list_hook = lambda user_id, data: data
+        await events_until(alice, lambda e: isinstance(e, Connected))
+        await alice.send_direct("bob", b"after the reconnect")
+        events = await events_until(bob, body_is(b"after the reconnect"))
+        assert received(events) == [("alice", b"after the reconnect")]
+
+
+async def test_another_users_device_list_is_refused(setup: Setup) -> None:
+    """Asked for bob's list, the relay serves carol's (validly signed): a remote error."""
+    proxy = setup.proxy
+    async with (
+        client(setup, "alice") as alice,
+        client(setup, "bob") as bob,
+        client(setup, "carol") as carol,
+    ):
+        own = carol.core.own_device_list
+        assert own is not None
+        proxy.device_list_hook = lambda user_id, data: own.encode() if user_id == "bob" else data
+        with pytest.raises(RemoteProtocolError):
+            await alice.send_direct("bob", b"never sent")
+        assert alice.core.device_list("bob") is None and alice.store.outbox() == []
+        proxy.device_list_hook = lambda user_id, data: data
+        await alice.send_direct("bob", b"to the real bob")
+        events = await events_until(bob, body_is(b"to the real bob"))
+        assert received(events) == [("alice", b"to the real bob")]
