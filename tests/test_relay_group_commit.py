@@ -9,20 +9,28 @@ queued call still commits.
 
 from __future__ import annotations
 
+import re
 import secrets
+import signal
 import sqlite3
+import subprocess
+import sys
 import threading
 from collections.abc import Sequence
+from contextlib import suppress
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
 from test_relay_storage import batch, device_list, register, upload
+from test_relay_support import connected, make_user
+from test_relay_support import register as register_users
 
 from protocol.errors import InvalidArgument
 from protocol.prekeys import OneTimePreKeyPublic, SignedPreKeyPublic
-from transport.errors import MailboxFull, PreKeyIdInUse
+from transport.errors import MailboxFull, PreKeyIdInUse, TransportError
 from transport.records import PreKeyCounts
 from transport.sqlite_storage import DatabaseCall, SqliteDatabase, SqliteStorage
 from transport.storage import StorageConflict
@@ -275,3 +283,54 @@ async def test_device_list_compare_and_set_through_the_writer(tmp_path: Path) ->
         assert sorted(results) == [False] * 9 + [True]  # one registration wins, in one batch
     finally:
         await storage.aclose()
+
+
+# ------------------------------------------------------------------ stopping the relay
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+async def test_the_relay_stops_on_a_signal_under_load(
+    tmp_path: Path, signum: signal.Signals
+) -> None:
+    """Ctrl-C (or a service manager) stops a busy relay within a couple of seconds, and
+    every send it accepted is in the database it closed."""
+    db_path = tmp_path / "relay.db"
+    argv = [sys.executable, "-m", "transport.cli", "relay", "--port", "0", "--db", str(db_path)]
+    process = await trio.lowlevel.open_process(argv, stderr=subprocess.PIPE)
+    accepted: set[bytes] = set()
+    try:
+        assert process.stderr is not None
+        output = b""
+        with trio.fail_after(20):
+            while (match := re.search(rb"listening on 127\.0\.0\.1 port (\d+)", output)) is None:
+                chunk = await process.stderr.receive_some(4096)
+                assert chunk, output
+                output += chunk
+        port = int(match.group(1))
+        bob, senders = make_user("bob"), [make_user(f"sender{i}") for i in range(4)]
+        await register_users(port, bob, *senders)
+
+        async def send_until_stopped(sender: Any) -> None:
+            with suppress(TransportError, OSError):
+                async with connected(port, sender.devices[1], request_timeout=5) as connection:
+                    for n in range(10**6):
+                        payload = b"%s %d" % (sender.user_id.encode(), n)
+                        await connection.send_direct("bob", [(1, payload)])
+                        accepted.add(payload)
+
+        async with trio.open_nursery() as nursery:
+            for sender in senders:
+                nursery.start_soon(send_until_stopped, sender)
+            await trio.sleep(1)
+            process.send_signal(signum)
+            with trio.fail_after(3):
+                assert await process.wait() == 0
+            nursery.cancel_scope.cancel()
+    finally:
+        process.kill()
+        await process.wait()
+    assert len(accepted) > 20, "the load was too light to mean anything"
+    with sqlite3.connect(db_path) as db:
+        stored = {row[0] for row in db.execute("SELECT data FROM payloads")}
+    assert accepted <= stored
+    assert (tmp_path / "relay.db-wal").stat().st_size == 0  # closed cleanly: WAL truncated

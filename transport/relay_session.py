@@ -97,7 +97,12 @@ class RelaySession:
         self._relay = relay
         self._limits = relay.config.limits
         self._stream = stream
-        self._decoder = FrameDecoder(max_frame_size=self._limits.max_frame_size)
+        # Anonymous peers get small frames only; AUTH raises the limit.
+        self._decoder = FrameDecoder(
+            max_frame_size=min(
+                self._limits.max_unauthenticated_frame_size, self._limits.max_frame_size
+            )
+        )
         self._write_lock = trio.StrictFIFOLock()
         self._write_broken = False  # a write was interrupted: the stream is unusable
         self._state = ConnectionState.AWAIT_HELLO
@@ -109,6 +114,7 @@ class RelaySession:
         self._identity = b""
         # Delivery state (AUTHENTICATED only).
         self._wake = trio.Event()
+        self._unread = True  # the mailbox may hold envelopes not pushed yet
         self._in_flight: set[bytes] = set()
         self._window = self._limits.max_in_flight
         self._low_counts: PreKeyCounts | None = None
@@ -144,7 +150,8 @@ class RelaySession:
         self._cancel_scope.cancel()
 
     def wake(self) -> None:
-        """New mail may be queued for this device (or an acknowledgement freed room)."""
+        """New mail was committed for this device."""
+        self._unread = True
         self._wake.set()
 
     def prekeys_low(self, counts: PreKeyCounts) -> None:
@@ -153,8 +160,12 @@ class RelaySession:
             self._low_counts = counts
             self._wake.set()
 
-    async def _send(self, frame: RelayFrame) -> None:
-        data = encode_frame(encode_body(frame), max_frame_size=self._limits.max_frame_size)
+    async def _send(self, *frames: RelayFrame) -> None:
+        """Write ``frames`` in order, in one write (pushes of a batch cost one syscall)."""
+        max_size = self._limits.max_frame_size
+        data = b"".join(
+            encode_frame(encode_body(frame), max_frame_size=max_size) for frame in frames
+        )
         async with self._write_lock:
             if not self._write_broken:
                 self._write_broken = True  # until send_all completes
@@ -273,7 +284,8 @@ class RelaySession:
             case Ack():
                 await self._relay.storage.acknowledge(self.user_id, self.device_id, request.guid)
                 self._in_flight.discard(request.guid)
-                self._wake.set()
+                if self._unread:  # mail held back by the window: there is room now
+                    self._wake.set()
                 return Ok(request.request_id)
             case Ping():
                 return Ok(request.request_id)
@@ -308,6 +320,7 @@ class RelaySession:
         except ProtocolError:
             raise AuthenticationFailed("signature does not verify") from None
         self.user_id, self.device_id, self._identity = request.user_id, request.device_id, identity
+        self._decoder.max_frame_size = self._limits.max_frame_size
         self._relay.attach(self)
         logger.debug("device authenticated")
         return Ok(request.request_id)
@@ -494,28 +507,35 @@ class RelaySession:
         backlog_pushed = False
         while True:
             self._wake = trio.Event()
+            frames: list[RelayFrame] = []
             if self._low_counts is not None and not self._low_notified:
                 counts, self._low_counts, self._low_notified = self._low_counts, None, True
-                await self._send(PreKeysLow(counts.one_time, counts.one_time_kem))
+                frames.append(PreKeysLow(counts.one_time, counts.one_time_kem))
             room = self._window - len(self._in_flight)
-            if room > 0:
+            if room > 0 and self._unread:
+                # Cleared before the read: mail committed after it was read sets it again.
+                self._unread = False
+                limit = min(room, DELIVERY_BATCH_SIZE)
                 batch = await storage.pending(
                     self.user_id,
                     self.device_id,
                     after_seq=after_seq,
-                    limit=min(room, DELIVERY_BATCH_SIZE),
+                    limit=limit,
                     now=self._relay.config.clock(),
                 )
+                if len(batch) == limit:
+                    self._unread = True  # perhaps more than fitted
                 for queued in batch:
                     self._in_flight.add(queued.envelope.guid)
                     after_seq = queued.seq
-                    await self._send(EnvelopePush(queued.envelope))
-                if batch:
-                    continue
-                if not backlog_pushed:
+                    frames.append(EnvelopePush(queued.envelope))
+                if not self._unread and not backlog_pushed:
                     backlog_pushed = True
-                    await self._send(QueueEmpty())
-            await self._wake.wait()
+                    frames.append(QueueEmpty())
+            if frames:
+                await self._send(*frames)
+            if not (self._unread and self._window > len(self._in_flight)):
+                await self._wake.wait()
 
 
 def _stored_list(new: DeviceList, signed: bytes) -> StoredDeviceList:

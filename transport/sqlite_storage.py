@@ -593,7 +593,10 @@ class SqliteStorage:
 
     async def _submit(self, call: DatabaseCall, *, closing: bool = False) -> None:
         """Queue ``call`` and wait until its batch committed (or failed)."""
-        await self._room.acquire()
+        try:
+            self._room.acquire_nowait()  # the common case: no task switch to queue
+        except trio.WouldBlock:
+            await self._room.acquire()
         # Checked right before queueing: nothing can be queued behind the close call.
         if self._closed and not closing:
             self._room.release()
@@ -606,10 +609,14 @@ class SqliteStorage:
             )
             self._thread.start()
         self._queue.put(call)
-        # Queued means it runs: like a thread call, it completes even if the
-        # caller is cancelled meanwhile, so a commit is never half-observed.
-        with trio.CancelScope(shield=True):
+        try:
             await call.done.wait()
+        except trio.Cancelled:
+            # Queued means it runs: like a thread call, it completes even if the
+            # caller is cancelled meanwhile, so a commit is never half-observed.
+            with trio.CancelScope(shield=True):
+                await call.done.wait()
+            raise
 
     def _write(self) -> None:
         """The writer thread: batch whatever is queued, commit, report; until closed."""
