@@ -48,6 +48,7 @@ class RelayLimits:
     """Every limit, rate and timeout of a relay; see transport.limits for the reasons."""
 
     max_frame_size: int = L.MAX_FRAME_SIZE
+    max_unauthenticated_frame_size: int = L.MAX_UNAUTHENTICATED_FRAME_SIZE
     max_payload_size: int = L.MAX_PAYLOAD_SIZE
     max_recipients: int = L.MAX_RECIPIENTS_PER_SEND
     max_prekeys_per_upload: int = L.MAX_PREKEYS_PER_UPLOAD

@@ -50,6 +50,13 @@ FRAME_OVERHEAD: Final = 64 * 1024
 # 8,000 recipients, ~830 KB) and a full prekey upload (~260 KB) are smaller.
 MAX_FRAME_SIZE: Final = MAX_DEVICES_PER_USER * MAX_PAYLOAD_SIZE + FRAME_OVERHEAD
 
+# Largest frame body the relay accepts before a connection has authenticated.
+# Nothing an unauthenticated peer may send (HELLO, AUTH, PING, a new user's
+# signed device list: under 1 KB with 8 devices) comes near it, and it keeps
+# what an anonymous connection can make the relay buffer to 64 KiB instead of
+# MAX_FRAME_SIZE (2 MiB, for up to FRAME_TIMEOUT, on every such connection).
+MAX_UNAUTHENTICATED_FRAME_SIZE: Final = 64 * 1024
+
 # Bytes asked of the socket per receive: a few TCP segments; large frames
 # arrive in several reads, small ones in one.
 RECEIVE_CHUNK_SIZE: Final = 64 * 1024

@@ -97,7 +97,12 @@ class RelaySession:
         self._relay = relay
         self._limits = relay.config.limits
         self._stream = stream
-        self._decoder = FrameDecoder(max_frame_size=self._limits.max_frame_size)
+        # Anonymous peers get small frames only; AUTH raises the limit.
+        self._decoder = FrameDecoder(
+            max_frame_size=min(
+                self._limits.max_unauthenticated_frame_size, self._limits.max_frame_size
+            )
+        )
         self._write_lock = trio.StrictFIFOLock()
         self._write_broken = False  # a write was interrupted: the stream is unusable
         self._state = ConnectionState.AWAIT_HELLO
@@ -315,6 +320,7 @@ class RelaySession:
         except ProtocolError:
             raise AuthenticationFailed("signature does not verify") from None
         self.user_id, self.device_id, self._identity = request.user_id, request.device_id, identity
+        self._decoder.max_frame_size = self._limits.max_frame_size
         self._relay.attach(self)
         logger.debug("device authenticated")
         return Ok(request.request_id)
