@@ -442,6 +442,45 @@ async def test_absurd_recipient_lists_are_refused(tmp_path: Path) -> None:
         await client.stream.aclose()
 
 
+# ------------------------------------------------------------------ what a connection can hold
+
+
+async def anonymous(port: int) -> RawClient:
+    """A connection past HELLO, not authenticated."""
+    client = RawClient(await trio.open_tcp_stream("127.0.0.1", port))
+    await client.send_body(encode_body(Hello(0, 1, 10)))
+    assert isinstance(decode_relay_frame(await client.receive_body() or b""), Welcome)
+    return client
+
+
+async def test_an_anonymous_connection_holds_at_most_a_small_frame(tmp_path: Path) -> None:
+    """Before AUTH a frame may be 64 KiB, not 2 MiB; after it, large sends work."""
+    alice, bob = make_user("alice"), make_user("bob")
+    async with relay_process(tmp_path) as (port, pid):
+        await register_all(port, [alice, bob])
+        client = await anonymous(port)
+        await client.stream.send_all((2**20).to_bytes(4, "big"))  # announces 1 MiB
+        error = decode_relay_frame(await client.receive_body() or b"")
+        assert isinstance(error, ErrorFrame) and error.code == "FRAME_TOO_LARGE"
+        assert await client.receive_body() is None
+        async with connected(port, alice.devices[1]) as sender:
+            await sender.send_direct("bob", [(1, bytes(256 * 1024))])  # a 256 KiB frame
+        # 100 anonymous connections, each in the middle of a 64 KiB frame.
+        baseline = rss(pid)
+        holders = [await anonymous(port) for _ in range(100)]
+        for holder in holders:
+            await holder.stream.send_all((65536).to_bytes(4, "big") + bytes(65000))
+        await trio.sleep(0.5)
+        per_connection = (rss(pid) - baseline) / len(holders)
+        for holder in holders:
+            await holder.stream.aclose()
+    report(
+        f"anonymous connections: a frame above 64 KiB refused before AUTH; 100 connections "
+        f"each holding 64 KiB of a frame cost the relay {per_connection / 1024:.0f} KiB each"
+    )
+    assert per_connection < 256 * 1024
+
+
 # ------------------------------------------------------------------ many connections
 
 
