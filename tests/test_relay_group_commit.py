@@ -25,13 +25,15 @@ from typing import Any
 import pytest
 import trio
 from test_relay_storage import batch, device_list, register, upload
-from test_relay_support import connected, make_user
+from test_relay_support import connected, make_user, relay_config
 from test_relay_support import register as register_users
 
 from protocol.errors import InvalidArgument
 from protocol.prekeys import OneTimePreKeyPublic, SignedPreKeyPublic
+from transport.connection import RelayConnection
 from transport.errors import MailboxFull, PreKeyIdInUse, TransportError
-from transport.records import PreKeyCounts
+from transport.records import Envelope, PreKeyCounts
+from transport.relay import Relay
 from transport.sqlite_storage import DatabaseCall, SqliteDatabase, SqliteStorage
 from transport.storage import StorageConflict
 
@@ -121,12 +123,12 @@ def test_calls_see_the_calls_before_them_in_the_batch(db: RecordingDatabase) -> 
     guid = send.deliveries[0].guid
     pending = partial(db._pending, "bob", 1, 0, 10, 0)
     calls = [
-        DatabaseCall(pending, writes=False),
+        DatabaseCall(pending, savepoint=False),
         DatabaseCall(partial(db._enqueue, send, 10)),
-        DatabaseCall(pending, writes=False),
+        DatabaseCall(pending, savepoint=False),
         DatabaseCall(partial(db._acknowledge, "bob", 1, guid)),
         DatabaseCall(partial(db._acknowledge, "bob", 1, guid)),
-        DatabaseCall(pending, writes=False),
+        DatabaseCall(pending, savepoint=False),
     ]
     db.run_batch(calls)
     assert db.batches == [6]
@@ -147,7 +149,7 @@ def test_a_failed_transaction_fails_every_call_and_stores_nothing(db: RecordingD
     calls = [
         DatabaseCall(partial(db._enqueue, send, 10), after_commit=lambda: truncated.append(1)),
         DatabaseCall(abort),
-        DatabaseCall(partial(db._pending, "bob", 1, 0, 10, 0), writes=False),
+        DatabaseCall(partial(db._pending, "bob", 1, 0, 10, 0), savepoint=False),
     ]
     db.run_batch(calls)
     for call in calls:
@@ -334,3 +336,53 @@ async def test_the_relay_stops_on_a_signal_under_load(
         stored = {row[0] for row in db.execute("SELECT data FROM payloads")}
     assert accepted <= stored
     assert (tmp_path / "relay.db-wal").stat().st_size == 0  # closed cleanly: WAL truncated
+
+
+# ------------------------------------------------------------------ acknowledgements
+
+
+async def test_ok_to_ack_does_not_wait_for_the_commit_and_the_deletion_follows(
+    tmp_path: Path,
+) -> None:
+    alice, bob = make_user("alice"), make_user("bob")
+    db = RecordingDatabase(str(tmp_path / "relay.db"))
+    storage = SqliteStorage(db)
+    relay = Relay(relay_config(), storage)
+
+    async def serve(task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
+        listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+        task_status.started(listeners[0].socket.getsockname()[1])
+        await trio.serve_listeners(relay.handle_connection, listeners)
+
+    try:
+        async with trio.open_nursery() as nursery:
+            port = await nursery.start(serve)
+            await register_users(port, alice, bob)
+            async with connected(port, alice.devices[1]) as sender:
+                for index in range(10):
+                    await sender.send_direct("bob", [(1, b"%d" % index)])
+            async with connected(port, bob.devices[1]) as receiver:
+                envelopes = [await next_envelope(receiver) for _ in range(10)]
+                db.gate.clear()  # nothing commits from here on
+                try:
+                    with trio.fail_after(5):
+                        for envelope in envelopes:
+                            await receiver.ack(envelope.guid)  # answered all the same
+                    assert db.waiting.is_set() and db.held >= 1  # the deletions wait
+                    assert all(guid_stored(tmp_path / "relay.db", e.guid) for e in envelopes)
+                finally:
+                    db.gate.set()
+            async with connected(port, bob.devices[1]) as again:
+                with trio.fail_after(5):
+                    assert not isinstance(await again.receive(), Envelope)  # QUEUE_EMPTY first
+            nursery.cancel_scope.cancel()
+    finally:
+        db.gate.set()
+        await storage.aclose()
+
+
+async def next_envelope(connection: RelayConnection) -> Envelope:
+    with trio.fail_after(5):
+        while not isinstance(item := await connection.receive(), Envelope):
+            pass
+        return item

@@ -157,26 +157,28 @@ def _counter_blob(counter: int) -> bytes:
 class DatabaseCall:
     """One storage call for :meth:`SqliteDatabase.run_batch`: what to run, then its outcome.
 
-    ``run`` executes inside the batch's transaction; ``writes`` False (a
-    pure read) skips its savepoint. ``after_commit`` runs once the batch
+    ``run`` executes inside the batch's transaction, in a savepoint of its
+    own so that its failure rolls back only its own changes; ``savepoint``
+    False skips that for reads and single-statement writes (SQLite makes a
+    statement atomic by itself). ``after_commit`` runs once the batch
     committed, outside any transaction (WAL truncation, closing).
     """
 
-    __slots__ = ("after_commit", "done", "error", "result", "run", "writes")
+    __slots__ = ("after_commit", "error", "result", "run", "savepoint", "waiter")
 
     def __init__(
         self,
         run: Callable[[], object],
         *,
-        writes: bool = True,
+        savepoint: bool = True,
         after_commit: Callable[[], None] | None = None,
     ) -> None:
         self.run = run
-        self.writes = writes
+        self.savepoint = savepoint
         self.after_commit = after_commit
         self.result: object = None
         self.error: BaseException | None = None
-        self.done: trio.Event | None = None  # set by SqliteStorage when the call is reported
+        self.waiter: trio.lowlevel.Task | None = None  # woken by SqliteStorage when reported
 
     def outcome(self) -> Any:
         """The call's result, or raise its error."""
@@ -243,7 +245,7 @@ class SqliteDatabase:
 
     def _run_call(self, call: DatabaseCall) -> None:
         db = self._conn
-        if call.writes:
+        if call.savepoint:
             db.execute("SAVEPOINT call")
         try:
             call.result = call.run()
@@ -251,26 +253,26 @@ class SqliteDatabase:
             if not db.in_transaction:
                 raise  # SQLite rolled the whole transaction back (disk full, I/O error)
             call.error = exc
-            if call.writes:
+            if call.savepoint:
                 db.execute("ROLLBACK TO call")
-        if call.writes:
+        if call.savepoint:
             db.execute("RELEASE call")
 
     def _single(
         self,
         run: Callable[[], T],
         *,
-        writes: bool = True,
+        savepoint: bool = True,
         after_commit: Callable[[], None] | None = None,
     ) -> T:
-        call = DatabaseCall(run, writes=writes, after_commit=after_commit)
+        call = DatabaseCall(run, savepoint=savepoint, after_commit=after_commit)
         self.run_batch([call])
         return cast(T, call.outcome())
 
     # ---------------------------------------------------------------- one transaction per call
 
     def device_lists(self, user_ids: Sequence[str]) -> dict[str, StoredDeviceList]:
-        return self._single(partial(self._device_lists, user_ids), writes=False)
+        return self._single(partial(self._device_lists, user_ids), savepoint=False)
 
     def store_device_list(
         self, new: StoredDeviceList, *, previous_counter: int | None
@@ -302,7 +304,7 @@ class SqliteDatabase:
         )
 
     def prekey_counts(self, user_id: str, device_id: int) -> PreKeyCounts:
-        return self._single(partial(self._counts, (user_id, device_id)), writes=False)
+        return self._single(partial(self._counts, (user_id, device_id)), savepoint=False)
 
     def take_bundle(self, user_id: str, device_id: int) -> TakenBundle | None:
         return self._single(partial(self._take_bundle, user_id, device_id))
@@ -314,14 +316,16 @@ class SqliteDatabase:
         self, user_id: str, device_id: int, *, after_seq: int, limit: int, now: int
     ) -> list[QueuedEnvelope]:
         return self._single(
-            partial(self._pending, user_id, device_id, after_seq, limit, now), writes=False
+            partial(self._pending, user_id, device_id, after_seq, limit, now), savepoint=False
         )
 
     def acknowledge(self, user_id: str, device_id: int, guid: bytes) -> bool:
-        return self._single(partial(self._acknowledge, user_id, device_id, guid))
+        return self._single(partial(self._acknowledge, user_id, device_id, guid), savepoint=False)
 
     def purge_expired(self, now: int) -> int:
-        return self._single(partial(self._purge_expired, now), after_commit=self._truncate_wal)
+        return self._single(
+            partial(self._purge_expired, now), savepoint=False, after_commit=self._truncate_wal
+        )
 
     def close(self) -> None:
         self._truncate_wal()
@@ -584,10 +588,10 @@ class SqliteStorage:
         self,
         run: Callable[[], T],
         *,
-        writes: bool = True,
+        savepoint: bool = True,
         after_commit: Callable[[], None] | None = None,
     ) -> T:
-        call = DatabaseCall(run, writes=writes, after_commit=after_commit)
+        call = DatabaseCall(run, savepoint=savepoint, after_commit=after_commit)
         await self._submit(call)
         return cast(T, call.outcome())
 
@@ -601,7 +605,7 @@ class SqliteStorage:
         if self._closed and not closing:
             self._room.release()
             raise trio.ClosedResourceError("the relay storage is closed")
-        call.done = trio.Event()
+        call.waiter = trio.lowlevel.current_task()
         if self._thread is None:
             self._token = trio.lowlevel.current_trio_token()
             self._thread = threading.Thread(
@@ -609,14 +613,11 @@ class SqliteStorage:
             )
             self._thread.start()
         self._queue.put(call)
-        try:
-            await call.done.wait()
-        except trio.Cancelled:
-            # Queued means it runs: like a thread call, it completes even if the
-            # caller is cancelled meanwhile, so a commit is never half-observed.
-            with trio.CancelScope(shield=True):
-                await call.done.wait()
-            raise
+        # Queued means it runs. As a call in a thread (trio.to_thread), it is
+        # not abandoned if the caller is cancelled meanwhile: the caller gets
+        # its outcome, and the cancellation at its next checkpoint, so a
+        # commit is never half-observed.
+        await trio.lowlevel.wait_task_rescheduled(lambda _: trio.lowlevel.Abort.FAILED)
 
     def _write(self) -> None:
         """The writer thread: batch whatever is queued, commit, report; until closed."""
@@ -639,14 +640,14 @@ class SqliteStorage:
     def _report(self, batch: list[DatabaseCall]) -> None:
         """In the trio thread: wake the callers of a committed batch, make room."""
         for call in batch:
-            assert call.done is not None
-            call.done.set()
+            assert call.waiter is not None
+            trio.lowlevel.reschedule(call.waiter)
             self._room.release()
 
     # ---------------------------------------------------------------- RelayStorage
 
     async def device_lists(self, user_ids: Sequence[str]) -> dict[str, StoredDeviceList]:
-        return await self._call(partial(self._db._device_lists, user_ids), writes=False)
+        return await self._call(partial(self._db._device_lists, user_ids), savepoint=False)
 
     async def store_device_list(
         self, new: StoredDeviceList, *, previous_counter: int | None
@@ -678,7 +679,7 @@ class SqliteStorage:
         )
 
     async def prekey_counts(self, user_id: str, device_id: int) -> PreKeyCounts:
-        return await self._call(partial(self._db._counts, (user_id, device_id)), writes=False)
+        return await self._call(partial(self._db._counts, (user_id, device_id)), savepoint=False)
 
     async def take_bundle(self, user_id: str, device_id: int) -> TakenBundle | None:
         return await self._call(partial(self._db._take_bundle, user_id, device_id))
@@ -690,15 +691,19 @@ class SqliteStorage:
         self, user_id: str, device_id: int, *, after_seq: int, limit: int, now: int
     ) -> list[QueuedEnvelope]:
         return await self._call(
-            partial(self._db._pending, user_id, device_id, after_seq, limit, now), writes=False
+            partial(self._db._pending, user_id, device_id, after_seq, limit, now), savepoint=False
         )
 
     async def acknowledge(self, user_id: str, device_id: int, guid: bytes) -> bool:
-        return await self._call(partial(self._db._acknowledge, user_id, device_id, guid))
+        return await self._call(
+            partial(self._db._acknowledge, user_id, device_id, guid), savepoint=False
+        )
 
     async def purge_expired(self, now: int) -> int:
         return await self._call(
-            partial(self._db._purge_expired, now), after_commit=self._db._truncate_wal
+            partial(self._db._purge_expired, now),
+            savepoint=False,
+            after_commit=self._db._truncate_wal,
         )
 
     async def aclose(self) -> None:
@@ -709,7 +714,7 @@ class SqliteStorage:
         if self._thread is None:
             await trio.to_thread.run_sync(self._db.close)
             return
-        self._last = DatabaseCall(lambda: None, writes=False, after_commit=self._db.close)
+        self._last = DatabaseCall(lambda: None, savepoint=False, after_commit=self._db.close)
         await self._submit(self._last, closing=True)
         await trio.to_thread.run_sync(self._thread.join)
         self._last.outcome()
