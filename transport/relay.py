@@ -10,6 +10,7 @@ never reads a payload. spec/07-relay-protocol.md describes the protocol.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 
 import trio
 
@@ -20,11 +21,16 @@ from .ratelimit import KeyedRateLimiter
 from .records import PreKeyCounts
 from .relay_session import RelaySession
 from .sqlite_storage import SqliteStorage
-from .storage import RelayStorage
+from .storage import RelayStorage, StoredDeviceList
 
 logger = logging.getLogger("hushchat.relay")
 
 DeviceKey = tuple[str, int]
+
+# Device lists kept in memory to check sends against (each send then costs
+# one storage transaction, not two). A list is at most ~1 KB (8 devices),
+# so this bounds the copy to ~10 MB, whatever the number of users.
+DIRECTORY_CACHE_SIZE = 10_000
 
 
 class Relay:
@@ -38,6 +44,8 @@ class Relay:
             config.limits.bundle_fetch_rate, max_keys=config.limits.max_rate_limit_keys
         )
         self._sessions: dict[DeviceKey, RelaySession] = {}
+        # Recently read or stored device lists, oldest first (see device_lists).
+        self._directory: dict[str, StoredDeviceList] = {}
 
     async def handle_connection(self, stream: trio.abc.Stream) -> None:
         """Serve one connection to its end; never raises (but Cancelled)."""
@@ -62,6 +70,42 @@ class Relay:
                 if purged:
                     logger.info("retention sweep deleted %d expired envelopes", purged)
             self.bundle_limiter.prune(trio.current_time())
+
+    # ---------------------------------------------------------------- the directory
+
+    async def device_lists(
+        self, user_ids: Sequence[str], *, cached: bool = False
+    ) -> dict[str, StoredDeviceList]:
+        """The current device lists of those of ``user_ids`` that are registered.
+
+        ``cached``: lists this relay read or stored recently may come from
+        memory. Another relay process sharing the database may have changed
+        them since, so use a cached list only where a compare-and-set
+        follows (a send's commit checks each list's counter), never to
+        refuse or to authenticate.
+        """
+        found: dict[str, StoredDeviceList] = {}
+        missing = list(user_ids)
+        if cached:
+            missing = []
+            for user_id in user_ids:
+                if (known := self._directory.get(user_id)) is not None:
+                    found[user_id] = known
+                else:
+                    missing.append(user_id)
+        if missing:
+            stored = await self.storage.device_lists(missing)
+            for device_list in stored.values():
+                self.remember(device_list)
+            found.update(stored)
+        return found
+
+    def remember(self, device_list: StoredDeviceList) -> None:
+        """Keep a device list just read or stored (the oldest goes beyond the bound)."""
+        self._directory.pop(device_list.user_id, None)
+        self._directory[device_list.user_id] = device_list
+        if len(self._directory) > DIRECTORY_CACHE_SIZE:
+            del self._directory[next(iter(self._directory))]
 
     # ---------------------------------------------------------------- connected devices
 
