@@ -343,6 +343,15 @@ async def test_the_relay_stops_on_a_signal_under_load(
 # ------------------------------------------------------------------ acknowledgements
 
 
+async def serve(
+    relay: Relay, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED
+) -> None:
+    """``relay`` on 127.0.0.1 (any port) over TCP, as serve_relay does."""
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    task_status.started(listeners[0].socket.getsockname()[1])
+    await trio.serve_listeners(relay.handle_connection, listeners)
+
+
 async def test_ok_to_ack_does_not_wait_for_the_commit_and_the_deletion_follows(
     tmp_path: Path,
 ) -> None:
@@ -351,14 +360,9 @@ async def test_ok_to_ack_does_not_wait_for_the_commit_and_the_deletion_follows(
     storage = SqliteStorage(db)
     relay = Relay(relay_config(), storage)
 
-    async def serve(task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
-        listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
-        task_status.started(listeners[0].socket.getsockname()[1])
-        await trio.serve_listeners(relay.handle_connection, listeners)
-
     try:
         async with trio.open_nursery() as nursery:
-            port = await nursery.start(serve)
+            port = await nursery.start(serve, relay)
             await register_users(port, alice, bob)
             async with connected(port, alice.devices[1]) as sender:
                 for index in range(10):
@@ -377,6 +381,41 @@ async def test_ok_to_ack_does_not_wait_for_the_commit_and_the_deletion_follows(
             async with connected(port, bob.devices[1]) as again:
                 with trio.fail_after(5):
                     assert not isinstance(await again.receive(), Envelope)  # QUEUE_EMPTY first
+            nursery.cancel_scope.cancel()
+    finally:
+        db.gate.set()
+        await storage.aclose()
+
+
+async def test_an_acknowledged_envelope_is_deleted_even_if_the_connection_closes_first(
+    tmp_path: Path,
+) -> None:
+    """The storage queue is full when the client acknowledges and leaves: still deleted."""
+    alice, bob = make_user("alice"), make_user("bob")
+    db = RecordingDatabase(str(tmp_path / "relay.db"))
+    storage = SqliteStorage(db, max_queued=1)
+    relay = Relay(relay_config(), storage)
+    try:
+        async with trio.open_nursery() as nursery:
+            port = await nursery.start(serve, relay)
+            await register_users(port, alice, bob)
+            async with connected(port, alice.devices[1]) as sender:
+                for index in range(2):
+                    await sender.send_direct("bob", [(1, b"%d" % index)])
+            try:
+                async with connected(port, bob.devices[1]) as receiver:
+                    envelopes = [await next_envelope(receiver) for _ in range(2)]
+                    db.gate.clear()
+                    for envelope in envelopes:
+                        # The first deletion is held in the writer, the second waits to queue.
+                        await receiver.ack(envelope.guid)
+                    await trio.to_thread.run_sync(db.waiting.wait)
+                await trio.sleep(0.2)  # the relay has seen the connection close
+            finally:
+                db.gate.set()
+            with trio.fail_after(5):
+                while any(guid_stored(tmp_path / "relay.db", e.guid) for e in envelopes):
+                    await trio.sleep(0.02)
             nursery.cancel_scope.cancel()
     finally:
         db.gate.set()

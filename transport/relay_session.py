@@ -579,8 +579,16 @@ class RelaySession:
         self._nursery.start_soon(self._delete, guid)
 
     async def _delete(self, guid: bytes) -> None:
+        storage = self._relay.storage
         try:
-            await self._relay.storage.acknowledge(self.user_id, self.device_id, guid)
+            try:
+                await storage.acknowledge(self.user_id, self.device_id, guid)
+            except trio.Cancelled:
+                # The connection closed before the deletion was queued (storage
+                # busy): it was acknowledged, so it is deleted all the same.
+                with trio.CancelScope(shield=True):
+                    await storage.acknowledge(self.user_id, self.device_id, guid)
+                raise
         except Exception:
             logger.exception("acknowledgement not stored: the envelope will come again")
         finally:
