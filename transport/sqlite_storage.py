@@ -55,6 +55,16 @@ T = TypeVar("T")
 
 SCHEMA_VERSION = 1
 
+# How long a transaction waits for another process holding the database's
+# write lock (several relays may share the file) before it fails (SQLite
+# busy timeout; Python's default).
+BUSY_TIMEOUT_MS = 5000
+
+# How long closing waits for readers of other processes before it leaves
+# the WAL untruncated (it is truncated at the next sweep or close): a
+# shell left open on the file must not hold up a relay's shutdown.
+CLOSE_CHECKPOINT_WAIT_MS = 1000
+
 # Calls committed in one transaction at most. One fsync (~4 ms on a cloud
 # disk) is shared by the whole batch; a batch of this many small calls
 # costs ~10-20 ms of CPU, so larger batches would only add latency.
@@ -196,7 +206,12 @@ class SqliteDatabase:
     """
 
     def __init__(self, path: str) -> None:
-        self._conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        self._conn = sqlite3.connect(
+            path,
+            isolation_level=None,
+            check_same_thread=False,
+            timeout=BUSY_TIMEOUT_MS / 1000,
+        )
         try:
             self._conn.execute("PRAGMA journal_mode=WAL")
             self._conn.execute("PRAGMA synchronous=FULL")
@@ -328,7 +343,7 @@ class SqliteDatabase:
         )
 
     def close(self) -> None:
-        self._truncate_wal()
+        self._truncate_wal(wait_ms=CLOSE_CHECKPOINT_WAIT_MS)
         self._conn.close()
 
     # ---------------------------------------------------------------- users and devices
@@ -539,9 +554,19 @@ class SqliteDatabase:
         cursor = self._conn.execute("DELETE FROM deliveries WHERE expires_at <= ?", (now,))
         return cursor.rowcount
 
-    def _truncate_wal(self) -> None:
-        # Old page images (deleted ciphertext) live in the WAL until it is reset.
-        self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    def _truncate_wal(self, *, wait_ms: int = 0) -> None:
+        """Reset the WAL: old page images (deleted ciphertext) live in it until then.
+
+        A reader in the middle of a transaction (another process, a shell on
+        the file) holds the WAL. Waiting for it would hold every storage call
+        of the relay, so a sweep tries once (the next sweep tries again) and
+        closing waits at most ``wait_ms``.
+        """
+        self._conn.execute(f"PRAGMA busy_timeout = {wait_ms}")
+        try:
+            self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        finally:
+            self._conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
 
 
 def _fail_all(calls: Sequence[DatabaseCall], error: BaseException) -> None:
