@@ -9,6 +9,7 @@ queued call still commits.
 
 from __future__ import annotations
 
+import os
 import re
 import secrets
 import signal
@@ -27,14 +28,25 @@ import pytest
 import trio
 import trio.testing
 from test_relay_storage import batch, device_list, register, upload
-from test_relay_support import connected, make_user, relay_config
+from test_relay_support import RawClient, connected, make_user, relay_config
 from test_relay_support import register as register_users
 
 from protocol.errors import InvalidArgument
 from protocol.prekeys import OneTimePreKeyPublic, SignedPreKeyPublic
+from transport.auth import sign_auth
 from transport.connection import RelayConnection, open_relay_connection
 from transport.errors import DeviceListMismatch, MailboxFull, PreKeyIdInUse, TransportError
-from transport.frames import QueueEmpty
+from transport.frames import (
+    Auth,
+    EnvelopePush,
+    Hello,
+    Ok,
+    QueueEmpty,
+    Welcome,
+    decode_relay_frame,
+    encode_body,
+)
+from transport.limits import RELAY_PROTOCOL_VERSION
 from transport.records import Envelope, PreKeyCounts
 from transport.relay import Relay
 from transport.sqlite_storage import DatabaseCall, SqliteDatabase, SqliteStorage
@@ -512,3 +524,79 @@ async def test_sends_checked_on_a_stale_copy_of_a_device_list_are_checked_again(
     finally:
         await first.aclose()
         await second.aclose()
+
+
+# ------------------------------------------------------------------ writing to a slow reader
+
+
+async def raw_device(port: int, device: Any, *, window: int) -> RawClient:
+    """A raw TCP connection authenticated as ``device``, reading only when the test does."""
+    client = RawClient(await trio.open_tcp_stream("127.0.0.1", port))
+    await client.send_body(encode_body(Hello(0, RELAY_PROTOCOL_VERSION, window)))
+    welcome = decode_relay_frame(await client.receive_body() or b"")
+    assert isinstance(welcome, Welcome)
+    signature = sign_auth(
+        device.identity, welcome.relay_name, welcome.challenge, device.user_id, device.device_id
+    )
+    await client.send_body(encode_body(Auth(1, device.user_id, device.device_id, signature)))
+    assert decode_relay_frame(await client.receive_body() or b"") == Ok(1)
+    return client
+
+
+async def test_frames_to_a_reader_that_pauses_or_stops_stay_whole(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Pushes beyond what the socket takes at once: the direct write's remainder goes
+    through trio (whole frames, in order); a reader that stops is dropped at the send
+    timeout, and its mail waits for it."""
+    partial: list[int] = []
+    real_write = os.write
+
+    def write(fd: int, data: bytes) -> int:
+        written = real_write(fd, data)
+        if written < len(data):
+            partial.append(written)
+        return written
+
+    monkeypatch.setattr(os, "write", write)
+    alice, bob = make_user("alice"), make_user("bob")
+    storage = await SqliteStorage.open(str(tmp_path / "relay.db"))
+    relay = Relay(relay_config(send_timeout=1.0), storage)
+    payloads = [bytes([index]) * 200_000 for index in range(40)]
+    try:
+        async with trio.open_nursery() as nursery:
+            port = await nursery.start(serve, relay)
+            await register_users(port, alice, bob)
+            reader = await raw_device(port, bob.devices[1], window=100)
+            async with connected(port, alice.devices[1]) as sender:
+                for payload in payloads:
+                    await sender.send_direct("bob", [(1, payload)])
+            await trio.sleep(0.3)  # bob reads nothing meanwhile
+            got: list[bytes] = []
+            with trio.fail_after(10):
+                while len(got) < len(payloads):
+                    frame = decode_relay_frame(await reader.receive_body() or b"")
+                    if isinstance(frame, EnvelopePush):
+                        got.append(frame.envelope.payload)
+            assert got == payloads
+            assert partial, "every write fitted the socket: the test shows nothing"
+            # A reader that stops for good is dropped once a write waits 1 s.
+            async with connected(port, alice.devices[1]) as sender:
+                for payload in payloads:
+                    await sender.send_direct("bob", [(1, payload)])
+            with trio.fail_after(10):
+                while ("bob", 1) in relay.connected_devices:
+                    await trio.sleep(0.05)
+            await reader.stream.aclose()
+            async with connected(port, bob.devices[1]) as again:  # nothing was acknowledged
+                assert [e.payload async for e in envelopes_until_empty(again)] == payloads * 2
+            nursery.cancel_scope.cancel()
+    finally:
+        await storage.aclose()
+
+
+async def envelopes_until_empty(connection: RelayConnection) -> AsyncIterator[Envelope]:
+    with trio.fail_after(10):
+        while not isinstance(item := await connection.receive(), QueueEmpty):
+            if isinstance(item, Envelope):
+                yield item
