@@ -3,9 +3,13 @@
 Two tasks per authenticated connection, as trio-websocket's bridge: the
 reader (this module's :meth:`RelaySession.run`) decodes frames and handles
 requests one at a time, in order; the delivery task pushes envelopes and
-notices. Both write through one :class:`trio.StrictFIFOLock`, so frames
-never interleave. Every wait has a deadline (auth, idle, frame, send);
-every failure ends this connection only.
+notices, reading the mailbox only when mail was committed for the device.
+Both write through one :class:`trio.StrictFIFOLock`, so frames never
+interleave (a write the socket takes at once skips the lock's wait). An
+acknowledgement is answered at once; a short-lived task per acknowledgement
+deletes the envelope, so the deletions of a connection share commits.
+Every wait has a deadline (auth, idle, frame, send); every failure ends
+this connection only.
 """
 
 from __future__ import annotations

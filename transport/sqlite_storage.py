@@ -5,7 +5,8 @@
   loss, not only a process exit (NORMAL would lose the last commits on
   power loss).
 * ``secure_delete=ON`` and a WAL truncation on every purge and on close:
-  acknowledged or expired ciphertext is overwritten, not left in free pages.
+  acknowledged or expired ciphertext is overwritten, not left in free pages
+  (a reader of another process can put a truncation off to the next one).
 * Group commit. One writer thread owns the connection, so the event loop
   never blocks on disk. Every storage call, reads included, is queued to
   it; the thread takes everything queued (at most ``max_batch`` calls) and
@@ -70,10 +71,11 @@ CLOSE_CHECKPOINT_WAIT_MS = 1000
 # costs ~10-20 ms of CPU, so larger batches would only add latency.
 DEFAULT_MAX_BATCH = 512
 
-# Calls queued to the writer at most; callers beyond wait to queue. A
-# connection has at most two calls outstanding (its request and its
-# delivery), so this is thousands of busy connections before anyone waits,
-# and it bounds the memory held by queued sends.
+# Calls queued to the writer at most; callers beyond wait to queue. A busy
+# connection has a request, a mailbox read and the deletions of what it
+# acknowledged (at most its window) outstanding, so this is hundreds of busy
+# connections before anyone waits, and it bounds the memory held by queued
+# sends.
 DEFAULT_MAX_QUEUED = 4096
 
 _SCHEMA = """
