@@ -15,8 +15,8 @@ one-to-one (to the next client) and group (to the other members of its group
 of ``group_size`` consecutive clients). A payload is an opaque blob of
 :data:`PAYLOAD_SIZE` bytes (the size of a real one-to-one message) naming
 its sender and sequence number. Each recipient records when a payload
-arrives and acknowledges it; the relay answers an acknowledgement only
-after the deletion is committed. Reported:
+arrives and acknowledges it; the relay answers an acknowledgement at once
+and commits the deletion with its next batch (spec 7.8). Reported:
 
 * envelopes delivered (acknowledged) per second, from the first send to the
   last acknowledgement;
@@ -293,7 +293,7 @@ async def _send_all(load: _Load, index: int, connection: RelayConnection) -> Non
 
 
 async def _receive(load: _Load, index: int, connection: RelayConnection) -> None:
-    """Record and acknowledge every envelope (acknowledged: the relay committed the delete)."""
+    """Record and acknowledge every envelope (its deletion commits with the relay's next batch)."""
     async for item in connection:
         if isinstance(item, Envelope):
             sender, seq = _read_payload(item.payload)

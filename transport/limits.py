@@ -116,8 +116,9 @@ SEND_CAPACITY: Final = 60.0
 SEND_PER_SECOND: Final = 60.0
 
 # Frames read per connection, of any kind, valid or not. A client needs one
-# request per envelope it acknowledges (paced by the relay's commits, a few
-# hundred per second) plus its sends (SEND_PER_SECOND). Above the rate the
+# request per envelope it acknowledges plus its sends (SEND_PER_SECOND), so
+# this also caps one device's delivery rate near 500 envelopes a second
+# (acknowledgements are answered before their deletion commits). Above the rate the
 # relay stops reading the connection until it is back under it: no reply, so
 # a flood of cheap frames (malformed, pings) costs no CPU and cannot hold
 # the event loop, and with it every other connection's storage work.
