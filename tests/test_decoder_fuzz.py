@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 from conftest import NOW
+from fuzz_report import CHECKED, FUZZ_EXAMPLES
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -30,7 +31,6 @@ from protocol.primitives import SeededRandom
 from protocol.session import SessionRecord
 
 DEFAULT_EXAMPLES = 400
-FUZZ_EXAMPLES = 200_000
 
 
 @dataclass(frozen=True)
@@ -124,6 +124,8 @@ def check(name: str, data: bytes) -> None:
         value = decoder.decode(data)
     except decoder.allowed:
         return
+    finally:
+        CHECKED[f"decoder {name}"] += 1
     if decoder.encode is not None:
         assert decoder.encode(value) == data, "decoded, but not the canonical encoding"
 

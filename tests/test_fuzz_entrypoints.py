@@ -22,23 +22,19 @@ decoders, decode_relay_frame (+ relay_error_from_wire), decode_request,
 FrameDecoder, client_store.decode_item and the pickles (sender-key records,
 outbound sender keys, groups, a whole ClientCore).
 
-The default run checks a few dozen inputs per target. ``pytest -m fuzz``
-checks HUSHCHAT_FUZZ_EXAMPLES per target (default 50,000) and, when
-HUSHCHAT_FUZZ_REPORT names a file, writes the inputs checked per target to
-it as JSON (the count is taken inside each check, not estimated).
+The default run checks a few dozen inputs per target; ``pytest -m fuzz``
+checks the budget of tests/fuzz_report.py per target and counts them.
 """
 
 from __future__ import annotations
 
 import functools
-import json
-import os
-from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import pytest
+from fuzz_report import CHECKED, FUZZ_EXAMPLES
 from harness import Network, full_state
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -98,11 +94,9 @@ from transport.limits import RELAY_PROTOCOL_VERSION
 from transport.records import Envelope
 
 DEFAULT_EXAMPLES = 25
-FUZZ_EXAMPLES = int(os.environ.get("HUSHCHAT_FUZZ_EXAMPLES", "50000"))
 NOW = 1_700_100_000
 
 # Inputs checked per target in this process (reported after a fuzz run).
-CHECKED: Counter[str] = Counter()
 
 
 def A(user_id: str, device_id: int = 1) -> Address:
@@ -638,15 +632,6 @@ def budget(examples: int) -> settings:
 
 
 # ------------------------------------------------------------------ tests
-
-
-@pytest.fixture(scope="module", autouse=True)
-def report() -> Iterator[None]:
-    yield
-    path = os.environ.get("HUSHCHAT_FUZZ_REPORT")
-    if path and CHECKED:
-        with open(path, "w") as out:
-            json.dump({"total": sum(CHECKED.values()), "per_target": dict(CHECKED)}, out, indent=1)
 
 
 @pytest.mark.parametrize("name", list(TARGETS))
