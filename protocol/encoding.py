@@ -14,6 +14,7 @@ array with type and size checks.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from itertools import chain
 from typing import Any, NoReturn
 
 import msgpack
@@ -64,32 +65,76 @@ def unpack(data: bytes, *, what: str, max_size: int = MAX_MESSAGE_SIZE) -> Any:
     return value
 
 
-# Everything a decoded value may hold besides arrays (bool is an int).
-_SCALARS = (int, bytes, str, type(None))
+def split_array(
+    data: bytes, *, what: str, count: int, head: int, max_size: int = MAX_MESSAGE_SIZE
+) -> tuple[list[Any], bytes]:
+    """The first ``head`` fields of a canonical array of ``count`` (< 16) fields, and the rest.
+
+    The fields are decoded, type-checked and proven canonical as by
+    :func:`unpack`; the rest is returned as the bytes that encode the other
+    ``count - head`` fields, unread (the caller decodes or recognises them).
+    """
+    if isinstance(data, (bytearray, memoryview)):
+        data = bytes(data)
+    if (
+        not isinstance(data, bytes)
+        or len(data) > max_size
+        or data[:1] != bytes([_FIXARRAY + count])
+    ):
+        # Not a canonical array of ``count`` fields: unpack or Fields says exactly why.
+        Fields.decode(data, what=what, count=count, max_size=max_size)
+        raise NonCanonicalEncoding(f"{what}: not canonically encoded")
+    reader = msgpack.Unpacker(
+        raw=False,
+        max_buffer_size=len(data),
+        max_bin_len=max_size,
+        max_str_len=max_size,
+        max_array_len=max_size,
+        max_map_len=max_size,
+        max_ext_len=0,
+    )
+    reader.feed(data)
+    try:
+        reader.read_array_header()
+        values = [reader.unpack() for _ in range(head)]
+    except Exception as exc:  # msgpack raises a zoo of types; all are "malformed"
+        raise DecodeError(f"{what}: not an array of {count} msgpack values") from exc
+    end = reader.tell()
+    _check_types(values, what)
+    if pack(values)[1:] != data[1:end]:
+        raise NonCanonicalEncoding(f"{what}: not canonically encoded")
+    return values, data[end:]
+
+
+# Everything a decoded value may hold besides arrays. unpackb makes exactly
+# these types (never subclasses), so a set of types is an exact test.
+_SCALAR_TYPES = frozenset({int, bool, bytes, str, type(None)})
 _BYTES_LIKE = (bytes, bytearray, memoryview)
+_FIXARRAY = 0x90  # msgpack's header of an array of 0 to 15 items
 
 
 def _check_types(value: Any, what: str) -> None:
-    # Walks the result once, iteratively, to refuse maps, floats, extension
-    # types and deep nesting before anything (re-encoding included) recurses.
-    # Depth first, last element first; the outermost value is at depth 0 and
-    # an element of an array on the stack's top is at depth len(stack).
-    if not isinstance(value, list):
-        if not isinstance(value, _SCALARS):
-            raise DecodeError(f"{what}: unsupported msgpack type {type(value).__name__}")
-        return
-    stack = [reversed(value)]
-    while stack:
-        for item in stack[-1]:
-            if isinstance(item, list):
-                if item and len(stack) >= MAX_NESTING_DEPTH:
-                    raise DecodeError(f"{what}: nested deeper than {MAX_NESTING_DEPTH}")
-                stack.append(reversed(item))
-                break
-            if not isinstance(item, _SCALARS):
-                raise DecodeError(f"{what}: unsupported msgpack type {type(item).__name__}")
-        else:
-            stack.pop()
+    # Refuses maps, floats, extension types and deep nesting before anything
+    # (re-encoding included) recurses. Walks one depth at a time: the types
+    # of all elements at a depth are collected at C speed, and only the
+    # non-empty arrays among them are opened next. The outermost value is at
+    # depth 0.
+    arrays = [value] if type(value) is list else []
+    kinds = {type(value)}
+    depth = 0
+    while True:
+        if not kinds <= _SCALAR_TYPES:
+            for kind in kinds:
+                if kind is not list and kind not in _SCALAR_TYPES:
+                    raise DecodeError(f"{what}: unsupported msgpack type {kind.__name__}")
+        if not arrays:
+            return
+        if depth >= MAX_NESTING_DEPTH:
+            raise DecodeError(f"{what}: nested deeper than {MAX_NESTING_DEPTH}")
+        elements = list(chain.from_iterable(arrays))
+        kinds = set(map(type, elements))
+        arrays = [item for item in elements if type(item) is list and item] if list in kinds else []
+        depth += 1
 
 
 class Fields:
