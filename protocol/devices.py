@@ -56,7 +56,7 @@ from .errors import (
     UnknownVersion,
     UntrustedIdentity,
 )
-from .keys import IdentityKeyPair, PublicIdentity
+from .keys import IdentityKeyPair, PublicIdentity, identity_to_x25519
 
 
 def check_user_id(user_id: object, error: type[ProtocolError] = InvalidArgument) -> str:
@@ -77,7 +77,7 @@ def check_identity_key(public: object, error: type[ProtocolError] = InvalidArgum
     if not isinstance(public, bytes) or len(public) != ED25519_KEY_SIZE:
         raise error("an identity key is 32 bytes")
     try:
-        PublicIdentity.from_bytes(public)
+        identity_to_x25519(public)
     except InvalidKey:
         raise error("an identity key must be a valid Ed25519 public key") from None
     return public

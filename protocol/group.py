@@ -177,7 +177,7 @@ from .consts import (
     STATE_VERSION,
 )
 from .devices import DeviceEntry, SignedDeviceList, check_identity_key, check_user_id
-from .encoding import UINT32_MAX, UINT64_MAX, Fields, pack
+from .encoding import UINT32_MAX, UINT64_MAX, Fields, pack, split_array, unpack
 from .errors import (
     DecodeError,
     DuplicateMessage,
@@ -447,6 +447,65 @@ def _known_member(raw: object, known: dict[tuple[str, bytes, bool], Member]) -> 
     return known.get((user_id, identity, admin))
 
 
+class StateDecodeCache:
+    """What earlier :meth:`GroupState.decode` calls of one pickle or welcome checked.
+
+    A pickle holds a chain of states whose member lists are mostly equal: a
+    member list whose encoding was decoded, checked and validated before is
+    reused as it is, and a member entry seen before is not checked again.
+    """
+
+    __slots__ = ("entries", "lists")
+
+    def __init__(self) -> None:
+        self.entries: dict[tuple[str, bytes, bool], Member] = {}
+        # Encoded member list (the state's last field) -> its members, by user id.
+        self.lists: dict[bytes, tuple[tuple[Member, ...], dict[str, Member]]] = {}
+
+
+_STATE_FIELDS = 7
+
+
+def _check_members(members: tuple[Member, ...]) -> None:
+    if not 1 <= len(members) <= MAX_GROUP_MEMBERS:
+        raise InvalidArgument(f"a group has 1 to {MAX_GROUP_MEMBERS} members")
+    _check_sorted_ids([m.user_id for m in members], "group state")
+    if not any(m.admin for m in members):
+        raise InvalidArgument("a group has at least one admin")
+
+
+def _decode_members(
+    data: bytes, max_size: int, known: dict[tuple[str, bytes, bool], Member]
+) -> tuple[tuple[Member, ...], dict[str, Member]]:
+    """A state's member list from its encoding: checked, validated, and by user id."""
+    raw_members = unpack(data, what="group state", max_size=max_size)
+    if not isinstance(raw_members, list) or len(raw_members) > MAX_GROUP_MEMBERS:
+        raise DecodeError(
+            f"group state: field 6 must be an array of at most {MAX_GROUP_MEMBERS} items"
+        )
+    members = []
+    for index, raw in enumerate(raw_members):
+        member = _known_member(raw, known)
+        if member is None:
+            entry = f"group state.members[{index}]"
+            if type(raw) is not list or len(raw) != 3:
+                raise DecodeError(f"{entry}: expected an array of 3 fields")
+            user_id, identity, admin = raw
+            check_user_id(user_id, DecodeError)
+            if type(admin) is not bool:
+                raise DecodeError(f"{entry}: field 2 must be a boolean")
+            if type(identity) is not bytes or len(identity) != ED25519_KEY_SIZE:
+                raise DecodeError(f"{entry}: field 1 must be {ED25519_KEY_SIZE} bytes long")
+            check_identity_key(identity, InvalidKey)
+            member = Member(user_id, identity, admin)  # checked above: cannot raise
+            known[(user_id, identity, admin)] = member
+        members.append(member)
+    result = tuple(members)
+    with _remote("group state"):
+        _check_members(result)
+    return result, {m.user_id: m for m in result}
+
+
 @dataclass(frozen=True, slots=True)
 class GroupState:
     """One immutable snapshot of a group; ``state_hash`` is computed from the rest."""
@@ -464,22 +523,12 @@ class GroupState:
     _by_user_id: dict[str, Member] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        _check_bytes(self.group_id, GROUP_ID_SIZE, "a group id")
-        _check_uint(self.epoch, UINT64_MAX, "an epoch")
-        _check_bytes(self.prev_hash, HASH_SIZE, "a state hash")
-        _check_bytes(self.change_id, HASH_SIZE, "a change id")
-        if (self.epoch == 0) != (self.prev_hash == GENESIS_PARENT_HASH):
-            raise InvalidArgument("only the genesis state (epoch 0) has no parent hash")
-        _check_title(self.title)
+        self._check_fields()
         if not isinstance(self.members, tuple) or not all(
             isinstance(m, Member) for m in self.members
         ):
             raise InvalidArgument("members is a tuple of Member")
-        if not 1 <= len(self.members) <= MAX_GROUP_MEMBERS:
-            raise InvalidArgument(f"a group has 1 to {MAX_GROUP_MEMBERS} members")
-        _check_sorted_ids([m.user_id for m in self.members], "group state")
-        if not any(m.admin for m in self.members):
-            raise InvalidArgument("a group has at least one admin")
+        _check_members(self.members)
         encoding = pack(
             [
                 PROTOCOL_VERSION,
@@ -491,9 +540,21 @@ class GroupState:
                 [[m.user_id, m.user_identity, m.admin] for m in self.members],
             ]
         )
+        self._finish(encoding, {m.user_id: m for m in self.members})
+
+    def _check_fields(self) -> None:
+        _check_bytes(self.group_id, GROUP_ID_SIZE, "a group id")
+        _check_uint(self.epoch, UINT64_MAX, "an epoch")
+        _check_bytes(self.prev_hash, HASH_SIZE, "a state hash")
+        _check_bytes(self.change_id, HASH_SIZE, "a change id")
+        if (self.epoch == 0) != (self.prev_hash == GENESIS_PARENT_HASH):
+            raise InvalidArgument("only the genesis state (epoch 0) has no parent hash")
+        _check_title(self.title)
+
+    def _finish(self, encoding: bytes, by_user_id: dict[str, Member]) -> None:
         object.__setattr__(self, "_encoding", encoding)
         object.__setattr__(self, "state_hash", _sha256(GROUP_STATE_HASH_CONTEXT, encoding))
-        object.__setattr__(self, "_by_user_id", {m.user_id: m for m in self.members})
+        object.__setattr__(self, "_by_user_id", by_user_id)
 
     # ---------------------------------------------------------------- queries
 
@@ -521,15 +582,17 @@ class GroupState:
         data: bytes,
         *,
         max_size: int = MAX_STATE_SIZE,
-        known: dict[tuple[str, bytes, bool], Member] | None = None,
+        cache: StateDecodeCache | None = None,
     ) -> GroupState:
         """Decode a snapshot; DecodeError, UnknownVersion or InvalidKey if bad.
 
-        ``known`` maps member entries already decoded and checked (by earlier
-        calls given the same dict, e.g. the other states of one pickle) to
-        their Member: an identical entry is not checked again.
+        ``cache`` carries what earlier calls given the same cache (the other
+        states of one pickle or welcome) checked, so it is not checked again.
         """
-        fields = Fields.decode(data, what="group state", count=7, max_size=max_size)
+        head, member_bytes = split_array(
+            data, what="group state", count=_STATE_FIELDS, head=_STATE_FIELDS - 1, max_size=max_size
+        )
+        fields = Fields(head, what="group state")
         version = fields.uint()
         if version != PROTOCOL_VERSION:
             raise UnknownVersion(f"group state version {version}")
@@ -538,24 +601,27 @@ class GroupState:
         prev_hash = fields.bin(HASH_SIZE)
         change_id = fields.bin(HASH_SIZE)
         title = fields.text(MAX_GROUP_TITLE_SIZE)
-        raw_members = fields.array(max_len=MAX_GROUP_MEMBERS)
-        fields.end()
-        known = {} if known is None else known
-        members = []
-        for index, raw in enumerate(raw_members):
-            member = _known_member(raw, known)
-            if member is None:
-                entry = Fields(raw, what=f"group state.members[{index}]", count=3)
-                user_id = entry.text(MAX_USER_ID_SIZE)
-                identity = entry.bin(ED25519_KEY_SIZE)
-                admin = entry.boolean()
-                check_identity_key(identity, InvalidKey)
-                with _remote("group state member"):
-                    member = Member(user_id, identity, admin)
-                known[(user_id, identity, admin)] = member
-            members.append(member)
+        cache = StateDecodeCache() if cache is None else cache
+        members = cache.lists.get(member_bytes)
+        if members is None:
+            members = _decode_members(member_bytes, max_size, cache.entries)
+            cache.lists[member_bytes] = members
+        # Built without __init__: the members were validated when first decoded,
+        # and the canonical encoding is ``data`` itself.
+        state = object.__new__(cls)
+        for name, value in (
+            ("group_id", group_id),
+            ("epoch", epoch),
+            ("prev_hash", prev_hash),
+            ("change_id", change_id),
+            ("title", title),
+            ("members", members[0]),
+        ):
+            object.__setattr__(state, name, value)
         with _remote("group state"):
-            return cls(group_id, epoch, prev_hash, change_id, title, tuple(members))
+            state._check_fields()
+        state._finish(data, members[1])
+        return state
 
     def __repr__(self) -> str:
         return (
@@ -912,11 +978,11 @@ class Welcome:
         raw = fields.array(max_len=max_history)
         fields.end()
         history = []
-        known: dict[tuple[str, bytes, bool], Member] = {}
+        cache = StateDecodeCache()
         for index, item in enumerate(raw):
             if not isinstance(item, bytes):
                 raise DecodeError(f"welcome: history[{index}] is not a byte string")
-            history.append(GroupState.decode(item, known=known))
+            history.append(GroupState.decode(item, cache=cache))
         return cls(message, tuple(history))
 
 
@@ -1124,11 +1190,11 @@ class Group:
 
         def read(fields: Fields) -> Group:
             states = []
-            known: dict[tuple[str, bytes, bool], Member] = {}
+            cache = StateDecodeCache()
             for index, item in enumerate(fields.array(max_len=MAX_STATE_SIZE)):
                 if not isinstance(item, bytes):
                     raise DecodeError(f"group pickle: state {index} is not bytes")
-                states.append(GroupState.decode(item, known=known))
+                states.append(GroupState.decode(item, cache=cache))
             return cls(tuple(states))
 
         return load_pickle(data, "group pickle", read)

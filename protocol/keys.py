@@ -58,7 +58,7 @@ class PublicIdentity:
 
     @classmethod
     def from_bytes(cls, ed25519_public: bytes) -> PublicIdentity:
-        return cls(ed25519_public, _convert_public_cached(ed25519_public))
+        return cls(ed25519_public, identity_to_x25519(ed25519_public))
 
     def encode(self) -> bytes:
         return encode_ed25519(self.ed25519)
@@ -76,7 +76,8 @@ _CONVERTED: dict[bytes, bytes] = {}
 _CONVERTED_MAX = 4096
 
 
-def _convert_public_cached(ed25519_public: bytes) -> bytes:
+def identity_to_x25519(ed25519_public: bytes) -> bytes:
+    """The X25519 form of an identity key (InvalidKey if it is not a valid one); cached."""
     if not isinstance(ed25519_public, bytes):
         raise InvalidKey("an Ed25519 public key is bytes")
     hit = _CONVERTED.get(ed25519_public)

@@ -23,6 +23,7 @@ from protocol.errors import (
     InvalidArgument,
     InvalidKey,
     InvalidState,
+    NonCanonicalEncoding,
     ProtocolError,
     StaleChange,
     StateError,
@@ -50,6 +51,7 @@ from protocol.group import (
     RemoveMember,
     SetAdmin,
     SetTitle,
+    StateDecodeCache,
     TitleChanged,
     Welcome,
     create_group,
@@ -696,6 +698,64 @@ def test_welcome_round_trip() -> None:
         update.message.encode(),
         [s.encode() for s in update.group.states[:-1]],
     ]
+
+
+def _decoded(data: bytes, cache: StateDecodeCache | None) -> GroupState | str:
+    try:
+        return GroupState.decode(data, cache=cache)
+    except ProtocolError as exc:
+        return exc.code
+
+
+def test_states_of_a_pickle_share_their_member_lists() -> None:
+    _, update = build_history()
+    # The create and the title change have the same members: decoded once.
+    create, titled, added = Group.from_pickle(update.group.to_pickle()).states
+    assert titled.members is create.members
+    assert added.members is not create.members
+    assert [titled, added] == list(update.group.states[1:])
+
+
+@settings(max_examples=300, deadline=None)
+@given(data=st.data())
+def test_a_warm_cache_decodes_exactly_like_a_cold_one(data: st.DataObject) -> None:
+    """A state whose member list the cache holds decodes to what a fresh decode gives
+    (the same state, or the same error), whatever was changed around that list."""
+    _, update = build_history()
+    encodings = [s.encode() for s in update.group.states]
+    warm = StateDecodeCache()
+    for encoding in encodings:
+        GroupState.decode(encoding, cache=warm)
+    mutated = bytearray(data.draw(st.sampled_from(encodings)))
+    for _ in range(data.draw(st.integers(1, 3))):
+        at = data.draw(st.integers(0, len(mutated)))
+        op = data.draw(st.sampled_from(["flip", "insert", "delete", "truncate"]))
+        if op == "flip" and at < len(mutated):
+            mutated[at] ^= 1 << data.draw(st.integers(0, 7))
+        elif op == "insert":
+            mutated[at:at] = data.draw(st.binary(min_size=1, max_size=3))
+        elif op == "delete":
+            del mutated[at : at + data.draw(st.integers(1, 3))]
+        elif op == "truncate":
+            del mutated[at:]
+    assert _decoded(bytes(mutated), warm) == _decoded(bytes(mutated), None)
+
+
+def test_a_cached_member_list_needs_a_valid_head() -> None:
+    _, update = build_history()
+    state = update.group.states[1]
+    warm = StateDecodeCache()
+    GroupState.decode(state.encode(), cache=warm)
+    fields = unpack(state.encode(), what="test")
+    with pytest.raises(UnknownVersion):
+        GroupState.decode(pack([2, *fields[1:]]), cache=warm)
+    with pytest.raises(DecodeError):  # epoch 0 needs the genesis parent hash
+        GroupState.decode(pack([*fields[:2], 0, *fields[3:]]), cache=warm)
+    non_canonical_epoch = b"\xcf" + fields[2].to_bytes(8, "big")  # uint64 for a small epoch
+    data = b"".join([b"\x97", pack(fields[0]), pack(fields[1]), non_canonical_epoch])
+    data += b"".join(pack(f) for f in fields[3:])
+    with pytest.raises(NonCanonicalEncoding):
+        GroupState.decode(data, cache=warm)
 
 
 def test_pickle_errors() -> None:
