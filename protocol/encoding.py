@@ -118,23 +118,30 @@ def _check_types(value: Any, what: str) -> None:
     # (re-encoding included) recurses. Walks one depth at a time: the types
     # of all elements at a depth are collected at C speed, and only the
     # non-empty arrays among them are opened next. The outermost value is at
-    # depth 0.
-    arrays = [value] if type(value) is list else []
-    kinds = {type(value)}
+    # depth 0; ``arrays`` holds the non-empty arrays at ``depth``.
+    if type(value) is not list:
+        _check_scalar_types({type(value)}, what)
+        return
+    arrays = [value]
     depth = 0
-    while True:
-        if not kinds <= _SCALAR_TYPES:
-            for kind in kinds:
-                if kind is not list and kind not in _SCALAR_TYPES:
-                    raise DecodeError(f"{what}: unsupported msgpack type {kind.__name__}")
-        if not arrays:
-            return
+    while arrays:
         if depth >= MAX_NESTING_DEPTH:
             raise DecodeError(f"{what}: nested deeper than {MAX_NESTING_DEPTH}")
-        elements = list(chain.from_iterable(arrays))
+        elements = arrays[0] if len(arrays) == 1 else list(chain.from_iterable(arrays))
         kinds = set(map(type, elements))
-        arrays = [item for item in elements if type(item) is list and item] if list in kinds else []
+        if list in kinds:
+            kinds.discard(list)
+            arrays = [item for item in elements if type(item) is list and item]
+        else:
+            arrays = []
+        _check_scalar_types(kinds, what)
         depth += 1
+
+
+def _check_scalar_types(kinds: set[type], what: str) -> None:
+    if not kinds <= _SCALAR_TYPES:
+        kind = min(kinds - _SCALAR_TYPES, key=lambda k: k.__name__)
+        raise DecodeError(f"{what}: unsupported msgpack type {kind.__name__}")
 
 
 class Fields:
