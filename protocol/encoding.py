@@ -182,33 +182,42 @@ class Fields:
     def remaining(self) -> int:
         return len(self._items) - self._pos
 
+    # The readers below take exactly the types unpackb makes (type(x) is T:
+    # a bool is not an integer), and inline _next/_advance: they run for
+    # every field of every message.
+
     def uint(self, maximum: int = UINT32_MAX) -> int:
         item = self._next()
-        if isinstance(item, bool) or not isinstance(item, int) or not 0 <= item <= maximum:
+        if type(item) is not int or not 0 <= item <= maximum:
             self._fail(f"an integer from 0 to {maximum}")
-        return int(self._advance(item))
+        self._pos += 1
+        return item
 
     def boolean(self) -> bool:
         item = self._next()
-        if not isinstance(item, bool):
+        if type(item) is not bool:
             self._fail("a boolean")
-        return bool(self._advance(item))
+        self._pos += 1
+        return item
 
     def bin(self, size: int | None = None, *, max_size: int | None = None) -> bytes:
         item = self._next()
-        if not isinstance(item, bytes):
+        if type(item) is not bytes:
             self._fail("a byte string")
         if size is not None and len(item) != size:
             self._fail(f"{size} bytes long")
         if max_size is not None and len(item) > max_size:
             self._fail(f"at most {max_size} bytes long")
-        return bytes(self._advance(item))
+        self._pos += 1
+        return item
 
     def text(self, max_size: int = 1024) -> str:
         item = self._next()
-        if not isinstance(item, str) or len(item.encode()) > max_size:
+        # A character is at most 4 bytes of UTF-8: short strings skip the encode.
+        if type(item) is not str or (len(item) * 4 > max_size and len(item.encode()) > max_size):
             self._fail(f"a string of at most {max_size} bytes")
-        return str(self._advance(item))
+        self._pos += 1
+        return item
 
     def optional_uint(self, maximum: int = UINT32_MAX) -> int | None:
         if self._next() is None:
