@@ -87,6 +87,7 @@ from .group import (
     MemberRemoved,
     RemoveMember,
     Welcome,
+    decode_states,
     describe_change,
 )
 from .group_cipher import OutboundSenderKey, SenderKeyRecord
@@ -808,7 +809,7 @@ class ClientCore:
 
     def _receive_group_sync(self, sender: Address, content: GroupSync) -> Outcome:
         try:
-            group = Group(tuple(GroupState.decode(state) for state in content.states))
+            group = Group(tuple(decode_states(content.states, "GroupSync")))
         except InvalidArgument:
             raise DecodeError("GroupSync: the states do not form a chain") from None
         if (

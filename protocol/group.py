@@ -630,6 +630,18 @@ class GroupState:
         )
 
 
+def decode_states(encodings: Iterable[object], what: str) -> list[GroupState]:
+    """Decode a chain's state encodings (a pickle's, a welcome's, a sync's), sharing
+    one cache among them; DecodeError if an item is not a byte string."""
+    cache = StateDecodeCache()
+    states = []
+    for index, item in enumerate(encodings):
+        if not isinstance(item, bytes):
+            raise DecodeError(f"{what}: state {index} is not a byte string")
+        states.append(GroupState.decode(item, cache=cache))
+    return states
+
+
 # ------------------------------------------------------------------ control messages
 
 
@@ -977,13 +989,7 @@ class Welcome:
         message = ControlMessage.decode(fields.bin())
         raw = fields.array(max_len=max_history)
         fields.end()
-        history = []
-        cache = StateDecodeCache()
-        for index, item in enumerate(raw):
-            if not isinstance(item, bytes):
-                raise DecodeError(f"welcome: history[{index}] is not a byte string")
-            history.append(GroupState.decode(item, cache=cache))
-        return cls(message, tuple(history))
+        return cls(message, tuple(decode_states(raw, "welcome history")))
 
 
 @dataclass(frozen=True, slots=True)
@@ -1189,13 +1195,7 @@ class Group:
         """Load a stored group; UnknownStateVersion or StateError if it cannot be."""
 
         def read(fields: Fields) -> Group:
-            states = []
-            cache = StateDecodeCache()
-            for index, item in enumerate(fields.array(max_len=MAX_STATE_SIZE)):
-                if not isinstance(item, bytes):
-                    raise DecodeError(f"group pickle: state {index} is not bytes")
-                states.append(GroupState.decode(item, cache=cache))
-            return cls(tuple(states))
+            return cls(tuple(decode_states(fields.array(max_len=MAX_STATE_SIZE), "group pickle")))
 
         return load_pickle(data, "group pickle", read)
 
