@@ -128,14 +128,15 @@ class RatchetState:
     """
 
     __slots__ = (
+        "_private",
+        "_private_bytes",
+        "_public",
         "previous_ratchet_keys",
         "previous_send_count",
         "receive_chain",
         "receive_count",
         "remote_ratchet_key",
         "root_key",
-        "self_private",
-        "self_public",
         "send_chain",
         "send_count",
         "skipped",
@@ -145,7 +146,7 @@ class RatchetState:
         self,
         *,
         root_key: bytes,
-        self_private: X25519PrivateKey,
+        self_private: X25519PrivateKey | bytes,
         remote_ratchet_key: bytes | None,
         send_chain: bytes | None,
         receive_chain: bytes | None,
@@ -156,8 +157,7 @@ class RatchetState:
         previous_ratchet_keys: list[bytes] | None = None,
     ) -> None:
         self.root_key = root_key
-        self.self_private = self_private
-        self.self_public = p.x25519_public_bytes(self_private)
+        self._set_ratchet_key(self_private)
         self.remote_ratchet_key = remote_ratchet_key
         self.send_chain = send_chain
         self.receive_chain = receive_chain
@@ -166,6 +166,37 @@ class RatchetState:
         self.previous_send_count = previous_send_count
         self.skipped: dict[tuple[bytes, int], bytes] = skipped if skipped is not None else {}
         self.previous_ratchet_keys: list[bytes] = previous_ratchet_keys or []
+
+    # Our ratchet key pair, held as the private key object, its 32 bytes, or
+    # both: each form (and the public key) is made when first needed. A record
+    # loaded to decrypt on a chain it has, and saved again, never loads the
+    # key into OpenSSL (36 us) nor derives the public key.
+
+    def _set_ratchet_key(self, key: X25519PrivateKey | bytes) -> None:
+        self._public: bytes | None = None
+        if isinstance(key, bytes):
+            self._private_bytes: bytes | None = key
+            self._private: X25519PrivateKey | None = None
+        else:
+            self._private_bytes, self._private = None, key
+
+    @property
+    def self_private(self) -> X25519PrivateKey:
+        if self._private is None:
+            assert self._private_bytes is not None
+            self._private = p.x25519_private_from_bytes(self._private_bytes)
+        return self._private
+
+    @property
+    def self_public(self) -> bytes:
+        if self._public is None:
+            self._public = p.x25519_public_bytes(self.self_private)
+        return self._public
+
+    def _self_private_bytes(self) -> bytes:
+        if self._private_bytes is None:
+            self._private_bytes = p.x25519_private_bytes(self.self_private)
+        return self._private_bytes
 
     # ------------------------------------------------------------ initialisation (section 3.3)
 
@@ -272,8 +303,7 @@ class RatchetState:
                 ]
             self.previous_send_count = self.send_count
             self.send_count = 0
-            self.self_private = next_private
-            self.self_public = p.x25519_public_bytes(next_private)
+            self._set_ratchet_key(next_private)
             self.remote_ratchet_key = header.ratchet_key
             self.root_key = root_key
             self.send_chain = next_send_chain
@@ -290,7 +320,7 @@ class RatchetState:
     def to_wire(self) -> list[object]:
         return [
             self.root_key,
-            p.x25519_private_bytes(self.self_private),
+            self._self_private_bytes(),
             self.remote_ratchet_key,
             self.send_chain,
             self.receive_chain,
@@ -304,7 +334,7 @@ class RatchetState:
     @classmethod
     def from_wire(cls, fields: Fields) -> RatchetState:
         root_key = fields.bin(32)
-        self_private = p.x25519_private_from_bytes(fields.bin(32))
+        self_private = fields.bin(32)  # any 32 bytes are an X25519 private key
         remote = fields.optional_bin(32)
         send_chain = fields.optional_bin(32)
         receive_chain = fields.optional_bin(32)

@@ -8,7 +8,7 @@ from collections.abc import Callable
 
 import msgpack
 import pytest
-from conftest import Peer, reference_hkdf
+from conftest import NOW, Peer, reference_hkdf
 from cryptography.hazmat.primitives import padding
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
@@ -122,6 +122,29 @@ def test_in_order_both_directions(peers: Peers) -> None:
         assert alice.decrypt(bob.encrypt(text)).plaintext == text
     for text in [b"", bytes(MAX_PLAINTEXT_SIZE)]:
         assert bob.decrypt(alice.encrypt(text)).plaintext == text
+
+
+def test_a_loaded_record_loads_its_ratchet_key_only_when_it_needs_it(peers: Peers) -> None:
+    """Loading keeps the ratchet private key as bytes: decrypting on a chain the record has
+    and saving again never loads it; a DH step or a send does, with the same results."""
+    alice, bob = peers(established=True)
+    first, second = alice.encrypt(b"one"), alice.encrypt(b"two")
+    assert bob.decrypt(first).plaintext == b"one"
+    eager = SessionRecord.from_bytes(bob.record.to_bytes())
+    ratchet_of_record = eager.current
+    assert ratchet_of_record is not None
+    assert ratchet_of_record.ratchet.self_private is not None  # loaded, as before
+    bob.record = SessionRecord.from_bytes(bob.record.to_bytes())
+    assert bob.decrypt(second).plaintext == b"two"
+    assert ratchet_of(bob)._private is None and ratchet_of(bob)._public is None
+    eager.decrypt(second, bob.account, now=NOW, rng=bob.rng)
+    assert bob.record.to_bytes() == eager.to_bytes()
+    # A reply needs the public key; the next DH step needs the private key.
+    assert alice.decrypt(bob.encrypt(b"three")).plaintext == b"three"
+    assert ratchet_of(bob)._public is not None
+    bob.record = SessionRecord.from_bytes(bob.record.to_bytes())
+    assert bob.decrypt(alice.encrypt(b"four")).plaintext == b"four"
+    assert ratchet_of(bob)._private is not None
 
 
 def test_out_of_order_within_a_chain(peers: Peers) -> None:
