@@ -569,9 +569,9 @@ class ClientCore:
         """Encrypt one plaintext for each address, grouped by user."""
         by_user: dict[str, list[tuple[int, bytes]]] = {}
         targets = list(addresses)
-        self._check_sessions(targets, now)
-        for address in targets:
-            payload = self._sessions[address].encrypt(plaintext, now=now)
+        records = self._check_sessions(targets, now)
+        for address, record in zip(targets, records, strict=True):
+            payload = record.encrypt(plaintext, now=now)
             self._mark(("session", address.user_id, address.device_id))
             by_user.setdefault(address.user_id, []).append((address.device_id, payload))
         return [DirectSend(user, tuple(payloads), plaintext) for user, payloads in by_user.items()]
@@ -645,14 +645,19 @@ class ClientCore:
         sends += self._encrypt_for(self._own_other_devices(), copy, now)
         return message_id, sends
 
-    def _check_sessions(self, addresses: Iterable[Address], now: int) -> None:
-        missing = [
-            a
-            for a in addresses
-            if a not in self._sessions or not self._sessions[a].has_usable_session(now)
-        ]
-        if missing:
+    def _check_sessions(self, addresses: Iterable[Address], now: int) -> list[SessionRecord]:
+        """Each address's record, or MissingSessions naming those without a usable session."""
+        targets = list(addresses)
+        records = [self._sessions.get(a) for a in targets]
+        usable = [r for r in records if r is not None and r.has_usable_session(now)]
+        if len(usable) != len(records):
+            missing = [
+                a
+                for a, r in zip(targets, records, strict=True)
+                if r is None or not r.has_usable_session(now)
+            ]
             raise MissingSessions(missing)
+        return usable
 
     # ------------------------------------------------------------ receiving
 
