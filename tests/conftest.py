@@ -9,7 +9,7 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
-from fuzz_report import CHECKED
+from fuzzing import CHECKED
 
 from protocol.account import Account
 from protocol.primitives import SeededRandom

@@ -4,7 +4,7 @@ wire decoders only RemoteProtocolError, state loaders only StateError. A
 wire value that decodes re-encodes to the same bytes (canonical encoding).
 
 The default run uses a moderate budget; ``pytest -m fuzz`` runs the same
-properties with 200,000 examples per decoder and input kind.
+properties with the budget of tests/fuzzing.py per decoder, and counts them.
 """
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ from typing import Any
 
 import pytest
 from conftest import NOW
-from fuzz_report import CHECKED, FUZZ_EXAMPLES
-from hypothesis import HealthCheck, given, settings
+from fuzzing import CHECKED, FUZZ_EXAMPLES, budget, inputs
+from hypothesis import given
 from hypothesis import strategies as st
 
 from protocol.account import Account
@@ -130,46 +130,11 @@ def check(name: str, data: bytes) -> None:
         assert decoder.encode(value) == data, "decoded, but not the canonical encoding"
 
 
-@st.composite
-def mutations(draw: st.DrawFn, name: str) -> bytes:
-    data = bytearray(draw(st.sampled_from(corpus().seeds[name])))
-    for _ in range(draw(st.integers(1, 4))):
-        op = draw(st.sampled_from(["flip", "truncate", "extend", "insert", "delete", "set"]))
-        at = draw(st.integers(0, len(data)))
-        if op == "flip" and data:
-            at = min(at, len(data) - 1)
-            data[at] ^= 1 << draw(st.integers(0, 7))
-        elif op == "truncate":
-            del data[at:]
-        elif op == "extend":
-            data += draw(st.binary(min_size=1, max_size=40))
-        elif op == "insert":
-            data[at:at] = draw(st.binary(min_size=1, max_size=8))
-        elif op == "delete":
-            del data[at : at + draw(st.integers(1, 8))]
-        elif op == "set" and data:
-            at = min(at, len(data) - 1)
-            data[at] = draw(st.sampled_from([0x00, 0x7F, 0x80, 0xC0, 0xC1, 0xCA, 0xD4, 0xFF]))
-    return bytes(data)
-
-
-def inputs(name: str) -> st.SearchStrategy[bytes]:
-    return st.one_of(st.binary(max_size=300), mutations(name))
-
-
-def budget(examples: int) -> settings:
-    return settings(
-        max_examples=examples,
-        deadline=None,
-        suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
-    )
-
-
 @pytest.mark.parametrize("name", list(DECODERS))
 @budget(DEFAULT_EXAMPLES)
 @given(data=st.data())
 def test_decoder(name: str, data: st.DataObject) -> None:
-    check(name, data.draw(inputs(name)))
+    check(name, data.draw(inputs(corpus().seeds[name])))
 
 
 @pytest.mark.fuzz
@@ -177,7 +142,7 @@ def test_decoder(name: str, data: st.DataObject) -> None:
 @budget(FUZZ_EXAMPLES)
 @given(data=st.data())
 def test_decoder_fuzz(name: str, data: st.DataObject) -> None:
-    check(name, data.draw(inputs(name)))
+    check(name, data.draw(inputs(corpus().seeds[name])))
 
 
 @pytest.mark.parametrize("name", list(DECODERS))

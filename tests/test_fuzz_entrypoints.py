@@ -23,7 +23,7 @@ FrameDecoder, client_store.decode_item and the pickles (sender-key records,
 outbound sender keys, groups, a whole ClientCore).
 
 The default run checks a few dozen inputs per target; ``pytest -m fuzz``
-checks the budget of tests/fuzz_report.py per target and counts them.
+checks the budget of tests/fuzzing.py per target and counts them.
 """
 
 from __future__ import annotations
@@ -34,9 +34,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import pytest
-from fuzz_report import CHECKED, FUZZ_EXAMPLES
+from fuzzing import CHECKED, FUZZ_EXAMPLES, budget, inputs
 from harness import Network, full_state
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 from test_relay_framing import ERRORS, RELAY_FRAMES, REQUESTS
 
@@ -597,40 +597,6 @@ def run(name: str, data: bytes) -> bool:
 # ------------------------------------------------------------------ inputs
 
 
-@st.composite
-def mutations(draw: st.DrawFn, name: str) -> bytes:
-    data = bytearray(draw(st.sampled_from(seeds(name))))
-    for _ in range(draw(st.integers(1, 4))):
-        op = draw(st.sampled_from(["flip", "truncate", "extend", "insert", "delete", "set"]))
-        at = draw(st.integers(0, len(data)))
-        if op == "flip" and data:
-            data[min(at, len(data) - 1)] ^= 1 << draw(st.integers(0, 7))
-        elif op == "truncate":
-            del data[at:]
-        elif op == "extend":
-            data += draw(st.binary(min_size=1, max_size=40))
-        elif op == "insert":
-            data[at:at] = draw(st.binary(min_size=1, max_size=8))
-        elif op == "delete":
-            del data[at : at + draw(st.integers(1, 8))]
-        elif op == "set" and data:
-            magic = [0x00, 0x01, 0x7F, 0x80, 0x90, 0xC0, 0xC1, 0xC4, 0xCA, 0xD4, 0xDC, 0xFF]
-            data[min(at, len(data) - 1)] = draw(st.sampled_from(magic))
-    return bytes(data)
-
-
-def inputs(name: str) -> st.SearchStrategy[bytes]:
-    return st.one_of(st.binary(max_size=400), mutations(name))
-
-
-def budget(examples: int) -> settings:
-    return settings(
-        max_examples=examples,
-        deadline=None,
-        suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
-    )
-
-
 # ------------------------------------------------------------------ tests
 
 
@@ -646,7 +612,7 @@ def test_seeds_are_accepted(name: str) -> None:
 @budget(DEFAULT_EXAMPLES)
 @given(data=st.data())
 def test_entry_point(name: str, data: st.DataObject) -> None:
-    run(name, data.draw(inputs(name)))
+    run(name, data.draw(inputs(seeds(name))))
 
 
 @pytest.mark.fuzz
@@ -654,7 +620,7 @@ def test_entry_point(name: str, data: st.DataObject) -> None:
 @budget(FUZZ_EXAMPLES)
 @given(data=st.data())
 def test_entry_point_fuzz(name: str, data: st.DataObject) -> None:
-    run(name, data.draw(inputs(name)))
+    run(name, data.draw(inputs(seeds(name))))
 
 
 def test_every_wire_type_and_state_format_round_trips() -> None:
