@@ -40,11 +40,7 @@ def unpack(data: bytes, *, what: str, max_size: int = MAX_MESSAGE_SIZE) -> Any:
     MAX_NESTING_DEPTH, and
     NonCanonicalEncoding when the bytes are not the canonical encoding.
     """
-    if not isinstance(data, _BYTES_LIKE):
-        raise DecodeError(f"{what}: expected bytes")
-    data = bytes(data)
-    if len(data) > max_size:
-        raise DecodeError(f"{what}: {len(data)} bytes exceeds the limit of {max_size}")
+    data = _checked_bytes(data, what, max_size)
     try:
         value = msgpack.unpackb(
             data,
@@ -74,18 +70,15 @@ def split_array(
     :func:`unpack`; the rest is returned as the bytes that encode the other
     ``count - head`` fields, unread (the caller decodes or recognises them).
     """
-    if isinstance(data, (bytearray, memoryview)):
-        data = bytes(data)
-    if (
-        not isinstance(data, bytes)
-        or len(data) > max_size
-        or data[:1] != bytes([_FIXARRAY + count])
-    ):
+    data = _checked_bytes(data, what, max_size)
+    if data[:1] != bytes([_FIXARRAY + count]):
         # Not a canonical array of ``count`` fields: unpack or Fields says exactly why.
         Fields.decode(data, what=what, count=count, max_size=max_size)
         raise NonCanonicalEncoding(f"{what}: not canonically encoded")
-    reader = msgpack.Unpacker(
+    reader = msgpack.Unpacker(  # the options of unpack's unpackb
         raw=False,
+        use_list=True,
+        strict_map_key=True,
         max_buffer_size=len(data),
         max_bin_len=max_size,
         max_str_len=max_size,
@@ -104,6 +97,15 @@ def split_array(
     if pack(values)[1:] != data[1:end]:
         raise NonCanonicalEncoding(f"{what}: not canonically encoded")
     return values, data[end:]
+
+
+def _checked_bytes(data: object, what: str, max_size: int) -> bytes:
+    if not isinstance(data, _BYTES_LIKE):
+        raise DecodeError(f"{what}: expected bytes")
+    data = bytes(data)
+    if len(data) > max_size:
+        raise DecodeError(f"{what}: {len(data)} bytes exceeds the limit of {max_size}")
+    return data
 
 
 # Everything a decoded value may hold besides arrays. unpackb makes exactly
