@@ -171,8 +171,8 @@ def check_signing_key(public: bytes) -> None:
     """Refuse an Ed25519 key that does not decode, has small order or a torsion part.
 
     A small-order signing key would let anyone forge signatures that verify
-    under it. The X25519 conversion performs exactly these checks (about
-    2 ms), which is affordable once per SKDM; its result is not needed.
+    under it. The X25519 conversion performs exactly these checks; its
+    result is not needed.
     """
     p.ed25519_public_to_x25519(public)
 

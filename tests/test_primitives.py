@@ -231,6 +231,40 @@ def test_prime_order_check_matches_reference(n: int, curve25519: Curve25519) -> 
             p.check_x25519_prime_order(u)
 
 
+def test_subgroup_check_scalar_has_the_properties_its_proof_needs(curve25519: Curve25519) -> None:
+    k = p.SUBGROUP_CHECK_SCALAR
+    clamped = bytearray(k.to_bytes(32, "little"))
+    clamped[0] &= 248
+    clamped[31] = clamped[31] & 127 | 64
+    assert int.from_bytes(clamped, "little") == k  # X25519 uses it as it is
+    assert k % 8 == 0 and k % curve25519.L == curve25519.L - 1
+    twist_order = 2 * P + 2 - 8 * curve25519.L
+    twist_prime = twist_order // 4
+    assert twist_order % 4 == 0 and pow(3, twist_prime - 1, twist_prime) == 1
+    assert k % twist_prime not in (1, twist_prime - 1)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    scalar=st.integers(min_value=1, max_value=2**252),
+    torsion=st.integers(min_value=0, max_value=7),
+)
+def test_subgroup_checks_match_reference_on_torsioned_points(
+    scalar: int, torsion: int, curve25519: Curve25519
+) -> None:
+    curve = curve25519
+    point = curve.add(curve.mul(curve.base, scalar), curve.torsion[torsion])
+    ed25519, u = curve.encode(point), curve.to_u(point)
+    if torsion == 0:
+        assert p.check_x25519_prime_order(u) == u
+        assert p.ed25519_public_to_x25519(ed25519) == u
+        return
+    with pytest.raises(InvalidKey):
+        p.check_x25519_prime_order(u)
+    with pytest.raises(InvalidKey):
+        p.ed25519_public_to_x25519(ed25519)
+
+
 @settings(max_examples=20, deadline=None)
 @given(st.binary(min_size=32, max_size=32))
 def test_prime_order_check_accepts_every_honest_key(scalar: bytes) -> None:

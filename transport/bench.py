@@ -19,9 +19,9 @@ spends on other processes is charged to neither). The floor counts:
 * a canonical decode as ``unpackb`` plus the ``packb`` that proves the bytes
   canonical (the wire rule every receiver enforces); an encode as ``packb``.
 
-Not in any floor: the protocol's own Python checks (key canonicity, the
-prime-order check of a handshake's base key, field validation) and its
-object handling; that is the overhead the ratio shows. Identity keys are
+Not in any floor: the protocol's own checks (key canonicity, the
+prime-order check of a handshake's base key, one X25519 with a fixed scalar,
+field validation) and its object handling; that is the overhead the ratio shows. Identity keys are
 converted Ed25519 -> X25519 once per process and cached (protocol.keys), as
 in a running client; the bench's identities are warm.
 

@@ -49,20 +49,19 @@ def opt_unhex(text: str | None) -> bytes | None:
 ORDER_8_EDWARDS = "c7176a703d4dd84fba3c0b760d10670f2a2053fa2c39ccc64ec7fd7792ac037a"
 
 
-def edwards_encode(point: tuple[int, int, int, int]) -> bytes:
-    """RFC 8032 encoding of an extended-coordinates point."""
-    x, y, z, _ = point
-    inverse = pow(z, -1, p._P)
-    x, y = x * inverse % p._P, y * inverse % p._P
-    return (y | (x & 1) << 255).to_bytes(32, "little")
+def _edwards_add(a: tuple[int, int], b: tuple[int, int]) -> tuple[int, int]:
+    """Affine addition on edwards25519 (a = -1)."""
+    (x1, y1), (x2, y2) = a, b
+    t = p._D * x1 * x2 * y1 * y2 % p._P
+    x = (x1 * y2 + y1 * x2) * pow(1 + t, -1, p._P) % p._P
+    y = (y1 * y2 + x1 * x2) * pow(1 - t, -1, p._P) % p._P
+    return x, y
 
 
 def torsioned_edwards(public: bytes) -> bytes:
     """An Ed25519 public key plus a point of order 8 (outside the prime-order subgroup)."""
-    # The point arithmetic is primitives'; only the re-encoding is added here.
-    point, _ = p._decode_edwards(public)
-    torsion, _ = p._decode_edwards(unhex(ORDER_8_EDWARDS))
-    return edwards_encode(p._edwards_add(point, torsion))
+    x, y = _edwards_add(p._decode_edwards(public), p._decode_edwards(unhex(ORDER_8_EDWARDS)))
+    return (y | (x & 1) << 255).to_bytes(32, "little")
 
 
 def torsioned_u(public: bytes) -> bytes:
