@@ -81,9 +81,13 @@ class ObservedStorage(SqliteStorage):
             self._waiting[delivery.guid] = (Address(delivery.user_id, delivery.device_id), key)
             self._references[key] = self._references.get(key, 0) + 1
 
-    async def acknowledge(self, user_id: str, device_id: int, guid: bytes) -> bool:
-        deleted = await super().acknowledge(user_id, device_id, guid)
-        if deleted and guid in self._waiting:
+    async def acknowledge(self, user_id: str, device_id: int, guids: Sequence[bytes]) -> int:
+        deleted = await super().acknowledge(user_id, device_id, guids)
+        device = Address(user_id, device_id)
+        for guid in guids:
+            waiting = self._waiting.get(guid)
+            if waiting is None or waiting[0] != device:
+                continue  # gone already, or not this device's: the storage kept it
             _, key = self._waiting.pop(guid)
             self.deleted_envelopes += 1
             self._references[key] -= 1

@@ -50,6 +50,7 @@ from transport.frames import (
     encode_body,
 )
 from transport.framing import encode_frame
+from transport.limits import RELAY_PROTOCOL_VERSION
 from transport.records import Envelope
 
 REPO = Path(__file__).resolve().parents[1]
@@ -178,6 +179,7 @@ import hashlib, socket, sys, threading
 from protocol.keys import IdentityKeyPair
 from protocol.encoding import pack, unpack
 from transport.auth import sign_auth
+from transport.limits import RELAY_PROTOCOL_VERSION
 
 port, mode, user = int(sys.argv[1]), sys.argv[2], sys.argv[3]
 
@@ -196,7 +198,7 @@ def read_frame(sock):
 if mode == "malformed":
     # An authenticated connection sending garbage as fast as the relay takes it.
     sock = socket.create_connection(("127.0.0.1", port))
-    sock.sendall(frame(pack([1, 0, 1, 10])))
+    sock.sendall(frame(pack([1, 0, RELAY_PROTOCOL_VERSION, 10])))
     welcome = read_frame(sock)
     key = IdentityKeyPair(hashlib.sha256(f"{user}/1".encode()).digest())
     signature = sign_auth(key, welcome[3], welcome[4], user, 1)
@@ -313,7 +315,7 @@ async def trickle(port: int, done: list[str]) -> None:
     """A HELLO sent one byte a second; what the relay answered when it gave up."""
     stream = await trio.open_tcp_stream("127.0.0.1", port)
     client = RawClient(stream)
-    frame = encode_frame(encode_body(Hello(0, 1, 10)))
+    frame = encode_frame(encode_body(Hello(0, RELAY_PROTOCOL_VERSION, 10)))
     async with trio.open_nursery() as nursery:
 
         async def drip() -> None:
@@ -419,7 +421,7 @@ async def test_absurd_recipient_lists_are_refused(tmp_path: Path) -> None:
             await sender.ping()
         # Raw frames: a recipient array claiming 2^32 - 1 items, and a repeated recipient.
         client = RawClient(await trio.open_tcp_stream("127.0.0.1", port))
-        await client.send_body(encode_body(Hello(0, 1, 10)))
+        await client.send_body(encode_body(Hello(0, RELAY_PROTOCOL_VERSION, 10)))
         welcome = decode_relay_frame(await client.receive_body() or b"")
         assert isinstance(welcome, Welcome)
         device = alice.devices[1]
@@ -448,7 +450,7 @@ async def test_absurd_recipient_lists_are_refused(tmp_path: Path) -> None:
 async def anonymous(port: int) -> RawClient:
     """A connection past HELLO, not authenticated."""
     client = RawClient(await trio.open_tcp_stream("127.0.0.1", port))
-    await client.send_body(encode_body(Hello(0, 1, 10)))
+    await client.send_body(encode_body(Hello(0, RELAY_PROTOCOL_VERSION, 10)))
     assert isinstance(decode_relay_frame(await client.receive_body() or b""), Welcome)
     return client
 

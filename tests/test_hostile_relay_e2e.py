@@ -100,7 +100,7 @@ class Link:
         """Acknowledge an envelope upstream ourselves: the relay deletes it."""
         request_id, self._next_id = self._next_id, self._next_id + 1
         self._own_ids.add(request_id)
-        await self._send(self.upstream, self.to_relay, encode_body(Ack(request_id, guid)))
+        await self._send(self.upstream, self.to_relay, encode_body(Ack(request_id, (guid,))))
 
     @staticmethod
     async def _send(stream: trio.abc.Stream, lock: trio.StrictFIFOLock, body: bytes) -> None:

@@ -44,6 +44,7 @@ from transport.frames import (
     decode_request,
     encode_body,
 )
+from transport.limits import RELAY_PROTOCOL_VERSION
 from transport.records import Envelope
 
 # ------------------------------------------------------------------ a scripted fake relay
@@ -54,7 +55,9 @@ Script = Callable[[RawClient], Awaitable[None]]
 async def welcome(relay: RawClient, name: str = "fake") -> None:
     request = decode_request(await relay.receive_body() or b"")
     assert isinstance(request, Hello)
-    await relay.send_body(encode_body(Welcome(request.request_id, 1, name, bytes(32))))
+    await relay.send_body(
+        encode_body(Welcome(request.request_id, RELAY_PROTOCOL_VERSION, name, bytes(32)))
+    )
 
 
 async def next_request_id(relay: RawClient) -> int:

@@ -64,6 +64,7 @@ from transport.frames import (
     encode_body,
 )
 from transport.framing import FrameDecoder, encode_frame
+from transport.limits import RELAY_PROTOCOL_VERSION
 from transport.ratelimit import KeyedRateLimiter, RateLimit, TokenBucket
 from transport.records import Envelope
 from transport.states import ALLOWED_REQUESTS, ConnectionState, check_request
@@ -72,7 +73,7 @@ KEM_PUB = bytes(range(256)) * 4 + bytes(160)
 SIG = b"\x07" * 64
 
 REQUESTS = [
-    Hello(1, 1, 10),
+    Hello(1, RELAY_PROTOCOL_VERSION, 10),
     Auth(2, "alice", 7, SIG),
     PublishDeviceList(3, b"signed list"),
     FetchDeviceList(4, "bob"),
@@ -87,7 +88,8 @@ REQUESTS = [
     FetchBundle(7, "bob", 2**32 - 1),
     SendDirect(8, "bob", ((1, b"x"), (2, b""))),
     SendGroup(9, b"group payload", (("bob", 1), ("carol", 1), ("carol", 2))),
-    Ack(10, b"\x09" * 16),
+    Ack(10, (b"\x09" * 16,)),
+    Ack(11, tuple(bytes([i]) * 16 for i in range(100))),
     Ping(2**32 - 1),
 ]
 
@@ -187,7 +189,9 @@ def test_exact_bodies() -> None:
     assert encode_body(Hello(1, 1, 10)) == bytes([0x94, 0x01, 0x01, 0x01, 0x0A])
     assert encode_body(Ping(5)) == bytes([0x92, 0x16, 0x05])
     assert encode_body(QueueEmpty()) == bytes([0x91, 0x1F])
-    assert encode_body(Ack(1, bytes(16))) == bytes([0x93, 0x15, 0x01, 0xC4, 0x10]) + bytes(16)
+    assert encode_body(Ack(1, (bytes(16),))) == bytes([0x93, 0x15, 0x01, 0x91, 0xC4, 0x10]) + bytes(
+        16
+    )
     envelope = Envelope(b"\x01" * 16, 5, "a", 2, 1, b"p")
     assert encode_body(EnvelopePush(envelope)) == pack([30, [b"\x01" * 16, 5, "a", 2, 1, b"p"]])
 
@@ -209,8 +213,10 @@ def test_undecodable_requests_name_their_error_and_request_id() -> None:
     trailing = bad(pack([FrameType.PING, 7, "extra"]))
     assert (trailing.request_id, type(trailing.error)) == (7, BadFrame)
     assert isinstance(bad(pack([FrameType.AUTH, 1, "alice", 1, b"short"])).error, BadFrame)
-    assert isinstance(bad(pack([FrameType.HELLO, 1, 1, 0])).error, BadFrame)  # window 0
-    assert isinstance(bad(pack([FrameType.HELLO, 1, 1])).error, BadFrame)
+    assert isinstance(
+        bad(pack([FrameType.HELLO, 1, RELAY_PROTOCOL_VERSION, 0])).error, BadFrame
+    )  # window 0
+    assert isinstance(bad(pack([FrameType.HELLO, 1, RELAY_PROTOCOL_VERSION])).error, BadFrame)
     assert isinstance(bad(pack([FrameType.FETCH_DEVICE_LIST, 1, ""])).error, BadFrame)
     assert isinstance(bad(pack([FrameType.FETCH_DEVICE_LIST, 1, "x" * 65])).error, BadFrame)
     # Non-canonical: an integer in a wider format than needed.
@@ -219,8 +225,11 @@ def test_undecodable_requests_name_their_error_and_request_id() -> None:
 
 def test_hello_of_another_version_is_read_whatever_follows() -> None:
     # So that the relay can answer UNSUPPORTED_VERSION to any future client.
-    assert decode_request(pack([FrameType.HELLO, 4, 2, [b"new", "fields"], None])) == Hello(4, 2, 0)
-    assert decode_request(pack([FrameType.HELLO, 4, 3])) == Hello(4, 3, 0)
+    future = RELAY_PROTOCOL_VERSION + 1
+    assert decode_request(pack([FrameType.HELLO, 4, future, [b"new", "fields"], None])) == Hello(
+        4, future, 0
+    )
+    assert decode_request(pack([FrameType.HELLO, 4, 1])) == Hello(4, 1, 0)  # an older one
 
 
 def test_static_limits_are_checked_while_decoding() -> None:
@@ -242,6 +251,19 @@ def test_static_limits_are_checked_while_decoding() -> None:
     )
     oversize = bad(encode_body(Ping(1)), RequestLimits(max_frame_size=2))
     assert isinstance(oversize.error, BadFrame)
+
+
+def test_ack_names_one_to_max_distinct_guids() -> None:
+    guids = tuple(bytes([i]) * 16 for i in range(3))
+    assert decode_request(encode_body(Ack(1, guids)), RequestLimits(max_ack_guids=3)) == Ack(
+        1, guids
+    )
+    too_many = bad(encode_body(Ack(2, guids)), RequestLimits(max_ack_guids=2))
+    assert (too_many.request_id, type(too_many.error)) == (2, BadFrame)
+    for wrong in ([], [guids[0], guids[0]], [b"short"], [bytes(17)], ["x" * 16], [None]):
+        refused = bad(pack([FrameType.ACK, 3, wrong]))
+        assert (refused.request_id, type(refused.error)) == (3, BadFrame)
+    assert isinstance(bad(pack([FrameType.ACK, 4, guids[0]])).error, BadFrame)  # not a list
 
 
 msgpack_values = st.recursive(

@@ -141,8 +141,8 @@ def test_calls_see_the_calls_before_them_in_the_batch(db: RecordingDatabase) -> 
         DatabaseCall(pending, savepoint=False),
         DatabaseCall(partial(db._enqueue, send, 10)),
         DatabaseCall(pending, savepoint=False),
-        DatabaseCall(partial(db._acknowledge, "bob", 1, guid)),
-        DatabaseCall(partial(db._acknowledge, "bob", 1, guid)),
+        DatabaseCall(partial(db._acknowledge, "bob", 1, [guid])),
+        DatabaseCall(partial(db._acknowledge, "bob", 1, [guid])),
         DatabaseCall(pending, savepoint=False),
     ]
     db.run_batch(calls)
@@ -150,7 +150,7 @@ def test_calls_see_the_calls_before_them_in_the_batch(db: RecordingDatabase) -> 
     outcomes = [call.outcome() for call in calls]
     assert outcomes[0] == [] and outcomes[5] == []
     assert [q.envelope.guid for q in outcomes[2]] == [guid]
-    assert outcomes[3:5] == [True, False]
+    assert outcomes[3:5] == [1, 0]
 
 
 def test_a_failed_transaction_fails_every_call_and_stores_nothing(db: RecordingDatabase) -> None:
@@ -186,7 +186,7 @@ def test_a_reader_of_another_process_does_not_hold_the_sweep(
     shell = sqlite3.connect(tmp_path / "relay.db", isolation_level=None)
     shell.execute("BEGIN")
     shell.execute("SELECT COUNT(*) FROM deliveries").fetchone()  # holds a snapshot
-    assert db.acknowledge("bob", 1, send.deliveries[0].guid)
+    assert db.acknowledge("bob", 1, [send.deliveries[0].guid]) == 1
     started = time.monotonic()
     db.purge_expired(0)  # cannot reset the WAL now: tries once, does not wait 5 s
     assert time.monotonic() - started < 1

@@ -33,6 +33,7 @@ from transport.frames import (
     encode_body,
 )
 from transport.framing import encode_frame
+from transport.limits import RELAY_PROTOCOL_VERSION
 from transport.records import Envelope
 from transport.relay import Relay
 from transport.sqlite_storage import SqliteStorage
@@ -88,7 +89,7 @@ async def expect_closed(client: RawClient) -> None:
 
 
 async def hello(client: RawClient) -> Welcome:
-    await client.send_body(encode_body(Hello(0, 1, 10)))
+    await client.send_body(encode_body(Hello(0, RELAY_PROTOCOL_VERSION, 10)))
     frame = await receive(client)
     assert isinstance(frame, Welcome)
     return frame
@@ -116,8 +117,8 @@ async def authenticated(relay: Relay, client: RawClient, device: Any) -> None:
         (encode_body(Welcome(6, 1, "x", bytes(32))), "UNKNOWN_FRAME", 6),  # a relay frame
         (encode_body(Ping(7)), "UNEXPECTED_FRAME", 7),  # before HELLO
         (encode_body(Auth(8, "alice", 1, bytes(64))), "UNEXPECTED_FRAME", 8),
-        (encode_body(Hello(9, 2, 10)), "UNSUPPORTED_VERSION", 9),
-        (pack([FrameType.HELLO, 9, 1, 0]), "BAD_FRAME", 9),  # window 0
+        (encode_body(Hello(9, RELAY_PROTOCOL_VERSION + 1, 10)), "UNSUPPORTED_VERSION", 9),
+        (pack([FrameType.HELLO, 9, RELAY_PROTOCOL_VERSION, 0]), "BAD_FRAME", 9),  # window 0
     ],
 )
 async def test_bad_first_frames_are_answered_then_closed(
@@ -127,14 +128,14 @@ async def test_bad_first_frames_are_answered_then_closed(
         await client.send_body(body)
         error = await expect_error(client, code, request_id)
         if code == "UNSUPPORTED_VERSION":
-            assert error.detail == [1]
+            assert error.detail == [RELAY_PROTOCOL_VERSION]
         await expect_closed(client)
 
 
 async def test_out_of_order_after_hello_closes() -> None:
     async with memory_relay() as relay, raw_connection(relay) as client:
         await hello(client)
-        await client.send_body(encode_body(Hello(1, 1, 10)))
+        await client.send_body(encode_body(Hello(1, RELAY_PROTOCOL_VERSION, 10)))
         await expect_error(client, "UNEXPECTED_FRAME", 1)
         await expect_closed(client)
     async with memory_relay() as relay, raw_connection(relay) as client:
@@ -168,7 +169,7 @@ async def test_bad_frames_after_authentication_keep_the_connection() -> None:
                 (b"\xc1", "BAD_FRAME", None),
                 (pack([FrameType.PING, 3, "extra"]), "BAD_FRAME", 3),
                 (pack([99, 4]), "UNKNOWN_FRAME", 4),
-                (encode_body(Hello(5, 1, 10)), "UNEXPECTED_FRAME", 5),
+                (encode_body(Hello(5, RELAY_PROTOCOL_VERSION, 10)), "UNEXPECTED_FRAME", 5),
                 (encode_body(Auth(6, "alice", 1, bytes(64))), "UNEXPECTED_FRAME", 6),
                 (
                     pack([FrameType.SEND_GROUP, 7, b"x" * 101, [["alice", 1]]]),
@@ -202,7 +203,9 @@ async def test_misbehaving_connections_do_not_disturb_others() -> None:
                 encode_frame(b"\xc1"),
                 encode_frame(pack([42, 1])),
                 b"\xff\xff\xff\xff",
-                encode_frame(encode_body(Hello(1, 1, 10)))[:-1],  # then hang up mid-frame
+                encode_frame(encode_body(Hello(1, RELAY_PROTOCOL_VERSION, 10)))[
+                    :-1
+                ],  # then hang up mid-frame
             ):
                 async with raw_connection(relay) as client:
                     await client.stream.send_all(raw)
@@ -341,7 +344,7 @@ async def test_trickled_frame_times_out(autojump_clock: trio.testing.MockClock) 
 
 
 def encode_frame_bytes() -> bytes:
-    body = encode_body(Hello(0, 1, 10))
+    body = encode_body(Hello(0, RELAY_PROTOCOL_VERSION, 10))
     return len(body).to_bytes(4, "big") + body
 
 

@@ -23,6 +23,7 @@ from test_relay_support import (
 from protocol.account import Account
 from protocol.devices import SignedDeviceList
 from protocol.encoding import pack, unpack
+from protocol.errors import InvalidArgument
 from protocol.keys import encode_mlkem768, encode_x25519, verify_prekey_signature
 from protocol.messages import PreKeyMessage, decode_message
 from protocol.prekeys import PreKeyBundle
@@ -57,6 +58,7 @@ from transport.frames import (
     encode_body,
 )
 from transport.framing import encode_frame
+from transport.limits import RELAY_PROTOCOL_VERSION
 from transport.ratelimit import RateLimit
 from transport.records import Envelope, EnvelopeKind, PreKeyCounts
 from transport.sqlite_storage import SqliteDatabase
@@ -148,7 +150,7 @@ async def test_authentication_failures_close_the_connection(case: str) -> None:
 
 async def raw_hello(port: int) -> tuple[RawClient, bytes, str]:
     client = RawClient(await trio.open_tcp_stream("127.0.0.1", port))
-    await client.send_body(encode_body(Hello(0, 1, 10)))
+    await client.send_body(encode_body(Hello(0, RELAY_PROTOCOL_VERSION, 10)))
     body = await client.receive_body()
     assert body is not None
     welcome = decode_relay_frame(body)
@@ -331,6 +333,30 @@ async def test_in_flight_window_waits_for_acknowledgements() -> None:
             await receiver.ack(second.guid)
             await receiver.ack(third.guid)
             assert [e.payload for e in await drain_until_empty(receiver)] == [b"\x03"]
+
+
+async def test_one_ack_deletes_a_batch_and_frees_the_window() -> None:
+    alice, bob = make_user("alice"), make_user("bob")
+    async with running_relay(relay_config(max_in_flight=3)) as port:
+        await register(port, alice, bob)
+        async with connected(port, alice.devices[1]) as sender:
+            for index in range(7):
+                await sender.send_direct("bob", [(1, bytes([index]))])
+        async with connected(port, bob.devices[1]) as receiver:
+            got: list[bytes] = []
+            with trio.fail_after(5):
+                while len(got) < 7:
+                    batch = [i for i in await receiver.receive_batch() if isinstance(i, Envelope)]
+                    if not batch:
+                        continue
+                    assert len(batch) <= 3  # the window
+                    got += [envelope.payload for envelope in batch]
+                    await receiver.ack(*(envelope.guid for envelope in batch))
+            assert got == [bytes([i]) for i in range(7)]
+            with pytest.raises(InvalidArgument):
+                await receiver.ack()
+        async with connected(port, bob.devices[1]) as receiver:
+            assert await drain_until_empty(receiver) == []
 
 
 async def test_own_other_devices_are_addressed_like_any_user() -> None:

@@ -264,10 +264,10 @@ def test_group_payload_is_stored_once(db: SqliteDatabase) -> None:
     two = db.pending("bob", 2, after_seq=0, limit=10, now=0)[0].envelope
     assert one.payload == two.payload == b"group" and one.guid != two.guid
     assert (one.sender_user, one.sender_device, one.kind) == ("alice", 1, 2)
-    assert db.acknowledge("bob", 1, one.guid)
+    assert db.acknowledge("bob", 1, [one.guid]) == 1
     assert db._conn.execute("SELECT COUNT(*) FROM payloads").fetchone()[0] == 1
-    assert not db.acknowledge("bob", 1, two.guid)  # not bob/1's envelope
-    assert db.acknowledge("bob", 2, two.guid)
+    assert db.acknowledge("bob", 1, [two.guid]) == 0  # not bob/1's envelope
+    assert db.acknowledge("bob", 2, [two.guid, one.guid]) == 1  # one.guid: gone, and bob/1's
     assert db._conn.execute("SELECT COUNT(*) FROM payloads").fetchone()[0] == 0
 
 
@@ -354,7 +354,7 @@ def test_acknowledged_ciphertext_leaves_no_trace_on_disk(
     guid = db.pending("bob", 1, after_seq=0, limit=1, now=0)[0].envelope.guid
     files = list(tmp_path.glob("relay.db*"))
     assert any(marker in f.read_bytes() for f in files)  # the check can see it
-    assert db.acknowledge("bob", 1, guid)
+    assert db.acknowledge("bob", 1, [guid]) == 1
     db.purge_expired(0)  # also truncates the WAL
     assert not any(marker in f.read_bytes() for f in tmp_path.glob("relay.db*"))
     db.close()

@@ -15,8 +15,9 @@ one-to-one (to the next client) and group (to the other members of its group
 of ``group_size`` consecutive clients). A payload is an opaque blob of
 :data:`PAYLOAD_SIZE` bytes (the size of a real one-to-one message) naming
 its sender and sequence number. Each recipient records when a payload
-arrives and acknowledges it; the relay answers an acknowledgement at once
-and commits the deletion with its next batch (spec 7.8). Reported:
+arrives and acknowledges, in one ACK, the envelopes that arrived together;
+the relay answers an acknowledgement at once and commits the deletion with
+its next batch (spec 7.8). Reported:
 
 * envelopes delivered (acknowledged) per second, from the first send to the
   last acknowledgement;
@@ -293,14 +294,22 @@ async def _send_all(load: _Load, index: int, connection: RelayConnection) -> Non
 
 
 async def _receive(load: _Load, index: int, connection: RelayConnection) -> None:
-    """Record and acknowledge every envelope (its deletion commits with the relay's next batch)."""
-    async for item in connection:
-        if isinstance(item, Envelope):
-            sender, seq = _read_payload(item.payload)
+    """Record every envelope; acknowledge what arrived together in one ACK.
+
+    The relay deletes them with its next batch commit.
+    """
+    while True:
+        envelopes = [
+            item for item in await connection.receive_batch() if isinstance(item, Envelope)
+        ]
+        if not envelopes:
+            continue
+        for envelope in envelopes:
+            sender, seq = _read_payload(envelope.payload)
             load.arrived(sender, seq, index)
-            await connection.ack(item.guid)
-            load.delivered += 1
-            load.last_ack = time.perf_counter()
+        await connection.ack(*(envelope.guid for envelope in envelopes))
+        load.delivered += len(envelopes)
+        load.last_ack = time.perf_counter()
 
 
 async def _run_load(load: _Load, relay: _RelayProcess, timeout: float) -> tuple[float, float]:

@@ -80,6 +80,7 @@ class RelayLimits:
             max_payload_size=self.max_payload_size,
             max_recipients=self.max_recipients,
             max_prekeys_per_upload=self.max_prekeys_per_upload,
+            max_ack_guids=self.max_in_flight,
         )
 
 

@@ -241,11 +241,19 @@ class RelayConnection:
         )
         return reply.server_ts
 
-    async def ack(self, guid: bytes) -> None:
-        """The envelope ``guid`` is processed (and persisted): the relay deletes it."""
-        if len(guid) != GUID_SIZE:
+    async def ack(self, *guids: bytes) -> None:
+        """These envelopes are processed (and persisted): the relay deletes them.
+
+        One frame and one round trip for all of them: acknowledge together
+        what was processed together (see :meth:`receive_batch`).
+        """
+        if not 1 <= len(guids) <= self._window:
+            raise InvalidArgument(f"acknowledge 1 to {self._window} envelopes at once")
+        if any(len(guid) != GUID_SIZE for guid in guids):
             raise InvalidArgument(f"an envelope guid is {GUID_SIZE} bytes")
-        await self._request(lambda rid: Ack(rid, guid), Ok)
+        if len(set(guids)) != len(guids):
+            raise InvalidArgument("a guid is named twice")
+        await self._request(lambda rid: Ack(rid, guids), Ok)
 
     async def ping(self) -> None:
         """A round trip; keeps the connection from the relay's idle timeout."""
@@ -320,6 +328,19 @@ class RelayConnection:
             return await self._incoming.receive()
         except (trio.EndOfChannel, trio.ClosedResourceError):
             raise self._closed_error() from None
+
+    async def receive_batch(self) -> list[Incoming]:
+        """The next envelope or notice and whatever else has already arrived.
+
+        Waits like :meth:`receive` for the first; never more than the window
+        and the notices, so the envelopes of one batch fit one :meth:`ack`.
+        """
+        batch = [await self.receive()]
+        while True:
+            try:
+                batch.append(self._incoming.receive_nowait())
+            except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
+                return batch
 
     def __aiter__(self) -> AsyncIterator[Incoming]:
         return self

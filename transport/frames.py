@@ -42,6 +42,7 @@ from .errors import (
 )
 from .limits import (
     MAX_FRAME_SIZE,
+    MAX_IN_FLIGHT,
     MAX_PAYLOAD_SIZE,
     MAX_PREKEYS_PER_UPLOAD,
     MAX_RECIPIENTS_PER_SEND,
@@ -88,6 +89,7 @@ class RequestLimits:
     max_payload_size: int = MAX_PAYLOAD_SIZE
     max_recipients: int = MAX_RECIPIENTS_PER_SEND
     max_prekeys_per_upload: int = MAX_PREKEYS_PER_UPLOAD
+    max_ack_guids: int = MAX_IN_FLIGHT
 
 
 def _user_id(fields: Fields) -> str:
@@ -355,18 +357,30 @@ class SendGroup:
 
 @dataclass(frozen=True, slots=True)
 class Ack:
-    """``[21, request_id, guid bin16]`` -> OK: the envelope is processed; delete it."""
+    """``[21, request_id, [guid bin16, ...]]`` -> OK: these envelopes are processed; delete them.
+
+    1 to ``max_ack_guids`` distinct guids: a client acknowledges what it
+    processed since its last ACK in one frame, and one OK answers it.
+    """
 
     TYPE: ClassVar[FrameType] = FrameType.ACK
     request_id: int
-    guid: bytes
+    guids: tuple[bytes, ...]
 
     def to_wire(self) -> list[Any]:
-        return [self.request_id, self.guid]
+        return [self.request_id, list(self.guids)]
 
     @classmethod
     def read(cls, fields: Fields, limits: RequestLimits) -> Ack:
-        return cls(fields.uint(), fields.bin(GUID_SIZE))
+        request_id = fields.uint()
+        guids = tuple(_items(fields, limits.max_ack_guids, BadFrame, "guids"))
+        if not guids:
+            raise BadFrame("an ACK names at least one guid")
+        if not all(type(guid) is bytes and len(guid) == GUID_SIZE for guid in guids):
+            raise BadFrame(f"a guid is {GUID_SIZE} bytes")
+        if len(set(guids)) != len(guids):
+            raise BadFrame("a guid is named twice")
+        return cls(request_id, guids)
 
 
 @dataclass(frozen=True, slots=True)

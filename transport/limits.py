@@ -23,7 +23,7 @@ from protocol.consts import (
 # Version of the relay protocol (frames, handshake, error codes), negotiated
 # by HELLO. Separate from protocol.consts.PROTOCOL_VERSION: the relay carries
 # protocol messages as opaque bytes, so either can change without the other.
-RELAY_PROTOCOL_VERSION: Final = 1
+RELAY_PROTOCOL_VERSION: Final = 2
 
 # ------------------------------------------------------------------ sizes
 
@@ -72,7 +72,9 @@ MAX_MAILBOX_SIZE: Final = 10_000
 # Envelopes pushed to a connection and not yet acknowledged. The relay stops
 # pushing at this many until acknowledgements arrive, so a slow reader holds
 # back its own mail only (Matrix delivers at most 100 to-device events per
-# sync, synapse #11457).
+# sync, synapse #11457). It also bounds the guids of one ACK (the decoder's
+# max_ack_guids): a client acknowledges what it was pushed, so more is a
+# malformed frame.
 MAX_IN_FLIGHT: Final = 100
 
 # Envelopes read from storage per query when filling the in-flight window.

@@ -299,7 +299,7 @@ class RelaySession:
         if isinstance(request, Auth):
             await self._start_delivery()
         elif isinstance(request, Ack):
-            await self._start_deletion(request.guid)
+            await self._start_deletion(request.guids)
         if self._close_error is not None:
             self._state = ConnectionState.CLOSED
 
@@ -566,38 +566,38 @@ class RelaySession:
 
     # ---------------------------------------------------------------- delivery
 
-    async def _start_deletion(self, guid: bytes) -> None:
-        """Delete an acknowledged envelope, after the OK, without waiting for it (spec 7.8).
+    async def _start_deletion(self, guids: tuple[bytes, ...]) -> None:
+        """Delete acknowledged envelopes, after the OK, without waiting for it (spec 7.8).
 
         The deletion commits with the next batch, together with the other
         acknowledgements that arrive meanwhile; the next request is read at
         once. If the relay stops before that commit, the envelope is pushed
         again, as any unacknowledged one, and the client recognises it by its
-        guid. At most a window of deletions is under way per connection.
+        guid. At most a window of ACKs is being deleted per connection.
         """
         try:
             self._deletions.acquire_nowait()
         except trio.WouldBlock:
             await self._deletions.acquire()
         assert self._nursery is not None
-        self._nursery.start_soon(self._delete, guid)
+        self._nursery.start_soon(self._delete, guids)
 
-    async def _delete(self, guid: bytes) -> None:
+    async def _delete(self, guids: tuple[bytes, ...]) -> None:
         storage = self._relay.storage
         try:
             try:
-                await storage.acknowledge(self.user_id, self.device_id, guid)
+                await storage.acknowledge(self.user_id, self.device_id, guids)
             except trio.Cancelled:
                 # The connection closed before the deletion was queued (storage
                 # busy): it was acknowledged, so it is deleted all the same.
                 with trio.CancelScope(shield=True):
-                    await storage.acknowledge(self.user_id, self.device_id, guid)
+                    await storage.acknowledge(self.user_id, self.device_id, guids)
                 raise
         except Exception:
             logger.exception("acknowledgement not stored: the envelope will come again")
         finally:
             self._deletions.release()
-        self._in_flight.discard(guid)
+        self._in_flight.difference_update(guids)
         if self._unread:  # mail held back by the window: there is room now
             self._wake.set()
 

@@ -336,8 +336,8 @@ class SqliteDatabase:
             partial(self._pending, user_id, device_id, after_seq, limit, now), savepoint=False
         )
 
-    def acknowledge(self, user_id: str, device_id: int, guid: bytes) -> bool:
-        return self._single(partial(self._acknowledge, user_id, device_id, guid), savepoint=False)
+    def acknowledge(self, user_id: str, device_id: int, guids: Sequence[bytes]) -> int:
+        return self._single(partial(self._acknowledge, user_id, device_id, guids), savepoint=False)
 
     def purge_expired(self, now: int) -> int:
         return self._single(
@@ -545,12 +545,12 @@ class SqliteDatabase:
         ).fetchall()
         return [QueuedEnvelope(row[0], Envelope(*row[1:])) for row in rows]
 
-    def _acknowledge(self, user_id: str, device_id: int, guid: bytes) -> bool:
-        cursor = self._conn.execute(
+    def _acknowledge(self, user_id: str, device_id: int, guids: Sequence[bytes]) -> int:
+        cursor = self._conn.executemany(
             "DELETE FROM deliveries WHERE user_id = ? AND device_id = ? AND guid = ?",
-            (user_id, device_id, guid),
+            [(user_id, device_id, guid) for guid in guids],
         )
-        return cursor.rowcount > 0
+        return cursor.rowcount
 
     def _purge_expired(self, now: int) -> int:
         cursor = self._conn.execute("DELETE FROM deliveries WHERE expires_at <= ?", (now,))
@@ -721,9 +721,9 @@ class SqliteStorage:
             partial(self._db._pending, user_id, device_id, after_seq, limit, now), savepoint=False
         )
 
-    async def acknowledge(self, user_id: str, device_id: int, guid: bytes) -> bool:
+    async def acknowledge(self, user_id: str, device_id: int, guids: Sequence[bytes]) -> int:
         return await self._call(
-            partial(self._db._acknowledge, user_id, device_id, guid), savepoint=False
+            partial(self._db._acknowledge, user_id, device_id, guids), savepoint=False
         )
 
     async def purge_expired(self, now: int) -> int:

@@ -158,8 +158,8 @@ class RelayStorage(Protocol):
         """Unexpired envelopes for a device with ``seq > after_seq``, oldest first."""
         ...
 
-    async def acknowledge(self, user_id: str, device_id: int, guid: bytes) -> bool:
-        """Delete the device's envelope ``guid``; False if it was not there."""
+    async def acknowledge(self, user_id: str, device_id: int, guids: Sequence[bytes]) -> int:
+        """Delete the device's envelopes ``guids``; how many were there."""
         ...
 
     async def purge_expired(self, now: int) -> int:
