@@ -443,7 +443,7 @@ class ClientCore:
         held = self.device_list(user_id)
         if held is None:
             raise DeviceListNeeded(user_id)
-        return tuple(Address(user_id, d) for d in held.device_ids)
+        return tuple([Address(user_id, d.device_id) for d in held.devices])
 
     def knows_device(self, address: Address) -> bool:
         held = self.device_list(address.user_id)
@@ -857,8 +857,12 @@ class ClientCore:
         recipients: list[Address] = []
         for user_id in state.user_ids:
             devices = self.devices_of(user_id)
-            if self._listed_as_member(state, user_id):
-                recipients.extend(a for a in devices if a != self.address)
+            if not self._listed_as_member(state, user_id):
+                continue
+            if user_id == self.user_id:
+                # Only our own user's devices include ours: others skip the comparisons.
+                devices = tuple(a for a in devices if a.device_id != self.device_id)
+            recipients.extend(devices)
         return recipients
 
     def _current_recipients(
