@@ -567,9 +567,14 @@ class ClientCore:
         self, addresses: Iterable[Address], plaintext: bytes, now: int
     ) -> list[DirectSend]:
         """Encrypt one plaintext for each address, grouped by user."""
-        by_user: dict[str, list[tuple[int, bytes]]] = {}
         targets = list(addresses)
-        records = self._check_sessions(targets, now)
+        return self._encrypt_with(targets, self._check_sessions(targets, now), plaintext, now)
+
+    def _encrypt_with(
+        self, targets: list[Address], records: list[SessionRecord], plaintext: bytes, now: int
+    ) -> list[DirectSend]:
+        """:meth:`_encrypt_for` given what :meth:`_check_sessions` returned for ``targets``."""
+        by_user: dict[str, list[tuple[int, bytes]]] = {}
         for address, record in zip(targets, records, strict=True):
             payload = record.encrypt(plaintext, now=now)
             self._mark(("session", address.user_id, address.device_id))
@@ -912,7 +917,7 @@ class ClientCore:
         ):
             outbound = None
         needing = list(recipients) if outbound is None else outbound.lacking(recipients)
-        self._check_sessions(needing, now)
+        records = self._check_sessions(needing, now)
         if outbound is None:
             outbound = _Outbound(OutboundSenderKey.create(group_id, now, self._rng), set())
             outbound.recipients = recipients
@@ -920,7 +925,7 @@ class ClientCore:
         sends: list[Send] = []
         if needing:
             distribution = SenderKey(outbound.key.distribution_message()).encode()
-            sends.extend(self._encrypt_for(needing, distribution, now))
+            sends.extend(self._encrypt_with(needing, records, distribution, now))
             outbound.shared_with.update(needing)
         message_id = self._new_message_id()
         payload = outbound.key.encrypt(GroupText(message_id, now, body).encode())
