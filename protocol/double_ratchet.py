@@ -57,9 +57,7 @@ class Header:
     message_number: int
 
     def encode(self) -> bytes:
-        return pack(
-            [PROTOCOL_VERSION, self.ratchet_key, self.previous_chain_length, self.message_number]
-        )
+        return encode_header(self.ratchet_key, self.previous_chain_length, self.message_number)
 
     @classmethod
     def decode(cls, data: bytes) -> Header:
@@ -68,6 +66,11 @@ class Header:
             raise UnknownVersion("Header: unknown version")
         ratchet_key = p.check_x25519_public(fields.bin(X25519_KEY_SIZE))
         return cls(ratchet_key, fields.uint(), fields.uint())
+
+
+def encode_header(ratchet_key: bytes, previous_chain_length: int, message_number: int) -> bytes:
+    """A :class:`Header`'s encoding without the object (every message sent needs one)."""
+    return pack([PROTOCOL_VERSION, ratchet_key, previous_chain_length, message_number])
 
 
 def kdf_rk(root_key: bytes, dh_output: bytes) -> tuple[bytes, bytes]:
@@ -237,7 +240,7 @@ class RatchetState:
         if self.send_chain is None:
             raise InvalidState("no sending chain yet: the responder must receive first")
         message_key, self.send_chain = kdf_ck(self.send_chain)
-        header = Header(self.self_public, self.previous_send_count, self.send_count).encode()
+        header = encode_header(self.self_public, self.previous_send_count, self.send_count)
         self.send_count += 1
         return header, seal(message_key, plaintext, associated_data + header)
 

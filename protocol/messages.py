@@ -32,7 +32,12 @@ class RatchetMessage:
     body: bytes = field(repr=False)
 
     def encode(self) -> bytes:
-        return pack([MESSAGE_TYPE_RATCHET, self.header, self.body])
+        return encode_ratchet_message(self.header, self.body)
+
+
+def encode_ratchet_message(header: bytes, body: bytes) -> bytes:
+    """A :class:`RatchetMessage`'s encoding without the object (every message sent needs one)."""
+    return pack([MESSAGE_TYPE_RATCHET, header, body])
 
 
 @dataclass(frozen=True, slots=True)

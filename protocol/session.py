@@ -45,7 +45,7 @@ from .errors import (
     UntrustedIdentity,
 )
 from .keys import PublicIdentity
-from .messages import PreKeyMessage, RatchetMessage, decode_message
+from .messages import PreKeyMessage, RatchetMessage, decode_message, encode_ratchet_message
 from .pickles import load_pickle
 from .pqxdh import HandshakeHeader, associated_data
 
@@ -110,10 +110,9 @@ class Session:
 
     def encrypt(self, plaintext: bytes) -> bytes:
         header, body = self.ratchet.encrypt(plaintext, self.associated_data)
-        message = RatchetMessage(header, body)
         if self.pending is not None:
-            return PreKeyMessage(self.pending, message).encode()
-        return message.encode()
+            return PreKeyMessage(self.pending, RatchetMessage(header, body)).encode()
+        return encode_ratchet_message(header, body)
 
     def decrypt(
         self,
