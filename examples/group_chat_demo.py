@@ -72,8 +72,14 @@ class ObservedStorage(SqliteStorage):
         self.deleted_payloads = 0
         self.deleted_bytes = 0
 
-    async def enqueue(self, batch: EnvelopeBatch, *, max_mailbox_size: int) -> None:
-        await super().enqueue(batch, max_mailbox_size=max_mailbox_size)
+    async def enqueue(
+        self,
+        batch: EnvelopeBatch,
+        *,
+        max_mailbox_size: int,
+        committed: Callable[[Sequence[int]], None] | None = None,
+    ) -> None:
+        await super().enqueue(batch, max_mailbox_size=max_mailbox_size, committed=committed)
         number = len(self.batches)  # noted only once committed
         self.batches.append(batch)
         for delivery in batch.deliveries:

@@ -27,6 +27,7 @@ from transport.frames import (
     Hello,
     Ok,
     Ping,
+    QueueEmpty,
     RelayFrame,
     Welcome,
     decode_relay_frame,
@@ -302,6 +303,60 @@ async def test_a_failing_delivery_task_ends_only_its_connection(
     finally:
         await storage.aclose()
     assert "mailbox unreadable" in caplog.text
+
+
+class GatedMailboxes(BrokenStorage):
+    """Storage whose next read of one mailbox waits until the test lets it go."""
+
+    def __init__(self, inner: SqliteStorage, user_id: str, device_id: int) -> None:
+        super().__init__(inner)
+        self.gated = (user_id, device_id)
+        self.reading = trio.Event()
+        self.proceed = trio.Event()
+
+    async def device_lists(self, user_ids: Any) -> dict[str, StoredDeviceList]:
+        return await self._inner.device_lists(user_ids)
+
+    async def pending(self, user_id: str, device_id: int, **kwargs: Any) -> Any:
+        if (user_id, device_id) == self.gated and not self.reading.is_set():
+            self.reading.set()
+            await self.proceed.wait()
+        return await self._inner.pending(user_id, device_id, **kwargs)
+
+
+async def test_mail_committed_while_the_mailbox_is_read_is_pushed_once() -> None:
+    # The connection hands new mail to its delivery task at commit; mail
+    # committed while that task reads the mailbox is both handed over and
+    # found by the read, and must be pushed once.
+    alice, bob = make_user("alice"), make_user("bob")
+    storage = await SqliteStorage.open(":memory:")
+    gated = GatedMailboxes(storage, "bob", 1)
+    relay = Relay(relay_config(), gated)
+    try:
+        async with client_connection(relay) as registrar:
+            await registrar.upload_device_list(alice.signed_list())
+            await registrar.upload_device_list(bob.signed_list())
+        async with client_connection(relay, alice.devices[1]) as sender:
+            async with trio.open_nursery() as nursery:
+                got: list[Any] = []
+
+                async def bob_reads() -> None:
+                    async with client_connection(relay, bob.devices[1]) as receiver:
+                        with trio.fail_after(5):
+                            while not any(isinstance(item, QueueEmpty) for item in got):
+                                got.extend(await receiver.receive_batch())
+                        with trio.move_on_after(0.3):
+                            got.extend(await receiver.receive_batch())
+
+                nursery.start_soon(bob_reads)
+                with trio.fail_after(5):
+                    await gated.reading.wait()
+                await sender.send_direct("bob", [(1, b"during the read")])
+                gated.proceed.set()
+            envelopes = [item.payload for item in got if isinstance(item, Envelope)]
+            assert envelopes == [b"during the read"]
+    finally:
+        await storage.aclose()
 
 
 # ------------------------------------------------------------------ timeouts (virtual clock)

@@ -12,6 +12,7 @@ import pytest
 import trio
 from test_relay_support import (
     RawClient,
+    User,
     connected,
     make_prekeys,
     make_user,
@@ -357,6 +358,44 @@ async def test_one_ack_deletes_a_batch_and_frees_the_window() -> None:
                 await receiver.ack()
         async with connected(port, bob.devices[1]) as receiver:
             assert await drain_until_empty(receiver) == []
+
+
+async def test_live_mail_of_concurrent_senders_arrives_once_and_in_order() -> None:
+    # A window of 3: mail committed while the receiver is busy outgrows what
+    # the relay keeps for it, so pushes alternate between mail handed over at
+    # commit and mailbox reads.
+    senders = [make_user(f"sender{i}") for i in range(4)]
+    bob = make_user("bob")
+    async with running_relay(relay_config(max_in_flight=3)) as port:
+        await register(port, bob, *senders)
+        async with connected(port, bob.devices[1]) as receiver:
+            assert await drain_until_empty(receiver) == []
+            got: list[bytes] = []
+
+            async def send_all(sender: User) -> None:
+                async with connected(port, sender.devices[1]) as connection:
+                    for seq in range(30):
+                        await connection.send_direct(
+                            "bob", [(1, f"{sender.user_id}:{seq}".encode())]
+                        )
+
+            with trio.fail_after(10):
+                async with trio.open_nursery() as nursery:
+                    for sender in senders:
+                        nursery.start_soon(send_all, sender)
+                    while len(got) < 120:
+                        batch = [
+                            i for i in await receiver.receive_batch() if isinstance(i, Envelope)
+                        ]
+                        got += [envelope.payload for envelope in batch]
+                        if batch:
+                            await receiver.ack(*(envelope.guid for envelope in batch))
+            for sender in senders:
+                mine = [p for p in got if p.startswith(f"{sender.user_id}:".encode())]
+                assert mine == [f"{sender.user_id}:{seq}".encode() for seq in range(30)]
+            with trio.move_on_after(0.3):
+                await receiver.receive()
+                pytest.fail("an envelope came twice")
 
 
 async def test_own_other_devices_are_addressed_like_any_user() -> None:

@@ -12,6 +12,7 @@ import trio
 
 from protocol.errors import UnknownStateVersion
 from protocol.prekeys import KemPreKeyPublic, OneTimePreKeyPublic, SignedPreKeyPublic
+from transport import sqlite_storage
 from transport.errors import MailboxFull, PreKeyIdInUse, PreKeyStockFull, UnknownDevice
 from transport.records import EnvelopeKind, PreKeyCounts
 from transport.sqlite_storage import SqliteDatabase, SqliteStorage
@@ -282,6 +283,34 @@ def test_full_mailbox_refuses_the_whole_send(db: SqliteDatabase) -> None:
     assert info.value.devices == (("bob", 1),)
     assert db.pending("bob", 2, after_seq=0, limit=10, now=0) == []  # all or nothing
     assert len(db.pending("bob", 1, after_seq=0, limit=10, now=0)) == 2
+
+
+def test_a_send_larger_than_one_statement(
+    db: SqliteDatabase, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(sqlite_storage, "ROWS_PER_STATEMENT", 3)
+    users = [f"user{i}" for i in range(4)]
+    for user_id in users:
+        register(db, user_id, 1, 2)
+    recipients = [(user_id, device_id) for user_id in users for device_id in (1, 2)]
+    counters = dict.fromkeys(users, 0)
+    send = batch(recipients, (b"g",), counters=counters, kind=EnvelopeKind.GROUP)
+    seqs = db.enqueue(send, max_mailbox_size=2)
+    assert seqs == sorted(seqs) and len(set(seqs)) == len(recipients)
+    for delivery, seq in zip(send.deliveries, seqs, strict=True):
+        (queued,) = db.pending(delivery.user_id, delivery.device_id, after_seq=0, limit=9, now=0)
+        assert (queued.seq, queued.envelope.guid) == (seq, delivery.guid)
+    # Only user0/1's own envelope is deleted, however many guids are named.
+    assert db.acknowledge("user0", 1, [d.guid for d in send.deliveries]) == 1
+    # Full mailboxes are all named, in the send's order, across statements.
+    db.enqueue(batch(recipients[1:], (b"h",), counters=counters), max_mailbox_size=2)
+    with pytest.raises(MailboxFull) as info:
+        db.enqueue(batch(recipients, (b"i",), counters=counters), max_mailbox_size=2)
+    assert info.value.devices == tuple(recipients[1:])
+    with pytest.raises(StorageConflict):  # one device gone: nothing is stored
+        db.enqueue(
+            batch([*recipients, ("user0", 3)], (b"j",), counters=counters), max_mailbox_size=9
+        )
 
 
 def test_stale_device_list_counter_refuses_the_send(db: SqliteDatabase) -> None:

@@ -126,11 +126,9 @@ class Relay:
         if self._sessions.get(session.key) is session:
             del self._sessions[session.key]
 
-    def notify(self, user_id: str, device_id: int) -> None:
-        """Mail was committed for a device: wake its connection, if any."""
-        session = self._sessions.get((user_id, device_id))
-        if session is not None:
-            session.wake()
+    def session_of(self, user_id: str, device_id: int) -> RelaySession | None:
+        """The device's authenticated connection, if it has one."""
+        return self._sessions.get((user_id, device_id))
 
     def close_device(self, user_id: str, device_id: int, error: RelayError) -> None:
         session = self._sessions.get((user_id, device_id))

@@ -3,11 +3,13 @@
 Two tasks per authenticated connection, as trio-websocket's bridge: the
 reader (this module's :meth:`RelaySession.run`) decodes frames and handles
 requests one at a time, in order; the delivery task pushes envelopes and
-notices, reading the mailbox only when mail was committed for the device.
-Both write through one :class:`trio.StrictFIFOLock`, so frames never
-interleave (a write the socket takes at once skips the lock's wait). An
-acknowledgement is answered at once; a short-lived task per acknowledgement
-deletes the envelope, so the deletions of a connection share commits.
+notices. It reads the mailbox on connecting and when more mail came than it
+could keep; otherwise a send's commit hands it the new envelopes, in commit
+order, and they are pushed without another read. Both write through one
+:class:`trio.StrictFIFOLock`, so frames never interleave (a write the
+socket takes at once skips the lock's wait). An acknowledgement is answered
+at once; a short-lived task per acknowledgement deletes its envelopes, so
+the deletions of a connection share commits.
 Every wait has a deadline (auth, idle, frame, send); every failure ends
 this connection only.
 """
@@ -18,7 +20,9 @@ import logging
 import math
 import os
 import secrets
-from collections.abc import Iterator
+from collections import deque
+from collections.abc import Iterator, Sequence
+from functools import partial
 from typing import TYPE_CHECKING
 
 import trio
@@ -81,9 +85,9 @@ from .frames import (
 from .framing import FrameDecoder, encode_frame
 from .limits import DELIVERY_BATCH_SIZE, RECEIVE_CHUNK_SIZE, RELAY_PROTOCOL_VERSION
 from .ratelimit import TokenBucket
-from .records import GUID_SIZE, EnvelopeKind, PreKeyCounts
+from .records import GUID_SIZE, Envelope, EnvelopeKind, PreKeyCounts
 from .states import ConnectionState, check_request, state_after_error, state_after_success
-from .storage import Delivery, EnvelopeBatch, StorageConflict, StoredDeviceList
+from .storage import Delivery, EnvelopeBatch, QueuedEnvelope, StorageConflict, StoredDeviceList
 
 if TYPE_CHECKING:
     from .relay import Relay
@@ -123,6 +127,9 @@ class RelaySession:
         # Delivery state (AUTHENTICATED only).
         self._wake = trio.Event()
         self._unread = True  # the mailbox may hold envelopes not pushed yet
+        # New envelopes handed over at commit while the mailbox was read up to
+        # date (never more than a window): pushed without reading it again.
+        self._handed: deque[QueuedEnvelope] = deque()
         self._in_flight: set[bytes] = set()
         self._deletions = trio.Semaphore(self._limits.max_in_flight)  # acknowledged, not deleted
         self._window = self._limits.max_in_flight
@@ -158,9 +165,17 @@ class RelaySession:
         self._close_error = error
         self._cancel_scope.cancel()
 
-    def wake(self) -> None:
-        """New mail was committed for this device."""
-        self._unread = True
+    def hand_over(self, queued: QueuedEnvelope) -> None:
+        """An envelope for this device committed; called in commit order.
+
+        Kept to push while everything before it was read; otherwise, or
+        beyond a window of them, the next mailbox read finds it.
+        """
+        if not self._unread and len(self._handed) < self._window:
+            self._handed.append(queued)
+        else:
+            self._handed.clear()
+            self._unread = True
         self._wake.set()
 
     def prekeys_low(self, counts: PreKeyCounts) -> None:
@@ -555,14 +570,31 @@ class RelaySession:
                 device_list_counters={u: lists[u].counter for u in named},
             )
             try:
-                await storage.enqueue(batch, max_mailbox_size=self._limits.max_mailbox_size)
+                await storage.enqueue(
+                    batch,
+                    max_mailbox_size=self._limits.max_mailbox_size,
+                    committed=partial(self._hand_over, batch),
+                )
             except StorageConflict:
                 cached = False
                 continue
-            for delivery in deliveries:
-                self._relay.notify(delivery.user_id, delivery.device_id)
             return server_ts
         raise InternalError("recipient device lists keep changing; retry")
+
+    def _hand_over(self, batch: EnvelopeBatch, seqs: Sequence[int]) -> None:
+        """Give a committed send's envelopes to their devices' connections."""
+        for delivery, seq in zip(batch.deliveries, seqs, strict=True):
+            session = self._relay.session_of(delivery.user_id, delivery.device_id)
+            if session is not None:
+                envelope = Envelope(
+                    delivery.guid,
+                    batch.server_ts,
+                    batch.sender_user,
+                    batch.sender_device,
+                    batch.kind,
+                    batch.payloads[delivery.payload_index],
+                )
+                session.hand_over(QueuedEnvelope(seq, envelope))
 
     # ---------------------------------------------------------------- delivery
 
@@ -598,7 +630,7 @@ class RelaySession:
         finally:
             self._deletions.release()
         self._in_flight.difference_update(guids)
-        if self._unread:  # mail held back by the window: there is room now
+        if self._unread or self._handed:  # mail held back by the window: there is room now
             self._wake.set()
 
     async def _deliver(self) -> None:
@@ -613,8 +645,9 @@ class RelaySession:
                 frames.append(PreKeysLow(counts.one_time, counts.one_time_kem))
             room = self._window - len(self._in_flight)
             if room > 0 and self._unread:
-                # Cleared before the read: mail committed after it was read sets it again.
+                # Cleared before the read: mail committed after it is read is handed over.
                 self._unread = False
+                self._handed.clear()  # committed, so the read finds them
                 limit = min(room, DELIVERY_BATCH_SIZE)
                 batch = await storage.pending(
                     self.user_id,
@@ -625,16 +658,25 @@ class RelaySession:
                 )
                 if len(batch) == limit:
                     self._unread = True  # perhaps more than fitted
+                    self._handed.clear()
                 for queued in batch:
                     self._in_flight.add(queued.envelope.guid)
                     after_seq = queued.seq
                     frames.append(EnvelopePush(queued.envelope))
+                room -= len(batch)
                 if not self._unread and not backlog_pushed:
                     backlog_pushed = True
                     frames.append(QueueEmpty())
+            while room > 0 and self._handed:
+                queued = self._handed.popleft()
+                if queued.seq > after_seq:  # else the read above had it
+                    self._in_flight.add(queued.envelope.guid)
+                    after_seq = queued.seq
+                    frames.append(EnvelopePush(queued.envelope))
+                    room -= 1
             if frames:
                 await self._send(*frames)
-            if not (self._unread and self._window > len(self._in_flight)):
+            if not ((self._unread or self._handed) and self._window > len(self._in_flight)):
                 await self._wake.wait()
 
 

@@ -29,10 +29,11 @@ stored as 8-byte big-endian blobs (compared only for equality).
 
 from __future__ import annotations
 
+import logging
 import queue
 import sqlite3
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import suppress
 from functools import partial
 from typing import Any, TypeVar, cast
@@ -53,6 +54,9 @@ from .storage import (
 )
 
 T = TypeVar("T")
+S = TypeVar("S")
+
+logger = logging.getLogger("hushchat.relay")
 
 SCHEMA_VERSION = 1
 
@@ -77,6 +81,10 @@ DEFAULT_MAX_BATCH = 512
 # connections before anyone waits, and it bounds the memory held by queued
 # sends.
 DEFAULT_MAX_QUEUED = 4096
+
+# Rows one statement reads or inserts at most when a send names many devices:
+# SQLite binds at most 32,766 variables per statement (5 per delivery row).
+ROWS_PER_STATEMENT = 1000
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS users (
@@ -174,9 +182,11 @@ class DatabaseCall:
     False skips that for reads and single-statement writes (SQLite makes a
     statement atomic by itself). ``after_commit`` runs once the batch
     committed, outside any transaction (WAL truncation, closing).
+    ``reported``, given the result, runs in the trio thread when a
+    successful call's batch is reported, in the order the calls committed.
     """
 
-    __slots__ = ("after_commit", "error", "result", "run", "savepoint", "waiter")
+    __slots__ = ("after_commit", "error", "reported", "result", "run", "savepoint", "waiter")
 
     def __init__(
         self,
@@ -184,10 +194,12 @@ class DatabaseCall:
         *,
         savepoint: bool = True,
         after_commit: Callable[[], None] | None = None,
+        reported: Callable[[Any], None] | None = None,
     ) -> None:
         self.run = run
         self.savepoint = savepoint
         self.after_commit = after_commit
+        self.reported = reported
         self.result: object = None
         self.error: BaseException | None = None
         self.waiter: trio.lowlevel.Task | None = None  # woken by SqliteStorage when reported
@@ -326,8 +338,9 @@ class SqliteDatabase:
     def take_bundle(self, user_id: str, device_id: int) -> TakenBundle | None:
         return self._single(partial(self._take_bundle, user_id, device_id))
 
-    def enqueue(self, batch: EnvelopeBatch, *, max_mailbox_size: int) -> None:
-        self._single(partial(self._enqueue, batch, max_mailbox_size))
+    def enqueue(self, batch: EnvelopeBatch, *, max_mailbox_size: int) -> list[int]:
+        """Store a send; the deliveries' mailbox positions (seq)."""
+        return self._single(partial(self._enqueue, batch, max_mailbox_size))
 
     def pending(
         self, user_id: str, device_id: int, *, after_seq: int, limit: int, now: int
@@ -498,21 +511,38 @@ class SqliteDatabase:
 
     # ---------------------------------------------------------------- mailboxes
 
-    def _enqueue(self, batch: EnvelopeBatch, max_mailbox_size: int) -> None:
+    def _enqueue(self, batch: EnvelopeBatch, max_mailbox_size: int) -> list[int]:
+        # A few statements per send, each over all its rows: a group send's
+        # cost in the writer thread barely grows with its recipients.
         db = self._conn
+        users = list(batch.device_list_counters)
+        counters: dict[str, bytes] = {}
+        for names in _parts(users):
+            counters.update(
+                db.execute(
+                    "SELECT user_id, counter FROM users "
+                    f"WHERE user_id IN ({_marks(len(names), 1)})",
+                    names,
+                )
+            )
         for user_id, counter in batch.device_list_counters.items():
-            row = db.execute("SELECT counter FROM users WHERE user_id = ?", (user_id,)).fetchone()
-            if row is None or int.from_bytes(row[0], "big") != counter:
+            stored = counters.get(user_id)
+            if stored is None or int.from_bytes(stored, "big") != counter:
                 raise StorageConflict("a recipient's device list changed meanwhile")
+        queued: dict[tuple[str, int], int] = {}
+        for part in _parts(batch.deliveries):
+            rows = db.execute(
+                "SELECT user_id, device_id, queued FROM devices "
+                f"WHERE (user_id, device_id) IN (VALUES {_marks(len(part), 2)})",
+                [value for d in part for value in (d.user_id, d.device_id)],
+            )
+            queued.update(((user_id, device_id), count) for user_id, device_id, count in rows)
         full = []
         for d in batch.deliveries:
-            row = db.execute(
-                "SELECT queued FROM devices WHERE user_id = ? AND device_id = ?",
-                (d.user_id, d.device_id),
-            ).fetchone()
-            if row is None:
+            count = queued.get((d.user_id, d.device_id))
+            if count is None:
                 raise StorageConflict("a recipient device is gone")
-            if row[0] >= max_mailbox_size:
+            if count >= max_mailbox_size:
                 full.append((d.user_id, d.device_id))
         if full:
             raise MailboxFull(f"{len(full)} recipient mailboxes are full", devices=full)
@@ -524,14 +554,26 @@ class SqliteDatabase:
             ).fetchone()[0]
             for data in batch.payloads
         ]
-        db.executemany(
-            "INSERT INTO deliveries (user_id, device_id, guid, payload_id, expires_at) "
-            "VALUES (?, ?, ?, ?, ?)",
-            [
-                (d.user_id, d.device_id, d.guid, payload_ids[d.payload_index], batch.expires_at)
-                for d in batch.deliveries
-            ],
-        )
+        seqs: dict[bytes, int] = {}
+        for part in _parts(batch.deliveries):
+            seqs.update(
+                db.execute(
+                    "INSERT INTO deliveries (user_id, device_id, guid, payload_id, expires_at) "
+                    f"VALUES {_marks(len(part), 5)} RETURNING guid, seq",
+                    [
+                        value
+                        for d in part
+                        for value in (
+                            d.user_id,
+                            d.device_id,
+                            d.guid,
+                            payload_ids[d.payload_index],
+                            batch.expires_at,
+                        )
+                    ],
+                )
+            )
+        return [seqs[d.guid] for d in batch.deliveries]  # RETURNING's row order is unspecified
 
     def _pending(
         self, user_id: str, device_id: int, after_seq: int, limit: int, now: int
@@ -546,11 +588,14 @@ class SqliteDatabase:
         return [QueuedEnvelope(row[0], Envelope(*row[1:])) for row in rows]
 
     def _acknowledge(self, user_id: str, device_id: int, guids: Sequence[bytes]) -> int:
-        cursor = self._conn.executemany(
-            "DELETE FROM deliveries WHERE user_id = ? AND device_id = ? AND guid = ?",
-            [(user_id, device_id, guid) for guid in guids],
-        )
-        return cursor.rowcount
+        deleted = 0
+        for part in _parts(guids):
+            deleted += self._conn.execute(
+                "DELETE FROM deliveries WHERE user_id = ? AND device_id = ? "
+                f"AND guid IN ({_marks(len(part), 1)})",
+                [user_id, device_id, *part],
+            ).rowcount
+        return deleted
 
     def _purge_expired(self, now: int) -> int:
         cursor = self._conn.execute("DELETE FROM deliveries WHERE expires_at <= ?", (now,))
@@ -569,6 +614,17 @@ class SqliteDatabase:
             self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         finally:
             self._conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+
+
+def _parts(rows: Sequence[S]) -> Iterator[Sequence[S]]:
+    """``rows`` in slices of at most ROWS_PER_STATEMENT."""
+    return (rows[i : i + ROWS_PER_STATEMENT] for i in range(0, len(rows), ROWS_PER_STATEMENT))
+
+
+def _marks(rows: int, columns: int) -> str:
+    """SQL parameters for ``rows`` rows of ``columns`` values: ``?`` or ``(?, ?), (?, ?)``."""
+    row = "?" if columns == 1 else "(" + ", ".join(["?"] * columns) + ")"
+    return ", ".join([row] * rows)
 
 
 def _fail_all(calls: Sequence[DatabaseCall], error: BaseException) -> None:
@@ -617,8 +673,9 @@ class SqliteStorage:
         *,
         savepoint: bool = True,
         after_commit: Callable[[], None] | None = None,
+        reported: Callable[[T], None] | None = None,
     ) -> T:
-        call = DatabaseCall(run, savepoint=savepoint, after_commit=after_commit)
+        call = DatabaseCall(run, savepoint=savepoint, after_commit=after_commit, reported=reported)
         await self._submit(call)
         return cast(T, call.outcome())
 
@@ -667,6 +724,11 @@ class SqliteStorage:
     def _report(self, batch: list[DatabaseCall]) -> None:
         """In the trio thread: wake the callers of a committed batch, make room."""
         for call in batch:
+            if call.reported is not None and call.error is None:
+                try:
+                    call.reported(call.result)
+                except Exception:  # the caller's business; never the other waiters'
+                    logger.exception("storage commit listener failed")
             assert call.waiter is not None
             trio.lowlevel.reschedule(call.waiter)
             self._room.release()
@@ -711,8 +773,14 @@ class SqliteStorage:
     async def take_bundle(self, user_id: str, device_id: int) -> TakenBundle | None:
         return await self._call(partial(self._db._take_bundle, user_id, device_id))
 
-    async def enqueue(self, batch: EnvelopeBatch, *, max_mailbox_size: int) -> None:
-        await self._call(partial(self._db._enqueue, batch, max_mailbox_size))
+    async def enqueue(
+        self,
+        batch: EnvelopeBatch,
+        *,
+        max_mailbox_size: int,
+        committed: Callable[[Sequence[int]], None] | None = None,
+    ) -> None:
+        await self._call(partial(self._db._enqueue, batch, max_mailbox_size), reported=committed)
 
     async def pending(
         self, user_id: str, device_id: int, *, after_seq: int, limit: int, now: int

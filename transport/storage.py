@@ -12,7 +12,7 @@ long as each call returns only after its own transaction committed.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -148,8 +148,20 @@ class RelayStorage(Protocol):
         """
         ...
 
-    async def enqueue(self, batch: EnvelopeBatch, *, max_mailbox_size: int) -> None:
-        """Store a send. MailboxFull (naming the full devices), StorageConflict, or committed."""
+    async def enqueue(
+        self,
+        batch: EnvelopeBatch,
+        *,
+        max_mailbox_size: int,
+        committed: Callable[[Sequence[int]], None] | None = None,
+    ) -> None:
+        """Store a send. MailboxFull (naming the full devices), StorageConflict, or committed.
+
+        ``committed``, if given, gets the deliveries' mailbox positions (their
+        ``seq``, in ``batch.deliveries`` order) once the send committed, before
+        this returns, and in commit order across all sends, so the relay can
+        hand new envelopes to connected devices in the order it accepted them.
+        """
         ...
 
     async def pending(
