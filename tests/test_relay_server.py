@@ -316,13 +316,18 @@ async def test_offline_mail_arrives_in_order_then_queue_empty() -> None:
             assert got == [bytes([i]) for i in range(8)]
 
 
+async def queue_for_bob(port: int, sender: User, count: int) -> None:
+    """``count`` one-byte messages 0, 1, ... from ``sender`` to bob's device 1."""
+    async with connected(port, sender.devices[1]) as connection:
+        for index in range(count):
+            await connection.send_direct("bob", [(1, bytes([index]))])
+
+
 async def test_in_flight_window_waits_for_acknowledgements() -> None:
     alice, bob = make_user("alice"), make_user("bob")
     async with running_relay(relay_config(max_in_flight=2)) as port:
         await register(port, alice, bob)
-        async with connected(port, alice.devices[1]) as sender:
-            for index in range(4):
-                await sender.send_direct("bob", [(1, bytes([index]))])
+        await queue_for_bob(port, alice, 4)
         async with connected(port, bob.devices[1]) as receiver:
             first, second = await next_envelope(receiver), await next_envelope(receiver)
             with trio.move_on_after(0.3):
@@ -340,9 +345,7 @@ async def test_one_ack_deletes_a_batch_and_frees_the_window() -> None:
     alice, bob = make_user("alice"), make_user("bob")
     async with running_relay(relay_config(max_in_flight=3)) as port:
         await register(port, alice, bob)
-        async with connected(port, alice.devices[1]) as sender:
-            for index in range(7):
-                await sender.send_direct("bob", [(1, bytes([index]))])
+        await queue_for_bob(port, alice, 7)
         async with connected(port, bob.devices[1]) as receiver:
             got: list[bytes] = []
             with trio.fail_after(5):
