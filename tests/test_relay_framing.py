@@ -17,7 +17,7 @@ from protocol.keys import IdentityKeyPair
 from protocol.prekeys import KemPreKeyPublic, OneTimePreKeyPublic, SignedPreKeyPublic
 from transport import limits
 from transport.auth import RELAY_AUTH_CONTEXT, auth_message, sign_auth, verify_auth
-from transport.config import parse_duration
+from transport.config import RelayLimits, parse_duration
 from transport.errors import (
     RELAY_ERROR_CLASSES,
     BadFrame,
@@ -64,7 +64,7 @@ from transport.frames import (
     encode_body,
 )
 from transport.framing import FrameDecoder, encode_frame
-from transport.limits import RELAY_PROTOCOL_VERSION
+from transport.limits import MAX_IN_FLIGHT, RELAY_PROTOCOL_VERSION
 from transport.ratelimit import KeyedRateLimiter, RateLimit, TokenBucket
 from transport.records import Envelope
 from transport.states import ALLOWED_REQUESTS, ConnectionState, check_request
@@ -264,6 +264,9 @@ def test_ack_names_one_to_max_distinct_guids() -> None:
         refused = bad(pack([FrameType.ACK, 3, wrong]))
         assert (refused.request_id, type(refused.error)) == (3, BadFrame)
     assert isinstance(bad(pack([FrameType.ACK, 4, guids[0]])).error, BadFrame)  # not a list
+    # A relay takes the protocol's MAX_IN_FLIGHT, or all it lets be in flight if more.
+    assert RelayLimits(max_in_flight=2).request_limits.max_ack_guids == MAX_IN_FLIGHT
+    assert RelayLimits(max_in_flight=300).request_limits.max_ack_guids == 300
 
 
 msgpack_values = st.recursive(

@@ -80,7 +80,8 @@ class RelayLimits:
             max_payload_size=self.max_payload_size,
             max_recipients=self.max_recipients,
             max_prekeys_per_upload=self.max_prekeys_per_upload,
-            max_ack_guids=self.max_in_flight,
+            # The protocol's bound, or all a relay allowing more pushed at once.
+            max_ack_guids=max(L.MAX_IN_FLIGHT, self.max_in_flight),
         )
 
 

@@ -88,6 +88,7 @@ from .limits import (
     CLIENT_KEEPALIVE,
     CLIENT_REQUEST_TIMEOUT,
     MAX_FRAME_SIZE,
+    MAX_IN_FLIGHT,
     RECEIVE_CHUNK_SIZE,
     RELAY_PROTOCOL_VERSION,
 )
@@ -247,8 +248,8 @@ class RelayConnection:
         One frame and one round trip for all of them: acknowledge together
         what was processed together (see :meth:`receive_batch`).
         """
-        if not 1 <= len(guids) <= self._window:
-            raise InvalidArgument(f"acknowledge 1 to {self._window} envelopes at once")
+        if not 1 <= len(guids) <= MAX_IN_FLIGHT:
+            raise InvalidArgument(f"acknowledge 1 to {MAX_IN_FLIGHT} envelopes at once")
         if any(len(guid) != GUID_SIZE for guid in guids):
             raise InvalidArgument(f"an envelope guid is {GUID_SIZE} bytes")
         if len(set(guids)) != len(guids):
@@ -333,7 +334,8 @@ class RelayConnection:
         """The next envelope or notice and whatever else has already arrived.
 
         Waits like :meth:`receive` for the first; never more than the window
-        and the notices, so the envelopes of one batch fit one :meth:`ack`.
+        and the notices. With the relay's default window (MAX_IN_FLIGHT) the
+        envelopes of one batch fit one :meth:`ack`.
         """
         batch = [await self.receive()]
         while True:
