@@ -359,6 +359,26 @@ async def test_mail_committed_while_the_mailbox_is_read_is_pushed_once() -> None
         await storage.aclose()
 
 
+async def test_a_device_that_does_not_acknowledge_holds_at_most_a_window_at_the_relay() -> None:
+    alice, bob = make_user("alice"), make_user("bob")
+    async with memory_relay(max_in_flight=3) as relay:
+        async with client_connection(relay) as registrar:
+            await registrar.upload_device_list(alice.signed_list())
+            await registrar.upload_device_list(bob.signed_list())
+        async with (
+            client_connection(relay, bob.devices[1]),
+            client_connection(relay, alice.devices[1]) as sender,
+        ):
+            session = relay.session_of("bob", 1)
+            assert session is not None
+            for index in range(10):
+                await sender.send_direct("bob", [(1, bytes([index]))])
+                await trio.testing.wait_all_tasks_blocked()
+                # Pushed and not acknowledged, or handed over to push: a window.
+                assert len(session._in_flight) + len(session._handed) <= 3
+            assert len(session._in_flight) == 3
+
+
 # ------------------------------------------------------------------ timeouts (virtual clock)
 
 

@@ -128,7 +128,9 @@ class RelaySession:
         self._wake = trio.Event()
         self._unread = True  # the mailbox may hold envelopes not pushed yet
         # New envelopes handed over at commit while the mailbox was read up to
-        # date (never more than a window): pushed without reading it again.
+        # date: pushed without reading it again. With the envelopes in flight
+        # they never exceed the window, so a reader that stalls holds no more
+        # of the relay's memory than the window did before.
         self._handed: deque[QueuedEnvelope] = deque()
         self._in_flight: set[bytes] = set()
         self._deletions = trio.Semaphore(self._limits.max_in_flight)  # acknowledged, not deleted
@@ -168,10 +170,10 @@ class RelaySession:
     def hand_over(self, queued: QueuedEnvelope) -> None:
         """An envelope for this device committed; called in commit order.
 
-        Kept to push while everything before it was read; otherwise, or
-        beyond a window of them, the next mailbox read finds it.
+        Kept to push while everything before it was read and the window has
+        room for it; otherwise the next mailbox read finds it.
         """
-        if not self._unread and len(self._handed) < self._window:
+        if not self._unread and len(self._handed) + len(self._in_flight) < self._window:
             self._handed.append(queued)
         else:
             self._handed.clear()
