@@ -10,6 +10,9 @@
                 ...                       # decrypt and persist first
                 await relay.ack(item.guid)
 
+:meth:`RelayConnection.receive_batch` takes whatever has arrived at once, and
+one ``ack(*guids)`` acknowledges it all in one round trip.
+
 Structure (trio-websocket's bridge): a background reader task decodes
 frames, routes each reply to the request waiting for it (by request id)
 and puts pushes into a bounded memory channel. When the channel is full
