@@ -156,18 +156,45 @@ async def test_redelivery_after_lost_ack_reaches_the_app_once(
     real_ack = connection_module.RelayConnection.ack
     failed: list[bytes] = []
 
-    async def flaky_ack(self: Any, guid: bytes) -> None:
+    async def flaky_ack(self: Any, *guids: bytes) -> None:
         if not failed:
-            failed.append(guid)
+            failed.extend(guids)
             await self.aclose()  # the connection dies after the commit, before the ack
             raise ConnectionClosed("simulated crash before ack")
-        await real_ack(self, guid)
+        await real_ack(self, *guids)
 
     monkeypatch.setattr(connection_module.RelayConnection, "ack", flaky_ack)
     async with client(tmp_path, relay, "bob") as bob:
         bodies = [(await next_matching(bob, MessageReceived)).body for _ in range(2)]
     assert bodies == [b"exactly once", b"and the next"]
     assert failed
+
+
+async def test_a_backlog_is_acknowledged_in_batches(
+    tmp_path: Path, relay: Relay, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with client(tmp_path, relay, "bob"):
+        pass
+    async with client(tmp_path, relay, "alice") as alice:
+        for index in range(20):
+            await alice.send_direct("bob", b"offline %d" % index)
+    from transport import connection as connection_module
+
+    real_ack = connection_module.RelayConnection.ack
+    acks: list[int] = []
+
+    async def counted_ack(self: Any, *guids: bytes) -> None:
+        acks.append(len(guids))
+        await real_ack(self, *guids)
+
+    monkeypatch.setattr(connection_module.RelayConnection, "ack", counted_ack)
+    async with client(tmp_path, relay, "bob") as bob:
+        bodies = [(await next_matching(bob, MessageReceived)).body for _ in range(20)]
+        with trio.fail_after(5):
+            while sum(acks) < 20:
+                await trio.sleep(0.01)
+    assert bodies == [b"offline %d" % index for index in range(20)]
+    assert sum(acks) == 20 and len(acks) < 20  # every envelope once, in fewer round trips
 
 
 async def test_second_device_gets_messages_and_copies(tmp_path: Path, relay: Relay) -> None:

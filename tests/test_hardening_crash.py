@@ -241,8 +241,8 @@ if crash == "before-commit":
         return real_commit(self, changes, **kwargs)
     ClientStore.commit = commit
 if crash in ("before-ack", "before-ack-unread"):
-    async def ack(self, guid):
-        print("AT-CRASH-POINT", guid.hex(), flush=True)
+    async def ack(self, *guids):
+        print("AT-CRASH-POINT", guids[0].hex(), flush=True)
         await trio.sleep_forever()
     connection.RelayConnection.ack = ack
 

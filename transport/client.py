@@ -15,9 +15,10 @@ client is ready. Inside, a :class:`~protocol.client_core.ClientCore` does
 all protocol work; this module does only I/O around it:
 
 * every incoming envelope is processed, its state changes and resulting
-  events persisted in one transaction, and only then acknowledged; so a
-  crash between decrypt and save loses neither the message nor its keys,
-  and a redelivered envelope (lost acknowledgement) is recognised by guid;
+  events persisted in one transaction, and only then acknowledged (what
+  arrived together in one ACK); so a crash between decrypt and save loses
+  neither the message nor its keys, and a redelivered envelope (lost
+  acknowledgement) is recognised by guid;
 * every send is encrypted, persisted to the outbox with the new state, and
   then sent; a restarted client sends what is pending; a send refused for a
   stale device list is rebuilt for the current devices and sent again;
@@ -408,9 +409,9 @@ class Client:
     # ------------------------------------------------------------ receiving
 
     async def _process(self, connection: RelayConnection, envelope: Envelope) -> None:
+        """Persist what an envelope produces (the caller acknowledges it afterwards)."""
         if self.store.was_processed(envelope.guid):
-            await connection.ack(envelope.guid)
-            return
+            return  # our acknowledgement was lost: acknowledged again
         async with self._lock:
             sender = Address(envelope.sender_user, envelope.sender_device)
             if not self.core.knows_device(sender):
@@ -431,7 +432,6 @@ class Client:
         # app may see them and the relay may forget the envelope, in that order:
         # if the acknowledgement is lost, the redelivery is recognised by guid.
         await self._deliver_events(list(outcome.events), ids)
-        await connection.ack(envelope.guid)
         if outcome.sends:
             await self._flush()
 
@@ -511,11 +511,18 @@ class Client:
         task_status.started()
         await self._events_in.send((None, Connected()))
         await self._flush()
-        async for item in connection:
-            if isinstance(item, Envelope):
-                await self._process(connection, item)
-            elif isinstance(item, PreKeysLow):
-                await self._replenish_prekeys(connection)
+        async for batch in connection.batches():
+            # What arrived together is acknowledged together: one round trip,
+            # once each envelope's outcome is persisted.
+            processed = []
+            for item in batch:
+                if isinstance(item, Envelope):
+                    await self._process(connection, item)
+                    processed.append(item.guid)
+                elif isinstance(item, PreKeysLow):
+                    await self._replenish_prekeys(connection)
+            if processed:
+                await connection.ack(*processed)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Stay connected (reconnecting with backoff) until cancelled.

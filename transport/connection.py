@@ -38,6 +38,7 @@ import ssl
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from typing import TypeVar
 
 import trio
@@ -248,16 +249,19 @@ class RelayConnection:
     async def ack(self, *guids: bytes) -> None:
         """These envelopes are processed (and persisted): the relay deletes them.
 
-        One frame and one round trip for all of them: acknowledge together
-        what was processed together (see :meth:`receive_batch`).
+        One frame and one round trip for up to MAX_IN_FLIGHT of them (more
+        take more frames): acknowledge together what was processed together
+        (see :meth:`receive_batch`).
         """
-        if not 1 <= len(guids) <= MAX_IN_FLIGHT:
-            raise InvalidArgument(f"acknowledge 1 to {MAX_IN_FLIGHT} envelopes at once")
+        if not guids:
+            raise InvalidArgument("acknowledge at least one envelope")
         if any(len(guid) != GUID_SIZE for guid in guids):
             raise InvalidArgument(f"an envelope guid is {GUID_SIZE} bytes")
         if len(set(guids)) != len(guids):
             raise InvalidArgument("a guid is named twice")
-        await self._request(lambda rid: Ack(rid, guids), Ok)
+        for start in range(0, len(guids), MAX_IN_FLIGHT):
+            part = guids[start : start + MAX_IN_FLIGHT]
+            await self._request(partial(Ack, guids=part), Ok)
 
     async def ping(self) -> None:
         """A round trip; keeps the connection from the relay's idle timeout."""
@@ -337,8 +341,7 @@ class RelayConnection:
         """The next envelope or notice and whatever else has already arrived.
 
         Waits like :meth:`receive` for the first; never more than the window
-        and the notices. With the relay's default window (MAX_IN_FLIGHT) the
-        envelopes of one batch fit one :meth:`ack`.
+        and the notices.
         """
         batch = [await self.receive()]
         while True:
@@ -346,6 +349,17 @@ class RelayConnection:
                 batch.append(self._incoming.receive_nowait())
             except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
                 return batch
+
+    async def batches(self) -> AsyncIterator[list[Incoming]]:
+        """:meth:`receive_batch` until the connection closes, ending as iteration does."""
+        while True:
+            try:
+                batch = await self.receive_batch()
+            except ConnectionClosed:
+                if self._closed_locally:
+                    return
+                raise
+            yield batch
 
     def __aiter__(self) -> AsyncIterator[Incoming]:
         return self
