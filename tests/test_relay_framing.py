@@ -264,9 +264,11 @@ def test_ack_names_one_to_max_distinct_guids() -> None:
         refused = bad(pack([FrameType.ACK, 3, wrong]))
         assert (refused.request_id, type(refused.error)) == (3, BadFrame)
     assert isinstance(bad(pack([FrameType.ACK, 4, guids[0]])).error, BadFrame)  # not a list
-    # A relay takes the protocol's MAX_IN_FLIGHT, or all it lets be in flight if more.
+    # A relay with a smaller window still takes ACKs up to the protocol's bound.
     assert RelayLimits(max_in_flight=2).request_limits.max_ack_guids == MAX_IN_FLIGHT
-    assert RelayLimits(max_in_flight=300).request_limits.max_ack_guids == 300
+    for outside in (0, MAX_IN_FLIGHT + 1):
+        with pytest.raises(InvalidArgument):
+            RelayLimits(max_in_flight=outside)
 
 
 msgpack_values = st.recursive(

@@ -68,8 +68,9 @@ class RelayLimits:
     sweep_interval: float = L.SWEEP_INTERVAL_SECONDS
 
     def __post_init__(self) -> None:
-        if self.max_in_flight < 1:
-            raise InvalidArgument("max_in_flight must be at least 1")
+        if not 1 <= self.max_in_flight <= L.MAX_IN_FLIGHT:
+            # The protocol's bound: a client sizes its buffer and its ACKs by it.
+            raise InvalidArgument(f"max_in_flight must be 1 to {L.MAX_IN_FLIGHT}")
         if self.max_payload_size > self.max_frame_size:
             raise InvalidArgument("max_payload_size cannot exceed max_frame_size")
 
@@ -80,8 +81,6 @@ class RelayLimits:
             max_payload_size=self.max_payload_size,
             max_recipients=self.max_recipients,
             max_prekeys_per_upload=self.max_prekeys_per_upload,
-            # The protocol's bound, or all a relay allowing more pushed at once.
-            max_ack_guids=max(L.MAX_IN_FLIGHT, self.max_in_flight),
         )
 
 

@@ -72,9 +72,9 @@ MAX_MAILBOX_SIZE: Final = 10_000
 # Envelopes pushed to a connection and not yet acknowledged. The relay stops
 # pushing at this many until acknowledgements arrive, so a slow reader holds
 # back its own mail only (Matrix delivers at most 100 to-device events per
-# sync, synapse #11457). It also bounds the guids of one ACK (the decoder's
-# max_ack_guids, or a relay's larger max_in_flight): a client acknowledges
-# what it was pushed, so more is a malformed frame.
+# sync, synapse #11457). A relay may configure less, never more. It also
+# bounds the guids of one ACK (the decoder's max_ack_guids): a client
+# acknowledges what it was pushed, so more is a malformed frame.
 MAX_IN_FLIGHT: Final = 100
 
 # Envelopes read from storage per query when filling the in-flight window.
