@@ -143,14 +143,19 @@ async def test_restarted_client_sends_its_pending_outbox(tmp_path: Path, relay: 
         assert alice.store.outbox() == []
 
 
-async def test_redelivery_after_lost_ack_reaches_the_app_once(
-    tmp_path: Path, relay: Relay, monkeypatch: pytest.MonkeyPatch
-) -> None:
+async def mail_for_offline_bob(tmp_path: Path, relay: Relay, *bodies: bytes) -> None:
+    """Bob registered and offline; alice sends him ``bodies``."""
     async with client(tmp_path, relay, "bob"):
         pass
     async with client(tmp_path, relay, "alice") as alice:
-        await alice.send_direct("bob", b"exactly once")
-        await alice.send_direct("bob", b"and the next")
+        for body in bodies:
+            await alice.send_direct("bob", body)
+
+
+async def test_redelivery_after_lost_ack_reaches_the_app_once(
+    tmp_path: Path, relay: Relay, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    await mail_for_offline_bob(tmp_path, relay, b"exactly once", b"and the next")
     from transport import connection as connection_module
 
     real_ack = connection_module.RelayConnection.ack
@@ -173,11 +178,8 @@ async def test_redelivery_after_lost_ack_reaches_the_app_once(
 async def test_a_backlog_is_acknowledged_in_batches(
     tmp_path: Path, relay: Relay, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    async with client(tmp_path, relay, "bob"):
-        pass
-    async with client(tmp_path, relay, "alice") as alice:
-        for index in range(20):
-            await alice.send_direct("bob", b"offline %d" % index)
+    sent = [b"offline %d" % index for index in range(20)]
+    await mail_for_offline_bob(tmp_path, relay, *sent)
     from transport import connection as connection_module
 
     real_ack = connection_module.RelayConnection.ack
@@ -193,7 +195,7 @@ async def test_a_backlog_is_acknowledged_in_batches(
         with trio.fail_after(5):
             while sum(acks) < 20:
                 await trio.sleep(0.01)
-    assert bodies == [b"offline %d" % index for index in range(20)]
+    assert bodies == sent
     assert sum(acks) == 20 and len(acks) < 20  # every envelope once, in fewer round trips
 
 
