@@ -21,7 +21,12 @@ from test_relay_support import (
 )
 
 from protocol.errors import InvalidArgument, InvalidState
-from transport.connection import RelayConnection, connect_relay, open_relay_connection
+from transport.connection import (
+    RelayConnection,
+    _callers_error,
+    connect_relay,
+    open_relay_connection,
+)
 from transport.errors import (
     ConnectionClosed,
     IdleTimeout,
@@ -86,6 +91,24 @@ async def fake_relay(script: Script, **kwargs: object) -> AsyncIterator[RelayCon
 
 async def silent(relay: RawClient) -> None:
     await trio.sleep_forever()
+
+
+async def test_the_caller_s_error_comes_out_alone_beside_cancellations() -> None:
+    # The block fails just as an outer scope is cancelled: the connection's
+    # tasks end Cancelled beside the error, and the caller (the client's
+    # reconnect loop) must still get its own error, not a group.
+    with trio.CancelScope() as scope:
+        scope.cancel()
+        try:
+            await trio.lowlevel.checkpoint()
+        except trio.Cancelled as exc:
+            cancelled = exc
+            raise
+    own = ConnectionClosed("the caller's own")
+    assert _callers_error(BaseExceptionGroup("", [own, cancelled, cancelled])) is own
+    assert _callers_error(BaseExceptionGroup("", [own])) is own
+    assert _callers_error(BaseExceptionGroup("", [cancelled, cancelled])) is None
+    assert _callers_error(BaseExceptionGroup("", [own, ValueError()])) is None
 
 
 async def send(relay: RawClient, frame: RelayFrame) -> None:

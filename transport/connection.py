@@ -542,7 +542,21 @@ async def open_relay_connection(
                 await connection.aclose()
                 nursery.cancel_scope.cancel()
     except BaseExceptionGroup as group:
-        # The reader and keepalive never raise; a lone exception is the caller's own.
-        if len(group.exceptions) == 1:
-            raise group.exceptions[0] from None
+        if (error := _callers_error(group)) is not None:
+            raise error from None
         raise
+
+
+def _callers_error(group: BaseExceptionGroup[BaseException]) -> BaseException | None:
+    """The one error of the caller's block in a group from a connection's nursery.
+
+    The reader and keepalive never raise, so an exception other than
+    Cancelled is the caller's own. Cancelled beside it (the caller's scope
+    was cancelled meanwhile) comes again at the caller's next checkpoint, as
+    cancellation in trio is level-triggered: the error comes out alone, as
+    the caller's except clauses expect.
+    """
+    _, own = group.split(trio.Cancelled)
+    if own is not None and len(own.exceptions) == 1:
+        return own.exceptions[0]
+    return None
