@@ -5,10 +5,11 @@ from __future__ import annotations
 import hmac
 import json
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
+from children import reap_started
 from fuzzing import CHECKED
 
 from protocol.account import Account
@@ -22,6 +23,13 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
     if path and CHECKED:
         with open(path, "w") as out:
             json.dump({"total": sum(CHECKED.values()), "per_target": dict(CHECKED)}, out, indent=1)
+
+
+@pytest.fixture(autouse=True)
+def reap_children() -> Iterator[None]:
+    """No child process a test started outlives it (tests/children.py)."""
+    yield
+    reap_started()
 
 
 # A fixed "current time" (seconds); the protocol never reads a clock.

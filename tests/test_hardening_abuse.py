@@ -16,17 +16,17 @@ from __future__ import annotations
 import json
 import os
 import resource
-import signal
 import statistics
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
 import pytest
 import trio
+from children import REPO, STARTED, child_env
 from test_relay_support import RawClient, User, connected, make_user
 
 from protocol.encoding import pack
@@ -53,7 +53,6 @@ from transport.framing import encode_frame
 from transport.limits import RELAY_PROTOCOL_VERSION
 from transport.records import Envelope
 
-REPO = Path(__file__).resolve().parents[1]
 TIMEOUT = 60
 
 RELAY = """
@@ -75,26 +74,6 @@ async def main():
 
 trio.run(main)
 """
-
-# Every subprocess started; one still running when its test ends is killed.
-STARTED: list[trio.Process] = []
-
-
-@pytest.fixture(autouse=True)
-def reap_children() -> Iterator[None]:
-    yield
-    while STARTED:
-        pid = STARTED.pop().pid
-        try:
-            if os.waitpid(pid, os.WNOHANG) == (0, 0):  # our child, still running
-                os.kill(pid, signal.SIGKILL)
-                os.waitpid(pid, 0)
-        except ChildProcessError:
-            pass  # reaped already (so the pid is not ours to signal any more)
-
-
-def child_env() -> dict[str, str]:
-    return {**os.environ, "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1"}
 
 
 async def spawn(script: str, *args: str, log: Path) -> tuple[trio.Process, str]:

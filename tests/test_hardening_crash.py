@@ -28,13 +28,14 @@ import sqlite3
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager, suppress
 from pathlib import Path
 from typing import Any
 
 import pytest
 import trio
+from children import REPO, STARTED, child_env
 from test_relay_support import connected, make_user, register
 
 from protocol.client_core import ENVELOPE_DIRECT, ClientCore, DirectSend, MessageReceived
@@ -46,30 +47,8 @@ from transport.errors import TransportError
 from transport.records import Envelope
 from transport.relay import serve_relay
 
-REPO = Path(__file__).resolve().parents[1]
 TIMEOUT = 30
 SLOW_ROUNDS = int(os.environ.get("HUSHCHAT_CRASH_ROUNDS", "20"))
-
-
-# Every subprocess started; one still running when its test ends (a failure) is killed.
-STARTED: list[trio.Process] = []
-
-
-@pytest.fixture(autouse=True)
-def reap_children() -> Iterator[None]:
-    yield
-    while STARTED:
-        pid = STARTED.pop().pid
-        try:
-            if os.waitpid(pid, os.WNOHANG) == (0, 0):  # our child, still running
-                os.kill(pid, signal.SIGKILL)
-                os.waitpid(pid, 0)
-        except ChildProcessError:
-            pass  # reaped already (so the pid is not ours to signal any more)
-
-
-def child_env() -> dict[str, str]:
-    return {**os.environ, "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1"}
 
 
 class Child:

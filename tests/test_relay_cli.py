@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 import signal
 import ssl
 import subprocess
@@ -11,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import trio
-from test_relay_support import connected, self_signed
+from test_relay_support import announced_port, connected, self_signed
 
 from transport import cli
 from transport.limits import DEFAULT_RETENTION_SECONDS
@@ -64,14 +63,7 @@ async def test_the_command_runs_a_relay(tmp_path: Path) -> None:
     argv = [sys.executable, "-m", "transport.cli", "relay", "--port", "0", "--db", str(db)]
     process = await trio.lowlevel.open_process(argv, stderr=subprocess.PIPE)
     try:
-        assert process.stderr is not None
-        output = b""
-        with trio.fail_after(20):
-            while (match := re.search(rb"listening on 127\.0\.0\.1 port (\d+)", output)) is None:
-                chunk = await process.stderr.receive_some(4096)
-                assert chunk, output
-                output += chunk
-        async with connected(int(match.group(1))) as connection:
+        async with connected(await announced_port(process)) as connection:
             await connection.ping()
             assert connection.relay_name == "hushchat-relay"
         process.send_signal(signal.SIGTERM)

@@ -10,7 +10,6 @@ queued call still commits.
 from __future__ import annotations
 
 import os
-import re
 import secrets
 import signal
 import sqlite3
@@ -28,7 +27,7 @@ import pytest
 import trio
 import trio.testing
 from test_relay_storage import batch, device_list, register, upload
-from test_relay_support import RawClient, connected, make_user, relay_config
+from test_relay_support import RawClient, announced_port, connected, make_user, relay_config
 from test_relay_support import register as register_users
 
 from protocol.errors import InvalidArgument
@@ -376,14 +375,7 @@ async def test_the_relay_stops_on_a_signal_under_load(
     process = await trio.lowlevel.open_process(argv, stderr=subprocess.PIPE)
     accepted: set[bytes] = set()
     try:
-        assert process.stderr is not None
-        output = b""
-        with trio.fail_after(20):
-            while (match := re.search(rb"listening on 127\.0\.0\.1 port (\d+)", output)) is None:
-                chunk = await process.stderr.receive_some(4096)
-                assert chunk, output
-                output += chunk
-        port = int(match.group(1))
+        port = await announced_port(process)
         bob, senders = make_user("bob"), [make_user(f"sender{i}") for i in range(4)]
         await register_users(port, bob, *senders)
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import datetime
 import hashlib
 import ipaddress
+import re
 from collections.abc import AsyncIterator, Iterable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -137,6 +138,18 @@ async def connected(
         if device is not None:
             await connection.authenticate(device.user_id, device.device_id, device.identity)
         yield connection
+
+
+async def announced_port(process: trio.Process) -> int:
+    """The port a ``hushchat relay`` process says it listens on (its stderr)."""
+    assert process.stderr is not None
+    output = b""
+    with trio.fail_after(20):
+        while (match := re.search(rb"listening on 127\.0\.0\.1 port (\d+)", output)) is None:
+            chunk = await process.stderr.receive_some(4096)
+            assert chunk, output
+            output += chunk
+    return int(match.group(1))
 
 
 async def register(port: int, *users: User) -> None:

@@ -1,0 +1,34 @@
+"""Child processes of the hardening tests: started from the repository, reaped after each test.
+
+A test module appends every process it starts to :data:`STARTED`; conftest.py
+kills any still running when the test ends (a failure), so no child outlives
+its test.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+
+import trio
+
+REPO = Path(__file__).resolve().parents[1]
+
+STARTED: list[trio.Process] = []
+
+
+def child_env() -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1"}
+
+
+def reap_started() -> None:
+    """Kill and reap every started child still running."""
+    while STARTED:
+        pid = STARTED.pop().pid
+        try:
+            if os.waitpid(pid, os.WNOHANG) == (0, 0):  # our child, still running
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+        except ChildProcessError:
+            pass  # reaped already (so the pid is not ours to signal any more)
