@@ -18,7 +18,7 @@ import sys
 import threading
 import time
 from collections.abc import AsyncIterator, Sequence
-from contextlib import asynccontextmanager, suppress
+from contextlib import suppress
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -27,13 +27,20 @@ import pytest
 import trio
 import trio.testing
 from test_relay_storage import batch, device_list, register, upload
-from test_relay_support import RawClient, announced_port, connected, make_user, relay_config
+from test_relay_support import (
+    RawClient,
+    announced_port,
+    connected,
+    make_user,
+    memory_connection,
+    relay_config,
+)
 from test_relay_support import register as register_users
 
 from protocol.errors import InvalidArgument
 from protocol.prekeys import OneTimePreKeyPublic, SignedPreKeyPublic
 from transport.auth import sign_auth
-from transport.connection import RelayConnection, open_relay_connection
+from transport.connection import RelayConnection
 from transport.errors import DeviceListMismatch, MailboxFull, PreKeyIdInUse, TransportError
 from transport.frames import (
     Auth,
@@ -503,19 +510,6 @@ async def next_envelope(connection: RelayConnection) -> Envelope:
 # ------------------------------------------------------------------ the directory in memory
 
 
-@asynccontextmanager
-async def client(relay: Relay, device: Any = None) -> AsyncIterator[RelayConnection]:
-    """A connection to ``relay`` over an in-memory stream, authenticated as ``device``."""
-    client_stream, server_stream = trio.testing.memory_stream_pair()
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(relay.handle_connection, server_stream)
-        async with open_relay_connection(client_stream, keepalive_interval=None) as connection:
-            if device is not None:
-                await connection.authenticate(device.user_id, device.device_id, device.identity)
-            yield connection
-        nursery.cancel_scope.cancel()
-
-
 async def test_sends_checked_on_a_stale_copy_of_a_device_list_are_checked_again(
     tmp_path: Path,
 ) -> None:
@@ -525,13 +519,13 @@ async def test_sends_checked_on_a_stale_copy_of_a_device_list_are_checked_again(
     relay_a, relay_b = Relay(relay_config(), first), Relay(relay_config(), second)
     alice, bob = make_user("alice"), make_user("bob")
     try:
-        async with client(relay_a) as registrar:
+        async with memory_connection(relay_a) as registrar:
             for user in (alice, bob):
                 await registrar.upload_device_list(user.signed_list())
-        async with client(relay_a, alice.devices[1]) as sender:
+        async with memory_connection(relay_a, alice.devices[1]) as sender:
             await sender.send_direct("bob", [(1, b"one")])  # relay_a now holds bob's list
             bob.add_device(2)
-            async with client(relay_b, bob.devices[1]) as owner:
+            async with memory_connection(relay_b, bob.devices[1]) as owner:
                 await owner.upload_device_list(bob.signed_list())
             # The copy says device 1 only; the commit's compare-and-set sees the change.
             with pytest.raises(DeviceListMismatch) as info:
@@ -540,11 +534,11 @@ async def test_sends_checked_on_a_stale_copy_of_a_device_list_are_checked_again(
             # The copy is now current: naming both devices is accepted at once.
             await sender.send_direct("bob", [(1, b"three"), (2, b"three")])
             bob.remove_device(2)
-            async with client(relay_b, bob.devices[1]) as owner:
+            async with memory_connection(relay_b, bob.devices[1]) as owner:
                 await owner.upload_device_list(bob.signed_list())
             # The copy names device 2, which is gone: refused only after a fresh read agrees.
             await sender.send_direct("bob", [(1, b"four")])
-        async with client(relay_b, bob.devices[1]) as receiver:
+        async with memory_connection(relay_b, bob.devices[1]) as receiver:
             payloads = []
             with trio.fail_after(5):
                 while not isinstance(item := await receiver.receive(), QueueEmpty):

@@ -15,11 +15,10 @@ from typing import Any
 import pytest
 import trio
 import trio.testing
-from test_relay_support import RawClient, make_user, relay_config
+from test_relay_support import RawClient, make_user, memory_connection, relay_config
 
 from protocol.encoding import pack
 from transport.auth import sign_auth
-from transport.connection import RelayConnection, open_relay_connection
 from transport.frames import (
     Auth,
     ErrorFrame,
@@ -56,18 +55,6 @@ async def raw_connection(relay: Relay) -> AsyncIterator[RawClient]:
     async with trio.open_nursery() as nursery:
         nursery.start_soon(relay.handle_connection, server)
         yield RawClient(client)
-        nursery.cancel_scope.cancel()
-
-
-@asynccontextmanager
-async def client_connection(relay: Relay, device: Any = None) -> AsyncIterator[RelayConnection]:
-    client, server = trio.testing.memory_stream_pair()
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(relay.handle_connection, server)
-        async with open_relay_connection(client, keepalive_interval=None) as connection:
-            if device is not None:
-                await connection.authenticate(device.user_id, device.device_id, device.identity)
-            yield connection
         nursery.cancel_scope.cancel()
 
 
@@ -162,7 +149,7 @@ async def test_oversized_frame_is_refused_from_its_prefix() -> None:
 async def test_bad_frames_after_authentication_keep_the_connection() -> None:
     alice = make_user("alice")
     async with memory_relay(max_frame_size=5000, max_payload_size=100) as relay:
-        async with client_connection(relay) as registrar:
+        async with memory_connection(relay) as registrar:
             await registrar.upload_device_list(alice.signed_list())
         async with raw_connection(relay) as client:
             await authenticated(relay, client, alice.devices[1])
@@ -195,11 +182,11 @@ async def test_bad_frames_after_authentication_keep_the_connection() -> None:
 async def test_misbehaving_connections_do_not_disturb_others() -> None:
     alice, bob = make_user("alice"), make_user("bob")
     async with memory_relay() as relay:
-        async with client_connection(relay) as registrar:
+        async with memory_connection(relay) as registrar:
             await registrar.upload_device_list(alice.signed_list())
-        async with client_connection(relay) as registrar:
+        async with memory_connection(relay) as registrar:
             await registrar.upload_device_list(bob.signed_list())
-        async with client_connection(relay, bob.devices[1]) as bystander:
+        async with memory_connection(relay, bob.devices[1]) as bystander:
             for raw in (
                 encode_frame(b"\xc1"),
                 encode_frame(pack([42, 1])),
@@ -212,7 +199,7 @@ async def test_misbehaving_connections_do_not_disturb_others() -> None:
                     await client.stream.send_all(raw)
                     await client.stream.aclose()
             await bystander.ping()
-            async with client_connection(relay, alice.devices[1]) as sender:
+            async with memory_connection(relay, alice.devices[1]) as sender:
                 await sender.send_direct("bob", [(1, b"still works")])
             with trio.fail_after(5):
                 while not isinstance(item := await bystander.receive(), Envelope):
@@ -224,11 +211,11 @@ async def test_closed_connections_leave_the_registry() -> None:
     alice, bob = make_user("alice"), make_user("bob", [1, 2])
     async with memory_relay() as relay:
         for user in (alice, bob):
-            async with client_connection(relay) as registrar:
+            async with memory_connection(relay) as registrar:
                 await registrar.upload_device_list(user.signed_list())
         async with (
-            client_connection(relay, alice.devices[1]),
-            client_connection(relay, bob.devices[2]) as leaving,
+            memory_connection(relay, alice.devices[1]),
+            memory_connection(relay, bob.devices[2]) as leaving,
         ):
             assert relay.connected_devices == {("alice", 1), ("bob", 2)}
             bob.remove_device(2)
@@ -291,7 +278,7 @@ async def test_a_failing_delivery_task_ends_only_its_connection(
     storage = await SqliteStorage.open(":memory:")
     relay = Relay(relay_config(), UnreadableMailboxes(storage))
     try:
-        async with client_connection(relay) as registrar:
+        async with memory_connection(relay) as registrar:
             await registrar.upload_device_list(alice.signed_list())
         async with raw_connection(relay) as client:
             await authenticated(relay, client, alice.devices[1])
@@ -333,15 +320,15 @@ async def test_mail_committed_while_the_mailbox_is_read_is_pushed_once() -> None
     gated = GatedMailboxes(storage, "bob", 1)
     relay = Relay(relay_config(), gated)
     try:
-        async with client_connection(relay) as registrar:
+        async with memory_connection(relay) as registrar:
             await registrar.upload_device_list(alice.signed_list())
             await registrar.upload_device_list(bob.signed_list())
-        async with client_connection(relay, alice.devices[1]) as sender:
+        async with memory_connection(relay, alice.devices[1]) as sender:
             async with trio.open_nursery() as nursery:
                 got: list[Any] = []
 
                 async def bob_reads() -> None:
-                    async with client_connection(relay, bob.devices[1]) as receiver:
+                    async with memory_connection(relay, bob.devices[1]) as receiver:
                         with trio.fail_after(5):
                             while not any(isinstance(item, QueueEmpty) for item in got):
                                 got.extend(await receiver.receive_batch())
@@ -362,12 +349,12 @@ async def test_mail_committed_while_the_mailbox_is_read_is_pushed_once() -> None
 async def test_a_device_that_does_not_acknowledge_holds_at_most_a_window_at_the_relay() -> None:
     alice, bob = make_user("alice"), make_user("bob")
     async with memory_relay(max_in_flight=3) as relay:
-        async with client_connection(relay) as registrar:
+        async with memory_connection(relay) as registrar:
             await registrar.upload_device_list(alice.signed_list())
             await registrar.upload_device_list(bob.signed_list())
         async with (
-            client_connection(relay, bob.devices[1]),
-            client_connection(relay, alice.devices[1]) as sender,
+            memory_connection(relay, bob.devices[1]),
+            memory_connection(relay, alice.devices[1]) as sender,
         ):
             session = relay.session_of("bob", 1)
             assert session is not None

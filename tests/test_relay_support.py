@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import trio
+import trio.testing
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -32,9 +33,9 @@ from protocol.primitives import (
     x25519_public_bytes,
 )
 from transport.config import RelayConfig, RelayLimits
-from transport.connection import RelayConnection, connect_relay
+from transport.connection import RelayConnection, connect_relay, open_relay_connection
 from transport.framing import FrameDecoder, encode_frame
-from transport.relay import serve_relay
+from transport.relay import Relay, serve_relay
 
 
 def keypair(label: str) -> IdentityKeyPair:
@@ -138,6 +139,21 @@ async def connected(
         if device is not None:
             await connection.authenticate(device.user_id, device.device_id, device.identity)
         yield connection
+
+
+@asynccontextmanager
+async def memory_connection(
+    relay: Relay, device: Device | None = None
+) -> AsyncIterator[RelayConnection]:
+    """A connection to ``relay`` over an in-memory stream, authenticated as ``device`` if given."""
+    client_stream, server_stream = trio.testing.memory_stream_pair()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(relay.handle_connection, server_stream)
+        async with open_relay_connection(client_stream, keepalive_interval=None) as connection:
+            if device is not None:
+                await connection.authenticate(device.user_id, device.device_id, device.identity)
+            yield connection
+        nursery.cancel_scope.cancel()
 
 
 async def announced_port(process: trio.Process) -> int:
