@@ -30,11 +30,11 @@ from collections.abc import Sequence
 
 import trio
 
-from protocol.client_core import GroupUpdated, MessageReceived
-from protocol.errors import ProtocolError
-from protocol.group import TitleChanged
-from transport.client import Client, open_client
-from transport.client_store import ClientStore
+from hushchat.protocol.client_core import GroupUpdated, MessageReceived
+from hushchat.protocol.errors import ProtocolError
+from hushchat.protocol.group import TitleChanged
+from hushchat.transport.client.client import Client, open_client
+from hushchat.transport.client.store import ClientStore
 
 # Echoes of the same message are skipped: events come at least once (the last
 # one taken before a restart comes again). Kept in memory: a sketch, not a product.

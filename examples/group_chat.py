@@ -15,7 +15,7 @@ Type /help in a chat for its commands. A device's keys, sessions and groups
 live in --state DIR (default ~/.hushchat/NAME), so a chat started again is
 the same device, and receives what was sent while it was away.
 
-How the chat uses the library (transport.client):
+How the chat uses the library (hushchat.transport.client):
 
 * ``Client(store, core, host, port)`` and ``await nursery.start(client.run)``
   connect it (``open_client`` does the same in one ``async with``; the chat
@@ -45,8 +45,8 @@ import trio
 from group_chat_demo import run_demo
 from terminal import Palette, wants_colour
 
-from protocol import client_core as core
-from protocol.client_core import (
+from hushchat.protocol import client_core as core
+from hushchat.protocol.client_core import (
     DeviceAdded,
     DeviceRemoved,
     GroupUpdated,
@@ -56,13 +56,13 @@ from protocol.client_core import (
     RetryRequested,
     Undecryptable,
 )
-from protocol.client_core import DeviceListNeeded as NoDeviceList
-from protocol.errors import ProtocolError
-from protocol.group import AdminChanged, MemberAdded, MemberRemoved, TitleChanged
-from transport.client import Client, Connected, Disconnected, load_or_create_core
-from transport.client_store import ClientStore, StoreLocked, encode_item
-from transport.errors import RelayTimeout
-from transport.errors import UnknownUser as NoSuchUser
+from hushchat.protocol.client_core import DeviceListNeeded as NoDeviceList
+from hushchat.protocol.errors import ProtocolError
+from hushchat.protocol.group import AdminChanged, MemberAdded, MemberRemoved, TitleChanged
+from hushchat.transport.client.client import Client, Connected, Disconnected, load_or_create_core
+from hushchat.transport.client.store import ClientStore, StoreLocked, encode_item
+from hushchat.transport.wire.errors import RelayTimeout
+from hushchat.transport.wire.errors import UnknownUser as NoSuchUser
 
 try:
     import readline  # line editing and history for input(), where available

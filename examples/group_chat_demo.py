@@ -7,7 +7,8 @@ removal with sender-key rotation, safety numbers, and finally what the
 relay's SQLite file holds and what it deleted.
 
 Everything shown really happens over TCP. The relay is the real one
-(:class:`transport.relay.Relay` on :class:`~transport.sqlite_storage.SqliteStorage`);
+(:class:`hushchat.transport.relay.Relay` on
+:class:`~hushchat.transport.relay.storage.SqliteStorage`);
 the only addition is :class:`ObservedStorage`, which notes what the relay
 stores and deletes so the demo can narrate it. It never sees plaintext either.
 """
@@ -26,7 +27,7 @@ from typing import TextIO, TypeVar
 import trio
 from terminal import Palette
 
-from protocol.client_core import (
+from hushchat.protocol.client_core import (
     ENVELOPE_DIRECT,
     ENVELOPE_GROUP,
     Address,
@@ -37,14 +38,14 @@ from protocol.client_core import (
     MessageSentByOtherDevice,
     Undecryptable,
 )
-from protocol.group import MemberRemoved
-from protocol.sender_keys import SenderKeyMessage
-from transport.client import Client, ClientEvent, open_client
-from transport.client_store import ClientStore
-from transport.config import RelayConfig
-from transport.relay import Relay
-from transport.sqlite_storage import SqliteDatabase, SqliteStorage
-from transport.storage import EnvelopeBatch
+from hushchat.protocol.group import MemberRemoved
+from hushchat.protocol.sender_keys import SenderKeyMessage
+from hushchat.transport.client.client import Client, ClientEvent, open_client
+from hushchat.transport.client.store import ClientStore
+from hushchat.transport.relay.config import RelayConfig
+from hushchat.transport.relay.server import Relay
+from hushchat.transport.relay.storage.interface import EnvelopeBatch
+from hushchat.transport.relay.storage.sqlite import SqliteDatabase, SqliteStorage
 
 HOST = "127.0.0.1"
 # A step that takes longer than this is broken, not slow.

@@ -14,8 +14,8 @@ Run it:  python examples/one_to_one.py
 
 from __future__ import annotations
 
-from protocol import Account, SafetyNumber, SessionRecord
-from protocol.errors import DuplicateMessage
+from hushchat.protocol import Account, SafetyNumber, SessionRecord
+from hushchat.protocol.errors import DuplicateMessage
 
 
 def main() -> None:

@@ -8,7 +8,7 @@ The objects an app uses, re-exported here (see README.md and spec/):
   decrypt one-to-one messages (transactional: a failure changes nothing).
 * :class:`OutboundSenderKey` / :class:`SenderKeyRecord`: group encryption.
 * :class:`SafetyNumber`: what two users compare out of band.
-* :class:`ProtocolError` and its subclasses in :mod:`protocol.errors`.
+* :class:`ProtocolError` and its subclasses in :mod:`hushchat.protocol.errors`.
 """
 
 from .account import Account as Account

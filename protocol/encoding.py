@@ -6,7 +6,7 @@ encoding of a value is what :func:`pack` produces (smallest integer and
 length formats); :func:`unpack` refuses anything else, so every value has
 exactly one encoding and signatures over encodings are unambiguous.
 
-Decoding never raises anything but :class:`~protocol.errors.DecodeError`
+Decoding never raises anything but :class:`~hushchat.protocol.errors.DecodeError`
 and its subclasses. :class:`Fields` reads the positional fields of a decoded
 array with type and size checks.
 """

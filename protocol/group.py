@@ -10,7 +10,7 @@ duplicates or reorders them cannot add a member ("ghost member"), remove
 one, or make members disagree: it can only withhold changes.
 
 Devices are not part of the group state. A member's devices are those of the
-member's :class:`~protocol.devices.SignedDeviceList` (signed by the user
+member's :class:`~hushchat.protocol.devices.SignedDeviceList` (signed by the user
 identity the group state records), which the caller holds and passes in as a
 *device directory* (a mapping, or a callable, from user id to signed list).
 So neither an admin nor the relay can slip a device into a group.

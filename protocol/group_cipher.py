@@ -2,7 +2,7 @@
 
 As libsignal's ``group_cipher.rs``, as objects in the vodozemac style (the
 caller persists them with ``to_bytes`` after each call; nothing here does
-I/O). The chain and wire formats are in :mod:`protocol.sender_keys`.
+I/O). The chain and wire formats are in :mod:`hushchat.protocol.sender_keys`.
 
 * :class:`OutboundSenderKey`, one per group on our device: one AES
   encryption and one Ed25519 signature per message, whatever the group's

@@ -3,7 +3,7 @@
 Every pickle is a canonical msgpack array whose first field is
 ``STATE_VERSION``. :func:`load_pickle` checks the version and hands the
 remaining fields to a reader; whatever goes wrong, only
-:class:`~protocol.errors.StateError` escapes: ``UnknownStateVersion`` for a
+:class:`~hushchat.protocol.errors.StateError` escapes: ``UnknownStateVersion`` for a
 version this code cannot read, ``StateError`` for anything malformed.
 """
 

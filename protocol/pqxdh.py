@@ -2,7 +2,7 @@
 
 Only the key agreement lives here: which DH outputs and KEM secret go into
 the KDF, in which order, and the associated data. Sessions are built on the
-result by :mod:`protocol.session`.
+result by :mod:`hushchat.protocol.session`.
 
     DH1 = DH(IK_A, SPK_B)   DH2 = DH(EK_A, IK_B)   DH3 = DH(EK_A, SPK_B)
     DH4 = DH(EK_A, OPK_B)   (only with a one-time prekey)

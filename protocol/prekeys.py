@@ -8,7 +8,7 @@ A device publishes (X3DH section 3.2, PQXDH section 3.2):
   (PQOPK); the relay hands out a one-time one while any remain.
 
 Signatures are Ed25519 by the device identity over ``Encode(PK)``
-(:func:`protocol.keys.sign_prekey`). Wire layouts are in spec/06-wire-format.md.
+(:func:`hushchat.protocol.keys.sign_prekey`). Wire layouts are in spec/06-wire-format.md.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """The cryptographic primitives hushchat uses, and nothing else.
 
 Thin, typed wrappers over ``cryptography`` (and the stdlib's HMAC) that
-turn library exceptions into :mod:`protocol.errors` and add the checks the
+turn library exceptions into :mod:`hushchat.protocol.errors` and add the checks the
 protocol requires on top: canonical X25519 public keys, refusal of all-zero
 DH outputs, the Ed25519-to-X25519 conversion with libsodium's checks.
 

@@ -1,7 +1,7 @@
 """Sender Keys: a group sender's hash chain and the two messages that carry it.
 
 As libsignal's ``sender_keys.rs`` and ``protocol.rs``, with msgpack for
-protobuf and Ed25519 for XEdDSA. :mod:`protocol.group_cipher` holds the
+protobuf and Ed25519 for XEdDSA. :mod:`hushchat.protocol.group_cipher` holds the
 objects that use them (our outbound key, a peer's inbound record).
 
 Chain
@@ -23,7 +23,7 @@ it. A chain sends at iterations 0 .. MAX_SENDER_KEY_ITERATION (2^32 - 2).
 Wire formats
 ============
 
-Both are canonical msgpack (:mod:`protocol.encoding`); ``uint`` is the
+Both are canonical msgpack (:mod:`hushchat.protocol.encoding`); ``uint`` is the
 shortest msgpack unsigned integer (1, 2, 3 or 5 bytes), ``bin N`` a byte
 string of exactly N bytes (``c4 NN`` then the bytes for N < 256).
 
@@ -57,7 +57,7 @@ uint, as nearly all 31-bit random ids): 204 bytes at iterations 0..127, 205
 at 128..255, 206 at 256..65535. libsignal's protobuf form of the same costs
 205 at 0..127, 206 at 128..16383 and 207 at 16384..65535 (chain id >= 2^28).
 
-Decoders raise only :class:`~protocol.errors.ProtocolError` subclasses:
+Decoders raise only :class:`~hushchat.protocol.errors.ProtocolError` subclasses:
 UnknownVersion for another version, InvalidKey for a signing key that does
 not decode or has small order, DecodeError for anything else malformed.
 """
@@ -130,7 +130,7 @@ def decrypt_with_seed(seed: bytes, ciphertext: bytes) -> bytes:
 class SenderKeyDistributionMessage:
     """A sender chain at one iteration: what a receiver needs to decrypt from there on.
 
-    Made by :meth:`protocol.group_cipher.OutboundSenderKey.distribution_message`
+    Made by :meth:`hushchat.protocol.group_cipher.OutboundSenderKey.distribution_message`
     or :meth:`decode`. It holds a chain key: send it only inside a 1:1 session.
     """
 
@@ -186,7 +186,7 @@ class SenderKeyMessage:
 
     :meth:`decode` is also how a caller routes a message (``group_id``,
     ``chain_id``, ``iteration``) before any record is loaded. Nothing here
-    is authenticated until :meth:`protocol.group_cipher.SenderKeyRecord.decrypt`
+    is authenticated until :meth:`hushchat.protocol.group_cipher.SenderKeyRecord.decrypt`
     has verified the signature.
     """
 

@@ -2,19 +2,17 @@
 
 from __future__ import annotations
 
-import hmac
 import json
 import os
 from collections.abc import Callable, Iterator
-from typing import Any
 
 import pytest
-from children import reap_started
-from fuzzing import CHECKED
 
-from protocol.account import Account
-from protocol.primitives import SeededRandom
-from protocol.session import DecryptResult, SessionRecord
+from hushchat.protocol.account import Account
+from hushchat.protocol.primitives import SeededRandom
+from tests.support.children import reap_started
+from tests.support.fuzzing import CHECKED
+from tests.support.reference import NOW, Curve25519, Peer
 
 
 def pytest_sessionfinish(session: pytest.Session) -> None:
@@ -32,8 +30,6 @@ def reap_children() -> Iterator[None]:
     reap_started()
 
 
-# A fixed "current time" (seconds); the protocol never reads a clock.
-NOW = 1_700_000_000
 
 
 @pytest.fixture
@@ -51,31 +47,6 @@ def make_account(rng: SeededRandom) -> Callable[..., Account]:
 
     return make
 
-
-class Peer:
-    """One device in a one-to-one conversation: its account and its record of the other."""
-
-    def __init__(self, account: Account, rng: SeededRandom) -> None:
-        self.account = account
-        self.record = SessionRecord()
-        self.rng = rng
-
-    def encrypt(self, plaintext: bytes, *, now: int = NOW) -> bytes:
-        return self.record.encrypt(plaintext, now=now)
-
-    def decrypt(self, data: bytes, *, now: int = NOW, **kwargs: Any) -> DecryptResult:
-        return self.record.decrypt(data, self.account, now=now, rng=self.rng, **kwargs)
-
-    def state(self) -> bytes:
-        """Everything a decrypt may change, serialized (for before/after comparisons)."""
-        return self.record.to_bytes() + self.account.to_bytes()
-
-    def assert_refused(self, data: bytes, error: type[Exception], **kwargs: Any) -> None:
-        """``data`` raises ``error`` and leaves the record and account byte-identical."""
-        before = self.state()
-        with pytest.raises(error):
-            self.decrypt(data, **kwargs)
-        assert self.state() == before
 
 
 @pytest.fixture
@@ -106,99 +77,6 @@ def peers(
 
     return make
 
-
-# ------------------------------------------------------------------ references, independently
-
-
-def reference_hkdf(ikm: bytes, salt: bytes, info: bytes, length: int) -> bytes:
-    """RFC 5869 HKDF-SHA-256 from the stdlib's HMAC, sharing no code with protocol/."""
-    prk = hmac.digest(salt, ikm, "sha256")
-    okm, block = b"", b""
-    for i in range(1, -(-length // 32) + 1):
-        block = hmac.digest(prk, block + info + bytes([i]), "sha256")
-        okm += block
-    return okm[:length]
-
-
-# Affine Edwards arithmetic written from RFC 7748/8032, sharing no code with
-# protocol.primitives, to make inputs (torsion points, torsioned keys) and
-# to check results against.
-
-
-class Curve25519:
-    P = 2**255 - 19
-    D = (-121665 * pow(121666, -1, P)) % P
-    L = 2**252 + 27742317777372353535851937790883648493
-    IDENTITY = (0, 1)
-
-    def __init__(self) -> None:
-        base = self.decode((4 * pow(5, -1, self.P) % self.P).to_bytes(32, "little"))
-        assert base is not None
-        self.base = base  # RFC 8032's B: y = 4/5, x even
-        # A point of order 8: [L] of a curve point whose order has the full cofactor.
-        y = 2
-        while True:
-            x = self.recover_x(y, 0)
-            if x is not None:
-                t = self.mul((x, y), self.L)
-                if self.mul(t, 4) != self.IDENTITY:
-                    break
-            y += 1
-        self.torsion = [self.mul(t, i) for i in range(8)]
-
-    def recover_x(self, y: int, sign: int) -> int | None:
-        p = self.P
-        xx = (y * y - 1) * pow(self.D * y * y + 1, -1, p) % p
-        x = pow(xx, (p + 3) // 8, p)
-        if (x * x - xx) % p:
-            x = x * pow(2, (p - 1) // 4, p) % p
-        if (x * x - xx) % p or (x == 0 and sign):
-            return None
-        return p - x if x & 1 != sign else x
-
-    def add(self, a: tuple[int, int], b: tuple[int, int]) -> tuple[int, int]:
-        p = self.P
-        (x1, y1), (x2, y2) = a, b
-        t = self.D * x1 * x2 * y1 * y2 % p
-        x = (x1 * y2 + x2 * y1) * pow(1 + t, -1, p) % p
-        return x, (y1 * y2 + x1 * x2) * pow(1 - t, -1, p) % p
-
-    def mul(self, point: tuple[int, int], k: int) -> tuple[int, int]:
-        result = self.IDENTITY
-        while k:
-            if k & 1:
-                result = self.add(result, point)
-            point = self.add(point, point)
-            k >>= 1
-        return result
-
-    def encode(self, point: tuple[int, int]) -> bytes:
-        x, y = point
-        return (y | (x & 1) << 255).to_bytes(32, "little")
-
-    def decode(self, data: bytes) -> tuple[int, int] | None:
-        n = int.from_bytes(data, "little")
-        y = n & ((1 << 255) - 1)
-        x = None if y >= self.P else self.recover_x(y, n >> 255)
-        return None if x is None else (x, y)
-
-    def to_u(self, point: tuple[int, int]) -> bytes:
-        """The Montgomery u-coordinate (1 + y) / (1 - y) of an Edwards point."""
-        y = point[1]
-        return ((1 + y) * pow(1 - y, -1, self.P) % self.P).to_bytes(32, "little")
-
-    def from_u(self, u: bytes) -> tuple[int, int] | None:
-        """An Edwards point with this u-coordinate (sign of x: 0), None if on the twist."""
-        n = int.from_bytes(u, "little")
-        y = (n - 1) * pow(n + 1, -1, self.P) % self.P
-        x = self.recover_x(y, 0)
-        return None if x is None else (x, y)
-
-    def add_torsion_to_u(self, u: bytes, index: int) -> bytes:
-        """u of (the point with u) + the index-th 8-torsion point: same X25519 results."""
-        point = self.from_u(u)
-        assert point is not None
-        return self.to_u(self.add(point, self.torsion[index]))
 
 
 @pytest.fixture(scope="session")

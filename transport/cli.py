@@ -1,8 +1,11 @@
-"""The ``hushchat`` command: one subcommand per function in :data:`SUBCOMMANDS`.
+"""The ``hushchat`` command: ``relay`` here, and the commands other packages add.
 
-To add a subcommand, write ``add_NAME_command(subparsers)`` that adds its
+A subcommand is a function ``add_NAME_command(subparsers)`` that adds its
 parser and sets ``run`` (a function from the parsed arguments to an exit
-status) with ``set_defaults``, then append it to SUBCOMMANDS.
+status) with ``set_defaults``. The relay's is in :data:`SUBCOMMANDS`; the
+development tools (``bench``, ``vectors``) register theirs as entry points of
+the group :data:`COMMAND_ENTRY_POINTS` (pyproject.toml), so the transport never
+imports them.
 """
 
 from __future__ import annotations
@@ -13,17 +16,16 @@ import signal
 import ssl
 import sys
 from collections.abc import Callable, Sequence
+from importlib import metadata
 from typing import TypeAlias
 
 import trio
 
-from protocol.errors import InvalidArgument
+from hushchat.protocol.errors import InvalidArgument
 
-from .bench import add_bench_command
-from .config import RelayConfig, parse_duration
-from .limits import DEFAULT_RETENTION_SECONDS
-from .relay import serve_relay
-from .vectors_cli import add_vectors_command
+from .relay.config import RelayConfig, parse_duration
+from .relay.server import serve_relay
+from .wire.limits import DEFAULT_RETENTION_SECONDS
 
 logger = logging.getLogger("hushchat.relay")
 
@@ -109,17 +111,27 @@ async def _serve_until_signalled(config: RelayConfig) -> None:
 
 # ------------------------------------------------------------------ entry point
 
-SUBCOMMANDS: list[Callable[[SubParsers], None]] = [
-    add_relay_command,
-    add_vectors_command,
-    add_bench_command,
-]
+SUBCOMMANDS: list[Callable[[SubParsers], None]] = [add_relay_command]
+COMMAND_ENTRY_POINTS = "hushchat.commands"
+
+
+def _installed_commands() -> list[Callable[[SubParsers], None]]:
+    found = sorted(metadata.entry_points(group=COMMAND_ENTRY_POINTS), key=lambda ep: ep.name)
+    return [entry_point.load() for entry_point in found]
+
+
+def _version() -> str:
+    try:
+        return metadata.version("hushchat")
+    except metadata.PackageNotFoundError:
+        return "unknown (not installed)"
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hushchat", description="hushchat tools")
+    parser.add_argument("--version", action="version", version=f"hushchat {_version()}")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add_command in SUBCOMMANDS:
+    for add_command in SUBCOMMANDS + _installed_commands():
         add_command(subparsers)
     return parser
 

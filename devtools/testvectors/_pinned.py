@@ -1,0 +1,182 @@
+"""ML-KEM-768 encapsulations recorded once, so the vectors regenerate byte for byte.
+
+``cryptography`` encapsulates with its own randomness, so the generator
+cannot replay an encapsulation from a seed. Each entry here is a key seed
+(FIPS 203 ``d || z``) and one ciphertext recorded for its public key when the
+vectors were first generated; the shared secret is recomputed by
+decapsulation. The initiator side of a vector takes ``(shared secret,
+ciphertext)`` as an injected input; the responder side checks
+``decapsulate(ciphertext) == shared secret``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from hushchat.protocol import primitives as p
+
+
+@dataclass(frozen=True, slots=True)
+class PinnedKem:
+    seed: str
+    ciphertext: str
+
+    def key_seed(self) -> bytes:
+        return bytes.fromhex(self.seed)
+
+    def public_key(self) -> bytes:
+        return p.mlkem768_public_bytes(p.mlkem768_private_from_seed(self.key_seed()))
+
+    def encapsulation(self) -> tuple[bytes, bytes]:
+        """(shared secret, ciphertext), as RandomSource.encapsulate returns them."""
+        ciphertext = bytes.fromhex(self.ciphertext)
+        key = p.mlkem768_private_from_seed(self.key_seed())
+        return p.mlkem768_decapsulate(key, ciphertext), ciphertext
+
+
+PINNED: dict[str, PinnedKem] = {
+    "bob_last_resort": PinnedKem(
+        seed=(
+            "b404ef8ed6626630901de2f26cf1e9b4d4cfbeb2e23777c11f18a4175eb4665b"
+            "3a5de00fa250a99aa28ed358b84269eed00b2b9ebf97df426e02fb51098f1796"
+        ),
+        ciphertext=(
+            "217e45ab4cc5b3a664ea493808c0c27342eb392c2274c150dd3dac9a5674b4d786c18ec7d9e4da16"
+            "d6fdb6284ded3ae81d7f08c6db7cbdf8751794955af79487dd7f2565d9d773920ece97e7de5ce277"
+            "6046a903d429feb9644a440afb0e6bca53afefd3d2f4d9b1575b0d52b7a9363de9522b33ada494b9"
+            "13bfd90a951633c351470a37524cb495d1f8968f886436d671cda1ac8b630e52237415009b5e873c"
+            "2df32dba09f939faffe246175118d3bb6c8ff119b45c6d7d5a956c58d17be5c254d40b2eaf14e898"
+            "254eb6d0430a7cf85145077554bc0ccce699216fe1922f1e0140c28f6b7fd8a9e4a668cdb97e3299"
+            "18a9daa49abbec79522e7324345f5ac3bbe910e0296a538eeb5d5a84cb52e5923965ef96ce1604ba"
+            "c1c54f6b488c6939a94a6980c406a2890de7c1d4e69c202c6e621531b4949ebfc9186bc7d32b9e4c"
+            "f197d7b81d34dd7a8d32fbabaa695f7cf9fa5e734d0192a65446e854f12a49f5e4899057a4e2bb7a"
+            "74484d46eed78d45c47cb3d5b17739d2b4e58d8a377e2bd2a1b419839a87c6f0a385745fad605445"
+            "44acc9c22ef106f92fb1641ff5b25d4757f4976eda86796d90c1429b8e1eea93dca6e911e4aa68e4"
+            "c9dd2c9dd6c415d89cee8bbc1fef4dd16f1ea4a3cf9aa6e4ce9da25b0093648965326f4ed344ad4d"
+            "da9eec81221399690dc672743b079621f1d28b9f78ca53211b4cbbe398a26f9f2413454dd4104874"
+            "7a744461840210fdc5ab3371485c182778ea4439b14e468803a1480c7a50e4c2628d581ea6368639"
+            "8ed8072fce8cb7d8f46816187f4b436d05e48987d7f74b7ea3b0406ebbf3d401416b29e5de9ad760"
+            "a5a5f77f28915d4383d3fec452b7a68e73a5fdf36d7855e3de171bb76424b4079708c504e57ba105"
+            "a786d810df964f2b4324843c6e9c138184d7bdf02bf5627058af4ea44b396ac57fb9f0063ef90c97"
+            "1a2a3b99a7655ca7eeaa9eddc8b6bf34d00d6d7afd6c8bf33404b74e1926c065b82a3836d328eeb9"
+            "e986f43563268b262d02056b01244d1d8cc46509d1527371db36a00616019823a9335274f5bb6b96"
+            "eed1a50c4c25458c7311c9da476c9b3b049583c0d100940e656d6ddc6b100234dbcf49e261ef83d0"
+            "29424888c7af328a7c41846777cb562ece57e851dc58926a09b8ccf4ea78eb76e5289021cd69a193"
+            "3697b6f8312d4d7098af0337c561e146270b01331052a91a79061cd59ff7d92296ab32e46ad29139"
+            "ccff1c917ecfb6d2d1b0a4ca5a17230af462fee5cce249bbc3c0f3386af18cd37029a158bbe07b51"
+            "9cf8ba602cc996ef54a50d7de56068fb440cfd4a07b48a80e3a6eae1e4664c743984f1cc287c7d9a"
+            "3d9fb1db8da5cc6b156220a05bf072222da1bdb930842717a9fd85faeb8c6520d441a6c9742988a4"
+            "a2f56f817631373dd04df7b0fcff9f8ea5da13addc0bf0ef5eeb0693d1cf1ca3e409991d4fbac584"
+            "f475a71cc10543da66a07d5ceccd0c214fe39c29d1dd2c75aba5b7f2128e9e81aaba34ecc068e2fa"
+            "60dbba9cb574558d"
+        ),
+    ),
+    "bob_one_time": PinnedKem(
+        seed=(
+            "e346eedd48ce7406efbec0b4cb65b774b792e6868cbbbd56525b5ec70907a553"
+            "030ce1e9b7accb5a7d9aa81ca9356d57946e9e9126629cfcc193d0ccc5acbad9"
+        ),
+        ciphertext=(
+            "63d0afad0ee7ba37b6b10abccc453a7cdbf045a816a853c2d312c95b90133643f852a349d2829530"
+            "a71996e2ee1b0ce111b85ee8e35aeb1a2712c5107006958eea6039c46d8440e7adf22ef3bd5f5046"
+            "4e95b551203c9ca846fe72079637914ab8c67e9598aa3ac8ab4aba41e59086958c96a5823ce0c8ba"
+            "5ab9f72289921ab512331d2c8dd95fc62a91d5e0106caed9ee4794c85668b03754031edbc2355769"
+            "57bbf3c4440b78c0c93da58fc97330df8dcf83dcb7de0247a12a1a4f52fa1719ba7b40b6830df04c"
+            "6276a7e561bcbe690183942ccf59863da5310fb29067550a711219edfb081537f4a4ff5e049340f7"
+            "e494243027b677dac42e45a4e6cfc015c658d4b0df9734a5f56ef4f11052c4f2f79138b736b72eae"
+            "fc047885525a27b4db0e36a65c279eb078e1bec90c9def8ced6911a882c2960681b0ee45f6f22e99"
+            "9052db507c5329371006f653e5725a57b7d7d812a5fbd962dd6e9d7fc7c153f822496d7794bb0d63"
+            "5a2448f8b20df1986006c4555397dcc3b01c528570e7a79e40ffda9d3b898fad192cb1a6e6c74316"
+            "62261c660c29133b7627da5acc817cd39be88ec86d95abc8ef5883e101229f940177145f8f7e641d"
+            "bb62b5b94bdc56351691e6e49258ceb07ed1f70d8b0688153885ba4a71ebf424a11c2e35cd0ef434"
+            "846148b609efef4d4155c5dd0c4abff98611a9aeba91b56db7bb58d64a75ab4bbd84d40b3bf2089d"
+            "fd483e3afa5c0c54c7deb73851ba9cd655689607fa18ffbcd13302d7a5f8db04d81cc196eb60eb71"
+            "bd50d210cfdf15ac2b2136bdb9d8faca2b9983b4e959b9ac6b21ea5df709e7b93bcd4768011a3172"
+            "a95c761fc1dfba3f0053db21952a70be93c8ade31feb885a31a57ef1d1a8891f5936d015069dd9c8"
+            "3134f9bc0495891dac1a37aa082fc76776d90fb901d184b0eb79566b8c5871a899544ef94cd49e93"
+            "db389d0b761c4175abed112d4f66413f0b663ab6c0860e36f140489709d0130ef5403dd0cd8cf6be"
+            "c5f8ede478ed76b761330aced14025ea88b4f7d2b617923e768dc5f0ab46ae65931f723e484bdbdd"
+            "cb391a496f3a74e93317f42910e1dd5d21787527699a4d0f2e261e32ef72bdf9e68d4428f2d92c36"
+            "d8317a0c9f9304c41f9208b6a3df315ba129aebe228c83d511edbcd41359af516d64beeed5267c5f"
+            "962176442749eb9446b9a1354051359fc8e9dc68081a1121bf3acb4eca94cb99cf195ced58aef4e3"
+            "cddc08858b6617e1d86a8f72d28f73a8cc88aa51cb74fbe2373f5f1349724db0e8cd0a03f7b2adce"
+            "0d5d978a8b64751e34318ff0aa6920d5961a1f84f37cc03dae369fcd848cd95c52d21fa09dcce232"
+            "5698ee4cee7a27438d22bc9414331e063252f6f68c66faba781fb31f97ffe756b177f9d6abc5bc80"
+            "6403821feadf057ee2a54e68733851a0d84b35b37c2fbb536754876470a9b2921d6567f87a1188ba"
+            "8c44b406b7b2f4f28927497f86e30fe0acba76da3056f32b3dce088e703d8cd22c7564e3ba9f3a8b"
+            "11ce2985e58bbb42"
+        ),
+    ),
+    "alice_last_resort": PinnedKem(
+        seed=(
+            "6dee9dca1e70d3ce9d58075d04a29b195d1b45a543dbeb8d6742b7e5b79a842f"
+            "b14d0c80bc77d7b26497f13108129f6f6919c4581265ea0ee3586922c81a15dd"
+        ),
+        ciphertext=(
+            "857d125afeb2aa141a8a8ba9dbee46a026d311f20c19aeb25b3680b237266552867205e83f27356b"
+            "08126895e42f735b259a2f5283dd754424908a2b43601a268b8af7c5bb15144a176864b8ef0e5a94"
+            "2ac459431e87d6008b4d3452771cee2c992e7b402909d725abedd66fb4f391eb429fd288f555bc47"
+            "248d954d218db93fdc792db398489a9d2018d69074c142943d1e04aec10c0776712b62c14ae85f49"
+            "a776734477782477ab0b031108be08c5bcddce6db04e54d28cd0546c45f1a75582b8e16a5ebfb0e6"
+            "523a418b625fa37bfff04b57d8635ece998920c14197883dbfb471badef10bf8c07fe557b34ddc13"
+            "3efc7480f523cd2dc137936da4e8cd965838f95081f0ab28467125e3edb14913d37eda032ae8b8a0"
+            "bd244bdadc5228dd0807408452a9666999bf46f19921fd2622c2ee93df7a3615ab20333dcff77476"
+            "cce5637e2261bb6c5293a869a9e241d02314d9b4b63a3fefd9c6da85dd609a066c1043ef9f3d7b28"
+            "23495632716369704d41fb23ee1dd368258213706aae4a0d780a12bbe5032581b8bb6742e04e04f4"
+            "ee8aa177e132a7853e52330deac4dd0e574a205a22fbee7736eba2f14b51517fc4de55880c7aa0c6"
+            "3bdb039f54cc7adf76c760c5e5823584056d7cbf22b67b731c020a67b936124e9314bbb6dc6a92af"
+            "f6b3097cbae72e45314b0d03d8fa91ec71fe59d18b1bb97d1496d81e64a741e2f8d5adf42c828e4e"
+            "b3627dd29826a0dfc0d28df7c20348651198d379da3aee970b031898d19a5ff3908f40ae3bd6a0a5"
+            "ad2cf651af2807f38bb487859263541db30a708d1364fbbea41bc148366ec6619912be88b70a044f"
+            "8884cadd3ecd28ee1706ebe2463e5c177f45a81053fc2b2961a6d946132c1e71e5cf23a068c7b99f"
+            "4b570d36f5a226911f1238d3afff56456037a7c113d615f9874bb5645cd04b1324d15ab37416b68c"
+            "7e2545ce632e4a2d3abebd86ec0af308630604fdbff7248f345a8612b94b742d276081e4fd63e0db"
+            "0f83c1942f428611ac978dd066eff7e7af59ad3133614fe2166fc8567a31dbc3ae2aa6398d6c0161"
+            "5f90d954aef8757cbbe71f669cd2ac3cc279e9598eb523fa1921e1bd6fd0b31aa4d8929491379974"
+            "09caa4be83bb62287a1c15d01d5eba1f04cc411748138f657e00f5702f89d8707c3d6f7e2b473c67"
+            "4c3d7855b3cf84ecb2334af45903bda64049502d90a8bb522bb58254a64d780c6fb31b12105a27e7"
+            "a0b3d2d5ff07b356b906fb3e520bb8912495be7df5d372636f6c873b1c9516d2e0e0c826edf6d955"
+            "6c6442696ac6bf052736bf6a71dd6cd53e61666aed4eae89091845b6270d51990681fd613d544b73"
+            "32911470398e3b1f75c2972d252dbcadf9bbc2354dcbd90881a7757c5ca24706ff3101ae10571874"
+            "f9467d6da0f8ce729afbd6220137fb21bbcc3796e25064eb1ebe4828c56e82d170d6629f8faf88de"
+            "6270808a6e8566c59909ff5aafc28b9506c9cf7f7e75c1495f1a05ce9628c5c95c23c511aa61c39d"
+            "c3cfb5624d8657bf"
+        ),
+    ),
+    "alice_one_time": PinnedKem(
+        seed=(
+            "6c6ea49873b7fe6941b8098e05988811ccb73f35dc05751bb321ca14a519ca74"
+            "3cc276d5dc5f95bf9d553312229bb4e39b00fb0da8f6679a96eef6f9142d8ad8"
+        ),
+        ciphertext=(
+            "fb685f3a6064f9de0685802a2f37f8a90195cbc86b2b55e93a22c45c4589184216d80650b8f2dcea"
+            "b864b3b66c426a7637bb6be376d13a9848e1e6419242e8b0502e7a3e861661661304789207d3d6e4"
+            "e6fc3c40287bb635eab35e83c77b80aabb3113f0bad8300601a15b8fbc3dc78ff25a494ddbff068f"
+            "3348fba945b5de659d359d415c36d03c737fb56d3094ec2cf992f340a3fe2505cb3d5d89808d19f4"
+            "227d33aad3d55242aaea8d670f6e67f76431dedc81fdc7745125adeb12284ea4a4513b831919c4b0"
+            "efd1f62a13fdedb95e73feecc89ae92ec96cb79ad7757d6f19d124b86042c8ed3de4bcc08599d12c"
+            "e917267261b5549664c9e0d98469e534eaf67e09033764b223467db1808d185ed236919124559716"
+            "f98262a9772ac4c0614ccba0aae6089db34ae9b4828797b0819c31edfac61509c9fb6960fcda70eb"
+            "52252132fb892a322110bacaacb90e35cde1f8f81d5a1b307a3eca023c5dc27d875f16dcdf704248"
+            "029f37732191284f3e709ec46ca338dc1a0016c8cfb1fbd99de0d117118c9d73bc4459d618852a57"
+            "e21dcbcbd952ff4c141d20ca22bf3a01506ebcfc08cd04d2b80dbb194b0ae9fc4f1ed036011c4414"
+            "ccb87840ef0b5a4c1b62f43646d2aad7b25cda80e89116a7d7f6c2fb4a40feebff7d6384413c335b"
+            "0a6b714d4c008252fe67f772fb3e7580736e3ee3b5fd4ee2b424d3cbf5438f4c08c353513b4e75a8"
+            "6d37f92d9c50b264c4108bd7e962e389b3d9459f8a3b56e8bef0e6560d847ce9003884564814359b"
+            "834ddd7e8a13dfe0affe72fa21c0c75c1712a6e6577a307429631f6fcbda5c30ce2636605f6b14c4"
+            "d4b605e17b77468dae2bac2bb8b3b0d92e5bf1280e3dd8dc4d92871a4ef7ee3cb26b59a13ec91255"
+            "d2bbafa3bb6804374a01e90abfa9cfab28b8d6f637ffd57bba9a591aa63c2bcd7fe55c4bc4f480b2"
+            "2932d28f6ebb3402e1ea8eb13d4da4fe43fbeef90186e8fe08f82545e839127bed0529d19dbd1f55"
+            "1aa818b6bde06bbfe3beff3bd7a9ab514116f411c1c56f81e87ce062a166d8b93132e4088780007c"
+            "24b328faa5c227ec6e3ba26dbca6eba344171818fa6bfdbb4f0996b9cdaddeed332b93edaea902b6"
+            "4fdfa89f83e78145b0d405e9686dbf5e4b87da05b7568ba8df839d2669576431934f259baa498db1"
+            "c685fc2f6cb91a7fe512ed294819b6ed617f2a3cfd1f6d218d69187eafbd4a115d79132acf9f6df8"
+            "b3b5a44771c9e851bf324737312988b8788da9acab2b1e0ffd66d82249b873e041a3f7ca7aeba43c"
+            "0f8e017a26c49108a812d1a83e8fe415fca9380a6189beee1e0c7fb8e0d4de6c163a21a0d7707183"
+            "c642bc01aaa90095e337af5f6118cf409b66111173859396fd4ff8578d9f37c332b7963c0c55ed8f"
+            "361e50ab87c6a9574f364ca45dd70c66e6ebb1e0f7a2d372f46aed665f48a60beae027330b0a5961"
+            "187a451db5a28b553f3f3ca4482f27bb712c411724efd9553d56401f7a214ef63432cf541ff005d3"
+            "94eec997a8cf60ba"
+        ),
+    ),
+}

@@ -1,0 +1,600 @@
+"""group.json: group control messages as one member sees them, welcomes, forged changes.
+
+The test group's parameters are the users (user identity and device seeds)
+and the directory of their signed device lists. A test is one observer's
+transcript of steps:
+
+* ``genesis``: the observer starts the group from a ``create`` message;
+* ``apply``: the observer applies a control message (with the directory,
+  or with ``directory`` overriding some users' lists for that step);
+* ``join``: a new member (``user_id``, ``user_identity``) joins from a
+  welcome, replacing the observer's view.
+
+Every control message made honestly comes with ``built_by`` (author,
+device and action), from which the exact bytes can be rebuilt and signed.
+Valid steps give the observer's ``state`` after (the current snapshot, its
+hash and the hashes of all held states), the ``events`` and the
+``discarded`` change ids; invalid ones the ``error``, the view unchanged.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from functools import partial
+from typing import Any
+
+from hushchat.protocol.consts import MAX_GROUP_FORK_DEPTH
+from hushchat.protocol.devices import DeviceEntry, DeviceList, SignedDeviceList
+from hushchat.protocol.encoding import pack, unpack
+from hushchat.protocol.group import (
+    GENESIS_PARENT_HASH,
+    Action,
+    AddMember,
+    AdminChanged,
+    ControlMessage,
+    CreateGroup,
+    Group,
+    GroupEvent,
+    GroupUpdate,
+    Leave,
+    MemberAdded,
+    MemberRemoved,
+    RemoveMember,
+    SetAdmin,
+    SetTitle,
+    TitleChanged,
+    Welcome,
+)
+from hushchat.protocol.keys import IdentityKeyPair
+
+from ._common import Checker, Json, case, h, note, seeded, unhex, vector_file
+
+NAME = "group"
+USERS = ("alice", "bob", "carol", "dave", "mallory")
+
+NOTES = {
+    "Lifecycle": note("BASIC", "Create, add, promote, retitle, remove, leave."),
+    "ForgedChange": note(
+        "AUTH_BYPASS",
+        "A validly signed change by a member who is not an admin (a ghost member added).",
+    ),
+    "NonMember": note("AUTH_BYPASS", "A change signed by someone outside the group."),
+    "WrongDevice": note(
+        "AUTH_BYPASS",
+        "Signed with a key that is not the listed identity of the author device, or by a "
+        "device the author's list does not name.",
+    ),
+    "BadSignature": note("AUTH_BYPASS", "The signature does not verify."),
+    "IdentityMismatch": note(
+        "AUTH_BYPASS",
+        "The author's device list is signed by another user identity than the group records.",
+    ),
+    "Stale": note("BASIC", "The change builds on a state the observer does not hold."),
+    "Duplicate": note("REPLAY", "A change applied twice."),
+    "Fork": note(
+        "BASIC",
+        "Two concurrent changes on one parent: the smaller change id wins, whatever the order.",
+    ),
+    "InvalidAction": note("BASIC", "An action the parent state does not allow."),
+    "OtherGroup": note("BASIC", "A change for another group."),
+    "Welcome": note("BASIC", "A new member joins from a welcome."),
+    "ForgedWelcome": note(
+        "AUTH_BYPASS", "A welcome whose history or addressee does not match its signed change."
+    ),
+}
+
+
+# ------------------------------------------------------------------ users and directory
+
+
+def _user_key(user: str) -> IdentityKeyPair:
+    return IdentityKeyPair(seeded(f"group/{user}/user").random_bytes(32))
+
+
+def _device_key(user: str, device_id: int = 1) -> IdentityKeyPair:
+    return IdentityKeyPair(seeded(f"group/{user}/device {device_id}").random_bytes(32))
+
+
+def _signed_list(user: str, identity: IdentityKeyPair | None = None) -> SignedDeviceList:
+    key = identity or _user_key(user)
+    entry = DeviceEntry(1, _device_key(user).public.ed25519)
+    return DeviceList.initial(user, key.public.ed25519, [entry]).sign(key)
+
+
+def _users_json() -> Json:
+    return {
+        user: {
+            "user_identity_seed": h(_user_key(user).seed),
+            "user_identity": h(_user_key(user).public.ed25519),
+            "devices": {"1": h(_device_key(user).seed)},
+        }
+        for user in USERS
+    }
+
+
+DIRECTORY = {user: _signed_list(user) for user in USERS}
+
+
+def _identity(user: str) -> bytes:
+    return _user_key(user).public.ed25519
+
+
+# ------------------------------------------------------------------ JSON forms
+
+
+def action_json(action: Action) -> Json:
+    if isinstance(action, CreateGroup):
+        return {
+            "action": "create",
+            "title": action.title,
+            "members": [[m.user_id, h(m.user_identity)] for m in action.members],
+        }
+    if isinstance(action, AddMember):
+        return {
+            "action": "add_member",
+            "user_id": action.user_id,
+            "user_identity": h(action.user_identity),
+        }
+    if isinstance(action, RemoveMember):
+        return {"action": "remove_member", "user_id": action.user_id}
+    if isinstance(action, Leave):
+        return {"action": "leave"}
+    if isinstance(action, SetAdmin):
+        return {"action": "set_admin", "user_id": action.user_id, "admin": action.admin}
+    return {"action": "set_title", "title": action.title}
+
+
+def action_from_json(d: Json) -> Action:
+    kind = d["action"]
+    if kind == "create":
+        members = tuple(AddMember(u, unhex(i)) for u, i in d["members"])
+        return CreateGroup(d["title"], members)
+    if kind == "add_member":
+        return AddMember(d["user_id"], unhex(d["user_identity"]))
+    if kind == "remove_member":
+        return RemoveMember(d["user_id"])
+    if kind == "leave":
+        return Leave()
+    if kind == "set_admin":
+        return SetAdmin(d["user_id"], d["admin"])
+    return SetTitle(d["title"])
+
+
+def _event_json(event: GroupEvent) -> Json:
+    if isinstance(event, MemberAdded):
+        return {
+            "event": "member_added",
+            "user_id": event.user_id,
+            "user_identity": h(event.user_identity),
+            "admin": event.admin,
+        }
+    if isinstance(event, MemberRemoved):
+        return {"event": "member_removed", "user_id": event.user_id}
+    if isinstance(event, AdminChanged):
+        return {"event": "admin_changed", "user_id": event.user_id, "admin": event.admin}
+    assert isinstance(event, TitleChanged)
+    return {"event": "title_changed", "title": event.title}
+
+
+def view_json(group: Group) -> Json:
+    return {
+        "snapshot": h(group.current.encode()),
+        "state_hash": h(group.current.state_hash),
+        "held": [h(s.state_hash) for s in group.states],
+    }
+
+
+def _update_json(update: GroupUpdate) -> Json:
+    return {
+        "state": view_json(update.group),
+        "events": [_event_json(e) for e in update.events],
+        "discarded": [h(d) for d in update.discarded],
+    }
+
+
+# ------------------------------------------------------------------ transcripts
+
+
+def _sign(
+    author: str, action: Action, *, group_id: bytes, parent_epoch: int, parent_hash: bytes
+) -> ControlMessage:
+    return ControlMessage.sign(
+        _device_key(author),
+        group_id=group_id,
+        parent_epoch=parent_epoch,
+        parent_hash=parent_hash,
+        author_user_id=author,
+        author_device_id=1,
+        action=action,
+    )
+
+
+def _built_by(message: ControlMessage) -> Json:
+    return {
+        "group_id": h(message.group_id),
+        "parent_epoch": message.parent_epoch,
+        "parent_hash": h(message.parent_hash),
+        "author_user_id": message.author_user_id,
+        "author_device_id": message.author_device_id,
+        **action_json(message.action),
+    }
+
+
+class _Transcript:
+    def __init__(self, label: str) -> None:
+        self.group_id = seeded("group/" + label).random_bytes(16)
+        self.view: Group | None = None
+        self.steps: list[Json] = []
+
+    def create(self, title: str, members: tuple[str, ...], author: str = "alice") -> ControlMessage:
+        action = CreateGroup(title, tuple(AddMember(u, _identity(u)) for u in sorted(members)))
+        return _sign(
+            author, action, group_id=self.group_id, parent_epoch=0, parent_hash=GENESIS_PARENT_HASH
+        )
+
+    def propose(self, author: str, action: Action) -> ControlMessage:
+        assert self.view is not None
+        current = self.view.current
+        return _sign(
+            author,
+            action,
+            group_id=current.group_id,
+            parent_epoch=current.epoch,
+            parent_hash=current.state_hash,
+        )
+
+    def _record(self, step: Json, run: Any) -> None:
+        try:
+            update: GroupUpdate = run()
+        except Exception as exc:  # the reference's verdict is what gets recorded
+            step.update(result="invalid", error=getattr(exc, "code", type(exc).__name__))
+        else:
+            self.view = update.group
+            step.update(result="valid", **_update_json(update))
+        if step["result"] == "invalid":
+            step["state"] = None if self.view is None else view_json(self.view)
+        self.steps.append(step)
+
+    def genesis(self, message: ControlMessage) -> None:
+        step = {"op": "genesis", **_message_json(message, honest=True)}
+        self._record(step, lambda: Group.from_genesis(message, DIRECTORY))
+
+    def apply(
+        self,
+        message: ControlMessage | bytes,
+        *,
+        honest: bool = True,
+        directory: dict[str, SignedDeviceList] | None = None,
+        comment: str | None = None,
+    ) -> None:
+        step: Json = {"op": "apply", **_message_json(message, honest=honest)}
+        if comment is not None:
+            step["modification"] = comment
+        lists = dict(DIRECTORY)
+        if directory is not None:
+            step["directory"] = {u: h(s.encode()) for u, s in directory.items()}
+            lists.update(directory)
+        view = self.view
+        assert view is not None
+
+        def run() -> GroupUpdate:
+            data = message if isinstance(message, bytes) else message.encode()
+            return view.apply(ControlMessage.decode(data), lists)
+
+        self._record(step, run)
+
+    def join(self, welcome: bytes, user: str, *, comment: str | None = None) -> None:
+        step: Json = {
+            "op": "join",
+            "welcome": h(welcome),
+            "user_id": user,
+            "user_identity": h(_identity(user)),
+        }
+        if comment is not None:
+            step["modification"] = comment
+
+        def run() -> GroupUpdate:
+            return Group.join(
+                Welcome.decode(welcome), DIRECTORY, user_id=user, user_identity=_identity(user)
+            )
+
+        self._record(step, run)
+
+    def case(self, comment: str, flags: tuple[str, ...]) -> Json:
+        errors = [s["error"] for s in self.steps if s.get("result") == "invalid"]
+        return case(
+            comment,
+            result="invalid" if errors else "valid",
+            error=errors[0] if errors else None,
+            flags=flags,
+            steps=self.steps,
+        )
+
+
+def _message_json(message: ControlMessage | bytes, *, honest: bool) -> Json:
+    data = message if isinstance(message, bytes) else message.encode()
+    out: Json = {"message": h(data)}
+    if honest and isinstance(message, ControlMessage):
+        out["built_by"] = _built_by(message)
+        out["change_id"] = h(message.change_id)
+    return out
+
+
+def _started(label: str, members: tuple[str, ...] = ("bob", "carol")) -> _Transcript:
+    t = _Transcript(label)
+    t.genesis(t.create("friends", members))
+    return t
+
+
+def _tests() -> list[Json]:
+    tests = []
+    t = _started("lifecycle")
+    t.apply(t.propose("alice", AddMember("dave", _identity("dave"))))
+    t.apply(t.propose("alice", SetAdmin("bob", True)))
+    t.apply(t.propose("bob", SetTitle("best friends")))
+    t.apply(t.propose("bob", RemoveMember("carol")))
+    t.apply(t.propose("alice", Leave()))
+    tests.append(t.case("create, add, promote, retitle, remove, leave", ("Lifecycle",)))
+
+    t = _started("forged-add")
+    t.apply(t.propose("bob", AddMember("mallory", _identity("mallory"))))
+    t.apply(t.propose("alice", AddMember("dave", _identity("dave"))))
+    tests.append(t.case("bob, not an admin, adds mallory; then a real add", ("ForgedChange",)))
+
+    t = _started("non-member")
+    t.apply(t.propose("mallory", AddMember("mallory", _identity("mallory"))))
+    tests.append(t.case("mallory, not a member, adds herself", ("NonMember",)))
+
+    t = _started("wrong-device-key")
+    genuine = t.propose("alice", AddMember("mallory", _identity("mallory")))
+    forged = ControlMessage.sign(
+        _device_key("mallory"),
+        group_id=genuine.group_id,
+        parent_epoch=genuine.parent_epoch,
+        parent_hash=genuine.parent_hash,
+        author_user_id="alice",
+        author_device_id=1,
+        action=genuine.action,
+    )
+    t.apply(forged, honest=False, comment="signed by mallory's device key as alice's device 1")
+    unlisted = ControlMessage.sign(
+        _device_key("alice", 2),
+        group_id=genuine.group_id,
+        parent_epoch=genuine.parent_epoch,
+        parent_hash=genuine.parent_hash,
+        author_user_id="alice",
+        author_device_id=2,
+        action=genuine.action,
+    )
+    t.apply(unlisted, honest=False, comment="signed by alice's device 2, which her list lacks")
+    tests.append(t.case("an admin's change signed by the wrong device", ("WrongDevice",)))
+
+    t = _started("bad-signature")
+    good = t.propose("alice", SetTitle("renamed"))
+    body, signature = unpack(good.encode(), what="test")
+    flipped = pack([body, signature[:-1] + bytes([signature[-1] ^ 1])])
+    t.apply(flipped, honest=False, comment="last signature byte flipped")
+    t.apply(good)
+    tests.append(t.case("a change with a bad signature; then the real one", ("BadSignature",)))
+
+    t = _started("identity-mismatch")
+    impostor_identity = IdentityKeyPair(seeded("group/alice/new user").random_bytes(32))
+    t.apply(
+        t.propose("alice", SetTitle("mine now")),
+        directory={"alice": _signed_list("alice", impostor_identity)},
+        comment="alice's device list is signed by a new user identity",
+    )
+    tests.append(t.case("the author's list names another user identity", ("IdentityMismatch",)))
+
+    t = _started("stale")
+    ahead = t.propose("alice", SetTitle("one"))
+    assert t.view is not None
+    future = _sign(
+        "alice",
+        SetTitle("two"),
+        group_id=t.group_id,
+        parent_epoch=ahead.parent_epoch + 1,
+        parent_hash=bytes(32),
+    )
+    t.apply(future, comment="parent epoch 1, not held yet")
+    unknown = _sign(
+        "alice",
+        SetTitle("two"),
+        group_id=t.group_id,
+        parent_epoch=0,
+        parent_hash=bytes([1]) * 32,
+    )
+    t.apply(unknown, comment="parent hash of no held state")
+    t.apply(ahead)
+    tests.append(t.case("changes on states not held; then a real one", ("Stale",)))
+
+    t = _started("duplicate")
+    change = t.propose("alice", SetTitle("again"))
+    t.apply(change)
+    t.apply(change)
+    tests.append(t.case("the same change twice", ("Duplicate",)))
+
+    t = _started("fork", ("bob", "carol"))
+    t.apply(t.propose("alice", SetAdmin("bob", True)))
+    first = t.propose("alice", SetTitle("alice's title"))
+    second = t.propose("bob", SetTitle("bob's title"))
+    larger, smaller = sorted((first, second), key=lambda m: m.change_id, reverse=True)
+    t.apply(larger)
+    t.apply(smaller)
+    t.apply(larger)
+    tests.append(
+        t.case(
+            "two admins change the title at once: the smaller change id wins in either order",
+            ("Fork", "Stale"),
+        )
+    )
+
+    t = _started("invalid-actions")
+    t.apply(t.propose("alice", RemoveMember("alice")))
+    t.apply(t.propose("alice", AddMember("bob", _identity("bob"))))
+    t.apply(t.propose("alice", Leave()))
+    t.apply(t.propose("alice", SetAdmin("alice", False)))
+    t.apply(t.propose("alice", SetTitle("friends")))
+    t.apply(t.create("again", ("bob", "carol")), comment="create again")
+    t.apply(t.propose("alice", RemoveMember("carol")))
+    tests.append(
+        t.case(
+            "remove oneself, add a member, last admin leaves or steps down, same title, "
+            "create again; then a valid removal",
+            ("InvalidAction",),
+        )
+    )
+
+    t = _started("other-group")
+    other = _Transcript("other-group/other")
+    other_create = other.create("elsewhere", ("bob",))
+    t.apply(other_create)
+    tests.append(t.case("a create for another group", ("OtherGroup",)))
+    return tests
+
+
+def _welcome_tests() -> list[Json]:
+    tests = []
+    t = _Transcript("welcome-create")
+    create = t.create("friends", ("bob", "carol"))
+    t.join(Welcome(create, ()).encode(), "bob")
+    tests.append(t.case("bob joins from the create", ("Welcome",)))
+
+    t = _started("welcome-add")
+    add = t.propose("alice", AddMember("dave", _identity("dave")))
+    assert t.view is not None
+    before = t.view
+    t.apply(add)
+    assert t.view is not None
+    welcome = t.view.welcome(add)
+    joiner = _Transcript("welcome-add")
+    joiner.join(welcome.encode(), "dave")
+    tests.append(joiner.case("dave joins from the add that made him a member", ("Welcome",)))
+
+    minimal = Welcome(add, (before.current,))
+    carol_welcome = welcome.encode()
+    t2 = _Transcript("welcome-forged")
+    t2.join(carol_welcome, "carol", comment="dave's welcome offered to carol")
+    tampered_states = list(unpack(welcome.encode(), what="test"))
+    snapshot = unpack(tampered_states[2][-1], what="test")
+    snapshot[5] = "tampered title"
+    tampered_states[2] = [*tampered_states[2][:-1], pack(snapshot)]
+    t2.join(pack(tampered_states), "dave", comment="the add's parent snapshot altered")
+    t2.join(minimal.encode(), "dave")
+    tests.append(
+        t2.case(
+            "a welcome for someone else, with an altered snapshot; then the genuine one",
+            ("ForgedWelcome", "Welcome"),
+        )
+    )
+    return tests
+
+
+def generate() -> Json:
+    return vector_file(
+        NAME,
+        description=(
+            "Group membership: signed control messages applied by one member, the fork rule, "
+            "welcomes, and forged or invalid changes that must be refused."
+        ),
+        spec=["12-groups.md"],
+        notes=NOTES,
+        groups=[
+            {
+                "type": "GroupTranscript",
+                "fork_depth": MAX_GROUP_FORK_DEPTH,
+                "users": _users_json(),
+                "directory": {u: h(s.encode()) for u, s in DIRECTORY.items()},
+                "tests": _tests() + _welcome_tests(),
+            }
+        ],
+    )
+
+
+# ------------------------------------------------------------------ verification
+
+
+def _directory(data: Mapping[str, str]) -> dict[str, SignedDeviceList]:
+    return {user: SignedDeviceList.decode(unhex(signed)) for user, signed in data.items()}
+
+
+def _rebuild(group: Json, built: Json) -> bytes:
+    users = group["users"]
+    device_seed = users[built["author_user_id"]]["devices"][str(built["author_device_id"])]
+    return ControlMessage.sign(
+        IdentityKeyPair(unhex(device_seed)),
+        group_id=unhex(built["group_id"]),
+        parent_epoch=built["parent_epoch"],
+        parent_hash=unhex(built["parent_hash"]),
+        author_user_id=built["author_user_id"],
+        author_device_id=built["author_device_id"],
+        action=action_from_json(built),
+    ).encode()
+
+
+def _genesis(message: bytes, lists: dict[str, SignedDeviceList]) -> GroupUpdate:
+    return Group.from_genesis(ControlMessage.decode(message), lists)
+
+
+def _apply(view: Group, message: bytes, lists: dict[str, SignedDeviceList]) -> GroupUpdate:
+    return view.apply(ControlMessage.decode(message), lists)
+
+
+def _join(
+    welcome: bytes, lists: dict[str, SignedDeviceList], user_id: str, user_identity: bytes
+) -> GroupUpdate:
+    return Group.join(Welcome.decode(welcome), lists, user_id=user_id, user_identity=user_identity)
+
+
+def verify_test(group: Json, test: Json) -> list[str]:
+    c = Checker()
+    directory = _directory(group["directory"])
+    for user, signed in directory.items():
+        c.equal(
+            f"directory {user}",
+            group["users"][user]["user_identity"],
+            h(signed.device_list.user_identity),
+        )
+    view: Group | None = None
+    for index, step in enumerate(test["steps"]):
+        where = f"step {index} ({step['op']})"
+        if "built_by" in step:
+            c.equal(
+                f"{where} rebuilt message", step["message"], h(_rebuild(group, step["built_by"]))
+            )
+            decoded = ControlMessage.decode(unhex(step["message"]))
+            c.equal(f"{where} change_id", step["change_id"], h(decoded.change_id))
+        lists = {**directory, **_directory(step.get("directory", {}))}
+        current = view
+        if step["op"] == "genesis":
+            update = c.outcome(where, step, partial(_genesis, unhex(step["message"]), lists))
+        elif step["op"] == "apply":
+            assert current is not None
+            update = c.outcome(where, step, partial(_apply, current, unhex(step["message"]), lists))
+        elif step["op"] == "join":
+            join = partial(
+                _join, unhex(step["welcome"]), lists, step["user_id"], unhex(step["user_identity"])
+            )
+            update = c.outcome(where, step, join)
+        else:
+            c.fail(f"{where}: unknown op")
+            continue
+        if update is not None:
+            view = update.group
+            expected = {k: step[k] for k in ("state", "events", "discarded")}
+            c.equal(f"{where} update", expected, _update_json(update))
+        else:
+            c.equal(
+                f"{where} state unchanged", step["state"], None if view is None else view_json(view)
+            )
+    return c.failures
+
+
+def sample_welcome() -> tuple[ControlMessage, Welcome]:
+    """An add (on a state of epoch 1) and its welcome, for wire.json."""
+    t = _started("wire sample")
+    t.apply(t.propose("alice", SetTitle("sample")))
+    add = t.propose("alice", AddMember("dave", _identity("dave")))
+    t.apply(add)
+    assert t.view is not None
+    return add, t.view.welcome(add)

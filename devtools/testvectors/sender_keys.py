@@ -1,0 +1,497 @@
+"""sender_keys.json: scripted transcripts of one group sender and one receiver.
+
+Steps (spec/04-sender-keys.md):
+
+* ``create``: the sender makes sender key ``key`` from ``random`` (4 bytes of
+  chain id, 32 of chain key, 32 of Ed25519 seed, in that order).
+* ``distribute``: the sender's SKDM for ``key`` at its current iteration.
+* ``process``: the receiver processes ``skdm``; its state after is given.
+* ``encrypt``: the sender encrypts ``plaintext`` with ``key``: the seed of
+  the iteration and the exact SenderKeyMessage.
+* ``deliver`` / ``duplicate``: the receiver decrypts ``message``: valid with
+  ``plaintext`` and the state after, or ``error`` and the state unchanged.
+* ``drop``: never delivered.
+
+The receiver's state lists its chains newest first, each with its chain
+id, signing key, next iteration, chain key and stored skipped seeds.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Any
+
+from hushchat.protocol import primitives as p
+from hushchat.protocol.consts import (
+    MAX_SENDER_KEY_FORWARD_JUMP,
+    MAX_SENDER_KEY_STATES,
+    MAX_SENDER_MESSAGE_KEYS,
+)
+from hushchat.protocol.encoding import pack, unpack
+from hushchat.protocol.group_cipher import OutboundSenderKey, SenderKeyRecord
+from hushchat.protocol.sender_keys import (
+    SenderKeyMessage,
+    encrypt_with_seed,
+    message_seed,
+    next_chain_key,
+)
+
+from ._common import Checker, Json, case, h, note, seeded, unhex, vector_file
+
+NAME = "sender_keys"
+SMALL_ORDER_EDWARDS = unhex("0100000000000000000000000000000000000000000000000000000000000000")
+
+NOTES = {
+    "InOrder": note("BASIC", "Messages delivered in order."),
+    "OutOfOrder": note("BASIC", "Messages delivered out of order, using stored skipped seeds."),
+    "LateJoin": note(
+        "BASIC",
+        "The receiver gets the SKDM after two messages were sent: those are DUPLICATE_MESSAGE "
+        "(no history for joiners).",
+    ),
+    "Rotation": note("BASIC", "The sender rotates its key; a late message of the old chain works."),
+    "MaxStates": note("BASIC", "More chains than max_states: the oldest is dropped."),
+    "BadSignature": note("AUTH_BYPASS", "The signature does not verify."),
+    "ModifiedCiphertext": note("AUTH_BYPASS", "The signed body is modified."),
+    "UnknownChain": note("BASIC", "A chain id the receiver never got an SKDM for."),
+    "OtherGroup": note("BASIC", "A message of another group, under a known chain id."),
+    "Duplicate": note("REPLAY", "A message delivered twice."),
+    "JumpLimit": note("DOS", "An iteration more than max_forward_jump ahead: TOO_FAR_IN_FUTURE."),
+    "Evicted": note("DOS", "More skipped seeds than max_message_keys: the oldest are evicted."),
+    "BadPadding": note(
+        "EDGE_CASE",
+        "A validly signed ciphertext (the sender's own key) that does not unpad: "
+        "DECRYPTION_FAILED, state unchanged.",
+    ),
+    "InvalidSigningKey": note("AUTH_BYPASS", "An SKDM with a signing key of small order."),
+    "ReplacedChain": note(
+        "BASIC",
+        "An SKDM with a known chain id and another signing key replaces that chain.",
+    ),
+    "RedeliveredSkdm": note("BASIC", "An SKDM for a chain already held at a later iteration."),
+}
+
+
+def record_json(record: SenderKeyRecord) -> Json:
+    """The receiver's chains, newest first (spec/04-sender-keys.md, "Receiver state")."""
+    _, _, chains = unpack(record.to_bytes(), what="test")
+    return {
+        "chains": [
+            {
+                "chain_id": chain_id,
+                "signing_key": h(signing_key),
+                "iteration": iteration,
+                "chain_key": h(chain_key),
+                "skipped": [[n, h(seed)] for n, seed in skipped],
+            }
+            for chain_id, signing_key, iteration, chain_key, skipped in chains
+        ]
+    }
+
+
+class _Transcript:
+    def __init__(self, label: str, limits: tuple[int, int, int]) -> None:
+        self.rng = seeded("sender_keys/" + label)
+        self.group_id = self.rng.random_bytes(16)
+        self.max_forward_jump, self.max_message_keys, self.max_states = limits
+        self.keys: list[OutboundSenderKey] = []
+        self.random: list[list[bytes]] = []
+        self.record = SenderKeyRecord(self.group_id)
+        self.messages: list[bytes] = []
+        self.steps: list[Json] = []
+
+    def create(self) -> int:
+        drawn = [self.rng.random_bytes(4), self.rng.random_bytes(32), self.rng.random_bytes(32)]
+        key = OutboundSenderKey.create(self.group_id, 0, p.ScriptedRandom(list(drawn)))
+        self.keys.append(key)
+        self.random.append(drawn)
+        self.steps.append(
+            {
+                "op": "create",
+                "key": len(self.keys) - 1,
+                "random": [h(r) for r in drawn],
+                "chain_id": key.chain_id,
+                "chain_key": h(drawn[1]),
+                "signing_key": h(key.signing_key),
+            }
+        )
+        return len(self.keys) - 1
+
+    def distribute(self, key: int) -> bytes:
+        skdm = self.keys[key].distribution_message()
+        self.steps.append(
+            {
+                "op": "distribute",
+                "key": key,
+                "iteration": self.keys[key].iteration,
+                "skdm": h(skdm),
+            }
+        )
+        return skdm
+
+    def process(self, skdm: bytes, modification: str | None = None) -> None:
+        step: Json = {"op": "process", "skdm": h(skdm)}
+        if modification:
+            step["modification"] = modification
+        try:
+            self.record.process_distribution(
+                skdm, max_states=self.max_states, max_forward_jump=self.max_forward_jump
+            )
+        except Exception as exc:  # the reference's verdict is what gets recorded
+            step.update(result="invalid", error=getattr(exc, "code", type(exc).__name__))
+        else:
+            step["result"] = "valid"
+        step["state"] = record_json(self.record)
+        self.steps.append(step)
+
+    def encrypt(self, key: int, count: int = 1) -> list[int]:
+        ids = []
+        for _ in range(count):
+            sender = self.keys[key]
+            msg_id = len(self.messages)
+            plaintext = f"group message {msg_id}".encode()
+            seed = message_seed(self.chain_key(key))
+            iteration = sender.iteration
+            message = sender.encrypt(plaintext)
+            self.messages.append(message)
+            self.steps.append(
+                {
+                    "op": "encrypt",
+                    "key": key,
+                    "msg_id": msg_id,
+                    "plaintext": h(plaintext),
+                    "iteration": iteration,
+                    "seed": h(seed),
+                    "message": h(message),
+                }
+            )
+            ids.append(msg_id)
+        return ids
+
+    def chain_key(self, key: int) -> bytes:
+        """The sender's current chain key of ``key`` (recomputed from its first one)."""
+        chain_key = self.random[key][1]
+        for _ in range(self.keys[key].iteration):
+            chain_key = next_chain_key(chain_key)
+        return chain_key
+
+    def deliver(
+        self,
+        msg_id: int | None,
+        *,
+        message: bytes | None = None,
+        modification: str | None = None,
+        op: str = "deliver",
+    ) -> None:
+        data = self.messages[msg_id] if message is None and msg_id is not None else message
+        assert data is not None
+        step: Json = {"op": op, "msg_id": msg_id}
+        if modification:
+            step["modification"] = modification
+        step["message"] = h(data)
+        try:
+            plaintext = self.record.decrypt(
+                data,
+                max_forward_jump=self.max_forward_jump,
+                max_message_keys=self.max_message_keys,
+            )
+        except Exception as exc:  # the reference's verdict is what gets recorded
+            step.update(result="invalid", error=getattr(exc, "code", type(exc).__name__))
+        else:
+            step.update(result="valid", plaintext=h(plaintext))
+        step["state"] = record_json(self.record)
+        self.steps.append(step)
+
+    def drop(self, msg_id: int) -> None:
+        self.steps.append({"op": "drop", "msg_id": msg_id})
+
+    def signed(self, key: int, fields: list[Any]) -> bytes:
+        """A message body signed with sender key ``key``'s signing key (a forgery tool)."""
+        body = pack(fields)
+        signing = p.ed25519_private_from_bytes(self.random[key][2])
+        return body + p.ed25519_sign(signing, body)
+
+    def case(self, comment: str, flags: tuple[str, ...]) -> Json:
+        errors = [s["error"] for s in self.steps if s.get("result") == "invalid"]
+        return case(
+            comment,
+            result="invalid" if errors else "valid",
+            error=errors[0] if errors else None,
+            flags=flags,
+            group_id=h(self.group_id),
+            steps=self.steps,
+        )
+
+
+def _body(message: bytes) -> list[Any]:
+    fields: list[Any] = unpack(message[:-64], what="test")
+    return fields
+
+
+def _default_transcripts(limits: tuple[int, int, int]) -> list[Json]:
+    tests = []
+    t = _Transcript("in-order", limits)
+    k = t.create()
+    t.process(t.distribute(k))
+    for m in t.encrypt(k, 3):
+        t.deliver(m)
+    tests.append(t.case("three messages in order", ("InOrder",)))
+
+    t = _Transcript("reorder", limits)
+    k = t.create()
+    t.process(t.distribute(k))
+    ids = t.encrypt(k, 5)
+    for i in (3, 1, 4, 0, 2):
+        t.deliver(ids[i])
+    tests.append(t.case("five messages delivered as 3, 1, 4, 0, 2", ("OutOfOrder",)))
+
+    t = _Transcript("late-join", limits)
+    k = t.create()
+    early = t.encrypt(k, 2)
+    t.process(t.distribute(k))
+    (m2,) = t.encrypt(k)
+    t.deliver(m2)
+    t.deliver(early[0])
+    tests.append(t.case("SKDM at iteration 2; message 0 is not readable", ("LateJoin",)))
+
+    t = _Transcript("rotation", limits)
+    k0 = t.create()
+    t.process(t.distribute(k0))
+    a, b = t.encrypt(k0, 2)
+    t.deliver(a)
+    k1 = t.create()
+    t.process(t.distribute(k1))
+    (c,) = t.encrypt(k1)
+    t.deliver(c)
+    t.deliver(b)
+    tests.append(t.case("rotation; the old chain's late message still decrypts", ("Rotation",)))
+
+    t = _Transcript("bad-signature", limits)
+    k = t.create()
+    t.process(t.distribute(k))
+    (m,) = t.encrypt(k)
+    real = t.messages[m]
+    t.deliver(
+        m, message=real[:-1] + bytes([real[-1] ^ 1]), modification="last signature byte flipped"
+    )
+    t.deliver(m)
+    tests.append(t.case("signature with one bit flipped; then the real message", ("BadSignature",)))
+
+    t = _Transcript("modified", limits)
+    k = t.create()
+    t.process(t.distribute(k))
+    (m,) = t.encrypt(k)
+    fields = _body(t.messages[m])
+    fields[4] = bytes([fields[4][0] ^ 1]) + fields[4][1:]
+    forged = pack(fields) + t.messages[m][-64:]
+    t.deliver(m, message=forged, modification="first ciphertext byte flipped, old signature")
+    t.deliver(m)
+    tests.append(t.case("modified ciphertext; then the real message", ("ModifiedCiphertext",)))
+
+    t = _Transcript("unknown-chain", limits)
+    k0 = t.create()
+    k1 = t.create()
+    t.process(t.distribute(k0))
+    (stranger,) = t.encrypt(k1)
+    (m,) = t.encrypt(k0)
+    t.deliver(stranger)
+    t.deliver(m)
+    tests.append(t.case("a message from a chain never distributed", ("UnknownChain",)))
+
+    t = _Transcript("other-group", limits)
+    k = t.create()
+    t.process(t.distribute(k))
+    (m,) = t.encrypt(k)
+    fields = _body(t.messages[m])
+    fields[1] = bytes(16)
+    t.deliver(None, message=t.signed(k, fields), modification="group id changed, re-signed")
+    t.deliver(m)
+    tests.append(t.case("a validly signed message naming another group", ("OtherGroup",)))
+
+    t = _Transcript("duplicate", limits)
+    k = t.create()
+    t.process(t.distribute(k))
+    m0, m1 = t.encrypt(k, 2)
+    t.deliver(m1)
+    t.deliver(m1, op="duplicate")
+    t.deliver(m0)
+    t.deliver(m0, op="duplicate")
+    tests.append(t.case("messages 1 and 0 each delivered twice", ("Duplicate",)))
+
+    t = _Transcript("bad-padding", limits)
+    k = t.create()
+    t.process(t.distribute(k))
+    seed = message_seed(t.chain_key(k))
+    unpaddable = encrypt_with_seed(seed, b"x" * 15)[:-16] + bytes(16)
+    body = SenderKeyMessage.encode_body(t.group_id, t.keys[k].chain_id, 0, unpaddable)
+    t.deliver(
+        None,
+        message=t.signed(k, unpack(body, what="test")),
+        modification="iteration 0 with a ciphertext that does not unpad, signed by the sender",
+    )
+    (m,) = t.encrypt(k)
+    t.deliver(m)
+    tests.append(t.case("bad padding under a valid signature", ("BadPadding",)))
+
+    t = _Transcript("small-order-signing-key", limits)
+    k = t.create()
+    skdm = t.distribute(k)
+    fields = unpack(skdm, what="test")
+    fields[5] = SMALL_ORDER_EDWARDS
+    t.process(pack(fields), modification="signing key of small order")
+    t.process(skdm)
+    tests.append(t.case("SKDM with a small-order signing key", ("InvalidSigningKey",)))
+
+    t = _Transcript("replaced-chain", limits)
+    k = t.create()
+    t.process(t.distribute(k))
+    (m,) = t.encrypt(k)
+    impostor = unpack(t.distribute(k), what="test")
+    impostor[5] = p.ed25519_public_bytes(p.ed25519_generate(seeded("sender_keys/impostor")))
+    t.process(pack(impostor), modification="same chain id, another signing key")
+    t.deliver(m)
+    tests.append(
+        t.case(
+            "an SKDM reusing a chain id with another signing key replaces the chain",
+            ("ReplacedChain", "BadSignature"),
+        )
+    )
+
+    t = _Transcript("redelivered-skdm", limits)
+    k = t.create()
+    first = t.distribute(k)
+    t.process(first)
+    for m in t.encrypt(k, 2):
+        t.deliver(m)
+    t.process(first)
+    (m,) = t.encrypt(k)
+    t.deliver(m)
+    tests.append(t.case("the iteration-0 SKDM again after two messages", ("RedeliveredSkdm",)))
+    return tests
+
+
+def _limit_transcripts(limits: tuple[int, int, int]) -> list[Json]:
+    max_jump, max_keys, max_states = limits
+    tests = []
+    t = _Transcript("jump", limits)
+    k = t.create()
+    t.process(t.distribute(k))
+    ids = t.encrypt(k, max_jump + 2)
+    t.deliver(ids[-1])
+    t.deliver(ids[-2])
+    tests.append(
+        t.case(
+            f"iteration {max_jump + 1} jumps too far; iteration {max_jump} does not",
+            ("JumpLimit",),
+        )
+    )
+
+    t = _Transcript("evicted", limits)
+    k = t.create()
+    t.process(t.distribute(k))
+    ids = t.encrypt(k, max_keys + 3)
+    t.deliver(ids[-1])
+    t.deliver(ids[0])
+    t.deliver(ids[2])
+    tests.append(
+        t.case(f"{max_keys + 2} seeds skipped, {max_keys} kept", ("Evicted", "OutOfOrder"))
+    )
+
+    t = _Transcript("max-states", limits)
+    keys = [t.create() for _ in range(max_states + 1)]
+    for k in keys:
+        t.process(t.distribute(k))
+    (first,) = t.encrypt(keys[0])
+    (last,) = t.encrypt(keys[-1])
+    t.deliver(first)
+    t.deliver(last)
+    tests.append(
+        t.case(f"{max_states + 1} chains: the first one is dropped", ("MaxStates", "UnknownChain"))
+    )
+    return tests
+
+
+def _group(limits: tuple[int, int, int], tests: list[Json]) -> Json:
+    return {
+        "type": "SenderKeyTranscript",
+        "max_forward_jump": limits[0],
+        "max_message_keys": limits[1],
+        "max_states": limits[2],
+        "tests": tests,
+    }
+
+
+def generate() -> Json:
+    default = (MAX_SENDER_KEY_FORWARD_JUMP, MAX_SENDER_MESSAGE_KEYS, MAX_SENDER_KEY_STATES)
+    small = (5, 3, 2)
+    return vector_file(
+        NAME,
+        description=(
+            "Sender Keys transcripts: key creation from recorded randomness, SKDMs, exact group "
+            "messages, and the receiver's chains after each delivery, refused or not."
+        ),
+        spec=["04-sender-keys.md"],
+        notes=NOTES,
+        groups=[
+            _group(default, _default_transcripts(default)),
+            _group(small, _limit_transcripts(small)),
+        ],
+    )
+
+
+# ------------------------------------------------------------------ verification
+
+
+def verify_test(group: Json, test: Json) -> list[str]:
+    c = Checker()
+    group_id = unhex(test["group_id"])
+    record = SenderKeyRecord(group_id)
+    keys: list[OutboundSenderKey] = []
+    for index, step in enumerate(test["steps"]):
+        where = f"step {index} ({step['op']})"
+        op = step["op"]
+        if op == "create":
+            rng = p.ScriptedRandom([unhex(r) for r in step["random"]])
+            key = OutboundSenderKey.create(group_id, 0, rng)
+            keys.append(key)
+            c.equal(f"{where} chain_id", step["chain_id"], key.chain_id)
+            c.equal(f"{where} signing_key", step["signing_key"], h(key.signing_key))
+        elif op == "distribute":
+            key = keys[step["key"]]
+            c.equal(f"{where} iteration", step["iteration"], key.iteration)
+            c.equal(f"{where} skdm", step["skdm"], h(key.distribution_message()))
+        elif op == "process":
+            before = record.to_bytes()
+            skdm = unhex(step["skdm"])
+            process = partial(
+                record.process_distribution,
+                skdm,
+                max_states=group["max_states"],
+                max_forward_jump=group["max_forward_jump"],
+            )
+            c.outcome(where, step, process)
+            if step["result"] == "invalid":
+                c.equal(f"{where} state unchanged", h(before), h(record.to_bytes()))
+            c.equal(f"{where} state", step["state"], record_json(record))
+        elif op == "encrypt":
+            key = keys[step["key"]]
+            c.equal(f"{where} iteration", step["iteration"], key.iteration)
+            c.equal(f"{where} message", step["message"], h(key.encrypt(unhex(step["plaintext"]))))
+        elif op in ("deliver", "duplicate"):
+            before = record.to_bytes()
+            data = unhex(step["message"])
+            decrypt = partial(
+                record.decrypt,
+                data,
+                max_forward_jump=group["max_forward_jump"],
+                max_message_keys=group["max_message_keys"],
+            )
+            plaintext = c.outcome(where, step, decrypt)
+            if plaintext is None:
+                c.equal(f"{where} state unchanged", h(before), h(record.to_bytes()))
+            else:
+                c.equal(f"{where} plaintext", step["plaintext"], h(plaintext))
+            c.equal(f"{where} state", step["state"], record_json(record))
+        elif op != "drop":
+            c.fail(f"{where}: unknown op")
+    return c.failures

@@ -1,0 +1,446 @@
+"""session.json: session records across handshakes, replies, resets and identity changes.
+
+Each test names its parties (``parties``: user id, device id and the draws
+that make the device's keys, as spec/02-pqxdh.md section 2.2 orders them),
+then runs steps against each party's session record for one peer:
+
+* ``start``: ``party`` starts a session with ``peer`` from ``bundle``
+  (drawing ``random`` and taking ``encapsulation`` for PQXDH); it becomes
+  the party's current session with that peer.
+* ``encrypt``: ``party`` encrypts ``plaintext`` for ``peer`` at time ``now``:
+  ``message`` (a PreKeyMessage until the session is acknowledged), or ``error``.
+* ``deliver``: ``party`` receives ``message`` from ``peer`` at ``now``,
+  drawing ``random``, trusting a changed identity only if
+  ``trust_new_identity``: ``plaintext`` and ``new_session``, or ``error``
+  with nothing changed.
+* ``drop``: never delivered.
+
+After ``start``, ``encrypt`` and ``deliver`` the acting party's record is
+given as ``state``: its current and previous sessions (base key, role,
+whether acknowledged, peer identity) and its count of one-time prekeys.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from functools import partial
+
+from hushchat.protocol import primitives as p
+from hushchat.protocol.account import Account
+from hushchat.protocol.consts import MAX_UNACKNOWLEDGED_SESSION_AGE
+from hushchat.protocol.prekeys import PreKeyBundle
+from hushchat.protocol.session import Session, SessionRecord
+
+from ._common import Checker, Json, Recorder, case, h, note, seeded, unhex, vector_file
+from ._pinned import PINNED
+
+NAME = "session"
+
+NOTES = {
+    "Handshake": note("BASIC", "A session from a bundle, repeated PreKeyMessages, a reply."),
+    "RepeatedPreKeyMessage": note(
+        "BASIC",
+        "Several PreKeyMessages with one base key: the first creates the session, the others "
+        "go to it.",
+    ),
+    "Replay": note("REPLAY", "A PreKeyMessage delivered twice: DUPLICATE_MESSAGE."),
+    "SimultaneousInitiation": note(
+        "BASIC", "Both sides start a session at once; they converge on one."
+    ),
+    "Reset": note(
+        "BASIC",
+        "The initiator starts a new session; a late message of the old one still decrypts and "
+        "makes the old session current again.",
+    ),
+    "IdentityChange": note(
+        "AUTH_BYPASS",
+        "A PreKeyMessage from a new identity key: UNTRUSTED_IDENTITY until the app confirms.",
+    ),
+    "NoSession": note("BASIC", "A RatchetMessage for which no session exists."),
+    "StaleUnacknowledged": note(
+        "BASIC",
+        "An unanswered initiator session older than MAX_UNACKNOWLEDGED_SESSION_AGE is not used "
+        "for sending (a local INVALID_STATE).",
+    ),
+}
+
+
+@dataclass
+class _Party:
+    user_id: str
+    device_id: int
+    random: list[bytes]
+    # Which pinned KEM keys the party's seeds are ("alice" or "bob"), for encapsulating to it.
+    kem_family: str = ""
+    account: Account = field(init=False)
+    # Session records by peer address ("user.device"): a new identity of a
+    # peer device meets the record of its old one.
+    records: dict[str, SessionRecord] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.account = Account.create(
+            now=0, one_time_prekeys=1, rng=p.ScriptedRandom(list(self.random))
+        )
+
+    @property
+    def address(self) -> str:
+        return f"{self.user_id}.{self.device_id}"
+
+    def record(self, peer: _Party) -> SessionRecord:
+        return self.records.setdefault(peer.address, SessionRecord())
+
+    def to_json(self) -> Json:
+        return {
+            "user_id": self.user_id,
+            "device_id": self.device_id,
+            "random": [h(r) for r in self.random],
+        }
+
+
+def _make_party(label: str, user_id: str, kem: str) -> _Party:
+    rng = seeded("session/" + label)
+    random = [
+        rng.random_bytes(32),
+        rng.random_bytes(32),
+        PINNED[kem + "_last_resort"].key_seed(),
+        rng.random_bytes(32),
+        PINNED[kem + "_one_time"].key_seed(),
+    ]
+    return _Party(user_id, 1, random, kem)
+
+
+def _session_json(session: Session) -> Json:
+    return {
+        "base_key": h(session.base_key),
+        "initiator": session.is_initiator,
+        "acknowledged": session.acknowledged,
+        "remote_identity": h(session.remote_identity.ed25519),
+    }
+
+
+def state_json(party: _Party, peer: _Party) -> Json:
+    record = party.record(peer)
+    return {
+        "current": None if record.current is None else _session_json(record.current),
+        "previous": [_session_json(s) for s in record.previous],
+        "one_time_prekeys": party.account.one_time_prekey_count,
+    }
+
+
+def _pickles(party: _Party, peer: _Party) -> tuple[bytes, bytes]:
+    return party.record(peer).to_bytes(), party.account.to_bytes()
+
+
+class _Transcript:
+    def __init__(self, label: str, parties: dict[str, _Party]) -> None:
+        self.label = label
+        self.parties = parties
+        self.messages: list[tuple[str, str, bytes]] = []  # (sender, recipient, bytes)
+        self.steps: list[Json] = []
+        self.rng = {name: Recorder(seeded(f"session/{label}/{name}")) for name in parties}
+
+    def start(self, party: str, peer: str, *, one_time: bool, kem: str, now: int = 0) -> None:
+        me, them = self.parties[party], self.parties[peer]
+        bundle = them.account.bundle(them.user_id, them.device_id, one_time=one_time)
+        encapsulation = PINNED[f"{them.kem_family}_{kem}"].encapsulation()
+        draws = [self.rng[party].random_bytes(32), self.rng[party].random_bytes(32)]
+        self.rng[party].take()
+        session = me.account.create_outbound_session(
+            bundle, now=now, rng=p.ScriptedRandom(list(draws), [encapsulation])
+        )
+        me.record(them).install(session)
+        self.steps.append(
+            {
+                "op": "start",
+                "party": party,
+                "peer": peer,
+                "now": now,
+                "bundle": h(bundle.encode()),
+                "random": [h(d) for d in draws],
+                "encapsulation": [h(encapsulation[0]), h(encapsulation[1])],
+                "state": state_json(me, them),
+            }
+        )
+
+    def encrypt(self, party: str, peer: str, *, now: int = 0) -> int:
+        msg_id = len(self.messages)
+        plaintext = f"{party} to {peer}, message {msg_id}".encode()
+        step: Json = {
+            "op": "encrypt",
+            "party": party,
+            "peer": peer,
+            "now": now,
+            "msg_id": msg_id,
+            "plaintext": h(plaintext),
+        }
+        try:
+            message = self.parties[party].record(self.parties[peer]).encrypt(plaintext, now=now)
+        except Exception as exc:  # the reference's verdict is what gets recorded
+            step.update(result="invalid", error=getattr(exc, "code", type(exc).__name__))
+            message = b""
+        else:
+            step.update(result="valid", message=h(message))
+        step["state"] = state_json(self.parties[party], self.parties[peer])
+        self.messages.append((party, peer, message))
+        self.steps.append(step)
+        return msg_id
+
+    def deliver(
+        self,
+        msg_id: int,
+        *,
+        to: str | None = None,
+        now: int = 0,
+        trust: bool = False,
+    ) -> None:
+        sender, recipient, message = self.messages[msg_id]
+        party = to or recipient
+        rng = self.rng[party]
+        step: Json = {
+            "op": "deliver",
+            "party": party,
+            "peer": sender,
+            "now": now,
+            "msg_id": msg_id,
+            "message": h(message),
+            "trust_new_identity": trust,
+        }
+        try:
+            result = (
+                self.parties[party]
+                .record(self.parties[sender])
+                .decrypt(
+                    message, self.parties[party].account, now=now, rng=rng, trust_new_identity=trust
+                )
+            )
+        except Exception as exc:  # the reference's verdict is what gets recorded
+            step.update(result="invalid", error=getattr(exc, "code", type(exc).__name__))
+            step["random"] = rng.take()
+            assert not step["random"], "a refused message drew randomness"
+        else:
+            step.update(
+                result="valid",
+                plaintext=h(result.plaintext),
+                new_session=result.new_session,
+                random=rng.take(),
+            )
+        step["state"] = state_json(self.parties[party], self.parties[sender])
+        self.steps.append(step)
+
+    def drop(self, msg_id: int) -> None:
+        self.steps.append({"op": "drop", "msg_id": msg_id})
+
+    def case(self, comment: str, flags: tuple[str, ...]) -> Json:
+        errors = [s["error"] for s in self.steps if s.get("result") == "invalid"]
+        return case(
+            comment,
+            result="invalid" if errors else "valid",
+            error=errors[0] if errors else None,
+            flags=flags,
+            parties={name: party.to_json() for name, party in self.parties.items()},
+            steps=self.steps,
+        )
+
+
+def _alice_bob(label: str) -> _Transcript:
+    return _Transcript(
+        label,
+        {
+            "alice": _make_party(label + "/alice", "alice", "alice"),
+            "bob": _make_party(label + "/bob", "bob", "bob"),
+        },
+    )
+
+
+def _tests() -> list[Json]:
+    tests = []
+    t = _alice_bob("handshake")
+    t.start("alice", "bob", one_time=True, kem="one_time")
+    a0 = t.encrypt("alice", "bob")
+    a1 = t.encrypt("alice", "bob")
+    t.deliver(a0)
+    t.deliver(a1)
+    b0 = t.encrypt("bob", "alice")
+    t.deliver(b0)
+    a2 = t.encrypt("alice", "bob")
+    t.deliver(a2)
+    tests.append(
+        t.case(
+            "two PreKeyMessages, a reply, then a RatchetMessage",
+            ("Handshake", "RepeatedPreKeyMessage"),
+        )
+    )
+
+    t = _alice_bob("replay")
+    t.start("alice", "bob", one_time=False, kem="last_resort")
+    a0 = t.encrypt("alice", "bob")
+    t.deliver(a0)
+    t.deliver(a0)
+    a1 = t.encrypt("alice", "bob")
+    t.deliver(a1)
+    tests.append(t.case("a PreKeyMessage delivered twice", ("Replay",)))
+
+    t = _alice_bob("simultaneous")
+    t.start("alice", "bob", one_time=True, kem="one_time")
+    t.start("bob", "alice", one_time=True, kem="one_time")
+    a0 = t.encrypt("alice", "bob")
+    b0 = t.encrypt("bob", "alice")
+    t.deliver(a0)
+    t.deliver(b0)
+    a1 = t.encrypt("alice", "bob")
+    t.deliver(a1)
+    b1 = t.encrypt("bob", "alice")
+    t.deliver(b1)
+    a2 = t.encrypt("alice", "bob")
+    t.deliver(a2)
+    tests.append(
+        t.case(
+            "both start at once; after one message each way both use Bob's session",
+            ("SimultaneousInitiation",),
+        )
+    )
+
+    t = _alice_bob("reset")
+    t.start("alice", "bob", one_time=True, kem="one_time")
+    a0 = t.encrypt("alice", "bob")
+    t.deliver(a0)
+    b0 = t.encrypt("bob", "alice")
+    t.deliver(b0)
+    late = t.encrypt("alice", "bob")
+    t.drop(late)
+    t.start("alice", "bob", one_time=True, kem="last_resort")
+    a1 = t.encrypt("alice", "bob")
+    t.deliver(a1)
+    t.deliver(late)
+    b1 = t.encrypt("bob", "alice")
+    t.deliver(b1)
+    tests.append(
+        t.case(
+            "Alice starts a second session; her late message on the first one promotes it",
+            ("Reset",),
+        )
+    )
+
+    label = "identity-change"
+    t = _Transcript(
+        label,
+        {
+            "alice": _make_party(label + "/alice", "alice", "alice"),
+            "bob": _make_party(label + "/bob", "bob", "bob"),
+            "alice-new": _make_party(label + "/alice-new", "alice", "alice"),
+        },
+    )
+    t.start("alice", "bob", one_time=True, kem="one_time")
+    a0 = t.encrypt("alice", "bob")
+    t.deliver(a0)
+    t.start("alice-new", "bob", one_time=True, kem="last_resort")
+    n0 = t.encrypt("alice-new", "bob")
+    t.deliver(n0)
+    t.deliver(n0, trust=True)
+    a1 = t.encrypt("alice", "bob")
+    t.deliver(a1)
+    tests.append(
+        t.case(
+            "a PreKeyMessage from Alice's new identity: refused, then accepted once trusted; "
+            "now the old identity's messages are refused",
+            ("IdentityChange",),
+        )
+    )
+
+    label = "no-session"
+    t = _Transcript(
+        label,
+        {
+            "alice": _make_party(label + "/alice", "alice", "alice"),
+            "bob": _make_party(label + "/bob", "bob", "bob"),
+            "carol": _make_party(label + "/carol", "carol", "bob"),
+        },
+    )
+    t.start("alice", "bob", one_time=True, kem="one_time")
+    t.deliver(t.encrypt("alice", "bob"))
+    t.deliver(t.encrypt("bob", "alice"))
+    stray = t.encrypt("alice", "bob")
+    t.deliver(stray, to="carol")
+    tests.append(t.case("a RatchetMessage reaches a device with no session", ("NoSession",)))
+
+    t = _alice_bob("stale")
+    t.start("alice", "bob", one_time=True, kem="one_time")
+    t.encrypt("alice", "bob", now=MAX_UNACKNOWLEDGED_SESSION_AGE)
+    t.encrypt("alice", "bob", now=MAX_UNACKNOWLEDGED_SESSION_AGE + 1)
+    tests.append(
+        t.case(
+            "an unanswered session is usable for 30 days, not a second longer",
+            ("StaleUnacknowledged",),
+        )
+    )
+    return tests
+
+
+def generate() -> Json:
+    return vector_file(
+        NAME,
+        description=(
+            "Session records: PreKeyMessages until the first reply, replays, simultaneous "
+            "initiation, resets with previous sessions, identity changes and stale sessions."
+        ),
+        spec=["05-session-management.md"],
+        notes=NOTES,
+        groups=[
+            {
+                "type": "SessionTranscript",
+                "max_unacknowledged_session_age": MAX_UNACKNOWLEDGED_SESSION_AGE,
+                "tests": _tests(),
+            }
+        ],
+    )
+
+
+# ------------------------------------------------------------------ verification
+
+
+def verify_test(group: Json, test: Json) -> list[str]:
+    c = Checker()
+    parties = {
+        name: _Party(d["user_id"], d["device_id"], [unhex(r) for r in d["random"]])
+        for name, d in test["parties"].items()
+    }
+    for index, step in enumerate(test["steps"]):
+        where = f"step {index} ({step['op']})"
+        op = step["op"]
+        if op == "drop":
+            continue
+        party, peer = parties[step["party"]], parties[step["peer"]]
+        record = party.record(peer)
+        if op == "start":
+            ss, ct = (unhex(x) for x in step["encapsulation"])
+            rng = p.ScriptedRandom([unhex(r) for r in step["random"]], [(ss, ct)])
+            bundle = PreKeyBundle.decode(unhex(step["bundle"]))
+            record.install(party.account.create_outbound_session(bundle, now=step["now"], rng=rng))
+        elif op == "encrypt":
+            encrypt = partial(record.encrypt, unhex(step["plaintext"]), now=step["now"])
+            sent = c.outcome(where, step, encrypt)
+            if sent is not None:
+                c.equal(f"{where} message", step["message"], h(sent))
+        elif op == "deliver":
+            rng = p.ScriptedRandom([unhex(r) for r in step["random"]])
+            before = _pickles(party, peer)
+            decrypt = partial(
+                record.decrypt,
+                unhex(step["message"]),
+                party.account,
+                now=step["now"],
+                rng=rng,
+                trust_new_identity=step["trust_new_identity"],
+            )
+            result = c.outcome(where, step, decrypt)
+            if result is None:
+                c.equal(f"{where} unchanged", before, _pickles(party, peer))
+            else:
+                c.equal(f"{where} plaintext", step["plaintext"], h(result.plaintext))
+                c.equal(f"{where} new_session", step["new_session"], result.new_session)
+            c.equal(f"{where} randomness drawn", step["random"], [h(u) for u in rng.used])
+        else:
+            c.fail(f"{where}: unknown op")
+            continue
+        c.equal(f"{where} state", step["state"], state_json(party, peer))
+    return c.failures

@@ -1,0 +1,456 @@
+"""wire.json: every decoder, on valid encodings and on malformed ones.
+
+One test group per structure (``structure`` names it, as in
+spec/06-wire-format.md). A valid test gives the input and its decoded fields
+(``decoded``); re-encoding them must give the input back. An invalid test
+gives an input with one defect and the error the decoder must raise. Only
+the decoding is tested here: signatures and keys in use are the business of
+the other files (a SignedDeviceList's signature is checked by its decoder,
+so its samples are validly signed).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from hushchat.protocol.consts import (
+    DEVICE_LIST_SIGNATURE_CONTEXT,
+    MAX_NESTING_DEPTH,
+    PROTOCOL_VERSION,
+)
+from hushchat.protocol.devices import DeviceEntry, DeviceList, SignedDeviceList
+from hushchat.protocol.double_ratchet import Header
+from hushchat.protocol.encoding import pack, unpack
+from hushchat.protocol.group_cipher import OutboundSenderKey
+from hushchat.protocol.keys import IdentityKeyPair
+from hushchat.protocol.messages import PreKeyMessage, RatchetMessage, decode_message
+from hushchat.protocol.prekeys import PreKeyBundle
+from hushchat.protocol.sender_keys import SenderKeyDistributionMessage, SenderKeyMessage
+
+from . import handshake, wire_group
+from ._common import Checker, Json, case, h, note, opt_h, seeded, unhex, vector_file
+from ._wire import Defect, Structure, error_of, generic_defects, replace, split
+
+NAME = "wire"
+SMALL_ORDER_EDWARDS = unhex("0100000000000000000000000000000000000000000000000000000000000000")
+NON_CANONICAL_U = unhex("edffffffffffffffffffffffffffffffffffffffffffffffffffffffffffff7f")
+
+NOTES = {
+    "Valid": note("BASIC", "A valid encoding and its decoded fields."),
+    "Empty": note("BASIC", "Zero bytes."),
+    "Truncated": note("BASIC", "The last byte is missing."),
+    "TrailingBytes": note("BASIC", "One byte follows the value."),
+    "NonCanonicalArray": note(
+        "CAN_OF_WORMS", "The array length uses array 16 where fixarray fits."
+    ),
+    "NonCanonicalInteger": note("CAN_OF_WORMS", "An integer uses uint 8 where a fixint fits."),
+    "NonCanonicalBin": note("CAN_OF_WORMS", "A byte string uses bin 16 where bin 8 fits."),
+    "UnknownVersion": note("BASIC", "The version field is 2."),
+    "UnknownType": note("BASIC", "The message type is neither 1 nor 2."),
+    "ExtraField": note("BASIC", "One field too many."),
+    "MissingField": note("BASIC", "The last field is missing."),
+    "WrongType": note("BASIC", "A byte-string field holds a UTF-8 string of the same length."),
+    "Float": note("BASIC", "A field holds a float (no float is valid anywhere)."),
+    "Map": note("BASIC", "A map instead of the array (no map is valid anywhere)."),
+    "Extension": note("BASIC", "A field holds an extension type (none is valid anywhere)."),
+    "TooDeep": note("DOS", f"A field holds arrays nested deeper than {MAX_NESTING_DEPTH}."),
+    "WrongSize": note("BASIC", "A fixed-size byte string is one byte short."),
+    "NegativeInteger": note("BASIC", "An unsigned field holds -1."),
+    "IntegerTooLarge": note("BASIC", "A u32 field holds 2^32."),
+    "InvalidKey": note("CONFIDENTIALITY", "A key of small order or not canonically encoded."),
+    "Inconsistent": note(
+        "BASIC", "Fields that go together do not (e.g. a KEM id without ciphertext)."
+    ),
+    "TooShort": note("BASIC", "Too short to hold a signature and a body."),
+    "BadCiphertextLength": note(
+        "BASIC", "A ciphertext length that is not a positive multiple of 16."
+    ),
+    "Order": note("CAN_OF_WORMS", "Entries out of their required order (a second encoding)."),
+}
+
+
+# ------------------------------------------------------------------ structures
+
+
+def _bundle_json(data: bytes) -> Json:
+    b = PreKeyBundle.decode(data)
+    opk, kem = b.one_time_prekey, b.kem_prekey
+    return {
+        "version": PROTOCOL_VERSION,
+        "user_id": b.user_id,
+        "device_id": b.device_id,
+        "identity": h(b.identity.ed25519),
+        "signed_prekey": {
+            "id": b.signed_prekey.key_id,
+            "public": h(b.signed_prekey.public),
+            "signature": h(b.signed_prekey.signature),
+        },
+        "one_time_prekey": None if opk is None else {"id": opk.key_id, "public": h(opk.public)},
+        "kem_prekey": None
+        if kem is None
+        else {"id": kem.key_id, "public": h(kem.public), "signature": h(kem.signature)},
+        "kem_is_last_resort": b.kem_is_last_resort,
+    }
+
+
+def _message_json(data: bytes) -> Json:
+    m = decode_message(data)
+    if isinstance(m, RatchetMessage):
+        return {"type": 1, "header": h(m.header), "body": h(m.body)}
+    hs = m.handshake
+    return {
+        "type": 2,
+        "identity": h(hs.identity.ed25519),
+        "base_key": h(hs.base_key),
+        "signed_prekey_id": hs.signed_prekey_id,
+        "one_time_prekey_id": hs.one_time_prekey_id,
+        "kem_prekey_id": hs.kem_prekey_id,
+        "kem_ciphertext": opt_h(hs.kem_ciphertext),
+        "header": h(m.message.header),
+        "body": h(m.message.body),
+    }
+
+
+def _message_encode(d: Json) -> bytes:
+    if d["type"] == 1:
+        return RatchetMessage(unhex(d["header"]), unhex(d["body"])).encode()
+    decoded = decode_message(_raw_prekey(d))
+    assert isinstance(decoded, PreKeyMessage)
+    return decoded.encode()
+
+
+def _raw_prekey(d: Json) -> bytes:
+    return pack(
+        [
+            2,
+            unhex(d["identity"]),
+            unhex(d["base_key"]),
+            d["signed_prekey_id"],
+            d["one_time_prekey_id"],
+            d["kem_prekey_id"],
+            None if d["kem_ciphertext"] is None else unhex(d["kem_ciphertext"]),
+            unhex(d["header"]),
+            unhex(d["body"]),
+        ]
+    )
+
+
+def _header_json(data: bytes) -> Json:
+    header = Header.decode(data)
+    return {
+        "version": PROTOCOL_VERSION,
+        "ratchet_key": h(header.ratchet_key),
+        "previous_chain_length": header.previous_chain_length,
+        "message_number": header.message_number,
+    }
+
+
+def _device_list_json(data: bytes) -> Json:
+    signed = SignedDeviceList.decode(data)
+    dl = signed.device_list
+    return {
+        "body": h(signed.body),
+        "signature": h(signed.signature),
+        "version": PROTOCOL_VERSION,
+        "user_id": dl.user_id,
+        "user_identity": h(dl.user_identity),
+        "counter": dl.counter,
+        "devices": [[d.device_id, h(d.identity)] for d in dl.devices],
+    }
+
+
+def _skdm_json(data: bytes) -> Json:
+    m = SenderKeyDistributionMessage.decode(data)
+    return {
+        "version": PROTOCOL_VERSION,
+        "group_id": h(m.group_id),
+        "chain_id": m.chain_id,
+        "iteration": m.iteration,
+        "chain_key": h(m.chain_key),
+        "signing_key": h(m.signing_key),
+    }
+
+
+def _skm_json(data: bytes) -> Json:
+    m = SenderKeyMessage.decode(data)
+    return {
+        "version": PROTOCOL_VERSION,
+        "group_id": h(m.group_id),
+        "chain_id": m.chain_id,
+        "iteration": m.iteration,
+        "ciphertext": h(m.ciphertext),
+        "signature": h(m.signature),
+    }
+
+
+STRUCTURES = {
+    s.name: s
+    for s in (
+        Structure(
+            "PreKeyBundle",
+            _bundle_json,
+            lambda d: PreKeyBundle.decode(_repack_bundle(d)).encode(),
+            version_index=0,
+            bin_index=3,
+        ),
+        Structure(
+            "Message", _message_json, _message_encode, version_index=0, bin_index=1, fixed_bin=False
+        ),
+        Structure(
+            "RatchetHeader",
+            _header_json,
+            lambda d: Header(
+                unhex(d["ratchet_key"]), d["previous_chain_length"], d["message_number"]
+            ).encode(),
+            version_index=0,
+            bin_index=1,
+        ),
+        Structure(
+            "SignedDeviceList",
+            _device_list_json,
+            lambda d: pack([unhex(d["body"]), unhex(d["signature"])]),
+            version_index=-1,
+            bin_index=0,
+            fixed_bin=False,
+        ),
+        Structure(
+            "SenderKeyDistributionMessage",
+            _skdm_json,
+            lambda d: SenderKeyDistributionMessage(
+                unhex(d["group_id"]),
+                d["chain_id"],
+                d["iteration"],
+                unhex(d["chain_key"]),
+                unhex(d["signing_key"]),
+            ).encode(),
+            version_index=0,
+            bin_index=1,
+        ),
+        Structure(
+            "SenderKeyMessage",
+            _skm_json,
+            lambda d: (
+                SenderKeyMessage.encode_body(
+                    unhex(d["group_id"]), d["chain_id"], d["iteration"], unhex(d["ciphertext"])
+                )
+                + unhex(d["signature"])
+            ),
+            version_index=0,
+            bin_index=1,
+            signed_suffix=True,
+        ),
+    )
+}
+
+
+STRUCTURES.update(wire_group.STRUCTURES)
+
+
+def _repack_bundle(d: Json) -> bytes:
+    spk, opk, kem = d["signed_prekey"], d["one_time_prekey"], d["kem_prekey"]
+    return pack(
+        [
+            d["version"],
+            d["user_id"],
+            d["device_id"],
+            unhex(d["identity"]),
+            [spk["id"], unhex(spk["public"]), unhex(spk["signature"])],
+            None if opk is None else [opk["id"], unhex(opk["public"])],
+            None if kem is None else [kem["id"], unhex(kem["public"]), unhex(kem["signature"])],
+            d["kem_is_last_resort"],
+        ]
+    )
+
+
+# ------------------------------------------------------------------ samples
+
+
+def _device_list_samples() -> list[tuple[str, bytes]]:
+    rng = seeded("wire/devices")
+    user = IdentityKeyPair(rng.random_bytes(32))
+    devices = [DeviceEntry(i, IdentityKeyPair(rng.random_bytes(32)).public.ed25519) for i in (1, 7)]
+    signed = DeviceList("carol", user.public.ed25519, 3, tuple(devices)).sign(user)
+    return [("two devices, counter 3", signed.encode())]
+
+
+def _sender_key_samples() -> tuple[list[tuple[str, bytes]], list[tuple[str, bytes]]]:
+    rng = seeded("wire/sender-key")
+    key = OutboundSenderKey.create(rng.random_bytes(16), 0, rng)
+    skdm = key.distribution_message()
+    message = key.encrypt(b"group hello")
+    return [("SKDM at iteration 0", skdm)], [("message at iteration 0", message)]
+
+
+def _ratchet_samples() -> list[tuple[str, bytes]]:
+    rng = seeded("wire/header")
+    key = IdentityKeyPair(rng.random_bytes(32)).public.x25519
+    return [
+        ("header PN 0, N 0", Header(key, 0, 0).encode()),
+        ("header PN 300, N 70000", Header(key, 300, 70000).encode()),
+    ]
+
+
+# ------------------------------------------------------------------ defects
+
+
+def _specific_defects(name: str, sample: bytes) -> list[Defect]:
+    s = STRUCTURES[name]
+    version = ("version 2", "UnknownVersion", replace(sample, s, 0, PROTOCOL_VERSION + 1))
+    if name == "PreKeyBundle":
+        fields = unpack(sample, what="test")
+        spk = list(fields[4])
+        spk[1] = NON_CANONICAL_U
+        return [
+            version,
+            ("identity of small order", "InvalidKey", replace(sample, s, 3, SMALL_ORDER_EDWARDS)),
+            ("signed prekey u = p", "InvalidKey", replace(sample, s, 4, spk)),
+            ("device id 2^32", "IntegerTooLarge", replace(sample, s, 2, 2**32)),
+            ("user id of 65 bytes", "WrongSize", replace(sample, s, 1, "u" * 65)),
+            ("empty user id", "WrongSize", replace(sample, s, 1, "")),
+            *(
+                [("no KEM prekey but last resort", "Inconsistent", replace(sample, s, 7, True))]
+                if fields[6] is None
+                else []
+            ),
+        ]
+    if name == "Message":
+        fields = unpack(sample, what="test")
+        if fields[0] == 1:
+            return [
+                ("message type 3", "UnknownType", replace(sample, s, 0, 3)),
+                ("header of 129 bytes", "WrongSize", replace(sample, s, 1, bytes(129))),
+            ]
+        return [
+            ("identity of small order", "InvalidKey", replace(sample, s, 1, SMALL_ORDER_EDWARDS)),
+            ("base key u = p", "InvalidKey", replace(sample, s, 2, NON_CANONICAL_U)),
+            (
+                "KEM prekey id without ciphertext",
+                "Inconsistent",
+                replace(sample, s, 6, None) if fields[5] is not None else replace(sample, s, 5, 5),
+            ),
+            ("signed prekey id 2^32", "IntegerTooLarge", replace(sample, s, 3, 2**32)),
+        ]
+    if name == "RatchetHeader":
+        return [
+            version,
+            ("ratchet key u = p", "InvalidKey", replace(sample, s, 1, NON_CANONICAL_U)),
+            ("N = 2^32", "IntegerTooLarge", replace(sample, s, 3, 2**32)),
+        ]
+    if name == "SignedDeviceList":
+        return _device_list_defects(sample)
+    if name == "SenderKeyDistributionMessage":
+        return [
+            version,
+            (
+                "signing key of small order",
+                "InvalidKey",
+                replace(sample, s, 5, SMALL_ORDER_EDWARDS),
+            ),
+            ("chain id 2^32", "IntegerTooLarge", replace(sample, s, 2, 2**32)),
+        ]
+    if name == "SenderKeyMessage":
+        fields, signature = split(sample, True)
+        return [
+            version,
+            (
+                "iteration 2^32 - 1 (beyond the last)",
+                "IntegerTooLarge",
+                replace(sample, s, 3, 2**32 - 1),
+            ),
+            ("ciphertext of 15 bytes", "BadCiphertextLength", replace(sample, s, 4, bytes(15))),
+            ("ciphertext empty", "BadCiphertextLength", replace(sample, s, 4, b"")),
+            ("only a signature", "TooShort", signature),
+        ]
+    return wire_group.specific_defects(name, sample)
+
+
+def _device_list_defects(sample: bytes) -> list[Defect]:
+    """Body defects, each validly signed so the body decoder is what refuses them."""
+    rng = seeded("wire/devices")
+    user = IdentityKeyPair(rng.random_bytes(32))
+    body = unpack(unpack(sample, what="test")[0], what="test")
+
+    def signed(new_body: list[Any]) -> bytes:
+        raw = pack(new_body)
+        return pack([raw, user.sign(DEVICE_LIST_SIGNATURE_CONTEXT + raw)])
+
+    def variant(index: int, value: Any) -> bytes:
+        changed = list(body)
+        changed[index] = value
+        return signed(changed)
+
+    devices = body[4]
+    return [
+        ("body version 2", "UnknownVersion", variant(0, PROTOCOL_VERSION + 1)),
+        ("devices in decreasing id order", "Order", variant(4, list(reversed(devices)))),
+        ("the same device id twice", "Order", variant(4, [devices[0], devices[0]])),
+        ("no devices", "WrongSize", variant(4, [])),
+        ("empty user id", "WrongSize", variant(1, "")),
+        (
+            "device identity of small order",
+            "InvalidKey",
+            variant(4, [[devices[0][0], SMALL_ORDER_EDWARDS]]),
+        ),
+    ]
+
+
+def _group(name: str, samples: list[tuple[str, bytes]]) -> Json:
+    structure = STRUCTURES[name]
+    tests = [
+        case(comment, flags=("Valid",), input=h(data), decoded=structure.decode(data))
+        for comment, data in samples
+    ]
+    defects = generic_defects(structure, samples[0][1])
+    for _, data in samples:
+        defects += _specific_defects(name, data)
+    seen: set[str] = set()
+    for comment, flag, data in defects:
+        if comment in seen:  # samples of one structure share their specific defects
+            continue
+        seen.add(comment)
+        error = error_of(structure, data)
+        if error is None:
+            raise AssertionError(f"{name}: {comment}: the decoder accepted it")
+        tests.append(case(comment, result="invalid", error=error, flags=(flag,), input=h(data)))
+    return {"type": "Decode", "structure": name, "tests": tests}
+
+
+def generate() -> Json:
+    skdms, skms = _sender_key_samples()
+    rng = seeded("wire/ratchet-message")
+    ratchet_message = RatchetMessage(_ratchet_samples()[0][1], rng.random_bytes(48)).encode()
+    groups = [
+        _group("PreKeyBundle", handshake.sample_bundles()),
+        _group(
+            "Message",
+            [("RatchetMessage", ratchet_message), *handshake.sample_initial_messages()],
+        ),
+        _group("RatchetHeader", _ratchet_samples()),
+        _group("SignedDeviceList", _device_list_samples()),
+        _group("SenderKeyDistributionMessage", skdms),
+        _group("SenderKeyMessage", skms),
+        *(_group(name, samples) for name, samples in wire_group.samples().items()),
+    ]
+    return vector_file(
+        NAME,
+        description=(
+            "Decoding of every wire structure: valid encodings with their fields, and malformed, "
+            "non-canonical, unknown-version and wrongly typed inputs with the error each must give."
+        ),
+        spec=["00-conventions.md", "06-wire-format.md"],
+        notes=NOTES,
+        groups=groups,
+    )
+
+
+def verify_test(group: Json, test: Json) -> list[str]:
+    c = Checker()
+    structure = STRUCTURES.get(group["structure"])
+    if structure is None:
+        return [f"unknown structure {group['structure']}"]
+    data = unhex(test["input"])
+    decoded = c.outcome("decode", test, lambda: structure.decode(data))
+    if decoded is not None:
+        c.equal("decoded", test["decoded"], decoded)
+        c.equal("re-encoded", test["input"], h(structure.encode(test["decoded"])))
+    return c.failures

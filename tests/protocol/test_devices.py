@@ -1,0 +1,360 @@
+"""Signed device lists: encoding, verification, and update rules."""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from hushchat.protocol import consts
+from hushchat.protocol.devices import (
+    DeviceChanges,
+    DeviceEntry,
+    DeviceList,
+    SignedDeviceList,
+    check_update,
+    device_changes,
+)
+from hushchat.protocol.encoding import pack, unpack
+from hushchat.protocol.errors import (
+    BadSignature,
+    DecodeError,
+    InvalidArgument,
+    InvalidKey,
+    NonCanonicalEncoding,
+    ProtocolError,
+    StaleChange,
+    UnauthorizedChange,
+    UnknownVersion,
+    UntrustedIdentity,
+)
+from hushchat.protocol.keys import IdentityKeyPair
+
+CTX = consts.DEVICE_LIST_SIGNATURE_CONTEXT
+# Ed25519 encoding of the neutral element (small order): never a valid identity.
+SMALL_ORDER_KEY = b"\x01" + b"\x00" * 31
+
+
+def keypair(n: int) -> IdentityKeyPair:
+    return IdentityKeyPair(bytes([n]) * 32)
+
+
+ALICE = keypair(1)
+MALLORY = keypair(2)
+DEVICE_KEYS = [keypair(10 + i) for i in range(consts.MAX_DEVICES_PER_USER + 1)]
+
+
+def entry(device_id: int, key_index: int | None = None) -> DeviceEntry:
+    key = DEVICE_KEYS[device_id if key_index is None else key_index]
+    return DeviceEntry(device_id, key.public.ed25519)
+
+
+def alice_list(*device_ids: int, counter: int = 0) -> DeviceList:
+    return DeviceList(
+        "alice", ALICE.public.ed25519, counter, tuple(entry(i) for i in sorted(device_ids))
+    )
+
+
+def signed_raw(body_fields: list[Any], signer: IdentityKeyPair = ALICE) -> bytes:
+    """A validly signed list whose body is ``body_fields`` packed as given."""
+    body = pack(body_fields)
+    return pack([body, signer.sign(CTX + body)])
+
+
+def raw_body(devices: list[list[Any]], **over: Any) -> list[Any]:
+    fields = {
+        "version": consts.PROTOCOL_VERSION,
+        "user_id": "alice",
+        "identity": ALICE.public.ed25519,
+        "counter": 7,
+    }
+    fields.update(over)
+    return [fields["version"], fields["user_id"], fields["identity"], fields["counter"], devices]
+
+
+# ------------------------------------------------------------------ round trips
+
+
+def test_round_trip_is_exact() -> None:
+    signed = alice_list(1, 2, 5, counter=3).sign(ALICE)
+    wire = signed.encode()
+    decoded = SignedDeviceList.decode(wire)
+    assert decoded == signed
+    assert decoded.device_list == alice_list(1, 2, 5, counter=3)
+    assert decoded.encode() == wire
+
+
+def test_wire_layout() -> None:
+    signed = alice_list(3, 4, counter=9).sign(ALICE)
+    body, signature = unpack(signed.encode(), what="test")
+    assert body == signed.body
+    assert unpack(body, what="test") == [
+        consts.PROTOCOL_VERSION,
+        "alice",
+        ALICE.public.ed25519,
+        9,
+        [[3, DEVICE_KEYS[3].public.ed25519], [4, DEVICE_KEYS[4].public.ed25519]],
+    ]
+    ALICE.public.verify(signature, CTX + body)
+
+
+def test_initial_sorts_devices_and_starts_at_zero() -> None:
+    dl = DeviceList.initial("alice", ALICE.public.ed25519, [entry(4), entry(1)])
+    assert dl.counter == 0
+    assert dl.device_ids == (1, 4)
+
+
+def test_extreme_values_round_trip() -> None:
+    uid = "ü" * (consts.MAX_USER_ID_SIZE // 2)
+    dl = DeviceList(
+        uid,
+        ALICE.public.ed25519,
+        2**64 - 1,
+        (
+            *(entry(i, i) for i in range(consts.MAX_DEVICES_PER_USER - 1)),
+            DeviceEntry(2**32 - 1, DEVICE_KEYS[-1].public.ed25519),
+        ),
+    )
+    signed = dl.sign(ALICE)
+    assert SignedDeviceList.decode(signed.encode()) == signed
+
+
+# ------------------------------------------------------------------ signatures
+
+
+def test_flipped_signature_bit_is_refused() -> None:
+    signed = alice_list(1).sign(ALICE)
+    forged = bytearray(signed.signature)
+    forged[5] ^= 1
+    with pytest.raises(BadSignature):
+        SignedDeviceList.decode(pack([signed.body, bytes(forged)]))
+
+
+def test_body_changed_after_signing_is_refused() -> None:
+    signed = alice_list(1).sign(ALICE)
+    other = alice_list(1, 2).encode_body()
+    with pytest.raises(BadSignature):
+        SignedDeviceList.decode(pack([other, signed.signature]))
+
+
+def test_signature_by_another_key_is_refused() -> None:
+    with pytest.raises(BadSignature):
+        SignedDeviceList.decode(signed_raw(raw_body([[1, DEVICE_KEYS[1].public.ed25519]]), MALLORY))
+
+
+def test_signature_without_context_is_refused() -> None:
+    body = alice_list(1).encode_body()
+    with pytest.raises(BadSignature):
+        SignedDeviceList.decode(pack([body, ALICE.sign(body)]))
+
+
+def test_sign_with_wrong_user_key_is_local_error() -> None:
+    with pytest.raises(InvalidArgument):
+        alice_list(1).sign(MALLORY)
+
+
+def test_list_under_substituted_user_identity_is_untrusted() -> None:
+    held = alice_list(1, counter=1)
+    # Mallory signs a list naming herself as Alice's user identity: it
+    # verifies on its own, so only the update check against the held list stops it.
+    forged = SignedDeviceList.decode(
+        signed_raw(
+            raw_body(
+                [[1, DEVICE_KEYS[1].public.ed25519], [2, MALLORY.public.ed25519]],
+                identity=MALLORY.public.ed25519,
+                counter=2,
+            ),
+            MALLORY,
+        )
+    )
+    with pytest.raises(UntrustedIdentity):
+        check_update(held, forged.device_list)
+
+
+# ------------------------------------------------------------------ malformed bodies
+
+
+def test_reordered_device_ids_are_refused() -> None:
+    devices = [[2, DEVICE_KEYS[2].public.ed25519], [1, DEVICE_KEYS[1].public.ed25519]]
+    with pytest.raises(DecodeError):
+        SignedDeviceList.decode(signed_raw(raw_body(devices)))
+
+
+def test_duplicate_device_ids_are_refused() -> None:
+    devices = [[1, DEVICE_KEYS[1].public.ed25519], [1, DEVICE_KEYS[2].public.ed25519]]
+    with pytest.raises(DecodeError):
+        SignedDeviceList.decode(signed_raw(raw_body(devices)))
+
+
+@pytest.mark.parametrize("count", [0, consts.MAX_DEVICES_PER_USER + 1])
+def test_device_count_outside_limits_is_refused(count: int) -> None:
+    devices = [[i, DEVICE_KEYS[i].public.ed25519] for i in range(count)]
+    with pytest.raises(DecodeError):
+        SignedDeviceList.decode(signed_raw(raw_body(devices)))
+
+
+def test_invalid_device_identity_is_refused() -> None:
+    with pytest.raises(InvalidKey):
+        SignedDeviceList.decode(signed_raw(raw_body([[1, SMALL_ORDER_KEY]])))
+
+
+def test_invalid_user_identity_is_refused() -> None:
+    body = raw_body([[1, DEVICE_KEYS[1].public.ed25519]], identity=SMALL_ORDER_KEY)
+    with pytest.raises(InvalidKey):
+        SignedDeviceList.decode(signed_raw(body))
+
+
+def test_unknown_version_is_refused() -> None:
+    body = raw_body([[1, DEVICE_KEYS[1].public.ed25519]], version=consts.PROTOCOL_VERSION + 1)
+    with pytest.raises(UnknownVersion):
+        SignedDeviceList.decode(signed_raw(body))
+
+
+@pytest.mark.parametrize("user_id", ["", "x" * (consts.MAX_USER_ID_SIZE + 1)])
+def test_user_id_outside_limits_is_refused(user_id: str) -> None:
+    body = raw_body([[1, DEVICE_KEYS[1].public.ed25519]], user_id=user_id)
+    with pytest.raises(DecodeError):
+        SignedDeviceList.decode(signed_raw(body))
+
+
+def test_extra_fields_are_refused() -> None:
+    body = [*raw_body([[1, DEVICE_KEYS[1].public.ed25519]]), 0]
+    with pytest.raises(DecodeError):
+        SignedDeviceList.decode(signed_raw(body))
+    signed = alice_list(1).sign(ALICE)
+    with pytest.raises(DecodeError):
+        SignedDeviceList.decode(pack([signed.body, signed.signature, b""]))
+
+
+def test_non_canonical_encoding_is_refused() -> None:
+    wire = alice_list(1).sign(ALICE).encode()
+    # 0x92 (fixarray of 2) re-encoded as array16: same value, other bytes.
+    assert wire[0] == 0x92
+    with pytest.raises(NonCanonicalEncoding):
+        SignedDeviceList.decode(b"\xdc\x00\x02" + wire[1:])
+
+
+# ------------------------------------------------------------------ local construction
+
+
+def test_constructor_refuses_unsorted_or_duplicate_devices() -> None:
+    with pytest.raises(InvalidArgument):
+        DeviceList("alice", ALICE.public.ed25519, 0, (entry(2), entry(1)))
+    with pytest.raises(InvalidArgument):
+        DeviceList("alice", ALICE.public.ed25519, 0, (entry(1), entry(1)))
+    with pytest.raises(InvalidArgument):
+        DeviceList("alice", ALICE.public.ed25519, 0, ())
+
+
+@pytest.mark.parametrize(
+    ("device_id", "identity"),
+    [(-1, None), (2**32, None), (True, None), (1, SMALL_ORDER_KEY), (1, b"short")],
+)
+def test_device_entry_validates(device_id: Any, identity: bytes | None) -> None:
+    with pytest.raises(InvalidArgument):
+        DeviceEntry(device_id, identity or DEVICE_KEYS[1].public.ed25519)
+
+
+@pytest.mark.parametrize("user_id", ["", "x" * 65, "\ud800", b"alice"])
+def test_device_list_validates_user_id(user_id: Any) -> None:
+    with pytest.raises(InvalidArgument):
+        DeviceList(user_id, ALICE.public.ed25519, 0, (entry(1),))
+
+
+def test_signed_list_constructor_checks_body() -> None:
+    signed = alice_list(1).sign(ALICE)
+    with pytest.raises(InvalidArgument):
+        SignedDeviceList(alice_list(2).encode_body(), signed.signature, signed.device_list)
+
+
+# ------------------------------------------------------------------ changes
+
+
+def test_add_and_remove_increment_counter() -> None:
+    dl = alice_list(1, counter=4)
+    added = dl.with_device(entry(3))
+    assert (added.counter, added.device_ids) == (5, (1, 3))
+    removed = added.without_device(1)
+    assert (removed.counter, removed.device_ids) == (6, (3,))
+    check_update(dl, added)
+    check_update(added, removed)
+
+
+def test_invalid_changes_are_local_errors() -> None:
+    dl = alice_list(1, 2)
+    with pytest.raises(InvalidArgument):
+        dl.with_device(entry(2))
+    with pytest.raises(InvalidArgument):
+        dl.without_device(3)
+    with pytest.raises(InvalidArgument):
+        alice_list(1).without_device(1)
+    full = alice_list(*range(consts.MAX_DEVICES_PER_USER))
+    with pytest.raises(InvalidArgument):
+        full.with_device(entry(consts.MAX_DEVICES_PER_USER))
+
+
+def test_counter_rollback_and_replay_are_stale() -> None:
+    old = alice_list(1, 2, counter=5)
+    with pytest.raises(StaleChange):
+        check_update(old, alice_list(1, counter=4))
+    with pytest.raises(StaleChange):
+        check_update(old, old)
+    check_update(None, old)
+
+
+def test_list_for_another_user_is_refused() -> None:
+    other = DeviceList("bob", ALICE.public.ed25519, 9, (entry(1),))
+    with pytest.raises(UnauthorizedChange):
+        check_update(alice_list(1, counter=1), other)
+
+
+def test_device_changes() -> None:
+    old = alice_list(1, 2, 3)
+    new = DeviceList("alice", ALICE.public.ed25519, 1, (entry(1), entry(3, 7), entry(4)))
+    changes = device_changes(old, new)
+    assert changes == DeviceChanges(added=(entry(3, 7), entry(4)), removed=(entry(2), entry(3)))
+    assert device_changes(None, old) == DeviceChanges(added=old.devices, removed=())
+    assert not device_changes(old, old)
+
+
+# ------------------------------------------------------------------ hostile input
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=400))
+def test_garbage_raises_only_protocol_errors(data: bytes) -> None:
+    with contextlib.suppress(ProtocolError):
+        SignedDeviceList.decode(data)
+
+
+_VALID = alice_list(1, 2, counter=3).sign(ALICE).encode()
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.integers(0, len(_VALID) - 1), st.integers(1, 255))
+def test_any_corruption_of_a_valid_list_is_refused(position: int, flip: int) -> None:
+    data = bytearray(_VALID)
+    data[position] ^= flip
+    with pytest.raises(ProtocolError):
+        SignedDeviceList.decode(bytes(data))
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.recursive(
+        st.none()
+        | st.booleans()
+        | st.integers(-(2**63), 2**64 - 1)
+        | st.binary(max_size=40)
+        | st.text(max_size=70),
+        lambda inner: st.lists(inner, max_size=6),
+        max_leaves=20,
+    )
+)
+def test_structured_garbage_raises_only_protocol_errors(value: Any) -> None:
+    for data in (pack(value), pack([pack(value), b"\x00" * 64])):
+        with contextlib.suppress(ProtocolError):
+            SignedDeviceList.decode(data)

@@ -1,0 +1,106 @@
+"""``hushchat bench``: the benchmarks run, with tiny counts, and report the documented shape.
+
+Nothing here asserts a time: the figures depend on the machine. What is
+checked is that every operation is reported with its floor, that sizes are
+reported, and that the relay load delivers everything exactly once.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from hushchat.devtools import bench, bench_relay
+from hushchat.transport import cli
+
+OPERATIONS = {
+    "pqxdh_complete",
+    "x3dh_complete",
+    "ratchet_stream",
+    "ratchet_ping_pong",
+    "sender_key_encrypt",
+    "sender_key_decrypt",
+    "group_send_3",
+    "group_send_4",
+    "group_send_after_removal_3",
+    "session_record_save",
+    "session_record_load",
+    "group_state_save",
+    "group_state_load",
+}
+
+
+def test_protocol_bench_prints_one_json_object(capsys: pytest.CaptureFixture[str]) -> None:
+    argv = ["bench", "--json", "--repeats", "1", "--group-sizes", "3,4"]
+    assert cli.main([*argv, "--removal-group-size", "3"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert set(report) == OPERATIONS | {"bytes"}
+    for name in OPERATIONS:
+        figures = report[name]
+        assert set(figures) == {"us", "floor_us", "ratio"}, name
+        assert figures["us"] > 0 and figures["floor_us"] > 0, name
+        assert figures["ratio"] == pytest.approx(figures["us"] / figures["floor_us"], rel=0.02)
+    sizes = report["bytes"]
+    assert all(isinstance(size, int) and size > 0 for size in sizes.values())
+    # Sizes do not depend on the machine: a 100-byte plaintext, small counters.
+    assert sizes["one_to_one_message"] == 100 + sizes["one_to_one_added"]
+    assert sizes["one_to_one_message"] <= bench.LIBSIGNAL_ONE_TO_ONE_BYTES
+    assert sizes["group_message"] <= bench.LIBSIGNAL_GROUP_BYTES
+    assert sizes["session_record"] <= bench.SESSION_RECORD_TARGET_BYTES
+
+
+def test_the_text_report_names_every_operation_and_target() -> None:
+    results = bench.run_protocol_bench(repeats=1, group_sizes=(3,), removal_group_size=3)
+    text = bench.render(results)
+    for name in OPERATIONS - {"group_send_4"}:
+        assert name in text
+    assert "one_to_one_added" in text and "libsignal" in text
+
+
+def test_measure_takes_medians_of_operation_and_floor() -> None:
+    calls = {"op": 0, "floor": 0, "prepare": 0}
+
+    def count(key: str) -> None:
+        calls[key] += 1
+
+    case = bench.Case(
+        "count",
+        lambda: count("op"),
+        lambda: count("floor"),
+        number=4,
+        prepare=lambda: count("prepare"),
+    )
+    timing = bench.measure(case, repeats=3)
+    # One warm-up batch and three timed ones, each of 4 calls; prepare before each.
+    assert calls == {"op": 16, "floor": 16, "prepare": 4}
+    assert timing.ratio == timing.us / timing.floor_us
+
+
+def test_bench_arguments_are_checked(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        cli.main(["bench", "--group-sizes", "1"])
+    assert "at least 2 members" in capsys.readouterr().err
+
+
+def test_relay_plan_sends_one_to_one_and_to_groups() -> None:
+    plan = bench_relay._Plan(clients=5, messages=4, group_size=3)
+    assert plan.recipients(0, 0) == [1] and plan.recipients(4, 2) == [0]
+    assert plan.recipients(0, 1) == [1, 2] and plan.recipients(4, 1) == [3]
+    load = bench_relay._Load(plan)
+    # Per sender: 2 direct (1 each) + 2 group sends (to 2, 2, 1, 2, 1 others).
+    assert load.expected == 5 * 2 + 2 * (2 + 2 + 2 + 1 + 1)
+
+
+def test_relay_bench_delivers_everything_once(capsys: pytest.CaptureFixture[str]) -> None:
+    argv = ["bench", "relay", "--clients", "4", "--messages", "4", "--group-size", "3"]
+    assert cli.main([*argv, "--timeout", "60", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["clients"] == 4 and report["sends"] == 16
+    # Clients 0-2 (a group): 2 one-to-one and 2 group sends to 2 others; client 3,
+    # alone in its group, sends all 4 one-to-one.
+    assert report["delivered"] == report["expected"] == 3 * (2 + 2 * 2) + 4
+    assert report["lost"] == 0 and report["duplicated"] == 0
+    assert set(report["latency_ms"]) == {"p50", "p95", "p99"}
+    assert report["envelopes_per_second"] > 0 and report["relay_peak_rss_mb"] > 0
+    assert report["load_client"] == "hushchat.transport.client.connection.RelayConnection"

@@ -1,0 +1,318 @@
+"""The client library end to end against an in-process relay on 127.0.0.1, port 0."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+
+from hushchat.protocol.client_core import (
+    ClientCore,
+    GroupUpdated,
+    MessageReceived,
+    MessageSentByOtherDevice,
+)
+from hushchat.transport.client.client import Client, ClientEvent, open_client
+from hushchat.transport.client.store import ClientStore, StoreLocked
+from hushchat.transport.relay.config import RelayConfig
+from hushchat.transport.relay.server import serve_relay
+from hushchat.transport.wire.errors import ConnectionClosed
+from tests.support.paths import REPO
+
+TIMEOUT = 20
+
+
+class Relay:
+    """A relay in a cancel scope of its own, so a test can stop and restart it."""
+
+    def __init__(self, nursery: trio.Nursery, db_path: str) -> None:
+        self.nursery = nursery
+        self.db_path = db_path
+        self.port = 0
+        self._scope: trio.CancelScope | None = None
+
+    async def start(self) -> int:
+        async def run(task_status: trio.TaskStatus[int]) -> None:
+            with trio.CancelScope() as scope:
+                self._scope = scope
+                config = RelayConfig(db_path=self.db_path, port=self.port)
+                await serve_relay(config, task_status=task_status)
+
+        self.port = await self.nursery.start(run)
+        return self.port
+
+    async def stop(self) -> None:
+        assert self._scope is not None
+        self._scope.cancel()
+        await trio.sleep(0.05)
+
+
+@pytest.fixture
+async def relay(nursery: trio.Nursery, tmp_path: Path) -> Relay:
+    server = Relay(nursery, str(tmp_path / "relay.db"))
+    await server.start()
+    return server
+
+
+@asynccontextmanager
+async def client(tmp_path: Path, relay: Relay, name: str, **options: Any) -> AsyncIterator[Client]:
+    store = ClientStore.open(str(tmp_path / f"{name}.db"))
+    try:
+        options.setdefault("reconnect_first_delay", 0.05)
+        async with open_client(store, "127.0.0.1", relay.port, user_id=name, **options) as c:
+            yield c
+    finally:
+        store.close()
+
+
+async def next_matching(c: Client, kind: type[Any], predicate: Callable[[Any], bool] = bool) -> Any:
+    with trio.fail_after(TIMEOUT):
+        async for event in c.events():
+            if isinstance(event, kind) and predicate(event):
+                return event
+    raise AssertionError("event stream ended")
+
+
+def texts(event: ClientEvent) -> bool:
+    return isinstance(event, MessageReceived)
+
+
+async def test_direct_and_group_flows(tmp_path: Path, relay: Relay) -> None:
+    async with (
+        client(tmp_path, relay, "alice") as alice,
+        client(tmp_path, relay, "bob") as bob,
+        client(tmp_path, relay, "carol") as carol,
+    ):
+        await alice.send_direct("bob", b"hello bob")
+        got = await next_matching(bob, MessageReceived)
+        assert (got.sender.user_id, got.body, got.group_id) == ("alice", b"hello bob", None)
+
+        group_id = await alice.create_group("trio", ["bob", "carol"])
+        for member in (bob, carol):
+            update = await next_matching(member, GroupUpdated)
+            assert update.joined and update.group_id == group_id
+        await alice.send_group(group_id, b"hello group")
+        for member in (bob, carol):
+            got = await next_matching(member, MessageReceived)
+            assert (got.body, got.group_id) == (b"hello group", group_id)
+
+        await bob.send_group(group_id, b"bob here")
+        for member in (alice, carol):
+            got = await next_matching(member, MessageReceived)
+            assert (got.sender.user_id, got.body) == ("bob", b"bob here")
+
+        # Removal: carol reads nothing bob sends afterwards.
+        await alice.remove_member(group_id, "carol")
+        await next_matching(bob, GroupUpdated)
+        await next_matching(carol, GroupUpdated)
+        await bob.send_group(group_id, b"after carol left")
+        got = await next_matching(alice, MessageReceived)
+        assert got.body == b"after carol left"
+        assert group_id not in carol.core.group_ids
+
+
+async def test_offline_delivery_and_relay_restart(tmp_path: Path, relay: Relay) -> None:
+    async with client(tmp_path, relay, "bob"):
+        pass  # registered, prekeys published, then offline
+    async with client(tmp_path, relay, "alice") as alice:
+        await alice.send_direct("bob", b"while you were away")
+        await alice.send_direct("bob", b"second")
+    # The relay restarts with the envelopes queued in its database.
+    await relay.stop()
+    await relay.start()
+    async with client(tmp_path, relay, "bob") as bob:
+        first = await next_matching(bob, MessageReceived)
+        second = await next_matching(bob, MessageReceived)
+        assert [first.body, second.body] == [b"while you were away", b"second"]
+
+
+async def test_restarted_client_sends_its_pending_outbox(tmp_path: Path, relay: Relay) -> None:
+    async with client(tmp_path, relay, "bob"):
+        pass
+    async with client(tmp_path, relay, "alice") as alice:
+        await alice.send_direct("bob", b"session warm-up")
+        # Encrypted and persisted, but the process "dies" before sending.
+        core = alice.core
+        _, sends = core.send_direct("bob", b"pending across a restart", now=alice.now())
+        alice.store.commit(core.take_changes(), sends=sends)
+        alice._connection = None
+    async with client(tmp_path, relay, "alice") as alice, client(tmp_path, relay, "bob") as bob:
+        bodies = [(await next_matching(bob, MessageReceived)).body for _ in range(2)]
+        assert bodies == [b"session warm-up", b"pending across a restart"]
+        assert alice.store.outbox() == []
+
+
+async def mail_for_offline_bob(tmp_path: Path, relay: Relay, *bodies: bytes) -> None:
+    """Bob registered and offline; alice sends him ``bodies``."""
+    async with client(tmp_path, relay, "bob"):
+        pass
+    async with client(tmp_path, relay, "alice") as alice:
+        for body in bodies:
+            await alice.send_direct("bob", body)
+
+
+async def test_redelivery_after_lost_ack_reaches_the_app_once(
+    tmp_path: Path, relay: Relay, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    await mail_for_offline_bob(tmp_path, relay, b"exactly once", b"and the next")
+    from hushchat.transport.client import connection as connection_module
+
+    real_ack = connection_module.RelayConnection.ack
+    failed: list[bytes] = []
+
+    async def flaky_ack(self: Any, *guids: bytes) -> None:
+        if not failed:
+            failed.extend(guids)
+            await self.aclose()  # the connection dies after the commit, before the ack
+            raise ConnectionClosed("simulated crash before ack")
+        await real_ack(self, *guids)
+
+    monkeypatch.setattr(connection_module.RelayConnection, "ack", flaky_ack)
+    async with client(tmp_path, relay, "bob") as bob:
+        bodies = [(await next_matching(bob, MessageReceived)).body for _ in range(2)]
+    assert bodies == [b"exactly once", b"and the next"]
+    assert failed
+
+
+async def test_a_backlog_is_acknowledged_in_batches(
+    tmp_path: Path, relay: Relay, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sent = [b"offline %d" % index for index in range(20)]
+    await mail_for_offline_bob(tmp_path, relay, *sent)
+    from hushchat.transport.client import connection as connection_module
+
+    real_ack = connection_module.RelayConnection.ack
+    acks: list[int] = []
+
+    async def counted_ack(self: Any, *guids: bytes) -> None:
+        acks.append(len(guids))
+        await real_ack(self, *guids)
+
+    monkeypatch.setattr(connection_module.RelayConnection, "ack", counted_ack)
+    async with client(tmp_path, relay, "bob") as bob:
+        bodies = [(await next_matching(bob, MessageReceived)).body for _ in range(20)]
+        with trio.fail_after(5):
+            while sum(acks) < 20:
+                await trio.sleep(0.01)
+    assert bodies == sent
+    assert sum(acks) == 20 and len(acks) < 20  # every envelope once, in fewer round trips
+
+
+async def test_second_device_gets_messages_and_copies(tmp_path: Path, relay: Relay) -> None:
+    async with client(tmp_path, relay, "alice") as alice, client(tmp_path, relay, "bob") as bob:
+        await alice.send_direct("bob", b"before the desktop")
+        await next_matching(bob, MessageReceived)
+        desktop_core = ClientCore.create_linked(
+            "bob", 2, bob.core.user_identity_public, now=bob.now()
+        )
+        await bob.link_device(2, desktop_core.device_identity)
+        store = ClientStore.open(str(tmp_path / "bob-desktop.db"))
+        try:
+            async with open_client(store, "127.0.0.1", relay.port, core_=desktop_core) as desktop:
+                # Alice's cached list is stale: the relay refuses, she rebuilds for both devices.
+                await alice.send_direct("bob", b"to both of bob's devices")
+                for device in (bob, desktop):
+                    got = await next_matching(device, MessageReceived)
+                    assert got.body == b"to both of bob's devices"
+                await bob.send_direct("alice", b"from the phone")
+                copy = await next_matching(desktop, MessageSentByOtherDevice)
+                assert (copy.to_user, copy.body) == ("alice", b"from the phone")
+        finally:
+            store.close()
+
+
+def test_a_store_has_one_writer(tmp_path: Path) -> None:
+    path = str(tmp_path / "one.db")
+    store = ClientStore.open(path)
+    try:
+        with pytest.raises(StoreLocked):
+            ClientStore.open(path)
+        probe = (
+            "import sys; from hushchat.transport.client.store import ClientStore, StoreLocked\n"
+            "try:\n    ClientStore.open(sys.argv[1])\nexcept StoreLocked:\n    sys.exit(3)\n"
+        )
+        env = {**os.environ, "PYTHONPATH": str(REPO)}
+        result = subprocess.run([sys.executable, "-c", probe, path], env=env, check=False)
+        assert result.returncode == 3
+    finally:
+        store.close()
+    ClientStore.open(path).close()  # free again once closed
+
+
+async def test_relay_database_holds_no_plaintext(tmp_path: Path, relay: Relay) -> None:
+    markers = [b"PLAINTEXT-MARKER-direct-7f3a", b"PLAINTEXT-MARKER-group-91c2"]
+    async with client(tmp_path, relay, "bob"):
+        pass
+    async with client(tmp_path, relay, "alice") as alice, client(tmp_path, relay, "carol"):
+        await alice.send_direct("bob", markers[0])
+        group_id = await alice.create_group("g", ["bob", "carol"])
+        await alice.send_group(group_id, markers[1])
+    await relay.stop()  # flush and close the database
+    stored = b"".join(
+        Path(relay.db_path + suffix).read_bytes()
+        for suffix in ("", "-wal")
+        if Path(relay.db_path + suffix).exists()
+    )
+    assert len(stored) > 0
+    for marker in markers:
+        assert marker not in stored
+
+
+async def test_linked_device_receives_existing_groups(tmp_path: Path, relay: Relay) -> None:
+    async with client(tmp_path, relay, "alice") as alice, client(tmp_path, relay, "bob") as bob:
+        group_id = await alice.create_group("before the desktop", ["bob"])
+        await next_matching(bob, GroupUpdated)
+        await alice.send_group(group_id, b"old news")
+        await next_matching(bob, MessageReceived)
+
+        desktop_core = ClientCore.create_linked(
+            "alice", 2, alice.core.user_identity_public, now=alice.now()
+        )
+        await alice.link_device(2, desktop_core.device_identity)
+        store = ClientStore.open(str(tmp_path / "alice-desktop.db"))
+        try:
+            async with open_client(store, "127.0.0.1", relay.port, core_=desktop_core) as desktop:
+                synced = await next_matching(desktop, GroupUpdated)
+                assert synced.joined and synced.group_id == group_id
+                assert desktop.group(group_id) == alice.group(group_id)
+                # The phone shared its sender key with the sync; bob sends his on first use.
+                await alice.send_group(group_id, b"from alice's phone")
+                got = await next_matching(desktop, MessageReceived)
+                assert (got.sender.device_id, got.body) == (1, b"from alice's phone")
+                await bob.send_group(group_id, b"from bob")
+                got = await next_matching(desktop, MessageReceived)
+                assert (got.sender.user_id, got.body) == ("bob", b"from bob")
+        finally:
+            store.close()
+
+
+async def test_a_bad_device_list_from_the_relay_does_not_stop_the_client(
+    tmp_path: Path, relay: Relay, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from hushchat.protocol.client_core import Undecryptable
+    from hushchat.transport.client import connection as connection_module
+
+    real_fetch = connection_module.RelayConnection.fetch_device_list
+    served: list[str] = []
+
+    async def forged_once(self: Any, user_id: str) -> bytes:
+        if user_id == "alice" and not served:
+            served.append(user_id)
+            return b"\x92\xc4\x01x\xc4\x01y"  # a "signed list" that does not verify
+        return await real_fetch(self, user_id)
+
+    async with client(tmp_path, relay, "alice") as alice, client(tmp_path, relay, "bob") as bob:
+        monkeypatch.setattr(connection_module.RelayConnection, "fetch_device_list", forged_once)
+        await alice.send_direct("bob", b"first")
+        refused = await next_matching(bob, Undecryptable)
+        assert (refused.sender.user_id, refused.reason) == ("alice", "UNKNOWN_DEVICE")
+        await alice.send_direct("bob", b"second")  # still carries the handshake
+        got = await next_matching(bob, MessageReceived)
+        assert got.body == b"second"

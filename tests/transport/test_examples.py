@@ -1,0 +1,543 @@
+"""The examples run as a user runs them: the pure-core example, the demo, the echo bot, the chat.
+
+The chat is driven through pseudo-terminals (as a person at a terminal
+would use it) against a relay process started here on a free port.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import io
+import os
+import pty
+import re
+import select
+import signal
+import socket
+import sqlite3
+import struct
+import subprocess
+import sys
+import termios
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import cast
+
+import pytest
+import trio
+
+from hushchat.protocol.client_core import Address, GroupUpdated, MessageReceived
+from hushchat.protocol.errors import InvalidArgument
+from hushchat.protocol.group import MemberAdded, MemberRemoved, TitleChanged
+from hushchat.transport.client.client import Client, open_client
+from hushchat.transport.client.store import ClientStore
+from hushchat.transport.relay.config import RelayConfig
+from hushchat.transport.relay.server import serve_relay
+from tests.support.paths import REPO
+
+EXAMPLES = REPO / "examples"
+sys.path.insert(0, str(EXAMPLES))
+from terminal import Palette, wants_colour  # noqa: E402
+
+# Generous: a loaded CI machine is slow, and a failure shows what was on screen.
+WAIT = 20.0
+ANSI = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]|\x1b[=>]")
+COLOUR = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("NO_COLOR", "COLUMNS")}
+    env.update(extra)
+    return env
+
+
+def run_example(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, *args],
+        cwd=EXAMPLES,
+        env=clean_env(**env),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+# ------------------------------------------------------------------ pure core, colours
+
+
+def test_one_to_one_example_runs() -> None:
+    result = run_example("one_to_one.py")
+    assert result.returncode == 0, result.stderr
+    assert "Replay:       refused with DUPLICATE_MESSAGE" in result.stdout
+    assert "After reload: b'still there after your restart?'" in result.stdout
+
+
+class FakeStream(io.StringIO):
+    def __init__(self, tty: bool) -> None:
+        super().__init__()
+        self.tty = tty
+
+    def isatty(self) -> bool:
+        return self.tty
+
+
+@pytest.mark.parametrize(
+    ("tty", "env", "expected"),
+    [
+        (True, {}, True),
+        (False, {}, False),
+        (True, {"NO_COLOR": "1"}, False),
+        (True, {"NO_COLOR": ""}, True),  # no-color.org: only a non-empty value counts
+        (True, {"TERM": "dumb"}, False),
+    ],
+)
+def test_colour_only_on_a_terminal_without_no_color(
+    monkeypatch: pytest.MonkeyPatch, tty: bool, env: dict[str, str], expected: bool
+) -> None:
+    monkeypatch.delenv("NO_COLOR", raising=False)
+    monkeypatch.setenv("TERM", "xterm")
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    assert wants_colour(FakeStream(tty)) is expected
+    assert Palette(expected).paint("bold red", "x") == ("\x1b[1;31mx\x1b[0m" if expected else "x")
+
+
+def test_chat_never_prints_control_characters_it_was_sent(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # Names, titles and messages come from others: escape codes must not reach the terminal.
+    from group_chat import Screen
+
+    screen = Screen(Palette(True), interactive=False)
+    screen.show("[#\x1b]0;owned\x07] mallory\x1b[2J: hi\rthere\nsecond line", "red")
+    out = capsys.readouterr().out
+    assert out == (
+        "\x1b[31m[#\ufffd]0;owned\ufffd] mallory\ufffd[2J: hi\ufffdthere\x1b[0m\n"
+        "\x1b[31msecond line\x1b[0m\n"
+    )
+
+
+class GoneGroupClient:
+    """A client whose core holds no group any more (it processed a removal already)."""
+
+    address = Address("carol", 1)
+    core = type("Core", (), {"group_ids": ()})()
+
+    def group(self, group_id: bytes) -> None:
+        raise InvalidArgument("unknown group")
+
+
+def test_chat_shows_group_events_from_the_event_alone(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # The event display can lag behind the core: a join shown after the removal that
+    # followed it was processed must not ask the core about the group.
+    from group_chat import Chat, Screen
+
+    chat = Chat(cast(Client, GoneGroupClient()), Screen(Palette(False), False), "r", str(tmp_path))
+    alice, group_id = Address("alice", 1), bytes(16)
+    members = tuple(MemberAdded(name, bytes(32), name == "alice") for name in ("alice", "carol"))
+    chat.show_event(GroupUpdated(group_id, alice, (*members, TitleChanged("Flash")), joined=True))
+    chat.show_event(GroupUpdated(group_id, alice, (MemberRemoved("carol"),)))
+    assert capsys.readouterr().out == (
+        "* alice added you to #Flash (members: alice, carol)\n* alice removed you from #Flash\n"
+    )
+    assert chat.current is None
+
+
+# ------------------------------------------------------------------ the demo
+
+
+def test_demo_tells_the_whole_story_and_the_relay_keeps_no_plaintext(tmp_path: Path) -> None:
+    db = tmp_path / "relay.db"
+    started = time.monotonic()
+    result = run_example("group_chat.py", "demo", "--relay-db", str(db))
+    elapsed = time.monotonic() - started
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert elapsed < 30
+    out = result.stdout
+    assert not ANSI.search(out)  # not a terminal: no colour, no cursor codes
+    for expected in [
+        "100 one-time X25519 and 100 one-time ML-KEM-768 prekeys",
+        'bob.1     reads "Hi Bob! Are you free this weekend?" from alice.1',
+        'dave.1    joined "Weekend trip"',
+        "stored 1 group ciphertext",
+        'dave.1    reads "Dave, you\'re on maps." from alice.1 in Weekend trip',
+        "holds nothing for dave.1",
+        'alice.2   reads "Alice, did you get the train tickets?" from bob.1',
+        "as sent to bob from alice.1",
+        "his client now: cannot decrypt, Undecryptable(UNKNOWN_GROUP)",
+        "cannot decrypt, Undecryptable(NO_SENDER_KEY)",
+        "1 envelope waiting for delivery: carol.1",
+        "appears anywhere in the file",
+        "demo finished in",
+    ]:
+        assert " ".join(expected.split()) in " ".join(out.split()), expected
+    # The safety numbers shown match, and are 12 groups of 5 digits.
+    numbers = re.findall(r"sees ((?:\d{5} ){11}\d{5})", out)
+    assert len(numbers) == 2 and numbers[0] == numbers[1]
+    # Look for every message ourselves, in the relay's database the demo left behind.
+    bodies = re.findall(r'-> [^:]+: "([^"]+)"', out)
+    assert len(bodies) >= 10
+    files = [p for p in (db, Path(f"{db}-wal")) if p.exists()]
+    contents = b"".join(p.read_bytes() for p in files)
+    assert contents
+    for body in [*bodies, "Weekend trip"]:
+        assert body.encode() not in contents, body
+    with contextlib.closing(sqlite3.connect(db)) as relay:
+        assert relay.execute("SELECT COUNT(*) FROM users").fetchone() == (4,)
+        assert relay.execute("SELECT COUNT(*) FROM devices").fetchone() == (5,)
+        assert relay.execute("SELECT user_id, device_id FROM deliveries").fetchall() == [
+            ("carol", 1)
+        ]
+
+
+def test_demo_will_not_reuse_a_relay_database(tmp_path: Path) -> None:
+    db = tmp_path / "relay.db"
+    db.write_bytes(b"")
+    result = run_example("group_chat.py", "demo", "--relay-db", str(db))
+    assert result.returncode == 2
+    assert "exists" in result.stdout and "Traceback" not in result.stderr
+
+
+# ------------------------------------------------------------------ the echo bot
+
+
+async def test_echo_bot_answers_in_the_groups_it_is_added_to(tmp_path: Path) -> None:
+    async with trio.open_nursery() as nursery:
+        config = RelayConfig(db_path=str(tmp_path / "relay.db"))
+        port = await nursery.start(serve_relay, config)
+        bot = await trio.lowlevel.open_process(
+            [
+                sys.executable,
+                str(EXAMPLES / "echo_bot.py"),
+                "--relay",
+                f"127.0.0.1:{port}",
+                "--state",
+                str(tmp_path / "bot"),
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        assert bot.stdout is not None and bot.stderr is not None
+        output = b""
+
+        async def bot_says(text: bytes) -> None:
+            nonlocal output
+            assert bot.stdout is not None
+            while text not in output:
+                chunk = await bot.stdout.receive_some()
+                assert chunk, output
+                output += chunk
+
+        store = ClientStore.open(str(tmp_path / "alice.db"))
+        try:
+            with trio.fail_after(WAIT):
+                await bot_says(b"echo-bot ready")
+                async with open_client(store, "127.0.0.1", port, user_id="alice") as alice:
+                    group_id = await alice.create_group("bots", ["echo-bot"])
+                    await bot_says(b"joined 'bots', added by alice")
+                    await alice.send_group(group_id, b"ping")
+                    await alice.send_group(group_id, b"pong")
+                    echoes = []
+                    async for event in alice.events():
+                        if isinstance(event, GroupUpdated):
+                            raise AssertionError(f"unexpected {event}")
+                        if isinstance(event, MessageReceived):
+                            assert event.sender.user_id == "echo-bot"
+                            assert event.group_id == group_id
+                            echoes.append(event.body)
+                            if len(echoes) == 2:
+                                break
+                    assert echoes == [b"echo: ping", b"echo: pong"]
+                bot.send_signal(signal.SIGINT)
+                assert await bot.wait() == 0
+                stderr = await bot.stderr.receive_some()
+                assert b"Traceback" not in stderr, stderr
+                await bot_says(b"bye")
+        finally:
+            store.close()
+            with contextlib.suppress(ProcessLookupError):
+                bot.kill()
+            nursery.cancel_scope.cancel()
+
+
+# ------------------------------------------------------------------ the chat, in terminals
+
+RELAY_SCRIPT = """
+import sys, trio
+from hushchat.transport.relay.config import RelayConfig
+from hushchat.transport.relay.server import serve_relay
+
+async def main():
+    async with trio.open_nursery() as nursery:
+        port = await nursery.start(serve_relay, RelayConfig(port=0, db_path=sys.argv[1]))
+        print(port, flush=True)
+
+trio.run(main)
+"""
+
+
+@contextlib.contextmanager
+def relay_process(db: Path) -> Iterator[tuple[subprocess.Popen[str], int]]:
+    relay = subprocess.Popen(
+        [sys.executable, "-c", RELAY_SCRIPT, str(db)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert relay.stdout is not None
+        line = relay.stdout.readline()
+        assert line.strip().isdigit(), relay.stderr.read() if relay.stderr else line
+        yield relay, int(line)
+    finally:
+        relay.kill()
+        relay.wait()
+
+
+class Terminal:
+    """One chat in a pseudo-terminal: type lines, wait for text on its screen."""
+
+    def __init__(self, tmp_path: Path, port: int, name: str, state: str = "", **env: str) -> None:
+        self.name = name
+        master, slave = pty.openpty()
+        # A wide screen, so that readline does not wrap what the tests type.
+        fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 50, 200, 0, 0))
+        self.process = subprocess.Popen(
+            [
+                sys.executable,
+                str(EXAMPLES / "group_chat.py"),
+                "chat",
+                "--relay",
+                f"127.0.0.1:{port}",
+                "--name",
+                name,
+                "--state",
+                str(tmp_path / (state or name)),
+            ],
+            stdin=slave,
+            stdout=slave,
+            stderr=slave,
+            env=clean_env(TERM="xterm", HOME=str(tmp_path), **env),
+            start_new_session=True,
+        )
+        os.close(slave)
+        self.fd = master
+        self.raw = b""
+        self.seen = 0  # how much of the cleaned screen text expect() has consumed
+
+    @property
+    def text(self) -> str:
+        return ANSI.sub("", self.raw.decode(errors="replace")).replace("\r", "")
+
+    def _read(self, timeout: float) -> bool:
+        ready, _, _ = select.select([self.fd], [], [], timeout)
+        if not ready:
+            return True
+        try:
+            chunk = os.read(self.fd, 65536)
+        except OSError:  # EIO: the program ended and the terminal closed
+            chunk = b""
+        self.raw += chunk
+        return bool(chunk)
+
+    def expect(self, pattern: str, timeout: float = WAIT) -> re.Match[str]:
+        """Wait for ``pattern`` (a regex) after what earlier expects matched."""
+        deadline = time.monotonic() + timeout
+        while True:
+            match = re.compile(pattern).search(self.text, self.seen)
+            if match:
+                self.seen = match.end()
+                return match
+            left = deadline - time.monotonic()
+            if left <= 0 or not self._read(min(left, 0.2)):
+                raise AssertionError(
+                    f"{self.name}: {pattern!r} not on screen; after the last match:\n"
+                    + self.text[self.seen :]
+                )
+
+    def type(self, line: str) -> None:
+        os.write(self.fd, line.encode() + b"\r")
+
+    def finish(self, timeout: float = WAIT) -> int:
+        """Wait for the program to end; its exit status."""
+        deadline = time.monotonic() + timeout
+        while self.process.poll() is None and time.monotonic() < deadline:
+            self._read(0.1)
+        while self._read(0):  # what it printed last
+            pass
+        return self.process.wait(timeout=1)
+
+    def close(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+        os.close(self.fd)
+
+
+@pytest.fixture
+def terminals() -> Iterator[list[Terminal]]:
+    opened: list[Terminal] = []
+    yield opened
+    for terminal in opened:
+        terminal.close()
+    for terminal in opened:
+        assert "Traceback" not in terminal.text, terminal.text
+
+
+def test_chat_in_three_terminals(tmp_path: Path, terminals: list[Terminal]) -> None:
+    with relay_process(tmp_path / "relay.db") as (relay, port):
+
+        def start(name: str, **env: str) -> Terminal:
+            terminal = Terminal(tmp_path, port, name, **env)
+            terminals.append(terminal)
+            terminal.expect(rf"connected to 127\.0\.0\.1:{port} as {name} \(device {name}\.1\)")
+            return terminal
+
+        alice = start("alice")  # in colour
+        bob = start("bob", NO_COLOR="1")
+        carol = start("carol", NO_COLOR="1")
+
+        # One-to-one; the first message opens its conversation, so bob can just type.
+        alice.type("/msg bob hello bob")
+        bob.expect("alice: hello bob")
+        bob.type("hi alice")
+        alice.expect("bob: hi alice")
+
+        # A group; alice's plain text now goes to it.
+        alice.type('/group create "Weekend trip" bob carol')
+        alice.expect(r"created #Weekend trip with bob, carol")
+        for member in (bob, carol):
+            member.expect(r"alice added you to #Weekend trip \(members: alice, bob, carol\)")
+        alice.type("who brings the tent?")
+        bob.expect(r"\[#Weekend trip\] alice: who brings the tent\?")
+        carol.expect(r"\[#Weekend trip\] alice: who brings the tent\?")
+
+        # carol leaves the chat; what is sent meanwhile reaches her when she is back.
+        carol.type("/quit")
+        assert carol.finish() == 0
+        bob.type("/to Weekend trip")
+        bob.expect("now talking to #Weekend trip")
+        bob.type("I do, carol is away")
+        alice.expect(r"\[#Weekend trip\] bob: I do, carol is away")
+        # Meanwhile alice adds carol to a group and removes her at once: carol's client
+        # processes both before it shows the first (so the chat must not ask the group).
+        alice.type("/group create Flash bob carol")
+        alice.expect("created #Flash with bob, carol")
+        alice.type("/kick Flash carol")
+        alice.expect("removed carol from #Flash")
+        alice.type("/to Weekend trip")
+        alice.expect("now talking to #Weekend trip")
+        carol_again = start("carol", NO_COLOR="1")
+        carol_again.expect(r"\[#Weekend trip\] bob: I do, carol is away")
+        carol_again.expect(r"alice added you to #Flash \(members: alice, bob, carol\)")
+        carol_again.expect("alice removed you from #Flash")
+        # The last message carol saw before quitting is not shown twice.
+        assert "who brings the tent" not in carol_again.text
+
+        # Removal: everyone is told, and carol no longer gets the group's messages.
+        alice.type("/kick 'Weekend trip' carol")
+        alice.expect("removed carol from #Weekend trip")
+        bob.expect("alice removed carol from #Weekend trip")
+        carol_again.expect("alice removed you from #Weekend trip")
+        alice.type("carol cannot read this")
+        bob.expect(r"\[#Weekend trip\] alice: carol cannot read this")
+
+        # Safety numbers: both sides see the same 60 digits.
+        alice.type("/safety bob")
+        bob.type("/safety alice")
+        digits = r"safety number with \w+: ((?:\d{5} ){11}\d{5})"
+        assert alice.expect(digits).group(1) == bob.expect(digits).group(1)
+        bob.type("/devices alice")
+        bob.expect(r"alice\.1  key [0-9a-f]{4} [0-9a-f]{4} [0-9a-f]{4} [0-9a-f]{4}")
+
+        # Mistakes get a message, not a traceback.
+        alice.type("/invite nosuch bob")
+        alice.expect("you are in no group named 'nosuch'")
+        alice.type("/bogus")
+        alice.expect("unknown command /bogus")
+        alice.type("/msg nobody hi")
+        alice.expect("no user named 'nobody' on this relay")
+        alice.type("/group create lonely")
+        alice.expect(r"usage: /group create NAME USER\.\.\.")
+        alice.type("/confirm bob")
+        alice.expect("no identity change pending for 'bob'")
+
+        # The relay goes away: said once, and a send fails with a message.
+        relay.kill()
+        relay.wait()
+        bob.expect(r"lost the relay \(\w+\); reconnecting")
+        bob.type("anyone there?")
+        bob.expect(r"not sent: not connected to the relay")
+        assert bob.text.count("lost the relay") == 1
+
+        assert "carol cannot read this" not in carol_again.text
+        # alice's terminal is in colour; bob's and carol's (NO_COLOR) are not.
+        assert COLOUR.search(alice.raw.decode(errors="replace"))
+        assert not COLOUR.search(bob.raw.decode(errors="replace"))
+        for terminal in (alice, bob, carol_again):
+            terminal.type("/quit")
+            assert terminal.finish() == 0
+
+
+def test_chat_says_clearly_when_no_relay_listens(tmp_path: Path, terminals: list[Terminal]) -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        free_port = probe.getsockname()[1]
+    started = time.monotonic()
+    terminal = Terminal(tmp_path, free_port, "alice")
+    terminals.append(terminal)
+    terminal.expect(f"cannot reach the relay at 127.0.0.1:{free_port}")
+    assert terminal.finish() == 1
+    assert time.monotonic() - started < 10
+
+
+def test_chat_warns_when_an_identity_changes(tmp_path: Path, terminals: list[Terminal]) -> None:
+    db = tmp_path / "relay.db"
+    with relay_process(db) as (_, port):
+
+        def start(name: str, state: str = "") -> Terminal:
+            terminal = Terminal(tmp_path, port, name, state, NO_COLOR="1")
+            terminals.append(terminal)
+            terminal.expect(f"connected to 127.0.0.1:{port} as {name} ")
+            return terminal
+
+        alice, bob = start("alice"), start("bob")
+        alice.type("/msg bob hello")
+        bob.expect("alice: hello")
+        alice.type("/safety bob")
+        before = alice.expect(r"safety number with bob: ([\d ]+)\n").group(1)
+        bob.type("/quit")
+        assert bob.finish() == 0
+        # The relay operator resets bob's account, and "bob" registers again with new keys
+        # (say, bob lost his phone; or someone else took his name).
+        with contextlib.closing(sqlite3.connect(db)) as relay:
+            for table in ("users", "devices", "signed_prekeys", "last_resort_kem_prekeys"):
+                relay.execute(f"DELETE FROM {table} WHERE user_id = 'bob'")
+            for table in ("one_time_prekeys", "one_time_kem_prekeys"):
+                relay.execute(f"DELETE FROM {table} WHERE user_id = 'bob'")
+            relay.commit()
+        new_bob = start("bob", state="bob-reinstalled")
+
+        alice.type("/safety bob")  # fetches bob's device list, signed by another identity key
+        alice.expect("WARNING: bob's identity key has changed")
+        after = alice.expect(r"on a call:\n! +([\d ]+)\n! If they match, type /confirm bob")
+        assert after.group(1) != before
+        new_bob.type("/safety alice")
+        assert new_bob.expect(r"safety number with alice: ([\d ]+)\n").group(1) == after.group(1)
+
+        alice.type("/safety bob")  # the key still in use, and the one waiting
+        alice.expect(f"safety number with bob: {before}")
+        alice.expect(rf"with bob's NEW key: +{after.group(1)} +\(/confirm bob to accept\)")
+        alice.type("/confirm bob")
+        alice.expect("accepted bob's new identity key")
+        alice.type("/safety bob")
+        alice.expect(f"safety number with bob: {after.group(1)}")
+        alice.type("/msg bob welcome back")
+        new_bob.expect("alice: welcome back")
+        for terminal in (alice, new_bob):
+            terminal.type("/quit")
+            assert terminal.finish() == 0

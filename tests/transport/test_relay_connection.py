@@ -1,0 +1,366 @@
+"""The client's RelayConnection: misuse, timeouts, a misbehaving relay, closing, TLS."""
+
+from __future__ import annotations
+
+import ssl
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import pytest
+import trio
+import trio.testing
+
+from hushchat.protocol.errors import InvalidArgument, InvalidState
+from hushchat.transport.client.connection import (
+    RelayConnection,
+    _callers_error,
+    connect_relay,
+    open_relay_connection,
+)
+from hushchat.transport.wire.errors import (
+    ConnectionClosed,
+    IdleTimeout,
+    RateLimited,
+    RelayError,
+    RelayProtocolViolation,
+    RelayTimeout,
+)
+from hushchat.transport.wire.frames import (
+    BadRequest,
+    DeviceListFrame,
+    EnvelopePush,
+    ErrorFrame,
+    Hello,
+    Ok,
+    Ping,
+    QueueEmpty,
+    RelayFrame,
+    Welcome,
+    decode_request,
+    encode_body,
+)
+from hushchat.transport.wire.limits import RELAY_PROTOCOL_VERSION
+from hushchat.transport.wire.records import Envelope
+from tests.support.relay import (
+    RawClient,
+    connected,
+    make_user,
+    register,
+    relay_config,
+    running_relay,
+    self_signed,
+)
+
+# ------------------------------------------------------------------ a scripted fake relay
+
+Script = Callable[[RawClient], Awaitable[None]]
+
+
+async def welcome(relay: RawClient, name: str = "fake") -> None:
+    request = decode_request(await relay.receive_body() or b"")
+    assert isinstance(request, Hello)
+    await relay.send_body(
+        encode_body(Welcome(request.request_id, RELAY_PROTOCOL_VERSION, name, bytes(32)))
+    )
+
+
+async def next_request_id(relay: RawClient) -> int:
+    request = decode_request(await relay.receive_body() or b"")
+    assert not isinstance(request, BadRequest), request
+    return request.request_id
+
+
+@asynccontextmanager
+async def fake_relay(script: Script, **kwargs: object) -> AsyncIterator[RelayConnection]:
+    """A connection to a relay whose side is ``script`` (run after it answered HELLO)."""
+    client, server = trio.testing.memory_stream_pair()
+    relay = RawClient(server)
+    kwargs.setdefault("keepalive_interval", None)
+    async with trio.open_nursery() as nursery:
+
+        async def run() -> None:
+            await welcome(relay)
+            await script(relay)
+
+        nursery.start_soon(run)
+        async with open_relay_connection(client, **kwargs) as connection:  # type: ignore[arg-type]
+            yield connection
+        nursery.cancel_scope.cancel()
+
+
+async def silent(relay: RawClient) -> None:
+    await trio.sleep_forever()
+
+
+async def test_the_caller_s_error_comes_out_alone_beside_cancellations() -> None:
+    # The block fails just as an outer scope is cancelled: the connection's
+    # tasks end Cancelled beside the error, and the caller (the client's
+    # reconnect loop) must still get its own error, not a group.
+    with trio.CancelScope() as scope:
+        scope.cancel()
+        try:
+            await trio.lowlevel.checkpoint()
+        except trio.Cancelled as exc:
+            cancelled = exc
+            raise
+    own = ConnectionClosed("the caller's own")
+    assert _callers_error(BaseExceptionGroup("", [own, cancelled, cancelled])) is own
+    assert _callers_error(BaseExceptionGroup("", [own])) is own
+    assert _callers_error(BaseExceptionGroup("", [cancelled, cancelled])) is None
+    assert _callers_error(BaseExceptionGroup("", [own, ValueError()])) is None
+
+
+async def send(relay: RawClient, frame: RelayFrame) -> None:
+    await relay.send_body(encode_body(frame))
+
+
+# ------------------------------------------------------------------ misuse and timeouts
+
+
+async def test_calls_before_authentication_fail_locally() -> None:
+    async def answer_pings(relay: RawClient) -> None:
+        while (body := await relay.receive_body()) is not None:
+            request = decode_request(body)
+            assert isinstance(request, Ping)
+            await send(relay, Ok(request.request_id))
+
+    async with fake_relay(answer_pings) as connection:
+        for call in (
+            connection.send_direct("bob", [(1, b"x")]),
+            connection.fetch_bundle("bob", 1),
+            connection.ack(bytes(16)),
+        ):
+            with pytest.raises(InvalidState):
+                await call
+        await connection.ping()  # nothing was sent: the relay would have closed
+        for bad in ([b"short"], [], [bytes(16), bytes(16)]):
+            with pytest.raises(InvalidArgument):
+                await connection.ack(*bad)
+        with pytest.raises(InvalidArgument):
+            await connection.fetch_device_list("")
+
+
+async def test_request_times_out(autojump_clock: trio.testing.MockClock) -> None:
+    async with fake_relay(silent, request_timeout=7) as connection:
+        start = trio.current_time()
+        with pytest.raises(RelayTimeout):
+            await connection.ping()
+        assert trio.current_time() - start == pytest.approx(7)
+        with pytest.raises(ConnectionClosed):  # its state is unknown now: closed
+            await connection.ping()
+
+
+async def test_hello_times_out(autojump_clock: trio.testing.MockClock) -> None:
+    client, _server = trio.testing.memory_stream_pair()
+    with pytest.raises(RelayTimeout):
+        async with open_relay_connection(client, connect_timeout=3):
+            pass
+
+
+async def test_wrong_relay_name_is_refused() -> None:
+    client, server = trio.testing.memory_stream_pair()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(welcome, RawClient(server), "relay-b")
+        with pytest.raises(RelayProtocolViolation):
+            async with open_relay_connection(client, expected_relay_name="relay-a"):
+                pass
+
+
+# ------------------------------------------------------------------ a misbehaving relay
+
+
+@pytest.mark.parametrize(
+    "reply",
+    [
+        lambda rid: b"\xc1",  # not msgpack
+        lambda rid: encode_body(DeviceListFrame(rid, b"x")),  # wrong reply type
+        lambda rid: encode_body(Ok(rid + 5)),  # a request never made
+        lambda rid: encode_body(QueueEmpty()),  # a push before authentication
+        lambda rid: encode_body(Ping(rid)),  # a client frame
+        lambda rid: encode_body(ErrorFrame(rid, "RATE_LIMITED", "x", "not a number")),
+    ],
+)
+async def test_protocol_violations_close_the_connection(reply: Callable[[int], bytes]) -> None:
+    async def misbehave(relay: RawClient) -> None:
+        await relay.send_body(reply(await next_request_id(relay)))
+        await trio.sleep_forever()
+
+    async with fake_relay(misbehave) as connection:
+        with pytest.raises(ConnectionClosed) as info:
+            await connection.ping()
+        assert isinstance(info.value.__cause__, RelayProtocolViolation)
+        with pytest.raises(ConnectionClosed):
+            await connection.receive()
+
+
+async def test_relay_errors_raise_typed_exceptions() -> None:
+    async def refuse(relay: RawClient) -> None:
+        await send(relay, Ok(await next_request_id(relay)))  # AUTH
+        rid = await next_request_id(relay)
+        await send(relay, ErrorFrame(rid, "RATE_LIMITED", "slow down", 1234))
+        rid = await next_request_id(relay)
+        await send(relay, ErrorFrame(rid, "FROM_THE_FUTURE", "new", [1]))
+        rid = await next_request_id(relay)
+        await send(relay, Ok(rid))
+
+    async with fake_relay(refuse) as connection:
+        await connection.authenticate("alice", 1, make_user("alice").devices[1].identity)
+        with pytest.raises(RateLimited) as info:
+            await connection.ping()
+        assert info.value.retry_after_ms == 1234
+        with pytest.raises(RelayError) as unknown:
+            await connection.ping()
+        assert unknown.value.wire_code == "FROM_THE_FUTURE"
+        await connection.ping()  # the connection survives both
+
+
+async def test_errors_before_authentication_close_the_connection() -> None:
+    async def refuse(relay: RawClient) -> None:
+        rid = await next_request_id(relay)
+        await send(relay, ErrorFrame(rid, "FORBIDDEN", "no"))
+        await trio.sleep_forever()
+
+    async with fake_relay(refuse) as connection:
+        with pytest.raises(RelayError):
+            await connection.upload_device_list(b"list")
+        with pytest.raises(ConnectionClosed):
+            await connection.ping()
+
+
+async def test_close_reason_reaches_the_reader() -> None:
+    async def close_idle(relay: RawClient) -> None:
+        await send(relay, Ok(await next_request_id(relay)))  # AUTH
+        await send(relay, EnvelopePush(Envelope(bytes(16), 1, "a", 1, 1, b"p")))
+        await send(relay, ErrorFrame(None, "IDLE_TIMEOUT", "idle"))
+        await relay.stream.aclose()
+
+    alice = make_user("alice")
+    async with fake_relay(close_idle) as connection:
+        await connection.authenticate("alice", 1, alice.devices[1].identity)
+        assert isinstance(await connection.receive(), Envelope)  # queued mail still arrives
+        with pytest.raises(ConnectionClosed) as info:
+            async for _ in connection:
+                pass
+        assert isinstance(info.value.reason, IdleTimeout)
+        assert isinstance(connection.close_reason, IdleTimeout)
+
+
+async def test_iteration_ends_after_local_close() -> None:
+    async def authenticate(relay: RawClient) -> None:
+        await send(relay, Ok(await next_request_id(relay)))
+        await trio.sleep_forever()
+
+    alice = make_user("alice")
+    async with fake_relay(authenticate) as connection:
+        await connection.authenticate("alice", 1, alice.devices[1].identity)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(connection.aclose)
+            async for _ in connection:
+                pytest.fail("nothing was sent")
+        with pytest.raises(ConnectionClosed):
+            await connection.ping()
+
+
+async def test_exceptions_from_the_block_are_not_wrapped() -> None:
+    client, server = trio.testing.memory_stream_pair()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(welcome, RawClient(server))
+        with pytest.raises(KeyError):
+            async with open_relay_connection(client, keepalive_interval=None):
+                raise KeyError("mine")
+
+
+# ------------------------------------------------------------------ against a real relay
+
+
+async def test_idle_connections_are_closed_and_keepalive_prevents_it() -> None:
+    alice = make_user("alice", [1, 2])
+    async with running_relay(relay_config(idle_timeout=0.3)) as port:
+        await register(port, alice)
+        start = trio.current_time()
+        async with (
+            connected(port, alice.devices[1], keepalive_interval=0.05) as alive,
+            connected(port, alice.devices[2]) as idle,
+        ):
+            with pytest.raises(ConnectionClosed) as info, trio.fail_after(5):
+                while True:
+                    await idle.receive()
+            assert isinstance(info.value.reason, IdleTimeout)
+            assert trio.current_time() - start >= 0.3
+            await trio.sleep(0.5)
+            await alive.ping()
+
+
+async def test_small_incoming_queue_still_delivers_everything_in_order() -> None:
+    alice, bob = make_user("alice"), make_user("bob")
+    async with running_relay(relay_config()) as port:
+        await register(port, alice, bob)
+        async with connected(port, alice.devices[1]) as sender:
+            for index in range(20):
+                await sender.send_direct("bob", [(1, bytes([index]))])
+        async with connected(port, bob.devices[1], incoming_queue_size=3) as receiver:
+            got = []
+            with trio.fail_after(5):
+                while not isinstance(item := await receiver.receive(), QueueEmpty):
+                    if isinstance(item, Envelope):
+                        got.append(item.payload)
+                        await receiver.ack(item.guid)
+            assert got == [bytes([i]) for i in range(20)]
+
+
+async def test_connecting_to_nothing_fails_cleanly() -> None:
+    listener = (await trio.open_tcp_listeners(0, host="127.0.0.1"))[0]
+    port = listener.socket.getsockname()[1]
+    await listener.aclose()
+    with pytest.raises(ConnectionClosed):
+        async with connect_relay("127.0.0.1", port):
+            pass
+
+
+async def envelopes(connection: RelayConnection, count: int) -> list[Envelope]:
+    """The next ``count`` envelopes, skipping notices."""
+    got: list[Envelope] = []
+    with trio.fail_after(5):
+        while len(got) < count:
+            if isinstance(item := await connection.receive(), Envelope):
+                got.append(item)
+    return got
+
+
+async def test_the_window_follows_the_incoming_queue() -> None:
+    alice, bob = make_user("alice"), make_user("bob")
+    async with running_relay(relay_config()) as port:
+        await register(port, alice, bob)
+        async with connected(port, alice.devices[1]) as sender:
+            for index in range(5):
+                await sender.send_direct("bob", [(1, bytes([index]))])
+        async with connected(port, bob.devices[1], incoming_queue_size=4) as receiver:
+            first, _ = await envelopes(receiver, 2)
+            with trio.move_on_after(0.2):
+                pytest.fail(f"pushed beyond a window of 2: {await envelopes(receiver, 1)}")
+            await receiver.ack(first.guid)
+            assert [e.payload for e in await envelopes(receiver, 1)] == [b"\x02"]
+    with pytest.raises(InvalidArgument):
+        RelayConnection(trio.testing.memory_stream_pair()[0], incoming_queue_size=2)
+
+
+async def test_tls(tmp_path: Path) -> None:
+    cert, key = self_signed(tmp_path)
+    server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_context.load_cert_chain(cert, key)
+    trusting = ssl.create_default_context(cafile=str(cert))
+    alice = make_user("alice")
+    async with running_relay(relay_config(ssl_context=server_context, name="localhost")) as port:
+        async with connected(
+            port, ssl_context=trusting, server_hostname="localhost", expected_relay_name="localhost"
+        ) as connection:
+            await connection.upload_device_list(alice.signed_list())
+            await connection.authenticate("alice", 1, alice.devices[1].identity)
+            await connection.ping()
+        with pytest.raises(ConnectionClosed):  # a client that does not trust the certificate
+            async with connected(port, ssl_context=ssl.create_default_context()):
+                pass
+        with pytest.raises((ConnectionClosed, RelayTimeout)):  # plaintext to a TLS relay
+            async with connected(port, connect_timeout=1):
+                pass

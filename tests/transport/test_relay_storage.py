@@ -1,0 +1,400 @@
+"""The relay's SQLite storage: atomic take-once, mailboxes, retention, device-list CAS."""
+
+from __future__ import annotations
+
+import secrets
+import sqlite3
+import threading
+from pathlib import Path
+
+import pytest
+import trio
+
+from hushchat.protocol.errors import UnknownStateVersion
+from hushchat.protocol.prekeys import KemPreKeyPublic, OneTimePreKeyPublic, SignedPreKeyPublic
+from hushchat.transport.relay.storage import sqlite as sqlite_storage
+from hushchat.transport.relay.storage.interface import (
+    Delivery,
+    EnvelopeBatch,
+    StorageConflict,
+    StoredDeviceList,
+)
+from hushchat.transport.relay.storage.sqlite import SqliteDatabase, SqliteStorage
+from hushchat.transport.wire.errors import (
+    MailboxFull,
+    PreKeyIdInUse,
+    PreKeyStockFull,
+    UnknownDevice,
+)
+from hushchat.transport.wire.records import EnvelopeKind, PreKeyCounts
+
+SIG = b"\x05" * 64
+
+
+def device_list(user_id: str, counter: int, *devices: tuple[int, bytes]) -> StoredDeviceList:
+    return StoredDeviceList(user_id, b"U" * 32, counter, f"{user_id}#{counter}".encode(), devices)
+
+
+def register(db: SqliteDatabase, user_id: str, *device_ids: int) -> None:
+    db.store_device_list(
+        device_list(user_id, 0, *((d, bytes([d]) * 32) for d in device_ids)), previous_counter=None
+    )
+
+
+def upload(db: SqliteDatabase, user_id: str, device_id: int, *, one_time: int, kem: int) -> None:
+    db.store_prekeys(
+        user_id,
+        device_id,
+        signed_prekey=SignedPreKeyPublic(1, b"S" * 32, SIG),
+        last_resort_kem=KemPreKeyPublic(999, b"L" * 1184, SIG),
+        one_time=[OneTimePreKeyPublic(i, bytes([i % 256]) * 32) for i in range(1, one_time + 1)],
+        one_time_kem=[KemPreKeyPublic(i, bytes([i % 256]) * 1184, SIG) for i in range(1, kem + 1)],
+        max_stored=1000,
+    )
+
+
+def batch(
+    deliveries: list[tuple[str, int]],
+    payloads: tuple[bytes, ...],
+    *,
+    counters: dict[str, int],
+    server_ts: int = 1000,
+    expires_at: int = 2000,
+    kind: EnvelopeKind = EnvelopeKind.DIRECT,
+) -> EnvelopeBatch:
+    return EnvelopeBatch(
+        sender_user="alice",
+        sender_device=1,
+        kind=kind,
+        server_ts=server_ts,
+        expires_at=expires_at,
+        payloads=payloads,
+        deliveries=tuple(
+            Delivery(u, d, secrets.token_bytes(16), min(i, len(payloads) - 1))
+            for i, (u, d) in enumerate(deliveries)
+        ),
+        device_list_counters=counters,
+    )
+
+
+@pytest.fixture
+def db(tmp_path: Path) -> SqliteDatabase:
+    database = SqliteDatabase(str(tmp_path / "relay.db"))
+    register(database, "alice", 1)
+    register(database, "bob", 1, 2)
+    return database
+
+
+# ------------------------------------------------------------------ device lists
+
+
+def test_device_list_compare_and_set(db: SqliteDatabase) -> None:
+    with pytest.raises(StorageConflict):
+        db.store_device_list(device_list("bob", 5, (1, b"x" * 32)), previous_counter=None)
+    with pytest.raises(StorageConflict):
+        db.store_device_list(device_list("bob", 5, (1, b"x" * 32)), previous_counter=3)
+    stored = db.device_lists(["bob", "nobody", "bob"])
+    assert list(stored) == ["bob"]
+    assert stored["bob"].counter == 0 and stored["bob"].device_ids == {1, 2}
+    assert stored["bob"].device_identity(2) == b"\x02" * 32
+    assert stored["bob"].device_identity(3) is None
+
+
+def test_u64_counters_are_stored(db: SqliteDatabase) -> None:
+    top = 2**64 - 1
+    db.store_device_list(device_list("bob", top, (1, b"\x01" * 32)), previous_counter=0)
+    assert db.device_lists(["bob"])["bob"].counter == top
+
+
+def test_removed_and_replaced_devices_lose_mail_and_prekeys(db: SqliteDatabase) -> None:
+    upload(db, "bob", 1, one_time=2, kem=2)
+    upload(db, "bob", 2, one_time=2, kem=2)
+    db.enqueue(
+        batch([("bob", 1), ("bob", 2)], (b"p1", b"p2"), counters={"bob": 0}), max_mailbox_size=10
+    )
+    # Device 1 keeps its id but gets a new identity; device 2 leaves.
+    removed = db.store_device_list(
+        device_list("bob", 1, (1, b"\x09" * 32), (3, b"\x03" * 32)), previous_counter=0
+    )
+    assert removed == (1, 2)
+    for device_id in (1, 2):
+        assert db.pending("bob", device_id, after_seq=0, limit=10, now=0) == []
+        assert db.prekey_counts("bob", device_id) == PreKeyCounts(0, 0)
+        assert db.take_bundle("bob", device_id) is None
+    assert db.device_lists(["bob"])["bob"].device_ids == {1, 3}
+    # The shared payloads went with their last delivery.
+    assert db._conn.execute("SELECT COUNT(*) FROM payloads").fetchone()[0] == 0
+
+
+# ------------------------------------------------------------------ prekeys
+
+
+def test_prekey_upload_is_atomic(db: SqliteDatabase) -> None:
+    upload(db, "bob", 1, one_time=3, kem=1)
+    with pytest.raises(PreKeyIdInUse):
+        db.store_prekeys(
+            "bob",
+            1,
+            signed_prekey=SignedPreKeyPublic(2, b"T" * 32, SIG),
+            last_resort_kem=None,
+            one_time=[OneTimePreKeyPublic(10, b"a" * 32), OneTimePreKeyPublic(3, b"b" * 32)],
+            one_time_kem=[],
+            max_stored=1000,
+        )
+    assert db.prekey_counts("bob", 1) == PreKeyCounts(3, 1)
+    taken = db.take_bundle("bob", 1)
+    assert taken is not None and taken.signed_prekey.key_id == 1  # not replaced
+    with pytest.raises(PreKeyIdInUse):  # repeated within one upload
+        db.store_prekeys(
+            "bob",
+            1,
+            signed_prekey=None,
+            last_resort_kem=None,
+            one_time=[OneTimePreKeyPublic(50, b"a" * 32)] * 2,
+            one_time_kem=[],
+            max_stored=1000,
+        )
+    with pytest.raises(PreKeyStockFull):
+        db.store_prekeys(
+            "bob",
+            1,
+            signed_prekey=None,
+            last_resort_kem=None,
+            one_time=[OneTimePreKeyPublic(100 + i, b"a" * 32) for i in range(4)],
+            one_time_kem=[],
+            max_stored=5,
+        )
+    assert db.prekey_counts("bob", 1) == PreKeyCounts(2, 0)
+    with pytest.raises(UnknownDevice):
+        upload(db, "bob", 7, one_time=1, kem=0)
+
+
+def test_take_once_then_last_resort(db: SqliteDatabase) -> None:
+    assert db.take_bundle("bob", 1) is None  # nothing uploaded
+    upload(db, "bob", 1, one_time=2, kem=1)
+    first = db.take_bundle("bob", 1)
+    assert first is not None
+    assert first.one_time is not None and first.one_time.key_id == 1
+    assert (first.kem.key_id, first.kem_is_last_resort) == (1, False)
+    assert first.remaining == PreKeyCounts(1, 0)
+    assert first.identity == b"\x01" * 32
+    second = db.take_bundle("bob", 1)
+    assert second is not None and second.one_time is not None and second.one_time.key_id == 2
+    assert (second.kem.key_id, second.kem_is_last_resort) == (999, True)
+    third = db.take_bundle("bob", 1)
+    assert third is not None and third.one_time is None and third.kem_is_last_resort
+    assert third.remaining == PreKeyCounts(0, 0)
+
+
+def test_no_bundle_without_a_kem_prekey(db: SqliteDatabase) -> None:
+    db.store_prekeys(
+        "bob",
+        1,
+        signed_prekey=SignedPreKeyPublic(1, b"S" * 32, SIG),
+        last_resort_kem=None,
+        one_time=[OneTimePreKeyPublic(1, b"o" * 32)],
+        one_time_kem=[],
+        max_stored=10,
+    )
+    assert db.take_bundle("bob", 1) is None
+    assert db.prekey_counts("bob", 1) == PreKeyCounts(1, 0)  # nothing was taken
+
+
+def test_take_once_across_processes_sharing_the_file(tmp_path: Path, db: SqliteDatabase) -> None:
+    upload(db, "bob", 1, one_time=40, kem=40)
+    path = str(tmp_path / "relay.db")
+    taken: list[int | None] = []
+    kem_taken: list[tuple[int, bool]] = []
+    lock = threading.Lock()
+
+    def worker() -> None:
+        own = SqliteDatabase(path)  # a separate connection, as another relay process
+        for _ in range(25):
+            bundle = own.take_bundle("bob", 1)
+            assert bundle is not None
+            with lock:
+                taken.append(None if bundle.one_time is None else bundle.one_time.key_id)
+                kem_taken.append((bundle.kem.key_id, bundle.kem_is_last_resort))
+        own.close()
+
+    threads = [threading.Thread(target=worker) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    one_time = [k for k in taken if k is not None]
+    assert sorted(one_time) == list(range(1, 41))
+    one_time_kem = [k for k, last_resort in kem_taken if not last_resort]
+    assert sorted(one_time_kem) == list(range(1, 41))
+    assert kem_taken.count((999, True)) == 60
+
+
+async def test_concurrent_takes_through_the_async_storage(tmp_path: Path) -> None:
+    storage = await SqliteStorage.open(str(tmp_path / "async.db"))
+    try:
+        await storage.store_device_list(
+            device_list("bob", 0, (1, b"\x01" * 32)), previous_counter=None
+        )
+        await storage.store_prekeys(
+            "bob",
+            1,
+            signed_prekey=SignedPreKeyPublic(1, b"S" * 32, SIG),
+            last_resort_kem=KemPreKeyPublic(9, b"L" * 1184, SIG),
+            one_time=[OneTimePreKeyPublic(i, b"o" * 32) for i in range(10)],
+            one_time_kem=[],
+            max_stored=100,
+        )
+        results: list[int | None] = []
+
+        async def take() -> None:
+            bundle = await storage.take_bundle("bob", 1)
+            assert bundle is not None
+            results.append(None if bundle.one_time is None else bundle.one_time.key_id)
+
+        async with trio.open_nursery() as nursery:
+            for _ in range(30):
+                nursery.start_soon(take)
+        assert sorted(k for k in results if k is not None) == list(range(10))
+        assert results.count(None) == 20
+    finally:
+        await storage.aclose()
+
+
+# ------------------------------------------------------------------ mailboxes
+
+
+def test_group_payload_is_stored_once(db: SqliteDatabase) -> None:
+    recipients = [("bob", 1), ("bob", 2)]
+    db.enqueue(
+        batch(recipients, (b"group",), counters={"bob": 0}, kind=EnvelopeKind.GROUP),
+        max_mailbox_size=10,
+    )
+    assert db._conn.execute("SELECT COUNT(*) FROM payloads").fetchone()[0] == 1
+    assert db._conn.execute("SELECT COUNT(*) FROM deliveries").fetchone()[0] == 2
+    one = db.pending("bob", 1, after_seq=0, limit=10, now=0)[0].envelope
+    two = db.pending("bob", 2, after_seq=0, limit=10, now=0)[0].envelope
+    assert one.payload == two.payload == b"group" and one.guid != two.guid
+    assert (one.sender_user, one.sender_device, one.kind) == ("alice", 1, 2)
+    assert db.acknowledge("bob", 1, [one.guid]) == 1
+    assert db._conn.execute("SELECT COUNT(*) FROM payloads").fetchone()[0] == 1
+    assert db.acknowledge("bob", 1, [two.guid]) == 0  # not bob/1's envelope
+    assert db.acknowledge("bob", 2, [two.guid, one.guid]) == 1  # one.guid: gone, and bob/1's
+    assert db._conn.execute("SELECT COUNT(*) FROM payloads").fetchone()[0] == 0
+
+
+def test_full_mailbox_refuses_the_whole_send(db: SqliteDatabase) -> None:
+    for payload in (b"a", b"b"):
+        db.enqueue(batch([("bob", 1)], (payload,), counters={"bob": 0}), max_mailbox_size=2)
+    with pytest.raises(MailboxFull) as info:
+        db.enqueue(
+            batch([("bob", 1), ("bob", 2)], (b"c", b"d"), counters={"bob": 0}),
+            max_mailbox_size=2,
+        )
+    assert info.value.devices == (("bob", 1),)
+    assert db.pending("bob", 2, after_seq=0, limit=10, now=0) == []  # all or nothing
+    assert len(db.pending("bob", 1, after_seq=0, limit=10, now=0)) == 2
+
+
+def test_a_send_larger_than_one_statement(
+    db: SqliteDatabase, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(sqlite_storage, "ROWS_PER_STATEMENT", 3)
+    users = [f"user{i}" for i in range(4)]
+    for user_id in users:
+        register(db, user_id, 1, 2)
+    recipients = [(user_id, device_id) for user_id in users for device_id in (1, 2)]
+    counters = dict.fromkeys(users, 0)
+    send = batch(recipients, (b"g",), counters=counters, kind=EnvelopeKind.GROUP)
+    seqs = db.enqueue(send, max_mailbox_size=2)
+    assert seqs == sorted(seqs) and len(set(seqs)) == len(recipients)
+    for delivery, seq in zip(send.deliveries, seqs, strict=True):
+        (queued,) = db.pending(delivery.user_id, delivery.device_id, after_seq=0, limit=9, now=0)
+        assert (queued.seq, queued.envelope.guid) == (seq, delivery.guid)
+    # Only user0/1's own envelope is deleted, however many guids are named.
+    assert db.acknowledge("user0", 1, [d.guid for d in send.deliveries]) == 1
+    # Full mailboxes are all named, in the send's order, across statements.
+    db.enqueue(batch(recipients[1:], (b"h",), counters=counters), max_mailbox_size=2)
+    with pytest.raises(MailboxFull) as info:
+        db.enqueue(batch(recipients, (b"i",), counters=counters), max_mailbox_size=2)
+    assert info.value.devices == tuple(recipients[1:])
+    with pytest.raises(StorageConflict):  # one device gone: nothing is stored
+        db.enqueue(
+            batch([*recipients, ("user0", 3)], (b"j",), counters=counters), max_mailbox_size=9
+        )
+
+
+def test_stale_device_list_counter_refuses_the_send(db: SqliteDatabase) -> None:
+    with pytest.raises(StorageConflict):
+        db.enqueue(batch([("bob", 1)], (b"a",), counters={"bob": 7}), max_mailbox_size=10)
+    with pytest.raises(StorageConflict):
+        db.enqueue(batch([("bob", 9)], (b"a",), counters={"bob": 0}), max_mailbox_size=10)
+    assert db._conn.execute("SELECT COUNT(*) FROM payloads").fetchone()[0] == 0
+
+
+def test_pending_in_order_after_seq_and_unexpired(db: SqliteDatabase) -> None:
+    for index in range(5):
+        db.enqueue(
+            batch(
+                [("bob", 1)],
+                (bytes([index]),),
+                counters={"bob": 0},
+                server_ts=100 + index,
+                expires_at=1000 + index,
+            ),
+            max_mailbox_size=10,
+        )
+    queued = db.pending("bob", 1, after_seq=0, limit=3, now=0)
+    assert [q.envelope.payload for q in queued] == [b"\x00", b"\x01", b"\x02"]
+    rest = db.pending("bob", 1, after_seq=queued[-1].seq, limit=10, now=0)
+    assert [q.envelope.payload for q in rest] == [b"\x03", b"\x04"]
+    # Expired envelopes are never handed out, even before the sweep.
+    assert [q.envelope.payload for q in db.pending("bob", 1, after_seq=0, limit=10, now=1002)] == [
+        b"\x03",
+        b"\x04",
+    ]
+    assert db.purge_expired(1002) == 3
+    assert db.purge_expired(1002) == 0
+    assert len(db.pending("bob", 1, after_seq=0, limit=10, now=0)) == 2
+    assert db._conn.execute("SELECT COUNT(*) FROM payloads").fetchone()[0] == 2
+    queued_count = db._conn.execute(
+        "SELECT queued FROM devices WHERE user_id = 'bob' AND device_id = 1"
+    ).fetchone()[0]
+    assert queued_count == 2
+
+
+# ------------------------------------------------------------------ the file
+
+
+def test_reopen_keeps_everything(tmp_path: Path, db: SqliteDatabase) -> None:
+    db.enqueue(batch([("bob", 1)], (b"kept",), counters={"bob": 0}), max_mailbox_size=10)
+    db.close()
+    again = SqliteDatabase(str(tmp_path / "relay.db"))
+    assert [q.envelope.payload for q in again.pending("bob", 1, after_seq=0, limit=5, now=0)] == [
+        b"kept"
+    ]
+    assert again.device_lists(["alice"])["alice"].counter == 0
+    again.close()
+
+
+def test_unknown_schema_version_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "future.db"
+    conn = sqlite3.connect(path)
+    conn.execute("PRAGMA user_version = 99")
+    conn.close()
+    with pytest.raises(UnknownStateVersion):
+        SqliteDatabase(str(path))
+
+
+def test_acknowledged_ciphertext_leaves_no_trace_on_disk(
+    tmp_path: Path, db: SqliteDatabase
+) -> None:
+    marker = b"MARKER-" + bytes(range(200))
+    db.enqueue(batch([("bob", 1)], (marker,), counters={"bob": 0}), max_mailbox_size=10)
+    guid = db.pending("bob", 1, after_seq=0, limit=1, now=0)[0].envelope.guid
+    files = list(tmp_path.glob("relay.db*"))
+    assert any(marker in f.read_bytes() for f in files)  # the check can see it
+    assert db.acknowledge("bob", 1, [guid]) == 1
+    db.purge_expired(0)  # also truncates the WAL
+    assert not any(marker in f.read_bytes() for f in tmp_path.glob("relay.db*"))
+    db.close()
+    assert not any(marker in f.read_bytes() for f in tmp_path.glob("relay.db*"))

@@ -1,0 +1,173 @@
+"""The relay server: listeners, the registry of connected devices, the retention sweeper.
+
+Run it with :func:`serve_relay` (``port = await nursery.start(serve_relay,
+config)``), or drive :meth:`Relay.handle_connection` with any trio stream
+(tests use in-memory streams). The relay stores and forwards ciphertext;
+it authenticates devices, keeps the device and prekey directories, and
+never reads a payload. spec/07-relay-protocol.md describes the protocol.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+import trio
+
+from ..wire.errors import RelayError, Superseded
+from ..wire.frames import RequestLimits
+from ..wire.records import PreKeyCounts
+from .config import RelayConfig
+from .ratelimit import KeyedRateLimiter
+from .session import RelaySession
+from .storage.interface import RelayStorage, StoredDeviceList
+from .storage.sqlite import SqliteStorage
+
+logger = logging.getLogger("hushchat.relay")
+
+DeviceKey = tuple[str, int]
+
+# Device lists kept in memory to check sends against (each send then costs
+# one storage transaction, not two). A list is at most ~1 KB (8 devices),
+# so this bounds the copy to ~10 MB, whatever the number of users.
+DIRECTORY_CACHE_SIZE = 10_000
+
+
+class Relay:
+    """State shared by a relay's connections. Connections never see each other directly."""
+
+    def __init__(self, config: RelayConfig, storage: RelayStorage) -> None:
+        self.config = config
+        self.storage = storage
+        self.request_limits: RequestLimits = config.limits.request_limits
+        self.bundle_limiter: KeyedRateLimiter[tuple[DeviceKey, DeviceKey]] = KeyedRateLimiter(
+            config.limits.bundle_fetch_rate, max_keys=config.limits.max_rate_limit_keys
+        )
+        self._sessions: dict[DeviceKey, RelaySession] = {}
+        # Recently read or stored device lists, oldest first (see device_lists).
+        self._directory: dict[str, StoredDeviceList] = {}
+
+    async def handle_connection(self, stream: trio.abc.Stream) -> None:
+        """Serve one connection to its end; never raises (but Cancelled)."""
+        try:
+            await RelaySession(self, stream).run()
+        except* Exception:
+            # A bug must cost this connection only, never the relay (Cancelled,
+            # a BaseException, still propagates when the relay shuts down).
+            logger.exception("connection failed")
+        finally:
+            await trio.aclose_forcefully(stream)
+
+    async def run_sweeper(self) -> None:
+        """Purge expired envelopes every sweep interval, forever."""
+        while True:
+            await trio.sleep(self.config.limits.sweep_interval)
+            try:
+                purged = await self.storage.purge_expired(self.config.clock())
+            except Exception:
+                logger.exception("retention sweep failed")
+            else:
+                if purged:
+                    logger.info("retention sweep deleted %d expired envelopes", purged)
+            self.bundle_limiter.prune(trio.current_time())
+
+    # ---------------------------------------------------------------- the directory
+
+    async def device_lists(
+        self, user_ids: Sequence[str], *, cached: bool = False
+    ) -> dict[str, StoredDeviceList]:
+        """The current device lists of those of ``user_ids`` that are registered.
+
+        ``cached``: lists this relay read or stored recently may come from
+        memory. Another relay process sharing the database may have changed
+        them since, so use a cached list only where a compare-and-set
+        follows (a send's commit checks each list's counter), never to
+        refuse or to authenticate.
+        """
+        found: dict[str, StoredDeviceList] = {}
+        missing = list(user_ids)
+        if cached:
+            missing = []
+            for user_id in user_ids:
+                if (known := self._directory.get(user_id)) is not None:
+                    found[user_id] = known
+                else:
+                    missing.append(user_id)
+        if missing:
+            stored = await self.storage.device_lists(missing)
+            for device_list in stored.values():
+                self.remember(device_list)
+            found.update(stored)
+        return found
+
+    def remember(self, device_list: StoredDeviceList) -> None:
+        """Keep a device list just read or stored (the oldest goes beyond the bound)."""
+        self._directory.pop(device_list.user_id, None)
+        self._directory[device_list.user_id] = device_list
+        if len(self._directory) > DIRECTORY_CACHE_SIZE:
+            del self._directory[next(iter(self._directory))]
+
+    # ---------------------------------------------------------------- connected devices
+
+    @property
+    def connected_devices(self) -> frozenset[DeviceKey]:
+        """(user_id, device_id) of every authenticated connection."""
+        return frozenset(self._sessions)
+
+    def attach(self, session: RelaySession) -> None:
+        """Register an authenticated connection; an older one of the same device is closed."""
+        previous = self._sessions.get(session.key)
+        self._sessions[session.key] = session
+        if previous is not None and previous is not session:
+            previous.close(Superseded("another connection authenticated as this device"))
+
+    def detach(self, session: RelaySession) -> None:
+        """Forget a connection that ended (a no-op unless it is the registered one)."""
+        if self._sessions.get(session.key) is session:
+            del self._sessions[session.key]
+
+    def session_of(self, user_id: str, device_id: int) -> RelaySession | None:
+        """The device's authenticated connection, if it has one."""
+        return self._sessions.get((user_id, device_id))
+
+    def close_device(self, user_id: str, device_id: int, error: RelayError) -> None:
+        session = self._sessions.get((user_id, device_id))
+        if session is not None:
+            session.close(error)
+
+    def is_low(self, counts: PreKeyCounts) -> bool:
+        threshold = self.config.limits.prekey_low_threshold
+        return counts.one_time < threshold or counts.one_time_kem < threshold
+
+    def prekeys_taken(self, user_id: str, device_id: int, remaining: PreKeyCounts) -> None:
+        """A bundle fetch took prekeys of a device: tell it if its stock is low."""
+        session = self._sessions.get((user_id, device_id))
+        if session is not None and self.is_low(remaining):
+            session.prekeys_low(remaining)
+
+
+async def serve_relay(
+    config: RelayConfig, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED
+) -> None:
+    """Run a relay until cancelled; ``task_status.started`` reports the bound TCP port.
+
+    Opens (or creates) the SQLite database ``config.db_path``, listens on
+    ``config.host``/``config.port`` (TLS if ``config.ssl_context``), and
+    runs the retention sweeper. The database is closed on the way out.
+    """
+    storage = await SqliteStorage.open(config.db_path)
+    try:
+        relay = Relay(config, storage)
+        listeners = await trio.open_tcp_listeners(config.port, host=config.host)
+        port: int = listeners[0].socket.getsockname()[1]
+        served: list[trio.abc.Listener[trio.abc.Stream]] = list(listeners)
+        if config.ssl_context is not None:
+            served = [trio.SSLListener(listener, config.ssl_context) for listener in listeners]
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(relay.run_sweeper)
+            await nursery.start(trio.serve_listeners, relay.handle_connection, served)
+            logger.info("relay %r listening on %s port %d", config.name, config.host, port)
+            task_status.started(port)
+    finally:
+        with trio.CancelScope(shield=True):
+            await storage.aclose()
