@@ -1,5 +1,10 @@
 """The ``hushchat`` command: ``relay`` here, and the commands other packages add.
 
+Exit status: 0 after a clean stop, 1 when the environment stops a command
+(a port in use, an unreadable database or TLS file), 2 for bad arguments. A
+failure is one line on stderr that names the problem and what to do; nothing
+is created on failure.
+
 A subcommand is a function ``add_NAME_command(subparsers)`` that adds its
 parser and sets ``run`` (a function from the parsed arguments to an exit
 status) with ``set_defaults``. The relay's is in :data:`SUBCOMMANDS`; the
@@ -12,19 +17,20 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import ssl
 import sys
 from collections.abc import Callable, Sequence
 from importlib import metadata
-from typing import TypeAlias
+from typing import TypeAlias, TypeVar
 
 import trio
 
 from hushchat.protocol.errors import InvalidArgument
 
 from .relay.config import RelayConfig, parse_duration
-from .relay.server import serve_relay
+from .relay.server import RelayStartError, serve_relay
 from .wire.limits import DEFAULT_RETENTION_SECONDS
 
 logger = logging.getLogger("hushchat.relay")
@@ -40,6 +46,33 @@ def _duration(text: str) -> int:
         raise argparse.ArgumentTypeError(exc.message) from None
 
 
+def _port(text: str) -> int:
+    """A TCP port: 1 to 65535, or 0 for any free port."""
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number") from None
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"{port} is not a port: 1 to 65535, or 0 for any")
+    return port
+
+
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+
+
+def _log_level(text: str) -> str:
+    level = text.upper()
+    if level not in LOG_LEVELS:
+        raise argparse.ArgumentTypeError(f"{text!r}: one of {', '.join(LOG_LEVELS)}")
+    return level
+
+
+def fail(command: str, message: str) -> int:
+    """Print one line on stderr; the exit status of an environment failure."""
+    print(f"hushchat {command}: {message}", file=sys.stderr)
+    return 1
+
+
 # ------------------------------------------------------------------ relay
 
 
@@ -48,16 +81,18 @@ def add_relay_command(subparsers: SubParsers) -> None:
         "relay",
         help="run a relay server",
         description="Run a hushchat relay: store-and-forward of ciphertext, device and "
-        "prekey directories, on one SQLite file.",
+        "prekey directories, on one SQLite file. Exit status: 0 after SIGINT or SIGTERM, "
+        "1 if it cannot start (the reason on stderr), 2 for bad arguments.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on")
-    parser.add_argument("--port", type=int, default=7400, help="TCP port (0: any free port)")
+    parser.add_argument("--port", type=_port, default=7400, help="TCP port (0: any free port)")
     parser.add_argument("--db", default="hushchat-relay.db", help="SQLite database file")
     parser.add_argument(
         "--retention",
         type=_duration,
-        default=DEFAULT_RETENTION_SECONDS,
-        help="how long undelivered mail is kept, e.g. 72h, 3d, 90m, 3600s (default 72h)",
+        default=f"{DEFAULT_RETENTION_SECONDS // 3600}h",
+        help="how long undelivered mail is kept: a number and a unit s, m, h or d",
     )
     parser.add_argument(
         "--name",
@@ -66,7 +101,12 @@ def add_relay_command(subparsers: SubParsers) -> None:
     )
     parser.add_argument("--tls-cert", help="PEM certificate chain (enables TLS with --tls-key)")
     parser.add_argument("--tls-key", help="PEM private key of --tls-cert")
-    parser.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
+    parser.add_argument(
+        "--log-level",
+        type=_log_level,
+        default="INFO",
+        help=f"logging level: {', '.join(LOG_LEVELS)}",
+    )
     parser.set_defaults(run=run_relay)
 
 
@@ -81,20 +121,48 @@ def run_relay(args: argparse.Namespace) -> int:
     if (args.tls_cert is None) != (args.tls_key is None):
         print("hushchat relay: --tls-cert and --tls-key go together", file=sys.stderr)
         return 2
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(message)s")
+    logging.basicConfig(level=args.log_level, format="%(asctime)s %(name)s %(message)s")
     ssl_context = None
     if args.tls_cert is not None:
-        ssl_context = _server_ssl_context(args.tls_cert, args.tls_key)
-    config = RelayConfig(
-        host=args.host,
-        port=args.port,
-        db_path=args.db,
-        retention_seconds=args.retention,
-        name=args.name,
-        ssl_context=ssl_context,
-    )
-    trio.run(_serve_until_signalled, config)
+        try:
+            ssl_context = _server_ssl_context(args.tls_cert, args.tls_key)
+        except (OSError, ssl.SSLError) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+            return fail("relay", f"cannot load the TLS certificate and key: {reason}")
+    folder = os.path.dirname(os.path.abspath(args.db))
+    if args.db != ":memory:" and not os.path.isdir(folder):
+        return fail("relay", f"no such folder for the database: {folder}")
+    try:
+        config = RelayConfig(
+            host=args.host,
+            port=args.port,
+            db_path=args.db,
+            retention_seconds=args.retention,
+            name=args.name,
+            ssl_context=ssl_context,
+        )
+    except InvalidArgument as exc:
+        print(f"hushchat relay: {exc.message}", file=sys.stderr)
+        return 2
+    try:
+        trio.run(_serve_until_signalled, config)
+    except ExceptionGroup as group:
+        start_error = _only(group, RelayStartError)
+        if start_error is None:
+            raise
+        return fail("relay", str(start_error))
     return 0
+
+
+E = TypeVar("E", bound=Exception)
+
+
+def _only(group: ExceptionGroup[Exception], kind: type[E]) -> E | None:
+    """The error of ``kind`` if it is all that ``group`` holds (nested or not)."""
+    errors: list[Exception] = [group]
+    while len(errors) == 1 and isinstance(errors[0], ExceptionGroup):
+        errors = list(errors[0].exceptions)
+    return errors[0] if len(errors) == 1 and isinstance(errors[0], kind) else None
 
 
 async def _serve_until_signalled(config: RelayConfig) -> None:
@@ -102,7 +170,7 @@ async def _serve_until_signalled(config: RelayConfig) -> None:
     # connections are closed and the database is checkpointed and closed.
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(serve_relay, config)
+            await nursery.start(serve_relay, config)
             async for signum in signals:
                 logger.info("stopping on %s", signal.Signals(signum).name)
                 nursery.cancel_scope.cancel()

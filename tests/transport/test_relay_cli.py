@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import signal
+import socket
 import ssl
 import subprocess
+from contextlib import nullcontext
 from pathlib import Path
 
 import pytest
@@ -32,6 +34,74 @@ def test_bad_arguments_exit_with_usage(argv: list[str], capsys: pytest.CaptureFi
         cli.main(argv)
     assert info.value.code == 2
     assert "usage: hushchat" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("argv", "status", "says"),
+    [
+        (["--port", "99999"], 2, "99999 is not a port"),
+        (["--port", "-1"], 2, "-1 is not a port"),
+        (["--log-level", "LOUD"], 2, "one of DEBUG, INFO, WARNING, ERROR"),
+        (["--retention", "0h"], 2, "must be positive"),
+        (["--db", "/nonexistent/x.db"], 1, "no such folder for the database: /nonexistent"),
+        (["--host", "nosuch.invalid"], 1, "unknown host 'nosuch.invalid'"),
+        (["--tls-cert", "/nope.pem", "--tls-key", "/nope.key"], 1, "cannot load the TLS"),
+        (["--name", ""], 2, "a relay name is 1 to"),
+    ],
+)
+def test_a_bad_argument_or_environment_is_one_line_and_creates_nothing(
+    argv: list[str], status: int, says: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    db = tmp_path / "relay.db"
+    with pytest.raises(SystemExit) if status == 2 and "--name" not in argv else nullcontext():
+        code = cli.main(["relay", "--port", "0", "--db", str(db), *argv])
+        assert code == status
+    err = capsys.readouterr().err
+    assert says in err and "Traceback" not in err
+    assert err.startswith(("hushchat relay: ", "usage: hushchat relay"))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_port_in_use_is_one_line_and_creates_no_database(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        db = tmp_path / "relay.db"
+        assert cli.main(["relay", "--port", str(port), "--db", str(db)]) == 1
+    err = capsys.readouterr().err
+    assert err == f"hushchat relay: cannot listen on 127.0.0.1 port {port}: the port is in use " \
+        "(is another relay running?)\n"
+    assert not db.exists()
+
+
+@pytest.mark.parametrize("content", [b"garbage" * 100, b"SQLite format 3\x00" + b"\xff" * 200])
+def test_a_file_that_is_not_a_relay_database_is_one_line(
+    content: bytes, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    db = tmp_path / "relay.db"
+    db.write_bytes(content)
+    assert cli.main(["relay", "--port", "0", "--db", str(db)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"hushchat relay: {db} is not a hushchat relay database")
+    assert err.count("\n") == 1 and db.read_bytes() == content
+
+
+def test_help_shows_every_default(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        cli.main(["relay", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    for default in ["127.0.0.1", "7400", "hushchat-relay.db", "72h", "hushchat-relay", "INFO"]:
+        assert f"(default: {default})" in out
+
+
+def test_version(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        cli.main(["--version"])
+    assert info.value.code == 0
+    assert capsys.readouterr().out.startswith("hushchat ")
 
 
 def test_tls_needs_both_files(capsys: pytest.CaptureFixture[str]) -> None:

@@ -9,10 +9,15 @@ never reads a payload. spec/07-relay-protocol.md describes the protocol.
 
 from __future__ import annotations
 
+import errno
 import logging
+import socket
+import sqlite3
 from collections.abc import Sequence
 
 import trio
+
+from hushchat.protocol.errors import StateError
 
 from ..wire.errors import RelayError, Superseded
 from ..wire.frames import RequestLimits
@@ -31,6 +36,34 @@ DeviceKey = tuple[str, int]
 # one storage transaction, not two). A list is at most ~1 KB (8 devices),
 # so this bounds the copy to ~10 MB, whatever the number of users.
 DIRECTORY_CACHE_SIZE = 10_000
+
+
+class RelayStartError(Exception):
+    """The relay could not start: the sentence says what failed and what to do.
+
+    Raised by :func:`serve_relay` before it serves anything, with whatever it
+    had opened closed again (a database it created stays empty of mail).
+    """
+
+
+def _listen_error(config: RelayConfig, exc: OSError) -> str:
+    where = f"{config.host} port {config.port}"
+    if isinstance(exc, socket.gaierror):
+        return f"cannot listen on {where}: unknown host {config.host!r} ({exc.strerror})"
+    if exc.errno == errno.EADDRINUSE:
+        return f"cannot listen on {where}: the port is in use (is another relay running?)"
+    if exc.errno == errno.EACCES:
+        return f"cannot listen on {where}: permission denied (ports below 1024 need privileges)"
+    if exc.errno == errno.EADDRNOTAVAIL:
+        return f"cannot listen on {where}: {config.host} is not an address of this machine"
+    return f"cannot listen on {where}: {exc.strerror or exc}"
+
+
+def _database_error(config: RelayConfig, exc: Exception) -> str:
+    path = config.db_path
+    if isinstance(exc, sqlite3.DatabaseError) and not isinstance(exc, sqlite3.OperationalError):
+        return f"{path} is not a hushchat relay database ({exc}); give another --db"
+    return f"cannot open the relay database {path}: {exc}"
 
 
 class Relay:
@@ -151,14 +184,25 @@ async def serve_relay(
 ) -> None:
     """Run a relay until cancelled; ``task_status.started`` reports the bound TCP port.
 
-    Opens (or creates) the SQLite database ``config.db_path``, listens on
-    ``config.host``/``config.port`` (TLS if ``config.ssl_context``), and
-    runs the retention sweeper. The database is closed on the way out.
+    Listens on ``config.host``/``config.port`` (TLS if ``config.ssl_context``),
+    then opens (or creates) the SQLite database ``config.db_path``, and runs
+    the retention sweeper. Listening comes first so that a relay that cannot
+    listen creates no database. A failure to start raises
+    :class:`RelayStartError`; the database is closed on the way out.
     """
-    storage = await SqliteStorage.open(config.db_path)
+    try:
+        listeners = await trio.open_tcp_listeners(config.port, host=config.host)
+    except OSError as exc:  # socket.gaierror included
+        raise RelayStartError(_listen_error(config, exc)) from exc
+    try:
+        storage = await SqliteStorage.open(config.db_path)
+    except (sqlite3.Error, StateError, OSError) as exc:
+        with trio.CancelScope(shield=True):
+            for listener in listeners:
+                await listener.aclose()
+        raise RelayStartError(_database_error(config, exc)) from exc
     try:
         relay = Relay(config, storage)
-        listeners = await trio.open_tcp_listeners(config.port, host=config.host)
         port: int = listeners[0].socket.getsockname()[1]
         served: list[trio.abc.Listener[trio.abc.Stream]] = list(listeners)
         if config.ssl_context is not None:
