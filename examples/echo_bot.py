@@ -30,8 +30,8 @@ from collections.abc import Sequence
 
 import trio
 
+from hushchat.protocol import HushchatError
 from hushchat.protocol.client_core import GroupUpdated, MessageReceived
-from hushchat.protocol.errors import ProtocolError
 from hushchat.protocol.group import TitleChanged
 from hushchat.transport.client.client import Client, open_client
 from hushchat.transport.client.store import ClientStore
@@ -55,8 +55,9 @@ async def echo(client: Client) -> None:
                 continue  # our own message from another of our devices, or a repeat
             try:
                 await client.send_group(event.group_id, b"echo: " + event.body)
-            except ProtocolError as exc:
-                # Say, we were removed from the group meanwhile: log it, keep serving.
+            except HushchatError as exc:
+                # Say, we were removed from the group meanwhile, or the relay is out of
+                # reach for longer than the client waits: log it, keep serving.
                 print(f"could not answer in a group: {exc.message} ({exc.code})", flush=True)
             answered = [*answered[-REMEMBERED_MESSAGES:], event.message_id]
 

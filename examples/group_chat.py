@@ -45,6 +45,7 @@ import trio
 from group_chat_demo import run_demo
 from terminal import Palette, wants_colour
 
+from hushchat.protocol import HushchatError
 from hushchat.protocol import client_core as core
 from hushchat.protocol.client_core import (
     DeviceAdded,
@@ -57,12 +58,11 @@ from hushchat.protocol.client_core import (
     Undecryptable,
 )
 from hushchat.protocol.client_core import DeviceListNeeded as NoDeviceList
-from hushchat.protocol.errors import ProtocolError
 from hushchat.protocol.group import AdminChanged, MemberAdded, MemberRemoved, TitleChanged
+from hushchat.transport import ConnectionFailure
+from hushchat.transport import UnknownUser as NoSuchUser
 from hushchat.transport.client.client import Client, Connected, Disconnected, load_or_create_core
 from hushchat.transport.client.store import ClientStore, StoreLocked, encode_item
-from hushchat.transport.wire.errors import RelayTimeout
-from hushchat.transport.wire.errors import UnknownUser as NoSuchUser
 
 try:
     import readline  # line editing and history for input(), where available
@@ -417,15 +417,15 @@ class Chat:
             await command(rest.strip())
         except UsageError as exc:
             self.screen.error(str(exc))
-        except ProtocolError as exc:
+        except HushchatError as exc:
             self.screen.error(self.explain(exc))
 
-    def explain(self, exc: ProtocolError) -> str:
+    def explain(self, exc: HushchatError) -> str:
         if isinstance(exc, NoSuchUser):
             return f"no user named {exc.user_id!r} on this relay"
         if isinstance(exc, NoDeviceList):
             return f"no user named {exc.user_id!r} is known"
-        if isinstance(exc, RelayTimeout):
+        if isinstance(exc, ConnectionFailure):
             return "not sent: not connected to the relay (it keeps trying; try again soon)"
         return f"{exc.message} ({exc.code})"
 
@@ -531,7 +531,7 @@ class Chat:
             raise UsageError("a safety number is between you and someone else")
         try:
             await self.client.refresh_device_list(user)  # learn of a changed key now
-        except RelayTimeout:
+        except ConnectionFailure:
             self.screen.info("(offline: showing the key you already have)")
         number = self.client.safety_number(user).grouped()
         self.screen.show(f"safety number with {user}: {number}")
@@ -575,17 +575,17 @@ async def run_chat(host: str, port: int, name: str, state_dir: str, palette: Pal
             return 2
         client = Client(store, core, host, port, ready_timeout=COMMAND_READY_TIMEOUT)
         chat = Chat(client, screen, f"{host}:{port}", state_dir)
-        stopped: list[ProtocolError] = []
+        stopped: list[HushchatError] = []
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(chat.show_events)
                 if await chat.start(nursery):
                     await chat.interact()
                 nursery.cancel_scope.cancel()
-        except* ProtocolError as group:
+        except* HushchatError as group:
             # Not a typing mistake but the client stopping (say, the relay sent a list
             # for us that our own key did not sign): say why instead of a traceback.
-            stopped = [e for e in group.exceptions if isinstance(e, ProtocolError)]
+            stopped = [e for e in group.exceptions if isinstance(e, HushchatError)]
         for exc in stopped:
             screen.error(f"the client stopped: {exc.message} ({exc.code})")
         return 0 if chat.connected and not stopped else 1

@@ -8,10 +8,13 @@ The objects an app uses, re-exported here (see README.md and spec/):
   decrypt one-to-one messages (transactional: a failure changes nothing).
 * :class:`OutboundSenderKey` / :class:`SenderKeyRecord`: group encryption.
 * :class:`SafetyNumber`: what two users compare out of band.
-* :class:`ProtocolError` and its subclasses in :mod:`hushchat.protocol.errors`.
+* :class:`HushchatError`, the root of every error of hushchat (the
+  transport's included), and its protocol branch :class:`ProtocolError`
+  with the subclasses in :mod:`hushchat.protocol.errors`.
 """
 
 from .account import Account as Account
+from .errors import HushchatError as HushchatError
 from .errors import LocalProtocolError as LocalProtocolError
 from .errors import ProtocolError as ProtocolError
 from .errors import RemoteProtocolError as RemoteProtocolError

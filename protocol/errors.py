@@ -1,11 +1,17 @@
-"""The one exception hierarchy of hushchat.
+"""The one exception hierarchy of hushchat, and its protocol branch.
 
-Every error carries a stable ``code`` string. The codes are part of the
-protocol: spec/08-errors.md lists them and the test vectors name them in
-their ``error`` field, so other implementations can agree on *why* an input
-was refused, not only *that* it was.
+Every error derives from :class:`HushchatError` and carries a stable
+``code`` string. The codes are part of the protocol: spec/08-errors.md lists
+them and the test vectors name them in their ``error`` field, so other
+implementations can agree on *why* an input was refused, not only *that* it
+was.
 
-Three branches, as h11 separates local from remote errors:
+The root has two branches. :class:`ProtocolError` (this module) is what the
+pure core raises; ``TransportError`` (in ``hushchat.transport.wire.errors``)
+is the transport's: a connection that failed, a relay's refusal, the client
+library's own conditions. A connection failure is therefore never a
+protocol error. The protocol branch splits three ways, as h11 separates
+local from remote errors:
 
 * :class:`RemoteProtocolError`: the bytes we were given (by a peer, or by a
   relay in between) are bad. Safe to drop the input and carry on.
@@ -21,14 +27,20 @@ from __future__ import annotations
 from typing import ClassVar
 
 
-class ProtocolError(Exception):
-    """Base of every error raised by hushchat."""
+class HushchatError(Exception):
+    """Base of every error raised by hushchat; ``code`` says which, stably."""
 
-    code: ClassVar[str] = "PROTOCOL_ERROR"
+    code: ClassVar[str] = "HUSHCHAT_ERROR"
 
     def __init__(self, message: str = "") -> None:
         super().__init__(message or self.code)
         self.message = message or self.code
+
+
+class ProtocolError(HushchatError):
+    """Base of the protocol's errors: bad remote input, local misuse, unreadable state."""
+
+    code = "PROTOCOL_ERROR"
 
 
 # ---------------------------------------------------------------- remote input
@@ -184,10 +196,10 @@ class UnknownStateVersion(StateError):
     code = "UNKNOWN_STATE_VERSION"
 
 
-def all_error_classes() -> list[type[ProtocolError]]:
-    """Every error class, for the spec's table and the vector checks."""
-    seen: list[type[ProtocolError]] = []
-    pending: list[type[ProtocolError]] = [ProtocolError]
+def all_error_classes() -> list[type[HushchatError]]:
+    """Every error class imported so far, for the spec's tables and the vector checks."""
+    seen: list[type[HushchatError]] = []
+    pending: list[type[HushchatError]] = [HushchatError]
     while pending:
         cls = pending.pop(0)
         seen.append(cls)
@@ -195,7 +207,7 @@ def all_error_classes() -> list[type[ProtocolError]]:
     return seen
 
 
-def error_for_code(code: str) -> type[ProtocolError]:
+def error_for_code(code: str) -> type[HushchatError]:
     """The error class with this stable code (for vector verification)."""
     for cls in all_error_classes():
         if cls.code == code:

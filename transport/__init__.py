@@ -1,1 +1,24 @@
-"""hushchat's trio transport: the relay server and the client library."""
+"""hushchat's trio transport: the relay server and the client library.
+
+The transport's errors, for ``except`` clauses (the tree is in
+:mod:`hushchat.transport.wire.errors`; its root,
+:class:`~hushchat.protocol.errors.HushchatError`, also covers the protocol's
+errors)::
+
+    from hushchat.transport import ConnectionFailure, RelayError, RateLimited
+"""
+
+from .wire.errors import AuthenticationFailed as AuthenticationFailed
+from .wire.errors import ConnectionClosed as ConnectionClosed
+from .wire.errors import ConnectionFailure as ConnectionFailure
+from .wire.errors import DeviceRemoved as DeviceRemoved
+from .wire.errors import MailboxFull as MailboxFull
+from .wire.errors import PayloadTooLarge as PayloadTooLarge
+from .wire.errors import RateLimited as RateLimited
+from .wire.errors import RelayError as RelayError
+from .wire.errors import RelayProtocolViolation as RelayProtocolViolation
+from .wire.errors import RelayTimeout as RelayTimeout
+from .wire.errors import Superseded as Superseded
+from .wire.errors import TooManyRecipients as TooManyRecipients
+from .wire.errors import TransportError as TransportError
+from .wire.errors import UnknownUser as UnknownUser

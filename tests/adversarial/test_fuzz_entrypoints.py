@@ -77,7 +77,7 @@ from hushchat.protocol.primitives import SeededRandom
 from hushchat.protocol.sender_keys import SenderKeyDistributionMessage, SenderKeyMessage
 from hushchat.protocol.session import SessionRecord
 from hushchat.transport.client import store as client_store
-from hushchat.transport.wire.errors import FrameTooLarge, relay_error_from_wire
+from hushchat.transport.wire.errors import FrameTooLarge, RelayError, relay_error_from_wire
 from hushchat.transport.wire.frames import (
     BadRequest,
     ErrorFrame,
@@ -381,13 +381,16 @@ def join(data: bytes) -> None:
 
 
 def relay_frame(data: bytes) -> bool:
-    """What a client does with a frame body from the relay (it closes on any ProtocolError)."""
+    """What a client does with a frame body from the relay.
+
+    It closes the connection on a ProtocolError or a RelayError (an unknown frame type).
+    """
     try:
         frame = decode_relay_frame(data)
         assert encode_body(frame) == data, "decoded, but not the canonical encoding"
         if isinstance(frame, ErrorFrame):
             relay_error_from_wire(frame.code, frame.message, frame.detail)
-    except ProtocolError:
+    except (ProtocolError, RelayError):
         return False
     return True
 

@@ -14,7 +14,9 @@ from hushchat.protocol import consts
 from hushchat.protocol.encoding import pack
 from hushchat.protocol.errors import (
     DecodeError,
+    HushchatError,
     InvalidArgument,
+    ProtocolError,
     RemoteProtocolError,
     all_error_classes,
 )
@@ -314,6 +316,20 @@ def test_envelope_repr_hides_payload_and_round_trips() -> None:
 
 
 # ------------------------------------------------------------------ errors
+
+
+def test_connection_failures_and_refusals_are_not_protocol_errors() -> None:
+    """One tree: an app's ``except ProtocolError`` never swallows a dropped connection."""
+    import hushchat.transport as transport
+
+    for failure in (transport.ConnectionClosed, transport.RelayTimeout):
+        assert issubclass(failure, transport.ConnectionFailure)
+    for cls in (transport.ConnectionFailure, transport.RelayError, *RELAY_ERROR_CLASSES.values()):
+        assert issubclass(cls, transport.TransportError)
+        assert not issubclass(cls, ProtocolError)
+    assert issubclass(transport.RelayProtocolViolation, RemoteProtocolError)
+    assert issubclass(transport.TransportError, HushchatError)
+    assert issubclass(ProtocolError, HushchatError)
 
 
 def test_error_codes_are_unique_and_disjoint_from_protocol_codes() -> None:

@@ -52,7 +52,7 @@ from hushchat.protocol.prekeys import KemPreKeyPublic, OneTimePreKeyPublic, Sign
 from ..wire.auth import sign_auth
 from ..wire.errors import (
     ConnectionClosed,
-    FrameTooLarge,
+    ConnectionFailure,
     RelayError,
     RelayProtocolViolation,
     RelayTimeout,
@@ -384,7 +384,8 @@ class RelayConnection:
                     self._decoder.receive_data(data)
                     continue
                 await self._dispatch(decode_relay_frame(body, max_frame_size=self._max_frame_size))
-        except (FrameTooLarge, ProtocolError) as exc:
+        except (RelayError, ProtocolError) as exc:
+            # RelayError: a frame too large, or of a type a relay never sends.
             self._violation = RelayProtocolViolation(f"relay sent a bad frame: {exc.message}")
             self._violation.__cause__ = exc
         except (trio.BrokenResourceError, trio.ClosedResourceError):
@@ -446,7 +447,7 @@ class RelayConnection:
             await trio.sleep(interval)
             try:
                 await self.ping()
-            except (RelayTimeout, ConnectionClosed, InvalidState):
+            except (ConnectionFailure, InvalidState):
                 return  # the connection is closed (a ping timeout closes it)
 
     async def aclose(self) -> None:

@@ -1,4 +1,17 @@
-"""Errors of the transport: relay refusals with stable wire codes, and connection failures.
+"""The transport's branch of the error tree: connection failures and relay refusals.
+
+Under the root :class:`~hushchat.protocol.errors.HushchatError`, beside the
+protocol's :class:`~hushchat.protocol.errors.ProtocolError`::
+
+    TransportError
+    ├── ConnectionFailure          the connection failed or is gone; reconnect
+    │   ├── ConnectionClosed       closed by either side, or broken; ``reason``
+    │   │                          holds the relay's final error, if it sent one
+    │   └── RelayTimeout           a network wait exceeded its timeout
+    ├── RelayError                 the relay refused a request (an ERROR frame)
+    │   └── one class per wire code (BadFrame, RateLimited, MailboxFull, ...)
+    └── the client library's and the relay's own (StoreLocked, SendDropped,
+        StorageConflict, defined beside their code)
 
 The relay answers a refused request (or ends a connection) with an ERROR
 frame ``[0, request_id | nil, code, message, detail]``. Each code has one
@@ -7,13 +20,10 @@ it while handling a request and sends it; the client raises the same class
 when the frame arrives. Codes are stable (spec/07-relay-protocol.md lists
 them) and distinct from every hushchat.protocol.errors code.
 
-Other failures seen by a client:
-
-* :class:`ConnectionClosed`: the connection is gone (closed by either side,
-  or broken); ``reason`` holds the relay's final error, if it sent one.
-* :class:`RelayTimeout`: a network wait exceeded its timeout.
-* :class:`RelayProtocolViolation`: the relay sent bytes that break this
-  protocol (a genuinely remote fault, hence a RemoteProtocolError).
+A relay that sends bytes breaking this protocol is a genuinely remote fault:
+:class:`RelayProtocolViolation` is a
+:class:`~hushchat.protocol.errors.RemoteProtocolError` (the client closes
+the connection, and the ConnectionClosed that follows has it as its cause).
 
 Messages never contain payloads or key material.
 """
@@ -27,7 +37,7 @@ from typing import Any, ClassVar, Self
 from hushchat.protocol.consts import MAX_DEVICES_PER_USER, MAX_USER_ID_SIZE
 from hushchat.protocol.devices import check_user_id
 from hushchat.protocol.encoding import UINT64_MAX, Fields
-from hushchat.protocol.errors import DecodeError, ProtocolError, RemoteProtocolError
+from hushchat.protocol.errors import DecodeError, HushchatError, RemoteProtocolError
 
 # Longest error message or cause code on the wire, in UTF-8 bytes.
 MAX_ERROR_TEXT_SIZE = 1024
@@ -35,13 +45,29 @@ MAX_ERROR_TEXT_SIZE = 1024
 _MAX_DETAIL_ITEMS = 2**32
 
 
-class TransportError(ProtocolError):
-    """Base of the transport's errors."""
+class TransportError(HushchatError):
+    """Base of the transport's errors (none of them is a ProtocolError)."""
 
     code = "TRANSPORT_ERROR"
 
 
-class RelayTimeout(TransportError):
+class ConnectionFailure(TransportError):
+    """The connection to the relay failed or is gone; a new connection may succeed."""
+
+    code = "CONNECTION_FAILURE"
+
+
+class ConnectionClosed(ConnectionFailure):
+    """The relay connection is closed; ``reason`` is the relay's final error, if any."""
+
+    code = "CONNECTION_CLOSED"
+
+    def __init__(self, message: str = "", *, reason: RelayError | None = None) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+class RelayTimeout(ConnectionFailure):
     """A network wait (connect, handshake, reply, write) exceeded its timeout."""
 
     code = "RELAY_TIMEOUT"
@@ -84,16 +110,6 @@ class RelayError(TransportError):
         if detail is not None:
             raise DecodeError(f"{cls.code}: detail must be nil")
         return cls(message)
-
-
-class ConnectionClosed(TransportError):
-    """The relay connection is closed; ``reason`` is the relay's final error, if any."""
-
-    code = "CONNECTION_CLOSED"
-
-    def __init__(self, message: str = "", *, reason: RelayError | None = None) -> None:
-        super().__init__(message)
-        self.reason = reason
 
 
 # ------------------------------------------------------------------ frame-level
