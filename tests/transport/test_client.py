@@ -19,7 +19,14 @@ from hushchat.protocol.client_core import (
     MessageReceived,
     MessageSentByOtherDevice,
 )
-from hushchat.transport.client.client import Client, ClientEvent, open_client
+from hushchat.protocol.errors import InvalidArgument
+from hushchat.transport.client.client import (
+    Client,
+    ClientEvent,
+    SendDropped,
+    load_or_create_core,
+    open_client,
+)
 from hushchat.transport.client.store import ClientStore, StoreLocked
 from hushchat.transport.relay.config import RelayConfig
 from hushchat.transport.relay.server import serve_relay
@@ -316,3 +323,37 @@ async def test_a_bad_device_list_from_the_relay_does_not_stop_the_client(
         await alice.send_direct("bob", b"second")  # still carries the handshake
         got = await next_matching(bob, MessageReceived)
         assert got.body == b"second"
+
+
+async def test_a_send_refused_for_its_device_list_each_time_is_dropped(
+    tmp_path: Path, relay: Relay, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from hushchat.protocol.client_core import Send
+    from hushchat.transport.client import connection as connection_module
+    from hushchat.transport.wire.errors import DeviceListMismatch
+
+    async def refused(self: Any, *args: Any) -> int:
+        raise DeviceListMismatch("the devices named are not the current ones")
+
+    async def rebuilt_alike(self: Any, connection: Any, send: Send, mismatch: Any) -> list[Send]:
+        return [send]  # as when the lists the relay returned cannot be used yet
+
+    async with client(tmp_path, relay, "bob"):
+        pass
+    async with client(tmp_path, relay, "alice") as alice:
+        # Sessions up, and the connection's first flush of the outbox behind us.
+        await alice.send_direct("bob", b"delivered")
+        monkeypatch.setattr(connection_module.RelayConnection, "send_direct", refused)
+        monkeypatch.setattr(Client, "_rebuild", rebuilt_alike)
+        with pytest.raises(SendDropped):
+            await alice.send_direct("bob", b"never delivered")
+        assert alice.store.outbox() == []  # it holds back no later send
+
+
+def test_a_new_store_needs_a_user_id(tmp_path: Path) -> None:
+    store = ClientStore.open(str(tmp_path / "new.db"))
+    try:
+        with pytest.raises(InvalidArgument):
+            load_or_create_core(store)
+    finally:
+        store.close()

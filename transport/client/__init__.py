@@ -3,7 +3,9 @@
 over them."""
 
 from .client import Client as Client
+from .client import SendDropped as SendDropped
 from .client import open_client as open_client
 from .connection import RelayConnection as RelayConnection
 from .connection import connect_relay as connect_relay
 from .store import ClientStore as ClientStore
+from .store import StoreLocked as StoreLocked

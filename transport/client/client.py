@@ -50,7 +50,7 @@ from hushchat.protocol.consts import (
     SIGNED_PREKEY_ROTATION_AGE,
 )
 from hushchat.protocol.devices import SignedDeviceList
-from hushchat.protocol.errors import ProtocolError, RemoteProtocolError
+from hushchat.protocol.errors import InvalidArgument, RemoteProtocolError
 from hushchat.protocol.fingerprint import SafetyNumber
 from hushchat.protocol.group import GroupState
 from hushchat.protocol.primitives import SYSTEM_RANDOM, RandomSource
@@ -96,6 +96,12 @@ class Disconnected:
 
 
 ClientEvent = core.Event | Connected | Disconnected
+
+
+class SendDropped(TransportError):
+    """A send kept being refused for its recipients' device lists; it left the outbox unsent."""
+
+    code = "SEND_DROPPED"
 
 
 class Client:
@@ -338,7 +344,7 @@ class Client:
                 # user's confirmation, so the list we hold stays old): retrying cannot
                 # help, and a stuck send would block the outbox behind it.
                 await self._commit({}, sent=[row_id])
-                raise TransportError(
+                raise SendDropped(
                     "a send kept being refused for its device list; it was dropped"
                 ) from None
             replacements = await self._rebuild(connection, send, mismatch)
@@ -582,7 +588,7 @@ def load_or_create_core(
     if store.has_state():
         return ClientCore.load(store.records(), rng=rng)
     if user_id is None:
-        raise ProtocolError("a new store needs a user id")
+        raise InvalidArgument("a new store needs a user id")
     return ClientCore.create_primary(
         user_id, device_id, now=int(time.time()) if now is None else now, rng=rng
     )
