@@ -605,7 +605,7 @@ def storage_cases(record: SessionRecord, group_bytes: bytes) -> list[Case]:
     def record_save_floor() -> None:
         f_pack(record_value)
 
-    group = Group.from_pickle(group_bytes)
+    group = Group.from_bytes(group_bytes)
     states = f_decode(group_bytes)[1]
 
     def group_load_floor() -> None:
@@ -622,12 +622,12 @@ def storage_cases(record: SessionRecord, group_bytes: bytes) -> list[Case]:
         SessionRecord.from_bytes(record_bytes)
 
     def load_group() -> None:
-        Group.from_pickle(group_bytes)
+        Group.from_bytes(group_bytes)
 
     return [
         Case("session_record_save", record.to_bytes, record_save_floor, number=200),
         Case("session_record_load", load_record, record_load_floor, number=200),
-        Case("group_state_save", group.to_pickle, group_save_floor, number=20),
+        Case("group_state_save", group.to_bytes, group_save_floor, number=20),
         Case("group_state_load", load_group, group_load_floor, number=20),
     ]
 
@@ -684,7 +684,7 @@ def sizes(pair: _Pair, groups: _GroupBench, group_bytes: bytes, group_size: int)
         "group_text_added": len(group_payload) - len(PLAINTEXT),
         "session_record": len(pair.a.to_bytes()),
         f"group_state_{group_size}": len(group_bytes),
-        f"group_state_{group_size}_held_states": len(Group.from_pickle(group_bytes).states),
+        f"group_state_{group_size}_held_states": len(Group.from_bytes(group_bytes).states),
     }
 
 

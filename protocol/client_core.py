@@ -1168,7 +1168,7 @@ class ClientCore:
             return None if inbound is None else inbound.to_bytes()
         if kind == "group":
             group = self._groups.get(_key_bytes(key[1]))
-            return None if group is None else group.to_pickle()
+            return None if group is None else group.to_bytes()
         if kind == "left_groups":
             return pack([STATE_VERSION, self._left]) if self._left else None
         if kind == "held_controls":
@@ -1235,7 +1235,7 @@ class ClientCore:
             address = Address(_key_str(key[2]), _key_int(key[3]))
             self._inbound[(_key_bytes(key[1]), address)] = SenderKeyRecord.from_bytes(data)
         elif kind == "group":
-            group = Group.from_pickle(data)
+            group = Group.from_bytes(data)
             self._groups[group.group_id] = group
         elif kind == "left_groups":
 

@@ -144,7 +144,7 @@ confirm it. A device that already holds the group applies only a welcome's
 from a welcome: a welcome cannot override a group one holds. Changes made
 after the add reach the joiner as ordinary control messages.
 
-Stored state (``Group.to_pickle``)
+Stored state (``Group.to_bytes``)
 ----------------------------------
 ``pack([STATE_VERSION, [snapshot: bin, ...]])``, oldest state first, each
 the parent of the next.
@@ -1187,11 +1187,11 @@ class Group:
 
     # ---------------------------------------------------------------- storage
 
-    def to_pickle(self) -> bytes:
+    def to_bytes(self) -> bytes:
         return pack([STATE_VERSION, [state.encode() for state in self.states]])
 
     @classmethod
-    def from_pickle(cls, data: bytes) -> Group:
+    def from_bytes(cls, data: bytes) -> Group:
         """Load a stored group; UnknownStateVersion or StateError if it cannot be."""
 
         def read(fields: Fields) -> Group:

@@ -138,12 +138,12 @@ def step(group: Group, user: User, action: Action, device_id: int = 1) -> GroupU
 
 def refused(group: Group, message: ControlMessage, error: type[ProtocolError]) -> None:
     """Applying ``message`` (also after a wire round trip) raises ``error``; state is intact."""
-    before = group.to_pickle()
+    before = group.to_bytes()
     with pytest.raises(error):
         group.apply(message, DIRECTORY)
     with pytest.raises(error):
         group.apply(ControlMessage.decode(message.encode()), DIRECTORY)
-    assert group.to_pickle() == before
+    assert group.to_bytes() == before
 
 
 # ------------------------------------------------------------------ creating and joining
@@ -455,14 +455,14 @@ def test_change_from_a_device_not_in_the_authors_list_is_refused() -> None:
 def test_change_without_author_device_list_is_refused() -> None:
     group, _ = start(BOB)
     message = sign(group, ALICE, DAVE.add())
-    before = group.to_pickle()
+    before = group.to_bytes()
     directory = dict(DIRECTORY)
     del directory[ALICE.user_id]
     with pytest.raises(UnauthorizedChange):
         group.apply(message, directory)
     with pytest.raises(UnauthorizedChange):
         group.apply(message, lambda user_id: DIRECTORY[BOB.user_id])
-    assert group.to_pickle() == before
+    assert group.to_bytes() == before
 
 
 def test_device_list_with_a_substituted_user_identity_is_untrusted() -> None:
@@ -481,10 +481,10 @@ def test_device_list_with_a_substituted_user_identity_is_untrusted() -> None:
         author_device_id=1,
         action=OUTSIDER.add(),
     )
-    before = group.to_pickle()
+    before = group.to_bytes()
     with pytest.raises(UntrustedIdentity):
         group.apply(message, {**DIRECTORY, ALICE.user_id: fake})
-    assert group.to_pickle() == before
+    assert group.to_bytes() == before
     with pytest.raises(UntrustedIdentity):
         member_devices(group.current, {**DIRECTORY, ALICE.user_id: fake})
 
@@ -680,9 +680,9 @@ def build_history() -> tuple[Group, GroupUpdate]:
 
 def test_group_pickle_round_trip() -> None:
     _, update = build_history()
-    data = update.group.to_pickle()
-    assert Group.from_pickle(data) == update.group
-    assert Group.from_pickle(data).to_pickle() == data
+    data = update.group.to_bytes()
+    assert Group.from_bytes(data) == update.group
+    assert Group.from_bytes(data).to_bytes() == data
     assert unpack(data, what="test") == [
         consts.STATE_VERSION,
         [s.encode() for s in update.group.states],
@@ -710,7 +710,7 @@ def _decoded(data: bytes, cache: StateDecodeCache | None) -> GroupState | str:
 def test_states_of_a_pickle_share_their_member_lists() -> None:
     _, update = build_history()
     # The create and the title change have the same members: decoded once.
-    create, titled, added = Group.from_pickle(update.group.to_pickle()).states
+    create, titled, added = Group.from_bytes(update.group.to_bytes()).states
     assert titled.members is create.members
     assert added.members is not create.members
     assert [titled, added] == list(update.group.states[1:])
@@ -762,15 +762,15 @@ def test_pickle_errors() -> None:
     _, update = build_history()
     states = [s.encode() for s in update.group.states]
     with pytest.raises(UnknownStateVersion):
-        Group.from_pickle(pack([consts.STATE_VERSION + 1, states]))
+        Group.from_bytes(pack([consts.STATE_VERSION + 1, states]))
     with pytest.raises(StateError):
-        Group.from_pickle(pack([consts.STATE_VERSION, []]))
+        Group.from_bytes(pack([consts.STATE_VERSION, []]))
     with pytest.raises(StateError):
-        Group.from_pickle(pack([consts.STATE_VERSION, [states[0], states[2]]]))
+        Group.from_bytes(pack([consts.STATE_VERSION, [states[0], states[2]]]))
     with pytest.raises(StateError):
-        Group.from_pickle(pack([consts.STATE_VERSION, [states[0], 5]]))
+        Group.from_bytes(pack([consts.STATE_VERSION, [states[0], 5]]))
     with pytest.raises(StateError):
-        Group.from_pickle(update.group.to_pickle()[:-1])
+        Group.from_bytes(update.group.to_bytes()[:-1])
 
 
 def test_decoders_refuse_bad_fields() -> None:
@@ -858,7 +858,7 @@ _SAMPLES = {
     "control": _SAMPLE.message.encode(),
     "state": _SAMPLE.group.current.encode(),
     "welcome": _SAMPLE.group.welcome(_SAMPLE.message).encode(),
-    "pickle": _SAMPLE.group.to_pickle(),
+    "pickle": _SAMPLE.group.to_bytes(),
 }
 
 
@@ -869,7 +869,7 @@ def decode_any(kind: str, data: bytes) -> object:
         return GroupState.decode(data)
     if kind == "welcome":
         return Welcome.decode(data)
-    return Group.from_pickle(data)
+    return Group.from_bytes(data)
 
 
 @settings(max_examples=200, deadline=None)
@@ -914,10 +914,10 @@ def test_corrupted_encodings_raise_only_protocol_errors(kind: str, data: st.Data
         if isinstance(decoded, ControlMessage):
             # Whatever still decodes never changes a group it does not verify against.
             group = _SAMPLE.group
-            before = group.to_pickle()
+            before = group.to_bytes()
             with contextlib.suppress(ProtocolError):
                 group.apply(decoded, DIRECTORY)
-            assert group.to_pickle() == before
+            assert group.to_bytes() == before
 
 
 # ------------------------------------------------------------------ convergence
@@ -1029,14 +1029,14 @@ class Replicas:
             message = ControlMessage.decode(data)
         if group is None:
             return None
-        before = group.to_pickle()
+        before = group.to_bytes()
         try:
             update = group.apply(message, DIRECTORY, fork_depth=DEEP)
         except StaleChange:
-            assert group.to_pickle() == before
+            assert group.to_bytes() == before
             return None
         except (DuplicateMessage, UnauthorizedChange):
-            assert group.to_pickle() == before
+            assert group.to_bytes() == before
             return False
         if update.discarded:
             event("a replica switched to a better fork")
@@ -1206,10 +1206,10 @@ class GroupConvergence(RuleBasedStateMachine):
             forged = sign(group, outsider, ghost)
         else:
             return
-        before = group.to_pickle()
+        before = group.to_bytes()
         with pytest.raises((BadSignature, UnauthorizedChange)):
             group.apply(ControlMessage.decode(forged.encode()), DIRECTORY, fork_depth=DEEP)
-        assert group.to_pickle() == before
+        assert group.to_bytes() == before
 
     def teardown(self) -> None:
         if self.genesis is None:
