@@ -38,7 +38,6 @@ import time
 from collections.abc import AsyncIterator, Callable, Iterable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Any
 
 import trio
 
@@ -602,15 +601,45 @@ async def open_client(
     *,
     core_: ClientCore | None = None,
     user_id: str | None = None,
-    **options: Any,
+    ssl_context: ssl.SSLContext | None = None,
+    clock: Callable[[], float] = time.time,
+    rng: RandomSource = SYSTEM_RANDOM,
+    request_timeout: float = CLIENT_REQUEST_TIMEOUT,
+    ready_timeout: float = READY_TIMEOUT,
+    event_queue_size: int = EVENT_QUEUE_SIZE,
+    reconnect_first_delay: float = RECONNECT_FIRST_DELAY,
+    reconnect_max_delay: float = RECONNECT_MAX_DELAY,
 ) -> AsyncIterator[Client]:
     """Connect a device and keep it connected for the duration of the block.
 
     The device is ``core_``, else the one in ``store``, else a new user
-    ``user_id``. Returns once connected, registered and authenticated.
+    ``user_id`` (its first device). Returns once connected, registered and
+    authenticated; the block's exit disconnects.
+
+    ``ssl_context`` enables TLS. ``clock`` gives the time in seconds (the
+    protocol's ``now``) and ``rng`` every random draw, from loading or
+    creating the device on. ``request_timeout`` bounds each request to the
+    relay, ``ready_timeout`` how long an operation waits for a connection
+    (then RelayTimeout). ``event_queue_size`` events are buffered for
+    :meth:`Client.events` before the client waits for the app to read.
+    After a dropped connection the client reconnects after
+    ``reconnect_first_delay`` seconds, doubling up to ``reconnect_max_delay``.
     """
-    device = core_ or load_or_create_core(store, user_id=user_id)
-    client = Client(store, device, host, port, **options)
+    device = core_ or load_or_create_core(store, user_id=user_id, now=int(clock()), rng=rng)
+    client = Client(
+        store,
+        device,
+        host,
+        port,
+        ssl_context=ssl_context,
+        clock=clock,
+        rng=rng,
+        request_timeout=request_timeout,
+        ready_timeout=ready_timeout,
+        event_queue_size=event_queue_size,
+        reconnect_first_delay=reconnect_first_delay,
+        reconnect_max_delay=reconnect_max_delay,
+    )
     async with trio.open_nursery() as nursery:
         await nursery.start(client.run)
         try:

@@ -658,12 +658,21 @@ class SqliteStorage:
         self._last: DatabaseCall | None = None  # the close call: the writer's last
 
     @classmethod
-    async def open(cls, path: str, **options: int) -> SqliteStorage:
+    async def open(
+        cls,
+        path: str,
+        *,
+        max_batch: int = DEFAULT_MAX_BATCH,
+        max_queued: int = DEFAULT_MAX_QUEUED,
+    ) -> SqliteStorage:
         """Open (creating if needed) the database at ``path`` (``":memory:"``: a temporary one).
 
-        ``options``: ``max_batch``, ``max_queued`` (see the class).
+        ``max_batch``: calls committed in one transaction at most;
+        ``max_queued``: calls waiting for the writer at most (further callers
+        wait to queue).
         """
-        return cls(await trio.to_thread.run_sync(SqliteDatabase, path), **options)
+        database = await trio.to_thread.run_sync(SqliteDatabase, path)
+        return cls(database, max_batch=max_batch, max_queued=max_queued)
 
     # ---------------------------------------------------------------- the writer
 
