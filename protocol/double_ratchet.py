@@ -172,8 +172,8 @@ class RatchetState:
 
     # Our ratchet key pair, held as the private key object, its 32 bytes, or
     # both: each form (and the public key) is made when first needed. A record
-    # loaded to decrypt on a chain it has, and saved again, never loads the
-    # key into OpenSSL (36 us) nor derives the public key.
+    # loaded to decrypt on a chain it has, and saved again, never pays for
+    # loading the key into OpenSSL or deriving the public key.
 
     def _set_ratchet_key(self, key: X25519PrivateKey | bytes) -> None:
         self._public: bytes | None = None

@@ -70,7 +70,7 @@ class PublicIdentity:
         return f"PublicIdentity({self.ed25519.hex()})"
 
 
-# Conversion costs ~180 us (a square root, an inverse and one X25519);
+# Conversion is costly (a square root, an inverse and one X25519), and
 # identities recur on every message, so keep a small map of recent results
 # (pure: same input, same output).
 _CONVERTED: dict[bytes, bytes] = {}

@@ -689,7 +689,7 @@ class RelaySession:
 
 
 def _guids(count: int) -> Iterator[bytes]:
-    """``count`` random envelope guids from one CSPRNG read (a read costs ~20 µs, a guid not)."""
+    """``count`` random envelope guids from one CSPRNG read: one system call, not one per guid."""
     pool = secrets.token_bytes(GUID_SIZE * count)
     return (pool[i : i + GUID_SIZE] for i in range(0, len(pool), GUID_SIZE))
 

@@ -70,9 +70,10 @@ BUSY_TIMEOUT_MS = 5000
 # shell left open on the file must not hold up a relay's shutdown.
 CLOSE_CHECKPOINT_WAIT_MS = 1000
 
-# Calls committed in one transaction at most. One fsync (~4 ms on a cloud
-# disk) is shared by the whole batch; a batch of this many small calls
-# costs ~10-20 ms of CPU, so larger batches would only add latency.
+# Calls committed in one transaction at most. The whole batch shares one
+# fsync, but every call in it also waits for the others' CPU time; beyond
+# this many, that wait outgrows the fsync saved, so larger batches would
+# only add latency.
 DEFAULT_MAX_BATCH = 512
 
 # Calls queued to the writer at most; callers beyond wait to queue. A busy
