@@ -31,7 +31,8 @@ from hushchat.protocol.prekeys import OneTimePreKeyPublic, SignedPreKeyPublic
 from hushchat.transport.client.connection import RelayConnection
 from hushchat.transport.relay.server import Relay
 from hushchat.transport.relay.storage.interface import EnvelopeBatch, StorageConflict
-from hushchat.transport.relay.storage.sqlite import DatabaseCall, SqliteDatabase, SqliteStorage
+from hushchat.transport.relay.storage.sqlite import SqliteDatabase, SqliteStorage
+from hushchat.transport.relay.storage.writer import DatabaseCall
 from hushchat.transport.wire.auth import sign_auth
 from hushchat.transport.wire.errors import (
     DeviceListMismatch,
@@ -290,7 +291,7 @@ async def test_batches_and_the_queue_are_bounded(tmp_path: Path) -> None:
                 nursery.start_soon(storage.prekey_counts, "bob", 1)
             await trio.to_thread.run_sync(db.waiting.wait)
             await trio.sleep(0.1)
-            assert storage._queue.qsize() + db.held == 5
+            assert storage._writer._queue.qsize() + db.held == 5
             db.gate.set()
         assert sum(db.batches) == 9 and max(db.batches) <= 3
     finally:
@@ -331,7 +332,7 @@ async def test_close_commits_what_is_queued_then_refuses(tmp_path: Path) -> None
             nursery.start_soon(partial(storage.enqueue, send, max_mailbox_size=100))
         await trio.to_thread.run_sync(db.waiting.wait)
         with trio.fail_after(5):
-            while storage._queue.qsize() + db.held < len(sends):
+            while storage._writer._queue.qsize() + db.held < len(sends):
                 await trio.sleep(0.01)
         nursery.start_soon(storage.aclose)
         await trio.sleep(0.05)

@@ -1,4 +1,4 @@
-"""The relay's storage on one SQLite file, with group commit.
+"""The relay's storage on one SQLite file: :class:`SqliteStorage`.
 
 * WAL journal with ``synchronous=FULL``: a transaction is on disk (WAL
   fsynced) when COMMIT returns, so "accepted" survives a crash or power
@@ -7,40 +7,28 @@
 * ``secure_delete=ON`` and a WAL truncation on every purge and on close:
   acknowledged or expired ciphertext is overwritten, not left in free pages
   (a reader of another process can put a truncation off to the next one).
-* Group commit. One writer thread owns the connection, so the event loop
-  never blocks on disk. Every storage call, reads included, is queued to
-  it; the thread takes everything queued (at most ``max_batch`` calls) and
-  runs it as ONE ``BEGIN IMMEDIATE`` transaction, each call inside its own
-  SAVEPOINT (a call that fails, e.g. MailboxFull or a compare-and-set
-  conflict, rolls back alone), then commits once: one fsync for the whole
-  batch. Callers are woken only after that COMMIT returned, so a returned
-  value still means "committed", and every call sees exactly the calls
-  queued before it (queue order is commit order). Calls that arrive while a
-  batch commits go into the next one. At most ``max_queued`` calls wait;
-  further callers wait to queue (backpressure).
+* Group commit (:mod:`.writer`): every call runs in one writer thread, the
+  calls queued together as one transaction with a savepoint each, so a
+  batch shares one fsync and a returned value means "committed".
 * Take-once of prekeys is a single ``DELETE ... RETURNING`` inside the
   transaction, so even several relay processes sharing the file (each
   batch holds the write lock from BEGIN IMMEDIATE to COMMIT) hand out a
   key only once.
 
-Device-list counters are u64 and SQLite integers are i64, so counters are
-stored as 8-byte big-endian blobs (compared only for equality).
+:class:`SqliteDatabase` holds the queries, synchronous; :class:`SqliteStorage`
+is the :class:`~.interface.RelayStorage` that runs them in the writer. The
+tables are in :mod:`.schema`.
 """
 
 from __future__ import annotations
 
-import logging
-import queue
 import sqlite3
-import threading
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import suppress
 from functools import partial
-from typing import Any, TypeVar, cast
+from typing import TypeVar, cast
 
 import trio
 
-from hushchat.protocol.errors import InvalidArgument, UnknownStateVersion
 from hushchat.protocol.prekeys import KemPreKeyPublic, OneTimePreKeyPublic, SignedPreKeyPublic
 
 from ...wire.errors import MailboxFull, PreKeyIdInUse, PreKeyStockFull, UnknownDevice
@@ -52,13 +40,17 @@ from .interface import (
     StoredDeviceList,
     TakenBundle,
 )
+from .schema import PREKEY_TABLES, counter_blob, create_or_check_schema
+from .writer import (
+    DEFAULT_MAX_BATCH,
+    DEFAULT_MAX_QUEUED,
+    DatabaseCall,
+    GroupCommitWriter,
+    run_batch,
+)
 
 T = TypeVar("T")
 S = TypeVar("S")
-
-logger = logging.getLogger("hushchat.relay")
-
-SCHEMA_VERSION = 1
 
 # How long a transaction waits for another process holding the database's
 # write lock (several relays may share the file) before it fails (SQLite
@@ -70,146 +62,9 @@ BUSY_TIMEOUT_MS = 5000
 # shell left open on the file must not hold up a relay's shutdown.
 CLOSE_CHECKPOINT_WAIT_MS = 1000
 
-# Calls committed in one transaction at most. The whole batch shares one
-# fsync, but every call in it also waits for the others' CPU time; beyond
-# this many, that wait outgrows the fsync saved, so larger batches would
-# only add latency.
-DEFAULT_MAX_BATCH = 512
-
-# Calls queued to the writer at most; callers beyond wait to queue. A busy
-# connection has a request, a mailbox read and the deletions of what it
-# acknowledged (at most its window) outstanding, so this is hundreds of busy
-# connections before anyone waits, and it bounds the memory held by queued
-# sends.
-DEFAULT_MAX_QUEUED = 4096
-
 # Rows one statement reads or inserts at most when a send names many devices:
 # SQLite binds at most 32,766 variables per statement (5 per delivery row).
 ROWS_PER_STATEMENT = 1000
-
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS users (
-    user_id TEXT PRIMARY KEY,
-    user_identity BLOB NOT NULL,
-    counter BLOB NOT NULL,
-    signed BLOB NOT NULL
-) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS devices (
-    user_id TEXT NOT NULL,
-    device_id INTEGER NOT NULL,
-    identity BLOB NOT NULL,
-    queued INTEGER NOT NULL DEFAULT 0,
-    PRIMARY KEY (user_id, device_id)
-) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS signed_prekeys (
-    user_id TEXT NOT NULL,
-    device_id INTEGER NOT NULL,
-    key_id INTEGER NOT NULL,
-    public BLOB NOT NULL,
-    signature BLOB NOT NULL,
-    PRIMARY KEY (user_id, device_id)
-) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS last_resort_kem_prekeys (
-    user_id TEXT NOT NULL,
-    device_id INTEGER NOT NULL,
-    key_id INTEGER NOT NULL,
-    public BLOB NOT NULL,
-    signature BLOB NOT NULL,
-    PRIMARY KEY (user_id, device_id)
-) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS one_time_prekeys (
-    user_id TEXT NOT NULL,
-    device_id INTEGER NOT NULL,
-    key_id INTEGER NOT NULL,
-    public BLOB NOT NULL,
-    PRIMARY KEY (user_id, device_id, key_id)
-) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS one_time_kem_prekeys (
-    user_id TEXT NOT NULL,
-    device_id INTEGER NOT NULL,
-    key_id INTEGER NOT NULL,
-    public BLOB NOT NULL,
-    signature BLOB NOT NULL,
-    PRIMARY KEY (user_id, device_id, key_id)
-) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS payloads (
-    id INTEGER PRIMARY KEY,
-    sender_user TEXT NOT NULL,
-    sender_device INTEGER NOT NULL,
-    kind INTEGER NOT NULL,
-    server_ts INTEGER NOT NULL,
-    data BLOB NOT NULL
-);
-CREATE TABLE IF NOT EXISTS deliveries (
-    seq INTEGER PRIMARY KEY AUTOINCREMENT,
-    user_id TEXT NOT NULL,
-    device_id INTEGER NOT NULL,
-    guid BLOB NOT NULL UNIQUE,
-    payload_id INTEGER NOT NULL,
-    expires_at INTEGER NOT NULL
-);
-CREATE INDEX IF NOT EXISTS deliveries_mailbox ON deliveries (user_id, device_id, seq);
-CREATE INDEX IF NOT EXISTS deliveries_expiry ON deliveries (expires_at);
-CREATE INDEX IF NOT EXISTS deliveries_payload ON deliveries (payload_id);
-CREATE TRIGGER IF NOT EXISTS deliveries_counted AFTER INSERT ON deliveries BEGIN
-    UPDATE devices SET queued = queued + 1
-        WHERE user_id = NEW.user_id AND device_id = NEW.device_id;
-END;
-CREATE TRIGGER IF NOT EXISTS deliveries_removed AFTER DELETE ON deliveries BEGIN
-    UPDATE devices SET queued = queued - 1
-        WHERE user_id = OLD.user_id AND device_id = OLD.device_id;
-    DELETE FROM payloads WHERE id = OLD.payload_id
-        AND NOT EXISTS (SELECT 1 FROM deliveries WHERE payload_id = OLD.payload_id);
-END;
-"""
-
-_PREKEY_TABLES = (
-    "signed_prekeys",
-    "last_resort_kem_prekeys",
-    "one_time_prekeys",
-    "one_time_kem_prekeys",
-)
-
-
-def _counter_blob(counter: int) -> bytes:
-    return counter.to_bytes(8, "big")
-
-
-class DatabaseCall:
-    """One storage call for :meth:`SqliteDatabase.run_batch`: what to run, then its outcome.
-
-    ``run`` executes inside the batch's transaction, in a savepoint of its
-    own so that its failure rolls back only its own changes; ``savepoint``
-    False skips that for reads and single-statement writes (SQLite makes a
-    statement atomic by itself). ``after_commit`` runs once the batch
-    committed, outside any transaction (WAL truncation, closing).
-    ``reported``, given the result, runs in the trio thread when a
-    successful call's batch is reported, in the order the calls committed.
-    """
-
-    __slots__ = ("after_commit", "error", "reported", "result", "run", "savepoint", "waiter")
-
-    def __init__(
-        self,
-        run: Callable[[], object],
-        *,
-        savepoint: bool = True,
-        after_commit: Callable[[], None] | None = None,
-        reported: Callable[[Any], None] | None = None,
-    ) -> None:
-        self.run = run
-        self.savepoint = savepoint
-        self.after_commit = after_commit
-        self.reported = reported
-        self.result: object = None
-        self.error: BaseException | None = None
-        self.waiter: trio.lowlevel.Task | None = None  # woken by SqliteStorage when reported
-
-    def outcome(self) -> Any:
-        """The call's result, or raise its error."""
-        if self.error is not None:
-            raise self.error
-        return self.result
 
 
 class SqliteDatabase:
@@ -231,14 +86,7 @@ class SqliteDatabase:
             self._conn.execute("PRAGMA journal_mode=WAL")
             self._conn.execute("PRAGMA synchronous=FULL")
             self._conn.execute("PRAGMA secure_delete=ON")
-            version = self._conn.execute("PRAGMA user_version").fetchone()[0]
-            if version == 0:
-                # IF NOT EXISTS throughout: two relays creating one file at once both succeed.
-                self._conn.executescript(
-                    f"BEGIN IMMEDIATE; {_SCHEMA} PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;"
-                )
-            elif version != SCHEMA_VERSION:
-                raise UnknownStateVersion(f"relay database schema version {version}")
+            create_or_check_schema(self._conn)
         except BaseException:
             self._conn.close()
             raise
@@ -246,47 +94,8 @@ class SqliteDatabase:
     # ---------------------------------------------------------------- transactions
 
     def run_batch(self, calls: Sequence[DatabaseCall]) -> None:
-        """Run ``calls`` in order in one transaction, each atomic on its own; commit once.
-
-        Fills each call's result or error. A call that raises is rolled back
-        to its savepoint and the others go on. If the transaction itself
-        fails (BEGIN, COMMIT, or an error SQLite answers by rolling back
-        everything), every call of the batch gets that error: nothing of
-        the batch was stored. After-commit actions run only after a commit.
-        """
-        db = self._conn
-        try:
-            db.execute("BEGIN IMMEDIATE")
-            for call in calls:
-                self._run_call(call)
-            db.execute("COMMIT")
-        except BaseException as exc:  # the transaction failed: nothing of the batch is stored
-            if db.in_transaction:
-                with suppress(sqlite3.Error):  # already failing; the batch's error is reported
-                    db.execute("ROLLBACK")
-            _fail_all(calls, exc)
-            return
-        for call in calls:
-            if call.after_commit is not None and call.error is None:
-                try:
-                    call.after_commit()
-                except Exception as exc:
-                    call.error = exc
-
-    def _run_call(self, call: DatabaseCall) -> None:
-        db = self._conn
-        if call.savepoint:
-            db.execute("SAVEPOINT call")
-        try:
-            call.result = call.run()
-        except Exception as exc:
-            if not db.in_transaction:
-                raise  # SQLite rolled the whole transaction back (disk full, I/O error)
-            call.error = exc
-            if call.savepoint:
-                db.execute("ROLLBACK TO call")
-        if call.savepoint:
-            db.execute("RELEASE call")
+        """Run ``calls`` as one transaction, each in a savepoint (:func:`.writer.run_batch`)."""
+        run_batch(self._conn, calls)
 
     def _single(
         self,
@@ -412,14 +221,14 @@ class SqliteDatabase:
         db.execute(
             "INSERT OR REPLACE INTO users (user_id, user_identity, counter, signed) "
             "VALUES (?, ?, ?, ?)",
-            (new.user_id, new.user_identity, _counter_blob(new.counter), new.signed),
+            (new.user_id, new.user_identity, counter_blob(new.counter), new.signed),
         )
         return removed
 
     def _wipe_device(self, user_id: str, device_id: int) -> None:
         db, key = self._conn, (user_id, device_id)
         db.execute("DELETE FROM deliveries WHERE user_id = ? AND device_id = ?", key)
-        for table in _PREKEY_TABLES:
+        for table in PREKEY_TABLES:
             db.execute(f"DELETE FROM {table} WHERE user_id = ? AND device_id = ?", key)
         db.execute("DELETE FROM devices WHERE user_id = ? AND device_id = ?", key)
 
@@ -628,16 +437,12 @@ def _marks(rows: int, columns: int) -> str:
     return ", ".join([row] * rows)
 
 
-def _fail_all(calls: Sequence[DatabaseCall], error: BaseException) -> None:
-    for call in calls:
-        call.result, call.error = None, error
-
-
 class SqliteStorage:
     """:class:`~.interface.RelayStorage` on a SQLite file, with group commit.
 
-    A writer thread (started by the first call) owns the database; see the
-    module docstring. Calls are made from one trio run.
+    Every call runs in the :class:`~.writer.GroupCommitWriter`'s thread,
+    which owns the database (see :mod:`.writer` for ``max_batch`` and
+    ``max_queued``). Calls are made from one trio run.
     """
 
     def __init__(
@@ -647,16 +452,8 @@ class SqliteStorage:
         max_batch: int = DEFAULT_MAX_BATCH,
         max_queued: int = DEFAULT_MAX_QUEUED,
     ) -> None:
-        if max_batch < 1 or max_queued < 1:
-            raise InvalidArgument("max_batch and max_queued must be at least 1")
         self._db = database
-        self._max_batch = max_batch
-        self._room = trio.Semaphore(max_queued)
-        self._queue: queue.SimpleQueue[DatabaseCall] = queue.SimpleQueue()
-        self._thread: threading.Thread | None = None
-        self._token: trio.lowlevel.TrioToken | None = None
-        self._closed = False
-        self._last: DatabaseCall | None = None  # the close call: the writer's last
+        self._writer = GroupCommitWriter(database, max_batch=max_batch, max_queued=max_queued)
 
     @classmethod
     async def open(
@@ -675,83 +472,15 @@ class SqliteStorage:
         database = await trio.to_thread.run_sync(SqliteDatabase, path)
         return cls(database, max_batch=max_batch, max_queued=max_queued)
 
-    # ---------------------------------------------------------------- the writer
-
-    async def _call(
-        self,
-        run: Callable[[], T],
-        *,
-        savepoint: bool = True,
-        after_commit: Callable[[], None] | None = None,
-        reported: Callable[[T], None] | None = None,
-    ) -> T:
-        call = DatabaseCall(run, savepoint=savepoint, after_commit=after_commit, reported=reported)
-        await self._submit(call)
-        return cast(T, call.outcome())
-
-    async def _submit(self, call: DatabaseCall, *, closing: bool = False) -> None:
-        """Queue ``call`` and wait until its batch committed (or failed)."""
-        try:
-            self._room.acquire_nowait()  # the common case: no task switch to queue
-        except trio.WouldBlock:
-            await self._room.acquire()
-        # Checked right before queueing: nothing can be queued behind the close call.
-        if self._closed and not closing:
-            self._room.release()
-            raise trio.ClosedResourceError("the relay storage is closed")
-        call.waiter = trio.lowlevel.current_task()
-        if self._thread is None:
-            self._token = trio.lowlevel.current_trio_token()
-            self._thread = threading.Thread(
-                target=self._write, name="hushchat-relay-db", daemon=True
-            )
-            self._thread.start()
-        self._queue.put(call)
-        # Queued means it runs. As a call in a thread (trio.to_thread), it is
-        # not abandoned if the caller is cancelled meanwhile: the caller gets
-        # its outcome, and the cancellation at its next checkpoint, so a
-        # commit is never half-observed.
-        await trio.lowlevel.wait_task_rescheduled(lambda _: trio.lowlevel.Abort.FAILED)
-
-    def _write(self) -> None:
-        """The writer thread: batch whatever is queued, commit, report; until closed."""
-        assert self._token is not None
-        while True:
-            batch = [self._queue.get()]
-            while len(batch) < self._max_batch:
-                try:
-                    batch.append(self._queue.get_nowait())
-                except queue.Empty:
-                    break
-            self._db.run_batch(batch)  # never raises: outcomes are in the calls
-            try:
-                self._token.run_sync_soon(self._report, batch)
-            except trio.RunFinishedError:
-                return
-            if self._last is not None and self._last in batch:
-                return
-
-    def _report(self, batch: list[DatabaseCall]) -> None:
-        """In the trio thread: wake the callers of a committed batch, make room."""
-        for call in batch:
-            if call.reported is not None and call.error is None:
-                try:
-                    call.reported(call.result)
-                except Exception:  # the caller's business; never the other waiters'
-                    logger.exception("storage commit listener failed")
-            assert call.waiter is not None
-            trio.lowlevel.reschedule(call.waiter)
-            self._room.release()
-
     # ---------------------------------------------------------------- RelayStorage
 
     async def device_lists(self, user_ids: Sequence[str]) -> dict[str, StoredDeviceList]:
-        return await self._call(partial(self._db._device_lists, user_ids), savepoint=False)
+        return await self._writer.call(partial(self._db._device_lists, user_ids), savepoint=False)
 
     async def store_device_list(
         self, new: StoredDeviceList, *, previous_counter: int | None
     ) -> tuple[int, ...]:
-        return await self._call(partial(self._db._store_device_list, new, previous_counter))
+        return await self._writer.call(partial(self._db._store_device_list, new, previous_counter))
 
     async def store_prekeys(
         self,
@@ -764,7 +493,7 @@ class SqliteStorage:
         one_time_kem: Sequence[KemPreKeyPublic],
         max_stored: int,
     ) -> PreKeyCounts:
-        return await self._call(
+        return await self._writer.call(
             partial(
                 self._db._store_prekeys,
                 user_id,
@@ -778,10 +507,12 @@ class SqliteStorage:
         )
 
     async def prekey_counts(self, user_id: str, device_id: int) -> PreKeyCounts:
-        return await self._call(partial(self._db._counts, (user_id, device_id)), savepoint=False)
+        return await self._writer.call(
+            partial(self._db._counts, (user_id, device_id)), savepoint=False
+        )
 
     async def take_bundle(self, user_id: str, device_id: int) -> TakenBundle | None:
-        return await self._call(partial(self._db._take_bundle, user_id, device_id))
+        return await self._writer.call(partial(self._db._take_bundle, user_id, device_id))
 
     async def enqueue(
         self,
@@ -790,22 +521,24 @@ class SqliteStorage:
         max_mailbox_size: int,
         committed: Callable[[Sequence[int]], None] | None = None,
     ) -> None:
-        await self._call(partial(self._db._enqueue, batch, max_mailbox_size), reported=committed)
+        await self._writer.call(
+            partial(self._db._enqueue, batch, max_mailbox_size), reported=committed
+        )
 
     async def pending(
         self, user_id: str, device_id: int, *, after_seq: int, limit: int, now: int
     ) -> list[QueuedEnvelope]:
-        return await self._call(
+        return await self._writer.call(
             partial(self._db._pending, user_id, device_id, after_seq, limit, now), savepoint=False
         )
 
     async def acknowledge(self, user_id: str, device_id: int, guids: Sequence[bytes]) -> int:
-        return await self._call(
+        return await self._writer.call(
             partial(self._db._acknowledge, user_id, device_id, guids), savepoint=False
         )
 
     async def purge_expired(self, now: int) -> int:
-        return await self._call(
+        return await self._writer.call(
             partial(self._db._purge_expired, now),
             savepoint=False,
             after_commit=self._db._truncate_wal,
@@ -813,13 +546,4 @@ class SqliteStorage:
 
     async def aclose(self) -> None:
         """Let every queued call commit, truncate the WAL, close the file. Idempotent."""
-        if self._closed:
-            return
-        self._closed = True
-        if self._thread is None:
-            await trio.to_thread.run_sync(self._db.close)
-            return
-        self._last = DatabaseCall(lambda: None, savepoint=False, after_commit=self._db.close)
-        await self._submit(self._last, closing=True)
-        await trio.to_thread.run_sync(self._thread.join)
-        self._last.outcome()
+        await self._writer.aclose(self._db.close)

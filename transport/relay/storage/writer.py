@@ -1,0 +1,245 @@
+"""Group commit: one writer thread runs every storage call, a batch of them per transaction.
+
+One thread owns the database connection, so the event loop never blocks on
+disk. Every storage call, reads included, is queued to it as a
+:class:`DatabaseCall`; the thread takes everything queued (at most
+``max_batch`` calls) and runs it as ONE ``BEGIN IMMEDIATE`` transaction,
+each call inside its own SAVEPOINT (a call that fails, e.g. MailboxFull or
+a compare-and-set conflict, rolls back alone), then commits once: one fsync
+for the whole batch. Callers are woken only after that COMMIT returned, so
+a returned value still means "committed", and every call sees exactly the
+calls queued before it (queue order is commit order). Calls that arrive
+while a batch commits go into the next one. At most ``max_queued`` calls
+wait; further callers wait to queue (backpressure).
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import sqlite3
+import threading
+from collections.abc import Callable, Sequence
+from contextlib import suppress
+from typing import Any, Protocol, TypeVar, cast
+
+import trio
+
+from hushchat.protocol.errors import InvalidArgument
+
+T = TypeVar("T")
+
+logger = logging.getLogger("hushchat.relay")
+
+# Calls committed in one transaction at most. The whole batch shares one
+# fsync, but every call in it also waits for the others' CPU time; beyond
+# this many, that wait outgrows the fsync saved, so larger batches would
+# only add latency.
+DEFAULT_MAX_BATCH = 512
+
+# Calls queued to the writer at most; callers beyond wait to queue. A busy
+# connection has a request, a mailbox read and the deletions of what it
+# acknowledged (at most its window) outstanding, so this is hundreds of busy
+# connections before anyone waits, and it bounds the memory held by queued
+# sends.
+DEFAULT_MAX_QUEUED = 4096
+
+
+class DatabaseCall:
+    """One storage call for :func:`run_batch`: what to run, then its outcome.
+
+    ``run`` executes inside the batch's transaction, in a savepoint of its
+    own so that its failure rolls back only its own changes; ``savepoint``
+    False skips that for reads and single-statement writes (SQLite makes a
+    statement atomic by itself). ``after_commit`` runs once the batch
+    committed, outside any transaction (WAL truncation, closing).
+    ``reported``, given the result, runs in the trio thread when a
+    successful call's batch is reported, in the order the calls committed.
+    """
+
+    __slots__ = ("after_commit", "error", "reported", "result", "run", "savepoint", "waiter")
+
+    def __init__(
+        self,
+        run: Callable[[], object],
+        *,
+        savepoint: bool = True,
+        after_commit: Callable[[], None] | None = None,
+        reported: Callable[[Any], None] | None = None,
+    ) -> None:
+        self.run = run
+        self.savepoint = savepoint
+        self.after_commit = after_commit
+        self.reported = reported
+        self.result: object = None
+        self.error: BaseException | None = None
+        self.waiter: trio.lowlevel.Task | None = None  # woken by the writer when reported
+
+    def outcome(self) -> Any:
+        """The call's result, or raise its error."""
+        if self.error is not None:
+            raise self.error
+        return self.result
+
+
+def run_batch(db: sqlite3.Connection, calls: Sequence[DatabaseCall]) -> None:
+    """Run ``calls`` in order in one transaction, each atomic on its own; commit once.
+
+    Fills each call's result or error. A call that raises is rolled back
+    to its savepoint and the others go on. If the transaction itself
+    fails (BEGIN, COMMIT, or an error SQLite answers by rolling back
+    everything), every call of the batch gets that error: nothing of
+    the batch was stored. After-commit actions run only after a commit.
+    """
+    try:
+        db.execute("BEGIN IMMEDIATE")
+        for call in calls:
+            _run_call(db, call)
+        db.execute("COMMIT")
+    except BaseException as exc:  # the transaction failed: nothing of the batch is stored
+        if db.in_transaction:
+            with suppress(sqlite3.Error):  # already failing; the batch's error is reported
+                db.execute("ROLLBACK")
+        _fail_all(calls, exc)
+        return
+    for call in calls:
+        if call.after_commit is not None and call.error is None:
+            try:
+                call.after_commit()
+            except Exception as exc:
+                call.error = exc
+
+
+def _run_call(db: sqlite3.Connection, call: DatabaseCall) -> None:
+    if call.savepoint:
+        db.execute("SAVEPOINT call")
+    try:
+        call.result = call.run()
+    except Exception as exc:
+        if not db.in_transaction:
+            raise  # SQLite rolled the whole transaction back (disk full, I/O error)
+        call.error = exc
+        if call.savepoint:
+            db.execute("ROLLBACK TO call")
+    if call.savepoint:
+        db.execute("RELEASE call")
+
+
+def _fail_all(calls: Sequence[DatabaseCall], error: BaseException) -> None:
+    for call in calls:
+        call.result, call.error = None, error
+
+
+class BatchRunner(Protocol):
+    """What the writer thread runs each batch on (a database, see :func:`run_batch`)."""
+
+    def run_batch(self, calls: Sequence[DatabaseCall]) -> None:
+        """Run ``calls`` as one transaction; never raises (outcomes are in the calls)."""
+
+
+class GroupCommitWriter:
+    """The writer thread of a database and the queue of calls to it; see the module docstring.
+
+    The thread is started by the first call. Calls are made from one trio run.
+    """
+
+    def __init__(
+        self,
+        database: BatchRunner,
+        *,
+        max_batch: int = DEFAULT_MAX_BATCH,
+        max_queued: int = DEFAULT_MAX_QUEUED,
+    ) -> None:
+        if max_batch < 1 or max_queued < 1:
+            raise InvalidArgument("max_batch and max_queued must be at least 1")
+        self._db = database
+        self._max_batch = max_batch
+        self._room = trio.Semaphore(max_queued)
+        self._queue: queue.SimpleQueue[DatabaseCall] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._token: trio.lowlevel.TrioToken | None = None
+        self._closed = False
+        self._last: DatabaseCall | None = None  # the close call: the writer's last
+
+    async def call(
+        self,
+        run: Callable[[], T],
+        *,
+        savepoint: bool = True,
+        after_commit: Callable[[], None] | None = None,
+        reported: Callable[[T], None] | None = None,
+    ) -> T:
+        """Run ``run`` in the next batch (see :class:`DatabaseCall`); its result once committed."""
+        call = DatabaseCall(run, savepoint=savepoint, after_commit=after_commit, reported=reported)
+        await self._submit(call)
+        return cast(T, call.outcome())
+
+    async def aclose(self, close: Callable[[], None]) -> None:
+        """Let every queued call commit, then run ``close`` (in the writer); idempotent.
+
+        Later calls raise trio.ClosedResourceError.
+        """
+        if self._closed:
+            return
+        self._closed = True
+        if self._thread is None:
+            await trio.to_thread.run_sync(close)
+            return
+        self._last = DatabaseCall(lambda: None, savepoint=False, after_commit=close)
+        await self._submit(self._last, closing=True)
+        await trio.to_thread.run_sync(self._thread.join)
+        self._last.outcome()
+
+    async def _submit(self, call: DatabaseCall, *, closing: bool = False) -> None:
+        """Queue ``call`` and wait until its batch committed (or failed)."""
+        try:
+            self._room.acquire_nowait()  # the common case: no task switch to queue
+        except trio.WouldBlock:
+            await self._room.acquire()
+        # Checked right before queueing: nothing can be queued behind the close call.
+        if self._closed and not closing:
+            self._room.release()
+            raise trio.ClosedResourceError("the relay storage is closed")
+        call.waiter = trio.lowlevel.current_task()
+        if self._thread is None:
+            self._token = trio.lowlevel.current_trio_token()
+            self._thread = threading.Thread(
+                target=self._write, name="hushchat-relay-db", daemon=True
+            )
+            self._thread.start()
+        self._queue.put(call)
+        # Queued means it runs. As a call in a thread (trio.to_thread), it is
+        # not abandoned if the caller is cancelled meanwhile: the caller gets
+        # its outcome, and the cancellation at its next checkpoint, so a
+        # commit is never half-observed.
+        await trio.lowlevel.wait_task_rescheduled(lambda _: trio.lowlevel.Abort.FAILED)
+
+    def _write(self) -> None:
+        """The writer thread: batch whatever is queued, commit, report; until closed."""
+        assert self._token is not None
+        while True:
+            batch = [self._queue.get()]
+            while len(batch) < self._max_batch:
+                try:
+                    batch.append(self._queue.get_nowait())
+                except queue.Empty:
+                    break
+            self._db.run_batch(batch)  # never raises: outcomes are in the calls
+            try:
+                self._token.run_sync_soon(self._report, batch)
+            except trio.RunFinishedError:
+                return
+            if self._last is not None and self._last in batch:
+                return
+
+    def _report(self, batch: list[DatabaseCall]) -> None:
+        """In the trio thread: wake the callers of a committed batch, make room."""
+        for call in batch:
+            if call.reported is not None and call.error is None:
+                try:
+                    call.reported(call.result)
+                except Exception:  # the caller's business; never the other waiters'
+                    logger.exception("storage commit listener failed")
+            assert call.waiter is not None
+            trio.lowlevel.reschedule(call.waiter)
+            self._room.release()
