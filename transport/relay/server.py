@@ -19,7 +19,7 @@ import trio
 
 from hushchat.protocol.errors import StateError
 
-from ..wire.errors import RelayError, Superseded
+from ..wire.errors import RelayError, Superseded, TransportError
 from ..wire.frames import RequestLimits
 from ..wire.records import PreKeyCounts
 from .config import RelayConfig
@@ -38,12 +38,14 @@ DeviceKey = tuple[str, int]
 DIRECTORY_CACHE_SIZE = 10_000
 
 
-class RelayStartError(Exception):
+class RelayStartError(TransportError):
     """The relay could not start: the sentence says what failed and what to do.
 
     Raised by :func:`serve_relay` before it serves anything, with whatever it
     had opened closed again (a database it created stays empty of mail).
     """
+
+    code = "RELAY_START_FAILED"
 
 
 def _listen_error(config: RelayConfig, exc: OSError) -> str:

@@ -11,7 +11,7 @@ protocol's :class:`~hushchat.protocol.errors.ProtocolError`::
     ├── RelayError                 the relay refused a request (an ERROR frame)
     │   └── one class per wire code (BadFrame, RateLimited, MailboxFull, ...)
     └── the client library's and the relay's own (StoreLocked, SendDropped,
-        StorageConflict, defined beside their code)
+        StorageConflict, RelayStartError; each beside the code raising it)
 
 The relay answers a refused request (or ends a connection) with an ERROR
 frame ``[0, request_id | nil, code, message, detail]``. Each code has one
