@@ -97,16 +97,19 @@ class _Party:
         }
 
 
-def _make_party(label: str, user_id: str, kem: str) -> _Party:
+def _make_party(label: str, user_id: str, kem: str | None) -> _Party:
+    """A party whose KEM keys are the pinned ``kem`` ones (others encapsulate to them), or
+    fresh ones (``None``: nobody encapsulates to this party, so nothing needs pinning)."""
     rng = seeded("session/" + label)
-    random = [
-        rng.random_bytes(32),
-        rng.random_bytes(32),
-        PINNED[kem + "_last_resort"].key_seed(),
-        rng.random_bytes(32),
-        PINNED[kem + "_one_time"].key_seed(),
-    ]
-    return _Party(user_id, 1, random, kem)
+    identity, signed_prekey = rng.random_bytes(32), rng.random_bytes(32)
+    if kem is None:
+        last_resort, one_time_kem = rng.random_bytes(64), rng.random_bytes(64)
+    else:
+        last_resort = PINNED[kem + "_last_resort"].key_seed()
+        one_time_kem = PINNED[kem + "_one_time"].key_seed()
+    one_time = rng.random_bytes(32)
+    random = [identity, signed_prekey, last_resort, one_time, one_time_kem]
+    return _Party(user_id, 1, random, kem or "")
 
 
 def _session_json(session: Session) -> Json:
@@ -137,7 +140,10 @@ class _Transcript:
         self.parties = parties
         self.messages: list[tuple[str, str, bytes]] = []  # (sender, recipient, bytes)
         self.steps: list[Json] = []
-        self.rng = {name: Recorder(seeded(f"session/{label}/{name}")) for name in parties}
+        # Operations draw from a source of their own, never the one that made the keys.
+        self.rng = {
+            name: Recorder(seeded(f"session/{label}/{name}/operations")) for name in parties
+        }
 
     def start(self, party: str, peer: str, *, one_time: bool, kem: str, now: int = 0) -> None:
         me, them = self.parties[party], self.parties[peer]
@@ -227,10 +233,25 @@ class _Transcript:
         step["state"] = state_json(self.parties[party], self.parties[sender])
         self.steps.append(step)
 
+    def _check_distinct_draws(self) -> None:
+        """Every draw of the transcript differs from every other one, so a party that used
+        one key in two roles (its signed prekey as its first ratchet key) cannot pass."""
+        draws = [r for party in self.parties.values() for r in party.random]
+        for step in self.steps:
+            draws += [unhex(r) for r in step.get("random", [])]
+            if "encapsulation" in step:
+                draws.append(b"".join(unhex(x) for x in step["encapsulation"]))
+        seen: set[bytes] = set()
+        for draw in draws:
+            if draw in seen:
+                raise AssertionError(f"session/{self.label}: a draw repeats ({h(draw)[:16]}...)")
+            seen.add(draw)
+
     def drop(self, msg_id: int) -> None:
         self.steps.append({"op": "drop", "msg_id": msg_id})
 
     def case(self, comment: str, flags: tuple[str, ...]) -> Json:
+        self._check_distinct_draws()
         errors = [s["error"] for s in self.steps if s.get("result") == "invalid"]
         return case(
             comment,
@@ -327,7 +348,7 @@ def _tests() -> list[Json]:
         {
             "alice": _make_party(label + "/alice", "alice", "alice"),
             "bob": _make_party(label + "/bob", "bob", "bob"),
-            "alice-new": _make_party(label + "/alice-new", "alice", "alice"),
+            "alice-new": _make_party(label + "/alice-new", "alice", None),
         },
     )
     t.start("alice", "bob", one_time=True, kem="one_time")
@@ -353,7 +374,7 @@ def _tests() -> list[Json]:
         {
             "alice": _make_party(label + "/alice", "alice", "alice"),
             "bob": _make_party(label + "/bob", "bob", "bob"),
-            "carol": _make_party(label + "/carol", "carol", "bob"),
+            "carol": _make_party(label + "/carol", "carol", None),
         },
     )
     t.start("alice", "bob", one_time=True, kem="one_time")

@@ -242,3 +242,15 @@ def test_every_vector_file_names_existing_spec_sections() -> None:
             assert vector_file.filename in text, (
                 f"spec/{section} does not name {vector_file.filename}"
             )
+
+
+def test_the_session_generator_refuses_a_repeated_draw() -> None:
+    from hushchat.devtools.testvectors import sessions
+    from hushchat.devtools.testvectors._common import Recorder, seeded
+
+    transcript = sessions._alice_bob("repeat")
+    # Operations drawing from the source that made Alice's keys: her base key is her identity seed.
+    transcript.rng["alice"] = Recorder(seeded("session/repeat/alice"))
+    transcript.start("alice", "bob", one_time=True, kem="one_time")
+    with pytest.raises(AssertionError, match="a draw repeats"):
+        transcript.case("a reused draw", ())
