@@ -279,6 +279,17 @@ class Account:
     def one_time_prekey_count(self) -> int:
         return len(self._one_time)
 
+    @property
+    def signed_prekey_ids(self) -> tuple[int, ...]:
+        """Ids of the signed prekeys held: the current one and replaced ones not yet pruned."""
+        return tuple(sorted(self._signed))
+
+    @property
+    def remembered_base_keys(self) -> tuple[tuple[int, bytes], ...]:
+        """(signed prekey id, base key) of handshakes accepted without a one-time prekey,
+        oldest first."""
+        return tuple(self._seen_base_keys)
+
     # ------------------------------------------------------------ serialization
 
     def to_bytes(self) -> bytes:

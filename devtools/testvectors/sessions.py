@@ -13,11 +13,16 @@ then runs steps against each party's session record for one peer:
   drawing ``random``, trusting a changed identity only if
   ``trust_new_identity``: ``plaintext`` and ``new_session``, or ``error``
   with nothing changed.
+* ``rotate_signed_prekey`` and ``prune``: ``party``'s signed prekey
+  maintenance at ``now`` (spec/02-pqxdh.md section 2.2).
 * ``drop``: never delivered.
 
-After ``start``, ``encrypt`` and ``deliver`` the acting party's record is
-given as ``state``: its current and previous sessions (base key, role,
-whether acknowledged, peer identity) and its count of one-time prekeys.
+Every step but ``drop`` gives the acting party's prekeys as ``state``
+(one-time X25519 prekeys left, signed prekey ids, remembered base keys);
+after ``start``, ``encrypt`` and ``deliver`` also its record for the peer:
+current and previous sessions (base key, role, whether acknowledged, peer
+identity). No two draws of a transcript are equal: the generator refuses one
+that repeats a draw.
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ from functools import partial
 
 from hushchat.protocol import primitives as p
 from hushchat.protocol.account import Account
-from hushchat.protocol.consts import MAX_UNACKNOWLEDGED_SESSION_AGE
+from hushchat.protocol.consts import MAX_UNACKNOWLEDGED_SESSION_AGE, SIGNED_PREKEY_GRACE_PERIOD
 from hushchat.protocol.prekeys import PreKeyBundle
 from hushchat.protocol.session import Session, SessionRecord
 
@@ -57,6 +62,12 @@ NOTES = {
         "A PreKeyMessage from a new identity key: UNTRUSTED_IDENTITY until the app confirms.",
     ),
     "NoSession": note("BASIC", "A RatchetMessage for which no session exists."),
+    "SignedPreKeyRotation": note(
+        "BASIC",
+        "A replaced signed prekey still answers handshakes until the current one is "
+        "SIGNED_PREKEY_GRACE_PERIOD old, not a second longer; pruning it drops the remembered "
+        "base keys of handshakes made with it.",
+    ),
     "StaleUnacknowledged": note(
         "BASIC",
         "An unanswered initiator session older than MAX_UNACKNOWLEDGED_SESSION_AGE is not used "
@@ -121,12 +132,24 @@ def _session_json(session: Session) -> Json:
     }
 
 
+def account_json(party: _Party) -> Json:
+    """The party's prekeys as far as sessions see them."""
+    account = party.account
+    return {
+        "one_time_prekeys": account.one_time_prekey_count,
+        "signed_prekeys": list(account.signed_prekey_ids),
+        "remembered_base_keys": [
+            [key_id, h(base)] for key_id, base in account.remembered_base_keys
+        ],
+    }
+
+
 def state_json(party: _Party, peer: _Party) -> Json:
     record = party.record(peer)
     return {
         "current": None if record.current is None else _session_json(record.current),
         "previous": [_session_json(s) for s in record.previous],
-        "one_time_prekeys": party.account.one_time_prekey_count,
+        **account_json(party),
     }
 
 
@@ -145,14 +168,23 @@ class _Transcript:
             name: Recorder(seeded(f"session/{label}/{name}/operations")) for name in parties
         }
 
-    def start(self, party: str, peer: str, *, one_time: bool, kem: str, now: int = 0) -> None:
+    def start(
+        self, party: str, peer: str, *, one_time: bool, kem: str | None, now: int = 0
+    ) -> None:
+        """``kem``: the peer's KEM prekey to encapsulate to, or None for X3DH."""
         me, them = self.parties[party], self.parties[peer]
-        bundle = them.account.bundle(them.user_id, them.device_id, one_time=one_time)
-        encapsulation = PINNED[f"{them.kem_family}_{kem}"].encapsulation()
+        post_quantum = kem is not None
+        bundle = them.account.bundle(
+            them.user_id, them.device_id, one_time=one_time, post_quantum=post_quantum
+        )
+        encapsulations = [PINNED[f"{them.kem_family}_{kem}"].encapsulation()] if kem else []
         draws = [self.rng[party].random_bytes(32), self.rng[party].random_bytes(32)]
         self.rng[party].take()
         session = me.account.create_outbound_session(
-            bundle, now=now, rng=p.ScriptedRandom(list(draws), [encapsulation])
+            bundle,
+            now=now,
+            post_quantum=post_quantum,
+            rng=p.ScriptedRandom(list(draws), encapsulations),
         )
         me.record(them).install(session)
         self.steps.append(
@@ -163,7 +195,7 @@ class _Transcript:
                 "now": now,
                 "bundle": h(bundle.encode()),
                 "random": [h(d) for d in draws],
-                "encapsulation": [h(encapsulation[0]), h(encapsulation[1])],
+                "encapsulation": [h(x) for x in encapsulations[0]] if encapsulations else None,
                 "state": state_json(me, them),
             }
         )
@@ -239,7 +271,7 @@ class _Transcript:
         draws = [r for party in self.parties.values() for r in party.random]
         for step in self.steps:
             draws += [unhex(r) for r in step.get("random", [])]
-            if "encapsulation" in step:
+            if step.get("encapsulation") is not None:
                 draws.append(b"".join(unhex(x) for x in step["encapsulation"]))
         seen: set[bytes] = set()
         for draw in draws:
@@ -249,6 +281,27 @@ class _Transcript:
 
     def drop(self, msg_id: int) -> None:
         self.steps.append({"op": "drop", "msg_id": msg_id})
+
+    def rotate_signed_prekey(self, party: str, *, now: int) -> None:
+        me = self.parties[party]
+        draw = self.rng[party].random_bytes(32)
+        self.rng[party].take()
+        key_id = me.account.rotate_signed_prekey(now=now, rng=p.ScriptedRandom([draw]))
+        self.steps.append(
+            {
+                "op": "rotate_signed_prekey",
+                "party": party,
+                "now": now,
+                "random": [h(draw)],
+                "key_id": key_id,
+                "state": account_json(me),
+            }
+        )
+
+    def prune(self, party: str, *, now: int) -> None:
+        me = self.parties[party]
+        me.account.prune(now=now)
+        self.steps.append({"op": "prune", "party": party, "now": now, "state": account_json(me)})
 
     def case(self, comment: str, flags: tuple[str, ...]) -> Json:
         self._check_distinct_draws()
@@ -384,6 +437,40 @@ def _tests() -> list[Json]:
     t.deliver(stray, to="carol")
     tests.append(t.case("a RatchetMessage reaches a device with no session", ("NoSession",)))
 
+    label = "rotation"
+    t = _Transcript(
+        label,
+        {
+            "bob": _make_party(label + "/bob", "bob", "bob"),
+            "carol": _make_party(label + "/carol", "carol", None),
+            "dave": _make_party(label + "/dave", "dave", None),
+            "erin": _make_party(label + "/erin", "erin", None),
+            "frank": _make_party(label + "/frank", "frank", None),
+        },
+    )
+    # Carol, Dave and Erin fetch bundles (signed prekey 1, no one-time prekey) before Bob
+    # rotates; their first messages arrive before, at the end of and after the grace period.
+    # X3DH (PQXDH not required): each handshake would otherwise take the same pinned encapsulation.
+    for name in ("carol", "dave", "erin"):
+        t.start(name, "bob", one_time=False, kem=None)
+    c0, d0, e0 = (t.encrypt(name, "bob") for name in ("carol", "dave", "erin"))
+    t.deliver(c0, now=10)
+    rotated = 100
+    t.rotate_signed_prekey("bob", now=rotated)
+    t.start("frank", "bob", one_time=False, kem=None, now=rotated)
+    t.deliver(t.encrypt("frank", "bob", now=rotated), now=rotated)
+    t.prune("bob", now=rotated + SIGNED_PREKEY_GRACE_PERIOD)
+    t.deliver(d0, now=rotated + SIGNED_PREKEY_GRACE_PERIOD)
+    t.prune("bob", now=rotated + SIGNED_PREKEY_GRACE_PERIOD + 1)
+    t.deliver(e0, now=rotated + SIGNED_PREKEY_GRACE_PERIOD + 1)
+    tests.append(
+        t.case(
+            "a replaced signed prekey answers until the grace period ends; pruned, it takes "
+            "the base keys remembered with it, and a late handshake with it is refused",
+            ("SignedPreKeyRotation",),
+        )
+    )
+
     t = _alice_bob("stale")
     t.start("alice", "bob", one_time=True, kem="one_time")
     t.encrypt("alice", "bob", now=MAX_UNACKNOWLEDGED_SESSION_AGE)
@@ -430,13 +517,22 @@ def verify_test(group: Json, test: Json) -> list[str]:
         op = step["op"]
         if op == "drop":
             continue
+        if op in ("rotate_signed_prekey", "prune"):
+            _verify_maintenance(c, where, parties[step["party"]], step)
+            continue
         party, peer = parties[step["party"]], parties[step["peer"]]
         record = party.record(peer)
         if op == "start":
-            ss, ct = (unhex(x) for x in step["encapsulation"])
-            rng = p.ScriptedRandom([unhex(r) for r in step["random"]], [(ss, ct)])
+            encapsulation = step["encapsulation"]
+            encapsulations = []
+            if encapsulation is not None:
+                encapsulations.append((unhex(encapsulation[0]), unhex(encapsulation[1])))
+            rng = p.ScriptedRandom([unhex(r) for r in step["random"]], encapsulations)
             bundle = PreKeyBundle.decode(unhex(step["bundle"]))
-            record.install(party.account.create_outbound_session(bundle, now=step["now"], rng=rng))
+            session = party.account.create_outbound_session(
+                bundle, now=step["now"], post_quantum=encapsulation is not None, rng=rng
+            )
+            record.install(session)
         elif op == "encrypt":
             encrypt = partial(record.encrypt, unhex(step["plaintext"]), now=step["now"])
             sent = c.outcome(where, step, encrypt)
@@ -465,3 +561,14 @@ def verify_test(group: Json, test: Json) -> list[str]:
             continue
         c.equal(f"{where} state", step["state"], state_json(party, peer))
     return c.failures
+
+
+def _verify_maintenance(c: Checker, where: str, party: _Party, step: Json) -> None:
+    if step["op"] == "rotate_signed_prekey":
+        rng = p.ScriptedRandom([unhex(r) for r in step["random"]])
+        key_id = party.account.rotate_signed_prekey(now=step["now"], rng=rng)
+        c.equal(f"{where} key_id", step["key_id"], key_id)
+        c.equal(f"{where} randomness drawn", step["random"], [h(u) for u in rng.used])
+    else:
+        party.account.prune(now=step["now"])
+    c.equal(f"{where} state", step["state"], account_json(party))
