@@ -45,6 +45,21 @@ def opt_unhex(text: str | None) -> bytes | None:
     return None if text is None else bytes.fromhex(text)
 
 
+def large(prefix: bytes, length: int) -> Json:
+    """A byte string too large to list: ``prefix`` then zero bytes up to ``length`` bytes."""
+    if len(prefix) > length:
+        raise AssertionError("the prefix is longer than the whole")
+    return {"prefix": h(prefix), "length": length}
+
+
+def unhex_any(value: str | Json) -> bytes:
+    """Hex, or a :func:`large` byte string."""
+    if isinstance(value, str):
+        return unhex(value)
+    prefix = unhex(value["prefix"])
+    return prefix + bytes(value["length"] - len(prefix))
+
+
 # A point of order 8 on edwards25519 (its canonical encoding).
 ORDER_8_EDWARDS = "c7176a703d4dd84fba3c0b760d10670f2a2053fa2c39ccc64ec7fd7792ac037a"
 

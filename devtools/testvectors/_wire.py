@@ -13,8 +13,19 @@ from hushchat.protocol.errors import ProtocolError
 
 from ._common import Json
 
-# (comment, flag, input bytes)
-Defect = tuple[str, str, bytes]
+# (comment, flag, input bytes), or with a fourth element: the error the input
+# must give (the generator refuses to write it otherwise). Inputs with two
+# defects (flag CheckOrder) state the error, so the order of checks the
+# spec describes is the order the decoder follows.
+Defect = tuple[str, str, bytes] | tuple[str, str, bytes, str]
+
+
+def defect_parts(defect: Defect) -> tuple[str, str, bytes, str | None]:
+    """(comment, flag, input, the error it states it must give or None)."""
+    if len(defect) == 4:
+        return defect
+    comment, flag, data = defect
+    return comment, flag, data, None
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,7 +65,7 @@ def generic_defects(structure: Structure, sample: bytes) -> list[Defect]:
     fields, suffix = split(sample, structure.signed_suffix)
     items = [pack(f) for f in fields]
     first_bin = fields[structure.bin_index]
-    defects = [
+    defects: list[Defect] = [
         ("empty input", "Empty", b""),
         ("last byte missing", "Truncated", sample[:-1]),
         ("a zero byte after the value", "TrailingBytes", sample + b"\x00"),
@@ -88,11 +99,9 @@ def generic_defects(structure: Structure, sample: bytes) -> list[Defect]:
         ),
         ("a map instead of the array", "Map", pack({"a": 1}) + suffix),
         (
-            f"last field nested {MAX_NESTING_DEPTH + 1} arrays deep",
+            f"last field nested so that a nil is at depth {MAX_NESTING_DEPTH + 1}",
             "TooDeep",
-            with_field(
-                fields, len(fields) - 1, b"\x91" * (MAX_NESTING_DEPTH + 1) + b"\xc0", suffix
-            ),
+            with_field(fields, len(fields) - 1, b"\x91" * MAX_NESTING_DEPTH + b"\xc0", suffix),
         ),
     ]
     if structure.fixed_bin:
@@ -123,6 +132,18 @@ def generic_defects(structure: Structure, sample: bytes) -> list[Defect]:
 def replace(sample: bytes, structure: Structure, index: int, value: Any) -> bytes:
     fields, suffix = split(sample, structure.signed_suffix)
     fields[index] = value
+    return pack(fields) + suffix
+
+
+def replace_all(
+    sample: bytes, structure: Structure, changes: dict[int, Any], *, extra: bool = False
+) -> bytes:
+    """``sample`` with several fields replaced and, if ``extra``, a nil field appended."""
+    fields, suffix = split(sample, structure.signed_suffix)
+    for index, value in changes.items():
+        fields[index] = value
+    if extra:
+        fields.append(None)
     return pack(fields) + suffix
 
 

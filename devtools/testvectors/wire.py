@@ -3,7 +3,11 @@
 One test group per structure (``structure`` names it, as in
 spec/06-wire-format.md). A valid test gives the input and its decoded fields
 (``decoded``); re-encoding them must give the input back. An invalid test
-gives an input with one defect and the error the decoder must raise. Only
+gives an input with one defect and the error the decoder must raise, or,
+flagged CheckOrder, two defects: the spec's order of checks says which
+error wins, and the generator refuses to write the test if the decoder
+disagrees. The group ``Value`` runs the structure-free steps (size, parse,
+depth, canonicality) at their limits. Only
 the decoding is tested here: signatures and keys in use are the business of
 the other files (a SignedDeviceList's signature is checked by its decoder,
 so its samples are validly signed).
@@ -15,12 +19,14 @@ from typing import Any
 
 from hushchat.protocol.consts import (
     DEVICE_LIST_SIGNATURE_CONTEXT,
+    MAX_MESSAGE_SIZE,
     MAX_NESTING_DEPTH,
     PROTOCOL_VERSION,
 )
 from hushchat.protocol.devices import DeviceEntry, DeviceList, SignedDeviceList
 from hushchat.protocol.double_ratchet import Header
 from hushchat.protocol.encoding import pack, unpack
+from hushchat.protocol.errors import ProtocolError
 from hushchat.protocol.group_cipher import OutboundSenderKey
 from hushchat.protocol.keys import IdentityKeyPair
 from hushchat.protocol.messages import PreKeyMessage, RatchetMessage, decode_message
@@ -28,8 +34,29 @@ from hushchat.protocol.prekeys import PreKeyBundle
 from hushchat.protocol.sender_keys import SenderKeyDistributionMessage, SenderKeyMessage
 
 from . import handshake, wire_group
-from ._common import Checker, Json, case, h, note, opt_h, seeded, unhex, vector_file
-from ._wire import Defect, Structure, error_of, generic_defects, replace, split
+from ._common import (
+    Checker,
+    Json,
+    case,
+    h,
+    large,
+    note,
+    opt_h,
+    seeded,
+    unhex,
+    unhex_any,
+    vector_file,
+)
+from ._wire import (
+    Defect,
+    Structure,
+    defect_parts,
+    error_of,
+    generic_defects,
+    replace,
+    replace_all,
+    split,
+)
 
 NAME = "wire"
 SMALL_ORDER_EDWARDS = unhex("0100000000000000000000000000000000000000000000000000000000000000")
@@ -66,6 +93,15 @@ NOTES = {
         "BASIC", "A ciphertext length that is not a positive multiple of 16."
     ),
     "Order": note("CAN_OF_WORMS", "Entries out of their required order (a second encoding)."),
+    "AtLimit": note(
+        "EDGE_CASE", "A size, count or depth exactly at its limit (valid; one more is not)."
+    ),
+    "TooLarge": note("DOS", "One byte more than MAX_MESSAGE_SIZE."),
+    "CheckOrder": note(
+        "EDGE_CASE",
+        "Two defects: the check that comes first (spec/00-conventions.md section 0.2, then the "
+        "field order of spec/06-wire-format.md) decides the error; the comment says which.",
+    ),
 }
 
 
@@ -300,6 +336,18 @@ def _specific_defects(name: str, sample: bytes) -> list[Defect]:
         fields = unpack(sample, what="test")
         spk = list(fields[4])
         spk[1] = NON_CANONICAL_U
+        without_kem: list[Defect] = []
+        if fields[6] is None:
+            without_kem = [
+                ("no KEM prekey but last resort", "Inconsistent", replace(sample, s, 7, True)),
+                (
+                    "identity of small order and last resort without a KEM prekey: fields "
+                    "are checked before the rules between them (INVALID_KEY)",
+                    "CheckOrder",
+                    replace_all(sample, s, {3: SMALL_ORDER_EDWARDS, 7: True}),
+                    "INVALID_KEY",
+                ),
+            ]
         return [
             version,
             ("identity of small order", "InvalidKey", replace(sample, s, 3, SMALL_ORDER_EDWARDS)),
@@ -307,10 +355,19 @@ def _specific_defects(name: str, sample: bytes) -> list[Defect]:
             ("device id 2^32", "IntegerTooLarge", replace(sample, s, 2, 2**32)),
             ("user id of 65 bytes", "WrongSize", replace(sample, s, 1, "u" * 65)),
             ("empty user id", "WrongSize", replace(sample, s, 1, "")),
-            *(
-                [("no KEM prekey but last resort", "Inconsistent", replace(sample, s, 7, True))]
-                if fields[6] is None
-                else []
+            *without_kem,
+            (
+                "empty user id and identity of small order: field 1 is checked before "
+                "field 3 (MALFORMED)",
+                "CheckOrder",
+                replace_all(sample, s, {1: "", 3: SMALL_ORDER_EDWARDS}),
+                "MALFORMED",
+            ),
+            (
+                "version 2 and one extra field: the element count is checked first (MALFORMED)",
+                "CheckOrder",
+                replace_all(sample, s, {0: PROTOCOL_VERSION + 1}, extra=True),
+                "MALFORMED",
             ),
         ]
     if name == "Message":
@@ -329,12 +386,44 @@ def _specific_defects(name: str, sample: bytes) -> list[Defect]:
                 replace(sample, s, 6, None) if fields[5] is not None else replace(sample, s, 5, 5),
             ),
             ("signed prekey id 2^32", "IntegerTooLarge", replace(sample, s, 3, 2**32)),
+            (
+                "identity of small order and signed prekey id 2^32: field 1 is checked before "
+                "field 3 (INVALID_KEY)",
+                "CheckOrder",
+                replace_all(sample, s, {1: SMALL_ORDER_EDWARDS, 3: 2**32}),
+                "INVALID_KEY",
+            ),
+            (
+                "base key u = p and a KEM prekey id without ciphertext: field 2 is checked "
+                "before the rule between fields 5 and 6 (INVALID_KEY)",
+                "CheckOrder",
+                replace_all(
+                    sample,
+                    s,
+                    {2: NON_CANONICAL_U, 5: 5, 6: None}
+                    if fields[5] is None
+                    else {2: NON_CANONICAL_U, 6: None},
+                ),
+                "INVALID_KEY",
+            ),
         ]
     if name == "RatchetHeader":
         return [
             version,
             ("ratchet key u = p", "InvalidKey", replace(sample, s, 1, NON_CANONICAL_U)),
             ("N = 2^32", "IntegerTooLarge", replace(sample, s, 3, 2**32)),
+            (
+                "version 2 and ratchet key u = p: the version is checked first (UNKNOWN_VERSION)",
+                "CheckOrder",
+                replace_all(sample, s, {0: PROTOCOL_VERSION + 1, 1: NON_CANONICAL_U}),
+                "UNKNOWN_VERSION",
+            ),
+            (
+                "ratchet key u = p and N = 2^32: field 1 is checked before field 3 (INVALID_KEY)",
+                "CheckOrder",
+                replace_all(sample, s, {1: NON_CANONICAL_U, 3: 2**32}),
+                "INVALID_KEY",
+            ),
         ]
     if name == "SignedDeviceList":
         return _device_list_defects(sample)
@@ -347,6 +436,20 @@ def _specific_defects(name: str, sample: bytes) -> list[Defect]:
                 replace(sample, s, 5, SMALL_ORDER_EDWARDS),
             ),
             ("chain id 2^32", "IntegerTooLarge", replace(sample, s, 2, 2**32)),
+            (
+                "version 2 and one extra field: the version is read before the element count "
+                "(UNKNOWN_VERSION)",
+                "CheckOrder",
+                replace_all(sample, s, {0: PROTOCOL_VERSION + 1}, extra=True),
+                "UNKNOWN_VERSION",
+            ),
+            (
+                "signing key of small order and one extra field: the element count is checked "
+                "before the key (MALFORMED)",
+                "CheckOrder",
+                replace_all(sample, s, {5: SMALL_ORDER_EDWARDS}, extra=True),
+                "MALFORMED",
+            ),
         ]
     if name == "SenderKeyMessage":
         fields, signature = split(sample, True)
@@ -360,6 +463,13 @@ def _specific_defects(name: str, sample: bytes) -> list[Defect]:
             ("ciphertext of 15 bytes", "BadCiphertextLength", replace(sample, s, 4, bytes(15))),
             ("ciphertext empty", "BadCiphertextLength", replace(sample, s, 4, b"")),
             ("only a signature", "TooShort", signature),
+            (
+                "version 2 and one extra field: the version is read before the element count "
+                "(UNKNOWN_VERSION)",
+                "CheckOrder",
+                replace_all(sample, s, {0: PROTOCOL_VERSION + 1}, extra=True),
+                "UNKNOWN_VERSION",
+            ),
         ]
     return wire_group.specific_defects(name, sample)
 
@@ -391,7 +501,61 @@ def _device_list_defects(sample: bytes) -> list[Defect]:
             "InvalidKey",
             variant(4, [[devices[0][0], SMALL_ORDER_EDWARDS]]),
         ),
+        (
+            "signature of 63 bytes and body version 2: the outer array, the signature's size "
+            "included, is read before the body is decoded (MALFORMED)",
+            "CheckOrder",
+            pack([pack([PROTOCOL_VERSION + 1, *body[1:]]), bytes(63)]),
+            "MALFORMED",
+        ),
+        (
+            "body version 2 and a signature that does not verify: the body is decoded before "
+            "the signature is verified (UNKNOWN_VERSION)",
+            "CheckOrder",
+            _flip_signature(variant(0, PROTOCOL_VERSION + 1)),
+            "UNKNOWN_VERSION",
+        ),
+        (
+            "devices in decreasing id order and a signature that does not verify: the body's "
+            "rules come before the signature (MALFORMED)",
+            "CheckOrder",
+            _flip_signature(variant(4, list(reversed(devices)))),
+            "MALFORMED",
+        ),
+        (
+            "body with one extra field and version 2: the body's element count is checked "
+            "first (MALFORMED)",
+            "CheckOrder",
+            signed([PROTOCOL_VERSION + 1, *body[1:], None]),
+            "MALFORMED",
+        ),
+        (
+            "empty user id and user identity of small order: field 1 is checked before field 2 "
+            "(MALFORMED)",
+            "CheckOrder",
+            signed([body[0], "", SMALL_ORDER_EDWARDS, *body[3:]]),
+            "MALFORMED",
+        ),
+        (
+            "user identity of small order and a counter that is a bool: field 2 is checked "
+            "before field 3 (INVALID_KEY)",
+            "CheckOrder",
+            signed([*body[:2], SMALL_ORDER_EDWARDS, True, body[4]]),
+            "INVALID_KEY",
+        ),
+        (
+            "device identity of small order and devices in decreasing id order: every entry "
+            "is checked before the order of the entries (INVALID_KEY)",
+            "CheckOrder",
+            variant(4, [devices[1], [devices[0][0], SMALL_ORDER_EDWARDS]]),
+            "INVALID_KEY",
+        ),
     ]
+
+
+def _flip_signature(signed_list: bytes) -> bytes:
+    body, signature = unpack(signed_list, what="test")
+    return pack([body, signature[:-1] + bytes([signature[-1] ^ 1])])
 
 
 def _group(name: str, samples: list[tuple[str, bytes]]) -> Json:
@@ -404,15 +568,116 @@ def _group(name: str, samples: list[tuple[str, bytes]]) -> Json:
     for _, data in samples:
         defects += _specific_defects(name, data)
     seen: set[str] = set()
-    for comment, flag, data in defects:
+    for defect in defects:
+        comment, flag, data, expected = defect_parts(defect)
         if comment in seen:  # samples of one structure share their specific defects
             continue
         seen.add(comment)
         error = error_of(structure, data)
         if error is None:
             raise AssertionError(f"{name}: {comment}: the decoder accepted it")
+        if expected is not None and error != expected:
+            raise AssertionError(f"{name}: {comment}: {error}, not {expected}")
         tests.append(case(comment, result="invalid", error=error, flags=(flag,), input=h(data)))
     return {"type": "Decode", "structure": name, "tests": tests}
+
+
+# ------------------------------------------------------------------ steps 1 to 4 alone
+
+
+def _value_tests() -> list[Json]:
+    """Spec 00 section 0.2 steps 1 to 4 on their own: size, parse, depth, canonicality."""
+    depth = MAX_NESTING_DEPTH
+    non_canonical_one = b"\xcc\x01"
+
+    def filled(head: bytes, length: int) -> bytes:
+        # ``head`` ends with a bin 32 header; the length makes the value span the whole input.
+        size = length - len(head) - 5
+        return head + b"\xc6" + size.to_bytes(4, "big") + bytes(size)
+
+    cases: list[Defect] = [
+        (
+            "a nil inside 32 arrays: depth 32, the deepest allowed",
+            "AtLimit",
+            b"\x91" * depth + b"\xc0",
+        ),
+        (
+            "a nil inside 33 arrays: depth 33",
+            "TooDeep",
+            b"\x91" * (depth + 1) + b"\xc0",
+            "MALFORMED",
+        ),
+        (
+            "a nil at depth 32 beside a non-canonical integer: the depth is allowed, "
+            "canonicality decides (NON_CANONICAL)",
+            "CheckOrder",
+            b"\x92" + b"\x91" * (depth - 1) + b"\xc0" + non_canonical_one,
+            "NON_CANONICAL",
+        ),
+        (
+            "a nil at depth 33 beside a non-canonical integer: the depth is checked before "
+            "canonicality (MALFORMED)",
+            "CheckOrder",
+            b"\x92" + b"\x91" * depth + b"\xc0" + non_canonical_one,
+            "MALFORMED",
+        ),
+        (
+            "a non-canonical integer followed by a byte: the input is parsed whole before "
+            "canonicality is checked (MALFORMED)",
+            "CheckOrder",
+            non_canonical_one + b"\x00",
+            "MALFORMED",
+        ),
+        (
+            f"a byte string of exactly MAX_MESSAGE_SIZE ({MAX_MESSAGE_SIZE}) bytes in all",
+            "AtLimit",
+            filled(b"", MAX_MESSAGE_SIZE),
+        ),
+        (
+            "a byte string of MAX_MESSAGE_SIZE + 1 bytes in all",
+            "TooLarge",
+            filled(b"", MAX_MESSAGE_SIZE + 1),
+            "MALFORMED",
+        ),
+        (
+            "MAX_MESSAGE_SIZE bytes, an array 16 holding one byte string: the size is allowed, "
+            "canonicality decides (NON_CANONICAL)",
+            "CheckOrder",
+            filled(b"\xdc\x00\x01", MAX_MESSAGE_SIZE),
+            "NON_CANONICAL",
+        ),
+        (
+            "MAX_MESSAGE_SIZE + 1 bytes, an array 16 holding one byte string: the size is "
+            "checked first (MALFORMED)",
+            "CheckOrder",
+            filled(b"\xdc\x00\x01", MAX_MESSAGE_SIZE + 1),
+            "MALFORMED",
+        ),
+    ]
+    tests = []
+    for defect in cases:
+        comment, flag, data, expected = defect_parts(defect)
+        error = _value_error(data)
+        if error != expected:
+            raise AssertionError(f"Value: {comment}: {error}")
+        # Inputs too large to list are a prefix and a length (vectors/README.md).
+        shown: Json | str = h(data)
+        if len(data) > 1024:
+            shown = large(data[: len(data.rstrip(b"\x00"))], len(data))
+        fields: Json = {"input": shown}
+        if error is None:
+            tests.append(case(comment, flags=(flag,), **fields))
+        else:
+            tests.append(case(comment, result="invalid", error=error, flags=(flag,), **fields))
+    return tests
+
+
+def _value_error(data: bytes) -> str | None:
+    try:
+        unpack(data, what="value")
+    except ProtocolError as exc:
+        return exc.code
+    return None
 
 
 def generate() -> Json:
@@ -430,6 +695,7 @@ def generate() -> Json:
         _group("SenderKeyDistributionMessage", skdms),
         _group("SenderKeyMessage", skms),
         *(_group(name, samples) for name, samples in wire_group.samples().items()),
+        {"type": "Decode", "structure": "Value", "tests": _value_tests()},
     ]
     return vector_file(
         NAME,
@@ -445,6 +711,12 @@ def generate() -> Json:
 
 def verify_test(group: Json, test: Json) -> list[str]:
     c = Checker()
+    if group["structure"] == "Value":
+        data = unhex_any(test["input"])
+        value = c.outcome("decode", test, lambda: unpack(data, what="value"))
+        if value is not None:
+            c.equal("re-encoded", h(data), h(pack(value)))
+        return c.failures
     structure = STRUCTURES.get(group["structure"])
     if structure is None:
         return [f"unknown structure {group['structure']}"]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from hushchat.protocol.consts import PROTOCOL_VERSION
+from hushchat.protocol.consts import MAX_GROUP_FORK_DEPTH, PROTOCOL_VERSION
 from hushchat.protocol.content import (
     GroupControl,
     GroupSync,
@@ -17,11 +17,19 @@ from hushchat.protocol.content import (
     decode_content,
 )
 from hushchat.protocol.encoding import pack, unpack
-from hushchat.protocol.group import ControlMessage, GroupState, Welcome
+from hushchat.protocol.group import (
+    Action,
+    ControlMessage,
+    GroupState,
+    RemoveMember,
+    SetAdmin,
+    Welcome,
+)
+from hushchat.protocol.keys import IdentityKeyPair
 
 from . import group as group_vectors
 from ._common import Json, h, seeded, unhex
-from ._wire import Defect, Structure, replace
+from ._wire import Defect, Structure, replace, replace_all
 
 SMALL_ORDER_EDWARDS = unhex("0100000000000000000000000000000000000000000000000000000000000000")
 
@@ -172,6 +180,21 @@ def _welcome_and_parts() -> tuple[bytes, bytes, bytes]:
     return welcome.encode(), add.encode(), welcome.history[-1].encode()
 
 
+def _signed_control(add: bytes, action: Action) -> bytes:
+    """A control message with the header of the sample add and another action, signed."""
+    m = ControlMessage.decode(add)
+    device = IdentityKeyPair(seeded("wire/control").random_bytes(32))
+    return ControlMessage.sign(
+        device,
+        group_id=m.group_id,
+        parent_epoch=m.parent_epoch,
+        parent_hash=m.parent_hash,
+        author_user_id=m.author_user_id,
+        author_device_id=m.author_device_id,
+        action=action,
+    ).encode()
+
+
 def samples() -> dict[str, list[tuple[str, bytes]]]:
     """Valid encodings of each structure, by name."""
     rng = seeded("wire/content")
@@ -190,9 +213,31 @@ def samples() -> dict[str, list[tuple[str, bytes]]]:
             ("SentCopy to a group", SentCopy(None, group_id, message_id, 5, b"hi").encode()),
             ("SyncRequest", SyncRequest().encode()),
             ("GroupSync of one state", GroupSync((snapshot,)).encode()),
+            (
+                f"GroupSync of {MAX_GROUP_FORK_DEPTH + 1} states, the most it may hold",
+                GroupSync((snapshot,) * (MAX_GROUP_FORK_DEPTH + 1)).encode(),
+            ),
+            (
+                "Text whose body is not UTF-8: the body is opaque bytes",
+                Text(message_id, 1_700_000_000, b"\xff\xfe\x00hi").encode(),
+            ),
+            (
+                "SentCopy to the empty user id: the decoder sets no minimum",
+                SentCopy("", None, message_id, 5, b"hi").encode(),
+            ),
         ],
         "GroupText": [("group text", GroupText(message_id, 1_700_000_000, b"hi all").encode())],
-        "ControlMessage": [("add_member", control)],
+        "ControlMessage": [
+            ("add_member", control),
+            (
+                "remove_member of a one-byte user id, the shortest",
+                _signed_control(control, RemoveMember("d")),
+            ),
+            (
+                "set_admin of a one-byte user id, the shortest",
+                _signed_control(control, SetAdmin("d", True)),
+            ),
+        ],
         "GroupSnapshot": [("the parent of an add", snapshot)],
         "Welcome": [("welcome for an add", welcome)],
     }
@@ -205,10 +250,23 @@ def specific_defects(name: str, sample: bytes) -> list[Defect]:
     s = STRUCTURES[name]
     fields = unpack(sample, what="test")
     if name == "Content":
-        if fields[0] == 5:
-            return [("SentCopy to_kind 3", "UnknownType", replace(sample, s, 1, 3))]
+        if fields[0] == 5 and fields[1] == 1:
+            return [
+                ("SentCopy to_kind 3", "UnknownType", replace(sample, s, 1, 3)),
+                ("SentCopy to a user id of 65 bytes", "WrongSize", replace(sample, s, 2, "u" * 65)),
+            ]
         if fields[0] == 1:
             return [("content type 8", "UnknownType", replace(sample, s, 0, 8))]
+        if fields[0] == 7:
+            state = fields[1][0]
+            return [
+                ("GroupSync of no state", "WrongSize", replace(sample, s, 1, [])),
+                (
+                    f"GroupSync of {MAX_GROUP_FORK_DEPTH + 2} states",
+                    "WrongSize",
+                    replace(sample, s, 1, [state] * (MAX_GROUP_FORK_DEPTH + 2)),
+                ),
+            ]
         return []
     if name == "GroupText":
         return [("sent_at is true", "WrongType", replace(sample, s, 1, True))]
@@ -228,9 +286,33 @@ def specific_defects(name: str, sample: bytes) -> list[Defect]:
                 replace(sample, s, 6, [[members[0][0], SMALL_ORDER_EDWARDS, True]]),
             ),
             ("title of 257 bytes", "WrongSize", replace(sample, s, 5, "t" * 257)),
+            (
+                "version 2 and one extra field: the element count is checked first (MALFORMED)",
+                "CheckOrder",
+                replace_all(sample, s, {0: PROTOCOL_VERSION + 1}, extra=True),
+                "MALFORMED",
+            ),
         ]
     if name == "Welcome":
+        control = unpack(fields[1], what="test")
+        control_v2 = pack(
+            [pack([PROTOCOL_VERSION + 1, *unpack(control[0], what="test")[1:]]), control[1]]
+        )
+        too_long = [fields[2][-1]] * (MAX_GROUP_FORK_DEPTH + 2)
         return [
+            (
+                "version 2 and 18 history states: the version is checked first (UNKNOWN_VERSION)",
+                "CheckOrder",
+                replace_all(sample, s, {0: PROTOCOL_VERSION + 1, 2: too_long}),
+                "UNKNOWN_VERSION",
+            ),
+            (
+                "a control message of version 2 and 18 history states: the message is decoded "
+                "at its field, before the history is read (UNKNOWN_VERSION)",
+                "CheckOrder",
+                replace_all(sample, s, {1: control_v2, 2: too_long}),
+                "UNKNOWN_VERSION",
+            ),
             ("version 2", "UnknownVersion", replace(sample, s, 0, PROTOCOL_VERSION + 1)),
             ("a history entry that is not bytes", "WrongType", replace(sample, s, 2, [1])),
             (
@@ -252,10 +334,51 @@ def _control_defects(sample: bytes) -> list[Defect]:
         changed[index] = value
         return pack([pack(changed), signature])
 
+    def changed(changes: dict[int, Any], new_signature: bytes = signature) -> bytes:
+        body_fields = list(fields)
+        for index, value in changes.items():
+            body_fields[index] = value
+        return pack([pack(body_fields), new_signature])
+
     create = list(fields)
     create[6:8] = [0, ["title", []]]
     create_on_parent = pack([pack(create), signature])
+    small_order_add = [fields[7][0], SMALL_ORDER_EDWARDS]
     return [
+        (
+            "remove_member of an empty user id (checked once the arguments are read)",
+            "WrongSize",
+            changed({6: 2, 7: [""]}),
+        ),
+        ("set_admin of an empty user id", "WrongSize", changed({6: 4, 7: ["", True]})),
+        (
+            "signature of 63 bytes and body version 2: the outer array, the signature's size "
+            "included, is read before the body is decoded (MALFORMED)",
+            "CheckOrder",
+            changed({0: PROTOCOL_VERSION + 1}, bytes(63)),
+            "MALFORMED",
+        ),
+        (
+            "empty author user id and an add_member identity of small order: the author id's "
+            "minimum length is checked last (INVALID_KEY)",
+            "CheckOrder",
+            changed({4: "", 7: small_order_add}),
+            "INVALID_KEY",
+        ),
+        (
+            "author user id of 65 bytes and an add_member identity of small order: the "
+            "maximum length is checked at the field (MALFORMED)",
+            "CheckOrder",
+            changed({4: "a" * 65, 7: small_order_add}),
+            "MALFORMED",
+        ),
+        (
+            "an add_member identity of small order and an empty added user id: the identity "
+            "is checked first (INVALID_KEY)",
+            "CheckOrder",
+            changed({7: ["", SMALL_ORDER_EDWARDS]}),
+            "INVALID_KEY",
+        ),
         ("body version 2", "UnknownVersion", variant(0, PROTOCOL_VERSION + 1)),
         ("unknown action 6", "UnknownType", variant(6, 6)),
         ("add_member args missing the identity", "MissingField", variant(7, fields[7][:1])),
