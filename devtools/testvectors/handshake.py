@@ -300,7 +300,13 @@ def _valid(
         **_details(alice, bundle, encapsulation),
         plaintext=h(plaintext),
         initial_message=h(message),
+        responder_random=[h(_responder_draw(label, 0))],
     )
+
+
+def _responder_draw(label: str, index: int) -> bytes:
+    """Bob's new ratchet key when he accepts message ``index`` of a test (03 section 3.6 step 9)."""
+    return seeded(f"handshake/bob-ratchet/{label}/{index}").random_bytes(32)
 
 
 def _initiator_invalid(
@@ -335,18 +341,21 @@ def _responder_invalid(
     previously: tuple[bytes, ...] = (),
 ) -> Json:
     account = bob.account()
-    for earlier in previously:
+    draws = [_responder_draw(label, index) for index in range(len(previously))]
+    for earlier, draw in zip(previously, draws, strict=True):
         decoded = decode_message(earlier)
         assert isinstance(decoded, PreKeyMessage)
-        account.create_inbound_session(decoded, now=0)
+        account.create_inbound_session(decoded, now=0, rng=p.ScriptedRandom([draw]))
+    nothing = p.ScriptedRandom([])
     try:
         decoded = decode_message(message)
         assert isinstance(decoded, PreKeyMessage)
-        account.create_inbound_session(decoded, now=0)
+        account.create_inbound_session(decoded, now=0, rng=nothing)
     except Exception as exc:
         error = getattr(exc, "code", type(exc).__name__)
     else:
         raise AssertionError(f"{label}: Bob accepted the message")
+    assert not nothing.used, f"{label}: a refused message drew randomness"
     return case(
         label,
         result="invalid",
@@ -355,6 +364,7 @@ def _responder_invalid(
         side="responder",
         previously_accepted=[h(m) for m in previously],
         initial_message=h(message),
+        responder_random=[h(d) for d in draws],
     )
 
 
@@ -710,19 +720,21 @@ def _verify_responder(
     c: Checker, bob: _Bob, test: Json, encapsulation: tuple[bytes, bytes] | None
 ) -> None:
     account = bob.account()
+    rng = p.ScriptedRandom([unhex(r) for r in test["responder_random"]])
     for earlier in test.get("previously_accepted", []):
         decoded = decode_message(unhex(earlier))
         if isinstance(decoded, PreKeyMessage):
-            account.create_inbound_session(decoded, now=0)
+            account.create_inbound_session(decoded, now=0, rng=rng)
     before = account.to_bytes()
 
     def receive() -> bytes:
         decoded = decode_message(unhex(test["initial_message"]))
         if not isinstance(decoded, PreKeyMessage):
             raise AssertionError("not a PreKeyMessage")
-        return account.create_inbound_session(decoded, now=0)[1]
+        return account.create_inbound_session(decoded, now=0, rng=rng)[1]
 
     plaintext = c.outcome("responder", test, receive)
+    c.equal("Bob's draws", test["responder_random"], [h(u) for u in rng.used])
     if plaintext is None:
         c.equal("Bob's keys unchanged after the refusal", h(before), h(account.to_bytes()))
         return
