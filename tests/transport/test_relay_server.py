@@ -664,6 +664,23 @@ async def test_group_fan_out_stores_the_payload_once(tmp_path: Path) -> None:
                 assert (envelope.sender_user, envelope.sender_device) == ("alice", 1)
 
 
+async def test_a_send_to_no_device_stores_nothing(tmp_path: Path) -> None:
+    # A hostile client sends to no device at all: the relay accepts (a group of one member
+    # with one device sends so), but a payload no delivery refers to would never be deleted,
+    # neither by an acknowledgement nor by the retention sweep: disk filled for good.
+    alice = make_user("alice")
+    marker = b"NOBODY-READS-THIS-" + bytes(range(64))
+    async with running_relay(relay_config(tmp_path)) as port:
+        await register(port, alice)
+        async with connected(port, alice.devices[1]) as sender:
+            await sender.send_group(marker, [])
+            await sender.send_direct("alice", [])  # one's own user, no other device
+        with sqlite3.connect(tmp_path / "relay.db") as db:
+            assert db.execute("SELECT COUNT(*) FROM payloads").fetchone() == (0,)
+            assert db.execute("SELECT COUNT(*) FROM deliveries").fetchone() == (0,)
+    assert not any(marker in f.read_bytes() for f in tmp_path.glob("relay.db*"))
+
+
 async def test_queued_mail_survives_a_relay_restart(tmp_path: Path) -> None:
     alice, bob = make_user("alice"), make_user("bob")
     config = relay_config(tmp_path)

@@ -356,6 +356,11 @@ class SqliteDatabase:
                 full.append((d.user_id, d.device_id))
         if full:
             raise MailboxFull(f"{len(full)} recipient mailboxes are full", devices=full)
+        if not batch.deliveries:
+            # A send to no device (a group whose only member is the sender's only device):
+            # accepted, and nothing stored. A payload no delivery refers to would never be
+            # deleted, neither by an acknowledgement nor by the retention sweep.
+            return []
         payload_ids = [
             db.execute(
                 "INSERT INTO payloads (sender_user, sender_device, kind, server_ts, data) "
