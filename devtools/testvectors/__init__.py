@@ -24,6 +24,7 @@ from . import (
     kdf,
     key_conversion,
     ratchet,
+    relay,
     safety_number,
     sender_keys,
     sessions,
@@ -57,6 +58,7 @@ FILES: tuple[VectorFile, ...] = (
     VectorFile("safety_number", safety_number.generate, safety_number.verify_test),
     VectorFile("devices", devices.generate, devices.verify_test),
     VectorFile("group", group.generate, group.verify_test),
+    VectorFile("relay", relay.generate, relay.verify_test),
 )
 BY_FILENAME = {f.filename: f for f in FILES}
 
