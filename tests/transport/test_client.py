@@ -19,6 +19,7 @@ from hushchat.protocol.client_core import (
     MessageReceived,
     MessageSentByOtherDevice,
 )
+from hushchat.protocol.consts import SIGNED_PREKEY_ROTATION_AGE
 from hushchat.protocol.errors import InvalidArgument
 from hushchat.transport.client.client import (
     Client,
@@ -32,6 +33,7 @@ from hushchat.transport.relay.config import RelayConfig
 from hushchat.transport.relay.server import serve_relay
 from hushchat.transport.wire.errors import ConnectionClosed
 from tests.support.paths import REPO
+from tests.support.reference import NOW
 
 TIMEOUT = 20
 
@@ -357,3 +359,17 @@ def test_a_new_store_needs_a_user_id(tmp_path: Path) -> None:
             load_or_create_core(store)
     finally:
         store.close()
+
+
+async def test_replaced_signed_prekeys_are_deleted_after_the_grace_period(
+    tmp_path: Path, relay: Relay
+) -> None:
+    """Forward secrecy of the handshake: a device restarted over weeks keeps at most the
+    current signed prekey and the one it replaced, never every key it ever had."""
+    week = SIGNED_PREKEY_ROTATION_AGE + 1
+    seen: list[tuple[int, ...]] = []
+    for weeks in range(4):
+        async with client(tmp_path, relay, "alice", clock=lambda w=weeks: NOW + w * week) as c:
+            seen.append(c.core.account.signed_prekey_ids)
+    assert [len(ids) for ids in seen] == [1, 2, 2, 2]
+    assert seen[1][0] == seen[0][0] and seen[3][0] not in (seen[0] + seen[1][:1])

@@ -453,9 +453,12 @@ class Client:
         async with self._lock:
             account = self.core.account
             now = self.now()
+            # Prune first: a replaced signed prekey is deleted once the current one
+            # is older than the grace period (spec 2.2). Pruning right after a
+            # rotation would find the new key too young and keep every old one.
+            account.prune(now=now)
             if now - account.signed_prekey_age_start > SIGNED_PREKEY_ROTATION_AGE:
                 account.rotate_signed_prekey(now=now, rng=self._rng)
-                account.prune(now=now)
             stock = await connection.upload_prekeys()
             upload = account.prekey_upload()
             fresh = [k for k in upload.one_time_prekeys if k.key_id > self._published]
