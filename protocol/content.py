@@ -27,7 +27,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .consts import GROUP_ID_SIZE, MAX_GROUP_FORK_DEPTH, MAX_PLAINTEXT_SIZE
+from .consts import GROUP_ID_SIZE, MAX_GROUP_FORK_DEPTH, MAX_PLAINTEXT_SIZE, MAX_USER_ID_SIZE
 from .encoding import UINT64_MAX, Fields, pack, unpack
 from .errors import DecodeError
 
@@ -148,7 +148,9 @@ def decode_content(data: bytes) -> Content:
         f.uint()
         to_kind = f.uint()
         if to_kind == SENT_TO_USER:
-            to_user, to_group = f.text(max_size=64), None
+            to_user, to_group = f.text(max_size=MAX_USER_ID_SIZE), None
+            if not to_user:  # as every user id: 1 to MAX_USER_ID_SIZE bytes
+                raise DecodeError("SentCopy: the user id is empty")
         elif to_kind == SENT_TO_GROUP:
             to_user, to_group = None, f.bin(GROUP_ID_SIZE)
         else:

@@ -221,10 +221,6 @@ def samples() -> dict[str, list[tuple[str, bytes]]]:
                 "Text whose body is not UTF-8: the body is opaque bytes",
                 Text(message_id, 1_700_000_000, b"\xff\xfe\x00hi").encode(),
             ),
-            (
-                "SentCopy to the empty user id: the decoder sets no minimum",
-                SentCopy("", None, message_id, 5, b"hi").encode(),
-            ),
         ],
         "GroupText": [("group text", GroupText(message_id, 1_700_000_000, b"hi all").encode())],
         "ControlMessage": [
@@ -254,6 +250,7 @@ def specific_defects(name: str, sample: bytes) -> list[Defect]:
             return [
                 ("SentCopy to_kind 3", "UnknownType", replace(sample, s, 1, 3)),
                 ("SentCopy to a user id of 65 bytes", "WrongSize", replace(sample, s, 2, "u" * 65)),
+                ("SentCopy to the empty user id", "WrongSize", replace(sample, s, 2, "")),
             ]
         if fields[0] == 1:
             return [("content type 8", "UnknownType", replace(sample, s, 0, 8))]
