@@ -25,7 +25,7 @@ fails at the step that made it. :meth:`Network.reload` replaces a core by
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 
 from hushchat.protocol.account import Account
 from hushchat.protocol.client_core import (
@@ -42,6 +42,7 @@ from hushchat.protocol.client_core import (
     RetryRequested,
     Send,
 )
+from hushchat.protocol.client_core.persistence import serialize
 from hushchat.protocol.content import (
     GroupControl,
     GroupText,
@@ -216,33 +217,33 @@ def _describe(content: bytes, answering_retry: bool) -> Envelope:
 def full_state(core: ClientCore) -> dict[RecordKey, bytes]:
     """Every record of ``core``, serialized: what its store must hold.
 
-    Test-only introspection of ClientCore's private maps, one per record
-    kind; the attribute check fails loudly if the core grows state this
+    Test-only introspection of the core's private state, one map per record
+    kind; the field check fails loudly if the state grows something this
     helper does not know about.
     """
+    state = core._state
     known = {
-        "user_id", "device_id", "account", "user_identity_public", "_user_identity", "_rng",
-        "sender_key_max_age", "sender_key_max_messages", "_device_lists", "_pending_identity",
-        "_sessions", "_outbound", "_inbound", "_groups", "_held", "_left", "_dirty",
+        "user_id", "device_id", "account", "user_identity_public", "user_identity", "rng",
+        "device_lists", "pending_identity", "sessions", "outbound", "inbound", "groups", "held",
+        "left", "changed",
     }  # fmt: skip
-    # Derived caches, rebuilt after a load (not records).
-    caches = {"_recipients"}
-    assert set(vars(core)) - caches == known, f"new ClientCore state: {set(vars(core)) ^ known}"
+    held_fields = {f.name for f in fields(state)}
+    assert held_fields == known, f"new ClientCore state: {held_fields ^ known}"
     keys: list[RecordKey] = [("meta",), ("account",)]
-    keys += [("devices", user_id) for user_id in core._device_lists]
-    keys += [("pending_identity", user_id) for user_id in core._pending_identity]
-    keys += [("session", a.user_id, a.device_id) for a in core._sessions]
-    keys += [("outbound", group_id) for group_id in core._outbound]
-    keys += [("inbound", g, a.user_id, a.device_id) for g, a in core._inbound]
-    keys += [("group", group_id) for group_id in core._groups]
-    keys += [("held_controls",)] if core._held else []
-    keys += [("left_groups",)] if core._left else []
-    state = {}
+    keys += [("devices", user_id) for user_id in state.device_lists]
+    keys += [("pending_identity", user_id) for user_id in state.pending_identity]
+    keys += [("session", a.user_id, a.device_id) for a in state.sessions]
+    keys += [("outbound", group_id) for group_id in state.outbound]
+    keys += [("inbound", g, a.user_id, a.device_id) for g, a in state.inbound]
+    keys += [("group", group_id) for group_id in state.groups]
+    keys += [("held_controls",)] if state.held else []
+    keys += [("left_groups",)] if state.left else []
+    records = {}
     for key in keys:
-        data = core._serialize(key)
+        data = serialize(state, key)
         assert data is not None
-        state[key] = data
-    return state
+        records[key] = data
+    return records
 
 
 class Network:

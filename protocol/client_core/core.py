@@ -1,0 +1,421 @@
+"""The sans-I/O heart of a hushchat device: feed it inputs, get events and sends.
+
+:class:`ClientCore` ties the pieces together the way a messenger needs them:
+device lists (several devices per user), one-to-one sessions with every
+device, sender keys for groups, group membership, and the content carried
+inside the encryption. It does no I/O: the transport feeds it what the relay
+delivers (envelopes, bundles, device lists) and carries out what it returns
+(:class:`DirectSend`, :class:`GroupSend`). Time is passed in.
+
+Persistence: every method that changes state marks the records it touched;
+:meth:`ClientCore.take_changes` hands them over serialized (``None`` means
+delete), so the caller can write them in one transaction before it
+acknowledges the envelope that caused them. :meth:`ClientCore.load` rebuilds
+the core from those records.
+
+Rules the core enforces (spec/11-devices.md, spec/12-groups.md):
+
+* a peer device is used only if a device list signed by its user's identity
+  names it, and a handshake from it must carry the identity that list gives;
+* a changed user identity is never accepted silently: it raises an
+  :class:`IdentityChanged` event and is held until :meth:`confirm_identity`;
+* group messages are accepted only from current members' listed devices,
+  and sent only to them, where the list must be signed by the user identity
+  the group state records for the member (a member whose identity changed
+  is left out until an admin adds it again with the new one);
+* when a member or one of its devices leaves, every remaining member
+  rotates its sender key before its next group message, and distributes the
+  new key only to the remaining devices;
+* a group message that cannot be decrypted surfaces as :class:`Undecryptable`
+  and, when a session exists, a retry request goes back to its sender, who
+  answers with its current sender key.
+
+Each concern is a collaborator over one shared :class:`CoreState`: the
+:class:`Directory` (device lists), :class:`Sessions` (one-to-one),
+:class:`GroupMessages` (sender keys) and :class:`Membership` (groups). This
+class routes what arrives to them and applies what one concern's change
+means for the others.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from .. import primitives as p
+from ..account import Account
+from ..consts import SENDER_KEY_MAX_AGE, SENDER_KEY_MAX_MESSAGES
+from ..content import (
+    GroupControl,
+    GroupSync,
+    RetryRequest,
+    SenderKey,
+    SentCopy,
+    SyncRequest,
+    Text,
+    decode_content,
+)
+from ..devices import DeviceEntry, DeviceList, SignedDeviceList
+from ..errors import (
+    DuplicateMessage,
+    InvalidArgument,
+    InvalidState,
+    ProtocolError,
+    StateError,
+    UnauthorizedChange,
+)
+from ..fingerprint import SafetyNumber
+from ..group import GroupState
+from ..keys import IdentityKeyPair
+from . import persistence
+from .direct import Sessions
+from .directory import DeviceListChange, Directory
+from .events import Address, IdentityChanged, Undecryptable
+from .groups import GroupMessages
+from .membership import Membership
+from .records import RecordKey
+from .sends import ENVELOPE_DIRECT, ENVELOPE_GROUP, DirectSend, GroupSend, Outcome, Send
+from .state import CoreState
+
+
+class ClientCore:
+    """One device of one user: its keys, sessions, sender keys and groups."""
+
+    def __init__(
+        self,
+        user_id: str,
+        device_id: int,
+        account: Account,
+        user_identity_public: bytes,
+        *,
+        user_identity: IdentityKeyPair | None = None,
+        rng: p.RandomSource = p.SYSTEM_RANDOM,
+        sender_key_max_age: int = SENDER_KEY_MAX_AGE,
+        sender_key_max_messages: int = SENDER_KEY_MAX_MESSAGES,
+    ) -> None:
+        if user_identity is not None and user_identity.public.ed25519 != user_identity_public:
+            raise InvalidArgument("user identity key pair does not match its public key")
+        self._state = CoreState(
+            user_id, device_id, account, user_identity_public, user_identity, rng
+        )
+        self._directory = Directory(self._state)
+        self._sessions = Sessions(self._state, self._directory)
+        self._messages = GroupMessages(
+            self._state,
+            self._directory,
+            self._sessions,
+            max_age=sender_key_max_age,
+            max_messages=sender_key_max_messages,
+        )
+        self._membership = Membership(self._state, self._directory, self._sessions, self._messages)
+
+    # ------------------------------------------------------------ creation
+
+    @classmethod
+    def create_primary(
+        cls, user_id: str, device_id: int, *, now: int, rng: p.RandomSource = p.SYSTEM_RANDOM
+    ) -> ClientCore:
+        """A new user: a user identity, this first device, and its signed device list."""
+        user_identity = IdentityKeyPair.generate(rng)
+        account = Account.create(now=now, rng=rng)
+        core = cls(
+            user_id,
+            device_id,
+            account,
+            user_identity.public.ed25519,
+            user_identity=user_identity,
+            rng=rng,
+        )
+        first = DeviceList.initial(
+            user_id,
+            user_identity.public.ed25519,
+            [DeviceEntry(device_id, account.identity.public.ed25519)],
+        )
+        core._devices_changed(core._directory.accept(first.sign(user_identity), None))
+        return core
+
+    @classmethod
+    def create_linked(
+        cls,
+        user_id: str,
+        device_id: int,
+        user_identity_public: bytes,
+        *,
+        now: int,
+        rng: p.RandomSource = p.SYSTEM_RANDOM,
+    ) -> ClientCore:
+        """Another device of an existing user; the primary must :meth:`link_device` it."""
+        return cls(
+            user_id, device_id, Account.create(now=now, rng=rng), user_identity_public, rng=rng
+        )
+
+    @property
+    def user_id(self) -> str:
+        return self._state.user_id
+
+    @property
+    def device_id(self) -> int:
+        return self._state.device_id
+
+    @property
+    def account(self) -> Account:
+        return self._state.account
+
+    @property
+    def user_identity_public(self) -> bytes:
+        return self._state.user_identity_public
+
+    @property
+    def sender_key_max_age(self) -> int:
+        return self._messages.max_age
+
+    @property
+    def sender_key_max_messages(self) -> int:
+        return self._messages.max_messages
+
+    @property
+    def address(self) -> Address:
+        return self._state.address
+
+    @property
+    def device_identity(self) -> bytes:
+        return self._state.account.identity.public.ed25519
+
+    @property
+    def holds_user_identity(self) -> bool:
+        """Whether this device holds the user identity (and so can change the device list)."""
+        return self._state.user_identity is not None
+
+    @property
+    def own_device_list(self) -> SignedDeviceList | None:
+        return self._state.device_lists.get(self.user_id)
+
+    def link_device(self, device_id: int, device_identity: bytes) -> SignedDeviceList:
+        """(Primary only.) Sign a new device list that adds a device; upload it to the relay."""
+        signed = self._directory.sign_own_change(
+            lambda dl: dl.with_device(DeviceEntry(device_id, device_identity))
+        )
+        self.process_device_list(signed.encode())
+        return signed
+
+    def unlink_device(self, device_id: int) -> SignedDeviceList:
+        """(Primary only.) Sign a new device list without ``device_id``."""
+        if device_id == self.device_id:
+            raise InvalidArgument("the primary device cannot unlink itself")
+        signed = self._directory.sign_own_change(lambda dl: dl.without_device(device_id))
+        self.process_device_list(signed.encode())
+        return signed
+
+    # ------------------------------------------------------------ device lists
+
+    def device_list(self, user_id: str) -> DeviceList | None:
+        return self._directory.device_list(user_id)
+
+    def devices_of(self, user_id: str) -> tuple[Address, ...]:
+        return self._directory.devices_of(user_id)
+
+    def knows_device(self, address: Address) -> bool:
+        return self._directory.knows_device(address)
+
+    def process_device_list(self, data: bytes) -> Outcome:
+        """Take a signed device list from the relay (verified here, never trusted)."""
+        return self._devices_changed(self._directory.process_device_list(data))
+
+    def pending_identity(self, user_id: str) -> IdentityChanged | None:
+        """The identity change waiting for :meth:`confirm_identity`, if any (survives reloads)."""
+        return self._directory.pending_identity(user_id)
+
+    def confirm_identity(self, user_id: str) -> Outcome:
+        """The app's user confirmed a changed identity (ideally after comparing safety numbers)."""
+        change = self._directory.confirm_identity(user_id)
+        self._sessions.drop_sessions_of(user_id)  # every session was with the old identity
+        return self._devices_changed(change)
+
+    def _devices_changed(self, change: DeviceListChange) -> Outcome:
+        """What a device list change means for sessions and sender keys."""
+        if change.accepted:
+            self._messages.forget_recipients()
+            for address in change.removed:
+                self._sessions.drop_session(address)
+            if change.removed:
+                # A device that leaves must not read what follows.
+                self._messages.retire_where_member(change.user_id)
+        return Outcome(events=change.events)
+
+    def safety_number(self, user_id: str, *, pending: bool = False) -> SafetyNumber:
+        """The safety number with ``user_id``'s trusted identity (``pending``: with the
+        changed identity waiting for confirmation, to compare before confirming)."""
+        return self._directory.safety_number(user_id, pending=pending)
+
+    # ------------------------------------------------------------ sessions
+
+    def devices_without_session(self, user_ids: Iterable[str], *, now: int) -> list[Address]:
+        """Devices of these users (and our own other devices) we cannot encrypt to yet."""
+        return self._sessions.devices_without_session(user_ids, now=now)
+
+    def process_bundle(self, data: bytes, *, now: int, post_quantum: bool = True) -> Address:
+        """Start a session from a prekey bundle the relay handed out."""
+        return self._sessions.process_bundle(data, now=now, post_quantum=post_quantum)
+
+    def send_direct(self, to_user: str, body: bytes, *, now: int) -> tuple[bytes, list[DirectSend]]:
+        """Encrypt a one-to-one message for every device of ``to_user``.
+
+        Our own other devices get a :class:`SentCopy`. Raises DeviceListNeeded or
+        MissingSessions (nothing changed) when lists or bundles are needed.
+        """
+        return self._sessions.send_direct(to_user, body, now=now)
+
+    def resend_direct(self, send: DirectSend, *, now: int) -> DirectSend:
+        """Encrypt a refused send's content again for the recipient's current devices.
+
+        For when the relay refused ``send`` because the device list changed:
+        process the list it returned first, create the missing sessions, then
+        call this. MissingSessions if a session is still missing.
+        """
+        return self._sessions.resend_direct(send, now=now)
+
+    # ------------------------------------------------------------ groups
+
+    def group(self, group_id: bytes) -> GroupState:
+        return self._membership.group(group_id)
+
+    @property
+    def group_ids(self) -> tuple[bytes, ...]:
+        return self._membership.group_ids
+
+    def membership_needs(self, user_ids: Iterable[str], *, now: int) -> list[Address]:
+        """Devices a membership change involving these users needs sessions with."""
+        return self.devices_without_session(user_ids, now=now)
+
+    def create_group(
+        self, title: str, members: Iterable[str], *, now: int
+    ) -> tuple[bytes, list[Send]]:
+        """Create a group with us as admin; the welcome goes to every member device."""
+        return self._membership.create_group(title, members, now=now)
+
+    def add_member(self, group_id: bytes, user_id: str, *, now: int) -> list[Send]:
+        """(Admin.) Add a user: the change to current members, a welcome to the new one."""
+        return self._membership.add_member(group_id, user_id, now=now)
+
+    def remove_member(self, group_id: bytes, user_id: str, *, now: int) -> list[Send]:
+        """(Admin.) Remove a member; every remaining member rotates its sender key."""
+        return self._membership.remove_member(group_id, user_id, now=now)
+
+    def leave_group(self, group_id: bytes, *, now: int) -> list[Send]:
+        return self._membership.leave_group(group_id, now=now)
+
+    def group_send_needs(self, group_id: bytes, *, now: int) -> list[Address]:
+        """Devices a group send would need a session with (fetch their bundles)."""
+        return self._messages.group_send_needs(group_id, now=now)
+
+    def send_group(self, group_id: bytes, body: bytes, *, now: int) -> tuple[bytes, list[Send]]:
+        """Encrypt once for the whole group.
+
+        Returns the sender-key distributions still needed (one-to-one, only
+        to devices that lack our current key) followed by the one
+        :class:`GroupSend`. Raises MissingSessions (nothing changed) when a
+        device that needs our key has no session yet.
+        """
+        return self._messages.send_group(group_id, body, now=now)
+
+    def resend_group(self, send: GroupSend, *, now: int) -> list[Send]:
+        """Address a refused group send to the group's current devices.
+
+        Devices that lack our sender key get it first (one-to-one). If our
+        key was retired meanwhile (a member or device left), the payload still
+        goes out; a device that cannot read it asks for a retry.
+        """
+        return self._messages.resend_group(send, now=now)
+
+    def request_sync(self, *, now: int) -> list[Send]:
+        """(A newly linked device.) Ask our user's other devices for the groups they hold.
+
+        Each answers with the group's recent states and its own sender key;
+        other members send us theirs with their next message (they address
+        every listed device of every member). Conversation history is not
+        copied: a new device reads what is sent from now on.
+        """
+        return self._membership.request_sync(now=now)
+
+    # ------------------------------------------------------------ receiving
+
+    def receive(self, sender: Address, kind: int, payload: bytes, *, now: int) -> Outcome:
+        """Process one envelope the relay delivered (sender stamped by the relay).
+
+        Never raises for bad remote input: what cannot be read becomes an
+        :class:`Undecryptable` event (duplicates are dropped silently, as a
+        lost acknowledgement causes them).
+        """
+        if not self.knows_device(sender):
+            return Outcome(events=(Undecryptable(sender, "UNKNOWN_DEVICE"),))
+        try:
+            if kind == ENVELOPE_DIRECT:
+                return self._receive_direct(sender, payload, now)
+            if kind == ENVELOPE_GROUP:
+                return self._messages.receive(sender, payload, now)
+        except DuplicateMessage:
+            return Outcome()
+        except ProtocolError as exc:
+            if isinstance(exc, InvalidState | InvalidArgument):
+                raise
+            return Outcome(events=(Undecryptable(sender, exc.code),))
+        return Outcome(events=(Undecryptable(sender, "UNKNOWN_ENVELOPE_KIND"),))
+
+    def _receive_direct(self, sender: Address, payload: bytes, now: int) -> Outcome:
+        plaintext = self._sessions.decrypt(sender, payload, now)
+        try:
+            content = decode_content(plaintext)
+        except ProtocolError as exc:
+            return Outcome(events=(Undecryptable(sender, exc.code),))
+        if isinstance(content, Text):
+            return self._sessions.receive_text(sender, content)
+        if isinstance(content, SentCopy):
+            return self._sessions.receive_copy(sender, content)
+        if isinstance(content, SenderKey):
+            return self._messages.receive_sender_key(sender, content)
+        if isinstance(content, RetryRequest):
+            return self._messages.receive_retry(sender, content, now)
+        if isinstance(content, GroupControl):
+            return self._membership.receive_control(sender, content)
+        if sender.user_id != self.user_id:
+            # Sync traffic is between one user's own devices only.
+            return Outcome(events=(Undecryptable(sender, UnauthorizedChange.code),))
+        if isinstance(content, SyncRequest):
+            return self._membership.answer_sync(sender, now)
+        if isinstance(content, GroupSync):
+            return self._membership.receive_sync(sender, content)
+        raise AssertionError("decode_content returned an unknown type")
+
+    # ------------------------------------------------------------ persistence
+
+    def take_changes(self) -> dict[RecordKey, bytes | None]:
+        """Serialized records changed since the last call (None: delete the record)."""
+        return persistence.take_changes(self._state)
+
+    @classmethod
+    def load(
+        cls, records: Iterable[tuple[RecordKey, bytes]], *, rng: p.RandomSource = p.SYSTEM_RANDOM
+    ) -> ClientCore:
+        """Rebuild a core from the records :meth:`take_changes` produced."""
+        by_key = dict(records)
+        user_id, device_id, user_public, seed, account = persistence.read_meta(by_key)
+        try:
+            core = cls(
+                user_id,
+                device_id,
+                Account.from_bytes(account),
+                user_public,
+                user_identity=None if seed is None else IdentityKeyPair(seed),
+                rng=rng,
+            )
+            persistence.load_records(core._state, by_key)
+        except StateError:
+            raise
+        except ProtocolError as exc:
+            raise StateError(f"client state: corrupt record ({exc.code})") from exc
+        return core
+
+    def __repr__(self) -> str:
+        return (
+            f"ClientCore({self.address}, sessions={len(self._state.sessions)}, "
+            f"groups={len(self._state.groups)})"
+        )

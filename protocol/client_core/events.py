@@ -1,0 +1,100 @@
+"""What a :class:`~hushchat.protocol.client_core.ClientCore` tells the app: immutable events."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TypeAlias
+
+from ..group import GroupEvent
+
+
+@dataclass(frozen=True, slots=True, order=True)
+class Address:
+    """One device of one user."""
+
+    user_id: str
+    device_id: int
+
+    def __str__(self) -> str:
+        return f"{self.user_id}.{self.device_id}"
+
+
+@dataclass(frozen=True, slots=True)
+class MessageReceived:
+    """A message for the app: one-to-one (``group_id`` None) or in a group."""
+
+    sender: Address
+    message_id: bytes
+    sent_at: int
+    body: bytes = field(repr=False)
+    group_id: bytes | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class MessageSentByOtherDevice:
+    """A one-to-one message this user sent from another of its devices."""
+
+    device: Address
+    to_user: str
+    message_id: bytes
+    sent_at: int
+    body: bytes = field(repr=False)
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceAdded:
+    address: Address
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceRemoved:
+    address: Address
+
+
+@dataclass(frozen=True, slots=True)
+class IdentityChanged:
+    """A user's identity key changed; nothing from the new one is used until confirmed."""
+
+    user_id: str
+    old_identity: bytes
+    new_identity: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Undecryptable:
+    """Something arrived that could not be read; ``reason`` is an error code."""
+
+    sender: Address
+    reason: str
+    group_id: bytes | None = None
+    retry_requested: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class GroupUpdated:
+    """A verified membership change (``changes`` from the group layer), or our joining."""
+
+    group_id: bytes
+    author: Address
+    changes: tuple[GroupEvent, ...]
+    joined: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class RetryRequested:
+    """A device could not read our group message; it was sent our sender key again."""
+
+    requester: Address
+    group_id: bytes
+
+
+Event: TypeAlias = (
+    MessageReceived
+    | MessageSentByOtherDevice
+    | DeviceAdded
+    | DeviceRemoved
+    | IdentityChanged
+    | Undecryptable
+    | GroupUpdated
+    | RetryRequested
+)

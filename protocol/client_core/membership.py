@@ -1,0 +1,286 @@
+"""Group membership: signed changes, welcomes, changes that arrive early, and sync.
+
+The group layer (:mod:`hushchat.protocol.group`) verifies and applies each
+change; this module carries them between devices, holds a change that
+arrived before the one it builds on, and keeps what follows from a change:
+when a member leaves, our sender key is retired and theirs forgotten.
+A newly linked device asks our other devices for the groups they hold.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from ..consts import GROUP_ID_SIZE, MAX_HELD_GROUP_CONTROLS, MAX_LEFT_GROUPS
+from ..content import GroupControl, GroupSync, SyncRequest
+from ..errors import (
+    DecodeError,
+    InvalidArgument,
+    RemoteProtocolError,
+    StaleChange,
+    UnauthorizedChange,
+)
+from ..group import (
+    Action,
+    AddMember,
+    ControlMessage,
+    CreateGroup,
+    Group,
+    GroupEvent,
+    GroupState,
+    Leave,
+    MemberRemoved,
+    RemoveMember,
+    Welcome,
+    decode_states,
+    describe_change,
+)
+from .direct import Sessions
+from .directory import DeviceListNeeded, Directory
+from .events import Address, Event, GroupUpdated
+from .groups import GroupMessages
+from .sends import Outcome, Send
+from .state import CoreState
+
+
+class Membership:
+    """The groups we are in, the changes held for later, and the groups we left."""
+
+    def __init__(
+        self,
+        state: CoreState,
+        directory: Directory,
+        sessions: Sessions,
+        messages: GroupMessages,
+    ) -> None:
+        self._state = state
+        self._directory = directory
+        self._sessions = sessions
+        self._messages = messages
+
+    def group(self, group_id: bytes) -> GroupState:
+        group = self._state.groups.get(group_id)
+        if group is None:
+            raise InvalidArgument("unknown group")
+        return group.current
+
+    @property
+    def group_ids(self) -> tuple[bytes, ...]:
+        return tuple(self._state.groups)
+
+    # ------------------------------------------------------------ our changes
+
+    def create_group(
+        self, title: str, members: Iterable[str], *, now: int
+    ) -> tuple[bytes, list[Send]]:
+        """Create a group with us as admin; the welcome goes to every member device."""
+        state = self._state
+        others = sorted(set(members) - {state.user_id})
+        adds = []
+        for user_id in others:
+            held = self._directory.device_list(user_id)
+            if held is None:
+                raise DeviceListNeeded(user_id)
+            adds.append(AddMember(user_id, held.user_identity))
+        group_id = state.rng.random_bytes(GROUP_ID_SIZE)
+        message = ControlMessage.sign(
+            state.account.identity,
+            group_id=group_id,
+            parent_epoch=0,
+            parent_hash=bytes(32),
+            author_user_id=state.user_id,
+            author_device_id=state.device_id,
+            action=CreateGroup(title, tuple(adds)),
+        )
+        update = Group.from_genesis(message, state.device_lists)
+        recipients = self._messages.recipients(group_id, update.group.current)
+        self._sessions.check_sessions(recipients, now)
+        self._set_group(group_id, update.group)
+        welcome = update.group.welcome(message).encode()
+        content = GroupControl(message.encode(), welcome).encode()
+        return group_id, list(self._sessions.encrypt_for(recipients, content, now))
+
+    def add_member(self, group_id: bytes, user_id: str, *, now: int) -> list[Send]:
+        """(Admin.) Add a user: the change to current members, a welcome to the new one."""
+        held = self._directory.device_list(user_id)
+        if held is None:
+            raise DeviceListNeeded(user_id)
+        return self._change_group(group_id, AddMember(user_id, held.user_identity), now)
+
+    def remove_member(self, group_id: bytes, user_id: str, *, now: int) -> list[Send]:
+        """(Admin.) Remove a member; every remaining member rotates its sender key."""
+        return self._change_group(group_id, RemoveMember(user_id), now)
+
+    def leave_group(self, group_id: bytes, *, now: int) -> list[Send]:
+        return self._change_group(group_id, Leave(), now)
+
+    def _change_group(self, group_id: bytes, action: Action, now: int) -> list[Send]:
+        state = self._state
+        group = state.groups.get(group_id)
+        if group is None:
+            raise InvalidArgument("unknown group")
+        message = group.propose(
+            action,
+            author_user_id=state.user_id,
+            author_device_id=state.device_id,
+            device_key=state.account.identity,
+        )
+        update = group.apply(message, state.device_lists)
+        before = set(self._messages.recipients(group_id, group.current))
+        after = self._messages.recipients(group_id, update.group.current)
+        joiners = [a for a in after if a not in before]
+        # Everyone who was in the group learns of the change, the removed included.
+        told = sorted(before | set(after) - set(joiners))
+        self._sessions.check_sessions([*told, *joiners], now)
+        self._set_group(group_id, update.group)
+        self._after_change(group_id, update.events)
+        control = message.encode()
+        sends = self._sessions.encrypt_for(told, GroupControl(control, None).encode(), now)
+        if joiners:
+            welcome = update.group.welcome(message).encode()
+            sends += self._sessions.encrypt_for(
+                joiners, GroupControl(control, welcome).encode(), now
+            )
+        return list(sends)
+
+    def _set_group(self, group_id: bytes, group: Group) -> None:
+        self._state.groups[group_id] = group
+        self._messages.forget_recipients()
+        self._state.mark(("group", group_id))
+
+    def _after_change(self, group_id: bytes, changes: tuple[GroupEvent, ...]) -> None:
+        state = self._state
+        removed = {c.user_id for c in changes if isinstance(c, MemberRemoved)}
+        if not removed:
+            return
+        # Whoever left had our sender key: the next message starts a new one.
+        self._messages.retire_outbound(group_id)
+        we_left = state.user_id in removed
+        if we_left:
+            state.groups.pop(group_id, None)
+            state.mark(("group", group_id))
+            state.left = [*(g for g in state.left if g != group_id), group_id][-MAX_LEFT_GROUPS:]
+            state.mark(("left_groups",))
+        self._messages.drop_sender_keys(group_id, None if we_left else removed)
+
+    # ------------------------------------------------------------ changes received
+
+    def receive_control(self, sender: Address, content: GroupControl) -> Outcome:
+        """A change (with a welcome if it adds us) from its author's device."""
+        message = ControlMessage.decode(content.control)
+        if (message.author_user_id, message.author_device_id) != (
+            sender.user_id,
+            sender.device_id,
+        ):
+            # Control messages are forwarded by their author only; anything else is suspect.
+            raise UnauthorizedChange("control message not sent by its author")
+        try:
+            first = self._apply_control(sender, message, content)
+        except StaleChange:
+            if not self._builds_ahead(message):
+                raise
+            # Reordered: its parent (or our welcome) is still on its way.
+            self._hold_control(sender, content)
+            return Outcome()
+        return Outcome(events=(first, *self._apply_held(message.group_id)))
+
+    def _apply_control(
+        self, sender: Address, message: ControlMessage, content: GroupControl
+    ) -> GroupUpdated:
+        """Apply (or join from) a control message; raises, changing nothing, if refused."""
+        state = self._state
+        group = state.groups.get(message.group_id)
+        if group is None:
+            if content.snapshot is None:
+                raise StaleChange("a change for a group we do not hold")
+            welcome = Welcome.decode(content.snapshot)
+            if welcome.message.encode() != content.control:
+                # The welcome must be for the change its sender authored, and for this group.
+                raise UnauthorizedChange("the welcome is for another change")
+            update = Group.join(
+                welcome,
+                state.device_lists,
+                user_id=state.user_id,
+                user_identity=state.user_identity_public,
+            )
+            joined = True
+            if message.group_id in state.left:
+                state.left.remove(message.group_id)  # added again
+                state.mark(("left_groups",))
+        else:
+            update = group.apply(message, state.device_lists)
+            joined = False
+        self._set_group(message.group_id, update.group)
+        self._after_change(message.group_id, update.events)
+        return GroupUpdated(message.group_id, sender, update.events, joined)
+
+    def _builds_ahead(self, message: ControlMessage) -> bool:
+        """Whether a refused change may apply later: its group or parent epoch is not here yet."""
+        group = self._state.groups.get(message.group_id)
+        return group is None or message.parent_epoch > group.current.epoch
+
+    def _hold_control(self, sender: Address, content: GroupControl) -> None:
+        held = self._state.held
+        if (sender, content) not in held:
+            held.append((sender, content))
+            del held[:-MAX_HELD_GROUP_CONTROLS]
+            self._state.mark(("held_controls",))
+
+    def _apply_held(self, group_id: bytes) -> list[Event]:
+        """Apply held changes of this group that now fit, until none does; drop refused ones."""
+        held = self._state.held
+        events: list[Event] = []
+        progress = True
+        while progress:
+            progress = False
+            for entry in list(held):
+                sender, content = entry
+                message = ControlMessage.decode(content.control)
+                if message.group_id != group_id:
+                    continue
+                try:
+                    events.append(self._apply_control(sender, message, content))
+                    progress = True
+                except StaleChange:
+                    if self._builds_ahead(message):
+                        continue
+                except RemoteProtocolError:
+                    pass
+                held.remove(entry)
+                self._state.mark(("held_controls",))
+        return events
+
+    # ------------------------------------------------------------ linked devices: sync
+
+    def request_sync(self, *, now: int) -> list[Send]:
+        """(A newly linked device.) Ask our user's other devices for the groups they hold."""
+        request = SyncRequest().encode()
+        return list(self._sessions.encrypt_for(self._directory.own_other_devices(), request, now))
+
+    def answer_sync(self, sender: Address, now: int) -> Outcome:
+        """Another of our devices asked: each group's recent states and our sender key."""
+        sends: list[Send] = []
+        for group_id, group in self._state.groups.items():
+            states = tuple(state.encode() for state in group.states)
+            sends.extend(self._sessions.encrypt_for([sender], GroupSync(states).encode(), now))
+            sends.extend(self._messages.share_key(group_id, sender, now))
+        return Outcome(sends=tuple(sends))
+
+    def receive_sync(self, sender: Address, content: GroupSync) -> Outcome:
+        """A group another of our devices holds, unless we hold it, left it or are not in it."""
+        state = self._state
+        try:
+            group = Group(tuple(decode_states(content.states, "GroupSync")))
+        except InvalidArgument:
+            raise DecodeError("GroupSync: the states do not form a chain") from None
+        if (
+            group.group_id in state.groups
+            or group.group_id in state.left
+            or group.current.member(state.user_id) is None
+        ):
+            return Outcome()  # what we hold is ours; a group without us is not ours to hold
+        self._set_group(group.group_id, group)
+        changes = describe_change(None, group.current)
+        joined = GroupUpdated(group.group_id, sender, changes, joined=True)
+        # Changes made after we were linked may have come first: they apply now.
+        return Outcome(events=(joined, *self._apply_held(group.group_id)))

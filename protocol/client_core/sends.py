@@ -1,0 +1,43 @@
+"""What a :class:`~hushchat.protocol.client_core.ClientCore` asks the transport to send."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TypeAlias
+
+from .events import Address, Event
+
+# The kinds of envelope the relay carries (spec/07-relay-protocol.md).
+ENVELOPE_DIRECT = 1
+ENVELOPE_GROUP = 2
+
+
+@dataclass(frozen=True, slots=True)
+class DirectSend:
+    """One-to-one ciphertexts for (some of) one user's devices."""
+
+    recipient_user: str
+    payloads: tuple[tuple[int, bytes], ...] = field(repr=False)
+    # The plaintext content, kept so a send refused for a stale device list
+    # can be encrypted again for the current devices (ClientCore.resend_direct).
+    content: bytes = field(repr=False, default=b"")
+
+
+@dataclass(frozen=True, slots=True)
+class GroupSend:
+    """One group ciphertext and every device that must receive it."""
+
+    group_id: bytes
+    payload: bytes = field(repr=False)
+    recipients: tuple[Address, ...]
+
+
+Send: TypeAlias = DirectSend | GroupSend
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """What processing one input produced."""
+
+    events: tuple[Event, ...] = ()
+    sends: tuple[Send, ...] = ()
