@@ -52,7 +52,7 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from hushchat.protocol.account import Account
-from hushchat.protocol.client_core import ENVELOPE_DIRECT, Address, ClientCore, GroupSend
+from hushchat.protocol.client_core import ENVELOPE_DIRECT, Address, ClientCore, GroupSend, RecordKey
 from hushchat.protocol.consts import (
     GROUP_STATE_HASH_CONTEXT,
     KDF_PREFIX,
@@ -536,7 +536,7 @@ class _GroupBench:
         self.me.take_changes()
         self.cycle_member(group_id)
         self.send(group_id)
-        record = self.me.take_changes()[("group", group_id)]
+        record = self.me.take_changes()[RecordKey.group(group_id)]
         assert record is not None
         return record
 

@@ -25,6 +25,7 @@ from .events import MessageSentByOtherDevice as MessageSentByOtherDevice
 from .events import RetryRequested as RetryRequested
 from .events import Undecryptable as Undecryptable
 from .records import RecordKey as RecordKey
+from .records import RecordKind as RecordKind
 from .sends import ENVELOPE_DIRECT as ENVELOPE_DIRECT
 from .sends import ENVELOPE_GROUP as ENVELOPE_GROUP
 from .sends import DirectSend as DirectSend

@@ -15,6 +15,7 @@ from ..prekeys import PreKeyBundle
 from ..session import SessionRecord
 from .directory import DeviceListNeeded, Directory
 from .events import Address, MessageReceived, MessageSentByOtherDevice, Undecryptable
+from .records import RecordKey
 from .sends import DirectSend, Outcome
 from .state import CoreState
 
@@ -65,12 +66,12 @@ class Sessions:
             bundle, now=now, post_quantum=post_quantum, rng=state.rng
         )
         state.sessions.setdefault(address, SessionRecord()).install(session)
-        state.mark(("session", address.user_id, address.device_id))
+        state.mark(RecordKey.session(address))
         return address
 
     def drop_session(self, address: Address) -> None:
         if self._state.sessions.pop(address, None) is not None:
-            self._state.mark(("session", address.user_id, address.device_id))
+            self._state.mark(RecordKey.session(address))
         # A device we re-establish a session with must be sent our sender keys again.
         self.unshare(address)
 
@@ -82,7 +83,7 @@ class Sessions:
         """Forget that ``address`` holds our sender keys (it gets them again before our next)."""
         for group_id, outbound in self._state.outbound.items():
             if outbound.unshare(address):
-                self._state.mark(("outbound", group_id))
+                self._state.mark(RecordKey.outbound(group_id))
 
     def check_sessions(self, addresses: Iterable[Address], now: int) -> list[SessionRecord]:
         """Each address's record, or MissingSessions naming those without a usable session."""
@@ -112,7 +113,7 @@ class Sessions:
         by_user: dict[str, list[tuple[int, bytes]]] = {}
         for address, record in zip(targets, records, strict=True):
             payload = record.encrypt(plaintext, now=now)
-            self._state.mark(("session", address.user_id, address.device_id))
+            self._state.mark(RecordKey.session(address))
             by_user.setdefault(address.user_id, []).append((address.device_id, payload))
         return [DirectSend(user, tuple(payloads), plaintext) for user, payloads in by_user.items()]
 
@@ -153,9 +154,9 @@ class Sessions:
         candidate = SessionRecord() if record is None else record
         result = candidate.decrypt(payload, state.account, now=now, rng=state.rng)
         state.sessions[sender] = candidate
-        state.mark(("session", sender.user_id, sender.device_id))
+        state.mark(RecordKey.session(sender))
         if result.new_session:
-            state.mark(("account",))
+            state.mark(RecordKey.ACCOUNT)
             # The peer started over: whatever we shared before is gone on its side.
             self.unshare(sender)
         return result.plaintext

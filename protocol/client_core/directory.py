@@ -15,6 +15,7 @@ from ..devices import DeviceList, SignedDeviceList, check_update, device_changes
 from ..errors import InvalidState, StaleChange, UntrustedIdentity
 from ..fingerprint import SafetyNumber
 from .events import Address, DeviceAdded, DeviceRemoved, Event, IdentityChanged
+from .records import RecordKey
 from .state import CoreState
 
 
@@ -81,7 +82,7 @@ class Directory:
         except UntrustedIdentity:
             assert old is not None
             state.pending_identity[new.user_id] = signed
-            state.mark(("pending_identity", new.user_id))
+            state.mark(RecordKey.pending_identity(new.user_id))
             return DeviceListChange(
                 new.user_id,
                 events=(IdentityChanged(new.user_id, old.user_identity, new.user_identity),),
@@ -102,7 +103,7 @@ class Directory:
         signed = state.pending_identity.pop(user_id, None)
         if signed is None:
             raise InvalidState(f"no identity change pending for {user_id!r}")
-        state.mark(("pending_identity", user_id))
+        state.mark(RecordKey.pending_identity(user_id))
         return self.accept(signed, None, replaced=state.device_lists.get(user_id))
 
     def accept(
@@ -119,7 +120,7 @@ class Directory:
             old = replaced.device_list
         changes = device_changes(old, new)
         self._state.device_lists[new.user_id] = signed
-        self._state.mark(("devices", new.user_id))
+        self._state.mark(RecordKey.devices(new.user_id))
         removed = tuple(Address(new.user_id, entry.device_id) for entry in changes.removed)
         events: list[Event] = [DeviceRemoved(address) for address in removed]
         if old is not None:

@@ -17,6 +17,7 @@ from ..sender_keys import SenderKeyDistributionMessage, SenderKeyMessage
 from .direct import Sessions
 from .directory import Directory
 from .events import Address, MessageReceived, RetryRequested, Undecryptable
+from .records import RecordKey
 from .sends import DirectSend, GroupSend, Outcome, Send
 from .state import CoreState, Outbound
 
@@ -93,7 +94,7 @@ class GroupMessages:
     def retire_outbound(self, group_id: bytes) -> None:
         """Our next message in the group starts a new sender key."""
         if self._state.outbound.pop(group_id, None) is not None:
-            self._state.mark(("outbound", group_id))
+            self._state.mark(RecordKey.outbound(group_id))
 
     def retire_where_member(self, user_id: str) -> None:
         """A device of ``user_id`` left: it must not read what follows in its groups."""
@@ -108,7 +109,7 @@ class GroupMessages:
         distribution = SenderKey(outbound.key.distribution_message()).encode()
         sends = self._sessions.encrypt_for(addresses, distribution, now)
         outbound.shared_with.update(addresses)
-        self._state.mark(("outbound", group_id))
+        self._state.mark(RecordKey.outbound(group_id))
         return sends
 
     def share_key(self, group_id: bytes, address: Address, now: int) -> list[DirectSend]:
@@ -149,7 +150,7 @@ class GroupMessages:
             outbound.shared_with.update(needing)
         message_id = state.new_message_id()
         payload = outbound.key.encrypt(GroupText(message_id, now, body).encode())
-        state.mark(("outbound", group_id))
+        state.mark(RecordKey.outbound(group_id))
         sends.append(GroupSend(group_id, payload, recipients))
         return message_id, sends
 
@@ -183,7 +184,7 @@ class GroupMessages:
         record = state.inbound.get(key) or SenderKeyRecord(skdm.group_id)
         record.process_distribution(skdm)
         state.inbound[key] = record
-        state.mark(("inbound", skdm.group_id, sender.user_id, sender.device_id))
+        state.mark(RecordKey.inbound(skdm.group_id, sender))
         return Outcome()
 
     def drop_sender_keys(self, group_id: bytes, user_ids: set[str] | None) -> None:
@@ -194,7 +195,7 @@ class GroupMessages:
             if k[0] == group_id and (user_ids is None or k[1].user_id in user_ids)
         ]:
             del self._state.inbound[key]
-            self._state.mark(("inbound", group_id, key[1].user_id, key[1].device_id))
+            self._state.mark(RecordKey.inbound(group_id, key[1]))
 
     def receive(self, sender: Address, payload: bytes, now: int) -> Outcome:
         """A group message: the app's, or a retry request when we lack the sender's key."""
@@ -210,7 +211,7 @@ class GroupMessages:
             return self._request_retry(sender, group_id, parsed.chain_id, now)
         plaintext = record.decrypt(payload)
         # The chain moved on (its key is spent) even if the content turns out malformed.
-        state.mark(("inbound", group_id, sender.user_id, sender.device_id))
+        state.mark(RecordKey.inbound(group_id, sender))
         text = GroupText.decode(plaintext)
         return Outcome(
             events=(MessageReceived(sender, text.message_id, text.sent_at, text.body, group_id),)

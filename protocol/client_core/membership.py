@@ -39,6 +39,7 @@ from .direct import Sessions
 from .directory import DeviceListNeeded, Directory
 from .events import Address, Event, GroupUpdated
 from .groups import GroupMessages
+from .records import RecordKey
 from .sends import Outcome, Send
 from .state import CoreState
 
@@ -146,7 +147,7 @@ class Membership:
     def _set_group(self, group_id: bytes, group: Group) -> None:
         self._state.groups[group_id] = group
         self._messages.forget_recipients()
-        self._state.mark(("group", group_id))
+        self._state.mark(RecordKey.group(group_id))
 
     def _after_change(self, group_id: bytes, changes: tuple[GroupEvent, ...]) -> None:
         state = self._state
@@ -158,9 +159,9 @@ class Membership:
         we_left = state.user_id in removed
         if we_left:
             state.groups.pop(group_id, None)
-            state.mark(("group", group_id))
+            state.mark(RecordKey.group(group_id))
             state.left = [*(g for g in state.left if g != group_id), group_id][-MAX_LEFT_GROUPS:]
-            state.mark(("left_groups",))
+            state.mark(RecordKey.LEFT_GROUPS)
         self._messages.drop_sender_keys(group_id, None if we_left else removed)
 
     # ------------------------------------------------------------ changes received
@@ -206,7 +207,7 @@ class Membership:
             joined = True
             if message.group_id in state.left:
                 state.left.remove(message.group_id)  # added again
-                state.mark(("left_groups",))
+                state.mark(RecordKey.LEFT_GROUPS)
         else:
             update = group.apply(message, state.device_lists)
             joined = False
@@ -224,7 +225,7 @@ class Membership:
         if (sender, content) not in held:
             held.append((sender, content))
             del held[:-MAX_HELD_GROUP_CONTROLS]
-            self._state.mark(("held_controls",))
+            self._state.mark(RecordKey.HELD_CONTROLS)
 
     def _apply_held(self, group_id: bytes) -> list[Event]:
         """Apply held changes of this group that now fit, until none does; drop refused ones."""
@@ -247,7 +248,7 @@ class Membership:
                 except RemoteProtocolError:
                     pass
                 held.remove(entry)
-                self._state.mark(("held_controls",))
+                self._state.mark(RecordKey.HELD_CONTROLS)
         return events
 
     # ------------------------------------------------------------ linked devices: sync

@@ -4,11 +4,16 @@ Every change marks the records it touched; :func:`take_changes` hands them
 over serialized (``None`` means delete), so the caller can write them in one
 transaction before it acknowledges the envelope that caused them.
 :func:`read_meta` and :func:`load_records` rebuild the state from them.
+
+Each record kind has a writer (what the state holds under a key, or None)
+and, but for the two records that build the state itself (meta and
+account), a reader; every record is a versioned pickle (:mod:`..pickles`)
+or a structure with its own encoding.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 from ..consts import (
     GROUP_ID_SIZE,
@@ -26,8 +31,13 @@ from ..group_cipher import OutboundSenderKey, SenderKeyRecord
 from ..pickles import load_pickle
 from ..session import SessionRecord
 from .events import Address
-from .records import RecordKey
+from .records import RecordKey, RecordKind
 from .state import CoreState, Outbound
+
+# Most devices an outbound record may list as holding our key: far above a
+# group's devices (members times devices per user), so only a corrupt record
+# reaches it.
+_MAX_SHARED_WITH = 100_000
 
 
 def take_changes(state: CoreState) -> dict[RecordKey, bytes | None]:
@@ -37,10 +47,18 @@ def take_changes(state: CoreState) -> dict[RecordKey, bytes | None]:
     return out
 
 
+def serialize(state: CoreState, key: RecordKey) -> bytes | None:
+    """The record ``key`` as the state holds it now; None if it holds none."""
+    write = _WRITERS.get(key.kind)
+    if write is None:
+        raise AssertionError(f"a ClientCore keeps no {key.kind.value} record")
+    return write(state, key)
+
+
 def read_meta(records: Mapping[RecordKey, bytes]) -> tuple[str, int, bytes, bytes | None, bytes]:
     """User id, device id, user identity (public, private seed or None) and account pickle."""
-    meta = records.get(("meta",))
-    account = records.get(("account",))
+    meta = records.get(RecordKey.META)
+    account = records.get(RecordKey.ACCOUNT)
     if meta is None or account is None:
         raise StateError("client state: meta or account record missing")
 
@@ -51,120 +69,159 @@ def read_meta(records: Mapping[RecordKey, bytes]) -> tuple[str, int, bytes, byte
     return user_id, device_id, user_public, seed, account
 
 
-def _read_address(value: object, what: str) -> Address:
-    f = Fields(value, what=what, count=2)
-    return Address(f.text(MAX_USER_ID_SIZE), f.uint())
-
-
-def _key_bytes(part: str | int | bytes) -> bytes:
-    if not isinstance(part, bytes):
-        raise StateError("record key: expected bytes")
-    return part
-
-
-def _key_str(part: str | int | bytes) -> str:
-    if not isinstance(part, str):
-        raise StateError("record key: expected a string")
-    return part
-
-
-def _key_int(part: str | int | bytes) -> int:
-    if not isinstance(part, int):
-        raise StateError("record key: expected an integer")
-    return part
-
-
-def serialize(state: CoreState, key: RecordKey) -> bytes | None:
-    """The record ``key`` as the state holds it now; None if it holds none."""
-    kind = key[0]
-    if kind == "meta":
-        seed = None if state.user_identity is None else state.user_identity.seed
-        return pack(
-            [STATE_VERSION, state.user_id, state.device_id, state.user_identity_public, seed]
-        )
-    if kind == "account":
-        return state.account.to_bytes()
-    if kind == "devices":
-        held = state.device_lists.get(_key_str(key[1]))
-        return None if held is None else held.encode()
-    if kind == "pending_identity":
-        pending = state.pending_identity.get(_key_str(key[1]))
-        return None if pending is None else pending.encode()
-    if kind == "session":
-        record = state.sessions.get(Address(_key_str(key[1]), _key_int(key[2])))
-        return None if record is None else record.to_bytes()
-    if kind == "outbound":
-        outbound = state.outbound.get(_key_bytes(key[1]))
-        if outbound is None:
-            return None
-        shared = [[a.user_id, a.device_id] for a in sorted(outbound.shared_with)]
-        return pack([STATE_VERSION, outbound.key.to_bytes(), shared])
-    if kind == "inbound":
-        inbound = state.inbound.get(
-            (_key_bytes(key[1]), Address(_key_str(key[2]), _key_int(key[3])))
-        )
-        return None if inbound is None else inbound.to_bytes()
-    if kind == "group":
-        group = state.groups.get(_key_bytes(key[1]))
-        return None if group is None else group.to_bytes()
-    if kind == "left_groups":
-        return pack([STATE_VERSION, state.left]) if state.left else None
-    if kind == "held_controls":
-        if not state.held:
-            return None
-        entries = [[a.user_id, a.device_id, c.control, c.snapshot] for a, c in state.held]
-        return pack([STATE_VERSION, entries])
-    raise AssertionError(f"unknown record kind {kind!r}")
-
-
 def load_records(state: CoreState, records: Mapping[RecordKey, bytes]) -> None:
-    """Load every record but meta and account (which built ``state``) into it."""
+    """Load every record into a state built from meta and account; ignore the client's own."""
     for key, data in records.items():
-        _load_record(state, key, data)
+        read = _READERS.get(key.kind)
+        if read is not None:
+            read(state, key, data)
     state.changed = set()
 
 
-def _load_record(state: CoreState, key: RecordKey, data: bytes) -> None:
-    kind = key[0]
-    if kind == "devices":
-        signed = SignedDeviceList.decode(data)
-        state.device_lists[signed.device_list.user_id] = signed
-    elif kind == "pending_identity":
-        signed = SignedDeviceList.decode(data)
-        state.pending_identity[signed.device_list.user_id] = signed
-    elif kind == "session":
-        state.sessions[Address(_key_str(key[1]), _key_int(key[2]))] = SessionRecord.from_bytes(data)
-    elif kind == "outbound":
+# ------------------------------------------------------------------ one function per kind
+# A key's parts are present as its kind requires (RecordKey checks it): the
+# asserts below only tell the type checker.
 
-        def read_outbound(f: Fields) -> Outbound:
-            sender_key = OutboundSenderKey.from_bytes(f.bin())
-            shared = {_read_address(a, "outbound shared") for a in f.array(max_len=100_000)}
-            return Outbound(sender_key, shared)
 
-        state.outbound[_key_bytes(key[1])] = load_pickle(data, "outbound", read_outbound)
-    elif kind == "inbound":
-        address = Address(_key_str(key[2]), _key_int(key[3]))
-        state.inbound[(_key_bytes(key[1]), address)] = SenderKeyRecord.from_bytes(data)
-    elif kind == "group":
-        group = Group.from_bytes(data)
-        state.groups[group.group_id] = group
-    elif kind == "left_groups":
+def _write_meta(state: CoreState, key: RecordKey) -> bytes:
+    seed = None if state.user_identity is None else state.user_identity.seed
+    return pack([STATE_VERSION, state.user_id, state.device_id, state.user_identity_public, seed])
 
-        def read_left(f: Fields) -> list[bytes]:
-            left = f.array(max_len=MAX_LEFT_GROUPS)
-            if not all(isinstance(g, bytes) and len(g) == GROUP_ID_SIZE for g in left):
-                raise DecodeError("left groups: not a group id")
-            return left
 
-        state.left.extend(load_pickle(data, "left groups", read_left))
-    elif kind == "held_controls":
+def _write_account(state: CoreState, key: RecordKey) -> bytes:
+    return state.account.to_bytes()
 
-        def read_held(f: Fields) -> list[tuple[Address, GroupControl]]:
-            held = []
-            for item in f.array(max_len=MAX_HELD_GROUP_CONTROLS):
-                entry = Fields(item, what="held control", count=4)
-                sender = Address(entry.text(MAX_USER_ID_SIZE), entry.uint())
-                held.append((sender, GroupControl(entry.bin(), entry.optional_bin())))
-            return held
 
-        state.held.extend(load_pickle(data, "held controls", read_held))
+def _write_devices(state: CoreState, key: RecordKey) -> bytes | None:
+    assert key.user_id is not None
+    held = state.device_lists.get(key.user_id)
+    return None if held is None else held.encode()
+
+
+def _read_devices(state: CoreState, key: RecordKey, data: bytes) -> None:
+    signed = SignedDeviceList.decode(data)
+    state.device_lists[signed.device_list.user_id] = signed
+
+
+def _write_pending_identity(state: CoreState, key: RecordKey) -> bytes | None:
+    assert key.user_id is not None
+    pending = state.pending_identity.get(key.user_id)
+    return None if pending is None else pending.encode()
+
+
+def _read_pending_identity(state: CoreState, key: RecordKey, data: bytes) -> None:
+    signed = SignedDeviceList.decode(data)
+    state.pending_identity[signed.device_list.user_id] = signed
+
+
+def _write_session(state: CoreState, key: RecordKey) -> bytes | None:
+    assert key.address is not None
+    record = state.sessions.get(key.address)
+    return None if record is None else record.to_bytes()
+
+
+def _read_session(state: CoreState, key: RecordKey, data: bytes) -> None:
+    assert key.address is not None
+    state.sessions[key.address] = SessionRecord.from_bytes(data)
+
+
+def _write_outbound(state: CoreState, key: RecordKey) -> bytes | None:
+    assert key.group_id is not None
+    outbound = state.outbound.get(key.group_id)
+    if outbound is None:
+        return None
+    shared = [[a.user_id, a.device_id] for a in sorted(outbound.shared_with)]
+    return pack([STATE_VERSION, outbound.key.to_bytes(), shared])
+
+
+def _read_outbound(state: CoreState, key: RecordKey, data: bytes) -> None:
+    assert key.group_id is not None
+
+    def read(f: Fields) -> Outbound:
+        sender_key = OutboundSenderKey.from_bytes(f.bin())
+        shared = set()
+        for item in f.array(max_len=_MAX_SHARED_WITH):
+            address = Fields(item, what="outbound shared", count=2)
+            shared.add(Address(address.text(MAX_USER_ID_SIZE), address.uint()))
+        return Outbound(sender_key, shared)
+
+    state.outbound[key.group_id] = load_pickle(data, "outbound", read)
+
+
+def _write_inbound(state: CoreState, key: RecordKey) -> bytes | None:
+    assert key.group_id is not None and key.address is not None
+    inbound = state.inbound.get((key.group_id, key.address))
+    return None if inbound is None else inbound.to_bytes()
+
+
+def _read_inbound(state: CoreState, key: RecordKey, data: bytes) -> None:
+    assert key.group_id is not None and key.address is not None
+    state.inbound[(key.group_id, key.address)] = SenderKeyRecord.from_bytes(data)
+
+
+def _write_group(state: CoreState, key: RecordKey) -> bytes | None:
+    assert key.group_id is not None
+    group = state.groups.get(key.group_id)
+    return None if group is None else group.to_bytes()
+
+
+def _read_group(state: CoreState, key: RecordKey, data: bytes) -> None:
+    group = Group.from_bytes(data)
+    state.groups[group.group_id] = group
+
+
+def _write_left_groups(state: CoreState, key: RecordKey) -> bytes | None:
+    return pack([STATE_VERSION, state.left]) if state.left else None
+
+
+def _read_left_groups(state: CoreState, key: RecordKey, data: bytes) -> None:
+    def read(f: Fields) -> list[bytes]:
+        left = f.array(max_len=MAX_LEFT_GROUPS)
+        if not all(isinstance(g, bytes) and len(g) == GROUP_ID_SIZE for g in left):
+            raise DecodeError("left groups: not a group id")
+        return left
+
+    state.left.extend(load_pickle(data, "left groups", read))
+
+
+def _write_held_controls(state: CoreState, key: RecordKey) -> bytes | None:
+    if not state.held:
+        return None
+    entries = [[a.user_id, a.device_id, c.control, c.snapshot] for a, c in state.held]
+    return pack([STATE_VERSION, entries])
+
+
+def _read_held_controls(state: CoreState, key: RecordKey, data: bytes) -> None:
+    def read(f: Fields) -> list[tuple[Address, GroupControl]]:
+        held = []
+        for item in f.array(max_len=MAX_HELD_GROUP_CONTROLS):
+            entry = Fields(item, what="held control", count=4)
+            sender = Address(entry.text(MAX_USER_ID_SIZE), entry.uint())
+            held.append((sender, GroupControl(entry.bin(), entry.optional_bin())))
+        return held
+
+    state.held.extend(load_pickle(data, "held controls", read))
+
+
+_WRITERS: dict[RecordKind, Callable[[CoreState, RecordKey], bytes | None]] = {
+    RecordKind.META: _write_meta,
+    RecordKind.ACCOUNT: _write_account,
+    RecordKind.DEVICES: _write_devices,
+    RecordKind.PENDING_IDENTITY: _write_pending_identity,
+    RecordKind.SESSION: _write_session,
+    RecordKind.OUTBOUND: _write_outbound,
+    RecordKind.INBOUND: _write_inbound,
+    RecordKind.GROUP: _write_group,
+    RecordKind.LEFT_GROUPS: _write_left_groups,
+    RecordKind.HELD_CONTROLS: _write_held_controls,
+}
+_READERS: dict[RecordKind, Callable[[CoreState, RecordKey, bytes], None]] = {
+    RecordKind.DEVICES: _read_devices,
+    RecordKind.PENDING_IDENTITY: _read_pending_identity,
+    RecordKind.SESSION: _read_session,
+    RecordKind.OUTBOUND: _read_outbound,
+    RecordKind.INBOUND: _read_inbound,
+    RecordKind.GROUP: _read_group,
+    RecordKind.LEFT_GROUPS: _read_left_groups,
+    RecordKind.HELD_CONTROLS: _read_held_controls,
+}

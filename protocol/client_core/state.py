@@ -83,7 +83,7 @@ class CoreState:
     # from another of our devices must not bring one back.
     left: list[bytes] = field(default_factory=list)
     # Records changed since the last take_changes (a new device: all of them).
-    changed: set[RecordKey] = field(default_factory=lambda: {("meta",), ("account",)})
+    changed: set[RecordKey] = field(default_factory=lambda: {RecordKey.META, RecordKey.ACCOUNT})
 
     @property
     def address(self) -> Address:

@@ -46,6 +46,7 @@ from hushchat.protocol.client_core import (
     ClientCore,
     Outcome,
     RecordKey,
+    RecordKind,
     Undecryptable,
 )
 from hushchat.protocol.content import (
@@ -155,7 +156,7 @@ def world() -> World:
         user_id: SignedDeviceList.decode(data) for user_id, data in net.device_lists.items()
     }
     alice_key = net.core(ALICE).account.identity
-    held = Group.from_bytes(bob_records[("group", group_id)])
+    held = Group.from_bytes(bob_records[RecordKey.group(group_id)])
     dave_identity = net.primaries["dave"].user_identity_public
     add_dave = held.propose(
         AddMember("dave", dave_identity),
@@ -194,7 +195,7 @@ def world() -> World:
         GroupSync((snapshot,)).encode(),
     ]
     sessions_to_bob = {
-        sender: net.stores[sender][("session", "bob", 1)] for sender in (ALICE, BOB2)
+        sender: net.stores[sender][RecordKey.session(A("bob"))] for sender in (ALICE, BOB2)
     }
     return World(
         bob_records=bob_records,
@@ -249,7 +250,7 @@ class SessionTarget:
             if self.record_key is None
             else SessionRecord.from_bytes(records[self.record_key])
         )
-        self.account = Account.from_bytes(records[("account",)])
+        self.account = Account.from_bytes(records[RecordKey.ACCOUNT])
 
     def state(self) -> bytes:
         return self.record.to_bytes() + self.account.to_bytes()
@@ -270,7 +271,9 @@ class SenderKeyTarget:
 
     def reset(self) -> None:
         w = world()
-        self.record = SenderKeyRecord.from_bytes(w.bob_records[("inbound", w.group_id, "alice", 1)])
+        self.record = SenderKeyRecord.from_bytes(
+            w.bob_records[RecordKey.inbound(w.group_id, A("alice"))]
+        )
 
     def check(self, data: bytes) -> bool:
         accepted = refused_unchanged(self.record.to_bytes, lambda: self.record.decrypt(data))
@@ -318,7 +321,7 @@ class ContentTarget:
         outcome = self.core.receive(self.sender, ENVELOPE_DIRECT, payload, now=NOW)
         changes = self.core.take_changes()
         if refused_outcome(outcome):
-            carrier = ("session", self.sender.user_id, self.sender.device_id)
+            carrier = RecordKey.session(self.sender)
             assert set(changes) <= {carrier}, f"refused content changed {sorted(changes)}"
             return False
         return True
@@ -363,7 +366,7 @@ def state_loader(load: Callable[[bytes], Any], dump: Callable[[Any], bytes] | No
 
 def apply_control(data: bytes) -> None:
     w = world()
-    held = Group.from_bytes(w.bob_records[("group", w.group_id)])
+    held = Group.from_bytes(w.bob_records[RecordKey.group(w.group_id)])
     before = held.to_bytes()
     message = ControlMessage.decode(data)
     assert message.encode() == data, "decoded, but not the canonical encoding"
@@ -442,8 +445,8 @@ def load_core_with(data: bytes) -> None:
     ClientCore.load(records.items(), rng=SeededRandom(b"load"))
 
 
-def pickle_seeds(kind: str) -> list[bytes]:
-    return [v for k, v in world().bob_records.items() if k[0] == kind]
+def pickle_seeds(kind: RecordKind) -> list[bytes]:
+    return [v for k, v in world().bob_records.items() if k.kind is kind]
 
 
 def stored_items() -> list[bytes]:
@@ -482,7 +485,7 @@ def sender_key_distributions() -> list[bytes]:
 
 
 def group_states() -> list[bytes]:
-    return [s.encode() for s in Group.from_bytes(pickle_seeds("group")[0]).states]
+    return [s.encode() for s in Group.from_bytes(pickle_seeds(RecordKind.GROUP)[0]).states]
 
 
 def outbound_keys() -> list[bytes]:
@@ -498,7 +501,7 @@ def load_seeds() -> list[bytes]:
 TARGETS: dict[str, tuple[Callable[[], Check], Callable[[], list[bytes]]]] = {
     # Decrypt entry points: a refused input changes no state.
     "SessionRecord.decrypt/ratchet": (
-        lambda: SessionTarget(("session", "alice", 1)).check,
+        lambda: SessionTarget(RecordKey.session(A("alice"))).check,
         lambda: world().direct,
     ),
     "SessionRecord.decrypt/initial": (lambda: SessionTarget(None).check, lambda: world().initial),
@@ -561,7 +564,7 @@ TARGETS: dict[str, tuple[Callable[[], Check], Callable[[], list[bytes]]]] = {
     "client_store.decode_item": (lambda: state_loader(stored_item), stored_items),
     "SenderKeyRecord.from_bytes": (
         lambda: state_loader(SenderKeyRecord.from_bytes, lambda r: r.to_bytes()),
-        lambda: pickle_seeds("inbound"),
+        lambda: pickle_seeds(RecordKind.INBOUND),
     ),
     "OutboundSenderKey.from_bytes": (
         lambda: state_loader(OutboundSenderKey.from_bytes, lambda k: k.to_bytes()),
@@ -569,7 +572,7 @@ TARGETS: dict[str, tuple[Callable[[], Check], Callable[[], list[bytes]]]] = {
     ),
     "Group.from_bytes": (
         lambda: state_loader(Group.from_bytes, lambda g: g.to_bytes()),
-        lambda: pickle_seeds("group"),
+        lambda: pickle_seeds(RecordKind.GROUP),
     ),
     "ClientCore.load": (lambda: state_loader(load_core_with), load_seeds),
 }
@@ -629,7 +632,7 @@ def test_entry_point_fuzz(name: str, data: st.DataObject) -> None:
 def test_every_wire_type_and_state_format_round_trips() -> None:
     """decode(encode(x)) == x for the values of the world, of every kind."""
     w = world()
-    group = Group.from_bytes(w.bob_records[("group", w.group_id)])
+    group = Group.from_bytes(w.bob_records[RecordKey.group(w.group_id)])
     wire: list[tuple[Any, Callable[[bytes], Any]]] = [
         *((d, SignedDeviceList.decode) for d in w.directory.values()),
         *((s, GroupState.decode) for s in group.states),
@@ -650,17 +653,17 @@ def test_every_wire_type_and_state_format_round_trips() -> None:
         item = client_store.decode_item(data)
         assert client_store.decode_item(client_store.encode_item(item)) == item
     # State formats: loading and saving again gives the same bytes.
-    loaders: dict[str, Callable[[bytes], bytes]] = {
-        "account": lambda b: Account.from_bytes(b).to_bytes(),
-        "session": lambda b: SessionRecord.from_bytes(b).to_bytes(),
-        "inbound": lambda b: SenderKeyRecord.from_bytes(b).to_bytes(),
-        "group": lambda b: Group.from_bytes(b).to_bytes(),
+    loaders: dict[RecordKind, Callable[[bytes], bytes]] = {
+        RecordKind.ACCOUNT: lambda b: Account.from_bytes(b).to_bytes(),
+        RecordKind.SESSION: lambda b: SessionRecord.from_bytes(b).to_bytes(),
+        RecordKind.INBOUND: lambda b: SenderKeyRecord.from_bytes(b).to_bytes(),
+        RecordKind.GROUP: lambda b: Group.from_bytes(b).to_bytes(),
     }
     kinds = set()
     for key, data in w.bob_records.items():
-        if key[0] in loaders:
-            assert loaders[key[0]](data) == data, key
-            kinds.add(key[0])
+        if key.kind in loaders:
+            assert loaders[key.kind](data) == data, key
+            kinds.add(key.kind)
     assert kinds == set(loaders)
     for data in outbound_keys():
         assert OutboundSenderKey.from_bytes(data).to_bytes() == data

@@ -21,6 +21,7 @@ from hushchat.protocol.client_core import (
     MessageReceived,
     Outcome,
     RecordKey,
+    RecordKind,
     Undecryptable,
 )
 from hushchat.protocol.content import GroupControl, GroupSync, GroupText, SenderKey, SyncRequest
@@ -93,6 +94,10 @@ def changed(before: dict[RecordKey, bytes], after: dict[RecordKey, bytes]) -> se
     return {k for k in before.keys() | after.keys() if before.get(k) != after.get(k)}
 
 
+def inbound(state: dict[RecordKey, bytes]) -> dict[RecordKey, bytes]:
+    return {k: v for k, v in state.items() if k.kind is RecordKind.INBOUND}
+
+
 def signed(
     key: IdentityKeyPair,
     author: Address,
@@ -129,7 +134,7 @@ def assert_refused_by_members(
         assert delivery.events == (Undecryptable(sender, reason),), (address, delivery.events)
         assert delivery.sent == ()
         after = full_state(net.core(address))
-        assert changed(before, after) <= {("session", sender.user_id, sender.device_id)}
+        assert changed(before, after) <= {RecordKey.session(sender)}
         assert net.core(address).group(group_id) == group_before
 
 
@@ -253,7 +258,7 @@ def test_a_welcome_for_another_change_is_refused(net: Network, group: bytes) -> 
     delivery = net.receive(net.inject_content(A("mallory"), A("erin"), content))
     assert delivery.events == (Undecryptable(A("mallory"), "UNAUTHORIZED_CHANGE"),)
     assert group not in net.core(A("erin")).group_ids
-    assert changed(before, full_state(net.core(A("erin")))) <= {("session", "mallory", 1)}
+    assert changed(before, full_state(net.core(A("erin")))) <= {RecordKey.session(A("mallory"))}
     # Alice's real welcome then works.
     net.add_member(A("alice"), group, "erin")
     net.deliver_all()
@@ -285,7 +290,9 @@ def test_a_replayed_change_changes_nothing(net: Network, group: bytes) -> None:
         state_before = full_state(net.core(address))
         delivery = net.receive(net.inject_content(A("alice"), address, content))
         assert delivery.outcome == Outcome()
-        assert changed(state_before, full_state(net.core(address))) <= {("session", "alice", 1)}
+        assert changed(state_before, full_state(net.core(address))) <= {
+            RecordKey.session(A("alice"))
+        }
     # The removed member's devices never get the group back from a replay.
     dave = [d.envelope for d in deliveries if d.envelope.recipient == A("dave")]
     assert net.receive(dave[0]).outcome == Outcome()
@@ -365,15 +372,14 @@ def test_a_swapped_sender_on_a_group_message_is_detected(net: Network, group: by
         A("nobody"): "UNKNOWN_DEVICE",
     }
     for impostor, reason in expected.items():
-        inbound_before = {k: v for k, v in full_state(carol).items() if k[0] == "inbound"}
+        inbound_before = inbound(full_state(carol))
         delivery = net.receive(net.restamp(envelope, impostor))
         [event] = delivery.events
         assert isinstance(event, Undecryptable) and (event.sender, event.reason) == (
             impostor,
             reason,
         )
-        inbound_after = {k: v for k, v in full_state(carol).items() if k[0] == "inbound"}
-        assert inbound_after == inbound_before
+        assert inbound(full_state(carol)) == inbound_before
         # A retry request goes to the impostor, who answers with its own key.
         for sent in delivery.sent:
             assert sent.label == RETRY and sent.recipient == impostor
@@ -599,7 +605,10 @@ def test_group_sync_is_taken_from_our_own_devices_only(net: Network, group: byte
         delivery = net.receive(net.inject_content(A("mallory"), A("erin"), content))
         assert delivery.events == (Undecryptable(A("mallory"), reason),) and delivery.sent == ()
         erin = net.core(A("erin"))
-        assert changed(before, full_state(erin)) <= {("session", "mallory", 1), ("account",)}
+        assert changed(before, full_state(erin)) <= {
+            RecordKey.session(A("mallory")),
+            RecordKey.ACCOUNT,
+        }
     # Even from its own device, a group without its user is not taken, nor a broken chain.
     net.link_device("erin", 2)
     net.persist(A("erin"))
@@ -613,4 +622,4 @@ def test_group_sync_is_taken_from_our_own_devices_only(net: Network, group: byte
     assert delivery.events == (Undecryptable(A("erin"), "MALFORMED"),)
     assert group not in net.core(A("erin", 2)).group_ids
     after = full_state(net.core(A("erin", 2)))
-    assert changed(before, after) <= {("session", "erin", 1), ("account",)}
+    assert changed(before, after) <= {RecordKey.session(A("erin")), RecordKey.ACCOUNT}

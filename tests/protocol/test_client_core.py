@@ -27,6 +27,8 @@ from hushchat.protocol.client_core import (
     MessageReceived,
     MessageSentByOtherDevice,
     Outcome,
+    RecordKey,
+    RecordKind,
     RetryRequested,
     Undecryptable,
 )
@@ -275,7 +277,7 @@ def test_removal_secrecy(net: Network) -> None:
                     assert answer.events == () and answer.sends == ()
         # Even the sender key records it kept cannot read anything new.
         for key, data in dave_records[device].items():
-            if key[0] == "inbound":
+            if key.kind is RecordKind.INBOUND:
                 for _, payload in payloads:
                     with pytest.raises(NoSenderKey):
                         SenderKeyRecord.from_bytes(data).decrypt(payload)
@@ -302,7 +304,7 @@ def test_a_removed_device_reads_nothing_sent_after(net: Network) -> None:
         outcome = removed.receive(sender, ENVELOPE_GROUP, payload, now=net.tick())
         assert not any(isinstance(e, MessageReceived) for e in outcome.events)
         for key, data in old_records.items():
-            if key[0] == "inbound":
+            if key.kind is RecordKind.INBOUND:
                 with pytest.raises(NoSenderKey):
                     SenderKeyRecord.from_bytes(data).decrypt(payload)
     # And what it sends is refused by everyone.
@@ -393,7 +395,7 @@ def test_a_forged_group_signature_is_refused_and_changes_nothing(net: Network) -
 
 def _sender_key_at(net: Network, sender: Address, group_id: bytes, ahead: int) -> bytes:
     """A validly signed message of ``sender``'s chain, ``ahead`` iterations past its next."""
-    record = unpack(net.stores[sender][("outbound", group_id)], what="test")
+    record = unpack(net.stores[sender][RecordKey.outbound(group_id)], what="test")
     key = unpack(record[1], what="test")
     chain_key = key[4]
     for _ in range(ahead):
@@ -481,13 +483,13 @@ def test_a_late_group_sync_does_not_bring_back_a_group_the_device_left(net: Netw
     [first, *_] = [d for d in results if d.envelope.label == GROUP_SYNC]
     _, removed = first.events
     assert isinstance(removed, GroupUpdated) and removed.changes == (MemberRemoved("bob"),)
-    assert ("left_groups",) in net.stores[A("bob", 3)]
+    assert RecordKey.LEFT_GROUPS in net.stores[A("bob", 3)]
     net.reload(A("bob", 3))
     # Added again, the device joins from the welcome as usual.
     net.add_member(A("alice"), group_id, "bob")
     net.deliver_all()
     assert net.core(A("bob", 3)).group(group_id) == net.core(A("alice")).group(group_id)
-    assert ("left_groups",) not in net.stores[A("bob", 3)]
+    assert RecordKey.LEFT_GROUPS not in net.stores[A("bob", 3)]
 
 
 # ------------------------------------------------------------------ changes reordered or lost
@@ -532,7 +534,7 @@ def test_a_lost_change_leaves_a_member_behind_until_it_arrives(net: Network) -> 
     carol = net.core(A("carol"))
     # Carol is behind: she holds the later change but cannot apply it.
     assert carol.group(group_id).epoch == 0
-    assert ("held_controls",) in net.stores[A("carol")]
+    assert RecordKey.HELD_CONTROLS in net.stores[A("carol")]
     assert carol.group(group_id).user_ids == ("alice", "bob", "carol", "dave")
     # Messages still flow; she still counts dave in.
     net.send_group(A("carol"), group_id, b"behind")
@@ -545,7 +547,7 @@ def test_a_lost_change_leaves_a_member_behind_until_it_arrives(net: Network) -> 
         (MemberAdded("erin", net.core(A("erin")).user_identity_public, False),),
     ]
     assert carol.group(group_id) == net.core(A("alice")).group(group_id)
-    assert ("held_controls",) not in net.stores[A("carol")]
+    assert RecordKey.HELD_CONTROLS not in net.stores[A("carol")]
     # After catching up she rotated: her next key goes to the current members only.
     envelopes = net.send_group(A("carol"), group_id, b"caught up")
     assert sorted(e.recipient.user_id for e in envelopes if e.label == SKDM) == [
@@ -612,7 +614,7 @@ def test_held_changes_are_bounded_and_survive_a_reload(net: Network) -> None:
         content = GroupControl(message.encode(), None).encode()
         delivery = net.receive(net.inject_content(A("alice"), A("bob"), content))
         assert delivery.events == ()
-    held = unpack(net.stores[A("bob")][("held_controls",)], what="test")
+    held = unpack(net.stores[A("bob")][RecordKey.HELD_CONTROLS], what="test")
     assert held[0] == STATE_VERSION and len(held[1]) == MAX_HELD_GROUP_CONTROLS
     net.reload(A("bob"))
     assert full_state(net.core(A("bob"))) == net.stores[A("bob")]
@@ -667,7 +669,7 @@ def test_a_malformed_group_plaintext_still_spends_its_key_in_the_stored_record(
     group_id = make_group(net, {"alice": 1, "bob": 1})
     net.send_group(A("alice"), group_id, b"hello")
     net.deliver_all()
-    record = unpack(net.stores[A("alice")][("outbound", group_id)], what="test")
+    record = unpack(net.stores[A("alice")][RecordKey.outbound(group_id)], what="test")
     outbound = OutboundSenderKey.from_bytes(record[1])
     payload = outbound.encrypt(b"not a GroupText")
     outcome = net.core(A("bob")).receive(A("alice"), ENVELOPE_GROUP, payload, now=net.tick())
@@ -698,12 +700,12 @@ def test_corrupt_records_fail_to_load_with_state_errors(
     net.send_group(A("alice"), group_id, b"x")
     store = dict(net.stores[A("alice")])
     if kind == "outbound":
-        good = unpack(store[("outbound", group_id)], what="test")
+        good = unpack(store[RecordKey.outbound(group_id)], what="test")
         if record[1] == b"":
             record[1] = good[1]
-        store[("outbound", group_id)] = pack(record)
+        store[RecordKey.outbound(group_id)] = pack(record)
     else:
-        store[(kind,)] = pack(record)
+        store[RecordKey(RecordKind(kind))] = pack(record)
     with pytest.raises(error):
         ClientCore.load(store.items())
 
@@ -775,7 +777,7 @@ def test_mutated_envelopes_never_raise_nor_reach_the_app(
         # An unknown sender chain: a retry request, and only that session moved on.
         [event] = outcome.events
         assert isinstance(event, Undecryptable) and event.retry_requested
-        assert set(changes) == {("session", sender.user_id, sender.device_id)}
+        assert set(changes) == {RecordKey.session(sender)}
         net.stores[A("alice")].update(changes)  # type: ignore[arg-type]
     else:
         assert changes == {} and full_state(alice) == before

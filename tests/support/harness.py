@@ -229,15 +229,15 @@ def full_state(core: ClientCore) -> dict[RecordKey, bytes]:
     }  # fmt: skip
     held_fields = {f.name for f in fields(state)}
     assert held_fields == known, f"new ClientCore state: {held_fields ^ known}"
-    keys: list[RecordKey] = [("meta",), ("account",)]
-    keys += [("devices", user_id) for user_id in state.device_lists]
-    keys += [("pending_identity", user_id) for user_id in state.pending_identity]
-    keys += [("session", a.user_id, a.device_id) for a in state.sessions]
-    keys += [("outbound", group_id) for group_id in state.outbound]
-    keys += [("inbound", g, a.user_id, a.device_id) for g, a in state.inbound]
-    keys += [("group", group_id) for group_id in state.groups]
-    keys += [("held_controls",)] if state.held else []
-    keys += [("left_groups",)] if state.left else []
+    keys: list[RecordKey] = [RecordKey.META, RecordKey.ACCOUNT]
+    keys += [RecordKey.devices(user_id) for user_id in state.device_lists]
+    keys += [RecordKey.pending_identity(user_id) for user_id in state.pending_identity]
+    keys += [RecordKey.session(a) for a in state.sessions]
+    keys += [RecordKey.outbound(group_id) for group_id in state.outbound]
+    keys += [RecordKey.inbound(g, a) for g, a in state.inbound]
+    keys += [RecordKey.group(group_id) for group_id in state.groups]
+    keys += [RecordKey.HELD_CONTROLS] if state.held else []
+    keys += [RecordKey.LEFT_GROUPS] if state.left else []
     records = {}
     for key in keys:
         data = serialize(state, key)
@@ -587,7 +587,7 @@ class Network:
         one its ClientCore would send.
         """
         store = self.stores[sender]
-        key: RecordKey = ("session", recipient.user_id, recipient.device_id)
+        key: RecordKey = RecordKey.session(recipient)
         if key not in store:
             self.ensure_sessions(sender, [recipient])
         record = SessionRecord.from_bytes(store[key])

@@ -136,8 +136,8 @@ class Client:
         self._store_lock = trio.Lock()
         self._connection: RelayConnection | None = None
         self._ready = trio.Event()
-        self._published = _stored_int(store, ("published_prekeys",))
-        self._registered = _stored_int(store, ("registered_device_list",))
+        self._published = _stored_int(store, core.RecordKey.PUBLISHED_PREKEYS)
+        self._registered = _stored_int(store, core.RecordKey.REGISTERED_DEVICE_LIST)
         self._handed: int | None = None  # inbox row of the event the app holds
         self._events_in, self._events_out = trio.open_memory_channel[
             tuple[int | None, ClientEvent]
@@ -477,13 +477,13 @@ class Client:
                 [self._published, *(k.key_id for k in fresh), *(k.key_id for k in fresh_kem)]
             )
             changes = self.core.take_changes()
-            changes[("account",)] = account.to_bytes()
-            changes[("published_prekeys",)] = self._published.to_bytes(4, "big")
+            changes[core.RecordKey.ACCOUNT] = account.to_bytes()
+            changes[core.RecordKey.PUBLISHED_PREKEYS] = self._published.to_bytes(4, "big")
             await self._commit(changes)
 
     async def _sync_new_device(self, connection: RelayConnection) -> None:
         """(A linked device, once.) Ask our other devices for the groups they hold."""
-        if self.core.holds_user_identity or self.store.record(("synced",)) is not None:
+        if self.core.holds_user_identity or self.store.record(core.RecordKey.SYNCED) is not None:
             return
         async with self._lock:
             others = [a for a in self.core.devices_of(self.core.user_id) if a != self.address]
@@ -493,7 +493,7 @@ class Client:
             )
             sends = self.core.request_sync(now=self.now())
             changes = self.core.take_changes()
-            changes[("synced",)] = b"\x01"
+            changes[core.RecordKey.SYNCED] = b"\x01"
             await self._commit(changes, sends=sends)
 
     async def _register(self, connection: RelayConnection) -> None:
@@ -505,7 +505,7 @@ class Client:
         if counter > self._registered:
             await connection.upload_device_list(own.encode())
             self._registered = counter
-            await self._commit({("registered_device_list",): counter.to_bytes(8, "big")})
+            await self._commit({core.RecordKey.REGISTERED_DEVICE_LIST: counter.to_bytes(8, "big")})
 
     async def _session(
         self, connection: RelayConnection, task_status: trio.TaskStatus[None]

@@ -3,8 +3,8 @@
 Tables:
 
 * ``records``: the :class:`~hushchat.protocol.client_core.ClientCore` records
-  (account, device lists, sessions, sender keys, groups), keyed by their
-  packed record key;
+  (account, device lists, sessions, sender keys, groups) and the client's
+  own, keyed by their encoded :class:`~hushchat.protocol.client_core.RecordKey`;
 * ``outbox``: sends encrypted but not yet accepted by the relay (sent again
   after a restart, in order);
 * ``inbox``: events not yet taken by the app (a crash after the relay was
@@ -148,11 +148,11 @@ class ClientStore:
 
     def records(self) -> list[tuple[core.RecordKey, bytes]]:
         rows = self._db.execute("SELECT key, value FROM records").fetchall()
-        return [(tuple(unpack(key, what="record key")), value) for key, value in rows]
+        return [(core.RecordKey.decode(key), value) for key, value in rows]
 
     def record(self, key: core.RecordKey) -> bytes | None:
         row = self._db.execute(
-            "SELECT value FROM records WHERE key = ?", (pack(list(key)),)
+            "SELECT value FROM records WHERE key = ?", (key.encode(),)
         ).fetchone()
         return None if row is None else bytes(row[0])
 
@@ -188,7 +188,7 @@ class ClientStore:
         cursor.execute("BEGIN IMMEDIATE")
         try:
             for key, value in changes.items():
-                packed_key = pack(list(key))
+                packed_key = key.encode()
                 if value is None:
                     cursor.execute("DELETE FROM records WHERE key = ?", (packed_key,))
                 else:
