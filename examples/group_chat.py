@@ -62,7 +62,8 @@ from hushchat.protocol.group import AdminChanged, MemberAdded, MemberRemoved, Ti
 from hushchat.transport import ConnectionFailure
 from hushchat.transport import UnknownUser as NoSuchUser
 from hushchat.transport.client.client import Client, Connected, Disconnected, load_or_create_core
-from hushchat.transport.client.store import ClientStore, StoreLocked, encode_item
+from hushchat.transport.client.rows import encode_event
+from hushchat.transport.client.store import ClientStore, StoreLocked
 
 try:
     import readline  # line editing and history for input(), where available
@@ -248,7 +249,7 @@ class Chat:
             if isinstance(event, Connected | Disconnected):
                 self.show_connection(event)
                 continue
-            digest = hashlib.sha256(encode_item(event)).digest()
+            digest = hashlib.sha256(encode_event(event)).digest()
             if not (first and digest == shown_last_time):
                 self.show_event(event)
                 with open(self.last_shown_path, "wb") as file:

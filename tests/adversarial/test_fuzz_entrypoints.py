@@ -19,8 +19,9 @@ initial, group, and arbitrary content inside a real session, from another
 user and from an own device), ControlMessage + Group.apply, Welcome +
 Group.join, SignedDeviceList.decode, the group, sender-key and content
 decoders, decode_relay_frame (+ relay_error_from_wire), decode_request,
-FrameDecoder, client_store.decode_item and the pickles (sender-key records,
-outbound sender keys, groups, a whole ClientCore).
+FrameDecoder, the client store's inbox and outbox rows (and the first
+client's unversioned rows its migration reads) and the pickles (sender-key
+records, outbound sender keys, groups, a whole ClientCore).
 
 The default run checks a few dozen inputs per target; ``pytest -m fuzz``
 checks the budget of tests/fuzzing.py per target and counts them.
@@ -67,6 +68,7 @@ from hushchat.protocol.group import (
     ControlMessage,
     Group,
     GroupState,
+    MemberRemoved,
     RemoveMember,
     SetAdmin,
     SetTitle,
@@ -77,7 +79,7 @@ from hushchat.protocol.group_cipher import OutboundSenderKey, SenderKeyRecord
 from hushchat.protocol.primitives import SeededRandom
 from hushchat.protocol.sender_keys import SenderKeyDistributionMessage, SenderKeyMessage
 from hushchat.protocol.session import SessionRecord
-from hushchat.transport.client import store as client_store
+from hushchat.transport.client import rows
 from hushchat.transport.wire.errors import FrameTooLarge, RelayError, relay_error_from_wire
 from hushchat.transport.wire.frames import (
     BadRequest,
@@ -92,6 +94,7 @@ from hushchat.transport.wire.limits import RELAY_PROTOCOL_VERSION
 from hushchat.transport.wire.records import Envelope
 from tests.support.fuzzing import CHECKED, FUZZ_EXAMPLES, budget, inputs
 from tests.support.harness import Network, full_state
+from tests.transport.test_client_rows import ROWS as FIRST_CLIENT_ROWS
 from tests.transport.test_relay_framing import ERRORS, RELAY_FRAMES, REQUESTS
 
 DEFAULT_EXAMPLES = 25
@@ -426,11 +429,6 @@ def frame_stream(data: bytes) -> bool:
     return True
 
 
-def stored_item(data: bytes) -> None:
-    item = client_store.decode_item(data)
-    assert client_store.encode_item(item) == data, "decoded, but not the canonical encoding"
-
-
 def record_keys() -> list[RecordKey]:
     """Bob's record keys in a fixed order (the ClientCore.load target picks one by a byte)."""
     return sorted(world().bob_records, key=repr)
@@ -449,19 +447,35 @@ def pickle_seeds(kind: RecordKind) -> list[bytes]:
     return [v for k, v in world().bob_records.items() if k.kind is kind]
 
 
-def stored_items() -> list[bytes]:
+def stored_items() -> list[core.Event | core.Send]:
     address = A("alice")
-    items: list[core.Event | core.Send] = [
+    return [
         core.MessageReceived(address, b"\x01" * 16, NOW, b"body", None),
         core.MessageReceived(address, b"\x01" * 16, NOW, b"body", bytes(16)),
         core.MessageSentByOtherDevice(address, "bob", b"\x02" * 16, NOW, b"copy"),
         core.DeviceAdded(address),
         core.DeviceRemoved(address),
         core.Undecryptable(address, "BAD_MAC", None),
+        core.GroupUpdated(bytes(16), address, (MemberRemoved("bob"),), False),
         core.DirectSend("bob", ((1, b"payload"), (2, b"other")), b"content"),
         core.GroupSend(bytes(16), b"group payload", (address, A("bob", 2))),
     ]
-    return [client_store.encode_item(item) for item in items]
+
+
+def stored_events() -> list[bytes]:
+    items = stored_items()
+    return [
+        rows.encode_event(e) for e in items if not isinstance(e, core.DirectSend | core.GroupSend)
+    ]
+
+
+def stored_sends() -> list[bytes]:
+    items = stored_items()
+    return [rows.encode_send(s) for s in items if isinstance(s, core.DirectSend | core.GroupSend)]
+
+
+def unversioned_rows() -> list[bytes]:
+    return [bytes.fromhex(old) for _, old, _ in FIRST_CLIENT_ROWS]
 
 
 def body(frame: Any) -> bytes:
@@ -561,7 +575,12 @@ TARGETS: dict[str, tuple[Callable[[], Check], Callable[[], list[bytes]]]] = {
     "decode_request": (lambda: relay_request, lambda: [body(r) for r in REQUESTS]),
     "FrameDecoder": (lambda: frame_stream, frame_streams),
     # State formats: StateError only.
-    "client_store.decode_item": (lambda: state_loader(stored_item), stored_items),
+    "rows.decode_event": (
+        lambda: state_loader(rows.decode_event, rows.encode_event),
+        stored_events,
+    ),
+    "rows.decode_send": (lambda: state_loader(rows.decode_send, rows.encode_send), stored_sends),
+    "rows.decode_unversioned": (lambda: state_loader(rows.decode_unversioned), unversioned_rows),
     "SenderKeyRecord.from_bytes": (
         lambda: state_loader(SenderKeyRecord.from_bytes, lambda r: r.to_bytes()),
         lambda: pickle_seeds(RecordKind.INBOUND),
@@ -649,9 +668,10 @@ def test_every_wire_type_and_state_format_round_trips() -> None:
         )
     for value, decode in wire:
         assert decode(value.encode()) == value, value
-    for data in stored_items():
-        item = client_store.decode_item(data)
-        assert client_store.decode_item(client_store.encode_item(item)) == item
+    for data in stored_events():
+        assert rows.encode_event(rows.decode_event(data)) == data
+    for data in stored_sends():
+        assert rows.encode_send(rows.decode_send(data)) == data
     # State formats: loading and saving again gives the same bytes.
     loaders: dict[RecordKind, Callable[[bytes], bytes]] = {
         RecordKind.ACCOUNT: lambda b: Account.from_bytes(b).to_bytes(),

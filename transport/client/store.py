@@ -6,9 +6,9 @@ Tables:
   (account, device lists, sessions, sender keys, groups) and the client's
   own, keyed by their encoded :class:`~hushchat.protocol.client_core.RecordKey`;
 * ``outbox``: sends encrypted but not yet accepted by the relay (sent again
-  after a restart, in order);
+  after a restart, in order), one versioned row each (:mod:`.rows`);
 * ``inbox``: events not yet taken by the app (a crash after the relay was
-  acknowledged loses no message);
+  acknowledged loses no message), likewise;
 * ``processed``: guids of envelopes already processed, so one delivered
   again (our acknowledgement was lost) is acknowledged without processing.
 
@@ -24,16 +24,14 @@ from __future__ import annotations
 import fcntl
 import os
 import sqlite3
-from collections.abc import Iterable, Sequence
-from dataclasses import fields, is_dataclass
-from typing import Any
+from collections.abc import Callable, Iterable, Sequence
+from typing import Final
 
 from hushchat.protocol import client_core as core
-from hushchat.protocol import group
-from hushchat.protocol.encoding import pack, unpack
-from hushchat.protocol.errors import ProtocolError, StateError
+from hushchat.protocol.errors import StateError, UnknownStateVersion
 
 from ..wire.errors import TransportError
+from . import rows
 
 
 class StoreLocked(TransportError):
@@ -49,65 +47,65 @@ CREATE TABLE IF NOT EXISTS inbox (id INTEGER PRIMARY KEY AUTOINCREMENT, event BL
 CREATE TABLE IF NOT EXISTS processed (guid BLOB PRIMARY KEY, at INTEGER NOT NULL);
 """
 
-# Event and send classes a store can hold, by name (the names are stored).
-_CLASSES: dict[str, type[Any]] = {
-    cls.__name__: cls
-    for cls in (
-        core.Address,
-        core.MessageReceived,
-        core.MessageSentByOtherDevice,
-        core.DeviceAdded,
-        core.DeviceRemoved,
-        core.IdentityChanged,
-        core.Undecryptable,
-        core.GroupUpdated,
-        core.RetryRequested,
-        core.DirectSend,
-        core.GroupSend,
-        group.MemberAdded,
-        group.MemberRemoved,
-        group.AdminChanged,
-        group.TitleChanged,
-    )
-}
+# Version of the store's layout, kept in PRAGMA user_version: 0 (the first
+# client) stored inbox and outbox rows by class name and field order; 1 stores
+# them as versioned rows (rows.py). open() migrates an older store.
+STORE_VERSION: Final = 1
 
 
-def _to_wire(value: Any) -> Any:
-    if is_dataclass(value) and not isinstance(value, type):
-        name = type(value).__name__
-        if _CLASSES.get(name) is not type(value):
-            raise TypeError(f"{name} cannot be stored")
-        return ["d", name, [_to_wire(getattr(value, f.name)) for f in fields(value)]]
-    if isinstance(value, tuple):
-        return ["t", [_to_wire(item) for item in value]]
-    return ["v", value]
-
-
-def _from_wire(value: Any) -> Any:
-    # Exactly the shapes _to_wire makes; anything else is corrupt (ValueError).
-    if not isinstance(value, list) or len(value) != (3 if value[:1] == ["d"] else 2):
-        raise ValueError("not a stored item")
-    tag = value[0]
-    if tag == "d" and isinstance(value[2], list):
-        return _CLASSES[value[1]](*[_from_wire(item) for item in value[2]])
-    if tag == "t" and isinstance(value[1], list):
-        return tuple(_from_wire(item) for item in value[1])
-    if tag == "v":
-        return value[1]
-    raise ValueError("not a stored item")
-
-
-def encode_item(value: core.Event | core.Send) -> bytes:
-    """Serialize an event or a send for the inbox or outbox."""
-    return pack(_to_wire(value))
-
-
-def decode_item(data: bytes) -> Any:
-    """Inverse of :func:`encode_item`; StateError if the bytes are not one."""
+def _migrate(db: sqlite3.Connection) -> None:
+    """Bring the store to STORE_VERSION in one transaction; refuse a newer one."""
+    db.execute("BEGIN IMMEDIATE")
     try:
-        return _from_wire(unpack(data, what="stored item"))
-    except (ProtocolError, KeyError, IndexError, TypeError, ValueError) as exc:
-        raise StateError("stored item is corrupt") from exc
+        version = db.execute("PRAGMA user_version").fetchone()[0]
+        if version > STORE_VERSION:
+            raise UnknownStateVersion(
+                f"client store version {version} is newer than {STORE_VERSION}"
+            )
+        if version < 1:
+            _version_rows(db, "outbox", "send", _send_from_unversioned)
+            _version_rows(db, "inbox", "event", _event_from_unversioned)
+        if version != STORE_VERSION:
+            db.execute(f"PRAGMA user_version = {STORE_VERSION}")
+        db.execute("COMMIT")
+    except BaseException:
+        db.execute("ROLLBACK")
+        raise
+
+
+def _version_rows(
+    db: sqlite3.Connection, table: str, column: str, convert: Callable[[bytes], bytes]
+) -> None:
+    """Rewrite a table's unversioned rows as versioned ones.
+
+    A row that does not decode stays as it was: reading it fails as it
+    did before (StateError), and the rest is migrated.
+    """
+    stored = db.execute(f"SELECT id, {column} FROM {table}").fetchall()
+    for row_id, data in stored:
+        try:
+            versioned = convert(data)
+        except StateError:
+            continue
+        db.execute(f"UPDATE {table} SET {column} = ? WHERE id = ?", (versioned, row_id))
+
+
+def _send_from_unversioned(data: bytes) -> bytes:
+    send = rows.decode_unversioned(data)
+    if not isinstance(send, core.DirectSend | core.GroupSend):
+        raise StateError("an outbox row that is not a send")
+    versioned = rows.encode_send(send)
+    rows.decode_send(versioned)  # every field checked
+    return versioned
+
+
+def _event_from_unversioned(data: bytes) -> bytes:
+    event = rows.decode_unversioned(data)
+    if isinstance(event, core.DirectSend | core.GroupSend):
+        raise StateError("an inbox row that is not an event")
+    versioned = rows.encode_event(event)
+    rows.decode_event(versioned)  # every field checked
+    return versioned
 
 
 class ClientStore:
@@ -120,13 +118,18 @@ class ClientStore:
 
     @classmethod
     def open(cls, path: str) -> ClientStore:
-        """Open (creating if needed) the store at ``path``; StoreLocked if in use."""
+        """Open (creating if needed) the store at ``path``; StoreLocked if in use.
+
+        A store an older client wrote is migrated first; one a newer client
+        wrote is refused (UnknownStateVersion).
+        """
         lock_fd = os.open(path + ".lock", os.O_RDWR | os.O_CREAT, 0o600)
         try:
             fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(lock_fd)
             raise StoreLocked(f"the client store {path} is open in another process") from None
+        db = None
         try:
             db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
             db.execute("PRAGMA journal_mode=WAL")
@@ -134,8 +137,11 @@ class ClientStore:
             # acknowledgement that follows it deletes the only other copy.
             db.execute("PRAGMA synchronous=FULL")
             db.executescript(_SCHEMA)
+            _migrate(db)
             os.chmod(path, 0o600)
         except BaseException:
+            if db is not None:
+                db.close()
             os.close(lock_fd)
             raise
         return cls(db, lock_fd, path)
@@ -160,12 +166,12 @@ class ClientStore:
         return self._db.execute("SELECT 1 FROM records LIMIT 1").fetchone() is not None
 
     def outbox(self) -> list[tuple[int, core.Send]]:
-        rows = self._db.execute("SELECT id, send FROM outbox ORDER BY id").fetchall()
-        return [(row_id, decode_item(data)) for row_id, data in rows]
+        stored = self._db.execute("SELECT id, send FROM outbox ORDER BY id").fetchall()
+        return [(row_id, rows.decode_send(data)) for row_id, data in stored]
 
     def inbox(self) -> list[tuple[int, core.Event]]:
-        rows = self._db.execute("SELECT id, event FROM inbox ORDER BY id").fetchall()
-        return [(row_id, decode_item(data)) for row_id, data in rows]
+        stored = self._db.execute("SELECT id, event FROM inbox ORDER BY id").fetchall()
+        return [(row_id, rows.decode_event(data)) for row_id, data in stored]
 
     def was_processed(self, guid: bytes) -> bool:
         row = self._db.execute("SELECT 1 FROM processed WHERE guid = ?", (guid,)).fetchone()
@@ -198,11 +204,11 @@ class ClientStore:
                     )
             outbox_ids = []
             for send in sends:
-                cursor.execute("INSERT INTO outbox (send) VALUES (?)", (encode_item(send),))
+                cursor.execute("INSERT INTO outbox (send) VALUES (?)", (rows.encode_send(send),))
                 outbox_ids.append(int(cursor.lastrowid or 0))
             inbox_ids = []
             for event in events:
-                cursor.execute("INSERT INTO inbox (event) VALUES (?)", (encode_item(event),))
+                cursor.execute("INSERT INTO inbox (event) VALUES (?)", (rows.encode_event(event),))
                 inbox_ids.append(int(cursor.lastrowid or 0))
             if processed is not None:
                 cursor.execute(

@@ -1,0 +1,362 @@
+"""Inbox and outbox rows: an explicit, versioned encoding of every event and send.
+
+The client store keeps the events the app has not taken yet (``inbox``) and
+the sends the relay has not accepted yet (``outbox``). Like every wire
+structure, each row is a canonical msgpack array with a version and a fixed
+layout per type, written and read with :mod:`hushchat.protocol.encoding`::
+
+    [ROW_VERSION, tag, field, ...]
+
+The tags and layouts are below and in spec/README.md ("Client storage");
+an address is ``[user_id, device_id]``. Nothing stored depends on a class's
+name or the order of its fields: changing a layout means a new ROW_VERSION,
+and the store rewrites older rows when it opens (:mod:`.store`), as it
+rewrote the rows of the first client, which stored class names
+(:func:`decode_unversioned`).
+
+Decoding raises only :class:`~hushchat.protocol.errors.StateError`
+(:class:`~hushchat.protocol.errors.UnknownStateVersion` for a version this
+code does not know).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from enum import IntEnum
+from typing import Any, Final, TypeVar, assert_never
+
+from hushchat.protocol import group
+from hushchat.protocol.client_core import (
+    Address,
+    DeviceAdded,
+    DeviceRemoved,
+    DirectSend,
+    Event,
+    GroupSend,
+    GroupUpdated,
+    IdentityChanged,
+    MessageReceived,
+    MessageSentByOtherDevice,
+    RetryRequested,
+    Send,
+    Undecryptable,
+)
+from hushchat.protocol.consts import (
+    ED25519_KEY_SIZE,
+    GROUP_ID_SIZE,
+    MAX_DEVICES_PER_USER,
+    MAX_GROUP_MEMBERS,
+    MAX_GROUP_TITLE_SIZE,
+    MAX_STATE_SIZE,
+    MAX_USER_ID_SIZE,
+)
+from hushchat.protocol.content import MESSAGE_ID_SIZE
+from hushchat.protocol.encoding import UINT64_MAX, Fields, pack, unpack
+from hushchat.protocol.errors import DecodeError, ProtocolError, StateError, UnknownStateVersion
+
+from ..wire.limits import MAX_RECIPIENTS_PER_SEND
+
+# Version of the row layouts below. Rows without one (an array starting with
+# a string) are the first client's, read only by decode_unversioned.
+ROW_VERSION: Final = 1
+
+# Most changes one GroupUpdated reports: every member removed and every member
+# added (a whole group replaced, each identity changed) and the title.
+MAX_GROUP_CHANGES: Final = 2 * MAX_GROUP_MEMBERS + 1
+
+
+class EventTag(IntEnum):
+    MESSAGE_RECEIVED = 1
+    MESSAGE_SENT_BY_OTHER_DEVICE = 2
+    DEVICE_ADDED = 3
+    DEVICE_REMOVED = 4
+    IDENTITY_CHANGED = 5
+    UNDECRYPTABLE = 6
+    GROUP_UPDATED = 7
+    RETRY_REQUESTED = 8
+
+
+class SendTag(IntEnum):
+    DIRECT = 1
+    GROUP = 2
+
+
+class GroupChangeTag(IntEnum):
+    MEMBER_ADDED = 1
+    MEMBER_REMOVED = 2
+    ADMIN_CHANGED = 3
+    TITLE_CHANGED = 4
+
+
+# ------------------------------------------------------------------ encoding
+
+
+def _address(address: Address) -> list[Any]:
+    return [address.user_id, address.device_id]
+
+
+def _group_change(change: group.GroupEvent) -> list[Any]:
+    if isinstance(change, group.MemberAdded):
+        return [GroupChangeTag.MEMBER_ADDED, change.user_id, change.user_identity, change.admin]
+    if isinstance(change, group.MemberRemoved):
+        return [GroupChangeTag.MEMBER_REMOVED, change.user_id]
+    if isinstance(change, group.AdminChanged):
+        return [GroupChangeTag.ADMIN_CHANGED, change.user_id, change.admin]
+    if isinstance(change, group.TitleChanged):
+        return [GroupChangeTag.TITLE_CHANGED, change.title]
+    assert_never(change)
+
+
+def _event_fields(event: Event) -> list[Any]:
+    if isinstance(event, MessageReceived):
+        return [
+            EventTag.MESSAGE_RECEIVED,
+            _address(event.sender),
+            event.message_id,
+            event.sent_at,
+            event.body,
+            event.group_id,
+        ]
+    if isinstance(event, MessageSentByOtherDevice):
+        return [
+            EventTag.MESSAGE_SENT_BY_OTHER_DEVICE,
+            _address(event.device),
+            event.to_user,
+            event.message_id,
+            event.sent_at,
+            event.body,
+        ]
+    if isinstance(event, DeviceAdded):
+        return [EventTag.DEVICE_ADDED, _address(event.address)]
+    if isinstance(event, DeviceRemoved):
+        return [EventTag.DEVICE_REMOVED, _address(event.address)]
+    if isinstance(event, IdentityChanged):
+        return [EventTag.IDENTITY_CHANGED, event.user_id, event.old_identity, event.new_identity]
+    if isinstance(event, Undecryptable):
+        return [
+            EventTag.UNDECRYPTABLE,
+            _address(event.sender),
+            event.reason,
+            event.group_id,
+            event.retry_requested,
+        ]
+    if isinstance(event, GroupUpdated):
+        return [
+            EventTag.GROUP_UPDATED,
+            event.group_id,
+            _address(event.author),
+            [_group_change(change) for change in event.changes],
+            event.joined,
+        ]
+    if isinstance(event, RetryRequested):
+        return [EventTag.RETRY_REQUESTED, _address(event.requester), event.group_id]
+    assert_never(event)
+
+
+def _send_fields(send: Send) -> list[Any]:
+    if isinstance(send, DirectSend):
+        payloads = [[device_id, payload] for device_id, payload in send.payloads]
+        return [SendTag.DIRECT, send.recipient_user, payloads, send.content]
+    if isinstance(send, GroupSend):
+        recipients = [_address(a) for a in send.recipients]
+        return [SendTag.GROUP, send.group_id, send.payload, recipients]
+    assert_never(send)
+
+
+def encode_event(event: Event) -> bytes:
+    """The inbox row of ``event``."""
+    return pack([ROW_VERSION, *_event_fields(event)])
+
+
+def encode_send(send: Send) -> bytes:
+    """The outbox row of ``send``."""
+    return pack([ROW_VERSION, *_send_fields(send)])
+
+
+# ------------------------------------------------------------------ decoding
+
+_T = TypeVar("_T")
+_Tag = TypeVar("_Tag", bound=IntEnum)
+
+
+def _load_row(data: bytes, what: str, read: Callable[[Fields], _T]) -> _T:
+    """Read a row of ``what`` with ``read`` (the fields after the version); StateError only."""
+    try:
+        fields = Fields.decode(data, what=what, max_size=MAX_STATE_SIZE)
+        version = fields.uint(UINT64_MAX)
+    except DecodeError as exc:
+        raise StateError(f"{what}: corrupt row ({exc.message})") from exc
+    if version != ROW_VERSION:
+        raise UnknownStateVersion(f"{what}: row version {version} is not {ROW_VERSION}")
+    try:
+        result = read(fields)
+        fields.end()
+    except ProtocolError as exc:
+        raise StateError(f"{what}: corrupt row ({exc.message})") from exc
+    return result
+
+
+def _read_address(value: object, what: str) -> Address:
+    f = Fields(value, what=what, count=2)
+    return Address(f.text(MAX_USER_ID_SIZE), f.uint())
+
+
+def _read_tag(f: Fields, tags: type[_Tag], what: str) -> _Tag:
+    tag = f.uint()
+    try:
+        return tags(tag)
+    except ValueError:
+        raise DecodeError(f"{what}: unknown tag {tag}") from None
+
+
+def _read_group_change(value: object) -> group.GroupEvent:
+    f = Fields(value, what="group change")
+    tag = _read_tag(f, GroupChangeTag, "group change")
+    change: group.GroupEvent
+    if tag == GroupChangeTag.MEMBER_ADDED:
+        change = group.MemberAdded(f.text(MAX_USER_ID_SIZE), f.bin(ED25519_KEY_SIZE), f.boolean())
+    elif tag == GroupChangeTag.MEMBER_REMOVED:
+        change = group.MemberRemoved(f.text(MAX_USER_ID_SIZE))
+    elif tag == GroupChangeTag.ADMIN_CHANGED:
+        change = group.AdminChanged(f.text(MAX_USER_ID_SIZE), f.boolean())
+    else:
+        change = group.TitleChanged(f.text(MAX_GROUP_TITLE_SIZE))
+    f.end()
+    return change
+
+
+def _read_event(f: Fields) -> Event:
+    tag = _read_tag(f, EventTag, "stored event")
+    if tag == EventTag.MESSAGE_RECEIVED:
+        return MessageReceived(
+            _read_address(f.raw(), "sender"),
+            f.bin(MESSAGE_ID_SIZE),
+            f.uint(UINT64_MAX),
+            f.bin(),
+            f.optional_bin(GROUP_ID_SIZE),
+        )
+    if tag == EventTag.MESSAGE_SENT_BY_OTHER_DEVICE:
+        return MessageSentByOtherDevice(
+            _read_address(f.raw(), "device"),
+            f.text(MAX_USER_ID_SIZE),
+            f.bin(MESSAGE_ID_SIZE),
+            f.uint(UINT64_MAX),
+            f.bin(),
+        )
+    if tag == EventTag.DEVICE_ADDED:
+        return DeviceAdded(_read_address(f.raw(), "address"))
+    if tag == EventTag.DEVICE_REMOVED:
+        return DeviceRemoved(_read_address(f.raw(), "address"))
+    if tag == EventTag.IDENTITY_CHANGED:
+        return IdentityChanged(
+            f.text(MAX_USER_ID_SIZE), f.bin(ED25519_KEY_SIZE), f.bin(ED25519_KEY_SIZE)
+        )
+    if tag == EventTag.UNDECRYPTABLE:
+        return Undecryptable(
+            _read_address(f.raw(), "sender"), f.text(), f.optional_bin(GROUP_ID_SIZE), f.boolean()
+        )
+    if tag == EventTag.GROUP_UPDATED:
+        group_id = f.bin(GROUP_ID_SIZE)
+        author = _read_address(f.raw(), "author")
+        changes = tuple(_read_group_change(c) for c in f.array(max_len=MAX_GROUP_CHANGES))
+        return GroupUpdated(group_id, author, changes, f.boolean())
+    return RetryRequested(_read_address(f.raw(), "requester"), f.bin(GROUP_ID_SIZE))
+
+
+def _read_send(f: Fields) -> Send:
+    tag = _read_tag(f, SendTag, "stored send")
+    if tag == SendTag.DIRECT:
+        recipient_user = f.text(MAX_USER_ID_SIZE)
+        payloads = []
+        for item in f.array(max_len=MAX_DEVICES_PER_USER):
+            entry = Fields(item, what="payload", count=2)
+            payloads.append((entry.uint(), entry.bin()))
+        return DirectSend(recipient_user, tuple(payloads), f.bin())
+    group_id, payload = f.bin(GROUP_ID_SIZE), f.bin()
+    recipients = [_read_address(a, "recipient") for a in f.array(max_len=MAX_RECIPIENTS_PER_SEND)]
+    return GroupSend(group_id, payload, tuple(recipients))
+
+
+def decode_event(data: bytes) -> Event:
+    """The event of an inbox row; StateError if the bytes are not one."""
+    return _load_row(data, "stored event", _read_event)
+
+
+def decode_send(data: bytes) -> Send:
+    """The send of an outbox row; StateError if the bytes are not one."""
+    return _load_row(data, "stored send", _read_send)
+
+
+# ------------------------------------------------------------------ the first client's rows
+
+# How the first client stored a row: ["d", class name, [field, ...]] for an
+# event, a send, an address or a group change, ["t", [item, ...]] for a
+# tuple, ["v", value] for anything else; fields in the order below (the
+# classes' own order at the time, now written down).
+_UNVERSIONED: dict[str, tuple[Callable[..., Any], tuple[str, ...]]] = {
+    "Address": (Address, ("user_id", "device_id")),
+    "MessageReceived": (
+        MessageReceived,
+        ("sender", "message_id", "sent_at", "body", "group_id"),
+    ),
+    "MessageSentByOtherDevice": (
+        MessageSentByOtherDevice,
+        ("device", "to_user", "message_id", "sent_at", "body"),
+    ),
+    "DeviceAdded": (DeviceAdded, ("address",)),
+    "DeviceRemoved": (DeviceRemoved, ("address",)),
+    "IdentityChanged": (IdentityChanged, ("user_id", "old_identity", "new_identity")),
+    "Undecryptable": (Undecryptable, ("sender", "reason", "group_id", "retry_requested")),
+    "GroupUpdated": (GroupUpdated, ("group_id", "author", "changes", "joined")),
+    "RetryRequested": (RetryRequested, ("requester", "group_id")),
+    "DirectSend": (DirectSend, ("recipient_user", "payloads", "content")),
+    "GroupSend": (GroupSend, ("group_id", "payload", "recipients")),
+    "MemberAdded": (group.MemberAdded, ("user_id", "user_identity", "admin")),
+    "MemberRemoved": (group.MemberRemoved, ("user_id",)),
+    "AdminChanged": (group.AdminChanged, ("user_id", "admin")),
+    "TitleChanged": (group.TitleChanged, ("title",)),
+}
+
+
+def _from_unversioned(value: Any) -> Any:
+    if not isinstance(value, list) or not value:
+        raise DecodeError("not an unversioned row")
+    tag = value[0]
+    if tag == "d" and len(value) == 3 and isinstance(value[2], list):
+        entry = _UNVERSIONED.get(value[1]) if isinstance(value[1], str) else None
+        if entry is None or len(value[2]) != len(entry[1]):
+            raise DecodeError("unversioned row: unknown class or fields")
+        make, names = entry
+        return make(**{n: _from_unversioned(v) for n, v in zip(names, value[2], strict=True)})
+    if tag == "t" and len(value) == 2 and isinstance(value[1], list):
+        return tuple(_from_unversioned(item) for item in value[1])
+    if tag == "v" and len(value) == 2:
+        return value[1]
+    raise DecodeError("not an unversioned row")
+
+
+def decode_unversioned(data: bytes) -> Event | Send:
+    """An event or a send as the first client stored it (for the store's migration).
+
+    The values are checked only as far as the class layout; the caller
+    encodes the result again and decodes that, which checks every field.
+    """
+    try:
+        item = _from_unversioned(unpack(data, what="unversioned row", max_size=MAX_STATE_SIZE))
+    except DecodeError as exc:
+        raise StateError(f"unversioned row: corrupt ({exc.message})") from exc
+    if not isinstance(
+        item,
+        MessageReceived
+        | MessageSentByOtherDevice
+        | DeviceAdded
+        | DeviceRemoved
+        | IdentityChanged
+        | Undecryptable
+        | GroupUpdated
+        | RetryRequested
+        | DirectSend
+        | GroupSend,
+    ):
+        raise StateError("unversioned row: neither an event nor a send")
+    return item
