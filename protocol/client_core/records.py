@@ -71,8 +71,10 @@ class RecordKey:
         named = {
             part for part in ("user_id", "group_id", "address") if getattr(self, part) is not None
         }
-        if named != set(_PARTS.get(self.kind, ())):
-            raise InvalidArgument(f"a {self.kind.value} record key needs {_PARTS.get(self.kind)}")
+        parts = _PARTS.get(self.kind, ())
+        if named != set(parts):
+            needs = " and ".join(parts) or "nothing else"
+            raise InvalidArgument(f"a record key of kind {self.kind.value} names {needs}")
 
     @classmethod
     def devices(cls, user_id: str) -> RecordKey:
