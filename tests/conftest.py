@@ -11,8 +11,9 @@ import pytest
 from hushchat.protocol.account import Account
 from hushchat.protocol.primitives import SeededRandom
 from tests.support.children import reap_started
+from tests.support.clock import NOW
 from tests.support.fuzzing import CHECKED
-from tests.support.reference import NOW, Curve25519, Peer
+from tests.support.reference import Curve25519, Peer
 
 
 def pytest_sessionfinish(session: pytest.Session) -> None:
@@ -30,8 +31,6 @@ def reap_children() -> Iterator[None]:
     reap_started()
 
 
-
-
 @pytest.fixture
 def rng(request: pytest.FixtureRequest) -> SeededRandom:
     """Randomness seeded by the test's id: every run of a test sees the same bytes."""
@@ -46,7 +45,6 @@ def make_account(rng: SeededRandom) -> Callable[..., Account]:
         return Account.create(now=NOW, one_time_prekeys=one_time_prekeys, rng=rng)
 
     return make
-
 
 
 @pytest.fixture
@@ -76,7 +74,6 @@ def peers(
         return alice, bob
 
     return make
-
 
 
 @pytest.fixture(scope="session")

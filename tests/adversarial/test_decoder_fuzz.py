@@ -27,8 +27,8 @@ from hushchat.protocol.messages import PreKeyMessage, decode_message
 from hushchat.protocol.prekeys import PreKeyBundle
 from hushchat.protocol.primitives import SeededRandom
 from hushchat.protocol.session import SessionRecord
+from tests.support.clock import NOW
 from tests.support.fuzzing import CHECKED, FUZZ_EXAMPLES, budget, inputs
-from tests.support.reference import NOW
 
 DEFAULT_EXAMPLES = 400
 

@@ -92,15 +92,16 @@ from hushchat.transport.wire.frames import (
 from hushchat.transport.wire.framing import FrameDecoder, encode_frame
 from hushchat.transport.wire.limits import RELAY_PROTOCOL_VERSION
 from hushchat.transport.wire.records import Envelope
+from tests.support.clock import NOW
 from tests.support.fuzzing import CHECKED, FUZZ_EXAMPLES, budget, inputs
 from tests.support.harness import Network, full_state
 from tests.transport.test_client_rows import ROWS as FIRST_CLIENT_ROWS
 from tests.transport.test_relay_framing import ERRORS, RELAY_FRAMES, REQUESTS
 
 DEFAULT_EXAMPLES = 25
-NOW = 1_700_100_000
-
-# Inputs checked per target in this process (reported after a fuzz run).
+# When the inputs are made and received: after everything the world made (its
+# network starts at NOW and ticks a second a call), as real traffic would be.
+AFTER_WORLD = NOW + 100_000
 
 
 def A(user_id: str, device_id: int = 1) -> Address:
@@ -184,22 +185,23 @@ def world() -> World:
     )
     add_welcome = held.apply(add_dave, directory).group.welcome(add_dave)
 
-    skdm = OutboundSenderKey.create(group_id, now=NOW, rng=SeededRandom(b"fuzz skdm"))
+    skdm = OutboundSenderKey.create(group_id, now=AFTER_WORLD, rng=SeededRandom(b"fuzz skdm"))
     snapshot = held.current.encode()
     contents = [
-        Text(b"\x01" * 16, NOW, b"text body").encode(),
+        Text(b"\x01" * 16, AFTER_WORLD, b"text body").encode(),
         SenderKey(skdm.distribution_message()).encode(),
         GroupControl(add_dave.encode(), None).encode(),
         GroupControl(add_welcome.message.encode(), add_welcome.encode()).encode(),
         RetryRequest(group_id, 7).encode(),
-        SentCopy("carol", None, b"\x02" * 16, NOW, b"copy").encode(),
-        SentCopy(None, group_id, b"\x03" * 16, NOW, b"copy").encode(),
+        SentCopy("carol", None, b"\x02" * 16, AFTER_WORLD, b"copy").encode(),
+        SentCopy(None, group_id, b"\x03" * 16, AFTER_WORLD, b"copy").encode(),
         SyncRequest().encode(),
         GroupSync((snapshot,)).encode(),
     ]
     sessions_to_bob = {
         sender: net.stores[sender][RecordKey.session(A("bob"))] for sender in (ALICE, BOB2)
     }
+    assert net.now < AFTER_WORLD
     return World(
         bob_records=bob_records,
         group_id=group_id,
@@ -260,7 +262,7 @@ class SessionTarget:
 
     def check(self, data: bytes) -> bool:
         def run() -> object:
-            return self.record.decrypt(data, self.account, now=NOW, rng=SeededRandom(data))
+            return self.record.decrypt(data, self.account, now=AFTER_WORLD, rng=SeededRandom(data))
 
         accepted = refused_unchanged(self.state, run)
         if accepted:
@@ -296,7 +298,7 @@ class CoreTarget:
         self.core = ClientCore.load(world().bob_records.items(), rng=SeededRandom(b"core"))
 
     def check(self, data: bytes) -> bool:
-        outcome = self.core.receive(self.sender, self.kind, data, now=NOW)
+        outcome = self.core.receive(self.sender, self.kind, data, now=AFTER_WORLD)
         changes = self.core.take_changes()
         if refused_outcome(outcome):
             assert changes == {}, f"a refused envelope changed {sorted(changes)}"
@@ -320,8 +322,8 @@ class ContentTarget:
         self.core = ClientCore.load(w.bob_records.items(), rng=SeededRandom(b"content"))
 
     def check(self, data: bytes) -> bool:
-        payload = self.session.encrypt(data, now=NOW)
-        outcome = self.core.receive(self.sender, ENVELOPE_DIRECT, payload, now=NOW)
+        payload = self.session.encrypt(data, now=AFTER_WORLD)
+        outcome = self.core.receive(self.sender, ENVELOPE_DIRECT, payload, now=AFTER_WORLD)
         changes = self.core.take_changes()
         if refused_outcome(outcome):
             carrier = RecordKey.session(self.sender)
@@ -450,9 +452,9 @@ def pickle_seeds(kind: RecordKind) -> list[bytes]:
 def stored_items() -> list[core.Event | core.Send]:
     address = A("alice")
     return [
-        core.MessageReceived(address, b"\x01" * 16, NOW, b"body", None),
-        core.MessageReceived(address, b"\x01" * 16, NOW, b"body", bytes(16)),
-        core.MessageSentByOtherDevice(address, "bob", b"\x02" * 16, NOW, b"copy"),
+        core.MessageReceived(address, b"\x01" * 16, AFTER_WORLD, b"body", None),
+        core.MessageReceived(address, b"\x01" * 16, AFTER_WORLD, b"body", bytes(16)),
+        core.MessageSentByOtherDevice(address, "bob", b"\x02" * 16, AFTER_WORLD, b"copy"),
         core.DeviceAdded(address),
         core.DeviceRemoved(address),
         core.Undecryptable(address, "BAD_MAC", None),
@@ -503,7 +505,7 @@ def group_states() -> list[bytes]:
 
 
 def outbound_keys() -> list[bytes]:
-    return [OutboundSenderKey.create(bytes(16), now=NOW, rng=SeededRandom(b"o")).to_bytes()]
+    return [OutboundSenderKey.create(bytes(16), now=AFTER_WORLD, rng=SeededRandom(b"o")).to_bytes()]
 
 
 def load_seeds() -> list[bytes]:
@@ -565,11 +567,11 @@ TARGETS: dict[str, tuple[Callable[[], Check], Callable[[], list[bytes]]]] = {
     ),
     "GroupText.decode": (
         lambda: round_trip(GroupText.decode, lambda t: t.encode()),
-        lambda: [GroupText(b"\x04" * 16, NOW, b"group text").encode()],
+        lambda: [GroupText(b"\x04" * 16, AFTER_WORLD, b"group text").encode()],
     ),
     "Envelope.decode": (
         lambda: round_trip(Envelope.decode, lambda e: e.encode()),
-        lambda: [Envelope(b"\x05" * 16, NOW, "alice", 1, 1, b"ciphertext").encode()],
+        lambda: [Envelope(b"\x05" * 16, AFTER_WORLD, "alice", 1, 1, b"ciphertext").encode()],
     ),
     "decode_relay_frame": (lambda: relay_frame, relay_frames),
     "decode_request": (lambda: relay_request, lambda: [body(r) for r in REQUESTS]),
@@ -659,8 +661,8 @@ def test_every_wire_type_and_state_format_round_trips() -> None:
         *((Welcome.decode(c), Welcome.decode) for c in w.welcomes),
         *((SenderKeyMessage.decode(m), SenderKeyMessage.decode) for m in w.group),
         *((decode_content(c), decode_content) for c in w.contents),
-        (GroupText(b"\x04" * 16, NOW, b"text"), GroupText.decode),
-        (Envelope(b"\x05" * 16, NOW, "alice", 1, 2, b"payload"), Envelope.decode),
+        (GroupText(b"\x04" * 16, AFTER_WORLD, b"text"), GroupText.decode),
+        (Envelope(b"\x05" * 16, AFTER_WORLD, "alice", 1, 2, b"payload"), Envelope.decode),
     ]
     for skdm in sender_key_distributions():
         wire.append(

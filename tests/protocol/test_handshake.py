@@ -36,7 +36,8 @@ from hushchat.protocol.prekeys import (
     PreKeyBundle,
     SignedPreKeyPublic,
 )
-from tests.support.reference import NOW, Peer, reference_hkdf
+from tests.support.clock import NOW
+from tests.support.reference import Peer, reference_hkdf
 
 if TYPE_CHECKING:
     from tests.support.reference import Curve25519

@@ -36,10 +36,10 @@ from hushchat.protocol.errors import (
 from hushchat.protocol.group_cipher import OutboundSenderKey, SenderKeyRecord
 from hushchat.protocol.primitives import ScriptedRandom, SeededRandom
 from hushchat.protocol.sender_keys import SenderKeyDistributionMessage, SenderKeyMessage
+from tests.support.clock import NOW
 
 GROUP = bytes(range(16))
 OTHER_GROUP = bytes(range(1, 17))
-NOW = 1_700_000_000
 # Ed25519 encoding of the neutral element (small order).
 SMALL_ORDER_KEY = b"\x01" + b"\x00" * 31
 

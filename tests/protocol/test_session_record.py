@@ -18,7 +18,8 @@ from hushchat.protocol.errors import (
     UnknownStateVersion,
 )
 from hushchat.protocol.session import SessionRecord
-from tests.support.reference import NOW, Peer
+from tests.support.clock import NOW
+from tests.support.reference import Peer
 
 Peers = Callable[..., tuple[Peer, Peer]]
 

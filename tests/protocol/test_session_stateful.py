@@ -27,7 +27,8 @@ from hushchat.protocol.errors import DuplicateMessage, RemoteProtocolError
 from hushchat.protocol.messages import PreKeyMessage, decode_message
 from hushchat.protocol.primitives import SeededRandom
 from hushchat.protocol.session import SessionRecord
-from tests.support.reference import NOW, Peer
+from tests.support.clock import NOW
+from tests.support.reference import Peer
 
 NAMES = ("alice", "bob")
 MODES = ["pqxdh", "pqxdh-no-opk", "x3dh", "x3dh-no-opk", "simultaneous"]

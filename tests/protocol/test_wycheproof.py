@@ -50,8 +50,9 @@ from hushchat.protocol.messages import PreKeyMessage, RatchetMessage, decode_mes
 from hushchat.protocol.prekeys import OneTimePreKeyPublic, PreKeyBundle, SignedPreKeyPublic
 from hushchat.protocol.primitives import SeededRandom
 from hushchat.transport.wire.auth import sign_auth, verify_auth
+from tests.support.clock import NOW
 from tests.support.paths import WYCHEPROOF
-from tests.support.reference import NOW, Peer
+from tests.support.reference import Peer
 
 P = 2**255 - 19
 L = 2**252 + 27742317777372353535851937790883648493

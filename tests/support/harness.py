@@ -65,9 +65,7 @@ from hushchat.protocol.prekeys import (
 from hushchat.protocol.primitives import RandomSource
 from hushchat.protocol.sender_keys import SenderKeyDistributionMessage, SenderKeyMessage
 from hushchat.protocol.session import SessionRecord
-
-# A fixed start time (seconds); each call into a core happens one second later.
-START = 1_700_000_000
+from tests.support.clock import NOW
 
 # What produced an envelope.
 TEXT = "text"  # send_direct, to the recipient user
@@ -260,7 +258,7 @@ class Network:
         self.rng = rng
         self.one_time_prekeys = one_time_prekeys
         self.check_persistence = check_persistence
-        self.now = START
+        self.now = NOW  # each call into a core happens one second later
         self.devices: dict[Address, ClientCore] = {}
         self.stores: dict[Address, dict[RecordKey, bytes]] = {}
         self.device_lists: dict[str, bytes] = {}

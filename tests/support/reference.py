@@ -12,9 +12,7 @@ import pytest
 from hushchat.protocol.account import Account
 from hushchat.protocol.primitives import SeededRandom
 from hushchat.protocol.session import DecryptResult, SessionRecord
-
-# A fixed "current time" (seconds); the protocol never reads a clock.
-NOW = 1_700_000_000
+from tests.support.clock import NOW
 
 
 class Peer:
@@ -41,7 +39,6 @@ class Peer:
         with pytest.raises(error):
             self.decrypt(data, **kwargs)
         assert self.state() == before
-
 
 
 # ------------------------------------------------------------------ references, independently

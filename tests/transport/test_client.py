@@ -32,8 +32,8 @@ from hushchat.transport.client.store import ClientStore, StoreLocked
 from hushchat.transport.relay.config import RelayConfig
 from hushchat.transport.relay.server import serve_relay
 from hushchat.transport.wire.errors import ConnectionClosed
+from tests.support.clock import NOW
 from tests.support.paths import REPO
-from tests.support.reference import NOW
 
 TIMEOUT = 20
 
