@@ -13,7 +13,8 @@ from hushchat.protocol.primitives import SeededRandom
 from tests.support.children import reap_started
 from tests.support.clock import NOW
 from tests.support.fuzzing import CHECKED
-from tests.support.reference import Curve25519, Peer
+from tests.support.peers import Peer
+from tests.support.reference import Curve25519
 
 
 def pytest_sessionfinish(session: pytest.Session) -> None:
@@ -26,7 +27,7 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
 
 @pytest.fixture(autouse=True)
 def reap_children() -> Iterator[None]:
-    """No child process a test started outlives it (tests/children.py)."""
+    """No child process a test started outlives it (tests/support/children.py)."""
     yield
     reap_started()
 

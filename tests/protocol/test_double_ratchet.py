@@ -36,7 +36,8 @@ from hushchat.protocol.errors import (
 from hushchat.protocol.messages import RatchetMessage, decode_message
 from hushchat.protocol.session import SessionRecord
 from tests.support.clock import NOW
-from tests.support.reference import Peer, reference_hkdf
+from tests.support.peers import Peer
+from tests.support.reference import reference_hkdf
 
 Peers = Callable[..., tuple[Peer, Peer]]
 

@@ -37,7 +37,8 @@ from hushchat.protocol.prekeys import (
     SignedPreKeyPublic,
 )
 from tests.support.clock import NOW
-from tests.support.reference import Peer, reference_hkdf
+from tests.support.peers import Peer
+from tests.support.reference import P, reference_hkdf
 
 if TYPE_CHECKING:
     from tests.support.reference import Curve25519
@@ -53,7 +54,6 @@ LOW_ORDER = [
     "5f9c95bca3508c24b1d0b1559c83ef5b04445cc4581c8e86d8224eddd09f1157",
     "ecffffffffffffffffffffffffffffffffffffffffffffffffffffffffffff7f",
 ]
-P = 2**255 - 19
 VARIANTS = [(True, True), (True, False), (False, True), (False, False)]
 VARIANT_IDS = ["pqxdh-opk", "pqxdh", "x3dh-opk", "x3dh"]
 

@@ -23,11 +23,10 @@ from hushchat.protocol.errors import (
     NonContributoryKey,
 )
 from hushchat.protocol.keys import IdentityKeyPair, PublicIdentity
+from tests.support.reference import SMALL_ORDER_KEY, L, P
 
 if TYPE_CHECKING:
     from tests.support.reference import Curve25519
-
-P = 2**255 - 19
 
 # RFC 8032 section 7.1: (secret key, public key) of TEST 1, 2, 3, 1024 and SHA(abc).
 RFC8032_KEYS = [
@@ -121,6 +120,7 @@ def small_order_encodings(curve: Curve25519) -> list[bytes]:
 def test_small_order_ed25519_keys_are_refused(curve25519: Curve25519) -> None:
     encodings = small_order_encodings(curve25519)
     assert len(set(encodings)) == 14  # 8 canonical, 2 negative zeros, 4 with y >= p
+    assert SMALL_ORDER_KEY in encodings  # the one other tests plant
     for encoded in encodings:
         with pytest.raises(InvalidKey):
             p.ed25519_public_to_x25519(encoded)
@@ -223,7 +223,7 @@ def test_prime_order_check_matches_reference(n: int, curve25519: Curve25519) -> 
     curve = curve25519
     u = n.to_bytes(32, "little")
     point = None if n == P - 1 else curve.from_u(u)
-    expected = point is not None and curve.mul(point, curve.L) == curve.IDENTITY
+    expected = point is not None and curve.mul(point, L) == curve.IDENTITY
     if expected:
         assert p.check_x25519_prime_order(u) == u
     else:
@@ -237,8 +237,8 @@ def test_subgroup_check_scalar_has_the_properties_its_proof_needs(curve25519: Cu
     clamped[0] &= 248
     clamped[31] = clamped[31] & 127 | 64
     assert int.from_bytes(clamped, "little") == k  # X25519 uses it as it is
-    assert k % 8 == 0 and k % curve25519.L == curve25519.L - 1
-    twist_order = 2 * P + 2 - 8 * curve25519.L
+    assert k % 8 == 0 and k % L == L - 1
+    twist_order = 2 * P + 2 - 8 * L
     twist_prime = twist_order // 4
     assert twist_order % 4 == 0 and pow(3, twist_prime - 1, twist_prime) == 1
     assert k % twist_prime not in (1, twist_prime - 1)
@@ -358,7 +358,7 @@ def test_ed25519_rfc8032_test1_signature(curve25519: Curve25519) -> None:
     with pytest.raises(BadSignature):
         p.ed25519_verify(public, signature, b"x")
     # Malleability: S + L verifies under a lax implementation; RFC 8032 refuses it.
-    s = int.from_bytes(signature[32:], "little") + curve25519.L
+    s = int.from_bytes(signature[32:], "little") + L
     with pytest.raises(BadSignature):
         p.ed25519_verify(public, signature[:32] + s.to_bytes(32, "little"), b"")
     with pytest.raises(BadSignature):

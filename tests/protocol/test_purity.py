@@ -15,7 +15,7 @@ from hushchat.protocol.double_ratchet import RatchetState
 from hushchat.protocol.keys import IdentityKeyPair
 from hushchat.protocol.pqxdh import initiate
 from tests.support.paths import REPO
-from tests.support.reference import Peer
+from tests.support.peers import Peer
 
 PROTOCOL = REPO / "protocol"
 

@@ -19,7 +19,7 @@ from hushchat.protocol.errors import (
 )
 from hushchat.protocol.session import SessionRecord
 from tests.support.clock import NOW
-from tests.support.reference import Peer
+from tests.support.peers import Peer
 
 Peers = Callable[..., tuple[Peer, Peer]]
 

@@ -28,7 +28,7 @@ from hushchat.protocol.messages import PreKeyMessage, decode_message
 from hushchat.protocol.primitives import SeededRandom
 from hushchat.protocol.session import SessionRecord
 from tests.support.clock import NOW
-from tests.support.reference import Peer
+from tests.support.peers import Peer
 
 NAMES = ("alice", "bob")
 MODES = ["pqxdh", "pqxdh-no-opk", "x3dh", "x3dh-no-opk", "simultaneous"]

@@ -52,10 +52,8 @@ from hushchat.protocol.primitives import SeededRandom
 from hushchat.transport.wire.auth import sign_auth, verify_auth
 from tests.support.clock import NOW
 from tests.support.paths import WYCHEPROOF
-from tests.support.reference import Peer
-
-P = 2**255 - 19
-L = 2**252 + 27742317777372353535851937790883648493
+from tests.support.peers import Peer
+from tests.support.reference import L, P
 
 
 def wycheproof_dir() -> Path:

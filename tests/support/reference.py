@@ -1,47 +1,9 @@
-"""Reference values and independent math the tests share: a fixed clock, a
-one-to-one peer, and HKDF and Curve25519 written from the RFCs, sharing no code
-with hushchat.protocol."""
+"""Independent references the tests check the protocol against: HKDF and
+Curve25519 written from the RFCs, sharing no code with hushchat.protocol."""
 
 from __future__ import annotations
 
 import hmac
-from typing import Any
-
-import pytest
-
-from hushchat.protocol.account import Account
-from hushchat.protocol.primitives import SeededRandom
-from hushchat.protocol.session import DecryptResult, SessionRecord
-from tests.support.clock import NOW
-
-
-class Peer:
-    """One device in a one-to-one conversation: its account and its record of the other."""
-
-    def __init__(self, account: Account, rng: SeededRandom) -> None:
-        self.account = account
-        self.record = SessionRecord()
-        self.rng = rng
-
-    def encrypt(self, plaintext: bytes, *, now: int = NOW) -> bytes:
-        return self.record.encrypt(plaintext, now=now)
-
-    def decrypt(self, data: bytes, *, now: int = NOW, **kwargs: Any) -> DecryptResult:
-        return self.record.decrypt(data, self.account, now=now, rng=self.rng, **kwargs)
-
-    def state(self) -> bytes:
-        """Everything a decrypt may change, serialized (for before/after comparisons)."""
-        return self.record.to_bytes() + self.account.to_bytes()
-
-    def assert_refused(self, data: bytes, error: type[Exception], **kwargs: Any) -> None:
-        """``data`` raises ``error`` and leaves the record and account byte-identical."""
-        before = self.state()
-        with pytest.raises(error):
-            self.decrypt(data, **kwargs)
-        assert self.state() == before
-
-
-# ------------------------------------------------------------------ references, independently
 
 
 def reference_hkdf(ikm: bytes, salt: bytes, info: bytes, length: int) -> bytes:
@@ -54,19 +16,25 @@ def reference_hkdf(ikm: bytes, salt: bytes, info: bytes, length: int) -> bytes:
     return okm[:length]
 
 
+# The field prime (RFC 7748) and the order of the base point's subgroup (RFC 8032).
+P = 2**255 - 19
+L = 2**252 + 27742317777372353535851937790883648493
+# The Ed25519 encoding of the neutral element (0, 1): a public key of small order,
+# never a valid identity (one of the encodings test_primitives builds from the curve).
+SMALL_ORDER_KEY = b"\x01" + b"\x00" * 31
+
+
 # Affine Edwards arithmetic written from RFC 7748/8032, sharing no code with
 # protocol.primitives, to make inputs (torsion points, torsioned keys) and
 # to check results against.
 
 
 class Curve25519:
-    P = 2**255 - 19
     D = (-121665 * pow(121666, -1, P)) % P
-    L = 2**252 + 27742317777372353535851937790883648493
     IDENTITY = (0, 1)
 
     def __init__(self) -> None:
-        base = self.decode((4 * pow(5, -1, self.P) % self.P).to_bytes(32, "little"))
+        base = self.decode((4 * pow(5, -1, P) % P).to_bytes(32, "little"))
         assert base is not None
         self.base = base  # RFC 8032's B: y = 4/5, x even
         # A point of order 8: [L] of a curve point whose order has the full cofactor.
@@ -74,14 +42,14 @@ class Curve25519:
         while True:
             x = self.recover_x(y, 0)
             if x is not None:
-                t = self.mul((x, y), self.L)
+                t = self.mul((x, y), L)
                 if self.mul(t, 4) != self.IDENTITY:
                     break
             y += 1
         self.torsion = [self.mul(t, i) for i in range(8)]
 
     def recover_x(self, y: int, sign: int) -> int | None:
-        p = self.P
+        p = P
         xx = (y * y - 1) * pow(self.D * y * y + 1, -1, p) % p
         x = pow(xx, (p + 3) // 8, p)
         if (x * x - xx) % p:
@@ -91,7 +59,7 @@ class Curve25519:
         return p - x if x & 1 != sign else x
 
     def add(self, a: tuple[int, int], b: tuple[int, int]) -> tuple[int, int]:
-        p = self.P
+        p = P
         (x1, y1), (x2, y2) = a, b
         t = self.D * x1 * x2 * y1 * y2 % p
         x = (x1 * y2 + x2 * y1) * pow(1 + t, -1, p) % p
@@ -113,18 +81,18 @@ class Curve25519:
     def decode(self, data: bytes) -> tuple[int, int] | None:
         n = int.from_bytes(data, "little")
         y = n & ((1 << 255) - 1)
-        x = None if y >= self.P else self.recover_x(y, n >> 255)
+        x = None if y >= P else self.recover_x(y, n >> 255)
         return None if x is None else (x, y)
 
     def to_u(self, point: tuple[int, int]) -> bytes:
         """The Montgomery u-coordinate (1 + y) / (1 - y) of an Edwards point."""
         y = point[1]
-        return ((1 + y) * pow(1 - y, -1, self.P) % self.P).to_bytes(32, "little")
+        return ((1 + y) * pow(1 - y, -1, P) % P).to_bytes(32, "little")
 
     def from_u(self, u: bytes) -> tuple[int, int] | None:
         """An Edwards point with this u-coordinate (sign of x: 0), None if on the twist."""
         n = int.from_bytes(u, "little")
-        y = (n - 1) * pow(n + 1, -1, self.P) % self.P
+        y = (n - 1) * pow(n + 1, -1, P) % P
         x = self.recover_x(y, 0)
         return None if x is None else (x, y)
 
