@@ -32,10 +32,9 @@ from hushchat.protocol.errors import (
     UntrustedIdentity,
 )
 from hushchat.protocol.keys import IdentityKeyPair
+from tests.support.reference import SMALL_ORDER_KEY
 
 CTX = consts.DEVICE_LIST_SIGNATURE_CONTEXT
-# Ed25519 encoding of the neutral element (small order): never a valid identity.
-SMALL_ORDER_KEY = b"\x01" + b"\x00" * 31
 
 
 def keypair(n: int) -> IdentityKeyPair:

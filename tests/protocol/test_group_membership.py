@@ -59,6 +59,7 @@ from hushchat.protocol.group import (
 )
 from hushchat.protocol.keys import IdentityKeyPair
 from hushchat.protocol.primitives import SeededRandom
+from tests.support.reference import SMALL_ORDER_KEY
 
 # ------------------------------------------------------------------ a pool of users
 
@@ -785,7 +786,7 @@ def test_decoders_refuse_bad_fields() -> None:
     with pytest.raises(DecodeError):  # epoch 0 needs the zero parent hash
         GroupState.decode(pack([*state[:3], b"\x01" * 32, *state[4:]]))
     with pytest.raises(InvalidKey):
-        GroupState.decode(pack([*state[:6], [[ALICE.user_id, b"\x01" + bytes(31), True]]]))
+        GroupState.decode(pack([*state[:6], [[ALICE.user_id, SMALL_ORDER_KEY, True]]]))
     body, signature = unpack(sign(group, ALICE, Leave()).encode(), what="test")
     fields = unpack(body, what="test")
     for bad, error in [
@@ -794,7 +795,7 @@ def test_decoders_refuse_bad_fields() -> None:
         ([*fields[:7], [1]], DecodeError),  # leave takes no arguments
         ([*fields[:6], ActionCode.CREATE, ["", []]], DecodeError),  # create needs epoch 0
         ([*fields[:6], ActionCode.ADD_MEMBER, ["", ALICE.identity]], DecodeError),
-        ([*fields[:6], ActionCode.ADD_MEMBER, ["x", b"\x01" + bytes(31)]], InvalidKey),
+        ([*fields[:6], ActionCode.ADD_MEMBER, ["x", SMALL_ORDER_KEY]], InvalidKey),
         ([*fields[:6], ActionCode.SET_TITLE, ["x" * 257]], DecodeError),
         ([*fields[:6], ActionCode.SET_ADMIN, ["x", 1]], DecodeError),
     ]:
@@ -814,7 +815,7 @@ def test_decoders_refuse_bad_fields() -> None:
     "build",
     [
         lambda: Member("", ALICE.identity),
-        lambda: Member("x", b"\x01" + bytes(31)),
+        lambda: Member("x", SMALL_ORDER_KEY),
         lambda: SetTitle("x" * 257),
         lambda: SetTitle("\ud800"),
         lambda: SetAdmin("x", 1),  # type: ignore[arg-type]

@@ -37,11 +37,10 @@ from hushchat.protocol.group_cipher import OutboundSenderKey, SenderKeyRecord
 from hushchat.protocol.primitives import ScriptedRandom, SeededRandom
 from hushchat.protocol.sender_keys import SenderKeyDistributionMessage, SenderKeyMessage
 from tests.support.clock import NOW
+from tests.support.reference import SMALL_ORDER_KEY
 
 GROUP = bytes(range(16))
 OTHER_GROUP = bytes(range(1, 17))
-# Ed25519 encoding of the neutral element (small order).
-SMALL_ORDER_KEY = b"\x01" + b"\x00" * 31
 
 
 def new_sender(name: bytes = b"alice", group: bytes = GROUP) -> OutboundSenderKey:

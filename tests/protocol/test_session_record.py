@@ -20,6 +20,7 @@ from hushchat.protocol.errors import (
 from hushchat.protocol.session import SessionRecord
 from tests.support.clock import NOW
 from tests.support.peers import Peer
+from tests.support.reference import SMALL_ORDER_KEY
 
 Peers = Callable[..., tuple[Peer, Peer]]
 
@@ -115,7 +116,7 @@ def test_corrupt_or_foreign_pickles_raise_state_errors(
         Account.from_bytes(msgpack.packb(value, use_bin_type=True))
     # A record whose session names a small-order identity key.
     value = msgpack.unpackb(bob.record.to_bytes())
-    value[1][1] = b"\x01" + bytes(31)
+    value[1][1] = SMALL_ORDER_KEY
     with pytest.raises(StateError):
         SessionRecord.from_bytes(msgpack.packb(value, use_bin_type=True))
 
