@@ -51,7 +51,8 @@ from hushchat.transport.wire.framing import encode_frame
 from hushchat.transport.wire.limits import RELAY_PROTOCOL_VERSION
 from hushchat.transport.wire.records import Envelope
 from tests.support.children import REPO, STARTED, child_env
-from tests.support.relay import RawClient, User, connected, make_user
+from tests.support.relay import RawClient, connected
+from tests.support.users import User, make_user
 
 TIMEOUT = 60
 

@@ -45,7 +45,8 @@ from hushchat.transport.relay.server import serve_relay
 from hushchat.transport.wire.errors import TransportError
 from hushchat.transport.wire.records import Envelope
 from tests.support.children import RELAY_COMMAND, REPO, STARTED, child_env
-from tests.support.relay import connected, make_user, register
+from tests.support.relay import connected, register
+from tests.support.users import make_user
 
 TIMEOUT = 30
 SLOW_ROUNDS = int(os.environ.get("HUSHCHAT_CRASH_ROUNDS", "20"))

@@ -37,7 +37,8 @@ from hushchat.transport.wire.frames import (
 from hushchat.transport.wire.framing import encode_frame
 from hushchat.transport.wire.limits import RELAY_PROTOCOL_VERSION
 from hushchat.transport.wire.records import Envelope
-from tests.support.relay import RawClient, make_user, memory_connection, relay_config
+from tests.support.relay import RawClient, memory_connection, relay_config
+from tests.support.users import make_user
 
 
 @asynccontextmanager

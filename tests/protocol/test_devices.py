@@ -33,17 +33,14 @@ from hushchat.protocol.errors import (
 )
 from hushchat.protocol.keys import IdentityKeyPair
 from tests.support.reference import SMALL_ORDER_KEY
+from tests.support.users import keypair
 
 CTX = consts.DEVICE_LIST_SIGNATURE_CONTEXT
 
 
-def keypair(n: int) -> IdentityKeyPair:
-    return IdentityKeyPair(bytes([n]) * 32)
-
-
-ALICE = keypair(1)
-MALLORY = keypair(2)
-DEVICE_KEYS = [keypair(10 + i) for i in range(consts.MAX_DEVICES_PER_USER + 1)]
+ALICE = keypair("user:alice")
+MALLORY = keypair("user:mallory")
+DEVICE_KEYS = [keypair(f"alice/{i}") for i in range(consts.MAX_DEVICES_PER_USER + 1)]
 
 
 def entry(device_id: int, key_index: int | None = None) -> DeviceEntry:

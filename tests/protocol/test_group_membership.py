@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-from dataclasses import dataclass
 from itertools import permutations
 from typing import Any
 
@@ -57,53 +56,29 @@ from hushchat.protocol.group import (
     create_group,
     member_devices,
 )
-from hushchat.protocol.keys import IdentityKeyPair
 from hushchat.protocol.primitives import SeededRandom
 from tests.support.reference import SMALL_ORDER_KEY
+from tests.support.users import User, keypair, make_user
 
 # ------------------------------------------------------------------ a pool of users
 
 
-def keypair(label: str) -> IdentityKeyPair:
-    return IdentityKeyPair(hashlib.sha256(label.encode()).digest())
+def add_member(user: User) -> AddMember:
+    """The action that adds ``user`` to a group."""
+    return AddMember(user.user_id, user.public_identity)
 
 
-@dataclass(frozen=True)
-class User:
-    """A user with 1-3 devices and the signed device list everyone holds."""
-
-    user_id: str
-    key: IdentityKeyPair
-    devices: dict[int, IdentityKeyPair]
-    signed: SignedDeviceList
-
-    @property
-    def identity(self) -> bytes:
-        return self.key.public.ed25519
-
-    def add(self) -> AddMember:
-        return AddMember(self.user_id, self.identity)
-
-
-def make_user(user_id: str, device_count: int) -> User:
-    key = keypair(user_id)
-    devices = {d: keypair(f"{user_id}/{d}") for d in range(1, device_count + 1)}
-    entries = [DeviceEntry(d, k.public.ed25519) for d, k in devices.items()]
-    signed = DeviceList.initial(user_id, key.public.ed25519, entries).sign(key)
-    return User(user_id, key, devices, signed)
-
-
-POOL = [make_user(f"user{i:02}", 1 + i % 3) for i in range(12)]
+POOL = [make_user(f"user{i:02}", range(1, 2 + i % 3)) for i in range(12)]  # 1-3 devices
 ALICE, BOB, CAROL, DAVE, ERIN = POOL[:5]
 OUTSIDER = POOL[11]
-DIRECTORY: dict[str, SignedDeviceList] = {u.user_id: u.signed for u in POOL}
+DIRECTORY: dict[str, SignedDeviceList] = {u.user_id: u.signed_device_list() for u in POOL}
 MALLORY_KEY = keypair("mallory")
 
 
 def sign(group: Group, user: User, action: Action, device_id: int = 1) -> ControlMessage:
     state = group.current
     return ControlMessage.sign(
-        user.devices[device_id],
+        user.devices[device_id].identity,
         group_id=state.group_id,
         parent_epoch=state.epoch,
         parent_hash=state.state_hash,
@@ -117,10 +92,10 @@ def start(*members: User, title: str = "team") -> tuple[Group, ControlMessage]:
     """ALICE creates a group with ``members``."""
     message = create_group(
         title=title,
-        members=[m.add() for m in members],
+        members=[add_member(m) for m in members],
         author_user_id=ALICE.user_id,
         author_device_id=1,
-        device_key=ALICE.devices[1],
+        device_key=ALICE.devices[1].identity,
         rng=SeededRandom(b"group id"),
     )
     return Group.from_genesis(message, DIRECTORY).group, message
@@ -132,7 +107,7 @@ def step(group: Group, user: User, action: Action, device_id: int = 1) -> GroupU
         action,
         author_user_id=user.user_id,
         author_device_id=device_id,
-        device_key=user.devices[device_id],
+        device_key=user.devices[device_id].identity,
     )
     return group.apply(message, DIRECTORY)
 
@@ -165,12 +140,14 @@ def test_every_member_joins_the_same_state_from_the_create() -> None:
     group, message = start(BOB, CAROL)
     welcome = Welcome.decode(group.welcome(message).encode())
     for user in (BOB, CAROL):
-        update = Group.join(welcome, DIRECTORY, user_id=user.user_id, user_identity=user.identity)
+        update = Group.join(
+            welcome, DIRECTORY, user_id=user.user_id, user_identity=user.public_identity
+        )
         assert update.group == group
         assert update.events == (
-            MemberAdded(ALICE.user_id, ALICE.identity, True),
-            MemberAdded(BOB.user_id, BOB.identity, False),
-            MemberAdded(CAROL.user_id, CAROL.identity, False),
+            MemberAdded(ALICE.user_id, ALICE.public_identity, True),
+            MemberAdded(BOB.user_id, BOB.public_identity, False),
+            MemberAdded(CAROL.user_id, CAROL.public_identity, False),
             TitleChanged("team"),
         )
 
@@ -178,19 +155,21 @@ def test_every_member_joins_the_same_state_from_the_create() -> None:
 def test_joiner_gets_the_state_after_its_add() -> None:
     group, _ = start(BOB)
     group = step(group, ALICE, SetTitle("renamed")).group
-    update = step(group, ALICE, DAVE.add())
+    update = step(group, ALICE, add_member(DAVE))
     welcome = Welcome.decode(update.group.welcome(update.message).encode())
     assert [s.epoch for s in welcome.history] == [0, 1]
-    joined = Group.join(welcome, DIRECTORY, user_id=DAVE.user_id, user_identity=DAVE.identity)
+    joined = Group.join(
+        welcome, DIRECTORY, user_id=DAVE.user_id, user_identity=DAVE.public_identity
+    )
     assert joined.group == update.group
-    assert MemberAdded(DAVE.user_id, DAVE.identity, False) in joined.events
+    assert MemberAdded(DAVE.user_id, DAVE.public_identity, False) in joined.events
 
 
 def test_welcome_history_is_bounded() -> None:
     group, _ = start(BOB)
     for i in range(5):
         group = step(group, ALICE, SetTitle(f"t{i}")).group
-    update = step(group, ALICE, DAVE.add())
+    update = step(group, ALICE, add_member(DAVE))
     assert len(update.group.welcome(update.message, max_history=2).history) == 2
     parent_only = len(update.message.encode()) + len(group.current.encode()) + 40
     assert len(update.group.welcome(update.message, max_size=parent_only).history) == 1
@@ -203,20 +182,20 @@ def test_welcome_history_is_bounded() -> None:
 
 def test_welcome_for_someone_else_is_refused() -> None:
     group, _ = start(BOB)
-    update = step(group, ALICE, DAVE.add())
+    update = step(group, ALICE, add_member(DAVE))
     welcome = update.group.welcome(update.message)
     with pytest.raises(UnauthorizedChange):
-        Group.join(welcome, DIRECTORY, user_id=ERIN.user_id, user_identity=ERIN.identity)
+        Group.join(welcome, DIRECTORY, user_id=ERIN.user_id, user_identity=ERIN.public_identity)
     with pytest.raises(UnauthorizedChange):
-        Group.join(welcome, DIRECTORY, user_id=DAVE.user_id, user_identity=ERIN.identity)
+        Group.join(welcome, DIRECTORY, user_id=DAVE.user_id, user_identity=ERIN.public_identity)
     create = Welcome(start(BOB)[1], ())
     with pytest.raises(UnauthorizedChange):
-        Group.join(create, DIRECTORY, user_id=DAVE.user_id, user_identity=DAVE.identity)
+        Group.join(create, DIRECTORY, user_id=DAVE.user_id, user_identity=DAVE.public_identity)
 
 
 def test_welcome_with_a_forged_snapshot_is_refused() -> None:
     group, _ = start(BOB)
-    update = step(group, ALICE, DAVE.add())
+    update = step(group, ALICE, add_member(DAVE))
     parent = group.current
     # The relay slips a ghost member into the snapshot the joiner is given.
     ghost = GroupState(
@@ -225,21 +204,21 @@ def test_welcome_with_a_forged_snapshot_is_refused() -> None:
         parent.prev_hash,
         parent.change_id,
         parent.title,
-        tuple(sorted((*parent.members, Member(ERIN.user_id, ERIN.identity)), key=_uid)),
+        tuple(sorted((*parent.members, Member(ERIN.user_id, ERIN.public_identity)), key=_uid)),
     )
     forged = Welcome(update.message, (ghost,))
     with pytest.raises(UnauthorizedChange):
-        Group.join(forged, DIRECTORY, user_id=DAVE.user_id, user_identity=DAVE.identity)
+        Group.join(forged, DIRECTORY, user_id=DAVE.user_id, user_identity=DAVE.public_identity)
 
 
 def test_welcome_whose_history_does_not_chain_is_refused() -> None:
     group, _ = start(BOB)
     group = step(group, ALICE, SetTitle("one")).group
-    update = step(group, ALICE, DAVE.add())
+    update = step(group, ALICE, add_member(DAVE))
     other, _ = start(CAROL)
     broken = Welcome(update.message, (other.current, group.current))
     with pytest.raises(UnauthorizedChange):
-        Group.join(broken, DIRECTORY, user_id=DAVE.user_id, user_identity=DAVE.identity)
+        Group.join(broken, DIRECTORY, user_id=DAVE.user_id, user_identity=DAVE.public_identity)
 
 
 def test_joiner_follows_a_fork_rooted_before_its_add() -> None:
@@ -253,9 +232,12 @@ def test_joiner_follows_a_fork_rooted_before_its_add() -> None:
     loser, winner = sorted((a, b), key=lambda m: m.change_id, reverse=True)
     author = ALICE if loser is a else BOB
     on_loser = group.apply(loser, DIRECTORY).group
-    add = step(on_loser, author, DAVE.add())
+    add = step(on_loser, author, add_member(DAVE))
     joined = Group.join(
-        add.group.welcome(add.message), DIRECTORY, user_id=DAVE.user_id, user_identity=DAVE.identity
+        add.group.welcome(add.message),
+        DIRECTORY,
+        user_id=DAVE.user_id,
+        user_identity=DAVE.public_identity,
     ).group
     switched = joined.apply(winner, DIRECTORY)
     assert switched.group.current == group.apply(winner, DIRECTORY).group.current
@@ -268,8 +250,8 @@ def test_joiner_follows_a_fork_rooted_before_its_add() -> None:
 
 def test_add_remove_leave_admin_title_events() -> None:
     group, _ = start(BOB)
-    update = step(group, ALICE, CAROL.add())
-    assert update.events == (MemberAdded(CAROL.user_id, CAROL.identity, False),)
+    update = step(group, ALICE, add_member(CAROL))
+    assert update.events == (MemberAdded(CAROL.user_id, CAROL.public_identity, False),)
     assert update.group.current.epoch == 1
     assert update.group.current.prev_hash == group.current.state_hash
     update = step(update.group, ALICE, SetAdmin(CAROL.user_id, True))
@@ -304,8 +286,8 @@ def test_admin_may_remove_and_demote_other_admins() -> None:
     ("author", "action"),
     [
         (BOB, SetTitle("bob is not an admin")),
-        (BOB, ERIN.add()),
-        (ALICE, BOB.add()),  # already a member
+        (BOB, add_member(ERIN)),
+        (ALICE, add_member(BOB)),  # already a member
         (ALICE, RemoveMember(DAVE.user_id)),  # not a member
         (ALICE, RemoveMember(ALICE.user_id)),  # self-removal is leave
         (ALICE, Leave()),  # the last admin
@@ -325,7 +307,7 @@ def test_changes_the_state_does_not_allow_are_refused(author: User, action: Acti
             action,
             author_user_id=author.user_id,
             author_device_id=1,
-            device_key=author.devices[1],
+            device_key=author.devices[1].identity,
         )
     if isinstance(action, CreateGroup):
         return  # a create cannot name a parent; covered by test_create_for_existing_group
@@ -341,7 +323,7 @@ def test_create_for_existing_group_is_refused() -> None:
     group, message = start(BOB)
     refused(group, message, DuplicateMessage)
     other = ControlMessage.sign(
-        BOB.devices[1],
+        BOB.devices[1].identity,
         group_id=group.group_id,
         parent_epoch=0,
         parent_hash=GENESIS_PARENT_HASH,
@@ -354,13 +336,13 @@ def test_create_for_existing_group_is_refused() -> None:
 
 def test_create_listing_its_author_is_refused() -> None:
     message = ControlMessage.sign(
-        ALICE.devices[1],
+        ALICE.devices[1].identity,
         group_id=bytes(16),
         parent_epoch=0,
         parent_hash=GENESIS_PARENT_HASH,
         author_user_id=ALICE.user_id,
         author_device_id=1,
-        action=CreateGroup("x", (ALICE.add(),)),
+        action=CreateGroup("x", (add_member(ALICE),)),
     )
     with pytest.raises(UnauthorizedChange):
         Group.from_genesis(message, DIRECTORY)
@@ -373,12 +355,14 @@ def test_genesis_must_be_a_create() -> None:
 
 
 def test_group_full() -> None:
-    members = [Member(f"m{i:04}", POOL[i % 12].identity) for i in range(consts.MAX_GROUP_MEMBERS)]
-    members[0] = Member(ALICE.user_id, ALICE.identity, admin=True)
+    members = [
+        Member(f"m{i:04}", POOL[i % 12].public_identity) for i in range(consts.MAX_GROUP_MEMBERS)
+    ]
+    members[0] = Member(ALICE.user_id, ALICE.public_identity, admin=True)
     full = GroupState(
         bytes(16), 0, GENESIS_PARENT_HASH, bytes(32), "", tuple(sorted(members, key=_uid))
     )
-    refused(Group((full,)), sign(Group((full,)), ALICE, BOB.add()), UnauthorizedChange)
+    refused(Group((full,)), sign(Group((full,)), ALICE, add_member(BOB)), UnauthorizedChange)
 
 
 def _uid(member: Member) -> str:
@@ -390,7 +374,7 @@ def _uid(member: Member) -> str:
 
 def test_unsigned_change_is_refused() -> None:
     group, _ = start(BOB)
-    message = sign(group, ALICE, DAVE.add())
+    message = sign(group, ALICE, add_member(DAVE))
     unsigned = ControlMessage(
         message.group_id,
         message.parent_epoch,
@@ -405,21 +389,21 @@ def test_unsigned_change_is_refused() -> None:
 
 def test_flipped_signature_bit_is_refused() -> None:
     group, _ = start(BOB)
-    wire = bytearray(sign(group, ALICE, DAVE.add()).encode())
+    wire = bytearray(sign(group, ALICE, add_member(DAVE)).encode())
     wire[-1] ^= 0x40
     refused(group, ControlMessage.decode(bytes(wire)), BadSignature)
 
 
 def test_arguments_changed_after_signing_are_refused() -> None:
     group, _ = start(BOB)
-    message = sign(group, ALICE, DAVE.add())
+    message = sign(group, ALICE, add_member(DAVE))
     swapped = ControlMessage(
         message.group_id,
         message.parent_epoch,
         message.parent_hash,
         message.author_user_id,
         message.author_device_id,
-        ERIN.add(),
+        add_member(ERIN),
         message.signature,
     )
     refused(group, swapped, BadSignature)
@@ -427,13 +411,13 @@ def test_arguments_changed_after_signing_are_refused() -> None:
 
 def test_ghost_member_signed_by_non_admin_is_refused() -> None:
     group, _ = start(BOB, CAROL)
-    refused(group, sign(group, BOB, OUTSIDER.add(), device_id=2), UnauthorizedChange)
+    refused(group, sign(group, BOB, add_member(OUTSIDER), device_id=2), UnauthorizedChange)
 
 
 def test_ghost_member_added_by_non_member_is_refused() -> None:
     group, _ = start(BOB)
     # The outsider has a valid device list and signs properly: still not a member.
-    refused(group, sign(group, OUTSIDER, OUTSIDER.add()), UnauthorizedChange)
+    refused(group, sign(group, OUTSIDER, add_member(OUTSIDER)), UnauthorizedChange)
 
 
 def test_change_from_a_device_not_in_the_authors_list_is_refused() -> None:
@@ -444,7 +428,7 @@ def test_change_from_a_device_not_in_the_authors_list_is_refused() -> None:
         "parent_epoch": state.epoch,
         "parent_hash": state.state_hash,
         "author_user_id": ALICE.user_id,
-        "action": OUTSIDER.add(),
+        "action": add_member(OUTSIDER),
     }
     # A key the relay made up, claiming a device id ALICE does not have.
     unknown_device = ControlMessage.sign(MALLORY_KEY, author_device_id=7, **fields)
@@ -455,7 +439,7 @@ def test_change_from_a_device_not_in_the_authors_list_is_refused() -> None:
 
 def test_change_without_author_device_list_is_refused() -> None:
     group, _ = start(BOB)
-    message = sign(group, ALICE, DAVE.add())
+    message = sign(group, ALICE, add_member(DAVE))
     before = group.to_bytes()
     directory = dict(DIRECTORY)
     del directory[ALICE.user_id]
@@ -480,7 +464,7 @@ def test_device_list_with_a_substituted_user_identity_is_untrusted() -> None:
         parent_hash=group.current.state_hash,
         author_user_id=ALICE.user_id,
         author_device_id=1,
-        action=OUTSIDER.add(),
+        action=add_member(OUTSIDER),
     )
     before = group.to_bytes()
     with pytest.raises(UntrustedIdentity):
@@ -494,12 +478,12 @@ def test_removed_member_cannot_change_the_group() -> None:
     group, _ = start(BOB)
     group = step(group, ALICE, SetAdmin(BOB.user_id, True)).group
     group = step(group, ALICE, RemoveMember(BOB.user_id)).group
-    refused(group, sign(group, BOB, OUTSIDER.add()), UnauthorizedChange)
+    refused(group, sign(group, BOB, add_member(OUTSIDER)), UnauthorizedChange)
 
 
 def test_replayed_change_is_a_duplicate() -> None:
     group, _ = start(BOB)
-    update = step(group, ALICE, DAVE.add())
+    update = step(group, ALICE, add_member(DAVE))
     refused(update.group, update.message, DuplicateMessage)
 
 
@@ -518,7 +502,7 @@ def test_change_for_another_group_is_refused() -> None:
             ),
         )
     )
-    refused(group, sign(other, ALICE, DAVE.add()), UnauthorizedChange)
+    refused(group, sign(other, ALICE, add_member(DAVE)), UnauthorizedChange)
 
 
 def test_change_from_the_future_is_stale() -> None:
@@ -537,7 +521,7 @@ def two_admins() -> Group:
 
 def test_concurrent_changes_converge_in_either_order() -> None:
     group = two_admins()
-    a = sign(group, ALICE, ERIN.add())
+    a = sign(group, ALICE, add_member(ERIN))
     b = sign(group, BOB, RemoveMember(CAROL.user_id), device_id=2)
     winner, loser = sorted((a, b), key=lambda m: m.change_id)
     first_winner = group.apply(winner, DIRECTORY)
@@ -548,12 +532,12 @@ def test_concurrent_changes_converge_in_either_order() -> None:
     assert switched.discarded == (loser.change_id,)
     # Corrective events: undo the loser's change, then do the winner's.
     expected: dict[bytes, list[GroupEvent]] = {
-        a.change_id: [MemberAdded(ERIN.user_id, ERIN.identity, False)],
+        a.change_id: [MemberAdded(ERIN.user_id, ERIN.public_identity, False)],
         b.change_id: [MemberRemoved(CAROL.user_id)],
     }
     undo: dict[bytes, list[GroupEvent]] = {
         a.change_id: [MemberRemoved(ERIN.user_id)],
-        b.change_id: [MemberAdded(CAROL.user_id, CAROL.identity, False)],
+        b.change_id: [MemberAdded(CAROL.user_id, CAROL.public_identity, False)],
     }
     assert set(switched.events) == set(undo[loser.change_id] + expected[winner.change_id])
 
@@ -564,7 +548,7 @@ def test_change_built_on_a_discarded_change_is_stale() -> None:
     b = sign(group, BOB, SetTitle("b"), device_id=2)
     winner, loser = sorted((a, b), key=lambda m: m.change_id)
     on_loser = group.apply(loser, DIRECTORY).group
-    follow_up = sign(on_loser, ALICE, ERIN.add())
+    follow_up = sign(on_loser, ALICE, add_member(ERIN))
     after = group.apply(winner, DIRECTORY).group
     refused(after, follow_up, StaleChange)
     # A member that applied the loser and its follow-up drops both.
@@ -579,7 +563,7 @@ def test_fork_older_than_the_held_history_is_stale() -> None:
     b = sign(group, BOB, SetTitle("b"), device_id=2)
     winner, loser = sorted((a, b), key=lambda m: m.change_id)
     held = group.apply(loser, DIRECTORY, fork_depth=1).group
-    held = step(held, ALICE, ERIN.add()).group
+    held = step(held, ALICE, add_member(ERIN)).group
     held = held.apply(sign(held, ALICE, SetTitle("c")), DIRECTORY, fork_depth=1).group
     assert len(held.states) == 2
     refused(held, winner, StaleChange)
@@ -600,8 +584,8 @@ def test_member_devices_come_from_signed_lists() -> None:
     group, _ = start(BOB, CAROL)
     devices = member_devices(group.current, {k: v for k, v in DIRECTORY.items() if k != "user02"})
     assert devices == {
-        ALICE.user_id: ALICE.signed.device_list.devices,
-        BOB.user_id: BOB.signed.device_list.devices,
+        ALICE.user_id: DIRECTORY[ALICE.user_id].device_list.devices,
+        BOB.user_id: DIRECTORY[BOB.user_id].device_list.devices,
     }
 
 
@@ -609,8 +593,8 @@ def test_member_devices_come_from_signed_lists() -> None:
 
 
 ALL_ACTIONS: list[Action] = [
-    CreateGroup("títle", (BOB.add(), CAROL.add())),
-    BOB.add(),
+    CreateGroup("títle", (add_member(BOB), add_member(CAROL))),
+    add_member(BOB),
     RemoveMember("someone"),
     Leave(),
     SetAdmin(BOB.user_id, True),
@@ -623,7 +607,7 @@ ALL_ACTIONS: list[Action] = [
 def test_control_message_round_trip(action: Action) -> None:
     create = isinstance(action, CreateGroup)
     message = ControlMessage.sign(
-        ALICE.devices[1],
+        ALICE.devices[1].identity,
         group_id=bytes(range(16)),
         parent_epoch=0 if create else 2**64 - 2,
         parent_hash=GENESIS_PARENT_HASH if create else bytes(range(32)),
@@ -652,7 +636,9 @@ def test_control_message_layout() -> None:
         ActionCode.SET_ADMIN,
         [BOB.user_id, True],
     ]
-    ALICE.devices[1].public.verify(signature, consts.GROUP_CONTROL_SIGNATURE_CONTEXT + body)
+    ALICE.devices[1].identity.public.verify(
+        signature, consts.GROUP_CONTROL_SIGNATURE_CONTEXT + body
+    )
     assert message.change_id == hashlib.sha256(consts.GROUP_CHANGE_ID_CONTEXT + body).digest()
 
 
@@ -666,7 +652,7 @@ def test_state_layout_and_hash() -> None:
         GENESIS_PARENT_HASH,
         message.change_id,
         "team",
-        [[ALICE.user_id, ALICE.identity, True], [BOB.user_id, BOB.identity, False]],
+        [[ALICE.user_id, ALICE.public_identity, True], [BOB.user_id, BOB.public_identity, False]],
     ]
     expected = hashlib.sha256(consts.GROUP_STATE_HASH_CONTEXT + state.encode()).digest()
     assert state.state_hash == expected
@@ -676,7 +662,7 @@ def test_state_layout_and_hash() -> None:
 def build_history() -> tuple[Group, GroupUpdate]:
     group, _ = start(BOB, CAROL)
     group = step(group, ALICE, SetTitle("x")).group
-    return group, step(group, ALICE, DAVE.add())
+    return group, step(group, ALICE, add_member(DAVE))
 
 
 def test_group_pickle_round_trip() -> None:
@@ -794,14 +780,14 @@ def test_decoders_refuse_bad_fields() -> None:
         ([*fields[:6], 99, []], DecodeError),  # unknown action
         ([*fields[:7], [1]], DecodeError),  # leave takes no arguments
         ([*fields[:6], ActionCode.CREATE, ["", []]], DecodeError),  # create needs epoch 0
-        ([*fields[:6], ActionCode.ADD_MEMBER, ["", ALICE.identity]], DecodeError),
+        ([*fields[:6], ActionCode.ADD_MEMBER, ["", ALICE.public_identity]], DecodeError),
         ([*fields[:6], ActionCode.ADD_MEMBER, ["x", SMALL_ORDER_KEY]], InvalidKey),
         ([*fields[:6], ActionCode.SET_TITLE, ["x" * 257]], DecodeError),
         ([*fields[:6], ActionCode.SET_ADMIN, ["x", 1]], DecodeError),
     ]:
         with pytest.raises(error):
             ControlMessage.decode(pack([pack(bad), signature]))
-    unsorted = [["b", BOB.identity], ["a", CAROL.identity]]
+    unsorted = [["b", BOB.public_identity], ["a", CAROL.public_identity]]
     create_fields = [fields[0], fields[1], 0, GENESIS_PARENT_HASH, *fields[4:6]]
     with pytest.raises(DecodeError):
         ControlMessage.decode(pack([pack([*create_fields, 0, ["t", unsorted]]), signature]))
@@ -814,18 +800,18 @@ def test_decoders_refuse_bad_fields() -> None:
 @pytest.mark.parametrize(
     "build",
     [
-        lambda: Member("", ALICE.identity),
+        lambda: Member("", ALICE.public_identity),
         lambda: Member("x", SMALL_ORDER_KEY),
         lambda: SetTitle("x" * 257),
         lambda: SetTitle("\ud800"),
         lambda: SetAdmin("x", 1),  # type: ignore[arg-type]
-        lambda: CreateGroup("t", (CAROL.add(), BOB.add())),
-        lambda: CreateGroup("t", (BOB.add(), BOB.add())),
+        lambda: CreateGroup("t", (add_member(CAROL), add_member(BOB))),
+        lambda: CreateGroup("t", (add_member(BOB), add_member(BOB))),
         lambda: GroupState(bytes(15), 0, GENESIS_PARENT_HASH, bytes(32), "", ()),
         lambda: GroupState(bytes(16), 0, GENESIS_PARENT_HASH, bytes(32), "", ()),
         lambda: GroupState(bytes(16), 1, GENESIS_PARENT_HASH, bytes(32), "", ()),
         lambda: Group(()),
-        lambda: Welcome(BOB.add(), ()),  # type: ignore[arg-type]
+        lambda: Welcome(add_member(BOB), ()),  # type: ignore[arg-type]
         lambda: ControlMessage(bytes(16), 2**64 - 1, bytes(32), "a", 1, Leave(), bytes(64)),
         lambda: ControlMessage(bytes(16), 1, bytes(32), "a", 1, CreateGroup("", ()), bytes(64)),
         lambda: ControlMessage(bytes(16), 1, bytes(32), "a", 1, Leave(), bytes(63)),
@@ -885,7 +871,7 @@ _VALUES = st.recursive(
     | st.booleans()
     | st.integers(-(2**63), 2**64 - 1)
     | st.binary(max_size=40)
-    | st.sampled_from([bytes(16), bytes(32), ALICE.identity, bytes(64)])
+    | st.sampled_from([bytes(16), bytes(32), ALICE.public_identity, bytes(64)])
     | st.text(max_size=20),
     lambda inner: st.lists(inner, max_size=8),
     max_leaves=25,
@@ -969,7 +955,7 @@ def test_every_delivery_order_converges() -> None:
     group = step(group, ALICE, SetAdmin(BOB.user_id, True)).group
     group = step(group, ALICE, SetAdmin(CAROL.user_id, True)).group
     a = sign(group, ALICE, SetTitle("a"))
-    b = sign(group, BOB, ERIN.add(), device_id=2)
+    b = sign(group, BOB, add_member(ERIN), device_id=2)
     c = sign(group, CAROL, RemoveMember(DAVE.user_id), device_id=3)
     a2 = sign(group.apply(a, DIRECTORY).group, ALICE, SetAdmin(DAVE.user_id, True))
     b2 = sign(group.apply(b, DIRECTORY).group, BOB, SetTitle("b"))
@@ -1021,7 +1007,7 @@ class Replicas:
                     welcome,
                     DIRECTORY,
                     user_id=user.user_id,
-                    user_identity=user.identity,
+                    user_identity=user.public_identity,
                     fork_depth=DEEP,
                 ).group
                 return True
@@ -1073,10 +1059,10 @@ class GroupConvergence(RuleBasedStateMachine):
         members = POOL[1:size]
         message = create_group(
             title="t",
-            members=[m.add() for m in members],
+            members=[add_member(m) for m in members],
             author_user_id=ALICE.user_id,
             author_device_id=1,
-            device_key=ALICE.devices[1],
+            device_key=ALICE.devices[1].identity,
             rng=SeededRandom(b"convergence"),
         )
         update = Group.from_genesis(message, DIRECTORY)
@@ -1098,7 +1084,7 @@ class GroupConvergence(RuleBasedStateMachine):
                 action,
                 author_user_id=user.user_id,
                 author_device_id=device[1],
-                device_key=user.devices[device[1]],
+                device_key=user.devices[device[1]].identity,
             )
         except InvalidArgument:
             return  # not allowed in this device's view of the group
@@ -1137,7 +1123,7 @@ class GroupConvergence(RuleBasedStateMachine):
         target = data.draw(st.sampled_from(members))
         choices += [RemoveMember(target), SetAdmin(target, True), SetAdmin(target, False)]
         if outsiders:
-            choices.append(USERS[data.draw(st.sampled_from(outsiders))].add())
+            choices.append(add_member(USERS[data.draw(st.sampled_from(outsiders))]))
         self.propose_as(device, data.draw(st.sampled_from(choices)))
 
     def pick(self, data: st.DataObject) -> tuple[Device, int] | None:
@@ -1176,7 +1162,7 @@ class GroupConvergence(RuleBasedStateMachine):
         assert group is not None
         state = group.current
         outsider = next((u for u in reversed(POOL) if state.member(u.user_id) is None), None)
-        ghost: Action = outsider.add() if outsider else SetTitle("ghost")
+        ghost: Action = add_member(outsider) if outsider else SetTitle("ghost")
         admin = USERS[state.admins[0]]
         plain = [m for m in state.members if not m.admin]
         kind = data.draw(st.sampled_from(["unsigned", "non-admin", "foreign-key", "outsider"]))

@@ -1,17 +1,15 @@
-"""Helpers for the relay tests: users with signed device lists, prekeys, a running relay.
+"""Helpers for the relay tests: prekeys, a running relay, connections to it.
 
-No tests here; the test_relay_*.py modules import it.
+No tests here; the relay, client and hardening tests import it.
 """
 
 from __future__ import annotations
 
 import datetime
-import hashlib
 import ipaddress
 import re
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -22,8 +20,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from hushchat.protocol.devices import DeviceEntry, DeviceList
-from hushchat.protocol.keys import IdentityKeyPair, encode_mlkem768, encode_x25519, sign_prekey
+from hushchat.protocol.keys import encode_mlkem768, encode_x25519, sign_prekey
 from hushchat.protocol.prekeys import KemPreKeyPublic, OneTimePreKeyPublic, SignedPreKeyPublic
 from hushchat.protocol.primitives import (
     SeededRandom,
@@ -40,56 +37,7 @@ from hushchat.transport.client.connection import (
 from hushchat.transport.relay.config import RelayConfig, RelayLimits
 from hushchat.transport.relay.server import Relay, serve_relay
 from hushchat.transport.wire.framing import FrameDecoder, encode_frame
-
-
-def keypair(label: str) -> IdentityKeyPair:
-    return IdentityKeyPair(hashlib.sha256(label.encode()).digest())
-
-
-@dataclass
-class Device:
-    user_id: str
-    device_id: int
-    identity: IdentityKeyPair
-
-    @property
-    def address(self) -> tuple[str, int]:
-        return (self.user_id, self.device_id)
-
-
-@dataclass
-class User:
-    """A user with a user identity and devices; signs its own device lists."""
-
-    user_id: str
-    identity: IdentityKeyPair
-    devices: dict[int, Device] = field(default_factory=dict)
-    counter: int = 0
-
-    def signed_list(self) -> bytes:
-        entries = tuple(
-            DeviceEntry(d.device_id, d.identity.public.ed25519)
-            for d in sorted(self.devices.values(), key=lambda d: d.device_id)
-        )
-        device_list = DeviceList(self.user_id, self.identity.public.ed25519, self.counter, entries)
-        return device_list.sign(self.identity).encode()
-
-    def add_device(self, device_id: int, label: str | None = None) -> Device:
-        device = Device(self.user_id, device_id, keypair(label or f"{self.user_id}/{device_id}"))
-        self.devices[device_id] = device
-        self.counter += 1
-        return device
-
-    def remove_device(self, device_id: int) -> None:
-        del self.devices[device_id]
-        self.counter += 1
-
-
-def make_user(user_id: str, device_ids: Iterable[int] = (1,)) -> User:
-    user = User(user_id, keypair(f"user:{user_id}"))
-    for device_id in device_ids:
-        user.devices[device_id] = Device(user_id, device_id, keypair(f"{user_id}/{device_id}"))
-    return user
+from tests.support.users import Device, User
 
 
 def make_prekeys(

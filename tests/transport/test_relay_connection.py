@@ -45,12 +45,12 @@ from hushchat.transport.wire.records import Envelope
 from tests.support.relay import (
     RawClient,
     connected,
-    make_user,
     register,
     relay_config,
     running_relay,
     self_signed,
 )
+from tests.support.users import make_user
 
 # ------------------------------------------------------------------ a scripted fake relay
 

@@ -57,11 +57,11 @@ from tests.support.relay import (
     RawClient,
     announced_port,
     connected,
-    make_user,
     memory_connection,
     relay_config,
 )
 from tests.support.relay import register as register_users
+from tests.support.users import make_user
 from tests.transport.test_relay_storage import batch, device_list, register, upload
 
 

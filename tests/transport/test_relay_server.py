@@ -55,14 +55,13 @@ from hushchat.transport.wire.limits import MAX_IN_FLIGHT, RELAY_PROTOCOL_VERSION
 from hushchat.transport.wire.records import Envelope, EnvelopeKind, PreKeyCounts
 from tests.support.relay import (
     RawClient,
-    User,
     connected,
     make_prekeys,
-    make_user,
     register,
     relay_config,
     running_relay,
 )
+from tests.support.users import User, make_user
 
 
 async def next_envelope(connection: RelayConnection) -> Envelope:

@@ -28,8 +28,9 @@ from hushchat.transport.wire.frames import (
     encode_body,
 )
 from tests.support.paths import REPO
-from tests.support.relay import RawClient, connected, make_user, register, relay_config
+from tests.support.relay import RawClient, connected, register, relay_config
 from tests.support.relay import running_relay as run_relay
+from tests.support.users import make_user
 
 VECTORS = REPO / "vectors" / "relay.json"
 
