@@ -42,7 +42,6 @@ from hushchat.transport.wire.frames import (
     ErrorFrame,
     FrameType,
     Hello,
-    QueueEmpty,
     Welcome,
     decode_relay_frame,
     encode_body,
@@ -51,7 +50,7 @@ from hushchat.transport.wire.framing import encode_frame
 from hushchat.transport.wire.limits import RELAY_PROTOCOL_VERSION
 from hushchat.transport.wire.records import Envelope
 from tests.support.children import REPO, STARTED, child_env
-from tests.support.relay import RawClient, connected
+from tests.support.relay import RawClient, connected, envelopes_until_empty, next_envelope
 from tests.support.users import User, make_user
 
 TIMEOUT = 60
@@ -570,7 +569,7 @@ async def fill_mailbox(tmp_path: Path, size: int) -> None:
                 await sender.send_group(b"refused", [("bob", 1), ("carol", 1)])
             assert full.value.devices == (("bob", 1),)
             async with connected(port, bob.devices[1]) as receiver:
-                first = await next_envelope(receiver)
+                first = await next_envelope(receiver, timeout=TIMEOUT)
                 await receiver.ack(first.guid)
                 # The OK to an ACK comes before its deletion commits (spec 7.8), so
                 # a send right after it may still find the mailbox full; the room
@@ -585,29 +584,13 @@ async def fill_mailbox(tmp_path: Path, size: int) -> None:
                 with pytest.raises(MailboxFull):
                     await sender.send_direct("bob", [(1, b"full again")])
         async with connected(port, carol.devices[1]) as receiver:
-            assert await drain(receiver) == []  # nothing of the refused group send
+            # Nothing of the refused group send.
+            assert await envelopes_until_empty(receiver, timeout=TIMEOUT) == []
         database = sum(p.stat().st_size for p in tmp_path.glob("relay.db*"))
     report(
         f"mailbox of {size} envelopes filled in {filled:.1f} s by 4 connections; then "
         f"MAILBOX_FULL, and room again after one ACK; relay database {database / 2**20:.1f} MiB"
     )
-
-
-async def next_envelope(connection: RelayConnection) -> Envelope:
-    with trio.fail_after(TIMEOUT):
-        while not isinstance(item := await connection.receive(), Envelope):
-            pass
-    return item
-
-
-async def drain(connection: RelayConnection) -> list[Envelope]:
-    """Envelopes up to QUEUE_EMPTY."""
-    out = []
-    with trio.fail_after(TIMEOUT):
-        while not isinstance(item := await connection.receive(), QueueEmpty):
-            if isinstance(item, Envelope):
-                out.append(item)
-    return out
 
 
 async def test_a_full_mailbox_refuses_whole_sends_until_acknowledged(tmp_path: Path) -> None:

@@ -43,9 +43,8 @@ from hushchat.transport.client.store import ClientStore
 from hushchat.transport.relay.config import RelayConfig
 from hushchat.transport.relay.server import serve_relay
 from hushchat.transport.wire.errors import TransportError
-from hushchat.transport.wire.records import Envelope
 from tests.support.children import RELAY_COMMAND, REPO, STARTED, child_env
-from tests.support.relay import connected, register
+from tests.support.relay import connected, envelopes_until_empty, register
 from tests.support.users import make_user
 
 TIMEOUT = 30
@@ -188,16 +187,9 @@ class Load:
 
 async def drain(port: int, user: Any) -> list[bytes]:
     """Every envelope queued for the user's device 1, acknowledged."""
-    from hushchat.transport.wire.frames import QueueEmpty
-
-    payloads = []
     async with connected(port, user.devices[1]) as connection:
-        with trio.fail_after(TIMEOUT):
-            while not isinstance(item := await connection.receive(), QueueEmpty):
-                if isinstance(item, Envelope):
-                    payloads.append(item.payload)
-                    await connection.ack(item.guid)
-    return payloads
+        envelopes = await envelopes_until_empty(connection, acknowledge=True, timeout=TIMEOUT)
+    return [e.payload for e in envelopes]
 
 
 # ------------------------------------------------------------------ a client

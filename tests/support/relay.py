@@ -36,7 +36,9 @@ from hushchat.transport.client.connection import (
 )
 from hushchat.transport.relay.config import RelayConfig, RelayLimits
 from hushchat.transport.relay.server import Relay, serve_relay
+from hushchat.transport.wire.frames import QueueEmpty
 from hushchat.transport.wire.framing import FrameDecoder, encode_frame
+from hushchat.transport.wire.records import Envelope
 from tests.support.users import Device, User
 
 
@@ -106,6 +108,32 @@ async def memory_connection(
                 await connection.authenticate(device.user_id, device.device_id, device.identity)
             yield connection
         nursery.cancel_scope.cancel()
+
+
+async def next_envelope(connection: RelayConnection, *, timeout: float = 5) -> Envelope:
+    """The next envelope, skipping notices."""
+    with trio.fail_after(timeout):
+        while not isinstance(item := await connection.receive(), Envelope):
+            pass
+    return item
+
+
+async def envelopes_until_empty(
+    connection: RelayConnection, *, acknowledge: bool = False, timeout: float = 5
+) -> list[Envelope]:
+    """The envelopes up to the QUEUE_EMPTY marker, skipping notices.
+
+    With ``acknowledge``, each is acknowledged as it arrives (which frees the
+    in-flight window for the next).
+    """
+    envelopes = []
+    with trio.fail_after(timeout):
+        while not isinstance(item := await connection.receive(), QueueEmpty):
+            if isinstance(item, Envelope):
+                envelopes.append(item)
+                if acknowledge:
+                    await connection.ack(item.guid)
+    return envelopes
 
 
 async def announced_port(process: trio.Process) -> int:

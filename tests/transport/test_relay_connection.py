@@ -45,6 +45,8 @@ from hushchat.transport.wire.records import Envelope
 from tests.support.relay import (
     RawClient,
     connected,
+    envelopes_until_empty,
+    next_envelope,
     register,
     relay_config,
     running_relay,
@@ -300,13 +302,8 @@ async def test_small_incoming_queue_still_delivers_everything_in_order() -> None
             for index in range(20):
                 await sender.send_direct("bob", [(1, bytes([index]))])
         async with connected(port, bob.devices[1], incoming_queue_size=3) as receiver:
-            got = []
-            with trio.fail_after(5):
-                while not isinstance(item := await receiver.receive(), QueueEmpty):
-                    if isinstance(item, Envelope):
-                        got.append(item.payload)
-                        await receiver.ack(item.guid)
-            assert got == [bytes([i]) for i in range(20)]
+            got = await envelopes_until_empty(receiver, acknowledge=True)
+            assert [e.payload for e in got] == [bytes([i]) for i in range(20)]
 
 
 async def test_connecting_to_nothing_fails_cleanly() -> None:
@@ -318,16 +315,6 @@ async def test_connecting_to_nothing_fails_cleanly() -> None:
             pass
 
 
-async def envelopes(connection: RelayConnection, count: int) -> list[Envelope]:
-    """The next ``count`` envelopes, skipping notices."""
-    got: list[Envelope] = []
-    with trio.fail_after(5):
-        while len(got) < count:
-            if isinstance(item := await connection.receive(), Envelope):
-                got.append(item)
-    return got
-
-
 async def test_the_window_follows_the_incoming_queue() -> None:
     alice, bob = make_user("alice"), make_user("bob")
     async with running_relay(relay_config()) as port:
@@ -336,11 +323,11 @@ async def test_the_window_follows_the_incoming_queue() -> None:
             for index in range(5):
                 await sender.send_direct("bob", [(1, bytes([index]))])
         async with connected(port, bob.devices[1], incoming_queue_size=4) as receiver:
-            first, _ = await envelopes(receiver, 2)
+            first, _ = [await next_envelope(receiver) for _ in range(2)]
             with trio.move_on_after(0.2):
-                pytest.fail(f"pushed beyond a window of 2: {await envelopes(receiver, 1)}")
+                pytest.fail(f"pushed beyond a window of 2: {await next_envelope(receiver)}")
             await receiver.ack(first.guid)
-            assert [e.payload for e in await envelopes(receiver, 1)] == [b"\x02"]
+            assert (await next_envelope(receiver)).payload == b"\x02"
     with pytest.raises(InvalidArgument):
         RelayConnection(trio.testing.memory_stream_pair()[0], incoming_queue_size=2)
 

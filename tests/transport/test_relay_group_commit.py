@@ -16,7 +16,7 @@ import sqlite3
 import subprocess
 import threading
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Sequence
 from contextlib import suppress
 from functools import partial
 from pathlib import Path
@@ -28,7 +28,6 @@ import trio.testing
 
 from hushchat.protocol.errors import InvalidArgument
 from hushchat.protocol.prekeys import OneTimePreKeyPublic, SignedPreKeyPublic
-from hushchat.transport.client.connection import RelayConnection
 from hushchat.transport.relay.server import Relay
 from hushchat.transport.relay.storage.interface import EnvelopeBatch, StorageConflict
 from hushchat.transport.relay.storage.sqlite import SqliteDatabase, SqliteStorage
@@ -45,7 +44,6 @@ from hushchat.transport.wire.frames import (
     EnvelopePush,
     Hello,
     Ok,
-    QueueEmpty,
     Welcome,
     decode_relay_frame,
     encode_body,
@@ -57,7 +55,9 @@ from tests.support.relay import (
     RawClient,
     announced_port,
     connected,
+    envelopes_until_empty,
     memory_connection,
+    next_envelope,
     relay_config,
 )
 from tests.support.relay import register as register_users
@@ -506,13 +506,6 @@ async def test_an_acknowledged_envelope_is_deleted_even_if_the_connection_closes
         await storage.aclose()
 
 
-async def next_envelope(connection: RelayConnection) -> Envelope:
-    with trio.fail_after(5):
-        while not isinstance(item := await connection.receive(), Envelope):
-            pass
-        return item
-
-
 # ------------------------------------------------------------------ the directory in memory
 
 
@@ -545,12 +538,8 @@ async def test_sends_checked_on_a_stale_copy_of_a_device_list_are_checked_again(
             # The copy names device 2, which is gone: refused only after a fresh read agrees.
             await sender.send_direct("bob", [(1, b"four")])
         async with memory_connection(relay_b, bob.devices[1]) as receiver:
-            payloads = []
-            with trio.fail_after(5):
-                while not isinstance(item := await receiver.receive(), QueueEmpty):
-                    if isinstance(item, Envelope):
-                        payloads.append(item.payload)
-        assert payloads == [b"one", b"three", b"four"]
+            envelopes = await envelopes_until_empty(receiver)
+        assert [e.payload for e in envelopes] == [b"one", b"three", b"four"]
     finally:
         await first.aclose()
         await second.aclose()
@@ -619,14 +608,8 @@ async def test_frames_to_a_reader_that_pauses_or_stops_stay_whole(
                     await trio.sleep(0.05)
             await reader.stream.aclose()
             async with connected(port, bob.devices[1]) as again:  # nothing was acknowledged
-                assert [e.payload async for e in envelopes_until_empty(again)] == payloads * 2
+                envelopes = await envelopes_until_empty(again, timeout=10)
+                assert [e.payload for e in envelopes] == payloads * 2
             nursery.cancel_scope.cancel()
     finally:
         await storage.aclose()
-
-
-async def envelopes_until_empty(connection: RelayConnection) -> AsyncIterator[Envelope]:
-    with trio.fail_after(10):
-        while not isinstance(item := await connection.receive(), QueueEmpty):
-            if isinstance(item, Envelope):
-                yield item

@@ -56,31 +56,14 @@ from hushchat.transport.wire.records import Envelope, EnvelopeKind, PreKeyCounts
 from tests.support.relay import (
     RawClient,
     connected,
+    envelopes_until_empty,
     make_prekeys,
+    next_envelope,
     register,
     relay_config,
     running_relay,
 )
 from tests.support.users import User, make_user
-
-
-async def next_envelope(connection: RelayConnection) -> Envelope:
-    """The next envelope, skipping notices."""
-    with trio.fail_after(5):
-        while True:
-            item = await connection.receive()
-            if isinstance(item, Envelope):
-                return item
-
-
-async def drain_until_empty(connection: RelayConnection) -> list[Envelope]:
-    """Envelopes up to the QUEUE_EMPTY marker."""
-    envelopes = []
-    with trio.fail_after(5):
-        while not isinstance(item := await connection.receive(), QueueEmpty):
-            if isinstance(item, Envelope):
-                envelopes.append(item)
-    return envelopes
 
 
 def decode_bundle(data: bytes) -> list[Any]:
@@ -190,7 +173,7 @@ async def test_new_connection_supersedes_the_old_one() -> None:
     async with running_relay(relay_config()) as port:
         await register(port, bob)
         async with connected(port, bob.devices[1]) as old:
-            assert await drain_until_empty(old) == []
+            assert await envelopes_until_empty(old) == []
             async with connected(port, bob.devices[1]) as new:
                 with pytest.raises(ConnectionClosed) as info:
                     with trio.fail_after(5):
@@ -230,7 +213,7 @@ async def test_sender_is_stamped_by_the_relay() -> None:
         assert (reply.request_id, reply.code) == (5, "BAD_FRAME")
         await raw.stream.aclose()
         async with connected(port, bob.devices[1]) as receiver:
-            (envelope,) = await drain_until_empty(receiver)
+            (envelope,) = await envelopes_until_empty(receiver)
             assert (envelope.sender_user, envelope.sender_device) == ("alice", 2)
             assert envelope.kind == EnvelopeKind.DIRECT and envelope.payload == b"hi"
 
@@ -241,13 +224,13 @@ async def test_a_connection_reads_and_deletes_only_its_own_mail() -> None:
         await register(port, alice, bob)
         async with connected(port, alice.devices[1]) as sender:
             await sender.send_direct("bob", [(1, b"for bob")])
-            assert await drain_until_empty(sender) == []  # alice's mailbox is empty
+            assert await envelopes_until_empty(sender) == []  # alice's mailbox is empty
         async with connected(port, bob.devices[1]) as receiver:
             envelope = await next_envelope(receiver)
         async with connected(port, alice.devices[1]) as other:
             await other.ack(envelope.guid)  # accepted, but it is not alice's envelope
         async with connected(port, bob.devices[1]) as receiver:
-            assert [e.guid for e in await drain_until_empty(receiver)] == [envelope.guid]
+            assert [e.guid for e in await envelopes_until_empty(receiver)] == [envelope.guid]
 
 
 async def test_prekeys_of_another_device_are_refused() -> None:
@@ -277,7 +260,7 @@ async def test_live_delivery_ack_and_redelivery_of_unacknowledged() -> None:
     async with running_relay(relay_config()) as port:
         await register(port, alice, bob)
         async with connected(port, bob.devices[1]) as receiver:
-            assert await drain_until_empty(receiver) == []
+            assert await envelopes_until_empty(receiver) == []
             async with connected(port, alice.devices[1]) as sender:
                 ts = await sender.send_direct("bob", [(1, b"one")])
                 first = await next_envelope(receiver)
@@ -286,10 +269,10 @@ async def test_live_delivery_ack_and_redelivery_of_unacknowledged() -> None:
             assert (first.payload, first.server_ts, len(first.guid)) == (b"one", ts, 16)
             await receiver.ack(first.guid)
         async with connected(port, bob.devices[1]) as receiver:
-            assert [e.payload for e in await drain_until_empty(receiver)] == [b"two"]
+            assert [e.payload for e in await envelopes_until_empty(receiver)] == [b"two"]
             await receiver.ack(second.guid)
         async with connected(port, bob.devices[1]) as receiver:
-            assert await drain_until_empty(receiver) == []
+            assert await envelopes_until_empty(receiver) == []
 
 
 async def test_offline_mail_arrives_in_order_then_queue_empty() -> None:
@@ -303,16 +286,8 @@ async def test_offline_mail_arrives_in_order_then_queue_empty() -> None:
             for index in range(8):
                 await (one if index % 2 else two).send_direct("bob", [(1, bytes([index]))])
         async with connected(port, bob.devices[1]) as receiver:
-            got = []
-            with trio.fail_after(5):
-                while True:
-                    item = await receiver.receive()
-                    if isinstance(item, QueueEmpty):
-                        break
-                    if isinstance(item, Envelope):
-                        got.append(item.payload)
-                        await receiver.ack(item.guid)  # frees the in-flight window
-            assert got == [bytes([i]) for i in range(8)]
+            got = await envelopes_until_empty(receiver, acknowledge=True)
+            assert [e.payload for e in got] == [bytes([i]) for i in range(8)]
 
 
 async def queue_for_bob(port: int, sender: User, count: int) -> None:
@@ -337,7 +312,7 @@ async def test_in_flight_window_waits_for_acknowledgements() -> None:
             assert third.payload == b"\x02"
             await receiver.ack(second.guid)
             await receiver.ack(third.guid)
-            assert [e.payload for e in await drain_until_empty(receiver)] == [b"\x03"]
+            assert [e.payload for e in await envelopes_until_empty(receiver)] == [b"\x03"]
 
 
 async def test_one_ack_deletes_a_batch_and_frees_the_window() -> None:
@@ -361,7 +336,7 @@ async def test_one_ack_deletes_a_batch_and_frees_the_window() -> None:
             # More guids than one ACK may name go in several (gone ones are fine).
             await receiver.ack(*(bytes([i]) * 16 for i in range(2 * MAX_IN_FLIGHT + 1)))
         async with connected(port, bob.devices[1]) as receiver:
-            assert await drain_until_empty(receiver) == []
+            assert await envelopes_until_empty(receiver) == []
 
 
 async def test_live_mail_of_concurrent_senders_arrives_once_and_in_order() -> None:
@@ -373,7 +348,7 @@ async def test_live_mail_of_concurrent_senders_arrives_once_and_in_order() -> No
     async with running_relay(relay_config(max_in_flight=3)) as port:
         await register(port, bob, *senders)
         async with connected(port, bob.devices[1]) as receiver:
-            assert await drain_until_empty(receiver) == []
+            assert await envelopes_until_empty(receiver) == []
             got: list[bytes] = []
 
             async def send_all(sender: User) -> None:
@@ -442,7 +417,7 @@ async def test_device_list_mismatch_returns_the_current_list() -> None:
             # Nothing of the refused sends was stored.
             await sender.send_direct("bob", [(1, b"ok 1"), (2, b"ok 2")])
         async with connected(port, bob.devices[2]) as receiver:
-            assert [e.payload for e in await drain_until_empty(receiver)] == [b"ok 2"]
+            assert [e.payload for e in await envelopes_until_empty(receiver)] == [b"ok 2"]
 
 
 async def test_removing_a_device_wipes_its_mail_and_closes_it() -> None:
@@ -453,7 +428,7 @@ async def test_removing_a_device_wipes_its_mail_and_closes_it() -> None:
             await sender.send_direct("bob", [(1, b"m1"), (2, b"m2")])
         old_key = bob.devices[2].identity
         async with connected(port, bob.devices[2]) as removed:
-            assert len(await drain_until_empty(removed)) == 1
+            assert len(await envelopes_until_empty(removed)) == 1
             async with connected(port, bob.devices[1]) as primary:
                 bob.remove_device(2)
                 await primary.upload_device_list(bob.signed_list())
@@ -503,7 +478,7 @@ async def test_re_created_device_gets_no_old_mail() -> None:
             new_device = bob.add_device(2, label="bob/2 reinstalled")
             await primary.upload_device_list(bob.signed_list())
         async with connected(port, new_device) as receiver:
-            assert await drain_until_empty(receiver) == []
+            assert await envelopes_until_empty(receiver) == []
 
 
 # ------------------------------------------------------------------ prekeys
@@ -638,7 +613,7 @@ async def test_full_mailbox_refuses_sends_to_it() -> None:
             assert info.value.devices == (("bob", 1),)
             await sender.send_group(b"4", [("carol", 1)])
         async with connected(port, carol.devices[1]) as receiver:
-            assert [e.payload for e in await drain_until_empty(receiver)] == [b"4"]
+            assert [e.payload for e in await envelopes_until_empty(receiver)] == [b"4"]
 
 
 # ------------------------------------------------------------------ group fan-out and storage
@@ -688,7 +663,7 @@ async def test_queued_mail_survives_a_relay_restart(tmp_path: Path) -> None:
         async with connected(port, alice.devices[1]) as sender:
             await sender.send_direct("bob", [(1, b"before restart")])
     async with running_relay(config) as port, connected(port, bob.devices[1]) as receiver:
-        assert [e.payload for e in await drain_until_empty(receiver)] == [b"before restart"]
+        assert [e.payload for e in await envelopes_until_empty(receiver)] == [b"before restart"]
 
 
 async def test_accepted_means_committed_to_disk(tmp_path: Path) -> None:
@@ -733,7 +708,7 @@ async def test_expired_mail_is_never_delivered_and_is_swept(tmp_path: Path) -> N
                         break
                 await trio.sleep(0.02)
         async with connected(port, bob.devices[1]) as receiver:
-            assert [e.payload for e in await drain_until_empty(receiver)] == [b"newer"]
+            assert [e.payload for e in await envelopes_until_empty(receiver)] == [b"newer"]
 
 
 async def test_expiry_is_checked_at_delivery_before_any_sweep() -> None:
@@ -746,7 +721,7 @@ async def test_expiry_is_checked_at_delivery_before_any_sweep() -> None:
             await sender.send_direct("bob", [(1, b"stale")])
         now[0] += 60_000
         async with connected(port, bob.devices[1]) as receiver:
-            assert await drain_until_empty(receiver) == []
+            assert await envelopes_until_empty(receiver) == []
 
 
 # ------------------------------------------------------------------ what the relay lets out
