@@ -1,4 +1,5 @@
-"""Shared fixtures: deterministic randomness, accounts, one-to-one peers, curve25519 math."""
+"""Shared fixtures: deterministic randomness, accounts, one-to-one peers, the in-memory
+network of ClientCores, curve25519 math."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from hushchat.protocol.primitives import SeededRandom
 from tests.support.children import reap_started
 from tests.support.clock import NOW
 from tests.support.fuzzing import CHECKED
+from tests.support.harness import Network
 from tests.support.peers import Peer
 from tests.support.reference import Curve25519
 
@@ -75,6 +77,12 @@ def peers(
         return alice, bob
 
     return make
+
+
+@pytest.fixture
+def net(rng: SeededRandom) -> Network:
+    """An in-memory relay between ClientCores (tests/support/harness.py), on the test's rng."""
+    return Network(rng)
 
 
 @pytest.fixture(scope="session")

@@ -94,7 +94,7 @@ from hushchat.transport.wire.limits import RELAY_PROTOCOL_VERSION
 from hushchat.transport.wire.records import Envelope
 from tests.support.clock import NOW
 from tests.support.fuzzing import CHECKED, FUZZ_EXAMPLES, budget, inputs
-from tests.support.harness import Network, full_state
+from tests.support.harness import A, Network, full_state
 from tests.transport.test_client_rows import ROWS as FIRST_CLIENT_ROWS
 from tests.transport.test_relay_framing import ERRORS, RELAY_FRAMES, REQUESTS
 
@@ -102,10 +102,6 @@ DEFAULT_EXAMPLES = 25
 # When the inputs are made and received: after everything the world made (its
 # network starts at NOW and ticks a second a call), as real traffic would be.
 AFTER_WORLD = NOW + 100_000
-
-
-def A(user_id: str, device_id: int = 1) -> Address:
-    return Address(user_id, device_id)
 
 
 ALICE, BOB, BOB2, ERIN = A("alice"), A("bob"), A("bob", 2), A("erin")

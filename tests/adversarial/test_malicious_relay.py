@@ -50,23 +50,14 @@ from tests.support.harness import (
     RETRY_ANSWER,
     SKDM,
     TEXT,
+    A,
     Delivery,
     Envelope,
     Network,
     full_state,
 )
 
-
-def A(user_id: str, device_id: int = 1) -> Address:
-    return Address(user_id, device_id)
-
-
 MEMBERS = {"alice": 2, "bob": 1, "carol": 2, "dave": 1}
-
-
-@pytest.fixture
-def net(request: pytest.FixtureRequest) -> Network:
-    return Network(SeededRandom(request.node.nodeid.encode()))
 
 
 @pytest.fixture

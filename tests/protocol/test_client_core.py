@@ -54,20 +54,12 @@ from tests.support.harness import (
     SKDM,
     SYNC,
     TEXT,
+    A,
     Delivery,
     Envelope,
     Network,
     full_state,
 )
-
-
-def A(user_id: str, device_id: int = 1) -> Address:
-    return Address(user_id, device_id)
-
-
-@pytest.fixture
-def net(request: pytest.FixtureRequest) -> Network:
-    return Network(SeededRandom(request.node.nodeid.encode()))
 
 
 def make_group(net: Network, devices: dict[str, int], admin: str = "alice") -> bytes:

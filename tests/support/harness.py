@@ -1,6 +1,7 @@
 """An in-memory relay that drives ClientCores: the network the core tests run on.
 
-No tests here; test_client_core*.py and test_malicious_relay.py import it.
+No tests here; the ClientCore, malicious-relay and fuzz tests import it (conftest.py
+makes the ``net`` fixture of it).
 
 :class:`Network` does what the transport will do, minus the I/O: it keeps
 the signed device lists (pushing each new one to every device, as the relay
@@ -81,6 +82,11 @@ FORGED = "forged"  # made up by a test
 
 # Envelopes carrying a sender key, and the labels that are 1:1 content.
 SENDER_KEY_LABELS = frozenset({SKDM, RETRY_ANSWER})
+
+
+def A(user_id: str, device_id: int = 1) -> Address:
+    """A device's address, in short: ``A("bob", 2)``, or ``A("bob")`` for device 1."""
+    return Address(user_id, device_id)
 
 
 @dataclass(frozen=True)
