@@ -58,11 +58,11 @@ from tests.support.relay import (
     envelopes_until_empty,
     memory_connection,
     next_envelope,
+    register,
     relay_config,
 )
-from tests.support.relay import register as register_users
+from tests.support.storage import batch, device_list, register_devices, upload_prekeys
 from tests.support.users import make_user
-from tests.transport.test_relay_storage import batch, device_list, register, upload
 
 
 class RecordingDatabase(SqliteDatabase):
@@ -87,8 +87,8 @@ class RecordingDatabase(SqliteDatabase):
 
 def registered(path: Path) -> RecordingDatabase:
     db = RecordingDatabase(str(path))
-    register(db, "alice", 1)
-    register(db, "bob", 1, 2)
+    register_devices(db, "alice", 1)
+    register_devices(db, "bob", 1, 2)
     db.batches.clear()
     return db
 
@@ -109,7 +109,7 @@ def db(tmp_path: Path) -> RecordingDatabase:
 
 
 def test_a_failing_call_rolls_back_alone(db: RecordingDatabase) -> None:
-    upload(db, "bob", 1, one_time=1, kem=1)
+    upload_prekeys(db, "bob", 1, one_time=1, kem=1)
     first = batch([("bob", 1)], (b"one",), counters={"bob": 0})
     stale = batch([("bob", 2)], (b"stale",), counters={"bob": 7})
     full = batch([("bob", 2), ("bob", 1)], (b"two", b"three"), counters={"bob": 0})
@@ -390,7 +390,7 @@ async def test_the_relay_stops_on_a_signal_under_load(
     try:
         port = await announced_port(process)
         bob, senders = make_user("bob"), [make_user(f"sender{i}") for i in range(4)]
-        await register_users(port, bob, *senders)
+        await register(port, bob, *senders)
 
         async def send_until_stopped(sender: Any) -> None:
             with suppress(TransportError, OSError):
@@ -447,7 +447,7 @@ async def test_ok_to_ack_does_not_wait_for_the_commit_and_the_deletion_follows(
     try:
         async with trio.open_nursery() as nursery:
             port = await nursery.start(serve, relay)
-            await register_users(port, alice, bob)
+            await register(port, alice, bob)
             async with connected(port, alice.devices[1]) as sender:
                 for index in range(10):
                     await sender.send_direct("bob", [(1, b"%d" % index)])
@@ -482,7 +482,7 @@ async def test_an_acknowledged_envelope_is_deleted_even_if_the_connection_closes
     try:
         async with trio.open_nursery() as nursery:
             port = await nursery.start(serve, relay)
-            await register_users(port, alice, bob)
+            await register(port, alice, bob)
             async with connected(port, alice.devices[1]) as sender:
                 for index in range(2):
                     await sender.send_direct("bob", [(1, b"%d" % index)])
@@ -585,7 +585,7 @@ async def test_frames_to_a_reader_that_pauses_or_stops_stay_whole(
     try:
         async with trio.open_nursery() as nursery:
             port = await nursery.start(serve, relay)
-            await register_users(port, alice, bob)
+            await register(port, alice, bob)
             reader = await raw_device(port, bob.devices[1], window=100)
             async with connected(port, alice.devices[1]) as sender:
                 for payload in payloads:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import secrets
 import sqlite3
 import threading
 from pathlib import Path
@@ -14,10 +13,7 @@ from hushchat.protocol.errors import UnknownStateVersion
 from hushchat.protocol.prekeys import KemPreKeyPublic, OneTimePreKeyPublic, SignedPreKeyPublic
 from hushchat.transport.relay.storage import sqlite as sqlite_storage
 from hushchat.transport.relay.storage.interface import (
-    Delivery,
-    EnvelopeBatch,
     StorageConflict,
-    StoredDeviceList,
 )
 from hushchat.transport.relay.storage.sqlite import SqliteDatabase, SqliteStorage
 from hushchat.transport.wire.errors import (
@@ -27,61 +23,20 @@ from hushchat.transport.wire.errors import (
     UnknownDevice,
 )
 from hushchat.transport.wire.records import EnvelopeKind, PreKeyCounts
-
-SIG = b"\x05" * 64
-
-
-def device_list(user_id: str, counter: int, *devices: tuple[int, bytes]) -> StoredDeviceList:
-    return StoredDeviceList(user_id, b"U" * 32, counter, f"{user_id}#{counter}".encode(), devices)
-
-
-def register(db: SqliteDatabase, user_id: str, *device_ids: int) -> None:
-    db.store_device_list(
-        device_list(user_id, 0, *((d, bytes([d]) * 32) for d in device_ids)), previous_counter=None
-    )
-
-
-def upload(db: SqliteDatabase, user_id: str, device_id: int, *, one_time: int, kem: int) -> None:
-    db.store_prekeys(
-        user_id,
-        device_id,
-        signed_prekey=SignedPreKeyPublic(1, b"S" * 32, SIG),
-        last_resort_kem=KemPreKeyPublic(999, b"L" * 1184, SIG),
-        one_time=[OneTimePreKeyPublic(i, bytes([i % 256]) * 32) for i in range(1, one_time + 1)],
-        one_time_kem=[KemPreKeyPublic(i, bytes([i % 256]) * 1184, SIG) for i in range(1, kem + 1)],
-        max_stored=1000,
-    )
-
-
-def batch(
-    deliveries: list[tuple[str, int]],
-    payloads: tuple[bytes, ...],
-    *,
-    counters: dict[str, int],
-    server_ts: int = 1000,
-    expires_at: int = 2000,
-    kind: EnvelopeKind = EnvelopeKind.DIRECT,
-) -> EnvelopeBatch:
-    return EnvelopeBatch(
-        sender_user="alice",
-        sender_device=1,
-        kind=kind,
-        server_ts=server_ts,
-        expires_at=expires_at,
-        payloads=payloads,
-        deliveries=tuple(
-            Delivery(u, d, secrets.token_bytes(16), min(i, len(payloads) - 1))
-            for i, (u, d) in enumerate(deliveries)
-        ),
-        device_list_counters=counters,
-    )
+from tests.support.storage import (
+    SIGNATURE,
+    batch,
+    device_list,
+    register_devices,
+    upload_prekeys,
+)
 
 
 @pytest.fixture
 def db(tmp_path: Path) -> SqliteDatabase:
     database = SqliteDatabase(str(tmp_path / "relay.db"))
-    register(database, "alice", 1)
-    register(database, "bob", 1, 2)
+    register_devices(database, "alice", 1)
+    register_devices(database, "bob", 1, 2)
     return database
 
 
@@ -107,8 +62,8 @@ def test_u64_counters_are_stored(db: SqliteDatabase) -> None:
 
 
 def test_removed_and_replaced_devices_lose_mail_and_prekeys(db: SqliteDatabase) -> None:
-    upload(db, "bob", 1, one_time=2, kem=2)
-    upload(db, "bob", 2, one_time=2, kem=2)
+    upload_prekeys(db, "bob", 1, one_time=2, kem=2)
+    upload_prekeys(db, "bob", 2, one_time=2, kem=2)
     db.enqueue(
         batch([("bob", 1), ("bob", 2)], (b"p1", b"p2"), counters={"bob": 0}), max_mailbox_size=10
     )
@@ -130,12 +85,12 @@ def test_removed_and_replaced_devices_lose_mail_and_prekeys(db: SqliteDatabase) 
 
 
 def test_prekey_upload_is_atomic(db: SqliteDatabase) -> None:
-    upload(db, "bob", 1, one_time=3, kem=1)
+    upload_prekeys(db, "bob", 1, one_time=3, kem=1)
     with pytest.raises(PreKeyIdInUse):
         db.store_prekeys(
             "bob",
             1,
-            signed_prekey=SignedPreKeyPublic(2, b"T" * 32, SIG),
+            signed_prekey=SignedPreKeyPublic(2, b"T" * 32, SIGNATURE),
             last_resort_kem=None,
             one_time=[OneTimePreKeyPublic(10, b"a" * 32), OneTimePreKeyPublic(3, b"b" * 32)],
             one_time_kem=[],
@@ -166,12 +121,12 @@ def test_prekey_upload_is_atomic(db: SqliteDatabase) -> None:
         )
     assert db.prekey_counts("bob", 1) == PreKeyCounts(2, 0)
     with pytest.raises(UnknownDevice):
-        upload(db, "bob", 7, one_time=1, kem=0)
+        upload_prekeys(db, "bob", 7, one_time=1, kem=0)
 
 
 def test_take_once_then_last_resort(db: SqliteDatabase) -> None:
     assert db.take_bundle("bob", 1) is None  # nothing uploaded
-    upload(db, "bob", 1, one_time=2, kem=1)
+    upload_prekeys(db, "bob", 1, one_time=2, kem=1)
     first = db.take_bundle("bob", 1)
     assert first is not None
     assert first.one_time is not None and first.one_time.key_id == 1
@@ -190,7 +145,7 @@ def test_no_bundle_without_a_kem_prekey(db: SqliteDatabase) -> None:
     db.store_prekeys(
         "bob",
         1,
-        signed_prekey=SignedPreKeyPublic(1, b"S" * 32, SIG),
+        signed_prekey=SignedPreKeyPublic(1, b"S" * 32, SIGNATURE),
         last_resort_kem=None,
         one_time=[OneTimePreKeyPublic(1, b"o" * 32)],
         one_time_kem=[],
@@ -201,7 +156,7 @@ def test_no_bundle_without_a_kem_prekey(db: SqliteDatabase) -> None:
 
 
 def test_take_once_across_processes_sharing_the_file(tmp_path: Path, db: SqliteDatabase) -> None:
-    upload(db, "bob", 1, one_time=40, kem=40)
+    upload_prekeys(db, "bob", 1, one_time=40, kem=40)
     path = str(tmp_path / "relay.db")
     taken: list[int | None] = []
     kem_taken: list[tuple[int, bool]] = []
@@ -238,8 +193,8 @@ async def test_concurrent_takes_through_the_async_storage(tmp_path: Path) -> Non
         await storage.store_prekeys(
             "bob",
             1,
-            signed_prekey=SignedPreKeyPublic(1, b"S" * 32, SIG),
-            last_resort_kem=KemPreKeyPublic(9, b"L" * 1184, SIG),
+            signed_prekey=SignedPreKeyPublic(1, b"S" * 32, SIGNATURE),
+            last_resort_kem=KemPreKeyPublic(9, b"L" * 1184, SIGNATURE),
             one_time=[OneTimePreKeyPublic(i, b"o" * 32) for i in range(10)],
             one_time_kem=[],
             max_stored=100,
@@ -301,7 +256,7 @@ def test_a_send_larger_than_one_statement(
     monkeypatch.setattr(sqlite_storage, "ROWS_PER_STATEMENT", 3)
     users = [f"user{i}" for i in range(4)]
     for user_id in users:
-        register(db, user_id, 1, 2)
+        register_devices(db, user_id, 1, 2)
     recipients = [(user_id, device_id) for user_id in users for device_id in (1, 2)]
     counters = dict.fromkeys(users, 0)
     send = batch(recipients, (b"g",), counters=counters, kind=EnvelopeKind.GROUP)
