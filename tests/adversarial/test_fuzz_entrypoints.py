@@ -95,8 +95,8 @@ from hushchat.transport.wire.records import Envelope
 from tests.support.clock import NOW
 from tests.support.fuzzing import CHECKED, FUZZ_EXAMPLES, budget, inputs
 from tests.support.harness import A, Network, full_state
+from tests.support.wire_samples import ERRORS, RELAY_FRAMES, REQUESTS
 from tests.transport.test_client_rows import ROWS as FIRST_CLIENT_ROWS
-from tests.transport.test_relay_framing import ERRORS, RELAY_FRAMES, REQUESTS
 
 DEFAULT_EXAMPLES = 25
 # When the inputs are made and received: after everything the world made (its

@@ -29,44 +29,26 @@ from hushchat.transport.wire.auth import RELAY_AUTH_CONTEXT, auth_message, sign_
 from hushchat.transport.wire.errors import (
     RELAY_ERROR_CLASSES,
     BadFrame,
-    DeviceListMismatch,
-    DeviceListRejected,
-    DeviceMismatch,
     FrameTooLarge,
-    MailboxFull,
     PayloadTooLarge,
-    RateLimited,
     RelayError,
     TooManyRecipients,
     UnknownFrame,
-    UnknownUser,
-    UnsupportedVersion,
     relay_error_from_wire,
 )
 from hushchat.transport.wire.frames import (
-    Accepted,
     Ack,
-    Auth,
     BadRequest,
-    BundleFrame,
-    DeviceListFrame,
     EnvelopePush,
     ErrorFrame,
-    FetchBundle,
-    FetchDeviceList,
     FrameType,
     Hello,
-    Ok,
     Ping,
-    PreKeyCountsFrame,
-    PreKeysLow,
-    PublishDeviceList,
     QueueEmpty,
     RequestLimits,
     SendDirect,
     SendGroup,
     UploadPreKeys,
-    Welcome,
     decode_relay_frame,
     decode_request,
     encode_body,
@@ -75,45 +57,7 @@ from hushchat.transport.wire.framing import FrameDecoder, encode_frame
 from hushchat.transport.wire.limits import MAX_IN_FLIGHT, RELAY_PROTOCOL_VERSION
 from hushchat.transport.wire.records import Envelope
 from hushchat.transport.wire.states import ALLOWED_REQUESTS, ConnectionState, check_request
-
-KEM_PUB = bytes(range(256)) * 4 + bytes(160)
-SIG = b"\x07" * 64
-
-REQUESTS = [
-    Hello(1, RELAY_PROTOCOL_VERSION, 10),
-    Auth(2, "alice", 7, SIG),
-    PublishDeviceList(3, b"signed list"),
-    FetchDeviceList(4, "bob"),
-    UploadPreKeys(
-        5,
-        SignedPreKeyPublic(1, b"\x01" * 32, SIG),
-        KemPreKeyPublic(2, KEM_PUB, SIG),
-        (OneTimePreKeyPublic(3, b"\x02" * 32),),
-        (KemPreKeyPublic(4, KEM_PUB, SIG),),
-    ),
-    UploadPreKeys(6, None, None, (), ()),
-    FetchBundle(7, "bob", 2**32 - 1),
-    SendDirect(8, "bob", ((1, b"x"), (2, b""))),
-    SendGroup(9, b"group payload", (("bob", 1), ("carol", 1), ("carol", 2))),
-    Ack(10, (b"\x09" * 16,)),
-    Ack(11, tuple(bytes([i]) * 16 for i in range(100))),
-    Ping(2**32 - 1),
-]
-
-RELAY_FRAMES = [
-    ErrorFrame(None, "IDLE_TIMEOUT", "idle", None),
-    ErrorFrame(3, "RATE_LIMITED", "slow down", 1500),
-    Welcome(1, 1, "relay.example", b"\x05" * 32),
-    Ok(2),
-    DeviceListFrame(3, b"list"),
-    PreKeyCountsFrame(4, 10, 20),
-    BundleFrame(5, b"bundle"),
-    Accepted(6, 2**64 - 1),
-    EnvelopePush(Envelope(b"\x01" * 16, 123, "alice", 1, 2, b"ciphertext")),
-    QueueEmpty(),
-    PreKeysLow(3, 0),
-]
-
+from tests.support.wire_samples import ERRORS, RELAY_FRAMES, REQUESTS, SIGNATURE
 
 # ------------------------------------------------------------------ framing
 
@@ -339,23 +283,6 @@ def test_error_codes_are_unique_and_disjoint_from_protocol_codes() -> None:
     assert len(set(all_codes)) == len(all_codes)
 
 
-ERRORS = [
-    UnsupportedVersion("no", supported=[1, 2]),
-    UnknownUser("who", user_id="zed"),
-    DeviceListRejected("bad", cause="STALE_CHANGE"),
-    DeviceListMismatch(
-        "differ",
-        mismatches=[
-            DeviceMismatch("bob", b"signed", (2,), (3, 9)),
-            DeviceMismatch("c", b"", (), (1,)),
-        ],
-    ),
-    RateLimited("slow", retry_after_ms=600_000),
-    MailboxFull("full", devices=[("bob", 1), ("carol", 4)]),
-    BadFrame("plain"),
-]
-
-
 @pytest.mark.parametrize("error", ERRORS, ids=lambda e: e.wire_code)
 def test_errors_round_trip_through_error_frames(error: RelayError) -> None:
     frame = decode_relay_frame(encode_body(ErrorFrame.from_error(9, error)))
@@ -499,10 +426,10 @@ def test_largest_legitimate_frames_fit() -> None:
             for d in range(consts.MAX_DEVICES_PER_USER)
         ),
     )
-    kem = KemPreKeyPublic(2**32 - 1, bytes(consts.MLKEM768_PUBLIC_KEY_SIZE), SIG)
+    kem = KemPreKeyPublic(2**32 - 1, bytes(consts.MLKEM768_PUBLIC_KEY_SIZE), SIGNATURE)
     upload = UploadPreKeys(
         2**32 - 1,
-        SignedPreKeyPublic(2**32 - 1, bytes(32), SIG),
+        SignedPreKeyPublic(2**32 - 1, bytes(32), SIGNATURE),
         kem,
         tuple(
             OneTimePreKeyPublic(2**32 - 1 - i, bytes(32))
