@@ -4,7 +4,7 @@ wire decoders only RemoteProtocolError, state loaders only StateError. A
 wire value that decodes re-encodes to the same bytes (canonical encoding).
 
 The default run uses a moderate budget; ``pytest -m fuzz`` runs the same
-properties with the budget of tests/fuzzing.py per decoder, and counts them.
+properties with the budget of tests/support/fuzzing.py per decoder, and counts them.
 """
 
 from __future__ import annotations

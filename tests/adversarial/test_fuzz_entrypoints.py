@@ -13,7 +13,7 @@ bytes) and checks what the code promises for any input:
   core; for content inside a working session, everything but that session);
 * whatever decodes re-encodes to the same bytes (one encoding per value).
 
-Targets beyond tests/test_decoder_fuzz.py: SessionRecord.decrypt (ratchet
+Targets beyond test_decoder_fuzz.py: SessionRecord.decrypt (ratchet
 and initial messages), SenderKeyRecord.decrypt, ClientCore.receive (direct,
 initial, group, and arbitrary content inside a real session, from another
 user and from an own device), ControlMessage + Group.apply, Welcome +
@@ -24,7 +24,7 @@ client's unversioned rows its migration reads) and the pickles (sender-key
 records, outbound sender keys, groups, a whole ClientCore).
 
 The default run checks a few dozen inputs per target; ``pytest -m fuzz``
-checks the budget of tests/fuzzing.py per target and counts them.
+checks the budget of tests/support/fuzzing.py per target and counts them.
 """
 
 from __future__ import annotations

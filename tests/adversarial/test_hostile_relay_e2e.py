@@ -1,6 +1,6 @@
 """Real clients, a real relay, and a hostile proxy between them that acts as a lying relay.
 
-tests/test_malicious_relay.py drives ClientCores directly; here the same
+tests/adversarial/test_malicious_relay.py drives ClientCores directly; here the same
 attacks go over TCP through :class:`HostileRelay`, which decodes every frame
 both ways and can drop an envelope (acknowledging it to the relay itself, so
 the relay deletes it), duplicate it, hold it back and reorder it, replay it

@@ -1,6 +1,6 @@
 """ClientCore: several devices per user, groups with sender keys, state round trips, garbage.
 
-Every scenario runs on the in-memory relay of tests/harness.py; the relay's
+Every scenario runs on the in-memory relay of tests/support/harness.py; the relay's
 attacks (forgeries, swaps, replays) are in test_malicious_relay.py and the
 random interleavings in test_client_core_stateful.py.
 """

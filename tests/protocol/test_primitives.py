@@ -97,7 +97,7 @@ def test_conversion_known_answers() -> None:
     assert p.ed25519_private_to_x25519(seed) == bytes.fromhex(
         "8052030376d47112be7f73ed7a019293dd12ad910b654455798b4667d73de166"
     )
-    # RFC 8032 TEST 1 public key, u computed with the Edwards reference in conftest.
+    # RFC 8032 TEST 1 public key, u computed with the Edwards reference of tests/support.
     assert p.ed25519_public_to_x25519(bytes.fromhex(RFC8032_KEYS[0][1])) == bytes.fromhex(
         "d85e07ec22b0ad881537c2f44d662d1a143cf830c57aca4305d85c7a90f6b62e"
     )
