@@ -1,10 +1,12 @@
-"""protocol/ stays sans-I/O (checked on the source, statically), and objects holding
-secrets never print them."""
+"""protocol/ stays sans-I/O and the packages import only downwards (both checked on
+the source, statically), and objects holding secrets never print them."""
 
 from __future__ import annotations
 
 import ast
+import tomllib
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import msgpack
 import pytest
@@ -139,6 +141,198 @@ def test_the_scanner_finds_every_kind_of_violation() -> None:
     assert lines == [1, 2, 3, 4, 5, 8, 9, 10, 11, 12, 13, 14, 15], found
     clean = "import hashlib\nfrom os import path\nx = hashlib.sha256(b'')\nopen = 1\n"
     assert list(violations(clean, "clean.py")) == []
+
+
+# ------------------------------------------------------------------ imports go downwards only
+
+# The folders installed as hushchat.* (pyproject's package-dir): folder -> import name.
+SETUPTOOLS = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]
+PACKAGE_DIRS = {folder: name for name, folder in SETUPTOOLS["package-dir"].items()}
+# What each package may not import: the pure core neither the transport nor the
+# development tools, the transport not the development tools (under either name).
+FORBIDDEN_IMPORTS = {
+    "protocol": ("hushchat.transport", "hushchat.devtools", "devtools"),
+    "transport": ("hushchat.devtools", "devtools"),
+}
+# The import names before hushchat.protocol and hushchat.transport: installing them
+# put two generic top-level packages into site-packages.
+OLD_TOP_LEVEL = ("protocol", "transport")
+SOURCE_FOLDERS = ("protocol", "transport", "devtools", "tests", "examples")
+
+
+def package_of(path: Path) -> str:
+    """The package a source file's relative imports resolve against."""
+    folder, *inner = path.relative_to(REPO).parent.parts
+    return ".".join([PACKAGE_DIRS.get(folder, folder), *inner])
+
+
+def imported_modules(source: str, filename: str, package: str) -> Iterator[tuple[int, str]]:
+    """(line, absolute name) of everything ``source`` imports.
+
+    Relative imports are resolved against ``package``; ``from m import n``
+    gives both ``m`` and ``m.n`` (``n`` may be a module), and a call of
+    ``import_module`` or ``__import__`` with a literal name gives that name.
+    """
+    for node in ast.walk(ast.parse(source, filename)):
+        if isinstance(node, ast.Import):
+            for alias in node.names:
+                yield node.lineno, alias.name
+        elif isinstance(node, ast.ImportFrom):
+            module = node.module or ""
+            if node.level:
+                parts = package.split(".")
+                base = ".".join(parts[: max(0, len(parts) - node.level + 1)])
+                module = f"{base}.{module}" if module else base
+            yield node.lineno, module
+            for alias in node.names:
+                yield node.lineno, f"{module}.{alias.name}"
+        elif isinstance(node, ast.Call) and node.args:
+            func, first = node.func, node.args[0]
+            called = func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", None)
+            if called in {"import_module", "__import__"} and isinstance(first, ast.Constant):
+                yield node.lineno, str(first.value)
+
+
+def imports_of(source: str, filename: str, package: str, forbidden: tuple[str, ...]) -> list[str]:
+    """``file:line: imports name`` for every import of ``forbidden`` or a module inside one."""
+    return sorted(
+        {
+            f"{filename}:{line}: imports {name}"
+            for line, name in imported_modules(source, filename, package)
+            if any(name == f or name.startswith(f + ".") for f in forbidden)
+        }
+    )
+
+
+def source_files(folder: str) -> list[Path]:
+    files = sorted((REPO / folder).rglob("*.py"))
+    assert files, f"no Python files under {folder}/"
+    return files
+
+
+def folder_imports(folder: str, forbidden: tuple[str, ...]) -> list[str]:
+    return [
+        found
+        for path in source_files(folder)
+        for found in imports_of(
+            path.read_text(), str(path.relative_to(REPO)), package_of(path), forbidden
+        )
+    ]
+
+
+@pytest.mark.parametrize("folder", sorted(FORBIDDEN_IMPORTS))
+def test_packages_import_only_downwards(folder: str) -> None:
+    found = folder_imports(folder, FORBIDDEN_IMPORTS[folder])
+    assert not found, f"{folder}/ imports what it must not:\n" + "\n".join(found)
+
+
+@pytest.mark.parametrize("folder", SOURCE_FOLDERS)
+def test_nothing_imports_the_old_top_level_names(folder: str) -> None:
+    found = folder_imports(folder, OLD_TOP_LEVEL)
+    assert not found, "import hushchat.protocol / hushchat.transport instead:\n" + "\n".join(found)
+
+
+def test_package_of_follows_the_package_dirs() -> None:
+    assert package_of(REPO / "protocol" / "keys.py") == "hushchat.protocol"
+    assert package_of(REPO / "transport" / "relay" / "storage" / "sqlite.py") == (
+        "hushchat.transport.relay.storage"
+    )
+    assert package_of(REPO / "tests" / "protocol" / "test_purity.py") == "tests.protocol"
+
+
+def found_lines(found: list[str]) -> list[int]:
+    return sorted({int(f.split(":")[1]) for f in found})
+
+
+# Per package: a module name, and lines that each import what the package may not.
+UPWARD_IMPORTS = {
+    "protocol": (
+        "hushchat.protocol",
+        """\
+from hushchat.transport.wire import frames
+import hushchat.transport.relay.server
+from hushchat import transport
+from .. import transport
+from ..transport.client.connection import RelayConnection
+import hushchat.devtools
+from hushchat import devtools
+from ..devtools.bench import main
+import devtools.bench
+x = importlib.import_module("hushchat.transport.cli")
+""",
+    ),
+    "transport": (
+        "hushchat.transport.relay",
+        """\
+import hushchat.devtools
+import hushchat.devtools.bench as bench
+from hushchat.devtools.testvectors import generate
+from hushchat import devtools
+from ... import devtools
+from ...devtools.vectors_cli import add_vectors_command
+import devtools.bench
+from devtools import bench
+x = importlib.import_module("hushchat.devtools.bench")
+y = __import__("devtools")
+""",
+    ),
+}
+# Per package: what it may import (itself, what lies below it, names that only look alike).
+DOWNWARD_IMPORTS = {
+    "protocol": (
+        "hushchat.protocol",
+        """\
+from . import primitives as p
+from .errors import DecodeError
+from hushchat.protocol.keys import IdentityKeyPair
+import hushchat.transportation
+from tests.support import devtools
+x = importlib.import_module(name)
+""",
+    ),
+    "transport": (
+        "hushchat.transport.relay",
+        """\
+from . import session
+from ..wire.frames import Hello
+from hushchat.protocol import keys
+import hushchat.devtoolsmith
+from tests.support import devtools
+x = importlib.import_module(name)
+""",
+    ),
+}
+
+
+@pytest.mark.parametrize("folder", sorted(FORBIDDEN_IMPORTS))
+def test_the_import_check_finds_every_kind_of_upward_import(folder: str) -> None:
+    forbidden = FORBIDDEN_IMPORTS[folder]
+    package, source = UPWARD_IMPORTS[folder]
+    found = imports_of(source, "upward.py", package, forbidden)
+    assert found_lines(found) == list(range(1, source.count("\n") + 1)), found
+    package, source = DOWNWARD_IMPORTS[folder]
+    assert imports_of(source, "downward.py", package, forbidden) == []
+
+
+def test_the_import_check_finds_the_old_top_level_names() -> None:
+    old = """\
+import protocol
+import transport.wire.frames as frames
+from protocol.keys import IdentityKeyPair
+from transport import cli
+x = importlib.import_module("protocol.session")
+"""
+    found = imports_of(old, "example.py", "examples", OLD_TOP_LEVEL)
+    assert found_lines(found) == [1, 2, 3, 4, 5], found
+    new = """\
+import hushchat.protocol
+from hushchat.transport import cli
+from . import protocol
+from .transport import wire
+from tests.protocol import test_purity
+import protocols
+"""
+    assert imports_of(new, "test.py", "tests.support", OLD_TOP_LEVEL) == []
 
 
 # ------------------------------------------------------------------ secrets never printed
