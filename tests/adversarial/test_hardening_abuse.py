@@ -154,11 +154,11 @@ def report(line: str) -> None:
 
 
 FLOODER = """
-import hashlib, socket, sys, threading
-from hushchat.protocol.keys import IdentityKeyPair
+import socket, sys, threading
 from hushchat.protocol.encoding import pack, unpack
 from hushchat.transport.wire.auth import sign_auth
 from hushchat.transport.wire.limits import RELAY_PROTOCOL_VERSION
+from tests.support.users import keypair
 
 port, mode, user = int(sys.argv[1]), sys.argv[2], sys.argv[3]
 
@@ -179,7 +179,7 @@ if mode == "malformed":
     sock = socket.create_connection(("127.0.0.1", port))
     sock.sendall(frame(pack([1, 0, RELAY_PROTOCOL_VERSION, 10])))
     welcome = read_frame(sock)
-    key = IdentityKeyPair(hashlib.sha256(f"{user}/1".encode()).digest())
+    key = keypair(f"{user}/1")  # make_user's key for the device
     signature = sign_auth(key, welcome[3], welcome[4], user, 1)
     sock.sendall(frame(pack([10, 1, user, 1, signature])))
     def drain():
