@@ -92,11 +92,11 @@ from hushchat.transport.wire.frames import (
 from hushchat.transport.wire.framing import FrameDecoder, encode_frame
 from hushchat.transport.wire.limits import RELAY_PROTOCOL_VERSION
 from hushchat.transport.wire.records import Envelope
+from tests.support.client_rows import ROWS as FIRST_CLIENT_ROWS
 from tests.support.clock import NOW
 from tests.support.fuzzing import CHECKED, FUZZ_EXAMPLES, budget, inputs
 from tests.support.harness import A, Network, full_state
 from tests.support.wire_samples import ERRORS, RELAY_FRAMES, REQUESTS
-from tests.transport.test_client_rows import ROWS as FIRST_CLIENT_ROWS
 
 DEFAULT_EXAMPLES = 25
 # When the inputs are made and received: after everything the world made (its
