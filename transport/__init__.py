@@ -9,9 +9,13 @@ errors)::
 """
 
 from .wire.errors import AuthenticationFailed as AuthenticationFailed
+from .wire.errors import ConnectFailed as ConnectFailed
 from .wire.errors import ConnectionClosed as ConnectionClosed
 from .wire.errors import ConnectionFailure as ConnectionFailure
+from .wire.errors import ConnectionRefused as ConnectionRefused
+from .wire.errors import ConnectTimeout as ConnectTimeout
 from .wire.errors import DeviceRemoved as DeviceRemoved
+from .wire.errors import HostUnreachable as HostUnreachable
 from .wire.errors import MailboxFull as MailboxFull
 from .wire.errors import PayloadTooLarge as PayloadTooLarge
 from .wire.errors import RateLimited as RateLimited
@@ -19,6 +23,8 @@ from .wire.errors import RelayError as RelayError
 from .wire.errors import RelayProtocolViolation as RelayProtocolViolation
 from .wire.errors import RelayTimeout as RelayTimeout
 from .wire.errors import Superseded as Superseded
+from .wire.errors import TlsFailed as TlsFailed
 from .wire.errors import TooManyRecipients as TooManyRecipients
 from .wire.errors import TransportError as TransportError
+from .wire.errors import UnknownHost as UnknownHost
 from .wire.errors import UnknownUser as UnknownUser

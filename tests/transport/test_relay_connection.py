@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import errno
+import os
+import socket
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -19,12 +22,20 @@ from hushchat.transport.client.connection import (
     open_relay_connection,
 )
 from hushchat.transport.wire.errors import (
+    ConnectFailed,
     ConnectionClosed,
+    ConnectionFailure,
+    ConnectionRefused,
+    ConnectTimeout,
+    HostUnreachable,
     IdleTimeout,
     RateLimited,
     RelayError,
     RelayProtocolViolation,
     RelayTimeout,
+    TlsFailed,
+    UnknownHost,
+    format_address,
 )
 from hushchat.transport.wire.frames import (
     BadRequest,
@@ -310,7 +321,7 @@ async def test_connecting_to_nothing_fails_cleanly() -> None:
     listener = (await trio.open_tcp_listeners(0, host="127.0.0.1"))[0]
     port = listener.socket.getsockname()[1]
     await listener.aclose()
-    with pytest.raises(ConnectionClosed):
+    with pytest.raises(ConnectionRefused):
         async with connect_relay("127.0.0.1", port):
             pass
 
@@ -345,9 +356,77 @@ async def test_tls(tmp_path: Path) -> None:
             await connection.upload_device_list(alice.signed_list())
             await connection.authenticate("alice", 1, alice.devices[1].identity)
             await connection.ping()
-        with pytest.raises(ConnectionClosed):  # a client that does not trust the certificate
+        with pytest.raises(TlsFailed) as info:  # a client that does not trust the certificate
             async with connected(port, ssl_context=ssl.create_default_context()):
                 pass
+        assert "CERTIFICATE_VERIFY_FAILED" in str(info.value)
         with pytest.raises((ConnectionClosed, RelayTimeout)):  # plaintext to a TLS relay
             async with connected(port, connect_timeout=1):
+                pass
+
+
+# ------------------------------------------------------------------ why a connection failed
+
+
+def free_port(family: socket.AddressFamily = socket.AF_INET) -> int:
+    with socket.socket(family) as probe:
+        probe.bind(("::1" if family == socket.AF_INET6 else "127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "::1", "localhost"])
+async def test_nothing_listening_is_connection_refused(host: str) -> None:
+    port = free_port(socket.AF_INET6 if host == "::1" else socket.AF_INET)
+    with pytest.raises(ConnectionRefused) as info:
+        async with connect_relay(host, port):
+            pass
+    where = format_address(host, port)
+    assert str(info.value) == f"nothing listens at {where} (connection refused)"
+    assert isinstance(info.value, ConnectFailed | ConnectionFailure)
+
+
+def test_ipv6_addresses_are_bracketed() -> None:
+    assert format_address("::1", 7443) == "[::1]:7443"
+    assert format_address("relay.example", 7443) == "relay.example:7443"
+
+
+async def test_an_unknown_host_is_named() -> None:
+    with pytest.raises(UnknownHost, match=r"unknown host 'nosuch\.invalid'"):
+        async with connect_relay("nosuch.invalid", 7400):
+            pass
+
+
+@pytest.mark.parametrize(
+    ("number", "expected"),
+    [
+        (errno.ENETUNREACH, HostUnreachable),
+        (errno.EHOSTUNREACH, HostUnreachable),
+        (errno.EACCES, ConnectFailed),
+    ],
+)
+async def test_no_route_is_host_unreachable(
+    monkeypatch: pytest.MonkeyPatch, number: int, expected: type[ConnectFailed]
+) -> None:
+    # No route can be made on loopback: the error trio raises for one is played here.
+    async def unreachable(host: str, port: int) -> trio.SocketStream:
+        attempt = OSError(number, os.strerror(number))
+        raise OSError(f"all attempts to connect to {host}:{port} failed") from ExceptionGroup(
+            "attempts", [attempt]
+        )
+
+    monkeypatch.setattr(trio, "open_tcp_stream", unreachable)
+    with pytest.raises(ConnectFailed) as info:
+        async with connect_relay("2001:db8::1", 7443):
+            pass
+    assert type(info.value) is expected
+    assert "[2001:db8::1]:7443" in str(info.value)
+
+
+async def test_a_silent_listener_is_a_connect_timeout() -> None:
+    with socket.socket() as silent:  # accepts (the kernel does) but never answers HELLO
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        port = silent.getsockname()[1]
+        with pytest.raises(ConnectTimeout, match=r"no answer to HELLO within 0.2 s"):
+            async with connect_relay("127.0.0.1", port, connect_timeout=0.2):
                 pass

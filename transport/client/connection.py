@@ -34,6 +34,8 @@ client library builds those on top.
 
 from __future__ import annotations
 
+import errno
+import socket
 import ssl
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
@@ -51,12 +53,19 @@ from hushchat.protocol.prekeys import KemPreKeyPublic, OneTimePreKeyPublic, Sign
 
 from ..wire.auth import sign_auth
 from ..wire.errors import (
+    ConnectFailed,
     ConnectionClosed,
     ConnectionFailure,
+    ConnectionRefused,
+    ConnectTimeout,
+    HostUnreachable,
     RelayError,
     RelayProtocolViolation,
     RelayTimeout,
+    TlsFailed,
     UnexpectedFrame,
+    UnknownHost,
+    format_address,
     relay_error_from_wire,
 )
 from ..wire.frames import (
@@ -429,11 +438,14 @@ class RelayConnection:
     # ---------------------------------------------------------------- lifecycle
 
     async def _hello(self, timeout: float, expected_relay_name: str | None) -> None:
-        welcome = await self._request(
-            lambda rid: Hello(rid, RELAY_PROTOCOL_VERSION, self._window),
-            Welcome,
-            timeout=timeout,
-        )
+        try:
+            welcome = await self._request(
+                lambda rid: Hello(rid, RELAY_PROTOCOL_VERSION, self._window),
+                Welcome,
+                timeout=timeout,
+            )
+        except RelayTimeout:
+            raise ConnectTimeout(f"no answer to HELLO within {timeout:g} s") from None
         if welcome.version != RELAY_PROTOCOL_VERSION:
             raise RelayProtocolViolation(f"relay answered with version {welcome.version}")
         if expected_relay_name is not None and welcome.relay_name != expected_relay_name:
@@ -480,6 +492,11 @@ async def connect_relay(
     ``keepalive_interval`` (None: off) pings to stay under the relay's idle
     timeout and to notice a dead relay. ``incoming_queue_size`` bounds the
     envelopes and notices buffered before the reader stops reading.
+
+    A connection that cannot be opened raises the subclass of
+    :class:`~hushchat.transport.wire.errors.ConnectFailed` that says why
+    (UnknownHost, ConnectionRefused, HostUnreachable, TlsFailed), or
+    ConnectTimeout; its message names the address.
     """
     stream: trio.abc.Stream | None = None
     try:
@@ -493,11 +510,10 @@ async def connect_relay(
     except BaseException as exc:
         if stream is not None:
             await trio.aclose_forcefully(stream)
-        if isinstance(exc, trio.TooSlowError):
-            raise RelayTimeout(f"connecting to {host} port {port} timed out") from None
-        if isinstance(exc, OSError | trio.BrokenResourceError):
-            raise ConnectionClosed(f"cannot connect to {host} port {port}") from exc
-        raise
+        failure = _connect_failure(exc, host, port, connect_timeout)
+        if failure is None:
+            raise
+        raise failure from exc
     async with open_relay_connection(
         stream,
         expected_relay_name=expected_relay_name,
@@ -508,6 +524,42 @@ async def connect_relay(
         keepalive_interval=keepalive_interval,
     ) as connection:
         yield connection
+
+
+# errno values of a connection that found no route to its host.
+_UNREACHABLE = frozenset(
+    {errno.ENETUNREACH, errno.EHOSTUNREACH, errno.ENETDOWN, errno.EHOSTDOWN, errno.EADDRNOTAVAIL}
+)
+
+
+def _connect_failure(
+    exc: BaseException, host: str, port: int, timeout: float
+) -> ConnectionFailure | None:
+    """The ConnectionFailure subclass that says why opening a connection failed, if it did."""
+    where = format_address(host, port)
+    if isinstance(exc, trio.TooSlowError):
+        return ConnectTimeout(f"{where} did not answer within {timeout:g} s")
+    if isinstance(exc, socket.gaierror):
+        return UnknownHost(f"unknown host {host!r} ({exc.strerror})")
+    if isinstance(exc, OSError):
+        # trio raises one OSError for all the addresses it tried, caused by a
+        # group of each attempt's error: refused if every attempt was.
+        causes = [exc]
+        if isinstance(exc.__cause__, BaseExceptionGroup):
+            causes = [e for e in exc.__cause__.exceptions if isinstance(e, OSError)] or causes
+        numbers = {e.errno for e in causes}
+        if numbers == {errno.ECONNREFUSED}:
+            return ConnectionRefused(f"nothing listens at {where} (connection refused)")
+        if numbers and numbers <= _UNREACHABLE | {errno.ECONNREFUSED}:
+            return HostUnreachable(f"{where} is unreachable (no route to the host)")
+        reason = next((e.strerror for e in causes if e.strerror), str(exc))
+        return ConnectFailed(f"cannot connect to {where}: {reason}")
+    if isinstance(exc, trio.BrokenResourceError):
+        if isinstance(exc.__cause__, ssl.SSLError):
+            reason = getattr(exc.__cause__, "reason", None) or str(exc.__cause__)
+            return TlsFailed(f"TLS with {where} failed: {reason}")
+        return ConnectFailed(f"{where} closed the connection during the TLS handshake")
+    return None
 
 
 @asynccontextmanager

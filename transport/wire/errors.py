@@ -7,7 +7,14 @@ protocol's :class:`~hushchat.protocol.errors.ProtocolError`::
     ├── ConnectionFailure          the connection failed or is gone; reconnect
     │   ├── ConnectionClosed       closed by either side, or broken; ``reason``
     │   │                          holds the relay's final error, if it sent one
-    │   └── RelayTimeout           a network wait exceeded its timeout
+    │   ├── RelayTimeout           a network wait exceeded its timeout
+    │   │   └── ConnectTimeout     opening the connection did
+    │   └── ConnectFailed          the connection could not be opened:
+    │       ├── UnknownHost        the host name does not resolve
+    │       ├── ConnectionRefused  nothing listens at that address and port
+    │       ├── HostUnreachable    no route to the host, or the network is down
+    │       └── TlsFailed          the TLS handshake failed (say, an untrusted
+    │                              certificate)
     ├── RelayError                 the relay refused a request (an ERROR frame)
     │   └── one class per wire code (BadFrame, RateLimited, MailboxFull, ...)
     └── the client library's and the relay's own (StoreLocked, SendDropped,
@@ -71,6 +78,47 @@ class RelayTimeout(ConnectionFailure):
     """A network wait (connect, handshake, reply, write) exceeded its timeout."""
 
     code = "RELAY_TIMEOUT"
+
+
+class ConnectTimeout(RelayTimeout):
+    """Opening the connection (TCP, TLS and HELLO) took longer than the connect timeout."""
+
+    code = "CONNECT_TIMEOUT"
+
+
+class ConnectFailed(ConnectionFailure):
+    """The connection could not be opened; a subclass says why, when it is known."""
+
+    code = "CONNECT_FAILED"
+
+
+class UnknownHost(ConnectFailed):
+    """The relay's host name does not resolve (a typo, or no DNS)."""
+
+    code = "UNKNOWN_HOST"
+
+
+class ConnectionRefused(ConnectFailed):
+    """The host answered, but nothing listens at that port (no relay running there)."""
+
+    code = "CONNECTION_REFUSED"
+
+
+class HostUnreachable(ConnectFailed):
+    """No route to the host, or this machine's network is down."""
+
+    code = "HOST_UNREACHABLE"
+
+
+class TlsFailed(ConnectFailed):
+    """The TLS handshake failed: an untrusted or mismatched certificate, or no TLS there."""
+
+    code = "TLS_FAILED"
+
+
+def format_address(host: str, port: int) -> str:
+    """``host:port``, with an IPv6 address in brackets (``[::1]:7443``) as in URLs."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 class RelayProtocolViolation(RemoteProtocolError):
