@@ -70,6 +70,7 @@ from hushchat.protocol.keys import IdentityKeyPair
 from hushchat.protocol.prekeys import PreKeyBundle
 from hushchat.protocol.session import SessionRecord
 
+from .arguments import at_least
 from .bench_relay import add_relay_bench_command
 
 # A fixed protocol time (seconds): the core never reads a clock.
@@ -729,26 +730,28 @@ def add_bench_command(subparsers: argparse._SubParsersAction[argparse.ArgumentPa
         "bench",
         help="measure protocol operations against their primitive floor",
         description="Time every protocol operation next to the cryptography and msgpack "
-        "calls it cannot avoid (its primitive floor); 'bench relay' loads a relay.",
+        "calls it cannot avoid (its primitive floor); 'bench relay' loads a relay. "
+        "Exit status: 0, or 2 for bad arguments.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument(
         "--repeats",
-        type=int,
+        type=at_least(1),
         default=DEFAULT_REPEATS,
-        help=f"timed batches per operation, after a warm-up (default {DEFAULT_REPEATS})",
+        help="timed batches per operation, after a warm-up",
     )
     parser.add_argument(
         "--group-sizes",
         type=_sizes,
-        default=DEFAULT_GROUP_SIZES,
-        help="comma-separated group sizes for the steady-state group send (default 10,100,1000)",
+        default=",".join(map(str, DEFAULT_GROUP_SIZES)),
+        help="comma-separated group sizes for the steady-state group send",
     )
     parser.add_argument(
         "--removal-group-size",
-        type=int,
+        type=at_least(2, "a group has at least 2 members"),
         default=DEFAULT_REMOVAL_GROUP_SIZE,
-        help="group size for the first send after a removal (default 100)",
+        help="group size for the first send after a removal",
     )
     parser.set_defaults(run=run_bench)
     targets = parser.add_subparsers(dest="bench_target", metavar="[relay]")

@@ -40,7 +40,9 @@ import math
 import multiprocessing
 import os
 import resource
+import signal
 import statistics
+import sys
 import tempfile
 import time
 from collections import Counter
@@ -58,6 +60,8 @@ from hushchat.transport.relay.config import RelayConfig
 from hushchat.transport.relay.server import serve_relay
 from hushchat.transport.wire.errors import RateLimited
 from hushchat.transport.wire.records import Envelope
+
+from .arguments import at_least, positive_seconds
 
 DEFAULT_CLIENTS = 200
 DEFAULT_MESSAGES = 10
@@ -114,7 +118,12 @@ def _usage() -> tuple[int, float]:
 
 
 def _relay_process(db_path: str, pipe: Connection) -> None:
-    """Run a relay; answer "usage" with (peak RSS KiB, CPU seconds) until told to stop."""
+    """Run a relay; answer "usage" with (peak RSS KiB, CPU seconds) until told to stop.
+
+    Ctrl-C reaches every process of the terminal's group: the parent stops this
+    one through the pipe, so it ignores SIGINT rather than die mid-answer.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
     async def main() -> None:
         async with trio.open_nursery() as nursery:
@@ -126,6 +135,10 @@ def _relay_process(db_path: str, pipe: Connection) -> None:
 
     trio.run(main)
     pipe.send(_usage())
+
+
+class RelayBenchError(Exception):
+    """The run could not go on: the message says why."""
 
 
 class _RelayProcess:
@@ -140,9 +153,12 @@ class _RelayProcess:
         self.port: int = self._receive(RELAY_START_TIMEOUT)
 
     def _receive(self, timeout: float) -> Any:
-        if not self._pipe.poll(timeout):
-            raise RuntimeError("the relay process does not answer")
-        return self._pipe.recv()
+        try:
+            if self._pipe.poll(timeout):
+                return self._pipe.recv()
+        except (EOFError, OSError):
+            raise RelayBenchError("the relay process ended unexpectedly") from None
+        raise RelayBenchError("the relay process does not answer")
 
     def usage(self) -> tuple[float, float]:
         """The relay's (peak RSS in MiB, CPU seconds) so far."""
@@ -153,7 +169,10 @@ class _RelayProcess:
     def stop(self) -> tuple[float, float]:
         """Stop the relay; its final (peak RSS in MiB, CPU seconds)."""
         try:
-            self._pipe.send("stop")
+            try:
+                self._pipe.send("stop")
+            except OSError:
+                raise RelayBenchError("the relay process ended unexpectedly") from None
             peak_kib, cpu = self._receive(RELAY_STOP_TIMEOUT)
         finally:
             self._process.join(RELAY_STOP_TIMEOUT)
@@ -423,34 +442,60 @@ def add_relay_bench_command(targets: argparse._SubParsersAction[argparse.Argumen
         "relay",
         help="load a real relay (own process, SQLite) with many clients on loopback",
         description="Start a relay on loopback with its SQLite store and measure envelopes "
-        "delivered per second, latency and exactly-once delivery under N clients.",
-    )
-    parser.add_argument("--clients", type=int, default=DEFAULT_CLIENTS, help="default 200")
-    parser.add_argument(
-        "--messages", type=int, default=DEFAULT_MESSAGES, help="sends per client (default 10)"
-    )
-    parser.add_argument(
-        "--group-size", type=int, default=DEFAULT_GROUP_SIZE, help="clients per group (default 10)"
+        "delivered per second, latency and exactly-once delivery under N clients. "
+        "Exit status: 0, 1 if an envelope was lost or duplicated or the run could not "
+        "start (the reason on stderr), 2 for bad arguments, 130 after Ctrl-C.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument(
-        "--timeout", type=float, default=DEFAULT_TIMEOUT, help="bound on the run, in seconds"
+        "--clients",
+        type=at_least(2, "at least 2 clients: each sends to the next"),
+        default=DEFAULT_CLIENTS,
+        help="connected clients",
+    )
+    parser.add_argument(
+        "--messages", type=at_least(1), default=DEFAULT_MESSAGES, help="sends per client"
+    )
+    parser.add_argument(
+        "--group-size", type=at_least(1), default=DEFAULT_GROUP_SIZE, help="clients per group"
+    )
+    parser.add_argument(
+        "--timeout",
+        type=positive_seconds,
+        default=DEFAULT_TIMEOUT,
+        help="bound on the run, in seconds",
     )
     parser.add_argument(
         "--db-dir",
-        help="directory for the relay's temporary database (default: the system temp "
-        "directory; its file system's fsync cost bounds the relay)",
+        default=tempfile.gettempdir(),
+        help="directory for the relay's temporary database (its file system's fsync cost "
+        "bounds the relay)",
     )
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    result = run_relay_bench(
-        clients=args.clients,
-        messages=args.messages,
-        group_size=args.group_size,
-        timeout=args.timeout,
-        db_dir=args.db_dir,
-    )
+    if not os.path.isdir(args.db_dir):
+        print(f"hushchat bench relay: no such folder for --db-dir: {args.db_dir}", file=sys.stderr)
+        return 1
+    interrupted = False
+    try:
+        try:
+            result = run_relay_bench(
+                clients=args.clients,
+                messages=args.messages,
+                group_size=args.group_size,
+                timeout=args.timeout,
+                db_dir=args.db_dir,
+            )
+        except* KeyboardInterrupt:  # trio may raise it inside a group
+            interrupted = True
+    except RelayBenchError as exc:
+        print(f"hushchat bench relay: {exc}", file=sys.stderr)
+        return 1
+    if interrupted:
+        print("hushchat bench relay: interrupted; the relay was stopped", file=sys.stderr)
+        return 130
     print(json.dumps(result.as_json(), indent=2) if args.json else render(result))
     return 0 if result.lost == 0 and result.duplicated == 0 else 1

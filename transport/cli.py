@@ -1,7 +1,8 @@
 """The ``hushchat`` command: ``relay`` here, and the commands other packages add.
 
 Exit status: 0 after a clean stop, 1 when the environment stops a command
-(a port in use, an unreadable database or TLS file), 2 for bad arguments. A
+(a port in use, an unreadable database or TLS file), 2 for bad arguments,
+130 after Ctrl-C where the command has no other meaning for it. A
 failure is one line on stderr that names the problem and what to do; nothing
 is created on failure.
 
@@ -205,8 +206,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    status: int = args.run(args)
+    try:
+        args = build_parser().parse_args(argv)
+        status: int = args.run(args)
+    except KeyboardInterrupt:  # Ctrl-C before a command's own handling: no traceback
+        print(file=sys.stderr)
+        return 130
     return status
 
 

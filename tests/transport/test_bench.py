@@ -8,6 +8,12 @@ reported, and that the relay load delivers everything exactly once.
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 
@@ -77,10 +83,80 @@ def test_measure_takes_medians_of_operation_and_floor() -> None:
     assert timing.ratio == timing.us / timing.floor_us
 
 
-def test_bench_arguments_are_checked(capsys: pytest.CaptureFixture[str]) -> None:
-    with pytest.raises(SystemExit):
-        cli.main(["bench", "--group-sizes", "1"])
-    assert "at least 2 members" in capsys.readouterr().err
+@pytest.mark.parametrize(
+    ("argv", "says"),
+    [
+        (["bench", "--group-sizes", "1"], "at least 2 members"),
+        (["bench", "--repeats", "0"], "0 is less than 1"),
+        (["bench", "--repeats", "many"], "'many' is not a whole number"),
+        (["bench", "--removal-group-size", "1"], "at least 2 members"),
+        (["bench", "relay", "--clients", "0"], "at least 2 clients"),
+        (["bench", "relay", "--messages", "0"], "0 is less than 1"),
+        (["bench", "relay", "--group-size", "0"], "0 is less than 1"),
+        (["bench", "relay", "--timeout", "0"], "0 is not above 0 seconds"),
+    ],
+)
+def test_bench_arguments_are_usage_errors(
+    argv: list[str], says: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as info:
+        cli.main(argv)
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert says in err and "Traceback" not in err and err.startswith("usage: hushchat bench")
+
+
+def test_bench_relay_needs_an_existing_db_dir(capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["bench", "relay", "--db-dir", "/nonexistent"]) == 1
+    assert capsys.readouterr().err == (
+        "hushchat bench relay: no such folder for --db-dir: /nonexistent\n"
+    )
+
+
+def test_bench_help_shows_every_default(capsys: pytest.CaptureFixture[str]) -> None:
+    for argv, defaults in [
+        (["bench", "--help"], ["9", "10,100,1000", "100"]),
+        (["bench", "relay", "--help"], ["200", "10", "300.0"]),
+    ]:
+        with pytest.raises(SystemExit):
+            cli.main(argv)
+        out = " ".join(capsys.readouterr().out.split())
+        for default in defaults:
+            assert f"(default: {default})" in out, (argv, default)
+
+
+def children(pid: int) -> list[int]:
+    with open(f"/proc/{pid}/task/{pid}/children") as listing:
+        return [int(child) for child in listing.read().split()]
+
+
+def test_ctrl_c_stops_the_relay_bench_in_one_line(tmp_path: Path) -> None:
+    # A run far longer than the test; Ctrl-C reaches the whole process group, as
+    # from a terminal, once the relay process is up.
+    argv = ["bench", "relay", "--clients", "50", "--messages", "2000", "--timeout", "120"]
+    bench_process = subprocess.Popen(
+        [sys.executable, "-m", "hushchat.transport.cli", *argv, "--db-dir", str(tmp_path)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while not list(tmp_path.glob("hushchat-bench-*/relay.db")):
+            assert time.monotonic() < deadline and bench_process.poll() is None
+            time.sleep(0.05)
+        time.sleep(0.5)  # the clients connect
+        assert children(bench_process.pid)
+        os.killpg(bench_process.pid, signal.SIGINT)
+        out, err = bench_process.communicate(timeout=60)
+    finally:
+        if bench_process.poll() is None:
+            os.killpg(bench_process.pid, signal.SIGKILL)
+            bench_process.wait()
+    assert bench_process.returncode == 130, err
+    assert err == "hushchat bench relay: interrupted; the relay was stopped\n"
+    assert out == "" and list(tmp_path.iterdir()) == []
 
 
 def test_relay_plan_sends_one_to_one_and_to_groups() -> None:
