@@ -212,7 +212,7 @@ class Person:
     ) -> None:
         try:
             async with open_client(
-                self.store, HOST, port, core_=core, user_id=self.user_id
+                self.store, HOST, port, device=core, user_id=self.user_id
             ) as client:
                 self._client = client
                 with self._scope:

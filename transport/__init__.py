@@ -6,7 +6,14 @@ The transport's errors, for ``except`` clauses (the tree is in
 errors)::
 
     from hushchat.transport import ConnectionFailure, RelayError, RateLimited
+
+Logging goes to the ``hushchat`` logger hierarchy (``hushchat.relay``,
+``hushchat.client``) and is silent unless the application configures
+logging: the library adds only a NullHandler, as the logging HOWTO asks of
+libraries. README.md says what each level reveals.
 """
+
+import logging
 
 from .wire.errors import AuthenticationFailed as AuthenticationFailed
 from .wire.errors import ConnectFailed as ConnectFailed
@@ -28,3 +35,5 @@ from .wire.errors import TooManyRecipients as TooManyRecipients
 from .wire.errors import TransportError as TransportError
 from .wire.errors import UnknownHost as UnknownHost
 from .wire.errors import UnknownUser as UnknownUser
+
+logging.getLogger("hushchat").addHandler(logging.NullHandler())

@@ -224,7 +224,7 @@ async def test_second_device_gets_messages_and_copies(tmp_path: Path, relay: Rel
         await bob.link_device(2, desktop_core.device_identity)
         store = ClientStore.open(str(tmp_path / "bob-desktop.db"))
         try:
-            async with open_client(store, "127.0.0.1", relay.port, core_=desktop_core) as desktop:
+            async with open_client(store, "127.0.0.1", relay.port, device=desktop_core) as desktop:
                 # Alice's cached list is stale: the relay refuses, she rebuilds for both devices.
                 await alice.send_direct("bob", b"to both of bob's devices")
                 for device in (bob, desktop):
@@ -287,7 +287,7 @@ async def test_linked_device_receives_existing_groups(tmp_path: Path, relay: Rel
         await alice.link_device(2, desktop_core.device_identity)
         store = ClientStore.open(str(tmp_path / "alice-desktop.db"))
         try:
-            async with open_client(store, "127.0.0.1", relay.port, core_=desktop_core) as desktop:
+            async with open_client(store, "127.0.0.1", relay.port, device=desktop_core) as desktop:
                 synced = await next_matching(desktop, GroupUpdated)
                 assert synced.joined and synced.group_id == group_id
                 assert desktop.group(group_id) == alice.group(group_id)

@@ -104,12 +104,19 @@ class SendDropped(TransportError):
 
 
 class Client:
-    """One device connected to a relay. Obtain it from :func:`open_client`."""
+    """One device connected to a relay. Obtain it from :func:`open_client`.
+
+    Or build it and start :meth:`run` in a nursery yourself (``await
+    nursery.start(client.run)``), to handle a failed first connection: the
+    arguments are :func:`open_client`'s, with the device's ``device`` (a
+    :class:`~hushchat.protocol.client_core.ClientCore`, from
+    :func:`load_or_create_core`) required.
+    """
 
     def __init__(
         self,
         store: ClientStore,
-        core_: ClientCore,
+        device: ClientCore,
         host: str,
         port: int,
         *,
@@ -123,7 +130,7 @@ class Client:
         reconnect_max_delay: float = RECONNECT_MAX_DELAY,
     ) -> None:
         self.store = store
-        self.core = core_
+        self.core = device
         self._host, self._port = host, port
         self._ssl_context = ssl_context
         self._clock = clock
@@ -147,9 +154,11 @@ class Client:
 
     @property
     def address(self) -> Address:
+        """This device: its user id and device id (``alice.1``)."""
         return self.core.address
 
     def now(self) -> int:
+        """The time the protocol is given, in whole seconds (from the ``clock``)."""
         return int(self._clock())
 
     async def events(self) -> AsyncIterator[ClientEvent]:
@@ -207,12 +216,28 @@ class Client:
         return group_id
 
     async def add_member(self, group_id: bytes, user_id: str) -> None:
+        """(A group admin.) Add ``user_id`` to the group; every member applies the signed change.
+
+        The new member's devices get the group state; members see a
+        ``GroupUpdated`` with a ``MemberAdded``. A non-admin, or a user
+        already a member, gets a LocalProtocolError and nothing is sent.
+        """
         await self._change_group(group_id, [user_id], self.core.add_member, user_id)
 
     async def remove_member(self, group_id: bytes, user_id: str) -> None:
+        """(A group admin.) Remove ``user_id``; the remaining members rotate their sender keys.
+
+        Members, the removed one included, see a ``GroupUpdated`` with a
+        ``MemberRemoved``; the removed member cannot read what follows.
+        """
         await self._change_group(group_id, [], self.core.remove_member, user_id)
 
     async def leave_group(self, group_id: bytes) -> None:
+        """Leave the group: the others see us removed and rotate their sender keys.
+
+        The group is forgotten here; its title stays known to the app only
+        if it kept it.
+        """
         async with self._lock:
             connection = await self._wait_ready()
             await self._prepare(connection, self.core.group(group_id).user_ids)
@@ -233,6 +258,11 @@ class Client:
         await self._flush()
 
     def group(self, group_id: bytes) -> GroupState:
+        """A held group's current state: ``title``, ``user_ids``, ``admins``, ``epoch``...
+
+        InvalidArgument for a group this device does not hold (never joined,
+        left, or removed from); ``client.core.group_ids`` lists the held ones.
+        """
         return self.core.group(group_id)
 
     def safety_number(self, user_id: str, *, pending: bool = False) -> SafetyNumber:
@@ -259,6 +289,11 @@ class Client:
             await self._commit(self.core.take_changes())
 
     async def unlink_device(self, device_id: int) -> None:
+        """(Primary device.) Remove a device of ours: publish a signed list without it.
+
+        The relay deletes its mail and closes its connection; our contacts
+        see a ``DeviceRemoved`` and stop encrypting to it.
+        """
         async with self._lock:
             connection = await self._wait_ready()
             signed = self.core.unlink_device(device_id)
@@ -602,7 +637,7 @@ async def open_client(
     host: str,
     port: int,
     *,
-    core_: ClientCore | None = None,
+    device: ClientCore | None = None,
     user_id: str | None = None,
     ssl_context: ssl.SSLContext | None = None,
     clock: Callable[[], float] = time.time,
@@ -615,7 +650,7 @@ async def open_client(
 ) -> AsyncIterator[Client]:
     """Connect a device and keep it connected for the duration of the block.
 
-    The device is ``core_``, else the one in ``store``, else a new user
+    The device is ``device``, else the one in ``store``, else a new user
     ``user_id`` (its first device). Returns once connected, registered and
     authenticated; the block's exit disconnects.
 
@@ -628,7 +663,8 @@ async def open_client(
     After a dropped connection the client reconnects after
     ``reconnect_first_delay`` seconds, doubling up to ``reconnect_max_delay``.
     """
-    device = core_ or load_or_create_core(store, user_id=user_id, now=int(clock()), rng=rng)
+    if device is None:
+        device = load_or_create_core(store, user_id=user_id, now=int(clock()), rng=rng)
     client = Client(
         store,
         device,

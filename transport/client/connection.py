@@ -35,6 +35,7 @@ client library builds those on top.
 from __future__ import annotations
 
 import errno
+import logging
 import socket
 import ssl
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -107,6 +108,8 @@ from ..wire.limits import (
 )
 from ..wire.records import GUID_SIZE, Envelope, PreKeyCounts
 from ..wire.states import ConnectionState, check_request, state_after_error, state_after_success
+
+logger = logging.getLogger("hushchat.client")
 
 Incoming = Envelope | QueueEmpty | PreKeysLow
 """What a connection yields: an envelope to process and acknowledge, or a notice."""
@@ -513,7 +516,9 @@ async def connect_relay(
         failure = _connect_failure(exc, host, port, connect_timeout)
         if failure is None:
             raise
+        logger.info("cannot connect: %s (%s)", failure, failure.code)
         raise failure from exc
+    logger.debug("connected to %s", format_address(host, port))
     async with open_relay_connection(
         stream,
         expected_relay_name=expected_relay_name,

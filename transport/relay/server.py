@@ -32,6 +32,10 @@ logger = logging.getLogger("hushchat.relay")
 
 DeviceKey = tuple[str, int]
 
+# How often the relay logs, at INFO, how many connections it holds (only when
+# that changed): enough for an operator to see load, never who is connected.
+ACTIVITY_LOG_INTERVAL = 60.0
+
 # Device lists kept in memory to check sends against (each send then costs
 # one storage transaction, not two). A list is at most ~1 KB (8 devices),
 # so this bounds the copy to ~10 MB, whatever the number of users.
@@ -79,11 +83,15 @@ class Relay:
             config.limits.bundle_fetch_rate, max_keys=config.limits.max_rate_limit_keys
         )
         self._sessions: dict[DeviceKey, RelaySession] = {}
+        self.connections_open = 0
+        self.connections_served = 0
         # Recently read or stored device lists, oldest first (see device_lists).
         self._directory: dict[str, StoredDeviceList] = {}
 
     async def handle_connection(self, stream: trio.abc.Stream) -> None:
         """Serve one connection to its end; never raises (but Cancelled)."""
+        self.connections_open += 1
+        self.connections_served += 1
         try:
             await RelaySession(self, stream).run()
         except* Exception:
@@ -91,7 +99,21 @@ class Relay:
             # a BaseException, still propagates when the relay shuts down).
             logger.exception("connection failed")
         finally:
+            self.connections_open -= 1
             await trio.aclose_forcefully(stream)
+
+    async def log_activity(self, interval: float = ACTIVITY_LOG_INTERVAL) -> None:
+        """Log the connection counts at INFO every ``interval`` seconds they changed."""
+        last: tuple[int, int, int] | None = None
+        while True:
+            await trio.sleep(interval)
+            now = (self.connections_open, len(self._sessions), self.connections_served)
+            if now != last:
+                logger.info(
+                    "%d connections open, %d devices authenticated; %d connections since start",
+                    *now,
+                )
+                last = now
 
     async def run_sweeper(self) -> None:
         """Purge expired envelopes every sweep interval, forever."""
@@ -203,6 +225,7 @@ async def serve_relay(
             for listener in listeners:
                 await listener.aclose()
         raise RelayStartError(_database_error(config, exc)) from exc
+    relay: Relay | None = None
     try:
         relay = Relay(config, storage)
         port: int = listeners[0].socket.getsockname()[1]
@@ -211,9 +234,12 @@ async def serve_relay(
             served = [trio.SSLListener(listener, config.ssl_context) for listener in listeners]
         async with trio.open_nursery() as nursery:
             nursery.start_soon(relay.run_sweeper)
+            nursery.start_soon(relay.log_activity)
             await nursery.start(trio.serve_listeners, relay.handle_connection, served)
             logger.info("relay %r listening on %s port %d", config.name, config.host, port)
             task_status.started(port)
     finally:
         with trio.CancelScope(shield=True):
             await storage.aclose()
+        if relay is not None:
+            logger.info("relay stopped (%d connections since start)", relay.connections_served)

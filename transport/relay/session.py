@@ -387,7 +387,8 @@ class RelaySession:
         self.user_id, self.device_id, self._identity = request.user_id, request.device_id, identity
         self._decoder.max_frame_size = self._limits.max_frame_size
         self._relay.attach(self)
-        logger.debug("device authenticated")
+        # Who connects is for DEBUG only: INFO never names a user (README, Logging).
+        logger.debug("device %s.%d authenticated", self.user_id, self.device_id)
         return Ok(request.request_id)
 
     async def _start_delivery(self) -> None:
