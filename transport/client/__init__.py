@@ -2,6 +2,9 @@
 :class:`Client` that runs a :class:`~hushchat.protocol.client_core.ClientCore`
 over them."""
 
+from .backup import BackupError as BackupError
+from .backup import export_backup as export_backup
+from .backup import import_backup as import_backup
 from .client import Client as Client
 from .client import SendDropped as SendDropped
 from .client import open_client as open_client
