@@ -15,11 +15,11 @@ from hushchat.transport.client import (
     BackupError,
     Client,
     ClientStore,
+    backup,
     export_backup,
     import_backup,
     open_client,
 )
-from hushchat.transport.client import backup
 from hushchat.transport.testing import open_test_relay
 
 PASSPHRASE = "correct horse battery staple"
