@@ -1,7 +1,9 @@
 """A terminal group chat on hushchat's client library, and a narrated demo of it.
 
     python examples/group_chat.py demo [--relay-db PATH]
-    python examples/group_chat.py chat --relay HOST:PORT --name NAME [--state DIR]
+    python examples/group_chat.py chat --relay HOST:PORT --name NAME [--state DIR] [--link]
+    python examples/group_chat.py export FILE --name NAME [--state DIR]
+    python examples/group_chat.py import FILE --name NAME [--state DIR]
 
 ``demo`` starts a relay on loopback and several users, and narrates what
 happens, in a few seconds (group_chat_demo.py). ``chat`` is a real client:
@@ -12,12 +14,22 @@ its own terminal::
     python examples/group_chat.py chat --relay 127.0.0.1:7400 --name bob
 
 Type /help in a chat for its commands. A device's keys, sessions and groups
-live in --state DIR (default ~/.hushchat/NAME), so a chat started again is
-the same device, and receives what was sent while it was away.
+live in --state DIR (default ~/.hushchat/NAME, or a folder named after a
+readable part of NAME and its hash when NAME is not a plain file name), so a
+chat started again is the same device, and receives what was sent while it
+was away. ``chat --link`` starts a second device of an existing user: it
+shows a code to type on the first device (``/link CODE``; device_link.py
+says what the code proves). ``export`` writes the device to FILE sealed
+with a passphrase, ``import`` makes a new state folder from such a file.
+
+Exit status: 0 after /quit, 1 when the environment stops the chat (no relay
+at that address, a damaged or busy state folder, a backup that does not
+open), 2 for bad arguments, 130 after Ctrl-C. Each failure is one line on
+stderr, and a failed first start leaves no state behind.
 
 How the chat uses the library (hushchat.transport.client):
 
-* ``Client(store, core, host, port)`` and ``await nursery.start(client.run)``
+* ``Client(store, device, host, port)`` and ``await nursery.start(client.run)``
   connect it (``open_client`` does the same in one ``async with``; the chat
   starts the client itself so that a failed first connection is reported
   instead of retried forever);
@@ -32,16 +44,30 @@ library are used.
 from __future__ import annotations
 
 import argparse
+import getpass
 import hashlib
 import os
+import re
 import shlex
+import sqlite3
 import sys
+import tempfile
 import termios
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
 import trio
+from device_link import (
+    LINK_REQUEST_LIFETIME,
+    MAX_LINK_REQUESTS,
+    LinkRequest,
+    codes_match,
+    free_device_id,
+    link_code,
+    throwaway_user_id,
+)
 from group_chat_demo import run_demo
 from terminal import Palette, wants_colour
 
@@ -58,12 +84,22 @@ from hushchat.protocol.client_core import (
     Undecryptable,
 )
 from hushchat.protocol.client_core import DeviceListNeeded as NoDeviceList
+from hushchat.protocol.devices import check_user_id
+from hushchat.protocol.errors import InvalidArgument, StateError, UnknownStateVersion
 from hushchat.protocol.group import AdminChanged, MemberAdded, MemberRemoved, TitleChanged
 from hushchat.transport import ConnectionFailure
 from hushchat.transport import UnknownUser as NoSuchUser
-from hushchat.transport.client.client import Client, Connected, Disconnected, load_or_create_core
+from hushchat.transport.client.backup import BackupError, export_backup, import_backup
+from hushchat.transport.client.client import (
+    Client,
+    Connected,
+    Disconnected,
+    load_or_create_core,
+    open_client,
+)
 from hushchat.transport.client.rows import encode_event
 from hushchat.transport.client.store import ClientStore, StoreLocked
+from hushchat.transport.wire.errors import format_address
 
 try:
     import readline  # line editing and history for input(), where available
@@ -74,6 +110,14 @@ except ImportError:  # pragma: no cover - e.g. a Python built without it
 STARTUP_TIMEOUT = 15.0
 # How long a command waits for a lost relay to come back before it fails.
 COMMAND_READY_TIMEOUT = 3.0
+# How often a new device being linked looks for its key in the user's list.
+LINK_POLL_INTERVAL = 1.0
+# The state folder's file, and a plain file name used as it is for a folder.
+STORE_FILE = "client.db"
+PLAIN_FOLDER_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,63}")
+# Shorter passphrases are refused for backups: scrypt slows guessing, it cannot make
+# a short passphrase strong.
+MIN_PASSPHRASE_LENGTH = 8
 
 HELP = """\
 Commands:
@@ -86,14 +130,54 @@ Commands:
   /kick GROUP NAME           remove NAME from GROUP (admins only)
   /leave GROUP               leave GROUP
   /devices [NAME]            list NAME's devices (yours by default)
+  /link CODE                 link your new device that shows CODE (chat --link on it)
+  /unlink ID                 remove your device ID (see /devices)
   /safety NAME               your safety number with NAME: compare it with NAME in person
   /confirm NAME              accept NAME's new identity key (after comparing safety numbers)
   /help                      this help
-  /quit                      leave (Ctrl-D too); messages sent meanwhile wait at the relay"""
+  /quit                      leave (Ctrl-D too); messages sent meanwhile wait at the relay
+Quote a NAME or GROUP with spaces: /msg "two words" hi"""
 
 
 class UsageError(Exception):
     """A command typed wrong: the message says how to type it."""
+
+
+class SetupError(Exception):
+    """The chat cannot start: one line for stderr, and the exit status."""
+
+    def __init__(self, message: str, status: int = 1) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def shown(name: str) -> str:
+    """A user or group name as text shows it: quoted when it has spaces (as it is typed)."""
+    if not any(c.isspace() for c in name):
+        return name
+    return f'"{name}"' if '"' not in name else shlex.quote(name)
+
+
+def possessive(name: str) -> str:
+    """``dan's``, ``"two words"'s``: never ``'dan''s``."""
+    return f"{shown(name)}'s"
+
+
+def state_folder_name(name: str) -> str:
+    """A folder name for a user name: the name itself if it is a plain file name.
+
+    Otherwise (a slash, ``..``, spaces, a leading dot, non-ASCII) a readable
+    part of it and 12 hex digits of its SHA-256, so that no name reaches
+    outside ~/.hushchat and two names never share a folder.
+    """
+    if PLAIN_FOLDER_NAME.fullmatch(name):
+        return name
+    readable = re.sub(r"[^A-Za-z0-9_-]+", "_", name).strip("_")[:32] or "user"
+    return f"{readable}-{hashlib.sha256(name.encode()).hexdigest()[:12]}"
+
+
+def default_state_dir(name: str) -> str:
+    return os.path.join(os.path.expanduser("~"), ".hushchat", state_folder_name(name))
 
 
 @dataclass(frozen=True, slots=True)
@@ -162,6 +246,32 @@ class Screen:
             return None
 
 
+def explain_connect_failure(reason: str, relay: str, me: str) -> str:
+    """A first connection's failure (its code), and what to do, in one line."""
+    where = f"the relay at {relay}"
+    explained = {
+        "CONNECTION_REFUSED": f"nothing listens at {relay}: is `hushchat relay` "
+        "running there, on that port?",
+        "UNKNOWN_HOST": f"unknown host in {relay}: check the name in --relay",
+        "HOST_UNREACHABLE": f"{relay} is unreachable (no route): check the address "
+        "and this machine's network",
+        "TLS_FAILED": f"TLS with {where} failed: its certificate is not trusted here",
+        "CONNECT_TIMEOUT": f"{where} did not answer in time: is it a hushchat relay, and "
+        "is a firewall dropping the connection?",
+        "CONNECT_FAILED": f"cannot connect to {where}",
+        "CONNECTION_CLOSED": f"{where} closed the connection: is it a hushchat relay?",
+        "RELAY_TIMEOUT": f"{where} stopped answering: try again",
+    }
+    if reason in explained:
+        return f"{explained[reason]} ({reason})"
+    if reason in ("DEVICE_LIST_REJECTED", "FORBIDDEN", "AUTH_FAILED"):
+        return (
+            f"{where} refused {shown(me)} ({reason}): is the name taken by someone "
+            "else? Choose another --name, or the --state folder that holds this name."
+        )
+    return f"cannot connect to {where} ({reason})"
+
+
 class Chat:
     """One person's chat: shows events, runs commands."""
 
@@ -178,10 +288,19 @@ class Chat:
         self.titles = {gid: client.group(gid).title for gid in client.core.group_ids}
         # New identity keys we have warned about, by user (until /confirm).
         self.pending_identity: dict[str, bytes] = {}
+        # Groups we were in and are not any more, with why (to answer /to and typing).
+        self.gone: dict[bytes, str] = {}
+        # New devices asking to be linked: (when, sender, request), newest last.
+        # The group that was the current conversation when we were removed from it.
+        self.current_gone: bytes | None = None
+        self.link_requests: deque[tuple[float, str, LinkRequest]] = deque(
+            maxlen=MAX_LINK_REQUESTS
+        )
         self.connected = False  # the first connection succeeded
         self.online = False
         self.connections = 0
         self.failure: str | None = None
+        self.failure_message = ""
         self._failed = trio.Event()
         self.commands: dict[str, Callable[[str], Awaitable[None]]] = {
             "/msg": self.cmd_msg,
@@ -192,6 +311,8 @@ class Chat:
             "/kick": self.cmd_kick,
             "/leave": self.cmd_leave,
             "/devices": self.cmd_devices,
+            "/link": self.cmd_link,
+            "/unlink": self.cmd_unlink,
             "/safety": self.cmd_safety,
             "/confirm": self.cmd_confirm,
             "/help": self.cmd_help,
@@ -200,7 +321,7 @@ class Chat:
     # ------------------------------------------------------------ connecting
 
     async def start(self, nursery: trio.Nursery) -> bool:
-        """Connect for the first time; False (and why, printed) if that fails."""
+        """Connect for the first time; False (and why, in ``failure_message``) if that fails."""
         with trio.move_on_after(STARTUP_TIMEOUT):
             async with trio.open_nursery() as race:
 
@@ -219,22 +340,12 @@ class Chat:
             device = self.client.address
             self.screen.info(f"connected to {self.relay} as {device.user_id} (device {device})")
             return True
-        self.screen.error(self._explain_failure(self.failure or "no answer"))
+        self.failure_message = self._explain_failure(self.failure or "CONNECT_TIMEOUT")
         return False
 
     def _explain_failure(self, reason: str) -> str:
-        where = f"the relay at {self.relay}"
-        if reason in ("CONNECTION_CLOSED", "RELAY_TIMEOUT"):
-            return (
-                f"cannot reach {where} ({reason}): is `hushchat relay` running there, "
-                "and is the address right?"
-            )
-        if reason in ("DEVICE_LIST_REJECTED", "FORBIDDEN", "AUTH_FAILED"):
-            return (
-                f"{where} refused {self.me!r} ({reason}): is the name taken by someone else? "
-                "Choose another --name, or the --state directory that holds this name."
-            )
-        return f"cannot connect to {where} ({reason})"
+        return explain_connect_failure(reason, self.relay, self.me)
+
 
     # ------------------------------------------------------------ events
 
@@ -299,8 +410,16 @@ class Chat:
             )
 
     def show_message(self, event: MessageReceived) -> None:
-        body = event.body.decode(errors="replace")
         sender = event.sender.user_id
+        request = LinkRequest.decode(event.body) if event.group_id is None else None
+        if request is not None:
+            self.link_requests.append((time.monotonic(), sender, request))
+            self.screen.info(
+                f"a new device asks to become yours ({self.me}.{request.device_id}): if you "
+                "started it, type /link and the code it shows; otherwise ignore this"
+            )
+            return
+        body = event.body.decode(errors="replace")
         late = ""
         if time.time() - event.sent_at > 60:
             late = f"  (sent {time.strftime('%a %H:%M', time.localtime(event.sent_at))})"
@@ -324,6 +443,7 @@ class Chat:
                 self.titles[gid] = change.title
         name = self.group_name(gid)
         if event.joined:  # the changes list every member, and the title
+            self.gone.pop(gid, None)
             members = ", ".join(c.user_id for c in event.changes if isinstance(c, MemberAdded))
             if self.current is None:
                 self.select(Conversation(group_id=gid))
@@ -333,8 +453,11 @@ class Chat:
             if isinstance(change, MemberAdded):
                 self.screen.info(f"{author} added {change.user_id} to {name}")
             elif isinstance(change, MemberRemoved):
-                if change.user_id == self.me and self.current == Conversation(group_id=gid):
-                    self.select(None)
+                if change.user_id == self.me:
+                    self.gone[gid] = f"{author} removed you"
+                    if self.current == Conversation(group_id=gid):
+                        self.select(None)
+                        self.current_gone = gid
                 if change.user_id == author:
                     self.screen.info(f"{author} left {name}")
                 elif change.user_id == self.me:
@@ -371,10 +494,11 @@ class Chat:
 
     def select(self, conversation: Conversation | None) -> None:
         self.current = conversation
+        self.current_gone = None
         if conversation is None:
             self.screen.prompt = "> "
         elif conversation.user is not None:
-            self.screen.prompt = printable(conversation.user) + "> "
+            self.screen.prompt = printable(shown(conversation.user)) + "> "
         else:
             self.screen.prompt = printable(self.group_name(conversation.group_id)) + "> "
 
@@ -388,6 +512,9 @@ class Chat:
         if not matches:
             matches = [g for g in held if g.hex().startswith(name.lower()) and len(name) >= 4]
         if not matches:
+            left = [g for g, title in self.titles.items() if title == name and g in self.gone]
+            if left:
+                raise UsageError(self.no_longer_in(left[0]))
             raise UsageError(f"you are in no group named {name!r} (/groups lists yours)")
         if len(matches) > 1:
             ids = ", ".join("#" + g[:4].hex() for g in matches)
@@ -430,7 +557,20 @@ class Chat:
             return "not sent: not connected to the relay (it keeps trying; try again soon)"
         return f"{exc.message} ({exc.code})"
 
+    def no_longer_in(self, group_id: bytes) -> str:
+        return (
+            f"you are no longer in {self.group_name(group_id)} ({self.gone[group_id]}): "
+            "/to NAME or GROUP to talk elsewhere"
+        )
+
+    def is_held_group(self, name: str) -> bool:
+        """Whether ``name`` names a group we were in (held or not), rather than a person."""
+        known = {*self.titles.values()}
+        return name.startswith("#") or name.removeprefix("#") in known
+
     async def send_text(self, text: str) -> None:
+        if self.current is None and self.current_gone is not None:
+            raise UsageError(f"not sent: {self.no_longer_in(self.current_gone)}")
         if self.current is None:
             raise UsageError("no conversation yet: /msg NAME text, or /to NAME or GROUP")
         if self.current.user is not None:
@@ -442,25 +582,24 @@ class Chat:
             self.screen.show(f"[{self.group_name(self.current.group_id)}] you: {text}", "dim")
 
     async def cmd_msg(self, rest: str) -> None:
-        user, _, text = rest.partition(" ")
-        if not user or not text.strip():
+        user, text = first_word(rest, "usage: /msg NAME text")
+        if not text:
             raise UsageError("usage: /msg NAME text")
-        await self.client.send_direct(user, text.strip().encode())
+        await self.client.send_direct(user, text.encode())
         self.select(Conversation(user=user))
-        self.screen.show(f"you -> {user}: {text.strip()}", "dim")
+        self.screen.show(f"you -> {shown(user)}: {text}", "dim")
 
     async def cmd_to(self, rest: str) -> None:
-        if not rest:
-            raise UsageError("usage: /to NAME or /to GROUP")
-        titles = {self.client.group(g).title for g in self.client.core.group_ids}
-        if rest.removeprefix("#") in titles or rest.startswith("#"):
-            self.select(Conversation(group_id=self.find_group(rest)))
+        name = whole_name(rest, "usage: /to NAME or /to GROUP")
+        if self.is_held_group(name):
+            self.select(Conversation(group_id=self.find_group(name)))
         else:
-            await self.client.refresh_device_list(rest)  # fails for an unknown name
-            self.select(Conversation(user=rest))
+            await self.client.refresh_device_list(name)  # fails for an unknown name
+            self.select(Conversation(user=name))
         self.screen.info(f"now talking to {self.screen.prompt[:-2]}")
 
     def _words(self, rest: str, usage: str, count: int | None = None) -> list[str]:
+        """The words of ``rest``, quotes grouping (shlex); UsageError unless ``count`` of them."""
         try:
             words = shlex.split(rest)
         except ValueError:
@@ -490,15 +629,31 @@ class Chat:
                 f"{', '.join(state.user_ids)}; admin: {', '.join(state.admins)}"
             )
 
+    def check_admin(self, group_id: bytes, doing: str) -> None:
+        admins = self.client.group(group_id).admins
+        if self.me not in admins:
+            raise UsageError(
+                f"only an admin of {self.group_name(group_id)} can {doing} "
+                f"(admins: {', '.join(map(shown, admins))})"
+            )
+
     async def cmd_invite(self, rest: str) -> None:
         group, user = self._words(rest, "usage: /invite GROUP NAME", 2)
         group_id = self.find_group(group)
+        self.check_admin(group_id, "add members")
+        if user in self.client.group(group_id).user_ids:
+            raise UsageError(f"{shown(user)} is already in {self.group_name(group_id)}")
         await self.client.add_member(group_id, user)
         self.screen.info(f"added {user} to {self.group_name(group_id)}")
 
     async def cmd_kick(self, rest: str) -> None:
         group, user = self._words(rest, "usage: /kick GROUP NAME", 2)
         group_id = self.find_group(group)
+        self.check_admin(group_id, "remove members")
+        if user not in self.client.group(group_id).user_ids:
+            raise UsageError(f"{shown(user)} is not in {self.group_name(group_id)}")
+        if user == self.me:
+            raise UsageError(f"to leave {self.group_name(group_id)}, use /leave")
         await self.client.remove_member(group_id, user)
         self.screen.info(f"removed {user} from {self.group_name(group_id)}")
 
@@ -507,12 +662,13 @@ class Chat:
         group_id = self.find_group(group)
         name = self.group_name(group_id)
         await self.client.leave_group(group_id)
+        self.gone[group_id] = "you left"
         if self.current == Conversation(group_id=group_id):
             self.select(None)
         self.screen.info(f"you left {name}")
 
     async def cmd_devices(self, rest: str) -> None:
-        user = rest or self.me
+        user = whole_name(rest, "usage: /devices [NAME]") if rest else self.me
         await self.client.refresh_device_list(user)
         devices = self.client.core.device_list(user)
         assert devices is not None  # refresh_device_list raised otherwise
@@ -524,7 +680,54 @@ class Chat:
                 if (user, device_id) == (self.me, self.client.address.device_id)
                 else ""
             )
-            self.screen.info(f"{user}.{device_id}  key {fingerprint(entry.identity)}{this}")
+            self.screen.info(
+                f"{shown(user)}.{device_id}  key {fingerprint(entry.identity)}{this}"
+            )
+
+    async def cmd_link(self, rest: str) -> None:
+        (typed,) = self._words(rest, "usage: /link CODE (the code your new device shows)", 1)
+        if not self.client.core.holds_user_identity:
+            raise UsageError("only your first device can link devices; type /link there")
+        now = time.monotonic()
+        live = [r for r in self.link_requests if now - r[0] < LINK_REQUEST_LIFETIME]
+        if not live:
+            raise UsageError(
+                "no new device has asked to be linked in the last "
+                f"{LINK_REQUEST_LIFETIME / 60:.0f} minutes: start it first "
+                "(group_chat.py chat --link --name ... on the new device)"
+            )
+        own = self.client.core.user_identity_public
+        for entry in live:
+            _, sender, request = entry
+            expected = link_code(self.me, own, request.device_id, request.identity)
+            if codes_match(typed, expected):
+                break
+        else:
+            raise UsageError(
+                "no new device asking to be linked shows that code: check it, or start "
+                "linking again on the new device"
+            )
+        self.link_requests.remove(entry)
+        await self.client.link_device(request.device_id, request.identity)
+        self.screen.info(
+            f"linked {self.me}.{request.device_id} (asked through {sender}): /devices lists "
+            f"it; /unlink {request.device_id} removes it"
+        )
+
+    async def cmd_unlink(self, rest: str) -> None:
+        (text,) = self._words(rest, "usage: /unlink ID (a device id from /devices)", 1)
+        if not text.isdigit():
+            raise UsageError("usage: /unlink ID (a device id from /devices)")
+        device_id = int(text)
+        if device_id == self.client.address.device_id:
+            raise UsageError("this is the device you are using; /unlink another one")
+        if not self.client.core.holds_user_identity:
+            raise UsageError("only your first device can unlink devices")
+        devices = self.client.core.device_list(self.me)
+        if devices is None or devices.device(device_id) is None:
+            raise UsageError(f"you have no device {device_id} (/devices lists yours)")
+        await self.client.unlink_device(device_id)
+        self.screen.info(f"unlinked {self.me}.{device_id}: it can no longer read or send")
 
     async def cmd_safety(self, rest: str) -> None:
         (user,) = self._words(rest, "usage: /safety NAME", 1)
@@ -551,6 +754,28 @@ class Chat:
         self.screen.show(HELP)
 
 
+def first_word(rest: str, usage: str) -> tuple[str, str]:
+    """The first word of ``rest`` (quotes group: ``"two words" hi``) and the text after it."""
+    rest = rest.strip()
+    if rest[:1] in ("'", '"'):
+        end = rest.find(rest[0], 1)
+        if end < 0:
+            raise UsageError(f"{usage} (a quote is not closed)")
+        return rest[1:end], rest[end + 1 :].strip()
+    word, _, text = rest.partition(" ")
+    if not word:
+        raise UsageError(usage)
+    return word, text.strip()
+
+
+def whole_name(rest: str, usage: str) -> str:
+    """``rest`` as one name, quotes removed: ``/to "Weekend trip"`` is ``/to Weekend trip``."""
+    name, after = first_word(rest, usage) if rest.strip()[:1] in ("'", '"') else (rest.strip(), "")
+    if not name or after:
+        raise UsageError(usage)
+    return name
+
+
 def relay_address(text: str) -> tuple[str, int]:
     """HOST:PORT (or [IPv6]:PORT) for argparse."""
     host, _, port = text.rpartition(":")
@@ -560,27 +785,183 @@ def relay_address(text: str) -> tuple[str, int]:
     return host, int(port)
 
 
-async def run_chat(host: str, port: int, name: str, state_dir: str, palette: Palette) -> int:
-    """The chat until /quit; the exit status."""
-    screen = Screen(palette, sys.stdin.isatty() and sys.stdout.isatty())
-    os.makedirs(state_dir, mode=0o700, exist_ok=True)
+# ------------------------------------------------------------------ state and start
+
+
+def user_name(text: str) -> str:
+    """argparse type: a user name by the protocol's rule for user ids."""
     try:
-        store = ClientStore.open(os.path.join(state_dir, "client.db"))
+        return check_user_id(text)
+    except InvalidArgument as exc:
+        shown_text = text if len(text) <= 40 else text[:40] + "..."
+        raise argparse.ArgumentTypeError(f"{shown_text!r}: {exc.message}") from None
+
+
+def prepare_state_dir(state_dir: str) -> bool:
+    """Make the state folder (0700) if needed; True if it was made now."""
+    if os.path.lexists(state_dir) and not os.path.isdir(state_dir):
+        raise SetupError(f"--state {state_dir} is a file, not a folder: name a folder", 2)
+    made = not os.path.exists(state_dir)
+    try:
+        parent = os.path.dirname(os.path.abspath(state_dir))
+        if not os.path.isdir(parent):
+            os.makedirs(parent, mode=0o700)
+        os.makedirs(state_dir, mode=0o700, exist_ok=True)
+        os.chmod(state_dir, 0o700)
+    except OSError as exc:
+        raise SetupError(f"cannot make the state folder {state_dir}: {exc.strerror}") from None
+    return made
+
+
+def remove_new_state(state_dir: str, made_folder: bool) -> None:
+    """Undo a first start that failed: the store it created (and the folder, if it made it)."""
+    db = os.path.join(state_dir, STORE_FILE)
+    for path in (db, db + "-wal", db + "-shm", db + ".lock", os.path.join(state_dir, "last_shown")):
+        if os.path.lexists(path):
+            os.remove(path)
+    if made_folder and not os.listdir(state_dir):
+        os.rmdir(state_dir)
+
+
+def open_store(state_dir: str) -> ClientStore:
+    path = os.path.join(state_dir, STORE_FILE)
+    if os.path.isfile(path) and os.path.getsize(path) == 0:
+        # SQLite would take an empty file for a new database, and the chat for a new user.
+        raise SetupError(no_device(path))
+    try:
+        return ClientStore.open(path)
     except StoreLocked:
-        screen.error(f"{state_dir} is in use by another chat; one device, one chat")
-        return 1
+        raise SetupError(f"{state_dir} is in use by another chat; one device, one chat") from None
+    except UnknownStateVersion:
+        raise SetupError(f"{path} was written by a newer hushchat; use that version") from None
+    except (sqlite3.DatabaseError, StateError) as exc:
+        raise SetupError(damaged(path, str(exc))) from None
+
+
+def no_device(path: str) -> str:
+    return (
+        f"{path} holds no device (an empty file, or a first start that did not finish); it "
+        "is never replaced silently: move it away to start a new device, or import a backup"
+    )
+
+
+def damaged(path: str, why: str) -> str:
+    return (
+        f"{path} is not a readable hushchat device ({why}): import a backup into a new "
+        "--state folder (group_chat.py import), or move the folder away to start a new device"
+    )
+
+
+def load_device(store: ClientStore, name: str, existed: bool) -> core.ClientCore | None:
+    """The device in ``store``, checked whole; None for a store this start created."""
     try:
-        core = load_or_create_core(store, user_id=name)
-        if core.user_id != name:
-            screen.error(f"{state_dir} holds {core.user_id!r}'s device, not {name!r}")
-            return 2
-        client = Client(store, core, host, port, ready_timeout=COMMAND_READY_TIMEOUT)
-        chat = Chat(client, screen, f"{host}:{port}", state_dir)
+        if not store.has_state():
+            if existed:
+                raise SetupError(no_device(store.path))
+            return None
+        device = core.ClientCore.load(store.records())
+        store.inbox(), store.outbox()  # every row decodes
+    except UnknownStateVersion:
+        raise SetupError(f"{store.path} was written by a newer hushchat; use it") from None
+    except StateError as exc:
+        raise SetupError(damaged(store.path, f"{exc.code}: {exc.message}")) from None
+    except sqlite3.DatabaseError as exc:
+        raise SetupError(damaged(store.path, str(exc))) from None
+    if device.user_id != name:
+        raise SetupError(
+            f"{store.path} holds {possessive(device.user_id)} device, not {possessive(name)}: "
+            "give --name " + shown(device.user_id) + " or another --state",
+            2,
+        )
+    return device
+
+
+async def link_new_device(host: str, port: int, name: str, screen: Screen) -> core.ClientCore:
+    """A new device of ``name``, linked by its first device (device_link.py); or SetupError."""
+    relay = format_address(host, port)
+    with tempfile.TemporaryDirectory(prefix="hushchat-link-") as folder:
+        helper_store = ClientStore.open(os.path.join(folder, STORE_FILE))
+        try:
+            with trio.move_on_after(STARTUP_TIMEOUT) as startup:
+                async with open_client(
+                    helper_store,
+                    host,
+                    port,
+                    user_id=throwaway_user_id(),
+                    ready_timeout=COMMAND_READY_TIMEOUT,
+                ) as helper:
+                    startup.deadline = float("inf")
+                    return await ask_to_be_linked(helper, name, screen)
+        except NoSuchUser:
+            raise SetupError(
+                f"no user named {shown(name)} on {relay}: start that user's first device "
+                "without --link"
+            ) from None
+        finally:
+            helper_store.close()
+    raise SetupError(f"cannot reach the relay at {relay}: is `hushchat relay` running there?")
+
+
+async def ask_to_be_linked(helper: Client, name: str, screen: Screen) -> core.ClientCore:
+    await helper.refresh_device_list(name)
+    devices = helper.core.device_list(name)
+    assert devices is not None  # refresh_device_list raised otherwise
+    device_id = free_device_id(devices.device_ids)
+    if device_id is None:
+        raise SetupError(f"{shown(name)} has the most devices a user may have: /unlink one first")
+    device = core.ClientCore.create_linked(
+        name, device_id, devices.user_identity, now=int(time.time())
+    )
+    await helper.send_direct(name, LinkRequest(device_id, device.device_identity).encode())
+    code = link_code(name, devices.user_identity, device_id, device.device_identity)
+    screen.show(
+        f"This will be {name}.{device_id}. On {possessive(name)} first device, type:\n\n"
+        f"    /link {code}\n\n"
+        f"Waiting up to {LINK_REQUEST_LIFETIME / 60:.0f} minutes (Ctrl-C to give up)...",
+        "bold",
+    )
+    with trio.move_on_after(LINK_REQUEST_LIFETIME):
+        while True:
+            await trio.sleep(LINK_POLL_INTERVAL)
+            try:
+                await helper.refresh_device_list(name)
+            except ConnectionFailure:
+                continue  # the relay is back soon; keep waiting
+            entry = (helper.core.device_list(name) or devices).device(device_id)
+            if entry is not None and entry.identity == device.device_identity:
+                return device
+            if entry is not None:
+                raise SetupError(f"{name}.{device_id} was linked with another key: start again")
+    raise SetupError(f"not linked within {LINK_REQUEST_LIFETIME / 60:.0f} minutes: start again")
+
+
+async def run_chat(
+    host: str, port: int, name: str, state_dir: str, palette: Palette, link: bool = False
+) -> int:
+    """The chat until /quit; the exit status (SetupError if it cannot start)."""
+    screen = Screen(palette, sys.stdin.isatty() and sys.stdout.isatty())
+    made_folder = prepare_state_dir(state_dir)
+    existed = os.path.exists(os.path.join(state_dir, STORE_FILE))
+    store = open_store(state_dir) if existed or not link else None
+    connected = False
+    try:
+        device = load_device(store, name, existed) if store is not None else None
+        if link and device is not None:
+            raise SetupError(f"{state_dir} already holds {possessive(name)} device", 2)
+        if link:
+            device = await link_new_device(host, port, name, screen)
+            store = open_store(state_dir)
+        assert store is not None
+        if device is None:
+            device = load_or_create_core(store, user_id=name)
+        client = Client(store, device, host, port, ready_timeout=COMMAND_READY_TIMEOUT)
+        chat = Chat(client, screen, format_address(host, port), state_dir)
         stopped: list[HushchatError] = []
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(chat.show_events)
                 if await chat.start(nursery):
+                    connected = True
                     await chat.interact()
                 nursery.cancel_scope.cancel()
         except* HushchatError as group:
@@ -589,24 +970,107 @@ async def run_chat(host: str, port: int, name: str, state_dir: str, palette: Pal
             stopped = [e for e in group.exceptions if isinstance(e, HushchatError)]
         for exc in stopped:
             screen.error(f"the client stopped: {exc.message} ({exc.code})")
-        return 0 if chat.connected and not stopped else 1
+        if not connected:
+            raise SetupError(chat.failure_message)
+        return 0 if not stopped else 1
+    finally:
+        if store is not None:
+            store.close()
+        if not connected and not existed:
+            remove_new_state(state_dir, made_folder)
+
+
+def read_passphrase(prompt: str, *, confirm: bool) -> str:
+    """A passphrase from the terminal (not echoed), or the first line of piped input."""
+    if sys.stdin.isatty():
+        passphrase = getpass.getpass(prompt)
+        if confirm and getpass.getpass("the same again: ") != passphrase:
+            raise SetupError("the two passphrases differ; nothing was written", 2)
+    else:
+        passphrase = sys.stdin.readline().rstrip("\n")
+    if len(passphrase) < MIN_PASSPHRASE_LENGTH:
+        raise SetupError(
+            f"a backup passphrase has at least {MIN_PASSPHRASE_LENGTH} characters", 2
+        )
+    return passphrase
+
+
+def run_export(path: str, name: str, state_dir: str) -> int:
+    if not os.path.isfile(os.path.join(state_dir, STORE_FILE)):
+        raise SetupError(f"{state_dir} holds no device to export (see --state)")
+    if os.path.lexists(path):
+        raise SetupError(f"{path} exists; a backup never overwrites a file", 2)
+    store = open_store(state_dir)
+    try:
+        if load_device(store, name, existed=True) is None:
+            raise SetupError(f"{state_dir} holds no device to export")
+        passphrase = read_passphrase("passphrase for the backup: ", confirm=True)
+        info = export_backup(store, path, passphrase)
     finally:
         store.close()
+    print(f"wrote {info.user_id}.{info.device_id} to {path}, sealed with your passphrase")
+    return 0
+
+
+def run_import(path: str, name: str, state_dir: str) -> int:
+    if not os.path.isfile(path):
+        raise SetupError(f"no such backup file: {path}", 2)
+    if os.path.lexists(os.path.join(state_dir, STORE_FILE)):
+        raise SetupError(
+            f"{state_dir} already holds a device; import into a new --state folder", 2
+        )
+    passphrase = read_passphrase(f"passphrase of {path}: ", confirm=False)
+    made_folder = prepare_state_dir(state_dir)
+    try:
+        try:
+            store = import_backup(path, passphrase, os.path.join(state_dir, STORE_FILE))
+        except BackupError as exc:
+            raise SetupError(exc.message) from None
+        try:
+            device = load_device(store, name, existed=True)
+        finally:
+            store.close()
+    except SetupError:
+        remove_new_state(state_dir, made_folder)
+        raise
+    assert device is not None
+    print(
+        f"imported {device.user_id}.{device.device_id} into {state_dir}: start the chat with "
+        f"--name {shown(name)}" + ("" if state_dir == default_state_dir(name) else " --state ...")
+    )
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="group_chat.py", description="hushchat group chat: a narrated demo, or a chat."
+        prog="group_chat.py",
+        description="hushchat group chat: a narrated demo, a chat, and device backups. "
+        "Exit status: 0, 1 when the environment stops it (the reason on stderr), 2 for "
+        "bad arguments, 130 after Ctrl-C.",
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     demo = commands.add_parser("demo", help="run the narrated demo (a relay and four users)")
-    demo.add_argument("--relay-db", metavar="PATH", help="keep the relay's database at PATH")
+    demo.add_argument(
+        "--relay-db", metavar="PATH", help="keep the relay's database at PATH (default: none)"
+    )
+    state_help = "this device's state folder (default: ~/.hushchat/NAME)"
     chat = commands.add_parser("chat", help="chat in this terminal through a relay")
     chat.add_argument("--relay", required=True, type=relay_address, metavar="HOST:PORT")
-    chat.add_argument("--name", required=True, help="your user name")
+    chat.add_argument("--name", required=True, type=user_name, help="your user name")
+    chat.add_argument("--state", metavar="DIR", help=state_help)
     chat.add_argument(
-        "--state", metavar="DIR", help="this device's state (default ~/.hushchat/NAME)"
+        "--link",
+        action="store_true",
+        help="start a new device of an existing user NAME: type the code it shows on the "
+        "first device (/link CODE) (default: a new user, or the device in --state)",
     )
+    for action, what in (("export", "write"), ("import", "read")):
+        backup = commands.add_parser(
+            action, help=f"{what} a device backup sealed with a passphrase"
+        )
+        backup.add_argument("file", help="the backup file")
+        backup.add_argument("--name", required=True, type=user_name, help="the user name")
+        backup.add_argument("--state", metavar="DIR", help=state_help)
     args = parser.parse_args(argv)
 
     palette = Palette(wants_colour(sys.stdout))
@@ -615,13 +1079,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         pause = 0.5 if sys.stdout.isatty() else 0.0
         status: int = trio.run(run_demo, args.relay_db, sys.stdout, palette, pause)
         return status
-    state = args.state or os.path.join(os.path.expanduser("~"), ".hushchat", args.name)
-    host, port = args.relay
+    state = args.state or default_state_dir(args.name)
     # Ctrl-C can arrive while readline has the terminal in its own mode: restore it.
     terminal = termios.tcgetattr(sys.stdin) if sys.stdin.isatty() else None
-    status = 130  # unless run_chat returns: Ctrl-C
+    status = 130  # unless the command returns: Ctrl-C
     try:
-        status = trio.run(run_chat, host, port, args.name, state, palette)
+        try:
+            if args.command == "export":
+                status = run_export(args.file, args.name, state)
+            elif args.command == "import":
+                status = run_import(args.file, args.name, state)
+            else:
+                host, port = args.relay
+                status = trio.run(run_chat, host, port, args.name, state, palette, args.link)
+        except SetupError as exc:
+            print(f"group_chat.py {args.command}: {exc}", file=sys.stderr)
+            status = exc.status
     except* KeyboardInterrupt:  # trio may raise it in an exception group
         print()  # end the line being typed
     finally:

@@ -301,7 +301,16 @@ def relay_process(db: Path) -> Iterator[tuple[subprocess.Popen[str], int]]:
 class Terminal:
     """One chat in a pseudo-terminal: type lines, wait for text on its screen."""
 
-    def __init__(self, tmp_path: Path, port: int, name: str, state: str = "", **env: str) -> None:
+    def __init__(
+        self,
+        tmp_path: Path,
+        port: int,
+        name: str,
+        state: str = "",
+        *,
+        args: tuple[str, ...] = (),
+        **env: str,
+    ) -> None:
         self.name = name
         master, slave = pty.openpty()
         # A wide screen, so that readline does not wrap what the tests type.
@@ -317,6 +326,7 @@ class Terminal:
                 name,
                 "--state",
                 str(tmp_path / (state or name)),
+                *args,
             ],
             stdin=slave,
             stdout=slave,
@@ -445,6 +455,15 @@ def test_chat_in_three_terminals(tmp_path: Path, terminals: list[Terminal]) -> N
         carol_again.expect("alice removed you from #Weekend trip")
         alice.type("carol cannot read this")
         bob.expect(r"\[#Weekend trip\] alice: carol cannot read this")
+        # What carol is told now, and what bob (no admin) is told when he tries to kick.
+        carol_again.type("still there?")
+        carol_again.expect(
+            r"not sent: you are no longer in #Weekend trip \(alice removed you\): /to NAME"
+        )
+        carol_again.type("/to Weekend trip")
+        carol_again.expect(r"you are no longer in #Weekend trip \(alice removed you\)")
+        bob.type("/kick 'Weekend trip' alice")
+        bob.expect(r"only an admin of #Weekend trip can remove members \(admins: alice\)")
 
         # Safety numbers: both sides see the same 60 digits.
         alice.type("/safety bob")
@@ -490,9 +509,13 @@ def test_chat_says_clearly_when_no_relay_listens(tmp_path: Path, terminals: list
     started = time.monotonic()
     terminal = Terminal(tmp_path, free_port, "alice")
     terminals.append(terminal)
-    terminal.expect(f"cannot reach the relay at 127.0.0.1:{free_port}")
+    terminal.expect(
+        f"group_chat.py chat: nothing listens at 127.0.0.1:{free_port}: is `hushchat relay` "
+        r"running there, on that port\? \(CONNECTION_REFUSED\)"
+    )
     assert terminal.finish() == 1
     assert time.monotonic() - started < 10
+    assert not (tmp_path / "alice").exists()  # a first start that failed leaves nothing
 
 
 def test_chat_warns_when_an_identity_changes(tmp_path: Path, terminals: list[Terminal]) -> None:
