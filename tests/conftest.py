@@ -17,6 +17,7 @@ from tests.support.fuzzing import CHECKED
 from tests.support.harness import Network
 from tests.support.peers import Peer
 from tests.support.reference import Curve25519
+from tests.support.terminals import Terminal
 
 
 def pytest_sessionfinish(session: pytest.Session) -> None:
@@ -88,3 +89,15 @@ def net(rng: SeededRandom) -> Network:
 @pytest.fixture(scope="session")
 def curve25519() -> Curve25519:
     return Curve25519()
+
+
+@pytest.fixture
+def terminals() -> Iterator[list[Terminal]]:
+    """Chats in pseudo-terminals (tests/support/terminals.py), closed after the test; none
+    may have printed a traceback."""
+    opened: list[Terminal] = []
+    yield opened
+    for terminal in opened:
+        terminal.close()
+    for terminal in opened:
+        assert "Traceback" not in terminal.text, terminal.text

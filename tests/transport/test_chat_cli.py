@@ -12,7 +12,6 @@ import re
 import sqlite3
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -21,25 +20,10 @@ import trio
 from hushchat.protocol.client_core import ClientCore
 from hushchat.protocol.keys import IdentityKeyPair
 from hushchat.transport.client import ClientStore, open_client
-from tests.transport.test_examples import (
-    EXAMPLES,
-    Terminal,
-    clean_env,
-    relay_process,
-)
+from tests.support.terminals import EXAMPLES, Terminal, clean_env, relay_process
 
 CHAT = str(EXAMPLES / "group_chat.py")
 PASSPHRASE = "a long enough passphrase"
-
-
-@pytest.fixture
-def terminals() -> Iterator[list[Terminal]]:
-    opened: list[Terminal] = []
-    yield opened
-    for terminal in opened:
-        terminal.close()
-    for terminal in opened:
-        assert "Traceback" not in terminal.text, terminal.text
 
 
 def chat(home: Path, *args: str, stdin: str = "") -> subprocess.CompletedProcess[str]:
