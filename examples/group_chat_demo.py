@@ -3,19 +3,26 @@
 A real relay on loopback and four people on the client library (alice, bob,
 carol, dave; later alice's desktop too), narrated step by step: prekeys, a
 one-to-one chat, a group, an offline member catching up, a second device, a
-removal with sender-key rotation, safety numbers, and finally what the
-relay's SQLite file holds and what it deleted.
+removal with sender-key rotation, the relay turning hostile (it alters a
+group message, restamps a stranger's message as alice's and copies the
+group's traffic to a device of its own, and the clients refuse all three),
+safety numbers, and finally what the relay's SQLite file holds and what it
+deleted.
 
 Everything shown really happens over TCP. The relay is the real one
 (:class:`hushchat.transport.relay.Relay` on
 :class:`~hushchat.transport.relay.storage.SqliteStorage`);
 the only addition is :class:`ObservedStorage`, which notes what the relay
-stores and deletes so the demo can narrate it. It never sees plaintext either.
+stores and deletes so the demo can narrate it, and through which the
+hostile step changes what the relay stores, as an operator who controls the
+server can. It never sees plaintext either.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
+import secrets
 import shutil
 import sqlite3
 import tempfile
@@ -44,7 +51,7 @@ from hushchat.transport.client.client import Client, ClientEvent, open_client
 from hushchat.transport.client.store import ClientStore
 from hushchat.transport.relay.config import RelayConfig
 from hushchat.transport.relay.server import Relay
-from hushchat.transport.relay.storage.interface import EnvelopeBatch
+from hushchat.transport.relay.storage.interface import Delivery, EnvelopeBatch
 from hushchat.transport.relay.storage.sqlite import SqliteDatabase, SqliteStorage
 
 HOST = "127.0.0.1"
@@ -55,6 +62,9 @@ COLOURS = {"alice": "magenta", "bob": "cyan", "carol": "green", "dave": "yellow"
 
 E = TypeVar("E")
 PayloadKey = tuple[int, int]  # (batch number, payload index in the batch)
+# What a hostile relay does with a send: extra batches to store before it, and the
+# send as it stores it.
+Tampering = Callable[["EnvelopeBatch"], tuple[list["EnvelopeBatch"], "EnvelopeBatch"]]
 
 
 class DemoFailed(Exception):
@@ -72,6 +82,7 @@ class ObservedStorage(SqliteStorage):
         self.deleted_envelopes = 0
         self.deleted_payloads = 0
         self.deleted_bytes = 0
+        self.tampering: Tampering | None = None  # the hostile step's, while it runs
 
     async def enqueue(
         self,
@@ -80,6 +91,12 @@ class ObservedStorage(SqliteStorage):
         max_mailbox_size: int,
         committed: Callable[[Sequence[int]], None] | None = None,
     ) -> None:
+        if self.tampering is not None:
+            # Only for devices that are offline meanwhile: their connections
+            # would be handed the send as the sender made it (``committed``).
+            forged, batch = self.tampering(batch)
+            for extra in forged:
+                await super().enqueue(extra, max_mailbox_size=max_mailbox_size)
         await super().enqueue(batch, max_mailbox_size=max_mailbox_size, committed=committed)
         number = len(self.batches)  # noted only once committed
         self.batches.append(batch)
@@ -262,13 +279,14 @@ class Demo:
         self.workdir = workdir
         self.n = narrator
         self.people = {name: Person(name, 1, workdir) for name in COLOURS}
+        self.mallory = Person("mallory", 1, workdir)
         self.desktop = Person("alice", 2, workdir)
         self.plaintexts: list[bytes] = [GROUP_TITLE.encode()]
         self._mark = 0
         self.group_id = b""
 
     def close(self) -> None:
-        for person in [*self.people.values(), self.desktop]:
+        for person in [*self.people.values(), self.desktop, self.mallory]:
             person.store.close()
 
     # ------------------------------------------------------------ helpers
@@ -336,6 +354,7 @@ class Demo:
             self.offline_member,
             self.second_device,
             self.remove_member,
+            self.hostile_relay,
             self.safety_numbers,
             self.leave_mail_waiting,
         ):
@@ -565,6 +584,102 @@ class Demo:
         self.n.note(
             "dave's client forgot the group; even a copy of his keys from before the removal "
             "fails: the message is under a sender key he never received."
+        )
+
+    async def hostile_relay(self) -> None:
+        p = self.people
+        alice, bob, carol = p["alice"], p["bob"], p["carol"]
+        mallory = self.mallory
+        self.n.section("The relay turns hostile: it forges a message and slips in a member")
+        await mallory.connect(self.nursery, self.port)
+        self.n.say(
+            "mallory.1",
+            "registered: a user of the relay's operator, with real keys and the real client",
+        )
+        await mallory.client.refresh_device_list("bob")
+        await bob.disconnect()
+        await mallory.disconnect()
+        self.n.say("bob", "goes offline (so does mallory), and the relay gets to work on his mail")
+        ask = self.said("Hi Bob, it's Alice: please add mallory to Weekend trip.")
+        genuine = self.said("Tickets are in my bag.")
+
+        def tamper(batch: EnvelopeBatch) -> tuple[list[EnvelopeBatch], EnvelopeBatch]:
+            if batch.sender_user == "mallory":
+                # A stranger's message, restamped as alice's.
+                return [], dataclasses.replace(batch, sender_user="alice", sender_device=1)
+            if batch.sender_user == "alice" and batch.kind == ENVELOPE_GROUP:
+                (payload,) = batch.payloads
+                altered = bytearray(payload)
+                altered[len(altered) // 2] ^= 0x01  # one bit of alice's ciphertext
+                forged = [
+                    self._copy(batch, bytes(altered), [bob.address]),
+                    self._copy(batch, payload, [mallory.address]),
+                ]
+                return forged, batch
+            return [], batch
+
+        self.storage.tampering = tamper
+        try:
+            await mallory.connect(self.nursery, self.port)
+            await mallory.client.send_direct("bob", ask)
+            await mallory.disconnect()
+            self.n.say(
+                "relay",
+                f"stores mallory's {quote(ask)} for bob.1 as sent by alice.1",
+                "bold red",
+            )
+            await alice.client.send_group(self.group_id, genuine)
+            self.n.say("alice", f"-> {GROUP_TITLE}: {quote(genuine)}")
+            self.n.say(
+                "relay",
+                "queues for bob.1, before it, a copy with one bit changed, as from alice.1; "
+                "and queues the message for mallory.1 too, as if she were a member",
+                "bold red",
+            )
+        finally:
+            self.storage.tampering = None
+        self.relay_since_mark()
+        await self.show_read(carol, genuine)
+
+        await bob.connect(self.nursery, self.port)
+        self.n.say("bob", "comes back online")
+        for what in ("the restamped message", "the altered copy"):
+            refused = await bob.expect(Undecryptable, lambda e: e.sender == alice.address)
+            self.n.say(
+                "bob.1",
+                f"{what}: refused, Undecryptable({refused.reason}); nothing of it reaches bob",
+                "green",
+            )
+        await self.show_read(bob, genuine, where=GROUP_TITLE)
+        members = ", ".join(bob.client.group(self.group_id).user_ids)
+        self.n.say("bob.1", f"members of {quote(GROUP_TITLE)}: still {members}", "green")
+        await mallory.connect(self.nursery, self.port)
+        copied = await mallory.expect(Undecryptable, lambda e: e.group_id == self.group_id)
+        self.n.say(
+            "mallory.1",
+            f"gets the group's ciphertext but cannot read it: Undecryptable({copied.reason})",
+            "green",
+        )
+        if any(isinstance(e, MessageReceived) for e in bob._unseen + mallory._unseen):
+            raise DemoFailed("a forged or copied message reached an app")
+        self.n.note(
+            "A message is accepted only under the keys of the session or sender key it "
+            "claims, so the relay can neither change one bit nor put words in alice's mouth; "
+            "and members send their sender keys only to the devices of the members in the "
+            "group's signed state, which only an admin's device key can change: a copy to a "
+            "device of the relay's choosing is noise."
+        )
+        await mallory.disconnect()
+
+    def _copy(
+        self, batch: EnvelopeBatch, payload: bytes, to: Sequence[Address]
+    ) -> EnvelopeBatch:
+        """A send of ``payload`` to ``to``, as ``batch``'s sender, made up by the relay."""
+        deliveries = tuple(
+            Delivery(a.user_id, a.device_id, secrets.token_bytes(16), 0) for a in to
+        )
+        return dataclasses.replace(
+            batch, payloads=(payload,), deliveries=deliveries, device_list_counters={}
         )
 
     def _last_chain(self, user_id: str) -> int:

@@ -160,6 +160,12 @@ def test_demo_tells_the_whole_story_and_the_relay_keeps_no_plaintext(tmp_path: P
         "as sent to bob from alice.1",
         "his client now: cannot decrypt, Undecryptable(UNKNOWN_GROUP)",
         "cannot decrypt, Undecryptable(NO_SENDER_KEY)",
+        # The hostile relay: what each client shows.
+        "the restamped message: refused, Undecryptable(UNTRUSTED_IDENTITY)",
+        "the altered copy: refused, Undecryptable(BAD_SIGNATURE)",
+        'bob.1     reads "Tickets are in my bag." from alice.1 in Weekend trip',
+        'members of "Weekend trip": still alice, bob, carol',
+        "cannot read it: Undecryptable(UNKNOWN_GROUP)",
         "1 envelope waiting for delivery: carol.1",
         "appears anywhere in the file",
         "demo finished in",
@@ -177,8 +183,8 @@ def test_demo_tells_the_whole_story_and_the_relay_keeps_no_plaintext(tmp_path: P
     for body in [*bodies, "Weekend trip"]:
         assert body.encode() not in contents, body
     with contextlib.closing(sqlite3.connect(db)) as relay:
-        assert relay.execute("SELECT COUNT(*) FROM users").fetchone() == (4,)
-        assert relay.execute("SELECT COUNT(*) FROM devices").fetchone() == (5,)
+        assert relay.execute("SELECT COUNT(*) FROM users").fetchone() == (5,)  # mallory too
+        assert relay.execute("SELECT COUNT(*) FROM devices").fetchone() == (6,)
         assert relay.execute("SELECT user_id, device_id FROM deliveries").fetchall() == [
             ("carol", 1)
         ]
