@@ -29,9 +29,12 @@ import sys
 from collections.abc import Sequence
 
 import trio
+from state_folder import default_state_dir
 
 from hushchat.protocol import HushchatError
 from hushchat.protocol.client_core import GroupUpdated, MessageReceived
+from hushchat.protocol.devices import check_user_id
+from hushchat.protocol.errors import InvalidArgument
 from hushchat.protocol.group import TitleChanged
 from hushchat.transport.client.client import Client, open_client
 from hushchat.transport.client.store import ClientStore
@@ -74,16 +77,26 @@ async def run_bot(host: str, port: int, name: str, state_dir: str) -> None:
         store.close()
 
 
+def user_name(text: str) -> str:
+    """argparse type: a user name by the protocol's rule for user ids."""
+    try:
+        return check_user_id(text)
+    except InvalidArgument as exc:
+        raise argparse.ArgumentTypeError(exc.message) from None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="A hushchat bot that echoes group messages.")
     parser.add_argument("--relay", required=True, metavar="HOST:PORT", help="the relay")
-    parser.add_argument("--name", default="echo-bot", help="the bot's user name")
+    parser.add_argument(
+        "--name", type=user_name, default="echo-bot", help="the bot's user name (default echo-bot)"
+    )
     parser.add_argument("--state", metavar="DIR", help="its state (default ~/.hushchat/NAME)")
     args = parser.parse_args(argv)
     host, _, port = args.relay.rpartition(":")
     if not host or not port.isdigit():
         parser.error("--relay: expected HOST:PORT, e.g. 127.0.0.1:7400")
-    state = args.state or os.path.join(os.path.expanduser("~"), ".hushchat", args.name)
+    state = args.state or default_state_dir(args.name)
     try:
         trio.run(run_bot, host, int(port), args.name, state)
     except* KeyboardInterrupt:  # Ctrl-C stops the bot (trio may raise it in a group)

@@ -47,7 +47,6 @@ import argparse
 import getpass
 import hashlib
 import os
-import re
 import shlex
 import sqlite3
 import sys
@@ -69,6 +68,7 @@ from device_link import (
     throwaway_user_id,
 )
 from group_chat_demo import run_demo
+from state_folder import default_state_dir
 from terminal import Palette, wants_colour
 
 from hushchat.protocol import HushchatError
@@ -112,9 +112,8 @@ STARTUP_TIMEOUT = 15.0
 COMMAND_READY_TIMEOUT = 3.0
 # How often a new device being linked looks for its key in the user's list.
 LINK_POLL_INTERVAL = 1.0
-# The state folder's file, and a plain file name used as it is for a folder.
+# The state folder's file.
 STORE_FILE = "client.db"
-PLAIN_FOLDER_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,63}")
 # Shorter passphrases are refused for backups: scrypt slows guessing, it cannot make
 # a short passphrase strong.
 MIN_PASSPHRASE_LENGTH = 8
@@ -161,23 +160,6 @@ def shown(name: str) -> str:
 def possessive(name: str) -> str:
     """``dan's``, ``"two words"'s``: never ``'dan''s``."""
     return f"{shown(name)}'s"
-
-
-def state_folder_name(name: str) -> str:
-    """A folder name for a user name: the name itself if it is a plain file name.
-
-    Otherwise (a slash, ``..``, spaces, a leading dot, non-ASCII) a readable
-    part of it and 12 hex digits of its SHA-256, so that no name reaches
-    outside ~/.hushchat and two names never share a folder.
-    """
-    if PLAIN_FOLDER_NAME.fullmatch(name):
-        return name
-    readable = re.sub(r"[^A-Za-z0-9_-]+", "_", name).strip("_")[:32] or "user"
-    return f"{readable}-{hashlib.sha256(name.encode()).hexdigest()[:12]}"
-
-
-def default_state_dir(name: str) -> str:
-    return os.path.join(os.path.expanduser("~"), ".hushchat", state_folder_name(name))
 
 
 @dataclass(frozen=True, slots=True)

@@ -90,7 +90,7 @@ def test_a_name_the_protocol_refuses_is_a_usage_error_before_anything_exists(
 )
 def test_state_folders_stay_in_hushchat_whatever_the_name(name: str, folder: str) -> None:
     sys.path.insert(0, str(EXAMPLES))
-    from group_chat import state_folder_name
+    from state_folder import state_folder_name
 
     made = state_folder_name(name)
     assert made.startswith(folder) and "/" not in made and not made.startswith(".")
