@@ -97,6 +97,7 @@ from hushchat.transport.client.client import (
     load_or_create_core,
     open_client,
 )
+from hushchat.transport.client.connection import connect_relay
 from hushchat.transport.client.rows import encode_event
 from hushchat.transport.client.store import ClientStore, StoreLocked
 from hushchat.transport.wire.errors import format_address
@@ -861,6 +862,11 @@ def load_device(store: ClientStore, name: str, existed: bool) -> core.ClientCore
 async def link_new_device(host: str, port: int, name: str, screen: Screen) -> core.ClientCore:
     """A new device of ``name``, linked by its first device (device_link.py); or SetupError."""
     relay = format_address(host, port)
+    try:  # say at once why the relay cannot be reached (the client would keep trying)
+        async with connect_relay(host, port):
+            pass
+    except ConnectionFailure as exc:
+        raise SetupError(explain_connect_failure(exc.code, relay, name)) from None
     with tempfile.TemporaryDirectory(prefix="hushchat-link-") as folder:
         helper_store = ClientStore.open(os.path.join(folder, STORE_FILE))
         try:

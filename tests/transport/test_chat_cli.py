@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import re
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -111,6 +112,30 @@ def test_a_name_with_a_path_in_it_writes_only_under_hushchat(tmp_path: Path) -> 
     assert re.fullmatch(r"etc-[0-9a-f]{12}", folder.name)
     assert oct((home / ".hushchat").stat().st_mode & 0o777) == "0o700"
     assert oct(folder.stat().st_mode & 0o777) == "0o700"
+
+
+def test_linking_without_a_relay_is_one_line_and_leaves_nothing(tmp_path: Path) -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    state = tmp_path / "laptop"
+    relay = f"127.0.0.1:{port}"
+    args = ["--relay", relay, "--name", "alice", "--state", str(state), "--link"]
+    result = chat(tmp_path, "chat", *args)
+    one_line(result, 1, f"nothing listens at {relay}")
+    assert not state.exists()
+
+
+def test_the_chat_help_shows_every_default(tmp_path: Path) -> None:
+    for command, defaults in [
+        ("chat", ["(default: ~/.hushchat/NAME)", "(default: a new user, or the device in"]),
+        ("demo", ["(default: none)"]),
+        ("export", ["(default: ~/.hushchat/NAME)"]),
+    ]:
+        result = chat(tmp_path, command, "--help")
+        assert result.returncode == 0
+        for default in defaults:
+            assert default in " ".join(result.stdout.split()), (command, default)
 
 
 def test_state_naming_a_file_is_one_line(tmp_path: Path) -> None:
