@@ -128,6 +128,10 @@ class RelayProcess:
             assert await self.process.wait() == -signal.SIGKILL
 
 
+# Accepted sends before each kill, so that a kill lands in the middle of real load.
+MIN_ACCEPTED_PER_ROUND = 100
+
+
 async def test_kill_9_relay_under_load_loses_nothing_it_accepted(tmp_path: Path) -> None:
     await relay_kill_rounds(tmp_path, rounds=1)
 
@@ -152,7 +156,12 @@ async def relay_kill_rounds(tmp_path: Path, *, rounds: int) -> None:
             for index, sender in enumerate(senders):
                 tag = b"round %d sender %d" % (round_, index)
                 nursery.start_soon(load.send_until_killed, port, sender, tag)
-            await trio.sleep(0.3 + rng.random() * 0.7)
+            # Kill at a random moment once this round's load means something: after
+            # a count of accepted sends, not a time, which a loaded machine stretches.
+            with trio.fail_after(120):
+                while len(load.accepted) <= MIN_ACCEPTED_PER_ROUND * (round_ + 1):
+                    await trio.sleep(0.01)
+            await trio.sleep(rng.random() * 0.5)
             await relay.kill()
         port = await relay.start()
         delivered += await drain(port, bob)
@@ -162,7 +171,7 @@ async def relay_kill_rounds(tmp_path: Path, *, rounds: int) -> None:
         f"{len(load.attempted) - len(load.accepted)} cut off by a kill; "
         f"{len(delivered)} delivered, {len(load.accepted - set(delivered))} accepted ones lost"
     )
-    assert len(load.accepted) > 100 * rounds, "the load was too light to mean anything"
+    assert len(load.accepted) > MIN_ACCEPTED_PER_ROUND * rounds
     assert load.accepted <= set(delivered), "an accepted send was lost"
     assert set(delivered) <= load.attempted
     assert len(delivered) == len(set(delivered)), "an acknowledged envelope came again"
