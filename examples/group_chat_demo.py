@@ -24,7 +24,6 @@ import dataclasses
 import os
 import secrets
 import shutil
-import sqlite3
 import tempfile
 import textwrap
 import time
@@ -49,7 +48,8 @@ from hushchat.protocol.group import MemberRemoved
 from hushchat.protocol.sender_keys import SenderKeyMessage
 from hushchat.transport.client.client import Client, ClientEvent, open_client
 from hushchat.transport.client.store import ClientStore
-from hushchat.transport.relay.config import RelayConfig
+from hushchat.transport.relay.config import RelayConfig, wall_clock_ms
+from hushchat.transport.relay.report import relay_report
 from hushchat.transport.relay.server import Relay
 from hushchat.transport.relay.storage.interface import Delivery, EnvelopeBatch
 from hushchat.transport.relay.storage.sqlite import SqliteDatabase, SqliteStorage
@@ -71,25 +71,37 @@ class DemoFailed(Exception):
     """Something the demo shows did not happen as it should."""
 
 
+class DemoClock:
+    """The relay's clock: the wall clock, plus time the demo lets pass."""
+
+    def __init__(self) -> None:
+        self.offset = 0
+
+    def ms(self) -> int:
+        return wall_clock_ms() + self.offset
+
+
 class ObservedStorage(SqliteStorage):
     """The relay's SQLite storage, noting what it stores and deletes (sizes, never contents)."""
 
     def __init__(self, database: SqliteDatabase) -> None:
         super().__init__(database)
+        self.database = database
         self.batches: list[EnvelopeBatch] = []
-        self._waiting: dict[bytes, tuple[Address, PayloadKey]] = {}  # guid -> recipient, payload
+        self._waiting: dict[int, tuple[Address, PayloadKey]] = {}  # seq -> recipient, payload
         self._references: dict[PayloadKey, int] = {}
         self.deleted_envelopes = 0
         self.deleted_payloads = 0
         self.deleted_bytes = 0
         self.tampering: Tampering | None = None  # the hostile step's, while it runs
+        self.expired_envelopes = 0
 
     async def enqueue(
         self,
         batch: EnvelopeBatch,
         *,
         max_mailbox_size: int,
-        committed: Callable[[Sequence[int]], None] | None = None,
+        committed: Callable[[Sequence[tuple[int, int]]], None] | None = None,
     ) -> None:
         if self.tampering is not None:
             # Only for devices that are offline meanwhile: their connections
@@ -97,22 +109,29 @@ class ObservedStorage(SqliteStorage):
             forged, batch = self.tampering(batch)
             for extra in forged:
                 await super().enqueue(extra, max_mailbox_size=max_mailbox_size)
-        await super().enqueue(batch, max_mailbox_size=max_mailbox_size, committed=committed)
+        positions: list[tuple[int, int]] = []
+
+        def noted(where: Sequence[tuple[int, int]]) -> None:
+            positions.extend(where)
+            if committed is not None:
+                committed(where)
+
+        await super().enqueue(batch, max_mailbox_size=max_mailbox_size, committed=noted)
         number = len(self.batches)  # noted only once committed
         self.batches.append(batch)
-        for delivery in batch.deliveries:
+        for delivery, (_, seq) in zip(batch.deliveries, positions, strict=True):
             key = (number, delivery.payload_index)
-            self._waiting[delivery.guid] = (Address(delivery.user_id, delivery.device_id), key)
+            self._waiting[seq] = (Address(delivery.user_id, delivery.device_id), key)
             self._references[key] = self._references.get(key, 0) + 1
 
-    async def acknowledge(self, user_id: str, device_id: int, guids: Sequence[bytes]) -> int:
-        deleted = await super().acknowledge(user_id, device_id, guids)
+    async def acknowledge(self, user_id: str, device_id: int, seqs: Sequence[int]) -> int:
+        deleted = await super().acknowledge(user_id, device_id, seqs)
         device = Address(user_id, device_id)
-        for guid in guids:
-            waiting = self._waiting.get(guid)
+        for seq in seqs:
+            waiting = self._waiting.get(seq)
             if waiting is None or waiting[0] != device:
                 continue  # gone already, or not this device's: the storage kept it
-            _, key = self._waiting.pop(guid)
+            _, key = self._waiting.pop(seq)
             self.deleted_envelopes += 1
             self._references[key] -= 1
             if not self._references[key]:
@@ -121,6 +140,11 @@ class ObservedStorage(SqliteStorage):
                 self.deleted_payloads += 1
                 self.deleted_bytes += len(self.batches[key[0]].payloads[key[1]])
         return deleted
+
+    async def purge_expired(self, now: int) -> int:
+        purged = await super().purge_expired(now)
+        self.expired_envelopes += purged
+        return purged
 
     def mailbox(self, address: Address) -> list[int]:
         """Sizes of the envelopes waiting for a device."""
@@ -136,10 +160,13 @@ class ObservedStorage(SqliteStorage):
 
 
 async def serve_observed_relay(
-    storage: ObservedStorage, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED
+    storage: ObservedStorage,
+    clock: DemoClock,
+    *,
+    task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """A relay on loopback (any free port) over ``storage``; reports its port."""
-    relay = Relay(RelayConfig(host=HOST, port=0, name="hushchat-demo"), storage)
+    relay = Relay(RelayConfig(host=HOST, port=0, name="hushchat-demo", clock=clock.ms), storage)
     listeners = await trio.open_tcp_listeners(0, host=HOST)
     port: int = listeners[0].socket.getsockname()[1]
     async with trio.open_nursery() as nursery:
@@ -271,11 +298,16 @@ class Demo:
         workdir: str,
         narrator: Narrator,
         pause: float = 0.0,
+        *,
+        clock: DemoClock,
+        db_path: str,
     ) -> None:
         self.nursery = nursery
         self.pause = pause
         self.port = port
         self.storage = storage
+        self.clock = clock
+        self.db_path = db_path
         self.workdir = workdir
         self.n = narrator
         self.people = {name: Person(name, 1, workdir) for name in COLOURS}
@@ -718,32 +750,30 @@ class Demo:
 
 
 def scan_relay_file(
-    path: str, n: Narrator, storage: ObservedStorage, plaintexts: list[bytes]
+    path: str, n: Narrator, storage: ObservedStorage, plaintexts: list[bytes], now: int
 ) -> bool:
     """Report what the relay's database holds; True if no plaintext is in it."""
     n.section("What the relay holds")
-    files = [f for f in (path, path + "-wal", path + "-shm") if os.path.exists(f)]
+    files = [f for f in (path, path + "-wal", path + "-shm", path + ".keys") if os.path.exists(f)]
     contents = b"".join(open(f, "rb").read() for f in files)  # noqa: SIM115
-    db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
-    try:
-
-        def count(sql: str) -> int:
-            return int(db.execute(sql).fetchone()[0])
-
-        users, devices = count("SELECT COUNT(*) FROM users"), count("SELECT COUNT(*) FROM devices")
-        one_time = count("SELECT COUNT(*) FROM one_time_prekeys")
-        kem = count("SELECT COUNT(*) FROM one_time_kem_prekeys")
-        held = db.execute(
-            "SELECT d.user_id, d.device_id, LENGTH(p.data) FROM deliveries AS d "
-            "JOIN payloads AS p ON p.id = d.payload_id ORDER BY d.seq"
-        ).fetchall()
-    finally:
-        db.close()
-    n.say("relay", f"{os.path.basename(path)}: {len(contents):,} bytes on disk")
-    n.say("relay", f"{users} users, {devices} devices: public identity keys, signed device lists")
-    n.say("relay", f"public prekeys: {one_time} one-time X25519, {kem} one-time ML-KEM-768")
-    waiting = ", ".join(f"{u}.{d} ({size:,} bytes)" for u, d, size in held) or "none"
-    n.say("relay", f"{plural(len(held), 'envelope')} waiting for delivery: {waiting}")
+    report = relay_report(path, path + ".keys", now)
+    n.say("relay", f"{os.path.basename(path)}: {len(contents):,} bytes on disk with its key file")
+    n.say(
+        "relay",
+        f"{report.users} users, {report.devices} devices: public identity keys, signed device "
+        f"lists; public prekeys: {report.one_time_prekeys} one-time X25519, "
+        f"{report.one_time_kem_prekeys} one-time ML-KEM-768",
+    )
+    since = report.keys_since
+    keys = (
+        "" if since is None else time.strftime(" from %Y-%m-%d %H:%M", time.localtime(since / 1000))
+    )
+    n.say(
+        "relay",
+        f"{plural(report.envelopes, 'envelope')} waiting for delivery; its key file derives "
+        f"the keys of mail accepted{keys} on, none earlier ('hushchat relay report' says what "
+        "a seizure of the relay reveals)",
+    )
     found = [p for p in plaintexts if p in contents]
     if found:
         n.say("relay", f"PLAINTEXT FOUND in the file: {found!r}", "bold red")
@@ -751,7 +781,7 @@ def scan_relay_file(
         n.say(
             "relay",
             f"none of the {len(plaintexts) - 1} messages of this demo, nor the group's title, "
-            "appears anywhere in the file or its journal (searched byte for byte)",
+            "appears anywhere in the file, its journal or its key file (searched byte for byte)",
             "green",
         )
     n.section("What the relay deleted")
@@ -761,7 +791,13 @@ def scan_relay_file(
         f"{storage.deleted_envelopes} of them on delivery, with their "
         f"{storage.deleted_payloads} distinct ciphertexts ({storage.deleted_bytes:,} bytes), "
         "overwritten in the file (SQLite secure_delete; the journal is emptied on close), "
-        "not merely marked free",
+        "not merely marked free"
+        + (
+            f", and {plural(storage.expired_envelopes, 'envelope')} at expiry, with the keys "
+            "that sealed it"
+            if storage.expired_envelopes
+            else ""
+        ),
     )
     n.note(
         "What a relay does see is metadata: who sends to whom, when, how much, and which "
@@ -785,13 +821,16 @@ async def run_demo(relay_db: str | None, out: TextIO, palette: Palette, pause: f
             + ": a relay and four people on this machine; everything below happens over TCP.",
             file=out,
         )
-        storage = ObservedStorage(await trio.to_thread.run_sync(SqliteDatabase, db_path))
+        clock = DemoClock()
+        storage = ObservedStorage(
+            await trio.to_thread.run_sync(lambda: SqliteDatabase(db_path, clock=clock.ms))
+        )
         failure: DemoFailed | None = None
         try:
             async with trio.open_nursery() as nursery:
-                port = await nursery.start(serve_observed_relay, storage)
+                port = await nursery.start(serve_observed_relay, storage, clock)
                 n.say("relay", f"listening on {HOST}:{port}, database {db_path}")
-                demo = Demo(nursery, port, storage, workdir, n, pause)
+                demo = Demo(nursery, port, storage, workdir, n, pause, clock=clock, db_path=db_path)
                 try:
                     await demo.run()
                 except DemoFailed as exc:
@@ -803,7 +842,7 @@ async def run_demo(relay_db: str | None, out: TextIO, palette: Palette, pause: f
         if failure is not None:
             n.say("demo", f"FAILED: {failure}", "bold red")
             return 1
-        clean = scan_relay_file(db_path, n, storage, demo.plaintexts)
+        clean = scan_relay_file(db_path, n, storage, demo.plaintexts, clock.ms())
         if relay_db is not None:
             n.note(f"The relay's database stays at {relay_db}: open it with sqlite3 to look.")
     print(file=out)

@@ -20,6 +20,7 @@ import argparse
 import logging
 import os
 import signal
+import sqlite3
 import ssl
 import sys
 from collections.abc import Callable, Sequence
@@ -30,8 +31,10 @@ import trio
 
 from hushchat.protocol.errors import InvalidArgument
 
-from .relay.config import RelayConfig, parse_duration
+from .relay.config import RelayConfig, parse_duration, wall_clock_ms
+from .relay.report import format_report, relay_report
 from .relay.server import RelayStartError, serve_relay
+from .relay.storage.atrest import RelayKeysMissing, default_key_file
 from .wire.limits import DEFAULT_RETENTION_SECONDS
 
 logger = logging.getLogger("hushchat.relay")
@@ -90,6 +93,17 @@ def add_relay_command(subparsers: SubParsers) -> None:
     parser.add_argument("--port", type=_port, default=7400, help="TCP port (0: any free port)")
     parser.add_argument("--db", default="hushchat-relay.db", help="SQLite database file")
     parser.add_argument(
+        "--key-file",
+        help="the keys of the queued mail, created at first start; never back it up "
+        "(default: the database's path + .keys)%(default).0s",
+    )
+    parser.add_argument(
+        "--reset-keys",
+        action="store_true",
+        help="the key file is lost: discard the queued mail sealed under it (devices are "
+        "told) and start a new one",
+    )
+    parser.add_argument(
         "--retention",
         type=_duration,
         default=f"{DEFAULT_RETENTION_SECONDS // 3600}h",
@@ -109,6 +123,35 @@ def add_relay_command(subparsers: SubParsers) -> None:
         help=f"logging level: {', '.join(LOG_LEVELS)}",
     )
     parser.set_defaults(run=run_relay)
+    actions = parser.add_subparsers(dest="action", metavar="[report]", required=False)
+    report = actions.add_parser(
+        "report",
+        help="what the relay holds, and what anyone who seizes it can read",
+        description="Print a transparency report of a relay database and its key file: "
+        "what it holds (users, devices, prekeys, queued envelopes by age), the oldest epoch "
+        "whose keys still exist, and what anyone who seizes the relay can and cannot read. "
+        "Reads only; the relay may be running.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    report.add_argument("--db", default="hushchat-relay.db", help="SQLite database file")
+    report.add_argument(
+        "--key-file", help="its key file (default: the database's path + .keys)%(default).0s"
+    )
+    report.set_defaults(run=run_report)
+
+
+def run_report(args: argparse.Namespace) -> int:
+    key_file = args.key_file or default_key_file(args.db)
+    try:
+        report = relay_report(args.db, key_file, wall_clock_ms())
+    except FileNotFoundError:
+        return fail("relay report", f"no such database: {args.db}")
+    except sqlite3.Error as exc:
+        return fail("relay report", f"{args.db} is not a hushchat relay database ({exc})")
+    except RelayKeysMissing as exc:
+        return fail("relay report", exc.message)
+    print(format_report(report), end="")
+    return 0
 
 
 def _server_ssl_context(cert: str, key: str) -> ssl.SSLContext:
@@ -133,11 +176,16 @@ def run_relay(args: argparse.Namespace) -> int:
     folder = os.path.dirname(os.path.abspath(args.db))
     if args.db != ":memory:" and not os.path.isdir(folder):
         return fail("relay", f"no such folder for the database: {folder}")
+    key_folder = os.path.dirname(os.path.abspath(args.key_file or args.db))
+    if args.key_file is not None and not os.path.isdir(key_folder):
+        return fail("relay", f"no such folder for the key file: {key_folder}")
     try:
         config = RelayConfig(
             host=args.host,
             port=args.port,
             db_path=args.db,
+            key_file=args.key_file,
+            reset_keys=args.reset_keys,
             retention_seconds=args.retention,
             name=args.name,
             ssl_context=ssl_context,

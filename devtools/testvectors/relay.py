@@ -66,6 +66,7 @@ from hushchat.transport.wire.frames import (
     Frame,
     FrameType,
     Hello,
+    MailExpired,
     Ok,
     Ping,
     PreKeyCountsFrame,
@@ -146,7 +147,12 @@ REPLY_TO: dict[FrameType, FrameType] = {
     FrameType.ACK: FrameType.OK,
     FrameType.PING: FrameType.OK,
 }
-PUSHES = (FrameType.ENVELOPE, FrameType.QUEUE_EMPTY, FrameType.PREKEYS_LOW)
+PUSHES = (
+    FrameType.ENVELOPE,
+    FrameType.QUEUE_EMPTY,
+    FrameType.PREKEYS_LOW,
+    FrameType.MAIL_EXPIRED,
+)
 
 RELAY_NAME = "relay.example"
 CHALLENGE = bytes(range(32))
@@ -297,6 +303,8 @@ def frame_json(frame: Frame) -> Json:
             pass
         case PreKeysLow():
             out.update(one_time=frame.one_time, one_time_kem=frame.one_time_kem)
+        case MailExpired():
+            out.update(count=frame.count, first_ts=frame.first_ts, last_ts=frame.last_ts)
     return out
 
 
@@ -361,6 +369,8 @@ def frame_from_json(d: Json) -> Frame:
         )
     if kind is FrameType.QUEUE_EMPTY:
         return QueueEmpty()
+    if kind is FrameType.MAIL_EXPIRED:
+        return MailExpired(d["count"], d["first_ts"], d["last_ts"])
     return PreKeysLow(d["one_time"], d["one_time_kem"])
 
 
@@ -559,7 +569,13 @@ def _invalid_request_cases() -> list[tuple[str, str, ConnectionState, bytes, str
             raw_frame([99, 2**32]),
             UnknownFrame.code,
         ),
-        ("HELLO with window 0", "WrongFields", AWAIT_HELLO, raw_frame([1, 0, 2, 0]), BadFrame.code),
+        (
+            "HELLO with window 0",
+            "WrongFields",
+            AWAIT_HELLO,
+            raw_frame([1, 0, RELAY_PROTOCOL_VERSION, 0]),
+            BadFrame.code,
+        ),
         (
             "HELLO of relay protocol version 1",
             "UnsupportedVersion",
@@ -568,10 +584,10 @@ def _invalid_request_cases() -> list[tuple[str, str, ConnectionState, bytes, str
             UnsupportedVersion.code,
         ),
         (
-            "HELLO of version 3 with fields this version does not know",
+            "HELLO of version 4 with fields this version does not know",
             "UnsupportedVersion",
             AWAIT_HELLO,
-            raw_frame([1, 0, 3, "new", [1, 2]]),
+            raw_frame([1, 0, RELAY_PROTOCOL_VERSION + 1, "new", [1, 2]]),
             UnsupportedVersion.code,
         ),
         (
@@ -756,6 +772,16 @@ def _relay_frames() -> list[tuple[str, str, bytes]]:
         ("ENVELOPE", "Valid", frame_bytes(EnvelopePush(envelope))),
         ("QUEUE_EMPTY", "Valid", frame_bytes(QueueEmpty())),
         ("PREKEYS_LOW", "Valid", frame_bytes(PreKeysLow(0, 0))),
+        (
+            "MAIL_EXPIRED: 2 envelopes accepted from first_ts to last_ts expired unread",
+            "Valid",
+            frame_bytes(MailExpired(2, SERVER_TS - 3_600_000, SERVER_TS)),
+        ),
+        (
+            "MAIL_EXPIRED with a nil count: the relay lost the keys of its queue at last_ts",
+            "Valid",
+            frame_bytes(MailExpired(None, SERVER_TS - 259_200_000, SERVER_TS)),
+        ),
         ("ERROR BAD_FRAME (detail nil)", "Valid", error(3, BadFrame("bad frame"))),
         (
             "ERROR IDLE_TIMEOUT closing the connection (request id nil)",
@@ -765,7 +791,7 @@ def _relay_frames() -> list[tuple[str, str, bytes]]:
         (
             "ERROR UNSUPPORTED_VERSION (detail: the versions spoken)",
             "Valid",
-            error(0, UnsupportedVersion("version 1 is not spoken", supported=[2])),
+            error(0, UnsupportedVersion("version 1 is not spoken", supported=[3])),
         ),
         (
             "ERROR UNKNOWN_USER (detail: the user id)",
@@ -812,13 +838,13 @@ def _invalid_relay_frames() -> list[tuple[str, str, bytes, str]]:
         (
             "WELCOME with a challenge of 31 bytes",
             "WrongFields",
-            raw_frame([2, 0, 2, RELAY_NAME, CHALLENGE[:31]]),
+            raw_frame([2, 0, RELAY_PROTOCOL_VERSION, RELAY_NAME, CHALLENGE[:31]]),
             BadFrame.code,
         ),
         (
             "WELCOME with a relay name of 256 bytes",
             "WrongFields",
-            raw_frame([2, 0, 2, "r" * 256, CHALLENGE]),
+            raw_frame([2, 0, RELAY_PROTOCOL_VERSION, "r" * 256, CHALLENGE]),
             BadFrame.code,
         ),
         (
@@ -840,6 +866,18 @@ def _invalid_relay_frames() -> list[tuple[str, str, bytes, str]]:
             BadFrame.code,
         ),
         ("QUEUE_EMPTY with one extra field", "WrongFields", raw_frame([31, None]), BadFrame.code),
+        (
+            "MAIL_EXPIRED with a negative count",
+            "WrongFields",
+            raw_frame([33, -1, SERVER_TS, SERVER_TS]),
+            BadFrame.code,
+        ),
+        (
+            "MAIL_EXPIRED missing last_ts",
+            "WrongFields",
+            raw_frame([33, 1, SERVER_TS]),
+            BadFrame.code,
+        ),
         ("ACCEPTED with server_ts -1", "WrongFields", raw_frame([20, 9, -1]), BadFrame.code),
         (
             "ERROR with a code of 65 bytes",

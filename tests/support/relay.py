@@ -67,7 +67,7 @@ def make_prekeys(
 
 def relay_config(tmp_path: Any = None, **overrides: Any) -> RelayConfig:
     """A test relay on 127.0.0.1, any port; limits overridable by keyword."""
-    config_keys = {"clock", "retention_seconds", "name", "ssl_context"}
+    config_keys = {"clock", "retention_seconds", "name", "ssl_context", "key_file", "reset_keys"}
     config_args = {k: v for k, v in overrides.items() if k in config_keys}
     limits = RelayLimits(**{k: v for k, v in overrides.items() if k not in config_keys})
     db_path = ":memory:" if tmp_path is None else str(tmp_path / "relay.db")

@@ -28,6 +28,7 @@ from hushchat.transport.wire.frames import (
     FetchBundle,
     FetchDeviceList,
     Hello,
+    MailExpired,
     Ok,
     Ping,
     PreKeyCountsFrame,
@@ -81,6 +82,8 @@ RELAY_FRAMES: list[RelayFrame] = [
     EnvelopePush(Envelope(b"\x01" * 16, 123, "alice", 1, 2, b"ciphertext")),
     QueueEmpty(),
     PreKeysLow(3, 0),
+    MailExpired(2, 100, 2**64 - 1),
+    MailExpired(None, 0, 5),
 ]
 
 # Errors with every kind of detail a relay sends (and one with none).

@@ -24,12 +24,13 @@ from hushchat.protocol.errors import InvalidArgument
 from hushchat.transport.client.client import (
     Client,
     ClientEvent,
+    MailExpired,
     SendDropped,
     load_or_create_core,
     open_client,
 )
 from hushchat.transport.client.store import ClientStore, StoreLocked
-from hushchat.transport.relay.config import RelayConfig
+from hushchat.transport.relay.config import RelayConfig, RelayLimits, wall_clock_ms
 from hushchat.transport.relay.server import serve_relay
 from hushchat.transport.wire.errors import ConnectionClosed
 from tests.support.clock import NOW
@@ -41,17 +42,18 @@ TIMEOUT = 20
 class Relay:
     """A relay in a cancel scope of its own, so a test can stop and restart it."""
 
-    def __init__(self, nursery: trio.Nursery, db_path: str) -> None:
+    def __init__(self, nursery: trio.Nursery, db_path: str, **config: Any) -> None:
         self.nursery = nursery
         self.db_path = db_path
         self.port = 0
+        self._config = config
         self._scope: trio.CancelScope | None = None
 
     async def start(self) -> int:
         async def run(task_status: trio.TaskStatus[int]) -> None:
             with trio.CancelScope() as scope:
                 self._scope = scope
-                config = RelayConfig(db_path=self.db_path, port=self.port)
+                config = RelayConfig(db_path=self.db_path, port=self.port, **self._config)
                 await serve_relay(config, task_status=task_status)
 
         self.port = await self.nursery.start(run)
@@ -373,3 +375,24 @@ async def test_replaced_signed_prekeys_are_deleted_after_the_grace_period(
             seen.append(c.core.account.signed_prekey_ids)
     assert [len(ids) for ids in seen] == [1, 2, 2, 2]
     assert seen[1][0] == seen[0][0] and seen[3][0] not in (seen[0] + seen[1][:1])
+
+
+async def test_mail_that_expired_unread_is_told_to_the_app(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    now = [wall_clock_ms()]
+    limits = RelayLimits(sweep_interval=0.05)
+    relay = Relay(nursery, str(tmp_path / "relay.db"), clock=lambda: now[0], limits=limits)
+    await relay.start()
+    async with client(tmp_path, relay, "bob"):
+        pass  # registered, then away
+    async with client(tmp_path, relay, "alice") as alice:
+        sent = now[0]
+        await alice.send_direct("bob", b"never read")
+    now[0] += (72 + 1) * 3600 * 1000  # the retention, and the epoch it was filed under
+    async with client(tmp_path, relay, "bob") as bob:
+        told = await next_matching(bob, MailExpired)
+        assert (told.count, told.first_ts, told.last_ts) == (1, sent, sent)
+        with trio.move_on_after(0.5):
+            got = await next_matching(bob, MessageReceived)
+            pytest.fail(f"expired mail was delivered: {got}")

@@ -166,8 +166,8 @@ def test_demo_tells_the_whole_story_and_the_relay_keeps_no_plaintext(tmp_path: P
         'bob.1     reads "Tickets are in my bag." from alice.1 in Weekend trip',
         'members of "Weekend trip": still alice, bob, carol',
         "cannot read it: Undecryptable(UNKNOWN_GROUP)",
-        "1 envelope waiting for delivery: carol.1",
-        "appears anywhere in the file",
+        "1 envelope waiting for delivery",
+        "appears anywhere in the file, its journal or its key file",
         "demo finished in",
     ]:
         assert " ".join(expected.split()) in " ".join(out.split()), expected
@@ -177,17 +177,16 @@ def test_demo_tells_the_whole_story_and_the_relay_keeps_no_plaintext(tmp_path: P
     # Look for every message ourselves, in the relay's database the demo left behind.
     bodies = re.findall(r'-> [^:]+: "([^"]+)"', out)
     assert len(bodies) >= 10
-    files = [p for p in (db, Path(f"{db}-wal")) if p.exists()]
+    keys = Path(f"{db}.keys")
+    files = [p for p in (db, Path(f"{db}-wal"), keys) if p.exists()]
     contents = b"".join(p.read_bytes() for p in files)
-    assert contents
+    assert contents and keys.stat().st_mode & 0o777 == 0o600
     for body in [*bodies, "Weekend trip"]:
         assert body.encode() not in contents, body
     with contextlib.closing(sqlite3.connect(db)) as relay:
         assert relay.execute("SELECT COUNT(*) FROM users").fetchone() == (5,)  # mallory too
         assert relay.execute("SELECT COUNT(*) FROM devices").fetchone() == (6,)
-        assert relay.execute("SELECT user_id, device_id FROM deliveries").fetchall() == [
-            ("carol", 1)
-        ]
+        assert relay.execute("SELECT COUNT(*) FROM deliveries").fetchone() == (1,)  # carol's
 
 
 def test_demo_will_not_reuse_a_relay_database(tmp_path: Path) -> None:

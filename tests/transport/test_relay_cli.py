@@ -13,9 +13,12 @@ import pytest
 import trio
 
 from hushchat.transport import cli
+from hushchat.transport.relay.config import wall_clock_ms
+from hushchat.transport.relay.storage.sqlite import SqliteDatabase
 from hushchat.transport.wire.limits import DEFAULT_RETENTION_SECONDS
 from tests.support.children import RELAY_COMMAND
 from tests.support.relay import announced_port, connected, self_signed
+from tests.support.storage import batch, register_devices, upload_prekeys
 
 
 def test_relay_arguments() -> None:
@@ -44,6 +47,7 @@ def test_bad_arguments_exit_with_usage(argv: list[str], capsys: pytest.CaptureFi
         (["--log-level", "LOUD"], 2, "one of DEBUG, INFO, WARNING, ERROR"),
         (["--retention", "0h"], 2, "must be positive"),
         (["--db", "/nonexistent/x.db"], 1, "no such folder for the database: /nonexistent"),
+        (["--key-file", "/nonexistent/k"], 1, "no such folder for the key file: /nonexistent"),
         (["--host", "nosuch.invalid"], 1, "unknown host 'nosuch.invalid'"),
         (["--tls-cert", "/nope.pem", "--tls-key", "/nope.key"], 1, "cannot load the TLS"),
         (["--name", ""], 2, "a relay name is 1 to"),
@@ -143,3 +147,76 @@ async def test_the_command_runs_a_relay(tmp_path: Path) -> None:
         process.kill()
         await process.wait()
     assert db.exists()
+
+
+# ------------------------------------------------------------------ keys and the report
+
+
+def queued_mail(db: Path, now: int = 10**12) -> None:
+    """A database with two users, bob's prekeys, and one envelope queued for bob."""
+    database = SqliteDatabase(str(db), clock=lambda: now)
+    register_devices(database, "alice", 1)
+    register_devices(database, "bob", 1, 2)
+    upload_prekeys(database, "bob", 1, one_time=3, kem=2)
+    send = batch([("bob", 1), ("bob", 2)], (b"x", b"y"), counters={"bob": 0}, server_ts=now)
+    database.enqueue(send, max_mailbox_size=10)
+    database.close()
+
+
+def test_a_lost_key_file_is_one_line_and_discards_nothing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    db = tmp_path / "relay.db"
+    queued_mail(db)
+    Path(f"{db}.keys").unlink()
+    before = db.read_bytes()
+    assert cli.main(["relay", "--port", "0", "--db", str(db)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"hushchat relay: the key file {db}.keys is missing")
+    assert "--reset-keys" in err and err.count("\n") == 1 and "Traceback" not in err
+    assert db.read_bytes() == before and not Path(f"{db}.keys").exists()
+
+
+def test_the_report_says_what_is_held_and_what_a_seizure_reveals(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    db = tmp_path / "relay.db"
+    queued_mail(db, now=wall_clock_ms())
+    before = db.read_bytes()
+    assert cli.main(["relay", "report", "--db", str(db)]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    for said in [
+        "2 users and 3 devices",
+        "prekeys: 1 signed, 1 last-resort ML-KEM-768, 3 one-time X25519, 2 one-time ML-KEM-768",
+        "2 queued envelopes (2 distinct payloads",
+        "2 accepted within the last hour",
+        "epochs of 3600 s",
+        "The oldest epoch whose keys exist began",
+        "Anyone who seizes the relay (its disk and key file) can read:",
+        "the directory: 2 user ids",
+        "for the 2 envelopes still queued",
+        "They cannot read:",
+        "without the key file",
+    ]:
+        assert said in out, said
+    assert db.read_bytes() == before  # it only reads
+    Path(f"{db}.keys").unlink()
+    assert cli.main(["relay", "report", "--db", str(db)]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "does not exist: no queued envelope can be opened" in out
+    assert "nothing of the queue: no envelope can be opened" in out
+
+
+def test_the_report_of_nothing_or_of_not_a_database_is_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    none = tmp_path / "none.db"
+    assert cli.main(["relay", "report", "--db", str(none)]) == 1
+    assert capsys.readouterr().err == f"hushchat relay report: no such database: {none}\n"
+    garbage = tmp_path / "garbage.db"
+    garbage.write_bytes(b"garbage" * 100)
+    assert cli.main(["relay", "report", "--db", str(garbage)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"hushchat relay report: {garbage} is not a hushchat relay database")
+    assert err.count("\n") == 1
+    assert list(tmp_path.iterdir()) == [garbage]

@@ -312,7 +312,7 @@ async def test_small_incoming_queue_still_delivers_everything_in_order() -> None
         async with connected(port, alice.devices[1]) as sender:
             for index in range(20):
                 await sender.send_direct("bob", [(1, bytes([index]))])
-        async with connected(port, bob.devices[1], incoming_queue_size=3) as receiver:
+        async with connected(port, bob.devices[1], incoming_queue_size=4) as receiver:
             got = await envelopes_until_empty(receiver, acknowledge=True)
             assert [e.payload for e in got] == [bytes([i]) for i in range(20)]
 
@@ -333,14 +333,14 @@ async def test_the_window_follows_the_incoming_queue() -> None:
         async with connected(port, alice.devices[1]) as sender:
             for index in range(5):
                 await sender.send_direct("bob", [(1, bytes([index]))])
-        async with connected(port, bob.devices[1], incoming_queue_size=4) as receiver:
+        async with connected(port, bob.devices[1], incoming_queue_size=5) as receiver:
             first, _ = [await next_envelope(receiver) for _ in range(2)]
             with trio.move_on_after(0.2):
                 pytest.fail(f"pushed beyond a window of 2: {await next_envelope(receiver)}")
             await receiver.ack(first.guid)
             assert (await next_envelope(receiver)).payload == b"\x02"
     with pytest.raises(InvalidArgument):
-        RelayConnection(trio.testing.memory_stream_pair()[0], incoming_queue_size=2)
+        RelayConnection(trio.testing.memory_stream_pair()[0], incoming_queue_size=3)
 
 
 async def test_tls(tmp_path: Path) -> None:

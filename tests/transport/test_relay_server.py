@@ -43,6 +43,7 @@ from hushchat.transport.wire.frames import (
     ErrorFrame,
     FrameType,
     Hello,
+    MailExpired,
     Ok,
     PreKeysLow,
     QueueEmpty,
@@ -675,7 +676,7 @@ async def test_accepted_means_committed_to_disk(tmp_path: Path) -> None:
             # Snapshot the files as a crash right after ACCEPTED would leave them.
             crash = tmp_path / "crash"
             crash.mkdir()
-            for suffix in ("", "-wal"):
+            for suffix in ("", "-wal", ".keys"):
                 source = tmp_path / f"relay.db{suffix}"
                 if source.exists():
                     shutil.copy(source, crash / f"relay.db{suffix}")
@@ -688,9 +689,12 @@ async def test_accepted_means_committed_to_disk(tmp_path: Path) -> None:
 # ------------------------------------------------------------------ retention
 
 
-async def test_expired_mail_is_never_delivered_and_is_swept(tmp_path: Path) -> None:
+async def test_expired_mail_is_never_delivered_is_swept_with_its_epoch_and_is_told(
+    tmp_path: Path,
+) -> None:
     now = [1_000_000]
     alice, bob = make_user("alice"), make_user("bob")
+    # Retention 1 h: epochs of 50 s (EPOCHS_PER_RETENTION), the first from 1,000,000 ms on.
     config = relay_config(
         tmp_path, clock=lambda: now[0], retention_seconds=3600, sweep_interval=0.05
     )
@@ -700,7 +704,12 @@ async def test_expired_mail_is_never_delivered_and_is_swept(tmp_path: Path) -> N
             await sender.send_direct("bob", [(1, b"old")])
             now[0] += 3_599_000
             await sender.send_direct("bob", [(1, b"newer")])
-            now[0] += 1_000  # "old" is exactly 3600 s old: expired
+            now[0] += 1_000  # "old" is exactly 3600 s old: expired, never pushed again
+        async with connected(port, bob.devices[1]) as receiver:
+            assert [e.payload for e in await envelopes_until_empty(receiver)] == [b"newer"]
+        with sqlite3.connect(tmp_path / "relay.db") as db:
+            assert db.execute("SELECT COUNT(*) FROM payloads").fetchone() == (2,)
+        now[0] = 1_050_000 + 3_600_000  # its epoch leaves the window: deleted, keys gone
         with trio.fail_after(5):
             while True:
                 with sqlite3.connect(tmp_path / "relay.db") as db:
@@ -708,6 +717,11 @@ async def test_expired_mail_is_never_delivered_and_is_swept(tmp_path: Path) -> N
                         break
                 await trio.sleep(0.02)
         async with connected(port, bob.devices[1]) as receiver:
+            with trio.fail_after(5):
+                assert await receiver.receive() == PreKeysLow(0, 0)  # none uploaded
+                assert await receiver.receive() == MailExpired(1, 1_000_000, 1_000_000)
+            assert [e.payload for e in await envelopes_until_empty(receiver)] == [b"newer"]
+        async with connected(port, bob.devices[1]) as receiver:  # told once
             assert [e.payload for e in await envelopes_until_empty(receiver)] == [b"newer"]
 
 

@@ -11,8 +11,10 @@ import trio
 
 from hushchat.protocol.errors import UnknownStateVersion
 from hushchat.protocol.prekeys import KemPreKeyPublic, OneTimePreKeyPublic, SignedPreKeyPublic
+from hushchat.transport.relay.config import wall_clock_ms
 from hushchat.transport.relay.storage import sqlite as sqlite_storage
 from hushchat.transport.relay.storage.interface import (
+    ExpiryNotice,
     StorageConflict,
 )
 from hushchat.transport.relay.storage.sqlite import SqliteDatabase, SqliteStorage
@@ -22,6 +24,7 @@ from hushchat.transport.wire.errors import (
     PreKeyStockFull,
     UnknownDevice,
 )
+from hushchat.transport.wire.limits import DEFAULT_RETENTION_SECONDS
 from hushchat.transport.wire.records import EnvelopeKind, PreKeyCounts
 from tests.support.storage import (
     SIGNATURE,
@@ -226,14 +229,15 @@ def test_group_payload_is_stored_once(db: SqliteDatabase) -> None:
     )
     assert db._conn.execute("SELECT COUNT(*) FROM payloads").fetchone()[0] == 1
     assert db._conn.execute("SELECT COUNT(*) FROM deliveries").fetchone()[0] == 2
-    one = db.pending("bob", 1, after_seq=0, limit=10, now=0)[0].envelope
-    two = db.pending("bob", 2, after_seq=0, limit=10, now=0)[0].envelope
+    (first,) = db.pending("bob", 1, after_seq=0, limit=10, now=0)
+    (second,) = db.pending("bob", 2, after_seq=0, limit=10, now=0)
+    one, two = first.envelope, second.envelope
     assert one.payload == two.payload == b"group" and one.guid != two.guid
     assert (one.sender_user, one.sender_device, one.kind) == ("alice", 1, 2)
-    assert db.acknowledge("bob", 1, [one.guid]) == 1
+    assert db.acknowledge("bob", 1, [first.seq]) == 1
     assert db._conn.execute("SELECT COUNT(*) FROM payloads").fetchone()[0] == 1
-    assert db.acknowledge("bob", 1, [two.guid]) == 0  # not bob/1's envelope
-    assert db.acknowledge("bob", 2, [two.guid, one.guid]) == 1  # one.guid: gone, and bob/1's
+    assert db.acknowledge("bob", 1, [second.seq]) == 0  # not bob/1's envelope
+    assert db.acknowledge("bob", 2, [second.seq, first.seq]) == 1  # first: gone, and bob/1's
     assert db._conn.execute("SELECT COUNT(*) FROM payloads").fetchone()[0] == 0
 
 
@@ -260,13 +264,14 @@ def test_a_send_larger_than_one_statement(
     recipients = [(user_id, device_id) for user_id in users for device_id in (1, 2)]
     counters = dict.fromkeys(users, 0)
     send = batch(recipients, (b"g",), counters=counters, kind=EnvelopeKind.GROUP)
-    seqs = db.enqueue(send, max_mailbox_size=2)
+    positions = db.enqueue(send, max_mailbox_size=2)
+    seqs = [seq for _, seq in positions]
     assert seqs == sorted(seqs) and len(set(seqs)) == len(recipients)
-    for delivery, seq in zip(send.deliveries, seqs, strict=True):
+    for delivery, (epoch, seq) in zip(send.deliveries, positions, strict=True):
         (queued,) = db.pending(delivery.user_id, delivery.device_id, after_seq=0, limit=9, now=0)
-        assert (queued.seq, queued.envelope.guid) == (seq, delivery.guid)
-    # Only user0/1's own envelope is deleted, however many guids are named.
-    assert db.acknowledge("user0", 1, [d.guid for d in send.deliveries]) == 1
+        assert (queued.epoch, queued.seq, queued.envelope.guid) == (epoch, seq, delivery.guid)
+    # Only user0/1's own envelope is deleted, however many others are named.
+    assert db.acknowledge("user0", 1, seqs) == 1
     # Full mailboxes are all named, in the send's order, across statements.
     db.enqueue(batch(recipients[1:], (b"h",), counters=counters), max_mailbox_size=2)
     with pytest.raises(MailboxFull) as info:
@@ -307,14 +312,21 @@ def test_pending_in_order_after_seq_and_unexpired(db: SqliteDatabase) -> None:
         b"\x03",
         b"\x04",
     ]
-    assert db.purge_expired(1002) == 3
-    assert db.purge_expired(1002) == 0
-    assert len(db.pending("bob", 1, after_seq=0, limit=10, now=0)) == 2
-    assert db._conn.execute("SELECT COUNT(*) FROM payloads").fetchone()[0] == 2
-    queued_count = db._conn.execute(
-        "SELECT queued FROM devices WHERE user_id = 'bob' AND device_id = 1"
-    ).fetchone()[0]
-    assert queued_count == 2
+    # They are deleted with their epoch, when it leaves the retention window.
+    chain = db.key_chain
+    newest = chain.epoch_of(wall_clock_ms())
+    assert {q.epoch for q in queued + rest} == {newest}  # never before the newest epoch
+    leaves = chain.start_of(newest + 1) + DEFAULT_RETENTION_SECONDS * 1000
+    now = wall_clock_ms()
+    assert now < db.next_purge(now) <= now + chain.epoch_ms  # the next epoch boundary
+    assert db.purge_expired(leaves - 1) == 0
+    assert db.key_chain.keys(newest) is not None
+    assert db.purge_expired(leaves) == 5
+    assert db.key_chain.keys(newest) is None  # and its keys cease to exist
+    assert db._conn.execute("SELECT COUNT(*) FROM payloads").fetchone()[0] == 0
+    # bob/1 is told; its mailbox counts nothing queued.
+    assert db.expiry_notice("bob", 1) == ExpiryNotice(5, 100, 104)
+    assert db._conn.execute("SELECT queued FROM mailboxes").fetchall() == [(0,)]
 
 
 # ------------------------------------------------------------------ the file
@@ -345,11 +357,14 @@ def test_acknowledged_ciphertext_leaves_no_trace_on_disk(
 ) -> None:
     marker = b"MARKER-" + bytes(range(200))
     db.enqueue(batch([("bob", 1)], (marker,), counters={"bob": 0}), max_mailbox_size=10)
-    guid = db.pending("bob", 1, after_seq=0, limit=1, now=0)[0].envelope.guid
+    (queued,) = db.pending("bob", 1, after_seq=0, limit=1, now=0)
+    assert queued.envelope.payload == marker
     files = list(tmp_path.glob("relay.db*"))
-    assert any(marker in f.read_bytes() for f in files)  # the check can see it
-    assert db.acknowledge("bob", 1, [guid]) == 1
+    assert not any(marker in f.read_bytes() for f in files)  # sealed at rest
+    (sealed,) = db._conn.execute("SELECT sealed FROM payloads").fetchone()
+    assert any(sealed in f.read_bytes() for f in files)  # the check can see what is stored
+    assert db.acknowledge("bob", 1, [queued.seq]) == 1
     db.purge_expired(0)  # also truncates the WAL
-    assert not any(marker in f.read_bytes() for f in tmp_path.glob("relay.db*"))
+    assert not any(sealed in f.read_bytes() for f in tmp_path.glob("relay.db*"))
     db.close()
-    assert not any(marker in f.read_bytes() for f in tmp_path.glob("relay.db*"))
+    assert not any(sealed in f.read_bytes() for f in tmp_path.glob("relay.db*"))

@@ -62,6 +62,7 @@ from ..wire.errors import (
     TransportError,
     UnknownUser,
 )
+from ..wire.frames import MailExpired as MailExpiredNotice
 from ..wire.frames import PreKeysLow
 from ..wire.limits import CLIENT_REQUEST_TIMEOUT
 from ..wire.records import Envelope
@@ -94,7 +95,24 @@ class Disconnected:
     reason: str
 
 
-ClientEvent = core.Event | Connected | Disconnected
+@dataclass(frozen=True, slots=True)
+class MailExpired:
+    """The relay deleted mail for this device before the device took it.
+
+    ``count`` envelopes that the relay accepted from ``first_ts`` to
+    ``last_ts`` (milliseconds since the Unix epoch) expired unread: their
+    senders' messages will not arrive. ``count`` None: the relay lost the
+    keys of its queue at ``last_ts``, and whatever waited for this device
+    since ``first_ts`` is gone, how much is unknown. Senders are not told by
+    the relay; an app may say so to its user, or ask its contacts to resend.
+    """
+
+    count: int | None
+    first_ts: int
+    last_ts: int
+
+
+ClientEvent = core.Event | Connected | Disconnected | MailExpired
 
 
 class SendDropped(TransportError):
@@ -568,6 +586,9 @@ class Client:
                     processed.append(item.guid)
                 elif isinstance(item, PreKeysLow):
                     await self._replenish_prekeys(connection)
+                elif isinstance(item, MailExpiredNotice):
+                    expired = MailExpired(item.count, item.first_ts, item.last_ts)
+                    await self._events_in.send((None, expired))
             if processed:
                 await connection.ack(*processed)
 

@@ -5,7 +5,7 @@
 
     async with connect_relay("relay.example", 7443, ssl_context=ctx) as relay:
         await relay.authenticate(user_id, device_id, device_identity)
-        async for item in relay:          # Envelope, QueueEmpty, PreKeysLow
+        async for item in relay:          # Envelope, QueueEmpty, PreKeysLow, MailExpired
             if isinstance(item, Envelope):
                 ...                       # decrypt and persist first
                 await relay.ack(item.guid)
@@ -80,6 +80,7 @@ from ..wire.frames import (
     FetchBundle,
     FetchDeviceList,
     Hello,
+    MailExpired,
     Ok,
     Ping,
     PreKeyCountsFrame,
@@ -111,14 +112,15 @@ from ..wire.states import ConnectionState, check_request, state_after_error, sta
 
 logger = logging.getLogger("hushchat.client")
 
-Incoming = Envelope | QueueEmpty | PreKeysLow
+Incoming = Envelope | QueueEmpty | PreKeysLow | MailExpired
 """What a connection yields: an envelope to process and acknowledge, or a notice."""
 
 R = TypeVar("R", bound=RelayFrame)
 
 # Channel slots kept for notices beside the envelope window: QUEUE_EMPTY
-# (once per connection) and PREKEYS_LOW (once until the next upload).
-NOTICE_SLOTS = 2
+# and MAIL_EXPIRED (once per connection each) and PREKEYS_LOW (once until
+# the next upload).
+NOTICE_SLOTS = 3
 
 
 @dataclass(slots=True)
@@ -408,7 +410,7 @@ class RelayConnection:
             await trio.aclose_forcefully(self._stream)
 
     async def _dispatch(self, frame: RelayFrame) -> None:
-        if isinstance(frame, EnvelopePush | QueueEmpty | PreKeysLow):
+        if isinstance(frame, EnvelopePush | QueueEmpty | PreKeysLow | MailExpired):
             if self._state is not ConnectionState.AUTHENTICATED:
                 raise DecodeError(f"{frame.TYPE.name} pushed before authentication")
             item = frame.envelope if isinstance(frame, EnvelopePush) else frame

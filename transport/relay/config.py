@@ -65,7 +65,9 @@ class RelayLimits:
     frame_timeout: float = L.FRAME_TIMEOUT
     send_timeout: float = L.SEND_TIMEOUT
     close_timeout: float = L.CLOSE_TIMEOUT
-    sweep_interval: float = L.SWEEP_INTERVAL_SECONDS
+    # Seconds between retention sweeps; None: at every epoch boundary, when
+    # an epoch leaves the retention window (EPOCHS_PER_RETENTION).
+    sweep_interval: float | None = None
 
     def __post_init__(self) -> None:
         if not 1 <= self.max_in_flight <= L.MAX_IN_FLIGHT:
@@ -73,6 +75,8 @@ class RelayLimits:
             raise InvalidArgument(f"max_in_flight must be 1 to {L.MAX_IN_FLIGHT}")
         if self.max_payload_size > self.max_frame_size:
             raise InvalidArgument("max_payload_size cannot exceed max_frame_size")
+        if self.sweep_interval is not None and not self.sweep_interval > 0:
+            raise InvalidArgument("sweep_interval must be positive")
 
     @property
     def request_limits(self) -> RequestLimits:
@@ -89,14 +93,20 @@ class RelayConfig:
     """How to run a relay.
 
     ``db_path`` is the SQLite file (``":memory:"`` for a throwaway relay).
-    ``name`` is announced in WELCOME and signed by authenticating devices:
-    set it to the public host name clients dial. ``clock`` returns
-    milliseconds since the epoch (injectable for retention tests).
+    ``key_file`` holds the keys of the queued mail (spec 07 section 7.13):
+    None is ``db_path`` + ``".keys"`` (an in-memory relay keeps them in
+    memory); ``reset_keys`` starts a relay whose key file is lost, discarding
+    the mail sealed under it (its recipients are told). ``name`` is announced
+    in WELCOME and signed by authenticating devices: set it to the public
+    host name clients dial. ``clock`` returns milliseconds since the epoch
+    (injectable for retention tests).
     """
 
     host: str = "127.0.0.1"
     port: int = 0
     db_path: str = "hushchat-relay.db"
+    key_file: str | None = None
+    reset_keys: bool = False
     retention_seconds: int = L.DEFAULT_RETENTION_SECONDS
     name: str = "hushchat-relay"
     ssl_context: ssl.SSLContext | None = None

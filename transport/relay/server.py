@@ -25,6 +25,7 @@ from ..wire.records import PreKeyCounts
 from .config import RelayConfig
 from .ratelimit import KeyedRateLimiter
 from .session import RelaySession
+from .storage.atrest import RelayKeysMissing
 from .storage.interface import RelayStorage, StoredDeviceList
 from .storage.sqlite import SqliteStorage
 
@@ -67,6 +68,8 @@ def _listen_error(config: RelayConfig, exc: OSError) -> str:
 
 def _database_error(config: RelayConfig, exc: Exception) -> str:
     path = config.db_path
+    if isinstance(exc, RelayKeysMissing):
+        return exc.message
     if isinstance(exc, sqlite3.DatabaseError) and not isinstance(exc, sqlite3.OperationalError):
         return f"{path} is not a hushchat relay database ({exc}); give another --db"
     return f"cannot open the relay database {path}: {exc}"
@@ -116,9 +119,13 @@ class Relay:
                 last = now
 
     async def run_sweeper(self) -> None:
-        """Purge expired envelopes every sweep interval, forever."""
+        """Purge the epochs that leave the retention window, as each one does, forever.
+
+        The first sweep runs at once: a relay that was stopped for a while
+        lets the keys of the epochs that left the window meanwhile cease to
+        exist before it serves anything old.
+        """
         while True:
-            await trio.sleep(self.config.limits.sweep_interval)
             try:
                 purged = await self.storage.purge_expired(self.config.clock())
             except Exception:
@@ -127,6 +134,15 @@ class Relay:
                 if purged:
                     logger.info("retention sweep deleted %d expired envelopes", purged)
             self.bundle_limiter.prune(trio.current_time())
+            await trio.sleep(self._sweep_delay())
+
+    def _sweep_delay(self) -> float:
+        """Seconds until the next sweep: the sweep interval, or the next epoch boundary."""
+        interval = self.config.limits.sweep_interval
+        if interval is not None:
+            return interval
+        now = self.config.clock()
+        return max(self.storage.next_purge(now) - now, 0) / 1000
 
     # ---------------------------------------------------------------- the directory
 
@@ -209,8 +225,8 @@ async def serve_relay(
     """Run a relay until cancelled; ``task_status.started`` reports the bound TCP port.
 
     Listens on ``config.host``/``config.port`` (TLS if ``config.ssl_context``),
-    then opens (or creates) the SQLite database ``config.db_path``, and runs
-    the retention sweeper. Listening comes first so that a relay that cannot
+    then opens (or creates) the SQLite database ``config.db_path`` with its
+    key file, and runs the retention sweeper. Listening comes first so that a relay that cannot
     listen creates no database. A failure to start raises
     :class:`RelayStartError`; the database is closed on the way out.
     """
@@ -219,8 +235,14 @@ async def serve_relay(
     except OSError as exc:  # socket.gaierror included
         raise RelayStartError(_listen_error(config, exc)) from exc
     try:
-        storage = await SqliteStorage.open(config.db_path)
-    except (sqlite3.Error, StateError, OSError) as exc:
+        storage = await SqliteStorage.open(
+            config.db_path,
+            key_file=config.key_file,
+            retention_seconds=config.retention_seconds,
+            clock=config.clock,
+            reset_keys=config.reset_keys,
+        )
+    except (sqlite3.Error, StateError, OSError, RelayKeysMissing) as exc:
         with trio.CancelScope(shield=True):
             for listener in listeners:
                 await listener.aclose()

@@ -67,6 +67,7 @@ from ..wire.frames import (
     FetchBundle,
     FetchDeviceList,
     Hello,
+    MailExpired,
     Ok,
     Ping,
     PreKeyCountsFrame,
@@ -138,7 +139,7 @@ class RelaySession:
         # they never exceed the window, so a reader that stalls holds no more
         # of the relay's memory than the window did before.
         self._handed: deque[QueuedEnvelope] = deque()
-        self._in_flight: set[bytes] = set()
+        self._in_flight: dict[bytes, int] = {}  # guid -> seq, pushed and not acknowledged
         self._deletions = trio.Semaphore(self._limits.max_in_flight)  # acknowledged, not deleted
         self._window = self._limits.max_in_flight
         self._low_counts: PreKeyCounts | None = None
@@ -590,9 +591,9 @@ class RelaySession:
             return server_ts
         raise InternalError("recipient device lists keep changing; retry")
 
-    def _hand_over(self, batch: EnvelopeBatch, seqs: Sequence[int]) -> None:
+    def _hand_over(self, batch: EnvelopeBatch, positions: Sequence[tuple[int, int]]) -> None:
         """Give a committed send's envelopes to their devices' connections."""
-        for delivery, seq in zip(batch.deliveries, seqs, strict=True):
+        for delivery, (epoch, seq) in zip(batch.deliveries, positions, strict=True):
             session = self._relay.session_of(delivery.user_id, delivery.device_id)
             if session is not None:
                 envelope = Envelope(
@@ -603,7 +604,7 @@ class RelaySession:
                     batch.kind,
                     batch.payloads[delivery.payload_index],
                 )
-                session.hand_over(QueuedEnvelope(seq, envelope))
+                session.hand_over(QueuedEnvelope(seq, envelope, epoch))
 
     # ---------------------------------------------------------------- delivery
 
@@ -614,44 +615,53 @@ class RelaySession:
         acknowledgements that arrive meanwhile; the next request is read at
         once. If the relay stops before that commit, the envelope is pushed
         again, as any unacknowledged one, and the client recognises it by its
-        guid. At most a window of ACKs is being deleted per connection.
+        guid. At most a window of ACKs is being deleted per connection. Only
+        envelopes pushed on this connection are found by their guid (a row
+        keeps its guid sealed); any other guid changes nothing.
         """
+        seqs = tuple(self._in_flight[guid] for guid in guids if guid in self._in_flight)
+        if not seqs:
+            return
         try:
             self._deletions.acquire_nowait()
         except trio.WouldBlock:
             await self._deletions.acquire()
         assert self._nursery is not None
-        self._nursery.start_soon(self._delete, guids)
+        self._nursery.start_soon(self._delete, guids, seqs)
 
-    async def _delete(self, guids: tuple[bytes, ...]) -> None:
+    async def _delete(self, guids: tuple[bytes, ...], seqs: tuple[int, ...]) -> None:
         storage = self._relay.storage
         try:
             try:
-                await storage.acknowledge(self.user_id, self.device_id, guids)
+                await storage.acknowledge(self.user_id, self.device_id, seqs)
             except trio.Cancelled:
                 # The connection closed before the deletion was queued (storage
                 # busy): it was acknowledged, so it is deleted all the same.
                 with trio.CancelScope(shield=True):
-                    await storage.acknowledge(self.user_id, self.device_id, guids)
+                    await storage.acknowledge(self.user_id, self.device_id, seqs)
                 raise
         except Exception:
             logger.exception("acknowledgement not stored: the envelope will come again")
         finally:
             self._deletions.release()
-        self._in_flight.difference_update(guids)
+        for guid in guids:
+            self._in_flight.pop(guid, None)
         if self._unread or self._handed:  # mail held back by the window: there is room now
             self._wake.set()
 
     async def _deliver(self) -> None:
         storage = self._relay.storage
-        after_seq = 0
+        after_epoch = after_seq = 0
         backlog_pushed = False
+        notice = await storage.expiry_notice(self.user_id, self.device_id)
         while True:
             self._wake = trio.Event()
             frames: list[RelayFrame] = []
             if self._low_counts is not None and not self._low_notified:
                 counts, self._low_counts, self._low_notified = self._low_counts, None, True
                 frames.append(PreKeysLow(counts.one_time, counts.one_time_kem))
+            if notice is not None:
+                frames.append(MailExpired(notice.count, notice.first_ts, notice.last_ts))
             room = self._window - len(self._in_flight)
             if room > 0 and self._unread:
                 # Cleared before the read: mail committed after it is read is handed over.
@@ -661,6 +671,7 @@ class RelaySession:
                 batch = await storage.pending(
                     self.user_id,
                     self.device_id,
+                    after_epoch=after_epoch,
                     after_seq=after_seq,
                     limit=limit,
                     now=self._relay.config.clock(),
@@ -669,8 +680,8 @@ class RelaySession:
                     self._unread = True  # perhaps more than fitted
                     self._handed.clear()
                 for queued in batch:
-                    self._in_flight.add(queued.envelope.guid)
-                    after_seq = queued.seq
+                    self._in_flight[queued.envelope.guid] = queued.seq
+                    after_epoch, after_seq = queued.epoch, queued.seq
                     frames.append(EnvelopePush(queued.envelope))
                 room -= len(batch)
                 if not self._unread and not backlog_pushed:
@@ -679,12 +690,15 @@ class RelaySession:
             while room > 0 and self._handed:
                 queued = self._handed.popleft()
                 if queued.seq > after_seq:  # else the read above had it
-                    self._in_flight.add(queued.envelope.guid)
-                    after_seq = queued.seq
+                    self._in_flight[queued.envelope.guid] = queued.seq
+                    after_epoch, after_seq = queued.epoch, queued.seq
                     frames.append(EnvelopePush(queued.envelope))
                     room -= 1
             if frames:
                 await self._send(*frames)
+            if notice is not None:  # pushed: the device knows
+                await storage.clear_expiry_notice(self.user_id, self.device_id, notice)
+                notice = None
             if not ((self._unread or self._handed) and self._window > len(self._in_flight)):
                 await self._wake.wait()
 

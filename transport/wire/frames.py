@@ -79,6 +79,7 @@ class FrameType(IntEnum):
     ENVELOPE = 30
     QUEUE_EMPTY = 31
     PREKEYS_LOW = 32
+    MAIL_EXPIRED = 33
 
 
 @dataclass(frozen=True, slots=True)
@@ -656,8 +657,31 @@ class PreKeysLow:
         return cls(fields.uint(), fields.uint())
 
 
+@dataclass(frozen=True, slots=True)
+class MailExpired:
+    """``[33, count u32 | nil, first_ts u64, last_ts u64]``: this device's mail expired unread.
+
+    ``count`` envelopes accepted from ``first_ts`` to ``last_ts`` (ms since
+    the Unix epoch) expired before this device took them. ``count`` nil: the
+    relay lost the keys of its queue at ``last_ts``; whatever was queued for
+    this device since ``first_ts`` is gone, how much is unknown.
+    """
+
+    TYPE: ClassVar[FrameType] = FrameType.MAIL_EXPIRED
+    count: int | None
+    first_ts: int
+    last_ts: int
+
+    def to_wire(self) -> list[Any]:
+        return [self.count, self.first_ts, self.last_ts]
+
+    @classmethod
+    def read(cls, fields: Fields) -> MailExpired:
+        return cls(fields.optional_uint(), fields.uint(UINT64_MAX), fields.uint(UINT64_MAX))
+
+
 Reply = ErrorFrame | Welcome | Ok | DeviceListFrame | PreKeyCountsFrame | BundleFrame | Accepted
-Push = EnvelopePush | QueueEmpty | PreKeysLow
+Push = EnvelopePush | QueueEmpty | PreKeysLow | MailExpired
 RelayFrame = Reply | Push
 Frame = Request | RelayFrame
 
@@ -674,6 +698,7 @@ _RELAY_FRAME_TYPES: dict[int, type[RelayFrame]] = {
         EnvelopePush,
         QueueEmpty,
         PreKeysLow,
+        MailExpired,
     )
 }
 

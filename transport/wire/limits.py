@@ -23,7 +23,7 @@ from hushchat.protocol.consts import (
 # Version of the relay protocol (frames, handshake, error codes), negotiated
 # by HELLO. Separate from hushchat.protocol.consts.PROTOCOL_VERSION: the relay carries
 # protocol messages as opaque bytes, so either can change without the other.
-RELAY_PROTOCOL_VERSION: Final = 2
+RELAY_PROTOCOL_VERSION: Final = 3
 
 # ------------------------------------------------------------------ sizes
 
@@ -85,9 +85,15 @@ DELIVERY_BATCH_SIZE: Final = 50
 # Signal-Server keeps 30 days). Clients cover the loss with retries.
 DEFAULT_RETENTION_SECONDS: Final = 72 * 3600
 
-# How often the sweeper purges expired envelopes. Expired envelopes are never
-# delivered (delivery checks the expiry too); the sweep frees their storage.
-SWEEP_INTERVAL_SECONDS: Final = 60.0
+# Epochs the retention window is cut into. Queued mail is sealed at rest under
+# keys that change every epoch and cease to exist once the epoch has left the
+# window (spec 7.13), so an envelope's ciphertext outlives its expiry by at
+# most one epoch (1/72 of the retention: one hour at the default 72 h), a
+# leftover row's time is known to within an epoch, and finding a device's
+# mail costs one mailbox index per epoch in the window (73: computed once per
+# connection, a few tens of microseconds). The relay purges at every epoch
+# boundary: that is when keys cease to exist.
+EPOCHS_PER_RETENTION: Final = 72
 
 # ------------------------------------------------------------------ prekeys
 

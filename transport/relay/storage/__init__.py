@@ -1,6 +1,8 @@
 """What the relay stores and how: the storage interface (``interface``) and its
-SQLite implementation: the SQL schema (``schema``), the group-commit writer
-thread (``writer``) and the adapter (``sqlite``)."""
+SQLite implementation: the SQL schema (``schema``) and its migration
+(``migration``), the forward-secure keys that seal queued mail at rest and
+their key file (``atrest``), the sealed rows (``rows``), the group-commit
+writer thread (``writer``) and the adapter (``sqlite``)."""
 
 from .interface import RelayStorage as RelayStorage
 from .sqlite import SqliteStorage as SqliteStorage

@@ -3,11 +3,17 @@
 The relay keeps only what delivery needs: each user's signed device list
 (and its devices' identity keys, for authentication), each device's public
 prekeys, and queued envelopes (opaque ciphertext with the sender the relay
-stamped, a timestamp and an expiry). :class:`hushchat.transport.relay.storage.sqlite.SqliteStorage`
-implements it on one SQLite file; another database can implement it for a
-relay cluster. Every method is one atomic transaction; an implementation
-may commit the transactions of concurrent calls together (group commit), as
-long as each call returns only after its own transaction committed.
+stamped, a timestamp and an expiry), the latter sealed at rest under keys
+that cease to exist after the retention window (spec 07 section 7.13).
+:class:`hushchat.transport.relay.storage.sqlite.SqliteStorage` implements it
+on one SQLite file; another database can implement it for a relay cluster.
+Every method is one atomic transaction; an implementation may commit the
+transactions of concurrent calls together (group commit), as long as each
+call returns only after its own transaction committed.
+
+A device's mailbox is ordered by ``seq``, which only grows; each envelope
+also belongs to an ``epoch`` (the period whose keys sealed it), which never
+decreases as ``seq`` grows, so a reader resumes from (epoch, seq).
 """
 
 from __future__ import annotations
@@ -81,10 +87,29 @@ class EnvelopeBatch:
 
 @dataclass(frozen=True, slots=True)
 class QueuedEnvelope:
-    """An envelope in a mailbox, with its position (``seq``) for in-order delivery."""
+    """An envelope in a mailbox, with its position (``epoch``, ``seq``) for in-order delivery."""
 
     seq: int
     envelope: Envelope
+    epoch: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class ExpiryNotice:
+    """Mail for a device that was deleted unread: ``count`` envelopes accepted from
+    ``first_ts`` to ``last_ts`` (ms). ``count`` None: the relay lost the keys to its
+    queue at ``last_ts``, and how many of them were this device's is unknown."""
+
+    count: int | None
+    first_ts: int
+    last_ts: int
+
+    def merged(self, other: ExpiryNotice) -> ExpiryNotice:
+        """One notice telling both."""
+        count = None if self.count is None or other.count is None else self.count + other.count
+        return ExpiryNotice(
+            count, min(self.first_ts, other.first_ts), max(self.last_ts, other.last_ts)
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -153,29 +178,58 @@ class RelayStorage(Protocol):
         batch: EnvelopeBatch,
         *,
         max_mailbox_size: int,
-        committed: Callable[[Sequence[int]], None] | None = None,
+        committed: Callable[[Sequence[tuple[int, int]]], None] | None = None,
     ) -> None:
         """Store a send. MailboxFull (naming the full devices), StorageConflict, or committed.
 
-        ``committed``, if given, gets the deliveries' mailbox positions (their
-        ``seq``, in ``batch.deliveries`` order) once the send committed, before
-        this returns, and in commit order across all sends, so the relay can
-        hand new envelopes to connected devices in the order it accepted them.
+        ``committed``, if given, gets the deliveries' mailbox positions
+        (``(epoch, seq)``, in ``batch.deliveries`` order) once the send
+        committed, before this returns, and in commit order across all sends,
+        so the relay can hand new envelopes to connected devices in the order
+        it accepted them.
         """
         ...
 
     async def pending(
-        self, user_id: str, device_id: int, *, after_seq: int, limit: int, now: int
+        self,
+        user_id: str,
+        device_id: int,
+        *,
+        after_seq: int,
+        limit: int,
+        now: int,
+        after_epoch: int = 0,
     ) -> list[QueuedEnvelope]:
-        """Unexpired envelopes for a device with ``seq > after_seq``, oldest first."""
+        """Unexpired envelopes for a device after position (``after_epoch``, ``after_seq``).
+
+        Oldest first. An envelope whose row no longer opens (its keys are
+        gone, or it was altered) is deleted instead, and told in the device's
+        expiry notice.
+        """
         ...
 
-    async def acknowledge(self, user_id: str, device_id: int, guids: Sequence[bytes]) -> int:
-        """Delete the device's envelopes ``guids``; how many were there."""
+    async def acknowledge(self, user_id: str, device_id: int, seqs: Sequence[int]) -> int:
+        """Delete the device's envelopes at ``seqs``; how many were there."""
         ...
 
     async def purge_expired(self, now: int) -> int:
-        """Delete every envelope whose expiry is at or before ``now``; how many."""
+        """Delete the envelopes of every epoch that left the retention window; how many.
+
+        Each recipient with mail among them gets an expiry notice, and the
+        keys of those epochs cease to exist (also when the deletion fails).
+        """
+        ...
+
+    def next_purge(self, now: int) -> int:
+        """When (ms) the next epoch leaves the retention window."""
+        ...
+
+    async def expiry_notice(self, user_id: str, device_id: int) -> ExpiryNotice | None:
+        """What expired unread for the device and was not told yet."""
+        ...
+
+    async def clear_expiry_notice(self, user_id: str, device_id: int, notice: ExpiryNotice) -> None:
+        """The device was told ``notice``: forget it, unless it grew meanwhile."""
         ...
 
     async def aclose(self) -> None: ...

@@ -1,14 +1,21 @@
-"""The relay database's SQL schema and its version.
+"""The relay database's SQL schema, its version, and the schema it migrates from.
 
 The version is SQLite's ``user_version``: 0 is a new file, which gets the
-schema; any other version than :data:`SCHEMA_VERSION` is refused (a newer
-relay's file, or one that needs a migration this version does not have).
+schema; 1 is the schema before queued mail was sealed at rest, which
+:mod:`.migration` converts in place; any other version than
+:data:`SCHEMA_VERSION` is refused (a newer relay's file).
 
 Device-list counters are u64 and SQLite integers are i64, so counters are
 stored as 8-byte big-endian blobs (compared only for equality).
 
-A device's ``queued`` count is kept by triggers on ``deliveries``, which
-also delete a payload with its last delivery.
+The directory (users, devices, prekeys) is public and stored as it is. The
+queue (payloads, deliveries, mailboxes) keeps in clear only an epoch, an
+opaque mailbox index and row ids; the rest is sealed (:mod:`.rows`). A
+trigger on ``deliveries`` deletes a payload with its last delivery; a
+payload's id is the ``seq`` of its first delivery, so neither is ever
+reused. ``meta``
+holds the key chain's id, its epoch length, and the newest epoch mail was
+filed under (``epoch``), which only grows.
 """
 
 from __future__ import annotations
@@ -17,9 +24,11 @@ import sqlite3
 
 from hushchat.protocol.errors import UnknownStateVersion
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+# The schema of relays before queued mail was sealed at rest (see migration.py).
+UNSEALED_SCHEMA_VERSION = 1
 
-SCHEMA = """
+DIRECTORY_SCHEMA = """
 CREATE TABLE IF NOT EXISTS users (
     user_id TEXT PRIMARY KEY,
     user_identity BLOB NOT NULL,
@@ -30,7 +39,6 @@ CREATE TABLE IF NOT EXISTS devices (
     user_id TEXT NOT NULL,
     device_id INTEGER NOT NULL,
     identity BLOB NOT NULL,
-    queued INTEGER NOT NULL DEFAULT 0,
     PRIMARY KEY (user_id, device_id)
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS signed_prekeys (
@@ -64,36 +72,42 @@ CREATE TABLE IF NOT EXISTS one_time_kem_prekeys (
     signature BLOB NOT NULL,
     PRIMARY KEY (user_id, device_id, key_id)
 ) WITHOUT ROWID;
+"""
+
+QUEUE_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (
+    name TEXT PRIMARY KEY,
+    value BLOB NOT NULL
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS payloads (
     id INTEGER PRIMARY KEY,
-    sender_user TEXT NOT NULL,
-    sender_device INTEGER NOT NULL,
-    kind INTEGER NOT NULL,
-    server_ts INTEGER NOT NULL,
-    data BLOB NOT NULL
+    epoch INTEGER NOT NULL,
+    sealed BLOB NOT NULL
 );
 CREATE TABLE IF NOT EXISTS deliveries (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
-    user_id TEXT NOT NULL,
-    device_id INTEGER NOT NULL,
-    guid BLOB NOT NULL UNIQUE,
+    epoch INTEGER NOT NULL,
+    mailbox BLOB NOT NULL,
     payload_id INTEGER NOT NULL,
-    expires_at INTEGER NOT NULL
+    sealed BLOB NOT NULL
 );
-CREATE INDEX IF NOT EXISTS deliveries_mailbox ON deliveries (user_id, device_id, seq);
-CREATE INDEX IF NOT EXISTS deliveries_expiry ON deliveries (expires_at);
+CREATE INDEX IF NOT EXISTS deliveries_mailbox ON deliveries (mailbox, seq);
+CREATE INDEX IF NOT EXISTS deliveries_epoch ON deliveries (epoch);
 CREATE INDEX IF NOT EXISTS deliveries_payload ON deliveries (payload_id);
-CREATE TRIGGER IF NOT EXISTS deliveries_counted AFTER INSERT ON deliveries BEGIN
-    UPDATE devices SET queued = queued + 1
-        WHERE user_id = NEW.user_id AND device_id = NEW.device_id;
-END;
+CREATE TABLE IF NOT EXISTS mailboxes (
+    mailbox BLOB PRIMARY KEY,
+    epoch INTEGER NOT NULL,
+    queued INTEGER NOT NULL,
+    noticed INTEGER NOT NULL,
+    sealed BLOB NOT NULL
+) WITHOUT ROWID;
 CREATE TRIGGER IF NOT EXISTS deliveries_removed AFTER DELETE ON deliveries BEGIN
-    UPDATE devices SET queued = queued - 1
-        WHERE user_id = OLD.user_id AND device_id = OLD.device_id;
     DELETE FROM payloads WHERE id = OLD.payload_id
         AND NOT EXISTS (SELECT 1 FROM deliveries WHERE payload_id = OLD.payload_id);
 END;
 """
+
+SCHEMA = DIRECTORY_SCHEMA + QUEUE_SCHEMA
 
 # The tables holding a device's prekeys (all wiped when the device is removed).
 PREKEY_TABLES = (
@@ -109,13 +123,34 @@ def counter_blob(counter: int) -> bytes:
     return counter.to_bytes(8, "big")
 
 
-def create_or_check_schema(conn: sqlite3.Connection) -> None:
-    """Give a new database the schema; UnknownStateVersion for another version than ours."""
-    version = conn.execute("PRAGMA user_version").fetchone()[0]
+def create_or_check_schema(conn: sqlite3.Connection) -> int:
+    """Give a new database the schema; the version found (0: new); UnknownStateVersion if newer.
+
+    A version of :data:`UNSEALED_SCHEMA_VERSION` is returned as it is: the
+    caller migrates it, with the relay's keys.
+    """
+    version: int = conn.execute("PRAGMA user_version").fetchone()[0]
     if version == 0:
         # IF NOT EXISTS throughout: two relays creating one file at once both succeed.
         conn.executescript(
             f"BEGIN IMMEDIATE; {SCHEMA} PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;"
         )
-    elif version != SCHEMA_VERSION:
+    elif version not in (SCHEMA_VERSION, UNSEALED_SCHEMA_VERSION):
         raise UnknownStateVersion(f"relay database schema version {version}")
+    return version
+
+
+def meta_value(conn: sqlite3.Connection, name: str) -> bytes | None:
+    row = conn.execute("SELECT value FROM meta WHERE name = ?", (name,)).fetchone()
+    return None if row is None else bytes(row[0])
+
+
+def meta_int(conn: sqlite3.Connection, name: str) -> int | None:
+    value = meta_value(conn, name)
+    return None if value is None else int.from_bytes(value, "big")
+
+
+def set_meta(conn: sqlite3.Connection, name: str, value: bytes | int) -> None:
+    if isinstance(value, int):
+        value = value.to_bytes(8, "big")
+    conn.execute("INSERT OR REPLACE INTO meta (name, value) VALUES (?, ?)", (name, value))

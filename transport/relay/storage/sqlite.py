@@ -4,24 +4,37 @@
   fsynced) when COMMIT returns, so "accepted" survives a crash or power
   loss, not only a process exit (NORMAL would lose the last commits on
   power loss).
+* Queued mail is sealed at rest (:mod:`.atrest`, :mod:`.rows`): every row
+  of the queue keeps in clear only its epoch, an opaque mailbox index and
+  row ids. A device's mail of epoch ``e`` is filed under its index of
+  epoch ``e``; the count of its queued envelopes (for the mailbox bound)
+  and an expiry notice not yet told are in one ``mailboxes`` row, under
+  its index of the newest epoch (``meta`` ``epoch``), moved to the next
+  epoch's index when that one starts. When an epoch leaves the retention
+  window, its rows are deleted, their recipients get expiry notices, and
+  its keys cease to exist (key file included).
 * ``secure_delete=ON`` and a WAL truncation on every purge and on close:
   acknowledged or expired ciphertext is overwritten, not left in free pages
   (a reader of another process can put a truncation off to the next one).
+  Copies made meanwhile (backups, snapshots) are what the sealing is for.
 * Group commit (:mod:`.writer`): every call runs in one writer thread, the
   calls queued together as one transaction with a savepoint each, so a
   batch shares one fsync and a returned value means "committed".
 * Take-once of prekeys is a single ``DELETE ... RETURNING`` inside the
   transaction, so even several relay processes sharing the file (each
   batch holds the write lock from BEGIN IMMEDIATE to COMMIT) hand out a
-  key only once.
+  key only once. Several processes sharing the file share its key chain
+  (copies of the key file) and read the newest epoch inside each
+  transaction, so a mailbox's epochs grow with ``seq`` whoever wrote it.
 
 :class:`SqliteDatabase` holds the queries, synchronous; :class:`SqliteStorage`
 is the :class:`~.interface.RelayStorage` that runs them in the writer. The
-tables are in :mod:`.schema`.
+tables are in :mod:`.schema`, the migration from schema 1 in :mod:`.migration`.
 """
 
 from __future__ import annotations
 
+import os
 import sqlite3
 from collections.abc import Callable, Iterator, Sequence
 from functools import partial
@@ -32,15 +45,49 @@ import trio
 from hushchat.protocol.prekeys import KemPreKeyPublic, OneTimePreKeyPublic, SignedPreKeyPublic
 
 from ...wire.errors import MailboxFull, PreKeyIdInUse, PreKeyStockFull, UnknownDevice
+from ...wire.limits import DEFAULT_RETENTION_SECONDS
 from ...wire.records import Envelope, PreKeyCounts
+from ..config import wall_clock_ms
+from .atrest import (
+    NONCE_SIZE,
+    KeyChain,
+    KeyState,
+    RelayKeysMissing,
+    advance_key_file,
+    create_key_file,
+    default_key_file,
+    epoch_seconds_for,
+    read_key_file,
+)
 from .interface import (
     EnvelopeBatch,
+    ExpiryNotice,
     QueuedEnvelope,
     StorageConflict,
     StoredDeviceList,
     TakenBundle,
 )
-from .schema import PREKEY_TABLES, counter_blob, create_or_check_schema
+from .migration import migrate_unsealed
+from .rows import (
+    DeliveryContent,
+    MailboxContent,
+    PayloadContent,
+    open_delivery,
+    open_mailbox,
+    open_payload,
+    seal_delivery,
+    seal_mailbox,
+    seal_payload,
+)
+from .schema import (
+    PREKEY_TABLES,
+    UNSEALED_SCHEMA_VERSION,
+    counter_blob,
+    create_or_check_schema,
+    meta_int,
+    meta_value,
+    set_meta,
+)
 from .writer import (
     DEFAULT_MAX_BATCH,
     DEFAULT_MAX_QUEUED,
@@ -75,21 +122,175 @@ class SqliteDatabase:
     many in one.
     """
 
-    def __init__(self, path: str) -> None:
+    def __init__(
+        self,
+        path: str,
+        *,
+        key_file: str | None = None,
+        retention_seconds: int = DEFAULT_RETENTION_SECONDS,
+        clock: Callable[[], int] = wall_clock_ms,
+        reset_keys: bool = False,
+    ) -> None:
         self._conn = sqlite3.connect(
             path,
             isolation_level=None,
             check_same_thread=False,
             timeout=BUSY_TIMEOUT_MS / 1000,
         )
+        self._retention_ms = retention_seconds * 1000
+        # An in-memory database keeps its keys in memory only, like its mail.
+        self._key_file = key_file or (None if path == ":memory:" else default_key_file(path))
         try:
             self._conn.execute("PRAGMA journal_mode=WAL")
             self._conn.execute("PRAGMA synchronous=FULL")
             self._conn.execute("PRAGMA secure_delete=ON")
-            create_or_check_schema(self._conn)
+            version = create_or_check_schema(self._conn)
+            self._chain = self._open_keys(path, version, clock(), reset_keys)
         except BaseException:
             self._conn.close()
             raise
+
+    @property
+    def key_chain(self) -> KeyChain:
+        """The relay's key state in memory."""
+        return self._chain
+
+    @property
+    def key_file(self) -> str | None:
+        return self._key_file
+
+    def _open_keys(self, path: str, version: int, now: int, reset: bool) -> KeyChain:
+        """Load or create the key file, check it against the database, migrate schema 1.
+
+        RelayKeysMissing if the database holds mail sealed under another key
+        chain than the key file's (or there is no key file), unless ``reset``:
+        then that mail is discarded and every device is told.
+        """
+        db = self._conn
+        stored = None if version == UNSEALED_SCHEMA_VERSION else meta_value(db, "chain_id")
+        has_mail = stored is not None and self._queue_is_empty() is False
+        state = None if self._key_file is None else read_key_file(self._key_file)
+        if state is not None and stored not in (None, state.chain_id) and has_mail and not reset:
+            raise RelayKeysMissing(
+                f"the key file {self._key_file} holds another key chain than the queued mail "
+                f"of {path}: give this database's key file (--key-file), or start with "
+                "--reset-keys to discard its queued mail"
+            )
+        if state is None:
+            if has_mail and not reset:
+                raise RelayKeysMissing(
+                    f"the key file {self._key_file} is missing, and {path} holds queued mail "
+                    "sealed under it: restore it, or start with --reset-keys to discard that "
+                    "mail (its recipients are told)"
+                )
+            epoch_seconds = epoch_seconds_for(self._retention_ms // 1000)
+            state = KeyState.new(
+                epoch_seconds, (now - self._retention_ms) // (epoch_seconds * 1000)
+            )
+            if self._key_file is not None:
+                state = create_key_file(self._key_file, state)
+        chain = KeyChain(state)
+        self._chain = chain
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            # Read again under the write lock: another relay may have got here first.
+            if db.execute("PRAGMA user_version").fetchone()[0] == UNSEALED_SCHEMA_VERSION:
+                migrate_unsealed(db, chain, now)
+            stored = meta_value(db, "chain_id")
+            if stored is None:  # a new or just migrated database: its first key chain
+                set_meta(db, "chain_id", chain.chain_id)
+                set_meta(db, "epoch_seconds", chain.state.epoch_seconds)
+                set_meta(db, "epoch", max(meta_int(db, "epoch") or 0, chain.epoch_of(now)))
+            elif stored != chain.chain_id:
+                self._discard_queue(now)
+            # What expired while the relay was stopped: its recipients are told, and
+            # then, before anything is served, its keys cease to exist.
+            self._purge_expired(now)
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        self._forget_keys(now)
+        self._truncate_wal()  # deleted rows, and a migration's old tables (secure_delete)
+        return chain
+
+    def _queue_is_empty(self) -> bool:
+        db = self._conn
+        return (
+            db.execute("SELECT 1 FROM deliveries LIMIT 1").fetchone() is None
+            and db.execute("SELECT 1 FROM mailboxes LIMIT 1").fetchone() is None
+        )
+
+    def _discard_queue(self, now: int) -> None:
+        """Adopt the key chain: mail sealed under another one can never be opened, so it goes.
+
+        If there was any, every device gets an expiry notice without a
+        count: mail for it from the last retention window is lost.
+        """
+        db, chain = self._conn, self._chain
+        lost = not self._queue_is_empty()
+        for table in ("deliveries", "payloads", "mailboxes"):
+            db.execute(f"DELETE FROM {table}")
+        set_meta(db, "chain_id", chain.chain_id)
+        set_meta(db, "epoch_seconds", chain.state.epoch_seconds)
+        set_meta(db, "epoch", max(meta_int(db, "epoch") or 0, chain.epoch_of(now)))
+        if lost:
+            notice = ExpiryNotice(None, now - self._retention_ms, now)
+            devices = db.execute("SELECT user_id, device_id FROM devices").fetchall()
+            for user_id, device_id in devices:
+                self._note(user_id, device_id, 0, notice, now)
+
+    # ---------------------------------------------------------------- keys
+
+    def _forget_keys(self, now: int) -> None:
+        """Let the keys of every epoch that left the retention window cease to exist."""
+        chain = self._chain
+        if chain.advance(chain.epoch_of(now - self._retention_ms)) and self._key_file:
+            advance_key_file(self._key_file, chain.state)
+
+    def next_purge(self, now: int) -> int:
+        """When (ms) the oldest epoch inside the retention window leaves it."""
+        chain = self._chain
+        return chain.start_of(chain.epoch_of(now - self._retention_ms) + 1) + self._retention_ms
+
+    def _current_epoch(self, at_least: int) -> int:
+        """The newest epoch, moved on to ``at_least`` if it is later (moving the mailbox rows)."""
+        db, chain = self._conn, self._chain
+        epoch = meta_int(db, "epoch") or 0
+        if at_least <= epoch:
+            return epoch
+        keys = chain.keys(at_least)
+        assert keys is not None  # never before the held epoch: it is in the retention window
+        moved = []
+        for mailbox, row_epoch, queued, sealed in db.execute(
+            "SELECT mailbox, epoch, queued, sealed FROM mailboxes"
+        ).fetchall():
+            old = chain.keys(row_epoch)
+            content = None if old is None else open_mailbox(old, mailbox, sealed)
+            if content is None:
+                continue  # its keys are gone: whose it was is unknown, so it goes
+            if content.notice and content.noted_at + self._retention_ms <= chain.start_of(at_least):
+                content = MailboxContent(content.user_id, content.device_id)
+            if queued <= 0 and content.notice is None:
+                continue
+            index = keys.index(content.user_id, content.device_id)
+            moved.append(
+                (
+                    index,
+                    at_least,
+                    queued,
+                    int(content.notice is not None),
+                    seal_mailbox(keys, index, content),
+                )
+            )
+        db.execute("DELETE FROM mailboxes")
+        db.executemany(
+            "INSERT INTO mailboxes (mailbox, epoch, queued, noticed, sealed) "
+            "VALUES (?, ?, ?, ?, ?)",
+            moved,
+        )
+        set_meta(db, "epoch", at_least)
+        return at_least
 
     # ---------------------------------------------------------------- transactions
 
@@ -148,24 +349,39 @@ class SqliteDatabase:
     def take_bundle(self, user_id: str, device_id: int) -> TakenBundle | None:
         return self._single(partial(self._take_bundle, user_id, device_id))
 
-    def enqueue(self, batch: EnvelopeBatch, *, max_mailbox_size: int) -> list[int]:
-        """Store a send; the deliveries' mailbox positions (seq)."""
+    def enqueue(self, batch: EnvelopeBatch, *, max_mailbox_size: int) -> list[tuple[int, int]]:
+        """Store a send; the deliveries' mailbox positions (epoch, seq)."""
         return self._single(partial(self._enqueue, batch, max_mailbox_size))
 
     def pending(
-        self, user_id: str, device_id: int, *, after_seq: int, limit: int, now: int
+        self,
+        user_id: str,
+        device_id: int,
+        *,
+        after_seq: int,
+        limit: int,
+        now: int,
+        after_epoch: int = 0,
     ) -> list[QueuedEnvelope]:
         return self._single(
-            partial(self._pending, user_id, device_id, after_seq, limit, now), savepoint=False
+            partial(self._pending, user_id, device_id, after_seq, limit, now, after_epoch)
         )
 
-    def acknowledge(self, user_id: str, device_id: int, guids: Sequence[bytes]) -> int:
-        return self._single(partial(self._acknowledge, user_id, device_id, guids), savepoint=False)
+    def acknowledge(self, user_id: str, device_id: int, seqs: Sequence[int]) -> int:
+        return self._single(partial(self._acknowledge, user_id, device_id, seqs))
 
     def purge_expired(self, now: int) -> int:
-        return self._single(
-            partial(self._purge_expired, now), savepoint=False, after_commit=self._truncate_wal
-        )
+        """Delete the epochs that left the window (then truncate the WAL); forget their keys."""
+        try:
+            return self._single(partial(self._purge_expired, now), after_commit=self._truncate_wal)
+        finally:
+            self._single(partial(self._forget_keys, now), savepoint=False)
+
+    def expiry_notice(self, user_id: str, device_id: int) -> ExpiryNotice | None:
+        return self._single(partial(self._expiry_notice, user_id, device_id), savepoint=False)
+
+    def clear_expiry_notice(self, user_id: str, device_id: int, notice: ExpiryNotice) -> None:
+        self._single(partial(self._clear_expiry_notice, user_id, device_id, notice))
 
     def close(self) -> None:
         self._truncate_wal(wait_ms=CLOSE_CHECKPOINT_WAIT_MS)
@@ -227,7 +443,16 @@ class SqliteDatabase:
 
     def _wipe_device(self, user_id: str, device_id: int) -> None:
         db, key = self._conn, (user_id, device_id)
-        db.execute("DELETE FROM deliveries WHERE user_id = ? AND device_id = ?", key)
+        newest = self._current_epoch(0)
+        for epoch in range(self._chain.held_epoch, newest + 1):
+            keys = self._chain.keys(epoch)
+            assert keys is not None
+            db.execute(
+                "DELETE FROM deliveries WHERE mailbox = ? AND epoch = ?",
+                (keys.index(user_id, device_id), epoch),
+            )
+            if epoch == newest:
+                db.execute("DELETE FROM mailboxes WHERE mailbox = ?", (keys.index(*key),))
         for table in PREKEY_TABLES:
             db.execute(f"DELETE FROM {table} WHERE user_id = ? AND device_id = ?", key)
         db.execute("DELETE FROM devices WHERE user_id = ? AND device_id = ?", key)
@@ -321,10 +546,10 @@ class SqliteDatabase:
 
     # ---------------------------------------------------------------- mailboxes
 
-    def _enqueue(self, batch: EnvelopeBatch, max_mailbox_size: int) -> list[int]:
+    def _enqueue(self, batch: EnvelopeBatch, max_mailbox_size: int) -> list[tuple[int, int]]:
         # A few statements per send, each over all its rows: a group send's
         # cost in the writer thread barely grows with its recipients.
-        db = self._conn
+        db, chain = self._conn, self._chain
         users = list(batch.device_list_counters)
         counters: dict[str, bytes] = {}
         for names in _parts(users):
@@ -339,21 +564,34 @@ class SqliteDatabase:
             stored = counters.get(user_id)
             if stored is None or int.from_bytes(stored, "big") != counter:
                 raise StorageConflict("a recipient's device list changed meanwhile")
-        queued: dict[tuple[str, int], int] = {}
-        for part in _parts(batch.deliveries):
-            rows = db.execute(
-                "SELECT user_id, device_id, queued FROM devices "
-                f"WHERE (user_id, device_id) IN (VALUES {_marks(len(part), 2)})",
-                [value for d in part for value in (d.user_id, d.device_id)],
+        listed = 0
+        for named in _parts(batch.deliveries):
+            listed += db.execute(
+                "SELECT COUNT(*) FROM devices "
+                f"WHERE (user_id, device_id) IN (VALUES {_marks(len(named), 2)})",
+                [value for d in named for value in (d.user_id, d.device_id)],
+            ).fetchone()[0]
+        if listed != len(batch.deliveries):
+            raise StorageConflict("a recipient device is gone")
+        # Never before the newest epoch: a mailbox's epochs grow with seq.
+        epoch = self._current_epoch(chain.epoch_of(batch.server_ts))
+        keys = chain.keys(epoch)
+        assert keys is not None
+        boxes = [keys.index(d.user_id, d.device_id) for d in batch.deliveries]
+        queued: dict[bytes, int] = {}
+        for some in _parts(boxes):
+            queued.update(
+                db.execute(
+                    "SELECT mailbox, queued FROM mailboxes "
+                    f"WHERE mailbox IN ({_marks(len(some), 1)})",
+                    some,
+                )
             )
-            queued.update(((user_id, device_id), count) for user_id, device_id, count in rows)
-        full = []
-        for d in batch.deliveries:
-            count = queued.get((d.user_id, d.device_id))
-            if count is None:
-                raise StorageConflict("a recipient device is gone")
-            if count >= max_mailbox_size:
-                full.append((d.user_id, d.device_id))
+        full = [
+            (d.user_id, d.device_id)
+            for d, box in zip(batch.deliveries, boxes, strict=True)
+            if queued.get(box, 0) >= max_mailbox_size
+        ]
         if full:
             raise MailboxFull(f"{len(full)} recipient mailboxes are full", devices=full)
         if not batch.deliveries:
@@ -361,60 +599,264 @@ class SqliteDatabase:
             # accepted, and nothing stored. A payload no delivery refers to would never be
             # deleted, neither by an acknowledgement nor by the retention sweep.
             return []
-        payload_ids = [
-            db.execute(
-                "INSERT INTO payloads (sender_user, sender_device, kind, server_ts, data) "
-                "VALUES (?, ?, ?, ?, ?) RETURNING id",
-                (batch.sender_user, batch.sender_device, batch.kind, batch.server_ts, data),
-            ).fetchone()[0]
-            for data in batch.payloads
-        ]
-        seqs: dict[bytes, int] = {}
-        for part in _parts(batch.deliveries):
-            seqs.update(
-                db.execute(
-                    "INSERT INTO deliveries (user_id, device_id, guid, payload_id, expires_at) "
-                    f"VALUES {_marks(len(part), 5)} RETURNING guid, seq",
-                    [
-                        value
-                        for d in part
-                        for value in (
-                            d.user_id,
-                            d.device_id,
-                            d.guid,
-                            payload_ids[d.payload_index],
-                            batch.expires_at,
-                        )
-                    ],
+        first_seq = self._sequence("deliveries") + 1
+        # A payload's id is the seq of its first delivery: never reused either.
+        payload_ids: dict[int, int] = {}
+        for offset, d in enumerate(batch.deliveries):
+            payload_ids.setdefault(d.payload_index, first_seq + offset)
+        nonces = _nonces(len(payload_ids) + len(batch.deliveries))
+        db.executemany(
+            "INSERT INTO payloads (id, epoch, sealed) VALUES (?, ?, ?)",
+            [
+                (
+                    payload_id,
+                    epoch,
+                    seal_payload(
+                        keys,
+                        payload_id,
+                        PayloadContent(
+                            batch.sender_user,
+                            batch.sender_device,
+                            batch.kind,
+                            batch.server_ts,
+                            batch.payloads[index],
+                        ),
+                        next(nonces),
+                    ),
                 )
+                for index, payload_id in payload_ids.items()
+            ],
+        )
+        rows = []
+        for offset, (d, box) in enumerate(zip(batch.deliveries, boxes, strict=True)):
+            seq, payload_id = first_seq + offset, payload_ids[d.payload_index]
+            content = DeliveryContent(
+                d.user_id, d.device_id, d.guid, batch.server_ts, batch.expires_at
             )
-        return [seqs[d.guid] for d in batch.deliveries]  # RETURNING's row order is unspecified
+            sealed = seal_delivery(keys, seq, box, payload_id, content, next(nonces))
+            rows.append((seq, epoch, box, payload_id, sealed))
+        for part in _parts(rows):
+            db.execute(
+                "INSERT INTO deliveries (seq, epoch, mailbox, payload_id, sealed) "
+                f"VALUES {_marks(len(part), 5)}",
+                [value for row in part for value in row],
+            )
+        counted = [box for box in boxes if box in queued]  # each device once per send
+        for some in _parts(counted):
+            db.execute(
+                "UPDATE mailboxes SET queued = queued + 1 "
+                f"WHERE mailbox IN ({_marks(len(some), 1)})",
+                some,
+            )
+        db.executemany(
+            "INSERT INTO mailboxes (mailbox, epoch, queued, noticed, sealed) "
+            "VALUES (?, ?, 1, 0, ?)",
+            [
+                (box, epoch, seal_mailbox(keys, box, MailboxContent(d.user_id, d.device_id)))
+                for d, box in zip(batch.deliveries, boxes, strict=True)
+                if box not in queued
+            ],
+        )
+        return [(epoch, first_seq + offset) for offset in range(len(rows))]
+
+    def _sequence(self, table: str) -> int:
+        """The largest id ``table`` ever used (AUTOINCREMENT): ids are never reused."""
+        row = self._conn.execute(
+            "SELECT seq FROM sqlite_sequence WHERE name = ?", (table,)
+        ).fetchone()
+        return 0 if row is None else int(row[0])
 
     def _pending(
-        self, user_id: str, device_id: int, after_seq: int, limit: int, now: int
+        self,
+        user_id: str,
+        device_id: int,
+        after_seq: int,
+        limit: int,
+        now: int,
+        after_epoch: int = 0,
     ) -> list[QueuedEnvelope]:
-        rows = self._conn.execute(
-            "SELECT d.seq, d.guid, p.server_ts, p.sender_user, p.sender_device, p.kind, "
-            "p.data FROM deliveries AS d JOIN payloads AS p ON p.id = d.payload_id "
-            "WHERE d.user_id = ? AND d.device_id = ? AND d.seq > ? AND d.expires_at > ? "
-            "ORDER BY d.seq LIMIT ?",
-            (user_id, device_id, after_seq, now, limit),
-        ).fetchall()
-        return [QueuedEnvelope(row[0], Envelope(*row[1:])) for row in rows]
+        db, chain = self._conn, self._chain
+        found: list[QueuedEnvelope] = []
+        unreadable: list[tuple[int, int]] = []  # (seq, epoch)
+        payloads: dict[int, PayloadContent | None] = {}
+        newest = self._current_epoch(0)
+        (oldest,) = db.execute("SELECT MIN(epoch) FROM deliveries").fetchone()
+        if oldest is None:
+            return []
+        # A mailbox's epochs grow with seq: read them in order, from the cursor's
+        # (or the oldest that holds any mail).
+        for epoch in range(max(after_epoch, chain.held_epoch, oldest), newest + 1):
+            keys = chain.keys(epoch)
+            assert keys is not None
+            mailbox = keys.index(user_id, device_id)
+            cursor = after_seq
+            while len(found) < limit:
+                wanted = limit - len(found)
+                rows = db.execute(
+                    "SELECT d.seq, d.payload_id, d.sealed, p.epoch, p.sealed "
+                    "FROM deliveries AS d JOIN payloads AS p ON p.id = d.payload_id "
+                    "WHERE d.mailbox = ? AND d.epoch = ? AND d.seq > ? ORDER BY d.seq LIMIT ?",
+                    (mailbox, epoch, cursor, wanted),
+                ).fetchall()
+                for seq, payload_id, sealed, payload_epoch, payload_sealed in rows:
+                    cursor = seq
+                    content = open_delivery(keys, seq, mailbox, payload_id, sealed)
+                    if payload_id not in payloads:
+                        payload_keys = chain.keys(payload_epoch)
+                        payloads[payload_id] = (
+                            None
+                            if payload_keys is None
+                            else open_payload(payload_keys, payload_id, payload_sealed)
+                        )
+                    payload = payloads[payload_id]
+                    if content is None or payload is None:
+                        unreadable.append((seq, epoch))
+                    elif (content.user_id, content.device_id) != (user_id, device_id):
+                        continue  # another device's index collided with this one's
+                    elif content.expires_at > now:
+                        envelope = Envelope(
+                            content.guid,
+                            payload.server_ts,
+                            payload.sender_user,
+                            payload.sender_device,
+                            payload.kind,
+                            payload.data,
+                        )
+                        found.append(QueuedEnvelope(seq, envelope, epoch))
+                if len(rows) < wanted:
+                    break
+            if len(found) >= limit:
+                break
+        if unreadable:
+            self._drop_unreadable(user_id, device_id, unreadable, now)
+        return found
 
-    def _acknowledge(self, user_id: str, device_id: int, guids: Sequence[bytes]) -> int:
-        deleted = 0
-        for part in _parts(guids):
-            deleted += self._conn.execute(
-                "DELETE FROM deliveries WHERE user_id = ? AND device_id = ? "
-                f"AND guid IN ({_marks(len(part), 1)})",
-                [user_id, device_id, *part],
-            ).rowcount
-        return deleted
+    def _drop_unreadable(
+        self, user_id: str, device_id: int, rows: Sequence[tuple[int, int]], now: int
+    ) -> None:
+        """Envelopes of the device whose rows do not open (altered): gone, and told as lost."""
+        seqs = [seq for seq, _ in rows]
+        for part in _parts(seqs):
+            self._conn.execute(
+                f"DELETE FROM deliveries WHERE seq IN ({_marks(len(part), 1)})", part
+            )
+        chain = self._chain
+        first = chain.start_of(min(epoch for _, epoch in rows))
+        last = chain.start_of(max(epoch for _, epoch in rows) + 1) - 1
+        self._note(user_id, device_id, -len(rows), ExpiryNotice(len(rows), first, last), now)
+
+    def _acknowledge(self, user_id: str, device_id: int, seqs: Sequence[int]) -> int:
+        db, chain = self._conn, self._chain
+        mine: list[int] = []
+        indexes: dict[int, bytes | None] = {}
+        for part in _parts(seqs):
+            for seq, epoch, mailbox in db.execute(
+                f"SELECT seq, epoch, mailbox FROM deliveries WHERE seq IN ({_marks(len(part), 1)})",
+                part,
+            ):
+                if epoch not in indexes:
+                    keys = chain.keys(epoch)
+                    indexes[epoch] = None if keys is None else keys.index(user_id, device_id)
+                if indexes[epoch] == mailbox:
+                    mine.append(seq)
+        for part in _parts(mine):
+            db.execute(f"DELETE FROM deliveries WHERE seq IN ({_marks(len(part), 1)})", part)
+        if mine:
+            self._count_down(user_id, device_id, len(mine))
+        return len(mine)
+
+    def _count_down(self, user_id: str, device_id: int, count: int) -> None:
+        """``count`` fewer envelopes queued for the device (the common case of :meth:`_note`)."""
+        keys = self._chain.keys(self._current_epoch(0))
+        assert keys is not None
+        mailbox = keys.index(user_id, device_id)
+        self._conn.execute(
+            "UPDATE mailboxes SET queued = MAX(queued - ?, 0) WHERE mailbox = ?", (count, mailbox)
+        )
+        self._conn.execute(
+            "DELETE FROM mailboxes WHERE mailbox = ? AND queued = 0 AND noticed = 0", (mailbox,)
+        )
+
+    def _note(
+        self, user_id: str, device_id: int, change: int, notice: ExpiryNotice | None, now: int
+    ) -> None:
+        """Change the device's queued count by ``change`` and add ``notice`` to what it is told."""
+        db = self._conn
+        epoch = self._current_epoch(0)
+        keys = self._chain.keys(epoch)
+        assert keys is not None
+        mailbox = keys.index(user_id, device_id)
+        row = db.execute(
+            "SELECT queued, sealed FROM mailboxes WHERE mailbox = ?", (mailbox,)
+        ).fetchone()
+        queued, told = 0, None
+        if row is not None:
+            content = open_mailbox(keys, mailbox, row[1])
+            queued = row[0]
+            told = None if content is None else content.notice
+        queued = max(queued + change, 0)
+        if notice is not None:
+            told = notice if told is None else told.merged(notice)
+        if queued == 0 and told is None:
+            db.execute("DELETE FROM mailboxes WHERE mailbox = ?", (mailbox,))
+            return
+        content = MailboxContent(user_id, device_id, told, now)
+        db.execute(
+            "INSERT OR REPLACE INTO mailboxes (mailbox, epoch, queued, noticed, sealed) "
+            "VALUES (?, ?, ?, ?, ?)",
+            (mailbox, epoch, queued, int(told is not None), seal_mailbox(keys, mailbox, content)),
+        )
+
+    def _expiry_notice(self, user_id: str, device_id: int) -> ExpiryNotice | None:
+        epoch = self._current_epoch(0)
+        keys = self._chain.keys(epoch)
+        assert keys is not None
+        mailbox = keys.index(user_id, device_id)
+        row = self._conn.execute(
+            "SELECT sealed FROM mailboxes WHERE mailbox = ? AND noticed = 1", (mailbox,)
+        ).fetchone()
+        content = None if row is None else open_mailbox(keys, mailbox, row[0])
+        return None if content is None else content.notice
+
+    def _clear_expiry_notice(self, user_id: str, device_id: int, notice: ExpiryNotice) -> None:
+        if self._expiry_notice(user_id, device_id) != notice:
+            return  # it grew meanwhile (or moved to a new epoch): told again, whole, next time
+        epoch = self._current_epoch(0)
+        keys = self._chain.keys(epoch)
+        assert keys is not None
+        mailbox = keys.index(user_id, device_id)
+        self._conn.execute(
+            "UPDATE mailboxes SET noticed = 0, sealed = ? WHERE mailbox = ?",
+            (seal_mailbox(keys, mailbox, MailboxContent(user_id, device_id)), mailbox),
+        )
+        self._conn.execute(
+            "DELETE FROM mailboxes WHERE mailbox = ? AND queued = 0 AND noticed = 0", (mailbox,)
+        )
 
     def _purge_expired(self, now: int) -> int:
-        cursor = self._conn.execute("DELETE FROM deliveries WHERE expires_at <= ?", (now,))
-        return cursor.rowcount
+        """Delete every epoch that left the window; tell each recipient what expired unread."""
+        db, chain = self._conn, self._chain
+        cutoff = chain.epoch_of(now - self._retention_ms)
+        self._current_epoch(chain.epoch_of(now))  # mailbox rows under keys that stay
+        expired: dict[tuple[str, int], ExpiryNotice] = {}
+        for seq, epoch, mailbox, payload_id, sealed in db.execute(
+            "SELECT seq, epoch, mailbox, payload_id, sealed FROM deliveries WHERE epoch < ?",
+            (cutoff,),
+        ).fetchall():
+            keys = chain.keys(epoch)
+            content = (
+                None if keys is None else open_delivery(keys, seq, mailbox, payload_id, sealed)
+            )
+            if content is None:
+                continue  # its keys are gone already: whose it was is unknown
+            device = (content.user_id, content.device_id)
+            notice = ExpiryNotice(1, content.server_ts, content.server_ts)
+            expired[device] = notice if device not in expired else expired[device].merged(notice)
+        purged = db.execute("DELETE FROM deliveries WHERE epoch < ?", (cutoff,)).rowcount
+        for (user_id, device_id), notice in expired.items():
+            assert notice.count is not None
+            self._note(user_id, device_id, -notice.count, notice, now)
+        return purged
 
     def _truncate_wal(self, *, wait_ms: int = 0) -> None:
         """Reset the WAL: old page images (deleted ciphertext) live in it until then.
@@ -434,6 +876,12 @@ class SqliteDatabase:
 def _parts(rows: Sequence[S]) -> Iterator[Sequence[S]]:
     """``rows`` in slices of at most ROWS_PER_STATEMENT."""
     return (rows[i : i + ROWS_PER_STATEMENT] for i in range(0, len(rows), ROWS_PER_STATEMENT))
+
+
+def _nonces(count: int) -> Iterator[bytes]:
+    """``count`` AES-GCM nonces from one CSPRNG read (one system call, not one per row)."""
+    pool = os.urandom(NONCE_SIZE * count)
+    return (pool[i : i + NONCE_SIZE] for i in range(0, len(pool), NONCE_SIZE))
 
 
 def _marks(rows: int, columns: int) -> str:
@@ -465,16 +913,36 @@ class SqliteStorage:
         cls,
         path: str,
         *,
+        key_file: str | None = None,
+        retention_seconds: int = DEFAULT_RETENTION_SECONDS,
+        clock: Callable[[], int] = wall_clock_ms,
+        reset_keys: bool = False,
         max_batch: int = DEFAULT_MAX_BATCH,
         max_queued: int = DEFAULT_MAX_QUEUED,
     ) -> SqliteStorage:
         """Open (creating if needed) the database at ``path`` (``":memory:"``: a temporary one).
 
+        ``key_file`` holds the keys of its queued mail (default: ``path`` +
+        ``".keys"``; an in-memory database keeps them in memory); it is
+        created with the database, and RelayKeysMissing says it is missing
+        or another database's while this one holds mail sealed under its
+        own. ``reset_keys`` discards such mail instead and tells every
+        device. ``retention_seconds`` is how long mail is kept, ``clock``
+        the time in milliseconds since the Unix epoch.
         ``max_batch``: calls committed in one transaction at most;
         ``max_queued``: calls waiting for the writer at most (further callers
         wait to queue).
         """
-        database = await trio.to_thread.run_sync(SqliteDatabase, path)
+        database = await trio.to_thread.run_sync(
+            partial(
+                SqliteDatabase,
+                path,
+                key_file=key_file,
+                retention_seconds=retention_seconds,
+                clock=clock,
+                reset_keys=reset_keys,
+            )
+        )
         return cls(database, max_batch=max_batch, max_queued=max_queued)
 
     # ---------------------------------------------------------------- RelayStorage
@@ -524,30 +992,50 @@ class SqliteStorage:
         batch: EnvelopeBatch,
         *,
         max_mailbox_size: int,
-        committed: Callable[[Sequence[int]], None] | None = None,
+        committed: Callable[[Sequence[tuple[int, int]]], None] | None = None,
     ) -> None:
         await self._writer.call(
             partial(self._db._enqueue, batch, max_mailbox_size), reported=committed
         )
 
     async def pending(
-        self, user_id: str, device_id: int, *, after_seq: int, limit: int, now: int
+        self,
+        user_id: str,
+        device_id: int,
+        *,
+        after_seq: int,
+        limit: int,
+        now: int,
+        after_epoch: int = 0,
     ) -> list[QueuedEnvelope]:
         return await self._writer.call(
-            partial(self._db._pending, user_id, device_id, after_seq, limit, now), savepoint=False
+            partial(self._db._pending, user_id, device_id, after_seq, limit, now, after_epoch)
         )
 
-    async def acknowledge(self, user_id: str, device_id: int, guids: Sequence[bytes]) -> int:
-        return await self._writer.call(
-            partial(self._db._acknowledge, user_id, device_id, guids), savepoint=False
-        )
+    async def acknowledge(self, user_id: str, device_id: int, seqs: Sequence[int]) -> int:
+        return await self._writer.call(partial(self._db._acknowledge, user_id, device_id, seqs))
 
     async def purge_expired(self, now: int) -> int:
+        try:
+            return await self._writer.call(
+                partial(self._db._purge_expired, now), after_commit=self._db._truncate_wal
+            )
+        finally:
+            # Keys cease to exist on time even if the deletion failed (a full
+            # disk): the rows they sealed go at the next purge that succeeds.
+            with trio.CancelScope(shield=True):
+                await self._writer.call(partial(self._db._forget_keys, now), savepoint=False)
+
+    def next_purge(self, now: int) -> int:
+        return self._db.next_purge(now)
+
+    async def expiry_notice(self, user_id: str, device_id: int) -> ExpiryNotice | None:
         return await self._writer.call(
-            partial(self._db._purge_expired, now),
-            savepoint=False,
-            after_commit=self._db._truncate_wal,
+            partial(self._db._expiry_notice, user_id, device_id), savepoint=False
         )
+
+    async def clear_expiry_notice(self, user_id: str, device_id: int, notice: ExpiryNotice) -> None:
+        await self._writer.call(partial(self._db._clear_expiry_notice, user_id, device_id, notice))
 
     async def aclose(self) -> None:
         """Let every queued call commit, truncate the WAL, close the file. Idempotent."""

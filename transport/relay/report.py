@@ -1,0 +1,242 @@
+"""The relay's transparency report: what it holds, and what anyone who seizes it can read.
+
+:func:`relay_report` reads a relay database (read-only, while the relay runs
+or not) and its key file, and counts; it never opens a sealed row.
+:func:`format_report` writes it out for ``hushchat relay report``.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import sqlite3
+import textwrap
+from dataclasses import dataclass
+
+from .storage.atrest import KeyState, read_key_file
+from .storage.schema import SCHEMA_VERSION, UNSEALED_SCHEMA_VERSION
+
+# Columns the report's text is wrapped to.
+REPORT_WIDTH = 79
+HOUR_MS = 3600 * 1000
+DAY_MS = 24 * HOUR_MS
+
+
+@dataclass(frozen=True, slots=True)
+class QueueAge:
+    """Envelopes queued in one age band (by their epoch's start)."""
+
+    label: str
+    envelopes: int
+
+
+@dataclass(frozen=True, slots=True)
+class RelayReport:
+    """What a relay database and its key file hold, counted."""
+
+    db_path: str
+    key_file: str
+    now: int
+    schema_version: int
+    users: int
+    devices: int
+    signed_prekeys: int
+    last_resort_kem_prekeys: int
+    one_time_prekeys: int
+    one_time_kem_prekeys: int
+    envelopes: int
+    payloads: int
+    payload_bytes: int
+    ages: tuple[QueueAge, ...]
+    notices: int
+    epoch_seconds: int | None
+    # The key file: None if absent; its held epoch if it belongs to this database.
+    key_state: KeyState | None
+    key_file_matches: bool
+    unreadable_envelopes: int  # in epochs whose keys no longer exist
+
+    @property
+    def keys_since(self) -> int | None:
+        """Mail accepted from this time (ms) on can be opened with the key file."""
+        if self.key_state is None or not self.key_file_matches:
+            return None
+        return self.key_state.epoch * self.key_state.epoch_seconds * 1000
+
+
+def relay_report(db_path: str, key_file: str, now: int) -> RelayReport:
+    """Count what ``db_path`` and ``key_file`` hold at ``now`` (ms).
+
+    FileNotFoundError if there is no database; RelayKeysMissing if the key
+    file is damaged; sqlite3.Error if the file is not a relay database.
+    """
+    if not os.path.exists(db_path):
+        raise FileNotFoundError(db_path)
+    db = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True)
+    try:
+        version = db.execute("PRAGMA user_version").fetchone()[0]
+
+        def count(sql: str) -> int:
+            return int(db.execute(sql).fetchone()[0] or 0)
+
+        if version not in (SCHEMA_VERSION, UNSEALED_SCHEMA_VERSION):
+            raise sqlite3.DatabaseError(f"schema version {version}: not a relay database")
+        meta: dict[str, bytes] = {}
+        epochs: list[tuple[int, int]] = []
+        notices = 0
+        if version == SCHEMA_VERSION:
+            meta = {
+                name: bytes(value) for name, value in db.execute("SELECT name, value FROM meta")
+            }
+            epochs = db.execute(
+                "SELECT epoch, COUNT(*) FROM deliveries GROUP BY epoch ORDER BY epoch"
+            ).fetchall()
+            notices = count("SELECT COUNT(*) FROM mailboxes WHERE noticed = 1")
+            payload_bytes = count("SELECT SUM(LENGTH(sealed)) FROM payloads")
+        else:
+            payload_bytes = count("SELECT SUM(LENGTH(data)) FROM payloads")
+        report_counts = (
+            count("SELECT COUNT(*) FROM users"),
+            count("SELECT COUNT(*) FROM devices"),
+            count("SELECT COUNT(*) FROM signed_prekeys"),
+            count("SELECT COUNT(*) FROM last_resort_kem_prekeys"),
+            count("SELECT COUNT(*) FROM one_time_prekeys"),
+            count("SELECT COUNT(*) FROM one_time_kem_prekeys"),
+            count("SELECT COUNT(*) FROM deliveries"),
+            count("SELECT COUNT(*) FROM payloads"),
+        )
+    finally:
+        db.close()
+    epoch_seconds = (
+        int.from_bytes(meta["epoch_seconds"], "big") if "epoch_seconds" in meta else None
+    )
+    state = read_key_file(key_file)
+    matches = state is not None and meta.get("chain_id") == state.chain_id
+    ages: dict[str, int] = {}
+    unreadable = 0
+    if epoch_seconds is not None:
+        for epoch, envelopes in epochs:
+            age = now - epoch * epoch_seconds * 1000
+            label = (
+                "accepted within the last hour"
+                if age < HOUR_MS
+                else "1 hour to 1 day ago"
+                if age < DAY_MS
+                else "1 to 3 days ago"
+                if age < 3 * DAY_MS
+                else "more than 3 days ago"
+            )
+            ages[label] = ages.get(label, 0) + envelopes
+            if not matches or state is None or epoch < state.epoch:
+                unreadable += envelopes
+    return RelayReport(
+        db_path,
+        key_file,
+        now,
+        version,
+        *report_counts,
+        payload_bytes,
+        tuple(QueueAge(label, n) for label, n in ages.items()),
+        notices,
+        epoch_seconds,
+        state,
+        matches,
+        unreadable,
+    )
+
+
+def _when(ms: int) -> str:
+    moment = datetime.datetime.fromtimestamp(ms / 1000, datetime.UTC)
+    return moment.strftime("%Y-%m-%d %H:%M UTC")
+
+
+def _wrapped(lines: list[str]) -> str:
+    """Each line wrapped to REPORT_WIDTH, continued under its own text."""
+    out = []
+    for line in lines:
+        text = line.lstrip(" ")
+        indent = " " * (len(line) - len(text))
+        more = indent + "  " if text.startswith("- ") else indent
+        wrapped = textwrap.wrap(text, REPORT_WIDTH, initial_indent=indent, subsequent_indent=more)
+        out += wrapped or [""]
+    return "\n".join(out) + "\n"
+
+
+def format_report(report: RelayReport) -> str:
+    """The report as text: the counts, then what is readable and what is not."""
+    r = report
+    lines = [
+        f"hushchat relay transparency report, {_when(r.now)}",
+        f"database {r.db_path} (schema {r.schema_version}), key file {r.key_file}",
+        "",
+        "What the relay holds:",
+        f"  {r.users} users and {r.devices} devices: signed device lists",
+        f"  prekeys: {r.signed_prekeys} signed, {r.last_resort_kem_prekeys} last-resort "
+        f"ML-KEM-768, {r.one_time_prekeys} one-time X25519, {r.one_time_kem_prekeys} "
+        "one-time ML-KEM-768 (public keys)",
+        f"  {r.envelopes} queued envelopes ({r.payloads} distinct payloads, "
+        f"{r.payload_bytes:,} bytes)",
+    ]
+    lines += [f"    {age.envelopes} {age.label}" for age in r.ages]
+    if r.notices:
+        lines.append(f"  {r.notices} expiry notices not yet told to their devices")
+    if r.schema_version == UNSEALED_SCHEMA_VERSION:
+        lines += [
+            "",
+            "This database predates sealing at rest: everything above is readable by anyone",
+            "with the file. Start the relay once to seal its queue.",
+        ]
+        return _wrapped(lines)
+    if r.epoch_seconds is not None:
+        lines.append(f"  epochs of {r.epoch_seconds} s; keys change at every epoch boundary")
+    lines.append("")
+    since = r.keys_since
+    if r.key_state is None:
+        lines.append(f"The key file {r.key_file} does not exist: no queued envelope can be opened.")
+    elif not r.key_file_matches:
+        lines.append(
+            f"The key file {r.key_file} holds another key chain: no queued envelope can be opened."
+        )
+    else:
+        assert since is not None
+        lines.append(
+            f"The oldest epoch whose keys exist began {_when(since)}: the key file derives "
+            "its keys and every later one, never an earlier one."
+        )
+    readable = r.envelopes - r.unreadable_envelopes
+    lines += [
+        "",
+        "Anyone who seizes the relay (its disk and key file) can read:",
+        f"  - the directory: {r.users} user ids with their signed device lists and public "
+        "prekeys. It is public by design (the relay serves a user's list to any device that "
+        "names the user) and outlives every key.",
+    ]
+    if readable:
+        lines.append(
+            f"  - for the {readable} envelopes still queued"
+            + (f" (accepted since {_when(since)})" if since is not None else "")
+            + ": who sent each to which device, when, whether one-to-one or group, its size "
+            "and its ciphertext, which is end-to-end encrypted (a group message's header names "
+            "its group id)."
+        )
+    else:
+        lines.append("  - nothing of the queue: no envelope can be opened with the key file.")
+    lines += [
+        "They cannot read:",
+        "  - message contents, group titles or memberships: end-to-end encrypted;",
+        "  - anything queued before"
+        + (f" {_when(since)}" if since is not None else " the oldest epoch with keys")
+        + ": deleted, and its keys no longer exist, in this key file or any later one, so "
+        "no copy of the database made earlier opens with them;",
+        "  - without the key file (a database backup, snapshot or replica alone), nothing of "
+        "the queue: not even whose mailbox a row is in.",
+    ]
+    if r.unreadable_envelopes:
+        lines.append(
+            f"  {r.unreadable_envelopes} queued rows are in epochs without keys: no one can "
+            "open them; the next sweep deletes them."
+        )
+    lines += [
+        "The relay keeps no contact lists, group memberships, delivery history, IP addresses "
+        "or backups of its queue.",
+    ]
+    return _wrapped(lines)
