@@ -5,8 +5,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -30,39 +28,11 @@ from hushchat.transport.client.client import (
     open_client,
 )
 from hushchat.transport.client.store import ClientStore, StoreLocked
-from hushchat.transport.relay.config import RelayConfig, RelayLimits, wall_clock_ms
-from hushchat.transport.relay.server import serve_relay
+from hushchat.transport.relay.config import RelayLimits, wall_clock_ms
 from hushchat.transport.wire.errors import ConnectionClosed
+from tests.support.clients import Relay, client, next_matching
 from tests.support.clock import NOW
 from tests.support.paths import REPO
-
-TIMEOUT = 20
-
-
-class Relay:
-    """A relay in a cancel scope of its own, so a test can stop and restart it."""
-
-    def __init__(self, nursery: trio.Nursery, db_path: str, **config: Any) -> None:
-        self.nursery = nursery
-        self.db_path = db_path
-        self.port = 0
-        self._config = config
-        self._scope: trio.CancelScope | None = None
-
-    async def start(self) -> int:
-        async def run(task_status: trio.TaskStatus[int]) -> None:
-            with trio.CancelScope() as scope:
-                self._scope = scope
-                config = RelayConfig(db_path=self.db_path, port=self.port, **self._config)
-                await serve_relay(config, task_status=task_status)
-
-        self.port = await self.nursery.start(run)
-        return self.port
-
-    async def stop(self) -> None:
-        assert self._scope is not None
-        self._scope.cancel()
-        await trio.sleep(0.05)
 
 
 @pytest.fixture
@@ -70,25 +40,6 @@ async def relay(nursery: trio.Nursery, tmp_path: Path) -> Relay:
     server = Relay(nursery, str(tmp_path / "relay.db"))
     await server.start()
     return server
-
-
-@asynccontextmanager
-async def client(tmp_path: Path, relay: Relay, name: str, **options: Any) -> AsyncIterator[Client]:
-    store = ClientStore.open(str(tmp_path / f"{name}.db"))
-    try:
-        options.setdefault("reconnect_first_delay", 0.05)
-        async with open_client(store, "127.0.0.1", relay.port, user_id=name, **options) as c:
-            yield c
-    finally:
-        store.close()
-
-
-async def next_matching(c: Client, kind: type[Any], predicate: Callable[[Any], bool] = bool) -> Any:
-    with trio.fail_after(TIMEOUT):
-        async for event in c.events():
-            if isinstance(event, kind) and predicate(event):
-                return event
-    raise AssertionError("event stream ended")
 
 
 def texts(event: ClientEvent) -> bool:
