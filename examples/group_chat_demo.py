@@ -6,8 +6,8 @@ one-to-one chat, a group, an offline member catching up, a second device, a
 removal with sender-key rotation, the relay turning hostile (it alters a
 group message, restamps a stranger's message as alice's and copies the
 group's traffic to a device of its own, and the clients refuse all three),
-safety numbers, and finally what the relay's SQLite file holds and what it
-deleted.
+safety numbers, mail that waits too long and how the relay forgets it, and
+finally what the relay's SQLite file holds and what it deleted.
 
 Everything shown really happens over TCP. The relay is the real one
 (:class:`hushchat.transport.relay.Relay` on
@@ -15,7 +15,8 @@ Everything shown really happens over TCP. The relay is the real one
 the only addition is :class:`ObservedStorage`, which notes what the relay
 stores and deletes so the demo can narrate it, and through which the
 hostile step changes what the relay stores, as an operator who controls the
-server can. It never sees plaintext either.
+server can. It never sees plaintext either. The relay's clock is the wall
+clock plus an offset, so that the demo can let 72 hours pass.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import dataclasses
 import os
 import secrets
 import shutil
+import sqlite3
 import tempfile
 import textwrap
 import time
@@ -46,13 +48,16 @@ from hushchat.protocol.client_core import (
 )
 from hushchat.protocol.group import MemberRemoved
 from hushchat.protocol.sender_keys import SenderKeyMessage
-from hushchat.transport.client.client import Client, ClientEvent, open_client
+from hushchat.transport.client.client import Client, ClientEvent, MailExpired, open_client
 from hushchat.transport.client.store import ClientStore
 from hushchat.transport.relay.config import RelayConfig, wall_clock_ms
 from hushchat.transport.relay.report import relay_report
 from hushchat.transport.relay.server import Relay
+from hushchat.transport.relay.storage.atrest import KeyChain, read_key_file
 from hushchat.transport.relay.storage.interface import Delivery, EnvelopeBatch
+from hushchat.transport.relay.storage.rows import open_delivery
 from hushchat.transport.relay.storage.sqlite import SqliteDatabase, SqliteStorage
+from hushchat.transport.wire.limits import DEFAULT_RETENTION_SECONDS, EPOCHS_PER_RETENTION
 
 HOST = "127.0.0.1"
 # A step that takes longer than this is broken, not slow.
@@ -389,6 +394,7 @@ class Demo:
             self.hostile_relay,
             self.safety_numbers,
             self.leave_mail_waiting,
+            self.relay_forgets,
         ):
             await step()
             await trio.sleep(self.pause)
@@ -736,17 +742,103 @@ class Demo:
 
     async def leave_mail_waiting(self) -> None:
         carol, bob = self.people["carol"], self.people["bob"]
-        self.n.section("Closing time")
+        self.n.section("Mail that waits too long")
         await carol.disconnect()
-        self.n.say("carol", "goes offline")
+        self.n.say("carol", "goes offline, and stays away")
         last = self.said("Carol, the tickets are on me.")
         self.n.say("bob", f"-> carol: {quote(last)}")
         await bob.client.send_direct("carol", last)
         self.relay_since_mark()
+        self.n.note(
+            "The relay seals everything it keeps about a queued envelope (its ciphertext, "
+            "sender, recipient, kind and times) under the keys of the hour it arrived in, "
+            "and files it under an index that only that hour's keys connect to carol.1."
+        )
+
+    async def relay_forgets(self) -> None:
+        carol = self.people["carol"]
+        self.n.section("The relay forgets")
+        seized = os.path.join(self.workdir, "seized")
+        os.mkdir(seized)
+        for suffix in ("", "-wal", ".keys"):
+            if os.path.exists(self.db_path + suffix):
+                shutil.copy(self.db_path + suffix, os.path.join(seized, "relay.db" + suffix))
+        self.n.say(
+            "someone",
+            "copies the relay's disk (relay.db and its key file), as a warrant, a backup or "
+            "a snapshot of the machine would",
+        )
+        copy = await trio.to_thread.run_sync(
+            lambda: SqliteDatabase(os.path.join(seized, "relay.db"), clock=self.clock.ms)
+        )
+        waiting = copy.pending("carol", 1, after_seq=0, limit=10, now=self.clock.ms())
+        copy.close()
+        if len(waiting) != 1:
+            raise DemoFailed("the copy of the relay's disk does not show carol's envelope")
+        envelope, epoch = waiting[0].envelope, waiting[0].epoch
+        sent = time.strftime("%H:%M", time.localtime(envelope.server_ts / 1000))
+        self.n.say(
+            "someone",
+            f"with both files, reads that carol.1 has 1 envelope from {envelope.sender_user}."
+            f"{envelope.sender_device}, sent at {sent} ({len(envelope.payload):,} bytes of "
+            "end-to-end ciphertext): who wrote to whom and when, not what",
+        )
+        chain = self.storage.database.key_chain
+        self.clock.offset += DEFAULT_RETENTION_SECONDS * 1000 + chain.epoch_ms
+        await self.storage.purge_expired(self.clock.ms())
+        state = read_key_file(self.storage.database.key_file or "")
+        if state is None or state.epoch <= epoch:
+            raise DemoFailed("the relay still holds the keys of carol's envelope")
+        self.n.say(
+            "relay",
+            f"72 hours later: deleted the envelope that waited unread for carol.1, with its "
+            f"epoch; its key file now holds epoch {state.epoch}: the keys of epoch {epoch} are "
+            "gone from it and from the relay's memory",
+        )
+        if self._open_seized_row(seized, KeyChain(state)):
+            raise DemoFailed("the copy still opens with the relay's key file of today")
+        self.n.say(
+            "someone",
+            "the copy from 72 hours ago, with the relay's key file of today: carol's "
+            f"envelope is filed under epoch {epoch}, which the key file cannot derive (its "
+            "chain only runs forwards); the row opens under none of its keys, and its "
+            "mailbox index names no one",
+            "green",
+        )
+        await carol.connect(self.nursery, self.port)
+        told = await carol.expect(MailExpired)
+        self.n.say(
+            "carol.1",
+            f"comes back online and is told: {plural(told.count or 0, 'message')} sent to her "
+            f"at {time.strftime('%H:%M', time.localtime(told.first_ts / 1000))} expired "
+            "unread (MailExpired)",
+        )
+        self.n.note(
+            "A relay that is seized reveals who wrote to whom only for the mail it still "
+            "holds, never for mail older than its retention window, from any copy."
+        )
         for person in [*self.people.values(), self.desktop]:
             if person.online:
                 await person.disconnect()
         self.n.say("everyone", "closes the app; the relay shuts down")
+
+    def _open_seized_row(self, seized: str, keys_now: KeyChain) -> bool:
+        """Whether a delivery row of the seized copy opens with ``keys_now`` (its epoch's
+        keys, or any key of the retention window it derives)."""
+        db = sqlite3.connect(f"file:{os.path.join(seized, 'relay.db')}?mode=ro", uri=True)
+        try:
+            rows = db.execute("SELECT seq, epoch, mailbox, payload_id, sealed FROM deliveries")
+            for seq, row_epoch, mailbox, payload_id, sealed in rows.fetchall():
+                if keys_now.keys(row_epoch) is not None:
+                    return True
+                window = range(keys_now.held_epoch, keys_now.held_epoch + EPOCHS_PER_RETENTION + 2)
+                for epoch in window:
+                    keys = keys_now.keys(epoch)
+                    if keys and open_delivery(keys, seq, mailbox, payload_id, sealed):
+                        return True
+        finally:
+            db.close()
+        return False
 
 
 def scan_relay_file(
