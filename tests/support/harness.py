@@ -55,7 +55,7 @@ from hushchat.protocol.content import (
     decode_content,
 )
 from hushchat.protocol.devices import DeviceEntry, DeviceList, SignedDeviceList
-from hushchat.protocol.group import ControlMessage, GroupState
+from hushchat.protocol.group import Action, AddMember, ControlMessage, GroupState, RemoveMember
 from hushchat.protocol.keys import IdentityKeyPair
 from hushchat.protocol.prekeys import (
     KemPreKeyPublic,
@@ -468,6 +468,19 @@ class Network:
         now = self.tick()
         self.ensure_sessions(address, core.membership_needs(core.group(group_id).user_ids, now=now))
         sends = core.remove_member(group_id, user_id, now=now)
+        self.persist(address)
+        return self._enqueue_all(address, sends)
+
+    def change_group(self, address: Address, group_id: bytes, action: Action) -> list[Envelope]:
+        """``address`` changes the group (fetching bundles first); its envelopes."""
+        if isinstance(action, AddMember):
+            return self.add_member(address, group_id, action.user_id)
+        if isinstance(action, RemoveMember):
+            return self.remove_member(address, group_id, action.user_id)
+        core = self.devices[address]
+        now = self.tick()
+        self.ensure_sessions(address, core.membership_needs(core.group(group_id).user_ids, now=now))
+        sends = core._change_group(group_id, action, now)
         self.persist(address)
         return self._enqueue_all(address, sends)
 
