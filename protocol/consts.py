@@ -14,6 +14,14 @@ from typing import Final
 # Version of every wire structure defined by spec/. A receiver refuses any
 # other value (UNKNOWN_VERSION) rather than guessing at a layout.
 PROTOCOL_VERSION: Final = 1
+# Version of group control messages and welcomes (spec/12-groups.md). 2 since
+# a member applies a change only on its current state and never switches to
+# another branch (issue 14: version 1's fork rule let an author who grinds
+# its change id rewind the group). A version-1 change is refused
+# (UNKNOWN_VERSION), so a member never runs the two rule sets side by side.
+# Group state snapshots keep PROTOCOL_VERSION: their layout and hashes are
+# unchanged, so stored groups load as they are.
+GROUP_VERSION: Final = 2
 
 # Version of serialized state (pickles). Bumped on any layout change; older
 # versions are migrated on load, newer ones refused (UNKNOWN_STATE_VERSION).
@@ -158,11 +166,12 @@ DEVICE_LIST_SIGNATURE_CONTEXT: Final = b"hushchat_device_list"
 # Longest group title, in UTF-8 bytes. Titles travel in every snapshot a
 # joiner receives; 256 bytes is ample for a name and bounds that cost.
 MAX_GROUP_TITLE_SIZE: Final = 256
-# Group states kept behind the current one. A concurrent change whose parent
-# is at most this many epochs old can still win the fork rule and be applied;
-# an older fork cannot be followed (the member must rejoin). Each kept state
-# costs one snapshot (about 100 bytes per member) in the stored record.
-MAX_GROUP_FORK_DEPTH: Final = 16
+# Group states kept behind the current one. Changes apply only on the current
+# state; the ancestors let a member tell a sender that is a few changes
+# behind (its state is an ancestor) from one on another branch (a split), and
+# go into welcomes for the same purpose. Each kept state costs one snapshot
+# (about 100 bytes per member) in the stored record.
+MAX_GROUP_HISTORY: Final = 16
 # Domain-separation prefixes of group control messages: the author device's
 # signature, the change id (hash of the body) and the state hash chain.
 GROUP_CONTROL_SIGNATURE_CONTEXT: Final = b"hushchat_group_control"

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .consts import GROUP_ID_SIZE, MAX_GROUP_FORK_DEPTH, MAX_PLAINTEXT_SIZE, MAX_USER_ID_SIZE
+from .consts import GROUP_ID_SIZE, MAX_GROUP_HISTORY, MAX_PLAINTEXT_SIZE, MAX_USER_ID_SIZE
 from .encoding import UINT64_MAX, Fields, pack, unpack
 from .errors import DecodeError
 
@@ -168,7 +168,7 @@ def decode_content(data: bytes) -> Content:
     if kind == CONTENT_GROUP_SYNC:
         f = Fields(value, what="GroupSync", count=2)
         f.uint()
-        states = f.array(max_len=MAX_GROUP_FORK_DEPTH + 1)
+        states = f.array(max_len=MAX_GROUP_HISTORY + 1)
         if not states or not all(isinstance(state, bytes) for state in states):
             raise DecodeError("GroupSync: states must be 1 or more byte strings")
         return GroupSync(tuple(states))

@@ -2,12 +2,14 @@
 
 A group's state (its id, members with their user identities, admins, title,
 epoch and a hash chain over its history) changes only through *control
-messages*. An admin's device signs each one; every member applies it only if
-it verifies against the state that member holds. Control messages travel
-inside the encryption (1:1 sessions or the group's sender keys), but their
-authority comes from the signature alone, so a relay that drops, delays,
-duplicates or reorders them cannot add a member ("ghost member"), remove
-one, or make members disagree: it can only withhold changes.
+messages*. An admin's device signs each one (a member may sign its own
+leave); every member applies it only if it verifies against the state that
+member holds, and only on that state. Control messages travel inside the
+encryption (1:1 sessions), but their authority comes from the signature
+alone, so a relay that drops, delays, duplicates or reorders them cannot add
+a member ("ghost member"), remove one, or bring back a removed one: it can
+only withhold changes, or split members into branches that they detect
+(see Sequencing).
 
 Devices are not part of the group state. A member's devices are those of the
 member's :class:`~hushchat.protocol.devices.SignedDeviceList` (signed by the user
@@ -38,7 +40,7 @@ Control message
 ::
 
     ControlMessage = [body: bin, signature: bin(64)]
-    body = pack([version: uint, group_id: bin(16),
+    body = pack([version: uint (= GROUP_VERSION), group_id: bin(16),
                  parent_epoch: uint64, parent_hash: bin(32),
                  author_user_id: str, author_device_id: uint32,
                  action: uint, args: array])
@@ -64,10 +66,13 @@ is the only admin. Every other action makes the child of its parent at
 
 Apply rules
 -----------
-A member holding the recent states of a group (``Group``; the current one
-and up to MAX_GROUP_FORK_DEPTH ancestors) applies a message in this order;
-the first failing check decides the error, and nothing changes on failure
-(``Group`` is immutable; :meth:`Group.apply` returns a new one):
+A member holds the current state of a group and up to MAX_GROUP_HISTORY of
+its ancestors (``Group``). It applies a change only as a child of its
+*current* state, never on an ancestor: members never switch to another
+branch, so no author can discard a change by choosing its own fields (a
+smaller change id, in protocol version 1). Checks, in this order; the first
+failing one decides the error, and nothing changes on failure (``Group`` is
+immutable; :meth:`Group.apply` returns a new one):
 
 1. ``group_id`` is this group's, else UNAUTHORIZED_CHANGE.
 2. The author's signed device list is in the directory, is for
@@ -77,65 +82,67 @@ the first failing check decides the error, and nothing changes on failure
    unauthenticated message.)
 3. ``change_id`` is not one of the held states' change ids, else
    DUPLICATE_MESSAGE. A ``create`` for an existing group is UNAUTHORIZED_CHANGE.
-4. A held state has ``(epoch, state_hash) == (parent_epoch, parent_hash)``,
-   else STALE_CHANGE (it builds on a state we do not hold: not yet received,
-   discarded by the fork rule, or too old).
-5. Fork rule: if the held chain already continues from that parent with
-   another change, the message's ``change_id`` must be smaller (as unsigned
-   big-endian bytes) than that change's, else STALE_CHANGE.
-6. The author is a member of the parent state whose recorded user identity
-   equals the device list's (else UNAUTHORIZED_CHANGE, or UNTRUSTED_IDENTITY
-   when the identities differ), and an admin unless the action is ``leave``
-   (else UNAUTHORIZED_CHANGE).
-7. The action is valid on the parent state, else UNAUTHORIZED_CHANGE:
+4. ``(parent_epoch, parent_hash)`` is the current state's ``(epoch,
+   state_hash)``, else STALE_CHANGE: a change that builds ahead (its parent
+   epoch is above the current one) may apply once the changes before it
+   arrive, and the caller holds it; any other lost a race for its epoch, or
+   is on another branch, and never applies.
+5. The author is a member of the current state whose recorded user
+   identity equals the device list's (else UNAUTHORIZED_CHANGE, or
+   UNTRUSTED_IDENTITY when the identities differ), and an admin unless the
+   action is ``leave`` (else UNAUTHORIZED_CHANGE). So a user removed from
+   the group authors nothing that takes effect.
+6. The action is valid on the current state, else UNAUTHORIZED_CHANGE:
    add_member: not yet a member, and the group is not full; remove_member: a
    member other than the author (who uses leave); leave: at least one member
    and one admin remain; set_admin: a member whose flag differs, and at least
    one admin remains; set_title: a different title.
 
-On success the new state is appended to the parent (states after the parent
-are *discarded*: their change ids are reported, and their authors re-issue
-them on the new state if still wanted) and the events describe the change
-from the previously current state to the new one, so a fork switch comes
-with corrective events. Any admin may remove or demote any other admin.
+On success the new state is appended (the oldest beyond MAX_GROUP_HISTORY
+ancestors is forgotten) and the events describe the change. Any admin may
+remove or demote any other admin, by a change every member sees; a removal
+is undone only by an admin adding the user again.
 
-Convergence
------------
-All chains from one genesis form a tree. The *best* chain is the one that,
-at the first position where two chains differ, has the smaller change id;
-a chain beats its own prefixes. Each member always moves to a better chain
-(rules 4-5 accept exactly the extensions and the better siblings), so once
-every message has been delivered (relays drop, senders retry) all members
-holding the group hold the best chain, whatever the delivery order; a
-change built on a discarded one is refused as STALE_CHANGE. Validity of a
-change depends only on its parent state, so every member judges alike.
-A concurrent change more than MAX_GROUP_FORK_DEPTH epochs behind cannot be
-followed; a member stuck that way (every change is STALE_CHANGE, and other
-members' messages name states it does not hold) must drop the group and join
-again from a new welcome: the app's decision, as a welcome never overrides a
-held group by itself.
+Sequencing
+----------
+Two changes made on the same state (two admins at once) cannot both apply:
+each member applies the first valid one it receives and refuses the other
+as stale (RFC 9420, section 14: "Applications MUST have an established way
+to resolve conflicting Commit messages for the same epoch"). Members agree
+because the relay delivers every change of a group to all its member devices
+in one order (a change goes out in one relay send; spec/07-relay-protocol.md,
+SEND_CHANGE), and a member judges a change against its parent alone. An
+author does not apply its own change when it signs it (:meth:`Group.propose`
+leaves the group as it is; RFC 9420: "The generation of Commit messages MUST
+NOT modify a client's state"): it applies it when the relay's receipt shows
+where the change stands in that order, unless a rival came first; then it
+proposes again on the new state.
 
-A relay can withhold a change from some members, leaving them a step behind;
-application messages should carry the sender's ``(epoch, state_hash)`` so
-receivers notice such a difference instead of missing it.
+A relay can still withhold changes from some members or deliver them in
+different orders to different members, splitting the group into branches.
+It cannot make a member apply a change it did not see, nor anyone rewind a
+state. :meth:`Group.relation` tells where another member's ``(epoch,
+state_hash)`` (carried by every group message) stands against ours, so a
+split is detected at the next message instead of going unnoticed.
 
 Joining
 -------
 A new member receives a *welcome* (inside its 1:1 sessions)::
 
-    Welcome = [version: uint, message: bin (ControlMessage), history: [snapshot: bin, ...]]
+    Welcome = [version: uint (= GROUP_VERSION), message: bin (ControlMessage),
+               history: [snapshot: bin, ...]]
 
 For a ``create`` message ``history`` is empty. For an ``add_member`` adding
 the joiner, ``history`` holds the state the add was made on (last) and as
-many of its ancestors (oldest first, at most MAX_GROUP_FORK_DEPTH + 1
+many of its ancestors (oldest first, at most MAX_GROUP_HISTORY + 1
 snapshots in all) as fit in MAX_MESSAGE_SIZE. The joiner checks that each
 snapshot's ``prev_hash`` is the ``state_hash`` of the one before, that the
 last one's group id, epoch and state hash are the add's ``group_id``,
 ``parent_epoch`` and ``parent_hash`` (which the admin's device signed), and
 then applies the add to it with the usual rules. So a relay cannot alter a
-welcome, only deliver or drop it. The ancestors let the joiner follow a fork
-rooted before its add exactly as older members do (an add on a losing branch
-is then undone like any other change).
+welcome, only deliver or drop it. The author sends a welcome only once its
+add is applied (RFC 9420: the Welcome "MUST NOT be delivered to a new joiner
+until it's clear that the Commit has been accepted").
 
 The joiner trusts the admin who added it for the history before the add (as
 every messenger does); changes by other members that build on that state
@@ -156,7 +163,7 @@ import hashlib
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from enum import IntEnum
+from enum import Enum, IntEnum
 from itertools import pairwise
 from typing import Any, ClassVar, TypeAlias
 
@@ -167,7 +174,8 @@ from .consts import (
     GROUP_CONTROL_SIGNATURE_CONTEXT,
     GROUP_ID_SIZE,
     GROUP_STATE_HASH_CONTEXT,
-    MAX_GROUP_FORK_DEPTH,
+    GROUP_VERSION,
+    MAX_GROUP_HISTORY,
     MAX_GROUP_MEMBERS,
     MAX_GROUP_TITLE_SIZE,
     MAX_MESSAGE_SIZE,
@@ -214,6 +222,16 @@ class ActionCode(IntEnum):
     LEAVE = 3
     SET_ADMIN = 4
     SET_TITLE = 5
+
+
+class StateRelation(Enum):
+    """Where another member's group state stands against ours (:meth:`Group.relation`)."""
+
+    CURRENT = "current"
+    ANCESTOR = "ancestor"
+    AHEAD = "ahead"
+    FORKED = "forked"
+    UNKNOWN = "unknown"
 
 
 # ------------------------------------------------------------------ validation helpers
@@ -655,7 +673,7 @@ def _encode_body(
 ) -> bytes:
     return pack(
         [
-            PROTOCOL_VERSION,
+            GROUP_VERSION,
             group_id,
             parent_epoch,
             parent_hash,
@@ -758,7 +776,7 @@ class ControlMessage:
         outer.end()
         fields = Fields.decode(body, what="control message body", count=8)
         version = fields.uint()
-        if version != PROTOCOL_VERSION:
+        if version != GROUP_VERSION:
             raise UnknownVersion(f"control message version {version}")
         group_id = fields.bin(GROUP_ID_SIZE)
         parent_epoch = fields.uint(UINT64_MAX)
@@ -944,17 +962,12 @@ def _child(parent: GroupState, message: ControlMessage, author_identity: bytes) 
 
 @dataclass(frozen=True, slots=True)
 class GroupUpdate:
-    """The result of applying a control message.
-
-    ``events`` turn the previously current state into the new one (after a
-    fork switch they include the corrections); ``discarded`` are the change
-    ids of held states that lost to this change, oldest first.
-    """
+    """The result of applying a control message: ``events`` turn the previous
+    current state into the new one."""
 
     group: Group
     message: ControlMessage
     events: tuple[GroupEvent, ...]
-    discarded: tuple[bytes, ...]
 
 
 @dataclass(frozen=True, slots=True)
@@ -977,14 +990,14 @@ class Welcome:
             raise InvalidArgument("history is a tuple of GroupState")
 
     def encode(self) -> bytes:
-        return pack([PROTOCOL_VERSION, self.message.encode(), [s.encode() for s in self.history]])
+        return pack([GROUP_VERSION, self.message.encode(), [s.encode() for s in self.history]])
 
     @classmethod
-    def decode(cls, data: bytes, *, max_history: int = MAX_GROUP_FORK_DEPTH + 1) -> Welcome:
+    def decode(cls, data: bytes, *, max_history: int = MAX_GROUP_HISTORY + 1) -> Welcome:
         """Decode (not verify: see :meth:`Group.join`); at most ``max_history`` states."""
         fields = Fields.decode(data, what="welcome", count=3)
         version = fields.uint()
-        if version != PROTOCOL_VERSION:
+        if version != GROUP_VERSION:
             raise UnknownVersion(f"welcome version {version}")
         message = ControlMessage.decode(fields.bin())
         raw = fields.array(max_len=max_history)
@@ -1025,6 +1038,38 @@ class Group:
     def group_id(self) -> bytes:
         return self.current.group_id
 
+    @property
+    def epoch(self) -> int:
+        """The current state's epoch."""
+        return self.current.epoch
+
+    @property
+    def state_hash(self) -> bytes:
+        """The current state's hash: with :attr:`epoch`, what a group message names."""
+        return self.current.state_hash
+
+    def relation(self, epoch: int, state_hash: bytes) -> StateRelation:
+        """Where another member's state (``epoch``, ``state_hash``) stands against ours.
+
+        For a group message's sender state (spec/12-groups.md, section 12.9):
+        CURRENT, ANCESTOR (the sender has not applied our latest changes yet),
+        AHEAD (a later epoch: we are behind, or on another branch), FORKED (an
+        epoch we hold, or passed, with another hash: a split), or UNKNOWN (older
+        than every state we hold). InvalidArgument for a malformed argument.
+        """
+        _check_uint(epoch, UINT64_MAX, "an epoch")
+        _check_bytes(state_hash, HASH_SIZE, "a state hash")
+        current = self.current
+        if epoch > current.epoch:
+            return StateRelation.AHEAD
+        oldest = self.states[0].epoch
+        if epoch < oldest:
+            return StateRelation.UNKNOWN
+        held = self.states[epoch - oldest]
+        if held.state_hash != state_hash:
+            return StateRelation.FORKED
+        return StateRelation.CURRENT if held is current else StateRelation.ANCESTOR
+
     # ---------------------------------------------------------------- receiving
 
     @classmethod
@@ -1032,21 +1077,24 @@ class Group:
         """Start a group from its verified ``create`` message."""
         author_identity = _verify_author(message, devices)
         genesis = _genesis(message, author_identity)
-        return GroupUpdate(cls((genesis,)), message, describe_change(None, genesis), ())
+        return GroupUpdate(cls((genesis,)), message, describe_change(None, genesis))
 
     def apply(
         self,
         message: ControlMessage,
         devices: DeviceDirectory,
         *,
-        fork_depth: int = MAX_GROUP_FORK_DEPTH,
+        history: int = MAX_GROUP_HISTORY,
     ) -> GroupUpdate:
-        """Apply a received (or our own) control message; see the module's apply rules.
+        """Apply a received (or our own) control message on the current state.
 
-        Raises only RemoteProtocolError subclasses for a refused message
-        (and InvalidArgument for a bad ``fork_depth``).
+        See the module's apply rules; ``history`` is how many ancestors the
+        result keeps. Raises only RemoteProtocolError subclasses for a refused
+        message (and InvalidArgument for a bad ``history``). A StaleChange for
+        a message whose parent epoch is above ours (:meth:`builds_ahead`) may
+        apply later; any other never will.
         """
-        _check_uint(fork_depth, UINT32_MAX, "fork_depth")
+        _check_uint(history, UINT32_MAX, "history")
         if not isinstance(message, ControlMessage):
             raise InvalidArgument("message is a ControlMessage")
         current = self.current
@@ -1057,23 +1105,17 @@ class Group:
             raise DuplicateMessage("this change is already applied")
         if isinstance(message.action, CreateGroup):
             raise UnauthorizedChange("the group already exists")
-        index = self._parent_index(message)
-        if index + 1 < len(self.states) and message.change_id > self.states[index + 1].change_id:
-            raise StaleChange("a concurrent change with a smaller id holds this epoch")
-        state = _child(self.states[index], message, author_identity)
-        kept = (*self.states[: index + 1], state)[-(fork_depth + 1) :]
-        discarded = tuple(s.change_id for s in self.states[index + 1 :])
-        return GroupUpdate(Group(kept), message, describe_change(current, state), discarded)
+        if (message.parent_epoch, message.parent_hash) != (current.epoch, current.state_hash):
+            if self.builds_ahead(message):
+                raise StaleChange("the change builds on an epoch we do not hold yet")
+            raise StaleChange("the change builds on a state that is not our current one")
+        state = _child(current, message, author_identity)
+        kept = (*self.states, state)[-(history + 1) :]
+        return GroupUpdate(Group(kept), message, describe_change(current, state))
 
-    def _parent_index(self, message: ControlMessage) -> int:
-        for index, state in enumerate(self.states):
-            if state.epoch == message.parent_epoch:
-                if state.state_hash != message.parent_hash:
-                    break
-                return index
-        if message.parent_epoch > self.current.epoch:
-            raise StaleChange("the change builds on an epoch we do not hold yet")
-        raise StaleChange("the change builds on a discarded or forgotten state")
+    def builds_ahead(self, message: ControlMessage) -> bool:
+        """Whether ``message`` names a parent epoch above ours: it may apply once we catch up."""
+        return message.parent_epoch > self.current.epoch
 
     @classmethod
     def join(
@@ -1083,7 +1125,7 @@ class Group:
         *,
         user_id: str,
         user_identity: bytes,
-        fork_depth: int = MAX_GROUP_FORK_DEPTH,
+        history: int = MAX_GROUP_HISTORY,
     ) -> GroupUpdate:
         """Join from a welcome addressed to (``user_id``, ``user_identity``).
 
@@ -1111,11 +1153,11 @@ class Group:
             action = message.action
             if not isinstance(action, AddMember) or action.user_id != user_id:
                 raise UnauthorizedChange("the welcome's change does not add this user")
-            update = held.apply(message, devices, fork_depth=fork_depth)
+            update = held.apply(message, devices, history=history)
         member = update.group.current.member(user_id)
         if member is None or member.user_identity != user_identity:
             raise UnauthorizedChange("the welcome does not make this user a member")
-        return GroupUpdate(update.group, message, describe_change(None, update.group.current), ())
+        return GroupUpdate(update.group, message, describe_change(None, update.group.current))
 
     # ---------------------------------------------------------------- sending
 
@@ -1129,8 +1171,10 @@ class Group:
     ) -> ControlMessage:
         """Sign ``action`` on the current state, for sending to every member's devices.
 
-        The author applies the result with :meth:`apply` like everyone else.
-        InvalidArgument if the action is not allowed on the current state.
+        A candidate: the group is left as it is. The author applies the result
+        with :meth:`apply` like everyone else, once it knows the change came
+        first for its epoch (module docstring, Sequencing). InvalidArgument if
+        the action is not allowed on the current state.
         """
         current = self.current
         author = current.member(author_user_id)
@@ -1155,7 +1199,7 @@ class Group:
         self,
         message: ControlMessage,
         *,
-        max_history: int = MAX_GROUP_FORK_DEPTH + 1,
+        max_history: int = MAX_GROUP_HISTORY + 1,
         max_size: int = MAX_MESSAGE_SIZE,
     ) -> Welcome:
         """The welcome for the member(s) that held ``message`` (a create or an add) made.

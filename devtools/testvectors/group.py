@@ -13,8 +13,8 @@ transcript of steps:
 Every control message made honestly comes with ``built_by`` (author,
 device and action), from which the exact bytes can be rebuilt and signed.
 Valid steps give the observer's ``state`` after (the current snapshot, its
-hash and the hashes of all held states), the ``events`` and the
-``discarded`` change ids; invalid ones the ``error``, the view unchanged.
+hash and the hashes of all held states) and the ``events``; invalid ones the
+``error``, the view unchanged.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from collections.abc import Mapping
 from functools import partial
 from typing import Any
 
-from hushchat.protocol.consts import MAX_GROUP_FORK_DEPTH
+from hushchat.protocol.consts import MAX_GROUP_HISTORY
 from hushchat.protocol.devices import DeviceEntry, DeviceList, SignedDeviceList
 from hushchat.protocol.encoding import pack, unpack
 from hushchat.protocol.group import (
@@ -35,6 +35,7 @@ from hushchat.protocol.group import (
     CreateGroup,
     Group,
     GroupEvent,
+    GroupState,
     GroupUpdate,
     Leave,
     MemberAdded,
@@ -71,9 +72,25 @@ NOTES = {
     ),
     "Stale": note("BASIC", "The change builds on a state the observer does not hold."),
     "Duplicate": note("REPLAY", "A change applied twice."),
-    "Fork": note(
+    "Concurrent": note(
         "BASIC",
-        "Two concurrent changes on one parent: the smaller change id wins, whatever the order.",
+        "Two concurrent changes on one parent: the first applied wins and the other is stale, "
+        "whatever their change ids (no member switches branches).",
+    ),
+    "RewindOldParent": note(
+        "AUTH_BYPASS",
+        "A change on an ancestor of the current state, which version 1's fork rule let replace "
+        "the changes after it (a member who is no admin undoing a removal).",
+    ),
+    "RemovedAuthor": note(
+        "AUTH_BYPASS",
+        "A change signed by a member already removed: on the current state or on one from "
+        "before its removal.",
+    ),
+    "GroundChangeId": note(
+        "AUTH_BYPASS",
+        "A change whose author ground author_device_id (a device list listing the device found) "
+        "for a change id below the change that followed its parent: still stale.",
     ),
     "InvalidAction": note("BASIC", "An action the parent state does not allow."),
     "OtherGroup": note("BASIC", "A change for another group."),
@@ -95,18 +112,22 @@ def _device_key(user: str, device_id: int = 1) -> IdentityKeyPair:
     return IdentityKeyPair(seeded(f"group/{user}/device {device_id}").random_bytes(32))
 
 
-def _signed_list(user: str, identity: IdentityKeyPair | None = None) -> SignedDeviceList:
+def _signed_list(
+    user: str, identity: IdentityKeyPair | None = None, devices: tuple[int, ...] = (1,)
+) -> SignedDeviceList:
     key = identity or _user_key(user)
-    entry = DeviceEntry(1, _device_key(user).public.ed25519)
-    return DeviceList.initial(user, key.public.ed25519, [entry]).sign(key)
+    entries = [DeviceEntry(d, _device_key(user, d).public.ed25519) for d in devices]
+    return DeviceList.initial(user, key.public.ed25519, entries).sign(key)
 
 
-def _users_json() -> Json:
+def _users_json(extra_devices: Mapping[str, tuple[int, ...]]) -> Json:
     return {
         user: {
             "user_identity_seed": h(_user_key(user).seed),
             "user_identity": h(_user_key(user).public.ed25519),
-            "devices": {"1": h(_device_key(user).seed)},
+            "devices": {
+                str(d): h(_device_key(user, d).seed) for d in (1, *extra_devices.get(user, ()))
+            },
         }
         for user in USERS
     }
@@ -185,26 +206,28 @@ def view_json(group: Group) -> Json:
 
 
 def _update_json(update: GroupUpdate) -> Json:
-    return {
-        "state": view_json(update.group),
-        "events": [_event_json(e) for e in update.events],
-        "discarded": [h(d) for d in update.discarded],
-    }
+    return {"state": view_json(update.group), "events": [_event_json(e) for e in update.events]}
 
 
 # ------------------------------------------------------------------ transcripts
 
 
 def _sign(
-    author: str, action: Action, *, group_id: bytes, parent_epoch: int, parent_hash: bytes
+    author: str,
+    action: Action,
+    *,
+    group_id: bytes,
+    parent_epoch: int,
+    parent_hash: bytes,
+    device_id: int = 1,
 ) -> ControlMessage:
     return ControlMessage.sign(
-        _device_key(author),
+        _device_key(author, device_id),
         group_id=group_id,
         parent_epoch=parent_epoch,
         parent_hash=parent_hash,
         author_user_id=author,
-        author_device_id=1,
+        author_device_id=device_id,
         action=action,
     )
 
@@ -234,13 +257,18 @@ class _Transcript:
 
     def propose(self, author: str, action: Action) -> ControlMessage:
         assert self.view is not None
-        current = self.view.current
+        return self.propose_on(self.view.current, author, action)
+
+    def propose_on(
+        self, parent: GroupState, author: str, action: Action, device_id: int = 1
+    ) -> ControlMessage:
         return _sign(
             author,
             action,
-            group_id=current.group_id,
-            parent_epoch=current.epoch,
-            parent_hash=current.state_hash,
+            group_id=parent.group_id,
+            parent_epoch=parent.epoch,
+            parent_hash=parent.state_hash,
+            device_id=device_id,
         )
 
     def _record(self, step: Json, run: Any) -> None:
@@ -326,7 +354,25 @@ def _started(label: str, members: tuple[str, ...] = ("bob", "carol")) -> _Transc
     return t
 
 
-def _tests() -> list[Json]:
+# Device ids an author tries for a small change id (grinding, GroundChangeId).
+GRINDING_TRIES = 4096
+
+
+def _grind(parent: GroupState, author: str, action: Action, target: bytes) -> int:
+    """The device id (of GRINDING_TRIES, from 2) giving the smallest change id; below target."""
+    ids = {
+        ControlMessage(
+            parent.group_id, parent.epoch, parent.state_hash, author, d, action, bytes(64)
+        ).change_id: d
+        for d in range(2, 2 + GRINDING_TRIES)
+    }
+    best = min(ids)
+    assert best < target, "no smaller change id among the device ids tried"
+    return ids[best]
+
+
+def _tests(extra_devices: dict[str, tuple[int, ...]]) -> list[Json]:
+    """The transcripts; ``extra_devices`` gets the devices the ground tests list."""
     tests = []
     t = _started("lifecycle")
     t.apply(t.propose("alice", AddMember("dave", _identity("dave"))))
@@ -414,20 +460,76 @@ def _tests() -> list[Json]:
     t.apply(change)
     tests.append(t.case("the same change twice", ("Duplicate",)))
 
-    t = _started("fork", ("bob", "carol"))
-    t.apply(t.propose("alice", SetAdmin("bob", True)))
-    first = t.propose("alice", SetTitle("alice's title"))
-    second = t.propose("bob", SetTitle("bob's title"))
-    larger, smaller = sorted((first, second), key=lambda m: m.change_id, reverse=True)
-    t.apply(larger)
-    t.apply(smaller)
-    t.apply(larger)
+    for label, smaller_first in (("concurrent", False), ("concurrent, other order", True)):
+        t = _started(label, ("bob", "carol"))
+        t.apply(t.propose("alice", SetAdmin("bob", True)))
+        first = t.propose("alice", SetTitle("alice's title"))
+        second = t.propose("bob", SetTitle("bob's title"))
+        larger, smaller = sorted((first, second), key=lambda m: m.change_id, reverse=True)
+        winner, loser = (smaller, larger) if smaller_first else (larger, smaller)
+        t.apply(winner)
+        t.apply(loser)
+        order = "smaller" if smaller_first else "larger"
+        tests.append(
+            t.case(
+                f"two admins change the title at once; the {order} change id comes first and "
+                "wins: the other is stale",
+                ("Concurrent", "Stale"),
+            )
+        )
+
+    t = _started("rewind by a member who is no admin")
+    assert t.view is not None
+    before_removal = t.view.current
+    t.apply(t.propose("alice", RemoveMember("carol")))
+    t.apply(t.propose_on(before_removal, "bob", Leave()), comment="bob's leave on epoch 0")
     tests.append(
         t.case(
-            "two admins change the title at once: the smaller change id wins in either order",
-            ("Fork", "Stale"),
+            "alice removes carol; bob, no admin, leaves on the state before the removal",
+            ("RewindOldParent",),
         )
     )
+
+    t = _started("rewind by a removed member", ("bob", "carol", "dave"))
+    assert t.view is not None
+    before_removal = t.view.current
+    t.apply(t.propose("alice", RemoveMember("carol")))
+    t.apply(t.propose("alice", RemoveMember("dave")))
+    t.apply(t.propose("carol", Leave()), comment="carol, removed, leaves the current state")
+    t.apply(t.propose_on(before_removal, "carol", Leave()), comment="carol leaves on epoch 0")
+    tests.append(
+        t.case(
+            "alice removes carol, then dave; carol leaves, now and on the state before her removal",
+            ("RemovedAuthor", "RewindOldParent"),
+        )
+    )
+
+    for label, author, admins, action in (
+        ("ground by a member who is no admin", "bob", (), Leave()),
+        ("ground by another admin", "bob", ("bob",), SetTitle("bob's")),
+    ):
+        t = _started(label)
+        for admin in admins:
+            t.apply(t.propose("alice", SetAdmin(admin, True)))
+        assert t.view is not None
+        before_removal = t.view.current
+        removal = t.propose("alice", RemoveMember("carol"))
+        t.apply(removal)
+        device_id = _grind(before_removal, author, action, removal.change_id)
+        extra_devices[author] = (*extra_devices.get(author, ()), device_id)
+        t.apply(
+            t.propose_on(before_removal, author, action, device_id),
+            directory={author: _signed_list(author, devices=(1, device_id))},
+            comment=f"{author}'s device {device_id} (listed for this step) gives a smaller "
+            "change id than the removal's",
+        )
+        tests.append(
+            t.case(
+                f"alice removes carol; {author} ({'an admin' if admins else 'no admin'}) grinds "
+                f"a change on the state before the removal ({GRINDING_TRIES} device ids tried)",
+                ("GroundChangeId", "RewindOldParent"),
+            )
+        )
 
     t = _started("invalid-actions")
     t.apply(t.propose("alice", RemoveMember("alice")))
@@ -491,21 +593,24 @@ def _welcome_tests() -> list[Json]:
 
 
 def generate() -> Json:
+    extra_devices: dict[str, tuple[int, ...]] = {}
+    tests = _tests(extra_devices) + _welcome_tests()
     return vector_file(
         NAME,
         description=(
-            "Group membership: signed control messages applied by one member, the fork rule, "
-            "welcomes, and forged or invalid changes that must be refused."
+            "Group membership: signed control messages applied by one member on its current "
+            "state, welcomes, and forged, stale or invalid changes that must be refused "
+            "(changes on older states too, whatever their change ids)."
         ),
         spec=["12-groups.md"],
         notes=NOTES,
         groups=[
             {
                 "type": "GroupTranscript",
-                "fork_depth": MAX_GROUP_FORK_DEPTH,
-                "users": _users_json(),
+                "history": MAX_GROUP_HISTORY,
+                "users": _users_json(extra_devices),
                 "directory": {u: h(s.encode()) for u, s in DIRECTORY.items()},
-                "tests": _tests() + _welcome_tests(),
+                "tests": tests,
             }
         ],
     )
@@ -581,7 +686,7 @@ def verify_test(group: Json, test: Json) -> list[str]:
             continue
         if update is not None:
             view = update.group
-            expected = {k: step[k] for k in ("state", "events", "discarded")}
+            expected = {k: step[k] for k in ("state", "events")}
             c.equal(f"{where} update", expected, _update_json(update))
         else:
             c.equal(

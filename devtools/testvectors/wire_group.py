@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from hushchat.protocol.consts import MAX_GROUP_FORK_DEPTH, PROTOCOL_VERSION
+from hushchat.protocol.consts import GROUP_VERSION, MAX_GROUP_HISTORY, PROTOCOL_VERSION
 from hushchat.protocol.content import (
     GroupControl,
     GroupSync,
@@ -91,7 +91,7 @@ def _control_json(data: bytes) -> Json:
     return {
         "body": h(m.body),
         "signature": h(m.signature),
-        "version": PROTOCOL_VERSION,
+        "version": GROUP_VERSION,
         "group_id": h(m.group_id),
         "parent_epoch": m.parent_epoch,
         "parent_hash": h(m.parent_hash),
@@ -133,7 +133,7 @@ def _snapshot_encode(d: Json) -> bytes:
 def _welcome_json(data: bytes) -> Json:
     w = Welcome.decode(data)
     return {
-        "version": PROTOCOL_VERSION,
+        "version": GROUP_VERSION,
         "message": h(w.message.encode()),
         "history": [h(s.encode()) for s in w.history],
     }
@@ -214,8 +214,8 @@ def samples() -> dict[str, list[tuple[str, bytes]]]:
             ("SyncRequest", SyncRequest().encode()),
             ("GroupSync of one state", GroupSync((snapshot,)).encode()),
             (
-                f"GroupSync of {MAX_GROUP_FORK_DEPTH + 1} states, the most it may hold",
-                GroupSync((snapshot,) * (MAX_GROUP_FORK_DEPTH + 1)).encode(),
+                f"GroupSync of {MAX_GROUP_HISTORY + 1} states, the most it may hold",
+                GroupSync((snapshot,) * (MAX_GROUP_HISTORY + 1)).encode(),
             ),
             (
                 "Text whose body is not UTF-8: the body is opaque bytes",
@@ -259,9 +259,9 @@ def specific_defects(name: str, sample: bytes) -> list[Defect]:
             return [
                 ("GroupSync of no state", "WrongSize", replace(sample, s, 1, [])),
                 (
-                    f"GroupSync of {MAX_GROUP_FORK_DEPTH + 2} states",
+                    f"GroupSync of {MAX_GROUP_HISTORY + 2} states",
                     "WrongSize",
-                    replace(sample, s, 1, [state] * (MAX_GROUP_FORK_DEPTH + 2)),
+                    replace(sample, s, 1, [state] * (MAX_GROUP_HISTORY + 2)),
                 ),
             ]
         return []
@@ -292,25 +292,26 @@ def specific_defects(name: str, sample: bytes) -> list[Defect]:
         ]
     if name == "Welcome":
         control = unpack(fields[1], what="test")
-        control_v2 = pack(
-            [pack([PROTOCOL_VERSION + 1, *unpack(control[0], what="test")[1:]]), control[1]]
+        control_v3 = pack(
+            [pack([GROUP_VERSION + 1, *unpack(control[0], what="test")[1:]]), control[1]]
         )
-        too_long = [fields[2][-1]] * (MAX_GROUP_FORK_DEPTH + 2)
+        too_long = [fields[2][-1]] * (MAX_GROUP_HISTORY + 2)
         return [
             (
-                "version 2 and 18 history states: the version is checked first (UNKNOWN_VERSION)",
+                "version 3 and 18 history states: the version is checked first (UNKNOWN_VERSION)",
                 "CheckOrder",
-                replace_all(sample, s, {0: PROTOCOL_VERSION + 1, 2: too_long}),
+                replace_all(sample, s, {0: GROUP_VERSION + 1, 2: too_long}),
                 "UNKNOWN_VERSION",
             ),
             (
-                "a control message of version 2 and 18 history states: the message is decoded "
+                "a control message of version 3 and 18 history states: the message is decoded "
                 "at its field, before the history is read (UNKNOWN_VERSION)",
                 "CheckOrder",
-                replace_all(sample, s, {1: control_v2, 2: too_long}),
+                replace_all(sample, s, {1: control_v3, 2: too_long}),
                 "UNKNOWN_VERSION",
             ),
-            ("version 2", "UnknownVersion", replace(sample, s, 0, PROTOCOL_VERSION + 1)),
+            ("version 1 (the fork rule)", "UnknownVersion", replace(sample, s, 0, 1)),
+            ("version 3", "UnknownVersion", replace(sample, s, 0, GROUP_VERSION + 1)),
             ("a history entry that is not bytes", "WrongType", replace(sample, s, 2, [1])),
             (
                 "18 history states",
@@ -349,10 +350,10 @@ def _control_defects(sample: bytes) -> list[Defect]:
         ),
         ("set_admin of an empty user id", "WrongSize", changed({6: 4, 7: ["", True]})),
         (
-            "signature of 63 bytes and body version 2: the outer array, the signature's size "
+            "signature of 63 bytes and body version 3: the outer array, the signature's size "
             "included, is read before the body is decoded (MALFORMED)",
             "CheckOrder",
-            changed({0: PROTOCOL_VERSION + 1}, bytes(63)),
+            changed({0: GROUP_VERSION + 1}, bytes(63)),
             "MALFORMED",
         ),
         (
@@ -376,7 +377,8 @@ def _control_defects(sample: bytes) -> list[Defect]:
             changed({7: ["", SMALL_ORDER_EDWARDS]}),
             "INVALID_KEY",
         ),
-        ("body version 2", "UnknownVersion", variant(0, PROTOCOL_VERSION + 1)),
+        ("body version 1 (the fork rule)", "UnknownVersion", variant(0, 1)),
+        ("body version 3", "UnknownVersion", variant(0, GROUP_VERSION + 1)),
         ("unknown action 6", "UnknownType", variant(6, 6)),
         ("add_member args missing the identity", "MissingField", variant(7, fields[7][:1])),
         (

@@ -54,7 +54,7 @@ from hushchat.protocol.client_core import (
     RetryRequested,
     Undecryptable,
 )
-from hushchat.protocol.consts import MAX_GROUP_FORK_DEPTH, MAX_SENDER_KEY_STATES
+from hushchat.protocol.consts import MAX_GROUP_HISTORY, MAX_SENDER_KEY_STATES
 from hushchat.protocol.group import MemberRemoved
 from hushchat.protocol.primitives import SeededRandom
 from tests.support.harness import (
@@ -311,7 +311,7 @@ class GroupMachine(RuleBasedStateMachine):
             # Only a change older than every state the receiver holds: it joined
             # (again) after it, from a welcome, and it was delayed that long.
             assert epoch is not None and envelope.parent_epoch is not None
-            assert envelope.parent_epoch < epoch - MAX_GROUP_FORK_DEPTH, events
+            assert envelope.parent_epoch < epoch - MAX_GROUP_HISTORY, events
             assert events == (Undecryptable(envelope.sender, "STALE_CHANGE"),)
             event("an old change after a rejoin")
             return
