@@ -11,16 +11,17 @@ from typing import Final
 
 # ------------------------------------------------------------------ versions
 
-# Version of every wire structure defined by spec/. A receiver refuses any
-# other value (UNKNOWN_VERSION) rather than guessing at a layout.
+# Version of every wire structure defined by spec/ but group control messages
+# and welcomes. A receiver refuses any other value (UNKNOWN_VERSION) rather
+# than guessing at a layout.
 PROTOCOL_VERSION: Final = 1
 # Version of group control messages and welcomes (spec/12-groups.md). 2 since
 # a member applies a change only on its current state and never switches to
-# another branch (issue 14: version 1's fork rule let an author who grinds
-# its change id rewind the group). A version-1 change is refused
-# (UNKNOWN_VERSION), so a member never runs the two rule sets side by side.
-# Group state snapshots keep PROTOCOL_VERSION: their layout and hashes are
-# unchanged, so stored groups load as they are.
+# another branch (version 1's fork rule let an author who grinds its change
+# id rewind the group). A version-1 change is refused (UNKNOWN_VERSION), so
+# a member never runs the two rule sets side by side. Group state snapshots
+# keep PROTOCOL_VERSION: their layout and hashes are unchanged, so stored
+# groups load as they are.
 GROUP_VERSION: Final = 2
 
 # Version of serialized state (pickles). Bumped on any layout change; older

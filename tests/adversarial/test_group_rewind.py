@@ -1,4 +1,4 @@
-"""Rewinding a group by grinding a change id (issue 14): the attacks, played with ClientCores.
+"""Rewinding a group by grinding a change id: the attacks, played with ClientCores.
 
 Until group version 2 a member followed the "best chain" (spec 12.4 of
 group version 1): a change on a held ancestor replaced the chain after it when its
