@@ -72,6 +72,11 @@ PayloadKey = tuple[int, int]  # (batch number, payload index in the batch)
 Tampering = Callable[["EnvelopeBatch"], tuple[list["EnvelopeBatch"], "EnvelopeBatch"]]
 
 
+def _is_group(batch: EnvelopeBatch) -> bool:
+    """Whether ``batch`` is a group message (SEND_GROUP): one payload of the group kind."""
+    return any(kind == ENVELOPE_GROUP for kind, _ in batch.payloads)
+
+
 class DemoFailed(Exception):
     """Something the demo shows did not happen as it should."""
 
@@ -143,7 +148,7 @@ class ObservedStorage(SqliteStorage):
                 # The storage deletes a payload with its last delivery.
                 del self._references[key]
                 self.deleted_payloads += 1
-                self.deleted_bytes += len(self.batches[key[0]].payloads[key[1]])
+                self.deleted_bytes += len(self.batches[key[0]].payloads[key[1]][1])
         return deleted
 
     async def purge_expired(self, now: int) -> int:
@@ -154,7 +159,7 @@ class ObservedStorage(SqliteStorage):
     def mailbox(self, address: Address) -> list[int]:
         """Sizes of the envelopes waiting for a device."""
         return [
-            len(self.batches[key[0]].payloads[key[1]])
+            len(self.batches[key[0]].payloads[key[1]][1])
             for recipient, key in self._waiting.values()
             if recipient == address
         ]
@@ -340,16 +345,18 @@ class Demo:
         self._mark = len(self.storage.batches)
         direct: list[str] = []
         for batch in batches:
-            if batch.kind == ENVELOPE_DIRECT:
+            if not _is_group(batch):
                 for delivery in batch.deliveries:
-                    size = len(batch.payloads[delivery.payload_index])
-                    direct.append(f"{delivery.user_id}.{delivery.device_id} ({size:,} bytes)")
+                    kind, payload = batch.payloads[delivery.payload_index]
+                    if kind == ENVELOPE_DIRECT:
+                        size = len(payload)
+                        direct.append(f"{delivery.user_id}.{delivery.device_id} ({size:,} bytes)")
                 continue
             if direct:
                 self._say_direct(direct)
                 direct = []
-            if batch.kind == ENVELOPE_GROUP:
-                (payload,) = batch.payloads
+            if _is_group(batch):
+                ((_, payload),) = batch.payloads
                 targets = ", ".join(f"{d.user_id}.{d.device_id}" for d in batch.deliveries)
                 self.n.say(
                     "relay",
@@ -378,7 +385,7 @@ class Demo:
         return event
 
     def group_batches(self, batches: Iterable[EnvelopeBatch]) -> list[EnvelopeBatch]:
-        return [b for b in batches if b.kind == ENVELOPE_GROUP]
+        return [b for b in batches if _is_group(b)]
 
     # ------------------------------------------------------------ the story
 
@@ -597,7 +604,7 @@ class Demo:
         self.n.say("alice", f"-> {GROUP_TITLE}: {quote(after)}")
         await alice.client.send_group(self.group_id, after)
         (group_batch,) = self.group_batches(self.relay_since_mark())
-        new_chain = SenderKeyMessage.decode(group_batch.payloads[0]).chain_id
+        new_chain = SenderKeyMessage.decode(group_batch.payloads[0][1]).chain_id
         self.n.say("alice", f"sender key chain {old_chain:#010x} -> {new_chain:#010x}")
         await self.show_read(bob, after)
         await self.show_read(carol, after)
@@ -612,7 +619,7 @@ class Demo:
             ("his client now", ClientCore.load(dave.store.records())),
             ("a copy of his state from before the removal", dave_before),
         ):
-            outcome = core.receive(sender, ENVELOPE_GROUP, group_batch.payloads[0], now=now)
+            outcome = core.receive(sender, ENVELOPE_GROUP, group_batch.payloads[0][1], now=now)
             results = [e for e in outcome.events if isinstance(e, Undecryptable)]
             if len(results) != len(outcome.events) or not results:
                 raise DemoFailed(f"{label} could read a message after his removal")
@@ -645,8 +652,8 @@ class Demo:
             if batch.sender_user == "mallory":
                 # A stranger's message, restamped as alice's.
                 return [], dataclasses.replace(batch, sender_user="alice", sender_device=1)
-            if batch.sender_user == "alice" and batch.kind == ENVELOPE_GROUP:
-                (payload,) = batch.payloads
+            if batch.sender_user == "alice" and _is_group(batch):
+                ((_, payload),) = batch.payloads
                 altered = bytearray(payload)
                 altered[len(altered) // 2] ^= 0x01  # one bit of alice's ciphertext
                 forged = [
@@ -717,13 +724,16 @@ class Demo:
             Delivery(a.user_id, a.device_id, secrets.token_bytes(16), 0) for a in to
         )
         return dataclasses.replace(
-            batch, payloads=(payload,), deliveries=deliveries, device_list_counters={}
+            batch,
+            payloads=((ENVELOPE_GROUP, payload),),
+            deliveries=deliveries,
+            device_list_counters={},
         )
 
     def _last_chain(self, user_id: str) -> int:
         for batch in reversed(self.group_batches(self.storage.batches)):
             if batch.sender_user == user_id:
-                return SenderKeyMessage.decode(batch.payloads[0]).chain_id
+                return SenderKeyMessage.decode(batch.payloads[0][1]).chain_id
         raise DemoFailed(f"{user_id} has sent no group message")
 
     async def safety_numbers(self) -> None:

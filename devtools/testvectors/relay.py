@@ -75,6 +75,7 @@ from hushchat.transport.wire.frames import (
     QueueEmpty,
     RelayFrame,
     Request,
+    SendChange,
     SendDirect,
     SendGroup,
     UploadPreKeys,
@@ -93,7 +94,7 @@ from hushchat.transport.wire.limits import (
     MAX_UNAUTHENTICATED_FRAME_SIZE,
     RELAY_PROTOCOL_VERSION,
 )
-from hushchat.transport.wire.records import Envelope
+from hushchat.transport.wire.records import RECEIPT_SIZE, Envelope, EnvelopeKind
 from hushchat.transport.wire.states import (
     ConnectionState,
     check_request,
@@ -144,6 +145,7 @@ REPLY_TO: dict[FrameType, FrameType] = {
     FrameType.FETCH_BUNDLE: FrameType.BUNDLE,
     FrameType.SEND_DIRECT: FrameType.ACCEPTED,
     FrameType.SEND_GROUP: FrameType.ACCEPTED,
+    FrameType.SEND_CHANGE: FrameType.ACCEPTED,
     FrameType.ACK: FrameType.OK,
     FrameType.PING: FrameType.OK,
 }
@@ -269,6 +271,12 @@ def frame_json(frame: Frame) -> Json:
                 payload=_b(frame.payload),
                 recipients=[[u, d] for u, d in frame.recipients],
             )
+        case SendChange():
+            out.update(
+                request_id=frame.request_id,
+                receipt=h(frame.receipt),
+                messages=[[u, [[d, _b(p)] for d, p in ps]] for u, ps in frame.messages],
+            )
         case Ack():
             out.update(request_id=frame.request_id, guids=[h(g) for g in frame.guids])
         case Ping() | Ok():
@@ -339,6 +347,11 @@ def frame_from_json(d: Json) -> Frame:
     if kind is FrameType.SEND_GROUP:
         recipients = tuple((u, device) for u, device in d["recipients"])
         return SendGroup(rid, unhex_any(d["payload"]), recipients)
+    if kind is FrameType.SEND_CHANGE:
+        per_user = tuple(
+            (u, tuple((device, unhex_any(p)) for device, p in ps)) for u, ps in d["messages"]
+        )
+        return SendChange(rid, unhex_any(d["receipt"]), per_user)
     if kind is FrameType.ACK:
         return Ack(rid, tuple(unhex_any(g) for g in d["guids"]))
     if kind is FrameType.PING:
@@ -471,6 +484,10 @@ def _payload(label: str, size: int = 48) -> bytes:
     return seeded("relay/payload/" + label).random_bytes(size)
 
 
+def _receipt(label: str) -> bytes:
+    return seeded("relay/receipt/" + label).random_bytes(RECEIPT_SIZE)
+
+
 def _filled(head: bytes, size: int) -> bytes:
     """``head`` (ending before a byte string), then a bin 32 of ``size`` zero bytes."""
     return head + b"\xc6" + size.to_bytes(4, "big") + bytes(size)
@@ -487,6 +504,14 @@ def _request_cases() -> list[tuple[str, str, ConnectionState, bytes]]:
     guids = [_guid("a"), _guid("b")]
     direct = SendDirect(9, "bob", ((1, _payload("direct 1")), (2, _payload("direct 2"))))
     group = SendGroup(10, _payload("group"), (("bob", 1), ("carol", 3)))
+    change = SendChange(
+        16,
+        _receipt("change"),
+        (
+            ("bob", ((1, _payload("change bob 1")), (2, _payload("change bob 2")))),
+            ("carol", ((3, _payload("change carol 3")),)),
+        ),
+    )
     a = AUTHENTICATED
     valid: list[tuple[str, str, ConnectionState, bytes]] = [
         ("HELLO", "Valid", AWAIT_HELLO, frame_bytes(Hello(0, RELAY_PROTOCOL_VERSION, 114))),
@@ -514,6 +539,14 @@ def _request_cases() -> list[tuple[str, str, ConnectionState, bytes]]:
             "EmptySend",
             a,
             frame_bytes(SendGroup(11, _payload("alone"), ())),
+        ),
+        ("SEND_CHANGE to two users' devices", "Valid", a, frame_bytes(change)),
+        (
+            "SEND_CHANGE to no device (a group whose only member is the sender's only device): "
+            "the relay queues the receipt alone",
+            "EmptySend",
+            a,
+            frame_bytes(SendChange(17, _receipt("alone"), ())),
         ),
         ("ACK of two envelopes", "Valid", a, frame_bytes(Ack(12, tuple(guids)))),
         ("PING before AUTH", "Valid", UNAUTHENTICATED, frame_bytes(Ping(13))),
@@ -543,12 +576,17 @@ def _invalid_request_cases() -> list[tuple[str, str, ConnectionState, bytes, str
     kem = _prekeys(device).one_time_kem[0]
     too_many_keys = [[i, bytes(32)] for i in range(MAX_PREKEYS_PER_UPLOAD + 1)]
     recipients_head = pack([19, 20, b"x", [0] * (MAX_RECIPIENTS_PER_SEND + 1)])
+    receipt = _receipt("invalid")
+    half = MAX_RECIPIENTS_PER_SEND // 2
+    bob = [[device_id, b""] for device_id in range(half)]
+    overflow = [["bob", bob], ["carol", [0] * (MAX_RECIPIENTS_PER_SEND - half + 1)]]
+    change_head = pack([23, 44, receipt, overflow])
     return [
         (
             "HELLO with its array as array 16",
             "NonCanonical",
             AWAIT_HELLO,
-            encode_frame(b"\xdc\x00\x04\x01\x00\x02\x72"),
+            encode_frame(b"\xdc\x00\x04\x01\x00\x03\x72"),
             BadFrame.code,
         ),
         ("an empty body", "NotAnArray", AWAIT_HELLO, encode_frame(b""), BadFrame.code),
@@ -577,14 +615,14 @@ def _invalid_request_cases() -> list[tuple[str, str, ConnectionState, bytes, str
             BadFrame.code,
         ),
         (
-            "HELLO of relay protocol version 1",
+            "HELLO of relay protocol version 3 (without SEND_CHANGE)",
             "UnsupportedVersion",
             AWAIT_HELLO,
-            raw_frame([1, 0, 1, 114]),
+            raw_frame([1, 0, 3, 114]),
             UnsupportedVersion.code,
         ),
         (
-            "HELLO of version 4 with fields this version does not know",
+            "HELLO of version 5 with fields this version does not know",
             "UnsupportedVersion",
             AWAIT_HELLO,
             raw_frame([1, 0, RELAY_PROTOCOL_VERSION + 1, "new", [1, 2]]),
@@ -674,6 +712,44 @@ def _invalid_request_cases() -> list[tuple[str, str, ConnectionState, bytes, str
             a,
             raw_frame([19, 22, b"x", [["bob", 1]], ["alice", 1]]),
             BadFrame.code,
+        ),
+        (
+            "SEND_CHANGE with a receipt of 15 bytes",
+            "WrongFields",
+            a,
+            raw_frame([23, 40, receipt[:15], [["bob", [[1, b"x"]]]]]),
+            BadFrame.code,
+        ),
+        (
+            "SEND_CHANGE naming a user twice",
+            "Duplicate",
+            a,
+            raw_frame([23, 41, receipt, [["bob", [[1, b"x"]]], ["bob", [[2, b"y"]]]]]),
+            BadFrame.code,
+        ),
+        (
+            "SEND_CHANGE naming a device of a user twice",
+            "Duplicate",
+            a,
+            raw_frame([23, 42, receipt, [["bob", [[1, b"x"], [1, b"y"]]]]]),
+            BadFrame.code,
+        ),
+        (
+            f"SEND_CHANGE naming MAX_RECIPIENTS_PER_SEND + 1 ({MAX_RECIPIENTS_PER_SEND + 1}) "
+            "devices over two users, the second user's entries malformed: a user's count is "
+            "checked against what the users before it left, before its entries are read "
+            "(TOO_MANY_RECIPIENTS)",
+            "CheckOrder",
+            a,
+            encode_frame(change_head),
+            "TOO_MANY_RECIPIENTS",
+        ),
+        (
+            "SEND_CHANGE before AUTH",
+            "UnexpectedFrame",
+            u,
+            frame_bytes(SendChange(43, receipt, (("bob", ((1, b"x"),)),))),
+            UnexpectedFrame.code,
         ),
         ("ACK of no envelope", "WrongFields", a, raw_frame([21, 23, []]), BadFrame.code),
         (
@@ -770,6 +846,22 @@ def _relay_frames() -> list[tuple[str, str, bytes]]:
         ("BUNDLE", "Valid", frame_bytes(BundleFrame(8, bundle))),
         ("ACCEPTED", "Valid", frame_bytes(Accepted(9, SERVER_TS))),
         ("ENVELOPE", "Valid", frame_bytes(EnvelopePush(envelope))),
+        (
+            "ENVELOPE of kind 3: a SEND_CHANGE's receipt, from the device itself",
+            "Valid",
+            frame_bytes(
+                EnvelopePush(
+                    Envelope(
+                        _guid("receipt"),
+                        SERVER_TS,
+                        "alice",
+                        1,
+                        EnvelopeKind.RECEIPT,
+                        _receipt("change"),
+                    )
+                )
+            ),
+        ),
         ("QUEUE_EMPTY", "Valid", frame_bytes(QueueEmpty())),
         ("PREKEYS_LOW", "Valid", frame_bytes(PreKeysLow(0, 0))),
         (
@@ -791,7 +883,10 @@ def _relay_frames() -> list[tuple[str, str, bytes]]:
         (
             "ERROR UNSUPPORTED_VERSION (detail: the versions spoken)",
             "Valid",
-            error(0, UnsupportedVersion("version 1 is not spoken", supported=[3])),
+            error(
+                0,
+                UnsupportedVersion("version 3 is not spoken", supported=[RELAY_PROTOCOL_VERSION]),
+            ),
         ),
         (
             "ERROR UNKNOWN_USER (detail: the user id)",

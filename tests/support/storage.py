@@ -58,10 +58,9 @@ def batch(
     return EnvelopeBatch(
         sender_user="alice",
         sender_device=1,
-        kind=kind,
         server_ts=server_ts,
         expires_at=expires_at,
-        payloads=payloads,
+        payloads=tuple((kind, payload) for payload in payloads),
         deliveries=tuple(
             Delivery(u, d, secrets.token_bytes(16), min(i, len(payloads) - 1))
             for i, (u, d) in enumerate(deliveries)

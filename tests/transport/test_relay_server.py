@@ -639,6 +639,69 @@ async def test_group_fan_out_stores_the_payload_once(tmp_path: Path) -> None:
                 assert (envelope.sender_user, envelope.sender_device) == ("alice", 1)
 
 
+async def test_a_change_reaches_every_device_and_its_receipt_our_own_mailbox() -> None:
+    alice, bob, carol = make_user("alice", [1, 2]), make_user("bob", [1, 2]), make_user("carol")
+    receipt = bytes(range(16))
+    async with running_relay(relay_config()) as port:
+        await register(port, alice, bob, carol)
+        async with connected(port, alice.devices[1]) as sender:
+            assert await envelopes_until_empty(sender) == []
+            messages = [
+                ("alice", [(2, b"to alice 2")]),
+                ("bob", [(1, b"to bob 1"), (2, b"to bob 2")]),
+                ("carol", [(1, b"to carol 1")]),
+            ]
+            await sender.send_change(receipt, messages)
+            own = await next_envelope(sender)
+            assert (own.kind, own.payload) == (EnvelopeKind.RECEIPT, receipt)
+            assert (own.sender_user, own.sender_device) == ("alice", 1)
+            with pytest.raises(DeviceListMismatch) as info:  # every device of every user named
+                await sender.send_change(receipt, [("bob", [(1, b"x")])])
+            assert info.value.mismatches[0].missing == (2,)
+            with pytest.raises(InvalidArgument):
+                await sender.send_change(receipt[:15], [])
+        for user, device_id, payload in [
+            (alice, 2, b"to alice 2"),
+            (bob, 1, b"to bob 1"),
+            (bob, 2, b"to bob 2"),
+            (carol, 1, b"to carol 1"),
+        ]:
+            async with connected(port, user.devices[device_id]) as receiver:
+                envelopes = await envelopes_until_empty(receiver)
+                assert [(e.kind, e.payload) for e in envelopes] == [(EnvelopeKind.DIRECT, payload)]
+
+
+async def test_concurrent_changes_reach_every_device_in_one_order() -> None:
+    # Two admins change a group at once, each to the other and to bob and carol: every
+    # device meets the two changes in the same order, and each author its own receipt at
+    # its change's place (spec 7.8, Order).
+    alice, bob, carol, dave = (make_user(u) for u in ("alice", "bob", "carol", "dave"))
+    authors = {"alice": alice, "dave": dave}
+    async with running_relay(relay_config()) as port:
+        await register(port, alice, bob, carol, dave)
+
+        async def change(author: str, rounds: int) -> None:
+            others = [u for u in ("alice", "bob", "carol", "dave") if u != author]
+            async with connected(port, authors[author].devices[1]) as connection:
+                for n in range(rounds):
+                    tag = f"{author}:{n}".encode()
+                    receipt = tag.ljust(16, b".")
+                    await connection.send_change(receipt, [(u, [(1, tag)]) for u in others])
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(change, "alice", 20)
+            nursery.start_soon(change, "dave", 20)
+        orders = {}
+        for user in (alice, bob, carol, dave):
+            async with connected(port, user.devices[1]) as receiver:
+                envelopes = await envelopes_until_empty(receiver)
+                orders[user.user_id] = [e.payload.rstrip(b".") for e in envelopes]
+        assert len(orders["bob"]) == 40
+        assert orders["carol"] == orders["bob"]
+        # An author meets its receipts where the others meet its changes.
+        assert orders["alice"] == orders["bob"] == orders["dave"]
+
+
 async def test_a_send_to_no_device_stores_nothing(tmp_path: Path) -> None:
     # A hostile client sends to no device at all: the relay accepts (a group of one member
     # with one device sends so), but a payload no delivery refers to would never be deleted,

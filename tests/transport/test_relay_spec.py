@@ -76,7 +76,7 @@ def test_rate_limit_defaults_match() -> None:
 
 
 EXAMPLES = [
-    encode_frame(encode_body(Hello(0, 3, 114))),
+    encode_frame(encode_body(Hello(0, limits.RELAY_PROTOCOL_VERSION, 114))),
     auth_message("relay.example", bytes(range(32)), "alice", 1),
     encode_frame(
         encode_body(

@@ -89,6 +89,7 @@ from ..wire.frames import (
     QueueEmpty,
     RelayFrame,
     Request,
+    SendChange,
     SendDirect,
     SendGroup,
     UploadPreKeys,
@@ -107,7 +108,7 @@ from ..wire.limits import (
     RECEIVE_CHUNK_SIZE,
     RELAY_PROTOCOL_VERSION,
 )
-from ..wire.records import GUID_SIZE, Envelope, PreKeyCounts
+from ..wire.records import GUID_SIZE, RECEIPT_SIZE, Envelope, PreKeyCounts
 from ..wire.states import ConnectionState, check_request, state_after_error, state_after_success
 
 logger = logging.getLogger("hushchat.client")
@@ -258,6 +259,23 @@ class RelayConnection:
         reply = await self._request(
             lambda rid: SendGroup(rid, payload, tuple(recipients)), Accepted
         )
+        return reply.server_ts
+
+    async def send_change(
+        self, receipt: bytes, messages: Sequence[tuple[str, Sequence[tuple[int, bytes]]]]
+    ) -> int:
+        """Queue a group change: per user, one payload per current device, in one commit.
+
+        The relay also queues ``receipt`` (16 bytes) in our own mailbox, at
+        the change's place in its order (a RECEIPT envelope from ourselves).
+        DeviceListMismatch as for :meth:`send_direct`. Server timestamp (ms).
+        """
+        if len(receipt) != RECEIPT_SIZE:
+            raise InvalidArgument(f"a receipt is {RECEIPT_SIZE} bytes")
+        for user_id, _ in messages:
+            check_user_id(user_id)
+        frozen = tuple((user_id, tuple(payloads)) for user_id, payloads in messages)
+        reply = await self._request(lambda rid: SendChange(rid, receipt, frozen), Accepted)
         return reply.server_ts
 
     async def ack(self, *guids: bytes) -> None:

@@ -76,6 +76,7 @@ from ..wire.frames import (
     QueueEmpty,
     RelayFrame,
     Request,
+    SendChange,
     SendDirect,
     SendGroup,
     UploadPreKeys,
@@ -351,6 +352,8 @@ class RelaySession:
                 return await self._send_direct(request)
             case SendGroup():
                 return await self._send_group(request)
+            case SendChange():
+                return await self._send_change(request)
             case Ack():
                 return Ok(request.request_id)  # the deletion follows the reply (_start_deletion)
             case Ping():
@@ -513,8 +516,8 @@ class RelaySession:
             Delivery(request.user_id, device_id, next(guids), index)
             for index, (device_id, _) in enumerate(request.messages)
         )
-        payloads = tuple(payload for _, payload in request.messages)
-        server_ts = await self._store(EnvelopeKind.DIRECT, named, payloads, deliveries)
+        payloads = tuple((EnvelopeKind.DIRECT, payload) for _, payload in request.messages)
+        server_ts = await self._store(named, payloads, deliveries)
         return Accepted(request.request_id, server_ts)
 
     async def _send_group(self, request: SendGroup) -> RelayFrame:
@@ -527,7 +530,30 @@ class RelaySession:
             Delivery(user_id, device_id, next(guids), 0)
             for user_id, device_id in request.recipients
         )
-        server_ts = await self._store(EnvelopeKind.GROUP, named, (request.payload,), deliveries)
+        payloads = ((EnvelopeKind.GROUP, request.payload),)
+        server_ts = await self._store(named, payloads, deliveries)
+        return Accepted(request.request_id, server_ts)
+
+    async def _send_change(self, request: SendChange) -> RelayFrame:
+        """A group change: every payload, and the receipt for ourselves, in one commit."""
+        self._check_send_rate()
+        named = {user_id: {d for d, _ in payloads} for user_id, payloads in request.messages}
+        items = [
+            (user_id, device_id, payload)
+            for user_id, payloads in request.messages
+            for device_id, payload in payloads
+        ]
+        guids = _guids(len(items) + 1)
+        deliveries = tuple(
+            Delivery(user_id, device_id, next(guids), index)
+            for index, (user_id, device_id, _) in enumerate(items)
+        )
+        receipt = Delivery(self.user_id, self.device_id, next(guids), len(items))
+        payloads = (
+            *((EnvelopeKind.DIRECT, payload) for _, _, payload in items),
+            (EnvelopeKind.RECEIPT, request.receipt),
+        )
+        server_ts = await self._store(named, payloads, (*deliveries, receipt))
         return Accepted(request.request_id, server_ts)
 
     def _check_recipients(
@@ -546,9 +572,8 @@ class RelaySession:
 
     async def _store(
         self,
-        kind: EnvelopeKind,
         named: dict[str, set[int]],
-        payloads: tuple[bytes, ...],
+        payloads: tuple[tuple[EnvelopeKind, bytes], ...],
         deliveries: tuple[Delivery, ...],
     ) -> int:
         """Check the named devices against the directory, then commit; the server timestamp.
@@ -572,7 +597,6 @@ class RelaySession:
             batch = EnvelopeBatch(
                 sender_user=self.user_id,
                 sender_device=self.device_id,
-                kind=kind,
                 server_ts=server_ts,
                 expires_at=server_ts + 1000 * self._relay.config.retention_seconds,
                 payloads=payloads,
@@ -596,13 +620,14 @@ class RelaySession:
         for delivery, (epoch, seq) in zip(batch.deliveries, positions, strict=True):
             session = self._relay.session_of(delivery.user_id, delivery.device_id)
             if session is not None:
+                kind, payload = batch.payloads[delivery.payload_index]
                 envelope = Envelope(
                     delivery.guid,
                     batch.server_ts,
                     batch.sender_user,
                     batch.sender_device,
-                    batch.kind,
-                    batch.payloads[delivery.payload_index],
+                    kind,
+                    payload,
                 )
                 session.hand_over(QueuedEnvelope(seq, envelope, epoch))
 

@@ -48,7 +48,7 @@ from .limits import (
     MAX_RECIPIENTS_PER_SEND,
     RELAY_PROTOCOL_VERSION,
 )
-from .records import GUID_SIZE, Envelope
+from .records import GUID_SIZE, RECEIPT_SIZE, Envelope
 
 # Longest relay name (WELCOME), in UTF-8 bytes: a DNS name fits.
 MAX_RELAY_NAME_SIZE = 255
@@ -76,6 +76,7 @@ class FrameType(IntEnum):
     ACCEPTED = 20
     ACK = 21
     PING = 22
+    SEND_CHANGE = 23
     ENVELOPE = 30
     QUEUE_EMPTY = 31
     PREKEYS_LOW = 32
@@ -357,6 +358,55 @@ class SendGroup:
 
 
 @dataclass(frozen=True, slots=True)
+class SendChange:
+    """``[23, request_id, receipt bin16, [[user_id, [[device_id, payload bin], ...]], ...]]``
+    -> ACCEPTED.
+
+    A group change: per named user, one payload per current device (for
+    one's own user: per other device), each user once and each of its
+    devices once. The relay queues them all, and a RECEIPT envelope carrying
+    ``receipt`` in the sending device's own mailbox, in one transaction: every
+    device meets the change, and the author its receipt, at one place in the
+    relay's order (spec/12-groups.md, section 12.4).
+    """
+
+    TYPE: ClassVar[FrameType] = FrameType.SEND_CHANGE
+    request_id: int
+    receipt: bytes
+    messages: tuple[tuple[str, tuple[tuple[int, bytes], ...]], ...] = field(repr=False)
+
+    def to_wire(self) -> list[Any]:
+        return [
+            self.request_id,
+            self.receipt,
+            [[user_id, [[d, p] for d, p in payloads]] for user_id, payloads in self.messages],
+        ]
+
+    @classmethod
+    def read(cls, fields: Fields, limits: RequestLimits) -> SendChange:
+        request_id = fields.uint()
+        receipt = fields.bin(RECEIPT_SIZE)
+        users = _items(fields, limits.max_recipients, TooManyRecipients, "users")
+        messages = []
+        count = 0
+        for index, item in enumerate(users):
+            entry = Fields(item, what=f"users[{index}]", count=2)
+            user_id = _user_id(entry)
+            devices = _items(entry, limits.max_recipients - count, TooManyRecipients, "devices")
+            count += len(devices)
+            payloads = []
+            for number, device in enumerate(devices):
+                pair = Fields(device, what=f"users[{index}][{number}]", count=2)
+                payloads.append((pair.uint(), _payload(pair, limits)))
+            if len({d for d, _ in payloads}) != len(payloads):
+                raise BadFrame("a device is named twice")
+            messages.append((user_id, tuple(payloads)))
+        if len({u for u, _ in messages}) != len(messages):
+            raise BadFrame("a user is named twice")
+        return cls(request_id, receipt, tuple(messages))
+
+
+@dataclass(frozen=True, slots=True)
 class Ack:
     """``[21, request_id, [guid bin16, ...]]`` -> OK: these envelopes are processed; delete them.
 
@@ -408,6 +458,7 @@ Request = (
     | FetchBundle
     | SendDirect
     | SendGroup
+    | SendChange
     | Ack
     | Ping
 )
@@ -423,6 +474,7 @@ _REQUEST_TYPES: dict[int, type[Request]] = {
         FetchBundle,
         SendDirect,
         SendGroup,
+        SendChange,
         Ack,
         Ping,
     )

@@ -23,7 +23,9 @@ from hushchat.protocol.consts import (
 # Version of the relay protocol (frames, handshake, error codes), negotiated
 # by HELLO. Separate from hushchat.protocol.consts.PROTOCOL_VERSION: the relay carries
 # protocol messages as opaque bytes, so either can change without the other.
-RELAY_PROTOCOL_VERSION: Final = 3
+# 4 adds SEND_CHANGE and its RECEIPT envelopes (one place in the relay's
+# order for a group change, spec/12-groups.md section 12.4).
+RELAY_PROTOCOL_VERSION: Final = 4
 
 # ------------------------------------------------------------------ sizes
 

@@ -21,13 +21,16 @@ from .limits import MAX_FRAME_SIZE
 # Envelope ids: 16 random bytes chosen by the relay (as a UUID), unique per
 # delivery, named by the recipient's acknowledgement.
 GUID_SIZE = 16
+# A SEND_CHANGE's receipt: 16 bytes the sender chooses, returned to it alone.
+RECEIPT_SIZE = 16
 
 
 class EnvelopeKind(IntEnum):
     """What a payload is; the relay sets it from the kind of send and never reads the payload."""
 
-    DIRECT = 1  # a one-to-one Double Ratchet message (SEND_DIRECT)
+    DIRECT = 1  # a one-to-one Double Ratchet message (SEND_DIRECT, SEND_CHANGE)
     GROUP = 2  # a group sender-key message (SEND_GROUP)
+    RECEIPT = 3  # a SEND_CHANGE's receipt, in the sending device's own mailbox
 
 
 @dataclass(frozen=True, slots=True)

@@ -48,6 +48,7 @@ ALLOWED_REQUESTS: Final[dict[ConnectionState, frozenset[FrameType]]] = {
             FrameType.FETCH_BUNDLE,
             FrameType.SEND_DIRECT,
             FrameType.SEND_GROUP,
+            FrameType.SEND_CHANGE,
             FrameType.ACK,
             FrameType.PING,
         }

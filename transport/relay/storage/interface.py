@@ -69,18 +69,19 @@ class Delivery:
 class EnvelopeBatch:
     """Everything one send stores, atomically.
 
-    Each payload is stored once, however many deliveries name it (a group
-    send has one payload and many deliveries). ``device_list_counters``
-    are the recipients' device-list counters the sender was checked
-    against; if any changed, nothing is stored (StorageConflict).
+    Each payload (its envelope kind and bytes) is stored once, however many
+    deliveries name it (a group send has one payload and many deliveries; a
+    group change has one per device, and its receipt for the sender).
+    ``device_list_counters`` are the recipients' device-list counters the
+    sender was checked against; if any changed, nothing is stored
+    (StorageConflict).
     """
 
     sender_user: str
     sender_device: int
-    kind: int
     server_ts: int
     expires_at: int
-    payloads: tuple[bytes, ...] = field(repr=False)
+    payloads: tuple[tuple[int, bytes], ...] = field(repr=False)
     deliveries: tuple[Delivery, ...]
     device_list_counters: Mapping[str, int]
 

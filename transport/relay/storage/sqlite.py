@@ -617,9 +617,9 @@ class SqliteDatabase:
                         PayloadContent(
                             batch.sender_user,
                             batch.sender_device,
-                            batch.kind,
+                            batch.payloads[index][0],
                             batch.server_ts,
-                            batch.payloads[index],
+                            batch.payloads[index][1],
                         ),
                         next(nonces),
                     ),
