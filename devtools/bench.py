@@ -52,7 +52,16 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from hushchat.protocol.account import Account
-from hushchat.protocol.client_core import ENVELOPE_DIRECT, Address, ClientCore, GroupSend, RecordKey
+from hushchat.protocol.client_core import (
+    ENVELOPE_DIRECT,
+    ENVELOPE_RECEIPT,
+    Address,
+    ChangeSend,
+    ClientCore,
+    GroupSend,
+    RecordKey,
+    Send,
+)
 from hushchat.protocol.consts import (
     GROUP_STATE_HASH_CONTEXT,
     KDF_PREFIX,
@@ -543,9 +552,15 @@ class _GroupBench:
 
     def cycle_member(self, group_id: bytes) -> None:
         """Add the spare member, let it get our key, remove it: our next send rotates."""
-        self.me.add_member(group_id, self.spare.user_id, now=NOW)
+        self._took_effect(self.me.add_member(group_id, self.spare.user_id, now=NOW))
         self.send(group_id)
-        self.me.remove_member(group_id, self.spare.user_id, now=NOW)
+        self._took_effect(self.me.remove_member(group_id, self.spare.user_id, now=NOW))
+
+    def _took_effect(self, sends: list[Send]) -> None:
+        """The relay's receipt for our change comes back: the change applies."""
+        (change,) = sends
+        assert isinstance(change, ChangeSend)
+        self.me.receive(self.me.address, ENVELOPE_RECEIPT, change.receipt, now=NOW)
 
 
 def _group_send_case(bench: _GroupBench, size: int, floor: Callable[[], object]) -> Case:

@@ -178,6 +178,11 @@ MAX_GROUP_HISTORY: Final = 16
 GROUP_CONTROL_SIGNATURE_CONTEXT: Final = b"hushchat_group_control"
 GROUP_CHANGE_ID_CONTEXT: Final = b"hushchat_group_change"
 GROUP_STATE_HASH_CONTEXT: Final = b"hushchat_group_state"
+# Bytes of the receipt an author device gets back from the relay with its own
+# group change (spec/07 SEND_CHANGE): drawn at random per change so that the
+# author tells its current change's receipt from an older one's; 16 bytes
+# make a collision between two changes of one device negligible.
+CHANGE_RECEIPT_SIZE: Final = 16
 # Control messages a device holds because they arrived before the change they
 # build on (or before the welcome of their group): a relay may reorder
 # envelopes from different senders. They apply once their parent arrives. The

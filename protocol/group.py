@@ -452,6 +452,20 @@ def _decode_action(code: int, args: Fields) -> Action:
     return action
 
 
+def encode_action(action: Action) -> bytes:
+    """An action alone, as a control message body carries it: ``pack([action, args])``."""
+    return pack([int(action.code), action.args()])
+
+
+def decode_action(data: bytes) -> Action:
+    """Inverse of :func:`encode_action`; DecodeError (or InvalidKey) if it is not one."""
+    fields = Fields.decode(data, what="action", count=2)
+    code = fields.uint()
+    args = fields.nested(what="args")
+    fields.end()
+    return _decode_action(code, args)
+
+
 # ------------------------------------------------------------------ state
 
 

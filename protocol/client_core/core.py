@@ -5,7 +5,8 @@ device lists (several devices per user), one-to-one sessions with every
 device, sender keys for groups, group membership, and the content carried
 inside the encryption. It does no I/O: the transport feeds it what the relay
 delivers (envelopes, bundles, device lists) and carries out what it returns
-(:class:`DirectSend`, :class:`GroupSend`). Time is passed in.
+(:class:`DirectSend`, :class:`GroupSend`, :class:`ChangeSend`). Time is
+passed in.
 
 Persistence: every method that changes state marks the records it touched;
 :meth:`ClientCore.take_changes` hands them over serialized (``None`` means
@@ -28,7 +29,10 @@ Rules the core enforces (spec/11-devices.md, spec/12-groups.md):
   new key only to the remaining devices;
 * a group message that cannot be decrypted surfaces as :class:`Undecryptable`
   and, when a session exists, a retry request goes back to its sender, who
-  answers with its current sender key.
+  answers with its current sender key;
+* a group change applies only on the current state; our own takes effect
+  when the relay's receipt for it arrives, unless another came first
+  (spec/12-groups.md, section 12.4).
 
 Each concern is a collaborator over one shared :class:`CoreState`: the
 :class:`Directory` (device lists), :class:`Sessions` (one-to-one),
@@ -73,7 +77,16 @@ from .events import Address, IdentityChanged, Undecryptable
 from .groups import GroupMessages
 from .membership import Membership
 from .records import RecordKey
-from .sends import ENVELOPE_DIRECT, ENVELOPE_GROUP, DirectSend, GroupSend, Outcome, Send
+from .sends import (
+    ENVELOPE_DIRECT,
+    ENVELOPE_GROUP,
+    ENVELOPE_RECEIPT,
+    ChangeSend,
+    DirectSend,
+    GroupSend,
+    Outcome,
+    Send,
+)
 from .state import CoreState
 
 
@@ -301,7 +314,54 @@ class ClientCore:
         return self._membership.remove_member(group_id, user_id, now=now)
 
     def leave_group(self, group_id: bytes, *, now: int) -> list[Send]:
+        """Leave the group (any member; the last admin promotes another first)."""
         return self._membership.leave_group(group_id, now=now)
+
+    def set_admin(self, group_id: bytes, user_id: str, admin: bool, *, now: int) -> list[Send]:
+        """(Admin.) Promote (``admin=True``) or demote a member."""
+        return self._membership.set_admin(group_id, user_id, admin, now=now)
+
+    def set_title(self, group_id: bytes, title: str, *, now: int) -> list[Send]:
+        """(Admin.) Rename the group."""
+        return self._membership.set_title(group_id, title, now=now)
+
+    def has_pending_change(self, group_id: bytes) -> bool:
+        """Whether our last change of this group awaits its receipt (a next one waits).
+
+        A change (add, remove, leave, admin, title) takes effect for us when
+        the relay's receipt for it arrives, as for every member when the
+        change does; until then another change of the group raises
+        ChangePending. :class:`GroupUpdated` (from ourselves) tells it took
+        effect, :class:`GroupChangeFailed` that it did not.
+        """
+        return self._membership.has_pending_change(group_id)
+
+    def waiting_changes(self) -> tuple[bytes, ...]:
+        """Groups whose change of ours lost its epoch and, to be proposed again, needs
+        sessions with devices that joined meanwhile: for each, fetch the bundles of
+        :meth:`change_needs`, then :meth:`retry_change`."""
+        return self._membership.waiting_changes()
+
+    def change_needs(self, group_id: bytes, *, now: int) -> list[Address]:
+        """Devices our waiting change of this group needs sessions with."""
+        return self._membership.change_needs(group_id, now=now)
+
+    def retry_change(self, group_id: bytes, *, now: int) -> Outcome:
+        """Propose our waiting change of this group again (its sends; or a
+        GroupChangeFailed if no longer allowed). MissingSessions: it keeps waiting."""
+        return self._membership.retry_change(group_id, now=now)
+
+    def resend_change(self, send: ChangeSend, *, now: int) -> ChangeSend | None:
+        """Encrypt a refused change again for its users' current devices (None: obsolete).
+
+        As :meth:`resend_direct`, for a :class:`ChangeSend` refused for a
+        stale device list. MissingSessions if a session is still missing.
+        """
+        return self._membership.resend_change(send, now=now)
+
+    def abandon_change(self, send: ChangeSend) -> Outcome:
+        """The relay kept refusing ``send``: drop our change (a GroupChangeFailed event)."""
+        return self._membership.abandon_change(send)
 
     def group_send_needs(self, group_id: bytes, *, now: int) -> list[Address]:
         """Devices a group send would need a session with (fetch their bundles)."""
@@ -352,6 +412,8 @@ class ClientCore:
                 return self._receive_direct(sender, payload, now)
             if kind == ENVELOPE_GROUP:
                 return self._messages.receive(sender, payload, now)
+            if kind == ENVELOPE_RECEIPT:
+                return self._membership.receive_receipt(sender, payload, now)
         except DuplicateMessage:
             return Outcome()
         except ProtocolError as exc:
@@ -375,7 +437,7 @@ class ClientCore:
         if isinstance(content, RetryRequest):
             return self._messages.receive_retry(sender, content, now)
         if isinstance(content, GroupControl):
-            return self._membership.receive_control(sender, content)
+            return self._membership.receive_control(sender, content, now)
         if sender.user_id != self.user_id:
             # Sync traffic is between one user's own devices only.
             return Outcome(events=(Undecryptable(sender, UnauthorizedChange.code),))

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TypeAlias
 
-from ..group import GroupEvent
+from ..group import Action, GroupEvent
 
 
 @dataclass(frozen=True, slots=True, order=True)
@@ -81,6 +81,21 @@ class GroupUpdated:
 
 
 @dataclass(frozen=True, slots=True)
+class GroupChangeFailed:
+    """Our change ``action`` did not take effect and was not proposed again.
+
+    ``reason``: STALE_CHANGE (another change came first for its epoch and the
+    action is no longer allowed after it), NOT_A_MEMBER (we are no longer in
+    the group), SEND_DROPPED (the relay kept refusing it), or the code that
+    refused it when it came to apply.
+    """
+
+    group_id: bytes
+    action: Action
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
 class RetryRequested:
     """A device could not read our group message; it was sent our sender key again."""
 
@@ -96,5 +111,6 @@ Event: TypeAlias = (
     | IdentityChanged
     | Undecryptable
     | GroupUpdated
+    | GroupChangeFailed
     | RetryRequested
 )

@@ -5,17 +5,28 @@ change; this module carries them between devices, holds a change that
 arrived before the one it builds on, and keeps what follows from a change:
 when a member leaves, our sender key is retired and theirs forgotten.
 A newly linked device asks our other devices for the groups they hold.
+
+Our own change is a *candidate* (spec/12-groups.md, section 12.4): signed
+and sent to every device that holds the group in one relay send, with a
+receipt the relay queues for us at the change's place in its order, and
+applied only when that receipt comes back while the group is still at the
+change's parent. If another change came first, ours is proposed again on the
+new state (or dropped, with :class:`GroupChangeFailed`, if no longer
+allowed); if that needs sessions with devices that joined meanwhile, it
+waits for them (:meth:`Membership.waiting_changes`). One candidate per
+group at a time (:class:`ChangePending`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
 
-from ..consts import GROUP_ID_SIZE, MAX_HELD_GROUP_CONTROLS, MAX_LEFT_GROUPS
+from ..consts import CHANGE_RECEIPT_SIZE, GROUP_ID_SIZE, MAX_HELD_GROUP_CONTROLS, MAX_LEFT_GROUPS
 from ..content import GroupControl, GroupSync, SyncRequest
 from ..errors import (
     DecodeError,
     InvalidArgument,
+    InvalidState,
     RemoteProtocolError,
     StaleChange,
     UnauthorizedChange,
@@ -31,17 +42,29 @@ from ..group import (
     Leave,
     MemberRemoved,
     RemoveMember,
+    SetAdmin,
+    SetTitle,
     Welcome,
     decode_states,
     describe_change,
 )
-from .direct import Sessions
+from .direct import MissingSessions, Sessions
 from .directory import DeviceListNeeded, Directory
-from .events import Address, Event, GroupUpdated
+from .events import Address, Event, GroupChangeFailed, GroupUpdated, Undecryptable
 from .groups import GroupMessages
 from .records import RecordKey
-from .sends import Outcome, Send
-from .state import CoreState
+from .sends import ChangeSend, Outcome, Send
+from .state import CoreState, PendingChange
+
+
+class ChangePending(InvalidState):
+    """Our previous change of this group awaits its receipt: change again once it took effect."""
+
+    code = "CHANGE_PENDING"
+
+    def __init__(self, group_id: bytes) -> None:
+        self.group_id = group_id
+        super().__init__(f"a change of group {group_id.hex()} is in flight")
 
 
 class Membership:
@@ -115,34 +138,193 @@ class Membership:
     def leave_group(self, group_id: bytes, *, now: int) -> list[Send]:
         return self._change_group(group_id, Leave(), now)
 
+    def set_admin(self, group_id: bytes, user_id: str, admin: bool, *, now: int) -> list[Send]:
+        """(Admin.) Promote or demote a member."""
+        return self._change_group(group_id, SetAdmin(user_id, admin), now)
+
+    def set_title(self, group_id: bytes, title: str, *, now: int) -> list[Send]:
+        """(Admin.) Rename the group."""
+        return self._change_group(group_id, SetTitle(title), now)
+
+    def has_pending_change(self, group_id: bytes) -> bool:
+        """Whether our change of this group awaits its receipt."""
+        return group_id in self._state.pending
+
     def _change_group(self, group_id: bytes, action: Action, now: int) -> list[Send]:
-        state = self._state
-        group = state.groups.get(group_id)
+        group = self._state.groups.get(group_id)
         if group is None:
             raise InvalidArgument("unknown group")
+        if group_id in self._state.pending:
+            raise ChangePending(group_id)
+        return [self._propose(group, action, now)]
+
+    def _propose(self, group: Group, action: Action, now: int) -> ChangeSend:
+        """Sign ``action`` on the current state and send it; it applies at its receipt.
+
+        InvalidArgument if the action is not allowed, MissingSessions if a
+        device that must receive it, or its welcome, has no session (nothing
+        changed either way).
+        """
+        state = self._state
+        group_id = group.group_id
         message = group.propose(
             action,
             author_user_id=state.user_id,
             author_device_id=state.device_id,
             device_key=state.account.identity,
         )
-        update = group.apply(message, state.device_lists)
-        before = set(self._messages.recipients(group_id, group.current))
-        after = self._messages.recipients(group_id, update.group.current)
-        joiners = [a for a in after if a not in before]
-        # Everyone who was in the group learns of the change, the removed included.
-        told = sorted(before | set(after) - set(joiners))
+        # Everyone who holds the group learns of the change, the removed included;
+        # an added member's devices get the welcome once the change took effect.
+        told = self._messages.recipients(group_id, group.current)
+        joiners = self._joiners(group, message, told)
         self._sessions.check_sessions([*told, *joiners], now)
+        receipt = state.rng.random_bytes(CHANGE_RECEIPT_SIZE)
+        content = GroupControl(message.encode(), None).encode()
+        parts = self._sessions.encrypt_for(told, content, now)
+        state.pending[group_id] = PendingChange(receipt, message)
+        state.mark(RecordKey.pending_change(group_id))
+        return ChangeSend(group_id, receipt, tuple(parts))
+
+    def _joiners(self, group: Group, message: ControlMessage, told: list[Address]) -> list[Address]:
+        """The devices ``message`` (applied to the current state) adds to the group."""
+        if not isinstance(message.action, AddMember):
+            return []
+        after = group.apply(message, self._state.device_lists).group.current
+        return [a for a in self._messages.recipients(group.group_id, after) if a not in told]
+
+    def resend_change(self, send: ChangeSend, *, now: int) -> ChangeSend | None:
+        """Encrypt a refused change again for its users' current devices; None if it is
+        no longer ours to send (proposed again, applied or dropped meanwhile).
+
+        For when the relay refused ``send`` because a device list changed:
+        process the lists it returned and create the missing sessions first.
+        MissingSessions if a session is still missing.
+        """
+        pending = self._state.pending.get(send.group_id)
+        if pending is None or pending.receipt != send.receipt:
+            return None
+        parts = [self._sessions.resend_direct(part, now=now) for part in send.parts]
+        return ChangeSend(send.group_id, send.receipt, tuple(p for p in parts if p.payloads))
+
+    def abandon_change(self, send: ChangeSend) -> Outcome:
+        """The relay kept refusing ``send``: our change is dropped, and the app told."""
+        pending = self._state.pending.get(send.group_id)
+        if pending is None or pending.receipt != send.receipt:
+            return Outcome()
+        self._drop_pending(send.group_id)
+        return Outcome(
+            events=(GroupChangeFailed(send.group_id, pending.message.action, "SEND_DROPPED"),)
+        )
+
+    def _drop_pending(self, group_id: bytes) -> None:
+        del self._state.pending[group_id]
+        self._state.mark(RecordKey.pending_change(group_id))
+
+    def receive_receipt(self, sender: Address, receipt: bytes, now: int) -> Outcome:
+        """The relay reached our change in its order: apply it, unless another came first."""
+        state = self._state
+        if sender != state.address:
+            return Outcome(events=(Undecryptable(sender, "UNKNOWN_ENVELOPE_KIND"),))
+        group_id = next((g for g, p in state.pending.items() if p.receipt == receipt), None)
+        if group_id is None:
+            return Outcome()  # a change we proposed again or dropped since, or a repeat
+        pending = state.pending[group_id]
+        group = state.groups.get(group_id)
+        message = pending.message
+        if group is None or (message.parent_epoch, message.parent_hash) != (
+            group.epoch,
+            group.state_hash,
+        ):
+            return self._settle(group_id, now)  # another change came first
+        self._drop_pending(group_id)
+        try:
+            update = group.apply(message, state.device_lists)
+        except RemoteProtocolError as exc:
+            # Still allowed when signed; a device list changed since (ours, the author's).
+            return Outcome(events=(GroupChangeFailed(group_id, message.action, exc.code),))
+        told = self._messages.recipients(group_id, group.current)
         self._set_group(group_id, update.group)
         self._after_change(group_id, update.events)
-        control = message.encode()
-        sends = self._sessions.encrypt_for(told, GroupControl(control, None).encode(), now)
-        if joiners:
+        sends: list[Send] = []
+        if isinstance(message.action, AddMember) and group_id in state.groups:
+            joiners = [
+                a
+                for a in self._messages.recipients(group_id, update.group.current)
+                if a not in told and self._sessions.usable(a, now)
+            ]
             welcome = update.group.welcome(message).encode()
-            sends += self._sessions.encrypt_for(
-                joiners, GroupControl(control, welcome).encode(), now
+            content = GroupControl(message.encode(), welcome).encode()
+            sends += self._sessions.encrypt_for(joiners, content, now)
+        done = GroupUpdated(group_id, state.address, update.events)
+        return Outcome(events=(done, *self._apply_held(group_id)), sends=tuple(sends))
+
+    def _settle(self, group_id: bytes, now: int) -> Outcome:
+        """After another change applied: our candidate lost its epoch. Propose it again
+        on the new state, or drop it (and say so) if that is no longer possible."""
+        state = self._state
+        pending = state.pending.get(group_id)
+        group = state.groups.get(group_id)
+        if pending is None:
+            return Outcome()
+        if group is not None and (pending.message.parent_epoch, pending.message.parent_hash) == (
+            group.epoch,
+            group.state_hash,
+        ):
+            return Outcome()
+        self._drop_pending(group_id)
+        action = pending.message.action
+        if group is None:
+            return Outcome(events=(GroupChangeFailed(group_id, action, "NOT_A_MEMBER"),))
+        try:
+            return Outcome(sends=(self._propose(group, action, now),))
+        except InvalidArgument:
+            return Outcome(events=(GroupChangeFailed(group_id, action, StaleChange.code),))
+        except MissingSessions:
+            # Devices joined meanwhile: it waits for sessions with them (waiting_changes).
+            state.pending[group_id] = PendingChange(None, pending.message)
+            state.mark(RecordKey.pending_change(group_id))
+            return Outcome()
+
+    def waiting_changes(self) -> tuple[bytes, ...]:
+        """Groups whose change of ours waits for sessions before it is proposed again."""
+        return tuple(g for g, p in self._state.pending.items() if p.receipt is None)
+
+    def change_needs(self, group_id: bytes, *, now: int) -> list[Address]:
+        """Devices our waiting change of this group needs sessions with (fetch their bundles)."""
+        pending = self._state.pending.get(group_id)
+        group = self._state.groups.get(group_id)
+        if pending is None or pending.receipt is not None or group is None:
+            return []
+        try:
+            group.propose(
+                pending.message.action,
+                author_user_id=self._state.user_id,
+                author_device_id=self._state.device_id,
+                device_key=self._state.account.identity,
             )
-        return list(sends)
+        except InvalidArgument:
+            return []
+        told = self._messages.recipients(group_id, group.current)
+        targets = [*told, *self._joiners(group, pending.message, told)]
+        return [a for a in targets if not self._sessions.usable(a, now)]
+
+    def retry_change(self, group_id: bytes, *, now: int) -> Outcome:
+        """Propose our waiting change again, now that the sessions it needs exist.
+
+        MissingSessions (it keeps waiting) if one is still missing; a
+        GroupChangeFailed event if the action is no longer allowed.
+        """
+        pending = self._state.pending.get(group_id)
+        group = self._state.groups.get(group_id)
+        if pending is None or pending.receipt is not None or group is None:
+            raise InvalidArgument("no change of ours waits in this group")
+        action = pending.message.action
+        try:
+            send = self._propose(group, action, now)
+        except InvalidArgument:
+            self._drop_pending(group_id)
+            return Outcome(events=(GroupChangeFailed(group_id, action, StaleChange.code),))
+        return Outcome(sends=(send,))
 
     def _set_group(self, group_id: bytes, group: Group) -> None:
         self._state.groups[group_id] = group
@@ -166,7 +348,7 @@ class Membership:
 
     # ------------------------------------------------------------ changes received
 
-    def receive_control(self, sender: Address, content: GroupControl) -> Outcome:
+    def receive_control(self, sender: Address, content: GroupControl, now: int) -> Outcome:
         """A change (with a welcome if it adds us) from its author's device."""
         message = ControlMessage.decode(content.control)
         if (message.author_user_id, message.author_device_id) != (
@@ -183,7 +365,9 @@ class Membership:
             # Reordered: its parent (or our welcome) is still on its way.
             self._hold_control(sender, content)
             return Outcome()
-        return Outcome(events=(first, *self._apply_held(message.group_id)))
+        events = [first, *self._apply_held(message.group_id)]
+        settled = self._settle(message.group_id, now)
+        return Outcome(events=(*events, *settled.events), sends=settled.sends)
 
     def _apply_control(
         self, sender: Address, message: ControlMessage, content: GroupControl

@@ -16,6 +16,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 
 from ..consts import (
+    CHANGE_RECEIPT_SIZE,
     GROUP_ID_SIZE,
     MAX_HELD_GROUP_CONTROLS,
     MAX_LEFT_GROUPS,
@@ -26,13 +27,13 @@ from ..content import GroupControl
 from ..devices import SignedDeviceList
 from ..encoding import Fields, pack
 from ..errors import DecodeError, StateError
-from ..group import Group
+from ..group import ControlMessage, Group
 from ..group_cipher import OutboundSenderKey, SenderKeyRecord
 from ..pickles import load_pickle
 from ..session import SessionRecord
 from .events import Address
 from .records import RecordKey, RecordKind
-from .state import CoreState, Outbound
+from .state import CoreState, Outbound, PendingChange
 
 # Most devices an outbound record may list as holding our key: far above a
 # group's devices (members times devices per user), so only a corrupt record
@@ -203,6 +204,26 @@ def _read_held_controls(state: CoreState, key: RecordKey, data: bytes) -> None:
     state.held.extend(load_pickle(data, "held controls", read))
 
 
+def _write_pending_change(state: CoreState, key: RecordKey) -> bytes | None:
+    assert key.group_id is not None
+    pending = state.pending.get(key.group_id)
+    if pending is None:
+        return None
+    return pack([STATE_VERSION, pending.receipt, pending.message.encode()])
+
+
+def _read_pending_change(state: CoreState, key: RecordKey, data: bytes) -> None:
+    assert key.group_id is not None
+
+    def read(f: Fields) -> PendingChange:
+        return PendingChange(f.optional_bin(CHANGE_RECEIPT_SIZE), ControlMessage.decode(f.bin()))
+
+    pending = load_pickle(data, "pending change", read)
+    if pending.message.group_id != key.group_id:
+        raise StateError("pending change: for another group than its key names")
+    state.pending[key.group_id] = pending
+
+
 _WRITERS: dict[RecordKind, Callable[[CoreState, RecordKey], bytes | None]] = {
     RecordKind.META: _write_meta,
     RecordKind.ACCOUNT: _write_account,
@@ -214,6 +235,7 @@ _WRITERS: dict[RecordKind, Callable[[CoreState, RecordKey], bytes | None]] = {
     RecordKind.GROUP: _write_group,
     RecordKind.LEFT_GROUPS: _write_left_groups,
     RecordKind.HELD_CONTROLS: _write_held_controls,
+    RecordKind.PENDING_CHANGE: _write_pending_change,
 }
 _READERS: dict[RecordKind, Callable[[CoreState, RecordKey, bytes], None]] = {
     RecordKind.DEVICES: _read_devices,
@@ -224,4 +246,5 @@ _READERS: dict[RecordKind, Callable[[CoreState, RecordKey, bytes], None]] = {
     RecordKind.GROUP: _read_group,
     RecordKind.LEFT_GROUPS: _read_left_groups,
     RecordKind.HELD_CONTROLS: _read_held_controls,
+    RecordKind.PENDING_CHANGE: _read_pending_change,
 }

@@ -31,6 +31,7 @@ class RecordKind(Enum):
     GROUP = "group"  # one group's recent states
     LEFT_GROUPS = "left_groups"
     HELD_CONTROLS = "held_controls"
+    PENDING_CHANGE = "pending_change"  # our change in one group, awaiting its receipt
     # Kept beside the core's records by the client that embeds it; the core
     # never writes them and ignores them when it loads.
     PUBLISHED_PREKEYS = "published_prekeys"
@@ -47,6 +48,7 @@ _PARTS: dict[RecordKind, tuple[str, ...]] = {
     RecordKind.OUTBOUND: ("group_id",),
     RecordKind.INBOUND: ("group_id", "address"),
     RecordKind.GROUP: ("group_id",),
+    RecordKind.PENDING_CHANGE: ("group_id",),
 }
 
 
@@ -99,6 +101,10 @@ class RecordKey:
     @classmethod
     def group(cls, group_id: bytes) -> RecordKey:
         return cls(RecordKind.GROUP, group_id=group_id)
+
+    @classmethod
+    def pending_change(cls, group_id: bytes) -> RecordKey:
+        return cls(RecordKind.PENDING_CHANGE, group_id=group_id)
 
     def __lt__(self, other: RecordKey) -> bool:
         """Keys sort as their stored forms do."""

@@ -10,6 +10,7 @@ from .events import Address, Event
 # The kinds of envelope the relay carries (spec/07-relay-protocol.md).
 ENVELOPE_DIRECT = 1
 ENVELOPE_GROUP = 2
+ENVELOPE_RECEIPT = 3  # the receipt of our own group change, from ourselves
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,7 +33,22 @@ class GroupSend:
     recipients: tuple[Address, ...]
 
 
-Send: TypeAlias = DirectSend | GroupSend
+@dataclass(frozen=True, slots=True)
+class ChangeSend:
+    """Our group change for every device that holds the group, in one relay send.
+
+    The relay queues every part (one :class:`DirectSend` per user) and
+    ``receipt`` in our own mailbox together (spec/07-relay-protocol.md,
+    SEND_CHANGE): where the receipt arrives among what we receive tells
+    whether our change came first for its epoch (spec/12-groups.md, 12.4).
+    """
+
+    group_id: bytes
+    receipt: bytes
+    parts: tuple[DirectSend, ...]
+
+
+Send: TypeAlias = DirectSend | GroupSend | ChangeSend
 
 
 @dataclass(frozen=True, slots=True)

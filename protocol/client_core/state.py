@@ -15,7 +15,7 @@ from .. import primitives as p
 from ..account import Account
 from ..content import MESSAGE_ID_SIZE, GroupControl
 from ..devices import SignedDeviceList
-from ..group import Group
+from ..group import ControlMessage, Group
 from ..group_cipher import OutboundSenderKey, SenderKeyRecord
 from ..keys import IdentityKeyPair
 from ..session import SessionRecord
@@ -60,6 +60,19 @@ class Outbound:
         return True
 
 
+@dataclass(frozen=True, slots=True)
+class PendingChange:
+    """Our change in flight: signed, not applied, until its receipt comes back.
+
+    ``receipt`` None: the change lost its epoch, and proposing its action again
+    needs sessions with devices that joined meanwhile; it waits for them
+    (ClientCore.waiting_changes).
+    """
+
+    receipt: bytes | None
+    message: ControlMessage
+
+
 @dataclass(eq=False, slots=True)
 class CoreState:
     """One device's keys, peers, sessions, sender keys and groups, and what changed."""
@@ -82,6 +95,8 @@ class CoreState:
     # Groups we were removed from (or left), oldest first: a late GroupSync
     # from another of our devices must not bring one back.
     left: list[bytes] = field(default_factory=list)
+    # Our group change in flight, per group: at most one each (spec 12.4).
+    pending: dict[bytes, PendingChange] = field(default_factory=dict)
     # Records changed since the last take_changes (a new device: all of them).
     changed: set[RecordKey] = field(default_factory=lambda: {RecordKey.META, RecordKey.ACCOUNT})
 

@@ -22,8 +22,10 @@ recipient leaves the group). Checked at every delivery and after every step:
 * a sender's group message goes to every device of the members it knows,
   its sender key only to some of them, and after a member leaves its next
   message uses a new chain, distributed to every remaining device;
-* once no control message is in flight, every device of every member holds
-  the admin's state (epoch and state hash) and no other device holds the group;
+* once no control message (nor the admin's receipt) is in flight, every
+  device of every member holds the admin's state (epoch and state hash) and
+  no other device holds the group; the admin's own change takes effect, with
+  a GroupUpdated from itself, when it meets its receipt (spec 12.4);
 * every core's store (its take_changes records) equals its whole state, and
   a core loaded from the store carries on exactly as the original;
 * at the end, after everything is delivered, two rounds of messages from
@@ -62,6 +64,7 @@ from tests.support.harness import (
     COPY,
     GROUP,
     GROUP_SYNC,
+    RECEIPT,
     RETRY,
     SENDER_KEY_LABELS,
     SKDM,
@@ -73,8 +76,9 @@ from tests.support.harness import (
 )
 
 MAX_DEVICES = 3
-# Never dropped: membership changes and what a new device syncs its groups with.
-MUST_ARRIVE = frozenset({CONTROL, SYNC, GROUP_SYNC})
+# Never dropped: membership changes, the receipt that makes the admin apply its
+# own, and what a new device syncs its groups with.
+MUST_ARRIVE = frozenset({CONTROL, RECEIPT, SYNC, GROUP_SYNC})
 
 
 @dataclass
@@ -213,18 +217,28 @@ class GroupMachine(RuleBasedStateMachine):
     @rule(index=st.integers(min_value=0, max_value=1000))
     def add_member(self, index: int) -> None:
         outsiders = self._outsiders()
-        self.net.add_member(self.admin, self.group_id, outsiders[index % len(outsiders)])
+        self.net.add_member(
+            self.admin, self.group_id, outsiders[index % len(outsiders)], settle=False
+        )
+        self._settle_admin()
 
     @precondition(lambda self: len(self.members()) > 2)
     @rule(index=st.integers(min_value=0, max_value=1000))
     def remove_member(self, index: int) -> None:
         others = [u for u in self.members() if u != self.admin.user_id]
         removed = others[index % len(others)]
-        self.net.remove_member(self.admin, self.group_id, removed)
-        # The author applies its own change at once.
-        self._apply_update(
-            self.admin, GroupUpdated(self.group_id, self.admin, (MemberRemoved(removed),))
-        )
+        self.net.remove_member(self.admin, self.group_id, removed, settle=False)
+        self._settle_admin()
+
+    def _settle_admin(self) -> None:
+        """The admin takes what is in flight to it, in order, up to its receipt: its change
+        applies (it is the only author, so no other came first)."""
+        while any(e.recipient == self.admin and e.label == RECEIPT for e in self.net.in_flight):
+            index = next(i for i, e in enumerate(self.net.in_flight) if e.recipient == self.admin)
+            delivery = self._deliver(index)
+            if delivery.envelope.label == RECEIPT:
+                [done] = delivery.events
+                assert isinstance(done, GroupUpdated) and done.author == self.admin, done
 
     def _can_link(self, user_id: str) -> bool:
         # A new device gets the groups its user's other devices hold when they
@@ -357,6 +371,9 @@ class GroupMachine(RuleBasedStateMachine):
             else:
                 assert isinstance(events[0], GroupUpdated) and events[0].joined, events
                 assert all(isinstance(e, GroupUpdated) for e in events[1:]), events
+        elif envelope.label == RECEIPT:
+            # Ours: the admin's change applies (a repeat does nothing).
+            assert all(isinstance(e, GroupUpdated) for e in events), events
         else:
             assert envelope.label == CONTROL
             assert all(isinstance(e, GroupUpdated) for e in events), events

@@ -26,6 +26,8 @@ STORED_BEFORE = [
     (RecordKey.group(GROUP), "92a567726f7570c410" + "0f" * 16),
     (RecordKey.LEFT_GROUPS, "91ab6c6566745f67726f757073"),
     (RecordKey.HELD_CONTROLS, "91ad68656c645f636f6e74726f6c73"),
+    # New with the candidate changes of group version 2: no older store holds one.
+    (RecordKey.pending_change(GROUP), "92ae70656e64696e675f6368616e6765c410" + "0f" * 16),
     (RecordKey.PUBLISHED_PREKEYS, "91b17075626c69736865645f7072656b657973"),
     (RecordKey.REGISTERED_DEVICE_LIST, "91b6726567697374657265645f6465766963655f6c697374"),
     (RecordKey.SYNCED, "91a673796e636564"),

@@ -126,3 +126,29 @@ ROWS: list[tuple[core.Event | core.Send, str, str]] = [
         "63650292a3626f6201",
     ),
 ]
+
+# Types newer than the first client, which never wrote them: versioned rows only.
+NEW_ROWS: list[tuple[core.Event | core.Send, str]] = [
+    (
+        core.ChangeSend(
+            b"\x10" * 16,
+            b"\x11" * 16,
+            (
+                core.DirectSend("bob", ((1, b"change to bob"),), b"content"),
+                core.DirectSend("carol", ((2, b"change to carol"), (3, b"again")), b"content"),
+            ),
+        ),
+        "950103c41010101010101010101010101010101010c410111111111111111111111111111111119293a3"
+        "626f62919201c40d6368616e676520746f20626f62c407636f6e74656e7493a56361726f6c929202c40f"
+        "6368616e676520746f206361726f6c9203c405616761696ec407636f6e74656e74",
+    ),
+    (
+        core.GroupChangeFailed(b"\x12" * 16, group.RemoveMember("carol"), "STALE_CHANGE"),
+        "950109c41012121212121212121212121212121212c409920291a56361726f6cac5354414c455f434841"
+        "4e4745",
+    ),
+    (
+        core.GroupChangeFailed(b"\x12" * 16, group.SetTitle("x"), "SEND_DROPPED"),
+        "950109c41012121212121212121212121212121212c405920591a178ac53454e445f44524f50504544",
+    ),
+]

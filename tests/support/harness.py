@@ -32,7 +32,9 @@ from hushchat.protocol.account import Account
 from hushchat.protocol.client_core import (
     ENVELOPE_DIRECT,
     ENVELOPE_GROUP,
+    ENVELOPE_RECEIPT,
     Address,
+    ChangeSend,
     ClientCore,
     DirectSend,
     Event,
@@ -55,7 +57,16 @@ from hushchat.protocol.content import (
     decode_content,
 )
 from hushchat.protocol.devices import DeviceEntry, DeviceList, SignedDeviceList
-from hushchat.protocol.group import Action, AddMember, ControlMessage, GroupState, RemoveMember
+from hushchat.protocol.group import (
+    Action,
+    AddMember,
+    ControlMessage,
+    GroupState,
+    Leave,
+    RemoveMember,
+    SetAdmin,
+    SetTitle,
+)
 from hushchat.protocol.keys import IdentityKeyPair
 from hushchat.protocol.prekeys import (
     KemPreKeyPublic,
@@ -74,6 +85,7 @@ COPY = "copy"  # send_direct, the SentCopy to our other devices
 SKDM = "skdm"  # send_group, our sender key to devices that lack it
 GROUP = "group"  # send_group, the group message
 CONTROL = "control"  # a membership change (and welcomes)
+RECEIPT = "receipt"  # the relay's receipt of our own change, to ourselves
 RETRY = "retry"  # a retry request for an unreadable group message
 RETRY_ANSWER = "retry_answer"  # our sender key again, answering a retry request
 SYNC = "sync"  # a new device asks its user's other devices for their groups
@@ -229,7 +241,7 @@ def full_state(core: ClientCore) -> dict[RecordKey, bytes]:
     known = {
         "user_id", "device_id", "account", "user_identity_public", "user_identity", "rng",
         "device_lists", "pending_identity", "sessions", "outbound", "inbound", "groups", "held",
-        "left", "changed",
+        "left", "pending", "changed",
     }  # fmt: skip
     held_fields = {f.name for f in fields(state)}
     assert held_fields == known, f"new ClientCore state: {held_fields ^ known}"
@@ -242,6 +254,7 @@ def full_state(core: ClientCore) -> dict[RecordKey, bytes]:
     keys += [RecordKey.group(group_id) for group_id in state.groups]
     keys += [RecordKey.HELD_CONTROLS] if state.held else []
     keys += [RecordKey.LEFT_GROUPS] if state.left else []
+    keys += [RecordKey.pending_change(group_id) for group_id in state.pending]
     records = {}
     for key in keys:
         data = serialize(state, key)
@@ -454,35 +467,78 @@ class Network:
         self.persist(address)
         return group_id, self._enqueue_all(address, sends)
 
-    def add_member(self, address: Address, group_id: bytes, user_id: str) -> list[Envelope]:
+    def add_member(
+        self, address: Address, group_id: bytes, user_id: str, *, settle: bool = True
+    ) -> list[Envelope]:
+        held = self.devices[address].device_list(user_id)
+        assert held is not None
+        action = AddMember(user_id, held.user_identity)
+        return self.change_group(address, group_id, action, settle=settle)
+
+    def remove_member(
+        self, address: Address, group_id: bytes, user_id: str, *, settle: bool = True
+    ) -> list[Envelope]:
+        return self.change_group(address, group_id, RemoveMember(user_id), settle=settle)
+
+    def change_group(
+        self, address: Address, group_id: bytes, action: Action, *, settle: bool = True
+    ) -> list[Envelope]:
+        """``address`` changes the group (fetching bundles first); the envelopes it made.
+
+        The change is a candidate until its author meets the relay's receipt
+        (spec 12.4): with ``settle``, the author's device takes what is in
+        flight to it, in order, up to that receipt, so the change took effect
+        (unless another came first), and the envelopes include the welcomes
+        it then sent.
+        """
         core = self.devices[address]
         now = self.tick()
-        members = [*core.group(group_id).user_ids, user_id]
-        self.ensure_sessions(address, core.membership_needs(members, now=now))
-        sends = core.add_member(group_id, user_id, now=now)
-        self.persist(address)
-        return self._enqueue_all(address, sends)
-
-    def remove_member(self, address: Address, group_id: bytes, user_id: str) -> list[Envelope]:
-        core = self.devices[address]
-        now = self.tick()
-        self.ensure_sessions(address, core.membership_needs(core.group(group_id).user_ids, now=now))
-        sends = core.remove_member(group_id, user_id, now=now)
-        self.persist(address)
-        return self._enqueue_all(address, sends)
-
-    def change_group(self, address: Address, group_id: bytes, action: Action) -> list[Envelope]:
-        """``address`` changes the group (fetching bundles first); its envelopes."""
+        users = list(core.group(group_id).user_ids)
         if isinstance(action, AddMember):
-            return self.add_member(address, group_id, action.user_id)
-        if isinstance(action, RemoveMember):
-            return self.remove_member(address, group_id, action.user_id)
-        core = self.devices[address]
-        now = self.tick()
-        self.ensure_sessions(address, core.membership_needs(core.group(group_id).user_ids, now=now))
-        sends = core._change_group(group_id, action, now)
+            users.append(action.user_id)
+        self.ensure_sessions(address, core.membership_needs(users, now=now))
+        if isinstance(action, AddMember):
+            sends = core.add_member(group_id, action.user_id, now=now)
+        elif isinstance(action, RemoveMember):
+            sends = core.remove_member(group_id, action.user_id, now=now)
+        elif isinstance(action, Leave):
+            sends = core.leave_group(group_id, now=now)
+        elif isinstance(action, SetAdmin):
+            sends = core.set_admin(group_id, action.user_id, action.admin, now=now)
+        else:
+            assert isinstance(action, SetTitle)
+            sends = core.set_title(group_id, action.title, now=now)
         self.persist(address)
-        return self._enqueue_all(address, sends)
+        envelopes = self._enqueue_all(address, sends)
+        if settle:
+            envelopes += self.settle(address)
+        return envelopes
+
+    def retry_waiting_changes(self, address: Address) -> list[Envelope]:
+        """As the client library does after each envelope: a change of ours that lost its
+        epoch and waits for sessions with new devices gets them and is proposed again."""
+        core = self.devices[address]
+        sent = []
+        for group_id in core.waiting_changes():
+            now = self.tick()
+            self.ensure_sessions(address, core.change_needs(group_id, now=now))
+            outcome = core.retry_change(group_id, now=now)
+            self.persist(address)
+            self._record(address, outcome)
+            sent += self._enqueue_all(address, outcome.sends)
+        return sent
+
+    def settle(self, address: Address) -> list[Envelope]:
+        """``address`` takes what is in flight to it, in order, up to its last receipt.
+
+        Returns the envelopes it sent meanwhile (welcomes, a change proposed
+        again).
+        """
+        sent: list[Envelope] = []
+        while any(e.recipient == address and e.label == RECEIPT for e in self.in_flight):
+            envelope = next(e for e in self.in_flight if e.recipient == address)
+            sent += self.deliver(envelope).sent
+        return sent
 
     def request_sync(self, address: Address) -> list[Envelope]:
         """A new device asks its user's other devices for their groups."""
@@ -501,7 +557,20 @@ class Network:
         group_text: GroupText | None = None,
         answering_retry: bool = False,
     ) -> list[Envelope]:
-        """Put the envelopes of ``sends`` in flight, labelled by what they carry.
+        """Put the envelopes of ``sends`` in flight (see :meth:`_addressed`)."""
+        out = self._addressed(sender, sends, group_text=group_text, answering_retry=answering_retry)
+        self.in_flight += out
+        return out
+
+    def _addressed(
+        self,
+        sender: Address,
+        sends: Iterable[Send],
+        *,
+        group_text: GroupText | None = None,
+        answering_retry: bool = False,
+    ) -> list[Envelope]:
+        """The envelopes of ``sends``, labelled by what they carry.
 
         The label and known fields of a one-to-one envelope come from the
         plaintext the DirectSend keeps; those of a group message from its
@@ -509,6 +578,21 @@ class Network:
         """
         out = []
         for send in sends:
+            if isinstance(send, ChangeSend):
+                # One relay send: the parts and, last, our receipt, together in the order.
+                out += self._addressed(sender, send.parts)
+                receipt = Envelope.known(RECEIPT, group_id=send.group_id)
+                out.append(
+                    replace(
+                        receipt,
+                        ident=self._new_ident(),
+                        sender=sender,
+                        recipient=sender,
+                        kind=ENVELOPE_RECEIPT,
+                        payload=send.receipt,
+                    )
+                )
+                continue
             if isinstance(send, DirectSend):
                 known = _describe(send.content, answering_retry)
                 targets = [(Address(send.recipient_user, d), p) for d, p in send.payloads]
@@ -537,7 +621,6 @@ class Network:
                         payload=payload,
                     )
                 )
-        self.in_flight += out
         return out
 
     def _new_ident(self) -> int:
@@ -563,6 +646,7 @@ class Network:
         self._record(address, outcome)
         answering = any(isinstance(e, RetryRequested) for e in outcome.events)
         sent = self._enqueue_all(address, outcome.sends, answering_retry=answering)
+        sent += self.retry_waiting_changes(address)
         delivery = Delivery(envelope, outcome, tuple(sent))
         self.delivered.append(delivery)
         return delivery

@@ -30,7 +30,7 @@ from hushchat.transport.client.client import (
 from hushchat.transport.client.store import ClientStore, StoreLocked
 from hushchat.transport.relay.config import RelayLimits, wall_clock_ms
 from hushchat.transport.wire.errors import ConnectionClosed
-from tests.support.clients import Relay, client, next_matching
+from tests.support.clients import TIMEOUT, Relay, client, next_matching
 from tests.support.clock import NOW
 from tests.support.paths import REPO
 
@@ -78,6 +78,50 @@ async def test_direct_and_group_flows(tmp_path: Path, relay: Relay) -> None:
         got = await next_matching(alice, MessageReceived)
         assert got.body == b"after carol left"
         assert group_id not in carol.core.group_ids
+
+
+async def test_two_admins_changing_at_once_end_in_one_state(tmp_path: Path, relay: Relay) -> None:
+    # Each admin makes two changes in a row (the second waits for the first to take
+    # effect) while the other does the same; every change goes through the relay's
+    # order, the losers are proposed again, and all three end in one state.
+    async with (
+        client(tmp_path, relay, "alice") as alice,
+        client(tmp_path, relay, "bob") as bob,
+        client(tmp_path, relay, "carol") as carol,
+        client(tmp_path, relay, "dave") as dave,
+    ):
+        group_id = await alice.create_group("race", ["bob", "carol"])
+        for member in (bob, carol):
+            await next_matching(member, GroupUpdated)
+        await alice.set_admin(group_id, "bob", True)
+        await next_matching(bob, GroupUpdated, lambda e: e.author.user_id == "alice")
+
+        async def alice_changes() -> None:
+            await alice.set_title(group_id, "alice's")
+            await alice.add_member(group_id, "dave")
+
+        async def bob_changes() -> None:
+            await bob.set_title(group_id, "bob's")
+            await bob.set_admin(group_id, "carol", True)
+
+        with trio.fail_after(TIMEOUT):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(alice_changes)
+                nursery.start_soon(bob_changes)
+            await next_matching(dave, GroupUpdated, lambda e: e.joined)
+            while True:
+                views = {
+                    (c.group(group_id).epoch, c.group(group_id).state_hash)
+                    for c in (alice, bob, carol, dave)
+                }
+                epochs = {epoch for epoch, _ in views}
+                if len(views) == 1 and epochs == {5}:
+                    break
+                await trio.sleep(0.05)
+        state = alice.group(group_id)
+        assert set(state.user_ids) == {"alice", "bob", "carol", "dave"}
+        assert set(state.admins) == {"alice", "bob", "carol"}
+        assert state.title in {"alice's", "bob's"}
 
 
 async def test_offline_delivery_and_relay_restart(tmp_path: Path, relay: Relay) -> None:

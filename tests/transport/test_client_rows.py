@@ -17,13 +17,10 @@ from hushchat.protocol.encoding import pack
 from hushchat.protocol.errors import StateError, UnknownStateVersion
 from hushchat.transport.client import ClientStore, rows
 from hushchat.transport.client.store import STORE_VERSION
-from tests.support.client_rows import ROWS
+from tests.support.client_rows import NEW_ROWS, ROWS
 
-SENDS = [
-    (item, old, new)
-    for item, old, new in ROWS
-    if isinstance(item, core.DirectSend | core.GroupSend)
-]
+SEND_TYPES = core.DirectSend | core.GroupSend | core.ChangeSend
+SENDS = [(item, old, new) for item, old, new in ROWS if isinstance(item, SEND_TYPES)]
 EVENTS = [(item, old, new) for item, old, new in ROWS if (item, old, new) not in SENDS]
 
 # The first client's store, as it created it (no user_version: 0).
@@ -36,13 +33,13 @@ CREATE TABLE processed (guid BLOB PRIMARY KEY, at INTEGER NOT NULL);
 
 
 def encode(item: core.Event | core.Send) -> bytes:
-    if isinstance(item, core.DirectSend | core.GroupSend):
+    if isinstance(item, SEND_TYPES):
         return rows.encode_send(item)
     return rows.encode_event(item)
 
 
 def test_every_event_and_send_type_is_pinned() -> None:
-    pinned = {type(item) for item, _, _ in ROWS}
+    pinned = {type(item) for item, _, _ in ROWS} | {type(item) for item, _ in NEW_ROWS}
     assert pinned == {*get_args(core.Event), *get_args(core.Send)}
     changes = {
         type(c) for item, _, _ in ROWS if isinstance(item, core.GroupUpdated) for c in item.changes
@@ -51,15 +48,11 @@ def test_every_event_and_send_type_is_pinned() -> None:
 
 
 @pytest.mark.parametrize(
-    ("item", "new"), [(i, n) for i, _, n in ROWS], ids=lambda v: type(v).__name__
+    ("item", "new"), [*((i, n) for i, _, n in ROWS), *NEW_ROWS], ids=lambda v: type(v).__name__
 )
 def test_rows_have_the_pinned_versioned_layouts(item: core.Event | core.Send, new: str) -> None:
     assert encode(item).hex() == new
-    decode = (
-        rows.decode_send
-        if isinstance(item, core.DirectSend | core.GroupSend)
-        else rows.decode_event
-    )
+    decode = rows.decode_send if isinstance(item, SEND_TYPES) else rows.decode_event
     assert decode(bytes.fromhex(new)) == item
 
 

@@ -42,7 +42,7 @@ from dataclasses import dataclass
 import trio
 
 from hushchat.protocol import client_core as core
-from hushchat.protocol.client_core import Address, ClientCore, DirectSend, Outcome
+from hushchat.protocol.client_core import Address, ChangeSend, ClientCore, DirectSend, Outcome
 from hushchat.protocol.consts import (
     PREKEY_BATCH_SIZE,
     PREKEY_LOW_WATERMARK,
@@ -161,6 +161,9 @@ class Client:
         self._store_lock = trio.Lock()
         self._connection: RelayConnection | None = None
         self._ready = trio.Event()
+        # Set (and replaced) each time an envelope was processed: a change
+        # waiting for our previous one of its group looks again then.
+        self._processed = trio.Event()
         self._published = _stored_int(store, core.RecordKey.PUBLISHED_PREKEYS)
         self._registered = _stored_int(store, core.RecordKey.REGISTERED_DEVICE_LIST)
         self._handed: int | None = None  # inbox row of the event the app holds
@@ -236,43 +239,70 @@ class Client:
     async def add_member(self, group_id: bytes, user_id: str) -> None:
         """(A group admin.) Add ``user_id`` to the group; every member applies the signed change.
 
-        The new member's devices get the group state; members see a
-        ``GroupUpdated`` with a ``MemberAdded``. A non-admin, or a user
-        already a member, gets a LocalProtocolError and nothing is sent.
+        Like every change of a group, it is sent at once and takes effect when
+        the relay's receipt for it comes back (spec/12-groups.md, section
+        12.4): a ``GroupUpdated`` from ourselves says so, and the new member's
+        devices get the welcome then; members see a ``GroupUpdated`` with a
+        ``MemberAdded``. If another change came first and this one is no
+        longer allowed after it, a ``GroupChangeFailed`` instead (one still
+        allowed is proposed again by itself). A second change of the same
+        group waits for the first (at most ``ready_timeout``). A non-admin, or
+        a user already a member, gets a LocalProtocolError and nothing is sent.
         """
-        await self._change_group(group_id, [user_id], self.core.add_member, user_id)
+        await self._change_group(
+            group_id, [user_id], lambda now: self.core.add_member(group_id, user_id, now=now)
+        )
 
     async def remove_member(self, group_id: bytes, user_id: str) -> None:
         """(A group admin.) Remove ``user_id``; the remaining members rotate their sender keys.
 
         Members, the removed one included, see a ``GroupUpdated`` with a
-        ``MemberRemoved``; the removed member cannot read what follows.
+        ``MemberRemoved``; the removed member cannot read what follows. It
+        takes effect as :meth:`add_member` says.
         """
-        await self._change_group(group_id, [], self.core.remove_member, user_id)
+        await self._change_group(
+            group_id, [], lambda now: self.core.remove_member(group_id, user_id, now=now)
+        )
 
     async def leave_group(self, group_id: bytes) -> None:
         """Leave the group: the others see us removed and rotate their sender keys.
 
-        The group is forgotten here; its title stays known to the app only
-        if it kept it.
+        The group is forgotten here once the change took effect (as
+        :meth:`add_member` says); its title stays known to the app only if it
+        kept it.
         """
-        async with self._lock:
-            connection = await self._wait_ready()
-            await self._prepare(connection, self.core.group(group_id).user_ids)
-            await self._queue(self.core.leave_group(group_id, now=self.now()))
-        await self._flush()
+        await self._change_group(group_id, [], lambda now: self.core.leave_group(group_id, now=now))
+
+    async def set_admin(self, group_id: bytes, user_id: str, admin: bool) -> None:
+        """(A group admin.) Promote (``admin=True``) or demote a member (see :meth:`add_member`)."""
+        await self._change_group(
+            group_id, [], lambda now: self.core.set_admin(group_id, user_id, admin, now=now)
+        )
+
+    async def set_title(self, group_id: bytes, title: str) -> None:
+        """(A group admin.) Rename the group (see :meth:`add_member`)."""
+        await self._change_group(
+            group_id, [], lambda now: self.core.set_title(group_id, title, now=now)
+        )
 
     async def _change_group(
-        self,
-        group_id: bytes,
-        new_users: list[str],
-        change: Callable[..., list[core.Send]],
-        user_id: str,
+        self, group_id: bytes, new_users: list[str], change: Callable[[int], list[core.Send]]
     ) -> None:
-        async with self._lock:
-            connection = await self._wait_ready()
-            await self._prepare(connection, [*self.core.group(group_id).user_ids, *new_users])
-            await self._queue(change(group_id, user_id, now=self.now()))
+        queued = False
+        with trio.move_on_after(self._ready_timeout):
+            while not queued:
+                async with self._lock:
+                    processed = self._processed
+                    if not self.core.has_pending_change(group_id):
+                        connection = await self._wait_ready()
+                        users = [*self.core.group(group_id).user_ids, *new_users]
+                        await self._prepare(connection, users)
+                        await self._queue(change(self.now()))
+                        queued = True
+                if not queued:
+                    await processed.wait()  # our previous change's receipt, or its rival
+        if not queued:
+            raise RelayTimeout("our previous change of this group has not taken effect yet")
         await self._flush()
 
     def group(self, group_id: bytes) -> GroupState:
@@ -387,6 +417,9 @@ class Client:
         try:
             if isinstance(send, DirectSend):
                 await connection.send_direct(send.recipient_user, send.payloads)
+            elif isinstance(send, ChangeSend):
+                parts = [(part.recipient_user, part.payloads) for part in send.parts]
+                await connection.send_change(send.receipt, parts)
             else:
                 recipients = [(a.user_id, a.device_id) for a in send.recipients]
                 await connection.send_group(send.payload, recipients)
@@ -395,7 +428,7 @@ class Client:
                 # Still refused after rebuilding (say, a changed identity awaits the
                 # user's confirmation, so the list we hold stays old): retrying cannot
                 # help, and a stuck send would block the outbox behind it.
-                await self._commit({}, sent=[row_id])
+                await self._drop(row_id, send)
                 raise SendDropped(
                     "a send kept being refused for its device list; it was dropped"
                 ) from None
@@ -405,10 +438,23 @@ class Client:
             )
             for new_id, new_send in zip(new_ids, replacements, strict=True):
                 await self._send_one(connection, new_id, new_send, attempt + 1)
-        except UnknownUser:
-            await self._commit({}, sent=[row_id])  # the user is gone: nothing to deliver
+        except UnknownUser as unknown:
+            if isinstance(send, ChangeSend):
+                # A member's user is gone from the relay: the others still get the change.
+                rest = tuple(p for p in send.parts if p.recipient_user != unknown.user_id)
+                resend = ChangeSend(send.group_id, send.receipt, rest)
+                (new_id,), _ = await self._commit({}, sends=[resend], sent=[row_id])
+                await self._send_one(connection, new_id, resend, attempt)
+            else:
+                await self._commit({}, sent=[row_id])  # the user is gone: nothing to deliver
         else:
             await self._commit({}, sent=[row_id])
+
+    async def _drop(self, row_id: int, send: core.Send) -> None:
+        """Take a send out of the outbox unsent; a change of ours then fails (an event)."""
+        outcome = self.core.abandon_change(send) if isinstance(send, ChangeSend) else Outcome()
+        _, ids = await self._commit(self.core.take_changes(), events=outcome.events, sent=[row_id])
+        await self._deliver_events(list(outcome.events), ids)
 
     async def _rebuild(
         self, connection: RelayConnection, send: core.Send, mismatch: DeviceListMismatch
@@ -430,6 +476,18 @@ class Client:
                 ],
             )
             return [self.core.resend_direct(send, now=self.now())]
+        if isinstance(send, ChangeSend):
+            users = [part.recipient_user for part in send.parts]
+            await self._start_sessions(
+                connection,
+                [
+                    a
+                    for a in self.core.devices_without_session(users, now=self.now())
+                    if a.user_id in users
+                ],
+            )
+            resent = self.core.resend_change(send, now=self.now())
+            return [] if resent is None else [resent]
         await self._start_sessions(
             connection, self.core.group_send_needs(send.group_id, now=self.now())
         )
@@ -490,12 +548,33 @@ class Client:
                 events=outcome.events,
                 processed=(envelope.guid, self.now()),
             )
+            self._processed.set()
+            self._processed = trio.Event()
         # Persisted (the inbox holds the events until the app takes them), so the
         # app may see them and the relay may forget the envelope, in that order:
         # if the acknowledgement is lost, the redelivery is recognised by guid.
         await self._deliver_events(list(outcome.events), ids)
-        if outcome.sends:
+        retried = await self._retry_waiting_changes(connection)
+        if outcome.sends or retried:
             await self._flush()
+
+    async def _retry_waiting_changes(self, connection: RelayConnection) -> bool:
+        """A change of ours that lost its epoch and needs sessions with devices that joined
+        meanwhile: fetch their bundles and propose it again. Whether any was."""
+        delivered: list[tuple[list[core.Event], list[int]]] = []
+        async with self._lock:
+            for group_id in self.core.waiting_changes():
+                await self._start_sessions(
+                    connection, self.core.change_needs(group_id, now=self.now())
+                )
+                outcome = self.core.retry_change(group_id, now=self.now())
+                _, ids = await self._commit(
+                    self.core.take_changes(), sends=list(outcome.sends), events=outcome.events
+                )
+                delivered.append((list(outcome.events), ids))
+        for events, ids in delivered:
+            await self._deliver_events(events, ids)
+        return bool(delivered)
 
     async def _replenish_prekeys(self, connection: RelayConnection) -> None:
         """Publish the current signed keys and every one-time key the relay lacks.
@@ -575,6 +654,7 @@ class Client:
         self._ready.set()
         task_status.started()
         await self._events_in.send((None, Connected()))
+        await self._retry_waiting_changes(connection)
         await self._flush()
         async for batch in connection.batches():
             # What arrived together is acknowledged together: one round trip,

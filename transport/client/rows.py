@@ -28,10 +28,12 @@ from typing import Any, Final, TypeVar, assert_never
 from hushchat.protocol import group
 from hushchat.protocol.client_core import (
     Address,
+    ChangeSend,
     DeviceAdded,
     DeviceRemoved,
     DirectSend,
     Event,
+    GroupChangeFailed,
     GroupSend,
     GroupUpdated,
     IdentityChanged,
@@ -42,6 +44,7 @@ from hushchat.protocol.client_core import (
     Undecryptable,
 )
 from hushchat.protocol.consts import (
+    CHANGE_RECEIPT_SIZE,
     ED25519_KEY_SIZE,
     GROUP_ID_SIZE,
     MAX_DEVICES_PER_USER,
@@ -74,11 +77,13 @@ class EventTag(IntEnum):
     UNDECRYPTABLE = 6
     GROUP_UPDATED = 7
     RETRY_REQUESTED = 8
+    GROUP_CHANGE_FAILED = 9
 
 
 class SendTag(IntEnum):
     DIRECT = 1
     GROUP = 2
+    CHANGE = 3
 
 
 class GroupChangeTag(IntEnum):
@@ -150,16 +155,26 @@ def _event_fields(event: Event) -> list[Any]:
         ]
     if isinstance(event, RetryRequested):
         return [EventTag.RETRY_REQUESTED, _address(event.requester), event.group_id]
+    if isinstance(event, GroupChangeFailed):
+        action = group.encode_action(event.action)
+        return [EventTag.GROUP_CHANGE_FAILED, event.group_id, action, event.reason]
     assert_never(event)
+
+
+def _direct_fields(send: DirectSend) -> list[Any]:
+    payloads = [[device_id, payload] for device_id, payload in send.payloads]
+    return [send.recipient_user, payloads, send.content]
 
 
 def _send_fields(send: Send) -> list[Any]:
     if isinstance(send, DirectSend):
-        payloads = [[device_id, payload] for device_id, payload in send.payloads]
-        return [SendTag.DIRECT, send.recipient_user, payloads, send.content]
+        return [SendTag.DIRECT, *_direct_fields(send)]
     if isinstance(send, GroupSend):
         recipients = [_address(a) for a in send.recipients]
         return [SendTag.GROUP, send.group_id, send.payload, recipients]
+    if isinstance(send, ChangeSend):
+        parts = [_direct_fields(part) for part in send.parts]
+        return [SendTag.CHANGE, send.group_id, send.receipt, parts]
     assert_never(send)
 
 
@@ -260,18 +275,33 @@ def _read_event(f: Fields) -> Event:
         author = _read_address(f.raw(), "author")
         changes = tuple(_read_group_change(c) for c in f.array(max_len=MAX_GROUP_CHANGES))
         return GroupUpdated(group_id, author, changes, f.boolean())
-    return RetryRequested(_read_address(f.raw(), "requester"), f.bin(GROUP_ID_SIZE))
+    if tag == EventTag.RETRY_REQUESTED:
+        return RetryRequested(_read_address(f.raw(), "requester"), f.bin(GROUP_ID_SIZE))
+    group_id, action = f.bin(GROUP_ID_SIZE), group.decode_action(f.bin())
+    return GroupChangeFailed(group_id, action, f.text())
+
+
+def _read_direct(f: Fields) -> DirectSend:
+    recipient_user = f.text(MAX_USER_ID_SIZE)
+    payloads = []
+    for item in f.array(max_len=MAX_DEVICES_PER_USER):
+        entry = Fields(item, what="payload", count=2)
+        payloads.append((entry.uint(), entry.bin()))
+    return DirectSend(recipient_user, tuple(payloads), f.bin())
 
 
 def _read_send(f: Fields) -> Send:
     tag = _read_tag(f, SendTag, "stored send")
     if tag == SendTag.DIRECT:
-        recipient_user = f.text(MAX_USER_ID_SIZE)
-        payloads = []
-        for item in f.array(max_len=MAX_DEVICES_PER_USER):
-            entry = Fields(item, what="payload", count=2)
-            payloads.append((entry.uint(), entry.bin()))
-        return DirectSend(recipient_user, tuple(payloads), f.bin())
+        return _read_direct(f)
+    if tag == SendTag.CHANGE:
+        group_id, receipt = f.bin(GROUP_ID_SIZE), f.bin(CHANGE_RECEIPT_SIZE)
+        parts = []
+        for item in f.array(max_len=MAX_GROUP_MEMBERS):
+            part = Fields(item, what="change part", count=3)
+            parts.append(_read_direct(part))
+            part.end()
+        return ChangeSend(group_id, receipt, tuple(parts))
     group_id, payload = f.bin(GROUP_ID_SIZE), f.bin()
     recipients = [_read_address(a, "recipient") for a in f.array(max_len=MAX_RECIPIENTS_PER_SEND)]
     return GroupSend(group_id, payload, tuple(recipients))

@@ -101,7 +101,7 @@ def _send_from_unversioned(data: bytes) -> bytes:
 
 def _event_from_unversioned(data: bytes) -> bytes:
     event = rows.decode_unversioned(data)
-    if isinstance(event, core.DirectSend | core.GroupSend):
+    if isinstance(event, core.DirectSend | core.GroupSend | core.ChangeSend):
         raise StateError("an inbox row that is not an event")
     versioned = rows.encode_event(event)
     rows.decode_event(versioned)  # every field checked
