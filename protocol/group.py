@@ -50,7 +50,8 @@ Control message
 ==  ==============  ======================================================  ======
 #   action          args                                                    author
 ==  ==============  ======================================================  ======
-0   create          [title: str, [[user_id, user_identity: bin(32)], ...]]  anyone
+0   create          [title: str, [[user_id, user_identity: bin(32)], ...],  anyone
+                    replaces: [group_id, epoch, state_hash] | nil]
 1   add_member      [user_id, user_identity: bin(32)]                       admin
 2   remove_member   [user_id]                                               admin
 3   leave           []                                                      member
@@ -61,8 +62,9 @@ Control message
 ``create`` names the *other* initial members (strictly increasing user ids,
 not the author, at most MAX_GROUP_MEMBERS - 1); its parent is epoch 0 and
 32 zero bytes, and it makes the genesis state (epoch 0) in which the author
-is the only admin. Every other action makes the child of its parent at
-``parent_epoch + 1``.
+is the only admin. A create whose ``replaces`` names another group is a
+*reinit*: the new group continues that one (see Sequencing). Every other
+action makes the child of its parent at ``parent_epoch + 1``.
 
 Apply rules
 -----------
@@ -123,7 +125,11 @@ different orders to different members, splitting the group into branches.
 It cannot make a member apply a change it did not see, nor anyone rewind a
 state. :meth:`Group.relation` tells where another member's ``(epoch,
 state_hash)`` (carried by every group message) stands against ours, so a
-split is detected at the next message instead of going unnoticed.
+split is detected at the next message instead of going unnoticed. The way
+back to one state is a *reinit* (as in MLS): an admin creates a new group
+whose create names the old one (``CreateGroup.replaces``) with the members
+it holds; each member that holds the old group and holds the author as an
+admin of it moves to the new one and leaves the old.
 
 Joining
 -------
@@ -321,15 +327,42 @@ class AddMember:
 
 
 @dataclass(frozen=True, slots=True)
+class Replaces:
+    """The group a *reinit* continues: its id and the state its author held.
+
+    A create naming one (spec/12-groups.md, section 12.9) asks the members
+    of that group to move to the new one, when its author is an admin of the
+    group as they hold it: the way back to one state after a split.
+    """
+
+    group_id: bytes
+    epoch: int
+    state_hash: bytes
+
+    def __post_init__(self) -> None:
+        _check_bytes(self.group_id, GROUP_ID_SIZE, "a group id")
+        _check_uint(self.epoch, UINT64_MAX, "an epoch")
+        _check_bytes(self.state_hash, HASH_SIZE, "a state hash")
+
+    def args(self) -> list[Any]:
+        return [self.group_id, self.epoch, self.state_hash]
+
+    def __repr__(self) -> str:
+        return f"Replaces({self.group_id.hex()}, epoch={self.epoch})"
+
+
+@dataclass(frozen=True, slots=True)
 class CreateGroup:
     """Create a group; the author becomes its only admin.
 
     ``members`` are the other initial members, in increasing user id order
-    (:func:`create_group` sorts them).
+    (:func:`create_group` sorts them). ``replaces``: the group this one
+    continues (a reinit), or None.
     """
 
     title: str
     members: tuple[AddMember, ...]
+    replaces: Replaces | None = None
     code: ClassVar[ActionCode] = ActionCode.CREATE
 
     def __post_init__(self) -> None:
@@ -341,9 +374,12 @@ class CreateGroup:
         if len(self.members) > MAX_GROUP_MEMBERS - 1:
             raise InvalidArgument(f"a group has at most {MAX_GROUP_MEMBERS} members")
         _check_sorted_ids([m.user_id for m in self.members], "create")
+        if self.replaces is not None and not isinstance(self.replaces, Replaces):
+            raise InvalidArgument("replaces is a Replaces or None")
 
     def args(self) -> list[Any]:
-        return [self.title, [m.args() for m in self.members]]
+        replaces = None if self.replaces is None else self.replaces.args()
+        return [self.title, [m.args() for m in self.members], replaces]
 
 
 @dataclass(frozen=True, slots=True)
@@ -419,13 +455,19 @@ def _decode_action(code: int, args: Fields) -> Action:
     if code == ActionCode.CREATE:
         title = args.text(MAX_GROUP_TITLE_SIZE)
         raw = args.array(max_len=MAX_GROUP_MEMBERS - 1)
+        raw_replaces = args.raw()
         args.end()
         members = tuple(
             _decode_add(Fields(item, what=f"create.members[{i}]", count=2))
             for i, item in enumerate(raw)
         )
+        replaces = None
+        if raw_replaces is not None:
+            old = Fields(raw_replaces, what="create.replaces", count=3)
+            replaces = Replaces(old.bin(GROUP_ID_SIZE), old.uint(UINT64_MAX), old.bin(HASH_SIZE))
+            old.end()
         with _remote("create"):
-            action = CreateGroup(title, members)
+            action = CreateGroup(title, members, replaces)
     elif code == ActionCode.ADD_MEMBER:
         action = _decode_add(args)
     elif code == ActionCode.REMOVE_MEMBER:
@@ -908,6 +950,8 @@ def _genesis(message: ControlMessage, author_identity: bytes) -> GroupState:
         raise UnauthorizedChange("a group starts with a create message")
     if any(m.user_id == message.author_user_id for m in action.members):
         raise UnauthorizedChange("create lists its author among the other members")
+    if action.replaces is not None and action.replaces.group_id == message.group_id:
+        raise UnauthorizedChange("a reinit continues another group")
     members = [Member(m.user_id, m.user_identity) for m in action.members]
     members.append(Member(message.author_user_id, author_identity, admin=True))
     members.sort(key=lambda m: m.user_id)
@@ -1272,8 +1316,10 @@ def create_group(
     author_device_id: int,
     device_key: IdentityKeyPair,
     rng: RandomSource = SYSTEM_RANDOM,
+    replaces: Replaces | None = None,
 ) -> ControlMessage:
-    """Sign a ``create`` for a new group with a random id (members in any order).
+    """Sign a ``create`` for a new group with a random id (members in any order);
+    with ``replaces``, a reinit of that group.
 
     Start it with :meth:`Group.from_genesis` and send
     ``Welcome(message, None)`` to every member's devices.
@@ -1285,7 +1331,7 @@ def create_group(
         parent_hash=GENESIS_PARENT_HASH,
         author_user_id=author_user_id,
         author_device_id=author_device_id,
-        action=CreateGroup(title, tuple(sorted(members, key=lambda m: m.user_id))),
+        action=CreateGroup(title, tuple(sorted(members, key=lambda m: m.user_id)), replaces),
     )
 
 

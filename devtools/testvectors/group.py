@@ -41,6 +41,7 @@ from hushchat.protocol.group import (
     MemberAdded,
     MemberRemoved,
     RemoveMember,
+    Replaces,
     SetAdmin,
     SetTitle,
     TitleChanged,
@@ -95,6 +96,11 @@ NOTES = {
     "InvalidAction": note("BASIC", "An action the parent state does not allow."),
     "OtherGroup": note("BASIC", "A change for another group."),
     "Welcome": note("BASIC", "A new member joins from a welcome."),
+    "Reinit": note(
+        "BASIC",
+        "A create that continues another group (replaces: its id, epoch and state hash), the "
+        "way back to one state after a split; it may not name its own group.",
+    ),
     "ForgedWelcome": note(
         "AUTH_BYPASS", "A welcome whose history or addressee does not match its signed change."
     ),
@@ -149,6 +155,13 @@ def action_json(action: Action) -> Json:
             "action": "create",
             "title": action.title,
             "members": [[m.user_id, h(m.user_identity)] for m in action.members],
+            "replaces": None
+            if action.replaces is None
+            else {
+                "group_id": h(action.replaces.group_id),
+                "epoch": action.replaces.epoch,
+                "state_hash": h(action.replaces.state_hash),
+            },
         }
     if isinstance(action, AddMember):
         return {
@@ -169,7 +182,13 @@ def action_from_json(d: Json) -> Action:
     kind = d["action"]
     if kind == "create":
         members = tuple(AddMember(u, unhex(i)) for u, i in d["members"])
-        return CreateGroup(d["title"], members)
+        old = d["replaces"]
+        replaces = (
+            None
+            if old is None
+            else Replaces(unhex(old["group_id"]), old["epoch"], unhex(old["state_hash"]))
+        )
+        return CreateGroup(d["title"], members, replaces)
     if kind == "add_member":
         return AddMember(d["user_id"], unhex(d["user_identity"]))
     if kind == "remove_member":
@@ -249,8 +268,15 @@ class _Transcript:
         self.view: Group | None = None
         self.steps: list[Json] = []
 
-    def create(self, title: str, members: tuple[str, ...], author: str = "alice") -> ControlMessage:
-        action = CreateGroup(title, tuple(AddMember(u, _identity(u)) for u in sorted(members)))
+    def create(
+        self,
+        title: str,
+        members: tuple[str, ...],
+        author: str = "alice",
+        replaces: Replaces | None = None,
+    ) -> ControlMessage:
+        adds = tuple(AddMember(u, _identity(u)) for u in sorted(members))
+        action = CreateGroup(title, adds, replaces)
         return _sign(
             author, action, group_id=self.group_id, parent_epoch=0, parent_hash=GENESIS_PARENT_HASH
         )
@@ -546,6 +572,25 @@ def _tests(extra_devices: dict[str, tuple[int, ...]]) -> list[Json]:
             ("InvalidAction",),
         )
     )
+
+    old = _started("reinit/old", ("bob", "carol"))
+    assert old.view is not None
+    t = _Transcript("reinit")
+    t.genesis(
+        t.create(
+            "friends",
+            ("bob", "carol"),
+            replaces=Replaces(old.group_id, old.view.epoch, old.view.state_hash),
+        )
+    )
+    self_reinit = _Transcript("reinit/self")
+    self_reinit.genesis(
+        self_reinit.create(
+            "friends", ("bob",), replaces=Replaces(self_reinit.group_id, 0, bytes(32))
+        )
+    )
+    tests.append(t.case("alice continues a group in a new one (a reinit)", ("Reinit",)))
+    tests.append(self_reinit.case("a reinit that names its own group", ("Reinit",)))
 
     t = _started("other-group")
     other = _Transcript("other-group/other")

@@ -339,8 +339,12 @@ def _control_defects(sample: bytes) -> list[Defect]:
         return pack([pack(body_fields), new_signature])
 
     create = list(fields)
-    create[6:8] = [0, ["title", []]]
+    create[6:8] = [0, ["title", [], None]]
     create_on_parent = pack([pack(create), signature])
+    reinit = list(fields)
+    reinit[2:4] = [0, bytes(32)]
+    reinit[6:8] = [0, ["title", [], [bytes(15), 0, bytes(32)]]]
+    short_replaces = pack([pack(reinit), signature])
     small_order_add = [fields[7][0], SMALL_ORDER_EDWARDS]
     return [
         (
@@ -388,4 +392,5 @@ def _control_defects(sample: bytes) -> list[Defect]:
         ),
         ("empty author user id", "WrongSize", variant(4, "")),
         ("create on a parent that is not the zero state", "Inconsistent", create_on_parent),
+        ("create replacing a group id of 15 bytes", "WrongSize", short_replaces),
     ]

@@ -19,6 +19,7 @@ from .events import DeviceAdded as DeviceAdded
 from .events import DeviceRemoved as DeviceRemoved
 from .events import Event as Event
 from .events import GroupChangeFailed as GroupChangeFailed
+from .events import GroupReplaced as GroupReplaced
 from .events import GroupUpdated as GroupUpdated
 from .events import IdentityChanged as IdentityChanged
 from .events import MessageReceived as MessageReceived

@@ -305,6 +305,16 @@ class ClientCore:
         """Create a group with us as admin; the welcome goes to every member device."""
         return self._membership.create_group(title, members, now=now)
 
+    def reinit_group(self, group_id: bytes, *, now: int) -> tuple[bytes, list[Send]]:
+        """(Admin.) Continue the group in a new one with the members we hold; its id.
+
+        The way back to one state after members ended on different branches
+        (a hostile relay's doing, spec/12-groups.md section 12.9): every member
+        that holds us as an admin of the group joins the new one and leaves
+        the old (:class:`GroupReplaced`). We leave the old one now.
+        """
+        return self._membership.reinit_group(group_id, now=now)
+
     def add_member(self, group_id: bytes, user_id: str, *, now: int) -> list[Send]:
         """(Admin.) Add a user: the change to current members, a welcome to the new one."""
         return self._membership.add_member(group_id, user_id, now=now)
@@ -338,17 +348,18 @@ class ClientCore:
 
     def waiting_changes(self) -> tuple[bytes, ...]:
         """Groups whose change of ours lost its epoch and, to be proposed again, needs
-        sessions with devices that joined meanwhile: for each, fetch the bundles of
-        :meth:`change_needs`, then :meth:`retry_change`."""
+        device lists or sessions of members who joined meanwhile: for each, get the
+        lists and sessions of :meth:`change_needs`' users, then :meth:`retry_change`."""
         return self._membership.waiting_changes()
 
-    def change_needs(self, group_id: bytes, *, now: int) -> list[Address]:
-        """Devices our waiting change of this group needs sessions with."""
-        return self._membership.change_needs(group_id, now=now)
+    def change_needs(self, group_id: bytes) -> tuple[str, ...]:
+        """The users our waiting change of this group involves (members, an added user)."""
+        return self._membership.change_needs(group_id)
 
     def retry_change(self, group_id: bytes, *, now: int) -> Outcome:
         """Propose our waiting change of this group again (its sends; or a
-        GroupChangeFailed if no longer allowed). MissingSessions: it keeps waiting."""
+        GroupChangeFailed if no longer allowed). MissingSessions or
+        DeviceListNeeded: it keeps waiting."""
         return self._membership.retry_change(group_id, now=now)
 
     def resend_change(self, send: ChangeSend, *, now: int) -> ChangeSend | None:

@@ -86,13 +86,24 @@ class GroupChangeFailed:
 
     ``reason``: STALE_CHANGE (another change came first for its epoch and the
     action is no longer allowed after it), NOT_A_MEMBER (we are no longer in
-    the group), SEND_DROPPED (the relay kept refusing it), or the code that
-    refused it when it came to apply.
+    the group), GROUP_REPLACED (an admin continued the group in a new one,
+    :class:`GroupReplaced`), SEND_DROPPED (the relay kept refusing it), or
+    the code that refused it when it came to apply.
     """
 
     group_id: bytes
     action: Action
     reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class GroupReplaced:
+    """An admin of the group (as we held it) continued it in a new group, a reinit: we
+    joined ``new_group_id`` (a GroupUpdated came first) and left ``old_group_id``."""
+
+    old_group_id: bytes
+    new_group_id: bytes
+    author: Address
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,5 +123,6 @@ Event: TypeAlias = (
     | Undecryptable
     | GroupUpdated
     | GroupChangeFailed
+    | GroupReplaced
     | RetryRequested
 )

@@ -42,6 +42,7 @@ from ..group import (
     Leave,
     MemberRemoved,
     RemoveMember,
+    Replaces,
     SetAdmin,
     SetTitle,
     Welcome,
@@ -50,7 +51,14 @@ from ..group import (
 )
 from .direct import MissingSessions, Sessions
 from .directory import DeviceListNeeded, Directory
-from .events import Address, Event, GroupChangeFailed, GroupUpdated, Undecryptable
+from .events import (
+    Address,
+    Event,
+    GroupChangeFailed,
+    GroupReplaced,
+    GroupUpdated,
+    Undecryptable,
+)
 from .groups import GroupMessages
 from .records import RecordKey
 from .sends import ChangeSend, Outcome, Send
@@ -99,13 +107,42 @@ class Membership:
     ) -> tuple[bytes, list[Send]]:
         """Create a group with us as admin; the welcome goes to every member device."""
         state = self._state
-        others = sorted(set(members) - {state.user_id})
         adds = []
-        for user_id in others:
+        for user_id in sorted(set(members) - {state.user_id}):
             held = self._directory.device_list(user_id)
             if held is None:
                 raise DeviceListNeeded(user_id)
             adds.append(AddMember(user_id, held.user_identity))
+        return self._create(title, adds, None, now)
+
+    def reinit_group(self, group_id: bytes, *, now: int) -> tuple[bytes, list[Send]]:
+        """(Admin.) Continue the group in a new one, with the members we hold: the way back
+        to one state after a split (spec/12-groups.md, section 12.9). We leave the old one.
+
+        Every member who holds us as an admin of the group moves to the new one
+        (GroupReplaced); we are its only admin, and promote others again.
+        """
+        state = self._state
+        group = state.groups.get(group_id)
+        if group is None:
+            raise InvalidArgument("unknown group")
+        current = group.current
+        me = current.member(state.user_id)
+        if me is None or not me.admin:
+            raise InvalidArgument("only an admin reinitializes a group")
+        if group_id in state.pending:
+            raise ChangePending(group_id)
+        # The identities the group records: a changed one stays out until added again.
+        adds = [AddMember(m.user_id, m.user_identity) for m in current.members if m is not me]
+        replaces = Replaces(group_id, current.epoch, current.state_hash)
+        new_group_id, sends = self._create(current.title, adds, replaces, now)
+        self._leave_locally(group_id)
+        return new_group_id, sends
+
+    def _create(
+        self, title: str, adds: list[AddMember], replaces: Replaces | None, now: int
+    ) -> tuple[bytes, list[Send]]:
+        state = self._state
         group_id = state.rng.random_bytes(GROUP_ID_SIZE)
         message = ControlMessage.sign(
             state.account.identity,
@@ -114,7 +151,7 @@ class Membership:
             parent_hash=bytes(32),
             author_user_id=state.user_id,
             author_device_id=state.device_id,
-            action=CreateGroup(title, tuple(adds)),
+            action=CreateGroup(title, tuple(adds), replaces),
         )
         update = Group.from_genesis(message, state.device_lists)
         recipients = self._messages.recipients(group_id, update.group.current)
@@ -279,8 +316,8 @@ class Membership:
             return Outcome(sends=(self._propose(group, action, now),))
         except InvalidArgument:
             return Outcome(events=(GroupChangeFailed(group_id, action, StaleChange.code),))
-        except MissingSessions:
-            # Devices joined meanwhile: it waits for sessions with them (waiting_changes).
+        except (MissingSessions, DeviceListNeeded):
+            # Members joined meanwhile: it waits for their lists and sessions (waiting_changes).
             state.pending[group_id] = PendingChange(None, pending.message)
             state.mark(RecordKey.pending_change(group_id))
             return Outcome()
@@ -289,30 +326,22 @@ class Membership:
         """Groups whose change of ours waits for sessions before it is proposed again."""
         return tuple(g for g, p in self._state.pending.items() if p.receipt is None)
 
-    def change_needs(self, group_id: bytes, *, now: int) -> list[Address]:
-        """Devices our waiting change of this group needs sessions with (fetch their bundles)."""
+    def change_needs(self, group_id: bytes) -> tuple[str, ...]:
+        """The users whose device lists and sessions our waiting change of this group needs:
+        its members and, for an add, the added user."""
         pending = self._state.pending.get(group_id)
         group = self._state.groups.get(group_id)
         if pending is None or pending.receipt is not None or group is None:
-            return []
-        try:
-            group.propose(
-                pending.message.action,
-                author_user_id=self._state.user_id,
-                author_device_id=self._state.device_id,
-                device_key=self._state.account.identity,
-            )
-        except InvalidArgument:
-            return []
-        told = self._messages.recipients(group_id, group.current)
-        targets = [*told, *self._joiners(group, pending.message, told)]
-        return [a for a in targets if not self._sessions.usable(a, now)]
+            return ()
+        action = pending.message.action
+        added = (action.user_id,) if isinstance(action, AddMember) else ()
+        return (*group.current.user_ids, *added)
 
     def retry_change(self, group_id: bytes, *, now: int) -> Outcome:
-        """Propose our waiting change again, now that the sessions it needs exist.
+        """Propose our waiting change again, now that the lists and sessions it needs exist.
 
-        MissingSessions (it keeps waiting) if one is still missing; a
-        GroupChangeFailed event if the action is no longer allowed.
+        MissingSessions or DeviceListNeeded (it keeps waiting) if one is still
+        missing; a GroupChangeFailed event if the action is no longer allowed.
         """
         pending = self._state.pending.get(group_id)
         group = self._state.groups.get(group_id)
@@ -338,13 +367,20 @@ class Membership:
             return
         # Whoever left had our sender key: the next message starts a new one.
         self._messages.retire_outbound(group_id)
-        we_left = state.user_id in removed
-        if we_left:
-            state.groups.pop(group_id, None)
-            state.mark(RecordKey.group(group_id))
-            state.left = [*(g for g in state.left if g != group_id), group_id][-MAX_LEFT_GROUPS:]
-            state.mark(RecordKey.LEFT_GROUPS)
-        self._messages.drop_sender_keys(group_id, None if we_left else removed)
+        if state.user_id in removed:
+            self._leave_locally(group_id)
+        else:
+            self._messages.drop_sender_keys(group_id, removed)
+
+    def _leave_locally(self, group_id: bytes) -> None:
+        """Forget a group we are out of (removed, left, or moved to its reinit)."""
+        state = self._state
+        state.groups.pop(group_id, None)
+        state.mark(RecordKey.group(group_id))
+        state.left = [*(g for g in state.left if g != group_id), group_id][-MAX_LEFT_GROUPS:]
+        state.mark(RecordKey.LEFT_GROUPS)
+        self._messages.retire_outbound(group_id)
+        self._messages.drop_sender_keys(group_id, None)
 
     # ------------------------------------------------------------ changes received
 
@@ -365,9 +401,36 @@ class Membership:
             # Reordered: its parent (or our welcome) is still on its way.
             self._hold_control(sender, content)
             return Outcome()
-        events = [first, *self._apply_held(message.group_id)]
+        events = [first, *self._replaced_by(message), *self._apply_held(message.group_id)]
         settled = self._settle(message.group_id, now)
         return Outcome(events=(*events, *settled.events), sends=settled.sends)
+
+    def _replaced_by(self, message: ControlMessage) -> list[Event]:
+        """We joined a reinit: leave the group it continues if its author is an admin of
+        that group as we hold it (else it is just a new group)."""
+        state = self._state
+        action = message.action
+        if not isinstance(action, CreateGroup) or action.replaces is None:
+            return []
+        old_id = action.replaces.group_id
+        old = state.groups.get(old_id)
+        author = None if old is None else old.current.member(message.author_user_id)
+        listed = state.device_lists.get(message.author_user_id)
+        if (
+            author is None
+            or not author.admin
+            or listed is None
+            or listed.device_list.user_identity != author.user_identity
+        ):
+            return []
+        events: list[Event] = []
+        pending = state.pending.get(old_id)
+        if pending is not None:
+            self._drop_pending(old_id)
+            events.append(GroupChangeFailed(old_id, pending.message.action, "GROUP_REPLACED"))
+        self._leave_locally(old_id)
+        sender = Address(message.author_user_id, message.author_device_id)
+        return [GroupReplaced(old_id, message.group_id, sender), *events]
 
     def _apply_control(
         self, sender: Address, message: ControlMessage, content: GroupControl

@@ -1,4 +1,4 @@
-"""Group membership: signed control messages, apply rules, forks, joiners, encodings."""
+"""Group membership: signed changes, apply rules, concurrent changes, joiners, encodings."""
 
 from __future__ import annotations
 
@@ -47,6 +47,7 @@ from hushchat.protocol.group import (
     MemberAdded,
     MemberRemoved,
     RemoveMember,
+    Replaces,
     SetAdmin,
     SetTitle,
     StateDecodeCache,
@@ -339,6 +340,33 @@ def test_create_listing_its_author_is_refused() -> None:
         Group.from_genesis(message, DIRECTORY)
 
 
+def test_a_reinit_may_not_name_its_own_group() -> None:
+    message = create_group(
+        title="t",
+        members=[add_member(BOB)],
+        author_user_id=ALICE.user_id,
+        author_device_id=1,
+        device_key=ALICE.devices[1].identity,
+        rng=SeededRandom(b"same id"),
+        replaces=Replaces(SeededRandom(b"same id").random_bytes(16), 3, bytes(32)),
+    )
+    with pytest.raises(UnauthorizedChange):
+        Group.from_genesis(message, DIRECTORY)
+    other = Replaces(bytes(16), 3, bytes(32))
+    reinit = create_group(
+        title="t",
+        members=[add_member(BOB)],
+        author_user_id=ALICE.user_id,
+        author_device_id=1,
+        device_key=ALICE.devices[1].identity,
+        rng=SeededRandom(b"other id"),
+        replaces=other,
+    )
+    started = Group.from_genesis(ControlMessage.decode(reinit.encode()), DIRECTORY)
+    assert isinstance(started.message.action, CreateGroup)
+    assert started.message.action.replaces == other
+
+
 def test_genesis_must_be_a_create() -> None:
     group, _ = start(BOB)
     with pytest.raises(UnauthorizedChange):
@@ -604,6 +632,7 @@ def test_member_devices_come_from_signed_lists() -> None:
 
 ALL_ACTIONS: list[Action] = [
     CreateGroup("títle", (add_member(BOB), add_member(CAROL))),
+    CreateGroup("reinit", (add_member(BOB),), Replaces(bytes(range(16)), 2**64 - 1, bytes(32))),
     add_member(BOB),
     RemoveMember("someone"),
     Leave(),
@@ -830,6 +859,9 @@ def test_version_1_changes_and_welcomes_are_refused() -> None:
         lambda: CreateGroup("t", (add_member(CAROL), add_member(BOB))),
         lambda: CreateGroup("t", (add_member(BOB), add_member(BOB))),
         lambda: GroupState(bytes(15), 0, GENESIS_PARENT_HASH, bytes(32), "", ()),
+        lambda: Replaces(bytes(15), 0, bytes(32)),
+        lambda: Replaces(bytes(16), -1, bytes(32)),
+        lambda: CreateGroup("t", (), replaces=(bytes(16), 0, bytes(32))),  # type: ignore[arg-type]
         lambda: GroupState(bytes(16), 0, GENESIS_PARENT_HASH, bytes(32), "", ()),
         lambda: GroupState(bytes(16), 1, GENESIS_PARENT_HASH, bytes(32), "", ()),
         lambda: Group(()),

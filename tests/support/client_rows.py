@@ -148,6 +148,11 @@ NEW_ROWS: list[tuple[core.Event | core.Send, str]] = [
         "4e4745",
     ),
     (
+        core.GroupReplaced(b"\x13" * 16, b"\x14" * 16, A("alice", 1)),
+        "95010ac41013131313131313131313131313131313c410141414141414141414141414141414"
+        "1492a5616c69636501",
+    ),
+    (
         core.GroupChangeFailed(b"\x12" * 16, group.SetTitle("x"), "SEND_DROPPED"),
         "950109c41012121212121212121212121212121212c405920591a178ac53454e445f44524f50504544",
     ),

@@ -516,12 +516,17 @@ class Network:
 
     def retry_waiting_changes(self, address: Address) -> list[Envelope]:
         """As the client library does after each envelope: a change of ours that lost its
-        epoch and waits for sessions with new devices gets them and is proposed again."""
+        epoch and waits for the lists and sessions of new members gets them and is
+        proposed again."""
         core = self.devices[address]
         sent = []
         for group_id in core.waiting_changes():
             now = self.tick()
-            self.ensure_sessions(address, core.change_needs(group_id, now=now))
+            users = core.change_needs(group_id)
+            for user_id in users:
+                if core.device_list(user_id) is None and user_id in self.device_lists:
+                    core.process_device_list(self.device_lists[user_id])
+            self.ensure_sessions(address, core.membership_needs(users, now=now))
             outcome = core.retry_change(group_id, now=now)
             self.persist(address)
             self._record(address, outcome)

@@ -236,6 +236,21 @@ class Client:
         await self._flush()
         return group_id
 
+    async def reinit_group(self, group_id: bytes) -> bytes:
+        """(Admin.) Continue the group in a new one with the members we hold; its id.
+
+        For when members ended on different branches of the group (a hostile
+        relay's doing, spec/12-groups.md section 12.9): every member that holds
+        us as an admin of it moves to the new group (``GroupReplaced``).
+        """
+        async with self._lock:
+            connection = await self._wait_ready()
+            await self._prepare(connection, self.core.group(group_id).user_ids)
+            new_group_id, sends = self.core.reinit_group(group_id, now=self.now())
+            await self._queue(sends)
+        await self._flush()
+        return new_group_id
+
     async def add_member(self, group_id: bytes, user_id: str) -> None:
         """(A group admin.) Add ``user_id`` to the group; every member applies the signed change.
 
@@ -419,7 +434,13 @@ class Client:
                 await connection.send_direct(send.recipient_user, send.payloads)
             elif isinstance(send, ChangeSend):
                 parts = [(part.recipient_user, part.payloads) for part in send.parts]
-                await connection.send_change(send.receipt, parts)
+                try:
+                    await connection.send_change(send.receipt, parts)
+                except InvalidArgument:
+                    # More than one frame holds (first messages to many devices of a
+                    # full group): it can never be sent, and would hold up the outbox.
+                    await self._drop(row_id, send)
+                    raise SendDropped("a group change too big for a frame was dropped") from None
             else:
                 recipients = [(a.user_id, a.device_id) for a in send.recipients]
                 await connection.send_group(send.payload, recipients)
@@ -564,9 +585,7 @@ class Client:
         delivered: list[tuple[list[core.Event], list[int]]] = []
         async with self._lock:
             for group_id in self.core.waiting_changes():
-                await self._start_sessions(
-                    connection, self.core.change_needs(group_id, now=self.now())
-                )
+                await self._prepare(connection, self.core.change_needs(group_id))
                 outcome = self.core.retry_change(group_id, now=self.now())
                 _, ids = await self._commit(
                     self.core.take_changes(), sends=list(outcome.sends), events=outcome.events

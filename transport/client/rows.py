@@ -34,6 +34,7 @@ from hushchat.protocol.client_core import (
     DirectSend,
     Event,
     GroupChangeFailed,
+    GroupReplaced,
     GroupSend,
     GroupUpdated,
     IdentityChanged,
@@ -78,6 +79,7 @@ class EventTag(IntEnum):
     GROUP_UPDATED = 7
     RETRY_REQUESTED = 8
     GROUP_CHANGE_FAILED = 9
+    GROUP_REPLACED = 10
 
 
 class SendTag(IntEnum):
@@ -158,6 +160,13 @@ def _event_fields(event: Event) -> list[Any]:
     if isinstance(event, GroupChangeFailed):
         action = group.encode_action(event.action)
         return [EventTag.GROUP_CHANGE_FAILED, event.group_id, action, event.reason]
+    if isinstance(event, GroupReplaced):
+        return [
+            EventTag.GROUP_REPLACED,
+            event.old_group_id,
+            event.new_group_id,
+            _address(event.author),
+        ]
     assert_never(event)
 
 
@@ -277,8 +286,11 @@ def _read_event(f: Fields) -> Event:
         return GroupUpdated(group_id, author, changes, f.boolean())
     if tag == EventTag.RETRY_REQUESTED:
         return RetryRequested(_read_address(f.raw(), "requester"), f.bin(GROUP_ID_SIZE))
-    group_id, action = f.bin(GROUP_ID_SIZE), group.decode_action(f.bin())
-    return GroupChangeFailed(group_id, action, f.text())
+    if tag == EventTag.GROUP_CHANGE_FAILED:
+        group_id, action = f.bin(GROUP_ID_SIZE), group.decode_action(f.bin())
+        return GroupChangeFailed(group_id, action, f.text())
+    old, new = f.bin(GROUP_ID_SIZE), f.bin(GROUP_ID_SIZE)
+    return GroupReplaced(old, new, _read_address(f.raw(), "author"))
 
 
 def _read_direct(f: Fields) -> DirectSend:
