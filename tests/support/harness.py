@@ -8,10 +8,11 @@ the signed device lists (pushing each new one to every device, as the relay
 notifies), hands out prekey bundles (each one-time prekey once, then the
 last-resort keys, as the relay does with a device's upload), turns every
 :class:`DirectSend` and :class:`GroupSend` into one :class:`Envelope` per
-recipient device, stamped with the sending device, and delivers them only
-when a test says so. So a test decides the order: deliver any envelope in
-flight, duplicate it, drop it, replay an old one, swap its sender, or inject
-forged bytes.
+recipient device, stamped with the sending device (a :class:`ChangeSend`
+into its parts' envelopes and, right after them, its author's receipt, as
+the relay queues them), and delivers them only when a test says so. So a
+test decides the order: deliver any envelope in flight, duplicate it, drop
+it, replay an old one, swap its sender, or inject forged bytes.
 
 Each envelope carries a ``label`` (what produced it) and what the harness
 knows about its content from the sender's side (message id and body, group,
