@@ -531,7 +531,7 @@ class Demo:
         core = ClientCore.create_linked(
             "alice", 2, alice.client.core.user_identity_public, now=int(time.time())
         )
-        await alice.client.link_device(2, core.device_identity)
+        await alice.client.link_device(core.device_entry)
         self.n.say(
             "alice.1",
             "signed a new device list naming alice.2 (the desktop's own identity key) "

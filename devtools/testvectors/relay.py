@@ -457,7 +457,7 @@ def _keys() -> tuple[IdentityKeyPair, IdentityKeyPair]:
 
 
 def _signed_list(user: IdentityKeyPair, device: IdentityKeyPair) -> bytes:
-    entries = (DeviceEntry(1, device.public.ed25519),)
+    entries = (DeviceEntry.prove(device, "alice", 1, user.public.ed25519),)
     return DeviceList("alice", user.public.ed25519, 0, entries).sign(user).encode()
 
 

@@ -155,7 +155,7 @@ async def test_the_command_runs_a_relay(tmp_path: Path) -> None:
 def queued_mail(db: Path, now: int = 10**12) -> None:
     """A database with two users, bob's prekeys, and one envelope queued for bob."""
     database = SqliteDatabase(str(db), clock=lambda: now)
-    register_devices(database, "alice", 1)
+    register_devices(database, "alice", 1, key_base=0xA0)
     register_devices(database, "bob", 1, 2)
     upload_prekeys(database, "bob", 1, one_time=3, kem=2)
     send = batch([("bob", 1), ("bob", 2)], (b"x", b"y"), counters={"bob": 0}, server_ts=now)

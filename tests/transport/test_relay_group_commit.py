@@ -87,7 +87,7 @@ class RecordingDatabase(SqliteDatabase):
 
 def registered(path: Path) -> RecordingDatabase:
     db = RecordingDatabase(str(path))
-    register_devices(db, "alice", 1)
+    register_devices(db, "alice", 1, key_base=0xA0)
     register_devices(db, "bob", 1, 2)
     db.batches.clear()
     return db

@@ -12,11 +12,13 @@ import pytest
 import trio
 
 from hushchat.protocol.account import Account
+from hushchat.protocol.consts import PROTOCOL_VERSION
 from hushchat.protocol.devices import SignedDeviceList
 from hushchat.protocol.encoding import pack, unpack
 from hushchat.protocol.errors import InvalidArgument
 from hushchat.protocol.keys import encode_mlkem768, encode_x25519, verify_prekey_signature
 from hushchat.protocol.messages import PreKeyMessage, decode_message
+from hushchat.protocol.pqxdh import Party
 from hushchat.protocol.prekeys import PreKeyBundle
 from hushchat.transport.client.connection import RelayConnection
 from hushchat.transport.relay.ratelimit import RateLimit
@@ -64,6 +66,7 @@ from tests.support.relay import (
     relay_config,
     running_relay,
 )
+from tests.support.storage import schema_2_database
 from tests.support.users import User, make_user
 
 
@@ -110,6 +113,38 @@ async def test_registration_is_first_come_and_updates_need_authentication() -> N
             with pytest.raises(DeviceListRejected) as info:
                 await connection.upload_device_list(b"\x92\xc4\x00\xc4\x00")
             assert info.value.cause == "MALFORMED"
+
+
+async def test_a_user_kept_from_protocol_version_1_publishes_a_proven_list(
+    tmp_path: Path,
+) -> None:
+    """After the relay's database is migrated, a user whose stored list is of protocol
+    version 1 (no device proofs, no longer decodable) authenticates and publishes a list of
+    the current version, checked against what is stored: same identity, higher counter."""
+    alice = make_user("alice")
+    device_key = alice.devices[1].identity.public.ed25519
+    schema_2_database(
+        tmp_path / "relay.db",
+        [("alice", alice.identity.public.ed25519, 3, b"a version 1 list", [(1, device_key)])],
+    )
+    async with (
+        running_relay(relay_config(tmp_path)) as port,
+        connected(port, alice.devices[1]) as connection,
+    ):
+        assert await connection.fetch_device_list("alice") == b"a version 1 list"
+        alice.counter = 3
+        with pytest.raises(DeviceListRejected) as info:
+            await connection.upload_device_list(alice.signed_list())
+        assert info.value.cause == "STALE_CHANGE"
+        stranger = make_user("alice")
+        stranger.identity, stranger.counter = make_user("mallory").identity, 4
+        stranger.devices = alice.devices
+        with pytest.raises(DeviceListRejected) as info:
+            await connection.upload_device_list(stranger.signed_list())
+        assert info.value.cause == "UNTRUSTED_IDENTITY"
+        alice.counter = 4
+        await connection.upload_device_list(alice.signed_list())
+        assert await connection.fetch_device_list("alice") == alice.signed_list()
 
 
 @pytest.mark.parametrize("case", ["wrong key", "device not listed", "unknown user"])
@@ -503,7 +538,7 @@ async def test_bundle_has_the_exact_layout_and_verifies() -> None:
     identity = bob.devices[1].identity.public.ed25519
     spk, opk, kem = keys["signed_prekey"], keys["one_time"][0], keys["one_time_kem"][0]
     assert first == [
-        1,
+        PROTOCOL_VERSION,
         "bob",
         1,
         identity,
@@ -846,6 +881,8 @@ async def test_pqxdh_session_through_the_relay() -> None:
     alice, bob = make_user("alice"), make_user("bob")
     alice.devices[1].identity = alice_account.identity
     bob.devices[1].identity = bob_account.identity
+    alice_device = Party("alice", 1, alice.identity.public.ed25519)
+    bob_device = Party("bob", 1, bob.identity.public.ed25519)
     upload = bob_account.prekey_upload()
     async with running_relay(relay_config()) as port:
         await register(port, alice, bob)
@@ -860,12 +897,16 @@ async def test_pqxdh_session_through_the_relay() -> None:
             bundle = PreKeyBundle.decode(await sender.fetch_bundle("bob", 1))
             bundle.verify()
             assert bundle.one_time_prekey is not None and not bundle.kem_is_last_resort
-            session = alice_account.create_outbound_session(bundle, now=0)
+            session = alice_account.create_outbound_session(
+                bundle, local=alice_device, remote=bob_device, now=0
+            )
             await sender.send_direct("bob", [(1, session.encrypt(b"hello through the relay"))])
         async with connected(port, bob.devices[1]) as receiver:
             envelope = await next_envelope(receiver)
             message = decode_message(envelope.payload)
             assert isinstance(message, PreKeyMessage)
-            _, plaintext = bob_account.create_inbound_session(message, now=0)
+            _, plaintext = bob_account.create_inbound_session(
+                message, local=bob_device, remote=alice_device, now=0
+            )
             assert plaintext == b"hello through the relay"
             await receiver.ack(envelope.guid)

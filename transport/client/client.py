@@ -48,7 +48,7 @@ from hushchat.protocol.consts import (
     PREKEY_LOW_WATERMARK,
     SIGNED_PREKEY_ROTATION_AGE,
 )
-from hushchat.protocol.devices import SignedDeviceList
+from hushchat.protocol.devices import DeviceEntry, SignedDeviceList
 from hushchat.protocol.errors import InvalidArgument, RemoteProtocolError
 from hushchat.protocol.fingerprint import SafetyNumber
 from hushchat.protocol.group import GroupState
@@ -343,11 +343,15 @@ class Client:
             _, ids = await self._commit(self.core.take_changes(), events=outcome.events)
         await self._deliver_events(list(outcome.events), ids)
 
-    async def link_device(self, device_id: int, device_identity: bytes) -> None:
-        """(Primary device.) Add a device of ours and publish the new signed device list."""
+    async def link_device(self, entry: DeviceEntry) -> None:
+        """(Primary device.) Add a device of ours and publish the new signed device list.
+
+        ``entry`` is the new device's ``ClientCore.device_entry``: its key and
+        its proof that it belongs to our user.
+        """
         async with self._lock:
             connection = await self._wait_ready()
-            signed = self.core.link_device(device_id, device_identity)
+            signed = self.core.link_device(entry)
             await connection.upload_device_list(signed.encode())
             await self._commit(self.core.take_changes())
 

@@ -423,8 +423,9 @@ class RelaySession:
             if not authenticated:
                 raise Forbidden("user exists: authenticate as one of its devices to update")
             try:
-                old = SignedDeviceList.decode(current.signed).device_list
-                check_update(old, new)
+                # Against what is stored, not a decode of it: a list of an older
+                # protocol version (kept from before an upgrade) no longer decodes.
+                check_update(current, new)
             except ProtocolError as exc:
                 raise DeviceListRejected(exc.message, cause=exc.code) from None
         stored = _stored_list(new, request.signed_device_list)
@@ -741,6 +742,7 @@ def _stored_list(new: DeviceList, signed: bytes) -> StoredDeviceList:
         new.counter,
         signed,
         tuple((d.device_id, d.identity) for d in new.devices),
+        PROTOCOL_VERSION,
     )
 
 

@@ -22,6 +22,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from hushchat.protocol.consts import PROTOCOL_VERSION
 from hushchat.protocol.prekeys import KemPreKeyPublic, OneTimePreKeyPublic, SignedPreKeyPublic
 
 from ...wire.errors import TransportError
@@ -36,13 +37,22 @@ class StorageConflict(TransportError):
 
 @dataclass(frozen=True, slots=True)
 class StoredDeviceList:
-    """A user's current signed device list, with the parts the relay routes by."""
+    """A user's current signed device list, with the parts the relay routes by.
+
+    ``protocol_version`` is the version of the list's format: lists stored
+    before a relay was upgraded to protocol version 2 are of version 1, whose
+    devices carry no proof that they belong to the user. Such a list still
+    authenticates its devices (so the user can publish a list of the current
+    version), but its device keys do not count as taken (a user may have
+    listed another's key, which is what the proofs now prevent).
+    """
 
     user_id: str
     user_identity: bytes
     counter: int
     signed: bytes = field(repr=False)
     devices: tuple[tuple[int, bytes], ...] = field(repr=False)  # (device_id, identity)
+    protocol_version: int = PROTOCOL_VERSION
 
     def device_identity(self, device_id: int) -> bytes | None:
         for listed, identity in self.devices:
@@ -140,7 +150,9 @@ class RelayStorage(Protocol):
         ``previous_counter`` None means the user must not exist yet. Devices
         that leave the list, or whose identity changes, lose their mailbox
         and prekeys in the same transaction; their ids are returned.
-        StorageConflict if the stored counter differs.
+        StorageConflict if the stored counter differs; DeviceListRejected
+        (DUPLICATE_DEVICE_KEY) if another user's list of the current protocol
+        version names one of its device keys (spec/07 section 7.6).
         """
         ...
 

@@ -42,9 +42,16 @@ from typing import TypeVar, cast
 
 import trio
 
+from hushchat.protocol.errors import DuplicateDeviceKey
 from hushchat.protocol.prekeys import KemPreKeyPublic, OneTimePreKeyPublic, SignedPreKeyPublic
 
-from ...wire.errors import MailboxFull, PreKeyIdInUse, PreKeyStockFull, UnknownDevice
+from ...wire.errors import (
+    DeviceListRejected,
+    MailboxFull,
+    PreKeyIdInUse,
+    PreKeyStockFull,
+    UnknownDevice,
+)
 from ...wire.limits import DEFAULT_RETENTION_SECONDS
 from ...wire.records import Envelope, PreKeyCounts
 from ..config import wall_clock_ms
@@ -81,11 +88,13 @@ from .rows import (
 )
 from .schema import (
     PREKEY_TABLES,
+    PROVEN_LISTS_VERSION,
     UNSEALED_SCHEMA_VERSION,
     counter_blob,
     create_or_check_schema,
     meta_int,
     meta_value,
+    migrate_directory,
     set_meta,
 )
 from .writer import (
@@ -196,6 +205,7 @@ class SqliteDatabase:
             # Read again under the write lock: another relay may have got here first.
             if db.execute("PRAGMA user_version").fetchone()[0] == UNSEALED_SCHEMA_VERSION:
                 migrate_unsealed(db, chain, now)
+            migrate_directory(db)
             stored = meta_value(db, "chain_id")
             if stored is None:  # a new or just migrated database: its first key chain
                 set_meta(db, "chain_id", chain.chain_id)
@@ -395,7 +405,8 @@ class SqliteDatabase:
         found: dict[str, StoredDeviceList] = {}
         for user_id in dict.fromkeys(user_ids):
             row = db.execute(
-                "SELECT user_identity, counter, signed FROM users WHERE user_id = ?",
+                "SELECT user_identity, counter, signed, protocol_version FROM users "
+                "WHERE user_id = ?",
                 (user_id,),
             ).fetchone()
             if row is None:
@@ -410,6 +421,7 @@ class SqliteDatabase:
                 int.from_bytes(row[1], "big"),
                 row[2],
                 tuple((d, i) for d, i in devices),
+                row[3],
             )
         return found
 
@@ -421,6 +433,18 @@ class SqliteDatabase:
         stored = None if row is None else int.from_bytes(row[0], "big")
         if stored != previous_counter:
             raise StorageConflict("the device list changed meanwhile")
+        identities = [identity for _, identity in new.devices]
+        taken = db.execute(
+            "SELECT 1 FROM devices AS d JOIN users AS u ON u.user_id = d.user_id "
+            f"WHERE d.identity IN ({_marks(len(identities), 1)}) AND d.user_id != ? "
+            "AND u.protocol_version >= ? LIMIT 1",
+            [*identities, new.user_id, PROVEN_LISTS_VERSION],
+        ).fetchone()
+        if taken is not None:
+            # Which user holds it is not said: the publisher learns nothing new.
+            raise DeviceListRejected(
+                "a device key is listed under another user", cause=DuplicateDeviceKey.code
+            )
         old = dict(
             db.execute(
                 "SELECT device_id, identity FROM devices WHERE user_id = ?", (new.user_id,)
@@ -435,9 +459,15 @@ class SqliteDatabase:
             [(new.user_id, d, ident) for d, ident in new.devices if d not in old or d in removed],
         )
         db.execute(
-            "INSERT OR REPLACE INTO users (user_id, user_identity, counter, signed) "
-            "VALUES (?, ?, ?, ?)",
-            (new.user_id, new.user_identity, counter_blob(new.counter), new.signed),
+            "INSERT OR REPLACE INTO users "
+            "(user_id, user_identity, counter, signed, protocol_version) VALUES (?, ?, ?, ?, ?)",
+            (
+                new.user_id,
+                new.user_identity,
+                counter_blob(new.counter),
+                new.signed,
+                new.protocol_version,
+            ),
         )
         return removed
 
