@@ -19,7 +19,7 @@ from hushchat.protocol.errors import InvalidArgument
 from hushchat.protocol.keys import encode_mlkem768, encode_x25519, verify_prekey_signature
 from hushchat.protocol.messages import PreKeyMessage, decode_message
 from hushchat.protocol.pqxdh import Party
-from hushchat.protocol.prekeys import PreKeyBundle
+from hushchat.protocol.prekeys import OneTimePreKeyPublic, PreKeyBundle, SignedPreKeyPublic
 from hushchat.transport.client.connection import RelayConnection
 from hushchat.transport.relay.ratelimit import RateLimit
 from hushchat.transport.relay.storage.sqlite import SqliteDatabase
@@ -286,6 +286,44 @@ async def test_prekeys_of_another_device_are_refused() -> None:
                 await connection.upload_device_list(bob.signed_list())
             with pytest.raises(NoPreKeys):
                 await connection.fetch_bundle("bob", 1)
+
+
+# Canonical u-coordinates of small order (libsodium's blocklist): every X25519 with
+# them is all zero, so an initiator refuses the bundle (NON_CONTRIBUTORY).
+LOW_ORDER_KEYS = [
+    bytes.fromhex(u)
+    for u in (
+        "0000000000000000000000000000000000000000000000000000000000000000",
+        "0100000000000000000000000000000000000000000000000000000000000000",
+        "e0eb7a7c3b41b8ae1656e3faf19fc46ada098deb9c32b1fd866205165f49b800",
+        "5f9c95bca3508c24b1d0b1559c83ef5b04445cc4581c8e86d8224eddd09f1157",
+        "ecffffffffffffffffffffffffffffffffffffffffffffffffffffffffffff7f",
+    )
+]
+
+
+@pytest.mark.parametrize("low_order", LOW_ORDER_KEYS, ids=lambda key: key[:2].hex())
+async def test_low_order_prekeys_are_refused_at_upload(low_order: bytes) -> None:
+    """A signed or one-time prekey of small order, validly signed by the device: the
+    relay refuses it instead of handing it out to initiators who must refuse it."""
+    bob = make_user("bob")
+    device = bob.devices[1]
+    keys = make_prekeys(device, one_time=1, one_time_kem=1)
+    signature = device.identity.sign(encode_x25519(low_order))
+    low_spk = SignedPreKeyPublic(keys["signed_prekey"].key_id, low_order, signature)
+    async with running_relay(relay_config()) as port:
+        await register(port, bob)
+        async with connected(port, device) as owner:
+            for upload in (
+                {**keys, "signed_prekey": low_spk},
+                {**keys, "one_time": [OneTimePreKeyPublic(9, low_order)]},
+            ):
+                with pytest.raises(PreKeysRejected) as info:
+                    await owner.upload_prekeys(**upload)
+                assert info.value.cause == "INVALID_KEY"
+            assert await owner.upload_prekeys() == PreKeyCounts(0, 0)
+            with pytest.raises(NoPreKeys):  # nothing of either upload was stored
+                await owner.fetch_bundle("bob", 1)
 
 
 # ------------------------------------------------------------------ delivery

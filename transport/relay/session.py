@@ -32,7 +32,7 @@ from hushchat.protocol.devices import DeviceList, SignedDeviceList, check_update
 from hushchat.protocol.encoding import pack
 from hushchat.protocol.errors import ProtocolError, StaleChange
 from hushchat.protocol.keys import encode_mlkem768, encode_x25519, verify_prekey_signature
-from hushchat.protocol.primitives import check_x25519_public, mlkem768_public_key
+from hushchat.protocol.primitives import check_x25519_not_small_order, mlkem768_public_key
 
 from ..wire.auth import AUTH_CHALLENGE_SIZE, verify_auth
 from ..wire.errors import (
@@ -747,13 +747,17 @@ def _stored_list(new: DeviceList, signed: bytes) -> StoredDeviceList:
 
 
 def _verify_prekeys(identity: bytes, request: UploadPreKeys) -> None:
-    """Every key valid, every signature by the device identity (X3DH/PQXDH section 3.2)."""
+    """Every key valid, every signature by the device identity (X3DH/PQXDH section 3.2).
+
+    X25519 keys of small order are refused too: every initiator would refuse
+    a bundle with one (all-zero DH), so storing one only makes handshakes fail.
+    """
     if request.signed_prekey is not None:
         spk = request.signed_prekey
-        check_x25519_public(spk.public)
+        check_x25519_not_small_order(spk.public)
         verify_prekey_signature(identity, encode_x25519(spk.public), spk.signature)
     for opk in request.one_time:
-        check_x25519_public(opk.public)
+        check_x25519_not_small_order(opk.public)
     kems = request.one_time_kem
     if request.last_resort_kem is not None:
         kems = (request.last_resort_kem, *kems)
