@@ -176,7 +176,8 @@ async def serve_observed_relay(
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """A relay on loopback (any free port) over ``storage``; reports its port."""
-    relay = Relay(RelayConfig(host=HOST, port=0, name="hushchat-demo", clock=clock.ms), storage)
+    # Named HOST (the default), as clients dial it.
+    relay = Relay(RelayConfig(host=HOST, port=0, clock=clock.ms), storage)
     listeners = await trio.open_tcp_listeners(0, host=HOST)
     port: int = listeners[0].socket.getsockname()[1]
     async with trio.open_nursery() as nursery:

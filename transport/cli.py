@@ -28,6 +28,7 @@ from importlib import metadata
 from typing import TypeAlias, TypeVar
 
 import trio
+from cryptography import x509
 
 from hushchat.protocol.errors import InvalidArgument
 
@@ -35,6 +36,7 @@ from .relay.config import RelayConfig, parse_duration, wall_clock_ms
 from .relay.report import format_report, relay_report
 from .relay.server import RelayStartError, serve_relay
 from .relay.storage.atrest import RelayKeysMissing, default_key_file
+from .wire.frames import MAX_RELAY_NAME_SIZE
 from .wire.limits import DEFAULT_RETENTION_SECONDS
 
 logger = logging.getLogger("hushchat.relay")
@@ -111,8 +113,10 @@ def add_relay_command(subparsers: SubParsers) -> None:
     )
     parser.add_argument(
         "--name",
-        default="hushchat-relay",
-        help="relay name that devices sign when authenticating: the public host name",
+        default=argparse.SUPPRESS,
+        help="the host name clients dial, which the relay announces and devices sign when "
+        "authenticating (they refuse a relay calling itself otherwise) (default: the first "
+        "DNS name of --tls-cert, else --host; needed when --host is every address)",
     )
     parser.add_argument("--tls-cert", help="PEM certificate chain (enables TLS with --tls-key)")
     parser.add_argument("--tls-key", help="PEM private key of --tls-cert")
@@ -179,6 +183,12 @@ def run_relay(args: argparse.Namespace) -> int:
     key_folder = os.path.dirname(os.path.abspath(args.key_file or args.db))
     if args.key_file is not None and not os.path.isdir(key_folder):
         return fail("relay", f"no such folder for the key file: {key_folder}")
+    name = getattr(args, "name", None)
+    if name == "":
+        print(f"hushchat relay: a relay name is 1 to {MAX_RELAY_NAME_SIZE} bytes", file=sys.stderr)
+        return 2
+    if name is None and args.tls_cert is not None:
+        name = _certificate_name(args.tls_cert)
     try:
         config = RelayConfig(
             host=args.host,
@@ -187,7 +197,7 @@ def run_relay(args: argparse.Namespace) -> int:
             key_file=args.key_file,
             reset_keys=args.reset_keys,
             retention_seconds=args.retention,
-            name=args.name,
+            name=name or "",
             ssl_context=ssl_context,
         )
     except InvalidArgument as exc:
@@ -201,6 +211,18 @@ def run_relay(args: argparse.Namespace) -> int:
             raise
         return fail("relay", str(start_error))
     return 0
+
+
+def _certificate_name(path: str) -> str | None:
+    """The first DNS name of the (loaded, so readable) leaf certificate: what TLS clients dial."""
+    with open(path, "rb") as pem:
+        certificate = x509.load_pem_x509_certificate(pem.read())
+    try:
+        names = certificate.extensions.get_extension_for_class(x509.SubjectAlternativeName)
+    except x509.ExtensionNotFound:
+        return None
+    dns_names = names.value.get_values_for_type(x509.DNSName)
+    return dns_names[0] if dns_names else None
 
 
 E = TypeVar("E", bound=Exception)

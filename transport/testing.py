@@ -46,14 +46,16 @@ class TestRelay:
 async def open_test_relay(
     *,
     db_path: str = ":memory:",
-    name: str = "hushchat-test",
+    name: str = TEST_RELAY_HOST,
     retention_seconds: int = DEFAULT_RETENTION_SECONDS,
     limits: RelayLimits | None = None,
 ) -> AsyncIterator[TestRelay]:
     """Run a relay on 127.0.0.1 (a free port) for the block; yields where it listens.
 
     ``db_path``: its SQLite file (default: in memory, gone with the block).
-    ``name``: the relay name devices sign when they authenticate.
+    ``name``: the relay name devices sign when they authenticate, and
+    compare with the name they dial: by default the host, so that
+    ``open_client(store, relay.host, relay.port)`` connects as it is.
     ``retention_seconds`` and ``limits`` override the relay's defaults.
     """
     config = RelayConfig(

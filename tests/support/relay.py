@@ -103,7 +103,9 @@ async def memory_connection(
     client_stream, server_stream = trio.testing.memory_stream_pair()
     async with trio.open_nursery() as nursery:
         nursery.start_soon(relay.handle_connection, server_stream)
-        async with open_relay_connection(client_stream, keepalive_interval=None) as connection:
+        async with open_relay_connection(
+            client_stream, expected_relay_name=relay.config.name, keepalive_interval=None
+        ) as connection:
             if device is not None:
                 await connection.authenticate(device.user_id, device.device_id, device.identity)
             yield connection
@@ -148,9 +150,10 @@ async def announced_port(process: trio.Process) -> int:
     return int(match.group(1))
 
 
-async def register(port: int, *users: User) -> None:
+async def register(port: int, *users: User, **kwargs: Any) -> None:
+    """Register each user at the relay on ``port`` (``kwargs``: for connect_relay)."""
     for user in users:
-        async with connected(port) as connection:
+        async with connected(port, **kwargs) as connection:
             await connection.upload_device_list(user.signed_list())
 
 

@@ -12,8 +12,9 @@ from pathlib import Path
 import pytest
 import trio
 
+from hushchat.protocol.errors import InvalidArgument
 from hushchat.transport import cli
-from hushchat.transport.relay.config import wall_clock_ms
+from hushchat.transport.relay.config import RelayConfig, wall_clock_ms
 from hushchat.transport.relay.storage.sqlite import SqliteDatabase
 from hushchat.transport.wire.limits import DEFAULT_RETENTION_SECONDS
 from tests.support.children import RELAY_COMMAND
@@ -97,8 +98,9 @@ def test_help_shows_every_default(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit):
         cli.main(["relay", "--help"])
     out = " ".join(capsys.readouterr().out.split())
-    for default in ["127.0.0.1", "7400", "hushchat-relay.db", "72h", "hushchat-relay", "INFO"]:
+    for default in ["127.0.0.1", "7400", "hushchat-relay.db", "72h", "INFO"]:
         assert f"(default: {default})" in out
+    assert "(default: the first DNS name of --tls-cert, else --host;" in out
 
 
 def test_version(capsys: pytest.CaptureFixture[str]) -> None:
@@ -139,7 +141,8 @@ async def test_the_command_runs_a_relay(tmp_path: Path) -> None:
     try:
         async with connected(await announced_port(process)) as connection:
             await connection.ping()
-            assert connection.relay_name == "hushchat-relay"
+            # Named as clients dial it: the address it listens on (the client checked).
+            assert connection.relay_name == "127.0.0.1"
         process.send_signal(signal.SIGTERM)
         with trio.fail_after(20):
             assert await process.wait() == 0
@@ -147,6 +150,45 @@ async def test_the_command_runs_a_relay(tmp_path: Path) -> None:
         process.kill()
         await process.wait()
     assert db.exists()
+
+
+async def test_a_tls_relay_is_named_after_its_certificate(tmp_path: Path) -> None:
+    """Without --name, a TLS relay calls itself by its certificate's DNS name, which is
+    the TLS server name its clients dial and check."""
+    cert, key = self_signed(tmp_path)
+    argv = [*RELAY_COMMAND, "--port", "0", "--db", str(tmp_path / "tls.db")]
+    argv += ["--tls-cert", str(cert), "--tls-key", str(key)]
+    process = await trio.lowlevel.open_process(argv, stderr=subprocess.PIPE)
+    trusting = ssl.create_default_context(cafile=str(cert))
+    try:
+        port = await announced_port(process)
+        async with connected(port, ssl_context=trusting, server_hostname="localhost") as c:
+            assert c.relay_name == "localhost"
+        process.send_signal(signal.SIGTERM)
+        with trio.fail_after(20):
+            assert await process.wait() == 0
+    finally:
+        process.kill()
+        await process.wait()
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "::"])
+def test_a_relay_on_every_address_needs_a_name(
+    host: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    db = tmp_path / "relay.db"
+    assert cli.main(["relay", "--host", host, "--port", "0", "--db", str(db)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("hushchat relay: ") and "needs a name" in err and err.count("\n") == 1
+    assert not db.exists()
+
+
+def test_a_relay_is_named_as_it_is_dialled_by_default() -> None:
+    assert RelayConfig(host="relay.example").name == "relay.example"
+    assert RelayConfig(host="0.0.0.0", name="relay.example").name == "relay.example"
+    for host in ("0.0.0.0", "::", ""):
+        with pytest.raises(InvalidArgument):
+            RelayConfig(host=host)
 
 
 # ------------------------------------------------------------------ keys and the report

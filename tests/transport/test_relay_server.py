@@ -181,7 +181,7 @@ async def test_replayed_or_misdirected_auth_signature_fails() -> None:
     alice = make_user("alice")
     device = alice.devices[1]
     async with running_relay(relay_config(name="relay-a")) as port:
-        await register(port, alice)
+        await register(port, alice, expected_relay_name="relay-a")
         first, challenge, name = await raw_hello(port)
         assert name == "relay-a"
         signature = sign_auth(device.identity, name, challenge, "alice", 1)

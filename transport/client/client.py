@@ -57,6 +57,7 @@ from hushchat.protocol.primitives import SYSTEM_RANDOM, RandomSource
 from ..wire.errors import (
     DeviceListMismatch,
     RelayError,
+    RelayNameMismatch,
     RelayProtocolViolation,
     RelayTimeout,
     TransportError,
@@ -66,7 +67,7 @@ from ..wire.frames import MailExpired as MailExpiredNotice
 from ..wire.frames import PreKeysLow
 from ..wire.limits import CLIENT_REQUEST_TIMEOUT
 from ..wire.records import Envelope
-from .connection import RelayConnection, connect_relay
+from .connection import RelayConnection, callers_error, connect_relay
 from .store import ClientStore
 
 # Reconnect backoff: doubles from the first delay up to the cap, with jitter,
@@ -139,6 +140,7 @@ class Client:
         port: int,
         *,
         ssl_context: ssl.SSLContext | None = None,
+        expected_relay_name: str | None = None,
         clock: Callable[[], float] = time.time,
         rng: RandomSource = SYSTEM_RANDOM,
         request_timeout: float = CLIENT_REQUEST_TIMEOUT,
@@ -151,6 +153,8 @@ class Client:
         self.core = device
         self._host, self._port = host, port
         self._ssl_context = ssl_context
+        # The relay we mean: what it must call itself before we sign a login (spec 7.4).
+        self.relay_name = expected_relay_name or host
         self._clock = clock
         self._rng = rng
         self._request_timeout = request_timeout
@@ -711,6 +715,7 @@ class Client:
                     self._host,
                     self._port,
                     ssl_context=self._ssl_context,
+                    expected_relay_name=self.relay_name,
                     request_timeout=self._request_timeout,
                 ) as connection:
                     delay = self._first_delay
@@ -718,6 +723,10 @@ class Client:
                     started = True
                     await self._session(connection, status)
                 reason = "relay closed the connection"
+            except RelayNameMismatch:
+                # Not the relay we mean (or one relaying another's challenge): no
+                # retry makes it so. The app hears of it from open_client.
+                raise
             except (TransportError, OSError, RemoteProtocolError) as exc:
                 # RemoteProtocolError: the relay served something that does not
                 # verify (our own device list, a bundle to sync with): drop this
@@ -764,6 +773,7 @@ async def open_client(
     device: ClientCore | None = None,
     user_id: str | None = None,
     ssl_context: ssl.SSLContext | None = None,
+    expected_relay_name: str | None = None,
     clock: Callable[[], float] = time.time,
     rng: RandomSource = SYSTEM_RANDOM,
     request_timeout: float = CLIENT_REQUEST_TIMEOUT,
@@ -778,7 +788,12 @@ async def open_client(
     ``user_id`` (its first device). Returns once connected, registered and
     authenticated; the block's exit disconnects.
 
-    ``ssl_context`` enables TLS. ``clock`` gives the time in seconds (the
+    ``ssl_context`` enables TLS. ``expected_relay_name`` is the relay we
+    mean, which it must call itself in its WELCOME before the device signs a
+    login (spec 7.4); it defaults to ``host``, the name we dial (the TLS
+    server name too). A relay calling itself otherwise raises
+    RelayNameMismatch from this function (or out of its block, on a
+    reconnect): it is not retried. ``clock`` gives the time in seconds (the
     protocol's ``now``) and ``rng`` every random draw, from loading or
     creating the device on. ``request_timeout`` bounds each request to the
     relay, ``ready_timeout`` how long an operation waits for a connection
@@ -795,6 +810,7 @@ async def open_client(
         host,
         port,
         ssl_context=ssl_context,
+        expected_relay_name=expected_relay_name,
         clock=clock,
         rng=rng,
         request_timeout=request_timeout,
@@ -803,10 +819,17 @@ async def open_client(
         reconnect_first_delay=reconnect_first_delay,
         reconnect_max_delay=reconnect_max_delay,
     )
-    async with trio.open_nursery() as nursery:
-        await nursery.start(client.run)
-        try:
-            yield client
-            await client._take_handed()  # a normal exit: the app is done with it
-        finally:
-            nursery.cancel_scope.cancel()
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(client.run)
+            try:
+                yield client
+                await client._take_handed()  # a normal exit: the app is done with it
+            finally:
+                nursery.cancel_scope.cancel()
+    except BaseExceptionGroup as group:
+        # The client's own fatal error (RelayNameMismatch), or the app's, comes out
+        # alone, not in a group beside the cancellations it caused.
+        if (error := callers_error(group)) is not None:
+            raise error from None
+        raise

@@ -14,6 +14,10 @@ from ..wire import limits as L
 from ..wire.frames import MAX_RELAY_NAME_SIZE, RequestLimits
 from .ratelimit import RateLimit
 
+# Listen addresses that name no host: every interface. Clients dial the relay by
+# some other name, which only its operator knows.
+WILDCARD_HOSTS = frozenset({"", "0.0.0.0", "::", "[::]"})
+
 
 def wall_clock_ms() -> int:
     """Milliseconds since the Unix epoch: envelope timestamps and retention."""
@@ -96,9 +100,13 @@ class RelayConfig:
     ``key_file`` holds the keys of the queued mail (spec 07 section 7.13):
     None is ``db_path`` + ``".keys"`` (an in-memory relay keeps them in
     memory); ``reset_keys`` starts a relay whose key file is lost, discarding
-    the mail sealed under it (its recipients are told). ``name`` is announced
-    in WELCOME and signed by authenticating devices: set it to the public
-    host name clients dial. ``clock`` returns milliseconds since the epoch
+    the mail sealed under it (its recipients are told).
+    ``name`` is announced in WELCOME and signed by authenticating devices,
+    who refuse a relay that does not call itself by the name they dial
+    (spec 7.4): set it to the public host name clients dial. Left empty it
+    is ``host``, which is right for a relay dialled by the address it listens
+    on; a relay listening on every address (``0.0.0.0``, ``::``) has no such
+    default and needs a name. ``clock`` returns milliseconds since the epoch
     (injectable for retention tests).
     """
 
@@ -108,7 +116,7 @@ class RelayConfig:
     key_file: str | None = None
     reset_keys: bool = False
     retention_seconds: int = L.DEFAULT_RETENTION_SECONDS
-    name: str = "hushchat-relay"
+    name: str = ""
     ssl_context: ssl.SSLContext | None = None
     clock: Callable[[], int] = wall_clock_ms
     limits: RelayLimits = field(default_factory=RelayLimits)
@@ -116,5 +124,12 @@ class RelayConfig:
     def __post_init__(self) -> None:
         if self.retention_seconds <= 0:
             raise InvalidArgument("retention must be positive")
-        if not self.name or len(self.name.encode()) > MAX_RELAY_NAME_SIZE:
+        if not self.name:
+            if self.host in WILDCARD_HOSTS:
+                raise InvalidArgument(
+                    f"a relay listening on {self.host or 'every address'} needs a name: "
+                    "the host name its clients dial"
+                )
+            object.__setattr__(self, "name", self.host)
+        if len(self.name.encode()) > MAX_RELAY_NAME_SIZE:
             raise InvalidArgument(f"a relay name is 1 to {MAX_RELAY_NAME_SIZE} bytes of UTF-8")
