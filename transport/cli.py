@@ -32,7 +32,14 @@ from cryptography import x509
 
 from hushchat.protocol.errors import InvalidArgument
 
-from .relay.config import RelayConfig, parse_duration, wall_clock_ms
+from .relay.config import (
+    RelayConfig,
+    RelayLimits,
+    parse_duration,
+    parse_rate,
+    wall_clock_ms,
+)
+from .relay.ratelimit import RateLimit
 from .relay.report import format_report, relay_report
 from .relay.server import RelayStartError, serve_relay
 from .relay.storage.atrest import RelayKeysMissing, default_key_file
@@ -41,6 +48,11 @@ from .wire.limits import DEFAULT_RETENTION_SECONDS
 
 logger = logging.getLogger("hushchat.relay")
 
+# The relay's prekey limits as --bundle-fetch-limit and --one-time-prekey-budget
+# take them (wire.limits gives the reasons; a test checks these are the same).
+BUNDLE_FETCH_LIMIT = "6/1h"
+ONE_TIME_PREKEY_BUDGET = "20/1h"
+
 # What add_subparsers() returns; each SUBCOMMANDS function adds one parser to it.
 SubParsers: TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"
 
@@ -48,6 +60,13 @@ SubParsers: TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"
 def _duration(text: str) -> int:
     try:
         return parse_duration(text)
+    except InvalidArgument as exc:
+        raise argparse.ArgumentTypeError(exc.message) from None
+
+
+def _rate(text: str) -> RateLimit:
+    try:
+        return parse_rate(text)
     except InvalidArgument as exc:
         raise argparse.ArgumentTypeError(exc.message) from None
 
@@ -117,6 +136,23 @@ def add_relay_command(subparsers: SubParsers) -> None:
         help="the host name clients dial, which the relay announces and devices sign when "
         "authenticating (they refuse a relay calling itself otherwise) (default: the first "
         "DNS name of --tls-cert, else --host; needed when --host is every address)",
+    )
+    parser.add_argument(
+        "--bundle-fetch-limit",
+        type=_rate,
+        default=BUNDLE_FETCH_LIMIT,
+        metavar="N/DURATION",
+        help="prekey bundles one device may fetch of one other device: N at once, regained "
+        "at N per DURATION",
+    )
+    parser.add_argument(
+        "--one-time-prekey-budget",
+        type=_rate,
+        default=ONE_TIME_PREKEY_BUDGET,
+        metavar="N/DURATION",
+        help="one-time prekeys handed out per device, whoever fetches: N at once, regained at "
+        "N per DURATION; fetches beyond get the signed and last-resort keys only, so this "
+        "bounds what any number of registered devices can drain",
     )
     parser.add_argument("--tls-cert", help="PEM certificate chain (enables TLS with --tls-key)")
     parser.add_argument("--tls-key", help="PEM private key of --tls-cert")
@@ -199,6 +235,10 @@ def run_relay(args: argparse.Namespace) -> int:
             retention_seconds=args.retention,
             name=name or "",
             ssl_context=ssl_context,
+            limits=RelayLimits(
+                bundle_fetch_rate=args.bundle_fetch_limit,
+                one_time_prekey_budget=args.one_time_prekey_budget,
+            ),
         )
     except InvalidArgument as exc:
         print(f"hushchat relay: {exc.message}", file=sys.stderr)

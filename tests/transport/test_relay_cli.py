@@ -14,7 +14,8 @@ import trio
 
 from hushchat.protocol.errors import InvalidArgument
 from hushchat.transport import cli
-from hushchat.transport.relay.config import RelayConfig, wall_clock_ms
+from hushchat.transport.relay.config import RelayConfig, RelayLimits, wall_clock_ms
+from hushchat.transport.relay.ratelimit import RateLimit
 from hushchat.transport.relay.storage.sqlite import SqliteDatabase
 from hushchat.transport.wire.limits import DEFAULT_RETENTION_SECONDS
 from tests.support.children import RELAY_COMMAND
@@ -98,7 +99,7 @@ def test_help_shows_every_default(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit):
         cli.main(["relay", "--help"])
     out = " ".join(capsys.readouterr().out.split())
-    for default in ["127.0.0.1", "7400", "hushchat-relay.db", "72h", "INFO"]:
+    for default in ["127.0.0.1", "7400", "hushchat-relay.db", "72h", "6/1h", "20/1h", "INFO"]:
         assert f"(default: {default})" in out
     assert "(default: the first DNS name of --tls-cert, else --host;" in out
 
@@ -262,3 +263,19 @@ def test_the_report_of_nothing_or_of_not_a_database_is_one_line(
     assert err.startswith(f"hushchat relay report: {garbage} is not a hushchat relay database")
     assert err.count("\n") == 1
     assert list(tmp_path.iterdir()) == [garbage]
+
+
+def test_prekey_limits_are_flags_with_the_default_limits() -> None:
+    defaults = cli.build_parser().parse_args(["relay"])
+    limits = RelayLimits()
+    assert defaults.bundle_fetch_limit == limits.bundle_fetch_rate
+    assert defaults.one_time_prekey_budget == limits.one_time_prekey_budget
+    args = cli.build_parser().parse_args(["relay", "--one-time-prekey-budget", "50/1d"])
+    assert args.one_time_prekey_budget == RateLimit(50, 50 / 86400)
+
+
+@pytest.mark.parametrize("bad", ["20", "0/1h", "x/1h", "20/1x", "-1/1h"])
+def test_a_bad_rate_is_a_usage_error(bad: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        cli.build_parser().parse_args(["relay", "--one-time-prekey-budget", bad])
+    assert "--one-time-prekey-budget" in capsys.readouterr().err

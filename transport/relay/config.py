@@ -42,7 +42,16 @@ def parse_duration(text: str) -> int:
     return seconds
 
 
+def parse_rate(text: str) -> RateLimit:
+    """A rate such as ``"20/1h"``: 20 at once, regained at 20 per hour (InvalidArgument if not)."""
+    count, _, period = text.strip().partition("/")
+    if not count.isdigit() or int(count) < 1:
+        raise InvalidArgument(f"rate {text!r}: expected a count of at least 1, '/', a duration")
+    return RateLimit(int(count), int(count) / parse_duration(period))
+
+
 BUNDLE_FETCH_RATE = RateLimit(L.BUNDLE_FETCH_CAPACITY, L.BUNDLE_FETCH_PER_SECOND)
+ONE_TIME_PREKEY_BUDGET = RateLimit(L.TARGET_ONE_TIME_CAPACITY, L.TARGET_ONE_TIME_PER_SECOND)
 SEND_RATE = RateLimit(L.SEND_CAPACITY, L.SEND_PER_SECOND)
 FRAME_RATE = RateLimit(L.FRAME_CAPACITY, L.FRAME_PER_SECOND)
 
@@ -61,6 +70,7 @@ class RelayLimits:
     max_mailbox_size: int = L.MAX_MAILBOX_SIZE
     max_in_flight: int = L.MAX_IN_FLIGHT
     bundle_fetch_rate: RateLimit = BUNDLE_FETCH_RATE
+    one_time_prekey_budget: RateLimit = ONE_TIME_PREKEY_BUDGET
     send_rate: RateLimit = SEND_RATE
     frame_rate: RateLimit = FRAME_RATE
     max_rate_limit_keys: int = L.MAX_RATE_LIMIT_KEYS

@@ -468,12 +468,23 @@ class RelaySession:
         stored = await self._device_list(request.user_id)
         if request.device_id not in stored.device_ids:
             raise UnknownDevice("no such device")
-        wait = self._relay.bundle_limiter.take((self.key, target), trio.current_time())
+        relay, pair, now = self._relay, (self.key, target), trio.current_time()
+        wait = relay.bundle_limiter.take(pair, now)
         if wait > 0:
             raise RateLimited("too many bundle fetches", retry_after_ms=math.ceil(wait * 1000))
-        taken = await self._relay.storage.take_bundle(*target)
+        # Within the target's budget the bundle carries one-time prekeys; beyond
+        # it, only the signed and last-resort keys (spec 7.7): no one is refused.
+        one_time = relay.one_time_budget.take(target, now) == 0
+        try:
+            taken = await relay.storage.take_bundle(*target, one_time=one_time)
+        except BaseException:
+            self._give_back(pair, one_time=one_time)
+            raise
         if taken is None:
+            self._give_back(pair, one_time=one_time)
             raise NoPreKeys("the device has no prekeys")
+        if one_time and taken.one_time is None and taken.kem_is_last_resort:
+            relay.one_time_budget.give_back(target)  # the stock was empty: nothing taken
         self._relay.prekeys_taken(request.user_id, request.device_id, taken.remaining)
         bundle = pack(
             [
@@ -488,6 +499,12 @@ class RelaySession:
             ]
         )
         return BundleFrame(request.request_id, bundle)
+
+    def _give_back(self, pair: tuple[tuple[str, int], tuple[str, int]], *, one_time: bool) -> None:
+        """A fetch that took nothing takes no token either (a refusal changes nothing)."""
+        self._relay.bundle_limiter.give_back(pair)
+        if one_time:
+            self._relay.one_time_budget.give_back(pair[1])
 
     # ---------------------------------------------------------------- sends
 

@@ -117,9 +117,23 @@ PREKEY_LOW_THRESHOLD: Final = PREKEY_LOW_WATERMARK
 # Bundle fetches per (requester device, target device): Signal-Server's
 # PRE_KEYS limiter, 6 at once, regained at one per 10 minutes. Each fetch
 # burns a one-time prekey, so this bounds how fast one device can drain
-# another's stock.
+# another's stock; it does not bound many devices (a sybil army).
 BUNDLE_FETCH_CAPACITY: Final = 6.0
 BUNDLE_FETCH_PER_SECOND: Final = 1 / 600
+
+# One-time prekeys (a pair: one X25519 and one ML-KEM) handed out per target
+# device, whoever fetches: 20 at once, regained at 20 an hour. This is what
+# bounds a sybil army (any number of registered devices) to 20 + 20 per hour,
+# 500 a day, per device; a fetch beyond it still gets a bundle, without
+# one-time keys (the signed prekey and the last-resort KEM prekey), as after
+# the stock ran out, so nobody is refused a session. 20 an hour is far more
+# new sessions than a person's device starts with others; a device joining
+# a large group is asked for more at once, and the initiators beyond the
+# first 20 use the last-resort keys. The owner refills from the low
+# watermark (25, PREKEYS_LOW) with a batch of 100, so the stock outlasts
+# this rate while the owner connects.
+TARGET_ONE_TIME_CAPACITY: Final = 20.0
+TARGET_ONE_TIME_PER_SECOND: Final = 20 / 3600
 
 # Send requests per connection: Signal-Server's MESSAGES limiter, 60/s.
 SEND_CAPACITY: Final = 60.0

@@ -177,12 +177,15 @@ class RelayStorage(Protocol):
 
     async def prekey_counts(self, user_id: str, device_id: int) -> PreKeyCounts: ...
 
-    async def take_bundle(self, user_id: str, device_id: int) -> TakenBundle | None:
+    async def take_bundle(
+        self, user_id: str, device_id: int, *, one_time: bool = True
+    ) -> TakenBundle | None:
         """Take (delete and return) one one-time prekey of each kind, if any.
 
         Falls back to the last-resort KEM prekey when no one-time KEM prekey
-        is left. None, taking nothing, if the device has no signed prekey or
-        no KEM prekey at all.
+        is left, or when ``one_time`` is False (the device's budget of
+        one-time prekeys is spent: nothing one-time is taken). None, taking
+        nothing, if the device has no signed prekey or no KEM prekey at all.
         """
         ...
 

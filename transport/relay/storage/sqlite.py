@@ -38,7 +38,7 @@ import os
 import sqlite3
 from collections.abc import Callable, Iterator, Sequence
 from functools import partial
-from typing import TypeVar, cast
+from typing import Any, TypeVar, cast
 
 import trio
 
@@ -356,8 +356,10 @@ class SqliteDatabase:
     def prekey_counts(self, user_id: str, device_id: int) -> PreKeyCounts:
         return self._single(partial(self._counts, (user_id, device_id)), savepoint=False)
 
-    def take_bundle(self, user_id: str, device_id: int) -> TakenBundle | None:
-        return self._single(partial(self._take_bundle, user_id, device_id))
+    def take_bundle(
+        self, user_id: str, device_id: int, *, one_time: bool = True
+    ) -> TakenBundle | None:
+        return self._single(partial(self._take_bundle, user_id, device_id, one_time))
 
     def enqueue(self, batch: EnvelopeBatch, *, max_mailbox_size: int) -> list[tuple[int, int]]:
         """Store a send; the deliveries' mailbox positions (epoch, seq)."""
@@ -537,7 +539,7 @@ class SqliteDatabase:
         (kem,) = db.execute(f"SELECT COUNT(*) FROM one_time_kem_prekeys {where}", key).fetchone()
         return PreKeyCounts(one_time, kem)
 
-    def _take_bundle(self, user_id: str, device_id: int) -> TakenBundle | None:
+    def _take_bundle(self, user_id: str, device_id: int, one_time: bool) -> TakenBundle | None:
         db, key = self._conn, (user_id, device_id)
         where = "WHERE user_id = ? AND device_id = ?"
         device = db.execute(f"SELECT identity FROM devices {where}", key).fetchone()
@@ -547,12 +549,14 @@ class SqliteDatabase:
         if device is None or spk is None:
             return None
         # Take-once: the row is deleted and returned by one statement.
-        kem = db.execute(
-            f"DELETE FROM one_time_kem_prekeys {where} AND key_id = "
-            f"(SELECT MIN(key_id) FROM one_time_kem_prekeys {where}) "
-            "RETURNING key_id, public, signature",
-            key + key,
-        ).fetchone()
+        kem: Any = None  # a row (key id, public, signature), or None
+        if one_time:
+            kem = db.execute(
+                f"DELETE FROM one_time_kem_prekeys {where} AND key_id = "
+                f"(SELECT MIN(key_id) FROM one_time_kem_prekeys {where}) "
+                "RETURNING key_id, public, signature",
+                key + key,
+            ).fetchone()
         last_resort = kem is None
         if last_resort:
             kem = db.execute(
@@ -560,11 +564,13 @@ class SqliteDatabase:
             ).fetchone()
             if kem is None:
                 return None
-        opk = db.execute(
-            f"DELETE FROM one_time_prekeys {where} AND key_id = "
-            f"(SELECT MIN(key_id) FROM one_time_prekeys {where}) RETURNING key_id, public",
-            key + key,
-        ).fetchone()
+        opk: Any = None
+        if one_time:
+            opk = db.execute(
+                f"DELETE FROM one_time_prekeys {where} AND key_id = "
+                f"(SELECT MIN(key_id) FROM one_time_prekeys {where}) RETURNING key_id, public",
+                key + key,
+            ).fetchone()
         return TakenBundle(
             identity=device[0],
             signed_prekey=SignedPreKeyPublic(*spk),
@@ -1014,8 +1020,10 @@ class SqliteStorage:
             partial(self._db._counts, (user_id, device_id)), savepoint=False
         )
 
-    async def take_bundle(self, user_id: str, device_id: int) -> TakenBundle | None:
-        return await self._writer.call(partial(self._db._take_bundle, user_id, device_id))
+    async def take_bundle(
+        self, user_id: str, device_id: int, *, one_time: bool = True
+    ) -> TakenBundle | None:
+        return await self._writer.call(partial(self._db._take_bundle, user_id, device_id, one_time))
 
     async def enqueue(
         self,
