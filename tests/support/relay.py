@@ -67,7 +67,15 @@ def make_prekeys(
 
 def relay_config(tmp_path: Any = None, **overrides: Any) -> RelayConfig:
     """A test relay on 127.0.0.1, any port; limits overridable by keyword."""
-    config_keys = {"clock", "retention_seconds", "name", "ssl_context", "key_file", "reset_keys"}
+    config_keys = {
+        "clock",
+        "retention_seconds",
+        "name",
+        "ssl_context",
+        "key_file",
+        "reset_keys",
+        "registration",
+    }
     config_args = {k: v for k, v in overrides.items() if k in config_keys}
     limits = RelayLimits(**{k: v for k, v in overrides.items() if k not in config_keys})
     db_path = ":memory:" if tmp_path is None else str(tmp_path / "relay.db")
@@ -150,11 +158,14 @@ async def announced_port(process: trio.Process) -> int:
     return int(match.group(1))
 
 
-async def register(port: int, *users: User, **kwargs: Any) -> None:
-    """Register each user at the relay on ``port`` (``kwargs``: for connect_relay)."""
+async def register(
+    port: int, *users: User, invite: str | None = None, **kwargs: Any
+) -> None:
+    """Register each user at the relay on ``port`` (with ``invite``; ``kwargs``: for
+    connect_relay)."""
     for user in users:
         async with connected(port, **kwargs) as connection:
-            await connection.upload_device_list(user.signed_list())
+            await connection.upload_device_list(user.signed_list(), invite=invite)
 
 
 class RawClient:

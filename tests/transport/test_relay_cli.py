@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import signal
 import socket
+import sqlite3
 import ssl
 import subprocess
 from contextlib import nullcontext
@@ -20,7 +21,7 @@ from hushchat.transport.relay.storage.sqlite import SqliteDatabase
 from hushchat.transport.wire.limits import DEFAULT_RETENTION_SECONDS
 from tests.support.children import RELAY_COMMAND
 from tests.support.relay import announced_port, connected, self_signed
-from tests.support.storage import batch, register_devices, upload_prekeys
+from tests.support.storage import batch, register_devices, schema_2_database, upload_prekeys
 
 
 def test_relay_arguments() -> None:
@@ -78,8 +79,10 @@ def test_a_port_in_use_is_one_line_and_creates_no_database(
         db = tmp_path / "relay.db"
         assert cli.main(["relay", "--port", str(port), "--db", str(db)]) == 1
     err = capsys.readouterr().err
-    assert err == f"hushchat relay: cannot listen on 127.0.0.1 port {port}: the port is in use " \
+    assert (
+        err == f"hushchat relay: cannot listen on 127.0.0.1 port {port}: the port is in use "
         "(is another relay running?)\n"
+    )
     assert not db.exists()
 
 
@@ -279,3 +282,64 @@ def test_a_bad_rate_is_a_usage_error(bad: str, capsys: pytest.CaptureFixture[str
     with pytest.raises(SystemExit):
         cli.build_parser().parse_args(["relay", "--one-time-prekey-budget", bad])
     assert "--one-time-prekey-budget" in capsys.readouterr().err
+
+
+def test_invite_tokens_are_printed_one_per_line_and_stored_hashed(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    db = tmp_path / "relay.db"
+    assert cli.main(["relay", "invite", "--db", str(db), "--count", "3"]) == 0
+    tokens = capsys.readouterr().out.split("\n")[:-1]
+    assert len(set(tokens)) == 3 and all(len(token) == 22 for token in tokens)
+    assert not any(token.encode() in db.read_bytes() for token in tokens)
+
+
+@pytest.mark.parametrize("argv", [["--count", "0"], ["--count", "1001"], ["--valid-for", "0s"]])
+def test_invite_refuses_bad_arguments(argv: list[str], tmp_path: Path) -> None:
+    with pytest.raises(SystemExit):
+        cli.main(["relay", "invite", "--db", str(tmp_path / "relay.db"), *argv])
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_invite_into_a_file_that_is_not_a_relay_database_is_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    db = tmp_path / "relay.db"
+    db.write_bytes(b"garbage" * 100)
+    assert cli.main(["relay", "invite", "--db", str(db)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("hushchat relay invite: ") and err.count("\n") == 1
+    assert db.read_bytes() == b"garbage" * 100
+
+
+def test_invite_touches_neither_the_keys_nor_the_queue(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Issuing tokens beside a relay never opens its key file: a retention of its own
+    would forget keys (and delete mail) the relay still uses."""
+    db = tmp_path / "relay.db"
+    queued_mail(db, now=wall_clock_ms() - 10 * DEFAULT_RETENTION_SECONDS * 1000)  # long expired
+    keys = Path(f"{db}.keys").read_bytes()
+    with sqlite3.connect(db) as conn:
+        queue = conn.execute("SELECT seq, epoch, sealed FROM deliveries").fetchall()
+    conn.close()
+    assert cli.main(["relay", "invite", "--db", str(db), "--count", "2"]) == 0
+    assert len(capsys.readouterr().out.split()) == 2
+    assert Path(f"{db}.keys").read_bytes() == keys
+    with sqlite3.connect(db) as conn:
+        assert conn.execute("SELECT seq, epoch, sealed FROM deliveries").fetchall() == queue
+        assert conn.execute("SELECT COUNT(*) FROM invites").fetchone() == (2,)
+    conn.close()
+
+
+def test_invite_into_an_older_database_asks_for_the_relay_to_upgrade_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    db = tmp_path / "relay.db"
+    schema_2_database(db, [])
+    before = db.read_bytes()
+    assert cli.main(["relay", "invite", "--db", str(db)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("hushchat relay invite: ") and err.count("\n") == 1
+    assert "start the relay once to upgrade it" in err
+    assert db.read_bytes() == before

@@ -56,6 +56,8 @@ from hushchat.protocol.primitives import SYSTEM_RANDOM, RandomSource
 
 from ..wire.errors import (
     DeviceListMismatch,
+    InviteRefused,
+    RegistrationClosed,
     RelayError,
     RelayNameMismatch,
     RelayProtocolViolation,
@@ -141,6 +143,7 @@ class Client:
         *,
         ssl_context: ssl.SSLContext | None = None,
         expected_relay_name: str | None = None,
+        invite: str | None = None,
         clock: Callable[[], float] = time.time,
         rng: RandomSource = SYSTEM_RANDOM,
         request_timeout: float = CLIENT_REQUEST_TIMEOUT,
@@ -155,6 +158,8 @@ class Client:
         self._ssl_context = ssl_context
         # The relay we mean: what it must call itself before we sign a login (spec 7.4).
         self.relay_name = expected_relay_name or host
+        # The invitation that registers our user, where the relay asks for one.
+        self._invite = invite
         self._clock = clock
         self._rng = rng
         self._request_timeout = request_timeout
@@ -662,7 +667,9 @@ class Client:
             return
         counter = own.device_list.counter + 1  # stored +1 so that 0 means "never"
         if counter > self._registered:
-            await connection.upload_device_list(own.encode())
+            # The invitation (where the relay asks for one) is for registering only.
+            invite = self._invite if self._registered == 0 else None
+            await connection.upload_device_list(own.encode(), invite=invite)
             self._registered = counter
             await self._commit({core.RecordKey.REGISTERED_DEVICE_LIST: counter.to_bytes(8, "big")})
 
@@ -723,9 +730,10 @@ class Client:
                     started = True
                     await self._session(connection, status)
                 reason = "relay closed the connection"
-            except RelayNameMismatch:
-                # Not the relay we mean (or one relaying another's challenge): no
-                # retry makes it so. The app hears of it from open_client.
+            except (RelayNameMismatch, RegistrationClosed, InviteRefused):
+                # Not the relay we mean (or one relaying another's challenge), or
+                # one that will not register us: no retry changes it. The app
+                # hears of it from open_client.
                 raise
             except (TransportError, OSError, RemoteProtocolError) as exc:
                 # RemoteProtocolError: the relay served something that does not
@@ -774,6 +782,7 @@ async def open_client(
     user_id: str | None = None,
     ssl_context: ssl.SSLContext | None = None,
     expected_relay_name: str | None = None,
+    invite: str | None = None,
     clock: Callable[[], float] = time.time,
     rng: RandomSource = SYSTEM_RANDOM,
     request_timeout: float = CLIENT_REQUEST_TIMEOUT,
@@ -793,7 +802,10 @@ async def open_client(
     login (spec 7.4); it defaults to ``host``, the name we dial (the TLS
     server name too). A relay calling itself otherwise raises
     RelayNameMismatch from this function (or out of its block, on a
-    reconnect): it is not retried. ``clock`` gives the time in seconds (the
+    reconnect): it is not retried. ``invite`` is the invitation token that
+    registers a new user at a relay that registers by invitation (spec 7.6);
+    a relay that refuses to register the user raises RegistrationClosed or
+    InviteRefused from this function. ``clock`` gives the time in seconds (the
     protocol's ``now``) and ``rng`` every random draw, from loading or
     creating the device on. ``request_timeout`` bounds each request to the
     relay, ``ready_timeout`` how long an operation waits for a connection
@@ -811,6 +823,7 @@ async def open_client(
         port,
         ssl_context=ssl_context,
         expected_relay_name=expected_relay_name,
+        invite=invite,
         clock=clock,
         rng=rng,
         request_timeout=request_timeout,

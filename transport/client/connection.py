@@ -194,14 +194,19 @@ class RelayConnection:
 
     # ---------------------------------------------------------------- requests
 
-    async def upload_device_list(self, signed_device_list: bytes) -> None:
+    async def upload_device_list(
+        self, signed_device_list: bytes, *, invite: str | None = None
+    ) -> None:
         """Publish a SignedDeviceList (its ``encode()`` bytes).
 
         Before authentication this registers a new user (the first list
-        binds its user identity at the relay); afterwards it replaces the
-        own user's list (counter must grow). Removed devices lose their mail.
+        binds its user identity at the relay), with ``invite``, the token
+        the relay's operator issued, where the relay registers by invitation
+        (RegistrationClosed, InviteRefused otherwise); afterwards it replaces
+        the own user's list (counter must grow). Removed devices lose their
+        mail.
         """
-        await self._request(lambda rid: PublishDeviceList(rid, signed_device_list), Ok)
+        await self._request(lambda rid: PublishDeviceList(rid, signed_device_list, invite), Ok)
 
     async def authenticate(
         self, user_id: str, device_id: int, device_identity: IdentityKeyPair

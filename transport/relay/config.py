@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import enum
 import re
 import ssl
 import time
@@ -17,6 +18,14 @@ from .ratelimit import RateLimit
 # Listen addresses that name no host: every interface. Clients dial the relay by
 # some other name, which only its operator knows.
 WILDCARD_HOSTS = frozenset({"", "0.0.0.0", "::", "[::]"})
+
+
+class Registration(enum.Enum):
+    """Who may register a new user (publish the first device list of a user id)."""
+
+    OPEN = "open"  # anyone: user ids are first come, first served
+    INVITE = "invite"  # only with an invitation token the operator issued (single use)
+    CLOSED = "closed"  # no one: the relay serves the users it has
 
 
 def wall_clock_ms() -> int:
@@ -111,6 +120,9 @@ class RelayConfig:
     None is ``db_path`` + ``".keys"`` (an in-memory relay keeps them in
     memory); ``reset_keys`` starts a relay whose key file is lost, discarding
     the mail sealed under it (its recipients are told).
+    ``registration`` says who may register new users: anyone (``OPEN``), the
+    holders of invitation tokens issued with ``hushchat relay invite``
+    (``INVITE``), or no one (``CLOSED``).
     ``name`` is announced in WELCOME and signed by authenticating devices,
     who refuse a relay that does not call itself by the name they dial
     (spec 7.4): set it to the public host name clients dial. Left empty it
@@ -128,6 +140,7 @@ class RelayConfig:
     retention_seconds: int = L.DEFAULT_RETENTION_SECONDS
     name: str = ""
     ssl_context: ssl.SSLContext | None = None
+    registration: Registration = Registration.OPEN
     clock: Callable[[], int] = wall_clock_ms
     limits: RelayLimits = field(default_factory=RelayLimits)
 

@@ -47,9 +47,11 @@ from ..wire.errors import (
     FrameTooLarge,
     IdleTimeout,
     InternalError,
+    InviteRefused,
     NoPreKeys,
     PreKeysRejected,
     RateLimited,
+    RegistrationClosed,
     RelayError,
     UnknownDevice,
     UnknownUser,
@@ -88,6 +90,8 @@ from ..wire.framing import FrameDecoder, encode_frame
 from ..wire.limits import DELIVERY_BATCH_SIZE, RECEIVE_CHUNK_SIZE, RELAY_PROTOCOL_VERSION
 from ..wire.records import GUID_SIZE, Envelope, EnvelopeKind, PreKeyCounts
 from ..wire.states import ConnectionState, check_request, state_after_error, state_after_success
+from .config import Registration
+from .invites import token_hash
 from .ratelimit import TokenBucket
 from .storage.interface import (
     Delivery,
@@ -419,7 +423,10 @@ class RelaySession:
         if authenticated and new.user_id != self.user_id:
             raise Forbidden("a device publishes only its own user's device list")
         current = (await self._relay.storage.device_lists([new.user_id])).get(new.user_id)
-        if current is not None:
+        invite_hash = None
+        if current is None:
+            invite_hash = self._registration_invite(request)
+        else:
             if not authenticated:
                 raise Forbidden("user exists: authenticate as one of its devices to update")
             try:
@@ -431,7 +438,10 @@ class RelaySession:
         stored = _stored_list(new, request.signed_device_list)
         try:
             removed = await self._relay.storage.store_device_list(
-                stored, previous_counter=None if current is None else current.counter
+                stored,
+                previous_counter=None if current is None else current.counter,
+                invite_hash=invite_hash,
+                now=self._relay.config.clock(),
             )
         except StorageConflict:
             raise DeviceListRejected("the list changed meanwhile", cause=StaleChange.code) from None
@@ -442,6 +452,17 @@ class RelaySession:
             else:
                 self._relay.close_device(new.user_id, device_id, DeviceRemoved("device removed"))
         return Ok(request.request_id)
+
+    def _registration_invite(self, request: PublishDeviceList) -> bytes | None:
+        """Whether a new user may register (spec 7.6); the invitation to spend, if any."""
+        registration = self._relay.config.registration
+        if registration is Registration.CLOSED:
+            raise RegistrationClosed("this relay registers no new users")
+        if registration is Registration.OPEN:
+            return None
+        if request.invite is None:
+            raise InviteRefused("this relay registers new users by invitation")
+        return token_hash(request.invite)
 
     # ---------------------------------------------------------------- prekeys
 

@@ -272,6 +272,19 @@ class InternalError(RelayError):
 # ------------------------------------------------------------------ users and devices
 
 
+class RegistrationClosed(RelayError):
+    """The relay registers no new users (its operator closed registration)."""
+
+    code = "REGISTRATION_CLOSED"
+
+
+class InviteRefused(RelayError):
+    """The relay registers users by invitation, and the token is missing, unknown,
+    expired or already used (which of these is not said)."""
+
+    code = "INVITE_REFUSED"
+
+
 class Forbidden(RelayError):
     """The request acts on another user's data (or re-registers an existing user)."""
 

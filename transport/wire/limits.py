@@ -24,8 +24,10 @@ from hushchat.protocol.consts import (
 # by HELLO. Separate from hushchat.protocol.consts.PROTOCOL_VERSION: the relay carries
 # protocol messages as opaque bytes, so either can change without the other.
 # 4 adds SEND_CHANGE and its RECEIPT envelopes (one place in the relay's
-# order for a group change, spec/12-groups.md section 12.4).
-RELAY_PROTOCOL_VERSION: Final = 4
+# order for a group change, spec/12-groups.md section 12.4); 5 an invitation
+# token in PUBLISH_DEVICE_LIST (registration by invitation), and it carries
+# device lists of protocol version 2 (device proofs).
+RELAY_PROTOCOL_VERSION: Final = 5
 
 # ------------------------------------------------------------------ sizes
 
@@ -110,6 +112,22 @@ MAX_STORED_PREKEYS: Final = 10 * PREKEY_BATCH_SIZE
 # Stock of one-time prekeys (either kind) below which the owner is told
 # (PREKEYS_LOW); the protocol core's refill threshold.
 PREKEY_LOW_THRESHOLD: Final = PREKEY_LOW_WATERMARK
+
+# ------------------------------------------------------------------ registration
+
+# Random bytes in an invitation token (printed base64url, 22 characters):
+# 128 bits, so the relay stores only a SHA-256 of it, and guessing one is out
+# of reach however many registrations are tried.
+INVITE_TOKEN_BYTES: Final = 16
+
+# Longest invitation token a PUBLISH_DEVICE_LIST may carry, in UTF-8 bytes:
+# room for the relay's own tokens and for an operator's longer ones.
+MAX_INVITE_SIZE: Final = 64
+
+# How long an invitation is good for unless the operator says otherwise
+# (hushchat relay invite --valid-for): long enough to be passed on by hand,
+# short enough that a forgotten one does not stay open for good.
+DEFAULT_INVITE_LIFETIME_SECONDS: Final = 7 * 24 * 3600
 
 # ------------------------------------------------------------------ rate limits
 # Token buckets: `capacity` requests at once, regained at `per_second`.

@@ -143,11 +143,19 @@ class RelayStorage(Protocol):
         ...
 
     async def store_device_list(
-        self, new: StoredDeviceList, *, previous_counter: int | None
+        self,
+        new: StoredDeviceList,
+        *,
+        previous_counter: int | None,
+        invite_hash: bytes | None = None,
+        now: int = 0,
     ) -> tuple[int, ...]:
         """Replace a user's list if its stored counter is ``previous_counter``.
 
-        ``previous_counter`` None means the user must not exist yet. Devices
+        ``previous_counter`` None means the user must not exist yet. With
+        ``invite_hash`` (a registration by invitation) the invitation of that
+        SHA-256 is spent in the same transaction: InviteRefused if there is
+        none unexpired at ``now`` (milliseconds), and nothing is stored. Devices
         that leave the list, or whose identity changes, lose their mailbox
         and prekeys in the same transaction; their ids are returned.
         StorageConflict if the stored counter differs; DeviceListRejected
@@ -233,6 +241,7 @@ class RelayStorage(Protocol):
 
         Each recipient with mail among them gets an expiry notice, and the
         keys of those epochs cease to exist (also when the deletion fails).
+        Invitations whose expiry is at or before ``now`` are deleted too.
         """
         ...
 

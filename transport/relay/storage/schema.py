@@ -9,7 +9,8 @@ transaction; a newer version is refused (a newer relay's file).
 Device-list counters are u64 and SQLite integers are i64, so counters are
 stored as 8-byte big-endian blobs (compared only for equality).
 
-The directory (users, devices, prekeys) is public and stored as it is. The
+The directory (users, devices, prekeys) is public and stored as it is, and
+so are the invitations (``invites``: a token's SHA-256, never the token). The
 queue (payloads, deliveries, mailboxes) keeps in clear only an epoch, an
 opaque mailbox index and row ids; the rest is sealed (:mod:`.rows`). A
 trigger on ``deliveries`` deletes a payload with its last delivery; a
@@ -28,7 +29,7 @@ from hushchat.protocol.errors import UnknownStateVersion
 
 logger = logging.getLogger("hushchat.relay")
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 # The schema of relays before queued mail was sealed at rest (see migration.py).
 UNSEALED_SCHEMA_VERSION = 1
 # The schema migration.py converts a version-1 file to.
@@ -55,6 +56,10 @@ CREATE TABLE IF NOT EXISTS devices (
     PRIMARY KEY (user_id, device_id)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS devices_identity ON devices (identity);
+CREATE TABLE IF NOT EXISTS invites (
+    token_hash BLOB PRIMARY KEY,
+    expires_at INTEGER NOT NULL
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS signed_prekeys (
     user_id TEXT NOT NULL,
     device_id INTEGER NOT NULL,
@@ -133,6 +138,12 @@ MIGRATIONS: dict[int, tuple[str, ...]] = {
     2: (
         "ALTER TABLE users ADD COLUMN protocol_version INTEGER NOT NULL DEFAULT 1",
         "CREATE INDEX IF NOT EXISTS devices_identity ON devices (identity)",
+    ),
+    # Registration by invitation: the SHA-256 of each token the operator issued
+    # (never the token), until it is used or expires.
+    3: (
+        "CREATE TABLE IF NOT EXISTS invites (token_hash BLOB PRIMARY KEY, "
+        "expires_at INTEGER NOT NULL) WITHOUT ROWID",
     ),
 }
 

@@ -47,6 +47,7 @@ from hushchat.protocol.prekeys import KemPreKeyPublic, OneTimePreKeyPublic, Sign
 
 from ...wire.errors import (
     DeviceListRejected,
+    InviteRefused,
     MailboxFull,
     PreKeyIdInUse,
     PreKeyStockFull,
@@ -325,9 +326,16 @@ class SqliteDatabase:
         return self._single(partial(self._device_lists, user_ids), savepoint=False)
 
     def store_device_list(
-        self, new: StoredDeviceList, *, previous_counter: int | None
+        self,
+        new: StoredDeviceList,
+        *,
+        previous_counter: int | None,
+        invite_hash: bytes | None = None,
+        now: int = 0,
     ) -> tuple[int, ...]:
-        return self._single(partial(self._store_device_list, new, previous_counter))
+        return self._single(
+            partial(self._store_device_list, new, previous_counter, invite_hash, now)
+        )
 
     def store_prekeys(
         self,
@@ -428,13 +436,26 @@ class SqliteDatabase:
         return found
 
     def _store_device_list(
-        self, new: StoredDeviceList, previous_counter: int | None
+        self,
+        new: StoredDeviceList,
+        previous_counter: int | None,
+        invite_hash: bytes | None,
+        now: int,
     ) -> tuple[int, ...]:
         db = self._conn
         row = db.execute("SELECT counter FROM users WHERE user_id = ?", (new.user_id,)).fetchone()
         stored = None if row is None else int.from_bytes(row[0], "big")
         if stored != previous_counter:
             raise StorageConflict("the device list changed meanwhile")
+        if invite_hash is not None:
+            # Single use: spent in the transaction that registers, so a refused
+            # or conflicting registration gives it back (the savepoint).
+            spent = db.execute(
+                "DELETE FROM invites WHERE token_hash = ? AND expires_at > ? RETURNING 1",
+                (invite_hash, now),
+            ).fetchone()
+            if spent is None:
+                raise InviteRefused("no such invitation, or it was used or has expired")
         identities = [identity for _, identity in new.devices]
         taken = db.execute(
             "SELECT 1 FROM devices AS d JOIN users AS u ON u.user_id = d.user_id "
@@ -870,8 +891,12 @@ class SqliteDatabase:
         )
 
     def _purge_expired(self, now: int) -> int:
-        """Delete every epoch that left the window; tell each recipient what expired unread."""
+        """Delete every epoch that left the window; tell each recipient what expired unread.
+
+        Expired invitations go too.
+        """
         db, chain = self._conn, self._chain
+        db.execute("DELETE FROM invites WHERE expires_at <= ?", (now,))
         cutoff = chain.epoch_of(now - self._retention_ms)
         self._current_epoch(chain.epoch_of(now))  # mailbox rows under keys that stay
         expired: dict[tuple[str, int], ExpiryNotice] = {}
@@ -987,9 +1012,16 @@ class SqliteStorage:
         return await self._writer.call(partial(self._db._device_lists, user_ids), savepoint=False)
 
     async def store_device_list(
-        self, new: StoredDeviceList, *, previous_counter: int | None
+        self,
+        new: StoredDeviceList,
+        *,
+        previous_counter: int | None,
+        invite_hash: bytes | None = None,
+        now: int = 0,
     ) -> tuple[int, ...]:
-        return await self._writer.call(partial(self._db._store_device_list, new, previous_counter))
+        return await self._writer.call(
+            partial(self._db._store_device_list, new, previous_counter, invite_hash, now)
+        )
 
     async def store_prekeys(
         self,
