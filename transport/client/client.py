@@ -704,7 +704,9 @@ class Client:
                     expired = MailExpired(item.count, item.first_ts, item.last_ts)
                     await self._events_in.send((None, expired))
             if processed:
-                await connection.ack(*processed)
+                # A relay may push one envelope twice (a duplicate is dropped by guid):
+                # each guid is acknowledged once, as the relay requires.
+                await connection.ack(*dict.fromkeys(processed))
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Stay connected (reconnecting with backoff) until cancelled.
