@@ -76,6 +76,7 @@ from hushchat.protocol.devices import DeviceEntry, DeviceList, SignedDeviceList
 from hushchat.protocol.group import Group
 from hushchat.protocol.group_cipher import OutboundSenderKey, SenderKeyRecord
 from hushchat.protocol.keys import IdentityKeyPair
+from hushchat.protocol.pqxdh import Party
 from hushchat.protocol.prekeys import PreKeyBundle
 from hushchat.protocol.session import SessionRecord
 
@@ -300,6 +301,14 @@ def f_group_send(chain_key: bytes, signing: Ed25519PrivateKey, body: bytes) -> b
 # ------------------------------------------------------------------ one-to-one
 
 
+def _party(user_id: str) -> Party:
+    """Device 1 of ``user_id``, under a fresh user identity."""
+    return Party(user_id, 1, IdentityKeyPair.generate().public.ed25519)
+
+
+_ALICE, _BOB = _party("alice"), _party("bob")
+
+
 class _Pair:
     """Alice and Bob with a session both have used (steady state: no prekey messages)."""
 
@@ -308,9 +317,14 @@ class _Pair:
         self.bob = Account.create(now=NOW, one_time_prekeys=1)
         self.a = SessionRecord()
         self.b = SessionRecord()
-        self.a.install(self.alice.create_outbound_session(self.bob.bundle("bob", 1), now=NOW))
-        self.b.decrypt(self.a.encrypt(b"hello", now=NOW), self.bob, now=NOW)
-        self.a.decrypt(self.b.encrypt(b"hello", now=NOW), self.alice, now=NOW)
+        bundle = self.bob.bundle("bob", 1)
+        self.a.install(
+            self.alice.create_outbound_session(bundle, local=_ALICE, remote=_BOB, now=NOW)
+        )
+        first = self.a.encrypt(b"hello", now=NOW)
+        self.b.decrypt(first, self.bob, local=_BOB, remote=_ALICE, now=NOW)
+        reply = self.b.encrypt(b"hello", now=NOW)
+        self.a.decrypt(reply, self.alice, local=_ALICE, remote=_BOB, now=NOW)
 
     @property
     def associated_data(self) -> bytes:
@@ -320,12 +334,18 @@ class _Pair:
     def send(self, plaintext: bytes) -> None:
         """Alice to Bob: encrypt and decrypt one message."""
         data = self.a.encrypt(plaintext, now=NOW)
-        if self.b.decrypt(data, self.bob, now=NOW).plaintext != plaintext:
+        if (
+            self.b.decrypt(data, self.bob, local=_BOB, remote=_ALICE, now=NOW).plaintext
+            != plaintext
+        ):
             raise AssertionError("ratchet round trip")
 
     def reply(self, plaintext: bytes) -> None:
         data = self.b.encrypt(plaintext, now=NOW)
-        if self.a.decrypt(data, self.alice, now=NOW).plaintext != plaintext:
+        if (
+            self.a.decrypt(data, self.alice, local=_ALICE, remote=_BOB, now=NOW).plaintext
+            != plaintext
+        ):
             raise AssertionError("ratchet round trip")
 
 
@@ -388,10 +408,13 @@ def handshake_case(name: str, repeats: int, *, post_quantum: bool) -> Case:
     def op() -> None:
         bundle = PreKeyBundle.decode(next(bundles))
         record = SessionRecord()
-        session = alice.create_outbound_session(bundle, now=NOW, post_quantum=post_quantum)
+        session = alice.create_outbound_session(
+            bundle, local=_ALICE, remote=_BOB, now=NOW, post_quantum=post_quantum
+        )
         record.install(session)
         data = record.encrypt(PLAINTEXT, now=NOW)
-        if SessionRecord().decrypt(data, bob, now=NOW).plaintext != PLAINTEXT:
+        received = SessionRecord().decrypt(data, bob, local=_BOB, remote=_ALICE, now=NOW)
+        if received.plaintext != PLAINTEXT:
             raise AssertionError("handshake round trip")
 
     sample = PreKeyBundle.decode(next(_bundles(bob, 1, post_quantum=post_quantum)))
@@ -489,17 +512,18 @@ class _Member:
         self.address = Address(user_id, 1)
         self.account = Account.create(now=NOW, one_time_prekeys=0)
         user_identity = IdentityKeyPair.generate()
-        entry = DeviceEntry(1, self.account.identity.public.ed25519)
+        entry = DeviceEntry.prove(self.account.identity, user_id, 1, user_identity.public.ed25519)
         initial = DeviceList.initial(user_id, user_identity.public.ed25519, [entry])
         self.device_list: SignedDeviceList = initial.sign(user_identity)
+        self.party = Party(user_id, 1, user_identity.public.ed25519)
         self.record = SessionRecord()
 
     def bundle(self) -> bytes:
         return self.account.bundle(self.user_id, 1, one_time=False).encode()
 
-    def answer(self, payload: bytes) -> bytes:
-        """Decrypt what we were sent and reply with a text (acknowledging the session)."""
-        self.record.decrypt(payload, self.account, now=NOW)
+    def answer(self, payload: bytes, sender: Party) -> bytes:
+        """Decrypt what ``sender`` sent us and reply with a text (acknowledging the session)."""
+        self.record.decrypt(payload, self.account, local=self.party, remote=sender, now=NOW)
         return self.record.encrypt(Text(os.urandom(16), NOW, b"ok").encode(), now=NOW)
 
 
@@ -525,7 +549,9 @@ class _GroupBench:
     def _exchange(self, member: _Member) -> None:
         _, sends = self.me.send_direct(member.user_id, b"hello", now=NOW)
         ((_, payload),) = sends[0].payloads
-        self.me.receive(member.address, ENVELOPE_DIRECT, member.answer(payload), now=NOW)
+        self.me.receive(
+            member.address, ENVELOPE_DIRECT, member.answer(payload, self.me.party), now=NOW
+        )
 
     def _create(self, size: int) -> bytes:
         group_id, _ = self.me.create_group(
@@ -686,7 +712,7 @@ def run_protocol_bench(
 def sizes(pair: _Pair, groups: _GroupBench, group_bytes: bytes, group_size: int) -> dict[str, int]:
     """Wire and storage sizes for a 100-byte plaintext, in steady state."""
     message = pair.a.encrypt(PLAINTEXT, now=NOW)
-    pair.b.decrypt(message, pair.bob, now=NOW)
+    pair.b.decrypt(message, pair.bob, local=_BOB, remote=_ALICE, now=NOW)
     group_message = OutboundSenderKey.create(GROUP_ID, NOW).encrypt(PLAINTEXT)
     group_payload = groups.send(groups.groups[group_size])
     _, sends = groups.me.send_direct(groups.spare.user_id, PLAINTEXT, now=NOW)

@@ -272,7 +272,7 @@ async def _register(connection: RelayConnection, user_id: str) -> None:
     """A new user with one device: upload its signed device list, then authenticate."""
     user_identity = IdentityKeyPair.generate()
     device_identity = IdentityKeyPair.generate()
-    entry = DeviceEntry(1, device_identity.public.ed25519)
+    entry = DeviceEntry.prove(device_identity, user_id, 1, user_identity.public.ed25519)
     signed = DeviceList.initial(user_id, user_identity.public.ed25519, [entry]).sign(user_identity)
     await connection.upload_device_list(signed.encode())
     await connection.authenticate(user_id, 1, device_identity)

@@ -9,9 +9,10 @@ authenticates it by typing a short code across:
    (its only purpose is to be able to send one message), fetches the
    signed device list of the user it joins, and picks the lowest free
    device id ``n``. It creates its own keys (the device identity ``D``;
-   the private key never leaves it) and sends the user a *link request*,
-   ``LINK_REQUEST_PREFIX || msgpack([1, n, D])``, encrypted like any
-   message, to every device of the user.
+   the private key never leaves it), signs with ``D`` that it is device
+   ``n`` of the user (its proof ``P``, spec/11-devices.md section 11.1) and
+   sends the user a *link request*, ``LINK_REQUEST_PREFIX || msgpack([2,
+   n, D, P])``, encrypted like any message, to every device of the user.
 2. It shows the *link code*: the first 50 bits of SHA-256 over
    ``"hushchat link code v1" || 0x00 || msgpack([user_id,
    user_identity, n, D])``, as ten characters of Crockford's base32
@@ -20,7 +21,8 @@ authenticates it by typing a short code across:
    computes the code of each request it received in the last
    :data:`LINK_REQUEST_LIFETIME` seconds (at most :data:`MAX_LINK_REQUESTS`)
    with the user identity it holds itself, and links the device whose
-   code matches: it signs a new device list naming ``n`` with ``D``.
+   code matches: it signs a new device list naming ``n`` with ``D`` and
+   ``P`` (the list refuses a proof that is not ``D``'s for this user).
 4. The new device sees its key in the user's list and starts as that user's
    device ``n``: it asks the first device for its groups, as any linked
    device does.
@@ -48,11 +50,13 @@ from dataclasses import dataclass
 
 import msgpack
 
-from hushchat.protocol.consts import MAX_DEVICES_PER_USER
+from hushchat.protocol.consts import ED25519_SIGNATURE_SIZE, MAX_DEVICES_PER_USER
+from hushchat.protocol.devices import DeviceEntry
 
 LINK_REQUEST_PREFIX = b"hushchat link request\x00"
 LINK_CODE_CONTEXT = b"hushchat link code v1\x00"
-LINK_REQUEST_VERSION = 1
+# Version 2 carries the new device's proof that it is the user's device n.
+LINK_REQUEST_VERSION = 2
 # A request older than this is ignored: the user types the code within minutes.
 LINK_REQUEST_LIFETIME = 600.0
 # Requests considered at once: each is one chance for a forger (module docstring).
@@ -65,13 +69,23 @@ THROWAWAY_PREFIX = "link-"
 
 @dataclass(frozen=True, slots=True)
 class LinkRequest:
-    """A new device's request to become device ``device_id`` with identity key ``identity``."""
+    """A new device's request to become device ``device_id`` with identity key ``identity``,
+    and its ``proof`` that it agrees to (the device entry its user's list will carry)."""
 
     device_id: int
     identity: bytes
+    proof: bytes
+
+    @classmethod
+    def of(cls, entry: DeviceEntry) -> LinkRequest:
+        return cls(entry.device_id, entry.identity, entry.proof)
+
+    @property
+    def entry(self) -> DeviceEntry:
+        return DeviceEntry(self.device_id, self.identity, self.proof)
 
     def encode(self) -> bytes:
-        body = msgpack.packb([LINK_REQUEST_VERSION, self.device_id, self.identity])
+        body = msgpack.packb([LINK_REQUEST_VERSION, self.device_id, self.identity, self.proof])
         return LINK_REQUEST_PREFIX + body
 
     @classmethod
@@ -80,7 +94,9 @@ class LinkRequest:
         if not body.startswith(LINK_REQUEST_PREFIX):
             return None
         try:
-            version, device_id, identity = msgpack.unpackb(body[len(LINK_REQUEST_PREFIX) :])
+            version, device_id, identity, proof = msgpack.unpackb(
+                body[len(LINK_REQUEST_PREFIX) :]
+            )
         except (ValueError, TypeError):
             return None
         if (
@@ -89,9 +105,11 @@ class LinkRequest:
             or not 1 <= device_id <= 2**32 - 1
             or not isinstance(identity, bytes)
             or len(identity) != 32
+            or not isinstance(proof, bytes)
+            or len(proof) != ED25519_SIGNATURE_SIZE
         ):
             return None
-        return cls(device_id, identity)
+        return cls(device_id, identity, proof)
 
 
 def link_code(user_id: str, user_identity: bytes, device_id: int, identity: bytes) -> str:

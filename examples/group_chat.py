@@ -691,7 +691,7 @@ class Chat:
                 "linking again on the new device"
             )
         self.link_requests.remove(entry)
-        await self.client.link_device(request.device_id, request.identity)
+        await self.client.link_device(request.entry)
         self.screen.info(
             f"linked {self.me}.{request.device_id} (asked through {sender}): /devices lists "
             f"it; /unlink {request.device_id} removes it"
@@ -900,7 +900,7 @@ async def ask_to_be_linked(helper: Client, name: str, screen: Screen) -> core.Cl
     device = core.ClientCore.create_linked(
         name, device_id, devices.user_identity, now=int(time.time())
     )
-    await helper.send_direct(name, LinkRequest(device_id, device.device_identity).encode())
+    await helper.send_direct(name, LinkRequest.of(device.device_entry).encode())
     code = link_code(name, devices.user_identity, device_id, device.device_identity)
     screen.show(
         f"This will be {name}.{device_id}. On {possessive(name)} first device, type:\n\n"

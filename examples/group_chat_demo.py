@@ -176,7 +176,8 @@ async def serve_observed_relay(
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """A relay on loopback (any free port) over ``storage``; reports its port."""
-    relay = Relay(RelayConfig(host=HOST, port=0, name="hushchat-demo", clock=clock.ms), storage)
+    # Named HOST (the default), as clients dial it.
+    relay = Relay(RelayConfig(host=HOST, port=0, clock=clock.ms), storage)
     listeners = await trio.open_tcp_listeners(0, host=HOST)
     port: int = listeners[0].socket.getsockname()[1]
     async with trio.open_nursery() as nursery:
@@ -531,7 +532,7 @@ class Demo:
         core = ClientCore.create_linked(
             "alice", 2, alice.client.core.user_identity_public, now=int(time.time())
         )
-        await alice.client.link_device(2, core.device_identity)
+        await alice.client.link_device(core.device_entry)
         self.n.say(
             "alice.1",
             "signed a new device list naming alice.2 (the desktop's own identity key) "

@@ -2,6 +2,8 @@
 
 This is the smallest complete use of hushchat's ``protocol`` package:
 
+0. Alice and Bob each have a user identity (which their device lists sign,
+   spec/11-devices.md); a session binds whose each device is.
 1. Bob creates an account (identity key + prekeys) and publishes a bundle.
 2. Alice starts a PQXDH session from Bob's bundle and sends a first message.
 3. Bob answers that initial message, which creates his side of the session.
@@ -14,12 +16,21 @@ Run it:  python examples/one_to_one.py
 
 from __future__ import annotations
 
-from hushchat.protocol import Account, SafetyNumber, SessionRecord
+from hushchat.protocol import Account, IdentityKeyPair, Party, SafetyNumber, SessionRecord
 from hushchat.protocol.errors import DuplicateMessage
 
 
 def main() -> None:
     now = 1_700_000_000  # the core never reads a clock: the app passes time in
+
+    # Each user's long-term identity; device 1 of each. A session is with a
+    # device of a user, never with a bare key: both sides bind these, so a
+    # relay cannot present Alice's device as someone else's.
+    alice_user, bob_user = IdentityKeyPair.generate(), IdentityKeyPair.generate()
+    alice_device = Party("alice", 1, alice_user.public.ed25519)
+    bob_device = Party("bob", 1, bob_user.public.ed25519)
+    alice_side = {"local": alice_device, "remote": bob_device}
+    bob_side = {"local": bob_device, "remote": alice_device}
 
     # Bob: an account is a device identity plus its private prekeys.
     bob = Account.create(now=now)
@@ -28,29 +39,30 @@ def main() -> None:
 
     # Alice: verifies the bundle's signatures and runs PQXDH (X25519 + ML-KEM-768).
     alice = Account.create(now=now)
-    alice_to_bob = SessionRecord(alice.create_outbound_session(bundle, now=now))
+    alice_to_bob = SessionRecord(alice.create_outbound_session(bundle, **alice_side, now=now))
     first = alice_to_bob.encrypt(b"Hi Bob, this is end-to-end encrypted.", now=now)
     print(f"Alice -> Bob: initial message of {len(first)} bytes (carries the handshake)")
 
     # Bob: a new record for Alice's device. The first message creates the session.
     bob_from_alice = SessionRecord()
-    result = bob_from_alice.decrypt(first, bob, now=now)
+    result = bob_from_alice.decrypt(first, bob, **bob_side, now=now)
     print(f"Bob reads:    {result.plaintext.decode()!r} (new session: {result.new_session})")
 
     reply = bob_from_alice.encrypt(b"Hi Alice! Received.", now=now)
-    print(f"Alice reads:  {alice_to_bob.decrypt(reply, alice, now=now).plaintext.decode()!r}")
+    answer = alice_to_bob.decrypt(reply, alice, **alice_side, now=now)
+    print(f"Alice reads:  {answer.plaintext.decode()!r}")
 
     # Out of order is fine: Alice sends two, Bob reads the second first.
     one = alice_to_bob.encrypt(b"one", now=now)
     two = alice_to_bob.encrypt(b"two", now=now)
     print(
-        f"Bob reads:    {bob_from_alice.decrypt(two, bob, now=now).plaintext!r} then "
-        f"{bob_from_alice.decrypt(one, bob, now=now).plaintext!r}"
+        f"Bob reads:    {bob_from_alice.decrypt(two, bob, **bob_side, now=now).plaintext!r} then "
+        f"{bob_from_alice.decrypt(one, bob, **bob_side, now=now).plaintext!r}"
     )
 
     # A replayed message is refused: its key is gone (forward secrecy).
     try:
-        bob_from_alice.decrypt(one, bob, now=now)
+        bob_from_alice.decrypt(one, bob, **bob_side, now=now)
     except DuplicateMessage as exc:
         print(f"Replay:       refused with {exc.code}")
 
@@ -59,15 +71,17 @@ def main() -> None:
     bob = Account.from_bytes(saved_account)
     bob_from_alice = SessionRecord.from_bytes(saved_record)
     later = alice_to_bob.encrypt(b"still there after your restart?", now=now + 60)
-    print(f"After reload: {bob_from_alice.decrypt(later, bob, now=now + 60).plaintext!r}")
+    print(
+        f"After reload: {bob_from_alice.decrypt(later, bob, **bob_side, now=now + 60).plaintext!r}"
+    )
     print(f"Session record: {len(saved_record)} bytes")
 
-    # Safety numbers: both compute the same 60 digits from the two identity keys.
+    # Safety numbers: both compute the same 60 digits from the two user identities.
     alice_view = SafetyNumber.compute(
-        "alice", alice.identity.public.ed25519, "bob", bob.identity.public.ed25519
+        "alice", alice_user.public.ed25519, "bob", bob_user.public.ed25519
     )
     bob_view = SafetyNumber.compute(
-        "bob", bob.identity.public.ed25519, "alice", alice.identity.public.ed25519
+        "bob", bob_user.public.ed25519, "alice", alice_user.public.ed25519
     )
     assert alice_view.digits == bob_view.digits
     print(f"Safety number: {alice_view.grouped()}")

@@ -6,6 +6,8 @@ The objects an app uses, re-exported here (see README.md and spec/):
   :class:`PreKeyBundle` data, starts and answers sessions.
 * :class:`SessionRecord`: every session with one peer device; encrypt and
   decrypt one-to-one messages (transactional: a failure changes nothing).
+* :class:`Party`: whose a device is (user id, device id, user identity), as
+  every session binds both sides.
 * :class:`OutboundSenderKey` / :class:`SenderKeyRecord`: group encryption.
 * :class:`SafetyNumber`: what two users compare out of band.
 * :class:`HushchatError`, the root of every error of hushchat (the
@@ -23,6 +25,7 @@ from .group_cipher import OutboundSenderKey as OutboundSenderKey
 from .group_cipher import SenderKeyRecord as SenderKeyRecord
 from .keys import IdentityKeyPair as IdentityKeyPair
 from .keys import PublicIdentity as PublicIdentity
+from .pqxdh import Party as Party
 from .prekeys import PreKeyBundle as PreKeyBundle
 from .primitives import RandomSource as RandomSource
 from .session import DecryptResult as DecryptResult

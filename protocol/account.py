@@ -26,7 +26,7 @@ from .errors import InvalidArgument, ReplayedHandshake, UnknownPreKey
 from .keys import IdentityKeyPair, encode_mlkem768, encode_x25519
 from .messages import PreKeyMessage
 from .pickles import load_pickle
-from .pqxdh import initiate, respond
+from .pqxdh import Party, initiate, respond
 from .prekeys import (
     KemPreKeyPublic,
     OneTimePreKeyPublic,
@@ -200,17 +200,27 @@ class Account:
         self,
         bundle: PreKeyBundle,
         *,
+        local: Party,
+        remote: Party,
         now: int,
         post_quantum: bool = True,
         rng: p.RandomSource = p.SYSTEM_RANDOM,
     ) -> Session:
-        """Start a session from a peer's bundle (PQXDH by default, X3DH if asked)."""
-        header, shared = initiate(self.identity, bundle, post_quantum=post_quantum, rng=rng)
+        """Start a session from a peer's bundle (PQXDH by default, X3DH if asked).
+
+        ``local`` and ``remote`` say whose each device is (spec/02-pqxdh.md
+        section 2.4): ours, and the bundle's per the device list naming it.
+        """
+        header, shared = initiate(
+            self.identity, bundle, local=local, remote=remote, post_quantum=post_quantum, rng=rng
+        )
         ratchet = RatchetState.initiator(shared.secret, bundle.signed_prekey.public, rng)
         return Session(
             ratchet=ratchet,
             local_identity=self.identity.public,
             remote_identity=bundle.identity,
+            local=local,
+            remote=remote,
             is_initiator=True,
             base_key=header.base_key,
             created_at=now,
@@ -221,6 +231,8 @@ class Account:
         self,
         message: PreKeyMessage,
         *,
+        local: Party,
+        remote: Party,
         now: int,
         rng: p.RandomSource = p.SYSTEM_RANDOM,
         max_skip: int = MAX_SKIP,
@@ -228,8 +240,11 @@ class Account:
     ) -> tuple[Session, bytes]:
         """Answer an initial message: (new session, first plaintext).
 
-        The account changes only if the first message decrypts: then the
-        one-time prekeys it used are deleted, or its base key remembered.
+        ``remote`` is whose the sending device is (per its user's device
+        list), ``local`` whose ours is; the initiator must have bound the same
+        (else BadMac). The account changes only if the first message
+        decrypts: then the one-time prekeys it used are deleted, or its base
+        key remembered.
         """
         h = message.handshake
         spk = self._signed.get(h.signed_prekey_id)
@@ -251,12 +266,20 @@ class Account:
                 raise UnknownPreKey("unknown or already used KEM prekey")
             kem = kem_entry.private
         shared = respond(
-            self.identity, h, signed_prekey=spk.private, one_time_prekey=opk, kem_prekey=kem
+            self.identity,
+            h,
+            local=local,
+            remote=remote,
+            signed_prekey=spk.private,
+            one_time_prekey=opk,
+            kem_prekey=kem,
         )
         session = Session(
             ratchet=RatchetState.responder(shared.secret, spk.private),
             local_identity=self.identity.public,
             remote_identity=h.identity,
+            local=local,
+            remote=remote,
             is_initiator=False,
             base_key=h.base_key,
             created_at=now,

@@ -13,20 +13,26 @@ from typing import Final
 
 # Version of every wire structure defined by spec/ but group control messages
 # and welcomes. A receiver refuses any other value (UNKNOWN_VERSION) rather
-# than guessing at a layout.
-PROTOCOL_VERSION: Final = 1
+# than guessing at a layout. Version 2 (spec revision 3) added each device's
+# proof of possession to device lists and bound both parties' users into a
+# session's associated data; a version 1 peer's lists and messages are
+# refused, not misread.
+PROTOCOL_VERSION: Final = 2
 # Version of group control messages and welcomes (spec/12-groups.md). 2 since
 # a member applies a change only on its current state and never switches to
 # another branch (version 1's fork rule let an author who grinds its change
 # id rewind the group). A version-1 change is refused (UNKNOWN_VERSION), so
 # a member never runs the two rule sets side by side. Group state snapshots
-# keep PROTOCOL_VERSION: their layout and hashes are unchanged, so stored
-# groups load as they are.
+# are at PROTOCOL_VERSION: their layout and hashes did not change with
+# GROUP_VERSION 2.
 GROUP_VERSION: Final = 2
 
 # Version of serialized state (pickles). Bumped on any layout change; older
 # versions are migrated on load, newer ones refused (UNKNOWN_STATE_VERSION).
-STATE_VERSION: Final = 1
+# State 1 was written under protocol version 1: it holds wire structures
+# (device lists, group snapshots) and sessions that version 2 refuses, so it
+# is refused as a whole rather than migrated.
+STATE_VERSION: Final = 2
 
 # ------------------------------------------------------------------ key encodings
 # PQXDH revision 2 requires the encodings of all key types to be disjoint, so
@@ -164,6 +170,10 @@ MAX_USER_ID_SIZE: Final = 64
 # Prefix of the message a user identity signs over a device list body, so
 # that this signature can never be read as any other signed hushchat value.
 DEVICE_LIST_SIGNATURE_CONTEXT: Final = b"hushchat_device_list"
+# Prefix of the message a device identity signs to say which user it belongs
+# to (its proof of possession in a device list: Matrix's self-signed device
+# keys). Without it a user could list another user's device key as its own.
+DEVICE_PROOF_SIGNATURE_CONTEXT: Final = b"hushchat_device_proof"
 # Longest group title, in UTF-8 bytes. Titles travel in every snapshot a
 # joiner receives; 256 bytes is ample for a name and bounds that cost.
 MAX_GROUP_TITLE_SIZE: Final = 256

@@ -7,6 +7,14 @@ signs the list of devices; peers and the relay trust a device only if a
 signed list of its user names it. The relay stores and serves the lists but
 cannot add a device: it holds no user identity key.
 
+A list names a device only with that device's *proof*: its device identity's
+signature saying which user (user id, device id, user identity) it belongs
+to, as Matrix devices self-sign their keys with their user and device ids.
+Without it, a user could list another user's device key as its own and have
+that device's sessions presented as its own (an unknown-key share); the
+proof also travels unchanged from list to list, so the user identity can
+sign new lists without its devices being online.
+
 Wire format (canonical msgpack, spec/00-conventions.md)::
 
     SignedDeviceList = [body: bin, signature: bin(64)]
@@ -14,30 +22,37 @@ Wire format (canonical msgpack, spec/00-conventions.md)::
                  user_id: str (1..MAX_USER_ID_SIZE bytes of UTF-8),
                  user_identity: bin(32),          # Ed25519 public key
                  counter: uint64,                 # +1 on every change
-                 devices: [[device_id: uint32, device_identity: bin(32)], ...]])
+                 devices: [[device_id: uint32, device_identity: bin(32),
+                            proof: bin(64)], ...]])
     signature = Ed25519(user identity, DEVICE_LIST_SIGNATURE_CONTEXT || body)
+    proof     = Ed25519(device identity, DEVICE_PROOF_SIGNATURE_CONTEXT
+                        || pack([user_id, device_id, user_identity]))
 
 ``devices`` has 1..MAX_DEVICES_PER_USER entries in strictly increasing
-device id order (so each list has exactly one encoding) and every identity
-is a valid Ed25519 public key (it decodes, is not of small order and lies in
-the prime-order subgroup).
+device id order (so each list has exactly one encoding), every identity is
+a valid Ed25519 public key (it decodes, is not of small order and lies in
+the prime-order subgroup) and no identity appears twice.
 
 A receiver decodes with :meth:`SignedDeviceList.decode`, which verifies the
-signature with the user identity named in the body, then accepts the list
-only through :func:`check_update` against the list it held: same user id,
-same user identity (else UNTRUSTED_IDENTITY, the app must confirm a new
-identity), and a strictly larger counter (else STALE_CHANGE, so a relay
-cannot replay an old list to resurrect a removed device).
+signature with the user identity named in the body and every device's
+proof, then accepts the list only through :func:`check_update` against the
+list it held: same user id, same user identity (else UNTRUSTED_IDENTITY, the
+app must confirm a new identity), and a strictly larger counter (else
+STALE_CHANGE, so a relay cannot replay an old list to resurrect a removed
+device); and through :func:`check_device_keys` against the lists it holds of
+other users (a device key belongs to one user: DUPLICATE_DEVICE_KEY).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from itertools import pairwise
+from typing import Protocol
 
 from .consts import (
     DEVICE_LIST_SIGNATURE_CONTEXT,
+    DEVICE_PROOF_SIGNATURE_CONTEXT,
     ED25519_KEY_SIZE,
     ED25519_SIGNATURE_SIZE,
     MAX_DEVICES_PER_USER,
@@ -46,7 +61,10 @@ from .consts import (
 )
 from .encoding import UINT32_MAX, UINT64_MAX, Fields, pack
 from .errors import (
+    BadDeviceProof,
+    BadSignature,
     DecodeError,
+    DuplicateDeviceKey,
     InvalidArgument,
     InvalidKey,
     InvalidState,
@@ -83,12 +101,23 @@ def check_identity_key(public: object, error: type[ProtocolError] = InvalidArgum
     return public
 
 
+def device_proof_message(user_id: str, device_id: int, user_identity: bytes) -> bytes:
+    """What a device identity signs to belong to a user (its proof of possession)."""
+    return DEVICE_PROOF_SIGNATURE_CONTEXT + pack([user_id, device_id, user_identity])
+
+
 @dataclass(frozen=True, slots=True)
 class DeviceEntry:
-    """One device of a user: its id and its Ed25519 device identity public key."""
+    """One device of a user: its id, its Ed25519 device identity public key and its proof.
+
+    ``proof`` is the device identity's signature over
+    :func:`device_proof_message` for the user it belongs to; make it with
+    :meth:`prove` on the device itself, check it with :meth:`verify_proof`.
+    """
 
     device_id: int
     identity: bytes
+    proof: bytes = field(repr=False)
 
     def __post_init__(self) -> None:
         if (
@@ -98,6 +127,29 @@ class DeviceEntry:
         ):
             raise InvalidArgument("a device id is an integer from 0 to 2**32-1")
         check_identity_key(self.identity)
+        if not isinstance(self.proof, bytes) or len(self.proof) != ED25519_SIGNATURE_SIZE:
+            raise InvalidArgument("a device proof is a 64-byte signature")
+
+    @classmethod
+    def prove(
+        cls, device_identity: IdentityKeyPair, user_id: str, device_id: int, user_identity: bytes
+    ) -> DeviceEntry:
+        """(On the device.) The entry saying that this device is ``user_id``'s ``device_id``."""
+        check_user_id(user_id)
+        check_identity_key(user_identity)
+        message = device_proof_message(user_id, device_id, user_identity)
+        return cls(device_id, device_identity.public.ed25519, device_identity.sign(message))
+
+    def verify_proof(self, user_id: str, user_identity: bytes) -> None:
+        """Check that this device agreed to be ``user_id``'s, under ``user_identity``."""
+        message = device_proof_message(user_id, self.device_id, user_identity)
+        try:
+            PublicIdentity.from_bytes(self.identity).verify(self.proof, message)
+        except BadSignature:
+            raise BadDeviceProof(f"device {self.device_id} has no valid proof") from None
+
+    def to_wire(self) -> list[object]:
+        return [self.device_id, self.identity, self.proof]
 
     def __repr__(self) -> str:
         return f"DeviceEntry({self.device_id}, {self.identity.hex()})"
@@ -145,6 +197,7 @@ class DeviceList:
         ):
             raise InvalidArgument("devices is a tuple of DeviceEntry")
         _check_device_order([d.device_id for d in self.devices], InvalidArgument)
+        _check_distinct_keys(self.devices, InvalidArgument)
 
     @classmethod
     def initial(
@@ -195,14 +248,25 @@ class DeviceList:
                 self.user_id,
                 self.user_identity,
                 self.counter,
-                [[d.device_id, d.identity] for d in self.devices],
+                [d.to_wire() for d in self.devices],
             ]
         )
 
     def sign(self, user_identity: IdentityKeyPair) -> SignedDeviceList:
-        """Sign this list with the user identity key pair it names."""
+        """Sign this list with the user identity key pair it names.
+
+        Every device must have proved it belongs to this user (InvalidArgument
+        otherwise): peers and the relay refuse a list naming a device without.
+        """
         if user_identity.public.ed25519 != self.user_identity:
             raise InvalidArgument("signing key is not this list's user identity")
+        for entry in self.devices:
+            try:
+                entry.verify_proof(self.user_id, self.user_identity)
+            except BadDeviceProof:
+                raise InvalidArgument(
+                    f"device {entry.device_id} did not prove it belongs to {self.user_id!r}"
+                ) from None
         body = self.encode_body()
         signature = user_identity.sign(DEVICE_LIST_SIGNATURE_CONTEXT + body)
         return SignedDeviceList(body, signature, self)
@@ -235,8 +299,10 @@ class SignedDeviceList:
         """Decode and verify a signed list.
 
         Raises DecodeError (malformed, non-canonical, devices out of order),
-        UnknownVersion, InvalidKey (an identity that is not a valid key) or
-        BadSignature (not signed by the user identity in the body).
+        UnknownVersion, InvalidKey (an identity that is not a valid key),
+        DuplicateDeviceKey (one device key under two ids), BadSignature (not
+        signed by the user identity in the body) or BadDeviceProof (a device
+        that did not prove it belongs to this user).
         """
         outer = Fields.decode(data, what="signed device list", count=2)
         body = outer.bin()
@@ -246,6 +312,8 @@ class SignedDeviceList:
         PublicIdentity.from_bytes(device_list.user_identity).verify(
             signature, DEVICE_LIST_SIGNATURE_CONTEXT + body
         )
+        for entry in device_list.devices:
+            entry.verify_proof(device_list.user_id, device_list.user_identity)
         return cls(body, signature, device_list)
 
     def __repr__(self) -> str:
@@ -266,13 +334,15 @@ def _decode_body(body: bytes) -> DeviceList:
     fields.end()
     devices = []
     for index, raw in enumerate(raw_devices):
-        entry = Fields(raw, what=f"device list body.devices[{index}]", count=2)
+        entry = Fields(raw, what=f"device list body.devices[{index}]", count=3)
         device_id = entry.uint()
         identity = entry.bin(ED25519_KEY_SIZE)
+        proof = entry.bin(ED25519_SIGNATURE_SIZE)
         entry.end()
         check_identity_key(identity, InvalidKey)
-        devices.append(DeviceEntry(device_id, identity))
+        devices.append(DeviceEntry(device_id, identity, proof))
     _check_device_order([d.device_id for d in devices], DecodeError)
+    _check_distinct_keys(devices, DuplicateDeviceKey)
     return DeviceList(user_id, user_identity, counter, tuple(devices))
 
 
@@ -287,7 +357,26 @@ def _check_device_order(ids: list[int], error: type[ProtocolError]) -> None:
         raise error("device ids must be unique and in increasing order")
 
 
-def check_update(old: DeviceList | None, new: DeviceList) -> None:
+def _check_distinct_keys(devices: Iterable[DeviceEntry], error: type[ProtocolError]) -> None:
+    identities = [d.identity for d in devices]
+    if len(set(identities)) != len(identities):
+        raise error("a device key is listed under two device ids")
+
+
+class ListHead(Protocol):
+    """What the update rule compares: any held list (a DeviceList, or a relay's stored copy)."""
+
+    @property
+    def user_id(self) -> str: ...
+
+    @property
+    def user_identity(self) -> bytes: ...
+
+    @property
+    def counter(self) -> int: ...
+
+
+def check_update(old: ListHead | None, new: ListHead) -> None:
     """Check that ``new`` may replace ``old`` (None: the first list seen for the user).
 
     Raises UnauthorizedChange if the user id differs (a list for someone
@@ -314,3 +403,17 @@ def device_changes(old: DeviceList | None, new: DeviceList) -> DeviceChanges:
         added=_sorted(after - before),
         removed=_sorted(before - after),
     )
+
+
+def check_device_keys(new: DeviceList, held: Iterable[DeviceList]) -> None:
+    """Refuse ``new`` if it names a device key that ``held`` lists of other users name.
+
+    A device key belongs to one user: its proof names that user, and a
+    session with it binds that user (spec/02-pqxdh.md). The same key under
+    two users means one of the lists (or the device) lies, and the receiver
+    cannot tell which: DuplicateDeviceKey, keeping what it holds.
+    """
+    keys = {d.identity for d in new.devices}
+    for other in held:
+        if other.user_id != new.user_id and any(d.identity in keys for d in other.devices):
+            raise DuplicateDeviceKey(f"a device of {new.user_id!r} is listed under another user")

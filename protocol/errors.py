@@ -94,6 +94,12 @@ class BadSignature(RemoteProtocolError):
     code = "BAD_SIGNATURE"
 
 
+class BadDeviceProof(BadSignature):
+    """A device list names a device key without that device's proof that it belongs to the user."""
+
+    code = "BAD_DEVICE_PROOF"
+
+
 class DecryptionFailed(RemoteProtocolError):
     """Authenticated bytes did not decrypt (bad padding under a valid signature)."""
 
@@ -152,6 +158,12 @@ class UnauthorizedChange(RemoteProtocolError):
     """A group control message is not allowed by the state we hold."""
 
     code = "UNAUTHORIZED_CHANGE"
+
+
+class DuplicateDeviceKey(UnauthorizedChange):
+    """A device key is listed twice: in one device list, or under two users."""
+
+    code = "DUPLICATE_DEVICE_KEY"
 
 
 class StaleChange(RemoteProtocolError):

@@ -11,6 +11,8 @@ result by :mod:`hushchat.protocol.session`.
                        ikm  = 0xFF * 32 || DH1 || DH2 || DH3 [|| DH4] [|| SS],
                        info = PQXDH_INFO or X3DH_INFO, length 32)
     AD  = Encode(IK_A) || Encode(IK_B)
+          || pack([user_id_A, device_id_A, user_identity_A,
+                   user_id_B, device_id_B, user_identity_B])
 
 Identity keys are Ed25519, used for DH in their X25519 form; ``Encode`` is
 their Ed25519 encoding (0x06 || key), which binds the full identity (the
@@ -18,6 +20,15 @@ X25519 form loses the sign of x). ML-KEM binds its public key into the
 shared secret, so PQXDH revision 2 section 4.12 does not require adding
 ``EncodeKEM(PQPK_B)`` to AD. X3DH and PQXDH use different info strings so a
 session of one can never be confused with the other.
+
+The appendix to AD names who each side believes the devices belong to (X3DH
+section 3.3 and PQXDH section 3.3 allow appending identifying information):
+Alice takes Bob's from the device list that names his key, Bob takes Alice's
+from the list of the user the relay says sent the message. Every message of
+the session is authenticated under AD, so if the two disagree (a relay
+presenting alice.1 as mallory.5, under a list that names alice's device key
+for mallory) nothing decrypts: a session is never with a key alone, always
+with a device of a user (the unknown-key share of X3DH section 4.8).
 """
 
 from __future__ import annotations
@@ -28,10 +39,49 @@ from cryptography.hazmat.primitives.asymmetric.mlkem import MLKEM768PrivateKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from . import primitives as p
-from .consts import KDF_PREFIX, PQXDH_INFO, SHARED_SECRET_SIZE, X3DH_INFO
+from .consts import (
+    ED25519_KEY_SIZE,
+    KDF_PREFIX,
+    MAX_USER_ID_SIZE,
+    PQXDH_INFO,
+    SHARED_SECRET_SIZE,
+    X3DH_INFO,
+)
+from .devices import check_identity_key, check_user_id
+from .encoding import UINT32_MAX, Fields, pack
 from .errors import InvalidArgument
 from .keys import IdentityKeyPair, PublicIdentity
 from .prekeys import PreKeyBundle
+
+
+@dataclass(frozen=True, slots=True)
+class Party:
+    """Whose a session's device is: user id, device id and user identity (from a device list)."""
+
+    user_id: str
+    device_id: int
+    user_identity: bytes
+
+    def __post_init__(self) -> None:
+        check_user_id(self.user_id)
+        if (
+            isinstance(self.device_id, bool)
+            or not isinstance(self.device_id, int)
+            or not 0 <= self.device_id <= UINT32_MAX
+        ):
+            raise InvalidArgument("a device id is an integer from 0 to 2**32-1")
+        check_identity_key(self.user_identity)
+
+    def to_wire(self) -> list[object]:
+        return [self.user_id, self.device_id, self.user_identity]
+
+    @classmethod
+    def read(cls, fields: Fields, what: str) -> Party:
+        nested = fields.nested(what=what, count=3)
+        return cls(nested.text(MAX_USER_ID_SIZE), nested.uint(), nested.bin(ED25519_KEY_SIZE))
+
+    def __str__(self) -> str:
+        return f"{self.user_id}.{self.device_id}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,23 +117,36 @@ def _kdf(dh_outputs: list[bytes], kem_secret: bytes | None) -> bytes:
     return p.hkdf_sha256(ikm, salt=bytes(32), info=info, length=SHARED_SECRET_SIZE)
 
 
-def associated_data(initiator: PublicIdentity, responder: PublicIdentity) -> bytes:
-    return initiator.encode() + responder.encode()
+def associated_data(
+    initiator: PublicIdentity,
+    responder: PublicIdentity,
+    initiator_party: Party,
+    responder_party: Party,
+) -> bytes:
+    """``Encode(IK_A) || Encode(IK_B) || pack([party A..., party B...])`` (spec 02 section 2.4)."""
+    parties = pack([*initiator_party.to_wire(), *responder_party.to_wire()])
+    return initiator.encode() + responder.encode() + parties
 
 
 def initiate(
     identity: IdentityKeyPair,
     bundle: PreKeyBundle,
     *,
+    local: Party,
+    remote: Party,
     post_quantum: bool = True,
     rng: p.RandomSource = p.SYSTEM_RANDOM,
 ) -> tuple[HandshakeHeader, SharedSecret]:
     """Alice's side: verify the bundle, agree on SK, say what Bob needs.
 
-    Raises BadSignature for a bad prekey signature, NonContributoryKey for an
-    all-zero DH output, InvalidArgument if PQXDH is asked of a bundle without
-    a KEM prekey.
+    ``local`` is whose our device is; ``remote`` whose the bundle's device
+    is, per the device list that names it (its user id and device id must be
+    the bundle's). Raises BadSignature for a bad prekey signature,
+    NonContributoryKey for an all-zero DH output, InvalidArgument if PQXDH is
+    asked of a bundle without a KEM prekey.
     """
+    if (remote.user_id, remote.device_id) != (bundle.user_id, bundle.device_id):
+        raise InvalidArgument("the remote party is not the bundle's device")
     bundle.verify()
     if post_quantum and bundle.kem_prekey is None:
         raise InvalidArgument("PQXDH needs a bundle with an ML-KEM prekey")
@@ -113,22 +176,27 @@ def initiate(
         kem_prekey_id=kem_id,
         kem_ciphertext=kem_ciphertext,
     )
-    return header, SharedSecret(secret, associated_data(identity.public, bundle.identity))
+    ad = associated_data(identity.public, bundle.identity, local, remote)
+    return header, SharedSecret(secret, ad)
 
 
 def respond(
     identity: IdentityKeyPair,
     header: HandshakeHeader,
     *,
+    local: Party,
+    remote: Party,
     signed_prekey: X25519PrivateKey,
     one_time_prekey: X25519PrivateKey | None,
     kem_prekey: MLKEM768PrivateKey | None,
 ) -> SharedSecret:
     """Bob's side, given the private keys the header's ids name.
 
-    The base key must lie in the prime-order subgroup (InvalidKey): it
-    identifies the handshake for replay detection, and a torsioned copy of
-    it would agree on the same SK under a different identifier.
+    ``remote`` is whose the sending device is, per the device list of the
+    user the relay says sent it; ``local`` whose ours is. The base key must
+    lie in the prime-order subgroup (InvalidKey): it identifies the
+    handshake for replay detection, and a torsioned copy of it would agree
+    on the same SK under a different identifier.
     """
     p.check_x25519_prime_order(header.base_key)
     dh = [
@@ -145,4 +213,4 @@ def respond(
     if kem_prekey is not None and header.kem_ciphertext is not None:
         kem_secret = p.mlkem768_decapsulate(kem_prekey, header.kem_ciphertext)
     secret = _kdf(dh, kem_secret)
-    return SharedSecret(secret, associated_data(header.identity, identity.public))
+    return SharedSecret(secret, associated_data(header.identity, identity.public, remote, local))

@@ -375,6 +375,23 @@ def check_x25519_prime_order(public: bytes) -> bytes:
     return public
 
 
+def check_x25519_not_small_order(public: bytes) -> bytes:
+    """Refuse an X25519 public key unless it is canonical and not of small order.
+
+    A small-order key makes every X25519 with it all zero, which the other
+    side must refuse (NonContributoryKey): a prekey of small order is
+    useless, and whoever publishes it only wastes the handshakes that try
+    it. The subgroup image is all zero exactly for these keys (spec
+    02-pqxdh.md section 2.7); keys with a small-order component beside a
+    prime-order one pass, as they give the same DH outputs as their
+    prime-order part.
+    """
+    check_x25519_public(public)
+    if _subgroup_image(public) is None:
+        raise InvalidKey("X25519 public key of small order")
+    return public
+
+
 def ed25519_private_to_x25519(seed: bytes) -> bytes:
     """The X25519 private scalar of an Ed25519 seed: SHA-512(seed)[:32], clamped."""
     if len(seed) != ED25519_KEY_SIZE:

@@ -47,7 +47,7 @@ from .errors import (
 from .keys import PublicIdentity
 from .messages import PreKeyMessage, RatchetMessage, decode_message, encode_ratchet_message
 from .pickles import load_pickle
-from .pqxdh import HandshakeHeader, associated_data
+from .pqxdh import HandshakeHeader, Party, associated_data
 
 if TYPE_CHECKING:
     from .account import Account
@@ -70,9 +70,11 @@ class Session:
         "base_key",
         "created_at",
         "is_initiator",
+        "local",
         "local_identity",
         "pending",
         "ratchet",
+        "remote",
         "remote_identity",
     )
 
@@ -82,6 +84,8 @@ class Session:
         ratchet: RatchetState,
         local_identity: PublicIdentity,
         remote_identity: PublicIdentity,
+        local: Party,
+        remote: Party,
         is_initiator: bool,
         base_key: bytes,
         created_at: int,
@@ -90,15 +94,19 @@ class Session:
         self.ratchet = ratchet
         self.local_identity = local_identity
         self.remote_identity = remote_identity
+        # Whose each device is, as bound into the associated data (spec 02 section 2.4).
+        self.local = local
+        self.remote = remote
         self.is_initiator = is_initiator
         self.base_key = base_key
         self.created_at = created_at
         # The handshake an initiator repeats until its first reply arrives.
         self.pending = pending
-        initiator, responder = (
-            (local_identity, remote_identity) if is_initiator else (remote_identity, local_identity)
-        )
-        self.associated_data = associated_data(initiator, responder)
+        if is_initiator:
+            ad = associated_data(local_identity, remote_identity, local, remote)
+        else:
+            ad = associated_data(remote_identity, local_identity, remote, local)
+        self.associated_data = ad
 
     @property
     def acknowledged(self) -> bool:
@@ -143,6 +151,8 @@ class Session:
         return [
             self.local_identity.ed25519,
             self.remote_identity.ed25519,
+            self.local.to_wire(),
+            self.remote.to_wire(),
             self.is_initiator,
             self.base_key,
             self.created_at,
@@ -152,9 +162,11 @@ class Session:
 
     @classmethod
     def from_wire(cls, value: object) -> Session:
-        fields = Fields(value, what="Session", count=7)
+        fields = Fields(value, what="Session", count=9)
         local = PublicIdentity.from_bytes(fields.bin(ED25519_KEY_SIZE))
         remote = PublicIdentity.from_bytes(fields.bin(ED25519_KEY_SIZE))
+        local_party = Party.read(fields, "local")
+        remote_party = Party.read(fields, "remote")
         is_initiator = fields.boolean()
         base_key = fields.bin(32)
         created_at = fields.uint(UINT64_MAX)
@@ -177,6 +189,8 @@ class Session:
             ratchet=ratchet,
             local_identity=local,
             remote_identity=remote,
+            local=local_party,
+            remote=remote_party,
             is_initiator=is_initiator,
             base_key=base_key,
             created_at=created_at,
@@ -186,7 +200,7 @@ class Session:
     def __repr__(self) -> str:
         role = "initiator" if self.is_initiator else "responder"
         return (
-            f"Session({role}, remote={self.remote_identity.ed25519.hex()[:16]}, "
+            f"Session({role}, remote={self.remote} {self.remote_identity.ed25519.hex()[:16]}, "
             f"acknowledged={self.acknowledged}, {self.ratchet!r})"
         )
 
@@ -218,9 +232,17 @@ class SessionRecord:
         return self.current is not None and self.current.usable_for_sending(now)
 
     def install(self, session: Session) -> None:
-        """Make ``session`` current; the old current one becomes the newest previous."""
+        """Make ``session`` current; the old current one becomes the newest previous.
+
+        Sessions with another peer (another identity key, or the key bound to
+        another user) are dropped: this record is for one device of one user.
+        """
         if self.current is not None:
-            if self.current.remote_identity != session.remote_identity:
+            current = self.current
+            if (current.remote_identity, current.remote) != (
+                session.remote_identity,
+                session.remote,
+            ):
                 self.previous = []
             else:
                 self.previous.insert(0, self.current)
@@ -243,6 +265,8 @@ class SessionRecord:
         data: bytes,
         account: Account,
         *,
+        local: Party,
+        remote: Party,
         now: int,
         rng: p.RandomSource = p.SYSTEM_RANDOM,
         trust_new_identity: bool = False,
@@ -251,9 +275,12 @@ class SessionRecord:
     ) -> DecryptResult:
         """Decrypt a message from this peer device (either type).
 
-        A prekey message from an identity other than the one this record
-        holds raises UntrustedIdentity unless ``trust_new_identity`` (the app
-        confirmed the change); then the old sessions are dropped.
+        ``remote`` is whose the peer device is, per the device list of its
+        user, and ``local`` whose ours is: a prekey message creates a session
+        bound to both (spec/02-pqxdh.md section 2.4). A prekey message from
+        an identity other than the one this record holds raises
+        UntrustedIdentity unless ``trust_new_identity`` (the app confirmed
+        the change); then the old sessions are dropped.
         """
         message = decode_message(data)
         if isinstance(message, PreKeyMessage):
@@ -266,7 +293,13 @@ class SessionRecord:
                         [session], message.message, rng, max_skip, max_skipped_keys
                     )
             session, plaintext = account.create_inbound_session(
-                message, now=now, rng=rng, max_skip=max_skip, max_skipped_keys=max_skipped_keys
+                message,
+                local=local,
+                remote=remote,
+                now=now,
+                rng=rng,
+                max_skip=max_skip,
+                max_skipped_keys=max_skipped_keys,
             )
             self.install(session)
             return DecryptResult(plaintext, new_session=True)

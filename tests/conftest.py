@@ -65,13 +65,10 @@ def peers(
     def make(
         *, post_quantum: bool = True, one_time: bool = True, established: bool = False
     ) -> tuple[Peer, Peer]:
-        alice, bob = Peer(make_account(), rng), Peer(make_account(), rng)
+        alice = Peer(make_account(), rng, me="alice", peer="bob")
+        bob = Peer(make_account(), rng, me="bob", peer="alice")
         bundle = bob.account.bundle("bob", 1, one_time=one_time, post_quantum=post_quantum)
-        alice.record.install(
-            alice.account.create_outbound_session(
-                bundle, now=NOW, post_quantum=post_quantum, rng=rng
-            )
-        )
+        alice.start(bundle, post_quantum=post_quantum)
         if established:
             assert bob.decrypt(alice.encrypt(b"hello")).plaintext == b"hello"
             assert alice.decrypt(bob.encrypt(b"hi")).plaintext == b"hi"

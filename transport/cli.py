@@ -28,16 +28,36 @@ from importlib import metadata
 from typing import TypeAlias, TypeVar
 
 import trio
+from cryptography import x509
 
-from hushchat.protocol.errors import InvalidArgument
+from hushchat.protocol.errors import InvalidArgument, UnknownStateVersion
 
-from .relay.config import RelayConfig, parse_duration, wall_clock_ms
+from .relay.config import (
+    Registration,
+    RelayConfig,
+    RelayLimits,
+    parse_duration,
+    parse_rate,
+    wall_clock_ms,
+)
+from .relay.invites import issue_invites
+from .relay.ratelimit import RateLimit
 from .relay.report import format_report, relay_report
 from .relay.server import RelayStartError, serve_relay
 from .relay.storage.atrest import RelayKeysMissing, default_key_file
-from .wire.limits import DEFAULT_RETENTION_SECONDS
+from .wire.frames import MAX_RELAY_NAME_SIZE
+from .wire.limits import DEFAULT_INVITE_LIFETIME_SECONDS, DEFAULT_RETENTION_SECONDS
 
 logger = logging.getLogger("hushchat.relay")
+
+# The relay's prekey limits as --bundle-fetch-limit and --one-time-prekey-budget
+# take them (wire.limits gives the reasons; a test checks these are the same).
+BUNDLE_FETCH_LIMIT = "6/1h"
+ONE_TIME_PREKEY_BUDGET = "20/1h"
+
+# Invitation tokens one 'hushchat relay invite' issues at most: a batch for a
+# team or a class, not a way around the gate.
+MAX_INVITES_AT_ONCE = 1000
 
 # What add_subparsers() returns; each SUBCOMMANDS function adds one parser to it.
 SubParsers: TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"
@@ -46,6 +66,13 @@ SubParsers: TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"
 def _duration(text: str) -> int:
     try:
         return parse_duration(text)
+    except InvalidArgument as exc:
+        raise argparse.ArgumentTypeError(exc.message) from None
+
+
+def _rate(text: str) -> RateLimit:
+    try:
+        return parse_rate(text)
     except InvalidArgument as exc:
         raise argparse.ArgumentTypeError(exc.message) from None
 
@@ -86,7 +113,8 @@ def add_relay_command(subparsers: SubParsers) -> None:
         help="run a relay server",
         description="Run a hushchat relay: store-and-forward of ciphertext, device and "
         "prekey directories, on one SQLite file. Exit status: 0 after SIGINT or SIGTERM, "
-        "1 if it cannot start (the reason on stderr), 2 for bad arguments.",
+        "1 if it cannot start (the reason on stderr), 2 for bad arguments. "
+        "'hushchat relay invite' issues invitation tokens into its database.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on")
@@ -111,8 +139,27 @@ def add_relay_command(subparsers: SubParsers) -> None:
     )
     parser.add_argument(
         "--name",
-        default="hushchat-relay",
-        help="relay name that devices sign when authenticating: the public host name",
+        default=argparse.SUPPRESS,
+        help="the host name clients dial, which the relay announces and devices sign when "
+        "authenticating (they refuse a relay calling itself otherwise) (default: the first "
+        "DNS name of --tls-cert, else --host; needed when --host is every address)",
+    )
+    parser.add_argument(
+        "--bundle-fetch-limit",
+        type=_rate,
+        default=BUNDLE_FETCH_LIMIT,
+        metavar="N/DURATION",
+        help="prekey bundles one device may fetch of one other device: N at once, regained "
+        "at N per DURATION",
+    )
+    parser.add_argument(
+        "--one-time-prekey-budget",
+        type=_rate,
+        default=ONE_TIME_PREKEY_BUDGET,
+        metavar="N/DURATION",
+        help="one-time prekeys handed out per device, whoever fetches: N at once, regained at "
+        "N per DURATION; fetches beyond get the signed and last-resort keys only, so this "
+        "bounds what any number of registered devices can drain",
     )
     parser.add_argument("--tls-cert", help="PEM certificate chain (enables TLS with --tls-key)")
     parser.add_argument("--tls-key", help="PEM private key of --tls-cert")
@@ -122,8 +169,15 @@ def add_relay_command(subparsers: SubParsers) -> None:
         default="INFO",
         help=f"logging level: {', '.join(LOG_LEVELS)}",
     )
+    parser.add_argument(
+        "--registration",
+        choices=[mode.value for mode in Registration],
+        default=Registration.OPEN.value,
+        help="who may register a new user: anyone (open), the holders of tokens from "
+        "'hushchat relay invite' (invite), or no one (closed)",
+    )
     parser.set_defaults(run=run_relay)
-    actions = parser.add_subparsers(dest="action", metavar="[report]", required=False)
+    actions = parser.add_subparsers(dest="action", metavar="[report|invite]", required=False)
     report = actions.add_parser(
         "report",
         help="what the relay holds, and what anyone who seizes it can read",
@@ -138,6 +192,23 @@ def add_relay_command(subparsers: SubParsers) -> None:
         "--key-file", help="its key file (default: the database's path + .keys)%(default).0s"
     )
     report.set_defaults(run=run_report)
+    invite = actions.add_parser(
+        "invite",
+        help="issue invitation tokens",
+        description="Issue invitation tokens into the relay's database, running or not, and "
+        "print one per line: each registers one new user at a relay run with "
+        "--registration invite, until it expires. The database keeps only a hash of each.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    invite.add_argument("--db", default="hushchat-relay.db", help="SQLite database file")
+    invite.add_argument("--count", type=_count, default=1, help="how many tokens")
+    invite.add_argument(
+        "--valid-for",
+        type=_duration,
+        default=f"{DEFAULT_INVITE_LIFETIME_SECONDS // 86400}d",
+        help="how long each token is good for: a number and a unit s, m, h or d",
+    )
+    invite.set_defaults(run=run_invite)
 
 
 def run_report(args: argparse.Namespace) -> int:
@@ -151,6 +222,27 @@ def run_report(args: argparse.Namespace) -> int:
     except RelayKeysMissing as exc:
         return fail("relay report", exc.message)
     print(format_report(report), end="")
+    return 0
+
+
+def _count(text: str) -> int:
+    if not text.isdigit() or not 1 <= int(text) <= MAX_INVITES_AT_ONCE:
+        raise argparse.ArgumentTypeError(f"{text!r}: a count from 1 to {MAX_INVITES_AT_ONCE}")
+    return int(text)
+
+
+def run_invite(args: argparse.Namespace) -> int:
+    folder = os.path.dirname(os.path.abspath(args.db))
+    if not os.path.isdir(folder):
+        return fail("relay invite", f"no such folder for the database: {folder}")
+    try:
+        tokens = issue_invites(args.db, args.count, lifetime_seconds=args.valid_for)
+    except sqlite3.Error as exc:
+        return fail("relay invite", f"{args.db} is not a hushchat relay database ({exc})")
+    except UnknownStateVersion as exc:
+        return fail("relay invite", f"{args.db}: {exc}")
+    for token in tokens:
+        print(token)
     return 0
 
 
@@ -179,6 +271,12 @@ def run_relay(args: argparse.Namespace) -> int:
     key_folder = os.path.dirname(os.path.abspath(args.key_file or args.db))
     if args.key_file is not None and not os.path.isdir(key_folder):
         return fail("relay", f"no such folder for the key file: {key_folder}")
+    name = getattr(args, "name", None)
+    if name == "":
+        print(f"hushchat relay: a relay name is 1 to {MAX_RELAY_NAME_SIZE} bytes", file=sys.stderr)
+        return 2
+    if name is None and args.tls_cert is not None:
+        name = _certificate_name(args.tls_cert)
     try:
         config = RelayConfig(
             host=args.host,
@@ -187,8 +285,13 @@ def run_relay(args: argparse.Namespace) -> int:
             key_file=args.key_file,
             reset_keys=args.reset_keys,
             retention_seconds=args.retention,
-            name=args.name,
+            name=name or "",
             ssl_context=ssl_context,
+            registration=Registration(args.registration),
+            limits=RelayLimits(
+                bundle_fetch_rate=args.bundle_fetch_limit,
+                one_time_prekey_budget=args.one_time_prekey_budget,
+            ),
         )
     except InvalidArgument as exc:
         print(f"hushchat relay: {exc.message}", file=sys.stderr)
@@ -201,6 +304,18 @@ def run_relay(args: argparse.Namespace) -> int:
             raise
         return fail("relay", str(start_error))
     return 0
+
+
+def _certificate_name(path: str) -> str | None:
+    """The first DNS name of the (loaded, so readable) leaf certificate: what TLS clients dial."""
+    with open(path, "rb") as pem:
+        certificate = x509.load_pem_x509_certificate(pem.read())
+    try:
+        names = certificate.extensions.get_extension_for_class(x509.SubjectAlternativeName)
+    except x509.ExtensionNotFound:
+        return None
+    dns_names = names.value.get_values_for_type(x509.DNSName)
+    return dns_names[0] if dns_names else None
 
 
 E = TypeVar("E", bound=Exception)

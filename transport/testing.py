@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import trio
 
-from .relay.config import RelayConfig, RelayLimits
+from .relay.config import Registration, RelayConfig, RelayLimits
 from .relay.server import serve_relay
 from .wire.limits import DEFAULT_RETENTION_SECONDS
 
@@ -46,15 +46,20 @@ class TestRelay:
 async def open_test_relay(
     *,
     db_path: str = ":memory:",
-    name: str = "hushchat-test",
+    name: str = TEST_RELAY_HOST,
     retention_seconds: int = DEFAULT_RETENTION_SECONDS,
+    registration: Registration = Registration.OPEN,
     limits: RelayLimits | None = None,
 ) -> AsyncIterator[TestRelay]:
     """Run a relay on 127.0.0.1 (a free port) for the block; yields where it listens.
 
     ``db_path``: its SQLite file (default: in memory, gone with the block).
-    ``name``: the relay name devices sign when they authenticate.
-    ``retention_seconds`` and ``limits`` override the relay's defaults.
+    ``name``: the relay name devices sign when they authenticate, and
+    compare with the name they dial: by default the host, so that
+    ``open_client(store, relay.host, relay.port)`` connects as it is.
+    ``registration``, ``retention_seconds`` and ``limits`` override the
+    relay's defaults (with ``Registration.INVITE``, issue tokens into a
+    ``db_path`` file with :func:`hushchat.transport.relay.invites.issue_invites`).
     """
     config = RelayConfig(
         host=TEST_RELAY_HOST,
@@ -62,6 +67,7 @@ async def open_test_relay(
         db_path=db_path,
         name=name,
         retention_seconds=retention_seconds,
+        registration=registration,
         limits=limits or RelayLimits(),
     )
     async with trio.open_nursery() as nursery:

@@ -122,7 +122,9 @@ def _signed_list(
     user: str, identity: IdentityKeyPair | None = None, devices: tuple[int, ...] = (1,)
 ) -> SignedDeviceList:
     key = identity or _user_key(user)
-    entries = [DeviceEntry(d, _device_key(user, d).public.ed25519) for d in devices]
+    entries = [
+        DeviceEntry.prove(_device_key(user, d), user, d, key.public.ed25519) for d in devices
+    ]
     return DeviceList.initial(user, key.public.ed25519, entries).sign(key)
 
 

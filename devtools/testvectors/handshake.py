@@ -10,10 +10,16 @@ holds, private halves included). A test is one handshake from Alice:
 * ``side: "initiator"`` (invalid): Alice must refuse ``bundle`` with ``error``.
 * ``side: "responder"`` (invalid): Bob, after accepting ``previously_accepted``
   (if any), must refuse ``initial_message`` with ``error``, his keys unchanged.
+
+Whose each device is (user id, device id, user identity: spec/02-pqxdh.md
+section 2.4) goes into AD: Alice's in ``alice``, Bob's in the group's
+``bob``. A responder test's ``sender`` is whose device Bob takes the message
+to be from (the device list of the user the relay says sent it).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 from hushchat.protocol import double_ratchet as dr
@@ -23,7 +29,7 @@ from hushchat.protocol.consts import KDF_PREFIX, PQXDH_INFO, X3DH_INFO
 from hushchat.protocol.encoding import pack, unpack
 from hushchat.protocol.keys import IdentityKeyPair, encode_x25519
 from hushchat.protocol.messages import PreKeyMessage, decode_message
-from hushchat.protocol.pqxdh import HandshakeHeader, associated_data, respond
+from hushchat.protocol.pqxdh import HandshakeHeader, Party, associated_data, respond
 from hushchat.protocol.prekeys import (
     KemPreKeyPublic,
     OneTimePreKeyPublic,
@@ -36,6 +42,8 @@ from ._pinned import PINNED
 
 BOB_USER_ID = "bob"
 BOB_DEVICE_ID = 1
+ALICE_USER_ID = "alice"
+ALICE_DEVICE_ID = 1
 # Prekey ids in the order Account.create assigns them.
 SPK_ID, KEM_LAST_RESORT_ID, OPK_ID, KEM_ONE_TIME_ID = 1, 2, 3, 4
 LOW_ORDER_U = unhex("e0eb7a7c3b41b8ae1656e3faf19fc46ada098deb9c32b1fd866205165f49b800")
@@ -82,6 +90,12 @@ NOTES = {
         "AUTH_BYPASS",
         "The initial message names another initiator identity; SK and AD differ, so the MAC fails.",
     ),
+    "UserMisbinding": note(
+        "AUTH_BYPASS",
+        "The keys are right but one side binds the other's device to another user, device id or "
+        "user identity (a relay presenting alice.1 as mallory.5 under a device list naming "
+        "alice's key for mallory): AD differs, so the MAC fails (an unknown-key share).",
+    ),
     "Downgrade": note(
         "AUTH_BYPASS",
         "An attempt to turn PQXDH into X3DH: a bundle without a KEM prekey where PQXDH is "
@@ -97,6 +111,11 @@ class _Bob:
     one_time_prekey: bytes
     kem_last_resort: bytes
     kem_one_time: bytes
+    user_identity: bytes
+
+    @property
+    def party(self) -> Party:
+        return Party(BOB_USER_ID, BOB_DEVICE_ID, self.user_identity)
 
     def random(self) -> list[bytes]:
         """Account.create's draws, in order (spec/02-pqxdh.md, "Key generation")."""
@@ -128,6 +147,7 @@ class _Bob:
         return {
             "user_id": BOB_USER_ID,
             "device_id": BOB_DEVICE_ID,
+            "user_identity": h(self.user_identity),
             "identity_seed": h(self.identity_seed),
             "identity_public": h(identity.public.ed25519),
             "signed_prekey": {
@@ -163,6 +183,7 @@ class _Bob:
             unhex(bob["one_time_prekey"]["private"]),
             unhex(bob["kem_last_resort"]["seed"]),
             unhex(bob["kem_one_time"]["seed"]),
+            unhex(bob["user_identity"]),
         )
 
 
@@ -174,7 +195,35 @@ def _make_bob() -> _Bob:
         one_time_prekey=rng.random_bytes(32),
         kem_last_resort=PINNED["bob_last_resort"].key_seed(),
         kem_one_time=PINNED["bob_one_time"].key_seed(),
+        user_identity=_user_identity("bob"),
     )
+
+
+def _user_identity(user_id: str) -> bytes:
+    """The user identity (public key) of a user of these files."""
+    return IdentityKeyPair(seeded("handshake/user " + user_id).random_bytes(32)).public.ed25519
+
+
+def _party_json(party: Party) -> Json:
+    return {
+        "user_id": party.user_id,
+        "device_id": party.device_id,
+        "user_identity": h(party.user_identity),
+    }
+
+
+def _party_from_json(value: Json) -> Party:
+    return Party(value["user_id"], value["device_id"], unhex(value["user_identity"]))
+
+
+ALICE = Party(ALICE_USER_ID, ALICE_DEVICE_ID, _user_identity("alice"))
+# Who a relay presents Alice's device as (a list naming her key for mallory), and
+# other bindings that are not Alice's.
+MISBOUND = [
+    ("another user's device", Party("mallory", 5, _user_identity("mallory"))),
+    ("another device id of the same user", Party(ALICE_USER_ID, 2, _user_identity("alice"))),
+    ("the same device under another user identity", Party(ALICE_USER_ID, 1, _user_identity("x"))),
+]
 
 
 def _bundle(
@@ -208,6 +257,7 @@ class _Alice:
     identity_seed: bytes
     base_key: bytes
     ratchet_key: bytes
+    party: Party = ALICE
 
     @classmethod
     def make(cls, label: str) -> _Alice:
@@ -220,10 +270,12 @@ class _Alice:
             unhex(alice["identity_seed"]),
             unhex(alice["base_key_private"]),
             unhex(alice["ratchet_private"]),
+            _party_from_json(alice),
         )
 
     def to_json(self) -> Json:
         return {
+            **_party_json(self.party),
             "identity_seed": h(self.identity_seed),
             "identity_public": h(IdentityKeyPair(self.identity_seed).public.ed25519),
             "base_key_private": h(self.base_key),
@@ -240,19 +292,30 @@ class _Alice:
         plaintext: bytes,
         encapsulation: tuple[bytes, bytes] | None,
         post_quantum: bool,
+        responder_identity: bytes,
     ) -> bytes:
-        """Alice's whole side: decode the bundle, agree, encrypt the first message."""
+        """Alice's whole side: decode the bundle, agree, encrypt the first message.
+
+        ``responder_identity`` is the user identity of the bundle's user, from
+        the device list naming its device.
+        """
         bundle = PreKeyBundle.decode(bundle_bytes)
         rng = p.ScriptedRandom(
             [self.base_key, self.ratchet_key], [encapsulation] if encapsulation else []
         )
         alice = Account(IdentityKeyPair(self.identity_seed))
-        session = alice.create_outbound_session(bundle, now=0, post_quantum=post_quantum, rng=rng)
+        remote = Party(bundle.user_id, bundle.device_id, responder_identity)
+        session = alice.create_outbound_session(
+            bundle, local=self.party, remote=remote, now=0, post_quantum=post_quantum, rng=rng
+        )
         return session.encrypt(plaintext)
 
 
 def _details(
-    alice: _Alice, bundle: PreKeyBundle, encapsulation: tuple[bytes, bytes] | None
+    alice: _Alice,
+    bundle: PreKeyBundle,
+    encapsulation: tuple[bytes, bytes] | None,
+    responder_identity: bytes,
 ) -> Json:
     """The intermediate values of a valid handshake, computed step by step."""
     identity = IdentityKeyPair(alice.identity_seed)
@@ -274,7 +337,14 @@ def _details(
         "dh": [h(d) for d in dh],
         "kdf_input": h(kdf_input),
         "shared_secret": h(secret),
-        "associated_data": h(associated_data(identity.public, bundle.identity)),
+        "associated_data": h(
+            associated_data(
+                identity.public,
+                bundle.identity,
+                alice.party,
+                Party(bundle.user_id, bundle.device_id, responder_identity),
+            )
+        ),
         "first_root_key": h(root_key),
         "first_chain_key": h(chain_key),
         "first_message_key": h(message_key),
@@ -288,7 +358,9 @@ def _valid(
     bundle = _bundle(bob, one_time=one_time, kem=kem)
     encapsulation = _pinned_for(kem)
     plaintext = f"first message ({label})".encode()
-    message = alice.send_first(bundle.encode(), plaintext, encapsulation, kem is not None)
+    message = alice.send_first(
+        bundle.encode(), plaintext, encapsulation, kem is not None, bob.user_identity
+    )
     return case(
         label,
         flags=flags,
@@ -297,7 +369,7 @@ def _valid(
         bundle=h(bundle.encode()),
         kem_ciphertext=opt_h(encapsulation and encapsulation[1]),
         kem_shared_secret=opt_h(encapsulation and encapsulation[0]),
-        **_details(alice, bundle, encapsulation),
+        **_details(alice, bundle, encapsulation, bob.user_identity),
         plaintext=h(plaintext),
         initial_message=h(message),
         responder_random=[h(_responder_draw(label, 0))],
@@ -315,7 +387,9 @@ def _initiator_invalid(
     alice = _Alice.make(label)
     encapsulation = _pinned_for("one_time") if bundle.kem_prekey is not None else None
     try:
-        alice.send_first(bundle.encode(), b"never sent", encapsulation, post_quantum)
+        alice.send_first(
+            bundle.encode(), b"never sent", encapsulation, post_quantum, bob.user_identity
+        )
     except Exception as exc:  # the generator records whatever the reference raises
         error = getattr(exc, "code", type(exc).__name__)
     else:
@@ -339,18 +413,21 @@ def _responder_invalid(
     message: bytes,
     flags: tuple[str, ...],
     previously: tuple[bytes, ...] = (),
+    sender: Party = ALICE,
 ) -> Json:
     account = bob.account()
     draws = [_responder_draw(label, index) for index in range(len(previously))]
     for earlier, draw in zip(previously, draws, strict=True):
         decoded = decode_message(earlier)
         assert isinstance(decoded, PreKeyMessage)
-        account.create_inbound_session(decoded, now=0, rng=p.ScriptedRandom([draw]))
+        account.create_inbound_session(
+            decoded, local=bob.party, remote=ALICE, now=0, rng=p.ScriptedRandom([draw])
+        )
     nothing = p.ScriptedRandom([])
     try:
         decoded = decode_message(message)
         assert isinstance(decoded, PreKeyMessage)
-        account.create_inbound_session(decoded, now=0, rng=nothing)
+        account.create_inbound_session(decoded, local=bob.party, remote=sender, now=0, rng=nothing)
     except Exception as exc:
         error = getattr(exc, "code", type(exc).__name__)
     else:
@@ -363,6 +440,7 @@ def _responder_invalid(
         flags=flags,
         side="responder",
         previously_accepted=[h(m) for m in previously],
+        sender=_party_json(sender),
         initial_message=h(message),
         responder_random=[h(d) for d in draws],
     )
@@ -463,10 +541,26 @@ def _responder_cases(bob: _Bob, *, pq: bool) -> list[Json]:
     kem = "one_time" if pq else None
     alice = _Alice.make("responder base")
     bundle = _bundle(bob, one_time=True, kem=kem)
-    message = alice.send_first(bundle.encode(), b"hello Bob", _pinned_for(kem), pq)
+    message = alice.send_first(
+        bundle.encode(), b"hello Bob", _pinned_for(kem), pq, bob.user_identity
+    )
     no_opk_bundle = _bundle(bob, one_time=False, kem="last_resort" if pq else None)
     no_opk = alice.send_first(
-        no_opk_bundle.encode(), b"hello Bob", _pinned_for("last_resort" if pq else None), pq
+        no_opk_bundle.encode(),
+        b"hello Bob",
+        _pinned_for("last_resort" if pq else None),
+        pq,
+        bob.user_identity,
+    )
+    # Alice meant mallory.5, whose list (served to her) names Bob's device key; the
+    # relay hands her message to Bob.
+    mallory = MISBOUND[0][1]
+    meant_for_mallory = alice.send_first(
+        dataclasses.replace(bundle, user_id=mallory.user_id, device_id=mallory.device_id).encode(),
+        b"for mallory",
+        _pinned_for(kem),
+        pq,
+        mallory.user_identity,
     )
     other = IdentityKeyPair(seeded("handshake/mallory").random_bytes(32)).public.ed25519
     fields = unpack(message, what="test")
@@ -532,6 +626,22 @@ def _responder_cases(bob: _Bob, *, pq: bool) -> list[Json]:
             bob,
             _rewrite(message, identity=other),
             ("IdentityMisbinding",),
+        ),
+        *(
+            _responder_invalid(
+                f"genuine message taken to be from {what}",
+                bob,
+                message,
+                ("UserMisbinding",),
+                sender=party,
+            )
+            for what, party in MISBOUND
+        ),
+        _responder_invalid(
+            "Alice bound Bob's device key to another user's device (mallory.5)",
+            bob,
+            meant_for_mallory,
+            ("UserMisbinding",),
         ),
         _responder_invalid(
             "one-time prekey id removed",
@@ -703,12 +813,14 @@ def verify_test(group: Json, test: Json) -> list[str]:
         sent = c.outcome(
             "initiator",
             test,
-            lambda: alice.send_first(unhex(test["bundle"]), plaintext, encapsulation, pq),
+            lambda: alice.send_first(
+                unhex(test["bundle"]), plaintext, encapsulation, pq, bob.user_identity
+            ),
         )
         if sent is not None:
             c.equal("initial_message", test["initial_message"], h(sent))
             bundle = PreKeyBundle.decode(unhex(test["bundle"]))
-            details = _details(alice, bundle, encapsulation)
+            details = _details(alice, bundle, encapsulation, bob.user_identity)
             for key, value in details.items():
                 c.equal(key, test[key], value)
     if test["side"] in ("both", "responder"):
@@ -721,17 +833,22 @@ def _verify_responder(
 ) -> None:
     account = bob.account()
     rng = p.ScriptedRandom([unhex(r) for r in test["responder_random"]])
+    # Whose device Bob takes the message to be from: Alice's unless the test says.
+    sender = _party_from_json(test["sender"] if "sender" in test else test["alice"])
     for earlier in test.get("previously_accepted", []):
         decoded = decode_message(unhex(earlier))
         if isinstance(decoded, PreKeyMessage):
-            account.create_inbound_session(decoded, now=0, rng=rng)
+            account.create_inbound_session(decoded, local=bob.party, remote=sender, now=0, rng=rng)
     before = account.to_bytes()
 
     def receive() -> bytes:
         decoded = decode_message(unhex(test["initial_message"]))
         if not isinstance(decoded, PreKeyMessage):
             raise AssertionError("not a PreKeyMessage")
-        return account.create_inbound_session(decoded, now=0, rng=rng)[1]
+        received = account.create_inbound_session(
+            decoded, local=bob.party, remote=sender, now=0, rng=rng
+        )
+        return received[1]
 
     plaintext = c.outcome("responder", test, receive)
     c.equal("Bob's draws", test["responder_random"], [h(u) for u in rng.used])
@@ -749,12 +866,12 @@ def _verify_responder(
         )
         secret = p.mlkem768_decapsulate(p.mlkem768_private_from_seed(kem_seed), encapsulation[1])
         c.equal("decapsulate(kem_ciphertext)", test["kem_shared_secret"], h(secret))
-    shared = _respond(bob, decoded.handshake)
+    shared = _respond(bob, decoded.handshake, sender)
     c.equal("responder shared_secret", test["shared_secret"], h(shared[0]))
     c.equal("responder associated_data", test["associated_data"], h(shared[1]))
 
 
-def _respond(bob: _Bob, header: HandshakeHeader) -> tuple[bytes, bytes]:
+def _respond(bob: _Bob, header: HandshakeHeader, sender: Party) -> tuple[bytes, bytes]:
     kem = None
     if header.kem_prekey_id is not None:
         seed = bob.kem_one_time if header.kem_prekey_id == KEM_ONE_TIME_ID else bob.kem_last_resort
@@ -762,6 +879,8 @@ def _respond(bob: _Bob, header: HandshakeHeader) -> tuple[bytes, bytes]:
     shared = respond(
         IdentityKeyPair(bob.identity_seed),
         header,
+        local=bob.party,
+        remote=sender,
         signed_prekey=p.x25519_private_from_bytes(bob.signed_prekey),
         one_time_prekey=p.x25519_private_from_bytes(bob.one_time_prekey)
         if header.one_time_prekey_id is not None
@@ -796,9 +915,12 @@ def sample_initial_messages() -> list[tuple[str, bytes]]:
     pq = _bundle(bob, one_time=True, kem="one_time").encode()
     classic = _bundle(bob, one_time=False, kem=None).encode()
     return [
-        ("PQXDH PreKeyMessage", alice.send_first(pq, b"wire", _pinned_for("one_time"), True)),
+        (
+            "PQXDH PreKeyMessage",
+            alice.send_first(pq, b"wire", _pinned_for("one_time"), True, bob.user_identity),
+        ),
         (
             "X3DH PreKeyMessage without one-time prekey",
-            alice.send_first(classic, b"wire", None, False),
+            alice.send_first(classic, b"wire", None, False, bob.user_identity),
         ),
     ]

@@ -33,7 +33,7 @@ from hushchat.protocol.double_ratchet import Header, RatchetState, kdf_ck
 from hushchat.protocol.encoding import pack, unpack
 from hushchat.protocol.keys import IdentityKeyPair
 from hushchat.protocol.messages import RatchetMessage, decode_message
-from hushchat.protocol.pqxdh import associated_data
+from hushchat.protocol.pqxdh import Party, associated_data
 
 from ._common import Checker, Json, Recorder, case, h, note, opt_h, seeded, unhex, vector_file
 
@@ -53,7 +53,9 @@ NOTES = {
     "ModifiedHeader": note("AUTH_BYPASS", "The header of a real message is modified."),
     "Truncated": note("BASIC", "The message bytes end early."),
     "ShortBody": note("BASIC", "The body is shorter than one block plus the tag."),
-    "UnknownVersion": note("BASIC", "The header names a protocol version other than 1."),
+    "UnknownVersion": note(
+        "BASIC", f"The header names a protocol version other than {PROTOCOL_VERSION}."
+    ),
     "UnknownType": note("BASIC", "The message type is neither 1 nor 2."),
     "Duplicate": note("REPLAY", "A message delivered twice: DUPLICATE_MESSAGE, state unchanged."),
     "FinishedChain": note(
@@ -140,7 +142,10 @@ class _Transcript:
         alice_identity = IdentityKeyPair(rng.random_bytes(32)).public
         bob_identity = IdentityKeyPair(rng.random_bytes(32)).public
         self.shared_secret = rng.random_bytes(32)
-        self.associated = associated_data(alice_identity, bob_identity)
+        users = seeded(f"double_ratchet/{label}/users")
+        alice = Party("alice", 1, IdentityKeyPair(users.random_bytes(32)).public.ed25519)
+        bob = Party("bob", 1, IdentityKeyPair(users.random_bytes(32)).public.ed25519)
+        self.associated = associated_data(alice_identity, bob_identity, alice, bob)
         self.bob_ratchet = rng.random_bytes(32)
         self.alice_ratchet = rng.random_bytes(32)
         self.bob_ratchet_public = p.x25519_public_bytes(
@@ -349,7 +354,10 @@ def _negative_transcripts(limits: tuple[int, int]) -> list[Json]:
         lambda t, m: t.modified(m, lambda f: f.__setitem__(2, f[2][:31])),
     )
     one(
-        "version", "header version 2", "UnknownVersion", header_change(version=PROTOCOL_VERSION + 1)
+        "version",
+        f"header version {PROTOCOL_VERSION + 1}",
+        "UnknownVersion",
+        header_change(version=PROTOCOL_VERSION + 1),
     )
     one(
         "type",

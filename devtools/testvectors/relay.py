@@ -42,9 +42,11 @@ from hushchat.transport.wire.errors import (
     DeviceMismatch,
     FrameTooLarge,
     IdleTimeout,
+    InviteRefused,
     MailboxFull,
     PreKeysRejected,
     RateLimited,
+    RegistrationClosed,
     RelayError,
     UnexpectedFrame,
     UnknownFrame,
@@ -239,7 +241,13 @@ def frame_json(frame: Frame) -> Json:
                 device_id=frame.device_id,
                 signature=h(frame.signature),
             )
-        case PublishDeviceList() | DeviceListFrame():
+        case PublishDeviceList():
+            out.update(
+                request_id=frame.request_id,
+                signed_device_list=_b(frame.signed_device_list),
+                invite=frame.invite,
+            )
+        case DeviceListFrame():
             out.update(request_id=frame.request_id, signed_device_list=_b(frame.signed_device_list))
         case FetchDeviceList():
             out.update(request_id=frame.request_id, user_id=frame.user_id)
@@ -325,7 +333,7 @@ def frame_from_json(d: Json) -> Frame:
     if kind is FrameType.AUTH:
         return Auth(rid, d["user_id"], d["device_id"], unhex_any(d["signature"]))
     if kind is FrameType.PUBLISH_DEVICE_LIST:
-        return PublishDeviceList(rid, unhex_any(d["signed_device_list"]))
+        return PublishDeviceList(rid, unhex_any(d["signed_device_list"]), d["invite"])
     if kind is FrameType.DEVICE_LIST:
         return DeviceListFrame(rid, unhex_any(d["signed_device_list"]))
     if kind is FrameType.FETCH_DEVICE_LIST:
@@ -457,7 +465,7 @@ def _keys() -> tuple[IdentityKeyPair, IdentityKeyPair]:
 
 
 def _signed_list(user: IdentityKeyPair, device: IdentityKeyPair) -> bytes:
-    entries = (DeviceEntry(1, device.public.ed25519),)
+    entries = (DeviceEntry.prove(device, "alice", 1, user.public.ed25519),)
     return DeviceList("alice", user.public.ed25519, 0, entries).sign(user).encode()
 
 
@@ -522,6 +530,12 @@ def _request_cases() -> list[tuple[str, str, ConnectionState, bytes]]:
             UNAUTHENTICATED,
             frame_bytes(PublishDeviceList(1, signed)),
         ),
+        (
+            "PUBLISH_DEVICE_LIST before AUTH with an invitation token: registration by invitation",
+            "Valid",
+            UNAUTHENTICATED,
+            frame_bytes(PublishDeviceList(1, signed, "Ks1x8c4VbQGq3T0dYqLr2A")),
+        ),
         ("PUBLISH_DEVICE_LIST", "Valid", a, frame_bytes(PublishDeviceList(3, signed))),
         ("FETCH_DEVICE_LIST", "Valid", a, frame_bytes(FetchDeviceList(4, "bob"))),
         (
@@ -569,9 +583,10 @@ def _request_cases() -> list[tuple[str, str, ConnectionState, bytes]]:
 
 def _invalid_request_cases() -> list[tuple[str, str, ConnectionState, bytes, str]]:
     """(comment, flag, state, frame, the error it must get) of frames a relay refuses."""
-    _, device = _keys()
+    user, device = _keys()
     a, u = AUTHENTICATED, UNAUTHENTICATED
     signature = sign_auth(device, RELAY_NAME, CHALLENGE, "alice", 1)
+    signed = _signed_list(user, device)
     guid = _guid("a")
     kem = _prekeys(device).one_time_kem[0]
     too_many_keys = [[i, bytes(32)] for i in range(MAX_PREKEYS_PER_UPLOAD + 1)]
@@ -622,7 +637,15 @@ def _invalid_request_cases() -> list[tuple[str, str, ConnectionState, bytes, str
             UnsupportedVersion.code,
         ),
         (
-            "HELLO of version 5 with fields this version does not know",
+            f"HELLO of relay protocol version {RELAY_PROTOCOL_VERSION - 1} (PUBLISH_DEVICE_LIST "
+            "without an invitation field, device lists without proofs)",
+            "UnsupportedVersion",
+            AWAIT_HELLO,
+            raw_frame([1, 0, RELAY_PROTOCOL_VERSION - 1, 114]),
+            UnsupportedVersion.code,
+        ),
+        (
+            f"HELLO of version {RELAY_PROTOCOL_VERSION + 1} with fields this version does not know",
             "UnsupportedVersion",
             AWAIT_HELLO,
             raw_frame([1, 0, RELAY_PROTOCOL_VERSION + 1, "new", [1, 2]]),
@@ -668,6 +691,28 @@ def _invalid_request_cases() -> list[tuple[str, str, ConnectionState, bytes, str
             "WrongFields",
             u,
             raw_frame([10, 2, "alice", 1, signature, None]),
+            BadFrame.code,
+        ),
+        (
+            f"PUBLISH_DEVICE_LIST of relay protocol {RELAY_PROTOCOL_VERSION - 1}: no invitation "
+            "field",
+            "WrongFields",
+            u,
+            raw_frame([11, 1, signed]),
+            BadFrame.code,
+        ),
+        (
+            "PUBLISH_DEVICE_LIST with an empty invitation token",
+            "WrongFields",
+            u,
+            raw_frame([11, 1, signed, ""]),
+            BadFrame.code,
+        ),
+        (
+            "PUBLISH_DEVICE_LIST with an invitation token of 65 bytes",
+            "WrongFields",
+            u,
+            raw_frame([11, 1, signed, "t" * 65]),
             BadFrame.code,
         ),
         (
@@ -897,6 +942,21 @@ def _relay_frames() -> list[tuple[str, str, bytes]]:
             "ERROR DEVICE_LIST_REJECTED (detail: the protocol error code)",
             "Valid",
             error(3, DeviceListRejected("bad list", cause="BAD_SIGNATURE")),
+        ),
+        (
+            "ERROR DEVICE_LIST_REJECTED for a device key listed under another user",
+            "Valid",
+            error(3, DeviceListRejected("key taken", cause="DUPLICATE_DEVICE_KEY")),
+        ),
+        (
+            "ERROR REGISTRATION_CLOSED (detail nil)",
+            "Valid",
+            error(1, RegistrationClosed("no new users")),
+        ),
+        (
+            "ERROR INVITE_REFUSED (detail nil)",
+            "Valid",
+            error(1, InviteRefused("no such invitation")),
         ),
         (
             "ERROR DEVICE_LIST_MISMATCH (detail: current list, missing and unknown ids)",

@@ -1,8 +1,10 @@
 """session.json: session records across handshakes, replies, resets and identity changes.
 
-Each test names its parties (``parties``: user id, device id and the draws
-that make the device's keys, as spec/02-pqxdh.md section 2.2 orders them),
-then runs steps against each party's session record for one peer:
+Each test names its parties (``parties``: user id, device id, user
+identity, and the draws that make the device's keys, as spec/02-pqxdh.md
+section 2.2 orders them), then runs steps against each party's session
+record for one peer; every session binds both parties' user id, device id
+and user identity (spec/02-pqxdh.md section 2.4):
 
 * ``start``: ``party`` starts a session with ``peer`` from ``bundle``
   (drawing ``random`` and taking ``encapsulation`` for PQXDH); it becomes
@@ -33,6 +35,8 @@ from functools import partial
 from hushchat.protocol import primitives as p
 from hushchat.protocol.account import Account
 from hushchat.protocol.consts import MAX_UNACKNOWLEDGED_SESSION_AGE, SIGNED_PREKEY_GRACE_PERIOD
+from hushchat.protocol.keys import IdentityKeyPair
+from hushchat.protocol.pqxdh import Party
 from hushchat.protocol.prekeys import PreKeyBundle
 from hushchat.protocol.session import Session, SessionRecord
 
@@ -80,6 +84,7 @@ NOTES = {
 class _Party:
     user_id: str
     device_id: int
+    user_identity: bytes
     random: list[bytes]
     # Which pinned KEM keys the party's seeds are ("alice" or "bob"), for encapsulating to it.
     kem_family: str = ""
@@ -97,6 +102,10 @@ class _Party:
     def address(self) -> str:
         return f"{self.user_id}.{self.device_id}"
 
+    @property
+    def party(self) -> Party:
+        return Party(self.user_id, self.device_id, self.user_identity)
+
     def record(self, peer: _Party) -> SessionRecord:
         return self.records.setdefault(peer.address, SessionRecord())
 
@@ -104,6 +113,7 @@ class _Party:
         return {
             "user_id": self.user_id,
             "device_id": self.device_id,
+            "user_identity": h(self.user_identity),
             "random": [h(r) for r in self.random],
         }
 
@@ -120,7 +130,9 @@ def _make_party(label: str, user_id: str, kem: str | None) -> _Party:
         one_time_kem = PINNED[kem + "_one_time"].key_seed()
     one_time = rng.random_bytes(32)
     random = [identity, signed_prekey, last_resort, one_time, one_time_kem]
-    return _Party(user_id, 1, random, kem or "")
+    # One user identity per user: a reinstalled device of the same user keeps it.
+    user_identity = IdentityKeyPair(seeded("session/user " + user_id).random_bytes(32))
+    return _Party(user_id, 1, user_identity.public.ed25519, random, kem or "")
 
 
 def _session_json(session: Session) -> Json:
@@ -182,6 +194,8 @@ class _Transcript:
         self.rng[party].take()
         session = me.account.create_outbound_session(
             bundle,
+            local=me.party,
+            remote=them.party,
             now=now,
             post_quantum=post_quantum,
             rng=p.ScriptedRandom(list(draws), encapsulations),
@@ -244,12 +258,15 @@ class _Transcript:
             "trust_new_identity": trust,
         }
         try:
-            result = (
-                self.parties[party]
-                .record(self.parties[sender])
-                .decrypt(
-                    message, self.parties[party].account, now=now, rng=rng, trust_new_identity=trust
-                )
+            me, them = self.parties[party], self.parties[sender]
+            result = me.record(them).decrypt(
+                message,
+                me.account,
+                local=me.party,
+                remote=them.party,
+                now=now,
+                rng=rng,
+                trust_new_identity=trust,
             )
         except Exception as exc:  # the reference's verdict is what gets recorded
             step.update(result="invalid", error=getattr(exc, "code", type(exc).__name__))
@@ -509,7 +526,12 @@ def generate() -> Json:
 def verify_test(group: Json, test: Json) -> list[str]:
     c = Checker()
     parties = {
-        name: _Party(d["user_id"], d["device_id"], [unhex(r) for r in d["random"]])
+        name: _Party(
+            d["user_id"],
+            d["device_id"],
+            unhex(d["user_identity"]),
+            [unhex(r) for r in d["random"]],
+        )
         for name, d in test["parties"].items()
     }
     for index, step in enumerate(test["steps"]):
@@ -530,7 +552,12 @@ def verify_test(group: Json, test: Json) -> list[str]:
             rng = p.ScriptedRandom([unhex(r) for r in step["random"]], encapsulations)
             bundle = PreKeyBundle.decode(unhex(step["bundle"]))
             session = party.account.create_outbound_session(
-                bundle, now=step["now"], post_quantum=encapsulation is not None, rng=rng
+                bundle,
+                local=party.party,
+                remote=peer.party,
+                now=step["now"],
+                post_quantum=encapsulation is not None,
+                rng=rng,
             )
             record.install(session)
         elif op == "encrypt":
@@ -545,6 +572,8 @@ def verify_test(group: Json, test: Json) -> list[str]:
                 record.decrypt,
                 unhex(step["message"]),
                 party.account,
+                local=party.party,
+                remote=peer.party,
                 now=step["now"],
                 rng=rng,
                 trust_new_identity=step["trust_new_identity"],

@@ -72,7 +72,7 @@ NOTES = {
     ),
     "NonCanonicalInteger": note("CAN_OF_WORMS", "An integer uses uint 8 where a fixint fits."),
     "NonCanonicalBin": note("CAN_OF_WORMS", "A byte string uses bin 16 where bin 8 fits."),
-    "UnknownVersion": note("BASIC", "The version field is 2."),
+    "UnknownVersion": note("BASIC", f"The version field is {PROTOCOL_VERSION + 1}."),
     "UnknownType": note("BASIC", "The message type is neither 1 nor 2."),
     "ExtraField": note("BASIC", "One field too many."),
     "MissingField": note("BASIC", "The last field is missing."),
@@ -101,6 +101,14 @@ NOTES = {
         "EDGE_CASE",
         "Two defects: the check that comes first (spec/00-conventions.md section 0.2, then the "
         "field order of spec/06-wire-format.md) decides the error; the comment says which.",
+    ),
+    "DuplicateDeviceKey": note(
+        "AUTH_BYPASS",
+        "One device key under two device ids of a list (a key belongs to one device).",
+    ),
+    "ForgedProof": note(
+        "AUTH_BYPASS",
+        "A device's proof of possession that its key did not make for this user and device id.",
     ),
 }
 
@@ -191,7 +199,7 @@ def _device_list_json(data: bytes) -> Json:
         "user_id": dl.user_id,
         "user_identity": h(dl.user_identity),
         "counter": dl.counter,
-        "devices": [[d.device_id, h(d.identity)] for d in dl.devices],
+        "devices": [[d.device_id, h(d.identity), h(d.proof)] for d in dl.devices],
     }
 
 
@@ -304,7 +312,10 @@ def _repack_bundle(d: Json) -> bytes:
 def _device_list_samples() -> list[tuple[str, bytes]]:
     rng = seeded("wire/devices")
     user = IdentityKeyPair(rng.random_bytes(32))
-    devices = [DeviceEntry(i, IdentityKeyPair(rng.random_bytes(32)).public.ed25519) for i in (1, 7)]
+    devices = [
+        DeviceEntry.prove(IdentityKeyPair(rng.random_bytes(32)), "carol", i, user.public.ed25519)
+        for i in (1, 7)
+    ]
     signed = DeviceList("carol", user.public.ed25519, 3, tuple(devices)).sign(user)
     return [("two devices, counter 3", signed.encode())]
 
@@ -331,7 +342,11 @@ def _ratchet_samples() -> list[tuple[str, bytes]]:
 
 def _specific_defects(name: str, sample: bytes) -> list[Defect]:
     s = STRUCTURES[name]
-    version = ("version 2", "UnknownVersion", replace(sample, s, 0, PROTOCOL_VERSION + 1))
+    version = (
+        f"version {PROTOCOL_VERSION + 1}",
+        "UnknownVersion",
+        replace(sample, s, 0, PROTOCOL_VERSION + 1),
+    )
     if name == "PreKeyBundle":
         fields = unpack(sample, what="test")
         spk = list(fields[4])
@@ -364,7 +379,8 @@ def _specific_defects(name: str, sample: bytes) -> list[Defect]:
                 "MALFORMED",
             ),
             (
-                "version 2 and one extra field: the element count is checked first (MALFORMED)",
+                f"version {PROTOCOL_VERSION + 1} and one extra field: the element count is checked "
+                "first (MALFORMED)",
                 "CheckOrder",
                 replace_all(sample, s, {0: PROTOCOL_VERSION + 1}, extra=True),
                 "MALFORMED",
@@ -413,7 +429,8 @@ def _specific_defects(name: str, sample: bytes) -> list[Defect]:
             ("ratchet key u = p", "InvalidKey", replace(sample, s, 1, NON_CANONICAL_U)),
             ("N = 2^32", "IntegerTooLarge", replace(sample, s, 3, 2**32)),
             (
-                "version 2 and ratchet key u = p: the version is checked first (UNKNOWN_VERSION)",
+                f"version {PROTOCOL_VERSION + 1} and ratchet key u = p: the version is checked "
+                "first (UNKNOWN_VERSION)",
                 "CheckOrder",
                 replace_all(sample, s, {0: PROTOCOL_VERSION + 1, 1: NON_CANONICAL_U}),
                 "UNKNOWN_VERSION",
@@ -437,8 +454,8 @@ def _specific_defects(name: str, sample: bytes) -> list[Defect]:
             ),
             ("chain id 2^32", "IntegerTooLarge", replace(sample, s, 2, 2**32)),
             (
-                "version 2 and one extra field: the version is read before the element count "
-                "(UNKNOWN_VERSION)",
+                f"version {PROTOCOL_VERSION + 1} and one extra field: the version is read before "
+                "the element count (UNKNOWN_VERSION)",
                 "CheckOrder",
                 replace_all(sample, s, {0: PROTOCOL_VERSION + 1}, extra=True),
                 "UNKNOWN_VERSION",
@@ -464,8 +481,8 @@ def _specific_defects(name: str, sample: bytes) -> list[Defect]:
             ("ciphertext empty", "BadCiphertextLength", replace(sample, s, 4, b"")),
             ("only a signature", "TooShort", signature),
             (
-                "version 2 and one extra field: the version is read before the element count "
-                "(UNKNOWN_VERSION)",
+                f"version {PROTOCOL_VERSION + 1} and one extra field: the version is read before "
+                "the element count (UNKNOWN_VERSION)",
                 "CheckOrder",
                 replace_all(sample, s, {0: PROTOCOL_VERSION + 1}, extra=True),
                 "UNKNOWN_VERSION",
@@ -491,7 +508,11 @@ def _device_list_defects(sample: bytes) -> list[Defect]:
 
     devices = body[4]
     return [
-        ("body version 2", "UnknownVersion", variant(0, PROTOCOL_VERSION + 1)),
+        (
+            f"body version {PROTOCOL_VERSION + 1}",
+            "UnknownVersion",
+            variant(0, PROTOCOL_VERSION + 1),
+        ),
         ("devices in decreasing id order", "Order", variant(4, list(reversed(devices)))),
         ("the same device id twice", "Order", variant(4, [devices[0], devices[0]])),
         ("no devices", "WrongSize", variant(4, [])),
@@ -499,18 +520,29 @@ def _device_list_defects(sample: bytes) -> list[Defect]:
         (
             "device identity of small order",
             "InvalidKey",
-            variant(4, [[devices[0][0], SMALL_ORDER_EDWARDS]]),
+            variant(4, [[devices[0][0], SMALL_ORDER_EDWARDS, devices[0][2]]]),
+        ),
+        ("a device entry without its proof", "MissingField", variant(4, [devices[0][:2]])),
+        (
+            "a device proof one byte short",
+            "WrongSize",
+            variant(4, [[*devices[0][:2], devices[0][2][:-1]]]),
         ),
         (
-            "signature of 63 bytes and body version 2: the outer array, the signature's size "
-            "included, is read before the body is decoded (MALFORMED)",
+            "the same device key under two ids",
+            "DuplicateDeviceKey",
+            variant(4, [devices[0], [devices[1][0], *devices[0][1:]]]),
+        ),
+        (
+            f"signature of 63 bytes and body version {PROTOCOL_VERSION + 1}: the outer array, the "
+            "signature's size included, is read before the body is decoded (MALFORMED)",
             "CheckOrder",
             pack([pack([PROTOCOL_VERSION + 1, *body[1:]]), bytes(63)]),
             "MALFORMED",
         ),
         (
-            "body version 2 and a signature that does not verify: the body is decoded before "
-            "the signature is verified (UNKNOWN_VERSION)",
+            f"body version {PROTOCOL_VERSION + 1} and a signature that does not verify: the body "
+            "is decoded before the signature is verified (UNKNOWN_VERSION)",
             "CheckOrder",
             _flip_signature(variant(0, PROTOCOL_VERSION + 1)),
             "UNKNOWN_VERSION",
@@ -523,8 +555,8 @@ def _device_list_defects(sample: bytes) -> list[Defect]:
             "MALFORMED",
         ),
         (
-            "body with one extra field and version 2: the body's element count is checked "
-            "first (MALFORMED)",
+            f"body with one extra field and version {PROTOCOL_VERSION + 1}: the body's element "
+            "count is checked first (MALFORMED)",
             "CheckOrder",
             signed([PROTOCOL_VERSION + 1, *body[1:], None]),
             "MALFORMED",
@@ -547,8 +579,28 @@ def _device_list_defects(sample: bytes) -> list[Defect]:
             "device identity of small order and devices in decreasing id order: every entry "
             "is checked before the order of the entries (INVALID_KEY)",
             "CheckOrder",
-            variant(4, [devices[1], [devices[0][0], SMALL_ORDER_EDWARDS]]),
+            variant(4, [devices[1], [devices[0][0], SMALL_ORDER_EDWARDS, devices[0][2]]]),
             "INVALID_KEY",
+        ),
+        (
+            "the same device key under two ids and a signature that does not verify: the "
+            "body's rules come before the signature (DUPLICATE_DEVICE_KEY)",
+            "CheckOrder",
+            _flip_signature(variant(4, [devices[0], [devices[1][0], *devices[0][1:]]])),
+            "DUPLICATE_DEVICE_KEY",
+        ),
+        (
+            "a device proof that does not verify and a list signature that does not verify: "
+            "the list signature is checked first (BAD_SIGNATURE)",
+            "CheckOrder",
+            _flip_signature(variant(4, [devices[0], [*devices[1][:2], devices[0][2]]])),
+            "BAD_SIGNATURE",
+        ),
+        (
+            "device 7's proof is device 1's: the proofs are checked after the list signature "
+            "(BAD_DEVICE_PROOF)",
+            "ForgedProof",
+            variant(4, [devices[0], [*devices[1][:2], devices[0][2]]]),
         ),
     ]
 

@@ -273,7 +273,11 @@ def specific_defects(name: str, sample: bytes) -> list[Defect]:
         members = fields[6]
         no_admin = [[u, i, False] for u, i, _ in members]
         return [
-            ("version 2", "UnknownVersion", replace(sample, s, 0, PROTOCOL_VERSION + 1)),
+            (
+                f"version {PROTOCOL_VERSION + 1}",
+                "UnknownVersion",
+                replace(sample, s, 0, PROTOCOL_VERSION + 1),
+            ),
             ("members in decreasing order", "Order", replace(sample, s, 6, members[::-1])),
             ("no admin", "Inconsistent", replace(sample, s, 6, no_admin)),
             ("epoch 0 with a parent hash", "Inconsistent", replace(sample, s, 2, 0)),
@@ -284,7 +288,8 @@ def specific_defects(name: str, sample: bytes) -> list[Defect]:
             ),
             ("title of 257 bytes", "WrongSize", replace(sample, s, 5, "t" * 257)),
             (
-                "version 2 and one extra field: the element count is checked first (MALFORMED)",
+                f"version {PROTOCOL_VERSION + 1} and one extra field: the element count is checked "
+                "first (MALFORMED)",
                 "CheckOrder",
                 replace_all(sample, s, {0: PROTOCOL_VERSION + 1}, extra=True),
                 "MALFORMED",

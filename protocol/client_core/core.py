@@ -17,7 +17,10 @@ the core from those records.
 Rules the core enforces (spec/11-devices.md, spec/12-groups.md):
 
 * a peer device is used only if a device list signed by its user's identity
-  names it, and a handshake from it must carry the identity that list gives;
+  names it (with the device's proof that it belongs to that user), and a
+  handshake from it must carry the identity that list gives;
+* a device key belongs to one user: a list naming a key that another held
+  list names is refused, and every session binds both users (spec/02);
 * a changed user identity is never accepted silently: it raises an
   :class:`IdentityChanged` event and is held until :meth:`confirm_identity`;
 * group messages are accepted only from current members' listed devices,
@@ -70,6 +73,7 @@ from ..errors import (
 from ..fingerprint import SafetyNumber
 from ..group import GroupState
 from ..keys import IdentityKeyPair
+from ..pqxdh import Party
 from . import persistence
 from .direct import Sessions
 from .directory import DeviceListChange, Directory
@@ -138,11 +142,7 @@ class ClientCore:
             user_identity=user_identity,
             rng=rng,
         )
-        first = DeviceList.initial(
-            user_id,
-            user_identity.public.ed25519,
-            [DeviceEntry(device_id, account.identity.public.ed25519)],
-        )
+        first = DeviceList.initial(user_id, user_identity.public.ed25519, [core.device_entry])
         core._devices_changed(core._directory.accept(first.sign(user_identity), None))
         return core
 
@@ -156,7 +156,8 @@ class ClientCore:
         now: int,
         rng: p.RandomSource = p.SYSTEM_RANDOM,
     ) -> ClientCore:
-        """Another device of an existing user; the primary must :meth:`link_device` it."""
+        """Another device of an existing user; the primary must :meth:`link_device` it
+        with this device's :attr:`device_entry`."""
         return cls(
             user_id, device_id, Account.create(now=now, rng=rng), user_identity_public, rng=rng
         )
@@ -194,6 +195,23 @@ class ClientCore:
         return self._state.account.identity.public.ed25519
 
     @property
+    def device_entry(self) -> DeviceEntry:
+        """This device's entry in its user's list: its key and its proof that it is ours.
+
+        A new device hands it to the primary (which passes it to
+        :meth:`link_device`); the proof stays valid for every later list.
+        """
+        state = self._state
+        return DeviceEntry.prove(
+            state.account.identity, state.user_id, state.device_id, state.user_identity_public
+        )
+
+    @property
+    def party(self) -> Party:
+        """Whose this device is, as every session we start or accept binds it."""
+        return self._state.party
+
+    @property
     def holds_user_identity(self) -> bool:
         """Whether this device holds the user identity (and so can change the device list)."""
         return self._state.user_identity is not None
@@ -202,11 +220,13 @@ class ClientCore:
     def own_device_list(self) -> SignedDeviceList | None:
         return self._state.device_lists.get(self.user_id)
 
-    def link_device(self, device_id: int, device_identity: bytes) -> SignedDeviceList:
-        """(Primary only.) Sign a new device list that adds a device; upload it to the relay."""
-        signed = self._directory.sign_own_change(
-            lambda dl: dl.with_device(DeviceEntry(device_id, device_identity))
-        )
+    def link_device(self, entry: DeviceEntry) -> SignedDeviceList:
+        """(Primary only.) Sign a new device list that adds a device; upload it to the relay.
+
+        ``entry`` is the new device's :attr:`device_entry`: InvalidArgument
+        unless its proof says it belongs to our user.
+        """
+        signed = self._directory.sign_own_change(lambda dl: dl.with_device(entry))
         self.process_device_list(signed.encode())
         return signed
 

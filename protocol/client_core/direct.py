@@ -11,6 +11,7 @@ from collections.abc import Iterable
 from ..content import SentCopy, Text
 from ..errors import InvalidArgument, InvalidState, UnauthorizedChange, UntrustedIdentity
 from ..messages import PreKeyMessage, decode_message
+from ..pqxdh import Party
 from ..prekeys import PreKeyBundle
 from ..session import SessionRecord
 from .directory import DeviceListNeeded, Directory
@@ -62,8 +63,14 @@ class Sessions:
             raise DeviceListNeeded(bundle.user_id)
         if entry.identity != bundle.identity.ed25519:
             raise UntrustedIdentity("the bundle's identity is not the one the device list names")
+        assert held is not None
         session = state.account.create_outbound_session(
-            bundle, now=now, post_quantum=post_quantum, rng=state.rng
+            bundle,
+            local=state.party,
+            remote=Party(address.user_id, address.device_id, held.user_identity),
+            now=now,
+            post_quantum=post_quantum,
+            rng=state.rng,
         )
         state.sessions.setdefault(address, SessionRecord()).install(session)
         state.mark(RecordKey.session(address))
@@ -152,7 +159,14 @@ class Sessions:
             raise UntrustedIdentity("handshake identity is not the one the device list names")
         record = state.sessions.get(sender)
         candidate = SessionRecord() if record is None else record
-        result = candidate.decrypt(payload, state.account, now=now, rng=state.rng)
+        result = candidate.decrypt(
+            payload,
+            state.account,
+            local=state.party,
+            remote=Party(sender.user_id, sender.device_id, entry.user_identity),
+            now=now,
+            rng=state.rng,
+        )
         state.sessions[sender] = candidate
         state.mark(RecordKey.session(sender))
         if result.new_session:

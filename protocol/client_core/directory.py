@@ -1,9 +1,11 @@
 """The device directory: every user's signed device list, and identity changes.
 
 A peer device is used only if a device list signed by its user's identity
-names it (spec/11-devices.md). A list signed by another identity than the
-one held is never taken silently: it waits in ``pending_identity`` until the
-app confirms it.
+names it, with the device's proof that it belongs to that user
+(spec/11-devices.md). A list signed by another identity than the one held is
+never taken silently: it waits in ``pending_identity`` until the app
+confirms it. A device key belongs to one user: a list naming a key that a
+list held for another user names is refused (DUPLICATE_DEVICE_KEY).
 """
 
 from __future__ import annotations
@@ -11,7 +13,13 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from ..devices import DeviceList, SignedDeviceList, check_update, device_changes
+from ..devices import (
+    DeviceList,
+    SignedDeviceList,
+    check_device_keys,
+    check_update,
+    device_changes,
+)
 from ..errors import InvalidState, StaleChange, UntrustedIdentity
 from ..fingerprint import SafetyNumber
 from .events import Address, DeviceAdded, DeviceRemoved, Event, IdentityChanged
@@ -73,6 +81,7 @@ class Directory:
         new = signed.device_list
         if new.user_id == state.user_id and new.user_identity != state.user_identity_public:
             raise UntrustedIdentity("a device list for our own user with another identity")
+        self._check_device_keys(new)
         old_signed = state.device_lists.get(new.user_id)
         old = None if old_signed is None else old_signed.device_list
         try:
@@ -100,11 +109,17 @@ class Directory:
     def confirm_identity(self, user_id: str) -> DeviceListChange:
         """Take the list of a changed identity the app confirmed, in place of the one held."""
         state = self._state
-        signed = state.pending_identity.pop(user_id, None)
+        signed = state.pending_identity.get(user_id)
         if signed is None:
             raise InvalidState(f"no identity change pending for {user_id!r}")
+        self._check_device_keys(signed.device_list)
+        del state.pending_identity[user_id]
         state.mark(RecordKey.pending_identity(user_id))
         return self.accept(signed, None, replaced=state.device_lists.get(user_id))
+
+    def _check_device_keys(self, new: DeviceList) -> None:
+        """DuplicateDeviceKey if another user's held list names one of ``new``'s device keys."""
+        check_device_keys(new, (held.device_list for held in self._state.device_lists.values()))
 
     def accept(
         self,

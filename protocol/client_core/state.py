@@ -18,6 +18,7 @@ from ..devices import SignedDeviceList
 from ..group import ControlMessage, Group
 from ..group_cipher import OutboundSenderKey, SenderKeyRecord
 from ..keys import IdentityKeyPair
+from ..pqxdh import Party
 from ..session import SessionRecord
 from .events import Address
 from .records import RecordKey
@@ -103,6 +104,11 @@ class CoreState:
     @property
     def address(self) -> Address:
         return Address(self.user_id, self.device_id)
+
+    @property
+    def party(self) -> Party:
+        """Whose this device is, as every session we start or accept binds it."""
+        return Party(self.user_id, self.device_id, self.user_identity_public)
 
     def new_message_id(self) -> bytes:
         return self.rng.random_bytes(MESSAGE_ID_SIZE)

@@ -29,6 +29,7 @@ from hushchat.protocol.primitives import SeededRandom
 from hushchat.protocol.session import SessionRecord
 from tests.support.clock import NOW
 from tests.support.fuzzing import CHECKED, FUZZ_EXAMPLES, budget, inputs
+from tests.support.peers import party
 
 DEFAULT_EXAMPLES = 400
 
@@ -51,6 +52,7 @@ class Corpus:
 def corpus() -> Corpus:
     """Valid encodings of every kind, from one deterministic conversation."""
     rng = SeededRandom(b"fuzz corpus")
+    alice_party, bob_party = party("alice"), party("bob")
     alice = Account.create(now=NOW, one_time_prekeys=1, rng=rng)
     bob = Account.create(now=NOW, one_time_prekeys=2, rng=rng)
     bundles = [
@@ -60,19 +62,22 @@ def corpus() -> Corpus:
     ]
 
     def outbound(bundle: PreKeyBundle, post_quantum: bool) -> SessionRecord:
-        session = alice.create_outbound_session(bundle, now=NOW, post_quantum=post_quantum, rng=rng)
+        session = alice.create_outbound_session(
+            bundle, local=alice_party, remote=bob_party, now=NOW, post_quantum=post_quantum, rng=rng
+        )
         return SessionRecord(session)
 
     alice_pq, alice_x3dh = outbound(bundles[0], True), outbound(bundles[3], False)
     pending = alice_pq.to_bytes()
     first_pq, first_x3dh = alice_pq.encrypt(b"hi", now=NOW), alice_x3dh.encrypt(b"", now=NOW)
     bob_record = SessionRecord()
-    bob_record.decrypt(first_pq, bob, now=NOW, rng=rng)
+    bob_record.decrypt(first_pq, bob, local=bob_party, remote=alice_party, now=NOW, rng=rng)
     skipped = [alice_pq.encrypt(b"%d" % i, now=NOW) for i in range(3)]
-    bob_record.decrypt(skipped[2], bob, now=NOW, rng=rng)
+    bob_record.decrypt(skipped[2], bob, local=bob_party, remote=alice_party, now=NOW, rng=rng)
     ratchet = bob_record.encrypt(b"reply", now=NOW)
-    alice_pq.decrypt(ratchet, alice, now=NOW, rng=rng)
-    bob_record.decrypt(first_x3dh, bob, now=NOW, rng=rng)  # a second session: one previous
+    alice_pq.decrypt(ratchet, alice, local=alice_party, remote=bob_party, now=NOW, rng=rng)
+    # A second session: one previous.
+    bob_record.decrypt(first_x3dh, bob, local=bob_party, remote=alice_party, now=NOW, rng=rng)
     messages = [first_pq, first_x3dh, ratchet, skipped[0]]
     headers = []
     for data in messages:

@@ -76,6 +76,7 @@ from hushchat.protocol.group import (
     create_group,
 )
 from hushchat.protocol.group_cipher import OutboundSenderKey, SenderKeyRecord
+from hushchat.protocol.pqxdh import Party
 from hushchat.protocol.primitives import SeededRandom
 from hushchat.protocol.sender_keys import SenderKeyDistributionMessage, SenderKeyMessage
 from hushchat.protocol.session import SessionRecord
@@ -125,6 +126,7 @@ class World:
     controls: list[bytes]  # ControlMessages bob's group state would accept
     welcomes: list[bytes]  # for dave: a create and an add
     dave_identity: bytes
+    parties: dict[Address, Party]  # whose each device is, as sessions bind it
 
 
 @functools.cache
@@ -210,6 +212,7 @@ def world() -> World:
         controls=[c.encode() for c in controls],
         welcomes=[Welcome(create, ()).encode(), add_welcome.encode()],
         dave_identity=dave_identity,
+        parties={address: core.party for address, core in net.devices.items()},
     )
 
 
@@ -238,10 +241,12 @@ def refused_outcome(outcome: Outcome) -> bool:
 
 
 class SessionTarget:
-    """Bob's record of alice (or an empty one) and his account; restored after a success."""
+    """Bob's record of alice (or an empty one, for erin) and his account; restored after a
+    success."""
 
     def __init__(self, record_key: RecordKey | None) -> None:
         self.record_key = record_key
+        self.peer = ALICE if record_key is not None else ERIN
         self.reset()
 
     def reset(self) -> None:
@@ -258,7 +263,15 @@ class SessionTarget:
 
     def check(self, data: bytes) -> bool:
         def run() -> object:
-            return self.record.decrypt(data, self.account, now=AFTER_WORLD, rng=SeededRandom(data))
+            parties = world().parties
+            return self.record.decrypt(
+                data,
+                self.account,
+                local=parties[BOB],
+                remote=parties[self.peer],
+                now=AFTER_WORLD,
+                rng=SeededRandom(data),
+            )
 
         accepted = refused_unchanged(self.state, run)
         if accepted:

@@ -39,9 +39,15 @@ from hushchat.protocol.client_core import (
     MessageReceived,
     Undecryptable,
 )
+from hushchat.protocol.consts import PROTOCOL_VERSION
 from hushchat.protocol.devices import DeviceEntry, DeviceList, SignedDeviceList
 from hushchat.protocol.encoding import pack
-from hushchat.protocol.errors import BadSignature, RemoteProtocolError, UntrustedIdentity
+from hushchat.protocol.errors import (
+    BadSignature,
+    DuplicateDeviceKey,
+    RemoteProtocolError,
+    UntrustedIdentity,
+)
 from hushchat.protocol.keys import IdentityKeyPair
 from hushchat.protocol.prekeys import PreKeyBundle
 from hushchat.protocol.primitives import SeededRandom
@@ -72,6 +78,15 @@ from hushchat.transport.wire.frames import (
 from hushchat.transport.wire.framing import FrameDecoder, encode_frame
 from hushchat.transport.wire.limits import RECEIVE_CHUNK_SIZE
 from hushchat.transport.wire.records import Envelope
+from tests.support.misattribution import (
+    MALLORY_5,
+    Proof,
+    consented,
+    copied,
+    forged,
+    mallory_list,
+    publish,
+)
 
 TIMEOUT = 20
 # Request ids the proxy uses for its own requests upstream (their replies are swallowed).
@@ -453,7 +468,7 @@ async def test_stripped_and_forged_group_changes_are_detected(setup: Setup) -> N
         link = await proxy.link(CAROL)
         control_for_bob = proxy.envelopes_to(BOB, sender_user="alice")[-2]
         forged = SeededRandom(b"forged").random_bytes(200)
-        group_junk = pack([1, group_id, 1, 0, bytes(16)]) + bytes(64)
+        group_junk = pack([PROTOCOL_VERSION, group_id, 1, 0, bytes(16)]) + bytes(64)
         for kind, payload in [
             (ENVELOPE_DIRECT, control_for_bob.payload),
             (ENVELOPE_DIRECT, forged),
@@ -531,7 +546,11 @@ async def test_a_device_list_with_another_identity_raises_identity_changed(setup
             "bob",
             mallory.public.ed25519,
             held.counter + 1,
-            (DeviceEntry(1, IdentityKeyPair(bytes(range(32))).public.ed25519),),
+            (
+                DeviceEntry.prove(
+                    IdentityKeyPair(bytes(range(32))), "bob", 1, mallory.public.ed25519
+                ),
+            ),
         )
         forged_bytes = forged.sign(mallory).encode()
         assert SignedDeviceList.decode(forged_bytes).device_list.user_id == "bob"
@@ -581,3 +600,78 @@ async def test_another_users_device_list_is_refused(setup: Setup) -> None:
         await alice.send_direct("bob", b"to the real bob")
         events = await events_until(bob, body_is(b"to the real bob"))
         assert received(events) == [("alice", b"to the real bob")]
+
+
+# Mallory's list names alice's device key as mallory.5 (tests/support/misattribution.py);
+# the proxy serves it to bob and restamps alice's envelopes as mallory.5's. Against the
+# code before device proofs and user-bound sessions (protocol version 1), bob's app got
+# alice's words as a MessageReceived from mallory.5.
+# ------------------------------------------------------------------ another user's device key
+
+
+async def restamp_alice_as_mallory(proxy_link: Link, envelope: Envelope) -> list[Envelope]:
+    if proxy_link.address == BOB and envelope.sender_user == "alice":
+        return [dataclasses.replace(envelope, sender_user="mallory", sender_device=5)]
+    return [envelope]
+
+
+def from_mallory_5(event: ClientEvent) -> bool:
+    return getattr(event, "sender", None) == MALLORY_5
+
+
+@pytest.mark.parametrize(
+    "proof", [forged, copied, consented], ids=["forged", "copied", "consented"]
+)
+async def test_a_hostile_relay_cannot_present_alice_as_mallory(
+    setup: Setup,
+    proof: Proof,
+) -> None:
+    """The proxy serves bob mallory's list naming alice's key, and restamps alice's mail."""
+    proxy = setup.proxy
+    # Mallory is registered at the relay with her own device only.
+    await publish(proxy.relay_port, mallory_list())
+    async with client(setup, "alice") as alice, client(setup, "bob") as bob:
+        alice_device = alice.core.account.identity
+        naming = (alice_device, alice.core.device_entry, proof)
+        served = mallory_list(naming=naming, counter=1)
+        proxy.device_list_hook = lambda user_id, data: served if user_id == "mallory" else data
+        proxy.envelope_hook = restamp_alice_as_mallory
+        await alice.send_direct("bob", b"alice's words")
+        events = await events_until(bob, from_mallory_5)
+        # Nothing of alice's reached bob's app as mallory's: it was reported instead.
+        assert received(events) == []
+        [reported] = events[-1:]
+        assert isinstance(reported, Undecryptable)
+        # Refused with the list (bob holds no valid list naming mallory.5), or, for a
+        # list bob had to accept, by the session: alice bound herself, not mallory.
+        assert reported.reason == ("BAD_MAC" if proof is consented else "UNKNOWN_DEVICE")
+        assert (bob.core.device_list("mallory") is not None) == (proof is consented)
+        if proof is consented:
+            return  # bob now holds mallory's list: alice's list naming the same key is refused
+        proxy.envelope_hook = _pass_envelope
+        await alice.send_direct("bob", b"sentinel")
+        events = await events_until(bob, body_is(b"sentinel"))
+        assert received(events) == [("alice", b"sentinel")]
+        assert alice.safety_number("bob").digits == bob.safety_number("alice").digits
+
+
+async def test_a_client_that_knows_alice_refuses_her_key_under_mallory(
+    setup: Setup,
+) -> None:
+    """Even a list whose proofs verify (the device agreed to both) is refused beside alice's."""
+    proxy = setup.proxy
+    await publish(proxy.relay_port, mallory_list())
+    async with client(setup, "alice") as alice, client(setup, "bob") as bob:
+        await alice.send_direct("bob", b"bob now holds alice's list")
+        await events_until(bob, body_is(b"bob now holds alice's list"))
+        naming = (alice.core.account.identity, alice.core.device_entry, consented)
+        served = mallory_list(naming=naming, counter=1)
+        proxy.device_list_hook = lambda user_id, data: served if user_id == "mallory" else data
+        with pytest.raises(DuplicateDeviceKey):
+            await bob.send_direct("mallory", b"never sent")
+        assert bob.core.device_list("mallory") is None and bob.store.outbox() == []
+        proxy.envelope_hook = restamp_alice_as_mallory
+        await alice.send_direct("bob", b"alice's words")
+        events = await events_until(bob, from_mallory_5)
+        assert received(events) == []
+        assert events[-1] == Undecryptable(MALLORY_5, "UNKNOWN_DEVICE")

@@ -511,7 +511,7 @@ def test_stale_and_forged_device_lists_change_nothing(net: Network, group: bytes
         "bob",
         bob_list.user_identity,
         bob_list.counter + 1,
-        (*bob_list.devices, DeviceEntry(9, relay_key.public.ed25519)),
+        (*bob_list.devices, DeviceEntry.prove(relay_key, "bob", 9, bob_list.user_identity)),
     )
     from hushchat.protocol.devices import SignedDeviceList
 

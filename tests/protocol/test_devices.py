@@ -15,13 +15,17 @@ from hushchat.protocol.devices import (
     DeviceEntry,
     DeviceList,
     SignedDeviceList,
+    check_device_keys,
     check_update,
     device_changes,
+    device_proof_message,
 )
 from hushchat.protocol.encoding import pack, unpack
 from hushchat.protocol.errors import (
+    BadDeviceProof,
     BadSignature,
     DecodeError,
+    DuplicateDeviceKey,
     InvalidArgument,
     InvalidKey,
     NonCanonicalEncoding,
@@ -43,15 +47,30 @@ MALLORY = keypair("user:mallory")
 DEVICE_KEYS = [keypair(f"alice/{i}") for i in range(consts.MAX_DEVICES_PER_USER + 1)]
 
 
-def entry(device_id: int, key_index: int | None = None) -> DeviceEntry:
+def entry(
+    device_id: int,
+    key_index: int | None = None,
+    *,
+    user_id: str = "alice",
+    user: IdentityKeyPair = ALICE,
+) -> DeviceEntry:
+    """Device ``device_id`` (key ``key_index``, default the same), proved for ``user_id``."""
     key = DEVICE_KEYS[device_id if key_index is None else key_index]
-    return DeviceEntry(device_id, key.public.ed25519)
+    return DeviceEntry.prove(key, user_id, device_id, user.public.ed25519)
 
 
 def alice_list(*device_ids: int, counter: int = 0) -> DeviceList:
     return DeviceList(
         "alice", ALICE.public.ed25519, counter, tuple(entry(i) for i in sorted(device_ids))
     )
+
+
+def raw(
+    device_id: int, key: IdentityKeyPair | None = None, *, user: IdentityKeyPair = ALICE
+) -> list[Any]:
+    """A device entry as the body holds it: id, key (default DEVICE_KEYS[id]), proof for alice."""
+    key = key or DEVICE_KEYS[device_id]
+    return list(DeviceEntry.prove(key, "alice", device_id, user.public.ed25519).to_wire())
 
 
 def signed_raw(body_fields: list[Any], signer: IdentityKeyPair = ALICE) -> bytes:
@@ -92,7 +111,7 @@ def test_wire_layout() -> None:
         "alice",
         ALICE.public.ed25519,
         9,
-        [[3, DEVICE_KEYS[3].public.ed25519], [4, DEVICE_KEYS[4].public.ed25519]],
+        [raw(3), raw(4)],
     ]
     ALICE.public.verify(signature, CTX + body)
 
@@ -110,8 +129,8 @@ def test_extreme_values_round_trip() -> None:
         ALICE.public.ed25519,
         2**64 - 1,
         (
-            *(entry(i, i) for i in range(consts.MAX_DEVICES_PER_USER - 1)),
-            DeviceEntry(2**32 - 1, DEVICE_KEYS[-1].public.ed25519),
+            *(entry(i, user_id=uid) for i in range(consts.MAX_DEVICES_PER_USER - 1)),
+            DeviceEntry.prove(DEVICE_KEYS[-1], uid, 2**32 - 1, ALICE.public.ed25519),
         ),
     )
     signed = dl.sign(ALICE)
@@ -138,7 +157,7 @@ def test_body_changed_after_signing_is_refused() -> None:
 
 def test_signature_by_another_key_is_refused() -> None:
     with pytest.raises(BadSignature):
-        SignedDeviceList.decode(signed_raw(raw_body([[1, DEVICE_KEYS[1].public.ed25519]]), MALLORY))
+        SignedDeviceList.decode(signed_raw(raw_body([raw(1)]), MALLORY))
 
 
 def test_signature_without_context_is_refused() -> None:
@@ -159,7 +178,7 @@ def test_list_under_substituted_user_identity_is_untrusted() -> None:
     forged = SignedDeviceList.decode(
         signed_raw(
             raw_body(
-                [[1, DEVICE_KEYS[1].public.ed25519], [2, MALLORY.public.ed25519]],
+                [raw(1, user=MALLORY), raw(2, MALLORY, user=MALLORY)],
                 identity=MALLORY.public.ed25519,
                 counter=2,
             ),
@@ -170,54 +189,159 @@ def test_list_under_substituted_user_identity_is_untrusted() -> None:
         check_update(held, forged.device_list)
 
 
+# ------------------------------------------------------------------ proofs of possession
+# Mallory's attack: list another user's device key as her own, so that a
+# relay stamping alice's messages as mallory's makes them read as hers.
+
+BOB = keypair("user:bob")
+
+
+def bob_entry(device_id: int, key: IdentityKeyPair) -> list[Any]:
+    return list(DeviceEntry.prove(key, "bob", device_id, BOB.public.ed25519).to_wire())
+
+
+def test_a_device_without_its_own_proof_is_refused() -> None:
+    """Mallory names alice's device key; she can sign anything but alice's device's proof."""
+    alice_device = DEVICE_KEYS[1]
+    mallory_made = [
+        # Signed by mallory's key in place of the device's.
+        [
+            5,
+            alice_device.public.ed25519,
+            MALLORY.sign(device_proof_message("bob", 5, BOB.public.ed25519)),
+        ],
+        # Alice's device's real proof, copied from alice's list: it names alice.
+        [5, alice_device.public.ed25519, entry(5, 1).proof],
+        # A proof the device made for bob's device 4, moved to device 5.
+        [
+            5,
+            alice_device.public.ed25519,
+            DeviceEntry.prove(alice_device, "bob", 4, BOB.public.ed25519).proof,
+        ],
+        # A proof for "bob" under another user identity.
+        [
+            5,
+            alice_device.public.ed25519,
+            DeviceEntry.prove(alice_device, "bob", 5, ALICE.public.ed25519).proof,
+        ],
+        # No signature at all.
+        [5, alice_device.public.ed25519, bytes(64)],
+    ]
+    for forged in mallory_made:
+        body = raw_body(
+            [bob_entry(1, DEVICE_KEYS[2]), forged], user_id="bob", identity=BOB.public.ed25519
+        )
+        with pytest.raises(BadDeviceProof):
+            SignedDeviceList.decode(signed_raw(body, BOB))
+
+
+def test_a_device_entry_without_a_proof_field_is_malformed() -> None:
+    body = raw_body([[1, DEVICE_KEYS[1].public.ed25519]])
+    with pytest.raises(DecodeError):
+        SignedDeviceList.decode(signed_raw(body))
+
+
+def test_the_list_signature_is_checked_before_the_proofs() -> None:
+    body = raw_body([[1, DEVICE_KEYS[1].public.ed25519, bytes(64)]])
+    with pytest.raises(BadSignature) as refused:
+        SignedDeviceList.decode(signed_raw(body, MALLORY))
+    assert type(refused.value) is BadSignature
+
+
+def test_one_device_key_under_two_ids_is_refused() -> None:
+    twice = [raw(1), raw(2, DEVICE_KEYS[1])]
+    with pytest.raises(DuplicateDeviceKey):
+        SignedDeviceList.decode(signed_raw(raw_body(twice)))
+    with pytest.raises(InvalidArgument):
+        DeviceList("alice", ALICE.public.ed25519, 0, (entry(1), entry(2, 1)))
+
+
+def test_signing_a_list_with_a_device_that_is_not_ours_is_a_local_error() -> None:
+    stolen = DeviceEntry.prove(DEVICE_KEYS[2], "alice", 2, ALICE.public.ed25519)
+    mine = DeviceList(
+        "bob", BOB.public.ed25519, 0, (DeviceEntry(2, stolen.identity, stolen.proof),)
+    )
+    with pytest.raises(InvalidArgument):
+        mine.sign(BOB)
+
+
+def test_a_device_key_listed_under_another_known_user_is_refused() -> None:
+    alice = alice_list(1, 2)
+    # Bob's list names alice's device 2 with a proof it made for bob (a device
+    # that agreed to two users, or one that was moved without being reset).
+    bob = DeviceList(
+        "bob",
+        BOB.public.ed25519,
+        0,
+        (DeviceEntry.prove(DEVICE_KEYS[2], "bob", 7, BOB.public.ed25519),),
+    )
+    with pytest.raises(DuplicateDeviceKey):
+        check_device_keys(bob, [alice])
+    with pytest.raises(DuplicateDeviceKey):
+        check_device_keys(alice, [bob])
+    # One's own earlier list, and other users' distinct keys, are no conflict.
+    check_device_keys(
+        alice,
+        [
+            alice_list(2, 3),
+            DeviceList(
+                "bob",
+                BOB.public.ed25519,
+                0,
+                (DeviceEntry.prove(DEVICE_KEYS[5], "bob", 1, BOB.public.ed25519),),
+            ),
+        ],
+    )
+
+
 # ------------------------------------------------------------------ malformed bodies
 
 
 def test_reordered_device_ids_are_refused() -> None:
-    devices = [[2, DEVICE_KEYS[2].public.ed25519], [1, DEVICE_KEYS[1].public.ed25519]]
+    devices = [raw(2), raw(1)]
     with pytest.raises(DecodeError):
         SignedDeviceList.decode(signed_raw(raw_body(devices)))
 
 
 def test_duplicate_device_ids_are_refused() -> None:
-    devices = [[1, DEVICE_KEYS[1].public.ed25519], [1, DEVICE_KEYS[2].public.ed25519]]
+    devices = [raw(1), raw(1, DEVICE_KEYS[2])]
     with pytest.raises(DecodeError):
         SignedDeviceList.decode(signed_raw(raw_body(devices)))
 
 
 @pytest.mark.parametrize("count", [0, consts.MAX_DEVICES_PER_USER + 1])
 def test_device_count_outside_limits_is_refused(count: int) -> None:
-    devices = [[i, DEVICE_KEYS[i].public.ed25519] for i in range(count)]
+    devices = [raw(i) for i in range(count)]
     with pytest.raises(DecodeError):
         SignedDeviceList.decode(signed_raw(raw_body(devices)))
 
 
 def test_invalid_device_identity_is_refused() -> None:
     with pytest.raises(InvalidKey):
-        SignedDeviceList.decode(signed_raw(raw_body([[1, SMALL_ORDER_KEY]])))
+        SignedDeviceList.decode(signed_raw(raw_body([[1, SMALL_ORDER_KEY, bytes(64)]])))
 
 
 def test_invalid_user_identity_is_refused() -> None:
-    body = raw_body([[1, DEVICE_KEYS[1].public.ed25519]], identity=SMALL_ORDER_KEY)
+    body = raw_body([raw(1)], identity=SMALL_ORDER_KEY)
     with pytest.raises(InvalidKey):
         SignedDeviceList.decode(signed_raw(body))
 
 
 def test_unknown_version_is_refused() -> None:
-    body = raw_body([[1, DEVICE_KEYS[1].public.ed25519]], version=consts.PROTOCOL_VERSION + 1)
+    body = raw_body([raw(1)], version=consts.PROTOCOL_VERSION + 1)
     with pytest.raises(UnknownVersion):
         SignedDeviceList.decode(signed_raw(body))
 
 
 @pytest.mark.parametrize("user_id", ["", "x" * (consts.MAX_USER_ID_SIZE + 1)])
 def test_user_id_outside_limits_is_refused(user_id: str) -> None:
-    body = raw_body([[1, DEVICE_KEYS[1].public.ed25519]], user_id=user_id)
+    body = raw_body([raw(1)], user_id=user_id)
     with pytest.raises(DecodeError):
         SignedDeviceList.decode(signed_raw(body))
 
 
 def test_extra_fields_are_refused() -> None:
-    body = [*raw_body([[1, DEVICE_KEYS[1].public.ed25519]]), 0]
+    body = [*raw_body([raw(1)]), 0]
     with pytest.raises(DecodeError):
         SignedDeviceList.decode(signed_raw(body))
     signed = alice_list(1).sign(ALICE)
@@ -251,7 +375,9 @@ def test_constructor_refuses_unsorted_or_duplicate_devices() -> None:
 )
 def test_device_entry_validates(device_id: Any, identity: bytes | None) -> None:
     with pytest.raises(InvalidArgument):
-        DeviceEntry(device_id, identity or DEVICE_KEYS[1].public.ed25519)
+        DeviceEntry(device_id, identity or DEVICE_KEYS[1].public.ed25519, bytes(64))
+    with pytest.raises(InvalidArgument):
+        DeviceEntry(1, DEVICE_KEYS[1].public.ed25519, bytes(63))
 
 
 @pytest.mark.parametrize("user_id", ["", "x" * 65, "\ud800", b"alice"])

@@ -13,7 +13,7 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
 from hushchat.protocol import primitives as p
-from hushchat.protocol.consts import MAX_PLAINTEXT_SIZE, MAX_SKIP
+from hushchat.protocol.consts import MAX_PLAINTEXT_SIZE, MAX_SKIP, PROTOCOL_VERSION
 from hushchat.protocol.double_ratchet import (
     Header,
     RatchetState,
@@ -94,7 +94,7 @@ def test_first_messages_match_independent_computation() -> None:
     chain = reference_hkdf(dh_out, shared, b"hushchat_ratchet_root", 64)[32:]
     for n, plaintext in enumerate([b"first", b"second"]):
         header, body = alice.encrypt(plaintext, ad)
-        assert header == msgpack.packb([1, ratchet_public, 0, n], use_bin_type=True)
+        assert header == msgpack.packb([PROTOCOL_VERSION, ratchet_public, 0, n], use_bin_type=True)
         mk = hmac.digest(chain, b"\x01", "sha256")
         assert body == reference_seal(mk, plaintext, ad + header)
         chain = hmac.digest(chain, b"\x02", "sha256")
@@ -111,11 +111,13 @@ def test_header_encoding() -> None:
     header = Header(key, 3, 2**32 - 1)
     assert Header.decode(header.encode()) == header
     with pytest.raises(DecodeError):
-        Header.decode(msgpack.packb([1, key, 3, 2**32], use_bin_type=True))
+        Header.decode(msgpack.packb([PROTOCOL_VERSION, key, 3, 2**32], use_bin_type=True))
     with pytest.raises(UnknownVersion):
-        Header.decode(msgpack.packb([2, key, 3, 4], use_bin_type=True))
+        Header.decode(msgpack.packb([PROTOCOL_VERSION + 1, key, 3, 4], use_bin_type=True))
     with pytest.raises(InvalidKey):
-        Header.decode(msgpack.packb([1, key[:31] + b"\x80", 3, 4], use_bin_type=True))
+        Header.decode(
+            msgpack.packb([PROTOCOL_VERSION, key[:31] + b"\x80", 3, 4], use_bin_type=True)
+        )
 
 
 # ------------------------------------------------------------------ ordering
@@ -146,7 +148,7 @@ def test_a_loaded_record_loads_its_ratchet_key_only_when_it_needs_it(peers: Peer
     bob.record = SessionRecord.from_bytes(bob.record.to_bytes())
     assert bob.decrypt(second).plaintext == b"two"
     assert ratchet_of(bob)._private is None and ratchet_of(bob)._public is None
-    eager.decrypt(second, bob.account, now=NOW, rng=bob.rng)
+    eager.decrypt(second, bob.account, now=NOW, rng=bob.rng, **bob.parties)
     assert bob.record.to_bytes() == eager.to_bytes()
     # A reply needs the public key; the next DH step needs the private key.
     assert alice.decrypt(bob.encrypt(b"three")).plaintext == b"three"
@@ -344,7 +346,7 @@ def test_captured_state_cannot_decrypt_what_was_already_decrypted(peers: Peers) 
     captured = SessionRecord.from_bytes(bob.record.to_bytes())
     for message in [in_order, late, last]:
         with pytest.raises(DuplicateMessage):
-            captured.decrypt(message, bob.account, now=0, rng=bob.rng)
+            captured.decrypt(message, bob.account, now=0, rng=bob.rng, **bob.parties)
 
 
 def test_post_compromise_healing(peers: Peers) -> None:
@@ -353,7 +355,8 @@ def test_post_compromise_healing(peers: Peers) -> None:
     attacker = SessionRecord.from_bytes(bob.record.to_bytes())
 
     def attacker_decrypts(data: bytes) -> bytes:
-        return attacker.decrypt(data, bob.account, now=0, rng=p.SeededRandom(b"eve")).plaintext
+        eve = p.SeededRandom(b"eve")
+        return attacker.decrypt(data, bob.account, now=0, rng=eve, **bob.parties).plaintext
 
     def deliver(data: bytes, to: Peer) -> None:
         to.decrypt(data)

@@ -473,9 +473,8 @@ def test_device_list_with_a_substituted_user_identity_is_untrusted() -> None:
     group, _ = start(BOB)
     # The relay serves a list for "ALICE" signed by its own user identity,
     # naming a device key it holds.
-    fake = DeviceList.initial(
-        ALICE.user_id, MALLORY_KEY.public.ed25519, [DeviceEntry(1, MALLORY_KEY.public.ed25519)]
-    ).sign(MALLORY_KEY)
+    entry = DeviceEntry.prove(MALLORY_KEY, ALICE.user_id, 1, MALLORY_KEY.public.ed25519)
+    fake = DeviceList.initial(ALICE.user_id, MALLORY_KEY.public.ed25519, [entry]).sign(MALLORY_KEY)
     message = ControlMessage.sign(
         MALLORY_KEY,
         group_id=group.group_id,
@@ -774,7 +773,7 @@ def test_a_cached_member_list_needs_a_valid_head() -> None:
     GroupState.decode(state.encode(), cache=warm)
     fields = unpack(state.encode(), what="test")
     with pytest.raises(UnknownVersion):
-        GroupState.decode(pack([2, *fields[1:]]), cache=warm)
+        GroupState.decode(pack([consts.PROTOCOL_VERSION + 1, *fields[1:]]), cache=warm)
     with pytest.raises(DecodeError):  # epoch 0 needs the genesis parent hash
         GroupState.decode(pack([*fields[:2], 0, *fields[3:]]), cache=warm)
     non_canonical_epoch = b"\xcf" + fields[2].to_bytes(8, "big")  # uint64 for a small epoch
@@ -803,7 +802,7 @@ def test_decoders_refuse_bad_fields() -> None:
     group, _ = start(BOB)
     state = unpack(group.current.encode(), what="test")
     with pytest.raises(UnknownVersion):
-        GroupState.decode(pack([2, *state[1:]]))
+        GroupState.decode(pack([consts.PROTOCOL_VERSION + 1, *state[1:]]))
     with pytest.raises(DecodeError):  # members out of order
         GroupState.decode(pack([*state[:6], state[6][::-1]]))
     with pytest.raises(DecodeError):  # no admin
@@ -938,7 +937,7 @@ def test_structured_garbage_raises_only_protocol_errors(kind: str, value: Any) -
     for data in (
         pack(value),
         pack([pack(value), bytes(64)]),
-        pack([1, pack(value), [pack(value)]]),
+        pack([consts.PROTOCOL_VERSION, pack(value), [pack(value)]]),
     ):
         with contextlib.suppress(ProtocolError):
             decode_any(kind, data)

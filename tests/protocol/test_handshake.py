@@ -6,8 +6,9 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
+import msgpack
 import pytest
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 
@@ -29,15 +30,16 @@ from hushchat.protocol.errors import (
 )
 from hushchat.protocol.keys import IdentityKeyPair, encode_mlkem768, encode_x25519
 from hushchat.protocol.messages import PreKeyMessage, RatchetMessage, decode_message
-from hushchat.protocol.pqxdh import initiate, respond
+from hushchat.protocol.pqxdh import Party, initiate, respond
 from hushchat.protocol.prekeys import (
     KemPreKeyPublic,
     OneTimePreKeyPublic,
     PreKeyBundle,
     SignedPreKeyPublic,
 )
+from hushchat.protocol.session import Session
 from tests.support.clock import NOW
-from tests.support.peers import Peer
+from tests.support.peers import Peer, party
 from tests.support.reference import P, reference_hkdf
 
 if TYPE_CHECKING:
@@ -55,6 +57,7 @@ LOW_ORDER = [
     "ecffffffffffffffffffffffffffffffffffffffffffffffffffffffffffff7f",
 ]
 VARIANTS = [(True, True), (True, False), (False, True), (False, False)]
+ALICE_PARTY, BOB_PARTY = party("alice"), party("bob")
 VARIANT_IDS = ["pqxdh-opk", "pqxdh", "x3dh-opk", "x3dh"]
 
 
@@ -62,6 +65,13 @@ def prekey_message(data: bytes) -> PreKeyMessage:
     message = decode_message(data)
     assert isinstance(message, PreKeyMessage)
     return message
+
+
+def outbound(account: Account, bundle: PreKeyBundle, **kwargs: Any) -> Session:
+    """Alice's session with the bundle's device (alice.1 to whoever the bundle names)."""
+    kwargs.setdefault("now", NOW)
+    remote = party(bundle.user_id, bundle.device_id)
+    return account.create_outbound_session(bundle, local=party("alice"), remote=remote, **kwargs)
 
 
 def with_handshake(data: bytes, **changes: object) -> bytes:
@@ -125,13 +135,13 @@ def test_last_resort_kem_prekey_stays_usable(
     alice, bob = peers(post_quantum=True, one_time=False)
     first = alice.encrypt(b"one")
     assert bob.decrypt(first).plaintext == b"one"
-    carol = Peer(make_account(), bob.rng)
+    carol = Peer(make_account(), bob.rng, me="carol", peer="bob")
     bundle = bob.account.bundle("bob", 1, one_time=False)
     assert bundle.kem_is_last_resort
     assert bundle.kem_prekey is not None
     assert bundle.kem_prekey.key_id == prekey_message(first).handshake.kem_prekey_id
-    carol.record.install(carol.account.create_outbound_session(bundle, now=NOW, rng=carol.rng))
-    other_record = Peer(bob.account, bob.rng)
+    carol.start(bundle)
+    other_record = Peer(bob.account, bob.rng, me="bob", peer="carol")
     assert other_record.decrypt(carol.encrypt(b"two")).plaintext == b"two"
 
 
@@ -197,10 +207,18 @@ def test_shared_secret_matches_independent_computation(post_quantum: bool, one_t
     bundle = fixed_bundle(bob, one_time=one_time)
     kem_secret, kem_ciphertext = p.SYSTEM_RANDOM.encapsulate(p.mlkem768_public_bytes(KEM))
     rng = p.ScriptedRandom([BASE], [(kem_secret, kem_ciphertext)])
-    header, shared = initiate(alice, bundle, post_quantum=post_quantum, rng=rng)
+    header, shared = initiate(
+        alice, bundle, local=ALICE_PARTY, remote=BOB_PARTY, post_quantum=post_quantum, rng=rng
+    )
 
     assert shared.secret == independent_sk(post_quantum, one_time, kem_secret)
-    assert shared.associated_data == b"\x06" + alice.public.ed25519 + b"\x06" + bob.public.ed25519
+    # Both identity keys, then whose each device is (msgpack's own packer, not ours).
+    parties = msgpack.packb(
+        ["alice", 1, ALICE_PARTY.user_identity, "bob", 1, BOB_PARTY.user_identity],
+        use_bin_type=True,
+    )
+    identities = b"\x06" + alice.public.ed25519 + b"\x06" + bob.public.ed25519
+    assert shared.associated_data == identities + parties
     assert (
         header.base_key == X25519PrivateKey.from_private_bytes(BASE).public_key().public_bytes_raw()
     )
@@ -211,6 +229,8 @@ def test_shared_secret_matches_independent_computation(post_quantum: bool, one_t
     bob_shared = respond(
         bob,
         header,
+        local=BOB_PARTY,
+        remote=ALICE_PARTY,
         signed_prekey=SPK,
         one_time_prekey=OPK if one_time else None,
         kem_prekey=KEM if post_quantum else None,
@@ -222,8 +242,9 @@ def test_shared_secret_matches_independent_computation(post_quantum: bool, one_t
 def test_shared_secret_pinned(post_quantum: bool, one_time: bool) -> None:
     alice, bob = IdentityKeyPair(ALICE_SEED), IdentityKeyPair(BOB_SEED)
     rng = p.ScriptedRandom([BASE], [(bytes([0x55]) * 32, bytes(1088))])
+    bundle = fixed_bundle(bob, one_time=one_time)
     _, shared = initiate(
-        alice, fixed_bundle(bob, one_time=one_time), post_quantum=post_quantum, rng=rng
+        alice, bundle, local=ALICE_PARTY, remote=BOB_PARTY, post_quantum=post_quantum, rng=rng
     )
     expected = independent_sk(post_quantum, one_time, bytes([0x55]) * 32)
     assert shared.secret == expected
@@ -271,9 +292,9 @@ def test_bad_prekey_signatures_are_refused(make_account: Callable[..., Account])
     for candidate in bad:
         for post_quantum in (True, False):
             with pytest.raises(BadSignature):
-                alice.create_outbound_session(candidate, now=NOW, post_quantum=post_quantum)
+                outbound(alice, candidate, now=NOW, post_quantum=post_quantum)
     with pytest.raises(InvalidArgument):
-        alice.create_outbound_session(bob.bundle("bob", 1, post_quantum=False), now=NOW)
+        outbound(alice, bob.bundle("bob", 1, post_quantum=False), now=NOW)
 
 
 @pytest.mark.parametrize("low_order", LOW_ORDER)
@@ -288,7 +309,7 @@ def test_low_order_prekeys_in_a_bundle_are_refused(
     ]:
         candidate.verify()  # properly signed: only the DH refuses it
         with pytest.raises(NonContributoryKey):
-            alice.create_outbound_session(candidate, now=NOW)
+            outbound(alice, candidate, now=NOW)
 
 
 def test_non_canonical_prekeys_in_a_bundle_are_refused(
@@ -307,7 +328,7 @@ def test_non_canonical_prekeys_in_a_bundle_are_refused(
             resigned(bundle, bob.identity, opk=bad),
         ]:
             with pytest.raises(InvalidKey):
-                alice.create_outbound_session(candidate, now=NOW)
+                outbound(alice, candidate, now=NOW)
             with pytest.raises(InvalidKey):
                 PreKeyBundle.decode(candidate.encode())
 
@@ -320,7 +341,7 @@ def test_undecodable_kem_prekey_is_refused(make_account: Callable[..., Account])
     candidate = dataclasses.replace(bundle, kem_prekey=kem)
     candidate.verify()
     with pytest.raises(InvalidKey):
-        alice.create_outbound_session(candidate, now=NOW)
+        outbound(alice, candidate, now=NOW)
 
 
 def test_bundle_round_trip(make_account: Callable[..., Account]) -> None:
@@ -361,7 +382,7 @@ def test_torsioned_base_key_is_refused(
     # A replay with one-time prekey finds it spent; without, the base key is what stops it.
     error = UnknownPreKey if one_time else InvalidKey
     bob.assert_refused(torsioned, error)
-    Peer(bob.account, bob.rng).assert_refused(torsioned, error)
+    Peer(bob.account, bob.rng, me="bob", peer="alice").assert_refused(torsioned, error)
 
 
 def test_non_canonical_base_key_is_refused(peers: Peers) -> None:
@@ -412,9 +433,9 @@ def test_used_one_time_prekey_is_refused(peers: Peers) -> None:
     assert bob.decrypt(first).new_session
     # The same message to a record that lost the session, and a second
     # session from a bundle handed out twice: the one-time prekey is gone.
-    Peer(bob.account, bob.rng).assert_refused(first, UnknownPreKey)
-    again = Peer(alice.account, alice.rng)
-    again.record.install(alice.account.create_outbound_session(bundle, now=NOW, rng=alice.rng))
+    Peer(bob.account, bob.rng, me="bob", peer="alice").assert_refused(first, UnknownPreKey)
+    again = Peer(alice.account, alice.rng, me="alice", peer="bob")
+    again.start(bundle)
     bob.assert_refused(again.encrypt(b"y"), UnknownPreKey)
 
 
@@ -426,7 +447,7 @@ def test_replayed_handshake_without_one_time_prekey(peers: Peers, post_quantum: 
     # Into the record holding the session: a duplicate of a decrypted message.
     bob.assert_refused(first, DuplicateMessage)
     # Into any other record: the account remembers the base key.
-    Peer(bob.account, bob.rng).assert_refused(first, ReplayedHandshake)
+    Peer(bob.account, bob.rng, me="bob", peer="alice").assert_refused(first, ReplayedHandshake)
     # Later initial messages of the same handshake still reach the session.
     assert bob.decrypt(alice.encrypt(b"y")).plaintext == b"y"
 
@@ -467,9 +488,9 @@ def test_signed_prekey_rotation_and_pruning(peers: Peers) -> None:
     bob.account.rotate_signed_prekey(now=NOW + 10, rng=bob.rng)
     # The old signed prekey answers until the grace period after rotation ends.
     bob.account.prune(now=NOW + 10 + SIGNED_PREKEY_GRACE_PERIOD)
-    assert Peer(bob.account, bob.rng).decrypt(first).plaintext == b"x"
+    assert Peer(bob.account, bob.rng, me="bob", peer="alice").decrypt(first).plaintext == b"x"
     bob.account.prune(now=NOW + 11 + SIGNED_PREKEY_GRACE_PERIOD)
-    Peer(bob.account, bob.rng).assert_refused(first, UnknownPreKey)
+    Peer(bob.account, bob.rng, me="bob", peer="alice").assert_refused(first, UnknownPreKey)
     bob.assert_refused(alice.encrypt(b"y"), UnknownPreKey)
 
 
@@ -478,10 +499,9 @@ def test_a_changed_identity_needs_the_apps_consent(
 ) -> None:
     alice, bob = peers()
     assert bob.decrypt(alice.encrypt(b"x")).new_session
-    mallory = Peer(make_account(), alice.rng)
-    mallory.record.install(
-        mallory.account.create_outbound_session(bob.account.bundle("bob", 1), now=NOW)
-    )
+    # Alice's device reinstalled by mallory: a new identity key for alice.1.
+    mallory = Peer(make_account(), alice.rng, me="alice", peer="bob")
+    mallory.start(bob.account.bundle("bob", 1))
     impostor = mallory.encrypt(b"trust me")
     bob.assert_refused(impostor, UntrustedIdentity)
     result = bob.decrypt(impostor, trust_new_identity=True)
@@ -501,3 +521,38 @@ def test_unanswered_session_expires_for_sending(peers: Peers) -> None:
     alice.decrypt(bob.encrypt(b"ack"))
     assert alice.record.has_usable_session(late + 10**6)
     assert bob.decrypt(alice.encrypt(b"z", now=late + 10**6)).plaintext == b"z"
+
+
+# ------------------------------------------------------------------ whose the devices are
+
+
+def test_a_session_binds_the_users_not_only_the_device_keys(peers: Peers) -> None:
+    """A relay presents alice.1 as mallory.5 (under a list naming alice's key for mallory).
+
+    Bob's keys are untouched and alice's message is genuine; only who Bob
+    believes sent it differs. Nothing decrypts, and Bob's state is unchanged.
+    """
+    alice, bob = peers()
+    first = alice.encrypt(b"from alice")
+    mallory_user = party("mallory")
+    for believed in (
+        party("mallory", 5),
+        party("alice", 2),
+        Party("alice", 1, mallory_user.user_identity),
+    ):
+        as_someone_else = Peer(bob.account, bob.rng, me="bob", peer="alice")
+        as_someone_else.remote = believed
+        as_someone_else.assert_refused(first, BadMac)
+    assert bob.decrypt(first).plaintext == b"from alice"
+
+
+def test_a_session_is_bound_to_the_responder_the_initiator_meant(
+    make_account: Callable[..., Account],
+) -> None:
+    """Bob writes to "mallory.5" whose list names alice's key; the relay hands it to alice.1."""
+    alice_account, bob_account = make_account(), make_account()
+    bob = Peer(bob_account, p.SeededRandom(b"bob"), me="bob", peer="mallory")
+    bob.remote = party("mallory", 5)
+    bob.start(alice_account.bundle("mallory", 5))
+    alice = Peer(alice_account, p.SeededRandom(b"alice"), me="alice", peer="bob")
+    alice.assert_refused(bob.encrypt(b"for mallory only"), BadMac)

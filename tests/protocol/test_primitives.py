@@ -187,6 +187,35 @@ def test_x25519_refuses_low_order_keys(curve25519: Curve25519) -> None:
             p.x25519(private, u)
         with pytest.raises(InvalidKey):
             p.check_x25519_prime_order(u)
+        with pytest.raises(InvalidKey):
+            p.check_x25519_not_small_order(u)
+
+
+@pytest.mark.parametrize("torsion", range(8))
+def test_small_order_check_passes_keys_with_a_prime_order_part(
+    torsion: int, curve25519: Curve25519
+) -> None:
+    """Only keys whose every DH output is zero are refused: a torsioned key gives the
+    same outputs as its prime-order part, so it is as good (or bad) a prekey."""
+    private = X25519PrivateKey.from_private_bytes(hashlib.sha256(b"small").digest())
+    key = curve25519.add_torsion_to_u(p.x25519_public_bytes(private), torsion)
+    assert p.check_x25519_not_small_order(key) == key
+    with pytest.raises(InvalidKey):
+        p.check_x25519_not_small_order(key[:31] + bytes([key[31] | 0x80]))
+
+
+@settings(max_examples=40, deadline=None)
+@given(n=st.integers(min_value=0, max_value=P - 1))
+def test_small_order_check_matches_reference(n: int, curve25519: Curve25519) -> None:
+    u = n.to_bytes(32, "little")
+    point = None if n == P - 1 else curve25519.from_u(u)
+    # Small order: the five of low_order_u (p - 1 is the twist's point of order 4).
+    small = n == P - 1 or (point is not None and curve25519.mul(point, 8) == curve25519.IDENTITY)
+    if small:
+        with pytest.raises(InvalidKey):
+            p.check_x25519_not_small_order(u)
+    else:
+        assert p.check_x25519_not_small_order(u) == u
 
 
 def test_x25519_agrees() -> None:

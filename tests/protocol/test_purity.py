@@ -378,7 +378,13 @@ def test_reprs_hold_no_secrets(peers: Callable[..., tuple[Peer, Peer]]) -> None:
         assert leaks(record, secrets) == []
         assert leaks(record.current, secrets) == []
         assert leaks(record.current.ratchet, secrets) == []  # type: ignore[union-attr]
-    _, shared = initiate(identity, bob.account.bundle("bob", 1), rng=p.SeededRandom(b"s"))
+    _, shared = initiate(
+        identity,
+        bob.account.bundle("bob", 1),
+        local=alice.local,
+        remote=alice.remote,
+        rng=p.SeededRandom(b"s"),
+    )
     assert leaks(shared, [shared.secret, shared.associated_data]) == []
 
 

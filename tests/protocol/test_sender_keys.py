@@ -258,15 +258,15 @@ def test_every_truncation_refused() -> None:
 def test_wrong_versions() -> None:
     alice = new_sender()
     bob = receiver_of(alice)
-    future = signed(alice, pack([2, GROUP, alice.chain_id, 0, bytes(16)]))
+    future = signed(alice, pack([consts.PROTOCOL_VERSION + 1, GROUP, alice.chain_id, 0, bytes(16)]))
     refuse_decrypt(bob, future, UnknownVersion)
     skdm = unpack(alice.distribution_message(), what="test")
     with pytest.raises(UnknownVersion):
-        SenderKeyDistributionMessage.decode(pack([2, *skdm[1:]]))
+        SenderKeyDistributionMessage.decode(pack([consts.PROTOCOL_VERSION + 1, *skdm[1:]]))
     # A future version with another field count is still UNKNOWN_VERSION.
     with pytest.raises(UnknownVersion):
-        SenderKeyDistributionMessage.decode(pack([2]))
-    refuse_decrypt(bob, signed(alice, pack([2])), UnknownVersion)
+        SenderKeyDistributionMessage.decode(pack([consts.PROTOCOL_VERSION + 1]))
+    refuse_decrypt(bob, signed(alice, pack([consts.PROTOCOL_VERSION + 1])), UnknownVersion)
 
 
 @pytest.mark.parametrize(
@@ -456,9 +456,9 @@ def test_bad_pickles() -> None:
     outbound = unpack(new_sender().to_bytes(), what="test")
     record = unpack(RECEIVER_WITH_HISTORY().to_bytes(), what="test")
     with pytest.raises(UnknownStateVersion):
-        OutboundSenderKey.from_bytes(pack([2, *outbound[1:]]))
+        OutboundSenderKey.from_bytes(pack([consts.STATE_VERSION + 1, *outbound[1:]]))
     with pytest.raises(UnknownStateVersion):
-        SenderKeyRecord.from_bytes(pack([2, *record[1:]]))
+        SenderKeyRecord.from_bytes(pack([consts.STATE_VERSION + 1, *record[1:]]))
     with pytest.raises(StateError):
         OutboundSenderKey.from_bytes(pack(outbound[:-1]))
     with pytest.raises(StateError):

@@ -19,7 +19,7 @@ from hushchat.protocol.errors import (
 )
 from hushchat.protocol.session import SessionRecord
 from tests.support.clock import NOW
-from tests.support.peers import Peer
+from tests.support.peers import Peer, party
 from tests.support.reference import SMALL_ORDER_KEY
 
 Peers = Callable[..., tuple[Peer, Peer]]
@@ -35,9 +35,7 @@ def records_in_every_shape(peers: Peers) -> list[SessionRecord]:
     with_skipped = SessionRecord.from_bytes(bob.record.to_bytes())
     alice.decrypt(bob.encrypt(b"reply"))
     # A second session from a fresh bundle: the first becomes previous.
-    alice.record.install(
-        alice.account.create_outbound_session(bob.account.bundle("bob", 1), now=NOW, rng=alice.rng)
-    )
+    alice.start(bob.account.bundle("bob", 1))
     bob.decrypt(alice.encrypt(b"second session"))
     return [SessionRecord(), pending, alice_x3dh.record, with_skipped, alice.record, bob.record]
 
@@ -56,8 +54,11 @@ def test_a_loaded_record_carries_on_exactly_like_the_original(peers: Peers) -> N
     bob.decrypt(held[2])
     loaded = SessionRecord.from_bytes(bob.record.to_bytes())
     for message in [held[0], alice.encrypt(b"new")]:
-        original = bob.record.decrypt(message, bob.account, now=NOW, rng=p.SeededRandom(b"r"))
-        copy = loaded.decrypt(message, bob.account, now=NOW, rng=p.SeededRandom(b"r"))
+        parties = {"local": bob.local, "remote": bob.remote}
+        original = bob.record.decrypt(
+            message, bob.account, now=NOW, rng=p.SeededRandom(b"r"), **parties
+        )
+        copy = loaded.decrypt(message, bob.account, now=NOW, rng=p.SeededRandom(b"r"), **parties)
         assert original == copy
         assert loaded.to_bytes() == bob.record.to_bytes()
 
@@ -70,8 +71,18 @@ def test_account_round_trips_and_works_after_loading(make_account: Callable[...,
     assert loaded.to_bytes() == data
     assert loaded.identity.public == bob.identity.public
     assert loaded.bundle("bob", 1) == bob.bundle("bob", 1)
-    alice_record = SessionRecord(alice.create_outbound_session(loaded.bundle("bob", 1), now=NOW))
-    result = SessionRecord().decrypt(alice_record.encrypt(b"x", now=NOW), loaded, now=NOW)
+    alice_record = SessionRecord(
+        alice.create_outbound_session(
+            loaded.bundle("bob", 1), local=party("alice"), remote=party("bob"), now=NOW
+        )
+    )
+    result = SessionRecord().decrypt(
+        alice_record.encrypt(b"x", now=NOW),
+        loaded,
+        local=party("bob"),
+        remote=party("alice"),
+        now=NOW,
+    )
     assert result.plaintext == b"x"
     assert Account.from_bytes(loaded.to_bytes()).one_time_prekey_count == 1
 
@@ -123,7 +134,7 @@ def test_corrupt_or_foreign_pickles_raise_state_errors(
 
 def test_misuse_and_missing_sessions(peers: Peers) -> None:
     alice, bob = peers(established=True)
-    empty = Peer(bob.account, bob.rng)
+    empty = Peer(bob.account, bob.rng, me="bob", peer="alice")
     with pytest.raises(InvalidState):
         empty.encrypt(b"no session")
     before = empty.state()
@@ -137,9 +148,7 @@ def test_previous_sessions_still_decrypt_and_are_promoted(peers: Peers) -> None:
     old_session = alice.record.current
     in_flight_old = alice.encrypt(b"old session")
     # Alice resets (say, after losing state) and starts afresh from a new bundle.
-    alice.record.install(
-        alice.account.create_outbound_session(bob.account.bundle("bob", 1), now=NOW, rng=alice.rng)
-    )
+    alice.start(bob.account.bundle("bob", 1))
     assert bob.decrypt(alice.encrypt(b"new session")).new_session
     assert len(bob.record.previous) == 1
     new_base = bob.record.current.base_key  # type: ignore[union-attr]
@@ -158,11 +167,7 @@ def test_previous_sessions_are_bounded(peers: Peers) -> None:
     bob.record.max_previous = 2
     first_session = alice.encrypt(b"first session")
     for i in range(3):
-        alice.record.install(
-            alice.account.create_outbound_session(
-                bob.account.bundle("bob", 1), now=NOW, rng=alice.rng
-            )
-        )
+        alice.start(bob.account.bundle("bob", 1))
         assert bob.decrypt(alice.encrypt(b"session %d" % i)).new_session
     assert len(bob.record.previous) == 2
     before = bob.state()

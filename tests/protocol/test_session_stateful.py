@@ -48,12 +48,10 @@ def other(name: str) -> str:
 def start_session(sender: Peer, receiver: Peer, mode: str) -> None:
     post_quantum = mode.startswith("pqxdh") or mode == "simultaneous"
     one_time = not mode.endswith("no-opk")
-    bundle = receiver.account.bundle("peer", 1, one_time=one_time, post_quantum=post_quantum)
-    sender.record.install(
-        sender.account.create_outbound_session(
-            bundle, now=NOW, post_quantum=post_quantum, rng=sender.rng
-        )
+    bundle = receiver.account.bundle(
+        receiver.local.user_id, 1, one_time=one_time, post_quantum=post_quantum
     )
+    sender.start(bundle, post_quantum=post_quantum)
 
 
 def knows_ratchet_key(record: SessionRecord, data: bytes) -> bool:
@@ -98,7 +96,8 @@ class Conversation(RuleBasedStateMachine):
     def start(self, mode: str) -> None:
         for name in NAMES:
             rng = SeededRandom(name.encode())
-            self.peers[name] = Peer(Account.create(now=NOW, one_time_prekeys=2, rng=rng), rng)
+            account = Account.create(now=NOW, one_time_prekeys=2, rng=rng)
+            self.peers[name] = Peer(account, rng, me=name, peer=other(name))
         start_session(self.peers["alice"], self.peers["bob"], mode)
         if mode == "simultaneous":
             start_session(self.peers["bob"], self.peers["alice"], mode)
@@ -255,7 +254,8 @@ def test_conversation_long_run() -> None:
 
 
 def simultaneous(make_account: Callable[..., Account], rng: SeededRandom) -> tuple[Peer, Peer]:
-    alice, bob = Peer(make_account(), rng), Peer(make_account(), rng)
+    alice = Peer(make_account(), rng, me="alice", peer="bob")
+    bob = Peer(make_account(), rng, me="bob", peer="alice")
     start_session(alice, bob, "simultaneous")
     start_session(bob, alice, "simultaneous")
     return alice, bob

@@ -52,7 +52,7 @@ from hushchat.protocol.primitives import SeededRandom
 from hushchat.transport.wire.auth import sign_auth, verify_auth
 from tests.support.clock import NOW
 from tests.support.paths import WYCHEPROOF
-from tests.support.peers import Peer
+from tests.support.peers import Peer, party
 from tests.support.reference import L, P
 
 
@@ -243,7 +243,7 @@ def test_low_order_x25519_keys_are_refused_by_the_handshake_and_the_ratchet(
         for post_quantum in (True, False):
             with pytest.raises(dh_error):
                 alice.account.create_outbound_session(
-                    candidate, now=NOW, post_quantum=post_quantum, rng=alice.rng
+                    candidate, now=NOW, post_quantum=post_quantum, rng=alice.rng, **alice.parties
                 )
         assert alice.account.to_bytes() == before
         if not canonical:
@@ -251,7 +251,7 @@ def test_low_order_x25519_keys_are_refused_by_the_handshake_and_the_ratchet(
                 PreKeyBundle.decode(candidate.encode())
 
     # 2. An initial message whose base key, or whose first ratchet key, is the key.
-    alice.record.install(alice.account.create_outbound_session(bundle, now=NOW, rng=alice.rng))
+    alice.start(bundle)
     first = decode_message(alice.encrypt(b"x"))
     assert isinstance(first, PreKeyMessage)
     bad_base = PreKeyMessage(dataclasses.replace(first.handshake, base_key=public), first.message)
@@ -295,12 +295,14 @@ def test_malleated_signatures_are_refused_wherever_the_protocol_verifies_one(
         ),
     ):
         with pytest.raises(BadSignature):
-            alice.create_outbound_session(candidate, now=NOW)
+            alice.create_outbound_session(
+                candidate, local=party("alice"), remote=party("bob"), now=NOW
+            )
 
     # A device list, signed by the user identity.
     user = IdentityKeyPair(bytes(range(32)))
     device = IdentityKeyPair(bytes(range(1, 33)))
-    entries = [DeviceEntry(1, device.public.ed25519)]
+    entries = [DeviceEntry.prove(device, "bob", 1, user.public.ed25519)]
     signed = DeviceList.initial("bob", user.public.ed25519, entries).sign(user)
     assert SignedDeviceList.decode(signed.encode()) == signed
     with pytest.raises(BadSignature):

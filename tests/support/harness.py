@@ -57,7 +57,7 @@ from hushchat.protocol.content import (
     Text,
     decode_content,
 )
-from hushchat.protocol.devices import DeviceEntry, DeviceList, SignedDeviceList
+from hushchat.protocol.devices import DeviceList, SignedDeviceList
 from hushchat.protocol.group import (
     Action,
     AddMember,
@@ -364,11 +364,7 @@ class Network:
                 user_identity=identity,
                 rng=self.rng,
             )
-            first = DeviceList.initial(
-                user_id,
-                identity.public.ed25519,
-                [DeviceEntry(1, primary.device_identity)],
-            )
+            first = DeviceList.initial(user_id, identity.public.ed25519, [primary.device_entry])
             primary.process_device_list(first.sign(identity).encode())
         self.primaries[user_id] = primary
         self._join(primary)
@@ -389,7 +385,7 @@ class Network:
                 user_id, device_id, self._new_account(), primary.user_identity_public, rng=self.rng
             )
         self._join(core)
-        self.publish(primary.link_device(device_id, core.device_identity))
+        self.publish(primary.link_device(core.device_entry))
         return core
 
     def unlink_device(self, user_id: str, device_id: int) -> None:

@@ -67,7 +67,15 @@ def make_prekeys(
 
 def relay_config(tmp_path: Any = None, **overrides: Any) -> RelayConfig:
     """A test relay on 127.0.0.1, any port; limits overridable by keyword."""
-    config_keys = {"clock", "retention_seconds", "name", "ssl_context", "key_file", "reset_keys"}
+    config_keys = {
+        "clock",
+        "retention_seconds",
+        "name",
+        "ssl_context",
+        "key_file",
+        "reset_keys",
+        "registration",
+    }
     config_args = {k: v for k, v in overrides.items() if k in config_keys}
     limits = RelayLimits(**{k: v for k, v in overrides.items() if k not in config_keys})
     db_path = ":memory:" if tmp_path is None else str(tmp_path / "relay.db")
@@ -103,7 +111,9 @@ async def memory_connection(
     client_stream, server_stream = trio.testing.memory_stream_pair()
     async with trio.open_nursery() as nursery:
         nursery.start_soon(relay.handle_connection, server_stream)
-        async with open_relay_connection(client_stream, keepalive_interval=None) as connection:
+        async with open_relay_connection(
+            client_stream, expected_relay_name=relay.config.name, keepalive_interval=None
+        ) as connection:
             if device is not None:
                 await connection.authenticate(device.user_id, device.device_id, device.identity)
             yield connection
@@ -148,10 +158,14 @@ async def announced_port(process: trio.Process) -> int:
     return int(match.group(1))
 
 
-async def register(port: int, *users: User) -> None:
+async def register(
+    port: int, *users: User, invite: str | None = None, **kwargs: Any
+) -> None:
+    """Register each user at the relay on ``port`` (with ``invite``; ``kwargs``: for
+    connect_relay)."""
     for user in users:
-        async with connected(port) as connection:
-            await connection.upload_device_list(user.signed_list())
+        async with connected(port, **kwargs) as connection:
+            await connection.upload_device_list(user.signed_list(), invite=invite)
 
 
 class RawClient:

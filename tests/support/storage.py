@@ -6,9 +6,13 @@ No tests here; the storage and group-commit tests import it.
 from __future__ import annotations
 
 import secrets
+import sqlite3
+from collections.abc import Sequence
+from pathlib import Path
 
 from hushchat.protocol.prekeys import KemPreKeyPublic, OneTimePreKeyPublic, SignedPreKeyPublic
 from hushchat.transport.relay.storage.interface import Delivery, EnvelopeBatch, StoredDeviceList
+from hushchat.transport.relay.storage.schema import QUEUE_SCHEMA
 from hushchat.transport.relay.storage.sqlite import SqliteDatabase
 from hushchat.transport.wire.records import EnvelopeKind
 
@@ -21,11 +25,11 @@ def device_list(user_id: str, counter: int, *devices: tuple[int, bytes]) -> Stor
     return StoredDeviceList(user_id, b"U" * 32, counter, f"{user_id}#{counter}".encode(), devices)
 
 
-def register_devices(db: SqliteDatabase, user_id: str, *device_ids: int) -> None:
-    """``user_id``'s first list (counter 0); device ``d`` has the key ``bytes([d]) * 32``."""
-    db.store_device_list(
-        device_list(user_id, 0, *((d, bytes([d]) * 32) for d in device_ids)), previous_counter=None
-    )
+def register_devices(db: SqliteDatabase, user_id: str, *device_ids: int, key_base: int = 0) -> None:
+    """``user_id``'s first list (counter 0); device ``d`` has the key
+    ``bytes([key_base + d]) * 32`` (a device key is one user's: give users distinct bases)."""
+    keys = ((d, bytes([key_base + d]) * 32) for d in device_ids)
+    db.store_device_list(device_list(user_id, 0, *keys), previous_counter=None)
 
 
 def upload_prekeys(
@@ -67,3 +71,73 @@ def batch(
         ),
         device_list_counters=counters,
     )
+
+
+# The directory tables of schema 2, as relays of protocol version 1 created
+# them (main at 3282965); the queue tables of schema 2 are today's.
+SCHEMA_2_DIRECTORY = """
+CREATE TABLE IF NOT EXISTS users (
+    user_id TEXT PRIMARY KEY,
+    user_identity BLOB NOT NULL,
+    counter BLOB NOT NULL,
+    signed BLOB NOT NULL
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS devices (
+    user_id TEXT NOT NULL,
+    device_id INTEGER NOT NULL,
+    identity BLOB NOT NULL,
+    PRIMARY KEY (user_id, device_id)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS signed_prekeys (
+    user_id TEXT NOT NULL,
+    device_id INTEGER NOT NULL,
+    key_id INTEGER NOT NULL,
+    public BLOB NOT NULL,
+    signature BLOB NOT NULL,
+    PRIMARY KEY (user_id, device_id)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS last_resort_kem_prekeys (
+    user_id TEXT NOT NULL,
+    device_id INTEGER NOT NULL,
+    key_id INTEGER NOT NULL,
+    public BLOB NOT NULL,
+    signature BLOB NOT NULL,
+    PRIMARY KEY (user_id, device_id)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS one_time_prekeys (
+    user_id TEXT NOT NULL,
+    device_id INTEGER NOT NULL,
+    key_id INTEGER NOT NULL,
+    public BLOB NOT NULL,
+    PRIMARY KEY (user_id, device_id, key_id)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS one_time_kem_prekeys (
+    user_id TEXT NOT NULL,
+    device_id INTEGER NOT NULL,
+    key_id INTEGER NOT NULL,
+    public BLOB NOT NULL,
+    signature BLOB NOT NULL,
+    PRIMARY KEY (user_id, device_id, key_id)
+) WITHOUT ROWID;
+"""
+
+
+def schema_2_database(
+    path: Path, users: Sequence[tuple[str, bytes, int, bytes, Sequence[tuple[int, bytes]]]]
+) -> None:
+    """A relay database of schema 2 holding ``users`` (user id, user identity, counter,
+    signed list, devices), as a relay of protocol version 1 stored them, and no mail."""
+    conn = sqlite3.connect(path, isolation_level=None)
+    conn.executescript(
+        f"BEGIN; {SCHEMA_2_DIRECTORY} {QUEUE_SCHEMA} PRAGMA user_version = 2; COMMIT;"
+    )
+    for user_id, user_identity, counter, signed, devices in users:
+        conn.execute(
+            "INSERT INTO users VALUES (?, ?, ?, ?)",
+            (user_id, user_identity, counter.to_bytes(8, "big"), signed),
+        )
+        conn.executemany(
+            "INSERT INTO devices (user_id, device_id, identity) VALUES (?, ?, ?)",
+            [(user_id, device_id, identity) for device_id, identity in devices],
+        )
+    conn.close()

@@ -46,7 +46,7 @@ class User:
     def signed_device_list(self) -> SignedDeviceList:
         """The user's current devices, at the current counter, signed by the user identity."""
         entries = tuple(
-            DeviceEntry(d.device_id, d.identity.public.ed25519)
+            DeviceEntry.prove(d.identity, self.user_id, d.device_id, self.public_identity)
             for d in sorted(self.devices.values(), key=lambda d: d.device_id)
         )
         device_list = DeviceList(self.user_id, self.public_identity, self.counter, entries)

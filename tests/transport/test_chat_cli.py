@@ -277,7 +277,9 @@ async def forge_link_request(port: int, folder: Path, user: str, device_id: int)
     try:
         async with open_client(store, "127.0.0.1", port, user_id="link-mallory") as mallory:
             forged = IdentityKeyPair.generate().public.ed25519
-            await mallory.send_direct(user, LinkRequest(device_id, forged).encode())
+            # No proof that would verify: only the code the user types is tried here.
+            request = LinkRequest(device_id, forged, bytes(64))
+            await mallory.send_direct(user, request.encode())
     finally:
         store.close()
 

@@ -218,7 +218,7 @@ async def test_second_device_gets_messages_and_copies(tmp_path: Path, relay: Rel
         desktop_core = ClientCore.create_linked(
             "bob", 2, bob.core.user_identity_public, now=bob.now()
         )
-        await bob.link_device(2, desktop_core.device_identity)
+        await bob.link_device(desktop_core.device_entry)
         store = ClientStore.open(str(tmp_path / "bob-desktop.db"))
         try:
             async with open_client(store, "127.0.0.1", relay.port, device=desktop_core) as desktop:
@@ -281,7 +281,7 @@ async def test_linked_device_receives_existing_groups(tmp_path: Path, relay: Rel
         desktop_core = ClientCore.create_linked(
             "alice", 2, alice.core.user_identity_public, now=alice.now()
         )
-        await alice.link_device(2, desktop_core.device_identity)
+        await alice.link_device(desktop_core.device_entry)
         store = ClientStore.open(str(tmp_path / "alice-desktop.db"))
         try:
             async with open_client(store, "127.0.0.1", relay.port, device=desktop_core) as desktop:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import signal
 import socket
+import sqlite3
 import ssl
 import subprocess
 from contextlib import nullcontext
@@ -12,13 +13,15 @@ from pathlib import Path
 import pytest
 import trio
 
+from hushchat.protocol.errors import InvalidArgument
 from hushchat.transport import cli
-from hushchat.transport.relay.config import wall_clock_ms
+from hushchat.transport.relay.config import RelayConfig, RelayLimits, wall_clock_ms
+from hushchat.transport.relay.ratelimit import RateLimit
 from hushchat.transport.relay.storage.sqlite import SqliteDatabase
 from hushchat.transport.wire.limits import DEFAULT_RETENTION_SECONDS
 from tests.support.children import RELAY_COMMAND
 from tests.support.relay import announced_port, connected, self_signed
-from tests.support.storage import batch, register_devices, upload_prekeys
+from tests.support.storage import batch, register_devices, schema_2_database, upload_prekeys
 
 
 def test_relay_arguments() -> None:
@@ -76,8 +79,10 @@ def test_a_port_in_use_is_one_line_and_creates_no_database(
         db = tmp_path / "relay.db"
         assert cli.main(["relay", "--port", str(port), "--db", str(db)]) == 1
     err = capsys.readouterr().err
-    assert err == f"hushchat relay: cannot listen on 127.0.0.1 port {port}: the port is in use " \
+    assert (
+        err == f"hushchat relay: cannot listen on 127.0.0.1 port {port}: the port is in use "
         "(is another relay running?)\n"
+    )
     assert not db.exists()
 
 
@@ -97,8 +102,9 @@ def test_help_shows_every_default(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit):
         cli.main(["relay", "--help"])
     out = " ".join(capsys.readouterr().out.split())
-    for default in ["127.0.0.1", "7400", "hushchat-relay.db", "72h", "hushchat-relay", "INFO"]:
+    for default in ["127.0.0.1", "7400", "hushchat-relay.db", "72h", "6/1h", "20/1h", "INFO"]:
         assert f"(default: {default})" in out
+    assert "(default: the first DNS name of --tls-cert, else --host;" in out
 
 
 def test_version(capsys: pytest.CaptureFixture[str]) -> None:
@@ -139,7 +145,8 @@ async def test_the_command_runs_a_relay(tmp_path: Path) -> None:
     try:
         async with connected(await announced_port(process)) as connection:
             await connection.ping()
-            assert connection.relay_name == "hushchat-relay"
+            # Named as clients dial it: the address it listens on (the client checked).
+            assert connection.relay_name == "127.0.0.1"
         process.send_signal(signal.SIGTERM)
         with trio.fail_after(20):
             assert await process.wait() == 0
@@ -149,13 +156,52 @@ async def test_the_command_runs_a_relay(tmp_path: Path) -> None:
     assert db.exists()
 
 
+async def test_a_tls_relay_is_named_after_its_certificate(tmp_path: Path) -> None:
+    """Without --name, a TLS relay calls itself by its certificate's DNS name, which is
+    the TLS server name its clients dial and check."""
+    cert, key = self_signed(tmp_path)
+    argv = [*RELAY_COMMAND, "--port", "0", "--db", str(tmp_path / "tls.db")]
+    argv += ["--tls-cert", str(cert), "--tls-key", str(key)]
+    process = await trio.lowlevel.open_process(argv, stderr=subprocess.PIPE)
+    trusting = ssl.create_default_context(cafile=str(cert))
+    try:
+        port = await announced_port(process)
+        async with connected(port, ssl_context=trusting, server_hostname="localhost") as c:
+            assert c.relay_name == "localhost"
+        process.send_signal(signal.SIGTERM)
+        with trio.fail_after(20):
+            assert await process.wait() == 0
+    finally:
+        process.kill()
+        await process.wait()
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "::"])
+def test_a_relay_on_every_address_needs_a_name(
+    host: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    db = tmp_path / "relay.db"
+    assert cli.main(["relay", "--host", host, "--port", "0", "--db", str(db)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("hushchat relay: ") and "needs a name" in err and err.count("\n") == 1
+    assert not db.exists()
+
+
+def test_a_relay_is_named_as_it_is_dialled_by_default() -> None:
+    assert RelayConfig(host="relay.example").name == "relay.example"
+    assert RelayConfig(host="0.0.0.0", name="relay.example").name == "relay.example"
+    for host in ("0.0.0.0", "::", ""):
+        with pytest.raises(InvalidArgument):
+            RelayConfig(host=host)
+
+
 # ------------------------------------------------------------------ keys and the report
 
 
 def queued_mail(db: Path, now: int = 10**12) -> None:
     """A database with two users, bob's prekeys, and one envelope queued for bob."""
     database = SqliteDatabase(str(db), clock=lambda: now)
-    register_devices(database, "alice", 1)
+    register_devices(database, "alice", 1, key_base=0xA0)
     register_devices(database, "bob", 1, 2)
     upload_prekeys(database, "bob", 1, one_time=3, kem=2)
     send = batch([("bob", 1), ("bob", 2)], (b"x", b"y"), counters={"bob": 0}, server_ts=now)
@@ -220,3 +266,80 @@ def test_the_report_of_nothing_or_of_not_a_database_is_one_line(
     assert err.startswith(f"hushchat relay report: {garbage} is not a hushchat relay database")
     assert err.count("\n") == 1
     assert list(tmp_path.iterdir()) == [garbage]
+
+
+def test_prekey_limits_are_flags_with_the_default_limits() -> None:
+    defaults = cli.build_parser().parse_args(["relay"])
+    limits = RelayLimits()
+    assert defaults.bundle_fetch_limit == limits.bundle_fetch_rate
+    assert defaults.one_time_prekey_budget == limits.one_time_prekey_budget
+    args = cli.build_parser().parse_args(["relay", "--one-time-prekey-budget", "50/1d"])
+    assert args.one_time_prekey_budget == RateLimit(50, 50 / 86400)
+
+
+@pytest.mark.parametrize("bad", ["20", "0/1h", "x/1h", "20/1x", "-1/1h"])
+def test_a_bad_rate_is_a_usage_error(bad: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        cli.build_parser().parse_args(["relay", "--one-time-prekey-budget", bad])
+    assert "--one-time-prekey-budget" in capsys.readouterr().err
+
+
+def test_invite_tokens_are_printed_one_per_line_and_stored_hashed(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    db = tmp_path / "relay.db"
+    assert cli.main(["relay", "invite", "--db", str(db), "--count", "3"]) == 0
+    tokens = capsys.readouterr().out.split("\n")[:-1]
+    assert len(set(tokens)) == 3 and all(len(token) == 22 for token in tokens)
+    assert not any(token.encode() in db.read_bytes() for token in tokens)
+
+
+@pytest.mark.parametrize("argv", [["--count", "0"], ["--count", "1001"], ["--valid-for", "0s"]])
+def test_invite_refuses_bad_arguments(argv: list[str], tmp_path: Path) -> None:
+    with pytest.raises(SystemExit):
+        cli.main(["relay", "invite", "--db", str(tmp_path / "relay.db"), *argv])
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_invite_into_a_file_that_is_not_a_relay_database_is_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    db = tmp_path / "relay.db"
+    db.write_bytes(b"garbage" * 100)
+    assert cli.main(["relay", "invite", "--db", str(db)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("hushchat relay invite: ") and err.count("\n") == 1
+    assert db.read_bytes() == b"garbage" * 100
+
+
+def test_invite_touches_neither_the_keys_nor_the_queue(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Issuing tokens beside a relay never opens its key file: a retention of its own
+    would forget keys (and delete mail) the relay still uses."""
+    db = tmp_path / "relay.db"
+    queued_mail(db, now=wall_clock_ms() - 10 * DEFAULT_RETENTION_SECONDS * 1000)  # long expired
+    keys = Path(f"{db}.keys").read_bytes()
+    with sqlite3.connect(db) as conn:
+        queue = conn.execute("SELECT seq, epoch, sealed FROM deliveries").fetchall()
+    conn.close()
+    assert cli.main(["relay", "invite", "--db", str(db), "--count", "2"]) == 0
+    assert len(capsys.readouterr().out.split()) == 2
+    assert Path(f"{db}.keys").read_bytes() == keys
+    with sqlite3.connect(db) as conn:
+        assert conn.execute("SELECT seq, epoch, sealed FROM deliveries").fetchall() == queue
+        assert conn.execute("SELECT COUNT(*) FROM invites").fetchone() == (2,)
+    conn.close()
+
+
+def test_invite_into_an_older_database_asks_for_the_relay_to_upgrade_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    db = tmp_path / "relay.db"
+    schema_2_database(db, [])
+    before = db.read_bytes()
+    assert cli.main(["relay", "invite", "--db", str(db)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("hushchat relay invite: ") and err.count("\n") == 1
+    assert "start the relay once to upgrade it" in err
+    assert db.read_bytes() == before

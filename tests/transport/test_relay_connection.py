@@ -17,7 +17,7 @@ import trio.testing
 from hushchat.protocol.errors import InvalidArgument, InvalidState
 from hushchat.transport.client.connection import (
     RelayConnection,
-    _callers_error,
+    callers_error,
     connect_relay,
     open_relay_connection,
 )
@@ -31,6 +31,7 @@ from hushchat.transport.wire.errors import (
     IdleTimeout,
     RateLimited,
     RelayError,
+    RelayNameMismatch,
     RelayProtocolViolation,
     RelayTimeout,
     TlsFailed,
@@ -90,6 +91,7 @@ async def fake_relay(script: Script, **kwargs: object) -> AsyncIterator[RelayCon
     client, server = trio.testing.memory_stream_pair()
     relay = RawClient(server)
     kwargs.setdefault("keepalive_interval", None)
+    kwargs.setdefault("expected_relay_name", "fake")
     async with trio.open_nursery() as nursery:
 
         async def run() -> None:
@@ -118,10 +120,10 @@ async def test_the_caller_s_error_comes_out_alone_beside_cancellations() -> None
             cancelled = exc
             raise
     own = ConnectionClosed("the caller's own")
-    assert _callers_error(BaseExceptionGroup("", [own, cancelled, cancelled])) is own
-    assert _callers_error(BaseExceptionGroup("", [own])) is own
-    assert _callers_error(BaseExceptionGroup("", [cancelled, cancelled])) is None
-    assert _callers_error(BaseExceptionGroup("", [own, ValueError()])) is None
+    assert callers_error(BaseExceptionGroup("", [own, cancelled, cancelled])) is own
+    assert callers_error(BaseExceptionGroup("", [own])) is own
+    assert callers_error(BaseExceptionGroup("", [cancelled, cancelled])) is None
+    assert callers_error(BaseExceptionGroup("", [own, ValueError()])) is None
 
 
 async def send(relay: RawClient, frame: RelayFrame) -> None:
@@ -167,7 +169,7 @@ async def test_request_times_out(autojump_clock: trio.testing.MockClock) -> None
 async def test_hello_times_out(autojump_clock: trio.testing.MockClock) -> None:
     client, _server = trio.testing.memory_stream_pair()
     with pytest.raises(RelayTimeout):
-        async with open_relay_connection(client, connect_timeout=3):
+        async with open_relay_connection(client, expected_relay_name="r", connect_timeout=3):
             pass
 
 
@@ -175,7 +177,7 @@ async def test_wrong_relay_name_is_refused() -> None:
     client, server = trio.testing.memory_stream_pair()
     async with trio.open_nursery() as nursery:
         nursery.start_soon(welcome, RawClient(server), "relay-b")
-        with pytest.raises(RelayProtocolViolation):
+        with pytest.raises(RelayNameMismatch):
             async with open_relay_connection(client, expected_relay_name="relay-a"):
                 pass
 
@@ -280,7 +282,9 @@ async def test_exceptions_from_the_block_are_not_wrapped() -> None:
     async with trio.open_nursery() as nursery:
         nursery.start_soon(welcome, RawClient(server))
         with pytest.raises(KeyError):
-            async with open_relay_connection(client, keepalive_interval=None):
+            async with open_relay_connection(
+                client, expected_relay_name="fake", keepalive_interval=None
+            ):
                 raise KeyError("mine")
 
 

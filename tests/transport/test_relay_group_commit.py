@@ -87,7 +87,7 @@ class RecordingDatabase(SqliteDatabase):
 
 def registered(path: Path) -> RecordingDatabase:
     db = RecordingDatabase(str(path))
-    register_devices(db, "alice", 1)
+    register_devices(db, "alice", 1, key_base=0xA0)
     register_devices(db, "bob", 1, 2)
     db.batches.clear()
     return db
@@ -124,9 +124,9 @@ def test_a_failing_call_rolls_back_alone(db: RecordingDatabase) -> None:
     calls = [
         DatabaseCall(partial(db._enqueue, first, 10)),
         DatabaseCall(partial(db._enqueue, stale, 10)),
-        DatabaseCall(partial(db._take_bundle, "bob", 1)),
+        DatabaseCall(partial(db._take_bundle, "bob", 1, True)),
         DatabaseCall(partial(db._enqueue, full, 1)),  # bob/1 holds one already: full
-        DatabaseCall(partial(db._take_bundle, "bob", 1)),
+        DatabaseCall(partial(db._take_bundle, "bob", 1, True)),
         # Fails after writing: the new signed prekey goes back out with the rest.
         DatabaseCall(partial(db._store_prekeys, "bob", 1, new_spk, None, [opk, opk], [], 100)),
     ]

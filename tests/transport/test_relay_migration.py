@@ -19,6 +19,7 @@ import pytest
 
 from hushchat.transport.relay.report import format_report, relay_report
 from hushchat.transport.relay.storage import migration
+from hushchat.transport.relay.storage.schema import SCHEMA_VERSION
 from hushchat.transport.relay.storage.sqlite import SqliteDatabase
 from hushchat.transport.wire.records import EnvelopeKind
 from tests.support.relay import connected, envelopes_until_empty, relay_config, running_relay
@@ -86,10 +87,15 @@ async def test_a_relay_upgraded_in_place_keeps_its_queued_mail_and_registrations
         for _, guid, data in mail:
             assert data not in contents and guid not in contents
     with contextlib.closing(sqlite3.connect(path)) as db:
-        assert db.execute("PRAGMA user_version").fetchone() == (2,)
+        assert db.execute("PRAGMA user_version").fetchone() == (SCHEMA_VERSION,)
         columns = {row[1] for row in db.execute("PRAGMA table_info(devices)")}
         assert columns == {"user_id", "device_id", "identity"}  # no per-device count
-        assert db.execute("SELECT COUNT(*) FROM users").fetchone() == (3,)
+        # The lists kept are of protocol version 1 (no device proofs): schema 3.
+        assert db.execute("SELECT user_id, protocol_version FROM users").fetchall() == [
+            ("alice", 1),
+            ("bob", 1),
+            ("carol", 1),
+        ]
 
 
 def test_a_migration_that_fails_half_way_leaves_schema_1_as_it_was(

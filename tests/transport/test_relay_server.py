@@ -12,12 +12,14 @@ import pytest
 import trio
 
 from hushchat.protocol.account import Account
+from hushchat.protocol.consts import PROTOCOL_VERSION
 from hushchat.protocol.devices import SignedDeviceList
 from hushchat.protocol.encoding import pack, unpack
 from hushchat.protocol.errors import InvalidArgument
 from hushchat.protocol.keys import encode_mlkem768, encode_x25519, verify_prekey_signature
 from hushchat.protocol.messages import PreKeyMessage, decode_message
-from hushchat.protocol.prekeys import PreKeyBundle
+from hushchat.protocol.pqxdh import Party
+from hushchat.protocol.prekeys import OneTimePreKeyPublic, PreKeyBundle, SignedPreKeyPublic
 from hushchat.transport.client.connection import RelayConnection
 from hushchat.transport.relay.ratelimit import RateLimit
 from hushchat.transport.relay.storage.sqlite import SqliteDatabase
@@ -64,6 +66,7 @@ from tests.support.relay import (
     relay_config,
     running_relay,
 )
+from tests.support.storage import schema_2_database
 from tests.support.users import User, make_user
 
 
@@ -112,6 +115,38 @@ async def test_registration_is_first_come_and_updates_need_authentication() -> N
             assert info.value.cause == "MALFORMED"
 
 
+async def test_a_user_kept_from_protocol_version_1_publishes_a_proven_list(
+    tmp_path: Path,
+) -> None:
+    """After the relay's database is migrated, a user whose stored list is of protocol
+    version 1 (no device proofs, no longer decodable) authenticates and publishes a list of
+    the current version, checked against what is stored: same identity, higher counter."""
+    alice = make_user("alice")
+    device_key = alice.devices[1].identity.public.ed25519
+    schema_2_database(
+        tmp_path / "relay.db",
+        [("alice", alice.identity.public.ed25519, 3, b"a version 1 list", [(1, device_key)])],
+    )
+    async with (
+        running_relay(relay_config(tmp_path)) as port,
+        connected(port, alice.devices[1]) as connection,
+    ):
+        assert await connection.fetch_device_list("alice") == b"a version 1 list"
+        alice.counter = 3
+        with pytest.raises(DeviceListRejected) as info:
+            await connection.upload_device_list(alice.signed_list())
+        assert info.value.cause == "STALE_CHANGE"
+        stranger = make_user("alice")
+        stranger.identity, stranger.counter = make_user("mallory").identity, 4
+        stranger.devices = alice.devices
+        with pytest.raises(DeviceListRejected) as info:
+            await connection.upload_device_list(stranger.signed_list())
+        assert info.value.cause == "UNTRUSTED_IDENTITY"
+        alice.counter = 4
+        await connection.upload_device_list(alice.signed_list())
+        assert await connection.fetch_device_list("alice") == alice.signed_list()
+
+
 @pytest.mark.parametrize("case", ["wrong key", "device not listed", "unknown user"])
 async def test_authentication_failures_close_the_connection(case: str) -> None:
     alice = make_user("alice")
@@ -146,7 +181,7 @@ async def test_replayed_or_misdirected_auth_signature_fails() -> None:
     alice = make_user("alice")
     device = alice.devices[1]
     async with running_relay(relay_config(name="relay-a")) as port:
-        await register(port, alice)
+        await register(port, alice, expected_relay_name="relay-a")
         first, challenge, name = await raw_hello(port)
         assert name == "relay-a"
         signature = sign_auth(device.identity, name, challenge, "alice", 1)
@@ -251,6 +286,44 @@ async def test_prekeys_of_another_device_are_refused() -> None:
                 await connection.upload_device_list(bob.signed_list())
             with pytest.raises(NoPreKeys):
                 await connection.fetch_bundle("bob", 1)
+
+
+# Canonical u-coordinates of small order (libsodium's blocklist): every X25519 with
+# them is all zero, so an initiator refuses the bundle (NON_CONTRIBUTORY).
+LOW_ORDER_KEYS = [
+    bytes.fromhex(u)
+    for u in (
+        "0000000000000000000000000000000000000000000000000000000000000000",
+        "0100000000000000000000000000000000000000000000000000000000000000",
+        "e0eb7a7c3b41b8ae1656e3faf19fc46ada098deb9c32b1fd866205165f49b800",
+        "5f9c95bca3508c24b1d0b1559c83ef5b04445cc4581c8e86d8224eddd09f1157",
+        "ecffffffffffffffffffffffffffffffffffffffffffffffffffffffffffff7f",
+    )
+]
+
+
+@pytest.mark.parametrize("low_order", LOW_ORDER_KEYS, ids=lambda key: key[:2].hex())
+async def test_low_order_prekeys_are_refused_at_upload(low_order: bytes) -> None:
+    """A signed or one-time prekey of small order, validly signed by the device: the
+    relay refuses it instead of handing it out to initiators who must refuse it."""
+    bob = make_user("bob")
+    device = bob.devices[1]
+    keys = make_prekeys(device, one_time=1, one_time_kem=1)
+    signature = device.identity.sign(encode_x25519(low_order))
+    low_spk = SignedPreKeyPublic(keys["signed_prekey"].key_id, low_order, signature)
+    async with running_relay(relay_config()) as port:
+        await register(port, bob)
+        async with connected(port, device) as owner:
+            for upload in (
+                {**keys, "signed_prekey": low_spk},
+                {**keys, "one_time": [OneTimePreKeyPublic(9, low_order)]},
+            ):
+                with pytest.raises(PreKeysRejected) as info:
+                    await owner.upload_prekeys(**upload)
+                assert info.value.cause == "INVALID_KEY"
+            assert await owner.upload_prekeys() == PreKeyCounts(0, 0)
+            with pytest.raises(NoPreKeys):  # nothing of either upload was stored
+                await owner.fetch_bundle("bob", 1)
 
 
 # ------------------------------------------------------------------ delivery
@@ -503,7 +576,7 @@ async def test_bundle_has_the_exact_layout_and_verifies() -> None:
     identity = bob.devices[1].identity.public.ed25519
     spk, opk, kem = keys["signed_prekey"], keys["one_time"][0], keys["one_time_kem"][0]
     assert first == [
-        1,
+        PROTOCOL_VERSION,
         "bob",
         1,
         identity,
@@ -846,6 +919,8 @@ async def test_pqxdh_session_through_the_relay() -> None:
     alice, bob = make_user("alice"), make_user("bob")
     alice.devices[1].identity = alice_account.identity
     bob.devices[1].identity = bob_account.identity
+    alice_device = Party("alice", 1, alice.identity.public.ed25519)
+    bob_device = Party("bob", 1, bob.identity.public.ed25519)
     upload = bob_account.prekey_upload()
     async with running_relay(relay_config()) as port:
         await register(port, alice, bob)
@@ -860,12 +935,16 @@ async def test_pqxdh_session_through_the_relay() -> None:
             bundle = PreKeyBundle.decode(await sender.fetch_bundle("bob", 1))
             bundle.verify()
             assert bundle.one_time_prekey is not None and not bundle.kem_is_last_resort
-            session = alice_account.create_outbound_session(bundle, now=0)
+            session = alice_account.create_outbound_session(
+                bundle, local=alice_device, remote=bob_device, now=0
+            )
             await sender.send_direct("bob", [(1, session.encrypt(b"hello through the relay"))])
         async with connected(port, bob.devices[1]) as receiver:
             envelope = await next_envelope(receiver)
             message = decode_message(envelope.payload)
             assert isinstance(message, PreKeyMessage)
-            _, plaintext = bob_account.create_inbound_session(message, now=0)
+            _, plaintext = bob_account.create_inbound_session(
+                message, local=bob_device, remote=alice_device, now=0
+            )
             assert plaintext == b"hello through the relay"
             await receiver.ack(envelope.guid)

@@ -73,6 +73,8 @@ def test_rate_limit_defaults_match() -> None:
     assert (limits.BUNDLE_FETCH_CAPACITY, 1 / limits.BUNDLE_FETCH_PER_SECOND) == (6, 600)
     assert (limits.SEND_CAPACITY, limits.SEND_PER_SECOND) == (60, 60)
     assert "6 at once, 1 per 600 s" in SPEC and "60 at once, 60 per s" in SPEC
+    budget = (limits.TARGET_ONE_TIME_CAPACITY, 3600 * limits.TARGET_ONE_TIME_PER_SECOND)
+    assert budget == (20, 20) and "20 at once, 20 per hour, per target device" in SPEC
 
 
 EXAMPLES = [

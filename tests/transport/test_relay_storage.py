@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import sqlite3
 import threading
 from pathlib import Path
@@ -9,9 +10,10 @@ from pathlib import Path
 import pytest
 import trio
 
-from hushchat.protocol.errors import UnknownStateVersion
+from hushchat.protocol.errors import DuplicateDeviceKey, UnknownStateVersion
 from hushchat.protocol.prekeys import KemPreKeyPublic, OneTimePreKeyPublic, SignedPreKeyPublic
 from hushchat.transport.relay.config import wall_clock_ms
+from hushchat.transport.relay.storage import schema as sqlite_storage_schema
 from hushchat.transport.relay.storage import sqlite as sqlite_storage
 from hushchat.transport.relay.storage.interface import (
     ExpiryNotice,
@@ -19,6 +21,7 @@ from hushchat.transport.relay.storage.interface import (
 )
 from hushchat.transport.relay.storage.sqlite import SqliteDatabase, SqliteStorage
 from hushchat.transport.wire.errors import (
+    DeviceListRejected,
     MailboxFull,
     PreKeyIdInUse,
     PreKeyStockFull,
@@ -31,6 +34,7 @@ from tests.support.storage import (
     batch,
     device_list,
     register_devices,
+    schema_2_database,
     upload_prekeys,
 )
 
@@ -38,7 +42,7 @@ from tests.support.storage import (
 @pytest.fixture
 def db(tmp_path: Path) -> SqliteDatabase:
     database = SqliteDatabase(str(tmp_path / "relay.db"))
-    register_devices(database, "alice", 1)
+    register_devices(database, "alice", 1, key_base=0xA0)
     register_devices(database, "bob", 1, 2)
     return database
 
@@ -259,8 +263,8 @@ def test_a_send_larger_than_one_statement(
 ) -> None:
     monkeypatch.setattr(sqlite_storage, "ROWS_PER_STATEMENT", 3)
     users = [f"user{i}" for i in range(4)]
-    for user_id in users:
-        register_devices(db, user_id, 1, 2)
+    for index, user_id in enumerate(users):
+        register_devices(db, user_id, 1, 2, key_base=0x10 * (index + 1))
     recipients = [(user_id, device_id) for user_id in users for device_id in (1, 2)]
     counters = dict.fromkeys(users, 0)
     send = batch(recipients, (b"g",), counters=counters, kind=EnvelopeKind.GROUP)
@@ -341,6 +345,90 @@ def test_reopen_keeps_everything(tmp_path: Path, db: SqliteDatabase) -> None:
     ]
     assert again.device_lists(["alice"])["alice"].counter == 0
     again.close()
+
+
+def test_a_device_key_is_listed_under_one_user_only(db: SqliteDatabase) -> None:
+    """Mallory lists carol's device key (as if its proof verified): refused, nothing stored."""
+    carol_key = b"\xcc" * 32
+    db.store_device_list(device_list("carol", 0, (1, carol_key)), previous_counter=None)
+    for devices in ([(1, b"M" * 32), (5, carol_key)], [(5, carol_key)]):
+        with pytest.raises(DeviceListRejected) as refused:
+            db.store_device_list(device_list("mallory", 0, *devices), previous_counter=None)
+        assert refused.value.cause == DuplicateDeviceKey.code
+    assert "mallory" not in db.device_lists(["mallory"])
+    db.store_device_list(device_list("mallory", 0, (1, b"M" * 32)), previous_counter=None)
+    with pytest.raises(DeviceListRejected):
+        db.store_device_list(
+            device_list("mallory", 1, (1, b"M" * 32), (5, carol_key)), previous_counter=0
+        )
+    assert db.device_lists(["mallory"])["mallory"].counter == 0
+    # Carol's own lists may name it again, under another id too; once she lists it
+    # no more, it is free.
+    db.store_device_list(device_list("carol", 1, (2, carol_key)), previous_counter=0)
+    db.store_device_list(device_list("carol", 2, (3, b"C" * 32)), previous_counter=1)
+    db.store_device_list(
+        device_list("mallory", 1, (1, b"M" * 32), (5, carol_key)), previous_counter=0
+    )
+
+
+def test_a_schema_2_database_is_migrated(tmp_path: Path) -> None:
+    """Schema 2 (relays of protocol version 1): alice's list names key A, and mallory's
+    names A too (lists carried no proofs)."""
+    path = tmp_path / "relay.db"
+    schema_2_database(
+        path,
+        [
+            ("alice", b"U" * 32, 3, b"version 1 list of alice", [(1, b"A" * 32)]),
+            (
+                "mallory",
+                b"U" * 32,
+                3,
+                b"version 1 list of mallory",
+                [(1, b"M" * 32), (5, b"A" * 32)],
+            ),
+        ],
+    )
+    with sqlite3.connect(path) as conn:
+        conn.execute("INSERT INTO one_time_prekeys VALUES ('alice', 1, 7, ?)", (b"K" * 32,))
+    conn.close()
+    db = SqliteDatabase(str(path))
+    with sqlite3.connect(path) as conn:
+        assert (
+            conn.execute("PRAGMA user_version").fetchone()[0]
+            == sqlite_storage_schema.SCHEMA_VERSION
+        )
+    # Everything is kept: the lists (as version 1), the devices and prekeys.
+    lists = db.device_lists(["alice", "mallory"])
+    assert {u: (dl.protocol_version, dl.counter, dl.signed) for u, dl in lists.items()} == {
+        "alice": (1, 3, b"version 1 list of alice"),
+        "mallory": (1, 3, b"version 1 list of mallory"),
+    }
+    assert lists["mallory"].devices == ((1, b"M" * 32), (5, b"A" * 32))
+    assert db.prekey_counts("alice", 1) == PreKeyCounts(1, 0)
+    # A version 1 list does not make its keys taken (mallory's names alice's key without
+    # her device's consent): alice's list of the current version names it, and then
+    # mallory's next list may not.
+    db.store_device_list(device_list("alice", 4, (1, b"A" * 32)), previous_counter=3)
+    with pytest.raises(DeviceListRejected):
+        db.store_device_list(
+            device_list("mallory", 4, (1, b"M" * 32), (5, b"A" * 32)), previous_counter=3
+        )
+    db.store_device_list(device_list("mallory", 4, (1, b"M" * 32)), previous_counter=3)
+    db.close()
+    # The migrated file opens again as it is, and equals a new file's schema.
+    SqliteDatabase(str(path)).close()
+    fresh = tmp_path / "fresh.db"
+    SqliteDatabase(str(fresh)).close()
+    assert _schema_of(path) == _schema_of(fresh)
+
+
+def _schema_of(path: Path) -> list[tuple[str, str]]:
+    with sqlite3.connect(path) as conn:
+        rows = conn.execute("SELECT name, sql FROM sqlite_master ORDER BY name").fetchall()
+    # ALTER TABLE keeps the original text around a new column: compare tokens only.
+    return [
+        (name, re.sub(r"\s*([(),])\s*", r"\1", " ".join((sql or "").split()))) for name, sql in rows
+    ]
 
 
 def test_unknown_schema_version_is_refused(tmp_path: Path) -> None:

@@ -55,7 +55,7 @@ async def test_the_scripted_session_is_what_a_relay_does() -> None:
     challenge = b""
     guid = b""
     async with run_relay(config) as port:
-        await register(port, bob)
+        await register(port, bob, expected_relay_name=session["relay_name"])
         client = RawClient(await trio.open_tcp_stream("127.0.0.1", port))
         with trio.fail_after(10):
             for index, step in enumerate(steps):
@@ -74,7 +74,11 @@ async def test_the_scripted_session_is_what_a_relay_does() -> None:
                 if expected["name"] == "ENVELOPE":
                     # Bob's message, sent while Alice's connection is open.
                     now[0] = pushed["server_ts"]
-                    async with connected(port, bob.devices[pushed["sender_device"]]) as sender:
+                    async with connected(
+                        port,
+                        bob.devices[pushed["sender_device"]],
+                        expected_relay_name=session["relay_name"],
+                    ) as sender:
                         await sender.send_direct("alice", [(1, unhex_any(pushed["payload"]))])
                 body = await client.receive_body()
                 assert body is not None, f"step {index}: the relay closed the connection"

@@ -48,7 +48,7 @@ from hushchat.protocol.consts import (
     PREKEY_LOW_WATERMARK,
     SIGNED_PREKEY_ROTATION_AGE,
 )
-from hushchat.protocol.devices import SignedDeviceList
+from hushchat.protocol.devices import DeviceEntry, SignedDeviceList
 from hushchat.protocol.errors import InvalidArgument, RemoteProtocolError
 from hushchat.protocol.fingerprint import SafetyNumber
 from hushchat.protocol.group import GroupState
@@ -56,7 +56,10 @@ from hushchat.protocol.primitives import SYSTEM_RANDOM, RandomSource
 
 from ..wire.errors import (
     DeviceListMismatch,
+    InviteRefused,
+    RegistrationClosed,
     RelayError,
+    RelayNameMismatch,
     RelayProtocolViolation,
     RelayTimeout,
     TransportError,
@@ -66,7 +69,7 @@ from ..wire.frames import MailExpired as MailExpiredNotice
 from ..wire.frames import PreKeysLow
 from ..wire.limits import CLIENT_REQUEST_TIMEOUT
 from ..wire.records import Envelope
-from .connection import RelayConnection, connect_relay
+from .connection import RelayConnection, callers_error, connect_relay
 from .store import ClientStore
 
 # Reconnect backoff: doubles from the first delay up to the cap, with jitter,
@@ -139,6 +142,8 @@ class Client:
         port: int,
         *,
         ssl_context: ssl.SSLContext | None = None,
+        expected_relay_name: str | None = None,
+        invite: str | None = None,
         clock: Callable[[], float] = time.time,
         rng: RandomSource = SYSTEM_RANDOM,
         request_timeout: float = CLIENT_REQUEST_TIMEOUT,
@@ -151,6 +156,10 @@ class Client:
         self.core = device
         self._host, self._port = host, port
         self._ssl_context = ssl_context
+        # The relay we mean: what it must call itself before we sign a login (spec 7.4).
+        self.relay_name = expected_relay_name or host
+        # The invitation that registers our user, where the relay asks for one.
+        self._invite = invite
         self._clock = clock
         self._rng = rng
         self._request_timeout = request_timeout
@@ -343,11 +352,15 @@ class Client:
             _, ids = await self._commit(self.core.take_changes(), events=outcome.events)
         await self._deliver_events(list(outcome.events), ids)
 
-    async def link_device(self, device_id: int, device_identity: bytes) -> None:
-        """(Primary device.) Add a device of ours and publish the new signed device list."""
+    async def link_device(self, entry: DeviceEntry) -> None:
+        """(Primary device.) Add a device of ours and publish the new signed device list.
+
+        ``entry`` is the new device's ``ClientCore.device_entry``: its key and
+        its proof that it belongs to our user.
+        """
         async with self._lock:
             connection = await self._wait_ready()
-            signed = self.core.link_device(device_id, device_identity)
+            signed = self.core.link_device(entry)
             await connection.upload_device_list(signed.encode())
             await self._commit(self.core.take_changes())
 
@@ -654,7 +667,9 @@ class Client:
             return
         counter = own.device_list.counter + 1  # stored +1 so that 0 means "never"
         if counter > self._registered:
-            await connection.upload_device_list(own.encode())
+            # The invitation (where the relay asks for one) is for registering only.
+            invite = self._invite if self._registered == 0 else None
+            await connection.upload_device_list(own.encode(), invite=invite)
             self._registered = counter
             await self._commit({core.RecordKey.REGISTERED_DEVICE_LIST: counter.to_bytes(8, "big")})
 
@@ -689,7 +704,9 @@ class Client:
                     expired = MailExpired(item.count, item.first_ts, item.last_ts)
                     await self._events_in.send((None, expired))
             if processed:
-                await connection.ack(*processed)
+                # A relay may push one envelope twice (a duplicate is dropped by guid):
+                # each guid is acknowledged once, as the relay requires.
+                await connection.ack(*dict.fromkeys(processed))
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Stay connected (reconnecting with backoff) until cancelled.
@@ -707,6 +724,7 @@ class Client:
                     self._host,
                     self._port,
                     ssl_context=self._ssl_context,
+                    expected_relay_name=self.relay_name,
                     request_timeout=self._request_timeout,
                 ) as connection:
                     delay = self._first_delay
@@ -714,6 +732,11 @@ class Client:
                     started = True
                     await self._session(connection, status)
                 reason = "relay closed the connection"
+            except (RelayNameMismatch, RegistrationClosed, InviteRefused):
+                # Not the relay we mean (or one relaying another's challenge), or
+                # one that will not register us: no retry changes it. The app
+                # hears of it from open_client.
+                raise
             except (TransportError, OSError, RemoteProtocolError) as exc:
                 # RemoteProtocolError: the relay served something that does not
                 # verify (our own device list, a bundle to sync with): drop this
@@ -760,6 +783,8 @@ async def open_client(
     device: ClientCore | None = None,
     user_id: str | None = None,
     ssl_context: ssl.SSLContext | None = None,
+    expected_relay_name: str | None = None,
+    invite: str | None = None,
     clock: Callable[[], float] = time.time,
     rng: RandomSource = SYSTEM_RANDOM,
     request_timeout: float = CLIENT_REQUEST_TIMEOUT,
@@ -774,7 +799,15 @@ async def open_client(
     ``user_id`` (its first device). Returns once connected, registered and
     authenticated; the block's exit disconnects.
 
-    ``ssl_context`` enables TLS. ``clock`` gives the time in seconds (the
+    ``ssl_context`` enables TLS. ``expected_relay_name`` is the relay we
+    mean, which it must call itself in its WELCOME before the device signs a
+    login (spec 7.4); it defaults to ``host``, the name we dial (the TLS
+    server name too). A relay calling itself otherwise raises
+    RelayNameMismatch from this function (or out of its block, on a
+    reconnect): it is not retried. ``invite`` is the invitation token that
+    registers a new user at a relay that registers by invitation (spec 7.6);
+    a relay that refuses to register the user raises RegistrationClosed or
+    InviteRefused from this function. ``clock`` gives the time in seconds (the
     protocol's ``now``) and ``rng`` every random draw, from loading or
     creating the device on. ``request_timeout`` bounds each request to the
     relay, ``ready_timeout`` how long an operation waits for a connection
@@ -791,6 +824,8 @@ async def open_client(
         host,
         port,
         ssl_context=ssl_context,
+        expected_relay_name=expected_relay_name,
+        invite=invite,
         clock=clock,
         rng=rng,
         request_timeout=request_timeout,
@@ -799,10 +834,17 @@ async def open_client(
         reconnect_first_delay=reconnect_first_delay,
         reconnect_max_delay=reconnect_max_delay,
     )
-    async with trio.open_nursery() as nursery:
-        await nursery.start(client.run)
-        try:
-            yield client
-            await client._take_handed()  # a normal exit: the app is done with it
-        finally:
-            nursery.cancel_scope.cancel()
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(client.run)
+            try:
+                yield client
+                await client._take_handed()  # a normal exit: the app is done with it
+            finally:
+                nursery.cancel_scope.cancel()
+    except BaseExceptionGroup as group:
+        # The client's own fatal error (RelayNameMismatch), or the app's, comes out
+        # alone, not in a group beside the cancellations it caused.
+        if (error := callers_error(group)) is not None:
+            raise error from None
+        raise

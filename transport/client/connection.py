@@ -61,6 +61,7 @@ from ..wire.errors import (
     ConnectTimeout,
     HostUnreachable,
     RelayError,
+    RelayNameMismatch,
     RelayProtocolViolation,
     RelayTimeout,
     TlsFailed,
@@ -193,14 +194,19 @@ class RelayConnection:
 
     # ---------------------------------------------------------------- requests
 
-    async def upload_device_list(self, signed_device_list: bytes) -> None:
+    async def upload_device_list(
+        self, signed_device_list: bytes, *, invite: str | None = None
+    ) -> None:
         """Publish a SignedDeviceList (its ``encode()`` bytes).
 
         Before authentication this registers a new user (the first list
-        binds its user identity at the relay); afterwards it replaces the
-        own user's list (counter must grow). Removed devices lose their mail.
+        binds its user identity at the relay), with ``invite``, the token
+        the relay's operator issued, where the relay registers by invitation
+        (RegistrationClosed, InviteRefused otherwise); afterwards it replaces
+        the own user's list (counter must grow). Removed devices lose their
+        mail.
         """
-        await self._request(lambda rid: PublishDeviceList(rid, signed_device_list), Ok)
+        await self._request(lambda rid: PublishDeviceList(rid, signed_device_list, invite), Ok)
 
     async def authenticate(
         self, user_id: str, device_id: int, device_identity: IdentityKeyPair
@@ -460,7 +466,7 @@ class RelayConnection:
 
     # ---------------------------------------------------------------- lifecycle
 
-    async def _hello(self, timeout: float, expected_relay_name: str | None) -> None:
+    async def _hello(self, timeout: float, expected_relay_name: str) -> None:
         try:
             welcome = await self._request(
                 lambda rid: Hello(rid, RELAY_PROTOCOL_VERSION, self._window),
@@ -471,8 +477,10 @@ class RelayConnection:
             raise ConnectTimeout(f"no answer to HELLO within {timeout:g} s") from None
         if welcome.version != RELAY_PROTOCOL_VERSION:
             raise RelayProtocolViolation(f"relay answered with version {welcome.version}")
-        if expected_relay_name is not None and welcome.relay_name != expected_relay_name:
-            raise RelayProtocolViolation(
+        if welcome.relay_name != expected_relay_name:
+            # Compared before anything is signed: a relay passing on another
+            # relay's challenge would have us sign a login to that relay.
+            raise RelayNameMismatch(
                 f"relay calls itself {welcome.relay_name!r}, expected {expected_relay_name!r}"
             )
         self.relay_name, self._challenge = welcome.relay_name, welcome.challenge
@@ -508,9 +516,12 @@ async def connect_relay(
     """Connect to a relay, say HELLO, and yield the connection; close it on exit.
 
     ``ssl_context`` enables TLS (``server_hostname`` defaults to ``host``).
-    ``expected_relay_name``, if given, must equal the name the relay
-    announces: authentication signatures name the relay, so this stops a
-    relay from passing our signature on to another. ``connect_timeout``
+    ``expected_relay_name`` is the relay we mean; the name the relay
+    announces must equal it (RelayNameMismatch otherwise, before anything is
+    signed), since authentication signatures name the relay and a relay could
+    otherwise pass another relay's challenge on to us and our signature back
+    (spec 7.4). It defaults to the name we dial: ``server_hostname`` for TLS,
+    else ``host``. ``connect_timeout``
     covers TCP, TLS and HELLO; ``request_timeout`` each later request.
     ``keepalive_interval`` (None: off) pings to stay under the relay's idle
     timeout and to notice a dead relay. ``incoming_queue_size`` bounds the
@@ -541,7 +552,7 @@ async def connect_relay(
     logger.debug("connected to %s", format_address(host, port))
     async with open_relay_connection(
         stream,
-        expected_relay_name=expected_relay_name,
+        expected_relay_name=expected_relay_name or server_hostname or host,
         connect_timeout=connect_timeout,
         request_timeout=request_timeout,
         incoming_queue_size=incoming_queue_size,
@@ -591,7 +602,7 @@ def _connect_failure(
 async def open_relay_connection(
     stream: trio.abc.Stream,
     *,
-    expected_relay_name: str | None = None,
+    expected_relay_name: str,
     connect_timeout: float = CLIENT_CONNECT_TIMEOUT,
     request_timeout: float = CLIENT_REQUEST_TIMEOUT,
     incoming_queue_size: int = CLIENT_INCOMING_QUEUE_SIZE,
@@ -601,6 +612,8 @@ async def open_relay_connection(
     """As :func:`connect_relay`, over an already open stream (closed on exit).
 
     For other transports (a proxy, a Unix socket) and for in-memory tests.
+    There is no dialled name to default to: ``expected_relay_name`` is the
+    name of the relay the stream leads to.
     """
     connection = RelayConnection(
         stream,
@@ -620,12 +633,12 @@ async def open_relay_connection(
                 await connection.aclose()
                 nursery.cancel_scope.cancel()
     except BaseExceptionGroup as group:
-        if (error := _callers_error(group)) is not None:
+        if (error := callers_error(group)) is not None:
             raise error from None
         raise
 
 
-def _callers_error(group: BaseExceptionGroup[BaseException]) -> BaseException | None:
+def callers_error(group: BaseExceptionGroup[BaseException]) -> BaseException | None:
     """The one error of the caller's block in a group from a connection's nursery.
 
     The reader and keepalive never raise, so an exception other than

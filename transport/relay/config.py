@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import enum
 import re
 import ssl
 import time
@@ -13,6 +14,18 @@ from hushchat.protocol.errors import InvalidArgument
 from ..wire import limits as L
 from ..wire.frames import MAX_RELAY_NAME_SIZE, RequestLimits
 from .ratelimit import RateLimit
+
+# Listen addresses that name no host: every interface. Clients dial the relay by
+# some other name, which only its operator knows.
+WILDCARD_HOSTS = frozenset({"", "0.0.0.0", "::", "[::]"})
+
+
+class Registration(enum.Enum):
+    """Who may register a new user (publish the first device list of a user id)."""
+
+    OPEN = "open"  # anyone: user ids are first come, first served
+    INVITE = "invite"  # only with an invitation token the operator issued (single use)
+    CLOSED = "closed"  # no one: the relay serves the users it has
 
 
 def wall_clock_ms() -> int:
@@ -38,7 +51,16 @@ def parse_duration(text: str) -> int:
     return seconds
 
 
+def parse_rate(text: str) -> RateLimit:
+    """A rate such as ``"20/1h"``: 20 at once, regained at 20 per hour (InvalidArgument if not)."""
+    count, _, period = text.strip().partition("/")
+    if not count.isdigit() or int(count) < 1:
+        raise InvalidArgument(f"rate {text!r}: expected a count of at least 1, '/', a duration")
+    return RateLimit(int(count), int(count) / parse_duration(period))
+
+
 BUNDLE_FETCH_RATE = RateLimit(L.BUNDLE_FETCH_CAPACITY, L.BUNDLE_FETCH_PER_SECOND)
+ONE_TIME_PREKEY_BUDGET = RateLimit(L.TARGET_ONE_TIME_CAPACITY, L.TARGET_ONE_TIME_PER_SECOND)
 SEND_RATE = RateLimit(L.SEND_CAPACITY, L.SEND_PER_SECOND)
 FRAME_RATE = RateLimit(L.FRAME_CAPACITY, L.FRAME_PER_SECOND)
 
@@ -57,6 +79,7 @@ class RelayLimits:
     max_mailbox_size: int = L.MAX_MAILBOX_SIZE
     max_in_flight: int = L.MAX_IN_FLIGHT
     bundle_fetch_rate: RateLimit = BUNDLE_FETCH_RATE
+    one_time_prekey_budget: RateLimit = ONE_TIME_PREKEY_BUDGET
     send_rate: RateLimit = SEND_RATE
     frame_rate: RateLimit = FRAME_RATE
     max_rate_limit_keys: int = L.MAX_RATE_LIMIT_KEYS
@@ -96,9 +119,16 @@ class RelayConfig:
     ``key_file`` holds the keys of the queued mail (spec 07 section 7.13):
     None is ``db_path`` + ``".keys"`` (an in-memory relay keeps them in
     memory); ``reset_keys`` starts a relay whose key file is lost, discarding
-    the mail sealed under it (its recipients are told). ``name`` is announced
-    in WELCOME and signed by authenticating devices: set it to the public
-    host name clients dial. ``clock`` returns milliseconds since the epoch
+    the mail sealed under it (its recipients are told).
+    ``registration`` says who may register new users: anyone (``OPEN``), the
+    holders of invitation tokens issued with ``hushchat relay invite``
+    (``INVITE``), or no one (``CLOSED``).
+    ``name`` is announced in WELCOME and signed by authenticating devices,
+    who refuse a relay that does not call itself by the name they dial
+    (spec 7.4): set it to the public host name clients dial. Left empty it
+    is ``host``, which is right for a relay dialled by the address it listens
+    on; a relay listening on every address (``0.0.0.0``, ``::``) has no such
+    default and needs a name. ``clock`` returns milliseconds since the epoch
     (injectable for retention tests).
     """
 
@@ -108,13 +138,21 @@ class RelayConfig:
     key_file: str | None = None
     reset_keys: bool = False
     retention_seconds: int = L.DEFAULT_RETENTION_SECONDS
-    name: str = "hushchat-relay"
+    name: str = ""
     ssl_context: ssl.SSLContext | None = None
+    registration: Registration = Registration.OPEN
     clock: Callable[[], int] = wall_clock_ms
     limits: RelayLimits = field(default_factory=RelayLimits)
 
     def __post_init__(self) -> None:
         if self.retention_seconds <= 0:
             raise InvalidArgument("retention must be positive")
-        if not self.name or len(self.name.encode()) > MAX_RELAY_NAME_SIZE:
+        if not self.name:
+            if self.host in WILDCARD_HOSTS:
+                raise InvalidArgument(
+                    f"a relay listening on {self.host or 'every address'} needs a name: "
+                    "the host name its clients dial"
+                )
+            object.__setattr__(self, "name", self.host)
+        if len(self.name.encode()) > MAX_RELAY_NAME_SIZE:
             raise InvalidArgument(f"a relay name is 1 to {MAX_RELAY_NAME_SIZE} bytes of UTF-8")

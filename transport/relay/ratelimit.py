@@ -51,6 +51,10 @@ class TokenBucket:
             return 0.0
         return (1 - self._tokens) / self._limit.per_second
 
+    def give_back(self) -> None:
+        """Return a token taken for a request that was then refused or did not need it."""
+        self._tokens = min(self._limit.capacity, self._tokens + 1)
+
     def is_full(self, now: float) -> bool:
         self._refill(now)
         return self._tokens >= self._limit.capacity
@@ -79,6 +83,12 @@ class KeyedRateLimiter(Generic[K]):
                 self._buckets.pop(next(iter(self._buckets)))
             bucket = self._buckets[key] = TokenBucket(self._limit, now)
         return bucket.take(now)
+
+    def give_back(self, key: K) -> None:
+        """Return the token just taken for ``key`` (nothing if its bucket was dropped)."""
+        bucket = self._buckets.get(key)
+        if bucket is not None:
+            bucket.give_back()
 
     def prune(self, now: float) -> None:
         """Forget buckets that have refilled completely."""

@@ -14,7 +14,7 @@ import textwrap
 from dataclasses import dataclass
 
 from .storage.atrest import KeyState, read_key_file
-from .storage.schema import SCHEMA_VERSION, UNSEALED_SCHEMA_VERSION
+from .storage.schema import SCHEMA_VERSION, SEALED_SCHEMA_VERSION, UNSEALED_SCHEMA_VERSION
 
 # Columns the report's text is wrapped to.
 REPORT_WIDTH = 79
@@ -78,12 +78,12 @@ def relay_report(db_path: str, key_file: str, now: int) -> RelayReport:
         def count(sql: str) -> int:
             return int(db.execute(sql).fetchone()[0] or 0)
 
-        if version not in (SCHEMA_VERSION, UNSEALED_SCHEMA_VERSION):
+        if not UNSEALED_SCHEMA_VERSION <= version <= SCHEMA_VERSION:
             raise sqlite3.DatabaseError(f"schema version {version}: not a relay database")
         meta: dict[str, bytes] = {}
         epochs: list[tuple[int, int]] = []
         notices = 0
-        if version == SCHEMA_VERSION:
+        if version >= SEALED_SCHEMA_VERSION:
             meta = {
                 name: bytes(value) for name, value in db.execute("SELECT name, value FROM meta")
             }

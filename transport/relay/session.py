@@ -32,7 +32,7 @@ from hushchat.protocol.devices import DeviceList, SignedDeviceList, check_update
 from hushchat.protocol.encoding import pack
 from hushchat.protocol.errors import ProtocolError, StaleChange
 from hushchat.protocol.keys import encode_mlkem768, encode_x25519, verify_prekey_signature
-from hushchat.protocol.primitives import check_x25519_public, mlkem768_public_key
+from hushchat.protocol.primitives import check_x25519_not_small_order, mlkem768_public_key
 
 from ..wire.auth import AUTH_CHALLENGE_SIZE, verify_auth
 from ..wire.errors import (
@@ -47,9 +47,11 @@ from ..wire.errors import (
     FrameTooLarge,
     IdleTimeout,
     InternalError,
+    InviteRefused,
     NoPreKeys,
     PreKeysRejected,
     RateLimited,
+    RegistrationClosed,
     RelayError,
     UnknownDevice,
     UnknownUser,
@@ -88,6 +90,8 @@ from ..wire.framing import FrameDecoder, encode_frame
 from ..wire.limits import DELIVERY_BATCH_SIZE, RECEIVE_CHUNK_SIZE, RELAY_PROTOCOL_VERSION
 from ..wire.records import GUID_SIZE, Envelope, EnvelopeKind, PreKeyCounts
 from ..wire.states import ConnectionState, check_request, state_after_error, state_after_success
+from .config import Registration
+from .invites import token_hash
 from .ratelimit import TokenBucket
 from .storage.interface import (
     Delivery,
@@ -419,18 +423,25 @@ class RelaySession:
         if authenticated and new.user_id != self.user_id:
             raise Forbidden("a device publishes only its own user's device list")
         current = (await self._relay.storage.device_lists([new.user_id])).get(new.user_id)
-        if current is not None:
+        invite_hash = None
+        if current is None:
+            invite_hash = self._registration_invite(request)
+        else:
             if not authenticated:
                 raise Forbidden("user exists: authenticate as one of its devices to update")
             try:
-                old = SignedDeviceList.decode(current.signed).device_list
-                check_update(old, new)
+                # Against what is stored, not a decode of it: a list of an older
+                # protocol version (kept from before an upgrade) no longer decodes.
+                check_update(current, new)
             except ProtocolError as exc:
                 raise DeviceListRejected(exc.message, cause=exc.code) from None
         stored = _stored_list(new, request.signed_device_list)
         try:
             removed = await self._relay.storage.store_device_list(
-                stored, previous_counter=None if current is None else current.counter
+                stored,
+                previous_counter=None if current is None else current.counter,
+                invite_hash=invite_hash,
+                now=self._relay.config.clock(),
             )
         except StorageConflict:
             raise DeviceListRejected("the list changed meanwhile", cause=StaleChange.code) from None
@@ -441,6 +452,17 @@ class RelaySession:
             else:
                 self._relay.close_device(new.user_id, device_id, DeviceRemoved("device removed"))
         return Ok(request.request_id)
+
+    def _registration_invite(self, request: PublishDeviceList) -> bytes | None:
+        """Whether a new user may register (spec 7.6); the invitation to spend, if any."""
+        registration = self._relay.config.registration
+        if registration is Registration.CLOSED:
+            raise RegistrationClosed("this relay registers no new users")
+        if registration is Registration.OPEN:
+            return None
+        if request.invite is None:
+            raise InviteRefused("this relay registers new users by invitation")
+        return token_hash(request.invite)
 
     # ---------------------------------------------------------------- prekeys
 
@@ -467,12 +489,23 @@ class RelaySession:
         stored = await self._device_list(request.user_id)
         if request.device_id not in stored.device_ids:
             raise UnknownDevice("no such device")
-        wait = self._relay.bundle_limiter.take((self.key, target), trio.current_time())
+        relay, pair, now = self._relay, (self.key, target), trio.current_time()
+        wait = relay.bundle_limiter.take(pair, now)
         if wait > 0:
             raise RateLimited("too many bundle fetches", retry_after_ms=math.ceil(wait * 1000))
-        taken = await self._relay.storage.take_bundle(*target)
+        # Within the target's budget the bundle carries one-time prekeys; beyond
+        # it, only the signed and last-resort keys (spec 7.7): no one is refused.
+        one_time = relay.one_time_budget.take(target, now) == 0
+        try:
+            taken = await relay.storage.take_bundle(*target, one_time=one_time)
+        except BaseException:
+            self._give_back(pair, one_time=one_time)
+            raise
         if taken is None:
+            self._give_back(pair, one_time=one_time)
             raise NoPreKeys("the device has no prekeys")
+        if one_time and taken.one_time is None and taken.kem_is_last_resort:
+            relay.one_time_budget.give_back(target)  # the stock was empty: nothing taken
         self._relay.prekeys_taken(request.user_id, request.device_id, taken.remaining)
         bundle = pack(
             [
@@ -487,6 +520,12 @@ class RelaySession:
             ]
         )
         return BundleFrame(request.request_id, bundle)
+
+    def _give_back(self, pair: tuple[tuple[str, int], tuple[str, int]], *, one_time: bool) -> None:
+        """A fetch that took nothing takes no token either (a refusal changes nothing)."""
+        self._relay.bundle_limiter.give_back(pair)
+        if one_time:
+            self._relay.one_time_budget.give_back(pair[1])
 
     # ---------------------------------------------------------------- sends
 
@@ -741,17 +780,22 @@ def _stored_list(new: DeviceList, signed: bytes) -> StoredDeviceList:
         new.counter,
         signed,
         tuple((d.device_id, d.identity) for d in new.devices),
+        PROTOCOL_VERSION,
     )
 
 
 def _verify_prekeys(identity: bytes, request: UploadPreKeys) -> None:
-    """Every key valid, every signature by the device identity (X3DH/PQXDH section 3.2)."""
+    """Every key valid, every signature by the device identity (X3DH/PQXDH section 3.2).
+
+    X25519 keys of small order are refused too: every initiator would refuse
+    a bundle with one (all-zero DH), so storing one only makes handshakes fail.
+    """
     if request.signed_prekey is not None:
         spk = request.signed_prekey
-        check_x25519_public(spk.public)
+        check_x25519_not_small_order(spk.public)
         verify_prekey_signature(identity, encode_x25519(spk.public), spk.signature)
     for opk in request.one_time:
-        check_x25519_public(opk.public)
+        check_x25519_not_small_order(opk.public)
     kems = request.one_time_kem
     if request.last_resort_kem is not None:
         kems = (request.last_resort_kem, *kems)

@@ -127,6 +127,16 @@ class RelayProtocolViolation(RemoteProtocolError):
     code = "RELAY_PROTOCOL_VIOLATION"
 
 
+class RelayNameMismatch(RelayProtocolViolation):
+    """The relay announced another name than the relay we meant; we signed nothing.
+
+    Another relay, or one passing on another relay's login challenge (spec
+    7.4): retrying cannot help, so the client library does not reconnect.
+    """
+
+    code = "RELAY_NAME_MISMATCH"
+
+
 class RelayError(TransportError):
     """A relay protocol error with a stable wire code.
 
@@ -260,6 +270,19 @@ class InternalError(RelayError):
 
 
 # ------------------------------------------------------------------ users and devices
+
+
+class RegistrationClosed(RelayError):
+    """The relay registers no new users (its operator closed registration)."""
+
+    code = "REGISTRATION_CLOSED"
+
+
+class InviteRefused(RelayError):
+    """The relay registers users by invitation, and the token is missing, unknown,
+    expired or already used (which of these is not said)."""
+
+    code = "INVITE_REFUSED"
 
 
 class Forbidden(RelayError):

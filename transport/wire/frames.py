@@ -43,6 +43,7 @@ from .errors import (
 from .limits import (
     MAX_FRAME_SIZE,
     MAX_IN_FLIGHT,
+    MAX_INVITE_SIZE,
     MAX_PAYLOAD_SIZE,
     MAX_PREKEYS_PER_UPLOAD,
     MAX_RECIPIENTS_PER_SEND,
@@ -192,18 +193,28 @@ class Auth:
 
 @dataclass(frozen=True, slots=True)
 class PublishDeviceList:
-    """``[11, request_id, signed_device_list bin]``: register a user, or update one's own list."""
+    """``[11, request_id, signed_device_list bin, invite str | nil]``: register a user
+    (with an invitation token where the relay asks for one), or update one's own list."""
 
     TYPE: ClassVar[FrameType] = FrameType.PUBLISH_DEVICE_LIST
     request_id: int
     signed_device_list: bytes = field(repr=False)
+    invite: str | None = field(default=None, repr=False)
 
     def to_wire(self) -> list[Any]:
-        return [self.request_id, self.signed_device_list]
+        return [self.request_id, self.signed_device_list, self.invite]
 
     @classmethod
     def read(cls, fields: Fields, limits: RequestLimits) -> PublishDeviceList:
-        return cls(fields.uint(), fields.bin())
+        request_id, signed_device_list = fields.uint(), fields.bin()
+        invite = None
+        if fields.peek() is None:
+            fields.raw()
+        else:
+            invite = fields.text(MAX_INVITE_SIZE)
+            if not invite:
+                raise DecodeError("an invitation token is 1 to 64 bytes")
+        return cls(request_id, signed_device_list, invite)
 
 
 @dataclass(frozen=True, slots=True)

@@ -24,8 +24,10 @@ from hushchat.protocol.consts import (
 # by HELLO. Separate from hushchat.protocol.consts.PROTOCOL_VERSION: the relay carries
 # protocol messages as opaque bytes, so either can change without the other.
 # 4 adds SEND_CHANGE and its RECEIPT envelopes (one place in the relay's
-# order for a group change, spec/12-groups.md section 12.4).
-RELAY_PROTOCOL_VERSION: Final = 4
+# order for a group change, spec/12-groups.md section 12.4); 5 an invitation
+# token in PUBLISH_DEVICE_LIST (registration by invitation), and it carries
+# device lists of protocol version 2 (device proofs).
+RELAY_PROTOCOL_VERSION: Final = 5
 
 # ------------------------------------------------------------------ sizes
 
@@ -111,15 +113,45 @@ MAX_STORED_PREKEYS: Final = 10 * PREKEY_BATCH_SIZE
 # (PREKEYS_LOW); the protocol core's refill threshold.
 PREKEY_LOW_THRESHOLD: Final = PREKEY_LOW_WATERMARK
 
+# ------------------------------------------------------------------ registration
+
+# Random bytes in an invitation token (printed base64url, 22 characters):
+# 128 bits, so the relay stores only a SHA-256 of it, and guessing one is out
+# of reach however many registrations are tried.
+INVITE_TOKEN_BYTES: Final = 16
+
+# Longest invitation token a PUBLISH_DEVICE_LIST may carry, in UTF-8 bytes:
+# room for the relay's own tokens and for an operator's longer ones.
+MAX_INVITE_SIZE: Final = 64
+
+# How long an invitation is good for unless the operator says otherwise
+# (hushchat relay invite --valid-for): long enough to be passed on by hand,
+# short enough that a forgotten one does not stay open for good.
+DEFAULT_INVITE_LIFETIME_SECONDS: Final = 7 * 24 * 3600
+
 # ------------------------------------------------------------------ rate limits
 # Token buckets: `capacity` requests at once, regained at `per_second`.
 
 # Bundle fetches per (requester device, target device): Signal-Server's
 # PRE_KEYS limiter, 6 at once, regained at one per 10 minutes. Each fetch
 # burns a one-time prekey, so this bounds how fast one device can drain
-# another's stock.
+# another's stock; it does not bound many devices (a sybil army).
 BUNDLE_FETCH_CAPACITY: Final = 6.0
 BUNDLE_FETCH_PER_SECOND: Final = 1 / 600
+
+# One-time prekeys (a pair: one X25519 and one ML-KEM) handed out per target
+# device, whoever fetches: 20 at once, regained at 20 an hour. This is what
+# bounds a sybil army (any number of registered devices) to 20 + 20 per hour,
+# 500 a day, per device; a fetch beyond it still gets a bundle, without
+# one-time keys (the signed prekey and the last-resort KEM prekey), as after
+# the stock ran out, so nobody is refused a session. 20 an hour is far more
+# new sessions than a person's device starts with others; a device joining
+# a large group is asked for more at once, and the initiators beyond the
+# first 20 use the last-resort keys. The owner refills from the low
+# watermark (25, PREKEYS_LOW) with a batch of 100, so the stock outlasts
+# this rate while the owner connects.
+TARGET_ONE_TIME_CAPACITY: Final = 20.0
+TARGET_ONE_TIME_PER_SECOND: Final = 20 / 3600
 
 # Send requests per connection: Signal-Server's MESSAGES limiter, 60/s.
 SEND_CAPACITY: Final = 60.0

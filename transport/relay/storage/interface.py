@@ -22,6 +22,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from hushchat.protocol.consts import PROTOCOL_VERSION
 from hushchat.protocol.prekeys import KemPreKeyPublic, OneTimePreKeyPublic, SignedPreKeyPublic
 
 from ...wire.errors import TransportError
@@ -36,13 +37,22 @@ class StorageConflict(TransportError):
 
 @dataclass(frozen=True, slots=True)
 class StoredDeviceList:
-    """A user's current signed device list, with the parts the relay routes by."""
+    """A user's current signed device list, with the parts the relay routes by.
+
+    ``protocol_version`` is the version of the list's format: lists stored
+    before a relay was upgraded to protocol version 2 are of version 1, whose
+    devices carry no proof that they belong to the user. Such a list still
+    authenticates its devices (so the user can publish a list of the current
+    version), but its device keys do not count as taken (a user may have
+    listed another's key, which is what the proofs now prevent).
+    """
 
     user_id: str
     user_identity: bytes
     counter: int
     signed: bytes = field(repr=False)
     devices: tuple[tuple[int, bytes], ...] = field(repr=False)  # (device_id, identity)
+    protocol_version: int = PROTOCOL_VERSION
 
     def device_identity(self, device_id: int) -> bytes | None:
         for listed, identity in self.devices:
@@ -133,14 +143,24 @@ class RelayStorage(Protocol):
         ...
 
     async def store_device_list(
-        self, new: StoredDeviceList, *, previous_counter: int | None
+        self,
+        new: StoredDeviceList,
+        *,
+        previous_counter: int | None,
+        invite_hash: bytes | None = None,
+        now: int = 0,
     ) -> tuple[int, ...]:
         """Replace a user's list if its stored counter is ``previous_counter``.
 
-        ``previous_counter`` None means the user must not exist yet. Devices
+        ``previous_counter`` None means the user must not exist yet. With
+        ``invite_hash`` (a registration by invitation) the invitation of that
+        SHA-256 is spent in the same transaction: InviteRefused if there is
+        none unexpired at ``now`` (milliseconds), and nothing is stored. Devices
         that leave the list, or whose identity changes, lose their mailbox
         and prekeys in the same transaction; their ids are returned.
-        StorageConflict if the stored counter differs.
+        StorageConflict if the stored counter differs; DeviceListRejected
+        (DUPLICATE_DEVICE_KEY) if another user's list of the current protocol
+        version names one of its device keys (spec/07 section 7.6).
         """
         ...
 
@@ -165,12 +185,15 @@ class RelayStorage(Protocol):
 
     async def prekey_counts(self, user_id: str, device_id: int) -> PreKeyCounts: ...
 
-    async def take_bundle(self, user_id: str, device_id: int) -> TakenBundle | None:
+    async def take_bundle(
+        self, user_id: str, device_id: int, *, one_time: bool = True
+    ) -> TakenBundle | None:
         """Take (delete and return) one one-time prekey of each kind, if any.
 
         Falls back to the last-resort KEM prekey when no one-time KEM prekey
-        is left. None, taking nothing, if the device has no signed prekey or
-        no KEM prekey at all.
+        is left, or when ``one_time`` is False (the device's budget of
+        one-time prekeys is spent: nothing one-time is taken). None, taking
+        nothing, if the device has no signed prekey or no KEM prekey at all.
         """
         ...
 
@@ -218,6 +241,7 @@ class RelayStorage(Protocol):
 
         Each recipient with mail among them gets an expiry notice, and the
         keys of those epochs cease to exist (also when the deletion fails).
+        Invitations whose expiry is at or before ``now`` are deleted too.
         """
         ...
 

@@ -28,7 +28,7 @@ from .rows import (
     seal_mailbox,
     seal_payload,
 )
-from .schema import QUEUE_SCHEMA, SCHEMA_VERSION, set_meta
+from .schema import QUEUE_SCHEMA, SEALED_SCHEMA_VERSION, set_meta
 
 
 def migrate_unsealed(conn: sqlite3.Connection, chain: KeyChain, now: int) -> int:
@@ -100,7 +100,7 @@ def migrate_unsealed(conn: sqlite3.Connection, chain: KeyChain, now: int) -> int
             (mailbox, current, count, owner),
         )
     set_meta(conn, "epoch", current)
-    conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+    conn.execute(f"PRAGMA user_version = {SEALED_SCHEMA_VERSION}")
     return len(deliveries)
 
 

@@ -2,13 +2,15 @@
 
 The version is SQLite's ``user_version``: 0 is a new file, which gets the
 schema; 1 is the schema before queued mail was sealed at rest, which
-:mod:`.migration` converts in place; any other version than
-:data:`SCHEMA_VERSION` is refused (a newer relay's file).
+:mod:`.migration` converts in place to 2; from 2 on, the steps of
+:data:`MIGRATIONS` bring a file to :data:`SCHEMA_VERSION`, in the same
+transaction; a newer version is refused (a newer relay's file).
 
 Device-list counters are u64 and SQLite integers are i64, so counters are
 stored as 8-byte big-endian blobs (compared only for equality).
 
-The directory (users, devices, prekeys) is public and stored as it is. The
+The directory (users, devices, prekeys) is public and stored as it is, and
+so are the invitations (``invites``: a token's SHA-256, never the token). The
 queue (payloads, deliveries, mailboxes) keeps in clear only an epoch, an
 opaque mailbox index and row ids; the rest is sealed (:mod:`.rows`). A
 trigger on ``deliveries`` deletes a payload with its last delivery; a
@@ -20,26 +22,43 @@ filed under (``epoch``), which only grows.
 
 from __future__ import annotations
 
+import logging
 import sqlite3
 
 from hushchat.protocol.errors import UnknownStateVersion
 
-SCHEMA_VERSION = 2
+logger = logging.getLogger("hushchat.relay")
+
+SCHEMA_VERSION = 4
 # The schema of relays before queued mail was sealed at rest (see migration.py).
 UNSEALED_SCHEMA_VERSION = 1
+# The schema migration.py converts a version-1 file to.
+SEALED_SCHEMA_VERSION = 2
+
+# The first protocol version whose device lists prove that each device is the
+# user's (spec/11-devices.md). Device keys of older lists, kept from before an
+# upgrade, may have been listed by a user they do not belong to: they do not
+# make a key taken (``users.protocol_version``).
+PROVEN_LISTS_VERSION = 2
 
 DIRECTORY_SCHEMA = """
 CREATE TABLE IF NOT EXISTS users (
     user_id TEXT PRIMARY KEY,
     user_identity BLOB NOT NULL,
     counter BLOB NOT NULL,
-    signed BLOB NOT NULL
+    signed BLOB NOT NULL,
+    protocol_version INTEGER NOT NULL DEFAULT 1
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS devices (
     user_id TEXT NOT NULL,
     device_id INTEGER NOT NULL,
     identity BLOB NOT NULL,
     PRIMARY KEY (user_id, device_id)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS devices_identity ON devices (identity);
+CREATE TABLE IF NOT EXISTS invites (
+    token_hash BLOB PRIMARY KEY,
+    expires_at INTEGER NOT NULL
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS signed_prekeys (
     user_id TEXT NOT NULL,
@@ -107,7 +126,26 @@ CREATE TRIGGER IF NOT EXISTS deliveries_removed AFTER DELETE ON deliveries BEGIN
 END;
 """
 
+# The current schema, for a new file; a migrated file ends up with the same.
 SCHEMA = DIRECTORY_SCHEMA + QUEUE_SCHEMA
+
+# Statements taking a file from schema version N (the key) to N + 1, from
+# SEALED_SCHEMA_VERSION on.
+MIGRATIONS: dict[int, tuple[str, ...]] = {
+    # Protocol version 2: device lists carry device proofs. Lists stored before
+    # are of protocol version 1; a device key is looked up to refuse it under a
+    # second user.
+    2: (
+        "ALTER TABLE users ADD COLUMN protocol_version INTEGER NOT NULL DEFAULT 1",
+        "CREATE INDEX IF NOT EXISTS devices_identity ON devices (identity)",
+    ),
+    # Registration by invitation: the SHA-256 of each token the operator issued
+    # (never the token), until it is used or expires.
+    3: (
+        "CREATE TABLE IF NOT EXISTS invites (token_hash BLOB PRIMARY KEY, "
+        "expires_at INTEGER NOT NULL) WITHOUT ROWID",
+    ),
+}
 
 # The tables holding a device's prekeys (all wiped when the device is removed).
 PREKEY_TABLES = (
@@ -126,8 +164,9 @@ def counter_blob(counter: int) -> bytes:
 def create_or_check_schema(conn: sqlite3.Connection) -> int:
     """Give a new database the schema; the version found (0: new); UnknownStateVersion if newer.
 
-    A version of :data:`UNSEALED_SCHEMA_VERSION` is returned as it is: the
-    caller migrates it, with the relay's keys.
+    An older version is returned as it is: the caller migrates it under the
+    write lock (:data:`UNSEALED_SCHEMA_VERSION` with the relay's keys, then
+    :func:`migrate_directory`).
     """
     version: int = conn.execute("PRAGMA user_version").fetchone()[0]
     if version == 0:
@@ -135,9 +174,27 @@ def create_or_check_schema(conn: sqlite3.Connection) -> int:
         conn.executescript(
             f"BEGIN IMMEDIATE; {SCHEMA} PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;"
         )
-    elif version not in (SCHEMA_VERSION, UNSEALED_SCHEMA_VERSION):
+    elif version > SCHEMA_VERSION:
         raise UnknownStateVersion(f"relay database schema version {version}")
     return version
+
+
+def migrate_directory(conn: sqlite3.Connection) -> None:
+    """Bring a file of SEALED_SCHEMA_VERSION or later to SCHEMA_VERSION, in the open transaction.
+
+    The caller holds the write lock and has read the version under it
+    (another relay opening the same file may have migrated it meanwhile).
+    """
+    version: int = conn.execute("PRAGMA user_version").fetchone()[0]
+    if version == SCHEMA_VERSION:
+        return
+    if not SEALED_SCHEMA_VERSION <= version < SCHEMA_VERSION:
+        raise UnknownStateVersion(f"relay database schema version {version}")
+    for step in range(version, SCHEMA_VERSION):
+        for statement in MIGRATIONS[step]:
+            conn.execute(statement)
+    conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+    logger.info("relay database migrated from schema %d to %d", version, SCHEMA_VERSION)
 
 
 def meta_value(conn: sqlite3.Connection, name: str) -> bytes | None:

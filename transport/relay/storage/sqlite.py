@@ -38,13 +38,21 @@ import os
 import sqlite3
 from collections.abc import Callable, Iterator, Sequence
 from functools import partial
-from typing import TypeVar, cast
+from typing import Any, TypeVar, cast
 
 import trio
 
+from hushchat.protocol.errors import DuplicateDeviceKey
 from hushchat.protocol.prekeys import KemPreKeyPublic, OneTimePreKeyPublic, SignedPreKeyPublic
 
-from ...wire.errors import MailboxFull, PreKeyIdInUse, PreKeyStockFull, UnknownDevice
+from ...wire.errors import (
+    DeviceListRejected,
+    InviteRefused,
+    MailboxFull,
+    PreKeyIdInUse,
+    PreKeyStockFull,
+    UnknownDevice,
+)
 from ...wire.limits import DEFAULT_RETENTION_SECONDS
 from ...wire.records import Envelope, PreKeyCounts
 from ..config import wall_clock_ms
@@ -81,11 +89,13 @@ from .rows import (
 )
 from .schema import (
     PREKEY_TABLES,
+    PROVEN_LISTS_VERSION,
     UNSEALED_SCHEMA_VERSION,
     counter_blob,
     create_or_check_schema,
     meta_int,
     meta_value,
+    migrate_directory,
     set_meta,
 )
 from .writer import (
@@ -196,6 +206,7 @@ class SqliteDatabase:
             # Read again under the write lock: another relay may have got here first.
             if db.execute("PRAGMA user_version").fetchone()[0] == UNSEALED_SCHEMA_VERSION:
                 migrate_unsealed(db, chain, now)
+            migrate_directory(db)
             stored = meta_value(db, "chain_id")
             if stored is None:  # a new or just migrated database: its first key chain
                 set_meta(db, "chain_id", chain.chain_id)
@@ -315,9 +326,16 @@ class SqliteDatabase:
         return self._single(partial(self._device_lists, user_ids), savepoint=False)
 
     def store_device_list(
-        self, new: StoredDeviceList, *, previous_counter: int | None
+        self,
+        new: StoredDeviceList,
+        *,
+        previous_counter: int | None,
+        invite_hash: bytes | None = None,
+        now: int = 0,
     ) -> tuple[int, ...]:
-        return self._single(partial(self._store_device_list, new, previous_counter))
+        return self._single(
+            partial(self._store_device_list, new, previous_counter, invite_hash, now)
+        )
 
     def store_prekeys(
         self,
@@ -346,8 +364,10 @@ class SqliteDatabase:
     def prekey_counts(self, user_id: str, device_id: int) -> PreKeyCounts:
         return self._single(partial(self._counts, (user_id, device_id)), savepoint=False)
 
-    def take_bundle(self, user_id: str, device_id: int) -> TakenBundle | None:
-        return self._single(partial(self._take_bundle, user_id, device_id))
+    def take_bundle(
+        self, user_id: str, device_id: int, *, one_time: bool = True
+    ) -> TakenBundle | None:
+        return self._single(partial(self._take_bundle, user_id, device_id, one_time))
 
     def enqueue(self, batch: EnvelopeBatch, *, max_mailbox_size: int) -> list[tuple[int, int]]:
         """Store a send; the deliveries' mailbox positions (epoch, seq)."""
@@ -395,7 +415,8 @@ class SqliteDatabase:
         found: dict[str, StoredDeviceList] = {}
         for user_id in dict.fromkeys(user_ids):
             row = db.execute(
-                "SELECT user_identity, counter, signed FROM users WHERE user_id = ?",
+                "SELECT user_identity, counter, signed, protocol_version FROM users "
+                "WHERE user_id = ?",
                 (user_id,),
             ).fetchone()
             if row is None:
@@ -410,17 +431,43 @@ class SqliteDatabase:
                 int.from_bytes(row[1], "big"),
                 row[2],
                 tuple((d, i) for d, i in devices),
+                row[3],
             )
         return found
 
     def _store_device_list(
-        self, new: StoredDeviceList, previous_counter: int | None
+        self,
+        new: StoredDeviceList,
+        previous_counter: int | None,
+        invite_hash: bytes | None,
+        now: int,
     ) -> tuple[int, ...]:
         db = self._conn
         row = db.execute("SELECT counter FROM users WHERE user_id = ?", (new.user_id,)).fetchone()
         stored = None if row is None else int.from_bytes(row[0], "big")
         if stored != previous_counter:
             raise StorageConflict("the device list changed meanwhile")
+        if invite_hash is not None:
+            # Single use: spent in the transaction that registers, so a refused
+            # or conflicting registration gives it back (the savepoint).
+            spent = db.execute(
+                "DELETE FROM invites WHERE token_hash = ? AND expires_at > ? RETURNING 1",
+                (invite_hash, now),
+            ).fetchone()
+            if spent is None:
+                raise InviteRefused("no such invitation, or it was used or has expired")
+        identities = [identity for _, identity in new.devices]
+        taken = db.execute(
+            "SELECT 1 FROM devices AS d JOIN users AS u ON u.user_id = d.user_id "
+            f"WHERE d.identity IN ({_marks(len(identities), 1)}) AND d.user_id != ? "
+            "AND u.protocol_version >= ? LIMIT 1",
+            [*identities, new.user_id, PROVEN_LISTS_VERSION],
+        ).fetchone()
+        if taken is not None:
+            # Which user holds it is not said: the publisher learns nothing new.
+            raise DeviceListRejected(
+                "a device key is listed under another user", cause=DuplicateDeviceKey.code
+            )
         old = dict(
             db.execute(
                 "SELECT device_id, identity FROM devices WHERE user_id = ?", (new.user_id,)
@@ -435,9 +482,15 @@ class SqliteDatabase:
             [(new.user_id, d, ident) for d, ident in new.devices if d not in old or d in removed],
         )
         db.execute(
-            "INSERT OR REPLACE INTO users (user_id, user_identity, counter, signed) "
-            "VALUES (?, ?, ?, ?)",
-            (new.user_id, new.user_identity, counter_blob(new.counter), new.signed),
+            "INSERT OR REPLACE INTO users "
+            "(user_id, user_identity, counter, signed, protocol_version) VALUES (?, ?, ?, ?, ?)",
+            (
+                new.user_id,
+                new.user_identity,
+                counter_blob(new.counter),
+                new.signed,
+                new.protocol_version,
+            ),
         )
         return removed
 
@@ -507,7 +560,7 @@ class SqliteDatabase:
         (kem,) = db.execute(f"SELECT COUNT(*) FROM one_time_kem_prekeys {where}", key).fetchone()
         return PreKeyCounts(one_time, kem)
 
-    def _take_bundle(self, user_id: str, device_id: int) -> TakenBundle | None:
+    def _take_bundle(self, user_id: str, device_id: int, one_time: bool) -> TakenBundle | None:
         db, key = self._conn, (user_id, device_id)
         where = "WHERE user_id = ? AND device_id = ?"
         device = db.execute(f"SELECT identity FROM devices {where}", key).fetchone()
@@ -517,12 +570,14 @@ class SqliteDatabase:
         if device is None or spk is None:
             return None
         # Take-once: the row is deleted and returned by one statement.
-        kem = db.execute(
-            f"DELETE FROM one_time_kem_prekeys {where} AND key_id = "
-            f"(SELECT MIN(key_id) FROM one_time_kem_prekeys {where}) "
-            "RETURNING key_id, public, signature",
-            key + key,
-        ).fetchone()
+        kem: Any = None  # a row (key id, public, signature), or None
+        if one_time:
+            kem = db.execute(
+                f"DELETE FROM one_time_kem_prekeys {where} AND key_id = "
+                f"(SELECT MIN(key_id) FROM one_time_kem_prekeys {where}) "
+                "RETURNING key_id, public, signature",
+                key + key,
+            ).fetchone()
         last_resort = kem is None
         if last_resort:
             kem = db.execute(
@@ -530,11 +585,13 @@ class SqliteDatabase:
             ).fetchone()
             if kem is None:
                 return None
-        opk = db.execute(
-            f"DELETE FROM one_time_prekeys {where} AND key_id = "
-            f"(SELECT MIN(key_id) FROM one_time_prekeys {where}) RETURNING key_id, public",
-            key + key,
-        ).fetchone()
+        opk: Any = None
+        if one_time:
+            opk = db.execute(
+                f"DELETE FROM one_time_prekeys {where} AND key_id = "
+                f"(SELECT MIN(key_id) FROM one_time_prekeys {where}) RETURNING key_id, public",
+                key + key,
+            ).fetchone()
         return TakenBundle(
             identity=device[0],
             signed_prekey=SignedPreKeyPublic(*spk),
@@ -834,8 +891,12 @@ class SqliteDatabase:
         )
 
     def _purge_expired(self, now: int) -> int:
-        """Delete every epoch that left the window; tell each recipient what expired unread."""
+        """Delete every epoch that left the window; tell each recipient what expired unread.
+
+        Expired invitations go too.
+        """
         db, chain = self._conn, self._chain
+        db.execute("DELETE FROM invites WHERE expires_at <= ?", (now,))
         cutoff = chain.epoch_of(now - self._retention_ms)
         self._current_epoch(chain.epoch_of(now))  # mailbox rows under keys that stay
         expired: dict[tuple[str, int], ExpiryNotice] = {}
@@ -951,9 +1012,16 @@ class SqliteStorage:
         return await self._writer.call(partial(self._db._device_lists, user_ids), savepoint=False)
 
     async def store_device_list(
-        self, new: StoredDeviceList, *, previous_counter: int | None
+        self,
+        new: StoredDeviceList,
+        *,
+        previous_counter: int | None,
+        invite_hash: bytes | None = None,
+        now: int = 0,
     ) -> tuple[int, ...]:
-        return await self._writer.call(partial(self._db._store_device_list, new, previous_counter))
+        return await self._writer.call(
+            partial(self._db._store_device_list, new, previous_counter, invite_hash, now)
+        )
 
     async def store_prekeys(
         self,
@@ -984,8 +1052,10 @@ class SqliteStorage:
             partial(self._db._counts, (user_id, device_id)), savepoint=False
         )
 
-    async def take_bundle(self, user_id: str, device_id: int) -> TakenBundle | None:
-        return await self._writer.call(partial(self._db._take_bundle, user_id, device_id))
+    async def take_bundle(
+        self, user_id: str, device_id: int, *, one_time: bool = True
+    ) -> TakenBundle | None:
+        return await self._writer.call(partial(self._db._take_bundle, user_id, device_id, one_time))
 
     async def enqueue(
         self,
