@@ -56,6 +56,9 @@ WINDOW_MS = RETENTION_SECONDS * 1000
 DIRECTORY_TABLES = {
     "users",
     "devices",
+    # The index that finds a device key's owner (one device key, one user): its
+    # entries carry the devices table's key, (user_id, device_id).
+    "devices_identity",
     "signed_prekeys",
     "last_resort_kem_prekeys",
     "one_time_prekeys",
