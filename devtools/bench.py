@@ -69,6 +69,7 @@ from hushchat.protocol.consts import (
     PQXDH_INFO,
     RATCHET_ROOT_INFO,
     SENDER_KEY_INFO,
+    SENDER_KEY_VERSION,
     X3DH_INFO,
 )
 from hushchat.protocol.content import Text
@@ -87,6 +88,8 @@ from .bench_relay import add_relay_bench_command
 NOW = 1_700_000_000
 PLAINTEXT = bytes(range(100))  # 100 bytes, as in libsignal's figures below
 GROUP_ID = bytes(range(16))
+# The device the sender-key cases send as (its address is signed with every message).
+BENCH_SENDER = Address("bench", 1)
 
 # Targets, as ratios to the floor: for handshakes, and for everything else.
 HANDSHAKE_TARGET = 1.3
@@ -275,8 +278,8 @@ def f_sender_key_encrypt(chain_key: bytes, signing: Ed25519PrivateKey, plaintext
     seed = f_hmac(chain_key, b"\x01")
     material = f_hkdf(seed, None, SENDER_KEY_INFO, 48)
     ciphertext = f_aes_encrypt(material[16:], material[:16], plaintext)
-    body = f_pack([1, GROUP_ID, 1 << 30, 5, ciphertext])
-    signature = f_sign(signing, body)
+    body = f_pack([SENDER_KEY_VERSION, GROUP_ID, 1 << 30, 5, ciphertext])
+    signature = f_sign(signing, f_pack([BENCH_SENDER.user_id, BENCH_SENDER.device_id]) + body)
     f_hmac(chain_key, b"\x02")
     return body + signature
 
@@ -284,7 +287,9 @@ def f_sender_key_encrypt(chain_key: bytes, signing: Ed25519PrivateKey, plaintext
 def f_sender_key_decrypt(chain_key: bytes, signing_public: bytes, message: bytes) -> bytes:
     body, signature = message[:-64], message[-64:]
     ciphertext = f_decode(body)[4]
-    f_verify(signing_public, signature, body)
+    f_verify(
+        signing_public, signature, f_pack([BENCH_SENDER.user_id, BENCH_SENDER.device_id]) + body
+    )
     seed = f_hmac(chain_key, b"\x01")
     material = f_hkdf(seed, None, SENDER_KEY_INFO, 48)
     plaintext = f_aes_decrypt(material[16:], material[:16], ciphertext)
@@ -472,13 +477,19 @@ def sender_key_cases(repeats: int) -> list[Case]:
     number = 200
     outbound = OutboundSenderKey.create(GROUP_ID, NOW)
     record = SenderKeyRecord(GROUP_ID)
-    record.process_distribution(outbound.distribution_message())
+    record.process_distribution(
+        outbound.distribution_message(sender=BENCH_SENDER), sender=BENCH_SENDER
+    )
     sender = OutboundSenderKey.create(GROUP_ID, NOW)
-    record.process_distribution(sender.distribution_message())
-    messages = iter([sender.encrypt(PLAINTEXT) for _ in range((repeats + 1) * number)])
+    record.process_distribution(
+        sender.distribution_message(sender=BENCH_SENDER), sender=BENCH_SENDER
+    )
+    messages = iter(
+        [sender.encrypt(PLAINTEXT, sender=BENCH_SENDER) for _ in range((repeats + 1) * number)]
+    )
 
     def decrypt() -> None:
-        if record.decrypt(next(messages)) != PLAINTEXT:
+        if record.decrypt(next(messages), sender=BENCH_SENDER) != PLAINTEXT:
             raise AssertionError("sender key round trip")
 
     chain_key = os.urandom(32)
@@ -488,7 +499,7 @@ def sender_key_cases(repeats: int) -> list[Case]:
     return [
         Case(
             "sender_key_encrypt",
-            lambda: outbound.encrypt(PLAINTEXT),
+            lambda: outbound.encrypt(PLAINTEXT, sender=BENCH_SENDER),
             lambda: f_sender_key_encrypt(chain_key, signing, PLAINTEXT),
             number=number,
         ),
@@ -614,7 +625,9 @@ def group_cases(bench: _GroupBench, sizes: Sequence[int], removal_size: int) -> 
         new_chain = os.urandom(32)
         key = Ed25519PrivateKey.from_private_bytes(os.urandom(32))
         public = key.public_key().public_bytes_raw()
-        content = f_pack([2, f_pack([1, GROUP_ID, 1 << 30, 0, new_chain, public])])
+        sender = [BENCH_SENDER.user_id, BENCH_SENDER.device_id]
+        skdm = f_pack([SENDER_KEY_VERSION, GROUP_ID, *sender, 1 << 30, 0, new_chain, public])
+        content = f_pack([2, skdm])
         for _ in range(recipients):
             f_ratchet_send(chain_key, ratchet_key, content, pair_ad)
         f_group_send(new_chain, key, PLAINTEXT)
@@ -713,7 +726,7 @@ def sizes(pair: _Pair, groups: _GroupBench, group_bytes: bytes, group_size: int)
     """Wire and storage sizes for a 100-byte plaintext, in steady state."""
     message = pair.a.encrypt(PLAINTEXT, now=NOW)
     pair.b.decrypt(message, pair.bob, local=_BOB, remote=_ALICE, now=NOW)
-    group_message = OutboundSenderKey.create(GROUP_ID, NOW).encrypt(PLAINTEXT)
+    group_message = OutboundSenderKey.create(GROUP_ID, NOW).encrypt(PLAINTEXT, sender=BENCH_SENDER)
     group_payload = groups.send(groups.groups[group_size])
     _, sends = groups.me.send_direct(groups.spare.user_id, PLAINTEXT, now=NOW)
     direct_payload = sends[0].payloads[0][1]

@@ -12,10 +12,11 @@ from typing import Final
 # ------------------------------------------------------------------ versions
 
 # Version of every wire structure defined by spec/ but group control messages
-# and welcomes. A receiver refuses any other value (UNKNOWN_VERSION) rather
-# than guessing at a layout. Version 2 (spec revision 3) added each device's
-# proof of possession to device lists and bound both parties' users into a
-# session's associated data; a version 1 peer's lists and messages are
+# and welcomes (GROUP_VERSION) and the sender-key structures
+# (SENDER_KEY_VERSION). A receiver refuses any other value (UNKNOWN_VERSION)
+# rather than guessing at a layout. Version 2 (spec revision 3) added each
+# device's proof of possession to device lists and bound both parties' users
+# into a session's associated data; a version 1 peer's lists and messages are
 # refused, not misread.
 PROTOCOL_VERSION: Final = 2
 # Version of group control messages and welcomes (spec/12-groups.md). 2 since
@@ -26,6 +27,16 @@ PROTOCOL_VERSION: Final = 2
 # are at PROTOCOL_VERSION: their layout and hashes did not change with
 # GROUP_VERSION 2.
 GROUP_VERSION: Final = 2
+
+# Version of the sender-key structures (SenderKeyDistributionMessage and
+# SenderKeyMessage, with the GroupText inside), as libsignal versions its
+# messages. Until PROTOCOL_VERSION 2 they carried PROTOCOL_VERSION, in a
+# layout that did not bind a chain to its sender; 3 since a chain is bound
+# to the device that created it (the distribution names that device, every
+# message's signature covers it) and every group message carries its
+# sender's group state. Versions 1 and 2 are refused, UNKNOWN_VERSION: their
+# chains could be forwarded under another sender's name.
+SENDER_KEY_VERSION: Final = 3
 
 # Version of serialized state (pickles). Bumped on any layout change; older
 # versions are migrated on load, newer ones refused (UNKNOWN_STATE_VERSION).
@@ -140,6 +151,17 @@ MAX_SENDER_MESSAGE_KEYS: Final = 2000
 # Sender-key states kept per (group, sender device), newest first, so that
 # messages sent just before a rotation still decrypt (libsignal: 5).
 MAX_SENDER_KEY_STATES: Final = 5
+
+# Sender-key records (one per group and sender device) a device keeps in all.
+# A record is accepted only for a held group from a current member's listed
+# device, so each group brings at most its members' devices; this bounds the
+# total for a device in many groups (spec 9.3): a fresh record holds about
+# 150 bytes, and at most MAX_SENDER_KEY_STATES chains of skipped keys. A
+# distribution that needs a new record beyond it is refused
+# (TOO_MANY_SENDER_KEYS) and nothing is evicted, so no peer can push another
+# sender's key out. 10,000 covers, for example, 100 groups of 50 members with
+# two devices each.
+MAX_SENDER_KEY_RECORDS: Final = 10_000
 
 # Our own sender key is rotated after this age or this many messages, even
 # without a membership change, to bound what one leaked chain key exposes.

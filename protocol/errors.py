@@ -142,6 +142,30 @@ class NoSenderKey(RemoteProtocolError):
     code = "NO_SENDER_KEY"
 
 
+class SenderMismatch(RemoteProtocolError):
+    """A sender-key distribution names another device than the one whose session delivered it."""
+
+    code = "SENDER_MISMATCH"
+
+
+class UnknownGroup(RemoteProtocolError):
+    """A group message or sender key names a group the receiver does not hold."""
+
+    code = "UNKNOWN_GROUP"
+
+
+class NotAMember(RemoteProtocolError):
+    """A group message or sender key comes from a device that is not a current member's."""
+
+    code = "NOT_A_MEMBER"
+
+
+class TooManySenderKeys(RemoteProtocolError):
+    """A sender key would need a new record beyond the receiver's limit of records."""
+
+    code = "TOO_MANY_SENDER_KEYS"
+
+
 class UntrustedIdentity(RemoteProtocolError):
     """A peer's identity key differs from the one we trust; the app must confirm."""
 

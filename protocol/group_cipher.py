@@ -12,6 +12,15 @@ I/O). The chain and wire formats are in :mod:`hushchat.protocol.sender_keys`.
 * :class:`SenderKeyRecord`, one per (group, sender device): the sender's
   chains we know, newest first, at most ``max_states`` of them, so messages
   sent just before a rotation still decrypt.
+* :class:`SenderKeyStore`, one per device: its records, taken only for
+  groups it holds from current members' devices, at most ``max_records``.
+
+Every call that signs, verifies or learns a chain names the sender device
+(``sender``), as libsignal's ``group_encrypt``, ``group_decrypt`` and
+``process_sender_key_distribution_message`` take the sender's address: a
+distribution must name that device (SenderMismatch otherwise), and each
+message is signed over it (:func:`~hushchat.protocol.sender_keys.signed_bytes`),
+so a chain cannot be used under another sender's name.
 
 :meth:`SenderKeyRecord.decrypt` runs in libsignal's order: decode, find the
 chain by ``chain_id`` (NoSenderKey), verify the signature (BadSignature)
@@ -48,20 +57,24 @@ from __future__ import annotations
 
 import hmac
 from collections import OrderedDict
+from collections.abc import Callable, Collection, Iterator, Mapping
 from dataclasses import dataclass
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from . import primitives as p
+from .address import Address
 from .consts import (
     ED25519_KEY_SIZE,
     GROUP_ID_SIZE,
     MAX_PLAINTEXT_SIZE,
     MAX_SENDER_KEY_FORWARD_JUMP,
     MAX_SENDER_KEY_ITERATION,
+    MAX_SENDER_KEY_RECORDS,
     MAX_SENDER_KEY_STATES,
     MAX_SENDER_MESSAGE_KEYS,
     MAX_STATE_SIZE,
+    MAX_USER_ID_SIZE,
     SENDER_KEY_MAX_AGE,
     SENDER_KEY_MAX_MESSAGES,
     STATE_VERSION,
@@ -73,8 +86,12 @@ from .errors import (
     InvalidArgument,
     InvalidState,
     NoSenderKey,
+    NotAMember,
+    SenderMismatch,
     StateError,
     TooFarInFuture,
+    TooManySenderKeys,
+    UnknownGroup,
 )
 from .pickles import load_pickle
 from .sender_keys import (
@@ -85,6 +102,7 @@ from .sender_keys import (
     encrypt_with_seed,
     message_seed,
     next_chain_key,
+    signed_bytes,
 )
 
 # ------------------------------------------------------------------ sender
@@ -170,8 +188,9 @@ class OutboundSenderKey:
         """The chain's Ed25519 public key."""
         return p.ed25519_public_bytes(self._signing)
 
-    def encrypt(self, plaintext: bytes) -> bytes:
-        """Encrypt and sign one group message; returns the SenderKeyMessage bytes."""
+    def encrypt(self, plaintext: bytes, *, sender: Address) -> bytes:
+        """Encrypt and sign one group message as ``sender`` (our device); the message bytes."""
+        _check_sender(sender)
         if not isinstance(plaintext, bytes | bytearray | memoryview):
             raise InvalidArgument("plaintext must be bytes")
         plaintext = bytes(plaintext)
@@ -183,20 +202,26 @@ class OutboundSenderKey:
         body = SenderKeyMessage.encode_body(
             self._group_id, self._chain_id, self._iteration, ciphertext
         )
-        signature = p.ed25519_sign(self._signing, body)
+        signature = p.ed25519_sign(self._signing, signed_bytes(sender, body))
         self._chain_key = next_chain_key(self._chain_key)
         self._iteration += 1
         return body + signature
 
-    def distribution(self) -> SenderKeyDistributionMessage:
-        """The chain at its current iteration, as a value."""
+    def distribution(self, *, sender: Address) -> SenderKeyDistributionMessage:
+        """The chain at its current iteration, naming ``sender`` (our device), as a value."""
+        _check_sender(sender)
         return SenderKeyDistributionMessage(
-            self._group_id, self._chain_id, self._iteration, self._chain_key, self.signing_key
+            self._group_id,
+            sender,
+            self._chain_id,
+            self._iteration,
+            self._chain_key,
+            self.signing_key,
         )
 
-    def distribution_message(self) -> bytes:
+    def distribution_message(self, *, sender: Address) -> bytes:
         """The encoded SKDM for the current iteration (send it inside 1:1 sessions only)."""
-        return self.distribution().encode()
+        return self.distribution(sender=sender).encode()
 
     def needs_rotation(
         self,
@@ -336,8 +361,9 @@ class _InboundChain:
 class SenderKeyRecord:
     """A sender device's chains in one group, as a receiver holds them.
 
-    Keep one per (group, sender device), persist it (:meth:`to_bytes`) after
-    every successful call. A failed call leaves it unchanged.
+    Keep one per (group, sender device), pass that device as ``sender`` to
+    every call, and persist the record (:meth:`to_bytes`) after every
+    successful call. A failed call leaves it unchanged.
     """
 
     __slots__ = ("_chains", "_group_id")
@@ -361,26 +387,32 @@ class SenderKeyRecord:
         self,
         skdm: SenderKeyDistributionMessage | bytes,
         *,
+        sender: Address,
         max_states: int = MAX_SENDER_KEY_STATES,
         max_forward_jump: int = MAX_SENDER_KEY_FORWARD_JUMP,
     ) -> None:
         """Learn a sender chain from an SKDM (bytes, or as decoded by the caller).
 
-        A new chain goes first; beyond ``max_states`` the oldest is dropped. An
-        SKDM for a chain we hold changes nothing when it describes that chain
-        (re-delivery, or an older or derivable newer iteration, same signing
-        key); one with the same ``chain_id`` but another signing key or an
-        inconsistent chain key replaces it. InvalidArgument if the SKDM is for
-        another group (route by its ``group_id``).
+        ``sender`` is the device whose session delivered it. A new chain goes
+        first; beyond ``max_states`` the oldest is dropped. An SKDM for a chain
+        we hold changes nothing when it describes that chain (re-delivery, or
+        an older or derivable newer iteration, same signing key); one with the
+        same ``chain_id`` but another signing key or an inconsistent chain key
+        replaces it. InvalidArgument if the SKDM is for another group (route
+        by its ``group_id``); SenderMismatch if it names another sender than
+        ``sender`` (a chain forwarded by a device that did not create it).
         """
         if isinstance(skdm, bytes | bytearray | memoryview):
             skdm = SenderKeyDistributionMessage.decode(bytes(skdm))
         elif not isinstance(skdm, SenderKeyDistributionMessage):
             raise InvalidArgument("expected a sender key distribution message")
+        _check_sender(sender)
         _check_limit("max_states", max_states, minimum=1)
         _check_limit("max_forward_jump", max_forward_jump)
         if skdm.group_id != self._group_id:
             raise InvalidArgument("the distribution message is for another group")
+        if skdm.sender != sender:
+            raise SenderMismatch(f"a sender key of {skdm.sender} delivered by {sender}")
         for chain in self._chains:
             if chain.chain_id == skdm.chain_id and chain.already_has(skdm, max_forward_jump):
                 return
@@ -394,17 +426,23 @@ class SenderKeyRecord:
         self,
         message: bytes,
         *,
+        sender: Address,
         max_forward_jump: int = MAX_SENDER_KEY_FORWARD_JUMP,
         max_message_keys: int = MAX_SENDER_MESSAGE_KEYS,
     ) -> bytes:
-        """Verify and decrypt a SenderKeyMessage from this record's sender."""
+        """Verify and decrypt a SenderKeyMessage from ``sender``, this record's device.
+
+        ``sender`` is the address the envelope was stamped with: the signature
+        covers it, so a message restamped with another sender is BadSignature.
+        """
+        _check_sender(sender)
         _check_limit("max_forward_jump", max_forward_jump)
         _check_limit("max_message_keys", max_message_keys)
         parsed = SenderKeyMessage.decode(message)
         chain = self._chain_for(parsed)
         # Before anything depends on the claimed iteration (libsignal's order):
         # a forged message costs one verification and never advances a chain.
-        p.ed25519_verify(chain.signing_key, parsed.signature, parsed.body)
+        p.ed25519_verify(chain.signing_key, parsed.signature, signed_bytes(sender, parsed.body))
         iteration = parsed.iteration
         if iteration < chain.iteration:
             seed = chain.skipped.get(iteration)
@@ -470,7 +508,121 @@ class SenderKeyRecord:
         return f"SenderKeyRecord(group_id={self._group_id.hex()}, chains=[{chains}])"
 
 
+# ------------------------------------------------------------------ a device's records
+
+
+class SenderKeyStore(Mapping[tuple[bytes, Address], SenderKeyRecord]):
+    """Every sender-key record one device keeps: one per (group, sender device), bounded.
+
+    A read-only mapping from ``(group_id, sender)`` to the record. Records
+    come only from :meth:`process_distribution`, which takes a distribution
+    (spec/04-sender-keys.md, section 4.8) only for a group the device holds,
+    from a listed device of a current member (the caller says which devices
+    those are), naming that device as its sender, and only while the records
+    stay within ``max_records``; nothing is evicted to make room. A refused
+    distribution changes nothing. The caller drops records with
+    :meth:`discard` when a member or device leaves, and persists each record
+    it touched.
+    """
+
+    __slots__ = ("_records", "max_records")
+
+    def __init__(self, *, max_records: int = MAX_SENDER_KEY_RECORDS) -> None:
+        _check_limit("max_records", max_records)
+        self.max_records = max_records
+        self._records: dict[tuple[bytes, Address], SenderKeyRecord] = {}
+
+    def __getitem__(self, key: tuple[bytes, Address]) -> SenderKeyRecord:
+        return self._records[key]
+
+    def __iter__(self) -> Iterator[tuple[bytes, Address]]:
+        return iter(self._records)
+
+    def __len__(self) -> int:
+        return len(self._records)
+
+    def process_distribution(
+        self,
+        skdm: SenderKeyDistributionMessage | bytes,
+        *,
+        sender: Address,
+        group_devices: Collection[Address] | None,
+        max_states: int = MAX_SENDER_KEY_STATES,
+        max_forward_jump: int = MAX_SENDER_KEY_FORWARD_JUMP,
+    ) -> SenderKeyDistributionMessage:
+        """Take an SKDM that ``sender``'s session delivered; the SKDM, decoded.
+
+        ``group_devices`` are the listed devices of the current members of the
+        SKDM's group (None: the group is not held). In this order, each
+        refusal changing nothing: UnknownGroup, NotAMember (``sender`` is not
+        one of them), SenderMismatch (the SKDM names another sender),
+        TooManySenderKeys (a new record would exceed ``max_records``); then
+        the record processes it (:meth:`SenderKeyRecord.process_distribution`).
+        """
+        if isinstance(skdm, bytes | bytearray | memoryview):
+            skdm = SenderKeyDistributionMessage.decode(bytes(skdm))
+        elif not isinstance(skdm, SenderKeyDistributionMessage):
+            raise InvalidArgument("expected a sender key distribution message")
+        _check_sender(sender)
+        if group_devices is None:
+            raise UnknownGroup("a sender key for a group this device does not hold")
+        if sender not in group_devices:
+            raise NotAMember(f"a sender key from {sender}, not a current member's device")
+        if skdm.sender != sender:
+            raise SenderMismatch(f"a sender key of {skdm.sender} delivered by {sender}")
+        key = (skdm.group_id, sender)
+        record = self._records.get(key)
+        if record is None:
+            if len(self._records) >= self.max_records:
+                raise TooManySenderKeys(f"already {len(self._records)} sender-key records")
+            record = SenderKeyRecord(skdm.group_id)
+            record.process_distribution(
+                skdm, sender=sender, max_states=max_states, max_forward_jump=max_forward_jump
+            )
+            self._records[key] = record
+        else:
+            record.process_distribution(
+                skdm, sender=sender, max_states=max_states, max_forward_jump=max_forward_jump
+            )
+        return skdm
+
+    def restore(self, group_id: bytes, sender: Address, record: SenderKeyRecord) -> None:
+        """Put back a stored record (loading); not counted against ``max_records``."""
+        if record.group_id != group_id:
+            raise InvalidArgument("the record is for another group")
+        self._records[(group_id, sender)] = record
+
+    def discard(self, which: Callable[[bytes, Address], bool]) -> list[tuple[bytes, Address]]:
+        """Drop the records ``which(group_id, sender)`` selects; their keys."""
+        dropped = [key for key in self._records if which(*key)]
+        for key in dropped:
+            del self._records[key]
+        return dropped
+
+    def __repr__(self) -> str:
+        return f"SenderKeyStore(records={len(self._records)}, max_records={self.max_records})"
+
+
 # ------------------------------------------------------------------ helpers
+
+
+def _check_sender(sender: object) -> None:
+    if isinstance(sender, Address) and isinstance(sender.user_id, str):
+        device_id = sender.device_id
+        try:
+            size = len(sender.user_id.encode())
+        except UnicodeEncodeError:  # a lone surrogate: not text msgpack can carry
+            size = 0
+        if (
+            1 <= size <= MAX_USER_ID_SIZE
+            and type(device_id) is int
+            and 0 <= device_id <= UINT32_MAX
+        ):
+            return
+    raise InvalidArgument(
+        f"a sender is an Address: a user id of 1 to {MAX_USER_ID_SIZE} bytes, "
+        f"a device id from 0 to {UINT32_MAX}"
+    )
 
 
 def _check_group_id(group_id: object) -> None:

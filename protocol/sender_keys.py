@@ -20,19 +20,37 @@ key)``. For each iteration::
 There is no MAC: the Ed25519 signature over the whole message authenticates
 it. A chain sends at iterations 0 .. MAX_SENDER_KEY_ITERATION (2^32 - 2).
 
+Binding to the sender
+=====================
+
+Our addition to libsignal's construction (spec/04-sender-keys.md, section
+4.7): a chain belongs to the device that created it. Its distribution names
+that device, and a receiver refuses it (SenderMismatch) from any other; each
+message is signed over the sender's address as well as the message::
+
+    signed = pack([sender_user_id, sender_device_id]) || body
+
+The address is not sent: the receiver takes it from the envelope the relay
+stamped (and keeps one record per sender device). A message restamped with
+another sender, or sent by a member that forwarded another's chain as its
+own, fails the signature under that sender's address.
+
 Wire formats
 ============
 
 Both are canonical msgpack (:mod:`hushchat.protocol.encoding`); ``uint`` is the
 shortest msgpack unsigned integer (1, 2, 3 or 5 bytes), ``bin N`` a byte
-string of exactly N bytes (``c4 NN`` then the bytes for N < 256).
+string of exactly N bytes (``c4 NN`` then the bytes for N < 256), ``str`` a
+UTF-8 string (``a0 + N`` then the bytes for N < 32).
 
 SenderKeyDistributionMessage (SKDM), sent only inside 1:1 sessions, an
-array of 6 (90..98 bytes)::
+array of 8 (94..166 bytes)::
 
-    96                  fixarray, 6 elements
-    01                  version       = PROTOCOL_VERSION
+    98                  fixarray, 8 elements
+    03                  version       = SENDER_KEY_VERSION
     c4 10 <16 bytes>    group_id
+    <str>               sender_user_id    1..MAX_USER_ID_SIZE bytes: the chain's creator
+    <uint>              sender_device_id  u32
     <uint>              chain_id      u32 (made as big-endian 4 random bytes >> 1)
     <uint>              iteration     u32, the chain's next iteration
     c4 20 <32 bytes>    chain_key     CK_iteration
@@ -41,21 +59,22 @@ array of 6 (90..98 bytes)::
 SenderKeyMessage, ``body || signature``::
 
     95                  fixarray, 5 elements
-    01                  version       = PROTOCOL_VERSION
+    03                  version       = SENDER_KEY_VERSION
     c4 10 <16 bytes>    group_id
     <uint>              chain_id      u32
     <uint>              iteration     0 .. 2^32 - 2
     c4 NN <N bytes>     ciphertext    N a positive multiple of 16, at most
                                       MAX_PLAINTEXT_SIZE + 16 (bin 16/32 headers
                                       c5 NNNN / c6 NNNNNNNN when N >= 256)
-    <64 bytes>          signature     Ed25519 over every preceding byte (the body)
+    <64 bytes>          signature     Ed25519 over the sender's address and the body
 
 The signature is the last 64 bytes; the body before it must be exactly one
 canonical array. Size: 139 + len(uint iteration) + 64 bytes for a 100-byte
 plaintext (112-byte ciphertext) and a chain id of 2^16 or more (a 5-byte
 uint, as nearly all 31-bit random ids): 204 bytes at iterations 0..127, 205
 at 128..255, 206 at 256..65535. libsignal's protobuf form of the same costs
-205 at 0..127, 206 at 128..16383 and 207 at 16384..65535 (chain id >= 2^28).
+205 at 0..127, 206 at 128..16383 and 207 at 16384..65535 (chain id >=
+2^28).
 
 Decoders raise only :class:`~hushchat.protocol.errors.ProtocolError` subclasses:
 UnknownVersion for another version, InvalidKey for a signing key that does
@@ -67,6 +86,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from . import primitives as p
+from .address import Address
 from .consts import (
     CHAIN_MESSAGE_KEY_SEED,
     CHAIN_NEXT_KEY_SEED,
@@ -76,8 +96,9 @@ from .consts import (
     MAX_MESSAGE_SIZE,
     MAX_PLAINTEXT_SIZE,
     MAX_SENDER_KEY_ITERATION,
-    PROTOCOL_VERSION,
+    MAX_USER_ID_SIZE,
     SENDER_KEY_INFO,
+    SENDER_KEY_VERSION,
     SENDER_MESSAGE_KEY_MATERIAL_SIZE,
 )
 from .encoding import UINT64_MAX, Fields, pack
@@ -131,10 +152,12 @@ class SenderKeyDistributionMessage:
     """A sender chain at one iteration: what a receiver needs to decrypt from there on.
 
     Made by :meth:`hushchat.protocol.group_cipher.OutboundSenderKey.distribution_message`
-    or :meth:`decode`. It holds a chain key: send it only inside a 1:1 session.
+    or :meth:`decode`. ``sender`` is the device that created the chain (and
+    alone sends on it). It holds a chain key: send it only inside a 1:1 session.
     """
 
     group_id: bytes
+    sender: Address
     chain_id: int
     iteration: int
     chain_key: bytes = field(repr=False)
@@ -143,8 +166,10 @@ class SenderKeyDistributionMessage:
     def encode(self) -> bytes:
         return pack(
             [
-                PROTOCOL_VERSION,
+                SENDER_KEY_VERSION,
                 self.group_id,
+                self.sender.user_id,
+                self.sender.device_id,
                 self.chain_id,
                 self.iteration,
                 self.chain_key,
@@ -158,13 +183,14 @@ class SenderKeyDistributionMessage:
         fields = Fields.decode(data, what="sender key distribution message")
         _read_version(fields)
         group_id = fields.bin(GROUP_ID_SIZE)
+        sender = Address(_read_user_id(fields), fields.uint())
         chain_id = fields.uint()
         iteration = fields.uint()
         chain_key = fields.bin(CHAIN_KEY_SIZE)
         signing_key = fields.bin(ED25519_KEY_SIZE)
         fields.end()
         check_signing_key(signing_key)
-        return cls(group_id, chain_id, iteration, chain_key, signing_key)
+        return cls(group_id, sender, chain_id, iteration, chain_key, signing_key)
 
 
 def check_signing_key(public: bytes) -> None:
@@ -182,7 +208,7 @@ def check_signing_key(public: bytes) -> None:
 
 @dataclass(frozen=True, slots=True)
 class SenderKeyMessage:
-    """One group message: who it is for and where in which chain, unverified.
+    """One group message: which group and where in which chain, unverified.
 
     :meth:`decode` is also how a caller routes a message (``group_id``,
     ``chain_id``, ``iteration``) before any record is loaded. Nothing here
@@ -200,8 +226,8 @@ class SenderKeyMessage:
 
     @staticmethod
     def encode_body(group_id: bytes, chain_id: int, iteration: int, ciphertext: bytes) -> bytes:
-        """The bytes a sender signs."""
-        return pack([PROTOCOL_VERSION, group_id, chain_id, iteration, ciphertext])
+        """The message before its signature."""
+        return pack([SENDER_KEY_VERSION, group_id, chain_id, iteration, ciphertext])
 
     def encode(self) -> bytes:
         return self.body + self.signature
@@ -230,9 +256,25 @@ class SenderKeyMessage:
         return cls(group_id, chain_id, iteration, ciphertext, signature, body)
 
 
+def signed_bytes(sender: Address, body: bytes) -> bytes:
+    """What a sender signs: its own address, then the message body.
+
+    The address binds the message to the device whose chain it is on; it is
+    not sent, the receiver takes it from the envelope.
+    """
+    return pack([sender.user_id, sender.device_id]) + body
+
+
+def _read_user_id(fields: Fields) -> str:
+    user_id = fields.text(MAX_USER_ID_SIZE)
+    if not user_id:
+        raise DecodeError("sender key distribution message: empty sender user id")
+    return user_id
+
+
 def _read_version(fields: Fields) -> None:
     # Read before the field count is known, so a future layout is reported
     # as UNKNOWN_VERSION rather than MALFORMED.
     version = fields.uint(UINT64_MAX)
-    if version != PROTOCOL_VERSION:
-        raise UnknownVersion(f"version {version} is not {PROTOCOL_VERSION}")
+    if version != SENDER_KEY_VERSION:
+        raise UnknownVersion(f"version {version} is not {SENDER_KEY_VERSION}")

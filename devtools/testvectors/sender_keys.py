@@ -13,7 +13,16 @@ Steps (spec/04-sender-keys.md):
 * ``drop``: never delivered.
 
 The receiver's state lists its chains newest first, each with its chain
-id, signing key, next iteration, chain key and stored skipped seeds.
+id, signing key, next iteration, chain key and stored skipped seeds. The
+sender's keys name and sign as ``sender``; the receiver's record is that of
+``received_from``, the device whose session delivers the SKDMs and whose
+address the relay stamps on the messages (the sender itself, except where a
+test plays a forwarder or a restamping relay).
+
+Group ``SenderKeyStore`` (spec/04-sender-keys.md, section 4.8): which SKDMs a
+device takes at all. Per test, ``groups`` maps each held group to its
+current members' listed devices; ``process`` steps give the delivering
+device (``from``) and the SKDM, and the store's ``records`` after.
 """
 
 from __future__ import annotations
@@ -22,18 +31,21 @@ from functools import partial
 from typing import Any
 
 from hushchat.protocol import primitives as p
+from hushchat.protocol.address import Address
 from hushchat.protocol.consts import (
     MAX_SENDER_KEY_FORWARD_JUMP,
     MAX_SENDER_KEY_STATES,
     MAX_SENDER_MESSAGE_KEYS,
 )
 from hushchat.protocol.encoding import pack, unpack
-from hushchat.protocol.group_cipher import OutboundSenderKey, SenderKeyRecord
+from hushchat.protocol.group_cipher import OutboundSenderKey, SenderKeyRecord, SenderKeyStore
 from hushchat.protocol.sender_keys import (
+    SenderKeyDistributionMessage,
     SenderKeyMessage,
     encrypt_with_seed,
     message_seed,
     next_chain_key,
+    signed_bytes,
 )
 
 from ._common import Checker, Json, case, h, note, seeded, unhex, vector_file
@@ -69,7 +81,45 @@ NOTES = {
         "An SKDM with a known chain id and another signing key replaces that chain.",
     ),
     "RedeliveredSkdm": note("BASIC", "An SKDM for a chain already held at a later iteration."),
+    "ForwardedDistribution": note(
+        "AUTH_BYPASS",
+        "A member hands on another member's SKDM as its own: it names its creator, not the "
+        "device that delivered it (SENDER_MISMATCH).",
+    ),
+    "RestampedMessage": note(
+        "AUTH_BYPASS",
+        "A message of one sender delivered as another's (a relay restamping the envelope, or "
+        "a member that took the chain as its own): the signature covers the sender's address "
+        "(BAD_SIGNATURE).",
+    ),
+    "UnknownGroup": note(
+        "DOS", "An SKDM for a group the device does not hold is not stored (UNKNOWN_GROUP)."
+    ),
+    "NotAMember": note(
+        "DOS",
+        "An SKDM from a device that is not a current member's listed device is not stored "
+        "(NOT_A_MEMBER).",
+    ),
+    "OverLimit": note(
+        "DOS",
+        "An SKDM that needs a new record beyond max_records is refused and nothing is evicted "
+        "(TOO_MANY_SENDER_KEYS); held records still take new chains.",
+    ),
+    "CheckOrder": note(
+        "EDGE_CASE", "An SKDM with two defects: the first check of section 4.8 decides the error."
+    ),
 }
+
+ALICE = Address("alice", 1)
+MALLORY = Address("mallory", 1)
+
+
+def address_json(address: Address) -> list[Any]:
+    return [address.user_id, address.device_id]
+
+
+def address_of(value: list[Any]) -> Address:
+    return Address(value[0], value[1])
 
 
 def record_json(record: SenderKeyRecord) -> Json:
@@ -90,9 +140,18 @@ def record_json(record: SenderKeyRecord) -> Json:
 
 
 class _Transcript:
-    def __init__(self, label: str, limits: tuple[int, int, int]) -> None:
+    def __init__(
+        self,
+        label: str,
+        limits: tuple[int, int, int],
+        *,
+        sender: Address = ALICE,
+        received_from: Address = ALICE,
+    ) -> None:
         self.rng = seeded("sender_keys/" + label)
         self.group_id = self.rng.random_bytes(16)
+        self.sender = sender
+        self.received_from = received_from
         self.max_forward_jump, self.max_message_keys, self.max_states = limits
         self.keys: list[OutboundSenderKey] = []
         self.random: list[list[bytes]] = []
@@ -118,7 +177,7 @@ class _Transcript:
         return len(self.keys) - 1
 
     def distribute(self, key: int) -> bytes:
-        skdm = self.keys[key].distribution_message()
+        skdm = self.keys[key].distribution_message(sender=self.sender)
         self.steps.append(
             {
                 "op": "distribute",
@@ -135,7 +194,10 @@ class _Transcript:
             step["modification"] = modification
         try:
             self.record.process_distribution(
-                skdm, max_states=self.max_states, max_forward_jump=self.max_forward_jump
+                skdm,
+                sender=self.received_from,
+                max_states=self.max_states,
+                max_forward_jump=self.max_forward_jump,
             )
         except Exception as exc:  # the reference's verdict is what gets recorded
             step.update(result="invalid", error=getattr(exc, "code", type(exc).__name__))
@@ -152,7 +214,7 @@ class _Transcript:
             plaintext = f"group message {msg_id}".encode()
             seed = message_seed(self.chain_key(key))
             iteration = sender.iteration
-            message = sender.encrypt(plaintext)
+            message = sender.encrypt(plaintext, sender=self.sender)
             self.messages.append(message)
             self.steps.append(
                 {
@@ -192,6 +254,7 @@ class _Transcript:
         try:
             plaintext = self.record.decrypt(
                 data,
+                sender=self.received_from,
                 max_forward_jump=self.max_forward_jump,
                 max_message_keys=self.max_message_keys,
             )
@@ -209,7 +272,7 @@ class _Transcript:
         """A message body signed with sender key ``key``'s signing key (a forgery tool)."""
         body = pack(fields)
         signing = p.ed25519_private_from_bytes(self.random[key][2])
-        return body + p.ed25519_sign(signing, body)
+        return body + p.ed25519_sign(signing, signed_bytes(self.sender, body))
 
     def case(self, comment: str, flags: tuple[str, ...]) -> Json:
         errors = [s["error"] for s in self.steps if s.get("result") == "invalid"]
@@ -219,6 +282,8 @@ class _Transcript:
             error=errors[0] if errors else None,
             flags=flags,
             group_id=h(self.group_id),
+            sender=address_json(self.sender),
+            received_from=address_json(self.received_from),
             steps=self.steps,
         )
 
@@ -367,6 +432,32 @@ def _default_transcripts(limits: tuple[int, int, int]) -> list[Json]:
     (m,) = t.encrypt(k)
     t.deliver(m)
     tests.append(t.case("the iteration-0 SKDM again after two messages", ("RedeliveredSkdm",)))
+
+    t = _Transcript("forwarded-distribution", limits, received_from=MALLORY)
+    k = t.create()
+    t.process(t.distribute(k), modification="alice's SKDM, delivered by mallory")
+    (m,) = t.encrypt(k)
+    t.deliver(m, modification="alice's message, stamped as mallory's")
+    tests.append(
+        t.case(
+            "mallory hands on alice's SKDM as its own: refused, so nothing reads as mallory's",
+            ("ForwardedDistribution", "UnknownChain"),
+        )
+    )
+
+    t = _Transcript("restamped-message", limits, received_from=MALLORY)
+    k = t.create()
+    renamed = unpack(t.distribute(k), what="test")
+    renamed[2:4] = [MALLORY.user_id, MALLORY.device_id]
+    t.process(pack(renamed), modification="alice's SKDM renamed to mallory.1 by mallory")
+    (m,) = t.encrypt(k)
+    t.deliver(m, modification="alice's message, stamped as mallory's")
+    tests.append(
+        t.case(
+            "alice's chain taken as mallory's: alice's message does not verify as mallory's",
+            ("RestampedMessage", "BadSignature"),
+        )
+    )
     return tests
 
 
@@ -421,6 +512,105 @@ def _group(limits: tuple[int, int, int], tests: list[Json]) -> Json:
     }
 
 
+# ------------------------------------------------------------------ a device's store
+
+
+def store_json(store: SenderKeyStore) -> list[Any]:
+    """The store's records, in (group id, user id, device id) order, with their chain ids."""
+    return [
+        [h(group_id), sender.user_id, sender.device_id, [c.chain_id for c in record.chains]]
+        for (group_id, sender), record in sorted(store.items())
+    ]
+
+
+class _StoreTranscript:
+    """One device's SenderKeyStore taking SKDMs delivered by several devices."""
+
+    def __init__(self, label: str, max_records: int, groups: dict[bytes, list[Address]]) -> None:
+        self.rng = seeded("sender_keys/store/" + label)
+        self.store = SenderKeyStore(max_records=max_records)
+        self.groups = groups
+        self.steps: list[Json] = []
+
+    def distribution(self, group_id: bytes, sender: Address) -> bytes:
+        """A fresh chain's SKDM, created by ``sender`` (its randomness from the label)."""
+        key = OutboundSenderKey.create(group_id, 0, self.rng)
+        return key.distribution_message(sender=sender)
+
+    def process(self, skdm: bytes, sender: Address, modification: str | None = None) -> None:
+        step: Json = {"op": "process", "from": address_json(sender), "skdm": h(skdm)}
+        if modification:
+            step["modification"] = modification
+        devices = self.groups.get(SenderKeyDistributionMessage.decode(skdm).group_id)
+        try:
+            self.store.process_distribution(skdm, sender=sender, group_devices=devices)
+        except Exception as exc:  # the reference's verdict is what gets recorded
+            step.update(result="invalid", error=getattr(exc, "code", type(exc).__name__))
+        else:
+            step["result"] = "valid"
+        step["records"] = store_json(self.store)
+        self.steps.append(step)
+
+    def case(self, comment: str, flags: tuple[str, ...]) -> Json:
+        errors = [s["error"] for s in self.steps if s.get("result") == "invalid"]
+        return case(
+            comment,
+            result="invalid" if errors else "valid",
+            error=errors[0] if errors else None,
+            flags=flags,
+            groups={h(g): [address_json(a) for a in sorted(d)] for g, d in self.groups.items()},
+            steps=self.steps,
+        )
+
+
+def _store_transcripts(max_records: int) -> list[Json]:
+    bob, stranger = Address("bob", 1), Address("stranger", 1)
+    members = [ALICE, Address("alice", 2), bob, MALLORY]
+    held, elsewhere = bytes(range(16)), bytes(range(16, 32))
+    tests = []
+
+    t = _StoreTranscript("unknown-group", max_records, {held: members})
+    t.process(t.distribution(elsewhere, ALICE), ALICE, "a member's SKDM for a group not held")
+    t.process(t.distribution(held, ALICE), ALICE)
+    tests.append(t.case("an SKDM for a group the device does not hold", ("UnknownGroup",)))
+
+    t = _StoreTranscript("not-a-member", max_records, {held: members})
+    t.process(t.distribution(held, stranger), stranger, "a contact's own SKDM for the group")
+    t.process(t.distribution(held, Address("alice", 3)), Address("alice", 3), "unlisted device")
+    t.process(t.distribution(held, bob), bob)
+    tests.append(t.case("SKDMs from devices that are not a member's", ("NotAMember",)))
+
+    t = _StoreTranscript("forwarded", max_records, {held: members})
+    alices = t.distribution(held, ALICE)
+    t.process(alices, MALLORY, "alice's SKDM, delivered by mallory")
+    t.process(alices, ALICE)
+    tests.append(t.case("a member hands on another member's SKDM", ("ForwardedDistribution",)))
+
+    t = _StoreTranscript("over-limit", max_records, {held: members, elsewhere: [ALICE, bob]})
+    t.process(t.distribution(held, ALICE), ALICE)
+    t.process(t.distribution(held, bob), bob)
+    t.process(t.distribution(held, MALLORY), MALLORY, "a third record")
+    t.process(t.distribution(elsewhere, ALICE), ALICE, "a third record, in another group")
+    t.process(t.distribution(held, ALICE), ALICE, "alice's next chain, in her held record")
+    tests.append(t.case(f"{max_records} records held: a new one is refused", ("OverLimit",)))
+
+    t = _StoreTranscript("check-order", max_records, {held: members})
+    t.process(
+        t.distribution(elsewhere, ALICE),
+        stranger,
+        "alice's SKDM for a group not held, delivered by a stranger",
+    )
+    t.process(t.distribution(held, ALICE), stranger, "alice's SKDM, delivered by a stranger")
+    t.process(t.distribution(held, ALICE), MALLORY, "alice's SKDM, delivered by mallory")
+    tests.append(
+        t.case(
+            "two defects at once: group, then member, then sender",
+            ("CheckOrder", "UnknownGroup", "NotAMember", "ForwardedDistribution"),
+        )
+    )
+    return tests
+
+
 def generate() -> Json:
     default = (MAX_SENDER_KEY_FORWARD_JUMP, MAX_SENDER_MESSAGE_KEYS, MAX_SENDER_KEY_STATES)
     small = (5, 3, 2)
@@ -428,13 +618,15 @@ def generate() -> Json:
         NAME,
         description=(
             "Sender Keys transcripts: key creation from recorded randomness, SKDMs, exact group "
-            "messages, and the receiver's chains after each delivery, refused or not."
+            "messages, and the receiver's chains after each delivery, refused or not; which "
+            "SKDMs a device's store takes at all."
         ),
         spec=["04-sender-keys.md"],
         notes=NOTES,
         groups=[
             _group(default, _default_transcripts(default)),
             _group(small, _limit_transcripts(small)),
+            {"type": "SenderKeyStore", "max_records": 2, "tests": _store_transcripts(2)},
         ],
     )
 
@@ -443,8 +635,12 @@ def generate() -> Json:
 
 
 def verify_test(group: Json, test: Json) -> list[str]:
+    if group["type"] == "SenderKeyStore":
+        return _verify_store(group, test)
     c = Checker()
     group_id = unhex(test["group_id"])
+    sender = address_of(test["sender"])
+    received_from = address_of(test["received_from"])
     record = SenderKeyRecord(group_id)
     keys: list[OutboundSenderKey] = []
     for index, step in enumerate(test["steps"]):
@@ -459,13 +655,14 @@ def verify_test(group: Json, test: Json) -> list[str]:
         elif op == "distribute":
             key = keys[step["key"]]
             c.equal(f"{where} iteration", step["iteration"], key.iteration)
-            c.equal(f"{where} skdm", step["skdm"], h(key.distribution_message()))
+            c.equal(f"{where} skdm", step["skdm"], h(key.distribution_message(sender=sender)))
         elif op == "process":
             before = record.to_bytes()
             skdm = unhex(step["skdm"])
             process = partial(
                 record.process_distribution,
                 skdm,
+                sender=received_from,
                 max_states=group["max_states"],
                 max_forward_jump=group["max_forward_jump"],
             )
@@ -476,13 +673,15 @@ def verify_test(group: Json, test: Json) -> list[str]:
         elif op == "encrypt":
             key = keys[step["key"]]
             c.equal(f"{where} iteration", step["iteration"], key.iteration)
-            c.equal(f"{where} message", step["message"], h(key.encrypt(unhex(step["plaintext"]))))
+            message = key.encrypt(unhex(step["plaintext"]), sender=sender)
+            c.equal(f"{where} message", step["message"], h(message))
         elif op in ("deliver", "duplicate"):
             before = record.to_bytes()
             data = unhex(step["message"])
             decrypt = partial(
                 record.decrypt,
                 data,
+                sender=received_from,
                 max_forward_jump=group["max_forward_jump"],
                 max_message_keys=group["max_message_keys"],
             )
@@ -494,4 +693,29 @@ def verify_test(group: Json, test: Json) -> list[str]:
             c.equal(f"{where} state", step["state"], record_json(record))
         elif op != "drop":
             c.fail(f"{where}: unknown op")
+    return c.failures
+
+
+def _verify_store(group: Json, test: Json) -> list[str]:
+    c = Checker()
+    store = SenderKeyStore(max_records=group["max_records"])
+    groups = {unhex(g): {address_of(a) for a in devices} for g, devices in test["groups"].items()}
+    for index, step in enumerate(test["steps"]):
+        where = f"step {index} ({step['op']})"
+        if step["op"] != "process":
+            c.fail(f"{where}: unknown op")
+            continue
+        before = store_json(store)
+        skdm = unhex(step["skdm"])
+        devices = groups.get(SenderKeyDistributionMessage.decode(skdm).group_id)
+        process = partial(
+            store.process_distribution,
+            skdm,
+            sender=address_of(step["from"]),
+            group_devices=devices,
+        )
+        c.outcome(where, step, process)
+        if step["result"] == "invalid":
+            c.equal(f"{where} records unchanged", before, store_json(store))
+        c.equal(f"{where} records", step["records"], store_json(store))
     return c.failures

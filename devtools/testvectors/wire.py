@@ -17,11 +17,13 @@ from __future__ import annotations
 
 from typing import Any
 
+from hushchat.protocol.address import Address
 from hushchat.protocol.consts import (
     DEVICE_LIST_SIGNATURE_CONTEXT,
     MAX_MESSAGE_SIZE,
     MAX_NESTING_DEPTH,
     PROTOCOL_VERSION,
+    SENDER_KEY_VERSION,
 )
 from hushchat.protocol.devices import DeviceEntry, DeviceList, SignedDeviceList
 from hushchat.protocol.double_ratchet import Header
@@ -72,7 +74,11 @@ NOTES = {
     ),
     "NonCanonicalInteger": note("CAN_OF_WORMS", "An integer uses uint 8 where a fixint fits."),
     "NonCanonicalBin": note("CAN_OF_WORMS", "A byte string uses bin 16 where bin 8 fits."),
-    "UnknownVersion": note("BASIC", f"The version field is {PROTOCOL_VERSION + 1}."),
+    "UnknownVersion": note(
+        "BASIC",
+        f"The version field is {PROTOCOL_VERSION + 1}; for the sender-key structures "
+        f"{SENDER_KEY_VERSION + 1}, or 1 or 2, whose chains were not bound to their sender.",
+    ),
     "UnknownType": note("BASIC", "The message type is neither 1 nor 2."),
     "ExtraField": note("BASIC", "One field too many."),
     "MissingField": note("BASIC", "The last field is missing."),
@@ -206,8 +212,10 @@ def _device_list_json(data: bytes) -> Json:
 def _skdm_json(data: bytes) -> Json:
     m = SenderKeyDistributionMessage.decode(data)
     return {
-        "version": PROTOCOL_VERSION,
+        "version": SENDER_KEY_VERSION,
         "group_id": h(m.group_id),
+        "sender_user_id": m.sender.user_id,
+        "sender_device_id": m.sender.device_id,
         "chain_id": m.chain_id,
         "iteration": m.iteration,
         "chain_key": h(m.chain_key),
@@ -218,7 +226,7 @@ def _skdm_json(data: bytes) -> Json:
 def _skm_json(data: bytes) -> Json:
     m = SenderKeyMessage.decode(data)
     return {
-        "version": PROTOCOL_VERSION,
+        "version": SENDER_KEY_VERSION,
         "group_id": h(m.group_id),
         "chain_id": m.chain_id,
         "iteration": m.iteration,
@@ -262,6 +270,7 @@ STRUCTURES = {
             _skdm_json,
             lambda d: SenderKeyDistributionMessage(
                 unhex(d["group_id"]),
+                Address(d["sender_user_id"], d["sender_device_id"]),
                 d["chain_id"],
                 d["iteration"],
                 unhex(d["chain_key"]),
@@ -323,8 +332,9 @@ def _device_list_samples() -> list[tuple[str, bytes]]:
 def _sender_key_samples() -> tuple[list[tuple[str, bytes]], list[tuple[str, bytes]]]:
     rng = seeded("wire/sender-key")
     key = OutboundSenderKey.create(rng.random_bytes(16), 0, rng)
-    skdm = key.distribution_message()
-    message = key.encrypt(b"group hello")
+    sender = Address("alice", 1)
+    skdm = key.distribution_message(sender=sender)
+    message = key.encrypt(b"group hello", sender=sender)
     return [("SKDM at iteration 0", skdm)], [("message at iteration 0", message)]
 
 
@@ -444,27 +454,53 @@ def _specific_defects(name: str, sample: bytes) -> list[Defect]:
         ]
     if name == "SignedDeviceList":
         return _device_list_defects(sample)
+    if name in ("SenderKeyDistributionMessage", "SenderKeyMessage"):
+        # The sender-key structures have their own version (spec 6.1): the next
+        # one, and the one before, whose chains were not bound to their sender.
+        version = (
+            f"version {SENDER_KEY_VERSION + 1}",
+            "UnknownVersion",
+            replace(sample, s, 0, SENDER_KEY_VERSION + 1),
+        )
     if name == "SenderKeyDistributionMessage":
+        fields = unpack(sample, what="test")
+        unbound = pack([SENDER_KEY_VERSION - 1, fields[1], *fields[4:]])
         return [
             version,
             (
+                f"version {SENDER_KEY_VERSION - 1}, six fields (no sender)",
+                "UnknownVersion",
+                unbound,
+            ),
+            (
                 "signing key of small order",
                 "InvalidKey",
-                replace(sample, s, 5, SMALL_ORDER_EDWARDS),
+                replace(sample, s, 7, SMALL_ORDER_EDWARDS),
             ),
-            ("chain id 2^32", "IntegerTooLarge", replace(sample, s, 2, 2**32)),
+            ("chain id 2^32", "IntegerTooLarge", replace(sample, s, 4, 2**32)),
+            ("empty sender user id", "WrongSize", replace(sample, s, 2, "")),
+            ("sender user id of 65 bytes", "WrongSize", replace(sample, s, 2, "u" * 65)),
+            ("sender user id as bin", "WrongType", replace(sample, s, 2, b"alice")),
+            ("sender device id 2^32", "IntegerTooLarge", replace(sample, s, 3, 2**32)),
             (
-                f"version {PROTOCOL_VERSION + 1} and one extra field: the version is read before "
-                "the element count (UNKNOWN_VERSION)",
+                f"version {SENDER_KEY_VERSION + 1} and one extra field: the version is read "
+                "before the element count (UNKNOWN_VERSION)",
                 "CheckOrder",
-                replace_all(sample, s, {0: PROTOCOL_VERSION + 1}, extra=True),
+                replace_all(sample, s, {0: SENDER_KEY_VERSION + 1}, extra=True),
                 "UNKNOWN_VERSION",
             ),
             (
                 "signing key of small order and one extra field: the element count is checked "
                 "before the key (MALFORMED)",
                 "CheckOrder",
-                replace_all(sample, s, {5: SMALL_ORDER_EDWARDS}, extra=True),
+                replace_all(sample, s, {7: SMALL_ORDER_EDWARDS}, extra=True),
+                "MALFORMED",
+            ),
+            (
+                "empty sender user id and signing key of small order: the fields are checked "
+                "before the key (MALFORMED)",
+                "CheckOrder",
+                replace_all(sample, s, {2: "", 7: SMALL_ORDER_EDWARDS}),
                 "MALFORMED",
             ),
         ]
@@ -472,6 +508,11 @@ def _specific_defects(name: str, sample: bytes) -> list[Defect]:
         fields, signature = split(sample, True)
         return [
             version,
+            (
+                f"version {SENDER_KEY_VERSION - 1} (not bound to its sender)",
+                "UnknownVersion",
+                replace(sample, s, 0, SENDER_KEY_VERSION - 1),
+            ),
             (
                 "iteration 2^32 - 1 (beyond the last)",
                 "IntegerTooLarge",
@@ -481,10 +522,10 @@ def _specific_defects(name: str, sample: bytes) -> list[Defect]:
             ("ciphertext empty", "BadCiphertextLength", replace(sample, s, 4, b"")),
             ("only a signature", "TooShort", signature),
             (
-                f"version {PROTOCOL_VERSION + 1} and one extra field: the version is read before "
-                "the element count (UNKNOWN_VERSION)",
+                f"version {SENDER_KEY_VERSION + 1} and one extra field: the version is read "
+                "before the element count (UNKNOWN_VERSION)",
                 "CheckOrder",
-                replace_all(sample, s, {0: PROTOCOL_VERSION + 1}, extra=True),
+                replace_all(sample, s, {0: SENDER_KEY_VERSION + 1}, extra=True),
                 "UNKNOWN_VERSION",
             ),
         ]

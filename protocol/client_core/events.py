@@ -5,18 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TypeAlias
 
+from ..address import Address as Address  # re-exported: the API names devices by it
 from ..group import Action, GroupEvent
-
-
-@dataclass(frozen=True, slots=True, order=True)
-class Address:
-    """One device of one user."""
-
-    user_id: str
-    device_id: int
-
-    def __str__(self) -> str:
-        return f"{self.user_id}.{self.device_id}"
 
 
 @dataclass(frozen=True, slots=True)

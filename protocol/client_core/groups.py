@@ -102,11 +102,15 @@ class GroupMessages:
             if group.current.member(user_id) is not None:
                 self.retire_outbound(group_id)
 
+    def _distribution(self, outbound: Outbound) -> bytes:
+        """The content carrying our sender key of ``outbound``, naming this device."""
+        return SenderKey(outbound.key.distribution_message(sender=self._state.address)).encode()
+
     def _distribute(
         self, group_id: bytes, outbound: Outbound, addresses: list[Address], now: int
     ) -> list[DirectSend]:
         """Our sender key to these devices, one-to-one; they hold it from now on."""
-        distribution = SenderKey(outbound.key.distribution_message()).encode()
+        distribution = self._distribution(outbound)
         sends = self._sessions.encrypt_for(addresses, distribution, now)
         outbound.shared_with.update(addresses)
         self._state.mark(RecordKey.outbound(group_id))
@@ -145,11 +149,13 @@ class GroupMessages:
             state.outbound[group_id] = outbound
         sends: list[Send] = []
         if needing:
-            distribution = SenderKey(outbound.key.distribution_message()).encode()
+            distribution = self._distribution(outbound)
             sends.extend(self._sessions.encrypt_with(needing, records, distribution, now))
             outbound.shared_with.update(needing)
         message_id = state.new_message_id()
-        payload = outbound.key.encrypt(GroupText(message_id, now, body).encode())
+        payload = outbound.key.encrypt(
+            GroupText(message_id, now, body).encode(), sender=state.address
+        )
         state.mark(RecordKey.outbound(group_id))
         sends.append(GroupSend(group_id, payload, recipients))
         return message_id, sends
@@ -182,7 +188,7 @@ class GroupMessages:
         skdm = SenderKeyDistributionMessage.decode(content.distribution)
         key = (skdm.group_id, sender)
         record = state.inbound.get(key) or SenderKeyRecord(skdm.group_id)
-        record.process_distribution(skdm)
+        record.process_distribution(skdm, sender=sender)
         state.inbound[key] = record
         state.mark(RecordKey.inbound(skdm.group_id, sender))
         return Outcome()
@@ -209,7 +215,7 @@ class GroupMessages:
         record = state.inbound.get((group_id, sender))
         if record is None or all(c.chain_id != parsed.chain_id for c in record.chains):
             return self._request_retry(sender, group_id, parsed.chain_id, now)
-        plaintext = record.decrypt(payload)
+        plaintext = record.decrypt(payload, sender=sender)
         # The chain moved on (its key is spent) even if the content turns out malformed.
         state.mark(RecordKey.inbound(group_id, sender))
         text = GroupText.decode(plaintext)

@@ -187,7 +187,7 @@ def world() -> World:
     snapshot = held.current.encode()
     contents = [
         Text(b"\x01" * 16, AFTER_WORLD, b"text body").encode(),
-        SenderKey(skdm.distribution_message()).encode(),
+        SenderKey(skdm.distribution_message(sender=ALICE)).encode(),
         GroupControl(add_dave.encode(), None).encode(),
         GroupControl(add_welcome.message.encode(), add_welcome.encode()).encode(),
         RetryRequest(group_id, 7).encode(),
@@ -290,7 +290,9 @@ class SenderKeyTarget:
         )
 
     def check(self, data: bytes) -> bool:
-        accepted = refused_unchanged(self.record.to_bytes, lambda: self.record.decrypt(data))
+        accepted = refused_unchanged(
+            self.record.to_bytes, lambda: self.record.decrypt(data, sender=ALICE)
+        )
         if accepted:
             self.reset()
         return accepted

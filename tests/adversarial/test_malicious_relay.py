@@ -546,10 +546,11 @@ def test_a_member_whose_identity_changed_is_out_of_the_group_until_added_again(
     net.deliver_all()
     # Nor is the new device's group message taken as bob's.
     key = OutboundSenderKey.create(group, net.now, SeededRandom(b"new bob key"))
-    skdm = SenderKey(key.distribution_message()).encode()
+    skdm = SenderKey(key.distribution_message(sender=A("bob"))).encode()
     assert net.receive(net.inject_content(A("bob"), A("alice"), skdm)).events == ()
     text = GroupText(b"\x03" * 16, net.now, b"it's bob").encode()
-    outcome = alice.receive(A("bob"), ENVELOPE_GROUP, key.encrypt(text), now=net.tick())
+    payload = key.encrypt(text, sender=A("bob"))
+    outcome = alice.receive(A("bob"), ENVELOPE_GROUP, payload, now=net.tick())
     assert outcome.events == (Undecryptable(A("bob"), "NOT_A_MEMBER", group),)
     # The admin adds the new identity (removing the old first): bob is back.
     net.remove_member(A("alice"), group, "bob")

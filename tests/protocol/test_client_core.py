@@ -271,8 +271,10 @@ def test_removal_secrecy(net: Network) -> None:
         for key, data in dave_records[device].items():
             if key.kind is RecordKind.INBOUND:
                 for _, payload in payloads:
+                    record = SenderKeyRecord.from_bytes(data)
+                    assert key.address is not None
                     with pytest.raises(NoSenderKey):
-                        SenderKeyRecord.from_bytes(data).decrypt(payload)
+                        record.decrypt(payload, sender=key.address)
 
 
 def test_a_removed_device_reads_nothing_sent_after(net: Network) -> None:
@@ -297,8 +299,10 @@ def test_a_removed_device_reads_nothing_sent_after(net: Network) -> None:
         assert not any(isinstance(e, MessageReceived) for e in outcome.events)
         for key, data in old_records.items():
             if key.kind is RecordKind.INBOUND:
+                record = SenderKeyRecord.from_bytes(data)
+                assert key.address is not None
                 with pytest.raises(NoSenderKey):
-                    SenderKeyRecord.from_bytes(data).decrypt(payload)
+                    record.decrypt(payload, sender=key.address)
     # And what it sends is refused by everyone.
     net.persist(A("bob", 2))
     net.send_group(A("bob", 2), group_id, b"can you hear me")
@@ -395,7 +399,7 @@ def _sender_key_at(net: Network, sender: Address, group_id: bytes, ahead: int) -
     key[3] += ahead
     key[4] = chain_key
     outbound = OutboundSenderKey.from_bytes(pack(key))
-    return outbound.encrypt(GroupText(b"\x01" * 16, 0, b"from the future").encode())
+    return outbound.encrypt(GroupText(b"\x01" * 16, 0, b"from the future").encode(), sender=sender)
 
 
 def test_a_forward_jump_beyond_the_limit_is_refused(net: Network) -> None:
@@ -663,7 +667,7 @@ def test_a_malformed_group_plaintext_still_spends_its_key_in_the_stored_record(
     net.deliver_all()
     record = unpack(net.stores[A("alice")][RecordKey.outbound(group_id)], what="test")
     outbound = OutboundSenderKey.from_bytes(record[1])
-    payload = outbound.encrypt(b"not a GroupText")
+    payload = outbound.encrypt(b"not a GroupText", sender=A("alice"))
     outcome = net.core(A("bob")).receive(A("alice"), ENVELOPE_GROUP, payload, now=net.tick())
     assert outcome.events == (Undecryptable(A("alice"), "MALFORMED"),)
     net.persist(A("bob"))  # checks the store equals the state

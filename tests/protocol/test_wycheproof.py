@@ -31,6 +31,7 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from hushchat.protocol import primitives as p
 from hushchat.protocol.account import Account
+from hushchat.protocol.address import Address
 from hushchat.protocol.devices import DeviceEntry, DeviceList, SignedDeviceList
 from hushchat.protocol.double_ratchet import Header
 from hushchat.protocol.encoding import pack
@@ -326,13 +327,14 @@ def test_malleated_signatures_are_refused_wherever_the_protocol_verifies_one(
     # A sender-key message, signed by the chain's signing key; the record is unchanged.
     outbound = OutboundSenderKey.create(bytes(16), now=NOW, rng=SeededRandom(b"chain"))
     inbound = SenderKeyRecord(bytes(16))
-    inbound.process_distribution(outbound.distribution_message())
-    message = outbound.encrypt(b"group text")
+    sender = Address("alice", 1)
+    inbound.process_distribution(outbound.distribution_message(sender=sender), sender=sender)
+    message = outbound.encrypt(b"group text", sender=sender)
     before = inbound.to_bytes()
     with pytest.raises(BadSignature):
-        inbound.decrypt(message[:-64] + malleated(message[-64:]))
+        inbound.decrypt(message[:-64] + malleated(message[-64:]), sender=sender)
     assert inbound.to_bytes() == before
-    assert inbound.decrypt(message) == b"group text"
+    assert inbound.decrypt(message, sender=sender) == b"group text"
 
     # The relay's check of a device's AUTH signature.
     auth = sign_auth(device, "relay", bytes(32), "bob", 1)
