@@ -57,7 +57,7 @@ from __future__ import annotations
 
 import hmac
 from collections import OrderedDict
-from collections.abc import Callable, Collection, Iterator, Mapping
+from collections.abc import Callable, Container, Iterator, Mapping
 from dataclasses import dataclass
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -546,7 +546,7 @@ class SenderKeyStore(Mapping[tuple[bytes, Address], SenderKeyRecord]):
         skdm: SenderKeyDistributionMessage | bytes,
         *,
         sender: Address,
-        group_devices: Collection[Address] | None,
+        group_devices: Container[Address] | None,
         max_states: int = MAX_SENDER_KEY_STATES,
         max_forward_jump: int = MAX_SENDER_KEY_FORWARD_JUMP,
     ) -> SenderKeyDistributionMessage:

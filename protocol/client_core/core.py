@@ -26,7 +26,9 @@ Rules the core enforces (spec/11-devices.md, spec/12-groups.md):
 * group messages are accepted only from current members' listed devices,
   and sent only to them, where the list must be signed by the user identity
   the group state records for the member (a member whose identity changed
-  is left out until an admin adds it again with the new one);
+  is left out until an admin adds it again with the new one); sender keys
+  are kept only from those devices, for groups we hold, named by their
+  creator, and at most ``max_sender_key_records`` of them (spec 4.8);
 * when a member or one of its devices leaves, every remaining member
   rotates its sender key before its next group message, and distributes the
   new key only to the remaining devices;
@@ -50,7 +52,7 @@ from collections.abc import Iterable
 
 from .. import primitives as p
 from ..account import Account
-from ..consts import SENDER_KEY_MAX_AGE, SENDER_KEY_MAX_MESSAGES
+from ..consts import MAX_SENDER_KEY_RECORDS, SENDER_KEY_MAX_AGE, SENDER_KEY_MAX_MESSAGES
 from ..content import (
     GroupControl,
     GroupSync,
@@ -72,6 +74,7 @@ from ..errors import (
 )
 from ..fingerprint import SafetyNumber
 from ..group import GroupState
+from ..group_cipher import SenderKeyStore
 from ..keys import IdentityKeyPair
 from ..pqxdh import Party
 from . import persistence
@@ -108,11 +111,18 @@ class ClientCore:
         rng: p.RandomSource = p.SYSTEM_RANDOM,
         sender_key_max_age: int = SENDER_KEY_MAX_AGE,
         sender_key_max_messages: int = SENDER_KEY_MAX_MESSAGES,
+        max_sender_key_records: int = MAX_SENDER_KEY_RECORDS,
     ) -> None:
         if user_identity is not None and user_identity.public.ed25519 != user_identity_public:
             raise InvalidArgument("user identity key pair does not match its public key")
         self._state = CoreState(
-            user_id, device_id, account, user_identity_public, user_identity, rng
+            user_id,
+            device_id,
+            account,
+            user_identity_public,
+            user_identity,
+            rng,
+            inbound=SenderKeyStore(max_records=max_sender_key_records),
         )
         self._directory = Directory(self._state)
         self._sessions = Sessions(self._state, self._directory)
@@ -270,8 +280,10 @@ class ClientCore:
             for address in change.removed:
                 self._sessions.drop_session(address)
             if change.removed:
-                # A device that leaves must not read what follows.
+                # A device that leaves must not read what follows, and is no
+                # member's device: its sender keys go.
                 self._messages.retire_where_member(change.user_id)
+                self._messages.drop_sender_keys_of(set(change.removed))
         return Outcome(events=change.events)
 
     def safety_number(self, user_id: str, *, pending: bool = False) -> SafetyNumber:

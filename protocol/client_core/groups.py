@@ -9,10 +9,12 @@ with its current key.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from ..content import GroupText, RetryRequest, SenderKey
-from ..errors import InvalidArgument
+from ..errors import InvalidArgument, NotAMember, RemoteProtocolError, UnknownGroup
 from ..group import GroupState
-from ..group_cipher import OutboundSenderKey, SenderKeyRecord
+from ..group_cipher import OutboundSenderKey
 from ..sender_keys import SenderKeyDistributionMessage, SenderKeyMessage
 from .direct import Sessions
 from .directory import Directory
@@ -20,6 +22,28 @@ from .events import Address, MessageReceived, RetryRequested, Undecryptable
 from .records import RecordKey
 from .sends import DirectSend, GroupSend, Outcome, Send
 from .state import CoreState, Outbound
+
+
+class _MemberDevices:
+    """The listed devices of a group state's members (spec 12.7), tested one at a time.
+
+    What a sender-key distribution's sender must be (spec 4.8); a container
+    rather than a set, so that a distribution in a large group costs a lookup.
+    """
+
+    __slots__ = ("_directory", "_messages", "_state")
+
+    def __init__(self, directory: Directory, messages: GroupMessages, state: GroupState) -> None:
+        self._directory = directory
+        self._messages = messages
+        self._state = state
+
+    def __contains__(self, address: object) -> bool:
+        return (
+            isinstance(address, Address)
+            and self._directory.knows_device(address)
+            and self._messages.listed_as_member(self._state, address.user_id)
+        )
 
 
 class GroupMessages:
@@ -184,24 +208,31 @@ class GroupMessages:
     # ------------------------------------------------------------ their sender keys
 
     def receive_sender_key(self, sender: Address, content: SenderKey) -> Outcome:
+        """Keep a sender key only for our group, from its creator, a member's device (spec 4.8)."""
         state = self._state
         skdm = SenderKeyDistributionMessage.decode(content.distribution)
-        key = (skdm.group_id, sender)
-        record = state.inbound.get(key) or SenderKeyRecord(skdm.group_id)
-        record.process_distribution(skdm, sender=sender)
-        state.inbound[key] = record
+        group = state.groups.get(skdm.group_id)
+        devices = None if group is None else _MemberDevices(self._directory, self, group.current)
+        try:
+            state.inbound.process_distribution(skdm, sender=sender, group_devices=devices)
+        except RemoteProtocolError as exc:
+            # Nothing stored. One sent before its sender's welcome reached us comes
+            # again, as the answer to the retry request its next message causes.
+            return Outcome(events=(Undecryptable(sender, exc.code, skdm.group_id),))
         state.mark(RecordKey.inbound(skdm.group_id, sender))
         return Outcome()
 
     def drop_sender_keys(self, group_id: bytes, user_ids: set[str] | None) -> None:
         """Forget the sender keys of these users in the group (None: of every user)."""
-        for key in [
-            k
-            for k in self._state.inbound
-            if k[0] == group_id and (user_ids is None or k[1].user_id in user_ids)
-        ]:
-            del self._state.inbound[key]
-            self._state.mark(RecordKey.inbound(group_id, key[1]))
+        self._forget(lambda g, a: g == group_id and (user_ids is None or a.user_id in user_ids))
+
+    def drop_sender_keys_of(self, devices: set[Address]) -> None:
+        """Forget the sender keys of these devices, in every group (they left their lists)."""
+        self._forget(lambda _, sender: sender in devices)
+
+    def _forget(self, which: Callable[[bytes, Address], bool]) -> None:
+        for group_id, address in self._state.inbound.discard(which):
+            self._state.mark(RecordKey.inbound(group_id, address))
 
     def receive(self, sender: Address, payload: bytes, now: int) -> Outcome:
         """A group message: the app's, or a retry request when we lack the sender's key."""
@@ -209,9 +240,9 @@ class GroupMessages:
         parsed = SenderKeyMessage.decode(payload)
         group_id = parsed.group_id
         if group_id not in state.groups:
-            return Outcome(events=(Undecryptable(sender, "UNKNOWN_GROUP", group_id),))
+            return Outcome(events=(Undecryptable(sender, UnknownGroup.code, group_id),))
         if not self.is_member(group_id, sender.user_id):
-            return Outcome(events=(Undecryptable(sender, "NOT_A_MEMBER", group_id),))
+            return Outcome(events=(Undecryptable(sender, NotAMember.code, group_id),))
         record = state.inbound.get((group_id, sender))
         if record is None or all(c.chain_id != parsed.chain_id for c in record.chains):
             return self._request_retry(sender, group_id, parsed.chain_id, now)

@@ -157,7 +157,7 @@ def _write_inbound(state: CoreState, key: RecordKey) -> bytes | None:
 
 def _read_inbound(state: CoreState, key: RecordKey, data: bytes) -> None:
     assert key.group_id is not None and key.address is not None
-    state.inbound[(key.group_id, key.address)] = SenderKeyRecord.from_bytes(data)
+    state.inbound.restore(key.group_id, key.address, SenderKeyRecord.from_bytes(data))
 
 
 def _write_group(state: CoreState, key: RecordKey) -> bytes | None:

@@ -16,7 +16,7 @@ from ..account import Account
 from ..content import MESSAGE_ID_SIZE, GroupControl
 from ..devices import SignedDeviceList
 from ..group import ControlMessage, Group
-from ..group_cipher import OutboundSenderKey, SenderKeyRecord
+from ..group_cipher import OutboundSenderKey, SenderKeyStore
 from ..keys import IdentityKeyPair
 from ..pqxdh import Party
 from ..session import SessionRecord
@@ -89,7 +89,8 @@ class CoreState:
     pending_identity: dict[str, SignedDeviceList] = field(default_factory=dict)
     sessions: dict[Address, SessionRecord] = field(default_factory=dict)
     outbound: dict[bytes, Outbound] = field(default_factory=dict)
-    inbound: dict[tuple[bytes, Address], SenderKeyRecord] = field(default_factory=dict)
+    # Peers' sender keys: only for our groups, from their members' devices, bounded.
+    inbound: SenderKeyStore = field(default_factory=SenderKeyStore)
     groups: dict[bytes, Group] = field(default_factory=dict)
     # Control messages that arrived before their parent change, oldest first.
     held: list[tuple[Address, GroupControl]] = field(default_factory=list)

@@ -544,10 +544,12 @@ def test_a_member_whose_identity_changed_is_out_of_the_group_until_added_again(
     envelopes = net.send_group(A("alice"), group, b"not for the new bob")
     assert all(e.recipient.user_id != "bob" for e in envelopes)
     net.deliver_all()
-    # Nor is the new device's group message taken as bob's.
+    # Nor is the new device's sender key kept, nor its group message taken as bob's.
     key = OutboundSenderKey.create(group, net.now, SeededRandom(b"new bob key"))
     skdm = SenderKey(key.distribution_message(sender=A("bob"))).encode()
-    assert net.receive(net.inject_content(A("bob"), A("alice"), skdm)).events == ()
+    delivery = net.receive(net.inject_content(A("bob"), A("alice"), skdm))
+    assert delivery.events == (Undecryptable(A("bob"), "NOT_A_MEMBER", group),)
+    assert ("inbound", group, "bob", 1) not in full_state(alice)
     text = GroupText(b"\x03" * 16, net.now, b"it's bob").encode()
     payload = key.encrypt(text, sender=A("bob"))
     outcome = alice.receive(A("bob"), ENVELOPE_GROUP, payload, now=net.tick())

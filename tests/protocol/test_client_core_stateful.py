@@ -15,7 +15,8 @@ recipient leaves the group). Checked at every delivery and after every step:
 
 * a one-to-one envelope always decrypts, once: a text reaches the app once,
   a copy of our own message shows as MessageSentByOtherDevice, a duplicate
-  does nothing at all;
+  does nothing at all; a sender key is kept exactly when the receiver holds
+  the group and its sender is a member (else UNKNOWN_GROUP or NOT_A_MEMBER);
 * a group message decrypts exactly when the model says so, with the body
   and id the sender sent, and never twice; when it cannot, the reason and
   whether a retry was requested are the ones expected;
@@ -329,6 +330,23 @@ class GroupMachine(RuleBasedStateMachine):
             assert events == (Undecryptable(envelope.sender, "STALE_CHANGE"),)
             event("an old change after a rejoin")
             return
+        if envelope.label in SENDER_KEY_LABELS:
+            # Kept only for a group held, from a member's device (spec 4.8).
+            assert envelope.group_id is not None and envelope.chain is not None
+            sender = envelope.sender
+            if not held_group:
+                refused: str | None = "UNKNOWN_GROUP"
+            elif sender.user_id not in self.core(receiver).group(self.group_id).user_ids:
+                refused = "NOT_A_MEMBER"
+            else:
+                refused = None
+            if refused is None:
+                assert events == ()
+                self._learn(receiver, sender, *envelope.chain)
+            else:
+                assert events == (Undecryptable(sender, refused, envelope.group_id),), events
+                event(f"sender key refused: {refused}")
+            return
         assert not any(isinstance(e, Undecryptable) for e in events), events
         if envelope.label == TEXT:
             assert envelope.message_id not in self.seen[receiver]
@@ -344,10 +362,6 @@ class GroupMachine(RuleBasedStateMachine):
                 envelope.message_id,
                 envelope.body,
             )
-        elif envelope.label in SENDER_KEY_LABELS:
-            assert events == ()
-            assert envelope.group_id is not None and envelope.chain is not None
-            self._learn(receiver, envelope.sender, *envelope.chain)
         elif envelope.label == RETRY:
             # Answered with our current sender key, to members only.
             core = self.core(receiver)
