@@ -299,7 +299,7 @@ def f_sender_key_decrypt(chain_key: bytes, signing_public: bytes, message: bytes
 
 def f_group_send(chain_key: bytes, signing: Ed25519PrivateKey, body: bytes) -> bytes:
     """A message id, the GroupText encoding and one sender-key message."""
-    content = f_pack([os.urandom(16), NOW, body])
+    content = f_pack([os.urandom(16), NOW, body, 1, bytes(32)])
     return f_sender_key_encrypt(chain_key, signing, content)
 
 

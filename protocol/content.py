@@ -13,7 +13,11 @@ Inside a one-to-one Double Ratchet message (canonical msgpack arrays)::
 
 Inside a group (sender-key) message::
 
-    GroupText     = [message_id: bin16, sent_at: u64, body: bin]
+    GroupText     = [message_id: bin16, sent_at: u64, body: bin, epoch: u64, state_hash: bin32]
+
+``epoch`` and ``state_hash`` are the sender's group state when it sent the
+message, so a receiver holding another state notices
+(:mod:`hushchat.protocol.split_detection`).
 
 ``SentCopy`` is what a device sends its user's other devices for every
 message it sends, so each device holds the whole conversation. A newly
@@ -32,6 +36,8 @@ from .encoding import UINT64_MAX, Fields, pack, unpack
 from .errors import DecodeError
 
 MESSAGE_ID_SIZE = 16
+# A group state hash: SHA-256 (spec/12-groups.md, section 12.1).
+STATE_HASH_SIZE = 32
 
 CONTENT_TEXT = 1
 CONTENT_SENDER_KEY = 2
@@ -177,14 +183,24 @@ def decode_content(data: bytes) -> Content:
 
 @dataclass(frozen=True, slots=True)
 class GroupText:
+    """A group message's plaintext: the text and the sender's group state (epoch, hash)."""
+
     message_id: bytes
     sent_at: int
     body: bytes = field(repr=False)
+    epoch: int
+    state_hash: bytes
 
     def encode(self) -> bytes:
-        return pack([self.message_id, self.sent_at, self.body])
+        return pack([self.message_id, self.sent_at, self.body, self.epoch, self.state_hash])
 
     @classmethod
     def decode(cls, data: bytes) -> GroupText:
-        f = Fields.decode(data, what="GroupText", count=3)
-        return cls(f.bin(MESSAGE_ID_SIZE), f.uint(UINT64_MAX), f.bin(max_size=MAX_PLAINTEXT_SIZE))
+        f = Fields.decode(data, what="GroupText", count=5)
+        return cls(
+            f.bin(MESSAGE_ID_SIZE),
+            f.uint(UINT64_MAX),
+            f.bin(max_size=MAX_PLAINTEXT_SIZE),
+            f.uint(UINT64_MAX),
+            f.bin(STATE_HASH_SIZE),
+        )

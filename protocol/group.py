@@ -166,12 +166,12 @@ the parent of the next.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from enum import Enum, IntEnum
 from itertools import pairwise
-from typing import Any, ClassVar, TypeAlias
+from typing import Any, ClassVar, Protocol, TypeAlias
 
 from .consts import (
     ED25519_KEY_SIZE,
@@ -238,6 +238,38 @@ class StateRelation(Enum):
     AHEAD = "ahead"
     FORKED = "forked"
     UNKNOWN = "unknown"
+
+
+class HeldState(Protocol):
+    """A group state as far as :func:`state_relation` needs it: its epoch and hash."""
+
+    @property
+    def epoch(self) -> int: ...
+
+    @property
+    def state_hash(self) -> bytes: ...
+
+
+def state_relation(states: Sequence[HeldState], epoch: int, state_hash: bytes) -> StateRelation:
+    """:meth:`Group.relation` over held ``states`` (oldest first, consecutive epochs).
+
+    Also for what is not a :class:`Group`: the split-detection vectors give a
+    receiver's states as bare epochs and hashes.
+    """
+    _check_uint(epoch, UINT64_MAX, "an epoch")
+    _check_bytes(state_hash, HASH_SIZE, "a state hash")
+    if not states:
+        raise InvalidArgument("a relation needs at least the current state")
+    current = states[-1]
+    if epoch > current.epoch:
+        return StateRelation.AHEAD
+    oldest = states[0].epoch
+    if epoch < oldest:
+        return StateRelation.UNKNOWN
+    held = states[epoch - oldest]
+    if held.state_hash != state_hash:
+        return StateRelation.FORKED
+    return StateRelation.CURRENT if held is current else StateRelation.ANCESTOR
 
 
 # ------------------------------------------------------------------ validation helpers
@@ -1115,18 +1147,7 @@ class Group:
         epoch we hold, or passed, with another hash: a split), or UNKNOWN (older
         than every state we hold). InvalidArgument for a malformed argument.
         """
-        _check_uint(epoch, UINT64_MAX, "an epoch")
-        _check_bytes(state_hash, HASH_SIZE, "a state hash")
-        current = self.current
-        if epoch > current.epoch:
-            return StateRelation.AHEAD
-        oldest = self.states[0].epoch
-        if epoch < oldest:
-            return StateRelation.UNKNOWN
-        held = self.states[epoch - oldest]
-        if held.state_hash != state_hash:
-            return StateRelation.FORKED
-        return StateRelation.CURRENT if held is current else StateRelation.ANCESTOR
+        return state_relation(self.states, epoch, state_hash)
 
     # ---------------------------------------------------------------- receiving
 

@@ -23,10 +23,19 @@ Group ``SenderKeyStore`` (spec/04-sender-keys.md, section 4.8): which SKDMs a
 device takes at all. Per test, ``groups`` maps each held group to its
 current members' listed devices; ``process`` steps give the delivering
 device (``from``) and the SKDM, and the store's ``records`` after.
+
+Group ``SplitDetection`` (section 4.9): a receiver judging the group states
+its messages' senders claim. ``observe`` steps give the receiver's ``held``
+states, whether held changes ``explained`` a sender ahead, the sender
+(``from``) and its ``claim``: its ``relation`` and the relation to
+``report`` (or null); ``rejudge`` steps give the new ``held`` states and
+``explained``, and the claims to report; both give the ``kept`` claims
+after.
 """
 
 from __future__ import annotations
 
+import hashlib
 from functools import partial
 from typing import Any
 
@@ -38,6 +47,7 @@ from hushchat.protocol.consts import (
     MAX_SENDER_MESSAGE_KEYS,
 )
 from hushchat.protocol.encoding import pack, unpack
+from hushchat.protocol.group import StateRelation, state_relation
 from hushchat.protocol.group_cipher import OutboundSenderKey, SenderKeyRecord, SenderKeyStore
 from hushchat.protocol.sender_keys import (
     SenderKeyDistributionMessage,
@@ -47,6 +57,7 @@ from hushchat.protocol.sender_keys import (
     next_chain_key,
     signed_bytes,
 )
+from hushchat.protocol.split_detection import PeerClaims, Relation, StateClaim
 
 from ._common import Checker, Json, case, h, note, seeded, unhex, vector_file
 
@@ -107,6 +118,26 @@ NOTES = {
     ),
     "CheckOrder": note(
         "EDGE_CASE", "An SKDM with two defects: the first check of section 4.8 decides the error."
+    ),
+    "SameState": note("BASIC", "The sender holds a state the receiver holds: nothing to report."),
+    "ForkedState": note(
+        "AUTH_BYPASS",
+        "The sender holds another state at an epoch the receiver holds (a relay withheld a "
+        "change from some members, or an admin signed two on one state): reported, once per "
+        "sender and state.",
+    ),
+    "OlderThanHeld": note(
+        "EDGE_CASE", "The sender's epoch is older than every state the receiver keeps: reported."
+    ),
+    "SenderAhead": note(
+        "EDGE_CASE",
+        "The sender is past the receiver's epoch while the receiver holds changes it cannot "
+        "apply yet (explained): not reported, judged again as the receiver moves.",
+    ),
+    "WithheldChange": note(
+        "AUTH_BYPASS",
+        "The sender is past the receiver's epoch and no held change explains it: a change was "
+        "withheld from the receiver, reported as ahead (once per sender and state).",
     ),
 }
 
@@ -611,6 +642,151 @@ def _store_transcripts(max_records: int) -> list[Json]:
     return tests
 
 
+# ------------------------------------------------------------------ split detection
+
+
+def _state(label: str, epoch: int) -> StateClaim:
+    """A made-up group state: its hash is SHA-256 of ``label`` and the epoch, as text."""
+    return StateClaim(epoch, hashlib.sha256(f"{label} {epoch}".encode()).digest())
+
+
+def _chain(label: str, first: int, last: int) -> list[StateClaim]:
+    return [_state(label, epoch) for epoch in range(first, last + 1)]
+
+
+def _states_json(states: list[StateClaim]) -> list[Any]:
+    return [[s.epoch, h(s.state_hash)] for s in states]
+
+
+def _kept_json(claims: PeerClaims) -> list[Any]:
+    _, entries = unpack(claims.to_bytes(), what="test")
+    return [[u, d, e, h(state_hash), reported] for u, d, e, state_hash, reported in entries]
+
+
+def _relation_to(held: list[StateClaim]) -> Relation:
+    """How the group layer relates a claim to a receiver holding ``held``."""
+    return lambda claim: state_relation(held, claim.epoch, claim.state_hash)
+
+
+def _reported(relation: StateRelation | None) -> str | None:
+    return None if relation is None else relation.value
+
+
+class _SplitTranscript:
+    def __init__(self) -> None:
+        self.claims = PeerClaims()
+        self.steps: list[Json] = []
+
+    def observe(
+        self, held: list[StateClaim], sender: Address, claim: StateClaim, *, explained: bool
+    ) -> None:
+        relation = _relation_to(held)
+        report = self.claims.observe(sender, claim, relation, ahead_explained=explained)
+        self.steps.append(
+            {
+                "op": "observe",
+                "held": _states_json(held),
+                "explained": explained,
+                "from": address_json(sender),
+                "claim": _states_json([claim])[0],
+                "relation": relation(claim).value,
+                "report": _reported(report),
+                "kept": _kept_json(self.claims),
+            }
+        )
+
+    def rejudge(self, held: list[StateClaim], *, explained: bool) -> None:
+        report = self.claims.rejudge(_relation_to(held), ahead_explained=explained)
+        self.steps.append(
+            {
+                "op": "rejudge",
+                "held": _states_json(held),
+                "explained": explained,
+                "report": [
+                    [*address_json(a), c.epoch, h(c.state_hash), r.value] for a, c, r in report
+                ],
+                "kept": _kept_json(self.claims),
+            }
+        )
+
+    def case(self, comment: str, flags: tuple[str, ...]) -> Json:
+        return case(comment, flags=flags, steps=self.steps)
+
+
+def _split_transcripts() -> list[Json]:
+    bob, carol, dave = Address("bob", 1), Address("carol", 2), Address("dave", 1)
+    held = _chain("main", 3, 6)
+    tests = []
+
+    t = _SplitTranscript()
+    t.observe(held, bob, _state("main", 6), explained=False)
+    t.observe(held, carol, _state("main", 4), explained=False)
+    tests.append(t.case("the same state, and one behind on the receiver's chain", ("SameState",)))
+
+    t = _SplitTranscript()
+    t.observe(held, bob, _state("other", 6), explained=False)
+    t.observe(held, bob, _state("other", 6), explained=True)
+    t.observe(held, carol, _state("other", 6), explained=False)
+    t.observe(held, bob, _state("another", 6), explained=False)
+    t.observe(held, bob, _state("main", 6), explained=False)
+    t.observe(held, bob, _state("another", 6), explained=False)
+    t.observe(held, carol, _state("other", 4), explained=False)
+    tests.append(
+        t.case(
+            "another state at an epoch the receiver holds: once per sender and state",
+            ("ForkedState",),
+        )
+    )
+
+    t = _SplitTranscript()
+    t.observe(held, bob, _state("main", 2), explained=False)
+    tests.append(t.case("an epoch older than every state held", ("OlderThanHeld",)))
+
+    t = _SplitTranscript()
+    t.observe(held, bob, _state("main", 7), explained=False)
+    t.observe(held, bob, _state("main", 7), explained=False)
+    t.rejudge(_chain("main", 4, 7), explained=False)
+    tests.append(
+        t.case(
+            "a sender ahead with no held change to explain it: withheld from the receiver",
+            ("WithheldChange",),
+        )
+    )
+
+    t = _SplitTranscript()
+    t.observe(held, bob, _state("main", 7), explained=True)
+    t.observe(held, carol, _state("other", 7), explained=True)
+    t.observe(held, dave, _state("main", 9), explained=True)
+    t.rejudge(held, explained=True)
+    t.rejudge(_chain("main", 4, 7), explained=True)
+    t.rejudge(_chain("main", 4, 7), explained=False)
+    t.rejudge([*_chain("main", 4, 6), _state("other", 7), *_chain("x", 8, 9)], explained=False)
+    tests.append(
+        t.case(
+            "senders ahead while held changes explain it, judged as the receiver moves",
+            ("SenderAhead", "ForkedState", "WithheldChange"),
+        )
+    )
+
+    t = _SplitTranscript()
+    t.observe(held, bob, _state("other", 7), explained=False)
+    t.rejudge(_chain("main", 4, 7), explained=False)
+    tests.append(
+        t.case(
+            "a sender reported ahead proves to be on another branch: reported again",
+            ("WithheldChange", "ForkedState"),
+        )
+    )
+
+    t = _SplitTranscript()
+    t.observe(held, bob, _state("other", 6), explained=False)
+    t.rejudge([*_chain("main", 3, 5), _state("other", 6)], explained=False)
+    tests.append(
+        t.case("the receiver moves to the sender's state: forgotten", ("ForkedState", "SameState"))
+    )
+    return tests
+
+
 def generate() -> Json:
     default = (MAX_SENDER_KEY_FORWARD_JUMP, MAX_SENDER_MESSAGE_KEYS, MAX_SENDER_KEY_STATES)
     small = (5, 3, 2)
@@ -619,7 +795,8 @@ def generate() -> Json:
         description=(
             "Sender Keys transcripts: key creation from recorded randomness, SKDMs, exact group "
             "messages, and the receiver's chains after each delivery, refused or not; which "
-            "SKDMs a device's store takes at all."
+            "SKDMs a device's store takes at all; how a receiver judges the group state a "
+            "message's sender claims."
         ),
         spec=["04-sender-keys.md"],
         notes=NOTES,
@@ -627,6 +804,7 @@ def generate() -> Json:
             _group(default, _default_transcripts(default)),
             _group(small, _limit_transcripts(small)),
             {"type": "SenderKeyStore", "max_records": 2, "tests": _store_transcripts(2)},
+            {"type": "SplitDetection", "tests": _split_transcripts()},
         ],
     )
 
@@ -637,6 +815,8 @@ def generate() -> Json:
 def verify_test(group: Json, test: Json) -> list[str]:
     if group["type"] == "SenderKeyStore":
         return _verify_store(group, test)
+    if group["type"] == "SplitDetection":
+        return _verify_split(test)
     c = Checker()
     group_id = unhex(test["group_id"])
     sender = address_of(test["sender"])
@@ -718,4 +898,34 @@ def _verify_store(group: Json, test: Json) -> list[str]:
         if step["result"] == "invalid":
             c.equal(f"{where} records unchanged", before, store_json(store))
         c.equal(f"{where} records", step["records"], store_json(store))
+    return c.failures
+
+
+def _verify_split(test: Json) -> list[str]:
+    c = Checker()
+    claims = PeerClaims()
+
+    def states(items: list[Any]) -> list[StateClaim]:
+        return [StateClaim(epoch, unhex(state_hash)) for epoch, state_hash in items]
+
+    for index, step in enumerate(test["steps"]):
+        where = f"step {index} ({step['op']})"
+        relation = _relation_to(states(step["held"]))
+        explained = step["explained"]
+        if step["op"] == "observe":
+            (claim,) = states([step["claim"]])
+            sender = address_of(step["from"])
+            c.equal(f"{where} relation", step["relation"], relation(claim).value)
+            found = claims.observe(sender, claim, relation, ahead_explained=explained)
+            c.equal(f"{where} report", step["report"], _reported(found))
+        elif step["op"] == "rejudge":
+            report = [
+                [*address_json(a), x.epoch, h(x.state_hash), r.value]
+                for a, x, r in claims.rejudge(relation, ahead_explained=explained)
+            ]
+            c.equal(f"{where} report", step["report"], report)
+        else:
+            c.fail(f"{where}: unknown op")
+            continue
+        c.equal(f"{where} kept", step["kept"], _kept_json(claims))
     return c.failures

@@ -4,7 +4,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from hushchat.protocol.consts import GROUP_VERSION, MAX_GROUP_HISTORY, PROTOCOL_VERSION
+from hushchat.protocol.consts import (
+    GROUP_VERSION,
+    MAX_GROUP_HISTORY,
+    PROTOCOL_VERSION,
+    SENDER_KEY_VERSION,
+)
 from hushchat.protocol.content import (
     GroupControl,
     GroupSync,
@@ -83,7 +88,13 @@ def _content_encode(d: Json) -> bytes:
 
 def _group_text_json(data: bytes) -> Json:
     t = GroupText.decode(data)
-    return {"message_id": h(t.message_id), "sent_at": t.sent_at, "body": h(t.body)}
+    return {
+        "message_id": h(t.message_id),
+        "sent_at": t.sent_at,
+        "body": h(t.body),
+        "epoch": t.epoch,
+        "state_hash": h(t.state_hash),
+    }
 
 
 def _control_json(data: bytes) -> Json:
@@ -146,7 +157,13 @@ STRUCTURES = {
         Structure(
             "GroupText",
             _group_text_json,
-            lambda d: GroupText(unhex(d["message_id"]), d["sent_at"], unhex(d["body"])).encode(),
+            lambda d: GroupText(
+                unhex(d["message_id"]),
+                d["sent_at"],
+                unhex(d["body"]),
+                d["epoch"],
+                unhex(d["state_hash"]),
+            ).encode(),
             version_index=-1,
             bin_index=0,
         ),
@@ -200,7 +217,10 @@ def samples() -> dict[str, list[tuple[str, bytes]]]:
     rng = seeded("wire/content")
     message_id, group_id = rng.random_bytes(16), rng.random_bytes(16)
     welcome, control, snapshot = _welcome_and_parts()
-    skdm = pack([1, group_id, 5, 0, rng.random_bytes(32), rng.random_bytes(32)])
+    skdm = pack(
+        [SENDER_KEY_VERSION, group_id, "alice", 1, 5, 0, rng.random_bytes(32), rng.random_bytes(32)]
+    )
+    state_hash = rng.random_bytes(32)
     return {
         "Content": [
             ("Text", Text(message_id, 1_700_000_000, b"hello").encode()),
@@ -222,7 +242,12 @@ def samples() -> dict[str, list[tuple[str, bytes]]]:
                 Text(message_id, 1_700_000_000, b"\xff\xfe\x00hi").encode(),
             ),
         ],
-        "GroupText": [("group text", GroupText(message_id, 1_700_000_000, b"hi all").encode())],
+        "GroupText": [
+            (
+                "group text of a sender at epoch 3",
+                GroupText(message_id, 1_700_000_000, b"hi all", 3, state_hash).encode(),
+            )
+        ],
         "ControlMessage": [
             ("add_member", control),
             (
@@ -266,7 +291,12 @@ def specific_defects(name: str, sample: bytes) -> list[Defect]:
             ]
         return []
     if name == "GroupText":
-        return [("sent_at is true", "WrongType", replace(sample, s, 1, True))]
+        return [
+            ("sent_at is true", "WrongType", replace(sample, s, 1, True)),
+            ("epoch -1", "NegativeInteger", replace(sample, s, 3, -1)),
+            ("state hash of 31 bytes", "WrongSize", replace(sample, s, 4, fields[4][:31])),
+            ("three fields, no group state (versions 1 and 2)", "MissingField", pack(fields[:3])),
+        ]
     if name == "ControlMessage":
         return _control_defects(sample)
     if name == "GroupSnapshot":

@@ -20,6 +20,7 @@ from .events import DeviceRemoved as DeviceRemoved
 from .events import Event as Event
 from .events import GroupChangeFailed as GroupChangeFailed
 from .events import GroupReplaced as GroupReplaced
+from .events import GroupStateMismatch as GroupStateMismatch
 from .events import GroupUpdated as GroupUpdated
 from .events import IdentityChanged as IdentityChanged
 from .events import MessageReceived as MessageReceived

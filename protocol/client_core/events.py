@@ -104,6 +104,29 @@ class RetryRequested:
     group_id: bytes
 
 
+@dataclass(frozen=True, slots=True)
+class GroupStateMismatch:
+    """A member's device holds another state of a group than we do (spec 4.9).
+
+    Its group message said it holds ``their_epoch`` / ``their_state_hash``;
+    we hold ``our_epoch`` / ``our_state_hash``. ``relation`` says how they
+    differ: ``"forked"`` (we hold, or passed, that epoch with another hash:
+    the group is split), ``"unknown"`` (older than every state we keep) or
+    ``"ahead"`` (a later epoch, and no change we hold explains it: a change
+    was withheld from us, or the sender is on another branch). Reported once
+    per sender device, claimed state and relation. The message itself was
+    delivered; an admin's reinit brings a split group back to one state.
+    """
+
+    group_id: bytes
+    sender: Address
+    relation: str
+    their_epoch: int
+    their_state_hash: bytes = field(repr=False)
+    our_epoch: int
+    our_state_hash: bytes = field(repr=False)
+
+
 Event: TypeAlias = (
     MessageReceived
     | MessageSentByOtherDevice
@@ -115,4 +138,5 @@ Event: TypeAlias = (
     | GroupChangeFailed
     | GroupReplaced
     | RetryRequested
+    | GroupStateMismatch
 )

@@ -10,15 +10,24 @@ with its current key.
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 
 from ..content import GroupText, RetryRequest, SenderKey
 from ..errors import InvalidArgument, NotAMember, RemoteProtocolError, UnknownGroup
-from ..group import GroupState
+from ..group import ControlMessage, GroupState, StateRelation
 from ..group_cipher import OutboundSenderKey
 from ..sender_keys import SenderKeyDistributionMessage, SenderKeyMessage
+from ..split_detection import PeerClaims, StateClaim
 from .direct import Sessions
 from .directory import Directory
-from .events import Address, MessageReceived, RetryRequested, Undecryptable
+from .events import (
+    Address,
+    Event,
+    GroupStateMismatch,
+    MessageReceived,
+    RetryRequested,
+    Undecryptable,
+)
 from .records import RecordKey
 from .sends import DirectSend, GroupSend, Outcome, Send
 from .state import CoreState, Outbound
@@ -177,9 +186,10 @@ class GroupMessages:
             sends.extend(self._sessions.encrypt_with(needing, records, distribution, now))
             outbound.shared_with.update(needing)
         message_id = state.new_message_id()
-        payload = outbound.key.encrypt(
-            GroupText(message_id, now, body).encode(), sender=state.address
-        )
+        # Our group state goes with the text, so that a member holding another notices.
+        current = state.groups[group_id].current
+        text = GroupText(message_id, now, body, current.epoch, current.state_hash)
+        payload = outbound.key.encrypt(text.encode(), sender=state.address)
         state.mark(RecordKey.outbound(group_id))
         sends.append(GroupSend(group_id, payload, recipients))
         return message_id, sends
@@ -223,16 +233,25 @@ class GroupMessages:
         return Outcome()
 
     def drop_sender_keys(self, group_id: bytes, user_ids: set[str] | None) -> None:
-        """Forget the sender keys of these users in the group (None: of every user)."""
+        """Forget the sender keys (and claimed states) of these users in the group (None:
+        of every user)."""
         self._forget(lambda g, a: g == group_id and (user_ids is None or a.user_id in user_ids))
 
     def drop_sender_keys_of(self, devices: set[Address]) -> None:
-        """Forget the sender keys of these devices, in every group (they left their lists)."""
+        """Forget the sender keys (and claimed states) of these devices, in every group
+        (they left their lists)."""
         self._forget(lambda _, sender: sender in devices)
 
     def _forget(self, which: Callable[[bytes, Address], bool]) -> None:
-        for group_id, address in self._state.inbound.discard(which):
-            self._state.mark(RecordKey.inbound(group_id, address))
+        """Drop the sender keys and claimed states of the (group, device) ``which`` selects."""
+        state = self._state
+        for group_id, address in state.inbound.discard(which):
+            state.mark(RecordKey.inbound(group_id, address))
+        for group_id, claims in list(state.claims.items()):
+            if claims.forget(partial(which, group_id)):
+                if not claims:
+                    del state.claims[group_id]
+                state.mark(RecordKey.claims(group_id))
 
     def receive(self, sender: Address, payload: bytes, now: int) -> Outcome:
         """A group message: the app's, or a retry request when we lack the sender's key."""
@@ -250,8 +269,56 @@ class GroupMessages:
         # The chain moved on (its key is spent) even if the content turns out malformed.
         state.mark(RecordKey.inbound(group_id, sender))
         text = GroupText.decode(plaintext)
-        return Outcome(
-            events=(MessageReceived(sender, text.message_id, text.sent_at, text.body, group_id),)
+        received = MessageReceived(sender, text.message_id, text.sent_at, text.body, group_id)
+        claim = StateClaim(text.epoch, text.state_hash)
+        return Outcome(events=(received, *self.judge_claims(group_id, sender, claim)))
+
+    # ------------------------------------------------------------ split detection
+
+    def judge_claims(
+        self, group_id: bytes, sender: Address | None = None, claim: StateClaim | None = None
+    ) -> list[Event]:
+        """Judge the claims kept for this group again, and ``sender``'s new ``claim`` (spec 4.9)."""
+        state = self._state
+        group = state.groups.get(group_id)
+        if group is None:
+            return []
+        held = state.claims.get(group_id)
+        claims = PeerClaims() if held is None else held
+        before = None if held is None else held.to_bytes()
+
+        def relation(claimed: StateClaim) -> StateRelation:
+            return group.relation(claimed.epoch, claimed.state_hash)
+
+        # A sender ahead of us is explained while we hold changes of the group
+        # that wait for the one before them (the relay orders changes before
+        # the messages that follow them, so otherwise one was withheld).
+        explained = self._holds_changes_of(group_id)
+        report = claims.rejudge(relation, ahead_explained=explained)
+        if sender is not None and claim is not None:
+            found = claims.observe(sender, claim, relation, ahead_explained=explained)
+            if found is not None:
+                report.append((sender, claim, found))
+        after = claims.to_bytes() if claims else None
+        if after != before:
+            if claims:
+                state.claims[group_id] = claims
+            else:
+                del state.claims[group_id]
+            state.mark(RecordKey.claims(group_id))
+        ours = group.current
+        return [
+            GroupStateMismatch(
+                group_id, who, how.value, what.epoch, what.state_hash, ours.epoch, ours.state_hash
+            )
+            for who, what, how in report
+        ]
+
+    def _holds_changes_of(self, group_id: bytes) -> bool:
+        """Whether changes of the group wait, held, for the change they build on."""
+        return any(
+            ControlMessage.decode(content.control).group_id == group_id
+            for _, content in self._state.held
         )
 
     def _request_retry(self, sender: Address, group_id: bytes, chain_id: int, now: int) -> Outcome:

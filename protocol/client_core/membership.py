@@ -403,7 +403,9 @@ class Membership:
             return Outcome()
         events = [first, *self._replaced_by(message), *self._apply_held(message.group_id)]
         settled = self._settle(message.group_id, now)
-        return Outcome(events=(*events, *settled.events), sends=settled.sends)
+        # Our state moved: claims that were ahead of it may be judged now.
+        judged = self._messages.judge_claims(message.group_id)
+        return Outcome(events=(*events, *settled.events, *judged), sends=settled.sends)
 
     def _replaced_by(self, message: ControlMessage) -> list[Event]:
         """We joined a reinit: leave the group it continues if its author is an admin of

@@ -31,6 +31,7 @@ from ..group import ControlMessage, Group
 from ..group_cipher import OutboundSenderKey, SenderKeyRecord
 from ..pickles import load_pickle
 from ..session import SessionRecord
+from ..split_detection import PeerClaims
 from .events import Address
 from .records import RecordKey, RecordKind
 from .state import CoreState, Outbound, PendingChange
@@ -171,6 +172,17 @@ def _read_group(state: CoreState, key: RecordKey, data: bytes) -> None:
     state.groups[group.group_id] = group
 
 
+def _write_claims(state: CoreState, key: RecordKey) -> bytes | None:
+    assert key.group_id is not None
+    claims = state.claims.get(key.group_id)
+    return None if claims is None else claims.to_bytes()
+
+
+def _read_claims(state: CoreState, key: RecordKey, data: bytes) -> None:
+    assert key.group_id is not None
+    state.claims[key.group_id] = PeerClaims.from_bytes(data)
+
+
 def _write_left_groups(state: CoreState, key: RecordKey) -> bytes | None:
     return pack([STATE_VERSION, state.left]) if state.left else None
 
@@ -233,6 +245,7 @@ _WRITERS: dict[RecordKind, Callable[[CoreState, RecordKey], bytes | None]] = {
     RecordKind.OUTBOUND: _write_outbound,
     RecordKind.INBOUND: _write_inbound,
     RecordKind.GROUP: _write_group,
+    RecordKind.CLAIMS: _write_claims,
     RecordKind.LEFT_GROUPS: _write_left_groups,
     RecordKind.HELD_CONTROLS: _write_held_controls,
     RecordKind.PENDING_CHANGE: _write_pending_change,
@@ -244,6 +257,7 @@ _READERS: dict[RecordKind, Callable[[CoreState, RecordKey, bytes], None]] = {
     RecordKind.OUTBOUND: _read_outbound,
     RecordKind.INBOUND: _read_inbound,
     RecordKind.GROUP: _read_group,
+    RecordKind.CLAIMS: _read_claims,
     RecordKind.LEFT_GROUPS: _read_left_groups,
     RecordKind.HELD_CONTROLS: _read_held_controls,
     RecordKind.PENDING_CHANGE: _read_pending_change,

@@ -29,6 +29,7 @@ class RecordKind(Enum):
     OUTBOUND = "outbound"  # our sender key in one group
     INBOUND = "inbound"  # one device's sender keys in one group
     GROUP = "group"  # one group's recent states
+    CLAIMS = "claims"  # the group states one group's member devices claimed, still to judge
     LEFT_GROUPS = "left_groups"
     HELD_CONTROLS = "held_controls"
     PENDING_CHANGE = "pending_change"  # our change in one group, awaiting its receipt
@@ -49,6 +50,7 @@ _PARTS: dict[RecordKind, tuple[str, ...]] = {
     RecordKind.INBOUND: ("group_id", "address"),
     RecordKind.GROUP: ("group_id",),
     RecordKind.PENDING_CHANGE: ("group_id",),
+    RecordKind.CLAIMS: ("group_id",),
 }
 
 
@@ -105,6 +107,10 @@ class RecordKey:
     @classmethod
     def pending_change(cls, group_id: bytes) -> RecordKey:
         return cls(RecordKind.PENDING_CHANGE, group_id=group_id)
+
+    @classmethod
+    def claims(cls, group_id: bytes) -> RecordKey:
+        return cls(RecordKind.CLAIMS, group_id=group_id)
 
     def __lt__(self, other: RecordKey) -> bool:
         """Keys sort as their stored forms do."""

@@ -20,6 +20,7 @@ from ..group_cipher import OutboundSenderKey, SenderKeyStore
 from ..keys import IdentityKeyPair
 from ..pqxdh import Party
 from ..session import SessionRecord
+from ..split_detection import PeerClaims
 from .events import Address
 from .records import RecordKey
 
@@ -92,6 +93,8 @@ class CoreState:
     # Peers' sender keys: only for our groups, from their members' devices, bounded.
     inbound: SenderKeyStore = field(default_factory=SenderKeyStore)
     groups: dict[bytes, Group] = field(default_factory=dict)
+    # Per group, its member devices' claimed states still to judge or already reported.
+    claims: dict[bytes, PeerClaims] = field(default_factory=dict)
     # Control messages that arrived before their parent change, oldest first.
     held: list[tuple[Address, GroupControl]] = field(default_factory=list)
     # Groups we were removed from (or left), oldest first: a late GroupSync

@@ -21,7 +21,8 @@ Group.join, SignedDeviceList.decode, the group, sender-key and content
 decoders, decode_relay_frame (+ relay_error_from_wire), decode_request,
 FrameDecoder, the client store's inbox and outbox rows (and the first
 client's unversioned rows its migration reads) and the pickles (sender-key
-records, outbound sender keys, groups, a whole ClientCore).
+records, outbound sender keys, groups, peers' claimed group states, a whole
+ClientCore).
 
 The default run checks a few dozen inputs per target; ``pytest -m fuzz``
 checks the budget of tests/support/fuzzing.py per target and counts them.
@@ -72,6 +73,7 @@ from hushchat.protocol.group import (
     RemoveMember,
     SetAdmin,
     SetTitle,
+    StateRelation,
     Welcome,
     create_group,
 )
@@ -80,6 +82,7 @@ from hushchat.protocol.pqxdh import Party
 from hushchat.protocol.primitives import SeededRandom
 from hushchat.protocol.sender_keys import SenderKeyDistributionMessage, SenderKeyMessage
 from hushchat.protocol.session import SessionRecord
+from hushchat.protocol.split_detection import PeerClaims, StateClaim
 from hushchat.transport.client import rows
 from hushchat.transport.wire.errors import FrameTooLarge, RelayError, relay_error_from_wire
 from hushchat.transport.wire.frames import (
@@ -470,6 +473,7 @@ def stored_items() -> list[core.Event | core.Send]:
         core.DeviceRemoved(address),
         core.Undecryptable(address, "BAD_MAC", None),
         core.GroupUpdated(bytes(16), address, (MemberRemoved("bob"),), False),
+        core.GroupStateMismatch(bytes(16), address, "forked", 4, b"\x03" * 32, 4, b"\x04" * 32),
         core.DirectSend("bob", ((1, b"payload"), (2, b"other")), b"content"),
         core.GroupSend(bytes(16), b"group payload", (address, A("bob", 2))),
     ]
@@ -517,6 +521,20 @@ def group_states() -> list[bytes]:
 
 def outbound_keys() -> list[bytes]:
     return [OutboundSenderKey.create(bytes(16), now=AFTER_WORLD, rng=SeededRandom(b"o")).to_bytes()]
+
+
+def peer_claims() -> list[bytes]:
+    group = Group.from_bytes(pickle_seeds(RecordKind.GROUP)[0])
+
+    def relation(claim: StateClaim) -> StateRelation:
+        return group.relation(claim.epoch, claim.state_hash)
+
+    claims = PeerClaims()
+    ahead = StateClaim(group.epoch + 1, bytes(32))
+    claims.observe(A("alice"), ahead, relation, ahead_explained=True)  # kept to judge again
+    forked = StateClaim(group.epoch, b"\x01" * 32)
+    claims.observe(BOB2, forked, relation, ahead_explained=False)  # reported
+    return [claims.to_bytes()]
 
 
 def load_seeds() -> list[bytes]:
@@ -578,7 +596,7 @@ TARGETS: dict[str, tuple[Callable[[], Check], Callable[[], list[bytes]]]] = {
     ),
     "GroupText.decode": (
         lambda: round_trip(GroupText.decode, lambda t: t.encode()),
-        lambda: [GroupText(b"\x04" * 16, AFTER_WORLD, b"group text").encode()],
+        lambda: [GroupText(b"\x04" * 16, AFTER_WORLD, b"group text", 3, bytes(32)).encode()],
     ),
     "Envelope.decode": (
         lambda: round_trip(Envelope.decode, lambda e: e.encode()),
@@ -605,6 +623,10 @@ TARGETS: dict[str, tuple[Callable[[], Check], Callable[[], list[bytes]]]] = {
     "Group.from_bytes": (
         lambda: state_loader(Group.from_bytes, lambda g: g.to_bytes()),
         lambda: pickle_seeds(RecordKind.GROUP),
+    ),
+    "PeerClaims.from_bytes": (
+        lambda: state_loader(PeerClaims.from_bytes, lambda c: c.to_bytes()),
+        peer_claims,
     ),
     "ClientCore.load": (lambda: state_loader(load_core_with), load_seeds),
 }
@@ -672,7 +694,7 @@ def test_every_wire_type_and_state_format_round_trips() -> None:
         *((Welcome.decode(c), Welcome.decode) for c in w.welcomes),
         *((SenderKeyMessage.decode(m), SenderKeyMessage.decode) for m in w.group),
         *((decode_content(c), decode_content) for c in w.contents),
-        (GroupText(b"\x04" * 16, AFTER_WORLD, b"text"), GroupText.decode),
+        (GroupText(b"\x04" * 16, AFTER_WORLD, b"text", 3, bytes(32)), GroupText.decode),
         (Envelope(b"\x05" * 16, AFTER_WORLD, "alice", 1, 2, b"payload"), Envelope.decode),
     ]
     for skdm in sender_key_distributions():

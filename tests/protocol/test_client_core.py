@@ -399,7 +399,9 @@ def _sender_key_at(net: Network, sender: Address, group_id: bytes, ahead: int) -
     key[3] += ahead
     key[4] = chain_key
     outbound = OutboundSenderKey.from_bytes(pack(key))
-    return outbound.encrypt(GroupText(b"\x01" * 16, 0, b"from the future").encode(), sender=sender)
+    state = net.core(sender).group(group_id)
+    text = GroupText(b"\x01" * 16, 0, b"from the future", state.epoch, state.state_hash)
+    return outbound.encrypt(text.encode(), sender=sender)
 
 
 def test_a_forward_jump_beyond_the_limit_is_refused(net: Network) -> None:

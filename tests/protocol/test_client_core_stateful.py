@@ -52,6 +52,7 @@ from hushchat.protocol.client_core import (
     ENVELOPE_GROUP,
     Address,
     ClientCore,
+    GroupStateMismatch,
     GroupUpdated,
     MessageSentByOtherDevice,
     RetryRequested,
@@ -390,7 +391,26 @@ class GroupMachine(RuleBasedStateMachine):
             assert all(isinstance(e, GroupUpdated) for e in events), events
         else:
             assert envelope.label == CONTROL
-            assert all(isinstance(e, GroupUpdated) for e in events), events
+            updates = [e for e in events if isinstance(e, GroupUpdated)]
+            assert events[: len(updates)] == tuple(updates), events
+            self._check_mismatches(receiver, events[len(updates) :])
+
+    def _check_mismatches(self, receiver: Address, events: tuple[object, ...]) -> None:
+        """State mismatches: a sender's state other than the one the receiver now holds.
+
+        This relay reorders envelopes (it is no honest relay), so a sender may
+        be ahead of a receiver whose change it delayed, or, with a member's
+        leave racing an admin's change, on another branch.
+        """
+        for mismatch in events:
+            assert isinstance(mismatch, GroupStateMismatch), events
+            ours = self.core(receiver).group(self.group_id)
+            assert (mismatch.our_epoch, mismatch.our_state_hash) == (ours.epoch, ours.state_hash)
+            theirs = (mismatch.their_epoch, mismatch.their_state_hash)
+            assert theirs != (ours.epoch, ours.state_hash)
+            assert mismatch.relation in ("ahead", "forked", "unknown")
+            assert (mismatch.relation == "ahead") == (mismatch.their_epoch > ours.epoch)
+            event(f"a state mismatch reported: {mismatch.relation}")
 
     def _learn(self, receiver: Address, sender: Address, chain_id: int, iteration: int) -> None:
         chains = self.chains[receiver].setdefault(sender, [])
@@ -444,7 +464,8 @@ class GroupMachine(RuleBasedStateMachine):
         if what == "decrypt":
             assert chain is not None and envelope.chain is not None
             assert envelope.message_id not in self.seen[receiver], "decrypted twice"
-            assert events == (envelope.received(),), events
+            assert events[:1] == (envelope.received(),), events
+            self._check_mismatches(receiver, events[1:])
             chain.used.add(envelope.chain[1])
             assert isinstance(envelope.message_id, bytes)
             self.seen[receiver].add(envelope.message_id)

@@ -14,7 +14,7 @@ GROUP = b"\x0f" * 16
 BOB = Address("bob", 2)
 
 # Written by the tuple keys of the previous version (pack(list(key))), so that
-# stores made before typed keys load unchanged.
+# stores made before typed keys load unchanged; claims came later, in the same form.
 STORED_BEFORE = [
     (RecordKey.META, "91a46d657461"),
     (RecordKey.ACCOUNT, "91a76163636f756e74"),
@@ -24,6 +24,7 @@ STORED_BEFORE = [
     (RecordKey.outbound(GROUP), "92a86f7574626f756e64c410" + "0f" * 16),
     (RecordKey.inbound(GROUP, BOB), "94a7696e626f756e64c410" + "0f" * 16 + "a3626f6202"),
     (RecordKey.group(GROUP), "92a567726f7570c410" + "0f" * 16),
+    (RecordKey.claims(GROUP), "92a6636c61696d73c410" + "0f" * 16),
     (RecordKey.LEFT_GROUPS, "91ab6c6566745f67726f757073"),
     (RecordKey.HELD_CONTROLS, "91ad68656c645f636f6e74726f6c73"),
     # New with the candidate changes of group version 2: no older store holds one.

@@ -241,8 +241,8 @@ def full_state(core: ClientCore) -> dict[RecordKey, bytes]:
     state = core._state
     known = {
         "user_id", "device_id", "account", "user_identity_public", "user_identity", "rng",
-        "device_lists", "pending_identity", "sessions", "outbound", "inbound", "groups", "held",
-        "left", "pending", "changed",
+        "device_lists", "pending_identity", "sessions", "outbound", "inbound", "groups", "claims",
+        "held", "left", "pending", "changed",
     }  # fmt: skip
     held_fields = {f.name for f in fields(state)}
     assert held_fields == known, f"new ClientCore state: {held_fields ^ known}"
@@ -253,6 +253,7 @@ def full_state(core: ClientCore) -> dict[RecordKey, bytes]:
     keys += [RecordKey.outbound(group_id) for group_id in state.outbound]
     keys += [RecordKey.inbound(g, a) for g, a in state.inbound]
     keys += [RecordKey.group(group_id) for group_id in state.groups]
+    keys += [RecordKey.claims(group_id) for group_id in state.claims]
     keys += [RecordKey.HELD_CONTROLS] if state.held else []
     keys += [RecordKey.LEFT_GROUPS] if state.left else []
     keys += [RecordKey.pending_change(group_id) for group_id in state.pending]
@@ -452,7 +453,9 @@ class Network:
         message_id, sends = core.send_group(group_id, body, now=now)
         self.persist(address)
         assert isinstance(sends[-1], GroupSend)
-        return self._enqueue_all(address, sends, group_text=GroupText(message_id, now, body))
+        state = core.group(group_id)
+        text = GroupText(message_id, now, body, state.epoch, state.state_hash)
+        return self._enqueue_all(address, sends, group_text=text)
 
     def create_group(
         self, address: Address, title: str, members: Sequence[str]

@@ -36,6 +36,7 @@ from hushchat.protocol.client_core import (
     GroupChangeFailed,
     GroupReplaced,
     GroupSend,
+    GroupStateMismatch,
     GroupUpdated,
     IdentityChanged,
     MessageReceived,
@@ -54,7 +55,7 @@ from hushchat.protocol.consts import (
     MAX_STATE_SIZE,
     MAX_USER_ID_SIZE,
 )
-from hushchat.protocol.content import MESSAGE_ID_SIZE
+from hushchat.protocol.content import MESSAGE_ID_SIZE, STATE_HASH_SIZE
 from hushchat.protocol.encoding import UINT64_MAX, Fields, pack, unpack
 from hushchat.protocol.errors import DecodeError, ProtocolError, StateError, UnknownStateVersion
 
@@ -80,6 +81,7 @@ class EventTag(IntEnum):
     RETRY_REQUESTED = 8
     GROUP_CHANGE_FAILED = 9
     GROUP_REPLACED = 10
+    GROUP_STATE_MISMATCH = 11
 
 
 class SendTag(IntEnum):
@@ -166,6 +168,17 @@ def _event_fields(event: Event) -> list[Any]:
             event.old_group_id,
             event.new_group_id,
             _address(event.author),
+        ]
+    if isinstance(event, GroupStateMismatch):
+        return [
+            EventTag.GROUP_STATE_MISMATCH,
+            event.group_id,
+            _address(event.sender),
+            event.relation,
+            event.their_epoch,
+            event.their_state_hash,
+            event.our_epoch,
+            event.our_state_hash,
         ]
     assert_never(event)
 
@@ -289,8 +302,18 @@ def _read_event(f: Fields) -> Event:
     if tag == EventTag.GROUP_CHANGE_FAILED:
         group_id, action = f.bin(GROUP_ID_SIZE), group.decode_action(f.bin())
         return GroupChangeFailed(group_id, action, f.text())
-    old, new = f.bin(GROUP_ID_SIZE), f.bin(GROUP_ID_SIZE)
-    return GroupReplaced(old, new, _read_address(f.raw(), "author"))
+    if tag == EventTag.GROUP_REPLACED:
+        old, new = f.bin(GROUP_ID_SIZE), f.bin(GROUP_ID_SIZE)
+        return GroupReplaced(old, new, _read_address(f.raw(), "author"))
+    return GroupStateMismatch(
+        f.bin(GROUP_ID_SIZE),
+        _read_address(f.raw(), "sender"),
+        f.text(16),
+        f.uint(UINT64_MAX),
+        f.bin(STATE_HASH_SIZE),
+        f.uint(UINT64_MAX),
+        f.bin(STATE_HASH_SIZE),
+    )
 
 
 def _read_direct(f: Fields) -> DirectSend:
