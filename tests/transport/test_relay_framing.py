@@ -37,6 +37,7 @@ from hushchat.transport.wire.errors import (
     relay_error_from_wire,
 )
 from hushchat.transport.wire.frames import (
+    Accepted,
     Ack,
     BadRequest,
     EnvelopePush,
@@ -143,6 +144,13 @@ def test_exact_bodies() -> None:
     assert encode_body(Ack(1, (bytes(16),))) == bytes([0x93, 0x15, 0x01, 0x91, 0xC4, 0x10]) + bytes(
         16
     )
+    # Relay protocol 3: sends end with their resend flag, ACCEPTED with the full mailboxes.
+    assert encode_body(SendDirect(1, "b", ((2, b"p"),))) == pack([18, 1, "b", [[2, b"p"]], False])
+    assert encode_body(SendGroup(1, b"p", (("b", 2),), resend=True)) == pack(
+        [19, 1, b"p", [["b", 2]], True]
+    )
+    assert encode_body(Accepted(1, 5, (("b", 2),))) == pack([20, 1, 5, [["b", 2]]])
+    assert encode_body(Accepted(1, 5)) == pack([20, 1, 5, []])
     envelope = Envelope(b"\x01" * 16, 5, "a", 2, 1, b"p")
     assert encode_body(EnvelopePush(envelope)) == pack([30, [b"\x01" * 16, 5, "a", 2, 1, b"p"]])
 
@@ -172,6 +180,16 @@ def test_undecodable_requests_name_their_error_and_request_id() -> None:
     assert isinstance(bad(pack([FrameType.FETCH_DEVICE_LIST, 1, "x" * 65])).error, BadFrame)
     # Non-canonical: an integer in a wider format than needed.
     assert isinstance(bad(b"\x92\x16\xcd\x00\x05").error, BadFrame)
+    # Version 2's sends, without the resend flag, and a flag that is not a bool.
+    assert isinstance(bad(pack([FrameType.SEND_DIRECT, 1, "b", [[1, b"p"]]])).error, BadFrame)
+    assert isinstance(bad(pack([FrameType.SEND_GROUP, 1, b"p", [["b", 1]], 1])).error, BadFrame)
+
+
+def test_accepted_of_relay_protocol_2_does_not_decode() -> None:
+    with pytest.raises(DecodeError):
+        decode_relay_frame(pack([FrameType.ACCEPTED, 1, 5]))
+    with pytest.raises(DecodeError):
+        decode_relay_frame(pack([FrameType.ACCEPTED, 1, 5, [["bob"]]]))
 
 
 def test_hello_of_another_version_is_read_whatever_follows() -> None:

@@ -118,14 +118,14 @@ def test_a_failing_call_rolls_back_alone(db: RecordingDatabase) -> None:
     upload_prekeys(db, "bob", 1, one_time=1, kem=1)
     first = batch([("bob", 1)], (b"one",), counters={"bob": 0})
     stale = batch([("bob", 2)], (b"stale",), counters={"bob": 7})
-    full = batch([("bob", 2), ("bob", 1)], (b"two", b"three"), counters={"bob": 0})
+    full = batch([("bob", 1)], (b"two",), counters={"bob": 0})
     new_spk = SignedPreKeyPublic(2, b"N" * 32, b"\x05" * 64)
     opk = OneTimePreKeyPublic(77, b"o" * 32)
     calls = [
         DatabaseCall(partial(db._enqueue, first, 10)),
         DatabaseCall(partial(db._enqueue, stale, 10)),
         DatabaseCall(partial(db._take_bundle, "bob", 1, True)),
-        DatabaseCall(partial(db._enqueue, full, 1)),  # bob/1 holds one already: full
+        DatabaseCall(partial(db._enqueue, full, 1)),  # bob/1 holds one already: refused
         DatabaseCall(partial(db._take_bundle, "bob", 1, True)),
         # Fails after writing: the new signed prekey goes back out with the rest.
         DatabaseCall(partial(db._store_prekeys, "bob", 1, new_spk, None, [opk, opk], [], 100)),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 import sqlite3
 import threading
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -245,17 +246,29 @@ def test_group_payload_is_stored_once(db: SqliteDatabase) -> None:
     assert db._conn.execute("SELECT COUNT(*) FROM payloads").fetchone()[0] == 0
 
 
-def test_full_mailbox_refuses_the_whole_send(db: SqliteDatabase) -> None:
+def test_a_full_mailbox_takes_nothing_and_the_others_take_the_send(db: SqliteDatabase) -> None:
     for payload in (b"a", b"b"):
         db.enqueue(batch([("bob", 1)], (payload,), counters={"bob": 0}), max_mailbox_size=2)
-    with pytest.raises(MailboxFull) as info:
-        db.enqueue(
-            batch([("bob", 1), ("bob", 2)], (b"c", b"d"), counters={"bob": 0}),
-            max_mailbox_size=2,
-        )
-    assert info.value.devices == (("bob", 1),)
-    assert db.pending("bob", 2, after_seq=0, limit=10, now=0) == []  # all or nothing
+    # bob/1 is full: bob/2 takes its payload; bob/1's is not stored at all.
+    seqs = db.enqueue(
+        batch([("bob", 1), ("bob", 2)], (b"c", b"d"), counters={"bob": 0}), max_mailbox_size=2
+    )
+    assert seqs[0] is None and seqs[1] is not None
+    assert [q.envelope.payload for q in db.pending("bob", 2, after_seq=0, limit=10, now=0)] == [
+        b"d"
+    ]
     assert len(db.pending("bob", 1, after_seq=0, limit=10, now=0)) == 2
+    assert db._conn.execute("SELECT COUNT(*) FROM payloads").fetchone()[0] == 3
+    # Every named mailbox full: refused, nothing stored.
+    with pytest.raises(MailboxFull) as info:
+        db.enqueue(batch([("bob", 1)], (b"e",), counters={"bob": 0}), max_mailbox_size=2)
+    assert info.value.devices == (("bob", 1),)
+    # A group change is stored for all or none: one full mailbox refuses it whole.
+    change = batch([("bob", 2), ("bob", 1)], (b"f", b"g"), counters={"bob": 0})
+    with pytest.raises(MailboxFull) as info:
+        db.enqueue(replace(change, all_or_nothing=True), max_mailbox_size=2)
+    assert info.value.devices == (("bob", 1),)
+    assert db._conn.execute("SELECT COUNT(*) FROM payloads").fetchone()[0] == 3
 
 
 def test_a_send_larger_than_one_statement(
@@ -276,10 +289,12 @@ def test_a_send_larger_than_one_statement(
         assert (queued.epoch, queued.seq, queued.envelope.guid) == (epoch, seq, delivery.guid)
     # Only user0/1's own envelope is deleted, however many others are named.
     assert db.acknowledge("user0", 1, seqs) == 1
-    # Full mailboxes are all named, in the send's order, across statements.
+    # Full mailboxes are found across statements: only user0/1 has room.
     db.enqueue(batch(recipients[1:], (b"h",), counters=counters), max_mailbox_size=2)
-    with pytest.raises(MailboxFull) as info:
-        db.enqueue(batch(recipients, (b"i",), counters=counters), max_mailbox_size=2)
+    seqs = db.enqueue(batch(recipients, (b"i",), counters=counters), max_mailbox_size=2)
+    assert seqs[0] is not None and seqs[1:] == [None] * (len(recipients) - 1)
+    with pytest.raises(MailboxFull) as info:  # all named, in the send's order
+        db.enqueue(batch(recipients[1:], (b"i",), counters=counters), max_mailbox_size=2)
     assert info.value.devices == tuple(recipients[1:])
     with pytest.raises(StorageConflict):  # one device gone: nothing is stored
         db.enqueue(

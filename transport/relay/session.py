@@ -367,8 +367,11 @@ class RelaySession:
 
     def _hello(self, request: Hello) -> RelayFrame:
         if request.version != RELAY_PROTOCOL_VERSION:
+            newer = request.version > RELAY_PROTOCOL_VERSION
             raise UnsupportedVersion(
-                f"relay protocol version {request.version} is not spoken",
+                f"relay protocol version {request.version} is not spoken here: this relay "
+                f"speaks version {RELAY_PROTOCOL_VERSION}; update the "
+                + ("relay" if newer else "client"),
                 supported=[RELAY_PROTOCOL_VERSION],
             )
         self._window = min(request.window, self._limits.max_in_flight)
@@ -534,17 +537,18 @@ class RelaySession:
         if wait > 0:
             raise RateLimited("too many sends", retry_after_ms=math.ceil(wait * 1000))
 
-    def _mismatch(self, stored: StoredDeviceList, named: set[int]) -> DeviceMismatch | None:
+    def _mismatch(
+        self, stored: StoredDeviceList, named: set[int], resend: bool
+    ) -> DeviceMismatch | None:
         expected = set(stored.device_ids)
         if stored.user_id == self.user_id:
             expected.discard(self.device_id)  # one's own other devices, never oneself
-        if named == expected:
+        missing = set() if resend else expected - named  # a resend names those it retries
+        unknown = named - expected
+        if not missing and not unknown:
             return None
         return DeviceMismatch(
-            stored.user_id,
-            stored.signed,
-            tuple(sorted(expected - named)),
-            tuple(sorted(named - expected)),
+            stored.user_id, stored.signed, tuple(sorted(missing)), tuple(sorted(unknown))
         )
 
     async def _send_direct(self, request: SendDirect) -> RelayFrame:
@@ -556,8 +560,8 @@ class RelaySession:
             for index, (device_id, _) in enumerate(request.messages)
         )
         payloads = tuple((EnvelopeKind.DIRECT, payload) for _, payload in request.messages)
-        server_ts = await self._store(named, payloads, deliveries)
-        return Accepted(request.request_id, server_ts)
+        server_ts, full = await self._store(named, payloads, deliveries, resend=request.resend)
+        return Accepted(request.request_id, server_ts, full)
 
     async def _send_group(self, request: SendGroup) -> RelayFrame:
         self._check_send_rate()
@@ -570,11 +574,16 @@ class RelaySession:
             for user_id, device_id in request.recipients
         )
         payloads = ((EnvelopeKind.GROUP, request.payload),)
-        server_ts = await self._store(named, payloads, deliveries)
-        return Accepted(request.request_id, server_ts)
+        server_ts, full = await self._store(named, payloads, deliveries, resend=request.resend)
+        return Accepted(request.request_id, server_ts, full)
 
     async def _send_change(self, request: SendChange) -> RelayFrame:
-        """A group change: every payload, and the receipt for ourselves, in one commit."""
+        """A group change: every payload, and the receipt for ourselves, in one commit.
+
+        All or nothing: every device meets the change at one place in the
+        relay's order (spec/12-groups.md, section 12.4), so one full mailbox
+        refuses it whole (MAILBOX_FULL), and its ACCEPTED names none.
+        """
         self._check_send_rate()
         named = {user_id: {d for d, _ in payloads} for user_id, payloads in request.messages}
         items = [
@@ -592,18 +601,22 @@ class RelaySession:
             *((EnvelopeKind.DIRECT, payload) for _, _, payload in items),
             (EnvelopeKind.RECEIPT, request.receipt),
         )
-        server_ts = await self._store(named, payloads, (*deliveries, receipt))
+        server_ts, _ = await self._store(
+            named, payloads, (*deliveries, receipt), resend=False, all_or_nothing=True
+        )
         return Accepted(request.request_id, server_ts)
 
     def _check_recipients(
-        self, named: dict[str, set[int]], lists: dict[str, StoredDeviceList]
+        self, named: dict[str, set[int]], lists: dict[str, StoredDeviceList], resend: bool
     ) -> RelayError | None:
         """Why a send naming ``named`` is refused against ``lists``, or None."""
         for user_id in named:
             if user_id not in lists:
                 return UnknownUser("no such user", user_id=user_id)
         mismatches = [
-            m for user_id, ids in named.items() if (m := self._mismatch(lists[user_id], ids))
+            m
+            for user_id, ids in named.items()
+            if (m := self._mismatch(lists[user_id], ids, resend))
         ]
         if mismatches:
             return DeviceListMismatch("recipient devices differ", mismatches=mismatches)
@@ -614,19 +627,24 @@ class RelaySession:
         named: dict[str, set[int]],
         payloads: tuple[tuple[EnvelopeKind, bytes], ...],
         deliveries: tuple[Delivery, ...],
-    ) -> int:
-        """Check the named devices against the directory, then commit; the server timestamp.
+        *,
+        resend: bool,
+        all_or_nothing: bool = False,
+    ) -> tuple[int, tuple[tuple[str, int], ...]]:
+        """Check the named devices against the directory, then commit.
 
-        The first check may use the relay's copy of the lists in memory: the
-        commit compares each list's counter with the stored one, so a copy
-        out of date costs a retry on what storage holds, and so does a
-        refusal (nothing is refused on a copy).
+        Returns the server timestamp and the devices whose mailboxes were
+        full (the send is stored for the others). The first check may use
+        the relay's copy of the lists in memory: the commit compares each
+        list's counter with the stored one, so a copy out of date costs a
+        retry on what storage holds, and so does a refusal (nothing is
+        refused on a copy).
         """
         storage = self._relay.storage
         cached = True
         for _ in range(_SEND_ATTEMPTS + 1):
             lists = await self._relay.device_lists(list(named), cached=cached)
-            refusal = self._check_recipients(named, lists)
+            refusal = self._check_recipients(named, lists, resend)
             if refusal is not None:
                 if cached:
                     cached = False
@@ -641,9 +659,10 @@ class RelaySession:
                 payloads=payloads,
                 deliveries=deliveries,
                 device_list_counters={u: lists[u].counter for u in named},
+                all_or_nothing=all_or_nothing,
             )
             try:
-                await storage.enqueue(
+                full = await storage.enqueue(
                     batch,
                     max_mailbox_size=self._limits.max_mailbox_size,
                     committed=partial(self._hand_over, batch),
@@ -651,12 +670,14 @@ class RelaySession:
             except StorageConflict:
                 cached = False
                 continue
-            return server_ts
+            return server_ts, full
         raise InternalError("recipient device lists keep changing; retry")
 
-    def _hand_over(self, batch: EnvelopeBatch, positions: Sequence[tuple[int, int]]) -> None:
+    def _hand_over(self, batch: EnvelopeBatch, positions: Sequence[tuple[int, int] | None]) -> None:
         """Give a committed send's envelopes to their devices' connections."""
-        for delivery, (epoch, seq) in zip(batch.deliveries, positions, strict=True):
+        for delivery, position in zip(batch.deliveries, positions, strict=True):
+            if position is None:
+                continue  # the mailbox was full: not stored
             session = self._relay.session_of(delivery.user_id, delivery.device_id)
             if session is not None:
                 kind, payload = batch.payloads[delivery.payload_index]
@@ -668,6 +689,7 @@ class RelaySession:
                     kind,
                     payload,
                 )
+                epoch, seq = position
                 session.hand_over(QueuedEnvelope(seq, envelope, epoch))
 
     # ---------------------------------------------------------------- delivery

@@ -369,8 +369,10 @@ class SqliteDatabase:
     ) -> TakenBundle | None:
         return self._single(partial(self._take_bundle, user_id, device_id, one_time))
 
-    def enqueue(self, batch: EnvelopeBatch, *, max_mailbox_size: int) -> list[tuple[int, int]]:
-        """Store a send; the deliveries' mailbox positions (epoch, seq)."""
+    def enqueue(
+        self, batch: EnvelopeBatch, *, max_mailbox_size: int
+    ) -> list[tuple[int, int] | None]:
+        """Store a send; the deliveries' mailbox positions (epoch, seq; None: mailbox full)."""
         return self._single(partial(self._enqueue, batch, max_mailbox_size))
 
     def pending(
@@ -603,7 +605,7 @@ class SqliteDatabase:
 
     # ---------------------------------------------------------------- mailboxes
 
-    def _enqueue(self, batch: EnvelopeBatch, max_mailbox_size: int) -> list[tuple[int, int]]:
+    def _enqueue(self, batch: EnvelopeBatch, max_mailbox_size: int) -> list[tuple[int, int] | None]:
         # A few statements per send, each over all its rows: a group send's
         # cost in the writer thread barely grows with its recipients.
         db, chain = self._conn, self._chain
@@ -644,24 +646,31 @@ class SqliteDatabase:
                     some,
                 )
             )
+        room = [queued.get(box, 0) < max_mailbox_size for box in boxes]
         full = [
             (d.user_id, d.device_id)
-            for d, box in zip(batch.deliveries, boxes, strict=True)
-            if queued.get(box, 0) >= max_mailbox_size
+            for d, has_room in zip(batch.deliveries, room, strict=True)
+            if not has_room
         ]
-        if full:
+        if full and (batch.all_or_nothing or len(full) == len(batch.deliveries)):
             raise MailboxFull(f"{len(full)} recipient mailboxes are full", devices=full)
         if not batch.deliveries:
             # A send to no device (a group whose only member is the sender's only device):
             # accepted, and nothing stored. A payload no delivery refers to would never be
             # deleted, neither by an acknowledgement nor by the retention sweep.
             return []
+        # Only the deliveries to mailboxes with room are stored, and the payloads they name.
+        with_room = [
+            (d, box)
+            for d, box, has_room in zip(batch.deliveries, boxes, room, strict=True)
+            if has_room
+        ]
         first_seq = self._sequence("deliveries") + 1
         # A payload's id is the seq of its first delivery: never reused either.
         payload_ids: dict[int, int] = {}
-        for offset, d in enumerate(batch.deliveries):
+        for offset, (d, _) in enumerate(with_room):
             payload_ids.setdefault(d.payload_index, first_seq + offset)
-        nonces = _nonces(len(payload_ids) + len(batch.deliveries))
+        nonces = _nonces(len(payload_ids) + len(with_room))
         db.executemany(
             "INSERT INTO payloads (id, epoch, sealed) VALUES (?, ?, ?)",
             [
@@ -685,7 +694,7 @@ class SqliteDatabase:
             ],
         )
         rows = []
-        for offset, (d, box) in enumerate(zip(batch.deliveries, boxes, strict=True)):
+        for offset, (d, box) in enumerate(with_room):
             seq, payload_id = first_seq + offset, payload_ids[d.payload_index]
             content = DeliveryContent(
                 d.user_id, d.device_id, d.guid, batch.server_ts, batch.expires_at
@@ -698,7 +707,7 @@ class SqliteDatabase:
                 f"VALUES {_marks(len(part), 5)}",
                 [value for row in part for value in row],
             )
-        counted = [box for box in boxes if box in queued]  # each device once per send
+        counted = [box for _, box in with_room if box in queued]  # each device once per send
         for some in _parts(counted):
             db.execute(
                 "UPDATE mailboxes SET queued = queued + 1 "
@@ -710,11 +719,12 @@ class SqliteDatabase:
             "VALUES (?, ?, 1, 0, ?)",
             [
                 (box, epoch, seal_mailbox(keys, box, MailboxContent(d.user_id, d.device_id)))
-                for d, box in zip(batch.deliveries, boxes, strict=True)
+                for d, box in with_room
                 if box not in queued
             ],
         )
-        return [(epoch, first_seq + offset) for offset in range(len(rows))]
+        positions = iter((epoch, first_seq + offset) for offset in range(len(rows)))
+        return [next(positions) if has_room else None for has_room in room]
 
     def _sequence(self, table: str) -> int:
         """The largest id ``table`` ever used (AUTOINCREMENT): ids are never reused."""
@@ -1062,10 +1072,15 @@ class SqliteStorage:
         batch: EnvelopeBatch,
         *,
         max_mailbox_size: int,
-        committed: Callable[[Sequence[tuple[int, int]]], None] | None = None,
-    ) -> None:
-        await self._writer.call(
+        committed: Callable[[Sequence[tuple[int, int] | None]], None] | None = None,
+    ) -> tuple[tuple[str, int], ...]:
+        positions = await self._writer.call(
             partial(self._db._enqueue, batch, max_mailbox_size), reported=committed
+        )
+        return tuple(
+            (d.user_id, d.device_id)
+            for d, position in zip(batch.deliveries, positions, strict=True)
+            if position is None
         )
 
     async def pending(
