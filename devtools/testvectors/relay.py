@@ -48,6 +48,7 @@ from hushchat.transport.wire.errors import (
     RateLimited,
     RegistrationClosed,
     RelayError,
+    StorageFull,
     UnexpectedFrame,
     UnknownFrame,
     UnknownUser,
@@ -968,6 +969,11 @@ def _relay_frames() -> list[tuple[str, str, bytes]]:
             frame_bytes(MailExpired(None, SERVER_TS - 259_200_000, SERVER_TS)),
         ),
         ("ERROR BAD_FRAME (detail nil)", "Valid", error(3, BadFrame("bad frame"))),
+        (
+            "ERROR STORAGE_FULL: the relay's disk is full, nothing was stored (detail nil)",
+            "Valid",
+            error(9, StorageFull("the relay's storage is full; retry later")),
+        ),
         (
             "ERROR IDLE_TIMEOUT closing the connection (request id nil)",
             "Valid",

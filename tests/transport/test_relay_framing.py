@@ -400,6 +400,23 @@ def test_token_bucket() -> None:
         RateLimit(capacity=0, per_second=1)
 
 
+def test_a_token_given_back_undoes_its_take() -> None:
+    # A refused request spends no token (rule 3): take, then give back.
+    bucket = TokenBucket(RateLimit(capacity=2, per_second=0.5), now=0.0)
+    assert bucket.take(0.0) == 0.0
+    bucket.give_back()
+    assert bucket.is_full(0.0)
+    bucket.give_back()  # never above the capacity
+    assert [bucket.take(0.0), bucket.take(0.0)] == [0.0, 0.0] and bucket.take(0.0) > 0
+    limiter: KeyedRateLimiter[str] = KeyedRateLimiter(RateLimit(1, 1.0), max_keys=9)
+    assert limiter.take("a", 0.0) == 0.0
+    limiter.give_back("a")
+    limiter.give_back("b")  # a key with no bucket: nothing to give back
+    assert limiter.take("a", 0.0) == 0.0 and limiter.take("a", 0.0) > 0
+    limiter.prune(0.0)
+    assert len(limiter) == 1  # "a" is not full: its bucket stays
+
+
 def test_keyed_rate_limiter_prunes_and_bounds_keys() -> None:
     limiter: KeyedRateLimiter[str] = KeyedRateLimiter(RateLimit(1, 1.0), max_keys=2)
     assert limiter.take("a", 0.0) == 0.0

@@ -54,7 +54,11 @@ from hushchat.transport.wire.frames import (
     encode_body,
 )
 from hushchat.transport.wire.framing import encode_frame
-from hushchat.transport.wire.limits import MAX_IN_FLIGHT, RELAY_PROTOCOL_VERSION
+from hushchat.transport.wire.limits import (
+    BUNDLE_FETCH_CAPACITY,
+    MAX_IN_FLIGHT,
+    RELAY_PROTOCOL_VERSION,
+)
 from hushchat.transport.wire.records import Envelope, EnvelopeKind, PreKeyCounts
 from tests.support.relay import (
     RawClient,
@@ -673,6 +677,33 @@ async def test_sends_are_rate_limited_per_connection() -> None:
                 await sender.send_direct("bob", [(1, b"x")])
             with pytest.raises(RateLimited):
                 await sender.send_group(b"y", [("bob", 1)])
+
+
+async def test_a_refused_request_spends_no_rate_limit_token() -> None:
+    # Refused sends and bundle fetches change nothing, their tokens included.
+    alice, bob = make_user("alice"), make_user("bob", [1, 2])
+    async with running_relay(relay_config(send_rate=RateLimit(2, 0.001))) as port:
+        await register(port, alice, bob)
+        async with connected(port, alice.devices[1]) as sender:
+            for _ in range(5):
+                with pytest.raises(DeviceListMismatch):
+                    await sender.send_direct("bob", [(1, b"bob/2 missing")])
+                with pytest.raises(UnknownUser):
+                    await sender.send_group(b"x", [("nobody", 1)])
+            await sender.send_direct("bob", [(1, b"1"), (2, b"1")])
+            await sender.send_direct("bob", [(1, b"2"), (2, b"2")])
+            with pytest.raises(RateLimited):
+                await sender.send_direct("bob", [(1, b"3"), (2, b"3")])
+            for _ in range(int(BUNDLE_FETCH_CAPACITY) + 1):  # bob has no prekeys yet
+                with pytest.raises(NoPreKeys):
+                    await sender.fetch_bundle("bob", 1)
+        async with connected(port, bob.devices[1]) as owner:
+            await owner.upload_prekeys(**make_prekeys(bob.devices[1], one_time=0, one_time_kem=0))
+        async with connected(port, alice.devices[1]) as sender:
+            for _ in range(int(BUNDLE_FETCH_CAPACITY)):
+                await sender.fetch_bundle("bob", 1)
+            with pytest.raises(RateLimited):
+                await sender.fetch_bundle("bob", 1)
 
 
 async def test_a_full_mailbox_delays_only_what_is_addressed_to_it() -> None:

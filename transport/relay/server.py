@@ -19,7 +19,7 @@ import trio
 
 from hushchat.protocol.errors import StateError
 
-from ..wire.errors import RelayError, Superseded, TransportError
+from ..wire.errors import RelayError, StorageFull, Superseded, TransportError
 from ..wire.frames import RequestLimits
 from ..wire.records import PreKeyCounts
 from .config import RelayConfig
@@ -132,6 +132,8 @@ class Relay:
         while True:
             try:
                 purged = await self.storage.purge_expired(self.config.clock())
+            except StorageFull:
+                logger.debug("retention sweep put off: the disk is full")
             except Exception:
                 logger.exception("retention sweep failed")
             else:

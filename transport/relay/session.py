@@ -21,7 +21,8 @@ import math
 import os
 import secrets
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager, suppress
 from functools import partial
 from typing import TYPE_CHECKING
 
@@ -53,6 +54,7 @@ from ..wire.errors import (
     RateLimited,
     RegistrationClosed,
     RelayError,
+    StorageFull,
     UnknownDevice,
     UnknownUser,
     UnsupportedVersion,
@@ -110,6 +112,11 @@ logger = logging.getLogger("hushchat.relay")
 # and the commit (each attempt re-reads them); more means someone is
 # changing lists in a loop.
 _SEND_ATTEMPTS = 3
+
+# Seconds before a connection reads its mailbox again after the read failed on
+# a full disk: often enough that mail flows again soon after space returns,
+# rarely enough that connections waiting cost the writer next to nothing.
+STORAGE_RETRY_INTERVAL = 1.0
 
 
 class RelaySession:
@@ -403,9 +410,13 @@ class RelaySession:
         return Ok(request.request_id)
 
     async def _start_delivery(self) -> None:
-        counts = await self._relay.storage.prekey_counts(self.user_id, self.device_id)
-        if self._relay.is_low(counts):
-            self._low_counts = counts
+        try:
+            counts = await self._relay.storage.prekey_counts(self.user_id, self.device_id)
+        except StorageFull:
+            pass  # the stock is checked again at the next fetch of this device's bundle
+        else:
+            if self._relay.is_low(counts):
+                self._low_counts = counts
         assert self._nursery is not None
         self._nursery.start_soon(self._deliver)
 
@@ -532,7 +543,7 @@ class RelaySession:
 
     # ---------------------------------------------------------------- sends
 
-    def _check_send_rate(self) -> None:
+    def _take_send_token(self) -> None:
         wait = self._send_bucket.take(trio.current_time())
         if wait > 0:
             raise RateLimited("too many sends", retry_after_ms=math.ceil(wait * 1000))
@@ -552,7 +563,7 @@ class RelaySession:
         )
 
     async def _send_direct(self, request: SendDirect) -> RelayFrame:
-        self._check_send_rate()
+        self._take_send_token()
         named = {request.user_id: {device_id for device_id, _ in request.messages}}
         guids = _guids(len(request.messages))
         deliveries = tuple(
@@ -560,11 +571,12 @@ class RelaySession:
             for index, (device_id, _) in enumerate(request.messages)
         )
         payloads = tuple((EnvelopeKind.DIRECT, payload) for _, payload in request.messages)
-        server_ts, full = await self._store(named, payloads, deliveries, resend=request.resend)
+        with _token_back_on_failure(self._send_bucket.give_back):
+            server_ts, full = await self._store(named, payloads, deliveries, resend=request.resend)
         return Accepted(request.request_id, server_ts, full)
 
     async def _send_group(self, request: SendGroup) -> RelayFrame:
-        self._check_send_rate()
+        self._take_send_token()
         named: dict[str, set[int]] = {}
         for user_id, device_id in request.recipients:
             named.setdefault(user_id, set()).add(device_id)
@@ -574,7 +586,8 @@ class RelaySession:
             for user_id, device_id in request.recipients
         )
         payloads = ((EnvelopeKind.GROUP, request.payload),)
-        server_ts, full = await self._store(named, payloads, deliveries, resend=request.resend)
+        with _token_back_on_failure(self._send_bucket.give_back):
+            server_ts, full = await self._store(named, payloads, deliveries, resend=request.resend)
         return Accepted(request.request_id, server_ts, full)
 
     async def _send_change(self, request: SendChange) -> RelayFrame:
@@ -584,7 +597,7 @@ class RelaySession:
         relay's order (spec/12-groups.md, section 12.4), so one full mailbox
         refuses it whole (MAILBOX_FULL), and its ACCEPTED names none.
         """
-        self._check_send_rate()
+        self._take_send_token()
         named = {user_id: {d for d, _ in payloads} for user_id, payloads in request.messages}
         items = [
             (user_id, device_id, payload)
@@ -601,9 +614,10 @@ class RelaySession:
             *((EnvelopeKind.DIRECT, payload) for _, _, payload in items),
             (EnvelopeKind.RECEIPT, request.receipt),
         )
-        server_ts, _ = await self._store(
-            named, payloads, (*deliveries, receipt), resend=False, all_or_nothing=True
-        )
+        with _token_back_on_failure(self._send_bucket.give_back):
+            server_ts, _ = await self._store(
+                named, payloads, (*deliveries, receipt), resend=False, all_or_nothing=True
+            )
         return Accepted(request.request_id, server_ts)
 
     def _check_recipients(
@@ -716,6 +730,18 @@ class RelaySession:
         self._nursery.start_soon(self._delete, guids, seqs)
 
     async def _delete(self, guids: tuple[bytes, ...], seqs: tuple[int, ...]) -> None:
+        try:
+            await self._acknowledge(seqs)
+        except Exception:
+            logger.exception("acknowledgement not stored: the envelope will come again")
+        finally:
+            self._deletions.release()
+        for guid in guids:
+            self._in_flight.pop(guid, None)
+        if self._unread or self._handed:  # mail held back by the window: there is room now
+            self._wake.set()
+
+    async def _acknowledge(self, seqs: tuple[int, ...]) -> None:
         storage = self._relay.storage
         try:
             try:
@@ -726,20 +752,35 @@ class RelaySession:
                 with trio.CancelScope(shield=True):
                     await storage.acknowledge(self.user_id, self.device_id, seqs)
                 raise
-        except Exception:
-            logger.exception("acknowledgement not stored: the envelope will come again")
-        finally:
-            self._deletions.release()
-        for guid in guids:
-            self._in_flight.pop(guid, None)
-        if self._unread or self._handed:  # mail held back by the window: there is room now
-            self._wake.set()
+        except StorageFull:
+            # Acknowledged, so deleted even if the connection closes meanwhile.
+            with trio.CancelScope(shield=True):
+                deleted = len(seqs) > 1 and await self._acknowledge_one_by_one(seqs)
+            if not deleted:
+                logger.debug("acknowledgement not stored (disk full): the envelope will come again")
+
+    async def _acknowledge_one_by_one(self, seqs: tuple[int, ...]) -> bool:
+        """Delete the envelopes at ``seqs`` one per transaction; False if the disk is too full.
+
+        Deleting takes room too: with secure delete every page freed is written
+        to the WAL first. One envelope per transaction needs room for one
+        envelope only, as the WAL starts over between transactions.
+        """
+        try:
+            for seq in seqs:
+                await self._relay.storage.acknowledge(self.user_id, self.device_id, (seq,))
+        except StorageFull:
+            return False
+        return True
 
     async def _deliver(self) -> None:
         storage = self._relay.storage
         after_epoch = after_seq = 0
         backlog_pushed = False
-        notice = await storage.expiry_notice(self.user_id, self.device_id)
+        try:
+            notice = await storage.expiry_notice(self.user_id, self.device_id)
+        except StorageFull:
+            notice = None  # told at the device's next connection
         while True:
             self._wake = trio.Event()
             frames: list[RelayFrame] = []
@@ -754,14 +795,21 @@ class RelaySession:
                 self._unread = False
                 self._handed.clear()  # committed, so the read finds them
                 limit = min(room, DELIVERY_BATCH_SIZE)
-                batch = await storage.pending(
-                    self.user_id,
-                    self.device_id,
-                    after_epoch=after_epoch,
-                    after_seq=after_seq,
-                    limit=limit,
-                    now=self._relay.config.clock(),
-                )
+                try:
+                    batch = await storage.pending(
+                        self.user_id,
+                        self.device_id,
+                        after_epoch=after_epoch,
+                        after_seq=after_seq,
+                        limit=limit,
+                        now=self._relay.config.clock(),
+                    )
+                except StorageFull:
+                    # The read shared a transaction that failed on a full disk: read
+                    # again a little later (the connection stays).
+                    self._unread = True
+                    await trio.sleep(STORAGE_RETRY_INTERVAL)
+                    continue
                 if len(batch) == limit:
                     self._unread = True  # perhaps more than fitted
                     self._handed.clear()
@@ -783,10 +831,25 @@ class RelaySession:
             if frames:
                 await self._send(*frames)
             if notice is not None:  # pushed: the device knows
-                await storage.clear_expiry_notice(self.user_id, self.device_id, notice)
+                with suppress(StorageFull):  # else told again next time
+                    await storage.clear_expiry_notice(self.user_id, self.device_id, notice)
                 notice = None
             if not ((self._unread or self._handed) and self._window > len(self._in_flight)):
                 await self._wake.wait()
+
+
+@contextmanager
+def _token_back_on_failure(give_back: Callable[[], None]) -> Iterator[None]:
+    """Give back the request's rate-limit token if the block fails: a refused request,
+    or one that failed in storage, changes nothing (it was never answered with success).
+
+    Cancelled included: a storage call is cancelled only before it was queued.
+    """
+    try:
+        yield
+    except BaseException:
+        give_back()
+        raise
 
 
 def _guids(count: int) -> Iterator[bytes]:

@@ -174,6 +174,12 @@ FRAME_PER_SECOND: Final = 500.0
 # bounds the limiter's memory whatever the number of device pairs.
 MAX_RATE_LIMIT_KEYS: Final = 100_000
 
+# A warning that recurs (refused logins, a full disk) is logged at most once
+# per this many seconds, saying how many were not logged since: an operator
+# sees each problem within a minute, and a client retrying in a loop (four
+# clients refused 430 times a minute) cannot flood the log.
+WARNING_LOG_INTERVAL: Final = 60.0
+
 # ------------------------------------------------------------------ timeouts (seconds)
 
 # From TCP accept to a successful AUTH (HELLO and registration included).

@@ -16,6 +16,9 @@
 * ``secure_delete=ON`` and a WAL truncation on every purge and on close:
   acknowledged or expired ciphertext is overwritten, not left in free pages
   (a reader of another process can put a truncation off to the next one).
+  The WAL is bounded (:data:`WAL_SIZE_LIMIT`), and after a full disk it is
+  folded in and truncated as soon as there is room, so freed space is not
+  eaten by it; a full disk is :class:`~...wire.errors.StorageFull`.
   Copies made meanwhile (backups, snapshots) are what the sealing is for.
 * Group commit (:mod:`.writer`): every call runs in one writer thread, the
   calls queued together as one transaction with a savepoint each, so a
@@ -34,9 +37,12 @@ tables are in :mod:`.schema`, the migration from schema 1 in :mod:`.migration`.
 
 from __future__ import annotations
 
+import logging
 import os
 import sqlite3
+import time
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import suppress
 from functools import partial
 from typing import Any, TypeVar, cast
 
@@ -51,11 +57,13 @@ from ...wire.errors import (
     MailboxFull,
     PreKeyIdInUse,
     PreKeyStockFull,
+    StorageFull,
     UnknownDevice,
 )
-from ...wire.limits import DEFAULT_RETENTION_SECONDS
+from ...wire.limits import DEFAULT_RETENTION_SECONDS, WARNING_LOG_INTERVAL
 from ...wire.records import Envelope, PreKeyCounts
 from ..config import wall_clock_ms
+from ..ratelimit import LogThrottle
 from .atrest import (
     NONCE_SIZE,
     KeyChain,
@@ -103,11 +111,14 @@ from .writer import (
     DEFAULT_MAX_QUEUED,
     DatabaseCall,
     GroupCommitWriter,
+    is_storage_full,
     run_batch,
 )
 
 T = TypeVar("T")
 S = TypeVar("S")
+
+logger = logging.getLogger("hushchat.relay")
 
 # How long a transaction waits for another process holding the database's
 # write lock (several relays may share the file) before it fails (SQLite
@@ -118,6 +129,14 @@ BUSY_TIMEOUT_MS = 5000
 # the WAL untruncated (it is truncated at the next sweep or close): a
 # shell left open on the file must not hold up a relay's shutdown.
 CLOSE_CHECKPOINT_WAIT_MS = 1000
+
+# Bytes of WAL after which SQLite copies it into the database (its automatic
+# checkpoint), and to which the WAL file is cut back when it starts over
+# (journal_size_limit). Without them the WAL keeps its largest size forever
+# (SQLite's default checkpoint point is about 4 MB) and, on a full disk,
+# grows into whatever space is freed; with them, freeing more than this much
+# lets a relay that hit a full disk fold its WAL into the database and go on.
+WAL_SIZE_LIMIT = 1024 * 1024
 
 # Rows one statement reads or inserts at most when a send names many devices:
 # SQLite binds at most 32,766 variables per statement (5 per delivery row).
@@ -150,10 +169,16 @@ class SqliteDatabase:
         self._retention_ms = retention_seconds * 1000
         # An in-memory database keeps its keys in memory only, like its mail.
         self._key_file = key_file or (None if path == ":memory:" else default_key_file(path))
+        self._full = False  # the last transaction failed on a full disk
+        self._full_log = LogThrottle(WARNING_LOG_INTERVAL)
+        self._room_log = LogThrottle(WARNING_LOG_INTERVAL)
         try:
             self._conn.execute("PRAGMA journal_mode=WAL")
             self._conn.execute("PRAGMA synchronous=FULL")
             self._conn.execute("PRAGMA secure_delete=ON")
+            page_size = self._conn.execute("PRAGMA page_size").fetchone()[0]
+            self._conn.execute(f"PRAGMA wal_autocheckpoint = {WAL_SIZE_LIMIT // page_size}")
+            self._conn.execute(f"PRAGMA journal_size_limit = {WAL_SIZE_LIMIT}")
             version = create_or_check_schema(self._conn)
             self._chain = self._open_keys(path, version, clock(), reset_keys)
         except BaseException:
@@ -218,11 +243,23 @@ class SqliteDatabase:
             # then, before anything is served, its keys cease to exist.
             self._purge_expired(now)
             db.execute("COMMIT")
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
-        self._forget_keys(now)
-        self._truncate_wal()  # deleted rows, and a migration's old tables (secure_delete)
+        except BaseException as exc:
+            if db.in_transaction:  # SQLite may have rolled back already (SQLITE_FULL)
+                with suppress(sqlite3.Error):
+                    db.execute("ROLLBACK")
+            if not (is_storage_full(exc) and meta_value(db, "chain_id") == chain.chain_id):
+                raise
+            # A full disk, on a database already under this key chain: serve what
+            # is stored. The first sweep with room purges what expired meanwhile.
+            logger.warning("the relay's disk is full: expired mail is purged once there is room")
+        try:
+            self._forget_keys(now)
+        except OSError as exc:  # the key file cannot be rewritten: at the next sweep
+            if not is_storage_full(exc):
+                raise
+            logger.warning("the relay's disk is full: old keys are forgotten once there is room")
+        with suppress(sqlite3.Error):  # a full disk: at the next sweep
+            self._truncate_wal()  # deleted rows, and a migration's old tables (secure_delete)
         return chain
 
     def _queue_is_empty(self) -> bool:
@@ -306,8 +343,30 @@ class SqliteDatabase:
     # ---------------------------------------------------------------- transactions
 
     def run_batch(self, calls: Sequence[DatabaseCall]) -> None:
-        """Run ``calls`` as one transaction, each in a savepoint (:func:`.writer.run_batch`)."""
+        """Run ``calls`` as one transaction, each in a savepoint (:func:`.writer.run_batch`).
+
+        After a full disk, each batch first tries to fold the WAL into the
+        database and truncate it, which gives back its space as soon as the
+        database has room to take it.
+        """
+        if self._full:
+            with suppress(sqlite3.Error):
+                self._truncate_wal()
+        changes = self._conn.total_changes
         run_batch(self._conn, calls)
+        if any(isinstance(call.error, StorageFull) for call in calls):
+            self._full = True
+            unlogged = self._full_log.event(time.monotonic())
+            if unlogged is not None:
+                logger.warning(
+                    "the relay's disk is full: requests that store anything are refused "
+                    "(STORAGE_FULL) until space is freed%s",
+                    f" ({unlogged} more failed since the last report)" if unlogged else "",
+                )
+        elif self._full and self._conn.total_changes > changes:  # a write committed
+            self._full = False
+            if self._room_log.event(time.monotonic()) is not None:
+                logger.warning("the relay's disk has room again: storing resumed")
 
     def _single(
         self,
@@ -406,7 +465,12 @@ class SqliteDatabase:
         self._single(partial(self._clear_expiry_notice, user_id, device_id, notice))
 
     def close(self) -> None:
-        self._truncate_wal(wait_ms=CLOSE_CHECKPOINT_WAIT_MS)
+        """Truncate the WAL (if the disk lets it), then close: never fails on a full disk."""
+        try:
+            self._truncate_wal(wait_ms=CLOSE_CHECKPOINT_WAIT_MS)
+        except sqlite3.Error as exc:
+            # Nothing is lost: the WAL is valid, and folded in at the next start.
+            logger.warning("closing the database without truncating its WAL: %s", exc)
         self._conn.close()
 
     # ---------------------------------------------------------------- users and devices
