@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import re
 import sqlite3
 import threading
+from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 
@@ -30,6 +32,8 @@ from hushchat.transport.wire.errors import (
 )
 from hushchat.transport.wire.limits import DEFAULT_RETENTION_SECONDS
 from hushchat.transport.wire.records import EnvelopeKind, PreKeyCounts
+from tests.support.relay import connected, relay_config, running_relay
+from tests.support.relay import register as register_users
 from tests.support.storage import (
     SIGNATURE,
     batch,
@@ -38,6 +42,7 @@ from tests.support.storage import (
     schema_2_database,
     upload_prekeys,
 )
+from tests.support.users import make_user
 
 
 @pytest.fixture
@@ -471,3 +476,64 @@ def test_acknowledged_ciphertext_leaves_no_trace_on_disk(
     assert not any(sealed in f.read_bytes() for f in tmp_path.glob("relay.db*"))
     db.close()
     assert not any(sealed in f.read_bytes() for f in tmp_path.glob("relay.db*"))
+
+
+# ------------------------------------------------------------------ file modes
+
+
+@pytest.fixture
+def umask_022() -> Iterator[None]:
+    """The usual umask, under which files are created world-readable (0644)."""
+    previous = os.umask(0o022)
+    try:
+        yield
+    finally:
+        os.umask(previous)
+
+
+def modes(folder: Path) -> dict[str, str]:
+    """Every file's and folder's permission bits under ``folder``, by relative path."""
+    found = {str(p.relative_to(folder)): oct(p.stat().st_mode & 0o777) for p in folder.rglob("*")}
+    return dict(sorted(found.items()))
+
+
+@pytest.mark.usefixtures("umask_022")
+def test_every_file_the_relay_creates_is_private(tmp_path: Path) -> None:
+    db = SqliteDatabase(str(tmp_path / "relay.db"))
+    register_devices(db, "bob", 1)
+    db.enqueue(batch([("bob", 1)], (b"mail",), counters={"bob": 0}), max_mailbox_size=10)
+    assert modes(tmp_path) == {
+        "relay.db": "0o600",
+        "relay.db-shm": "0o600",
+        "relay.db-wal": "0o600",
+        "relay.db.keys": "0o600",
+    }
+    db.close()
+    assert set(modes(tmp_path).values()) <= {"0o600"}
+
+
+@pytest.mark.usefixtures("umask_022")
+async def test_a_running_relay_s_files_are_private(tmp_path: Path) -> None:
+    alice, bob = make_user("alice"), make_user("bob")
+    async with running_relay(relay_config(tmp_path)) as port:
+        await register_users(port, alice, bob)
+        async with connected(port, alice.devices[1]) as sender:
+            await sender.send_direct("bob", [(1, b"mail")])
+        found = modes(tmp_path)
+    assert set(found) >= {"relay.db", "relay.db-wal", "relay.db-shm", "relay.db.keys"}
+    assert set(found.values()) == {"0o600"}, found
+
+
+@pytest.mark.usefixtures("umask_022")
+def test_files_of_an_older_relay_are_made_private(tmp_path: Path) -> None:
+    path = tmp_path / "relay.db"
+    older = SqliteDatabase(str(path))
+    register_devices(older, "bob", 1)
+    held_open = sqlite3.connect(path)  # keeps the WAL and shared memory files in place
+    held_open.execute("SELECT COUNT(*) FROM users").fetchone()
+    older.close()
+    for name in ("relay.db", "relay.db-wal", "relay.db-shm"):
+        (tmp_path / name).chmod(0o644)
+    SqliteDatabase(str(path)).close()
+    held_open.close()
+    assert set(modes(tmp_path).values()) <= {"0o600"}, modes(tmp_path)

@@ -138,6 +138,10 @@ CLOSE_CHECKPOINT_WAIT_MS = 1000
 # lets a relay that hit a full disk fold its WAL into the database and go on.
 WAL_SIZE_LIMIT = 1024 * 1024
 
+# The database and its WAL hold everyone's queued ciphertext and routing
+# metadata (spec 7.12): readable by the relay's own user only.
+PRIVATE_FILE_MODE = 0o600
+
 # Rows one statement reads or inserts at most when a send names many devices:
 # SQLite binds at most 32,766 variables per statement (5 per delivery row).
 ROWS_PER_STATEMENT = 1000
@@ -160,6 +164,8 @@ class SqliteDatabase:
         clock: Callable[[], int] = wall_clock_ms,
         reset_keys: bool = False,
     ) -> None:
+        if path != ":memory:":
+            make_private(path)
         self._conn = sqlite3.connect(
             path,
             isolation_level=None,
@@ -1006,6 +1012,19 @@ class SqliteDatabase:
             self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         finally:
             self._conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+
+
+def make_private(path: str) -> None:
+    """Create the database file owner-only (0600) if missing; make it and its WAL and
+    shared-memory files owner-only if they exist, as an older relay left them.
+
+    SQLite creates the WAL and shared-memory files with the database file's
+    permissions, so they are private too, whatever the umask.
+    """
+    os.close(os.open(path, os.O_RDWR | os.O_CREAT, PRIVATE_FILE_MODE))
+    for name in (path, f"{path}-wal", f"{path}-shm"):
+        with suppress(FileNotFoundError):
+            os.chmod(name, PRIVATE_FILE_MODE)
 
 
 def _parts(rows: Sequence[S]) -> Iterator[Sequence[S]]:
