@@ -45,15 +45,19 @@ from .relay.ratelimit import RateLimit
 from .relay.report import format_report, relay_report
 from .relay.server import RelayStartError, serve_relay
 from .relay.storage.atrest import RelayKeysMissing, default_key_file
+from .wire import limits as L
 from .wire.frames import MAX_RELAY_NAME_SIZE
 from .wire.limits import DEFAULT_INVITE_LIFETIME_SECONDS, DEFAULT_RETENTION_SECONDS
 
 logger = logging.getLogger("hushchat.relay")
 
-# The relay's prekey limits as --bundle-fetch-limit and --one-time-prekey-budget
-# take them (wire.limits gives the reasons; a test checks these are the same).
+# The relay's rate limits as --bundle-fetch-limit, --one-time-prekey-budget,
+# --send-limit and --frame-limit take them (wire.limits gives the reasons; a
+# test checks these are the same).
 BUNDLE_FETCH_LIMIT = "6/1h"
 ONE_TIME_PREKEY_BUDGET = "20/1h"
+SEND_LIMIT = "60/1s"
+FRAME_LIMIT = "1000/2s"
 
 # Invitation tokens one 'hushchat relay invite' issues at most: a batch for a
 # team or a class, not a way around the gate.
@@ -75,6 +79,22 @@ def _rate(text: str) -> RateLimit:
         return parse_rate(text)
     except InvalidArgument as exc:
         raise argparse.ArgumentTypeError(exc.message) from None
+
+
+def _whole(low: int, high: int | None = None) -> Callable[[str], int]:
+    """An argument type: a whole number from ``low`` (to ``high``)."""
+    bounds = f"from {low}" if high is None else f"from {low} to {high}"
+
+    def whole(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number {bounds}") from None
+        if value < low or (high is not None and value > high):
+            raise argparse.ArgumentTypeError(f"{value} is not a whole number {bounds}")
+        return value
+
+    return whole
 
 
 def _port(text: str) -> int:
@@ -160,6 +180,45 @@ def add_relay_command(subparsers: SubParsers) -> None:
         help="one-time prekeys handed out per device, whoever fetches: N at once, regained at "
         "N per DURATION; fetches beyond get the signed and last-resort keys only, so this "
         "bounds what any number of registered devices can drain",
+    )
+    parser.add_argument(
+        "--send-limit",
+        type=_rate,
+        default=SEND_LIMIT,
+        metavar="N/DURATION",
+        help="sends per connection: N at once, regained at N per DURATION (beyond: "
+        "RATE_LIMITED with the time to wait)",
+    )
+    parser.add_argument(
+        "--frame-limit",
+        type=_rate,
+        default=FRAME_LIMIT,
+        metavar="N/DURATION",
+        help="frames of any kind read per connection: N at once, regained at N per DURATION "
+        "(beyond, the relay reads that connection no faster)",
+    )
+    parser.add_argument(
+        "--max-mailbox",
+        type=_whole(1),
+        default=L.MAX_MAILBOX_SIZE,
+        metavar="N",
+        help="envelopes queued per device; a full mailbox takes no more until it is read, "
+        "while sends to other devices go on",
+    )
+    parser.add_argument(
+        "--max-in-flight",
+        type=_whole(1, L.MAX_IN_FLIGHT),
+        default=L.MAX_IN_FLIGHT,
+        metavar="N",
+        help="envelopes pushed to a device and not yet acknowledged",
+    )
+    parser.add_argument(
+        "--sweep-interval",
+        type=_duration,
+        metavar="DURATION",
+        help="how often expired mail is deleted and its keys cease to exist "
+        f"(default: at every epoch boundary, 1/{L.EPOCHS_PER_RETENTION} of --retention)"
+        "%(default).0s",
     )
     parser.add_argument("--tls-cert", help="PEM certificate chain (enables TLS with --tls-key)")
     parser.add_argument("--tls-key", help="PEM private key of --tls-cert")
@@ -288,10 +347,7 @@ def run_relay(args: argparse.Namespace) -> int:
             name=name or "",
             ssl_context=ssl_context,
             registration=Registration(args.registration),
-            limits=RelayLimits(
-                bundle_fetch_rate=args.bundle_fetch_limit,
-                one_time_prekey_budget=args.one_time_prekey_budget,
-            ),
+            limits=relay_limits(args),
         )
     except InvalidArgument as exc:
         print(f"hushchat relay: {exc.message}", file=sys.stderr)
@@ -304,6 +360,19 @@ def run_relay(args: argparse.Namespace) -> int:
             raise
         return fail("relay", str(start_error))
     return 0
+
+
+def relay_limits(args: argparse.Namespace) -> RelayLimits:
+    """The relay's limits from ``hushchat relay``'s arguments (InvalidArgument if they clash)."""
+    return RelayLimits(
+        bundle_fetch_rate=args.bundle_fetch_limit,
+        one_time_prekey_budget=args.one_time_prekey_budget,
+        send_rate=args.send_limit,
+        frame_rate=args.frame_limit,
+        max_mailbox_size=args.max_mailbox,
+        max_in_flight=args.max_in_flight,
+        sweep_interval=None if args.sweep_interval is None else float(args.sweep_interval),
+    )
 
 
 def _certificate_name(path: str) -> str | None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import signal
 import socket
 import sqlite3
@@ -18,10 +19,18 @@ from hushchat.transport import cli
 from hushchat.transport.relay.config import RelayConfig, RelayLimits, wall_clock_ms
 from hushchat.transport.relay.ratelimit import RateLimit
 from hushchat.transport.relay.storage.sqlite import SqliteDatabase
+from hushchat.transport.wire.errors import MailboxFull
 from hushchat.transport.wire.limits import DEFAULT_RETENTION_SECONDS
 from tests.support.children import RELAY_COMMAND
-from tests.support.relay import announced_port, connected, self_signed
+from tests.support.relay import (
+    announced_port,
+    connected,
+    envelopes_until_empty,
+    register,
+    self_signed,
+)
 from tests.support.storage import batch, register_devices, schema_2_database, upload_prekeys
+from tests.support.users import make_user
 
 
 def test_relay_arguments() -> None:
@@ -32,6 +41,19 @@ def test_relay_arguments() -> None:
     assert args.name == "relay.example" and args.run is cli.run_relay
     defaults = cli.build_parser().parse_args(["relay"])
     assert (defaults.host, defaults.retention) == ("127.0.0.1", DEFAULT_RETENTION_SECONDS)
+
+
+def test_the_limits_an_operator_tunes_are_arguments() -> None:
+    argv = "relay --max-mailbox 50 --max-in-flight 20 --sweep-interval 5m --send-limit 20/2s"
+    argv += " --frame-limit 200/1s --bundle-fetch-limit 3/1h"
+    args = cli.build_parser().parse_args(argv.split())
+    limits = cli.relay_limits(args)
+    assert (limits.max_mailbox_size, limits.max_in_flight, limits.sweep_interval) == (50, 20, 300)
+    assert limits.send_rate == RateLimit(20, 10.0)
+    assert limits.frame_rate == RateLimit(200, 200.0)
+    assert limits.bundle_fetch_rate == RateLimit(3, 3 / 3600)
+    # Without them, the defaults of wire.limits.
+    assert cli.relay_limits(cli.build_parser().parse_args(["relay"])) == RelayLimits()
 
 
 @pytest.mark.parametrize("argv", [["relay", "--retention", "3 days"], ["relay", "--port", "x"], []])
@@ -54,6 +76,11 @@ def test_bad_arguments_exit_with_usage(argv: list[str], capsys: pytest.CaptureFi
         (["--host", "nosuch.invalid"], 1, "unknown host 'nosuch.invalid'"),
         (["--tls-cert", "/nope.pem", "--tls-key", "/nope.key"], 1, "cannot load the TLS"),
         (["--name", ""], 2, "a relay name is 1 to"),
+        (["--max-mailbox", "0"], 2, "argument --max-mailbox: 0 is not a whole number from 1"),
+        (["--max-in-flight", "101"], 2, "argument --max-in-flight: 101 is not a whole number "),
+        (["--send-limit", "0/1s"], 2, "argument --send-limit: rate '0/1s': expected a count"),
+        (["--max-mailbox", "x"], 2, "argument --max-mailbox: 'x' is not a whole number"),
+        (["--sweep-interval", "0s"], 2, "argument --sweep-interval: duration '0s' must be"),
     ],
 )
 def test_a_bad_argument_or_environment_is_one_line_and_creates_nothing(
@@ -105,6 +132,14 @@ def test_help_shows_every_default(capsys: pytest.CaptureFixture[str]) -> None:
     for default in ["127.0.0.1", "7400", "hushchat-relay.db", "72h", "6/1h", "20/1h", "INFO"]:
         assert f"(default: {default})" in out
     assert "(default: the first DNS name of --tls-cert, else --host;" in out
+    for flag, default in [
+        ("--max-mailbox", "10000"),
+        ("--max-in-flight", "100"),
+        ("--sweep-interval", "at every epoch boundary, 1/72 of --retention"),
+        ("--send-limit", "60/1s"),
+        ("--frame-limit", "1000/2s"),
+    ]:
+        assert re.search(rf"{flag} \S+ .*?\(default: {re.escape(default)}\)", out), flag
 
 
 def test_version(capsys: pytest.CaptureFixture[str]) -> None:
@@ -343,3 +378,51 @@ def test_invite_into_an_older_database_asks_for_the_relay_to_upgrade_it(
     assert err.startswith("hushchat relay invite: ") and err.count("\n") == 1
     assert "start the relay once to upgrade it" in err
     assert db.read_bytes() == before
+async def test_max_mailbox_on_the_command_line_delays_only_the_full_recipient(
+    tmp_path: Path,
+) -> None:
+    # bob stops reading while alice keeps writing to him, to carol, and to a
+    # group of bob and dave: nothing but what is addressed to bob waits.
+    alice, bob, carol, dave = (make_user(name) for name in ("alice", "bob", "carol", "dave"))
+    argv = [*RELAY_COMMAND, "--port", "0", "--db", str(tmp_path / "r.db"), "--max-mailbox", "50"]
+    argv += ["--send-limit", "1000/1s"]
+    process = await trio.lowlevel.open_process(argv, stderr=subprocess.PIPE)
+    try:
+        port = await announced_port(process)
+        await register(port, alice, bob, carol, dave)
+        missed: list[tuple[bytes, bool]] = []  # what bob's full mailbox refused: (payload, group)
+        async with connected(port, alice.devices[1]) as sender:
+            for n in range(30):
+                try:
+                    await sender.send_direct("bob", [(1, b"bob %d" % n)])
+                except MailboxFull:
+                    missed.append((b"bob %d" % n, False))
+                await sender.send_direct("carol", [(1, b"carol %d" % n)])
+                group = await sender.send_group(b"group %d" % n, [("bob", 1), ("dave", 1)])
+                if group.mailbox_full:
+                    assert group.mailbox_full == (("bob", 1),)
+                    missed.append((b"group %d" % n, True))
+        assert len(missed) == 60 - 50
+        for user, sent in [(carol, b"carol"), (dave, b"group")]:
+            async with connected(port, user.devices[1]) as reader:
+                got = [e.payload for e in await envelopes_until_empty(reader, acknowledge=True)]
+            assert got == [b"%s %d" % (sent, n) for n in range(30)]
+        async with connected(port, bob.devices[1]) as reader:
+            first = [e.payload for e in await envelopes_until_empty(reader, acknowledge=True)]
+        assert len(first) == 50
+        # The sender resends what bob missed, to bob alone, once he has read.
+        async with connected(port, alice.devices[1]) as sender:
+            for payload, grouped in missed:
+                if grouped:
+                    await sender.send_group(payload, [("bob", 1)], resend=True)
+                else:
+                    await sender.send_direct("bob", [(1, payload)], resend=True)
+        async with connected(port, bob.devices[1]) as reader:
+            second = [e.payload for e in await envelopes_until_empty(reader, acknowledge=True)]
+        assert second == [payload for payload, _ in missed]
+        process.send_signal(signal.SIGTERM)
+        with trio.fail_after(20):
+            assert await process.wait() == 0
+    finally:
+        process.kill()
+        await process.wait()
