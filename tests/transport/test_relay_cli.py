@@ -19,14 +19,17 @@ from hushchat.transport import cli
 from hushchat.transport.relay.config import RelayConfig, RelayLimits, wall_clock_ms
 from hushchat.transport.relay.ratelimit import RateLimit
 from hushchat.transport.relay.storage.sqlite import SqliteDatabase
-from hushchat.transport.wire.errors import MailboxFull
+from hushchat.transport.wire.errors import AuthenticationFailed, MailboxFull, UnknownUser
 from hushchat.transport.wire.limits import DEFAULT_RETENTION_SECONDS
 from tests.support.children import RELAY_COMMAND
 from tests.support.relay import (
     announced_port,
     connected,
     envelopes_until_empty,
+    make_prekeys,
     register,
+    relay_config,
+    running_relay,
     self_signed,
 )
 from tests.support.storage import batch, register_devices, schema_2_database, upload_prekeys
@@ -426,3 +429,137 @@ async def test_max_mailbox_on_the_command_line_delays_only_the_full_recipient(
     finally:
         process.kill()
         await process.wait()
+
+
+# ------------------------------------------------------------------ operator commands
+
+
+async def a_relay_database(path: Path) -> None:
+    """alice (devices 1, 2) and bob (1), with bob's mail and prekeys, in ``path``."""
+    alice, bob = make_user("alice", [1, 2]), make_user("bob")
+    async with running_relay(relay_config(path.parent)) as port:
+        await register(port, alice, bob)
+        async with connected(port, bob.devices[1]) as owner:
+            await owner.upload_prekeys(**make_prekeys(bob.devices[1], one_time=3, one_time_kem=3))
+        async with connected(port, alice.devices[1]) as sender:
+            await sender.send_direct("bob", [(1, b"x" * 100)])
+            await sender.send_direct("bob", [(1, b"y" * 20)])
+            await sender.send_direct("alice", [(2, b"to my other device")])
+
+
+def operator(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
+    status = cli.main(["relay", *argv])
+    out, err = capsys.readouterr()
+    return status, out, err
+
+
+async def test_operator_commands_list_measure_and_delete(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    db = tmp_path / "relay.db"
+    await a_relay_database(db)
+    assert operator(["users", "--db", str(db)], capsys) == (0, "alice\t1 2\nbob\t1\n", "")
+    assert operator(["--db", str(db), "users"], capsys)[1] == "alice\t1 2\nbob\t1\n"
+    status, out, _ = operator(["mailbox", "bob", "--db", str(db)], capsys)
+    sealed = re.fullmatch(
+        r"bob device 1: 2 envelopes, (\d+) bytes\nbob: 2 envelopes, \1 bytes\n", out
+    )
+    assert status == 0 and sealed is not None
+    assert int(sealed.group(1)) > 100 + 20  # the payloads, sealed at rest
+    status, out, _ = operator(["delete-device", "bob", "1", "--db", str(db)], capsys)
+    assert status == 0 and out.startswith("deleted the mailbox (2 envelopes) and prekeys of bob")
+    assert operator(["mailbox", "bob", "--db", str(db)], capsys)[1].endswith(
+        "bob: 0 envelopes, 0 bytes\n"
+    )
+    status, out, _ = operator(["delete-user", "alice", "--db", str(db)], capsys)
+    assert (status, out) == (0, "deleted user alice: 2 devices, 1 queued envelope\n")
+    assert operator(["users", "--db", str(db)], capsys)[1] == "bob\t1\n"
+    with sqlite3.connect(db) as conn:
+        assert conn.execute("SELECT COUNT(*) FROM deliveries").fetchone() == (0,)
+        for table in ("one_time_prekeys", "one_time_kem_prekeys", "signed_prekeys"):
+            assert conn.execute(f"SELECT COUNT(*) FROM {table}").fetchone() == (0,), table
+    # A user deleted by the operator registers again, under a new identity (spec 7.12).
+    again = make_user("alice")
+    again.identity = make_user("alice, the second").identity
+    async with running_relay(relay_config(db.parent)) as port:
+        await register(port, again)
+        async with connected(port, again.devices[1]) as connection:
+            await connection.ping()
+
+
+@pytest.mark.parametrize(
+    ("argv", "says"),
+    [
+        (["mailbox", "carol"], "hushchat relay mailbox: no user 'carol' at this relay\n"),
+        (["delete-user", "carol"], "hushchat relay delete-user: no user 'carol' at this relay\n"),
+        (["delete-device", "bob", "7"], "hushchat relay delete-device: bob has no device 7\n"),
+    ],
+)
+async def test_operator_commands_name_what_is_not_there(
+    argv: list[str], says: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    db = tmp_path / "relay.db"
+    await a_relay_database(db)
+    assert operator([*argv, "--db", str(db)], capsys) == (1, "", says)
+
+
+def test_operator_commands_create_no_database(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    db = tmp_path / "none.db"
+    assert operator(["users", "--db", str(db)], capsys) == (
+        1,
+        "",
+        f"hushchat relay users: no relay database at {db}\n",
+    )
+    assert list(tmp_path.iterdir()) == []
+    with pytest.raises(SystemExit) as info:
+        cli.main(["relay", "delete-device", "bob", "x"])
+    assert info.value.code == 2
+    assert "argument DEVICE: 'x' is not a whole number" in capsys.readouterr().err
+
+
+async def test_a_user_deleted_while_the_relay_runs_registers_again(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # A relay that lost a user's devices (or a user who lost them all): the
+    # operator deletes the user, and the user registers anew, no restart.
+    alice, bob = make_user("alice"), make_user("bob")
+    reborn = make_user("alice")
+    reborn.identity = make_user("alice, the second").identity
+    async with running_relay(relay_config(tmp_path)) as port:
+        await register(port, alice, bob)
+        async with connected(port, bob.devices[1]) as sender:
+            await sender.send_direct("alice", [(1, b"before")])
+            argv = ["relay", "delete-user", "alice", "--db", str(tmp_path / "relay.db")]
+            assert await trio.to_thread.run_sync(cli.main, argv) == 0
+            with pytest.raises(UnknownUser):
+                await sender.send_direct("alice", [(1, b"to nobody")])
+            async with connected(port) as connection:
+                with pytest.raises(AuthenticationFailed):
+                    await connection.authenticate("alice", 1, alice.devices[1].identity)
+            await register(port, reborn)
+            await sender.send_direct("alice", [(1, b"after")])
+        async with connected(port, reborn.devices[1]) as receiver:
+            assert [e.payload for e in await envelopes_until_empty(receiver, acknowledge=True)] == [
+                b"after"
+            ]
+    assert "deleted user alice: 1 device, 1 queued envelope" in capsys.readouterr().out
+
+
+async def test_operator_commands_need_the_relay_s_key_file(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    db = tmp_path / "relay.db"
+    await a_relay_database(db)
+    keys = Path(f"{db}.keys")
+    keys.rename(tmp_path / "elsewhere.keys")
+    before = db.read_bytes()
+    assert operator(["users", "--db", str(db)], capsys) == (
+        1,
+        "",
+        f"hushchat relay users: no key file of the relay at {keys}\n",
+    )
+    assert db.read_bytes() == before and not keys.exists()
+    other = ["--key-file", str(tmp_path / "elsewhere.keys")]
+    assert operator(["users", "--db", str(db), *other], capsys)[1] == "alice\t1 2\nbob\t1\n"

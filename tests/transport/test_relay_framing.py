@@ -23,7 +23,12 @@ from hushchat.protocol.errors import (
 from hushchat.protocol.keys import IdentityKeyPair
 from hushchat.protocol.prekeys import KemPreKeyPublic, OneTimePreKeyPublic, SignedPreKeyPublic
 from hushchat.transport.relay.config import RelayLimits, parse_duration
-from hushchat.transport.relay.ratelimit import KeyedRateLimiter, RateLimit, TokenBucket
+from hushchat.transport.relay.ratelimit import (
+    KeyedRateLimiter,
+    LogThrottle,
+    RateLimit,
+    TokenBucket,
+)
 from hushchat.transport.wire import limits
 from hushchat.transport.wire.auth import RELAY_AUTH_CONTEXT, auth_message, sign_auth, verify_auth
 from hushchat.transport.wire.errors import (
@@ -415,6 +420,17 @@ def test_a_token_given_back_undoes_its_take() -> None:
     assert limiter.take("a", 0.0) == 0.0 and limiter.take("a", 0.0) > 0
     limiter.prune(0.0)
     assert len(limiter) == 1  # "a" is not full: its bucket stays
+
+
+def test_a_log_throttle_lets_one_line_through_per_interval_and_counts_the_rest() -> None:
+    throttle = LogThrottle(60.0)
+    assert throttle.event(0.0) == 0
+    assert [throttle.event(t) for t in (1.0, 30.0, 59.9)] == [None, None, None]
+    assert throttle.event(60.0) == 3
+    assert throttle.event(61.0) is None
+    assert throttle.event(1000.0) == 1
+    with pytest.raises(InvalidArgument):
+        LogThrottle(0)
 
 
 def test_keyed_rate_limiter_prunes_and_bounds_keys() -> None:

@@ -22,6 +22,7 @@ from hushchat.protocol.pqxdh import Party
 from hushchat.protocol.prekeys import OneTimePreKeyPublic, PreKeyBundle, SignedPreKeyPublic
 from hushchat.transport.client.connection import RelayConnection
 from hushchat.transport.relay.ratelimit import RateLimit
+from hushchat.transport.relay.server import Relay
 from hushchat.transport.relay.storage.sqlite import SqliteDatabase
 from hushchat.transport.wire.auth import sign_auth
 from hushchat.transport.wire.errors import (
@@ -999,6 +1000,38 @@ async def test_logs_contain_no_payloads_or_keys(caplog: pytest.LogCaptureFixture
         assert repr(secret)[2:-1] not in text
         assert secret[:8].hex() not in text
     assert "PAYLOAD-MARKER" not in text
+
+
+async def test_refused_logins_are_one_warning_a_minute_without_identities(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.DEBUG, logger="hushchat.relay")
+    alice, stranger = make_user("alice"), make_user("a-stranger")
+    async with running_relay(relay_config()) as port:
+        await register(port, alice)
+        for attempt in range(20):  # a client retrying in a loop, refused every time
+            device = stranger.devices[1] if attempt % 2 else alice.devices[1]
+            key = stranger.devices[1].identity
+            async with connected(port) as connection:
+                with pytest.raises(AuthenticationFailed):
+                    await connection.authenticate(device.user_id, device.device_id, key)
+    warnings = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert [r.getMessage() for r in warnings] == ["refused a login: the signature does not verify"]
+    debug = [r.getMessage() for r in caplog.records if r.levelno == logging.DEBUG]
+    assert "refused the login of alice/1: the signature does not verify" in debug
+    assert "refused the login of a-stranger/1: the user is not registered" in debug
+
+
+def test_refused_login_warnings_count_what_they_leave_out(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    relay = Relay(relay_config(), storage=None)  # type: ignore[arg-type]
+    for now, reason in [(0.0, "a"), (1.0, "b"), (59.0, "c"), (60.0, "d"), (61.0, "e")]:
+        relay.login_refused("alice", 1, reason, now=now)
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == [
+        "refused a login: a",
+        "refused a login: d (2 more refused since the last report)",
+    ]
 
 
 # ------------------------------------------------------------------ with the protocol core

@@ -390,6 +390,13 @@ class RelaySession:
         stored = (await self._relay.storage.device_lists([request.user_id])).get(request.user_id)
         identity = None if stored is None else stored.device_identity(request.device_id)
         if identity is None:
+            self._relay.login_refused(
+                request.user_id,
+                request.device_id,
+                "the user is not registered"
+                if stored is None
+                else "the device is not in its user's list",
+            )
             raise AuthenticationFailed("unknown user or device")
         try:
             verify_auth(
@@ -401,6 +408,9 @@ class RelaySession:
                 request.device_id,
             )
         except ProtocolError:
+            self._relay.login_refused(
+                request.user_id, request.device_id, "the signature does not verify"
+            )
             raise AuthenticationFailed("signature does not verify") from None
         self.user_id, self.device_id, self._identity = request.user_id, request.device_id, identity
         self._decoder.max_frame_size = self._limits.max_frame_size

@@ -98,6 +98,7 @@ from .rows import (
 from .schema import (
     PREKEY_TABLES,
     PROVEN_LISTS_VERSION,
+    SCHEMA_VERSION,
     UNSEALED_SCHEMA_VERSION,
     counter_blob,
     create_or_check_schema,
@@ -152,7 +153,9 @@ class SqliteDatabase:
 
     Not thread-safe by itself: one call at a time. The public methods each
     run as one transaction (a batch of one call); :meth:`run_batch` runs
-    many in one.
+    many in one. ``maintain`` False opens it as an operator command does
+    (``hushchat relay users`` ...): with the relay's key file as it is,
+    nothing migrated, purged or forgotten.
     """
 
     def __init__(
@@ -163,6 +166,7 @@ class SqliteDatabase:
         retention_seconds: int = DEFAULT_RETENTION_SECONDS,
         clock: Callable[[], int] = wall_clock_ms,
         reset_keys: bool = False,
+        maintain: bool = True,
     ) -> None:
         if path != ":memory:":
             make_private(path)
@@ -186,10 +190,30 @@ class SqliteDatabase:
             self._conn.execute(f"PRAGMA wal_autocheckpoint = {WAL_SIZE_LIMIT // page_size}")
             self._conn.execute(f"PRAGMA journal_size_limit = {WAL_SIZE_LIMIT}")
             version = create_or_check_schema(self._conn)
-            self._chain = self._open_keys(path, version, clock(), reset_keys)
+            if maintain:
+                self._chain = self._open_keys(path, version, clock(), reset_keys)
+            else:
+                self._chain = self._load_keys(path, version)
         except BaseException:
             self._conn.close()
             raise
+
+    def _load_keys(self, path: str, version: int) -> KeyChain:
+        """The key file's chain, as an operator command uses it: nothing migrated or purged.
+
+        RelayKeysMissing unless the key file is there and belongs to the
+        database, and the database has the current schema (a relay migrates
+        an older one, and creates the key file, when it starts).
+        """
+        state = None if self._key_file is None else read_key_file(self._key_file)
+        stored = None if version != SCHEMA_VERSION else meta_value(self._conn, "chain_id")
+        if state is None or stored != state.chain_id:
+            raise RelayKeysMissing(
+                f"the key file {self._key_file} is not the key file of {path}, or the "
+                "database awaits its migration: give the relay's --key-file, or start the "
+                "relay on it once"
+            )
+        return KeyChain(state)
 
     @property
     def key_chain(self) -> KeyChain:
@@ -479,6 +503,89 @@ class SqliteDatabase:
             logger.warning("closing the database without truncating its WAL: %s", exc)
         self._conn.close()
 
+    # ---------------------------------------------------------------- operator commands
+    # For hushchat relay's operator subcommands, which open the database
+    # themselves (the relay may be running: SQLite's locks keep them apart).
+
+    def users(self) -> list[tuple[str, tuple[int, ...]]]:
+        """Every registered user with its device ids, by user id."""
+        return self._single(self._users, savepoint=False)
+
+    def mailbox_sizes(self, user_id: str) -> list[tuple[int, int, int]] | None:
+        """(device_id, envelopes queued, bytes of ciphertext queued) per device of the user.
+
+        None if the user is not registered.
+        """
+        return self._single(partial(self._mailbox_sizes, user_id), savepoint=False)
+
+    def delete_user(self, user_id: str) -> tuple[int, int] | None:
+        """Delete a user: its device list, devices, mailboxes and prekeys.
+
+        Returns (devices, envelopes) deleted, or None if the user is not
+        registered. The user id is free again: its next device list registers
+        it anew (spec 7.12: a user who lost every device).
+        """
+        return self._single(partial(self._delete_user, user_id))
+
+    def delete_device_mail(self, user_id: str, device_id: int) -> int | None:
+        """Delete a device's mailbox and prekeys; the envelopes deleted, None if no such device.
+
+        The device stays in its user's signed device list, which only the user
+        can change; it gets none of the deleted mail.
+        """
+        return self._single(partial(self._delete_device_mail, user_id, device_id))
+
+    def _users(self) -> list[tuple[str, tuple[int, ...]]]:
+        devices: dict[str, list[int]] = {}
+        for user_id, device_id in self._conn.execute(
+            "SELECT user_id, device_id FROM devices ORDER BY user_id, device_id"
+        ):
+            devices.setdefault(user_id, []).append(device_id)
+        users = self._conn.execute("SELECT user_id FROM users ORDER BY user_id").fetchall()
+        return [(user_id, tuple(devices.get(user_id, ()))) for (user_id,) in users]
+
+    def _mailbox_sizes(self, user_id: str) -> list[tuple[int, int, int]] | None:
+        registered = self._conn.execute("SELECT 1 FROM users WHERE user_id = ?", (user_id,))
+        if registered.fetchone() is None:
+            return None
+        devices = self._conn.execute(
+            "SELECT device_id FROM devices WHERE user_id = ? ORDER BY device_id", (user_id,)
+        ).fetchall()
+        return [(device_id, *self._mailbox_size(user_id, device_id)) for (device_id,) in devices]
+
+    def _mailbox_size(self, user_id: str, device_id: int) -> tuple[int, int]:
+        """Envelopes queued for the device, and the bytes of their sealed payloads."""
+        envelopes = size = 0
+        for epoch in range(self._chain.held_epoch, self._current_epoch(0) + 1):
+            keys = self._chain.keys(epoch)
+            assert keys is not None
+            count, total = self._conn.execute(
+                "SELECT COUNT(*), SUM(LENGTH(p.sealed)) FROM deliveries AS d "
+                "JOIN payloads AS p ON p.id = d.payload_id WHERE d.mailbox = ? AND d.epoch = ?",
+                (keys.index(user_id, device_id), epoch),
+            ).fetchone()
+            envelopes, size = envelopes + count, size + (total or 0)
+        return envelopes, size
+
+    def _delete_user(self, user_id: str) -> tuple[int, int] | None:
+        sizes = self._mailbox_sizes(user_id)
+        if sizes is None:
+            return None
+        for device_id, _, _ in sizes:
+            self._wipe_device(user_id, device_id)
+        self._conn.execute("DELETE FROM users WHERE user_id = ?", (user_id,))
+        return len(sizes), sum(envelopes for _, envelopes, _ in sizes)
+
+    def _delete_device_mail(self, user_id: str, device_id: int) -> int | None:
+        listed = self._conn.execute(
+            "SELECT 1 FROM devices WHERE user_id = ? AND device_id = ?", (user_id, device_id)
+        ).fetchone()
+        if listed is None:
+            return None
+        envelopes, _ = self._mailbox_size(user_id, device_id)
+        self._delete_mail_and_prekeys(user_id, device_id)
+        return envelopes
+
     # ---------------------------------------------------------------- users and devices
     # The methods below run inside a transaction (run_batch); they never commit.
 
@@ -567,6 +674,12 @@ class SqliteDatabase:
         return removed
 
     def _wipe_device(self, user_id: str, device_id: int) -> None:
+        self._delete_mail_and_prekeys(user_id, device_id)
+        self._conn.execute(
+            "DELETE FROM devices WHERE user_id = ? AND device_id = ?", (user_id, device_id)
+        )
+
+    def _delete_mail_and_prekeys(self, user_id: str, device_id: int) -> None:
         db, key = self._conn, (user_id, device_id)
         newest = self._current_epoch(0)
         for epoch in range(self._chain.held_epoch, newest + 1):
@@ -580,7 +693,6 @@ class SqliteDatabase:
                 db.execute("DELETE FROM mailboxes WHERE mailbox = ?", (keys.index(*key),))
         for table in PREKEY_TABLES:
             db.execute(f"DELETE FROM {table} WHERE user_id = ? AND device_id = ?", key)
-        db.execute("DELETE FROM devices WHERE user_id = ? AND device_id = ?", key)
 
     # ---------------------------------------------------------------- prekeys
 
