@@ -111,28 +111,32 @@ class ObservedStorage(SqliteStorage):
         batch: EnvelopeBatch,
         *,
         max_mailbox_size: int,
-        committed: Callable[[Sequence[tuple[int, int]]], None] | None = None,
-    ) -> None:
+        committed: Callable[[Sequence[tuple[int, int] | None]], None] | None = None,
+    ) -> tuple[tuple[str, int], ...]:
         if self.tampering is not None:
             # Only for devices that are offline meanwhile: their connections
             # would be handed the send as the sender made it (``committed``).
             forged, batch = self.tampering(batch)
             for extra in forged:
                 await super().enqueue(extra, max_mailbox_size=max_mailbox_size)
-        positions: list[tuple[int, int]] = []
+        positions: list[tuple[int, int] | None] = []
 
-        def noted(where: Sequence[tuple[int, int]]) -> None:
+        def noted(where: Sequence[tuple[int, int] | None]) -> None:
             positions.extend(where)
             if committed is not None:
                 committed(where)
 
-        await super().enqueue(batch, max_mailbox_size=max_mailbox_size, committed=noted)
+        full = await super().enqueue(batch, max_mailbox_size=max_mailbox_size, committed=noted)
         number = len(self.batches)  # noted only once committed
         self.batches.append(batch)
-        for delivery, (_, seq) in zip(batch.deliveries, positions, strict=True):
+        for delivery, position in zip(batch.deliveries, positions, strict=True):
+            if position is None:
+                continue  # its mailbox was full: not stored
+            _, seq = position
             key = (number, delivery.payload_index)
             self._waiting[seq] = (Address(delivery.user_id, delivery.device_id), key)
             self._references[key] = self._references.get(key, 0) + 1
+        return full
 
     async def acknowledge(self, user_id: str, device_id: int, seqs: Sequence[int]) -> int:
         deleted = await super().acknowledge(user_id, device_id, seqs)
@@ -717,13 +721,9 @@ class Demo:
         )
         await mallory.disconnect()
 
-    def _copy(
-        self, batch: EnvelopeBatch, payload: bytes, to: Sequence[Address]
-    ) -> EnvelopeBatch:
+    def _copy(self, batch: EnvelopeBatch, payload: bytes, to: Sequence[Address]) -> EnvelopeBatch:
         """A send of ``payload`` to ``to``, as ``batch``'s sender, made up by the relay."""
-        deliveries = tuple(
-            Delivery(a.user_id, a.device_id, secrets.token_bytes(16), 0) for a in to
-        )
+        deliveries = tuple(Delivery(a.user_id, a.device_id, secrets.token_bytes(16), 0) for a in to)
         return dataclasses.replace(
             batch,
             payloads=((ENVELOPE_GROUP, payload),),

@@ -29,6 +29,7 @@ from .wire.errors import RateLimited as RateLimited
 from .wire.errors import RelayError as RelayError
 from .wire.errors import RelayProtocolViolation as RelayProtocolViolation
 from .wire.errors import RelayTimeout as RelayTimeout
+from .wire.errors import StorageFull as StorageFull
 from .wire.errors import Superseded as Superseded
 from .wire.errors import TlsFailed as TlsFailed
 from .wire.errors import TooManyRecipients as TooManyRecipients

@@ -30,7 +30,7 @@ from typing import TypeAlias, TypeVar
 import trio
 from cryptography import x509
 
-from hushchat.protocol.errors import InvalidArgument, UnknownStateVersion
+from hushchat.protocol.errors import InvalidArgument, StateError, UnknownStateVersion
 
 from .relay.config import (
     Registration,
@@ -43,17 +43,22 @@ from .relay.config import (
 from .relay.invites import issue_invites
 from .relay.ratelimit import RateLimit
 from .relay.report import format_report, relay_report
-from .relay.server import RelayStartError, serve_relay
+from .relay.server import RelayStartError, database_error, serve_relay
 from .relay.storage.atrest import RelayKeysMissing, default_key_file
+from .relay.storage.sqlite import SqliteDatabase
+from .wire import limits as L
 from .wire.frames import MAX_RELAY_NAME_SIZE
 from .wire.limits import DEFAULT_INVITE_LIFETIME_SECONDS, DEFAULT_RETENTION_SECONDS
 
 logger = logging.getLogger("hushchat.relay")
 
-# The relay's prekey limits as --bundle-fetch-limit and --one-time-prekey-budget
-# take them (wire.limits gives the reasons; a test checks these are the same).
+# The relay's rate limits as --bundle-fetch-limit, --one-time-prekey-budget,
+# --send-limit and --frame-limit take them (wire.limits gives the reasons; a
+# test checks these are the same).
 BUNDLE_FETCH_LIMIT = "6/1h"
 ONE_TIME_PREKEY_BUDGET = "20/1h"
+SEND_LIMIT = "60/1s"
+FRAME_LIMIT = "1000/2s"
 
 # Invitation tokens one 'hushchat relay invite' issues at most: a batch for a
 # team or a class, not a way around the gate.
@@ -75,6 +80,22 @@ def _rate(text: str) -> RateLimit:
         return parse_rate(text)
     except InvalidArgument as exc:
         raise argparse.ArgumentTypeError(exc.message) from None
+
+
+def _whole(low: int, high: int | None = None) -> Callable[[str], int]:
+    """An argument type: a whole number from ``low`` (to ``high``)."""
+    bounds = f"from {low}" if high is None else f"from {low} to {high}"
+
+    def whole(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number {bounds}") from None
+        if value < low or (high is not None and value > high):
+            raise argparse.ArgumentTypeError(f"{value} is not a whole number {bounds}")
+        return value
+
+    return whole
 
 
 def _port(text: str) -> int:
@@ -161,6 +182,45 @@ def add_relay_command(subparsers: SubParsers) -> None:
         "N per DURATION; fetches beyond get the signed and last-resort keys only, so this "
         "bounds what any number of registered devices can drain",
     )
+    parser.add_argument(
+        "--send-limit",
+        type=_rate,
+        default=SEND_LIMIT,
+        metavar="N/DURATION",
+        help="sends per connection: N at once, regained at N per DURATION (beyond: "
+        "RATE_LIMITED with the time to wait)",
+    )
+    parser.add_argument(
+        "--frame-limit",
+        type=_rate,
+        default=FRAME_LIMIT,
+        metavar="N/DURATION",
+        help="frames of any kind read per connection: N at once, regained at N per DURATION "
+        "(beyond, the relay reads that connection no faster)",
+    )
+    parser.add_argument(
+        "--max-mailbox",
+        type=_whole(1),
+        default=L.MAX_MAILBOX_SIZE,
+        metavar="N",
+        help="envelopes queued per device; a full mailbox takes no more until it is read, "
+        "while sends to other devices go on",
+    )
+    parser.add_argument(
+        "--max-in-flight",
+        type=_whole(1, L.MAX_IN_FLIGHT),
+        default=L.MAX_IN_FLIGHT,
+        metavar="N",
+        help="envelopes pushed to a device and not yet acknowledged",
+    )
+    parser.add_argument(
+        "--sweep-interval",
+        type=_duration,
+        metavar="DURATION",
+        help="how often expired mail is deleted and its keys cease to exist "
+        f"(default: at every epoch boundary, 1/{L.EPOCHS_PER_RETENTION} of --retention)"
+        "%(default).0s",
+    )
     parser.add_argument("--tls-cert", help="PEM certificate chain (enables TLS with --tls-key)")
     parser.add_argument("--tls-key", help="PEM private key of --tls-cert")
     parser.add_argument(
@@ -177,8 +237,20 @@ def add_relay_command(subparsers: SubParsers) -> None:
         "'hushchat relay invite' (invite), or no one (closed)",
     )
     parser.set_defaults(run=run_relay)
-    actions = parser.add_subparsers(dest="action", metavar="[report|invite]", required=False)
-    report = actions.add_parser(
+    operations = parser.add_subparsers(
+        dest="action",
+        metavar="OPERATION",
+        title="operator commands",
+        description="Without one, the relay runs. Each works on the relay's database "
+        "(--db) and key file, whether the relay is running or not; see hushchat relay "
+        "OPERATION --help.",
+    )
+    for add_operation in RELAY_OPERATIONS:
+        add_operation(operations)
+
+
+def add_report_command(operations: SubParsers) -> None:
+    report = operations.add_parser(
         "report",
         help="what the relay holds, and what anyone who seizes it can read",
         description="Print a transparency report of a relay database and its key file: "
@@ -192,7 +264,10 @@ def add_relay_command(subparsers: SubParsers) -> None:
         "--key-file", help="its key file (default: the database's path + .keys)%(default).0s"
     )
     report.set_defaults(run=run_report)
-    invite = actions.add_parser(
+
+
+def add_invite_command(operations: SubParsers) -> None:
+    invite = operations.add_parser(
         "invite",
         help="issue invitation tokens",
         description="Issue invitation tokens into the relay's database, running or not, and "
@@ -288,10 +363,7 @@ def run_relay(args: argparse.Namespace) -> int:
             name=name or "",
             ssl_context=ssl_context,
             registration=Registration(args.registration),
-            limits=RelayLimits(
-                bundle_fetch_rate=args.bundle_fetch_limit,
-                one_time_prekey_budget=args.one_time_prekey_budget,
-            ),
+            limits=relay_limits(args),
         )
     except InvalidArgument as exc:
         print(f"hushchat relay: {exc.message}", file=sys.stderr)
@@ -304,6 +376,19 @@ def run_relay(args: argparse.Namespace) -> int:
             raise
         return fail("relay", str(start_error))
     return 0
+
+
+def relay_limits(args: argparse.Namespace) -> RelayLimits:
+    """The relay's limits from ``hushchat relay``'s arguments (InvalidArgument if they clash)."""
+    return RelayLimits(
+        bundle_fetch_rate=args.bundle_fetch_limit,
+        one_time_prekey_budget=args.one_time_prekey_budget,
+        send_rate=args.send_limit,
+        frame_rate=args.frame_limit,
+        max_mailbox_size=args.max_mailbox,
+        max_in_flight=args.max_in_flight,
+        sweep_interval=None if args.sweep_interval is None else float(args.sweep_interval),
+    )
 
 
 def _certificate_name(path: str) -> str | None:
@@ -340,6 +425,162 @@ async def _serve_until_signalled(config: RelayConfig) -> None:
                 nursery.cancel_scope.cancel()
                 break
 
+
+# ------------------------------------------------------------------ relay operator commands
+# hushchat relay OPERATION: one function adds each (RELAY_OPERATIONS); each opens
+# the relay's database and key file itself. SQLite's locks keep it apart from a
+# running relay.
+
+
+def _add_database_arguments(parser: argparse.ArgumentParser) -> None:
+    # SUPPRESS: a --db given before the operation (hushchat relay --db X users) stays.
+    parser.add_argument(
+        "--db",
+        default=argparse.SUPPRESS,
+        help="the relay's SQLite database (default: hushchat-relay.db)",
+    )
+    parser.add_argument(
+        "--key-file",
+        default=argparse.SUPPRESS,
+        help="its key file (default: the database's path + .keys)",
+    )
+
+
+def _on_database(args: argparse.Namespace, work: Callable[[SqliteDatabase], int]) -> int:
+    """Run ``work`` on the relay's database; its exit status (1 if it will not open).
+
+    It creates nothing: neither a database nor a key file (the relay's first
+    start makes both).
+    """
+    command = f"relay {args.action}"
+    key_file = args.key_file or default_key_file(args.db)
+    for path, what in ((args.db, "relay database"), (key_file, "key file of the relay")):
+        if not os.path.isfile(path):
+            return fail(command, f"no {what} at {path}")
+    try:
+        database = SqliteDatabase(args.db, key_file=key_file, maintain=False)
+    except (sqlite3.Error, StateError, OSError, RelayKeysMissing) as exc:
+        return fail(command, database_error(args.db, exc))
+    try:
+        return work(database)
+    finally:
+        database.close()
+
+
+def _operation_parser(operations: SubParsers, name: str, summary: str) -> argparse.ArgumentParser:
+    parser = operations.add_parser(
+        name,
+        help=summary,
+        description=f"{summary[0].upper()}{summary[1:]}.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    _add_database_arguments(parser)
+    return parser
+
+
+def add_users_command(operations: SubParsers) -> None:
+    parser = _operation_parser(
+        operations, "users", "list the registered users, each with its device ids"
+    )
+    parser.set_defaults(run=run_users)
+
+
+def run_users(args: argparse.Namespace) -> int:
+    def work(database: SqliteDatabase) -> int:
+        for user_id, devices in database.users():
+            print(f"{user_id}\t{' '.join(map(str, devices))}")
+        return 0
+
+    return _on_database(args, work)
+
+
+def _plural(number: int, noun: str) -> str:
+    return f"{number} {noun}" if number == 1 else f"{number} {noun}s"
+
+
+def add_mailbox_command(operations: SubParsers) -> None:
+    parser = _operation_parser(
+        operations, "mailbox", "show a user's mailbox size: envelopes and bytes queued per device"
+    )
+    parser.add_argument("user", metavar="USER", help="the user id")
+    parser.set_defaults(run=run_mailbox)
+
+
+def run_mailbox(args: argparse.Namespace) -> int:
+    def work(database: SqliteDatabase) -> int:
+        sizes = database.mailbox_sizes(args.user)
+        if sizes is None:
+            return fail("relay mailbox", f"no user {args.user!r} at this relay")
+        for device_id, envelopes, size in sizes:
+            print(f"{args.user} device {device_id}: {_plural(envelopes, 'envelope')}, {size} bytes")
+        total = _plural(sum(envelopes for _, envelopes, _ in sizes), "envelope")
+        print(f"{args.user}: {total}, {sum(size for _, _, size in sizes)} bytes")
+        return 0
+
+    return _on_database(args, work)
+
+
+def add_delete_user_command(operations: SubParsers) -> None:
+    parser = _operation_parser(
+        operations,
+        "delete-user",
+        "delete a user: its device list, devices, mailboxes and prekeys; the user id is free "
+        "to register again (say, for a user who lost every device)",
+    )
+    parser.add_argument("user", metavar="USER", help="the user id")
+    parser.set_defaults(run=run_delete_user)
+
+
+def run_delete_user(args: argparse.Namespace) -> int:
+    def work(database: SqliteDatabase) -> int:
+        deleted = database.delete_user(args.user)
+        if deleted is None:
+            return fail("relay delete-user", f"no user {args.user!r} at this relay")
+        devices, envelopes = deleted
+        print(
+            f"deleted user {args.user}: {_plural(devices, 'device')}, "
+            f"{_plural(envelopes, 'queued envelope')}"
+        )
+        return 0
+
+    return _on_database(args, work)
+
+
+def add_delete_device_command(operations: SubParsers) -> None:
+    parser = _operation_parser(
+        operations,
+        "delete-device",
+        "delete a device's mailbox and prekeys; the device stays in its user's signed device "
+        "list, which only the user can change",
+    )
+    parser.add_argument("user", metavar="USER", help="the user id")
+    parser.add_argument("device", metavar="DEVICE", type=_whole(0, 2**32 - 1), help="device id")
+    parser.set_defaults(run=run_delete_device)
+
+
+def run_delete_device(args: argparse.Namespace) -> int:
+    def work(database: SqliteDatabase) -> int:
+        deleted = database.delete_device_mail(args.user, args.device)
+        if deleted is None:
+            return fail("relay delete-device", f"{args.user} has no device {args.device}")
+        mailbox = _plural(deleted, "envelope")
+        print(
+            f"deleted the mailbox ({mailbox}) and prekeys of {args.user}'s device "
+            f"{args.device}; it stays in {args.user}'s signed device list"
+        )
+        return 0
+
+    return _on_database(args, work)
+
+
+RELAY_OPERATIONS: list[Callable[[SubParsers], None]] = [
+    add_report_command,
+    add_invite_command,
+    add_users_command,
+    add_mailbox_command,
+    add_delete_user_command,
+    add_delete_device_command,
+]
 
 # ------------------------------------------------------------------ entry point
 

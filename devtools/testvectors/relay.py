@@ -48,6 +48,7 @@ from hushchat.transport.wire.errors import (
     RateLimited,
     RegistrationClosed,
     RelayError,
+    StorageFull,
     UnexpectedFrame,
     UnknownFrame,
     UnknownUser,
@@ -272,12 +273,14 @@ def frame_json(frame: Frame) -> Json:
                 request_id=frame.request_id,
                 user_id=frame.user_id,
                 messages=[[d, _b(p)] for d, p in frame.messages],
+                resend=frame.resend,
             )
         case SendGroup():
             out.update(
                 request_id=frame.request_id,
                 payload=_b(frame.payload),
                 recipients=[[u, d] for u, d in frame.recipients],
+                resend=frame.resend,
             )
         case SendChange():
             out.update(
@@ -312,7 +315,11 @@ def frame_json(frame: Frame) -> Json:
         case BundleFrame():
             out.update(request_id=frame.request_id, bundle=_b(frame.bundle))
         case Accepted():
-            out.update(request_id=frame.request_id, server_ts=frame.server_ts)
+            out.update(
+                request_id=frame.request_id,
+                server_ts=frame.server_ts,
+                mailbox_full=[[u, d] for u, d in frame.mailbox_full],
+            )
         case EnvelopePush():
             out.update(envelope=_envelope_json(frame.envelope))
         case QueueEmpty():
@@ -351,10 +358,10 @@ def frame_from_json(d: Json) -> Frame:
         return FetchBundle(rid, d["user_id"], d["device_id"])
     if kind is FrameType.SEND_DIRECT:
         messages = tuple((device, unhex_any(p)) for device, p in d["messages"])
-        return SendDirect(rid, d["user_id"], messages)
+        return SendDirect(rid, d["user_id"], messages, d["resend"])
     if kind is FrameType.SEND_GROUP:
         recipients = tuple((u, device) for u, device in d["recipients"])
-        return SendGroup(rid, unhex_any(d["payload"]), recipients)
+        return SendGroup(rid, unhex_any(d["payload"]), recipients, d["resend"])
     if kind is FrameType.SEND_CHANGE:
         per_user = tuple(
             (u, tuple((device, unhex_any(p)) for device, p in ps)) for u, ps in d["messages"]
@@ -375,7 +382,7 @@ def frame_from_json(d: Json) -> Frame:
     if kind is FrameType.BUNDLE:
         return BundleFrame(rid, unhex_any(d["bundle"]))
     if kind is FrameType.ACCEPTED:
-        return Accepted(rid, d["server_ts"])
+        return Accepted(rid, d["server_ts"], tuple((u, device) for u, device in d["mailbox_full"]))
     if kind is FrameType.ENVELOPE:
         e = d["envelope"]
         return EnvelopePush(
@@ -496,9 +503,15 @@ def _receipt(label: str) -> bytes:
     return seeded("relay/receipt/" + label).random_bytes(RECEIPT_SIZE)
 
 
-def _filled(head: bytes, size: int) -> bytes:
-    """``head`` (ending before a byte string), then a bin 32 of ``size`` zero bytes."""
-    return head + b"\xc6" + size.to_bytes(4, "big") + bytes(size)
+def _filled(head: bytes, size: int, tail: bytes = b"") -> bytes:
+    """``head`` (ending before a byte string), a bin 32 of ``size`` zero bytes, ``tail``."""
+    return head + b"\xc6" + size.to_bytes(4, "big") + bytes(size) + tail
+
+
+def _big_send(request_id: int, entries: list[list[object]], size: int) -> bytes:
+    """SEND_DIRECT to bob of ``entries`` whose last payload (empty in them) has ``size`` bytes."""
+    head = pack([18, request_id, "bob", entries, False])
+    return encode_frame(_filled(head[:-3], size, tail=b"\xc2"))  # c4 00 (b""), c2 (false)
 
 
 # ------------------------------------------------------------------ requests
@@ -549,6 +562,18 @@ def _request_cases() -> list[tuple[str, str, ConnectionState, bytes]]:
         ("SEND_DIRECT to two devices", "Valid", a, frame_bytes(direct)),
         ("SEND_GROUP to two devices", "Valid", a, frame_bytes(group)),
         (
+            "SEND_DIRECT resending to one of bob's devices, whose mailbox was full",
+            "Valid",
+            a,
+            frame_bytes(SendDirect(32, "bob", ((2, _payload("direct 2")),), resend=True)),
+        ),
+        (
+            "SEND_GROUP resending to one device, whose mailbox was full",
+            "Valid",
+            a,
+            frame_bytes(SendGroup(33, _payload("group"), (("carol", 3),), resend=True)),
+        ),
+        (
             "SEND_GROUP to no device (a group whose only member is the sender's only device)",
             "EmptySend",
             a,
@@ -569,7 +594,7 @@ def _request_cases() -> list[tuple[str, str, ConnectionState, bytes]]:
             f"SEND_DIRECT of a payload of MAX_PAYLOAD_SIZE ({MAX_PAYLOAD_SIZE}) bytes",
             "AtLimit",
             a,
-            encode_frame(_filled(pack([18, 14, "bob", [[1, b""]]])[:-2], MAX_PAYLOAD_SIZE)),
+            _big_send(14, [[1, b""]], MAX_PAYLOAD_SIZE),
         ),
         (
             f"ACK of MAX_IN_FLIGHT ({MAX_IN_FLIGHT}) envelopes",
@@ -590,7 +615,7 @@ def _invalid_request_cases() -> list[tuple[str, str, ConnectionState, bytes, str
     guid = _guid("a")
     kem = _prekeys(device).one_time_kem[0]
     too_many_keys = [[i, bytes(32)] for i in range(MAX_PREKEYS_PER_UPLOAD + 1)]
-    recipients_head = pack([19, 20, b"x", [0] * (MAX_RECIPIENTS_PER_SEND + 1)])
+    recipients_head = pack([19, 20, b"x", [0] * (MAX_RECIPIENTS_PER_SEND + 1), False])
     receipt = _receipt("invalid")
     half = MAX_RECIPIENTS_PER_SEND // 2
     bob = [[device_id, b""] for device_id in range(half)]
@@ -637,11 +662,18 @@ def _invalid_request_cases() -> list[tuple[str, str, ConnectionState, bytes, str
             UnsupportedVersion.code,
         ),
         (
-            f"HELLO of relay protocol version {RELAY_PROTOCOL_VERSION - 1} (PUBLISH_DEVICE_LIST "
-            "without an invitation field, device lists without proofs)",
+            "HELLO of relay protocol version 4 (PUBLISH_DEVICE_LIST without an invitation "
+            "field, device lists without proofs)",
             "UnsupportedVersion",
             AWAIT_HELLO,
-            raw_frame([1, 0, RELAY_PROTOCOL_VERSION - 1, 114]),
+            raw_frame([1, 0, 4, 114]),
+            UnsupportedVersion.code,
+        ),
+        (
+            "HELLO of relay protocol version 5, which refused a whole send for one full mailbox",
+            "UnsupportedVersion",
+            AWAIT_HELLO,
+            raw_frame([1, 0, 5, 114]),
             UnsupportedVersion.code,
         ),
         (
@@ -726,14 +758,14 @@ def _invalid_request_cases() -> list[tuple[str, str, ConnectionState, bytes, str
             "SEND_DIRECT naming a device twice",
             "Duplicate",
             a,
-            raw_frame([18, 18, "bob", [[1, b"x"], [1, b"y"]]]),
+            raw_frame([18, 18, "bob", [[1, b"x"], [1, b"y"]], False]),
             BadFrame.code,
         ),
         (
             "SEND_DIRECT of a payload of MAX_PAYLOAD_SIZE + 1 bytes",
             "TooLarge",
             a,
-            encode_frame(_filled(pack([18, 19, "bob", [[1, b""]]])[:-2], MAX_PAYLOAD_SIZE + 1)),
+            _big_send(19, [[1, b""]], MAX_PAYLOAD_SIZE + 1),
             "PAYLOAD_TOO_LARGE",
         ),
         (
@@ -748,14 +780,28 @@ def _invalid_request_cases() -> list[tuple[str, str, ConnectionState, bytes, str
             "SEND_GROUP naming a device twice",
             "Duplicate",
             a,
-            raw_frame([19, 21, b"x", [["bob", 1], ["bob", 1]]]),
+            raw_frame([19, 21, b"x", [["bob", 1], ["bob", 1]], False]),
             BadFrame.code,
         ),
         (
             "SEND_GROUP with a sender field (the relay stamps the sender)",
             "WrongFields",
             a,
-            raw_frame([19, 22, b"x", [["bob", 1]], ["alice", 1]]),
+            raw_frame([19, 22, b"x", [["bob", 1]], False, ["alice", 1]]),
+            BadFrame.code,
+        ),
+        (
+            "SEND_DIRECT of relay protocol 5: no resend flag",
+            "WrongFields",
+            a,
+            raw_frame([18, 34, "bob", [[1, b"x"]]]),
+            BadFrame.code,
+        ),
+        (
+            "SEND_GROUP whose resend flag is 1, not a boolean",
+            "WrongFields",
+            a,
+            raw_frame([19, 35, b"x", [["bob", 1]], 1]),
             BadFrame.code,
         ),
         (
@@ -838,7 +884,7 @@ def _invalid_request_cases() -> list[tuple[str, str, ConnectionState, bytes, str
             "state is checked (BAD_FRAME)",
             "CheckOrder",
             u,
-            raw_frame([18, 29, "bob", [[1, b"x"], [1, b"y"]]]),
+            raw_frame([18, 29, "bob", [[1, b"x"], [1, b"y"]], False]),
             BadFrame.code,
         ),
         (
@@ -855,9 +901,7 @@ def _invalid_request_cases() -> list[tuple[str, str, ConnectionState, bytes, str
             "them (PAYLOAD_TOO_LARGE)",
             "CheckOrder",
             a,
-            encode_frame(
-                _filled(pack([18, 31, "bob", [[1, b"x"], [1, b""]]])[:-2], MAX_PAYLOAD_SIZE + 1)
-            ),
+            _big_send(31, [[1, b"x"], [1, b""]], MAX_PAYLOAD_SIZE + 1),
             "PAYLOAD_TOO_LARGE",
         ),
     ]
@@ -890,6 +934,11 @@ def _relay_frames() -> list[tuple[str, str, bytes]]:
         ("PREKEY_COUNTS", "Valid", frame_bytes(PreKeyCountsFrame(5, 100, 100))),
         ("BUNDLE", "Valid", frame_bytes(BundleFrame(8, bundle))),
         ("ACCEPTED", "Valid", frame_bytes(Accepted(9, SERVER_TS))),
+        (
+            "ACCEPTED naming a device whose mailbox was full (the others took the send)",
+            "Valid",
+            frame_bytes(Accepted(9, SERVER_TS, (("bob", 1),))),
+        ),
         ("ENVELOPE", "Valid", frame_bytes(EnvelopePush(envelope))),
         (
             "ENVELOPE of kind 3: a SEND_CHANGE's receipt, from the device itself",
@@ -921,6 +970,11 @@ def _relay_frames() -> list[tuple[str, str, bytes]]:
         ),
         ("ERROR BAD_FRAME (detail nil)", "Valid", error(3, BadFrame("bad frame"))),
         (
+            "ERROR STORAGE_FULL: the relay's disk is full, nothing was stored (detail nil)",
+            "Valid",
+            error(9, StorageFull("the relay's storage is full; retry later")),
+        ),
+        (
             "ERROR IDLE_TIMEOUT closing the connection (request id nil)",
             "Valid",
             error(None, IdleTimeout("idle")),
@@ -930,7 +984,7 @@ def _relay_frames() -> list[tuple[str, str, bytes]]:
             "Valid",
             error(
                 0,
-                UnsupportedVersion("version 3 is not spoken", supported=[RELAY_PROTOCOL_VERSION]),
+                UnsupportedVersion("version 5 is not spoken", supported=[RELAY_PROTOCOL_VERSION]),
             ),
         ),
         (
@@ -974,7 +1028,7 @@ def _relay_frames() -> list[tuple[str, str, bytes]]:
             error(8, RateLimited("too many bundle fetches", retry_after_ms=600_000)),
         ),
         (
-            "ERROR MAILBOX_FULL (detail: the full devices)",
+            "ERROR MAILBOX_FULL (detail: every device the send named, all full)",
             "Valid",
             error(10, MailboxFull("full", devices=[("bob", 1)])),
         ),
@@ -1033,7 +1087,19 @@ def _invalid_relay_frames() -> list[tuple[str, str, bytes, str]]:
             raw_frame([33, 1, SERVER_TS]),
             BadFrame.code,
         ),
-        ("ACCEPTED with server_ts -1", "WrongFields", raw_frame([20, 9, -1]), BadFrame.code),
+        ("ACCEPTED with server_ts -1", "WrongFields", raw_frame([20, 9, -1, []]), BadFrame.code),
+        (
+            "ACCEPTED of relay protocol 5: no mailbox_full",
+            "WrongFields",
+            raw_frame([20, 9, SERVER_TS]),
+            BadFrame.code,
+        ),
+        (
+            "ACCEPTED whose full device has no device id",
+            "WrongFields",
+            raw_frame([20, 9, SERVER_TS, [["bob"]]]),
+            BadFrame.code,
+        ),
         (
             "ERROR with a code of 65 bytes",
             "WrongFields",

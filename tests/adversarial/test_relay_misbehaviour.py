@@ -121,6 +121,19 @@ async def test_bad_first_frames_are_answered_then_closed(
         await expect_closed(client)
 
 
+async def test_a_client_of_relay_protocol_5_is_told_to_update() -> None:
+    # Version 5's HELLO, as an old client sends it: the window follows the version.
+    async with memory_relay() as relay, raw_connection(relay) as client:
+        await client.send_body(pack([FrameType.HELLO, 0, 5, 114]))
+        error = await expect_error(client, "UNSUPPORTED_VERSION", 0)
+        assert error.detail == [RELAY_PROTOCOL_VERSION] == [6]
+        assert error.message == (
+            "relay protocol version 5 is not spoken here: this relay speaks version 6; "
+            "update the client"
+        )
+        await expect_closed(client)
+
+
 async def test_out_of_order_after_hello_closes() -> None:
     async with memory_relay() as relay, raw_connection(relay) as client:
         await hello(client)
@@ -129,7 +142,7 @@ async def test_out_of_order_after_hello_closes() -> None:
         await expect_closed(client)
     async with memory_relay() as relay, raw_connection(relay) as client:
         await hello(client)
-        await client.send_body(pack([FrameType.SEND_DIRECT, 2, "bob", [[1, b"x"]]]))
+        await client.send_body(pack([FrameType.SEND_DIRECT, 2, "bob", [[1, b"x"]], False]))
         await expect_error(client, "UNEXPECTED_FRAME", 2)
         await expect_closed(client)
 
@@ -161,7 +174,7 @@ async def test_bad_frames_after_authentication_keep_the_connection() -> None:
                 (encode_body(Hello(5, RELAY_PROTOCOL_VERSION, 10)), "UNEXPECTED_FRAME", 5),
                 (encode_body(Auth(6, "alice", 1, bytes(64))), "UNEXPECTED_FRAME", 6),
                 (
-                    pack([FrameType.SEND_GROUP, 7, b"x" * 101, [["alice", 1]]]),
+                    pack([FrameType.SEND_GROUP, 7, b"x" * 101, [["alice", 1]], False]),
                     "PAYLOAD_TOO_LARGE",
                     7,
                 ),

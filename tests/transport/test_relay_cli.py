@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import signal
 import socket
 import sqlite3
@@ -18,10 +19,21 @@ from hushchat.transport import cli
 from hushchat.transport.relay.config import RelayConfig, RelayLimits, wall_clock_ms
 from hushchat.transport.relay.ratelimit import RateLimit
 from hushchat.transport.relay.storage.sqlite import SqliteDatabase
+from hushchat.transport.wire.errors import AuthenticationFailed, MailboxFull, UnknownUser
 from hushchat.transport.wire.limits import DEFAULT_RETENTION_SECONDS
 from tests.support.children import RELAY_COMMAND
-from tests.support.relay import announced_port, connected, self_signed
+from tests.support.relay import (
+    announced_port,
+    connected,
+    envelopes_until_empty,
+    make_prekeys,
+    register,
+    relay_config,
+    running_relay,
+    self_signed,
+)
 from tests.support.storage import batch, register_devices, schema_2_database, upload_prekeys
+from tests.support.users import make_user
 
 
 def test_relay_arguments() -> None:
@@ -32,6 +44,19 @@ def test_relay_arguments() -> None:
     assert args.name == "relay.example" and args.run is cli.run_relay
     defaults = cli.build_parser().parse_args(["relay"])
     assert (defaults.host, defaults.retention) == ("127.0.0.1", DEFAULT_RETENTION_SECONDS)
+
+
+def test_the_limits_an_operator_tunes_are_arguments() -> None:
+    argv = "relay --max-mailbox 50 --max-in-flight 20 --sweep-interval 5m --send-limit 20/2s"
+    argv += " --frame-limit 200/1s --bundle-fetch-limit 3/1h"
+    args = cli.build_parser().parse_args(argv.split())
+    limits = cli.relay_limits(args)
+    assert (limits.max_mailbox_size, limits.max_in_flight, limits.sweep_interval) == (50, 20, 300)
+    assert limits.send_rate == RateLimit(20, 10.0)
+    assert limits.frame_rate == RateLimit(200, 200.0)
+    assert limits.bundle_fetch_rate == RateLimit(3, 3 / 3600)
+    # Without them, the defaults of wire.limits.
+    assert cli.relay_limits(cli.build_parser().parse_args(["relay"])) == RelayLimits()
 
 
 @pytest.mark.parametrize("argv", [["relay", "--retention", "3 days"], ["relay", "--port", "x"], []])
@@ -54,6 +79,11 @@ def test_bad_arguments_exit_with_usage(argv: list[str], capsys: pytest.CaptureFi
         (["--host", "nosuch.invalid"], 1, "unknown host 'nosuch.invalid'"),
         (["--tls-cert", "/nope.pem", "--tls-key", "/nope.key"], 1, "cannot load the TLS"),
         (["--name", ""], 2, "a relay name is 1 to"),
+        (["--max-mailbox", "0"], 2, "argument --max-mailbox: 0 is not a whole number from 1"),
+        (["--max-in-flight", "101"], 2, "argument --max-in-flight: 101 is not a whole number "),
+        (["--send-limit", "0/1s"], 2, "argument --send-limit: rate '0/1s': expected a count"),
+        (["--max-mailbox", "x"], 2, "argument --max-mailbox: 'x' is not a whole number"),
+        (["--sweep-interval", "0s"], 2, "argument --sweep-interval: duration '0s' must be"),
     ],
 )
 def test_a_bad_argument_or_environment_is_one_line_and_creates_nothing(
@@ -105,6 +135,14 @@ def test_help_shows_every_default(capsys: pytest.CaptureFixture[str]) -> None:
     for default in ["127.0.0.1", "7400", "hushchat-relay.db", "72h", "6/1h", "20/1h", "INFO"]:
         assert f"(default: {default})" in out
     assert "(default: the first DNS name of --tls-cert, else --host;" in out
+    for flag, default in [
+        ("--max-mailbox", "10000"),
+        ("--max-in-flight", "100"),
+        ("--sweep-interval", "at every epoch boundary, 1/72 of --retention"),
+        ("--send-limit", "60/1s"),
+        ("--frame-limit", "1000/2s"),
+    ]:
+        assert re.search(rf"{flag} \S+ .*?\(default: {re.escape(default)}\)", out), flag
 
 
 def test_version(capsys: pytest.CaptureFixture[str]) -> None:
@@ -343,3 +381,185 @@ def test_invite_into_an_older_database_asks_for_the_relay_to_upgrade_it(
     assert err.startswith("hushchat relay invite: ") and err.count("\n") == 1
     assert "start the relay once to upgrade it" in err
     assert db.read_bytes() == before
+async def test_max_mailbox_on_the_command_line_delays_only_the_full_recipient(
+    tmp_path: Path,
+) -> None:
+    # bob stops reading while alice keeps writing to him, to carol, and to a
+    # group of bob and dave: nothing but what is addressed to bob waits.
+    alice, bob, carol, dave = (make_user(name) for name in ("alice", "bob", "carol", "dave"))
+    argv = [*RELAY_COMMAND, "--port", "0", "--db", str(tmp_path / "r.db"), "--max-mailbox", "50"]
+    argv += ["--send-limit", "1000/1s"]
+    process = await trio.lowlevel.open_process(argv, stderr=subprocess.PIPE)
+    try:
+        port = await announced_port(process)
+        await register(port, alice, bob, carol, dave)
+        missed: list[tuple[bytes, bool]] = []  # what bob's full mailbox refused: (payload, group)
+        async with connected(port, alice.devices[1]) as sender:
+            for n in range(30):
+                try:
+                    await sender.send_direct("bob", [(1, b"bob %d" % n)])
+                except MailboxFull:
+                    missed.append((b"bob %d" % n, False))
+                await sender.send_direct("carol", [(1, b"carol %d" % n)])
+                group = await sender.send_group(b"group %d" % n, [("bob", 1), ("dave", 1)])
+                if group.mailbox_full:
+                    assert group.mailbox_full == (("bob", 1),)
+                    missed.append((b"group %d" % n, True))
+        assert len(missed) == 60 - 50
+        for user, sent in [(carol, b"carol"), (dave, b"group")]:
+            async with connected(port, user.devices[1]) as reader:
+                got = [e.payload for e in await envelopes_until_empty(reader, acknowledge=True)]
+            assert got == [b"%s %d" % (sent, n) for n in range(30)]
+        async with connected(port, bob.devices[1]) as reader:
+            first = [e.payload for e in await envelopes_until_empty(reader, acknowledge=True)]
+        assert len(first) == 50
+        # The sender resends what bob missed, to bob alone, once he has read.
+        async with connected(port, alice.devices[1]) as sender:
+            for payload, grouped in missed:
+                if grouped:
+                    await sender.send_group(payload, [("bob", 1)], resend=True)
+                else:
+                    await sender.send_direct("bob", [(1, payload)], resend=True)
+        async with connected(port, bob.devices[1]) as reader:
+            second = [e.payload for e in await envelopes_until_empty(reader, acknowledge=True)]
+        assert second == [payload for payload, _ in missed]
+        process.send_signal(signal.SIGTERM)
+        with trio.fail_after(20):
+            assert await process.wait() == 0
+    finally:
+        process.kill()
+        await process.wait()
+
+
+# ------------------------------------------------------------------ operator commands
+
+
+async def a_relay_database(path: Path) -> None:
+    """alice (devices 1, 2) and bob (1), with bob's mail and prekeys, in ``path``."""
+    alice, bob = make_user("alice", [1, 2]), make_user("bob")
+    async with running_relay(relay_config(path.parent)) as port:
+        await register(port, alice, bob)
+        async with connected(port, bob.devices[1]) as owner:
+            await owner.upload_prekeys(**make_prekeys(bob.devices[1], one_time=3, one_time_kem=3))
+        async with connected(port, alice.devices[1]) as sender:
+            await sender.send_direct("bob", [(1, b"x" * 100)])
+            await sender.send_direct("bob", [(1, b"y" * 20)])
+            await sender.send_direct("alice", [(2, b"to my other device")])
+
+
+def operator(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
+    status = cli.main(["relay", *argv])
+    out, err = capsys.readouterr()
+    return status, out, err
+
+
+async def test_operator_commands_list_measure_and_delete(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    db = tmp_path / "relay.db"
+    await a_relay_database(db)
+    assert operator(["users", "--db", str(db)], capsys) == (0, "alice\t1 2\nbob\t1\n", "")
+    assert operator(["--db", str(db), "users"], capsys)[1] == "alice\t1 2\nbob\t1\n"
+    status, out, _ = operator(["mailbox", "bob", "--db", str(db)], capsys)
+    sealed = re.fullmatch(
+        r"bob device 1: 2 envelopes, (\d+) bytes\nbob: 2 envelopes, \1 bytes\n", out
+    )
+    assert status == 0 and sealed is not None
+    assert int(sealed.group(1)) > 100 + 20  # the payloads, sealed at rest
+    status, out, _ = operator(["delete-device", "bob", "1", "--db", str(db)], capsys)
+    assert status == 0 and out.startswith("deleted the mailbox (2 envelopes) and prekeys of bob")
+    assert operator(["mailbox", "bob", "--db", str(db)], capsys)[1].endswith(
+        "bob: 0 envelopes, 0 bytes\n"
+    )
+    status, out, _ = operator(["delete-user", "alice", "--db", str(db)], capsys)
+    assert (status, out) == (0, "deleted user alice: 2 devices, 1 queued envelope\n")
+    assert operator(["users", "--db", str(db)], capsys)[1] == "bob\t1\n"
+    with sqlite3.connect(db) as conn:
+        assert conn.execute("SELECT COUNT(*) FROM deliveries").fetchone() == (0,)
+        for table in ("one_time_prekeys", "one_time_kem_prekeys", "signed_prekeys"):
+            assert conn.execute(f"SELECT COUNT(*) FROM {table}").fetchone() == (0,), table
+    # A user deleted by the operator registers again, under a new identity (spec 7.12).
+    again = make_user("alice")
+    again.identity = make_user("alice, the second").identity
+    async with running_relay(relay_config(db.parent)) as port:
+        await register(port, again)
+        async with connected(port, again.devices[1]) as connection:
+            await connection.ping()
+
+
+@pytest.mark.parametrize(
+    ("argv", "says"),
+    [
+        (["mailbox", "carol"], "hushchat relay mailbox: no user 'carol' at this relay\n"),
+        (["delete-user", "carol"], "hushchat relay delete-user: no user 'carol' at this relay\n"),
+        (["delete-device", "bob", "7"], "hushchat relay delete-device: bob has no device 7\n"),
+    ],
+)
+async def test_operator_commands_name_what_is_not_there(
+    argv: list[str], says: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    db = tmp_path / "relay.db"
+    await a_relay_database(db)
+    assert operator([*argv, "--db", str(db)], capsys) == (1, "", says)
+
+
+def test_operator_commands_create_no_database(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    db = tmp_path / "none.db"
+    assert operator(["users", "--db", str(db)], capsys) == (
+        1,
+        "",
+        f"hushchat relay users: no relay database at {db}\n",
+    )
+    assert list(tmp_path.iterdir()) == []
+    with pytest.raises(SystemExit) as info:
+        cli.main(["relay", "delete-device", "bob", "x"])
+    assert info.value.code == 2
+    assert "argument DEVICE: 'x' is not a whole number" in capsys.readouterr().err
+
+
+async def test_a_user_deleted_while_the_relay_runs_registers_again(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # A relay that lost a user's devices (or a user who lost them all): the
+    # operator deletes the user, and the user registers anew, no restart.
+    alice, bob = make_user("alice"), make_user("bob")
+    reborn = make_user("alice")
+    reborn.identity = make_user("alice, the second").identity
+    async with running_relay(relay_config(tmp_path)) as port:
+        await register(port, alice, bob)
+        async with connected(port, bob.devices[1]) as sender:
+            await sender.send_direct("alice", [(1, b"before")])
+            argv = ["relay", "delete-user", "alice", "--db", str(tmp_path / "relay.db")]
+            assert await trio.to_thread.run_sync(cli.main, argv) == 0
+            with pytest.raises(UnknownUser):
+                await sender.send_direct("alice", [(1, b"to nobody")])
+            async with connected(port) as connection:
+                with pytest.raises(AuthenticationFailed):
+                    await connection.authenticate("alice", 1, alice.devices[1].identity)
+            await register(port, reborn)
+            await sender.send_direct("alice", [(1, b"after")])
+        async with connected(port, reborn.devices[1]) as receiver:
+            assert [e.payload for e in await envelopes_until_empty(receiver, acknowledge=True)] == [
+                b"after"
+            ]
+    assert "deleted user alice: 1 device, 1 queued envelope" in capsys.readouterr().out
+
+
+async def test_operator_commands_need_the_relay_s_key_file(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    db = tmp_path / "relay.db"
+    await a_relay_database(db)
+    keys = Path(f"{db}.keys")
+    keys.rename(tmp_path / "elsewhere.keys")
+    before = db.read_bytes()
+    assert operator(["users", "--db", str(db)], capsys) == (
+        1,
+        "",
+        f"hushchat relay users: no key file of the relay at {keys}\n",
+    )
+    assert db.read_bytes() == before and not keys.exists()
+    other = ["--key-file", str(tmp_path / "elsewhere.keys")]
+    assert operator(["users", "--db", str(db), *other], capsys)[1] == "alice\t1 2\nbob\t1\n"

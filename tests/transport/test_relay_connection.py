@@ -17,6 +17,7 @@ import trio.testing
 from hushchat.protocol.errors import InvalidArgument, InvalidState
 from hushchat.transport.client.connection import (
     RelayConnection,
+    SendResult,
     callers_error,
     connect_relay,
     open_relay_connection,
@@ -36,9 +37,11 @@ from hushchat.transport.wire.errors import (
     RelayTimeout,
     TlsFailed,
     UnknownHost,
+    UnsupportedVersion,
     format_address,
 )
 from hushchat.transport.wire.frames import (
+    Accepted,
     BadRequest,
     DeviceListFrame,
     EnvelopePush,
@@ -228,6 +231,50 @@ async def test_relay_errors_raise_typed_exceptions() -> None:
             await connection.ping()
         assert unknown.value.wire_code == "FROM_THE_FUTURE"
         await connection.ping()  # the connection survives both
+
+
+@pytest.mark.parametrize(
+    "full",
+    [(("carol", 1),), (("bob", 1), ("bob", 1))],
+    ids=["a device not named", "a device twice"],
+)
+async def test_accepted_naming_what_the_send_did_not_is_a_violation(
+    full: tuple[tuple[str, int], ...],
+) -> None:
+    async def misreport(relay: RawClient) -> None:
+        await send(relay, Ok(await next_request_id(relay)))  # AUTH
+        await send(relay, Accepted(await next_request_id(relay), 5, (("bob", 2),)))
+        await send(relay, Accepted(await next_request_id(relay), 5, full))
+        await trio.sleep_forever()
+
+    async with fake_relay(misreport) as connection:
+        await connection.authenticate("alice", 1, make_user("alice").devices[1].identity)
+        result = await connection.send_direct("bob", [(1, b"x"), (2, b"y")])
+        assert result == SendResult(5, (("bob", 2),))
+        with pytest.raises(ConnectionClosed) as info:
+            await connection.send_group(b"x", [("bob", 1), ("bob", 2)])
+        assert isinstance(info.value.__cause__, RelayProtocolViolation)
+
+
+async def test_a_relay_of_another_version_is_named_in_the_error() -> None:
+    async def old_relay(relay: RawClient) -> None:
+        request = decode_request(await relay.receive_body() or b"")
+        assert isinstance(request, Hello)
+        refusal = UnsupportedVersion("version 3 is not spoken", supported=[2])
+        await send(relay, ErrorFrame.from_error(request.request_id, refusal))
+
+    client, server = trio.testing.memory_stream_pair()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(old_relay, RawClient(server))
+        with pytest.raises(UnsupportedVersion) as info:
+            async with open_relay_connection(
+                client, expected_relay_name="fake", keepalive_interval=None
+            ):
+                pass
+    assert info.value.supported == (2,)
+    assert str(info.value) == (
+        f"the relay speaks relay protocol version 2, this client {RELAY_PROTOCOL_VERSION}"
+    )
 
 
 async def test_errors_before_authentication_close_the_connection() -> None:

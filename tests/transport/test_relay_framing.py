@@ -23,7 +23,12 @@ from hushchat.protocol.errors import (
 from hushchat.protocol.keys import IdentityKeyPair
 from hushchat.protocol.prekeys import KemPreKeyPublic, OneTimePreKeyPublic, SignedPreKeyPublic
 from hushchat.transport.relay.config import RelayLimits, parse_duration
-from hushchat.transport.relay.ratelimit import KeyedRateLimiter, RateLimit, TokenBucket
+from hushchat.transport.relay.ratelimit import (
+    KeyedRateLimiter,
+    LogThrottle,
+    RateLimit,
+    TokenBucket,
+)
 from hushchat.transport.wire import limits
 from hushchat.transport.wire.auth import RELAY_AUTH_CONTEXT, auth_message, sign_auth, verify_auth
 from hushchat.transport.wire.errors import (
@@ -37,6 +42,7 @@ from hushchat.transport.wire.errors import (
     relay_error_from_wire,
 )
 from hushchat.transport.wire.frames import (
+    Accepted,
     Ack,
     BadRequest,
     EnvelopePush,
@@ -143,6 +149,13 @@ def test_exact_bodies() -> None:
     assert encode_body(Ack(1, (bytes(16),))) == bytes([0x93, 0x15, 0x01, 0x91, 0xC4, 0x10]) + bytes(
         16
     )
+    # Relay protocol 3: sends end with their resend flag, ACCEPTED with the full mailboxes.
+    assert encode_body(SendDirect(1, "b", ((2, b"p"),))) == pack([18, 1, "b", [[2, b"p"]], False])
+    assert encode_body(SendGroup(1, b"p", (("b", 2),), resend=True)) == pack(
+        [19, 1, b"p", [["b", 2]], True]
+    )
+    assert encode_body(Accepted(1, 5, (("b", 2),))) == pack([20, 1, 5, [["b", 2]]])
+    assert encode_body(Accepted(1, 5)) == pack([20, 1, 5, []])
     envelope = Envelope(b"\x01" * 16, 5, "a", 2, 1, b"p")
     assert encode_body(EnvelopePush(envelope)) == pack([30, [b"\x01" * 16, 5, "a", 2, 1, b"p"]])
 
@@ -172,6 +185,16 @@ def test_undecodable_requests_name_their_error_and_request_id() -> None:
     assert isinstance(bad(pack([FrameType.FETCH_DEVICE_LIST, 1, "x" * 65])).error, BadFrame)
     # Non-canonical: an integer in a wider format than needed.
     assert isinstance(bad(b"\x92\x16\xcd\x00\x05").error, BadFrame)
+    # Version 2's sends, without the resend flag, and a flag that is not a bool.
+    assert isinstance(bad(pack([FrameType.SEND_DIRECT, 1, "b", [[1, b"p"]]])).error, BadFrame)
+    assert isinstance(bad(pack([FrameType.SEND_GROUP, 1, b"p", [["b", 1]], 1])).error, BadFrame)
+
+
+def test_accepted_of_relay_protocol_2_does_not_decode() -> None:
+    with pytest.raises(DecodeError):
+        decode_relay_frame(pack([FrameType.ACCEPTED, 1, 5]))
+    with pytest.raises(DecodeError):
+        decode_relay_frame(pack([FrameType.ACCEPTED, 1, 5, [["bob"]]]))
 
 
 def test_hello_of_another_version_is_read_whatever_follows() -> None:
@@ -380,6 +403,34 @@ def test_token_bucket() -> None:
     assert bucket.is_full(6.0)
     with pytest.raises(InvalidArgument):
         RateLimit(capacity=0, per_second=1)
+
+
+def test_a_token_given_back_undoes_its_take() -> None:
+    # A refused request spends no token (rule 3): take, then give back.
+    bucket = TokenBucket(RateLimit(capacity=2, per_second=0.5), now=0.0)
+    assert bucket.take(0.0) == 0.0
+    bucket.give_back()
+    assert bucket.is_full(0.0)
+    bucket.give_back()  # never above the capacity
+    assert [bucket.take(0.0), bucket.take(0.0)] == [0.0, 0.0] and bucket.take(0.0) > 0
+    limiter: KeyedRateLimiter[str] = KeyedRateLimiter(RateLimit(1, 1.0), max_keys=9)
+    assert limiter.take("a", 0.0) == 0.0
+    limiter.give_back("a")
+    limiter.give_back("b")  # a key with no bucket: nothing to give back
+    assert limiter.take("a", 0.0) == 0.0 and limiter.take("a", 0.0) > 0
+    limiter.prune(0.0)
+    assert len(limiter) == 1  # "a" is not full: its bucket stays
+
+
+def test_a_log_throttle_lets_one_line_through_per_interval_and_counts_the_rest() -> None:
+    throttle = LogThrottle(60.0)
+    assert throttle.event(0.0) == 0
+    assert [throttle.event(t) for t in (1.0, 30.0, 59.9)] == [None, None, None]
+    assert throttle.event(60.0) == 3
+    assert throttle.event(61.0) is None
+    assert throttle.event(1000.0) == 1
+    with pytest.raises(InvalidArgument):
+        LogThrottle(0)
 
 
 def test_keyed_rate_limiter_prunes_and_bounds_keys() -> None:

@@ -30,13 +30,14 @@ from hushchat.protocol.errors import InvalidArgument
 from hushchat.protocol.prekeys import OneTimePreKeyPublic, SignedPreKeyPublic
 from hushchat.transport.relay.server import Relay
 from hushchat.transport.relay.storage.interface import EnvelopeBatch, StorageConflict
-from hushchat.transport.relay.storage.sqlite import SqliteDatabase, SqliteStorage
-from hushchat.transport.relay.storage.writer import DatabaseCall
+from hushchat.transport.relay.storage.sqlite import WAL_SIZE_LIMIT, SqliteDatabase, SqliteStorage
+from hushchat.transport.relay.storage.writer import DatabaseCall, run_batch
 from hushchat.transport.wire.auth import sign_auth
 from hushchat.transport.wire.errors import (
     DeviceListMismatch,
     MailboxFull,
     PreKeyIdInUse,
+    StorageFull,
     TransportError,
 )
 from hushchat.transport.wire.frames import (
@@ -118,14 +119,14 @@ def test_a_failing_call_rolls_back_alone(db: RecordingDatabase) -> None:
     upload_prekeys(db, "bob", 1, one_time=1, kem=1)
     first = batch([("bob", 1)], (b"one",), counters={"bob": 0})
     stale = batch([("bob", 2)], (b"stale",), counters={"bob": 7})
-    full = batch([("bob", 2), ("bob", 1)], (b"two", b"three"), counters={"bob": 0})
+    full = batch([("bob", 1)], (b"two",), counters={"bob": 0})
     new_spk = SignedPreKeyPublic(2, b"N" * 32, b"\x05" * 64)
     opk = OneTimePreKeyPublic(77, b"o" * 32)
     calls = [
         DatabaseCall(partial(db._enqueue, first, 10)),
         DatabaseCall(partial(db._enqueue, stale, 10)),
         DatabaseCall(partial(db._take_bundle, "bob", 1, True)),
-        DatabaseCall(partial(db._enqueue, full, 1)),  # bob/1 holds one already: full
+        DatabaseCall(partial(db._enqueue, full, 1)),  # bob/1 holds one already: refused
         DatabaseCall(partial(db._take_bundle, "bob", 1, True)),
         # Fails after writing: the new signed prekey goes back out with the rest.
         DatabaseCall(partial(db._store_prekeys, "bob", 1, new_spk, None, [opk, opk], [], 100)),
@@ -197,6 +198,78 @@ def test_a_failed_transaction_fails_every_call_and_stores_nothing(db: RecordingD
     # The connection is usable again.
     db.enqueue(send, max_mailbox_size=10)
     assert len(db.pending("bob", 1, after_seq=0, limit=9, now=0)) == 1
+
+
+class FailingRollbacks:
+    """A connection whose next ROLLBACK TO and ROLLBACK fail, as after a disk error."""
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self.conn = conn
+        self.failing = {"ROLLBACK TO call", "ROLLBACK"}
+
+    @property
+    def in_transaction(self) -> bool:
+        return self.conn.in_transaction
+
+    def execute(self, sql: str, *args: Any) -> sqlite3.Cursor:
+        if sql in self.failing:
+            self.failing.discard(sql)
+            raise sqlite3.OperationalError("cannot rollback - no transaction is active")
+        return self.conn.execute(sql, *args)
+
+
+def test_a_rollback_that_fails_keeps_the_cause_and_does_not_wedge_the_writer(
+    db: RecordingDatabase,
+) -> None:
+    def fail() -> None:
+        raise ValueError("the real cause")
+
+    conn = FailingRollbacks(db._conn)
+    send = batch([("bob", 1)], (b"lost",), counters={"bob": 0})
+    calls = [DatabaseCall(partial(db._enqueue, send, 10)), DatabaseCall(fail)]
+    run_batch(conn, calls)  # type: ignore[arg-type]
+    for call in calls:
+        with pytest.raises(ValueError, match="the real cause"):
+            call.outcome()
+    # The failed ROLLBACK left the transaction open; the next batch ends it first.
+    read = DatabaseCall(partial(db._pending, "bob", 1, 0, 10, 0), savepoint=False)
+    run_batch(conn, [read])  # type: ignore[arg-type]
+    assert read.outcome() == []
+    assert not db._conn.in_transaction
+
+
+def test_a_full_database_is_storage_full_and_passes_when_there_is_room(
+    db: RecordingDatabase,
+) -> None:
+    pages = db._conn.execute("PRAGMA page_count").fetchone()[0]
+    db._conn.execute(f"PRAGMA max_page_count = {pages + 2}")  # SQLITE_FULL, as a full disk
+    big = batch([("bob", 1)], (bytes(64 * 1024),), counters={"bob": 0})
+    with pytest.raises(StorageFull) as info:
+        db.enqueue(big, max_mailbox_size=10)
+    cause = info.value.__cause__
+    assert isinstance(cause, sqlite3.OperationalError)
+    assert cause.sqlite_errorcode == sqlite3.SQLITE_FULL  # type: ignore[attr-defined]
+    assert db.pending("bob", 1, after_seq=0, limit=9, now=0) == []
+    db._conn.execute("PRAGMA max_page_count = 1000000")
+    db.enqueue(big, max_mailbox_size=10)
+    assert len(db.pending("bob", 1, after_seq=0, limit=9, now=0)) == 1
+
+
+def test_the_wal_stays_bounded(tmp_path: Path, db: RecordingDatabase) -> None:
+    # Without a bound the WAL keeps its largest size, which a full disk turns
+    # into space the relay can never get back (SQLite's own checkpoint is at ~4 MB).
+    wal = tmp_path / "relay.db-wal"
+    sends = [batch([("bob", 1)], (bytes(32 * 1024),), counters={"bob": 0}) for _ in range(96)]
+    largest = 0
+    for send in sends:
+        db.enqueue(send, max_mailbox_size=1000)
+        largest = max(largest, wal.stat().st_size)
+    guids = [send.deliveries[0].guid for send in sends]
+    db.acknowledge("bob", 1, guids[:48])  # a large delete: every page written again
+    db.enqueue(batch([("bob", 2)], (b"x",), counters={"bob": 0}), max_mailbox_size=9)
+    margin = 64 * 1024  # one transaction's frames beyond the limit
+    assert largest <= WAL_SIZE_LIMIT + margin
+    assert wal.stat().st_size <= WAL_SIZE_LIMIT + margin
 
 
 def test_a_reader_of_another_process_does_not_hold_the_sweep(

@@ -22,6 +22,7 @@ from hushchat.protocol.pqxdh import Party
 from hushchat.protocol.prekeys import OneTimePreKeyPublic, PreKeyBundle, SignedPreKeyPublic
 from hushchat.transport.client.connection import RelayConnection
 from hushchat.transport.relay.ratelimit import RateLimit
+from hushchat.transport.relay.server import Relay
 from hushchat.transport.relay.storage.sqlite import SqliteDatabase
 from hushchat.transport.wire.auth import sign_auth
 from hushchat.transport.wire.errors import (
@@ -54,7 +55,11 @@ from hushchat.transport.wire.frames import (
     encode_body,
 )
 from hushchat.transport.wire.framing import encode_frame
-from hushchat.transport.wire.limits import MAX_IN_FLIGHT, RELAY_PROTOCOL_VERSION
+from hushchat.transport.wire.limits import (
+    BUNDLE_FETCH_CAPACITY,
+    MAX_IN_FLIGHT,
+    RELAY_PROTOCOL_VERSION,
+)
 from hushchat.transport.wire.records import Envelope, EnvelopeKind, PreKeyCounts
 from tests.support.relay import (
     RawClient,
@@ -239,7 +244,7 @@ async def test_sender_is_stamped_by_the_relay() -> None:
             await sender.send_direct("bob", [(1, b"hi")])
         # SEND frames have no sender field; one that tries to carry one is malformed.
         raw = await raw_authenticated(port, alice.devices[1])
-        forged = pack([FrameType.SEND_DIRECT, 5, "bob", [[1, b"forged"]], "mallory", 9])
+        forged = pack([FrameType.SEND_DIRECT, 5, "bob", [[1, b"forged"]], False, "mallory", 9])
         await raw.send_body(forged)
         with trio.fail_after(5):
             while not isinstance(
@@ -336,7 +341,7 @@ async def test_live_delivery_ack_and_redelivery_of_unacknowledged() -> None:
         async with connected(port, bob.devices[1]) as receiver:
             assert await envelopes_until_empty(receiver) == []
             async with connected(port, alice.devices[1]) as sender:
-                ts = await sender.send_direct("bob", [(1, b"one")])
+                ts = (await sender.send_direct("bob", [(1, b"one")])).server_ts
                 first = await next_envelope(receiver)
                 await sender.send_direct("bob", [(1, b"two")])
                 second = await next_envelope(receiver)
@@ -675,19 +680,107 @@ async def test_sends_are_rate_limited_per_connection() -> None:
                 await sender.send_group(b"y", [("bob", 1)])
 
 
-async def test_full_mailbox_refuses_sends_to_it() -> None:
-    alice, bob, carol = make_user("alice"), make_user("bob"), make_user("carol")
+async def test_a_refused_request_spends_no_rate_limit_token() -> None:
+    # Refused sends and bundle fetches change nothing, their tokens included.
+    alice, bob = make_user("alice"), make_user("bob", [1, 2])
+    async with running_relay(relay_config(send_rate=RateLimit(2, 0.001))) as port:
+        await register(port, alice, bob)
+        async with connected(port, alice.devices[1]) as sender:
+            for _ in range(5):
+                with pytest.raises(DeviceListMismatch):
+                    await sender.send_direct("bob", [(1, b"bob/2 missing")])
+                with pytest.raises(UnknownUser):
+                    await sender.send_group(b"x", [("nobody", 1)])
+            await sender.send_direct("bob", [(1, b"1"), (2, b"1")])
+            await sender.send_direct("bob", [(1, b"2"), (2, b"2")])
+            with pytest.raises(RateLimited):
+                await sender.send_direct("bob", [(1, b"3"), (2, b"3")])
+            for _ in range(int(BUNDLE_FETCH_CAPACITY) + 1):  # bob has no prekeys yet
+                with pytest.raises(NoPreKeys):
+                    await sender.fetch_bundle("bob", 1)
+        async with connected(port, bob.devices[1]) as owner:
+            await owner.upload_prekeys(**make_prekeys(bob.devices[1], one_time=0, one_time_kem=0))
+        async with connected(port, alice.devices[1]) as sender:
+            for _ in range(int(BUNDLE_FETCH_CAPACITY)):
+                await sender.fetch_bundle("bob", 1)
+            with pytest.raises(RateLimited):
+                await sender.fetch_bundle("bob", 1)
+
+
+async def test_a_full_mailbox_delays_only_what_is_addressed_to_it() -> None:
+    alice, bob, carol = make_user("alice"), make_user("bob", [1, 2]), make_user("carol")
     async with running_relay(relay_config(max_mailbox_size=2)) as port:
         await register(port, alice, bob, carol)
         async with connected(port, alice.devices[1]) as sender:
-            await sender.send_direct("bob", [(1, b"1")])
-            await sender.send_direct("bob", [(1, b"2")])
+            await sender.send_group(b"1", [("bob", 1)], resend=True)
+            await sender.send_group(b"2", [("bob", 1)], resend=True)
+            # bob/1 is full: the others named get the send, and the answer names bob/1.
+            group = await sender.send_group(b"3", [("carol", 1), ("bob", 1), ("bob", 2)])
+            assert group.mailbox_full == (("bob", 1),)
+            direct = await sender.send_direct("bob", [(1, b"4"), (2, b"5")])
+            assert direct.mailbox_full == (("bob", 1),) and direct.server_ts > 0
+            # Every named mailbox full: nothing is stored, MAILBOX_FULL names them all.
             with pytest.raises(MailboxFull) as info:
-                await sender.send_group(b"3", [("carol", 1), ("bob", 1)])
+                await sender.send_direct("bob", [(1, b"6")], resend=True)
             assert info.value.devices == (("bob", 1),)
-            await sender.send_group(b"4", [("carol", 1)])
         async with connected(port, carol.devices[1]) as receiver:
-            assert [e.payload for e in await envelopes_until_empty(receiver)] == [b"4"]
+            assert [e.payload for e in await envelopes_until_empty(receiver)] == [b"3"]
+        async with connected(port, bob.devices[2]) as receiver:
+            assert [e.payload for e in await envelopes_until_empty(receiver)] == [b"3", b"5"]
+        async with connected(port, bob.devices[1]) as receiver:
+            queued = await envelopes_until_empty(receiver)
+            assert [e.payload for e in queued] == [b"1", b"2"]
+            await receiver.ack(*(e.guid for e in queued))
+        async with connected(port, alice.devices[1]) as sender:
+            # The refused ones again, to bob/1 alone once there is room (the
+            # deletion commits after the OK to the ACK, spec 7.8).
+            with trio.fail_after(5):
+                while True:
+                    try:
+                        retry = await sender.send_group(b"3", [("bob", 1)], resend=True)
+                        break
+                    except MailboxFull:
+                        await trio.sleep(0.01)
+            assert retry.mailbox_full == ()
+            retry = await sender.send_direct("bob", [(1, b"4")], resend=True)
+            assert retry.mailbox_full == ()
+        async with connected(port, bob.devices[1]) as receiver:
+            assert [e.payload for e in await envelopes_until_empty(receiver)] == [b"3", b"4"]
+
+
+async def test_a_group_change_is_refused_whole_by_one_full_mailbox() -> None:
+    # Every device must meet a change at one place in the relay's order (spec 12.4).
+    alice, bob, carol = make_user("alice"), make_user("bob"), make_user("carol")
+    async with running_relay(relay_config(max_mailbox_size=1)) as port:
+        await register(port, alice, bob, carol)
+        async with connected(port, alice.devices[1]) as sender:
+            await sender.send_direct("bob", [(1, b"fills bob's mailbox")])
+            with pytest.raises(MailboxFull) as info:
+                await sender.send_change(bytes(16), [("bob", [(1, b"c")]), ("carol", [(1, b"c")])])
+            assert info.value.devices == (("bob", 1),)
+        async with connected(port, carol.devices[1]) as receiver:
+            assert await envelopes_until_empty(receiver) == []
+
+
+async def test_a_resend_names_current_devices_only() -> None:
+    alice, bob = make_user("alice"), make_user("bob", [1, 2])
+    async with running_relay(relay_config()) as port:
+        await register(port, alice, bob)
+        async with connected(port, alice.devices[1]) as sender:
+            # Without resend, every current device must be named (spec 7.8, step 4).
+            with pytest.raises(DeviceListMismatch) as info:
+                await sender.send_direct("bob", [(2, b"x")])
+            assert info.value.mismatches[0].missing == (1,)
+            # A resend may name a subset, but no device outside the list.
+            with pytest.raises(DeviceListMismatch) as info:
+                await sender.send_direct("bob", [(2, b"x"), (3, b"y")], resend=True)
+            assert (info.value.mismatches[0].missing, info.value.mismatches[0].unknown) == (
+                (),
+                (3,),
+            )
+            with pytest.raises(DeviceListMismatch):
+                await sender.send_group(b"x", [("alice", 1)], resend=True)  # oneself
+            assert (await sender.send_direct("bob", [(2, b"x")], resend=True)).mailbox_full == ()
 
 
 # ------------------------------------------------------------------ group fan-out and storage
@@ -907,6 +1000,38 @@ async def test_logs_contain_no_payloads_or_keys(caplog: pytest.LogCaptureFixture
         assert repr(secret)[2:-1] not in text
         assert secret[:8].hex() not in text
     assert "PAYLOAD-MARKER" not in text
+
+
+async def test_refused_logins_are_one_warning_a_minute_without_identities(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.DEBUG, logger="hushchat.relay")
+    alice, stranger = make_user("alice"), make_user("a-stranger")
+    async with running_relay(relay_config()) as port:
+        await register(port, alice)
+        for attempt in range(20):  # a client retrying in a loop, refused every time
+            device = stranger.devices[1] if attempt % 2 else alice.devices[1]
+            key = stranger.devices[1].identity
+            async with connected(port) as connection:
+                with pytest.raises(AuthenticationFailed):
+                    await connection.authenticate(device.user_id, device.device_id, key)
+    warnings = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert [r.getMessage() for r in warnings] == ["refused a login: the signature does not verify"]
+    debug = [r.getMessage() for r in caplog.records if r.levelno == logging.DEBUG]
+    assert "refused the login of alice/1: the signature does not verify" in debug
+    assert "refused the login of a-stranger/1: the user is not registered" in debug
+
+
+def test_refused_login_warnings_count_what_they_leave_out(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    relay = Relay(relay_config(), storage=None)  # type: ignore[arg-type]
+    for now, reason in [(0.0, "a"), (1.0, "b"), (59.0, "c"), (60.0, "d"), (61.0, "e")]:
+        relay.login_refused("alice", 1, reason, now=now)
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == [
+        "refused a login: a",
+        "refused a login: d (2 more refused since the last report)",
+    ]
 
 
 # ------------------------------------------------------------------ with the protocol core

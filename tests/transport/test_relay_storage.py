@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import os
 import re
 import sqlite3
 import threading
+from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -29,6 +32,8 @@ from hushchat.transport.wire.errors import (
 )
 from hushchat.transport.wire.limits import DEFAULT_RETENTION_SECONDS
 from hushchat.transport.wire.records import EnvelopeKind, PreKeyCounts
+from tests.support.relay import connected, relay_config, running_relay
+from tests.support.relay import register as register_users
 from tests.support.storage import (
     SIGNATURE,
     batch,
@@ -37,6 +42,7 @@ from tests.support.storage import (
     schema_2_database,
     upload_prekeys,
 )
+from tests.support.users import make_user
 
 
 @pytest.fixture
@@ -245,17 +251,29 @@ def test_group_payload_is_stored_once(db: SqliteDatabase) -> None:
     assert db._conn.execute("SELECT COUNT(*) FROM payloads").fetchone()[0] == 0
 
 
-def test_full_mailbox_refuses_the_whole_send(db: SqliteDatabase) -> None:
+def test_a_full_mailbox_takes_nothing_and_the_others_take_the_send(db: SqliteDatabase) -> None:
     for payload in (b"a", b"b"):
         db.enqueue(batch([("bob", 1)], (payload,), counters={"bob": 0}), max_mailbox_size=2)
-    with pytest.raises(MailboxFull) as info:
-        db.enqueue(
-            batch([("bob", 1), ("bob", 2)], (b"c", b"d"), counters={"bob": 0}),
-            max_mailbox_size=2,
-        )
-    assert info.value.devices == (("bob", 1),)
-    assert db.pending("bob", 2, after_seq=0, limit=10, now=0) == []  # all or nothing
+    # bob/1 is full: bob/2 takes its payload; bob/1's is not stored at all.
+    seqs = db.enqueue(
+        batch([("bob", 1), ("bob", 2)], (b"c", b"d"), counters={"bob": 0}), max_mailbox_size=2
+    )
+    assert seqs[0] is None and seqs[1] is not None
+    assert [q.envelope.payload for q in db.pending("bob", 2, after_seq=0, limit=10, now=0)] == [
+        b"d"
+    ]
     assert len(db.pending("bob", 1, after_seq=0, limit=10, now=0)) == 2
+    assert db._conn.execute("SELECT COUNT(*) FROM payloads").fetchone()[0] == 3
+    # Every named mailbox full: refused, nothing stored.
+    with pytest.raises(MailboxFull) as info:
+        db.enqueue(batch([("bob", 1)], (b"e",), counters={"bob": 0}), max_mailbox_size=2)
+    assert info.value.devices == (("bob", 1),)
+    # A group change is stored for all or none: one full mailbox refuses it whole.
+    change = batch([("bob", 2), ("bob", 1)], (b"f", b"g"), counters={"bob": 0})
+    with pytest.raises(MailboxFull) as info:
+        db.enqueue(replace(change, all_or_nothing=True), max_mailbox_size=2)
+    assert info.value.devices == (("bob", 1),)
+    assert db._conn.execute("SELECT COUNT(*) FROM payloads").fetchone()[0] == 3
 
 
 def test_a_send_larger_than_one_statement(
@@ -276,10 +294,12 @@ def test_a_send_larger_than_one_statement(
         assert (queued.epoch, queued.seq, queued.envelope.guid) == (epoch, seq, delivery.guid)
     # Only user0/1's own envelope is deleted, however many others are named.
     assert db.acknowledge("user0", 1, seqs) == 1
-    # Full mailboxes are all named, in the send's order, across statements.
+    # Full mailboxes are found across statements: only user0/1 has room.
     db.enqueue(batch(recipients[1:], (b"h",), counters=counters), max_mailbox_size=2)
-    with pytest.raises(MailboxFull) as info:
-        db.enqueue(batch(recipients, (b"i",), counters=counters), max_mailbox_size=2)
+    seqs = db.enqueue(batch(recipients, (b"i",), counters=counters), max_mailbox_size=2)
+    assert seqs[0] is not None and seqs[1:] == [None] * (len(recipients) - 1)
+    with pytest.raises(MailboxFull) as info:  # all named, in the send's order
+        db.enqueue(batch(recipients[1:], (b"i",), counters=counters), max_mailbox_size=2)
     assert info.value.devices == tuple(recipients[1:])
     with pytest.raises(StorageConflict):  # one device gone: nothing is stored
         db.enqueue(
@@ -456,3 +476,64 @@ def test_acknowledged_ciphertext_leaves_no_trace_on_disk(
     assert not any(sealed in f.read_bytes() for f in tmp_path.glob("relay.db*"))
     db.close()
     assert not any(sealed in f.read_bytes() for f in tmp_path.glob("relay.db*"))
+
+
+# ------------------------------------------------------------------ file modes
+
+
+@pytest.fixture
+def umask_022() -> Iterator[None]:
+    """The usual umask, under which files are created world-readable (0644)."""
+    previous = os.umask(0o022)
+    try:
+        yield
+    finally:
+        os.umask(previous)
+
+
+def modes(folder: Path) -> dict[str, str]:
+    """Every file's and folder's permission bits under ``folder``, by relative path."""
+    found = {str(p.relative_to(folder)): oct(p.stat().st_mode & 0o777) for p in folder.rglob("*")}
+    return dict(sorted(found.items()))
+
+
+@pytest.mark.usefixtures("umask_022")
+def test_every_file_the_relay_creates_is_private(tmp_path: Path) -> None:
+    db = SqliteDatabase(str(tmp_path / "relay.db"))
+    register_devices(db, "bob", 1)
+    db.enqueue(batch([("bob", 1)], (b"mail",), counters={"bob": 0}), max_mailbox_size=10)
+    assert modes(tmp_path) == {
+        "relay.db": "0o600",
+        "relay.db-shm": "0o600",
+        "relay.db-wal": "0o600",
+        "relay.db.keys": "0o600",
+    }
+    db.close()
+    assert set(modes(tmp_path).values()) <= {"0o600"}
+
+
+@pytest.mark.usefixtures("umask_022")
+async def test_a_running_relay_s_files_are_private(tmp_path: Path) -> None:
+    alice, bob = make_user("alice"), make_user("bob")
+    async with running_relay(relay_config(tmp_path)) as port:
+        await register_users(port, alice, bob)
+        async with connected(port, alice.devices[1]) as sender:
+            await sender.send_direct("bob", [(1, b"mail")])
+        found = modes(tmp_path)
+    assert set(found) >= {"relay.db", "relay.db-wal", "relay.db-shm", "relay.db.keys"}
+    assert set(found.values()) == {"0o600"}, found
+
+
+@pytest.mark.usefixtures("umask_022")
+def test_files_of_an_older_relay_are_made_private(tmp_path: Path) -> None:
+    path = tmp_path / "relay.db"
+    older = SqliteDatabase(str(path))
+    register_devices(older, "bob", 1)
+    held_open = sqlite3.connect(path)  # keeps the WAL and shared memory files in place
+    held_open.execute("SELECT COUNT(*) FROM users").fetchone()
+    older.close()
+    for name in ("relay.db", "relay.db-wal", "relay.db-shm"):
+        (tmp_path / name).chmod(0o644)
+    SqliteDatabase(str(path)).close()
+    held_open.close()
+    assert set(modes(tmp_path).values()) <= {"0o600"}, modes(tmp_path)

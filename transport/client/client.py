@@ -57,6 +57,7 @@ from hushchat.protocol.primitives import SYSTEM_RANDOM, RandomSource
 from ..wire.errors import (
     DeviceListMismatch,
     InviteRefused,
+    MailboxFull,
     RegistrationClosed,
     RelayError,
     RelayNameMismatch,
@@ -444,7 +445,9 @@ class Client:
     ) -> None:
         try:
             if isinstance(send, DirectSend):
-                await connection.send_direct(send.recipient_user, send.payloads)
+                full = (
+                    await connection.send_direct(send.recipient_user, send.payloads)
+                ).mailbox_full
             elif isinstance(send, ChangeSend):
                 parts = [(part.recipient_user, part.payloads) for part in send.parts]
                 try:
@@ -454,9 +457,14 @@ class Client:
                     # full group): it can never be sent, and would hold up the outbox.
                     await self._drop(row_id, send)
                     raise SendDropped("a group change too big for a frame was dropped") from None
+                full = ()  # a change is stored for every device, or refused whole
             else:
                 recipients = [(a.user_id, a.device_id) for a in send.recipients]
-                await connection.send_group(send.payload, recipients)
+                full = (await connection.send_group(send.payload, recipients)).mailbox_full
+            if full:
+                # The row stays and goes again whole: the devices that took it
+                # drop the second copy as a duplicate.
+                raise MailboxFull("recipient mailboxes are full", devices=full)
         except DeviceListMismatch as mismatch:
             if attempt >= MAX_SEND_ATTEMPTS:
                 # Still refused after rebuilding (say, a changed identity awaits the

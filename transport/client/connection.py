@@ -67,6 +67,7 @@ from ..wire.errors import (
     TlsFailed,
     UnexpectedFrame,
     UnknownHost,
+    UnsupportedVersion,
     format_address,
     relay_error_from_wire,
 )
@@ -123,6 +124,35 @@ R = TypeVar("R", bound=RelayFrame)
 # and MAIL_EXPIRED (once per connection each) and PREKEYS_LOW (once until
 # the next upload).
 NOTICE_SLOTS = 3
+
+
+@dataclass(frozen=True, slots=True)
+class SendResult:
+    """What the relay did with a send.
+
+    ``server_ts``: when it accepted it (ms since the epoch). ``mailbox_full``:
+    the (user_id, device_id) it named whose mailboxes were full, in the order
+    the send named them; the send was stored for every other device named.
+    """
+
+    server_ts: int
+    mailbox_full: tuple[tuple[str, int], ...] = ()
+
+
+def _named_devices(request: Request) -> list[tuple[str, int]]:
+    """The devices a send may name as full: a group change (all or nothing) none."""
+    if isinstance(request, SendDirect):
+        return [(request.user_id, device_id) for device_id, _ in request.messages]
+    if isinstance(request, SendGroup):
+        return list(request.recipients)
+    return []
+
+
+def _check_accepted(reply: Accepted, request: Request) -> None:
+    """DecodeError unless ``reply`` names only devices its send named (and may), once."""
+    full = reply.mailbox_full
+    if len(set(full)) != len(full) or not set(full) <= set(_named_devices(request)):
+        raise DecodeError("ACCEPTED names a full mailbox the send did not name")
 
 
 @dataclass(slots=True)
@@ -250,22 +280,36 @@ class RelayConnection:
         reply = await self._request(lambda rid: FetchBundle(rid, user_id, device_id), BundleFrame)
         return reply.bundle
 
-    async def send_direct(self, user_id: str, messages: Sequence[tuple[int, bytes]]) -> int:
-        """Queue one payload per current device of ``user_id``; the server timestamp (ms).
+    async def send_direct(
+        self, user_id: str, messages: Sequence[tuple[int, bytes]], *, resend: bool = False
+    ) -> SendResult:
+        """Queue one payload per current device of ``user_id``.
 
         For one's own user, name every other own device. DeviceListMismatch
         carries the current list if the devices named are not exactly those.
+        The result names the devices whose mailboxes were full: the relay
+        stored the send for the others. Send those devices' payloads again
+        later with ``resend=True``, which may name some of a user's devices
+        only (MailboxFull, naming them all, if none had room).
         """
         check_user_id(user_id)
-        reply = await self._request(lambda rid: SendDirect(rid, user_id, tuple(messages)), Accepted)
-        return reply.server_ts
-
-    async def send_group(self, payload: bytes, recipients: Sequence[tuple[str, int]]) -> int:
-        """Queue one group payload for many (user_id, device_id); stored once. Server ts (ms)."""
         reply = await self._request(
-            lambda rid: SendGroup(rid, payload, tuple(recipients)), Accepted
+            lambda rid: SendDirect(rid, user_id, tuple(messages), resend), Accepted
         )
-        return reply.server_ts
+        return SendResult(reply.server_ts, reply.mailbox_full)
+
+    async def send_group(
+        self, payload: bytes, recipients: Sequence[tuple[str, int]], *, resend: bool = False
+    ) -> SendResult:
+        """Queue one group payload for many (user_id, device_id); stored once.
+
+        As :meth:`send_direct`: the result names the full mailboxes, and
+        ``resend=True`` sends again to some of the devices.
+        """
+        reply = await self._request(
+            lambda rid: SendGroup(rid, payload, tuple(recipients), resend), Accepted
+        )
+        return SendResult(reply.server_ts, reply.mailbox_full)
 
     async def send_change(
         self, receipt: bytes, messages: Sequence[tuple[str, Sequence[tuple[int, bytes]]]]
@@ -452,6 +496,8 @@ class RelayConnection:
             pending.error = relay_error_from_wire(frame.code, frame.message, frame.detail)
             self._state = state_after_error(self._state, pending.error)
         elif isinstance(frame, pending.expect):
+            if isinstance(frame, Accepted):
+                _check_accepted(frame, pending.request)
             self._state = state_after_success(self._state, pending.request.TYPE)
         else:
             raise DecodeError(f"{frame.TYPE.name} is no reply to {pending.request.TYPE.name}")
@@ -475,6 +521,13 @@ class RelayConnection:
             )
         except RelayTimeout:
             raise ConnectTimeout(f"no answer to HELLO within {timeout:g} s") from None
+        except UnsupportedVersion as refusal:
+            spoken = ", ".join(map(str, refusal.supported)) or "none"
+            raise UnsupportedVersion(
+                f"the relay speaks relay protocol version {spoken}, "
+                f"this client {RELAY_PROTOCOL_VERSION}",
+                supported=refusal.supported,
+            ) from refusal
         if welcome.version != RELAY_PROTOCOL_VERSION:
             raise RelayProtocolViolation(f"relay answered with version {welcome.version}")
         if welcome.relay_name != expected_relay_name:

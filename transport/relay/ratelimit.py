@@ -1,7 +1,8 @@
 """Token-bucket rate limits, sans-I/O: the caller passes the time (seconds, monotonic).
 
 A bucket holds up to ``capacity`` tokens and regains ``per_second`` tokens
-per second; a request takes one. As Signal-Server's ``RateLimiters``.
+per second; a request takes one, and gives it back if it is refused after
+all (a refused request changes nothing). As Signal-Server's ``RateLimiters``.
 """
 
 from __future__ import annotations
@@ -97,3 +98,32 @@ class KeyedRateLimiter(Generic[K]):
 
     def __len__(self) -> int:
         return len(self._buckets)
+
+
+class LogThrottle:
+    """At most one log line per ``interval`` seconds for a recurring event; the rest counted.
+
+    Sans-I/O like the buckets: the caller passes the time (seconds, monotonic).
+    """
+
+    __slots__ = ("_interval", "_next", "_suppressed")
+
+    def __init__(self, interval: float) -> None:
+        if not interval > 0:
+            raise InvalidArgument("a log interval is positive")
+        self._interval = interval
+        self._next = -math.inf
+        self._suppressed = 0
+
+    def event(self, now: float) -> int | None:
+        """Count one event: None to stay quiet, else log a line now.
+
+        The number returned is how many events went unlogged since the last
+        line, for that line to say.
+        """
+        if now < self._next:
+            self._suppressed += 1
+            return None
+        suppressed, self._suppressed = self._suppressed, 0
+        self._next = now + self._interval
+        return suppressed

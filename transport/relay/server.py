@@ -19,11 +19,12 @@ import trio
 
 from hushchat.protocol.errors import StateError
 
-from ..wire.errors import RelayError, Superseded, TransportError
+from ..wire.errors import RelayError, StorageFull, Superseded, TransportError
 from ..wire.frames import RequestLimits
+from ..wire.limits import WARNING_LOG_INTERVAL
 from ..wire.records import PreKeyCounts
 from .config import RelayConfig
-from .ratelimit import KeyedRateLimiter
+from .ratelimit import KeyedRateLimiter, LogThrottle
 from .session import RelaySession
 from .storage.atrest import RelayKeysMissing
 from .storage.interface import RelayStorage, StoredDeviceList
@@ -66,8 +67,8 @@ def _listen_error(config: RelayConfig, exc: OSError) -> str:
     return f"cannot listen on {where}: {exc.strerror or exc}"
 
 
-def _database_error(config: RelayConfig, exc: Exception) -> str:
-    path = config.db_path
+def database_error(path: str, exc: Exception) -> str:
+    """What is wrong with the relay database at ``path``, which would not open (``exc``)."""
     if isinstance(exc, RelayKeysMissing):
         return exc.message
     if isinstance(exc, sqlite3.DatabaseError) and not isinstance(exc, sqlite3.OperationalError):
@@ -92,6 +93,7 @@ class Relay:
         self._sessions: dict[DeviceKey, RelaySession] = {}
         self.connections_open = 0
         self.connections_served = 0
+        self._refused_logins = LogThrottle(WARNING_LOG_INTERVAL)
         # Recently read or stored device lists, oldest first (see device_lists).
         self._directory: dict[str, StoredDeviceList] = {}
 
@@ -132,6 +134,8 @@ class Relay:
         while True:
             try:
                 purged = await self.storage.purge_expired(self.config.clock())
+            except StorageFull:
+                logger.debug("retention sweep put off: the disk is full")
             except Exception:
                 logger.exception("retention sweep failed")
             else:
@@ -213,6 +217,21 @@ class Relay:
         if session is not None:
             session.close(error)
 
+    def login_refused(
+        self, user_id: str, device_id: int, reason: str, *, now: float | None = None
+    ) -> None:
+        """Log a refused AUTH: a WARNING a minute at most, the user's identity at DEBUG only.
+
+        A client that retries a refused login in a loop (a relay that lost its
+        database, a removed device) must not flood the log, and the operator
+        must still see that logins are refused, and why.
+        """
+        logger.debug("refused the login of %s/%d: %s", user_id, device_id, reason)
+        unlogged = self._refused_logins.event(trio.current_time() if now is None else now)
+        if unlogged is not None:
+            also = f" ({unlogged} more refused since the last report)" if unlogged else ""
+            logger.warning("refused a login: %s%s", reason, also)
+
     def is_low(self, counts: PreKeyCounts) -> bool:
         threshold = self.config.limits.prekey_low_threshold
         return counts.one_time < threshold or counts.one_time_kem < threshold
@@ -251,7 +270,7 @@ async def serve_relay(
         with trio.CancelScope(shield=True):
             for listener in listeners:
                 await listener.aclose()
-        raise RelayStartError(_database_error(config, exc)) from exc
+        raise RelayStartError(database_error(config.db_path, exc)) from exc
     relay: Relay | None = None
     try:
         relay = Relay(config, storage)

@@ -21,7 +21,8 @@ import math
 import os
 import secrets
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager, suppress
 from functools import partial
 from typing import TYPE_CHECKING
 
@@ -53,6 +54,7 @@ from ..wire.errors import (
     RateLimited,
     RegistrationClosed,
     RelayError,
+    StorageFull,
     UnknownDevice,
     UnknownUser,
     UnsupportedVersion,
@@ -110,6 +112,11 @@ logger = logging.getLogger("hushchat.relay")
 # and the commit (each attempt re-reads them); more means someone is
 # changing lists in a loop.
 _SEND_ATTEMPTS = 3
+
+# Seconds before a connection reads its mailbox again after the read failed on
+# a full disk: often enough that mail flows again soon after space returns,
+# rarely enough that connections waiting cost the writer next to nothing.
+STORAGE_RETRY_INTERVAL = 1.0
 
 
 class RelaySession:
@@ -367,8 +374,11 @@ class RelaySession:
 
     def _hello(self, request: Hello) -> RelayFrame:
         if request.version != RELAY_PROTOCOL_VERSION:
+            newer = request.version > RELAY_PROTOCOL_VERSION
             raise UnsupportedVersion(
-                f"relay protocol version {request.version} is not spoken",
+                f"relay protocol version {request.version} is not spoken here: this relay "
+                f"speaks version {RELAY_PROTOCOL_VERSION}; update the "
+                + ("relay" if newer else "client"),
                 supported=[RELAY_PROTOCOL_VERSION],
             )
         self._window = min(request.window, self._limits.max_in_flight)
@@ -380,6 +390,13 @@ class RelaySession:
         stored = (await self._relay.storage.device_lists([request.user_id])).get(request.user_id)
         identity = None if stored is None else stored.device_identity(request.device_id)
         if identity is None:
+            self._relay.login_refused(
+                request.user_id,
+                request.device_id,
+                "the user is not registered"
+                if stored is None
+                else "the device is not in its user's list",
+            )
             raise AuthenticationFailed("unknown user or device")
         try:
             verify_auth(
@@ -391,6 +408,9 @@ class RelaySession:
                 request.device_id,
             )
         except ProtocolError:
+            self._relay.login_refused(
+                request.user_id, request.device_id, "the signature does not verify"
+            )
             raise AuthenticationFailed("signature does not verify") from None
         self.user_id, self.device_id, self._identity = request.user_id, request.device_id, identity
         self._decoder.max_frame_size = self._limits.max_frame_size
@@ -400,9 +420,13 @@ class RelaySession:
         return Ok(request.request_id)
 
     async def _start_delivery(self) -> None:
-        counts = await self._relay.storage.prekey_counts(self.user_id, self.device_id)
-        if self._relay.is_low(counts):
-            self._low_counts = counts
+        try:
+            counts = await self._relay.storage.prekey_counts(self.user_id, self.device_id)
+        except StorageFull:
+            pass  # the stock is checked again at the next fetch of this device's bundle
+        else:
+            if self._relay.is_low(counts):
+                self._low_counts = counts
         assert self._nursery is not None
         self._nursery.start_soon(self._deliver)
 
@@ -529,26 +553,27 @@ class RelaySession:
 
     # ---------------------------------------------------------------- sends
 
-    def _check_send_rate(self) -> None:
+    def _take_send_token(self) -> None:
         wait = self._send_bucket.take(trio.current_time())
         if wait > 0:
             raise RateLimited("too many sends", retry_after_ms=math.ceil(wait * 1000))
 
-    def _mismatch(self, stored: StoredDeviceList, named: set[int]) -> DeviceMismatch | None:
+    def _mismatch(
+        self, stored: StoredDeviceList, named: set[int], resend: bool
+    ) -> DeviceMismatch | None:
         expected = set(stored.device_ids)
         if stored.user_id == self.user_id:
             expected.discard(self.device_id)  # one's own other devices, never oneself
-        if named == expected:
+        missing = set() if resend else expected - named  # a resend names those it retries
+        unknown = named - expected
+        if not missing and not unknown:
             return None
         return DeviceMismatch(
-            stored.user_id,
-            stored.signed,
-            tuple(sorted(expected - named)),
-            tuple(sorted(named - expected)),
+            stored.user_id, stored.signed, tuple(sorted(missing)), tuple(sorted(unknown))
         )
 
     async def _send_direct(self, request: SendDirect) -> RelayFrame:
-        self._check_send_rate()
+        self._take_send_token()
         named = {request.user_id: {device_id for device_id, _ in request.messages}}
         guids = _guids(len(request.messages))
         deliveries = tuple(
@@ -556,11 +581,12 @@ class RelaySession:
             for index, (device_id, _) in enumerate(request.messages)
         )
         payloads = tuple((EnvelopeKind.DIRECT, payload) for _, payload in request.messages)
-        server_ts = await self._store(named, payloads, deliveries)
-        return Accepted(request.request_id, server_ts)
+        with _token_back_on_failure(self._send_bucket.give_back):
+            server_ts, full = await self._store(named, payloads, deliveries, resend=request.resend)
+        return Accepted(request.request_id, server_ts, full)
 
     async def _send_group(self, request: SendGroup) -> RelayFrame:
-        self._check_send_rate()
+        self._take_send_token()
         named: dict[str, set[int]] = {}
         for user_id, device_id in request.recipients:
             named.setdefault(user_id, set()).add(device_id)
@@ -570,12 +596,18 @@ class RelaySession:
             for user_id, device_id in request.recipients
         )
         payloads = ((EnvelopeKind.GROUP, request.payload),)
-        server_ts = await self._store(named, payloads, deliveries)
-        return Accepted(request.request_id, server_ts)
+        with _token_back_on_failure(self._send_bucket.give_back):
+            server_ts, full = await self._store(named, payloads, deliveries, resend=request.resend)
+        return Accepted(request.request_id, server_ts, full)
 
     async def _send_change(self, request: SendChange) -> RelayFrame:
-        """A group change: every payload, and the receipt for ourselves, in one commit."""
-        self._check_send_rate()
+        """A group change: every payload, and the receipt for ourselves, in one commit.
+
+        All or nothing: every device meets the change at one place in the
+        relay's order (spec/12-groups.md, section 12.4), so one full mailbox
+        refuses it whole (MAILBOX_FULL), and its ACCEPTED names none.
+        """
+        self._take_send_token()
         named = {user_id: {d for d, _ in payloads} for user_id, payloads in request.messages}
         items = [
             (user_id, device_id, payload)
@@ -592,18 +624,23 @@ class RelaySession:
             *((EnvelopeKind.DIRECT, payload) for _, _, payload in items),
             (EnvelopeKind.RECEIPT, request.receipt),
         )
-        server_ts = await self._store(named, payloads, (*deliveries, receipt))
+        with _token_back_on_failure(self._send_bucket.give_back):
+            server_ts, _ = await self._store(
+                named, payloads, (*deliveries, receipt), resend=False, all_or_nothing=True
+            )
         return Accepted(request.request_id, server_ts)
 
     def _check_recipients(
-        self, named: dict[str, set[int]], lists: dict[str, StoredDeviceList]
+        self, named: dict[str, set[int]], lists: dict[str, StoredDeviceList], resend: bool
     ) -> RelayError | None:
         """Why a send naming ``named`` is refused against ``lists``, or None."""
         for user_id in named:
             if user_id not in lists:
                 return UnknownUser("no such user", user_id=user_id)
         mismatches = [
-            m for user_id, ids in named.items() if (m := self._mismatch(lists[user_id], ids))
+            m
+            for user_id, ids in named.items()
+            if (m := self._mismatch(lists[user_id], ids, resend))
         ]
         if mismatches:
             return DeviceListMismatch("recipient devices differ", mismatches=mismatches)
@@ -614,19 +651,24 @@ class RelaySession:
         named: dict[str, set[int]],
         payloads: tuple[tuple[EnvelopeKind, bytes], ...],
         deliveries: tuple[Delivery, ...],
-    ) -> int:
-        """Check the named devices against the directory, then commit; the server timestamp.
+        *,
+        resend: bool,
+        all_or_nothing: bool = False,
+    ) -> tuple[int, tuple[tuple[str, int], ...]]:
+        """Check the named devices against the directory, then commit.
 
-        The first check may use the relay's copy of the lists in memory: the
-        commit compares each list's counter with the stored one, so a copy
-        out of date costs a retry on what storage holds, and so does a
-        refusal (nothing is refused on a copy).
+        Returns the server timestamp and the devices whose mailboxes were
+        full (the send is stored for the others). The first check may use
+        the relay's copy of the lists in memory: the commit compares each
+        list's counter with the stored one, so a copy out of date costs a
+        retry on what storage holds, and so does a refusal (nothing is
+        refused on a copy).
         """
         storage = self._relay.storage
         cached = True
         for _ in range(_SEND_ATTEMPTS + 1):
             lists = await self._relay.device_lists(list(named), cached=cached)
-            refusal = self._check_recipients(named, lists)
+            refusal = self._check_recipients(named, lists, resend)
             if refusal is not None:
                 if cached:
                     cached = False
@@ -641,9 +683,10 @@ class RelaySession:
                 payloads=payloads,
                 deliveries=deliveries,
                 device_list_counters={u: lists[u].counter for u in named},
+                all_or_nothing=all_or_nothing,
             )
             try:
-                await storage.enqueue(
+                full = await storage.enqueue(
                     batch,
                     max_mailbox_size=self._limits.max_mailbox_size,
                     committed=partial(self._hand_over, batch),
@@ -651,12 +694,14 @@ class RelaySession:
             except StorageConflict:
                 cached = False
                 continue
-            return server_ts
+            return server_ts, full
         raise InternalError("recipient device lists keep changing; retry")
 
-    def _hand_over(self, batch: EnvelopeBatch, positions: Sequence[tuple[int, int]]) -> None:
+    def _hand_over(self, batch: EnvelopeBatch, positions: Sequence[tuple[int, int] | None]) -> None:
         """Give a committed send's envelopes to their devices' connections."""
-        for delivery, (epoch, seq) in zip(batch.deliveries, positions, strict=True):
+        for delivery, position in zip(batch.deliveries, positions, strict=True):
+            if position is None:
+                continue  # the mailbox was full: not stored
             session = self._relay.session_of(delivery.user_id, delivery.device_id)
             if session is not None:
                 kind, payload = batch.payloads[delivery.payload_index]
@@ -668,6 +713,7 @@ class RelaySession:
                     kind,
                     payload,
                 )
+                epoch, seq = position
                 session.hand_over(QueuedEnvelope(seq, envelope, epoch))
 
     # ---------------------------------------------------------------- delivery
@@ -694,6 +740,18 @@ class RelaySession:
         self._nursery.start_soon(self._delete, guids, seqs)
 
     async def _delete(self, guids: tuple[bytes, ...], seqs: tuple[int, ...]) -> None:
+        try:
+            await self._acknowledge(seqs)
+        except Exception:
+            logger.exception("acknowledgement not stored: the envelope will come again")
+        finally:
+            self._deletions.release()
+        for guid in guids:
+            self._in_flight.pop(guid, None)
+        if self._unread or self._handed:  # mail held back by the window: there is room now
+            self._wake.set()
+
+    async def _acknowledge(self, seqs: tuple[int, ...]) -> None:
         storage = self._relay.storage
         try:
             try:
@@ -704,20 +762,35 @@ class RelaySession:
                 with trio.CancelScope(shield=True):
                     await storage.acknowledge(self.user_id, self.device_id, seqs)
                 raise
-        except Exception:
-            logger.exception("acknowledgement not stored: the envelope will come again")
-        finally:
-            self._deletions.release()
-        for guid in guids:
-            self._in_flight.pop(guid, None)
-        if self._unread or self._handed:  # mail held back by the window: there is room now
-            self._wake.set()
+        except StorageFull:
+            # Acknowledged, so deleted even if the connection closes meanwhile.
+            with trio.CancelScope(shield=True):
+                deleted = len(seqs) > 1 and await self._acknowledge_one_by_one(seqs)
+            if not deleted:
+                logger.debug("acknowledgement not stored (disk full): the envelope will come again")
+
+    async def _acknowledge_one_by_one(self, seqs: tuple[int, ...]) -> bool:
+        """Delete the envelopes at ``seqs`` one per transaction; False if the disk is too full.
+
+        Deleting takes room too: with secure delete every page freed is written
+        to the WAL first. One envelope per transaction needs room for one
+        envelope only, as the WAL starts over between transactions.
+        """
+        try:
+            for seq in seqs:
+                await self._relay.storage.acknowledge(self.user_id, self.device_id, (seq,))
+        except StorageFull:
+            return False
+        return True
 
     async def _deliver(self) -> None:
         storage = self._relay.storage
         after_epoch = after_seq = 0
         backlog_pushed = False
-        notice = await storage.expiry_notice(self.user_id, self.device_id)
+        try:
+            notice = await storage.expiry_notice(self.user_id, self.device_id)
+        except StorageFull:
+            notice = None  # told at the device's next connection
         while True:
             self._wake = trio.Event()
             frames: list[RelayFrame] = []
@@ -732,14 +805,21 @@ class RelaySession:
                 self._unread = False
                 self._handed.clear()  # committed, so the read finds them
                 limit = min(room, DELIVERY_BATCH_SIZE)
-                batch = await storage.pending(
-                    self.user_id,
-                    self.device_id,
-                    after_epoch=after_epoch,
-                    after_seq=after_seq,
-                    limit=limit,
-                    now=self._relay.config.clock(),
-                )
+                try:
+                    batch = await storage.pending(
+                        self.user_id,
+                        self.device_id,
+                        after_epoch=after_epoch,
+                        after_seq=after_seq,
+                        limit=limit,
+                        now=self._relay.config.clock(),
+                    )
+                except StorageFull:
+                    # The read shared a transaction that failed on a full disk: read
+                    # again a little later (the connection stays).
+                    self._unread = True
+                    await trio.sleep(STORAGE_RETRY_INTERVAL)
+                    continue
                 if len(batch) == limit:
                     self._unread = True  # perhaps more than fitted
                     self._handed.clear()
@@ -761,10 +841,25 @@ class RelaySession:
             if frames:
                 await self._send(*frames)
             if notice is not None:  # pushed: the device knows
-                await storage.clear_expiry_notice(self.user_id, self.device_id, notice)
+                with suppress(StorageFull):  # else told again next time
+                    await storage.clear_expiry_notice(self.user_id, self.device_id, notice)
                 notice = None
             if not ((self._unread or self._handed) and self._window > len(self._in_flight)):
                 await self._wake.wait()
+
+
+@contextmanager
+def _token_back_on_failure(give_back: Callable[[], None]) -> Iterator[None]:
+    """Give back the request's rate-limit token if the block fails: a refused request,
+    or one that failed in storage, changes nothing (it was never answered with success).
+
+    Cancelled included: a storage call is cancelled only before it was queued.
+    """
+    try:
+        yield
+    except BaseException:
+        give_back()
+        raise
 
 
 def _guids(count: int) -> Iterator[bytes]:

@@ -269,6 +269,16 @@ class InternalError(RelayError):
     code = "INTERNAL_ERROR"
 
 
+class StorageFull(RelayError):
+    """The relay's storage is full (no space left on its disk); nothing was stored.
+
+    The relay's operator must free space; the relay then goes on by itself,
+    so the request may be sent again later as it was.
+    """
+
+    code = "STORAGE_FULL"
+
+
 # ------------------------------------------------------------------ users and devices
 
 

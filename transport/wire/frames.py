@@ -309,19 +309,22 @@ class FetchBundle:
 
 @dataclass(frozen=True, slots=True)
 class SendDirect:
-    """``[18, request_id, user_id, [[device_id, payload bin], ...]]`` -> ACCEPTED.
+    """``[18, request_id, user_id, [[device_id, payload bin], ...], resend bool]`` -> ACCEPTED.
 
     One payload per current device of ``user_id`` (for one's own user: per
-    other device), each device once.
+    other device), each device once. ``resend``: the payloads again, for
+    devices whose mailboxes were full; then the devices named need only be
+    current ones, not all of them.
     """
 
     TYPE: ClassVar[FrameType] = FrameType.SEND_DIRECT
     request_id: int
     user_id: str
     messages: tuple[tuple[int, bytes], ...] = field(repr=False)
+    resend: bool = False
 
     def to_wire(self) -> list[Any]:
-        return [self.request_id, self.user_id, [[d, p] for d, p in self.messages]]
+        return [self.request_id, self.user_id, [[d, p] for d, p in self.messages], self.resend]
 
     @classmethod
     def read(cls, fields: Fields, limits: RequestLimits) -> SendDirect:
@@ -334,25 +337,26 @@ class SendDirect:
             messages.append((entry.uint(), _payload(entry, limits)))
         if len({d for d, _ in messages}) != len(messages):
             raise BadFrame("a device is named twice")
-        return cls(request_id, user_id, tuple(messages))
+        return cls(request_id, user_id, tuple(messages), fields.boolean())
 
 
 @dataclass(frozen=True, slots=True)
 class SendGroup:
-    """``[19, request_id, payload bin, [[user_id, device_id], ...]]`` -> ACCEPTED.
+    """``[19, request_id, payload bin, [[user_id, device_id], ...], resend bool]`` -> ACCEPTED.
 
     The payload is stored once and delivered to every named device; each
     named user's current devices must all be named (the sender's own device
-    never is), each pair once.
+    never is), each pair once. ``resend``: as for :class:`SendDirect`.
     """
 
     TYPE: ClassVar[FrameType] = FrameType.SEND_GROUP
     request_id: int
     payload: bytes = field(repr=False)
     recipients: tuple[tuple[str, int], ...] = field(repr=False)
+    resend: bool = False
 
     def to_wire(self) -> list[Any]:
-        return [self.request_id, self.payload, [[u, d] for u, d in self.recipients]]
+        return [self.request_id, self.payload, [[u, d] for u, d in self.recipients], self.resend]
 
     @classmethod
     def read(cls, fields: Fields, limits: RequestLimits) -> SendGroup:
@@ -365,7 +369,7 @@ class SendGroup:
             recipients.append((_user_id(entry), entry.uint()))
         if len(set(recipients)) != len(recipients):
             raise BadFrame("a recipient is named twice")
-        return cls(request_id, payload, tuple(recipients))
+        return cls(request_id, payload, tuple(recipients), fields.boolean())
 
 
 @dataclass(frozen=True, slots=True)
@@ -658,18 +662,31 @@ class BundleFrame:
 
 @dataclass(frozen=True, slots=True)
 class Accepted:
-    """``[20, request_id, server_ts u64]``: the send is durably stored (committed)."""
+    """``[20, request_id, server_ts u64, mailbox_full [[user_id, device_id], ...]]``.
+
+    The send is durably stored (committed) for every device it named but
+    those in ``mailbox_full``, whose mailboxes had no room (in the order the
+    send named them; empty when every device took it).
+    """
 
     TYPE: ClassVar[FrameType] = FrameType.ACCEPTED
     request_id: int
     server_ts: int
+    mailbox_full: tuple[tuple[str, int], ...] = ()
 
     def to_wire(self) -> list[Any]:
-        return [self.request_id, self.server_ts]
+        return [self.request_id, self.server_ts, [[u, d] for u, d in self.mailbox_full]]
 
     @classmethod
     def read(cls, fields: Fields) -> Accepted:
-        return cls(fields.uint(), fields.uint(UINT64_MAX))
+        request_id, server_ts = fields.uint(), fields.uint(UINT64_MAX)
+        items = fields.array(max_len=UINT32_MAX)
+        full = []
+        for index, item in enumerate(items):
+            entry = Fields(item, what=f"mailbox_full[{index}]", count=2)
+            full.append((_user_id(entry), entry.uint()))
+            entry.end()
+        return cls(request_id, server_ts, tuple(full))
 
 
 # ------------------------------------------------------------------ pushes

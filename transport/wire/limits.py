@@ -26,8 +26,10 @@ from hushchat.protocol.consts import (
 # 4 adds SEND_CHANGE and its RECEIPT envelopes (one place in the relay's
 # order for a group change, spec/12-groups.md section 12.4); 5 an invitation
 # token in PUBLISH_DEVICE_LIST (registration by invitation), and it carries
-# device lists of protocol version 2 (device proofs).
-RELAY_PROTOCOL_VERSION: Final = 5
+# device lists of protocol version 2 (device proofs); 6 stores a send for
+# every named device with room, ACCEPTED naming the full mailboxes, and a
+# resend may name some of a user's devices.
+RELAY_PROTOCOL_VERSION: Final = 6
 
 # ------------------------------------------------------------------ sizes
 
@@ -67,10 +69,11 @@ RECEIVE_CHUNK_SIZE: Final = 64 * 1024
 
 # ------------------------------------------------------------------ mailboxes
 
-# Envelopes queued per device. When a mailbox is full, sends to that device
-# are refused (MAILBOX_FULL) rather than dropping old mail silently; the
-# sender learns which devices are unreachable. 10,000 is days of traffic of
-# a busy user, and bounds the disk a hostile sender can fill per device.
+# Envelopes queued per device. A full mailbox takes no more envelopes rather
+# than dropping old mail silently; the send is stored for the other devices it
+# names, and the sender learns which devices to retry (ACCEPTED's list, or
+# MAILBOX_FULL when none had room). 10,000 is days of traffic of a busy user,
+# and bounds the disk a hostile sender can fill per device.
 MAX_MAILBOX_SIZE: Final = 10_000
 
 # Envelopes pushed to a connection and not yet acknowledged. The relay stops
@@ -170,6 +173,12 @@ FRAME_PER_SECOND: Final = 500.0
 # Rate-limit buckets kept in memory before full (idle) ones are dropped;
 # bounds the limiter's memory whatever the number of device pairs.
 MAX_RATE_LIMIT_KEYS: Final = 100_000
+
+# A warning that recurs (refused logins, a full disk) is logged at most once
+# per this many seconds, saying how many were not logged since: an operator
+# sees each problem within a minute, and a client retrying in a loop (four
+# clients refused 430 times a minute) cannot flood the log.
+WARNING_LOG_INTERVAL: Final = 60.0
 
 # ------------------------------------------------------------------ timeouts (seconds)
 

@@ -84,7 +84,9 @@ class EnvelopeBatch:
     group change has one per device, and its receipt for the sender).
     ``device_list_counters`` are the recipients' device-list counters the
     sender was checked against; if any changed, nothing is stored
-    (StorageConflict).
+    (StorageConflict). A send is stored for the devices with room in their
+    mailboxes; ``all_or_nothing`` (a group change, which every device must
+    meet at one place in the relay's order) stores it for all or none.
     """
 
     sender_user: str
@@ -94,6 +96,7 @@ class EnvelopeBatch:
     payloads: tuple[tuple[int, bytes], ...] = field(repr=False)
     deliveries: tuple[Delivery, ...]
     device_list_counters: Mapping[str, int]
+    all_or_nothing: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -202,15 +205,20 @@ class RelayStorage(Protocol):
         batch: EnvelopeBatch,
         *,
         max_mailbox_size: int,
-        committed: Callable[[Sequence[tuple[int, int]]], None] | None = None,
-    ) -> None:
-        """Store a send. MailboxFull (naming the full devices), StorageConflict, or committed.
+        committed: Callable[[Sequence[tuple[int, int] | None]], None] | None = None,
+    ) -> tuple[tuple[str, int], ...]:
+        """Store a send for every device with room; the devices without, in delivery order.
 
+        A delivery to a device that already holds ``max_mailbox_size``
+        envelopes is left out (a payload no delivery names is not stored),
+        unless ``batch.all_or_nothing``: then one full device refuses the
+        whole send. MailboxFull (naming the full devices) if nothing is
+        stored for that reason, and StorageConflict if a device list changed.
         ``committed``, if given, gets the deliveries' mailbox positions
-        (``(epoch, seq)``, in ``batch.deliveries`` order) once the send
-        committed, before this returns, and in commit order across all sends,
-        so the relay can hand new envelopes to connected devices in the order
-        it accepted them.
+        (``(epoch, seq)``, in ``batch.deliveries`` order, None for those left
+        out) once the send committed, before this returns, and in commit order
+        across all sends, so the relay can hand new envelopes to connected
+        devices in the order it accepted them.
         """
         ...
 

@@ -16,6 +16,9 @@
 * ``secure_delete=ON`` and a WAL truncation on every purge and on close:
   acknowledged or expired ciphertext is overwritten, not left in free pages
   (a reader of another process can put a truncation off to the next one).
+  The WAL is bounded (:data:`WAL_SIZE_LIMIT`), and after a full disk it is
+  folded in and truncated as soon as there is room, so freed space is not
+  eaten by it; a full disk is :class:`~...wire.errors.StorageFull`.
   Copies made meanwhile (backups, snapshots) are what the sealing is for.
 * Group commit (:mod:`.writer`): every call runs in one writer thread, the
   calls queued together as one transaction with a savepoint each, so a
@@ -34,9 +37,12 @@ tables are in :mod:`.schema`, the migration from schema 1 in :mod:`.migration`.
 
 from __future__ import annotations
 
+import logging
 import os
 import sqlite3
+import time
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import suppress
 from functools import partial
 from typing import Any, TypeVar, cast
 
@@ -51,11 +57,13 @@ from ...wire.errors import (
     MailboxFull,
     PreKeyIdInUse,
     PreKeyStockFull,
+    StorageFull,
     UnknownDevice,
 )
-from ...wire.limits import DEFAULT_RETENTION_SECONDS
+from ...wire.limits import DEFAULT_RETENTION_SECONDS, WARNING_LOG_INTERVAL
 from ...wire.records import Envelope, PreKeyCounts
 from ..config import wall_clock_ms
+from ..ratelimit import LogThrottle
 from .atrest import (
     NONCE_SIZE,
     KeyChain,
@@ -90,6 +98,7 @@ from .rows import (
 from .schema import (
     PREKEY_TABLES,
     PROVEN_LISTS_VERSION,
+    SCHEMA_VERSION,
     UNSEALED_SCHEMA_VERSION,
     counter_blob,
     create_or_check_schema,
@@ -103,11 +112,14 @@ from .writer import (
     DEFAULT_MAX_QUEUED,
     DatabaseCall,
     GroupCommitWriter,
+    is_storage_full,
     run_batch,
 )
 
 T = TypeVar("T")
 S = TypeVar("S")
+
+logger = logging.getLogger("hushchat.relay")
 
 # How long a transaction waits for another process holding the database's
 # write lock (several relays may share the file) before it fails (SQLite
@@ -119,6 +131,18 @@ BUSY_TIMEOUT_MS = 5000
 # shell left open on the file must not hold up a relay's shutdown.
 CLOSE_CHECKPOINT_WAIT_MS = 1000
 
+# Bytes of WAL after which SQLite copies it into the database (its automatic
+# checkpoint), and to which the WAL file is cut back when it starts over
+# (journal_size_limit). Without them the WAL keeps its largest size forever
+# (SQLite's default checkpoint point is about 4 MB) and, on a full disk,
+# grows into whatever space is freed; with them, freeing more than this much
+# lets a relay that hit a full disk fold its WAL into the database and go on.
+WAL_SIZE_LIMIT = 1024 * 1024
+
+# The database and its WAL hold everyone's queued ciphertext and routing
+# metadata (spec 7.12): readable by the relay's own user only.
+PRIVATE_FILE_MODE = 0o600
+
 # Rows one statement reads or inserts at most when a send names many devices:
 # SQLite binds at most 32,766 variables per statement (5 per delivery row).
 ROWS_PER_STATEMENT = 1000
@@ -129,7 +153,9 @@ class SqliteDatabase:
 
     Not thread-safe by itself: one call at a time. The public methods each
     run as one transaction (a batch of one call); :meth:`run_batch` runs
-    many in one.
+    many in one. ``maintain`` False opens it as an operator command does
+    (``hushchat relay users`` ...): with the relay's key file as it is,
+    nothing migrated, purged or forgotten.
     """
 
     def __init__(
@@ -140,7 +166,10 @@ class SqliteDatabase:
         retention_seconds: int = DEFAULT_RETENTION_SECONDS,
         clock: Callable[[], int] = wall_clock_ms,
         reset_keys: bool = False,
+        maintain: bool = True,
     ) -> None:
+        if path != ":memory:":
+            make_private(path)
         self._conn = sqlite3.connect(
             path,
             isolation_level=None,
@@ -150,15 +179,41 @@ class SqliteDatabase:
         self._retention_ms = retention_seconds * 1000
         # An in-memory database keeps its keys in memory only, like its mail.
         self._key_file = key_file or (None if path == ":memory:" else default_key_file(path))
+        self._full = False  # the last transaction failed on a full disk
+        self._full_log = LogThrottle(WARNING_LOG_INTERVAL)
+        self._room_log = LogThrottle(WARNING_LOG_INTERVAL)
         try:
             self._conn.execute("PRAGMA journal_mode=WAL")
             self._conn.execute("PRAGMA synchronous=FULL")
             self._conn.execute("PRAGMA secure_delete=ON")
+            page_size = self._conn.execute("PRAGMA page_size").fetchone()[0]
+            self._conn.execute(f"PRAGMA wal_autocheckpoint = {WAL_SIZE_LIMIT // page_size}")
+            self._conn.execute(f"PRAGMA journal_size_limit = {WAL_SIZE_LIMIT}")
             version = create_or_check_schema(self._conn)
-            self._chain = self._open_keys(path, version, clock(), reset_keys)
+            if maintain:
+                self._chain = self._open_keys(path, version, clock(), reset_keys)
+            else:
+                self._chain = self._load_keys(path, version)
         except BaseException:
             self._conn.close()
             raise
+
+    def _load_keys(self, path: str, version: int) -> KeyChain:
+        """The key file's chain, as an operator command uses it: nothing migrated or purged.
+
+        RelayKeysMissing unless the key file is there and belongs to the
+        database, and the database has the current schema (a relay migrates
+        an older one, and creates the key file, when it starts).
+        """
+        state = None if self._key_file is None else read_key_file(self._key_file)
+        stored = None if version != SCHEMA_VERSION else meta_value(self._conn, "chain_id")
+        if state is None or stored != state.chain_id:
+            raise RelayKeysMissing(
+                f"the key file {self._key_file} is not the key file of {path}, or the "
+                "database awaits its migration: give the relay's --key-file, or start the "
+                "relay on it once"
+            )
+        return KeyChain(state)
 
     @property
     def key_chain(self) -> KeyChain:
@@ -218,11 +273,23 @@ class SqliteDatabase:
             # then, before anything is served, its keys cease to exist.
             self._purge_expired(now)
             db.execute("COMMIT")
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
-        self._forget_keys(now)
-        self._truncate_wal()  # deleted rows, and a migration's old tables (secure_delete)
+        except BaseException as exc:
+            if db.in_transaction:  # SQLite may have rolled back already (SQLITE_FULL)
+                with suppress(sqlite3.Error):
+                    db.execute("ROLLBACK")
+            if not (is_storage_full(exc) and meta_value(db, "chain_id") == chain.chain_id):
+                raise
+            # A full disk, on a database already under this key chain: serve what
+            # is stored. The first sweep with room purges what expired meanwhile.
+            logger.warning("the relay's disk is full: expired mail is purged once there is room")
+        try:
+            self._forget_keys(now)
+        except OSError as exc:  # the key file cannot be rewritten: at the next sweep
+            if not is_storage_full(exc):
+                raise
+            logger.warning("the relay's disk is full: old keys are forgotten once there is room")
+        with suppress(sqlite3.Error):  # a full disk: at the next sweep
+            self._truncate_wal()  # deleted rows, and a migration's old tables (secure_delete)
         return chain
 
     def _queue_is_empty(self) -> bool:
@@ -306,8 +373,30 @@ class SqliteDatabase:
     # ---------------------------------------------------------------- transactions
 
     def run_batch(self, calls: Sequence[DatabaseCall]) -> None:
-        """Run ``calls`` as one transaction, each in a savepoint (:func:`.writer.run_batch`)."""
+        """Run ``calls`` as one transaction, each in a savepoint (:func:`.writer.run_batch`).
+
+        After a full disk, each batch first tries to fold the WAL into the
+        database and truncate it, which gives back its space as soon as the
+        database has room to take it.
+        """
+        if self._full:
+            with suppress(sqlite3.Error):
+                self._truncate_wal()
+        changes = self._conn.total_changes
         run_batch(self._conn, calls)
+        if any(isinstance(call.error, StorageFull) for call in calls):
+            self._full = True
+            unlogged = self._full_log.event(time.monotonic())
+            if unlogged is not None:
+                logger.warning(
+                    "the relay's disk is full: requests that store anything are refused "
+                    "(STORAGE_FULL) until space is freed%s",
+                    f" ({unlogged} more failed since the last report)" if unlogged else "",
+                )
+        elif self._full and self._conn.total_changes > changes:  # a write committed
+            self._full = False
+            if self._room_log.event(time.monotonic()) is not None:
+                logger.warning("the relay's disk has room again: storing resumed")
 
     def _single(
         self,
@@ -369,8 +458,10 @@ class SqliteDatabase:
     ) -> TakenBundle | None:
         return self._single(partial(self._take_bundle, user_id, device_id, one_time))
 
-    def enqueue(self, batch: EnvelopeBatch, *, max_mailbox_size: int) -> list[tuple[int, int]]:
-        """Store a send; the deliveries' mailbox positions (epoch, seq)."""
+    def enqueue(
+        self, batch: EnvelopeBatch, *, max_mailbox_size: int
+    ) -> list[tuple[int, int] | None]:
+        """Store a send; the deliveries' mailbox positions (epoch, seq; None: mailbox full)."""
         return self._single(partial(self._enqueue, batch, max_mailbox_size))
 
     def pending(
@@ -404,8 +495,96 @@ class SqliteDatabase:
         self._single(partial(self._clear_expiry_notice, user_id, device_id, notice))
 
     def close(self) -> None:
-        self._truncate_wal(wait_ms=CLOSE_CHECKPOINT_WAIT_MS)
+        """Truncate the WAL (if the disk lets it), then close: never fails on a full disk."""
+        try:
+            self._truncate_wal(wait_ms=CLOSE_CHECKPOINT_WAIT_MS)
+        except sqlite3.Error as exc:
+            # Nothing is lost: the WAL is valid, and folded in at the next start.
+            logger.warning("closing the database without truncating its WAL: %s", exc)
         self._conn.close()
+
+    # ---------------------------------------------------------------- operator commands
+    # For hushchat relay's operator subcommands, which open the database
+    # themselves (the relay may be running: SQLite's locks keep them apart).
+
+    def users(self) -> list[tuple[str, tuple[int, ...]]]:
+        """Every registered user with its device ids, by user id."""
+        return self._single(self._users, savepoint=False)
+
+    def mailbox_sizes(self, user_id: str) -> list[tuple[int, int, int]] | None:
+        """(device_id, envelopes queued, bytes of ciphertext queued) per device of the user.
+
+        None if the user is not registered.
+        """
+        return self._single(partial(self._mailbox_sizes, user_id), savepoint=False)
+
+    def delete_user(self, user_id: str) -> tuple[int, int] | None:
+        """Delete a user: its device list, devices, mailboxes and prekeys.
+
+        Returns (devices, envelopes) deleted, or None if the user is not
+        registered. The user id is free again: its next device list registers
+        it anew (spec 7.12: a user who lost every device).
+        """
+        return self._single(partial(self._delete_user, user_id))
+
+    def delete_device_mail(self, user_id: str, device_id: int) -> int | None:
+        """Delete a device's mailbox and prekeys; the envelopes deleted, None if no such device.
+
+        The device stays in its user's signed device list, which only the user
+        can change; it gets none of the deleted mail.
+        """
+        return self._single(partial(self._delete_device_mail, user_id, device_id))
+
+    def _users(self) -> list[tuple[str, tuple[int, ...]]]:
+        devices: dict[str, list[int]] = {}
+        for user_id, device_id in self._conn.execute(
+            "SELECT user_id, device_id FROM devices ORDER BY user_id, device_id"
+        ):
+            devices.setdefault(user_id, []).append(device_id)
+        users = self._conn.execute("SELECT user_id FROM users ORDER BY user_id").fetchall()
+        return [(user_id, tuple(devices.get(user_id, ()))) for (user_id,) in users]
+
+    def _mailbox_sizes(self, user_id: str) -> list[tuple[int, int, int]] | None:
+        registered = self._conn.execute("SELECT 1 FROM users WHERE user_id = ?", (user_id,))
+        if registered.fetchone() is None:
+            return None
+        devices = self._conn.execute(
+            "SELECT device_id FROM devices WHERE user_id = ? ORDER BY device_id", (user_id,)
+        ).fetchall()
+        return [(device_id, *self._mailbox_size(user_id, device_id)) for (device_id,) in devices]
+
+    def _mailbox_size(self, user_id: str, device_id: int) -> tuple[int, int]:
+        """Envelopes queued for the device, and the bytes of their sealed payloads."""
+        envelopes = size = 0
+        for epoch in range(self._chain.held_epoch, self._current_epoch(0) + 1):
+            keys = self._chain.keys(epoch)
+            assert keys is not None
+            count, total = self._conn.execute(
+                "SELECT COUNT(*), SUM(LENGTH(p.sealed)) FROM deliveries AS d "
+                "JOIN payloads AS p ON p.id = d.payload_id WHERE d.mailbox = ? AND d.epoch = ?",
+                (keys.index(user_id, device_id), epoch),
+            ).fetchone()
+            envelopes, size = envelopes + count, size + (total or 0)
+        return envelopes, size
+
+    def _delete_user(self, user_id: str) -> tuple[int, int] | None:
+        sizes = self._mailbox_sizes(user_id)
+        if sizes is None:
+            return None
+        for device_id, _, _ in sizes:
+            self._wipe_device(user_id, device_id)
+        self._conn.execute("DELETE FROM users WHERE user_id = ?", (user_id,))
+        return len(sizes), sum(envelopes for _, envelopes, _ in sizes)
+
+    def _delete_device_mail(self, user_id: str, device_id: int) -> int | None:
+        listed = self._conn.execute(
+            "SELECT 1 FROM devices WHERE user_id = ? AND device_id = ?", (user_id, device_id)
+        ).fetchone()
+        if listed is None:
+            return None
+        envelopes, _ = self._mailbox_size(user_id, device_id)
+        self._delete_mail_and_prekeys(user_id, device_id)
+        return envelopes
 
     # ---------------------------------------------------------------- users and devices
     # The methods below run inside a transaction (run_batch); they never commit.
@@ -495,6 +674,12 @@ class SqliteDatabase:
         return removed
 
     def _wipe_device(self, user_id: str, device_id: int) -> None:
+        self._delete_mail_and_prekeys(user_id, device_id)
+        self._conn.execute(
+            "DELETE FROM devices WHERE user_id = ? AND device_id = ?", (user_id, device_id)
+        )
+
+    def _delete_mail_and_prekeys(self, user_id: str, device_id: int) -> None:
         db, key = self._conn, (user_id, device_id)
         newest = self._current_epoch(0)
         for epoch in range(self._chain.held_epoch, newest + 1):
@@ -508,7 +693,6 @@ class SqliteDatabase:
                 db.execute("DELETE FROM mailboxes WHERE mailbox = ?", (keys.index(*key),))
         for table in PREKEY_TABLES:
             db.execute(f"DELETE FROM {table} WHERE user_id = ? AND device_id = ?", key)
-        db.execute("DELETE FROM devices WHERE user_id = ? AND device_id = ?", key)
 
     # ---------------------------------------------------------------- prekeys
 
@@ -603,7 +787,7 @@ class SqliteDatabase:
 
     # ---------------------------------------------------------------- mailboxes
 
-    def _enqueue(self, batch: EnvelopeBatch, max_mailbox_size: int) -> list[tuple[int, int]]:
+    def _enqueue(self, batch: EnvelopeBatch, max_mailbox_size: int) -> list[tuple[int, int] | None]:
         # A few statements per send, each over all its rows: a group send's
         # cost in the writer thread barely grows with its recipients.
         db, chain = self._conn, self._chain
@@ -644,24 +828,31 @@ class SqliteDatabase:
                     some,
                 )
             )
+        room = [queued.get(box, 0) < max_mailbox_size for box in boxes]
         full = [
             (d.user_id, d.device_id)
-            for d, box in zip(batch.deliveries, boxes, strict=True)
-            if queued.get(box, 0) >= max_mailbox_size
+            for d, has_room in zip(batch.deliveries, room, strict=True)
+            if not has_room
         ]
-        if full:
+        if full and (batch.all_or_nothing or len(full) == len(batch.deliveries)):
             raise MailboxFull(f"{len(full)} recipient mailboxes are full", devices=full)
         if not batch.deliveries:
             # A send to no device (a group whose only member is the sender's only device):
             # accepted, and nothing stored. A payload no delivery refers to would never be
             # deleted, neither by an acknowledgement nor by the retention sweep.
             return []
+        # Only the deliveries to mailboxes with room are stored, and the payloads they name.
+        with_room = [
+            (d, box)
+            for d, box, has_room in zip(batch.deliveries, boxes, room, strict=True)
+            if has_room
+        ]
         first_seq = self._sequence("deliveries") + 1
         # A payload's id is the seq of its first delivery: never reused either.
         payload_ids: dict[int, int] = {}
-        for offset, d in enumerate(batch.deliveries):
+        for offset, (d, _) in enumerate(with_room):
             payload_ids.setdefault(d.payload_index, first_seq + offset)
-        nonces = _nonces(len(payload_ids) + len(batch.deliveries))
+        nonces = _nonces(len(payload_ids) + len(with_room))
         db.executemany(
             "INSERT INTO payloads (id, epoch, sealed) VALUES (?, ?, ?)",
             [
@@ -685,7 +876,7 @@ class SqliteDatabase:
             ],
         )
         rows = []
-        for offset, (d, box) in enumerate(zip(batch.deliveries, boxes, strict=True)):
+        for offset, (d, box) in enumerate(with_room):
             seq, payload_id = first_seq + offset, payload_ids[d.payload_index]
             content = DeliveryContent(
                 d.user_id, d.device_id, d.guid, batch.server_ts, batch.expires_at
@@ -698,7 +889,7 @@ class SqliteDatabase:
                 f"VALUES {_marks(len(part), 5)}",
                 [value for row in part for value in row],
             )
-        counted = [box for box in boxes if box in queued]  # each device once per send
+        counted = [box for _, box in with_room if box in queued]  # each device once per send
         for some in _parts(counted):
             db.execute(
                 "UPDATE mailboxes SET queued = queued + 1 "
@@ -710,11 +901,12 @@ class SqliteDatabase:
             "VALUES (?, ?, 1, 0, ?)",
             [
                 (box, epoch, seal_mailbox(keys, box, MailboxContent(d.user_id, d.device_id)))
-                for d, box in zip(batch.deliveries, boxes, strict=True)
+                for d, box in with_room
                 if box not in queued
             ],
         )
-        return [(epoch, first_seq + offset) for offset in range(len(rows))]
+        positions = iter((epoch, first_seq + offset) for offset in range(len(rows)))
+        return [next(positions) if has_room else None for has_room in room]
 
     def _sequence(self, table: str) -> int:
         """The largest id ``table`` ever used (AUTOINCREMENT): ids are never reused."""
@@ -934,6 +1126,19 @@ class SqliteDatabase:
             self._conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
 
 
+def make_private(path: str) -> None:
+    """Create the database file owner-only (0600) if missing; make it and its WAL and
+    shared-memory files owner-only if they exist, as an older relay left them.
+
+    SQLite creates the WAL and shared-memory files with the database file's
+    permissions, so they are private too, whatever the umask.
+    """
+    os.close(os.open(path, os.O_RDWR | os.O_CREAT, PRIVATE_FILE_MODE))
+    for name in (path, f"{path}-wal", f"{path}-shm"):
+        with suppress(FileNotFoundError):
+            os.chmod(name, PRIVATE_FILE_MODE)
+
+
 def _parts(rows: Sequence[S]) -> Iterator[Sequence[S]]:
     """``rows`` in slices of at most ROWS_PER_STATEMENT."""
     return (rows[i : i + ROWS_PER_STATEMENT] for i in range(0, len(rows), ROWS_PER_STATEMENT))
@@ -1062,10 +1267,15 @@ class SqliteStorage:
         batch: EnvelopeBatch,
         *,
         max_mailbox_size: int,
-        committed: Callable[[Sequence[tuple[int, int]]], None] | None = None,
-    ) -> None:
-        await self._writer.call(
+        committed: Callable[[Sequence[tuple[int, int] | None]], None] | None = None,
+    ) -> tuple[tuple[str, int], ...]:
+        positions = await self._writer.call(
             partial(self._db._enqueue, batch, max_mailbox_size), reported=committed
+        )
+        return tuple(
+            (d.user_id, d.device_id)
+            for d, position in zip(batch.deliveries, positions, strict=True)
+            if position is None
         )
 
     async def pending(

@@ -15,6 +15,7 @@ wait; further callers wait to queue (backpressure).
 
 from __future__ import annotations
 
+import errno
 import logging
 import queue
 import sqlite3
@@ -26,6 +27,8 @@ from typing import Any, Protocol, TypeVar, cast
 import trio
 
 from hushchat.protocol.errors import InvalidArgument
+
+from ...wire.errors import StorageFull
 
 T = TypeVar("T")
 
@@ -52,7 +55,7 @@ class DatabaseCall:
     own so that its failure rolls back only its own changes; ``savepoint``
     False skips that for reads and single-statement writes (SQLite makes a
     statement atomic by itself). ``after_commit`` runs once the batch
-    committed, outside any transaction (WAL truncation, closing).
+    committed, outside any transaction (WAL truncation).
     ``reported``, given the result, runs in the trio thread when a
     successful call's batch is reported, in the order the calls committed.
     """
@@ -90,24 +93,31 @@ def run_batch(db: sqlite3.Connection, calls: Sequence[DatabaseCall]) -> None:
     fails (BEGIN, COMMIT, or an error SQLite answers by rolling back
     everything), every call of the batch gets that error: nothing of
     the batch was stored. After-commit actions run only after a commit.
+    A full disk is :class:`StorageFull`, with SQLite's error as its cause.
     """
     try:
+        if db.in_transaction:
+            # A rollback that failed left the last transaction open: end it
+            # first, or every BEGIN from now on would fail.
+            db.execute("ROLLBACK")
         db.execute("BEGIN IMMEDIATE")
         for call in calls:
             _run_call(db, call)
         db.execute("COMMIT")
     except BaseException as exc:  # the transaction failed: nothing of the batch is stored
         if db.in_transaction:
-            with suppress(sqlite3.Error):  # already failing; the batch's error is reported
+            # SQLite may have rolled back already (after SQLITE_FULL, say): then
+            # ROLLBACK fails with "no transaction is active", which is not the cause.
+            with suppress(sqlite3.Error):
                 db.execute("ROLLBACK")
-        _fail_all(calls, exc)
+        _fail_all(calls, storage_error(exc))
         return
     for call in calls:
         if call.after_commit is not None and call.error is None:
             try:
                 call.after_commit()
             except Exception as exc:
-                call.error = exc
+                call.error = storage_error(exc)
 
 
 def _run_call(db: sqlite3.Connection, call: DatabaseCall) -> None:
@@ -118,11 +128,30 @@ def _run_call(db: sqlite3.Connection, call: DatabaseCall) -> None:
     except Exception as exc:
         if not db.in_transaction:
             raise  # SQLite rolled the whole transaction back (disk full, I/O error)
-        call.error = exc
+        call.error = storage_error(exc)
         if call.savepoint:
-            db.execute("ROLLBACK TO call")
+            try:
+                db.execute("ROLLBACK TO call")
+            except sqlite3.Error:
+                raise exc from None  # the transaction is lost; the call's error is the cause
     if call.savepoint:
         db.execute("RELEASE call")
+
+
+def is_storage_full(exc: BaseException) -> bool:
+    """Whether ``exc`` says the disk (or the database's size limit) is full."""
+    if isinstance(exc, sqlite3.Error):
+        return (getattr(exc, "sqlite_errorcode", 0) & 0xFF) == sqlite3.SQLITE_FULL
+    return isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
+
+
+def storage_error(exc: BaseException) -> BaseException:
+    """What a caller gets for ``exc``: StorageFull (its cause ``exc``) for a full disk."""
+    if not is_storage_full(exc):
+        return exc
+    error = StorageFull("the relay's storage is full; retry later")
+    error.__cause__ = exc
+    return error
 
 
 def _fail_all(calls: Sequence[DatabaseCall], error: BaseException) -> None:
@@ -175,20 +204,20 @@ class GroupCommitWriter:
         return cast(T, call.outcome())
 
     async def aclose(self, close: Callable[[], None]) -> None:
-        """Let every queued call commit, then run ``close`` (in the writer); idempotent.
+        """Let every queued call commit (or fail), then run ``close``; idempotent.
 
+        ``close`` runs once the writer thread has ended, whatever became of
+        the last batch (a full disk must not stop the relay from closing).
         Later calls raise trio.ClosedResourceError.
         """
         if self._closed:
             return
         self._closed = True
-        if self._thread is None:
-            await trio.to_thread.run_sync(close)
-            return
-        self._last = DatabaseCall(lambda: None, savepoint=False, after_commit=close)
-        await self._submit(self._last, closing=True)
-        await trio.to_thread.run_sync(self._thread.join)
-        self._last.outcome()
+        if self._thread is not None:
+            self._last = DatabaseCall(lambda: None, savepoint=False)
+            await self._submit(self._last, closing=True)
+            await trio.to_thread.run_sync(self._thread.join)
+        await trio.to_thread.run_sync(close)
 
     async def _submit(self, call: DatabaseCall, *, closing: bool = False) -> None:
         """Queue ``call`` and wait until its batch committed (or failed)."""
