@@ -21,10 +21,32 @@ its next batch (spec 7.8). Reported:
 
 * envelopes delivered (acknowledged) per second, from the first send to the
   last acknowledgement;
-* latency from just before the send request to the recipient's receipt,
-  p50/p95/p99;
+* latency from just before the send request (open loop: from its scheduled
+  time) to the recipient's receipt, p50/p95/p99/p999;
 * lost and duplicated envelopes (each expected delivery must arrive once);
 * the relay's peak RSS and CPU time, and the load generator's CPU time.
+
+That is the *burst* mode: each client keeps one send outstanding, so the
+relay runs at its saturation rate and the latency is mostly the run's own
+queue (Little's law). ``rate`` makes the load *open loop*, as wrk2 does it:
+the sends are scheduled in advance at ``rate`` envelopes per second (each
+send's envelopes take their share of the schedule, in rounds of every
+client's next send), each goes at its scheduled time whether or not earlier
+ones were answered (a client's requests overlap on its connection), and the
+latency of an envelope runs from its send's *scheduled* time. A relay that
+stalls cannot hide the queue that builds behind the stall (no coordinated
+omission): the sends it delays count as late from when they were due.
+Reported as well: the rate achieved (delivered envelopes over the time from
+the first scheduled send to the last acknowledgement) and how late the load
+generator itself sent (``send_lag_ms``; if it is large, the generator, not
+the relay, was the bound). :func:`run_rate_sweep` measures the saturation
+rate with a burst run, then runs open loop at fractions of it.
+
+The relay's CPU time per delivered envelope (``relay_cpu_us_per_envelope``,
+the relay process's user + system time during the load over the envelopes
+delivered) is reported for every run: it is the figure that carries over to
+other machines and loads, where envelopes per second depend on what else
+runs.
 
 Each client sends at most ``messages`` requests and the whole run is bounded
 by ``timeout`` seconds. The relay's send limit (60 requests at once, then 60
@@ -41,7 +63,6 @@ import multiprocessing
 import os
 import resource
 import signal
-import statistics
 import sys
 import tempfile
 import time
@@ -74,9 +95,19 @@ DRAIN_SECONDS = 1.0
 # The targets the report checks: throughput, and latency at 200 clients.
 TARGET_ENVELOPES_PER_SECOND = 10_000
 TARGET_P99_MS = 100.0
+# Issue 20's open-loop target: p99 at half the saturation rate, on either backend.
+TARGET_OPEN_LOOP_P99_MS = 50.0
+# The fractions of the saturation rate a sweep runs at when none are given.
+DEFAULT_SWEEP = (0.25, 0.5, 0.75, 0.9)
+# An open-loop schedule starts this long after the start signal, so that every
+# client's scheduler is already waiting for its first send.
+SCHEDULE_LEAD_SECONDS = 0.1
 # Relay process start-up and shut-down bounds.
 RELAY_START_TIMEOUT = 30.0
 RELAY_STOP_TIMEOUT = 30.0
+
+BURST = "burst"
+OPEN_LOOP = "open loop"
 
 
 @dataclass(slots=True)
@@ -99,14 +130,40 @@ class RelayLoadResult:
     relay_cpu_seconds: float = 0.0
     load_cpu_seconds: float = 0.0
     load_client: str = "hushchat.transport.client.connection.RelayConnection"
+    mode: str = BURST
+    # Open loop only: the rate the sends were scheduled at, and how late they went.
+    offered_rate: float | None = None
+    send_lag_ms: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def relay_cpu_us_per_envelope(self) -> float:
+        """The relay's CPU time during the load over the envelopes delivered."""
+        if not self.delivered:
+            return math.nan
+        return 1e6 * self.relay_cpu_seconds / self.delivered
+
+    @property
+    def achieved_fraction(self) -> float | None:
+        """Open loop: the rate achieved over the rate offered."""
+        if self.offered_rate is None:
+            return None
+        return self.envelopes_per_second / self.offered_rate
 
     def as_json(self) -> dict[str, Any]:
         out = asdict(self)
         for key in ("seconds", "envelopes_per_second", "relay_peak_rss_mb"):
-            out[key] = round(out[key], 2)
-        out["relay_cpu_seconds"] = round(self.relay_cpu_seconds, 2)
-        out["load_cpu_seconds"] = round(self.load_cpu_seconds, 2)
+            out[key] = _finite(round(out[key], 2))
+        out["relay_cpu_seconds"] = _finite(round(self.relay_cpu_seconds, 3))
+        out["load_cpu_seconds"] = _finite(round(self.load_cpu_seconds, 3))
+        out["relay_cpu_us_per_envelope"] = _finite(round(self.relay_cpu_us_per_envelope, 1))
+        if self.offered_rate is not None:
+            out["offered_rate"] = round(self.offered_rate, 1)
         return out
+
+
+def _finite(value: float) -> float | None:
+    """JSON has no NaN: a figure that could not be measured is null."""
+    return value if math.isfinite(value) else None
 
 
 # ------------------------------------------------------------------ the relay process
@@ -210,19 +267,39 @@ class _Plan:
             return [(sender + 1) % self.clients]
         return self.group_of(sender)
 
+    def schedule(self, rate: float) -> dict[tuple[int, int], float]:
+        """Each send's time in an open-loop run at ``rate`` envelopes per second, in
+        seconds from the start: each send takes its envelopes' share of the time.
+
+        Order: rounds of every client's next two sends (its one-to-one, then its
+        group send), so that the two kinds mix evenly over the run.
+        """
+        offsets: dict[tuple[int, int], float] = {}
+        envelopes = 0
+        for first in range(0, self.messages, 2):
+            for sender in range(self.clients):
+                for seq in range(first, min(first + 2, self.messages)):
+                    offsets[(sender, seq)] = envelopes / rate
+                    envelopes += len(self.recipients(sender, seq))
+        return offsets
+
 
 class _Load:
     """The bookkeeping of one run, shared by every client task (one trio thread)."""
 
-    def __init__(self, plan: _Plan) -> None:
+    def __init__(self, plan: _Plan, rate: float | None = None) -> None:
         self.plan = plan
+        self.rate = rate
         self.ready = 0
         self.all_ready = trio.Event()
         self.start = trio.Event()
         self.all_in = trio.Event()
+        # When each send went (open loop: when it was due): its envelopes' latency
+        # runs from then.
         self.sent_at: dict[tuple[int, int], float] = {}
         self.received: Counter[tuple[int, int, int]] = Counter()
         self.latencies: list[float] = []
+        self.send_lags: list[float] = []
         self.expected_by = [0] * plan.clients
         for sender in range(plan.clients):
             for seq in range(plan.messages):
@@ -235,6 +312,7 @@ class _Load:
         self.rate_limited = 0
         self.first_send = math.inf
         self.last_ack = 0.0
+        self._offsets = {} if rate is None else plan.schedule(rate)
 
     @property
     def expected(self) -> int:
@@ -244,6 +322,18 @@ class _Load:
         self.ready += 1
         if self.ready == self.plan.clients:
             self.all_ready.set()
+
+    def begin(self) -> None:
+        """Start the run (open loop: fix every send's due time, from a moment just ahead)."""
+        if self.rate is not None:
+            start = time.perf_counter() + SCHEDULE_LEAD_SECONDS
+            self.sent_at = {key: start + offset for key, offset in self._offsets.items()}
+            self.first_send = start
+        self.start.set()
+
+    def due_times(self, sender: int) -> list[tuple[int, float]]:
+        """Open loop: this client's sends (sequence number, due time), in order."""
+        return [(seq, self.sent_at[(sender, seq)]) for seq in range(self.plan.messages)]
 
     def arrived(self, sender: int, seq: int, recipient: int) -> None:
         """Count an envelope; the first copy of each sets its latency."""
@@ -285,30 +375,45 @@ async def _client(load: _Load, index: int, port: int) -> None:
         await load.start.wait()
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_receive, load, index, connection)
-            await _send_all(load, index, connection)
+            if load.rate is None:
+                for seq in range(load.plan.messages):
+                    await _send(load, index, connection, seq)
+            else:
+                await _send_scheduled(load, index, connection)
 
 
-async def _send_all(load: _Load, index: int, connection: RelayConnection) -> None:
-    """Send every message of this client, one request at a time."""
+async def _send_scheduled(load: _Load, index: int, connection: RelayConnection) -> None:
+    """Open loop: start each send at its due time, whether or not the earlier ones were
+    answered (requests overlap on the connection); return once all were accepted."""
+    async with trio.open_nursery() as sends:
+        for seq, due in load.due_times(index):
+            await trio.sleep(max(0.0, due - time.perf_counter()))
+            load.send_lags.append(time.perf_counter() - due)
+            sends.start_soon(_send, load, index, connection, seq)
+
+
+async def _send(load: _Load, index: int, connection: RelayConnection, seq: int) -> None:
+    """Send one message; a rate-limited send waits as told and goes again."""
     plan = load.plan
-    group = [(plan.user(i), 1) for i in plan.group_of(index)]
-    peer = plan.user((index + 1) % plan.clients)
-    for seq in range(plan.messages):
-        payload = _payload(index, seq)
-        while True:
-            load.sent_at[(index, seq)] = now = time.perf_counter()
+    payload = _payload(index, seq)
+    while True:
+        now = time.perf_counter()
+        if load.rate is None:
+            load.sent_at[(index, seq)] = now
             load.first_send = min(load.first_send, now)
-            try:
-                if plan.is_direct(index, seq):
-                    await connection.send_direct(peer, [(1, payload)])
-                else:
-                    await connection.send_group(payload, group)
-            except RateLimited as limited:
-                load.rate_limited += 1
-                await trio.sleep(max(limited.retry_after_ms, 1) / 1000)
-                continue
-            load.sends += 1
-            break
+        try:
+            if plan.is_direct(index, seq):
+                peer = plan.user((index + 1) % plan.clients)
+                await connection.send_direct(peer, [(1, payload)])
+            else:
+                group = [(plan.user(i), 1) for i in plan.group_of(index)]
+                await connection.send_group(payload, group)
+        except RateLimited as limited:
+            load.rate_limited += 1
+            await trio.sleep(max(limited.retry_after_ms, 1) / 1000)
+            continue
+        load.sends += 1
+        return
 
 
 async def _receive(load: _Load, index: int, connection: RelayConnection) -> None:
@@ -339,7 +444,7 @@ async def _run_load(load: _Load, relay: _RelayProcess, timeout: float) -> tuple[
             await load.all_ready.wait()
             _, relay_cpu_before = relay.usage()
             load_cpu_before = _usage()[1]
-            load.start.set()
+            load.begin()
             await load.all_in.wait()
             # Anything still coming now is a duplicate.
             await trio.sleep(DRAIN_SECONDS)
@@ -350,13 +455,17 @@ async def _run_load(load: _Load, relay: _RelayProcess, timeout: float) -> tuple[
     return math.nan, math.nan
 
 
-def _percentiles(latencies: Sequence[float]) -> dict[str, float]:
-    if len(latencies) < 2:
-        only = 1000 * latencies[0] if latencies else math.nan
-        return {"p50": only, "p95": only, "p99": only}
-    cuts = statistics.quantiles(latencies, n=100, method="inclusive")
+PERCENTILES = (("p50", 0.50), ("p95", 0.95), ("p99", 0.99), ("p999", 0.999))
+
+
+def _percentiles(samples: Sequence[float]) -> dict[str, float]:
+    """Nearest-rank percentiles of ``samples`` (seconds), in milliseconds."""
+    if not samples:
+        return {name: math.nan for name, _ in PERCENTILES}
+    ordered = sorted(samples)
     return {
-        name: round(1000 * cuts[q - 1], 2) for name, q in (("p50", 50), ("p95", 95), ("p99", 99))
+        name: round(1000 * ordered[max(0, math.ceil(q * len(ordered)) - 1)], 2)
+        for name, q in PERCENTILES
     }
 
 
@@ -367,16 +476,20 @@ def run_relay_bench(
     group_size: int = DEFAULT_GROUP_SIZE,
     timeout: float = DEFAULT_TIMEOUT,
     db_dir: str | None = None,
+    rate: float | None = None,
 ) -> RelayLoadResult:
     """Start a relay, run the load against it, stop it; what was measured.
 
-    The relay's database goes in a new temporary directory under ``db_dir``
+    ``rate``: open loop at that many envelopes per second (None: burst). The
+    relay's database goes in a new temporary directory under ``db_dir``
     (default: the system's temporary directory).
     """
     if clients < 2 or messages < 1 or group_size < 1:
         raise ValueError("at least 2 clients, 1 message each, groups of at least 1")
+    if rate is not None and not (math.isfinite(rate) and rate > 0):
+        raise ValueError("an open-loop rate is a number of envelopes per second above 0")
     plan = _Plan(clients, messages, group_size)
-    load = _Load(plan)
+    load = _Load(plan, rate)
     with tempfile.TemporaryDirectory(prefix="hushchat-bench-", dir=db_dir) as directory:
         relay = _RelayProcess(os.path.join(directory, "relay.db"))
         try:
@@ -402,38 +515,157 @@ def run_relay_bench(
         relay_peak_rss_mb=peak_mb,
         relay_cpu_seconds=relay_cpu,
         load_cpu_seconds=load_cpu,
+        mode=BURST if rate is None else OPEN_LOOP,
+        offered_rate=rate,
+        send_lag_ms=_percentiles(load.send_lags) if rate is not None else {},
     )
+
+
+@dataclass(slots=True)
+class RateSweep:
+    """A burst run (the saturation rate), then open-loop runs at fractions of it."""
+
+    saturation: RelayLoadResult
+    fractions: tuple[float, ...]
+    runs: list[RelayLoadResult]
+
+    @property
+    def exact(self) -> bool:
+        """Whether every run delivered every envelope exactly once."""
+        return all(r.lost == 0 and r.duplicated == 0 for r in (self.saturation, *self.runs))
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "saturation": self.saturation.as_json(),
+            "fractions": list(self.fractions),
+            "runs": [run.as_json() for run in self.runs],
+        }
+
+
+def run_rate_sweep(fractions: Sequence[float], **options: Any) -> RateSweep:
+    """Measure the saturation rate (a burst run), then run open loop at each fraction
+    of it; ``options`` are :func:`run_relay_bench`'s, each run on a new relay."""
+    if not fractions or not all(math.isfinite(f) and f > 0 for f in fractions):
+        raise ValueError("a sweep runs at one or more fractions of the saturation rate above 0")
+    saturation = run_relay_bench(**options)
+    if not saturation.envelopes_per_second > 0:
+        raise RelayBenchError("the burst run delivered nothing: no saturation rate to sweep")
+    runs = [
+        run_relay_bench(rate=fraction * saturation.envelopes_per_second, **options)
+        for fraction in fractions
+    ]
+    return RateSweep(saturation, tuple(fractions), runs)
+
+
+def _verdict(ok: bool) -> str:
+    return "ok" if ok else "MISSED"
 
 
 def render(result: RelayLoadResult) -> str:
     """The human-readable report, each figure beside its target."""
-    rate_ok = result.envelopes_per_second >= TARGET_ENVELOPES_PER_SECOND
-    p99_ok = result.latency_ms["p99"] <= TARGET_P99_MS
     exact = result.lost == 0 and result.duplicated == 0
     lat = result.latency_ms
-    return "\n".join(
-        [
-            f"relay bench: {result.clients} clients x {result.messages_per_client} sends "
-            f"(one-to-one and groups of {result.group_size}), load clients: {result.load_client}",
+    if result.offered_rate is None:
+        rate_ok = result.envelopes_per_second >= TARGET_ENVELOPES_PER_SECOND
+        p99_ok = lat["p99"] <= TARGET_P99_MS
+        head = [
+            f"relay bench (burst): {result.clients} clients x {result.messages_per_client} "
+            f"sends (one-to-one and groups of {result.group_size}), load clients: "
+            f"{result.load_client}",
             f"  sends accepted        {result.sends}  (rate limited and retried: "
             f"{result.rate_limited})",
             f"  envelopes delivered   {result.delivered} of {result.expected} in "
             f"{result.seconds:.2f} s",
             f"  envelopes per second  {result.envelopes_per_second:.0f}  "
-            f"(target {TARGET_ENVELOPES_PER_SECOND}: {'ok' if rate_ok else 'MISSED'})",
-            f"  latency ms            p50 {lat['p50']:.1f}  p95 {lat['p95']:.1f}  "
-            f"p99 {lat['p99']:.1f}  (target p99 <= {TARGET_P99_MS:.0f}: "
-            f"{'ok' if p99_ok else 'MISSED'})",
-            f"  lost {result.lost}, duplicated {result.duplicated}  "
-            f"({'ok' if exact else 'MISSED'})",
-            f"  relay peak RSS {result.relay_peak_rss_mb:.1f} MiB, relay CPU "
-            f"{result.relay_cpu_seconds:.2f} s, load generator CPU {result.load_cpu_seconds:.2f} s "
-            "(during the sends)",
+            f"(target {TARGET_ENVELOPES_PER_SECOND}: {_verdict(rate_ok)})",
+            f"  latency ms            {_render_percentiles(lat)}  (target p99 <= "
+            f"{TARGET_P99_MS:.0f}: {_verdict(p99_ok)})",
+        ]
+    else:
+        lag = result.send_lag_ms
+        head = [
+            f"relay bench (open loop at {result.offered_rate:.0f} envelopes/s offered): "
+            f"{result.clients} clients x {result.messages_per_client} sends (one-to-one and "
+            f"groups of {result.group_size}), load clients: {result.load_client}",
+            f"  sends accepted        {result.sends}  (rate limited and retried: "
+            f"{result.rate_limited})",
+            f"  envelopes delivered   {result.delivered} of {result.expected} in "
+            f"{result.seconds:.2f} s",
+            f"  envelopes per second  {result.envelopes_per_second:.0f} achieved of "
+            f"{result.offered_rate:.0f} offered ({100 * (result.achieved_fraction or 0):.0f}%)",
+            f"  latency ms            {_render_percentiles(lat)}  (from each send's scheduled "
+            f"time; target p99 <= {TARGET_OPEN_LOOP_P99_MS:.0f} at half the saturation rate)",
+            f"  send lag ms           p50 {lag['p50']:.1f}  p99 {lag['p99']:.1f}  (how late the "
+            "load generator started sends; large means it, not the relay, was the bound)",
+        ]
+    return "\n".join(
+        [
+            *head,
+            f"  lost {result.lost}, duplicated {result.duplicated}  ({_verdict(exact)})",
+            f"  relay CPU per envelope {result.relay_cpu_us_per_envelope:.0f} µs "
+            f"({result.relay_cpu_seconds:.2f} s for {result.delivered} envelopes)",
+            f"  relay peak RSS {result.relay_peak_rss_mb:.1f} MiB, load generator CPU "
+            f"{result.load_cpu_seconds:.2f} s (during the sends)",
         ]
     )
 
 
+def _render_percentiles(latency: dict[str, float]) -> str:
+    return "  ".join(f"{name} {latency[name]:.1f}" for name, _ in PERCENTILES)
+
+
+def render_sweep(sweep: RateSweep) -> str:
+    """The sweep as a table: latency at each fraction of the saturation rate."""
+    saturation = sweep.saturation
+    lines = [
+        render(saturation),
+        "",
+        f"rate sweep: open loop at fractions of the saturation rate "
+        f"({saturation.envelopes_per_second:.0f} envelopes/s), a new relay for each run; "
+        "latency from each send's scheduled time",
+        "  fraction  offered/s  achieved/s   p50 ms   p99 ms  p999 ms  lost  dup  "
+        "relay µs/envelope",
+    ]
+    for fraction, run in zip(sweep.fractions, sweep.runs, strict=True):
+        lat = run.latency_ms
+        lines.append(
+            f"  {fraction:8.2f}  {run.offered_rate or 0:9.0f}  {run.envelopes_per_second:10.0f}"
+            f"  {lat['p50']:7.1f}  {lat['p99']:7.1f}  {lat['p999']:7.1f}  {run.lost:4d}"
+            f"  {run.duplicated:3d}  {run.relay_cpu_us_per_envelope:17.0f}"
+        )
+    return "\n".join(lines)
+
+
 # ------------------------------------------------------------------ command line
+
+
+def _rate(text: str) -> float:
+    """An argparse type: envelopes per second, above 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a number of envelopes per second"
+        ) from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"{text} is not a rate above 0 envelopes per second")
+    return value
+
+
+def _fractions(text: str) -> tuple[float, ...]:
+    """An argparse type: comma-separated fractions of the saturation rate, each above 0."""
+    values: list[float] = []
+    for part in text.split(","):
+        try:
+            value = float(part)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"{part.strip()!r} is not a fraction (give them as 0.25,0.5,0.9)"
+            ) from None
+        if not (math.isfinite(value) and value > 0):
+            raise argparse.ArgumentTypeError(f"{part.strip()} is not a fraction above 0")
+        values.append(value)
+    return tuple(values)
 
 
 def add_relay_bench_command(targets: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -442,7 +674,10 @@ def add_relay_bench_command(targets: argparse._SubParsersAction[argparse.Argumen
         "relay",
         help="load a real relay (own process, SQLite) with many clients on loopback",
         description="Start a relay on loopback with its SQLite store and measure envelopes "
-        "delivered per second, latency and exactly-once delivery under N clients. "
+        "delivered per second, latency, the relay's CPU time per envelope and exactly-once "
+        "delivery under N clients. Burst by default (each client keeps one send "
+        "outstanding: the saturation rate); --rate for an open-loop load at a fixed "
+        "offered rate, --rate-sweep for open-loop runs at fractions of the saturation rate. "
         "Exit status: 0, 1 if an envelope was lost or duplicated or the run could not "
         "start (the reason on stderr), 2 for bad arguments, 130 after Ctrl-C.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
@@ -459,11 +694,30 @@ def add_relay_bench_command(targets: argparse._SubParsersAction[argparse.Argumen
     parser.add_argument(
         "--group-size", type=at_least(1), default=DEFAULT_GROUP_SIZE, help="clients per group"
     )
+    load = parser.add_mutually_exclusive_group()
+    load.add_argument(
+        "--rate",
+        type=_rate,
+        default=None,
+        metavar="R",
+        help="open loop: schedule the sends at R envelopes per second and measure latency "
+        "from each send's scheduled time (default: burst)",
+    )
+    load.add_argument(
+        "--rate-sweep",
+        type=_fractions,
+        nargs="?",
+        const=DEFAULT_SWEEP,
+        default=None,
+        metavar="F,F,...",
+        help="a burst run for the saturation rate, then open-loop runs at these fractions of "
+        f"it (without a value: {','.join(str(f) for f in DEFAULT_SWEEP)})",
+    )
     parser.add_argument(
         "--timeout",
         type=positive_seconds,
         default=DEFAULT_TIMEOUT,
-        help="bound on the run, in seconds",
+        help="bound on each run, in seconds",
     )
     parser.add_argument(
         "--db-dir",
@@ -479,23 +733,31 @@ def run(args: argparse.Namespace) -> int:
     if not os.path.isdir(args.db_dir):
         print(f"hushchat bench relay: no such folder for --db-dir: {args.db_dir}", file=sys.stderr)
         return 1
+    options: dict[str, Any] = {
+        "clients": args.clients,
+        "messages": args.messages,
+        "group_size": args.group_size,
+        "timeout": args.timeout,
+        "db_dir": args.db_dir,
+    }
     interrupted = False
+    outcome: RelayLoadResult | RateSweep | None = None
     try:
         try:
-            result = run_relay_bench(
-                clients=args.clients,
-                messages=args.messages,
-                group_size=args.group_size,
-                timeout=args.timeout,
-                db_dir=args.db_dir,
-            )
+            if args.rate_sweep is not None:
+                outcome = run_rate_sweep(args.rate_sweep, **options)
+            else:
+                outcome = run_relay_bench(rate=args.rate, **options)
         except* KeyboardInterrupt:  # trio may raise it inside a group
             interrupted = True
     except RelayBenchError as exc:
         print(f"hushchat bench relay: {exc}", file=sys.stderr)
         return 1
-    if interrupted:
+    if interrupted or outcome is None:
         print("hushchat bench relay: interrupted; the relay was stopped", file=sys.stderr)
         return 130
-    print(json.dumps(result.as_json(), indent=2) if args.json else render(result))
-    return 0 if result.lost == 0 and result.duplicated == 0 else 1
+    if isinstance(outcome, RateSweep):
+        print(json.dumps(outcome.as_json(), indent=2) if args.json else render_sweep(outcome))
+        return 0 if outcome.exact else 1
+    print(json.dumps(outcome.as_json(), indent=2) if args.json else render(outcome))
+    return 0 if outcome.lost == 0 and outcome.duplicated == 0 else 1

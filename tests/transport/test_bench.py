@@ -94,6 +94,13 @@ def test_measure_takes_medians_of_operation_and_floor() -> None:
         (["bench", "relay", "--messages", "0"], "0 is less than 1"),
         (["bench", "relay", "--group-size", "0"], "0 is less than 1"),
         (["bench", "relay", "--timeout", "0"], "0 is not above 0 seconds"),
+        (["bench", "relay", "--rate", "0"], "0 is not a rate above 0 envelopes per second"),
+        (["bench", "relay", "--rate", "-5"], "-5 is not a rate above 0"),
+        (["bench", "relay", "--rate", "nan"], "nan is not a rate above 0"),
+        (["bench", "relay", "--rate", "fast"], "'fast' is not a number of envelopes per second"),
+        (["bench", "relay", "--rate-sweep", "0.5,x"], "'x' is not a fraction"),
+        (["bench", "relay", "--rate-sweep", "0.5,0"], "0 is not a fraction above 0"),
+        (["bench", "relay", "--rate", "100", "--rate-sweep"], "not allowed with argument --rate"),
     ],
 )
 def test_bench_arguments_are_usage_errors(
@@ -177,6 +184,50 @@ def test_relay_bench_delivers_everything_once(capsys: pytest.CaptureFixture[str]
     # alone in its group, sends all 4 one-to-one.
     assert report["delivered"] == report["expected"] == 3 * (2 + 2 * 2) + 4
     assert report["lost"] == 0 and report["duplicated"] == 0
-    assert set(report["latency_ms"]) == {"p50", "p95", "p99"}
+    assert set(report["latency_ms"]) == {"p50", "p95", "p99", "p999"}
     assert report["envelopes_per_second"] > 0 and report["relay_peak_rss_mb"] > 0
     assert report["load_client"] == "hushchat.transport.client.connection.RelayConnection"
+    assert report["mode"] == "burst" and report["offered_rate"] is None
+    assert report["relay_cpu_us_per_envelope"] > 0
+
+
+def test_open_loop_schedule_spreads_the_envelopes_evenly() -> None:
+    plan = bench_relay._Plan(clients=5, messages=3, group_size=3)
+    offsets = plan.schedule(rate=10.0)
+    assert set(offsets) == {(sender, seq) for sender in range(5) for seq in range(3)}
+    # Rounds of each client's one-to-one and group send, then the next round.
+    order = sorted(offsets, key=offsets.__getitem__)
+    assert order[:4] == [(0, 0), (0, 1), (1, 0), (1, 1)] and order[-1] == (4, 2)
+    # Each send is due when the envelopes scheduled before it have had their time.
+    envelopes = 0
+    for key in order:
+        assert offsets[key] == pytest.approx(envelopes / 10.0)
+        envelopes += len(plan.recipients(*key))
+    assert envelopes == bench_relay._Load(plan).expected
+
+
+def test_open_loop_run_delivers_everything_once(capsys: pytest.CaptureFixture[str]) -> None:
+    argv = ["bench", "relay", "--clients", "4", "--messages", "4", "--group-size", "3"]
+    assert cli.main([*argv, "--rate", "200", "--timeout", "60", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["mode"] == "open loop" and report["offered_rate"] == 200
+    assert report["sends"] == 16 and report["delivered"] == report["expected"] == 22
+    assert report["lost"] == 0 and report["duplicated"] == 0
+    assert set(report["latency_ms"]) == set(report["send_lag_ms"]) == {"p50", "p95", "p99", "p999"}
+    assert report["relay_cpu_us_per_envelope"] > 0
+
+
+def test_rate_sweep_runs_at_fractions_of_the_burst_rate(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    argv = ["bench", "relay", "--clients", "3", "--messages", "2", "--group-size", "3"]
+    assert cli.main([*argv, "--rate-sweep", "0.5", "--timeout", "60", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    saturation = report["saturation"]
+    assert saturation["mode"] == "burst" and report["fractions"] == [0.5]
+    (run,) = report["runs"]
+    assert run["mode"] == "open loop"
+    assert run["offered_rate"] == pytest.approx(saturation["envelopes_per_second"] / 2, rel=0.01)
+    for figures in (saturation, run):
+        assert figures["delivered"] == figures["expected"] == 3 * (1 + 2)
+        assert figures["lost"] == 0 and figures["duplicated"] == 0
