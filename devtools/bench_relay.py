@@ -67,8 +67,9 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
+from importlib.util import find_spec
 from multiprocessing.connection import Connection
 from typing import Any
 
@@ -83,6 +84,7 @@ from hushchat.transport.wire.errors import RateLimited
 from hushchat.transport.wire.records import Envelope
 
 from .arguments import at_least, positive_seconds
+from .pgcluster import ClusterError, ThrowawayCluster
 
 DEFAULT_CLIENTS = 200
 DEFAULT_MESSAGES = 10
@@ -108,6 +110,13 @@ RELAY_STOP_TIMEOUT = 30.0
 
 BURST = "burst"
 OPEN_LOOP = "open loop"
+SQLITE = "sqlite"
+POSTGRESQL = "postgresql"
+# The relay's PostgreSQL storage module, which needs the extra hushchat[postgres].
+POSTGRES_STORAGE = "hushchat.transport.relay.storage.postgres"
+# --db: the relay's SQLite store (a new file per run), or a throwaway PostgreSQL
+# cluster the benchmark starts (a new database per run), or a PostgreSQL URL.
+DB_CHOICES = (SQLITE, "postgres")
 
 
 @dataclass(slots=True)
@@ -134,6 +143,20 @@ class RelayLoadResult:
     # Open loop only: the rate the sends were scheduled at, and how late they went.
     offered_rate: float | None = None
     send_lag_ms: dict[str, float] = field(default_factory=dict)
+    database: str = SQLITE
+    relays: int = 1
+    # Envelopes whose sender and recipient were connected to different relays.
+    cross_relay_envelopes: int = 0
+    cross_relay_latency_ms: dict[str, float] = field(default_factory=dict)
+    # The database server's processes (a cluster the benchmark started): None if unknown.
+    database_cpu_seconds: float | None = None
+
+    @property
+    def database_cpu_us_per_envelope(self) -> float | None:
+        """The database server's CPU time during the load over the envelopes delivered."""
+        if self.database_cpu_seconds is None or not self.delivered:
+            return None
+        return 1e6 * self.database_cpu_seconds / self.delivered
 
     @property
     def relay_cpu_us_per_envelope(self) -> float:
@@ -156,6 +179,12 @@ class RelayLoadResult:
         out["relay_cpu_seconds"] = _finite(round(self.relay_cpu_seconds, 3))
         out["load_cpu_seconds"] = _finite(round(self.load_cpu_seconds, 3))
         out["relay_cpu_us_per_envelope"] = _finite(round(self.relay_cpu_us_per_envelope, 1))
+        database_cpu = self.database_cpu_us_per_envelope
+        if self.database_cpu_seconds is not None:
+            out["database_cpu_seconds"] = _finite(round(self.database_cpu_seconds, 3))
+        out["database_cpu_us_per_envelope"] = (
+            None if database_cpu is None else _finite(round(database_cpu, 1))
+        )
         if self.offered_rate is not None:
             out["offered_rate"] = round(self.offered_rate, 1)
         return out
@@ -174,7 +203,12 @@ def _usage() -> tuple[int, float]:
     return usage.ru_maxrss, usage.ru_utime + usage.ru_stime
 
 
-def _relay_process(db_path: str, pipe: Connection) -> None:
+def _relay_config(database: str, key_file: str) -> RelayConfig:
+    """A relay on a free loopback port over ``database`` (a SQLite path or a PostgreSQL URL)."""
+    return RelayConfig(port=0, db_path=database, key_file=key_file)
+
+
+def _relay_process(database: str, key_file: str, pipe: Connection) -> None:
     """Run a relay; answer "usage" with (peak RSS KiB, CPU seconds) until told to stop.
 
     Ctrl-C reaches every process of the terminal's group: the parent stops this
@@ -184,7 +218,7 @@ def _relay_process(db_path: str, pipe: Connection) -> None:
 
     async def main() -> None:
         async with trio.open_nursery() as nursery:
-            port = await nursery.start(serve_relay, RelayConfig(port=0, db_path=db_path))
+            port = await nursery.start(serve_relay, _relay_config(database, key_file))
             pipe.send(port)
             while await trio.to_thread.run_sync(pipe.recv) == "usage":
                 pipe.send(_usage())
@@ -201,10 +235,12 @@ class RelayBenchError(Exception):
 class _RelayProcess:
     """The relay in a spawned process, and a pipe to read its usage and stop it."""
 
-    def __init__(self, db_path: str) -> None:
+    def __init__(self, database: str, key_file: str) -> None:
         context = multiprocessing.get_context("spawn")
         self._pipe, child = context.Pipe()
-        self._process = context.Process(target=_relay_process, args=(db_path, child), daemon=True)
+        self._process = context.Process(
+            target=_relay_process, args=(database, key_file, child), daemon=True
+        )
         self._process.start()
         child.close()
         self.port: int = self._receive(RELAY_START_TIMEOUT)
@@ -239,6 +275,65 @@ class _RelayProcess:
         return peak_kib / 1024, cpu
 
 
+class Databases:
+    """Where each run's relays keep their data.
+
+    ``db``: ``"sqlite"`` (a new SQLite file per run, under ``db_dir``),
+    ``"postgres"`` (a throwaway PostgreSQL cluster started here, under
+    ``db_dir``, with a new database per run, whose server CPU time is
+    measured) or a ``postgresql://`` URL (every run on that database; the
+    load's user names differ per run; its server's CPU is not measured).
+    A context manager: the cluster, if any, is stopped and deleted on exit.
+    """
+
+    def __init__(self, db: str = SQLITE, db_dir: str | None = None) -> None:
+        self.db = db
+        self.db_dir = db_dir
+        self.cluster: ThrowawayCluster | None = None
+        if db != SQLITE and db != "postgres" and not _is_postgres_url(db):
+            raise ValueError(f"unknown database {db!r}")
+        self.kind = SQLITE if db == SQLITE else POSTGRESQL
+
+    def __enter__(self) -> Databases:
+        if self.kind == POSTGRESQL and find_spec(POSTGRES_STORAGE) is None:
+            raise RelayBenchError("this relay has no PostgreSQL storage")
+        if self.kind == POSTGRESQL and find_spec("psycopg") is None:
+            raise RelayBenchError(
+                "PostgreSQL needs psycopg: pip install 'hushchat[postgres]'"
+            )
+        if self.db == "postgres":
+            try:
+                self.cluster = ThrowawayCluster(self.db_dir)
+            except ClusterError as exc:
+                raise RelayBenchError(f"cannot start a PostgreSQL cluster: {exc}") from None
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        if self.cluster is not None:
+            cluster, self.cluster = self.cluster, None
+            cluster.stop()
+
+    def for_run(self, directory: str) -> str:
+        """The database a new run's relays use (``directory``: the run's own folder)."""
+        if self.kind == SQLITE:
+            return os.path.join(directory, "relay.db")
+        if self.cluster is not None:
+            try:
+                return self.cluster.new_database()
+            except ClusterError as exc:
+                raise RelayBenchError(str(exc)) from None
+        return self.db
+
+    @property
+    def cpu_seconds(self) -> Callable[[], float] | None:
+        """The database server's CPU seconds so far, where it can be read."""
+        return None if self.cluster is None else self.cluster.cpu_seconds
+
+
+def _is_postgres_url(text: str) -> bool:
+    return text.startswith(("postgresql://", "postgres://"))
+
+
 # ------------------------------------------------------------------ the load
 
 
@@ -249,9 +344,11 @@ class _Plan:
     clients: int
     messages: int
     group_size: int
+    # Makes the user names of a run its own, for runs on one database.
+    tag: str = ""
 
     def user(self, index: int) -> str:
-        return f"load{index:05d}"
+        return f"load{self.tag}{index:05d}"
 
     def group_of(self, index: int) -> list[int]:
         """The other members of ``index``'s group (consecutive clients)."""
@@ -287,9 +384,10 @@ class _Plan:
 class _Load:
     """The bookkeeping of one run, shared by every client task (one trio thread)."""
 
-    def __init__(self, plan: _Plan, rate: float | None = None) -> None:
+    def __init__(self, plan: _Plan, rate: float | None = None, relays: int = 1) -> None:
         self.plan = plan
         self.rate = rate
+        self.relays = relays
         self.ready = 0
         self.all_ready = trio.Event()
         self.start = trio.Event()
@@ -299,6 +397,7 @@ class _Load:
         self.sent_at: dict[tuple[int, int], float] = {}
         self.received: Counter[tuple[int, int, int]] = Counter()
         self.latencies: list[float] = []
+        self.cross_relay_latencies: list[float] = []
         self.send_lags: list[float] = []
         self.expected_by = [0] * plan.clients
         for sender in range(plan.clients):
@@ -331,6 +430,10 @@ class _Load:
             self.first_send = start
         self.start.set()
 
+    def relay_of(self, index: int) -> int:
+        """The relay a client connects to: the clients are dealt out in turn."""
+        return index % self.relays
+
     def due_times(self, sender: int) -> list[tuple[int, float]]:
         """Open loop: this client's sends (sequence number, due time), in order."""
         return [(seq, self.sent_at[(sender, seq)]) for seq in range(self.plan.messages)]
@@ -341,7 +444,10 @@ class _Load:
         self.received[key] += 1
         if self.received[key] > 1:
             return
-        self.latencies.append(time.perf_counter() - self.sent_at[(sender, seq)])
+        latency = time.perf_counter() - self.sent_at[(sender, seq)]
+        self.latencies.append(latency)
+        if self.relay_of(sender) != self.relay_of(recipient):
+            self.cross_relay_latencies.append(latency)
         self.unique_by[recipient] += 1
         if self.unique_by[recipient] == self.expected_by[recipient]:
             self.complete += 1
@@ -368,7 +474,8 @@ async def _register(connection: RelayConnection, user_id: str) -> None:
     await connection.authenticate(user_id, 1, device_identity)
 
 
-async def _client(load: _Load, index: int, port: int) -> None:
+async def _client(load: _Load, index: int, ports: Sequence[int]) -> None:
+    port = ports[load.relay_of(index)]
     async with connect_relay("127.0.0.1", port, keepalive_interval=None) as connection:
         await _register(connection, load.plan.user(index))
         load.registered()
@@ -435,27 +542,60 @@ async def _receive(load: _Load, index: int, connection: RelayConnection) -> None
         load.last_ack = time.perf_counter()
 
 
-async def _run_load(load: _Load, relay: _RelayProcess, timeout: float) -> tuple[float, float]:
-    """Run every client to completion (or ``timeout``); the relay's CPU seconds under load."""
+@dataclass(slots=True)
+class _Usage:
+    """CPU seconds during the load: the relays' (together), the load generator's, the
+    database server's (None: not measured)."""
+
+    relays: float = math.nan
+    load: float = math.nan
+    database: float | None = None
+
+
+async def _run_load(
+    load: _Load,
+    relays: Sequence[_RelayProcess],
+    timeout: float,
+    database_cpu: Callable[[], float] | None,
+) -> _Usage:
+    """Run every client to completion (or ``timeout``); the CPU time used under load."""
+    usage = _Usage()
     with trio.move_on_after(timeout):
         async with trio.open_nursery() as nursery:
+            ports = [relay.port for relay in relays]
             for index in range(load.plan.clients):
-                nursery.start_soon(_client, load, index, relay.port)
+                nursery.start_soon(_client, load, index, ports)
             await load.all_ready.wait()
-            _, relay_cpu_before = relay.usage()
-            load_cpu_before = _usage()[1]
+            relays_before = sum(relay.usage()[1] for relay in relays)
+            database_before = None if database_cpu is None else database_cpu()
+            load_before = _usage()[1]
             load.begin()
             await load.all_in.wait()
             # Anything still coming now is a duplicate.
             await trio.sleep(DRAIN_SECONDS)
-            _, relay_cpu_after = relay.usage()
-            load_cpu = _usage()[1] - load_cpu_before
+            usage.load = _usage()[1] - load_before
+            usage.relays = sum(relay.usage()[1] for relay in relays) - relays_before
+            if database_cpu is not None and database_before is not None:
+                usage.database = database_cpu() - database_before
             nursery.cancel_scope.cancel()
-            return relay_cpu_after - relay_cpu_before, load_cpu
-    return math.nan, math.nan
+    return usage
 
 
 PERCENTILES = (("p50", 0.50), ("p95", 0.95), ("p99", 0.99), ("p999", 0.999))
+
+
+def _stop_all(relays: Sequence[_RelayProcess]) -> float:
+    """Stop every relay, even if one fails to stop; their highest peak RSS in MiB."""
+    peak_mb = 0.0
+    failure: RelayBenchError | None = None
+    for relay in relays:
+        try:
+            peak_mb = max(peak_mb, relay.stop()[0])
+        except RelayBenchError as exc:
+            failure = exc
+    if failure is not None:
+        raise failure
+    return peak_mb
 
 
 def _percentiles(samples: Sequence[float]) -> dict[str, float]:
@@ -477,25 +617,37 @@ def run_relay_bench(
     timeout: float = DEFAULT_TIMEOUT,
     db_dir: str | None = None,
     rate: float | None = None,
+    relays: int = 1,
+    databases: Databases | None = None,
 ) -> RelayLoadResult:
-    """Start a relay, run the load against it, stop it; what was measured.
+    """Start ``relays`` relay processes on one database, run the load against them,
+    stop them; what was measured.
 
-    ``rate``: open loop at that many envelopes per second (None: burst). The
-    relay's database goes in a new temporary directory under ``db_dir``
-    (default: the system's temporary directory).
+    ``rate``: open loop at that many envelopes per second (None: burst).
+    ``databases``: where the relays keep their data (default: a SQLite file).
+    A run's files (SQLite database, the relays' key file) go in a new
+    temporary directory under ``db_dir`` (default: the system's).
     """
-    if clients < 2 or messages < 1 or group_size < 1:
-        raise ValueError("at least 2 clients, 1 message each, groups of at least 1")
+    if clients < 2 or messages < 1 or group_size < 1 or relays < 1:
+        raise ValueError("at least 2 clients, 1 message each, groups of at least 1, 1 relay")
     if rate is not None and not (math.isfinite(rate) and rate > 0):
         raise ValueError("an open-loop rate is a number of envelopes per second above 0")
-    plan = _Plan(clients, messages, group_size)
-    load = _Load(plan, rate)
+    databases = databases or Databases(SQLITE, db_dir)
+    if relays > 1 and databases.kind != POSTGRESQL:
+        raise ValueError("several relays share one PostgreSQL database: --db postgres")
+    plan = _Plan(clients, messages, group_size, tag=os.urandom(3).hex())
+    load = _Load(plan, rate, relays)
     with tempfile.TemporaryDirectory(prefix="hushchat-bench-", dir=db_dir) as directory:
-        relay = _RelayProcess(os.path.join(directory, "relay.db"))
+        database = databases.for_run(directory)
+        key_file = os.path.join(directory, "relay.keys")
+        started: list[_RelayProcess] = []
+        peak_mb = 0.0
         try:
-            relay_cpu, load_cpu = trio.run(_run_load, load, relay, timeout)
+            for _ in range(relays):
+                started.append(_RelayProcess(database, key_file))
+            usage = trio.run(_run_load, load, started, timeout, databases.cpu_seconds)
         finally:
-            peak_mb, _ = relay.stop()
+            peak_mb = _stop_all(started)
     received = set(load.received)
     expected = load.expected
     seconds = load.last_ack - load.first_send if load.delivered else math.nan
@@ -513,11 +665,18 @@ def run_relay_bench(
         envelopes_per_second=load.delivered / seconds if load.delivered else 0.0,
         latency_ms=_percentiles(load.latencies),
         relay_peak_rss_mb=peak_mb,
-        relay_cpu_seconds=relay_cpu,
-        load_cpu_seconds=load_cpu,
+        relay_cpu_seconds=usage.relays,
+        load_cpu_seconds=usage.load,
         mode=BURST if rate is None else OPEN_LOOP,
         offered_rate=rate,
         send_lag_ms=_percentiles(load.send_lags) if rate is not None else {},
+        database=databases.kind,
+        relays=relays,
+        cross_relay_envelopes=len(load.cross_relay_latencies),
+        cross_relay_latency_ms=(
+            _percentiles(load.cross_relay_latencies) if load.cross_relay_latencies else {}
+        ),
+        database_cpu_seconds=usage.database,
     )
 
 
@@ -569,9 +728,7 @@ def render(result: RelayLoadResult) -> str:
         rate_ok = result.envelopes_per_second >= TARGET_ENVELOPES_PER_SECOND
         p99_ok = lat["p99"] <= TARGET_P99_MS
         head = [
-            f"relay bench (burst): {result.clients} clients x {result.messages_per_client} "
-            f"sends (one-to-one and groups of {result.group_size}), load clients: "
-            f"{result.load_client}",
+            f"relay bench (burst): {_setup(result)}",
             f"  sends accepted        {result.sends}  (rate limited and retried: "
             f"{result.rate_limited})",
             f"  envelopes delivered   {result.delivered} of {result.expected} in "
@@ -585,8 +742,7 @@ def render(result: RelayLoadResult) -> str:
         lag = result.send_lag_ms
         head = [
             f"relay bench (open loop at {result.offered_rate:.0f} envelopes/s offered): "
-            f"{result.clients} clients x {result.messages_per_client} sends (one-to-one and "
-            f"groups of {result.group_size}), load clients: {result.load_client}",
+            f"{_setup(result)}",
             f"  sends accepted        {result.sends}  (rate limited and retried: "
             f"{result.rate_limited})",
             f"  envelopes delivered   {result.delivered} of {result.expected} in "
@@ -598,15 +754,38 @@ def render(result: RelayLoadResult) -> str:
             f"  send lag ms           p50 {lag['p50']:.1f}  p99 {lag['p99']:.1f}  (how late the "
             "load generator started sends; large means it, not the relay, was the bound)",
         ]
-    return "\n".join(
-        [
-            *head,
-            f"  lost {result.lost}, duplicated {result.duplicated}  ({_verdict(exact)})",
-            f"  relay CPU per envelope {result.relay_cpu_us_per_envelope:.0f} µs "
-            f"({result.relay_cpu_seconds:.2f} s for {result.delivered} envelopes)",
-            f"  relay peak RSS {result.relay_peak_rss_mb:.1f} MiB, load generator CPU "
-            f"{result.load_cpu_seconds:.2f} s (during the sends)",
-        ]
+    tail = [f"  lost {result.lost}, duplicated {result.duplicated}  ({_verdict(exact)})"]
+    if result.relays > 1:
+        cross = result.cross_relay_latency_ms
+        tail.append(
+            f"  cross-relay latency   {_render_percentiles(cross) if cross else 'none'}  "
+            f"({result.cross_relay_envelopes} envelopes between clients of different relays)"
+        )
+    relays = "relay" if result.relays == 1 else f"{result.relays} relays together"
+    tail.append(
+        f"  relay CPU per envelope {result.relay_cpu_us_per_envelope:.0f} µs "
+        f"({relays}: {result.relay_cpu_seconds:.2f} s for {result.delivered} envelopes)"
+    )
+    database_cpu = result.database_cpu_us_per_envelope
+    if database_cpu is not None and result.database_cpu_seconds is not None:
+        tail.append(
+            f"  database CPU per envelope {database_cpu:.0f} µs (the PostgreSQL server's "
+            f"processes: {result.database_cpu_seconds:.2f} s)"
+        )
+    tail.append(
+        f"  relay peak RSS {result.relay_peak_rss_mb:.1f} MiB, load generator CPU "
+        f"{result.load_cpu_seconds:.2f} s (during the sends)"
+    )
+    return "\n".join([*head, *tail])
+
+
+def _setup(result: RelayLoadResult) -> str:
+    """What ran: clients, sends, groups, database and relays."""
+    database = "SQLite" if result.database == SQLITE else "PostgreSQL"
+    relays = "1 relay" if result.relays == 1 else f"{result.relays} relays"
+    return (
+        f"{result.clients} clients x {result.messages_per_client} sends (one-to-one and groups "
+        f"of {result.group_size}), {relays} on {database}, load clients: {result.load_client}"
     )
 
 
@@ -624,14 +803,16 @@ def render_sweep(sweep: RateSweep) -> str:
         f"({saturation.envelopes_per_second:.0f} envelopes/s), a new relay for each run; "
         "latency from each send's scheduled time",
         "  fraction  offered/s  achieved/s   p50 ms   p99 ms  p999 ms  lost  dup  "
-        "relay µs/envelope",
+        "relay µs/env  db µs/env",
     ]
     for fraction, run in zip(sweep.fractions, sweep.runs, strict=True):
         lat = run.latency_ms
+        database_cpu = run.database_cpu_us_per_envelope
         lines.append(
             f"  {fraction:8.2f}  {run.offered_rate or 0:9.0f}  {run.envelopes_per_second:10.0f}"
             f"  {lat['p50']:7.1f}  {lat['p99']:7.1f}  {lat['p999']:7.1f}  {run.lost:4d}"
-            f"  {run.duplicated:3d}  {run.relay_cpu_us_per_envelope:17.0f}"
+            f"  {run.duplicated:3d}  {run.relay_cpu_us_per_envelope:12.0f}"
+            f"  {'-' if database_cpu is None else f'{database_cpu:.0f}':>9}"
         )
     return "\n".join(lines)
 
@@ -666,6 +847,15 @@ def _fractions(text: str) -> tuple[float, ...]:
             raise argparse.ArgumentTypeError(f"{part.strip()} is not a fraction above 0")
         values.append(value)
     return tuple(values)
+
+
+def _database(text: str) -> str:
+    """An argparse type: sqlite, postgres, or a PostgreSQL URL."""
+    if text in DB_CHOICES or _is_postgres_url(text):
+        return text
+    raise argparse.ArgumentTypeError(
+        f"{text!r} is not sqlite, postgres or a postgresql:// URL"
+    )
 
 
 def add_relay_bench_command(targets: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -714,6 +904,22 @@ def add_relay_bench_command(targets: argparse._SubParsersAction[argparse.Argumen
         f"it (without a value: {','.join(str(f) for f in DEFAULT_SWEEP)})",
     )
     parser.add_argument(
+        "--db",
+        type=_database,
+        default=SQLITE,
+        metavar="{sqlite,postgres,postgresql://...}",
+        help="the relays' database: SQLite (a new file per run), postgres (a throwaway "
+        "PostgreSQL cluster started here under --db-dir, a new database per run, its CPU "
+        "time measured) or the URL of a PostgreSQL database (its CPU time not measured)",
+    )
+    parser.add_argument(
+        "--relays",
+        type=at_least(1),
+        default=1,
+        help="relay processes on the one database, the clients dealt out among them in turn "
+        "(more than 1: PostgreSQL only)",
+    )
+    parser.add_argument(
         "--timeout",
         type=positive_seconds,
         default=DEFAULT_TIMEOUT,
@@ -722,8 +928,9 @@ def add_relay_bench_command(targets: argparse._SubParsersAction[argparse.Argumen
     parser.add_argument(
         "--db-dir",
         default=tempfile.gettempdir(),
-        help="directory for the relay's temporary database (its file system's fsync cost "
-        "bounds the relay)",
+        help="directory for each run's temporary files: the SQLite database, the relays' "
+        "key file, a throwaway PostgreSQL cluster (its file system's fsync cost bounds the "
+        "relay)",
     )
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.set_defaults(run=run)
@@ -733,21 +940,31 @@ def run(args: argparse.Namespace) -> int:
     if not os.path.isdir(args.db_dir):
         print(f"hushchat bench relay: no such folder for --db-dir: {args.db_dir}", file=sys.stderr)
         return 1
-    options: dict[str, Any] = {
-        "clients": args.clients,
-        "messages": args.messages,
-        "group_size": args.group_size,
-        "timeout": args.timeout,
-        "db_dir": args.db_dir,
-    }
+    if args.relays > 1 and args.db == SQLITE:
+        print(
+            "hushchat bench relay: several relays share one PostgreSQL database: add --db "
+            "postgres (a throwaway cluster) or --db postgresql://...",
+            file=sys.stderr,
+        )
+        return 2
     interrupted = False
     outcome: RelayLoadResult | RateSweep | None = None
     try:
         try:
-            if args.rate_sweep is not None:
-                outcome = run_rate_sweep(args.rate_sweep, **options)
-            else:
-                outcome = run_relay_bench(rate=args.rate, **options)
+            with Databases(args.db, args.db_dir) as databases:
+                options: dict[str, Any] = {
+                    "clients": args.clients,
+                    "messages": args.messages,
+                    "group_size": args.group_size,
+                    "timeout": args.timeout,
+                    "db_dir": args.db_dir,
+                    "relays": args.relays,
+                    "databases": databases,
+                }
+                if args.rate_sweep is not None:
+                    outcome = run_rate_sweep(args.rate_sweep, **options)
+                else:
+                    outcome = run_relay_bench(rate=args.rate, **options)
         except* KeyboardInterrupt:  # trio may raise it inside a group
             interrupted = True
     except RelayBenchError as exc:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from hushchat.devtools import bench, bench_relay
+from hushchat.devtools import bench, bench_relay, pgcluster
 from hushchat.transport import cli
 
 OPERATIONS = {
@@ -101,6 +101,8 @@ def test_measure_takes_medians_of_operation_and_floor() -> None:
         (["bench", "relay", "--rate-sweep", "0.5,x"], "'x' is not a fraction"),
         (["bench", "relay", "--rate-sweep", "0.5,0"], "0 is not a fraction above 0"),
         (["bench", "relay", "--rate", "100", "--rate-sweep"], "not allowed with argument --rate"),
+        (["bench", "relay", "--db", "mysql://x"], "is not sqlite, postgres or a postgresql://"),
+        (["bench", "relay", "--relays", "0"], "0 is less than 1"),
     ],
 )
 def test_bench_arguments_are_usage_errors(
@@ -117,6 +119,14 @@ def test_bench_relay_needs_an_existing_db_dir(capsys: pytest.CaptureFixture[str]
     assert cli.main(["bench", "relay", "--db-dir", "/nonexistent"]) == 1
     assert capsys.readouterr().err == (
         "hushchat bench relay: no such folder for --db-dir: /nonexistent\n"
+    )
+
+
+def test_several_relays_need_postgresql(capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["bench", "relay", "--relays", "2"]) == 2
+    assert capsys.readouterr().err == (
+        "hushchat bench relay: several relays share one PostgreSQL database: add --db "
+        "postgres (a throwaway cluster) or --db postgresql://...\n"
     )
 
 
@@ -231,3 +241,34 @@ def test_rate_sweep_runs_at_fractions_of_the_burst_rate(
     for figures in (saturation, run):
         assert figures["delivered"] == figures["expected"] == 3 * (1 + 2)
         assert figures["lost"] == 0 and figures["duplicated"] == 0
+
+
+def test_process_tree_cpu_counts_live_and_ended_children() -> None:
+    before = pgcluster.process_tree_cpu_seconds(os.getpid())
+    subprocess.run(
+        [sys.executable, "-c", "sum(i * i for i in range(3_000_000))"], check=True
+    )
+    # The child ended and was reaped: its time is in ours (cutime), once.
+    assert pgcluster.process_tree_cpu_seconds(os.getpid()) > before
+
+
+@pytest.mark.skipif(pgcluster.find_pg_bin() is None, reason="no PostgreSQL server binaries")
+def test_throwaway_cluster_starts_serves_and_is_deleted() -> None:
+    cluster = pgcluster.ThrowawayCluster()
+    try:
+        url = cluster.new_database()
+        assert url.startswith("postgresql://postgres@/bench1?host=")
+        assert os.path.exists(os.path.join(cluster.directory, ".s.PGSQL.5432"))
+        assert cluster.cpu_seconds() > 0
+    finally:
+        cluster.stop()
+    assert not os.path.exists(cluster.directory)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="only root hands the cluster to another user")
+def test_throwaway_cluster_refuses_a_folder_its_user_cannot_reach(tmp_path: Path) -> None:
+    private = tmp_path / "private"
+    private.mkdir(mode=0o700)
+    with pytest.raises(pgcluster.ClusterError, match=r"cannot reach .*private"):
+        pgcluster.ThrowawayCluster(str(private))
+    assert list(private.iterdir()) == []
