@@ -495,12 +495,16 @@ async def _send_scheduled(load: _Load, index: int, connection: RelayConnection) 
     async with trio.open_nursery() as sends:
         for seq, due in load.due_times(index):
             await trio.sleep(max(0.0, due - time.perf_counter()))
-            load.send_lags.append(time.perf_counter() - due)
-            sends.start_soon(_send, load, index, connection, seq)
+            sends.start_soon(_send, load, index, connection, seq, due)
 
 
-async def _send(load: _Load, index: int, connection: RelayConnection, seq: int) -> None:
-    """Send one message; a rate-limited send waits as told and goes again."""
+async def _send(
+    load: _Load, index: int, connection: RelayConnection, seq: int, due: float | None = None
+) -> None:
+    """Send one message (open loop: ``due`` when it was due); a rate-limited send waits
+    as told and goes again."""
+    if due is not None:
+        load.send_lags.append(time.perf_counter() - due)
     plan = load.plan
     payload = _payload(index, seq)
     while True:
