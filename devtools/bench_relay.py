@@ -57,12 +57,15 @@ and is retried (counted as ``rate_limited``).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import logging
 import math
 import multiprocessing
 import os
 import resource
 import signal
+import subprocess
 import sys
 import tempfile
 import time
@@ -76,15 +79,16 @@ from typing import Any
 import trio
 
 from hushchat.protocol.devices import DeviceEntry, DeviceList
+from hushchat.protocol.errors import ProtocolError
 from hushchat.protocol.keys import IdentityKeyPair
 from hushchat.transport.client.connection import RelayConnection, connect_relay
 from hushchat.transport.relay.config import RelayConfig
 from hushchat.transport.relay.server import serve_relay
-from hushchat.transport.wire.errors import RateLimited
+from hushchat.transport.wire.errors import RateLimited, TransportError
 from hushchat.transport.wire.records import Envelope
 
 from .arguments import at_least, positive_seconds
-from .pgcluster import ClusterError, ThrowawayCluster
+from .pgcluster import ThrowawayCluster, throwaway_cluster
 
 DEFAULT_CLIENTS = 200
 DEFAULT_MESSAGES = 10
@@ -215,6 +219,10 @@ def _relay_process(database: str, key_file: str, pipe: Connection) -> None:
     one through the pipe, so it ignores SIGINT rather than die mid-answer.
     """
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # What goes wrong in a relay is said on stderr (the library is silent by default).
+    logging.basicConfig(
+        level=logging.WARNING, format=f"relay (pid {os.getpid()}): %(levelname)s %(message)s"
+    )
 
     async def main() -> None:
         async with trio.open_nursery() as nursery:
@@ -290,6 +298,8 @@ class Databases:
         self.db = db
         self.db_dir = db_dir
         self.cluster: ThrowawayCluster | None = None
+        self._stack = contextlib.ExitStack()
+        self._databases = 0
         if db != SQLITE and db != "postgres" and not _is_postgres_url(db):
             raise ValueError(f"unknown database {db!r}")
         self.kind = SQLITE if db == SQLITE else POSTGRESQL
@@ -303,25 +313,27 @@ class Databases:
             )
         if self.db == "postgres":
             try:
-                self.cluster = ThrowawayCluster(self.db_dir)
-            except ClusterError as exc:
-                raise RelayBenchError(f"cannot start a PostgreSQL cluster: {exc}") from None
+                self.cluster = self._stack.enter_context(
+                    throwaway_cluster(durable=True, parent=self.db_dir)
+                )
+            except (RuntimeError, subprocess.SubprocessError, OSError) as exc:
+                raise RelayBenchError(f"cannot start a PostgreSQL server: {exc}") from None
         return self
 
     def __exit__(self, *exc_info: object) -> None:
-        if self.cluster is not None:
-            cluster, self.cluster = self.cluster, None
-            cluster.stop()
+        self.cluster = None
+        self._stack.close()
 
     def for_run(self, directory: str) -> str:
         """The database a new run's relays use (``directory``: the run's own folder)."""
         if self.kind == SQLITE:
             return os.path.join(directory, "relay.db")
         if self.cluster is not None:
+            self._databases += 1
             try:
-                return self.cluster.new_database()
-            except ClusterError as exc:
-                raise RelayBenchError(str(exc)) from None
+                return self.cluster.create_database(f"bench{self._databases}")
+            except Exception as exc:  # psycopg's, whose module is an optional extra
+                raise RelayBenchError(f"cannot create a database: {exc}") from None
         return self.db
 
     @property
@@ -588,6 +600,13 @@ async def _run_load(
 PERCENTILES = (("p50", 0.50), ("p95", 0.95), ("p99", 0.99), ("p999", 0.999))
 
 
+def _first_leaf(error: BaseException) -> BaseException:
+    """The first exception inside ``error``'s (nested) groups."""
+    while isinstance(error, BaseExceptionGroup):
+        error = error.exceptions[0]
+    return error
+
+
 def _stop_all(relays: Sequence[_RelayProcess]) -> float:
     """Stop every relay, even if one fails to stop; their highest peak RSS in MiB."""
     peak_mb = 0.0
@@ -646,12 +665,19 @@ def run_relay_bench(
         key_file = os.path.join(directory, "relay.keys")
         started: list[_RelayProcess] = []
         peak_mb = 0.0
+        failure: BaseException | None = None
+        usage = _Usage()
         try:
             for _ in range(relays):
                 started.append(_RelayProcess(database, key_file))
-            usage = trio.run(_run_load, load, started, timeout, databases.cpu_seconds)
+            try:
+                usage = trio.run(_run_load, load, started, timeout, databases.cpu_seconds)
+            except* (TransportError, ProtocolError) as group:
+                failure = _first_leaf(group)
         finally:
             peak_mb = _stop_all(started)
+        if failure is not None:
+            raise RelayBenchError(f"a load client failed: {failure!r}")
     received = set(load.received)
     expected = load.expected
     seconds = load.last_ack - load.first_send if load.delivered else math.nan

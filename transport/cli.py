@@ -45,6 +45,7 @@ from .relay.ratelimit import RateLimit
 from .relay.report import format_report, relay_report
 from .relay.server import RelayStartError, database_error, serve_relay
 from .relay.storage.atrest import RelayKeysMissing, default_key_file
+from .relay.storage.names import is_postgres_url
 from .relay.storage.sqlite import SqliteDatabase
 from .wire import limits as L
 from .wire.frames import MAX_RELAY_NAME_SIZE
@@ -140,7 +141,12 @@ def add_relay_command(subparsers: SubParsers) -> None:
     )
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on")
     parser.add_argument("--port", type=_port, default=7400, help="TCP port (0: any free port)")
-    parser.add_argument("--db", default="hushchat-relay.db", help="SQLite database file")
+    parser.add_argument(
+        "--db",
+        default="hushchat-relay.db",
+        help="SQLite database file, or a PostgreSQL URL (postgresql://...) that several "
+        "relays share (needs hushchat[postgres])",
+    )
     parser.add_argument(
         "--key-file",
         help="the keys of the queued mail, created at first start; never back it up "
@@ -340,9 +346,14 @@ def run_relay(args: argparse.Namespace) -> int:
         except (OSError, ssl.SSLError) as exc:
             reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
             return fail("relay", f"cannot load the TLS certificate and key: {reason}")
-    folder = os.path.dirname(os.path.abspath(args.db))
-    if args.db != ":memory:" and not os.path.isdir(folder):
-        return fail("relay", f"no such folder for the database: {folder}")
+    if is_postgres_url(args.db):
+        if args.key_file is None:
+            # Every relay of a cluster needs a copy of one key file (spec 7.13).
+            return fail("relay", "a relay on PostgreSQL needs --key-file (the same on every relay)")
+    elif args.db != ":memory:":
+        folder = os.path.dirname(os.path.abspath(args.db))
+        if not os.path.isdir(folder):
+            return fail("relay", f"no such folder for the database: {folder}")
     key_folder = os.path.dirname(os.path.abspath(args.key_file or args.db))
     if args.key_file is not None and not os.path.isdir(key_folder):
         return fail("relay", f"no such folder for the key file: {key_folder}")

@@ -252,23 +252,22 @@ def test_process_tree_cpu_counts_live_and_ended_children() -> None:
     assert pgcluster.process_tree_cpu_seconds(os.getpid()) > before
 
 
-@pytest.mark.skipif(pgcluster.find_pg_bin() is None, reason="no PostgreSQL server binaries")
-def test_throwaway_cluster_starts_serves_and_is_deleted() -> None:
-    cluster = pgcluster.ThrowawayCluster()
-    try:
-        url = cluster.new_database()
-        assert url.startswith("postgresql://postgres@/bench1?host=")
-        assert os.path.exists(os.path.join(cluster.directory, ".s.PGSQL.5432"))
+@pytest.mark.skipif(pgcluster.server_binaries() is None, reason="no PostgreSQL server binaries")
+def test_throwaway_cluster_cpu_time_is_its_processes() -> None:
+    with pgcluster.throwaway_cluster(durable=True) as cluster:
+        # The postmaster and its background processes, which started it up.
         assert cluster.cpu_seconds() > 0
-    finally:
-        cluster.stop()
-    assert not os.path.exists(cluster.directory)
+    with pytest.raises(pgcluster.ClusterError, match="not running"):
+        cluster.cpu_seconds()
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="only root hands the cluster to another user")
 def test_throwaway_cluster_refuses_a_folder_its_user_cannot_reach(tmp_path: Path) -> None:
     private = tmp_path / "private"
     private.mkdir(mode=0o700)
-    with pytest.raises(pgcluster.ClusterError, match=r"cannot reach .*private"):
-        pgcluster.ThrowawayCluster(str(private))
+    with (
+        pytest.raises(pgcluster.ClusterError, match=r"cannot reach .*private"),
+        pgcluster.throwaway_cluster(parent=str(private)),
+    ):
+        pass
     assert list(private.iterdir()) == []

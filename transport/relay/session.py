@@ -108,6 +108,11 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("hushchat.relay")
 
+# Random bytes naming a connection to the relays sharing a database: a
+# notice that a device's connection was superseded closes that one only,
+# never a newer one of the same device.
+CONNECTION_ID_SIZE = 8
+
 # Attempts at a send whose recipients' device lists change between the check
 # and the commit (each attempt re-reads them); more means someone is
 # changing lists in a loop.
@@ -143,6 +148,8 @@ class RelaySession:
         self.user_id = ""
         self.device_id = 0
         self._identity = b""
+        # Names this connection to the relays sharing the database (cluster only).
+        self.connection_id = secrets.token_bytes(CONNECTION_ID_SIZE)
         # Delivery state (AUTHENTICATED only).
         self._wake = trio.Event()
         self._unread = True  # the mailbox may hold envelopes not pushed yet
@@ -180,11 +187,19 @@ class RelaySession:
                     await self._send(ErrorFrame.from_error(None, self._close_error))
         finally:
             self._relay.detach(self)
+            with trio.CancelScope(shield=True):
+                await self._relay.withdraw(self)
 
     def close(self, error: RelayError) -> None:
         """End this connection from elsewhere, telling the client ``error`` (best effort)."""
         self._close_error = error
         self._cancel_scope.cancel()
+
+    def mail_waiting(self) -> None:
+        """Mail for this device committed that this relay did not see: read the mailbox."""
+        self._handed.clear()
+        self._unread = True
+        self._wake.set()
 
     def hand_over(self, queued: QueuedEnvelope) -> None:
         """An envelope for this device committed; called in commit order.
@@ -414,6 +429,9 @@ class RelaySession:
             raise AuthenticationFailed("signature does not verify") from None
         self.user_id, self.device_id, self._identity = request.user_id, request.device_id, identity
         self._decoder.max_frame_size = self._limits.max_frame_size
+        # Other relays sharing the database route this device's mail here from
+        # now on, before this connection's first mailbox read.
+        await self._relay.announce(self)
         self._relay.attach(self)
         # Who connects is for DEBUG only: INFO never names a user (README, Logging).
         logger.debug("device %s.%d authenticated", self.user_id, self.device_id)
@@ -698,12 +716,20 @@ class RelaySession:
         raise InternalError("recipient device lists keep changing; retry")
 
     def _hand_over(self, batch: EnvelopeBatch, positions: Sequence[tuple[int, int] | None]) -> None:
-        """Give a committed send's envelopes to their devices' connections."""
+        """Give a committed send's envelopes to their devices' connections.
+
+        With relays sharing the database, the connection reads its mailbox
+        instead: another relay's send to the same device may have committed
+        just before this one, and handing this one over would put the
+        connection's cursor past it.
+        """
         for delivery, position in zip(batch.deliveries, positions, strict=True):
             if position is None:
                 continue  # the mailbox was full: not stored
             session = self._relay.session_of(delivery.user_id, delivery.device_id)
-            if session is not None:
+            if session is not None and self._relay.cluster is not None:
+                session.mail_waiting()
+            elif session is not None:
                 kind, payload = batch.payloads[delivery.payload_index]
                 envelope = Envelope(
                     delivery.guid,

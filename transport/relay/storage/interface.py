@@ -22,6 +22,8 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
+import trio
+
 from hushchat.protocol.consts import PROTOCOL_VERSION
 from hushchat.protocol.prekeys import KemPreKeyPublic, OneTimePreKeyPublic, SignedPreKeyPublic
 
@@ -266,3 +268,41 @@ class RelayStorage(Protocol):
         ...
 
     async def aclose(self) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class ClusterEvents:
+    """What a relay does when another relay process sharing its database tells it something.
+
+    Called in the relay's trio thread. ``mail``: these devices have new
+    mail. ``superseded``: the device's connection of that id authenticated
+    again on another relay. ``resynced``: the link to the database was lost
+    and is back; notifications sent meanwhile are lost, so every connected
+    device reads its mailbox again.
+    """
+
+    mail: Callable[[Sequence[tuple[str, int]]], None]
+    superseded: Callable[[str, int, bytes], None]
+    resynced: Callable[[], None]
+
+
+class ClusterStorage(Protocol):
+    """What several relay processes sharing one database need of it, besides RelayStorage."""
+
+    async def attach(self, user_id: str, device_id: int, connection: bytes) -> None:
+        """The device authenticated here as ``connection`` (random): this relay holds it.
+
+        Sends committed after this returns wake this relay; the device's
+        connection on another relay is told to close (``superseded``).
+        """
+        ...
+
+    async def detach(self, user_id: str, device_id: int, connection: bytes) -> None:
+        """The device's connection ``connection`` here ended."""
+        ...
+
+    async def listen(
+        self, events: ClusterEvents, *, task_status: trio.TaskStatus[None] = ...
+    ) -> None:
+        """Hand this relay's notifications to ``events`` until cancelled."""
+        ...
