@@ -291,6 +291,15 @@ def create_or_migrate_schema(conn: PostgresConnection) -> int:
     return found
 
 
+def migrate_postgres(dsn: str) -> int:
+    """Create or migrate the relay schema of the database at ``dsn``; the version found."""
+    conn = PostgresConnection(dsn)
+    try:
+        return create_or_migrate_schema(conn)
+    finally:
+        conn.close()
+
+
 def schema_version(dsn: str) -> int:
     """The schema version of the database at ``dsn`` (0: no relay schema), migrating nothing."""
     with psycopg.connect(dsn, autocommit=True) as conn:
