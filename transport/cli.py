@@ -45,7 +45,8 @@ from .relay.ratelimit import RateLimit
 from .relay.report import format_report, relay_report
 from .relay.server import RelayStartError, database_error, serve_relay
 from .relay.storage.atrest import RelayKeysMissing, default_key_file
-from .relay.storage.names import is_postgres_url
+from .relay.storage.names import is_postgres_url, without_password
+from .relay.storage.schema import SCHEMA_VERSION, sqlite_schema_version
 from .relay.storage.sqlite import SqliteDatabase
 from .wire import limits as L
 from .wire.frames import MAX_RELAY_NAME_SIZE
@@ -464,6 +465,8 @@ def _on_database(args: argparse.Namespace, work: Callable[[SqliteDatabase], int]
     start makes both).
     """
     command = f"relay {args.action}"
+    if is_postgres_url(args.db):
+        return _on_postgres(args, command, work)
     key_file = args.key_file or default_key_file(args.db)
     for path, what in ((args.db, "relay database"), (key_file, "key file of the relay")):
         if not os.path.isfile(path):
@@ -471,6 +474,29 @@ def _on_database(args: argparse.Namespace, work: Callable[[SqliteDatabase], int]
     try:
         database = SqliteDatabase(args.db, key_file=key_file, maintain=False)
     except (sqlite3.Error, StateError, OSError, RelayKeysMissing) as exc:
+        return fail(command, database_error(args.db, exc))
+    try:
+        return work(database)
+    finally:
+        database.close()
+
+
+def _on_postgres(
+    args: argparse.Namespace, command: str, work: Callable[[SqliteDatabase], int]
+) -> int:
+    """:func:`_on_database` on a PostgreSQL database (it creates no schema either)."""
+    from .relay.storage.postgres import PostgresDatabase, schema_version
+
+    if args.key_file is None:
+        return fail(command, "a relay database on PostgreSQL needs its relays' --key-file")
+    try:
+        if schema_version(args.db) == 0:
+            return fail(command, f"no relay database at {without_password(args.db)}")
+        database = PostgresDatabase(args.db, key_file=args.key_file, maintain=False)
+    except Exception as exc:  # psycopg's errors, a newer schema, the wrong key file
+        expected = (StateError, OSError, RelayKeysMissing)
+        if not isinstance(exc, expected) and type(exc).__module__.split(".")[0] != "psycopg":
+            raise
         return fail(command, database_error(args.db, exc))
     try:
         return work(database)
@@ -584,7 +610,54 @@ def run_delete_device(args: argparse.Namespace) -> int:
     return _on_database(args, work)
 
 
+def add_migrate_command(operations: SubParsers) -> None:
+    parser = operations.add_parser(
+        "migrate",
+        help="bring the relay's database to this version's schema, keeping queued mail",
+        description="Bring the relay's database (a SQLite file, or a PostgreSQL URL) to "
+        "the schema of this version, in one transaction, keeping the directory and "
+        "every queued envelope. A relay also migrates its database when it starts; run "
+        "this first to upgrade a cluster: stop the old relays, migrate once, start the "
+        "new ones. A SQLite database needs its key file; a PostgreSQL one does not.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    _add_database_arguments(parser)
+    parser.set_defaults(run=run_migrate)
+
+
+def run_migrate(args: argparse.Namespace) -> int:
+    if is_postgres_url(args.db):
+        from .relay.storage.postgres import POSTGRES_SCHEMA_VERSION, migrate_postgres
+
+        try:
+            before = migrate_postgres(args.db)
+        except Exception as exc:  # psycopg's errors, a newer schema
+            if not isinstance(exc, StateError) and type(exc).__module__.split(".")[0] != "psycopg":
+                raise
+            return fail("relay migrate", database_error(args.db, exc))
+        after = POSTGRES_SCHEMA_VERSION
+        name = without_password(args.db)
+    else:
+        if not os.path.isfile(args.db):
+            return fail("relay migrate", f"no relay database at {args.db}")
+        key_file = args.key_file or default_key_file(args.db)
+        try:
+            before = sqlite_schema_version(args.db)
+            SqliteDatabase(args.db, key_file=key_file).close()  # migrates as a relay's start does
+        except (sqlite3.Error, StateError, OSError, RelayKeysMissing) as exc:
+            return fail("relay migrate", database_error(args.db, exc))
+        after, name = SCHEMA_VERSION, args.db
+    if before == after:
+        print(f"{name}: schema {after}, nothing to migrate")
+    elif before == 0:
+        print(f"{name}: created with schema {after}")
+    else:
+        print(f"{name}: migrated from schema {before} to {after}")
+    return 0
+
+
 RELAY_OPERATIONS: list[Callable[[SubParsers], None]] = [
+    add_migrate_command,
     add_report_command,
     add_invite_command,
     add_users_command,

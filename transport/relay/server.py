@@ -325,7 +325,9 @@ async def serve_relay(
 
     Listens on ``config.host``/``config.port`` (TLS if ``config.ssl_context``),
     then opens (or creates) the SQLite database ``config.db_path`` with its
-    key file, and runs the retention sweeper. Listening comes first so that a relay that cannot
+    key file (or, for a ``postgresql://`` URL, the PostgreSQL database that
+    other relay processes may share, listening for their notifications
+    before it serves), and runs the retention sweeper. Listening comes first so that a relay that cannot
     listen creates no database. A failure to start raises
     :class:`RelayStartError`; the database is closed on the way out.
     """

@@ -6,7 +6,9 @@ prekeys, and queued envelopes (opaque ciphertext with the sender the relay
 stamped, a timestamp and an expiry), the latter sealed at rest under keys
 that cease to exist after the retention window (spec 07 section 7.13).
 :class:`hushchat.transport.relay.storage.sqlite.SqliteStorage` implements it
-on one SQLite file; another database can implement it for a relay cluster.
+on one SQLite file, :class:`hushchat.transport.relay.storage.postgres.PostgresStorage`
+on a PostgreSQL database that several relay processes share (and
+:class:`ClusterStorage`, which lets them push to each other's devices).
 Every method is one atomic transaction; an implementation may commit the
 transactions of concurrent calls together (group commit), as long as each
 call returns only after its own transaction committed.

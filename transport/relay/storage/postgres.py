@@ -83,6 +83,7 @@ from .writer import (
     DEFAULT_MAX_BATCH,
     DEFAULT_MAX_QUEUED,
     DatabaseCall,
+    is_retryable,
     run_batch,
 )
 
@@ -102,6 +103,11 @@ EPOCH_LOCK = 1
 
 SHARED_BEGIN = f"BEGIN; SELECT pg_advisory_xact_lock_shared({LOCK_CLASS}, {EPOCH_LOCK})"
 EXCLUSIVE_BEGIN = f"BEGIN; SELECT pg_advisory_xact_lock({LOCK_CLASS}, {EPOCH_LOCK})"
+
+# Times a batch that lost a deadlock (or a serialization failure) to another
+# relay process is run again before its calls fail: the winner's locks are
+# released at its commit, so a second loss needs a new cycle each time.
+MAX_BATCH_RETRIES = 5
 
 # The tables of schema version 1: the directory and the sealed queue, the
 # same tables as SQLite's (schema.py), in PostgreSQL's types.
@@ -285,6 +291,15 @@ def create_or_migrate_schema(conn: PostgresConnection) -> int:
     return found
 
 
+def migrate_postgres(dsn: str) -> int:
+    """Create or migrate the relay schema of the database at ``dsn``; the version found."""
+    conn = PostgresConnection(dsn)
+    try:
+        return create_or_migrate_schema(conn)
+    finally:
+        conn.close()
+
+
 def schema_version(dsn: str) -> int:
     """The schema version of the database at ``dsn`` (0: no relay schema), migrating nothing."""
     with psycopg.connect(dsn, autocommit=True) as conn:
@@ -407,15 +422,22 @@ class PostgresDatabase(SqliteDatabase):
     def _run(self, calls: Sequence[DatabaseCall], *, exclusive: bool) -> None:
         if not calls:
             return
-        self._wakes = {}
         self._exclusive = exclusive
         try:
-            run_batch(
-                self._conn,
-                calls,
-                begin=EXCLUSIVE_BEGIN if exclusive else SHARED_BEGIN,
-                before_commit=self._notify,
-            )
+            for attempt in range(MAX_BATCH_RETRIES + 1):
+                self._wakes = {}
+                run_batch(
+                    self._conn,
+                    calls,
+                    begin=EXCLUSIVE_BEGIN if exclusive else SHARED_BEGIN,
+                    before_commit=self._notify,
+                )
+                if attempt == MAX_BATCH_RETRIES or not is_retryable(calls[0].error):
+                    break
+                # A deadlock's victim: its locks are gone, so the other side goes
+                # on, and this batch is run again as it was (nothing of it is stored).
+                for call in calls:
+                    call.result, call.error = None, None
         finally:
             self._exclusive = False
         if any(isinstance(call.error, StorageFull) for call in calls):

@@ -807,15 +807,9 @@ class SqliteDatabase:
         ).fetchone()
         if device is None or spk is None:
             return None
-        # Take-once: the row is deleted and returned by one statement.
         kem: Any = None  # a row (key id, public, signature), or None
         if one_time:
-            kem = db.execute(
-                f"DELETE FROM one_time_kem_prekeys {where} AND key_id = "
-                f"(SELECT MIN(key_id) FROM one_time_kem_prekeys {where}) "
-                "RETURNING key_id, public, signature",
-                key + key,
-            ).fetchone()
+            kem = self._take_one("one_time_kem_prekeys", "key_id, public, signature", key)
         last_resort = kem is None
         if last_resort:
             kem = db.execute(
@@ -825,11 +819,7 @@ class SqliteDatabase:
                 return None
         opk: Any = None
         if one_time:
-            opk = db.execute(
-                f"DELETE FROM one_time_prekeys {where} AND key_id = "
-                f"(SELECT MIN(key_id) FROM one_time_prekeys {where}) RETURNING key_id, public",
-                key + key,
-            ).fetchone()
+            opk = self._take_one("one_time_prekeys", "key_id, public", key)
         return TakenBundle(
             identity=device[0],
             signed_prekey=SignedPreKeyPublic(*spk),
@@ -838,6 +828,19 @@ class SqliteDatabase:
             kem_is_last_resort=last_resort,
             remaining=self._counts(key),
         )
+
+    def _take_one(self, table: str, columns: str, key: tuple[str, int]) -> Any:
+        """Take (delete and return ``columns`` of) the device's lowest key in ``table``, if any.
+
+        Take-once: the row is deleted and returned by one statement, under the
+        transaction's write lock.
+        """
+        where = "WHERE user_id = ? AND device_id = ?"
+        return self._conn.execute(
+            f"DELETE FROM {table} {where} AND key_id = (SELECT MIN(key_id) FROM {table} {where}) "
+            f"RETURNING {columns}",
+            key + key,
+        ).fetchone()
 
     # ---------------------------------------------------------------- mailboxes
 

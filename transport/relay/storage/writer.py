@@ -113,16 +113,17 @@ class BatchConnection(Protocol):
     def execute(self, sql: str, parameters: Any = ..., /) -> Any: ...
 
 
-# Errors after which a call is run again in its savepoint: the database
-# chose it as the victim of a deadlock or a serialization failure (SQLSTATE
-# 40P01, 40001), which only concurrent relay processes on one PostgreSQL
-# cause. Its locks are released with the savepoint, so the other side goes on.
+# Errors that fail the whole batch, to be run again: the database chose its
+# transaction as the victim of a deadlock or a serialization failure
+# (SQLSTATE 40P01, 40001), which only relay processes sharing one PostgreSQL
+# cause. Rolling back one call would not do: the other side may wait for a
+# lock an earlier call of the batch holds.
 RETRYABLE_SQLSTATES = frozenset({"40P01", "40001"})
 
-# Times a call is run again after such an error before its error is final:
-# each retry waits for the other side's locks, so two lose to the same
-# transaction only under a lock cycle that keeps forming.
-MAX_CALL_RETRIES = 5
+
+def is_retryable(error: BaseException | None) -> bool:
+    """Whether ``error`` failed a batch that may be run again as it was."""
+    return getattr(error, "sqlstate", None) in RETRYABLE_SQLSTATES
 
 
 def run_batch(
@@ -171,27 +172,21 @@ def run_batch(
 
 
 def _run_call(db: BatchConnection, call: DatabaseCall) -> None:
-    for attempt in range(MAX_CALL_RETRIES + 1):
+    if call.savepoint:
+        db.execute("SAVEPOINT call")
+    try:
+        call.result = call.run()
+    except Exception as exc:
+        if not db.in_transaction or is_retryable(exc):
+            raise  # the whole transaction is lost (disk full, I/O error, lost link, deadlock)
+        call.error = storage_error(exc)
         if call.savepoint:
-            db.execute("SAVEPOINT call")
-        try:
-            call.result, call.error = call.run(), None
-        except Exception as exc:
-            if not db.in_transaction:
-                raise  # the whole transaction was rolled back (disk full, I/O error, lost link)
-            call.error = storage_error(exc)
-            if call.savepoint:
-                try:
-                    db.execute("ROLLBACK TO call")
-                except Exception:
-                    raise exc from None  # the transaction is lost; the call's error is the cause
-                retry = getattr(exc, "sqlstate", None) in RETRYABLE_SQLSTATES
-                if retry and attempt < MAX_CALL_RETRIES:
-                    db.execute("RELEASE call")
-                    continue
-        if call.savepoint:
-            db.execute("RELEASE call")
-        return
+            try:
+                db.execute("ROLLBACK TO call")
+            except Exception:
+                raise exc from None  # the transaction is lost; the call's error is the cause
+    if call.savepoint:
+        db.execute("RELEASE call")
 
 
 def is_storage_full(exc: BaseException) -> bool:
