@@ -289,8 +289,9 @@ class Databases:
     ``db``: ``"sqlite"`` (a new SQLite file per run, under ``db_dir``),
     ``"postgres"`` (a throwaway PostgreSQL cluster started here, under
     ``db_dir``, with a new database per run, whose server CPU time is
-    measured) or a ``postgresql://`` URL (every run on that database; the
-    load's user names differ per run; its server's CPU is not measured).
+    measured) or a ``postgresql://`` URL (an empty database: every run of
+    this benchmark on it, with one key file, the load's user names differing
+    per run; its server's CPU is not measured).
     A context manager: the cluster, if any, is stopped and deleted on exit.
     """
 
@@ -300,6 +301,7 @@ class Databases:
         self.cluster: ThrowawayCluster | None = None
         self._stack = contextlib.ExitStack()
         self._databases = 0
+        self._shared_keys: str | None = None
         if db != SQLITE and db != "postgres" and not _is_postgres_url(db):
             raise ValueError(f"unknown database {db!r}")
         self.kind = SQLITE if db == SQLITE else POSTGRESQL
@@ -324,17 +326,25 @@ class Databases:
         self.cluster = None
         self._stack.close()
 
-    def for_run(self, directory: str) -> str:
-        """The database a new run's relays use (``directory``: the run's own folder)."""
+    def for_run(self, directory: str) -> tuple[str, str]:
+        """The database a new run's relays use, and their key file (``directory``: the
+        run's own folder). On a database given by URL every run shares one key file, as
+        every run shares its queue (made in the first run's folder, kept until exit)."""
         if self.kind == SQLITE:
-            return os.path.join(directory, "relay.db")
+            return os.path.join(directory, "relay.db"), os.path.join(directory, "relay.keys")
         if self.cluster is not None:
             self._databases += 1
             try:
-                return self.cluster.create_database(f"bench{self._databases}")
+                database = self.cluster.create_database(f"bench{self._databases}")
             except Exception as exc:  # psycopg's, whose module is an optional extra
                 raise RelayBenchError(f"cannot create a database: {exc}") from None
-        return self.db
+            return database, os.path.join(directory, "relay.keys")
+        if self._shared_keys is None:
+            keys = self._stack.enter_context(
+                tempfile.TemporaryDirectory(prefix="hushchat-bench-keys-", dir=self.db_dir)
+            )
+            self._shared_keys = os.path.join(keys, "relay.keys")
+        return self.db, self._shared_keys
 
     @property
     def cpu_seconds(self) -> Callable[[], float] | None:
@@ -661,8 +671,7 @@ def run_relay_bench(
     plan = _Plan(clients, messages, group_size, tag=os.urandom(3).hex())
     load = _Load(plan, rate, relays)
     with tempfile.TemporaryDirectory(prefix="hushchat-bench-", dir=db_dir) as directory:
-        database = databases.for_run(directory)
-        key_file = os.path.join(directory, "relay.keys")
+        database, key_file = databases.for_run(directory)
         started: list[_RelayProcess] = []
         peak_mb = 0.0
         failure: BaseException | None = None
