@@ -364,6 +364,11 @@ class PostgresDatabase(SqliteDatabase):
     def _migrate_locked(self, chain: KeyChain, now: int) -> None:
         """The schema was migrated when the database was opened (create_or_migrate_schema)."""
 
+    def _chain_in_use(self) -> bool:
+        """Always: other relay processes may be sealing under the database's chain now,
+        so a relay with another key file (or none) must not adopt a new one."""
+        return True
+
     def _truncate_wal(self, *, wait_ms: int = 0) -> None:
         """Nothing to do: PostgreSQL has no secure delete (sealing and forgotten keys stand in)."""
 
