@@ -1,0 +1,103 @@
+"""What only the PostgreSQL storage does: its dialect, its errors, and batches that lose a
+deadlock to another relay process (the storage and relay suites run on it too)."""
+
+from __future__ import annotations
+
+import threading
+from functools import partial
+from pathlib import Path
+
+from hushchat.protocol.prekeys import OneTimePreKeyPublic
+from hushchat.transport.relay.storage.names import without_password
+from hushchat.transport.relay.storage.postgres import PostgresDatabase, postgres_sql
+from hushchat.transport.relay.storage.writer import DatabaseCall, storage_error
+from hushchat.transport.wire.errors import PreKeyIdInUse, StorageFull
+from hushchat.transport.wire.records import PreKeyCounts
+from tests.support.storage import register_devices, upload_prekeys
+
+
+def test_sqlite_statements_are_spoken_in_postgresql_s_dialect() -> None:
+    assert postgres_sql("SELECT 1 FROM meta WHERE name = ?") == "SELECT 1 FROM meta WHERE name = %s"
+    assert postgres_sql("INSERT OR REPLACE INTO meta (name, value) VALUES (?, ?)") == (
+        "INSERT INTO meta (name, value) VALUES (%s, %s) "
+        "ON CONFLICT (name) DO UPDATE SET value = EXCLUDED.value"
+    )
+    assert "GREATEST(queued - %s, 0)" in postgres_sql(
+        "UPDATE mailboxes SET queued = MAX(queued - ?, 0) WHERE mailbox = ?"
+    )
+
+
+class DiskFull(Exception):
+    sqlstate = "53100"  # what psycopg's DiskFull carries
+
+
+def test_a_full_disk_is_storage_full_as_on_sqlite() -> None:
+    error = storage_error(DiskFull("could not extend file"))
+    assert isinstance(error, StorageFull) and isinstance(error.__cause__, DiskFull)
+
+
+def test_a_failing_call_rolls_back_alone_in_its_batch(postgres_dsn: str, tmp_path: Path) -> None:
+    db = PostgresDatabase(postgres_dsn, key_file=str(tmp_path / "relay.keys"))
+    register_devices(db, "bob", 1, 2)
+    upload_prekeys(db, "bob", 1, one_time=1, kem=0)
+    key = [OneTimePreKeyPublic(1, b"\x01" * 32)]
+    calls = [
+        DatabaseCall(partial(db._store_prekeys, "bob", 2, None, None, key, [], 10)),
+        DatabaseCall(partial(db._store_prekeys, "bob", 1, None, None, key, [], 10)),  # in use
+        DatabaseCall(partial(db._counts, ("bob", 2)), savepoint=False),
+    ]
+    db.run_batch(calls)
+    assert calls[0].error is None
+    assert isinstance(calls[1].error, PreKeyIdInUse)
+    assert calls[2].result == PreKeyCounts(1, 0)
+    assert db.prekey_counts("bob", 1) == db.prekey_counts("bob", 2) == PreKeyCounts(1, 0)
+    db.close()
+
+
+def test_a_batch_that_loses_a_deadlock_runs_again_whole(postgres_dsn: str, tmp_path: Path) -> None:
+    """Two relays' batches lock two rows in opposite orders, one call each, and meet: the
+    server aborts one transaction; rolling back only its second call would leave its
+    first call's lock in the winner's way, so the whole batch runs again, and both end
+    with every call committed once."""
+    first = PostgresDatabase(postgres_dsn, key_file=str(tmp_path / "relay.keys"))
+    second = PostgresDatabase(postgres_dsn, key_file=str(tmp_path / "relay.keys"))
+    register_devices(first, "a", 1)
+    register_devices(first, "b", 1, key_base=0x10)
+    met = threading.Barrier(2)
+    runs = {"a": 0, "b": 0}
+
+    def lock(db: PostgresDatabase, user: str, wait: bool) -> None:
+        if wait:
+            runs[user] += 1
+        db._conn.execute("UPDATE devices SET identity = identity WHERE user_id = ?", (user,))
+        if not wait and sum(runs.values()) == 0:
+            met.wait()  # both hold their first row before asking for the other's
+
+    def batch(db: PostgresDatabase, order: tuple[str, str]) -> list[DatabaseCall]:
+        calls = [
+            DatabaseCall(partial(lock, db, order[0], False)),
+            DatabaseCall(partial(lock, db, order[1], True)),
+        ]
+        db.run_batch(calls)
+        return calls
+
+    results: list[list[DatabaseCall]] = []
+    threads = [
+        threading.Thread(target=lambda: results.append(batch(first, ("a", "b")))),
+        threading.Thread(target=lambda: results.append(batch(second, ("b", "a")))),
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert [call.error for calls in results for call in calls] == [None] * 4
+    assert sum(runs.values()) == 3  # one batch ran its second call twice
+    first.close()
+    second.close()
+
+
+def test_errors_and_logs_name_no_password() -> None:
+    assert without_password("postgresql://relay:s3cret@db/hushchat") == (
+        "postgresql://relay@db/hushchat"
+    )
+    assert "s3cret" not in without_password("postgresql:///hushchat?user=relay&password=s3cret")
