@@ -8,12 +8,14 @@ from functools import partial
 from pathlib import Path
 
 from hushchat.protocol.prekeys import OneTimePreKeyPublic
+from hushchat.transport.relay.config import wall_clock_ms
 from hushchat.transport.relay.storage.names import without_password
 from hushchat.transport.relay.storage.postgres import PostgresDatabase, postgres_sql
 from hushchat.transport.relay.storage.writer import DatabaseCall, storage_error
 from hushchat.transport.wire.errors import PreKeyIdInUse, StorageFull
+from hushchat.transport.wire.limits import DEFAULT_RETENTION_SECONDS
 from hushchat.transport.wire.records import PreKeyCounts
-from tests.support.storage import register_devices, upload_prekeys
+from tests.support.storage import batch, register_devices, upload_prekeys
 
 
 def test_sqlite_statements_are_spoken_in_postgresql_s_dialect() -> None:
@@ -101,3 +103,42 @@ def test_errors_and_logs_name_no_password() -> None:
         "postgresql://relay@db/hushchat"
     )
     assert "s3cret" not in without_password("postgresql:///hushchat?user=relay&password=s3cret")
+
+
+def test_a_relay_started_after_the_retention_purged_tells_and_files_anew(
+    postgres_dsn: str, tmp_path: Path
+) -> None:
+    """Stopped for longer than the retention: at start the old epoch is purged, its
+    recipient told, its keys gone, and new mail is filed under the current epoch."""
+    now = [wall_clock_ms()]
+    keys = str(tmp_path / "relay.keys")
+    retention = DEFAULT_RETENTION_SECONDS * 1000
+
+    def send(db: PostgresDatabase, text: bytes) -> None:
+        db.enqueue(
+            batch(
+                [("bob", 1)],
+                (text,),
+                counters={"bob": 0},
+                server_ts=now[0],
+                expires_at=now[0] + retention,
+            ),
+            max_mailbox_size=10,
+        )
+
+    db = PostgresDatabase(postgres_dsn, key_file=keys, clock=lambda: now[0])
+    register_devices(db, "bob", 1)
+    send(db, b"old")
+    old_epoch = db.key_chain.epoch_of(now[0])
+    db.close()
+    now[0] += retention + 2 * db.key_chain.epoch_ms
+    again = PostgresDatabase(postgres_dsn, key_file=keys, clock=lambda: now[0])
+    assert again.key_chain.keys(old_epoch) is None
+    assert again.pending("bob", 1, after_seq=0, limit=10, now=now[0]) == []
+    notice = again.expiry_notice("bob", 1)
+    assert notice is not None and notice.count == 1
+    send(again, b"new")
+    (queued,) = again.pending("bob", 1, after_seq=0, limit=10, now=now[0])
+    assert queued.envelope.payload == b"new"
+    assert queued.epoch == again.key_chain.epoch_of(now[0])
+    again.close()
