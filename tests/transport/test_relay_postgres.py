@@ -7,7 +7,10 @@ import threading
 from functools import partial
 from pathlib import Path
 
+import pytest
+
 from hushchat.protocol.prekeys import OneTimePreKeyPublic
+from hushchat.transport import cli
 from hushchat.transport.relay.config import wall_clock_ms
 from hushchat.transport.relay.storage.names import without_password
 from hushchat.transport.relay.storage.postgres import PostgresDatabase, postgres_sql
@@ -142,3 +145,20 @@ def test_a_relay_started_after_the_retention_purged_tells_and_files_anew(
     assert queued.envelope.payload == b"new"
     assert queued.epoch == again.key_chain.epoch_of(now[0])
     again.close()
+
+
+def test_the_relay_command_on_postgresql(
+    postgres_dsn: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A relay on PostgreSQL needs the key file all its relays share (no path to put it
+    beside); the operator commands work on the database, given that key file."""
+    assert cli.main(["relay", "--db", postgres_dsn]) == 1
+    assert "needs --key-file" in capsys.readouterr().err
+    keys = str(tmp_path / "relay.keys")
+    db = PostgresDatabase(postgres_dsn, key_file=keys)
+    register_devices(db, "alice", 1, 2)
+    db.close()
+    assert cli.main(["relay", "users", "--db", postgres_dsn, "--key-file", keys]) == 0
+    assert "alice" in capsys.readouterr().out
+    assert cli.main(["relay", "users", "--db", postgres_dsn]) == 1
+    assert "--key-file" in capsys.readouterr().err
