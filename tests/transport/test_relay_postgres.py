@@ -3,10 +3,12 @@ deadlock to another relay process (the storage and relay suites run on it too)."
 
 from __future__ import annotations
 
+import json
 import threading
 from functools import partial
 from pathlib import Path
 
+import psycopg
 import pytest
 
 from hushchat.protocol.prekeys import OneTimePreKeyPublic
@@ -162,3 +164,34 @@ def test_the_relay_command_on_postgresql(
     assert "alice" in capsys.readouterr().out
     assert cli.main(["relay", "users", "--db", postgres_dsn]) == 1
     assert "--key-file" in capsys.readouterr().err
+
+
+def test_one_notification_per_batch_and_relay_naming_devices_never_ciphertext(
+    postgres_dsn: str, tmp_path: Path
+) -> None:
+    db = PostgresDatabase(postgres_dsn, key_file=str(tmp_path / "relay.keys"))
+    register_devices(db, "alice", 1, key_base=0x40)
+    register_devices(db, "bob", 1, 2)
+    db.run_batch([DatabaseCall(partial(db._attach, "bob", 1, b"c" * 8))])
+    with psycopg.connect(postgres_dsn, autocommit=True) as other:
+        other.execute(
+            "UPDATE presence SET relay = 'other' WHERE user_id = 'bob' AND device_id = 1"
+        )
+        other.execute(
+            "INSERT INTO presence VALUES ('bob', 2, 'other', %s), ('alice', 1, 'third', %s)",
+            (b"d" * 8, b"e" * 8),
+        )
+        other.execute("LISTEN hushchat_relay_other")
+        other.execute("LISTEN hushchat_relay_third")
+        secret = b"CIPHERTEXT-" + bytes(range(50))
+        sends = [
+            batch([("bob", 1), ("bob", 2)], (secret,), counters={"bob": 0}),
+            batch([("bob", 1)], (secret,), counters={"bob": 0}),
+            batch([("bob", 2)], (secret,), counters={"bob": 0}),
+        ]
+        db.run_batch([DatabaseCall(partial(db._enqueue, s, 10)) for s in sends])
+        notes = list(other.notifies(timeout=2, stop_after=3))
+    assert [n.channel for n in notes] == ["hushchat_relay_other"]  # one, none to 'third'
+    assert json.loads(notes[0].payload) == ["mail", [["bob", 1], ["bob", 2]]]
+    assert secret.hex() not in notes[0].payload and "CIPHERTEXT" not in notes[0].payload
+    db.close()
