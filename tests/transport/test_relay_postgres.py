@@ -14,8 +14,10 @@ import pytest
 from hushchat.protocol.prekeys import OneTimePreKeyPublic
 from hushchat.transport import cli
 from hushchat.transport.relay.config import wall_clock_ms
+from hushchat.transport.relay.storage.atrest import KeyChain, KeyState, read_key_file
 from hushchat.transport.relay.storage.names import without_password
 from hushchat.transport.relay.storage.postgres import PostgresDatabase, postgres_sql
+from hushchat.transport.relay.storage.rows import open_delivery, open_payload
 from hushchat.transport.relay.storage.writer import DatabaseCall, storage_error
 from hushchat.transport.wire.errors import PreKeyIdInUse, StorageFull
 from hushchat.transport.wire.limits import DEFAULT_RETENTION_SECONDS
@@ -174,9 +176,7 @@ def test_one_notification_per_batch_and_relay_naming_devices_never_ciphertext(
     register_devices(db, "bob", 1, 2)
     db.run_batch([DatabaseCall(partial(db._attach, "bob", 1, b"c" * 8))])
     with psycopg.connect(postgres_dsn, autocommit=True) as other:
-        other.execute(
-            "UPDATE presence SET relay = 'other' WHERE user_id = 'bob' AND device_id = 1"
-        )
+        other.execute("UPDATE presence SET relay = 'other' WHERE user_id = 'bob' AND device_id = 1")
         other.execute(
             "INSERT INTO presence VALUES ('bob', 2, 'other', %s), ('alice', 1, 'third', %s)",
             (b"d" * 8, b"e" * 8),
@@ -194,4 +194,50 @@ def test_one_notification_per_batch_and_relay_naming_devices_never_ciphertext(
     assert [n.channel for n in notes] == ["hushchat_relay_other"]  # one, none to 'third'
     assert json.loads(notes[0].payload) == ["mail", [["bob", 1], ["bob", 2]]]
     assert secret.hex() not in notes[0].payload and "CIPHERTEXT" not in notes[0].payload
+    db.close()
+
+
+def test_a_backup_of_the_database_opens_nothing_once_its_epochs_left_the_window(
+    postgres_dsn: str, tmp_path: Path
+) -> None:
+    """PostgreSQL keeps deleted rows in pages, its WAL, replicas and backups: a copy taken
+    while mail was queued keeps every row. After the window, the key file derives no key
+    that opens any of them (spec 9.8)."""
+    now = [wall_clock_ms()]
+    keys = str(tmp_path / "relay.keys")
+    db = PostgresDatabase(postgres_dsn, key_file=keys, clock=lambda: now[0])
+    register_devices(db, "bob", 1)
+    for text in (b"one", b"two", b"three"):
+        db.enqueue(
+            batch(
+                [("bob", 1)],
+                (text,),
+                counters={"bob": 0},
+                server_ts=now[0],
+                expires_at=now[0] + DEFAULT_RETENTION_SECONDS * 1000,
+            ),
+            max_mailbox_size=10,
+        )
+    with psycopg.connect(postgres_dsn) as backup:
+        deliveries = backup.execute(
+            "SELECT seq, mailbox, payload_id, sealed FROM deliveries"
+        ).fetchall()
+        payloads = backup.execute("SELECT id, sealed FROM payloads").fetchall()
+
+    def opened(state: KeyState | None) -> list[object]:
+        assert state is not None
+        chain = KeyChain(state)
+        epochs = range(state.epoch, chain.epoch_of(now[0]) + 2)
+        every = [k for e in epochs if (k := chain.keys(e)) is not None]
+        found: list[object] = []
+        for seq, mailbox, payload_id, sealed in deliveries:
+            found += [c for k in every if (c := open_delivery(k, seq, mailbox, payload_id, sealed))]
+        for payload_id, sealed in payloads:
+            found += [c for k in every if (c := open_payload(k, payload_id, sealed))]
+        return found
+
+    assert len(opened(read_key_file(keys))) == 6  # the check sees what is there
+    now[0] += DEFAULT_RETENTION_SECONDS * 1000 + 2 * db.key_chain.epoch_ms
+    assert db.purge_expired(now[0]) == 3
+    assert opened(read_key_file(keys)) == []
     db.close()
