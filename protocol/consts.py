@@ -220,6 +220,15 @@ CHANGE_RECEIPT_SIZE: Final = 16
 # envelopes from different senders. They apply once their parent arrives. The
 # bound caps what peers can make a device store; the oldest goes first.
 MAX_HELD_GROUP_CONTROLS: Final = 64
+# Groups a device holds at once (ClientCore parameter max_groups). Anyone
+# who can open a session with a device can send it a welcome, and each group
+# held is a stored record (a snapshot of up to MAX_GROUP_MEMBERS members and
+# MAX_GROUP_HISTORY states behind it), so without a bound a sybil fills the
+# device's storage one welcome at a time (spec 9.3). A welcome beyond it is
+# refused (TOO_MANY_GROUPS) and nothing is evicted; an admin's reinit of a
+# held group replaces it and so always fits. 1,000 is far above what people
+# take part in (a phone's chat list, with MAX_SENDER_KEY_RECORDS in mind).
+MAX_GROUPS: Final = 1000
 # Groups a device remembers having left (or been removed from): a GroupSync
 # that another of its user's devices sent before it learned of the removal
 # must not bring the group back. The oldest is forgotten first.

@@ -166,6 +166,12 @@ class TooManySenderKeys(RemoteProtocolError):
     code = "TOO_MANY_SENDER_KEYS"
 
 
+class TooManyGroups(RemoteProtocolError):
+    """A welcome would make the receiver hold more groups than its limit."""
+
+    code = "TOO_MANY_GROUPS"
+
+
 class UntrustedIdentity(RemoteProtocolError):
     """A peer's identity key differs from the one we trust; the app must confirm."""
 

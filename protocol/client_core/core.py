@@ -37,7 +37,9 @@ Rules the core enforces (spec/11-devices.md, spec/12-groups.md):
   answers with its current sender key;
 * a group change applies only on the current state; our own takes effect
   when the relay's receipt for it arrives, unless another came first
-  (spec/12-groups.md, section 12.4).
+  (spec/12-groups.md, section 12.4);
+* a device holds at most ``max_groups`` groups: a welcome beyond it is
+  refused (``TOO_MANY_GROUPS``) and nothing held is evicted (spec 12.5).
 
 Each concern is a collaborator over one shared :class:`CoreState`: the
 :class:`Directory` (device lists), :class:`Sessions` (one-to-one),
@@ -52,7 +54,12 @@ from collections.abc import Iterable
 
 from .. import primitives as p
 from ..account import Account
-from ..consts import MAX_SENDER_KEY_RECORDS, SENDER_KEY_MAX_AGE, SENDER_KEY_MAX_MESSAGES
+from ..consts import (
+    MAX_GROUPS,
+    MAX_SENDER_KEY_RECORDS,
+    SENDER_KEY_MAX_AGE,
+    SENDER_KEY_MAX_MESSAGES,
+)
 from ..content import (
     GroupControl,
     GroupSync,
@@ -112,6 +119,7 @@ class ClientCore:
         sender_key_max_age: int = SENDER_KEY_MAX_AGE,
         sender_key_max_messages: int = SENDER_KEY_MAX_MESSAGES,
         max_sender_key_records: int = MAX_SENDER_KEY_RECORDS,
+        max_groups: int = MAX_GROUPS,
     ) -> None:
         if user_identity is not None and user_identity.public.ed25519 != user_identity_public:
             raise InvalidArgument("user identity key pair does not match its public key")
@@ -123,6 +131,7 @@ class ClientCore:
             user_identity,
             rng,
             inbound=SenderKeyStore(max_records=max_sender_key_records),
+            max_groups=max_groups,
         )
         self._directory = Directory(self._state)
         self._sessions = Sessions(self._state, self._directory)

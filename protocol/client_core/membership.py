@@ -29,6 +29,7 @@ from ..errors import (
     InvalidState,
     RemoteProtocolError,
     StaleChange,
+    TooManyGroups,
     UnauthorizedChange,
 )
 from ..group import (
@@ -113,6 +114,8 @@ class Membership:
             if held is None:
                 raise DeviceListNeeded(user_id)
             adds.append(AddMember(user_id, held.user_identity))
+        if len(state.groups) >= state.max_groups:
+            raise InvalidState(f"already holding {len(state.groups)} groups, the limit")
         return self._create(title, adds, None, now)
 
     def reinit_group(self, group_id: bytes, *, now: int) -> tuple[bytes, list[Send]]:
@@ -407,13 +410,13 @@ class Membership:
         judged = self._messages.judge_claims(message.group_id)
         return Outcome(events=(*events, *settled.events, *judged), sends=settled.sends)
 
-    def _replaced_by(self, message: ControlMessage) -> list[Event]:
-        """We joined a reinit: leave the group it continues if its author is an admin of
-        that group as we hold it (else it is just a new group)."""
+    def _continued(self, message: ControlMessage) -> bytes | None:
+        """The held group a reinit continues, if its author is an admin of that group as
+        we hold it (else the reinit is just a new group)."""
         state = self._state
         action = message.action
         if not isinstance(action, CreateGroup) or action.replaces is None:
-            return []
+            return None
         old_id = action.replaces.group_id
         old = state.groups.get(old_id)
         author = None if old is None else old.current.member(message.author_user_id)
@@ -424,6 +427,14 @@ class Membership:
             or listed is None
             or listed.device_list.user_identity != author.user_identity
         ):
+            return None
+        return old_id
+
+    def _replaced_by(self, message: ControlMessage) -> list[Event]:
+        """We joined a reinit: leave the group it continues (see :meth:`_continued`)."""
+        state = self._state
+        old_id = self._continued(message)
+        if old_id is None:
             return []
         events: list[Event] = []
         pending = state.pending.get(old_id)
@@ -447,6 +458,9 @@ class Membership:
             if welcome.message.encode() != content.control:
                 # The welcome must be for the change its sender authored, and for this group.
                 raise UnauthorizedChange("the welcome is for another change")
+            if len(state.groups) >= state.max_groups and self._continued(message) is None:
+                # Nothing is evicted: a stranger's welcomes cannot push out a group we hold.
+                raise TooManyGroups(f"already holding {len(state.groups)} groups")
             update = Group.join(
                 welcome,
                 state.device_lists,

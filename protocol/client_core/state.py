@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 from .. import primitives as p
 from ..account import Account
+from ..consts import MAX_GROUPS
 from ..content import MESSAGE_ID_SIZE, GroupControl
 from ..devices import SignedDeviceList
 from ..group import ControlMessage, Group
@@ -93,6 +94,8 @@ class CoreState:
     # Peers' sender keys: only for our groups, from their members' devices, bounded.
     inbound: SenderKeyStore = field(default_factory=SenderKeyStore)
     groups: dict[bytes, Group] = field(default_factory=dict)
+    # Groups held at most (ClientCore parameter): a welcome beyond it is refused.
+    max_groups: int = MAX_GROUPS
     # Per group, its member devices' claimed states still to judge or already reported.
     claims: dict[bytes, PeerClaims] = field(default_factory=dict)
     # Control messages that arrived before their parent change, oldest first.

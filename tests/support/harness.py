@@ -242,7 +242,7 @@ def full_state(core: ClientCore) -> dict[RecordKey, bytes]:
     known = {
         "user_id", "device_id", "account", "user_identity_public", "user_identity", "rng",
         "device_lists", "pending_identity", "sessions", "outbound", "inbound", "groups", "claims",
-        "held", "left", "pending", "changed",
+        "held", "left", "pending", "changed", "max_groups",
     }  # fmt: skip
     held_fields = {f.name for f in fields(state)}
     assert held_fields == known, f"new ClientCore state: {held_fields ^ known}"

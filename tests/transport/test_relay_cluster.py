@@ -24,6 +24,7 @@ from hushchat.protocol.encoding import unpack
 from hushchat.transport.client.connection import ConnectionClosed, RelayConnection
 from hushchat.transport.relay.ratelimit import RateLimit
 from hushchat.transport.relay.server import Relay
+from hushchat.transport.relay.storage.atrest import RelayKeysMissing
 from hushchat.transport.relay.storage.postgres import PostgresDatabase
 from hushchat.transport.wire.errors import Superseded
 from hushchat.transport.wire.records import Envelope
@@ -286,3 +287,48 @@ async def test_a_relay_killed_with_sigkill_leaves_the_other_serving(
                 assert payloads == [b"before", b"meanwhile"]  # "before" was never acknowledged
                 await sender.send_direct("bob", [(1, b"after")])
                 assert (await next_envelope(moved, timeout=20)).payload == b"after"
+
+
+def test_a_relay_with_another_key_file_does_not_start_on_the_cluster_s_database(
+    postgres_dsn: str, tmp_path: Path
+) -> None:
+    """With no mail queued yet, a SQLite relay adopts a new key file; on a shared database
+    the other relays may be sealing under the stored chain right now, so it is refused."""
+    PostgresDatabase(postgres_dsn, key_file=str(tmp_path / "relay.keys")).close()
+    with pytest.raises(RelayKeysMissing):
+        PostgresDatabase(postgres_dsn, key_file=str(tmp_path / "other.keys"))
+    with pytest.raises(RelayKeysMissing):
+        PostgresDatabase(postgres_dsn)  # keys in memory: a new chain
+    PostgresDatabase(postgres_dsn, key_file=str(tmp_path / "relay.keys")).close()
+
+
+async def test_a_relay_that_lost_its_notifications_reads_its_devices_mailboxes_again(
+    postgres_dsn: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The listening connection of bob's relay is cut (a database restart, a network
+    failure); carol's send through the other relay meanwhile wakes no one. Once the relay
+    listens again it reads every connected device's mailbox, and bob gets the mail."""
+    resynced = trio.Event()
+    original = Relay._resynced
+
+    def resync(relay: Relay) -> None:
+        original(relay)
+        resynced.set()
+
+    monkeypatch.setattr(Relay, "_resynced", resync)
+    bob, carol = make_user("bob"), make_user("carol")
+    async with two_relays(postgres_dsn, tmp_path) as (port_a, port_b):
+        await register(port_a, bob, carol)
+        async with connected(port_a, bob.devices[1]) as receiver:
+            assert await envelopes_until_empty(receiver) == []
+            with psycopg.connect(postgres_dsn, autocommit=True) as admin:
+                cut = admin.execute(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                    "WHERE query LIKE 'LISTEN hushchat_relay_%' AND pid <> pg_backend_pid()"
+                ).fetchall()
+            assert len(cut) == 2  # both relays' listeners
+            async with connected(port_b, carol.devices[1]) as sender:
+                await sender.send_direct("bob", [(1, b"while deaf")])
+            with trio.fail_after(20):
+                await resynced.wait()
+            assert (await next_envelope(receiver, timeout=20)).payload == b"while deaf"

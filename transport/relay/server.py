@@ -327,8 +327,8 @@ async def serve_relay(
     then opens (or creates) the SQLite database ``config.db_path`` with its
     key file (or, for a ``postgresql://`` URL, the PostgreSQL database that
     other relay processes may share, listening for their notifications
-    before it serves), and runs the retention sweeper. Listening comes first so that a relay that cannot
-    listen creates no database. A failure to start raises
+    before it serves), and runs the retention sweeper. Listening comes first
+    so that a relay that cannot listen creates no database. A failure to start raises
     :class:`RelayStartError`; the database is closed on the way out.
     """
     try:

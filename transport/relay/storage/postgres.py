@@ -335,6 +335,7 @@ class PostgresDatabase(SqliteDatabase):
         self.relay_id = relay_id or secrets.token_hex(8)
         self._exclusive = False  # the open transaction holds the epoch lock exclusively
         self._epoch_seen = 0  # the newest epoch read from meta
+        self._batch_epoch: int | None = None  # the newest epoch, as the open batch read it
         self._wakes: dict[str, set[tuple[str, int]]] = {}  # relay -> devices, this batch
         self._conn: Any = PostgresConnection(dsn)
         try:
@@ -364,6 +365,11 @@ class PostgresDatabase(SqliteDatabase):
     def _migrate_locked(self, chain: KeyChain, now: int) -> None:
         """The schema was migrated when the database was opened (create_or_migrate_schema)."""
 
+    def _chain_in_use(self) -> bool:
+        """Always: other relay processes may be sealing under the database's chain now,
+        so a relay with another key file (or none) must not adopt a new one."""
+        return True
+
     def _truncate_wal(self, *, wait_ms: int = 0) -> None:
         """Nothing to do: PostgreSQL has no secure delete (sealing and forgotten keys stand in)."""
 
@@ -383,13 +389,25 @@ class PostgresDatabase(SqliteDatabase):
 
         A send whose time falls in an epoch not started yet in the database
         (the clock crossed the boundary since its batch began) is filed
-        under the newest one, as the move waits for that batch.
+        under the newest one, as the move waits for that batch. Read once per
+        shared batch: only an exclusive transaction moves it.
         """
-        epoch = self._read_epoch()
-        if at_least > epoch and self._exclusive:
-            epoch = super()._current_epoch(at_least)
-        self._epoch_seen = max(self._epoch_seen, epoch)
-        return epoch
+        if self._exclusive or self._batch_epoch is None:
+            epoch = self._read_epoch()
+            if at_least > epoch and self._exclusive:
+                epoch = super()._current_epoch(at_least)
+            self._batch_epoch = epoch
+            self._epoch_seen = max(self._epoch_seen, epoch)
+        return self._batch_epoch
+
+    def _open_keys(self, path: str, version: int, now: int, reset: bool) -> KeyChain:
+        """As on SQLite; the transaction it runs in holds the epoch lock exclusively."""
+        self._exclusive = True
+        try:
+            return super()._open_keys(path, version, now, reset)
+        finally:
+            self._exclusive = False
+            self._batch_epoch = None
 
     # ---------------------------------------------------------------- transactions
 
@@ -425,7 +443,7 @@ class PostgresDatabase(SqliteDatabase):
         self._exclusive = exclusive
         try:
             for attempt in range(MAX_BATCH_RETRIES + 1):
-                self._wakes = {}
+                self._wakes, self._batch_epoch = {}, None
                 run_batch(
                     self._conn,
                     calls,
@@ -439,7 +457,7 @@ class PostgresDatabase(SqliteDatabase):
                 for call in calls:
                     call.result, call.error = None, None
         finally:
-            self._exclusive = False
+            self._exclusive, self._batch_epoch = False, None
         if any(isinstance(call.error, StorageFull) for call in calls):
             logger.warning("the relay's database is full: requests that store are refused")
 

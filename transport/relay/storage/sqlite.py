@@ -267,7 +267,7 @@ class SqliteDatabase:
         """
         db = self._conn
         stored = None if version == UNSEALED_SCHEMA_VERSION else meta_value(db, "chain_id")
-        has_mail = stored is not None and self._queue_is_empty() is False
+        has_mail = stored is not None and self._chain_in_use()
         state = None if self._key_file is None else read_key_file(self._key_file)
         if state is not None and stored not in (None, state.chain_id) and has_mail and not reset:
             raise RelayKeysMissing(
@@ -332,6 +332,10 @@ class SqliteDatabase:
         if db.execute("PRAGMA user_version").fetchone()[0] == UNSEALED_SCHEMA_VERSION:
             migrate_unsealed(db, chain, now)
         migrate_directory(db)
+
+    def _chain_in_use(self) -> bool:
+        """Whether the database's key chain must be kept: mail is sealed under it."""
+        return not self._queue_is_empty()
 
     def _queue_is_empty(self) -> bool:
         db = self._conn
