@@ -726,17 +726,22 @@ class RateSweep:
     saturation: RelayLoadResult
     fractions: tuple[float, ...]
     runs: list[RelayLoadResult]
+    # Why the sweep stopped before its last fraction, if it did.
+    failure: str | None = None
 
     @property
     def exact(self) -> bool:
-        """Whether every run delivered every envelope exactly once."""
-        return all(r.lost == 0 and r.duplicated == 0 for r in (self.saturation, *self.runs))
+        """Whether every run happened and delivered every envelope exactly once."""
+        return self.failure is None and all(
+            r.lost == 0 and r.duplicated == 0 for r in (self.saturation, *self.runs)
+        )
 
     def as_json(self) -> dict[str, Any]:
         return {
             "saturation": self.saturation.as_json(),
             "fractions": list(self.fractions),
             "runs": [run.as_json() for run in self.runs],
+            "failure": self.failure,
         }
 
 
@@ -748,11 +753,16 @@ def run_rate_sweep(fractions: Sequence[float], **options: Any) -> RateSweep:
     saturation = run_relay_bench(**options)
     if not saturation.envelopes_per_second > 0:
         raise RelayBenchError("the burst run delivered nothing: no saturation rate to sweep")
-    runs = [
-        run_relay_bench(rate=fraction * saturation.envelopes_per_second, **options)
-        for fraction in fractions
-    ]
-    return RateSweep(saturation, tuple(fractions), runs)
+    sweep = RateSweep(saturation, tuple(fractions), [])
+    for fraction in fractions:
+        rate = fraction * saturation.envelopes_per_second
+        try:
+            sweep.runs.append(run_relay_bench(rate=rate, **options))
+        except RelayBenchError as exc:
+            # The runs done so far are reported, and why the sweep stopped.
+            sweep.failure = f"the run at {fraction:g} of the saturation rate failed: {exc}"
+            break
+    return sweep
 
 
 def _verdict(ok: bool) -> str:
@@ -844,7 +854,7 @@ def render_sweep(sweep: RateSweep) -> str:
         "  fraction  offered/s  achieved/s   p50 ms   p99 ms  p999 ms  lost  dup  "
         "relay µs/env  db µs/env",
     ]
-    for fraction, run in zip(sweep.fractions, sweep.runs, strict=True):
+    for fraction, run in zip(sweep.fractions[: len(sweep.runs)], sweep.runs, strict=True):
         lat = run.latency_ms
         database_cpu = run.database_cpu_us_per_envelope
         lines.append(
@@ -853,6 +863,8 @@ def render_sweep(sweep: RateSweep) -> str:
             f"  {run.duplicated:3d}  {run.relay_cpu_us_per_envelope:12.0f}"
             f"  {'-' if database_cpu is None else f'{database_cpu:.0f}':>9}"
         )
+    if sweep.failure is not None:
+        lines.append(f"  stopped: {sweep.failure}")
     return "\n".join(lines)
 
 

@@ -271,3 +271,25 @@ def test_throwaway_cluster_refuses_a_folder_its_user_cannot_reach(tmp_path: Path
     ):
         pass
     assert list(private.iterdir()) == []
+
+
+def test_a_sweep_that_fails_midway_reports_the_runs_it_made(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    def fake_run(*, rate: float | None = None, **_: object) -> bench_relay.RelayLoadResult:
+        if rate is not None and rate > 150:
+            raise bench_relay.RelayBenchError("a load client failed: InternalError()")
+        return bench_relay.RelayLoadResult(
+            clients=2, messages_per_client=1, group_size=1, sends=2, expected=2, delivered=2,
+            lost=0, duplicated=0, rate_limited=0, seconds=0.01, envelopes_per_second=200.0,
+            latency_ms=bench_relay._percentiles([0.001]), offered_rate=rate,
+            send_lag_ms=bench_relay._percentiles([0.0]) if rate else {},
+        )  # fmt: skip
+
+    monkeypatch.setattr(bench_relay, "run_relay_bench", fake_run)
+    sweep = bench_relay.run_rate_sweep((0.5, 0.9))
+    assert [run.offered_rate for run in sweep.runs] == [100.0] and not sweep.exact
+    assert sweep.failure == (
+        "the run at 0.9 of the saturation rate failed: a load client failed: InternalError()"
+    )
+    assert "stopped: the run at 0.9" in bench_relay.render_sweep(sweep)
