@@ -48,6 +48,18 @@ delivered) is reported for every run: it is the figure that carries over to
 other machines and loads, where envelopes per second depend on what else
 runs.
 
+On PostgreSQL (:class:`Databases`: ``--db postgres`` starts a throwaway
+server, durable, with :func:`~hushchat.devtools.pgcluster.throwaway_cluster`
+and gives each run a new database) ``relays`` relay processes share the
+database, each with its own writer and listener connections, and the
+clients are dealt out among them in turn (client ``i`` to relay ``i mod
+relays``). An envelope whose sender and recipient are on different relays
+reaches its recipient through the other relay's wake-up (PostgreSQL
+NOTIFY); their latency is also reported apart (``cross_relay_latency_ms``).
+The server's CPU time per envelope (``database_cpu_us_per_envelope``: the
+postmaster and all its processes, from ``/proc``) is reported for a server
+the benchmark started.
+
 Each client sends at most ``messages`` requests and the whole run is bounded
 by ``timeout`` seconds. The relay's send limit (60 requests at once, then 60
 per second per connection) is the relay's own; a refused send waits as told

@@ -7,6 +7,7 @@ reported, and that the relay load delivers everything exactly once.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import signal
@@ -293,3 +294,19 @@ def test_a_sweep_that_fails_midway_reports_the_runs_it_made(
         "the run at 0.9 of the saturation rate failed: a load client failed: InternalError()"
     )
     assert "stopped: the run at 0.9" in bench_relay.render_sweep(sweep)
+
+
+@pytest.mark.skipif(
+    pgcluster.server_binaries() is None or importlib.util.find_spec("psycopg") is None,
+    reason="no PostgreSQL server binaries or no psycopg",
+)
+def test_open_loop_on_a_throwaway_postgresql(capsys: pytest.CaptureFixture[str]) -> None:
+    argv = ["bench", "relay", "--clients", "3", "--messages", "2", "--group-size", "3"]
+    assert cli.main([*argv, "--db", "postgres", "--rate", "100", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["database"] == "postgresql" and report["relays"] == 1
+    assert report["delivered"] == report["expected"] == 3 * (1 + 2)
+    assert report["lost"] == 0 and report["duplicated"] == 0
+    # The server's processes were measured (the relay's writes cost it some CPU).
+    assert report["database_cpu_seconds"] is not None
+    assert report["database_cpu_us_per_envelope"] is not None
