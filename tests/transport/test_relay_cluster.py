@@ -25,7 +25,7 @@ from hushchat.transport.client.connection import ConnectionClosed, RelayConnecti
 from hushchat.transport.relay.ratelimit import RateLimit
 from hushchat.transport.relay.server import Relay
 from hushchat.transport.relay.storage.atrest import RelayKeysMissing
-from hushchat.transport.relay.storage.postgres import PostgresDatabase
+from hushchat.transport.relay.storage.postgres import PostgresDatabase, PostgresStorage
 from hushchat.transport.wire.errors import Superseded
 from hushchat.transport.wire.records import Envelope
 from tests.support.children import RELAY_COMMAND, STARTED, child_env
@@ -332,3 +332,34 @@ async def test_a_relay_that_lost_its_notifications_reads_its_devices_mailboxes_a
             with trio.fail_after(20):
                 await resynced.wait()
             assert (await next_envelope(receiver, timeout=20)).payload == b"while deaf"
+
+
+async def test_a_relay_hands_its_own_sends_over_without_reading_the_mailbox_again(
+    postgres_dsn: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """When nothing of another relay lies between (MailboxPosition.previous), a committed
+    envelope goes to the connection as on SQLite, not through one more mailbox read."""
+    reads = [0]
+    original = PostgresStorage.pending
+
+    async def counted(self: PostgresStorage, *args: Any, **kwargs: Any) -> Any:
+        reads[0] += 1
+        return await original(self, *args, **kwargs)
+
+    monkeypatch.setattr(PostgresStorage, "pending", counted)
+    alice, bob = make_user("alice"), make_user("bob")
+    async with two_relays(postgres_dsn, tmp_path) as (port_a, _):
+        await register(port_a, alice, bob)
+        async with (
+            connected(port_a, bob.devices[1]) as receiver,
+            connected(port_a, alice.devices[1]) as sender,
+        ):
+            assert await envelopes_until_empty(receiver) == []
+            await sender.send_direct("bob", [(1, b"first")])
+            assert [e.payload for e in await receive_envelopes(receiver, 1)] == [b"first"]
+            before = reads[0]
+            for index in range(5):
+                await sender.send_direct("bob", [(1, b"%d" % index)])
+                (envelope,) = await receive_envelopes(receiver, 1)
+                assert envelope.payload == b"%d" % index
+            assert reads[0] == before

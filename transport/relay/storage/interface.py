@@ -103,6 +103,33 @@ class EnvelopeBatch:
     all_or_nothing: bool = False
 
 
+class MailboxPosition(tuple[int, int]):
+    """Where a send was filed for one device: ``(epoch, seq)``, and what came before it.
+
+    ``previous``, if the storage tells it, is the device's largest ``seq`` in
+    ``epoch`` before this one (0: none). Relays sharing a database hand a
+    committed envelope to the device's connection only if that connection
+    has everything up to ``previous`` (else another relay's send to the
+    device committed just before, and the connection reads its mailbox).
+    None: the storage serialises every writer (SQLite), so nothing can.
+    """
+
+    previous: int | None
+
+    def __new__(cls, epoch: int, seq: int, previous: int | None = None) -> MailboxPosition:
+        position = super().__new__(cls, (epoch, seq))
+        position.previous = previous
+        return position
+
+    @property
+    def epoch(self) -> int:
+        return self[0]
+
+    @property
+    def seq(self) -> int:
+        return self[1]
+
+
 @dataclass(frozen=True, slots=True)
 class QueuedEnvelope:
     """An envelope in a mailbox, with its position (``epoch``, ``seq``) for in-order delivery."""
@@ -209,7 +236,7 @@ class RelayStorage(Protocol):
         batch: EnvelopeBatch,
         *,
         max_mailbox_size: int,
-        committed: Callable[[Sequence[tuple[int, int] | None]], None] | None = None,
+        committed: Callable[[Sequence[MailboxPosition | None]], None] | None = None,
     ) -> tuple[tuple[str, int], ...]:
         """Store a send for every device with room; the devices without, in delivery order.
 
@@ -219,7 +246,7 @@ class RelayStorage(Protocol):
         whole send. MailboxFull (naming the full devices) if nothing is
         stored for that reason, and StorageConflict if a device list changed.
         ``committed``, if given, gets the deliveries' mailbox positions
-        (``(epoch, seq)``, in ``batch.deliveries`` order, None for those left
+        (MailboxPosition, in ``batch.deliveries`` order, None for those left
         out) once the send committed, before this returns, and in commit order
         across all sends, so the relay can hand new envelopes to connected
         devices in the order it accepted them.

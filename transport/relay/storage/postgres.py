@@ -75,7 +75,14 @@ from ...wire.limits import (
 )
 from ..config import wall_clock_ms
 from .atrest import KeyChain
-from .interface import ClusterEvents, EnvelopeBatch, ExpiryNotice, StorageConflict, StoredDeviceList
+from .interface import (
+    ClusterEvents,
+    EnvelopeBatch,
+    ExpiryNotice,
+    MailboxPosition,
+    StorageConflict,
+    StoredDeviceList,
+)
 from .names import without_password
 from .schema import SCHEMA_VERSION
 from .sqlite import SqliteDatabase, SqliteStorage
@@ -520,7 +527,7 @@ class PostgresDatabase(SqliteDatabase):
 
     def _enqueue(
         self, batch: EnvelopeBatch, max_mailbox_size: int
-    ) -> list[tuple[int, int] | None]:
+    ) -> list[MailboxPosition | None]:
         conn = self._conn
         users = sorted(batch.device_list_counters)
         for names in _chunks(users):
@@ -530,7 +537,25 @@ class PostgresDatabase(SqliteDatabase):
                 names,
             )
         self._lock_devices([(d.user_id, d.device_id) for d in batch.deliveries])
-        positions = super()._enqueue(batch, max_mailbox_size)
+        # What each device's mailbox ends with before this send (see MailboxPosition):
+        # the epoch super() files under is this batch's newest, read once.
+        epoch = self._current_epoch(0)
+        keys = self._chain.keys(epoch)
+        assert keys is not None
+        boxes = [keys.index(d.user_id, d.device_id) for d in batch.deliveries]
+        last: dict[bytes, int] = {}
+        for indexes in _chunks(sorted(set(boxes))):
+            last.update(
+                conn.execute(
+                    "SELECT mailbox, MAX(seq) FROM deliveries WHERE epoch = ? AND mailbox IN "
+                    f"({', '.join(['?'] * len(indexes))}) GROUP BY mailbox",
+                    [epoch, *indexes],
+                )
+            )
+        positions = [
+            None if p is None else MailboxPosition(p.epoch, p.seq, last.get(box, 0))
+            for p, box in zip(super()._enqueue(batch, max_mailbox_size), boxes, strict=True)
+        ]
         stored = [
             (d.user_id, d.device_id)
             for d, position in zip(batch.deliveries, positions, strict=True)

@@ -78,6 +78,7 @@ from .atrest import (
 from .interface import (
     EnvelopeBatch,
     ExpiryNotice,
+    MailboxPosition,
     QueuedEnvelope,
     StorageConflict,
     StoredDeviceList,
@@ -508,7 +509,7 @@ class SqliteDatabase:
 
     def enqueue(
         self, batch: EnvelopeBatch, *, max_mailbox_size: int
-    ) -> list[tuple[int, int] | None]:
+    ) -> list[MailboxPosition | None]:
         """Store a send; the deliveries' mailbox positions (epoch, seq; None: mailbox full)."""
         return self._single(partial(self._enqueue, batch, max_mailbox_size))
 
@@ -848,7 +849,9 @@ class SqliteDatabase:
 
     # ---------------------------------------------------------------- mailboxes
 
-    def _enqueue(self, batch: EnvelopeBatch, max_mailbox_size: int) -> list[tuple[int, int] | None]:
+    def _enqueue(
+        self, batch: EnvelopeBatch, max_mailbox_size: int
+    ) -> list[MailboxPosition | None]:
         # A few statements per send, each over all its rows: a group send's
         # cost in the writer thread barely grows with its recipients.
         db, chain = self._conn, self._chain
@@ -966,7 +969,7 @@ class SqliteDatabase:
                 if box not in queued
             ],
         )
-        positions = iter((epoch, seq) for seq in seqs)
+        positions = iter(MailboxPosition(epoch, seq) for seq in seqs)
         return [next(positions) if has_room else None for has_room in room]
 
     def _new_seqs(self, count: int) -> list[int]:
@@ -1336,7 +1339,7 @@ class SqliteStorage:
         batch: EnvelopeBatch,
         *,
         max_mailbox_size: int,
-        committed: Callable[[Sequence[tuple[int, int] | None]], None] | None = None,
+        committed: Callable[[Sequence[MailboxPosition | None]], None] | None = None,
     ) -> tuple[tuple[str, int], ...]:
         positions = await self._writer.call(
             partial(self._db._enqueue, batch, max_mailbox_size), reported=committed
