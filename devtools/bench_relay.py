@@ -341,7 +341,7 @@ class Databases:
     def for_run(self, directory: str) -> tuple[str, str]:
         """The database a new run's relays use, and their key file (``directory``: the
         run's own folder). On a database given by URL every run shares one key file, as
-        every run shares its queue (made in the first run's folder, kept until exit)."""
+        every run shares its queue (in a folder of its own, deleted on exit)."""
         if self.kind == SQLITE:
             return os.path.join(directory, "relay.db"), os.path.join(directory, "relay.keys")
         if self.cluster is not None:
@@ -925,9 +925,11 @@ def add_relay_bench_command(targets: argparse._SubParsersAction[argparse.Argumen
     """``hushchat bench relay``, under the bench command's parser."""
     parser = targets.add_parser(
         "relay",
-        help="load a real relay (own process, SQLite) with many clients on loopback",
-        description="Start a relay on loopback with its SQLite store and measure envelopes "
-        "delivered per second, latency, the relay's CPU time per envelope and exactly-once "
+        help="load real relays (own processes, SQLite or PostgreSQL) with many clients on "
+        "loopback",
+        description="Start a relay on loopback with its SQLite store (or N relays on one "
+        "PostgreSQL database) and measure envelopes delivered per second, latency, the "
+        "relays' (and a PostgreSQL server's) CPU time per envelope and exactly-once "
         "delivery under N clients. Burst by default (each client keeps one send "
         "outstanding: the saturation rate); --rate for an open-loop load at a fixed "
         "offered rate, --rate-sweep for open-loop runs at fractions of the saturation rate. "
