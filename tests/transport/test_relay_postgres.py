@@ -100,7 +100,9 @@ def test_a_batch_that_loses_a_deadlock_runs_again_whole(postgres_dsn: str, tmp_p
     for thread in threads:
         thread.join()
     assert [call.error for calls in results for call in calls] == [None] * 4
-    assert sum(runs.values()) == 3  # one batch ran its second call twice
+    # At least one batch ran again (under load, both may have been chosen: each
+    # backend's deadlock check can find the cycle before the other's abort ends it).
+    assert sum(runs.values()) >= 3
     first.close()
     second.close()
 
