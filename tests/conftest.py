@@ -6,9 +6,11 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 
+from hushchat.devtools.pgcluster import ThrowawayCluster
 from hushchat.protocol.account import Account
 from hushchat.protocol.primitives import SeededRandom
 from tests.support.children import reap_started
@@ -16,7 +18,9 @@ from tests.support.clock import NOW
 from tests.support.fuzzing import CHECKED
 from tests.support.harness import Network
 from tests.support.peers import Peer
+from tests.support.postgres import DatabasePool, database_pool, session_cluster
 from tests.support.reference import Curve25519
+from tests.support.relay import use_database
 from tests.support.terminals import Terminal
 
 
@@ -98,3 +102,46 @@ def terminals() -> Iterator[list[Terminal]]:
         terminal.close()
     for terminal in opened:
         assert "Traceback" not in terminal.text, terminal.text
+
+
+@pytest.fixture(scope="session")
+def postgres_cluster() -> Iterator[ThrowawayCluster]:
+    """One throwaway PostgreSQL server for the session (skips without its binaries)."""
+    with session_cluster() as cluster:
+        yield cluster
+
+
+@pytest.fixture(scope="session")
+def postgres_databases(postgres_cluster: ThrowawayCluster) -> Iterator[DatabasePool]:
+    with database_pool(postgres_cluster) as pool:
+        yield pool
+
+
+@pytest.fixture
+def postgres_dsn(postgres_databases: DatabasePool) -> Iterator[str]:
+    """The URL of a fresh database with the relay's schema, on the session's server;
+    dropped after the test (its connections closed)."""
+    dsn = postgres_databases.take()
+    yield dsn
+    postgres_databases.drop(dsn)
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def relay_db(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A relay's ``--db``: a SQLite file, then a fresh PostgreSQL database (one run each)."""
+    if request.param == "sqlite":
+        return str(tmp_path / "relay.db")
+    dsn: str = request.getfixturevalue("postgres_dsn")
+    return dsn
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def relay_backend(request: pytest.FixtureRequest) -> Iterator[str]:
+    """Runs the test once per relay backend: relay_config() gives SQLite in memory, then
+    a fresh PostgreSQL database (a module opts in with ``usefixtures("relay_backend")``)."""
+    if request.param == "sqlite":
+        yield "sqlite"
+        return
+    dsn: str = request.getfixturevalue("postgres_dsn")
+    with use_database(dsn):
+        yield "postgres"

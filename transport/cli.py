@@ -45,6 +45,8 @@ from .relay.ratelimit import RateLimit
 from .relay.report import format_report, relay_report
 from .relay.server import RelayStartError, database_error, serve_relay
 from .relay.storage.atrest import RelayKeysMissing, default_key_file
+from .relay.storage.names import is_postgres_url, without_password
+from .relay.storage.schema import SCHEMA_VERSION, sqlite_schema_version
 from .relay.storage.sqlite import SqliteDatabase
 from .wire import limits as L
 from .wire.frames import MAX_RELAY_NAME_SIZE
@@ -140,7 +142,12 @@ def add_relay_command(subparsers: SubParsers) -> None:
     )
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on")
     parser.add_argument("--port", type=_port, default=7400, help="TCP port (0: any free port)")
-    parser.add_argument("--db", default="hushchat-relay.db", help="SQLite database file")
+    parser.add_argument(
+        "--db",
+        default="hushchat-relay.db",
+        help="SQLite database file, or a PostgreSQL URL (postgresql://...) that several "
+        "relays share (needs hushchat[postgres])",
+    )
     parser.add_argument(
         "--key-file",
         help="the keys of the queued mail, created at first start; never back it up "
@@ -340,9 +347,14 @@ def run_relay(args: argparse.Namespace) -> int:
         except (OSError, ssl.SSLError) as exc:
             reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
             return fail("relay", f"cannot load the TLS certificate and key: {reason}")
-    folder = os.path.dirname(os.path.abspath(args.db))
-    if args.db != ":memory:" and not os.path.isdir(folder):
-        return fail("relay", f"no such folder for the database: {folder}")
+    if is_postgres_url(args.db):
+        if args.key_file is None:
+            # Every relay of a cluster needs a copy of one key file (spec 7.13).
+            return fail("relay", "a relay on PostgreSQL needs --key-file (the same on every relay)")
+    elif args.db != ":memory:":
+        folder = os.path.dirname(os.path.abspath(args.db))
+        if not os.path.isdir(folder):
+            return fail("relay", f"no such folder for the database: {folder}")
     key_folder = os.path.dirname(os.path.abspath(args.key_file or args.db))
     if args.key_file is not None and not os.path.isdir(key_folder):
         return fail("relay", f"no such folder for the key file: {key_folder}")
@@ -453,6 +465,8 @@ def _on_database(args: argparse.Namespace, work: Callable[[SqliteDatabase], int]
     start makes both).
     """
     command = f"relay {args.action}"
+    if is_postgres_url(args.db):
+        return _on_postgres(args, command, work)
     key_file = args.key_file or default_key_file(args.db)
     for path, what in ((args.db, "relay database"), (key_file, "key file of the relay")):
         if not os.path.isfile(path):
@@ -460,6 +474,29 @@ def _on_database(args: argparse.Namespace, work: Callable[[SqliteDatabase], int]
     try:
         database = SqliteDatabase(args.db, key_file=key_file, maintain=False)
     except (sqlite3.Error, StateError, OSError, RelayKeysMissing) as exc:
+        return fail(command, database_error(args.db, exc))
+    try:
+        return work(database)
+    finally:
+        database.close()
+
+
+def _on_postgres(
+    args: argparse.Namespace, command: str, work: Callable[[SqliteDatabase], int]
+) -> int:
+    """:func:`_on_database` on a PostgreSQL database (it creates no schema either)."""
+    from .relay.storage.postgres import PostgresDatabase, schema_version
+
+    if args.key_file is None:
+        return fail(command, "a relay database on PostgreSQL needs its relays' --key-file")
+    try:
+        if schema_version(args.db) == 0:
+            return fail(command, f"no relay database at {without_password(args.db)}")
+        database = PostgresDatabase(args.db, key_file=args.key_file, maintain=False)
+    except Exception as exc:  # psycopg's errors, a newer schema, the wrong key file
+        expected = (StateError, OSError, RelayKeysMissing)
+        if not isinstance(exc, expected) and type(exc).__module__.split(".")[0] != "psycopg":
+            raise
         return fail(command, database_error(args.db, exc))
     try:
         return work(database)
@@ -573,7 +610,54 @@ def run_delete_device(args: argparse.Namespace) -> int:
     return _on_database(args, work)
 
 
+def add_migrate_command(operations: SubParsers) -> None:
+    parser = operations.add_parser(
+        "migrate",
+        help="bring the relay's database to this version's schema, keeping queued mail",
+        description="Bring the relay's database (a SQLite file, or a PostgreSQL URL) to "
+        "the schema of this version, in one transaction, keeping the directory and "
+        "every queued envelope. A relay also migrates its database when it starts; run "
+        "this first to upgrade a cluster: stop the old relays, migrate once, start the "
+        "new ones. A SQLite database needs its key file; a PostgreSQL one does not.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    _add_database_arguments(parser)
+    parser.set_defaults(run=run_migrate)
+
+
+def run_migrate(args: argparse.Namespace) -> int:
+    if is_postgres_url(args.db):
+        from .relay.storage.postgres import POSTGRES_SCHEMA_VERSION, migrate_postgres
+
+        try:
+            before = migrate_postgres(args.db)
+        except Exception as exc:  # psycopg's errors, a newer schema
+            if not isinstance(exc, StateError) and type(exc).__module__.split(".")[0] != "psycopg":
+                raise
+            return fail("relay migrate", database_error(args.db, exc))
+        after = POSTGRES_SCHEMA_VERSION
+        name = without_password(args.db)
+    else:
+        if not os.path.isfile(args.db):
+            return fail("relay migrate", f"no relay database at {args.db}")
+        key_file = args.key_file or default_key_file(args.db)
+        try:
+            before = sqlite_schema_version(args.db)
+            SqliteDatabase(args.db, key_file=key_file).close()  # migrates as a relay's start does
+        except (sqlite3.Error, StateError, OSError, RelayKeysMissing) as exc:
+            return fail("relay migrate", database_error(args.db, exc))
+        after, name = SCHEMA_VERSION, args.db
+    if before == after:
+        print(f"{name}: schema {after}, nothing to migrate")
+    elif before == 0:
+        print(f"{name}: created with schema {after}")
+    else:
+        print(f"{name}: migrated from schema {before} to {after}")
+    return 0
+
+
 RELAY_OPERATIONS: list[Callable[[SubParsers], None]] = [
+    add_migrate_command,
     add_report_command,
     add_invite_command,
     add_users_command,

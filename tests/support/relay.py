@@ -8,8 +8,8 @@ from __future__ import annotations
 import datetime
 import ipaddress
 import re
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -65,8 +65,28 @@ def make_prekeys(
     }
 
 
+# The database of a relay_config() given no folder: SQLite in memory, or the
+# PostgreSQL database of a test run on that backend (use_database).
+_default_db = [":memory:"]
+
+
+@contextmanager
+def use_database(db: str) -> Iterator[None]:
+    """Let relay_config() without a folder give ``db`` (a PostgreSQL URL) for the block."""
+    _default_db.append(db)
+    try:
+        yield
+    finally:
+        _default_db.pop()
+
+
 def relay_config(tmp_path: Any = None, **overrides: Any) -> RelayConfig:
-    """A test relay on 127.0.0.1, any port; limits overridable by keyword."""
+    """A test relay on 127.0.0.1, any port; limits overridable by keyword.
+
+    Its database is ``tmp_path``'s relay.db, else the test's database
+    (SQLite in memory, or PostgreSQL: see use_database); ``db`` names another
+    (a PostgreSQL URL gets the key file ``tmp_path``/relay.keys, else keys in memory).
+    """
     config_keys = {
         "clock",
         "retention_seconds",
@@ -77,8 +97,14 @@ def relay_config(tmp_path: Any = None, **overrides: Any) -> RelayConfig:
         "registration",
     }
     config_args = {k: v for k, v in overrides.items() if k in config_keys}
-    limits = RelayLimits(**{k: v for k, v in overrides.items() if k not in config_keys})
-    db_path = ":memory:" if tmp_path is None else str(tmp_path / "relay.db")
+    limits = RelayLimits(
+        **{k: v for k, v in overrides.items() if k not in config_keys and k != "db"}
+    )
+    db_path = overrides.pop("db", None) or (
+        _default_db[-1] if tmp_path is None else str(tmp_path / "relay.db")
+    )
+    if db_path.startswith("postgresql://") and tmp_path is not None:
+        config_args.setdefault("key_file", str(tmp_path / "relay.keys"))
     return RelayConfig(host="127.0.0.1", port=0, db_path=db_path, limits=limits, **config_args)
 
 

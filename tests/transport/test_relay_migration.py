@@ -14,16 +14,26 @@ from __future__ import annotations
 import contextlib
 import sqlite3
 from pathlib import Path
+from typing import Any
 
+import psycopg
 import pytest
 
+from hushchat.transport import cli
 from hushchat.transport.relay.report import format_report, relay_report
 from hushchat.transport.relay.storage import migration
+from hushchat.transport.relay.storage.postgres import POSTGRES_SCHEMA_VERSION
 from hushchat.transport.relay.storage.schema import SCHEMA_VERSION
 from hushchat.transport.relay.storage.sqlite import SqliteDatabase
 from hushchat.transport.wire.records import EnvelopeKind
-from tests.support.relay import connected, envelopes_until_empty, relay_config, running_relay
-from tests.support.users import make_user
+from tests.support.relay import (
+    connected,
+    envelopes_until_empty,
+    register,
+    relay_config,
+    running_relay,
+)
+from tests.support.users import User, make_user
 
 SCHEMA_1 = Path(__file__).parent / "data" / "relay-schema1.sql"
 T0 = 1_700_000_000_000
@@ -134,3 +144,66 @@ def test_the_report_of_a_schema_1_database_says_everything_is_readable(tmp_path:
     assert "predates sealing at rest: everything above is readable" in " ".join(
         format_report(report).split()
     )
+
+
+# ------------------------------------------------------------------ hushchat relay migrate
+
+
+async def queue_mail(config: Any, alice: User, bob: User) -> None:
+    """alice registers bob and sends him two envelopes, which wait for him."""
+    async with running_relay(config) as port:
+        await register(port, alice, bob)
+        async with connected(port, alice.devices[1]) as sender:
+            await sender.send_direct("bob", [(1, b"queued 1")])
+            await sender.send_direct("bob", [(1, b"queued 2")])
+
+
+async def delivered(config: Any, bob: User) -> list[bytes]:
+    async with running_relay(config) as port, connected(port, bob.devices[1]) as receiver:
+        return [e.payload for e in await envelopes_until_empty(receiver)]
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgres"])
+async def test_migrate_keeps_the_queued_mail_of_the_previous_schema(
+    backend: str,
+    tmp_path: Path,
+    request: pytest.FixtureRequest,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    alice, bob = make_user("alice"), make_user("bob")
+    if backend == "postgres":
+        db = request.getfixturevalue("postgres_dsn")
+        config = relay_config(tmp_path, db=db)
+        argv = ["relay", "migrate", "--db", db]
+    else:
+        db = str(tmp_path / "relay.db")
+        config = relay_config(tmp_path)
+        argv = ["relay", "migrate", "--db", db]
+    await queue_mail(config, alice, bob)
+    # Back to the previous schema, as the relay before this one left it.
+    if backend == "postgres":
+        with psycopg.connect(db, autocommit=True) as conn:
+            conn.execute("DROP TABLE presence")
+            conn.execute("UPDATE schema_version SET version = 1")
+        previous, current = 1, POSTGRES_SCHEMA_VERSION
+    else:
+        with contextlib.closing(sqlite3.connect(db, isolation_level=None)) as conn:
+            conn.execute("DROP TABLE invites")
+            conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION - 1}")
+        previous, current = SCHEMA_VERSION - 1, SCHEMA_VERSION
+    assert cli.main(argv) == 0
+    assert f"migrated from schema {previous} to {current}" in capsys.readouterr().out
+    assert cli.main(argv) == 0
+    assert f"schema {current}, nothing to migrate" in capsys.readouterr().out
+    assert await delivered(config, bob) == [b"queued 1", b"queued 2"]
+
+
+async def test_migrate_refuses_a_newer_schema_and_a_missing_database(
+    postgres_dsn: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with psycopg.connect(postgres_dsn, autocommit=True) as conn:
+        conn.execute("UPDATE schema_version SET version = 99")
+    assert cli.main(["relay", "migrate", "--db", postgres_dsn]) == 1
+    assert "schema version 99" in capsys.readouterr().err
+    assert cli.main(["relay", "migrate", "--db", str(tmp_path / "none.db")]) == 1
+    assert "no relay database" in capsys.readouterr().err

@@ -74,6 +74,9 @@ from tests.support.relay import (
 from tests.support.storage import schema_2_database
 from tests.support.users import User, make_user
 
+# Every relay these tests start without a folder runs once on SQLite, once on PostgreSQL.
+pytestmark = pytest.mark.usefixtures("relay_backend")
+
 
 def decode_bundle(data: bytes) -> list[Any]:
     value = unpack(data, what="bundle", max_size=10_000)

@@ -6,7 +6,8 @@ import os
 import re
 import sqlite3
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextlib import suppress
 from dataclasses import replace
 from pathlib import Path
 
@@ -22,6 +23,8 @@ from hushchat.transport.relay.storage.interface import (
     ExpiryNotice,
     StorageConflict,
 )
+from hushchat.transport.relay.storage.names import is_postgres_url
+from hushchat.transport.relay.storage.postgres import PostgresDatabase
 from hushchat.transport.relay.storage.sqlite import SqliteDatabase, SqliteStorage
 from hushchat.transport.wire.errors import (
     DeviceListRejected,
@@ -46,7 +49,36 @@ from tests.support.users import make_user
 
 
 @pytest.fixture
-def db(tmp_path: Path) -> SqliteDatabase:
+def open_db(relay_db: str, tmp_path: Path) -> Iterator[Callable[[], SqliteDatabase]]:
+    """Opens this test's database (on each backend in turn), as another relay process would."""
+    opened: list[SqliteDatabase] = []
+
+    def open_database() -> SqliteDatabase:
+        database = (
+            PostgresDatabase(relay_db, key_file=str(tmp_path / "relay.keys"))
+            if is_postgres_url(relay_db)
+            else SqliteDatabase(relay_db)
+        )
+        opened.append(database)
+        return database
+
+    yield open_database
+    for database in opened:
+        with suppress(Exception):  # closed by the test already
+            database.close()
+
+
+@pytest.fixture
+def db(open_db: Callable[[], SqliteDatabase]) -> SqliteDatabase:
+    database = open_db()
+    register_devices(database, "alice", 1, key_base=0xA0)
+    register_devices(database, "bob", 1, 2)
+    return database
+
+
+@pytest.fixture
+def sqlite_db(tmp_path: Path) -> SqliteDatabase:
+    """The ``db`` of tests about SQLite's files."""
     database = SqliteDatabase(str(tmp_path / "relay.db"))
     register_devices(database, "alice", 1, key_base=0xA0)
     register_devices(database, "bob", 1, 2)
@@ -168,15 +200,16 @@ def test_no_bundle_without_a_kem_prekey(db: SqliteDatabase) -> None:
     assert db.prekey_counts("bob", 1) == PreKeyCounts(1, 0)  # nothing was taken
 
 
-def test_take_once_across_processes_sharing_the_file(tmp_path: Path, db: SqliteDatabase) -> None:
+def test_take_once_across_processes_sharing_the_database(
+    open_db: Callable[[], SqliteDatabase], db: SqliteDatabase
+) -> None:
     upload_prekeys(db, "bob", 1, one_time=40, kem=40)
-    path = str(tmp_path / "relay.db")
     taken: list[int | None] = []
     kem_taken: list[tuple[int, bool]] = []
     lock = threading.Lock()
 
     def worker() -> None:
-        own = SqliteDatabase(path)  # a separate connection, as another relay process
+        own = open_db()  # a separate connection, as another relay process
         for _ in range(25):
             bundle = own.take_bundle("bob", 1)
             assert bundle is not None
@@ -356,10 +389,10 @@ def test_pending_in_order_after_seq_and_unexpired(db: SqliteDatabase) -> None:
 # ------------------------------------------------------------------ the file
 
 
-def test_reopen_keeps_everything(tmp_path: Path, db: SqliteDatabase) -> None:
+def test_reopen_keeps_everything(open_db: Callable[[], SqliteDatabase], db: SqliteDatabase) -> None:
     db.enqueue(batch([("bob", 1)], (b"kept",), counters={"bob": 0}), max_mailbox_size=10)
     db.close()
-    again = SqliteDatabase(str(tmp_path / "relay.db"))
+    again = open_db()
     assert [q.envelope.payload for q in again.pending("bob", 1, after_seq=0, limit=5, now=0)] == [
         b"kept"
     ]
@@ -461,8 +494,9 @@ def test_unknown_schema_version_is_refused(tmp_path: Path) -> None:
 
 
 def test_acknowledged_ciphertext_leaves_no_trace_on_disk(
-    tmp_path: Path, db: SqliteDatabase
+    tmp_path: Path, sqlite_db: SqliteDatabase
 ) -> None:
+    db = sqlite_db
     marker = b"MARKER-" + bytes(range(200))
     db.enqueue(batch([("bob", 1)], (marker,), counters={"bob": 0}), max_mailbox_size=10)
     (queued,) = db.pending("bob", 1, after_seq=0, limit=1, now=0)

@@ -14,6 +14,7 @@ import logging
 import socket
 import sqlite3
 from collections.abc import Sequence
+from functools import partial
 
 import trio
 
@@ -27,7 +28,8 @@ from .config import RelayConfig
 from .ratelimit import KeyedRateLimiter, LogThrottle
 from .session import RelaySession
 from .storage.atrest import RelayKeysMissing
-from .storage.interface import RelayStorage, StoredDeviceList
+from .storage.interface import ClusterEvents, ClusterStorage, RelayStorage, StoredDeviceList
+from .storage.names import is_postgres_url, without_password
 from .storage.sqlite import SqliteStorage
 
 logger = logging.getLogger("hushchat.relay")
@@ -67,8 +69,44 @@ def _listen_error(config: RelayConfig, exc: OSError) -> str:
     return f"cannot listen on {where}: {exc.strerror or exc}"
 
 
+async def open_storage(config: RelayConfig) -> tuple[RelayStorage, ClusterStorage | None]:
+    """The relay's storage: ``config.db_path``'s SQLite file, or its PostgreSQL database.
+
+    The second value is the storage again if other relay processes may share
+    it (PostgreSQL), else None.
+    """
+    if is_postgres_url(config.db_path):
+        from .storage.postgres import PostgresStorage  # the optional extra hushchat[postgres]
+
+        storage = await PostgresStorage.open(
+            config.db_path,
+            key_file=config.key_file,
+            retention_seconds=config.retention_seconds,
+            clock=config.clock,
+            reset_keys=config.reset_keys,
+        )
+        return storage, storage
+    sqlite_storage = await SqliteStorage.open(
+        config.db_path,
+        key_file=config.key_file,
+        retention_seconds=config.retention_seconds,
+        clock=config.clock,
+        reset_keys=config.reset_keys,
+    )
+    return sqlite_storage, None
+
+
+def is_database_error(exc: BaseException) -> bool:
+    """Whether ``exc`` is PostgreSQL's driver's (without importing it if it is not loaded)."""
+    return type(exc).__module__.split(".")[0] == "psycopg"
+
+
 def database_error(path: str, exc: Exception) -> str:
     """What is wrong with the relay database at ``path``, which would not open (``exc``)."""
+    if is_postgres_url(path):
+        path = without_password(path)
+        if is_database_error(exc):
+            return f"cannot open the relay database {path}: {str(exc).strip()}"
     if isinstance(exc, RelayKeysMissing):
         return exc.message
     if isinstance(exc, sqlite3.DatabaseError) and not isinstance(exc, sqlite3.OperationalError):
@@ -79,9 +117,13 @@ def database_error(path: str, exc: Exception) -> str:
 class Relay:
     """State shared by a relay's connections. Connections never see each other directly."""
 
-    def __init__(self, config: RelayConfig, storage: RelayStorage) -> None:
+    def __init__(
+        self, config: RelayConfig, storage: RelayStorage, cluster: ClusterStorage | None = None
+    ) -> None:
+        """``cluster``: the storage again, if relay processes share it (PostgreSQL)."""
         self.config = config
         self.storage = storage
+        self.cluster = cluster
         self.request_limits: RequestLimits = config.limits.request_limits
         self.bundle_limiter: KeyedRateLimiter[tuple[DeviceKey, DeviceKey]] = KeyedRateLimiter(
             config.limits.bundle_fetch_rate, max_keys=config.limits.max_rate_limit_keys
@@ -203,6 +245,39 @@ class Relay:
         if previous is not None and previous is not session:
             previous.close(Superseded("another connection authenticated as this device"))
 
+    async def announce(self, session: RelaySession) -> None:
+        """Tell the relays sharing the database that ``session``'s device is held here."""
+        if self.cluster is not None:
+            await self.cluster.attach(session.user_id, session.device_id, session.connection_id)
+
+    async def withdraw(self, session: RelaySession) -> None:
+        """Tell the relays sharing the database that ``session`` ended (if it authenticated)."""
+        if self.cluster is None or not session.user_id:
+            return
+        try:
+            await self.cluster.detach(session.user_id, session.device_id, session.connection_id)
+        except Exception as exc:  # its next connection replaces the row; a stale one costs a wake
+            logger.debug("connection end not stored: %s", exc)
+
+    @property
+    def cluster_events(self) -> ClusterEvents:
+        """What this relay does when another relay process sharing the database tells it."""
+        return ClusterEvents(self._mail_elsewhere, self._superseded_elsewhere, self._resynced)
+
+    def _mail_elsewhere(self, devices: Sequence[DeviceKey]) -> None:
+        for device in devices:
+            if (session := self._sessions.get(device)) is not None:
+                session.mail_waiting()
+
+    def _superseded_elsewhere(self, user_id: str, device_id: int, connection: bytes) -> None:
+        session = self._sessions.get((user_id, device_id))
+        if session is not None and session.connection_id == connection:
+            session.close(Superseded("another connection authenticated as this device"))
+
+    def _resynced(self) -> None:
+        for session in self._sessions.values():
+            session.mail_waiting()
+
     def detach(self, session: RelaySession) -> None:
         """Forget a connection that ended (a no-op unless it is the registered one)."""
         if self._sessions.get(session.key) is session:
@@ -250,8 +325,10 @@ async def serve_relay(
 
     Listens on ``config.host``/``config.port`` (TLS if ``config.ssl_context``),
     then opens (or creates) the SQLite database ``config.db_path`` with its
-    key file, and runs the retention sweeper. Listening comes first so that a relay that cannot
-    listen creates no database. A failure to start raises
+    key file (or, for a ``postgresql://`` URL, the PostgreSQL database that
+    other relay processes may share, listening for their notifications
+    before it serves), and runs the retention sweeper. Listening comes first
+    so that a relay that cannot listen creates no database. A failure to start raises
     :class:`RelayStartError`; the database is closed on the way out.
     """
     try:
@@ -259,26 +336,26 @@ async def serve_relay(
     except OSError as exc:  # socket.gaierror included
         raise RelayStartError(_listen_error(config, exc)) from exc
     try:
-        storage = await SqliteStorage.open(
-            config.db_path,
-            key_file=config.key_file,
-            retention_seconds=config.retention_seconds,
-            clock=config.clock,
-            reset_keys=config.reset_keys,
-        )
-    except (sqlite3.Error, StateError, OSError, RelayKeysMissing) as exc:
+        storage, cluster = await open_storage(config)
+    except Exception as exc:
         with trio.CancelScope(shield=True):
             for listener in listeners:
                 await listener.aclose()
+        if not isinstance(exc, (sqlite3.Error, StateError, OSError, RelayKeysMissing)) and not (
+            is_postgres_url(config.db_path) and is_database_error(exc)
+        ):
+            raise
         raise RelayStartError(database_error(config.db_path, exc)) from exc
     relay: Relay | None = None
     try:
-        relay = Relay(config, storage)
+        relay = Relay(config, storage, cluster)
         port: int = listeners[0].socket.getsockname()[1]
         served: list[trio.abc.Listener[trio.abc.Stream]] = list(listeners)
         if config.ssl_context is not None:
             served = [trio.SSLListener(listener, config.ssl_context) for listener in listeners]
         async with trio.open_nursery() as nursery:
+            if cluster is not None:  # woken by the others before the first connection
+                await nursery.start(partial(cluster.listen, relay.cluster_events))
             nursery.start_soon(relay.run_sweeper)
             nursery.start_soon(relay.log_activity)
             await nursery.start(trio.serve_listeners, relay.handle_connection, served)

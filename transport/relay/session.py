@@ -98,6 +98,7 @@ from .ratelimit import TokenBucket
 from .storage.interface import (
     Delivery,
     EnvelopeBatch,
+    MailboxPosition,
     QueuedEnvelope,
     StorageConflict,
     StoredDeviceList,
@@ -107,6 +108,11 @@ if TYPE_CHECKING:
     from .server import Relay
 
 logger = logging.getLogger("hushchat.relay")
+
+# Random bytes naming a connection to the relays sharing a database: a
+# notice that a device's connection was superseded closes that one only,
+# never a newer one of the same device.
+CONNECTION_ID_SIZE = 8
 
 # Attempts at a send whose recipients' device lists change between the check
 # and the commit (each attempt re-reads them); more means someone is
@@ -143,6 +149,8 @@ class RelaySession:
         self.user_id = ""
         self.device_id = 0
         self._identity = b""
+        # Names this connection to the relays sharing the database (cluster only).
+        self.connection_id = secrets.token_bytes(CONNECTION_ID_SIZE)
         # Delivery state (AUTHENTICATED only).
         self._wake = trio.Event()
         self._unread = True  # the mailbox may hold envelopes not pushed yet
@@ -151,6 +159,8 @@ class RelaySession:
         # they never exceed the window, so a reader that stalls holds no more
         # of the relay's memory than the window did before.
         self._handed: deque[QueuedEnvelope] = deque()
+        # (epoch, seq) of the last envelope pushed: the mailbox is read after it.
+        self._position = (0, 0)
         self._in_flight: dict[bytes, int] = {}  # guid -> seq, pushed and not acknowledged
         self._deletions = trio.Semaphore(self._limits.max_in_flight)  # acknowledged, not deleted
         self._window = self._limits.max_in_flight
@@ -180,11 +190,32 @@ class RelaySession:
                     await self._send(ErrorFrame.from_error(None, self._close_error))
         finally:
             self._relay.detach(self)
+            with trio.CancelScope(shield=True):
+                await self._relay.withdraw(self)
 
     def close(self, error: RelayError) -> None:
         """End this connection from elsewhere, telling the client ``error`` (best effort)."""
         self._close_error = error
         self._cancel_scope.cancel()
+
+    def follows(self, position: MailboxPosition) -> bool:
+        """Whether this connection has everything of its mailbox before ``position``.
+
+        Relays sharing a database: true if it read (or was handed) the mail of
+        ``position``'s epoch up to at least ``position.previous``; nothing
+        another relay committed before that send is then unseen.
+        """
+        if self._unread or position.previous is None:
+            return False
+        last = self._handed[-1] if self._handed else None
+        epoch, seq = (last.epoch, last.seq) if last is not None else self._position
+        return position.epoch == epoch and position.previous <= seq
+
+    def mail_waiting(self) -> None:
+        """Mail for this device committed that this relay did not see: read the mailbox."""
+        self._handed.clear()
+        self._unread = True
+        self._wake.set()
 
     def hand_over(self, queued: QueuedEnvelope) -> None:
         """An envelope for this device committed; called in commit order.
@@ -414,6 +445,9 @@ class RelaySession:
             raise AuthenticationFailed("signature does not verify") from None
         self.user_id, self.device_id, self._identity = request.user_id, request.device_id, identity
         self._decoder.max_frame_size = self._limits.max_frame_size
+        # Other relays sharing the database route this device's mail here from
+        # now on, before this connection's first mailbox read.
+        await self._relay.announce(self)
         self._relay.attach(self)
         # Who connects is for DEBUG only: INFO never names a user (README, Logging).
         logger.debug("device %s.%d authenticated", self.user_id, self.device_id)
@@ -697,13 +731,22 @@ class RelaySession:
             return server_ts, full
         raise InternalError("recipient device lists keep changing; retry")
 
-    def _hand_over(self, batch: EnvelopeBatch, positions: Sequence[tuple[int, int] | None]) -> None:
-        """Give a committed send's envelopes to their devices' connections."""
+    def _hand_over(self, batch: EnvelopeBatch, positions: Sequence[MailboxPosition | None]) -> None:
+        """Give a committed send's envelopes to their devices' connections.
+
+        With relays sharing the database, another relay's send to the same
+        device may have committed just before this one, its wake still on the
+        way: handing this one over would put the connection's cursor past it.
+        Then the connection reads its mailbox instead (MailboxPosition).
+        """
         for delivery, position in zip(batch.deliveries, positions, strict=True):
             if position is None:
                 continue  # the mailbox was full: not stored
             session = self._relay.session_of(delivery.user_id, delivery.device_id)
-            if session is not None:
+            shared = self._relay.cluster is not None
+            if session is not None and shared and not session.follows(position):
+                session.mail_waiting()
+            elif session is not None:
                 kind, payload = batch.payloads[delivery.payload_index]
                 envelope = Envelope(
                     delivery.guid,
@@ -785,7 +828,6 @@ class RelaySession:
 
     async def _deliver(self) -> None:
         storage = self._relay.storage
-        after_epoch = after_seq = 0
         backlog_pushed = False
         try:
             notice = await storage.expiry_notice(self.user_id, self.device_id)
@@ -809,8 +851,8 @@ class RelaySession:
                     batch = await storage.pending(
                         self.user_id,
                         self.device_id,
-                        after_epoch=after_epoch,
-                        after_seq=after_seq,
+                        after_epoch=self._position[0],
+                        after_seq=self._position[1],
                         limit=limit,
                         now=self._relay.config.clock(),
                     )
@@ -825,7 +867,7 @@ class RelaySession:
                     self._handed.clear()
                 for queued in batch:
                     self._in_flight[queued.envelope.guid] = queued.seq
-                    after_epoch, after_seq = queued.epoch, queued.seq
+                    self._position = (queued.epoch, queued.seq)
                     frames.append(EnvelopePush(queued.envelope))
                 room -= len(batch)
                 if not self._unread and not backlog_pushed:
@@ -833,9 +875,9 @@ class RelaySession:
                     frames.append(QueueEmpty())
             while room > 0 and self._handed:
                 queued = self._handed.popleft()
-                if queued.seq > after_seq:  # else the read above had it
+                if queued.seq > self._position[1]:  # else the read above had it
                     self._in_flight[queued.envelope.guid] = queued.seq
-                    after_epoch, after_seq = queued.epoch, queued.seq
+                    self._position = (queued.epoch, queued.seq)
                     frames.append(EnvelopePush(queued.envelope))
                     room -= 1
             if frames:

@@ -180,6 +180,21 @@ MAX_RATE_LIMIT_KEYS: Final = 100_000
 # clients refused 430 times a minute) cannot flood the log.
 WARNING_LOG_INTERVAL: Final = 60.0
 
+# ------------------------------------------------------------------ relay clusters (PostgreSQL)
+
+# Bytes of one NOTIFY payload at most: PostgreSQL refuses 8000 and more. A
+# send to more devices on one other relay than fit wakes it with several.
+NOTIFY_PAYLOAD_LIMIT: Final = 7900
+
+# Seconds the thread listening for a relay's notifications waits for one
+# before it checks whether the relay is stopping: how long a stop waits for it.
+NOTIFY_POLL_INTERVAL: Final = 0.2
+
+# Seconds between attempts to reconnect the listening connection after the
+# database went away: a restarting database is not hammered, and a relay
+# is woken again within this long of its return.
+POSTGRES_RECONNECT_INTERVAL: Final = 1.0
+
 # ------------------------------------------------------------------ timeouts (seconds)
 
 # From TCP accept to a successful AUTH (HELLO and registration included).

@@ -6,7 +6,9 @@ prekeys, and queued envelopes (opaque ciphertext with the sender the relay
 stamped, a timestamp and an expiry), the latter sealed at rest under keys
 that cease to exist after the retention window (spec 07 section 7.13).
 :class:`hushchat.transport.relay.storage.sqlite.SqliteStorage` implements it
-on one SQLite file; another database can implement it for a relay cluster.
+on one SQLite file, :class:`hushchat.transport.relay.storage.postgres.PostgresStorage`
+on a PostgreSQL database that several relay processes share (and
+:class:`ClusterStorage`, which lets them push to each other's devices).
 Every method is one atomic transaction; an implementation may commit the
 transactions of concurrent calls together (group commit), as long as each
 call returns only after its own transaction committed.
@@ -21,6 +23,8 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
+
+import trio
 
 from hushchat.protocol.consts import PROTOCOL_VERSION
 from hushchat.protocol.prekeys import KemPreKeyPublic, OneTimePreKeyPublic, SignedPreKeyPublic
@@ -97,6 +101,33 @@ class EnvelopeBatch:
     deliveries: tuple[Delivery, ...]
     device_list_counters: Mapping[str, int]
     all_or_nothing: bool = False
+
+
+class MailboxPosition(tuple[int, int]):
+    """Where a send was filed for one device: ``(epoch, seq)``, and what came before it.
+
+    ``previous``, if the storage tells it, is the device's largest ``seq`` in
+    ``epoch`` before this one (0: none). Relays sharing a database hand a
+    committed envelope to the device's connection only if that connection
+    has everything up to ``previous`` (else another relay's send to the
+    device committed just before, and the connection reads its mailbox).
+    None: the storage serialises every writer (SQLite), so nothing can.
+    """
+
+    previous: int | None
+
+    def __new__(cls, epoch: int, seq: int, previous: int | None = None) -> MailboxPosition:
+        position = super().__new__(cls, (epoch, seq))
+        position.previous = previous
+        return position
+
+    @property
+    def epoch(self) -> int:
+        return self[0]
+
+    @property
+    def seq(self) -> int:
+        return self[1]
 
 
 @dataclass(frozen=True, slots=True)
@@ -205,7 +236,7 @@ class RelayStorage(Protocol):
         batch: EnvelopeBatch,
         *,
         max_mailbox_size: int,
-        committed: Callable[[Sequence[tuple[int, int] | None]], None] | None = None,
+        committed: Callable[[Sequence[MailboxPosition | None]], None] | None = None,
     ) -> tuple[tuple[str, int], ...]:
         """Store a send for every device with room; the devices without, in delivery order.
 
@@ -215,7 +246,7 @@ class RelayStorage(Protocol):
         whole send. MailboxFull (naming the full devices) if nothing is
         stored for that reason, and StorageConflict if a device list changed.
         ``committed``, if given, gets the deliveries' mailbox positions
-        (``(epoch, seq)``, in ``batch.deliveries`` order, None for those left
+        (MailboxPosition, in ``batch.deliveries`` order, None for those left
         out) once the send committed, before this returns, and in commit order
         across all sends, so the relay can hand new envelopes to connected
         devices in the order it accepted them.
@@ -266,3 +297,41 @@ class RelayStorage(Protocol):
         ...
 
     async def aclose(self) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class ClusterEvents:
+    """What a relay does when another relay process sharing its database tells it something.
+
+    Called in the relay's trio thread. ``mail``: these devices have new
+    mail. ``superseded``: the device's connection of that id authenticated
+    again on another relay. ``resynced``: the link to the database was lost
+    and is back; notifications sent meanwhile are lost, so every connected
+    device reads its mailbox again.
+    """
+
+    mail: Callable[[Sequence[tuple[str, int]]], None]
+    superseded: Callable[[str, int, bytes], None]
+    resynced: Callable[[], None]
+
+
+class ClusterStorage(Protocol):
+    """What several relay processes sharing one database need of it, besides RelayStorage."""
+
+    async def attach(self, user_id: str, device_id: int, connection: bytes) -> None:
+        """The device authenticated here as ``connection`` (random): this relay holds it.
+
+        Sends committed after this returns wake this relay; the device's
+        connection on another relay is told to close (``superseded``).
+        """
+        ...
+
+    async def detach(self, user_id: str, device_id: int, connection: bytes) -> None:
+        """The device's connection ``connection`` here ended."""
+        ...
+
+    async def listen(
+        self, events: ClusterEvents, *, task_status: trio.TaskStatus[None] = ...
+    ) -> None:
+        """Hand this relay's notifications to ``events`` until cancelled."""
+        ...

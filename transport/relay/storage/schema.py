@@ -179,6 +179,16 @@ def create_or_check_schema(conn: sqlite3.Connection) -> int:
     return version
 
 
+def sqlite_schema_version(path: str) -> int:
+    """The schema version of the SQLite file at ``path``, read only (0: new or empty)."""
+    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    try:
+        version: int = conn.execute("PRAGMA user_version").fetchone()[0]
+        return version
+    finally:
+        conn.close()
+
+
 def migrate_directory(conn: sqlite3.Connection) -> None:
     """Bring a file of SEALED_SCHEMA_VERSION or later to SCHEMA_VERSION, in the open transaction.
 

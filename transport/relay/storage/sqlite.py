@@ -78,6 +78,7 @@ from .atrest import (
 from .interface import (
     EnvelopeBatch,
     ExpiryNotice,
+    MailboxPosition,
     QueuedEnvelope,
     StorageConflict,
     StoredDeviceList,
@@ -151,12 +152,22 @@ ROWS_PER_STATEMENT = 1000
 class SqliteDatabase:
     """The synchronous implementation; :class:`SqliteStorage` runs it in its writer thread.
 
+    The queue's logic (sealing, epochs, mailbox counts, expiry notices) is
+    written in the SQL both backends speak: :class:`~.postgres.PostgresDatabase`
+    reuses it, replacing only the connection, the row locks several relay
+    processes need, and how seqs are taken.
+
     Not thread-safe by itself: one call at a time. The public methods each
     run as one transaction (a batch of one call); :meth:`run_batch` runs
     many in one. ``maintain`` False opens it as an operator command does
     (``hushchat relay users`` ...): with the relay's key file as it is,
     nothing migrated, purged or forgotten.
     """
+
+    # How a transaction that no other relay process overlaps begins.
+    EXCLUSIVE_BEGIN = "BEGIN IMMEDIATE"
+    # What the driver raises for a duplicate key.
+    INTEGRITY_ERRORS: tuple[type[Exception], ...] = (sqlite3.IntegrityError,)
 
     def __init__(
         self,
@@ -176,12 +187,6 @@ class SqliteDatabase:
             check_same_thread=False,
             timeout=BUSY_TIMEOUT_MS / 1000,
         )
-        self._retention_ms = retention_seconds * 1000
-        # An in-memory database keeps its keys in memory only, like its mail.
-        self._key_file = key_file or (None if path == ":memory:" else default_key_file(path))
-        self._full = False  # the last transaction failed on a full disk
-        self._full_log = LogThrottle(WARNING_LOG_INTERVAL)
-        self._room_log = LogThrottle(WARNING_LOG_INTERVAL)
         try:
             self._conn.execute("PRAGMA journal_mode=WAL")
             self._conn.execute("PRAGMA synchronous=FULL")
@@ -189,14 +194,44 @@ class SqliteDatabase:
             page_size = self._conn.execute("PRAGMA page_size").fetchone()[0]
             self._conn.execute(f"PRAGMA wal_autocheckpoint = {WAL_SIZE_LIMIT // page_size}")
             self._conn.execute(f"PRAGMA journal_size_limit = {WAL_SIZE_LIMIT}")
-            version = create_or_check_schema(self._conn)
-            if maintain:
-                self._chain = self._open_keys(path, version, clock(), reset_keys)
-            else:
-                self._chain = self._load_keys(path, version)
+            self._setup(
+                path,
+                # An in-memory database keeps its keys in memory only, like its mail.
+                key_file=key_file or (None if path == ":memory:" else default_key_file(path)),
+                retention_seconds=retention_seconds,
+                clock=clock,
+                reset_keys=reset_keys,
+                maintain=maintain,
+                version=create_or_check_schema(self._conn),
+            )
         except BaseException:
             self._conn.close()
             raise
+
+    def _setup(
+        self,
+        name: str,
+        *,
+        key_file: str | None,
+        retention_seconds: int,
+        clock: Callable[[], int],
+        reset_keys: bool,
+        maintain: bool,
+        version: int,
+    ) -> None:
+        """Everything but the connection: the key chain, migrated and purged if ``maintain``.
+
+        ``name`` names the database in errors; ``version`` is its schema version as found.
+        """
+        self._retention_ms = retention_seconds * 1000
+        self._key_file = key_file
+        self._full = False  # the last transaction failed on a full disk
+        self._full_log = LogThrottle(WARNING_LOG_INTERVAL)
+        self._room_log = LogThrottle(WARNING_LOG_INTERVAL)
+        if maintain:
+            self._chain = self._open_keys(name, version, clock(), reset_keys)
+        else:
+            self._chain = self._load_keys(name, version)
 
     def _load_keys(self, path: str, version: int) -> KeyChain:
         """The key file's chain, as an operator command uses it: nothing migrated or purged.
@@ -233,7 +268,7 @@ class SqliteDatabase:
         """
         db = self._conn
         stored = None if version == UNSEALED_SCHEMA_VERSION else meta_value(db, "chain_id")
-        has_mail = stored is not None and self._queue_is_empty() is False
+        has_mail = stored is not None and self._chain_in_use()
         state = None if self._key_file is None else read_key_file(self._key_file)
         if state is not None and stored not in (None, state.chain_id) and has_mail and not reset:
             raise RelayKeysMissing(
@@ -256,12 +291,9 @@ class SqliteDatabase:
                 state = create_key_file(self._key_file, state)
         chain = KeyChain(state)
         self._chain = chain
-        db.execute("BEGIN IMMEDIATE")
+        db.execute(self.EXCLUSIVE_BEGIN)
         try:
-            # Read again under the write lock: another relay may have got here first.
-            if db.execute("PRAGMA user_version").fetchone()[0] == UNSEALED_SCHEMA_VERSION:
-                migrate_unsealed(db, chain, now)
-            migrate_directory(db)
+            self._migrate_locked(chain, now)
             stored = meta_value(db, "chain_id")
             if stored is None:  # a new or just migrated database: its first key chain
                 set_meta(db, "chain_id", chain.chain_id)
@@ -275,7 +307,7 @@ class SqliteDatabase:
             db.execute("COMMIT")
         except BaseException as exc:
             if db.in_transaction:  # SQLite may have rolled back already (SQLITE_FULL)
-                with suppress(sqlite3.Error):
+                with suppress(Exception):
                     db.execute("ROLLBACK")
             if not (is_storage_full(exc) and meta_value(db, "chain_id") == chain.chain_id):
                 raise
@@ -291,6 +323,20 @@ class SqliteDatabase:
         with suppress(sqlite3.Error):  # a full disk: at the next sweep
             self._truncate_wal()  # deleted rows, and a migration's old tables (secure_delete)
         return chain
+
+    def _migrate_locked(self, chain: KeyChain, now: int) -> None:
+        """Bring the schema to the current version, inside the exclusive transaction.
+
+        Read again under the write lock: another relay may have got here first.
+        """
+        db = self._conn
+        if db.execute("PRAGMA user_version").fetchone()[0] == UNSEALED_SCHEMA_VERSION:
+            migrate_unsealed(db, chain, now)
+        migrate_directory(db)
+
+    def _chain_in_use(self) -> bool:
+        """Whether the database's key chain must be kept: mail is sealed under it."""
+        return not self._queue_is_empty()
 
     def _queue_is_empty(self) -> bool:
         db = self._conn
@@ -404,8 +450,11 @@ class SqliteDatabase:
         *,
         savepoint: bool = True,
         after_commit: Callable[[], None] | None = None,
+        exclusive: bool = False,
     ) -> T:
-        call = DatabaseCall(run, savepoint=savepoint, after_commit=after_commit)
+        call = DatabaseCall(
+            run, savepoint=savepoint, after_commit=after_commit, exclusive=exclusive
+        )
         self.run_batch([call])
         return cast(T, call.outcome())
 
@@ -460,7 +509,7 @@ class SqliteDatabase:
 
     def enqueue(
         self, batch: EnvelopeBatch, *, max_mailbox_size: int
-    ) -> list[tuple[int, int] | None]:
+    ) -> list[MailboxPosition | None]:
         """Store a send; the deliveries' mailbox positions (epoch, seq; None: mailbox full)."""
         return self._single(partial(self._enqueue, batch, max_mailbox_size))
 
@@ -484,7 +533,9 @@ class SqliteDatabase:
     def purge_expired(self, now: int) -> int:
         """Delete the epochs that left the window (then truncate the WAL); forget their keys."""
         try:
-            return self._single(partial(self._purge_expired, now), after_commit=self._truncate_wal)
+            return self._single(
+                partial(self._purge_expired, now), after_commit=self._truncate_wal, exclusive=True
+            )
         finally:
             self._single(partial(self._forget_keys, now), savepoint=False)
 
@@ -660,17 +711,25 @@ class SqliteDatabase:
             "INSERT INTO devices (user_id, device_id, identity) VALUES (?, ?, ?)",
             [(new.user_id, d, ident) for d, ident in new.devices if d not in old or d in removed],
         )
-        db.execute(
-            "INSERT OR REPLACE INTO users "
-            "(user_id, user_identity, counter, signed, protocol_version) VALUES (?, ?, ?, ?, ?)",
-            (
-                new.user_id,
-                new.user_identity,
-                counter_blob(new.counter),
-                new.signed,
-                new.protocol_version,
-            ),
+        values = (
+            new.user_identity,
+            counter_blob(new.counter),
+            new.signed,
+            new.protocol_version,
+            new.user_id,
         )
+        if row is None:  # a second registration of the id racing this one fails on the key
+            db.execute(
+                "INSERT INTO users (user_identity, counter, signed, protocol_version, user_id) "
+                "VALUES (?, ?, ?, ?, ?)",
+                values,
+            )
+        else:
+            db.execute(
+                "UPDATE users SET user_identity = ?, counter = ?, signed = ?, "
+                "protocol_version = ? WHERE user_id = ?",
+                values,
+            )
         return removed
 
     def _wipe_device(self, user_id: str, device_id: int) -> None:
@@ -731,7 +790,7 @@ class SqliteDatabase:
                 "INSERT INTO one_time_kem_prekeys VALUES (?, ?, ?, ?, ?)",
                 [(*key, k.key_id, k.public, k.signature) for k in one_time_kem],
             )
-        except sqlite3.IntegrityError:
+        except self.INTEGRITY_ERRORS:
             raise PreKeyIdInUse("a one-time prekey id is already in use") from None
         counts = self._counts(key)
         if max(counts.one_time, counts.one_time_kem) > max_stored:
@@ -753,15 +812,9 @@ class SqliteDatabase:
         ).fetchone()
         if device is None or spk is None:
             return None
-        # Take-once: the row is deleted and returned by one statement.
         kem: Any = None  # a row (key id, public, signature), or None
         if one_time:
-            kem = db.execute(
-                f"DELETE FROM one_time_kem_prekeys {where} AND key_id = "
-                f"(SELECT MIN(key_id) FROM one_time_kem_prekeys {where}) "
-                "RETURNING key_id, public, signature",
-                key + key,
-            ).fetchone()
+            kem = self._take_one("one_time_kem_prekeys", "key_id, public, signature", key)
         last_resort = kem is None
         if last_resort:
             kem = db.execute(
@@ -771,11 +824,7 @@ class SqliteDatabase:
                 return None
         opk: Any = None
         if one_time:
-            opk = db.execute(
-                f"DELETE FROM one_time_prekeys {where} AND key_id = "
-                f"(SELECT MIN(key_id) FROM one_time_prekeys {where}) RETURNING key_id, public",
-                key + key,
-            ).fetchone()
+            opk = self._take_one("one_time_prekeys", "key_id, public", key)
         return TakenBundle(
             identity=device[0],
             signed_prekey=SignedPreKeyPublic(*spk),
@@ -785,9 +834,24 @@ class SqliteDatabase:
             remaining=self._counts(key),
         )
 
+    def _take_one(self, table: str, columns: str, key: tuple[str, int]) -> Any:
+        """Take (delete and return ``columns`` of) the device's lowest key in ``table``, if any.
+
+        Take-once: the row is deleted and returned by one statement, under the
+        transaction's write lock.
+        """
+        where = "WHERE user_id = ? AND device_id = ?"
+        return self._conn.execute(
+            f"DELETE FROM {table} {where} AND key_id = (SELECT MIN(key_id) FROM {table} {where}) "
+            f"RETURNING {columns}",
+            key + key,
+        ).fetchone()
+
     # ---------------------------------------------------------------- mailboxes
 
-    def _enqueue(self, batch: EnvelopeBatch, max_mailbox_size: int) -> list[tuple[int, int] | None]:
+    def _enqueue(
+        self, batch: EnvelopeBatch, max_mailbox_size: int
+    ) -> list[MailboxPosition | None]:
         # A few statements per send, each over all its rows: a group send's
         # cost in the writer thread barely grows with its recipients.
         db, chain = self._conn, self._chain
@@ -847,11 +911,11 @@ class SqliteDatabase:
             for d, box, has_room in zip(batch.deliveries, boxes, room, strict=True)
             if has_room
         ]
-        first_seq = self._sequence("deliveries") + 1
+        seqs = self._new_seqs(len(with_room))
         # A payload's id is the seq of its first delivery: never reused either.
         payload_ids: dict[int, int] = {}
-        for offset, (d, _) in enumerate(with_room):
-            payload_ids.setdefault(d.payload_index, first_seq + offset)
+        for (d, _), seq in zip(with_room, seqs, strict=True):
+            payload_ids.setdefault(d.payload_index, seq)
         nonces = _nonces(len(payload_ids) + len(with_room))
         db.executemany(
             "INSERT INTO payloads (id, epoch, sealed) VALUES (?, ?, ?)",
@@ -876,8 +940,8 @@ class SqliteDatabase:
             ],
         )
         rows = []
-        for offset, (d, box) in enumerate(with_room):
-            seq, payload_id = first_seq + offset, payload_ids[d.payload_index]
+        for (d, box), seq in zip(with_room, seqs, strict=True):
+            payload_id = payload_ids[d.payload_index]
             content = DeliveryContent(
                 d.user_id, d.device_id, d.guid, batch.server_ts, batch.expires_at
             )
@@ -905,15 +969,20 @@ class SqliteDatabase:
                 if box not in queued
             ],
         )
-        positions = iter((epoch, first_seq + offset) for offset in range(len(rows)))
+        positions = iter(MailboxPosition(epoch, seq) for seq in seqs)
         return [next(positions) if has_room else None for has_room in room]
 
-    def _sequence(self, table: str) -> int:
-        """The largest id ``table`` ever used (AUTOINCREMENT): ids are never reused."""
+    def _new_seqs(self, count: int) -> list[int]:
+        """``count`` new delivery seqs, ascending, above every seq ever used.
+
+        The transaction holds the write lock: the next ``count`` after the
+        largest ``deliveries`` ever used (AUTOINCREMENT) are free.
+        """
         row = self._conn.execute(
-            "SELECT seq FROM sqlite_sequence WHERE name = ?", (table,)
+            "SELECT seq FROM sqlite_sequence WHERE name = 'deliveries'"
         ).fetchone()
-        return 0 if row is None else int(row[0])
+        first = 1 if row is None else int(row[0]) + 1
+        return list(range(first, first + count))
 
     def _pending(
         self,
@@ -1106,6 +1175,9 @@ class SqliteDatabase:
             notice = ExpiryNotice(1, content.server_ts, content.server_ts)
             expired[device] = notice if device not in expired else expired[device].merged(notice)
         purged = db.execute("DELETE FROM deliveries WHERE epoch < ?", (cutoff,)).rowcount
+        # The trigger deleted their payloads; on PostgreSQL, two relays deleting a
+        # payload's last deliveries at once may each have seen the other's row.
+        db.execute("DELETE FROM payloads WHERE epoch < ?", (cutoff,))
         for (user_id, device_id), notice in expired.items():
             assert notice.count is not None
             self._note(user_id, device_id, -notice.count, notice, now)
@@ -1267,7 +1339,7 @@ class SqliteStorage:
         batch: EnvelopeBatch,
         *,
         max_mailbox_size: int,
-        committed: Callable[[Sequence[tuple[int, int] | None]], None] | None = None,
+        committed: Callable[[Sequence[MailboxPosition | None]], None] | None = None,
     ) -> tuple[tuple[str, int], ...]:
         positions = await self._writer.call(
             partial(self._db._enqueue, batch, max_mailbox_size), reported=committed
@@ -1298,7 +1370,9 @@ class SqliteStorage:
     async def purge_expired(self, now: int) -> int:
         try:
             return await self._writer.call(
-                partial(self._db._purge_expired, now), after_commit=self._db._truncate_wal
+                partial(self._db._purge_expired, now),
+                after_commit=self._db._truncate_wal,
+                exclusive=True,
             )
         finally:
             # Keys cease to exist on time even if the deletion failed (a full

@@ -3,7 +3,8 @@
 One thread owns the database connection, so the event loop never blocks on
 disk. Every storage call, reads included, is queued to it as a
 :class:`DatabaseCall`; the thread takes everything queued (at most
-``max_batch`` calls) and runs it as ONE ``BEGIN IMMEDIATE`` transaction,
+``max_batch`` calls) and runs it as ONE transaction (SQLite's ``BEGIN
+IMMEDIATE``, PostgreSQL's ``BEGIN``),
 each call inside its own SAVEPOINT (a call that fails, e.g. MailboxFull or
 a compare-and-set conflict, rolls back alone), then commits once: one fsync
 for the whole batch. Callers are woken only after that COMMIT returned, so
@@ -48,6 +49,10 @@ DEFAULT_MAX_BATCH = 512
 DEFAULT_MAX_QUEUED = 4096
 
 
+# PostgreSQL's disk_full.
+DISK_FULL_SQLSTATE = "53100"
+
+
 class DatabaseCall:
     """One storage call for :func:`run_batch`: what to run, then its outcome.
 
@@ -58,9 +63,21 @@ class DatabaseCall:
     committed, outside any transaction (WAL truncation).
     ``reported``, given the result, runs in the trio thread when a
     successful call's batch is reported, in the order the calls committed.
+    ``exclusive`` asks for a transaction of its own that no other relay
+    process sharing the database overlaps (PostgreSQL: an epoch's purge);
+    a SQLite transaction is always that.
     """
 
-    __slots__ = ("after_commit", "error", "reported", "result", "run", "savepoint", "waiter")
+    __slots__ = (
+        "after_commit",
+        "error",
+        "exclusive",
+        "reported",
+        "result",
+        "run",
+        "savepoint",
+        "waiter",
+    )
 
     def __init__(
         self,
@@ -69,9 +86,11 @@ class DatabaseCall:
         savepoint: bool = True,
         after_commit: Callable[[], None] | None = None,
         reported: Callable[[Any], None] | None = None,
+        exclusive: bool = False,
     ) -> None:
         self.run = run
         self.savepoint = savepoint
+        self.exclusive = exclusive
         self.after_commit = after_commit
         self.reported = reported
         self.result: object = None
@@ -85,7 +104,35 @@ class DatabaseCall:
         return self.result
 
 
-def run_batch(db: sqlite3.Connection, calls: Sequence[DatabaseCall]) -> None:
+class BatchConnection(Protocol):
+    """The part of a database connection :func:`run_batch` uses (sqlite3's, or an adapter)."""
+
+    @property
+    def in_transaction(self) -> bool: ...
+
+    def execute(self, sql: str, parameters: Any = ..., /) -> Any: ...
+
+
+# Errors that fail the whole batch, to be run again: the database chose its
+# transaction as the victim of a deadlock or a serialization failure
+# (SQLSTATE 40P01, 40001), which only relay processes sharing one PostgreSQL
+# cause. Rolling back one call would not do: the other side may wait for a
+# lock an earlier call of the batch holds.
+RETRYABLE_SQLSTATES = frozenset({"40P01", "40001"})
+
+
+def is_retryable(error: BaseException | None) -> bool:
+    """Whether ``error`` failed a batch that may be run again as it was."""
+    return getattr(error, "sqlstate", None) in RETRYABLE_SQLSTATES
+
+
+def run_batch(
+    db: BatchConnection,
+    calls: Sequence[DatabaseCall],
+    *,
+    begin: str = "BEGIN IMMEDIATE",
+    before_commit: Callable[[], None] | None = None,
+) -> None:
     """Run ``calls`` in order in one transaction, each atomic on its own; commit once.
 
     Fills each call's result or error. A call that raises is rolled back
@@ -93,22 +140,26 @@ def run_batch(db: sqlite3.Connection, calls: Sequence[DatabaseCall]) -> None:
     fails (BEGIN, COMMIT, or an error SQLite answers by rolling back
     everything), every call of the batch gets that error: nothing of
     the batch was stored. After-commit actions run only after a commit.
-    A full disk is :class:`StorageFull`, with SQLite's error as its cause.
+    A full disk is :class:`StorageFull`, with the database's error as its
+    cause. ``before_commit`` runs inside the transaction after the last call
+    (PostgreSQL's notifications, sent on commit).
     """
     try:
         if db.in_transaction:
             # A rollback that failed left the last transaction open: end it
             # first, or every BEGIN from now on would fail.
             db.execute("ROLLBACK")
-        db.execute("BEGIN IMMEDIATE")
+        db.execute(begin)
         for call in calls:
             _run_call(db, call)
+        if before_commit is not None:
+            before_commit()
         db.execute("COMMIT")
     except BaseException as exc:  # the transaction failed: nothing of the batch is stored
         if db.in_transaction:
             # SQLite may have rolled back already (after SQLITE_FULL, say): then
             # ROLLBACK fails with "no transaction is active", which is not the cause.
-            with suppress(sqlite3.Error):
+            with suppress(Exception):
                 db.execute("ROLLBACK")
         _fail_all(calls, storage_error(exc))
         return
@@ -120,19 +171,19 @@ def run_batch(db: sqlite3.Connection, calls: Sequence[DatabaseCall]) -> None:
                 call.error = storage_error(exc)
 
 
-def _run_call(db: sqlite3.Connection, call: DatabaseCall) -> None:
+def _run_call(db: BatchConnection, call: DatabaseCall) -> None:
     if call.savepoint:
         db.execute("SAVEPOINT call")
     try:
         call.result = call.run()
     except Exception as exc:
-        if not db.in_transaction:
-            raise  # SQLite rolled the whole transaction back (disk full, I/O error)
+        if not db.in_transaction or is_retryable(exc):
+            raise  # the whole transaction is lost (disk full, I/O error, lost link, deadlock)
         call.error = storage_error(exc)
         if call.savepoint:
             try:
                 db.execute("ROLLBACK TO call")
-            except sqlite3.Error:
+            except Exception:
                 raise exc from None  # the transaction is lost; the call's error is the cause
     if call.savepoint:
         db.execute("RELEASE call")
@@ -140,6 +191,8 @@ def _run_call(db: sqlite3.Connection, call: DatabaseCall) -> None:
 
 def is_storage_full(exc: BaseException) -> bool:
     """Whether ``exc`` says the disk (or the database's size limit) is full."""
+    if getattr(exc, "sqlstate", None) == DISK_FULL_SQLSTATE:  # PostgreSQL (psycopg)
+        return True
     if isinstance(exc, sqlite3.Error):
         return (getattr(exc, "sqlite_errorcode", 0) & 0xFF) == sqlite3.SQLITE_FULL
     return isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
@@ -197,9 +250,16 @@ class GroupCommitWriter:
         savepoint: bool = True,
         after_commit: Callable[[], None] | None = None,
         reported: Callable[[T], None] | None = None,
+        exclusive: bool = False,
     ) -> T:
         """Run ``run`` in the next batch (see :class:`DatabaseCall`); its result once committed."""
-        call = DatabaseCall(run, savepoint=savepoint, after_commit=after_commit, reported=reported)
+        call = DatabaseCall(
+            run,
+            savepoint=savepoint,
+            after_commit=after_commit,
+            reported=reported,
+            exclusive=exclusive,
+        )
         await self._submit(call)
         return cast(T, call.outcome())
 

@@ -1,0 +1,245 @@
+"""What only the PostgreSQL storage does: its dialect, its errors, and batches that lose a
+deadlock to another relay process (the storage and relay suites run on it too)."""
+
+from __future__ import annotations
+
+import json
+import threading
+from functools import partial
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from hushchat.protocol.prekeys import OneTimePreKeyPublic
+from hushchat.transport import cli
+from hushchat.transport.relay.config import wall_clock_ms
+from hushchat.transport.relay.storage.atrest import KeyChain, KeyState, read_key_file
+from hushchat.transport.relay.storage.names import without_password
+from hushchat.transport.relay.storage.postgres import PostgresDatabase, postgres_sql
+from hushchat.transport.relay.storage.rows import open_delivery, open_payload
+from hushchat.transport.relay.storage.writer import DatabaseCall, storage_error
+from hushchat.transport.wire.errors import PreKeyIdInUse, StorageFull
+from hushchat.transport.wire.limits import DEFAULT_RETENTION_SECONDS
+from hushchat.transport.wire.records import PreKeyCounts
+from tests.support.storage import batch, register_devices, upload_prekeys
+
+
+def test_sqlite_statements_are_spoken_in_postgresql_s_dialect() -> None:
+    assert postgres_sql("SELECT 1 FROM meta WHERE name = ?") == "SELECT 1 FROM meta WHERE name = %s"
+    assert postgres_sql("INSERT OR REPLACE INTO meta (name, value) VALUES (?, ?)") == (
+        "INSERT INTO meta (name, value) VALUES (%s, %s) "
+        "ON CONFLICT (name) DO UPDATE SET value = EXCLUDED.value"
+    )
+    assert "GREATEST(queued - %s, 0)" in postgres_sql(
+        "UPDATE mailboxes SET queued = MAX(queued - ?, 0) WHERE mailbox = ?"
+    )
+
+
+class DiskFull(Exception):
+    sqlstate = "53100"  # what psycopg's DiskFull carries
+
+
+def test_a_full_disk_is_storage_full_as_on_sqlite() -> None:
+    error = storage_error(DiskFull("could not extend file"))
+    assert isinstance(error, StorageFull) and isinstance(error.__cause__, DiskFull)
+
+
+def test_a_failing_call_rolls_back_alone_in_its_batch(postgres_dsn: str, tmp_path: Path) -> None:
+    db = PostgresDatabase(postgres_dsn, key_file=str(tmp_path / "relay.keys"))
+    register_devices(db, "bob", 1, 2)
+    upload_prekeys(db, "bob", 1, one_time=1, kem=0)
+    key = [OneTimePreKeyPublic(1, b"\x01" * 32)]
+    calls = [
+        DatabaseCall(partial(db._store_prekeys, "bob", 2, None, None, key, [], 10)),
+        DatabaseCall(partial(db._store_prekeys, "bob", 1, None, None, key, [], 10)),  # in use
+        DatabaseCall(partial(db._counts, ("bob", 2)), savepoint=False),
+    ]
+    db.run_batch(calls)
+    assert calls[0].error is None
+    assert isinstance(calls[1].error, PreKeyIdInUse)
+    assert calls[2].result == PreKeyCounts(1, 0)
+    assert db.prekey_counts("bob", 1) == db.prekey_counts("bob", 2) == PreKeyCounts(1, 0)
+    db.close()
+
+
+def test_a_batch_that_loses_a_deadlock_runs_again_whole(postgres_dsn: str, tmp_path: Path) -> None:
+    """Two relays' batches lock two rows in opposite orders, one call each, and meet: the
+    server aborts one transaction; rolling back only its second call would leave its
+    first call's lock in the winner's way, so the whole batch runs again, and both end
+    with every call committed once."""
+    first = PostgresDatabase(postgres_dsn, key_file=str(tmp_path / "relay.keys"))
+    second = PostgresDatabase(postgres_dsn, key_file=str(tmp_path / "relay.keys"))
+    register_devices(first, "a", 1)
+    register_devices(first, "b", 1, key_base=0x10)
+    met = threading.Barrier(2)
+    runs = {"a": 0, "b": 0}
+
+    def lock(db: PostgresDatabase, user: str, wait: bool) -> None:
+        if wait:
+            runs[user] += 1
+        db._conn.execute("UPDATE devices SET identity = identity WHERE user_id = ?", (user,))
+        if not wait and sum(runs.values()) == 0:
+            met.wait()  # both hold their first row before asking for the other's
+
+    def batch(db: PostgresDatabase, order: tuple[str, str]) -> list[DatabaseCall]:
+        calls = [
+            DatabaseCall(partial(lock, db, order[0], False)),
+            DatabaseCall(partial(lock, db, order[1], True)),
+        ]
+        db.run_batch(calls)
+        return calls
+
+    results: list[list[DatabaseCall]] = []
+    threads = [
+        threading.Thread(target=lambda: results.append(batch(first, ("a", "b")))),
+        threading.Thread(target=lambda: results.append(batch(second, ("b", "a")))),
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert [call.error for calls in results for call in calls] == [None] * 4
+    # At least one batch ran again (under load, both may have been chosen: each
+    # backend's deadlock check can find the cycle before the other's abort ends it).
+    assert sum(runs.values()) >= 3
+    first.close()
+    second.close()
+
+
+def test_errors_and_logs_name_no_password() -> None:
+    assert without_password("postgresql://relay:s3cret@db/hushchat") == (
+        "postgresql://relay@db/hushchat"
+    )
+    assert "s3cret" not in without_password("postgresql:///hushchat?user=relay&password=s3cret")
+
+
+def test_a_relay_started_after_the_retention_purged_tells_and_files_anew(
+    postgres_dsn: str, tmp_path: Path
+) -> None:
+    """Stopped for longer than the retention: at start the old epoch is purged, its
+    recipient told, its keys gone, and new mail is filed under the current epoch."""
+    now = [wall_clock_ms()]
+    keys = str(tmp_path / "relay.keys")
+    retention = DEFAULT_RETENTION_SECONDS * 1000
+
+    def send(db: PostgresDatabase, text: bytes) -> None:
+        db.enqueue(
+            batch(
+                [("bob", 1)],
+                (text,),
+                counters={"bob": 0},
+                server_ts=now[0],
+                expires_at=now[0] + retention,
+            ),
+            max_mailbox_size=10,
+        )
+
+    db = PostgresDatabase(postgres_dsn, key_file=keys, clock=lambda: now[0])
+    register_devices(db, "bob", 1)
+    send(db, b"old")
+    old_epoch = db.key_chain.epoch_of(now[0])
+    db.close()
+    now[0] += retention + 2 * db.key_chain.epoch_ms
+    again = PostgresDatabase(postgres_dsn, key_file=keys, clock=lambda: now[0])
+    assert again.key_chain.keys(old_epoch) is None
+    assert again.pending("bob", 1, after_seq=0, limit=10, now=now[0]) == []
+    notice = again.expiry_notice("bob", 1)
+    assert notice is not None and notice.count == 1
+    send(again, b"new")
+    (queued,) = again.pending("bob", 1, after_seq=0, limit=10, now=now[0])
+    assert queued.envelope.payload == b"new"
+    assert queued.epoch == again.key_chain.epoch_of(now[0])
+    again.close()
+
+
+def test_the_relay_command_on_postgresql(
+    postgres_dsn: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A relay on PostgreSQL needs the key file all its relays share (no path to put it
+    beside); the operator commands work on the database, given that key file."""
+    assert cli.main(["relay", "--db", postgres_dsn]) == 1
+    assert "needs --key-file" in capsys.readouterr().err
+    keys = str(tmp_path / "relay.keys")
+    db = PostgresDatabase(postgres_dsn, key_file=keys)
+    register_devices(db, "alice", 1, 2)
+    db.close()
+    assert cli.main(["relay", "users", "--db", postgres_dsn, "--key-file", keys]) == 0
+    assert "alice" in capsys.readouterr().out
+    assert cli.main(["relay", "users", "--db", postgres_dsn]) == 1
+    assert "--key-file" in capsys.readouterr().err
+
+
+def test_one_notification_per_batch_and_relay_naming_devices_never_ciphertext(
+    postgres_dsn: str, tmp_path: Path
+) -> None:
+    db = PostgresDatabase(postgres_dsn, key_file=str(tmp_path / "relay.keys"))
+    register_devices(db, "alice", 1, key_base=0x40)
+    register_devices(db, "bob", 1, 2)
+    db.run_batch([DatabaseCall(partial(db._attach, "bob", 1, b"c" * 8))])
+    with psycopg.connect(postgres_dsn, autocommit=True) as other:
+        other.execute("UPDATE presence SET relay = 'other' WHERE user_id = 'bob' AND device_id = 1")
+        other.execute(
+            "INSERT INTO presence VALUES ('bob', 2, 'other', %s), ('alice', 1, 'third', %s)",
+            (b"d" * 8, b"e" * 8),
+        )
+        other.execute("LISTEN hushchat_relay_other")
+        other.execute("LISTEN hushchat_relay_third")
+        secret = b"CIPHERTEXT-" + bytes(range(50))
+        sends = [
+            batch([("bob", 1), ("bob", 2)], (secret,), counters={"bob": 0}),
+            batch([("bob", 1)], (secret,), counters={"bob": 0}),
+            batch([("bob", 2)], (secret,), counters={"bob": 0}),
+        ]
+        db.run_batch([DatabaseCall(partial(db._enqueue, s, 10)) for s in sends])
+        notes = list(other.notifies(timeout=2, stop_after=3))
+    assert [n.channel for n in notes] == ["hushchat_relay_other"]  # one, none to 'third'
+    assert json.loads(notes[0].payload) == ["mail", [["bob", 1], ["bob", 2]]]
+    assert secret.hex() not in notes[0].payload and "CIPHERTEXT" not in notes[0].payload
+    db.close()
+
+
+def test_a_backup_of_the_database_opens_nothing_once_its_epochs_left_the_window(
+    postgres_dsn: str, tmp_path: Path
+) -> None:
+    """PostgreSQL keeps deleted rows in pages, its WAL, replicas and backups: a copy taken
+    while mail was queued keeps every row. After the window, the key file derives no key
+    that opens any of them (spec 9.8)."""
+    now = [wall_clock_ms()]
+    keys = str(tmp_path / "relay.keys")
+    db = PostgresDatabase(postgres_dsn, key_file=keys, clock=lambda: now[0])
+    register_devices(db, "bob", 1)
+    for text in (b"one", b"two", b"three"):
+        db.enqueue(
+            batch(
+                [("bob", 1)],
+                (text,),
+                counters={"bob": 0},
+                server_ts=now[0],
+                expires_at=now[0] + DEFAULT_RETENTION_SECONDS * 1000,
+            ),
+            max_mailbox_size=10,
+        )
+    with psycopg.connect(postgres_dsn) as backup:
+        deliveries = backup.execute(
+            "SELECT seq, mailbox, payload_id, sealed FROM deliveries"
+        ).fetchall()
+        payloads = backup.execute("SELECT id, sealed FROM payloads").fetchall()
+
+    def opened(state: KeyState | None) -> list[object]:
+        assert state is not None
+        chain = KeyChain(state)
+        epochs = range(state.epoch, chain.epoch_of(now[0]) + 2)
+        every = [k for e in epochs if (k := chain.keys(e)) is not None]
+        found: list[object] = []
+        for seq, mailbox, payload_id, sealed in deliveries:
+            found += [c for k in every if (c := open_delivery(k, seq, mailbox, payload_id, sealed))]
+        for payload_id, sealed in payloads:
+            found += [c for k in every if (c := open_payload(k, payload_id, sealed))]
+        return found
+
+    assert len(opened(read_key_file(keys))) == 6  # the check sees what is there
+    now[0] += DEFAULT_RETENTION_SECONDS * 1000 + 2 * db.key_chain.epoch_ms
+    assert db.purge_expired(now[0]) == 3
+    assert opened(read_key_file(keys)) == []
+    db.close()

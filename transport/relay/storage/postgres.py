@@ -1,0 +1,816 @@
+"""The relay's storage on PostgreSQL, shared by several relay processes: :class:`PostgresStorage`.
+
+Selected by ``hushchat relay --db postgresql://...`` (a file path keeps
+SQLite). Needs the optional extra ``hushchat[postgres]`` (psycopg 3).
+
+* The same sealed queue as :mod:`.sqlite` (:class:`PostgresDatabase` reuses
+  :class:`~.sqlite.SqliteDatabase`'s queries through a connection that speaks
+  PostgreSQL's dialect), run the same way: one writer thread per relay
+  process commits each batch of queued calls as ONE transaction, a savepoint
+  per call (:mod:`.writer`); psycopg's sync API, as its async one needs
+  asyncio.
+* Several relay processes on one database (spec 07 section 7.13):
+
+  - a send locks its recipients' ``users`` rows (shared) and ``devices``
+    rows (exclusive), in key order, before it checks and stores; a device
+    list change locks its ``users`` row exclusively. A send therefore sees
+    the lists it commits against (compare-and-set), and the sends to one
+    device commit one after another;
+  - a delivery's ``seq`` is taken from one sequence *while its device's row
+    is locked*: every seq taken later for that device is larger and commits
+    later, so a device's mailbox only grows at its end, in commit order,
+    whichever relay writes it. (A per-device counter would do the same, but
+    its consecutive values would link a device's mailbox indexes across
+    epochs in a copy of the database.) A reader's cursor never skips a row
+    that commits later;
+  - a one-time prekey is taken with ``FOR UPDATE SKIP LOCKED`` (never handed
+    out twice), and "none left" is answered only after waiting for the keys
+    other relays hold in transactions still open;
+  - a registration of a user id another relay registers at the same moment
+    fails on the key (a conflict), and a device key is locked while it is
+    checked against other users' lists;
+  - every batch holds a shared advisory lock, which the purge of an epoch
+    (and the move of the mailbox counts to a new epoch, and a migration)
+    takes exclusively: they never overlap a send.
+* Retention: an epoch's rows are deleted as a whole when it leaves the
+  window, and its keys cease to exist (the key file). PostgreSQL has no
+  secure delete: deleted rows stay in free pages, the WAL, replicas and
+  backups until overwritten, which is why only sealed rows are ever stored.
+* Push across relays: ``presence`` says which relay process holds each
+  connected device. After a send commits, the relay wakes its own recipients
+  and NOTIFYs each other relay holding some (one notification per batch and
+  relay, naming devices, never ciphertext); a device that connects to
+  another relay takes over its ``presence`` row and its older connection is
+  told to close. Each relay LISTENs on its own channel in a thread of its
+  own (:meth:`PostgresStorage.listen`), and after a lost database
+  connection wakes every device it holds (notifications sent meanwhile are
+  lost).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import secrets
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import suppress
+from functools import lru_cache, partial
+from typing import Any, TypeVar
+
+import psycopg
+import psycopg.errors
+import trio
+from psycopg.pq import TransactionStatus
+
+from hushchat.protocol.errors import UnknownStateVersion
+
+from ...wire.errors import StorageFull
+from ...wire.limits import (
+    DEFAULT_RETENTION_SECONDS,
+    NOTIFY_PAYLOAD_LIMIT,
+    NOTIFY_POLL_INTERVAL,
+    POSTGRES_RECONNECT_INTERVAL,
+)
+from ..config import wall_clock_ms
+from .atrest import KeyChain
+from .interface import (
+    ClusterEvents,
+    EnvelopeBatch,
+    ExpiryNotice,
+    MailboxPosition,
+    StorageConflict,
+    StoredDeviceList,
+)
+from .names import without_password
+from .schema import SCHEMA_VERSION
+from .sqlite import SqliteDatabase, SqliteStorage
+from .writer import (
+    DEFAULT_MAX_BATCH,
+    DEFAULT_MAX_QUEUED,
+    DatabaseCall,
+    is_retryable,
+    run_batch,
+)
+
+T = TypeVar("T")
+
+logger = logging.getLogger("hushchat.relay")
+
+# The schema version of a PostgreSQL relay database, in ``schema_version``.
+POSTGRES_SCHEMA_VERSION = 2
+
+# The advisory lock every batch holds shared and an epoch's purge, the move
+# to a new epoch and a migration hold exclusively: a (class, key) pair of
+# PostgreSQL's two-integer lock space ("hush", 1), apart from the
+# one-integer space of the device-key locks.
+LOCK_CLASS = 0x68757368
+EPOCH_LOCK = 1
+
+SHARED_BEGIN = f"BEGIN; SELECT pg_advisory_xact_lock_shared({LOCK_CLASS}, {EPOCH_LOCK})"
+EXCLUSIVE_BEGIN = f"BEGIN; SELECT pg_advisory_xact_lock({LOCK_CLASS}, {EPOCH_LOCK})"
+
+# Times a batch that lost a deadlock (or a serialization failure) to another
+# relay process is run again before its calls fail: the winner's locks are
+# released at its commit, so a second loss needs a new cycle each time.
+MAX_BATCH_RETRIES = 5
+
+# The tables of schema version 1: the directory and the sealed queue, the
+# same tables as SQLite's (schema.py), in PostgreSQL's types.
+SCHEMA_1 = """
+CREATE TABLE users (
+    user_id TEXT PRIMARY KEY,
+    user_identity BYTEA NOT NULL,
+    counter BYTEA NOT NULL,
+    signed BYTEA NOT NULL,
+    protocol_version INTEGER NOT NULL DEFAULT 1
+);
+CREATE TABLE devices (
+    user_id TEXT NOT NULL,
+    device_id BIGINT NOT NULL,
+    identity BYTEA NOT NULL,
+    PRIMARY KEY (user_id, device_id)
+);
+CREATE INDEX devices_identity ON devices (identity);
+CREATE TABLE invites (token_hash BYTEA PRIMARY KEY, expires_at BIGINT NOT NULL);
+CREATE TABLE signed_prekeys (
+    user_id TEXT NOT NULL, device_id BIGINT NOT NULL, key_id BIGINT NOT NULL,
+    public BYTEA NOT NULL, signature BYTEA NOT NULL, PRIMARY KEY (user_id, device_id)
+);
+CREATE TABLE last_resort_kem_prekeys (
+    user_id TEXT NOT NULL, device_id BIGINT NOT NULL, key_id BIGINT NOT NULL,
+    public BYTEA NOT NULL, signature BYTEA NOT NULL, PRIMARY KEY (user_id, device_id)
+);
+CREATE TABLE one_time_prekeys (
+    user_id TEXT NOT NULL, device_id BIGINT NOT NULL, key_id BIGINT NOT NULL,
+    public BYTEA NOT NULL, PRIMARY KEY (user_id, device_id, key_id)
+);
+CREATE TABLE one_time_kem_prekeys (
+    user_id TEXT NOT NULL, device_id BIGINT NOT NULL, key_id BIGINT NOT NULL,
+    public BYTEA NOT NULL, signature BYTEA NOT NULL, PRIMARY KEY (user_id, device_id, key_id)
+);
+CREATE TABLE meta (name TEXT PRIMARY KEY, value BYTEA NOT NULL);
+CREATE TABLE payloads (id BIGINT PRIMARY KEY, epoch BIGINT NOT NULL, sealed BYTEA NOT NULL);
+CREATE SEQUENCE delivery_seq;
+CREATE TABLE deliveries (
+    seq BIGINT PRIMARY KEY,
+    epoch BIGINT NOT NULL,
+    mailbox BYTEA NOT NULL,
+    payload_id BIGINT NOT NULL,
+    sealed BYTEA NOT NULL
+);
+CREATE INDEX deliveries_mailbox ON deliveries (mailbox, seq);
+CREATE INDEX deliveries_epoch ON deliveries (epoch);
+CREATE INDEX deliveries_payload ON deliveries (payload_id);
+CREATE TABLE mailboxes (
+    mailbox BYTEA PRIMARY KEY,
+    epoch BIGINT NOT NULL,
+    queued BIGINT NOT NULL,
+    noticed INTEGER NOT NULL,
+    sealed BYTEA NOT NULL
+);
+CREATE FUNCTION deliveries_removed() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    DELETE FROM payloads WHERE id = OLD.payload_id
+        AND NOT EXISTS (SELECT 1 FROM deliveries WHERE payload_id = OLD.payload_id);
+    RETURN NULL;
+END $$;
+CREATE TRIGGER deliveries_removed AFTER DELETE ON deliveries
+    FOR EACH ROW EXECUTE FUNCTION deliveries_removed();
+"""
+
+# Statements taking a database from version N (the key) to N + 1.
+POSTGRES_MIGRATIONS: dict[int, str] = {
+    # Several relay processes: which one holds each connected device (its
+    # connection's random id), so that a send wakes that relay and a newer
+    # connection closes an older one on another relay.
+    1: """
+CREATE TABLE presence (
+    user_id TEXT NOT NULL,
+    device_id BIGINT NOT NULL,
+    relay TEXT NOT NULL,
+    connection BYTEA NOT NULL,
+    PRIMARY KEY (user_id, device_id)
+);
+CREATE INDEX presence_relay ON presence (relay);
+""",
+}
+
+# The columns and keys of the tables SqliteDatabase writes with INSERT OR
+# REPLACE, which PostgreSQL spells INSERT ... ON CONFLICT DO UPDATE.
+_UPSERT_TABLES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    "meta": (("name", "value"), ("name",)),
+    "mailboxes": (("mailbox", "epoch", "queued", "noticed", "sealed"), ("mailbox",)),
+    "signed_prekeys": (
+        ("user_id", "device_id", "key_id", "public", "signature"),
+        ("user_id", "device_id"),
+    ),
+    "last_resort_kem_prekeys": (
+        ("user_id", "device_id", "key_id", "public", "signature"),
+        ("user_id", "device_id"),
+    ),
+}
+_UPSERT = re.compile(r"INSERT OR REPLACE INTO (\w+)(?: \(([^)]*)\))? VALUES")
+
+
+@lru_cache(maxsize=256)
+def postgres_sql(sql: str) -> str:
+    """``sql`` as SqliteDatabase writes it, in PostgreSQL's dialect."""
+    upsert = _UPSERT.search(sql)
+    if upsert is not None:
+        table = upsert.group(1)
+        columns, keys = _UPSERT_TABLES[table]
+        if upsert.group(2):
+            columns = tuple(c.strip() for c in upsert.group(2).split(","))
+        updates = ", ".join(f"{c} = EXCLUDED.{c}" for c in columns if c not in keys)
+        sql = (
+            f"{sql[: upsert.start()]}INSERT INTO {table} ({', '.join(columns)}) VALUES"
+            f"{sql[upsert.end() :]} ON CONFLICT ({', '.join(keys)}) DO UPDATE SET {updates}"
+        )
+    sql = sql.replace("MAX(queued - ?, 0)", "GREATEST(queued - ?, 0)")
+    return sql.replace("?", "%s")
+
+
+class PostgresConnection:
+    """A psycopg connection with the sqlite3 calls SqliteDatabase makes (autocommit: the
+    transactions are the explicit BEGIN and COMMIT of :func:`.writer.run_batch`)."""
+
+    def __init__(self, dsn: str) -> None:
+        self.dsn = dsn
+        self.raw = psycopg.connect(dsn, autocommit=True)
+
+    @property
+    def in_transaction(self) -> bool:
+        status = self.raw.info.transaction_status
+        return status in (TransactionStatus.INTRANS, TransactionStatus.INERROR)
+
+    @property
+    def usable(self) -> bool:
+        return not (self.raw.closed or self.raw.broken)
+
+    def execute(self, sql: str, parameters: Sequence[Any] = (), /) -> psycopg.Cursor[Any]:
+        if not parameters:  # several statements at once (BEGIN; SELECT ...) need no parameters
+            return self.raw.execute(sql.encode() if "?" not in sql else postgres_sql(sql).encode())
+        return self.raw.execute(postgres_sql(sql).encode(), parameters)
+
+    def executemany(self, sql: str, rows: Sequence[Sequence[Any]]) -> None:
+        if rows:
+            with self.raw.cursor() as cursor:
+                cursor.executemany(postgres_sql(sql).encode(), rows)
+
+    def close(self) -> None:
+        self.raw.close()
+
+
+def create_or_migrate_schema(conn: PostgresConnection) -> int:
+    """Give a new database the schema, or migrate an older one; the version found (0: new).
+
+    Runs in a transaction of its own holding the epoch lock exclusively, so
+    relays starting at once, and running relays, never see half a schema.
+    UnknownStateVersion if the database is newer than this relay.
+    """
+    conn.execute(EXCLUSIVE_BEGIN)
+    try:
+        exists = conn.execute("SELECT to_regclass('schema_version') IS NOT NULL").fetchone()
+        found = 0
+        if exists is not None and exists[0]:
+            row = conn.execute("SELECT version FROM schema_version").fetchone()
+            found = 0 if row is None else int(row[0])
+        if found > POSTGRES_SCHEMA_VERSION:
+            raise UnknownStateVersion(f"relay database schema version {found}")
+        if found == 0:
+            conn.execute(SCHEMA_1)
+            conn.execute("CREATE TABLE schema_version (version INTEGER NOT NULL)")
+            conn.execute("INSERT INTO schema_version VALUES (1)")
+        for step in range(max(found, 1), POSTGRES_SCHEMA_VERSION):
+            conn.execute(POSTGRES_MIGRATIONS[step])
+        conn.execute("UPDATE schema_version SET version = %s", (POSTGRES_SCHEMA_VERSION,))
+        conn.execute("COMMIT")
+    except BaseException:
+        if conn.usable and conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
+    if 0 < found < POSTGRES_SCHEMA_VERSION:
+        logger.info(
+            "relay database migrated from schema %d to %d", found, POSTGRES_SCHEMA_VERSION
+        )
+    return found
+
+
+def migrate_postgres(dsn: str) -> int:
+    """Create or migrate the relay schema of the database at ``dsn``; the version found."""
+    conn = PostgresConnection(dsn)
+    try:
+        return create_or_migrate_schema(conn)
+    finally:
+        conn.close()
+
+
+def schema_version(dsn: str) -> int:
+    """The schema version of the database at ``dsn`` (0: no relay schema), migrating nothing."""
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        row = conn.execute("SELECT to_regclass('schema_version') IS NOT NULL").fetchone()
+        if row is None or not row[0]:
+            return 0
+        version = conn.execute("SELECT version FROM schema_version").fetchone()
+        return 0 if version is None else int(version[0])
+
+
+class PostgresDatabase(SqliteDatabase):
+    """The synchronous implementation on PostgreSQL; see the module docstring.
+
+    ``relay_id`` names this relay process on its notification channel.
+    """
+
+    EXCLUSIVE_BEGIN = EXCLUSIVE_BEGIN
+    INTEGRITY_ERRORS = (psycopg.errors.UniqueViolation,)
+
+    def __init__(
+        self,
+        dsn: str,
+        *,
+        key_file: str | None = None,
+        retention_seconds: int = DEFAULT_RETENTION_SECONDS,
+        clock: Callable[[], int] = wall_clock_ms,
+        reset_keys: bool = False,
+        maintain: bool = True,
+        relay_id: str | None = None,
+    ) -> None:
+        self._dsn = dsn
+        self._clock = clock
+        self.relay_id = relay_id or secrets.token_hex(8)
+        self._exclusive = False  # the open transaction holds the epoch lock exclusively
+        self._epoch_seen = 0  # the newest epoch read from meta
+        self._batch_epoch: int | None = None  # the newest epoch, as the open batch read it
+        self._wakes: dict[str, set[tuple[str, int]]] = {}  # relay -> devices, this batch
+        self._conn: Any = PostgresConnection(dsn)
+        try:
+            create_or_migrate_schema(self._conn)
+            super()._setup(
+                without_password(dsn),
+                key_file=key_file,
+                retention_seconds=retention_seconds,
+                clock=clock,
+                reset_keys=reset_keys,
+                maintain=maintain,
+                # Migrated already (create_or_migrate_schema): the queue's format is current.
+                version=SCHEMA_VERSION,
+            )
+        except BaseException:
+            self._conn.close()
+            raise
+        self._epoch_seen = self._read_epoch()
+
+    @property
+    def channel(self) -> str:
+        """This relay's notification channel."""
+        return channel_of(self.relay_id)
+
+    # ---------------------------------------------------------------- SqliteDatabase's hooks
+
+    def _migrate_locked(self, chain: KeyChain, now: int) -> None:
+        """The schema was migrated when the database was opened (create_or_migrate_schema)."""
+
+    def _chain_in_use(self) -> bool:
+        """Always: other relay processes may be sealing under the database's chain now,
+        so a relay with another key file (or none) must not adopt a new one."""
+        return True
+
+    def _truncate_wal(self, *, wait_ms: int = 0) -> None:
+        """Nothing to do: PostgreSQL has no secure delete (sealing and forgotten keys stand in)."""
+
+    def _new_seqs(self, count: int) -> list[int]:
+        """``count`` seqs from the shared sequence, taken while the recipients' rows are locked."""
+        rows = self._conn.execute(
+            "SELECT nextval('delivery_seq') FROM generate_series(1, ?)", (count,)
+        ).fetchall()
+        return sorted(int(row[0]) for row in rows)
+
+    def _read_epoch(self) -> int:
+        row = self._conn.execute("SELECT value FROM meta WHERE name = 'epoch'").fetchone()
+        return 0 if row is None else int.from_bytes(row[0], "big")
+
+    def _current_epoch(self, at_least: int) -> int:
+        """The newest epoch; moved on only in an exclusive transaction (see run_batch).
+
+        A send whose time falls in an epoch not started yet in the database
+        (the clock crossed the boundary since its batch began) is filed
+        under the newest one, as the move waits for that batch. Read once per
+        shared batch: only an exclusive transaction moves it.
+        """
+        if self._exclusive or self._batch_epoch is None:
+            epoch = self._read_epoch()
+            if at_least > epoch and self._exclusive:
+                epoch = super()._current_epoch(at_least)
+            self._batch_epoch = epoch
+            self._epoch_seen = max(self._epoch_seen, epoch)
+        return self._batch_epoch
+
+    def _open_keys(self, path: str, version: int, now: int, reset: bool) -> KeyChain:
+        """As on SQLite; the transaction it runs in holds the epoch lock exclusively."""
+        self._exclusive = True
+        try:
+            return super()._open_keys(path, version, now, reset)
+        finally:
+            self._exclusive = False
+            self._batch_epoch = None
+
+    # ---------------------------------------------------------------- transactions
+
+    def run_batch(self, calls: Sequence[DatabaseCall]) -> None:
+        """Run ``calls`` in queue order: exclusive ones alone, each run of others as one batch.
+
+        Reconnects first if the connection was lost; starts a new epoch
+        first if the clock entered one.
+        """
+        if not self._conn.usable:
+            try:
+                self._conn.close()
+                self._conn = PostgresConnection(self._dsn)
+            except psycopg.Error as exc:
+                for call in calls:
+                    call.result, call.error = None, exc
+                return
+        if self._chain.epoch_of(self._clock()) > self._epoch_seen:
+            self._advance_epoch()
+        shared: list[DatabaseCall] = []
+        for call in calls:
+            if not call.exclusive:
+                shared.append(call)
+                continue
+            self._run(shared, exclusive=False)
+            shared = []
+            self._run([call], exclusive=True)
+        self._run(shared, exclusive=False)
+
+    def _run(self, calls: Sequence[DatabaseCall], *, exclusive: bool) -> None:
+        if not calls:
+            return
+        self._exclusive = exclusive
+        try:
+            for attempt in range(MAX_BATCH_RETRIES + 1):
+                self._wakes, self._batch_epoch = {}, None
+                run_batch(
+                    self._conn,
+                    calls,
+                    begin=EXCLUSIVE_BEGIN if exclusive else SHARED_BEGIN,
+                    before_commit=self._notify,
+                )
+                if attempt == MAX_BATCH_RETRIES or not is_retryable(calls[0].error):
+                    break
+                # A deadlock's victim: its locks are gone, so the other side goes
+                # on, and this batch is run again as it was (nothing of it is stored).
+                for call in calls:
+                    call.result, call.error = None, None
+        finally:
+            self._exclusive, self._batch_epoch = False, None
+        if any(isinstance(call.error, StorageFull) for call in calls):
+            logger.warning("the relay's database is full: requests that store are refused")
+
+    def _advance_epoch(self) -> None:
+        now = self._clock()
+        call = DatabaseCall(partial(self._current_epoch, self._chain.epoch_of(now)))
+        self._run([call], exclusive=True)
+        if call.error is not None:
+            logger.warning("new epoch not started: %s", call.error)
+
+    def _notify(self) -> None:
+        """Wake the other relays holding this batch's recipients (sent on commit)."""
+        for relay, devices in self._wakes.items():
+            for payload in _wake_payloads(sorted(devices)):
+                self._conn.execute("SELECT pg_notify(?, ?)", (channel_of(relay), payload))
+
+    def close(self) -> None:
+        self._conn.close()
+
+    # ---------------------------------------------------------------- locks
+
+    def _lock_devices(self, devices: Sequence[tuple[str, int]]) -> int:
+        """Lock the devices' rows, in key order; how many of them exist."""
+        wanted = sorted(set(devices))
+        locked = 0
+        for part in _chunks(wanted):
+            marks = ", ".join(["(?, ?)"] * len(part))
+            rows = self._conn.execute(
+                "SELECT 1 FROM devices WHERE (user_id, device_id) IN "
+                f"(VALUES {marks}) ORDER BY user_id, device_id FOR UPDATE",
+                [value for device in part for value in device],
+            ).fetchall()
+            locked += len(rows)
+        return locked
+
+    def _store_device_list(
+        self,
+        new: StoredDeviceList,
+        previous_counter: int | None,
+        invite_hash: bytes | None,
+        now: int,
+    ) -> tuple[int, ...]:
+        conn = self._conn
+        conn.execute("SELECT 1 FROM users WHERE user_id = ? FOR UPDATE", (new.user_id,))
+        # A device key is one user's: checked and stored under its lock, so two
+        # users listing one key on two relays at once do not both succeed.
+        for identity in sorted({identity for _, identity in new.devices}):
+            conn.execute("SELECT pg_advisory_xact_lock(hashtextextended(?, 0))", (identity.hex(),))
+        old = [
+            (new.user_id, int(row[0]))
+            for row in conn.execute(
+                "SELECT device_id FROM devices WHERE user_id = ?", (new.user_id,)
+            ).fetchall()
+        ]
+        self._lock_devices(old)
+        try:
+            return super()._store_device_list(new, previous_counter, invite_hash, now)
+        except psycopg.errors.UniqueViolation:
+            raise StorageConflict("the user was registered meanwhile") from None
+
+    def _enqueue(
+        self, batch: EnvelopeBatch, max_mailbox_size: int
+    ) -> list[MailboxPosition | None]:
+        conn = self._conn
+        users = sorted(batch.device_list_counters)
+        for names in _chunks(users):
+            conn.execute(
+                f"SELECT 1 FROM users WHERE user_id IN ({', '.join(['?'] * len(names))}) "
+                "ORDER BY user_id FOR SHARE",
+                names,
+            )
+        self._lock_devices([(d.user_id, d.device_id) for d in batch.deliveries])
+        # What each device's mailbox ends with before this send (see MailboxPosition):
+        # the epoch super() files under is this batch's newest, read once.
+        epoch = self._current_epoch(0)
+        keys = self._chain.keys(epoch)
+        assert keys is not None
+        boxes = [keys.index(d.user_id, d.device_id) for d in batch.deliveries]
+        last: dict[bytes, int] = {}
+        for indexes in _chunks(sorted(set(boxes))):
+            last.update(
+                conn.execute(
+                    "SELECT mailbox, MAX(seq) FROM deliveries WHERE epoch = ? AND mailbox IN "
+                    f"({', '.join(['?'] * len(indexes))}) GROUP BY mailbox",
+                    [epoch, *indexes],
+                )
+            )
+        positions = [
+            None if p is None else MailboxPosition(p.epoch, p.seq, last.get(box, 0))
+            for p, box in zip(super()._enqueue(batch, max_mailbox_size), boxes, strict=True)
+        ]
+        stored = [
+            (d.user_id, d.device_id)
+            for d, position in zip(batch.deliveries, positions, strict=True)
+            if position is not None
+        ]
+        for part in _chunks(sorted(set(stored))):
+            marks = ", ".join(["(?, ?)"] * len(part))
+            for user_id, device_id, relay in conn.execute(
+                "SELECT user_id, device_id, relay FROM presence WHERE (user_id, device_id) IN "
+                f"(VALUES {marks}) AND relay != ?",
+                [*(value for device in part for value in device), self.relay_id],
+            ):
+                self._wakes.setdefault(relay, set()).add((user_id, int(device_id)))
+        return positions
+
+    def _acknowledge(self, user_id: str, device_id: int, seqs: Sequence[int]) -> int:
+        self._lock_devices([(user_id, device_id)])
+        return super()._acknowledge(user_id, device_id, seqs)
+
+    def _note(
+        self, user_id: str, device_id: int, change: int, notice: ExpiryNotice | None, now: int
+    ) -> None:
+        self._lock_devices([(user_id, device_id)])
+        super()._note(user_id, device_id, change, notice, now)
+
+    def _clear_expiry_notice(self, user_id: str, device_id: int, notice: ExpiryNotice) -> None:
+        self._lock_devices([(user_id, device_id)])
+        super()._clear_expiry_notice(user_id, device_id, notice)
+
+    # ---------------------------------------------------------------- prekeys
+
+    def _take_one(self, table: str, columns: str, key: tuple[str, int]) -> Any:
+        """Take (delete and return) the device's lowest one-time key in ``table``, if any.
+
+        Keys other relays are taking in open transactions are skipped; if
+        all are, wait for the lowest of them (its taker may roll back), and
+        answer "none" only when no key is left.
+        """
+        where = "WHERE user_id = ? AND device_id = ?"
+        while True:
+            for wait in ("SKIP LOCKED", ""):
+                row = self._conn.execute(
+                    f"DELETE FROM {table} {where} AND key_id = (SELECT key_id FROM {table} "
+                    f"{where} ORDER BY key_id LIMIT 1 FOR UPDATE {wait}) RETURNING {columns}",
+                    key + key,
+                ).fetchone()
+                if row is not None:
+                    return row
+            if self._conn.execute(f"SELECT 1 FROM {table} {where} LIMIT 1", key).fetchone() is None:
+                return None
+
+    # ---------------------------------------------------------------- presence
+
+    def _attach(self, user_id: str, device_id: int, connection: bytes) -> None:
+        """The device connected here: this relay holds it now, and its older connection closes."""
+        if not self._lock_devices([(user_id, device_id)]):
+            return  # removed meanwhile: nothing to hold
+        previous = self._conn.execute(
+            "SELECT relay, connection FROM presence WHERE user_id = ? AND device_id = ?",
+            (user_id, device_id),
+        ).fetchone()
+        self._conn.execute(
+            "INSERT INTO presence (user_id, device_id, relay, connection) VALUES (?, ?, ?, ?) "
+            "ON CONFLICT (user_id, device_id) DO UPDATE SET relay = EXCLUDED.relay, "
+            "connection = EXCLUDED.connection",
+            (user_id, device_id, self.relay_id, connection),
+        )
+        if previous is not None and previous[0] != self.relay_id:
+            payload = json.dumps(["superseded", user_id, device_id, bytes(previous[1]).hex()])
+            self._conn.execute("SELECT pg_notify(?, ?)", (channel_of(previous[0]), payload))
+
+    def _detach(self, user_id: str, device_id: int, connection: bytes) -> None:
+        self._conn.execute(
+            "DELETE FROM presence WHERE user_id = ? AND device_id = ? AND relay = ? "
+            "AND connection = ?",
+            (user_id, device_id, self.relay_id, connection),
+        )
+
+    def _forget_presence(self) -> None:
+        """This relay holds no device (it starts, or stops)."""
+        self._conn.execute("DELETE FROM presence WHERE relay = ?", (self.relay_id,))
+
+    # ---------------------------------------------------------------- operator commands
+
+    def _wipe_device(self, user_id: str, device_id: int) -> None:
+        super()._wipe_device(user_id, device_id)
+        self._conn.execute(
+            "DELETE FROM presence WHERE user_id = ? AND device_id = ?", (user_id, device_id)
+        )
+
+
+def channel_of(relay_id: str) -> str:
+    """The notification channel of the relay process ``relay_id``."""
+    return f"hushchat_relay_{relay_id}"
+
+
+def _wake_payloads(devices: Sequence[tuple[str, int]]) -> Iterator[str]:
+    """Notification payloads naming ``devices``, each under PostgreSQL's size limit."""
+    part: list[tuple[str, int]] = []
+    size = 0
+    for device in devices:
+        entry = len(json.dumps(list(device))) + 1
+        if part and size + entry > NOTIFY_PAYLOAD_LIMIT:
+            yield json.dumps(["mail", part])
+            part, size = [], 0
+        part.append(device)
+        size += entry
+    if part:
+        yield json.dumps(["mail", part])
+
+
+def _chunks(rows: Sequence[T]) -> Iterator[Sequence[T]]:
+    """Keys to lock in slices (one statement each), in the order given."""
+    return (rows[i : i + 1000] for i in range(0, len(rows), 1000))
+
+
+class PostgresStorage(SqliteStorage):
+    """:class:`~.interface.RelayStorage` on PostgreSQL, with group commit, for a relay cluster.
+
+    The storage calls are :class:`~.sqlite.SqliteStorage`'s, run on a
+    :class:`PostgresDatabase`. The cluster calls (:meth:`attach`,
+    :meth:`detach`, :meth:`listen`) let relay processes sharing the
+    database push to each other's devices.
+    """
+
+    _db: PostgresDatabase
+
+    def __init__(
+        self,
+        database: PostgresDatabase,
+        *,
+        max_batch: int = DEFAULT_MAX_BATCH,
+        max_queued: int = DEFAULT_MAX_QUEUED,
+    ) -> None:
+        super().__init__(database, max_batch=max_batch, max_queued=max_queued)
+        self._stop = threading.Event()
+
+    @classmethod
+    async def open(
+        cls,
+        dsn: str,
+        *,
+        key_file: str | None = None,
+        retention_seconds: int = DEFAULT_RETENTION_SECONDS,
+        clock: Callable[[], int] = wall_clock_ms,
+        reset_keys: bool = False,
+        max_batch: int = DEFAULT_MAX_BATCH,
+        max_queued: int = DEFAULT_MAX_QUEUED,
+        relay_id: str | None = None,
+    ) -> PostgresStorage:
+        """Open the relay database at ``dsn`` (a ``postgresql://`` URL), creating or
+        migrating its schema; the arguments are :meth:`.SqliteStorage.open`'s.
+
+        ``key_file`` holds the keys of the queued mail: every relay process
+        of a cluster needs a copy of the same file (None: keys in memory,
+        for tests; a second relay then cannot open the mail).
+        """
+        database = await trio.to_thread.run_sync(
+            partial(
+                PostgresDatabase,
+                dsn,
+                key_file=key_file,
+                retention_seconds=retention_seconds,
+                clock=clock,
+                reset_keys=reset_keys,
+                relay_id=relay_id,
+            )
+        )
+        return cls(database, max_batch=max_batch, max_queued=max_queued)
+
+    @property
+    def relay_id(self) -> str:
+        return self._db.relay_id
+
+    @property
+    def database(self) -> PostgresDatabase:
+        return self._db
+
+    async def attach(self, user_id: str, device_id: int, connection: bytes) -> None:
+        """The device authenticated on this relay as ``connection`` (see PostgresDatabase)."""
+        await self._writer.call(partial(self._db._attach, user_id, device_id, connection))
+
+    async def detach(self, user_id: str, device_id: int, connection: bytes) -> None:
+        await self._writer.call(
+            partial(self._db._detach, user_id, device_id, connection), savepoint=False
+        )
+
+    async def listen(
+        self,
+        events: ClusterEvents,
+        *,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Hand this relay's notifications to ``events`` until cancelled.
+
+        A thread of its own holds a connection that LISTENs on the relay's
+        channel; ``task_status.started`` once it listens. After a lost
+        connection it reconnects, listens again and calls ``events.resynced``.
+        """
+        token = trio.lowlevel.current_trio_token()
+        listening = trio.Event()
+        done = trio.Event()
+        self._stop.clear()
+
+        def deliver(payload: str) -> None:
+            try:
+                message = json.loads(payload)
+                if message[0] == "mail":
+                    events.mail([(str(u), int(d)) for u, d in message[1]])
+                elif message[0] == "superseded":
+                    events.superseded(str(message[1]), int(message[2]), bytes.fromhex(message[3]))
+            except (ValueError, IndexError, TypeError, KeyError):
+                logger.warning("unreadable notification on the relay's channel")
+
+        def run() -> None:
+            first = True
+            try:
+                while not self._stop.is_set():
+                    try:
+                        with psycopg.connect(self._db._dsn, autocommit=True) as conn:
+                            conn.execute(f"LISTEN {self._db.channel}")
+                            token.run_sync_soon(listening.set if first else events.resynced)
+                            first = False
+                            while not self._stop.is_set():
+                                for note in conn.notifies(timeout=NOTIFY_POLL_INTERVAL):
+                                    token.run_sync_soon(deliver, note.payload)
+                    except psycopg.OperationalError as exc:
+                        if self._stop.is_set():
+                            return
+                        logger.warning("lost the database's notifications (%s): reconnecting", exc)
+                        self._stop.wait(POSTGRES_RECONNECT_INTERVAL)
+            except trio.RunFinishedError:
+                return
+            finally:
+                with suppress(trio.RunFinishedError):
+                    token.run_sync_soon(done.set)
+
+        thread = threading.Thread(target=run, name="hushchat-relay-listen", daemon=True)
+        thread.start()
+        try:
+            await listening.wait()
+            task_status.started()
+            await trio.sleep_forever()
+        finally:
+            self._stop.set()
+            with trio.CancelScope(shield=True):
+                await done.wait()
+
+    async def aclose(self) -> None:
+        """Forget this relay's presence, let every queued call commit, close. Idempotent."""
+        self._stop.set()
+        try:
+            await self._writer.call(self._db._forget_presence, savepoint=False)
+        except (trio.ClosedResourceError, psycopg.Error, OSError) as exc:
+            logger.debug("presence not forgotten: %s", exc)
+        await self._writer.aclose(self._db.close)
+
+
