@@ -21,10 +21,44 @@ its next batch (spec 7.8). Reported:
 
 * envelopes delivered (acknowledged) per second, from the first send to the
   last acknowledgement;
-* latency from just before the send request to the recipient's receipt,
-  p50/p95/p99;
+* latency from just before the send request (open loop: from its scheduled
+  time) to the recipient's receipt, p50/p95/p99/p999;
 * lost and duplicated envelopes (each expected delivery must arrive once);
 * the relay's peak RSS and CPU time, and the load generator's CPU time.
+
+That is the *burst* mode: each client keeps one send outstanding, so the
+relay runs at its saturation rate and the latency is mostly the run's own
+queue (Little's law). ``rate`` makes the load *open loop*, as wrk2 does it:
+the sends are scheduled in advance at ``rate`` envelopes per second (each
+send's envelopes take their share of the schedule, in rounds of every
+client's next send), each goes at its scheduled time whether or not earlier
+ones were answered (a client's requests overlap on its connection), and the
+latency of an envelope runs from its send's *scheduled* time. A relay that
+stalls cannot hide the queue that builds behind the stall (no coordinated
+omission): the sends it delays count as late from when they were due.
+Reported as well: the rate achieved (delivered envelopes over the time from
+the first scheduled send to the last acknowledgement) and how late the load
+generator itself sent (``send_lag_ms``; if it is large, the generator, not
+the relay, was the bound). :func:`run_rate_sweep` measures the saturation
+rate with a burst run, then runs open loop at fractions of it.
+
+The relay's CPU time per delivered envelope (``relay_cpu_us_per_envelope``,
+the relay process's user + system time during the load over the envelopes
+delivered) is reported for every run: it is the figure that carries over to
+other machines and loads, where envelopes per second depend on what else
+runs.
+
+On PostgreSQL (:class:`Databases`: ``--db postgres`` starts a throwaway
+server, durable, with :func:`~hushchat.devtools.pgcluster.throwaway_cluster`
+and gives each run a new database) ``relays`` relay processes share the
+database, each with its own writer and listener connections, and the
+clients are dealt out among them in turn (client ``i`` to relay ``i mod
+relays``). An envelope whose sender and recipient are on different relays
+reaches its recipient through the other relay's wake-up (PostgreSQL
+NOTIFY); their latency is also reported apart (``cross_relay_latency_ms``).
+The server's CPU time per envelope (``database_cpu_us_per_envelope``: the
+postmaster and all its processes, from ``/proc``) is reported for a server
+the benchmark started.
 
 Each client sends at most ``messages`` requests and the whole run is bounded
 by ``timeout`` seconds. The relay's send limit (60 requests at once, then 60
@@ -35,33 +69,38 @@ and is retried (counted as ``rate_limited``).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import logging
 import math
 import multiprocessing
 import os
 import resource
 import signal
-import statistics
+import subprocess
 import sys
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
+from importlib.util import find_spec
 from multiprocessing.connection import Connection
 from typing import Any
 
 import trio
 
 from hushchat.protocol.devices import DeviceEntry, DeviceList
+from hushchat.protocol.errors import ProtocolError
 from hushchat.protocol.keys import IdentityKeyPair
 from hushchat.transport.client.connection import RelayConnection, connect_relay
 from hushchat.transport.relay.config import RelayConfig
 from hushchat.transport.relay.server import serve_relay
-from hushchat.transport.wire.errors import RateLimited
+from hushchat.transport.wire.errors import RateLimited, TransportError
 from hushchat.transport.wire.records import Envelope
 
 from .arguments import at_least, positive_seconds
+from .pgcluster import ThrowawayCluster, throwaway_cluster
 
 DEFAULT_CLIENTS = 200
 DEFAULT_MESSAGES = 10
@@ -74,9 +113,26 @@ DRAIN_SECONDS = 1.0
 # The targets the report checks: throughput, and latency at 200 clients.
 TARGET_ENVELOPES_PER_SECOND = 10_000
 TARGET_P99_MS = 100.0
+# Issue 20's open-loop target: p99 at half the saturation rate, on either backend.
+TARGET_OPEN_LOOP_P99_MS = 50.0
+# The fractions of the saturation rate a sweep runs at when none are given.
+DEFAULT_SWEEP = (0.25, 0.5, 0.75, 0.9)
+# An open-loop schedule starts this long after the start signal, so that every
+# client's scheduler is already waiting for its first send.
+SCHEDULE_LEAD_SECONDS = 0.1
 # Relay process start-up and shut-down bounds.
 RELAY_START_TIMEOUT = 30.0
 RELAY_STOP_TIMEOUT = 30.0
+
+BURST = "burst"
+OPEN_LOOP = "open loop"
+SQLITE = "sqlite"
+POSTGRESQL = "postgresql"
+# The relay's PostgreSQL storage module, which needs the extra hushchat[postgres].
+POSTGRES_STORAGE = "hushchat.transport.relay.storage.postgres"
+# --db: the relay's SQLite store (a new file per run), or a throwaway PostgreSQL
+# cluster the benchmark starts (a new database per run), or a PostgreSQL URL.
+DB_CHOICES = (SQLITE, "postgres")
 
 
 @dataclass(slots=True)
@@ -99,14 +155,60 @@ class RelayLoadResult:
     relay_cpu_seconds: float = 0.0
     load_cpu_seconds: float = 0.0
     load_client: str = "hushchat.transport.client.connection.RelayConnection"
+    mode: str = BURST
+    # Open loop only: the rate the sends were scheduled at, and how late they went.
+    offered_rate: float | None = None
+    send_lag_ms: dict[str, float] = field(default_factory=dict)
+    database: str = SQLITE
+    relays: int = 1
+    # Envelopes whose sender and recipient were connected to different relays.
+    cross_relay_envelopes: int = 0
+    cross_relay_latency_ms: dict[str, float] = field(default_factory=dict)
+    # The database server's processes (a cluster the benchmark started): None if unknown.
+    database_cpu_seconds: float | None = None
+
+    @property
+    def database_cpu_us_per_envelope(self) -> float | None:
+        """The database server's CPU time during the load over the envelopes delivered."""
+        if self.database_cpu_seconds is None or not self.delivered:
+            return None
+        return 1e6 * self.database_cpu_seconds / self.delivered
+
+    @property
+    def relay_cpu_us_per_envelope(self) -> float:
+        """The relay's CPU time during the load over the envelopes delivered."""
+        if not self.delivered:
+            return math.nan
+        return 1e6 * self.relay_cpu_seconds / self.delivered
+
+    @property
+    def achieved_fraction(self) -> float | None:
+        """Open loop: the rate achieved over the rate offered."""
+        if self.offered_rate is None:
+            return None
+        return self.envelopes_per_second / self.offered_rate
 
     def as_json(self) -> dict[str, Any]:
         out = asdict(self)
         for key in ("seconds", "envelopes_per_second", "relay_peak_rss_mb"):
-            out[key] = round(out[key], 2)
-        out["relay_cpu_seconds"] = round(self.relay_cpu_seconds, 2)
-        out["load_cpu_seconds"] = round(self.load_cpu_seconds, 2)
+            out[key] = _finite(round(out[key], 2))
+        out["relay_cpu_seconds"] = _finite(round(self.relay_cpu_seconds, 3))
+        out["load_cpu_seconds"] = _finite(round(self.load_cpu_seconds, 3))
+        out["relay_cpu_us_per_envelope"] = _finite(round(self.relay_cpu_us_per_envelope, 1))
+        database_cpu = self.database_cpu_us_per_envelope
+        if self.database_cpu_seconds is not None:
+            out["database_cpu_seconds"] = _finite(round(self.database_cpu_seconds, 3))
+        out["database_cpu_us_per_envelope"] = (
+            None if database_cpu is None else _finite(round(database_cpu, 1))
+        )
+        if self.offered_rate is not None:
+            out["offered_rate"] = round(self.offered_rate, 1)
         return out
+
+
+def _finite(value: float) -> float | None:
+    """JSON has no NaN: a figure that could not be measured is null."""
+    return value if math.isfinite(value) else None
 
 
 # ------------------------------------------------------------------ the relay process
@@ -117,17 +219,26 @@ def _usage() -> tuple[int, float]:
     return usage.ru_maxrss, usage.ru_utime + usage.ru_stime
 
 
-def _relay_process(db_path: str, pipe: Connection) -> None:
+def _relay_config(database: str, key_file: str) -> RelayConfig:
+    """A relay on a free loopback port over ``database`` (a SQLite path or a PostgreSQL URL)."""
+    return RelayConfig(port=0, db_path=database, key_file=key_file)
+
+
+def _relay_process(database: str, key_file: str, pipe: Connection) -> None:
     """Run a relay; answer "usage" with (peak RSS KiB, CPU seconds) until told to stop.
 
     Ctrl-C reaches every process of the terminal's group: the parent stops this
     one through the pipe, so it ignores SIGINT rather than die mid-answer.
     """
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # What goes wrong in a relay is said on stderr (the library is silent by default).
+    logging.basicConfig(
+        level=logging.WARNING, format=f"relay (pid {os.getpid()}): %(levelname)s %(message)s"
+    )
 
     async def main() -> None:
         async with trio.open_nursery() as nursery:
-            port = await nursery.start(serve_relay, RelayConfig(port=0, db_path=db_path))
+            port = await nursery.start(serve_relay, _relay_config(database, key_file))
             pipe.send(port)
             while await trio.to_thread.run_sync(pipe.recv) == "usage":
                 pipe.send(_usage())
@@ -144,10 +255,12 @@ class RelayBenchError(Exception):
 class _RelayProcess:
     """The relay in a spawned process, and a pipe to read its usage and stop it."""
 
-    def __init__(self, db_path: str) -> None:
+    def __init__(self, database: str, key_file: str) -> None:
         context = multiprocessing.get_context("spawn")
         self._pipe, child = context.Pipe()
-        self._process = context.Process(target=_relay_process, args=(db_path, child), daemon=True)
+        self._process = context.Process(
+            target=_relay_process, args=(database, key_file, child), daemon=True
+        )
         self._process.start()
         child.close()
         self.port: int = self._receive(RELAY_START_TIMEOUT)
@@ -182,6 +295,79 @@ class _RelayProcess:
         return peak_kib / 1024, cpu
 
 
+class Databases:
+    """Where each run's relays keep their data.
+
+    ``db``: ``"sqlite"`` (a new SQLite file per run, under ``db_dir``),
+    ``"postgres"`` (a throwaway PostgreSQL cluster started here, under
+    ``db_dir``, with a new database per run, whose server CPU time is
+    measured) or a ``postgresql://`` URL (an empty database: every run of
+    this benchmark on it, with one key file, the load's user names differing
+    per run; its server's CPU is not measured).
+    A context manager: the cluster, if any, is stopped and deleted on exit.
+    """
+
+    def __init__(self, db: str = SQLITE, db_dir: str | None = None) -> None:
+        self.db = db
+        self.db_dir = db_dir
+        self.cluster: ThrowawayCluster | None = None
+        self._stack = contextlib.ExitStack()
+        self._databases = 0
+        self._shared_keys: str | None = None
+        if db != SQLITE and db != "postgres" and not _is_postgres_url(db):
+            raise ValueError(f"unknown database {db!r}")
+        self.kind = SQLITE if db == SQLITE else POSTGRESQL
+
+    def __enter__(self) -> Databases:
+        if self.kind == POSTGRESQL and find_spec(POSTGRES_STORAGE) is None:
+            raise RelayBenchError("this relay has no PostgreSQL storage")
+        if self.kind == POSTGRESQL and find_spec("psycopg") is None:
+            raise RelayBenchError(
+                "PostgreSQL needs psycopg: pip install 'hushchat[postgres]'"
+            )
+        if self.db == "postgres":
+            try:
+                self.cluster = self._stack.enter_context(
+                    throwaway_cluster(durable=True, parent=self.db_dir)
+                )
+            except (RuntimeError, subprocess.SubprocessError, OSError) as exc:
+                raise RelayBenchError(f"cannot start a PostgreSQL server: {exc}") from None
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.cluster = None
+        self._stack.close()
+
+    def for_run(self, directory: str) -> tuple[str, str]:
+        """The database a new run's relays use, and their key file (``directory``: the
+        run's own folder). On a database given by URL every run shares one key file, as
+        every run shares its queue (in a folder of its own, deleted on exit)."""
+        if self.kind == SQLITE:
+            return os.path.join(directory, "relay.db"), os.path.join(directory, "relay.keys")
+        if self.cluster is not None:
+            self._databases += 1
+            try:
+                database = self.cluster.create_database(f"bench{self._databases}")
+            except Exception as exc:  # psycopg's, whose module is an optional extra
+                raise RelayBenchError(f"cannot create a database: {exc}") from None
+            return database, os.path.join(directory, "relay.keys")
+        if self._shared_keys is None:
+            keys = self._stack.enter_context(
+                tempfile.TemporaryDirectory(prefix="hushchat-bench-keys-", dir=self.db_dir)
+            )
+            self._shared_keys = os.path.join(keys, "relay.keys")
+        return self.db, self._shared_keys
+
+    @property
+    def cpu_seconds(self) -> Callable[[], float] | None:
+        """The database server's CPU seconds so far, where it can be read."""
+        return None if self.cluster is None else self.cluster.cpu_seconds
+
+
+def _is_postgres_url(text: str) -> bool:
+    return text.startswith(("postgresql://", "postgres://"))
+
+
 # ------------------------------------------------------------------ the load
 
 
@@ -192,9 +378,11 @@ class _Plan:
     clients: int
     messages: int
     group_size: int
+    # Makes the user names of a run its own, for runs on one database.
+    tag: str = ""
 
     def user(self, index: int) -> str:
-        return f"load{index:05d}"
+        return f"load{self.tag}{index:05d}"
 
     def group_of(self, index: int) -> list[int]:
         """The other members of ``index``'s group (consecutive clients)."""
@@ -210,19 +398,41 @@ class _Plan:
             return [(sender + 1) % self.clients]
         return self.group_of(sender)
 
+    def schedule(self, rate: float) -> dict[tuple[int, int], float]:
+        """Each send's time in an open-loop run at ``rate`` envelopes per second, in
+        seconds from the start: each send takes its envelopes' share of the time.
+
+        Order: rounds of every client's next two sends (its one-to-one, then its
+        group send), so that the two kinds mix evenly over the run.
+        """
+        offsets: dict[tuple[int, int], float] = {}
+        envelopes = 0
+        for first in range(0, self.messages, 2):
+            for sender in range(self.clients):
+                for seq in range(first, min(first + 2, self.messages)):
+                    offsets[(sender, seq)] = envelopes / rate
+                    envelopes += len(self.recipients(sender, seq))
+        return offsets
+
 
 class _Load:
     """The bookkeeping of one run, shared by every client task (one trio thread)."""
 
-    def __init__(self, plan: _Plan) -> None:
+    def __init__(self, plan: _Plan, rate: float | None = None, relays: int = 1) -> None:
         self.plan = plan
+        self.rate = rate
+        self.relays = relays
         self.ready = 0
         self.all_ready = trio.Event()
         self.start = trio.Event()
         self.all_in = trio.Event()
+        # When each send went (open loop: when it was due): its envelopes' latency
+        # runs from then.
         self.sent_at: dict[tuple[int, int], float] = {}
         self.received: Counter[tuple[int, int, int]] = Counter()
         self.latencies: list[float] = []
+        self.cross_relay_latencies: list[float] = []
+        self.send_lags: list[float] = []
         self.expected_by = [0] * plan.clients
         for sender in range(plan.clients):
             for seq in range(plan.messages):
@@ -235,6 +445,7 @@ class _Load:
         self.rate_limited = 0
         self.first_send = math.inf
         self.last_ack = 0.0
+        self._offsets = {} if rate is None else plan.schedule(rate)
 
     @property
     def expected(self) -> int:
@@ -245,13 +456,32 @@ class _Load:
         if self.ready == self.plan.clients:
             self.all_ready.set()
 
+    def begin(self) -> None:
+        """Start the run (open loop: fix every send's due time, from a moment just ahead)."""
+        if self.rate is not None:
+            start = time.perf_counter() + SCHEDULE_LEAD_SECONDS
+            self.sent_at = {key: start + offset for key, offset in self._offsets.items()}
+            self.first_send = start
+        self.start.set()
+
+    def relay_of(self, index: int) -> int:
+        """The relay a client connects to: the clients are dealt out in turn."""
+        return index % self.relays
+
+    def due_times(self, sender: int) -> list[tuple[int, float]]:
+        """Open loop: this client's sends (sequence number, due time), in order."""
+        return [(seq, self.sent_at[(sender, seq)]) for seq in range(self.plan.messages)]
+
     def arrived(self, sender: int, seq: int, recipient: int) -> None:
         """Count an envelope; the first copy of each sets its latency."""
         key = (sender, seq, recipient)
         self.received[key] += 1
         if self.received[key] > 1:
             return
-        self.latencies.append(time.perf_counter() - self.sent_at[(sender, seq)])
+        latency = time.perf_counter() - self.sent_at[(sender, seq)]
+        self.latencies.append(latency)
+        if self.relay_of(sender) != self.relay_of(recipient):
+            self.cross_relay_latencies.append(latency)
         self.unique_by[recipient] += 1
         if self.unique_by[recipient] == self.expected_by[recipient]:
             self.complete += 1
@@ -278,37 +508,57 @@ async def _register(connection: RelayConnection, user_id: str) -> None:
     await connection.authenticate(user_id, 1, device_identity)
 
 
-async def _client(load: _Load, index: int, port: int) -> None:
+async def _client(load: _Load, index: int, ports: Sequence[int]) -> None:
+    port = ports[load.relay_of(index)]
     async with connect_relay("127.0.0.1", port, keepalive_interval=None) as connection:
         await _register(connection, load.plan.user(index))
         load.registered()
         await load.start.wait()
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_receive, load, index, connection)
-            await _send_all(load, index, connection)
+            if load.rate is None:
+                for seq in range(load.plan.messages):
+                    await _send(load, index, connection, seq)
+            else:
+                await _send_scheduled(load, index, connection)
 
 
-async def _send_all(load: _Load, index: int, connection: RelayConnection) -> None:
-    """Send every message of this client, one request at a time."""
+async def _send_scheduled(load: _Load, index: int, connection: RelayConnection) -> None:
+    """Open loop: start each send at its due time, whether or not the earlier ones were
+    answered (requests overlap on the connection); return once all were accepted."""
+    async with trio.open_nursery() as sends:
+        for seq, due in load.due_times(index):
+            await trio.sleep(max(0.0, due - time.perf_counter()))
+            sends.start_soon(_send, load, index, connection, seq, due)
+
+
+async def _send(
+    load: _Load, index: int, connection: RelayConnection, seq: int, due: float | None = None
+) -> None:
+    """Send one message (open loop: ``due`` when it was due); a rate-limited send waits
+    as told and goes again."""
+    if due is not None:
+        load.send_lags.append(time.perf_counter() - due)
     plan = load.plan
-    group = [(plan.user(i), 1) for i in plan.group_of(index)]
-    peer = plan.user((index + 1) % plan.clients)
-    for seq in range(plan.messages):
-        payload = _payload(index, seq)
-        while True:
-            load.sent_at[(index, seq)] = now = time.perf_counter()
+    payload = _payload(index, seq)
+    while True:
+        now = time.perf_counter()
+        if load.rate is None:
+            load.sent_at[(index, seq)] = now
             load.first_send = min(load.first_send, now)
-            try:
-                if plan.is_direct(index, seq):
-                    await connection.send_direct(peer, [(1, payload)])
-                else:
-                    await connection.send_group(payload, group)
-            except RateLimited as limited:
-                load.rate_limited += 1
-                await trio.sleep(max(limited.retry_after_ms, 1) / 1000)
-                continue
-            load.sends += 1
-            break
+        try:
+            if plan.is_direct(index, seq):
+                peer = plan.user((index + 1) % plan.clients)
+                await connection.send_direct(peer, [(1, payload)])
+            else:
+                group = [(plan.user(i), 1) for i in plan.group_of(index)]
+                await connection.send_group(payload, group)
+        except RateLimited as limited:
+            load.rate_limited += 1
+            await trio.sleep(max(limited.retry_after_ms, 1) / 1000)
+            continue
+        load.sends += 1
+        return
 
 
 async def _receive(load: _Load, index: int, connection: RelayConnection) -> None:
@@ -330,33 +580,77 @@ async def _receive(load: _Load, index: int, connection: RelayConnection) -> None
         load.last_ack = time.perf_counter()
 
 
-async def _run_load(load: _Load, relay: _RelayProcess, timeout: float) -> tuple[float, float]:
-    """Run every client to completion (or ``timeout``); the relay's CPU seconds under load."""
+@dataclass(slots=True)
+class _Usage:
+    """CPU seconds during the load: the relays' (together), the load generator's, the
+    database server's (None: not measured)."""
+
+    relays: float = math.nan
+    load: float = math.nan
+    database: float | None = None
+
+
+async def _run_load(
+    load: _Load,
+    relays: Sequence[_RelayProcess],
+    timeout: float,
+    database_cpu: Callable[[], float] | None,
+) -> _Usage:
+    """Run every client to completion (or ``timeout``); the CPU time used under load."""
+    usage = _Usage()
     with trio.move_on_after(timeout):
         async with trio.open_nursery() as nursery:
+            ports = [relay.port for relay in relays]
             for index in range(load.plan.clients):
-                nursery.start_soon(_client, load, index, relay.port)
+                nursery.start_soon(_client, load, index, ports)
             await load.all_ready.wait()
-            _, relay_cpu_before = relay.usage()
-            load_cpu_before = _usage()[1]
-            load.start.set()
+            relays_before = sum(relay.usage()[1] for relay in relays)
+            database_before = None if database_cpu is None else database_cpu()
+            load_before = _usage()[1]
+            load.begin()
             await load.all_in.wait()
             # Anything still coming now is a duplicate.
             await trio.sleep(DRAIN_SECONDS)
-            _, relay_cpu_after = relay.usage()
-            load_cpu = _usage()[1] - load_cpu_before
+            usage.load = _usage()[1] - load_before
+            usage.relays = sum(relay.usage()[1] for relay in relays) - relays_before
+            if database_cpu is not None and database_before is not None:
+                usage.database = database_cpu() - database_before
             nursery.cancel_scope.cancel()
-            return relay_cpu_after - relay_cpu_before, load_cpu
-    return math.nan, math.nan
+    return usage
 
 
-def _percentiles(latencies: Sequence[float]) -> dict[str, float]:
-    if len(latencies) < 2:
-        only = 1000 * latencies[0] if latencies else math.nan
-        return {"p50": only, "p95": only, "p99": only}
-    cuts = statistics.quantiles(latencies, n=100, method="inclusive")
+PERCENTILES = (("p50", 0.50), ("p95", 0.95), ("p99", 0.99), ("p999", 0.999))
+
+
+def _first_leaf(error: BaseException) -> BaseException:
+    """The first exception inside ``error``'s (nested) groups."""
+    while isinstance(error, BaseExceptionGroup):
+        error = error.exceptions[0]
+    return error
+
+
+def _stop_all(relays: Sequence[_RelayProcess]) -> float:
+    """Stop every relay, even if one fails to stop; their highest peak RSS in MiB."""
+    peak_mb = 0.0
+    failure: RelayBenchError | None = None
+    for relay in relays:
+        try:
+            peak_mb = max(peak_mb, relay.stop()[0])
+        except RelayBenchError as exc:
+            failure = exc
+    if failure is not None:
+        raise failure
+    return peak_mb
+
+
+def _percentiles(samples: Sequence[float]) -> dict[str, float]:
+    """Nearest-rank percentiles of ``samples`` (seconds), in milliseconds."""
+    if not samples:
+        return {name: math.nan for name, _ in PERCENTILES}
+    ordered = sorted(samples)
     return {
-        name: round(1000 * cuts[q - 1], 2) for name, q in (("p50", 50), ("p95", 95), ("p99", 99))
+        name: round(1000 * ordered[max(0, math.ceil(q * len(ordered)) - 1)], 2)
+        for name, q in PERCENTILES
     }
 
 
@@ -367,22 +661,44 @@ def run_relay_bench(
     group_size: int = DEFAULT_GROUP_SIZE,
     timeout: float = DEFAULT_TIMEOUT,
     db_dir: str | None = None,
+    rate: float | None = None,
+    relays: int = 1,
+    databases: Databases | None = None,
 ) -> RelayLoadResult:
-    """Start a relay, run the load against it, stop it; what was measured.
+    """Start ``relays`` relay processes on one database, run the load against them,
+    stop them; what was measured.
 
-    The relay's database goes in a new temporary directory under ``db_dir``
-    (default: the system's temporary directory).
+    ``rate``: open loop at that many envelopes per second (None: burst).
+    ``databases``: where the relays keep their data (default: a SQLite file).
+    A run's files (SQLite database, the relays' key file) go in a new
+    temporary directory under ``db_dir`` (default: the system's).
     """
-    if clients < 2 or messages < 1 or group_size < 1:
-        raise ValueError("at least 2 clients, 1 message each, groups of at least 1")
-    plan = _Plan(clients, messages, group_size)
-    load = _Load(plan)
+    if clients < 2 or messages < 1 or group_size < 1 or relays < 1:
+        raise ValueError("at least 2 clients, 1 message each, groups of at least 1, 1 relay")
+    if rate is not None and not (math.isfinite(rate) and rate > 0):
+        raise ValueError("an open-loop rate is a number of envelopes per second above 0")
+    databases = databases or Databases(SQLITE, db_dir)
+    if relays > 1 and databases.kind != POSTGRESQL:
+        raise ValueError("several relays share one PostgreSQL database: --db postgres")
+    plan = _Plan(clients, messages, group_size, tag=os.urandom(3).hex())
+    load = _Load(plan, rate, relays)
     with tempfile.TemporaryDirectory(prefix="hushchat-bench-", dir=db_dir) as directory:
-        relay = _RelayProcess(os.path.join(directory, "relay.db"))
+        database, key_file = databases.for_run(directory)
+        started: list[_RelayProcess] = []
+        peak_mb = 0.0
+        failure: BaseException | None = None
+        usage = _Usage()
         try:
-            relay_cpu, load_cpu = trio.run(_run_load, load, relay, timeout)
+            for _ in range(relays):
+                started.append(_RelayProcess(database, key_file))
+            try:
+                usage = trio.run(_run_load, load, started, timeout, databases.cpu_seconds)
+            except* (TransportError, ProtocolError) as group:
+                failure = _first_leaf(group)
         finally:
-            peak_mb, _ = relay.stop()
+            peak_mb = _stop_all(started)
+        if failure is not None:
+            raise RelayBenchError(f"a load client failed: {failure!r}")
     received = set(load.received)
     expected = load.expected
     seconds = load.last_ack - load.first_send if load.delivered else math.nan
@@ -400,49 +716,223 @@ def run_relay_bench(
         envelopes_per_second=load.delivered / seconds if load.delivered else 0.0,
         latency_ms=_percentiles(load.latencies),
         relay_peak_rss_mb=peak_mb,
-        relay_cpu_seconds=relay_cpu,
-        load_cpu_seconds=load_cpu,
+        relay_cpu_seconds=usage.relays,
+        load_cpu_seconds=usage.load,
+        mode=BURST if rate is None else OPEN_LOOP,
+        offered_rate=rate,
+        send_lag_ms=_percentiles(load.send_lags) if rate is not None else {},
+        database=databases.kind,
+        relays=relays,
+        cross_relay_envelopes=len(load.cross_relay_latencies),
+        cross_relay_latency_ms=(
+            _percentiles(load.cross_relay_latencies) if load.cross_relay_latencies else {}
+        ),
+        database_cpu_seconds=usage.database,
     )
+
+
+@dataclass(slots=True)
+class RateSweep:
+    """A burst run (the saturation rate), then open-loop runs at fractions of it."""
+
+    saturation: RelayLoadResult
+    fractions: tuple[float, ...]
+    runs: list[RelayLoadResult]
+    # Why the sweep stopped before its last fraction, if it did.
+    failure: str | None = None
+
+    @property
+    def exact(self) -> bool:
+        """Whether every run happened and delivered every envelope exactly once."""
+        return self.failure is None and all(
+            r.lost == 0 and r.duplicated == 0 for r in (self.saturation, *self.runs)
+        )
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "saturation": self.saturation.as_json(),
+            "fractions": list(self.fractions),
+            "runs": [run.as_json() for run in self.runs],
+            "failure": self.failure,
+        }
+
+
+def run_rate_sweep(fractions: Sequence[float], **options: Any) -> RateSweep:
+    """Measure the saturation rate (a burst run), then run open loop at each fraction
+    of it; ``options`` are :func:`run_relay_bench`'s, each run on a new relay."""
+    if not fractions or not all(math.isfinite(f) and f > 0 for f in fractions):
+        raise ValueError("a sweep runs at one or more fractions of the saturation rate above 0")
+    saturation = run_relay_bench(**options)
+    if not saturation.envelopes_per_second > 0:
+        raise RelayBenchError("the burst run delivered nothing: no saturation rate to sweep")
+    sweep = RateSweep(saturation, tuple(fractions), [])
+    for fraction in fractions:
+        rate = fraction * saturation.envelopes_per_second
+        try:
+            sweep.runs.append(run_relay_bench(rate=rate, **options))
+        except RelayBenchError as exc:
+            # The runs done so far are reported, and why the sweep stopped.
+            sweep.failure = f"the run at {fraction:g} of the saturation rate failed: {exc}"
+            break
+    return sweep
+
+
+def _verdict(ok: bool) -> str:
+    return "ok" if ok else "MISSED"
 
 
 def render(result: RelayLoadResult) -> str:
     """The human-readable report, each figure beside its target."""
-    rate_ok = result.envelopes_per_second >= TARGET_ENVELOPES_PER_SECOND
-    p99_ok = result.latency_ms["p99"] <= TARGET_P99_MS
     exact = result.lost == 0 and result.duplicated == 0
     lat = result.latency_ms
-    return "\n".join(
-        [
-            f"relay bench: {result.clients} clients x {result.messages_per_client} sends "
-            f"(one-to-one and groups of {result.group_size}), load clients: {result.load_client}",
+    if result.offered_rate is None:
+        rate_ok = result.envelopes_per_second >= TARGET_ENVELOPES_PER_SECOND
+        p99_ok = lat["p99"] <= TARGET_P99_MS
+        head = [
+            f"relay bench (burst): {_setup(result)}",
             f"  sends accepted        {result.sends}  (rate limited and retried: "
             f"{result.rate_limited})",
             f"  envelopes delivered   {result.delivered} of {result.expected} in "
             f"{result.seconds:.2f} s",
             f"  envelopes per second  {result.envelopes_per_second:.0f}  "
-            f"(target {TARGET_ENVELOPES_PER_SECOND}: {'ok' if rate_ok else 'MISSED'})",
-            f"  latency ms            p50 {lat['p50']:.1f}  p95 {lat['p95']:.1f}  "
-            f"p99 {lat['p99']:.1f}  (target p99 <= {TARGET_P99_MS:.0f}: "
-            f"{'ok' if p99_ok else 'MISSED'})",
-            f"  lost {result.lost}, duplicated {result.duplicated}  "
-            f"({'ok' if exact else 'MISSED'})",
-            f"  relay peak RSS {result.relay_peak_rss_mb:.1f} MiB, relay CPU "
-            f"{result.relay_cpu_seconds:.2f} s, load generator CPU {result.load_cpu_seconds:.2f} s "
-            "(during the sends)",
+            f"(target {TARGET_ENVELOPES_PER_SECOND}: {_verdict(rate_ok)})",
+            f"  latency ms            {_render_percentiles(lat)}  (target p99 <= "
+            f"{TARGET_P99_MS:.0f}: {_verdict(p99_ok)})",
         ]
+    else:
+        lag = result.send_lag_ms
+        head = [
+            f"relay bench (open loop at {result.offered_rate:.0f} envelopes/s offered): "
+            f"{_setup(result)}",
+            f"  sends accepted        {result.sends}  (rate limited and retried: "
+            f"{result.rate_limited})",
+            f"  envelopes delivered   {result.delivered} of {result.expected} in "
+            f"{result.seconds:.2f} s",
+            f"  envelopes per second  {result.envelopes_per_second:.0f} achieved of "
+            f"{result.offered_rate:.0f} offered ({100 * (result.achieved_fraction or 0):.0f}%)",
+            f"  latency ms            {_render_percentiles(lat)}  (from each send's scheduled "
+            f"time; target p99 <= {TARGET_OPEN_LOOP_P99_MS:.0f} at half the saturation rate)",
+            f"  send lag ms           p50 {lag['p50']:.1f}  p99 {lag['p99']:.1f}  (how late the "
+            "load generator started sends; large means it, not the relay, was the bound)",
+        ]
+    tail = [f"  lost {result.lost}, duplicated {result.duplicated}  ({_verdict(exact)})"]
+    if result.relays > 1:
+        cross = result.cross_relay_latency_ms
+        tail.append(
+            f"  cross-relay latency   {_render_percentiles(cross) if cross else 'none'}  "
+            f"({result.cross_relay_envelopes} envelopes between clients of different relays)"
+        )
+    relays = "relay" if result.relays == 1 else f"{result.relays} relays together"
+    tail.append(
+        f"  relay CPU per envelope {result.relay_cpu_us_per_envelope:.0f} µs "
+        f"({relays}: {result.relay_cpu_seconds:.2f} s for {result.delivered} envelopes)"
+    )
+    database_cpu = result.database_cpu_us_per_envelope
+    if database_cpu is not None and result.database_cpu_seconds is not None:
+        tail.append(
+            f"  database CPU per envelope {database_cpu:.0f} µs (the PostgreSQL server's "
+            f"processes: {result.database_cpu_seconds:.2f} s)"
+        )
+    tail.append(
+        f"  relay peak RSS {result.relay_peak_rss_mb:.1f} MiB, load generator CPU "
+        f"{result.load_cpu_seconds:.2f} s (during the sends)"
+    )
+    return "\n".join([*head, *tail])
+
+
+def _setup(result: RelayLoadResult) -> str:
+    """What ran: clients, sends, groups, database and relays."""
+    database = "SQLite" if result.database == SQLITE else "PostgreSQL"
+    relays = "1 relay" if result.relays == 1 else f"{result.relays} relays"
+    return (
+        f"{result.clients} clients x {result.messages_per_client} sends (one-to-one and groups "
+        f"of {result.group_size}), {relays} on {database}, load clients: {result.load_client}"
     )
 
 
+def _render_percentiles(latency: dict[str, float]) -> str:
+    return "  ".join(f"{name} {latency[name]:.1f}" for name, _ in PERCENTILES)
+
+
+def render_sweep(sweep: RateSweep) -> str:
+    """The sweep as a table: latency at each fraction of the saturation rate."""
+    saturation = sweep.saturation
+    lines = [
+        render(saturation),
+        "",
+        f"rate sweep: open loop at fractions of the saturation rate "
+        f"({saturation.envelopes_per_second:.0f} envelopes/s), a new relay for each run; "
+        "latency from each send's scheduled time",
+        "  fraction  offered/s  achieved/s   p50 ms   p99 ms  p999 ms  lost  dup  "
+        "relay µs/env  db µs/env",
+    ]
+    for fraction, run in zip(sweep.fractions[: len(sweep.runs)], sweep.runs, strict=True):
+        lat = run.latency_ms
+        database_cpu = run.database_cpu_us_per_envelope
+        lines.append(
+            f"  {fraction:8.2f}  {run.offered_rate or 0:9.0f}  {run.envelopes_per_second:10.0f}"
+            f"  {lat['p50']:7.1f}  {lat['p99']:7.1f}  {lat['p999']:7.1f}  {run.lost:4d}"
+            f"  {run.duplicated:3d}  {run.relay_cpu_us_per_envelope:12.0f}"
+            f"  {'-' if database_cpu is None else f'{database_cpu:.0f}':>9}"
+        )
+    if sweep.failure is not None:
+        lines.append(f"  stopped: {sweep.failure}")
+    return "\n".join(lines)
+
+
 # ------------------------------------------------------------------ command line
+
+
+def _rate(text: str) -> float:
+    """An argparse type: envelopes per second, above 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a number of envelopes per second"
+        ) from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"{text} is not a rate above 0 envelopes per second")
+    return value
+
+
+def _fractions(text: str) -> tuple[float, ...]:
+    """An argparse type: comma-separated fractions of the saturation rate, each above 0."""
+    values: list[float] = []
+    for part in text.split(","):
+        try:
+            value = float(part)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"{part.strip()!r} is not a fraction (give them as 0.25,0.5,0.9)"
+            ) from None
+        if not (math.isfinite(value) and value > 0):
+            raise argparse.ArgumentTypeError(f"{part.strip()} is not a fraction above 0")
+        values.append(value)
+    return tuple(values)
+
+
+def _database(text: str) -> str:
+    """An argparse type: sqlite, postgres, or a PostgreSQL URL."""
+    if text in DB_CHOICES or _is_postgres_url(text):
+        return text
+    raise argparse.ArgumentTypeError(
+        f"{text!r} is not sqlite, postgres or a postgresql:// URL"
+    )
 
 
 def add_relay_bench_command(targets: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """``hushchat bench relay``, under the bench command's parser."""
     parser = targets.add_parser(
         "relay",
-        help="load a real relay (own process, SQLite) with many clients on loopback",
-        description="Start a relay on loopback with its SQLite store and measure envelopes "
-        "delivered per second, latency and exactly-once delivery under N clients. "
+        help="load real relays (own processes, SQLite or PostgreSQL) with many clients on "
+        "loopback",
+        description="Start a relay on loopback with its SQLite store (or N relays on one "
+        "PostgreSQL database) and measure envelopes delivered per second, latency, the "
+        "relays' (and a PostgreSQL server's) CPU time per envelope and exactly-once "
+        "delivery under N clients. Burst by default (each client keeps one send "
+        "outstanding: the saturation rate); --rate for an open-loop load at a fixed "
+        "offered rate, --rate-sweep for open-loop runs at fractions of the saturation rate. "
         "Exit status: 0, 1 if an envelope was lost or duplicated or the run could not "
         "start (the reason on stderr), 2 for bad arguments, 130 after Ctrl-C.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
@@ -459,17 +949,53 @@ def add_relay_bench_command(targets: argparse._SubParsersAction[argparse.Argumen
     parser.add_argument(
         "--group-size", type=at_least(1), default=DEFAULT_GROUP_SIZE, help="clients per group"
     )
+    load = parser.add_mutually_exclusive_group()
+    load.add_argument(
+        "--rate",
+        type=_rate,
+        default=None,
+        metavar="R",
+        help="open loop: schedule the sends at R envelopes per second and measure latency "
+        "from each send's scheduled time (default: burst)",
+    )
+    load.add_argument(
+        "--rate-sweep",
+        type=_fractions,
+        nargs="?",
+        const=DEFAULT_SWEEP,
+        default=None,
+        metavar="F,F,...",
+        help="a burst run for the saturation rate, then open-loop runs at these fractions of "
+        f"it (without a value: {','.join(str(f) for f in DEFAULT_SWEEP)})",
+    )
+    parser.add_argument(
+        "--db",
+        type=_database,
+        default=SQLITE,
+        metavar="{sqlite,postgres,postgresql://...}",
+        help="the relays' database: SQLite (a new file per run), postgres (a throwaway "
+        "PostgreSQL cluster started here under --db-dir, a new database per run, its CPU "
+        "time measured) or the URL of a PostgreSQL database (its CPU time not measured)",
+    )
+    parser.add_argument(
+        "--relays",
+        type=at_least(1),
+        default=1,
+        help="relay processes on the one database, the clients dealt out among them in turn "
+        "(more than 1: PostgreSQL only)",
+    )
     parser.add_argument(
         "--timeout",
         type=positive_seconds,
         default=DEFAULT_TIMEOUT,
-        help="bound on the run, in seconds",
+        help="bound on each run, in seconds",
     )
     parser.add_argument(
         "--db-dir",
         default=tempfile.gettempdir(),
-        help="directory for the relay's temporary database (its file system's fsync cost "
-        "bounds the relay)",
+        help="directory for each run's temporary files: the SQLite database, the relays' "
+        "key file, a throwaway PostgreSQL cluster (its file system's fsync cost bounds the "
+        "relay)",
     )
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.set_defaults(run=run)
@@ -479,23 +1005,41 @@ def run(args: argparse.Namespace) -> int:
     if not os.path.isdir(args.db_dir):
         print(f"hushchat bench relay: no such folder for --db-dir: {args.db_dir}", file=sys.stderr)
         return 1
+    if args.relays > 1 and args.db == SQLITE:
+        print(
+            "hushchat bench relay: several relays share one PostgreSQL database: add --db "
+            "postgres (a throwaway cluster) or --db postgresql://...",
+            file=sys.stderr,
+        )
+        return 2
     interrupted = False
+    outcome: RelayLoadResult | RateSweep | None = None
     try:
         try:
-            result = run_relay_bench(
-                clients=args.clients,
-                messages=args.messages,
-                group_size=args.group_size,
-                timeout=args.timeout,
-                db_dir=args.db_dir,
-            )
+            with Databases(args.db, args.db_dir) as databases:
+                options: dict[str, Any] = {
+                    "clients": args.clients,
+                    "messages": args.messages,
+                    "group_size": args.group_size,
+                    "timeout": args.timeout,
+                    "db_dir": args.db_dir,
+                    "relays": args.relays,
+                    "databases": databases,
+                }
+                if args.rate_sweep is not None:
+                    outcome = run_rate_sweep(args.rate_sweep, **options)
+                else:
+                    outcome = run_relay_bench(rate=args.rate, **options)
         except* KeyboardInterrupt:  # trio may raise it inside a group
             interrupted = True
     except RelayBenchError as exc:
         print(f"hushchat bench relay: {exc}", file=sys.stderr)
         return 1
-    if interrupted:
+    if interrupted or outcome is None:
         print("hushchat bench relay: interrupted; the relay was stopped", file=sys.stderr)
         return 130
-    print(json.dumps(result.as_json(), indent=2) if args.json else render(result))
-    return 0 if result.lost == 0 and result.duplicated == 0 else 1
+    if isinstance(outcome, RateSweep):
+        print(json.dumps(outcome.as_json(), indent=2) if args.json else render_sweep(outcome))
+        return 0 if outcome.exact else 1
+    print(json.dumps(outcome.as_json(), indent=2) if args.json else render(outcome))
+    return 0 if outcome.lost == 0 and outcome.duplicated == 0 else 1

@@ -4,10 +4,13 @@ A real relay on loopback and four people on the client library (alice, bob,
 carol, dave; later alice's desktop too), narrated step by step: prekeys, a
 one-to-one chat, a group, an offline member catching up, a second device, a
 removal with sender-key rotation, the relay turning hostile (it alters a
-group message, restamps a stranger's message as alice's and copies the
-group's traffic to a device of its own, and the clients refuse all three),
-safety numbers, mail that waits too long and how the relay forgets it, and
-finally what the relay's SQLite file holds and what it deleted.
+group message, restamps a stranger's message as alice's, copies the group's
+traffic to a device of its own, and tries to slip its operator's user into
+the group: a change she signs as herself, one restamped as alice's, and a
+replay of alice's genuine creation; the clients refuse all of it and the
+member list stays as it was), safety numbers, mail that waits too long and
+how the relay forgets it, and finally what the relay's SQLite file holds and
+what it deleted.
 
 Everything shown really happens over TCP. The relay is the real one
 (:class:`hushchat.transport.relay.Relay` on
@@ -15,7 +18,9 @@ Everything shown really happens over TCP. The relay is the real one
 the only addition is :class:`ObservedStorage`, which notes what the relay
 stores and deletes so the demo can narrate it, and through which the
 hostile step changes what the relay stores, as an operator who controls the
-server can. It never sees plaintext either. The relay's clock is the wall
+server can. It never sees plaintext either. mallory's client is the
+library's, with one change: it sends a group change it signed though she is
+no admin (:meth:`Demo._send_content`). The relay's clock is the wall
 clock plus an offset, so that the demo can let 72 hours pass.
 """
 
@@ -46,9 +51,17 @@ from hushchat.protocol.client_core import (
     MessageSentByOtherDevice,
     Undecryptable,
 )
-from hushchat.protocol.group import MemberRemoved
+from hushchat.protocol.content import GroupControl
+from hushchat.protocol.group import AddMember, ControlMessage, GroupState, MemberRemoved
 from hushchat.protocol.sender_keys import SenderKeyMessage
-from hushchat.transport.client.client import Client, ClientEvent, MailExpired, open_client
+from hushchat.transport.client.client import (
+    Client,
+    ClientEvent,
+    Connected,
+    Disconnected,
+    MailExpired,
+    open_client,
+)
 from hushchat.transport.client.store import ClientStore
 from hushchat.transport.relay.config import RelayConfig, wall_clock_ms
 from hushchat.transport.relay.report import relay_report
@@ -331,6 +344,7 @@ class Demo:
         self.plaintexts: list[bytes] = [GROUP_TITLE.encode()]
         self._mark = 0
         self.group_id = b""
+        self.creation_for_bob: EnvelopeBatch | None = None
 
     def close(self) -> None:
         for person in [*self.people.values(), self.desktop, self.mallory]:
@@ -465,7 +479,11 @@ class Demo:
             "state (a welcome) one-to-one, after alice's client starts sessions with carol and "
             "dave from their bundles:"
         )
-        self.relay_since_mark()
+        created = self.relay_since_mark()
+        # Kept, as a hostile relay keeps what it relays, to replay it later.
+        self.creation_for_bob = next(
+            b for b in created if any(d.user_id == "bob" for d in b.deliveries)
+        )
         for name in ("bob", "carol", "dave"):
             event = await self.people[name].expect(
                 GroupUpdated, lambda e: e.joined and e.group_id == self.group_id
@@ -646,15 +664,16 @@ class Demo:
             "mallory.1",
             "registered: a user of the relay's operator, with real keys and the real client",
         )
-        await mallory.client.refresh_device_list("bob")
+        held = {person.label: person.client.group(self.group_id) for person in (bob, carol)}
         await bob.disconnect()
-        await mallory.disconnect()
-        self.n.say("bob", "goes offline (so does mallory), and the relay gets to work on his mail")
+        self.n.say("bob", "goes offline, and the relay gets to work on his mail")
         ask = self.said("Hi Bob, it's Alice: please add mallory to Weekend trip.")
         genuine = self.said("Tickets are in my bag.")
+        first_batch = len(self.storage.batches)
+        restamping = True
 
         def tamper(batch: EnvelopeBatch) -> tuple[list[EnvelopeBatch], EnvelopeBatch]:
-            if batch.sender_user == "mallory":
+            if batch.sender_user == "mallory" and restamping:
                 # A stranger's message, restamped as alice's.
                 return [], dataclasses.replace(batch, sender_user="alice", sender_device=1)
             if batch.sender_user == "alice" and _is_group(batch):
@@ -662,20 +681,51 @@ class Demo:
                 altered = bytearray(payload)
                 altered[len(altered) // 2] ^= 0x01  # one bit of alice's ciphertext
                 forged = [
-                    self._copy(batch, bytes(altered), [bob.address]),
-                    self._copy(batch, payload, [mallory.address]),
+                    self._copy(batch, ENVELOPE_GROUP, bytes(altered), [bob.address]),
+                    self._copy(batch, ENVELOPE_GROUP, payload, [mallory.address]),
                 ]
                 return forged, batch
             return [], batch
 
         self.storage.tampering = tamper
         try:
-            await mallory.connect(self.nursery, self.port)
             await mallory.client.send_direct("bob", ask)
-            await mallory.disconnect()
             self.n.say(
                 "relay",
                 f"stores mallory's {quote(ask)} for bob.1 as sent by alice.1",
+                "bold red",
+            )
+            # The group's id is in every group message's header; its epoch and state
+            # hash are not, but mallory is given them, to show what the clients check.
+            state = held["carol.1"]
+            add_mallory = AddMember("mallory", mallory.client.core.user_identity_public)
+            as_alice = self._signed_by_mallory(state, add_mallory, Address("alice", 1))
+            await self._send_content(mallory, ["bob"], GroupControl(as_alice.encode(), None))
+            self.n.say(
+                "mallory.1",
+                f"signs the change 'add mallory' to {quote(GROUP_TITLE)} on its current state "
+                f"(epoch {state.epoch}; given its hash, as a leak would), naming alice.1 as its "
+                "author, with her own device key (she has no other); her client, modified, "
+                "sends it to bob.1",
+            )
+            self.n.say("relay", "stores it for bob.1 as sent by alice.1", "bold red")
+            restamping = False
+            as_herself = self._signed_by_mallory(state, add_mallory, mallory.address)
+            await self._send_content(
+                mallory, ["bob", "carol"], GroupControl(as_herself.encode(), None)
+            )
+            self.n.say("mallory.1", "signs it as its author and sends it to bob.1 and carol.1")
+            replay = self.creation_for_bob
+            if replay is None:
+                raise DemoFailed("the relay kept no creation to replay")
+            await self.storage.enqueue(
+                self._copy(replay, ENVELOPE_DIRECT, replay.payloads[0][1], [bob.address]),
+                max_mailbox_size=1 << 20,
+            )
+            self.n.say(
+                "relay",
+                "queues for bob.1 a replay of alice's genuine change that created the group "
+                "(with dave in it)",
                 "bold red",
             )
             await alice.client.send_group(self.group_id, genuine)
@@ -688,21 +738,53 @@ class Demo:
             )
         finally:
             self.storage.tampering = None
+        await mallory.disconnect()
         self.relay_since_mark()
+        refused = await carol.expect(Undecryptable, lambda e: e.sender == mallory.address)
+        self.n.say(
+            "carol.1",
+            f"mallory's change: refused, Undecryptable({refused.reason}): its author is "
+            "not a member, let alone an admin",
+            "green",
+        )
         await self.show_read(carol, genuine)
 
         await bob.connect(self.nursery, self.port)
         self.n.say("bob", "comes back online")
-        for what in ("the restamped message", "the altered copy"):
-            refused = await bob.expect(Undecryptable, lambda e: e.sender == alice.address)
+        for what, sender in (
+            ("the restamped message", alice.address),
+            ("the change restamped as alice's", alice.address),
+            ("mallory's change", mallory.address),
+            ("the altered copy", alice.address),
+        ):
+            refused = await bob.expect(Undecryptable, lambda e, s=sender: e.sender == s)
             self.n.say(
                 "bob.1",
                 f"{what}: refused, Undecryptable({refused.reason}); nothing of it reaches bob",
                 "green",
             )
         await self.show_read(bob, genuine, where=GROUP_TITLE)
-        members = ", ".join(bob.client.group(self.group_id).user_ids)
-        self.n.say("bob.1", f"members of {quote(GROUP_TITLE)}: still {members}", "green")
+        await self.mailbox_drained(bob.address)
+        shown = [e for e in bob._unseen if not isinstance(e, Connected | Disconnected)]
+        if shown:
+            raise DemoFailed(f"bob.1 shows something of the replay: {shown!r}")
+        self.n.say(
+            "bob.1",
+            "the replayed creation: dropped as a copy of a message already read (no event)",
+            "green",
+        )
+        for person in (bob, carol):
+            state = person.client.group(self.group_id)
+            was = held[person.label]
+            if (state.epoch, state.state_hash) != (was.epoch, was.state_hash):
+                raise DemoFailed(f"{person.label}'s group changed: {state.user_ids}")
+            self.n.say(
+                person.label,
+                f"members of {quote(GROUP_TITLE)}: still {', '.join(state.user_ids)} "
+                f"(epoch {state.epoch})",
+                "green",
+            )
+        await self.send_to_group("bob", "See you all at 9.", [alice, carol])
         await mallory.connect(self.nursery, self.port)
         copied = await mallory.expect(Undecryptable, lambda e: e.group_id == self.group_id)
         self.n.say(
@@ -710,23 +792,66 @@ class Demo:
             f"gets the group's ciphertext but cannot read it: Undecryptable({copied.reason})",
             "green",
         )
-        if any(isinstance(e, MessageReceived) for e in bob._unseen + mallory._unseen):
-            raise DemoFailed("a forged or copied message reached an app")
+        keys_to_mallory = [
+            b
+            for b in self.storage.batches[first_batch:]
+            if b.sender_user != "mallory"
+            and not _is_group(b)
+            and any(d.user_id == "mallory" for d in b.deliveries)
+        ]
+        if keys_to_mallory or any(
+            isinstance(e, MessageReceived | GroupUpdated) for e in bob._unseen + mallory._unseen
+        ):
+            raise DemoFailed("mallory got a sender key, or a forged message reached an app")
+        self.n.say(
+            "mallory.1",
+            "no member's client sent her a sender key (0 one-to-one envelopes to her)",
+            "green",
+        )
         self.n.note(
             "A message is accepted only under the keys of the session or sender key it "
             "claims, so the relay can neither change one bit nor put words in alice's mouth; "
-            "and members send their sender keys only to the devices of the members in the "
-            "group's signed state, which only an admin's device key can change: a copy to a "
-            "device of the relay's choosing is noise."
+            "a group change only if an admin's device signed it on the state the member "
+            "holds, once; and members send their sender keys only to the devices of the "
+            "members in that signed state: a copy to a device of the relay's choosing is noise."
         )
         await mallory.disconnect()
 
-    def _copy(self, batch: EnvelopeBatch, payload: bytes, to: Sequence[Address]) -> EnvelopeBatch:
+    def _signed_by_mallory(
+        self, state: GroupState, action: AddMember, author: Address
+    ) -> ControlMessage:
+        """A change of the group on ``state``, naming ``author``, signed by mallory's device."""
+        return ControlMessage.sign(
+            self.mallory.client.core.account.identity,
+            group_id=self.group_id,
+            parent_epoch=state.epoch,
+            parent_hash=state.state_hash,
+            author_user_id=author.user_id,
+            author_device_id=author.device_id,
+            action=action,
+        )
+
+    @staticmethod
+    async def _send_content(person: Person, to_users: Sequence[str], content: GroupControl) -> None:
+        """What a modified client sends: ``content`` one-to-one to every device of
+        ``to_users``, in its real sessions (the library sends a change only as an admin)."""
+        client = person.client
+        async with client._lock:
+            connection = await client._wait_ready()
+            await client._prepare(connection, to_users)
+            devices = [a for user in to_users for a in client.core.devices_of(user)]
+            sends = client.core._sessions.encrypt_for(devices, content.encode(), client.now())
+            await client._queue(sends)
+        await client._flush()
+
+    def _copy(
+        self, batch: EnvelopeBatch, kind: int, payload: bytes, to: Sequence[Address]
+    ) -> EnvelopeBatch:
         """A send of ``payload`` to ``to``, as ``batch``'s sender, made up by the relay."""
         deliveries = tuple(Delivery(a.user_id, a.device_id, secrets.token_bytes(16), 0) for a in to)
         return dataclasses.replace(
             batch,
-            payloads=((ENVELOPE_GROUP, payload),),
+            payloads=((kind, payload),),
             deliveries=deliveries,
             device_list_counters={},
         )

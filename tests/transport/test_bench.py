@@ -7,6 +7,7 @@ reported, and that the relay load delivers everything exactly once.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import signal
@@ -17,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from hushchat.devtools import bench, bench_relay
+from hushchat.devtools import bench, bench_relay, pgcluster
 from hushchat.transport import cli
 
 OPERATIONS = {
@@ -94,6 +95,15 @@ def test_measure_takes_medians_of_operation_and_floor() -> None:
         (["bench", "relay", "--messages", "0"], "0 is less than 1"),
         (["bench", "relay", "--group-size", "0"], "0 is less than 1"),
         (["bench", "relay", "--timeout", "0"], "0 is not above 0 seconds"),
+        (["bench", "relay", "--rate", "0"], "0 is not a rate above 0 envelopes per second"),
+        (["bench", "relay", "--rate", "-5"], "-5 is not a rate above 0"),
+        (["bench", "relay", "--rate", "nan"], "nan is not a rate above 0"),
+        (["bench", "relay", "--rate", "fast"], "'fast' is not a number of envelopes per second"),
+        (["bench", "relay", "--rate-sweep", "0.5,x"], "'x' is not a fraction"),
+        (["bench", "relay", "--rate-sweep", "0.5,0"], "0 is not a fraction above 0"),
+        (["bench", "relay", "--rate", "100", "--rate-sweep"], "not allowed with argument --rate"),
+        (["bench", "relay", "--db", "mysql://x"], "is not sqlite, postgres or a postgresql://"),
+        (["bench", "relay", "--relays", "0"], "0 is less than 1"),
     ],
 )
 def test_bench_arguments_are_usage_errors(
@@ -110,6 +120,14 @@ def test_bench_relay_needs_an_existing_db_dir(capsys: pytest.CaptureFixture[str]
     assert cli.main(["bench", "relay", "--db-dir", "/nonexistent"]) == 1
     assert capsys.readouterr().err == (
         "hushchat bench relay: no such folder for --db-dir: /nonexistent\n"
+    )
+
+
+def test_several_relays_need_postgresql(capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["bench", "relay", "--relays", "2"]) == 2
+    assert capsys.readouterr().err == (
+        "hushchat bench relay: several relays share one PostgreSQL database: add --db "
+        "postgres (a throwaway cluster) or --db postgresql://...\n"
     )
 
 
@@ -177,6 +195,118 @@ def test_relay_bench_delivers_everything_once(capsys: pytest.CaptureFixture[str]
     # alone in its group, sends all 4 one-to-one.
     assert report["delivered"] == report["expected"] == 3 * (2 + 2 * 2) + 4
     assert report["lost"] == 0 and report["duplicated"] == 0
-    assert set(report["latency_ms"]) == {"p50", "p95", "p99"}
+    assert set(report["latency_ms"]) == {"p50", "p95", "p99", "p999"}
     assert report["envelopes_per_second"] > 0 and report["relay_peak_rss_mb"] > 0
     assert report["load_client"] == "hushchat.transport.client.connection.RelayConnection"
+    assert report["mode"] == "burst" and report["offered_rate"] is None
+    assert report["relay_cpu_us_per_envelope"] > 0
+
+
+def test_open_loop_schedule_spreads_the_envelopes_evenly() -> None:
+    plan = bench_relay._Plan(clients=5, messages=3, group_size=3)
+    offsets = plan.schedule(rate=10.0)
+    assert set(offsets) == {(sender, seq) for sender in range(5) for seq in range(3)}
+    # Rounds of each client's one-to-one and group send, then the next round.
+    order = sorted(offsets, key=offsets.__getitem__)
+    assert order[:4] == [(0, 0), (0, 1), (1, 0), (1, 1)] and order[-1] == (4, 2)
+    # Each send is due when the envelopes scheduled before it have had their time.
+    envelopes = 0
+    for key in order:
+        assert offsets[key] == pytest.approx(envelopes / 10.0)
+        envelopes += len(plan.recipients(*key))
+    assert envelopes == bench_relay._Load(plan).expected
+
+
+def test_open_loop_run_delivers_everything_once(capsys: pytest.CaptureFixture[str]) -> None:
+    argv = ["bench", "relay", "--clients", "4", "--messages", "4", "--group-size", "3"]
+    assert cli.main([*argv, "--rate", "200", "--timeout", "60", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["mode"] == "open loop" and report["offered_rate"] == 200
+    assert report["sends"] == 16 and report["delivered"] == report["expected"] == 22
+    assert report["lost"] == 0 and report["duplicated"] == 0
+    assert set(report["latency_ms"]) == set(report["send_lag_ms"]) == {"p50", "p95", "p99", "p999"}
+    assert report["relay_cpu_us_per_envelope"] > 0
+
+
+def test_rate_sweep_runs_at_fractions_of_the_burst_rate(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    argv = ["bench", "relay", "--clients", "3", "--messages", "2", "--group-size", "3"]
+    assert cli.main([*argv, "--rate-sweep", "0.5", "--timeout", "60", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    saturation = report["saturation"]
+    assert saturation["mode"] == "burst" and report["fractions"] == [0.5]
+    (run,) = report["runs"]
+    assert run["mode"] == "open loop"
+    assert run["offered_rate"] == pytest.approx(saturation["envelopes_per_second"] / 2, rel=0.01)
+    for figures in (saturation, run):
+        assert figures["delivered"] == figures["expected"] == 3 * (1 + 2)
+        assert figures["lost"] == 0 and figures["duplicated"] == 0
+
+
+def test_process_tree_cpu_counts_live_and_ended_children() -> None:
+    before = pgcluster.process_tree_cpu_seconds(os.getpid())
+    subprocess.run(
+        [sys.executable, "-c", "sum(i * i for i in range(3_000_000))"], check=True
+    )
+    # The child ended and was reaped: its time is in ours (cutime), once.
+    assert pgcluster.process_tree_cpu_seconds(os.getpid()) > before
+
+
+@pytest.mark.skipif(pgcluster.server_binaries() is None, reason="no PostgreSQL server binaries")
+def test_throwaway_cluster_cpu_time_is_its_processes() -> None:
+    with pgcluster.throwaway_cluster(durable=True) as cluster:
+        # The postmaster and its background processes, which started it up.
+        assert cluster.cpu_seconds() > 0
+    with pytest.raises(pgcluster.ClusterError, match="not running"):
+        cluster.cpu_seconds()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="only root hands the cluster to another user")
+def test_throwaway_cluster_refuses_a_folder_its_user_cannot_reach(tmp_path: Path) -> None:
+    private = tmp_path / "private"
+    private.mkdir(mode=0o700)
+    with (
+        pytest.raises(pgcluster.ClusterError, match=r"cannot reach .*private"),
+        pgcluster.throwaway_cluster(parent=str(private)),
+    ):
+        pass
+    assert list(private.iterdir()) == []
+
+
+def test_a_sweep_that_fails_midway_reports_the_runs_it_made(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    def fake_run(*, rate: float | None = None, **_: object) -> bench_relay.RelayLoadResult:
+        if rate is not None and rate > 150:
+            raise bench_relay.RelayBenchError("a load client failed: InternalError()")
+        return bench_relay.RelayLoadResult(
+            clients=2, messages_per_client=1, group_size=1, sends=2, expected=2, delivered=2,
+            lost=0, duplicated=0, rate_limited=0, seconds=0.01, envelopes_per_second=200.0,
+            latency_ms=bench_relay._percentiles([0.001]), offered_rate=rate,
+            send_lag_ms=bench_relay._percentiles([0.0]) if rate else {},
+        )  # fmt: skip
+
+    monkeypatch.setattr(bench_relay, "run_relay_bench", fake_run)
+    sweep = bench_relay.run_rate_sweep((0.5, 0.9))
+    assert [run.offered_rate for run in sweep.runs] == [100.0] and not sweep.exact
+    assert sweep.failure == (
+        "the run at 0.9 of the saturation rate failed: a load client failed: InternalError()"
+    )
+    assert "stopped: the run at 0.9" in bench_relay.render_sweep(sweep)
+
+
+@pytest.mark.skipif(
+    pgcluster.server_binaries() is None or importlib.util.find_spec("psycopg") is None,
+    reason="no PostgreSQL server binaries or no psycopg",
+)
+def test_open_loop_on_a_throwaway_postgresql(capsys: pytest.CaptureFixture[str]) -> None:
+    argv = ["bench", "relay", "--clients", "3", "--messages", "2", "--group-size", "3"]
+    assert cli.main([*argv, "--db", "postgres", "--rate", "100", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["database"] == "postgresql" and report["relays"] == 1
+    assert report["delivered"] == report["expected"] == 3 * (1 + 2)
+    assert report["lost"] == 0 and report["duplicated"] == 0
+    # The server's processes were measured (the relay's writes cost it some CPU).
+    assert report["database_cpu_seconds"] is not None
+    assert report["database_cpu_us_per_envelope"] is not None
