@@ -285,7 +285,7 @@ def test_a_reader_of_another_process_does_not_hold_the_sweep(
     assert db.acknowledge("bob", 1, [queued.seq]) == 1
     started = time.monotonic()
     db.purge_expired(0)  # cannot reset the WAL now: tries once, does not wait 5 s
-    assert time.monotonic() - started < 1
+    assert time.monotonic() - started < 4  # the busy wait it must not do is 5 s
     shell.close()
     db.purge_expired(0)  # the next sweep resets it
     assert not any(marker in f.read_bytes() for f in tmp_path.glob("relay.db*"))
