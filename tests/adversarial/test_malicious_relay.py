@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import pytest
 
+from hushchat.protocol.account import Account
 from hushchat.protocol.client_core import (
     ENVELOPE_DIRECT,
     ENVELOPE_GROUP,
@@ -24,8 +25,16 @@ from hushchat.protocol.client_core import (
     RecordKind,
     Undecryptable,
 )
-from hushchat.protocol.content import GroupControl, GroupSync, GroupText, SenderKey, SyncRequest
-from hushchat.protocol.devices import DeviceEntry, DeviceList
+from hushchat.protocol.content import (
+    GroupControl,
+    GroupSync,
+    GroupText,
+    SenderKey,
+    SentCopy,
+    SyncRequest,
+    Text,
+)
+from hushchat.protocol.devices import DeviceEntry, DeviceList, SignedDeviceList
 from hushchat.protocol.errors import BadSignature, UntrustedIdentity
 from hushchat.protocol.fingerprint import SafetyNumber
 from hushchat.protocol.group import (
@@ -41,6 +50,7 @@ from hushchat.protocol.group import (
 )
 from hushchat.protocol.group_cipher import OutboundSenderKey
 from hushchat.protocol.keys import IdentityKeyPair
+from hushchat.protocol.pqxdh import Party
 from hushchat.protocol.prekeys import PreKeyBundle
 from hushchat.protocol.primitives import SeededRandom
 from tests.support.harness import (
@@ -345,6 +355,50 @@ def test_a_swapped_sender_on_a_direct_message_is_detected(
         assert isinstance(event, Undecryptable) and event.sender == impostor
         assert full_state(bob) == before
     assert net.receive(envelope).events == (envelope.received(),)
+
+
+def test_an_initial_message_the_relay_makes_up_under_another_user_is_refused(
+    net: Network, group: bytes
+) -> None:
+    """A hostile relay writes to bob as erin, whom bob has never talked to.
+
+    Everything the relay needs is public: bob's bundle, and erin's user id,
+    device id and user identity (her device list) for the associated data.
+    It signs the handshake with a device key of its own, which erin's list
+    does not name, so bob refuses it (02-pqxdh.md section 2.8).
+    """
+    net.add_user("erin", 1)
+    erin_identity = SignedDeviceList.decode(net.device_lists["erin"]).device_list.user_identity
+    bob_identity = SignedDeviceList.decode(net.device_lists["bob"]).device_list.user_identity
+    relay_device = Account.create(now=net.now, one_time_prekeys=0, rng=SeededRandom(b"relay"))
+    session = relay_device.create_outbound_session(
+        PreKeyBundle.decode(net.bundle(A("bob"))),
+        local=Party("erin", 1, erin_identity),
+        remote=Party("bob", 1, bob_identity),
+        now=net.now,
+        rng=SeededRandom(b"relay"),
+    )
+    text = Text(b"\x07" * 16, net.now, b"send the money to the relay").encode()
+    forged = net.forge(A("erin"), A("bob"), ENVELOPE_DIRECT, session.encrypt(text))
+    bob = net.core(A("bob"))
+    before = full_state(bob)
+    delivery = net.receive(forged)
+    assert delivery.events == (Undecryptable(A("erin"), "UNTRUSTED_IDENTITY"),)
+    assert delivery.sent == ()
+    assert full_state(net.core(A("bob"))) == before
+
+
+def test_a_contact_cannot_pass_a_message_off_as_sent_by_the_users_own_device(
+    net: Network, group: bytes
+) -> None:
+    """A hostile contact sends bob a copy of a message "bob sent from another device"."""
+    copy = SentCopy("carol", None, b"\x08" * 16, net.now, b"I resign").encode()
+    bob = net.core(A("bob"))
+    before = full_state(bob)
+    delivery = net.receive(net.inject_content(A("mallory"), A("bob"), copy))
+    assert delivery.events == (Undecryptable(A("mallory"), "UNAUTHORIZED_CHANGE"),)
+    assert delivery.sent == ()
+    assert changed(before, full_state(net.core(A("bob")))) <= {RecordKey.session(A("mallory"))}
 
 
 def test_a_swapped_sender_on_a_group_message_is_detected(net: Network, group: bytes) -> None:
