@@ -9,6 +9,8 @@ carried it (its ratchet moves on once a message decrypts).
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
 from hushchat.protocol.account import Account
@@ -35,7 +37,7 @@ from hushchat.protocol.content import (
     Text,
 )
 from hushchat.protocol.devices import DeviceEntry, DeviceList, SignedDeviceList
-from hushchat.protocol.errors import BadSignature, UntrustedIdentity
+from hushchat.protocol.errors import BadSignature, InvalidArgument, UntrustedIdentity
 from hushchat.protocol.fingerprint import SafetyNumber
 from hushchat.protocol.group import (
     GENESIS_PARENT_HASH,
@@ -50,6 +52,7 @@ from hushchat.protocol.group import (
 )
 from hushchat.protocol.group_cipher import OutboundSenderKey
 from hushchat.protocol.keys import IdentityKeyPair
+from hushchat.protocol.messages import PreKeyMessage, decode_message
 from hushchat.protocol.pqxdh import Party
 from hushchat.protocol.prekeys import PreKeyBundle
 from hushchat.protocol.primitives import SeededRandom
@@ -386,6 +389,32 @@ def test_an_initial_message_the_relay_makes_up_under_another_user_is_refused(
     assert delivery.events == (Undecryptable(A("erin"), "UNTRUSTED_IDENTITY"),)
     assert delivery.sent == ()
     assert full_state(net.core(A("bob"))) == before
+
+
+def test_a_relay_cannot_downgrade_a_new_session_to_x3dh(net: Network, group: bytes) -> None:
+    """A hostile relay strips the ML-KEM prekey from a bundle, or the KEM fields from an
+    initial message, to leave only the classical X3DH secret (spec 9.4, Downgrade)."""
+    net.add_user("erin", 1)
+    erin = net.core(A("erin"))
+    bundle = PreKeyBundle.decode(net.bundle(A("bob")))
+    assert bundle.kem_prekey is not None
+    without_kem = replace(bundle, kem_prekey=None, kem_is_last_resort=False).encode()
+    before = full_state(erin)
+    with pytest.raises(InvalidArgument):
+        erin.process_bundle(without_kem, now=net.tick())
+    assert full_state(erin) == before
+    # Erin's own initial message, its KEM ciphertext taken out on the way to bob.
+    [envelope] = [e for e in net.send_direct(A("erin"), "bob", b"secret") if e.label == TEXT]
+    net.in_flight.remove(envelope)
+    initial = decode_message(envelope.payload)
+    assert isinstance(initial, PreKeyMessage) and initial.handshake.is_post_quantum
+    classical = replace(initial.handshake, kem_prekey_id=None, kem_ciphertext=None)
+    stripped = replace(envelope, payload=PreKeyMessage(classical, initial.message).encode())
+    bob = net.core(A("bob"))
+    before = full_state(bob)
+    assert net.receive(stripped).events == (Undecryptable(A("erin"), "BAD_MAC"),)
+    assert full_state(net.core(A("bob"))) == before
+    assert net.receive(envelope).events == (envelope.received(),)
 
 
 def test_a_contact_cannot_pass_a_message_off_as_sent_by_the_users_own_device(
