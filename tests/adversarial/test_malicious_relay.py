@@ -27,6 +27,7 @@ from hushchat.protocol.client_core import (
     RecordKind,
     Undecryptable,
 )
+from hushchat.protocol.consts import MAX_PREVIOUS_SESSIONS
 from hushchat.protocol.content import (
     GroupControl,
     GroupSync,
@@ -484,6 +485,34 @@ def test_replayed_envelopes_never_reach_the_app_twice(net: Network, group: bytes
     for envelope in envelopes:
         assert net.receive(envelope).outcome == Outcome(), envelope
     assert states(net) == before
+
+
+@pytest.mark.parametrize(
+    ("one_time_prekeys", "reason"),
+    [(8, "UNKNOWN_PREKEY"), (0, "REPLAYED_HANDSHAKE")],
+    ids=["one-time prekey spent", "base key remembered"],
+)
+def test_an_initial_message_replayed_after_its_session_was_archived_is_refused(
+    rng: SeededRandom, one_time_prekeys: int, reason: str
+) -> None:
+    """A hostile relay keeps erin's first initial message and replays it once bob's record
+    no longer holds that session (erin started over more than MAX_PREVIOUS_SESSIONS times):
+    only the account's memory, the spent one-time prekey or the remembered base key, is
+    left to refuse it (02-pqxdh.md section 2.5)."""
+    net = Network(rng, one_time_prekeys=one_time_prekeys)
+    net.add_user("erin")
+    net.add_user("bob")
+    [first] = [e for e in net.send_direct(A("erin"), "bob", b"first") if e.label == TEXT]
+    net.deliver_all()
+    for n in range(MAX_PREVIOUS_SESSIONS + 1):
+        net.ensure_sessions(A("erin"), [A("bob")])
+        net.send_direct(A("erin"), "bob", b"again %d" % n)
+        net.deliver_all()
+    assert net.events[A("bob")].count(first.received()) == 1
+    before = full_state(net.core(A("bob")))
+    delivery = net.receive(first)
+    assert delivery.events == (Undecryptable(A("erin"), reason),)
+    assert full_state(net.core(A("bob"))) == before
 
 
 def test_replayed_retry_requests_and_answers_do_nothing_new(net: Network, group: bytes) -> None:
