@@ -296,6 +296,27 @@ async def test_prekeys_of_another_device_are_refused() -> None:
                 await connection.fetch_bundle("bob", 1)
 
 
+@pytest.mark.parametrize("swapped", ["signed_prekey", "last_resort_kem", "one_time_kem"])
+async def test_a_prekey_a_proxy_swaps_into_an_upload_is_refused(swapped: str) -> None:
+    """A hostile proxy between alice's device and the relay swaps one key of her upload
+    for one of its own: every signature is checked, not only the first, and the relay
+    stores nothing of the upload (an initiator would refuse such a bundle)."""
+    alice, mallory = make_user("alice"), make_user("mallory")
+    genuine = make_prekeys(alice.devices[1], one_time=1, one_time_kem=1)
+    theirs = make_prekeys(mallory.devices[1], one_time=1, one_time_kem=1)
+    async with running_relay(relay_config()) as port:
+        await register(port, alice)
+        async with connected(port, alice.devices[1]) as connection:
+            with pytest.raises(PreKeysRejected) as info:
+                await connection.upload_prekeys(**{**genuine, swapped: theirs[swapped]})
+            assert info.value.cause == "BAD_SIGNATURE"
+            assert await connection.upload_prekeys() == PreKeyCounts(0, 0)
+            with pytest.raises(NoPreKeys):
+                await connection.fetch_bundle("alice", 1)
+            await connection.upload_prekeys(**genuine)
+            await connection.fetch_bundle("alice", 1)
+
+
 # Canonical u-coordinates of small order (libsodium's blocklist): every X25519 with
 # them is all zero, so an initiator refuses the bundle (NON_CONTRIBUTORY).
 LOW_ORDER_KEYS = [
