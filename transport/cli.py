@@ -319,7 +319,7 @@ def run_invite(args: argparse.Namespace) -> int:
         return fail("relay invite", f"no such folder for the database: {folder}")
     try:
         tokens = issue_invites(args.db, args.count, lifetime_seconds=args.valid_for)
-    except sqlite3.Error as exc:
+    except (sqlite3.Error, OSError) as exc:
         return fail("relay invite", f"{args.db} is not a hushchat relay database ({exc})")
     except UnknownStateVersion as exc:
         return fail("relay invite", f"{args.db}: {exc}")

@@ -25,6 +25,7 @@ import fcntl
 import os
 import sqlite3
 from collections.abc import Callable, Iterable, Sequence
+from contextlib import suppress
 from typing import Final
 
 from hushchat.protocol import client_core as core
@@ -131,6 +132,7 @@ class ClientStore:
             raise StoreLocked(f"the client store {path} is open in another process") from None
         db = None
         try:
+            _make_private(path)
             db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
             db.execute("PRAGMA journal_mode=WAL")
             # FULL: a committed transaction survives power loss, as the relay's
@@ -138,7 +140,6 @@ class ClientStore:
             db.execute("PRAGMA synchronous=FULL")
             db.executescript(_SCHEMA)
             _migrate(db)
-            os.chmod(path, 0o600)
         except BaseException:
             if db is not None:
                 db.close()
@@ -225,3 +226,17 @@ class ClientStore:
     def forget_processed_before(self, cutoff: int) -> None:
         """Drop processed guids older than ``cutoff`` (the relay keeps nothing longer)."""
         self._db.execute("DELETE FROM processed WHERE at < ?", (cutoff,))
+
+
+def _make_private(path: str) -> None:
+    """Create the store owner-only (0600) before SQLite opens it, and make owner-only
+    the files an older client left readable.
+
+    SQLite creates the write-ahead log and shared-memory files (which hold the
+    latest writes: keys, sessions, inbox) with the database file's permissions
+    at that moment, so the database must be private before its first write.
+    """
+    os.close(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))
+    for name in (path, f"{path}-wal", f"{path}-shm"):
+        with suppress(FileNotFoundError):
+            os.chmod(name, 0o600)

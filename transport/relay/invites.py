@@ -25,7 +25,7 @@ from hushchat.protocol.errors import UnknownStateVersion
 from ..wire.limits import INVITE_TOKEN_BYTES
 from .config import wall_clock_ms
 from .storage.schema import SCHEMA_VERSION, create_or_check_schema
-from .storage.sqlite import BUSY_TIMEOUT_MS
+from .storage.sqlite import BUSY_TIMEOUT_MS, make_private
 
 
 def token_hash(token: str) -> bytes:
@@ -36,11 +36,12 @@ def token_hash(token: str) -> bytes:
 def issue_invites(db_path: str, count: int, *, lifetime_seconds: int) -> list[str]:
     """``count`` new tokens, stored (hashed) in the relay database at ``db_path``.
 
-    A new file gets the relay's schema. sqlite3.Error if the file is not a
+    A new file gets the relay's schema. sqlite3.Error (or OSError) if the file is not a
     database; UnknownStateVersion if its schema is not the current one.
     """
     tokens = [secrets.token_urlsafe(INVITE_TOKEN_BYTES) for _ in range(count)]
     expires_at = wall_clock_ms() + 1000 * lifetime_seconds
+    make_private(db_path)  # a new database is the relay's: owner-only, as the relay makes it
     with contextlib.closing(
         sqlite3.connect(db_path, isolation_level=None, timeout=BUSY_TIMEOUT_MS / 1000)
     ) as db:
