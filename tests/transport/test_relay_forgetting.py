@@ -34,6 +34,7 @@ from hushchat.transport.relay.storage.rows import (
     open_mailbox,
     open_payload,
 )
+from hushchat.transport.relay.storage.sqlite import SqliteDatabase
 from hushchat.transport.wire.frames import MailExpired, QueueEmpty
 from hushchat.transport.wire.limits import EPOCHS_PER_RETENTION
 from hushchat.transport.wire.records import Envelope
@@ -47,6 +48,7 @@ from tests.support.relay import (
     relay_config,
     running_relay,
 )
+from tests.support.storage import batch, register_devices
 from tests.support.users import make_user
 
 HOUR_MS = 3600 * 1000
@@ -407,3 +409,41 @@ async def test_two_relay_processes_derive_the_same_keys(tmp_path: Path) -> None:
     epoch = max(one.epoch, other.epoch)
     a, b = KeyChain(one).keys(epoch), KeyChain(other).keys(epoch)
     assert a is not None and b is not None and a.index("bob", 1) == b.index("bob", 1)
+
+
+def test_a_seized_disk_holds_no_acknowledged_envelope_after_the_next_sweep(
+    tmp_path: Path,
+) -> None:
+    """Whoever seizes the running relay's disk with its key file, after bob acknowledged
+    his mail and the relay swept, finds none of that mail's sealed bytes in any file: not
+    in free pages (secure_delete) nor in old WAL frames (the sweep truncates the WAL), so
+    the key file that still derives their epoch's keys opens nothing of them (07 section
+    7.12). Before the sweep the WAL may still hold them: 9.8 says so."""
+    folder = tmp_path / "relay"
+    folder.mkdir()
+    db = SqliteDatabase(str(folder / "relay.db"))
+    register_devices(db, "alice", 1, key_base=0xA0)
+    register_devices(db, "bob", 1)
+    now = wall_clock_ms()
+    for n in range(3):
+        mail = batch(
+            [("bob", 1)],
+            (b"mail %d " % n * 40,),
+            counters={"bob": 0},
+            server_ts=now,
+            expires_at=now + 3_600_000,
+        )
+        db.enqueue(mail, max_mailbox_size=10)
+    with contextlib.closing(sqlite3.connect(folder / "relay.db")) as peek:
+        sealed = [bytes(row[0]) for row in peek.execute("SELECT sealed FROM payloads")]
+        sealed += [bytes(row[0]) for row in peek.execute("SELECT sealed FROM deliveries")]
+    assert len(sealed) == 6
+    queued = db.pending("bob", 1, after_seq=0, limit=10, now=now)
+    assert db.acknowledge("bob", 1, [q.seq for q in queued]) == 3
+    db.purge_expired(now)  # the sweep of the next epoch boundary; nothing has expired
+    try:
+        disk = {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+        found = [(name, s.hex()[:16]) for name, data in disk.items() for s in sealed if s in data]
+        assert found == []
+    finally:
+        db.close()
