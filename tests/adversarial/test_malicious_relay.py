@@ -38,7 +38,13 @@ from hushchat.protocol.content import (
     Text,
 )
 from hushchat.protocol.devices import DeviceEntry, DeviceList, SignedDeviceList
-from hushchat.protocol.errors import BadSignature, InvalidArgument, UntrustedIdentity
+from hushchat.protocol.encoding import unpack
+from hushchat.protocol.errors import (
+    BadSignature,
+    InvalidArgument,
+    RemoteProtocolError,
+    UntrustedIdentity,
+)
 from hushchat.protocol.fingerprint import SafetyNumber
 from hushchat.protocol.group import (
     GENESIS_PARENT_HASH,
@@ -51,7 +57,7 @@ from hushchat.protocol.group import (
     SetTitle,
     Welcome,
 )
-from hushchat.protocol.group_cipher import OutboundSenderKey
+from hushchat.protocol.group_cipher import OutboundSenderKey, SenderKeyRecord
 from hushchat.protocol.keys import IdentityKeyPair
 from hushchat.protocol.messages import PreKeyMessage, decode_message
 from hushchat.protocol.pqxdh import Party
@@ -335,6 +341,47 @@ def test_a_change_not_sent_by_its_author_is_refused(net: Network, group: bytes) 
     # The genuine envelope still applies.
     delivery = net.receive(to_carol)
     assert delivery.events == (GroupUpdated(group, A("alice"), (MemberRemoved("dave"),)),)
+
+
+# ------------------------------------------------------------------ removed members
+
+
+def test_a_removed_member_with_its_old_sender_keys_reads_nothing_sent_after(
+    net: Network, group: bytes
+) -> None:
+    """Dave, removed, kept every record he held (a client that forgets nothing), and the
+    relay hands him copies of the group's messages: bob rotated his sender key when dave
+    left, so dave's copy of bob's chain opens none of them (spec 9.4, Removed members)."""
+    kept = net.stores[A("dave")][RecordKey.inbound(group, A("bob"))]
+    net.remove_member(A("alice"), group, "dave")
+    net.deliver_all()
+    envelopes = net.send_group(A("bob"), group, b"now that dave is gone")
+    assert all(e.recipient.user_id != "dave" for e in envelopes)
+    copy = next(e.payload for e in envelopes if e.label == GROUP)
+    record = SenderKeyRecord.from_bytes(kept)
+    with pytest.raises(RemoteProtocolError) as refused:
+        record.decrypt(copy, sender=A("bob"))
+    assert refused.value.code == "NO_SENDER_KEY"
+
+
+def test_a_removed_member_cannot_go_on_writing_to_the_group(net: Network, group: bytes) -> None:
+    """Dave, removed, signs new group messages on the chain the members hold from him,
+    and the relay delivers them: nobody shows them (spec 9.4, Removed members)."""
+    kept = unpack(net.stores[A("dave")][RecordKey.outbound(group)], what="test")
+    state = net.core(A("alice")).group(group)
+    net.remove_member(A("alice"), group, "dave")
+    net.deliver_all()
+    chain = OutboundSenderKey.from_bytes(kept[1])
+    text = GroupText(b"\x09" * 16, net.now, b"dave still here", state.epoch, state.state_hash)
+    payload = chain.encrypt(text.encode(), sender=A("dave"))
+    for address in sorted(net.devices):
+        if address.user_id in ("alice", "bob", "carol"):
+            before = full_state(net.core(address))
+            delivery = net.receive(net.forge(A("dave"), address, ENVELOPE_GROUP, payload))
+            assert not any(isinstance(e, MessageReceived) for e in delivery.events)
+            [refusal] = delivery.events
+            assert isinstance(refusal, Undecryptable) and refusal.sender == A("dave")
+            assert full_state(net.core(address)) == before
 
 
 # ------------------------------------------------------------------ swapped senders
