@@ -130,6 +130,7 @@ class Link:
 
     async def client_to_relay(self) -> None:
         async for body in _bodies(self.client):
+            self.proxy.wire.append(body)
             request = decode_request(body)
             if isinstance(request, Auth):
                 self._auth[request.request_id] = Address(request.user_id, request.device_id)
@@ -142,6 +143,7 @@ class Link:
 
     async def relay_to_client(self) -> None:
         async for body in _bodies(self.upstream):
+            self.proxy.wire.append(body)
             frame = decode_relay_frame(body)
             for out in await self._tamper(frame):
                 await self._send(self.client, self.to_client, encode_body(out))
@@ -190,6 +192,7 @@ class HostileRelay:
         self.port = 0
         self.links: dict[Address, Link] = {}
         self.seen: list[tuple[Address, Envelope]] = []  # (recipient, envelope) as pushed
+        self.wire: list[bytes] = []  # every frame body, both ways, as the relay sees it
         self.envelope_hook: EnvelopeHook = _pass_envelope
         self.bundle_hook: Callable[[Address, bytes], bytes] = lambda address, data: data
         self.device_list_hook: Callable[[str, bytes], bytes] = lambda user_id, data: data
@@ -389,6 +392,41 @@ async def test_replays_never_reach_the_app_twice(setup: Setup) -> None:
         events = await events_until(bob, body_is(b"sentinel 2"))
         assert received(events) == [("alice", b"sentinel 2")]
         assert undecryptable(events) == []
+
+
+async def test_the_relay_reads_no_message_and_no_group_title(setup: Setup) -> None:
+    """Everything the relay sees, every frame both ways, holds none of what the users
+    wrote: one-to-one texts (initial and ratchet messages), a group's title, its
+    members' group messages and a title change (spec 9.2)."""
+    proxy = setup.proxy
+    secrets_written = [
+        b"initial: the key is under the third stone",
+        b"ratchet: the meeting moved to nine",
+        b"group: bring the documents",
+        b"from carol: I have the documents",
+    ]
+    async with (
+        client(setup, "alice") as alice,
+        client(setup, "bob") as bob,
+        client(setup, "carol") as carol,
+    ):
+        await alice.send_direct("bob", secrets_written[0])
+        await events_until(bob, body_is(secrets_written[0]))
+        await bob.send_direct("alice", secrets_written[1])
+        await events_until(alice, body_is(secrets_written[1]))
+        group_id = await alice.create_group("the old mill plan", ["bob", "carol"])
+        await events_until(carol, lambda e: isinstance(e, GroupUpdated))
+        await alice.send_group(group_id, secrets_written[2])
+        await events_until(carol, body_is(secrets_written[2]))
+        await carol.send_group(group_id, secrets_written[3])
+        await events_until(bob, body_is(secrets_written[3]))
+        await alice.set_title(group_id, "the new mill plan")
+        await events_until(bob, lambda e: isinstance(e, GroupUpdated))
+    seen = b"".join(proxy.wire)
+    assert len(proxy.wire) > 20
+    for written in [*secrets_written, b"the old mill plan", b"the new mill plan"]:
+        assert written not in seen
+        assert written[8:24] not in seen  # nor a part of it
 
 
 async def test_a_swapped_sender_is_detected(setup: Setup) -> None:
