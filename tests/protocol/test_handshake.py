@@ -14,7 +14,11 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X
 
 from hushchat.protocol import primitives as p
 from hushchat.protocol.account import Account
-from hushchat.protocol.consts import MAX_UNACKNOWLEDGED_SESSION_AGE, SIGNED_PREKEY_GRACE_PERIOD
+from hushchat.protocol.consts import (
+    MAX_REMEMBERED_BASE_KEYS,
+    MAX_UNACKNOWLEDGED_SESSION_AGE,
+    SIGNED_PREKEY_GRACE_PERIOD,
+)
 from hushchat.protocol.double_ratchet import Header
 from hushchat.protocol.errors import (
     BadMac,
@@ -556,3 +560,25 @@ def test_a_session_is_bound_to_the_responder_the_initiator_meant(
     bob.start(alice_account.bundle("mallory", 5))
     alice = Peer(alice_account, p.SeededRandom(b"alice"), me="alice", peer="bob")
     alice.assert_refused(bob.encrypt(b"for mallory only"), BadMac)
+
+
+def test_a_flood_of_initial_messages_is_remembered_in_bounded_memory(
+    make_account: Callable[..., Account], rng: p.SeededRandom
+) -> None:
+    """A hostile peer (or the relay, replaying nothing) sends initial messages without a
+    one-time prekey, each with a fresh base key, more than MAX_REMEMBERED_BASE_KEYS of
+    them: bob remembers the newest MAX_REMEMBERED_BASE_KEYS, never more (spec 9.3)."""
+    bob = make_account(one_time_prekeys=0)
+    alice = make_account(one_time_prekeys=0)
+    bundle = bob.bundle("bob", 1, one_time=False)
+    base_keys = []
+    for n in range(MAX_REMEMBERED_BASE_KEYS + 3):
+        session = alice.create_outbound_session(
+            bundle, local=ALICE_PARTY, remote=BOB_PARTY, now=NOW, post_quantum=False, rng=rng
+        )
+        message = decode_message(session.encrypt(b"%d" % n))
+        assert isinstance(message, PreKeyMessage)
+        bob.create_inbound_session(message, local=BOB_PARTY, remote=ALICE_PARTY, now=NOW, rng=rng)
+        base_keys.append(message.handshake.base_key)
+    remembered = [base_key for _, base_key in bob.remembered_base_keys]
+    assert remembered == base_keys[-MAX_REMEMBERED_BASE_KEYS:]
