@@ -27,7 +27,11 @@ from hushchat.protocol.client_core import (
     RecordKind,
     Undecryptable,
 )
-from hushchat.protocol.consts import MAX_PREVIOUS_SESSIONS
+from hushchat.protocol.consts import (
+    MAX_PREVIOUS_SESSIONS,
+    SENDER_KEY_MAX_AGE,
+    SENDER_KEY_MAX_MESSAGES,
+)
 from hushchat.protocol.content import (
     GroupControl,
     GroupSync,
@@ -382,6 +386,27 @@ def test_a_removed_member_cannot_go_on_writing_to_the_group(net: Network, group:
             [refusal] = delivery.events
             assert isinstance(refusal, Undecryptable) and refusal.sender == A("dave")
             assert full_state(net.core(address)) == before
+
+
+@pytest.mark.parametrize("limit", ["age", "messages"])
+def test_a_stolen_sender_chain_key_reads_no_message_past_the_rotation_limits(
+    net: Network, group: bytes, limit: str
+) -> None:
+    """An attacker who copied bob's record of alice's chain (a seized phone, a backup), and
+    gets every later group message from the relay, reads alice's messages only until she
+    rotates: after SENDER_KEY_MAX_AGE or SENDER_KEY_MAX_MESSAGES (spec 9.3)."""
+    stolen = SenderKeyRecord.from_bytes(net.stores[A("bob")][RecordKey.inbound(group, A("alice"))])
+    if limit == "age":
+        net.now += SENDER_KEY_MAX_AGE
+    else:
+        for n in range(SENDER_KEY_MAX_MESSAGES - 1):  # "hello" was the first
+            net.send_group(A("alice"), group, b"%d" % n)
+        net.in_flight.clear()
+    envelopes = net.send_group(A("alice"), group, b"after the rotation")
+    copy = next(e.payload for e in envelopes if e.label == GROUP)
+    with pytest.raises(RemoteProtocolError) as refused:
+        stolen.decrypt(copy, sender=A("alice"))
+    assert refused.value.code == "NO_SENDER_KEY"
 
 
 # ------------------------------------------------------------------ swapped senders
