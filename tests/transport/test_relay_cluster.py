@@ -21,12 +21,15 @@ import pytest
 import trio
 
 from hushchat.protocol.encoding import unpack
+from hushchat.protocol.prekeys import PreKeyBundle
 from hushchat.transport.client.connection import ConnectionClosed, RelayConnection
+from hushchat.transport.relay.config import wall_clock_ms
 from hushchat.transport.relay.ratelimit import RateLimit
 from hushchat.transport.relay.server import Relay
 from hushchat.transport.relay.storage.atrest import RelayKeysMissing
 from hushchat.transport.relay.storage.postgres import PostgresDatabase, PostgresStorage
-from hushchat.transport.wire.errors import Superseded
+from hushchat.transport.wire.errors import RateLimited, Superseded
+from hushchat.transport.wire.limits import BUNDLE_FETCH_CAPACITY, TARGET_ONE_TIME_CAPACITY
 from hushchat.transport.wire.records import Envelope
 from tests.support.children import RELAY_COMMAND, STARTED, child_env
 from tests.support.relay import (
@@ -40,7 +43,11 @@ from tests.support.relay import (
     running_relay,
 )
 from tests.support.storage import register_devices, upload_prekeys
-from tests.support.users import make_user
+from tests.support.users import Device, make_user
+
+# Sybils fetching one target's bundles: enough that two relays' separate budgets
+# (20 each by default) would both run out, at 6 fetches per sybil and relay.
+SYBILS = 10
 
 
 @asynccontextmanager
@@ -226,6 +233,50 @@ async def test_prekeys_raced_by_fetchers_on_both_relays_are_handed_out_once(
                 nursery.start_soon(fetch, device_id)
     assert sorted(one_time) == list(range(1, 21))  # every key once, none twice
     assert last_resort == 36 - 20
+
+
+async def test_sybils_on_both_relays_take_no_more_than_one_budget_of_one_time_prekeys(
+    postgres_dsn: str, tmp_path: Path
+) -> None:
+    """The attacker's hope: each relay counts the target's one-time budget for itself, so
+    sybils fetching through both take twice the budget (N relays: N times). The budget
+    is one row in the database: together the relays hand out one budget.
+
+    The relays' clock stands still (the budget regains nothing meanwhile), and
+    the sybils fetch at once, each on one relay until it refuses, then on the other.
+    """
+    bob = make_user("bob")
+    sybils = [make_user(f"sybil{i:02}") for i in range(SYBILS)]
+    frozen = wall_clock_ms()
+    async with two_relays(postgres_dsn, tmp_path, clock=lambda: frozen) as (port_a, port_b):
+        await register(port_a, bob, *sybils)
+        async with connected(port_a, bob.devices[1]) as owner:
+            stock = make_prekeys(bob.devices[1], one_time=100, one_time_kem=100)
+            await owner.upload_prekeys(**stock)
+        bundles: list[PreKeyBundle] = []
+
+        async def drain(sybil: Device, ports: tuple[int, ...]) -> None:
+            for port in ports:  # one relay after the other: a device connects to one at a time
+                async with connected(port, sybil) as connection:
+                    while True:
+                        try:
+                            data = await connection.fetch_bundle("bob", 1)
+                        except RateLimited:
+                            break
+                        bundles.append(PreKeyBundle.decode(data))
+
+        async with trio.open_nursery() as nursery:
+            for i, sybil in enumerate(sybils):
+                ports = (port_a, port_b) if i % 2 else (port_b, port_a)
+                nursery.start_soon(drain, sybil.devices[1], ports)
+        async with connected(port_b, bob.devices[1]) as owner:
+            counts = await owner.upload_prekeys()
+    assert len(bundles) == SYBILS * 2 * int(BUNDLE_FETCH_CAPACITY)  # nobody refused a bundle
+    with_one_time = [b for b in bundles if b.one_time_prekey is not None]
+    one_time_kem = [b for b in bundles if not b.kem_is_last_resort]
+    budget = int(TARGET_ONE_TIME_CAPACITY)
+    assert (len(with_one_time), len(one_time_kem)) == (budget, budget)
+    assert (counts.one_time, counts.one_time_kem) == (100 - budget, 100 - budget)
 
 
 def test_none_left_is_answered_only_when_none_is_left(postgres_dsn: str, tmp_path: Path) -> None:

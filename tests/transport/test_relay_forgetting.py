@@ -65,6 +65,9 @@ DIRECTORY_TABLES = {
     "last_resort_kem_prekeys",
     "one_time_prekeys",
     "one_time_kem_prekeys",
+    # A device's one-time budget, until it refills (spec 07 sections 7.7, 7.12):
+    # named by the device, as its prekeys are.
+    "one_time_budgets",
 }
 
 

@@ -125,9 +125,9 @@ def test_a_failing_call_rolls_back_alone(db: RecordingDatabase) -> None:
     calls = [
         DatabaseCall(partial(db._enqueue, first, 10)),
         DatabaseCall(partial(db._enqueue, stale, 10)),
-        DatabaseCall(partial(db._take_bundle, "bob", 1, True)),
+        DatabaseCall(partial(db._take_bundle, "bob", 1, None, 0)),
         DatabaseCall(partial(db._enqueue, full, 1)),  # bob/1 holds one already: refused
-        DatabaseCall(partial(db._take_bundle, "bob", 1, True)),
+        DatabaseCall(partial(db._take_bundle, "bob", 1, None, 0)),
         # Fails after writing: the new signed prekey goes back out with the rest.
         DatabaseCall(partial(db._store_prekeys, "bob", 1, new_spk, None, [opk, opk], [], 100)),
     ]

@@ -19,16 +19,19 @@ from typing import Any
 import psycopg
 import pytest
 
+from hushchat.protocol.prekeys import PreKeyBundle
 from hushchat.transport import cli
 from hushchat.transport.relay.report import format_report, relay_report
 from hushchat.transport.relay.storage import migration
 from hushchat.transport.relay.storage.postgres import POSTGRES_SCHEMA_VERSION
 from hushchat.transport.relay.storage.schema import SCHEMA_VERSION
 from hushchat.transport.relay.storage.sqlite import SqliteDatabase
+from hushchat.transport.wire.limits import TARGET_ONE_TIME_CAPACITY
 from hushchat.transport.wire.records import EnvelopeKind
 from tests.support.relay import (
     connected,
     envelopes_until_empty,
+    make_prekeys,
     register,
     relay_config,
     running_relay,
@@ -184,18 +187,37 @@ async def test_migrate_keeps_the_queued_mail_of_the_previous_schema(
     if backend == "postgres":
         with psycopg.connect(db, autocommit=True) as conn:
             conn.execute("DROP TABLE presence")
+            conn.execute("DROP TABLE one_time_budgets")
             conn.execute("UPDATE schema_version SET version = 1")
         previous, current = 1, POSTGRES_SCHEMA_VERSION
     else:
         with contextlib.closing(sqlite3.connect(db, isolation_level=None)) as conn:
             conn.execute("DROP TABLE invites")
-            conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION - 1}")
-        previous, current = SCHEMA_VERSION - 1, SCHEMA_VERSION
+            conn.execute("DROP TABLE one_time_budgets")
+            conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION - 2}")
+        previous, current = SCHEMA_VERSION - 2, SCHEMA_VERSION
     assert cli.main(argv) == 0
     assert f"migrated from schema {previous} to {current}" in capsys.readouterr().out
     assert cli.main(argv) == 0
     assert f"schema {current}, nothing to migrate" in capsys.readouterr().out
     assert await delivered(config, bob) == [b"queued 1", b"queued 2"]
+    # The one-time budget of a device is kept in the migrated database (spec 7.7).
+    async with running_relay(config) as port:
+        async with connected(port, bob.devices[1]) as owner:
+            await owner.upload_prekeys(**make_prekeys(bob.devices[1], one_time=2, one_time_kem=2))
+        async with connected(port, alice.devices[1]) as fetcher:
+            bundle = PreKeyBundle.decode(await fetcher.fetch_bundle("bob", 1))
+    assert bundle.one_time_prekey is not None
+    if backend == "postgres":
+        with psycopg.connect(db, autocommit=True) as conn:
+            rows = conn.execute("SELECT user_id, device_id, tokens FROM one_time_budgets")
+            budgets = rows.fetchall()
+    else:
+        with contextlib.closing(sqlite3.connect(db)) as conn:
+            budgets = conn.execute("SELECT user_id, device_id, tokens FROM one_time_budgets")
+            budgets = budgets.fetchall()
+    assert [(u, d) for u, d, _ in budgets] == [("bob", 1)]
+    assert budgets[0][2] < TARGET_ONE_TIME_CAPACITY
 
 
 async def test_migrate_refuses_a_newer_schema_and_a_missing_database(

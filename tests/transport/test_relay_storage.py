@@ -17,6 +17,7 @@ import trio
 from hushchat.protocol.errors import DuplicateDeviceKey, UnknownStateVersion
 from hushchat.protocol.prekeys import KemPreKeyPublic, OneTimePreKeyPublic, SignedPreKeyPublic
 from hushchat.transport.relay.config import wall_clock_ms
+from hushchat.transport.relay.ratelimit import RateLimit
 from hushchat.transport.relay.storage import schema as sqlite_storage_schema
 from hushchat.transport.relay.storage import sqlite as sqlite_storage
 from hushchat.transport.relay.storage.interface import (
@@ -184,6 +185,46 @@ def test_take_once_then_last_resort(db: SqliteDatabase) -> None:
     third = db.take_bundle("bob", 1)
     assert third is not None and third.one_time is None and third.kem_is_last_resort
     assert third.remaining == PreKeyCounts(0, 0)
+
+
+def test_the_one_time_budget_is_one_per_device_for_every_relay_on_the_database(
+    db: SqliteDatabase, open_db: Callable[[], SqliteDatabase]
+) -> None:
+    """Spec 7.7: the budget is a row beside the keys, so another relay process on the
+    database (a second connection here) spends the same one; times are the relays' clock."""
+    budget = RateLimit(2, 1.0)  # two at once, one more each second
+    upload_prekeys(db, "bob", 1, one_time=10, kem=10)
+    upload_prekeys(db, "bob", 2, one_time=10, kem=10)
+    other_relay = open_db()
+
+    def one_time_taken(database: SqliteDatabase, now: int, device_id: int = 1) -> bool:
+        taken = database.take_bundle("bob", device_id, budget=budget, now=now)
+        assert taken is not None
+        assert (taken.one_time is None) == taken.kem_is_last_resort
+        return taken.one_time is not None
+
+    assert one_time_taken(db, 10_000) and one_time_taken(other_relay, 10_000)
+    assert not one_time_taken(db, 10_000) and not one_time_taken(other_relay, 10_000)
+    assert not one_time_taken(other_relay, 10_999)
+    assert one_time_taken(other_relay, 11_000)  # a token regained
+    assert not one_time_taken(db, 11_000)
+    assert not one_time_taken(db, 5_000)  # a clock gone back regains nothing
+    assert one_time_taken(db, 12_000)
+    assert one_time_taken(db, 10_000, device_id=2)  # each device has its own budget
+    assert db.prekey_counts("bob", 1) == PreKeyCounts(6, 6)
+
+
+def test_a_fetch_that_takes_no_one_time_key_spends_no_budget(db: SqliteDatabase) -> None:
+    budget = RateLimit(1, 1e-6)
+    for _ in range(3):  # no prekeys at all: refused, nothing changes
+        assert db.take_bundle("bob", 1, budget=budget, now=1000) is None
+    upload_prekeys(db, "bob", 1, one_time=0, kem=0)
+    for _ in range(3):  # an empty stock: a bundle with no one-time key, and no token spent
+        taken = db.take_bundle("bob", 1, budget=budget, now=1000)
+        assert taken is not None and taken.one_time is None and taken.kem_is_last_resort
+    upload_prekeys(db, "bob", 1, one_time=1, kem=1)
+    taken = db.take_bundle("bob", 1, budget=budget, now=1000)
+    assert taken is not None and taken.one_time is not None and not taken.kem_is_last_resort
 
 
 def test_no_bundle_without_a_kem_prekey(db: SqliteDatabase) -> None:

@@ -128,10 +128,6 @@ class Relay:
         self.bundle_limiter: KeyedRateLimiter[tuple[DeviceKey, DeviceKey]] = KeyedRateLimiter(
             config.limits.bundle_fetch_rate, max_keys=config.limits.max_rate_limit_keys
         )
-        # One-time prekeys handed out per target device, by whoever (spec 7.7).
-        self.one_time_budget: KeyedRateLimiter[DeviceKey] = KeyedRateLimiter(
-            config.limits.one_time_prekey_budget, max_keys=config.limits.max_rate_limit_keys
-        )
         self._sessions: dict[DeviceKey, RelaySession] = {}
         self.connections_open = 0
         self.connections_served = 0
@@ -184,7 +180,6 @@ class Relay:
                 if purged:
                     logger.info("retention sweep deleted %d expired envelopes", purged)
             self.bundle_limiter.prune(trio.current_time())
-            self.one_time_budget.prune(trio.current_time())
             await trio.sleep(self._sweep_delay())
 
     def _sweep_delay(self) -> float:

@@ -553,17 +553,18 @@ class RelaySession:
             raise RateLimited("too many bundle fetches", retry_after_ms=math.ceil(wait * 1000))
         # Within the target's budget the bundle carries one-time prekeys; beyond
         # it, only the signed and last-resort keys (spec 7.7): no one is refused.
-        one_time = relay.one_time_budget.take(target, now) == 0
+        # The budget is kept in the database, spent in the transaction that
+        # takes the keys, so all the relays on one database share it.
         try:
-            taken = await relay.storage.take_bundle(*target, one_time=one_time)
+            taken = await relay.storage.take_bundle(
+                *target, budget=self._limits.one_time_prekey_budget, now=relay.config.clock()
+            )
         except BaseException:
-            self._give_back(pair, one_time=one_time)
+            relay.bundle_limiter.give_back(pair)
             raise
         if taken is None:
-            self._give_back(pair, one_time=one_time)
+            relay.bundle_limiter.give_back(pair)  # a refusal changes nothing
             raise NoPreKeys("the device has no prekeys")
-        if one_time and taken.one_time is None and taken.kem_is_last_resort:
-            relay.one_time_budget.give_back(target)  # the stock was empty: nothing taken
         self._relay.prekeys_taken(request.user_id, request.device_id, taken.remaining)
         bundle = pack(
             [
@@ -578,12 +579,6 @@ class RelaySession:
             ]
         )
         return BundleFrame(request.request_id, bundle)
-
-    def _give_back(self, pair: tuple[tuple[str, int], tuple[str, int]], *, one_time: bool) -> None:
-        """A fetch that took nothing takes no token either (a refusal changes nothing)."""
-        self._relay.bundle_limiter.give_back(pair)
-        if one_time:
-            self._relay.one_time_budget.give_back(pair[1])
 
     # ---------------------------------------------------------------- sends
 

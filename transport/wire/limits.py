@@ -152,7 +152,8 @@ BUNDLE_FETCH_PER_SECOND: Final = 1 / 600
 # a large group is asked for more at once, and the initiators beyond the
 # first 20 use the last-resort keys. The owner refills from the low
 # watermark (25, PREKEYS_LOW) with a batch of 100, so the stock outlasts
-# this rate while the owner connects.
+# this rate while the owner connects. The budget is kept in the relay's
+# database, so the relay processes sharing one spend one budget, not one each.
 TARGET_ONE_TIME_CAPACITY: Final = 20.0
 TARGET_ONE_TIME_PER_SECOND: Final = 20 / 3600
 

@@ -31,6 +31,7 @@ from hushchat.protocol.prekeys import KemPreKeyPublic, OneTimePreKeyPublic, Sign
 
 from ...wire.errors import TransportError
 from ...wire.records import Envelope, PreKeyCounts
+from ..ratelimit import RateLimit
 
 
 class StorageConflict(TransportError):
@@ -220,14 +221,19 @@ class RelayStorage(Protocol):
     async def prekey_counts(self, user_id: str, device_id: int) -> PreKeyCounts: ...
 
     async def take_bundle(
-        self, user_id: str, device_id: int, *, one_time: bool = True
+        self, user_id: str, device_id: int, *, budget: RateLimit | None = None, now: int = 0
     ) -> TakenBundle | None:
         """Take (delete and return) one one-time prekey of each kind, if any.
 
-        Falls back to the last-resort KEM prekey when no one-time KEM prekey
-        is left, or when ``one_time`` is False (the device's budget of
-        one-time prekeys is spent: nothing one-time is taken). None, taking
-        nothing, if the device has no signed prekey or no KEM prekey at all.
+        ``budget`` (None: unlimited) bounds the one-time prekeys handed out for
+        the device, by whoever fetches, as a token bucket stored with the
+        keys (``now``: the relay's clock, ms): every relay process on the
+        database spends the same one (spec 07 section 7.7). A bundle that
+        takes a one-time key spends a token in the same transaction; with
+        no token left nothing one-time is taken. Falls back to the
+        last-resort KEM prekey when no one-time KEM prekey is left or
+        taken. None, changing nothing, if the device has no signed prekey
+        or no KEM prekey at all.
         """
         ...
 

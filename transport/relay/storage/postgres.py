@@ -25,7 +25,9 @@ SQLite). Needs the optional extra ``hushchat[postgres]`` (psycopg 3).
     that commits later;
   - a one-time prekey is taken with ``FOR UPDATE SKIP LOCKED`` (never handed
     out twice), and "none left" is answered only after waiting for the keys
-    other relays hold in transactions still open;
+    other relays hold in transactions still open; the target device's
+    one-time budget (``one_time_budgets``) is read and spent under its row
+    lock in the same transaction, so the relays together hand out one budget;
   - a registration of a user id another relay registers at the same moment
     fails on the key (a conflict), and a device key is locked while it is
     checked against other users' lists;
@@ -99,7 +101,7 @@ T = TypeVar("T")
 logger = logging.getLogger("hushchat.relay")
 
 # The schema version of a PostgreSQL relay database, in ``schema_version``.
-POSTGRES_SCHEMA_VERSION = 2
+POSTGRES_SCHEMA_VERSION = 3
 
 # The advisory lock every batch holds shared and an epoch's purge, the move
 # to a new epoch and a migration hold exclusively: a (class, key) pair of
@@ -194,6 +196,18 @@ CREATE TABLE presence (
     PRIMARY KEY (user_id, device_id)
 );
 CREATE INDEX presence_relay ON presence (relay);
+""",
+    # The one-time prekey budget of each target device (spec 07 section 7.7),
+    # shared by the relay processes: one row per device, taken under its row
+    # lock in the transaction that takes the keys (see schema.py).
+    2: """
+CREATE TABLE one_time_budgets (
+    user_id TEXT NOT NULL,
+    device_id BIGINT NOT NULL,
+    tokens DOUBLE PRECISION NOT NULL,
+    updated_ms BIGINT NOT NULL,
+    PRIMARY KEY (user_id, device_id)
+);
 """,
 }
 
@@ -325,6 +339,7 @@ class PostgresDatabase(SqliteDatabase):
 
     EXCLUSIVE_BEGIN = EXCLUSIVE_BEGIN
     INTEGRITY_ERRORS = (psycopg.errors.UniqueViolation,)
+    ROW_LOCK = " FOR UPDATE"
 
     def __init__(
         self,

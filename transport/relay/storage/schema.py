@@ -29,7 +29,7 @@ from hushchat.protocol.errors import UnknownStateVersion
 
 logger = logging.getLogger("hushchat.relay")
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 # The schema of relays before queued mail was sealed at rest (see migration.py).
 UNSEALED_SCHEMA_VERSION = 1
 # The schema migration.py converts a version-1 file to.
@@ -93,6 +93,20 @@ CREATE TABLE IF NOT EXISTS one_time_kem_prekeys (
 ) WITHOUT ROWID;
 """
 
+# The one-time prekey budget of each target device (spec 07 section 7.7): a
+# token bucket, ``tokens`` as of ``updated_ms`` (the relay's wall clock), kept
+# in the database so that every relay process on it spends the same budget.
+# No row: a full bucket.
+ONE_TIME_BUDGETS_TABLE = """
+CREATE TABLE IF NOT EXISTS one_time_budgets (
+    user_id TEXT NOT NULL,
+    device_id INTEGER NOT NULL,
+    tokens REAL NOT NULL,
+    updated_ms INTEGER NOT NULL,
+    PRIMARY KEY (user_id, device_id)
+) WITHOUT ROWID
+"""
+
 QUEUE_SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (
     name TEXT PRIMARY KEY,
@@ -127,7 +141,7 @@ END;
 """
 
 # The current schema, for a new file; a migrated file ends up with the same.
-SCHEMA = DIRECTORY_SCHEMA + QUEUE_SCHEMA
+SCHEMA = DIRECTORY_SCHEMA + ONE_TIME_BUDGETS_TABLE + ";\n" + QUEUE_SCHEMA
 
 # Statements taking a file from schema version N (the key) to N + 1, from
 # SEALED_SCHEMA_VERSION on.
@@ -145,14 +159,19 @@ MIGRATIONS: dict[int, tuple[str, ...]] = {
         "CREATE TABLE IF NOT EXISTS invites (token_hash BLOB PRIMARY KEY, "
         "expires_at INTEGER NOT NULL) WITHOUT ROWID",
     ),
+    # The one-time prekey budget per target device, shared by the relay
+    # processes on one database (it was counted in each process's memory).
+    4: (ONE_TIME_BUDGETS_TABLE,),
 }
 
-# The tables holding a device's prekeys (all wiped when the device is removed).
+# The tables holding a device's prekeys and their budget (all wiped when the
+# device is removed).
 PREKEY_TABLES = (
     "signed_prekeys",
     "last_resort_kem_prekeys",
     "one_time_prekeys",
     "one_time_kem_prekeys",
+    "one_time_budgets",
 )
 
 

@@ -63,7 +63,7 @@ from ...wire.errors import (
 from ...wire.limits import DEFAULT_RETENTION_SECONDS, WARNING_LOG_INTERVAL
 from ...wire.records import Envelope, PreKeyCounts
 from ..config import wall_clock_ms
-from ..ratelimit import LogThrottle
+from ..ratelimit import LogThrottle, RateLimit
 from .atrest import (
     NONCE_SIZE,
     KeyChain,
@@ -168,6 +168,9 @@ class SqliteDatabase:
     EXCLUSIVE_BEGIN = "BEGIN IMMEDIATE"
     # What the driver raises for a duplicate key.
     INTEGRITY_ERRORS: tuple[type[Exception], ...] = (sqlite3.IntegrityError,)
+    # What a SELECT appends to lock the rows it reads until the transaction
+    # ends: nothing here (a write transaction locks the whole file).
+    ROW_LOCK = ""
 
     def __init__(
         self,
@@ -503,9 +506,9 @@ class SqliteDatabase:
         return self._single(partial(self._counts, (user_id, device_id)), savepoint=False)
 
     def take_bundle(
-        self, user_id: str, device_id: int, *, one_time: bool = True
+        self, user_id: str, device_id: int, *, budget: RateLimit | None = None, now: int = 0
     ) -> TakenBundle | None:
-        return self._single(partial(self._take_bundle, user_id, device_id, one_time))
+        return self._single(partial(self._take_bundle, user_id, device_id, budget, now))
 
     def enqueue(
         self, batch: EnvelopeBatch, *, max_mailbox_size: int
@@ -803,7 +806,9 @@ class SqliteDatabase:
         (kem,) = db.execute(f"SELECT COUNT(*) FROM one_time_kem_prekeys {where}", key).fetchone()
         return PreKeyCounts(one_time, kem)
 
-    def _take_bundle(self, user_id: str, device_id: int, one_time: bool) -> TakenBundle | None:
+    def _take_bundle(
+        self, user_id: str, device_id: int, budget: RateLimit | None, now: int
+    ) -> TakenBundle | None:
         db, key = self._conn, (user_id, device_id)
         where = "WHERE user_id = ? AND device_id = ?"
         device = db.execute(f"SELECT identity FROM devices {where}", key).fetchone()
@@ -812,6 +817,8 @@ class SqliteDatabase:
         ).fetchone()
         if device is None or spk is None:
             return None
+        bucket = None if budget is None else self._one_time_bucket(key, budget, now)
+        one_time = bucket is None or bucket[0] >= 1
         kem: Any = None  # a row (key id, public, signature), or None
         if one_time:
             kem = self._take_one("one_time_kem_prekeys", "key_id, public, signature", key)
@@ -825,6 +832,14 @@ class SqliteDatabase:
         opk: Any = None
         if one_time:
             opk = self._take_one("one_time_prekeys", "key_id, public", key)
+        if bucket is not None and (opk is not None or not last_resort):
+            # A token is spent only when a one-time key was taken: a fetch
+            # from an empty stock, or beyond the budget, leaves the row as it was.
+            tokens, updated_ms = bucket
+            db.execute(
+                f"UPDATE one_time_budgets SET tokens = ?, updated_ms = ? {where}",
+                (tokens - 1, updated_ms, *key),
+            )
         return TakenBundle(
             identity=device[0],
             signed_prekey=SignedPreKeyPublic(*spk),
@@ -833,6 +848,33 @@ class SqliteDatabase:
             kem_is_last_resort=last_resort,
             remaining=self._counts(key),
         )
+
+    def _one_time_bucket(
+        self, key: tuple[str, int], budget: RateLimit, now: int
+    ) -> tuple[float, int]:
+        """The device's one-time budget at ``now`` (ms), its row locked: (tokens, as of).
+
+        A token bucket like :class:`~..ratelimit.TokenBucket`, kept in the
+        database so that all the relay processes on it spend one budget (spec
+        07 section 7.7). The row is created full when missing, then read
+        under its row lock (:attr:`ROW_LOCK`), so concurrent takes of the same
+        device's keys on other relays wait for this transaction's outcome. A
+        clock that went back (or another relay's clock ahead) regains nothing
+        until it passes the row's time.
+        """
+        self._conn.execute(
+            "INSERT INTO one_time_budgets VALUES (?, ?, ?, ?) "
+            "ON CONFLICT (user_id, device_id) DO NOTHING",
+            (*key, budget.capacity, now),
+        )
+        tokens, updated_ms = self._conn.execute(
+            "SELECT tokens, updated_ms FROM one_time_budgets "
+            f"WHERE user_id = ? AND device_id = ?{self.ROW_LOCK}",
+            key,
+        ).fetchone()
+        updated_ms = int(updated_ms)
+        regained = max(0, now - updated_ms) / 1000 * budget.per_second
+        return min(budget.capacity, float(tokens) + regained), max(now, updated_ms)
 
     def _take_one(self, table: str, columns: str, key: tuple[str, int]) -> Any:
         """Take (delete and return ``columns`` of) the device's lowest key in ``table``, if any.
@@ -1330,9 +1372,11 @@ class SqliteStorage:
         )
 
     async def take_bundle(
-        self, user_id: str, device_id: int, *, one_time: bool = True
+        self, user_id: str, device_id: int, *, budget: RateLimit | None = None, now: int = 0
     ) -> TakenBundle | None:
-        return await self._writer.call(partial(self._db._take_bundle, user_id, device_id, one_time))
+        return await self._writer.call(
+            partial(self._db._take_bundle, user_id, device_id, budget, now)
+        )
 
     async def enqueue(
         self,
