@@ -165,13 +165,14 @@ MIGRATIONS: dict[int, tuple[str, ...]] = {
 }
 
 # The tables holding a device's prekeys and their budget (all wiped when the
-# device is removed).
+# device is removed). The budget first: a take locks its row before the keys
+# (PostgreSQL), and a wipe taking them in the same order never deadlocks it.
 PREKEY_TABLES = (
+    "one_time_budgets",
     "signed_prekeys",
     "last_resort_kem_prekeys",
     "one_time_prekeys",
     "one_time_kem_prekeys",
-    "one_time_budgets",
 )
 
 
