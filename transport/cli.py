@@ -43,7 +43,7 @@ from .relay.config import (
 from .relay.invites import issue_invites
 from .relay.ratelimit import RateLimit
 from .relay.report import format_report, relay_report
-from .relay.server import RelayStartError, database_error, serve_relay
+from .relay.server import RelayStartError, database_error, is_database_error, serve_relay
 from .relay.storage.atrest import RelayKeysMissing, default_key_file
 from .relay.storage.names import is_postgres_url, without_password
 from .relay.storage.schema import SCHEMA_VERSION, sqlite_schema_version
@@ -266,9 +266,15 @@ def add_report_command(operations: SubParsers) -> None:
         "Reads only; the relay may be running.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    report.add_argument("--db", default="hushchat-relay.db", help="SQLite database file")
     report.add_argument(
-        "--key-file", help="its key file (default: the database's path + .keys)%(default).0s"
+        "--db",
+        default="hushchat-relay.db",
+        help="SQLite database file, or postgresql:// URL (password from PGPASSWORD or ~/.pgpass)",
+    )
+    report.add_argument(
+        "--key-file",
+        help="its key file (default: the database's path + .keys; "
+        "needed for PostgreSQL)%(default).0s",
     )
     report.set_defaults(run=run_report)
 
@@ -282,7 +288,11 @@ def add_invite_command(operations: SubParsers) -> None:
         "--registration invite, until it expires. The database keeps only a hash of each.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    invite.add_argument("--db", default="hushchat-relay.db", help="SQLite database file")
+    invite.add_argument(
+        "--db",
+        default="hushchat-relay.db",
+        help="SQLite database file, or postgresql:// URL of a migrated database",
+    )
     invite.add_argument("--count", type=_count, default=1, help="how many tokens")
     invite.add_argument(
         "--valid-for",
@@ -294,6 +304,8 @@ def add_invite_command(operations: SubParsers) -> None:
 
 
 def run_report(args: argparse.Namespace) -> int:
+    if is_postgres_url(args.db) and args.key_file is None:
+        return fail("relay report", "a relay database on PostgreSQL needs its relays' --key-file")
     key_file = args.key_file or default_key_file(args.db)
     try:
         report = relay_report(args.db, key_file, wall_clock_ms())
@@ -303,6 +315,10 @@ def run_report(args: argparse.Namespace) -> int:
         return fail("relay report", f"{args.db} is not a hushchat relay database ({exc})")
     except RelayKeysMissing as exc:
         return fail("relay report", exc.message)
+    except Exception as exc:  # psycopg's errors, a PostgreSQL database without a relay schema
+        if not (is_database_error(exc) or isinstance(exc, StateError)):
+            raise
+        return fail("relay report", database_error(args.db, exc))
     print(format_report(report), end="")
     return 0
 
@@ -315,14 +331,18 @@ def _count(text: str) -> int:
 
 def run_invite(args: argparse.Namespace) -> int:
     folder = os.path.dirname(os.path.abspath(args.db))
-    if not os.path.isdir(folder):
+    if not is_postgres_url(args.db) and not os.path.isdir(folder):
         return fail("relay invite", f"no such folder for the database: {folder}")
     try:
         tokens = issue_invites(args.db, args.count, lifetime_seconds=args.valid_for)
     except (sqlite3.Error, OSError) as exc:
         return fail("relay invite", f"{args.db} is not a hushchat relay database ({exc})")
     except UnknownStateVersion as exc:
-        return fail("relay invite", f"{args.db}: {exc}")
+        return fail("relay invite", f"{without_password(args.db)}: {exc}")
+    except Exception as exc:  # psycopg's errors
+        if not is_database_error(exc):
+            raise
+        return fail("relay invite", database_error(args.db, exc))
     for token in tokens:
         print(token)
     return 0

@@ -13,16 +13,22 @@ import pytest
 
 from hushchat.protocol.prekeys import OneTimePreKeyPublic
 from hushchat.transport import cli
-from hushchat.transport.relay.config import wall_clock_ms
+from hushchat.transport.relay.config import Registration, wall_clock_ms
 from hushchat.transport.relay.storage.atrest import KeyChain, KeyState, read_key_file
 from hushchat.transport.relay.storage.names import without_password
-from hushchat.transport.relay.storage.postgres import PostgresDatabase, postgres_sql
+from hushchat.transport.relay.storage.postgres import (
+    POSTGRES_SCHEMA_VERSION,
+    PostgresDatabase,
+    postgres_sql,
+)
 from hushchat.transport.relay.storage.rows import open_delivery, open_payload
 from hushchat.transport.relay.storage.writer import DatabaseCall, storage_error
-from hushchat.transport.wire.errors import PreKeyIdInUse, StorageFull
+from hushchat.transport.wire.errors import InviteRefused, PreKeyIdInUse, StorageFull
 from hushchat.transport.wire.limits import DEFAULT_RETENTION_SECONDS
 from hushchat.transport.wire.records import PreKeyCounts
+from tests.support.relay import connected, make_prekeys, register, relay_config, running_relay
 from tests.support.storage import batch, register_devices, upload_prekeys
+from tests.support.users import make_user
 
 
 def test_sqlite_statements_are_spoken_in_postgresql_s_dialect() -> None:
@@ -243,3 +249,65 @@ def test_a_backup_of_the_database_opens_nothing_once_its_epochs_left_the_window(
     assert db.purge_expired(now[0]) == 3
     assert opened(read_key_file(keys)) == []
     db.close()
+
+
+async def test_invite_and_report_on_a_postgresql_database(
+    postgres_dsn: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``hushchat relay invite`` and ``report`` take a PostgreSQL URL as they take a file:
+    tokens issued into the database register users at the relays on it, and the report
+    counts what the database holds."""
+    dsn, key_file = postgres_dsn, str(tmp_path / "relay.keys")
+    with psycopg.connect(dsn, autocommit=True) as conn:  # as the previous relay left it
+        conn.execute("DROP TABLE one_time_budgets")
+        conn.execute("UPDATE schema_version SET version = %s", (POSTGRES_SCHEMA_VERSION - 1,))
+    assert cli.main(["relay", "invite", "--db", dsn]) == 1  # an older schema: migrate first
+    err = capsys.readouterr().err
+    assert "run 'hushchat relay migrate' first" in err and err.count("\n") == 1
+    assert cli.main(["relay", "migrate", "--db", dsn]) == 0
+    capsys.readouterr()
+    assert cli.main(["relay", "invite", "--db", dsn, "--count", "2"]) == 0
+    first, second = capsys.readouterr().out.split()
+    alice, bob, mallory = make_user("alice"), make_user("bob"), make_user("mallory")
+    config = relay_config(tmp_path, db=dsn, registration=Registration.INVITE)
+    async with running_relay(config) as port:
+        await register(port, alice, invite=first)
+        with pytest.raises(InviteRefused):  # single use
+            await register(port, mallory, invite=first)
+        await register(port, bob, invite=second)
+        async with connected(port, bob.devices[1]) as owner:
+            await owner.upload_prekeys(**make_prekeys(bob.devices[1], one_time=3, one_time_kem=2))
+        async with connected(port, alice.devices[1]) as sender:
+            await sender.send_direct("bob", [(1, b"queued")])
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        assert conn.execute("SELECT COUNT(*) FROM invites").fetchone() == (0,)
+    assert cli.main(["relay", "report", "--db", dsn]) == 1
+    assert "needs its relays' --key-file" in capsys.readouterr().err
+    assert cli.main(["relay", "report", "--db", dsn, "--key-file", key_file]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    for said in [
+        f"(schema {POSTGRES_SCHEMA_VERSION})",
+        "2 users and 2 devices",
+        "prekeys: 1 signed, 1 last-resort ML-KEM-768, 3 one-time X25519, 2 one-time ML-KEM-768",
+        "1 queued envelopes (1 distinct payloads",
+        "1 accepted within the last hour",
+        "The oldest epoch whose keys exist began",
+        "for the 1 envelopes still queued",
+    ]:
+        assert said in out, said
+    assert cli.main(["relay", "report", "--db", dsn, "--key-file", str(tmp_path / "none")]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "does not exist: no queued envelope can be opened" in out
+
+
+def test_the_report_of_a_postgresql_database_without_a_relay_schema_is_one_line(
+    postgres_dsn: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with psycopg.connect(postgres_dsn, autocommit=True) as conn:
+        conn.execute("DROP TABLE schema_version")
+    argv = ["relay", "report", "--db", postgres_dsn, "--key-file", str(tmp_path / "relay.keys")]
+    assert cli.main(argv) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("hushchat relay report: ") and "schema version none" in err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert list(tmp_path.iterdir()) == []  # it creates nothing

@@ -1,7 +1,8 @@
 """The relay's transparency report: what it holds, and what anyone who seizes it can read.
 
-:func:`relay_report` reads a relay database (read-only, while the relay runs
-or not) and its key file, and counts; it never opens a sealed row.
+:func:`relay_report` reads a relay database (a SQLite file or a PostgreSQL
+URL; read-only, while the relay runs or not) and its key file, and counts;
+it never opens a sealed row.
 :func:`format_report` writes it out for ``hushchat relay report``.
 """
 
@@ -11,9 +12,12 @@ import datetime
 import os
 import sqlite3
 import textwrap
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from .storage.atrest import KeyState, read_key_file
+from .storage.names import is_postgres_url, without_password
 from .storage.schema import SCHEMA_VERSION, SEALED_SCHEMA_VERSION, UNSEALED_SCHEMA_VERSION
 
 # Columns the report's text is wrapped to.
@@ -38,6 +42,7 @@ class RelayReport:
     key_file: str
     now: int
     schema_version: int
+    sealed: bool  # the queue is sealed at rest (every schema but SQLite's first)
     users: int
     devices: int
     signed_prekeys: int
@@ -64,48 +69,108 @@ class RelayReport:
 
 
 def relay_report(db_path: str, key_file: str, now: int) -> RelayReport:
-    """Count what ``db_path`` and ``key_file`` hold at ``now`` (ms).
+    """Count what ``db_path`` (a SQLite file or a PostgreSQL URL) and ``key_file`` hold at
+    ``now`` (ms).
 
-    FileNotFoundError if there is no database; RelayKeysMissing if the key
-    file is damaged; sqlite3.Error if the file is not a relay database.
+    FileNotFoundError if there is no SQLite file; RelayKeysMissing if the key
+    file is damaged; sqlite3.Error if the file is not a relay database;
+    on PostgreSQL, psycopg's errors, and UnknownStateVersion if the database
+    has no relay schema or a newer one.
     """
+    if is_postgres_url(db_path):
+        version, counts = _postgres_counts(db_path)
+        shown = without_password(db_path)
+    else:
+        version, counts = _sqlite_counts(db_path)
+        shown = db_path
+    return _report(shown, key_file, now, version, counts)
+
+
+@dataclass(frozen=True, slots=True)
+class _Counts:
+    """What the report reads of a database, in one read-only transaction."""
+
+    sealed: bool
+    meta: dict[str, bytes]
+    epochs: list[tuple[int, int]]  # (epoch, envelopes)
+    notices: int
+    payload_bytes: int
+    tables: tuple[int, ...]  # COUNT(*) of REPORT_TABLES, in order
+
+
+# The tables the report counts the rows of, in RelayReport's order.
+REPORT_TABLES = (
+    "users",
+    "devices",
+    "signed_prekeys",
+    "last_resort_kem_prekeys",
+    "one_time_prekeys",
+    "one_time_kem_prekeys",
+    "deliveries",
+    "payloads",
+)
+
+
+def _read_counts(query: Callable[[str], list[tuple[Any, ...]]], sealed: bool) -> _Counts:
+    """The counts, read with ``query`` (SQL spoken alike by SQLite and PostgreSQL)."""
+
+    def count(sql: str) -> int:
+        return int(query(sql)[0][0] or 0)
+
+    if not sealed:
+        return _Counts(
+            False,
+            {},
+            [],
+            0,
+            count("SELECT SUM(LENGTH(data)) FROM payloads"),
+            tuple(count(f"SELECT COUNT(*) FROM {table}") for table in REPORT_TABLES),
+        )
+    return _Counts(
+        True,
+        {str(name): bytes(value) for name, value in query("SELECT name, value FROM meta")},
+        [
+            (int(epoch), int(n))
+            for epoch, n in query(
+                "SELECT epoch, COUNT(*) FROM deliveries GROUP BY epoch ORDER BY epoch"
+            )
+        ],
+        count("SELECT COUNT(*) FROM mailboxes WHERE noticed = 1"),
+        count("SELECT SUM(LENGTH(sealed)) FROM payloads"),
+        tuple(count(f"SELECT COUNT(*) FROM {table}") for table in REPORT_TABLES),
+    )
+
+
+def _sqlite_counts(db_path: str) -> tuple[int, _Counts]:
     if not os.path.exists(db_path):
         raise FileNotFoundError(db_path)
     db = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True)
     try:
         version = db.execute("PRAGMA user_version").fetchone()[0]
-
-        def count(sql: str) -> int:
-            return int(db.execute(sql).fetchone()[0] or 0)
-
         if not UNSEALED_SCHEMA_VERSION <= version <= SCHEMA_VERSION:
             raise sqlite3.DatabaseError(f"schema version {version}: not a relay database")
-        meta: dict[str, bytes] = {}
-        epochs: list[tuple[int, int]] = []
-        notices = 0
-        if version >= SEALED_SCHEMA_VERSION:
-            meta = {
-                name: bytes(value) for name, value in db.execute("SELECT name, value FROM meta")
-            }
-            epochs = db.execute(
-                "SELECT epoch, COUNT(*) FROM deliveries GROUP BY epoch ORDER BY epoch"
-            ).fetchall()
-            notices = count("SELECT COUNT(*) FROM mailboxes WHERE noticed = 1")
-            payload_bytes = count("SELECT SUM(LENGTH(sealed)) FROM payloads")
-        else:
-            payload_bytes = count("SELECT SUM(LENGTH(data)) FROM payloads")
-        report_counts = (
-            count("SELECT COUNT(*) FROM users"),
-            count("SELECT COUNT(*) FROM devices"),
-            count("SELECT COUNT(*) FROM signed_prekeys"),
-            count("SELECT COUNT(*) FROM last_resort_kem_prekeys"),
-            count("SELECT COUNT(*) FROM one_time_prekeys"),
-            count("SELECT COUNT(*) FROM one_time_kem_prekeys"),
-            count("SELECT COUNT(*) FROM deliveries"),
-            count("SELECT COUNT(*) FROM payloads"),
+        db.execute("BEGIN")  # one snapshot for every count
+        counts = _read_counts(
+            lambda sql: db.execute(sql).fetchall(), version >= SEALED_SCHEMA_VERSION
         )
+        db.execute("COMMIT")
+        return version, counts
     finally:
         db.close()
+
+
+def _postgres_counts(dsn: str) -> tuple[int, _Counts]:
+    """The counts of a PostgreSQL relay database, in one read-only snapshot (every
+    schema version of PostgreSQL seals the queue)."""
+    from .storage.postgres import read_only_snapshot
+
+    with read_only_snapshot(dsn) as (version, query):
+        return version, _read_counts(query, True)
+
+
+def _report(db_path: str, key_file: str, now: int, version: int, counts: _Counts) -> RelayReport:
+    meta, epochs, notices = counts.meta, counts.epochs, counts.notices
+    users, devices, signed, last_resort, one_time, one_time_kem, envelopes, payloads = counts.tables
     epoch_seconds = (
         int.from_bytes(meta["epoch_seconds"], "big") if "epoch_seconds" in meta else None
     )
@@ -133,8 +198,16 @@ def relay_report(db_path: str, key_file: str, now: int) -> RelayReport:
         key_file,
         now,
         version,
-        *report_counts,
-        payload_bytes,
+        counts.sealed,
+        users,
+        devices,
+        signed,
+        last_resort,
+        one_time,
+        one_time_kem,
+        envelopes,
+        payloads,
+        counts.payload_bytes,
         tuple(QueueAge(label, n) for label, n in ages.items()),
         notices,
         epoch_seconds,
@@ -179,7 +252,7 @@ def format_report(report: RelayReport) -> str:
     lines += [f"    {age.envelopes} {age.label}" for age in r.ages]
     if r.notices:
         lines.append(f"  {r.notices} expiry notices not yet told to their devices")
-    if r.schema_version == UNSEALED_SCHEMA_VERSION:
+    if not r.sealed:
         lines += [
             "",
             "This database predates sealing at rest: everything above is readable by anyone",

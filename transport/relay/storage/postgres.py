@@ -57,7 +57,7 @@ import re
 import secrets
 import threading
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import suppress
+from contextlib import contextmanager, suppress
 from functools import lru_cache, partial
 from typing import Any, TypeVar
 
@@ -329,6 +329,66 @@ def schema_version(dsn: str) -> int:
             return 0
         version = conn.execute("SELECT version FROM schema_version").fetchone()
         return 0 if version is None else int(version[0])
+
+
+@contextmanager
+def read_only_snapshot(
+    dsn: str,
+) -> Iterator[tuple[int, Callable[[str], list[tuple[Any, ...]]]]]:
+    """The schema version of the relay database at ``dsn`` and a query function, in one
+    read-only transaction that sees one snapshot (for ``hushchat relay report``).
+
+    It holds the epoch lock shared, as a relay's batch does, so no purge or
+    migration runs under it. UnknownStateVersion if the database has no
+    relay schema or a newer one than this relay's.
+    """
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+        conn.execute(f"SELECT pg_advisory_xact_lock_shared({LOCK_CLASS}, {EPOCH_LOCK})")
+        try:
+            row = conn.execute("SELECT to_regclass('schema_version') IS NOT NULL").fetchone()
+            version = conn.execute("SELECT version FROM schema_version").fetchone() if (
+                row is not None and row[0]
+            ) else None
+            if version is None or not 1 <= int(version[0]) <= POSTGRES_SCHEMA_VERSION:
+                found = "none" if version is None else version[0]
+                raise UnknownStateVersion(f"relay database schema version {found}")
+            yield int(version[0]), lambda sql: conn.execute(sql.encode()).fetchall()
+        finally:
+            conn.execute("ROLLBACK")
+
+
+def insert_invites(dsn: str, rows: Sequence[tuple[bytes, int]]) -> None:
+    """Store invitations (token hash, expiry in ms) in the relay database at ``dsn``.
+
+    The database must have the current schema (UnknownStateVersion if not:
+    ``hushchat relay migrate`` creates or upgrades it). One transaction,
+    holding the epoch lock shared as a relay's batch does, so it never
+    meets a migration half done.
+    """
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute(SHARED_BEGIN)
+        try:
+            exists = conn.execute("SELECT to_regclass('schema_version') IS NOT NULL").fetchone()
+            row = (
+                conn.execute("SELECT version FROM schema_version").fetchone()
+                if exists is not None and exists[0]
+                else None
+            )
+            if row is None or int(row[0]) != POSTGRES_SCHEMA_VERSION:
+                found = 0 if row is None else int(row[0])
+                raise UnknownStateVersion(
+                    f"relay database schema version {found}: run 'hushchat relay migrate' first"
+                )
+            with conn.cursor() as cursor:
+                cursor.executemany(
+                    "INSERT INTO invites (token_hash, expires_at) VALUES (%s, %s)", rows
+                )
+            conn.execute("COMMIT")
+        except BaseException:
+            if not (conn.closed or conn.broken):
+                conn.execute("ROLLBACK")
+            raise
 
 
 class PostgresDatabase(SqliteDatabase):
