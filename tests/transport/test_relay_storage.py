@@ -214,6 +214,26 @@ def test_the_one_time_budget_is_one_per_device_for_every_relay_on_the_database(
     assert db.prekey_counts("bob", 1) == PreKeyCounts(6, 6)
 
 
+def test_a_budget_that_regained_its_capacity_is_forgotten(db: SqliteDatabase) -> None:
+    """The sweep deletes full budgets' rows: a copy of the database tells when a device's
+    one-time keys were last taken only until its budget refilled."""
+    budget = RateLimit(2, 1.0)
+    upload_prekeys(db, "bob", 1, one_time=10, kem=10)
+    upload_prekeys(db, "bob", 2, one_time=10, kem=10)
+    for device_id, now in ((1, 10_000), (2, 10_000), (2, 10_000)):
+        taken = db.take_bundle("bob", device_id, budget=budget, now=now)
+        assert taken is not None and taken.one_time is not None
+    assert db.forget_full_budgets(budget, 10_999) == 0
+    assert db.forget_full_budgets(budget, 11_000) == 1  # device 1 regained its one token
+    taken = db.take_bundle("bob", 2, budget=budget, now=11_000)  # device 2 regained one
+    assert taken is not None and taken.one_time is not None
+    assert db.forget_full_budgets(budget, 12_999) == 0
+    assert db.forget_full_budgets(budget, 13_000) == 1
+    for _ in range(2):  # a forgotten budget is a full one
+        taken = db.take_bundle("bob", 2, budget=budget, now=13_000)
+        assert taken is not None and taken.one_time is not None
+
+
 def test_a_fetch_that_takes_no_one_time_key_spends_no_budget(db: SqliteDatabase) -> None:
     budget = RateLimit(1, 1e-6)
     for _ in range(3):  # no prekeys at all: refused, nothing changes

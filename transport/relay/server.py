@@ -179,6 +179,14 @@ class Relay:
             else:
                 if purged:
                     logger.info("retention sweep deleted %d expired envelopes", purged)
+            try:
+                await self.storage.forget_full_budgets(
+                    self.config.limits.one_time_prekey_budget, self.config.clock()
+                )
+            except StorageFull:
+                pass  # put off like the purge: a full budget's row costs nothing meanwhile
+            except Exception:
+                logger.exception("sweep of full one-time budgets failed")
             self.bundle_limiter.prune(trio.current_time())
             await trio.sleep(self._sweep_delay())
 

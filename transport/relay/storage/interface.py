@@ -237,6 +237,14 @@ class RelayStorage(Protocol):
         """
         ...
 
+    async def forget_full_budgets(self, budget: RateLimit, now: int) -> int:
+        """Delete the one-time budgets (see :meth:`take_bundle`) that have regained their
+        capacity by ``now`` (ms); how many. A full budget needs no row, and a row
+        deleted says nothing of when the device's keys were last taken: in a copy
+        of the database, a row is no older than the time the budget takes to refill.
+        """
+        ...
+
     async def enqueue(
         self,
         batch: EnvelopeBatch,

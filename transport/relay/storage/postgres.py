@@ -399,7 +399,6 @@ class PostgresDatabase(SqliteDatabase):
 
     EXCLUSIVE_BEGIN = EXCLUSIVE_BEGIN
     INTEGRITY_ERRORS = (psycopg.errors.UniqueViolation,)
-    ROW_LOCK = " FOR UPDATE"
 
     def __init__(
         self,

@@ -168,9 +168,6 @@ class SqliteDatabase:
     EXCLUSIVE_BEGIN = "BEGIN IMMEDIATE"
     # What the driver raises for a duplicate key.
     INTEGRITY_ERRORS: tuple[type[Exception], ...] = (sqlite3.IntegrityError,)
-    # What a SELECT appends to lock the rows it reads until the transaction
-    # ends: nothing here (a write transaction locks the whole file).
-    ROW_LOCK = ""
 
     def __init__(
         self,
@@ -509,6 +506,9 @@ class SqliteDatabase:
         self, user_id: str, device_id: int, *, budget: RateLimit | None = None, now: int = 0
     ) -> TakenBundle | None:
         return self._single(partial(self._take_bundle, user_id, device_id, budget, now))
+
+    def forget_full_budgets(self, budget: RateLimit, now: int) -> int:
+        return self._single(partial(self._forget_full_budgets, budget, now))
 
     def enqueue(
         self, batch: EnvelopeBatch, *, max_mailbox_size: int
@@ -856,25 +856,33 @@ class SqliteDatabase:
 
         A token bucket like :class:`~..ratelimit.TokenBucket`, kept in the
         database so that all the relay processes on it spend one budget (spec
-        07 section 7.7). The row is created full when missing, then read
-        under its row lock (:attr:`ROW_LOCK`), so concurrent takes of the same
-        device's keys on other relays wait for this transaction's outcome. A
-        clock that went back (or another relay's clock ahead) regains nothing
-        until it passes the row's time.
+        07 section 7.7). One statement creates the row full when missing, or
+        else locks it (an update that changes nothing: on PostgreSQL a row
+        lock, on SQLite the write transaction's), and returns it, so
+        concurrent takes of the device's keys on other relays wait for this
+        transaction's outcome, and a row the sweep deletes meanwhile is made
+        again. A clock that went back (or another relay's clock ahead)
+        regains nothing until it passes the row's time.
         """
-        self._conn.execute(
-            "INSERT INTO one_time_budgets VALUES (?, ?, ?, ?) "
-            "ON CONFLICT (user_id, device_id) DO NOTHING",
-            (*key, budget.capacity, now),
-        )
         tokens, updated_ms = self._conn.execute(
-            "SELECT tokens, updated_ms FROM one_time_budgets "
-            f"WHERE user_id = ? AND device_id = ?{self.ROW_LOCK}",
-            key,
+            "INSERT INTO one_time_budgets VALUES (?, ?, ?, ?) "
+            "ON CONFLICT (user_id, device_id) DO UPDATE SET tokens = one_time_budgets.tokens "
+            "RETURNING tokens, updated_ms",
+            (*key, budget.capacity, now),
         ).fetchone()
         updated_ms = int(updated_ms)
         regained = max(0, now - updated_ms) / 1000 * budget.per_second
         return min(budget.capacity, float(tokens) + regained), max(now, updated_ms)
+
+    def _forget_full_budgets(self, budget: RateLimit, now: int) -> int:
+        """Delete the one-time budgets that have regained ``budget``'s capacity by ``now``
+        (ms): a missing row is a full budget. How many."""
+        return int(
+            self._conn.execute(
+                "DELETE FROM one_time_budgets WHERE tokens + (? - updated_ms) * ? >= ?",
+                (now, budget.per_second / 1000, budget.capacity),
+            ).rowcount
+        )
 
     def _take_one(self, table: str, columns: str, key: tuple[str, int]) -> Any:
         """Take (delete and return ``columns`` of) the device's lowest key in ``table``, if any.
@@ -1377,6 +1385,9 @@ class SqliteStorage:
         return await self._writer.call(
             partial(self._db._take_bundle, user_id, device_id, budget, now)
         )
+
+    async def forget_full_budgets(self, budget: RateLimit, now: int) -> int:
+        return await self._writer.call(partial(self._db._forget_full_budgets, budget, now))
 
     async def enqueue(
         self,
