@@ -1030,7 +1030,13 @@ def run(args: argparse.Namespace) -> int:
                     outcome = run_rate_sweep(args.rate_sweep, **options)
                 else:
                     outcome = run_relay_bench(rate=args.rate, **options)
-        except* KeyboardInterrupt:  # trio may raise it inside a group
+        except KeyboardInterrupt:
+            interrupted = True
+        except BaseExceptionGroup as group:
+            # Ctrl-C reaches the relay and the clients too: trio may raise it in a
+            # group beside what they met meanwhile (a connection closed mid-ack).
+            if group.subgroup(KeyboardInterrupt) is None:
+                raise
             interrupted = True
     except RelayBenchError as exc:
         print(f"hushchat bench relay: {exc}", file=sys.stderr)
