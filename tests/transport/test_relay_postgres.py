@@ -113,6 +113,60 @@ def test_a_batch_that_loses_a_deadlock_runs_again_whole(postgres_dsn: str, tmp_p
     second.close()
 
 
+def test_batches_that_lock_two_devices_in_opposite_orders_do_not_deadlock(
+    postgres_dsn: str, tmp_path: Path
+) -> None:
+    """Two relays' batches acknowledge on alice's and bob's devices in opposite call orders
+    (call order is kept: a sender's requests commit in order), and both try to go on only
+    once both took their first call's lock or one of them waits for a lock. Every batch
+    locks what its calls will lock up front, in one global order, so neither holds a row
+    the other holds back: no deadlock, no batch run again."""
+    first = PostgresDatabase(postgres_dsn, key_file=str(tmp_path / "relay.keys"))
+    second = PostgresDatabase(postgres_dsn, key_file=str(tmp_path / "relay.keys"))
+    register_devices(first, "alice", 1)
+    register_devices(first, "bob", 1, key_base=0x10)
+    pids = [db._conn.execute("SELECT pg_backend_pid()").fetchone()[0] for db in (first, second)]
+    arrived: set[str] = set()
+    watcher = psycopg.connect(postgres_dsn, autocommit=True)
+    watching = threading.Lock()
+
+    def meet(name: str) -> None:
+        """Wait until the other batch got as far, or is waiting for a lock."""
+        arrived.add(name)
+        while not arrived - {name}:
+            with watching:
+                if watcher.execute(
+                    "SELECT 1 FROM pg_stat_activity WHERE pid = ANY(%s) "
+                    "AND wait_event_type = 'Lock'",
+                    (pids,),
+                ).fetchone():
+                    return
+
+    def run(db: PostgresDatabase, name: str, order: tuple[str, str]) -> list[DatabaseCall]:
+        calls = [
+            DatabaseCall(partial(db._acknowledge, order[0], 1, [])),
+            DatabaseCall(partial(meet, name), savepoint=False),
+            DatabaseCall(partial(db._acknowledge, order[1], 1, [])),
+        ]
+        db.run_batch(calls)
+        return calls
+
+    results: list[list[DatabaseCall]] = []
+    threads = [
+        threading.Thread(target=lambda: results.append(run(first, "first", ("bob", "alice")))),
+        threading.Thread(target=lambda: results.append(run(second, "second", ("alice", "bob")))),
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    watcher.close()
+    assert [call.error for calls in results for call in calls] == [None] * 6
+    assert first.batch_retries == second.batch_retries == 0
+    first.close()
+    second.close()
+
+
 def test_errors_and_logs_name_no_password() -> None:
     assert without_password("postgresql://relay:s3cret@db/hushchat") == (
         "postgresql://relay@db/hushchat"

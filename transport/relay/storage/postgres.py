@@ -16,6 +16,10 @@ SQLite). Needs the optional extra ``hushchat[postgres]`` (psycopg 3).
     list change locks its ``users`` row exclusively. A send therefore sees
     the lists it commits against (compare-and-set), and the sends to one
     device commit one after another;
+  - a batch takes all its calls' locks before its first call, in one global
+    order (see "The lock order" at :meth:`PostgresDatabase._prelock_call`):
+    its calls keep their queue order, yet two relays' batches never wait
+    for each other in a cycle;
   - a delivery's ``seq`` is taken from one sequence *while its device's row
     is locked*: every seq taken later for that device is larger and commits
     later, so a device's mailbox only grows at its end, in commit order,
@@ -418,6 +422,7 @@ class PostgresDatabase(SqliteDatabase):
         self._epoch_seen = 0  # the newest epoch read from meta
         self._batch_epoch: int | None = None  # the newest epoch, as the open batch read it
         self._wakes: dict[str, set[tuple[str, int]]] = {}  # relay -> devices, this batch
+        self.batch_retries = 0  # batches run again after losing a deadlock (or serialization)
         self._conn: Any = PostgresConnection(dsn)
         try:
             create_or_migrate_schema(self._conn)
@@ -525,9 +530,11 @@ class PostgresDatabase(SqliteDatabase):
         try:
             for attempt in range(MAX_BATCH_RETRIES + 1):
                 self._wakes, self._batch_epoch = {}, None
+                # An exclusive batch runs alone; a shared one first takes every
+                # lock its calls will take, in the global order (see _prelock).
                 run_batch(
                     self._conn,
-                    calls,
+                    calls if exclusive else [self._prelock_call(calls), *calls],
                     begin=EXCLUSIVE_BEGIN if exclusive else SHARED_BEGIN,
                     before_commit=self._notify,
                 )
@@ -535,6 +542,10 @@ class PostgresDatabase(SqliteDatabase):
                     break
                 # A deadlock's victim: its locks are gone, so the other side goes
                 # on, and this batch is run again as it was (nothing of it is stored).
+                self.batch_retries += 1
+                logger.info(
+                    "batch run again after SQLSTATE %s", getattr(calls[0].error, "sqlstate", None)
+                )
                 for call in calls:
                     call.result, call.error = None, None
         finally:
@@ -559,6 +570,86 @@ class PostgresDatabase(SqliteDatabase):
         self._conn.close()
 
     # ---------------------------------------------------------------- locks
+    #
+    # The lock order (spec 07 section 7.13). Each call of a shared batch locks
+    # its own rows in key order, but a batch runs its calls in queue order (a
+    # sender's requests commit in order), so two relays' batches would take
+    # the same rows in opposite orders ([send to bob, send to alice] against
+    # [send to alice, send to bob]) and deadlock. So before its first call a
+    # shared batch takes the union of the locks its calls will take, in ONE
+    # order every batch obeys: ``users`` rows (shared, or exclusive where any
+    # call changes the list) by user id; then ``devices`` rows (exclusive) by
+    # (user id, device id); then ``invites`` rows by token hash; then the
+    # device-key advisory locks by key. The calls then take them again, which
+    # is free. The rows a call touches under those locks (mailboxes,
+    # deliveries, one-time prekeys, presence, payloads) are only ever locked
+    # by a transaction holding the device's (or its user's) lock, so no
+    # other batch holds one of them while waiting for this one. A one-time
+    # prekey's row, in particular, is taken under its device's lock, so
+    # ``FOR UPDATE`` waits there only for a transaction outside this order
+    # (none of the relay's). Exclusive batches (an epoch's purge or move)
+    # run alone. The one lock not known in advance: a mailbox read that
+    # finds rows that do not open (an altered database) locks the device to
+    # note their loss; a deadlock then is still resolved by running the
+    # batch again (batch_retries counts those).
+
+    def _prelock_call(self, calls: Sequence[DatabaseCall]) -> DatabaseCall:
+        """A call taking every lock ``calls`` will take, in the global order above."""
+        locks = _BatchLocks()
+        for call in calls:
+            run = call.run
+            if isinstance(run, partial) and getattr(run.func, "__self__", None) is self:
+                plan = _LOCK_PLANS.get(run.func.__name__)
+                if plan is not None:
+                    plan(locks, *run.args, **run.keywords)
+        return DatabaseCall(partial(self._prelock, locks))
+
+    def _prelock(self, locks: _BatchLocks) -> None:
+        conn = self._conn
+        users = sorted(locks.users.items())
+        start = 0
+        while start < len(users):  # each run of one lock mode, in user id order
+            exclusive = users[start][1]
+            end = start
+            while end < len(users) and users[end][1] == exclusive:
+                end += 1
+            mode = "FOR UPDATE" if exclusive else "FOR SHARE"
+            for names in _chunks([user for user, _ in users[start:end]]):
+                conn.execute(
+                    f"SELECT 1 FROM users WHERE user_id IN ({', '.join(['?'] * len(names))}) "
+                    f"ORDER BY user_id {mode}",
+                    names,
+                )
+            start = end
+        devices = set(locks.devices)
+        if locks.presence:
+            # Only this relay's writer adds rows naming it, so none appears meanwhile.
+            devices.update(
+                (user_id, int(device_id))
+                for user_id, device_id in conn.execute(
+                    "SELECT user_id, device_id FROM presence WHERE relay = ?", (self.relay_id,)
+                )
+            )
+        for names in _chunks(sorted(locks.user_devices)):
+            # Their users' rows are locked exclusively: no device is added meanwhile.
+            devices.update(
+                (user_id, int(device_id))
+                for user_id, device_id in conn.execute(
+                    "SELECT user_id, device_id FROM devices WHERE user_id IN "
+                    f"({', '.join(['?'] * len(names))})",
+                    names,
+                )
+            )
+        self._lock_devices(sorted(devices))
+        for hashes in _chunks(sorted(locks.invites)):
+            conn.execute(
+                f"SELECT 1 FROM invites WHERE token_hash IN ({', '.join(['?'] * len(hashes))}) "
+                "ORDER BY token_hash FOR UPDATE",
+                hashes,
+            )
+        for identity in sorted(locks.identities):
+            conn.execute("SELECT pg_advisory_xact_lock(hashtextextended(?, 0))", (identity.hex(),))
+
 
     def _lock_devices(self, devices: Sequence[tuple[str, int]]) -> int:
         """Lock the devices' rows, in key order; how many of them exist."""
@@ -719,6 +810,68 @@ class PostgresDatabase(SqliteDatabase):
         self._conn.execute(
             "DELETE FROM presence WHERE user_id = ? AND device_id = ?", (user_id, device_id)
         )
+
+
+class _BatchLocks:
+    """The locks a shared batch's calls will take (see PostgresDatabase._prelock)."""
+
+    def __init__(self) -> None:
+        self.users: dict[str, bool] = {}  # user id -> whether exclusively
+        self.user_devices: set[str] = set()  # users all of whose devices are locked
+        self.devices: set[tuple[str, int]] = set()
+        self.presence = False  # the devices this relay holds
+        self.invites: set[bytes] = set()
+        self.identities: set[bytes] = set()
+
+    def user(self, user_id: str, *, exclusive: bool) -> None:
+        self.users[user_id] = self.users.get(user_id, False) or exclusive
+
+
+def _locks_of_send(locks: _BatchLocks, batch: EnvelopeBatch, *_: Any) -> None:
+    for user_id in batch.device_list_counters:
+        locks.user(user_id, exclusive=False)
+    locks.devices.update((d.user_id, d.device_id) for d in batch.deliveries)
+
+
+def _locks_of_list_change(
+    locks: _BatchLocks, new: StoredDeviceList, _counter: Any, invite_hash: bytes | None, *_: Any
+) -> None:
+    locks.user(new.user_id, exclusive=True)
+    locks.user_devices.add(new.user_id)  # the removed ones are wiped
+    locks.identities.update(identity for _, identity in new.devices)
+    if invite_hash is not None:
+        locks.invites.add(invite_hash)
+
+
+def _locks_of_user_deletion(locks: _BatchLocks, user_id: str, *_: Any) -> None:
+    locks.user(user_id, exclusive=True)
+    locks.user_devices.add(user_id)
+
+
+def _locks_of_device_call(locks: _BatchLocks, user_id: str, device_id: int, *_: Any) -> None:
+    locks.devices.add((user_id, device_id))
+
+
+def _locks_of_forgetting_presence(locks: _BatchLocks) -> None:
+    locks.presence = True
+
+
+# What each storage call locks, by its PostgresDatabase method's name. A call
+# not named here takes no row lock (reads), except as the lock order says.
+_LOCK_PLANS: dict[str, Callable[..., None]] = {
+    "_enqueue": _locks_of_send,
+    "_store_device_list": _locks_of_list_change,
+    "_delete_user": _locks_of_user_deletion,
+    "_acknowledge": _locks_of_device_call,
+    "_clear_expiry_notice": _locks_of_device_call,
+    "_take_bundle": _locks_of_device_call,
+    "_store_prekeys": _locks_of_device_call,
+    "_attach": _locks_of_device_call,
+    "_detach": _locks_of_device_call,
+    "_delete_device_mail": _locks_of_device_call,
+    "_wipe_device": _locks_of_device_call,
+    "_forget_presence": _locks_of_forgetting_presence,
+}
 
 
 def channel_of(relay_id: str) -> str:
