@@ -508,7 +508,9 @@ class SqliteDatabase:
         return self._single(partial(self._take_bundle, user_id, device_id, budget, now))
 
     def forget_full_budgets(self, budget: RateLimit, now: int) -> int:
-        return self._single(partial(self._forget_full_budgets, budget, now))
+        # Alone, as a purge: it deletes budget rows without their devices' locks,
+        # which a batch taking bundles holds before their budget rows (PostgreSQL).
+        return self._single(partial(self._forget_full_budgets, budget, now), exclusive=True)
 
     def enqueue(
         self, batch: EnvelopeBatch, *, max_mailbox_size: int
@@ -1387,7 +1389,9 @@ class SqliteStorage:
         )
 
     async def forget_full_budgets(self, budget: RateLimit, now: int) -> int:
-        return await self._writer.call(partial(self._db._forget_full_budgets, budget, now))
+        return await self._writer.call(
+            partial(self._db._forget_full_budgets, budget, now), exclusive=True
+        )
 
     async def enqueue(
         self,
