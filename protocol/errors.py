@@ -217,6 +217,21 @@ class InvalidArgument(LocalProtocolError):
     code = "INVALID_ARGUMENT"
 
 
+class LimitExceeded(InvalidArgument):
+    """An argument is larger than one of the protocol's limits.
+
+    ``limit`` names the limit (a constant of spec/01-parameters.md) and
+    ``maximum`` is its value; nothing changed.
+    """
+
+    code = "LIMIT_EXCEEDED"
+
+    def __init__(self, what: str, size: int, limit: str, maximum: int) -> None:
+        super().__init__(f"{what} is {size}, over {limit} ({maximum})")
+        self.limit = limit
+        self.maximum = maximum
+
+
 class InvalidState(LocalProtocolError):
     """The object is not in a state where this operation is possible."""
 

@@ -8,7 +8,8 @@ The facade and what apps and the transport use are re-exported here:
   sessions), :mod:`.groups` (group messages and sender keys) and
   :mod:`.membership` (group membership and sync between own devices);
 * :mod:`.events` and :mod:`.sends`: what it returns (:class:`Outcome`);
-* :mod:`.records` and :mod:`.persistence`: the records it persists.
+* :mod:`.records` and :mod:`.persistence`: the records it persists;
+* :mod:`.arguments`: the checks every public method runs first.
 """
 
 from .core import ClientCore as ClientCore

@@ -85,6 +85,20 @@ from ..group_cipher import SenderKeyStore
 from ..keys import IdentityKeyPair
 from ..pqxdh import Party
 from . import persistence
+from .arguments import (
+    check_address,
+    check_device_id,
+    check_direct_body,
+    check_group_body,
+    check_group_id,
+    check_identity,
+    check_input,
+    check_members,
+    check_now,
+    check_title,
+    check_user_id,
+    check_user_ids,
+)
 from .direct import Sessions
 from .directory import DeviceListChange, Directory
 from .events import Address, IdentityChanged, Undecryptable
@@ -151,6 +165,9 @@ class ClientCore:
         cls, user_id: str, device_id: int, *, now: int, rng: p.RandomSource = p.SYSTEM_RANDOM
     ) -> ClientCore:
         """A new user: a user identity, this first device, and its signed device list."""
+        check_user_id(user_id)
+        check_device_id(device_id)
+        check_now(now)
         user_identity = IdentityKeyPair.generate(rng)
         account = Account.create(now=now, rng=rng)
         core = cls(
@@ -177,6 +194,10 @@ class ClientCore:
     ) -> ClientCore:
         """Another device of an existing user; the primary must :meth:`link_device` it
         with this device's :attr:`device_entry`."""
+        check_user_id(user_id)
+        check_device_id(device_id)
+        check_identity(user_identity_public)
+        check_now(now)
         return cls(
             user_id, device_id, Account.create(now=now, rng=rng), user_identity_public, rng=rng
         )
@@ -245,12 +266,15 @@ class ClientCore:
         ``entry`` is the new device's :attr:`device_entry`: InvalidArgument
         unless its proof says it belongs to our user.
         """
+        if not isinstance(entry, DeviceEntry):
+            raise InvalidArgument("a device's entry is a DeviceEntry (its device_entry)")
         signed = self._directory.sign_own_change(lambda dl: dl.with_device(entry))
         self.process_device_list(signed.encode())
         return signed
 
     def unlink_device(self, device_id: int) -> SignedDeviceList:
         """(Primary only.) Sign a new device list without ``device_id``."""
+        check_device_id(device_id)
         if device_id == self.device_id:
             raise InvalidArgument("the primary device cannot unlink itself")
         signed = self._directory.sign_own_change(lambda dl: dl.without_device(device_id))
@@ -260,24 +284,30 @@ class ClientCore:
     # ------------------------------------------------------------ device lists
 
     def device_list(self, user_id: str) -> DeviceList | None:
+        check_user_id(user_id)
         return self._directory.device_list(user_id)
 
     def devices_of(self, user_id: str) -> tuple[Address, ...]:
+        check_user_id(user_id)
         return self._directory.devices_of(user_id)
 
     def knows_device(self, address: Address) -> bool:
+        check_address(address)
         return self._directory.knows_device(address)
 
     def process_device_list(self, data: bytes) -> Outcome:
         """Take a signed device list from the relay (verified here, never trusted)."""
+        check_input(data, "a signed device list")
         return self._devices_changed(self._directory.process_device_list(data))
 
     def pending_identity(self, user_id: str) -> IdentityChanged | None:
         """The identity change waiting for :meth:`confirm_identity`, if any (survives reloads)."""
+        check_user_id(user_id)
         return self._directory.pending_identity(user_id)
 
     def confirm_identity(self, user_id: str) -> Outcome:
         """The app's user confirmed a changed identity (ideally after comparing safety numbers)."""
+        check_user_id(user_id)
         change = self._directory.confirm_identity(user_id)
         self._sessions.drop_sessions_of(user_id)  # every session was with the old identity
         return self._devices_changed(change)
@@ -298,24 +328,33 @@ class ClientCore:
     def safety_number(self, user_id: str, *, pending: bool = False) -> SafetyNumber:
         """The safety number with ``user_id``'s trusted identity (``pending``: with the
         changed identity waiting for confirmation, to compare before confirming)."""
+        check_user_id(user_id)
         return self._directory.safety_number(user_id, pending=pending)
 
     # ------------------------------------------------------------ sessions
 
     def devices_without_session(self, user_ids: Iterable[str], *, now: int) -> list[Address]:
         """Devices of these users (and our own other devices) we cannot encrypt to yet."""
+        user_ids = check_user_ids(user_ids)
+        check_now(now)
         return self._sessions.devices_without_session(user_ids, now=now)
 
     def process_bundle(self, data: bytes, *, now: int, post_quantum: bool = True) -> Address:
         """Start a session from a prekey bundle the relay handed out."""
+        check_input(data, "a prekey bundle")
+        check_now(now)
         return self._sessions.process_bundle(data, now=now, post_quantum=post_quantum)
 
     def send_direct(self, to_user: str, body: bytes, *, now: int) -> tuple[bytes, list[DirectSend]]:
         """Encrypt a one-to-one message for every device of ``to_user``.
 
         Our own other devices get a :class:`SentCopy`. Raises DeviceListNeeded or
-        MissingSessions (nothing changed) when lists or bundles are needed.
+        MissingSessions (nothing changed) when lists or bundles are needed;
+        LimitExceeded for a body over MAX_PLAINTEXT_SIZE.
         """
+        check_user_id(to_user)
+        check_direct_body(body)
+        check_now(now)
         return self._sessions.send_direct(to_user, body, now=now)
 
     def resend_direct(self, send: DirectSend, *, now: int) -> DirectSend:
@@ -325,11 +364,15 @@ class ClientCore:
         process the list it returned first, create the missing sessions, then
         call this. MissingSessions if a session is still missing.
         """
+        if not isinstance(send, DirectSend):
+            raise InvalidArgument("resend_direct takes a DirectSend")
+        check_now(now)
         return self._sessions.resend_direct(send, now=now)
 
     # ------------------------------------------------------------ groups
 
     def group(self, group_id: bytes) -> GroupState:
+        check_group_id(group_id)
         return self._membership.group(group_id)
 
     @property
@@ -338,12 +381,16 @@ class ClientCore:
 
     def membership_needs(self, user_ids: Iterable[str], *, now: int) -> list[Address]:
         """Devices a membership change involving these users needs sessions with."""
+        user_ids = check_user_ids(user_ids)
         return self.devices_without_session(user_ids, now=now)
 
     def create_group(
         self, title: str, members: Iterable[str], *, now: int
     ) -> tuple[bytes, list[Send]]:
         """Create a group with us as admin; the welcome goes to every member device."""
+        check_title(title)
+        members = check_members(members)
+        check_now(now)
         return self._membership.create_group(title, members, now=now)
 
     def reinit_group(self, group_id: bytes, *, now: int) -> tuple[bytes, list[Send]]:
@@ -354,26 +401,44 @@ class ClientCore:
         that holds us as an admin of the group joins the new one and leaves
         the old (:class:`GroupReplaced`). We leave the old one now.
         """
+        check_group_id(group_id)
+        check_now(now)
         return self._membership.reinit_group(group_id, now=now)
 
     def add_member(self, group_id: bytes, user_id: str, *, now: int) -> list[Send]:
         """(Admin.) Add a user: the change to current members, a welcome to the new one."""
+        check_group_id(group_id)
+        check_user_id(user_id)
+        check_now(now)
         return self._membership.add_member(group_id, user_id, now=now)
 
     def remove_member(self, group_id: bytes, user_id: str, *, now: int) -> list[Send]:
         """(Admin.) Remove a member; every remaining member rotates its sender key."""
+        check_group_id(group_id)
+        check_user_id(user_id)
+        check_now(now)
         return self._membership.remove_member(group_id, user_id, now=now)
 
     def leave_group(self, group_id: bytes, *, now: int) -> list[Send]:
         """Leave the group (any member; the last admin promotes another first)."""
+        check_group_id(group_id)
+        check_now(now)
         return self._membership.leave_group(group_id, now=now)
 
     def set_admin(self, group_id: bytes, user_id: str, admin: bool, *, now: int) -> list[Send]:
         """(Admin.) Promote (``admin=True``) or demote a member."""
+        check_group_id(group_id)
+        check_user_id(user_id)
+        if not isinstance(admin, bool):
+            raise InvalidArgument("admin is True or False")
+        check_now(now)
         return self._membership.set_admin(group_id, user_id, admin, now=now)
 
     def set_title(self, group_id: bytes, title: str, *, now: int) -> list[Send]:
         """(Admin.) Rename the group."""
+        check_group_id(group_id)
+        check_title(title)
+        check_now(now)
         return self._membership.set_title(group_id, title, now=now)
 
     def has_pending_change(self, group_id: bytes) -> bool:
@@ -385,6 +450,7 @@ class ClientCore:
         ChangePending. :class:`GroupUpdated` (from ourselves) tells it took
         effect, :class:`GroupChangeFailed` that it did not.
         """
+        check_group_id(group_id)
         return self._membership.has_pending_change(group_id)
 
     def waiting_changes(self) -> tuple[bytes, ...]:
@@ -395,12 +461,15 @@ class ClientCore:
 
     def change_needs(self, group_id: bytes) -> tuple[str, ...]:
         """The users our waiting change of this group involves (members, an added user)."""
+        check_group_id(group_id)
         return self._membership.change_needs(group_id)
 
     def retry_change(self, group_id: bytes, *, now: int) -> Outcome:
         """Propose our waiting change of this group again (its sends; or a
         GroupChangeFailed if no longer allowed). MissingSessions or
         DeviceListNeeded: it keeps waiting."""
+        check_group_id(group_id)
+        check_now(now)
         return self._membership.retry_change(group_id, now=now)
 
     def resend_change(self, send: ChangeSend, *, now: int) -> ChangeSend | None:
@@ -409,14 +478,21 @@ class ClientCore:
         As :meth:`resend_direct`, for a :class:`ChangeSend` refused for a
         stale device list. MissingSessions if a session is still missing.
         """
+        if not isinstance(send, ChangeSend):
+            raise InvalidArgument("resend_change takes a ChangeSend")
+        check_now(now)
         return self._membership.resend_change(send, now=now)
 
     def abandon_change(self, send: ChangeSend) -> Outcome:
         """The relay kept refusing ``send``: drop our change (a GroupChangeFailed event)."""
+        if not isinstance(send, ChangeSend):
+            raise InvalidArgument("abandon_change takes a ChangeSend")
         return self._membership.abandon_change(send)
 
     def group_send_needs(self, group_id: bytes, *, now: int) -> list[Address]:
         """Devices a group send would need a session with (fetch their bundles)."""
+        check_group_id(group_id)
+        check_now(now)
         return self._messages.group_send_needs(group_id, now=now)
 
     def send_group(self, group_id: bytes, body: bytes, *, now: int) -> tuple[bytes, list[Send]]:
@@ -425,8 +501,12 @@ class ClientCore:
         Returns the sender-key distributions still needed (one-to-one, only
         to devices that lack our current key) followed by the one
         :class:`GroupSend`. Raises MissingSessions (nothing changed) when a
-        device that needs our key has no session yet.
+        device that needs our key has no session yet; LimitExceeded when the
+        body with its message id and time exceeds MAX_PLAINTEXT_SIZE.
         """
+        check_group_id(group_id)
+        check_now(now)
+        check_group_body(body, now)
         return self._messages.send_group(group_id, body, now=now)
 
     def resend_group(self, send: GroupSend, *, now: int) -> list[Send]:
@@ -436,6 +516,9 @@ class ClientCore:
         key was retired meanwhile (a member or device left), the payload still
         goes out; a device that cannot read it asks for a retry.
         """
+        if not isinstance(send, GroupSend):
+            raise InvalidArgument("resend_group takes a GroupSend")
+        check_now(now)
         return self._messages.resend_group(send, now=now)
 
     def request_sync(self, *, now: int) -> list[Send]:
@@ -446,6 +529,7 @@ class ClientCore:
         every listed device of every member). Conversation history is not
         copied: a new device reads what is sent from now on.
         """
+        check_now(now)
         return self._membership.request_sync(now=now)
 
     # ------------------------------------------------------------ receiving
@@ -457,6 +541,11 @@ class ClientCore:
         :class:`Undecryptable` event (duplicates are dropped silently, as a
         lost acknowledgement causes them).
         """
+        check_address(sender)
+        check_input(payload, "an envelope payload")
+        check_now(now)
+        if isinstance(kind, bool) or not isinstance(kind, int):
+            raise InvalidArgument("an envelope kind is an integer")
         if not self.knows_device(sender):
             return Outcome(events=(Undecryptable(sender, "UNKNOWN_DEVICE"),))
         try:

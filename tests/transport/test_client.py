@@ -19,8 +19,8 @@ from hushchat.protocol.client_core import (
     MessageReceived,
     MessageSentByOtherDevice,
 )
-from hushchat.protocol.consts import SIGNED_PREKEY_ROTATION_AGE
-from hushchat.protocol.errors import InvalidArgument
+from hushchat.protocol.consts import MAX_PLAINTEXT_SIZE, SIGNED_PREKEY_ROTATION_AGE
+from hushchat.protocol.errors import InvalidArgument, LimitExceeded
 from hushchat.transport.client.client import (
     Client,
     ClientEvent,
@@ -403,3 +403,19 @@ async def test_mail_that_expired_unread_is_told_to_the_app(
         with trio.move_on_after(0.5):
             got = await next_matching(bob, MessageReceived)
             pytest.fail(f"expired mail was delivered: {got}")
+
+
+async def test_a_message_over_the_limit_is_refused_with_nothing_stored(
+    tmp_path: Path, relay: Relay
+) -> None:
+    async with client(tmp_path, relay, "bob"), client(tmp_path, relay, "alice") as alice:
+        await alice.send_direct("bob", b"sessions up")
+        records = alice.store.records()
+        for size in (MAX_PLAINTEXT_SIZE + 1, 300_000, 1_000_000):
+            with pytest.raises(LimitExceeded, match="MAX_PLAINTEXT_SIZE"):
+                await alice.send_direct("bob", b"x" * size)
+        assert alice.store.outbox() == [] and alice.store.records() == records
+    async with client(tmp_path, relay, "alice") as alice, client(tmp_path, relay, "bob") as bob:
+        await alice.send_direct("bob", b"x" * MAX_PLAINTEXT_SIZE)
+        bodies = [(await next_matching(bob, MessageReceived)).body for _ in range(2)]
+        assert [len(b) for b in bodies] == [11, MAX_PLAINTEXT_SIZE]

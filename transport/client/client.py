@@ -43,6 +43,12 @@ import trio
 
 from hushchat.protocol import client_core as core
 from hushchat.protocol.client_core import Address, ChangeSend, ClientCore, DirectSend, Outcome
+from hushchat.protocol.client_core.arguments import (
+    check_direct_body,
+    check_group_body,
+    check_group_id,
+    check_user_id,
+)
 from hushchat.protocol.consts import (
     PREKEY_BATCH_SIZE,
     PREKEY_LOW_WATERMARK,
@@ -217,6 +223,8 @@ class Client:
 
     async def send_direct(self, to_user: str, body: bytes) -> bytes:
         """Send a one-to-one message to every device of ``to_user``; its message id."""
+        check_user_id(to_user)
+        check_direct_body(body)
         async with self._lock:
             connection = await self._wait_ready()
             await self._prepare(connection, [to_user])
@@ -227,6 +235,8 @@ class Client:
 
     async def send_group(self, group_id: bytes, body: bytes) -> bytes:
         """Send one group message (one encryption, fanned out by the relay); its id."""
+        check_group_id(group_id)
+        check_group_body(body, self.now())
         async with self._lock:
             connection = await self._wait_ready()
             await self._prepare_group(connection, group_id)
