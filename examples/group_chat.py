@@ -346,8 +346,7 @@ class Chat:
             digest = hashlib.sha256(encode_event(event)).digest()
             if not (first and digest == shown_last_time):
                 self.show_event(event)
-                with open(self.last_shown_path, "wb") as file:
-                    file.write(digest)
+                write_private(self.last_shown_path, digest)
             first = False
 
     def show_connection(self, event: Connected | Disconnected) -> None:
@@ -759,6 +758,29 @@ def whole_name(rest: str, usage: str) -> str:
     return name
 
 
+def make_private_folder(path: str) -> None:
+    """``path`` and every folder created on the way to it, readable by their owner only.
+
+    (os.makedirs gives the folders it creates on the way the umask's mode.)
+    """
+    missing = []
+    folder = os.path.abspath(path)
+    while not os.path.isdir(folder):
+        missing.append(folder)
+        folder = os.path.dirname(folder)
+    for folder in reversed(missing):
+        os.mkdir(folder, 0o700)
+    os.chmod(path, 0o700)  # the umask may not have removed every other bit
+
+
+def write_private(path: str, data: bytes) -> None:
+    """Replace the contents of the file at ``path``, created readable by its owner only."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with open(fd, "wb") as file:
+        os.fchmod(fd, 0o600)
+        file.write(data)
+
+
 def relay_address(text: str) -> tuple[str, int]:
     """HOST:PORT (or [IPv6]:PORT) for argparse."""
     host, _, port = text.rpartition(":")
@@ -786,11 +808,7 @@ def prepare_state_dir(state_dir: str) -> bool:
         raise SetupError(f"--state {state_dir} is a file, not a folder: name a folder", 2)
     made = not os.path.exists(state_dir)
     try:
-        parent = os.path.dirname(os.path.abspath(state_dir))
-        if not os.path.isdir(parent):
-            os.makedirs(parent, mode=0o700)
-        os.makedirs(state_dir, mode=0o700, exist_ok=True)
-        os.chmod(state_dir, 0o700)
+        make_private_folder(state_dir)
     except OSError as exc:
         raise SetupError(f"cannot make the state folder {state_dir}: {exc.strerror}") from None
     return made

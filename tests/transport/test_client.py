@@ -419,3 +419,35 @@ async def test_a_message_over_the_limit_is_refused_with_nothing_stored(
         await alice.send_direct("bob", b"x" * MAX_PLAINTEXT_SIZE)
         bodies = [(await next_matching(bob, MessageReceived)).body for _ in range(2)]
         assert [len(b) for b in bodies] == [11, MAX_PLAINTEXT_SIZE]
+
+
+async def test_every_client_file_is_private_whatever_the_umask(
+    tmp_path: Path, relay: Relay
+) -> None:
+    """The WAL holds the newest state (private keys included): it was 0644 under umask 022."""
+    folder = tmp_path / "alice-files"
+    folder.mkdir(mode=0o700)
+    old = os.umask(0o022)
+    try:
+        async with client(tmp_path, relay, "bob"):
+            pass
+        store = ClientStore.open(str(folder / "alice.db"))
+        try:
+            async with open_client(store, "127.0.0.1", relay.port, user_id="alice") as alice:
+                await alice.send_direct("bob", b"written to the WAL")
+                modes = file_modes(folder)
+        finally:
+            store.close()
+        modes.update(file_modes(folder))
+    finally:
+        os.umask(old)
+    names = {Path(path).name for path in modes}
+    assert {"alice.db", "alice.db-wal", "alice.db-shm", "alice.db.lock"} <= names, modes
+    assert {path: mode for path, mode in modes.items() if mode != 0o600} == {}
+
+
+def file_modes(folder: Path) -> dict[str, int]:
+    """The permission bits of every file under ``folder``."""
+    return {
+        str(path): path.stat().st_mode & 0o777 for path in folder.rglob("*") if path.is_file()
+    }

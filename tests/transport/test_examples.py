@@ -432,3 +432,29 @@ def test_chat_warns_when_an_identity_changes(tmp_path: Path, terminals: list[Ter
         for terminal in (alice, new_bob):
             terminal.type("/quit")
             assert terminal.finish() == 0
+
+
+def test_the_chats_state_is_private_whatever_the_umask(
+    tmp_path: Path, terminals: list[Terminal]
+) -> None:
+    """Folders it creates 0700 (its parents too), every file in them 0600, under umask 022."""
+    with relay_process(tmp_path / "relay.db") as (_, port):
+        old = os.umask(0o022)
+        try:
+            alice = Terminal(tmp_path, port, "alice", "chats/alice", NO_COLOR="1")
+            bob = Terminal(tmp_path, port, "bob", "chats/bob", NO_COLOR="1")
+        finally:
+            os.umask(old)
+        terminals += [alice, bob]
+        for terminal in (alice, bob):
+            terminal.expect(f"connected to 127.0.0.1:{port}")
+        alice.type("/msg bob hello")
+        bob.expect("alice: hello")
+        for terminal in (alice, bob):
+            terminal.type("/quit")
+            assert terminal.finish() == 0
+    chats = tmp_path / "chats"
+    modes = {str(p): p.stat().st_mode & 0o777 for p in [chats, *chats.rglob("*")]}
+    assert {Path(p).name for p in modes} >= {"chats", "alice", "bob", "client.db", "last_shown"}
+    expected = {p: 0o700 if Path(p).is_dir() else 0o600 for p in modes}
+    assert modes == expected

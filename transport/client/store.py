@@ -21,11 +21,11 @@ file beside the database), because two writers would fork the ratchets.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 import sqlite3
 from collections.abc import Callable, Iterable, Sequence
-from contextlib import suppress
 from typing import Final
 
 from hushchat.protocol import client_core as core
@@ -47,6 +47,22 @@ CREATE TABLE IF NOT EXISTS outbox (id INTEGER PRIMARY KEY AUTOINCREMENT, send BL
 CREATE TABLE IF NOT EXISTS inbox (id INTEGER PRIMARY KEY AUTOINCREMENT, event BLOB NOT NULL);
 CREATE TABLE IF NOT EXISTS processed (guid BLOB PRIMARY KEY, at INTEGER NOT NULL);
 """
+
+# Every file of a store holds secrets (the WAL the newest state): its owner
+# alone may read it, whatever the process's umask.
+PRIVATE_FILE: Final = 0o600
+
+
+def _open_private(path: str) -> int:
+    """A descriptor of ``path``, created if needed, whose mode is PRIVATE_FILE."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, PRIVATE_FILE)
+    try:
+        os.fchmod(fd, PRIVATE_FILE)  # an existing file, or a umask that removed nothing
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
 
 # Version of the store's layout, kept in PRAGMA user_version: 0 (the first
 # client) stored inbox and outbox rows by class name and field order; 1 stores
@@ -124,7 +140,7 @@ class ClientStore:
         A store an older client wrote is migrated first; one a newer client
         wrote is refused (UnknownStateVersion).
         """
-        lock_fd = os.open(path + ".lock", os.O_RDWR | os.O_CREAT, 0o600)
+        lock_fd = _open_private(path + ".lock")
         try:
             fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -132,7 +148,12 @@ class ClientStore:
             raise StoreLocked(f"the client store {path} is open in another process") from None
         db = None
         try:
-            _make_private(path)
+            # SQLite gives the WAL and shared-memory files the database file's
+            # permissions: a database created private keeps them private too.
+            os.close(_open_private(path))
+            for suffix in ("-wal", "-shm"):
+                with contextlib.suppress(FileNotFoundError):
+                    os.chmod(path + suffix, PRIVATE_FILE)
             db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
             db.execute("PRAGMA journal_mode=WAL")
             # FULL: a committed transaction survives power loss, as the relay's
@@ -226,17 +247,3 @@ class ClientStore:
     def forget_processed_before(self, cutoff: int) -> None:
         """Drop processed guids older than ``cutoff`` (the relay keeps nothing longer)."""
         self._db.execute("DELETE FROM processed WHERE at < ?", (cutoff,))
-
-
-def _make_private(path: str) -> None:
-    """Create the store owner-only (0600) before SQLite opens it, and make owner-only
-    the files an older client left readable.
-
-    SQLite creates the write-ahead log and shared-memory files (which hold the
-    latest writes: keys, sessions, inbox) with the database file's permissions
-    at that moment, so the database must be private before its first write.
-    """
-    os.close(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))
-    for name in (path, f"{path}-wal", f"{path}-shm"):
-        with suppress(FileNotFoundError):
-            os.chmod(name, 0o600)
