@@ -114,6 +114,16 @@ def check_group_body(body: object, now: int) -> bytes:
     return body
 
 
+def check_message(message_id: object, sent_at: object) -> None:
+    """A message id (16 bytes) and its send time, each optional."""
+    if message_id is not None and (
+        not isinstance(message_id, bytes) or len(message_id) != MESSAGE_ID_SIZE
+    ):
+        raise InvalidArgument(f"a message id is {MESSAGE_ID_SIZE} bytes")
+    if sent_at is not None:
+        check_now(sent_at)
+
+
 def check_input(data: object, what: str) -> bytes:
     """Bytes from the relay (a bundle, a device list, a payload): their checks come later."""
     if not isinstance(data, bytes):

@@ -94,6 +94,7 @@ from .arguments import (
     check_identity,
     check_input,
     check_members,
+    check_message,
     check_now,
     check_title,
     check_user_id,
@@ -345,17 +346,31 @@ class ClientCore:
         check_now(now)
         return self._sessions.process_bundle(data, now=now, post_quantum=post_quantum)
 
-    def send_direct(self, to_user: str, body: bytes, *, now: int) -> tuple[bytes, list[DirectSend]]:
+    def send_direct(
+        self,
+        to_user: str,
+        body: bytes,
+        *,
+        now: int,
+        message_id: bytes | None = None,
+        sent_at: int | None = None,
+    ) -> tuple[bytes, list[DirectSend]]:
         """Encrypt a one-to-one message for every device of ``to_user``.
 
-        Our own other devices get a :class:`SentCopy`. Raises DeviceListNeeded or
+        Our own other devices get a :class:`SentCopy`. ``message_id`` and
+        ``sent_at`` (default: a new id, ``now``) are those of a message the
+        app sent earlier and the transport encrypts later, for instance after
+        an outage; every send carries ``message_id``. Raises DeviceListNeeded or
         MissingSessions (nothing changed) when lists or bundles are needed;
         LimitExceeded for a body over MAX_PLAINTEXT_SIZE.
         """
         check_user_id(to_user)
         check_direct_body(body)
         check_now(now)
-        return self._sessions.send_direct(to_user, body, now=now)
+        check_message(message_id, sent_at)
+        return self._sessions.send_direct(
+            to_user, body, now=now, message_id=message_id, sent_at=sent_at
+        )
 
     def resend_direct(self, send: DirectSend, *, now: int) -> DirectSend:
         """Encrypt a refused send's content again for the recipient's current devices.
@@ -495,8 +510,16 @@ class ClientCore:
         check_now(now)
         return self._messages.group_send_needs(group_id, now=now)
 
-    def send_group(self, group_id: bytes, body: bytes, *, now: int) -> tuple[bytes, list[Send]]:
-        """Encrypt once for the whole group.
+    def send_group(
+        self,
+        group_id: bytes,
+        body: bytes,
+        *,
+        now: int,
+        message_id: bytes | None = None,
+        sent_at: int | None = None,
+    ) -> tuple[bytes, list[Send]]:
+        """Encrypt once for the whole group (``message_id``, ``sent_at``: as send_direct).
 
         Returns the sender-key distributions still needed (one-to-one, only
         to devices that lack our current key) followed by the one
@@ -506,8 +529,11 @@ class ClientCore:
         """
         check_group_id(group_id)
         check_now(now)
-        check_group_body(body, now)
-        return self._messages.send_group(group_id, body, now=now)
+        check_message(message_id, sent_at)
+        check_group_body(body, now if sent_at is None else sent_at)
+        return self._messages.send_group(
+            group_id, body, now=now, message_id=message_id, sent_at=sent_at
+        )
 
     def resend_group(self, send: GroupSend, *, now: int) -> list[Send]:
         """Address a refused group send to the group's current devices.
@@ -596,9 +622,16 @@ class ClientCore:
 
     @classmethod
     def load(
-        cls, records: Iterable[tuple[RecordKey, bytes]], *, rng: p.RandomSource = p.SYSTEM_RANDOM
+        cls,
+        records: Iterable[tuple[RecordKey, bytes]],
+        *,
+        rng: p.RandomSource = p.SYSTEM_RANDOM,
+        sender_key_max_age: int = SENDER_KEY_MAX_AGE,
+        sender_key_max_messages: int = SENDER_KEY_MAX_MESSAGES,
+        max_sender_key_records: int = MAX_SENDER_KEY_RECORDS,
     ) -> ClientCore:
-        """Rebuild a core from the records :meth:`take_changes` produced."""
+        """Rebuild a core from the records :meth:`take_changes` produced (the sender-key
+        limits are settings, not state: give them again if they are not the defaults)."""
         by_key = dict(records)
         user_id, device_id, user_public, seed, account = persistence.read_meta(by_key)
         try:
@@ -609,6 +642,9 @@ class ClientCore:
                 user_public,
                 user_identity=None if seed is None else IdentityKeyPair(seed),
                 rng=rng,
+                sender_key_max_age=sender_key_max_age,
+                sender_key_max_messages=sender_key_max_messages,
+                max_sender_key_records=max_sender_key_records,
             )
             persistence.load_records(core._state, by_key)
         except StateError:

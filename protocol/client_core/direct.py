@@ -7,6 +7,7 @@ retry and sync requests) goes through :meth:`Sessions.encrypt_for` too.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import replace
 
 from ..content import SentCopy, Text
 from ..errors import InvalidArgument, InvalidState, UnauthorizedChange, UntrustedIdentity
@@ -124,25 +125,34 @@ class Sessions:
             by_user.setdefault(address.user_id, []).append((address.device_id, payload))
         return [DirectSend(user, tuple(payloads), plaintext) for user, payloads in by_user.items()]
 
-    def send_direct(self, to_user: str, body: bytes, *, now: int) -> tuple[bytes, list[DirectSend]]:
+    def send_direct(
+        self,
+        to_user: str,
+        body: bytes,
+        *,
+        now: int,
+        message_id: bytes | None = None,
+        sent_at: int | None = None,
+    ) -> tuple[bytes, list[DirectSend]]:
         """Encrypt a one-to-one message for every device of ``to_user``, a copy for ours."""
         if to_user == self._state.user_id:
             raise InvalidArgument("send to yourself through your other devices' copies")
         recipients = self._directory.devices_of(to_user)
         own_others = self._directory.own_other_devices()
         self.check_sessions([*recipients, *own_others], now)
-        message_id = self._state.new_message_id()
-        sends = self.encrypt_for(recipients, Text(message_id, now, body).encode(), now)
-        copy = SentCopy(to_user, None, message_id, now, body).encode()
+        message_id = message_id or self._state.new_message_id()
+        sent_at = now if sent_at is None else sent_at
+        sends = self.encrypt_for(recipients, Text(message_id, sent_at, body).encode(), now)
+        copy = SentCopy(to_user, None, message_id, sent_at, body).encode()
         sends += self.encrypt_for(own_others, copy, now)
-        return message_id, sends
+        return message_id, [replace(send, message_id=message_id) for send in sends]
 
     def resend_direct(self, send: DirectSend, *, now: int) -> DirectSend:
         """Encrypt a refused send's content again for the recipient's current devices."""
         own = self._state.address
         targets = [a for a in self._directory.devices_of(send.recipient_user) if a != own]
         (resent,) = self.encrypt_for(targets, send.content, now)
-        return resent
+        return replace(resent, message_id=send.message_id)
 
     def decrypt(self, sender: Address, payload: bytes, now: int) -> bytes:
         """The plaintext of a one-to-one message from a listed device; its session moves on."""

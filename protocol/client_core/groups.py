@@ -163,7 +163,15 @@ class GroupMessages:
         shared = set() if outbound is None else outbound.shared_with
         return [a for a in recipients if a not in shared and not self._sessions.usable(a, now)]
 
-    def send_group(self, group_id: bytes, body: bytes, *, now: int) -> tuple[bytes, list[Send]]:
+    def send_group(
+        self,
+        group_id: bytes,
+        body: bytes,
+        *,
+        now: int,
+        message_id: bytes | None = None,
+        sent_at: int | None = None,
+    ) -> tuple[bytes, list[Send]]:
         """Encrypt once for the whole group: the distributions still needed, then the send."""
         state = self._state
         if not self.is_member(group_id, state.user_id):
@@ -185,13 +193,14 @@ class GroupMessages:
             distribution = self._distribution(outbound)
             sends.extend(self._sessions.encrypt_with(needing, records, distribution, now))
             outbound.shared_with.update(needing)
-        message_id = state.new_message_id()
+        message_id = message_id or state.new_message_id()
+        sent_at = now if sent_at is None else sent_at
         # Our group state goes with the text, so that a member holding another notices.
         current = state.groups[group_id].current
-        text = GroupText(message_id, now, body, current.epoch, current.state_hash)
+        text = GroupText(message_id, sent_at, body, current.epoch, current.state_hash)
         payload = outbound.key.encrypt(text.encode(), sender=state.address)
         state.mark(RecordKey.outbound(group_id))
-        sends.append(GroupSend(group_id, payload, recipients))
+        sends.append(GroupSend(group_id, payload, recipients, message_id))
         return message_id, sends
 
     def resend_group(self, send: GroupSend, *, now: int) -> list[Send]:
@@ -203,7 +212,7 @@ class GroupMessages:
             needing = outbound.lacking(recipients)
             if needing:
                 sends.extend(self._distribute(send.group_id, outbound, needing, now))
-        sends.append(GroupSend(send.group_id, send.payload, recipients))
+        sends.append(GroupSend(send.group_id, send.payload, recipients, send.message_id))
         return sends
 
     def receive_retry(self, sender: Address, content: RetryRequest, now: int) -> Outcome:

@@ -22,6 +22,8 @@ class DirectSend:
     # The plaintext content, kept so a send refused for a stale device list
     # can be encrypted again for the current devices (ClientCore.resend_direct).
     content: bytes = field(repr=False, default=b"")
+    # The app's message this send carries (a Text or its SentCopy), if any.
+    message_id: bytes | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -31,6 +33,8 @@ class GroupSend:
     group_id: bytes
     payload: bytes = field(repr=False)
     recipients: tuple[Address, ...]
+    # The app's message it carries.
+    message_id: bytes | None = None
 
 
 @dataclass(frozen=True, slots=True)
