@@ -94,12 +94,17 @@ from hushchat.transport.client.client import (
     Client,
     Connected,
     Disconnected,
+    MessagePending,
+    MessageSent,
+    Reregistered,
+    SendFailed,
+    UnknownToRelay,
     load_or_create_core,
     open_client,
 )
 from hushchat.transport.client.connection import connect_relay
 from hushchat.transport.client.rows import encode_event
-from hushchat.transport.client.store import ClientStore, StoreLocked
+from hushchat.transport.client.store import ClientStore, StoreFailed, StoreFull, StoreLocked
 from hushchat.transport.wire.errors import format_address
 
 try:
@@ -279,6 +284,10 @@ class Chat:
         self.link_requests: deque[tuple[float, str, LinkRequest]] = deque(
             maxlen=MAX_LINK_REQUESTS
         )
+        # What we sent that is not sent yet (by message id), as it was shown.
+        self.unsent: dict[bytes, str] = {}
+        self.sent_lines: dict[bytes, str] = {}
+        self.waiting: dict[bytes, str] = {}  # pending before its command showed it
         self.connected = False  # the first connection succeeded
         self.online = False
         self.connections = 0
@@ -340,8 +349,11 @@ class Chat:
             shown_last_time = None
         first = True
         async for event in self.client.events():
-            if isinstance(event, Connected | Disconnected):
+            if isinstance(event, Connected | Disconnected | UnknownToRelay | Reregistered):
                 self.show_connection(event)
+                continue
+            if isinstance(event, MessagePending | MessageSent):
+                self.show_progress(event)
                 continue
             digest = hashlib.sha256(encode_event(event)).digest()
             if not (first and digest == shown_last_time):
@@ -349,7 +361,19 @@ class Chat:
                 write_private(self.last_shown_path, digest)
             first = False
 
-    def show_connection(self, event: Connected | Disconnected) -> None:
+    def show_connection(
+        self, event: Connected | Disconnected | UnknownToRelay | Reregistered
+    ) -> None:
+        if isinstance(event, UnknownToRelay):
+            self.online = False
+            self.screen.error(
+                f"the relay refused this device's login ({event.reason}): it does not know "
+                "it (it lost its data, or the device was removed); trying again..."
+            )
+            return
+        if isinstance(event, Reregistered):
+            self.screen.info("the relay had lost this account: registered it again")
+            return
         if isinstance(event, Connected):
             self.connections += 1
             if self.connections > 1:
@@ -362,8 +386,34 @@ class Chat:
             self.online = False
             self.screen.error(f"lost the relay ({event.reason}); reconnecting...")
 
-    def show_event(self, event: core.Event) -> None:
-        if isinstance(event, MessageReceived):
+    def show_progress(self, event: MessagePending | MessageSent) -> None:
+        """A message of ours waits (said once), or went after waiting."""
+        if isinstance(event, MessageSent):
+            self.sent_lines.pop(event.message_id, None)
+            self.waiting.pop(event.message_id, None)
+            line = self.unsent.pop(event.message_id, None)
+            if line is not None:
+                self.screen.info(f"sent: {line}")
+            return
+        line = self.sent_lines.get(event.message_id)
+        if line is None:
+            # Said while the command that sent it still runs: shown with its line.
+            self.waiting[event.message_id] = event.reason
+        elif event.message_id not in self.unsent:
+            self.show_unsent(event.message_id, line, event.reason)
+
+    def show_unsent(self, message_id: bytes, line: str, reason: str) -> None:
+        self.unsent[message_id] = line
+        why = "the relay is out of reach" if reason == "NOT_CONNECTED" else reason
+        self.screen.info(f"not sent yet ({why}); it goes by itself later: {line}")
+
+    def show_event(self, event: core.Event | SendFailed) -> None:
+        if isinstance(event, SendFailed):
+            line = self.unsent.pop(event.message_id, None) or self.sent_lines.pop(
+                event.message_id, "a message"
+            )
+            self.screen.error(f"not sent ({event.reason}): {line}")
+        elif isinstance(event, MessageReceived):
             self.show_message(event)
         elif isinstance(event, MessageSentByOtherDevice):
             self.screen.show(
@@ -536,7 +586,7 @@ class Chat:
         if isinstance(exc, NoDeviceList):
             return f"no user named {exc.user_id!r} is known"
         if isinstance(exc, ConnectionFailure):
-            return "not sent: not connected to the relay (it keeps trying; try again soon)"
+            return "not done: not connected to the relay (it keeps trying; try again soon)"
         return f"{exc.message} ({exc.code})"
 
     def no_longer_in(self, group_id: bytes) -> str:
@@ -556,20 +606,30 @@ class Chat:
         if self.current is None:
             raise UsageError("no conversation yet: /msg NAME text, or /to NAME or GROUP")
         if self.current.user is not None:
-            await self.client.send_direct(self.current.user, text.encode())
-            self.screen.show(f"you -> {self.current.user}: {text}", "dim")
+            line = f"you -> {self.current.user}: {text}"
+            self.show_sent(line, await self.client.send_direct(self.current.user, text.encode()))
         else:
             assert self.current.group_id is not None
-            await self.client.send_group(self.current.group_id, text.encode())
-            self.screen.show(f"[{self.group_name(self.current.group_id)}] you: {text}", "dim")
+            line = f"[{self.group_name(self.current.group_id)}] you: {text}"
+            self.show_sent(line, await self.client.send_group(self.current.group_id, text.encode()))
+
+    def show_sent(self, line: str, message_id: bytes) -> None:
+        """A message we sent; events say if it waits, and when it goes."""
+        self.sent_lines[message_id] = line
+        if len(self.sent_lines) > 1000:  # only the latest can still be waiting for news
+            del self.sent_lines[next(iter(self.sent_lines))]
+        self.screen.show(line, "dim")
+        reason = self.waiting.pop(message_id, None)
+        if reason is not None:
+            self.show_unsent(message_id, line, reason)
 
     async def cmd_msg(self, rest: str) -> None:
         user, text = first_word(rest, "usage: /msg NAME text")
         if not text:
             raise UsageError("usage: /msg NAME text")
-        await self.client.send_direct(user, text.encode())
+        message_id = await self.client.send_direct(user, text.encode())
         self.select(Conversation(user=user))
-        self.screen.show(f"you -> {shown(user)}: {text}", "dim")
+        self.show_sent(f"you -> {shown(user)}: {text}", message_id)
 
     async def cmd_to(self, rest: str) -> None:
         name = whole_name(rest, "usage: /to NAME or /to GROUP")
@@ -835,8 +895,13 @@ def open_store(state_dir: str) -> ClientStore:
         raise SetupError(f"{state_dir} is in use by another chat; one device, one chat") from None
     except UnknownStateVersion:
         raise SetupError(f"{path} was written by a newer hushchat; use that version") from None
-    except (sqlite3.DatabaseError, StateError) as exc:
+    except StateError as exc:
         raise SetupError(damaged(path, str(exc))) from None
+    except StoreFailed as exc:
+        # The library says what failed; SQLite's own words say why.
+        if isinstance(exc.__cause__, sqlite3.DatabaseError) and not isinstance(exc, StoreFull):
+            raise SetupError(damaged(path, str(exc.__cause__))) from None
+        raise SetupError(f"cannot open {path}: {exc.__cause__ or exc}") from None
 
 
 def no_device(path: str) -> str:
@@ -866,8 +931,8 @@ def load_device(store: ClientStore, name: str, existed: bool) -> core.ClientCore
         raise SetupError(f"{store.path} was written by a newer hushchat; use it") from None
     except StateError as exc:
         raise SetupError(damaged(store.path, f"{exc.code}: {exc.message}")) from None
-    except sqlite3.DatabaseError as exc:
-        raise SetupError(damaged(store.path, str(exc))) from None
+    except StoreFailed as exc:
+        raise SetupError(damaged(store.path, str(exc.__cause__ or exc))) from None
     if device.user_id != name:
         raise SetupError(
             f"{store.path} holds {possessive(device.user_id)} device, not {possessive(name)}: "

@@ -1,6 +1,6 @@
 """The client store's inbox and outbox rows, pinned: what each event and send was stored as.
 
-No tests here; the row tests check both layouts against it and the fuzz tests
+No tests here; the row tests check every layout against it and the fuzz tests
 start the row decoders' mutations from the first client's rows.
 """
 
@@ -8,11 +8,12 @@ from __future__ import annotations
 
 from hushchat.protocol import client_core as core
 from hushchat.protocol import group
+from hushchat.transport.client.events import OutboxItem, QueuedMessage, SendFailed, StoredEvent
 from tests.support.harness import A
 
-# Every event and send type (with and without its optional fields): the row
-# the first client's encoder wrote for it (class names and field order,
-# captured from that encoder), and its versioned row. Times are written out,
+# Every event and send type of the first client (with and without its optional
+# fields): the row the first client's encoder wrote for it (class names and
+# field order, captured from that encoder), and its row version 1. Times are written out,
 # not taken from tests.support.clock: the pinned bytes hold them.
 ROWS: list[tuple[core.Event | core.Send, str, str]] = [
     (
@@ -161,6 +162,106 @@ NEW_ROWS: list[tuple[core.Event | core.Send, str]] = [
             b"\x15" * 16, A("gina", 1), "forked", 7, b"\x11" * 32, 7, b"\x12" * 32
         ),
         "99010bc4101515151515151515151515151515151592a467696e6101a6666f726b656407c42011111111"
+        "1111111111111111111111111111111111111111111111111111111107c4201212121212121212121212"
+        "121212121212121212121212121212121212121212",
+    ),
+]
+
+# Every row type of ROW_VERSION 2, and its bytes: the first client's items
+# (their version 1 rows upgrade to these), what version 2 added (the app's
+# message id in a send, queued messages, SendFailed), and the types version 1
+# got later (NEW_ROWS: a group change to send, its failure, a group replaced).
+CURRENT: list[tuple[StoredEvent | OutboxItem, str]] = [
+    (
+        ROWS[0][0],
+        "97020192a5616c69636501c41001010101010101010101010101010101ce6553f100c40568656c6c6fc0",
+    ),
+    (
+        ROWS[1][0],
+        "97020192a5616c69636502c41002020202020202020202020202020202ce6553f101c40c746f20746865"
+        "2067726f7570c4100a0a0a0a0a0a0a0a0a0a0a0a0a0a0a0a",
+    ),
+    (
+        ROWS[2][0],
+        "97020292a3626f6202a56361726f6cc41003030303030303030303030303030303ce6553f102c404636f7079",
+    ),
+    (ROWS[3][0], "93020392a56361726f6c03"),
+    (ROWS[4][0], "93020492a56361726f6c02"),
+    (
+        ROWS[5][0],
+        "950205a464617665c4200404040404040404040404040404040404040404040404040404040404040404"
+        "c4200505050505050505050505050505050505050505050505050505050505050505",
+    ),
+    (ROWS[6][0], "96020692a46572696e01a74241445f4d4143c0c2"),
+    (
+        ROWS[7][0],
+        "96020692a46572696e01ad4e4f5f53454e4445525f4b4559c4100b0b0b0b0b0b0b0b0b0b0b0b0b0b0b0bc3",
+    ),
+    (
+        ROWS[8][0],
+        "960207c4100c0c0c0c0c0c0c0c0c0c0c0c0c0c0c0c92a5616c69636501949401a3626f62c42006060606"
+        "06060606060606060606060606060606060606060606060606060606c29202a56361726f6c9303a3626f"
+        "62c39204a7667269656e6473c2",
+    ),
+    (ROWS[9][0], "960207c4100d0d0d0d0d0d0d0d0d0d0d0d0d0d0d0d92a5616c6963650190c3"),
+    (ROWS[10][0], "94020892a56672616e6b04c4100e0e0e0e0e0e0e0e0e0e0e0e0e0e0e0e"),
+    (
+        ROWS[11][0],
+        "960201a3626f62929201c40b7061796c6f6164206f6e659202c40b7061796c6f61642074776fc407636f"
+        "6e74656e74c0",
+    ),
+    (ROWS[12][0], "960201a3626f62919201c40170c400c0"),
+    (
+        ROWS[13][0],
+        "960202c4100f0f0f0f0f0f0f0f0f0f0f0f0f0f0f0fc40d67726f7570207061796c6f61649292a5616c69"
+        "63650292a3626f6201c0",
+    ),
+    (
+        core.DirectSend("bob", ((1, b"payload one"),), b"content", b"\x10" * 16),
+        "960201a3626f62919201c40b7061796c6f6164206f6e65c407636f6e74656e74c4101010101010101010"
+        "1010101010101010",
+    ),
+    (
+        core.GroupSend(b"\x0f" * 16, b"group payload", (A("alice", 2),), b"\x11" * 16),
+        "960202c4100f0f0f0f0f0f0f0f0f0f0f0f0f0f0f0fc40d67726f7570207061796c6f61649192a5616c69"
+        "636502c41011111111111111111111111111111111",
+    ),
+    (
+        QueuedMessage(b"\x12" * 16, 1_700_000_003, b"later", to_user="bob"),
+        "960204a3626f62c41012121212121212121212121212121212ce6553f103c4056c61746572",
+    ),
+    (
+        QueuedMessage(b"\x13" * 16, 1_700_000_004, b"later to the group", group_id=b"\x0f" * 16),
+        "960205c4100f0f0f0f0f0f0f0f0f0f0f0f0f0f0f0fc41013131313131313131313131313131313ce6553f1"
+        "04c4126c6174657220746f207468652067726f7570",
+    ),
+    (
+        SendFailed(b"\x14" * 16, "UNKNOWN_USER"),
+        "94020cc41014141414141414141414141414141414ac554e4b4e4f574e5f55534552",
+    ),
+    (
+        NEW_ROWS[0][0],
+        "950203c41010101010101010101010101010101010c410111111111111111111111111111111119293a3"
+        "626f62919201c40d6368616e676520746f20626f62c407636f6e74656e7493a56361726f6c929202c40f"
+        "6368616e676520746f206361726f6c9203c405616761696ec407636f6e74656e74",
+    ),
+    (
+        NEW_ROWS[1][0],
+        "950209c41012121212121212121212121212121212c409920291a56361726f6cac5354414c455f434841"
+        "4e4745",
+    ),
+    (
+        NEW_ROWS[2][0],
+        "95020ac41013131313131313131313131313131313c41014141414141414141414141414141414"
+        "92a5616c69636501",
+    ),
+    (
+        NEW_ROWS[3][0],
+        "950209c41012121212121212121212121212121212c405920591a178ac53454e445f44524f50504544",
+    ),
+    (
+        NEW_ROWS[4][0],
+        "99020bc4101515151515151515151515151515151592a467696e6101a6666f726b656407c42011111111"
         "1111111111111111111111111111111111111111111111111111111107c4201212121212121212121212"
         "121212121212121212121212121212121212121212",
     ),

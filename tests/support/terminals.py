@@ -41,7 +41,8 @@ from hushchat.transport.relay.server import serve_relay
 
 async def main():
     async with trio.open_nursery() as nursery:
-        port = await nursery.start(serve_relay, RelayConfig(port=0, db_path=sys.argv[1]))
+        config = RelayConfig(port=int(sys.argv[2]), db_path=sys.argv[1])
+        port = await nursery.start(serve_relay, config)
         print(port, flush=True)
 
 trio.run(main)
@@ -49,9 +50,10 @@ trio.run(main)
 
 
 @contextlib.contextmanager
-def relay_process(db: Path) -> Iterator[tuple[subprocess.Popen[str], int]]:
+def relay_process(db: Path, port: int = 0) -> Iterator[tuple[subprocess.Popen[str], int]]:
+    """A relay on ``db``, on ``port`` (0: any free port, as it says)."""
     relay = subprocess.Popen(
-        [sys.executable, "-c", RELAY_SCRIPT, str(db)],
+        [sys.executable, "-c", RELAY_SCRIPT, str(db), str(port)],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,

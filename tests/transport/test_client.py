@@ -26,6 +26,7 @@ from hushchat.transport.client.client import (
     ClientEvent,
     MailExpired,
     SendDropped,
+    SendFailed,
     load_or_create_core,
     open_client,
 )
@@ -346,9 +347,11 @@ async def test_a_send_refused_for_its_device_list_each_time_is_dropped(
         await alice.send_direct("bob", b"delivered")
         monkeypatch.setattr(connection_module.RelayConnection, "send_direct", refused)
         monkeypatch.setattr(Client, "_rebuild", rebuilt_alike)
-        with pytest.raises(SendDropped):
-            await alice.send_direct("bob", b"never delivered")
+        message_id = await alice.send_direct("bob", b"never delivered")
         assert alice.store.outbox() == []  # it holds back no later send
+        assert alice.pending_messages() == []
+        failed = await next_matching(alice, SendFailed)
+        assert (failed.message_id, failed.reason) == (message_id, SendDropped.code)
 
 
 def test_a_new_store_needs_a_user_id(tmp_path: Path) -> None:

@@ -1,9 +1,10 @@
-"""Inbox and outbox rows: versioned layouts, pinned bytes, and the first client's rows migrated."""
+"""Inbox and outbox rows: versioned layouts, pinned bytes, and older clients' rows migrated."""
 
 from __future__ import annotations
 
 import contextlib
 import sqlite3
+from collections.abc import Callable
 from pathlib import Path
 from typing import get_args
 
@@ -16,12 +17,21 @@ from hushchat.protocol import group
 from hushchat.protocol.encoding import pack
 from hushchat.protocol.errors import StateError, UnknownStateVersion
 from hushchat.transport.client import ClientStore, rows
+from hushchat.transport.client.events import OutboxItem, QueuedMessage, StoredEvent
 from hushchat.transport.client.store import STORE_VERSION
-from tests.support.client_rows import NEW_ROWS, ROWS
+from tests.support.client_rows import CURRENT, NEW_ROWS, ROWS
 
-SEND_TYPES = core.DirectSend | core.GroupSend | core.ChangeSend
-SENDS = [(item, old, new) for item, old, new in ROWS if isinstance(item, SEND_TYPES)]
-EVENTS = [(item, old, new) for item, old, new in ROWS if (item, old, new) not in SENDS]
+CURRENT_HEX = {id(item): row for item, row in CURRENT}
+
+
+def is_send(item: object) -> bool:
+    return isinstance(item, core.DirectSend | core.GroupSend | core.ChangeSend | QueuedMessage)
+
+
+SENDS = [(item, old, CURRENT_HEX[id(item)]) for item, old, _ in ROWS if is_send(item)]
+EVENTS = [(item, old, CURRENT_HEX[id(item)]) for item, old, _ in ROWS if not is_send(item)]
+SENDS_V1 = [row for row in ROWS if is_send(row[0])]
+EVENTS_V1 = [row for row in ROWS if not is_send(row[0])]
 
 # The first client's store, as it created it (no user_version: 0).
 FIRST_SCHEMA = """
@@ -32,28 +42,57 @@ CREATE TABLE processed (guid BLOB PRIMARY KEY, at INTEGER NOT NULL);
 """
 
 
-def encode(item: core.Event | core.Send) -> bytes:
-    if isinstance(item, SEND_TYPES):
+def encode(item: StoredEvent | OutboxItem) -> bytes:
+    if is_send(item):
         return rows.encode_send(item)
     return rows.encode_event(item)
 
 
 def test_every_event_and_send_type_is_pinned() -> None:
-    pinned = {type(item) for item, _, _ in ROWS} | {type(item) for item, _ in NEW_ROWS}
-    assert pinned == {*get_args(core.Event), *get_args(core.Send)}
+    pinned = {type(item) for item, _ in CURRENT}
+    assert pinned == {*get_args(StoredEvent), *get_args(OutboxItem)}
+    version_1 = {type(item) for item, _, _ in ROWS} | {type(item) for item, _ in NEW_ROWS}
+    assert version_1 == {*get_args(core.Event), *get_args(core.Send)}
     changes = {
         type(c) for item, _, _ in ROWS if isinstance(item, core.GroupUpdated) for c in item.changes
     }
     assert changes == set(get_args(group.GroupEvent))
 
 
+@pytest.mark.parametrize(("item", "row"), CURRENT, ids=lambda v: type(v).__name__)
+def test_rows_have_the_pinned_versioned_layouts(item: StoredEvent | OutboxItem, row: str) -> None:
+    assert encode(item).hex() == row
+    decode = rows.decode_send if is_send(item) else rows.decode_event
+    assert decode(bytes.fromhex(row)) == item
+
+
 @pytest.mark.parametrize(
-    ("item", "new"), [*((i, n) for i, _, n in ROWS), *NEW_ROWS], ids=lambda v: type(v).__name__
+    ("upgrade", "fields"),
+    [
+        (rows.upgrade_send, [1, 4, "bob", b"\x12" * 16, 1, b"later"]),  # no queued messages
+        (rows.upgrade_event, [1, 11, b"\x14" * 16, "UNKNOWN_USER"]),  # no SendFailed
+    ],
 )
-def test_rows_have_the_pinned_versioned_layouts(item: core.Event | core.Send, new: str) -> None:
-    assert encode(item).hex() == new
-    decode = rows.decode_send if isinstance(item, SEND_TYPES) else rows.decode_event
-    assert decode(bytes.fromhex(new)) == item
+def test_version_1_had_no_tags_of_version_2(
+    upgrade: Callable[[bytes], bytes], fields: list[object]
+) -> None:
+    with pytest.raises(StateError):
+        upgrade(pack(fields))
+
+
+@pytest.mark.parametrize(
+    ("item", "old"),
+    [*((i, v1) for i, _, v1 in ROWS), *NEW_ROWS],
+    ids=lambda v: type(v).__name__,
+)
+def test_version_1_rows_are_rewritten_as_current_ones(
+    item: core.Event | core.Send, old: str
+) -> None:
+    upgrade = rows.upgrade_send if is_send(item) else rows.upgrade_event
+    assert upgrade(bytes.fromhex(old)).hex() == CURRENT_HEX[id(item)]
+    decode = rows.decode_send if is_send(item) else rows.decode_event
+    with pytest.raises(UnknownStateVersion):
+        decode(bytes.fromhex(old))  # only the migration reads them
 
 
 @pytest.mark.parametrize(
@@ -111,6 +150,25 @@ def test_a_store_the_first_client_wrote_is_migrated_when_opened(tmp_path: Path) 
     assert [row.hex() for row in stored(path, "inbox", "event")] == [new for _, _, new in EVENTS]
 
 
+def test_a_version_1_store_is_migrated_when_opened(tmp_path: Path) -> None:
+    """Rows rewritten as ROW_VERSION 2, the outbox ordered by a position (its row ids)."""
+    path = tmp_path / "v1.db"
+    first_client_store(path, [v1 for _, _, v1 in SENDS_V1], [v1 for _, _, v1 in EVENTS_V1])
+    db = sqlite3.connect(path)
+    db.execute("PRAGMA user_version = 1")
+    db.close()
+    store = ClientStore.open(str(path))
+    try:
+        assert [send for _, send in store.outbox()] == [item for item, _, _ in SENDS]
+        assert [event for _, event in store.inbox()] == [item for item, _, _ in EVENTS]
+        assert [store.position_of(row_id) for row_id, _ in store.outbox()] == [1, 2, 3]
+    finally:
+        store.close()
+    assert user_version(path) == STORE_VERSION
+    assert [row.hex() for row in stored(path, "outbox", "send")] == [new for _, _, new in SENDS]
+    assert [row.hex() for row in stored(path, "inbox", "event")] == [new for _, _, new in EVENTS]
+
+
 def test_a_first_client_row_that_does_not_decode_stays_as_it_was(tmp_path: Path) -> None:
     path = tmp_path / "first.db"
     corrupt = ROWS[0][1][:-4]  # truncated
@@ -145,6 +203,7 @@ def test_a_store_a_newer_client_wrote_is_refused_untouched(tmp_path: Path) -> No
     ("fields", "error"),
     [
         ([rows.ROW_VERSION + 1, 3, ["carol", 3]], UnknownStateVersion),
+        ([rows.ROW_VERSION, 11, b"\x14" * 16, "x" * 65], StateError),  # a reason too long
         ([0, 3, ["carol", 3]], UnknownStateVersion),
         ([rows.ROW_VERSION, 99, ["carol", 3]], StateError),  # unknown tag
         ([rows.ROW_VERSION, 3, ["carol", 3], 1], StateError),  # a field too many
@@ -166,11 +225,15 @@ def test_malformed_event_rows_are_state_errors(
 @pytest.mark.parametrize(
     "fields",
     [
-        [rows.ROW_VERSION, 3, "bob", [[1, b"p"]], b""],  # unknown tag
-        [rows.ROW_VERSION, 1, "bob", [[1, b"p"]] * 9, b""],  # more payloads than devices
-        [rows.ROW_VERSION, 1, "bob", [[1]], b""],
-        [rows.ROW_VERSION, 2, b"\x0f" * 16, b"p", [["a", 1, 2]]],
-        [rows.ROW_VERSION, 2, b"\x0f" * 16, b"p"],
+        [rows.ROW_VERSION, 9, "bob", [[1, b"p"]], b"", None],  # unknown tag
+        [rows.ROW_VERSION, 4, "bob", b"\x12" * 16, 1],
+        [rows.ROW_VERSION, 5, b"short", b"\x12" * 16, 1, b"x"],
+        [rows.ROW_VERSION, 1, "bob", [[1, b"p"]], b"", b"short id"],
+        [rows.ROW_VERSION, 1, "bob", [[1, b"p"]] * 9, b"", None],  # more payloads than devices
+        [rows.ROW_VERSION, 1, "bob", [[1]], b"", None],
+        [rows.ROW_VERSION, 1, "bob", [[1, b"p"]], b""],  # no message id field
+        [rows.ROW_VERSION, 2, b"\x0f" * 16, b"p", [["a", 1, 2]], None],
+        [rows.ROW_VERSION, 2, b"\x0f" * 16, b"p", None],
     ],
 )
 def test_malformed_send_rows_are_state_errors(fields: list[object]) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import os
 import re
 import signal
 import socket
@@ -27,6 +28,7 @@ from hushchat.transport.client.client import Client, open_client
 from hushchat.transport.client.store import ClientStore
 from hushchat.transport.relay.config import RelayConfig
 from hushchat.transport.relay.server import serve_relay
+from tests.support.clients import free_port
 from tests.support.terminals import (
     ANSI,
     EXAMPLES,
@@ -269,7 +271,7 @@ async def test_echo_bot_answers_in_the_groups_it_is_added_to(tmp_path: Path) -> 
 # ------------------------------------------------------------------ the chat, in terminals
 
 def test_chat_in_three_terminals(tmp_path: Path, terminals: list[Terminal]) -> None:
-    with relay_process(tmp_path / "relay.db") as (relay, port):
+    with relay_process(tmp_path / "relay.db", free_port()) as (relay, port):
 
         def start(name: str, **env: str) -> Terminal:
             terminal = Terminal(tmp_path, port, name, **env)
@@ -355,13 +357,18 @@ def test_chat_in_three_terminals(tmp_path: Path, terminals: list[Terminal]) -> N
         alice.type("/confirm bob")
         alice.expect("no identity change pending for 'bob'")
 
-        # The relay goes away: said once, and a send fails with a message.
+        # The relay goes away: said once; what is typed meanwhile waits, and goes when
+        # the relay is back.
         relay.kill()
         relay.wait()
         bob.expect(r"lost the relay \(\w+\); reconnecting")
         bob.type("anyone there?")
-        bob.expect(r"not sent: not connected to the relay")
+        bob.expect(r"not sent yet \(the relay is out of reach\); it goes by itself later: ")
         assert bob.text.count("lost the relay") == 1
+        with relay_process(tmp_path / "relay.db", port):
+            bob.expect("connected to the relay again")
+            bob.expect(r"sent: \[#Weekend trip\] you: anyone there\?")
+            alice.expect(r"\[#Weekend trip\] bob: anyone there\?")
 
         assert "carol cannot read this" not in carol_again.text
         # alice's terminal is in colour; bob's and carol's (NO_COLOR) are not.

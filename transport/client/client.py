@@ -19,34 +19,55 @@ all protocol work; this module does only I/O around it:
   arrived together in one ACK); so a crash between decrypt and save loses
   neither the message nor its keys, and a redelivered envelope (lost
   acknowledgement) is recognised by guid;
-* every send is encrypted, persisted to the outbox with the new state, and
-  then sent; a restarted client sends what is pending; a send refused for a
-  stale device list is rebuilt for the current devices and sent again;
-* a dropped connection is re-established with exponential backoff; every
-  network wait has a timeout (the connection's request timeout, and
-  ``ready_timeout`` for operations that wait for a connection).
+* every message the app sends goes into the outbox at once: encrypted with
+  the new state in one transaction if the sessions it needs exist, else as
+  a queued message that the client encrypts as soon as the relay can give
+  it the device lists and prekey bundles it needs. One task per connection
+  (the flusher) sends the outbox in order, one destination (a user, a
+  group) never holding up another: a send refused for a stale device list
+  is rebuilt for the current devices, one refused for the relay's rate is
+  paced as the relay says, one for a full mailbox waits and goes again;
+* a dropped connection is re-established with exponential backoff and
+  jitter, growing across refused logins as across failed connects; a relay
+  that no longer knows this device (it lost its database) gets it
+  registered again, with the signed device list the device holds unchanged,
+  and its prekeys uploaded again.
 
-Operations run one at a time (a lock around the core): the core's state is
-a single sequence of changes, as the ratchets require.
+Locks: the core's state is one sequence of changes, as the ratchets
+require, so every change to it and its commit happen under one lock, which
+is never held while waiting on the network; so a send made during an outage
+never holds up the reconnect.
 """
 
 from __future__ import annotations
 
-import contextlib
+import logging
+import math
 import ssl
 import time
-from collections.abc import AsyncIterator, Callable, Iterable
-from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from contextlib import asynccontextmanager, suppress
+from typing import TypeVar
 
 import trio
 
 from hushchat.protocol import client_core as core
-from hushchat.protocol.client_core import Address, ChangeSend, ClientCore, DirectSend, Outcome
+from hushchat.protocol.client_core import (
+    Address,
+    ChangeSend,
+    ClientCore,
+    DeviceListNeeded,
+    DirectSend,
+    GroupSend,
+    MissingSessions,
+)
 from hushchat.protocol.client_core.arguments import (
+    check_device_id,
     check_direct_body,
     check_group_body,
     check_group_id,
+    check_members,
+    check_title,
     check_user_id,
 )
 from hushchat.protocol.consts import (
@@ -54,75 +75,104 @@ from hushchat.protocol.consts import (
     PREKEY_LOW_WATERMARK,
     SIGNED_PREKEY_ROTATION_AGE,
 )
+from hushchat.protocol.content import MESSAGE_ID_SIZE
 from hushchat.protocol.devices import DeviceEntry, SignedDeviceList
-from hushchat.protocol.errors import InvalidArgument, RemoteProtocolError
+from hushchat.protocol.errors import InvalidArgument, LocalProtocolError, RemoteProtocolError
 from hushchat.protocol.fingerprint import SafetyNumber
 from hushchat.protocol.group import GroupState
 from hushchat.protocol.primitives import SYSTEM_RANDOM, RandomSource
 
 from ..wire.errors import (
+    AuthenticationFailed,
+    ConnectionFailure,
     DeviceListMismatch,
+    DeviceListRejected,
+    Forbidden,
+    InternalError,
     InviteRefused,
     MailboxFull,
+    NoPreKeys,
+    PreKeyIdInUse,
+    RateLimited,
     RegistrationClosed,
     RelayError,
     RelayNameMismatch,
     RelayProtocolViolation,
     RelayTimeout,
+    StorageFull,
     TransportError,
     UnknownUser,
 )
 from ..wire.frames import MailExpired as MailExpiredNotice
 from ..wire.frames import PreKeysLow
-from ..wire.limits import CLIENT_REQUEST_TIMEOUT
+from ..wire.limits import CLIENT_REQUEST_TIMEOUT, MAX_PREKEYS_PER_UPLOAD
 from ..wire.records import Envelope
-from .connection import RelayConnection, callers_error, connect_relay
-from .store import ClientStore
+from .connection import RelayConnection, connect_relay
+from .events import (
+    ClientEvent,
+    Connected,
+    Disconnected,
+    MailExpired,
+    MessagePending,
+    MessageSent,
+    OutboxItem,
+    QueuedMessage,
+    Reregistered,
+    SendFailed,
+    Status,
+    StoredEvent,
+    UnknownToRelay,
+)
+from .store import ClientStore, StoreFailed
 
-# Reconnect backoff: doubles from the first delay up to the cap, with jitter,
-# so a relay restart is not met by every client at the same instant.
+__all__ = [
+    "Client",
+    "ClientEvent",
+    "Connected",
+    "Disconnected",
+    "MailExpired",
+    "MessagePending",
+    "MessageSent",
+    "Reregistered",
+    "SendDropped",
+    "SendFailed",
+    "Status",
+    "UnknownToRelay",
+    "load_or_create_core",
+    "open_client",
+]
+
+logger = logging.getLogger("hushchat.client")
+
+# Reconnect backoff, as gRPC's connection backoff: each failed attempt (a
+# refused login included) multiplies the delay by RECONNECT_MULTIPLIER up to
+# the cap, and each wait is the delay times a random factor within
+# RECONNECT_JITTER of 1, so a relay restart is not met by every client at the
+# same instant. A factor of 2 waited up to 6 s after a 4 s outage, so 50
+# clients took up to 10 s to be back; 1.6 makes that about 4 s.
 RECONNECT_FIRST_DELAY = 0.5
 RECONNECT_MAX_DELAY = 30.0
-# How long an operation waits for a connection before giving up.
+RECONNECT_MULTIPLIER = 1.6
+RECONNECT_JITTER = 0.2
+# How long an operation that needs the relay (a group change, linking a
+# device) waits for a connection before giving up. Messages never wait.
 READY_TIMEOUT = 30.0
 # Events buffered for the app before the receive loop waits for it to read.
 EVENT_QUEUE_SIZE = 256
 # Sends refused for a stale device list are rebuilt and retried this often.
 MAX_SEND_ATTEMPTS = 3
+# An operation whose device lists or sessions changed between preparing and
+# encrypting prepares again this often.
+MAX_PREPARE_ATTEMPTS = 3
+# A destination refused for a reason that passes (a full mailbox, the relay's
+# own failure, no prekeys yet) is tried again after this delay, doubling up
+# to the cap while the refusal lasts.
+RETRY_FIRST_DELAY = 2.0
+RETRY_MAX_DELAY = 300.0
 # Processed envelope guids are remembered this long (the relay keeps nothing longer).
 PROCESSED_MEMORY = 4 * 24 * 3600
 
-
-@dataclass(frozen=True, slots=True)
-class Connected:
-    """The client is connected and authenticated (again)."""
-
-
-@dataclass(frozen=True, slots=True)
-class Disconnected:
-    """The connection dropped; the client reconnects by itself."""
-
-    reason: str
-
-
-@dataclass(frozen=True, slots=True)
-class MailExpired:
-    """The relay deleted mail for this device before the device took it.
-
-    ``count`` envelopes that the relay accepted from ``first_ts`` to
-    ``last_ts`` (milliseconds since the Unix epoch) expired unread: their
-    senders' messages will not arrive. ``count`` None: the relay lost the
-    keys of its queue at ``last_ts``, and whatever waited for this device
-    since ``first_ts`` is gone, how much is unknown. Senders are not told by
-    the relay; an app may say so to its user, or ask its contacts to resend.
-    """
-
-    count: int | None
-    first_ts: int
-    last_ts: int
-
-
-ClientEvent = core.Event | Connected | Disconnected | MailExpired
+_T = TypeVar("_T")
 
 
 class SendDropped(TransportError):
@@ -173,19 +223,36 @@ class Client:
         self._ready_timeout = ready_timeout
         self._first_delay = reconnect_first_delay
         self._max_delay = reconnect_max_delay
+        # Held for every change to the core and its commit; never across a network wait.
         self._lock = trio.Lock()
+        # Held while fetching what a send needs, so two tasks never fetch the
+        # same prekey bundle (each fetch spends one of the peer's one-time keys).
+        self._prepare_lock = trio.Lock()
         self._store_lock = trio.Lock()
         self._connection: RelayConnection | None = None
         self._ready = trio.Event()
         # Set (and replaced) each time an envelope was processed: a change
         # waiting for our previous one of its group looks again then.
         self._processed = trio.Event()
+        self._status = Status.CONNECTING
         self._published = _stored_int(store, core.RecordKey.PUBLISHED_PREKEYS)
         self._registered = _stored_int(store, core.RecordKey.REGISTERED_DEVICE_LIST)
+        self._unknown_to_relay = False
         self._handed: int | None = None  # inbox row of the event the app holds
+        self._taken: list[int] = []  # inbox rows the app is done with, still stored
         self._events_in, self._events_out = trio.open_memory_channel[
             tuple[int | None, ClientEvent]
         ](event_queue_size)
+        # The outbox, as the flusher sees it: the app message each row carries.
+        self._outbox_messages: dict[int, bytes | None] = {}
+        self._wake = trio.Event()
+        self._passes_started = self._passes_finished = 0
+        self._progress = trio.Event()
+        # Destinations refused for a reason that passes: when to try again, and why.
+        self._retry_at: dict[str, float] = {}
+        self._retry_delay: dict[str, float] = {}
+        self._retry_reason: dict[str, str] = {}
+        self._reported_pending: set[bytes] = set()
 
     # ------------------------------------------------------------ app API
 
@@ -194,9 +261,22 @@ class Client:
         """This device: its user id and device id (``alice.1``)."""
         return self.core.address
 
+    @property
+    def status(self) -> Status:
+        """Where the client stands with its relay (it changes by itself)."""
+        return self._status
+
     def now(self) -> int:
         """The time the protocol is given, in whole seconds (from the ``clock``)."""
         return int(self._clock())
+
+    def pending_messages(self) -> list[bytes]:
+        """The ids of the app's messages the outbox still holds, oldest first."""
+        seen: dict[bytes, None] = {}
+        for message_id in self._outbox_messages.values():
+            if message_id is not None:
+                seen[message_id] = None
+        return list(seen)
 
     async def events(self) -> AsyncIterator[ClientEvent]:
         """Events in order.
@@ -216,44 +296,62 @@ class Client:
             yield event
 
     async def _take_handed(self) -> None:
-        """Delete the stored event last handed to the app: it is done with it."""
+        """Delete the stored event last handed to the app: it is done with it.
+
+        If the store cannot write now (a full disk), the deletion waits for
+        the next one: the app reads on, and an event is at worst handed again
+        after a restart.
+        """
         if self._handed is not None:
-            row_id, self._handed = self._handed, None
-            await self._commit({}, taken=[row_id])
+            self._taken.append(self._handed)
+            self._handed = None
+        if self._taken:
+            with suppress(StoreFailed):
+                await self._commit({}, taken=self._taken)
+                self._taken = []
 
     async def send_direct(self, to_user: str, body: bytes) -> bytes:
-        """Send a one-to-one message to every device of ``to_user``; its message id."""
+        """Send a one-to-one message to every device of ``to_user``; its message id.
+
+        The message is in the outbox when this returns. Connected, it was
+        sent (or is waiting for a reason that passes, as a full mailbox);
+        otherwise it goes after the reconnect, in order, and a
+        :class:`MessagePending` event says so. :class:`MessageSent` or
+        :class:`SendFailed` follow. Raises only before anything is stored:
+        for a bad argument, and, connected, for a user the relay does not
+        know (UnknownUser) or a device list or bundle that does not verify.
+        """
         check_user_id(to_user)
         check_direct_body(body)
-        async with self._lock:
-            connection = await self._wait_ready()
-            await self._prepare(connection, [to_user])
-            message_id, sends = self.core.send_direct(to_user, body, now=self.now())
-            await self._queue(sends)
-        await self._flush()
-        return message_id
+        if to_user == self.core.user_id:
+            raise InvalidArgument("send to yourself through your other devices' copies")
+        message = QueuedMessage(self._new_message_id(), self.now(), body, to_user=to_user)
+        return await self._send_message(message)
 
     async def send_group(self, group_id: bytes, body: bytes) -> bytes:
-        """Send one group message (one encryption, fanned out by the relay); its id."""
+        """Send one group message (one encryption, fanned out by the relay); its id.
+
+        As :meth:`send_direct`; InvalidArgument if we hold no such group or
+        are not a member.
+        """
         check_group_id(group_id)
-        check_group_body(body, self.now())
-        async with self._lock:
-            connection = await self._wait_ready()
-            await self._prepare_group(connection, group_id)
-            message_id, sends = self.core.send_group(group_id, body, now=self.now())
-            await self._queue(sends)
-        await self._flush()
-        return message_id
+        sent_at = self.now()
+        check_group_body(body, sent_at)
+        if self.core.group(group_id).member(self.core.user_id) is None:
+            raise InvalidArgument("not a member of this group")
+        message = QueuedMessage(self._new_message_id(), sent_at, body, group_id=group_id)
+        return await self._send_message(message)
 
     async def create_group(self, title: str, members: Iterable[str]) -> bytes:
-        """Create a group (we are its admin) with these users; its id."""
-        members = list(members)
-        async with self._lock:
-            connection = await self._wait_ready()
-            await self._prepare(connection, members)
-            group_id, sends = self.core.create_group(title, members, now=self.now())
-            await self._queue(sends)
-        await self._flush()
+        """Create a group (we are its admin) with these users; its id.
+
+        Needs the relay (RelayTimeout after ``ready_timeout`` without one).
+        """
+        check_title(title)
+        users = check_members(members)
+        group_id: bytes = await self._change(
+            users, lambda now: self.core.create_group(title, users, now=now)
+        )
         return group_id
 
     async def reinit_group(self, group_id: bytes) -> bytes:
@@ -263,12 +361,11 @@ class Client:
         relay's doing, spec/12-groups.md section 12.9): every member that holds
         us as an admin of it moves to the new group (``GroupReplaced``).
         """
-        async with self._lock:
-            connection = await self._wait_ready()
-            await self._prepare(connection, self.core.group(group_id).user_ids)
-            new_group_id, sends = self.core.reinit_group(group_id, now=self.now())
-            await self._queue(sends)
-        await self._flush()
+        check_group_id(group_id)
+        users = list(self.core.group(group_id).user_ids)
+        new_group_id: bytes = await self._change(
+            users, lambda now: self.core.reinit_group(group_id, now=now)
+        )
         return new_group_id
 
     async def add_member(self, group_id: bytes, user_id: str) -> None:
@@ -284,6 +381,8 @@ class Client:
         group waits for the first (at most ``ready_timeout``). A non-admin, or
         a user already a member, gets a LocalProtocolError and nothing is sent.
         """
+        check_group_id(group_id)
+        check_user_id(user_id)
         await self._change_group(
             group_id, [user_id], lambda now: self.core.add_member(group_id, user_id, now=now)
         )
@@ -295,6 +394,8 @@ class Client:
         ``MemberRemoved``; the removed member cannot read what follows. It
         takes effect as :meth:`add_member` says.
         """
+        check_group_id(group_id)
+        check_user_id(user_id)
         await self._change_group(
             group_id, [], lambda now: self.core.remove_member(group_id, user_id, now=now)
         )
@@ -306,16 +407,21 @@ class Client:
         :meth:`add_member` says); its title stays known to the app only if it
         kept it.
         """
+        check_group_id(group_id)
         await self._change_group(group_id, [], lambda now: self.core.leave_group(group_id, now=now))
 
     async def set_admin(self, group_id: bytes, user_id: str, admin: bool) -> None:
         """(A group admin.) Promote (``admin=True``) or demote a member (see :meth:`add_member`)."""
+        check_group_id(group_id)
+        check_user_id(user_id)
         await self._change_group(
             group_id, [], lambda now: self.core.set_admin(group_id, user_id, admin, now=now)
         )
 
     async def set_title(self, group_id: bytes, title: str) -> None:
         """(A group admin.) Rename the group (see :meth:`add_member`)."""
+        check_group_id(group_id)
+        check_title(title)
         await self._change_group(
             group_id, [], lambda now: self.core.set_title(group_id, title, now=now)
         )
@@ -323,22 +429,17 @@ class Client:
     async def _change_group(
         self, group_id: bytes, new_users: list[str], change: Callable[[int], list[core.Send]]
     ) -> None:
-        queued = False
+        """A change of a held group, once our previous one of it took effect (or failed).
+
+        Waits (no lock held) at most ``ready_timeout`` for that: RelayTimeout.
+        """
         with trio.move_on_after(self._ready_timeout):
-            while not queued:
-                async with self._lock:
-                    processed = self._processed
-                    if not self.core.has_pending_change(group_id):
-                        connection = await self._wait_ready()
-                        users = [*self.core.group(group_id).user_ids, *new_users]
-                        await self._prepare(connection, users)
-                        await self._queue(change(self.now()))
-                        queued = True
-                if not queued:
-                    await processed.wait()  # our previous change's receipt, or its rival
-        if not queued:
+            while self.core.has_pending_change(group_id):
+                await self._processed.wait()  # our previous change's receipt, or its rival
+        if self.core.has_pending_change(group_id):
             raise RelayTimeout("our previous change of this group has not taken effect yet")
-        await self._flush()
+        users = [*self.core.group(group_id).user_ids, *new_users]
+        await self._change(users, lambda now: (None, change(now)))
 
     def group(self, group_id: bytes) -> GroupState:
         """A held group's current state: ``title``, ``user_ids``, ``admins``, ``epoch``...
@@ -358,6 +459,7 @@ class Client:
 
     async def confirm_identity(self, user_id: str) -> None:
         """Accept a changed identity the app's user has confirmed."""
+        check_user_id(user_id)
         async with self._lock:
             outcome = self.core.confirm_identity(user_id)
             _, ids = await self._commit(self.core.take_changes(), events=outcome.events)
@@ -367,35 +469,120 @@ class Client:
         """(Primary device.) Add a device of ours and publish the new signed device list.
 
         ``entry`` is the new device's ``ClientCore.device_entry``: its key and
-        its proof that it belongs to our user.
+        its proof that it belongs to our user. The new list is stored first:
+        if the relay cannot be reached now (the error is raised), it is
+        published on the next connection.
         """
+        if not isinstance(entry, DeviceEntry):
+            raise InvalidArgument("a device's entry is a DeviceEntry (its device_entry)")
+        connection = await self._wait_ready()
         async with self._lock:
-            connection = await self._wait_ready()
-            signed = self.core.link_device(entry)
-            await connection.upload_device_list(signed.encode())
+            self.core.link_device(entry)
             await self._commit(self.core.take_changes())
+        await self._publish_own_list(connection)
 
     async def unlink_device(self, device_id: int) -> None:
         """(Primary device.) Remove a device of ours: publish a signed list without it.
 
         The relay deletes its mail and closes its connection; our contacts
-        see a ``DeviceRemoved`` and stop encrypting to it.
-        """
+        see a ``DeviceRemoved`` and stop encrypting to it. Published as
+        :meth:`link_device`."""
+        check_device_id(device_id)
+        connection = await self._wait_ready()
         async with self._lock:
-            connection = await self._wait_ready()
-            signed = self.core.unlink_device(device_id)
-            await connection.upload_device_list(signed.encode())
+            self.core.unlink_device(device_id)
             await self._commit(self.core.take_changes())
+        await self._publish_own_list(connection)
 
     async def refresh_device_list(self, user_id: str) -> None:
         """Fetch a user's device list now (otherwise fetched when first needed)."""
-        async with self._lock:
-            connection = await self._wait_ready()
-            await self._fetch_device_list(connection, user_id)
+        check_user_id(user_id)
+        connection = await self._wait_ready()
+        await self._fetch_device_list(connection, user_id)
 
-    # ------------------------------------------------------------ preparing sends
+    # ------------------------------------------------------------ sending messages
+
+    def _new_message_id(self) -> bytes:
+        return self._rng.random_bytes(MESSAGE_ID_SIZE)
+
+    async def _send_message(self, message: QueuedMessage) -> bytes:
+        """Store ``message`` in the outbox (encrypted if it can be now) and have it sent."""
+        connection = self._connection
+        if connection is not None:
+            # Fetch what it needs now, so that a user the relay does not know is
+            # said at once, and nothing is stored for it.
+            try:
+                async with self._prepare_lock:
+                    await self._prepare_message(connection, message)
+            except (ConnectionFailure, RateLimited, NoPreKeys, InternalError):
+                pass  # queued as it is; the flusher prepares it again later
+        async with self._lock:
+            items: list[OutboxItem] = [message]
+            # Else encrypted later, once the relay gave what it needs.
+            with suppress(MissingSessions, DeviceListNeeded):
+                items = list(self._encrypt(message))
+            await self._commit(self.core.take_changes(), sends=items)
+        self._wake.set()
+        connection = self._connection
+        if connection is None:
+            self._notify(MessagePending(message.message_id, "NOT_CONNECTED"))
+            self._reported_pending.add(message.message_id)
+        else:
+            await self._wait_for_flush(connection)
+        return message.message_id
+
+    def _encrypt(self, message: QueuedMessage) -> list[core.Send]:
+        """The sends of a queued message (the core's state moves on); the caller commits."""
+        now = self.now()
+        if message.group_id is None:
+            assert message.to_user is not None
+            _, direct = self.core.send_direct(
+                message.to_user,
+                message.body,
+                now=now,
+                message_id=message.message_id,
+                sent_at=message.sent_at,
+            )
+            return list(direct)
+        _, sends = self.core.send_group(
+            message.group_id,
+            message.body,
+            now=now,
+            message_id=message.message_id,
+            sent_at=message.sent_at,
+        )
+        return sends
+
+    async def _prepare_message(self, connection: RelayConnection, message: QueuedMessage) -> None:
+        if message.group_id is None:
+            assert message.to_user is not None
+            await self._prepare(connection, [message.to_user])
+        else:
+            await self._prepare_group(connection, message.group_id)
+
+    async def _change(
+        self, users: list[str], change: Callable[[int], tuple[_T, list[core.Send]]]
+    ) -> _T:
+        """A group change: prepare for ``users`` (over the relay), change, store, send."""
+        for attempt in range(1, MAX_PREPARE_ATTEMPTS + 1):
+            connection = await self._wait_ready()
+            async with self._prepare_lock:
+                await self._prepare(connection, users)
+            async with self._lock:
+                try:
+                    result, sends = change(self.now())
+                except (MissingSessions, DeviceListNeeded):
+                    if attempt == MAX_PREPARE_ATTEMPTS:
+                        raise
+                    continue  # a list or a session changed meanwhile: prepare again
+                await self._commit(self.core.take_changes(), sends=sends)
+            self._wake.set()
+            await self._wait_for_flush(connection)
+            return result
+        raise AssertionError("unreachable")
 
     async def _wait_ready(self) -> RelayConnection:
+        """The connection, waiting for it at most ``ready_timeout`` (no lock held)."""
         with trio.move_on_after(self._ready_timeout):
             while True:
                 await self._ready.wait()
@@ -404,26 +591,35 @@ class Client:
                 await trio.sleep(0)
         raise RelayTimeout("not connected to the relay")
 
+    async def _wait_for_flush(self, connection: RelayConnection) -> None:
+        """Until the flusher has been through the outbox as it is now, or the connection ends."""
+        target = self._passes_started + 1
+        while self._passes_finished < target and self._connection is connection:
+            await self._progress.wait()
+
+    # ------------------------------------------------------------ preparing sends
+
     async def _fetch_device_list(self, connection: RelayConnection, user_id: str) -> None:
         data = await connection.fetch_device_list(user_id)
         if SignedDeviceList.decode(data).device_list.user_id != user_id:
             raise RelayProtocolViolation(f"the relay served another user's list for {user_id!r}")
-        outcome = self.core.process_device_list(data)
-        _, ids = await self._commit(self.core.take_changes(), events=outcome.events)
+        async with self._lock:
+            outcome = self.core.process_device_list(data)
+            _, ids = await self._commit(self.core.take_changes(), events=outcome.events)
         await self._deliver_events(list(outcome.events), ids)
 
     async def _prepare(self, connection: RelayConnection, user_ids: Iterable[str]) -> None:
         """Device lists and sessions for these users' devices and our own."""
-        for user_id in {*user_ids, self.core.user_id}:
+        users = {*user_ids, self.core.user_id}
+        for user_id in sorted(users):
             if self.core.device_list(user_id) is None:
                 await self._fetch_device_list(connection, user_id)
         await self._start_sessions(
-            connection, self.core.devices_without_session(user_ids, now=self.now())
+            connection, self.core.devices_without_session(sorted(users), now=self.now())
         )
 
     async def _prepare_group(self, connection: RelayConnection, group_id: bytes) -> None:
-        users = self.core.group(group_id).user_ids
-        for user_id in users:
+        for user_id in self.core.group(group_id).user_ids:
             if self.core.device_list(user_id) is None:
                 await self._fetch_device_list(connection, user_id)
         await self._start_sessions(connection, self.core.group_send_needs(group_id, now=self.now()))
@@ -431,90 +627,207 @@ class Client:
     async def _start_sessions(
         self, connection: RelayConnection, addresses: Iterable[Address]
     ) -> None:
-        for address in addresses:
-            bundle = await connection.fetch_bundle(address.user_id, address.device_id)
-            self.core.process_bundle(bundle, now=self.now())
-        await self._commit(self.core.take_changes())
-
-    # ------------------------------------------------------------ outbox
-
-    async def _queue(self, sends: Iterable[core.Send]) -> None:
-        await self._commit(self.core.take_changes(), sends=list(sends))
-
-    async def _flush(self) -> None:
-        """Send the outbox in order; what the relay accepted leaves it."""
+        """Fetch these devices' bundles (network), then start the sessions (one commit)."""
+        bundles = [await connection.fetch_bundle(a.user_id, a.device_id) for a in addresses]
+        if not bundles:
+            return
         async with self._lock:
-            connection = self._connection
-            if connection is None:
-                return  # the next connection flushes it
-            for row_id, send in self.store.outbox():
-                await self._send_one(connection, row_id, send)
+            try:
+                for bundle in bundles:
+                    self.core.process_bundle(bundle, now=self.now())
+            finally:
+                # What was processed before a bad bundle stands (the bundles are spent).
+                await self._commit(self.core.take_changes())
+
+    # ------------------------------------------------------------ the outbox
+
+    async def _flusher(self, connection: RelayConnection) -> None:
+        """Send the outbox, pass after pass, while the connection lasts."""
+        while True:
+            self._wake = trio.Event()
+            self._passes_started += 1
+            try:
+                retry_at = await self._flush_pass(connection)
+            finally:
+                self._passes_finished += 1
+                self._progress.set()
+                self._progress = trio.Event()
+            with trio.move_on_at(retry_at):
+                await self._wake.wait()
+
+    async def _flush_pass(self, connection: RelayConnection) -> float:
+        """One pass over the outbox, in order; when a destination refused for now is due."""
+        blocked: set[str] = set()
+        retry_at = math.inf
+        for row_id, item in self.store.outbox():
+            destinations = self._destinations(item)
+            now = trio.current_time()
+            due = [self._retry_at[d] for d in destinations if self._retry_at.get(d, 0) > now]
+            if due or destinations & blocked:
+                # An earlier row for one of its destinations waits: so does this one.
+                blocked |= destinations
+                retry_at = min(retry_at, *due) if due else retry_at
+                reasons = [self._retry_reason[d] for d in destinations if d in self._retry_reason]
+                self._report_pending(item, reasons[0] if reasons else "WAITING")
+                continue
+            delay = await self._deliver(connection, row_id, item)
+            if delay is not None:
+                blocked |= destinations
+                retry_at = min(retry_at, trio.current_time() + delay)
+        return retry_at
+
+    def _destinations(self, item: OutboxItem) -> set[str]:
+        """Who a row goes to: rows for the same user or group leave in order."""
+        if isinstance(item, DirectSend):
+            return {"u:" + item.recipient_user}
+        if isinstance(item, GroupSend):
+            return {"g:" + item.group_id.hex(), *("u:" + a.user_id for a in item.recipients)}
+        if isinstance(item, ChangeSend):
+            return {"g:" + item.group_id.hex(), *("u:" + p.recipient_user for p in item.parts)}
+        if item.group_id is None:
+            assert item.to_user is not None
+            return {"u:" + item.to_user}
+        destinations = {"g:" + item.group_id.hex()}
+        with suppress(InvalidArgument):  # the group is gone: the row fails in its turn
+            destinations.update("u:" + u for u in self.core.group(item.group_id).user_ids)
+        return destinations
+
+    async def _deliver(
+        self, connection: RelayConnection, row_id: int, item: OutboxItem
+    ) -> float | None:
+        """Send one row; None if it is done, else seconds before its destinations retry."""
+        if isinstance(item, QueuedMessage):
+            return await self._send_queued(connection, row_id, item)
+        return await self._send_one(connection, row_id, item)
+
+    async def _send_queued(
+        self, connection: RelayConnection, row_id: int, message: QueuedMessage
+    ) -> float | None:
+        """Encrypt a queued message in its place in the outbox, and send it."""
+        try:
+            async with self._prepare_lock:
+                await self._prepare_message(connection, message)
+        except RateLimited as limited:
+            return self._refused(message, "RATE_LIMITED", limited.retry_after_ms / 1000)
+        except (NoPreKeys, InternalError) as passing:
+            return self._refused(message, passing.code)
+        except (UnknownUser, RemoteProtocolError, LocalProtocolError) as failure:
+            # The relay does not know the user, serves what does not verify, or
+            # the group is gone: nothing to send it to.
+            await self._fail(row_id, message, failure.code)
+            return None
+        async with self._lock:
+            try:
+                sends = self._encrypt(message)
+            except (MissingSessions, DeviceListNeeded):
+                return self._refused(message, "PREPARING")  # changed meanwhile
+            except LocalProtocolError as failure:
+                refused: LocalProtocolError | None = failure
+            else:
+                refused = None
+        if refused is not None:
+            await self._fail(row_id, message, refused.code)
+            return None
+        return await self._replace(connection, row_id, sends, 1)
 
     async def _send_one(
         self, connection: RelayConnection, row_id: int, send: core.Send, attempt: int = 1
-    ) -> None:
-        try:
-            if isinstance(send, DirectSend):
-                full = (
-                    await connection.send_direct(send.recipient_user, send.payloads)
-                ).mailbox_full
-            elif isinstance(send, ChangeSend):
-                parts = [(part.recipient_user, part.payloads) for part in send.parts]
-                try:
-                    await connection.send_change(send.receipt, parts)
-                except InvalidArgument:
-                    # More than one frame holds (first messages to many devices of a
-                    # full group): it can never be sent, and would hold up the outbox.
-                    await self._drop(row_id, send)
-                    raise SendDropped("a group change too big for a frame was dropped") from None
-                full = ()  # a change is stored for every device, or refused whole
-            else:
-                recipients = [(a.user_id, a.device_id) for a in send.recipients]
-                full = (await connection.send_group(send.payload, recipients)).mailbox_full
-            if full:
-                # The row stays and goes again whole: the devices that took it
-                # drop the second copy as a duplicate.
-                raise MailboxFull("recipient mailboxes are full", devices=full)
-        except DeviceListMismatch as mismatch:
-            if attempt >= MAX_SEND_ATTEMPTS:
-                # Still refused after rebuilding (say, a changed identity awaits the
-                # user's confirmation, so the list we hold stays old): retrying cannot
-                # help, and a stuck send would block the outbox behind it.
-                await self._drop(row_id, send)
-                raise SendDropped(
-                    "a send kept being refused for its device list; it was dropped"
-                ) from None
-            replacements = await self._rebuild(connection, send, mismatch)
-            new_ids, _ = await self._commit(
-                self.core.take_changes(), sends=replacements, sent=[row_id]
-            )
-            for new_id, new_send in zip(new_ids, replacements, strict=True):
-                await self._send_one(connection, new_id, new_send, attempt + 1)
-        except UnknownUser as unknown:
-            if isinstance(send, ChangeSend):
-                # A member's user is gone from the relay: the others still get the change.
-                rest = tuple(p for p in send.parts if p.recipient_user != unknown.user_id)
-                resend = ChangeSend(send.group_id, send.receipt, rest)
-                (new_id,), _ = await self._commit({}, sends=[resend], sent=[row_id])
-                await self._send_one(connection, new_id, resend, attempt)
-            else:
-                await self._commit({}, sent=[row_id])  # the user is gone: nothing to deliver
-        else:
-            await self._commit({}, sent=[row_id])
+    ) -> float | None:
+        """Send an encrypted row; None if it left the outbox, else seconds before a retry."""
+        while True:
+            try:
+                full: tuple[tuple[str, int], ...] = ()
+                if isinstance(send, DirectSend):
+                    result = await connection.send_direct(send.recipient_user, send.payloads)
+                    full = result.mailbox_full
+                elif isinstance(send, ChangeSend):
+                    parts = [(part.recipient_user, part.payloads) for part in send.parts]
+                    try:
+                        await connection.send_change(send.receipt, parts)
+                    except InvalidArgument:
+                        # More than one frame holds (first messages to many devices of a
+                        # full group): it can never be sent, and would hold up the outbox.
+                        await self._fail(row_id, send, SendDropped.code)
+                        return None
+                else:
+                    recipients = [(a.user_id, a.device_id) for a in send.recipients]
+                    full = (await connection.send_group(send.payload, recipients)).mailbox_full
+                if full:
+                    # The row stays and goes again whole: the devices that took it
+                    # drop the second copy as a duplicate.
+                    raise MailboxFull("recipient mailboxes are full", devices=full)
+            except RateLimited as limited:
+                # The relay paces sends per connection and says when the next one
+                # succeeds: wait that long, then send it again.
+                await trio.sleep(limited.retry_after_ms / 1000)
+                continue
+            except DeviceListMismatch as mismatch:
+                if attempt >= MAX_SEND_ATTEMPTS:
+                    # Still refused after rebuilding (say, a changed identity awaits the
+                    # user's confirmation, so the list we hold stays old): retrying cannot
+                    # help, and a stuck send would block the outbox behind it.
+                    await self._fail(row_id, send, SendDropped.code)
+                    return None
+                return await self._resend(connection, row_id, send, mismatch, attempt)
+            except (MailboxFull, InternalError, StorageFull) as passing:
+                return self._refused(send, passing.code)
+            except UnknownUser as unknown:
+                if isinstance(send, ChangeSend):
+                    # A member's user is gone from the relay: the others still get the change.
+                    rest = tuple(p for p in send.parts if p.recipient_user != unknown.user_id)
+                    return await self._replace(
+                        connection, row_id, [ChangeSend(send.group_id, send.receipt, rest)], attempt
+                    )
+                await self._fail(row_id, send, unknown.code)
+                return None
+            except RelayError as refusal:
+                # The user is gone, or the send cannot be carried: it never will be.
+                await self._fail(row_id, send, refusal.code)
+                return None
+            await self._sent(row_id, send)
+            return None
 
-    async def _drop(self, row_id: int, send: core.Send) -> None:
-        """Take a send out of the outbox unsent; a change of ours then fails (an event)."""
-        outcome = self.core.abandon_change(send) if isinstance(send, ChangeSend) else Outcome()
-        _, ids = await self._commit(self.core.take_changes(), events=outcome.events, sent=[row_id])
-        await self._deliver_events(list(outcome.events), ids)
+    async def _resend(
+        self,
+        connection: RelayConnection,
+        row_id: int,
+        send: core.Send,
+        mismatch: DeviceListMismatch,
+        attempt: int,
+    ) -> float | None:
+        """A send refused for a stale device list, rebuilt for the current one, in its place."""
+        try:
+            async with self._prepare_lock:
+                replacements = await self._rebuild(connection, send, mismatch)
+        except RemoteProtocolError as failure:
+            await self._fail(row_id, send, failure.code)
+            return None
+        return await self._replace(connection, row_id, replacements, attempt + 1)
+
+    async def _replace(
+        self, connection: RelayConnection, row_id: int, sends: list[core.Send], attempt: int
+    ) -> float | None:
+        """Put ``sends`` where row ``row_id`` was (with the core's changes); send them."""
+        position = self.store.position_of(row_id)
+        async with self._lock:
+            new_ids, _ = await self._commit(
+                self.core.take_changes(), sends=sends, position=position, sent=[row_id]
+            )
+        for new_id, new_send in zip(new_ids, sends, strict=True):
+            delay = await self._send_one(connection, new_id, new_send, attempt)
+            if delay is not None:
+                return delay
+        return None
 
     async def _rebuild(
         self, connection: RelayConnection, send: core.Send, mismatch: DeviceListMismatch
     ) -> list[core.Send]:
+        """The sends that replace a refused one (the caller commits them with the state)."""
         events: list[core.Event] = []
-        for item in mismatch.mismatches:
-            events.extend(self.core.process_device_list(item.signed_device_list).events)
-        _, ids = await self._commit(self.core.take_changes(), events=events)
+        async with self._lock:
+            for item in mismatch.mismatches:
+                events.extend(self.core.process_device_list(item.signed_device_list).events)
+            _, ids = await self._commit(self.core.take_changes(), events=events)
         await self._deliver_events(events, ids)
         if isinstance(send, DirectSend):
             await self._start_sessions(
@@ -527,7 +840,8 @@ class Client:
                     if a.user_id == send.recipient_user
                 ],
             )
-            return [self.core.resend_direct(send, now=self.now())]
+            async with self._lock:
+                return [self.core.resend_direct(send, now=self.now())]
         if isinstance(send, ChangeSend):
             users = [part.recipient_user for part in send.parts]
             await self._start_sessions(
@@ -538,12 +852,65 @@ class Client:
                     if a.user_id in users
                 ],
             )
-            resent = self.core.resend_change(send, now=self.now())
+            async with self._lock:
+                resent = self.core.resend_change(send, now=self.now())
             return [] if resent is None else [resent]
         await self._start_sessions(
             connection, self.core.group_send_needs(send.group_id, now=self.now())
         )
-        return self.core.resend_group(send, now=self.now())
+        async with self._lock:
+            return self.core.resend_group(send, now=self.now())
+
+    def _refused(self, item: OutboxItem, reason: str, delay: float | None = None) -> float:
+        """A refusal that passes: the row's destinations wait (``delay``, or a growing backoff)."""
+        destinations = self._destinations(item)
+        if delay is None:
+            delay = max((self._retry_delay.get(d, 0.0) for d in destinations), default=0.0)
+            delay = min(max(RETRY_FIRST_DELAY, delay * 2), RETRY_MAX_DELAY)
+        now = trio.current_time()
+        for destination in destinations:
+            self._retry_at[destination] = now + delay
+            self._retry_delay[destination] = delay
+            self._retry_reason[destination] = reason
+        self._report_pending(item, reason)
+        return delay
+
+    def _report_pending(self, item: OutboxItem, reason: str) -> None:
+        message_id = _message_of(item)
+        if message_id is not None and message_id not in self._reported_pending:
+            self._reported_pending.add(message_id)
+            self._notify(MessagePending(message_id, reason))
+
+    async def _sent(self, row_id: int, send: core.Send) -> None:
+        """The relay accepted a row: it leaves the outbox, and its destinations flow again."""
+        await self._commit({}, sent=[row_id])
+        for destination in self._destinations(send):
+            self._retry_delay.pop(destination, None)
+            self._retry_reason.pop(destination, None)
+        message_id = _message_of(send)
+        if message_id is not None and message_id not in self._outbox_messages.values():
+            self._reported_pending.discard(message_id)
+            self._notify(MessageSent(message_id))
+
+    async def _fail(self, row_id: int, item: OutboxItem, reason: str) -> None:
+        """A row that can never be sent leaves the outbox; its message failed (stored event).
+
+        A change of a group of ours is abandoned (the core's GroupChangeFailed).
+        """
+        message_id = _message_of(item)
+        events: list[StoredEvent] = []
+        if message_id is not None:
+            events.append(SendFailed(message_id, reason))
+        others = [r for r, m in self._outbox_messages.items() if m == message_id and r != row_id]
+        sent = [row_id, *(others if message_id is not None else [])]
+        logger.warning("a send could not be delivered and left the outbox (%s)", reason)
+        async with self._lock:
+            if isinstance(item, ChangeSend):
+                events.extend(self.core.abandon_change(item).events)
+            _, ids = await self._commit(self.core.take_changes(), sent=sent, events=events)
+        if message_id is not None:
+            self._reported_pending.discard(message_id)
+        await self._deliver_events(events, ids)
 
     # ------------------------------------------------------------ persistence
 
@@ -551,32 +918,67 @@ class Client:
         self,
         changes: dict[core.RecordKey, bytes | None],
         *,
-        sends: list[core.Send] | None = None,
-        events: Iterable[core.Event] = (),
+        sends: Sequence[OutboxItem] = (),
+        position: int | None = None,
+        events: Iterable[StoredEvent] = (),
         processed: tuple[bytes, int] | None = None,
         sent: Iterable[int] = (),
         taken: Iterable[int] = (),
     ) -> tuple[list[int], list[int]]:
-        """One store transaction, off the event loop's thread; new outbox and inbox row ids."""
+        """One store transaction, off the event loop's thread; new outbox and inbox row ids.
+
+        If it fails (StoreFailed: a full disk, say), nothing was stored, so
+        the core goes back to what the store holds: a state change that was
+        not persisted must not be used (a message key spent in memory only
+        would make the message undecryptable when it comes again).
+        """
         events = list(events)
+        sent = list(sent)
         # One at a time: the app's events() and the receive loop both commit, and
         # two threads on one SQLite connection cannot both open a transaction.
         async with self._store_lock:
-            return await trio.to_thread.run_sync(
-                lambda: self.store.commit(
-                    changes,
-                    sends=sends or [],
-                    events=events,
-                    processed=processed,
-                    sent=list(sent),
-                    taken=list(taken),
+            try:
+                new_ids, inbox_ids = await trio.to_thread.run_sync(
+                    lambda: self.store.commit(
+                        changes,
+                        sends=sends,
+                        position=position,
+                        events=events,
+                        processed=processed,
+                        sent=sent,
+                        taken=list(taken),
+                    )
                 )
-            )
+            except BaseException:
+                if changes:
+                    self._reload_core()
+                raise
+        for row_id in sent:
+            self._outbox_messages.pop(row_id, None)
+        for row_id, item in zip(new_ids, sends, strict=True):
+            self._outbox_messages[row_id] = _message_of(item)
+        return new_ids, inbox_ids
 
-    async def _deliver_events(self, events: list[core.Event], ids: list[int]) -> None:
+    def _reload_core(self) -> None:
+        """The core as the store holds it (after a commit that failed)."""
+        self.core = ClientCore.load(
+            self.store.records(),
+            rng=self._rng,
+            sender_key_max_age=self.core.sender_key_max_age,
+            sender_key_max_messages=self.core.sender_key_max_messages,
+        )
+        self._published = _stored_int(self.store, core.RecordKey.PUBLISHED_PREKEYS)
+        self._registered = _stored_int(self.store, core.RecordKey.REGISTERED_DEVICE_LIST)
+
+    async def _deliver_events(self, events: Sequence[StoredEvent], ids: list[int]) -> None:
         """Hand stored events (``ids``: their inbox rows) to the app."""
         for row_id, event in zip(ids, events, strict=True):
             await self._events_in.send((row_id, event))
+
+    def _notify(self, event: ClientEvent) -> None:
+        """A notice for the app (not stored); dropped if the app lets its queue fill up."""
+        with suppress(trio.WouldBlock):
+            self._events_in.send_nowait((None, event))
 
     # ------------------------------------------------------------ receiving
 
@@ -584,16 +986,14 @@ class Client:
         """Persist what an envelope produces (the caller acknowledges it afterwards)."""
         if self.store.was_processed(envelope.guid):
             return  # our acknowledgement was lost: acknowledged again
+        sender = Address(envelope.sender_user, envelope.sender_device)
+        if not self.core.knows_device(sender):
+            # Without a valid list naming the sender, the core reports the
+            # envelope as from an unknown device, and it is acknowledged.
+            with suppress(RemoteProtocolError, RelayError):
+                await self._fetch_device_list(connection, sender.user_id)
         async with self._lock:
-            sender = Address(envelope.sender_user, envelope.sender_device)
-            if not self.core.knows_device(sender):
-                # Without a valid list naming the sender, the core reports the
-                # envelope as from an unknown device, and it is acknowledged.
-                with contextlib.suppress(RemoteProtocolError, RelayError):
-                    await self._fetch_device_list(connection, sender.user_id)
-            outcome: Outcome = self.core.receive(
-                sender, envelope.kind, envelope.payload, now=self.now()
-            )
+            outcome = self.core.receive(sender, envelope.kind, envelope.payload, now=self.now())
             _, ids = await self._commit(
                 self.core.take_changes(),
                 sends=list(outcome.sends),
@@ -608,106 +1008,26 @@ class Client:
         await self._deliver_events(list(outcome.events), ids)
         retried = await self._retry_waiting_changes(connection)
         if outcome.sends or retried:
-            await self._flush()
+            self._wake.set()
 
     async def _retry_waiting_changes(self, connection: RelayConnection) -> bool:
         """A change of ours that lost its epoch and needs sessions with devices that joined
         meanwhile: fetch their bundles and propose it again. Whether any was."""
-        delivered: list[tuple[list[core.Event], list[int]]] = []
-        async with self._lock:
-            for group_id in self.core.waiting_changes():
+        delivered: list[tuple[list[StoredEvent], list[int]]] = []
+        for group_id in self.core.waiting_changes():
+            async with self._prepare_lock:
                 await self._prepare(connection, self.core.change_needs(group_id))
+            async with self._lock:
                 outcome = self.core.retry_change(group_id, now=self.now())
                 _, ids = await self._commit(
                     self.core.take_changes(), sends=list(outcome.sends), events=outcome.events
                 )
-                delivered.append((list(outcome.events), ids))
+            delivered.append((list(outcome.events), ids))
         for events, ids in delivered:
             await self._deliver_events(events, ids)
         return bool(delivered)
 
-    async def _replenish_prekeys(self, connection: RelayConnection) -> None:
-        """Publish the current signed keys and every one-time key the relay lacks.
-
-        One-time key ids only grow, so "lacks" means "newer than the highest
-        id published". A stock below the low watermark gets a new batch.
-        """
-        async with self._lock:
-            account = self.core.account
-            now = self.now()
-            # Prune first: a replaced signed prekey is deleted once the current one
-            # is older than the grace period (spec 2.2). Pruning right after a
-            # rotation would find the new key too young and keep every old one.
-            account.prune(now=now)
-            if now - account.signed_prekey_age_start > SIGNED_PREKEY_ROTATION_AGE:
-                account.rotate_signed_prekey(now=now, rng=self._rng)
-            stock = await connection.upload_prekeys()
-            upload = account.prekey_upload()
-            fresh = [k for k in upload.one_time_prekeys if k.key_id > self._published]
-            if stock.one_time + len(fresh) < PREKEY_LOW_WATERMARK:
-                account.generate_one_time_prekeys(PREKEY_BATCH_SIZE, rng=self._rng)
-                upload = account.prekey_upload()
-                fresh = [k for k in upload.one_time_prekeys if k.key_id > self._published]
-            fresh_kem = [k for k in upload.one_time_kem_prekeys if k.key_id > self._published]
-            await connection.upload_prekeys(
-                signed_prekey=upload.signed_prekey,
-                last_resort_kem=upload.last_resort_kem_prekey,
-                one_time=fresh,
-                one_time_kem=fresh_kem,
-            )
-            self._published = max(
-                [self._published, *(k.key_id for k in fresh), *(k.key_id for k in fresh_kem)]
-            )
-            changes = self.core.take_changes()
-            changes[core.RecordKey.ACCOUNT] = account.to_bytes()
-            changes[core.RecordKey.PUBLISHED_PREKEYS] = self._published.to_bytes(4, "big")
-            await self._commit(changes)
-
-    async def _sync_new_device(self, connection: RelayConnection) -> None:
-        """(A linked device, once.) Ask our other devices for the groups they hold."""
-        if self.core.holds_user_identity or self.store.record(core.RecordKey.SYNCED) is not None:
-            return
-        async with self._lock:
-            others = [a for a in self.core.devices_of(self.core.user_id) if a != self.address]
-            await self._start_sessions(
-                connection,
-                [a for a in self.core.devices_without_session([], now=self.now()) if a in others],
-            )
-            sends = self.core.request_sync(now=self.now())
-            changes = self.core.take_changes()
-            changes[core.RecordKey.SYNCED] = b"\x01"
-            await self._commit(changes, sends=sends)
-
-    async def _register(self, connection: RelayConnection) -> None:
-        """(Primary device.) Publish our device list if the relay has not seen this one."""
-        own = self.core.own_device_list
-        if not self.core.holds_user_identity or own is None:
-            return
-        counter = own.device_list.counter + 1  # stored +1 so that 0 means "never"
-        if counter > self._registered:
-            # The invitation (where the relay asks for one) is for registering only.
-            invite = self._invite if self._registered == 0 else None
-            await connection.upload_device_list(own.encode(), invite=invite)
-            self._registered = counter
-            await self._commit({core.RecordKey.REGISTERED_DEVICE_LIST: counter.to_bytes(8, "big")})
-
-    async def _session(
-        self, connection: RelayConnection, task_status: trio.TaskStatus[None]
-    ) -> None:
-        """One connection's life: register, authenticate, stock prekeys, flush, receive."""
-        await self._register(connection)
-        await connection.authenticate(
-            self.core.user_id, self.core.device_id, self.core.account.identity
-        )
-        await self._fetch_device_list(connection, self.core.user_id)
-        await self._replenish_prekeys(connection)
-        await self._sync_new_device(connection)
-        self._connection = connection
-        self._ready.set()
-        task_status.started()
-        await self._events_in.send((None, Connected()))
-        await self._retry_waiting_changes(connection)
-        await self._flush()
+    async def _receive(self, connection: RelayConnection) -> None:
         async for batch in connection.batches():
             # What arrived together is acknowledged together: one round trip,
             # once each envelope's outcome is persisted.
@@ -726,17 +1046,198 @@ class Client:
                 # each guid is acknowledged once, as the relay requires.
                 await connection.ack(*dict.fromkeys(processed))
 
+    # ------------------------------------------------------------ the device at the relay
+
+    async def _replenish_prekeys(self, connection: RelayConnection) -> None:
+        """Publish the current signed keys and every one-time key the relay lacks.
+
+        One-time key ids only grow, so "lacks" means "newer than the highest
+        id published". A stock below the low watermark gets a new batch.
+        Every new key is stored before it is published: a key the relay hands
+        out must be one we can still answer.
+        """
+        async with self._lock:
+            account = self.core.account
+            before = account.to_bytes()
+            now = self.now()
+            # Prune first: a replaced signed prekey is deleted once the current one
+            # is older than the grace period (spec 2.2). Pruning right after a
+            # rotation would find the new key too young and keep every old one.
+            account.prune(now=now)
+            if now - account.signed_prekey_age_start > SIGNED_PREKEY_ROTATION_AGE:
+                account.rotate_signed_prekey(now=now, rng=self._rng)
+            if account.to_bytes() != before:
+                await self._commit_account()
+        stock = await connection.upload_prekeys()
+        upload = self.core.account.prekey_upload()
+        fresh = [k for k in upload.one_time_prekeys if k.key_id > self._published]
+        if stock.one_time + len(fresh) < PREKEY_LOW_WATERMARK:
+            async with self._lock:
+                self.core.account.generate_one_time_prekeys(PREKEY_BATCH_SIZE, rng=self._rng)
+                await self._commit_account()
+        upload = self.core.account.prekey_upload()
+        fresh = [k for k in upload.one_time_prekeys if k.key_id > self._published]
+        fresh_kem = [k for k in upload.one_time_kem_prekeys if k.key_id > self._published]
+        first = True
+        while first or fresh or fresh_kem:
+            part, fresh = fresh[:MAX_PREKEYS_PER_UPLOAD], fresh[MAX_PREKEYS_PER_UPLOAD:]
+            part_kem = fresh_kem[:MAX_PREKEYS_PER_UPLOAD]
+            fresh_kem = fresh_kem[MAX_PREKEYS_PER_UPLOAD:]
+            # PreKeyIdInUse: published before a crash kept us from storing that.
+            with suppress(PreKeyIdInUse):
+                await connection.upload_prekeys(
+                    signed_prekey=upload.signed_prekey if first else None,
+                    last_resort_kem=upload.last_resort_kem_prekey if first else None,
+                    one_time=part,
+                    one_time_kem=part_kem,
+                )
+            first = False
+            published = max(
+                [self._published, *(k.key_id for k in part), *(k.key_id for k in part_kem)]
+            )
+            if published != self._published:
+                self._published = published
+                await self._commit({core.RecordKey.PUBLISHED_PREKEYS: published.to_bytes(4, "big")})
+
+    async def _commit_account(self) -> None:
+        """(Under the lock.) Store the account as it is now, with the core's other changes."""
+        changes = self.core.take_changes()
+        changes[core.RecordKey.ACCOUNT] = self.core.account.to_bytes()
+        await self._commit(changes)
+
+    async def _sync_new_device(self, connection: RelayConnection) -> None:
+        """(A linked device, once.) Ask our other devices for the groups they hold."""
+        if self.core.holds_user_identity or self.store.record(core.RecordKey.SYNCED) is not None:
+            return
+        others = [a for a in self.core.devices_of(self.core.user_id) if a != self.address]
+        async with self._prepare_lock:
+            await self._start_sessions(
+                connection,
+                [a for a in self.core.devices_without_session([], now=self.now()) if a in others],
+            )
+        async with self._lock:
+            sends = self.core.request_sync(now=self.now())
+            changes = self.core.take_changes()
+            changes[core.RecordKey.SYNCED] = b"\x01"
+            await self._commit(changes, sends=sends)
+
+    async def _login(self, connection: RelayConnection) -> bool:
+        """Register if needed, then authenticate; whether we registered again.
+
+        A new user's first device registers its user with the first list. A
+        device whose login the relay refused last time (it lost its database)
+        registers its user again with the signed list it holds, exactly as
+        the user identity signed it: peers see nothing new. If the relay
+        still knows the user (Forbidden), it does not know this device: the
+        login is refused again.
+        """
+        own = self.core.own_device_list
+        reregistered = False
+        first = self.core.holds_user_identity and self._registered == 0
+        if own is not None and (first or self._unknown_to_relay):
+            try:
+                # The invitation (where the relay asks for one) is for the first
+                # registration only: it is single-use.
+                invite = self._invite if first else None
+                await connection.upload_device_list(own.encode(), invite=invite)
+            except (Forbidden, DeviceListRejected, RegistrationClosed, InviteRefused):
+                if first:
+                    raise  # the name is taken
+            else:
+                reregistered = not first
+                await self._set_registered(own.device_list.counter)
+        await connection.authenticate(
+            self.core.user_id, self.core.device_id, self.core.account.identity
+        )
+        if reregistered:
+            # The relay lost our prekeys with the rest: every one-time key we
+            # hold goes up again (those it handed out before went with its mail).
+            self._published = 0
+            await self._commit({core.RecordKey.PUBLISHED_PREKEYS: bytes(4)})
+        return reregistered
+
+    async def _set_registered(self, counter: int) -> None:
+        self._registered = counter + 1  # stored +1 so that 0 means "never"
+        record = self._registered.to_bytes(8, "big")
+        await self._commit({core.RecordKey.REGISTERED_DEVICE_LIST: record})
+
+    async def _publish_own_list(self, connection: RelayConnection) -> None:
+        """(Authenticated.) Publish our own device list if the relay has an older one."""
+        own = self.core.own_device_list
+        if own is None or not self.core.holds_user_identity:
+            return
+        if own.device_list.counter + 1 > self._registered:
+            await connection.upload_device_list(own.encode())
+            await self._set_registered(own.device_list.counter)
+
+    async def _check_own_list(self, connection: RelayConnection) -> None:
+        """Take our own list from the relay, or give it ours if it holds an older one.
+
+        An older one: our primary changed the list while it could not reach
+        the relay, or the relay lost its database and the list came back
+        from a device that held an older one. Any device of the user may
+        publish the list the user identity signed.
+        """
+        own = self.core.own_device_list
+        data = await connection.fetch_device_list(self.core.user_id)
+        held = SignedDeviceList.decode(data).device_list
+        if held.user_id != self.core.user_id:
+            raise RelayProtocolViolation("the relay served another user's list for ours")
+        if own is not None and held.counter < own.device_list.counter:
+            await connection.upload_device_list(own.encode())
+            if self.core.holds_user_identity:
+                await self._set_registered(own.device_list.counter)
+            return
+        async with self._lock:
+            outcome = self.core.process_device_list(data)
+            _, ids = await self._commit(self.core.take_changes(), events=outcome.events)
+        await self._deliver_events(list(outcome.events), ids)
+
+    # ------------------------------------------------------------ connections
+
+    async def _session(
+        self, connection: RelayConnection, task_status: trio.TaskStatus[None]
+    ) -> None:
+        """One connection's life: log in, stock prekeys, then send and receive."""
+        reregistered = await self._login(connection)
+        self._unknown_to_relay = False
+        await self._check_own_list(connection)
+        await self._replenish_prekeys(connection)
+        await self._sync_new_device(connection)
+        self._connection = connection
+        self._status = Status.READY
+        self._ready.set()
+        task_status.started()
+        if reregistered:
+            logger.warning("registered again at a relay that had lost this device")
+            self._notify(Reregistered())
+        await self._events_in.send((None, Connected()))
+        if await self._retry_waiting_changes(connection):
+            self._wake.set()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._flusher, connection)
+            await self._receive(connection)
+            nursery.cancel_scope.cancel()
+
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Stay connected (reconnecting with backoff) until cancelled.
 
         ``task_status.started()`` fires once the first connection is ready.
+        The backoff grows from ``reconnect_first_delay`` to
+        ``reconnect_max_delay`` (RECONNECT_MULTIPLIER, RECONNECT_JITTER) after
+        every attempt that did not make the client ready, a refused login
+        included; a connection that became ready starts it over.
         """
         await self._commit(self.core.take_changes())  # a new device's first records
+        self._outbox_messages = {row_id: _message_of(item) for row_id, item in self.store.outbox()}
         for row_id, event in self.store.inbox():
             await self._events_in.send((row_id, event))
         delay = self._first_delay
         started = False
         while True:
+            status = task_status if not started else trio.TASK_STATUS_IGNORED
+            reason = "relay closed the connection"
+            newly_unknown = False
             try:
                 async with connect_relay(
                     self._host,
@@ -745,11 +1246,14 @@ class Client:
                     expected_relay_name=self.relay_name,
                     request_timeout=self._request_timeout,
                 ) as connection:
-                    delay = self._first_delay
-                    status = task_status if not started else trio.TASK_STATUS_IGNORED
-                    started = True
-                    await self._session(connection, status)
-                reason = "relay closed the connection"
+                    await _unwrapped(self._session(connection, status))
+            except AuthenticationFailed as refused:
+                reason = refused.code
+                newly_unknown = not self._unknown_to_relay
+                if newly_unknown:
+                    logger.warning("the relay refused this device's login (%s)", reason)
+                    self._unknown_to_relay = True
+                    self._notify(UnknownToRelay(reason))
             except (RelayNameMismatch, RegistrationClosed, InviteRefused):
                 # Not the relay we mean (or one relaying another's challenge), or
                 # one that will not register us: no retry changes it. The app
@@ -761,12 +1265,56 @@ class Client:
                 # connection and try again, as for any transport failure.
                 reason = getattr(exc, "code", type(exc).__name__)
             finally:
+                was_ready = self._status is Status.READY
+                started = started or was_ready
                 self._connection = None
                 self._ready = trio.Event()
-            await self._events_in.send((None, Disconnected(reason)))
-            jitter = 0.5 + int.from_bytes(self._rng.random_bytes(2), "big") / 65536
-            await trio.sleep(delay * jitter)
-            delay = min(delay * 2, self._max_delay)
+                self._progress.set()  # sends waiting on this connection's flusher return
+                self._progress = trio.Event()
+                self._status = (
+                    Status.UNKNOWN_TO_RELAY if self._unknown_to_relay else Status.CONNECTING
+                )
+            if was_ready:
+                delay = self._first_delay
+            if not self._unknown_to_relay or newly_unknown:
+                await self._events_in.send((None, Disconnected(reason)))
+            spread = int.from_bytes(self._rng.random_bytes(2), "big") / 65535 * 2 - 1
+            await trio.sleep(delay * (1 + RECONNECT_JITTER * spread))
+            delay = min(delay * RECONNECT_MULTIPLIER, self._max_delay)
+
+
+async def _unwrapped(work: Awaitable[None]) -> None:
+    """Await ``work``; an exception group from its nurseries comes out as its one real error.
+
+    The flusher and the receive loop run in one nursery: when the connection
+    fails, both may raise, or one raises and the other is cancelled. The
+    reconnect loop (and the app) expect one error, the first that is not a
+    cancellation.
+    """
+    try:
+        await work
+    except BaseExceptionGroup as group:
+        error = _real_error(group)
+        if error is None:
+            raise
+        raise error from error.__cause__
+
+
+def _real_error(group: BaseExceptionGroup[BaseException]) -> BaseException | None:
+    """The first error of ``group`` (nested groups flattened) that is not trio.Cancelled."""
+    for error in group.exceptions:
+        if isinstance(error, BaseExceptionGroup):
+            inner = _real_error(error)
+            if inner is not None:
+                return inner
+        elif not isinstance(error, trio.Cancelled):
+            return error
+    return None
+
+
+def _message_of(item: OutboxItem) -> bytes | None:
+    """The app's message an outbox row carries (a group change carries none)."""
+    return None if isinstance(item, ChangeSend) else item.message_id
 
 
 def _stored_int(store: ClientStore, key: core.RecordKey) -> int:
@@ -828,11 +1376,15 @@ async def open_client(
     InviteRefused from this function. ``clock`` gives the time in seconds (the
     protocol's ``now``) and ``rng`` every random draw, from loading or
     creating the device on. ``request_timeout`` bounds each request to the
-    relay, ``ready_timeout`` how long an operation waits for a connection
-    (then RelayTimeout). ``event_queue_size`` events are buffered for
-    :meth:`Client.events` before the client waits for the app to read.
-    After a dropped connection the client reconnects after
-    ``reconnect_first_delay`` seconds, doubling up to ``reconnect_max_delay``.
+    relay, ``ready_timeout`` how long an operation that needs the relay
+    waits for a connection (then RelayTimeout). ``event_queue_size`` events
+    are buffered for :meth:`Client.events` before the client waits for the
+    app to read. After a dropped connection the client reconnects after
+    ``reconnect_first_delay`` seconds, growing up to ``reconnect_max_delay``.
+
+    Errors come out as the library's own exceptions (never an exception
+    group): those of the block as they were raised, and a failure of the
+    client itself (its store failing, say) as that error.
     """
     if device is None:
         device = load_or_create_core(store, user_id=user_id, now=int(clock()), rng=rng)
@@ -861,8 +1413,7 @@ async def open_client(
             finally:
                 nursery.cancel_scope.cancel()
     except BaseExceptionGroup as group:
-        # The client's own fatal error (RelayNameMismatch), or the app's, comes out
-        # alone, not in a group beside the cancellations it caused.
-        if (error := callers_error(group)) is not None:
-            raise error from None
-        raise
+        error = _real_error(group)
+        if error is None:
+            raise
+        raise error from error.__cause__

@@ -10,9 +10,12 @@ layout per type, written and read with :mod:`hushchat.protocol.encoding`::
 The tags and layouts are below and in spec/README.md ("Client storage");
 an address is ``[user_id, device_id]``. Nothing stored depends on a class's
 name or the order of its fields: changing a layout means a new ROW_VERSION,
-and the store rewrites older rows when it opens (:mod:`.store`), as it
-rewrote the rows of the first client, which stored class names
-(:func:`decode_unversioned`).
+and the store rewrites older rows when it opens (:mod:`.store`,
+:func:`upgrade_send` and :func:`upgrade_event`), as it rewrote the rows of
+the first client, which stored class names (:func:`decode_unversioned`).
+Version 1 had no message id in an encrypted send, no queued messages and no
+events of the client library's own; its other tags and layouts are those of
+version 2.
 
 Decoding raises only :class:`~hushchat.protocol.errors.StateError`
 (:class:`~hushchat.protocol.errors.UnknownStateVersion` for a version this
@@ -22,6 +25,7 @@ code does not know).
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import replace
 from enum import IntEnum
 from typing import Any, Final, TypeVar, assert_never
 
@@ -60,10 +64,15 @@ from hushchat.protocol.encoding import UINT64_MAX, Fields, pack, unpack
 from hushchat.protocol.errors import DecodeError, ProtocolError, StateError, UnknownStateVersion
 
 from ..wire.limits import MAX_RECIPIENTS_PER_SEND
+from .events import OutboxItem, QueuedMessage, SendFailed, StoredEvent
 
 # Version of the row layouts below. Rows without one (an array starting with
 # a string) are the first client's, read only by decode_unversioned.
-ROW_VERSION: Final = 1
+ROW_VERSION: Final = 2
+# The versions upgrade_send and upgrade_event read.
+OLDER_ROW_VERSIONS: Final = (1,)
+# Longest error code a SendFailed row carries.
+MAX_REASON_SIZE: Final = 64
 
 # Most changes one GroupUpdated reports: every member removed and every member
 # added (a whole group replaced, each identity changed) and the title.
@@ -82,12 +91,20 @@ class EventTag(IntEnum):
     GROUP_CHANGE_FAILED = 9
     GROUP_REPLACED = 10
     GROUP_STATE_MISMATCH = 11
+    SEND_FAILED = 12  # from version 2 on
 
 
 class SendTag(IntEnum):
     DIRECT = 1
     GROUP = 2
     CHANGE = 3
+    QUEUED_DIRECT = 4  # from version 2 on
+    QUEUED_GROUP = 5  # from version 2 on
+
+
+# The last tag of each table that version 1 had.
+_LAST_VERSION_1_EVENT = EventTag.GROUP_STATE_MISMATCH
+_LAST_VERSION_1_SEND = SendTag.CHANGE
 
 
 class GroupChangeTag(IntEnum):
@@ -116,7 +133,7 @@ def _group_change(change: group.GroupEvent) -> list[Any]:
     assert_never(change)
 
 
-def _event_fields(event: Event) -> list[Any]:
+def _event_fields(event: StoredEvent) -> list[Any]:
     if isinstance(event, MessageReceived):
         return [
             EventTag.MESSAGE_RECEIVED,
@@ -180,6 +197,8 @@ def _event_fields(event: Event) -> list[Any]:
             event.our_epoch,
             event.our_state_hash,
         ]
+    if isinstance(event, SendFailed):
+        return [EventTag.SEND_FAILED, event.message_id, event.reason]
     assert_never(event)
 
 
@@ -188,25 +207,30 @@ def _direct_fields(send: DirectSend) -> list[Any]:
     return [send.recipient_user, payloads, send.content]
 
 
-def _send_fields(send: Send) -> list[Any]:
+def _send_fields(send: OutboxItem) -> list[Any]:
     if isinstance(send, DirectSend):
-        return [SendTag.DIRECT, *_direct_fields(send)]
+        return [SendTag.DIRECT, *_direct_fields(send), send.message_id]
     if isinstance(send, GroupSend):
         recipients = [_address(a) for a in send.recipients]
-        return [SendTag.GROUP, send.group_id, send.payload, recipients]
+        return [SendTag.GROUP, send.group_id, send.payload, recipients, send.message_id]
     if isinstance(send, ChangeSend):
+        # A change's parts carry no message of the app's: no message id.
         parts = [_direct_fields(part) for part in send.parts]
         return [SendTag.CHANGE, send.group_id, send.receipt, parts]
+    if isinstance(send, QueuedMessage):
+        if send.group_id is None:
+            return [SendTag.QUEUED_DIRECT, send.to_user, send.message_id, send.sent_at, send.body]
+        return [SendTag.QUEUED_GROUP, send.group_id, send.message_id, send.sent_at, send.body]
     assert_never(send)
 
 
-def encode_event(event: Event) -> bytes:
+def encode_event(event: StoredEvent) -> bytes:
     """The inbox row of ``event``."""
     return pack([ROW_VERSION, *_event_fields(event)])
 
 
-def encode_send(send: Send) -> bytes:
-    """The outbox row of ``send``."""
+def encode_send(send: OutboxItem) -> bytes:
+    """The outbox row of ``send`` (a send, or a message still to encrypt)."""
     return pack([ROW_VERSION, *_send_fields(send)])
 
 
@@ -216,17 +240,25 @@ _T = TypeVar("_T")
 _Tag = TypeVar("_Tag", bound=IntEnum)
 
 
-def _load_row(data: bytes, what: str, read: Callable[[Fields], _T]) -> _T:
-    """Read a row of ``what`` with ``read`` (the fields after the version); StateError only."""
+def _load_row(
+    data: bytes,
+    what: str,
+    read: Callable[[Fields, int], _T],
+    versions: tuple[int, ...] = (ROW_VERSION,),
+) -> _T:
+    """Read a row of ``what`` with ``read`` (the fields after the version, and the version).
+
+    ``versions``: those accepted (others are UnknownStateVersion). StateError only.
+    """
     try:
         fields = Fields.decode(data, what=what, max_size=MAX_STATE_SIZE)
         version = fields.uint(UINT64_MAX)
     except DecodeError as exc:
         raise StateError(f"{what}: corrupt row ({exc.message})") from exc
-    if version != ROW_VERSION:
+    if version not in versions:
         raise UnknownStateVersion(f"{what}: row version {version} is not {ROW_VERSION}")
     try:
-        result = read(fields)
+        result = read(fields, version)
         fields.end()
     except ProtocolError as exc:
         raise StateError(f"{what}: corrupt row ({exc.message})") from exc
@@ -262,8 +294,10 @@ def _read_group_change(value: object) -> group.GroupEvent:
     return change
 
 
-def _read_event(f: Fields) -> Event:
+def _read_event(f: Fields, version: int) -> StoredEvent:
     tag = _read_tag(f, EventTag, "stored event")
+    if version < 2 and tag > _LAST_VERSION_1_EVENT:
+        raise DecodeError(f"stored event: no tag {tag} in row version {version}")
     if tag == EventTag.MESSAGE_RECEIVED:
         return MessageReceived(
             _read_address(f.raw(), "sender"),
@@ -305,15 +339,17 @@ def _read_event(f: Fields) -> Event:
     if tag == EventTag.GROUP_REPLACED:
         old, new = f.bin(GROUP_ID_SIZE), f.bin(GROUP_ID_SIZE)
         return GroupReplaced(old, new, _read_address(f.raw(), "author"))
-    return GroupStateMismatch(
-        f.bin(GROUP_ID_SIZE),
-        _read_address(f.raw(), "sender"),
-        f.text(16),
-        f.uint(UINT64_MAX),
-        f.bin(STATE_HASH_SIZE),
-        f.uint(UINT64_MAX),
-        f.bin(STATE_HASH_SIZE),
-    )
+    if tag == EventTag.GROUP_STATE_MISMATCH:
+        return GroupStateMismatch(
+            f.bin(GROUP_ID_SIZE),
+            _read_address(f.raw(), "sender"),
+            f.text(16),
+            f.uint(UINT64_MAX),
+            f.bin(STATE_HASH_SIZE),
+            f.uint(UINT64_MAX),
+            f.bin(STATE_HASH_SIZE),
+        )
+    return SendFailed(f.bin(MESSAGE_ID_SIZE), f.text(MAX_REASON_SIZE))
 
 
 def _read_direct(f: Fields) -> DirectSend:
@@ -325,10 +361,14 @@ def _read_direct(f: Fields) -> DirectSend:
     return DirectSend(recipient_user, tuple(payloads), f.bin())
 
 
-def _read_send(f: Fields) -> Send:
+def _read_send(f: Fields, version: int) -> OutboxItem:
     tag = _read_tag(f, SendTag, "stored send")
+    if version < 2 and tag > _LAST_VERSION_1_SEND:
+        raise DecodeError(f"stored send: no tag {tag} in row version {version}")
     if tag == SendTag.DIRECT:
-        return _read_direct(f)
+        direct = _read_direct(f)
+        message_id = f.optional_bin(MESSAGE_ID_SIZE) if version >= 2 else None
+        return replace(direct, message_id=message_id)
     if tag == SendTag.CHANGE:
         group_id, receipt = f.bin(GROUP_ID_SIZE), f.bin(CHANGE_RECEIPT_SIZE)
         parts = []
@@ -337,19 +377,40 @@ def _read_send(f: Fields) -> Send:
             parts.append(_read_direct(part))
             part.end()
         return ChangeSend(group_id, receipt, tuple(parts))
-    group_id, payload = f.bin(GROUP_ID_SIZE), f.bin()
-    recipients = [_read_address(a, "recipient") for a in f.array(max_len=MAX_RECIPIENTS_PER_SEND)]
-    return GroupSend(group_id, payload, tuple(recipients))
+    if tag == SendTag.GROUP:
+        group_id, payload = f.bin(GROUP_ID_SIZE), f.bin()
+        recipients = [
+            _read_address(a, "recipient") for a in f.array(max_len=MAX_RECIPIENTS_PER_SEND)
+        ]
+        message_id = f.optional_bin(MESSAGE_ID_SIZE) if version >= 2 else None
+        return GroupSend(group_id, payload, tuple(recipients), message_id)
+    if tag == SendTag.QUEUED_DIRECT:
+        to_user = f.text(MAX_USER_ID_SIZE)
+        return QueuedMessage(f.bin(MESSAGE_ID_SIZE), f.uint(UINT64_MAX), f.bin(), to_user=to_user)
+    group_id = f.bin(GROUP_ID_SIZE)
+    return QueuedMessage(f.bin(MESSAGE_ID_SIZE), f.uint(UINT64_MAX), f.bin(), group_id=group_id)
 
 
-def decode_event(data: bytes) -> Event:
+def decode_event(data: bytes) -> StoredEvent:
     """The event of an inbox row; StateError if the bytes are not one."""
     return _load_row(data, "stored event", _read_event)
 
 
-def decode_send(data: bytes) -> Send:
-    """The send of an outbox row; StateError if the bytes are not one."""
+def decode_send(data: bytes) -> OutboxItem:
+    """The send (or queued message) of an outbox row; StateError if the bytes are not one."""
     return _load_row(data, "stored send", _read_send)
+
+
+def upgrade_event(data: bytes) -> bytes:
+    """An inbox row of an older ROW_VERSION, written in the current one (StateError if corrupt)."""
+    event = _load_row(data, "stored event", _read_event, OLDER_ROW_VERSIONS)
+    return encode_event(event)
+
+
+def upgrade_send(data: bytes) -> bytes:
+    """An outbox row of an older ROW_VERSION, written in the current one (StateError if corrupt)."""
+    send = _load_row(data, "stored send", _read_send, OLDER_ROW_VERSIONS)
+    return encode_send(send)
 
 
 # ------------------------------------------------------------------ the first client's rows

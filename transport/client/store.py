@@ -5,8 +5,9 @@ Tables:
 * ``records``: the :class:`~hushchat.protocol.client_core.ClientCore` records
   (account, device lists, sessions, sender keys, groups) and the client's
   own, keyed by their encoded :class:`~hushchat.protocol.client_core.RecordKey`;
-* ``outbox``: sends encrypted but not yet accepted by the relay (sent again
-  after a restart, in order), one versioned row each (:mod:`.rows`);
+* ``outbox``: sends encrypted but not yet accepted by the relay, and
+  messages the app sent that are not encrypted yet (sent after a restart,
+  in order of ``position``), one versioned row each (:mod:`.rows`);
 * ``inbox``: events not yet taken by the app (a crash after the relay was
   acknowledged loses no message), likewise;
 * ``processed``: guids of envelopes already processed, so one delivered
@@ -17,6 +18,10 @@ inbox rows and the processed guid change together or not at all, which is
 what "persist before acknowledging" needs. A second process opening the
 same store fails with :class:`StoreLocked` (an exclusive ``flock`` on a lock
 file beside the database), because two writers would fork the ratchets.
+
+A write that fails (a full disk, an I/O error) raises :class:`StoreFull` or
+:class:`StoreFailed` with SQLite's error as the cause, and changes nothing:
+the store stays usable, and the same write succeeds once space returns.
 """
 
 from __future__ import annotations
@@ -25,14 +30,17 @@ import contextlib
 import fcntl
 import os
 import sqlite3
-from collections.abc import Callable, Iterable, Sequence
-from typing import Final
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any, Final, cast, get_args
 
 from hushchat.protocol import client_core as core
-from hushchat.protocol.errors import StateError, UnknownStateVersion
+from hushchat.protocol.client_core.arguments import check_now
+from hushchat.protocol.errors import InvalidArgument, StateError, UnknownStateVersion
 
 from ..wire.errors import TransportError
+from ..wire.records import GUID_SIZE
 from . import rows
+from .events import OutboxItem, QueuedMessage, StoredEvent
 
 
 class StoreLocked(TransportError):
@@ -41,11 +49,35 @@ class StoreLocked(TransportError):
     code = "STORE_LOCKED"
 
 
+class StoreFailed(TransportError):
+    """The store could not be read or written (its cause is SQLite's error); nothing changed."""
+
+    code = "STORE_FAILED"
+
+
+class StoreFull(StoreFailed):
+    """The disk (or the store's quota) is full; nothing changed. Free space and retry."""
+
+    code = "STORE_FULL"
+
+
+def _store_error(exc: sqlite3.Error, doing: str) -> StoreFailed:
+    """The StoreFailed (StoreFull for SQLITE_FULL) that says what ``exc`` means."""
+    full = getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL
+    error = (StoreFull if full else StoreFailed)(f"{doing}: {exc}")
+    error.__cause__ = exc
+    return error
+
+
 _SCHEMA = """
-CREATE TABLE IF NOT EXISTS records (key BLOB PRIMARY KEY, value BLOB NOT NULL);
-CREATE TABLE IF NOT EXISTS outbox (id INTEGER PRIMARY KEY AUTOINCREMENT, send BLOB NOT NULL);
-CREATE TABLE IF NOT EXISTS inbox (id INTEGER PRIMARY KEY AUTOINCREMENT, event BLOB NOT NULL);
-CREATE TABLE IF NOT EXISTS processed (guid BLOB PRIMARY KEY, at INTEGER NOT NULL);
+CREATE TABLE records (key BLOB PRIMARY KEY, value BLOB NOT NULL);
+CREATE TABLE outbox (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, send BLOB NOT NULL, position INTEGER NOT NULL
+);
+CREATE INDEX outbox_order ON outbox (position, id);
+CREATE TABLE inbox (id INTEGER PRIMARY KEY AUTOINCREMENT, event BLOB NOT NULL);
+CREATE TABLE processed (guid BLOB PRIMARY KEY, at INTEGER NOT NULL);
+CREATE INDEX processed_at ON processed (at);
 """
 
 # Every file of a store holds secrets (the WAL the newest state): its owner
@@ -66,12 +98,14 @@ def _open_private(path: str) -> int:
 
 # Version of the store's layout, kept in PRAGMA user_version: 0 (the first
 # client) stored inbox and outbox rows by class name and field order; 1 stores
-# them as versioned rows (rows.py). open() migrates an older store.
-STORE_VERSION: Final = 1
+# them as versioned rows (rows.py); 2 orders the outbox by a position (a
+# message encrypted late takes the place it was queued at) and writes rows of
+# ROW_VERSION 2. open() migrates an older store.
+STORE_VERSION: Final = 2
 
 
 def _migrate(db: sqlite3.Connection) -> None:
-    """Bring the store to STORE_VERSION in one transaction; refuse a newer one."""
+    """Create the store, or bring it to STORE_VERSION, in one transaction; refuse a newer one."""
     db.execute("BEGIN IMMEDIATE")
     try:
         version = db.execute("PRAGMA user_version").fetchone()[0]
@@ -79,24 +113,41 @@ def _migrate(db: sqlite3.Connection) -> None:
             raise UnknownStateVersion(
                 f"client store version {version} is newer than {STORE_VERSION}"
             )
-        if version < 1:
-            _version_rows(db, "outbox", "send", _send_from_unversioned)
-            _version_rows(db, "inbox", "event", _event_from_unversioned)
+        fresh = not db.execute(
+            "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'records'"
+        ).fetchone()
+        if fresh:
+            for statement in _SCHEMA.split(";"):
+                if statement.strip():
+                    db.execute(statement)
+        else:
+            if version < 1:
+                _version_rows(db, "outbox", "send", _send_from_unversioned)
+                _version_rows(db, "inbox", "event", _event_from_unversioned)
+            if version < 2:
+                db.execute("ALTER TABLE outbox ADD COLUMN position INTEGER NOT NULL DEFAULT 0")
+                db.execute("UPDATE outbox SET position = id")
+                db.execute("CREATE INDEX outbox_order ON outbox (position, id)")
+                db.execute("CREATE INDEX processed_at ON processed (at)")
+                _version_rows(db, "outbox", "send", rows.upgrade_send)
+                _version_rows(db, "inbox", "event", rows.upgrade_event)
         if version != STORE_VERSION:
             db.execute(f"PRAGMA user_version = {STORE_VERSION}")
         db.execute("COMMIT")
     except BaseException:
-        db.execute("ROLLBACK")
+        if db.in_transaction:
+            db.execute("ROLLBACK")
         raise
 
 
 def _version_rows(
     db: sqlite3.Connection, table: str, column: str, convert: Callable[[bytes], bytes]
 ) -> None:
-    """Rewrite a table's unversioned rows as versioned ones.
+    """Rewrite a table's rows with ``convert`` (unversioned or older rows to current ones).
 
-    A row that does not decode stays as it was: reading it fails as it
-    did before (StateError), and the rest is migrated.
+    A row that does not convert (corrupt, or already current) stays as it
+    was: reading a corrupt one fails as it did before (StateError), and the
+    rest is migrated.
     """
     stored = db.execute(f"SELECT id, {column} FROM {table}").fetchall()
     for row_id, data in stored:
@@ -138,9 +189,15 @@ class ClientStore:
         """Open (creating if needed) the store at ``path``; StoreLocked if in use.
 
         A store an older client wrote is migrated first; one a newer client
-        wrote is refused (UnknownStateVersion).
+        wrote is refused (UnknownStateVersion). StoreFailed (StoreFull) if the
+        file cannot be created, read or migrated.
         """
-        lock_fd = _open_private(path + ".lock")
+        if not isinstance(path, str) or not path:
+            raise InvalidArgument("a client store's path is a non-empty string")
+        try:
+            lock_fd = _open_private(path + ".lock")
+        except OSError as exc:
+            raise StoreFailed(f"cannot create the client store {path}: {exc.strerror}") from exc
         try:
             fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -159,12 +216,15 @@ class ClientStore:
             # FULL: a committed transaction survives power loss, as the relay's
             # acknowledgement that follows it deletes the only other copy.
             db.execute("PRAGMA synchronous=FULL")
-            db.executescript(_SCHEMA)
             _migrate(db)
-        except BaseException:
+        except BaseException as exc:
             if db is not None:
                 db.close()
             os.close(lock_fd)
+            if isinstance(exc, sqlite3.Error):
+                raise _store_error(exc, f"opening the client store {path}") from exc
+            if isinstance(exc, OSError):
+                raise StoreFailed(f"cannot open the client store {path}: {exc.strerror}") from exc
             raise
         return cls(db, lock_fd, path)
 
@@ -174,49 +234,93 @@ class ClientStore:
 
     # ------------------------------------------------------------ reads
 
+    def _read(self, sql: str, parameters: tuple[object, ...] = ()) -> list[Any]:
+        try:
+            return self._db.execute(sql, parameters).fetchall()
+        except sqlite3.Error as exc:
+            raise _store_error(exc, "reading the client store") from exc
+
     def records(self) -> list[tuple[core.RecordKey, bytes]]:
-        rows = self._db.execute("SELECT key, value FROM records").fetchall()
-        return [(core.RecordKey.decode(key), value) for key, value in rows]
+        stored = self._read("SELECT key, value FROM records")
+        return [(core.RecordKey.decode(key), value) for key, value in stored]
 
     def record(self, key: core.RecordKey) -> bytes | None:
-        row = self._db.execute(
-            "SELECT value FROM records WHERE key = ?", (key.encode(),)
-        ).fetchone()
-        return None if row is None else bytes(row[0])
+        if not isinstance(key, core.RecordKey):
+            raise InvalidArgument("a record is named by a RecordKey")
+        stored = self._read("SELECT value FROM records WHERE key = ?", (key.encode(),))
+        return bytes(stored[0][0]) if stored else None
 
     def has_state(self) -> bool:
-        return self._db.execute("SELECT 1 FROM records LIMIT 1").fetchone() is not None
+        return bool(self._read("SELECT 1 FROM records LIMIT 1"))
 
-    def outbox(self) -> list[tuple[int, core.Send]]:
-        stored = self._db.execute("SELECT id, send FROM outbox ORDER BY id").fetchall()
+    def outbox(self) -> list[tuple[int, OutboxItem]]:
+        """What waits to be sent, in order: sends, and messages still to encrypt."""
+        stored = self._read("SELECT id, send FROM outbox ORDER BY position, id")
         return [(row_id, rows.decode_send(data)) for row_id, data in stored]
 
-    def inbox(self) -> list[tuple[int, core.Event]]:
-        stored = self._db.execute("SELECT id, event FROM inbox ORDER BY id").fetchall()
+    def inbox(self) -> list[tuple[int, StoredEvent]]:
+        stored = self._read("SELECT id, event FROM inbox ORDER BY id")
         return [(row_id, rows.decode_event(data)) for row_id, data in stored]
 
     def was_processed(self, guid: bytes) -> bool:
-        row = self._db.execute("SELECT 1 FROM processed WHERE guid = ?", (guid,)).fetchone()
-        return row is not None
+        _check_guid(guid)
+        return bool(self._read("SELECT 1 FROM processed WHERE guid = ?", (guid,)))
 
     # ------------------------------------------------------------ writes
 
     def commit(
         self,
-        changes: dict[core.RecordKey, bytes | None],
+        changes: Mapping[core.RecordKey, bytes | None],
         *,
-        sends: Sequence[core.Send] = (),
-        events: Sequence[core.Event] = (),
+        sends: Sequence[OutboxItem] = (),
+        position: int | None = None,
+        events: Sequence[StoredEvent] = (),
         processed: tuple[bytes, int] | None = None,
         sent: Iterable[int] = (),
         taken: Iterable[int] = (),
     ) -> tuple[list[int], list[int]]:
-        """Apply everything in one transaction; the new outbox and inbox row ids."""
+        """Apply everything in one transaction; the new outbox and inbox row ids.
+
+        ``sends`` join the outbox at its end, or at ``position`` (where the
+        queued message they encrypt was: :meth:`position_of`). ``sent`` and
+        ``taken`` are outbox and inbox rows to delete. Every argument is
+        checked before anything is written; StoreFailed (StoreFull) if the
+        write fails, with nothing changed.
+        """
+        records = _checked_changes(changes)
+        outbox_rows = [rows.encode_send(_checked_send(send)) for send in sends]
+        inbox_rows = [rows.encode_event(_checked_event(event)) for event in events]
+        if processed is not None:
+            guid, at = processed if isinstance(processed, tuple) and len(processed) == 2 else (
+                None,
+                None,
+            )
+            _check_guid(guid)
+            check_now(at)
+        sent_ids, taken_ids = _checked_ids(sent), _checked_ids(taken)
+        if position is not None:
+            _checked_ids([position])
+        try:
+            return self._write(
+                records, outbox_rows, position, inbox_rows, processed, sent_ids, taken_ids
+            )
+        except sqlite3.Error as exc:
+            raise _store_error(exc, "writing the client store") from exc
+
+    def _write(
+        self,
+        records: list[tuple[bytes, bytes | None]],
+        outbox_rows: list[bytes],
+        position: int | None,
+        inbox_rows: list[bytes],
+        processed: tuple[bytes, int] | None,
+        sent: list[int],
+        taken: list[int],
+    ) -> tuple[list[int], list[int]]:
         cursor = self._db.cursor()
         cursor.execute("BEGIN IMMEDIATE")
         try:
-            for key, value in changes.items():
-                packed_key = key.encode()
+            for packed_key, value in records:
                 if value is None:
                     cursor.execute("DELETE FROM records WHERE key = ?", (packed_key,))
                 else:
@@ -225,12 +329,17 @@ class ClientStore:
                         (packed_key, value),
                     )
             outbox_ids = []
-            for send in sends:
-                cursor.execute("INSERT INTO outbox (send) VALUES (?)", (rows.encode_send(send),))
-                outbox_ids.append(int(cursor.lastrowid or 0))
+            for data in outbox_rows:
+                cursor.execute(
+                    "INSERT INTO outbox (send, position) VALUES (?, ?)", (data, position or 0)
+                )
+                row_id = int(cursor.lastrowid or 0)
+                if position is None:
+                    cursor.execute("UPDATE outbox SET position = id WHERE id = ?", (row_id,))
+                outbox_ids.append(row_id)
             inbox_ids = []
-            for event in events:
-                cursor.execute("INSERT INTO inbox (event) VALUES (?)", (rows.encode_event(event),))
+            for data in inbox_rows:
+                cursor.execute("INSERT INTO inbox (event) VALUES (?)", (data,))
                 inbox_ids.append(int(cursor.lastrowid or 0))
             if processed is not None:
                 cursor.execute(
@@ -240,10 +349,66 @@ class ClientStore:
             cursor.executemany("DELETE FROM inbox WHERE id = ?", [(i,) for i in taken])
             cursor.execute("COMMIT")
         except BaseException:
-            cursor.execute("ROLLBACK")
+            # SQLite rolls back by itself after some errors (a full disk among them):
+            # a ROLLBACK then would fail, and hide the real cause.
+            if self._db.in_transaction:
+                cursor.execute("ROLLBACK")
             raise
         return outbox_ids, inbox_ids
 
+    def position_of(self, row_id: int) -> int | None:
+        """Where an outbox row stands in the outbox's order (None if it is gone)."""
+        _checked_ids([row_id])
+        stored = self._read("SELECT position FROM outbox WHERE id = ?", (row_id,))
+        return int(stored[0][0]) if stored else None
+
+    def checkpoint(self) -> None:
+        """Copy the WAL into the database and empty it (its file shrinks to nothing)."""
+        try:
+            self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+        except sqlite3.Error as exc:
+            raise _store_error(exc, "writing the client store") from exc
+
     def forget_processed_before(self, cutoff: int) -> None:
         """Drop processed guids older than ``cutoff`` (the relay keeps nothing longer)."""
-        self._db.execute("DELETE FROM processed WHERE at < ?", (cutoff,))
+        check_now(cutoff)
+        try:
+            self._db.execute("DELETE FROM processed WHERE at < ?", (cutoff,))
+        except sqlite3.Error as exc:
+            raise _store_error(exc, "writing the client store") from exc
+
+
+def _check_guid(guid: object) -> bytes:
+    if not isinstance(guid, bytes) or len(guid) != GUID_SIZE:
+        raise InvalidArgument(f"an envelope guid is {GUID_SIZE} bytes")
+    return guid
+
+
+def _checked_changes(changes: object) -> list[tuple[bytes, bytes | None]]:
+    if not isinstance(changes, Mapping):
+        raise InvalidArgument("changes map record keys to bytes or None")
+    checked = []
+    for key, value in changes.items():
+        if not isinstance(key, core.RecordKey) or not (value is None or isinstance(value, bytes)):
+            raise InvalidArgument("changes map record keys to bytes or None")
+        checked.append((key.encode(), value))
+    return checked
+
+
+def _checked_send(send: object) -> OutboxItem:
+    if not isinstance(send, core.DirectSend | core.GroupSend | core.ChangeSend | QueuedMessage):
+        raise InvalidArgument("the outbox holds sends and queued messages")
+    return send
+
+
+def _checked_event(event: object) -> StoredEvent:
+    if not isinstance(event, get_args(StoredEvent)):
+        raise InvalidArgument("the inbox holds events")
+    return cast(StoredEvent, event)
+
+
+def _checked_ids(ids: Iterable[object]) -> list[int]:
+    checked = list(ids)
+    if not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in checked):
+        raise InvalidArgument("row ids are integers from 0")
+    return cast(list[int], checked)

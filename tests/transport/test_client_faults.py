@@ -1,0 +1,382 @@
+"""The client library under faults: relay outages and restarts, a relay that lost its
+database, its rate limits, errors an app must be able to catch.
+
+Each test plays what a user or an operator meets: the relay killed and started
+again (in this process, or as a child process killed with SIGKILL), its
+database gone, a burst of sends beyond its rate. What the client must do is in
+transport/client/client.py's docstring.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import sqlite3
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+
+from hushchat.protocol.client_core import ClientCore, GroupUpdated, MessageReceived
+from hushchat.transport.client import connection as connection_module
+from hushchat.transport.client.client import (
+    Connected,
+    Disconnected,
+    MessagePending,
+    MessageSent,
+    Reregistered,
+    Status,
+    UnknownToRelay,
+    open_client,
+)
+from hushchat.transport.client.store import ClientStore, StoreFull
+from hushchat.transport.relay.config import RelayLimits
+from hushchat.transport.relay.ratelimit import RateLimit
+from hushchat.transport.wire.errors import UnknownUser
+from tests.support.clients import Relay, RelayProcess, client, next_matching
+
+TIMEOUT = 30
+
+
+@pytest.fixture
+async def relay(nursery: trio.Nursery, tmp_path: Path) -> Relay:
+    server = Relay(nursery, str(tmp_path / "relay.db"))
+    await server.start()
+    return server
+
+
+def sent_by(sender: str) -> Any:
+    return lambda event: event.sender.user_id == sender
+
+
+async def test_the_readme_example_raises_unknown_user_itself(tmp_path: Path, relay: Relay) -> None:
+    """README's "Using the library" against a fresh relay: bob does not exist.
+
+    The error used to leave open_client inside an ExceptionGroup, which
+    ``except UnknownUser`` does not catch.
+    """
+    store = ClientStore.open(str(tmp_path / "alice.db"))
+    try:
+        with pytest.raises(UnknownUser) as raised:
+            async with open_client(store, "127.0.0.1", relay.port, user_id="alice") as alice:
+                await alice.send_direct("bob", b"hi Bob")
+        assert raised.value.user_id == "bob"
+        assert store.outbox() == []  # nothing was queued for a user the relay does not know
+    finally:
+        store.close()
+
+
+async def test_a_send_during_an_outage_is_queued_at_once_and_sent_in_order_after(
+    tmp_path: Path, relay: Relay
+) -> None:
+    async with client(tmp_path, relay, "alice") as alice, client(tmp_path, relay, "bob") as bob:
+        await alice.send_direct("bob", b"before")
+        assert (await next_matching(bob, MessageReceived)).body == b"before"
+        await relay.stop()
+        with trio.fail_after(TIMEOUT):
+            while alice.status is Status.READY:
+                await trio.sleep(0.01)
+        sent = []
+        with trio.fail_after(1):  # no network wait: each is stored and returns
+            for n in range(3):
+                sent.append(await alice.send_direct("bob", b"during %d" % n))
+        assert alice.pending_messages() == sent
+        pending = [await next_matching(alice, MessagePending) for _ in sent]
+        assert [(p.message_id, p.reason) for p in pending] == [(m, "NOT_CONNECTED") for m in sent]
+        await relay.start()
+        got = [(await next_matching(bob, MessageReceived)).body for _ in sent]
+        assert got == [b"during 0", b"during 1", b"during 2"]
+        done = [(await next_matching(alice, MessageSent)).message_id for _ in sent]
+        assert done == sent and alice.pending_messages() == []
+
+
+async def test_a_first_message_during_an_outage_is_encrypted_after_the_reconnect(
+    tmp_path: Path, relay: Relay
+) -> None:
+    """No session with carol yet: the message waits unencrypted, in its place."""
+    async with client(tmp_path, relay, "carol"):
+        pass
+    async with client(tmp_path, relay, "alice") as alice:
+        await alice.refresh_device_list("carol")
+        await relay.stop()
+        with trio.fail_after(TIMEOUT):
+            while alice.status is Status.READY:
+                await trio.sleep(0.01)
+        first = await alice.send_direct("carol", b"first contact, offline")
+        [(_, queued)] = alice.store.outbox()
+        assert queued.message_id == first and not hasattr(queued, "payloads")
+        await relay.start()
+        assert (await next_matching(alice, MessageSent)).message_id == first
+    async with client(tmp_path, relay, "carol") as carol:
+        got = await next_matching(carol, MessageReceived)
+        assert (got.message_id, got.body) == (first, b"first contact, offline")
+
+
+async def test_rate_limited_sends_are_paced_not_raised(
+    tmp_path: Path, nursery: trio.Nursery
+) -> None:
+    """The relay allows 5 sends at once, 5 a second: 25 sends take about 4 seconds, none fails."""
+    limits = RelayLimits(send_rate=RateLimit(5, 5))
+    relay = Relay(nursery, str(tmp_path / "relay.db"), limits=limits)
+    await relay.start()
+    async with client(tmp_path, relay, "alice") as alice, client(tmp_path, relay, "bob") as bob:
+        with trio.fail_after(TIMEOUT):
+            for n in range(25):
+                await alice.send_direct("bob", b"burst %d" % n)
+        got = [(await next_matching(bob, MessageReceived)).body for _ in range(25)]
+        assert got == [b"burst %d" % n for n in range(25)]
+
+
+def count_logins(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Every login attempt a client makes, by user id."""
+    attempts: list[str] = []
+    real = connection_module.RelayConnection.authenticate
+
+    async def counted(self: Any, user_id: str, *args: Any) -> None:
+        attempts.append(user_id)
+        await real(self, user_id, *args)
+
+    monkeypatch.setattr(connection_module.RelayConnection, "authenticate", counted)
+    return attempts
+
+
+def wipe(db_path: str) -> None:
+    for suffix in ("", "-wal", "-shm"):
+        if os.path.exists(db_path + suffix):
+            os.remove(db_path + suffix)
+
+
+async def test_backoff_grows_across_refused_logins(
+    tmp_path: Path, relay: Relay, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The relay lost alice, and someone else took her name: her logins are refused.
+
+    The backoff used to start over after every connection the relay accepted,
+    so a refused login was retried every reconnect_first_delay (here 0.05 s:
+    about 40 times in 3 seconds).
+    """
+    attempts = count_logins(monkeypatch)
+    async with client(tmp_path, relay, "alice", reconnect_max_delay=30) as alice:
+        await relay.stop()
+        wipe(relay.db_path)
+        await relay.start()
+        (tmp_path / "other").mkdir()
+        async with client(tmp_path / "other", relay, "alice"):  # a new "alice", other keys
+            pass
+        refused = await next_matching(alice, UnknownToRelay)
+        assert refused.reason == "AUTH_FAILED"
+        assert alice.status is Status.UNKNOWN_TO_RELAY
+        start = len(attempts)
+        await trio.sleep(3)
+        refused_logins = attempts[start:].count("alice")
+    # 0.05 s growing 1.6 times (20 % jitter): at most 10 in 3 s.
+    assert refused_logins <= 10, refused_logins
+
+
+async def test_a_relay_restarted_on_an_empty_database(
+    tmp_path: Path,
+    relay: Relay,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Four connected users; the relay comes back with no database at all.
+
+    Each says it is unknown to the relay once, registers again with the list
+    it holds, uploads its prekeys again, and they all talk again: over the
+    sessions they had, in their group, and with a newcomer who needs their
+    prekeys. The clients kept retrying forever before, silently.
+    """
+    names = ["alice", "bob", "carol", "dave"]
+    attempts = count_logins(monkeypatch)
+    caplog.set_level(logging.DEBUG, logger="hushchat.transport.client")
+    async with (
+        client(tmp_path, relay, "alice") as alice,
+        client(tmp_path, relay, "bob") as bob,
+        client(tmp_path, relay, "carol") as carol,
+        client(tmp_path, relay, "dave") as dave,
+    ):
+        users = [alice, bob, carol, dave]
+        group_id = await alice.create_group("four", names[1:])
+        for member in users[1:]:
+            await next_matching(member, GroupUpdated)
+        await relay.stop()
+        wipe(relay.db_path)
+        await relay.start()
+        with trio.fail_after(TIMEOUT):
+            for user in users:
+                await next_matching(user, UnknownToRelay)
+                await next_matching(user, Reregistered)
+                await next_matching(user, Connected)
+        assert all(user.status is Status.READY for user in users)
+        for sender, receiver in zip(users, users[1:] + users[:1], strict=True):
+            await sender.send_direct(receiver.address.user_id, b"still here")
+            got = await next_matching(receiver, MessageReceived)
+            assert (got.sender.user_id, got.body) == (sender.address.user_id, b"still here")
+        await dave.send_group(group_id, b"the group too")
+        for member in users[:3]:
+            got = await next_matching(member, MessageReceived, sent_by("dave"))
+            assert (got.group_id, got.body) == (group_id, b"the group too")
+        async with client(tmp_path, relay, "erin") as erin:
+            for name in names:
+                await erin.send_direct(name, b"hello from a newcomer")  # needs their bundles
+            for user in users:
+                assert (await next_matching(user, MessageReceived, sent_by("erin"))).body == (
+                    b"hello from a newcomer"
+                )
+    # No log flood: at most two lines per client (refused, registered again), and the
+    # relay's refused-login line at most once a minute.
+    warnings = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    by_client = [r for r in warnings if r.name == "hushchat.client"]
+    by_relay = [r for r in warnings if r.name == "hushchat.relay"]
+    assert len(by_client) <= 2 * len(names), [r.getMessage() for r in by_client]
+    assert len(by_relay) <= 1, [r.getMessage() for r in by_relay]
+    assert len(warnings) == len(by_client) + len(by_relay)
+    assert len(attempts) < 10 * len(names), len(attempts)
+
+
+async def test_a_primary_that_linked_a_device_connects_again(tmp_path: Path, relay: Relay) -> None:
+    """Its device list changed after registration: it must not register again.
+
+    (It tried to publish the new list before logging in, which the relay
+    refuses for a registered user, and so never connected again.)
+    """
+    async with client(tmp_path, relay, "alice") as alice:
+        linked = ClientCore.create_linked("alice", 2, alice.core.user_identity_public, now=0)
+        await alice.link_device(linked.device_entry)
+    with trio.fail_after(TIMEOUT):
+        async with client(tmp_path, relay, "alice") as alice:
+            assert alice.status is Status.READY
+
+
+async def test_fifty_clients_survive_a_relay_kill_under_load(tmp_path: Path) -> None:
+    """50 users in a ring, each sending to the next; the relay is killed with SIGKILL.
+
+    During the outage each sends once more (stored at once); every client is
+    ready again soon after the relay listens again, and every message arrives,
+    in order. (A send during an outage used to hold the client's lock for up
+    to 30 s, delaying its reconnect, then fail with RelayTimeout.)
+    """
+    count = 50
+    relay = RelayProcess(tmp_path / "relay.db")
+    await relay.start()
+    names = [f"user{n:02d}" for n in range(count)]
+    received: dict[str, list[bytes]] = {name: [] for name in names}
+    ready_again: dict[str, float] = {}
+    expected: dict[str, list[bytes]] = {name: [] for name in names}
+    phase = {"outage": False}
+
+    async def run(index: int, task_status: trio.TaskStatus[Any]) -> None:
+        name, peer = names[index], names[(index + 1) % count]
+        async with client(tmp_path, relay, name, reconnect_first_delay=0.5) as c:
+            task_status.started(c)
+
+            async def read() -> None:
+                async for event in c.events():
+                    if isinstance(event, MessageReceived):
+                        received[name].append(event.body)
+                    elif isinstance(event, Connected) and phase["outage"]:
+                        ready_again.setdefault(name, trio.current_time())
+
+            async with trio.open_nursery() as inner:
+                inner.start_soon(read)
+                await trio.sleep_forever()
+            del peer
+
+    async with trio.open_nursery() as nursery:
+        clients = [await nursery.start(run, n) for n in range(count)]
+
+        async def send(index: int, body: bytes) -> None:
+            peer = names[(index + 1) % count]
+            expected[peer].append(body)
+            await clients[index].send_direct(peer, body)
+
+        for round_ in range(3):
+            async with trio.open_nursery() as senders:
+                for n in range(count):
+                    senders.start_soon(send, n, b"%s before %d" % (names[n].encode(), round_))
+        await relay.kill()
+        phase["outage"] = True
+        with trio.fail_after(5):
+            async with trio.open_nursery() as senders:
+                for n in range(count):
+                    senders.start_soon(send, n, b"%s during" % names[n].encode())
+        await trio.sleep(2)
+        listening = await relay.start()
+        with trio.fail_after(TIMEOUT):
+            while len(ready_again) < count or received != expected:
+                await trio.sleep(0.05)
+        slowest = max(ready_again.values()) - listening
+        print(f"{count} clients ready {slowest:.2f} s after the relay listened again")
+        print(sorted(round(t - listening, 2) for t in ready_again.values()))
+        nursery.cancel_scope.cancel()
+    await relay.kill()
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A 2 MiB tmpfs (mounting one needs root), unmounted after the test."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs needs root")
+    mount = tmp_path / "small-disk"
+    mount.mkdir()
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=2m,mode=0700", "tmpfs", str(mount)],
+        capture_output=True,
+        check=False,
+    )
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs: {mounted.stderr.decode().strip()}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=True)
+
+
+def fill(folder: Path) -> Path:
+    """A file that takes every free byte of ``folder``'s disk."""
+    filler = folder / "filler"
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        with contextlib.suppress(OSError):  # ENOSPC: full
+            while True:
+                os.write(fd, b"\0" * 4096)
+    finally:
+        os.close(fd)
+    return filler
+
+
+async def test_a_full_disk_is_reported_with_its_cause_and_the_client_recovers(
+    tmp_path: Path, relay: Relay, small_disk: Path
+) -> None:
+    """Bob's store is on a disk that fills up: nothing is lost, and he carries on after.
+
+    A commit on a full disk used to raise "cannot rollback - no transaction is
+    active" (SQLite had rolled back already), hiding the cause.
+    """
+    async with (
+        client(tmp_path, relay, "alice") as alice,
+        client(small_disk, relay, "bob", reconnect_max_delay=0.5) as bob,
+    ):
+        await alice.send_direct("bob", b"before")
+        assert (await next_matching(bob, MessageReceived)).body == b"before"
+        bob.store.checkpoint()  # the WAL must grow for the next write
+        filler = fill(small_disk)
+        with pytest.raises(StoreFull) as raised:
+            await bob.send_direct("alice", b"x" * 60_000)
+        assert isinstance(raised.value.__cause__, sqlite3.OperationalError)
+        assert "full" in str(raised.value) and "rollback" not in str(raised.value)
+        assert bob.pending_messages() == []
+        # What arrives meanwhile cannot be stored: it stays at the relay.
+        await alice.send_direct("bob", b"while full 1")
+        await alice.send_direct("bob", b"while full 2")
+        lost = await next_matching(bob, Disconnected)
+        assert lost.reason == "STORE_FULL"
+        filler.unlink()
+        got = [(await next_matching(bob, MessageReceived)).body for _ in range(2)]
+        assert got == [b"while full 1", b"while full 2"]
+        await bob.send_direct("alice", b"back")
+        assert (await next_matching(alice, MessageReceived)).body == b"back"

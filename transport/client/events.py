@@ -1,0 +1,143 @@
+"""What the client library tells the app beside the core's events, and what its outbox holds.
+
+Events about the connection (never stored: they describe the present):
+
+* :class:`Connected`, :class:`Disconnected`: the relay connection came up or
+  went down; the client reconnects by itself.
+* :class:`UnknownToRelay`: the relay refused this device's login; it does
+  not know the device (it lost its database, or the device was removed).
+* :class:`Reregistered`: the relay had lost this device's user; the client
+  registered it again with the signed device list it held, unchanged, and
+  uploaded its prekeys again.
+* :class:`MailExpired`: the relay deleted mail for this device before the
+  device took it.
+
+Events about the app's messages (``message_id`` is what ``send_direct`` or
+``send_group`` returned):
+
+* :class:`MessagePending`: not sent yet, and why; it goes by itself later.
+* :class:`MessageSent`: the relay accepted it for every device it names.
+* :class:`SendFailed`: it will never be sent; ``reason`` is an error code
+  (``UNKNOWN_USER``, ``SEND_DROPPED``, ...). Stored like the core's events,
+  so none is lost to a crash.
+
+The first two are notices: not stored, and dropped when the app lets its
+event queue fill up. :meth:`Client.pending_messages` says at any time which
+messages the outbox still holds; one that left it without a SendFailed was
+sent.
+
+:class:`QueuedMessage` is a message the app sent that is not encrypted yet
+(the outbox keeps it until the client can encrypt it: it needed the relay
+for a device list or a prekey bundle).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import TypeAlias
+
+from hushchat.protocol import client_core as core
+
+
+class Status(Enum):
+    """Where the client stands with its relay."""
+
+    CONNECTING = "connecting"  # no connection yet, or trying again after losing it
+    READY = "ready"  # authenticated, prekeys stocked: sends go out at once
+    UNKNOWN_TO_RELAY = "unknown_to_relay"  # the relay refused our login; retrying
+
+
+@dataclass(frozen=True, slots=True)
+class Connected:
+    """The client is connected and authenticated (again)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Disconnected:
+    """The connection dropped or could not be made; ``reason`` is an error code."""
+
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class UnknownToRelay:
+    """The relay refused this device's login (``reason``: its error code)."""
+
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class Reregistered:
+    """This device's user was registered again at a relay that had lost it."""
+
+
+@dataclass(frozen=True, slots=True)
+class MailExpired:
+    """The relay deleted mail for this device before the device took it.
+
+    ``count`` envelopes that the relay accepted from ``first_ts`` to
+    ``last_ts`` (milliseconds since the Unix epoch) expired unread: their
+    senders' messages will not arrive. ``count`` None: the relay lost the
+    keys of its queue at ``last_ts``, and whatever waited for this device
+    since ``first_ts`` is gone, how much is unknown. Senders are not told by
+    the relay; an app may say so to its user, or ask its contacts to resend.
+    """
+
+    count: int | None
+    first_ts: int
+    last_ts: int
+
+
+@dataclass(frozen=True, slots=True)
+class MessagePending:
+    """A message not sent yet: ``reason`` ``NOT_CONNECTED``, ``MAILBOX_FULL``, ..."""
+
+    message_id: bytes
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class MessageSent:
+    """The relay accepted the message for every device it names."""
+
+    message_id: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class SendFailed:
+    """The message will never be sent; ``reason`` is an error code."""
+
+    message_id: bytes
+    reason: str
+
+
+StoredEvent: TypeAlias = core.Event | SendFailed
+"""An event the store keeps until the app has taken it."""
+
+ClientEvent: TypeAlias = (
+    StoredEvent
+    | Connected
+    | Disconnected
+    | UnknownToRelay
+    | Reregistered
+    | MailExpired
+    | MessagePending
+    | MessageSent
+)
+"""Everything :meth:`Client.events` yields."""
+
+
+@dataclass(frozen=True, slots=True)
+class QueuedMessage:
+    """A message the app sent, to a user (``to_user``) or a group, not encrypted yet."""
+
+    message_id: bytes
+    sent_at: int
+    body: bytes = field(repr=False)
+    to_user: str | None = None
+    group_id: bytes | None = None
+
+
+OutboxItem: TypeAlias = core.DirectSend | core.GroupSend | core.ChangeSend | QueuedMessage
+"""One outbox row: a send encrypted and ready, or a message still to encrypt."""
