@@ -24,6 +24,7 @@ import trio
 from hushchat.protocol.client_core import ClientCore, GroupUpdated, MessageReceived
 from hushchat.transport.client import connection as connection_module
 from hushchat.transport.client.client import (
+    PROCESSED_MEMORY,
     Connected,
     Disconnected,
     MessagePending,
@@ -33,11 +34,12 @@ from hushchat.transport.client.client import (
     UnknownToRelay,
     open_client,
 )
-from hushchat.transport.client.store import ClientStore, StoreFull
+from hushchat.transport.client.store import WAL_SIZE_LIMIT, ClientStore, StoreFull
 from hushchat.transport.relay.config import RelayLimits
 from hushchat.transport.relay.ratelimit import RateLimit
 from hushchat.transport.wire.errors import UnknownUser
 from tests.support.clients import Relay, RelayProcess, client, next_matching
+from tests.support.clock import NOW
 
 TIMEOUT = 30
 
@@ -380,3 +382,41 @@ async def test_a_full_disk_is_reported_with_its_cause_and_the_client_recovers(
         assert got == [b"while full 1", b"while full 2"]
         await bob.send_direct("alice", b"back")
         assert (await next_matching(alice, MessageReceived)).body == b"back"
+
+
+def processed_rows(store: Path) -> int:
+    with contextlib.closing(sqlite3.connect(f"file:{store}?mode=ro", uri=True)) as db:
+        return int(db.execute("SELECT COUNT(*) FROM processed").fetchone()[0])
+
+
+async def test_processed_guids_are_forgotten_after_the_relay_would_have_expired_them(
+    tmp_path: Path, relay: Relay
+) -> None:
+    """One row per envelope received, kept forever before (about 5 MB a day, chatty)."""
+    clock = {"now": float(NOW)}
+    async with (
+        client(tmp_path, relay, "alice") as alice,
+        client(tmp_path, relay, "bob", clock=lambda: clock["now"]) as bob,
+    ):
+        for n in range(3):
+            await alice.send_direct("bob", b"day one %d" % n)
+            await next_matching(bob, MessageReceived)
+        assert processed_rows(tmp_path / "bob.db") == 3
+        clock["now"] += PROCESSED_MEMORY + 3600  # past what any redelivery could reach
+        await alice.send_direct("bob", b"days later")
+        await next_matching(bob, MessageReceived)
+        with trio.fail_after(TIMEOUT):
+            while processed_rows(tmp_path / "bob.db") != 1:
+                await trio.sleep(0.05)
+
+
+async def test_the_wal_stays_small(tmp_path: Path, relay: Relay) -> None:
+    """Each store's WAL settled at about 4 MB (SQLite's default checkpoint at 1,000 pages)."""
+    async with client(tmp_path, relay, "alice") as alice, client(tmp_path, relay, "bob") as bob:
+        for n in range(60):
+            await alice.send_direct("bob", b"%d " % n + b"x" * 60_000)  # about 7 MB in all
+            await next_matching(bob, MessageReceived)
+        sizes = {
+            name: os.path.getsize(tmp_path / f"{name}.db-wal") for name in ("alice", "bob")
+        }
+    assert max(sizes.values()) <= WAL_SIZE_LIMIT + 512 * 1024, sizes

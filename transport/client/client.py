@@ -169,8 +169,12 @@ MAX_PREPARE_ATTEMPTS = 3
 # to the cap while the refusal lasts.
 RETRY_FIRST_DELAY = 2.0
 RETRY_MAX_DELAY = 300.0
-# Processed envelope guids are remembered this long (the relay keeps nothing longer).
+# Processed envelope guids are remembered this long: the relay's default
+# retention (72 h, after which it never delivers an envelope again) and a day
+# for the difference between its clock and ours (spec 07, 7.8 "Retention").
 PROCESSED_MEMORY = 4 * 24 * 3600
+# How often the guids older than that are deleted.
+PRUNE_INTERVAL = 3600
 
 _T = TypeVar("_T")
 
@@ -208,6 +212,7 @@ class Client:
         event_queue_size: int = EVENT_QUEUE_SIZE,
         reconnect_first_delay: float = RECONNECT_FIRST_DELAY,
         reconnect_max_delay: float = RECONNECT_MAX_DELAY,
+        processed_memory: int = PROCESSED_MEMORY,
     ) -> None:
         self.store = store
         self.core = device
@@ -223,6 +228,8 @@ class Client:
         self._ready_timeout = ready_timeout
         self._first_delay = reconnect_first_delay
         self._max_delay = reconnect_max_delay
+        self._processed_memory = processed_memory
+        self._pruned_at = -math.inf
         # Held for every change to the core and its commit; never across a network wait.
         self._lock = trio.Lock()
         # Held while fetching what a send needs, so two tasks never fetch the
@@ -1045,6 +1052,28 @@ class Client:
                 # A relay may push one envelope twice (a duplicate is dropped by guid):
                 # each guid is acknowledged once, as the relay requires.
                 await connection.ack(*dict.fromkeys(processed))
+                await self._prune()
+
+    async def _prune(self) -> None:
+        """Forget, once every PRUNE_INTERVAL, the guids the relay can no longer deliver again.
+
+        An envelope expires ``retention`` after the relay accepted it, and
+        the relay never pushes an expired one. So a guid processed more than
+        ``processed_memory`` ago (at least the relay's retention, plus the
+        difference between the two clocks) cannot come again from an honest
+        relay; what a hostile relay replays later still meets the ratchets,
+        which refuse a message whose key is spent (DUPLICATE_MESSAGE).
+        """
+        now = self.now()
+        if now - self._pruned_at < PRUNE_INTERVAL:
+            return
+        self._pruned_at = now
+        cutoff = now - self._processed_memory
+        if cutoff <= 0:
+            return
+        async with self._store_lock:
+            with suppress(StoreFailed):  # not urgent: the next prune does it
+                await trio.to_thread.run_sync(self.store.forget_processed_before, cutoff)
 
     # ------------------------------------------------------------ the device at the relay
 
@@ -1214,6 +1243,7 @@ class Client:
         await self._events_in.send((None, Connected()))
         if await self._retry_waiting_changes(connection):
             self._wake.set()
+        await self._prune()
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._flusher, connection)
             await self._receive(connection)
@@ -1358,6 +1388,7 @@ async def open_client(
     event_queue_size: int = EVENT_QUEUE_SIZE,
     reconnect_first_delay: float = RECONNECT_FIRST_DELAY,
     reconnect_max_delay: float = RECONNECT_MAX_DELAY,
+    processed_memory: int = PROCESSED_MEMORY,
 ) -> AsyncIterator[Client]:
     """Connect a device and keep it connected for the duration of the block.
 
@@ -1381,6 +1412,8 @@ async def open_client(
     are buffered for :meth:`Client.events` before the client waits for the
     app to read. After a dropped connection the client reconnects after
     ``reconnect_first_delay`` seconds, growing up to ``reconnect_max_delay``.
+    The guid of each envelope processed is kept ``processed_memory`` seconds,
+    to recognise it if it comes again: at least the relay's retention.
 
     Errors come out as the library's own exceptions (never an exception
     group): those of the block as they were raised, and a failure of the
@@ -1403,6 +1436,7 @@ async def open_client(
         event_queue_size=event_queue_size,
         reconnect_first_delay=reconnect_first_delay,
         reconnect_max_delay=reconnect_max_delay,
+        processed_memory=processed_memory,
     )
     try:
         async with trio.open_nursery() as nursery:

@@ -80,6 +80,14 @@ CREATE TABLE processed (guid BLOB PRIMARY KEY, at INTEGER NOT NULL);
 CREATE INDEX processed_at ON processed (at);
 """
 
+# The WAL's bound. SQLite checkpoints it into the database every
+# WAL_AUTOCHECKPOINT_PAGES pages (4 KiB each) and then truncates it to
+# WAL_SIZE_LIMIT; with SQLite's defaults (1,000 pages, no limit) each store's
+# WAL settled at about 4 MB. One transaction larger than the limit (a batch of
+# large messages) grows it past, until the next checkpoint.
+WAL_SIZE_LIMIT: Final = 1024 * 1024
+WAL_AUTOCHECKPOINT_PAGES: Final = 256
+
 # Every file of a store holds secrets (the WAL the newest state): its owner
 # alone may read it, whatever the process's umask.
 PRIVATE_FILE: Final = 0o600
@@ -216,6 +224,8 @@ class ClientStore:
             # FULL: a committed transaction survives power loss, as the relay's
             # acknowledgement that follows it deletes the only other copy.
             db.execute("PRAGMA synchronous=FULL")
+            db.execute(f"PRAGMA journal_size_limit={WAL_SIZE_LIMIT}")
+            db.execute(f"PRAGMA wal_autocheckpoint={WAL_AUTOCHECKPOINT_PAGES}")
             _migrate(db)
         except BaseException as exc:
             if db is not None:
@@ -229,6 +239,9 @@ class ClientStore:
         return cls(db, lock_fd, path)
 
     def close(self) -> None:
+        """Close the store, its WAL emptied into the database first (as far as it can be)."""
+        with contextlib.suppress(sqlite3.Error):
+            self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
         self._db.close()
         os.close(self._lock_fd)
 
@@ -369,13 +382,19 @@ class ClientStore:
         except sqlite3.Error as exc:
             raise _store_error(exc, "writing the client store") from exc
 
-    def forget_processed_before(self, cutoff: int) -> None:
-        """Drop processed guids older than ``cutoff`` (the relay keeps nothing longer)."""
+    def forget_processed_before(self, cutoff: int) -> int:
+        """Drop processed guids older than ``cutoff`` (the relay keeps nothing longer); how many.
+
+        Then the WAL is emptied into the database, so what was deleted does
+        not keep its space there.
+        """
         check_now(cutoff)
         try:
-            self._db.execute("DELETE FROM processed WHERE at < ?", (cutoff,))
+            forgotten = self._db.execute("DELETE FROM processed WHERE at < ?", (cutoff,)).rowcount
+            self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
         except sqlite3.Error as exc:
             raise _store_error(exc, "writing the client store") from exc
+        return int(forgotten)
 
 
 def _check_guid(guid: object) -> bytes:
