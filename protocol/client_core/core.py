@@ -632,6 +632,53 @@ class ClientCore:
     ) -> ClientCore:
         """Rebuild a core from the records :meth:`take_changes` produced (the sender-key
         limits are settings, not state: give them again if they are not the defaults)."""
+        core, _ = cls._load(
+            records,
+            rng,
+            sender_key_max_age,
+            sender_key_max_messages,
+            max_sender_key_records,
+            skip_corrupt=False,
+        )
+        return core
+
+    @classmethod
+    def load_salvaging(
+        cls,
+        records: Iterable[tuple[RecordKey, bytes]],
+        *,
+        rng: p.RandomSource = p.SYSTEM_RANDOM,
+        sender_key_max_age: int = SENDER_KEY_MAX_AGE,
+        sender_key_max_messages: int = SENDER_KEY_MAX_MESSAGES,
+        max_sender_key_records: int = MAX_SENDER_KEY_RECORDS,
+    ) -> tuple[ClientCore, dict[RecordKey, str]]:
+        """As :meth:`load`, leaving out the records that do not load (with their error codes).
+
+        What is left out is what a peer or the relay can give again: a
+        session starts over, a device list is fetched again, a sender key
+        comes with a retry, a group is lost to this device. Without its meta
+        and account records a device is not itself: StateError.
+        """
+        return cls._load(
+            records,
+            rng,
+            sender_key_max_age,
+            sender_key_max_messages,
+            max_sender_key_records,
+            skip_corrupt=True,
+        )
+
+    @classmethod
+    def _load(
+        cls,
+        records: Iterable[tuple[RecordKey, bytes]],
+        rng: p.RandomSource,
+        sender_key_max_age: int,
+        sender_key_max_messages: int,
+        max_sender_key_records: int,
+        *,
+        skip_corrupt: bool,
+    ) -> tuple[ClientCore, dict[RecordKey, str]]:
         by_key = dict(records)
         user_id, device_id, user_public, seed, account = persistence.read_meta(by_key)
         try:
@@ -646,12 +693,12 @@ class ClientCore:
                 sender_key_max_messages=sender_key_max_messages,
                 max_sender_key_records=max_sender_key_records,
             )
-            persistence.load_records(core._state, by_key)
+            skipped = persistence.load_records(core._state, by_key, skip_corrupt=skip_corrupt)
         except StateError:
             raise
         except ProtocolError as exc:
             raise StateError(f"client state: corrupt record ({exc.code})") from exc
-        return core
+        return core, skipped
 
     def __repr__(self) -> str:
         return (

@@ -26,7 +26,7 @@ from ..consts import (
 from ..content import GroupControl
 from ..devices import SignedDeviceList
 from ..encoding import Fields, pack
-from ..errors import DecodeError, StateError
+from ..errors import DecodeError, ProtocolError, StateError
 from ..group import ControlMessage, Group
 from ..group_cipher import OutboundSenderKey, SenderKeyRecord
 from ..pickles import load_pickle
@@ -71,13 +71,28 @@ def read_meta(records: Mapping[RecordKey, bytes]) -> tuple[str, int, bytes, byte
     return user_id, device_id, user_public, seed, account
 
 
-def load_records(state: CoreState, records: Mapping[RecordKey, bytes]) -> None:
-    """Load every record into a state built from meta and account; ignore the client's own."""
+def load_records(
+    state: CoreState, records: Mapping[RecordKey, bytes], *, skip_corrupt: bool = False
+) -> dict[RecordKey, str]:
+    """Load every record into a state built from meta and account; ignore the client's own.
+
+    With ``skip_corrupt``, a record that does not load is left out (each
+    reader changes the state only once its record decoded) and returned with
+    its error code; otherwise its ProtocolError is raised.
+    """
+    skipped: dict[RecordKey, str] = {}
     for key, data in records.items():
         read = _READERS.get(key.kind)
-        if read is not None:
+        if read is None:
+            continue
+        try:
             read(state, key, data)
+        except ProtocolError as exc:
+            if not skip_corrupt:
+                raise
+            skipped[key] = exc.code if isinstance(exc, StateError) else StateError.code
     state.changed = set()
+    return skipped
 
 
 # ------------------------------------------------------------------ one function per kind

@@ -706,6 +706,32 @@ def test_corrupt_records_fail_to_load_with_state_errors(
         store[RecordKey(RecordKind(kind))] = pack(record)
     with pytest.raises(error):
         ClientCore.load(store.items())
+    # Salvaged: everything else loads, and the record is named with its code.
+    core, skipped = ClientCore.load_salvaging(store.items())
+    [key] = skipped
+    assert key.kind == RecordKind(kind) and skipped[key] == error.code
+    loaded = full_state(core)
+    assert {k: v for k, v in store.items() if k != key and k in loaded} == {
+        k: v for k, v in loaded.items() if k != key
+    }
+
+
+def test_salvaging_loses_only_the_corrupt_records_and_the_device_talks_on(net: Network) -> None:
+    net.add_user("alice")
+    net.add_user("bob")
+    net.send_direct(A("alice"), "bob", b"hello")
+    net.deliver_all()
+    store = dict(net.stores[A("alice")])
+    store[RecordKey.session(A("bob"))] = b"\x92\x01"
+    with pytest.raises(StateError):
+        ClientCore.load(store.items())
+    alice, skipped = ClientCore.load_salvaging(store.items())
+    assert skipped == {RecordKey.session(A("bob")): "CORRUPT_STATE"}
+    assert alice.devices_without_session(["bob"], now=net.now) == [A("bob")]
+    for key in (RecordKey.META, RecordKey.ACCOUNT):
+        broken = {**store, key: b"\xc1"}
+        with pytest.raises(StateError):
+            ClientCore.load_salvaging(broken.items())
 
 
 # ------------------------------------------------------------------ garbage in

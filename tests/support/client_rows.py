@@ -8,7 +8,13 @@ from __future__ import annotations
 
 from hushchat.protocol import client_core as core
 from hushchat.protocol import group
-from hushchat.transport.client.events import OutboxItem, QueuedMessage, SendFailed, StoredEvent
+from hushchat.transport.client.events import (
+    OutboxItem,
+    QueuedMessage,
+    SendFailed,
+    StoredEvent,
+    StoredItemSetAside,
+)
 from tests.support.harness import A
 
 # Every event and send type of the first client (with and without its optional
@@ -169,7 +175,7 @@ NEW_ROWS: list[tuple[core.Event | core.Send, str]] = [
 
 # Every row type of ROW_VERSION 2, and its bytes: the first client's items
 # (their version 1 rows upgrade to these), what version 2 added (the app's
-# message id in a send, queued messages, SendFailed), and the types version 1
+# message id in a send, queued messages, SendFailed, StoredItemSetAside), and the types version 1
 # got later (NEW_ROWS: a group change to send, its failure, a group replaced).
 CURRENT: list[tuple[StoredEvent | OutboxItem, str]] = [
     (
@@ -264,5 +270,9 @@ CURRENT: list[tuple[StoredEvent | OutboxItem, str]] = [
         "99020bc4101515151515151515151515151515151592a467696e6101a6666f726b656407c42011111111"
         "1111111111111111111111111111111111111111111111111111111107c4201212121212121212121212"
         "121212121212121212121212121212121212121212",
+    ),
+    (
+        StoredItemSetAside("records", "session", "CORRUPT_STATE"),
+        "95020da77265636f726473a773657373696f6ead434f52525550545f5354415445",
     ),
 ]

@@ -6,7 +6,7 @@ import contextlib
 import sqlite3
 from collections.abc import Callable
 from pathlib import Path
-from typing import get_args
+from typing import Any, get_args
 
 import pytest
 from hypothesis import given
@@ -17,7 +17,12 @@ from hushchat.protocol import group
 from hushchat.protocol.encoding import pack
 from hushchat.protocol.errors import StateError, UnknownStateVersion
 from hushchat.transport.client import ClientStore, rows
-from hushchat.transport.client.events import OutboxItem, QueuedMessage, StoredEvent
+from hushchat.transport.client.events import (
+    OutboxItem,
+    QueuedMessage,
+    StoredEvent,
+    StoredItemSetAside,
+)
 from hushchat.transport.client.store import STORE_VERSION
 from tests.support.client_rows import CURRENT, NEW_ROWS, ROWS
 
@@ -114,10 +119,11 @@ def first_client_store(path: Path, sends: list[str], events: list[str]) -> None:
     db.close()
 
 
-def stored(path: Path, table: str, column: str) -> list[bytes]:
+def stored(path: Path, table: str, column: str) -> list[Any]:
     db = sqlite3.connect(path)
     try:
-        return [row[0] for row in db.execute(f"SELECT {column} FROM {table} ORDER BY id")]
+        found = db.execute(f"SELECT {column} FROM {table} ORDER BY id").fetchall()
+        return [row[0] if len(row) == 1 else row for row in found]
     finally:
         db.close()
 
@@ -169,20 +175,26 @@ def test_a_version_1_store_is_migrated_when_opened(tmp_path: Path) -> None:
     assert [row.hex() for row in stored(path, "inbox", "event")] == [new for _, _, new in EVENTS]
 
 
-def test_a_first_client_row_that_does_not_decode_stays_as_it_was(tmp_path: Path) -> None:
+def test_a_first_client_row_that_does_not_decode_is_set_aside(tmp_path: Path) -> None:
     path = tmp_path / "first.db"
     corrupt = ROWS[0][1][:-4]  # truncated
     event_in_outbox = EVENTS[0][1]
     first_client_store(path, [SENDS[0][1], corrupt, event_in_outbox], [EVENTS[1][1]])
     store = ClientStore.open(str(path))
     try:
-        assert [event for _, event in store.inbox()] == [EVENTS[1][0]]
-        with pytest.raises(StateError):
-            store.outbox()
+        assert [event for _, event in store.inbox()] == [
+            EVENTS[1][0],
+            *[StoredItemSetAside("outbox", "", "CORRUPT_STATE")] * 2,
+        ]
+        assert [send for _, send in store.outbox()] == [SENDS[0][0]]
     finally:
         store.close()
-    outbox = [row.hex() for row in stored(path, "outbox", "send")]
-    assert outbox == [SENDS[0][2], corrupt, event_in_outbox]
+    assert [row.hex() for row in stored(path, "outbox", "send")] == [SENDS[0][2]]
+    aside = [(s, r, bytes(d)) for s, r, d in stored(path, "set_aside", "source, reason, data")]
+    assert aside == [
+        ("outbox", "CORRUPT_STATE", bytes.fromhex(corrupt)),
+        ("outbox", "CORRUPT_STATE", bytes.fromhex(event_in_outbox)),
+    ]
 
 
 def test_a_store_a_newer_client_wrote_is_refused_untouched(tmp_path: Path) -> None:

@@ -18,6 +18,7 @@ from .events import MessageSent as MessageSent
 from .events import Reregistered as Reregistered
 from .events import SendFailed as SendFailed
 from .events import Status as Status
+from .events import StoredItemSetAside as StoredItemSetAside
 from .events import UnknownToRelay as UnknownToRelay
 from .store import ClientStore as ClientStore
 from .store import StoreFailed as StoreFailed

@@ -121,6 +121,7 @@ from .events import (
     SendFailed,
     Status,
     StoredEvent,
+    StoredItemSetAside,
     UnknownToRelay,
 )
 from .store import ClientStore, StoreFailed
@@ -137,6 +138,7 @@ __all__ = [
     "SendDropped",
     "SendFailed",
     "Status",
+    "StoredItemSetAside",
     "UnknownToRelay",
     "load_or_create_core",
     "open_client",
@@ -666,7 +668,9 @@ class Client:
         """One pass over the outbox, in order; when a destination refused for now is due."""
         blocked: set[str] = set()
         retry_at = math.inf
-        for row_id, item in self.store.outbox():
+        outbox = self.store.outbox()
+        await self._set_aside_unreadable()
+        for row_id, item in outbox:
             destinations = self._destinations(item)
             now = trio.current_time()
             due = [self._retry_at[d] for d in destinations if self._retry_at.get(d, 0) > now]
@@ -976,6 +980,16 @@ class Client:
         )
         self._published = _stored_int(self.store, core.RecordKey.PUBLISHED_PREKEYS)
         self._registered = _stored_int(self.store, core.RecordKey.REGISTERED_DEVICE_LIST)
+
+    async def _set_aside_unreadable(self) -> None:
+        """Move the rows the store could not read out of the way, and say so (once each)."""
+        if not self.store.has_unreadable:
+            return
+        logger.warning("stored rows could not be read and were set aside")
+        async with self._store_lock:
+            ids = await trio.to_thread.run_sync(self.store.set_aside)
+        stored = dict(self.store.inbox())
+        await self._deliver_events([stored[i] for i in ids if i in stored], ids)
 
     async def _deliver_events(self, events: Sequence[StoredEvent], ids: list[int]) -> None:
         """Hand stored events (``ids``: their inbox rows) to the app."""
@@ -1360,9 +1374,18 @@ def load_or_create_core(
     now: int | None = None,
     rng: RandomSource = SYSTEM_RANDOM,
 ) -> ClientCore:
-    """The device in ``store``, or a new user's first device (then ``user_id`` is needed)."""
+    """The device in ``store``, or a new user's first device (then ``user_id`` is needed).
+
+    A record that does not load is set aside (reported by a StoredItemSetAside
+    event): the device goes on without it. Without its identity (the meta and
+    account records) it cannot: StateError.
+    """
     if store.has_state():
-        return ClientCore.load(store.records(), rng=rng)
+        device, corrupt = ClientCore.load_salvaging(store.records(), rng=rng)
+        if corrupt:
+            logger.warning("%d stored records could not be read and were set aside", len(corrupt))
+            store.set_aside_records(corrupt)
+        return device
     if user_id is None:
         raise InvalidArgument("a new store needs a user id")
     return ClientCore.create_primary(

@@ -21,6 +21,9 @@ Events about the app's messages (``message_id`` is what ``send_direct`` or
   (``UNKNOWN_USER``, ``SEND_DROPPED``, ...). Stored like the core's events,
   so none is lost to a crash.
 
+About the store: :class:`StoredItemSetAside`, a stored row that could not be
+read was moved out of the way (stored, so it is reported once).
+
 The first two are notices: not stored, and dropped when the app lets its
 event queue fill up. :meth:`Client.pending_messages` says at any time which
 messages the outbox still holds; one that left it without a SendFailed was
@@ -112,7 +115,23 @@ class SendFailed:
     reason: str
 
 
-StoredEvent: TypeAlias = core.Event | SendFailed
+@dataclass(frozen=True, slots=True)
+class StoredItemSetAside:
+    """A stored row could not be read; it was set aside and the client carries on.
+
+    ``table``: ``outbox`` (a message or send that will not go), ``inbox`` (an
+    event the app will not get) or ``records`` (``kind`` says which state:
+    ``session``, ``group``..., or "" if its key was unreadable too).
+    ``reason``: CORRUPT_STATE, or UNKNOWN_STATE_VERSION for a row a newer
+    client wrote. Its bytes stay in the store's ``set_aside`` table.
+    """
+
+    table: str
+    kind: str
+    reason: str
+
+
+StoredEvent: TypeAlias = core.Event | SendFailed | StoredItemSetAside
 """An event the store keeps until the app has taken it."""
 
 ClientEvent: TypeAlias = (

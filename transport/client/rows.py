@@ -64,14 +64,14 @@ from hushchat.protocol.encoding import UINT64_MAX, Fields, pack, unpack
 from hushchat.protocol.errors import DecodeError, ProtocolError, StateError, UnknownStateVersion
 
 from ..wire.limits import MAX_RECIPIENTS_PER_SEND
-from .events import OutboxItem, QueuedMessage, SendFailed, StoredEvent
+from .events import OutboxItem, QueuedMessage, SendFailed, StoredEvent, StoredItemSetAside
 
 # Version of the row layouts below. Rows without one (an array starting with
 # a string) are the first client's, read only by decode_unversioned.
 ROW_VERSION: Final = 2
 # The versions upgrade_send and upgrade_event read.
 OLDER_ROW_VERSIONS: Final = (1,)
-# Longest error code a SendFailed row carries.
+# Longest error code (or table or record kind name) an event row carries.
 MAX_REASON_SIZE: Final = 64
 
 # Most changes one GroupUpdated reports: every member removed and every member
@@ -92,6 +92,7 @@ class EventTag(IntEnum):
     GROUP_REPLACED = 10
     GROUP_STATE_MISMATCH = 11
     SEND_FAILED = 12  # from version 2 on
+    STORED_ITEM_SET_ASIDE = 13  # from version 2 on
 
 
 class SendTag(IntEnum):
@@ -199,6 +200,8 @@ def _event_fields(event: StoredEvent) -> list[Any]:
         ]
     if isinstance(event, SendFailed):
         return [EventTag.SEND_FAILED, event.message_id, event.reason]
+    if isinstance(event, StoredItemSetAside):
+        return [EventTag.STORED_ITEM_SET_ASIDE, event.table, event.kind, event.reason]
     assert_never(event)
 
 
@@ -349,7 +352,11 @@ def _read_event(f: Fields, version: int) -> StoredEvent:
             f.uint(UINT64_MAX),
             f.bin(STATE_HASH_SIZE),
         )
-    return SendFailed(f.bin(MESSAGE_ID_SIZE), f.text(MAX_REASON_SIZE))
+    if tag == EventTag.SEND_FAILED:
+        return SendFailed(f.bin(MESSAGE_ID_SIZE), f.text(MAX_REASON_SIZE))
+    return StoredItemSetAside(
+        f.text(MAX_REASON_SIZE), f.text(MAX_REASON_SIZE), f.text(MAX_REASON_SIZE)
+    )
 
 
 def _read_direct(f: Fields) -> DirectSend:

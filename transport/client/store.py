@@ -11,7 +11,14 @@ Tables:
 * ``inbox``: events not yet taken by the app (a crash after the relay was
   acknowledged loses no message), likewise;
 * ``processed``: guids of envelopes already processed, so one delivered
-  again (our acknowledgement was lost) is acknowledged without processing.
+  again (our acknowledgement was lost) is acknowledged without processing;
+* ``set_aside``: rows of the other tables that could not be read (a bug, a
+  disk error), moved there with their bytes so that they never stop the
+  client; each is reported once, by a StoredItemSetAside event in the inbox.
+  The store moves unreadable outbox and inbox rows and record keys when it
+  opens, and any it meets later when asked (:meth:`ClientStore.set_aside`);
+  the client moves the records the core cannot load
+  (:meth:`ClientStore.set_aside_records`).
 
 Each :meth:`ClientStore.commit` is one transaction: records, outbox rows,
 inbox rows and the processed guid change together or not at all, which is
@@ -31,16 +38,19 @@ import fcntl
 import os
 import sqlite3
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any, Final, cast, get_args
+from typing import Any, Final, TypeVar, cast, get_args
 
 from hushchat.protocol import client_core as core
 from hushchat.protocol.client_core.arguments import check_now
+from hushchat.protocol.encoding import pack
 from hushchat.protocol.errors import InvalidArgument, StateError, UnknownStateVersion
 
 from ..wire.errors import TransportError
 from ..wire.records import GUID_SIZE
 from . import rows
-from .events import OutboxItem, QueuedMessage, StoredEvent
+from .events import OutboxItem, QueuedMessage, StoredEvent, StoredItemSetAside
+
+_Item = TypeVar("_Item")
 
 
 class StoreLocked(TransportError):
@@ -78,6 +88,10 @@ CREATE INDEX outbox_order ON outbox (position, id);
 CREATE TABLE inbox (id INTEGER PRIMARY KEY AUTOINCREMENT, event BLOB NOT NULL);
 CREATE TABLE processed (guid BLOB PRIMARY KEY, at INTEGER NOT NULL);
 CREATE INDEX processed_at ON processed (at);
+CREATE TABLE set_aside (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    source TEXT NOT NULL, row BLOB NOT NULL, data BLOB NOT NULL, reason TEXT NOT NULL
+);
 """
 
 # The WAL's bound. SQLite checkpoints it into the database every
@@ -108,8 +122,8 @@ def _open_private(path: str) -> int:
 # client) stored inbox and outbox rows by class name and field order; 1 stores
 # them as versioned rows (rows.py); 2 orders the outbox by a position (a
 # message encrypted late takes the place it was queued at) and writes rows of
-# ROW_VERSION 2. open() migrates an older store.
-STORE_VERSION: Final = 2
+# ROW_VERSION 2; 3 sets unreadable rows aside. open() migrates an older store.
+STORE_VERSION: Final = 3
 
 
 def _migrate(db: sqlite3.Connection) -> None:
@@ -139,6 +153,12 @@ def _migrate(db: sqlite3.Connection) -> None:
                 db.execute("CREATE INDEX processed_at ON processed (at)")
                 _version_rows(db, "outbox", "send", rows.upgrade_send)
                 _version_rows(db, "inbox", "event", rows.upgrade_event)
+            if version < 3:
+                db.execute(
+                    "CREATE TABLE set_aside (id INTEGER PRIMARY KEY AUTOINCREMENT, "
+                    "source TEXT NOT NULL, row BLOB NOT NULL, data BLOB NOT NULL, "
+                    "reason TEXT NOT NULL)"
+                )
         if version != STORE_VERSION:
             db.execute(f"PRAGMA user_version = {STORE_VERSION}")
         db.execute("COMMIT")
@@ -191,6 +211,8 @@ class ClientStore:
         self._db = connection
         self._lock_fd = lock_fd
         self.path = path
+        # Unreadable rows met by a read, to move by set_aside(): (table, row id, reason).
+        self._unreadable: dict[tuple[str, int], str] = {}
 
     @classmethod
     def open(cls, path: str) -> ClientStore:
@@ -227,6 +249,9 @@ class ClientStore:
             db.execute(f"PRAGMA journal_size_limit={WAL_SIZE_LIMIT}")
             db.execute(f"PRAGMA wal_autocheckpoint={WAL_AUTOCHECKPOINT_PAGES}")
             _migrate(db)
+            store = cls(db, lock_fd, path)
+            store._find_unreadable()
+            store.set_aside()
         except BaseException as exc:
             if db is not None:
                 db.close()
@@ -236,7 +261,7 @@ class ClientStore:
             if isinstance(exc, OSError):
                 raise StoreFailed(f"cannot open the client store {path}: {exc.strerror}") from exc
             raise
-        return cls(db, lock_fd, path)
+        return store
 
     def close(self) -> None:
         """Close the store, its WAL emptied into the database first (as far as it can be)."""
@@ -254,8 +279,14 @@ class ClientStore:
             raise _store_error(exc, "reading the client store") from exc
 
     def records(self) -> list[tuple[core.RecordKey, bytes]]:
-        stored = self._read("SELECT key, value FROM records")
-        return [(core.RecordKey.decode(key), value) for key, value in stored]
+        """Every record whose key reads (the others wait for :meth:`set_aside`)."""
+        readable = []
+        for rowid, key, value in self._read("SELECT rowid, key, value FROM records"):
+            try:
+                readable.append((core.RecordKey.decode(key), value))
+            except StateError as exc:
+                self._unreadable[("records", rowid)] = exc.code
+        return readable
 
     def record(self, key: core.RecordKey) -> bytes | None:
         if not isinstance(key, core.RecordKey):
@@ -267,13 +298,93 @@ class ClientStore:
         return bool(self._read("SELECT 1 FROM records LIMIT 1"))
 
     def outbox(self) -> list[tuple[int, OutboxItem]]:
-        """What waits to be sent, in order: sends, and messages still to encrypt."""
+        """What waits to be sent, in order: sends, and messages still to encrypt.
+
+        A row that does not read is left out (and waits for :meth:`set_aside`).
+        """
         stored = self._read("SELECT id, send FROM outbox ORDER BY position, id")
-        return [(row_id, rows.decode_send(data)) for row_id, data in stored]
+        return self._readable("outbox", stored, rows.decode_send)
 
     def inbox(self) -> list[tuple[int, StoredEvent]]:
+        """The events the app has not taken, in order (unreadable ones left out, as outbox())."""
         stored = self._read("SELECT id, event FROM inbox ORDER BY id")
-        return [(row_id, rows.decode_event(data)) for row_id, data in stored]
+        return self._readable("inbox", stored, rows.decode_event)
+
+    def _readable(
+        self, table: str, stored: list[Any], decode: Callable[[bytes], _Item]
+    ) -> list[tuple[int, _Item]]:
+        readable = []
+        for row_id, data in stored:
+            try:
+                readable.append((row_id, decode(data)))
+            except StateError as exc:
+                self._unreadable[(table, row_id)] = exc.code
+        return readable
+
+    @property
+    def has_unreadable(self) -> bool:
+        """Whether a read met rows that :meth:`set_aside` should move."""
+        return bool(self._unreadable)
+
+    def _find_unreadable(self) -> None:
+        self.records()
+        self.outbox()
+        self.inbox()
+
+    def set_aside(self) -> list[int]:
+        """Move the unreadable rows reads met into ``set_aside``, each reported by an event.
+
+        One transaction; the new inbox rows (StoredItemSetAside events).
+        """
+        found, self._unreadable = self._unreadable, {}
+        moves = [(table, row_id, "", reason) for (table, row_id), reason in found.items()]
+        try:
+            return self._move_aside(moves)
+        except BaseException:
+            self._unreadable.update(found)
+            raise
+
+    def set_aside_records(self, corrupt: Mapping[core.RecordKey, str]) -> list[int]:
+        """Move records the core could not load (with their error codes) into ``set_aside``."""
+        if not all(isinstance(key, core.RecordKey) for key in corrupt):
+            raise InvalidArgument("records are named by RecordKeys")
+        moves = []
+        for key, reason in corrupt.items():
+            found = self._read("SELECT rowid FROM records WHERE key = ?", (key.encode(),))
+            if found:
+                moves.append(("records", int(found[0][0]), key.kind.value, str(reason)))
+        return self._move_aside(moves)
+
+    def _move_aside(self, moves: list[tuple[str, int, str, str]]) -> list[int]:
+        if not moves:
+            return []
+        key_column = {"records": "rowid", "outbox": "id", "inbox": "id"}
+        data_column = {"records": "key, value", "outbox": "send", "inbox": "event"}
+        inbox_ids = []
+        cursor = self._db.cursor()
+        try:
+            cursor.execute("BEGIN IMMEDIATE")
+            for table, row_id, kind, reason in moves:
+                where = f"FROM {table} WHERE {key_column[table]} = ?"
+                stored = cursor.execute(f"SELECT {data_column[table]} {where}", (row_id,))
+                row = stored.fetchone()
+                if row is None:
+                    continue
+                data = pack(list(row)) if table == "records" else row[0]
+                cursor.execute(
+                    "INSERT INTO set_aside (source, row, data, reason) VALUES (?, ?, ?, ?)",
+                    (table, row_id.to_bytes(8, "big"), data, reason),
+                )
+                cursor.execute(f"DELETE {where}", (row_id,))
+                event = StoredItemSetAside(table, kind, reason)
+                cursor.execute("INSERT INTO inbox (event) VALUES (?)", (rows.encode_event(event),))
+                inbox_ids.append(int(cursor.lastrowid or 0))
+            cursor.execute("COMMIT")
+        except sqlite3.Error as exc:
+            if self._db.in_transaction:
+                cursor.execute("ROLLBACK")
+            raise _store_error(exc, "writing the client store") from exc
+        return inbox_ids
 
     def was_processed(self, guid: bytes) -> bool:
         _check_guid(guid)
