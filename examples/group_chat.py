@@ -98,6 +98,7 @@ from hushchat.transport.client.client import (
     MessageSent,
     Reregistered,
     SendFailed,
+    StoredItemSetAside,
     UnknownToRelay,
     load_or_create_core,
     open_client,
@@ -407,8 +408,13 @@ class Chat:
         why = "the relay is out of reach" if reason == "NOT_CONNECTED" else reason
         self.screen.info(f"not sent yet ({why}); it goes by itself later: {line}")
 
-    def show_event(self, event: core.Event | SendFailed) -> None:
-        if isinstance(event, SendFailed):
+    def show_event(self, event: core.Event | SendFailed | StoredItemSetAside) -> None:
+        if isinstance(event, StoredItemSetAside):
+            what = {"outbox": "a message waiting to go", "inbox": "a message or notice"}.get(
+                event.table, f"this device's {event.kind or 'state'}"
+            )
+            self.screen.error(f"{what} could not be read from disk ({event.reason}); set aside")
+        elif isinstance(event, SendFailed):
             line = self.unsent.pop(event.message_id, None) or self.sent_lines.pop(
                 event.message_id, "a message"
             )
