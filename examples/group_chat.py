@@ -22,6 +22,12 @@ shows a code to type on the first device (``/link CODE``; device_link.py
 says what the code proves). ``export`` writes the device to FILE sealed
 with a passphrase, ``import`` makes a new state folder from such a file.
 
+The state folder's store is encrypted (ClientStore.open's key): with a key
+derived from a passphrase the chat asks for (scrypt, its salt in
+DIR/store.salt), or taken from the environment variable HUSHCHAT_STORE_KEY
+(--key-env names another): 64 hex digits there are the key itself, anything
+else a passphrase.
+
 Exit status: 0 after /quit, 1 when the environment stops the chat (no relay
 at that address, a damaged or busy state folder, a backup that does not
 open), 2 for bad arguments, 130 after Ctrl-C. Each failure is one line on
@@ -47,6 +53,7 @@ import argparse
 import getpass
 import hashlib
 import os
+import re
 import shlex
 import sqlite3
 import sys
@@ -58,6 +65,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
 import trio
+from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
 from device_link import (
     LINK_REQUEST_LIFETIME,
     MAX_LINK_REQUESTS,
@@ -105,13 +113,26 @@ from hushchat.transport.client.client import (
 )
 from hushchat.transport.client.connection import connect_relay
 from hushchat.transport.client.rows import encode_event
-from hushchat.transport.client.store import ClientStore, StoreFailed, StoreFull, StoreLocked
+from hushchat.transport.client.store import (
+    ClientStore,
+    StoreFailed,
+    StoreFull,
+    StoreLocked,
+    WrongStoreKey,
+)
 from hushchat.transport.wire.errors import format_address
 
 try:
     import readline  # line editing and history for input(), where available
 except ImportError:  # pragma: no cover - e.g. a Python built without it
     readline = None  # type: ignore[assignment]
+
+# The store key from a passphrase: scrypt (RFC 7914) with the parameters
+# OWASP's password storage cheat sheet gives as its minimum (128 MiB, about a
+# second), and a random salt kept beside the store.
+SCRYPT_N, SCRYPT_R, SCRYPT_P = 2**17, 8, 1
+SALT_FILE = "store.salt"
+KEY_ENV = "HUSHCHAT_STORE_KEY"
 
 # How long the first connection may take before the chat gives up.
 STARTUP_TIMEOUT = 15.0
@@ -883,20 +904,51 @@ def prepare_state_dir(state_dir: str) -> bool:
 def remove_new_state(state_dir: str, made_folder: bool) -> None:
     """Undo a first start that failed: the store it created (and the folder, if it made it)."""
     db = os.path.join(state_dir, STORE_FILE)
-    for path in (db, db + "-wal", db + "-shm", db + ".lock", os.path.join(state_dir, "last_shown")):
+    others = [os.path.join(state_dir, name) for name in ("last_shown", SALT_FILE)]
+    for path in (db, db + "-wal", db + "-shm", db + ".lock", *others):
         if os.path.lexists(path):
             os.remove(path)
     if made_folder and not os.listdir(state_dir):
         os.rmdir(state_dir)
 
 
-def open_store(state_dir: str) -> ClientStore:
+def store_key(state_dir: str, variable: str) -> bytes:
+    """The key of the store in ``state_dir``: from ``variable``, else a passphrase asked.
+
+    64 hex digits in the variable are the key itself; anything else there,
+    or typed, is a passphrase, stretched with scrypt and the folder's salt.
+    """
+    value = os.environ.get(variable)
+    if value is not None and re.fullmatch(r"[0-9a-fA-F]{64}", value):
+        return bytes.fromhex(value)
+    if value is None:
+        if not sys.stdin.isatty():
+            raise SetupError(f"no passphrase for the state folder: set {variable}")
+        new = not os.path.exists(os.path.join(state_dir, STORE_FILE))
+        value = getpass.getpass("passphrase for this device's messages: ")
+        if new and getpass.getpass("the same again: ") != value:
+            raise SetupError("the two passphrases differ; nothing was written", 2)
+    if not value:
+        raise SetupError("an empty passphrase protects nothing", 2)
+    salt_path = os.path.join(state_dir, SALT_FILE)
+    try:
+        with open(salt_path, "rb") as file:
+            salt = file.read()
+    except FileNotFoundError:
+        salt = os.urandom(16)
+        write_private(salt_path, salt)
+    return Scrypt(salt, 32, SCRYPT_N, SCRYPT_R, SCRYPT_P).derive(value.encode())
+
+
+def open_store(state_dir: str, key: bytes) -> ClientStore:
     path = os.path.join(state_dir, STORE_FILE)
     if os.path.isfile(path) and os.path.getsize(path) == 0:
         # SQLite would take an empty file for a new database, and the chat for a new user.
         raise SetupError(no_device(path))
     try:
-        return ClientStore.open(path)
+        return ClientStore.open(path, key=key)
+    except WrongStoreKey:
+        raise SetupError(f"that passphrase (or key) does not open {path}") from None
     except StoreLocked:
         raise SetupError(f"{state_dir} is in use by another chat; one device, one chat") from None
     except UnknownStateVersion:
@@ -1013,21 +1065,29 @@ async def ask_to_be_linked(helper: Client, name: str, screen: Screen) -> core.Cl
 
 
 async def run_chat(
-    host: str, port: int, name: str, state_dir: str, palette: Palette, link: bool = False
+    host: str,
+    port: int,
+    name: str,
+    state_dir: str,
+    palette: Palette,
+    link: bool = False,
+    key_env: str = KEY_ENV,
 ) -> int:
     """The chat until /quit; the exit status (SetupError if it cannot start)."""
     screen = Screen(palette, sys.stdin.isatty() and sys.stdout.isatty())
     made_folder = prepare_state_dir(state_dir)
     existed = os.path.exists(os.path.join(state_dir, STORE_FILE))
-    store = open_store(state_dir) if existed or not link else None
+    store = None
     connected = False
     try:
+        key = store_key(state_dir, key_env)
+        store = open_store(state_dir, key) if existed or not link else None
         device = load_device(store, name, existed) if store is not None else None
         if link and device is not None:
             raise SetupError(f"{state_dir} already holds {possessive(name)} device", 2)
         if link:
             device = await link_new_device(host, port, name, screen)
-            store = open_store(state_dir)
+            store = open_store(state_dir, key)
         assert store is not None
         if device is None:
             device = load_or_create_core(store, user_id=name)
@@ -1072,12 +1132,12 @@ def read_passphrase(prompt: str, *, confirm: bool) -> str:
     return passphrase
 
 
-def run_export(path: str, name: str, state_dir: str) -> int:
+def run_export(path: str, name: str, state_dir: str, key_env: str) -> int:
     if not os.path.isfile(os.path.join(state_dir, STORE_FILE)):
         raise SetupError(f"{state_dir} holds no device to export (see --state)")
     if os.path.lexists(path):
         raise SetupError(f"{path} exists; a backup never overwrites a file", 2)
-    store = open_store(state_dir)
+    store = open_store(state_dir, store_key(state_dir, key_env))
     try:
         if load_device(store, name, existed=True) is None:
             raise SetupError(f"{state_dir} holds no device to export")
@@ -1089,7 +1149,7 @@ def run_export(path: str, name: str, state_dir: str) -> int:
     return 0
 
 
-def run_import(path: str, name: str, state_dir: str) -> int:
+def run_import(path: str, name: str, state_dir: str, key_env: str) -> int:
     if not os.path.isfile(path):
         raise SetupError(f"no such backup file: {path}", 2)
     if os.path.lexists(os.path.join(state_dir, STORE_FILE)):
@@ -1100,9 +1160,11 @@ def run_import(path: str, name: str, state_dir: str) -> int:
     made_folder = prepare_state_dir(state_dir)
     try:
         try:
-            store = import_backup(path, passphrase, os.path.join(state_dir, STORE_FILE))
+            imported = import_backup(path, passphrase, os.path.join(state_dir, STORE_FILE))
         except BackupError as exc:
             raise SetupError(exc.message) from None
+        imported.close()
+        store = open_store(state_dir, store_key(state_dir, key_env))  # encrypts it now
         try:
             device = load_device(store, name, existed=True)
         finally:
@@ -1148,6 +1210,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         backup.add_argument("file", help="the backup file")
         backup.add_argument("--name", required=True, type=user_name, help="the user name")
         backup.add_argument("--state", metavar="DIR", help=state_help)
+    for command in commands.choices.values():
+        if command is not demo:
+            command.add_argument(
+                "--key-env",
+                metavar="NAME",
+                default=KEY_ENV,
+                help=(
+                    "the state folder's messages and keys are encrypted with a key derived "
+                    "from a passphrase (scrypt; its salt is in DIR/store.salt), asked in the "
+                    "terminal, or taken from the environment variable NAME if it is set: 64 "
+                    "hex digits there are the key itself, anything else a passphrase "
+                    "(default: %(default)s)"
+                ),
+            )
     args = parser.parse_args(argv)
 
     palette = Palette(wants_colour(sys.stdout))
@@ -1163,12 +1239,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         try:
             if args.command == "export":
-                status = run_export(args.file, args.name, state)
+                status = run_export(args.file, args.name, state, args.key_env)
             elif args.command == "import":
-                status = run_import(args.file, args.name, state)
+                status = run_import(args.file, args.name, state, args.key_env)
             else:
                 host, port = args.relay
-                status = trio.run(run_chat, host, port, args.name, state, palette, args.link)
+                status = trio.run(
+                    run_chat, host, port, args.name, state, palette, args.link, args.key_env
+                )
         except SetupError as exc:
             print(f"group_chat.py {args.command}: {exc}", file=sys.stderr)
             status = exc.status

@@ -18,10 +18,10 @@ from pathlib import Path
 import pytest
 import trio
 
-from hushchat.protocol.client_core import ClientCore
+from hushchat.protocol.client_core import ClientCore, RecordKey
 from hushchat.protocol.keys import IdentityKeyPair
 from hushchat.transport.client import ClientStore, open_client
-from tests.support.terminals import EXAMPLES, Terminal, clean_env, relay_process
+from tests.support.terminals import EXAMPLES, STORE_KEY, Terminal, clean_env, relay_process
 
 CHAT = str(EXAMPLES / "group_chat.py")
 PASSPHRASE = "a long enough passphrase"
@@ -188,12 +188,27 @@ def test_a_damaged_store_is_one_line_and_never_a_new_identity(
         Path(f"{db}{suffix}").unlink(missing_ok=True)
     damage(db)  # type: ignore[operator]
     before = db.read_bytes()
+    meta = None
+    if damage is damage_flipped:  # the file is still a database: read what it holds
+        with contextlib.closing(sqlite3.connect(db)) as store:
+            (meta,) = store.execute(
+                "SELECT value FROM records WHERE key = ?", (RecordKey.META.encode(),)
+            ).fetchone()
     result = chat(
         tmp_path, "chat", "--relay", "127.0.0.1:7400", "--name", "alice", "--state", str(state)
     )
     one_line(result, 1, says)
     assert "import a backup" in result.stderr
-    assert db.read_bytes() == before  # nothing was written: no new identity in its place
+    if meta is None:
+        assert db.read_bytes() == before  # nothing was written: no new identity in its place
+    else:
+        # Opening it encrypted it (the key given) and set unreadable rows aside, but
+        # wrote no new identity: the device's meta is the one it had, or set aside.
+        opened = ClientStore.open(str(db), key=bytes.fromhex(STORE_KEY))
+        try:
+            assert opened.record(RecordKey.META) in (None, meta)
+        finally:
+            opened.close()
 
 
 def test_a_store_of_another_user_is_named_without_doubled_quotes(tmp_path: Path) -> None:
@@ -231,7 +246,8 @@ def test_export_and_import_through_the_chat(tmp_path: Path) -> None:
     result = chat(tmp_path, "import", str(backup), "--name", "alice", *restored, stdin=PASSPHRASE)
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith(f"imported alice.1 into {tmp_path / 'restored'}")
-    store = ClientStore.open(str(tmp_path / "restored" / "client.db"))
+    restored_store = str(tmp_path / "restored" / "client.db")
+    store = ClientStore.open(restored_store, key=bytes.fromhex(STORE_KEY))  # encrypted
     try:
         assert ClientCore.load(store.records()).address.device_id == 1
     finally:

@@ -465,3 +465,36 @@ def test_the_chats_state_is_private_whatever_the_umask(
     assert {Path(p).name for p in modes} >= {"chats", "alice", "bob", "client.db", "last_shown"}
     expected = {p: 0o700 if Path(p).is_dir() else 0o600 for p in modes}
     assert modes == expected
+
+
+def test_the_chats_store_is_encrypted_with_a_passphrase(
+    tmp_path: Path, terminals: list[Terminal]
+) -> None:
+    """scrypt of a passphrase (here from the environment), its salt beside the store."""
+    help_text = run_example("group_chat.py", "chat", "--help").stdout
+    assert "--key-env" in help_text and "HUSHCHAT_STORE_KEY" in help_text
+    assert "passphrase" in help_text and "scrypt" in help_text
+    with relay_process(tmp_path / "relay.db") as (_, port):
+
+        def start(passphrase: str) -> Terminal:
+            terminal = Terminal(
+                tmp_path, port, "alice", NO_COLOR="1", HUSHCHAT_STORE_KEY=passphrase
+            )
+            terminals.append(terminal)
+            return terminal
+
+        alice = start("correct horse battery staple")
+        alice.expect(f"connected to 127.0.0.1:{port} as alice")
+        alice.type("/quit")
+        assert alice.finish() == 0
+        state = tmp_path / "alice"
+        assert len((state / "store.salt").read_bytes()) == 16
+        with contextlib.closing(sqlite3.connect(state / "client.db")) as db:
+            assert db.execute("SELECT COUNT(*) FROM meta WHERE name = 'salt'").fetchone() == (1,)
+        wrong = start("wrong horse")
+        wrong.expect("that passphrase \\(or key\\) does not open .*client.db")
+        assert wrong.finish() == 1
+        again = start("correct horse battery staple")
+        again.expect(f"connected to 127.0.0.1:{port} as alice")
+        again.type("/quit")
+        assert again.finish() == 0

@@ -24,3 +24,4 @@ from .store import ClientStore as ClientStore
 from .store import StoreFailed as StoreFailed
 from .store import StoreFull as StoreFull
 from .store import StoreLocked as StoreLocked
+from .store import WrongStoreKey as WrongStoreKey

@@ -29,12 +29,18 @@ file beside the database), because two writers would fork the ratchets.
 A write that fails (a full disk, an I/O error) raises :class:`StoreFull` or
 :class:`StoreFailed` with SQLite's error as the cause, and changes nothing:
 the store stays usable, and the same write succeeds once space returns.
+
+Opened with a key (:meth:`ClientStore.open`), a store keeps every value
+sealed and its identifiers keyed-hashed (:mod:`.cipher`); a store written
+without one is encrypted when it is first opened with one. A key that does
+not open the store is :class:`WrongStoreKey`.
 """
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
+import hmac
 import os
 import sqlite3
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -42,12 +48,21 @@ from typing import Any, Final, TypeVar, cast, get_args
 
 from hushchat.protocol import client_core as core
 from hushchat.protocol.client_core.arguments import check_now
-from hushchat.protocol.encoding import pack
-from hushchat.protocol.errors import InvalidArgument, StateError, UnknownStateVersion
+from hushchat.protocol.consts import MAX_STATE_SIZE
+from hushchat.protocol.encoding import Fields, pack
+from hushchat.protocol.errors import DecodeError, InvalidArgument, StateError, UnknownStateVersion
 
 from ..wire.errors import TransportError
 from ..wire.records import GUID_SIZE
 from . import rows
+from .cipher import (
+    KEY_CHECK,
+    SALT_SIZE,
+    PlainCodec,
+    StoreCipher,
+    StoreCodec,
+    check_store_key,
+)
 from .events import OutboxItem, QueuedMessage, StoredEvent, StoredItemSetAside
 
 _Item = TypeVar("_Item")
@@ -57,6 +72,12 @@ class StoreLocked(TransportError):
     """Another process has this client store open."""
 
     code = "STORE_LOCKED"
+
+
+class WrongStoreKey(TransportError):
+    """The key given does not open this store (or it is encrypted and none was given)."""
+
+    code = "WRONG_STORE_KEY"
 
 
 class StoreFailed(TransportError):
@@ -92,6 +113,7 @@ CREATE TABLE set_aside (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     source TEXT NOT NULL, row BLOB NOT NULL, data BLOB NOT NULL, reason TEXT NOT NULL
 );
+CREATE TABLE meta (name TEXT PRIMARY KEY, value BLOB NOT NULL);
 """
 
 # The WAL's bound. SQLite checkpoints it into the database every
@@ -122,8 +144,9 @@ def _open_private(path: str) -> int:
 # client) stored inbox and outbox rows by class name and field order; 1 stores
 # them as versioned rows (rows.py); 2 orders the outbox by a position (a
 # message encrypted late takes the place it was queued at) and writes rows of
-# ROW_VERSION 2; 3 sets unreadable rows aside. open() migrates an older store.
-STORE_VERSION: Final = 3
+# ROW_VERSION 2; 3 sets unreadable rows aside; 4 may be encrypted (a meta
+# table holds the salt and the key check). open() migrates an older store.
+STORE_VERSION: Final = 4
 
 
 def _migrate(db: sqlite3.Connection) -> None:
@@ -159,6 +182,8 @@ def _migrate(db: sqlite3.Connection) -> None:
                     "source TEXT NOT NULL, row BLOB NOT NULL, data BLOB NOT NULL, "
                     "reason TEXT NOT NULL)"
                 )
+            if version < 4:
+                db.execute("CREATE TABLE meta (name TEXT PRIMARY KEY, value BLOB NOT NULL)")
         if version != STORE_VERSION:
             db.execute(f"PRAGMA user_version = {STORE_VERSION}")
         db.execute("COMMIT")
@@ -207,16 +232,25 @@ def _event_from_unversioned(data: bytes) -> bytes:
 class ClientStore:
     """The SQLite file behind one client device. Use :meth:`open`; close when done."""
 
-    def __init__(self, connection: sqlite3.Connection, lock_fd: int, path: str) -> None:
+    def __init__(
+        self, connection: sqlite3.Connection, lock_fd: int, path: str, codec: StoreCodec
+    ) -> None:
         self._db = connection
         self._lock_fd = lock_fd
+        self._codec = codec
         self.path = path
         # Unreadable rows met by a read, to move by set_aside(): (table, row id, reason).
         self._unreadable: dict[tuple[str, int], str] = {}
 
     @classmethod
-    def open(cls, path: str) -> ClientStore:
+    def open(cls, path: str, *, key: bytes | None = None) -> ClientStore:
         """Open (creating if needed) the store at ``path``; StoreLocked if in use.
+
+        ``key`` (32 bytes, kept by the app, say in the operating system's key
+        store or derived from a passphrase) encrypts everything stored: a new
+        store is created encrypted, one written without a key is encrypted
+        now. WrongStoreKey if it does not open the store, or if the store is
+        encrypted and no key is given.
 
         A store an older client wrote is migrated first; one a newer client
         wrote is refused (UnknownStateVersion). StoreFailed (StoreFull) if the
@@ -224,6 +258,8 @@ class ClientStore:
         """
         if not isinstance(path, str) or not path:
             raise InvalidArgument("a client store's path is a non-empty string")
+        if key is not None:
+            check_store_key(key)
         try:
             lock_fd = _open_private(path + ".lock")
         except OSError as exc:
@@ -248,8 +284,10 @@ class ClientStore:
             db.execute("PRAGMA synchronous=FULL")
             db.execute(f"PRAGMA journal_size_limit={WAL_SIZE_LIMIT}")
             db.execute(f"PRAGMA wal_autocheckpoint={WAL_AUTOCHECKPOINT_PAGES}")
+            # What is deleted is overwritten, not left in free pages.
+            db.execute("PRAGMA secure_delete=ON")
             _migrate(db)
-            store = cls(db, lock_fd, path)
+            store = cls(db, lock_fd, path, _codec(db, path, key))
             store._find_unreadable()
             store.set_aside()
         except BaseException as exc:
@@ -262,6 +300,10 @@ class ClientStore:
                 raise StoreFailed(f"cannot open the client store {path}: {exc.strerror}") from exc
             raise
         return store
+
+    @property
+    def encrypted(self) -> bool:
+        return self._codec.encrypted
 
     def close(self) -> None:
         """Close the store, its WAL emptied into the database first (as far as it can be)."""
@@ -279,20 +321,41 @@ class ClientStore:
             raise _store_error(exc, "reading the client store") from exc
 
     def records(self) -> list[tuple[core.RecordKey, bytes]]:
-        """Every record whose key reads (the others wait for :meth:`set_aside`)."""
+        """Every record that reads (the others wait for :meth:`set_aside`)."""
         readable = []
         for rowid, key, value in self._read("SELECT rowid, key, value FROM records"):
             try:
-                readable.append((core.RecordKey.decode(key), value))
+                readable.append(self._open_record(key, value))
             except StateError as exc:
                 self._unreadable[("records", rowid)] = exc.code
         return readable
 
+    def _open_record(self, stored_key: bytes, stored: bytes) -> tuple[core.RecordKey, bytes]:
+        if not self._codec.encrypted:
+            return core.RecordKey.decode(stored_key), stored
+        opened = self._codec.open("records", stored_key, stored)
+        try:
+            f = Fields.decode(opened, what="sealed record", count=2, max_size=MAX_STATE_SIZE)
+            key, value = f.bin(), f.bin()
+        except DecodeError as exc:
+            raise StateError(f"a sealed record does not decode ({exc.message})") from exc
+        if not hmac.compare_digest(self._codec.index(key), stored_key):
+            raise StateError("a sealed record is stored under another key")
+        return core.RecordKey.decode(key), value
+
+    def _seal_record(self, key: bytes, value: bytes) -> tuple[bytes, bytes]:
+        """A record's stored key and value."""
+        if not self._codec.encrypted:
+            return key, value
+        stored_key = self._codec.index(key)
+        return stored_key, self._codec.seal("records", stored_key, pack([key, value]))
+
     def record(self, key: core.RecordKey) -> bytes | None:
         if not isinstance(key, core.RecordKey):
             raise InvalidArgument("a record is named by a RecordKey")
-        stored = self._read("SELECT value FROM records WHERE key = ?", (key.encode(),))
-        return bytes(stored[0][0]) if stored else None
+        stored_key = self._codec.index(key.encode())
+        stored = self._read("SELECT value FROM records WHERE key = ?", (stored_key,))
+        return self._open_record(stored_key, stored[0][0])[1] if stored else None
 
     def has_state(self) -> bool:
         return bool(self._read("SELECT 1 FROM records LIMIT 1"))
@@ -316,7 +379,7 @@ class ClientStore:
         readable = []
         for row_id, data in stored:
             try:
-                readable.append((row_id, decode(data)))
+                readable.append((row_id, decode(self._codec.open(table, _row(row_id), data))))
             except StateError as exc:
                 self._unreadable[(table, row_id)] = exc.code
         return readable
@@ -350,12 +413,14 @@ class ClientStore:
             raise InvalidArgument("records are named by RecordKeys")
         moves = []
         for key, reason in corrupt.items():
-            found = self._read("SELECT rowid FROM records WHERE key = ?", (key.encode(),))
+            stored_key = self._codec.index(key.encode())
+            found = self._read("SELECT rowid FROM records WHERE key = ?", (stored_key,))
             if found:
                 moves.append(("records", int(found[0][0]), key.kind.value, str(reason)))
         return self._move_aside(moves)
 
     def _move_aside(self, moves: list[tuple[str, int, str, str]]) -> list[int]:
+        """Each row as stored (sealed, in an encrypted store) into set_aside, an event for each."""
         if not moves:
             return []
         key_column = {"records": "rowid", "outbox": "id", "inbox": "id"}
@@ -373,12 +438,11 @@ class ClientStore:
                 data = pack(list(row)) if table == "records" else row[0]
                 cursor.execute(
                     "INSERT INTO set_aside (source, row, data, reason) VALUES (?, ?, ?, ?)",
-                    (table, row_id.to_bytes(8, "big"), data, reason),
+                    (table, _row(row_id), data, reason),
                 )
                 cursor.execute(f"DELETE {where}", (row_id,))
-                event = StoredItemSetAside(table, kind, reason)
-                cursor.execute("INSERT INTO inbox (event) VALUES (?)", (rows.encode_event(event),))
-                inbox_ids.append(int(cursor.lastrowid or 0))
+                event = rows.encode_event(StoredItemSetAside(table, kind, reason))
+                inbox_ids.append(self._insert(cursor, "inbox", event))
             cursor.execute("COMMIT")
         except sqlite3.Error as exc:
             if self._db.in_transaction:
@@ -388,7 +452,8 @@ class ClientStore:
 
     def was_processed(self, guid: bytes) -> bool:
         _check_guid(guid)
-        return bool(self._read("SELECT 1 FROM processed WHERE guid = ?", (guid,)))
+        found = self._read("SELECT 1 FROM processed WHERE guid = ?", (self._codec.index(guid),))
+        return bool(found)
 
     # ------------------------------------------------------------ writes
 
@@ -419,8 +484,7 @@ class ClientStore:
                 None,
                 None,
             )
-            _check_guid(guid)
-            check_now(at)
+            processed = (self._codec.index(_check_guid(guid)), check_now(at))
         sent_ids, taken_ids = _checked_ids(sent), _checked_ids(taken)
         if position is not None:
             _checked_ids([position])
@@ -444,27 +508,19 @@ class ClientStore:
         cursor = self._db.cursor()
         cursor.execute("BEGIN IMMEDIATE")
         try:
-            for packed_key, value in records:
+            for key, value in records:
                 if value is None:
-                    cursor.execute("DELETE FROM records WHERE key = ?", (packed_key,))
+                    stored_key = self._codec.index(key)
+                    cursor.execute("DELETE FROM records WHERE key = ?", (stored_key,))
                 else:
                     cursor.execute(
                         "INSERT OR REPLACE INTO records (key, value) VALUES (?, ?)",
-                        (packed_key, value),
+                        self._seal_record(key, value),
                     )
-            outbox_ids = []
-            for data in outbox_rows:
-                cursor.execute(
-                    "INSERT INTO outbox (send, position) VALUES (?, ?)", (data, position or 0)
-                )
-                row_id = int(cursor.lastrowid or 0)
-                if position is None:
-                    cursor.execute("UPDATE outbox SET position = id WHERE id = ?", (row_id,))
-                outbox_ids.append(row_id)
-            inbox_ids = []
-            for data in inbox_rows:
-                cursor.execute("INSERT INTO inbox (event) VALUES (?)", (data,))
-                inbox_ids.append(int(cursor.lastrowid or 0))
+            outbox_ids = [
+                self._insert(cursor, "outbox", data, position=position) for data in outbox_rows
+            ]
+            inbox_ids = [self._insert(cursor, "inbox", data) for data in inbox_rows]
             if processed is not None:
                 cursor.execute(
                     "INSERT OR IGNORE INTO processed (guid, at) VALUES (?, ?)", processed
@@ -479,6 +535,21 @@ class ClientStore:
                 cursor.execute("ROLLBACK")
             raise
         return outbox_ids, inbox_ids
+
+    def _insert(
+        self, cursor: sqlite3.Cursor, table: str, data: bytes, *, position: int | None = None
+    ) -> int:
+        """Add a row to the outbox or inbox, sealed with its id; its id."""
+        row_id = _next_id(cursor, table)
+        sealed = self._codec.seal(table, _row(row_id), data)
+        if table == "outbox":
+            cursor.execute(
+                "INSERT INTO outbox (id, send, position) VALUES (?, ?, ?)",
+                (row_id, sealed, row_id if position is None else position),
+            )
+        else:
+            cursor.execute("INSERT INTO inbox (id, event) VALUES (?, ?)", (row_id, sealed))
+        return row_id
 
     def position_of(self, row_id: int) -> int | None:
         """Where an outbox row stands in the outbox's order (None if it is gone)."""
@@ -506,6 +577,74 @@ class ClientStore:
         except sqlite3.Error as exc:
             raise _store_error(exc, "writing the client store") from exc
         return int(forgotten)
+
+
+def _row(row_id: int) -> bytes:
+    """An outbox or inbox row's identity in associated data and in set_aside."""
+    return row_id.to_bytes(8, "big")
+
+
+def _next_id(cursor: sqlite3.Cursor, table: str) -> int:
+    """The id AUTOINCREMENT would give the next row of ``table`` (never one used before)."""
+    found = cursor.execute("SELECT seq FROM sqlite_sequence WHERE name = ?", (table,)).fetchone()
+    return (0 if found is None else int(found[0])) + 1
+
+
+def _codec(db: sqlite3.Connection, path: str, key: bytes | None) -> StoreCodec:
+    """How this store's values are kept: the key checked, a plaintext store encrypted."""
+    meta = dict(db.execute("SELECT name, value FROM meta").fetchall())
+    salt = meta.get("salt")
+    if salt is None:
+        return PlainCodec() if key is None else _encrypt(db, key)
+    if key is None:
+        raise WrongStoreKey(f"the client store {path} is encrypted: open it with its key")
+    cipher = StoreCipher(key, salt)
+    try:
+        if cipher.open("meta", b"key_check", meta.get("key_check", b"")) != KEY_CHECK:
+            raise StateError("the key check holds something else")
+    except StateError:
+        raise WrongStoreKey(f"this key does not open the client store {path}") from None
+    return cipher
+
+
+def _encrypt(db: sqlite3.Connection, key: bytes) -> StoreCipher:
+    """Encrypt a store written without a key, in one transaction; then leave no plaintext.
+
+    Every record, outbox, inbox and set-aside row is sealed and every guid
+    replaced by its keyed hash. VACUUM then rewrites the database file, so no
+    free page keeps an old plaintext row, and the WAL is emptied.
+    """
+    salt = os.urandom(SALT_SIZE)
+    cipher = StoreCipher(key, salt)
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        db.execute("INSERT INTO meta (name, value) VALUES ('salt', ?)", (salt,))
+        check = cipher.seal("meta", b"key_check", KEY_CHECK)
+        db.execute("INSERT INTO meta (name, value) VALUES ('key_check', ?)", (check,))
+        records = db.execute("SELECT key, value FROM records").fetchall()
+        db.execute("DELETE FROM records")
+        for key_bytes, value in records:
+            stored_key = cipher.index(key_bytes)
+            sealed = cipher.seal("records", stored_key, pack([bytes(key_bytes), bytes(value)]))
+            db.execute("INSERT INTO records (key, value) VALUES (?, ?)", (stored_key, sealed))
+        for table, column in (("outbox", "send"), ("inbox", "event"), ("set_aside", "data")):
+            for row_id, data in db.execute(f"SELECT id, {column} FROM {table}").fetchall():
+                sealed = cipher.seal(table, _row(row_id), bytes(data))
+                db.execute(f"UPDATE {table} SET {column} = ? WHERE id = ?", (sealed, row_id))
+        processed = db.execute("SELECT guid, at FROM processed").fetchall()
+        db.execute("DELETE FROM processed")
+        db.executemany(
+            "INSERT INTO processed (guid, at) VALUES (?, ?)",
+            [(cipher.index(bytes(guid)), at) for guid, at in processed],
+        )
+        db.execute("COMMIT")
+    except BaseException:
+        if db.in_transaction:
+            db.execute("ROLLBACK")
+        raise
+    db.execute("VACUUM")
+    db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+    return cipher
 
 
 def _check_guid(guid: object) -> bytes:
