@@ -22,9 +22,11 @@ import pytest
 import trio
 
 from hushchat.protocol.client_core import ClientCore, GroupUpdated, MessageReceived
+from hushchat.protocol.errors import InvalidArgument
 from hushchat.transport.client import connection as connection_module
 from hushchat.transport.client.client import (
     PROCESSED_MEMORY,
+    Client,
     Connected,
     Disconnected,
     MessagePending,
@@ -38,7 +40,7 @@ from hushchat.transport.client.store import WAL_SIZE_LIMIT, ClientStore, StoreFu
 from hushchat.transport.relay.config import RelayLimits
 from hushchat.transport.relay.ratelimit import RateLimit
 from hushchat.transport.wire.errors import UnknownUser
-from tests.support.clients import Relay, RelayProcess, client, next_matching
+from tests.support.clients import Relay, RelayProcess, client, free_port, next_matching
 from tests.support.clock import NOW
 
 TIMEOUT = 30
@@ -420,3 +422,74 @@ async def test_the_wal_stays_small(tmp_path: Path, relay: Relay) -> None:
             name: os.path.getsize(tmp_path / f"{name}.db-wal") for name in ("alice", "bob")
         }
     assert max(sizes.values()) <= WAL_SIZE_LIMIT + 512 * 1024, sizes
+
+
+async def ready_at(c: Client, address: tuple[str, int]) -> None:
+    with trio.fail_after(TIMEOUT):
+        while not (c.status is Status.READY and c.relay == address):
+            await trio.sleep(0.01)
+
+
+async def test_a_client_follows_its_relay_to_a_second_address(
+    tmp_path: Path, nursery: trio.Nursery
+) -> None:
+    """The operator moves the relay (its database) to another port; the clients know both.
+
+    The address used to be fixed at open_client: a moved relay was never found again.
+    """
+    first = Relay(nursery, str(tmp_path / "relay.db"))
+    await first.start()
+    second = Relay(nursery, str(tmp_path / "relay.db"))
+    second.port = free_port()
+    addresses = [("127.0.0.1", second.port)]
+    async with (
+        client(tmp_path, first, "alice", relays=addresses) as alice,
+        client(tmp_path, first, "bob", relays=addresses) as bob,
+    ):
+        await alice.send_direct("bob", b"at the first address")
+        assert (await next_matching(bob, MessageReceived)).body == b"at the first address"
+        await first.stop()
+        await second.start()
+        for c in (alice, bob):
+            await ready_at(c, ("127.0.0.1", second.port))
+        await alice.send_direct("bob", b"at the second address")
+        assert (await next_matching(bob, MessageReceived)).body == b"at the second address"
+
+
+async def test_a_resolver_tells_where_the_relay_is_now(
+    tmp_path: Path, nursery: trio.Nursery
+) -> None:
+    first = Relay(nursery, str(tmp_path / "relay.db"))
+    await first.start()
+    where = {"now": [("127.0.0.1", first.port)]}
+    asked: list[int] = []
+
+    async def resolve() -> list[tuple[str, int]]:
+        asked.append(1)
+        return where["now"]
+
+    async with client(tmp_path, first, "bob"):
+        pass  # registered at the relay
+    async with client(tmp_path, first, "alice", resolver=resolve) as alice:
+        await first.stop()
+        second = Relay(nursery, str(tmp_path / "relay.db"))
+        await second.start()
+        where["now"] = [("127.0.0.1", second.port)]
+        await ready_at(alice, ("127.0.0.1", second.port))
+        assert asked
+        async with client(tmp_path, second, "bob") as bob:
+            await alice.send_direct("bob", b"found you")
+            assert (await next_matching(bob, MessageReceived)).body == b"found you"
+
+
+def test_relay_addresses_are_checked(tmp_path: Path) -> None:
+    store = ClientStore.open(str(tmp_path / "alice.db"))
+    try:
+        device = ClientCore.create_primary("alice", 1, now=NOW)
+        for relays in ([("", 7400)], [("relay", 0)], [("relay", "7400")], ["relay:7400"]):
+            with pytest.raises(InvalidArgument):
+                Client(store, device, "127.0.0.1", 7400, relays=relays)  # type: ignore[arg-type]
+        with pytest.raises(InvalidArgument):
+            Client(store, device, "127.0.0.1", 70000)
+    finally:
+        store.close()

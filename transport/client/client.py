@@ -28,7 +28,9 @@ all protocol work; this module does only I/O around it:
   is rebuilt for the current devices, one refused for the relay's rate is
   paced as the relay says, one for a full mailbox waits and goes again;
 * a dropped connection is re-established with exponential backoff and
-  jitter, growing across refused logins as across failed connects; a relay
+  jitter, growing across refused logins as across failed connects, trying
+  each address the relay may be at (``relays``, or what ``resolver`` says
+  now) in turn, the one that last worked first; a relay
   that no longer knows this device (it lost its database) gets it
   registered again, with the signed device list the device holds unchanged,
   and its prekeys uploaded again.
@@ -84,7 +86,9 @@ from hushchat.protocol.primitives import SYSTEM_RANDOM, RandomSource
 
 from ..wire.errors import (
     AuthenticationFailed,
+    ConnectFailed,
     ConnectionFailure,
+    ConnectTimeout,
     DeviceListMismatch,
     DeviceListRejected,
     Forbidden,
@@ -180,6 +184,11 @@ PRUNE_INTERVAL = 3600
 
 _T = TypeVar("_T")
 
+RelayAddress = tuple[str, int]
+"""A relay's host and port."""
+Resolver = Callable[[], Awaitable[Sequence[RelayAddress]]]
+"""Where the relay is now: called before each round of connection attempts."""
+
 
 class SendDropped(TransportError):
     """A send kept being refused for its recipients' device lists; it left the outbox unsent."""
@@ -215,10 +224,14 @@ class Client:
         reconnect_first_delay: float = RECONNECT_FIRST_DELAY,
         reconnect_max_delay: float = RECONNECT_MAX_DELAY,
         processed_memory: int = PROCESSED_MEMORY,
+        relays: Sequence[RelayAddress] = (),
+        resolver: Resolver | None = None,
     ) -> None:
         self.store = store
         self.core = device
-        self._host, self._port = host, port
+        self._addresses = [_check_address((host, port)), *map(_check_address, relays)]
+        self._resolver = resolver
+        self._relay: RelayAddress = self._addresses[0]
         self._ssl_context = ssl_context
         # The relay we mean: what it must call itself before we sign a login (spec 7.4).
         self.relay_name = expected_relay_name or host
@@ -269,6 +282,11 @@ class Client:
     def address(self) -> Address:
         """This device: its user id and device id (``alice.1``)."""
         return self.core.address
+
+    @property
+    def relay(self) -> RelayAddress:
+        """The address of the relay connected to, or last tried."""
+        return self._relay
 
     @property
     def status(self) -> Status:
@@ -1277,47 +1295,15 @@ class Client:
         for row_id, event in self.store.inbox():
             await self._events_in.send((row_id, event))
         delay = self._first_delay
-        started = False
+        self._started = False
         while True:
-            status = task_status if not started else trio.TASK_STATUS_IGNORED
-            reason = "relay closed the connection"
-            newly_unknown = False
-            try:
-                async with connect_relay(
-                    self._host,
-                    self._port,
-                    ssl_context=self._ssl_context,
-                    expected_relay_name=self.relay_name,
-                    request_timeout=self._request_timeout,
-                ) as connection:
-                    await _unwrapped(self._session(connection, status))
-            except AuthenticationFailed as refused:
-                reason = refused.code
-                newly_unknown = not self._unknown_to_relay
-                if newly_unknown:
-                    logger.warning("the relay refused this device's login (%s)", reason)
-                    self._unknown_to_relay = True
-                    self._notify(UnknownToRelay(reason))
-            except (RelayNameMismatch, RegistrationClosed, InviteRefused):
-                # Not the relay we mean (or one relaying another's challenge), or
-                # one that will not register us: no retry changes it. The app
-                # hears of it from open_client.
-                raise
-            except (TransportError, OSError, RemoteProtocolError) as exc:
-                # RemoteProtocolError: the relay served something that does not
-                # verify (our own device list, a bundle to sync with): drop this
-                # connection and try again, as for any transport failure.
-                reason = getattr(exc, "code", type(exc).__name__)
-            finally:
-                was_ready = self._status is Status.READY
-                started = started or was_ready
-                self._connection = None
-                self._ready = trio.Event()
-                self._progress.set()  # sends waiting on this connection's flusher return
-                self._progress = trio.Event()
-                self._status = (
-                    Status.UNKNOWN_TO_RELAY if self._unknown_to_relay else Status.CONNECTING
-                )
+            was_ready = newly_unknown = False
+            reason = "no relay address"
+            for address in await self._relay_addresses():
+                status = task_status if not self._started else trio.TASK_STATUS_IGNORED
+                reason, unreachable, was_ready, newly_unknown = await self._connect(address, status)
+                if not unreachable:
+                    break  # it answered: the backoff applies before any next attempt
             if was_ready:
                 delay = self._first_delay
             if not self._unknown_to_relay or newly_unknown:
@@ -1325,6 +1311,67 @@ class Client:
             spread = int.from_bytes(self._rng.random_bytes(2), "big") / 65535 * 2 - 1
             await trio.sleep(delay * (1 + RECONNECT_JITTER * spread))
             delay = min(delay * RECONNECT_MULTIPLIER, self._max_delay)
+
+    async def _relay_addresses(self) -> list[RelayAddress]:
+        """Where to try, in order: the resolver's answer (else the addresses given), the
+        address that last worked first."""
+        addresses = self._addresses
+        if self._resolver is not None:
+            try:
+                answer = [_check_address(address) for address in await self._resolver()]
+            except Exception as exc:  # an app's resolver may fail in any way: carry on
+                logger.warning("the relay resolver failed (%s); trying the known addresses", exc)
+            else:
+                addresses = answer or addresses
+        return sorted(addresses, key=lambda address: address != self._relay)
+
+    async def _connect(
+        self, address: RelayAddress, status: trio.TaskStatus[None]
+    ) -> tuple[str, bool, bool, bool]:
+        """One connection to ``address``, to its end.
+
+        Why it ended; whether the relay could not be reached there at all (the
+        next address is then tried at once); whether it had become ready; and
+        whether its login was refused for the first time.
+        """
+        self._relay = address
+        reason, unreachable, newly_unknown = "relay closed the connection", False, False
+        try:
+            async with connect_relay(
+                *address,
+                ssl_context=self._ssl_context,
+                expected_relay_name=self.relay_name,
+                request_timeout=self._request_timeout,
+            ) as connection:
+                await _unwrapped(self._session(connection, status))
+        except (ConnectFailed, ConnectTimeout) as failure:
+            reason, unreachable = failure.code, True
+        except AuthenticationFailed as refused:
+            reason = refused.code
+            newly_unknown = not self._unknown_to_relay
+            if newly_unknown:
+                logger.warning("the relay refused this device's login (%s)", reason)
+                self._unknown_to_relay = True
+                self._notify(UnknownToRelay(reason))
+        except (RelayNameMismatch, RegistrationClosed, InviteRefused):
+            # Not the relay we mean (or one relaying another's challenge), or one
+            # that will not register us: no retry changes it. The app hears of it
+            # from open_client.
+            raise
+        except (TransportError, OSError, RemoteProtocolError) as exc:
+            # RemoteProtocolError: the relay served something that does not
+            # verify (our own device list, a bundle to sync with): drop this
+            # connection and try again, as for any transport failure.
+            reason = getattr(exc, "code", type(exc).__name__)
+        finally:
+            was_ready = self._status is Status.READY
+            self._started = self._started or was_ready
+            self._connection = None
+            self._ready = trio.Event()
+            self._progress.set()  # sends waiting on this connection's flusher return
+            self._progress = trio.Event()
+            self._status = Status.UNKNOWN_TO_RELAY if self._unknown_to_relay else Status.CONNECTING
+        return reason, unreachable, was_ready, newly_unknown
 
 
 async def _unwrapped(work: Awaitable[None]) -> None:
@@ -1354,6 +1401,20 @@ def _real_error(group: BaseExceptionGroup[BaseException]) -> BaseException | Non
         elif not isinstance(error, trio.Cancelled):
             return error
     return None
+
+
+def _check_address(address: object) -> RelayAddress:
+    if (
+        not isinstance(address, tuple)
+        or len(address) != 2
+        or not isinstance(address[0], str)
+        or not address[0]
+        or isinstance(address[1], bool)
+        or not isinstance(address[1], int)
+        or not 0 < address[1] < 65536
+    ):
+        raise InvalidArgument("a relay address is (host, port), a port from 1 to 65535")
+    return address[0], address[1]
 
 
 def _message_of(item: OutboxItem) -> bytes | None:
@@ -1412,6 +1473,8 @@ async def open_client(
     reconnect_first_delay: float = RECONNECT_FIRST_DELAY,
     reconnect_max_delay: float = RECONNECT_MAX_DELAY,
     processed_memory: int = PROCESSED_MEMORY,
+    relays: Sequence[RelayAddress] = (),
+    resolver: Resolver | None = None,
 ) -> AsyncIterator[Client]:
     """Connect a device and keep it connected for the duration of the block.
 
@@ -1438,6 +1501,12 @@ async def open_client(
     The guid of each envelope processed is kept ``processed_memory`` seconds,
     to recognise it if it comes again: at least the relay's retention.
 
+    ``relays``: more addresses the relay may be at, tried in turn after
+    ``host``/``port`` when it cannot be reached there (one that answers ends
+    the round); ``resolver``: an async function giving the addresses to try
+    now, called before each round (``host``/``port`` and ``relays`` serve
+    when it fails). Either way the address that last worked comes first.
+
     Errors come out as the library's own exceptions (never an exception
     group): those of the block as they were raised, and a failure of the
     client itself (its store failing, say) as that error.
@@ -1460,6 +1529,8 @@ async def open_client(
         reconnect_first_delay=reconnect_first_delay,
         reconnect_max_delay=reconnect_max_delay,
         processed_memory=processed_memory,
+        relays=relays,
+        resolver=resolver,
     )
     try:
         async with trio.open_nursery() as nursery:
