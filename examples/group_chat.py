@@ -102,6 +102,8 @@ from hushchat.transport.client.client import (
     Client,
     Connected,
     Disconnected,
+    MessageDelivered,
+    MessageNotDelivered,
     MessagePending,
     MessageSent,
     Reregistered,
@@ -112,6 +114,7 @@ from hushchat.transport.client.client import (
     open_client,
 )
 from hushchat.transport.client.connection import connect_relay
+from hushchat.transport.client.events import StoredEvent
 from hushchat.transport.client.rows import encode_event
 from hushchat.transport.client.store import (
     ClientStore,
@@ -429,8 +432,14 @@ class Chat:
         why = "the relay is out of reach" if reason == "NOT_CONNECTED" else reason
         self.screen.info(f"not sent yet ({why}); it goes by itself later: {line}")
 
-    def show_event(self, event: core.Event | SendFailed | StoredItemSetAside) -> None:
-        if isinstance(event, StoredItemSetAside):
+    def show_event(self, event: StoredEvent) -> None:
+        if isinstance(event, MessageNotDelivered):
+            line = self.sent_lines.pop(event.message_id, "a message")
+            devices = ", ".join(str(a) for a in event.devices)
+            self.screen.error(f"never delivered to {devices} (it expired unread): {line}")
+        elif isinstance(event, MessageDelivered | core.DeliveryConfirmed):
+            pass  # delivered: the usual case, not worth a line
+        elif isinstance(event, StoredItemSetAside):
             what = {"outbox": "a message waiting to go", "inbox": "a message or notice"}.get(
                 event.table, f"this device's {event.kind or 'state'}"
             )

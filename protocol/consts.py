@@ -205,6 +205,10 @@ MAX_GROUP_TITLE_SIZE: Final = 256
 # go into welcomes for the same purpose. Each kept state costs one snapshot
 # (about 100 bytes per member) in the stored record.
 MAX_GROUP_HISTORY: Final = 16
+# Message ids one DeliveryReceipt names: a relay pushes at most 100 envelopes
+# before it waits for their acknowledgement (MAX_IN_FLIGHT), so a device
+# confirms what one such batch brought from one sender in one receipt.
+MAX_RECEIPT_MESSAGE_IDS: Final = 100
 # Domain-separation prefixes of group control messages: the author device's
 # signature, the change id (hash of the body) and the state hash chain.
 GROUP_CONTROL_SIGNATURE_CONTEXT: Final = b"hushchat_group_control"

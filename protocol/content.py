@@ -10,6 +10,7 @@ Inside a one-to-one Double Ratchet message (canonical msgpack arrays)::
                      message_id: bin16, sent_at: u64, body: bin]
     SyncRequest   = [6]
     GroupSync     = [7, states: [snapshot: bin, ...]]     (oldest first)
+    DeliveryReceipt = [8, message_ids: [bin16, ...]]      (1 to MAX_RECEIPT_MESSAGE_IDS)
 
 Inside a group (sender-key) message::
 
@@ -24,14 +25,22 @@ message it sends, so each device holds the whole conversation. A newly
 linked device sends ``SyncRequest`` to its user's other devices; each answers
 with a ``GroupSync`` per group it holds (the recent states, as group
 snapshots) and its sender key for that group. Both are accepted only from
-devices of the same user.
+devices of the same user. A device that received messages (``Text``,
+``GroupText``) from another user tells that user's devices with a
+``DeliveryReceipt`` naming them.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .consts import GROUP_ID_SIZE, MAX_GROUP_HISTORY, MAX_PLAINTEXT_SIZE, MAX_USER_ID_SIZE
+from .consts import (
+    GROUP_ID_SIZE,
+    MAX_GROUP_HISTORY,
+    MAX_PLAINTEXT_SIZE,
+    MAX_RECEIPT_MESSAGE_IDS,
+    MAX_USER_ID_SIZE,
+)
 from .encoding import UINT64_MAX, Fields, pack, unpack
 from .errors import DecodeError
 
@@ -46,6 +55,7 @@ CONTENT_RETRY_REQUEST = 4
 CONTENT_SENT_COPY = 5
 CONTENT_SYNC_REQUEST = 6
 CONTENT_GROUP_SYNC = 7
+CONTENT_DELIVERY_RECEIPT = 8
 
 SENT_TO_USER = 1
 SENT_TO_GROUP = 2
@@ -124,7 +134,26 @@ class GroupSync:
         return pack([CONTENT_GROUP_SYNC, list(self.states)])
 
 
-Content = Text | SenderKey | GroupControl | RetryRequest | SentCopy | SyncRequest | GroupSync
+@dataclass(frozen=True, slots=True)
+class DeliveryReceipt:
+    """A delivery receipt: the device that sends it received (and stored) these messages."""
+
+    message_ids: tuple[bytes, ...]
+
+    def encode(self) -> bytes:
+        return pack([CONTENT_DELIVERY_RECEIPT, list(self.message_ids)])
+
+
+Content = (
+    Text
+    | SenderKey
+    | GroupControl
+    | RetryRequest
+    | SentCopy
+    | SyncRequest
+    | GroupSync
+    | DeliveryReceipt
+)
 
 
 def decode_content(data: bytes) -> Content:
@@ -178,6 +207,16 @@ def decode_content(data: bytes) -> Content:
         if not states or not all(isinstance(state, bytes) for state in states):
             raise DecodeError("GroupSync: states must be 1 or more byte strings")
         return GroupSync(tuple(states))
+    if kind == CONTENT_DELIVERY_RECEIPT:
+        f = Fields(value, what="DeliveryReceipt", count=2)
+        f.uint()
+        ids = f.array(max_len=MAX_RECEIPT_MESSAGE_IDS)
+        if not ids or not all(isinstance(i, bytes) and len(i) == MESSAGE_ID_SIZE for i in ids):
+            raise DecodeError(
+                f"DeliveryReceipt: 1 to {MAX_RECEIPT_MESSAGE_IDS} message ids "
+                f"of {MESSAGE_ID_SIZE} bytes"
+            )
+        return DeliveryReceipt(tuple(ids))
     raise DecodeError("content: unknown content type")
 
 

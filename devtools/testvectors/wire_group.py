@@ -7,10 +7,12 @@ from typing import Any
 from hushchat.protocol.consts import (
     GROUP_VERSION,
     MAX_GROUP_HISTORY,
+    MAX_RECEIPT_MESSAGE_IDS,
     PROTOCOL_VERSION,
     SENDER_KEY_VERSION,
 )
 from hushchat.protocol.content import (
+    DeliveryReceipt,
     GroupControl,
     GroupSync,
     GroupText,
@@ -54,6 +56,8 @@ def _content_json(data: bytes) -> Json:
         return {"type": 6}
     if isinstance(c, GroupSync):
         return {"type": 7, "states": [h(state) for state in c.states]}
+    if isinstance(c, DeliveryReceipt):
+        return {"type": 8, "message_ids": [h(i) for i in c.message_ids]}
     return {
         "type": 5,
         "to_kind": 1 if c.to_user is not None else 2,
@@ -79,6 +83,8 @@ def _content_encode(d: Json) -> bytes:
         return SyncRequest().encode()
     if kind == 7:
         return GroupSync(tuple(unhex(state) for state in d["states"])).encode()
+    if kind == 8:
+        return DeliveryReceipt(tuple(unhex(i) for i in d["message_ids"])).encode()
     to_user = d["to"] if d["to_kind"] == 1 else None
     to_group = unhex(d["to"]) if d["to_kind"] == 2 else None
     return SentCopy(
@@ -241,6 +247,13 @@ def samples() -> dict[str, list[tuple[str, bytes]]]:
                 "Text whose body is not UTF-8: the body is opaque bytes",
                 Text(message_id, 1_700_000_000, b"\xff\xfe\x00hi").encode(),
             ),
+            ("DeliveryReceipt of one message", DeliveryReceipt((message_id,)).encode()),
+            (
+                f"DeliveryReceipt of {MAX_RECEIPT_MESSAGE_IDS} messages, the most it may name",
+                DeliveryReceipt(
+                    tuple(rng.random_bytes(16) for _ in range(MAX_RECEIPT_MESSAGE_IDS))
+                ).encode(),
+            ),
         ],
         "GroupText": [
             (
@@ -278,7 +291,27 @@ def specific_defects(name: str, sample: bytes) -> list[Defect]:
                 ("SentCopy to the empty user id", "WrongSize", replace(sample, s, 2, "")),
             ]
         if fields[0] == 1:
-            return [("content type 8", "UnknownType", replace(sample, s, 0, 8))]
+            return [("content type 9", "UnknownType", replace(sample, s, 0, 9))]
+        if fields[0] == 8 and len(fields[1]) == 1:
+            message_id = fields[1][0]
+            return [
+                ("DeliveryReceipt of no message", "WrongSize", replace(sample, s, 1, [])),
+                (
+                    f"DeliveryReceipt of {MAX_RECEIPT_MESSAGE_IDS + 1} messages",
+                    "WrongSize",
+                    replace(sample, s, 1, [message_id] * (MAX_RECEIPT_MESSAGE_IDS + 1)),
+                ),
+                (
+                    "DeliveryReceipt naming a message id of 15 bytes",
+                    "WrongSize",
+                    replace(sample, s, 1, [message_id[:15]]),
+                ),
+                (
+                    "DeliveryReceipt naming a message id that is a string",
+                    "WrongType",
+                    replace(sample, s, 1, ["x" * 16]),
+                ),
+            ]
         if fields[0] == 7:
             state = fields[1][0]
             return [

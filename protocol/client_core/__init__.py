@@ -16,6 +16,7 @@ from .core import ClientCore as ClientCore
 from .direct import MissingSessions as MissingSessions
 from .directory import DeviceListNeeded as DeviceListNeeded
 from .events import Address as Address
+from .events import DeliveryConfirmed as DeliveryConfirmed
 from .events import DeviceAdded as DeviceAdded
 from .events import DeviceRemoved as DeviceRemoved
 from .events import Event as Event

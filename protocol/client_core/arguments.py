@@ -15,6 +15,7 @@ from ..consts import (
     MAX_GROUP_MEMBERS,
     MAX_GROUP_TITLE_SIZE,
     MAX_PLAINTEXT_SIZE,
+    MAX_RECEIPT_MESSAGE_IDS,
 )
 from ..content import MESSAGE_ID_SIZE, STATE_HASH_SIZE, GroupText
 from ..devices import check_identity_key
@@ -122,6 +123,23 @@ def check_message(message_id: object, sent_at: object) -> None:
         raise InvalidArgument(f"a message id is {MESSAGE_ID_SIZE} bytes")
     if sent_at is not None:
         check_now(sent_at)
+
+
+def check_message_ids(message_ids: object) -> tuple[bytes, ...]:
+    """The ids a delivery receipt names: 1 to MAX_RECEIPT_MESSAGE_IDS of 16 bytes."""
+    if isinstance(message_ids, bytes | str) or not isinstance(message_ids, Iterable):
+        raise InvalidArgument("message ids come as a list")
+    ids = tuple(message_ids)
+    if not ids or not all(isinstance(i, bytes) and len(i) == MESSAGE_ID_SIZE for i in ids):
+        raise InvalidArgument(f"1 or more message ids of {MESSAGE_ID_SIZE} bytes")
+    if len(ids) > MAX_RECEIPT_MESSAGE_IDS:
+        raise LimitExceeded(
+            "the message ids of one receipt",
+            len(ids),
+            "MAX_RECEIPT_MESSAGE_IDS",
+            MAX_RECEIPT_MESSAGE_IDS,
+        )
+    return ids
 
 
 def check_input(data: object, what: str) -> bytes:

@@ -61,6 +61,7 @@ from ..consts import (
     SENDER_KEY_MAX_MESSAGES,
 )
 from ..content import (
+    DeliveryReceipt,
     GroupControl,
     GroupSync,
     RetryRequest,
@@ -95,6 +96,7 @@ from .arguments import (
     check_input,
     check_members,
     check_message,
+    check_message_ids,
     check_now,
     check_title,
     check_user_id,
@@ -102,7 +104,7 @@ from .arguments import (
 )
 from .direct import Sessions
 from .directory import DeviceListChange, Directory
-from .events import Address, IdentityChanged, Undecryptable
+from .events import Address, DeliveryConfirmed, IdentityChanged, Undecryptable
 from .groups import GroupMessages
 from .membership import Membership
 from .records import RecordKey
@@ -372,6 +374,23 @@ class ClientCore:
             to_user, body, now=now, message_id=message_id, sent_at=sent_at
         )
 
+    def send_receipt(
+        self, to_user: str, message_ids: Iterable[bytes], *, now: int
+    ) -> list[DirectSend]:
+        """A delivery receipt for messages of ``to_user`` we received, to every device of it.
+
+        1 to MAX_RECEIPT_MESSAGE_IDS message ids. DeviceListNeeded or
+        MissingSessions (nothing changed) as for :meth:`send_direct`.
+        """
+        check_user_id(to_user)
+        ids = check_message_ids(message_ids)
+        check_now(now)
+        if to_user == self.user_id:
+            raise InvalidArgument("our own devices confirm nothing to each other")
+        recipients = self._directory.devices_of(to_user)
+        self._sessions.check_sessions(recipients, now)
+        return self._sessions.encrypt_for(recipients, DeliveryReceipt(ids).encode(), now)
+
     def resend_direct(self, send: DirectSend, *, now: int) -> DirectSend:
         """Encrypt a refused send's content again for the recipient's current devices.
 
@@ -605,6 +624,11 @@ class ClientCore:
             return self._messages.receive_retry(sender, content, now)
         if isinstance(content, GroupControl):
             return self._membership.receive_control(sender, content, now)
+        if isinstance(content, DeliveryReceipt):
+            if sender.user_id == self.user_id:
+                # Our devices confirm nothing to each other (no receipts for SentCopy).
+                return Outcome(events=(Undecryptable(sender, UnauthorizedChange.code),))
+            return Outcome(events=(DeliveryConfirmed(sender, content.message_ids),))
         if sender.user_id != self.user_id:
             # Sync traffic is between one user's own devices only.
             return Outcome(events=(Undecryptable(sender, UnauthorizedChange.code),))

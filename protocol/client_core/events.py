@@ -127,6 +127,18 @@ class GroupStateMismatch:
     our_state_hash: bytes = field(repr=False)
 
 
+@dataclass(frozen=True, slots=True)
+class DeliveryConfirmed:
+    """``device`` (another user's) received these messages of ours: its delivery receipt.
+
+    Authenticated like any message from it (the relay cannot forge one); the
+    client library matches them to what it sent (MessageDelivered).
+    """
+
+    device: Address
+    message_ids: tuple[bytes, ...]
+
+
 Event: TypeAlias = (
     MessageReceived
     | MessageSentByOtherDevice
@@ -139,4 +151,5 @@ Event: TypeAlias = (
     | GroupReplaced
     | RetryRequested
     | GroupStateMismatch
+    | DeliveryConfirmed
 )

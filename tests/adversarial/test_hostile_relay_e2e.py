@@ -292,11 +292,15 @@ def undecryptable(events: list[ClientEvent]) -> list[Undecryptable]:
 
 
 async def converse(alice: Client, bob: Client) -> None:
-    """A first message each way: both sides hold an acknowledged session."""
+    """A first message each way, each confirmed: both sides hold an acknowledged session,
+    and nothing is in flight (no delivery receipt either)."""
     await alice.send_direct("bob", b"hello bob")
     await events_until(bob, body_is(b"hello bob"))
     await bob.send_direct("alice", b"hello alice")
     await events_until(alice, body_is(b"hello alice"))
+    with trio.fail_after(TIMEOUT):
+        while alice.awaiting_receipts() or bob.awaiting_receipts():
+            await trio.sleep(0.01)
 
 
 ALICE, BOB, CAROL = Address("alice", 1), Address("bob", 1), Address("carol", 1)
@@ -707,6 +711,9 @@ async def test_a_client_that_knows_alice_refuses_her_key_under_mallory(
     async with client(setup, "alice") as alice, client(setup, "bob") as bob:
         await alice.send_direct("bob", b"bob now holds alice's list")
         await events_until(bob, body_is(b"bob now holds alice's list"))
+        with trio.fail_after(TIMEOUT):  # bob's delivery receipt has left his outbox
+            while alice.awaiting_receipts():
+                await trio.sleep(0.01)
         naming = (alice.core.account.identity, alice.core.device_entry, consented)
         served = mallory_list(naming=naming, counter=1)
         proxy.device_list_hook = lambda user_id, data: served if user_id == "mallory" else data

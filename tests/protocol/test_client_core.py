@@ -19,6 +19,7 @@ from hushchat.protocol.client_core import (
     ENVELOPE_GROUP,
     Address,
     ClientCore,
+    DeliveryConfirmed,
     DeviceAdded,
     DeviceRemoved,
     DirectSend,
@@ -37,9 +38,15 @@ from hushchat.protocol.consts import (
     MAX_SENDER_KEY_FORWARD_JUMP,
     STATE_VERSION,
 )
-from hushchat.protocol.content import GroupControl, GroupText, Text
+from hushchat.protocol.content import DeliveryReceipt, GroupControl, GroupText, Text
 from hushchat.protocol.encoding import pack, unpack
-from hushchat.protocol.errors import NoSenderKey, ProtocolError, StateError, UnknownStateVersion
+from hushchat.protocol.errors import (
+    InvalidArgument,
+    NoSenderKey,
+    ProtocolError,
+    StateError,
+    UnknownStateVersion,
+)
 from hushchat.protocol.group import ControlMessage, MemberAdded, MemberRemoved, SetTitle
 from hushchat.protocol.group_cipher import OutboundSenderKey, SenderKeyRecord
 from hushchat.protocol.primitives import SeededRandom
@@ -835,3 +842,36 @@ def test_mutated_bundles_raise_typed_errors_only(
     data[index % len(data)] ^= xor
     with contextlib.suppress(ProtocolError):
         garbage_net.core(A("alice")).process_bundle(bytes(data), now=garbage_net.now)
+
+
+# ------------------------------------------------------------------ delivery receipts
+
+
+def test_a_delivery_receipt_reaches_every_device_of_the_sender(net: Network) -> None:
+    net.add_user("alice", 2)
+    net.add_user("bob")
+    sent = [e for e in net.send_direct(A("alice"), "bob", b"hi") if e.label == TEXT]
+    net.deliver_all()
+    (message_id,) = {e.message_id for e in sent}
+    assert message_id is not None
+    receipts = net.send_receipt(A("bob"), "alice", [message_id])
+    assert sorted(e.recipient for e in receipts) == [A("alice", 1), A("alice", 2)]
+    for delivery in net.deliver_all():
+        assert delivery.events == (DeliveryConfirmed(A("bob"), (message_id,)),)
+
+
+def test_delivery_receipts_between_own_devices_are_refused(net: Network) -> None:
+    net.add_user("alice", 2)
+    net.add_user("bob")
+    with pytest.raises(InvalidArgument):
+        net.devices[A("alice")].send_receipt("alice", [bytes(16)], now=net.now)
+    # One made by another of our devices anyway: refused as UNAUTHORIZED_CHANGE.
+    net.send_direct(A("alice", 2), "bob", b"a session with alice.1 on the way")
+    net.deliver_all()
+    alice2 = net.devices[A("alice", 2)]
+    [send] = alice2._sessions.encrypt_for(
+        [A("alice")], DeliveryReceipt((bytes(16),)).encode(), net.now
+    )
+    [(_, payload)] = send.payloads
+    outcome = net.devices[A("alice")].receive(A("alice", 2), ENVELOPE_DIRECT, payload, now=net.now)
+    assert outcome.events == (Undecryptable(A("alice", 2), "UNAUTHORIZED_CHANGE"),)

@@ -176,6 +176,11 @@ def test_bad_times_bodies_and_devices_are_refused(world: Any) -> None:
         (lambda: alice.link_device(b"not an entry"), InvalidArgument),
         (lambda: alice.unlink_device(-1), InvalidArgument),
         (lambda: alice.request_sync(now=-1), InvalidArgument),
+        (lambda: alice.send_receipt("bob", [], now=net.now), InvalidArgument),
+        (lambda: alice.send_receipt("bob", [b"short"], now=net.now), InvalidArgument),
+        (lambda: alice.send_receipt("bob", bytes(16), now=net.now), InvalidArgument),
+        (lambda: alice.send_receipt("bob", [bytes(16)] * 101, now=net.now), LimitExceeded),
+        (lambda: alice.send_receipt("alice", [bytes(16)], now=net.now), InvalidArgument),
     ]
     for call, error in cases:
         raised = unchanged(alice, call, error)

@@ -9,8 +9,11 @@ from __future__ import annotations
 from hushchat.protocol import client_core as core
 from hushchat.protocol import group
 from hushchat.transport.client.events import (
+    MessageDelivered,
+    MessageNotDelivered,
     OutboxItem,
     QueuedMessage,
+    QueuedReceipt,
     SendFailed,
     StoredEvent,
     StoredItemSetAside,
@@ -175,7 +178,8 @@ NEW_ROWS: list[tuple[core.Event | core.Send, str]] = [
 
 # Every row type of ROW_VERSION 2, and its bytes: the first client's items
 # (their version 1 rows upgrade to these), what version 2 added (the app's
-# message id in a send, queued messages, SendFailed, StoredItemSetAside), and the types version 1
+# message id in a send, queued messages and receipts, SendFailed,
+# StoredItemSetAside, delivery confirmations and what they tell), and the types version 1
 # got later (NEW_ROWS: a group change to send, its failure, a group replaced).
 CURRENT: list[tuple[StoredEvent | OutboxItem, str]] = [
     (
@@ -244,6 +248,20 @@ CURRENT: list[tuple[StoredEvent | OutboxItem, str]] = [
     (
         SendFailed(b"\x14" * 16, "UNKNOWN_USER"),
         "94020cc41014141414141414141414141414141414ac554e4b4e4f574e5f55534552",
+    ),
+    (
+        core.DeliveryConfirmed(A("bob", 1), (b"\x15" * 16, b"\x16" * 16)),
+        "94020e92a3626f620192c41015151515151515151515151515151515c41016161616161616161616161616"
+        "161616",
+    ),
+    (MessageDelivered(b"\x17" * 16), "93020fc41017171717171717171717171717171717"),
+    (
+        MessageNotDelivered(b"\x18" * 16, (A("bob", 2), A("carol", 1))),
+        "940210c410181818181818181818181818181818189292a3626f620292a56361726f6c01",
+    ),
+    (
+        QueuedReceipt("alice", (b"\x19" * 16,)),
+        "940206a5616c69636591c41019191919191919191919191919191919",
     ),
     (
         NEW_ROWS[0][0],

@@ -48,6 +48,7 @@ from hushchat.protocol.client_core import (
 )
 from hushchat.protocol.client_core.persistence import serialize
 from hushchat.protocol.content import (
+    DeliveryReceipt,
     GroupControl,
     GroupText,
     RetryRequest,
@@ -91,6 +92,7 @@ RETRY = "retry"  # a retry request for an unreadable group message
 RETRY_ANSWER = "retry_answer"  # our sender key again, answering a retry request
 SYNC = "sync"  # a new device asks its user's other devices for their groups
 GROUP_SYNC = "group_sync"  # one group's states, for our own new device
+DELIVERY_RECEIPT = "delivery_receipt"  # a DeliveryReceipt, to the sender of messages
 FORGED = "forged"  # made up by a test
 
 # Envelopes carrying a sender key, and the labels that are 1:1 content.
@@ -228,6 +230,8 @@ def _describe(content: bytes, answering_retry: bool) -> Envelope:
         return Envelope.known(RETRY, group_id=decoded.group_id)
     if isinstance(decoded, SyncRequest):
         return Envelope.known(SYNC)
+    if isinstance(decoded, DeliveryReceipt):
+        return Envelope.known(DELIVERY_RECEIPT)
     return Envelope.known(GROUP_SYNC, group_id=GroupState.decode(decoded.states[-1]).group_id)
 
 
@@ -442,6 +446,17 @@ class Network:
         now = self.tick()
         self.ensure_sessions(address, core.devices_without_session([to_user], now=now))
         _, sends = core.send_direct(to_user, body, now=now)
+        self.persist(address)
+        return self._enqueue_all(address, sends)
+
+    def send_receipt(
+        self, address: Address, to_user: str, message_ids: Sequence[bytes]
+    ) -> list[Envelope]:
+        """``address`` confirms it received these messages of ``to_user``; its envelopes."""
+        core = self.devices[address]
+        now = self.tick()
+        self.ensure_sessions(address, core.devices_without_session([to_user], now=now))
+        sends = core.send_receipt(to_user, message_ids, now=now)
         self.persist(address)
         return self._enqueue_all(address, sends)
 

@@ -493,3 +493,36 @@ def test_relay_addresses_are_checked(tmp_path: Path) -> None:
             Client(store, device, "127.0.0.1", 70000)
     finally:
         store.close()
+
+
+async def test_a_refusal_while_preparing_a_send_waits_and_never_ends_the_connection(
+    tmp_path: Path, relay: Relay, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A bundle the relay cannot give yet (here UNKNOWN_DEVICE, as for a device whose list
+    is still on its way) used to end the connection from the sending task."""
+    from hushchat.transport.wire.errors import UnknownDevice
+
+    real = connection_module.RelayConnection.fetch_bundle
+    refused: list[str] = []
+
+    async def not_yet(self: Any, user_id: str, device_id: int) -> bytes:
+        if user_id == "carol" and len(refused) < 2:
+            refused.append(user_id)
+            raise UnknownDevice("not listed yet")
+        return await real(self, user_id, device_id)
+
+    async with client(tmp_path, relay, "carol"):
+        pass
+    async with client(tmp_path, relay, "alice") as alice:
+        monkeypatch.setattr(connection_module.RelayConnection, "fetch_bundle", not_yet)
+        first = await alice.send_direct("carol", b"for when the relay can")
+        assert alice.pending_messages() == [first] and alice.status is Status.READY
+        with trio.fail_after(TIMEOUT):
+            while alice.pending_messages():
+                await trio.sleep(0.05)
+        assert len(refused) == 2 and alice.status is Status.READY
+        with trio.move_on_after(0.2):
+            lost = await next_matching(alice, Disconnected)
+            pytest.fail(f"the connection ended: {lost}")
+    async with client(tmp_path, relay, "carol") as carol:
+        assert (await next_matching(carol, MessageReceived)).body == b"for when the relay can"

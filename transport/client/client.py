@@ -47,7 +47,7 @@ import logging
 import math
 import ssl
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager, suppress
 from typing import TypeVar
 
@@ -58,9 +58,11 @@ from hushchat.protocol.client_core import (
     Address,
     ChangeSend,
     ClientCore,
+    DeliveryConfirmed,
     DeviceListNeeded,
     DirectSend,
     GroupSend,
+    MessageReceived,
     MissingSessions,
 )
 from hushchat.protocol.client_core.arguments import (
@@ -73,6 +75,7 @@ from hushchat.protocol.client_core.arguments import (
     check_user_id,
 )
 from hushchat.protocol.consts import (
+    MAX_RECEIPT_MESSAGE_IDS,
     PREKEY_BATCH_SIZE,
     PREKEY_LOW_WATERMARK,
     SIGNED_PREKEY_ROTATION_AGE,
@@ -95,7 +98,6 @@ from ..wire.errors import (
     InternalError,
     InviteRefused,
     MailboxFull,
-    NoPreKeys,
     PreKeyIdInUse,
     RateLimited,
     RegistrationClosed,
@@ -117,10 +119,13 @@ from .events import (
     Connected,
     Disconnected,
     MailExpired,
+    MessageDelivered,
+    MessageNotDelivered,
     MessagePending,
     MessageSent,
     OutboxItem,
     QueuedMessage,
+    QueuedReceipt,
     Reregistered,
     SendFailed,
     Status,
@@ -136,6 +141,8 @@ __all__ = [
     "Connected",
     "Disconnected",
     "MailExpired",
+    "MessageDelivered",
+    "MessageNotDelivered",
     "MessagePending",
     "MessageSent",
     "Reregistered",
@@ -181,6 +188,14 @@ RETRY_MAX_DELAY = 300.0
 PROCESSED_MEMORY = 4 * 24 * 3600
 # How often the guids older than that are deleted.
 PRUNE_INTERVAL = 3600
+# How long after sending a message its recipients' devices have to confirm it
+# (delivery receipts) before the missing ones are reported: the relay's
+# default retention (72 h), the epoch its expiry is rounded up to (1 h), and
+# an hour for the difference between clocks (spec 07, 7.14).
+DELIVERY_DEADLINE = 74 * 3600
+# Confirmations for messages whose acceptance by the relay is not recorded yet
+# (the receipt overtook it), kept until it is.
+MAX_EARLY_RECEIPTS = 1000
 
 _T = TypeVar("_T")
 
@@ -226,6 +241,7 @@ class Client:
         processed_memory: int = PROCESSED_MEMORY,
         relays: Sequence[RelayAddress] = (),
         resolver: Resolver | None = None,
+        delivery_deadline: int = DELIVERY_DEADLINE,
     ) -> None:
         self.store = store
         self.core = device
@@ -244,6 +260,12 @@ class Client:
         self._first_delay = reconnect_first_delay
         self._max_delay = reconnect_max_delay
         self._processed_memory = processed_memory
+        self._delivery_deadline = delivery_deadline
+        # Messages awaiting delivery receipts: their deadline, the devices yet to confirm.
+        self._deliveries: dict[bytes, tuple[int, frozenset[Address]]] = {}
+        self._early_receipts: dict[bytes, set[Address]] = {}
+        # The receipts rows of the outbox as the current flush pass read it.
+        self._pass_receipts: list[tuple[int, OutboxItem]] = []
         self._pruned_at = -math.inf
         # Held for every change to the core and its commit; never across a network wait.
         self._lock = trio.Lock()
@@ -304,6 +326,10 @@ class Client:
             if message_id is not None:
                 seen[message_id] = None
         return list(seen)
+
+    def awaiting_receipts(self) -> list[bytes]:
+        """The ids of the app's messages sent whose delivery receipts have not all come."""
+        return list(self._deliveries)
 
     async def events(self) -> AsyncIterator[ClientEvent]:
         """Events in order.
@@ -503,10 +529,13 @@ class Client:
         if not isinstance(entry, DeviceEntry):
             raise InvalidArgument("a device's entry is a DeviceEntry (its device_entry)")
         connection = await self._wait_ready()
-        async with self._lock:
-            self.core.link_device(entry)
-            await self._commit(self.core.take_changes())
-        await self._publish_own_list(connection)
+        # No send prepares meanwhile: it would ask the relay for the new device's
+        # keys before the relay holds the list that names it.
+        async with self._prepare_lock:
+            async with self._lock:
+                self.core.link_device(entry)
+                await self._commit(self.core.take_changes())
+            await self._publish_own_list(connection)
 
     async def unlink_device(self, device_id: int) -> None:
         """(Primary device.) Remove a device of ours: publish a signed list without it.
@@ -516,10 +545,11 @@ class Client:
         :meth:`link_device`."""
         check_device_id(device_id)
         connection = await self._wait_ready()
-        async with self._lock:
-            self.core.unlink_device(device_id)
-            await self._commit(self.core.take_changes())
-        await self._publish_own_list(connection)
+        async with self._prepare_lock:
+            async with self._lock:
+                self.core.unlink_device(device_id)
+                await self._commit(self.core.take_changes())
+            await self._publish_own_list(connection)
 
     async def refresh_device_list(self, user_id: str) -> None:
         """Fetch a user's device list now (otherwise fetched when first needed)."""
@@ -541,7 +571,9 @@ class Client:
             try:
                 async with self._prepare_lock:
                     await self._prepare_message(connection, message)
-            except (ConnectionFailure, RateLimited, NoPreKeys, InternalError):
+            except UnknownUser:
+                raise
+            except (ConnectionFailure, RelayError):
                 pass  # queued as it is; the flusher prepares it again later
         async with self._lock:
             items: list[OutboxItem] = [message]
@@ -688,7 +720,10 @@ class Client:
         retry_at = math.inf
         outbox = self.store.outbox()
         await self._set_aside_unreadable()
+        self._pass_receipts = [(r, i) for r, i in outbox if isinstance(i, QueuedReceipt)]
         for row_id, item in outbox:
+            if row_id not in self._outbox_messages:
+                continue  # gone during this pass (merged into a receipt, or failed with another)
             destinations = self._destinations(item)
             now = trio.current_time()
             due = [self._retry_at[d] for d in destinations if self._retry_at.get(d, 0) > now]
@@ -703,6 +738,7 @@ class Client:
             if delay is not None:
                 blocked |= destinations
                 retry_at = min(retry_at, trio.current_time() + delay)
+        await self._expire_deliveries()
         return retry_at
 
     def _destinations(self, item: OutboxItem) -> set[str]:
@@ -713,6 +749,8 @@ class Client:
             return {"g:" + item.group_id.hex(), *("u:" + a.user_id for a in item.recipients)}
         if isinstance(item, ChangeSend):
             return {"g:" + item.group_id.hex(), *("u:" + p.recipient_user for p in item.parts)}
+        if isinstance(item, QueuedReceipt):
+            return {"u:" + item.to_user}
         if item.group_id is None:
             assert item.to_user is not None
             return {"u:" + item.to_user}
@@ -727,6 +765,8 @@ class Client:
         """Send one row; None if it is done, else seconds before its destinations retry."""
         if isinstance(item, QueuedMessage):
             return await self._send_queued(connection, row_id, item)
+        if isinstance(item, QueuedReceipt):
+            return await self._send_receipts(connection, row_id, item)
         return await self._send_one(connection, row_id, item)
 
     async def _send_queued(
@@ -738,13 +778,15 @@ class Client:
                 await self._prepare_message(connection, message)
         except RateLimited as limited:
             return self._refused(message, "RATE_LIMITED", limited.retry_after_ms / 1000)
-        except (NoPreKeys, InternalError) as passing:
-            return self._refused(message, passing.code)
         except (UnknownUser, RemoteProtocolError, LocalProtocolError) as failure:
             # The relay does not know the user, serves what does not verify, or
             # the group is gone: nothing to send it to.
             await self._fail(row_id, message, failure.code)
             return None
+        except RelayError as passing:
+            # No prekeys yet, the relay's own failure, a device it does not list
+            # yet: it may pass; try again later.
+            return self._refused(message, passing.code)
         async with self._lock:
             try:
                 sends = self._encrypt(message)
@@ -758,6 +800,41 @@ class Client:
             await self._fail(row_id, message, refused.code)
             return None
         return await self._replace(connection, row_id, sends, 1)
+
+    async def _send_receipts(
+        self, connection: RelayConnection, row_id: int, receipt: QueuedReceipt
+    ) -> float | None:
+        """Confirm to a user the messages of its we received: this row's and the later
+        receipt rows for it in this pass, in one DeliveryReceipt."""
+        ids, merged = list(receipt.message_ids), []
+        for other_id, other in self._pass_receipts:
+            if (
+                other_id != row_id
+                and isinstance(other, QueuedReceipt)
+                and other.to_user == receipt.to_user
+                and other_id in self._outbox_messages
+                and len(ids) + len(other.message_ids) <= MAX_RECEIPT_MESSAGE_IDS
+            ):
+                ids += other.message_ids
+                merged.append(other_id)
+        try:
+            async with self._prepare_lock:
+                await self._prepare(connection, [receipt.to_user])
+        except RateLimited as limited:
+            return self._refused(receipt, "RATE_LIMITED", limited.retry_after_ms / 1000)
+        except (UnknownUser, RemoteProtocolError, LocalProtocolError) as failure:
+            await self._fail(row_id, receipt, failure.code)
+            return None
+        except RelayError as passing:
+            return self._refused(receipt, passing.code)
+        async with self._lock:
+            try:
+                sends: list[core.Send] = list(
+                    self.core.send_receipt(receipt.to_user, ids, now=self.now())
+                )
+            except (MissingSessions, DeviceListNeeded):
+                return self._refused(receipt, "PREPARING")  # changed meanwhile
+        return await self._replace(connection, row_id, sends, 1, also=merged)
 
     async def _send_one(
         self, connection: RelayConnection, row_id: int, send: core.Send, attempt: int = 1
@@ -831,16 +908,26 @@ class Client:
         except RemoteProtocolError as failure:
             await self._fail(row_id, send, failure.code)
             return None
+        except RateLimited as limited:
+            return self._refused(send, "RATE_LIMITED", limited.retry_after_ms / 1000)
+        except RelayError as passing:  # a bundle it cannot give yet: later
+            return self._refused(send, passing.code)
         return await self._replace(connection, row_id, replacements, attempt + 1)
 
     async def _replace(
-        self, connection: RelayConnection, row_id: int, sends: list[core.Send], attempt: int
+        self,
+        connection: RelayConnection,
+        row_id: int,
+        sends: list[core.Send],
+        attempt: int,
+        also: Sequence[int] = (),
     ) -> float | None:
-        """Put ``sends`` where row ``row_id`` was (with the core's changes); send them."""
+        """Put ``sends`` where row ``row_id`` was (with the core's changes; rows ``also``
+        leave too); send them."""
         position = self.store.position_of(row_id)
         async with self._lock:
             new_ids, _ = await self._commit(
-                self.core.take_changes(), sends=sends, position=position, sent=[row_id]
+                self.core.take_changes(), sends=sends, position=position, sent=[row_id, *also]
             )
         for new_id, new_send in zip(new_ids, sends, strict=True):
             delay = await self._send_one(connection, new_id, new_send, attempt)
@@ -911,8 +998,15 @@ class Client:
             self._notify(MessagePending(message_id, reason))
 
     async def _sent(self, row_id: int, send: core.Send) -> None:
-        """The relay accepted a row: it leaves the outbox, and its destinations flow again."""
-        await self._commit({}, sent=[row_id])
+        """The relay accepted a row: it leaves the outbox, and its destinations flow again.
+
+        The devices it went to (other users') are expected to confirm its
+        message with delivery receipts.
+        """
+        async with self._lock:
+            deliveries = self._expect_receipts(send)
+            await self._commit({}, sent=[row_id], deliveries=deliveries)
+            self._apply_deliveries(deliveries)
         for destination in self._destinations(send):
             self._retry_delay.pop(destination, None)
             self._retry_reason.pop(destination, None)
@@ -920,6 +1014,91 @@ class Client:
         if message_id is not None and message_id not in self._outbox_messages.values():
             self._reported_pending.discard(message_id)
             self._notify(MessageSent(message_id))
+
+    # ------------------------------------------------------------ delivery receipts
+
+    def _expect_receipts(
+        self, send: core.Send
+    ) -> dict[bytes, tuple[int, frozenset[Address]] | None]:
+        """(Under the lock.) The delivery to track once the relay accepted ``send``."""
+        message_id = _message_of(send)
+        own = self.core.user_id
+        if message_id is None:
+            return {}
+        if isinstance(send, DirectSend):
+            devices = frozenset(
+                Address(send.recipient_user, device_id)
+                for device_id, _ in send.payloads
+                if send.recipient_user != own
+            )
+        elif isinstance(send, GroupSend):
+            devices = frozenset(a for a in send.recipients if a.user_id != own)
+        else:
+            return {}
+        devices -= self._early_receipts.pop(message_id, set())
+        deadline, expected = self._deliveries.get(
+            message_id, (self.now() + self._delivery_deadline, frozenset())
+        )
+        if not devices and not expected:
+            return {}
+        return {message_id: (deadline, expected | devices)}
+
+    def _confirm(
+        self,
+        confirmed: DeliveryConfirmed,
+        deliveries: dict[bytes, tuple[int, frozenset[Address]] | None],
+    ) -> list[StoredEvent]:
+        """(Under the lock.) A device's receipt: the deliveries it completes (events) and the
+        rows to change (into ``deliveries``)."""
+        delivered: list[StoredEvent] = []
+        for message_id in confirmed.message_ids:
+            tracked = deliveries.get(message_id, self._deliveries.get(message_id))
+            if tracked is None:
+                if message_id not in deliveries and len(self._early_receipts) < MAX_EARLY_RECEIPTS:
+                    self._early_receipts.setdefault(message_id, set()).add(confirmed.device)
+                continue
+            deadline, devices = tracked
+            devices -= {confirmed.device}
+            if devices:
+                deliveries[message_id] = (deadline, devices)
+            else:
+                deliveries[message_id] = None
+                delivered.append(MessageDelivered(message_id))
+        return delivered
+
+    def _apply_deliveries(
+        self, deliveries: Mapping[bytes, tuple[int, frozenset[Address]] | None]
+    ) -> None:
+        """The committed delivery changes, in memory too."""
+        for message_id, tracked in deliveries.items():
+            if tracked is None:
+                self._deliveries.pop(message_id, None)
+            else:
+                self._deliveries[message_id] = tracked
+
+    def _receipts_for(self, events: Iterable[core.Event]) -> list[QueuedReceipt]:
+        """The receipts owed for messages just received from other users, one per user."""
+        by_user: dict[str, list[bytes]] = {}
+        for event in events:
+            if isinstance(event, MessageReceived) and event.sender.user_id != self.core.user_id:
+                by_user.setdefault(event.sender.user_id, []).append(event.message_id)
+        return [QueuedReceipt(user, tuple(ids)) for user, ids in by_user.items()]
+
+    async def _expire_deliveries(self) -> None:
+        """Report the messages whose deadline passed with devices that never confirmed."""
+        now = self.now()
+        if not any(deadline <= now for deadline, _ in self._deliveries.values()):
+            return
+        async with self._lock:
+            due = {m: t for m, t in self._deliveries.items() if t[0] <= now}
+            events: list[StoredEvent] = [
+                MessageNotDelivered(message_id, tuple(sorted(devices)))
+                for message_id, (_, devices) in due.items()
+            ]
+            cleared: dict[bytes, tuple[int, frozenset[Address]] | None] = dict.fromkeys(due)
+            _, ids = await self._commit({}, events=events, deliveries=cleared)
+            self._apply_deliveries(cleared)
+        await self._deliver_events(events, ids)
 
     async def _fail(self, row_id: int, item: OutboxItem, reason: str) -> None:
         """A row that can never be sent leaves the outbox; its message failed (stored event).
@@ -930,6 +1109,11 @@ class Client:
         events: list[StoredEvent] = []
         if message_id is not None:
             events.append(SendFailed(message_id, reason))
+        if isinstance(item, QueuedReceipt):
+            # Best effort: the sender learns of it by the missing receipt.
+            logger.debug("a delivery receipt could not be sent (%s)", reason)
+            await self._commit({}, sent=[row_id])
+            return
         others = [r for r, m in self._outbox_messages.items() if m == message_id and r != row_id]
         sent = [row_id, *(others if message_id is not None else [])]
         logger.warning("a send could not be delivered and left the outbox (%s)", reason)
@@ -953,6 +1137,7 @@ class Client:
         processed: tuple[bytes, int] | None = None,
         sent: Iterable[int] = (),
         taken: Iterable[int] = (),
+        deliveries: Mapping[bytes, tuple[int, frozenset[Address]] | None] | None = None,
     ) -> tuple[list[int], list[int]]:
         """One store transaction, off the event loop's thread; new outbox and inbox row ids.
 
@@ -976,6 +1161,10 @@ class Client:
                         processed=processed,
                         sent=sent,
                         taken=list(taken),
+                        deliveries={
+                            message_id: None if tracked is None else _sorted(tracked)
+                            for message_id, tracked in (deliveries or {}).items()
+                        },
                     )
                 )
             except BaseException:
@@ -1033,20 +1222,30 @@ class Client:
                 await self._fetch_device_list(connection, sender.user_id)
         async with self._lock:
             outcome = self.core.receive(sender, envelope.kind, envelope.payload, now=self.now())
+            events: list[StoredEvent] = []
+            deliveries: dict[bytes, tuple[int, frozenset[Address]] | None] = {}
+            for event in outcome.events:
+                if isinstance(event, DeliveryConfirmed):
+                    events += self._confirm(event, deliveries)
+                else:
+                    events.append(event)
+            sends: list[OutboxItem] = [*outcome.sends, *self._receipts_for(outcome.events)]
             _, ids = await self._commit(
                 self.core.take_changes(),
-                sends=list(outcome.sends),
-                events=outcome.events,
+                sends=sends,
+                events=events,
                 processed=(envelope.guid, self.now()),
+                deliveries=deliveries,
             )
+            self._apply_deliveries(deliveries)
             self._processed.set()
             self._processed = trio.Event()
         # Persisted (the inbox holds the events until the app takes them), so the
         # app may see them and the relay may forget the envelope, in that order:
         # if the acknowledgement is lost, the redelivery is recognised by guid.
-        await self._deliver_events(list(outcome.events), ids)
+        await self._deliver_events(events, ids)
         retried = await self._retry_waiting_changes(connection)
-        if outcome.sends or retried:
+        if sends or retried:
             self._wake.set()
 
     async def _retry_waiting_changes(self, connection: RelayConnection) -> bool:
@@ -1096,6 +1295,7 @@ class Client:
         relay; what a hostile relay replays later still meets the ratchets,
         which refuse a message whose key is spent (DUPLICATE_MESSAGE).
         """
+        await self._expire_deliveries()
         now = self.now()
         if now - self._pruned_at < PRUNE_INTERVAL:
             return
@@ -1292,6 +1492,10 @@ class Client:
         """
         await self._commit(self.core.take_changes())  # a new device's first records
         self._outbox_messages = {row_id: _message_of(item) for row_id, item in self.store.outbox()}
+        self._deliveries = {
+            message_id: (deadline, frozenset(devices))
+            for message_id, (deadline, devices) in self.store.deliveries().items()
+        }
         for row_id, event in self.store.inbox():
             await self._events_in.send((row_id, event))
         delay = self._first_delay
@@ -1418,8 +1622,13 @@ def _check_address(address: object) -> RelayAddress:
 
 
 def _message_of(item: OutboxItem) -> bytes | None:
-    """The app's message an outbox row carries (a group change carries none)."""
-    return None if isinstance(item, ChangeSend) else item.message_id
+    """The app's message an outbox row carries (a group change or a receipt carries none)."""
+    return None if isinstance(item, ChangeSend | QueuedReceipt) else item.message_id
+
+
+def _sorted(tracked: tuple[int, frozenset[Address]]) -> tuple[int, tuple[Address, ...]]:
+    deadline, devices = tracked
+    return deadline, tuple(sorted(devices))
 
 
 def _stored_int(store: ClientStore, key: core.RecordKey) -> int:
@@ -1475,6 +1684,7 @@ async def open_client(
     processed_memory: int = PROCESSED_MEMORY,
     relays: Sequence[RelayAddress] = (),
     resolver: Resolver | None = None,
+    delivery_deadline: int = DELIVERY_DEADLINE,
 ) -> AsyncIterator[Client]:
     """Connect a device and keep it connected for the duration of the block.
 
@@ -1507,6 +1717,11 @@ async def open_client(
     now, called before each round (``host``/``port`` and ``relays`` serve
     when it fails). Either way the address that last worked comes first.
 
+    Each device a message went to confirms it with a delivery receipt
+    (MessageDelivered once all did); one that has not within
+    ``delivery_deadline`` seconds is reported (MessageNotDelivered): at least
+    the relay's retention.
+
     Errors come out as the library's own exceptions (never an exception
     group): those of the block as they were raised, and a failure of the
     client itself (its store failing, say) as that error.
@@ -1531,6 +1746,7 @@ async def open_client(
         processed_memory=processed_memory,
         relays=relays,
         resolver=resolver,
+        delivery_deadline=delivery_deadline,
     )
     try:
         async with trio.open_nursery() as nursery:

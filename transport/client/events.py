@@ -20,6 +20,11 @@ Events about the app's messages (``message_id`` is what ``send_direct`` or
 * :class:`SendFailed`: it will never be sent; ``reason`` is an error code
   (``UNKNOWN_USER``, ``SEND_DROPPED``, ...). Stored like the core's events,
   so none is lost to a crash.
+* :class:`MessageDelivered`: every device it went to (other users') said it
+  received it (their delivery receipts). Stored.
+* :class:`MessageNotDelivered`: the relay's retention (and a margin) passed
+  and these devices never said so: the relay deleted it unread, or the
+  device is gone. Stored.
 
 About the store: :class:`StoredItemSetAside`, a stored row that could not be
 read was moved out of the way (stored, so it is reported once).
@@ -108,6 +113,21 @@ class MessageSent:
 
 
 @dataclass(frozen=True, slots=True)
+class MessageDelivered:
+    """Every device the message went to (other users') confirmed it received it."""
+
+    message_id: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class MessageNotDelivered:
+    """These devices never confirmed the message before its delivery deadline."""
+
+    message_id: bytes
+    devices: tuple[core.Address, ...]
+
+
+@dataclass(frozen=True, slots=True)
 class SendFailed:
     """The message will never be sent; ``reason`` is an error code."""
 
@@ -131,7 +151,9 @@ class StoredItemSetAside:
     reason: str
 
 
-StoredEvent: TypeAlias = core.Event | SendFailed | StoredItemSetAside
+StoredEvent: TypeAlias = (
+    core.Event | SendFailed | StoredItemSetAside | MessageDelivered | MessageNotDelivered
+)
 """An event the store keeps until the app has taken it."""
 
 ClientEvent: TypeAlias = (
@@ -158,5 +180,15 @@ class QueuedMessage:
     group_id: bytes | None = None
 
 
-OutboxItem: TypeAlias = core.DirectSend | core.GroupSend | core.ChangeSend | QueuedMessage
+@dataclass(frozen=True, slots=True)
+class QueuedReceipt:
+    """A delivery receipt to send ``to_user`` for these messages of its that we received."""
+
+    to_user: str
+    message_ids: tuple[bytes, ...]
+
+
+OutboxItem: TypeAlias = (
+    core.DirectSend | core.GroupSend | core.ChangeSend | QueuedMessage | QueuedReceipt
+)
 """One outbox row: a send encrypted and ready, or a message still to encrypt."""

@@ -33,6 +33,7 @@ from hushchat.protocol import group
 from hushchat.protocol.client_core import (
     Address,
     ChangeSend,
+    DeliveryConfirmed,
     DeviceAdded,
     DeviceRemoved,
     DirectSend,
@@ -56,6 +57,7 @@ from hushchat.protocol.consts import (
     MAX_DEVICES_PER_USER,
     MAX_GROUP_MEMBERS,
     MAX_GROUP_TITLE_SIZE,
+    MAX_RECEIPT_MESSAGE_IDS,
     MAX_STATE_SIZE,
     MAX_USER_ID_SIZE,
 )
@@ -64,7 +66,16 @@ from hushchat.protocol.encoding import UINT64_MAX, Fields, pack, unpack
 from hushchat.protocol.errors import DecodeError, ProtocolError, StateError, UnknownStateVersion
 
 from ..wire.limits import MAX_RECIPIENTS_PER_SEND
-from .events import OutboxItem, QueuedMessage, SendFailed, StoredEvent, StoredItemSetAside
+from .events import (
+    MessageDelivered,
+    MessageNotDelivered,
+    OutboxItem,
+    QueuedMessage,
+    QueuedReceipt,
+    SendFailed,
+    StoredEvent,
+    StoredItemSetAside,
+)
 
 # Version of the row layouts below. Rows without one (an array starting with
 # a string) are the first client's, read only by decode_unversioned.
@@ -93,6 +104,9 @@ class EventTag(IntEnum):
     GROUP_STATE_MISMATCH = 11
     SEND_FAILED = 12  # from version 2 on
     STORED_ITEM_SET_ASIDE = 13  # from version 2 on
+    DELIVERY_CONFIRMED = 14  # from version 2 on
+    MESSAGE_DELIVERED = 15  # from version 2 on
+    MESSAGE_NOT_DELIVERED = 16  # from version 2 on
 
 
 class SendTag(IntEnum):
@@ -101,6 +115,7 @@ class SendTag(IntEnum):
     CHANGE = 3
     QUEUED_DIRECT = 4  # from version 2 on
     QUEUED_GROUP = 5  # from version 2 on
+    QUEUED_RECEIPT = 6  # from version 2 on
 
 
 # The last tag of each table that version 1 had.
@@ -202,6 +217,13 @@ def _event_fields(event: StoredEvent) -> list[Any]:
         return [EventTag.SEND_FAILED, event.message_id, event.reason]
     if isinstance(event, StoredItemSetAside):
         return [EventTag.STORED_ITEM_SET_ASIDE, event.table, event.kind, event.reason]
+    if isinstance(event, DeliveryConfirmed):
+        return [EventTag.DELIVERY_CONFIRMED, _address(event.device), list(event.message_ids)]
+    if isinstance(event, MessageDelivered):
+        return [EventTag.MESSAGE_DELIVERED, event.message_id]
+    if isinstance(event, MessageNotDelivered):
+        devices = [_address(a) for a in event.devices]
+        return [EventTag.MESSAGE_NOT_DELIVERED, event.message_id, devices]
     assert_never(event)
 
 
@@ -220,6 +242,8 @@ def _send_fields(send: OutboxItem) -> list[Any]:
         # A change's parts carry no message of the app's: no message id.
         parts = [_direct_fields(part) for part in send.parts]
         return [SendTag.CHANGE, send.group_id, send.receipt, parts]
+    if isinstance(send, QueuedReceipt):
+        return [SendTag.QUEUED_RECEIPT, send.to_user, list(send.message_ids)]
     if isinstance(send, QueuedMessage):
         if send.group_id is None:
             return [SendTag.QUEUED_DIRECT, send.to_user, send.message_id, send.sent_at, send.body]
@@ -354,9 +378,27 @@ def _read_event(f: Fields, version: int) -> StoredEvent:
         )
     if tag == EventTag.SEND_FAILED:
         return SendFailed(f.bin(MESSAGE_ID_SIZE), f.text(MAX_REASON_SIZE))
+    if tag == EventTag.DELIVERY_CONFIRMED:
+        return DeliveryConfirmed(_read_address(f.raw(), "device"), _read_message_ids(f))
+    if tag == EventTag.MESSAGE_DELIVERED:
+        return MessageDelivered(f.bin(MESSAGE_ID_SIZE))
+    if tag == EventTag.MESSAGE_NOT_DELIVERED:
+        message_id = f.bin(MESSAGE_ID_SIZE)
+        devices = tuple(
+            _read_address(a, "device") for a in f.array(max_len=MAX_RECIPIENTS_PER_SEND)
+        )
+        return MessageNotDelivered(message_id, devices)
     return StoredItemSetAside(
         f.text(MAX_REASON_SIZE), f.text(MAX_REASON_SIZE), f.text(MAX_REASON_SIZE)
     )
+
+
+def _read_message_ids(f: Fields) -> tuple[bytes, ...]:
+    """1 to MAX_RECEIPT_MESSAGE_IDS message ids (what one delivery receipt names)."""
+    ids = f.array(max_len=MAX_RECEIPT_MESSAGE_IDS)
+    if not ids or not all(isinstance(i, bytes) and len(i) == MESSAGE_ID_SIZE for i in ids):
+        raise DecodeError("message ids: 1 or more of 16 bytes")
+    return tuple(ids)
 
 
 def _read_direct(f: Fields) -> DirectSend:
@@ -391,6 +433,8 @@ def _read_send(f: Fields, version: int) -> OutboxItem:
         ]
         message_id = f.optional_bin(MESSAGE_ID_SIZE) if version >= 2 else None
         return GroupSend(group_id, payload, tuple(recipients), message_id)
+    if tag == SendTag.QUEUED_RECEIPT:
+        return QueuedReceipt(f.text(MAX_USER_ID_SIZE), _read_message_ids(f))
     if tag == SendTag.QUEUED_DIRECT:
         to_user = f.text(MAX_USER_ID_SIZE)
         return QueuedMessage(f.bin(MESSAGE_ID_SIZE), f.uint(UINT64_MAX), f.bin(), to_user=to_user)

@@ -12,6 +12,9 @@ Tables:
   acknowledged loses no message), likewise;
 * ``processed``: guids of envelopes already processed, so one delivered
   again (our acknowledgement was lost) is acknowledged without processing;
+* ``deliveries``: the app's messages sent whose delivery receipts have not
+  all come, with the devices still to confirm and the deadline after which
+  the missing ones are reported (MessageNotDelivered);
 * ``set_aside``: rows of the other tables that could not be read (a bug, a
   disk error), moved there with their bytes so that they never stop the
   client; each is reported once, by a StoredItemSetAside event in the inbox.
@@ -48,11 +51,13 @@ from typing import Any, Final, TypeVar, cast, get_args
 
 from hushchat.protocol import client_core as core
 from hushchat.protocol.client_core.arguments import check_now
-from hushchat.protocol.consts import MAX_STATE_SIZE
+from hushchat.protocol.consts import MAX_STATE_SIZE, MAX_USER_ID_SIZE
+from hushchat.protocol.content import MESSAGE_ID_SIZE
 from hushchat.protocol.encoding import Fields, pack
 from hushchat.protocol.errors import DecodeError, InvalidArgument, StateError, UnknownStateVersion
 
 from ..wire.errors import TransportError
+from ..wire.limits import MAX_RECIPIENTS_PER_SEND
 from ..wire.records import GUID_SIZE
 from . import rows
 from .cipher import (
@@ -63,7 +68,7 @@ from .cipher import (
     StoreCodec,
     check_store_key,
 )
-from .events import OutboxItem, QueuedMessage, StoredEvent, StoredItemSetAside
+from .events import OutboxItem, QueuedMessage, QueuedReceipt, StoredEvent, StoredItemSetAside
 
 _Item = TypeVar("_Item")
 
@@ -114,6 +119,8 @@ CREATE TABLE set_aside (
     source TEXT NOT NULL, row BLOB NOT NULL, data BLOB NOT NULL, reason TEXT NOT NULL
 );
 CREATE TABLE meta (name TEXT PRIMARY KEY, value BLOB NOT NULL);
+CREATE TABLE deliveries (message BLOB PRIMARY KEY, data BLOB NOT NULL, deadline INTEGER NOT NULL);
+CREATE INDEX deliveries_deadline ON deliveries (deadline);
 """
 
 # The WAL's bound. SQLite checkpoints it into the database every
@@ -145,8 +152,9 @@ def _open_private(path: str) -> int:
 # them as versioned rows (rows.py); 2 orders the outbox by a position (a
 # message encrypted late takes the place it was queued at) and writes rows of
 # ROW_VERSION 2; 3 sets unreadable rows aside; 4 may be encrypted (a meta
-# table holds the salt and the key check). open() migrates an older store.
-STORE_VERSION: Final = 4
+# table holds the salt and the key check); 5 tracks delivery receipts.
+# open() migrates an older store.
+STORE_VERSION: Final = 5
 
 
 def _migrate(db: sqlite3.Connection) -> None:
@@ -184,6 +192,12 @@ def _migrate(db: sqlite3.Connection) -> None:
                 )
             if version < 4:
                 db.execute("CREATE TABLE meta (name TEXT PRIMARY KEY, value BLOB NOT NULL)")
+            if version < 5:
+                db.execute(
+                    "CREATE TABLE deliveries (message BLOB PRIMARY KEY, data BLOB NOT NULL, "
+                    "deadline INTEGER NOT NULL)"
+                )
+                db.execute("CREATE INDEX deliveries_deadline ON deliveries (deadline)")
         if version != STORE_VERSION:
             db.execute(f"PRAGMA user_version = {STORE_VERSION}")
         db.execute("COMMIT")
@@ -393,6 +407,7 @@ class ClientStore:
         self.records()
         self.outbox()
         self.inbox()
+        self.deliveries()
 
     def set_aside(self) -> list[int]:
         """Move the unreadable rows reads met into ``set_aside``, each reported by an event.
@@ -423,8 +438,13 @@ class ClientStore:
         """Each row as stored (sealed, in an encrypted store) into set_aside, an event for each."""
         if not moves:
             return []
-        key_column = {"records": "rowid", "outbox": "id", "inbox": "id"}
-        data_column = {"records": "key, value", "outbox": "send", "inbox": "event"}
+        key_column = {"records": "rowid", "outbox": "id", "inbox": "id", "deliveries": "rowid"}
+        data_column = {
+            "records": "key, value",
+            "outbox": "send",
+            "inbox": "event",
+            "deliveries": "message, data",
+        }
         inbox_ids = []
         cursor = self._db.cursor()
         try:
@@ -435,7 +455,7 @@ class ClientStore:
                 row = stored.fetchone()
                 if row is None:
                     continue
-                data = pack(list(row)) if table == "records" else row[0]
+                data = pack(list(row)) if len(row) > 1 else row[0]
                 cursor.execute(
                     "INSERT INTO set_aside (source, row, data, reason) VALUES (?, ?, ?, ?)",
                     (table, _row(row_id), data, reason),
@@ -449,6 +469,25 @@ class ClientStore:
                 cursor.execute("ROLLBACK")
             raise _store_error(exc, "writing the client store") from exc
         return inbox_ids
+
+    def deliveries(self) -> dict[bytes, tuple[int, tuple[core.Address, ...]]]:
+        """The messages awaiting delivery receipts: their deadline and the devices yet to confirm.
+
+        A row that does not read is left out (and waits for :meth:`set_aside`).
+        """
+        tracked = {}
+        for rowid, message, data, deadline in self._read(
+            "SELECT rowid, message, data, deadline FROM deliveries"
+        ):
+            try:
+                message_id, devices = _open_delivery(self._codec.open("deliveries", message, data))
+                if not hmac.compare_digest(self._codec.index(message_id), message):
+                    raise StateError("a delivery row is stored under another message")
+            except StateError as exc:
+                self._unreadable[("deliveries", rowid)] = exc.code
+                continue
+            tracked[message_id] = (int(deadline), devices)
+        return tracked
 
     def was_processed(self, guid: bytes) -> bool:
         _check_guid(guid)
@@ -467,15 +506,18 @@ class ClientStore:
         processed: tuple[bytes, int] | None = None,
         sent: Iterable[int] = (),
         taken: Iterable[int] = (),
+        deliveries: Mapping[bytes, tuple[int, tuple[core.Address, ...]] | None] | None = None,
     ) -> tuple[list[int], list[int]]:
         """Apply everything in one transaction; the new outbox and inbox row ids.
 
         ``sends`` join the outbox at its end, or at ``position`` (where the
         queued message they encrypt was: :meth:`position_of`). ``sent`` and
-        ``taken`` are outbox and inbox rows to delete. Every argument is
-        checked before anything is written; StoreFailed (StoreFull) if the
-        write fails, with nothing changed.
+        ``taken`` are outbox and inbox rows to delete. ``deliveries`` sets
+        (deadline, devices) or deletes (None) the delivery tracked for each
+        message id. Every argument is checked before anything is written;
+        StoreFailed (StoreFull) if the write fails, with nothing changed.
         """
+        delivery_rows = _checked_deliveries(deliveries or {})
         records = _checked_changes(changes)
         outbox_rows = [rows.encode_send(_checked_send(send)) for send in sends]
         inbox_rows = [rows.encode_event(_checked_event(event)) for event in events]
@@ -490,7 +532,14 @@ class ClientStore:
             _checked_ids([position])
         try:
             return self._write(
-                records, outbox_rows, position, inbox_rows, processed, sent_ids, taken_ids
+                records,
+                outbox_rows,
+                position,
+                inbox_rows,
+                processed,
+                sent_ids,
+                taken_ids,
+                delivery_rows,
             )
         except sqlite3.Error as exc:
             raise _store_error(exc, "writing the client store") from exc
@@ -504,6 +553,7 @@ class ClientStore:
         processed: tuple[bytes, int] | None,
         sent: list[int],
         taken: list[int],
+        deliveries: list[tuple[bytes, bytes | None, int]],
     ) -> tuple[list[int], list[int]]:
         cursor = self._db.cursor()
         cursor.execute("BEGIN IMMEDIATE")
@@ -527,6 +577,16 @@ class ClientStore:
                 )
             cursor.executemany("DELETE FROM outbox WHERE id = ?", [(i,) for i in sent])
             cursor.executemany("DELETE FROM inbox WHERE id = ?", [(i,) for i in taken])
+            for message_id, data, deadline in deliveries:
+                message = self._codec.index(message_id)
+                if data is None:
+                    cursor.execute("DELETE FROM deliveries WHERE message = ?", (message,))
+                else:
+                    cursor.execute(
+                        "INSERT OR REPLACE INTO deliveries (message, data, deadline) "
+                        "VALUES (?, ?, ?)",
+                        (message, self._codec.seal("deliveries", message, data), deadline),
+                    )
             cursor.execute("COMMIT")
         except BaseException:
             # SQLite rolls back by itself after some errors (a full disk among them):
@@ -610,9 +670,10 @@ def _codec(db: sqlite3.Connection, path: str, key: bytes | None) -> StoreCodec:
 def _encrypt(db: sqlite3.Connection, key: bytes) -> StoreCipher:
     """Encrypt a store written without a key, in one transaction; then leave no plaintext.
 
-    Every record, outbox, inbox and set-aside row is sealed and every guid
-    replaced by its keyed hash. VACUUM then rewrites the database file, so no
-    free page keeps an old plaintext row, and the WAL is emptied.
+    Every record, outbox, inbox, delivery and set-aside row is sealed and
+    every guid and tracked message id replaced by its keyed hash. VACUUM then
+    rewrites the database file, so no free page keeps an old plaintext row,
+    and the WAL is emptied.
     """
     salt = os.urandom(SALT_SIZE)
     cipher = StoreCipher(key, salt)
@@ -631,6 +692,14 @@ def _encrypt(db: sqlite3.Connection, key: bytes) -> StoreCipher:
             for row_id, data in db.execute(f"SELECT id, {column} FROM {table}").fetchall():
                 sealed = cipher.seal(table, _row(row_id), bytes(data))
                 db.execute(f"UPDATE {table} SET {column} = ? WHERE id = ?", (sealed, row_id))
+        deliveries = db.execute("SELECT message, data, deadline FROM deliveries").fetchall()
+        db.execute("DELETE FROM deliveries")
+        for message, data, deadline in deliveries:
+            stored = cipher.index(bytes(message))
+            db.execute(
+                "INSERT INTO deliveries (message, data, deadline) VALUES (?, ?, ?)",
+                (stored, cipher.seal("deliveries", stored, bytes(data)), deadline),
+            )
         processed = db.execute("SELECT guid, at FROM processed").fetchall()
         db.execute("DELETE FROM processed")
         db.executemany(
@@ -664,8 +733,43 @@ def _checked_changes(changes: object) -> list[tuple[bytes, bytes | None]]:
     return checked
 
 
+def _checked_deliveries(
+    deliveries: Mapping[bytes, tuple[int, tuple[core.Address, ...]] | None],
+) -> list[tuple[bytes, bytes | None, int]]:
+    """Each (message id, sealed-to-be row data or None, deadline), checked."""
+    checked: list[tuple[bytes, bytes | None, int]] = []
+    for message_id, tracked in deliveries.items():
+        if not isinstance(message_id, bytes) or len(message_id) != MESSAGE_ID_SIZE:
+            raise InvalidArgument(f"a message id is {MESSAGE_ID_SIZE} bytes")
+        if tracked is None:
+            checked.append((message_id, None, 0))
+            continue
+        deadline, devices = tracked
+        check_now(deadline)
+        if not all(isinstance(a, core.Address) for a in devices):
+            raise InvalidArgument("a delivery is tracked for device addresses")
+        data = pack([message_id, [[a.user_id, a.device_id] for a in devices]])
+        checked.append((message_id, data, deadline))
+    return checked
+
+
+def _open_delivery(data: bytes) -> tuple[bytes, tuple[core.Address, ...]]:
+    try:
+        f = Fields.decode(data, what="delivery", count=2, max_size=MAX_STATE_SIZE)
+        message_id = f.bin(MESSAGE_ID_SIZE)
+        devices = []
+        for item in f.array(max_len=MAX_RECIPIENTS_PER_SEND):
+            address = Fields(item, what="delivery device", count=2)
+            devices.append(core.Address(address.text(MAX_USER_ID_SIZE), address.uint()))
+    except DecodeError as exc:
+        raise StateError(f"a delivery row does not decode ({exc.message})") from exc
+    return message_id, tuple(devices)
+
+
 def _checked_send(send: object) -> OutboxItem:
-    if not isinstance(send, core.DirectSend | core.GroupSend | core.ChangeSend | QueuedMessage):
+    if not isinstance(
+        send, core.DirectSend | core.GroupSend | core.ChangeSend | QueuedMessage | QueuedReceipt
+    ):
         raise InvalidArgument("the outbox holds sends and queued messages")
     return send
 

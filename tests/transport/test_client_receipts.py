@@ -1,0 +1,94 @@
+"""The sender learns which of its messages were delivered, and which never were.
+
+Mail that waited longer than the relay's retention was deleted without a word
+to anyone. Now the relay tells the recipient's device (MailExpired), and each
+recipient device confirms what it received with a delivery receipt inside the
+encryption (spec/07-relay-protocol.md, section 7.14): the sender gets
+MessageDelivered once every device confirmed, or MessageNotDelivered, naming
+the devices that never did, once the retention (and a margin) has passed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sqlite3
+from pathlib import Path
+
+import pytest
+import trio
+
+from hushchat.protocol.client_core import GroupUpdated, MessageReceived
+from hushchat.transport.client.client import (
+    DELIVERY_DEADLINE,
+    MailExpired,
+    MessageDelivered,
+    MessageNotDelivered,
+)
+from hushchat.transport.relay.config import RelayLimits, wall_clock_ms
+from tests.support.clients import TIMEOUT, Relay, client, next_matching
+from tests.support.harness import A
+
+
+@pytest.fixture
+async def relay(nursery: trio.Nursery, tmp_path: Path) -> Relay:
+    server = Relay(nursery, str(tmp_path / "relay.db"))
+    await server.start()
+    return server
+
+
+async def test_the_sender_learns_its_message_was_delivered(tmp_path: Path, relay: Relay) -> None:
+    async with (
+        client(tmp_path, relay, "alice") as alice,
+        client(tmp_path, relay, "bob") as bob,
+        client(tmp_path, relay, "carol") as carol,
+    ):
+        direct = await alice.send_direct("bob", b"hi bob")
+        await next_matching(bob, MessageReceived)
+        assert (await next_matching(alice, MessageDelivered)).message_id == direct
+        group_id = await alice.create_group("three", ["bob", "carol"])
+        for member in (bob, carol):
+            await next_matching(member, GroupUpdated)
+        in_group = await alice.send_group(group_id, b"hi both")
+        for member in (bob, carol):
+            await next_matching(member, MessageReceived)
+        # Once, when both members' devices confirmed.
+        assert (await next_matching(alice, MessageDelivered)).message_id == in_group
+        with trio.move_on_after(0.5):
+            extra = await next_matching(alice, MessageDelivered)
+            pytest.fail(f"delivered twice: {extra}")
+
+
+def deliveries_left(relay_db: Path) -> int:
+    with contextlib.closing(sqlite3.connect(f"file:{relay_db}?mode=ro", uri=True)) as db:
+        return int(db.execute("SELECT COUNT(*) FROM deliveries").fetchone()[0])
+
+
+async def test_an_expired_message_is_reported_to_both_ends(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    """Bob stays away past the retention: the relay deletes alice's message unread."""
+    relay_now = [wall_clock_ms()]
+    relay = Relay(
+        nursery,
+        str(tmp_path / "relay.db"),
+        clock=lambda: relay_now[0],
+        limits=RelayLimits(sweep_interval=0.05),
+    )
+    await relay.start()
+    alice_now = [relay_now[0] / 1000]
+    async with client(tmp_path, relay, "bob"):
+        pass  # registered, then away
+    async with client(tmp_path, relay, "alice", clock=lambda: alice_now[0]) as alice:
+        lost = await alice.send_direct("bob", b"never read")
+        relay_now[0] += (72 + 1) * 3600 * 1000  # the retention, and the epoch it was filed in
+        with trio.fail_after(TIMEOUT):
+            while deliveries_left(tmp_path / "relay.db"):
+                await trio.sleep(0.01)
+        async with client(tmp_path, relay, "bob") as bob:
+            told = await next_matching(bob, MailExpired)
+            assert told.count == 1
+        # The sender's deadline passes with no receipt from bob's device.
+        alice_now[0] += DELIVERY_DEADLINE + 1
+        await alice.send_direct("bob", b"are you there?")  # any activity looks at deadlines
+        reported = await next_matching(alice, MessageNotDelivered)
+        assert (reported.message_id, reported.devices) == (lost, (A("bob"),))
