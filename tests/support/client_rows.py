@@ -14,6 +14,7 @@ from hushchat.transport.client.events import (
     OutboxItem,
     QueuedMessage,
     QueuedReceipt,
+    Resend,
     SendFailed,
     StoredEvent,
     StoredItemSetAside,
@@ -258,6 +259,16 @@ CURRENT: list[tuple[StoredEvent | OutboxItem, str]] = [
     (
         MessageNotDelivered(b"\x18" * 16, (A("bob", 2), A("carol", 1))),
         "940210c410181818181818181818181818181818189292a3626f620292a56361726f6c01",
+    ),
+    (
+        Resend(core.DirectSend("bob", ((2, b"again"),), b"content", b"\x1a" * 16)),
+        "97020701a3626f62919202c405616761696ec407636f6e74656e74c4101a1a1a1a1a1a1a1a1a1a1a1a1a"
+        "1a1a1a",
+    ),
+    (
+        Resend(core.GroupSend(b"\x0f" * 16, b"group payload", (A("bob", 1),), b"\x1b" * 16)),
+        "97020702c4100f0f0f0f0f0f0f0f0f0f0f0f0f0f0f0fc40d67726f7570207061796c6f61649192a3626f"
+        "6201c4101b1b1b1b1b1b1b1b1b1b1b1b1b1b1b1b",
     ),
     (
         QueuedReceipt("alice", (b"\x19" * 16,)),

@@ -334,7 +334,7 @@ async def test_a_send_refused_for_its_device_list_each_time_is_dropped(
     from hushchat.transport.client import connection as connection_module
     from hushchat.transport.wire.errors import DeviceListMismatch
 
-    async def refused(self: Any, *args: Any) -> int:
+    async def refused(self: Any, *args: Any, **kwargs: Any) -> int:
         raise DeviceListMismatch("the devices named are not the current ones")
 
     async def rebuilt_alike(self: Any, connection: Any, send: Send, mismatch: Any) -> list[Send]:

@@ -21,6 +21,7 @@ from hushchat.transport.client.events import (
     OutboxItem,
     QueuedMessage,
     QueuedReceipt,
+    Resend,
     StoredEvent,
     StoredItemSetAside,
 )
@@ -32,7 +33,8 @@ CURRENT_HEX = {id(item): row for item, row in CURRENT}
 
 def is_send(item: object) -> bool:
     return isinstance(
-        item, core.DirectSend | core.GroupSend | core.ChangeSend | QueuedMessage | QueuedReceipt
+        item,
+        core.DirectSend | core.GroupSend | core.ChangeSend | QueuedMessage | QueuedReceipt | Resend,
     )
 
 
@@ -79,7 +81,8 @@ def test_rows_have_the_pinned_versioned_layouts(item: StoredEvent | OutboxItem, 
     ("upgrade", "fields"),
     [
         (rows.upgrade_send, [1, 4, "bob", b"\x12" * 16, 1, b"later"]),  # no queued messages
-        (rows.upgrade_event, [1, 11, b"\x14" * 16, "UNKNOWN_USER"]),  # no SendFailed
+        (rows.upgrade_event, [1, 12, b"\x14" * 16, "UNKNOWN_USER"]),  # no SendFailed
+        (rows.upgrade_send, [1, 7, 1, "bob", [[2, b"p"]], b"c", None]),  # no Resend
     ],
 )
 def test_version_1_had_no_tags_of_version_2(
@@ -87,6 +90,14 @@ def test_version_1_had_no_tags_of_version_2(
 ) -> None:
     with pytest.raises(StateError):
         upgrade(pack(fields))
+
+
+def test_only_a_direct_or_group_send_is_sent_again() -> None:
+    change = [3, b"\x01" * 16, b"\x02" * 16, []]
+    resend = [7, 1, "bob", [[2, b"p"]], b"c", None]
+    for fields in ([2, 7, *change], [2, 7, *resend]):
+        with pytest.raises(StateError):
+            rows.decode_send(pack(fields))
 
 
 @pytest.mark.parametrize(

@@ -49,6 +49,7 @@ import ssl
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager, suppress
+from dataclasses import replace
 from typing import TypeVar
 
 import trio
@@ -127,6 +128,7 @@ from .events import (
     QueuedMessage,
     QueuedReceipt,
     Reregistered,
+    Resend,
     SendFailed,
     Status,
     StoredEvent,
@@ -739,10 +741,18 @@ class Client:
                 blocked |= destinations
                 retry_at = min(retry_at, trio.current_time() + delay)
         await self._expire_deliveries()
-        return retry_at
+        # Rows left for full mailboxes wait on their own devices' retry times.
+        now = trio.current_time()
+        return min([retry_at, *(t for t in self._retry_at.values() if t > now)])
 
     def _destinations(self, item: OutboxItem) -> set[str]:
-        """Who a row goes to: rows for the same user or group leave in order."""
+        """Who a row goes to: rows for the same user or group leave in order.
+
+        What full mailboxes refused goes to those devices alone: it waits on
+        them only, never on their user or group.
+        """
+        if isinstance(item, Resend):
+            return {_device_destination(user, device) for user, device in _named(item.send)}
         if isinstance(item, DirectSend):
             return {"u:" + item.recipient_user}
         if isinstance(item, GroupSend):
@@ -837,16 +847,17 @@ class Client:
         return await self._replace(connection, row_id, sends, 1, also=merged)
 
     async def _send_one(
-        self, connection: RelayConnection, row_id: int, send: core.Send, attempt: int = 1
+        self,
+        connection: RelayConnection,
+        row_id: int,
+        send: core.Send | Resend,
+        attempt: int = 1,
     ) -> float | None:
         """Send an encrypted row; None if it left the outbox, else seconds before a retry."""
         while True:
             try:
-                full: tuple[tuple[str, int], ...] = ()
-                if isinstance(send, DirectSend):
-                    result = await connection.send_direct(send.recipient_user, send.payloads)
-                    full = result.mailbox_full
-                elif isinstance(send, ChangeSend):
+                full: Sequence[tuple[str, int]] = ()
+                if isinstance(send, ChangeSend):
                     parts = [(part.recipient_user, part.payloads) for part in send.parts]
                     try:
                         await connection.send_change(send.receipt, parts)
@@ -856,18 +867,15 @@ class Client:
                         await self._fail(row_id, send, SendDropped.code)
                         return None
                 else:
-                    recipients = [(a.user_id, a.device_id) for a in send.recipients]
-                    full = (await connection.send_group(send.payload, recipients)).mailbox_full
-                if full:
-                    # The row stays and goes again whole: the devices that took it
-                    # drop the second copy as a duplicate.
-                    raise MailboxFull("recipient mailboxes are full", devices=full)
+                    full = await _send_payloads(connection, send)
             except RateLimited as limited:
                 # The relay paces sends per connection and says when the next one
                 # succeeds: wait that long, then send it again.
                 await trio.sleep(limited.retry_after_ms / 1000)
                 continue
             except DeviceListMismatch as mismatch:
+                if isinstance(send, Resend):
+                    return await self._resend_to_listed(connection, row_id, send, mismatch, attempt)
                 if attempt >= MAX_SEND_ATTEMPTS:
                     # Still refused after rebuilding (say, a changed identity awaits the
                     # user's confirmation, so the list we hold stays old): retrying cannot
@@ -875,7 +883,15 @@ class Client:
                     await self._fail(row_id, send, SendDropped.code)
                     return None
                 return await self._resend(connection, row_id, send, mismatch, attempt)
-            except (MailboxFull, InternalError, StorageFull) as passing:
+            except MailboxFull as refused:
+                if isinstance(send, ChangeSend | Resend):
+                    # A change reaches every device or none; what full mailboxes
+                    # refused before is still refused: both wait.
+                    return self._refused(send, refused.code)
+                # No device had room: nothing was stored, all of them wait.
+                await self._keep_for_full(row_id, send, refused.devices)
+                return None
+            except (InternalError, StorageFull) as passing:
                 return self._refused(send, passing.code)
             except UnknownUser as unknown:
                 if isinstance(send, ChangeSend):
@@ -890,8 +906,83 @@ class Client:
                 # The user is gone, or the send cannot be carried: it never will be.
                 await self._fail(row_id, send, refusal.code)
                 return None
+            if full:
+                assert not isinstance(send, ChangeSend)
+                await self._keep_for_full(row_id, send, full)
+                return None
             await self._sent(row_id, send)
             return None
+
+    async def _keep_for_full(
+        self,
+        row_id: int,
+        send: DirectSend | GroupSend | Resend,
+        full: Sequence[tuple[str, int]],
+    ) -> None:
+        """The relay stored ``send`` for every device it named but the ``full`` ones: what
+        they missed stays in the row's place, to go again to them alone (``resend``).
+
+        Their retry waits on them only; the row's user and group flow on. The
+        message is expected to be confirmed by every device it named.
+        """
+        inner = send.send if isinstance(send, Resend) else send
+        rest = Resend(_only_devices(inner, full))
+        position = self.store.position_of(row_id)
+        async with self._lock:
+            deliveries = self._expect_receipts(inner)
+            await self._commit(
+                {}, sends=[rest], position=position, sent=[row_id], deliveries=deliveries
+            )
+            self._apply_deliveries(deliveries)
+        if not isinstance(send, Resend):
+            self._flowing(self._destinations(send))
+        self._refused(rest, MailboxFull.code)
+
+    async def _resend_to_listed(
+        self,
+        connection: RelayConnection,
+        row_id: int,
+        send: Resend,
+        mismatch: DeviceListMismatch,
+        attempt: int,
+    ) -> float | None:
+        """A resend naming devices their user no longer lists: it goes on to the others.
+
+        A resend may name some of a user's devices, never one it does not list
+        (spec 07, 7.8); a device listed since never had the message.
+        """
+        if attempt >= MAX_SEND_ATTEMPTS:
+            await self._fail(row_id, send, SendDropped.code)
+            return None
+        gone = {(m.user_id, device) for m in mismatch.mismatches for device in m.unknown}
+        events: list[core.Event] = []
+        async with self._lock:
+            try:
+                for item in mismatch.mismatches:
+                    events.extend(self.core.process_device_list(item.signed_device_list).events)
+            except RemoteProtocolError as failure:
+                refused: RemoteProtocolError | None = failure
+            else:
+                refused = None
+            if refused is None:
+                keep = [a for a in _named(send.send) if a not in gone]
+                rest = [Resend(_only_devices(send.send, keep))] if keep else []
+                position = self.store.position_of(row_id)
+                new_ids, ids = await self._commit(
+                    self.core.take_changes(),
+                    events=events,
+                    sends=rest,
+                    position=position,
+                    sent=[row_id],
+                )
+        if refused is not None:
+            await self._fail(row_id, send, refused.code)
+            return None
+        await self._deliver_events(events, ids)
+        if not rest:
+            await self._sent_everywhere(send)
+            return None
+        return await self._send_one(connection, new_ids[0], rest[0], attempt + 1)
 
     async def _resend(
         self,
@@ -997,23 +1088,41 @@ class Client:
             self._reported_pending.add(message_id)
             self._notify(MessagePending(message_id, reason))
 
-    async def _sent(self, row_id: int, send: core.Send) -> None:
+    async def _sent(self, row_id: int, send: core.Send | Resend) -> None:
         """The relay accepted a row: it leaves the outbox, and its destinations flow again.
 
         The devices it went to (other users') are expected to confirm its
         message with delivery receipts.
         """
         async with self._lock:
-            deliveries = self._expect_receipts(send)
+            deliveries = self._expect_receipts(send.send if isinstance(send, Resend) else send)
             await self._commit({}, sent=[row_id], deliveries=deliveries)
             self._apply_deliveries(deliveries)
-        for destination in self._destinations(send):
+        self._flowing(self._destinations(send))
+        await self._sent_everywhere(send)
+
+    def _flowing(self, destinations: Iterable[str]) -> None:
+        """These destinations took a send: no backoff for them any more."""
+        for destination in destinations:
             self._retry_delay.pop(destination, None)
             self._retry_reason.pop(destination, None)
+
+    async def _sent_everywhere(self, send: OutboxItem) -> None:
+        """MessageSent, once no row of the message is left in the outbox."""
         message_id = _message_of(send)
         if message_id is not None and message_id not in self._outbox_messages.values():
             self._reported_pending.discard(message_id)
             self._notify(MessageSent(message_id))
+
+    def _device_reads(self, device: Address) -> None:
+        """A receipt from ``device``: it reads its mail, so its mailbox has room again.
+
+        What full mailboxes refused it goes now rather than at its backoff.
+        """
+        destination = _device_destination(device.user_id, device.device_id)
+        if self._retry_at.pop(destination, None) is not None:
+            self._retry_delay.pop(destination, None)
+            self._wake.set()
 
     # ------------------------------------------------------------ delivery receipts
 
@@ -1113,6 +1222,13 @@ class Client:
             # Best effort: the sender learns of it by the missing receipt.
             logger.debug("a delivery receipt could not be sent (%s)", reason)
             await self._commit({}, sent=[row_id])
+            return
+        if isinstance(item, Resend):
+            # The other devices have the message; these are reported at its
+            # delivery deadline (MessageNotDelivered).
+            logger.warning("a send to full mailboxes could not be sent again (%s)", reason)
+            await self._commit({}, sent=[row_id])
+            await self._sent_everywhere(item)
             return
         others = [r for r, m in self._outbox_messages.items() if m == message_id and r != row_id]
         sent = [row_id, *(others if message_id is not None else [])]
@@ -1227,6 +1343,7 @@ class Client:
             for event in outcome.events:
                 if isinstance(event, DeliveryConfirmed):
                     events += self._confirm(event, deliveries)
+                    self._device_reads(event.device)
                 else:
                     events.append(event)
             sends: list[OutboxItem] = [*outcome.sends, *self._receipts_for(outcome.events)]
@@ -1619,6 +1736,47 @@ def _check_address(address: object) -> RelayAddress:
     ):
         raise InvalidArgument("a relay address is (host, port), a port from 1 to 65535")
     return address[0], address[1]
+
+
+def _device_destination(user_id: str, device_id: int) -> str:
+    return f"d:{device_id}:{user_id}"
+
+
+def _named(send: DirectSend | GroupSend) -> list[tuple[str, int]]:
+    """The (user_id, device_id) a send names, in its order."""
+    if isinstance(send, DirectSend):
+        return [(send.recipient_user, device_id) for device_id, _ in send.payloads]
+    return [(a.user_id, a.device_id) for a in send.recipients]
+
+
+def _only_devices(
+    send: DirectSend | GroupSend, devices: Iterable[tuple[str, int]]
+) -> DirectSend | GroupSend:
+    """``send`` naming only ``devices`` (of those it names)."""
+    keep = set(devices)
+    if isinstance(send, DirectSend):
+        payloads = tuple(
+            (device_id, payload)
+            for device_id, payload in send.payloads
+            if (send.recipient_user, device_id) in keep
+        )
+        return replace(send, payloads=payloads)
+    recipients = tuple(a for a in send.recipients if (a.user_id, a.device_id) in keep)
+    return replace(send, recipients=recipients)
+
+
+async def _send_payloads(
+    connection: RelayConnection, send: DirectSend | GroupSend | Resend
+) -> tuple[tuple[str, int], ...]:
+    """Send a direct or group send (again, for a Resend); the devices whose mailboxes were full."""
+    resend = isinstance(send, Resend)
+    inner = send.send if isinstance(send, Resend) else send
+    if isinstance(inner, DirectSend):
+        result = await connection.send_direct(inner.recipient_user, inner.payloads, resend=resend)
+    else:
+        recipients = [(a.user_id, a.device_id) for a in inner.recipients]
+        result = await connection.send_group(inner.payload, recipients, resend=resend)
+    return result.mailbox_full
 
 
 def _message_of(item: OutboxItem) -> bytes | None:

@@ -188,7 +188,23 @@ class QueuedReceipt:
     message_ids: tuple[bytes, ...]
 
 
+@dataclass(frozen=True, slots=True)
+class Resend:
+    """What full mailboxes refused: ``send`` naming only those devices, to go again to them.
+
+    The relay stored the send for every other device it named (relay
+    protocol 6); this is sent with ``resend`` true, so that no device gets
+    it twice.
+    """
+
+    send: core.DirectSend | core.GroupSend
+
+    @property
+    def message_id(self) -> bytes | None:
+        return self.send.message_id
+
+
 OutboxItem: TypeAlias = (
-    core.DirectSend | core.GroupSend | core.ChangeSend | QueuedMessage | QueuedReceipt
+    core.DirectSend | core.GroupSend | core.ChangeSend | QueuedMessage | QueuedReceipt | Resend
 )
 """One outbox row: a send encrypted and ready, or a message still to encrypt."""

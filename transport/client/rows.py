@@ -72,6 +72,7 @@ from .events import (
     OutboxItem,
     QueuedMessage,
     QueuedReceipt,
+    Resend,
     SendFailed,
     StoredEvent,
     StoredItemSetAside,
@@ -116,6 +117,7 @@ class SendTag(IntEnum):
     QUEUED_DIRECT = 4  # from version 2 on
     QUEUED_GROUP = 5  # from version 2 on
     QUEUED_RECEIPT = 6  # from version 2 on
+    RESEND = 7  # from version 2 on: a DIRECT or GROUP row's tag and fields follow
 
 
 # The last tag of each table that version 1 had.
@@ -244,6 +246,8 @@ def _send_fields(send: OutboxItem) -> list[Any]:
         return [SendTag.CHANGE, send.group_id, send.receipt, parts]
     if isinstance(send, QueuedReceipt):
         return [SendTag.QUEUED_RECEIPT, send.to_user, list(send.message_ids)]
+    if isinstance(send, Resend):
+        return [SendTag.RESEND, *_send_fields(send.send)]
     if isinstance(send, QueuedMessage):
         if send.group_id is None:
             return [SendTag.QUEUED_DIRECT, send.to_user, send.message_id, send.sent_at, send.body]
@@ -414,6 +418,11 @@ def _read_send(f: Fields, version: int) -> OutboxItem:
     tag = _read_tag(f, SendTag, "stored send")
     if version < 2 and tag > _LAST_VERSION_1_SEND:
         raise DecodeError(f"stored send: no tag {tag} in row version {version}")
+    if tag == SendTag.RESEND:
+        resent = _read_send(f, version)
+        if not isinstance(resent, DirectSend | GroupSend):
+            raise DecodeError("stored send: only a direct or group send is sent again")
+        return Resend(resent)
     if tag == SendTag.DIRECT:
         direct = _read_direct(f)
         message_id = f.optional_bin(MESSAGE_ID_SIZE) if version >= 2 else None

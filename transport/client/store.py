@@ -68,7 +68,14 @@ from .cipher import (
     StoreCodec,
     check_store_key,
 )
-from .events import OutboxItem, QueuedMessage, QueuedReceipt, StoredEvent, StoredItemSetAside
+from .events import (
+    OutboxItem,
+    QueuedMessage,
+    QueuedReceipt,
+    Resend,
+    StoredEvent,
+    StoredItemSetAside,
+)
 
 _Item = TypeVar("_Item")
 
@@ -522,9 +529,13 @@ class ClientStore:
         outbox_rows = [rows.encode_send(_checked_send(send)) for send in sends]
         inbox_rows = [rows.encode_event(_checked_event(event)) for event in events]
         if processed is not None:
-            guid, at = processed if isinstance(processed, tuple) and len(processed) == 2 else (
-                None,
-                None,
+            guid, at = (
+                processed
+                if isinstance(processed, tuple) and len(processed) == 2
+                else (
+                    None,
+                    None,
+                )
             )
             processed = (self._codec.index(_check_guid(guid)), check_now(at))
         sent_ids, taken_ids = _checked_ids(sent), _checked_ids(taken)
@@ -768,9 +779,12 @@ def _open_delivery(data: bytes) -> tuple[bytes, tuple[core.Address, ...]]:
 
 def _checked_send(send: object) -> OutboxItem:
     if not isinstance(
-        send, core.DirectSend | core.GroupSend | core.ChangeSend | QueuedMessage | QueuedReceipt
+        send,
+        core.DirectSend | core.GroupSend | core.ChangeSend | QueuedMessage | QueuedReceipt | Resend,
     ):
         raise InvalidArgument("the outbox holds sends and queued messages")
+    if isinstance(send, Resend) and not isinstance(send.send, core.DirectSend | core.GroupSend):
+        raise InvalidArgument("only a direct or group send is sent again")
     return send
 
 

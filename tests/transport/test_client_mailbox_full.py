@@ -1,0 +1,88 @@
+"""A full mailbox delays only what is addressed to it (issue 17; spec 07, 7.8 and 7.14).
+
+The relay stores a send for every device with room and names the full ones
+(relay protocol 6). The client keeps, in its outbox, only what those devices
+missed, and sends it again later to them alone (``resend``). Before, the row
+stayed whole: it held back every later row to its user and group, and went
+again to every device, so the others got it twice.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import trio
+
+from hushchat.protocol.client_core import GroupUpdated, MessageReceived, Undecryptable
+from hushchat.transport.client.client import Client, MessageSent
+from hushchat.transport.relay.config import RelayLimits
+from tests.support.clients import TIMEOUT, Relay, client, next_matching
+
+MAILBOX = 50
+
+
+async def received(c: Client, count: int, timeout: float = TIMEOUT) -> list[MessageReceived]:
+    """The next ``count`` messages ``c`` receives; AssertionError on anything undecryptable."""
+    got: list[MessageReceived] = []
+    with trio.fail_after(timeout):
+        async for event in c.events():
+            assert not isinstance(event, Undecryptable), event
+            if isinstance(event, MessageReceived):
+                got.append(event)
+                if len(got) == count:
+                    return got
+    raise AssertionError("event stream ended")
+
+
+async def nothing_more(c: Client) -> None:
+    """No further message, and nothing undecryptable (a duplicate would be one or the other)."""
+    with trio.move_on_after(1.0):
+        async for event in c.events():
+            assert not isinstance(event, MessageReceived | Undecryptable), event
+
+
+def bodies(events: list[MessageReceived], group_id: bytes | None) -> list[bytes]:
+    return [e.body for e in events if e.group_id == group_id]
+
+
+async def test_a_full_mailbox_delays_only_what_is_addressed_to_it(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    relay = Relay(nursery, str(tmp_path / "relay.db"), limits=RelayLimits(max_mailbox_size=MAILBOX))
+    await relay.start()
+    async with (
+        client(tmp_path, relay, "alice") as alice,
+        client(tmp_path, relay, "carol") as carol,
+    ):
+        async with client(tmp_path, relay, "bob") as bob:
+            group_id = await alice.create_group("three", ["bob", "carol"])
+            for member in (bob, carol):
+                await next_matching(member, GroupUpdated)
+        # Bob stops reading; alice keeps writing to him until his mailbox is full and past it.
+        to_bob = [b"to bob %d" % n for n in range(MAILBOX + 5)]
+        for body in to_bob:
+            await alice.send_direct("bob", body)
+        # Then she talks to carol and to the group (bob's device is full for both).
+        to_carol = [b"to carol %d" % n for n in range(10)]
+        to_group = [b"to the group %d" % n for n in range(10)]
+        for direct, in_group in zip(to_carol, to_group, strict=True):
+            await alice.send_direct("carol", direct)
+            await alice.send_group(group_id, in_group)
+        # Carol gets everything while bob is away, once each, in order.
+        got = await received(carol, len(to_carol) + len(to_group))
+        assert bodies(got, None) == to_carol
+        assert bodies(got, group_id) == to_group
+        await nothing_more(carol)
+        # What bob's device missed waits for it alone.
+        pending = set(alice.pending_messages())
+        assert len(pending) == 5 + len(to_group), len(pending)
+
+        # Bob reads again: everything reaches him, once, each conversation in order.
+        async with client(tmp_path, relay, "bob") as bob:
+            got = await received(bob, len(to_bob) + len(to_group))
+            assert bodies(got, None) == to_bob
+            assert bodies(got, group_id) == to_group
+            await nothing_more(bob)
+        with trio.fail_after(TIMEOUT):
+            while alice.pending_messages():
+                await next_matching(alice, MessageSent)
