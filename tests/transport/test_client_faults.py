@@ -135,6 +135,44 @@ async def test_rate_limited_sends_are_paced_not_raised(
         assert got == [b"burst %d" % n for n in range(25)]
 
 
+async def test_a_concurrent_burst_to_a_user_and_a_group_is_paced_not_raised(
+    tmp_path: Path, nursery: trio.Nursery
+) -> None:
+    """Many tasks send at once, beyond the relay's per-connection rate: every call returns
+    its message id (none raises RateLimited) and every message arrives once."""
+    limits = RelayLimits(send_rate=RateLimit(5, 5))
+    relay = Relay(nursery, str(tmp_path / "relay.db"), limits=limits)
+    await relay.start()
+    async with (
+        client(tmp_path, relay, "alice") as alice,
+        client(tmp_path, relay, "bob") as bob,
+        client(tmp_path, relay, "carol") as carol,
+    ):
+        group_id = await alice.create_group("burst", ["bob", "carol"])
+        for member in (bob, carol):
+            await next_matching(member, GroupUpdated)
+        sent: list[bytes] = []
+
+        async def direct(n: int) -> None:
+            sent.append(await alice.send_direct("bob", b"direct %d" % n))
+
+        async def in_group(n: int) -> None:
+            sent.append(await alice.send_group(group_id, b"group %d" % n))
+
+        with trio.fail_after(TIMEOUT):
+            async with trio.open_nursery() as burst:
+                for n in range(15):
+                    burst.start_soon(direct, n)
+                    burst.start_soon(in_group, n)
+        assert len(set(sent)) == 30
+        got = [await next_matching(bob, MessageReceived) for _ in range(30)]
+        assert sorted(e.body for e in got) == sorted(
+            [b"direct %d" % n for n in range(15)] + [b"group %d" % n for n in range(15)]
+        )
+        got = [await next_matching(carol, MessageReceived) for _ in range(15)]
+        assert sorted(e.body for e in got) == sorted(b"group %d" % n for n in range(15))
+
+
 def count_logins(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     """Every login attempt a client makes, by user id."""
     attempts: list[str] = []
