@@ -11,9 +11,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import trio
 
 from hushchat.protocol.client_core import GroupUpdated, MessageReceived, Undecryptable
+from hushchat.transport.client import client as client_module
 from hushchat.transport.client.client import Client, MessageSent
 from hushchat.transport.relay.config import RelayLimits
 from tests.support.clients import TIMEOUT, Relay, client, next_matching
@@ -86,3 +88,27 @@ async def test_a_full_mailbox_delays_only_what_is_addressed_to_it(
         with trio.fail_after(TIMEOUT):
             while alice.pending_messages():
                 await next_matching(alice, MessageSent)
+
+
+async def test_what_a_device_missed_goes_before_anything_newer(
+    nursery: trio.Nursery, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Bob's device reads again while what it missed still waits for its retry: alice's next
+    message to him must not overtake it (spec 07, 7.8: resend first)."""
+    monkeypatch.setattr(client_module, "RETRY_FIRST_DELAY", 3600.0)  # only order may bring it
+    monkeypatch.setattr(Client, "_device_reads", lambda self, device: None)  # nor a receipt
+    relay = Relay(nursery, str(tmp_path / "relay.db"), limits=RelayLimits(max_mailbox_size=3))
+    await relay.start()
+    async with client(tmp_path, relay, "bob"):
+        pass
+    async with client(tmp_path, relay, "alice") as alice:
+        for n in range(4):
+            await alice.send_direct("bob", b"before %d" % n)
+        assert len(alice.pending_messages()) == 1  # the fourth waits for bob's device
+        async with client(tmp_path, relay, "bob") as bob:
+            got = await received(bob, 3)
+            assert [e.body for e in got] == [b"before 0", b"before 1", b"before 2"]
+            await alice.send_direct("bob", b"after")
+            got = await received(bob, 2)
+            assert [e.body for e in got] == [b"before 3", b"after"]
+            await nothing_more(bob)

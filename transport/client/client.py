@@ -723,6 +723,10 @@ class Client:
         outbox = self.store.outbox()
         await self._set_aside_unreadable()
         self._pass_receipts = [(r, i) for r, i in outbox if isinstance(i, QueuedReceipt)]
+        # What full mailboxes refused that waits for its devices' retry, by user: it
+        # goes before anything newer to that user (the device may have room again).
+        missed: dict[str, dict[int, Resend]] = {}
+        order = {row_id: index for index, (row_id, _) in enumerate(outbox)}
         for row_id, item in outbox:
             if row_id not in self._outbox_messages:
                 continue  # gone during this pass (merged into a receipt, or failed with another)
@@ -731,11 +735,25 @@ class Client:
             due = [self._retry_at[d] for d in destinations if self._retry_at.get(d, 0) > now]
             if due or destinations & blocked:
                 # An earlier row for one of its destinations waits: so does this one.
+                if isinstance(item, Resend) and not destinations & blocked:
+                    for user, _ in _named(item.send):
+                        missed.setdefault(user, {})[row_id] = item
                 blocked |= destinations
                 retry_at = min(retry_at, *due) if due else retry_at
                 reasons = [self._retry_reason[d] for d in destinations if d in self._retry_reason]
                 self._report_pending(item, reasons[0] if reasons else "WAITING")
                 continue
+            if missed and not isinstance(item, Resend):
+                users = {d[2:] for d in destinations if d.startswith("u:")}
+                earlier: dict[int, Resend] = {}
+                for user in users & missed.keys():
+                    earlier.update(missed.pop(user))
+                for early_id in sorted(earlier, key=order.__getitem__):
+                    if early_id not in self._outbox_messages:
+                        continue
+                    early = earlier[early_id]
+                    if await self._deliver(connection, early_id, early) is not None:
+                        blocked |= self._destinations(early)
             delay = await self._deliver(connection, row_id, item)
             if delay is not None:
                 blocked |= destinations
