@@ -564,3 +564,14 @@ async def test_a_refusal_while_preparing_a_send_waits_and_never_ends_the_connect
             pytest.fail(f"the connection ended: {lost}")
     async with client(tmp_path, relay, "carol") as carol:
         assert (await next_matching(carol, MessageReceived)).body == b"for when the relay can"
+
+
+def test_reconnect_waits_are_spread_around_the_backoff() -> None:
+    """Clients that lost one relay at once do not all come back at the same instant."""
+    from hushchat.protocol.primitives import SeededRandom
+    from hushchat.transport.client.client import RECONNECT_JITTER, jittered
+
+    rng = SeededRandom(b"jitter")
+    waits = [jittered(10.0, rng) for _ in range(200)]
+    assert all(10 * (1 - RECONNECT_JITTER) <= w <= 10 * (1 + RECONNECT_JITTER) for w in waits)
+    assert max(waits) - min(waits) > 10 * RECONNECT_JITTER  # spread over most of the range

@@ -1647,8 +1647,7 @@ class Client:
                 delay = self._first_delay
             if not self._unknown_to_relay or newly_unknown:
                 await self._events_in.send((None, Disconnected(reason)))
-            spread = int.from_bytes(self._rng.random_bytes(2), "big") / 65535 * 2 - 1
-            await trio.sleep(delay * (1 + RECONNECT_JITTER * spread))
+            await trio.sleep(jittered(delay, self._rng))
             delay = min(delay * RECONNECT_MULTIPLIER, self._max_delay)
 
     async def _relay_addresses(self) -> list[RelayAddress]:
@@ -1754,6 +1753,12 @@ def _check_address(address: object) -> RelayAddress:
     ):
         raise InvalidArgument("a relay address is (host, port), a port from 1 to 65535")
     return address[0], address[1]
+
+
+def jittered(delay: float, rng: RandomSource) -> float:
+    """``delay`` times a random factor within RECONNECT_JITTER of 1."""
+    spread = int.from_bytes(rng.random_bytes(2), "big") / 65535 * 2 - 1
+    return delay * (1 + RECONNECT_JITTER * spread)
 
 
 def _device_destination(user_id: str, device_id: int) -> str:
