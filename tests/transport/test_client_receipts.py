@@ -92,3 +92,13 @@ async def test_an_expired_message_is_reported_to_both_ends(
         await alice.send_direct("bob", b"are you there?")  # any activity looks at deadlines
         reported = await next_matching(alice, MessageNotDelivered)
         assert (reported.message_id, reported.devices) == (lost, (A("bob"),))
+
+
+async def test_an_idle_sender_reports_at_the_deadline(tmp_path: Path, relay: Relay) -> None:
+    """Nothing else happens after the send: the deadline alone brings the report."""
+    async with client(tmp_path, relay, "bob"):
+        pass  # registered, then away
+    async with client(tmp_path, relay, "alice", delivery_deadline=1) as alice:
+        lost = await alice.send_direct("bob", b"unread")
+        reported = await next_matching(alice, MessageNotDelivered)
+        assert (reported.message_id, reported.devices) == (lost, (A("bob"),))

@@ -759,9 +759,14 @@ class Client:
                 blocked |= destinations
                 retry_at = min(retry_at, trio.current_time() + delay)
         await self._expire_deliveries()
-        # Rows left for full mailboxes wait on their own devices' retry times.
+        # Rows left for full mailboxes wait on their own devices' retry times, and the
+        # next delivery deadline is met even if nothing else happens.
         now = trio.current_time()
-        return min([retry_at, *(t for t in self._retry_at.values() if t > now)])
+        wake = [retry_at, *(t for t in self._retry_at.values() if t > now)]
+        if self._deliveries:
+            deadline = min(deadline for deadline, _ in self._deliveries.values())
+            wake.append(now + max(0, deadline - self.now()) + 1)
+        return min(wake)
 
     def _destinations(self, item: OutboxItem) -> set[str]:
         """Who a row goes to: rows for the same user or group leave in order.
