@@ -102,3 +102,27 @@ async def test_an_idle_sender_reports_at_the_deadline(tmp_path: Path, relay: Rel
         lost = await alice.send_direct("bob", b"unread")
         reported = await next_matching(alice, MessageNotDelivered)
         assert (reported.message_id, reported.devices) == (lost, (A("bob"),))
+
+
+def test_stray_receipts_never_crowd_out_one_that_overtook_its_acceptance(tmp_path: Path) -> None:
+    """A contact confirming made-up message ids (1,000 of them) must not make the client drop
+    a real receipt that arrives before the relay's ACCEPTED for its message is recorded
+    (the message would then be reported as never delivered)."""
+    from hushchat.protocol.client_core import ClientCore, DeliveryConfirmed, DirectSend
+    from hushchat.transport.client.client import MAX_EARLY_RECEIPTS, Client
+    from hushchat.transport.client.store import ClientStore
+
+    store = ClientStore.open(str(tmp_path / "alice.db"))
+    try:
+        core = ClientCore.create_primary("alice", 1, now=1_700_000_000)
+        alice = Client(store, core, "127.0.0.1", 1)
+        for batch in range(MAX_EARLY_RECEIPTS // 100):
+            stray = tuple(bytes([batch, n]) + bytes(14) for n in range(100))
+            assert alice._confirm(DeliveryConfirmed(A("mallory"), stray), {}) == []
+        message_id = b"\xaa" * 16
+        assert alice._confirm(DeliveryConfirmed(A("bob"), (message_id,)), {}) == []
+        # The relay's ACCEPTED for it is recorded after: bob's device has confirmed already.
+        send = DirectSend("bob", ((1, b"payload"),), b"content", message_id)
+        assert alice._expect_receipts(send) == {}
+    finally:
+        store.close()

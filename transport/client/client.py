@@ -196,7 +196,8 @@ PRUNE_INTERVAL = 3600
 # an hour for the difference between clocks (spec 07, 7.14).
 DELIVERY_DEADLINE = 74 * 3600
 # Confirmations for messages whose acceptance by the relay is not recorded yet
-# (the receipt overtook it), kept until it is.
+# (the receipt overtook it), kept until it is; the oldest goes first (a receipt
+# that came after its deadline, or for nothing we sent, is never claimed).
 MAX_EARLY_RECEIPTS = 1000
 
 _T = TypeVar("_T")
@@ -1186,7 +1187,10 @@ class Client:
         for message_id in confirmed.message_ids:
             tracked = deliveries.get(message_id, self._deliveries.get(message_id))
             if tracked is None:
-                if message_id not in deliveries and len(self._early_receipts) < MAX_EARLY_RECEIPTS:
+                if message_id not in deliveries:
+                    if len(self._early_receipts) >= MAX_EARLY_RECEIPTS:
+                        # The oldest is a late or stray receipt, not one overtaking an ACCEPTED.
+                        del self._early_receipts[next(iter(self._early_receipts))]
                     self._early_receipts.setdefault(message_id, set()).add(confirmed.device)
                 continue
             deadline, devices = tracked
