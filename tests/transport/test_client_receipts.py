@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import sqlite3
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
@@ -124,5 +125,32 @@ def test_stray_receipts_never_crowd_out_one_that_overtook_its_acceptance(tmp_pat
         # The relay's ACCEPTED for it is recorded after: bob's device has confirmed already.
         send = DirectSend("bob", ((1, b"payload"),), b"content", message_id)
         assert alice._expect_receipts(send) == {}
+    finally:
+        store.close()
+
+
+def test_a_device_confirms_only_for_itself(tmp_path: Path) -> None:
+    """Mallory's device confirming alice's message to bob changes nothing: only bob's
+    device (its receipt authenticated by its session) can say that bob's device has it."""
+    from hushchat.protocol.client_core import ClientCore, DeliveryConfirmed, DirectSend
+    from hushchat.transport.client.client import Client
+    from hushchat.transport.client.store import ClientStore
+
+    store = ClientStore.open(str(tmp_path / "alice.db"))
+    try:
+        core = ClientCore.create_primary("alice", 1, now=1_700_000_000)
+        alice = Client(store, core, "127.0.0.1", 1)
+        message_id = b"\xbb" * 16
+        send = DirectSend("bob", ((1, b"payload"),), b"content", message_id)
+        alice._apply_deliveries(alice._expect_receipts(send))
+        for liar in (A("mallory"), A("bob", 2), A("alice", 2)):
+            deliveries: dict[bytes, Any] = {}
+            assert alice._confirm(DeliveryConfirmed(liar, (message_id,)), deliveries) == []
+            alice._apply_deliveries(deliveries)
+        assert alice.awaiting_receipts() == [message_id]
+        deliveries = {}
+        assert alice._confirm(DeliveryConfirmed(A("bob"), (message_id,)), deliveries) == [
+            MessageDelivered(message_id)
+        ]
     finally:
         store.close()
