@@ -4,7 +4,8 @@ The relay stores a send for every device with room and names the full ones
 (relay protocol 6). The client keeps, in its outbox, only what those devices
 missed, and sends it again later to them alone (``resend``). Before, the row
 stayed whole: it held back every later row to its user and group, and went
-again to every device, so the others got it twice.
+again to every device, so the others got it twice. The first test runs the
+relay as an operator would: ``hushchat relay --max-mailbox 50``.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from hushchat.protocol.client_core import GroupUpdated, MessageReceived, Undecry
 from hushchat.transport.client import client as client_module
 from hushchat.transport.client.client import Client, MessageSent
 from hushchat.transport.relay.config import RelayLimits
-from tests.support.clients import TIMEOUT, Relay, client, next_matching
+from tests.support.clients import TIMEOUT, Relay, RelayProcess, client, next_matching
 
 MAILBOX = 50
 
@@ -55,11 +56,16 @@ def bodies(events: list[MessageReceived], group_id: bytes | None) -> list[bytes]
     return [e.body for e in events if e.group_id == group_id]
 
 
-async def test_a_full_mailbox_delays_only_what_is_addressed_to_it(
-    nursery: trio.Nursery, tmp_path: Path
-) -> None:
-    relay = Relay(nursery, str(tmp_path / "relay.db"), limits=RelayLimits(max_mailbox_size=MAILBOX))
-    await relay.start()
+async def test_a_full_mailbox_delays_only_what_is_addressed_to_it(tmp_path: Path) -> None:
+    relay = RelayProcess(tmp_path / "relay.db")
+    await relay.start("--max-mailbox", str(MAILBOX))
+    try:
+        await talk_past_a_full_mailbox(tmp_path, relay)
+    finally:
+        await relay.kill()
+
+
+async def talk_past_a_full_mailbox(tmp_path: Path, relay: RelayProcess) -> None:
     async with (
         client(tmp_path, relay, "alice") as alice,
         client(tmp_path, relay, "carol") as carol,
