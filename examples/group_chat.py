@@ -429,7 +429,10 @@ class Chat:
 
     def show_unsent(self, message_id: bytes, line: str, reason: str) -> None:
         self.unsent[message_id] = line
-        why = "the relay is out of reach" if reason == "NOT_CONNECTED" else reason
+        why = {
+            "NOT_CONNECTED": "the relay is out of reach",
+            "MAILBOX_FULL": "a recipient device's mailbox is full; the others have it",
+        }.get(reason, reason)
         self.screen.info(f"not sent yet ({why}); it goes by itself later: {line}")
 
     def show_event(self, event: StoredEvent) -> None:
