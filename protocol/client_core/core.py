@@ -230,6 +230,14 @@ class ClientCore:
         return self._messages.max_messages
 
     @property
+    def max_sender_key_records(self) -> int:
+        return self._state.inbound.max_records
+
+    @property
+    def max_groups(self) -> int:
+        return self._state.max_groups
+
+    @property
     def address(self) -> Address:
         return self._state.address
 
@@ -653,15 +661,18 @@ class ClientCore:
         sender_key_max_age: int = SENDER_KEY_MAX_AGE,
         sender_key_max_messages: int = SENDER_KEY_MAX_MESSAGES,
         max_sender_key_records: int = MAX_SENDER_KEY_RECORDS,
+        max_groups: int = MAX_GROUPS,
     ) -> ClientCore:
         """Rebuild a core from the records :meth:`take_changes` produced (the sender-key
-        limits are settings, not state: give them again if they are not the defaults)."""
+        limits and ``max_groups`` are settings, not state: give them again if they are
+        not the defaults)."""
         core, _ = cls._load(
             records,
             rng,
             sender_key_max_age,
             sender_key_max_messages,
             max_sender_key_records,
+            max_groups,
             skip_corrupt=False,
         )
         return core
@@ -675,6 +686,7 @@ class ClientCore:
         sender_key_max_age: int = SENDER_KEY_MAX_AGE,
         sender_key_max_messages: int = SENDER_KEY_MAX_MESSAGES,
         max_sender_key_records: int = MAX_SENDER_KEY_RECORDS,
+        max_groups: int = MAX_GROUPS,
     ) -> tuple[ClientCore, dict[RecordKey, str]]:
         """As :meth:`load`, leaving out the records that do not load (with their error codes).
 
@@ -689,6 +701,7 @@ class ClientCore:
             sender_key_max_age,
             sender_key_max_messages,
             max_sender_key_records,
+            max_groups,
             skip_corrupt=True,
         )
 
@@ -700,6 +713,7 @@ class ClientCore:
         sender_key_max_age: int,
         sender_key_max_messages: int,
         max_sender_key_records: int,
+        max_groups: int,
         *,
         skip_corrupt: bool,
     ) -> tuple[ClientCore, dict[RecordKey, str]]:
@@ -716,6 +730,7 @@ class ClientCore:
                 sender_key_max_age=sender_key_max_age,
                 sender_key_max_messages=sender_key_max_messages,
                 max_sender_key_records=max_sender_key_records,
+                max_groups=max_groups,
             )
             skipped = persistence.load_records(core._state, by_key, skip_corrupt=skip_corrupt)
         except StateError:

@@ -875,3 +875,24 @@ def test_delivery_receipts_between_own_devices_are_refused(net: Network) -> None
     [(_, payload)] = send.payloads
     outcome = net.devices[A("alice")].receive(A("alice", 2), ENVELOPE_DIRECT, payload, now=net.now)
     assert outcome.events == (Undecryptable(A("alice", 2), "UNAUTHORIZED_CHANGE"),)
+
+
+def test_the_limits_given_to_load_are_the_loaded_cores() -> None:
+    """Settings, not state: a core loaded (or reloaded after a failed commit) keeps those given."""
+    core = ClientCore.create_primary("alice", 1, now=1_700_000_000)
+    records = [(k, v) for k, v in core.take_changes().items() if v is not None]
+    loaded = ClientCore.load(
+        records,
+        sender_key_max_age=60,
+        sender_key_max_messages=7,
+        max_sender_key_records=5,
+        max_groups=3,
+    )
+    assert (
+        loaded.sender_key_max_age,
+        loaded.sender_key_max_messages,
+        loaded.max_sender_key_records,
+        loaded.max_groups,
+    ) == (60, 7, 5, 3)
+    salvaged, skipped = ClientCore.load_salvaging(records, max_groups=4)
+    assert salvaged.max_groups == 4 and skipped == {}

@@ -1327,6 +1327,8 @@ class Client:
             rng=self._rng,
             sender_key_max_age=self.core.sender_key_max_age,
             sender_key_max_messages=self.core.sender_key_max_messages,
+            max_sender_key_records=self.core.max_sender_key_records,
+            max_groups=self.core.max_groups,
         )
         self._published = _stored_int(self.store, core.RecordKey.PUBLISHED_PREKEYS)
         self._registered = _stored_int(self.store, core.RecordKey.REGISTERED_DEVICE_LIST)
