@@ -728,6 +728,7 @@ class Client:
         # goes before anything newer to that user (the device may have room again).
         missed: dict[str, dict[int, Resend]] = {}
         order = {row_id: index for index, (row_id, _) in enumerate(outbox)}
+        resent: set[int] = set()
         for row_id, item in outbox:
             if row_id not in self._outbox_messages:
                 continue  # gone during this pass (merged into a receipt, or failed with another)
@@ -750,8 +751,9 @@ class Client:
                 for user in users & missed.keys():
                     earlier.update(missed.pop(user))
                 for early_id in sorted(earlier, key=order.__getitem__):
-                    if early_id not in self._outbox_messages:
-                        continue
+                    if early_id not in self._outbox_messages or early_id in resent:
+                        continue  # gone, or tried in this pass (for another of its users)
+                    resent.add(early_id)
                     early = earlier[early_id]
                     if await self._deliver(connection, early_id, early) is not None:
                         blocked |= self._destinations(early)
