@@ -154,3 +154,28 @@ def test_a_device_confirms_only_for_itself(tmp_path: Path) -> None:
         ]
     finally:
         store.close()
+
+
+def test_a_device_reached_late_has_its_full_deadline(tmp_path: Path) -> None:
+    """Bob's device was full: the relay took alice's message for it a day later, and kept it
+    for its whole retention from then. Alice must not report it undelivered a day early."""
+    from hushchat.protocol.client_core import ClientCore, DirectSend
+    from hushchat.transport.client.client import Client
+    from hushchat.transport.client.events import Resend
+    from hushchat.transport.client.store import ClientStore
+
+    store = ClientStore.open(str(tmp_path / "alice.db"))
+    try:
+        now = [1_700_000_000.0]
+        core = ClientCore.create_primary("alice", 1, now=int(now[0]))
+        alice = Client(store, core, "127.0.0.1", 1, clock=lambda: now[0], delivery_deadline=100)
+        message_id = b"\xcc" * 16
+        send = DirectSend("bob", ((1, b"one"), (2, b"two")), b"content", message_id)
+        alice._apply_deliveries(alice._expect_receipts(send))  # bob.2 took it; bob.1 was full
+        now[0] += 60
+        late = Resend(DirectSend("bob", ((1, b"one"),), b"content", message_id))
+        alice._apply_deliveries(alice._expect_receipts(late.send))  # bob.1 took it now
+        deadline, devices = alice._deliveries[message_id]
+        assert deadline == int(now[0]) + 100 and devices == {A("bob", 1), A("bob", 2)}
+    finally:
+        store.close()

@@ -1171,11 +1171,14 @@ class Client:
         else:
             return {}
         devices -= self._early_receipts.pop(message_id, set())
-        deadline, expected = self._deliveries.get(
-            message_id, (self.now() + self._delivery_deadline, frozenset())
-        )
+        # The relay's retention starts when it stores the message for a device: what
+        # full mailboxes refused and took later has its time from then.
+        fresh = self.now() + self._delivery_deadline
+        deadline, expected = self._deliveries.get(message_id, (fresh, frozenset()))
         if not devices and not expected:
             return {}
+        if devices:
+            deadline = max(deadline, fresh)
         return {message_id: (deadline, expected | devices)}
 
     def _confirm(
