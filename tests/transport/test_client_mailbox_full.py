@@ -129,3 +129,25 @@ async def test_what_a_device_missed_goes_before_anything_newer(
             got = await received(bob, 2)
             assert [e.body for e in got] == [b"before 3", b"after"]
             await nothing_more(bob)
+
+
+async def test_more_messages_for_a_full_device_do_not_push_its_retry_back(
+    tmp_path: Path,
+) -> None:
+    """Each message a full device misses used to double its backoff: ten messages in a
+    second put its next try minutes away. They wait for the retry already set."""
+    from hushchat.protocol.client_core import ClientCore, DirectSend
+    from hushchat.transport.client.store import ClientStore
+
+    store = ClientStore.open(str(tmp_path / "alice.db"))
+    try:
+        core = ClientCore.create_primary("alice", 1, now=1_700_000_000)
+        alice = Client(store, core, "127.0.0.1", 1)
+        for n in range(5):
+            send = DirectSend("bob", ((1, b"payload"),), b"content", bytes([n + 1]) * 16)
+            (row_id,), _ = await alice._commit({}, sends=[send])
+            await alice._keep_for_full(row_id, send, [("bob", 1)])
+        assert alice._retry_delay == {"d:1:bob": client_module.RETRY_FIRST_DELAY}
+        assert len(alice.pending_messages()) == 5
+    finally:
+        store.close()

@@ -962,7 +962,12 @@ class Client:
             self._apply_deliveries(deliveries)
         if not isinstance(send, Resend):
             self._flowing(self._destinations(send))
-        self._refused(rest, MailboxFull.code)
+        now = trio.current_time()
+        if all(self._retry_at.get(d, 0) > now for d in self._destinations(rest)):
+            # Those devices wait already: another message for them keeps their time.
+            self._report_pending(rest, MailboxFull.code)
+        else:
+            self._refused(rest, MailboxFull.code)
 
     async def _resend_to_listed(
         self,
