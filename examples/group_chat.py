@@ -414,7 +414,7 @@ class Chat:
     def show_progress(self, event: MessagePending | MessageSent) -> None:
         """A message of ours waits (said once), or went after waiting."""
         if isinstance(event, MessageSent):
-            self.sent_lines.pop(event.message_id, None)
+            # Its line stays until it is delivered, or not (MessageNotDelivered names it).
             self.waiting.pop(event.message_id, None)
             line = self.unsent.pop(event.message_id, None)
             if line is not None:
@@ -440,8 +440,10 @@ class Chat:
             line = self.sent_lines.pop(event.message_id, "a message")
             devices = ", ".join(str(a) for a in event.devices)
             self.screen.error(f"never delivered to {devices} (it expired unread): {line}")
-        elif isinstance(event, MessageDelivered | core.DeliveryConfirmed):
-            pass  # delivered: the usual case, not worth a line
+        elif isinstance(event, MessageDelivered):
+            self.sent_lines.pop(event.message_id, None)  # the usual case, not worth a line
+        elif isinstance(event, core.DeliveryConfirmed):
+            pass  # the client library matched it to what we sent (MessageDelivered)
         elif isinstance(event, StoredItemSetAside):
             what = {"outbox": "a message waiting to go", "inbox": "a message or notice"}.get(
                 event.table, f"this device's {event.kind or 'state'}"
