@@ -613,6 +613,9 @@ class Demo:
         def removed(event: GroupUpdated) -> bool:
             return any(isinstance(c, MemberRemoved) and c.user_id == "dave" for c in event.changes)
 
+        # It takes effect for alice when the relay's receipt for it comes back: her next
+        # message must not leave before (under load it did, still to dave, on the old key).
+        await alice.expect(GroupUpdated, removed)
         for person in (bob, carol, dave):
             await person.expect(GroupUpdated, removed)
             remaining = ", ".join(alice.client.group(self.group_id).user_ids)
