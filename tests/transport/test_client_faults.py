@@ -39,7 +39,7 @@ from hushchat.transport.client.client import (
 from hushchat.transport.client.store import WAL_SIZE_LIMIT, ClientStore, StoreFull
 from hushchat.transport.relay.config import RelayLimits
 from hushchat.transport.relay.ratelimit import RateLimit
-from hushchat.transport.wire.errors import UnknownUser
+from hushchat.transport.wire.errors import RateLimited, UnknownUser
 from tests.support.clients import Relay, RelayProcess, client, free_port, next_matching
 from tests.support.clock import NOW
 
@@ -575,3 +575,45 @@ def test_reconnect_waits_are_spread_around_the_backoff() -> None:
     waits = [jittered(10.0, rng) for _ in range(200)]
     assert all(10 * (1 - RECONNECT_JITTER) <= w <= 10 * (1 + RECONNECT_JITTER) for w in waits)
     assert max(waits) - min(waits) > 10 * RECONNECT_JITTER  # spread over most of the range
+
+
+async def test_a_group_change_whose_bundle_fetch_is_rate_limited_is_paced_not_raised(
+    tmp_path: Path, relay: Relay, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The relay refuses a bundle a group change needs (its per-pair limit), saying when
+    to ask again: the change waits that long and goes on, as messages do."""
+    async with client(tmp_path, relay, "bob"):
+        pass
+    real_fetch = connection_module.RelayConnection.fetch_bundle
+    refused: list[tuple[str, int]] = []
+
+    async def limited_once(self: Any, user_id: str, device_id: int) -> Any:
+        if not refused:
+            refused.append((user_id, device_id))
+            raise RateLimited("too many bundle fetches", retry_after_ms=200)
+        return await real_fetch(self, user_id, device_id)
+
+    monkeypatch.setattr(connection_module.RelayConnection, "fetch_bundle", limited_once)
+    async with client(tmp_path, relay, "alice") as alice:
+        with trio.fail_after(TIMEOUT):
+            group_id = await alice.create_group("paced", ["bob"])
+        assert refused == [("bob", 1)]
+        assert alice.group(group_id).user_ids == ("alice", "bob")
+
+
+async def test_a_group_change_is_refused_when_the_relay_asks_to_wait_too_long(
+    tmp_path: Path, relay: Relay, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A wait beyond the call's ready_timeout is the app's to decide: RateLimited, nothing sent."""
+    async with client(tmp_path, relay, "bob"):
+        pass
+
+    async def limited(self: Any, user_id: str, device_id: int) -> Any:
+        raise RateLimited("too many bundle fetches", retry_after_ms=3_600_000)
+
+    monkeypatch.setattr(connection_module.RelayConnection, "fetch_bundle", limited)
+    async with client(tmp_path, relay, "alice") as alice:
+        with pytest.raises(RateLimited) as refused:
+            await alice.create_group("too soon", ["bob"])
+        assert refused.value.retry_after_ms == 3_600_000
+        assert alice.core.group_ids == () and alice.store.outbox() == []

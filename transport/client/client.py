@@ -625,11 +625,26 @@ class Client:
     async def _change(
         self, users: list[str], change: Callable[[int], tuple[_T, list[core.Send]]]
     ) -> _T:
-        """A group change: prepare for ``users`` (over the relay), change, store, send."""
-        for attempt in range(1, MAX_PREPARE_ATTEMPTS + 1):
+        """A group change: prepare for ``users`` (over the relay), change, store, send.
+
+        A fetch the relay refuses for its rate limits is asked again when the
+        relay says, if that is within ``ready_timeout`` of the call; a longer
+        wait is the app's to decide (RateLimited, nothing changed).
+        """
+        deadline = trio.current_time() + self._ready_timeout
+        attempt = 0
+        while attempt < MAX_PREPARE_ATTEMPTS:
             connection = await self._wait_ready()
-            async with self._prepare_lock:
-                await self._prepare(connection, users)
+            try:
+                async with self._prepare_lock:
+                    await self._prepare(connection, users)
+            except RateLimited as limited:
+                wait = limited.retry_after_ms / 1000
+                if trio.current_time() + wait > deadline:
+                    raise
+                await trio.sleep(wait)
+                continue
+            attempt += 1
             async with self._lock:
                 try:
                     result, sends = change(self.now())
