@@ -827,17 +827,8 @@ class Client:
         try:
             async with self._prepare_lock:
                 await self._prepare_message(connection, message)
-        except RateLimited as limited:
-            return self._refused(message, "RATE_LIMITED", limited.retry_after_ms / 1000)
-        except (UnknownUser, RemoteProtocolError, LocalProtocolError) as failure:
-            # The relay does not know the user, serves what does not verify, or
-            # the group is gone: nothing to send it to.
-            await self._fail(row_id, message, failure.code)
-            return None
-        except RelayError as passing:
-            # No prekeys yet, the relay's own failure, a device it does not list
-            # yet: it may pass; try again later.
-            return self._refused(message, passing.code)
+        except (RelayError, RemoteProtocolError, LocalProtocolError) as refusal:
+            return await self._preparation_refused(row_id, message, refusal)
         async with self._lock:
             try:
                 sends = self._encrypt(message)
@@ -851,6 +842,25 @@ class Client:
             await self._fail(row_id, message, refused.code)
             return None
         return await self._replace(connection, row_id, sends, 1)
+
+    async def _preparation_refused(
+        self,
+        row_id: int,
+        item: QueuedMessage | QueuedReceipt,
+        refusal: RelayError | RemoteProtocolError | LocalProtocolError,
+    ) -> float | None:
+        """What becomes of a row whose device lists or sessions could not be prepared:
+        None if it failed for good, else seconds before its destinations retry."""
+        if isinstance(refusal, RateLimited):
+            return self._refused(item, "RATE_LIMITED", refusal.retry_after_ms / 1000)
+        if isinstance(refusal, UnknownUser | RemoteProtocolError | LocalProtocolError):
+            # The relay does not know the user, serves what does not verify, or
+            # the group is gone: nothing to send it to.
+            await self._fail(row_id, item, refusal.code)
+            return None
+        # No prekeys yet, the relay's own failure, a device it does not list
+        # yet: it may pass; try again later.
+        return self._refused(item, refusal.code)
 
     async def _send_receipts(
         self, connection: RelayConnection, row_id: int, receipt: QueuedReceipt
@@ -871,13 +881,8 @@ class Client:
         try:
             async with self._prepare_lock:
                 await self._prepare(connection, [receipt.to_user])
-        except RateLimited as limited:
-            return self._refused(receipt, "RATE_LIMITED", limited.retry_after_ms / 1000)
-        except (UnknownUser, RemoteProtocolError, LocalProtocolError) as failure:
-            await self._fail(row_id, receipt, failure.code)
-            return None
-        except RelayError as passing:
-            return self._refused(receipt, passing.code)
+        except (RelayError, RemoteProtocolError, LocalProtocolError) as refusal:
+            return await self._preparation_refused(row_id, receipt, refusal)
         async with self._lock:
             try:
                 sends: list[core.Send] = list(
