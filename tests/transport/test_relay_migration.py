@@ -188,6 +188,9 @@ async def test_migrate_keeps_the_queued_mail_of_the_previous_schema(
         with psycopg.connect(db, autocommit=True) as conn:
             conn.execute("DROP TABLE presence")
             conn.execute("DROP TABLE one_time_budgets")
+            conn.execute("DROP INDEX deliveries_epoch_mailbox")
+            conn.execute("CREATE INDEX deliveries_mailbox ON deliveries (mailbox, seq)")
+            conn.execute("CREATE INDEX deliveries_epoch ON deliveries (epoch)")
             conn.execute("UPDATE schema_version SET version = 1")
         previous, current = 1, POSTGRES_SCHEMA_VERSION
     else:

@@ -313,7 +313,9 @@ async def test_invite_and_report_on_a_postgresql_database(
     counts what the database holds."""
     dsn, key_file = postgres_dsn, str(tmp_path / "relay.keys")
     with psycopg.connect(dsn, autocommit=True) as conn:  # as the previous relay left it
-        conn.execute("DROP TABLE one_time_budgets")
+        conn.execute("DROP INDEX deliveries_epoch_mailbox")
+        conn.execute("CREATE INDEX deliveries_mailbox ON deliveries (mailbox, seq)")
+        conn.execute("CREATE INDEX deliveries_epoch ON deliveries (epoch)")
         conn.execute("UPDATE schema_version SET version = %s", (POSTGRES_SCHEMA_VERSION - 1,))
     assert cli.main(["relay", "invite", "--db", dsn]) == 1  # an older schema: migrate first
     err = capsys.readouterr().err

@@ -345,6 +345,63 @@ def test_group_payload_is_stored_once(db: SqliteDatabase) -> None:
     assert db._conn.execute("SELECT COUNT(*) FROM payloads").fetchone()[0] == 0
 
 
+def test_acknowledgements_count_a_mailbox_down_across_epochs(relay_db: str, tmp_path: Path) -> None:
+    """A device's envelopes of an older epoch and of the newest, acknowledged together
+    (PostgreSQL takes the newest epoch's in one statement, the others as SQLite does):
+    each counts once, another device's is left alone, and the emptied mailbox row goes."""
+    now = [wall_clock_ms()]
+    db = (
+        PostgresDatabase(relay_db, key_file=str(tmp_path / "relay.keys"), clock=lambda: now[0])
+        if is_postgres_url(relay_db)
+        else SqliteDatabase(relay_db, clock=lambda: now[0])
+    )
+    try:
+        register_devices(db, "alice", 1, key_base=0xA0)
+        register_devices(db, "bob", 1, 2)
+
+        def send(to: tuple[str, int], payload: bytes, room: int = 5) -> None:
+            db.enqueue(
+                batch([to], (payload,), counters={"bob": 0}, server_ts=now[0]),
+                max_mailbox_size=room,
+            )
+
+        for index in range(3):
+            send(("bob", 1), b"old %d" % index)
+        send(("bob", 2), b"bob/2's")
+        now[0] += db.key_chain.epoch_ms  # a new epoch: bob/1's count moves to its new index
+        for index in range(2):
+            send(("bob", 1), b"new %d" % index)
+        queued = db.pending("bob", 1, after_seq=0, limit=10, now=0)
+        payloads = [q.envelope.payload for q in queued]
+        assert payloads == [b"old 0", b"old 1", b"old 2", b"new 0", b"new 1"]
+        assert len({q.epoch for q in queued}) == 2
+        with pytest.raises(MailboxFull):
+            send(("bob", 1), b"one too many")
+        (other,) = db.pending("bob", 2, after_seq=0, limit=10, now=0)
+        seqs = [q.seq for q in queued]
+        assert db.acknowledge("bob", 1, [seqs[0], seqs[3], other.seq]) == 2
+        assert db.acknowledge("bob", 1, [seqs[0], seqs[3]]) == 0  # once only
+        send(("bob", 1), b"room again", room=4)  # 3 queued: room for a 4th, not a 5th
+        with pytest.raises(MailboxFull):
+            send(("bob", 1), b"no room", room=4)
+        rest = [q.seq for q in db.pending("bob", 1, after_seq=0, limit=10, now=0)]
+        assert db.acknowledge("bob", 1, rest) == 4
+        assert db.pending("bob", 1, after_seq=0, limit=10, now=0) == []
+        # bob/1's mailbox row is gone; bob/2's (moved to the new epoch) and its envelope stay.
+        assert db._conn.execute("SELECT queued FROM mailboxes").fetchall() == [(1,)]
+        assert [q.seq for q in db.pending("bob", 2, after_seq=0, limit=10, now=0)] == [other.seq]
+        # Within the newest epoch alone: counted down, then emptied.
+        send(("bob", 1), b"a")
+        send(("bob", 1), b"b")
+        first, second = db.pending("bob", 1, after_seq=0, limit=10, now=0)
+        assert db.acknowledge("bob", 1, [first.seq]) == 1
+        assert sorted(db._conn.execute("SELECT queued FROM mailboxes").fetchall()) == [(1,), (1,)]
+        assert db.acknowledge("bob", 1, [second.seq, first.seq]) == 1
+        assert db._conn.execute("SELECT queued FROM mailboxes").fetchall() == [(1,)]
+    finally:
+        db.close()
+
+
 def test_a_full_mailbox_takes_nothing_and_the_others_take_the_send(db: SqliteDatabase) -> None:
     for payload in (b"a", b"b"):
         db.enqueue(batch([("bob", 1)], (payload,), counters={"bob": 0}), max_mailbox_size=2)

@@ -41,8 +41,9 @@ import logging
 import os
 import sqlite3
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import suppress
+from dataclasses import dataclass
 from functools import partial
 from typing import Any, TypeVar, cast
 
@@ -66,6 +67,7 @@ from ..config import wall_clock_ms
 from ..ratelimit import LogThrottle, RateLimit
 from .atrest import (
     NONCE_SIZE,
+    EpochKeys,
     KeyChain,
     KeyState,
     RelayKeysMissing,
@@ -147,6 +149,16 @@ PRIVATE_FILE_MODE = 0o600
 # Rows one statement reads or inserts at most when a send names many devices:
 # SQLite binds at most 32,766 variables per statement (5 per delivery row).
 ROWS_PER_STATEMENT = 1000
+
+
+@dataclass(frozen=True, slots=True)
+class SendFacts:
+    """What a send is checked against, read under its locks (:meth:`SqliteDatabase._read_send`)."""
+
+    counters: Mapping[str, bytes]  # the device list counter of each recipient user found
+    listed: int  # how many of the send's devices are listed
+    queued: Mapping[bytes, int]  # envelopes queued, by mailbox index, where a row exists
+    seqs: Sequence[int] | None  # seqs taken ahead (one per delivery at least), or None
 
 
 class SqliteDatabase:
@@ -904,9 +916,22 @@ class SqliteDatabase:
     def _enqueue(
         self, batch: EnvelopeBatch, max_mailbox_size: int
     ) -> list[MailboxPosition | None]:
-        # A few statements per send, each over all its rows: a group send's
-        # cost in the writer thread barely grows with its recipients.
-        db, chain = self._conn, self._chain
+        # Never before the newest epoch: a mailbox's epochs grow with seq.
+        epoch = self._current_epoch(self._chain.epoch_of(batch.server_ts))
+        keys = self._chain.keys(epoch)
+        assert keys is not None
+        boxes = [keys.index(d.user_id, d.device_id) for d in batch.deliveries]
+        return self._file_send(
+            batch, max_mailbox_size, keys, boxes, self._read_send(batch, boxes)
+        )
+
+    def _read_send(self, batch: EnvelopeBatch, boxes: Sequence[bytes]) -> SendFacts:
+        """What the send is checked against (``boxes``: its deliveries' mailbox indexes).
+
+        A few statements per send, each over all its rows: a group send's
+        cost in the writer thread barely grows with its recipients.
+        """
+        db = self._conn
         users = list(batch.device_list_counters)
         counters: dict[str, bytes] = {}
         for names in _parts(users):
@@ -917,10 +942,6 @@ class SqliteDatabase:
                     names,
                 )
             )
-        for user_id, counter in batch.device_list_counters.items():
-            stored = counters.get(user_id)
-            if stored is None or int.from_bytes(stored, "big") != counter:
-                raise StorageConflict("a recipient's device list changed meanwhile")
         listed = 0
         for named in _parts(batch.deliveries):
             listed += db.execute(
@@ -928,13 +949,6 @@ class SqliteDatabase:
                 f"WHERE (user_id, device_id) IN (VALUES {_marks(len(named), 2)})",
                 [value for d in named for value in (d.user_id, d.device_id)],
             ).fetchone()[0]
-        if listed != len(batch.deliveries):
-            raise StorageConflict("a recipient device is gone")
-        # Never before the newest epoch: a mailbox's epochs grow with seq.
-        epoch = self._current_epoch(chain.epoch_of(batch.server_ts))
-        keys = chain.keys(epoch)
-        assert keys is not None
-        boxes = [keys.index(d.user_id, d.device_id) for d in batch.deliveries]
         queued: dict[bytes, int] = {}
         for some in _parts(boxes):
             queued.update(
@@ -944,6 +958,24 @@ class SqliteDatabase:
                     some,
                 )
             )
+        return SendFacts(counters, listed, queued, None)
+
+    def _file_send(
+        self,
+        batch: EnvelopeBatch,
+        max_mailbox_size: int,
+        keys: EpochKeys,
+        boxes: Sequence[bytes],
+        facts: SendFacts,
+    ) -> list[MailboxPosition | None]:
+        """Check the send against ``facts`` and store what has room (see :meth:`_enqueue`)."""
+        for user_id, counter in batch.device_list_counters.items():
+            stored = facts.counters.get(user_id)
+            if stored is None or int.from_bytes(stored, "big") != counter:
+                raise StorageConflict("a recipient's device list changed meanwhile")
+        if facts.listed != len(batch.deliveries):
+            raise StorageConflict("a recipient device is gone")
+        queued = facts.queued
         room = [queued.get(box, 0) < max_mailbox_size for box in boxes]
         full = [
             (d.user_id, d.device_id)
@@ -963,49 +995,75 @@ class SqliteDatabase:
             for d, box, has_room in zip(batch.deliveries, boxes, room, strict=True)
             if has_room
         ]
-        seqs = self._new_seqs(len(with_room))
+        seqs = (
+            self._new_seqs(len(with_room))
+            if facts.seqs is None
+            else list(facts.seqs[: len(with_room)])
+        )
         # A payload's id is the seq of its first delivery: never reused either.
         payload_ids: dict[int, int] = {}
         for (d, _), seq in zip(with_room, seqs, strict=True):
             payload_ids.setdefault(d.payload_index, seq)
         nonces = _nonces(len(payload_ids) + len(with_room))
-        db.executemany(
-            "INSERT INTO payloads (id, epoch, sealed) VALUES (?, ?, ?)",
-            [
-                (
+        epoch = keys.epoch
+        payloads = [
+            (
+                payload_id,
+                epoch,
+                seal_payload(
+                    keys,
                     payload_id,
-                    epoch,
-                    seal_payload(
-                        keys,
-                        payload_id,
-                        PayloadContent(
-                            batch.sender_user,
-                            batch.sender_device,
-                            batch.payloads[index][0],
-                            batch.server_ts,
-                            batch.payloads[index][1],
-                        ),
-                        next(nonces),
+                    PayloadContent(
+                        batch.sender_user,
+                        batch.sender_device,
+                        batch.payloads[index][0],
+                        batch.server_ts,
+                        batch.payloads[index][1],
                     ),
-                )
-                for index, payload_id in payload_ids.items()
-            ],
-        )
-        rows = []
+                    next(nonces),
+                ),
+            )
+            for index, payload_id in payload_ids.items()
+        ]
+        deliveries = []
         for (d, box), seq in zip(with_room, seqs, strict=True):
             payload_id = payload_ids[d.payload_index]
             content = DeliveryContent(
                 d.user_id, d.device_id, d.guid, batch.server_ts, batch.expires_at
             )
             sealed = seal_delivery(keys, seq, box, payload_id, content, next(nonces))
-            rows.append((seq, epoch, box, payload_id, sealed))
-        for part in _parts(rows):
+            deliveries.append((seq, epoch, box, payload_id, sealed))
+        self._write_send(
+            payloads,
+            deliveries,
+            [box for _, box in with_room if box in queued],  # each device once per send
+            [
+                (box, epoch, seal_mailbox(keys, box, MailboxContent(d.user_id, d.device_id)))
+                for d, box in with_room
+                if box not in queued
+            ],
+        )
+        positions = iter(MailboxPosition(epoch, seq) for seq in seqs)
+        return [next(positions) if has_room else None for has_room in room]
+
+    def _write_send(
+        self,
+        payloads: Sequence[tuple[int, int, bytes]],
+        deliveries: Sequence[tuple[int, int, bytes, int, bytes]],
+        counted: Sequence[bytes],
+        new_mailboxes: Sequence[tuple[bytes, int, bytes]],
+    ) -> None:
+        """Store a send's rows: ``payloads`` (id, epoch, sealed), ``deliveries`` (seq,
+        epoch, mailbox, payload id, sealed), one more queued in the ``counted``
+        mailboxes, and the ``new_mailboxes`` rows (mailbox, epoch, sealed) with one."""
+        db = self._conn
+        db.executemany("INSERT INTO payloads (id, epoch, sealed) VALUES (?, ?, ?)", payloads)
+        for part in _parts(deliveries):
             db.execute(
                 "INSERT INTO deliveries (seq, epoch, mailbox, payload_id, sealed) "
                 f"VALUES {_marks(len(part), 5)}",
                 [value for row in part for value in row],
             )
-        counted = [box for _, box in with_room if box in queued]  # each device once per send
         for some in _parts(counted):
             db.execute(
                 "UPDATE mailboxes SET queued = queued + 1 "
@@ -1015,14 +1073,8 @@ class SqliteDatabase:
         db.executemany(
             "INSERT INTO mailboxes (mailbox, epoch, queued, noticed, sealed) "
             "VALUES (?, ?, 1, 0, ?)",
-            [
-                (box, epoch, seal_mailbox(keys, box, MailboxContent(d.user_id, d.device_id)))
-                for d, box in with_room
-                if box not in queued
-            ],
+            new_mailboxes,
         )
-        positions = iter(MailboxPosition(epoch, seq) for seq in seqs)
-        return [next(positions) if has_room else None for has_room in room]
 
     def _new_seqs(self, count: int) -> list[int]:
         """``count`` new delivery seqs, ascending, above every seq ever used.
@@ -1050,12 +1102,15 @@ class SqliteDatabase:
         unreadable: list[tuple[int, int]] = []  # (seq, epoch)
         payloads: dict[int, PayloadContent | None] = {}
         newest = self._current_epoch(0)
-        (oldest,) = db.execute("SELECT MIN(epoch) FROM deliveries").fetchone()
-        if oldest is None:
-            return []
         # A mailbox's epochs grow with seq: read them in order, from the cursor's
-        # (or the oldest that holds any mail).
-        for epoch in range(max(after_epoch, chain.held_epoch, oldest), newest + 1):
+        # (or, for a cursor of an older epoch, the oldest that holds any mail).
+        first = max(after_epoch, chain.held_epoch)
+        if first < newest:
+            (oldest,) = db.execute("SELECT MIN(epoch) FROM deliveries").fetchone()
+            if oldest is None:
+                return []
+            first = max(first, oldest)
+        for epoch in range(first, newest + 1):
             keys = chain.keys(epoch)
             assert keys is not None
             mailbox = keys.index(user_id, device_id)
