@@ -69,6 +69,72 @@ def test_a_failing_call_rolls_back_alone_in_its_batch(postgres_dsn: str, tmp_pat
     db.close()
 
 
+def store_one_time_keys(
+    db: PostgresDatabase, device: tuple[str, int], count: int, *, first: int = 1
+) -> None:
+    """Store one-time prekeys numbered from ``first`` for ``device``, inside a batch."""
+    keys = [OneTimePreKeyPublic(i, bytes([i]) * 32) for i in range(first, first + count)]
+    db._store_prekeys(*device, None, None, keys, [], 100)
+
+
+def test_no_call_is_told_it_committed_when_its_batch_did_not(
+    postgres_dsn: str, tmp_path: Path
+) -> None:
+    """The last call of a batch, a read run without a savepoint, meets an error after two
+    writes: PostgreSQL fails the whole transaction and answers its COMMIT by rolling back
+    without an error. The writes were reported as stored (and were not: seen on main at
+    d6b41af). Now the batch runs again with a savepoint per call, and only the read fails."""
+    db = PostgresDatabase(postgres_dsn, key_file=str(tmp_path / "relay.keys"))
+    register_devices(db, "bob", 1, 2)
+    calls = [
+        DatabaseCall(partial(store_one_time_keys, db, ("bob", 1), 1)),
+        DatabaseCall(partial(store_one_time_keys, db, ("bob", 2), 2)),
+        DatabaseCall(partial(db._conn.execute, "SELECT 1 / 0"), savepoint=False),
+    ]
+    db.run_batch(calls)
+    assert isinstance(calls[2].error, psycopg.errors.DivisionByZero)
+    assert calls[0].error is None and calls[1].error is None
+    assert db.prekey_counts("bob", 1) == PreKeyCounts(1, 0)
+    assert db.prekey_counts("bob", 2) == PreKeyCounts(2, 0)
+    assert db.careful_batches == 1
+    db.close()
+
+
+def test_a_call_that_fails_after_it_wrote_is_undone_alone(
+    postgres_dsn: str, tmp_path: Path
+) -> None:
+    """A batch runs without savepoints until a call fails after it wrote: then it runs
+    again with them, and that call's writes alone are undone. A call that fails before
+    it writes costs no second run."""
+    db = PostgresDatabase(postgres_dsn, key_file=str(tmp_path / "relay.keys"))
+    register_devices(db, "bob", 1, 2)
+
+    def write_then_fail() -> None:
+        store_one_time_keys(db, ("bob", 2), 3)
+        raise PreKeyIdInUse("after a write")
+
+    def fail_first() -> None:
+        raise PreKeyIdInUse("before any write")
+
+    calls = [
+        DatabaseCall(partial(store_one_time_keys, db, ("bob", 1), 1)),
+        DatabaseCall(fail_first),
+    ]
+    db.run_batch(calls)
+    assert calls[0].error is None and isinstance(calls[1].error, PreKeyIdInUse)
+    assert db.careful_batches == 0
+    calls = [
+        DatabaseCall(partial(store_one_time_keys, db, ("bob", 1), 1, first=2)),
+        DatabaseCall(write_then_fail),
+    ]
+    db.run_batch(calls)
+    assert calls[0].error is None and isinstance(calls[1].error, PreKeyIdInUse)
+    assert db.careful_batches == 1
+    assert db.prekey_counts("bob", 1) == PreKeyCounts(2, 0)
+    assert db.prekey_counts("bob", 2) == PreKeyCounts(0, 0)
+    db.close()
+
+
 def test_a_batch_that_loses_a_deadlock_runs_again_whole(postgres_dsn: str, tmp_path: Path) -> None:
     """Two relays' batches lock two rows in opposite orders, one call each, and meet: the
     server aborts one transaction; rolling back only its second call would leave its

@@ -231,41 +231,41 @@ DROP INDEX deliveries_epoch;
 FACT_COUNTER, FACT_LISTED, FACT_QUEUED, FACT_LAST, FACT_PRESENCE, FACT_SEQ = range(6)
 SEND_FACTS = f"""
 SELECT {FACT_COUNTER}, user_id, NULL::text, NULL::bigint, counter
-    FROM users WHERE user_id = ANY(%(users)s::text[])
+    FROM users WHERE user_id = ANY(%(users)b::text[])
 UNION ALL
 SELECT {FACT_LISTED}, NULL, NULL, COUNT(*), NULL FROM devices WHERE (user_id, device_id) IN
-    (SELECT * FROM unnest(%(user_ids)s::text[], %(device_ids)s::bigint[]))
+    (SELECT * FROM unnest(%(user_ids)b::text[], %(device_ids)b::bigint[]))
 UNION ALL
 SELECT {FACT_QUEUED}, NULL, NULL, queued, mailbox
-    FROM mailboxes WHERE mailbox = ANY(%(boxes)s::bytea[])
+    FROM mailboxes WHERE mailbox = ANY(%(boxes)b::bytea[])
 UNION ALL
-SELECT {FACT_LAST}, NULL, NULL, last.seq, box FROM unnest(%(boxes)s::bytea[]) AS box
-    CROSS JOIN LATERAL (SELECT seq FROM deliveries WHERE mailbox = box AND epoch = %(epoch)s
+SELECT {FACT_LAST}, NULL, NULL, last.seq, box FROM unnest(%(boxes)b::bytea[]) AS box
+    CROSS JOIN LATERAL (SELECT seq FROM deliveries WHERE mailbox = box AND epoch = %(epoch)b
                         ORDER BY seq DESC LIMIT 1) AS last
 UNION ALL
 SELECT {FACT_PRESENCE}, user_id, relay, device_id, NULL FROM presence
     WHERE (user_id, device_id) IN
-        (SELECT * FROM unnest(%(user_ids)s::text[], %(device_ids)s::bigint[]))
-    AND relay <> %(relay)s
+        (SELECT * FROM unnest(%(user_ids)b::text[], %(device_ids)b::bigint[]))
+    AND relay <> %(relay)b
 UNION ALL
-SELECT {FACT_SEQ}, NULL, NULL, nextval('delivery_seq'), NULL FROM generate_series(1, %(count)s)
+SELECT {FACT_SEQ}, NULL, NULL, nextval('delivery_seq'), NULL FROM generate_series(1, %(count)b)
 """
 
 # A send's rows (SqliteDatabase._write_send), in one statement.
 STORE_SEND = """
 WITH stored_payloads AS (
     INSERT INTO payloads (id, epoch, sealed) SELECT * FROM
-        unnest(%(payload_ids)s::bigint[], %(payload_epochs)s::bigint[], %(payloads)s::bytea[])
+        unnest(%(payload_ids)b::bigint[], %(payload_epochs)b::bigint[], %(payloads)b::bytea[])
 ), stored_deliveries AS (
     INSERT INTO deliveries (seq, epoch, mailbox, payload_id, sealed) SELECT * FROM
-        unnest(%(seqs)s::bigint[], %(epochs)s::bigint[], %(boxes)s::bytea[],
-               %(delivery_payloads)s::bigint[], %(sealed)s::bytea[])
+        unnest(%(seqs)b::bigint[], %(epochs)b::bigint[], %(boxes)b::bytea[],
+               %(delivery_payloads)b::bigint[], %(sealed)b::bytea[])
 ), counted AS (
-    UPDATE mailboxes SET queued = queued + 1 WHERE mailbox = ANY(%(counted)s::bytea[])
+    UPDATE mailboxes SET queued = queued + 1 WHERE mailbox = ANY(%(counted)b::bytea[])
 )
 INSERT INTO mailboxes (mailbox, epoch, queued, noticed, sealed)
     SELECT mailbox, epoch, 1, 0, sealed FROM
-        unnest(%(new_boxes)s::bytea[], %(new_epochs)s::bigint[], %(new_sealed)s::bytea[])
+        unnest(%(new_boxes)b::bytea[], %(new_epochs)b::bigint[], %(new_sealed)b::bytea[])
         AS new (mailbox, epoch, sealed)
 """
 
@@ -277,18 +277,18 @@ INSERT INTO mailboxes (mailbox, epoch, queued, noticed, sealed)
 ACKNOWLEDGE_NEWEST = """
 WITH gone AS (
     DELETE FROM deliveries
-        WHERE seq = ANY(%(seqs)s::bigint[]) AND epoch = %(epoch)s AND mailbox = %(mailbox)s
+        WHERE seq = ANY(%(seqs)b::bigint[]) AND epoch = %(epoch)b AND mailbox = %(mailbox)b
         RETURNING seq
 ), counted AS (
     SELECT COUNT(*) AS n FROM gone
 ), emptied AS (
     DELETE FROM mailboxes
-        WHERE mailbox = %(mailbox)s AND noticed = 0
+        WHERE mailbox = %(mailbox)b AND noticed = 0
         AND queued <= (SELECT n FROM counted) AND (SELECT n FROM counted) > 0
         RETURNING 1
 ), lowered AS (
     UPDATE mailboxes SET queued = GREATEST(queued - (SELECT n FROM counted), 0)
-        WHERE mailbox = %(mailbox)s AND (SELECT n FROM counted) > 0
+        WHERE mailbox = %(mailbox)b AND (SELECT n FROM counted) > 0
         AND NOT EXISTS (SELECT 1 FROM emptied)
 )
 SELECT ARRAY(SELECT seq FROM gone)
@@ -337,14 +337,31 @@ _DEFERRED = frozenset({"SAVEPOINT call", "RELEASE call"})
 _TRANSACTION_ENDS = frozenset({"COMMIT", "ROLLBACK TO call"})
 
 
+class CallNotUndone(Exception):
+    """A call failed after it wrote, in a batch run without savepoints: run it again with them."""
+
+
 class PostgresConnection:
     """A psycopg connection with the sqlite3 calls SqliteDatabase makes (autocommit: the
-    transactions are the explicit BEGIN and COMMIT of :func:`.writer.run_batch`)."""
+    transactions are the explicit BEGIN and COMMIT of :func:`.writer.run_batch`).
+
+    With ``optimistic`` set, the writer's savepoints cost nothing: a
+    savepoint is only noted, and rolling back to it is nothing to do if the
+    call neither wrote nor met an error since; otherwise it raises
+    :class:`CallNotUndone` (and sets ``not_undone``), failing the batch so
+    that it is run again with real savepoints. Most calls never fail, or
+    fail before they write (a full mailbox, a changed device list), so a
+    batch almost always runs without them.
+    """
 
     def __init__(self, dsn: str) -> None:
         self.dsn = dsn
         self.raw = psycopg.connect(dsn, autocommit=True)
+        self.optimistic = False
+        self.not_undone = False
         self._deferred: list[str] = []
+        self._writes = 0  # statements run that may have changed something
+        self._writes_at_savepoint = 0
 
     @property
     def in_transaction(self) -> bool:
@@ -352,14 +369,27 @@ class PostgresConnection:
         return status in (TransactionStatus.INTRANS, TransactionStatus.INERROR)
 
     @property
+    def failed(self) -> bool:
+        """Whether the open transaction met an error (only a rollback can follow)."""
+        return self.raw.info.transaction_status == TransactionStatus.INERROR
+
+    @property
     def usable(self) -> bool:
         return not (self.raw.closed or self.raw.broken)
 
     def execute(self, sql: str, parameters: Sequence[Any] = (), /) -> Any:
-        """Run ``sql`` (SQLite's dialect); a deferred statement returns None (see _DEFERRED)."""
+        """Run ``sql`` (SQLite's dialect); a savepoint statement returns None (deferred,
+        or only noted: see the class docstring)."""
+        if not parameters and self.optimistic and sql in _SAVEPOINT_STATEMENTS:
+            return self._virtual_savepoint(sql)
         if not parameters and sql in _DEFERRED:
             self._deferred.append(sql)
             return None
+        if sql == "COMMIT" and self.failed:
+            # PostgreSQL would answer a COMMIT of a failed transaction by rolling it
+            # back without an error: the batch's calls must not be told it committed.
+            raise psycopg.errors.InFailedSqlTransaction("the batch's transaction failed")
+        self._note_write(sql)
         if self._deferred:
             deferred, self._deferred = self._deferred, []
             if sql == "ROLLBACK":
@@ -373,7 +403,9 @@ class PostgresConnection:
         return self.raw.execute(postgres_sql(sql).encode(), parameters)
 
     def run(self, sql: str, parameters: Mapping[str, Any]) -> psycopg.Cursor[Any]:
-        """Run ``sql`` written in PostgreSQL's dialect, with named parameters."""
+        """Run ``sql`` written in PostgreSQL's dialect, with named parameters (``%(name)b``:
+        sent in binary, which spares psycopg escaping every element of an array)."""
+        self._note_write(sql)
         if self._deferred:
             deferred, self._deferred = self._deferred, []
             self.raw.execute("; ".join(deferred).encode())
@@ -381,11 +413,30 @@ class PostgresConnection:
 
     def executemany(self, sql: str, rows: Sequence[Sequence[Any]]) -> None:
         if rows:
+            self._note_write(sql)
             with self.raw.cursor() as cursor:
                 cursor.executemany(postgres_sql(sql).encode(), rows)
 
     def close(self) -> None:
         self.raw.close()
+
+    def _note_write(self, sql: str) -> None:
+        # Reads, row locks and nextval (never rolled back anyway) need no undoing.
+        if not sql.lstrip().startswith("SELECT") or "pg_notify" in sql:
+            self._writes += 1
+
+    def _virtual_savepoint(self, sql: str) -> None:
+        if sql == "SAVEPOINT call":
+            self._writes_at_savepoint = self._writes
+        elif sql == "ROLLBACK TO call" and (
+            self.failed or self._writes > self._writes_at_savepoint
+        ):
+            self.not_undone = True
+            raise CallNotUndone("a call failed after it wrote")
+
+
+# What the writer sends around each call (.writer.run_batch).
+_SAVEPOINT_STATEMENTS = frozenset({"SAVEPOINT call", "RELEASE call", "ROLLBACK TO call"})
 
 
 def create_or_migrate_schema(conn: PostgresConnection) -> int:
@@ -530,6 +581,7 @@ class PostgresDatabase(SqliteDatabase):
         self._batch_epoch: int | None = None  # the newest epoch, as the open batch read it
         self._wakes: dict[str, set[tuple[str, int]]] = {}  # relay -> devices, this batch
         self.batch_retries = 0  # batches run again after losing a deadlock (or serialization)
+        self.careful_batches = 0  # batches run again with savepoints (see PostgresConnection)
         # The rows the open batch's first call locked (see _prelock): its calls skip them.
         self._held_users: dict[str, bool] = {}  # user id -> locked exclusively
         self._held_devices: set[tuple[str, int]] = set()
@@ -637,20 +689,36 @@ class PostgresDatabase(SqliteDatabase):
         if not calls:
             return
         self._exclusive = exclusive
+        conn = self._conn
+        for call in calls:
+            # Every call may fail in its own savepoint (a failed statement fails
+            # PostgreSQL's whole transaction; SQLite's only the statement).
+            call.savepoint = True
+        optimistic = True
+        attempt = 0
         try:
-            for attempt in range(MAX_BATCH_RETRIES + 1):
+            while True:
                 self._wakes, self._batch_epoch = {}, None
                 self._held_users, self._held_devices = {}, set()
+                conn.optimistic, conn.not_undone = optimistic, False
                 # An exclusive batch runs alone; a shared one first takes every
                 # lock its calls will take, in the global order (see _prelock).
                 run_batch(
-                    self._conn,
+                    conn,
                     calls if exclusive else [self._prelock_call(calls), *calls],
                     begin=EXCLUSIVE_BEGIN if exclusive else SHARED_BEGIN,
                     before_commit=self._notify,
                 )
+                if conn.not_undone:
+                    # Nothing of the batch is stored: again, a real savepoint per call.
+                    self.careful_batches += 1
+                    optimistic = False
+                    for call in calls:
+                        call.result, call.error = None, None
+                    continue
                 if attempt == MAX_BATCH_RETRIES or not is_retryable(calls[0].error):
                     break
+                attempt += 1
                 # A deadlock's victim: its locks are gone, so the other side goes
                 # on, and this batch is run again as it was (nothing of it is stored).
                 self.batch_retries += 1
@@ -662,6 +730,7 @@ class PostgresDatabase(SqliteDatabase):
         finally:
             self._exclusive, self._batch_epoch = False, None
             self._held_users, self._held_devices = {}, set()
+            conn.optimistic = False
         if any(isinstance(call.error, StorageFull) for call in calls):
             logger.warning("the relay's database is full: requests that store are refused")
 
