@@ -18,6 +18,8 @@ from hushchat.transport.relay.storage.atrest import KeyChain, KeyState, read_key
 from hushchat.transport.relay.storage.names import without_password
 from hushchat.transport.relay.storage.postgres import (
     POSTGRES_SCHEMA_VERSION,
+    BinaryArray,
+    PostgresConnection,
     PostgresDatabase,
     postgres_sql,
 )
@@ -49,6 +51,27 @@ class DiskFull(Exception):
 def test_a_full_disk_is_storage_full_as_on_sqlite() -> None:
     error = storage_error(DiskFull("could not extend file"))
     assert isinstance(error, StorageFull) and isinstance(error.__cause__, DiskFull)
+
+
+def test_array_parameters_arrive_as_sent(postgres_dsn: str) -> None:
+    """The writer's own binary array dumper (BinaryArray), for every element type it sends."""
+    conn = PostgresConnection(postgres_dsn)
+    cases = [
+        ("bytea", [b"", b"\x00\xff" * 40, bytes(range(256))]),
+        ("text", ["alice", "", "b\u00f6b \U0001f600"]),
+        ("bigint", [0, -1, 2**63 - 1, -(2**63)]),
+        ("bytea", []),
+        ("text", []),
+    ]
+    for element, values in cases:
+        row = conn.run(
+            f"SELECT %(values)b::{element}[], cardinality(%(values)b::{element}[])",
+            {"values": BinaryArray(element, values)},
+        ).fetchone()
+        assert row is not None
+        assert [bytes(v) if isinstance(v, memoryview) else v for v in row[0]] == values
+        assert row[1] == len(values)
+    conn.close()
 
 
 def test_a_failing_call_rolls_back_alone_in_its_batch(postgres_dsn: str, tmp_path: Path) -> None:
