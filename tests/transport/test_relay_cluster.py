@@ -103,6 +103,29 @@ async def test_a_send_on_one_relay_is_pushed_at_once_to_a_device_on_the_other(
             assert (await next_envelope(sender, timeout=20)).payload == b"back"
 
 
+async def test_a_wake_naming_a_hostile_user_id_reaches_its_relay_intact(
+    postgres_dsn: str, tmp_path: Path
+) -> None:
+    """A wake is written into the SQL text sent with the batch's COMMIT: a user id made
+    to break out of its quoting is woken as itself, and the database is unharmed."""
+    hostile = "o'b\\'); DROP TABLE users; --\u00e9\""
+    alice, mallory = make_user("alice"), make_user(hostile)
+    async with two_relays(postgres_dsn, tmp_path) as (port_a, port_b):
+        await register(port_a, alice)
+        await register(port_b, mallory)
+        async with (
+            connected(port_b, mallory.devices[1]) as receiver,
+            connected(port_a, alice.devices[1]) as sender,
+        ):
+            assert await envelopes_until_empty(receiver) == []
+            await sender.send_direct(hostile, [(1, b"woken")])
+            (received,) = await receive_envelopes(receiver, 1)
+            assert received.payload == b"woken"
+    with psycopg.connect(postgres_dsn, autocommit=True) as conn:
+        users = conn.execute("SELECT user_id FROM users ORDER BY user_id").fetchall()
+    assert users == sorted([("alice",), (hostile,)])
+
+
 async def test_a_device_moving_to_another_relay_closes_its_old_connection_there(
     postgres_dsn: str, tmp_path: Path
 ) -> None:

@@ -72,6 +72,7 @@ import psycopg.errors
 import trio
 from psycopg.adapt import Dumper, PyFormat
 from psycopg.pq import Format, TransactionStatus
+from psycopg.sql import SQL, Literal
 
 from hushchat.protocol.errors import UnknownStateVersion
 
@@ -118,6 +119,9 @@ LOCK_CLASS = 0x68757368
 EPOCH_LOCK = 1
 
 SHARED_BEGIN = f"BEGIN; SELECT pg_advisory_xact_lock_shared({LOCK_CLASS}, {EPOCH_LOCK})"
+# A relay's shared batch begins so, reading the newest epoch (which only an
+# exclusive transaction moves) in the same round trip.
+BATCH_BEGIN = f"{SHARED_BEGIN}; SELECT value FROM meta WHERE name = 'epoch'"
 EXCLUSIVE_BEGIN = f"BEGIN; SELECT pg_advisory_xact_lock({LOCK_CLASS}, {EPOCH_LOCK})"
 
 # Times a batch that lost a deadlock (or a serialization failure) to another
@@ -452,6 +456,10 @@ class PostgresConnection:
             return self.raw.execute(sql.encode() if "?" not in sql else postgres_sql(sql).encode())
         return self.raw.execute(postgres_sql(sql).encode(), parameters)
 
+    def defer(self, statement: str) -> None:
+        """Send ``statement`` (complete, without parameters) with the next one."""
+        self._deferred.append(statement)
+
     def run(self, sql: str, parameters: Mapping[str, Any]) -> psycopg.Cursor[Any]:
         """Run ``sql`` written in PostgreSQL's dialect, with named parameters (``%(name)b``:
         sent in binary, which spares psycopg escaping every element of an array)."""
@@ -756,7 +764,8 @@ class PostgresDatabase(SqliteDatabase):
                 run_batch(
                     conn,
                     calls if exclusive else [self._prelock_call(calls), *calls],
-                    begin=EXCLUSIVE_BEGIN if exclusive else SHARED_BEGIN,
+                    begin=EXCLUSIVE_BEGIN if exclusive else BATCH_BEGIN,
+                    after_begin=None if exclusive else self._begun,
                     before_commit=self._notify,
                 )
                 if conn.not_undone:
@@ -791,11 +800,23 @@ class PostgresDatabase(SqliteDatabase):
         if call.error is not None:
             logger.warning("new epoch not started: %s", call.error)
 
+    def _begun(self, cursor: psycopg.Cursor[Any]) -> None:
+        """Note the epoch BATCH_BEGIN read (its last result)."""
+        while cursor.nextset():
+            pass
+        row = cursor.fetchone()
+        self._batch_epoch = 0 if row is None else int.from_bytes(row[0], "big")
+        self._epoch_seen = max(self._epoch_seen, self._batch_epoch)
+
     def _notify(self) -> None:
-        """Wake the other relays holding this batch's recipients (sent on commit)."""
+        """Wake the other relays holding this batch's recipients (sent with the COMMIT)."""
         for relay, devices in self._wakes.items():
             for payload in _wake_payloads(sorted(devices)):
-                self._conn.execute("SELECT pg_notify(?, ?)", (channel_of(relay), payload))
+                self._conn.defer(
+                    SQL("SELECT pg_notify({}, {})")
+                    .format(Literal(channel_of(relay)), Literal(payload))
+                    .as_string(self._conn.raw)
+                )
 
     def close(self) -> None:
         self._conn.close()

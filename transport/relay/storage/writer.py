@@ -131,6 +131,7 @@ def run_batch(
     calls: Sequence[DatabaseCall],
     *,
     begin: str = "BEGIN IMMEDIATE",
+    after_begin: Callable[[Any], None] | None = None,
     before_commit: Callable[[], None] | None = None,
 ) -> None:
     """Run ``calls`` in order in one transaction, each atomic on its own; commit once.
@@ -141,15 +142,18 @@ def run_batch(
     everything), every call of the batch gets that error: nothing of
     the batch was stored. After-commit actions run only after a commit.
     A full disk is :class:`StorageFull`, with the database's error as its
-    cause. ``before_commit`` runs inside the transaction after the last call
-    (PostgreSQL's notifications, sent on commit).
+    cause. ``after_begin`` is given what ``begin`` returned (PostgreSQL's
+    batch reads the newest epoch with it); ``before_commit`` runs inside the
+    transaction after the last call (PostgreSQL's notifications, sent on commit).
     """
     try:
         if db.in_transaction:
             # A rollback that failed left the last transaction open: end it
             # first, or every BEGIN from now on would fail.
             db.execute("ROLLBACK")
-        db.execute(begin)
+        begun = db.execute(begin)
+        if after_begin is not None:
+            after_begin(begun)
         for call in calls:
             _run_call(db, call)
         if before_commit is not None:
