@@ -5,10 +5,12 @@ SQLite). Needs the optional extra ``hushchat[postgres]`` (psycopg 3).
 
 * The same sealed queue as :mod:`.sqlite` (:class:`PostgresDatabase` reuses
   :class:`~.sqlite.SqliteDatabase`'s queries through a connection that speaks
-  PostgreSQL's dialect), run the same way: one writer thread per relay
-  process commits each batch of queued calls as ONE transaction, a savepoint
-  per call (:mod:`.writer`); psycopg's sync API, as its async one needs
-  asyncio.
+  PostgreSQL's dialect, and has its own for the hot paths: a send in two
+  statements, an acknowledgement in one), run the same way: one writer
+  thread per relay process commits each batch of queued calls as ONE
+  transaction, each call atomic (:mod:`.writer`; savepoints only when a
+  call fails after it wrote, see :class:`PostgresConnection`); psycopg's
+  sync API, as its async one needs asyncio.
 * Several relay processes on one database (spec 07 section 7.13):
 
   - a send locks its recipients' ``users`` rows (shared) and ``devices``
@@ -233,9 +235,9 @@ DROP INDEX deliveries_epoch;
 
 
 # Array parameters of the statements below, dumped in PostgreSQL's binary
-# array format in one pass. psycopg's generic list dumper looks up a dumper
-# per element and per call: in `hushchat bench relay --db postgres` it was a
-# third of the writer thread's CPU time.
+# array format in one pass, where psycopg's generic list dumper looks up a
+# dumper for every element of every call (a large share of the writer
+# thread's CPU time in a send).
 @dataclass(frozen=True, slots=True)
 class BinaryArray:
     """A one-dimensional array parameter: ``values`` of ``element`` (one of the keys of
