@@ -158,6 +158,33 @@ def test_a_call_that_fails_after_it_wrote_is_undone_alone(
     db.close()
 
 
+def test_a_writer_whose_database_connection_was_cut_fails_that_batch_and_reconnects(
+    postgres_dsn: str, tmp_path: Path
+) -> None:
+    """The server ends the writer's connection (a restart, a failover, an operator's
+    pg_terminate_backend): the batch that meets it fails, never reported as stored;
+    the next batch reconnects, and what was stored before is all there."""
+    db = PostgresDatabase(postgres_dsn, key_file=str(tmp_path / "relay.keys"))
+    register_devices(db, "alice", 1, key_base=0xA0)
+    register_devices(db, "bob", 1)
+
+    def send(text: bytes) -> None:
+        db.enqueue(batch([("bob", 1)], (text,), counters={"bob": 0}), max_mailbox_size=10)
+
+    send(b"before")
+    with psycopg.connect(postgres_dsn, autocommit=True) as admin:
+        (ended,) = admin.execute(
+            "SELECT pg_terminate_backend(%s)", (db._conn.raw.info.backend_pid,)
+        ).fetchone()
+    assert ended
+    with pytest.raises(psycopg.OperationalError):
+        send(b"lost with its connection")
+    send(b"after")
+    queued = db.pending("bob", 1, after_seq=0, limit=10, now=0)
+    assert [q.envelope.payload for q in queued] == [b"before", b"after"]
+    db.close()
+
+
 def test_a_batch_that_loses_a_deadlock_runs_again_whole(postgres_dsn: str, tmp_path: Path) -> None:
     """Two relays' batches lock two rows in opposite orders, one call each, and meet: the
     server aborts one transaction; rolling back only its second call would leave its
