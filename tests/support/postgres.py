@@ -117,3 +117,48 @@ def session_cluster() -> Iterator[ThrowawayCluster]:
     with throwaway_cluster() as cluster:
         cluster.create_database(TEST_DATABASE)
         yield cluster
+
+
+# The sealed queue of schema 4 (one table each, no partitions), as relays before
+# version 5 created it (main at 3aa838a: postgres.py's SCHEMA_1 and migration 3).
+SCHEMA_4_QUEUE = """
+CREATE TABLE payloads (id BIGINT PRIMARY KEY, epoch BIGINT NOT NULL, sealed BYTEA NOT NULL);
+CREATE TABLE deliveries (
+    seq BIGINT PRIMARY KEY,
+    epoch BIGINT NOT NULL,
+    mailbox BYTEA NOT NULL,
+    payload_id BIGINT NOT NULL,
+    sealed BYTEA NOT NULL
+);
+CREATE INDEX deliveries_epoch_mailbox ON deliveries (epoch, mailbox, seq);
+CREATE INDEX deliveries_payload ON deliveries (payload_id);
+CREATE FUNCTION deliveries_removed() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    DELETE FROM payloads WHERE id = OLD.payload_id
+        AND NOT EXISTS (SELECT 1 FROM deliveries WHERE payload_id = OLD.payload_id);
+    RETURN NULL;
+END $$;
+CREATE TRIGGER deliveries_removed AFTER DELETE ON deliveries
+    FOR EACH ROW EXECUTE FUNCTION deliveries_removed();
+"""
+
+
+def back_to_schema_4(dsn: str) -> None:
+    """Turn the relay database at ``dsn`` back into schema 4, as the relay before version 5
+    left it: its queue in one table each, the rows (queued mail) kept."""
+    with psycopg.connect(dsn) as conn:  # one transaction
+        for table in ("deliveries", "payloads"):
+            conn.execute(f"ALTER TABLE {table} RENAME TO {table}_5".encode())
+            conn.execute(f"ALTER INDEX {table}_pkey RENAME TO {table}_5_pkey".encode())
+        conn.execute(b"ALTER INDEX deliveries_epoch_mailbox RENAME TO deliveries_5_epoch_mailbox")
+        conn.execute(b"ALTER INDEX deliveries_payload RENAME TO deliveries_5_payload")
+        conn.execute(b"DROP TRIGGER deliveries_removed ON deliveries_5")
+        conn.execute(b"DROP FUNCTION deliveries_removed")
+        conn.execute(SCHEMA_4_QUEUE.encode())
+        conn.execute(b"INSERT INTO payloads SELECT id, epoch, sealed FROM payloads_5")
+        conn.execute(
+            b"INSERT INTO deliveries SELECT seq, epoch, mailbox, payload_id, sealed "
+            b"FROM deliveries_5"
+        )
+        conn.execute(b"DROP TABLE deliveries_5, payloads_5, epoch_starts")
+        conn.execute(b"UPDATE schema_version SET version = 4")

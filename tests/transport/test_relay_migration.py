@@ -28,6 +28,7 @@ from hushchat.transport.relay.storage.schema import SCHEMA_VERSION
 from hushchat.transport.relay.storage.sqlite import SqliteDatabase
 from hushchat.transport.wire.limits import TARGET_ONE_TIME_CAPACITY
 from hushchat.transport.wire.records import EnvelopeKind
+from tests.support.postgres import back_to_schema_4
 from tests.support.relay import (
     connected,
     envelopes_until_empty,
@@ -166,15 +167,17 @@ async def delivered(config: Any, bob: User) -> list[bytes]:
         return [e.payload for e in await envelopes_until_empty(receiver)]
 
 
-@pytest.mark.parametrize("backend", ["sqlite", "postgres"])
+@pytest.mark.parametrize("backend", ["sqlite", "postgres", "postgres-4"])
 async def test_migrate_keeps_the_queued_mail_of_the_previous_schema(
     backend: str,
     tmp_path: Path,
     request: pytest.FixtureRequest,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
+    """From SQLite's previous schema; on PostgreSQL from schema 1 (the first) and from
+    schema 4 (the queue in one table each, before its partitions by epoch)."""
     alice, bob = make_user("alice"), make_user("bob")
-    if backend == "postgres":
+    if backend.startswith("postgres"):
         db = request.getfixturevalue("postgres_dsn")
         config = relay_config(tmp_path, db=db)
         argv = ["relay", "migrate", "--db", db]
@@ -184,15 +187,18 @@ async def test_migrate_keeps_the_queued_mail_of_the_previous_schema(
         argv = ["relay", "migrate", "--db", db]
     await queue_mail(config, alice, bob)
     # Back to the previous schema, as the relay before this one left it.
-    if backend == "postgres":
-        with psycopg.connect(db, autocommit=True) as conn:
-            conn.execute("DROP TABLE presence")
-            conn.execute("DROP TABLE one_time_budgets")
-            conn.execute("DROP INDEX deliveries_epoch_mailbox")
-            conn.execute("CREATE INDEX deliveries_mailbox ON deliveries (mailbox, seq)")
-            conn.execute("CREATE INDEX deliveries_epoch ON deliveries (epoch)")
-            conn.execute("UPDATE schema_version SET version = 1")
-        previous, current = 1, POSTGRES_SCHEMA_VERSION
+    if backend.startswith("postgres"):
+        back_to_schema_4(db)
+        previous, current = 4, POSTGRES_SCHEMA_VERSION
+        if backend == "postgres":
+            with psycopg.connect(db, autocommit=True) as conn:
+                conn.execute("DROP TABLE presence")
+                conn.execute("DROP TABLE one_time_budgets")
+                conn.execute("DROP INDEX deliveries_epoch_mailbox")
+                conn.execute("CREATE INDEX deliveries_mailbox ON deliveries (mailbox, seq)")
+                conn.execute("CREATE INDEX deliveries_epoch ON deliveries (epoch)")
+                conn.execute("UPDATE schema_version SET version = 1")
+            previous = 1
     else:
         with contextlib.closing(sqlite3.connect(db, isolation_level=None)) as conn:
             conn.execute("DROP TABLE invites")
@@ -203,6 +209,23 @@ async def test_migrate_keeps_the_queued_mail_of_the_previous_schema(
     assert f"migrated from schema {previous} to {current}" in capsys.readouterr().out
     assert cli.main(argv) == 0
     assert f"schema {current}, nothing to migrate" in capsys.readouterr().out
+    if backend.startswith("postgres"):  # the queued mail is in its epoch's partitions
+        with psycopg.connect(db, autocommit=True) as conn:
+            parts = conn.execute(
+                "SELECT c.relname, i.inhparent::regclass::text FROM pg_inherits AS i "
+                "JOIN pg_class AS c ON c.oid = i.inhrelid "
+                "WHERE i.inhparent IN ('deliveries'::regclass, 'payloads'::regclass)"
+            ).fetchall()
+            ((epoch, queued),) = conn.execute(
+                "SELECT epoch, COUNT(*) FROM deliveries GROUP BY epoch"
+            ).fetchall()
+            assert conn.execute(f"SELECT COUNT(*) FROM deliveries_{epoch}").fetchone() == (2,)
+            assert conn.execute("SELECT epoch FROM epoch_starts").fetchall() == [(epoch,)]
+        assert sorted(parts) == [
+            (f"deliveries_{epoch}", "deliveries"),
+            (f"payloads_{epoch}", "payloads"),
+        ]
+        assert queued == 2
     assert await delivered(config, bob) == [b"queued 1", b"queued 2"]
     # The one-time budget of a device is kept in the migrated database (spec 7.7).
     async with running_relay(config) as port:
@@ -211,7 +234,7 @@ async def test_migrate_keeps_the_queued_mail_of_the_previous_schema(
         async with connected(port, alice.devices[1]) as fetcher:
             bundle = PreKeyBundle.decode(await fetcher.fetch_bundle("bob", 1))
     assert bundle.one_time_prekey is not None
-    if backend == "postgres":
+    if backend.startswith("postgres"):
         with psycopg.connect(db, autocommit=True) as conn:
             rows = conn.execute("SELECT user_id, device_id, tokens FROM one_time_budgets")
             budgets = rows.fetchall()

@@ -11,6 +11,7 @@ from pathlib import Path
 import psycopg
 import pytest
 
+from hushchat.devtools.pgcluster import ThrowawayCluster
 from hushchat.protocol.prekeys import OneTimePreKeyPublic
 from hushchat.transport import cli
 from hushchat.transport.relay.config import Registration, wall_clock_ms
@@ -26,8 +27,9 @@ from hushchat.transport.relay.storage.postgres import (
 from hushchat.transport.relay.storage.rows import open_delivery, open_payload
 from hushchat.transport.relay.storage.writer import DatabaseCall, storage_error
 from hushchat.transport.wire.errors import InviteRefused, PreKeyIdInUse, StorageFull
-from hushchat.transport.wire.limits import DEFAULT_RETENTION_SECONDS
+from hushchat.transport.wire.limits import DEFAULT_RETENTION_SECONDS, EPOCHS_PER_RETENTION
 from hushchat.transport.wire.records import PreKeyCounts
+from tests.support.postgres import back_to_schema_4
 from tests.support.relay import connected, make_prekeys, register, relay_config, running_relay
 from tests.support.storage import batch, register_devices, upload_prekeys
 from tests.support.users import make_user
@@ -428,11 +430,7 @@ async def test_invite_and_report_on_a_postgresql_database(
     tokens issued into the database register users at the relays on it, and the report
     counts what the database holds."""
     dsn, key_file = postgres_dsn, str(tmp_path / "relay.keys")
-    with psycopg.connect(dsn, autocommit=True) as conn:  # as the previous relay left it
-        conn.execute("DROP INDEX deliveries_epoch_mailbox")
-        conn.execute("CREATE INDEX deliveries_mailbox ON deliveries (mailbox, seq)")
-        conn.execute("CREATE INDEX deliveries_epoch ON deliveries (epoch)")
-        conn.execute("UPDATE schema_version SET version = %s", (POSTGRES_SCHEMA_VERSION - 1,))
+    back_to_schema_4(dsn)  # as the previous relay left it
     assert cli.main(["relay", "invite", "--db", dsn]) == 1  # an older schema: migrate first
     err = capsys.readouterr().err
     assert "run 'hushchat relay migrate' first" in err and err.count("\n") == 1
@@ -483,3 +481,251 @@ def test_the_report_of_a_postgresql_database_without_a_relay_schema_is_one_line(
     assert err.startswith("hushchat relay report: ") and "schema version none" in err
     assert err.count("\n") == 1 and "Traceback" not in err
     assert list(tmp_path.iterdir()) == []  # it creates nothing
+
+
+def _database_files(conn: psycopg.Connection[tuple[object, ...]], data: Path) -> list[Path]:
+    """Every file of the connected database in the cluster's data folder (its tables and
+    indexes, after a CHECKPOINT wrote the shared buffers out)."""
+    conn.execute("CHECKPOINT")
+    row = conn.execute("SELECT oid FROM pg_database WHERE datname = current_database()").fetchone()
+    assert row is not None
+    return [p for p in (data / "base" / str(row[0])).rglob("*") if p.is_file()]
+
+
+def test_a_seized_data_folder_holds_no_expired_row_after_the_sweep(
+    postgres_dsn: str, postgres_cluster: ThrowawayCluster, tmp_path: Path
+) -> None:
+    """PostgreSQL has no secure delete: a DELETE leaves the rows' bytes in the table's pages
+    until they are overwritten. The sweep drops the expired epoch's partitions instead:
+    their files are emptied at commit and unlinked at the next checkpoint, and no file of
+    the database holds the expired rows (the WAL, replicas and backups still may, spec 9.8)."""
+    now = [wall_clock_ms()]
+    db = PostgresDatabase(postgres_dsn, key_file=str(tmp_path / "relay.keys"), clock=lambda: now[0])
+    register_devices(db, "bob", 1, 2)
+    for text in (b"one", b"two", b"three"):
+        db.enqueue(
+            batch(
+                [("bob", 1), ("bob", 2)],
+                (text,),
+                counters={"bob": 0},
+                server_ts=now[0],
+                expires_at=now[0] + DEFAULT_RETENTION_SECONDS * 1000,
+            ),
+            max_mailbox_size=10,
+        )
+    with psycopg.connect(postgres_dsn, autocommit=True) as conn:
+        sealed = [
+            bytes(row[0])
+            for row in conn.execute(
+                "SELECT sealed FROM deliveries UNION ALL SELECT sealed FROM payloads"
+            )
+        ]
+        assert len(sealed) == 9
+        parts = conn.execute(
+            "SELECT c.relname, pg_relation_filepath(c.oid) FROM pg_inherits AS i "
+            "JOIN pg_class AS c ON c.oid = i.inhrelid "
+            "WHERE i.inhparent IN ('deliveries'::regclass, 'payloads'::regclass, "
+            "'deliveries_pkey'::regclass, 'payloads_pkey'::regclass, "
+            "'deliveries_epoch_mailbox'::regclass, 'deliveries_payload'::regclass)"
+        ).fetchall()
+        files = [f.read_bytes() for f in _database_files(conn, postgres_cluster.data)]
+        assert all(any(s in f for f in files) for s in sealed)  # the check sees what is stored
+        now[0] += DEFAULT_RETENTION_SECONDS * 1000 + 2 * db.key_chain.epoch_ms
+        assert db.purge_expired(now[0]) == 6
+        files = [f.read_bytes() for f in _database_files(conn, postgres_cluster.data)]
+        assert not any(s in f for f in files for s in sealed)
+        # The epoch's tables and indexes are gone, and so are their files.
+        assert len(parts) == 2 + 4  # a partition of each table, and of each index
+        names = [name for name, _ in parts]
+        assert (
+            conn.execute(
+                "SELECT relname FROM pg_class WHERE relname = ANY(%s) "
+                "AND relnamespace = current_schema()::regnamespace",
+                (names,),
+            ).fetchall()
+            == []
+        )
+        assert not any((postgres_cluster.data / path).exists() for _, path in parts)
+    db.close()
+
+
+def _partitions(conn: psycopg.Connection[tuple[object, ...]]) -> set[str]:
+    """The partitions of the queue's tables."""
+    return {
+        str(row[0])
+        for row in conn.execute(
+            "SELECT c.relname FROM pg_inherits AS i JOIN pg_class AS c ON c.oid = i.inhrelid "
+            "WHERE i.inhparent IN ('deliveries'::regclass, 'payloads'::regclass)"
+        )
+    }
+
+
+def test_sends_across_epoch_boundaries_on_relays_whose_clocks_differ_never_fail(
+    postgres_dsn: str, tmp_path: Path
+) -> None:
+    """A relay whose clock runs ahead starts each epoch (and creates its partitions) early;
+    the relay behind files under that epoch, whose partitions exist. Every send across
+    the boundaries succeeds, and the mailbox reads back whole and in order."""
+    keys = str(tmp_path / "relay.keys")
+    start = wall_clock_ms()
+    behind_now = [start]
+    epoch_ms = DEFAULT_RETENTION_SECONDS * 1000 // EPOCHS_PER_RETENTION
+    skew = epoch_ms // 3
+    ahead = PostgresDatabase(postgres_dsn, key_file=keys, clock=lambda: behind_now[0] + skew)
+    behind = PostgresDatabase(postgres_dsn, key_file=keys, clock=lambda: behind_now[0])
+    assert ahead.key_chain.epoch_ms == epoch_ms
+    register_devices(ahead, "bob", 1)
+    sent: list[bytes] = []
+    for step in range(12):  # four epochs, in thirds: each boundary crossed by both clocks
+        behind_now[0] = start + step * epoch_ms // 3
+        for name, db in (("ahead", ahead), ("behind", behind)):
+            text = f"{name} {step}".encode()
+            db.enqueue(
+                batch(
+                    [("bob", 1)],
+                    (text,),
+                    counters={"bob": 0},
+                    server_ts=db._clock(),
+                    expires_at=db._clock() + DEFAULT_RETENTION_SECONDS * 1000,
+                ),
+                max_mailbox_size=100,
+            )
+            sent.append(text)
+    queued = behind.pending("bob", 1, after_seq=0, limit=100, now=behind_now[0])
+    assert [q.envelope.payload for q in queued] == sent
+    epochs = {q.epoch for q in queued}
+    assert len(epochs) >= 4
+    assert max(epochs) == ahead.key_chain.epoch_of(behind_now[0] + skew)  # filed as ahead says
+    with psycopg.connect(postgres_dsn, autocommit=True) as conn:
+        assert {f"deliveries_{e}" for e in epochs} <= _partitions(conn)
+        assert not conn.execute(
+            "SELECT 1 FROM pg_inherits AS i JOIN pg_class AS c "
+            "ON c.oid = i.inhrelid WHERE c.relname LIKE '%default%'"
+        ).fetchall()
+    # Acknowledged by seq alone, each in its epoch's partition.
+    assert behind.acknowledge("bob", 1, [q.seq for q in queued]) == len(sent)
+    assert behind.pending("bob", 1, after_seq=0, limit=100, now=behind_now[0]) == []
+    ahead.close()
+    behind.close()
+
+
+def test_an_acknowledgement_looks_into_the_partitions_of_its_seqs_epochs_only(
+    postgres_dsn: str, tmp_path: Path
+) -> None:
+    """The first seq of each epoch is kept (``epoch_starts``), so the deliveries at some
+    seqs are looked up in the epochs they can be in: the other partitions are pruned."""
+    now = [wall_clock_ms()]
+    db = PostgresDatabase(postgres_dsn, key_file=str(tmp_path / "relay.keys"), clock=lambda: now[0])
+    register_devices(db, "bob", 1)
+    epoch_ms = db.key_chain.epoch_ms
+    for _ in range(4):
+        for text in (b"a", b"b"):
+            db.enqueue(
+                batch(
+                    [("bob", 1)],
+                    (text,),
+                    counters={"bob": 0},
+                    server_ts=now[0],
+                    expires_at=now[0] + DEFAULT_RETENTION_SECONDS * 1000,
+                ),
+                max_mailbox_size=100,
+            )
+        now[0] += epoch_ms
+    queued = db.pending("bob", 1, after_seq=0, limit=100, now=now[0])
+    by_epoch: dict[int, list[int]] = {}
+    for q in queued:
+        by_epoch.setdefault(q.epoch, []).append(q.seq)
+    first, second, third, fourth = sorted(by_epoch)
+    db._single(lambda: None)  # a shared batch, as an acknowledgement's
+    assert db._epochs_of(by_epoch[second]) == (second, second)
+    assert db._epochs_of([by_epoch[second][0], by_epoch[third][1]]) == (second, third)
+    assert db._epochs_of(by_epoch[fourth]) == (fourth, fourth)  # the newest: nothing later
+    where, values = db._where_seqs(by_epoch[second])
+    with psycopg.connect(postgres_dsn, autocommit=True) as conn:
+        plan = "\n".join(
+            str(row[0])
+            for row in conn.execute(
+                f"EXPLAIN SELECT seq FROM deliveries WHERE {where.replace('?', '%s')}", values
+            )
+        )
+    assert f"deliveries_{second}" in plan
+    assert not any(f"deliveries_{e}" in plan for e in (first, third, fourth))
+    assert db.acknowledge("bob", 1, by_epoch[second] + by_epoch[fourth]) == 4
+    left = db.pending("bob", 1, after_seq=0, limit=100, now=now[0])
+    assert [q.epoch for q in left] == [first, first, third, third]
+    db.close()
+
+
+def test_a_sweep_on_one_relay_while_the_other_sends_loses_nothing(
+    postgres_dsn: str, tmp_path: Path
+) -> None:
+    """Two relays on one database: one sends without pause while the other sweeps, the
+    clock crossing epoch boundaries, expired epochs' partitions dropped. No send fails,
+    every new envelope is queued once, in order; the expired ones are told."""
+    keys = str(tmp_path / "relay.keys")
+    retention = DEFAULT_RETENTION_SECONDS * 1000
+    now = [wall_clock_ms()]
+    sender = PostgresDatabase(postgres_dsn, key_file=keys, clock=lambda: now[0])
+    sweeper = PostgresDatabase(postgres_dsn, key_file=keys, clock=lambda: now[0])
+    epoch_ms = sender.key_chain.epoch_ms
+    register_devices(sender, "alice", 1, key_base=0x40)
+    register_devices(sender, "bob", 1)
+
+    def send(text: bytes) -> None:
+        sender.enqueue(
+            batch(
+                [("bob", 1)],
+                (text,),
+                counters={"bob": 0},
+                server_ts=now[0],
+                expires_at=now[0] + retention,
+            ),
+            max_mailbox_size=10_000,
+        )
+
+    for index in range(3):  # to expire, one epoch each
+        send(f"old {index}".encode())
+        now[0] += epoch_ms
+    with psycopg.connect(postgres_dsn, autocommit=True) as conn:
+        old_partitions = _partitions(conn)
+    now[0] += retention - 4 * epoch_ms
+    sent: list[bytes] = []
+    errors: list[BaseException] = []
+    stop = threading.Event()
+
+    def keep_sending() -> None:
+        try:
+            while not stop.is_set():
+                text = f"new {len(sent)}".encode()
+                send(text)
+                sent.append(text)
+        except BaseException as exc:
+            errors.append(exc)
+
+    def keep_sweeping() -> None:
+        try:
+            while not stop.is_set():
+                sweeper.purge_expired(now[0])
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=keep_sending), threading.Thread(target=keep_sweeping)]
+    for thread in threads:
+        thread.start()
+    for _ in range(8):  # the three old epochs leave the window one by one
+        stop.wait(0.15)
+        now[0] += epoch_ms // 2
+    stop.wait(0.15)
+    stop.set()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+    sweeper.purge_expired(now[0])
+    queued = sender.pending("bob", 1, after_seq=0, limit=100_000, now=now[0])
+    assert [q.envelope.payload for q in queued] == sent and len(sent) > 10
+    notice = sender.expiry_notice("bob", 1)
+    assert notice is not None and notice.count == 3
+    with psycopg.connect(postgres_dsn, autocommit=True) as conn:
+        assert not old_partitions & _partitions(conn)
+    sender.close()
+    sweeper.close()

@@ -40,10 +40,15 @@ SQLite). Needs the optional extra ``hushchat[postgres]`` (psycopg 3).
   - every batch holds a shared advisory lock, which the purge of an epoch
     (and the move of the mailbox counts to a new epoch, and a migration)
     takes exclusively: they never overlap a send.
-* Retention: an epoch's rows are deleted as a whole when it leaves the
-  window, and its keys cease to exist (the key file). PostgreSQL has no
-  secure delete: deleted rows stay in free pages, the WAL, replicas and
+* Retention: the queue's tables are partitioned by epoch, one partition
+  each per epoch (:data:`PARTITION_TABLES`), made by the exclusive
+  transaction that starts the epoch; when an epoch leaves the window its
+  partitions are dropped whole, and its keys cease to exist (the key
+  file). PostgreSQL has no secure delete: a deleted row stays in its
+  partition's pages until the partition goes, and in the WAL, replicas and
   backups until overwritten, which is why only sealed rows are ever stored.
+  A lookup by seq is bounded to the epochs its seqs can be in
+  (``epoch_starts``, :meth:`PostgresDatabase._epochs_of`).
 * Push across relays: ``presence`` says which relay process holds each
   connected device. After a send commits, the relay wakes its own recipients
   and NOTIFYs each other relay holding some (one notification per batch and
@@ -63,6 +68,7 @@ import re
 import secrets
 import struct
 import threading
+from bisect import bisect_right
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
@@ -108,10 +114,13 @@ from .writer import (
 
 T = TypeVar("T")
 
+# The largest value of a BIGINT: above every seq.
+_MAX_BIGINT = 2**63 - 1
+
 logger = logging.getLogger("hushchat.relay")
 
 # The schema version of a PostgreSQL relay database, in ``schema_version``.
-POSTGRES_SCHEMA_VERSION = 4
+POSTGRES_SCHEMA_VERSION = 5
 
 # The advisory lock every batch holds shared and an epoch's purge, the move
 # to a new epoch and a migration hold exclusively: a (class, key) pair of
@@ -231,6 +240,76 @@ CREATE INDEX deliveries_epoch_mailbox ON deliveries (epoch, mailbox, seq);
 DROP INDEX deliveries_mailbox;
 DROP INDEX deliveries_epoch;
 """,
+    # The sealed queue partitioned by epoch, one partition of each table per
+    # epoch (see PARTITION_TABLES), so that the sweep drops an expired epoch's
+    # files instead of leaving its deleted rows in pages no one overwrites.
+    # A key must hold the partition key: (seq, epoch) and (id, epoch), seq
+    # and id first, as they are looked up by (an index led by the epoch
+    # would scan the whole partition for them: it holds one epoch). The
+    # (epoch, mailbox, seq) index of schema 4 stays; the payload index names
+    # both columns the trigger looks up, so that a partition without
+    # statistics yet (a new epoch's) is not read through the other. The trigger,
+    # run for every deleted delivery, keeps one generic plan, pruned to the
+    # row's epoch as it runs: a custom plan per row would be planned anew
+    # against every partition.
+    # ``epoch_starts`` bounds the epoch of a seq (PostgresDatabase._epochs_of):
+    # the rows kept get their partitions, and the first seq of each epoch.
+    4: """
+DROP TRIGGER deliveries_removed ON deliveries;
+ALTER TABLE deliveries RENAME TO deliveries_schema_4;
+ALTER TABLE payloads RENAME TO payloads_schema_4;
+ALTER TABLE deliveries_schema_4 RENAME CONSTRAINT deliveries_pkey TO deliveries_schema_4_pkey;
+ALTER TABLE payloads_schema_4 RENAME CONSTRAINT payloads_pkey TO payloads_schema_4_pkey;
+DROP INDEX deliveries_epoch_mailbox, deliveries_payload;
+CREATE TABLE payloads (
+    id BIGINT NOT NULL,
+    epoch BIGINT NOT NULL,
+    sealed BYTEA NOT NULL,
+    PRIMARY KEY (id, epoch)
+) PARTITION BY RANGE (epoch);
+CREATE TABLE deliveries (
+    seq BIGINT NOT NULL,
+    epoch BIGINT NOT NULL,
+    mailbox BYTEA NOT NULL,
+    payload_id BIGINT NOT NULL,
+    sealed BYTEA NOT NULL,
+    PRIMARY KEY (seq, epoch)
+) PARTITION BY RANGE (epoch);
+CREATE INDEX deliveries_epoch_mailbox ON deliveries (epoch, mailbox, seq);
+CREATE INDEX deliveries_payload ON deliveries (payload_id, epoch);
+CREATE TABLE epoch_starts (epoch BIGINT PRIMARY KEY, first_seq BIGINT NOT NULL);
+CREATE OR REPLACE FUNCTION deliveries_removed() RETURNS trigger LANGUAGE plpgsql
+    SET plan_cache_mode = force_generic_plan AS $$
+BEGIN
+    DELETE FROM payloads WHERE epoch = OLD.epoch AND id = OLD.payload_id
+        AND NOT EXISTS (
+            SELECT 1 FROM deliveries WHERE epoch = OLD.epoch AND payload_id = OLD.payload_id
+        );
+    RETURN NULL;
+END $$;
+CREATE TRIGGER deliveries_removed AFTER DELETE ON deliveries
+    FOR EACH ROW EXECUTE FUNCTION deliveries_removed();
+DO $$
+DECLARE
+    e BIGINT;
+BEGIN
+    FOR e IN SELECT epoch FROM deliveries_schema_4 UNION SELECT epoch FROM payloads_schema_4 LOOP
+        EXECUTE format(
+            'CREATE TABLE %I PARTITION OF deliveries FOR VALUES FROM (%s) TO (%s)',
+            'deliveries_' || e, e, e + 1
+        );
+        EXECUTE format(
+            'CREATE TABLE %I PARTITION OF payloads FOR VALUES FROM (%s) TO (%s)',
+            'payloads_' || e, e, e + 1
+        );
+    END LOOP;
+END $$;
+INSERT INTO payloads (id, epoch, sealed) SELECT id, epoch, sealed FROM payloads_schema_4;
+INSERT INTO deliveries (seq, epoch, mailbox, payload_id, sealed)
+    SELECT seq, epoch, mailbox, payload_id, sealed FROM deliveries_schema_4;
+INSERT INTO epoch_starts (epoch, first_seq) SELECT epoch, MIN(seq) FROM deliveries GROUP BY epoch;
+DROP TABLE deliveries_schema_4, payloads_schema_4;
+""",
 }
 
 
@@ -348,6 +427,16 @@ WITH gone AS (
 )
 SELECT ARRAY(SELECT seq FROM gone)
 """
+
+# The tables of the sealed queue, partitioned by epoch: the partition of
+# epoch ``e`` is ``<table>_<e>``, FOR VALUES FROM (e) TO (e + 1). One epoch
+# per partition: the moment an epoch leaves the window, its files go whole
+# (a coarser partition would keep an expired epoch's deleted rows in its
+# pages until its last epoch left too). About 73 partitions per table; the
+# statements that name no epoch (an acknowledgement's, by seq) are given
+# the epochs their seqs can be in, so they look into one or two.
+PARTITION_TABLES = ("deliveries", "payloads")
+_PARTITION_NAME = re.compile(r"(deliveries|payloads)_(\d+)")
 
 # The columns and keys of the tables SqliteDatabase writes with INSERT OR
 # REPLACE, which PostgreSQL spells INSERT ... ON CONFLICT DO UPDATE.
@@ -621,6 +710,8 @@ class PostgresDatabase(SqliteDatabase):
 
     EXCLUSIVE_BEGIN = EXCLUSIVE_BEGIN
     INTEGRITY_ERRORS = (psycopg.errors.UniqueViolation,)
+    # A payload is in its deliveries' epoch (one send, one epoch): its partition.
+    PAYLOAD_OF_DELIVERY = "p.epoch = d.epoch AND p.id = d.payload_id"
 
     def __init__(
         self,
@@ -645,6 +736,10 @@ class PostgresDatabase(SqliteDatabase):
         # The rows the open batch's first call locked (see _prelock): its calls skip them.
         self._held_users: dict[str, bool] = {}  # user id -> locked exclusively
         self._held_devices: set[tuple[str, int]] = set()
+        self._partitioned: int | None = None  # the epoch whose partitions this transaction saw
+        # (first seq, epoch) of each epoch_starts row, by seq; read when _epoch_seen was this.
+        self._epoch_starts: list[tuple[int, int]] = []
+        self._starts_read_at: int | None = None
         self._conn: Any = PostgresConnection(dsn)
         try:
             create_or_migrate_schema(self._conn)
@@ -702,8 +797,10 @@ class PostgresDatabase(SqliteDatabase):
         """
         if self._exclusive or self._batch_epoch is None:
             epoch = self._read_epoch()
-            if at_least > epoch and self._exclusive:
-                epoch = super()._current_epoch(at_least)
+            if self._exclusive:
+                if at_least > epoch:
+                    epoch = super()._current_epoch(at_least)
+                self._prepare_partitions(epoch)
             self._batch_epoch = epoch
             self._epoch_seen = max(self._epoch_seen, epoch)
         return self._batch_epoch
@@ -711,11 +808,86 @@ class PostgresDatabase(SqliteDatabase):
     def _open_keys(self, path: str, version: int, now: int, reset: bool) -> KeyChain:
         """As on SQLite; the transaction it runs in holds the epoch lock exclusively."""
         self._exclusive = True
+        self._partitioned = None
         try:
             return super()._open_keys(path, version, now, reset)
         finally:
             self._exclusive = False
             self._batch_epoch = None
+
+    # ---------------------------------------------------------------- partitions
+
+    def _prepare_partitions(self, epoch: int) -> None:
+        """Give ``epoch``, the newest, its partitions and its first seq, if it has none yet.
+
+        Runs in every exclusive transaction that reads the newest epoch, so
+        in the one that moves it: a send, filed only under the newest epoch,
+        always finds its partition (a relay whose clock runs ahead moves the
+        epoch, and creates it, for every relay). The sequence's next value
+        is the epoch's first seq: no send runs meanwhile (the epoch lock), so
+        every seq below it is of an earlier epoch, every one from it of this
+        epoch or a later one.
+        """
+        if self._partitioned == epoch:
+            return
+        conn = self._conn
+        for table in PARTITION_TABLES:
+            name = f"{table}_{epoch}"
+            found = conn.execute("SELECT to_regclass(?) IS NOT NULL", (name,)).fetchone()
+            if not found[0]:
+                conn.execute(
+                    f"CREATE TABLE {name} PARTITION OF {table} "
+                    f"FOR VALUES FROM ({epoch}) TO ({epoch + 1})"
+                )
+        conn.execute(
+            "INSERT INTO epoch_starts (epoch, first_seq) SELECT ?, "
+            "CASE WHEN is_called THEN last_value + 1 ELSE last_value END FROM delivery_seq "
+            "ON CONFLICT (epoch) DO NOTHING",
+            (epoch,),
+        )
+        self._partitioned = epoch
+
+    def _delete_epochs_before(self, cutoff: int) -> None:
+        """Drop the partitions of the epochs before ``cutoff``: their files go whole, where
+        a DELETE would leave the rows in pages (PostgreSQL has no secure delete)."""
+        conn = self._conn
+        for (name,) in conn.execute(
+            "SELECT c.relname FROM pg_inherits AS i JOIN pg_class AS c ON c.oid = i.inhrelid "
+            "WHERE i.inhparent IN ('deliveries'::regclass, 'payloads'::regclass) "
+            "ORDER BY c.relname"
+        ).fetchall():
+            match = _PARTITION_NAME.fullmatch(name)
+            if match is not None and int(match.group(2)) < cutoff:
+                conn.execute(f"DROP TABLE {name}")
+        # Rows before the cutoff in a partition not named by its epoch (none that
+        # this relay made) are deleted as on SQLite.
+        super()._delete_epochs_before(cutoff)
+        conn.execute("DELETE FROM epoch_starts WHERE epoch < ?", (cutoff,))
+
+    def _epochs_of(self, seqs: Sequence[int]) -> tuple[int, int] | None:
+        """The epochs the deliveries at ``seqs`` can be in, from ``epoch_starts``.
+
+        A row (e, f) says: every seq from f is of epoch e or later, every
+        seq below f of an earlier one; and no row is of an epoch after the
+        newest. Rows never change, so a copy read earlier is right, only
+        less precise (a later epoch's row missing leaves the newest epoch as
+        the bound above); it is read again once this relay has seen a newer
+        epoch. Read only in shared transactions: an exclusive one's rows may
+        yet roll back.
+        """
+        if self._exclusive:
+            return None
+        if self._starts_read_at != self._epoch_seen:
+            rows = self._conn.execute("SELECT first_seq, epoch FROM epoch_starts").fetchall()
+            self._epoch_starts = sorted((int(f), int(e)) for f, e in rows)
+            self._starts_read_at = self._epoch_seen
+        starts = self._epoch_starts
+        first = bisect_right(starts, (min(seqs), _MAX_BIGINT)) - 1
+        last = bisect_right(starts, (max(seqs), _MAX_BIGINT))
+        low = starts[first][1] if first >= 0 else 0
+        newest = self._current_epoch(0)
+        high = starts[last][1] - 1 if last < len(starts) else newest
+        return low, min(high, newest)
 
     # ---------------------------------------------------------------- transactions
 
@@ -758,7 +930,7 @@ class PostgresDatabase(SqliteDatabase):
         attempt = 0
         try:
             while True:
-                self._wakes, self._batch_epoch = {}, None
+                self._wakes, self._batch_epoch, self._partitioned = {}, None, None
                 self._held_users, self._held_devices = {}, set()
                 conn.optimistic, conn.not_undone = optimistic, False
                 # An exclusive batch runs alone; a shared one first takes every
@@ -842,10 +1014,13 @@ class PostgresDatabase(SqliteDatabase):
     # prekey's row, in particular, is taken under its device's lock, so
     # ``FOR UPDATE`` waits there only for a transaction outside this order
     # (none of the relay's). Exclusive batches (an epoch's purge or move)
-    # run alone. The one lock not known in advance: a mailbox read that
-    # finds rows that do not open (an altered database) locks the device to
-    # note their loss; a deadlock then is still resolved by running the
-    # batch again (batch_retries counts those).
+    # run alone: the partitions they create and drop take ACCESS EXCLUSIVE
+    # locks on the queue's tables, which no relay's transaction holds while
+    # it waits for the epoch lock (its first statement). The one lock not
+    # known in advance: a mailbox read that finds rows that do not open (an
+    # altered database) locks the device to note their loss; a deadlock
+    # then is still resolved by running the batch again (batch_retries
+    # counts those).
 
     def _prelock_call(self, calls: Sequence[DatabaseCall]) -> DatabaseCall:
         """A call taking every lock ``calls`` will take, in the global order above."""

@@ -180,6 +180,10 @@ class SqliteDatabase:
     EXCLUSIVE_BEGIN = "BEGIN IMMEDIATE"
     # What the driver raises for a duplicate key.
     INTEGRITY_ERRORS: tuple[type[Exception], ...] = (sqlite3.IntegrityError,)
+    # How a delivery ``d`` finds its payload ``p``. On SQLite a payload may be
+    # in an older epoch than a delivery (schema 1's mail, sealed epoch by
+    # epoch); PostgreSQL names the epoch too, which picks the partition.
+    PAYLOAD_OF_DELIVERY = "p.id = d.payload_id"
 
     def __init__(
         self,
@@ -629,7 +633,8 @@ class SqliteDatabase:
             assert keys is not None
             count, total = self._conn.execute(
                 "SELECT COUNT(*), SUM(LENGTH(p.sealed)) FROM deliveries AS d "
-                "JOIN payloads AS p ON p.id = d.payload_id WHERE d.mailbox = ? AND d.epoch = ?",
+                f"JOIN payloads AS p ON {self.PAYLOAD_OF_DELIVERY} "
+                "WHERE d.mailbox = ? AND d.epoch = ?",
                 (keys.index(user_id, device_id), epoch),
             ).fetchone()
             envelopes, size = envelopes + count, size + (total or 0)
@@ -1118,8 +1123,8 @@ class SqliteDatabase:
             while len(found) < limit:
                 wanted = limit - len(found)
                 rows = db.execute(
-                    "SELECT d.seq, d.payload_id, d.sealed, p.epoch, p.sealed "
-                    "FROM deliveries AS d JOIN payloads AS p ON p.id = d.payload_id "
+                    "SELECT d.seq, d.payload_id, d.sealed, p.epoch, p.sealed FROM deliveries "
+                    f"AS d JOIN payloads AS p ON {self.PAYLOAD_OF_DELIVERY} "
                     "WHERE d.mailbox = ? AND d.epoch = ? AND d.seq > ? ORDER BY d.seq LIMIT ?",
                     (mailbox, epoch, cursor, wanted),
                 ).fetchall()
@@ -1162,9 +1167,8 @@ class SqliteDatabase:
         """Envelopes of the device whose rows do not open (altered): gone, and told as lost."""
         seqs = [seq for seq, _ in rows]
         for part in _parts(seqs):
-            self._conn.execute(
-                f"DELETE FROM deliveries WHERE seq IN ({_marks(len(part), 1)})", part
-            )
+            where, values = self._where_seqs(part)
+            self._conn.execute(f"DELETE FROM deliveries WHERE {where}", values)
         chain = self._chain
         first = chain.start_of(min(epoch for _, epoch in rows))
         last = chain.start_of(max(epoch for _, epoch in rows) + 1) - 1
@@ -1175,9 +1179,9 @@ class SqliteDatabase:
         mine: list[int] = []
         indexes: dict[int, bytes | None] = {}
         for part in _parts(seqs):
+            where, values = self._where_seqs(part)
             for seq, epoch, mailbox in db.execute(
-                f"SELECT seq, epoch, mailbox FROM deliveries WHERE seq IN ({_marks(len(part), 1)})",
-                part,
+                f"SELECT seq, epoch, mailbox FROM deliveries WHERE {where}", values
             ):
                 if epoch not in indexes:
                     keys = chain.keys(epoch)
@@ -1185,10 +1189,27 @@ class SqliteDatabase:
                 if indexes[epoch] == mailbox:
                     mine.append(seq)
         for part in _parts(mine):
-            db.execute(f"DELETE FROM deliveries WHERE seq IN ({_marks(len(part), 1)})", part)
+            where, values = self._where_seqs(part)
+            db.execute(f"DELETE FROM deliveries WHERE {where}", values)
         if mine:
             self._count_down(user_id, device_id, len(mine))
         return len(mine)
+
+    def _where_seqs(self, seqs: Sequence[int]) -> tuple[str, list[int]]:
+        """The condition and values that find the deliveries at ``seqs`` (and, where
+        :meth:`_epochs_of` bounds their epochs, only in those epochs)."""
+        condition = f"seq IN ({_marks(len(seqs), 1)})"
+        span = self._epochs_of(seqs)
+        if span is None:
+            return condition, list(seqs)
+        if span[0] == span[1]:  # the usual case: said so, the seqs' index is seen to be best
+            return f"epoch = ? AND {condition}", [span[0], *seqs]
+        return f"epoch BETWEEN ? AND ? AND {condition}", [*span, *seqs]
+
+    def _epochs_of(self, seqs: Sequence[int]) -> tuple[int, int] | None:
+        """The lowest and highest epoch the deliveries at ``seqs`` can be in; None: unknown
+        (on SQLite one table holds every epoch, and ``seq`` is its key)."""
+        return None
 
     def _count_down(self, user_id: str, device_id: int, count: int) -> None:
         """``count`` fewer envelopes queued for the device (the common case of :meth:`_note`)."""
@@ -1268,10 +1289,11 @@ class SqliteDatabase:
         cutoff = chain.epoch_of(now - self._retention_ms)
         self._current_epoch(chain.epoch_of(now))  # mailbox rows under keys that stay
         expired: dict[tuple[str, int], ExpiryNotice] = {}
-        for seq, epoch, mailbox, payload_id, sealed in db.execute(
+        rows = db.execute(
             "SELECT seq, epoch, mailbox, payload_id, sealed FROM deliveries WHERE epoch < ?",
             (cutoff,),
-        ).fetchall():
+        ).fetchall()
+        for seq, epoch, mailbox, payload_id, sealed in rows:
             keys = chain.keys(epoch)
             content = (
                 None if keys is None else open_delivery(keys, seq, mailbox, payload_id, sealed)
@@ -1281,14 +1303,19 @@ class SqliteDatabase:
             device = (content.user_id, content.device_id)
             notice = ExpiryNotice(1, content.server_ts, content.server_ts)
             expired[device] = notice if device not in expired else expired[device].merged(notice)
-        purged = db.execute("DELETE FROM deliveries WHERE epoch < ?", (cutoff,)).rowcount
-        # The trigger deleted their payloads; on PostgreSQL, two relays deleting a
-        # payload's last deliveries at once may each have seen the other's row.
-        db.execute("DELETE FROM payloads WHERE epoch < ?", (cutoff,))
+        self._delete_epochs_before(cutoff)
         for (user_id, device_id), notice in expired.items():
             assert notice.count is not None
             self._note(user_id, device_id, -notice.count, notice, now)
-        return purged
+        return len(rows)  # no one else writes meanwhile: the sweep holds the write lock
+
+    def _delete_epochs_before(self, cutoff: int) -> None:
+        """Delete the queue's rows of every epoch before ``cutoff`` (read already)."""
+        db = self._conn
+        db.execute("DELETE FROM deliveries WHERE epoch < ?", (cutoff,))
+        # The trigger deleted their payloads; on PostgreSQL, two relays deleting a
+        # payload's last deliveries at once may each have seen the other's row.
+        db.execute("DELETE FROM payloads WHERE epoch < ?", (cutoff,))
 
     def _truncate_wal(self, *, wait_ms: int = 0) -> None:
         """Reset the WAL: old page images (deleted ciphertext) live in it until then.
