@@ -374,7 +374,7 @@ SELECT {FACT_QUEUED}, NULL, NULL, queued, mailbox
     FROM mailboxes WHERE mailbox = ANY(%(boxes)b::bytea[])
 UNION ALL
 SELECT {FACT_LAST}, NULL, NULL, last.seq, box FROM unnest(%(boxes)b::bytea[]) AS box
-    CROSS JOIN LATERAL (SELECT seq FROM deliveries WHERE mailbox = box AND epoch = %(epoch)b
+    CROSS JOIN LATERAL (SELECT seq FROM {{deliveries}} WHERE mailbox = box AND epoch = %(epoch)b
                         ORDER BY seq DESC LIMIT 1) AS last
 UNION ALL
 SELECT {FACT_PRESENCE}, user_id, relay, device_id, NULL FROM presence
@@ -388,10 +388,10 @@ SELECT {FACT_SEQ}, NULL, NULL, nextval('delivery_seq'), NULL FROM generate_serie
 # A send's rows (SqliteDatabase._write_send), in one statement.
 STORE_SEND = """
 WITH stored_payloads AS (
-    INSERT INTO payloads (id, epoch, sealed) SELECT * FROM
+    INSERT INTO {payloads} (id, epoch, sealed) SELECT * FROM
         unnest(%(payload_ids)b::bigint[], %(payload_epochs)b::bigint[], %(payloads)b::bytea[])
 ), stored_deliveries AS (
-    INSERT INTO deliveries (seq, epoch, mailbox, payload_id, sealed) SELECT * FROM
+    INSERT INTO {deliveries} (seq, epoch, mailbox, payload_id, sealed) SELECT * FROM
         unnest(%(seqs)b::bigint[], %(epochs)b::bigint[], %(boxes)b::bytea[],
                %(delivery_payloads)b::bigint[], %(sealed)b::bytea[])
 ), counted AS (
@@ -410,7 +410,7 @@ INSERT INTO mailboxes (mailbox, epoch, queued, noticed, sealed)
 # deleted or lowered, never both: the UPDATE runs only if the DELETE did not.
 ACKNOWLEDGE_NEWEST = """
 WITH gone AS (
-    DELETE FROM deliveries
+    DELETE FROM {deliveries}
         WHERE seq = ANY(%(seqs)b::bigint[]) AND epoch = %(epoch)b AND mailbox = %(mailbox)b
         RETURNING seq
 ), counted AS (
@@ -437,6 +437,19 @@ SELECT ARRAY(SELECT seq FROM gone)
 # the epochs their seqs can be in, so they look into one or two.
 PARTITION_TABLES = ("deliveries", "payloads")
 _PARTITION_NAME = re.compile(r"(deliveries|payloads)_(\d+)")
+
+
+@lru_cache(maxsize=64)
+def in_partitions(statement: str, epoch: int) -> str:
+    """``statement`` on the newest epoch ``epoch``'s partitions, named directly.
+
+    A statement on a partitioned table is planned anew at every execution,
+    against every partition (about 73); on the partition itself it keeps
+    one plan. Only for the newest epoch, whose partitions exist as long as
+    it is the newest (an older one's may be dropped by another relay's
+    sweep meanwhile: those are read through the parent table).
+    """
+    return statement.format(deliveries=f"deliveries_{epoch}", payloads=f"payloads_{epoch}")
 
 # The columns and keys of the tables SqliteDatabase writes with INSERT OR
 # REPLACE, which PostgreSQL spells INSERT ... ON CONFLICT DO UPDATE.
@@ -847,6 +860,13 @@ class PostgresDatabase(SqliteDatabase):
         )
         self._partitioned = epoch
 
+    def _queue_tables(self, epoch: int, newest: int) -> tuple[str, str]:
+        """The newest epoch's partitions, named directly (see in_partitions); the parent
+        tables for an older epoch."""
+        if epoch == newest:
+            return f"deliveries_{epoch}", f"payloads_{epoch}"
+        return "deliveries", "payloads"
+
     def _delete_epochs_before(self, cutoff: int) -> None:
         """Drop the partitions of the epochs before ``cutoff``: their files go whole, where
         a DELETE would leave the rows in pages (PostgreSQL has no secure delete)."""
@@ -1178,7 +1198,7 @@ class PostgresDatabase(SqliteDatabase):
         seqs: list[int] = []
         listed = 0
         for kind, text, relay, number, blob in self._conn.run(
-            SEND_FACTS,
+            in_partitions(SEND_FACTS, epoch),
             {
                 "users": BinaryArray("text", list(batch.device_list_counters)),
                 "user_ids": BinaryArray("text", [d.user_id for d in batch.deliveries]),
@@ -1210,9 +1230,9 @@ class PostgresDatabase(SqliteDatabase):
         counted: Sequence[bytes],
         new_mailboxes: Sequence[tuple[bytes, int, bytes]],
     ) -> None:
-        """As on SQLite, in one statement."""
+        """As on SQLite, in one statement (every row is of the newest epoch)."""
         self._conn.run(
-            STORE_SEND,
+            in_partitions(STORE_SEND, deliveries[0][1]),
             {
                 "payload_ids": BinaryArray("bigint", [row[0] for row in payloads]),
                 "payload_epochs": BinaryArray("bigint", [row[1] for row in payloads]),
@@ -1237,7 +1257,7 @@ class PostgresDatabase(SqliteDatabase):
         keys = self._chain.keys(epoch)
         assert keys is not None
         row = self._conn.run(
-            ACKNOWLEDGE_NEWEST,
+            in_partitions(ACKNOWLEDGE_NEWEST, epoch),
             {
                 "seqs": BinaryArray("bigint", seqs),
                 "epoch": epoch,

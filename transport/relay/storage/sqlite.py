@@ -1122,9 +1122,11 @@ class SqliteDatabase:
             cursor = after_seq
             while len(found) < limit:
                 wanted = limit - len(found)
+                delivery_table, payload_table = self._queue_tables(epoch, newest)
                 rows = db.execute(
-                    "SELECT d.seq, d.payload_id, d.sealed, p.epoch, p.sealed FROM deliveries "
-                    f"AS d JOIN payloads AS p ON {self.PAYLOAD_OF_DELIVERY} "
+                    "SELECT d.seq, d.payload_id, d.sealed, p.epoch, p.sealed "
+                    f"FROM {delivery_table} AS d JOIN {payload_table} AS p "
+                    f"ON {self.PAYLOAD_OF_DELIVERY} "
                     "WHERE d.mailbox = ? AND d.epoch = ? AND d.seq > ? ORDER BY d.seq LIMIT ?",
                     (mailbox, epoch, cursor, wanted),
                 ).fetchall()
@@ -1173,6 +1175,11 @@ class SqliteDatabase:
         first = chain.start_of(min(epoch for _, epoch in rows))
         last = chain.start_of(max(epoch for _, epoch in rows) + 1) - 1
         self._note(user_id, device_id, -len(rows), ExpiryNotice(len(rows), first, last), now)
+
+    def _queue_tables(self, epoch: int, newest: int) -> tuple[str, str]:
+        """The tables holding the deliveries and payloads of ``epoch`` (``newest``: the
+        newest epoch): on SQLite, the two tables."""
+        return "deliveries", "payloads"
 
     def _acknowledge(self, user_id: str, device_id: int, seqs: Sequence[int]) -> int:
         db, chain = self._conn, self._chain
