@@ -7,6 +7,7 @@ import json
 import threading
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import psycopg
 import pytest
@@ -329,6 +330,41 @@ def test_a_relay_started_after_the_retention_purged_tells_and_files_anew(
     assert queued.envelope.payload == b"new"
     assert queued.epoch == again.key_chain.epoch_of(now[0])
     again.close()
+
+
+def test_a_move_to_a_new_epoch_that_did_not_commit_is_tried_again(
+    postgres_dsn: str, tmp_path: Path
+) -> None:
+    """The clock enters a new epoch and the writer's exclusive batch moving the database
+    to it fails at its COMMIT (the server went away, say): nothing moved. The relay
+    had noted the new epoch as seen all the same, so it never tried again, and filed
+    new mail under the old epoch (which leaves the retention window, and is purged, an
+    epoch early) until another relay or the purge moved it (seen on main at 91e3199)."""
+    now = [wall_clock_ms()]
+    keys = str(tmp_path / "relay.keys")
+    db = PostgresDatabase(postgres_dsn, key_file=keys, clock=lambda: now[0])
+    register_devices(db, "bob", 1)
+    old_epoch = db.key_chain.epoch_of(now[0])
+    now[0] = db.key_chain.start_of(old_epoch + 1)
+    real_execute = db._conn.execute
+    cut: list[str] = []
+
+    def execute(sql: str, parameters: Any = (), /) -> Any:
+        if sql == "COMMIT" and db._exclusive and not cut:
+            cut.append(sql)
+            raise psycopg.OperationalError("the server closed the connection")
+        return real_execute(sql, parameters)
+
+    db._conn.execute = execute
+    db.device_lists(["bob"])  # its batch is preceded by the move, which fails
+    assert cut
+    db._conn.execute = real_execute
+    ts = now[0]
+    send = batch([("bob", 1)], (b"new",), counters={"bob": 0}, server_ts=ts, expires_at=ts + 9)
+    db.enqueue(send, max_mailbox_size=10)
+    (queued,) = db.pending("bob", 1, after_seq=0, limit=10, now=now[0])
+    assert queued.epoch == old_epoch + 1
+    db.close()
 
 
 def test_the_relay_command_on_postgresql(

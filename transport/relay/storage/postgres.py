@@ -948,6 +948,7 @@ class PostgresDatabase(SqliteDatabase):
             call.savepoint = True
         optimistic = True
         attempt = 0
+        epoch_seen = self._epoch_seen
         try:
             while True:
                 self._wakes, self._batch_epoch, self._partitioned = {}, None, None
@@ -984,6 +985,10 @@ class PostgresDatabase(SqliteDatabase):
             self._exclusive, self._batch_epoch = False, None
             self._held_users, self._held_devices = {}, set()
             conn.optimistic = False
+        if exclusive and calls[0].error is not None:
+            # Nothing of it committed: a new epoch it moved to is not the database's,
+            # and the next batch must try the move again.
+            self._epoch_seen = epoch_seen
         if any(isinstance(call.error, StorageFull) for call in calls):
             logger.warning("the relay's database is full: requests that store are refused")
 
