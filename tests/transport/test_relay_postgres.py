@@ -367,6 +367,30 @@ def test_a_move_to_a_new_epoch_that_did_not_commit_is_tried_again(
     db.close()
 
 
+def test_a_call_whose_first_statement_is_an_executemany_is_undone_whole(
+    postgres_dsn: str, tmp_path: Path
+) -> None:
+    """Run with savepoints, a call's SAVEPOINT waits to be sent with its first statement;
+    an executemany did not send it, so its rows went in before the savepoint, and the
+    call's failure rolled back to a savepoint taken after them: the rows of a failed
+    call were committed (seen on main at 91e3199). Now they go with the call."""
+    db = PostgresDatabase(postgres_dsn, key_file=str(tmp_path / "relay.keys"))
+
+    def insert_then_fail() -> None:
+        db._conn.executemany(
+            "INSERT INTO invites (token_hash, expires_at) VALUES (?, ?)", [(b"\x01" * 32, 1)]
+        )
+        raise InviteRefused("after a write")
+
+    calls = [DatabaseCall(insert_then_fail)]
+    db.run_batch(calls)
+    assert isinstance(calls[0].error, InviteRefused)
+    assert db.careful_batches == 1
+    with psycopg.connect(postgres_dsn) as other:
+        assert other.execute("SELECT COUNT(*) FROM invites").fetchone() == (0,)
+    db.close()
+
+
 def test_the_relay_command_on_postgresql(
     postgres_dsn: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -568,19 +568,23 @@ class PostgresConnection:
         """Run ``sql`` written in PostgreSQL's dialect, with named parameters (``%(name)b``:
         sent in binary, which spares psycopg escaping every element of an array)."""
         self._note_write(sql)
-        if self._deferred:
-            deferred, self._deferred = self._deferred, []
-            self.raw.execute("; ".join(deferred).encode())
+        self._send_deferred()
         return self.raw.execute(sql.encode(), parameters)
 
     def executemany(self, sql: str, rows: Sequence[Sequence[Any]]) -> None:
         if rows:
             self._note_write(sql)
+            self._send_deferred()  # the call's SAVEPOINT goes before its rows
             with self.raw.cursor() as cursor:
                 cursor.executemany(postgres_sql(sql).encode(), rows)
 
     def close(self) -> None:
         self.raw.close()
+
+    def _send_deferred(self) -> None:
+        if self._deferred:
+            deferred, self._deferred = self._deferred, []
+            self.raw.execute("; ".join(deferred).encode())
 
     def _note_write(self, sql: str) -> None:
         # Reads, row locks and nextval (never rolled back anyway) need no undoing.
