@@ -24,6 +24,7 @@ import pytest
 import trio
 
 from hushchat.protocol.client_core import MessageReceived
+from hushchat.transport.client.client import MessageSent
 from hushchat.transport.relay.config import RelayLimits, wall_clock_ms
 from hushchat.transport.relay.ratelimit import RateLimit
 from hushchat.transport.relay.server import RelayStartError, serve_relay
@@ -199,8 +200,14 @@ async def test_a_seized_disk_reads_nothing_older_than_the_retention_window(
         async def talk(phase: str) -> None:
             for text in (f"{phase}: to carol alone", f"{phase}: to the group"):
                 plaintexts.append(text.encode())
-            await alice.send_direct("carol", plaintexts[-2])
-            await alice.send_group(group_id, plaintexts[-1])
+            # A send returns once queued in alice's outbox: the relay has stored both
+            # (carol's copies too) only when alice is told each was sent.
+            waiting = {
+                await alice.send_direct("carol", plaintexts[-2]),
+                await alice.send_group(group_id, plaintexts[-1]),
+            }
+            while waiting:
+                waiting.discard((await next_matching(alice, MessageSent)).message_id)
             assert (await next_matching(bob, MessageReceived)).body == plaintexts[-1]
 
         await talk("before the window")
