@@ -82,7 +82,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from importlib.util import find_spec
 from multiprocessing.connection import Connection
@@ -596,27 +596,63 @@ async def _run_load(
     timeout: float,
     database_cpu: Callable[[], float] | None,
 ) -> _Usage:
-    """Run every client to completion (or ``timeout``); the CPU time used under load."""
+    """Run every client to completion (or ``timeout``); the CPU time used under load.
+
+    Ctrl-C (SIGINT) cancels the load as a whole and then raises
+    KeyboardInterrupt: trio would otherwise raise it inside whichever task
+    runs at that moment, where it can leave a coroutine half entered or end
+    a connection that another task then finds closed.
+    """
     usage = _Usage()
-    with trio.move_on_after(timeout):
-        async with trio.open_nursery() as nursery:
-            ports = [relay.port for relay in relays]
-            for index in range(load.plan.clients):
-                nursery.start_soon(_client, load, index, ports)
-            await load.all_ready.wait()
-            relays_before = sum(relay.usage()[1] for relay in relays)
-            database_before = None if database_cpu is None else database_cpu()
-            load_before = _usage()[1]
-            load.begin()
-            await load.all_in.wait()
-            # Anything still coming now is a duplicate.
-            await trio.sleep(DRAIN_SECONDS)
-            usage.load = _usage()[1] - load_before
-            usage.relays = sum(relay.usage()[1] for relay in relays) - relays_before
-            if database_cpu is not None and database_before is not None:
-                usage.database = database_cpu() - database_before
-            nursery.cancel_scope.cancel()
+    interrupted = trio.Event()
+    with trio.open_signal_receiver(signal.SIGINT) as interrupts, trio.move_on_after(timeout):
+        try:
+            async with trio.open_nursery() as nursery:
+                cancel_scope = nursery.cancel_scope
+                nursery.start_soon(_cancel_on_interrupt, interrupts, interrupted, cancel_scope)
+                await _load_in(nursery, load, relays, usage, database_cpu)
+        except* (TransportError, ProtocolError):
+            if not interrupted.is_set():
+                raise  # the load failed on its own (a connection closed by the cancel is not)
+    if interrupted.is_set():
+        raise KeyboardInterrupt
     return usage
+
+
+async def _cancel_on_interrupt(
+    interrupts: AsyncIterator[int], interrupted: trio.Event, scope: trio.CancelScope
+) -> None:
+    async for _ in interrupts:
+        interrupted.set()
+        scope.cancel()
+        return
+
+
+async def _load_in(
+    nursery: trio.Nursery,
+    load: _Load,
+    relays: Sequence[_RelayProcess],
+    usage: _Usage,
+    database_cpu: Callable[[], float] | None,
+) -> None:
+    """Start every client in ``nursery``; measure the CPU time under load into ``usage``;
+    end the run (cancelling ``nursery``) once every envelope arrived and the drain ended."""
+    ports = [relay.port for relay in relays]
+    for index in range(load.plan.clients):
+        nursery.start_soon(_client, load, index, ports)
+    await load.all_ready.wait()
+    relays_before = sum(relay.usage()[1] for relay in relays)
+    database_before = None if database_cpu is None else database_cpu()
+    load_before = _usage()[1]
+    load.begin()
+    await load.all_in.wait()
+    # Anything still coming now is a duplicate.
+    await trio.sleep(DRAIN_SECONDS)
+    usage.load = _usage()[1] - load_before
+    usage.relays = sum(relay.usage()[1] for relay in relays) - relays_before
+    if database_cpu is not None and database_before is not None:
+        usage.database = database_cpu() - database_before
+    nursery.cancel_scope.cancel()
 
 
 PERCENTILES = (("p50", 0.50), ("p95", 0.95), ("p99", 0.99), ("p999", 0.999))
