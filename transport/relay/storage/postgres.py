@@ -486,14 +486,6 @@ def postgres_sql(sql: str) -> str:
     return sql.replace("?", "%s")
 
 
-# Statements of the writer (.writer.run_batch) whose results no one reads:
-# sent with the next statement, so that a call's RELEASE and the next call's
-# SAVEPOINT cost one round trip to the server, not two.
-_DEFERRED = frozenset({"SAVEPOINT call", "RELEASE call"})
-# Statements the deferred ones are sent with in one simple query.
-_TRANSACTION_ENDS = frozenset({"COMMIT", "ROLLBACK TO call"})
-
-
 class CallNotUndone(Exception):
     """A call failed after it wrote, in a batch run without savepoints: run it again with them."""
 
@@ -517,7 +509,7 @@ class PostgresConnection:
         self.raw.adapters.register_dumper(BinaryArray, _BinaryArrayDumper)
         self.optimistic = False
         self.not_undone = False
-        self._deferred: list[str] = []
+        self._at_commit: list[str] = []  # statements sent with the COMMIT (see at_commit)
         self._writes = 0  # statements run that may have changed something
         self._writes_at_savepoint = 0
 
@@ -536,55 +528,42 @@ class PostgresConnection:
         return not (self.raw.closed or self.raw.broken)
 
     def execute(self, sql: str, parameters: Sequence[Any] = (), /) -> Any:
-        """Run ``sql`` (SQLite's dialect); a savepoint statement returns None (deferred,
-        or only noted: see the class docstring)."""
+        """Run ``sql`` (SQLite's dialect); an optimistic savepoint statement returns None
+        (only noted: see the class docstring)."""
         if not parameters and self.optimistic and sql in _SAVEPOINT_STATEMENTS:
             return self._virtual_savepoint(sql)
-        if not parameters and sql in _DEFERRED:
-            self._deferred.append(sql)
-            return None
         if sql == "COMMIT" and self.failed:
             # PostgreSQL would answer a COMMIT of a failed transaction by rolling it
             # back without an error: the batch's calls must not be told it committed.
             raise psycopg.errors.InFailedSqlTransaction("the batch's transaction failed")
         self._note_write(sql)
-        if self._deferred:
-            deferred, self._deferred = self._deferred, []
-            if sql == "ROLLBACK":
-                pass  # the transaction goes whole: its savepoints do not matter
-            elif sql in _TRANSACTION_ENDS:
-                return self.raw.execute(f"{'; '.join(deferred)}; {sql}".encode())
-            else:
-                self.raw.execute("; ".join(deferred).encode())
+        if sql in ("COMMIT", "ROLLBACK") and self._at_commit:
+            at_commit, self._at_commit = self._at_commit, []
+            if sql == "COMMIT":  # one round trip for them and the COMMIT
+                return self.raw.execute(f"{'; '.join(at_commit)}; COMMIT".encode())
         if not parameters:  # several statements at once (BEGIN; SELECT ...) need no parameters
             return self.raw.execute(sql.encode() if "?" not in sql else postgres_sql(sql).encode())
         return self.raw.execute(postgres_sql(sql).encode(), parameters)
 
-    def defer(self, statement: str) -> None:
-        """Send ``statement`` (complete, without parameters) with the next one."""
-        self._deferred.append(statement)
+    def at_commit(self, statement: str) -> None:
+        """Send ``statement`` (complete, without parameters) with the transaction's COMMIT,
+        in the same round trip; a ROLLBACK drops it."""
+        self._at_commit.append(statement)
 
     def run(self, sql: str, parameters: Mapping[str, Any]) -> psycopg.Cursor[Any]:
         """Run ``sql`` written in PostgreSQL's dialect, with named parameters (``%(name)b``:
         sent in binary, which spares psycopg escaping every element of an array)."""
         self._note_write(sql)
-        self._send_deferred()
         return self.raw.execute(sql.encode(), parameters)
 
     def executemany(self, sql: str, rows: Sequence[Sequence[Any]]) -> None:
         if rows:
             self._note_write(sql)
-            self._send_deferred()  # the call's SAVEPOINT goes before its rows
             with self.raw.cursor() as cursor:
                 cursor.executemany(postgres_sql(sql).encode(), rows)
 
     def close(self) -> None:
         self.raw.close()
-
-    def _send_deferred(self) -> None:
-        if self._deferred:
-            deferred, self._deferred = self._deferred, []
-            self.raw.execute("; ".join(deferred).encode())
 
     def _note_write(self, sql: str) -> None:
         # Reads, row locks and nextval (never rolled back anyway) need no undoing.
@@ -1015,7 +994,7 @@ class PostgresDatabase(SqliteDatabase):
         """Wake the other relays holding this batch's recipients (sent with the COMMIT)."""
         for relay, devices in self._wakes.items():
             for payload in _wake_payloads(sorted(devices)):
-                self._conn.defer(
+                self._conn.at_commit(
                     SQL("SELECT pg_notify({}, {})")
                     .format(Literal(channel_of(relay)), Literal(payload))
                     .as_string(self._conn.raw)
@@ -1072,14 +1051,8 @@ class PostgresDatabase(SqliteDatabase):
             end = start
             while end < len(users) and users[end][1] == exclusive:
                 end += 1
-            mode = "FOR UPDATE" if exclusive else "FOR SHARE"
-            for names in _chunks([user for user, _ in users[start:end]]):
-                for (user_id,) in conn.execute(
-                    f"SELECT user_id FROM users WHERE user_id IN ({', '.join(['?'] * len(names))}) "
-                    f"ORDER BY user_id {mode}",
-                    names,
-                ):
-                    held_users[user_id] = exclusive
+            for user_id in self._lock_users([user for user, _ in users[start:end]], exclusive):
+                held_users[user_id] = exclusive
             start = end
         devices = set(locks.devices)
         if locks.presence:
@@ -1134,15 +1107,27 @@ class PostgresDatabase(SqliteDatabase):
         if missing:
             self._lock_devices(missing)
 
+    def _lock_users(self, user_ids: Sequence[str], exclusive: bool) -> set[str]:
+        """Lock the users' rows (``exclusive``: FOR UPDATE, else FOR SHARE), in key order;
+        those that exist."""
+        mode = "FOR UPDATE" if exclusive else "FOR SHARE"
+        locked: set[str] = set()
+        for names in _chunks(sorted(set(user_ids))):
+            locked.update(
+                user_id
+                for (user_id,) in self._conn.execute(
+                    f"SELECT user_id FROM users WHERE user_id IN ({', '.join(['?'] * len(names))}) "
+                    f"ORDER BY user_id {mode}",
+                    names,
+                )
+            )
+        return locked
+
     def _hold_users(self, user_ids: Sequence[str]) -> None:
         """Lock the users' rows shared unless the batch's first call locked them."""
-        missing = sorted({user for user in user_ids if user not in self._held_users})
-        for names in _chunks(missing):
-            self._conn.execute(
-                f"SELECT 1 FROM users WHERE user_id IN ({', '.join(['?'] * len(names))}) "
-                "ORDER BY user_id FOR SHARE",
-                names,
-            )
+        missing = [user for user in user_ids if user not in self._held_users]
+        if missing:
+            self._lock_users(missing, exclusive=False)
 
     def _store_device_list(
         self,
@@ -1152,7 +1137,7 @@ class PostgresDatabase(SqliteDatabase):
         now: int,
     ) -> tuple[int, ...]:
         conn = self._conn
-        conn.execute("SELECT 1 FROM users WHERE user_id = ? FOR UPDATE", (new.user_id,))
+        self._lock_users([new.user_id], exclusive=True)
         # A device key is one user's: checked and stored under its lock, so two
         # users listing one key on two relays at once do not both succeed.
         for identity in sorted({identity for _, identity in new.devices}):
