@@ -57,7 +57,8 @@ def test_a_full_disk_is_storage_full_as_on_sqlite() -> None:
 
 
 def test_array_parameters_arrive_as_sent(postgres_dsn: str) -> None:
-    """The writer's own binary array dumper (BinaryArray), for every element type it sends."""
+    """The prepared statements' own binary encoding of arrays (BinaryArray), for every
+    element type they send, and of the scalars; and their decoding of the results."""
     conn = PostgresConnection(postgres_dsn)
     cases = [
         ("bytea", [b"", b"\x00\xff" * 40, bytes(range(256))]),
@@ -67,13 +68,14 @@ def test_array_parameters_arrive_as_sent(postgres_dsn: str) -> None:
         ("text", []),
     ]
     for element, values in cases:
-        row = conn.run(
-            f"SELECT %(values)b::{element}[], cardinality(%(values)b::{element}[])",
-            {"values": BinaryArray(element, values)},
-        ).fetchone()
-        assert row is not None
-        assert [bytes(v) if isinstance(v, memoryview) else v for v in row[0]] == values
-        assert row[1] == len(values)
+        rows = conn.run(
+            f"SELECT value, cardinality(%(values)b::{element}[]), %(scalar)b "
+            f"FROM unnest(%(values)b::{element}[]) WITH ORDINALITY AS t (value, i) ORDER BY i",
+            {"values": BinaryArray(element, values), "scalar": values[0] if values else 7},
+        )
+        assert [row[0] for row in rows] == values
+        assert all(row[1:] == (len(values), values[0]) for row in rows)
+        assert conn.run("SELECT %(n)b::integer, NULL::text", {"n": 7}) == [(7, None)]
     conn.close()
 
 

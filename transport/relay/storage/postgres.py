@@ -78,8 +78,7 @@ from typing import Any, TypeVar
 import psycopg
 import psycopg.errors
 import trio
-from psycopg.adapt import Dumper, PyFormat
-from psycopg.pq import Format, TransactionStatus
+from psycopg.pq import ExecStatus, TransactionStatus
 from psycopg.sql import SQL, Literal
 
 from hushchat.protocol.errors import UnknownStateVersion
@@ -313,10 +312,12 @@ DROP TABLE deliveries_schema_4, payloads_schema_4;
 }
 
 
-# Array parameters of the statements below, dumped in PostgreSQL's binary
-# array format in one pass, where psycopg's generic list dumper looks up a
-# dumper for every element of every call (a large share of the writer
-# thread's CPU time in a send).
+# The hot statements below (a send's two, an acknowledgement's, a mailbox
+# read's) run through psycopg's libpq wrapper (psycopg.pq), as statements
+# prepared once per connection, their parameters and results in PostgreSQL's
+# binary formats (PreparedStatements): psycopg's cursors cost the writer
+# thread about twice the CPU time per statement, and its generic list dumper
+# looks up a dumper for every element of every array.
 @dataclass(frozen=True, slots=True)
 class BinaryArray:
     """A one-dimensional array parameter: ``values`` of ``element`` (one of the keys of
@@ -326,37 +327,109 @@ class BinaryArray:
     values: Sequence[bytes | str | int]
 
 
+_INT8 = struct.Struct(">q")
+_INT4 = struct.Struct(">i")
+
 # Element type name -> (element OID, array OID, the element's binary encoding).
 _ELEMENTS: dict[str, tuple[int, int, Callable[[Any], bytes]]] = {
     "bytea": (17, 1001, bytes),
     "text": (25, 1009, lambda value: value.encode()),
-    "bigint": (20, 1016, struct.Struct(">q").pack),
+    "bigint": (20, 1016, _INT8.pack),
 }
 _ARRAY_HEADER = struct.Struct(">iiiii")  # dimensions, has nulls, element OID, length, lower bound
 _EMPTY_ARRAY_HEADER = struct.Struct(">iii")
 _ELEMENT_LENGTH = struct.Struct(">i")
 
 
-class _BinaryArrayDumper(Dumper):
-    format = Format.BINARY
-
-    def get_key(self, obj: Any, format: PyFormat) -> Any:
-        return (BinaryArray, obj.element)
-
-    def upgrade(self, obj: Any, format: PyFormat) -> Dumper:
-        dumper = _BinaryArrayDumper(BinaryArray)
-        dumper.oid = _ELEMENTS[obj.element][1]
-        return dumper
-
-    def dump(self, obj: Any) -> bytes:
-        element_oid, _, encode = _ELEMENTS[obj.element]
-        if not obj.values:
-            return _EMPTY_ARRAY_HEADER.pack(0, 0, element_oid)
-        encoded = obj.values if encode is bytes else [encode(value) for value in obj.values]
+def _binary_parameter(value: BinaryArray | bytes | str | int) -> tuple[int, bytes]:
+    """A parameter's type OID and binary encoding."""
+    if isinstance(value, BinaryArray):
+        element_oid, array_oid, encode = _ELEMENTS[value.element]
+        if not value.values:
+            return array_oid, _EMPTY_ARRAY_HEADER.pack(0, 0, element_oid)
+        encoded: Sequence[Any] = (
+            value.values if encode is bytes else [encode(v) for v in value.values]
+        )
         length = _ELEMENT_LENGTH.pack
-        return _ARRAY_HEADER.pack(1, 0, element_oid, len(encoded), 1) + b"".join(
+        return array_oid, _ARRAY_HEADER.pack(1, 0, element_oid, len(encoded), 1) + b"".join(
             length(len(element)) + element for element in encoded
         )
+    if isinstance(value, bytes):
+        return 17, value
+    if isinstance(value, str):
+        return 25, value.encode()
+    return 20, _INT8.pack(value)
+
+
+# Result column type OID -> its binary decoding (the types the hot statements return).
+_DECODERS: dict[int, Callable[[bytes], Any]] = {
+    17: bytes,
+    25: lambda value: value.decode(),
+    20: lambda value: _INT8.unpack(value)[0],
+    23: lambda value: _INT4.unpack(value)[0],
+}
+_PLACEHOLDER = re.compile(r"%\((\w+)\)b")
+
+# Statements kept prepared per connection at most. Each hot statement names
+# the newest epoch's partitions, so each epoch brings new ones and the
+# previous epochs' are no longer run.
+MAX_PREPARED = 32
+
+
+class PreparedStatements:
+    """Run statements through psycopg's libpq wrapper, each prepared on first use.
+
+    ``%(name)b`` placeholders; parameters and results in binary. The wait
+    for the server releases the interpreter lock (PQexecPrepared), as
+    psycopg's own wait does. An error is psycopg's exception for it.
+    """
+
+    def __init__(self, raw: psycopg.Connection[Any]) -> None:
+        self._raw = raw
+        # sql -> its text with numbered placeholders, and the names in their order
+        self._parsed: dict[str, tuple[bytes, tuple[str, ...]]] = {}
+        self._names: dict[tuple[str, tuple[int, ...]], bytes] = {}  # (sql, types) -> name
+        self._made = 0
+
+    def run(
+        self, sql: str, parameters: Mapping[str, BinaryArray | bytes | str | int]
+    ) -> list[tuple[Any, ...]]:
+        """Run ``sql`` with ``parameters``; its rows, decoded."""
+        pgconn = self._raw.pgconn
+        parsed = self._parsed.get(sql)
+        if parsed is None:
+            order = tuple(dict.fromkeys(_PLACEHOLDER.findall(sql)))
+            numbered = _PLACEHOLDER.sub(lambda m: f"${order.index(m.group(1)) + 1}", sql)
+            parsed = self._parsed[sql] = (numbered.encode(), order)
+        text, order = parsed
+        encoded = [_binary_parameter(parameters[key]) for key in order]
+        types = tuple(oid for oid, _ in encoded)
+        name = self._names.get((sql, types))
+        if name is None:
+            if len(self._names) >= MAX_PREPARED:
+                oldest = next(iter(self._names))
+                self._check(pgconn.exec_(b"DEALLOCATE " + self._names.pop(oldest)))
+            self._made += 1
+            name = f"hushchat_{self._made}".encode()
+            self._check(pgconn.prepare(name, text, types))
+            self._names[(sql, types)] = name
+        result = self._check(
+            pgconn.exec_prepared(name, [value for _, value in encoded], [1] * len(encoded), 1)
+        )
+        decoders = [_DECODERS[result.ftype(column)] for column in range(result.nfields)]
+        value = result.get_value
+        return [
+            tuple(
+                None if (cell := value(row, column)) is None else decode(cell)
+                for column, decode in enumerate(decoders)
+            )
+            for row in range(result.ntuples)
+        ]
+
+    def _check(self, result: psycopg.pq.abc.PGresult) -> psycopg.pq.abc.PGresult:
+        if result.status in (ExecStatus.COMMAND_OK, ExecStatus.TUPLES_OK):
+            return result
+        raise psycopg.errors.error_from_result(result, encoding=self._raw.info.encoding)
 
 
 # What a send is checked against (PostgresDatabase._read_cluster_send), in one
@@ -425,7 +498,16 @@ WITH gone AS (
         WHERE mailbox = %(mailbox)b AND (SELECT n FROM counted) > 0
         AND NOT EXISTS (SELECT 1 FROM emptied)
 )
-SELECT ARRAY(SELECT seq FROM gone)
+SELECT seq FROM gone
+"""
+
+# The first deliveries of a mailbox after a seq, with their payloads
+# (SqliteDatabase._mailbox_rows), on the newest epoch's partitions.
+READ_MAILBOX = """
+SELECT d.seq, d.payload_id, d.sealed, p.epoch, p.sealed
+    FROM {deliveries} AS d JOIN {payloads} AS p ON p.epoch = d.epoch AND p.id = d.payload_id
+    WHERE d.mailbox = %(mailbox)b AND d.epoch = %(epoch)b AND d.seq > %(after)b
+    ORDER BY d.seq LIMIT %(limit)b
 """
 
 # The tables of the sealed queue, partitioned by epoch: the partition of
@@ -506,7 +588,14 @@ class PostgresConnection:
     def __init__(self, dsn: str) -> None:
         self.dsn = dsn
         self.raw = psycopg.connect(dsn, autocommit=True)
-        self.raw.adapters.register_dumper(BinaryArray, _BinaryArrayDumper)
+        # A prepared statement keeps one plan: PostgreSQL would otherwise plan
+        # each of its first five runs, and again any run whose custom plan it
+        # judges cheaper, which cost the hot statements (a UNION of six reads,
+        # CTEs of unnest) more server time than running them. Their plans are
+        # index lookups whatever the parameters; a plan on a partitioned table
+        # still prunes its partitions when it runs.
+        self.raw.execute("SET plan_cache_mode = force_generic_plan")
+        self.prepared = PreparedStatements(self.raw)
         self.optimistic = False
         self.not_undone = False
         self._at_commit: list[str] = []  # statements sent with the COMMIT (see at_commit)
@@ -550,11 +639,13 @@ class PostgresConnection:
         in the same round trip; a ROLLBACK drops it."""
         self._at_commit.append(statement)
 
-    def run(self, sql: str, parameters: Mapping[str, Any]) -> psycopg.Cursor[Any]:
-        """Run ``sql`` written in PostgreSQL's dialect, with named parameters (``%(name)b``:
-        sent in binary, which spares psycopg escaping every element of an array)."""
+    def run(
+        self, sql: str, parameters: Mapping[str, BinaryArray | bytes | str | int]
+    ) -> list[tuple[Any, ...]]:
+        """Run ``sql``, a hot statement written in PostgreSQL's dialect with named
+        parameters (``%(name)b``), prepared (:class:`PreparedStatements`); its rows."""
         self._note_write(sql)
-        return self.raw.execute(sql.encode(), parameters)
+        return self.prepared.run(sql, parameters)
 
     def executemany(self, sql: str, rows: Sequence[Sequence[Any]]) -> None:
         if rows:
@@ -849,6 +940,17 @@ class PostgresDatabase(SqliteDatabase):
         if epoch == newest:
             return f"deliveries_{epoch}", f"payloads_{epoch}"
         return "deliveries", "payloads"
+
+    def _mailbox_rows(
+        self, epoch: int, newest: int, mailbox: bytes, after_seq: int, limit: int
+    ) -> Sequence[tuple[int, int, bytes, int, bytes]]:
+        """As on SQLite; the newest epoch's as a prepared statement on its partitions."""
+        if epoch != newest:
+            return super()._mailbox_rows(epoch, newest, mailbox, after_seq, limit)
+        return self._conn.run(  # type: ignore[no-any-return]
+            in_partitions(READ_MAILBOX, epoch),
+            {"mailbox": mailbox, "epoch": epoch, "after": after_seq, "limit": limit},
+        )
 
     def _delete_epochs_before(self, cutoff: int) -> None:
         """Drop the partitions of the epochs before ``cutoff``: their files go whole, where
@@ -1250,15 +1352,17 @@ class PostgresDatabase(SqliteDatabase):
         epoch = self._current_epoch(0)
         keys = self._chain.keys(epoch)
         assert keys is not None
-        row = self._conn.run(
-            in_partitions(ACKNOWLEDGE_NEWEST, epoch),
-            {
-                "seqs": BinaryArray("bigint", seqs),
-                "epoch": epoch,
-                "mailbox": keys.index(user_id, device_id),
-            },
-        ).fetchone()
-        gone = set(row[0])
+        gone = {
+            seq
+            for (seq,) in self._conn.run(
+                in_partitions(ACKNOWLEDGE_NEWEST, epoch),
+                {
+                    "seqs": BinaryArray("bigint", seqs),
+                    "epoch": epoch,
+                    "mailbox": keys.index(user_id, device_id),
+                },
+            )
+        }
         rest = [seq for seq in seqs if seq not in gone]
         return len(gone) + (super()._acknowledge(user_id, device_id, rest) if rest else 0)
 

@@ -1122,14 +1122,7 @@ class SqliteDatabase:
             cursor = after_seq
             while len(found) < limit:
                 wanted = limit - len(found)
-                delivery_table, payload_table = self._queue_tables(epoch, newest)
-                rows = db.execute(
-                    "SELECT d.seq, d.payload_id, d.sealed, p.epoch, p.sealed "
-                    f"FROM {delivery_table} AS d JOIN {payload_table} AS p "
-                    f"ON {self.PAYLOAD_OF_DELIVERY} "
-                    "WHERE d.mailbox = ? AND d.epoch = ? AND d.seq > ? ORDER BY d.seq LIMIT ?",
-                    (mailbox, epoch, cursor, wanted),
-                ).fetchall()
+                rows = self._mailbox_rows(epoch, newest, mailbox, cursor, wanted)
                 for seq, payload_id, sealed, payload_epoch, payload_sealed in rows:
                     cursor = seq
                     content = open_delivery(keys, seq, mailbox, payload_id, sealed)
@@ -1162,6 +1155,23 @@ class SqliteDatabase:
         if unreadable:
             self._drop_unreadable(user_id, device_id, unreadable, now)
         return found
+
+    def _mailbox_rows(
+        self, epoch: int, newest: int, mailbox: bytes, after_seq: int, limit: int
+    ) -> Sequence[tuple[int, int, bytes, int, bytes]]:
+        """The first ``limit`` deliveries of ``epoch`` in ``mailbox`` after ``after_seq``,
+        with their payloads: (seq, payload id, sealed, payload epoch, payload sealed)."""
+        delivery_table, payload_table = self._queue_tables(epoch, newest)
+        return cast(
+            list[tuple[int, int, bytes, int, bytes]],
+            self._conn.execute(
+                "SELECT d.seq, d.payload_id, d.sealed, p.epoch, p.sealed "
+                f"FROM {delivery_table} AS d JOIN {payload_table} AS p "
+                f"ON {self.PAYLOAD_OF_DELIVERY} "
+                "WHERE d.mailbox = ? AND d.epoch = ? AND d.seq > ? ORDER BY d.seq LIMIT ?",
+                (mailbox, epoch, after_seq, limit),
+            ).fetchall(),
+        )
 
     def _drop_unreadable(
         self, user_id: str, device_id: int, rows: Sequence[tuple[int, int]], now: int
