@@ -163,6 +163,68 @@ def test_a_call_that_fails_after_it_wrote_is_undone_alone(
     db.close()
 
 
+@pytest.mark.parametrize("failing_write_last", [False, True])
+def test_a_pipelined_write_that_fails_is_never_reported_stored(
+    postgres_dsn: str, tmp_path: Path, failing_write_last: bool
+) -> None:
+    """An optimistic batch sends its writes without waiting for their results, so a write's
+    error comes back in a later call, or only at the COMMIT. Either way the batch runs
+    again with a savepoint per call: the write's call alone fails, with its own error, and
+    the other call's keys are stored (a COMMIT that met the error would have rolled back
+    the batch and reported it stored)."""
+    db = PostgresDatabase(postgres_dsn, key_file=str(tmp_path / "relay.keys"))
+    register_devices(db, "bob", 1)
+
+    def conflicting_write() -> str:
+        # The epoch's row exists: the key conflicts.
+        db._conn.send(
+            "INSERT INTO meta (name, value) VALUES (%(name)b, %(value)b)",
+            {"name": "epoch", "value": b"\x00"},
+        )
+        return "sent"
+
+    calls = [
+        DatabaseCall(conflicting_write),
+        DatabaseCall(partial(store_one_time_keys, db, ("bob", 1), 2)),
+    ]
+    if failing_write_last:
+        calls.reverse()
+    db.run_batch(calls)
+    write, keys = (calls[1], calls[0]) if failing_write_last else (calls[0], calls[1])
+    assert isinstance(write.error, psycopg.errors.UniqueViolation)
+    assert keys.error is None
+    assert db.careful_batches == 1
+    assert db.prekey_counts("bob", 1) == PreKeyCounts(2, 0)
+    db.close()
+
+
+def test_pipelined_writes_larger_than_the_socket_buffers_all_arrive(
+    postgres_dsn: str, tmp_path: Path
+) -> None:
+    """Writes sent without reading their results, many megabytes of them: libpq's
+    non-blocking connection leaves part unsent, which the sync must write out (while
+    reading) before it waits for the results, or both sides wait forever."""
+    db = PostgresDatabase(postgres_dsn, key_file=str(tmp_path / "relay.keys"))
+    blob = bytes(range(256)) * 1024  # 256 KiB
+
+    def many_writes() -> int:
+        for i in range(40):
+            db._conn.send(
+                "INSERT INTO meta (name, value) VALUES (%(name)b, %(value)b)",
+                {"name": f"test {i}", "value": blob},
+            )
+        (count,) = db._conn.run(
+            "SELECT COUNT(*) FROM meta WHERE name LIKE 'test %%' AND value = %(value)b",
+            {"value": blob},
+        )[0]
+        return int(count)
+
+    call = DatabaseCall(many_writes)
+    db.run_batch([call])
+    assert call.error is None and call.result == 40
+    db.close()
+
+
 def test_a_writer_whose_database_connection_was_cut_fails_that_batch_and_reconnects(
     postgres_dsn: str, tmp_path: Path
 ) -> None:
@@ -608,6 +670,47 @@ def test_a_seized_data_folder_holds_no_expired_row_after_the_sweep(
             == []
         )
         assert not any((postgres_cluster.data / path).exists() for _, path in parts)
+    db.close()
+
+
+def test_the_prepared_statements_outlive_a_sweep_and_a_rollback(
+    postgres_dsn: str, tmp_path: Path
+) -> None:
+    """The hot statements are prepared once per connection. psycopg, once it has prepared
+    statements of its own, answers a DROP (the sweep's) or a ROLLBACK by deallocating all
+    of the session's: the next send then failed with 'prepared statement does not exist'
+    (seen before psycopg was told to prepare none). Here the relay sends, the sweep drops
+    an expired epoch, a batch rolls back, and the same relay sends, reads and
+    acknowledges again."""
+    now = [wall_clock_ms()]
+    db = PostgresDatabase(postgres_dsn, key_file=str(tmp_path / "relay.keys"), clock=lambda: now[0])
+    register_devices(db, "bob", 1)
+
+    def send(text: bytes) -> None:
+        db.enqueue(
+            batch(
+                [("bob", 1)],
+                (text,),
+                counters={"bob": 0},
+                server_ts=now[0],
+                expires_at=now[0] + DEFAULT_RETENTION_SECONDS * 1000,
+            ),
+            max_mailbox_size=10,
+        )
+
+    send(b"expires")
+    now[0] += DEFAULT_RETENTION_SECONDS * 1000 + 2 * db.key_chain.epoch_ms
+    for _ in range(6):  # what psycopg would have prepared: a statement run often
+        db.prekey_counts("bob", 1)
+    send(b"kept")  # the newest epoch's statements prepared
+    assert db.purge_expired(now[0]) == 1  # the first epoch's partitions dropped
+    failed = DatabaseCall(partial(db._conn.execute, "SELECT 1 / 0"))
+    db.run_batch([failed])  # and a rollback
+    assert isinstance(failed.error, psycopg.errors.DivisionByZero)
+    send(b"after")
+    queued = db.pending("bob", 1, after_seq=0, limit=10, now=now[0])
+    assert [q.envelope.payload for q in queued] == [b"kept", b"after"]
+    assert db.acknowledge("bob", 1, [q.seq for q in queued]) == 2
     db.close()
 
 

@@ -66,9 +66,11 @@ import json
 import logging
 import re
 import secrets
+import select
 import struct
 import threading
 from bisect import bisect_right
+from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
@@ -376,26 +378,105 @@ _PLACEHOLDER = re.compile(r"%\((\w+)\)b")
 MAX_PREPARED = 32
 
 
+@dataclass(frozen=True, slots=True)
+class Later:
+    """A call's result known only once its batch committed: :meth:`PostgresDatabase._run`
+    puts ``value()`` in its place (read from a statement the call did not wait for)."""
+
+    value: Callable[[], object]
+
+
+class Sent:
+    """A statement sent in a pipeline (:meth:`PreparedStatements.send`): its rows, once its
+    result is back (:meth:`PreparedStatements.settle`, or any later read)."""
+
+    __slots__ = ("result",)
+
+    def __init__(self) -> None:
+        self.result: psycopg.pq.abc.PGresult | None = None
+
+    def rows(self) -> list[tuple[Any, ...]]:
+        assert self.result is not None, "read only once its result is back"
+        return _rows(self.result)
+
+
+# In a pipeline's queue of results to read, where a sync's result is.
+_SYNC = None
+
+
 class PreparedStatements:
     """Run statements through psycopg's libpq wrapper, each prepared on first use.
 
-    ``%(name)b`` placeholders; parameters and results in binary. The wait
-    for the server releases the interpreter lock (PQexecPrepared), as
-    psycopg's own wait does. An error is psycopg's exception for it.
+    ``%(name)b`` placeholders; parameters and results in binary. The waits
+    for the server release the interpreter lock (PQexecPrepared; select()
+    on the socket), as psycopg's own waits do. An error is psycopg's
+    exception for it.
+
+    With ``pipelining`` set, :meth:`send` does not wait for its statement's
+    result: it goes out in libpq's pipeline mode, and the next :meth:`run`
+    (a read) sends its own statement behind it and reads both results in
+    one round trip. :meth:`settle` reads every result still out and leaves
+    pipeline mode; it must come before any statement not sent through this
+    object. An error of a statement sent earlier is raised by the next
+    :meth:`run` or :meth:`settle` (the server skips what follows it, up to
+    the next sync).
     """
 
     def __init__(self, raw: psycopg.Connection[Any]) -> None:
         self._raw = raw
+        self.pipelining = False
         # sql -> its text with numbered placeholders, and the names in their order
         self._parsed: dict[str, tuple[bytes, tuple[str, ...]]] = {}
         self._names: dict[tuple[str, tuple[int, ...]], bytes] = {}  # (sql, types) -> name
         self._made = 0
+        self._out: deque[Sent | None] = deque()  # results to read, in order (_SYNC: a sync's)
+
+    @property
+    def in_pipeline(self) -> bool:
+        """Whether statements were sent whose results were not all read (see settle)."""
+        return bool(self._raw.pgconn.pipeline_status)
 
     def run(
         self, sql: str, parameters: Mapping[str, BinaryArray | bytes | str | int]
     ) -> list[tuple[Any, ...]]:
         """Run ``sql`` with ``parameters``; its rows, decoded."""
+        name, values = self._prepared(sql, parameters)
         pgconn = self._raw.pgconn
+        if not self.in_pipeline:
+            return _rows(self._check(pgconn.exec_prepared(name, values, [1] * len(values), 1)))
+        sent = self._send(name, values)
+        self._sync()
+        assert sent.result is not None
+        return _rows(self._check(sent.result))
+
+    def send(self, sql: str, parameters: Mapping[str, BinaryArray | bytes | str | int]) -> Sent:
+        """Send ``sql`` with ``parameters`` without waiting for its result if pipelining;
+        otherwise run it. Its rows, once back, in the returned :class:`Sent`."""
+        name, values = self._prepared(sql, parameters)
+        pgconn = self._raw.pgconn
+        if not self.pipelining:
+            sent = Sent()
+            sent.result = self._check(pgconn.exec_prepared(name, values, [1] * len(values), 1))
+            return sent
+        if not self.in_pipeline:
+            pgconn.enter_pipeline_mode()
+        return self._send(name, values)  # goes out with the next read's (libpq buffers it)
+
+    def settle(self) -> None:
+        """Read every result still out and leave pipeline mode; raise the first error."""
+        if not self.in_pipeline:
+            return
+        try:
+            self._sync()
+        finally:
+            if not self._out:
+                self._raw.pgconn.exit_pipeline_mode()
+
+    def _prepared(
+        self, sql: str, parameters: Mapping[str, BinaryArray | bytes | str | int]
+    ) -> tuple[bytes, list[bytes]]:
+        """The name ``sql`` is prepared under for these parameters' types (prepared now if
+        it is not yet), and the parameters encoded."""
         parsed = self._parsed.get(sql)
         if parsed is None:
             order = tuple(dict.fromkeys(_PLACEHOLDER.findall(sql)))
@@ -406,6 +487,8 @@ class PreparedStatements:
         types = tuple(oid for oid, _ in encoded)
         name = self._names.get((sql, types))
         if name is None:
+            self.settle()  # a new statement, once per epoch: prepared outside the pipeline
+            pgconn = self._raw.pgconn
             if len(self._names) >= MAX_PREPARED:
                 oldest = next(iter(self._names))
                 self._check(pgconn.exec_(b"DEALLOCATE " + self._names.pop(oldest)))
@@ -413,23 +496,75 @@ class PreparedStatements:
             name = f"hushchat_{self._made}".encode()
             self._check(pgconn.prepare(name, text, types))
             self._names[(sql, types)] = name
-        result = self._check(
-            pgconn.exec_prepared(name, [value for _, value in encoded], [1] * len(encoded), 1)
-        )
-        decoders = [_DECODERS[result.ftype(column)] for column in range(result.nfields)]
-        value = result.get_value
-        return [
-            tuple(
-                None if (cell := value(row, column)) is None else decode(cell)
-                for column, decode in enumerate(decoders)
-            )
-            for row in range(result.ntuples)
-        ]
+        return name, [value for _, value in encoded]
+
+    def _send(self, name: bytes, values: list[bytes]) -> Sent:
+        sent = Sent()
+        self._raw.pgconn.send_query_prepared(name, values, [1] * len(values), 1)
+        self._out.append(sent)
+        return sent
+
+    def _sync(self) -> None:
+        """Send everything held with a sync, and read every result out."""
+        self._out.append(_SYNC)
+        self._raw.pgconn.pipeline_sync()
+        self._flush()
+        self._read_out()
+
+    def _read_out(self) -> None:
+        """Read the results out, up to the last sync's; raise the first error among them
+        (a statement the server skipped after it has no error of its own)."""
+        error: psycopg.Error | None = None
+        while self._out:
+            sent = self._out.popleft()
+            result = self._next_result()
+            if sent is _SYNC:
+                continue  # PGRES_PIPELINE_SYNC: the server takes statements again
+            if result is None:
+                raise psycopg.OperationalError("the connection ended before a result came")
+            sent.result = result
+            while self._next_result() is not None:  # each statement's results end with None
+                pass
+            if error is None and result.status == ExecStatus.FATAL_ERROR:
+                error = psycopg.errors.error_from_result(result, encoding=self._raw.info.encoding)
+        if error is not None:
+            raise error
+
+    def _next_result(self) -> Any:
+        """The next result, waiting for it without holding the interpreter lock."""
+        pgconn = self._raw.pgconn
+        while pgconn.is_busy():
+            select.select([pgconn.socket], [], [])
+            pgconn.consume_input()
+        return pgconn.get_result()
+
+    def _flush(self) -> None:
+        """Write out all libpq holds (the connection is non-blocking: a sync may leave some
+        unsent), reading meanwhile so that the server, writing results, never waits for
+        this side."""
+        pgconn = self._raw.pgconn
+        while pgconn.flush():
+            readable, _, _ = select.select([pgconn.socket], [pgconn.socket], [])
+            if readable:
+                pgconn.consume_input()
 
     def _check(self, result: psycopg.pq.abc.PGresult) -> psycopg.pq.abc.PGresult:
         if result.status in (ExecStatus.COMMAND_OK, ExecStatus.TUPLES_OK):
             return result
         raise psycopg.errors.error_from_result(result, encoding=self._raw.info.encoding)
+
+
+def _rows(result: psycopg.pq.abc.PGresult) -> list[tuple[Any, ...]]:
+    """A result's rows, decoded from the binary format."""
+    decoders = [_DECODERS[result.ftype(column)] for column in range(result.nfields)]
+    value = result.get_value
+    return [
+        tuple(
+            None if (cell := value(row, column)) is None else decode(cell)
+            for column, decode in enumerate(decoders)
+        )
+        for row in range(result.ntuples)
+    ]
 
 
 # What a send is checked against (PostgresDatabase._read_cluster_send), in one
@@ -595,6 +730,10 @@ class PostgresConnection:
         # index lookups whatever the parameters; a plan on a partitioned table
         # still prunes its partitions when it runs.
         self.raw.execute("SET plan_cache_mode = force_generic_plan")
+        # psycopg prepares no statement of its own: it answers a ROLLBACK or a
+        # DROP (the sweep's) by deallocating every prepared statement of the
+        # session, which would take PreparedStatements' with it.
+        self.raw.prepare_threshold = None
         self.prepared = PreparedStatements(self.raw)
         self.optimistic = False
         self.not_undone = False
@@ -604,13 +743,21 @@ class PostgresConnection:
 
     @property
     def in_transaction(self) -> bool:
+        self._settle_quietly()
         status = self.raw.info.transaction_status
         return status in (TransactionStatus.INTRANS, TransactionStatus.INERROR)
 
     @property
     def failed(self) -> bool:
         """Whether the open transaction met an error (only a rollback can follow)."""
+        self._settle_quietly()
         return self.raw.info.transaction_status == TransactionStatus.INERROR
+
+    def _settle_quietly(self) -> None:
+        """Every pipelined result back: the transaction's status then tells of an error."""
+        if self.prepared.in_pipeline:
+            with suppress(psycopg.Error):
+                self.prepared.settle()
 
     @property
     def usable(self) -> bool:
@@ -624,7 +771,13 @@ class PostgresConnection:
         if sql == "COMMIT" and self.failed:
             # PostgreSQL would answer a COMMIT of a failed transaction by rolling it
             # back without an error: the batch's calls must not be told it committed.
+            # A pipelined statement that failed may have been any call's.
+            self.not_undone = self.not_undone or self.optimistic
             raise psycopg.errors.InFailedSqlTransaction("the batch's transaction failed")
+        if sql.startswith("ROLLBACK"):
+            self._settle_quietly()  # the error, if any, is why the rollback comes
+        else:
+            self.prepared.settle()  # psycopg's statements go after every pipelined one
         self._note_write(sql)
         if sql in ("COMMIT", "ROLLBACK") and self._at_commit:
             at_commit, self._at_commit = self._at_commit, []
@@ -647,9 +800,16 @@ class PostgresConnection:
         self._note_write(sql)
         return self.prepared.run(sql, parameters)
 
+    def send(self, sql: str, parameters: Mapping[str, BinaryArray | bytes | str | int]) -> Sent:
+        """As :meth:`run`, without waiting for the result in an optimistic batch (pipelined:
+        see :class:`PreparedStatements`)."""
+        self._note_write(sql)
+        return self.prepared.send(sql, parameters)
+
     def executemany(self, sql: str, rows: Sequence[Sequence[Any]]) -> None:
         if rows:
             self._note_write(sql)
+            self.prepared.settle()
             with self.raw.cursor() as cursor:
                 cursor.executemany(postgres_sql(sql).encode(), rows)
 
@@ -1039,6 +1199,8 @@ class PostgresDatabase(SqliteDatabase):
                 self._wakes, self._batch_epoch, self._partitioned = {}, None, None
                 self._held_users, self._held_devices = {}, set()
                 conn.optimistic, conn.not_undone = optimistic, False
+                # An optimistic shared batch pipelines its writes (PreparedStatements).
+                conn.prepared.pipelining = optimistic and not exclusive
                 # An exclusive batch runs alone; a shared one first takes every
                 # lock its calls will take, in the global order (see _prelock).
                 run_batch(
@@ -1048,6 +1210,9 @@ class PostgresDatabase(SqliteDatabase):
                     after_begin=None if exclusive else self._begun,
                     before_commit=self._notify,
                 )
+                for call in calls:  # results known only once the batch committed
+                    if isinstance(call.result, Later) and call.error is None:
+                        call.result = call.result.value()
                 if conn.not_undone:
                     # Nothing of the batch is stored: again, a real savepoint per call.
                     self.careful_batches += 1
@@ -1069,7 +1234,7 @@ class PostgresDatabase(SqliteDatabase):
         finally:
             self._exclusive, self._batch_epoch = False, None
             self._held_users, self._held_devices = {}, set()
-            conn.optimistic = False
+            conn.optimistic = conn.prepared.pipelining = False
         if exclusive and calls[0].error is not None:
             # Nothing of it committed: a new epoch it moved to is not the database's,
             # and the next batch must try the move again.
@@ -1326,8 +1491,9 @@ class PostgresDatabase(SqliteDatabase):
         counted: Sequence[bytes],
         new_mailboxes: Sequence[tuple[bytes, int, bytes]],
     ) -> None:
-        """As on SQLite, in one statement (every row is of the newest epoch)."""
-        self._conn.run(
+        """As on SQLite, in one statement (every row is of the newest epoch), not waited for
+        in an optimistic batch."""
+        self._conn.send(
             in_partitions(STORE_SEND, deliveries[0][1]),
             {
                 "payload_ids": BinaryArray("bigint", [row[0] for row in payloads]),
@@ -1352,17 +1518,20 @@ class PostgresDatabase(SqliteDatabase):
         epoch = self._current_epoch(0)
         keys = self._chain.keys(epoch)
         assert keys is not None
-        gone = {
-            seq
-            for (seq,) in self._conn.run(
-                in_partitions(ACKNOWLEDGE_NEWEST, epoch),
-                {
-                    "seqs": BinaryArray("bigint", seqs),
-                    "epoch": epoch,
-                    "mailbox": keys.index(user_id, device_id),
-                },
-            )
-        }
+        sent = self._conn.send(
+            in_partitions(ACKNOWLEDGE_NEWEST, epoch),
+            {
+                "seqs": BinaryArray("bigint", seqs),
+                "epoch": epoch,
+                "mailbox": keys.index(user_id, device_id),
+            },
+        )
+        if seqs and self._epochs_of(seqs) == (epoch, epoch):
+            # No seq can be of an older epoch: the count is not needed before the
+            # batch commits (a pipelined batch does not wait for it).
+            return Later(lambda: len(sent.rows()))  # type: ignore[return-value]
+        self._conn.prepared.settle()
+        gone = {seq for (seq,) in sent.rows()}
         rest = [seq for seq in seqs if seq not in gone]
         return len(gone) + (super()._acknowledge(user_id, device_id, rest) if rest else 0)
 
