@@ -430,6 +430,7 @@ class PreparedStatements:
         self._names: dict[tuple[str, tuple[int, ...]], bytes] = {}  # (sql, types) -> name
         self._made = 0
         self._out: deque[Sent | None] = deque()  # results to read, in order (_SYNC: a sync's)
+        self.errored = False  # a statement of the open pipeline failed (reset when it ends)
 
     @property
     def in_pipeline(self) -> bool:
@@ -462,6 +463,42 @@ class PreparedStatements:
             pgconn.enter_pipeline_mode()
         return self._send(name, values)  # goes out with the next read's (libpq buffers it)
 
+    def rows(self, sent: Sent) -> list[tuple[Any, ...]]:
+        """``sent``'s rows, reading the results still out if its is among them (staying in
+        pipeline mode); raise its error."""
+        if sent.result is None:
+            self._sync()
+        assert sent.result is not None
+        return _rows(self._check(sent.result))
+
+    def send_plain(self, sql: str) -> Sent:
+        """Send ``sql``, a statement without parameters, in the pipeline (entered if need be)
+        without waiting for its result."""
+        pgconn = self._raw.pgconn
+        if not self.in_pipeline:
+            pgconn.enter_pipeline_mode()
+        sent = Sent()
+        pgconn.send_query_params(sql.encode(), None, result_format=1)
+        self._out.append(sent)
+        return sent
+
+    def commit(self, before: Sequence[str]) -> None:
+        """COMMIT the pipeline's transaction, after ``before`` (statements without
+        parameters), in one round trip with every result still out; leave pipeline mode.
+
+        Raises if any statement of the transaction failed: PostgreSQL would answer
+        the COMMIT of a failed transaction by rolling it back, without an error.
+        """
+        if self.errored:
+            raise psycopg.errors.InFailedSqlTransaction("the batch's transaction failed")
+        for statement in before:
+            self.send_plain(statement)
+        committed = self.send_plain("COMMIT")
+        self.settle()
+        assert committed.result is not None
+        if committed.result.command_status != b"COMMIT":  # a failed transaction's: ROLLBACK
+            raise psycopg.errors.InFailedSqlTransaction("the batch's transaction failed")
+
     def settle(self) -> None:
         """Read every result still out and leave pipeline mode; raise the first error."""
         if not self.in_pipeline:
@@ -471,6 +508,7 @@ class PreparedStatements:
         finally:
             if not self._out:
                 self._raw.pgconn.exit_pipeline_mode()
+                self.errored = False
 
     def _prepared(
         self, sql: str, parameters: Mapping[str, BinaryArray | bytes | str | int]
@@ -526,6 +564,7 @@ class PreparedStatements:
             while self._next_result() is not None:  # each statement's results end with None
                 pass
             if error is None and result.status == ExecStatus.FATAL_ERROR:
+                self.errored = True
                 error = psycopg.errors.error_from_result(result, encoding=self._raw.info.encoding)
         if error is not None:
             raise error
@@ -591,6 +630,20 @@ SELECT {FACT_PRESENCE}, user_id, relay, device_id, NULL FROM presence
     AND relay <> %(relay)b
 UNION ALL
 SELECT {FACT_SEQ}, NULL, NULL, nextval('delivery_seq'), NULL FROM generate_series(1, %(count)b)
+"""
+
+# Row locks in key order (see "The lock order" at PostgresDatabase._prelock_call):
+# ORDER BY sorts the rows before they are locked.
+LOCK_USERS_SHARED = """
+SELECT user_id FROM users WHERE user_id = ANY(%(user_ids)b::text[]) ORDER BY user_id FOR SHARE
+"""
+LOCK_USERS_EXCLUSIVE = """
+SELECT user_id FROM users WHERE user_id = ANY(%(user_ids)b::text[]) ORDER BY user_id FOR UPDATE
+"""
+LOCK_DEVICES = """
+SELECT user_id, device_id FROM devices WHERE (user_id, device_id) IN
+    (SELECT * FROM unnest(%(user_ids)b::text[], %(device_ids)b::bigint[]))
+    ORDER BY user_id, device_id FOR UPDATE
 """
 
 # A send's rows (SqliteDatabase._write_send), in one statement.
@@ -768,6 +821,21 @@ class PostgresConnection:
         (only noted: see the class docstring)."""
         if not parameters and self.optimistic and sql in _SAVEPOINT_STATEMENTS:
             return self._virtual_savepoint(sql)
+        if sql == BATCH_BEGIN and self.prepared.pipelining:
+            # Sent without waiting: its results come back with the batch's first read.
+            self._note_write(sql)
+            *begin, read_epoch = _STATEMENTS[sql]
+            for statement in begin:
+                self.prepared.send_plain(statement)
+            return self.prepared.send_plain(read_epoch)
+        if sql == "COMMIT" and self.prepared.in_pipeline:
+            at_commit, self._at_commit = self._at_commit, []
+            try:
+                return self.prepared.commit(at_commit)
+            except psycopg.Error:
+                # Whose error it was is known only when run again with savepoints.
+                self.not_undone = self.not_undone or self.optimistic
+                raise
         if sql == "COMMIT" and self.failed:
             # PostgreSQL would answer a COMMIT of a failed transaction by rolling it
             # back without an error: the batch's calls must not be told it committed.
@@ -830,6 +898,9 @@ class PostgresConnection:
             self.not_undone = True
             raise CallNotUndone("a call failed after it wrote")
 
+
+# Our strings of several statements, one by one (a pipeline takes one at a time).
+_STATEMENTS = {sql: sql.split("; ") for sql in (BATCH_BEGIN,)}
 
 # What the writer sends around each call (.writer.run_batch).
 _SAVEPOINT_STATEMENTS = frozenset({"SAVEPOINT call", "RELEASE call", "ROLLBACK TO call"})
@@ -977,6 +1048,7 @@ class PostgresDatabase(SqliteDatabase):
         self._exclusive = False  # the open transaction holds the epoch lock exclusively
         self._epoch_seen = 0  # the newest epoch read from meta
         self._batch_epoch: int | None = None  # the newest epoch, as the open batch read it
+        self._epoch_read: Sent | None = None  # where a pipelined batch reads it (_begun)
         self._wakes: dict[str, set[tuple[str, int]]] = {}  # relay -> devices, this batch
         self.batch_retries = 0  # batches run again after losing a deadlock (or serialization)
         self.careful_batches = 0  # batches run again with savepoints (see PostgresConnection)
@@ -1042,6 +1114,12 @@ class PostgresDatabase(SqliteDatabase):
         under the newest one, as the move waits for that batch. Read once per
         shared batch: only an exclusive transaction moves it.
         """
+        if self._epoch_read is not None:  # BATCH_BEGIN's, pipelined
+            read, self._epoch_read = self._epoch_read, None
+            if read.result is None:
+                self._conn.prepared.settle()
+            rows = read.rows()
+            self._note_batch_epoch(rows[0][0] if rows else None)
         if self._exclusive or self._batch_epoch is None:
             epoch = self._read_epoch()
             if self._exclusive:
@@ -1142,6 +1220,7 @@ class PostgresDatabase(SqliteDatabase):
         """
         if self._exclusive:
             return None
+        newest = self._current_epoch(0)  # first: it may show an epoch newer than seen so far
         if self._starts_read_at != self._epoch_seen:
             rows = self._conn.execute("SELECT first_seq, epoch FROM epoch_starts").fetchall()
             self._epoch_starts = sorted((int(f), int(e)) for f, e in rows)
@@ -1150,7 +1229,6 @@ class PostgresDatabase(SqliteDatabase):
         first = bisect_right(starts, (min(seqs), _MAX_BIGINT)) - 1
         last = bisect_right(starts, (max(seqs), _MAX_BIGINT))
         low = starts[first][1] if first >= 0 else 0
-        newest = self._current_epoch(0)
         high = starts[last][1] - 1 if last < len(starts) else newest
         return low, min(high, newest)
 
@@ -1197,6 +1275,7 @@ class PostgresDatabase(SqliteDatabase):
         try:
             while True:
                 self._wakes, self._batch_epoch, self._partitioned = {}, None, None
+                self._epoch_read = None
                 self._held_users, self._held_devices = {}, set()
                 conn.optimistic, conn.not_undone = optimistic, False
                 # An optimistic shared batch pipelines its writes (PreparedStatements).
@@ -1232,7 +1311,7 @@ class PostgresDatabase(SqliteDatabase):
                 for call in calls:
                     call.result, call.error = None, None
         finally:
-            self._exclusive, self._batch_epoch = False, None
+            self._exclusive, self._batch_epoch, self._epoch_read = False, None, None
             self._held_users, self._held_devices = {}, set()
             conn.optimistic = conn.prepared.pipelining = False
         if exclusive and calls[0].error is not None:
@@ -1249,12 +1328,19 @@ class PostgresDatabase(SqliteDatabase):
         if call.error is not None:
             logger.warning("new epoch not started: %s", call.error)
 
-    def _begun(self, cursor: psycopg.Cursor[Any]) -> None:
-        """Note the epoch BATCH_BEGIN read (its last result)."""
-        while cursor.nextset():
+    def _begun(self, begun: psycopg.Cursor[Any] | Sent) -> None:
+        """Note the epoch BATCH_BEGIN read (its last result); in a pipeline, once its result
+        is back (:meth:`_current_epoch`)."""
+        if isinstance(begun, Sent):
+            self._epoch_read = begun
+            return
+        while begun.nextset():
             pass
-        row = cursor.fetchone()
-        self._batch_epoch = 0 if row is None else int.from_bytes(row[0], "big")
+        row = begun.fetchone()
+        self._note_batch_epoch(None if row is None else bytes(row[0]))
+
+    def _note_batch_epoch(self, value: bytes | None) -> None:
+        self._batch_epoch = 0 if value is None else int.from_bytes(value, "big")
         self._epoch_seen = max(self._epoch_seen, self._batch_epoch)
 
     def _notify(self) -> None:
@@ -1312,14 +1398,16 @@ class PostgresDatabase(SqliteDatabase):
         conn = self._conn
         users = sorted(locks.users.items())
         held_users: dict[str, bool] = {}
+        user_locks: list[tuple[Sent, bool]] = []
         start = 0
         while start < len(users):  # each run of one lock mode, in user id order
             exclusive = users[start][1]
             end = start
             while end < len(users) and users[end][1] == exclusive:
                 end += 1
-            for user_id in self._lock_users([user for user, _ in users[start:end]], exclusive):
-                held_users[user_id] = exclusive
+            # Sent without waiting: back with the devices' (one round trip, with BEGIN's).
+            run = [user for user, _ in users[start:end]]
+            user_locks.append((self._send_user_locks(run, exclusive), exclusive))
             start = end
         devices = set(locks.devices)
         if locks.presence:
@@ -1349,24 +1437,25 @@ class PostgresDatabase(SqliteDatabase):
             )
         for identity in sorted(locks.identities):
             conn.execute("SELECT pg_advisory_xact_lock(hashtextextended(?, 0))", (identity.hex(),))
+        for sent, exclusive in user_locks:
+            for (user_id,) in self._conn.prepared.rows(sent):
+                held_users[user_id] = exclusive
         # Known only now that all are taken: a failed prelock's savepoint released them.
         self._held_users, self._held_devices = held_users, held_devices
 
     def _lock_devices(self, devices: Sequence[tuple[str, int]]) -> set[tuple[str, int]]:
         """Lock the devices' rows, in key order; those that exist."""
         wanted = sorted(set(devices))
-        locked: set[tuple[str, int]] = set()
-        for part in _chunks(wanted):
-            marks = ", ".join(["(?, ?)"] * len(part))
-            locked.update(
-                (user_id, int(device_id))
-                for user_id, device_id in self._conn.execute(
-                    "SELECT user_id, device_id FROM devices WHERE (user_id, device_id) IN "
-                    f"(VALUES {marks}) ORDER BY user_id, device_id FOR UPDATE",
-                    [value for device in part for value in device],
-                )
-            )
-        return locked
+        if not wanted:
+            return set()
+        rows = self._conn.run(
+            LOCK_DEVICES,
+            {
+                "user_ids": BinaryArray("text", [user_id for user_id, _ in wanted]),
+                "device_ids": BinaryArray("bigint", [device_id for _, device_id in wanted]),
+            },
+        )
+        return {(user_id, device_id) for user_id, device_id in rows}
 
     def _hold_devices(self, devices: Sequence[tuple[str, int]]) -> None:
         """Lock the devices' rows unless the batch's first call locked them (see _prelock)."""
@@ -1377,18 +1466,16 @@ class PostgresDatabase(SqliteDatabase):
     def _lock_users(self, user_ids: Sequence[str], exclusive: bool) -> set[str]:
         """Lock the users' rows (``exclusive``: FOR UPDATE, else FOR SHARE), in key order;
         those that exist."""
-        mode = "FOR UPDATE" if exclusive else "FOR SHARE"
-        locked: set[str] = set()
-        for names in _chunks(sorted(set(user_ids))):
-            locked.update(
-                user_id
-                for (user_id,) in self._conn.execute(
-                    f"SELECT user_id FROM users WHERE user_id IN ({', '.join(['?'] * len(names))}) "
-                    f"ORDER BY user_id {mode}",
-                    names,
-                )
-            )
-        return locked
+        sent = self._send_user_locks(user_ids, exclusive)
+        return {user_id for (user_id,) in self._conn.prepared.rows(sent)}
+
+    def _send_user_locks(self, user_ids: Sequence[str], exclusive: bool) -> Sent:
+        """:meth:`_lock_users`, its rows not waited for in a pipeline."""
+        sent: Sent = self._conn.send(
+            LOCK_USERS_EXCLUSIVE if exclusive else LOCK_USERS_SHARED,
+            {"user_ids": BinaryArray("text", sorted(set(user_ids)))},
+        )
+        return sent
 
     def _hold_users(self, user_ids: Sequence[str]) -> None:
         """Lock the users' rows shared unless the batch's first call locked them."""
