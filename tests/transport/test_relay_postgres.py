@@ -4,6 +4,7 @@ deadlock to another relay process (the storage and relay suites run on it too)."
 from __future__ import annotations
 
 import json
+import os
 import threading
 from functools import partial
 from pathlib import Path
@@ -222,6 +223,34 @@ def test_pipelined_writes_larger_than_the_socket_buffers_all_arrive(
     call = DatabaseCall(many_writes)
     db.run_batch([call])
     assert call.error is None and call.result == 40
+    db.close()
+
+
+def test_a_writer_whose_socket_is_beyond_select_s_reach_waits_all_the_same(
+    postgres_dsn: str, tmp_path: Path
+) -> None:
+    """A relay holding a thousand connections opens its database connection on a file
+    descriptor above 1023, which select() refuses ("filedescriptor out of range"): the
+    pipelined batch waits with poll()."""
+    fillers = []
+    try:
+        while not fillers or fillers[-1] < 1100:
+            fillers.append(os.open(os.devnull, os.O_RDONLY))
+        db = PostgresDatabase(postgres_dsn, key_file=str(tmp_path / "relay.keys"))
+    finally:
+        for fd in fillers:
+            os.close(fd)
+    assert db._conn.raw.pgconn.socket > 1023
+    register_devices(db, "bob", 1)
+    calls = [
+        DatabaseCall(partial(store_one_time_keys, db, ("bob", 1), 2)),
+        DatabaseCall(partial(db._enqueue, batch([("bob", 1)], (b"hi",), counters={"bob": 0}), 10)),
+    ]
+    db.run_batch(calls)
+    assert [call.error for call in calls] == [None, None]
+    assert [q.envelope.payload for q in db.pending("bob", 1, after_seq=0, limit=5, now=0)] == [
+        b"hi"
+    ]
     db.close()
 
 

@@ -435,7 +435,7 @@ class PreparedStatements:
     @property
     def in_pipeline(self) -> bool:
         """Whether statements were sent whose results were not all read (see settle)."""
-        return bool(self._raw.pgconn.pipeline_status)
+        return not self._raw.closed and bool(self._raw.pgconn.pipeline_status)
 
     def run(
         self, sql: str, parameters: Mapping[str, BinaryArray | bytes | str | int]
@@ -506,9 +506,9 @@ class PreparedStatements:
         try:
             self._sync()
         finally:
-            if not self._out:
+            if not self._raw.closed:
                 self._raw.pgconn.exit_pipeline_mode()
-                self.errored = False
+            self.errored = False
 
     def _prepared(
         self, sql: str, parameters: Mapping[str, BinaryArray | bytes | str | int]
@@ -543,15 +543,27 @@ class PreparedStatements:
         return sent
 
     def _sync(self) -> None:
-        """Send everything held with a sync, and read every result out."""
-        self._out.append(_SYNC)
-        self._raw.pgconn.pipeline_sync()
-        self._flush()
-        self._read_out()
+        """Send everything held with a sync, and read every result out; raise the first
+        error among them (a statement the server skipped after it has none of its own).
 
-    def _read_out(self) -> None:
-        """Read the results out, up to the last sync's; raise the first error among them
-        (a statement the server skipped after it has no error of its own)."""
+        If the reading itself fails (the connection was lost, say), which results
+        belong to which statements is lost with it: the connection is closed, so that
+        nothing more is sent on it (the writer connects anew for the next batch).
+        """
+        self._out.append(_SYNC)
+        try:
+            self._raw.pgconn.pipeline_sync()
+            self._flush()
+            error = self._read_out()
+        except BaseException:
+            self._out.clear()
+            self._raw.close()
+            raise
+        if error is not None:
+            raise error
+
+    def _read_out(self) -> psycopg.Error | None:
+        """Read the results out, up to the last sync's; the first error among them."""
         error: psycopg.Error | None = None
         while self._out:
             sent = self._out.popleft()
@@ -566,14 +578,13 @@ class PreparedStatements:
             if error is None and result.status == ExecStatus.FATAL_ERROR:
                 self.errored = True
                 error = psycopg.errors.error_from_result(result, encoding=self._raw.info.encoding)
-        if error is not None:
-            raise error
+        return error
 
     def _next_result(self) -> Any:
         """The next result, waiting for it without holding the interpreter lock."""
         pgconn = self._raw.pgconn
         while pgconn.is_busy():
-            select.select([pgconn.socket], [], [])
+            self._wait(select.POLLIN)
             pgconn.consume_input()
         return pgconn.get_result()
 
@@ -583,9 +594,15 @@ class PreparedStatements:
         this side."""
         pgconn = self._raw.pgconn
         while pgconn.flush():
-            readable, _, _ = select.select([pgconn.socket], [pgconn.socket], [])
-            if readable:
+            if self._wait(select.POLLIN | select.POLLOUT) & select.POLLIN:
                 pgconn.consume_input()
+
+    def _wait(self, events: int) -> int:
+        """Wait until the socket is ready for ``events``; those it is ready for. poll(), not
+        select(): a relay holding a thousand connections has descriptors beyond select's."""
+        poller = select.poll()
+        poller.register(self._raw.pgconn.socket, events)
+        return sum(ready for _, ready in poller.poll())
 
     def _check(self, result: psycopg.pq.abc.PGresult) -> psycopg.pq.abc.PGresult:
         if result.status in (ExecStatus.COMMAND_OK, ExecStatus.TUPLES_OK):
