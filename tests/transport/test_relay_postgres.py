@@ -98,6 +98,27 @@ def test_a_failing_call_rolls_back_alone_in_its_batch(postgres_dsn: str, tmp_pat
     db.close()
 
 
+def send_to_bob(
+    db: PostgresDatabase,
+    text: bytes,
+    now: int,
+    *,
+    devices: tuple[int, ...] = (1,),
+    max_mailbox_size: int = 10,
+) -> None:
+    """Store alice's send of ``text`` to bob's ``devices`` at ``now``, kept for the retention."""
+    db.enqueue(
+        batch(
+            [("bob", device) for device in devices],
+            (text,),
+            counters={"bob": 0},
+            server_ts=now,
+            expires_at=now + DEFAULT_RETENTION_SECONDS * 1000,
+        ),
+        max_mailbox_size=max_mailbox_size,
+    )
+
+
 def store_one_time_keys(
     db: PostgresDatabase, device: tuple[str, int], count: int, *, first: int = 1
 ) -> None:
@@ -395,21 +416,9 @@ def test_a_relay_started_after_the_retention_purged_tells_and_files_anew(
     keys = str(tmp_path / "relay.keys")
     retention = DEFAULT_RETENTION_SECONDS * 1000
 
-    def send(db: PostgresDatabase, text: bytes) -> None:
-        db.enqueue(
-            batch(
-                [("bob", 1)],
-                (text,),
-                counters={"bob": 0},
-                server_ts=now[0],
-                expires_at=now[0] + retention,
-            ),
-            max_mailbox_size=10,
-        )
-
     db = PostgresDatabase(postgres_dsn, key_file=keys, clock=lambda: now[0])
     register_devices(db, "bob", 1)
-    send(db, b"old")
+    send_to_bob(db, b"old", now[0])
     old_epoch = db.key_chain.epoch_of(now[0])
     db.close()
     now[0] += retention + 2 * db.key_chain.epoch_ms
@@ -418,7 +427,7 @@ def test_a_relay_started_after_the_retention_purged_tells_and_files_anew(
     assert again.pending("bob", 1, after_seq=0, limit=10, now=now[0]) == []
     notice = again.expiry_notice("bob", 1)
     assert notice is not None and notice.count == 1
-    send(again, b"new")
+    send_to_bob(again, b"new", now[0])
     (queued,) = again.pending("bob", 1, after_seq=0, limit=10, now=now[0])
     assert queued.envelope.payload == b"new"
     assert queued.epoch == again.key_chain.epoch_of(now[0])
@@ -541,16 +550,7 @@ def test_a_backup_of_the_database_opens_nothing_once_its_epochs_left_the_window(
     db = PostgresDatabase(postgres_dsn, key_file=keys, clock=lambda: now[0])
     register_devices(db, "bob", 1)
     for text in (b"one", b"two", b"three"):
-        db.enqueue(
-            batch(
-                [("bob", 1)],
-                (text,),
-                counters={"bob": 0},
-                server_ts=now[0],
-                expires_at=now[0] + DEFAULT_RETENTION_SECONDS * 1000,
-            ),
-            max_mailbox_size=10,
-        )
+        send_to_bob(db, text, now[0])
     with psycopg.connect(postgres_dsn) as backup:
         deliveries = backup.execute(
             "SELECT seq, mailbox, payload_id, sealed FROM deliveries"
@@ -656,16 +656,7 @@ def test_a_seized_data_folder_holds_no_expired_row_after_the_sweep(
     db = PostgresDatabase(postgres_dsn, key_file=str(tmp_path / "relay.keys"), clock=lambda: now[0])
     register_devices(db, "bob", 1, 2)
     for text in (b"one", b"two", b"three"):
-        db.enqueue(
-            batch(
-                [("bob", 1), ("bob", 2)],
-                (text,),
-                counters={"bob": 0},
-                server_ts=now[0],
-                expires_at=now[0] + DEFAULT_RETENTION_SECONDS * 1000,
-            ),
-            max_mailbox_size=10,
-        )
+        send_to_bob(db, text, now[0], devices=(1, 2))
     with psycopg.connect(postgres_dsn, autocommit=True) as conn:
         sealed = [
             bytes(row[0])
@@ -715,28 +706,16 @@ def test_the_prepared_statements_outlive_a_sweep_and_a_rollback(
     db = PostgresDatabase(postgres_dsn, key_file=str(tmp_path / "relay.keys"), clock=lambda: now[0])
     register_devices(db, "bob", 1)
 
-    def send(text: bytes) -> None:
-        db.enqueue(
-            batch(
-                [("bob", 1)],
-                (text,),
-                counters={"bob": 0},
-                server_ts=now[0],
-                expires_at=now[0] + DEFAULT_RETENTION_SECONDS * 1000,
-            ),
-            max_mailbox_size=10,
-        )
-
-    send(b"expires")
+    send_to_bob(db, b"expires", now[0])
     now[0] += DEFAULT_RETENTION_SECONDS * 1000 + 2 * db.key_chain.epoch_ms
     for _ in range(6):  # what psycopg would have prepared: a statement run often
         db.prekey_counts("bob", 1)
-    send(b"kept")  # the newest epoch's statements prepared
+    send_to_bob(db, b"kept", now[0])  # the newest epoch's statements prepared
     assert db.purge_expired(now[0]) == 1  # the first epoch's partitions dropped
     failed = DatabaseCall(partial(db._conn.execute, "SELECT 1 / 0"))
     db.run_batch([failed])  # and a rollback
     assert isinstance(failed.error, psycopg.errors.DivisionByZero)
-    send(b"after")
+    send_to_bob(db, b"after", now[0])
     queued = db.pending("bob", 1, after_seq=0, limit=10, now=now[0])
     assert [q.envelope.payload for q in queued] == [b"kept", b"after"]
     assert db.acknowledge("bob", 1, [q.seq for q in queued]) == 2
@@ -814,16 +793,7 @@ def test_an_acknowledgement_looks_into_the_partitions_of_its_seqs_epochs_only(
     epoch_ms = db.key_chain.epoch_ms
     for _ in range(4):
         for text in (b"a", b"b"):
-            db.enqueue(
-                batch(
-                    [("bob", 1)],
-                    (text,),
-                    counters={"bob": 0},
-                    server_ts=now[0],
-                    expires_at=now[0] + DEFAULT_RETENTION_SECONDS * 1000,
-                ),
-                max_mailbox_size=100,
-            )
+            send_to_bob(db, text, now[0], max_mailbox_size=100)
         now[0] += epoch_ms
     queued = db.pending("bob", 1, after_seq=0, limit=100, now=now[0])
     by_epoch: dict[int, list[int]] = {}
@@ -866,16 +836,7 @@ def test_a_sweep_on_one_relay_while_the_other_sends_loses_nothing(
     register_devices(sender, "bob", 1)
 
     def send(text: bytes) -> None:
-        sender.enqueue(
-            batch(
-                [("bob", 1)],
-                (text,),
-                counters={"bob": 0},
-                server_ts=now[0],
-                expires_at=now[0] + retention,
-            ),
-            max_mailbox_size=10_000,
-        )
+        send_to_bob(sender, text, now[0], max_mailbox_size=10_000)
 
     for index in range(3):  # to expire, one epoch each
         send(f"old {index}".encode())
