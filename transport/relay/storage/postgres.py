@@ -650,17 +650,23 @@ SELECT {FACT_SEQ}, NULL, NULL, nextval('delivery_seq'), NULL FROM generate_serie
 """
 
 # Row locks in key order (see "The lock order" at PostgresDatabase._prelock_call):
-# ORDER BY sorts the rows before they are locked.
+# ORDER BY sorts the rows before they are locked. A user id sorts by its bytes
+# (COLLATE "C"), as Python sorts it: a batch locks its users in runs of one
+# mode each, in Python's order, so a statement sorting by the database's
+# collation (a language's, "a" before "B") would lock in another order than
+# the runs, and two relays' batches could wait for each other in a cycle.
 LOCK_USERS_SHARED = """
-SELECT user_id FROM users WHERE user_id = ANY(%(user_ids)b::text[]) ORDER BY user_id FOR SHARE
+SELECT user_id FROM users WHERE user_id = ANY(%(user_ids)b::text[])
+    ORDER BY user_id COLLATE "C" FOR SHARE
 """
 LOCK_USERS_EXCLUSIVE = """
-SELECT user_id FROM users WHERE user_id = ANY(%(user_ids)b::text[]) ORDER BY user_id FOR UPDATE
+SELECT user_id FROM users WHERE user_id = ANY(%(user_ids)b::text[])
+    ORDER BY user_id COLLATE "C" FOR UPDATE
 """
 LOCK_DEVICES = """
 SELECT user_id, device_id FROM devices WHERE (user_id, device_id) IN
     (SELECT * FROM unnest(%(user_ids)b::text[], %(device_ids)b::bigint[]))
-    ORDER BY user_id, device_id FOR UPDATE
+    ORDER BY user_id COLLATE "C", device_id FOR UPDATE
 """
 
 # A send's rows (SqliteDatabase._write_send), in one statement.
@@ -1383,7 +1389,8 @@ class PostgresDatabase(SqliteDatabase):
     # shared batch takes the union of the locks its calls will take, in ONE
     # order every batch obeys: ``users`` rows (shared, or exclusive where any
     # call changes the list) by user id; then ``devices`` rows (exclusive) by
-    # (user id, device id); then ``invites`` rows by token hash; then the
+    # (user id, device id), a user id by its UTF-8 bytes whatever the
+    # database's collation; then ``invites`` rows by token hash; then the
     # device-key advisory locks by key. The calls then take them again, which
     # is free. The rows a call touches under those locks (mailboxes,
     # deliveries, one-time prekeys, presence, payloads) are only ever locked
