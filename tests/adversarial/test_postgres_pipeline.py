@@ -16,6 +16,7 @@ from hushchat.transport.relay.storage.postgres import (
     LOCK_DEVICES,
     LOCK_USERS_EXCLUSIVE,
     LOCK_USERS_SHARED,
+    PostgresConnection,
     PostgresDatabase,
 )
 from hushchat.transport.relay.storage.writer import DatabaseCall
@@ -289,3 +290,36 @@ def test_the_user_lock_order_is_one_whatever_the_database_s_collation(
     assert [call.error for call in both] == [None, None]
     first.close()
     second.close()
+
+
+@pytest.mark.parametrize("pipelined", [False, True])
+def test_the_interpreter_lock_is_free_while_the_writer_waits_for_the_server(
+    postgres_dsn: str, pipelined: bool
+) -> None:
+    """A prepared statement waits a second on the server (run at once, or sent in a
+    pipeline and read back by the next run): meanwhile another thread runs Python."""
+    conn = PostgresConnection(postgres_dsn)
+    conn.prepared.pipelining = pipelined
+    conn.run("SELECT %(n)b::bigint", {"n": 0})  # connected and warm
+    ticks: list[float] = []
+    done = threading.Event()
+
+    def tick() -> None:
+        while not done.is_set():
+            ticks.append(time.monotonic())
+            time.sleep(0.001)
+
+    counter = threading.Thread(target=tick)
+    counter.start()
+    time.sleep(0.05)
+    start = time.monotonic()
+    sent = conn.send("SELECT 1::bigint FROM pg_sleep(%(seconds)b::bigint)", {"seconds": 1})
+    assert conn.run("SELECT %(n)b::bigint", {"n": 2}) == [(2,)]
+    assert conn.prepared.rows(sent) == [(1,)]
+    end = time.monotonic()
+    done.set()
+    counter.join()
+    conn.prepared.settle()
+    conn.close()
+    assert end - start >= 0.9
+    assert sum(start + 0.2 < t < end - 0.2 for t in ticks) > 100
