@@ -10,7 +10,10 @@ SQLite). Needs the optional extra ``hushchat[postgres]`` (psycopg 3).
   thread per relay process commits each batch of queued calls as ONE
   transaction, each call atomic (:mod:`.writer`; savepoints only when a
   call fails after it wrote, see :class:`PostgresConnection`); psycopg's
-  sync API, as its async one needs asyncio.
+  sync API, as its async one needs asyncio. The hot statements are
+  prepared once per connection and run through psycopg's libpq wrapper,
+  and a batch without savepoints sends what it need not wait for in
+  libpq's pipeline mode (:class:`PreparedStatements`).
 * Several relay processes on one database (spec 07 section 7.13):
 
   - a send locks its recipients' ``users`` rows (shared) and ``devices``
