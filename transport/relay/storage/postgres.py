@@ -333,7 +333,6 @@ class BinaryArray:
 
 
 _INT8 = struct.Struct(">q")
-_INT4 = struct.Struct(">i")
 
 # Element type name -> (element OID, array OID, the element's binary encoding).
 _ELEMENTS: dict[str, tuple[int, int, Callable[[Any], bytes]]] = {
@@ -366,12 +365,13 @@ def _binary_parameter(value: BinaryArray | bytes | str | int) -> tuple[int, byte
     return 20, _INT8.pack(value)
 
 
-# Result column type OID -> its binary decoding (the types the hot statements return).
-_DECODERS: dict[int, Callable[[bytes], Any]] = {
-    17: bytes,
-    25: lambda value: value.decode(),
-    20: lambda value: _INT8.unpack(value)[0],
-    23: lambda value: _INT4.unpack(value)[0],
+# Result column type OID -> its binary decoding (the types the hot statements
+# return; a bytea is its value).
+_DECODERS: dict[int, Callable[[bytes], Any] | None] = {
+    17: None,
+    25: bytes.decode,
+    20: partial(int.from_bytes, byteorder="big", signed=True),
+    23: partial(int.from_bytes, byteorder="big", signed=True),
 }
 _PLACEHOLDER = re.compile(r"%\((\w+)\)b")
 
@@ -614,16 +614,16 @@ class PreparedStatements:
 
 
 def _rows(result: psycopg.pq.abc.PGresult) -> list[tuple[Any, ...]]:
-    """A result's rows, decoded from the binary format."""
-    decoders = [_DECODERS[result.ftype(column)] for column in range(result.nfields)]
-    value = result.get_value
-    return [
-        tuple(
-            None if (cell := value(row, column)) is None else decode(cell)
-            for column, decode in enumerate(decoders)
-        )
-        for row in range(result.ntuples)
-    ]
+    """A result's rows, decoded from the binary format (a column at a time)."""
+    value, rows = result.get_value, range(result.ntuples)
+    columns = []
+    for column in range(result.nfields):
+        cells = [value(row, column) for row in rows]
+        decode = _DECODERS[result.ftype(column)]
+        if decode is not None:
+            cells = [None if cell is None else decode(cell) for cell in cells]
+        columns.append(cells)
+    return list(zip(*columns, strict=True))
 
 
 # What a send is checked against (PostgresDatabase._read_cluster_send), in one
