@@ -367,11 +367,12 @@ def _binary_parameter(value: BinaryArray | bytes | str | int) -> tuple[int, byte
 
 # Result column type OID -> its binary decoding (the types the hot statements
 # return; a bytea is its value).
+_SIGNED_INTEGER = partial(int.from_bytes, byteorder="big", signed=True)
 _DECODERS: dict[int, Callable[[bytes], Any] | None] = {
     17: None,
     25: bytes.decode,
-    20: partial(int.from_bytes, byteorder="big", signed=True),
-    23: partial(int.from_bytes, byteorder="big", signed=True),
+    20: _SIGNED_INTEGER,  # bigint
+    23: _SIGNED_INTEGER,  # integer
 }
 _PLACEHOLDER = re.compile(r"%\((\w+)\)b")
 
@@ -390,17 +391,13 @@ class Later:
 
 
 class Sent:
-    """A statement sent in a pipeline (:meth:`PreparedStatements.send`): its rows, once its
-    result is back (:meth:`PreparedStatements.settle`, or any later read)."""
+    """A statement sent in a pipeline (:meth:`PreparedStatements.send`): its result, once
+    back (read with :meth:`PreparedStatements.rows`)."""
 
     __slots__ = ("result",)
 
     def __init__(self) -> None:
         self.result: psycopg.pq.abc.PGresult | None = None
-
-    def rows(self) -> list[tuple[Any, ...]]:
-        assert self.result is not None, "read only once its result is back"
-        return _rows(self.result)
 
 
 # In a pipeline's queue of results to read, where a sync's result is.
@@ -411,7 +408,7 @@ class PreparedStatements:
     """Run statements through psycopg's libpq wrapper, each prepared on first use.
 
     ``%(name)b`` placeholders; parameters and results in binary. The waits
-    for the server release the interpreter lock (PQexecPrepared; select()
+    for the server release the interpreter lock (PQexecPrepared; poll()
     on the socket), as psycopg's own waits do. An error is psycopg's
     exception for it.
 
@@ -433,7 +430,7 @@ class PreparedStatements:
         self._names: dict[tuple[str, tuple[int, ...]], bytes] = {}  # (sql, types) -> name
         self._made = 0
         self._out: deque[Sent | None] = deque()  # results to read, in order (_SYNC: a sync's)
-        self.errored = False  # a statement of the open pipeline failed (reset when it ends)
+        self._errored = False  # a statement of the open pipeline failed (reset when it ends)
 
     @property
     def in_pipeline(self) -> bool:
@@ -445,9 +442,8 @@ class PreparedStatements:
     ) -> list[tuple[Any, ...]]:
         """Run ``sql`` with ``parameters``; its rows, decoded."""
         name, values = self._prepared(sql, parameters)
-        pgconn = self._raw.pgconn
         if not self.in_pipeline:
-            return _rows(self._check(pgconn.exec_prepared(name, values, [1] * len(values), 1)))
+            return _rows(self._execute(name, values))
         sent = self._send(name, values)
         self._sync()
         assert sent.result is not None
@@ -457,13 +453,11 @@ class PreparedStatements:
         """Send ``sql`` with ``parameters`` without waiting for its result if pipelining;
         otherwise run it. Its rows, once back, in the returned :class:`Sent`."""
         name, values = self._prepared(sql, parameters)
-        pgconn = self._raw.pgconn
         if not self.pipelining:
             sent = Sent()
-            sent.result = self._check(pgconn.exec_prepared(name, values, [1] * len(values), 1))
+            sent.result = self._execute(name, values)
             return sent
-        if not self.in_pipeline:
-            pgconn.enter_pipeline_mode()
+        self._enter_pipeline()
         return self._send(name, values)  # goes out with the next read's (libpq buffers it)
 
     def rows(self, sent: Sent) -> list[tuple[Any, ...]]:
@@ -477,11 +471,9 @@ class PreparedStatements:
     def send_plain(self, sql: str) -> Sent:
         """Send ``sql``, a statement without parameters, in the pipeline (entered if need be)
         without waiting for its result."""
-        pgconn = self._raw.pgconn
-        if not self.in_pipeline:
-            pgconn.enter_pipeline_mode()
+        self._enter_pipeline()
         sent = Sent()
-        pgconn.send_query_params(sql.encode(), None, result_format=1)
+        self._raw.pgconn.send_query_params(sql.encode(), None, result_format=1)
         self._out.append(sent)
         return sent
 
@@ -492,7 +484,7 @@ class PreparedStatements:
         Raises if any statement of the transaction failed: PostgreSQL would answer
         the COMMIT of a failed transaction by rolling it back, without an error.
         """
-        if self.errored:
+        if self._errored:
             raise psycopg.errors.InFailedSqlTransaction("the batch's transaction failed")
         for statement in before:
             self.send_plain(statement)
@@ -511,7 +503,7 @@ class PreparedStatements:
         finally:
             if not self._raw.closed:
                 self._raw.pgconn.exit_pipeline_mode()
-            self.errored = False
+            self._errored = False
 
     def _prepared(
         self, sql: str, parameters: Mapping[str, BinaryArray | bytes | str | int]
@@ -538,6 +530,14 @@ class PreparedStatements:
             self._check(pgconn.prepare(name, text, types))
             self._names[(sql, types)] = name
         return name, [value for _, value in encoded]
+
+    def _execute(self, name: bytes, values: list[bytes]) -> psycopg.pq.abc.PGresult:
+        """Run the prepared statement ``name`` outside a pipeline; its result."""
+        return self._check(self._raw.pgconn.exec_prepared(name, values, [1] * len(values), 1))
+
+    def _enter_pipeline(self) -> None:
+        if not self.in_pipeline:
+            self._raw.pgconn.enter_pipeline_mode()
 
     def _send(self, name: bytes, values: list[bytes]) -> Sent:
         sent = Sent()
@@ -579,7 +579,7 @@ class PreparedStatements:
             while self._next_result() is not None:  # each statement's results end with None
                 pass
             if error is None and result.status == ExecStatus.FATAL_ERROR:
-                self.errored = True
+                self._errored = True
                 error = psycopg.errors.error_from_result(result, encoding=self._raw.info.encoding)
         return error
 
@@ -850,10 +850,9 @@ class PostgresConnection:
         if sql == BATCH_BEGIN and self.prepared.pipelining:
             # Sent without waiting: its results come back with the batch's first read.
             self._note_write(sql)
-            *begin, read_epoch = _STATEMENTS[sql]
-            for statement in begin:
+            for statement in _BATCH_BEGIN_FIRST:
                 self.prepared.send_plain(statement)
-            return self.prepared.send_plain(read_epoch)
+            return self.prepared.send_plain(_BATCH_BEGIN_EPOCH)
         if sql == "COMMIT" and self.prepared.in_pipeline:
             at_commit, self._at_commit = self._at_commit, []
             try:
@@ -925,8 +924,8 @@ class PostgresConnection:
             raise CallNotUndone("a call failed after it wrote")
 
 
-# Our strings of several statements, one by one (a pipeline takes one at a time).
-_STATEMENTS = {sql: sql.split("; ") for sql in (BATCH_BEGIN,)}
+# BATCH_BEGIN's statements one by one (a pipeline takes one at a time); the epoch read last.
+*_BATCH_BEGIN_FIRST, _BATCH_BEGIN_EPOCH = BATCH_BEGIN.split("; ")
 
 # What the writer sends around each call (.writer.run_batch).
 _SAVEPOINT_STATEMENTS = frozenset({"SAVEPOINT call", "RELEASE call", "ROLLBACK TO call"})
@@ -1142,9 +1141,7 @@ class PostgresDatabase(SqliteDatabase):
         """
         if self._epoch_read is not None:  # BATCH_BEGIN's, pipelined
             read, self._epoch_read = self._epoch_read, None
-            if read.result is None:
-                self._conn.prepared.settle()
-            rows = read.rows()
+            rows = self._conn.prepared.rows(read)
             self._note_batch_epoch(rows[0][0] if rows else None)
         if self._exclusive or self._batch_epoch is None:
             epoch = self._read_epoch()
@@ -1643,9 +1640,9 @@ class PostgresDatabase(SqliteDatabase):
         if seqs and self._epochs_of(seqs) == (epoch, epoch):
             # No seq can be of an older epoch: the count is not needed before the
             # batch commits (a pipelined batch does not wait for it).
-            return Later(lambda: len(sent.rows()))  # type: ignore[return-value]
-        self._conn.prepared.settle()
-        gone = {seq for (seq,) in sent.rows()}
+            prepared = self._conn.prepared
+            return Later(lambda: len(prepared.rows(sent)))  # type: ignore[return-value]
+        gone = {seq for (seq,) in self._conn.prepared.rows(sent)}
         rest = [seq for seq in seqs if seq not in gone]
         return len(gone) + (super()._acknowledge(user_id, device_id, rest) if rest else 0)
 
