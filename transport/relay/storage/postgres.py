@@ -6,7 +6,9 @@ SQLite). Needs the optional extra ``hushchat[postgres]`` (psycopg 3).
 * The same sealed queue as :mod:`.sqlite` (:class:`PostgresDatabase` reuses
   :class:`~.sqlite.SqliteDatabase`'s queries through a connection that speaks
   PostgreSQL's dialect, and has its own for the hot paths: a send in two
-  statements, an acknowledgement in one), run the same way: one writer
+  statements, the first of them read ahead for all the sends of a batch
+  with its row locks (:class:`_FactsAhead`), an acknowledgement in one),
+  run the same way: one writer
   thread per relay process commits each batch of queued calls as ONE
   transaction, each call atomic (:mod:`.writer`; savepoints only when a
   call fails after it wrote, see :class:`PostgresConnection`); psycopg's
@@ -634,7 +636,7 @@ SEND_FACTS = f"""
 SELECT {FACT_COUNTER}, user_id, NULL::text, NULL::bigint, counter
     FROM users WHERE user_id = ANY(%(users)b::text[])
 UNION ALL
-SELECT {FACT_LISTED}, NULL, NULL, COUNT(*), NULL FROM devices WHERE (user_id, device_id) IN
+SELECT {FACT_LISTED}, user_id, NULL, device_id, NULL FROM devices WHERE (user_id, device_id) IN
     (SELECT * FROM unnest(%(user_ids)b::text[], %(device_ids)b::bigint[]))
 UNION ALL
 SELECT {FACT_QUEUED}, NULL, NULL, queued, mailbox
@@ -672,7 +674,10 @@ SELECT user_id, device_id FROM devices WHERE (user_id, device_id) IN
     ORDER BY user_id COLLATE "C", device_id FOR UPDATE
 """
 
-# A send's rows (SqliteDatabase._write_send), in one statement.
+# A send's rows (SqliteDatabase._write_send), in one statement. A mailbox
+# stored as new may exist after all when its facts were read ahead
+# (_FactsAhead): an acknowledgement earlier in the batch may or may not have
+# deleted its row, so a new one counts one more in the row it meets.
 STORE_SEND = """
 WITH stored_payloads AS (
     INSERT INTO {payloads} (id, epoch, sealed) SELECT * FROM
@@ -688,6 +693,7 @@ INSERT INTO mailboxes (mailbox, epoch, queued, noticed, sealed)
     SELECT mailbox, epoch, 1, 0, sealed FROM
         unnest(%(new_boxes)b::bytea[], %(new_epochs)b::bigint[], %(new_sealed)b::bytea[])
         AS new (mailbox, epoch, sealed)
+    ON CONFLICT (mailbox) DO UPDATE SET queued = mailboxes.queued + 1
 """
 
 # An acknowledgement of the device's envelopes filed in the newest epoch under
@@ -746,6 +752,7 @@ def in_partitions(statement: str, epoch: int) -> str:
     sweep meanwhile: those are read through the parent table).
     """
     return statement.format(deliveries=f"deliveries_{epoch}", payloads=f"payloads_{epoch}")
+
 
 # The columns and keys of the tables SqliteDatabase writes with INSERT OR
 # REPLACE, which PostgreSQL spells INSERT ... ON CONFLICT DO UPDATE.
@@ -841,6 +848,11 @@ class PostgresConnection:
     @property
     def usable(self) -> bool:
         return not (self.raw.closed or self.raw.broken)
+
+    @property
+    def writes(self) -> int:
+        """How many statements that may have changed something were run so far."""
+        return self._writes
 
     def execute(self, sql: str, parameters: Sequence[Any] = (), /) -> Any:
         """Run ``sql`` (SQLite's dialect); an optimistic savepoint statement returns None
@@ -1077,9 +1089,11 @@ class PostgresDatabase(SqliteDatabase):
         self._wakes: dict[str, set[tuple[str, int]]] = {}  # relay -> devices, this batch
         self.batch_retries = 0  # batches run again after losing a deadlock (or serialization)
         self.careful_batches = 0  # batches run again with savepoints (see PostgresConnection)
+        self.sends_read_ahead = 0  # sends checked against facts read ahead (see _FactsAhead)
         # The rows the open batch's first call locked (see _prelock): its calls skip them.
         self._held_users: dict[str, bool] = {}  # user id -> locked exclusively
         self._held_devices: set[tuple[str, int]] = set()
+        self._ahead: _FactsAhead | None = None  # the open batch's sends' facts, read ahead
         self._partitioned: int | None = None  # the epoch whose partitions this transaction saw
         # (first seq, epoch) of each epoch_starts row, by seq; read when _epoch_seen was this.
         self._epoch_starts: list[tuple[int, int]] = []
@@ -1300,6 +1314,7 @@ class PostgresDatabase(SqliteDatabase):
                 self._wakes, self._batch_epoch, self._partitioned = {}, None, None
                 self._epoch_read = None
                 self._held_users, self._held_devices = {}, set()
+                self._ahead = None
                 conn.optimistic, conn.not_undone = optimistic, False
                 # An optimistic shared batch pipelines its writes (PreparedStatements).
                 conn.prepared.pipelining = optimistic and not exclusive
@@ -1336,6 +1351,7 @@ class PostgresDatabase(SqliteDatabase):
         finally:
             self._exclusive, self._batch_epoch, self._epoch_read = False, None, None
             self._held_users, self._held_devices = {}, set()
+            self._ahead = None
             conn.optimistic = conn.prepared.pipelining = False
         if exclusive and calls[0].error is not None:
             # Nothing of it committed: a new epoch it moved to is not the database's,
@@ -1410,15 +1426,20 @@ class PostgresDatabase(SqliteDatabase):
     def _prelock_call(self, calls: Sequence[DatabaseCall]) -> DatabaseCall:
         """A call taking every lock ``calls`` will take, in the global order above."""
         locks = _BatchLocks()
+        sends: list[EnvelopeBatch] = []
         for call in calls:
             run = call.run
             if isinstance(run, partial) and getattr(run.func, "__self__", None) is self:
                 plan = _LOCK_PLANS.get(run.func.__name__)
                 if plan is not None:
                     plan(locks, *run.args, **run.keywords)
-        return DatabaseCall(partial(self._prelock, locks))
+                if run.func.__name__ == "_enqueue":
+                    sends.append(run.args[0])
+        return DatabaseCall(partial(self._prelock, locks, sends))
 
-    def _prelock(self, locks: _BatchLocks) -> None:
+    def _prelock(self, locks: _BatchLocks, sends: Sequence[EnvelopeBatch]) -> None:
+        """Take ``locks``; in a pipelined batch, read ahead the facts of ``sends``, the
+        batch's sends (see _FactsAhead), with the devices' locks."""
         conn = self._conn
         users = sorted(locks.users.items())
         held_users: dict[str, bool] = {}
@@ -1452,7 +1473,19 @@ class PostgresDatabase(SqliteDatabase):
                     names,
                 )
             )
-        held_devices = self._lock_devices(sorted(devices))
+        devices_locked = self._send_device_locks(sorted(devices))
+        # The facts go right behind the locks, so they are read under them, in the same round
+        # trip; in the partitions of the newest epoch seen, which the batch's is nearly always.
+        epoch = self._epoch_seen
+        keys = self._chain.keys(epoch)
+        facts: Sent | None = None
+        if sends and conn.prepared.pipelining and keys is not None:
+            boxes = [
+                [keys.index(d.user_id, d.device_id) for d in send.deliveries] for send in sends
+            ]
+            facts = conn.send(
+                in_partitions(SEND_FACTS, epoch), self._facts_parameters(sends, boxes, epoch)
+            )
         for hashes in _chunks(sorted(locks.invites)):
             conn.execute(
                 f"SELECT 1 FROM invites WHERE token_hash IN ({', '.join(['?'] * len(hashes))}) "
@@ -1461,25 +1494,41 @@ class PostgresDatabase(SqliteDatabase):
             )
         for identity in sorted(locks.identities):
             conn.execute("SELECT pg_advisory_xact_lock(hashtextextended(?, 0))", (identity.hex(),))
+        held_devices: set[tuple[str, int]] = set()
+        if devices_locked is not None:
+            held_devices = {
+                (user_id, device_id) for user_id, device_id in conn.prepared.rows(devices_locked)
+            }
         for sent, exclusive in user_locks:
-            for (user_id,) in self._conn.prepared.rows(sent):
+            for (user_id,) in conn.prepared.rows(sent):
                 held_users[user_id] = exclusive
+        if facts is not None:
+            rows = conn.prepared.rows(facts)
+            if self._current_epoch(0) == epoch:
+                self._ahead = _FactsAhead(rows, sends, conn.writes)
         # Known only now that all are taken: a failed prelock's savepoint released them.
         self._held_users, self._held_devices = held_users, held_devices
 
     def _lock_devices(self, devices: Sequence[tuple[str, int]]) -> set[tuple[str, int]]:
         """Lock the devices' rows, in key order; those that exist."""
+        sent = self._send_device_locks(devices)
+        if sent is None:
+            return set()
+        return {(user_id, device_id) for user_id, device_id in self._conn.prepared.rows(sent)}
+
+    def _send_device_locks(self, devices: Sequence[tuple[str, int]]) -> Sent | None:
+        """:meth:`_lock_devices`, its rows not waited for in a pipeline; None if none."""
         wanted = sorted(set(devices))
         if not wanted:
-            return set()
-        rows = self._conn.run(
+            return None
+        sent: Sent = self._conn.send(
             LOCK_DEVICES,
             {
                 "user_ids": BinaryArray("text", [user_id for user_id, _ in wanted]),
                 "device_ids": BinaryArray("bigint", [device_id for _, device_id in wanted]),
             },
         )
-        return {(user_id, device_id) for user_id, device_id in rows}
+        return sent
 
     def _hold_devices(self, devices: Sequence[tuple[str, int]]) -> None:
         """Lock the devices' rows unless the batch's first call locked them (see _prelock)."""
@@ -1541,13 +1590,23 @@ class PostgresDatabase(SqliteDatabase):
         keys = self._chain.keys(epoch)
         assert keys is not None
         boxes = [keys.index(d.user_id, d.device_id) for d in batch.deliveries]
-        facts = self._read_cluster_send(batch, boxes, epoch)
+        ahead = self._ahead
+        facts = None
+        if ahead is not None:
+            facts = ahead.facts_for(batch, boxes, self._conn.writes, max_mailbox_size)
+        if facts is None:  # none read ahead, or no longer sure: read them now
+            self._ahead = ahead = None
+            facts = self._read_cluster_send(batch, boxes, epoch, max_mailbox_size)
+        else:
+            self.sends_read_ahead += 1
         positions = [
             None if p is None else MailboxPosition(p.epoch, p.seq, facts.last.get(box, 0))
             for p, box in zip(
                 self._file_send(batch, max_mailbox_size, keys, boxes, facts), boxes, strict=True
             )
         ]
+        if ahead is not None:
+            ahead.filed(boxes, positions, self._conn.writes)
         stored = {
             (d.user_id, d.device_id)
             for d, position in zip(batch.deliveries, positions, strict=True)
@@ -1559,41 +1618,33 @@ class PostgresDatabase(SqliteDatabase):
         return positions
 
     def _read_cluster_send(
-        self, batch: EnvelopeBatch, boxes: Sequence[bytes], epoch: int
+        self, batch: EnvelopeBatch, boxes: Sequence[bytes], epoch: int, max_mailbox_size: int
     ) -> ClusterSendFacts:
         """What :meth:`_file_send` checks, where each mailbox ends now and which other
         relays hold recipients, with a seq per delivery: one statement."""
-        counters: dict[str, bytes] = {}
-        queued: dict[bytes, int] = {}
-        last: dict[bytes, int] = {}
-        presence: list[tuple[str, tuple[str, int]]] = []
-        seqs: list[int] = []
-        listed = 0
-        for kind, text, relay, number, blob in self._conn.run(
-            in_partitions(SEND_FACTS, epoch),
-            {
-                "users": BinaryArray("text", list(batch.device_list_counters)),
-                "user_ids": BinaryArray("text", [d.user_id for d in batch.deliveries]),
-                "device_ids": BinaryArray("bigint", [d.device_id for d in batch.deliveries]),
-                "boxes": BinaryArray("bytea", boxes),
-                "epoch": epoch,
-                "relay": self.relay_id,
-                "count": len(batch.deliveries),
-            },
-        ):
-            if kind == FACT_COUNTER:
-                counters[text] = bytes(blob)
-            elif kind == FACT_LISTED:
-                listed = int(number)
-            elif kind == FACT_QUEUED:
-                queued[bytes(blob)] = int(number)
-            elif kind == FACT_LAST:
-                last[bytes(blob)] = int(number)
-            elif kind == FACT_PRESENCE:
-                presence.append((relay, (text, int(number))))
-            else:
-                seqs.append(int(number))
-        return ClusterSendFacts(counters, listed, queued, sorted(seqs), last, presence)
+        rows = self._conn.run(
+            in_partitions(SEND_FACTS, epoch), self._facts_parameters([batch], [boxes], epoch)
+        )
+        writes = self._conn.writes
+        facts = _FactsAhead(rows, [batch], writes).facts_for(batch, boxes, writes, max_mailbox_size)
+        assert facts is not None  # read for this send just now
+        return facts
+
+    def _facts_parameters(
+        self, sends: Sequence[EnvelopeBatch], boxes: Sequence[Sequence[bytes]], epoch: int
+    ) -> dict[str, BinaryArray | bytes | str | int]:
+        """SEND_FACTS's parameters for ``sends`` (``boxes``: each one's mailbox indexes)."""
+        users = list(dict.fromkeys(u for send in sends for u in send.device_list_counters))
+        devices = list(dict.fromkeys((d.user_id, d.device_id) for s in sends for d in s.deliveries))
+        return {
+            "users": BinaryArray("text", users),
+            "user_ids": BinaryArray("text", [user_id for user_id, _ in devices]),
+            "device_ids": BinaryArray("bigint", [device_id for _, device_id in devices]),
+            "boxes": BinaryArray("bytea", list(dict.fromkeys(b for some in boxes for b in some))),
+            "epoch": epoch,
+            "relay": self.relay_id,
+            "count": sum(len(send.deliveries) for send in sends),
+        }
 
     def _write_send(
         self,
@@ -1629,14 +1680,14 @@ class PostgresDatabase(SqliteDatabase):
         epoch = self._current_epoch(0)
         keys = self._chain.keys(epoch)
         assert keys is not None
+        box = keys.index(user_id, device_id)
+        writes = self._conn.writes
         sent = self._conn.send(
             in_partitions(ACKNOWLEDGE_NEWEST, epoch),
-            {
-                "seqs": BinaryArray("bigint", seqs),
-                "epoch": epoch,
-                "mailbox": keys.index(user_id, device_id),
-            },
+            {"seqs": BinaryArray("bigint", seqs), "epoch": epoch, "mailbox": box},
         )
+        if self._ahead is not None:
+            self._ahead.acknowledged(box, writes, self._conn.writes)
         if seqs and self._epochs_of(seqs) == (epoch, epoch):
             # No seq can be of an older epoch: the count is not needed before the
             # batch commits (a pipelined batch does not wait for it).
@@ -1724,6 +1775,101 @@ class ClusterSendFacts(SendFacts):
 
     last: Mapping[bytes, int]  # the seq each mailbox ends with now, where it holds any
     presence: Sequence[tuple[str, tuple[str, int]]]  # (relay, device) held by other relays
+
+
+class _FactsAhead:
+    """What the sends of a batch are checked against, read for all of them at once
+    (SEND_FACTS, sent with the batch's locks: :meth:`PostgresDatabase._prelock`), then
+    kept up to date with what the batch's calls do.
+
+    Each send is given the facts SEND_FACTS would read at its turn, from these
+    and from what the sends before it in the batch filed (one more queued in
+    each mailbox, and its newest seq), with its seqs taken in order from those
+    read ahead (so a mailbox's seqs grow in batch order, as each read's would).
+    An acknowledgement earlier in the batch (:meth:`acknowledged`) lowers its
+    mailbox's count by as many as it deleted, unknown until the batch
+    commits, and deletes the mailbox's row if that left it empty: such a
+    mailbox is given as having no row (a send stores it as new, and STORE_SEND
+    counts one more in a row it still finds), and room in it is certain only
+    if the count before the acknowledgement had room. Its newest seq noted
+    here may be one the acknowledgement deleted: a seq its device already has,
+    which serves as well (MailboxPosition.previous). Any other write since it
+    was read (``writes``, :attr:`PostgresConnection.writes`, moved on without
+    it: a device list stored, a device attached ...) may have changed any
+    fact: :meth:`facts_for` then answers None, and the send reads its own.
+    """
+
+    def __init__(
+        self, rows: Sequence[tuple[Any, ...]], sends: Sequence[EnvelopeBatch], writes: int
+    ) -> None:
+        self.counters: dict[str, bytes] = {}
+        self.listed: set[tuple[str, int]] = set()
+        self.queued: dict[bytes, int] = {}
+        self.last: dict[bytes, int] = {}
+        self.presence: dict[tuple[str, int], list[str]] = {}  # device -> other relays holding it
+        seqs: list[int] = []
+        for kind, text, relay, number, blob in rows:
+            if kind == FACT_COUNTER:
+                self.counters[text] = bytes(blob)
+            elif kind == FACT_LISTED:
+                self.listed.add((text, int(number)))
+            elif kind == FACT_QUEUED:
+                self.queued[bytes(blob)] = int(number)
+            elif kind == FACT_LAST:
+                self.last[bytes(blob)] = int(number)
+            elif kind == FACT_PRESENCE:
+                self.presence.setdefault((text, int(number)), []).append(relay)
+            else:
+                seqs.append(int(number))
+        self.seqs = deque(sorted(seqs))
+        self.sends = deque(sends)  # those not yet given their facts, in batch order
+        self.acknowledged_boxes: set[bytes] = set()
+        self.writes = writes
+
+    def facts_for(
+        self, batch: EnvelopeBatch, boxes: Sequence[bytes], writes: int, max_mailbox_size: int
+    ) -> ClusterSendFacts | None:
+        """``batch``'s facts (``boxes``: its mailbox indexes), if the batch's next send is
+        it and nothing else was written since; else None."""
+        if writes != self.writes or not self.sends or self.sends[0] is not batch:
+            return None
+        self.sends.popleft()
+        queued: dict[bytes, int] = {}
+        for box in boxes:
+            if box not in self.acknowledged_boxes:
+                if box in self.queued:
+                    queued[box] = self.queued[box]
+            elif self.queued.get(box, 0) >= max_mailbox_size:
+                return None  # room only its own read can tell
+        devices = list(dict.fromkeys((d.user_id, d.device_id) for d in batch.deliveries))
+        return ClusterSendFacts(
+            counters={
+                u: self.counters[u] for u in batch.device_list_counters if u in self.counters
+            },
+            listed=sum(device in self.listed for device in devices),
+            queued=queued,
+            seqs=[self.seqs.popleft() for _ in batch.deliveries],
+            last={box: self.last[box] for box in boxes if box in self.last},
+            presence=[(relay, d) for d in devices for relay in self.presence.get(d, ())],
+        )
+
+    def filed(
+        self, boxes: Sequence[bytes], positions: Sequence[MailboxPosition | None], writes: int
+    ) -> None:
+        """A send given its facts here stored ``positions`` (None: not stored) with the
+        write that brought the count to ``writes``."""
+        for box, position in zip(boxes, positions, strict=True):
+            if position is not None:
+                self.queued[box] = self.queued.get(box, 0) + 1
+                self.last[box] = position.seq
+        self.writes = writes
+
+    def acknowledged(self, box: bytes, before: int, writes: int) -> None:
+        """An acknowledgement of deliveries in mailbox ``box`` (the newest epoch's), sent
+        when the count of writes was ``before`` and that brought it to ``writes``."""
+        if before == self.writes:
+            self.acknowledged_boxes.add(box)
+            self.writes = writes
 
 
 class _BatchLocks:

@@ -1,0 +1,283 @@
+"""Attacks on the facts a PostgreSQL batch reads ahead for its sends (_FactsAhead): the
+batch's other calls change what a send is checked against after the facts were read,
+and each send must still be checked against what its own read would have found."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Iterator
+from functools import partial
+from pathlib import Path
+
+import pytest
+
+from hushchat.transport.relay.storage.interface import (
+    EnvelopeBatch,
+    StorageConflict,
+    StoredDeviceList,
+)
+from hushchat.transport.relay.storage.postgres import PostgresDatabase
+from hushchat.transport.relay.storage.writer import DatabaseCall
+from hushchat.transport.wire.errors import MailboxFull
+from tests.support.postgres import DatabasePool
+from tests.support.storage import batch, device_list, register_devices
+
+MAX_MAILBOX = 3
+
+
+@pytest.fixture
+def db(postgres_dsn: str, tmp_path: Path) -> Iterator[PostgresDatabase]:
+    database = PostgresDatabase(postgres_dsn, key_file=str(tmp_path / "relay.keys"))
+    register_devices(database, "alice", 1, key_base=0xA0)
+    register_devices(database, "bob", 1, 2)
+    yield database
+    database.close()
+
+
+def _send(
+    db: PostgresDatabase, text: bytes, devices: list[tuple[str, int]], counter: int = 0
+) -> DatabaseCall:
+    send = batch(devices, (text,), counters={user: counter for user, _ in devices})
+    return DatabaseCall(partial(db._enqueue, send, MAX_MAILBOX))
+
+
+def _ack(
+    db: PostgresDatabase, seqs: list[int], device: tuple[str, int] = ("bob", 1)
+) -> DatabaseCall:
+    return DatabaseCall(partial(db._acknowledge, *device, seqs))
+
+
+def _queued(db: PostgresDatabase, device: tuple[str, int] = ("bob", 1)) -> list[bytes]:
+    return [q.envelope.payload for q in db.pending(*device, after_seq=0, limit=100, now=0)]
+
+
+def _counts(db: PostgresDatabase) -> list[int]:
+    """The mailbox rows' counts of queued envelopes, smallest first."""
+    rows = db._conn.execute("SELECT queued FROM mailboxes ORDER BY queued").fetchall()
+    return [int(queued) for (queued,) in rows]
+
+
+def _run(db: PostgresDatabase, calls: list[DatabaseCall]) -> None:
+    db.run_batch(calls)
+    assert db.careful_batches == 0  # each batch ran pipelined, with facts read ahead
+
+
+def test_an_acknowledgement_that_empties_a_mailbox_then_a_send_to_it(db: PostgresDatabase) -> None:
+    """The acknowledgement deletes the mailbox's row after the facts said it exists: the
+    send after it in the batch must leave a row counting its envelope (not add one to a
+    row that is gone), or the mailbox bound would no longer count it."""
+    [first] = db.enqueue(batch([("bob", 1)], (b"first",), counters={"bob": 0}), max_mailbox_size=3)
+    assert first is not None
+    calls = [_ack(db, [first.seq]), _send(db, b"second", [("bob", 1)])]
+    _run(db, calls)
+    assert [call.error for call in calls] == [None, None]
+    assert calls[0].result == 1
+    assert _queued(db) == [b"second"]
+    assert _counts(db) == [1]
+
+
+def test_an_acknowledgement_that_leaves_a_mailbox_its_row_then_a_send_to_it(
+    db: PostgresDatabase,
+) -> None:
+    """The facts cannot tell whether the acknowledgement deleted the mailbox's row: the
+    send stores it as new, and must count one more in the row it still finds."""
+    [first] = db.enqueue(batch([("bob", 1)], (b"first",), counters={"bob": 0}), max_mailbox_size=3)
+    db.enqueue(batch([("bob", 1)], (b"second",), counters={"bob": 0}), max_mailbox_size=3)
+    assert first is not None
+    calls = [_ack(db, [first.seq]), _send(db, b"third", [("bob", 1)])]
+    _run(db, calls)
+    assert [call.error for call in calls] == [None, None]
+    assert _queued(db) == [b"second", b"third"]
+    assert _counts(db) == [2]
+
+
+def test_an_acknowledgement_that_frees_nothing_does_not_make_room(db: PostgresDatabase) -> None:
+    """A full mailbox, and an acknowledgement of a seq it does not hold earlier in the
+    batch: the facts read ahead cannot tell how much the acknowledgement freed, and the
+    send must still be refused, not stored beyond the bound."""
+    for text in (b"1", b"2", b"3"):
+        db.enqueue(batch([("bob", 1)], (text,), counters={"bob": 0}), max_mailbox_size=3)
+    calls = [_ack(db, [10**9]), _send(db, b"over", [("bob", 1)])]
+    _run(db, calls)
+    assert calls[0].error is None
+    assert isinstance(calls[1].error, MailboxFull)
+    assert _queued(db) == [b"1", b"2", b"3"]
+    assert _counts(db) == [3]
+
+
+def test_an_acknowledgement_that_frees_room_lets_the_send_in(db: PostgresDatabase) -> None:
+    """As a send read on its own would find: the acknowledgement before it made room."""
+    positions = [
+        db.enqueue(batch([("bob", 1)], (text,), counters={"bob": 0}), max_mailbox_size=3)[0]
+        for text in (b"1", b"2", b"3")
+    ]
+    assert positions[0] is not None
+    calls = [_ack(db, [positions[0].seq]), _send(db, b"4", [("bob", 1)])]
+    _run(db, calls)
+    assert [call.error for call in calls] == [None, None]
+    assert _queued(db) == [b"2", b"3", b"4"]
+    assert _counts(db) == [3]
+
+
+def test_a_device_list_change_between_two_sends(db: PostgresDatabase) -> None:
+    """Bob drops device 2 between two sends of one batch: the second send, still naming
+    the old list, must be refused as a send read on its own would be, and nothing may
+    reach the removed device."""
+    new_list = device_list("bob", 1, (1, bytes([1]) * 32))
+    calls = [
+        _send(db, b"before", [("bob", 1), ("bob", 2)]),
+        DatabaseCall(partial(db._store_device_list, new_list, 0, None, 0)),
+        _send(db, b"stale", [("bob", 1), ("bob", 2)]),
+        _send(db, b"after", [("bob", 1)], counter=1),
+    ]
+    _run(db, calls)
+    assert calls[0].error is None and calls[1].error is None
+    assert isinstance(calls[2].error, StorageConflict)
+    assert calls[3].error is None
+    assert db.sends_read_ahead == 1  # the first; the list stored, the others read their own
+    assert _queued(db) == [b"before", b"after"]
+    assert _queued(db, ("bob", 2)) == []
+
+
+def test_sends_to_one_device_in_one_batch_keep_their_order(db: PostgresDatabase) -> None:
+    """Each send's seqs come after the previous send's, and each names the one before it
+    as the mailbox's newest (what a relay of a cluster pushes against)."""
+    calls = [_send(db, bytes([i]), [("bob", 1), ("bob", 2)]) for i in range(3)]
+    _run(db, calls)
+    assert db.sends_read_ahead == 3
+    positions = [call.result for call in calls]
+    assert all(call.error is None for call in calls)
+    firsts = [p[0] for p in positions]  # type: ignore[index]
+    assert [p.seq for p in firsts] == sorted(p.seq for p in firsts)
+    assert [p.previous for p in firsts] == [0, firsts[0].seq, firsts[1].seq]
+    assert _queued(db) == [b"\x00", b"\x01", b"\x02"]
+    assert _counts(db) == [3, 3]
+
+
+def test_a_batch_whose_epoch_moved_meanwhile(
+    postgres_dsn: str, tmp_path: Path, db: PostgresDatabase
+) -> None:
+    """Another relay moved the epoch on since this relay last saw it: the facts read
+    ahead in the old epoch's partitions are dropped, and the sends are filed in the new
+    epoch, where its mailboxes are."""
+    now = [db._clock()]
+    other = PostgresDatabase(
+        postgres_dsn, key_file=str(tmp_path / "relay.keys"), clock=lambda: now[0]
+    )
+    epoch_before = db._epoch_seen
+    now[0] += 2 * db._chain.epoch_ms
+    moved = _send(other, b"moved", [("bob", 1)])
+    other.run_batch([moved])
+    assert other._epoch_seen > epoch_before
+    calls = [_send(db, b"a", [("bob", 1)]), _send(db, b"b", [("bob", 1)])]
+    db.run_batch(calls)
+    assert [call.error for call in calls] == [None, None]
+    positions = [moved.result[0], calls[0].result[0], calls[1].result[0]]  # type: ignore[index]
+    assert {p.epoch for p in positions} == {other._epoch_seen}
+    # Each names the one before it as the mailbox's newest: a relay holding bob pushes
+    # "a" only to a connection that has "moved".
+    assert [p.previous for p in positions[1:]] == [p.seq for p in positions[:2]]
+    assert _queued(db) == [b"moved", b"a", b"b"]
+    other.close()
+
+
+def test_random_batches_agree_with_sends_read_one_by_one(
+    postgres_databases: DatabasePool, tmp_path: Path
+) -> None:
+    """Batches of sends, acknowledgements and list changes, run pipelined (facts read
+    ahead) on one database and one call per batch (each send reads its own) on another:
+    every call has the same outcome, every mailbox the same envelopes and count."""
+    rng = random.Random(20)
+    pair = []
+    for name in ("ahead", "one_by_one"):
+        database = PostgresDatabase(postgres_databases.take(), key_file=str(tmp_path / name))
+        register_devices(database, "alice", 1, key_base=0xA0)
+        register_devices(database, "bob", 1, 2)
+        register_devices(database, "carol", 1, key_base=0xC0)
+        pair.append(database)
+    ahead, alone = pair
+    devices = [("bob", 1), ("bob", 2), ("carol", 1)]
+    counters = {"bob": 0, "carol": 0}
+    texts = iter(range(10**6))
+    for _ in range(40):
+        # Each call of the batch, as made for either database.
+        plan: list[Callable[[PostgresDatabase], DatabaseCall]] = []
+        for _ in range(rng.randint(1, 8)):
+            roll = rng.random()
+            if roll < 0.55:
+                to = rng.sample(devices, rng.randint(1, 3))
+                seen = {user: counters[user] for user, _ in to}
+                if rng.random() < 0.2:  # a sender behind on carol's list
+                    seen = {user: c - (user == "carol") for user, c in seen.items()}
+                send = batch(to, (str(next(texts)).encode(),), counters=seen)
+                plan.append(partial(_send_call, send))
+            elif roll < 0.9:
+                device = rng.choice(devices)
+                queued = [q.seq for q in alone.pending(*device, after_seq=0, limit=100, now=0)]
+                seqs = rng.sample(queued, min(len(queued), 2))
+                plan.append(partial(_ack_call, alone, device, seqs))
+            else:
+                counters["carol"] += 1
+                new = device_list("carol", counters["carol"], (1, bytes([0xC1]) * 32))
+                plan.append(partial(_list_call, new))
+        outcomes = []
+        for database in pair:
+            calls = [make(database) for make in plan]
+            if database is ahead:
+                database.run_batch(calls)
+            else:
+                for call in calls:
+                    database.run_batch([call])
+            outcomes.append([_outcome(call) for call in calls])
+        assert outcomes[0] == outcomes[1]
+        for device in devices:
+            assert _queued(ahead, device) == _queued(alone, device)
+        assert _counts(ahead) == _counts(alone)
+    assert ahead.careful_batches == 0
+    assert ahead.sends_read_ahead > 20
+    for database in pair:
+        database.close()
+
+
+def _send_call(send: EnvelopeBatch, database: PostgresDatabase) -> DatabaseCall:
+    return DatabaseCall(partial(database._enqueue, send, MAX_MAILBOX))
+
+
+def _ack_call(
+    source: PostgresDatabase,
+    device: tuple[str, int],
+    seqs: list[int],
+    database: PostgresDatabase,
+) -> DatabaseCall:
+    """An acknowledgement of the envelopes at ``seqs`` in ``source``."""
+    return DatabaseCall(
+        partial(database._acknowledge, *device, _translate(source, database, device, seqs))
+    )
+
+
+def _list_call(new: StoredDeviceList, database: PostgresDatabase) -> DatabaseCall:
+    return DatabaseCall(partial(database._store_device_list, new, new.counter - 1, None, 0))
+
+
+def _translate(
+    source: PostgresDatabase, target: PostgresDatabase, device: tuple[str, int], seqs: list[int]
+) -> list[int]:
+    """The seqs in ``target`` of the envelopes at ``seqs`` in ``source`` (by payload)."""
+    if source is target:
+        return seqs
+    by_payload = {
+        q.envelope.payload: q.seq for q in target.pending(*device, after_seq=0, limit=100, now=0)
+    }
+    wanted = {
+        q.seq: q.envelope.payload for q in source.pending(*device, after_seq=0, limit=100, now=0)
+    }
+    return [by_payload[wanted[seq]] for seq in seqs]
+
+
+def _outcome(call: DatabaseCall) -> object:
+    if call.error is not None:
+        return type(call.error).__name__
+    result = call.result
+    if isinstance(result, list):  # a send's positions: which deliveries were stored
+        return [position is not None for position in result]
+    return result
