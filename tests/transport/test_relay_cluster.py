@@ -29,6 +29,7 @@ from hushchat.transport.relay.server import Relay
 from hushchat.transport.relay.storage.atrest import RelayKeysMissing
 from hushchat.transport.relay.storage.postgres import PostgresDatabase, PostgresStorage
 from hushchat.transport.wire.errors import RateLimited, Superseded
+from hushchat.transport.wire.frames import QueueEmpty
 from hushchat.transport.wire.limits import BUNDLE_FETCH_CAPACITY, TARGET_ONE_TIME_CAPACITY
 from hushchat.transport.wire.records import Envelope
 from tests.support.children import RELAY_COMMAND, STARTED, child_env
@@ -437,3 +438,57 @@ async def test_a_relay_hands_its_own_sends_over_without_reading_the_mailbox_agai
                 (envelope,) = await receive_envelopes(receiver, 1)
                 assert envelope.payload == b"%d" % index
             assert reads[0] == before
+
+
+async def test_a_backlog_across_epochs_read_in_windows_then_new_mail_handed_over(
+    postgres_dsn: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Carol's backlog spans several epochs and more than one read: each read that
+    stopped at its limit is followed by another from where it stopped, none skips
+    ahead to the newest epoch. Once a read found the end, the connection has
+    everything of the newest epoch, and her next envelope is handed over without
+    reading the mailbox again (MailboxRead.newest_epoch)."""
+    reads = [0]
+    original = PostgresStorage.pending
+
+    async def counted(self: PostgresStorage, *args: Any, **kwargs: Any) -> Any:
+        reads[0] += 1
+        return await original(self, *args, **kwargs)
+
+    monkeypatch.setattr(PostgresStorage, "pending", counted)
+    now = [wall_clock_ms()]
+    alice, carol = make_user("alice"), make_user("carol")
+    fast = RateLimit(10_000, 10_000)
+    config = relay_config(
+        tmp_path,
+        db=postgres_dsn,
+        clock=lambda: now[0],
+        retention_seconds=30,  # epochs of 1 s
+        send_rate=fast,
+        frame_rate=fast,
+    )
+    sends = 160  # more than one read's limit (DELIVERY_BATCH_SIZE)
+    async with running_relay(config) as port:
+        await register(port, alice, carol)
+        async with connected(port, alice.devices[1]) as sender:
+            assert await envelopes_until_empty(sender) == []
+            for index in range(sends):
+                await sender.send_direct("carol", [(1, b"%d" % index)])
+                now[0] += 20  # 3.2 s of relay time: the backlog spans 4 or 5 epochs
+            now[0] += 2_000  # and the newest epoch, when carol reads, holds none of it
+            mail: list[bytes] = []
+            async with connected(port, carol.devices[1]) as late:
+                with trio.fail_after(20):
+                    while True:
+                        batch = await late.receive_batch()
+                        arrived = [i for i in batch if isinstance(i, Envelope)]
+                        mail.extend(e.payload for e in arrived)
+                        if arrived:
+                            await late.ack(*(e.guid for e in arrived))
+                        if any(isinstance(i, QueueEmpty) for i in batch):
+                            break
+                assert mail == [b"%d" % i for i in range(sends)]
+                before = reads[0]
+                await sender.send_direct("carol", [(1, b"new")])
+                assert [e.payload for e in await receive_envelopes(late, 1)] == [b"new"]
+                assert reads[0] == before

@@ -864,6 +864,12 @@ class RelaySession:
                     self._in_flight[queued.envelope.guid] = queued.seq
                     self._position = (queued.epoch, queued.seq)
                     frames.append(EnvelopePush(queued.envelope))
+                newest = batch.newest_epoch
+                if not self._unread and newest is not None and newest > self._position[0]:
+                    # Read to its end: the connection has everything of the newest
+                    # epoch there was (none), and the next send's envelope, of that
+                    # epoch or a later one, is handed over if none lies before it.
+                    self._position = (newest, 0)
                 room -= len(batch)
                 if not self._unread and not backlog_pushed:
                     backlog_pushed = True

@@ -20,7 +20,7 @@ decreases as ``seq`` grows, so a reader resumes from (epoch, seq).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -138,6 +138,24 @@ class QueuedEnvelope:
     seq: int
     envelope: Envelope
     epoch: int = 0
+
+
+class MailboxRead(list[QueuedEnvelope]):
+    """What a mailbox read found (:meth:`RelayStorage.pending`): the envelopes, oldest
+    first, and the newest epoch when it read.
+
+    ``newest_epoch``, if the storage tells it: a read that returned fewer
+    envelopes than its limit read the mailbox to its end, through this
+    epoch. Mail is only ever filed under the newest epoch, so every envelope
+    the device gets later is of this epoch or a later one (what
+    :class:`MailboxPosition` ``previous`` is checked against). None: not told.
+    """
+
+    newest_epoch: int | None
+
+    def __init__(self, found: Iterable[QueuedEnvelope] = (), newest_epoch: int | None = None):
+        super().__init__(found)
+        self.newest_epoch = newest_epoch
 
 
 @dataclass(frozen=True, slots=True)
@@ -276,10 +294,10 @@ class RelayStorage(Protocol):
         limit: int,
         now: int,
         after_epoch: int = 0,
-    ) -> list[QueuedEnvelope]:
+    ) -> MailboxRead:
         """Unexpired envelopes for a device after position (``after_epoch``, ``after_seq``).
 
-        Oldest first. An envelope whose row no longer opens (its keys are
+        Oldest first, at most ``limit``. An envelope whose row no longer opens (its keys are
         gone, or it was altered) is deleted instead, and told in the device's
         expiry notice.
         """

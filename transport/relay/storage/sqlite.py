@@ -81,6 +81,7 @@ from .interface import (
     EnvelopeBatch,
     ExpiryNotice,
     MailboxPosition,
+    MailboxRead,
     QueuedEnvelope,
     StorageConflict,
     StoredDeviceList,
@@ -543,7 +544,7 @@ class SqliteDatabase:
         limit: int,
         now: int,
         after_epoch: int = 0,
-    ) -> list[QueuedEnvelope]:
+    ) -> MailboxRead:
         return self._single(
             partial(self._pending, user_id, device_id, after_seq, limit, now, after_epoch)
         )
@@ -1101,19 +1102,19 @@ class SqliteDatabase:
         limit: int,
         now: int,
         after_epoch: int = 0,
-    ) -> list[QueuedEnvelope]:
+    ) -> MailboxRead:
         db, chain = self._conn, self._chain
-        found: list[QueuedEnvelope] = []
+        newest = self._current_epoch(0)
+        found = MailboxRead(newest_epoch=newest)
         unreadable: list[tuple[int, int]] = []  # (seq, epoch)
         payloads: dict[int, PayloadContent | None] = {}
-        newest = self._current_epoch(0)
         # A mailbox's epochs grow with seq: read them in order, from the cursor's
         # (or, for a cursor of an older epoch, the oldest that holds any mail).
         first = max(after_epoch, chain.held_epoch)
         if first < newest:
             (oldest,) = db.execute("SELECT MIN(epoch) FROM deliveries").fetchone()
             if oldest is None:
-                return []
+                return found
             first = max(first, oldest)
         for epoch in range(first, newest + 1):
             keys = chain.keys(epoch)
@@ -1517,7 +1518,7 @@ class SqliteStorage:
         limit: int,
         now: int,
         after_epoch: int = 0,
-    ) -> list[QueuedEnvelope]:
+    ) -> MailboxRead:
         return await self._writer.call(
             partial(self._db._pending, user_id, device_id, after_seq, limit, now, after_epoch)
         )
