@@ -409,11 +409,9 @@ async def test_a_relay_that_lost_its_notifications_reads_its_devices_mailboxes_a
             assert (await next_envelope(receiver, timeout=20)).payload == b"while deaf"
 
 
-async def test_a_relay_hands_its_own_sends_over_without_reading_the_mailbox_again(
-    postgres_dsn: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """When nothing of another relay lies between (MailboxPosition.previous), a committed
-    envelope goes to the connection as on SQLite, not through one more mailbox read."""
+@pytest.fixture
+def mailbox_reads(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """How many mailbox reads the relays of this test made (one counter)."""
     reads = [0]
     original = PostgresStorage.pending
 
@@ -422,6 +420,14 @@ async def test_a_relay_hands_its_own_sends_over_without_reading_the_mailbox_agai
         return await original(self, *args, **kwargs)
 
     monkeypatch.setattr(PostgresStorage, "pending", counted)
+    return reads
+
+
+async def test_a_relay_hands_its_own_sends_over_without_reading_the_mailbox_again(
+    postgres_dsn: str, tmp_path: Path, mailbox_reads: list[int]
+) -> None:
+    """When nothing of another relay lies between (MailboxPosition.previous), a committed
+    envelope goes to the connection as on SQLite, not through one more mailbox read."""
     alice, bob = make_user("alice"), make_user("bob")
     async with two_relays(postgres_dsn, tmp_path) as (port_a, _):
         await register(port_a, alice, bob)
@@ -430,32 +436,25 @@ async def test_a_relay_hands_its_own_sends_over_without_reading_the_mailbox_agai
             connected(port_a, alice.devices[1]) as sender,
         ):
             assert await envelopes_until_empty(receiver) == []
+            assert await envelopes_until_empty(sender) == []
+            before = mailbox_reads[0]  # each connection read its empty mailbox once
             await sender.send_direct("bob", [(1, b"first")])
             assert [e.payload for e in await receive_envelopes(receiver, 1)] == [b"first"]
-            before = reads[0]
             for index in range(5):
                 await sender.send_direct("bob", [(1, b"%d" % index)])
                 (envelope,) = await receive_envelopes(receiver, 1)
                 assert envelope.payload == b"%d" % index
-            assert reads[0] == before
+            assert mailbox_reads[0] == before
 
 
 async def test_a_backlog_across_epochs_read_in_windows_then_new_mail_handed_over(
-    postgres_dsn: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    postgres_dsn: str, tmp_path: Path, mailbox_reads: list[int]
 ) -> None:
     """Carol's backlog spans several epochs and more than one read: each read that
     stopped at its limit is followed by another from where it stopped, none skips
     ahead to the newest epoch. Once a read found the end, the connection has
     everything of the newest epoch, and her next envelope is handed over without
     reading the mailbox again (MailboxRead.newest_epoch)."""
-    reads = [0]
-    original = PostgresStorage.pending
-
-    async def counted(self: PostgresStorage, *args: Any, **kwargs: Any) -> Any:
-        reads[0] += 1
-        return await original(self, *args, **kwargs)
-
-    monkeypatch.setattr(PostgresStorage, "pending", counted)
     now = [wall_clock_ms()]
     alice, carol = make_user("alice"), make_user("carol")
     fast = RateLimit(10_000, 10_000)
@@ -488,7 +487,7 @@ async def test_a_backlog_across_epochs_read_in_windows_then_new_mail_handed_over
                         if any(isinstance(i, QueueEmpty) for i in batch):
                             break
                 assert mail == [b"%d" % i for i in range(sends)]
-                before = reads[0]
+                before = mailbox_reads[0]
                 await sender.send_direct("carol", [(1, b"new")])
                 assert [e.payload for e in await receive_envelopes(late, 1)] == [b"new"]
-                assert reads[0] == before
+                assert mailbox_reads[0] == before
