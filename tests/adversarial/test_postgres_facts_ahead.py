@@ -5,10 +5,13 @@ and each send must still be checked against what its own read would have found."
 from __future__ import annotations
 
 import random
+import threading
+import time
 from collections.abc import Callable, Iterator
 from functools import partial
 from pathlib import Path
 
+import psycopg
 import pytest
 
 from hushchat.transport.relay.storage.interface import (
@@ -281,3 +284,59 @@ def _outcome(call: DatabaseCall) -> object:
     if isinstance(result, list):  # a send's positions: which deliveries were stored
         return [position is not None for position in result]
     return result
+
+
+def test_facts_read_ahead_wait_for_another_relay_s_batch_holding_the_devices(
+    postgres_dsn: str, tmp_path: Path, db: PostgresDatabase
+) -> None:
+    """Another relay's batch fills bob's device 1 and files into device 2 while this
+    relay's batch waits for their locks: the facts read ahead must be read behind those
+    locks, after the other batch committed. Read before them, the send to device 1 would
+    be stored beyond the bound and the one to device 2 would name a newest seq that
+    misses the other relay's envelope (its relay would push it to a connection that has
+    not read that envelope)."""
+    other = PostgresDatabase(postgres_dsn, key_file=str(tmp_path / "relay.keys"))
+    for text in (b"1", b"2"):
+        db.enqueue(batch([("bob", 1)], (text,), counters={"bob": 0}), max_mailbox_size=3)
+    read_ahead = db.sends_read_ahead
+    holding, release = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        holding.set()
+        assert release.wait(10)
+
+    theirs = [_send(other, b"theirs", [("bob", 1), ("bob", 2)]), DatabaseCall(hold)]
+    ours = [_send(db, b"over", [("bob", 1)]), _send(db, b"after", [("bob", 2)])]
+    threads = [threading.Thread(target=other.run_batch, args=(theirs,))]
+    threads[0].start()
+    assert holding.wait(10)
+    threads.append(threading.Thread(target=db.run_batch, args=(ours,)))
+    threads[1].start()
+    ours_pid = db._conn.raw.info.backend_pid
+    deadline = time.monotonic() + 10
+    while not _waiting_for_a_lock(postgres_dsn, ours_pid) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    release.set()
+    for thread in threads:
+        thread.join()
+    assert [call.error for call in theirs] == [None, None]
+    assert isinstance(ours[0].error, MailboxFull)
+    assert ours[1].error is None
+    assert db.sends_read_ahead == read_ahead + 2 and db.careful_batches == 0
+    _, theirs_to_2 = theirs[0].result  # type: ignore[misc]
+    [after] = ours[1].result  # type: ignore[misc]
+    assert theirs_to_2 is not None and after is not None
+    assert after.seq > theirs_to_2.seq
+    assert after.previous == theirs_to_2.seq
+    assert _queued(db) == [b"1", b"2", b"theirs"]
+    assert _queued(db, ("bob", 2)) == [b"theirs", b"after"]
+    assert _counts(db) == [2, 3]
+    other.close()
+
+
+def _waiting_for_a_lock(dsn: str, pid: int) -> bool:
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        row = conn.execute(
+            "SELECT 1 FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND pid = %s", (pid,)
+        ).fetchone()
+    return row is not None
