@@ -16,6 +16,7 @@ import pytest
 
 from hushchat.transport.relay.storage.interface import (
     EnvelopeBatch,
+    ExpiryNotice,
     StorageConflict,
     StoredDeviceList,
 )
@@ -340,3 +341,25 @@ def _waiting_for_a_lock(dsn: str, pid: int) -> bool:
             "SELECT 1 FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND pid = %s", (pid,)
         ).fetchone()
     return row is not None
+
+
+def test_a_send_after_an_acknowledgement_keeps_the_mailbox_s_expiry_notice(
+    db: PostgresDatabase,
+) -> None:
+    """Bob's mailbox also holds a notice of mail that expired unread: the acknowledgement
+    of its one envelope lowers the row to none queued but keeps it (the notice is still to
+    be told). The send after it, told the row may be gone, stores it as new and meets it:
+    it must count one more in it and leave its notice, not replace the row with a fresh
+    one that forgets the expired mail."""
+    notice = ExpiryNotice(2, 100, 200)
+    [first] = db.enqueue(batch([("bob", 1)], (b"first",), counters={"bob": 0}), max_mailbox_size=3)
+    assert first is not None
+    db.run_batch([DatabaseCall(partial(db._note, "bob", 1, 0, notice, 0))])
+    assert db.expiry_notice("bob", 1) == notice
+    calls = [_ack(db, [first.seq]), _send(db, b"second", [("bob", 1)])]
+    _run(db, calls)
+    assert [call.error for call in calls] == [None, None]
+    assert calls[0].result == 1
+    assert _queued(db) == [b"second"]
+    assert _counts(db) == [1]
+    assert db.expiry_notice("bob", 1) == notice
