@@ -363,3 +363,25 @@ def test_a_send_after_an_acknowledgement_keeps_the_mailbox_s_expiry_notice(
     assert _queued(db) == [b"second"]
     assert _counts(db) == [1]
     assert db.expiry_notice("bob", 1) == notice
+
+
+def test_a_send_naming_a_device_twice_is_refused_and_the_batch_goes_on(
+    db: PostgresDatabase,
+) -> None:
+    """The relay's frames never name a device twice; the storage refuses such a send
+    anyway (its two deliveries would count one in the mailbox, or store its row twice).
+    The facts read ahead list each device once, and the send after it is checked against
+    them as if the refused one had never been."""
+    db.enqueue(batch([("bob", 1)], (b"first",), counters={"bob": 0}), max_mailbox_size=3)
+    calls = [
+        _send(db, b"twice", [("bob", 1), ("bob", 1)]),
+        _send(db, b"twice, new box", [("bob", 2), ("bob", 2)]),
+        _send(db, b"second", [("bob", 1), ("bob", 2)]),
+    ]
+    _run(db, calls)
+    assert isinstance(calls[0].error, StorageConflict)
+    assert isinstance(calls[1].error, StorageConflict)
+    assert calls[2].error is None
+    assert _queued(db) == [b"first", b"second"]
+    assert _queued(db, ("bob", 2)) == [b"second"]
+    assert _counts(db) == [1, 2]
