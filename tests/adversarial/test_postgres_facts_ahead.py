@@ -8,6 +8,7 @@ import random
 import threading
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from functools import partial
 from pathlib import Path
 
@@ -385,3 +386,30 @@ def test_a_send_naming_a_device_twice_is_refused_and_the_batch_goes_on(
     assert _queued(db) == [b"first", b"second"]
     assert _queued(db, ("bob", 2)) == [b"second"]
     assert _counts(db) == [1, 2]
+
+
+def test_sends_filling_a_mailbox_in_one_batch_meet_its_bound(db: PostgresDatabase) -> None:
+    """Bob's device 1 has room for one more: the first send of the batch takes it, the
+    second stores only to device 2 (the facts read ahead must count what the first
+    filed, and only what it filed), an all-or-nothing send is refused whole, and the
+    last send to device 2 names the second's envelope as that mailbox's newest."""
+    for text in (b"1", b"2"):
+        db.enqueue(batch([("bob", 1)], (text,), counters={"bob": 0}), max_mailbox_size=3)
+    both = [("bob", 1), ("bob", 2)]
+    change = replace(batch(both, (b"change",), counters={"bob": 0}), all_or_nothing=True)
+    calls = [
+        _send(db, b"fills", both),
+        _send(db, b"partly", both),
+        DatabaseCall(partial(db._enqueue, change, MAX_MAILBOX)),
+        _send(db, b"last", [("bob", 2)]),
+    ]
+    _run(db, calls)
+    assert [call.error is None for call in calls] == [True, True, False, True]
+    assert isinstance(calls[1].result, list) and calls[1].result[0] is None
+    assert isinstance(calls[2].error, MailboxFull)
+    partly, last = calls[1].result[1], calls[3].result[0]  # type: ignore[index]
+    assert partly is not None and last is not None
+    assert last.previous == partly.seq
+    assert _queued(db) == [b"1", b"2", b"fills"]
+    assert _queued(db, ("bob", 2)) == [b"fills", b"partly", b"last"]
+    assert _counts(db) == [3, 3]
