@@ -413,3 +413,82 @@ def test_sends_filling_a_mailbox_in_one_batch_meet_its_bound(db: PostgresDatabas
     assert _queued(db) == [b"1", b"2", b"fills"]
     assert _queued(db, ("bob", 2)) == [b"fills", b"partly", b"last"]
     assert _counts(db) == [3, 3]
+
+
+def test_two_relays_racing_sends_and_acknowledgements_keep_each_mailbox_whole(
+    postgres_dsn: str, tmp_path: Path, db: PostgresDatabase
+) -> None:
+    """Two relays run batches of sends and acknowledgements to the same devices at once,
+    each batch reading its sends' facts ahead. Afterwards each mailbox holds exactly the
+    envelopes stored and not acknowledged, no more than its bound, counted right; and
+    each envelope names as its mailbox's newest at least every envelope before it that
+    is still queued (what its relay pushes against)."""
+    other = PostgresDatabase(postgres_dsn, key_file=str(tmp_path / "relay.keys"))
+    register_devices(db, "carol", 1, key_base=0xC0)
+    devices = [("bob", 1), ("bob", 2), ("carol", 1)]
+    stored: dict[tuple[str, int], dict[int, tuple[bytes, int]]] = {d: {} for d in devices}
+    acknowledged: set[int] = set()
+    failures: list[BaseException] = []
+    record = threading.Lock()
+    met = threading.Barrier(2, timeout=10)  # each round's batches run at once
+
+    def run(database: PostgresDatabase, name: str, seed: int) -> None:
+        rng = random.Random(seed)
+        for r in range(25):
+            calls, sends = [], []
+            for n in range(rng.randint(1, 5)):
+                if rng.random() < 0.7:
+                    to = rng.sample(devices, rng.randint(1, 3))
+                    text = f"{name} {r} {n}".encode()
+                    sends.append((len(calls), to, text))
+                    calls.append(_send(database, text, to))
+                else:
+                    device = rng.choice(devices)
+                    queued = database.pending(*device, after_seq=0, limit=100, now=0)
+                    seqs = [q.seq for q in rng.sample(queued, min(len(queued), 2))]
+                    calls.append(_ack(database, seqs, device))
+            met.wait()
+            database.run_batch(calls)
+            with record:
+                failures.extend(
+                    call.error
+                    for call in calls
+                    if call.error is not None and not isinstance(call.error, MailboxFull)
+                )
+                for index, to, text in sends:
+                    for device, position in zip(to, calls[index].result or (), strict=False):
+                        if position is not None:
+                            assert position.previous is not None
+                            stored[device][position.seq] = (text, position.previous)
+                for call in calls:
+                    if call.run.func.__name__ == "_acknowledge" and call.error is None:  # type: ignore[attr-defined]
+                        acknowledged.update(call.run.args[2])  # type: ignore[attr-defined]
+
+    threads = [
+        threading.Thread(target=run, args=(db, "first", 1)),
+        threading.Thread(target=run, args=(other, "second", 2)),
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert failures == []
+    assert db.careful_batches == other.careful_batches == 0
+    assert db.sends_read_ahead > 20 and other.sends_read_ahead > 20
+    keys = db._chain.keys(db._epoch_seen)
+    assert keys is not None
+    for device in devices:
+        queued = db.pending(*device, after_seq=0, limit=100, now=0)
+        mine = stored[device]
+        assert [q.seq for q in queued] == sorted(s for s in mine if s not in acknowledged)
+        assert [q.envelope.payload for q in queued] == [mine[q.seq][0] for q in queued]
+        assert len(queued) <= MAX_MAILBOX
+        row = db._conn.execute(
+            "SELECT queued FROM mailboxes WHERE mailbox = ?", (keys.index(*device),)
+        ).fetchone()
+        assert (0 if row is None else int(row[0])) == len(queued)
+        for seq, (_, previous) in mine.items():
+            before = [q.seq for q in queued if q.seq < seq]
+            assert previous < seq
+            assert not before or previous >= before[-1]
+    other.close()
