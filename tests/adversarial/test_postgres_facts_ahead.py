@@ -435,7 +435,9 @@ def test_two_relays_racing_sends_and_acknowledgements_keep_each_mailbox_whole(
     def run(database: PostgresDatabase, name: str, seed: int) -> None:
         rng = random.Random(seed)
         for r in range(25):
-            calls, sends = [], []
+            calls: list[DatabaseCall] = []
+            sends: list[tuple[int, list[tuple[str, int]], bytes]] = []
+            acks: list[tuple[int, list[int]]] = []
             for n in range(rng.randint(1, 5)):
                 if rng.random() < 0.7:
                     to = rng.sample(devices, rng.randint(1, 3))
@@ -446,6 +448,7 @@ def test_two_relays_racing_sends_and_acknowledgements_keep_each_mailbox_whole(
                     device = rng.choice(devices)
                     queued = database.pending(*device, after_seq=0, limit=100, now=0)
                     seqs = [q.seq for q in rng.sample(queued, min(len(queued), 2))]
+                    acks.append((len(calls), seqs))
                     calls.append(_ack(database, seqs, device))
             met.wait()
             database.run_batch(calls)
@@ -460,9 +463,9 @@ def test_two_relays_racing_sends_and_acknowledgements_keep_each_mailbox_whole(
                         if position is not None:
                             assert position.previous is not None
                             stored[device][position.seq] = (text, position.previous)
-                for call in calls:
-                    if call.run.func.__name__ == "_acknowledge" and call.error is None:  # type: ignore[attr-defined]
-                        acknowledged.update(call.run.args[2])  # type: ignore[attr-defined]
+                for index, seqs in acks:
+                    if calls[index].error is None:
+                        acknowledged.update(seqs)
 
     threads = [
         threading.Thread(target=run, args=(db, "first", 1)),
