@@ -25,7 +25,7 @@ from hushchat.transport.relay.storage.postgres import PostgresDatabase
 from hushchat.transport.relay.storage.writer import DatabaseCall
 from hushchat.transport.wire.errors import MailboxFull
 from tests.support.postgres import DatabasePool
-from tests.support.storage import batch, device_list, register_devices
+from tests.support.storage import batch, device_list, register_devices, upload_prekeys
 
 MAX_MAILBOX = 3
 
@@ -495,3 +495,93 @@ def test_two_relays_racing_sends_and_acknowledgements_keep_each_mailbox_whole(
             assert previous < seq
             assert not before or previous >= before[-1]
     other.close()
+
+
+def test_random_batches_of_every_kind_of_call_agree_with_calls_run_one_by_one(
+    postgres_databases: DatabasePool, tmp_path: Path
+) -> None:
+    """As the random batches above, with the other calls a relay's batch holds between its
+    sends: sends naming no device or a device twice, all-or-nothing sends, an
+    acknowledgement of a seq no mailbox holds, expiry notices added and cleared,
+    connections attached and detached (devices held by another relay too), prekeys taken.
+    Each call's outcome, each mailbox's envelopes, count and notice, and the relays each
+    batch wakes must be what the calls run one per batch give."""
+    rng = random.Random(7)
+    pair = []
+    for name in ("ahead", "one_by_one"):
+        database = PostgresDatabase(postgres_databases.take(), key_file=str(tmp_path / name))
+        register_devices(database, "alice", 1, key_base=0xA0)
+        register_devices(database, "bob", 1, 2)
+        register_devices(database, "carol", 1, key_base=0xC0)
+        upload_prekeys(database, "bob", 2, one_time=100, kem=0)
+        database._conn.execute(
+            "INSERT INTO presence VALUES ('bob', 2, 'other', ?), ('carol', 1, 'other', ?)",
+            (b"o" * 8, b"p" * 8),
+        )
+        pair.append(database)
+    ahead, alone = pair
+    devices = [("bob", 1), ("bob", 2), ("carol", 1)]
+    texts = iter(range(10**6))
+    for _ in range(40):
+        plan: list[Callable[[PostgresDatabase], DatabaseCall]] = []
+        for _ in range(rng.randint(1, 8)):
+            roll = rng.random()
+            device = rng.choice(devices)
+            if roll < 0.5:
+                to = rng.sample(devices, rng.randint(0, 3))
+                if to and rng.random() < 0.1:
+                    to.append(to[0])
+                send = batch(to, (str(next(texts)).encode(),), counters={"bob": 0, "carol": 0})
+                send = replace(send, all_or_nothing=rng.random() < 0.2)
+                plan.append(partial(_send_call, send))
+            elif roll < 0.7:
+                queued = [q.seq for q in alone.pending(*device, after_seq=0, limit=100, now=0)]
+                seqs = rng.sample(queued, min(len(queued), 2))
+                if seqs:
+                    plan.append(partial(_ack_call, alone, device, seqs))
+                else:  # a seq no mailbox holds
+                    plan.append(lambda d, device=device: _call(d._acknowledge, *device, [10**12]))
+            elif roll < 0.8:
+                notice = ExpiryNotice(1, 10, 20)
+                plan.append(lambda d, device=device, n=notice: _call(d._note, *device, 0, n, 0))
+            elif roll < 0.85:
+                told = alone.expiry_notice(*device)
+                if told is not None:
+                    plan.append(
+                        lambda d, device=device, n=told: _call(d._clear_expiry_notice, *device, n)
+                    )
+            elif roll < 0.95:
+                verb = rng.choice(["_attach", "_detach"])
+                plan.append(
+                    lambda d, device=device, verb=verb: _call(getattr(d, verb), *device, b"c" * 8)
+                )
+            else:
+                plan.append(lambda d: _call(d._take_bundle, "bob", 2, None, 0))
+        outcomes, wakes = [], []
+        for database in pair:
+            calls = [make(database) for make in plan]
+            woken: dict[str, set[tuple[str, int]]] = {}
+            if database is ahead:
+                database.run_batch(calls)
+                woken = database._wakes
+            else:
+                for call in calls:
+                    database.run_batch([call])
+                    for relay, named in database._wakes.items():
+                        woken.setdefault(relay, set()).update(named)
+            outcomes.append([_outcome(call) for call in calls])
+            wakes.append(woken)
+        assert outcomes[0] == outcomes[1]
+        assert wakes[0] == wakes[1]
+        for device in devices:
+            assert _queued(ahead, device) == _queued(alone, device)
+            assert ahead.expiry_notice(*device) == alone.expiry_notice(*device)
+        assert _counts(ahead) == _counts(alone)
+    assert ahead.careful_batches == 0
+    assert ahead.sends_read_ahead > 20
+    for database in pair:
+        database.close()
+
+
+def _call(method: Callable[..., object], *args: object) -> DatabaseCall:
+    return DatabaseCall(partial(method, *args))
