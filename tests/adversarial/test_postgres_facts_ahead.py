@@ -585,3 +585,38 @@ def test_random_batches_of_every_kind_of_call_agree_with_calls_run_one_by_one(
 
 def _call(method: Callable[..., object], *args: object) -> DatabaseCall:
     return DatabaseCall(partial(method, *args))
+
+
+def test_a_send_waiting_behind_another_relay_s_attach_wakes_that_relay(
+    postgres_dsn: str, tmp_path: Path, db: PostgresDatabase
+) -> None:
+    """Bob's device connects to another relay, whose batch holds the device's row while
+    this relay's batch of sends waits for it: the presence read ahead must be read behind
+    the lock, after the attach committed, so that the send wakes the other relay. Read
+    before it, no relay would tell bob's new connection of the mail (it read its mailbox
+    before the send committed)."""
+    other = PostgresDatabase(postgres_dsn, key_file=str(tmp_path / "relay.keys"))
+    holding, release = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        holding.set()
+        assert release.wait(10)
+
+    attach = [_call(other._attach, "bob", 1, b"c" * 8), DatabaseCall(hold)]
+    sends = [_send(db, b"a", [("bob", 1)]), _send(db, b"b", [("bob", 1), ("bob", 2)])]
+    threads = [threading.Thread(target=other.run_batch, args=(attach,))]
+    threads[0].start()
+    assert holding.wait(10)
+    threads.append(threading.Thread(target=db.run_batch, args=(sends,)))
+    threads[1].start()
+    pid = db._conn.raw.info.backend_pid
+    deadline = time.monotonic() + 10
+    while not _waiting_for_a_lock(postgres_dsn, pid) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    release.set()
+    for thread in threads:
+        thread.join()
+    assert [call.error for call in attach + sends] == [None] * 4
+    assert db.sends_read_ahead == 2
+    assert db._wakes == {other.relay_id: {("bob", 1)}}
+    other.close()
