@@ -620,3 +620,40 @@ def test_a_send_waiting_behind_another_relay_s_attach_wakes_that_relay(
     assert db.sends_read_ahead == 2
     assert db._wakes == {other.relay_id: {("bob", 1)}}
     other.close()
+
+
+def test_a_send_waiting_behind_another_relay_s_list_change_is_checked_against_it(
+    postgres_dsn: str, tmp_path: Path, db: PostgresDatabase
+) -> None:
+    """Another relay's batch changes bob's device list (drops device 2) and holds his row
+    while this relay's batch sends to his old list: the counters read ahead must be read
+    behind the users' locks, after the change committed, so the compare-and-set refuses
+    the send. Read before them, device 1 would get a send made for a list that is gone."""
+    other = PostgresDatabase(postgres_dsn, key_file=str(tmp_path / "relay.keys"))
+    holding, release = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        holding.set()
+        assert release.wait(10)
+
+    new_list = device_list("bob", 1, (1, bytes([1]) * 32))
+    change = [_call(other._store_device_list, new_list, 0, None, 0), DatabaseCall(hold)]
+    sends = [_send(db, b"stale", [("bob", 1), ("bob", 2)]), _send(db, b"new", [("bob", 1)], 1)]
+    threads = [threading.Thread(target=other.run_batch, args=(change,))]
+    threads[0].start()
+    assert holding.wait(10)
+    threads.append(threading.Thread(target=db.run_batch, args=(sends,)))
+    threads[1].start()
+    pid = db._conn.raw.info.backend_pid
+    deadline = time.monotonic() + 10
+    while not _waiting_for_a_lock(postgres_dsn, pid) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    release.set()
+    for thread in threads:
+        thread.join()
+    assert [call.error for call in change] == [None, None]
+    assert isinstance(sends[0].error, StorageConflict)
+    assert sends[1].error is None
+    assert db.sends_read_ahead == 2
+    assert _queued(db) == [b"new"]
+    other.close()
