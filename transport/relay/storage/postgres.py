@@ -675,9 +675,11 @@ SELECT user_id, device_id FROM devices WHERE (user_id, device_id) IN
 """
 
 # A send's rows (SqliteDatabase._write_send), in one statement. A mailbox
-# stored as new may exist after all when its facts were read ahead
-# (_FactsAhead): an acknowledgement earlier in the batch may or may not have
-# deleted its row, so a new one counts one more in the row it meets.
+# whose facts were read ahead and then acknowledged in the batch (_FactsAhead)
+# may or may not still have its row (the acknowledgement deletes a row it
+# empties): stored as new, it counts one more in the row it still finds
+# (``maybe_new``). Any other new mailbox must be new: a row there fails the
+# batch, which runs again reading each send's own facts.
 STORE_SEND = """
 WITH stored_payloads AS (
     INSERT INTO {payloads} (id, epoch, sealed) SELECT * FROM
@@ -688,12 +690,17 @@ WITH stored_payloads AS (
                %(delivery_payloads)b::bigint[], %(sealed)b::bytea[])
 ), counted AS (
     UPDATE mailboxes SET queued = queued + 1 WHERE mailbox = ANY(%(counted)b::bytea[])
+), maybe_new AS (
+    INSERT INTO mailboxes (mailbox, epoch, queued, noticed, sealed)
+        SELECT mailbox, epoch, 1, 0, sealed FROM
+            unnest(%(maybe_boxes)b::bytea[], %(maybe_epochs)b::bigint[],
+                   %(maybe_sealed)b::bytea[]) AS maybe (mailbox, epoch, sealed)
+        ON CONFLICT (mailbox) DO UPDATE SET queued = mailboxes.queued + 1
 )
 INSERT INTO mailboxes (mailbox, epoch, queued, noticed, sealed)
     SELECT mailbox, epoch, 1, 0, sealed FROM
         unnest(%(new_boxes)b::bytea[], %(new_epochs)b::bigint[], %(new_sealed)b::bytea[])
         AS new (mailbox, epoch, sealed)
-    ON CONFLICT (mailbox) DO UPDATE SET queued = mailboxes.queued + 1
 """
 
 # An acknowledgement of the device's envelopes filed in the newest epoch under
@@ -1655,6 +1662,9 @@ class PostgresDatabase(SqliteDatabase):
     ) -> None:
         """As on SQLite, in one statement (every row is of the newest epoch), not waited for
         in an optimistic batch."""
+        acknowledged = set() if self._ahead is None else self._ahead.acknowledged_boxes
+        maybe = [row for row in new_mailboxes if row[0] in acknowledged]
+        new = [row for row in new_mailboxes if row[0] not in acknowledged]
         self._conn.send(
             in_partitions(STORE_SEND, deliveries[0][1]),
             {
@@ -1667,9 +1677,12 @@ class PostgresDatabase(SqliteDatabase):
                 "delivery_payloads": BinaryArray("bigint", [row[3] for row in deliveries]),
                 "sealed": BinaryArray("bytea", [row[4] for row in deliveries]),
                 "counted": BinaryArray("bytea", counted),
-                "new_boxes": BinaryArray("bytea", [row[0] for row in new_mailboxes]),
-                "new_epochs": BinaryArray("bigint", [row[1] for row in new_mailboxes]),
-                "new_sealed": BinaryArray("bytea", [row[2] for row in new_mailboxes]),
+                "maybe_boxes": BinaryArray("bytea", [row[0] for row in maybe]),
+                "maybe_epochs": BinaryArray("bigint", [row[1] for row in maybe]),
+                "maybe_sealed": BinaryArray("bytea", [row[2] for row in maybe]),
+                "new_boxes": BinaryArray("bytea", [row[0] for row in new]),
+                "new_epochs": BinaryArray("bigint", [row[1] for row in new]),
+                "new_sealed": BinaryArray("bytea", [row[2] for row in new]),
             },
         )
 
@@ -1790,7 +1803,7 @@ class _FactsAhead:
     mailbox's count by as many as it deleted, unknown until the batch
     commits, and deletes the mailbox's row if that left it empty: such a
     mailbox is given as having no row (a send stores it as new, and STORE_SEND
-    counts one more in a row it still finds), and room in it is certain only
+    counts one more in a row it still finds: ``acknowledged_boxes``), and room in it is certain only
     if the count before the acknowledgement had room. Its newest seq noted
     here may be one the acknowledgement deleted: a seq its device already has,
     which serves as well (MailboxPosition.previous). Any other write since it
