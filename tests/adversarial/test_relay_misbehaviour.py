@@ -28,6 +28,7 @@ from hushchat.transport.wire.frames import (
     Hello,
     Ok,
     Ping,
+    PreKeysLow,
     QueueEmpty,
     RelayFrame,
     Welcome,
@@ -65,8 +66,11 @@ async def receive(client: RawClient) -> RelayFrame | None:
 
 
 async def expect_error(client: RawClient, code: str, request_id: int | None) -> ErrorFrame:
+    """The next frame but the pushes a new connection gets whenever its delivery task
+    runs (PREKEYS_LOW, QUEUE_EMPTY): the error ``code`` for ``request_id``."""
     with trio.fail_after(60):
-        frame = await receive(client)
+        while isinstance(frame := await receive(client), (PreKeysLow, QueueEmpty)):
+            pass
     assert isinstance(frame, ErrorFrame), frame
     assert (frame.code, frame.request_id) == (code, request_id)
     return frame
