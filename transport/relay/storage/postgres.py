@@ -1802,11 +1802,12 @@ class _FactsAhead:
     An acknowledgement earlier in the batch (:meth:`acknowledged`) lowers its
     mailbox's count by as many as it deleted, unknown until the batch
     commits, and deletes the mailbox's row if that left it empty: such a
-    mailbox is given as having no row (a send stores it as new, and STORE_SEND
-    counts one more in a row it still finds: ``acknowledged_boxes``), and room in it is certain only
-    if the count before the acknowledgement had room. Its newest seq noted
-    here may be one the acknowledgement deleted: a seq its device already has,
-    which serves as well (MailboxPosition.previous). Any other write since it
+    mailbox (``acknowledged_boxes``) is given as having no row (a send stores
+    it as new, and STORE_SEND counts one more in a row it still finds), and
+    room in it is certain only if the count before the acknowledgement had
+    room. Its newest seq noted here may be one the acknowledgement deleted:
+    a seq its device already has, which serves as well
+    (MailboxPosition.previous). Any other write since it
     was read (``writes``, :attr:`PostgresConnection.writes`, moved on without
     it: a device list stored, a device attached ...) may have changed any
     fact: :meth:`facts_for` then answers None, and the send reads its own.
