@@ -21,9 +21,10 @@ from hushchat.protocol.messages import PreKeyMessage, decode_message
 from hushchat.protocol.pqxdh import Party
 from hushchat.protocol.prekeys import OneTimePreKeyPublic, PreKeyBundle, SignedPreKeyPublic
 from hushchat.transport.client.connection import RelayConnection
+from hushchat.transport.relay.config import wall_clock_ms
 from hushchat.transport.relay.ratelimit import RateLimit
 from hushchat.transport.relay.server import Relay
-from hushchat.transport.relay.storage.sqlite import SqliteDatabase
+from hushchat.transport.relay.storage.sqlite import SqliteDatabase, SqliteStorage
 from hushchat.transport.wire.auth import sign_auth
 from hushchat.transport.wire.errors import (
     AuthenticationFailed,
@@ -478,6 +479,61 @@ async def test_live_mail_of_concurrent_senders_arrives_once_and_in_order() -> No
             with trio.move_on_after(0.3):
                 await receiver.receive()
                 pytest.fail("an envelope came twice")
+
+
+async def test_an_envelope_handed_over_during_a_read_that_found_it_is_pushed_once(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Bob's mailbox read starts; alice's send to him commits before it runs and is
+    handed to his connection (its report comes first, as in one writer batch), then
+    the epoch moves on (a send at a later time) before the read runs. The read finds
+    the envelope in the older epoch and nothing in the newest: the connection has the
+    newest epoch up to seq 0 (MailboxRead.newest_epoch), yet the envelope handed over
+    is one the read had, and is not pushed again."""
+    reading, go = trio.Event(), trio.Event()
+    armed = [False]
+    original = SqliteStorage.pending
+
+    async def held(self: SqliteStorage, user_id: str, *args: Any, **kwargs: Any) -> Any:
+        if armed[0] and user_id == "bob":
+            armed[0] = False
+            reading.set()
+            await go.wait()
+        return await original(self, user_id, *args, **kwargs)
+
+    monkeypatch.setattr(SqliteStorage, "pending", held)
+    now = [wall_clock_ms()]
+    alice, bob, carol = make_user("alice"), make_user("bob"), make_user("carol")
+    fast = RateLimit(10_000, 10_000)
+    config = relay_config(
+        clock=lambda: now[0],
+        retention_seconds=30,  # epochs of 1 s
+        max_in_flight=2,
+        send_rate=fast,
+        frame_rate=fast,
+    )
+    async with running_relay(config) as port:
+        await register(port, alice, bob, carol)
+        async with connected(port, alice.devices[1]) as sender:
+            await sender.send_direct("bob", [(1, b"first")])
+            await sender.send_direct("bob", [(1, b"second")])
+            async with connected(port, bob.devices[1]) as receiver:
+                # The first read fills the window: the mailbox is read again after the ACK.
+                backlog = [await next_envelope(receiver) for _ in range(2)]
+                assert [e.payload for e in backlog] == [b"first", b"second"]
+                armed[0] = True
+                await receiver.ack(*(e.guid for e in backlog))
+                with trio.fail_after(10):
+                    await reading.wait()
+                await sender.send_direct("bob", [(1, b"third")])  # handed over, then read
+                now[0] += 2_000
+                await sender.send_direct("carol", [(1, b"later")])  # the epoch moves on
+                go.set()
+                third = await next_envelope(receiver)
+                await receiver.ack(third.guid)
+                await sender.send_direct("bob", [(1, b"fourth")])
+                fourth = await next_envelope(receiver)
+                assert [third.payload, fourth.payload] == [b"third", b"fourth"]
 
 
 async def test_own_other_devices_are_addressed_like_any_user() -> None:
