@@ -876,7 +876,9 @@ class RelaySession:
                     frames.append(QueueEmpty())
             while room > 0 and self._handed:
                 queued = self._handed.popleft()
-                if queued.seq > self._position[1]:  # else the read above had it
+                # Else the read above had it: committed before the read, or of an
+                # epoch older than the newest it read to its end.
+                if (queued.epoch, queued.seq) > self._position:
                     self._in_flight[queued.envelope.guid] = queued.seq
                     self._position = (queued.epoch, queued.seq)
                     frames.append(EnvelopePush(queued.envelope))
