@@ -491,3 +491,57 @@ async def test_a_backlog_across_epochs_read_in_windows_then_new_mail_handed_over
                 await sender.send_direct("carol", [(1, b"new")])
                 assert [e.payload for e in await receive_envelopes(late, 1)] == [b"new"]
                 assert mailbox_reads[0] == before
+
+
+async def test_a_late_wake_for_mail_of_an_older_epoch_loses_nothing_when_the_epoch_moved(
+    postgres_dsn: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Bob's connection on relay A has epoch E up to alice's first envelope. Carol's
+    send through relay B files one more under E, its wake to A held back; then the
+    epoch moves on, and alice's next send through A is the first of the new epoch
+    (previous 0). Bob's connection does not have E to its end: handing alice's
+    envelope over would put his cursor in the new epoch, past carol's, which the late
+    wake's read would then skip. He gets both, in commit order."""
+    held: list[tuple[Relay, list[tuple[str, int]]]] = []
+    release, arrived = trio.Event(), trio.Event()
+
+    def held_back(relay: Relay, devices: Any) -> None:
+        if release.is_set():
+            original(relay, devices)
+        else:
+            held.append((relay, list(devices)))
+            arrived.set()
+
+    original = Relay._mail_elsewhere
+    monkeypatch.setattr(Relay, "_mail_elsewhere", held_back)
+    now = [wall_clock_ms()]
+    limits: dict[str, Any] = {"db": postgres_dsn, "clock": lambda: now[0], "retention_seconds": 30}
+    alice, bob, carol = make_user("alice"), make_user("bob"), make_user("carol")
+    async with (
+        running_relay(relay_config(tmp_path, **limits)) as port_a,
+        running_relay(relay_config(tmp_path, **limits)) as port_b,
+    ):
+        await register(port_a, alice, bob, carol)
+        async with (
+            connected(port_a, bob.devices[1]) as receiver,
+            connected(port_a, alice.devices[1]) as alice_connection,
+            connected(port_b, carol.devices[1]) as carol_connection,
+        ):
+            assert await envelopes_until_empty(receiver) == []
+            await alice_connection.send_direct("bob", [(1, b"first")])
+            assert [e.payload for e in await receive_envelopes(receiver, 1)] == [b"first"]
+            await carol_connection.send_direct("bob", [(1, b"second")])
+            with trio.fail_after(20):
+                await arrived.wait()  # relay A was told, and the wake is held back
+            now[0] += 2_000  # epochs of 1 s: the next batch moves the epoch on
+            await alice_connection.send_direct("bob", [(1, b"third")])
+            received = []
+            for _ in range(2):
+                envelope = await next_envelope(receiver, timeout=5)
+                received.append(envelope)
+                await receiver.ack(envelope.guid)
+            release.set()
+            for relay, devices in held:
+                original(relay, devices)
+            await receiver.ping()  # the late wake was handled before this reply's read
+            assert [e.payload for e in received] == [b"second", b"third"]
