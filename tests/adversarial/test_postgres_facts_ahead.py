@@ -301,27 +301,10 @@ def test_facts_read_ahead_wait_for_another_relay_s_batch_holding_the_devices(
     for text in (b"1", b"2"):
         db.enqueue(batch([("bob", 1)], (text,), counters={"bob": 0}), max_mailbox_size=3)
     read_ahead = db.sends_read_ahead
-    holding, release = threading.Event(), threading.Event()
-
-    def hold() -> None:
-        holding.set()
-        assert release.wait(10)
-
-    theirs = [_send(other, b"theirs", [("bob", 1), ("bob", 2)]), DatabaseCall(hold)]
+    theirs = [_send(other, b"theirs", [("bob", 1), ("bob", 2)])]
     ours = [_send(db, b"over", [("bob", 1)]), _send(db, b"after", [("bob", 2)])]
-    threads = [threading.Thread(target=other.run_batch, args=(theirs,))]
-    threads[0].start()
-    assert holding.wait(10)
-    threads.append(threading.Thread(target=db.run_batch, args=(ours,)))
-    threads[1].start()
-    ours_pid = db._conn.raw.info.backend_pid
-    deadline = time.monotonic() + 10
-    while not _waiting_for_a_lock(postgres_dsn, ours_pid) and time.monotonic() < deadline:
-        time.sleep(0.02)
-    release.set()
-    for thread in threads:
-        thread.join()
-    assert [call.error for call in theirs] == [None, None]
+    _run_behind(postgres_dsn, other, theirs, db, ours)
+    assert theirs[0].error is None
     assert isinstance(ours[0].error, MailboxFull)
     assert ours[1].error is None
     assert db.sends_read_ahead == read_ahead + 2 and db.careful_batches == 0
@@ -334,6 +317,35 @@ def test_facts_read_ahead_wait_for_another_relay_s_batch_holding_the_devices(
     assert _queued(db, ("bob", 2)) == [b"theirs", b"after"]
     assert _counts(db) == [2, 3]
     other.close()
+
+
+def _run_behind(
+    dsn: str,
+    other: PostgresDatabase,
+    theirs: list[DatabaseCall],
+    db: PostgresDatabase,
+    ours: list[DatabaseCall],
+) -> None:
+    """Run ``theirs`` on the other relay's database, holding its transaction open until
+    ``ours`` (a batch of this relay's) waits for a lock it holds; then let both finish."""
+    holding, release = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        holding.set()
+        assert release.wait(10)
+
+    threads = [threading.Thread(target=other.run_batch, args=([*theirs, DatabaseCall(hold)],))]
+    threads[0].start()
+    assert holding.wait(10)
+    threads.append(threading.Thread(target=db.run_batch, args=(ours,)))
+    threads[1].start()
+    pid = db._conn.raw.info.backend_pid
+    deadline = time.monotonic() + 10
+    while not _waiting_for_a_lock(dsn, pid) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    release.set()
+    for thread in threads:
+        thread.join()
 
 
 def _waiting_for_a_lock(dsn: str, pid: int) -> bool:
@@ -596,27 +608,10 @@ def test_a_send_waiting_behind_another_relay_s_attach_wakes_that_relay(
     before it, no relay would tell bob's new connection of the mail (it read its mailbox
     before the send committed)."""
     other = PostgresDatabase(postgres_dsn, key_file=str(tmp_path / "relay.keys"))
-    holding, release = threading.Event(), threading.Event()
-
-    def hold() -> None:
-        holding.set()
-        assert release.wait(10)
-
-    attach = [_call(other._attach, "bob", 1, b"c" * 8), DatabaseCall(hold)]
+    attach = [_call(other._attach, "bob", 1, b"c" * 8)]
     sends = [_send(db, b"a", [("bob", 1)]), _send(db, b"b", [("bob", 1), ("bob", 2)])]
-    threads = [threading.Thread(target=other.run_batch, args=(attach,))]
-    threads[0].start()
-    assert holding.wait(10)
-    threads.append(threading.Thread(target=db.run_batch, args=(sends,)))
-    threads[1].start()
-    pid = db._conn.raw.info.backend_pid
-    deadline = time.monotonic() + 10
-    while not _waiting_for_a_lock(postgres_dsn, pid) and time.monotonic() < deadline:
-        time.sleep(0.02)
-    release.set()
-    for thread in threads:
-        thread.join()
-    assert [call.error for call in attach + sends] == [None] * 4
+    _run_behind(postgres_dsn, other, attach, db, sends)
+    assert [call.error for call in attach + sends] == [None] * 3
     assert db.sends_read_ahead == 2
     assert db._wakes == {other.relay_id: {("bob", 1)}}
     other.close()
@@ -630,28 +625,11 @@ def test_a_send_waiting_behind_another_relay_s_list_change_is_checked_against_it
     behind the users' locks, after the change committed, so the compare-and-set refuses
     the send. Read before them, device 1 would get a send made for a list that is gone."""
     other = PostgresDatabase(postgres_dsn, key_file=str(tmp_path / "relay.keys"))
-    holding, release = threading.Event(), threading.Event()
-
-    def hold() -> None:
-        holding.set()
-        assert release.wait(10)
-
     new_list = device_list("bob", 1, (1, bytes([1]) * 32))
-    change = [_call(other._store_device_list, new_list, 0, None, 0), DatabaseCall(hold)]
+    change = [_call(other._store_device_list, new_list, 0, None, 0)]
     sends = [_send(db, b"stale", [("bob", 1), ("bob", 2)]), _send(db, b"new", [("bob", 1)], 1)]
-    threads = [threading.Thread(target=other.run_batch, args=(change,))]
-    threads[0].start()
-    assert holding.wait(10)
-    threads.append(threading.Thread(target=db.run_batch, args=(sends,)))
-    threads[1].start()
-    pid = db._conn.raw.info.backend_pid
-    deadline = time.monotonic() + 10
-    while not _waiting_for_a_lock(postgres_dsn, pid) and time.monotonic() < deadline:
-        time.sleep(0.02)
-    release.set()
-    for thread in threads:
-        thread.join()
-    assert [call.error for call in change] == [None, None]
+    _run_behind(postgres_dsn, other, change, db, sends)
+    assert change[0].error is None
     assert isinstance(sends[0].error, StorageConflict)
     assert sends[1].error is None
     assert db.sends_read_ahead == 2
