@@ -184,25 +184,43 @@ async def test_racing_senders_on_both_relays_deliver_each_envelope_once_in_commi
         assert mine == [b"%d:%d" % (device_id, i) for i in range(per_sender)]
 
 
+class HeldWakes:
+    """Wake-ups from other relays (Relay._mail_elsewhere) held back until let go."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.held: list[tuple[Relay, list[tuple[str, int]]]] = []
+        self.arrived = trio.Event()
+        self._released = False
+        self._original = original = Relay._mail_elsewhere
+
+        def held_back(relay: Relay, devices: Any) -> None:  # in place of the Relay method
+            if self._released:
+                original(relay, devices)
+            else:
+                self.held.append((relay, list(devices)))
+                self.arrived.set()
+
+        monkeypatch.setattr(Relay, "_mail_elsewhere", held_back)
+
+    def let_go(self) -> None:
+        """Deliver the wakes held so far, and every later one at once."""
+        self._released = True
+        for relay, devices in self.held:
+            self._original(relay, devices)
+
+
+@pytest.fixture
+def wakes(monkeypatch: pytest.MonkeyPatch) -> HeldWakes:
+    return HeldWakes(monkeypatch)
+
+
 async def test_a_late_wake_from_another_relay_loses_nothing_and_pushes_nothing_twice(
-    postgres_dsn: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    postgres_dsn: str, tmp_path: Path, wakes: HeldWakes
 ) -> None:
     """Carol's send through relay B commits first, but B's wake reaches relay A (which
     holds bob) only after alice's later send through A committed. Handing alice's
     envelope to bob at its commit would move his cursor past carol's, which the late
     wake's read would then skip: bob gets both, in commit order, once each."""
-    held: list[tuple[Relay, list[tuple[str, int]]]] = []
-    release, arrived = trio.Event(), trio.Event()
-
-    def held_back(relay: Relay, devices: Any) -> None:
-        if release.is_set():
-            original(relay, devices)
-        else:
-            held.append((relay, list(devices)))
-            arrived.set()
-
-    original = Relay._mail_elsewhere
-    monkeypatch.setattr(Relay, "_mail_elsewhere", held_back)
     alice, bob, carol = make_user("alice"), make_user("bob"), make_user("carol")
     async with two_relays(postgres_dsn, tmp_path) as (port_a, port_b):
         await register(port_a, alice, bob, carol)
@@ -214,12 +232,10 @@ async def test_a_late_wake_from_another_relay_loses_nothing_and_pushes_nothing_t
             assert await envelopes_until_empty(receiver) == []
             await carol_connection.send_direct("bob", [(1, b"first")])
             with trio.fail_after(20):
-                await arrived.wait()  # relay A was told, and the wake is held back
+                await wakes.arrived.wait()  # relay A was told, and the wake is held back
             await alice_connection.send_direct("bob", [(1, b"second")])
             first, second = await receive_envelopes(receiver, 2)
-            release.set()
-            for relay, devices in held:
-                original(relay, devices)
+            wakes.let_go()
             await receiver.ping()  # the late wake was handled before this reply's read
             assert [first.payload, second.payload] == [b"first", b"second"]
             assert (first.sender_user, second.sender_user) == ("carol", "alice")
@@ -494,7 +510,7 @@ async def test_a_backlog_across_epochs_read_in_windows_then_new_mail_handed_over
 
 
 async def test_a_late_wake_for_mail_of_an_older_epoch_loses_nothing_when_the_epoch_moved(
-    postgres_dsn: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    postgres_dsn: str, tmp_path: Path, wakes: HeldWakes
 ) -> None:
     """Bob's connection on relay A has epoch E up to alice's first envelope. Carol's
     send through relay B files one more under E, its wake to A held back; then the
@@ -502,18 +518,6 @@ async def test_a_late_wake_for_mail_of_an_older_epoch_loses_nothing_when_the_epo
     (previous 0). Bob's connection does not have E to its end: handing alice's
     envelope over would put his cursor in the new epoch, past carol's, which the late
     wake's read would then skip. He gets both, in commit order."""
-    held: list[tuple[Relay, list[tuple[str, int]]]] = []
-    release, arrived = trio.Event(), trio.Event()
-
-    def held_back(relay: Relay, devices: Any) -> None:
-        if release.is_set():
-            original(relay, devices)
-        else:
-            held.append((relay, list(devices)))
-            arrived.set()
-
-    original = Relay._mail_elsewhere
-    monkeypatch.setattr(Relay, "_mail_elsewhere", held_back)
     now = [wall_clock_ms()]
     limits: dict[str, Any] = {"db": postgres_dsn, "clock": lambda: now[0], "retention_seconds": 30}
     alice, bob, carol = make_user("alice"), make_user("bob"), make_user("carol")
@@ -532,7 +536,7 @@ async def test_a_late_wake_for_mail_of_an_older_epoch_loses_nothing_when_the_epo
             assert [e.payload for e in await receive_envelopes(receiver, 1)] == [b"first"]
             await carol_connection.send_direct("bob", [(1, b"second")])
             with trio.fail_after(20):
-                await arrived.wait()  # relay A was told, and the wake is held back
+                await wakes.arrived.wait()  # relay A was told, and the wake is held back
             now[0] += 2_000  # epochs of 1 s: the next batch moves the epoch on
             await alice_connection.send_direct("bob", [(1, b"third")])
             received = []
@@ -540,8 +544,6 @@ async def test_a_late_wake_for_mail_of_an_older_epoch_loses_nothing_when_the_epo
                 envelope = await next_envelope(receiver, timeout=5)
                 received.append(envelope)
                 await receiver.ack(envelope.guid)
-            release.set()
-            for relay, devices in held:
-                original(relay, devices)
+            wakes.let_go()
             await receiver.ping()  # the late wake was handled before this reply's read
             assert [e.payload for e in received] == [b"second", b"third"]
