@@ -466,23 +466,28 @@ def test_stale_device_list_counter_refuses_the_send(db: SqliteDatabase) -> None:
     assert db._conn.execute("SELECT COUNT(*) FROM payloads").fetchone()[0] == 0
 
 
-def test_a_read_returning_fewer_than_its_limit_read_past_expired_rows_to_the_end(
-    db: SqliteDatabase,
-) -> None:
-    """Expired rows fill the first rows a read fetches: it fetches on, so a read that
-    comes back with fewer envelopes than its limit has read the mailbox to its end,
-    which a connection takes as having the newest epoch (MailboxRead.newest_epoch)."""
-    for index in range(6):
+def _enqueue_for_bob(db: SqliteDatabase, expiries: list[int]) -> None:
+    """Envelope ``i`` (payload ``bytes([i])``, sent at 100 + i) to bob/1, expiring then."""
+    for index, expires_at in enumerate(expiries):
         db.enqueue(
             batch(
                 [("bob", 1)],
                 (bytes([index]),),
                 counters={"bob": 0},
                 server_ts=100 + index,
-                expires_at=1000 if index < 4 else 5000,
+                expires_at=expires_at,
             ),
             max_mailbox_size=10,
         )
+
+
+def test_a_read_returning_fewer_than_its_limit_read_past_expired_rows_to_the_end(
+    db: SqliteDatabase,
+) -> None:
+    """Expired rows fill the first rows a read fetches: it fetches on, so a read that
+    comes back with fewer envelopes than its limit has read the mailbox to its end,
+    which a connection takes as having the newest epoch (MailboxRead.newest_epoch)."""
+    _enqueue_for_bob(db, [1000, 1000, 1000, 1000, 5000, 5000])
     found = db.pending("bob", 1, after_seq=0, limit=3, now=2000)
     assert [q.envelope.payload for q in found] == [b"\x04", b"\x05"]
     assert found.newest_epoch == db.key_chain.epoch_of(wall_clock_ms())
@@ -490,17 +495,7 @@ def test_a_read_returning_fewer_than_its_limit_read_past_expired_rows_to_the_end
 
 
 def test_pending_in_order_after_seq_and_unexpired(db: SqliteDatabase) -> None:
-    for index in range(5):
-        db.enqueue(
-            batch(
-                [("bob", 1)],
-                (bytes([index]),),
-                counters={"bob": 0},
-                server_ts=100 + index,
-                expires_at=1000 + index,
-            ),
-            max_mailbox_size=10,
-        )
+    _enqueue_for_bob(db, [1000 + index for index in range(5)])
     queued = db.pending("bob", 1, after_seq=0, limit=3, now=0)
     assert [q.envelope.payload for q in queued] == [b"\x00", b"\x01", b"\x02"]
     rest = db.pending("bob", 1, after_seq=queued[-1].seq, limit=10, now=0)
