@@ -186,6 +186,19 @@ def test_a_batch_whose_epoch_moved_meanwhile(
     other.close()
 
 
+def _two_databases(pool: DatabasePool, tmp_path: Path) -> list[PostgresDatabase]:
+    """Two new databases ("ahead" and "one by one"), each with alice/1, bob/1 and 2, and
+    carol/1."""
+    pair = []
+    for name in ("ahead", "one_by_one"):
+        database = PostgresDatabase(pool.take(), key_file=str(tmp_path / name))
+        register_devices(database, "alice", 1, key_base=0xA0)
+        register_devices(database, "bob", 1, 2)
+        register_devices(database, "carol", 1, key_base=0xC0)
+        pair.append(database)
+    return pair
+
+
 def test_random_batches_agree_with_sends_read_one_by_one(
     postgres_databases: DatabasePool, tmp_path: Path
 ) -> None:
@@ -193,13 +206,7 @@ def test_random_batches_agree_with_sends_read_one_by_one(
     ahead) on one database and one call per batch (each send reads its own) on another:
     every call has the same outcome, every mailbox the same envelopes and count."""
     rng = random.Random(20)
-    pair = []
-    for name in ("ahead", "one_by_one"):
-        database = PostgresDatabase(postgres_databases.take(), key_file=str(tmp_path / name))
-        register_devices(database, "alice", 1, key_base=0xA0)
-        register_devices(database, "bob", 1, 2)
-        register_devices(database, "carol", 1, key_base=0xC0)
-        pair.append(database)
+    pair = _two_databases(postgres_databases, tmp_path)
     ahead, alone = pair
     devices = [("bob", 1), ("bob", 2), ("carol", 1)]
     counters = {"bob": 0, "carol": 0}
@@ -519,18 +526,13 @@ def test_random_batches_of_every_kind_of_call_agree_with_calls_run_one_by_one(
     Each call's outcome, each mailbox's envelopes, count and notice, and the relays each
     batch wakes must be what the calls run one per batch give."""
     rng = random.Random(7)
-    pair = []
-    for name in ("ahead", "one_by_one"):
-        database = PostgresDatabase(postgres_databases.take(), key_file=str(tmp_path / name))
-        register_devices(database, "alice", 1, key_base=0xA0)
-        register_devices(database, "bob", 1, 2)
-        register_devices(database, "carol", 1, key_base=0xC0)
+    pair = _two_databases(postgres_databases, tmp_path)
+    for database in pair:
         upload_prekeys(database, "bob", 2, one_time=100, kem=0)
         database._conn.execute(
             "INSERT INTO presence VALUES ('bob', 2, 'other', ?), ('carol', 1, 'other', ?)",
             (b"o" * 8, b"p" * 8),
         )
-        pair.append(database)
     ahead, alone = pair
     devices = [("bob", 1), ("bob", 2), ("carol", 1)]
     texts = iter(range(10**6))
