@@ -332,8 +332,11 @@ def _run_behind(
     theirs: list[DatabaseCall],
     db: PostgresDatabase,
     ours: list[DatabaseCall],
+    *,
+    exclusive: bool = False,
 ) -> None:
-    """Run ``theirs`` on the other relay's database, holding its transaction open until
+    """Run ``theirs`` on the other relay's database (``exclusive``: as one transaction
+    holding the epoch lock, as an epoch's move does), holding its transaction open until
     ``ours`` (a batch of this relay's) waits for a lock it holds; then let both finish."""
     holding, release = threading.Event(), threading.Event()
 
@@ -341,18 +344,21 @@ def _run_behind(
         holding.set()
         assert release.wait(10)
 
-    threads = [threading.Thread(target=other.run_batch, args=([*theirs, DatabaseCall(hold)],))]
+    held = [*theirs, DatabaseCall(hold)]
+    run = partial(other._run, held, exclusive=True) if exclusive else partial(other.run_batch, held)
+    threads = [threading.Thread(target=run)]
     threads[0].start()
     assert holding.wait(10)
     threads.append(threading.Thread(target=db.run_batch, args=(ours,)))
     threads[1].start()
     pid = db._conn.raw.info.backend_pid
     deadline = time.monotonic() + 10
-    while not _waiting_for_a_lock(dsn, pid) and time.monotonic() < deadline:
+    while not (waiting := _waiting_for_a_lock(dsn, pid)) and time.monotonic() < deadline:
         time.sleep(0.02)
     release.set()
     for thread in threads:
         thread.join()
+    assert waiting  # ours did wait behind theirs
 
 
 def _waiting_for_a_lock(dsn: str, pid: int) -> bool:
@@ -658,3 +664,29 @@ def test_facts_read_ahead_that_miss_a_mailbox_row_fail_the_batch_not_the_count(
     assert db.careful_batches == 1
     assert _queued(db) == [b"first", b"second"]
     assert _counts(db) == [2]
+
+
+def test_a_batch_waiting_for_another_relay_s_epoch_move_files_under_the_new_epoch(
+    postgres_dsn: str, tmp_path: Path, db: PostgresDatabase
+) -> None:
+    """Another relay moves the epoch on while this relay's batch waits for the epoch lock:
+    the batch must read the epoch after the lock is its, in a statement of its own (a
+    statement's snapshot is taken when it starts), and file its sends under the new
+    epoch, where the moved mailboxes are; facts read ahead in the old epoch's partitions
+    are dropped. Read with the lock, its snapshot from before the move, the sends would
+    go under the old epoch after the move, where no connection's cursor looks again."""
+    now = [db._clock()]
+    other = PostgresDatabase(
+        postgres_dsn, key_file=str(tmp_path / "relay.keys"), clock=lambda: now[0]
+    )
+    now[0] += 2 * db._chain.epoch_ms
+    new_epoch = other._chain.epoch_of(now[0])
+    move = DatabaseCall(partial(other._current_epoch, new_epoch))
+    sends = [_send(db, b"a", [("bob", 1)]), _send(db, b"b", [("bob", 1), ("bob", 2)])]
+    _run_behind(postgres_dsn, other, [move], db, sends, exclusive=True)
+    assert move.error is None and move.result == new_epoch
+    assert [call.error for call in sends] == [None, None]
+    assert {p.epoch for call in sends for p in call.result} == {new_epoch}  # type: ignore[attr-defined]
+    assert db.sends_read_ahead == 0
+    assert _queued(db) == [b"a", b"b"]
+    other.close()
