@@ -297,9 +297,9 @@ class RelayStorage(Protocol):
     ) -> MailboxRead:
         """Unexpired envelopes for a device after position (``after_epoch``, ``after_seq``).
 
-        Oldest first, at most ``limit``. An envelope whose row no longer opens (its keys are
-        gone, or it was altered) is deleted instead, and told in the device's
-        expiry notice.
+        Oldest first, at most ``limit``. An envelope whose row no longer opens
+        (its keys are gone, or it was altered) is deleted instead, and told in
+        the device's expiry notice.
         """
         ...
 

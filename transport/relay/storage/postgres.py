@@ -1216,17 +1216,11 @@ class PostgresDatabase(SqliteDatabase):
         )
         self._partitioned = epoch
 
-    def _queue_tables(self, epoch: int, newest: int) -> tuple[str, str]:
-        """The newest epoch's partitions, named directly (see in_partitions); the parent
-        tables for an older epoch."""
-        if epoch == newest:
-            return f"deliveries_{epoch}", f"payloads_{epoch}"
-        return "deliveries", "payloads"
-
     def _mailbox_rows(
         self, epoch: int, newest: int, mailbox: bytes, after_seq: int, limit: int
     ) -> Sequence[tuple[int, int, bytes, int, bytes]]:
-        """As on SQLite; the newest epoch's as a prepared statement on its partitions."""
+        """As on SQLite (on the parent tables) for an older epoch; the newest epoch's as a
+        prepared statement on its partitions."""
         if epoch != newest:
             return super()._mailbox_rows(epoch, newest, mailbox, after_seq, limit)
         return self._conn.run(  # type: ignore[no-any-return]
@@ -1543,11 +1537,9 @@ class PostgresDatabase(SqliteDatabase):
         if missing:
             self._lock_devices(missing)
 
-    def _lock_users(self, user_ids: Sequence[str], exclusive: bool) -> set[str]:
-        """Lock the users' rows (``exclusive``: FOR UPDATE, else FOR SHARE), in key order;
-        those that exist."""
-        sent = self._send_user_locks(user_ids, exclusive)
-        return {user_id for (user_id,) in self._conn.prepared.rows(sent)}
+    def _lock_users(self, user_ids: Sequence[str], exclusive: bool) -> None:
+        """Lock the users' rows (``exclusive``: FOR UPDATE, else FOR SHARE), in key order."""
+        self._conn.prepared.rows(self._send_user_locks(user_ids, exclusive))
 
     def _send_user_locks(self, user_ids: Sequence[str], exclusive: bool) -> Sent:
         """:meth:`_lock_users`, its rows not waited for in a pipeline."""
@@ -1807,10 +1799,10 @@ class _FactsAhead:
     room in it is certain only if the count before the acknowledgement had
     room. Its newest seq noted here may be one the acknowledgement deleted:
     a seq its device already has, which serves as well
-    (MailboxPosition.previous). Any other write since it
-    was read (``writes``, :attr:`PostgresConnection.writes`, moved on without
-    it: a device list stored, a device attached ...) may have changed any
-    fact: :meth:`facts_for` then answers None, and the send reads its own.
+    (MailboxPosition.previous). Any other write since it was read
+    (``writes``, :attr:`PostgresConnection.writes`, moved on without it: a
+    device list stored, a device attached ...) may have changed any fact:
+    :meth:`facts_for` then answers None, and the send reads its own.
     """
 
     def __init__(

@@ -1161,14 +1161,13 @@ class SqliteDatabase:
         self, epoch: int, newest: int, mailbox: bytes, after_seq: int, limit: int
     ) -> Sequence[tuple[int, int, bytes, int, bytes]]:
         """The first ``limit`` deliveries of ``epoch`` in ``mailbox`` after ``after_seq``,
-        with their payloads: (seq, payload id, sealed, payload epoch, payload sealed)."""
-        delivery_table, payload_table = self._queue_tables(epoch, newest)
+        with their payloads: (seq, payload id, sealed, payload epoch, payload sealed).
+        ``newest``: the newest epoch (PostgreSQL reads its partitions directly)."""
         return cast(
             list[tuple[int, int, bytes, int, bytes]],
             self._conn.execute(
                 "SELECT d.seq, d.payload_id, d.sealed, p.epoch, p.sealed "
-                f"FROM {delivery_table} AS d JOIN {payload_table} AS p "
-                f"ON {self.PAYLOAD_OF_DELIVERY} "
+                f"FROM deliveries AS d JOIN payloads AS p ON {self.PAYLOAD_OF_DELIVERY} "
                 "WHERE d.mailbox = ? AND d.epoch = ? AND d.seq > ? ORDER BY d.seq LIMIT ?",
                 (mailbox, epoch, after_seq, limit),
             ).fetchall(),
@@ -1186,11 +1185,6 @@ class SqliteDatabase:
         first = chain.start_of(min(epoch for _, epoch in rows))
         last = chain.start_of(max(epoch for _, epoch in rows) + 1) - 1
         self._note(user_id, device_id, -len(rows), ExpiryNotice(len(rows), first, last), now)
-
-    def _queue_tables(self, epoch: int, newest: int) -> tuple[str, str]:
-        """The tables holding the deliveries and payloads of ``epoch`` (``newest``: the
-        newest epoch): on SQLite, the two tables."""
-        return "deliveries", "payloads"
 
     def _acknowledge(self, user_id: str, device_id: int, seqs: Sequence[int]) -> int:
         db, chain = self._conn, self._chain
