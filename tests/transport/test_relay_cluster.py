@@ -44,7 +44,7 @@ from tests.support.relay import (
     running_relay,
 )
 from tests.support.storage import register_devices, upload_prekeys
-from tests.support.users import Device, make_user
+from tests.support.users import Device, User, make_user
 
 # Sybils fetching one target's bundles: enough that two relays' separate budgets
 # (20 each by default) would both run out, at 6 fetches per sybil and relay.
@@ -59,6 +59,22 @@ async def two_relays(dsn: str, tmp_path: Path, **limits: Any) -> AsyncIterator[t
         running_relay(relay_config(tmp_path, db=dsn, **limits)) as second,
     ):
         yield first, second
+
+
+@asynccontextmanager
+async def bob_alice_and_carol(
+    port_a: int, port_b: int, alice: User, bob: User, carol: User
+) -> AsyncIterator[tuple[RelayConnection, RelayConnection, RelayConnection]]:
+    """The three registered; bob (his mailbox read, empty) and alice connected to relay A,
+    carol to relay B: (bob's, alice's, carol's connection)."""
+    await register(port_a, alice, bob, carol)
+    async with (
+        connected(port_a, bob.devices[1]) as receiver,
+        connected(port_a, alice.devices[1]) as alice_connection,
+        connected(port_b, carol.devices[1]) as carol_connection,
+    ):
+        assert await envelopes_until_empty(receiver) == []
+        yield receiver, alice_connection, carol_connection
 
 
 async def receive_envelopes(connection: RelayConnection, count: int) -> list[Envelope]:
@@ -223,13 +239,11 @@ async def test_a_late_wake_from_another_relay_loses_nothing_and_pushes_nothing_t
     wake's read would then skip: bob gets both, in commit order, once each."""
     alice, bob, carol = make_user("alice"), make_user("bob"), make_user("carol")
     async with two_relays(postgres_dsn, tmp_path) as (port_a, port_b):
-        await register(port_a, alice, bob, carol)
-        async with (
-            connected(port_a, bob.devices[1]) as receiver,
-            connected(port_a, alice.devices[1]) as alice_connection,
-            connected(port_b, carol.devices[1]) as carol_connection,
+        async with bob_alice_and_carol(port_a, port_b, alice, bob, carol) as (
+            receiver,
+            alice_connection,
+            carol_connection,
         ):
-            assert await envelopes_until_empty(receiver) == []
             await carol_connection.send_direct("bob", [(1, b"first")])
             with trio.fail_after(20):
                 await wakes.arrived.wait()  # relay A was told, and the wake is held back
@@ -519,31 +533,28 @@ async def test_a_late_wake_for_mail_of_an_older_epoch_loses_nothing_when_the_epo
     envelope over would put his cursor in the new epoch, past carol's, which the late
     wake's read would then skip. He gets both, in commit order."""
     now = [wall_clock_ms()]
-    limits: dict[str, Any] = {"db": postgres_dsn, "clock": lambda: now[0], "retention_seconds": 30}
+    limits = {"clock": lambda: now[0], "retention_seconds": 30}  # epochs of 1 s
     alice, bob, carol = make_user("alice"), make_user("bob"), make_user("carol")
     async with (
-        running_relay(relay_config(tmp_path, **limits)) as port_a,
-        running_relay(relay_config(tmp_path, **limits)) as port_b,
+        two_relays(postgres_dsn, tmp_path, **limits) as (port_a, port_b),
+        bob_alice_and_carol(port_a, port_b, alice, bob, carol) as (
+            receiver,
+            alice_connection,
+            carol_connection,
+        ),
     ):
-        await register(port_a, alice, bob, carol)
-        async with (
-            connected(port_a, bob.devices[1]) as receiver,
-            connected(port_a, alice.devices[1]) as alice_connection,
-            connected(port_b, carol.devices[1]) as carol_connection,
-        ):
-            assert await envelopes_until_empty(receiver) == []
-            await alice_connection.send_direct("bob", [(1, b"first")])
-            assert [e.payload for e in await receive_envelopes(receiver, 1)] == [b"first"]
-            await carol_connection.send_direct("bob", [(1, b"second")])
-            with trio.fail_after(20):
-                await wakes.arrived.wait()  # relay A was told, and the wake is held back
-            now[0] += 2_000  # epochs of 1 s: the next batch moves the epoch on
-            await alice_connection.send_direct("bob", [(1, b"third")])
-            received = []
-            for _ in range(2):
-                envelope = await next_envelope(receiver, timeout=5)
-                received.append(envelope)
-                await receiver.ack(envelope.guid)
-            wakes.let_go()
-            await receiver.ping()  # the late wake was handled before this reply's read
-            assert [e.payload for e in received] == [b"second", b"third"]
+        await alice_connection.send_direct("bob", [(1, b"first")])
+        assert [e.payload for e in await receive_envelopes(receiver, 1)] == [b"first"]
+        await carol_connection.send_direct("bob", [(1, b"second")])
+        with trio.fail_after(20):
+            await wakes.arrived.wait()  # relay A was told, and the wake is held back
+        now[0] += 2_000  # epochs of 1 s: the next batch moves the epoch on
+        await alice_connection.send_direct("bob", [(1, b"third")])
+        received = []
+        for _ in range(2):
+            envelope = await next_envelope(receiver, timeout=5)
+            received.append(envelope)
+            await receiver.ack(envelope.guid)
+        wakes.let_go()
+        await receiver.ping()  # the late wake was handled before this reply's read
+        assert [e.payload for e in received] == [b"second", b"third"]
