@@ -347,6 +347,15 @@ _EMPTY_ARRAY_HEADER = struct.Struct(">iii")
 _ELEMENT_LENGTH = struct.Struct(">i")
 
 
+def _column_arrays(rows: Sequence[Sequence[Any]], **columns: str) -> dict[str, BinaryArray]:
+    """An array parameter per column of ``rows``, named as ``columns`` says in column
+    order (name=element type)."""
+    return {
+        name: BinaryArray(element, [row[index] for row in rows])
+        for index, (name, element) in enumerate(columns.items())
+    }
+
+
 def _binary_parameter(value: BinaryArray | bytes | str | int) -> tuple[int, bytes]:
     """A parameter's type OID and binary encoding."""
     if isinstance(value, BinaryArray):
@@ -1523,11 +1532,7 @@ class PostgresDatabase(SqliteDatabase):
         if not wanted:
             return None
         sent: Sent = self._conn.send(
-            LOCK_DEVICES,
-            {
-                "user_ids": BinaryArray("text", [user_id for user_id, _ in wanted]),
-                "device_ids": BinaryArray("bigint", [device_id for _, device_id in wanted]),
-            },
+            LOCK_DEVICES, _column_arrays(wanted, user_ids="text", device_ids="bigint")
         )
         return sent
 
@@ -1637,8 +1642,7 @@ class PostgresDatabase(SqliteDatabase):
         devices = list(dict.fromkeys((d.user_id, d.device_id) for s in sends for d in s.deliveries))
         return {
             "users": BinaryArray("text", users),
-            "user_ids": BinaryArray("text", [user_id for user_id, _ in devices]),
-            "device_ids": BinaryArray("bigint", [device_id for _, device_id in devices]),
+            **_column_arrays(devices, user_ids="text", device_ids="bigint"),
             "boxes": BinaryArray("bytea", list(dict.fromkeys(b for some in boxes for b in some))),
             "epoch": epoch,
             "relay": self.relay_id,
@@ -1660,21 +1664,22 @@ class PostgresDatabase(SqliteDatabase):
         self._conn.send(
             in_partitions(STORE_SEND, deliveries[0][1]),
             {
-                "payload_ids": BinaryArray("bigint", [row[0] for row in payloads]),
-                "payload_epochs": BinaryArray("bigint", [row[1] for row in payloads]),
-                "payloads": BinaryArray("bytea", [row[2] for row in payloads]),
-                "seqs": BinaryArray("bigint", [row[0] for row in deliveries]),
-                "epochs": BinaryArray("bigint", [row[1] for row in deliveries]),
-                "boxes": BinaryArray("bytea", [row[2] for row in deliveries]),
-                "delivery_payloads": BinaryArray("bigint", [row[3] for row in deliveries]),
-                "sealed": BinaryArray("bytea", [row[4] for row in deliveries]),
+                **_column_arrays(
+                    payloads, payload_ids="bigint", payload_epochs="bigint", payloads="bytea"
+                ),
+                **_column_arrays(
+                    deliveries,
+                    seqs="bigint",
+                    epochs="bigint",
+                    boxes="bytea",
+                    delivery_payloads="bigint",
+                    sealed="bytea",
+                ),
                 "counted": BinaryArray("bytea", counted),
-                "maybe_boxes": BinaryArray("bytea", [row[0] for row in maybe]),
-                "maybe_epochs": BinaryArray("bigint", [row[1] for row in maybe]),
-                "maybe_sealed": BinaryArray("bytea", [row[2] for row in maybe]),
-                "new_boxes": BinaryArray("bytea", [row[0] for row in new]),
-                "new_epochs": BinaryArray("bigint", [row[1] for row in new]),
-                "new_sealed": BinaryArray("bytea", [row[2] for row in new]),
+                **_column_arrays(
+                    maybe, maybe_boxes="bytea", maybe_epochs="bigint", maybe_sealed="bytea"
+                ),
+                **_column_arrays(new, new_boxes="bytea", new_epochs="bigint", new_sealed="bytea"),
             },
         )
 
