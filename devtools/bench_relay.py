@@ -8,16 +8,21 @@ does not share its core. The load generator is this process: ``clients``
 low-level :class:`~hushchat.transport.client.connection.RelayConnection` s (not the full
 client library, which would add its own SQLite commit per message and
 measure the client store rather than the relay), one user with one device
-each, registered with a signed device list and authenticated.
+each, registered with a signed device list and authenticated. A client is
+ready once the relay has set up its delivery (it says so by pushing
+QueueEmpty); the run starts when every client is ready, so that the
+connection storm of the clients' start is not measured as the load's
+latency.
 
 Every client sends ``messages`` payloads, one request at a time, alternating
 one-to-one (to the next client) and group (to the other members of its group
-of ``group_size`` consecutive clients). A payload is an opaque blob of
-:data:`PAYLOAD_SIZE` bytes (the size of a real one-to-one message) naming
-its sender and sequence number. Each recipient records when a payload
-arrives and acknowledges, in one ACK, the envelopes that arrived together;
-the relay answers an acknowledgement at once and commits the deletion with
-its next batch (spec 7.8). Reported:
+of ``group_size`` consecutive clients; half of the clients start with each).
+A payload is an opaque blob of :data:`PAYLOAD_SIZE` bytes (the size of a
+real one-to-one message) naming its sender and sequence number. Each
+recipient records when a payload arrives and acknowledges, in one ACK,
+whatever arrived while its previous ACK waited for its reply (receiving
+never waits for that reply); the relay answers an acknowledgement at once
+and commits the deletion with its next batch (spec 7.8). Reported:
 
 * envelopes delivered (acknowledged) per second, from the first send to the
   last acknowledgement;
@@ -97,6 +102,8 @@ from hushchat.transport.client.connection import RelayConnection, connect_relay
 from hushchat.transport.relay.config import RelayConfig
 from hushchat.transport.relay.server import serve_relay
 from hushchat.transport.wire.errors import RateLimited, TransportError
+from hushchat.transport.wire.frames import QueueEmpty
+from hushchat.transport.wire.limits import MAX_IN_FLIGHT
 from hushchat.transport.wire.records import Envelope
 
 from .arguments import at_least, positive_seconds
@@ -390,8 +397,10 @@ class _Plan:
         return [i for i in range(start, min(start + self.group_size, self.clients)) if i != index]
 
     def is_direct(self, sender: int, seq: int) -> bool:
-        """Even sequence numbers go one-to-one (and everything from a client alone in a group)."""
-        return seq % 2 == 0 or not self.group_of(sender)
+        """Every other send of a client goes one-to-one, the others to its group (all of
+        them one-to-one from a client alone in a group); at each sequence number, half
+        of the clients send one-to-one."""
+        return (sender + seq) % 2 == 0 or not self.group_of(sender)
 
     def recipients(self, sender: int, seq: int) -> list[int]:
         if self.is_direct(sender, seq):
@@ -402,16 +411,17 @@ class _Plan:
         """Each send's time in an open-loop run at ``rate`` envelopes per second, in
         seconds from the start: each send takes its envelopes' share of the time.
 
-        Order: rounds of every client's next two sends (its one-to-one, then its
-        group send), so that the two kinds mix evenly over the run.
+        Order: rounds of every client's next send, so that a client's sends are a
+        round apart (a relay answers a connection's requests one at a time: two
+        sends of one client back to back would measure the second waiting for the
+        first's commit), and one-to-one and group sends alternate within each round.
         """
         offsets: dict[tuple[int, int], float] = {}
         envelopes = 0
-        for first in range(0, self.messages, 2):
+        for seq in range(self.messages):
             for sender in range(self.clients):
-                for seq in range(first, min(first + 2, self.messages)):
-                    offsets[(sender, seq)] = envelopes / rate
-                    envelopes += len(self.recipients(sender, seq))
+                offsets[(sender, seq)] = envelopes / rate
+                envelopes += len(self.recipients(sender, seq))
         return offsets
 
 
@@ -508,10 +518,17 @@ async def _register(connection: RelayConnection, user_id: str) -> None:
     await connection.authenticate(user_id, 1, device_identity)
 
 
+async def _until_queue_empty(connection: RelayConnection) -> None:
+    """Wait until the relay has read the new device's (empty) mailbox and said so."""
+    while not any(isinstance(item, QueueEmpty) for item in await connection.receive_batch()):
+        pass
+
+
 async def _client(load: _Load, index: int, ports: Sequence[int]) -> None:
     port = ports[load.relay_of(index)]
     async with connect_relay("127.0.0.1", port, keepalive_interval=None) as connection:
         await _register(connection, load.plan.user(index))
+        await _until_queue_empty(connection)
         load.registered()
         await load.start.wait()
         async with trio.open_nursery() as nursery:
@@ -562,22 +579,39 @@ async def _send(
 
 
 async def _receive(load: _Load, index: int, connection: RelayConnection) -> None:
-    """Record every envelope; acknowledge what arrived together in one ACK.
+    """Record every envelope as it arrives; acknowledge in one ACK whatever arrived while
+    the last ACK waited for its reply.
 
-    The relay deletes them with its next batch commit.
+    The relay deletes them with its next batch commit. It answers a
+    connection's requests one at a time, so an ACK's reply may wait for the
+    client's own send before it (for its commit): receiving does not wait for
+    it, or an envelope's latency would include that wait.
     """
-    while True:
-        envelopes = [
-            item for item in await connection.receive_batch() if isinstance(item, Envelope)
-        ]
-        if not envelopes:
-            continue
-        for envelope in envelopes:
-            sender, seq = _read_payload(envelope.payload)
-            load.arrived(sender, seq, index)
-        await connection.ack(*(envelope.guid for envelope in envelopes))
-        load.delivered += len(envelopes)
-        load.last_ack = time.perf_counter()
+    send_guids, receive_guids = trio.open_memory_channel[list[bytes]](MAX_IN_FLIGHT)
+
+    async def acknowledge() -> None:
+        async for guids in receive_guids:
+            while True:
+                try:
+                    guids += receive_guids.receive_nowait()
+                except trio.WouldBlock:
+                    break
+            await connection.ack(*dict.fromkeys(guids))
+            load.delivered += len(guids)
+            load.last_ack = time.perf_counter()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(acknowledge)
+        while True:
+            envelopes = [
+                item for item in await connection.receive_batch() if isinstance(item, Envelope)
+            ]
+            for envelope in envelopes:
+                sender, seq = _read_payload(envelope.payload)
+                load.arrived(sender, seq, index)
+            if envelopes:
+                # At most a window of envelopes is pushed unacknowledged: never full.
+                await send_guids.send([envelope.guid for envelope in envelopes])
 
 
 @dataclass(slots=True)

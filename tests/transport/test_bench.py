@@ -17,9 +17,12 @@ import time
 from pathlib import Path
 
 import pytest
+import trio
+from trio.testing import wait_all_tasks_blocked
 
 from hushchat.devtools import bench, bench_relay, pgcluster
 from hushchat.transport import cli
+from hushchat.transport.wire.records import Envelope, EnvelopeKind
 
 OPERATIONS = {
     "pqxdh_complete",
@@ -206,15 +209,66 @@ def test_open_loop_schedule_spreads_the_envelopes_evenly() -> None:
     plan = bench_relay._Plan(clients=5, messages=3, group_size=3)
     offsets = plan.schedule(rate=10.0)
     assert set(offsets) == {(sender, seq) for sender in range(5) for seq in range(3)}
-    # Rounds of each client's one-to-one and group send, then the next round.
+    # Rounds of every client's next send: a client's sends are a round apart (its
+    # relay would answer the second only after the first committed), and one-to-one
+    # and group sends alternate within a round.
     order = sorted(offsets, key=offsets.__getitem__)
-    assert order[:4] == [(0, 0), (0, 1), (1, 0), (1, 1)] and order[-1] == (4, 2)
+    assert order == [(sender, seq) for seq in range(3) for sender in range(5)]
+    assert [plan.is_direct(sender, 0) for sender in range(4)] == [True, False, True, False]
     # Each send is due when the envelopes scheduled before it have had their time.
     envelopes = 0
     for key in order:
         assert offsets[key] == pytest.approx(envelopes / 10.0)
         envelopes += len(plan.recipients(*key))
     assert envelopes == bench_relay._Load(plan).expected
+
+
+class _HeldAcks:
+    """A relay connection for the load's receiver: pushes what the test gives it; each
+    ACK's reply waits until the test lets it through."""
+
+    def __init__(self) -> None:
+        self.pushes, self._pushed = trio.open_memory_channel[list[object]](10)
+        self.acks: list[tuple[bytes, ...]] = []
+        self.reply = trio.Event()
+
+    async def receive_batch(self) -> list[object]:
+        return await self._pushed.receive()
+
+    async def ack(self, *guids: bytes) -> None:
+        self.acks.append(guids)
+        await self.reply.wait()
+        self.reply = trio.Event()
+
+
+def _pushed(sender: int, seq: int) -> Envelope:
+    payload = bench_relay._payload(sender, seq)
+    return Envelope(bytes([sender, seq]) * 8, 0, "someone", 1, EnvelopeKind.DIRECT, payload)
+
+
+async def test_the_load_records_arrivals_while_an_ack_waits_for_its_reply() -> None:
+    """An ACK's reply can wait behind the receiver's own send at its relay: the envelopes
+    that arrive meanwhile are recorded as they come, and acknowledged together next."""
+    plan = bench_relay._Plan(clients=2, messages=2, group_size=1)
+    load = bench_relay._Load(plan)
+    load.sent_at = {(0, 0): 0.0, (0, 1): 0.0}
+    connection = _HeldAcks()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(bench_relay._receive, load, 1, connection)
+        await connection.pushes.send([_pushed(0, 0)])
+        await wait_all_tasks_blocked()
+        assert connection.acks == [(_pushed(0, 0).guid,)]  # its reply not yet come
+        await connection.pushes.send([_pushed(0, 1)])
+        await wait_all_tasks_blocked()
+        assert load.received[(0, 1, 1)] == 1  # recorded, the first ACK still waiting
+        assert len(connection.acks) == 1 and load.delivered == 0
+        connection.reply.set()
+        await wait_all_tasks_blocked()
+        assert connection.acks[1:] == [(_pushed(0, 1).guid,)] and load.delivered == 1
+        connection.reply.set()
+        await wait_all_tasks_blocked()
+        assert load.delivered == 2
+        nursery.cancel_scope.cancel()
 
 
 def test_open_loop_run_delivers_everything_once(capsys: pytest.CaptureFixture[str]) -> None:
