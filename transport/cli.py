@@ -43,7 +43,13 @@ from .relay.config import (
 from .relay.invites import issue_invites
 from .relay.ratelimit import RateLimit
 from .relay.report import format_report, relay_report
-from .relay.server import RelayStartError, database_error, is_database_error, serve_relay
+from .relay.server import (
+    RelayStartError,
+    database_error,
+    freeze_startup_objects,
+    is_database_error,
+    serve_relay,
+)
 from .relay.storage.atrest import RelayKeysMissing, default_key_file
 from .relay.storage.names import is_postgres_url, without_password
 from .relay.storage.schema import SCHEMA_VERSION, sqlite_schema_version
@@ -452,6 +458,7 @@ async def _serve_until_signalled(config: RelayConfig) -> None:
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with trio.open_nursery() as nursery:
             await nursery.start(serve_relay, config)
+            freeze_startup_objects()
             async for signum in signals:
                 logger.info("stopping on %s", signal.Signals(signum).name)
                 nursery.cancel_scope.cancel()

@@ -7,6 +7,7 @@ reported, and that the relay load delivers everything exactly once.
 
 from __future__ import annotations
 
+import gc
 import importlib.util
 import json
 import os
@@ -203,6 +204,7 @@ def test_relay_bench_delivers_everything_once(capsys: pytest.CaptureFixture[str]
     assert report["load_client"] == "hushchat.transport.client.connection.RelayConnection"
     assert report["mode"] == "burst" and report["offered_rate"] is None
     assert report["relay_cpu_us_per_envelope"] > 0
+    assert gc.isenabled()  # off during the run only (the load generator's collections)
 
 
 def test_open_loop_schedule_spreads_the_envelopes_evenly() -> None:

