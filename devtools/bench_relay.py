@@ -680,6 +680,8 @@ async def _load_in(
     # The load generator's own collections would count as the relay's latency (a
     # full one scans every object it holds: 50 ms pauses were measured mid-run), so
     # none runs during the run, as timeit does it; the run is bounded by its timeout.
+    # Afterwards the collector is as the caller had it (a process that runs other things).
+    collecting = gc.isenabled()
     gc.collect()
     gc.disable()
     try:
@@ -691,7 +693,8 @@ async def _load_in(
         # Anything still coming now is a duplicate.
         await trio.sleep(DRAIN_SECONDS)
     finally:
-        gc.enable()
+        if collecting:
+            gc.enable()
     usage.load = _usage()[1] - load_before
     usage.relays = sum(relay.usage()[1] for relay in relays) - relays_before
     if database_cpu is not None and database_before is not None:

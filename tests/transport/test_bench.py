@@ -273,6 +273,21 @@ async def test_the_load_records_arrivals_while_an_ack_waits_for_its_reply() -> N
         nursery.cancel_scope.cancel()
 
 
+def test_relay_bench_leaves_the_collector_as_it_found_it(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """The load generator collects nothing during a run: afterwards the collector is as
+    the caller had it (here: off), not switched on behind its back."""
+    argv = ["bench", "relay", "--clients", "2", "--messages", "1", "--timeout", "60"]
+    gc.disable()
+    try:
+        assert cli.main([*argv, "--json"]) == 0
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
+    assert json.loads(capsys.readouterr().out)["lost"] == 0
+
+
 def test_open_loop_run_delivers_everything_once(capsys: pytest.CaptureFixture[str]) -> None:
     argv = ["bench", "relay", "--clients", "4", "--messages", "4", "--group-size", "3"]
     assert cli.main([*argv, "--rate", "200", "--timeout", "60", "--json"]) == 0
