@@ -24,8 +24,8 @@ whatever arrived while its previous ACK waited for its reply (receiving
 never waits for that reply); the relay answers an acknowledgement at once
 and commits the deletion with its next batch (spec 7.8). Reported:
 
-* envelopes delivered (acknowledged) per second, from the first send to the
-  last acknowledgement;
+* envelopes delivered (acknowledged, each once: a duplicate is not counted)
+  per second, from the first send to the last acknowledgement;
 * latency from just before the send request (open loop: from its scheduled
   time) to the recipient's receipt, p50/p95/p99/p999;
 * lost and duplicated envelopes (each expected delivery must arrive once);
@@ -484,12 +484,13 @@ class _Load:
         """Open loop: this client's sends (sequence number, due time), in order."""
         return [(seq, self.sent_at[(sender, seq)]) for seq in range(self.plan.messages)]
 
-    def arrived(self, sender: int, seq: int, recipient: int) -> None:
-        """Count an envelope; the first copy of each sets its latency."""
+    def arrived(self, sender: int, seq: int, recipient: int) -> bool:
+        """Count an envelope; the first copy of each sets its latency. Whether it was the
+        first."""
         key = (sender, seq, recipient)
         self.received[key] += 1
         if self.received[key] > 1:
-            return
+            return False
         latency = time.perf_counter() - self.sent_at[(sender, seq)]
         self.latencies.append(latency)
         if self.relay_of(sender) != self.relay_of(recipient):
@@ -499,6 +500,7 @@ class _Load:
             self.complete += 1
             if self.complete == self.plan.clients:
                 self.all_in.set()
+        return True
 
 
 def _payload(sender: int, seq: int) -> bytes:
@@ -589,18 +591,24 @@ async def _receive(load: _Load, index: int, connection: RelayConnection) -> None
     client's own send before it (for its commit): receiving does not wait for
     it, or an envelope's latency would include that wait.
     """
-    send_guids, receive_guids = trio.open_memory_channel[list[bytes]](MAX_IN_FLIGHT)
+    # What arrived together: its guids, and how many of them arrived for the first time.
+    send_guids, receive_guids = trio.open_memory_channel[tuple[list[bytes], int]](MAX_IN_FLIGHT)
 
     async def acknowledge() -> None:
-        async for guids in receive_guids:
+        async for guids, first in receive_guids:
             while True:
                 try:
-                    guids += receive_guids.receive_nowait()
+                    more, more_first = receive_guids.receive_nowait()
                 except trio.WouldBlock:
                     break
+                guids += more
+                first += more_first
+            # Every copy is acknowledged (the relay holds it in its window until then);
+            # a duplicate is not delivered again, nor is the rate's end moved by it.
             await connection.ack(*dict.fromkeys(guids))
-            load.delivered += len(guids)
-            load.last_ack = time.perf_counter()
+            if first:
+                load.delivered += first
+                load.last_ack = time.perf_counter()
 
     async with trio.open_nursery() as nursery:
         nursery.start_soon(acknowledge)
@@ -608,12 +616,12 @@ async def _receive(load: _Load, index: int, connection: RelayConnection) -> None
             envelopes = [
                 item for item in await connection.receive_batch() if isinstance(item, Envelope)
             ]
+            first = 0
             for envelope in envelopes:
-                sender, seq = _read_payload(envelope.payload)
-                load.arrived(sender, seq, index)
+                first += load.arrived(*_read_payload(envelope.payload), index)
             if envelopes:
                 # At most a window of envelopes is pushed unacknowledged: never full.
-                await send_guids.send([envelope.guid for envelope in envelopes])
+                await send_guids.send(([envelope.guid for envelope in envelopes], first))
 
 
 @dataclass(slots=True)

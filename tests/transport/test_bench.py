@@ -273,6 +273,31 @@ async def test_the_load_records_arrivals_while_an_ack_waits_for_its_reply() -> N
         nursery.cancel_scope.cancel()
 
 
+async def test_the_load_counts_an_envelope_pushed_twice_as_delivered_once() -> None:
+    """A relay that pushes an envelope twice is caught as a duplicate; each copy is
+    acknowledged (the relay holds it in its window until then), but the envelope is
+    delivered once: counting the copies would raise the rate the run reports."""
+    plan = bench_relay._Plan(clients=2, messages=1, group_size=1)
+    load = bench_relay._Load(plan)
+    load.sent_at = {(0, 0): 0.0}
+    guid = _pushed(0, 0).guid
+    connection = _HeldAcks()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(bench_relay._receive, load, 1, connection)
+        await connection.pushes.send([_pushed(0, 0), _pushed(0, 0)])
+        await wait_all_tasks_blocked()
+        connection.reply.set()
+        await wait_all_tasks_blocked()
+        acknowledged = load.last_ack
+        await connection.pushes.send([_pushed(0, 0)])  # once more, later
+        await wait_all_tasks_blocked()
+        connection.reply.set()
+        await wait_all_tasks_blocked()
+        assert connection.acks == [(guid,), (guid,)] and load.received[(0, 0, 1)] == 3
+        assert load.delivered == 1 and load.last_ack == acknowledged > 0
+        nursery.cancel_scope.cancel()
+
+
 def test_relay_bench_leaves_the_collector_as_it_found_it(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
