@@ -641,6 +641,7 @@ async def _run_load(
     database_cpu: Callable[[], float] | None,
 ) -> _Usage:
     """Run every client to completion (or ``timeout``); the CPU time used under load.
+    RelayBenchError if ``timeout`` came before every client was ready.
 
     Ctrl-C (SIGINT) cancels the load as a whole and then raises
     KeyboardInterrupt: trio would otherwise raise it inside whichever task
@@ -660,6 +661,12 @@ async def _run_load(
                 raise  # the load failed on its own (a connection closed by the cancel is not)
     if interrupted.is_set():
         raise KeyboardInterrupt
+    if not load.all_ready.is_set():
+        # Nothing was sent: no envelope was lost, the run never started.
+        raise RelayBenchError(
+            f"{load.ready} of {load.plan.clients} clients were ready (their relay said "
+            "QUEUE_EMPTY) when the run timed out"
+        )
     return usage
 
 

@@ -313,6 +313,26 @@ def test_relay_bench_leaves_the_collector_as_it_found_it(
     assert json.loads(capsys.readouterr().out)["lost"] == 0
 
 
+def test_a_run_whose_clients_never_get_ready_says_so(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A relay that never says QUEUE_EMPTY keeps its clients from being ready until the
+    run's timeout: the run says so, rather than report every envelope lost by it."""
+
+    async def never(connection: object) -> None:
+        await trio.sleep_forever()
+
+    monkeypatch.setattr(bench_relay, "_until_queue_empty", never)
+    argv = ["bench", "relay", "--clients", "2", "--messages", "1", "--timeout", "2"]
+    assert cli.main(argv) == 1
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert err == (
+        "hushchat bench relay: 0 of 2 clients were ready (their relay said QUEUE_EMPTY) "
+        "when the run timed out\n"
+    )
+
+
 def test_open_loop_run_delivers_everything_once(capsys: pytest.CaptureFixture[str]) -> None:
     argv = ["bench", "relay", "--clients", "4", "--messages", "4", "--group-size", "3"]
     assert cli.main([*argv, "--rate", "200", "--timeout", "60", "--json"]) == 0
