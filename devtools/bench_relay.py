@@ -27,7 +27,13 @@ and commits the deletion with its next batch (spec 7.8). Reported:
 * envelopes delivered (acknowledged, each once: a duplicate is not counted)
   per second, from the first send to the last acknowledgement;
 * latency from just before the send request (open loop: from its scheduled
-  time) to the recipient's receipt, p50/p95/p99/p999;
+  time) to the recipient's receipt, p50/p95/p99/p999. Receipt is the
+  envelope's arrival on the recipient's connection: this receiver reads on
+  while its ACK waits for its reply, but the client library
+  (:class:`~hushchat.transport.client.client.Client`) reads its next batch
+  only once its ACK was answered, and the relay answers that ACK after the
+  device's own request before it (a send, once committed), so an app on the
+  library can see more than this;
 * lost and duplicated envelopes (each expected delivery must arrive once);
 * the relay's peak RSS and CPU time, and the load generator's CPU time.
 
