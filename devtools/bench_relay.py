@@ -34,7 +34,8 @@ and commits the deletion with its next batch (spec 7.8). Reported:
   only once its ACK was answered, and the relay answers that ACK after the
   device's own request before it (a send, once committed), so an app on the
   library can see more than this;
-* lost and duplicated envelopes (each expected delivery must arrive once);
+* lost and duplicated envelopes (each expected delivery must arrive once),
+  and those whose ACK was not answered by the run's end (unacknowledged);
 * the relay's peak RSS and CPU time, and the load generator's CPU time.
 
 That is the *burst* mode: each client keeps one send outstanding, so the
@@ -182,6 +183,17 @@ class RelayLoadResult:
     database_cpu_seconds: float | None = None
 
     @property
+    def unacknowledged(self) -> int:
+        """Envelopes that arrived but whose ACK was not answered by the run's end (the
+        relay would push them again)."""
+        return self.expected - self.lost - self.delivered
+
+    @property
+    def exact(self) -> bool:
+        """Every envelope arrived once and was acknowledged."""
+        return self.lost == 0 and self.duplicated == 0 and self.unacknowledged == 0
+
+    @property
     def database_cpu_us_per_envelope(self) -> float | None:
         """The database server's CPU time during the load over the envelopes delivered."""
         if self.database_cpu_seconds is None or not self.delivered:
@@ -209,6 +221,7 @@ class RelayLoadResult:
         out["relay_cpu_seconds"] = _finite(round(self.relay_cpu_seconds, 3))
         out["load_cpu_seconds"] = _finite(round(self.load_cpu_seconds, 3))
         out["relay_cpu_us_per_envelope"] = _finite(round(self.relay_cpu_us_per_envelope, 1))
+        out["unacknowledged"] = self.unacknowledged
         database_cpu = self.database_cpu_us_per_envelope
         if self.database_cpu_seconds is not None:
             out["database_cpu_seconds"] = _finite(round(self.database_cpu_seconds, 3))
@@ -848,9 +861,7 @@ class RateSweep:
     @property
     def exact(self) -> bool:
         """Whether every run happened and delivered every envelope exactly once."""
-        return self.failure is None and all(
-            r.lost == 0 and r.duplicated == 0 for r in (self.saturation, *self.runs)
-        )
+        return self.failure is None and all(r.exact for r in (self.saturation, *self.runs))
 
     def as_json(self) -> dict[str, Any]:
         return {
@@ -887,7 +898,6 @@ def _verdict(ok: bool) -> str:
 
 def render(result: RelayLoadResult) -> str:
     """The human-readable report, each figure beside its target."""
-    exact = result.lost == 0 and result.duplicated == 0
     lat = result.latency_ms
     if result.offered_rate is None:
         rate_ok = result.envelopes_per_second >= TARGET_ENVELOPES_PER_SECOND
@@ -919,7 +929,11 @@ def render(result: RelayLoadResult) -> str:
             f"  send lag ms           p50 {lag['p50']:.1f}  p99 {lag['p99']:.1f}  (how late the "
             "load generator started sends; large means it, not the relay, was the bound)",
         ]
-    tail = [f"  lost {result.lost}, duplicated {result.duplicated}  ({_verdict(exact)})"]
+    unacknowledged = f", unacknowledged {result.unacknowledged}" if result.unacknowledged else ""
+    tail = [
+        f"  lost {result.lost}, duplicated {result.duplicated}{unacknowledged}  "
+        f"({_verdict(result.exact)})"
+    ]
     if result.relays > 1:
         cross = result.cross_relay_latency_ms
         tail.append(
@@ -1037,8 +1051,9 @@ def add_relay_bench_command(targets: argparse._SubParsersAction[argparse.Argumen
         "delivery under N clients. Burst by default (each client keeps one send "
         "outstanding: the saturation rate); --rate for an open-loop load at a fixed "
         "offered rate, --rate-sweep for open-loop runs at fractions of the saturation rate. "
-        "Exit status: 0, 1 if an envelope was lost or duplicated or the run could not "
-        "start (the reason on stderr), 2 for bad arguments, 130 after Ctrl-C.",
+        "Exit status: 0, 1 if an envelope was lost, duplicated or left unacknowledged or "
+        "the run could not start (the reason on stderr), 2 for bad arguments, 130 after "
+        "Ctrl-C.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument(
@@ -1152,4 +1167,4 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(outcome.as_json(), indent=2) if args.json else render_sweep(outcome))
         return 0 if outcome.exact else 1
     print(json.dumps(outcome.as_json(), indent=2) if args.json else render(outcome))
-    return 0 if outcome.lost == 0 and outcome.duplicated == 0 else 1
+    return 0 if outcome.exact else 1

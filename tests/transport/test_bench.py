@@ -23,6 +23,7 @@ from trio.testing import wait_all_tasks_blocked
 
 from hushchat.devtools import bench, bench_relay, pgcluster
 from hushchat.transport import cli
+from hushchat.transport.client.connection import RelayConnection
 from hushchat.transport.wire.records import Envelope, EnvelopeKind
 
 OPERATIONS = {
@@ -331,6 +332,24 @@ def test_a_run_whose_clients_never_get_ready_says_so(
         "hushchat bench relay: 0 of 2 clients were ready (their relay said QUEUE_EMPTY) "
         "when the run timed out\n"
     )
+
+
+def test_a_run_whose_acks_go_unanswered_is_not_exact(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The receiver reads on while its ACK waits for its reply, so every envelope can
+    arrive with no ACK answered: the relay would push them all again, and none counts
+    as delivered. Such a run fails (exit status 1), however many arrived."""
+
+    async def unanswered(self: RelayConnection, *guids: bytes) -> None:
+        await trio.sleep_forever()
+
+    monkeypatch.setattr(RelayConnection, "ack", unanswered)
+    argv = ["bench", "relay", "--clients", "2", "--messages", "2", "--timeout", "60"]
+    assert cli.main([*argv, "--json"]) == 1
+    report = json.loads(capsys.readouterr().out)
+    assert report["expected"] == 4 and report["lost"] == 0 and report["duplicated"] == 0
+    assert report["delivered"] == 0 and report["unacknowledged"] == 4
 
 
 def test_open_loop_run_delivers_everything_once(capsys: pytest.CaptureFixture[str]) -> None:
