@@ -35,7 +35,8 @@ and commits the deletion with its next batch (spec 7.8). Reported:
   device's own request before it (a send, once committed), so an app on the
   library can see more than this;
 * lost and duplicated envelopes (each expected delivery must arrive once),
-  and those whose ACK was not answered by the run's end (unacknowledged);
+  those pushed to a device they were not sent to (misdelivered) and those
+  whose ACK was not answered by the run's end (unacknowledged);
 * the relay's peak RSS and CPU time, and the load generator's CPU time.
 
 That is the *burst* mode: each client keeps one send outstanding, so the
@@ -166,6 +167,8 @@ class RelayLoadResult:
     seconds: float
     envelopes_per_second: float
     latency_ms: dict[str, float] = field(default_factory=dict)
+    # Envelopes pushed to a device they were not sent to.
+    misdelivered: int = 0
     relay_peak_rss_mb: float = 0.0
     relay_cpu_seconds: float = 0.0
     load_cpu_seconds: float = 0.0
@@ -190,8 +193,13 @@ class RelayLoadResult:
 
     @property
     def exact(self) -> bool:
-        """Every envelope arrived once and was acknowledged."""
-        return self.lost == 0 and self.duplicated == 0 and self.unacknowledged == 0
+        """Every envelope arrived once, where it was sent, and was acknowledged."""
+        return (
+            self.lost == 0
+            and self.duplicated == 0
+            and self.misdelivered == 0
+            and self.unacknowledged == 0
+        )
 
     @property
     def database_cpu_us_per_envelope(self) -> float | None:
@@ -465,10 +473,13 @@ class _Load:
         self.cross_relay_latencies: list[float] = []
         self.send_lags: list[float] = []
         self.expected_by = [0] * plan.clients
+        # (sender, seq, recipient) of every delivery the plan makes.
+        self.deliveries: set[tuple[int, int, int]] = set()
         for sender in range(plan.clients):
             for seq in range(plan.messages):
                 for recipient in plan.recipients(sender, seq):
                     self.expected_by[recipient] += 1
+                    self.deliveries.add((sender, seq, recipient))
         self.unique_by = [0] * plan.clients
         self.complete = sum(1 for count in self.expected_by if count == 0)
         self.delivered = 0
@@ -504,11 +515,11 @@ class _Load:
         return [(seq, self.sent_at[(sender, seq)]) for seq in range(self.plan.messages)]
 
     def arrived(self, sender: int, seq: int, recipient: int) -> bool:
-        """Count an envelope; the first copy of each sets its latency. Whether it was the
-        first."""
+        """Count an envelope; the first copy of each expected one sets its latency. Whether
+        it was that (not a copy, nor one pushed to a device it was not for)."""
         key = (sender, seq, recipient)
         self.received[key] += 1
-        if self.received[key] > 1:
+        if self.received[key] > 1 or key not in self.deliveries:
             return False
         latency = time.perf_counter() - self.sent_at[(sender, seq)]
         self.latencies.append(latency)
@@ -818,6 +829,7 @@ def run_relay_bench(
             raise RelayBenchError(f"a load client failed: {failure!r}")
     received = set(load.received)
     expected = load.expected
+    misdelivered = len(received - load.deliveries)
     seconds = load.last_ack - load.first_send if load.delivered else math.nan
     return RelayLoadResult(
         clients=clients,
@@ -826,12 +838,13 @@ def run_relay_bench(
         sends=load.sends,
         expected=expected,
         delivered=load.delivered,
-        lost=expected - len(received),
+        lost=len(load.deliveries - received),
         duplicated=sum(load.received.values()) - len(received),
         rate_limited=load.rate_limited,
         seconds=seconds,
         envelopes_per_second=load.delivered / seconds if load.delivered else 0.0,
         latency_ms=_percentiles(load.latencies),
+        misdelivered=misdelivered,
         relay_peak_rss_mb=peak_mb,
         relay_cpu_seconds=usage.relays,
         load_cpu_seconds=usage.load,
@@ -929,9 +942,16 @@ def render(result: RelayLoadResult) -> str:
             f"  send lag ms           p50 {lag['p50']:.1f}  p99 {lag['p99']:.1f}  (how late the "
             "load generator started sends; large means it, not the relay, was the bound)",
         ]
-    unacknowledged = f", unacknowledged {result.unacknowledged}" if result.unacknowledged else ""
+    others = [
+        f", {name} {count}"
+        for name, count in (
+            ("misdelivered", result.misdelivered),
+            ("unacknowledged", result.unacknowledged),
+        )
+        if count
+    ]
     tail = [
-        f"  lost {result.lost}, duplicated {result.duplicated}{unacknowledged}  "
+        f"  lost {result.lost}, duplicated {result.duplicated}{''.join(others)}  "
         f"({_verdict(result.exact)})"
     ]
     if result.relays > 1:
@@ -1051,9 +1071,9 @@ def add_relay_bench_command(targets: argparse._SubParsersAction[argparse.Argumen
         "delivery under N clients. Burst by default (each client keeps one send "
         "outstanding: the saturation rate); --rate for an open-loop load at a fixed "
         "offered rate, --rate-sweep for open-loop runs at fractions of the saturation rate. "
-        "Exit status: 0, 1 if an envelope was lost, duplicated or left unacknowledged or "
-        "the run could not start (the reason on stderr), 2 for bad arguments, 130 after "
-        "Ctrl-C.",
+        "Exit status: 0, 1 if an envelope was lost, duplicated, misdelivered or left "
+        "unacknowledged or the run could not start (the reason on stderr), 2 for bad "
+        "arguments, 130 after Ctrl-C.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument(

@@ -352,6 +352,26 @@ def test_a_run_whose_acks_go_unanswered_is_not_exact(
     assert report["delivered"] == 0 and report["unacknowledged"] == 4
 
 
+def test_an_envelope_pushed_to_the_wrong_device_is_not_counted_as_delivered(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Three clients each send one envelope to the next (0 to 1, 1 to 2, 2 to 0); here
+    what reaches client 1 is taken for client 2's, as if the relay had pushed client 0's
+    envelope to the wrong device. That envelope is misdelivered and client 1's lost: the
+    arrivals are as many as expected, but not the ones expected."""
+    receive = bench_relay._receive
+
+    async def mixed_up(load: bench_relay._Load, index: int, connection: RelayConnection) -> None:
+        await receive(load, 2 if index == 1 else index, connection)
+
+    monkeypatch.setattr(bench_relay, "_receive", mixed_up)
+    argv = ["bench", "relay", "--clients", "3", "--messages", "1", "--group-size", "1"]
+    assert cli.main([*argv, "--timeout", "4", "--json"]) == 1
+    report = json.loads(capsys.readouterr().out)
+    assert report["expected"] == 3 and report["delivered"] == 2
+    assert report["lost"] == 1 and report["misdelivered"] == 1 and report["duplicated"] == 0
+
+
 def test_open_loop_run_delivers_everything_once(capsys: pytest.CaptureFixture[str]) -> None:
     argv = ["bench", "relay", "--clients", "4", "--messages", "4", "--group-size", "3"]
     assert cli.main([*argv, "--rate", "200", "--timeout", "60", "--json"]) == 0
