@@ -465,6 +465,7 @@ class _Load:
         self.all_ready = trio.Event()
         self.start = trio.Event()
         self.all_in = trio.Event()
+        self.all_acknowledged = trio.Event()
         # When each send went (open loop: when it was due): its envelopes' latency
         # runs from then.
         self.sent_at: dict[tuple[int, int], float] = {}
@@ -513,6 +514,13 @@ class _Load:
     def due_times(self, sender: int) -> list[tuple[int, float]]:
         """Open loop: this client's sends (sequence number, due time), in order."""
         return [(seq, self.sent_at[(sender, seq)]) for seq in range(self.plan.messages)]
+
+    def acknowledged(self, envelopes: int) -> None:
+        """An ACK was answered, for this many envelopes that arrived for the first time."""
+        self.delivered += envelopes
+        self.last_ack = time.perf_counter()
+        if self.delivered == self.expected:
+            self.all_acknowledged.set()
 
     def arrived(self, sender: int, seq: int, recipient: int) -> bool:
         """Count an envelope; the first copy of each expected one sets its latency. Whether
@@ -637,8 +645,7 @@ async def _receive(load: _Load, index: int, connection: RelayConnection) -> None
             # a duplicate is not delivered again, nor is the rate's end moved by it.
             await connection.ack(*dict.fromkeys(guids))
             if first:
-                load.delivered += first
-                load.last_ack = time.perf_counter()
+                load.acknowledged(first)
 
     async with trio.open_nursery() as nursery:
         nursery.start_soon(acknowledge)
@@ -717,7 +724,8 @@ async def _load_in(
     database_cpu: Callable[[], float] | None,
 ) -> None:
     """Start every client in ``nursery``; measure the CPU time under load into ``usage``;
-    end the run (cancelling ``nursery``) once every envelope arrived and the drain ended."""
+    end the run (cancelling ``nursery``) once every envelope arrived and was acknowledged
+    and the drain ended."""
     ports = [relay.port for relay in relays]
     for index in range(load.plan.clients):
         nursery.start_soon(_client, load, index, ports)
@@ -735,6 +743,8 @@ async def _load_in(
         load_before = _usage()[1]
         load.begin()
         await load.all_in.wait()
+        # Receivers read on while their ACKs wait: the run's end is the last reply.
+        await load.all_acknowledged.wait()
         # Anything still coming now is a duplicate.
         await trio.sleep(DRAIN_SECONDS)
     finally:

@@ -345,11 +345,31 @@ def test_a_run_whose_acks_go_unanswered_is_not_exact(
         await trio.sleep_forever()
 
     monkeypatch.setattr(RelayConnection, "ack", unanswered)
-    argv = ["bench", "relay", "--clients", "2", "--messages", "2", "--timeout", "60"]
+    argv = ["bench", "relay", "--clients", "2", "--messages", "2", "--timeout", "3"]
     assert cli.main([*argv, "--json"]) == 1
     report = json.loads(capsys.readouterr().out)
     assert report["expected"] == 4 and report["lost"] == 0 and report["duplicated"] == 0
     assert report["delivered"] == 0 and report["unacknowledged"] == 4
+
+
+def test_a_run_ends_once_every_ack_was_answered(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An ACK's reply can come after the last envelope arrived and after the drain
+    that follows (here the drain is 0 and every reply late): the run waits for it, so
+    the envelopes count as delivered and the rate runs to the last acknowledgement."""
+    answer = RelayConnection.ack
+
+    async def late(self: RelayConnection, *guids: bytes) -> None:
+        await trio.sleep(0.2)
+        await answer(self, *guids)
+
+    monkeypatch.setattr(RelayConnection, "ack", late)
+    monkeypatch.setattr(bench_relay, "DRAIN_SECONDS", 0.0)
+    argv = ["bench", "relay", "--clients", "2", "--messages", "2", "--timeout", "60"]
+    assert cli.main([*argv, "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["delivered"] == report["expected"] == 4 and report["unacknowledged"] == 0
 
 
 def test_an_envelope_pushed_to_the_wrong_device_is_not_counted_as_delivered(
