@@ -214,6 +214,40 @@ async def test_a_backlog_is_acknowledged_in_batches(
     assert sum(acks) == 20 and len(acks) < 20  # every envelope once, in fewer round trips
 
 
+async def test_receiving_does_not_wait_for_an_acks_reply(
+    tmp_path: Path, relay: Relay, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The relay answers a connection's requests in order, so an ACK's reply can wait for
+    the commit of a send before it: messages that arrive meanwhile reach the app at once,
+    and are acknowledged together once that reply came."""
+    from hushchat.transport.client import connection as connection_module
+
+    real_ack = connection_module.RelayConnection.ack
+    acks: list[int] = []
+    reply = trio.Event()
+
+    async def late_ack(self: Any, *guids: bytes) -> None:
+        if self.user_id == "bob":
+            acks.append(len(guids))
+            if len(acks) == 1:
+                await reply.wait()  # bob's first ACK's reply is held back
+        await real_ack(self, *guids)
+
+    monkeypatch.setattr(connection_module.RelayConnection, "ack", late_ack)
+    async with client(tmp_path, relay, "alice") as alice, client(tmp_path, relay, "bob") as bob:
+        await alice.send_direct("bob", b"first")
+        assert (await next_matching(bob, MessageReceived)).body == b"first"
+        for body in (b"second", b"third"):
+            await alice.send_direct("bob", body)
+            assert (await next_matching(bob, MessageReceived)).body == body
+        assert acks == [1]  # both received while the first ACK waits for its reply
+        reply.set()
+        with trio.fail_after(TIMEOUT):
+            while sum(acks) < 3:
+                await trio.sleep(0.01)
+        assert acks == [1, 2]  # what was received meanwhile, in one ACK
+
+
 async def test_second_device_gets_messages_and_copies(tmp_path: Path, relay: Relay) -> None:
     async with client(tmp_path, relay, "alice") as alice, client(tmp_path, relay, "bob") as bob:
         await alice.send_direct("bob", b"before the desktop")

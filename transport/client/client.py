@@ -112,7 +112,7 @@ from ..wire.errors import (
 )
 from ..wire.frames import MailExpired as MailExpiredNotice
 from ..wire.frames import PreKeysLow
-from ..wire.limits import CLIENT_REQUEST_TIMEOUT, MAX_PREKEYS_PER_UPLOAD
+from ..wire.limits import CLIENT_REQUEST_TIMEOUT, MAX_IN_FLIGHT, MAX_PREKEYS_PER_UPLOAD
 from ..wire.records import Envelope
 from .connection import RelayConnection, connect_relay
 from .events import (
@@ -1441,9 +1441,11 @@ class Client:
             await self._deliver_events(events, ids)
         return bool(delivered)
 
-    async def _receive(self, connection: RelayConnection) -> None:
+    async def _receive(
+        self, connection: RelayConnection, acknowledge: trio.MemorySendChannel[list[bytes]]
+    ) -> None:
         async for batch in connection.batches():
-            # What arrived together is acknowledged together: one round trip,
+            # What arrived together is acknowledged together (by _acknowledger),
             # once each envelope's outcome is persisted.
             processed = []
             for item in batch:
@@ -1456,10 +1458,26 @@ class Client:
                     expired = MailExpired(item.count, item.first_ts, item.last_ts)
                     await self._events_in.send((None, expired))
             if processed:
-                # A relay may push one envelope twice (a duplicate is dropped by guid):
-                # each guid is acknowledged once, as the relay requires.
-                await connection.ack(*dict.fromkeys(processed))
-                await self._prune()
+                # At most the relay's window is pushed unacknowledged: never waits.
+                await acknowledge.send(processed)
+
+    async def _acknowledger(
+        self, connection: RelayConnection, processed: trio.MemoryReceiveChannel[list[bytes]]
+    ) -> None:
+        """Acknowledge what :meth:`_receive` processed, in one ACK for all that was
+        processed while the last ACK waited for its reply: the relay answers a
+        connection's requests in order, so that reply can wait for the commit of a
+        send of ours before it, and receiving must not wait with it."""
+        async for guids in processed:
+            while True:
+                try:
+                    guids += processed.receive_nowait()
+                except trio.WouldBlock:
+                    break
+            # A relay may push one envelope twice (a duplicate is dropped by guid):
+            # each guid is acknowledged once, as the relay requires.
+            await connection.ack(*dict.fromkeys(guids))
+            await self._prune()
 
     async def _prune(self) -> None:
         """Forget, once every PRUNE_INTERVAL, the guids the relay can no longer deliver again.
@@ -1652,9 +1670,11 @@ class Client:
         if await self._retry_waiting_changes(connection):
             self._wake.set()
         await self._prune()
+        acknowledge, processed = trio.open_memory_channel[list[bytes]](MAX_IN_FLIGHT)
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._flusher, connection)
-            await self._receive(connection)
+            nursery.start_soon(self._acknowledger, connection, processed)
+            await self._receive(connection, acknowledge)
             nursery.cancel_scope.cancel()
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -1756,8 +1776,8 @@ class Client:
 async def _unwrapped(work: Awaitable[None]) -> None:
     """Await ``work``; an exception group from its nurseries comes out as its one real error.
 
-    The flusher and the receive loop run in one nursery: when the connection
-    fails, both may raise, or one raises and the other is cancelled. The
+    The flusher, the receive loop and the acknowledger run in one nursery: when
+    the connection fails, each may raise, or one raises and the others are cancelled. The
     reconnect loop (and the app) expect one error, the first that is not a
     cancellation.
     """
