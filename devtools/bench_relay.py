@@ -28,12 +28,11 @@ and commits the deletion with its next batch (spec 7.8). Reported:
   per second, from the first send to the last acknowledgement;
 * latency from just before the send request (open loop: from its scheduled
   time) to the recipient's receipt, p50/p95/p99/p999. Receipt is the
-  envelope's arrival on the recipient's connection: this receiver reads on
-  while its ACK waits for its reply, but the client library
-  (:class:`~hushchat.transport.client.client.Client`) reads its next batch
-  only once its ACK was answered, and the relay answers that ACK after the
-  device's own request before it (a send, once committed), so an app on the
-  library can see more than this;
+  envelope's arrival on the recipient's connection; the receiver reads on
+  while its ACK waits for its reply (which the relay sends only after the
+  device's own request before it, a send once committed), as the client
+  library (:class:`~hushchat.transport.client.client.Client`) does, where an
+  app also waits for the library's own processing of each envelope;
 * lost and duplicated envelopes (each expected delivery must arrive once),
   those pushed to a device they were not sent to (misdelivered) and those
   whose ACK was not answered by the run's end (unacknowledged);
