@@ -33,6 +33,7 @@ from hushchat.transport.wire.errors import (
     DeviceListRejected,
     DeviceRemoved,
     Forbidden,
+    InternalError,
     MailboxFull,
     NoPreKeys,
     PreKeyIdInUse,
@@ -1112,6 +1113,42 @@ def test_refused_login_warnings_count_what_they_leave_out(
         "refused a login: a",
         "refused a login: d (2 more refused since the last report)",
     ]
+
+
+def test_internal_errors_are_one_traceback_a_minute_per_request_type(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    relay = Relay(relay_config(), storage=None)  # type: ignore[arg-type]
+    faults = [(0.0, "PING"), (1.0, "PING"), (2.0, "ACK"), (59.0, "PING"), (60.0, "PING")]
+    for now, request in faults:
+        try:
+            raise RuntimeError("a fault")
+        except RuntimeError:
+            relay.internal_error(request, now=now)
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert [r.getMessage() for r in errors] == [
+        "internal error handling PING",
+        "internal error handling ACK",
+        "internal error handling PING (2 more since the last report)",
+    ]
+    assert all(r.exc_info is not None for r in errors)  # each with its traceback
+
+
+async def test_a_stranger_repeating_a_request_the_relay_fails_on_cannot_flood_its_log(
+    postgres_dsn: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """PostgreSQL cannot store a user id containing U+0000, which the protocol allows: a
+    client, not even authenticated, that registers one again and again gets
+    INTERNAL_ERROR each time, and the relay logs one traceback, not one a request."""
+    caplog.set_level(logging.DEBUG, logger="hushchat.relay")
+    stranger = make_user("a\x00stranger")
+    async with running_relay(relay_config(tmp_path, db=postgres_dsn)) as port:
+        for _ in range(20):
+            async with connected(port) as connection:
+                with pytest.raises(InternalError):
+                    await connection.upload_device_list(stranger.signed_list())
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert [r.getMessage() for r in errors] == ["internal error handling PUBLISH_DEVICE_LIST"]
 
 
 # ------------------------------------------------------------------ with the protocol core

@@ -133,6 +133,8 @@ class Relay:
         self.connections_open = 0
         self.connections_served = 0
         self._refused_logins = LogThrottle(WARNING_LOG_INTERVAL)
+        # One per request type (a few dozen at most): each failing kind is seen.
+        self._internal_errors: dict[str, LogThrottle] = {}
         # Recently read or stored device lists, oldest first (see device_lists).
         self._directory: dict[str, StoredDeviceList] = {}
 
@@ -310,6 +312,20 @@ class Relay:
         if unlogged is not None:
             also = f" ({unlogged} more refused since the last report)" if unlogged else ""
             logger.warning("refused a login: %s%s", reason, also)
+
+    def internal_error(self, request: str, *, now: float | None = None) -> None:
+        """Log, from inside its ``except`` block, that handling a ``request`` (its type's
+        name) failed: the traceback at ERROR, once a minute at most per request type.
+
+        Any client, authenticated or not, can repeat a request that meets a fault
+        (a PostgreSQL relay cannot store a user id containing U+0000): the log
+        must not grow with it, and the operator must still see each kind of fault.
+        """
+        throttle = self._internal_errors.setdefault(request, LogThrottle(WARNING_LOG_INTERVAL))
+        unlogged = throttle.event(trio.current_time() if now is None else now)
+        if unlogged is not None:
+            also = f" ({unlogged} more since the last report)" if unlogged else ""
+            logger.exception("internal error handling %s%s", request, also)
 
     def is_low(self, counts: PreKeyCounts) -> bool:
         threshold = self.config.limits.prekey_low_threshold

@@ -358,7 +358,7 @@ class RelaySession:
             await self._refuse(request.request_id, error)
             return
         except Exception:
-            logger.exception("internal error handling %s", request.TYPE.name)
+            self._relay.internal_error(request.TYPE.name)
             await self._refuse(request.request_id, InternalError("internal error"))
             return
         self._state = state_after_success(self._state, request.TYPE)
