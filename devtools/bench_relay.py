@@ -106,7 +106,11 @@ import trio
 from hushchat.protocol.devices import DeviceEntry, DeviceList
 from hushchat.protocol.errors import ProtocolError
 from hushchat.protocol.keys import IdentityKeyPair
-from hushchat.transport.client.connection import RelayConnection, connect_relay
+from hushchat.transport.client.connection import (
+    RelayConnection,
+    already_queued,
+    connect_relay,
+)
 from hushchat.transport.relay.config import RelayConfig
 from hushchat.transport.relay.server import freeze_startup_objects, serve_relay
 from hushchat.transport.wire.errors import RateLimited, TransportError
@@ -633,11 +637,7 @@ async def _receive(load: _Load, index: int, connection: RelayConnection) -> None
 
     async def acknowledge() -> None:
         async for guids, first in receive_guids:
-            while True:
-                try:
-                    more, more_first = receive_guids.receive_nowait()
-                except trio.WouldBlock:
-                    break
+            for more, more_first in already_queued(receive_guids):
                 guids += more
                 first += more_first
             # Every copy is acknowledged (the relay holds it in its window until then);

@@ -114,7 +114,7 @@ from ..wire.frames import MailExpired as MailExpiredNotice
 from ..wire.frames import PreKeysLow
 from ..wire.limits import CLIENT_REQUEST_TIMEOUT, MAX_IN_FLIGHT, MAX_PREKEYS_PER_UPLOAD
 from ..wire.records import Envelope
-from .connection import RelayConnection, connect_relay
+from .connection import RelayConnection, already_queued, connect_relay
 from .events import (
     ClientEvent,
     Connected,
@@ -1469,11 +1469,8 @@ class Client:
         connection's requests in order, so that reply can wait for the commit of a
         send of ours before it, and receiving must not wait with it."""
         async for guids in processed:
-            while True:
-                try:
-                    guids += processed.receive_nowait()
-                except trio.WouldBlock:
-                    break
+            for more in already_queued(processed):
+                guids += more
             # A relay may push one envelope twice (a duplicate is dropped by guid):
             # each guid is acknowledged once, as the relay requires.
             await connection.ack(*dict.fromkeys(guids))

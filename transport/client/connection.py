@@ -119,6 +119,7 @@ Incoming = Envelope | QueueEmpty | PreKeysLow | MailExpired
 """What a connection yields: an envelope to process and acknowledge, or a notice."""
 
 R = TypeVar("R", bound=RelayFrame)
+T = TypeVar("T")
 
 # Channel slots kept for notices beside the envelope window: QUEUE_EMPTY
 # and MAIL_EXPIRED (once per connection each) and PREKEYS_LOW (once until
@@ -137,6 +138,16 @@ class SendResult:
 
     server_ts: int
     mailbox_full: tuple[tuple[str, int], ...] = ()
+
+
+def already_queued(channel: trio.MemoryReceiveChannel[T]) -> list[T]:
+    """What ``channel`` holds now, taken without waiting (nothing if it is closed)."""
+    items = []
+    while True:
+        try:
+            items.append(channel.receive_nowait())
+        except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
+            return items
 
 
 def _named_devices(request: Request) -> list[tuple[str, int]]:
@@ -425,12 +436,7 @@ class RelayConnection:
         Waits like :meth:`receive` for the first; never more than the window
         and the notices.
         """
-        batch = [await self.receive()]
-        while True:
-            try:
-                batch.append(self._incoming.receive_nowait())
-            except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
-                return batch
+        return [await self.receive(), *already_queued(self._incoming)]
 
     async def batches(self) -> AsyncIterator[list[Incoming]]:
         """:meth:`receive_batch` until the connection closes, ending as iteration does."""
