@@ -127,3 +127,12 @@ class LogThrottle:
         suppressed, self._suppressed = self._suppressed, 0
         self._next = now + self._interval
         return suppressed
+
+    def line_end(self, now: float, more: str) -> str | None:
+        """Count one event as :meth:`event` does: None to stay quiet, else how the line
+        logged now ends: empty, or e.g. " (3 more refused since the last report)" for
+        ``more`` = "more refused"."""
+        unlogged = self.event(now)
+        if unlogged is None:
+            return None
+        return f" ({unlogged} {more} since the last report)" if unlogged else ""

@@ -308,9 +308,10 @@ class Relay:
         must still see that logins are refused, and why.
         """
         logger.debug("refused the login of %s/%d: %s", user_id, device_id, reason)
-        unlogged = self._refused_logins.event(trio.current_time() if now is None else now)
-        if unlogged is not None:
-            also = f" ({unlogged} more refused since the last report)" if unlogged else ""
+        also = self._refused_logins.line_end(
+            trio.current_time() if now is None else now, "more refused"
+        )
+        if also is not None:
             logger.warning("refused a login: %s%s", reason, also)
 
     def internal_error(self, request: str, *, now: float | None = None) -> None:
@@ -322,9 +323,8 @@ class Relay:
         must not grow with it, and the operator must still see each kind of fault.
         """
         throttle = self._internal_errors.setdefault(request, LogThrottle(WARNING_LOG_INTERVAL))
-        unlogged = throttle.event(trio.current_time() if now is None else now)
-        if unlogged is not None:
-            also = f" ({unlogged} more since the last report)" if unlogged else ""
+        also = throttle.line_end(trio.current_time() if now is None else now, "more")
+        if also is not None:
             logger.exception("internal error handling %s%s", request, also)
 
     def is_low(self, counts: PreKeyCounts) -> bool:

@@ -449,12 +449,12 @@ class SqliteDatabase:
         run_batch(self._conn, calls)
         if any(isinstance(call.error, StorageFull) for call in calls):
             self._full = True
-            unlogged = self._full_log.event(time.monotonic())
-            if unlogged is not None:
+            also = self._full_log.line_end(time.monotonic(), "more failed")
+            if also is not None:
                 logger.warning(
                     "the relay's disk is full: requests that store anything are refused "
                     "(STORAGE_FULL) until space is freed%s",
-                    f" ({unlogged} more failed since the last report)" if unlogged else "",
+                    also,
                 )
         elif self._full and self._conn.total_changes > changes:  # a write committed
             self._full = False
