@@ -1504,11 +1504,7 @@ class PostgresDatabase(SqliteDatabase):
             )
         for identity in sorted(locks.identities):
             conn.execute("SELECT pg_advisory_xact_lock(hashtextextended(?, 0))", (identity.hex(),))
-        held_devices: set[tuple[str, int]] = set()
-        if devices_locked is not None:
-            held_devices = {
-                (user_id, device_id) for user_id, device_id in conn.prepared.rows(devices_locked)
-            }
+        held_devices = self._devices_locked(devices_locked)
         for sent, exclusive in user_locks:
             for (user_id,) in conn.prepared.rows(sent):
                 held_users[user_id] = exclusive
@@ -1521,7 +1517,11 @@ class PostgresDatabase(SqliteDatabase):
 
     def _lock_devices(self, devices: Sequence[tuple[str, int]]) -> set[tuple[str, int]]:
         """Lock the devices' rows, in key order; those that exist."""
-        sent = self._send_device_locks(devices)
+        return self._devices_locked(self._send_device_locks(devices))
+
+    def _devices_locked(self, sent: Sent | None) -> set[tuple[str, int]]:
+        """The devices whose rows ``sent`` (from :meth:`_send_device_locks`) locked: those
+        that exist."""
         if sent is None:
             return set()
         return {(user_id, device_id) for user_id, device_id in self._conn.prepared.rows(sent)}
