@@ -22,6 +22,7 @@ from hushchat.transport.client.connection import (
     connect_relay,
     open_relay_connection,
 )
+from hushchat.transport.streams import write_at_once
 from hushchat.transport.wire.errors import (
     ConnectFailed,
     ConnectionClosed,
@@ -366,6 +367,56 @@ async def test_small_incoming_queue_still_delivers_everything_in_order() -> None
         async with connected(port, bob.devices[1], incoming_queue_size=4) as receiver:
             got = await envelopes_until_empty(receiver, acknowledge=True)
             assert [e.payload for e in got] == [bytes([i]) for i in range(20)]
+
+
+async def test_requests_from_many_tasks_stay_whole_frames_when_written_in_parts(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A frame the socket does not take at once is finished by trio under the write
+    lock, taken before any other task runs: concurrent requests never interleave."""
+    partial: list[int] = []
+    real_write = os.write
+
+    def write(fd: int, data: bytes) -> int:  # a socket that takes 1,000 bytes at a time
+        written = real_write(fd, data[:1000])
+        if written < len(data):
+            partial.append(written)
+        return written
+
+    alice, bob = make_user("alice"), make_user("bob")
+    payloads = {
+        (task, index): bytes([task, index]) * 10_000 for task in range(4) for index in range(5)
+    }
+    async with running_relay(relay_config()) as port:
+        await register(port, alice, bob)
+        async with connected(port, alice.devices[1]) as sender:
+            monkeypatch.setattr(os, "write", write)
+
+            async def send(task: int) -> None:
+                for index in range(5):
+                    await sender.send_direct("bob", [(1, payloads[task, index])])
+                    await sender.ping()
+
+            async with trio.open_nursery() as nursery:
+                for task in range(4):
+                    nursery.start_soon(send, task)
+            monkeypatch.setattr(os, "write", real_write)
+        assert partial, "every frame fitted at once: the test shows nothing"
+        async with connected(port, bob.devices[1]) as receiver:
+            got = await envelopes_until_empty(receiver, acknowledge=True)
+            assert sorted(e.payload for e in got) == sorted(payloads.values())
+
+
+async def test_a_closed_socket_is_never_written_directly(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Its descriptor number may already belong to another file."""
+
+    def write(fd: int, data: bytes) -> int:
+        pytest.fail(f"wrote to descriptor {fd}, closed")
+
+    sock = trio.socket.socket()
+    sock.close()
+    monkeypatch.setattr(os, "write", write)
+    assert write_at_once(sock, b"frame") == 0
 
 
 async def test_connecting_to_nothing_fails_cleanly() -> None:

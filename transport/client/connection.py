@@ -18,8 +18,10 @@ frames, routes each reply to the request waiting for it (by request id)
 and puts pushes into a bounded memory channel. When the channel is full
 the reader stops reading, so a slow consumer pushes back on the relay,
 which stops at its in-flight window; size the channel above that window
-(the default does). Writes are serialised by a :class:`trio.StrictFIFOLock`.
-Requests may be issued concurrently from several tasks.
+(the default does). A frame goes straight to the socket when it takes it
+at once, as the relay writes (transport/streams.py); otherwise the rest is
+written under a :class:`trio.StrictFIFOLock`, so requests may be issued
+concurrently from several tasks.
 
 Every request waits at most ``request_timeout``; then it raises
 RelayTimeout and the connection is closed, since whether the request took
@@ -52,6 +54,7 @@ from hushchat.protocol.errors import DecodeError, InvalidArgument, InvalidState,
 from hushchat.protocol.keys import IdentityKeyPair
 from hushchat.protocol.prekeys import KemPreKeyPublic, OneTimePreKeyPublic, SignedPreKeyPublic
 
+from ..streams import direct_socket, write_at_once
 from ..wire.auth import sign_auth
 from ..wire.errors import (
     ConnectFailed,
@@ -194,6 +197,8 @@ class RelayConnection:
         self._decoder = FrameDecoder(max_frame_size=max_frame_size)
         self._write_lock = trio.StrictFIFOLock()
         self._write_broken = False
+        # A plain TCP stream's socket, written directly while it takes frames at once.
+        self._socket = direct_socket(stream)
         self._next_request_id = 0
         self._pending: dict[int, _Pending] = {}
         if incoming_queue_size <= NOTICE_SLOTS:
@@ -407,7 +412,17 @@ class RelayConnection:
             data = encode_frame(encode_body(request), max_frame_size=self._max_frame_size)
         except (TypeError, ValueError, OverflowError) as exc:
             raise InvalidArgument(f"{request.TYPE.name}: arguments do not encode") from exc
-        async with self._write_lock:
+        if self._socket is not None and not self._write_lock.locked() and not self._write_broken:
+            # Most frames fit the socket buffer at once (transport/streams.py);
+            # send_all writes the rest, if any, or reports the socket broken.
+            written = write_at_once(self._socket, data)
+            if written == len(data):
+                return
+            data = data[written:]
+            self._write_lock.acquire_nowait()  # free: nothing ran since it was checked
+        else:
+            await self._write_lock.acquire()
+        try:
             if self._write_broken:
                 raise self._closed_error()
             self._write_broken = True
@@ -420,6 +435,8 @@ class RelayConnection:
                 if self._write_broken:
                     # Interrupted mid-frame (timeout or broken): the stream is unusable.
                     await trio.aclose_forcefully(self._stream)
+        finally:
+            self._write_lock.release()
 
     # ---------------------------------------------------------------- incoming
 
@@ -488,7 +505,13 @@ class RelayConnection:
             if self._state is not ConnectionState.AUTHENTICATED:
                 raise DecodeError(f"{frame.TYPE.name} pushed before authentication")
             item = frame.envelope if isinstance(frame, EnvelopePush) else frame
-            await self._incoming_send.send(item)
+            try:
+                # The relay keeps to the window, which leaves room (__init__): no
+                # pass through the scheduler per push. Only a relay that breaks
+                # the window, or notices piling up, find it full and wait.
+                self._incoming_send.send_nowait(item)
+            except trio.WouldBlock:
+                await self._incoming_send.send(item)
             return
         if isinstance(frame, ErrorFrame) and frame.request_id is None:
             self._close_reason = relay_error_from_wire(frame.code, frame.message, frame.detail)

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import secrets
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
@@ -35,6 +34,7 @@ from hushchat.protocol.errors import ProtocolError, StaleChange
 from hushchat.protocol.keys import encode_mlkem768, encode_x25519, verify_prekey_signature
 from hushchat.protocol.primitives import check_x25519_not_small_order, mlkem768_public_key
 
+from ..streams import direct_socket, write_at_once
 from ..wire.auth import AUTH_CHALLENGE_SIZE, verify_auth
 from ..wire.errors import (
     AuthenticationFailed,
@@ -141,7 +141,7 @@ class RelaySession:
         self._write_lock = trio.StrictFIFOLock()
         self._write_broken = False  # a write was interrupted: the stream is unusable
         # A plain TCP stream's socket, written directly while it takes frames at once.
-        self._fd = stream.socket.fileno() if isinstance(stream, trio.SocketStream) else None
+        self._socket = direct_socket(stream)
         self._state = ConnectionState.AWAIT_HELLO
         self._challenge = secrets.token_bytes(AUTH_CHALLENGE_SIZE)
         self._cancel_scope = trio.CancelScope()
@@ -242,18 +242,10 @@ class RelaySession:
         data = b"".join(
             encode_frame(encode_body(frame), max_frame_size=max_size) for frame in frames
         )
-        if self._fd is not None and not self._write_lock.locked() and not self._write_broken:
-            # Most writes fit the socket buffer at once. Written directly they cost
-            # the syscall only, not trio's send_all, a lock and a cancel scope
-            # (several times the syscall); trio waits for the rest, if any.
-            try:
-                written = os.write(self._fd, data)
-            except BlockingIOError:
-                written = 0
-            except OSError:
-                logger.debug("connection dropped: broken")
-                self._write_broken = True
-                written = 0
+        if self._socket is not None and not self._write_lock.locked() and not self._write_broken:
+            # Most writes fit the socket buffer at once (transport/streams.py);
+            # send_all writes the rest, if any, or reports the socket broken.
+            written = write_at_once(self._socket, data)
             if written == len(data):
                 return
             self._write_lock.acquire_nowait()  # free: nothing ran since it was checked
