@@ -39,7 +39,7 @@ from hushchat.transport.client.client import (
 from hushchat.transport.client.store import WAL_SIZE_LIMIT, ClientStore, StoreFull
 from hushchat.transport.relay.config import RelayLimits
 from hushchat.transport.relay.ratelimit import RateLimit
-from hushchat.transport.wire.errors import RateLimited, UnknownUser
+from hushchat.transport.wire.errors import NoPreKeys, RateLimited, UnknownUser
 from tests.support.clients import Relay, RelayProcess, client, free_port, next_matching
 from tests.support.clock import NOW
 
@@ -456,9 +456,7 @@ async def test_the_wal_stays_small(tmp_path: Path, relay: Relay) -> None:
         for n in range(60):
             await alice.send_direct("bob", b"%d " % n + b"x" * 60_000)  # about 7 MB in all
             await next_matching(bob, MessageReceived)
-        sizes = {
-            name: os.path.getsize(tmp_path / f"{name}.db-wal") for name in ("alice", "bob")
-        }
+        sizes = {name: os.path.getsize(tmp_path / f"{name}.db-wal") for name in ("alice", "bob")}
     assert max(sizes.values()) <= WAL_SIZE_LIMIT + 512 * 1024, sizes
 
 
@@ -564,6 +562,55 @@ async def test_a_refusal_while_preparing_a_send_waits_and_never_ends_the_connect
             pytest.fail(f"the connection ended: {lost}")
     async with client(tmp_path, relay, "carol") as carol:
         assert (await next_matching(carol, MessageReceived)).body == b"for when the relay can"
+
+
+async def test_a_refusal_while_proposing_a_change_again_neither_ends_the_connection_nor_loses_it(
+    tmp_path: Path, relay: Relay, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Bob's rename lost its epoch to alice's adding dave, so proposing it again needs
+    dave's bundle. The relay refusing it (here NO_PREKEYS, as for a device that has not
+    published its keys yet) ended bob's connection, and at every reconnect before any
+    mail was read: bob received nothing until the relay gave the bundle. Now the change
+    waits (the outbox's backoff) and goes once the bundle comes."""
+    real = connection_module.RelayConnection.fetch_bundle
+    refused: list[int] = []
+    refusing = True
+
+    async def not_yet(self: Any, user_id: str, device_id: int) -> bytes:
+        if self.user_id == "bob" and user_id == "dave" and refusing:
+            refused.append(device_id)
+            raise NoPreKeys("the device has no prekeys")
+        return await real(self, user_id, device_id)
+
+    async with client(tmp_path, relay, "dave"):
+        pass
+    async with client(tmp_path, relay, "alice") as alice, client(tmp_path, relay, "carol") as carol:
+        async with client(tmp_path, relay, "bob") as bob:
+            group_id = await alice.create_group("race", ["bob", "carol"])
+            await next_matching(bob, GroupUpdated)
+            await alice.set_admin(group_id, "bob", True)
+            await next_matching(bob, GroupUpdated, lambda e: e.author.user_id == "alice")
+            await bob.send_group(group_id, b"sessions with everyone")
+            # Bob renames the group as his connection ends: stored, not sent yet.
+            bob._connection = None
+            sends = bob.core.set_title(group_id, "bob's", now=bob.now())
+            bob.store.commit(bob.core.take_changes(), sends=sends)
+        await alice.add_member(group_id, "dave")
+        monkeypatch.setattr(connection_module.RelayConnection, "fetch_bundle", not_yet)
+        async with client(tmp_path, relay, "bob") as bob:
+            with trio.fail_after(TIMEOUT):
+                while not refused:
+                    await trio.sleep(0.05)
+            await carol.send_direct("bob", b"still reading")
+            received = await next_matching(bob, MessageReceived, sent_by("carol"))
+            assert received.body == b"still reading"
+            assert bob.core.waiting_changes() == (group_id,)
+            refusing = False
+            with trio.fail_after(TIMEOUT):
+                while alice.group(group_id).title != "bob's":
+                    await trio.sleep(0.05)
+            assert set(alice.group(group_id).user_ids) == {"alice", "bob", "carol", "dave"}
+            assert bob.status is Status.READY and bob.core.waiting_changes() == ()
 
 
 def test_reconnect_waits_are_spread_around_the_backoff() -> None:

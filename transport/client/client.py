@@ -27,6 +27,10 @@ all protocol work; this module does only I/O around it:
   group) never holding up another: a send refused for a stale device list
   is rebuilt for the current devices, one refused for the relay's rate is
   paced as the relay says, one for a full mailbox waits and goes again;
+* a group change of ours that lost its epoch to another, and needs sessions
+  with members who joined meanwhile, is proposed again once it has them;
+  what the relay refuses it meanwhile (a bundle not there yet, its rate)
+  makes it wait with the outbox's backoff, never ends the connection;
 * a dropped connection is re-established with exponential backoff and
   jitter, growing across refused logins as across failed connects, trying
   each address the relay may be at (``relays``, or what ``resolver`` says
@@ -83,7 +87,12 @@ from hushchat.protocol.consts import (
 )
 from hushchat.protocol.content import MESSAGE_ID_SIZE
 from hushchat.protocol.devices import DeviceEntry, SignedDeviceList
-from hushchat.protocol.errors import InvalidArgument, LocalProtocolError, RemoteProtocolError
+from hushchat.protocol.errors import (
+    InvalidArgument,
+    InvalidState,
+    LocalProtocolError,
+    RemoteProtocolError,
+)
 from hushchat.protocol.fingerprint import SafetyNumber
 from hushchat.protocol.group import GroupState
 from hushchat.protocol.primitives import SYSTEM_RANDOM, RandomSource
@@ -300,6 +309,12 @@ class Client:
         self._retry_delay: dict[str, float] = {}
         self._retry_reason: dict[str, str] = {}
         self._reported_pending: set[bytes] = set()
+        # Our changes that lost their epoch and wait for what the relay refused them
+        # (a bundle, a list), by group: when to propose each again, and the backoff.
+        self._change_retry_at: dict[bytes, float] = {}
+        self._change_retry_delay: dict[bytes, float] = {}
+        self._change_retry_scheduled = trio.Event()
+        self._retry_lock = trio.Lock()  # one proposer of waiting changes at a time
 
     # ------------------------------------------------------------ app API
 
@@ -1426,20 +1441,72 @@ class Client:
 
     async def _retry_waiting_changes(self, connection: RelayConnection) -> bool:
         """A change of ours that lost its epoch and needs sessions with devices that joined
-        meanwhile: fetch their bundles and propose it again. Whether any was."""
+        meanwhile: fetch their bundles and propose it again. Whether any was.
+
+        What the relay refuses (a bundle it cannot give yet, its rate limit, a
+        bundle that does not verify) leaves the change waiting, proposed again
+        after the outbox's backoff (or when the relay says): it never ends the
+        connection, which would end it again at every reconnect, before any mail
+        is read.
+        """
         delivered: list[tuple[list[StoredEvent], list[int]]] = []
-        for group_id in self.core.waiting_changes():
-            async with self._prepare_lock:
-                await self._prepare(connection, self.core.change_needs(group_id))
-            async with self._lock:
-                outcome = self.core.retry_change(group_id, now=self.now())
-                _, ids = await self._commit(
-                    self.core.take_changes(), sends=list(outcome.sends), events=outcome.events
-                )
-            delivered.append((list(outcome.events), ids))
+        async with self._retry_lock:
+            waiting = self.core.waiting_changes()
+            for group_id in [g for g in self._change_retry_at if g not in waiting]:
+                del self._change_retry_at[group_id]  # proposed, settled or dropped since
+                self._change_retry_delay.pop(group_id, None)
+            for group_id in waiting:
+                if self._change_retry_at.get(group_id, -math.inf) > trio.current_time():
+                    continue  # refused lately: its backoff runs (_retry_changes_when_due)
+                try:
+                    async with self._prepare_lock:
+                        await self._prepare(connection, self.core.change_needs(group_id))
+                    async with self._lock:
+                        outcome = self.core.retry_change(group_id, now=self.now())
+                        _, ids = await self._commit(
+                            self.core.take_changes(),
+                            sends=list(outcome.sends),
+                            events=outcome.events,
+                        )
+                except (
+                    RelayError,
+                    RemoteProtocolError,
+                    MissingSessions,
+                    DeviceListNeeded,
+                ) as refused:
+                    self._change_refused(group_id, refused)
+                    continue
+                self._change_retry_at.pop(group_id, None)
+                self._change_retry_delay.pop(group_id, None)
+                delivered.append((list(outcome.events), ids))
         for events, ids in delivered:
             await self._deliver_events(events, ids)
         return bool(delivered)
+
+    def _change_refused(
+        self, group_id: bytes, refused: RelayError | RemoteProtocolError | InvalidState
+    ) -> None:
+        """Our waiting change of ``group_id`` could not be proposed again: when to try next."""
+        if isinstance(refused, RateLimited):
+            delay = refused.retry_after_ms / 1000
+        else:
+            delay = self._change_retry_delay.get(group_id, 0.0)
+            delay = min(max(RETRY_FIRST_DELAY, delay * 2), RETRY_MAX_DELAY)
+        logger.info("a group change of ours waits %.1f s: %s", delay, refused.code)
+        self._change_retry_at[group_id] = trio.current_time() + delay
+        self._change_retry_delay[group_id] = delay
+        self._change_retry_scheduled.set()
+
+    async def _retry_changes_when_due(self, connection: RelayConnection) -> None:
+        """Propose a refused waiting change again when its backoff ends (mail that
+        arrives meanwhile may have done it already)."""
+        while True:
+            self._change_retry_scheduled = trio.Event()
+            with trio.move_on_at(min(self._change_retry_at.values(), default=math.inf)):
+                await self._change_retry_scheduled.wait()
+                continue  # a new refusal: its time may come first
+            if await self._retry_waiting_changes(connection):
+                self._wake.set()
 
     async def _receive(
         self, connection: RelayConnection, acknowledge: trio.MemorySendChannel[list[bytes]]
@@ -1671,6 +1738,7 @@ class Client:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._flusher, connection)
             nursery.start_soon(self._acknowledger, connection, processed)
+            nursery.start_soon(self._retry_changes_when_due, connection)
             await self._receive(connection, acknowledge)
             nursery.cancel_scope.cancel()
 
