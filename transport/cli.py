@@ -51,6 +51,7 @@ from .relay.server import (
     serve_relay,
 )
 from .relay.storage.atrest import RelayKeysMissing, default_key_file
+from .relay.storage.interface import UnsuitableDatabase
 from .relay.storage.names import is_postgres_url, without_password
 from .relay.storage.schema import SCHEMA_VERSION, sqlite_schema_version
 from .relay.storage.sqlite import SqliteDatabase
@@ -658,8 +659,8 @@ def run_migrate(args: argparse.Namespace) -> int:
 
         try:
             before = migrate_postgres(args.db)
-        except Exception as exc:  # psycopg's errors, a newer schema
-            if not isinstance(exc, StateError) and type(exc).__module__.split(".")[0] != "psycopg":
+        except Exception as exc:  # psycopg's errors, a newer schema, a database not in UTF8
+            if not isinstance(exc, StateError | UnsuitableDatabase) and not is_database_error(exc):
                 raise
             return fail("relay migrate", database_error(args.db, exc))
         after = POSTGRES_SCHEMA_VERSION

@@ -6,17 +6,20 @@ from __future__ import annotations
 import json
 import os
 import threading
+from collections.abc import Iterator
 from functools import partial
 from pathlib import Path
 from typing import Any
 
 import psycopg
 import pytest
+import trio
 
 from hushchat.devtools.pgcluster import ThrowawayCluster
 from hushchat.protocol.prekeys import OneTimePreKeyPublic
 from hushchat.transport import cli
 from hushchat.transport.relay.config import Registration, wall_clock_ms
+from hushchat.transport.relay.server import RelayStartError, serve_relay
 from hushchat.transport.relay.storage.atrest import KeyChain, KeyState, read_key_file
 from hushchat.transport.relay.storage.names import without_password
 from hushchat.transport.relay.storage.postgres import (
@@ -884,3 +887,30 @@ def test_a_sweep_on_one_relay_while_the_other_sends_loses_nothing(
         assert not old_partitions & _partitions(conn)
     sender.close()
     sweeper.close()
+
+
+@pytest.fixture
+def latin1_dsn(postgres_cluster: ThrowawayCluster) -> Iterator[str]:
+    """A database created in LATIN1, as `createdb -E LATIN1` or an old cluster's default."""
+    postgres_cluster.sql(
+        "CREATE DATABASE latin1 ENCODING 'LATIN1' LC_COLLATE 'C' LC_CTYPE 'C' TEMPLATE template0"
+    )
+    yield postgres_cluster.dsn("latin1")
+    postgres_cluster.drop_database("latin1")
+
+
+async def test_a_database_not_in_utf8_is_refused_before_anything_is_stored(
+    latin1_dsn: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """In LATIN1 a user id such as "日本" cannot be stored (every request naming it failed
+    with INTERNAL_ERROR), and "COLLATE \"C\"" sorts LATIN1 bytes, not the UTF-8 bytes
+    relays lock users in, so two relays could deadlock. A relay, and migrate, refuse it."""
+    config = relay_config(tmp_path, db=latin1_dsn)
+    async with trio.open_nursery() as nursery:
+        with pytest.raises(RelayStartError, match="UTF8"):
+            await nursery.start(serve_relay, config)
+    assert cli.main(["relay", "migrate", "--db", latin1_dsn]) != 0
+    err = capsys.readouterr().err
+    assert "UTF8" in err and err.count("\n") == 1 and "Traceback" not in err
+    with psycopg.connect(latin1_dsn, autocommit=True) as conn:  # nothing was created
+        assert conn.execute("SELECT to_regclass('schema_version')").fetchone() == (None,)

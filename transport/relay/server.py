@@ -29,7 +29,13 @@ from .config import RelayConfig
 from .ratelimit import KeyedRateLimiter, LogThrottle
 from .session import RelaySession
 from .storage.atrest import RelayKeysMissing
-from .storage.interface import ClusterEvents, ClusterStorage, RelayStorage, StoredDeviceList
+from .storage.interface import (
+    ClusterEvents,
+    ClusterStorage,
+    RelayStorage,
+    StoredDeviceList,
+    UnsuitableDatabase,
+)
 from .storage.names import is_postgres_url, without_password
 from .storage.sqlite import SqliteStorage
 
@@ -108,7 +114,7 @@ def database_error(path: str, exc: Exception) -> str:
         path = without_password(path)
         if is_database_error(exc):
             return f"cannot open the relay database {path}: {str(exc).strip()}"
-    if isinstance(exc, RelayKeysMissing):
+    if isinstance(exc, RelayKeysMissing | UnsuitableDatabase):
         return exc.message
     if isinstance(exc, sqlite3.DatabaseError) and not isinstance(exc, sqlite3.OperationalError):
         return f"{path} is not a hushchat relay database ({exc}); give another --db"
@@ -375,7 +381,8 @@ async def serve_relay(
         with trio.CancelScope(shield=True):
             for listener in listeners:
                 await listener.aclose()
-        if not isinstance(exc, (sqlite3.Error, StateError, OSError, RelayKeysMissing)) and not (
+        expected = (sqlite3.Error, StateError, OSError, RelayKeysMissing, UnsuitableDatabase)
+        if not isinstance(exc, expected) and not (
             is_postgres_url(config.db_path) and is_database_error(exc)
         ):
             raise

@@ -40,6 +40,13 @@ class StorageConflict(TransportError):
     code = "STORAGE_CONFLICT"
 
 
+class UnsuitableDatabase(TransportError):
+    """The database cannot hold a relay's data as the protocol needs (a PostgreSQL
+    database not in UTF8): the sentence says why and what to do. Nothing was stored."""
+
+    code = "UNSUITABLE_DATABASE"
+
+
 @dataclass(frozen=True, slots=True)
 class StoredDeviceList:
     """A user's current signed device list, with the parts the relay routes by.

@@ -106,6 +106,7 @@ from .interface import (
     MailboxPosition,
     StorageConflict,
     StoredDeviceList,
+    UnsuitableDatabase,
 )
 from .names import without_password
 from .schema import SCHEMA_VERSION
@@ -959,13 +960,30 @@ class PostgresConnection:
 _SAVEPOINT_STATEMENTS = frozenset({"SAVEPOINT call", "RELEASE call", "ROLLBACK TO call"})
 
 
+def _check_encoding(conn: PostgresConnection) -> None:
+    """A relay's database must be in UTF8: a user id is any UTF-8 text, which another
+    encoding cannot always hold (a request naming it would fail), and the relays lock
+    users in the order of their UTF-8 bytes, which ``COLLATE "C"`` follows only in
+    UTF8 (another order could deadlock two relays)."""
+    row = conn.execute("SHOW server_encoding").fetchone()
+    encoding = "unknown" if row is None else str(row[0])
+    if encoding != "UTF8":
+        raise UnsuitableDatabase(
+            f"the relay database {without_password(conn.dsn)} is in {encoding}, and a relay "
+            "needs UTF8: create it with CREATE DATABASE ... ENCODING 'UTF8' TEMPLATE template0 "
+            "(or createdb -E UTF8 -T template0)"
+        )
+
+
 def create_or_migrate_schema(conn: PostgresConnection) -> int:
     """Give a new database the schema, or migrate an older one; the version found (0: new).
 
     Runs in a transaction of its own holding the epoch lock exclusively, so
     relays starting at once, and running relays, never see half a schema.
-    UnknownStateVersion if the database is newer than this relay.
+    UnknownStateVersion if the database is newer than this relay;
+    UnsuitableDatabase, before anything is written, if it is not in UTF8.
     """
+    _check_encoding(conn)
     conn.execute(EXCLUSIVE_BEGIN)
     try:
         exists = conn.execute("SELECT to_regclass('schema_version') IS NOT NULL").fetchone()
