@@ -21,7 +21,12 @@ from typing import Any
 import pytest
 import trio
 
-from hushchat.protocol.client_core import ClientCore, GroupUpdated, MessageReceived
+from hushchat.protocol.client_core import (
+    ClientCore,
+    GroupChangeFailed,
+    GroupUpdated,
+    MessageReceived,
+)
 from hushchat.protocol.errors import InvalidArgument
 from hushchat.transport.client import connection as connection_module
 from hushchat.transport.client.client import (
@@ -564,14 +569,35 @@ async def test_a_refusal_while_preparing_a_send_waits_and_never_ends_the_connect
         assert (await next_matching(carol, MessageReceived)).body == b"for when the relay can"
 
 
+async def bob_s_rename_loses_to_alice_adding_dave(
+    tmp_path: Path, relay: Relay, alice: Client
+) -> bytes:
+    """Bob's rename, stored as his connection ends, loses its epoch to alice's adding dave
+    meanwhile: at bob's next connection it waits for dave's bundle. The group's id
+    (carol, a member, must be registered)."""
+    async with client(tmp_path, relay, "dave"):
+        pass
+    async with client(tmp_path, relay, "bob") as bob:
+        group_id = await alice.create_group("race", ["bob", "carol"])
+        await next_matching(bob, GroupUpdated)
+        await alice.set_admin(group_id, "bob", True)
+        await next_matching(bob, GroupUpdated, lambda e: e.author.user_id == "alice")
+        await bob.send_group(group_id, b"sessions with everyone")
+        bob._connection = None
+        sends = bob.core.set_title(group_id, "bob's", now=bob.now())
+        bob.store.commit(bob.core.take_changes(), sends=sends)
+    await alice.add_member(group_id, "dave")
+    return group_id
+
+
 async def test_a_refusal_while_proposing_a_change_again_neither_ends_the_connection_nor_loses_it(
     tmp_path: Path, relay: Relay, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Bob's rename lost its epoch to alice's adding dave, so proposing it again needs
-    dave's bundle. The relay refusing it (here NO_PREKEYS, as for a device that has not
-    published its keys yet) ended bob's connection, and at every reconnect before any
-    mail was read: bob received nothing until the relay gave the bundle. Now the change
-    waits (the outbox's backoff) and goes once the bundle comes."""
+    """Proposing bob's rename again needs dave's bundle. The relay refusing it (here
+    NO_PREKEYS, as for a device that has not published its keys yet) ended bob's
+    connection, and at every reconnect before any mail was read: bob received nothing
+    until the relay gave the bundle. Now the change waits (the outbox's backoff) and
+    goes once the bundle comes."""
     real = connection_module.RelayConnection.fetch_bundle
     refused: list[int] = []
     refusing = True
@@ -582,20 +608,8 @@ async def test_a_refusal_while_proposing_a_change_again_neither_ends_the_connect
             raise NoPreKeys("the device has no prekeys")
         return await real(self, user_id, device_id)
 
-    async with client(tmp_path, relay, "dave"):
-        pass
     async with client(tmp_path, relay, "alice") as alice, client(tmp_path, relay, "carol") as carol:
-        async with client(tmp_path, relay, "bob") as bob:
-            group_id = await alice.create_group("race", ["bob", "carol"])
-            await next_matching(bob, GroupUpdated)
-            await alice.set_admin(group_id, "bob", True)
-            await next_matching(bob, GroupUpdated, lambda e: e.author.user_id == "alice")
-            await bob.send_group(group_id, b"sessions with everyone")
-            # Bob renames the group as his connection ends: stored, not sent yet.
-            bob._connection = None
-            sends = bob.core.set_title(group_id, "bob's", now=bob.now())
-            bob.store.commit(bob.core.take_changes(), sends=sends)
-        await alice.add_member(group_id, "dave")
+        group_id = await bob_s_rename_loses_to_alice_adding_dave(tmp_path, relay, alice)
         monkeypatch.setattr(connection_module.RelayConnection, "fetch_bundle", not_yet)
         async with client(tmp_path, relay, "bob") as bob:
             with trio.fail_after(TIMEOUT):
@@ -611,6 +625,40 @@ async def test_a_refusal_while_proposing_a_change_again_neither_ends_the_connect
                     await trio.sleep(0.05)
             assert set(alice.group(group_id).user_ids) == {"alice", "bob", "carol", "dave"}
             assert bob.status is Status.READY and bob.core.waiting_changes() == ()
+
+
+async def test_a_waiting_change_that_mail_settles_while_it_is_proposed_again_is_let_be(
+    tmp_path: Path, relay: Relay, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The backoff's retry of bob's rename waits for dave's bundle; meanwhile alice
+    removes bob, which drops the change. The retry then finds nothing waiting and lets
+    it be (asked to propose it, the core would refuse: no change waits)."""
+    real = connection_module.RelayConnection.fetch_bundle
+    fetches: list[int] = []
+    removed = trio.Event()
+
+    async def refused_then_slow(self: Any, user_id: str, device_id: int) -> bytes:
+        if self.user_id == "bob" and user_id == "dave":
+            fetches.append(device_id)
+            if len(fetches) == 1:
+                raise NoPreKeys("the device has no prekeys")
+            await removed.wait()
+        return await real(self, user_id, device_id)
+
+    async with client(tmp_path, relay, "alice") as alice, client(tmp_path, relay, "carol") as carol:
+        group_id = await bob_s_rename_loses_to_alice_adding_dave(tmp_path, relay, alice)
+        monkeypatch.setattr(connection_module.RelayConnection, "fetch_bundle", refused_then_slow)
+        async with client(tmp_path, relay, "bob") as bob:
+            with trio.fail_after(TIMEOUT):
+                while len(fetches) < 2:  # the backoff's retry is fetching
+                    await trio.sleep(0.05)
+            await alice.remove_member(group_id, "bob")
+            failed = await next_matching(bob, GroupChangeFailed)
+            assert failed.reason == "NOT_A_MEMBER" and bob.core.waiting_changes() == ()
+            removed.set()
+            await carol.send_direct("bob", b"still reading")
+            received = await next_matching(bob, MessageReceived, sent_by("carol"))
+            assert received.body == b"still reading" and bob.status is Status.READY
 
 
 def test_reconnect_waits_are_spread_around_the_backoff() -> None:

@@ -1462,6 +1462,8 @@ class Client:
                     async with self._prepare_lock:
                         await self._prepare(connection, self.core.change_needs(group_id))
                     async with self._lock:
+                        if group_id not in self.core.waiting_changes():
+                            continue  # settled by mail that came while we fetched
                         outcome = self.core.retry_change(group_id, now=self.now())
                         _, ids = await self._commit(
                             self.core.take_changes(),
