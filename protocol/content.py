@@ -39,8 +39,8 @@ from .consts import (
     MAX_GROUP_HISTORY,
     MAX_PLAINTEXT_SIZE,
     MAX_RECEIPT_MESSAGE_IDS,
-    MAX_USER_ID_SIZE,
 )
+from .devices import read_user_id
 from .encoding import UINT64_MAX, Fields, pack, unpack
 from .errors import DecodeError
 
@@ -183,9 +183,7 @@ def decode_content(data: bytes) -> Content:
         f.uint()
         to_kind = f.uint()
         if to_kind == SENT_TO_USER:
-            to_user, to_group = f.text(max_size=MAX_USER_ID_SIZE), None
-            if not to_user:  # as every user id: 1 to MAX_USER_ID_SIZE bytes
-                raise DecodeError("SentCopy: the user id is empty")
+            to_user, to_group = read_user_id(f), None
         elif to_kind == SENT_TO_GROUP:
             to_user, to_group = None, f.bin(GROUP_ID_SIZE)
         else:

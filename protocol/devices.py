@@ -19,7 +19,7 @@ Wire format (canonical msgpack, spec/00-conventions.md)::
 
     SignedDeviceList = [body: bin, signature: bin(64)]
     body = pack([version: uint (= PROTOCOL_VERSION),
-                 user_id: str (1..MAX_USER_ID_SIZE bytes of UTF-8),
+                 user_id: str (1..MAX_USER_ID_SIZE bytes of UTF-8, no U+0000),
                  user_identity: bin(32),          # Ed25519 public key
                  counter: uint64,                 # +1 on every change
                  devices: [[device_id: uint32, device_identity: bin(32),
@@ -77,8 +77,17 @@ from .errors import (
 from .keys import IdentityKeyPair, PublicIdentity, identity_to_x25519
 
 
-def check_user_id(user_id: object, error: type[ProtocolError] = InvalidArgument) -> str:
-    """``user_id`` if it is a str of 1..MAX_USER_ID_SIZE UTF-8 bytes; else raise ``error``."""
+def check_user_id(
+    user_id: object, error: type[ProtocolError] = InvalidArgument, *, stored: bool = False
+) -> str:
+    """``user_id`` if it is a user id, else raise ``error``: the one rule for every user id.
+
+    A user id is a str of 1..MAX_USER_ID_SIZE bytes of UTF-8 without U+0000
+    (spec/11-devices.md section 11.1). With ``stored``, a user id this device
+    read back from its own stored state (or a value such a state rebuilds) is
+    held to the size rule only: a state stored before U+0000 was refused
+    still loads.
+    """
     if not isinstance(user_id, str):
         raise error("a user id is a string")
     try:
@@ -87,7 +96,14 @@ def check_user_id(user_id: object, error: type[ProtocolError] = InvalidArgument)
         raise error("a user id is valid UTF-8") from None
     if not 1 <= size <= MAX_USER_ID_SIZE:
         raise error(f"a user id is 1 to {MAX_USER_ID_SIZE} bytes of UTF-8")
+    if not stored and "\x00" in user_id:
+        raise error("a user id contains no U+0000")
     return user_id
+
+
+def read_user_id(fields: Fields, *, stored: bool = False) -> str:
+    """The next field as a user id (:func:`check_user_id`); DecodeError if it is not one."""
+    return check_user_id(fields.text(MAX_USER_ID_SIZE), DecodeError, stored=stored)
 
 
 def check_identity_key(public: object, error: type[ProtocolError] = InvalidArgument) -> bytes:
@@ -184,7 +200,10 @@ class DeviceList:
     devices: tuple[DeviceEntry, ...]
 
     def __post_init__(self) -> None:
-        check_user_id(self.user_id)
+        # A stored list names a user as it was when stored (check_user_id):
+        # the full rule is checked where a user id comes in, from the app
+        # (DeviceEntry.prove, the client API) or from a peer (the decoders).
+        check_user_id(self.user_id, stored=True)
         check_identity_key(self.user_identity)
         if (
             isinstance(self.counter, bool)
@@ -295,8 +314,9 @@ class SignedDeviceList:
         return pack([self.body, self.signature])
 
     @classmethod
-    def decode(cls, data: bytes) -> SignedDeviceList:
-        """Decode and verify a signed list.
+    def decode(cls, data: bytes, *, stored: bool = False) -> SignedDeviceList:
+        """Decode and verify a signed list (``stored``: one this device stored itself,
+        whose user id is held to the size rule only: :func:`check_user_id`).
 
         Raises DecodeError (malformed, non-canonical, devices out of order),
         UnknownVersion, InvalidKey (an identity that is not a valid key),
@@ -308,7 +328,7 @@ class SignedDeviceList:
         body = outer.bin()
         signature = outer.bin(ED25519_SIGNATURE_SIZE)
         outer.end()
-        device_list = _decode_body(body)
+        device_list = _decode_body(body, stored=stored)
         PublicIdentity.from_bytes(device_list.user_identity).verify(
             signature, DEVICE_LIST_SIGNATURE_CONTEXT + body
         )
@@ -321,12 +341,12 @@ class SignedDeviceList:
         return f"SignedDeviceList({dl.user_id!r}, counter={dl.counter}, devices={dl.device_ids})"
 
 
-def _decode_body(body: bytes) -> DeviceList:
+def _decode_body(body: bytes, *, stored: bool) -> DeviceList:
     fields = Fields.decode(body, what="device list body", count=5)
     version = fields.uint()
     if version != PROTOCOL_VERSION:
         raise UnknownVersion(f"device list version {version}")
-    user_id = check_user_id(fields.text(MAX_USER_ID_SIZE), DecodeError)
+    user_id = read_user_id(fields, stored=stored)
     user_identity = fields.bin(ED25519_KEY_SIZE)
     check_identity_key(user_identity, InvalidKey)
     counter = fields.uint(UINT64_MAX)

@@ -329,7 +329,10 @@ class Member:
     admin: bool = False
 
     def __post_init__(self) -> None:
-        check_user_id(self.user_id)
+        # stored: a member named as when its group was stored (check_user_id);
+        # the full rule is checked where a user id comes in (the client API,
+        # the decoders), as for every value type below.
+        check_user_id(self.user_id, stored=True)
         check_identity_key(self.user_identity)
         if not isinstance(self.admin, bool):
             raise InvalidArgument("admin is a bool")
@@ -348,7 +351,7 @@ class AddMember:
     code: ClassVar[ActionCode] = ActionCode.ADD_MEMBER
 
     def __post_init__(self) -> None:
-        check_user_id(self.user_id)
+        check_user_id(self.user_id, stored=True)
         check_identity_key(self.user_identity)
 
     def args(self) -> list[Any]:
@@ -422,7 +425,7 @@ class RemoveMember:
     code: ClassVar[ActionCode] = ActionCode.REMOVE_MEMBER
 
     def __post_init__(self) -> None:
-        check_user_id(self.user_id)
+        check_user_id(self.user_id, stored=True)
 
     def args(self) -> list[Any]:
         return [self.user_id]
@@ -447,7 +450,7 @@ class SetAdmin:
     code: ClassVar[ActionCode] = ActionCode.SET_ADMIN
 
     def __post_init__(self) -> None:
-        check_user_id(self.user_id)
+        check_user_id(self.user_id, stored=True)
         if not isinstance(self.admin, bool):
             raise InvalidArgument("admin is a bool")
 
@@ -473,16 +476,18 @@ Action: TypeAlias = CreateGroup | AddMember | RemoveMember | Leave | SetAdmin | 
 _ACTION_TYPES = (CreateGroup, AddMember, RemoveMember, Leave, SetAdmin, SetTitle)
 
 
-def _decode_add(fields: Fields) -> AddMember:
+def _decode_add(fields: Fields, stored: bool) -> AddMember:
     user_id = fields.text(MAX_USER_ID_SIZE)
     identity = fields.bin(ED25519_KEY_SIZE)
     fields.end()
     check_identity_key(identity, InvalidKey)
+    # The user id is checked after the identity (spec/06, "Control message").
+    check_user_id(user_id, DecodeError, stored=stored)
     with _remote("add_member"):
         return AddMember(user_id, identity)
 
 
-def _decode_action(code: int, args: Fields) -> Action:
+def _decode_action(code: int, args: Fields, *, stored: bool) -> Action:
     action: Action
     if code == ActionCode.CREATE:
         title = args.text(MAX_GROUP_TITLE_SIZE)
@@ -490,7 +495,7 @@ def _decode_action(code: int, args: Fields) -> Action:
         raw_replaces = args.raw()
         args.end()
         members = tuple(
-            _decode_add(Fields(item, what=f"create.members[{i}]", count=2))
+            _decode_add(Fields(item, what=f"create.members[{i}]", count=2), stored)
             for i, item in enumerate(raw)
         )
         replaces = None
@@ -501,10 +506,11 @@ def _decode_action(code: int, args: Fields) -> Action:
         with _remote("create"):
             action = CreateGroup(title, members, replaces)
     elif code == ActionCode.ADD_MEMBER:
-        action = _decode_add(args)
+        action = _decode_add(args, stored)
     elif code == ActionCode.REMOVE_MEMBER:
         user_id = args.text(MAX_USER_ID_SIZE)
         args.end()
+        check_user_id(user_id, DecodeError, stored=stored)
         with _remote("remove_member"):
             action = RemoveMember(user_id)
     elif code == ActionCode.LEAVE:
@@ -514,6 +520,7 @@ def _decode_action(code: int, args: Fields) -> Action:
         user_id = args.text(MAX_USER_ID_SIZE)
         admin = args.boolean()
         args.end()
+        check_user_id(user_id, DecodeError, stored=stored)
         with _remote("set_admin"):
             action = SetAdmin(user_id, admin)
     elif code == ActionCode.SET_TITLE:
@@ -531,13 +538,14 @@ def encode_action(action: Action) -> bytes:
     return pack([int(action.code), action.args()])
 
 
-def decode_action(data: bytes) -> Action:
-    """Inverse of :func:`encode_action`; DecodeError (or InvalidKey) if it is not one."""
+def decode_action(data: bytes, *, stored: bool = False) -> Action:
+    """Inverse of :func:`encode_action`; DecodeError (or InvalidKey) if it is not one
+    (``stored``: one this device stored itself, see :func:`check_user_id`)."""
     fields = Fields.decode(data, what="action", count=2)
     code = fields.uint()
     args = fields.nested(what="args")
     fields.end()
-    return _decode_action(code, args)
+    return _decode_action(code, args, stored=stored)
 
 
 # ------------------------------------------------------------------ state
@@ -581,7 +589,7 @@ def _check_members(members: tuple[Member, ...]) -> None:
 
 
 def _decode_members(
-    data: bytes, max_size: int, known: dict[tuple[str, bytes, bool], Member]
+    data: bytes, max_size: int, known: dict[tuple[str, bytes, bool], Member], stored: bool
 ) -> tuple[tuple[Member, ...], dict[str, Member]]:
     """A state's member list from its encoding: checked, validated, and by user id."""
     raw_members = unpack(data, what="group state", max_size=max_size)
@@ -597,7 +605,7 @@ def _decode_members(
             if type(raw) is not list or len(raw) != 3:
                 raise DecodeError(f"{entry}: expected an array of 3 fields")
             user_id, identity, admin = raw
-            check_user_id(user_id, DecodeError)
+            check_user_id(user_id, DecodeError, stored=stored)
             if type(admin) is not bool:
                 raise DecodeError(f"{entry}: field 2 must be a boolean")
             if type(identity) is not bytes or len(identity) != ED25519_KEY_SIZE:
@@ -689,11 +697,13 @@ class GroupState:
         *,
         max_size: int = MAX_STATE_SIZE,
         cache: StateDecodeCache | None = None,
+        stored: bool = False,
     ) -> GroupState:
         """Decode a snapshot; DecodeError, UnknownVersion or InvalidKey if bad.
 
         ``cache`` carries what earlier calls given the same cache (the other
-        states of one pickle or welcome) checked, so it is not checked again.
+        states of one pickle or welcome) checked, so it is not checked again;
+        ``stored``: a state this device stored itself (see :func:`check_user_id`).
         """
         head, member_bytes = split_array(
             data, what="group state", count=_STATE_FIELDS, head=_STATE_FIELDS - 1, max_size=max_size
@@ -710,7 +720,7 @@ class GroupState:
         cache = StateDecodeCache() if cache is None else cache
         members = cache.lists.get(member_bytes)
         if members is None:
-            members = _decode_members(member_bytes, max_size, cache.entries)
+            members = _decode_members(member_bytes, max_size, cache.entries, stored)
             cache.lists[member_bytes] = members
         # Built without __init__: the members were validated when first decoded,
         # and the canonical encoding is ``data`` itself.
@@ -736,15 +746,18 @@ class GroupState:
         )
 
 
-def decode_states(encodings: Iterable[object], what: str) -> list[GroupState]:
+def decode_states(
+    encodings: Iterable[object], what: str, *, stored: bool = False
+) -> list[GroupState]:
     """Decode a chain's state encodings (a pickle's, a welcome's, a sync's), sharing
-    one cache among them; DecodeError if an item is not a byte string."""
+    one cache among them; DecodeError if an item is not a byte string (``stored``:
+    a pickle's, see :meth:`GroupState.decode`)."""
     cache = StateDecodeCache()
     states = []
     for index, item in enumerate(encodings):
         if not isinstance(item, bytes):
             raise DecodeError(f"{what}: state {index} is not a byte string")
-        states.append(GroupState.decode(item, cache=cache))
+        states.append(GroupState.decode(item, cache=cache, stored=stored))
     return states
 
 
@@ -794,7 +807,7 @@ class ControlMessage:
     def __post_init__(self) -> None:
         _check_bytes(self.group_id, GROUP_ID_SIZE, "a group id")
         _check_bytes(self.parent_hash, HASH_SIZE, "a parent hash")
-        check_user_id(self.author_user_id)
+        check_user_id(self.author_user_id, stored=True)
         _check_uint(self.author_device_id, UINT32_MAX, "a device id")
         if not isinstance(self.action, _ACTION_TYPES):
             raise InvalidArgument("action is one of the group actions")
@@ -853,8 +866,9 @@ class ControlMessage:
         return pack([self.body, self.signature])
 
     @classmethod
-    def decode(cls, data: bytes) -> ControlMessage:
-        """Decode (not verify) a control message.
+    def decode(cls, data: bytes, *, stored: bool = False) -> ControlMessage:
+        """Decode (not verify) a control message (``stored``: one this device stored
+        itself, whose user ids are held to the size rule only: :func:`check_user_id`).
 
         Raises DecodeError, NonCanonicalEncoding, UnknownVersion or InvalidKey.
         """
@@ -874,7 +888,9 @@ class ControlMessage:
         code = fields.uint()
         args = fields.nested(what="args")
         fields.end()
-        action = _decode_action(code, args)
+        action = _decode_action(code, args, stored=stored)
+        # The author is checked once the action is (spec/06, "Control message").
+        check_user_id(author_user_id, DecodeError, stored=stored)
         # The body re-encodes to the same bytes: unpack() accepted only the
         # canonical encoding, and these fields determine it.
         with _remote("control message"):
@@ -1318,7 +1334,8 @@ class Group:
         """Load a stored group; UnknownStateVersion or StateError if it cannot be."""
 
         def read(fields: Fields) -> Group:
-            return cls(tuple(decode_states(fields.array(max_len=MAX_STATE_SIZE), "group pickle")))
+            states = fields.array(max_len=MAX_STATE_SIZE)
+            return cls(tuple(decode_states(states, "group pickle", stored=True)))
 
         return load_pickle(data, "group pickle", read)
 

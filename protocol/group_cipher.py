@@ -74,11 +74,11 @@ from .consts import (
     MAX_SENDER_KEY_STATES,
     MAX_SENDER_MESSAGE_KEYS,
     MAX_STATE_SIZE,
-    MAX_USER_ID_SIZE,
     SENDER_KEY_MAX_AGE,
     SENDER_KEY_MAX_MESSAGES,
     STATE_VERSION,
 )
+from .devices import check_user_id
 from .encoding import UINT32_MAX, UINT64_MAX, Fields, pack
 from .errors import (
     DecodeError,
@@ -607,21 +607,13 @@ class SenderKeyStore(Mapping[tuple[bytes, Address], SenderKeyRecord]):
 
 
 def _check_sender(sender: object) -> None:
-    if isinstance(sender, Address) and isinstance(sender.user_id, str):
+    if isinstance(sender, Address):
+        check_user_id(sender.user_id)
         device_id = sender.device_id
-        try:
-            size = len(sender.user_id.encode())
-        except UnicodeEncodeError:  # a lone surrogate: not text msgpack can carry
-            size = 0
-        if (
-            1 <= size <= MAX_USER_ID_SIZE
-            and type(device_id) is int
-            and 0 <= device_id <= UINT32_MAX
-        ):
+        if type(device_id) is int and 0 <= device_id <= UINT32_MAX:
             return
     raise InvalidArgument(
-        f"a sender is an Address: a user id of 1 to {MAX_USER_ID_SIZE} bytes, "
-        f"a device id from 0 to {UINT32_MAX}"
+        f"a sender is an Address: a user id (check_user_id), a device id from 0 to {UINT32_MAX}"
     )
 
 

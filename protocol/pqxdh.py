@@ -42,12 +42,11 @@ from . import primitives as p
 from .consts import (
     ED25519_KEY_SIZE,
     KDF_PREFIX,
-    MAX_USER_ID_SIZE,
     PQXDH_INFO,
     SHARED_SECRET_SIZE,
     X3DH_INFO,
 )
-from .devices import check_identity_key, check_user_id
+from .devices import check_identity_key, check_user_id, read_user_id
 from .encoding import UINT32_MAX, Fields, pack
 from .errors import InvalidArgument
 from .keys import IdentityKeyPair, PublicIdentity
@@ -63,7 +62,7 @@ class Party:
     user_identity: bytes
 
     def __post_init__(self) -> None:
-        check_user_id(self.user_id)
+        check_user_id(self.user_id, stored=True)
         if (
             isinstance(self.device_id, bool)
             or not isinstance(self.device_id, int)
@@ -77,8 +76,9 @@ class Party:
 
     @classmethod
     def read(cls, fields: Fields, what: str) -> Party:
+        # Read only from a session pickle: a party named as when it was stored.
         nested = fields.nested(what=what, count=3)
-        return cls(nested.text(MAX_USER_ID_SIZE), nested.uint(), nested.bin(ED25519_KEY_SIZE))
+        return cls(read_user_id(nested, stored=True), nested.uint(), nested.bin(ED25519_KEY_SIZE))
 
     def __str__(self) -> str:
         return f"{self.user_id}.{self.device_id}"

@@ -18,12 +18,11 @@ from dataclasses import dataclass
 from .consts import (
     ED25519_KEY_SIZE,
     ED25519_SIGNATURE_SIZE,
-    MAX_USER_ID_SIZE,
     MLKEM768_PUBLIC_KEY_SIZE,
     PROTOCOL_VERSION,
     X25519_KEY_SIZE,
 )
-from .devices import check_user_id
+from .devices import read_user_id
 from .encoding import UINT32_MAX, Fields, pack
 from .errors import DecodeError, UnknownVersion
 from .keys import PublicIdentity, encode_mlkem768, encode_x25519, verify_prekey_signature
@@ -134,7 +133,7 @@ class PreKeyBundle:
         fields = Fields.decode(data, what="PreKeyBundle", count=8)
         if fields.uint() != PROTOCOL_VERSION:
             raise UnknownVersion("PreKeyBundle: unknown version")
-        user_id = check_user_id(fields.text(max_size=MAX_USER_ID_SIZE), DecodeError)
+        user_id = read_user_id(fields)
         device_id = fields.uint(UINT32_MAX)
         identity = PublicIdentity.from_bytes(fields.bin(ED25519_KEY_SIZE))
         signed_prekey = SignedPreKeyPublic.read(fields)

@@ -49,7 +49,7 @@ array of 8 (94..166 bytes)::
     98                  fixarray, 8 elements
     03                  version       = SENDER_KEY_VERSION
     c4 10 <16 bytes>    group_id
-    <str>               sender_user_id    1..MAX_USER_ID_SIZE bytes: the chain's creator
+    <str>               sender_user_id    a user id (check_user_id): the chain's creator
     <uint>              sender_device_id  u32
     <uint>              chain_id      u32 (made as big-endian 4 random bytes >> 1)
     <uint>              iteration     u32, the chain's next iteration
@@ -96,11 +96,11 @@ from .consts import (
     MAX_MESSAGE_SIZE,
     MAX_PLAINTEXT_SIZE,
     MAX_SENDER_KEY_ITERATION,
-    MAX_USER_ID_SIZE,
     SENDER_KEY_INFO,
     SENDER_KEY_VERSION,
     SENDER_MESSAGE_KEY_MATERIAL_SIZE,
 )
+from .devices import read_user_id
 from .encoding import UINT64_MAX, Fields, pack
 from .errors import DecodeError, UnknownVersion
 
@@ -183,7 +183,7 @@ class SenderKeyDistributionMessage:
         fields = Fields.decode(data, what="sender key distribution message")
         _read_version(fields)
         group_id = fields.bin(GROUP_ID_SIZE)
-        sender = Address(_read_user_id(fields), fields.uint())
+        sender = Address(read_user_id(fields), fields.uint())
         chain_id = fields.uint()
         iteration = fields.uint()
         chain_key = fields.bin(CHAIN_KEY_SIZE)
@@ -263,13 +263,6 @@ def signed_bytes(sender: Address, body: bytes) -> bytes:
     not sent, the receiver takes it from the envelope.
     """
     return pack([sender.user_id, sender.device_id]) + body
-
-
-def _read_user_id(fields: Fields) -> str:
-    user_id = fields.text(MAX_USER_ID_SIZE)
-    if not user_id:
-        raise DecodeError("sender key distribution message: empty sender user id")
-    return user_id
 
 
 def _read_version(fields: Fields) -> None:

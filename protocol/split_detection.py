@@ -40,7 +40,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from .address import Address
-from .consts import MAX_STATE_SIZE, MAX_USER_ID_SIZE, STATE_VERSION
+from .consts import MAX_STATE_SIZE, STATE_VERSION
+from .devices import read_user_id
 from .encoding import UINT64_MAX, Fields, pack
 from .errors import DecodeError
 from .group import HASH_SIZE, StateRelation
@@ -146,7 +147,7 @@ class PeerClaims:
             previous: Address | None = None
             for item in fields.array(max_len=MAX_STATE_SIZE):
                 entry = Fields(item, what="claim", count=5)
-                sender = Address(entry.text(MAX_USER_ID_SIZE), entry.uint())
+                sender = Address(read_user_id(entry, stored=True), entry.uint())
                 if previous is not None and not previous < sender:
                     raise DecodeError("peer claims: senders out of order")
                 claim = StateClaim(entry.uint(UINT64_MAX), entry.bin(HASH_SIZE))

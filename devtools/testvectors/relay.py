@@ -116,6 +116,10 @@ NOTES = {
     "NonCanonical": note("CAN_OF_WORMS", "The body is not the canonical encoding of its value."),
     "NotAnArray": note("BASIC", "The body is not a msgpack array."),
     "WrongFields": note("BASIC", "A field of the wrong type or size, or one too many or too few."),
+    "NulUserId": note(
+        "AUTH_BYPASS",
+        "A user id containing U+0000: C strings would read it as a shorter id (BAD_FRAME).",
+    ),
     "UnknownFrame": note("BASIC", "A frame type the receiver does not accept from that side."),
     "UnexpectedFrame": note("BASIC", "A request the connection's state does not accept."),
     "UnsupportedVersion": note("BASIC", "HELLO names another relay protocol version."),
@@ -719,6 +723,13 @@ def _invalid_request_cases() -> list[tuple[str, str, ConnectionState, bytes, str
             BadFrame.code,
         ),
         (
+            "AUTH with a user id containing U+0000",
+            "NulUserId",
+            u,
+            raw_frame([10, 2, "alice\x00evil", 1, signature]),
+            BadFrame.code,
+        ),
+        (
             "AUTH with one extra field",
             "WrongFields",
             u,
@@ -1060,6 +1071,12 @@ def _invalid_relay_frames() -> list[tuple[str, str, bytes, str]]:
             "ENVELOPE with an empty sender user id",
             "WrongFields",
             raw_frame([30, [*envelope[:2], "", *envelope[3:]]]),
+            BadFrame.code,
+        ),
+        (
+            "ENVELOPE with a sender user id containing U+0000",
+            "NulUserId",
+            raw_frame([30, [*envelope[:2], "alice\x00evil", *envelope[3:]]]),
             BadFrame.code,
         ),
         (

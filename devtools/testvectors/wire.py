@@ -88,6 +88,10 @@ NOTES = {
     "Extension": note("BASIC", "A field holds an extension type (none is valid anywhere)."),
     "TooDeep": note("DOS", f"A field holds arrays nested deeper than {MAX_NESTING_DEPTH}."),
     "WrongSize": note("BASIC", "A fixed-size byte string is one byte short."),
+    "NulUserId": note(
+        "AUTH_BYPASS",
+        "A user id containing U+0000: C strings would read it as a shorter id (MALFORMED).",
+    ),
     "NegativeInteger": note("BASIC", "An unsigned field holds -1."),
     "IntegerTooLarge": note("BASIC", "A u32 field holds 2^32."),
     "InvalidKey": note("CONFIDENTIALITY", "A key of small order or not canonically encoded."),
@@ -380,6 +384,7 @@ def _specific_defects(name: str, sample: bytes) -> list[Defect]:
             ("device id 2^32", "IntegerTooLarge", replace(sample, s, 2, 2**32)),
             ("user id of 65 bytes", "WrongSize", replace(sample, s, 1, "u" * 65)),
             ("empty user id", "WrongSize", replace(sample, s, 1, "")),
+            ("user id containing U+0000", "NulUserId", replace(sample, s, 1, "bob\x00evil")),
             *without_kem,
             (
                 "empty user id and identity of small order: field 1 is checked before "
@@ -480,6 +485,11 @@ def _specific_defects(name: str, sample: bytes) -> list[Defect]:
             ("chain id 2^32", "IntegerTooLarge", replace(sample, s, 4, 2**32)),
             ("empty sender user id", "WrongSize", replace(sample, s, 2, "")),
             ("sender user id of 65 bytes", "WrongSize", replace(sample, s, 2, "u" * 65)),
+            (
+                "sender user id containing U+0000",
+                "NulUserId",
+                replace(sample, s, 2, "alice\x00evil"),
+            ),
             ("sender user id as bin", "WrongType", replace(sample, s, 2, b"alice")),
             ("sender device id 2^32", "IntegerTooLarge", replace(sample, s, 3, 2**32)),
             (
@@ -558,6 +568,7 @@ def _device_list_defects(sample: bytes) -> list[Defect]:
         ("the same device id twice", "Order", variant(4, [devices[0], devices[0]])),
         ("no devices", "WrongSize", variant(4, [])),
         ("empty user id", "WrongSize", variant(1, "")),
+        ("user id containing U+0000", "NulUserId", variant(1, "dave\x00evil")),
         (
             "device identity of small order",
             "InvalidKey",

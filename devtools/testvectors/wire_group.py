@@ -289,6 +289,11 @@ def specific_defects(name: str, sample: bytes) -> list[Defect]:
                 ("SentCopy to_kind 3", "UnknownType", replace(sample, s, 1, 3)),
                 ("SentCopy to a user id of 65 bytes", "WrongSize", replace(sample, s, 2, "u" * 65)),
                 ("SentCopy to the empty user id", "WrongSize", replace(sample, s, 2, "")),
+                (
+                    "SentCopy to a user id containing U+0000",
+                    "NulUserId",
+                    replace(sample, s, 2, "bob\x00evil"),
+                ),
             ]
         if fields[0] == 1:
             return [("content type 9", "UnknownType", replace(sample, s, 0, 9))]
@@ -350,6 +355,11 @@ def specific_defects(name: str, sample: bytes) -> list[Defect]:
                 replace(sample, s, 6, [[members[0][0], SMALL_ORDER_EDWARDS, True]]),
             ),
             ("title of 257 bytes", "WrongSize", replace(sample, s, 5, "t" * 257)),
+            (
+                "member user id containing U+0000",
+                "NulUserId",
+                replace(sample, s, 6, [["alice\x00evil", members[0][1], True]]),
+            ),
             (
                 f"version {PROTOCOL_VERSION + 1} and one extra field: the element count is checked "
                 "first (MALFORMED)",
@@ -421,6 +431,22 @@ def _control_defects(sample: bytes) -> list[Defect]:
             changed({6: 2, 7: [""]}),
         ),
         ("set_admin of an empty user id", "WrongSize", changed({6: 4, 7: ["", True]})),
+        (
+            "remove_member of a user id containing U+0000",
+            "NulUserId",
+            changed({6: 2, 7: ["b\x00"]}),
+        ),
+        (
+            "set_admin of a user id containing U+0000",
+            "NulUserId",
+            changed({6: 4, 7: ["b\x00", True]}),
+        ),
+        (
+            "add_member of a user id containing U+0000",
+            "NulUserId",
+            changed({6: 1, 7: ["bob\x00evil", IdentityKeyPair(bytes(32)).public.ed25519]}),
+        ),
+        ("author user id containing U+0000", "NulUserId", variant(4, "alice\x00evil")),
         (
             "signature of 63 bytes and body version 3: the outer array, the signature's size "
             "included, is read before the body is decoded (MALFORMED)",

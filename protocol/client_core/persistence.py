@@ -20,11 +20,10 @@ from ..consts import (
     GROUP_ID_SIZE,
     MAX_HELD_GROUP_CONTROLS,
     MAX_LEFT_GROUPS,
-    MAX_USER_ID_SIZE,
     STATE_VERSION,
 )
 from ..content import GroupControl
-from ..devices import SignedDeviceList
+from ..devices import SignedDeviceList, read_user_id
 from ..encoding import Fields, pack
 from ..errors import DecodeError, ProtocolError, StateError
 from ..group import ControlMessage, Group
@@ -65,7 +64,7 @@ def read_meta(records: Mapping[RecordKey, bytes]) -> tuple[str, int, bytes, byte
         raise StateError("client state: meta or account record missing")
 
     def read(f: Fields) -> tuple[str, int, bytes, bytes | None]:
-        return f.text(MAX_USER_ID_SIZE), f.uint(), f.bin(32), f.optional_bin(32)
+        return read_user_id(f, stored=True), f.uint(), f.bin(32), f.optional_bin(32)
 
     user_id, device_id, user_public, seed = load_pickle(meta, "client meta", read)
     return user_id, device_id, user_public, seed, account
@@ -116,7 +115,7 @@ def _write_devices(state: CoreState, key: RecordKey) -> bytes | None:
 
 
 def _read_devices(state: CoreState, key: RecordKey, data: bytes) -> None:
-    signed = SignedDeviceList.decode(data)
+    signed = SignedDeviceList.decode(data, stored=True)
     state.device_lists[signed.device_list.user_id] = signed
 
 
@@ -127,7 +126,7 @@ def _write_pending_identity(state: CoreState, key: RecordKey) -> bytes | None:
 
 
 def _read_pending_identity(state: CoreState, key: RecordKey, data: bytes) -> None:
-    signed = SignedDeviceList.decode(data)
+    signed = SignedDeviceList.decode(data, stored=True)
     state.pending_identity[signed.device_list.user_id] = signed
 
 
@@ -159,7 +158,7 @@ def _read_outbound(state: CoreState, key: RecordKey, data: bytes) -> None:
         shared = set()
         for item in f.array(max_len=_MAX_SHARED_WITH):
             address = Fields(item, what="outbound shared", count=2)
-            shared.add(Address(address.text(MAX_USER_ID_SIZE), address.uint()))
+            shared.add(Address(read_user_id(address, stored=True), address.uint()))
         return Outbound(sender_key, shared)
 
     state.outbound[key.group_id] = load_pickle(data, "outbound", read)
@@ -224,7 +223,7 @@ def _read_held_controls(state: CoreState, key: RecordKey, data: bytes) -> None:
         held = []
         for item in f.array(max_len=MAX_HELD_GROUP_CONTROLS):
             entry = Fields(item, what="held control", count=4)
-            sender = Address(entry.text(MAX_USER_ID_SIZE), entry.uint())
+            sender = Address(read_user_id(entry, stored=True), entry.uint())
             held.append((sender, GroupControl(entry.bin(), entry.optional_bin())))
         return held
 
@@ -243,7 +242,9 @@ def _read_pending_change(state: CoreState, key: RecordKey, data: bytes) -> None:
     assert key.group_id is not None
 
     def read(f: Fields) -> PendingChange:
-        return PendingChange(f.optional_bin(CHANGE_RECEIPT_SIZE), ControlMessage.decode(f.bin()))
+        return PendingChange(
+            f.optional_bin(CHANGE_RECEIPT_SIZE), ControlMessage.decode(f.bin(), stored=True)
+        )
 
     pending = load_pickle(data, "pending change", read)
     if pending.message.group_id != key.group_id:

@@ -12,7 +12,8 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import ClassVar
 
-from ..consts import GROUP_ID_SIZE, MAX_USER_ID_SIZE
+from ..consts import GROUP_ID_SIZE
+from ..devices import read_user_id
 from ..encoding import Fields, pack
 from ..errors import DecodeError, InvalidArgument, StateError
 from .events import Address
@@ -141,11 +142,11 @@ class RecordKey:
                 raise DecodeError(f"record key: unknown kind {name!r}") from None
             for part in _PARTS.get(kind, ()):
                 if part == "user_id":
-                    user_id = f.text(MAX_USER_ID_SIZE)
+                    user_id = read_user_id(f, stored=True)
                 elif part == "group_id":
                     group_id = f.bin(GROUP_ID_SIZE)
                 else:
-                    address = Address(f.text(MAX_USER_ID_SIZE), f.uint())
+                    address = Address(read_user_id(f, stored=True), f.uint())
             f.end()
         except DecodeError as exc:
             raise StateError(f"corrupt record key ({exc.message})") from exc

@@ -105,7 +105,7 @@ def test_a_group_message_over_the_plaintext_limit_changes_nothing(world: Any) ->
     assert bodies == [limit, limit]
 
 
-BAD_USER_IDS = ["", "x" * (MAX_USER_ID_SIZE + 1), b"bob", None, "\ud800"]
+BAD_USER_IDS = ["", "x" * (MAX_USER_ID_SIZE + 1), b"bob", None, "\ud800", "bob\x00evil"]
 
 
 @pytest.mark.parametrize("user_id", BAD_USER_IDS, ids=repr)

@@ -9,7 +9,14 @@ import hashlib
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from hushchat.protocol.devices import DeviceEntry, DeviceList, SignedDeviceList
+from hushchat.protocol.consts import DEVICE_LIST_SIGNATURE_CONTEXT, PROTOCOL_VERSION
+from hushchat.protocol.devices import (
+    DeviceEntry,
+    DeviceList,
+    SignedDeviceList,
+    device_proof_message,
+)
+from hushchat.protocol.encoding import pack
 from hushchat.protocol.keys import IdentityKeyPair
 
 
@@ -73,3 +80,15 @@ def make_user(user_id: str, device_ids: Iterable[int] = (1,)) -> User:
     for device_id in device_ids:
         user.devices[device_id] = Device(user_id, device_id, keypair(f"{user_id}/{device_id}"))
     return user
+
+
+def signed_list_naming(user_id: str, device_id: int = 1) -> bytes:
+    """A device list of ``user_id`` signed as a hostile client would, byte by byte: it
+    names any user id (one DeviceEntry.prove refuses too), with valid signatures."""
+    user, device = keypair(f"user:{user_id}"), keypair(f"{user_id}/{device_id}")
+    user_public = user.public.ed25519
+    proof = device.sign(device_proof_message(user_id, device_id, user_public))
+    body = pack(
+        [PROTOCOL_VERSION, user_id, user_public, 0, [[device_id, device.public.ed25519, proof]]]
+    )
+    return pack([body, user.sign(DEVICE_LIST_SIGNATURE_CONTEXT + body)])

@@ -74,7 +74,7 @@ from tests.support.relay import (
     running_relay,
 )
 from tests.support.storage import schema_2_database
-from tests.support.users import User, make_user
+from tests.support.users import User, keypair, make_user, signed_list_naming
 
 # Every relay these tests start without a folder runs once on SQLite, once on PostgreSQL.
 pytestmark = pytest.mark.usefixtures("relay_backend")
@@ -1135,20 +1135,66 @@ def test_internal_errors_are_one_traceback_a_minute_per_request_type(
 
 
 async def test_a_stranger_repeating_a_request_the_relay_fails_on_cannot_flood_its_log(
-    postgres_dsn: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """PostgreSQL cannot store a user id containing U+0000, which the protocol allows: a
-    client, not even authenticated, that registers one again and again gets
-    INTERNAL_ERROR each time, and the relay logs one traceback, not one a request."""
+    """A request the relay fails on (here its storage raising what nothing expects): a
+    client, not even authenticated, that registers again and again gets INTERNAL_ERROR
+    each time, and the relay logs one traceback, not one a request."""
+
+    async def failing(self: SqliteStorage, user_ids: Any) -> Any:
+        raise RuntimeError("the storage fails on this request")
+
+    # PostgresStorage inherits this method: the test fails the same call on either backend.
+    monkeypatch.setattr(SqliteStorage, "device_lists", failing)
     caplog.set_level(logging.DEBUG, logger="hushchat.relay")
-    stranger = make_user("a\x00stranger")
-    async with running_relay(relay_config(tmp_path, db=postgres_dsn)) as port:
+    stranger = make_user("stranger")
+    async with running_relay(relay_config()) as port:
         for _ in range(20):
             async with connected(port) as connection:
                 with pytest.raises(InternalError):
                     await connection.upload_device_list(stranger.signed_list())
     errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
     assert [r.getMessage() for r in errors] == ["internal error handling PUBLISH_DEVICE_LIST"]
+
+
+async def test_a_user_id_containing_u0000_is_refused_as_malformed() -> None:
+    """A stranger registers and authenticates as "a\\x00stranger", which a C program
+    reads as "a" and PostgreSQL text cannot hold: the relay refuses it as malformed on
+    either backend (not INTERNAL_ERROR on one and a stored list on the other), and a
+    member cannot look that name up or send to it either."""
+    stranger = "a\x00stranger"
+    alice = make_user("alice")
+    async with running_relay(relay_config()) as port:
+        await register(port, alice)
+        async with connected(port) as connection:
+            with pytest.raises(DeviceListRejected) as rejected:
+                await connection.upload_device_list(signed_list_naming(stranger))
+            assert rejected.value.cause == "MALFORMED"
+        client, challenge, name = await raw_hello(port)
+        device = keypair(f"{stranger}/1")
+        signature = sign_auth(device, name, challenge, stranger, 1)
+        await client.send_body(pack([FrameType.AUTH, 1, stranger, 1, signature]))
+        refusal = decode_relay_frame(await client.receive_body() or b"")
+        assert isinstance(refusal, ErrorFrame)
+        assert (refusal.request_id, refusal.code) == (1, "BAD_FRAME")
+        await client.stream.aclose()
+        member = await raw_authenticated(port, alice.devices[1])
+        for request_id, frame in enumerate(
+            [
+                [FrameType.FETCH_DEVICE_LIST, stranger],
+                [FrameType.FETCH_BUNDLE, stranger, 1],
+                [FrameType.SEND_DIRECT, stranger, [[1, b"hi"]], False],
+            ],
+            start=2,
+        ):
+            await member.send_body(pack([frame[0], request_id, *frame[1:]]))
+            with trio.fail_after(5):
+                while not isinstance(
+                    reply := decode_relay_frame(await member.receive_body() or b""), ErrorFrame
+                ):
+                    pass
+            assert (reply.request_id, reply.code) == (request_id, "BAD_FRAME")
+        await member.stream.aclose()
 
 
 # ------------------------------------------------------------------ with the protocol core

@@ -59,9 +59,9 @@ from hushchat.protocol.consts import (
     MAX_GROUP_TITLE_SIZE,
     MAX_RECEIPT_MESSAGE_IDS,
     MAX_STATE_SIZE,
-    MAX_USER_ID_SIZE,
 )
 from hushchat.protocol.content import MESSAGE_ID_SIZE, STATE_HASH_SIZE
+from hushchat.protocol.devices import read_user_id
 from hushchat.protocol.encoding import UINT64_MAX, Fields, pack, unpack
 from hushchat.protocol.errors import DecodeError, ProtocolError, StateError, UnknownStateVersion
 
@@ -298,7 +298,7 @@ def _load_row(
 
 def _read_address(value: object, what: str) -> Address:
     f = Fields(value, what=what, count=2)
-    return Address(f.text(MAX_USER_ID_SIZE), f.uint())
+    return Address(read_user_id(f, stored=True), f.uint())
 
 
 def _read_tag(f: Fields, tags: type[_Tag], what: str) -> _Tag:
@@ -314,11 +314,12 @@ def _read_group_change(value: object) -> group.GroupEvent:
     tag = _read_tag(f, GroupChangeTag, "group change")
     change: group.GroupEvent
     if tag == GroupChangeTag.MEMBER_ADDED:
-        change = group.MemberAdded(f.text(MAX_USER_ID_SIZE), f.bin(ED25519_KEY_SIZE), f.boolean())
+        user_id = read_user_id(f, stored=True)
+        change = group.MemberAdded(user_id, f.bin(ED25519_KEY_SIZE), f.boolean())
     elif tag == GroupChangeTag.MEMBER_REMOVED:
-        change = group.MemberRemoved(f.text(MAX_USER_ID_SIZE))
+        change = group.MemberRemoved(read_user_id(f, stored=True))
     elif tag == GroupChangeTag.ADMIN_CHANGED:
-        change = group.AdminChanged(f.text(MAX_USER_ID_SIZE), f.boolean())
+        change = group.AdminChanged(read_user_id(f, stored=True), f.boolean())
     else:
         change = group.TitleChanged(f.text(MAX_GROUP_TITLE_SIZE))
     f.end()
@@ -340,7 +341,7 @@ def _read_event(f: Fields, version: int) -> StoredEvent:
     if tag == EventTag.MESSAGE_SENT_BY_OTHER_DEVICE:
         return MessageSentByOtherDevice(
             _read_address(f.raw(), "device"),
-            f.text(MAX_USER_ID_SIZE),
+            read_user_id(f, stored=True),
             f.bin(MESSAGE_ID_SIZE),
             f.uint(UINT64_MAX),
             f.bin(),
@@ -351,7 +352,7 @@ def _read_event(f: Fields, version: int) -> StoredEvent:
         return DeviceRemoved(_read_address(f.raw(), "address"))
     if tag == EventTag.IDENTITY_CHANGED:
         return IdentityChanged(
-            f.text(MAX_USER_ID_SIZE), f.bin(ED25519_KEY_SIZE), f.bin(ED25519_KEY_SIZE)
+            read_user_id(f, stored=True), f.bin(ED25519_KEY_SIZE), f.bin(ED25519_KEY_SIZE)
         )
     if tag == EventTag.UNDECRYPTABLE:
         return Undecryptable(
@@ -365,7 +366,7 @@ def _read_event(f: Fields, version: int) -> StoredEvent:
     if tag == EventTag.RETRY_REQUESTED:
         return RetryRequested(_read_address(f.raw(), "requester"), f.bin(GROUP_ID_SIZE))
     if tag == EventTag.GROUP_CHANGE_FAILED:
-        group_id, action = f.bin(GROUP_ID_SIZE), group.decode_action(f.bin())
+        group_id, action = f.bin(GROUP_ID_SIZE), group.decode_action(f.bin(), stored=True)
         return GroupChangeFailed(group_id, action, f.text())
     if tag == EventTag.GROUP_REPLACED:
         old, new = f.bin(GROUP_ID_SIZE), f.bin(GROUP_ID_SIZE)
@@ -406,7 +407,7 @@ def _read_message_ids(f: Fields) -> tuple[bytes, ...]:
 
 
 def _read_direct(f: Fields) -> DirectSend:
-    recipient_user = f.text(MAX_USER_ID_SIZE)
+    recipient_user = read_user_id(f, stored=True)
     payloads = []
     for item in f.array(max_len=MAX_DEVICES_PER_USER):
         entry = Fields(item, what="payload", count=2)
@@ -443,9 +444,9 @@ def _read_send(f: Fields, version: int) -> OutboxItem:
         message_id = f.optional_bin(MESSAGE_ID_SIZE) if version >= 2 else None
         return GroupSend(group_id, payload, tuple(recipients), message_id)
     if tag == SendTag.QUEUED_RECEIPT:
-        return QueuedReceipt(f.text(MAX_USER_ID_SIZE), _read_message_ids(f))
+        return QueuedReceipt(read_user_id(f, stored=True), _read_message_ids(f))
     if tag == SendTag.QUEUED_DIRECT:
-        to_user = f.text(MAX_USER_ID_SIZE)
+        to_user = read_user_id(f, stored=True)
         return QueuedMessage(f.bin(MESSAGE_ID_SIZE), f.uint(UINT64_MAX), f.bin(), to_user=to_user)
     group_id = f.bin(GROUP_ID_SIZE)
     return QueuedMessage(f.bin(MESSAGE_ID_SIZE), f.uint(UINT64_MAX), f.bin(), group_id=group_id)

@@ -51,8 +51,9 @@ from typing import Any, Final, TypeVar, cast, get_args
 
 from hushchat.protocol import client_core as core
 from hushchat.protocol.client_core.arguments import check_now
-from hushchat.protocol.consts import MAX_STATE_SIZE, MAX_USER_ID_SIZE
+from hushchat.protocol.consts import MAX_STATE_SIZE
 from hushchat.protocol.content import MESSAGE_ID_SIZE
+from hushchat.protocol.devices import read_user_id
 from hushchat.protocol.encoding import Fields, pack
 from hushchat.protocol.errors import DecodeError, InvalidArgument, StateError, UnknownStateVersion
 
@@ -771,7 +772,7 @@ def _open_delivery(data: bytes) -> tuple[bytes, tuple[core.Address, ...]]:
         devices = []
         for item in f.array(max_len=MAX_RECIPIENTS_PER_SEND):
             address = Fields(item, what="delivery device", count=2)
-            devices.append(core.Address(address.text(MAX_USER_ID_SIZE), address.uint()))
+            devices.append(core.Address(read_user_id(address, stored=True), address.uint()))
     except DecodeError as exc:
         raise StateError(f"a delivery row does not decode ({exc.message})") from exc
     return message_id, tuple(devices)

@@ -41,8 +41,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, Self
 
-from hushchat.protocol.consts import MAX_DEVICES_PER_USER, MAX_USER_ID_SIZE
-from hushchat.protocol.devices import check_user_id
+from hushchat.protocol.consts import MAX_DEVICES_PER_USER
+from hushchat.protocol.devices import check_user_id, read_user_id
 from hushchat.protocol.encoding import UINT64_MAX, Fields
 from hushchat.protocol.errors import DecodeError, HushchatError, RemoteProtocolError
 
@@ -366,7 +366,7 @@ class DeviceMismatch:
     @classmethod
     def read(cls, value: Any, what: str) -> DeviceMismatch:
         fields = Fields(value, what=what, count=4)
-        user_id = check_user_id(fields.text(MAX_USER_ID_SIZE), DecodeError)
+        user_id = read_user_id(fields)
         signed = fields.bin()
         missing = _uint_list(fields.array(max_len=MAX_DEVICES_PER_USER), f"{what}.missing")
         unknown = _uint_list(fields.array(max_len=_MAX_DETAIL_ITEMS), f"{what}.unknown")
@@ -494,7 +494,7 @@ class MailboxFull(RelayError):
         devices = []
         for index in range(fields.remaining):
             pair = fields.nested(what=str(index), count=2)
-            devices.append((check_user_id(pair.text(MAX_USER_ID_SIZE), DecodeError), pair.uint()))
+            devices.append((read_user_id(pair), pair.uint()))
         return cls(message, devices=devices)
 
 

@@ -22,11 +22,10 @@ from typing import Any, ClassVar
 
 from hushchat.protocol.consts import (
     ED25519_SIGNATURE_SIZE,
-    MAX_USER_ID_SIZE,
     MLKEM768_PUBLIC_KEY_SIZE,
     X25519_KEY_SIZE,
 )
-from hushchat.protocol.devices import check_user_id
+from hushchat.protocol.devices import read_user_id
 from hushchat.protocol.encoding import UINT32_MAX, UINT64_MAX, Fields, pack, unpack
 from hushchat.protocol.errors import DecodeError, ProtocolError
 from hushchat.protocol.prekeys import KemPreKeyPublic, OneTimePreKeyPublic, SignedPreKeyPublic
@@ -96,7 +95,7 @@ class RequestLimits:
 
 
 def _user_id(fields: Fields) -> str:
-    return check_user_id(fields.text(MAX_USER_ID_SIZE), DecodeError)
+    return read_user_id(fields)
 
 
 def _payload(fields: Fields, limits: RequestLimits) -> bytes:

@@ -11,10 +11,8 @@ from dataclasses import dataclass
 from enum import IntEnum
 from typing import Any
 
-from hushchat.protocol.consts import MAX_USER_ID_SIZE
-from hushchat.protocol.devices import check_user_id
+from hushchat.protocol.devices import read_user_id
 from hushchat.protocol.encoding import UINT64_MAX, Fields, pack
-from hushchat.protocol.errors import DecodeError
 
 from .limits import MAX_FRAME_SIZE
 
@@ -72,7 +70,7 @@ class Envelope:
     def read(cls, fields: Fields) -> Envelope:
         guid = fields.bin(GUID_SIZE)
         server_ts = fields.uint(UINT64_MAX)
-        sender_user = check_user_id(fields.text(MAX_USER_ID_SIZE), DecodeError)
+        sender_user = read_user_id(fields)
         sender_device = fields.uint()
         kind = fields.uint()
         payload = fields.bin()

@@ -25,7 +25,7 @@ from typing import Any
 
 import msgpack
 
-from hushchat.protocol.consts import MAX_USER_ID_SIZE
+from hushchat.protocol.devices import read_user_id
 from hushchat.protocol.encoding import UINT64_MAX, Fields, pack
 from hushchat.protocol.errors import DecodeError
 
@@ -99,7 +99,7 @@ def open_payload(keys: EpochKeys, payload_id: int, sealed: bytes) -> PayloadCont
         return None
     try:
         return PayloadContent(
-            fields.text(MAX_USER_ID_SIZE),
+            read_user_id(fields, stored=True),
             fields.uint(),
             fields.uint(),
             fields.uint(UINT64_MAX),
@@ -137,7 +137,7 @@ def open_delivery(
         return None
     try:
         return DeliveryContent(
-            fields.text(MAX_USER_ID_SIZE),
+            read_user_id(fields, stored=True),
             fields.uint(),
             fields.bin(GUID_SIZE),
             fields.uint(UINT64_MAX),
@@ -163,7 +163,7 @@ def open_mailbox(keys: EpochKeys, mailbox: bytes, sealed: bytes) -> MailboxConte
     if fields is None:
         return None
     try:
-        user_id, device_id = fields.text(MAX_USER_ID_SIZE), fields.uint()
+        user_id, device_id = read_user_id(fields, stored=True), fields.uint()
         if fields.peek() is None:
             return MailboxContent(user_id, device_id)
         notice = fields.nested(what="notice", count=4)
