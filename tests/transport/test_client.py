@@ -488,3 +488,27 @@ def file_modes(folder: Path) -> dict[str, int]:
     return {
         str(path): path.stat().st_mode & 0o777 for path in folder.rglob("*") if path.is_file()
     }
+
+
+async def test_a_send_stored_to_a_user_id_with_u0000_fails_alone(
+    tmp_path: Path, relay: Relay
+) -> None:
+    """An outbox row to "bob\\x00evil", stored before a user id could not contain U+0000
+    (spec/11-devices.md section 11.1): the relay protocol cannot carry it, so the row
+    fails (SendFailed) instead of stopping the client, and alice's next message flows."""
+    from hushchat.protocol.client_core import DirectSend
+
+    async with client(tmp_path, relay, "bob"):
+        pass
+    async with client(tmp_path, relay, "alice") as alice:
+        await alice.send_direct("bob", b"session warm-up")
+        stale = DirectSend("bob\x00evil", ((1, b"payload"),), b"content", b"\xcc" * 16)
+        alice.store.commit({}, sends=[stale])
+        alice._connection = None
+    async with client(tmp_path, relay, "alice") as alice, client(tmp_path, relay, "bob") as bob:
+        failed = await next_matching(alice, SendFailed)
+        assert failed == SendFailed(b"\xcc" * 16, SendDropped.code)
+        await alice.send_direct("bob", b"after it")
+        bodies = [(await next_matching(bob, MessageReceived)).body for _ in range(2)]
+        assert bodies == [b"session warm-up", b"after it"]
+        assert alice.store.outbox() == []

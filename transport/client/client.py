@@ -920,15 +920,16 @@ class Client:
                 full: Sequence[tuple[str, int]] = ()
                 if isinstance(send, ChangeSend):
                     parts = [(part.recipient_user, part.payloads) for part in send.parts]
-                    try:
-                        await connection.send_change(send.receipt, parts)
-                    except InvalidArgument:
-                        # More than one frame holds (first messages to many devices of a
-                        # full group): it can never be sent, and would hold up the outbox.
-                        await self._fail(row_id, send, SendDropped.code)
-                        return None
+                    await connection.send_change(send.receipt, parts)
                 else:
                     full = await _send_payloads(connection, send)
+            except InvalidArgument:
+                # No frame carries it: more than one frame holds (first messages to
+                # many devices of a full group), or it names a user id stored before
+                # U+0000 was refused (spec/11-devices.md section 11.1). It can never
+                # be sent, and would hold up the outbox.
+                await self._fail(row_id, send, SendDropped.code)
+                return None
             except RateLimited as limited:
                 # The relay paces sends per connection and says when the next one
                 # succeeds: wait that long, then send it again.
