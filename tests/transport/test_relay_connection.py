@@ -419,6 +419,34 @@ async def test_a_closed_socket_is_never_written_directly(monkeypatch: pytest.Mon
     assert write_at_once(sock, b"frame") == 0
 
 
+async def test_pushes_beyond_the_window_wait_for_room_and_none_is_lost() -> None:
+    """A relay that ignores the window fills the channel: the reader then waits for room
+    (no push dropped, none reordered), and replies flow again once the app reads."""
+    count = 40
+
+    async def flood(relay: RawClient) -> None:
+        await send(relay, Ok(await next_request_id(relay)))  # AUTH
+        for index in range(count):
+            envelope = Envelope(index.to_bytes(16, "big"), 1, "a", 1, 1, bytes([index]))
+            await send(relay, EnvelopePush(envelope))
+        await send(relay, Ok(await next_request_id(relay)))  # the PING
+        await trio.sleep_forever()
+
+    alice = make_user("alice")
+    async with fake_relay(flood, incoming_queue_size=4) as connection:
+        await connection.authenticate("alice", 1, alice.devices[1].identity)
+        await trio.testing.wait_all_tasks_blocked()
+        got: list[bytes] = []
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(connection.ping)
+            with trio.fail_after(5):
+                while len(got) < count:
+                    item = await connection.receive()
+                    assert isinstance(item, Envelope)
+                    got.append(item.payload)
+        assert got == [bytes([i]) for i in range(count)]
+
+
 async def test_connecting_to_nothing_fails_cleanly() -> None:
     listener = (await trio.open_tcp_listeners(0, host="127.0.0.1"))[0]
     port = listener.socket.getsockname()[1]
