@@ -419,6 +419,23 @@ async def test_a_closed_socket_is_never_written_directly(monkeypatch: pytest.Mon
     assert write_at_once(sock, b"frame") == 0
 
 
+async def test_a_request_made_in_a_cancelled_scope_is_never_written() -> None:
+    """Cancelled means it did not happen: a send whose caller is already cancelled (an app
+    giving up, a client shutting down) must not reach the relay, even on the direct path."""
+    alice, bob = make_user("alice"), make_user("bob")
+    async with running_relay(relay_config()) as port:
+        await register(port, alice, bob)
+        async with connected(port, alice.devices[1]) as sender:
+            with trio.CancelScope() as scope:
+                scope.cancel()
+                await sender.send_direct("bob", [(1, b"cancelled before it began")])
+            assert scope.cancelled_caught
+            await sender.send_direct("bob", [(1, b"sent")])
+        async with connected(port, bob.devices[1]) as receiver:
+            got = await envelopes_until_empty(receiver, acknowledge=True)
+            assert [e.payload for e in got] == [b"sent"]
+
+
 async def test_pushes_beyond_the_window_wait_for_room_and_none_is_lost() -> None:
     """A relay that ignores the window fills the channel: the reader then waits for room
     (no push dropped, none reordered), and replies flow again once the app reads."""
