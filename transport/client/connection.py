@@ -412,6 +412,9 @@ class RelayConnection:
             data = encode_frame(encode_body(request), max_frame_size=self._max_frame_size)
         except (TypeError, ValueError, OverflowError) as exc:
             raise InvalidArgument(f"{request.TYPE.name}: arguments do not encode") from exc
+        # A caller already cancelled writes nothing, as trio's send_all would not;
+        # this checkpoint never lets another task run unless it raises.
+        await trio.lowlevel.checkpoint_if_cancelled()
         if self._socket is not None and not self._write_lock.locked() and not self._write_broken:
             # Most frames fit the socket buffer at once (transport/streams.py);
             # send_all writes the rest, if any, or reports the socket broken.
