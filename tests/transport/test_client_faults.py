@@ -20,6 +20,7 @@ from typing import Any
 
 import pytest
 import trio
+import trio.testing
 
 from hushchat.protocol.client_core import (
     ClientCore,
@@ -659,6 +660,10 @@ async def test_a_waiting_change_that_mail_settles_while_it_is_proposed_again_is_
             await carol.send_direct("bob", b"still reading")
             received = await next_matching(bob, MessageReceived, sent_by("carol"))
             assert received.body == b"still reading" and bob.status is Status.READY
+            # The backoff it had is forgotten: the retry task goes quiet, rather than
+            # finding a time long past and proposing nothing again and again.
+            with trio.fail_after(TIMEOUT):
+                await trio.testing.wait_all_tasks_blocked()
 
 
 def test_reconnect_waits_are_spread_around_the_backoff() -> None:
