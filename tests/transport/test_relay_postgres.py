@@ -35,7 +35,14 @@ from hushchat.transport.wire.errors import InviteRefused, PreKeyIdInUse, Storage
 from hushchat.transport.wire.limits import DEFAULT_RETENTION_SECONDS, EPOCHS_PER_RETENTION
 from hushchat.transport.wire.records import PreKeyCounts
 from tests.support.postgres import back_to_schema_4
-from tests.support.relay import connected, make_prekeys, register, relay_config, running_relay
+from tests.support.relay import (
+    connected,
+    envelopes_until_empty,
+    make_prekeys,
+    register,
+    relay_config,
+    running_relay,
+)
 from tests.support.storage import batch, register_devices, upload_prekeys
 from tests.support.users import make_user
 
@@ -914,3 +921,33 @@ async def test_a_database_not_in_utf8_is_refused_before_anything_is_stored(
     assert "UTF8" in err and err.count("\n") == 1 and "Traceback" not in err
     with psycopg.connect(latin1_dsn, autocommit=True) as conn:  # nothing was created
         assert conn.execute("SELECT to_regclass('schema_version')").fetchone() == (None,)
+
+
+@pytest.fixture
+def latin1_client_dsn(postgres_cluster: ThrowawayCluster) -> Iterator[str]:
+    """A UTF8 database whose sessions default to the client encoding LATIN1, as after
+    ALTER DATABASE ... SET client_encoding (PGCLIENTENCODING on the relay's host does
+    the same)."""
+    postgres_cluster.sql(
+        "CREATE DATABASE latin1_client ENCODING 'UTF8' LC_COLLATE 'C' LC_CTYPE 'C' "
+        "TEMPLATE template0"
+    )
+    postgres_cluster.sql("ALTER DATABASE latin1_client SET client_encoding = 'LATIN1'")
+    yield postgres_cluster.dsn("latin1_client")
+    postgres_cluster.drop_database("latin1_client")
+
+
+async def test_a_utf8_database_whose_client_encoding_defaults_otherwise_still_holds_any_user_id(
+    latin1_client_dsn: str, tmp_path: Path
+) -> None:
+    """The database is in UTF8, so the relay starts; its connections must speak UTF8 too,
+    or a user id such as "日本" cannot be sent to it (INTERNAL_ERROR, as in a LATIN1
+    database)."""
+    alice, bob = make_user("日本"), make_user("bob")
+    async with running_relay(relay_config(tmp_path, db=latin1_client_dsn)) as port:
+        await register(port, alice, bob)
+        async with connected(port, alice.devices[1]) as sender:
+            await sender.send_direct("bob", [(1, b"hello")])
+        async with connected(port, bob.devices[1]) as receiver:
+            got = await envelopes_until_empty(receiver, acknowledge=True)
+            assert [(e.sender_user, e.payload) for e in got] == [("日本", b"hello")]
