@@ -810,6 +810,13 @@ class CallNotUndone(Exception):
     """A call failed after it wrote, in a batch run without savepoints: run it again with them."""
 
 
+def connect(dsn: str) -> psycopg.Connection[tuple[Any, ...]]:
+    """An autocommit connection to ``dsn`` that speaks UTF8, whatever the database, the
+    role or PGCLIENTENCODING would have it speak: a user id is any UTF-8 text, which
+    another client encoding cannot always carry (the request would fail)."""
+    return psycopg.connect(dsn, autocommit=True, client_encoding="UTF8")
+
+
 class PostgresConnection:
     """A psycopg connection with the sqlite3 calls SqliteDatabase makes (autocommit: the
     transactions are the explicit BEGIN and COMMIT of :func:`.writer.run_batch`).
@@ -825,7 +832,7 @@ class PostgresConnection:
 
     def __init__(self, dsn: str) -> None:
         self.dsn = dsn
-        self.raw = psycopg.connect(dsn, autocommit=True)
+        self.raw = connect(dsn)
         # A prepared statement keeps one plan: PostgreSQL would otherwise plan
         # each of its first five runs, and again any run whose custom plan it
         # judges cheaper, which cost the hot statements (a UNION of six reads,
@@ -1021,7 +1028,7 @@ def migrate_postgres(dsn: str) -> int:
 
 def schema_version(dsn: str) -> int:
     """The schema version of the database at ``dsn`` (0: no relay schema), migrating nothing."""
-    with psycopg.connect(dsn, autocommit=True) as conn:
+    with connect(dsn) as conn:
         row = conn.execute("SELECT to_regclass('schema_version') IS NOT NULL").fetchone()
         if row is None or not row[0]:
             return 0
@@ -1040,7 +1047,7 @@ def read_only_snapshot(
     migration runs under it. UnknownStateVersion if the database has no
     relay schema or a newer one than this relay's.
     """
-    with psycopg.connect(dsn, autocommit=True) as conn:
+    with connect(dsn) as conn:
         conn.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
         conn.execute(f"SELECT pg_advisory_xact_lock_shared({LOCK_CLASS}, {EPOCH_LOCK})")
         try:
@@ -1066,7 +1073,7 @@ def insert_invites(dsn: str, rows: Sequence[tuple[bytes, int]]) -> None:
     holding the epoch lock shared as a relay's batch does, so it never
     meets a migration half done.
     """
-    with psycopg.connect(dsn, autocommit=True) as conn:
+    with connect(dsn) as conn:
         conn.execute(SHARED_BEGIN)
         try:
             exists = conn.execute("SELECT to_regclass('schema_version') IS NOT NULL").fetchone()
@@ -2091,7 +2098,7 @@ class PostgresStorage(SqliteStorage):
             try:
                 while not self._stop.is_set():
                     try:
-                        with psycopg.connect(self._db._dsn, autocommit=True) as conn:
+                        with connect(self._db._dsn) as conn:
                             conn.execute(f"LISTEN {self._db.channel}")
                             token.run_sync_soon(listening.set if first else events.resynced)
                             first = False
