@@ -666,6 +666,34 @@ async def test_a_waiting_change_that_mail_settles_while_it_is_proposed_again_is_
                 await trio.testing.wait_all_tasks_blocked()
 
 
+async def test_a_relay_that_says_retry_at_once_does_not_spin_the_change_s_retry(
+    tmp_path: Path, relay: Relay, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A relay (hostile or broken) refuses dave's bundle with RATE_LIMITED and a
+    retry_after of 0, every time: bob's client must not ask again as fast as it can
+    (it did: 8,171 refused fetches in one second, a core busy)."""
+    real = connection_module.RelayConnection.fetch_bundle
+    refused: list[int] = []
+
+    async def at_once(self: Any, user_id: str, device_id: int) -> bytes:
+        if self.user_id == "bob" and user_id == "dave":
+            refused.append(device_id)
+            raise RateLimited("ask again now", retry_after_ms=0)
+        return await real(self, user_id, device_id)
+
+    async with client(tmp_path, relay, "alice") as alice, client(tmp_path, relay, "carol"):
+        group_id = await bob_s_rename_loses_to_alice_adding_dave(tmp_path, relay, alice)
+        monkeypatch.setattr(connection_module.RelayConnection, "fetch_bundle", at_once)
+        async with client(tmp_path, relay, "bob") as bob:
+            with trio.fail_after(TIMEOUT):
+                while not refused:
+                    await trio.sleep(0.05)
+                await trio.testing.wait_all_tasks_blocked()  # never, while it spins
+            # One fetch, or a second one 2 s later on a slow machine; thousands when it spun.
+            assert set(refused) == {1} and len(refused) <= 3
+            assert bob.core.waiting_changes() == (group_id,) and bob.status is Status.READY
+
+
 def test_reconnect_waits_are_spread_around_the_backoff() -> None:
     """Clients that lost one relay at once do not all come back at the same instant."""
     from hushchat.protocol.primitives import SeededRandom
