@@ -1446,9 +1446,9 @@ class Client:
 
         What the relay refuses (a bundle it cannot give yet, its rate limit, a
         bundle that does not verify) leaves the change waiting, proposed again
-        after the outbox's backoff (or when the relay says): it never ends the
-        connection, which would end it again at every reconnect, before any mail
-        is read.
+        after the outbox's backoff (or when a rate-limiting relay says, 2 s at the
+        least): it never ends the connection, which would end it again at every
+        reconnect, before any mail is read.
         """
         delivered: list[tuple[list[StoredEvent], list[int]]] = []
         async with self._retry_lock:
@@ -1491,7 +1491,10 @@ class Client:
     ) -> None:
         """Our waiting change of ``group_id`` could not be proposed again: when to try next."""
         if isinstance(refused, RateLimited):
-            delay = refused.retry_after_ms / 1000
+            # When the relay says, but never sooner than the backoff's first wait: a
+            # relay saying 0 (as no honest one does) would be asked again at once,
+            # as fast as the client can, for as long as it says so.
+            delay = max(refused.retry_after_ms / 1000, RETRY_FIRST_DELAY)
         else:
             delay = self._change_retry_delay.get(group_id, 0.0)
             delay = min(max(RETRY_FIRST_DELAY, delay * 2), RETRY_MAX_DELAY)
