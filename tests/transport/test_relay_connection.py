@@ -407,6 +407,54 @@ async def test_requests_from_many_tasks_stay_whole_frames_when_written_in_parts(
             assert sorted(e.payload for e in got) == sorted(payloads.values())
 
 
+async def test_a_request_cancelled_while_the_rest_of_its_frame_waits_closes_the_connection(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The socket took part of the frame at once and the relay reads no more; the caller
+    gives up (an outer cancel, not the request's own timeout). Half a frame is on the wire,
+    so the connection is closed: nothing else may follow it, and what waits on it ends."""
+    direct: list[int] = []
+    real_write = os.write
+
+    def write(fd: int, data: bytes) -> int:
+        written = real_write(fd, data)
+        direct.append(written)
+        return written
+
+    async def authenticate_then_stop_reading(relay: RawClient) -> None:
+        await welcome(relay)
+        await send(relay, Ok(await next_request_id(relay)))
+        await trio.sleep_forever()
+
+    listener = (await trio.open_tcp_listeners(0, host="127.0.0.1"))[0]
+    port = listener.socket.getsockname()[1]
+    client = await trio.open_tcp_stream("127.0.0.1", port)
+    server = await listener.accept()
+    client.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    server.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    alice = make_user("alice")
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(authenticate_then_stop_reading, RawClient(server))
+        async with open_relay_connection(
+            client, expected_relay_name="fake", keepalive_interval=None
+        ) as connection:
+            await connection.authenticate("alice", 1, alice.devices[1].identity)
+            monkeypatch.setattr(os, "write", write)
+            with trio.CancelScope() as give_up:
+                async with trio.open_nursery() as inner:
+                    inner.start_soon(connection.send_direct, "bob", [(1, bytes(1_000_000))])
+                    await trio.testing.wait_all_tasks_blocked()
+                    give_up.cancel()
+            monkeypatch.setattr(os, "write", real_write)
+            assert direct and 0 < direct[0] < 1_000_000, direct  # part written directly
+            with trio.fail_after(5), pytest.raises(ConnectionClosed):
+                await connection.receive()
+            with pytest.raises(ConnectionClosed):
+                await connection.ping()
+        nursery.cancel_scope.cancel()
+    await listener.aclose()
+
+
 async def test_a_closed_socket_is_never_written_directly(monkeypatch: pytest.MonkeyPatch) -> None:
     """Its descriptor number may already belong to another file."""
 
