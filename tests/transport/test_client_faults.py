@@ -666,6 +666,44 @@ async def test_a_waiting_change_that_mail_settles_while_it_is_proposed_again_is_
                 await trio.testing.wait_all_tasks_blocked()
 
 
+async def test_a_session_still_missing_when_the_change_is_proposed_again_leaves_it_waiting(
+    tmp_path: Path, relay: Relay, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Between fetching what bob's rename needs and proposing it, a member may gain a
+    device (its list came with mail meanwhile): the core then answers MissingSessions,
+    a local error, which must leave the change waiting, not end bob's run(). Played by
+    bob starting no session with dave's device while the test says so."""
+    from hushchat.transport.client.client import Client as ClientClass
+
+    real = ClientClass._start_sessions
+    skipped: list[list[Any]] = []
+    skipping = True
+
+    async def not_dave(self: Any, connection: Any, addresses: Any) -> None:
+        addresses = list(addresses)
+        if skipping and self.core.user_id == "bob" and any(a.user_id == "dave" for a in addresses):
+            skipped.append(addresses)
+            return
+        await real(self, connection, addresses)
+
+    async with client(tmp_path, relay, "alice") as alice, client(tmp_path, relay, "carol") as carol:
+        group_id = await bob_s_rename_loses_to_alice_adding_dave(tmp_path, relay, alice)
+        monkeypatch.setattr(ClientClass, "_start_sessions", not_dave)
+        async with client(tmp_path, relay, "bob") as bob:
+            with trio.fail_after(TIMEOUT):
+                while not skipped:
+                    await trio.sleep(0.05)
+            await carol.send_direct("bob", b"still reading")
+            received = await next_matching(bob, MessageReceived, sent_by("carol"))
+            assert received.body == b"still reading" and bob.status is Status.READY
+            assert bob.core.waiting_changes() == (group_id,)
+            skipping = False
+            with trio.fail_after(TIMEOUT):
+                while alice.group(group_id).title != "bob's":
+                    await trio.sleep(0.05)
+            assert bob.status is Status.READY and bob.core.waiting_changes() == ()
+
+
 async def test_a_relay_that_says_retry_at_once_does_not_spin_the_change_s_retry(
     tmp_path: Path, relay: Relay, monkeypatch: pytest.MonkeyPatch
 ) -> None:
