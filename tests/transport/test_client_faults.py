@@ -14,7 +14,7 @@ import logging
 import os
 import sqlite3
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -570,6 +570,38 @@ async def test_a_refusal_while_preparing_a_send_waits_and_never_ends_the_connect
         assert (await next_matching(carol, MessageReceived)).body == b"for when the relay can"
 
 
+async def until(condition: Callable[[], bool]) -> None:
+    """Wait (polling) until ``condition`` holds, at most TIMEOUT."""
+    with trio.fail_after(TIMEOUT):
+        while not condition():
+            await trio.sleep(0.05)
+
+
+async def bob_still_reads(carol: Client, bob: Client) -> None:
+    """Carol's message reaches bob: his client is connected and receiving."""
+    await carol.send_direct("bob", b"still reading")
+    received = await next_matching(bob, MessageReceived, sent_by("carol"))
+    assert received.body == b"still reading" and bob.status is Status.READY
+
+
+def bob_s_fetches_of_dave(
+    monkeypatch: pytest.MonkeyPatch, answer: Callable[[int], Awaitable[None]]
+) -> list[int]:
+    """Count bob's fetches of dave's bundle (the list it returns); each first awaits
+    ``answer`` with its number, which may raise the relay's refusal, or wait."""
+    real = connection_module.RelayConnection.fetch_bundle
+    fetches: list[int] = []
+
+    async def fetch(self: Any, user_id: str, device_id: int) -> bytes:
+        if self.user_id == "bob" and user_id == "dave":
+            fetches.append(device_id)
+            await answer(len(fetches))
+        return await real(self, user_id, device_id)
+
+    monkeypatch.setattr(connection_module.RelayConnection, "fetch_bundle", fetch)
+    return fetches
+
+
 async def bob_s_rename_loses_to_alice_adding_dave(
     tmp_path: Path, relay: Relay, alice: Client
 ) -> bytes:
@@ -599,31 +631,21 @@ async def test_a_refusal_while_proposing_a_change_again_neither_ends_the_connect
     connection, and at every reconnect before any mail was read: bob received nothing
     until the relay gave the bundle. Now the change waits (the outbox's backoff) and
     goes once the bundle comes."""
-    real = connection_module.RelayConnection.fetch_bundle
-    refused: list[int] = []
     refusing = True
 
-    async def not_yet(self: Any, user_id: str, device_id: int) -> bytes:
-        if self.user_id == "bob" and user_id == "dave" and refusing:
-            refused.append(device_id)
+    async def not_yet(number: int) -> None:
+        if refusing:
             raise NoPreKeys("the device has no prekeys")
-        return await real(self, user_id, device_id)
 
     async with client(tmp_path, relay, "alice") as alice, client(tmp_path, relay, "carol") as carol:
         group_id = await bob_s_rename_loses_to_alice_adding_dave(tmp_path, relay, alice)
-        monkeypatch.setattr(connection_module.RelayConnection, "fetch_bundle", not_yet)
+        fetches = bob_s_fetches_of_dave(monkeypatch, not_yet)
         async with client(tmp_path, relay, "bob") as bob:
-            with trio.fail_after(TIMEOUT):
-                while not refused:
-                    await trio.sleep(0.05)
-            await carol.send_direct("bob", b"still reading")
-            received = await next_matching(bob, MessageReceived, sent_by("carol"))
-            assert received.body == b"still reading"
+            await until(lambda: bool(fetches))
+            await bob_still_reads(carol, bob)
             assert bob.core.waiting_changes() == (group_id,)
             refusing = False
-            with trio.fail_after(TIMEOUT):
-                while alice.group(group_id).title != "bob's":
-                    await trio.sleep(0.05)
+            await until(lambda: alice.group(group_id).title == "bob's")
             assert set(alice.group(group_id).user_ids) == {"alice", "bob", "carol", "dave"}
             assert bob.status is Status.READY and bob.core.waiting_changes() == ()
 
@@ -634,32 +656,23 @@ async def test_a_waiting_change_that_mail_settles_while_it_is_proposed_again_is_
     """The backoff's retry of bob's rename waits for dave's bundle; meanwhile alice
     removes bob, which drops the change. The retry then finds nothing waiting and lets
     it be (asked to propose it, the core would refuse: no change waits)."""
-    real = connection_module.RelayConnection.fetch_bundle
-    fetches: list[int] = []
     removed = trio.Event()
 
-    async def refused_then_slow(self: Any, user_id: str, device_id: int) -> bytes:
-        if self.user_id == "bob" and user_id == "dave":
-            fetches.append(device_id)
-            if len(fetches) == 1:
-                raise NoPreKeys("the device has no prekeys")
-            await removed.wait()
-        return await real(self, user_id, device_id)
+    async def refused_then_slow(number: int) -> None:
+        if number == 1:
+            raise NoPreKeys("the device has no prekeys")
+        await removed.wait()
 
     async with client(tmp_path, relay, "alice") as alice, client(tmp_path, relay, "carol") as carol:
         group_id = await bob_s_rename_loses_to_alice_adding_dave(tmp_path, relay, alice)
-        monkeypatch.setattr(connection_module.RelayConnection, "fetch_bundle", refused_then_slow)
+        fetches = bob_s_fetches_of_dave(monkeypatch, refused_then_slow)
         async with client(tmp_path, relay, "bob") as bob:
-            with trio.fail_after(TIMEOUT):
-                while len(fetches) < 2:  # the backoff's retry is fetching
-                    await trio.sleep(0.05)
+            await until(lambda: len(fetches) == 2)  # the backoff's retry is fetching
             await alice.remove_member(group_id, "bob")
             failed = await next_matching(bob, GroupChangeFailed)
             assert failed.reason == "NOT_A_MEMBER" and bob.core.waiting_changes() == ()
             removed.set()
-            await carol.send_direct("bob", b"still reading")
-            received = await next_matching(bob, MessageReceived, sent_by("carol"))
-            assert received.body == b"still reading" and bob.status is Status.READY
+            await bob_still_reads(carol, bob)
             # The backoff it had is forgotten: the retry task goes quiet, rather than
             # finding a time long past and proposing nothing again and again.
             with trio.fail_after(TIMEOUT):
@@ -690,17 +703,11 @@ async def test_a_session_still_missing_when_the_change_is_proposed_again_leaves_
         group_id = await bob_s_rename_loses_to_alice_adding_dave(tmp_path, relay, alice)
         monkeypatch.setattr(ClientClass, "_start_sessions", not_dave)
         async with client(tmp_path, relay, "bob") as bob:
-            with trio.fail_after(TIMEOUT):
-                while not skipped:
-                    await trio.sleep(0.05)
-            await carol.send_direct("bob", b"still reading")
-            received = await next_matching(bob, MessageReceived, sent_by("carol"))
-            assert received.body == b"still reading" and bob.status is Status.READY
+            await until(lambda: bool(skipped))
+            await bob_still_reads(carol, bob)
             assert bob.core.waiting_changes() == (group_id,)
             skipping = False
-            with trio.fail_after(TIMEOUT):
-                while alice.group(group_id).title != "bob's":
-                    await trio.sleep(0.05)
+            await until(lambda: alice.group(group_id).title == "bob's")
             assert bob.status is Status.READY and bob.core.waiting_changes() == ()
 
 
@@ -710,22 +717,16 @@ async def test_a_relay_that_says_retry_at_once_does_not_spin_the_change_s_retry(
     """A relay (hostile or broken) refuses dave's bundle with RATE_LIMITED and a
     retry_after of 0, every time: bob's client must not ask again as fast as it can
     (it did: 8,171 refused fetches in one second, a core busy)."""
-    real = connection_module.RelayConnection.fetch_bundle
-    refused: list[int] = []
 
-    async def at_once(self: Any, user_id: str, device_id: int) -> bytes:
-        if self.user_id == "bob" and user_id == "dave":
-            refused.append(device_id)
-            raise RateLimited("ask again now", retry_after_ms=0)
-        return await real(self, user_id, device_id)
+    async def at_once(number: int) -> None:
+        raise RateLimited("ask again now", retry_after_ms=0)
 
     async with client(tmp_path, relay, "alice") as alice, client(tmp_path, relay, "carol"):
         group_id = await bob_s_rename_loses_to_alice_adding_dave(tmp_path, relay, alice)
-        monkeypatch.setattr(connection_module.RelayConnection, "fetch_bundle", at_once)
+        refused = bob_s_fetches_of_dave(monkeypatch, at_once)
         async with client(tmp_path, relay, "bob") as bob:
+            await until(lambda: bool(refused))
             with trio.fail_after(TIMEOUT):
-                while not refused:
-                    await trio.sleep(0.05)
                 await trio.testing.wait_all_tasks_blocked()  # never, while it spins
             # One fetch, or a second one 2 s later on a slow machine; thousands when it spun.
             assert set(refused) == {1} and len(refused) <= 3
