@@ -310,9 +310,8 @@ class Client:
         self._retry_reason: dict[str, str] = {}
         self._reported_pending: set[bytes] = set()
         # Our changes that lost their epoch and wait for what the relay refused them
-        # (a bundle, a list), by group: when to propose each again, and the backoff.
-        self._change_retry_at: dict[bytes, float] = {}
-        self._change_retry_delay: dict[bytes, float] = {}
+        # (a bundle, a list), by group: when to propose each again, and the wait.
+        self._change_retries: dict[bytes, tuple[float, float]] = {}
         self._change_retry_scheduled = trio.Event()
         self._retry_lock = trio.Lock()  # one proposer of waiting changes at a time
 
@@ -1139,8 +1138,9 @@ class Client:
         """A refusal that passes: the row's destinations wait (``delay``, or a growing backoff)."""
         destinations = self._destinations(item)
         if delay is None:
-            delay = max((self._retry_delay.get(d, 0.0) for d in destinations), default=0.0)
-            delay = min(max(RETRY_FIRST_DELAY, delay * 2), RETRY_MAX_DELAY)
+            delay = _next_backoff(
+                max((self._retry_delay.get(d, 0.0) for d in destinations), default=0.0)
+            )
         now = trio.current_time()
         for destination in destinations:
             self._retry_at[destination] = now + delay
@@ -1453,11 +1453,10 @@ class Client:
         delivered: list[tuple[list[StoredEvent], list[int]]] = []
         async with self._retry_lock:
             waiting = self.core.waiting_changes()
-            for group_id in [g for g in self._change_retry_at if g not in waiting]:
-                del self._change_retry_at[group_id]  # proposed, settled or dropped since
-                self._change_retry_delay.pop(group_id, None)
+            for group_id in [g for g in self._change_retries if g not in waiting]:
+                del self._change_retries[group_id]  # proposed, settled or dropped since
             for group_id in waiting:
-                if self._change_retry_at.get(group_id, -math.inf) > trio.current_time():
+                if self._change_retries.get(group_id, (-math.inf, 0.0))[0] > trio.current_time():
                     continue  # refused lately: its backoff runs (_retry_changes_when_due)
                 try:
                     async with self._prepare_lock:
@@ -1479,8 +1478,7 @@ class Client:
                 ) as refused:
                     self._change_refused(group_id, refused)
                     continue
-                self._change_retry_at.pop(group_id, None)
-                self._change_retry_delay.pop(group_id, None)
+                self._change_retries.pop(group_id, None)
                 delivered.append((list(outcome.events), ids))
         for events, ids in delivered:
             await self._deliver_events(events, ids)
@@ -1496,11 +1494,9 @@ class Client:
             # as fast as the client can, for as long as it says so.
             delay = max(refused.retry_after_ms / 1000, RETRY_FIRST_DELAY)
         else:
-            delay = self._change_retry_delay.get(group_id, 0.0)
-            delay = min(max(RETRY_FIRST_DELAY, delay * 2), RETRY_MAX_DELAY)
+            delay = _next_backoff(self._change_retries.get(group_id, (0.0, 0.0))[1])
         logger.info("a group change of ours waits %.1f s: %s", delay, refused.code)
-        self._change_retry_at[group_id] = trio.current_time() + delay
-        self._change_retry_delay[group_id] = delay
+        self._change_retries[group_id] = (trio.current_time() + delay, delay)
         self._change_retry_scheduled.set()
 
     async def _retry_changes_when_due(self, connection: RelayConnection) -> None:
@@ -1508,7 +1504,8 @@ class Client:
         arrives meanwhile may have done it already)."""
         while True:
             self._change_retry_scheduled = trio.Event()
-            with trio.move_on_at(min(self._change_retry_at.values(), default=math.inf)):
+            due = min((at for at, _ in self._change_retries.values()), default=math.inf)
+            with trio.move_on_at(due):
                 await self._change_retry_scheduled.wait()
                 continue  # a new refusal: its time may come first
             if await self._retry_waiting_changes(connection):
@@ -1885,6 +1882,11 @@ def _check_address(address: object) -> RelayAddress:
     ):
         raise InvalidArgument("a relay address is (host, port), a port from 1 to 65535")
     return address[0], address[1]
+
+
+def _next_backoff(previous: float) -> float:
+    """The wait after one more refusal, the last wait having been ``previous`` (0: none)."""
+    return min(max(RETRY_FIRST_DELAY, previous * 2), RETRY_MAX_DELAY)
 
 
 def jittered(delay: float, rng: RandomSource) -> float:
