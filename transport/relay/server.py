@@ -325,8 +325,9 @@ class Relay:
         name) failed: the traceback at ERROR, once a minute at most per request type.
 
         Any client, authenticated or not, can repeat a request that meets a fault
-        (a PostgreSQL relay cannot store a user id containing U+0000): the log
-        must not grow with it, and the operator must still see each kind of fault.
+        (as one could with a user id containing U+0000, which PostgreSQL cannot
+        store, before the protocol refused it): the log must not grow with it,
+        and the operator must still see each kind of fault.
         """
         throttle = self._internal_errors.setdefault(request, LogThrottle(WARNING_LOG_INTERVAL))
         also = throttle.line_end(trio.current_time() if now is None else now, "more")

@@ -812,8 +812,8 @@ class CallNotUndone(Exception):
 
 def connect(dsn: str) -> psycopg.Connection[tuple[Any, ...]]:
     """An autocommit connection to ``dsn`` that speaks UTF8, whatever the database, the
-    role or PGCLIENTENCODING would have it speak: a user id is any UTF-8 text, which
-    another client encoding cannot always carry (the request would fail)."""
+    role or PGCLIENTENCODING would have it speak: a user id is UTF-8 text (spec 11.1),
+    which another client encoding cannot always carry (the request would fail)."""
     return psycopg.connect(dsn, autocommit=True, client_encoding="UTF8")
 
 
@@ -968,8 +968,8 @@ _SAVEPOINT_STATEMENTS = frozenset({"SAVEPOINT call", "RELEASE call", "ROLLBACK T
 
 
 def _check_encoding(conn: PostgresConnection) -> None:
-    """A relay's database must be in UTF8: a user id is any UTF-8 text, which another
-    encoding cannot always hold (a request naming it would fail), and the relays lock
+    """A relay's database must be in UTF8: a user id is UTF-8 text (spec 11.1), which
+    another encoding cannot always hold (a request naming it would fail), and the relays lock
     users in the order of their UTF-8 bytes, which ``COLLATE "C"`` follows only in
     UTF8 (another order could deadlock two relays)."""
     row = conn.execute("SHOW server_encoding").fetchone()
