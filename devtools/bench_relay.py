@@ -136,6 +136,10 @@ TARGET_P99_MS = 100.0
 TARGET_OPEN_LOOP_P99_MS = 50.0
 # The fractions of the saturation rate a sweep runs at when none are given.
 DEFAULT_SWEEP = (0.25, 0.5, 0.75, 0.9)
+# Burst runs a sweep takes the saturation rate from (their median): one burst
+# is a few seconds, and on a shared machine two back to back can differ by
+# half (measured), so a single one may set the sweep's rates on a fast moment.
+DEFAULT_SATURATION_RUNS = 3
 # An open-loop schedule starts this long after the start signal, so that every
 # client's scheduler is already waiting for its first send.
 SCHEDULE_LEAD_SECONDS = 0.1
@@ -872,41 +876,58 @@ def run_relay_bench(
 
 @dataclass(slots=True)
 class RateSweep:
-    """A burst run (the saturation rate), then open-loop runs at fractions of it."""
+    """Burst runs (the saturation rate: their median), then open-loop runs at fractions of it."""
 
-    saturation: RelayLoadResult
+    bursts: list[RelayLoadResult]
     fractions: tuple[float, ...]
     runs: list[RelayLoadResult]
     # Why the sweep stopped before its last fraction, if it did.
     failure: str | None = None
 
     @property
+    def saturation(self) -> RelayLoadResult:
+        """The median burst (of an even number, the faster middle one: a sweep never runs
+        below its fractions of the median)."""
+        return sorted(self.bursts, key=lambda burst: burst.envelopes_per_second)[
+            len(self.bursts) // 2
+        ]
+
+    @property
     def exact(self) -> bool:
         """Whether every run happened and delivered every envelope exactly once."""
-        return self.failure is None and all(r.exact for r in (self.saturation, *self.runs))
+        return self.failure is None and all(r.exact for r in (*self.bursts, *self.runs))
 
     def as_json(self) -> dict[str, Any]:
         return {
             "saturation": self.saturation.as_json(),
+            "bursts": [burst.as_json() for burst in self.bursts],
             "fractions": list(self.fractions),
             "runs": [run.as_json() for run in self.runs],
             "failure": self.failure,
         }
 
 
-def run_rate_sweep(fractions: Sequence[float], **options: Any) -> RateSweep:
-    """Measure the saturation rate (a burst run), then run open loop at each fraction
-    of it; ``options`` are :func:`run_relay_bench`'s, each run on a new relay."""
+def run_rate_sweep(
+    fractions: Sequence[float],
+    *,
+    saturation_runs: int = DEFAULT_SATURATION_RUNS,
+    **options: Any,
+) -> RateSweep:
+    """Measure the saturation rate (the median of ``saturation_runs`` burst runs), then
+    run open loop at each fraction of it; ``options`` are :func:`run_relay_bench`'s,
+    each run on a new relay."""
     if not fractions or not all(math.isfinite(f) and f > 0 for f in fractions):
         raise ValueError("a sweep runs at one or more fractions of the saturation rate above 0")
-    saturation = run_relay_bench(**options)
-    if not saturation.envelopes_per_second > 0:
-        raise RelayBenchError("the burst run delivered nothing: no saturation rate to sweep")
-    sweep = RateSweep(saturation, tuple(fractions), [])
+    if saturation_runs < 1:
+        raise ValueError("a sweep measures the saturation rate with at least one burst run")
+    bursts = [run_relay_bench(**options) for _ in range(saturation_runs)]
+    sweep = RateSweep(bursts, tuple(fractions), [])
+    saturation = sweep.saturation.envelopes_per_second
+    if not saturation > 0:
+        raise RelayBenchError("the burst runs delivered nothing: no saturation rate to sweep")
     for fraction in fractions:
-        rate = fraction * saturation.envelopes_per_second
         try:
-            sweep.runs.append(run_relay_bench(rate=rate, **options))
+            sweep.runs.append(run_relay_bench(rate=fraction * saturation, **options))
         except RelayBenchError as exc:
             # The runs done so far are reported, and why the sweep stopped.
             sweep.failure = f"the run at {fraction:g} of the saturation rate failed: {exc}"
@@ -1004,9 +1025,12 @@ def _render_percentiles(latency: dict[str, float]) -> str:
 def render_sweep(sweep: RateSweep) -> str:
     """The sweep as a table: latency at each fraction of the saturation rate."""
     saturation = sweep.saturation
+    bursts = ", ".join(f"{burst.envelopes_per_second:.0f}" for burst in sweep.bursts)
     lines = [
         render(saturation),
         "",
+        f"saturation rate: the median of {len(sweep.bursts)} burst runs ({bursts} "
+        "envelopes/s), whose report is above",
         f"rate sweep: open loop at fractions of the saturation rate "
         f"({saturation.envelopes_per_second:.0f} envelopes/s), a new relay for each run; "
         "latency from each send's scheduled time",
@@ -1079,7 +1103,8 @@ def add_relay_bench_command(targets: argparse._SubParsersAction[argparse.Argumen
         "relays' (and a PostgreSQL server's) CPU time per envelope and exactly-once "
         "delivery under N clients. Burst by default (each client keeps one send "
         "outstanding: the saturation rate); --rate for an open-loop load at a fixed "
-        "offered rate, --rate-sweep for open-loop runs at fractions of the saturation rate. "
+        "offered rate, --rate-sweep for open-loop runs at fractions of the saturation rate "
+        "(the median of --saturation-runs bursts). "
         "Exit status: 0, 1 if an envelope was lost, duplicated, misdelivered or left "
         "unacknowledged or the run could not start (the reason on stderr), 2 for bad "
         "arguments, 130 after Ctrl-C.",
@@ -1115,6 +1140,14 @@ def add_relay_bench_command(targets: argparse._SubParsersAction[argparse.Argumen
         metavar="F,F,...",
         help="a burst run for the saturation rate, then open-loop runs at these fractions of "
         f"it (without a value: {','.join(str(f) for f in DEFAULT_SWEEP)})",
+    )
+    parser.add_argument(
+        "--saturation-runs",
+        type=at_least(1, "at least 1 burst run: the saturation rate is their median"),
+        default=argparse.SUPPRESS,
+        metavar="N",
+        help="with --rate-sweep: burst runs whose median is the saturation rate (default: "
+        f"{DEFAULT_SATURATION_RUNS})",
     )
     parser.add_argument(
         "--db",
@@ -1160,6 +1193,13 @@ def run(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
+    saturation_runs = getattr(args, "saturation_runs", None)
+    if saturation_runs is not None and args.rate_sweep is None:
+        print(
+            "hushchat bench relay: --saturation-runs sets the bursts of a --rate-sweep",
+            file=sys.stderr,
+        )
+        return 2
     interrupted = False
     outcome: RelayLoadResult | RateSweep | None = None
     try:
@@ -1175,7 +1215,11 @@ def run(args: argparse.Namespace) -> int:
                     "databases": databases,
                 }
                 if args.rate_sweep is not None:
-                    outcome = run_rate_sweep(args.rate_sweep, **options)
+                    outcome = run_rate_sweep(
+                        args.rate_sweep,
+                        saturation_runs=saturation_runs or DEFAULT_SATURATION_RUNS,
+                        **options,
+                    )
                 else:
                     outcome = run_relay_bench(rate=args.rate, **options)
         except KeyboardInterrupt:

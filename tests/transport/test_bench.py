@@ -107,6 +107,7 @@ def test_measure_takes_medians_of_operation_and_floor() -> None:
         (["bench", "relay", "--rate-sweep", "0.5,x"], "'x' is not a fraction"),
         (["bench", "relay", "--rate-sweep", "0.5,0"], "0 is not a fraction above 0"),
         (["bench", "relay", "--rate", "100", "--rate-sweep"], "not allowed with argument --rate"),
+        (["bench", "relay", "--rate-sweep", "--saturation-runs", "0"], "at least 1 burst run"),
         (["bench", "relay", "--db", "mysql://x"], "is not sqlite, postgres or a postgresql://"),
         (["bench", "relay", "--relays", "0"], "0 is less than 1"),
     ],
@@ -136,10 +137,17 @@ def test_several_relays_need_postgresql(capsys: pytest.CaptureFixture[str]) -> N
     )
 
 
+def test_saturation_runs_go_with_a_sweep(capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["bench", "relay", "--saturation-runs", "5"]) == 2
+    assert capsys.readouterr().err == (
+        "hushchat bench relay: --saturation-runs sets the bursts of a --rate-sweep\n"
+    )
+
+
 def test_bench_help_shows_every_default(capsys: pytest.CaptureFixture[str]) -> None:
     for argv, defaults in [
         (["bench", "--help"], ["9", "10,100,1000", "100"]),
-        (["bench", "relay", "--help"], ["200", "10", "300.0"]),
+        (["bench", "relay", "--help"], ["200", "10", "300.0", "3"]),
     ]:
         with pytest.raises(SystemExit):
             cli.main(argv)
@@ -407,14 +415,18 @@ def test_rate_sweep_runs_at_fractions_of_the_burst_rate(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     argv = ["bench", "relay", "--clients", "3", "--messages", "2", "--group-size", "3"]
-    assert cli.main([*argv, "--rate-sweep", "0.5", "--timeout", "60", "--json"]) == 0
+    sweep = ["--rate-sweep", "0.5", "--saturation-runs", "2", "--timeout", "60", "--json"]
+    assert cli.main([*argv, *sweep]) == 0
     report = json.loads(capsys.readouterr().out)
     saturation = report["saturation"]
     assert saturation["mode"] == "burst" and report["fractions"] == [0.5]
+    # Of two bursts, the faster: a sweep never runs below its fractions of the median.
+    assert len(report["bursts"]) == 2
+    assert saturation == max(report["bursts"], key=lambda burst: burst["envelopes_per_second"])
     (run,) = report["runs"]
     assert run["mode"] == "open loop"
     assert run["offered_rate"] == pytest.approx(saturation["envelopes_per_second"] / 2, rel=0.01)
-    for figures in (saturation, run):
+    for figures in (*report["bursts"], run):
         assert figures["delivered"] == figures["expected"] == 3 * (1 + 2)
         assert figures["lost"] == 0 and figures["duplicated"] == 0
 
@@ -449,18 +461,44 @@ def test_throwaway_cluster_refuses_a_folder_its_user_cannot_reach(tmp_path: Path
     assert list(private.iterdir()) == []
 
 
+def _fake_result(rate: float | None, envelopes_per_second: float) -> bench_relay.RelayLoadResult:
+    return bench_relay.RelayLoadResult(
+        clients=2, messages_per_client=1, group_size=1, sends=2, expected=2, delivered=2,
+        lost=0, duplicated=0, rate_limited=0, seconds=0.01,
+        envelopes_per_second=envelopes_per_second,
+        latency_ms=bench_relay._percentiles([0.001]), offered_rate=rate,
+        send_lag_ms=bench_relay._percentiles([0.0]) if rate else {},
+    )  # fmt: skip
+
+
+def test_a_sweep_runs_at_fractions_of_the_median_burst(monkeypatch: pytest.MonkeyPatch) -> None:
+    burst_rates = iter([3_000.0, 1_000.0, 2_000.0])
+
+    def fake_run(*, rate: float | None = None, **_: object) -> bench_relay.RelayLoadResult:
+        return _fake_result(rate, rate or next(burst_rates))
+
+    monkeypatch.setattr(bench_relay, "run_relay_bench", fake_run)
+    sweep = bench_relay.run_rate_sweep((0.5, 0.9))
+    assert [burst.envelopes_per_second for burst in sweep.bursts] == [3_000, 1_000, 2_000]
+    assert sweep.saturation is sweep.bursts[2]
+    assert [run.offered_rate for run in sweep.runs] == [1_000, 1_800] and sweep.exact
+    report = sweep.as_json()
+    assert report["saturation"]["envelopes_per_second"] == 2_000 and len(report["bursts"]) == 3
+    assert "the median of 3 burst runs (3000, 1000, 2000 envelopes/s)" in (
+        bench_relay.render_sweep(sweep)
+    )
+    # A burst that lost an envelope makes the whole sweep inexact, median or not.
+    sweep.bursts[0].lost = 1
+    assert not sweep.exact
+
+
 def test_a_sweep_that_fails_midway_reports_the_runs_it_made(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     def fake_run(*, rate: float | None = None, **_: object) -> bench_relay.RelayLoadResult:
         if rate is not None and rate > 150:
             raise bench_relay.RelayBenchError("a load client failed: InternalError()")
-        return bench_relay.RelayLoadResult(
-            clients=2, messages_per_client=1, group_size=1, sends=2, expected=2, delivered=2,
-            lost=0, duplicated=0, rate_limited=0, seconds=0.01, envelopes_per_second=200.0,
-            latency_ms=bench_relay._percentiles([0.001]), offered_rate=rate,
-            send_lag_ms=bench_relay._percentiles([0.0]) if rate else {},
-        )  # fmt: skip
+        return _fake_result(rate, 200.0)
 
     monkeypatch.setattr(bench_relay, "run_relay_bench", fake_run)
     sweep = bench_relay.run_rate_sweep((0.5, 0.9))
