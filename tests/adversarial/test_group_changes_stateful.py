@@ -27,6 +27,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import pytest
 from hypothesis import event, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
@@ -318,3 +319,10 @@ class GroupChanges(RuleBasedStateMachine):
 
 GroupChanges.TestCase.settings = settings(max_examples=15, stateful_step_count=50, deadline=None)
 TestGroupChanges = GroupChanges.TestCase
+
+
+@pytest.mark.fuzz
+class TestGroupChangesFuzz(GroupChanges.TestCase):  # type: ignore[misc, valid-type]
+    """The same machine with a long budget: pytest -m fuzz."""
+
+    settings = settings(max_examples=500, stateful_step_count=80, deadline=None)
