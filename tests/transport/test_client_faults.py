@@ -784,3 +784,119 @@ async def test_a_group_change_is_refused_when_the_relay_asks_to_wait_too_long(
             await alice.create_group("too soon", ["bob"])
         assert refused.value.retry_after_ms == 3_600_000
         assert alice.core.group_ids == () and alice.store.outbox() == []
+
+
+# A relay (hostile or broken) that answers RATE_LIMITED with a retry_after of 0, every
+# time: the client must not ask it again as fast as it can. Each test counts the
+# refused requests within a few seconds, raised locally (no round trip slows a spin).
+WINDOW = 3.0
+
+
+def refuse_at_once(
+    monkeypatch: pytest.MonkeyPatch, method: str, wanted: Callable[..., bool] = lambda *a: True
+) -> list[tuple[Any, ...]]:
+    """RelayConnection.``method`` refused with RATE_LIMITED, retry_after 0, when ``wanted``
+    (given its arguments); the refused calls' arguments."""
+    real = getattr(connection_module.RelayConnection, method)
+    refused: list[tuple[Any, ...]] = []
+
+    async def at_once(self: Any, *args: Any, **kwargs: Any) -> Any:
+        if wanted(*args):
+            refused.append(args)
+            raise RateLimited("ask again now", retry_after_ms=0)
+        return await real(self, *args, **kwargs)
+
+    monkeypatch.setattr(connection_module.RelayConnection, method, at_once)
+    return refused
+
+
+async def test_a_group_change_the_relay_tells_to_retry_at_once_does_not_spin(
+    tmp_path: Path, relay: Relay, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The bundle a group change needs is refused with retry_after 0: the call waits
+    between its fetches, and gives up (RateLimited) at its ready_timeout as before."""
+    async with client(tmp_path, relay, "bob"):
+        pass
+    refused = refuse_at_once(monkeypatch, "fetch_bundle")
+    async with client(tmp_path, relay, "alice", ready_timeout=WINDOW) as alice:
+        with trio.fail_after(TIMEOUT), pytest.raises(RateLimited):
+            await alice.create_group("at once", ["bob"])
+        assert 1 < len(refused) <= 3
+        assert alice.core.group_ids == () and alice.store.outbox() == []
+
+
+async def test_a_send_the_relay_tells_to_retry_at_once_does_not_spin(
+    tmp_path: Path, relay: Relay, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A send refused with retry_after 0, again and again: the outbox waits between its
+    attempts, says the message is pending, and sends it once the relay takes it."""
+    async with client(tmp_path, relay, "alice") as alice, client(tmp_path, relay, "bob") as bob:
+        await alice.send_direct("bob", b"sessions up")
+        await next_matching(bob, MessageReceived)
+        refused = refuse_at_once(monkeypatch, "send_direct")
+        with trio.move_on_after(WINDOW):
+            await alice.send_direct("bob", b"refused for now")
+            await trio.sleep_forever()
+        assert 1 < len(refused) <= 5
+        pending = await next_matching(alice, MessagePending)
+        assert pending.reason == "RATE_LIMITED"
+        assert alice.pending_messages() == [pending.message_id]
+        monkeypatch.undo()
+        got = await next_matching(bob, MessageReceived)
+        assert (got.message_id, got.body) == (pending.message_id, b"refused for now")
+
+
+async def test_a_send_the_relay_tells_to_wait_for_weeks_does_not_hold_the_call(
+    tmp_path: Path, relay: Relay, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A send refused with a retry_after of 2^32 ms (49 days): the call returns, the
+    message waits in the outbox, pending, instead of the flusher sleeping that long."""
+    async with client(tmp_path, relay, "alice") as alice, client(tmp_path, relay, "bob") as bob:
+        await alice.send_direct("bob", b"sessions up")
+        await next_matching(bob, MessageReceived)
+
+        async def for_weeks(self: Any, *args: Any, **kwargs: Any) -> Any:
+            raise RateLimited("ask again in 49 days", retry_after_ms=2**32)
+
+        monkeypatch.setattr(connection_module.RelayConnection, "send_direct", for_weeks)
+        with trio.fail_after(WINDOW):
+            message_id = await alice.send_direct("bob", b"kept")
+        pending = await next_matching(alice, MessagePending)
+        assert (pending.message_id, pending.reason) == (message_id, "RATE_LIMITED")
+        assert alice.pending_messages() == [message_id]
+
+
+async def test_a_message_whose_preparation_the_relay_tells_to_retry_at_once_does_not_spin(
+    tmp_path: Path, relay: Relay, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A first message to bob waits for his bundle, refused with retry_after 0: the
+    outbox must not make bob's destination due again at once."""
+    async with client(tmp_path, relay, "bob"):
+        pass
+    refused = refuse_at_once(monkeypatch, "fetch_bundle")
+    async with client(tmp_path, relay, "alice") as alice:
+        with trio.move_on_after(WINDOW):
+            await alice.send_direct("bob", b"first contact")
+            await trio.sleep_forever()
+        assert 1 < len(refused) <= 5
+        assert len(alice.pending_messages()) == 1
+
+
+async def test_a_rebuilt_send_whose_bundle_the_relay_tells_to_retry_at_once_does_not_spin(
+    tmp_path: Path, relay: Relay, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Bob linked a second device: alice's send is refused for her old list, and the
+    bundle of the new device, needed to rebuild it, with retry_after 0. The rebuilt
+    send's destination must not be due again at once (each time: a send refused for
+    the list, a fetch refused)."""
+    async with client(tmp_path, relay, "alice") as alice, client(tmp_path, relay, "bob") as bob:
+        await alice.send_direct("bob", b"before the desktop")
+        await next_matching(bob, MessageReceived)
+        desktop = ClientCore.create_linked("bob", 2, bob.core.user_identity_public, now=bob.now())
+        await bob.link_device(desktop.device_entry)
+        refused = refuse_at_once(monkeypatch, "fetch_bundle", lambda user, device: device == 2)
+        with trio.move_on_after(WINDOW):
+            await alice.send_direct("bob", b"to both of bob's devices")
+            await trio.sleep_forever()
+        assert 1 < len(refused) <= 5
+        assert len(alice.pending_messages()) == 1
