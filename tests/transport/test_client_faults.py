@@ -793,15 +793,17 @@ WINDOW = 3.0
 
 
 def refuse_at_once(
-    monkeypatch: pytest.MonkeyPatch, method: str, wanted: Callable[..., bool] = lambda *a: True
+    monkeypatch: pytest.MonkeyPatch,
+    method: str,
+    wanted: Callable[..., bool] = lambda *args: True,
 ) -> list[tuple[Any, ...]]:
-    """RelayConnection.``method`` refused with RATE_LIMITED, retry_after 0, when ``wanted``
-    (given its arguments); the refused calls' arguments."""
+    """RelayConnection.``method`` refused to alice with RATE_LIMITED, retry_after 0, when
+    ``wanted`` (given its arguments); the refused calls' arguments."""
     real = getattr(connection_module.RelayConnection, method)
     refused: list[tuple[Any, ...]] = []
 
     async def at_once(self: Any, *args: Any, **kwargs: Any) -> Any:
-        if wanted(*args):
+        if self.user_id == "alice" and wanted(*args):
             refused.append(args)
             raise RateLimited("ask again now", retry_after_ms=0)
         return await real(self, *args, **kwargs)

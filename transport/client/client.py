@@ -26,7 +26,8 @@ all protocol work; this module does only I/O around it:
   (the flusher) sends the outbox in order, one destination (a user, a
   group) never holding up another: a send refused for a stale device list
   is rebuilt for the current devices, one refused for the relay's rate is
-  paced as the relay says, one for a full mailbox waits and goes again;
+  paced as the relay says (within RATE_LIMITED_MIN_WAIT and the backoff's
+  cap), one for a full mailbox waits and goes again;
 * a group change of ours that lost its epoch to another, and needs sessions
   with members who joined meanwhile, is proposed again once it has them;
   what the relay refuses it meanwhile (a bundle not there yet, its rate)
@@ -193,6 +194,18 @@ MAX_PREPARE_ATTEMPTS = 3
 # to the cap while the refusal lasts.
 RETRY_FIRST_DELAY = 2.0
 RETRY_MAX_DELAY = 300.0
+# A relay refusing for its rate limit (RATE_LIMITED) says how many milliseconds
+# until a retry succeeds; an honest one says the time its token bucket needs,
+# rounded up, so never 0. The client waits what it says, but at least this the
+# first time a call is refused, and at least the backoff above when the same
+# request is refused again or retried in the background; never more than
+# RETRY_MAX_DELAY. Else a relay saying 0 (hostile or broken) is asked again at
+# once for as long as it says so, and one saying 2^64 ms parks the request for
+# good. This floor costs an honest relay's send pacing no throughput: its
+# bucket refills while the client waits (a send rate "N/period" regains N per
+# period, 60 per second by default), so the client sends what it regained at
+# once; only the first send after the wait may leave this much later.
+RATE_LIMITED_MIN_WAIT = 0.1
 # Processed envelope guids are remembered this long: the relay's default
 # retention (72 h, after which it never delivers an envelope again) and a day
 # for the difference between its clock and ours (spec 07, 7.8 "Retention").
@@ -642,21 +655,24 @@ class Client:
         """A group change: prepare for ``users`` (over the relay), change, store, send.
 
         A fetch the relay refuses for its rate limits is asked again when the
-        relay says, if that is within ``ready_timeout`` of the call; a longer
-        wait is the app's to decide (RateLimited, nothing changed).
+        relay says (at least RATE_LIMITED_MIN_WAIT, then the backoff if refused
+        again), if that is within ``ready_timeout`` of the call; a longer wait
+        is the app's to decide (RateLimited, nothing changed).
         """
         deadline = trio.current_time() + self._ready_timeout
         attempt = 0
+        waited = 0.0  # for the relay's rate limit, last time (0: not yet)
         while attempt < MAX_PREPARE_ATTEMPTS:
             connection = await self._wait_ready()
             try:
                 async with self._prepare_lock:
                     await self._prepare(connection, users)
             except RateLimited as limited:
-                wait = limited.retry_after_ms / 1000
-                if trio.current_time() + wait > deadline:
+                floor = _next_backoff(waited) if waited else RATE_LIMITED_MIN_WAIT
+                waited = _rate_limited_wait(limited, floor)
+                if trio.current_time() + waited > deadline:
                     raise
-                await trio.sleep(wait)
+                await trio.sleep(waited)
                 continue
             attempt += 1
             async with self._lock:
@@ -866,7 +882,7 @@ class Client:
         """What becomes of a row whose device lists or sessions could not be prepared:
         None if it failed for good, else seconds before its destinations retry."""
         if isinstance(refusal, RateLimited):
-            return self._refused(item, "RATE_LIMITED", refusal.retry_after_ms / 1000)
+            return self._refused(item, "RATE_LIMITED", refusal)
         if isinstance(refusal, UnknownUser | RemoteProtocolError | LocalProtocolError):
             # The relay does not know the user, serves what does not verify, or
             # the group is gone: nothing to send it to.
@@ -914,6 +930,7 @@ class Client:
         attempt: int = 1,
     ) -> float | None:
         """Send an encrypted row; None if it left the outbox, else seconds before a retry."""
+        limited_before = False
         while True:
             try:
                 full: Sequence[tuple[str, int]] = ()
@@ -931,8 +948,15 @@ class Client:
                 return None
             except RateLimited as limited:
                 # The relay paces sends per connection and says when the next one
-                # succeeds: wait that long, then send it again.
-                await trio.sleep(limited.retry_after_ms / 1000)
+                # succeeds: wait that long, then send it again. Refused again after
+                # that wait (no honest relay does), or told to wait longer than a
+                # call waits for the relay, the row waits in the outbox instead, as
+                # for a refusal that passes: the flusher goes on, the call returns.
+                wait = _rate_limited_wait(limited, RATE_LIMITED_MIN_WAIT)
+                if limited_before or wait > self._ready_timeout:
+                    return self._refused(send, "RATE_LIMITED", limited)
+                limited_before = True
+                await trio.sleep(wait)
                 continue
             except DeviceListMismatch as mismatch:
                 if isinstance(send, Resend):
@@ -1066,7 +1090,7 @@ class Client:
             await self._fail(row_id, send, failure.code)
             return None
         except RateLimited as limited:
-            return self._refused(send, "RATE_LIMITED", limited.retry_after_ms / 1000)
+            return self._refused(send, "RATE_LIMITED", limited)
         except RelayError as passing:  # a bundle it cannot give yet: later
             return self._refused(send, passing.code)
         return await self._replace(connection, row_id, replacements, attempt + 1)
@@ -1134,13 +1158,17 @@ class Client:
         async with self._lock:
             return self.core.resend_group(send, now=self.now())
 
-    def _refused(self, item: OutboxItem, reason: str, delay: float | None = None) -> float:
-        """A refusal that passes: the row's destinations wait (``delay``, or a growing backoff)."""
+    def _refused(
+        self, item: OutboxItem, reason: str, limited: RateLimited | None = None
+    ) -> float:
+        """A refusal that passes: the row's destinations wait a growing backoff, or as
+        long as the relay's rate limit says if that is longer (``limited``)."""
         destinations = self._destinations(item)
-        if delay is None:
-            delay = _next_backoff(
-                max((self._retry_delay.get(d, 0.0) for d in destinations), default=0.0)
-            )
+        delay = _next_backoff(
+            max((self._retry_delay.get(d, 0.0) for d in destinations), default=0.0)
+        )
+        if limited is not None:
+            delay = _rate_limited_wait(limited, delay)
         now = trio.current_time()
         for destination in destinations:
             self._retry_at[destination] = now + delay
@@ -1446,8 +1474,8 @@ class Client:
 
         What the relay refuses (a bundle it cannot give yet, its rate limit, a
         bundle that does not verify) leaves the change waiting, proposed again
-        after the outbox's backoff (or when a rate-limiting relay says, 2 s at the
-        least): it never ends the connection, which would end it again at every
+        after the outbox's backoff (or when a rate-limiting relay says, if that is
+        longer): it never ends the connection, which would end it again at every
         reconnect, before any mail is read.
         """
         delivered: list[tuple[list[StoredEvent], list[int]]] = []
@@ -1488,13 +1516,10 @@ class Client:
         self, group_id: bytes, refused: RelayError | RemoteProtocolError | InvalidState
     ) -> None:
         """Our waiting change of ``group_id`` could not be proposed again: when to try next."""
+        delay = _next_backoff(self._change_retries.get(group_id, (0.0, 0.0))[1])
         if isinstance(refused, RateLimited):
-            # When the relay says, but never sooner than the backoff's first wait: a
-            # relay saying 0 (as no honest one does) would be asked again at once,
-            # as fast as the client can, for as long as it says so.
-            delay = max(refused.retry_after_ms / 1000, RETRY_FIRST_DELAY)
-        else:
-            delay = _next_backoff(self._change_retries.get(group_id, (0.0, 0.0))[1])
+            # When the relay says, but never sooner than the backoff: no caller waits.
+            delay = _rate_limited_wait(refused, delay)
         logger.info("a group change of ours waits %.1f s: %s", delay, refused.code)
         self._change_retries[group_id] = (trio.current_time() + delay, delay)
         self._change_retry_scheduled.set()
@@ -1887,6 +1912,16 @@ def _check_address(address: object) -> RelayAddress:
 def _next_backoff(previous: float) -> float:
     """The wait after one more refusal, the last wait having been ``previous`` (0: none)."""
     return min(max(RETRY_FIRST_DELAY, previous * 2), RETRY_MAX_DELAY)
+
+
+def _rate_limited_wait(limited: RateLimited, floor: float) -> float:
+    """How long to wait before asking again a relay that refused for its rate limit:
+    what it says, but at least ``floor`` and at most RETRY_MAX_DELAY.
+
+    ``floor`` is RATE_LIMITED_MIN_WAIT for a call's first refusal, else the
+    backoff (_next_backoff): see RATE_LIMITED_MIN_WAIT.
+    """
+    return min(max(limited.retry_after_ms / 1000, floor), RETRY_MAX_DELAY)
 
 
 def jittered(delay: float, rng: RandomSource) -> float:
