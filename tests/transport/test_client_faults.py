@@ -23,7 +23,9 @@ import trio
 import trio.testing
 
 from hushchat.protocol.client_core import (
+    Address,
     ClientCore,
+    DeviceAdded,
     GroupChangeFailed,
     GroupUpdated,
     MessageReceived,
@@ -902,3 +904,43 @@ async def test_a_rebuilt_send_whose_bundle_the_relay_tells_to_retry_at_once_does
             await trio.sleep_forever()
         assert 1 < len(refused) <= 5
         assert len(alice.pending_messages()) == 1
+
+
+async def test_an_app_that_reads_and_sends_in_one_task_is_not_stuck_by_its_full_queue(
+    tmp_path: Path, relay: Relay
+) -> None:
+    """The app reads its events and sends from one task, and has not read for a while:
+    its event queue is full. Bob linked a second device, so alice's send is refused for
+    her old list of his devices and rebuilt by the flusher, which learns DeviceAdded.
+    The send must return (the flusher must not wait for the app to read while the app
+    waits for the flusher), and every event come when the app reads: nothing lost."""
+    queue_size = 4
+    unread = [b"unread %d" % n for n in range(queue_size + 2)]
+    async with client(tmp_path, relay, "bob") as bob:
+        async with client(tmp_path, relay, "alice", event_queue_size=queue_size) as alice:
+            await alice.send_direct("bob", b"before the desktop")
+            await next_matching(bob, MessageReceived)
+            for body in unread:
+                await bob.send_direct("alice", body)
+            await until(lambda: alice._events_in.statistics().current_buffer_used == queue_size)
+            desktop = ClientCore.create_linked(
+                "bob", 2, bob.core.user_identity_public, now=bob.now()
+            )
+            await bob.link_device(desktop.device_entry)
+            async with client(tmp_path, relay, "bob-desktop", device=desktop):
+                pass  # its prekeys are at the relay
+            with trio.fail_after(TIMEOUT):
+                await alice.send_direct("bob", b"to both of bob's devices")
+            received: list[bytes] = []
+            added: list[DeviceAdded] = []
+            with trio.fail_after(TIMEOUT):
+                async for event in alice.events():
+                    if isinstance(event, MessageReceived):
+                        received.append(event.body)
+                    elif isinstance(event, DeviceAdded):
+                        added.append(event)
+                    if received == unread and added:
+                        break
+            assert [a.address for a in added] == [Address("bob", 2)]
+        got = await next_matching(bob, MessageReceived, sent_by("alice"))
+        assert got.body == b"to both of bob's devices"
