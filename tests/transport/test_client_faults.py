@@ -37,6 +37,7 @@ from hushchat.transport.client.client import (
     Client,
     Connected,
     Disconnected,
+    MessageDelivered,
     MessagePending,
     MessageSent,
     Reregistered,
@@ -944,3 +945,37 @@ async def test_an_app_that_reads_and_sends_in_one_task_is_not_stuck_by_its_full_
             assert [a.address for a in added] == [Address("bob", 2)]
         got = await next_matching(bob, MessageReceived, sent_by("alice"))
         assert got.body == b"to both of bob's devices"
+
+
+async def test_an_app_that_reads_and_sends_in_one_task_can_send_with_a_queue_full_at_start(
+    tmp_path: Path, relay: Relay
+) -> None:
+    """The events stored and not taken when the app stopped come first at the next start.
+    As many as the queue holds: connected, the client waited for room for its Connected
+    notice before it started its flusher, so the app's first send, from the task that
+    reads, waited for a flush pass that never came."""
+    unread = [b"unread %d" % n for n in range(4)]
+    async with client(tmp_path, relay, "bob") as bob:
+        async with client(tmp_path, relay, "alice") as alice:
+            await alice.send_direct("bob", b"sessions up")
+            await next_matching(alice, MessageDelivered)  # what came before is taken
+            for body in unread:
+                await bob.send_direct("alice", body)
+            await until(
+                lambda: sum(isinstance(e, MessageReceived) for _, e in alice.store.inbox()) == 4
+            )
+        store = ClientStore.open(str(tmp_path / "alice.db"))
+        stored = len(store.inbox())
+        store.close()
+        async with client(tmp_path, relay, "alice", event_queue_size=stored) as alice:
+            with trio.fail_after(TIMEOUT):
+                await alice.send_direct("bob", b"after the restart")
+            received: list[bytes] = []
+            with trio.fail_after(TIMEOUT):
+                async for event in alice.events():
+                    if isinstance(event, MessageReceived):
+                        received.append(event.body)
+                    if len(received) == len(unread):
+                        break
+            assert received == unread
+        await next_matching(bob, MessageReceived, lambda e: e.body == b"after the restart")
