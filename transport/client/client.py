@@ -48,6 +48,7 @@ never holds up the reconnect.
 
 from __future__ import annotations
 
+import collections
 import logging
 import math
 import ssl
@@ -183,6 +184,8 @@ RECONNECT_JITTER = 0.2
 # device) waits for a connection before giving up. Messages never wait.
 READY_TIMEOUT = 30.0
 # Events buffered for the app before the receive loop waits for it to read.
+# No other task waits for the app: what they produce meanwhile waits behind the
+# queue, in order (Client._backlog), since the app may be waiting for them.
 EVENT_QUEUE_SIZE = 256
 # Sends refused for a stale device list are rebuilt and retried this often.
 MAX_SEND_ATTEMPTS = 3
@@ -312,6 +315,15 @@ class Client:
         self._events_in, self._events_out = trio.open_memory_channel[
             tuple[int | None, ClientEvent]
         ](event_queue_size)
+        # Events for the app while its queue is full, in order; the app's reading moves
+        # them on. Only the receive loop waits for it to be empty: any other task
+        # may be one that the app waits for (a flush pass its send waits for, the
+        # prepare lock), and an app that reads and sends from one task would wait
+        # for good. So it holds the stored events not taken before this run, then
+        # at most one envelope's, and what the outbox and the app's own calls
+        # produced since the app last read.
+        self._backlog: collections.deque[tuple[int | None, ClientEvent]] = collections.deque()
+        self._event_taken = trio.Event()
         # The outbox, as the flusher sees it: the app message each row carries.
         self._outbox_messages: dict[int, bytes | None] = {}
         self._wake = trio.Event()
@@ -375,6 +387,9 @@ class Client:
                 row_id, event = await self._events_out.receive()
             except (trio.EndOfChannel, trio.ClosedResourceError):
                 return
+            self._fill_queue()
+            self._event_taken.set()
+            self._event_taken = trio.Event()
             self._handed = row_id
             yield event
 
@@ -546,7 +561,7 @@ class Client:
         async with self._lock:
             outcome = self.core.confirm_identity(user_id)
             _, ids = await self._commit(self.core.take_changes(), events=outcome.events)
-        await self._deliver_events(list(outcome.events), ids)
+        self._deliver_events(list(outcome.events), ids)
 
     async def link_device(self, entry: DeviceEntry) -> None:
         """(Primary device.) Add a device of ours and publish the new signed device list.
@@ -713,7 +728,7 @@ class Client:
         async with self._lock:
             outcome = self.core.process_device_list(data)
             _, ids = await self._commit(self.core.take_changes(), events=outcome.events)
-        await self._deliver_events(list(outcome.events), ids)
+        self._deliver_events(list(outcome.events), ids)
 
     async def _prepare(self, connection: RelayConnection, user_ids: Iterable[str]) -> None:
         """Device lists and sessions for these users' devices and our own."""
@@ -1068,7 +1083,7 @@ class Client:
         if refused is not None:
             await self._fail(row_id, send, refused.code)
             return None
-        await self._deliver_events(events, ids)
+        self._deliver_events(events, ids)
         if not rest:
             await self._sent_everywhere(send)
             return None
@@ -1125,7 +1140,7 @@ class Client:
             for item in mismatch.mismatches:
                 events.extend(self.core.process_device_list(item.signed_device_list).events)
             _, ids = await self._commit(self.core.take_changes(), events=events)
-        await self._deliver_events(events, ids)
+        self._deliver_events(events, ids)
         if isinstance(send, DirectSend):
             await self._start_sessions(
                 connection,
@@ -1308,7 +1323,7 @@ class Client:
             cleared: dict[bytes, tuple[int, frozenset[Address]] | None] = dict.fromkeys(due)
             _, ids = await self._commit({}, events=events, deliveries=cleared)
             self._apply_deliveries(cleared)
-        await self._deliver_events(events, ids)
+        self._deliver_events(events, ids)
 
     async def _fail(self, row_id: int, item: OutboxItem, reason: str) -> None:
         """A row that can never be sent leaves the outbox; its message failed (stored event).
@@ -1340,7 +1355,7 @@ class Client:
             _, ids = await self._commit(self.core.take_changes(), sent=sent, events=events)
         if message_id is not None:
             self._reported_pending.discard(message_id)
-        await self._deliver_events(events, ids)
+        self._deliver_events(events, ids)
 
     # ------------------------------------------------------------ persistence
 
@@ -1415,17 +1430,36 @@ class Client:
         async with self._store_lock:
             ids = await trio.to_thread.run_sync(self.store.set_aside)
         stored = dict(self.store.inbox())
-        await self._deliver_events([stored[i] for i in ids if i in stored], ids)
+        self._deliver_events([stored[i] for i in ids if i in stored], ids)
 
-    async def _deliver_events(self, events: Sequence[StoredEvent], ids: list[int]) -> None:
-        """Hand stored events (``ids``: their inbox rows) to the app."""
-        for row_id, event in zip(ids, events, strict=True):
-            await self._events_in.send((row_id, event))
+    def _deliver_events(self, events: Sequence[StoredEvent], ids: list[int]) -> None:
+        """Hand stored events (``ids``: their inbox rows) to the app; never waits."""
+        self._queue_events(zip(ids, events, strict=True))
+
+    def _queue_events(self, items: Iterable[tuple[int | None, ClientEvent]]) -> None:
+        """Queue events for the app, behind those waiting for room; never waits."""
+        self._backlog.extend(items)
+        self._fill_queue()
+
+    def _fill_queue(self) -> None:
+        """Move the waiting events into the app's queue, as many as it has room for."""
+        while self._backlog:
+            try:
+                self._events_in.send_nowait(self._backlog[0])
+            except trio.WouldBlock:
+                return
+            self._backlog.popleft()
+
+    async def _wait_for_the_app(self) -> None:
+        """Until no event waits for room in the app's queue (the receive loop's pace)."""
+        while self._backlog:
+            await self._event_taken.wait()
 
     def _notify(self, event: ClientEvent) -> None:
         """A notice for the app (not stored); dropped if the app lets its queue fill up."""
-        with suppress(trio.WouldBlock):
-            self._events_in.send_nowait((None, event))
+        if not self._backlog:
+            with suppress(trio.WouldBlock):
+                self._events_in.send_nowait((None, event))
 
     # ------------------------------------------------------------ receiving
 
@@ -1463,7 +1497,7 @@ class Client:
         # Persisted (the inbox holds the events until the app takes them), so the
         # app may see them and the relay may forget the envelope, in that order:
         # if the acknowledgement is lost, the redelivery is recognised by guid.
-        await self._deliver_events(events, ids)
+        self._deliver_events(events, ids)
         retried = await self._retry_waiting_changes(connection)
         if sends or retried:
             self._wake.set()
@@ -1509,7 +1543,7 @@ class Client:
                 self._change_retries.pop(group_id, None)
                 delivered.append((list(outcome.events), ids))
         for events, ids in delivered:
-            await self._deliver_events(events, ids)
+            self._deliver_events(events, ids)
         return bool(delivered)
 
     def _change_refused(
@@ -1544,6 +1578,9 @@ class Client:
             # once each envelope's outcome is persisted.
             processed = []
             for item in batch:
+                # The app reads what came before first (it may be slow: the mail waits
+                # at the relay meanwhile).
+                await self._wait_for_the_app()
                 if isinstance(item, Envelope):
                     await self._process(connection, item)
                     processed.append(item.guid)
@@ -1551,7 +1588,7 @@ class Client:
                     await self._replenish_prekeys(connection)
                 elif isinstance(item, MailExpiredNotice):
                     expired = MailExpired(item.count, item.first_ts, item.last_ts)
-                    await self._events_in.send((None, expired))
+                    self._queue_events([(None, expired)])
             if processed:
                 # At most the relay's window is pushed unacknowledged: never waits.
                 await acknowledge.send(processed)
@@ -1738,7 +1775,7 @@ class Client:
         async with self._lock:
             outcome = self.core.process_device_list(data)
             _, ids = await self._commit(self.core.take_changes(), events=outcome.events)
-        await self._deliver_events(list(outcome.events), ids)
+        self._deliver_events(list(outcome.events), ids)
 
     # ------------------------------------------------------------ connections
 
@@ -1758,7 +1795,7 @@ class Client:
         if reregistered:
             logger.warning("registered again at a relay that had lost this device")
             self._notify(Reregistered())
-        await self._events_in.send((None, Connected()))
+        self._queue_events([(None, Connected())])
         if await self._retry_waiting_changes(connection):
             self._wake.set()
         await self._prune()
@@ -1785,8 +1822,7 @@ class Client:
             message_id: (deadline, frozenset(devices))
             for message_id, (deadline, devices) in self.store.deliveries().items()
         }
-        for row_id, event in self.store.inbox():
-            await self._events_in.send((row_id, event))
+        self._queue_events(self.store.inbox())
         delay = self._first_delay
         self._started = False
         while True:
@@ -1800,7 +1836,7 @@ class Client:
             if was_ready:
                 delay = self._first_delay
             if not self._unknown_to_relay or newly_unknown:
-                await self._events_in.send((None, Disconnected(reason)))
+                self._queue_events([(None, Disconnected(reason))])
             await trio.sleep(jittered(delay, self._rng))
             delay = min(delay * RECONNECT_MULTIPLIER, self._max_delay)
 
@@ -2055,8 +2091,9 @@ async def open_client(
     creating the device on. ``request_timeout`` bounds each request to the
     relay, ``ready_timeout`` how long an operation that needs the relay
     waits for a connection (then RelayTimeout). ``event_queue_size`` events
-    are buffered for :meth:`Client.events` before the client waits for the
-    app to read. After a dropped connection the client reconnects after
+    are buffered for :meth:`Client.events` before the client stops reading
+    mail until the app reads (nothing else waits for it: the app may send
+    from the task that reads). After a dropped connection the client reconnects after
     ``reconnect_first_delay`` seconds, growing up to ``reconnect_max_delay``.
     The guid of each envelope processed is kept ``processed_memory`` seconds,
     to recognise it if it comes again: at least the relay's retention.
