@@ -979,3 +979,45 @@ async def test_an_app_that_reads_and_sends_in_one_task_can_send_with_a_queue_ful
                         break
             assert received == unread
         await next_matching(bob, MessageReceived, lambda e: e.body == b"after the restart")
+
+
+async def test_outages_while_the_app_does_not_read_pile_up_no_notices_without_bound(
+    tmp_path: Path, relay: Relay
+) -> None:
+    """The app does not read its events for a while, but sends; meanwhile its relay
+    (hostile, or a flapping network) is gone, comes back and goes again. Each turn, and
+    each round of connection attempts while it is gone, is a notice for the app
+    (Disconnected, Connected): while it does not read they must not pile up without
+    bound (the relay's outages last as long as they like). When it reads, it learns that
+    the connection went and came back, and that it is connected now; nothing is lost."""
+    queue_size, turns = 4, 5
+    async with (
+        client(tmp_path, relay, "bob") as bob,
+        client(
+            tmp_path, relay, "alice", event_queue_size=queue_size, reconnect_max_delay=0.05
+        ) as alice,
+    ):
+        sent = []
+        for n in range(turns):
+            await until(lambda: alice.pending_messages() == [])  # no send cut short
+            await relay.stop()
+            # Its send finds the connection gone (nothing else would, the app not reading).
+            sent.append(await alice.send_direct("bob", b"turn %d" % n))
+            await until(lambda: alice.status is not Status.READY)
+            await trio.sleep(0.5)  # rounds of connection attempts
+            await relay.start()
+            await until(lambda: alice.status is Status.READY)
+        await bob.send_direct("alice", b"after the turns")
+        status: list[Connected | Disconnected] = []
+        with trio.fail_after(TIMEOUT):
+            async for event in alice.events():
+                if isinstance(event, Connected | Disconnected):
+                    status.append(event)
+                if isinstance(event, MessageReceived):
+                    assert event.body == b"after the turns"
+                    break
+        assert isinstance(status[-1], Connected)
+        assert any(isinstance(s, Disconnected) for s in status)
+        assert len(status) <= queue_size + 3, len(status)
+        got = [(await next_matching(bob, MessageReceived, sent_by("alice"))).body for _ in sent]
+        assert got == [b"turn %d" % n for n in range(turns)]
