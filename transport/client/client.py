@@ -321,7 +321,7 @@ class Client:
         # prepare lock), and an app that reads and sends from one task would wait
         # for good. So it holds the stored events not taken before this run, then
         # at most one envelope's, and what the outbox and the app's own calls
-        # produced since the app last read.
+        # produced since the app last read (notices of the connection folded).
         self._backlog: collections.deque[tuple[int | None, ClientEvent]] = collections.deque()
         self._event_taken = trio.Event()
         # The outbox, as the flusher sees it: the app message each row carries.
@@ -1441,6 +1441,27 @@ class Client:
         self._backlog.extend(items)
         self._fill_queue()
 
+    def _queue_status(self, event: Connected | Disconnected) -> None:
+        """Queue a notice that the connection came or went, after what waits for the app.
+
+        An outage is a round of attempts every ``reconnect_max_delay`` for as
+        long as it lasts, each a Disconnected: while the app does not read,
+        the notices waiting in a row are folded, so at most three wait there.
+        Of two alike the later stands for both; of went, came, went, came the
+        first and the last stay. The app still learns that the connection went,
+        and where it stands now.
+        """
+        self._queue_events([(None, event)])
+        waiting = self._backlog
+        if len(waiting) >= 2 and type(waiting[-2][1]) is type(event) and waiting[-2][0] is None:
+            del waiting[-2]
+        if len(waiting) >= 4 and all(
+            waiting[i][0] is None and isinstance(waiting[i][1], Connected | Disconnected)
+            for i in range(-4, 0)
+        ):
+            del waiting[-3]
+            del waiting[-2]
+
     def _fill_queue(self) -> None:
         """Move the waiting events into the app's queue, as many as it has room for."""
         while self._backlog:
@@ -1795,7 +1816,7 @@ class Client:
         if reregistered:
             logger.warning("registered again at a relay that had lost this device")
             self._notify(Reregistered())
-        self._queue_events([(None, Connected())])
+        self._queue_status(Connected())
         if await self._retry_waiting_changes(connection):
             self._wake.set()
         await self._prune()
@@ -1836,7 +1857,7 @@ class Client:
             if was_ready:
                 delay = self._first_delay
             if not self._unknown_to_relay or newly_unknown:
-                self._queue_events([(None, Disconnected(reason))])
+                self._queue_status(Disconnected(reason))
             await trio.sleep(jittered(delay, self._rng))
             delay = min(delay * RECONNECT_MULTIPLIER, self._max_delay)
 
