@@ -1021,3 +1021,19 @@ async def test_outages_while_the_app_does_not_read_pile_up_no_notices_without_bo
         assert len(status) <= queue_size + 3, len(status)
         got = [(await next_matching(bob, MessageReceived, sent_by("alice"))).body for _ in sent]
         assert got == [b"turn %d" % n for n in range(turns)]
+
+
+async def test_an_app_with_an_unbuffered_event_queue_gets_its_events(
+    tmp_path: Path, relay: Relay
+) -> None:
+    """``event_queue_size`` 0: nothing is buffered, every event is handed over as the app
+    asks for it (a trio channel without a buffer). The app, reading, gets each in order."""
+    async with (
+        client(tmp_path, relay, "bob") as bob,
+        client(tmp_path, relay, "alice", event_queue_size=0) as alice,
+    ):
+        await bob.send_direct("alice", b"first")
+        await bob.send_direct("alice", b"second")
+        with trio.fail_after(TIMEOUT):
+            got = [(await next_matching(alice, MessageReceived)).body for _ in range(2)]
+        assert got == [b"first", b"second"]
