@@ -383,10 +383,17 @@ class Client:
         """
         while True:
             await self._take_handed()
-            try:
-                row_id, event = await self._events_out.receive()
-            except (trio.EndOfChannel, trio.ClosedResourceError):
-                return
+            if self._backlog and not self._events_out.statistics().current_buffer_used:
+                # An unbuffered queue (event_queue_size 0) takes nothing while no one
+                # waits in receive(): what waits is the next event.
+                await trio.lowlevel.checkpoint_if_cancelled()
+                row_id, event = self._backlog.popleft()
+                await trio.lowlevel.cancel_shielded_checkpoint()
+            else:
+                try:
+                    row_id, event = await self._events_out.receive()
+                except (trio.EndOfChannel, trio.ClosedResourceError):
+                    return
             self._fill_queue()
             self._event_taken.set()
             self._event_taken = trio.Event()
