@@ -815,6 +815,18 @@ def refuse_at_once(
     return refused
 
 
+async def sends_to_bob_for_a_window(
+    alice: Client, body: bytes, refused: list[tuple[Any, ...]]
+) -> None:
+    """alice sends ``body`` to bob and runs on for WINDOW: the relay's refusals, told to
+    retry at once, come a few times only, and the message waits in the outbox."""
+    with trio.move_on_after(WINDOW):
+        await alice.send_direct("bob", body)
+        await trio.sleep_forever()
+    assert 1 < len(refused) <= 5
+    assert len(alice.pending_messages()) == 1
+
+
 async def test_a_group_change_the_relay_tells_to_retry_at_once_does_not_spin(
     tmp_path: Path, relay: Relay, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -880,11 +892,7 @@ async def test_a_message_whose_preparation_the_relay_tells_to_retry_at_once_does
         pass
     refused = refuse_at_once(monkeypatch, "fetch_bundle")
     async with client(tmp_path, relay, "alice") as alice:
-        with trio.move_on_after(WINDOW):
-            await alice.send_direct("bob", b"first contact")
-            await trio.sleep_forever()
-        assert 1 < len(refused) <= 5
-        assert len(alice.pending_messages()) == 1
+        await sends_to_bob_for_a_window(alice, b"first contact", refused)
 
 
 async def test_a_rebuilt_send_whose_bundle_the_relay_tells_to_retry_at_once_does_not_spin(
@@ -900,11 +908,7 @@ async def test_a_rebuilt_send_whose_bundle_the_relay_tells_to_retry_at_once_does
         desktop = ClientCore.create_linked("bob", 2, bob.core.user_identity_public, now=bob.now())
         await bob.link_device(desktop.device_entry)
         refused = refuse_at_once(monkeypatch, "fetch_bundle", lambda user, device: device == 2)
-        with trio.move_on_after(WINDOW):
-            await alice.send_direct("bob", b"to both of bob's devices")
-            await trio.sleep_forever()
-        assert 1 < len(refused) <= 5
-        assert len(alice.pending_messages()) == 1
+        await sends_to_bob_for_a_window(alice, b"to both of bob's devices", refused)
 
 
 async def test_an_app_that_reads_and_sends_in_one_task_is_not_stuck_by_its_full_queue(
