@@ -799,19 +799,22 @@ def refuse_at_once(
     monkeypatch: pytest.MonkeyPatch,
     method: str,
     wanted: Callable[..., bool] = lambda *args: True,
+    *,
+    retry_after_ms: int = 0,
 ) -> list[tuple[Any, ...]]:
-    """RelayConnection.``method`` refused to alice with RATE_LIMITED, retry_after 0, when
-    ``wanted`` (given its arguments); the refused calls' arguments."""
+    """RelayConnection.``method`` refused to alice with RATE_LIMITED, retry_after 0 (or
+    ``retry_after_ms``), when ``wanted`` (given its arguments); the refused calls'
+    arguments."""
     real = getattr(connection_module.RelayConnection, method)
     refused: list[tuple[Any, ...]] = []
 
-    async def at_once(self: Any, *args: Any, **kwargs: Any) -> Any:
+    async def refuse(self: Any, *args: Any, **kwargs: Any) -> Any:
         if self.user_id == "alice" and wanted(*args):
             refused.append(args)
-            raise RateLimited("ask again now", retry_after_ms=0)
+            raise RateLimited("ask again later", retry_after_ms=retry_after_ms)
         return await real(self, *args, **kwargs)
 
-    monkeypatch.setattr(connection_module.RelayConnection, method, at_once)
+    monkeypatch.setattr(connection_module.RelayConnection, method, refuse)
     return refused
 
 
@@ -871,11 +874,7 @@ async def test_a_send_the_relay_tells_to_wait_for_weeks_does_not_hold_the_call(
     async with client(tmp_path, relay, "alice") as alice, client(tmp_path, relay, "bob") as bob:
         await alice.send_direct("bob", b"sessions up")
         await next_matching(bob, MessageReceived)
-
-        async def for_weeks(self: Any, *args: Any, **kwargs: Any) -> Any:
-            raise RateLimited("ask again in 49 days", retry_after_ms=2**32)
-
-        monkeypatch.setattr(connection_module.RelayConnection, "send_direct", for_weeks)
+        refuse_at_once(monkeypatch, "send_direct", retry_after_ms=2**32)
         with trio.fail_after(WINDOW):
             message_id = await alice.send_direct("bob", b"kept")
         pending = await next_matching(alice, MessagePending)
