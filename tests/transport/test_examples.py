@@ -467,6 +467,27 @@ def test_the_chats_state_is_private_whatever_the_umask(
     assert modes == expected
 
 
+def test_two_chats_making_their_state_folders_under_one_new_parent_both_succeed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two chats started at once (chats/alice, chats/bob) both find chats/ missing: the
+    one whose mkdir comes second must take the folder the other made, not fail."""
+    from group_chat import make_private_folder
+
+    real_mkdir = os.mkdir
+    parent = tmp_path / "chats"
+
+    def other_chat_first(path: str, mode: int = 0o777) -> None:
+        if path == str(parent) and not parent.exists():
+            real_mkdir(path, 0o700)  # bob's chat, between alice's check and her mkdir
+        real_mkdir(path, mode)
+
+    monkeypatch.setattr(os, "mkdir", other_chat_first)
+    make_private_folder(str(parent / "alice"))
+    assert (parent / "alice").stat().st_mode & 0o777 == 0o700
+    assert parent.stat().st_mode & 0o777 == 0o700
+
+
 def test_the_chats_store_is_encrypted_with_a_passphrase(
     tmp_path: Path, terminals: list[Terminal]
 ) -> None:
