@@ -870,7 +870,12 @@ def make_private_folder(path: str) -> None:
         missing.append(folder)
         folder = os.path.dirname(folder)
     for folder in reversed(missing):
-        os.mkdir(folder, 0o700)
+        try:
+            os.mkdir(folder, 0o700)
+        except FileExistsError:
+            # Another chat made it meanwhile (two started at once under one new parent).
+            if not os.path.isdir(folder):
+                raise
     os.chmod(path, 0o700)  # the umask may not have removed every other bit
 
 
