@@ -1026,6 +1026,45 @@ async def test_outages_while_the_app_does_not_read_pile_up_no_notices_without_bo
         assert got == [b"turn %d" % n for n in range(turns)]
 
 
+async def test_an_app_that_reads_and_changes_a_group_in_one_task_is_not_stuck_by_its_full_queue(
+    tmp_path: Path, relay: Relay
+) -> None:
+    """The app reads its events and changes a group from one task, and has not read for
+    a while: its event queue is full, so the client takes no more mail. Its second
+    change of the group waits for the first to take effect, which the relay's receipt,
+    mail, tells. The change must not wait for the app to read while the app waits for
+    the change (it timed out with RelayTimeout), and every event come when the app
+    reads: nothing lost, in order."""
+    queue_size = 2
+    unread = [b"unread %d" % n for n in range(queue_size + 2)]
+    async with (
+        client(tmp_path, relay, "bob") as bob,
+        client(tmp_path, relay, "alice", event_queue_size=queue_size, ready_timeout=10) as alice,
+    ):
+        group_id = await alice.create_group("titles", ["bob"])
+        await next_matching(bob, GroupUpdated)
+        await until(lambda: not alice.core.has_pending_change(group_id))
+        for body in unread:
+            await bob.send_direct("alice", body)
+        await until(lambda: len(alice._backlog) > 0)  # the queue is full, mail waits
+        with trio.fail_after(TIMEOUT):
+            await alice.set_title(group_id, "first")
+            await alice.set_title(group_id, "second")  # once "first" took effect
+        received: list[bytes] = []
+        changes = 0
+        with trio.fail_after(TIMEOUT):
+            async for event in alice.events():
+                if isinstance(event, MessageReceived):
+                    received.append(event.body)
+                elif isinstance(event, GroupUpdated) and event.author.user_id == "alice":
+                    changes += 1
+                    if changes == 2:
+                        break
+        assert received == unread
+        assert alice.group(group_id).title == "second"
+        await until(lambda: bob.group(group_id).title == "second")
+
+
 async def test_an_app_with_an_unbuffered_event_queue_gets_its_events(
     tmp_path: Path, relay: Relay
 ) -> None:
