@@ -185,7 +185,8 @@ RECONNECT_JITTER = 0.2
 READY_TIMEOUT = 30.0
 # Events buffered for the app before the receive loop waits for it to read.
 # No other task waits for the app: what they produce meanwhile waits behind the
-# queue, in order (Client._backlog), since the app may be waiting for them.
+# queue, in order (Client._backlog), since the app may be waiting for them. Nor
+# does the receive loop while an app call waits for mail (Client._mail_awaited).
 EVENT_QUEUE_SIZE = 256
 # Sends refused for a stale device list are rebuilt and retried this often.
 MAX_SEND_ATTEMPTS = 3
@@ -323,7 +324,12 @@ class Client:
         # at most one envelope's, and what the outbox and the app's own calls
         # produced since the app last read (notices of the connection folded).
         self._backlog: collections.deque[tuple[int | None, ClientEvent]] = collections.deque()
-        self._event_taken = trio.Event()
+        self._event_taken = trio.Event()  # also set when _mail_awaited rises
+        # App calls waiting for incoming mail (a group change for our previous one's
+        # receipt): the receive loop takes mail meanwhile even if the app's queue is
+        # full, as the app may be the one waiting. The backlog then grows by what
+        # comes for at most ready_timeout.
+        self._mail_awaited = 0
         # The outbox, as the flusher sees it: the app message each row carries.
         self._outbox_messages: dict[int, bytes | None] = {}
         self._wake = trio.Event()
@@ -540,7 +546,13 @@ class Client:
         """
         with trio.move_on_after(self._ready_timeout):
             while self.core.has_pending_change(group_id):
-                await self._processed.wait()  # our previous change's receipt, or its rival
+                self._mail_awaited += 1
+                self._event_taken.set()  # a receive loop waiting for the app goes on
+                self._event_taken = trio.Event()
+                try:
+                    await self._processed.wait()  # our previous change's receipt, or its rival
+                finally:
+                    self._mail_awaited -= 1
         if self.core.has_pending_change(group_id):
             raise RelayTimeout("our previous change of this group has not taken effect yet")
         users = [*self.core.group(group_id).user_ids, *new_users]
@@ -1479,8 +1491,9 @@ class Client:
             self._backlog.popleft()
 
     async def _wait_for_the_app(self) -> None:
-        """Until no event waits for room in the app's queue (the receive loop's pace)."""
-        while self._backlog:
+        """Until no event waits for room in the app's queue (the receive loop's pace), or
+        an app call waits for mail."""
+        while self._backlog and not self._mail_awaited:
             await self._event_taken.wait()
 
     def _notify(self, event: ClientEvent) -> None:
