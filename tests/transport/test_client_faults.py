@@ -43,6 +43,7 @@ from hushchat.transport.client.client import (
     Reregistered,
     Status,
     UnknownToRelay,
+    load_or_create_core,
     open_client,
 )
 from hushchat.transport.client.store import WAL_SIZE_LIMIT, ClientStore, StoreFull
@@ -1063,6 +1064,48 @@ async def test_an_app_that_reads_and_changes_a_group_in_one_task_is_not_stuck_by
         assert received == unread
         assert alice.group(group_id).title == "second"
         await until(lambda: bob.group(group_id).title == "second")
+
+
+async def test_a_client_run_again_hands_each_stored_event_once(
+    tmp_path: Path, relay: Relay
+) -> None:
+    """The app builds its Client and runs it in a nursery of its own; it stops the run
+    (going to the background, say, or after RelayNameMismatch) and runs it again. The
+    events stored and not yet taken when it started must come once each, not once per
+    run, and a second run at the same time is refused: one client, one connection."""
+    unread = [b"unread 1", b"unread 2"]
+    async with client(tmp_path, relay, "bob") as bob:
+        async with client(tmp_path, relay, "alice") as alice:
+            await alice.send_direct("bob", b"sessions up")
+            await next_matching(alice, MessageDelivered)  # what came before is taken
+            for body in unread:
+                await bob.send_direct("alice", body)
+            await until(
+                lambda: sum(isinstance(e, MessageReceived) for _, e in alice.store.inbox()) == 2
+            )
+        store = ClientStore.open(str(tmp_path / "alice.db"))
+        try:
+            device = load_or_create_core(store)
+            alice = Client(store, device, "127.0.0.1", relay.port, reconnect_first_delay=0.05)
+            async with trio.open_nursery() as nursery:
+                async with trio.open_nursery() as first_run:
+                    await first_run.start(alice.run)
+                    first_run.cancel_scope.cancel()
+                await nursery.start(alice.run)
+                await bob.send_direct("alice", b"after the second start")
+                received: list[bytes] = []
+                with trio.fail_after(TIMEOUT):
+                    async for event in alice.events():
+                        if isinstance(event, MessageReceived):
+                            received.append(event.body)
+                            if event.body == b"after the second start":
+                                break
+                assert received == [*unread, b"after the second start"]
+                with trio.fail_after(TIMEOUT), pytest.raises(InvalidArgument):
+                    await alice.run()
+                nursery.cancel_scope.cancel()
+        finally:
+            store.close()
 
 
 async def test_an_app_with_an_unbuffered_event_queue_gets_its_events(
