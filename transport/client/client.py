@@ -325,6 +325,10 @@ class Client:
         # produced since the app last read (notices of the connection folded).
         self._backlog: collections.deque[tuple[int | None, ClientEvent]] = collections.deque()
         self._event_taken = trio.Event()  # also set when _mail_awaited rises
+        # The stored events go to the app's queue once per Client: they stay queued
+        # across runs (a run queued again would hand each twice).
+        self._inbox_queued = False
+        self._running = False
         # App calls waiting for incoming mail (a group change for our previous one's
         # receipt): the receive loop takes mail meanwhile even if the app's queue is
         # full, as the app may be the one waiting. The backlog then grows by what
@@ -1856,14 +1860,28 @@ class Client:
         ``reconnect_max_delay`` (RECONNECT_MULTIPLIER, RECONNECT_JITTER) after
         every attempt that did not make the client ready, a refused login
         included; a connection that became ready starts it over.
+
+        A run stopped may be started again (the events stored and not taken are
+        handed once); two at a time are InvalidArgument.
         """
+        if self._running:
+            raise InvalidArgument("the client is already running")
+        self._running = True
+        try:
+            await self._run(task_status)
+        finally:
+            self._running = False
+
+    async def _run(self, task_status: trio.TaskStatus[None]) -> None:
         await self._commit(self.core.take_changes())  # a new device's first records
         self._outbox_messages = {row_id: _message_of(item) for row_id, item in self.store.outbox()}
         self._deliveries = {
             message_id: (deadline, frozenset(devices))
             for message_id, (deadline, devices) in self.store.deliveries().items()
         }
-        self._queue_events(self.store.inbox())
+        if not self._inbox_queued:
+            self._inbox_queued = True
+            self._queue_events(self.store.inbox())
         delay = self._first_delay
         self._started = False
         while True:
