@@ -1108,6 +1108,41 @@ async def test_a_client_run_again_hands_each_stored_event_once(
             store.close()
 
 
+async def test_a_connection_lost_while_the_app_does_not_read_is_noticed(
+    tmp_path: Path, relay: Relay
+) -> None:
+    """The app has not read for a while (its queue is full, the client takes no mail)
+    and sends nothing; meanwhile the relay goes. The client's status must say so, and the
+    client reconnect when the relay is back, without waiting for the app to read or send
+    (it stayed READY over a dead connection). Reading, the app learns it all, nothing
+    lost."""
+    queue_size = 2
+    unread = [b"unread %d" % n for n in range(queue_size + 2)]
+    async with (
+        client(tmp_path, relay, "bob") as bob,
+        client(tmp_path, relay, "alice", event_queue_size=queue_size) as alice,
+    ):
+        for body in unread:
+            await bob.send_direct("alice", body)
+        await until(lambda: len(alice._backlog) > 0)  # the queue is full, mail waits
+        await relay.stop()
+        await until(lambda: alice.status is not Status.READY)
+        await relay.start()
+        await until(lambda: alice.status is Status.READY)
+        received: list[bytes] = []
+        status: list[Connected | Disconnected] = []
+        with trio.fail_after(TIMEOUT):
+            async for event in alice.events():
+                if isinstance(event, Connected | Disconnected):
+                    status.append(event)
+                elif isinstance(event, MessageReceived):
+                    received.append(event.body)
+                    if len(received) == len(unread):
+                        break
+        assert received == unread
+        assert any(isinstance(s, Disconnected) for s in status)
+
+
 async def test_an_app_with_an_unbuffered_event_queue_gets_its_events(
     tmp_path: Path, relay: Relay
 ) -> None:
