@@ -125,6 +125,7 @@ from ..wire.frames import MailExpired as MailExpiredNotice
 from ..wire.frames import PreKeysLow
 from ..wire.limits import CLIENT_REQUEST_TIMEOUT, MAX_IN_FLIGHT, MAX_PREKEYS_PER_UPLOAD
 from ..wire.records import Envelope
+from ..wire.states import ConnectionState
 from .connection import RelayConnection, already_queued, connect_relay
 from .events import (
     ClientEvent,
@@ -324,7 +325,9 @@ class Client:
         # at most one envelope's, and what the outbox and the app's own calls
         # produced since the app last read (notices of the connection folded).
         self._backlog: collections.deque[tuple[int | None, ClientEvent]] = collections.deque()
-        self._event_taken = trio.Event()  # also set when _mail_awaited rises
+        # Set (and replaced) when a receive loop waiting for the app may look again:
+        # the app took an event, an app call waits for mail, the connection closed.
+        self._may_receive = trio.Event()
         # The stored events go to the app's queue once per Client: they stay queued
         # across runs (a run queued again would hand each twice).
         self._inbox_queued = False
@@ -405,8 +408,7 @@ class Client:
                 except (trio.EndOfChannel, trio.ClosedResourceError):
                     return
             self._fill_queue()
-            self._event_taken.set()
-            self._event_taken = trio.Event()
+            self._wake_receive_loop()
             self._handed = row_id
             yield event
 
@@ -551,8 +553,7 @@ class Client:
         with trio.move_on_after(self._ready_timeout):
             while self.core.has_pending_change(group_id):
                 self._mail_awaited += 1
-                self._event_taken.set()  # a receive loop waiting for the app goes on
-                self._event_taken = trio.Event()
+                self._wake_receive_loop()
                 try:
                     await self._processed.wait()  # our previous change's receipt, or its rival
                 finally:
@@ -1494,11 +1495,22 @@ class Client:
                 return
             self._backlog.popleft()
 
-    async def _wait_for_the_app(self) -> None:
-        """Until no event waits for room in the app's queue (the receive loop's pace), or
-        an app call waits for mail."""
+    async def _wait_for_the_app(self, connection: RelayConnection) -> None:
+        """Until no event waits for room in the app's queue (the receive loop's pace), an
+        app call waits for mail, or the connection closed (the receive loop then learns
+        it from the connection, and the client reconnects)."""
         while self._backlog and not self._mail_awaited:
-            await self._event_taken.wait()
+            if connection.state is ConnectionState.CLOSED:
+                return
+            await self._may_receive.wait()
+
+    def _wake_receive_loop(self) -> None:
+        self._may_receive.set()
+        self._may_receive = trio.Event()
+
+    async def _wake_receive_loop_on_close(self, connection: RelayConnection) -> None:
+        await connection.wait_closed()
+        self._wake_receive_loop()
 
     def _notify(self, event: ClientEvent) -> None:
         """A notice for the app (not stored); dropped if the app lets its queue fill up."""
@@ -1625,7 +1637,7 @@ class Client:
             for item in batch:
                 # The app reads what came before first (it may be slow: the mail waits
                 # at the relay meanwhile).
-                await self._wait_for_the_app()
+                await self._wait_for_the_app(connection)
                 if isinstance(item, Envelope):
                     await self._process(connection, item)
                     processed.append(item.guid)
@@ -1849,6 +1861,7 @@ class Client:
             nursery.start_soon(self._flusher, connection)
             nursery.start_soon(self._acknowledger, connection, processed)
             nursery.start_soon(self._retry_changes_when_due, connection)
+            nursery.start_soon(self._wake_receive_loop_on_close, connection)
             await self._receive(connection, acknowledge)
             nursery.cancel_scope.cancel()
 

@@ -211,6 +211,7 @@ class RelayConnection:
             incoming_queue_size
         )
         self._state = ConnectionState.AWAIT_HELLO
+        self._gone = trio.Event()  # set once the connection is closed (see wait_closed)
         self._closed_locally = False
         self._close_reason: RelayError | None = None
         self._violation: RelayProtocolViolation | None = None
@@ -538,6 +539,7 @@ class RelayConnection:
 
     def _finish(self) -> None:
         self._state = ConnectionState.CLOSED
+        self._gone.set()
         for pending in self._pending.values():
             pending.done.set()
         self._incoming_send.close()
@@ -577,6 +579,10 @@ class RelayConnection:
                 await self.ping()
             except (ConnectionFailure, InvalidState):
                 return  # the connection is closed (a ping timeout closes it)
+
+    async def wait_closed(self) -> None:
+        """Return once the connection is closed, by either side or by its failure."""
+        await self._gone.wait()
 
     async def aclose(self) -> None:
         """Close the connection (idempotent); pending requests raise ConnectionClosed."""
