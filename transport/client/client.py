@@ -322,8 +322,10 @@ class Client:
         # may be one that the app waits for (a flush pass its send waits for, the
         # prepare lock), and an app that reads and sends from one task would wait
         # for good. So it holds the stored events not taken before this run, then
-        # at most one envelope's, and what the outbox and the app's own calls
-        # produced since the app last read (notices of the connection folded).
+        # at most one envelope's (more while an app call waits for mail, and the
+        # rest of a window once the connection closed), and what the outbox and the
+        # app's own calls produced since the app last read (notices of the
+        # connection folded).
         self._backlog: collections.deque[tuple[int | None, ClientEvent]] = collections.deque()
         # Set (and replaced) when a receive loop waiting for the app may look again:
         # the app took an event, an app call waits for mail, the connection closed.
