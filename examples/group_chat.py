@@ -63,6 +63,7 @@ import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from typing import assert_never
 
 import trio
 from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
@@ -84,6 +85,9 @@ from hushchat.protocol import client_core as core
 from hushchat.protocol.client_core import (
     DeviceAdded,
     DeviceRemoved,
+    GroupChangeFailed,
+    GroupReplaced,
+    GroupStateMismatch,
     GroupUpdated,
     IdentityChanged,
     MessageReceived,
@@ -94,7 +98,19 @@ from hushchat.protocol.client_core import (
 from hushchat.protocol.client_core import DeviceListNeeded as NoDeviceList
 from hushchat.protocol.devices import check_user_id
 from hushchat.protocol.errors import InvalidArgument, StateError, UnknownStateVersion
-from hushchat.protocol.group import AdminChanged, MemberAdded, MemberRemoved, TitleChanged
+from hushchat.protocol.group import (
+    Action,
+    AddMember,
+    AdminChanged,
+    CreateGroup,
+    Leave,
+    MemberAdded,
+    MemberRemoved,
+    RemoveMember,
+    SetAdmin,
+    SetTitle,
+    TitleChanged,
+)
 from hushchat.transport import ConnectionFailure
 from hushchat.transport import UnknownUser as NoSuchUser
 from hushchat.transport.client.backup import BackupError, export_backup, import_backup
@@ -102,6 +118,7 @@ from hushchat.transport.client.client import (
     Client,
     Connected,
     Disconnected,
+    MailExpired,
     MessageDelivered,
     MessageNotDelivered,
     MessagePending,
@@ -259,6 +276,37 @@ class Screen:
             return None
 
 
+# What a GroupStateMismatch's relation means, for its line.
+STATE_MISMATCHES = {
+    "forked": ": the group is split",
+    "unknown": ": older than any state this device keeps",
+    "ahead": ": a change was withheld from this device, or the group is split",
+}
+
+
+def describe_action(action: Action, group: str) -> str:
+    """Our group change, as the start of a sentence."""
+    if isinstance(action, AddMember):
+        return f"adding {action.user_id} to {group}"
+    if isinstance(action, RemoveMember):
+        return f"removing {action.user_id} from {group}"
+    if isinstance(action, Leave):
+        return f"leaving {group}"
+    if isinstance(action, SetAdmin):
+        role = "an admin" if action.admin else "no longer an admin"
+        return f"making {action.user_id} {role} of {group}"
+    if isinstance(action, SetTitle):
+        return f"renaming {group} to {action.title!r}"
+    if isinstance(action, CreateGroup):
+        return f"creating {group}"
+    assert_never(action)
+
+
+def local_time(ms: int) -> str:
+    """A relay timestamp (milliseconds since the Unix epoch), in local time."""
+    return time.strftime("%a %d %b %H:%M", time.localtime(ms / 1000))
+
+
 def explain_connect_failure(reason: str, relay: str, me: str) -> str:
     """A first connection's failure (its code), and what to do, in one line."""
     where = f"the relay at {relay}"
@@ -380,6 +428,9 @@ class Chat:
             if isinstance(event, MessagePending | MessageSent):
                 self.show_progress(event)
                 continue
+            if isinstance(event, MailExpired):
+                self.show_expired(event)  # a notice, never stored: nothing to skip
+                continue
             digest = hashlib.sha256(encode_event(event)).digest()
             if not (first and digest == shown_last_time):
                 self.show_event(event)
@@ -427,6 +478,21 @@ class Chat:
         elif event.message_id not in self.unsent:
             self.show_unsent(event.message_id, line, event.reason)
 
+    def show_expired(self, event: MailExpired) -> None:
+        """Mail for this device the relay deleted unread: its senders are not told."""
+        since = local_time(event.first_ts)
+        if event.count is None:
+            self.screen.error(
+                f"the relay lost what waited for you since {since} (how much is unknown): "
+                "ask your contacts to send again what matters"
+            )
+            return
+        messages = "1 message" if event.count == 1 else f"{event.count} messages"
+        self.screen.error(
+            f"{messages} sent to you from {since} to {local_time(event.last_ts)} expired at "
+            "the relay unread: their senders were not told, ask them to send again what matters"
+        )
+
     def show_unsent(self, message_id: bytes, line: str, reason: str) -> None:
         self.unsent[message_id] = line
         why = {
@@ -450,9 +516,8 @@ class Chat:
             )
             self.screen.error(f"{what} could not be read from disk ({event.reason}); set aside")
         elif isinstance(event, SendFailed):
-            line = self.unsent.pop(event.message_id, None) or self.sent_lines.pop(
-                event.message_id, "a message"
-            )
+            unsent = self.unsent.pop(event.message_id, None)
+            line = unsent or self.sent_lines.pop(event.message_id, "a message")
             self.screen.error(f"not sent ({event.reason}): {line}")
         elif isinstance(event, MessageReceived):
             self.show_message(event)
@@ -481,6 +546,20 @@ class Chat:
             self.screen.info(
                 f"sent our key for {self.group_name(event.group_id)} again to {event.requester}"
             )
+        elif isinstance(event, GroupChangeFailed):
+            doing = describe_action(event.action, self.group_name(event.group_id))
+            self.screen.error(f"{doing} did not take effect ({event.reason})")
+        elif isinstance(event, GroupReplaced):
+            self.show_replaced(event)
+        elif isinstance(event, GroupStateMismatch):
+            why = STATE_MISMATCHES.get(event.relation, "")
+            self.screen.error(
+                f"{event.sender} holds another state of {self.group_name(event.group_id)} "
+                f"than this device ({event.relation}{why}); messages may not reach every "
+                "member until an admin brings it back to one state"
+            )
+        else:
+            assert_never(event)  # mypy names any event the library adds and this misses
 
     def show_message(self, event: MessageReceived) -> None:
         sender = event.sender.user_id
@@ -542,6 +621,17 @@ class Chat:
                 self.screen.info(f"{author} made {change.user_id} {role} of {name}")
             elif isinstance(change, TitleChanged):
                 self.screen.info(f"{author} renamed the group to {change.title!r}")
+
+    def show_replaced(self, event: GroupReplaced) -> None:
+        # The GroupUpdated that joined us to the new group came first (with its title).
+        old, new = self.group_name(event.old_group_id), self.group_name(event.new_group_id)
+        author = event.author.user_id
+        self.gone[event.old_group_id] = f"{author} continued it in a new group"
+        line = f"{author} continued {old} as a new group, {new}"
+        if self.current == Conversation(group_id=event.old_group_id):
+            self.select(Conversation(group_id=event.new_group_id))
+            line += f": now talking to {new}"
+        self.screen.info(line)
 
     def warn_identity(self, event: IdentityChanged) -> None:
         if self.pending_identity.get(event.user_id) == event.new_identity:

@@ -15,16 +15,25 @@ import socket
 import sqlite3
 import subprocess
 import sys
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import cast
 
 import pytest
 import trio
 
-from hushchat.protocol.client_core import Address, GroupUpdated, MessageReceived
+from hushchat.protocol.client_core import (
+    Address,
+    GroupChangeFailed,
+    GroupReplaced,
+    GroupStateMismatch,
+    GroupUpdated,
+    MessageReceived,
+)
 from hushchat.protocol.errors import InvalidArgument
-from hushchat.protocol.group import MemberAdded, MemberRemoved, TitleChanged
-from hushchat.transport.client.client import Client, open_client
+from hushchat.protocol.group import AddMember, MemberAdded, MemberRemoved, SetTitle, TitleChanged
+from hushchat.protocol.keys import IdentityKeyPair
+from hushchat.transport.client.client import Client, ClientEvent, MailExpired, open_client
 from hushchat.transport.client.store import ClientStore
 from hushchat.transport.relay.config import RelayConfig
 from hushchat.transport.relay.server import serve_relay
@@ -136,6 +145,62 @@ def test_chat_shows_group_events_from_the_event_alone(
         "* alice added you to #Flash (members: alice, carol)\n* alice removed you from #Flash\n"
     )
     assert chat.current is None
+
+
+class EventsClient(GoneGroupClient):
+    """A client that yields these events, as Client.events would."""
+
+    def __init__(self, *events: ClientEvent) -> None:
+        self._events = events
+
+    async def events(self) -> AsyncIterator[ClientEvent]:
+        for event in self._events:
+            yield event
+
+
+async def test_chat_tells_of_mail_that_expired_unread_and_carries_on(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # A notice, not a stored event: it used to reach the inbox-row encoder, whose
+    # assert_never stopped the chat with an AssertionError.
+    from group_chat import Chat, Screen
+
+    client = EventsClient(
+        MailExpired(3, 1_700_000_000_000, 1_700_086_400_000),
+        MailExpired(None, 1_700_000_000_000, 1_700_086_400_000),
+        MessageReceived(Address("bob", 1), bytes(16), 1_700_000_000, b"still here?"),
+    )
+    chat = Chat(cast(Client, client), Screen(Palette(False), False), "r", str(tmp_path))
+    await chat.show_events()
+    out = capsys.readouterr().out
+    assert "3 messages sent to you from " in out and "expired at the relay unread" in out
+    assert "the relay lost what waited for you since " in out
+    assert out.endswith("bob: still here?  (sent " + out.rsplit("(sent ", 1)[1])
+
+
+def test_chat_shows_failed_changes_replaced_groups_and_split_groups(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # These events used to fall through show_event's branches: shown to nobody.
+    from group_chat import Chat, Conversation, Screen
+
+    chat = Chat(cast(Client, GoneGroupClient()), Screen(Palette(False), False), "r", str(tmp_path))
+    old, new, alice = bytes(16), bytes([1] * 16), Address("alice", 1)
+    chat.titles[old] = "Flash"
+    dave = AddMember("dave", IdentityKeyPair.generate().public.ed25519)
+    chat.show_event(GroupChangeFailed(old, dave, "STALE_CHANGE"))
+    chat.show_event(GroupChangeFailed(old, SetTitle("Slow"), "NOT_A_MEMBER"))
+    chat.show_event(GroupStateMismatch(old, alice, "forked", 3, bytes(32), 3, bytes([1] * 32)))
+    chat.select(Conversation(group_id=old))
+    chat.show_event(GroupReplaced(old, new, alice))
+    assert capsys.readouterr().out.splitlines() == [
+        "! adding dave to #Flash did not take effect (STALE_CHANGE)",
+        "! renaming #Flash to 'Slow' did not take effect (NOT_A_MEMBER)",
+        "! alice.1 holds another state of #Flash than this device (forked: the group is split);"
+        " messages may not reach every member until an admin brings it back to one state",
+        "* alice continued #Flash as a new group, #01010101: now talking to #01010101",
+    ]
+    assert chat.current == Conversation(group_id=new) and old in chat.gone
 
 
 # ------------------------------------------------------------------ the demo
