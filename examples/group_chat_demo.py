@@ -70,7 +70,7 @@ from hushchat.transport.relay.config import RelayConfig, wall_clock_ms
 from hushchat.transport.relay.report import relay_report
 from hushchat.transport.relay.server import Relay
 from hushchat.transport.relay.storage.atrest import KeyChain, read_key_file
-from hushchat.transport.relay.storage.interface import Delivery, EnvelopeBatch
+from hushchat.transport.relay.storage.interface import Delivery, EnvelopeBatch, MailboxPosition
 from hushchat.transport.relay.storage.rows import open_delivery
 from hushchat.transport.relay.storage.sqlite import SqliteDatabase, SqliteStorage
 from hushchat.transport.wire.limits import DEFAULT_RETENTION_SECONDS, EPOCHS_PER_RETENTION
@@ -91,6 +91,11 @@ Tampering = Callable[["EnvelopeBatch"], tuple[list["EnvelopeBatch"], "EnvelopeBa
 def _is_group(batch: EnvelopeBatch) -> bool:
     """Whether ``batch`` is a group message (SEND_GROUP): one payload of the group kind."""
     return any(kind == ENVELOPE_GROUP for kind, _ in batch.payloads)
+
+
+def sent_by(sender: Address) -> Callable[[Undecryptable], bool]:
+    """For Person.expect: an Undecryptable from ``sender`` (bound now, not when called)."""
+    return lambda event: event.sender == sender
 
 
 class DemoFailed(Exception):
@@ -127,7 +132,7 @@ class ObservedStorage(SqliteStorage):
         batch: EnvelopeBatch,
         *,
         max_mailbox_size: int,
-        committed: Callable[[Sequence[tuple[int, int] | None]], None] | None = None,
+        committed: Callable[[Sequence[MailboxPosition | None]], None] | None = None,
     ) -> tuple[tuple[str, int], ...]:
         if self.tampering is not None:
             # Only for devices that are offline meanwhile: their connections
@@ -135,9 +140,9 @@ class ObservedStorage(SqliteStorage):
             forged, batch = self.tampering(batch)
             for extra in forged:
                 await super().enqueue(extra, max_mailbox_size=max_mailbox_size)
-        positions: list[tuple[int, int] | None] = []
+        positions: list[MailboxPosition | None] = []
 
-        def noted(where: Sequence[tuple[int, int] | None]) -> None:
+        def noted(where: Sequence[MailboxPosition | None]) -> None:
             positions.extend(where)
             if committed is not None:
                 committed(where)
@@ -763,7 +768,7 @@ class Demo:
             ("mallory's change", mallory.address),
             ("the altered copy", alice.address),
         ):
-            refused = await bob.expect(Undecryptable, lambda e, s=sender: e.sender == s)
+            refused = await bob.expect(Undecryptable, sent_by(sender))
             self.n.say(
                 "bob.1",
                 f"{what}: refused, Undecryptable({refused.reason}); nothing of it reaches bob",
