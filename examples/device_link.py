@@ -85,7 +85,10 @@ class LinkRequest:
         return DeviceEntry(self.device_id, self.identity, self.proof)
 
     def encode(self) -> bytes:
-        body = msgpack.packb([LINK_REQUEST_VERSION, self.device_id, self.identity, self.proof])
+        # msgpack has no type hints: its packb is declared bytes here, as protocol/encoding does.
+        body: bytes = msgpack.packb(
+            [LINK_REQUEST_VERSION, self.device_id, self.identity, self.proof]
+        )
         return LINK_REQUEST_PREFIX + body
 
     @classmethod

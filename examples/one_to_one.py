@@ -29,8 +29,6 @@ def main() -> None:
     alice_user, bob_user = IdentityKeyPair.generate(), IdentityKeyPair.generate()
     alice_device = Party("alice", 1, alice_user.public.ed25519)
     bob_device = Party("bob", 1, bob_user.public.ed25519)
-    alice_side = {"local": alice_device, "remote": bob_device}
-    bob_side = {"local": bob_device, "remote": alice_device}
 
     # Bob: an account is a device identity plus its private prekeys.
     bob = Account.create(now=now)
@@ -39,30 +37,31 @@ def main() -> None:
 
     # Alice: verifies the bundle's signatures and runs PQXDH (X25519 + ML-KEM-768).
     alice = Account.create(now=now)
-    alice_to_bob = SessionRecord(alice.create_outbound_session(bundle, **alice_side, now=now))
+    alice_to_bob = SessionRecord(
+        alice.create_outbound_session(bundle, local=alice_device, remote=bob_device, now=now)
+    )
     first = alice_to_bob.encrypt(b"Hi Bob, this is end-to-end encrypted.", now=now)
     print(f"Alice -> Bob: initial message of {len(first)} bytes (carries the handshake)")
 
     # Bob: a new record for Alice's device. The first message creates the session.
     bob_from_alice = SessionRecord()
-    result = bob_from_alice.decrypt(first, bob, **bob_side, now=now)
+    result = bob_from_alice.decrypt(first, bob, local=bob_device, remote=alice_device, now=now)
     print(f"Bob reads:    {result.plaintext.decode()!r} (new session: {result.new_session})")
 
     reply = bob_from_alice.encrypt(b"Hi Alice! Received.", now=now)
-    answer = alice_to_bob.decrypt(reply, alice, **alice_side, now=now)
+    answer = alice_to_bob.decrypt(reply, alice, local=alice_device, remote=bob_device, now=now)
     print(f"Alice reads:  {answer.plaintext.decode()!r}")
 
     # Out of order is fine: Alice sends two, Bob reads the second first.
     one = alice_to_bob.encrypt(b"one", now=now)
     two = alice_to_bob.encrypt(b"two", now=now)
-    print(
-        f"Bob reads:    {bob_from_alice.decrypt(two, bob, **bob_side, now=now).plaintext!r} then "
-        f"{bob_from_alice.decrypt(one, bob, **bob_side, now=now).plaintext!r}"
-    )
+    second = bob_from_alice.decrypt(two, bob, local=bob_device, remote=alice_device, now=now)
+    first_sent = bob_from_alice.decrypt(one, bob, local=bob_device, remote=alice_device, now=now)
+    print(f"Bob reads:    {second.plaintext!r} then {first_sent.plaintext!r}")
 
     # A replayed message is refused: its key is gone (forward secrecy).
     try:
-        bob_from_alice.decrypt(one, bob, **bob_side, now=now)
+        bob_from_alice.decrypt(one, bob, local=bob_device, remote=alice_device, now=now)
     except DuplicateMessage as exc:
         print(f"Replay:       refused with {exc.code}")
 
@@ -71,9 +70,10 @@ def main() -> None:
     bob = Account.from_bytes(saved_account)
     bob_from_alice = SessionRecord.from_bytes(saved_record)
     later = alice_to_bob.encrypt(b"still there after your restart?", now=now + 60)
-    print(
-        f"After reload: {bob_from_alice.decrypt(later, bob, **bob_side, now=now + 60).plaintext!r}"
+    reloaded = bob_from_alice.decrypt(
+        later, bob, local=bob_device, remote=alice_device, now=now + 60
     )
+    print(f"After reload: {reloaded.plaintext!r}")
     print(f"Session record: {len(saved_record)} bytes")
 
     # Safety numbers: both compute the same 60 digits from the two user identities.
