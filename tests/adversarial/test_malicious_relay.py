@@ -733,7 +733,7 @@ def test_a_member_whose_identity_changed_is_out_of_the_group_until_added_again(
     skdm = SenderKey(key.distribution_message(sender=A("bob"))).encode()
     delivery = net.receive(net.inject_content(A("bob"), A("alice"), skdm))
     assert delivery.events == (Undecryptable(A("bob"), "NOT_A_MEMBER", group),)
-    assert ("inbound", group, "bob", 1) not in full_state(alice)
+    assert RecordKey.inbound(group, A("bob")) not in full_state(alice)
     state = alice.group(group)
     text = GroupText(b"\x03" * 16, net.now, b"it's bob", state.epoch, state.state_hash).encode()
     payload = key.encrypt(text, sender=A("bob"))
