@@ -29,7 +29,11 @@ import trio.testing
 from hushchat.protocol.errors import InvalidArgument
 from hushchat.protocol.prekeys import OneTimePreKeyPublic, SignedPreKeyPublic
 from hushchat.transport.relay.server import Relay
-from hushchat.transport.relay.storage.interface import EnvelopeBatch, StorageConflict
+from hushchat.transport.relay.storage.interface import (
+    EnvelopeBatch,
+    MailboxPosition,
+    StorageConflict,
+)
 from hushchat.transport.relay.storage.sqlite import WAL_SIZE_LIMIT, SqliteDatabase, SqliteStorage
 from hushchat.transport.relay.storage.writer import DatabaseCall, run_batch
 from hushchat.transport.wire.auth import sign_auth
@@ -227,13 +231,13 @@ def test_a_rollback_that_fails_keeps_the_cause_and_does_not_wedge_the_writer(
     conn = FailingRollbacks(db._conn)
     send = batch([("bob", 1)], (b"lost",), counters={"bob": 0})
     calls = [DatabaseCall(partial(db._enqueue, send, 10)), DatabaseCall(fail)]
-    run_batch(conn, calls)  # type: ignore[arg-type]
+    run_batch(conn, calls)
     for call in calls:
         with pytest.raises(ValueError, match="the real cause"):
             call.outcome()
     # The failed ROLLBACK left the transaction open; the next batch ends it first.
     read = DatabaseCall(partial(db._pending, "bob", 1, 0, 10, 0), savepoint=False)
-    run_batch(conn, [read])  # type: ignore[arg-type]
+    run_batch(conn, [read])
     assert read.outcome() == []
     assert not db._conn.in_transaction
 
@@ -248,7 +252,7 @@ def test_a_full_database_is_storage_full_and_passes_when_there_is_room(
         db.enqueue(big, max_mailbox_size=10)
     cause = info.value.__cause__
     assert isinstance(cause, sqlite3.OperationalError)
-    assert cause.sqlite_errorcode == sqlite3.SQLITE_FULL  # type: ignore[attr-defined]
+    assert cause.sqlite_errorcode == sqlite3.SQLITE_FULL
     assert db.pending("bob", 1, after_seq=0, limit=9, now=0) == []
     db._conn.execute("PRAGMA max_page_count = 1000000")
     db.enqueue(big, max_mailbox_size=10)
@@ -261,11 +265,14 @@ def test_the_wal_stays_bounded(tmp_path: Path, db: RecordingDatabase) -> None:
     wal = tmp_path / "relay.db-wal"
     sends = [batch([("bob", 1)], (bytes(32 * 1024),), counters={"bob": 0}) for _ in range(96)]
     largest = 0
+    seqs = []
     for send in sends:
-        db.enqueue(send, max_mailbox_size=1000)
+        [position] = db.enqueue(send, max_mailbox_size=1000)
+        assert position is not None
+        seqs.append(position.seq)
         largest = max(largest, wal.stat().st_size)
-    guids = [send.deliveries[0].guid for send in sends]
-    db.acknowledge("bob", 1, guids[:48])  # a large delete: every page written again
+    # A large delete: every page written again.
+    assert db.acknowledge("bob", 1, seqs[:48]) == 48
     db.enqueue(batch([("bob", 2)], (b"x",), counters={"bob": 0}), max_mailbox_size=9)
     margin = 64 * 1024  # one transaction's frames beyond the limit
     assert largest <= WAL_SIZE_LIMIT + margin
@@ -304,9 +311,10 @@ async def test_concurrent_calls_share_commits_and_return_only_once_committed(
     sends = [batch([("bob", 1)], (b"%d" % i,), counters={"bob": 0}) for i in range(200)]
 
     async def send(index: int) -> None:
-        positions: list[tuple[int, int]] = []
+        positions: list[MailboxPosition | None] = []
         await storage.enqueue(sends[index], max_mailbox_size=1000, committed=positions.extend)
-        assert seq_stored(path, positions[0][1])
+        [position] = positions
+        assert position is not None and seq_stored(path, position.seq)
 
     try:
         async with trio.open_nursery() as nursery:
