@@ -481,9 +481,7 @@ def stored_items() -> list[core.Event | core.Send]:
 
 def stored_events() -> list[bytes]:
     items = stored_items()
-    return [
-        rows.encode_event(e) for e in items if not isinstance(e, core.DirectSend | core.GroupSend)
-    ]
+    return [rows.encode_event(e) for e in items if not isinstance(e, core.Send)]
 
 
 def stored_sends() -> list[bytes]:

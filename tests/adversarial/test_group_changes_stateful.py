@@ -191,7 +191,8 @@ class GroupChanges(RuleBasedStateMachine):
             return
         old = data.draw(st.sampled_from(behind))
         author = Address(data.draw(st.sampled_from(old.user_ids)), 1)
-        action: Action = data.draw(st.sampled_from([Leave(), SetTitle("rewound")]))
+        rewinds: list[Action] = [Leave(), SetTitle("rewound")]
+        action = data.draw(st.sampled_from(rewinds))
         message = ControlMessage.sign(
             self.net.core(author).account.identity,
             group_id=old.group_id,

@@ -167,8 +167,8 @@ def test_a_change_held_for_the_one_before_it_explains_a_sender_ahead(net: Networ
     events = [event for envelope in to_carol for event in net.deliver(envelope).events]
     assert [type(e) for e in events] == [MessageReceived]
     # The first change arrives; both apply, and carol holds what bob claimed.
-    events = net.receive(first_to_carol).events
-    assert [type(e) for e in events] == [GroupUpdated, GroupUpdated]
+    applied = net.receive(first_to_carol).events
+    assert [type(e) for e in applied] == [GroupUpdated, GroupUpdated]
     net.deliver_all()
     assert all(mismatches(net, a) == [] for a in net.devices)
     assert state(net, A("carol"), group_id) == state(net, A("bob"), group_id)

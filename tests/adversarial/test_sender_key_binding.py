@@ -11,11 +11,14 @@ the in-memory relay of tests/support/harness.py:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import pytest
 
 from hushchat.protocol.client_core import (
     ENVELOPE_DIRECT,
     Address,
+    Event,
     MessageReceived,
     RecordKey,
     RecordKind,
@@ -60,7 +63,7 @@ def inbound(net: Network, address: Address) -> dict[RecordKey, bytes]:
     return {k: v for k, v in full_state(net.core(address)).items() if k.kind is RecordKind.INBOUND}
 
 
-def bodies_by_sender(events: list[object], body: bytes) -> list[Address]:
+def bodies_by_sender(events: Sequence[object], body: bytes) -> list[Address]:
     return [e.sender for e in events if isinstance(e, MessageReceived) and e.body == body]
 
 
@@ -122,7 +125,7 @@ def test_a_contact_outside_every_group_cannot_make_a_device_store_sender_keys(
     key = RecordKey.session(A("bob"))
     session = SessionRecord.from_bytes(net.stores[A("mallory")][key])
     rng = SeededRandom(b"made-up groups")
-    refusals = []
+    refusals: list[Event] = []
     for _ in range(3000):
         chain = OutboundSenderKey.create(rng.random_bytes(16), net.now, rng)
         skdm = chain.distribution_message(sender=A("mallory"))

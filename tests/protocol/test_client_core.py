@@ -699,7 +699,7 @@ def test_a_malformed_group_plaintext_still_spends_its_key_in_the_stored_record(
     ],
 )
 def test_corrupt_records_fail_to_load_with_state_errors(
-    net: Network, kind: str, record: list[object], error: type[Exception]
+    net: Network, kind: str, record: list[object], error: type[StateError]
 ) -> None:
     group_id = make_group(net, {"alice": 1, "bob": 1})
     net.send_group(A("alice"), group_id, b"x")

@@ -12,6 +12,7 @@ a larger one left an outbox row the client could not read back.
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import pytest
@@ -76,9 +77,8 @@ def unchanged(core: ClientCore, call: Callable[[], Any], error: type[Exception])
 def test_a_direct_message_over_the_plaintext_limit_is_refused(world: Any) -> None:
     net, alice, _ = world
     for size in (MAX_PLAINTEXT_SIZE + 1, 70_000, 300_000, 1_000_000):
-        refused = unchanged(
-            alice, lambda s=size: alice.send_direct("bob", b"x" * s, now=net.now), LimitExceeded
-        )
+        sending = partial(alice.send_direct, "bob", b"x" * size, now=net.now)
+        refused = unchanged(alice, sending, LimitExceeded)
         assert isinstance(refused, LimitExceeded)
         assert (refused.limit, refused.maximum) == ("MAX_PLAINTEXT_SIZE", MAX_PLAINTEXT_SIZE)
         assert "MAX_PLAINTEXT_SIZE" in str(refused)

@@ -79,7 +79,9 @@ def test_split_array_returns_the_head_and_the_rest_unread() -> None:
     assert head == VALUE[:3]
     assert rest == data[-len(pack(VALUE[3])) - len(pack(VALUE[4])) :]
     assert unpack(pack([*head, None, unpack(rest[1:], what="t")]), what="t") == VALUE
-    assert split_array(bytearray(data), what="test", count=5, head=3) == (head, rest)
+    # Typed bytes, but any bytes-like input is taken as its bytes (as unpack does).
+    from_bytearray = split_array(bytearray(data), what="test", count=5, head=3)  # type: ignore[arg-type]
+    assert from_bytearray == (head, rest)
 
 
 @pytest.mark.parametrize(

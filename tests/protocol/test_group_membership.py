@@ -1197,7 +1197,7 @@ class GroupSequencing(RuleBasedStateMachine):
         holders = self.holders()
         if holders:
             admins = [d for d in holders if d[0] in self.view(d).admins]
-            pool = admins if admins and data.draw(st.integers(0, 3)) else holders
+            pool = admins if admins and data.draw(st.integers(0, 3)) != 0 else holders
             device = data.draw(st.sampled_from(pool))
             self.propose_as(device, self.random_action(device, data))
 

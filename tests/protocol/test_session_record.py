@@ -54,7 +54,7 @@ def test_a_loaded_record_carries_on_exactly_like_the_original(peers: Peers) -> N
     bob.decrypt(held[2])
     loaded = SessionRecord.from_bytes(bob.record.to_bytes())
     for message in [held[0], alice.encrypt(b"new")]:
-        parties = {"local": bob.local, "remote": bob.remote}
+        parties = bob.parties
         original = bob.record.decrypt(
             message, bob.account, now=NOW, rng=p.SeededRandom(b"r"), **parties
         )

@@ -13,7 +13,7 @@ import sys
 
 import trio
 
-from tests.support.paths import REPO
+from tests.support.paths import REPO as REPO  # re-exported: the children start in it
 
 STARTED: list[trio.Process] = []
 # `hushchat relay` as a child of the test's interpreter (the installed package).

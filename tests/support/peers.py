@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import hashlib
-from typing import Any
+from typing import Any, TypedDict
 
 import pytest
 
@@ -21,6 +21,13 @@ def party(user_id: str, device_id: int = 1) -> Party:
     return Party(user_id, device_id, IdentityKeyPair(seed).public.ed25519)
 
 
+class Parties(TypedDict):
+    """Whose each device of a session is: the keyword arguments ``local`` and ``remote``."""
+
+    local: Party
+    remote: Party
+
+
 class Peer:
     """One device in a one-to-one conversation: its account and its record of the other.
 
@@ -35,9 +42,9 @@ class Peer:
         self.local, self.remote = party(me), party(peer)
 
     @property
-    def parties(self) -> dict[str, Party]:
+    def parties(self) -> Parties:
         """``local`` and ``remote`` for SessionRecord.decrypt with another record of ours."""
-        return {"local": self.local, "remote": self.remote}
+        return Parties(local=self.local, remote=self.remote)
 
     def start(self, bundle: Any, **kwargs: Any) -> None:
         """Install a new session from the peer's bundle (an Account.bundle or its bytes)."""

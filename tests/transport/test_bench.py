@@ -16,6 +16,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import cast
 
 import pytest
 import trio
@@ -236,7 +237,8 @@ def test_open_loop_schedule_spreads_the_envelopes_evenly() -> None:
 
 class _HeldAcks:
     """A relay connection for the load's receiver: pushes what the test gives it; each
-    ACK's reply waits until the test lets it through."""
+    ACK's reply waits until the test lets it through. It has the two methods of
+    RelayConnection that the receiver calls, and stands in for one (cast)."""
 
     def __init__(self) -> None:
         self.pushes, self._pushed = trio.open_memory_channel[list[object]](10)
@@ -265,7 +267,7 @@ async def test_the_load_records_arrivals_while_an_ack_waits_for_its_reply() -> N
     load.sent_at = {(0, 0): 0.0, (0, 1): 0.0}
     connection = _HeldAcks()
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(bench_relay._receive, load, 1, connection)
+        nursery.start_soon(bench_relay._receive, load, 1, cast(RelayConnection, connection))
         await connection.pushes.send([_pushed(0, 0)])
         await wait_all_tasks_blocked()
         assert connection.acks == [(_pushed(0, 0).guid,)]  # its reply not yet come
@@ -292,7 +294,7 @@ async def test_the_load_counts_an_envelope_pushed_twice_as_delivered_once() -> N
     guid = _pushed(0, 0).guid
     connection = _HeldAcks()
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(bench_relay._receive, load, 1, connection)
+        nursery.start_soon(bench_relay._receive, load, 1, cast(RelayConnection, connection))
         await connection.pushes.send([_pushed(0, 0), _pushed(0, 0)])
         await wait_all_tasks_blocked()
         connection.reply.set()

@@ -24,10 +24,11 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from hushchat.protocol.client_core import MessageReceived, RecordKey
+from hushchat.protocol.client_core import DirectSend, MessageReceived, RecordKey
 from hushchat.protocol.errors import InvalidArgument
 from hushchat.transport.client.cipher import StoreCipher
 from hushchat.transport.client.client import Client, Status, StoredItemSetAside, open_client
+from hushchat.transport.client.events import QueuedMessage
 from hushchat.transport.client.store import ClientStore, WrongStoreKey
 from tests.support.clients import Relay, next_matching
 
@@ -136,7 +137,7 @@ async def test_a_plaintext_store_is_encrypted_when_first_opened_with_a_key(
     try:
         assert store.encrypted
         [(_, queued)] = store.outbox()
-        assert queued.message_id == pending
+        assert isinstance(queued, DirectSend | QueuedMessage) and queued.message_id == pending
         assert store.record(RecordKey.META) is not None
     finally:
         store.close()

@@ -46,6 +46,7 @@ from hushchat.transport.client.client import (
     load_or_create_core,
     open_client,
 )
+from hushchat.transport.client.events import QueuedMessage
 from hushchat.transport.client.store import WAL_SIZE_LIMIT, ClientStore, StoreFull
 from hushchat.transport.relay.config import RelayLimits
 from hushchat.transport.relay.ratelimit import RateLimit
@@ -122,7 +123,7 @@ async def test_a_first_message_during_an_outage_is_encrypted_after_the_reconnect
                 await trio.sleep(0.01)
         first = await alice.send_direct("carol", b"first contact, offline")
         [(_, queued)] = alice.store.outbox()
-        assert queued.message_id == first and not hasattr(queued, "payloads")
+        assert isinstance(queued, QueuedMessage) and queued.message_id == first
         await relay.start()
         assert (await next_matching(alice, MessageSent)).message_id == first
     async with client(tmp_path, relay, "carol") as carol:

@@ -53,7 +53,7 @@ CREATE TABLE processed (guid BLOB PRIMARY KEY, at INTEGER NOT NULL);
 
 
 def encode(item: StoredEvent | OutboxItem) -> bytes:
-    if is_send(item):
+    if isinstance(item, OutboxItem):
         return rows.encode_send(item)
     return rows.encode_event(item)
 

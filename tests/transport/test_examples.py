@@ -339,7 +339,8 @@ def test_chat_in_three_terminals(tmp_path: Path, terminals: list[Terminal]) -> N
     with relay_process(tmp_path / "relay.db", free_port()) as (relay, port):
 
         def start(name: str, **env: str) -> Terminal:
-            terminal = Terminal(tmp_path, port, name, **env)
+            # state and args given: mypy then knows env holds only environment variables.
+            terminal = Terminal(tmp_path, port, name, state="", args=(), **env)
             terminals.append(terminal)
             terminal.expect(rf"connected to 127\.0\.0\.1:{port} as {name} \(device {name}\.1\)")
             return terminal

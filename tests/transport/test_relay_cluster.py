@@ -22,7 +22,8 @@ import trio
 
 from hushchat.protocol.encoding import unpack
 from hushchat.protocol.prekeys import PreKeyBundle
-from hushchat.transport.client.connection import ConnectionClosed, RelayConnection
+from hushchat.transport import ConnectionClosed
+from hushchat.transport.client.connection import RelayConnection
 from hushchat.transport.relay.config import wall_clock_ms
 from hushchat.transport.relay.ratelimit import RateLimit
 from hushchat.transport.relay.server import Relay

@@ -109,11 +109,11 @@ def opened_rows(db: Path, state: KeyState | None) -> list[object]:
         keys = [k for e in epochs if (k := chain.keys(e)) is not None]
         rows = conn.execute("SELECT seq, mailbox, payload_id, sealed FROM deliveries").fetchall()
         for seq, mailbox, payload_id, sealed in rows:
-            opened += [c for k in keys if (c := open_delivery(k, seq, mailbox, payload_id, sealed))]
+            opened += [d for k in keys if (d := open_delivery(k, seq, mailbox, payload_id, sealed))]
         for payload_id, sealed in conn.execute("SELECT id, sealed FROM payloads").fetchall():
-            opened += [c for k in keys if (c := open_payload(k, payload_id, sealed))]
+            opened += [p for k in keys if (p := open_payload(k, payload_id, sealed))]
         for mailbox, sealed in conn.execute("SELECT mailbox, sealed FROM mailboxes").fetchall():
-            opened += [c for k in keys if (c := open_mailbox(k, mailbox, sealed))]
+            opened += [m for k in keys if (m := open_mailbox(k, mailbox, sealed))]
     return opened
 
 

@@ -24,6 +24,7 @@ from hushchat.transport import cli
 from hushchat.transport.relay.report import format_report, relay_report
 from hushchat.transport.relay.storage import migration
 from hushchat.transport.relay.storage.postgres import POSTGRES_SCHEMA_VERSION
+from hushchat.transport.relay.storage.rows import seal_delivery
 from hushchat.transport.relay.storage.schema import SCHEMA_VERSION
 from hushchat.transport.relay.storage.sqlite import SqliteDatabase
 from hushchat.transport.wire.limits import TARGET_ONE_TIME_CAPACITY
@@ -126,13 +127,13 @@ def test_a_migration_that_fails_half_way_leaves_schema_1_as_it_was(
             raise OSError("the relay stopped")
         return real(*args, **kwargs)  # type: ignore[arg-type]
 
-    real = migration.seal_delivery
+    real = seal_delivery  # the function migration imported, replaced in its namespace
     monkeypatch.setattr(migration, "seal_delivery", failing)
     with pytest.raises(OSError):
         SqliteDatabase(str(path), clock=lambda: T0 + 2 * HOUR)
     assert schema_1_mail(path) == before
-    with contextlib.closing(sqlite3.connect(path)) as db:
-        assert db.execute("PRAGMA user_version").fetchone() == (1,)
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        assert conn.execute("PRAGMA user_version").fetchone() == (1,)
     monkeypatch.setattr(migration, "seal_delivery", real)
     # The next start migrates it, with the key file the first one created.
     db = SqliteDatabase(str(path), clock=lambda: T0 + 2 * HOUR)
@@ -240,8 +241,8 @@ async def test_migrate_keeps_the_queued_mail_of_the_previous_schema(
             budgets = rows.fetchall()
     else:
         with contextlib.closing(sqlite3.connect(db)) as conn:
-            budgets = conn.execute("SELECT user_id, device_id, tokens FROM one_time_budgets")
-            budgets = budgets.fetchall()
+            query = "SELECT user_id, device_id, tokens FROM one_time_budgets"
+            budgets = conn.execute(query).fetchall()
     assert [(u, d) for u, d, _ in budgets] == [("bob", 1)]
     assert budgets[0][2] < TARGET_ONE_TIME_CAPACITY
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import os
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -71,7 +71,7 @@ def test_array_parameters_arrive_as_sent(postgres_dsn: str) -> None:
     """The prepared statements' own binary encoding of arrays (BinaryArray), for every
     element type they send, and of the scalars; and their decoding of the results."""
     conn = PostgresConnection(postgres_dsn)
-    cases = [
+    cases: list[tuple[str, Sequence[bytes | str | int]]] = [
         ("bytea", [b"", b"\x00\xff" * 40, bytes(range(256))]),
         ("text", ["alice", "", "b\u00f6b \U0001f600"]),
         ("bigint", [0, -1, 2**63 - 1, -(2**63)]),
@@ -263,7 +263,7 @@ def test_a_writer_whose_socket_is_beyond_select_s_reach_waits_all_the_same(
     """A relay holding a thousand connections opens its database connection on a file
     descriptor above 1023, which select() refuses ("filedescriptor out of range"): the
     pipelined batch waits with poll()."""
-    fillers = []
+    fillers: list[int] = []
     try:
         while not fillers or fillers[-1] < 1100:
             fillers.append(os.open(os.devnull, os.O_RDONLY))
@@ -300,9 +300,11 @@ def test_a_writer_whose_database_connection_was_cut_fails_that_batch_and_reconne
 
     send(b"before")
     with psycopg.connect(postgres_dsn, autocommit=True) as admin:
-        (ended,) = admin.execute(
+        terminated = admin.execute(
             "SELECT pg_terminate_backend(%s)", (db._conn.raw.info.backend_pid,)
         ).fetchone()
+    assert terminated is not None
+    (ended,) = terminated
     assert ended
     with pytest.raises(psycopg.OperationalError):
         send(b"lost with its connection")
@@ -574,9 +576,9 @@ def test_a_backup_of_the_database_opens_nothing_once_its_epochs_left_the_window(
         every = [k for e in epochs if (k := chain.keys(e)) is not None]
         found: list[object] = []
         for seq, mailbox, payload_id, sealed in deliveries:
-            found += [c for k in every if (c := open_delivery(k, seq, mailbox, payload_id, sealed))]
+            found += [d for k in every if (d := open_delivery(k, seq, mailbox, payload_id, sealed))]
         for payload_id, sealed in payloads:
-            found += [c for k in every if (c := open_payload(k, payload_id, sealed))]
+            found += [p for k in every if (p := open_payload(k, payload_id, sealed))]
         return found
 
     assert len(opened(read_key_file(keys))) == 6  # the check sees what is there
