@@ -31,6 +31,7 @@ from hushchat.protocol.client_core import (
     MessageReceived,
 )
 from hushchat.protocol.errors import InvalidArgument
+from hushchat.transport.client import client as client_module
 from hushchat.transport.client import connection as connection_module
 from hushchat.transport.client.client import (
     PROCESSED_MEMORY,
@@ -50,7 +51,7 @@ from hushchat.transport.client.events import QueuedMessage
 from hushchat.transport.client.store import WAL_SIZE_LIMIT, ClientStore, StoreFull
 from hushchat.transport.relay.config import RelayLimits
 from hushchat.transport.relay.ratelimit import RateLimit
-from hushchat.transport.wire.errors import NoPreKeys, RateLimited, UnknownUser
+from hushchat.transport.wire.errors import NoPreKeys, RateLimited, RelayTimeout, UnknownUser
 from tests.support.clients import Relay, RelayProcess, client, free_port, next_matching
 from tests.support.clock import NOW
 
@@ -1065,6 +1066,53 @@ async def test_an_app_that_reads_and_changes_a_group_in_one_task_is_not_stuck_by
         assert received == unread
         assert alice.group(group_id).title == "second"
         await until(lambda: bob.group(group_id).title == "second")
+
+
+async def test_mail_taken_for_a_waiting_change_while_the_app_does_not_read_is_bounded(
+    tmp_path: Path, relay: Relay, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As above, but more mail comes before the receipt than the client takes for a
+    waiting change beyond the app's full queue (a flood from a hostile member, say): the
+    events waiting for the app must stay within that bound, the change time out as it
+    did before, and every event still come, in order, when the app reads."""
+    bound, queue_size = 3, 2
+    monkeypatch.setattr(client_module, "MAX_BACKLOG_FOR_AWAITED_MAIL", bound)
+    unread = [b"unread %d" % n for n in range(queue_size + bound + 4)]
+    async with (
+        client(tmp_path, relay, "bob") as bob,
+        client(tmp_path, relay, "alice", event_queue_size=queue_size, ready_timeout=2) as alice,
+    ):
+        group_id = await alice.create_group("titles", ["bob"])
+        await next_matching(bob, GroupUpdated)
+        await until(lambda: not alice.core.has_pending_change(group_id))
+        for body in unread:
+            await bob.send_direct("alice", body)
+        await until(lambda: len(alice._backlog) > 0)  # the queue is full, mail waits
+        longest = 0
+
+        async def watch() -> None:
+            nonlocal longest
+            while True:
+                longest = max(longest, len(alice._backlog))
+                await trio.sleep(0)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(watch)
+            await alice.set_title(group_id, "first")
+            with pytest.raises(RelayTimeout):
+                await alice.set_title(group_id, "second")
+            nursery.cancel_scope.cancel()
+        assert longest <= bound
+        received: list[bytes] = []
+        with trio.fail_after(TIMEOUT):
+            async for event in alice.events():
+                if isinstance(event, MessageReceived):
+                    received.append(event.body)
+                    if len(received) == len(unread):
+                        break
+        assert received == unread
+        await until(lambda: not alice.core.has_pending_change(group_id))
+        assert alice.group(group_id).title == "first"
 
 
 async def test_a_client_run_again_hands_each_stored_event_once(

@@ -189,6 +189,12 @@ READY_TIMEOUT = 30.0
 # queue, in order (Client._backlog), since the app may be waiting for them. Nor
 # does the receive loop while an app call waits for mail (Client._mail_awaited).
 EVENT_QUEUE_SIZE = 256
+# Events that may wait behind a full queue while the receive loop takes mail for an
+# app call waiting for it: room for the mail ahead of what the call waits for, and
+# the memory of one more default queue at most. Beyond, the loop waits for the app
+# again and the call times out (RelayTimeout), rather than a flood of mail filling
+# memory for as long as the call may wait.
+MAX_BACKLOG_FOR_AWAITED_MAIL = EVENT_QUEUE_SIZE
 # Sends refused for a stale device list are rebuilt and retried this often.
 MAX_SEND_ATTEMPTS = 3
 # An operation whose device lists or sessions changed between preparing and
@@ -322,10 +328,10 @@ class Client:
         # may be one that the app waits for (a flush pass its send waits for, the
         # prepare lock), and an app that reads and sends from one task would wait
         # for good. So it holds the stored events not taken before this run, then
-        # at most one envelope's (more while an app call waits for mail, and the
-        # rest of a window once the connection closed), and what the outbox and the
-        # app's own calls produced since the app last read (notices of the
-        # connection folded).
+        # at most one envelope's (up to MAX_BACKLOG_FOR_AWAITED_MAIL while an app
+        # call waits for mail, and the rest of a window once the connection
+        # closed), and what the outbox and the app's own calls produced since the
+        # app last read (notices of the connection folded).
         self._backlog: collections.deque[tuple[int | None, ClientEvent]] = collections.deque()
         # Set (and replaced) when a receive loop waiting for the app may look again:
         # the app took an event, an app call waits for mail, the connection closed.
@@ -336,8 +342,7 @@ class Client:
         self._running = False
         # App calls waiting for incoming mail (a group change for our previous one's
         # receipt): the receive loop takes mail meanwhile even if the app's queue is
-        # full, as the app may be the one waiting. The backlog then grows by what
-        # comes for at most ready_timeout.
+        # full, as the app may be the one waiting (MAX_BACKLOG_FOR_AWAITED_MAIL).
         self._mail_awaited = 0
         # The outbox, as the flusher sees it: the app message each row carries.
         self._outbox_messages: dict[int, bytes | None] = {}
@@ -1499,10 +1504,13 @@ class Client:
 
     async def _wait_for_the_app(self, connection: RelayConnection) -> None:
         """Until no event waits for room in the app's queue (the receive loop's pace), an
-        app call waits for mail, or the connection closed (the receive loop then learns
-        it from the connection, and the client reconnects)."""
-        while self._backlog and not self._mail_awaited:
+        app call waits for mail (while fewer than MAX_BACKLOG_FOR_AWAITED_MAIL events
+        wait), or the connection closed (the receive loop then learns it from the
+        connection, and the client reconnects)."""
+        while self._backlog:
             if connection.state is ConnectionState.CLOSED:
+                return
+            if self._mail_awaited and len(self._backlog) < MAX_BACKLOG_FOR_AWAITED_MAIL:
                 return
             await self._may_receive.wait()
 
