@@ -388,6 +388,29 @@ def test_a_removed_member_cannot_go_on_writing_to_the_group(net: Network, group:
             assert full_state(net.core(address)) == before
 
 
+def test_an_unlinked_device_with_its_old_sender_keys_reads_nothing_sent_after(
+    net: Network, group: bytes
+) -> None:
+    """Carol unlinks carol.2, which kept every record it held, and the relay hands it
+    copies of the group's messages: bob rotated his sender key when the list that removes
+    carol.2 reached him, so its copy of bob's chain opens none of them (spec 11.2: a
+    removed device's sender keys are rotated before their next use)."""
+    kept = net.stores[A("carol", 2)][RecordKey.inbound(group, A("bob"))]
+    record = SenderKeyRecord.from_bytes(kept)
+    before = net.send_group(A("bob"), group, b"carol.2 still reads this")
+    copy = next(e.payload for e in before if e.label == GROUP and e.recipient == A("carol", 2))
+    assert b"carol.2 still reads this" in record.decrypt(copy, sender=A("bob"))
+    net.in_flight.clear()
+    net.unlink_device("carol", 2)
+    envelopes = net.send_group(A("bob"), group, b"now that carol.2 is gone")
+    assert all(e.recipient != A("carol", 2) for e in envelopes)
+    copy = next(e.payload for e in envelopes if e.label == GROUP)
+    record = SenderKeyRecord.from_bytes(kept)
+    with pytest.raises(RemoteProtocolError) as refused:
+        record.decrypt(copy, sender=A("bob"))
+    assert refused.value.code == "NO_SENDER_KEY"
+
+
 @pytest.mark.parametrize("limit", ["age", "messages"])
 def test_a_stolen_sender_chain_key_reads_no_message_past_the_rotation_limits(
     net: Network, group: bytes, limit: str
@@ -560,20 +583,28 @@ def test_replayed_envelopes_never_reach_the_app_twice(net: Network, group: bytes
 
 
 @pytest.mark.parametrize(
-    ("one_time_prekeys", "reason"),
-    [(8, "UNKNOWN_PREKEY"), (0, "REPLAYED_HANDSHAKE")],
-    ids=["one-time prekey spent", "base key remembered"],
+    ("one_time_prekeys", "one_time_kem", "reason"),
+    [(8, True, "UNKNOWN_PREKEY"), (8, False, "UNKNOWN_PREKEY"), (0, True, "REPLAYED_HANDSHAKE")],
+    ids=[
+        "one-time prekey spent",
+        "one-time prekey spent, last-resort KEM prekey",
+        "base key remembered",
+    ],
 )
 def test_an_initial_message_replayed_after_its_session_was_archived_is_refused(
-    rng: SeededRandom, one_time_prekeys: int, reason: str
+    rng: SeededRandom, one_time_prekeys: int, one_time_kem: bool, reason: str
 ) -> None:
     """A hostile relay keeps erin's first initial message and replays it once bob's record
     no longer holds that session (erin started over more than MAX_PREVIOUS_SESSIONS times):
     only the account's memory, the spent one-time prekey or the remembered base key, is
-    left to refuse it (02-pqxdh.md section 2.5)."""
+    left to refuse it (02-pqxdh.md section 2.5). With bob's one-time ML-KEM prekeys all
+    handed out, the bundle pairs a one-time X25519 prekey with the last-resort ML-KEM
+    prekey, which is never spent: the X25519 prekey's deletion alone refuses the replay."""
     net = Network(rng, one_time_prekeys=one_time_prekeys)
     net.add_user("erin")
     net.add_user("bob")
+    if not one_time_kem:
+        net.prekeys[A("bob")].kem.clear()
     [first] = [e for e in net.send_direct(A("erin"), "bob", b"first") if e.label == TEXT]
     net.deliver_all()
     for n in range(MAX_PREVIOUS_SESSIONS + 1):
