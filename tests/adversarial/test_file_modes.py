@@ -18,6 +18,8 @@ import pytest
 
 from hushchat.transport.client.store import ClientStore
 from hushchat.transport.relay.invites import issue_invites
+from hushchat.transport.relay.storage.sqlite import SqliteDatabase
+from tests.support.storage import register_devices
 
 
 @pytest.fixture
@@ -72,4 +74,23 @@ def test_invitations_issued_into_a_new_relay_database_are_private(
     tmp_path: Path, umask: int
 ) -> None:
     issue_invites(str(tmp_path / "relay.db"), 2, lifetime_seconds=60)
+    assert set(modes(tmp_path).values()) == {"0o600"}, modes(tmp_path)
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o002, 0o000], ids=["022", "002", "000"], indirect=True)
+def test_a_running_relay_leaves_nothing_readable_to_other_users(tmp_path: Path, umask: int) -> None:
+    """The relay's database, its WAL (the newest sealed mail) and its key file (which opens
+    that mail), also after the key file moved on to a later epoch: all owner-only."""
+    now = [1_700_000_000_000]
+    db = SqliteDatabase(str(tmp_path / "relay.db"), retention_seconds=3600, clock=lambda: now[0])
+    try:
+        register_devices(db, "bob", 1)
+        found = modes(tmp_path)
+        assert {"relay.db", "relay.db-wal", "relay.db.keys"} <= found.keys(), found
+        assert set(found.values()) == {"0o600"}, found
+        now[0] += 2 * 3600 * 1000
+        db.purge_expired(now[0])  # the epochs move on: the key file is written anew
+        assert set(modes(tmp_path).values()) == {"0o600"}, modes(tmp_path)
+    finally:
+        db.close()
     assert set(modes(tmp_path).values()) == {"0o600"}, modes(tmp_path)
