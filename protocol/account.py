@@ -13,6 +13,7 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from . import primitives as p
 from .consts import (
+    MAX_ONE_TIME_PREKEYS,
     MAX_REMEMBERED_BASE_KEYS,
     MAX_SKIP,
     MAX_SKIPPED_KEYS,
@@ -120,12 +121,26 @@ class Account:
         return _KemPreKey(private, signature)
 
     def generate_one_time_prekeys(
-        self, count: int, *, rng: p.RandomSource = p.SYSTEM_RANDOM
+        self,
+        count: int,
+        *,
+        rng: p.RandomSource = p.SYSTEM_RANDOM,
+        max_kept: int = MAX_ONE_TIME_PREKEYS,
     ) -> None:
-        """Add ``count`` one-time X25519 prekeys and as many one-time ML-KEM prekeys."""
+        """Add ``count`` one-time X25519 prekeys and as many one-time ML-KEM prekeys.
+
+        Of each kind at most ``max_kept`` are kept: beyond it the oldest (lowest
+        ids, the first the relay hands out) are deleted, and an initial message
+        that names one is refused as any spent key is (UNKNOWN_PREKEY).
+        """
+        if isinstance(max_kept, bool) or not isinstance(max_kept, int) or max_kept < 1:
+            raise InvalidArgument("max_kept is a positive integer")
         for _ in range(count):
             self._one_time[self._take_id()] = p.x25519_generate(rng)
             self._kem_one_time[self._take_id()] = self._new_kem(rng)
+        for keys in (self._one_time, self._kem_one_time):
+            for key_id in sorted(keys)[:-max_kept]:
+                del keys[key_id]
 
     def prune(self, *, now: int, grace_period: int = SIGNED_PREKEY_GRACE_PERIOD) -> None:
         """Delete signed prekeys older than the current one by more than the grace period."""

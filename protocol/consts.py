@@ -133,6 +133,17 @@ MAX_REMEMBERED_BASE_KEYS: Final = 1000
 PREKEY_BATCH_SIZE: Final = 100
 PREKEY_LOW_WATERMARK: Final = 25
 
+# One-time prekeys of each kind an account keeps, the oldest deleted first
+# when a new batch would exceed it. A key handed out stays in the account
+# until its initial message arrives, and the owner cannot tell a key whose
+# initiator never writes from one whose message is on its way, so without a
+# bound every key ever taken is kept: a relay that says PREKEYS_LOW again
+# and again makes the device keep a batch each time. The relay hands out
+# the oldest first and holds at most ten batches, so a key is deleted only
+# after ten more batches were taken after it: at the default one-time
+# budget (500 a day), two days.
+MAX_ONE_TIME_PREKEYS: Final = 20 * PREKEY_BATCH_SIZE
+
 # Signed prekeys are rotated after this age (X3DH section 3.2 suggests a week
 # to a month); the previous one is kept this long again for late messages.
 SIGNED_PREKEY_ROTATION_AGE: Final = 7 * 24 * 3600

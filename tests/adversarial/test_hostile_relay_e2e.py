@@ -39,7 +39,7 @@ from hushchat.protocol.client_core import (
     MessageReceived,
     Undecryptable,
 )
-from hushchat.protocol.consts import PROTOCOL_VERSION
+from hushchat.protocol.consts import MAX_ONE_TIME_PREKEYS, PREKEY_BATCH_SIZE, PROTOCOL_VERSION
 from hushchat.protocol.devices import DeviceEntry, DeviceList, SignedDeviceList
 from hushchat.protocol.encoding import pack
 from hushchat.protocol.errors import (
@@ -67,9 +67,12 @@ from hushchat.transport.wire.frames import (
     BundleFrame,
     DeviceListFrame,
     EnvelopePush,
+    ErrorFrame,
     FetchBundle,
     FetchDeviceList,
     Ok,
+    PreKeyCountsFrame,
+    PreKeysLow,
     RelayFrame,
     decode_relay_frame,
     decode_request,
@@ -115,7 +118,11 @@ class Link:
 
     async def push(self, envelope: Envelope) -> None:
         """Deliver an envelope to the client as if the relay had pushed it."""
-        await self._send(self.client, self.to_client, encode_body(EnvelopePush(envelope)))
+        await self.push_frame(EnvelopePush(envelope))
+
+    async def push_frame(self, frame: RelayFrame) -> None:
+        """Send the client any frame as if the relay had sent it."""
+        await self._send(self.client, self.to_client, encode_body(frame))
 
     async def delete_at_relay(self, guid: bytes) -> None:
         """Acknowledge an envelope upstream ourselves: the relay deletes it."""
@@ -166,7 +173,7 @@ class Link:
         if isinstance(frame, DeviceListFrame) and request_id in self._lists:
             signed = proxy.device_list_hook(self._lists[frame.request_id], frame.signed_device_list)
             return [dataclasses.replace(frame, signed_device_list=signed)]
-        return [frame]
+        return proxy.frame_hook(frame)
 
 
 async def _bodies(stream: trio.abc.Stream) -> AsyncIterator[bytes]:
@@ -196,6 +203,8 @@ class HostileRelay:
         self.envelope_hook: EnvelopeHook = _pass_envelope
         self.bundle_hook: Callable[[Address, bytes], bytes] = lambda address, data: data
         self.device_list_hook: Callable[[str, bytes], bytes] = lambda user_id, data: data
+        # Any other frame the relay sends a client: what the client gets instead.
+        self.frame_hook: Callable[[RelayFrame], list[RelayFrame]] = lambda frame: [frame]
 
     async def serve(self, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
         listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
@@ -653,6 +662,47 @@ async def test_another_users_device_list_is_refused(setup: Setup) -> None:
 # the proxy serves it to bob and restamps alice's envelopes as mallory.5's. Against the
 # code before device proofs and user-bound sessions (protocol version 1), bob's app got
 # alice's words as a MessageReceived from mallory.5.
+# ------------------------------------------------------------------ prekeys
+
+
+def _stock_always_empty(frame: RelayFrame) -> list[RelayFrame]:
+    """Every upload's reply says the relay holds no one-time prekey (a refusal included)."""
+    if isinstance(frame, PreKeyCountsFrame):
+        return [dataclasses.replace(frame, one_time=0, one_time_kem=0)]
+    if isinstance(frame, ErrorFrame) and frame.code == "PREKEY_STOCK_FULL":
+        assert frame.request_id is not None
+        return [PreKeyCountsFrame(frame.request_id, 0, 0)]
+    return [frame]
+
+
+async def test_a_relay_that_keeps_asking_for_prekeys_cannot_grow_the_account_without_bound(
+    setup: Setup,
+) -> None:
+    """The relay says PREKEYS_LOW again and again, and answers every upload with an empty
+    stock: each time the client makes and keeps a batch of one-time prekey pairs. It
+    keeps at most MAX_ONE_TIME_PREKEYS of each kind, the oldest deleted first, and still
+    publishes fresh ones (spec 02 section 2.2)."""
+    proxy = setup.proxy
+    proxy.frame_hook = _stock_always_empty
+    batches = MAX_ONE_TIME_PREKEYS // PREKEY_BATCH_SIZE + 5
+    async with client(setup, "alice") as alice:
+        account = alice.core.account
+        for _ in range(batches):
+            published = alice._published
+            link = await proxy.link(ALICE)
+            await link.push_frame(PreKeysLow(0, 0))
+            with trio.fail_after(TIMEOUT):
+                while alice._published == published:
+                    await trio.sleep(0.01)
+        assert alice._published >= 2 * (batches * PREKEY_BATCH_SIZE)
+        assert account.one_time_prekey_count == MAX_ONE_TIME_PREKEYS
+        assert len(account.prekey_upload().one_time_kem_prekeys) == MAX_ONE_TIME_PREKEYS
+    # The newest are kept: a bundle the relay hands out now still opens a session.
+    async with client(setup, "alice") as alice, client(setup, "bob") as bob:
+        proxy.frame_hook = lambda frame: [frame]
+        await converse(alice, bob)
+
+
 # ------------------------------------------------------------------ another user's device key
 
 

@@ -443,6 +443,23 @@ def test_used_one_time_prekey_is_refused(peers: Peers) -> None:
     bob.assert_refused(again.encrypt(b"y"), UnknownPreKey)
 
 
+def test_one_time_prekeys_beyond_the_limit_go_oldest_first(peers: Peers) -> None:
+    """New batches past ``max_kept`` delete the oldest one-time prekeys of each kind, those
+    the relay handed out first: an initial message built on one is refused as on a spent
+    key, changing nothing, and a bundle of the keys kept still opens a session."""
+    alice, bob = peers(one_time=True)
+    first = alice.encrypt(b"x")
+    bob.account.generate_one_time_prekeys(3, rng=bob.rng, max_kept=3)
+    assert bob.account.one_time_prekey_count == 3
+    assert len(bob.account.prekey_upload().one_time_kem_prekeys) == 3
+    bob.assert_refused(first, UnknownPreKey)
+    again = Peer(alice.account, alice.rng, me="alice", peer="bob")
+    again.start(bob.account.bundle("bob", 1))
+    assert bob.decrypt(again.encrypt(b"y")).plaintext == b"y"
+    with pytest.raises(InvalidArgument):
+        bob.account.generate_one_time_prekeys(1, rng=bob.rng, max_kept=0)
+
+
 @pytest.mark.parametrize("post_quantum", [True, False], ids=["pqxdh", "x3dh"])
 def test_replayed_handshake_without_one_time_prekey(peers: Peers, post_quantum: bool) -> None:
     alice, bob = peers(post_quantum=post_quantum, one_time=False)
