@@ -34,6 +34,7 @@ from hushchat.protocol.client_core import (
     ENVELOPE_DIRECT,
     ENVELOPE_GROUP,
     Address,
+    ClientCore,
     GroupUpdated,
     IdentityChanged,
     MessageReceived,
@@ -56,12 +57,16 @@ from hushchat.transport.client.client import (
     ClientEvent,
     Connected,
     Disconnected,
+    MessageSent,
+    SendFailed,
     open_client,
 )
 from hushchat.transport.client.store import ClientStore
 from hushchat.transport.relay.config import RelayConfig
 from hushchat.transport.relay.server import serve_relay
+from hushchat.transport.wire.errors import DeviceListMismatch, DeviceMismatch
 from hushchat.transport.wire.frames import (
+    Accepted,
     Ack,
     Auth,
     BundleFrame,
@@ -662,6 +667,46 @@ async def test_another_users_device_list_is_refused(setup: Setup) -> None:
 # the proxy serves it to bob and restamps alice's envelopes as mallory.5's. Against the
 # code before device proofs and user-bound sessions (protocol version 1), bob's app got
 # alice's words as a MessageReceived from mallory.5.
+# ------------------------------------------------------------------ device list mismatches
+
+
+@pytest.mark.parametrize("named_as", ["zed", "bob"], ids=["a user not named", "under bob"])
+async def test_a_device_list_mismatch_cannot_slip_in_a_list_of_a_user_the_send_did_not_name(
+    setup: Setup, named_as: str
+) -> None:
+    """The relay answers alice's send to bob with DEVICE_LIST_MISMATCH carrying a valid
+    list of a user alice never asked about (made up by the relay), named as that user or
+    as bob: a mismatch can only be about the users the send names (spec 07 section 7.8).
+    Alice keeps no list of that user, as when a fetch is answered with another user's
+    list, and the send fails (RELAY_PROTOCOL_VIOLATION) instead of going elsewhere."""
+    proxy = setup.proxy
+    async with client(setup, "bob"):
+        pass
+    zed = ClientCore.create_primary("zed", 1, now=0, rng=SeededRandom(b"zed")).own_device_list
+    assert zed is not None
+    lied: list[Accepted] = []
+
+    def mismatch(frame: RelayFrame) -> list[RelayFrame]:
+        if not isinstance(frame, Accepted) or lied:
+            return [frame]
+        lied.append(frame)
+        error = DeviceListMismatch(
+            "recipient devices differ",
+            mismatches=[DeviceMismatch(named_as, zed.encode(), (), (1,))],
+        )
+        return [ErrorFrame.from_error(frame.request_id, error)]
+
+    async with client(setup, "alice") as alice:
+        proxy.frame_hook = mismatch
+        await alice.send_direct("bob", b"for bob")
+        events = await events_until(alice, lambda e: isinstance(e, SendFailed | MessageSent))
+        assert lied
+        assert alice.core.device_list("zed") is None
+        assert isinstance(events[-1], SendFailed)
+        assert events[-1].reason == "RELAY_PROTOCOL_VIOLATION"
+        assert alice.core.device_list("bob") is not None
+
+
 # ------------------------------------------------------------------ prekeys
 
 

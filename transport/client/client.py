@@ -1094,6 +1094,7 @@ class Client:
         events: list[core.Event] = []
         async with self._lock:
             try:
+                _check_mismatch(send.send, mismatch)
                 for item in mismatch.mismatches:
                     events.extend(self.core.process_device_list(item.signed_device_list).events)
             except RemoteProtocolError as failure:
@@ -1166,6 +1167,7 @@ class Client:
         self, connection: RelayConnection, send: core.Send, mismatch: DeviceListMismatch
     ) -> list[core.Send]:
         """The sends that replace a refused one (the caller commits them with the state)."""
+        _check_mismatch(send, mismatch)
         events: list[core.Event] = []
         async with self._lock:
             for item in mismatch.mismatches:
@@ -2050,6 +2052,22 @@ def jittered(delay: float, rng: RandomSource) -> float:
 
 def _device_destination(user_id: str, device_id: int) -> str:
     return f"d:{device_id}:{user_id}"
+
+
+def _check_mismatch(send: core.Send, mismatch: DeviceListMismatch) -> None:
+    """RelayProtocolViolation unless each list the relay sent back is that of a user the
+    send names, under that user's id: the relay checks only the users a send names (spec
+    07, 7.8), and a list of anyone else would be held as if we had asked for it."""
+    if isinstance(send, DirectSend):
+        named = {send.recipient_user}
+    elif isinstance(send, ChangeSend):
+        named = {part.recipient_user for part in send.parts}
+    else:
+        named = {address.user_id for address in send.recipients}
+    for item in mismatch.mismatches:
+        listed = SignedDeviceList.decode(item.signed_device_list).device_list.user_id
+        if item.user_id not in named or listed != item.user_id:
+            raise RelayProtocolViolation("a device list of a user the send does not name")
 
 
 def _named(send: DirectSend | GroupSend) -> list[tuple[str, int]]:
