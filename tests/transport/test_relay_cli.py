@@ -285,11 +285,20 @@ def test_the_report_says_what_is_held_and_what_a_seizure_reveals(
     ]:
         assert said in out, said
     assert db.read_bytes() == before  # it only reads
+    assert "one-time budgets" not in out  # no one-time prekey was taken yet
+    # Someone takes one of bob's one-time prekeys: his budget is stored, in clear.
+    database = SqliteDatabase(str(db), clock=wall_clock_ms)
+    assert database.take_bundle("bob", 1, budget=RateLimit(20, 20 / 3600), now=wall_clock_ms())
+    database.close()
+    assert cli.main(["relay", "report", "--db", str(db)]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "the one-time budgets of 1 device whose one-time prekeys were taken" in out
     Path(f"{db}.keys").unlink()
     assert cli.main(["relay", "report", "--db", str(db)]) == 0
     out = " ".join(capsys.readouterr().out.split())
     assert "does not exist: no queued envelope can be opened" in out
     assert "nothing of the queue: no envelope can be opened" in out
+    assert "the one-time budgets of 1 device" in out  # no key opens or hides them
 
 
 def test_the_report_of_nothing_or_of_not_a_database_is_one_line(

@@ -18,7 +18,12 @@ from typing import Any
 
 from .storage.atrest import KeyState, read_key_file
 from .storage.names import is_postgres_url, without_password
-from .storage.schema import SCHEMA_VERSION, SEALED_SCHEMA_VERSION, UNSEALED_SCHEMA_VERSION
+from .storage.schema import (
+    BUDGETS_SCHEMA_VERSION,
+    SCHEMA_VERSION,
+    SEALED_SCHEMA_VERSION,
+    UNSEALED_SCHEMA_VERSION,
+)
 
 # Columns the report's text is wrapped to.
 REPORT_WIDTH = 79
@@ -59,6 +64,7 @@ class RelayReport:
     key_state: KeyState | None
     key_file_matches: bool
     unreadable_envelopes: int  # in epochs whose keys no longer exist
+    budgets: int  # devices whose one-time prekeys were taken lately (a budget row each)
 
     @property
     def keys_since(self) -> int | None:
@@ -96,6 +102,7 @@ class _Counts:
     notices: int
     payload_bytes: int
     tables: tuple[int, ...]  # COUNT(*) of REPORT_TABLES, in order
+    budgets: int  # rows of one_time_budgets (0 in a schema without it)
 
 
 # The tables the report counts the rows of, in RelayReport's order.
@@ -111,11 +118,16 @@ REPORT_TABLES = (
 )
 
 
-def _read_counts(query: Callable[[str], list[tuple[Any, ...]]], sealed: bool) -> _Counts:
-    """The counts, read with ``query`` (SQL spoken alike by SQLite and PostgreSQL)."""
+def _read_counts(
+    query: Callable[[str], list[tuple[Any, ...]]], sealed: bool, budgets: bool
+) -> _Counts:
+    """The counts, read with ``query`` (SQL spoken alike by SQLite and PostgreSQL);
+    ``budgets``: the schema has one_time_budgets."""
 
     def count(sql: str) -> int:
         return int(query(sql)[0][0] or 0)
+
+    budget_rows = count("SELECT COUNT(*) FROM one_time_budgets") if budgets else 0
 
     if not sealed:
         return _Counts(
@@ -125,6 +137,7 @@ def _read_counts(query: Callable[[str], list[tuple[Any, ...]]], sealed: bool) ->
             0,
             count("SELECT SUM(LENGTH(data)) FROM payloads"),
             tuple(count(f"SELECT COUNT(*) FROM {table}") for table in REPORT_TABLES),
+            budget_rows,
         )
     return _Counts(
         True,
@@ -138,6 +151,7 @@ def _read_counts(query: Callable[[str], list[tuple[Any, ...]]], sealed: bool) ->
         count("SELECT COUNT(*) FROM mailboxes WHERE noticed = 1"),
         count("SELECT SUM(LENGTH(sealed)) FROM payloads"),
         tuple(count(f"SELECT COUNT(*) FROM {table}") for table in REPORT_TABLES),
+        budget_rows,
     )
 
 
@@ -151,7 +165,9 @@ def _sqlite_counts(db_path: str) -> tuple[int, _Counts]:
             raise sqlite3.DatabaseError(f"schema version {version}: not a relay database")
         db.execute("BEGIN")  # one snapshot for every count
         counts = _read_counts(
-            lambda sql: db.execute(sql).fetchall(), version >= SEALED_SCHEMA_VERSION
+            lambda sql: db.execute(sql).fetchall(),
+            version >= SEALED_SCHEMA_VERSION,
+            version >= BUDGETS_SCHEMA_VERSION,
         )
         db.execute("COMMIT")
         return version, counts
@@ -162,10 +178,10 @@ def _sqlite_counts(db_path: str) -> tuple[int, _Counts]:
 def _postgres_counts(dsn: str) -> tuple[int, _Counts]:
     """The counts of a PostgreSQL relay database, in one read-only snapshot (every
     schema version of PostgreSQL seals the queue)."""
-    from .storage.postgres import read_only_snapshot
+    from .storage.postgres import POSTGRES_BUDGETS_SCHEMA_VERSION, read_only_snapshot
 
     with read_only_snapshot(dsn) as (version, query):
-        return version, _read_counts(query, True)
+        return version, _read_counts(query, True, version >= POSTGRES_BUDGETS_SCHEMA_VERSION)
 
 
 def _report(db_path: str, key_file: str, now: int, version: int, counts: _Counts) -> RelayReport:
@@ -214,6 +230,7 @@ def _report(db_path: str, key_file: str, now: int, version: int, counts: _Counts
         state,
         matches,
         unreadable,
+        counts.budgets,
     )
 
 
@@ -283,6 +300,13 @@ def format_report(report: RelayReport) -> str:
         "prekeys. It is public by design (the relay serves a user's list to any device that "
         "names the user) and outlives every key.",
     ]
+    if r.budgets:
+        lines.append(
+            f"  - the one-time budgets of {r.budgets} device{'' if r.budgets == 1 else 's'} "
+            "whose one-time prekeys were taken "
+            "in about the last hour: how many and when the last was, not who took them (a "
+            "database alone shows them too)."
+        )
     if readable:
         lines.append(
             f"  - for the {readable} envelopes still queued"

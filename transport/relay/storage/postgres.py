@@ -128,6 +128,8 @@ logger = logging.getLogger("hushchat.relay")
 
 # The schema version of a PostgreSQL relay database, in ``schema_version``.
 POSTGRES_SCHEMA_VERSION = 5
+# The first PostgreSQL schema with one_time_budgets (POSTGRES_MIGRATIONS[2] makes it).
+POSTGRES_BUDGETS_SCHEMA_VERSION = 3
 
 # The advisory lock every batch holds shared and an epoch's purge, the move
 # to a new epoch and a migration hold exclusively: a (class, key) pair of

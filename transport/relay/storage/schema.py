@@ -34,6 +34,8 @@ SCHEMA_VERSION = 5
 UNSEALED_SCHEMA_VERSION = 1
 # The schema migration.py converts a version-1 file to.
 SEALED_SCHEMA_VERSION = 2
+# The first schema with one_time_budgets (spec 07 section 7.7).
+BUDGETS_SCHEMA_VERSION = 5
 
 # The first protocol version whose device lists prove that each device is the
 # user's (spec/11-devices.md). Device keys of older lists, kept from before an
