@@ -233,7 +233,10 @@ CHANGE_RECEIPT_SIZE: Final = 16
 # Control messages a device holds because they arrived before the change they
 # build on (or before the welcome of their group): a relay may reorder
 # envelopes from different senders. They apply once their parent arrives. The
-# bound caps what peers can make a device store; the oldest goes first.
+# bound caps what peers can make a device store; the oldest goes first, but
+# first of those that no current member of a held group sent for it: anyone
+# with a session can send changes for groups we do not hold, and must not
+# push a member's change out (the device would stay a change behind).
 MAX_HELD_GROUP_CONTROLS: Final = 64
 # Groups a device holds at once (ClientCore parameter max_groups). Anyone
 # who can open a session with a device can send it a welcome, and each group

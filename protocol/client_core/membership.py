@@ -484,11 +484,24 @@ class Membership:
         return group is None or message.parent_epoch > group.current.epoch
 
     def _hold_control(self, sender: Address, content: GroupControl) -> None:
+        """Hold a change until what it builds on arrives. Beyond MAX_HELD_GROUP_CONTROLS
+        the oldest goes, but first the oldest of those a current member of a group we
+        hold did not send for that group (spec 12.4): anyone with a session can send
+        changes for groups we do not hold, and must not push a member's out."""
         held = self._state.held
-        if (sender, content) not in held:
-            held.append((sender, content))
-            del held[:-MAX_HELD_GROUP_CONTROLS]
-            self._state.mark(RecordKey.HELD_CONTROLS)
+        if (sender, content) in held:
+            return
+        held.append((sender, content))
+        while len(held) > MAX_HELD_GROUP_CONTROLS:
+            victim = next((entry for entry in held if not self._from_a_member(entry)), held[0])
+            held.remove(victim)
+        self._state.mark(RecordKey.HELD_CONTROLS)
+
+    def _from_a_member(self, entry: tuple[Address, GroupControl]) -> bool:
+        """Whether a held change was sent, for a group we hold, by one of its current members."""
+        sender, content = entry
+        group = self._state.groups.get(ControlMessage.decode(content.control).group_id)
+        return group is not None and group.current.member(sender.user_id) is not None
 
     def _apply_held(self, group_id: bytes) -> list[Event]:
         """Apply held changes of this group that now fit, until none does; drop refused ones."""

@@ -28,6 +28,7 @@ from hushchat.protocol.client_core import (
     Undecryptable,
 )
 from hushchat.protocol.consts import (
+    MAX_HELD_GROUP_CONTROLS,
     MAX_PREVIOUS_SESSIONS,
     SENDER_KEY_MAX_AGE,
     SENDER_KEY_MAX_MESSAGES,
@@ -248,6 +249,36 @@ def test_a_ghost_member_added_by_a_non_member_is_refused(net: Network, group: by
         assert net.core(address).group(group) == before
     envelopes = net.send_group(A("carol", 2), group, b"who is here?")
     assert {e.recipient.user_id for e in envelopes} == {"alice", "bob", "carol"}
+
+
+def test_a_stranger_cannot_push_a_members_held_change_out(net: Network, group: bytes) -> None:
+    """The relay delivers alice's second change to bob before her first, so bob holds it;
+    mallory, who shares no group with bob, then sends him MAX_HELD_GROUP_CONTROLS changes
+    for made-up groups (held too: their welcomes could be on their way). Bob still holds
+    alice's change, and applies it once the first arrives: he ends in alice's state.
+    Before, the oldest held change went first, alice's: bob stayed one change behind."""
+    net.change_group(A("alice"), group, SetTitle("one"))
+    first = net.take(label=CONTROL, recipient=A("bob"))
+    assert len(first) == 1
+    net.deliver_all()
+    net.change_group(A("alice"), group, SetTitle("two"))
+    net.deliver_all()
+    mallory = net.core(A("mallory"))
+    made_up = SeededRandom(b"made-up groups")
+    for _ in range(MAX_HELD_GROUP_CONTROLS):
+        control = signed(
+            mallory.account.identity,
+            A("mallory"),
+            made_up.random_bytes(16),
+            (1, bytes(32)),
+            SetTitle("mallory's"),
+        )
+        content = GroupControl(control, None).encode()
+        assert net.receive(net.inject_content(A("mallory"), A("bob"), content)).events == ()
+    net.receive(first[0])
+    net.deliver_all()
+    assert net.core(A("bob")).group(group) == net.core(A("alice")).group(group)
+    assert net.core(A("bob")).group(group).title == "two"
 
 
 def test_a_welcome_for_another_change_is_refused(net: Network, group: bytes) -> None:
