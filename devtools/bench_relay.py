@@ -365,9 +365,7 @@ class Databases:
         if self.kind == POSTGRESQL and find_spec(POSTGRES_STORAGE) is None:
             raise RelayBenchError("this relay has no PostgreSQL storage")
         if self.kind == POSTGRESQL and find_spec("psycopg") is None:
-            raise RelayBenchError(
-                "PostgreSQL needs psycopg: pip install 'hushchat[postgres]'"
-            )
+            raise RelayBenchError("PostgreSQL needs psycopg: pip install 'hushchat[postgres]'")
         if self.db == "postgres":
             try:
                 self.cluster = self._stack.enter_context(
@@ -1087,17 +1085,14 @@ def _database(text: str) -> str:
     """An argparse type: sqlite, postgres, or a PostgreSQL URL."""
     if text in DB_CHOICES or _is_postgres_url(text):
         return text
-    raise argparse.ArgumentTypeError(
-        f"{text!r} is not sqlite, postgres or a postgresql:// URL"
-    )
+    raise argparse.ArgumentTypeError(f"{text!r} is not sqlite, postgres or a postgresql:// URL")
 
 
 def add_relay_bench_command(targets: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """``hushchat bench relay``, under the bench command's parser."""
     parser = targets.add_parser(
         "relay",
-        help="load real relays (own processes, SQLite or PostgreSQL) with many clients on "
-        "loopback",
+        help="load real relays (own processes, SQLite or PostgreSQL) with many clients on loopback",
         description="Start a relay on loopback with its SQLite store (or N relays on one "
         "PostgreSQL database) and measure envelopes delivered per second, latency, the "
         "relays' (and a PostgreSQL server's) CPU time per envelope and exactly-once "

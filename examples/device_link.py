@@ -97,9 +97,7 @@ class LinkRequest:
         if not body.startswith(LINK_REQUEST_PREFIX):
             return None
         try:
-            version, device_id, identity, proof = msgpack.unpackb(
-                body[len(LINK_REQUEST_PREFIX) :]
-            )
+            version, device_id, identity, proof = msgpack.unpackb(body[len(LINK_REQUEST_PREFIX) :])
         except (ValueError, TypeError):
             return None
         if (

@@ -354,9 +354,7 @@ class Chat:
         # New devices asking to be linked: (when, sender, request), newest last.
         # The group that was the current conversation when we were removed from it.
         self.current_gone: bytes | None = None
-        self.link_requests: deque[tuple[float, str, LinkRequest]] = deque(
-            maxlen=MAX_LINK_REQUESTS
-        )
+        self.link_requests: deque[tuple[float, str, LinkRequest]] = deque(maxlen=MAX_LINK_REQUESTS)
         # What we sent that is not sent yet (by message id), as it was shown.
         self.unsent: dict[bytes, str] = {}
         self.sent_lines: dict[bytes, str] = {}
@@ -410,7 +408,6 @@ class Chat:
 
     def _explain_failure(self, reason: str) -> str:
         return explain_connect_failure(reason, self.relay, self.me)
-
 
     # ------------------------------------------------------------ events
 
@@ -853,9 +850,7 @@ class Chat:
                 if (user, device_id) == (self.me, self.client.address.device_id)
                 else ""
             )
-            self.screen.info(
-                f"{shown(user)}.{device_id}  key {fingerprint(entry.identity)}{this}"
-            )
+            self.screen.info(f"{shown(user)}.{device_id}  key {fingerprint(entry.identity)}{this}")
 
     async def cmd_link(self, rest: str) -> None:
         (typed,) = self._words(rest, "usage: /link CODE (the code your new device shows)", 1)
@@ -1235,9 +1230,7 @@ def read_passphrase(prompt: str, *, confirm: bool) -> str:
     else:
         passphrase = sys.stdin.readline().rstrip("\n")
     if len(passphrase) < MIN_PASSPHRASE_LENGTH:
-        raise SetupError(
-            f"a backup passphrase has at least {MIN_PASSPHRASE_LENGTH} characters", 2
-        )
+        raise SetupError(f"a backup passphrase has at least {MIN_PASSPHRASE_LENGTH} characters", 2)
     return passphrase
 
 
@@ -1262,9 +1255,7 @@ def run_import(path: str, name: str, state_dir: str, key_env: str) -> int:
     if not os.path.isfile(path):
         raise SetupError(f"no such backup file: {path}", 2)
     if os.path.lexists(os.path.join(state_dir, STORE_FILE)):
-        raise SetupError(
-            f"{state_dir} already holds a device; import into a new --state folder", 2
-        )
+        raise SetupError(f"{state_dir} already holds a device; import into a new --state folder", 2)
     passphrase = read_passphrase(f"passphrase of {path}: ", confirm=False)
     made_folder = prepare_state_dir(state_dir)
     try:

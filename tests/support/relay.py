@@ -184,9 +184,7 @@ async def announced_port(process: trio.Process) -> int:
     return int(match.group(1))
 
 
-async def register(
-    port: int, *users: User, invite: str | None = None, **kwargs: Any
-) -> None:
+async def register(port: int, *users: User, invite: str | None = None, **kwargs: Any) -> None:
     """Register each user at the relay on ``port`` (with ``invite``; ``kwargs``: for
     connect_relay)."""
     for user in users:

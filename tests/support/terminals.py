@@ -162,5 +162,3 @@ class Terminal:
             self.process.kill()
             self.process.wait()
         os.close(self.fd)
-
-

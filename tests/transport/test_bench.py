@@ -435,9 +435,7 @@ def test_rate_sweep_runs_at_fractions_of_the_burst_rate(
 
 def test_process_tree_cpu_counts_live_and_ended_children() -> None:
     before = pgcluster.process_tree_cpu_seconds(os.getpid())
-    subprocess.run(
-        [sys.executable, "-c", "sum(i * i for i in range(3_000_000))"], check=True
-    )
+    subprocess.run([sys.executable, "-c", "sum(i * i for i in range(3_000_000))"], check=True)
     # The child ended and was reaped: its time is in ours (cutime), once.
     assert pgcluster.process_tree_cpu_seconds(os.getpid()) > before
 

@@ -214,7 +214,13 @@ def test_a_damaged_store_is_one_line_and_never_a_new_identity(
 def test_a_store_of_another_user_is_named_without_doubled_quotes(tmp_path: Path) -> None:
     make_device(tmp_path / "dan", "dan")
     result = chat(
-        tmp_path, "chat", "--relay", "127.0.0.1:7400", "--name", "bob", "--state",
+        tmp_path,
+        "chat",
+        "--relay",
+        "127.0.0.1:7400",
+        "--name",
+        "bob",
+        "--state",
         str(tmp_path / "dan"),
     )
     one_line(result, 2, "holds dan's device, not bob's: give --name dan or another --state")

@@ -485,9 +485,7 @@ async def test_every_client_file_is_private_whatever_the_umask(
 
 def file_modes(folder: Path) -> dict[str, int]:
     """The permission bits of every file under ``folder``."""
-    return {
-        str(path): path.stat().st_mode & 0o777 for path in folder.rglob("*") if path.is_file()
-    }
+    return {str(path): path.stat().st_mode & 0o777 for path in folder.rglob("*") if path.is_file()}
 
 
 async def test_a_send_stored_to_a_user_id_with_u0000_fails_alone(

@@ -335,6 +335,7 @@ async def test_echo_bot_answers_in_the_groups_it_is_added_to(tmp_path: Path) -> 
 
 # ------------------------------------------------------------------ the chat, in terminals
 
+
 def test_chat_in_three_terminals(tmp_path: Path, terminals: list[Terminal]) -> None:
     with relay_process(tmp_path / "relay.db", free_port()) as (relay, port):
 

@@ -391,6 +391,8 @@ def test_invite_into_an_older_database_asks_for_the_relay_to_upgrade_it(
     assert err.startswith("hushchat relay invite: ") and err.count("\n") == 1
     assert "start the relay once to upgrade it" in err
     assert db.read_bytes() == before
+
+
 async def test_max_mailbox_on_the_command_line_delays_only_the_full_recipient(
     tmp_path: Path,
 ) -> None:

@@ -370,9 +370,7 @@ async def test_a_relay_killed_with_sigkill_leaves_the_other_serving(
     async with running_relay(relay_config(tmp_path, db=postgres_dsn)) as port_a:
         assert key_file.exists()  # the child relay shares it
         argv = [*RELAY_COMMAND, "--port", "0", "--db", postgres_dsn, "--key-file", str(key_file)]
-        process = await trio.lowlevel.open_process(
-            argv, stderr=subprocess.PIPE, env=child_env()
-        )
+        process = await trio.lowlevel.open_process(argv, stderr=subprocess.PIPE, env=child_env())
         STARTED.append(process)
         port_b = await announced_port(process)
         await register(port_b, alice, bob)

@@ -1206,9 +1206,7 @@ class Client:
         async with self._lock:
             return self.core.resend_group(send, now=self.now())
 
-    def _refused(
-        self, item: OutboxItem, reason: str, limited: RateLimited | None = None
-    ) -> float:
+    def _refused(self, item: OutboxItem, reason: str, limited: RateLimited | None = None) -> float:
         """A refusal that passes: the row's destinations wait a growing backoff, or as
         long as the relay's rate limit says if that is longer (``limited``)."""
         destinations = self._destinations(item)

@@ -919,17 +919,13 @@ class SqliteDatabase:
 
     # ---------------------------------------------------------------- mailboxes
 
-    def _enqueue(
-        self, batch: EnvelopeBatch, max_mailbox_size: int
-    ) -> list[MailboxPosition | None]:
+    def _enqueue(self, batch: EnvelopeBatch, max_mailbox_size: int) -> list[MailboxPosition | None]:
         # Never before the newest epoch: a mailbox's epochs grow with seq.
         epoch = self._current_epoch(self._chain.epoch_of(batch.server_ts))
         keys = self._chain.keys(epoch)
         assert keys is not None
         boxes = [keys.index(d.user_id, d.device_id) for d in batch.deliveries]
-        return self._file_send(
-            batch, max_mailbox_size, keys, boxes, self._read_send(batch, boxes)
-        )
+        return self._file_send(batch, max_mailbox_size, keys, boxes, self._read_send(batch, boxes))
 
     def _read_send(self, batch: EnvelopeBatch, boxes: Sequence[bytes]) -> SendFacts:
         """What the send is checked against (``boxes``: its deliveries' mailbox indexes).
