@@ -17,13 +17,13 @@ from collections.abc import Iterator
 from functools import partial
 from pathlib import Path
 
-import psycopg
 import pytest
 
 from hushchat.protocol.errors import DuplicateDeviceKey
 from hushchat.transport.relay.storage.postgres import PostgresDatabase
 from hushchat.transport.relay.storage.writer import DatabaseCall
 from hushchat.transport.wire.errors import DeviceListRejected
+from tests.support.postgres import waiting_for_a_lock
 from tests.support.storage import device_list
 
 SHARED_KEY = bytes([0xA1]) * 32
@@ -38,14 +38,6 @@ def relays(postgres_dsn: str, tmp_path: Path) -> Iterator[tuple[PostgresDatabase
     yield first, second
     second.close()
     first.close()
-
-
-def _waiting_for_a_lock(dsn: str, pid: int) -> bool:
-    with psycopg.connect(dsn, autocommit=True) as conn:
-        row = conn.execute(
-            "SELECT 1 FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND pid = %s", (pid,)
-        ).fetchone()
-    return row is not None
 
 
 def test_two_users_listing_one_device_key_through_two_relays_at_once_get_one_list_stored(
@@ -80,7 +72,7 @@ def test_two_users_listing_one_device_key_through_two_relays_at_once_get_one_lis
     deadline = time.monotonic() + 10
     while (
         threads[1].is_alive()
-        and not _waiting_for_a_lock(postgres_dsn, pid)
+        and not waiting_for_a_lock(postgres_dsn, {pid})
         and time.monotonic() < deadline
     ):
         time.sleep(0.02)

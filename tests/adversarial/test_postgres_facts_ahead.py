@@ -12,7 +12,6 @@ from dataclasses import replace
 from functools import partial
 from pathlib import Path
 
-import psycopg
 import pytest
 
 from hushchat.transport.relay.storage.interface import (
@@ -25,7 +24,7 @@ from hushchat.transport.relay.storage.interface import (
 from hushchat.transport.relay.storage.postgres import PostgresDatabase
 from hushchat.transport.relay.storage.writer import DatabaseCall
 from hushchat.transport.wire.errors import MailboxFull
-from tests.support.postgres import DatabasePool
+from tests.support.postgres import DatabasePool, waiting_for_a_lock
 from tests.support.storage import batch, device_list, register_devices, upload_prekeys
 
 MAX_MAILBOX = 3
@@ -373,20 +372,12 @@ def _run_behind(
     threads[1].start()
     pid = db._conn.raw.info.backend_pid
     deadline = time.monotonic() + 10
-    while not (waiting := _waiting_for_a_lock(dsn, pid)) and time.monotonic() < deadline:
+    while not (waiting := bool(waiting_for_a_lock(dsn, {pid}))) and time.monotonic() < deadline:
         time.sleep(0.02)
     release.set()
     for thread in threads:
         thread.join()
     assert waiting  # ours did wait behind theirs
-
-
-def _waiting_for_a_lock(dsn: str, pid: int) -> bool:
-    with psycopg.connect(dsn, autocommit=True) as conn:
-        row = conn.execute(
-            "SELECT 1 FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND pid = %s", (pid,)
-        ).fetchone()
-    return row is not None
 
 
 def test_a_send_after_an_acknowledgement_keeps_the_mailbox_s_expiry_notice(

@@ -21,6 +21,7 @@ from hushchat.transport.relay.storage.postgres import (
 )
 from hushchat.transport.relay.storage.writer import DatabaseCall
 from hushchat.transport.wire.errors import PreKeyIdInUse
+from tests.support.postgres import waiting_for_a_lock
 from tests.support.storage import batch, device_list, register_devices
 
 
@@ -219,15 +220,6 @@ def test_two_relays_racing_sends_to_the_same_devices_never_deadlock_or_lose(
     second.close()
 
 
-def _waiting_for_a_lock(dsn: str, pids: set[int]) -> set[int]:
-    with psycopg.connect(dsn, autocommit=True) as conn:
-        rows = conn.execute(
-            "SELECT pid FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND pid = ANY(%s)",
-            (list(pids),),
-        ).fetchall()
-    return {pid for (pid,) in rows}
-
-
 def test_the_user_lock_order_is_one_whatever_the_database_s_collation(
     postgres_dsn: str, tmp_path: Path
 ) -> None:
@@ -281,7 +273,7 @@ def test_the_user_lock_order_is_one_whatever_the_database_s_collation(
             thread.start()
             time.sleep(0.2)
         deadline = time.monotonic() + 10
-        while _waiting_for_a_lock(postgres_dsn, pids) != pids and time.monotonic() < deadline:
+        while waiting_for_a_lock(postgres_dsn, pids) != pids and time.monotonic() < deadline:
             time.sleep(0.02)
         holder.rollback()
     for thread in threads:

@@ -162,3 +162,13 @@ def back_to_schema_4(dsn: str) -> None:
         )
         conn.execute(b"DROP TABLE deliveries_5, payloads_5, epoch_starts")
         conn.execute(b"UPDATE schema_version SET version = 4")
+
+
+def waiting_for_a_lock(dsn: str, pids: set[int]) -> set[int]:
+    """Those of the server processes ``pids`` that wait for a lock now."""
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        rows = conn.execute(
+            "SELECT pid FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND pid = ANY(%s)",
+            (list(pids),),
+        ).fetchall()
+    return {pid for (pid,) in rows}

@@ -953,6 +953,35 @@ async def test_an_app_that_reads_and_sends_in_one_task_is_not_stuck_by_its_full_
         assert got.body == b"to both of bob's devices"
 
 
+async def bodies_read(alice: Client, count: int) -> list[bytes]:
+    """The bodies of the next ``count`` messages alice reads (other events passed over)."""
+    received: list[bytes] = []
+    with trio.fail_after(TIMEOUT):
+        async for event in alice.events():
+            if isinstance(event, MessageReceived):
+                received.append(event.body)
+                if len(received) == count:
+                    break
+    return received
+
+
+async def stop_with_mail_untaken(
+    tmp_path: Path, relay: Relay, bob: Client, unread: list[bytes]
+) -> None:
+    """Alice connects, takes what came before, and stops with ``unread`` from bob stored
+    in her inbox and not taken."""
+    async with client(tmp_path, relay, "alice") as alice:
+        await alice.send_direct("bob", b"sessions up")
+        await next_matching(alice, MessageDelivered)  # what came before is taken
+        for body in unread:
+            await bob.send_direct("alice", body)
+        await until(
+            lambda: (
+                sum(isinstance(e, MessageReceived) for _, e in alice.store.inbox()) == len(unread)
+            )
+        )
+
+
 async def test_an_app_that_reads_and_sends_in_one_task_can_send_with_a_queue_full_at_start(
     tmp_path: Path, relay: Relay
 ) -> None:
@@ -962,28 +991,14 @@ async def test_an_app_that_reads_and_sends_in_one_task_can_send_with_a_queue_ful
     reads, waited for a flush pass that never came."""
     unread = [b"unread %d" % n for n in range(4)]
     async with client(tmp_path, relay, "bob") as bob:
-        async with client(tmp_path, relay, "alice") as alice:
-            await alice.send_direct("bob", b"sessions up")
-            await next_matching(alice, MessageDelivered)  # what came before is taken
-            for body in unread:
-                await bob.send_direct("alice", body)
-            await until(
-                lambda: sum(isinstance(e, MessageReceived) for _, e in alice.store.inbox()) == 4
-            )
+        await stop_with_mail_untaken(tmp_path, relay, bob, unread)
         store = ClientStore.open(str(tmp_path / "alice.db"))
         stored = len(store.inbox())
         store.close()
         async with client(tmp_path, relay, "alice", event_queue_size=stored) as alice:
             with trio.fail_after(TIMEOUT):
                 await alice.send_direct("bob", b"after the restart")
-            received: list[bytes] = []
-            with trio.fail_after(TIMEOUT):
-                async for event in alice.events():
-                    if isinstance(event, MessageReceived):
-                        received.append(event.body)
-                    if len(received) == len(unread):
-                        break
-            assert received == unread
+            assert await bodies_read(alice, len(unread)) == unread
         await next_matching(bob, MessageReceived, lambda e: e.body == b"after the restart")
 
 
@@ -1029,6 +1044,18 @@ async def test_outages_while_the_app_does_not_read_pile_up_no_notices_without_bo
         assert got == [b"turn %d" % n for n in range(turns)]
 
 
+async def in_a_group_with_a_full_queue(alice: Client, bob: Client, unread: list[bytes]) -> bytes:
+    """Alice makes a group with bob, then bob sends her ``unread``, more than her event
+    queue holds while she does not read: the queue is full and mail waits. The group."""
+    group_id = await alice.create_group("titles", ["bob"])
+    await next_matching(bob, GroupUpdated)
+    await until(lambda: not alice.core.has_pending_change(group_id))
+    for body in unread:
+        await bob.send_direct("alice", body)
+    await until(lambda: len(alice._backlog) > 0)
+    return group_id
+
+
 async def test_an_app_that_reads_and_changes_a_group_in_one_task_is_not_stuck_by_its_full_queue(
     tmp_path: Path, relay: Relay
 ) -> None:
@@ -1044,12 +1071,7 @@ async def test_an_app_that_reads_and_changes_a_group_in_one_task_is_not_stuck_by
         client(tmp_path, relay, "bob") as bob,
         client(tmp_path, relay, "alice", event_queue_size=queue_size, ready_timeout=10) as alice,
     ):
-        group_id = await alice.create_group("titles", ["bob"])
-        await next_matching(bob, GroupUpdated)
-        await until(lambda: not alice.core.has_pending_change(group_id))
-        for body in unread:
-            await bob.send_direct("alice", body)
-        await until(lambda: len(alice._backlog) > 0)  # the queue is full, mail waits
+        group_id = await in_a_group_with_a_full_queue(alice, bob, unread)
         with trio.fail_after(TIMEOUT):
             await alice.set_title(group_id, "first")
             await alice.set_title(group_id, "second")  # once "first" took effect
@@ -1082,12 +1104,7 @@ async def test_mail_taken_for_a_waiting_change_while_the_app_does_not_read_is_bo
         client(tmp_path, relay, "bob") as bob,
         client(tmp_path, relay, "alice", event_queue_size=queue_size, ready_timeout=2) as alice,
     ):
-        group_id = await alice.create_group("titles", ["bob"])
-        await next_matching(bob, GroupUpdated)
-        await until(lambda: not alice.core.has_pending_change(group_id))
-        for body in unread:
-            await bob.send_direct("alice", body)
-        await until(lambda: len(alice._backlog) > 0)  # the queue is full, mail waits
+        group_id = await in_a_group_with_a_full_queue(alice, bob, unread)
         longest = 0
 
         async def watch() -> None:
@@ -1103,14 +1120,7 @@ async def test_mail_taken_for_a_waiting_change_while_the_app_does_not_read_is_bo
                 await alice.set_title(group_id, "second")
             nursery.cancel_scope.cancel()
         assert longest <= bound
-        received: list[bytes] = []
-        with trio.fail_after(TIMEOUT):
-            async for event in alice.events():
-                if isinstance(event, MessageReceived):
-                    received.append(event.body)
-                    if len(received) == len(unread):
-                        break
-        assert received == unread
+        assert await bodies_read(alice, len(unread)) == unread
         await until(lambda: not alice.core.has_pending_change(group_id))
         assert alice.group(group_id).title == "first"
 
@@ -1124,14 +1134,7 @@ async def test_a_client_run_again_hands_each_stored_event_once(
     run, and a second run at the same time is refused: one client, one connection."""
     unread = [b"unread 1", b"unread 2"]
     async with client(tmp_path, relay, "bob") as bob:
-        async with client(tmp_path, relay, "alice") as alice:
-            await alice.send_direct("bob", b"sessions up")
-            await next_matching(alice, MessageDelivered)  # what came before is taken
-            for body in unread:
-                await bob.send_direct("alice", body)
-            await until(
-                lambda: sum(isinstance(e, MessageReceived) for _, e in alice.store.inbox()) == 2
-            )
+        await stop_with_mail_untaken(tmp_path, relay, bob, unread)
         store = ClientStore.open(str(tmp_path / "alice.db"))
         try:
             device = load_or_create_core(store)
@@ -1142,13 +1145,7 @@ async def test_a_client_run_again_hands_each_stored_event_once(
                     first_run.cancel_scope.cancel()
                 await nursery.start(alice.run)
                 await bob.send_direct("alice", b"after the second start")
-                received: list[bytes] = []
-                with trio.fail_after(TIMEOUT):
-                    async for event in alice.events():
-                        if isinstance(event, MessageReceived):
-                            received.append(event.body)
-                            if event.body == b"after the second start":
-                                break
+                received = await bodies_read(alice, len(unread) + 1)
                 assert received == [*unread, b"after the second start"]
                 with trio.fail_after(TIMEOUT), pytest.raises(InvalidArgument):
                     await alice.run()
