@@ -1091,12 +1091,9 @@ class Client:
             await self._fail(row_id, send, SendDropped.code)
             return None
         gone = {(m.user_id, device) for m in mismatch.mismatches for device in m.unknown}
-        events: list[core.Event] = []
         async with self._lock:
             try:
-                _check_mismatch(send.send, mismatch)
-                for item in mismatch.mismatches:
-                    events.extend(self.core.process_device_list(item.signed_device_list).events)
+                events = self._hold_mismatched_lists(send.send, mismatch)
             except RemoteProtocolError as failure:
                 refused: RemoteProtocolError | None = failure
             else:
@@ -1163,15 +1160,25 @@ class Client:
                 return delay
         return None
 
+    def _hold_mismatched_lists(
+        self, send: core.Send, mismatch: DeviceListMismatch
+    ) -> list[core.Event]:
+        """Take the device lists a DEVICE_LIST_MISMATCH sent back for ``send`` (under
+        ``_lock``); their events. RelayProtocolViolation, holding none, if one is not of
+        a user the send names (_check_mismatch); RemoteProtocolError if one does not
+        verify."""
+        _check_mismatch(send, mismatch)
+        events: list[core.Event] = []
+        for item in mismatch.mismatches:
+            events.extend(self.core.process_device_list(item.signed_device_list).events)
+        return events
+
     async def _rebuild(
         self, connection: RelayConnection, send: core.Send, mismatch: DeviceListMismatch
     ) -> list[core.Send]:
         """The sends that replace a refused one (the caller commits them with the state)."""
-        _check_mismatch(send, mismatch)
-        events: list[core.Event] = []
         async with self._lock:
-            for item in mismatch.mismatches:
-                events.extend(self.core.process_device_list(item.signed_device_list).events)
+            events = self._hold_mismatched_lists(send, mismatch)
             _, ids = await self._commit(self.core.take_changes(), events=events)
         self._deliver_events(events, ids)
         if isinstance(send, DirectSend):
