@@ -1045,15 +1045,20 @@ async def test_outages_while_the_app_does_not_read_pile_up_no_notices_without_bo
 
 
 async def in_a_group_with_a_full_queue(alice: Client, bob: Client, unread: list[bytes]) -> bytes:
-    """Alice makes a group with bob, then bob sends her ``unread``, more than her event
-    queue holds while she does not read: the queue is full and mail waits. The group."""
+    """Alice makes a group with bob, then her queue fills (fill_the_queue). The group."""
     group_id = await alice.create_group("titles", ["bob"])
     await next_matching(bob, GroupUpdated)
     await until(lambda: not alice.core.has_pending_change(group_id))
+    await fill_the_queue(alice, bob, unread)
+    return group_id
+
+
+async def fill_the_queue(alice: Client, bob: Client, unread: list[bytes]) -> None:
+    """Bob sends alice ``unread``, more than her event queue holds while she does not
+    read: the queue is full and mail waits."""
     for body in unread:
         await bob.send_direct("alice", body)
     await until(lambda: len(alice._backlog) > 0)
-    return group_id
 
 
 async def test_an_app_that_reads_and_changes_a_group_in_one_task_is_not_stuck_by_its_full_queue(
@@ -1168,9 +1173,7 @@ async def test_a_connection_lost_while_the_app_does_not_read_is_noticed(
         client(tmp_path, relay, "bob") as bob,
         client(tmp_path, relay, "alice", event_queue_size=queue_size) as alice,
     ):
-        for body in unread:
-            await bob.send_direct("alice", body)
-        await until(lambda: len(alice._backlog) > 0)  # the queue is full, mail waits
+        await fill_the_queue(alice, bob, unread)
         await relay.stop()
         await until(lambda: alice.status is not Status.READY)
         await relay.start()
