@@ -707,6 +707,64 @@ async def test_a_device_list_mismatch_cannot_slip_in_a_list_of_a_user_the_send_d
         assert alice.core.device_list("bob") is not None
 
 
+# ------------------------------------------------------------------ made-up senders
+
+SYBILS = 4
+
+
+async def test_envelopes_stamped_as_from_users_bob_never_met_leave_no_device_list(
+    setup: Setup,
+) -> None:
+    """The relay stamps envelopes with senders bob never met: users it registered itself
+    (a relay can register any, with valid lists). To read each, bob fetches the sender's
+    list, the envelope does not open, and bob keeps none of those lists, in memory or
+    in his store (spec 09 section 9.3). Before, he kept every list so fetched: the
+    relay could grow his state without bound."""
+    proxy = setup.proxy
+    sybils = [
+        ClientCore.create_primary(f"sybil{i}", 1, now=0, rng=SeededRandom(b"sybil%d" % i))
+        for i in range(SYBILS)
+    ]
+    for sybil in sybils:
+        signed = sybil.own_device_list
+        assert signed is not None
+        await publish(proxy.relay_port, signed.encode())
+    names = {sybil.user_id for sybil in sybils}
+    async with client(setup, "alice") as alice, client(setup, "bob") as bob:
+        await converse(alice, bob)
+        link = await proxy.link(BOB)
+        for name in sorted(names):
+            for kind in (ENVELOPE_DIRECT, ENVELOPE_GROUP):
+                payload = secrets.token_bytes(200)
+                await link.push(Envelope(secrets.token_bytes(16), 0, name, 1, kind, payload))
+        # Alice's own words restamped as a sybil's, so that the envelope is well formed.
+        sybil_of_alice = sorted(names)[0]
+
+        async def as_a_sybil(link: Link, envelope: Envelope) -> list[Envelope]:
+            if link.address == BOB and envelope.sender_user == "alice":
+                return [dataclasses.replace(envelope, sender_user=sybil_of_alice)]
+            return [envelope]
+
+        proxy.envelope_hook = as_a_sybil
+        await alice.send_direct("bob", b"restamped")
+        with trio.fail_after(TIMEOUT):
+            while not proxy.envelopes_to(BOB, sender_user="alice"):
+                await trio.sleep(0.01)
+        proxy.envelope_hook = _pass_envelope
+        await alice.send_direct("bob", b"sentinel")
+        events = await events_until(bob, body_is(b"sentinel"))
+        assert received(events) == [("alice", b"sentinel")]
+        assert {e.sender.user_id for e in undecryptable(events)} == names
+        assert [name for name in names if bob.core.device_list(name) is not None] == []
+        kept = [
+            key
+            for key, _ in bob.store.records()
+            if key.user_id in names or (key.address is not None and key.address.user_id in names)
+        ]
+        assert kept == []
+        assert bob.core.device_list("alice") is not None
+
+
 # ------------------------------------------------------------------ prekeys
 
 
