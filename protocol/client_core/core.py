@@ -77,6 +77,7 @@ from ..errors import (
     InvalidArgument,
     InvalidState,
     ProtocolError,
+    RemoteProtocolError,
     StateError,
     UnauthorizedChange,
 )
@@ -587,18 +588,61 @@ class ClientCore:
 
     # ------------------------------------------------------------ receiving
 
-    def receive(self, sender: Address, kind: int, payload: bytes, *, now: int) -> Outcome:
+    def receive(
+        self,
+        sender: Address,
+        kind: int,
+        payload: bytes,
+        *,
+        now: int,
+        sender_list: bytes | None = None,
+    ) -> Outcome:
         """Process one envelope the relay delivered (sender stamped by the relay).
+
+        ``sender_list``: the sender's signed device list, fetched for this
+        envelope because no list held names the sender. A first list of a user
+        (none held) is kept only if the envelope opens: it yields more than
+        :class:`Undecryptable` events, or sends, or changes a record. Otherwise
+        all state is as it was, so that a relay stamping envelopes with senders
+        we never met cannot make us keep their lists (11-devices.md section
+        11.2). A list of a user already held is taken as
+        :meth:`process_device_list` takes it.
 
         Never raises for bad remote input: what cannot be read becomes an
         :class:`Undecryptable` event (duplicates are dropped silently, as a
-        lost acknowledgement causes them).
+        lost acknowledgement causes them); a ``sender_list`` that is not a
+        valid list of the sender's user counts as none.
         """
         check_address(sender)
         check_input(payload, "an envelope payload")
         check_now(now)
         if isinstance(kind, bool) or not isinstance(kind, int):
             raise InvalidArgument("an envelope kind is an integer")
+        if sender_list is None:
+            return self._receive(sender, kind, payload, now)
+        check_input(sender_list, "a signed device list")
+        user_id = sender.user_id
+        first = self._directory.device_list(user_id) is None
+        marked_before = RecordKey.devices(user_id) in self._state.changed
+        changed_before = set(self._state.changed)
+        try:
+            if SignedDeviceList.decode(sender_list).device_list.user_id != user_id:
+                raise UnauthorizedChange(f"a device list of another user than {user_id!r}")
+            listed = self.process_device_list(sender_list)
+        except RemoteProtocolError:
+            return self._receive(sender, kind, payload, now)
+        received = self._receive(sender, kind, payload, now)
+        opened = (
+            received.sends
+            or any(not isinstance(event, Undecryptable) for event in received.events)
+            or self._state.changed - changed_before - {RecordKey.devices(user_id)}
+        )
+        if first and not opened:
+            self._directory.withdraw_first(user_id, marked_before=marked_before)
+            return received
+        return Outcome(events=(*listed.events, *received.events), sends=received.sends)
+
+    def _receive(self, sender: Address, kind: int, payload: bytes, now: int) -> Outcome:
         if not self.knows_device(sender):
             return Outcome(events=(Undecryptable(sender, "UNKNOWN_DEVICE"),))
         try:

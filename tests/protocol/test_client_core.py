@@ -38,7 +38,7 @@ from hushchat.protocol.consts import (
     MAX_SENDER_KEY_FORWARD_JUMP,
     STATE_VERSION,
 )
-from hushchat.protocol.content import DeliveryReceipt, GroupControl, GroupText, Text
+from hushchat.protocol.content import DeliveryReceipt, GroupControl, GroupText, SyncRequest, Text
 from hushchat.protocol.encoding import pack, unpack
 from hushchat.protocol.errors import (
     InvalidArgument,
@@ -845,6 +845,129 @@ def test_mutated_bundles_raise_typed_errors_only(
 
 
 # ------------------------------------------------------------------ delivery receipts
+
+
+# ------------------------------------------------------------------ a sender's first list
+
+
+def a_stranger_to_bob(net: Network) -> tuple[ClientCore, bytes]:
+    """carol, outside the network (bob holds no list of hers), and her first message to bob."""
+    net.add_user("bob")
+    carol = ClientCore.create_primary("carol", 1, now=net.now, rng=SeededRandom(b"carol"))
+    carol.process_device_list(net.device_lists["bob"])
+    carol.process_bundle(net.bundle(A("bob")), now=net.now)
+    _, [send] = carol.send_direct("bob", b"hello bob", now=net.now)
+    [(_, payload)] = send.payloads
+    return carol, payload
+
+
+def carols_list(carol: ClientCore) -> bytes:
+    signed = carol.own_device_list
+    assert signed is not None
+    return signed.encode()
+
+
+def test_a_first_list_fetched_for_an_envelope_that_opens_is_kept(net: Network) -> None:
+    carol, payload = a_stranger_to_bob(net)
+    bob = net.core(A("bob"))
+    outcome = bob.receive(
+        A("carol"), ENVELOPE_DIRECT, payload, now=net.now, sender_list=carols_list(carol)
+    )
+    assert [type(e) for e in outcome.events] == [MessageReceived]
+    assert bob.device_list("carol") is not None
+    assert RecordKey.devices("carol") in bob.take_changes()
+
+
+@pytest.mark.parametrize(
+    "envelope",
+    ["garbage", "a group message", "carol's message from another device", "bob's own"],
+)
+def test_a_first_list_fetched_for_an_envelope_that_does_not_open_leaves_no_trace(
+    net: Network, envelope: str
+) -> None:
+    """The relay stamps an envelope with a sender bob never met (spec 11 section 11.2):
+    bob reads it with that user's list, it does not open, and his state is as before."""
+    carol, real = a_stranger_to_bob(net)
+    bob = net.core(A("bob"))
+    sender, kind, payload = A("carol"), ENVELOPE_DIRECT, real
+    if envelope == "garbage":
+        payload = b"\x01" * 80
+    elif envelope == "a group message":
+        kind = ENVELOPE_GROUP
+    elif envelope == "carol's message from another device":
+        sender = A("carol", 2)
+    else:
+        # A list whose device key is bob's own: refused beside his (DUPLICATE_DEVICE_KEY).
+        carol.process_device_list(net.device_lists["bob"])
+    before = full_state(bob)
+    assert bob.take_changes() == {}
+    listed = carols_list(carol)
+    if envelope == "bob's own":
+        listed = net.device_lists["bob"]
+    outcome = bob.receive(sender, kind, payload, now=net.now, sender_list=listed)
+    assert outcome.sends == ()
+    assert outcome.events and all(isinstance(e, Undecryptable) for e in outcome.events)
+    assert bob.device_list("carol") is None
+    assert bob.take_changes() == {} and full_state(bob) == before
+    # The message itself still opens, with carol's list, when it comes as hers.
+    outcome = bob.receive(
+        A("carol"), ENVELOPE_DIRECT, real, now=net.now, sender_list=carols_list(carol)
+    )
+    assert [type(e) for e in outcome.events] == [MessageReceived]
+
+
+def test_a_first_list_is_kept_when_the_envelope_changed_a_record_though_refused(
+    net: Network,
+) -> None:
+    """carol's initial message carries a sync request, which only bob's own devices may
+    send: refused (UNAUTHORIZED_CHANGE), but the session it opened is bob's now, and
+    so is the list that names its device."""
+    carol, _ = a_stranger_to_bob(net)
+    bob = net.core(A("bob"))
+    [send] = carol._sessions.encrypt_for([A("bob")], SyncRequest().encode(), net.now)
+    [(_, payload)] = send.payloads
+    outcome = bob.receive(
+        A("carol"), ENVELOPE_DIRECT, payload, now=net.now, sender_list=carols_list(carol)
+    )
+    assert outcome.events == (Undecryptable(A("carol"), "UNAUTHORIZED_CHANGE"),)
+    changes = bob.take_changes()
+    assert RecordKey.session(A("carol")) in changes and RecordKey.devices("carol") in changes
+    assert bob.device_list("carol") is not None
+
+
+def test_a_list_that_is_not_the_senders_counts_as_none(net: Network) -> None:
+    _, payload = a_stranger_to_bob(net)
+    net.add_user("dave")
+    bob = net.core(A("bob"))
+    assert bob.take_changes() == {}
+    before = full_state(bob)
+    for listed in (net.device_lists["dave"], b"\x00" * 40):
+        outcome = bob.receive(A("carol"), ENVELOPE_DIRECT, payload, now=net.now, sender_list=listed)
+        assert outcome == Outcome(events=(Undecryptable(A("carol"), "UNKNOWN_DEVICE"),))
+        assert bob.take_changes() == {} and full_state(bob) == before
+    with pytest.raises(InvalidArgument):
+        bob.receive(A("carol"), ENVELOPE_DIRECT, payload, now=net.now, sender_list="a list")  # type: ignore[arg-type]
+
+
+def test_a_newer_list_of_a_user_held_is_taken_whether_or_not_the_envelope_opens(
+    net: Network,
+) -> None:
+    """Lists of users already held are bounded by those users: an update is taken as
+    process_device_list takes it."""
+    net.add_user("alice")
+    net.add_user("bob")
+    bob = net.core(A("bob"))
+    alice = net.primaries["alice"]
+    newer = alice.link_device(
+        ClientCore.create_linked(
+            "alice", 2, alice.user_identity_public, now=net.now, rng=SeededRandom(b"alice.2")
+        ).device_entry
+    )
+    outcome = bob.receive(
+        A("alice", 2), ENVELOPE_DIRECT, b"\x01" * 80, now=net.now, sender_list=newer.encode()
+    )
+    assert DeviceAdded(A("alice", 2)) in outcome.events
+    assert bob.knows_device(A("alice", 2))
 
 
 def test_a_delivery_receipt_reaches_every_device_of_the_sender(net: Network) -> None:

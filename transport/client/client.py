@@ -1542,13 +1542,17 @@ class Client:
         if self.store.was_processed(envelope.guid):
             return  # our acknowledgement was lost: acknowledged again
         sender = Address(envelope.sender_user, envelope.sender_device)
+        sender_list = None
         if not self.core.knows_device(sender):
             # Without a valid list naming the sender, the core reports the
-            # envelope as from an unknown device, and it is acknowledged.
-            with suppress(RemoteProtocolError, RelayError):
-                await self._fetch_device_list(connection, sender.user_id)
+            # envelope as from an unknown device, and it is acknowledged. The
+            # core keeps a first list of a user only if the envelope opens.
+            with suppress(RelayError):
+                sender_list = await connection.fetch_device_list(sender.user_id)
         async with self._lock:
-            outcome = self.core.receive(sender, envelope.kind, envelope.payload, now=self.now())
+            outcome = self.core.receive(
+                sender, envelope.kind, envelope.payload, now=self.now(), sender_list=sender_list
+            )
             events: list[StoredEvent] = []
             deliveries: dict[bytes, tuple[int, frozenset[Address]] | None] = {}
             for event in outcome.events:
