@@ -262,11 +262,3 @@ def all_error_classes() -> list[type[HushchatError]]:
         seen.append(cls)
         pending.extend(cls.__subclasses__())
     return seen
-
-
-def error_for_code(code: str) -> type[HushchatError]:
-    """The error class with this stable code (for vector verification)."""
-    for cls in all_error_classes():
-        if cls.code == code:
-            return cls
-    raise InvalidArgument(f"unknown error code {code!r}")

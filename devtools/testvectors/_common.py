@@ -41,10 +41,6 @@ def opt_h(data: bytes | None) -> str | None:
     return None if data is None else data.hex()
 
 
-def opt_unhex(text: str | None) -> bytes | None:
-    return None if text is None else bytes.fromhex(text)
-
-
 def large(prefix: bytes, length: int) -> Json:
     """A byte string too large to list: ``prefix`` then zero bytes up to ``length`` bytes."""
     if len(prefix) > length:
