@@ -604,8 +604,10 @@ class ClientCore:
         (none held) is kept only if the envelope opens: it yields more than
         :class:`Undecryptable` events, or sends, or changes a record. Otherwise
         all state is as it was, so that a relay stamping envelopes with senders
-        we never met cannot make us keep their lists (11-devices.md section
-        11.2). A list of a user already held is taken as
+        we never met cannot make us keep their lists with envelopes that do
+        not open (11-devices.md section 11.2; a sender that can make a real
+        initial message is kept, as any first contact). A list of a user
+        already held is taken as
         :meth:`process_device_list` takes it.
 
         Never raises for bad remote input: what cannot be read becomes an

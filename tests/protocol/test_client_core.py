@@ -38,7 +38,14 @@ from hushchat.protocol.consts import (
     MAX_SENDER_KEY_FORWARD_JUMP,
     STATE_VERSION,
 )
-from hushchat.protocol.content import DeliveryReceipt, GroupControl, GroupText, SyncRequest, Text
+from hushchat.protocol.content import (
+    DeliveryReceipt,
+    GroupControl,
+    GroupText,
+    RetryRequest,
+    SyncRequest,
+    Text,
+)
 from hushchat.protocol.encoding import pack, unpack
 from hushchat.protocol.errors import (
     InvalidArgument,
@@ -933,6 +940,25 @@ def test_a_first_list_is_kept_when_the_envelope_changed_a_record_though_refused(
     changes = bob.take_changes()
     assert RecordKey.session(A("carol")) in changes and RecordKey.devices("carol") in changes
     assert bob.device_list("carol") is not None
+
+
+def test_a_stranger_whose_initial_message_shows_nothing_is_still_kept(net: Network) -> None:
+    """What section 11.2 does not stop (spec 09 section 9.6): a user that can send a real
+    initial message (one the relay registered, with its keys) starts a session, and bob
+    keeps it and the list, though the content, a retry request for a group bob does not
+    hold, reports nothing at all."""
+    carol, _ = a_stranger_to_bob(net)
+    bob = net.core(A("bob"))
+    assert bob.take_changes() == {}
+    request = RetryRequest(bytes(range(16)), 1).encode()
+    [send] = carol._sessions.encrypt_for([A("bob")], request, net.now)
+    [(_, payload)] = send.payloads
+    outcome = bob.receive(
+        A("carol"), ENVELOPE_DIRECT, payload, now=net.now, sender_list=carols_list(carol)
+    )
+    assert outcome == Outcome()
+    changes = bob.take_changes()
+    assert {RecordKey.devices("carol"), RecordKey.session(A("carol"))} <= set(changes)
 
 
 def test_a_list_that_is_not_the_senders_counts_as_none(net: Network) -> None:
