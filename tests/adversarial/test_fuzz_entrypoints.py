@@ -10,14 +10,16 @@ bytes) and checks what the code promises for any input:
   the relay's request decoder and ``ClientCore.receive`` raise nothing at all;
 * a refused input leaves the state it was given byte for byte unchanged
   (session record and account, sender-key record, group, the whole client
-  core; for content inside a working session, everything but that session);
+  core; for content inside a working session, everything but that session;
+  for a first list, the list not kept either);
 * whatever decodes re-encodes to the same bytes (one encoding per value).
 
 Targets beyond test_decoder_fuzz.py: SessionRecord.decrypt (ratchet
 and initial messages), SenderKeyRecord.decrypt, ClientCore.receive (direct,
 initial, group, and arbitrary content inside a real session, from another
-user and from an own device), ControlMessage + Group.apply, Welcome +
-Group.join, SignedDeviceList.decode, the group, sender-key and content
+user and from an own device; an initial message read with a first list
+fetched for it, either of them the input), ControlMessage + Group.apply,
+Welcome + Group.join, SignedDeviceList.decode, the group, sender-key and content
 decoders, decode_relay_frame (+ relay_error_from_wire), decode_request,
 FrameDecoder, the client store's inbox and outbox rows (and the first
 client's unversioned rows its migration reads) and the pickles (sender-key
@@ -322,6 +324,41 @@ class CoreTarget:
         return True
 
 
+class FirstListTarget:
+    """Bob, who holds no list of erin's, reading erin's initial message with the list the
+    relay serves for it (``list_fuzzed``: the list is the input, else the message): the
+    list is kept only if the envelope opens, else bob is byte for byte as he was (spec 11
+    section 11.2)."""
+
+    def __init__(self, *, list_fuzzed: bool) -> None:
+        self.list_fuzzed = list_fuzzed
+        self.reset()
+
+    def reset(self) -> None:
+        records = world().bob_records.items()
+        never_met = [(key, data) for key, data in records if key != RecordKey.devices("erin")]
+        self.core = ClientCore.load(never_met, rng=SeededRandom(b"first list"))
+        assert self.core.device_list("erin") is None
+
+    def check(self, data: bytes) -> bool:
+        w = world()
+        listed = data if self.list_fuzzed else w.directory["erin"].encode()
+        payload = w.initial[0] if self.list_fuzzed else data
+        before = full_state(self.core)
+        outcome = self.core.receive(
+            ERIN, ENVELOPE_DIRECT, payload, now=AFTER_WORLD, sender_list=listed
+        )
+        changes = self.core.take_changes()
+        if self.core.device_list("erin") is None:
+            assert refused_outcome(outcome), f"not opened, yet {outcome}"
+            assert changes == {} and full_state(self.core) == before, "a refused list stayed"
+            return False
+        # Kept: the envelope opened, so its initial message started a session.
+        assert RecordKey.session(ERIN) in changes, f"a list kept for {outcome}"
+        self.reset()
+        return True
+
+
 class ContentTarget:
     """Any plaintext inside a working session: a peer (or an own device) that misbehaves.
 
@@ -556,6 +593,14 @@ TARGETS: dict[str, tuple[Callable[[], Check], Callable[[], list[bytes]]]] = {
     "ClientCore.receive/initial": (
         lambda: CoreTarget(ERIN, ENVELOPE_DIRECT).check,
         lambda: world().initial,
+    ),
+    "ClientCore.receive/initial+first-list": (
+        lambda: FirstListTarget(list_fuzzed=False).check,
+        lambda: world().initial,
+    ),
+    "ClientCore.receive/first-list": (
+        lambda: FirstListTarget(list_fuzzed=True).check,
+        lambda: [world().directory["erin"].encode()],
     ),
     "ClientCore.receive/group": (
         lambda: CoreTarget(ALICE, ENVELOPE_GROUP).check,
