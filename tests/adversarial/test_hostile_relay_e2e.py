@@ -41,6 +41,7 @@ from hushchat.protocol.client_core import (
     Undecryptable,
 )
 from hushchat.protocol.consts import MAX_ONE_TIME_PREKEYS, PREKEY_BATCH_SIZE, PROTOCOL_VERSION
+from hushchat.protocol.content import DeliveryReceipt, RetryRequest
 from hushchat.protocol.devices import DeviceEntry, DeviceList, SignedDeviceList
 from hushchat.protocol.encoding import pack
 from hushchat.protocol.errors import (
@@ -95,6 +96,7 @@ from tests.support.misattribution import (
     mallory_list,
     publish,
 )
+from tests.support.relay import connected
 
 TIMEOUT = 20
 # Request ids the proxy uses for its own requests upstream (their replies are swallowed).
@@ -763,6 +765,44 @@ async def test_envelopes_stamped_as_from_users_bob_never_met_leave_no_device_lis
         ]
         assert kept == []
         assert bob.core.device_list("alice") is not None
+
+
+async def test_sybils_that_send_real_initial_messages_are_kept_and_may_show_nothing(
+    setup: Setup,
+) -> None:
+    """What spec 11 section 11.2 leaves open (spec 09 section 9.6): a user the relay
+    registered with keys of its own sends bob a real initial message. It opens, so bob
+    keeps the user's list and the session, and the app need hear nothing: a delivery
+    receipt for no message of bob's, a retry request for a group he does not hold."""
+    proxy = setup.proxy
+    async with client(setup, "alice") as alice, client(setup, "bob") as bob:
+        await converse(alice, bob)
+        link = await proxy.link(BOB)
+        for name, content in (
+            ("sybil-receipt", DeliveryReceipt((secrets.token_bytes(16),)).encode()),
+            ("sybil-retry", RetryRequest(secrets.token_bytes(16), 1).encode()),
+        ):
+            sybil = ClientCore.create_primary(
+                name, 1, now=bob.now(), rng=SeededRandom(name.encode())
+            )
+            signed = sybil.own_device_list
+            assert signed is not None
+            await publish(proxy.relay_port, signed.encode())
+            async with connected(proxy.relay_port) as connection:
+                await connection.authenticate(name, 1, sybil.account.identity)
+                sybil.process_device_list(await connection.fetch_device_list("bob"))
+                sybil.process_bundle(await connection.fetch_bundle("bob", 1), now=bob.now())
+            [send] = sybil._sessions.encrypt_for([BOB], content, bob.now())
+            [(_, payload)] = send.payloads
+            await link.push(Envelope(secrets.token_bytes(16), 0, name, 1, ENVELOPE_DIRECT, payload))
+        await alice.send_direct("bob", b"sentinel")
+        events = await events_until(bob, body_is(b"sentinel"))
+        assert [e for e in events if getattr(e, "sender", BOB).user_id.startswith("sybil")] == []
+        kept = {key.user_id for key, _ in bob.store.records() if key.user_id is not None}
+        assert {"sybil-receipt", "sybil-retry"} <= kept
+        for name in ("sybil-receipt", "sybil-retry"):
+            assert bob.core.device_list(name) is not None
+            assert any(key.address == Address(name, 1) for key, _ in bob.store.records())
 
 
 # ------------------------------------------------------------------ prekeys
