@@ -625,7 +625,6 @@ class ClientCore:
         check_input(sender_list, "a signed device list")
         user_id = sender.user_id
         first = self._directory.device_list(user_id) is None
-        marked_before = RecordKey.devices(user_id) in self._state.changed
         changed_before = set(self._state.changed)
         try:
             if SignedDeviceList.decode(sender_list).device_list.user_id != user_id:
@@ -640,7 +639,7 @@ class ClientCore:
             or self._state.changed - changed_before - {RecordKey.devices(user_id)}
         )
         if first and not opened:
-            self._directory.withdraw_first(user_id, marked_before=marked_before)
+            self._directory.withdraw_first(user_id)
             return received
         return Outcome(events=(*listed.events, *received.events), sends=received.sends)
 

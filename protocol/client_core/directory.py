@@ -98,12 +98,11 @@ class Directory:
             )
         return self.accept(signed, old)
 
-    def withdraw_first(self, user_id: str, *, marked_before: bool) -> None:
-        """Forget the first list of ``user_id`` just taken, as if it had never come (its
-        record unmarked unless it was marked before)."""
+    def withdraw_first(self, user_id: str) -> None:
+        """Forget the first list of ``user_id`` just taken, as if it had never come. Its
+        record was not marked before it came: no list is removed but by this method."""
         del self._state.device_lists[user_id]
-        if not marked_before:
-            self._state.changed.discard(RecordKey.devices(user_id))
+        self._state.changed.discard(RecordKey.devices(user_id))
 
     def pending_identity(self, user_id: str) -> IdentityChanged | None:
         """The identity change waiting for :meth:`confirm_identity`, if any."""
