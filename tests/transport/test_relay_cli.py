@@ -342,6 +342,26 @@ def test_invite_tokens_are_printed_one_per_line_and_stored_hashed(
     assert not any(token.encode() in db.read_bytes() for token in tokens)
 
 
+def test_invite_and_report_take_the_database_given_before_them(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``hushchat relay --db DB OPERATION``, as for users and the other operations: the
+    operation's own default must not replace DB (a token issued into another database
+    registers no one)."""
+    db = tmp_path / "relay" / "relay.db"
+    db.parent.mkdir()
+    queued_mail(db, now=wall_clock_ms())
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["relay", "--db", str(db), "invite", "--count", "2"]) == 0
+    assert len(capsys.readouterr().out.split()) == 2
+    with sqlite3.connect(db) as conn:
+        assert conn.execute("SELECT COUNT(*) FROM invites").fetchone() == (2,)
+    conn.close()
+    assert cli.main(["relay", "--db", str(db), "report"]) == 0
+    assert "2 users and 3 devices" in " ".join(capsys.readouterr().out.split())
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["relay"]
+
+
 @pytest.mark.parametrize("argv", [["--count", "0"], ["--count", "1001"], ["--valid-for", "0s"]])
 def test_invite_refuses_bad_arguments(argv: list[str], tmp_path: Path) -> None:
     with pytest.raises(SystemExit):
