@@ -273,16 +273,7 @@ def add_report_command(operations: SubParsers) -> None:
         "Reads only; the relay may be running.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    report.add_argument(
-        "--db",
-        default="hushchat-relay.db",
-        help="SQLite database file, or postgresql:// URL (password from PGPASSWORD or ~/.pgpass)",
-    )
-    report.add_argument(
-        "--key-file",
-        help="its key file (default: the database's path + .keys; "
-        "needed for PostgreSQL)%(default).0s",
-    )
+    _add_database_arguments(report)
     report.set_defaults(run=run_report)
 
 
@@ -290,16 +281,13 @@ def add_invite_command(operations: SubParsers) -> None:
     invite = operations.add_parser(
         "invite",
         help="issue invitation tokens",
-        description="Issue invitation tokens into the relay's database, running or not, and "
+        description="Issue invitation tokens into the relay's database (on PostgreSQL, a "
+        "migrated one), running or not, and "
         "print one per line: each registers one new user at a relay run with "
         "--registration invite, until it expires. The database keeps only a hash of each.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    invite.add_argument(
-        "--db",
-        default="hushchat-relay.db",
-        help="SQLite database file, or postgresql:// URL of a migrated database",
-    )
+    _add_database_arguments(invite, key_file=None)
     invite.add_argument("--count", type=_count, default=1, help="how many tokens")
     invite.add_argument(
         "--valid-for",
@@ -472,18 +460,22 @@ async def _serve_until_signalled(config: RelayConfig) -> None:
 # running relay.
 
 
-def _add_database_arguments(parser: argparse.ArgumentParser) -> None:
-    # SUPPRESS: a --db given before the operation (hushchat relay --db X users) stays.
+def _add_database_arguments(
+    parser: argparse.ArgumentParser,
+    *,
+    key_file: str | None = "its key file (default: the database's path + .keys; on "
+    "PostgreSQL, the relays' --key-file, which it needs)",
+) -> None:
+    # SUPPRESS: a --db given before the operation (hushchat relay --db X users) stays;
+    # the relay's parser holds the defaults.
     parser.add_argument(
         "--db",
         default=argparse.SUPPRESS,
-        help="the relay's SQLite database (default: hushchat-relay.db)",
+        help="the relay's SQLite database file, or postgresql:// URL (password from "
+        "PGPASSWORD or ~/.pgpass) (default: hushchat-relay.db)",
     )
-    parser.add_argument(
-        "--key-file",
-        default=argparse.SUPPRESS,
-        help="its key file (default: the database's path + .keys)",
-    )
+    if key_file is not None:
+        parser.add_argument("--key-file", default=argparse.SUPPRESS, help=key_file)
 
 
 def _on_database(args: argparse.Namespace, work: Callable[[SqliteDatabase], int]) -> int:
@@ -649,7 +641,10 @@ def add_migrate_command(operations: SubParsers) -> None:
         "new ones. A SQLite database needs its key file; a PostgreSQL one does not.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    _add_database_arguments(parser)
+    _add_database_arguments(
+        parser,
+        key_file="its key file (default: the database's path + .keys; not used on PostgreSQL)",
+    )
     parser.set_defaults(run=run_migrate)
 
 
