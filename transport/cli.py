@@ -142,7 +142,8 @@ def add_relay_command(subparsers: SubParsers) -> None:
         "relay",
         help="run a relay server",
         description="Run a hushchat relay: store-and-forward of ciphertext, device and "
-        "prekey directories, on one SQLite file. Exit status: 0 after SIGINT or SIGTERM, "
+        "prekey directories, on one SQLite file or on a PostgreSQL database that several relays "
+        "share. Exit status: 0 after SIGINT or SIGTERM, "
         "1 if it cannot start (the reason on stderr), 2 for bad arguments. "
         "'hushchat relay invite' issues invitation tokens into its database.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
