@@ -42,12 +42,17 @@ def clean_env(**extra: str) -> dict[str, str]:
 
 RELAY_SCRIPT = """
 import sys, trio
-from hushchat.transport.relay.config import RelayConfig
+from hushchat.transport.relay.config import Registration, RelayConfig
 from hushchat.transport.relay.server import serve_relay
 
 async def main():
     async with trio.open_nursery() as nursery:
-        config = RelayConfig(port=int(sys.argv[2]), db_path=sys.argv[1])
+        config = RelayConfig(
+            port=int(sys.argv[2]),
+            db_path=sys.argv[1],
+            registration=Registration(sys.argv[3]),
+            name=sys.argv[4],
+        )
         port = await nursery.start(serve_relay, config)
         print(port, flush=True)
 
@@ -56,10 +61,13 @@ trio.run(main)
 
 
 @contextlib.contextmanager
-def relay_process(db: Path, port: int = 0) -> Iterator[tuple[subprocess.Popen[str], int]]:
-    """A relay on ``db``, on ``port`` (0: any free port, as it says)."""
+def relay_process(
+    db: Path, port: int = 0, *, registration: str = "open", name: str = ""
+) -> Iterator[tuple[subprocess.Popen[str], int]]:
+    """A relay on ``db``, on ``port`` (0: any free port, as it says), registering
+    ``registration`` (open, invite, closed), calling itself ``name`` (by default, as dialled)."""
     relay = subprocess.Popen(
-        [sys.executable, "-c", RELAY_SCRIPT, str(db), str(port)],
+        [sys.executable, "-c", RELAY_SCRIPT, str(db), str(port), registration, name],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,

@@ -114,6 +114,30 @@ def test_a_name_with_a_path_in_it_writes_only_under_hushchat(tmp_path: Path) -> 
     assert oct(folder.stat().st_mode & 0o777) == "0o700"
 
 
+@pytest.mark.parametrize(
+    ("relay", "says"),
+    [
+        ({"registration": "closed"}, ("registers no new users", "REGISTRATION_CLOSED")),
+        ({"registration": "invite"}, ("registers new users by invitation", "INVITE_REFUSED")),
+        (
+            {"name": "relay.example.org"},
+            ("calls itself 'relay.example.org'", "RELAY_NAME_MISMATCH"),
+        ),
+    ],
+)
+def test_a_relay_that_will_not_have_us_is_one_line_saying_why(
+    tmp_path: Path, relay: dict[str, str], says: tuple[str, str]
+) -> None:
+    home = tmp_path / "home"
+    home.mkdir()
+    with relay_process(tmp_path / "relay.db", **relay) as (_, port):
+        result = chat(home, "chat", "--relay", f"127.0.0.1:{port}", "--name", "zed")
+    why, code = says
+    one_line(result, 1, f"group_chat.py chat: the relay at 127.0.0.1:{port} {why}")
+    assert result.stderr.endswith(f" ({code})\n")
+    assert files_under(home) == [".hushchat"]  # a failed first start leaves no state
+
+
 def test_linking_without_a_relay_is_one_line_and_leaves_nothing(tmp_path: Path) -> None:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
