@@ -140,7 +140,12 @@ from hushchat.transport.client.store import (
     StoreLocked,
     WrongStoreKey,
 )
-from hushchat.transport.wire.errors import format_address
+from hushchat.transport.wire.errors import (
+    InviteRefused,
+    RegistrationClosed,
+    RelayNameMismatch,
+    format_address,
+)
 
 try:
     import readline  # line editing and history for input(), where available
@@ -307,9 +312,10 @@ def local_time(ms: int) -> str:
     return time.strftime("%a %d %b %H:%M", time.localtime(ms / 1000))
 
 
-def explain_connect_failure(reason: str, relay: str, me: str) -> str:
-    """A first connection's failure (its code), and what to do, in one line."""
+def explain_connect_failure(reason: str, relay: str, me: str, detail: str = "") -> str:
+    """A first connection's failure (its code, and its message), and what to do, in one line."""
     where = f"the relay at {relay}"
+    announced = re.match(r"relay calls itself ('.*?'),", detail)
     explained = {
         "CONNECTION_REFUSED": f"nothing listens at {relay}: is `hushchat relay` "
         "running there, on that port?",
@@ -322,6 +328,13 @@ def explain_connect_failure(reason: str, relay: str, me: str) -> str:
         "CONNECT_FAILED": f"cannot connect to {where}",
         "CONNECTION_CLOSED": f"{where} closed the connection: is it a hushchat relay?",
         "RELAY_TIMEOUT": f"{where} stopped answering: try again",
+        "REGISTRATION_CLOSED": f"{where} registers no new users: its operator decides who "
+        "may, or use the --state folder of a user it knows",
+        "INVITE_REFUSED": f"{where} registers new users by invitation, which this chat does "
+        "not pass: register with the library's open_client(..., invite=TOKEN)",
+        "RELAY_NAME_MISMATCH": f"{where} calls itself "
+        f"{announced.group(1) if announced else 'by another name'}: dial it by that name, "
+        "or it is not the relay you mean",
     }
     if reason in explained:
         return f"{explained[reason]} ({reason})"
@@ -363,6 +376,7 @@ class Chat:
         self.online = False
         self.connections = 0
         self.failure: str | None = None
+        self.failure_detail = ""  # the refusal's own words, where they say more than its code
         self.failure_message = ""
         self._failed = trio.Event()
         self.commands: dict[str, Callable[[str], Awaitable[None]]] = {
@@ -389,7 +403,13 @@ class Chat:
             async with trio.open_nursery() as race:
 
                 async def connect() -> None:
-                    await nursery.start(self.client.run)
+                    try:
+                        await nursery.start(self.client.run)
+                    except (RegistrationClosed, InviteRefused, RelayNameMismatch) as refused:
+                        # What the client does not retry: no later attempt would differ.
+                        self.failure, self.failure_detail = refused.code, refused.message
+                        race.cancel_scope.cancel()
+                        return
                     self.connected = True
                     race.cancel_scope.cancel()
 
@@ -407,7 +427,7 @@ class Chat:
         return False
 
     def _explain_failure(self, reason: str) -> str:
-        return explain_connect_failure(reason, self.relay, self.me)
+        return explain_connect_failure(reason, self.relay, self.me, self.failure_detail)
 
     # ------------------------------------------------------------ events
 
