@@ -1036,11 +1036,13 @@ def remove_new_state(state_dir: str, made_folder: bool) -> None:
         os.rmdir(state_dir)
 
 
-def store_key(state_dir: str, variable: str) -> bytes:
+def store_key(state_dir: str, variable: str, *, new: bool | None = None) -> bytes:
     """The key of the store in ``state_dir``: from ``variable``, else a passphrase asked.
 
     64 hex digits in the variable are the key itself; anything else there,
     or typed, is a passphrase, stretched with scrypt and the folder's salt.
+    A typed one is asked twice for a ``new`` store (by default: when the
+    folder holds none yet).
     """
     value = os.environ.get(variable)
     if value is not None and re.fullmatch(r"[0-9a-fA-F]{64}", value):
@@ -1048,7 +1050,8 @@ def store_key(state_dir: str, variable: str) -> bytes:
     if value is None:
         if not sys.stdin.isatty():
             raise SetupError(f"no passphrase for the state folder: set {variable}")
-        new = not os.path.exists(os.path.join(state_dir, STORE_FILE))
+        if new is None:
+            new = not os.path.exists(os.path.join(state_dir, STORE_FILE))
         value = getpass.getpass("passphrase for this device's messages: ")
         if new and getpass.getpass("the same again: ") != value:
             raise SetupError("the two passphrases differ; nothing was written", 2)
@@ -1284,7 +1287,8 @@ def run_import(path: str, name: str, state_dir: str, key_env: str) -> int:
         except BackupError as exc:
             raise SetupError(exc.message) from None
         imported.close()
-        store = open_store(state_dir, store_key(state_dir, key_env))  # encrypts it now
+        # The imported file is there, but its key is new: asked twice.
+        store = open_store(state_dir, store_key(state_dir, key_env, new=True))  # encrypts it now
         try:
             device = load_device(store, name, existed=True)
         finally:
