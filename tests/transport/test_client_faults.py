@@ -51,7 +51,13 @@ from hushchat.transport.client.events import QueuedMessage
 from hushchat.transport.client.store import WAL_SIZE_LIMIT, ClientStore, StoreFull
 from hushchat.transport.relay.config import RelayLimits
 from hushchat.transport.relay.ratelimit import RateLimit
-from hushchat.transport.wire.errors import NoPreKeys, RateLimited, RelayTimeout, UnknownUser
+from hushchat.transport.wire.errors import (
+    Forbidden,
+    NoPreKeys,
+    RateLimited,
+    RelayTimeout,
+    UnknownUser,
+)
 from tests.support.clients import Relay, RelayProcess, client, free_port, next_matching
 from tests.support.clock import NOW
 
@@ -82,6 +88,54 @@ async def test_the_readme_example_raises_unknown_user_itself(tmp_path: Path, rel
                 await alice.send_direct("bob", b"hi Bob")
         assert raised.value.user_id == "bob"
         assert store.outbox() == []  # nothing was queued for a user the relay does not know
+    finally:
+        store.close()
+
+
+class DiedHere(Exception):
+    """The process dying at this point (the test's stand-in for kill -9)."""
+
+
+async def test_a_registration_the_store_did_not_record_still_comes_online(
+    tmp_path: Path, relay: Relay, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The relay stored alice's first device list; the client died before its store
+    recorded that. At the next start the relay refuses the list as a registration
+    (FORBIDDEN: the user exists), and the user that exists is this device's."""
+
+    async def dies(self: Client, counter: int) -> None:
+        raise DiedHere
+
+    path = str(tmp_path / "alice.db")
+    store = ClientStore.open(path)
+    try:
+        with monkeypatch.context() as patched, pytest.raises(DiedHere):
+            patched.setattr(Client, "_set_registered", dies)
+            async with open_client(store, "127.0.0.1", relay.port, user_id="alice"):
+                pass
+    finally:
+        store.close()
+    store = ClientStore.open(path)
+    try:
+        with trio.fail_after(TIMEOUT):
+            async with open_client(store, "127.0.0.1", relay.port) as alice:
+                assert alice.status is Status.READY
+    finally:
+        store.close()
+
+
+async def test_a_user_id_someone_else_registered_is_refused_from_open_client(
+    tmp_path: Path, relay: Relay
+) -> None:
+    """A new device under a user id the relay holds for another identity: no retry
+    changes that, so open_client says so instead of trying forever."""
+    async with client(tmp_path, relay, "bob"):
+        pass
+    store = ClientStore.open(str(tmp_path / "another-bob.db"))
+    try:
+        with trio.fail_after(TIMEOUT), pytest.raises(Forbidden):
+            async with open_client(store, "127.0.0.1", relay.port, user_id="bob"):
+                pass
     finally:
         store.close()
 
