@@ -141,6 +141,7 @@ from hushchat.transport.client.store import (
     WrongStoreKey,
 )
 from hushchat.transport.wire.errors import (
+    Forbidden,
     InviteRefused,
     RegistrationClosed,
     RelayNameMismatch,
@@ -405,7 +406,12 @@ class Chat:
                 async def connect() -> None:
                     try:
                         await nursery.start(self.client.run)
-                    except (RegistrationClosed, InviteRefused, RelayNameMismatch) as refused:
+                    except (
+                        RegistrationClosed,
+                        InviteRefused,
+                        RelayNameMismatch,
+                        Forbidden,
+                    ) as refused:
                         # What the client does not retry: no later attempt would differ.
                         self.failure, self.failure_detail = refused.code, refused.message
                         race.cancel_scope.cancel()

@@ -318,6 +318,11 @@ class Client:
         self._published = _stored_int(store, core.RecordKey.PUBLISHED_PREKEYS)
         self._registered = _stored_int(store, core.RecordKey.REGISTERED_DEVICE_LIST)
         self._unknown_to_relay = False
+        # The relay refused our first registration because it holds the user
+        # (FORBIDDEN, which ends the connection): ours, registered by a start that
+        # died before recording it, or another identity's. The next login tells.
+        self._user_exists = False
+        self._user_id_taken = False  # another identity's: no retry changes it
         self._handed: int | None = None  # inbox row of the event the app holds
         self._taken: list[int] = []  # inbox rows the app is done with, still stored
         self._events_in, self._events_out = trio.open_memory_channel[
@@ -1786,31 +1791,50 @@ class Client:
     async def _login(self, connection: RelayConnection) -> bool:
         """Register if needed, then authenticate; whether we registered again.
 
-        A new user's first device registers its user with the first list. A
-        device whose login the relay refused last time (it lost its database)
-        registers its user again with the signed list it holds, exactly as
-        the user identity signed it: peers see nothing new. If the relay
-        still knows the user (Forbidden), it does not know this device: the
-        login is refused again.
+        A new user's first device registers its user with the first list. If
+        the relay holds the user already (Forbidden), the next login tells
+        whose it is: ours, registered by a start that died before recording
+        it, or another identity's (AUTH_FAILED), which no retry changes: it
+        raises Forbidden, and :meth:`_connect` gives up. A device whose login
+        the relay refused last time (it lost its database) registers its
+        user again with the signed list it holds, exactly as the user
+        identity signed it: peers see nothing new. If the relay still knows
+        the user (Forbidden), it does not know this device: the login is
+        refused again.
         """
         own = self.core.own_device_list
         reregistered = False
         first = self.core.holds_user_identity and self._registered == 0
-        if own is not None and (first or self._unknown_to_relay):
+        probing = first and self._user_exists
+        if own is not None and (first or self._unknown_to_relay) and not probing:
             try:
                 # The invitation (where the relay asks for one) is for the first
                 # registration only: it is single-use.
                 invite = self._invite if first else None
                 await connection.upload_device_list(own.encode(), invite=invite)
-            except (Forbidden, DeviceListRejected, RegistrationClosed, InviteRefused):
+            except Forbidden:
                 if first:
-                    raise  # the name is taken
+                    self._user_exists = True
+                    raise
+            except (DeviceListRejected, RegistrationClosed, InviteRefused):
+                if first:
+                    raise
             else:
                 reregistered = not first
                 await self._set_registered(own.device_list.counter)
-        await connection.authenticate(
-            self.core.user_id, self.core.device_id, self.core.account.identity
-        )
+        try:
+            await connection.authenticate(
+                self.core.user_id, self.core.device_id, self.core.account.identity
+            )
+        except AuthenticationFailed:
+            if not probing:
+                raise
+            self._user_id_taken = True
+            raise Forbidden(
+                f"the relay holds the user {self.core.user_id!r} for another identity"
+            ) from None
+        if probing and own is not None:
+            await self._set_registered(own.device_list.counter)  # the user was ours
         if reregistered:
             # The relay lost our prekeys with the rest: every one-time key we
             # hold goes up again (those it handed out before went with its mail).
@@ -1979,6 +2003,10 @@ class Client:
             # that will not register us: no retry changes it. The app hears of it
             # from open_client.
             raise
+        except Forbidden as refused:
+            if self._user_id_taken:
+                raise  # our user id is another identity's (_login): as above
+            reason = refused.code
         except (TransportError, OSError, RemoteProtocolError) as exc:
             # RemoteProtocolError: the relay served something that does not
             # verify (our own device list, a bundle to sync with): drop this
@@ -2195,7 +2223,8 @@ async def open_client(
     reconnect): it is not retried. ``invite`` is the invitation token that
     registers a new user at a relay that registers by invitation (spec 7.6);
     a relay that refuses to register the user raises RegistrationClosed or
-    InviteRefused from this function. ``clock`` gives the time in seconds (the
+    InviteRefused from this function, and Forbidden if it holds the user id
+    for another identity. ``clock`` gives the time in seconds (the
     protocol's ``now``) and ``rng`` every random draw, from loading or
     creating the device on. ``request_timeout`` bounds each request to the
     relay, ``ready_timeout`` how long an operation that needs the relay
