@@ -520,6 +520,13 @@ def test_the_relay_command_on_postgresql(
     assert "alice" in capsys.readouterr().out
     assert cli.main(["relay", "users", "--db", postgres_dsn]) == 1
     assert "--key-file" in capsys.readouterr().err
+    # A key file that is not there is named as missing, as on SQLite, and not made.
+    missing = str(tmp_path / "typo.keys")
+    assert cli.main(["relay", "users", "--db", postgres_dsn, "--key-file", missing]) == 1
+    assert (
+        capsys.readouterr().err == f"hushchat relay users: no key file of the relay at {missing}\n"
+    )
+    assert not Path(missing).exists()
 
 
 def test_one_notification_per_batch_and_relay_naming_devices_never_ciphertext(
