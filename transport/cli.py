@@ -510,6 +510,8 @@ def _on_postgres(
 
     if args.key_file is None:
         return fail(command, "a relay database on PostgreSQL needs its relays' --key-file")
+    if not os.path.isfile(args.key_file):
+        return fail(command, f"no key file of the relay at {args.key_file}")
     try:
         if schema_version(args.db) == 0:
             return fail(command, f"no relay database at {without_password(args.db)}")
