@@ -133,7 +133,8 @@ def test_a_relay_that_will_not_have_us_is_one_line_saying_why(
 ) -> None:
     home = tmp_path / "home"
     home.mkdir()
-    with relay_process(tmp_path / "relay.db", **relay) as (_, port):
+    registration, name = relay.get("registration", "open"), relay.get("name", "")
+    with relay_process(tmp_path / "relay.db", registration=registration, name=name) as (_, port):
         result = chat(home, "chat", "--relay", f"127.0.0.1:{port}", "--name", "zed")
     why, code = says
     one_line(result, 1, f"group_chat.py chat: the relay at 127.0.0.1:{port} {why}")
