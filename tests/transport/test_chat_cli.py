@@ -142,6 +142,35 @@ def test_a_relay_that_will_not_have_us_is_one_line_saying_why(
     assert files_under(home) == [".hushchat"]  # a failed first start leaves no state
 
 
+def test_the_chat_joins_a_relay_by_invitation_and_one_dialled_by_another_name(
+    tmp_path: Path,
+) -> None:
+    """--invite passes an operator's token at the first registration, --relay-name the
+    name a relay dialled by its address calls itself (a cluster behind a balancer)."""
+    home = tmp_path / "home"
+    home.mkdir()
+    db = tmp_path / "relay.db"
+    with relay_process(db, registration="invite", name="relay.example.org") as (_, port):
+        issued = subprocess.run(
+            [sys.executable, "-m", "hushchat.transport.cli", "relay", "invite", "--db", str(db)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=True,
+        )
+        token = issued.stdout.split()[0]
+        relay = ["--relay", f"127.0.0.1:{port}", "--relay-name", "relay.example.org"]
+        result = chat(home, "chat", *relay, "--name", "zed", "--invite", token, stdin="/quit\n")
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert "Traceback" not in result.stdout + result.stderr
+        # The token is spent: a second new user with it is refused, in one line.
+        again = chat(home, "chat", *relay, "--name", "yan", "--invite", token, stdin="/quit\n")
+        one_line(again, 1, "registers new users by invitation")
+        # zed, registered, starts again without a token.
+        result = chat(home, "chat", *relay, "--name", "zed", stdin="/quit\n")
+        assert result.returncode == 0, result.stdout + result.stderr
+
+
 def test_linking_without_a_relay_is_one_line_and_leaves_nothing(tmp_path: Path) -> None:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
