@@ -2,6 +2,7 @@
 
     python examples/group_chat.py demo [--relay-db PATH]
     python examples/group_chat.py chat --relay HOST:PORT --name NAME [--state DIR] [--link]
+        [--invite TOKEN] [--relay-name NAME]
     python examples/group_chat.py export FILE --name NAME [--state DIR]
     python examples/group_chat.py import FILE --name NAME [--state DIR]
 
@@ -331,11 +332,11 @@ def explain_connect_failure(reason: str, relay: str, me: str, detail: str = "") 
         "RELAY_TIMEOUT": f"{where} stopped answering: try again",
         "REGISTRATION_CLOSED": f"{where} registers no new users: its operator decides who "
         "may, or use the --state folder of a user it knows",
-        "INVITE_REFUSED": f"{where} registers new users by invitation, which this chat does "
-        "not pass: register with the library's open_client(..., invite=TOKEN)",
+        "INVITE_REFUSED": f"{where} registers new users by invitation: give the token its "
+        "operator issued with --invite TOKEN (each registers one user)",
         "RELAY_NAME_MISMATCH": f"{where} calls itself "
         f"{announced.group(1) if announced else 'by another name'}: dial it by that name, "
-        "or it is not the relay you mean",
+        "or give that name with --relay-name, or it is not the relay you mean",
     }
     if reason in explained:
         return f"{explained[reason]} ({reason})"
@@ -1133,7 +1134,9 @@ def load_device(store: ClientStore, name: str, existed: bool) -> core.ClientCore
     return device
 
 
-async def link_new_device(host: str, port: int, name: str, screen: Screen) -> core.ClientCore:
+async def link_new_device(
+    host: str, port: int, name: str, screen: Screen, relay_name: str | None = None
+) -> core.ClientCore:
     """A new device of ``name``, linked by its first device (device_link.py); or SetupError."""
     relay = format_address(host, port)
     try:  # say at once why the relay cannot be reached (the client would keep trying)
@@ -1151,6 +1154,7 @@ async def link_new_device(host: str, port: int, name: str, screen: Screen) -> co
                     port,
                     user_id=throwaway_user_id(),
                     ready_timeout=COMMAND_READY_TIMEOUT,
+                    expected_relay_name=relay_name,
                 ) as helper:
                     startup.deadline = float("inf")
                     return await ask_to_be_linked(helper, name, screen)
@@ -1205,8 +1209,15 @@ async def run_chat(
     palette: Palette,
     link: bool = False,
     key_env: str = KEY_ENV,
+    invite: str | None = None,
+    relay_name: str | None = None,
 ) -> int:
-    """The chat until /quit; the exit status (SetupError if it cannot start)."""
+    """The chat until /quit; the exit status (SetupError if it cannot start).
+
+    ``invite``: the operator's token for a new user's first registration at a relay
+    that registers by invitation; ``relay_name``: the name the relay calls itself,
+    where it is dialled by another (its address, say).
+    """
     screen = Screen(palette, sys.stdin.isatty() and sys.stdout.isatty())
     made_folder = prepare_state_dir(state_dir)
     existed = os.path.exists(os.path.join(state_dir, STORE_FILE))
@@ -1219,12 +1230,20 @@ async def run_chat(
         if link and device is not None:
             raise SetupError(f"{state_dir} already holds {possessive(name)} device", 2)
         if link:
-            device = await link_new_device(host, port, name, screen)
+            device = await link_new_device(host, port, name, screen, relay_name)
             store = open_store(state_dir, key)
         assert store is not None
         if device is None:
             device = load_or_create_core(store, user_id=name)
-        client = Client(store, device, host, port, ready_timeout=COMMAND_READY_TIMEOUT)
+        client = Client(
+            store,
+            device,
+            host,
+            port,
+            ready_timeout=COMMAND_READY_TIMEOUT,
+            expected_relay_name=relay_name,
+            invite=invite,
+        )
         chat = Chat(client, screen, format_address(host, port), state_dir)
         stopped: list[HushchatError] = []
         try:
@@ -1333,6 +1352,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="start a new device of an existing user NAME: type the code it shows on the "
         "first device (/link CODE) (default: a new user, or the device in --state)",
     )
+    chat.add_argument(
+        "--invite",
+        metavar="TOKEN",
+        help="a new user's invitation, for a relay that registers by invitation (from "
+        "its operator's `hushchat relay invite`) (default: none)",
+    )
+    chat.add_argument(
+        "--relay-name",
+        metavar="NAME",
+        help="the name the relay calls itself, where --relay dials it by another, such "
+        "as its address (default: the host of --relay)",
+    )
     for action, what in (("export", "write"), ("import", "read")):
         backup = commands.add_parser(
             action, help=f"{what} a device backup sealed with a passphrase"
@@ -1375,7 +1406,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             else:
                 host, port = args.relay
                 status = trio.run(
-                    run_chat, host, port, args.name, state, palette, args.link, args.key_env
+                    run_chat,
+                    host,
+                    port,
+                    args.name,
+                    state,
+                    palette,
+                    args.link,
+                    args.key_env,
+                    args.invite,
+                    args.relay_name,
                 )
         except SetupError as exc:
             print(f"group_chat.py {args.command}: {exc}", file=sys.stderr)
