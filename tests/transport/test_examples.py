@@ -274,6 +274,34 @@ def test_demo_will_not_reuse_a_relay_database(tmp_path: Path) -> None:
 # ------------------------------------------------------------------ the echo bot
 
 
+@pytest.mark.parametrize(
+    ("registration", "says"),
+    [("closed", "REGISTRATION_CLOSED"), ("invite", "INVITE_REFUSED")],
+)
+def test_echo_bot_a_relay_will_not_have_is_one_line(
+    tmp_path: Path, registration: str, says: str
+) -> None:
+    """open_client raises what no retry changes; the bot says it in one line, exit 1."""
+    with relay_process(tmp_path / "relay.db", registration=registration) as (_, port):
+        result = subprocess.run(
+            [
+                sys.executable,
+                str(EXAMPLES / "echo_bot.py"),
+                "--relay",
+                f"127.0.0.1:{port}",
+                "--state",
+                str(tmp_path / "bot"),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "Traceback" not in result.stderr
+    assert result.stderr.count("\n") == 1 and result.stderr.startswith("echo_bot.py: ")
+    assert result.stderr.endswith(f"({says})\n")
+
+
 async def test_echo_bot_answers_in_the_groups_it_is_added_to(tmp_path: Path) -> None:
     async with trio.open_nursery() as nursery:
         config = RelayConfig(db_path=str(tmp_path / "relay.db"))
