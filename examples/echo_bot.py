@@ -97,11 +97,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not host or not port.isdigit():
         parser.error("--relay: expected HOST:PORT, e.g. 127.0.0.1:7400")
     state = args.state or default_state_dir(args.name)
+    status = 0
     try:
         trio.run(run_bot, host, int(port), args.name, state)
     except* KeyboardInterrupt:  # Ctrl-C stops the bot (trio may raise it in a group)
         print("bye", flush=True)
-    return 0
+    except* HushchatError as group:
+        # What no retry changes (the relay registers no new users, or by invitation
+        # only; the name is another identity's): open_client raises it, once.
+        refused = group.exceptions[0]
+        assert isinstance(refused, HushchatError)
+        print(f"echo_bot.py: {refused.message} ({refused.code})", file=sys.stderr)
+        status = 1
+    return status
 
 
 if __name__ == "__main__":
