@@ -274,6 +274,19 @@ def test_demo_will_not_reuse_a_relay_database(tmp_path: Path) -> None:
 # ------------------------------------------------------------------ the echo bot
 
 
+def echo_bot(port: int, tmp_path: Path) -> list[str]:
+    """The command that runs the echo bot against the relay on ``port``."""
+    relay = f"127.0.0.1:{port}"
+    return [
+        sys.executable,
+        str(EXAMPLES / "echo_bot.py"),
+        "--relay",
+        relay,
+        "--state",
+        str(tmp_path / "bot"),
+    ]
+
+
 @pytest.mark.parametrize(
     ("registration", "says"),
     [("closed", "REGISTRATION_CLOSED"), ("invite", "INVITE_REFUSED")],
@@ -284,14 +297,7 @@ def test_echo_bot_a_relay_will_not_have_is_one_line(
     """open_client raises what no retry changes; the bot says it in one line, exit 1."""
     with relay_process(tmp_path / "relay.db", registration=registration) as (_, port):
         result = subprocess.run(
-            [
-                sys.executable,
-                str(EXAMPLES / "echo_bot.py"),
-                "--relay",
-                f"127.0.0.1:{port}",
-                "--state",
-                str(tmp_path / "bot"),
-            ],
+            echo_bot(port, tmp_path),
             capture_output=True,
             text=True,
             timeout=60,
@@ -307,14 +313,7 @@ async def test_echo_bot_answers_in_the_groups_it_is_added_to(tmp_path: Path) -> 
         config = RelayConfig(db_path=str(tmp_path / "relay.db"))
         port = await nursery.start(serve_relay, config)
         bot = await trio.lowlevel.open_process(
-            [
-                sys.executable,
-                str(EXAMPLES / "echo_bot.py"),
-                "--relay",
-                f"127.0.0.1:{port}",
-                "--state",
-                str(tmp_path / "bot"),
-            ],
+            echo_bot(port, tmp_path),
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
         )
