@@ -627,9 +627,9 @@ class ClientCore:
         first = self._directory.device_list(user_id) is None
         changed_before = set(self._state.changed)
         try:
-            if SignedDeviceList.decode(sender_list).device_list.user_id != user_id:
-                raise UnauthorizedChange(f"a device list of another user than {user_id!r}")
-            listed = self.process_device_list(sender_list)
+            listed = self._devices_changed(
+                self._directory.process_device_list(sender_list, user_id=user_id)
+            )
         except RemoteProtocolError:
             return self._receive(sender, kind, payload, now)
         received = self._receive(sender, kind, payload, now)

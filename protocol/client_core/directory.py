@@ -20,7 +20,7 @@ from ..devices import (
     check_update,
     device_changes,
 )
-from ..errors import InvalidState, StaleChange, UntrustedIdentity
+from ..errors import InvalidState, StaleChange, UnauthorizedChange, UntrustedIdentity
 from ..fingerprint import SafetyNumber
 from .events import Address, DeviceAdded, DeviceRemoved, Event, IdentityChanged
 from .records import RecordKey
@@ -74,11 +74,14 @@ class Directory:
         held = self.device_list(address.user_id)
         return held is not None and held.device(address.device_id) is not None
 
-    def process_device_list(self, data: bytes) -> DeviceListChange:
-        """Take a signed device list from the relay (verified here, never trusted)."""
+    def process_device_list(self, data: bytes, *, user_id: str | None = None) -> DeviceListChange:
+        """Take a signed device list from the relay (verified here, never trusted);
+        ``user_id``: the user it must be of (UnauthorizedChange otherwise)."""
         state = self._state
         signed = SignedDeviceList.decode(data)
         new = signed.device_list
+        if user_id is not None and new.user_id != user_id:
+            raise UnauthorizedChange(f"a device list of another user than {user_id!r}")
         if new.user_id == state.user_id and new.user_identity != state.user_identity_public:
             raise UntrustedIdentity("a device list for our own user with another identity")
         self._check_device_keys(new)
