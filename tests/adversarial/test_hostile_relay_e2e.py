@@ -60,6 +60,7 @@ from hushchat.transport.client.client import (
     Disconnected,
     MessageSent,
     SendFailed,
+    Status,
     open_client,
 )
 from hushchat.transport.client.store import ClientStore
@@ -273,11 +274,16 @@ async def setup(nursery: trio.Nursery, tmp_path: Path) -> Setup:
 
 
 @asynccontextmanager
-async def client(setup: Setup, name: str) -> AsyncIterator[Client]:
+async def client(setup: Setup, name: str, **options: Any) -> AsyncIterator[Client]:
     store = ClientStore.open(str(setup.tmp_path / f"{name}.db"))
     try:
         async with open_client(
-            store, "127.0.0.1", setup.proxy.port, user_id=name, reconnect_first_delay=0.05
+            store,
+            "127.0.0.1",
+            setup.proxy.port,
+            user_id=name,
+            reconnect_first_delay=0.05,
+            **options,
         ) as c:
             yield c
     finally:
@@ -840,6 +846,34 @@ async def test_a_relay_that_keeps_asking_for_prekeys_cannot_grow_the_account_wit
         assert alice._published >= 2 * (batches * PREKEY_BATCH_SIZE)
         assert account.one_time_prekey_count == MAX_ONE_TIME_PREKEYS
         assert len(account.prekey_upload().one_time_kem_prekeys) == MAX_ONE_TIME_PREKEYS
+
+
+async def test_a_relay_that_closes_again_and_again_cannot_pile_up_events_the_app_does_not_read(
+    setup: Setup,
+) -> None:
+    """Bob's app does not read for a while, so his client takes no more mail than its
+    event queue and one envelope's events (the rest waits at the relay). The relay
+    pushes a window of envelopes (forged: each is an Undecryptable event), then breaks
+    the connection, again and again. What the client had not taken when the connection
+    closed must stay at the relay: before, it took the rest of the window at each close,
+    and the events waiting in memory for the app grew with every connection."""
+    queue_size, pushed, closes = 2, 40, 4
+    async with client(setup, "alice") as alice, client(setup, "bob") as bob:
+        await converse(alice, bob)
+    async with client(setup, "bob", event_queue_size=queue_size) as bob:
+        for _ in range(closes):
+            link = await setup.proxy.link(BOB)
+            for _ in range(pushed):
+                payload = secrets.token_bytes(200)
+                await link.push(Envelope(secrets.token_bytes(16), 0, "alice", 1, 1, payload))
+            await link.push_frame(Ok(PROXY_REQUEST_IDS))  # a reply to no request: closes
+            with trio.fail_after(TIMEOUT):
+                while setup.proxy.links.get(BOB) is link or bob.status is not Status.READY:
+                    await trio.sleep(0.01)
+        waiting = [
+            event for _, event in bob._backlog if not isinstance(event, Connected | Disconnected)
+        ]
+        assert len(waiting) <= 1, len(waiting)
 
 
 # ------------------------------------------------------------------ another user's device key
