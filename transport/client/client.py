@@ -125,7 +125,6 @@ from ..wire.frames import MailExpired as MailExpiredNotice
 from ..wire.frames import PreKeysLow
 from ..wire.limits import CLIENT_REQUEST_TIMEOUT, MAX_IN_FLIGHT, MAX_PREKEYS_PER_UPLOAD
 from ..wire.records import Envelope
-from ..wire.states import ConnectionState
 from .connection import RelayConnection, already_queued, connect_relay
 from .events import (
     ClientEvent,
@@ -334,9 +333,8 @@ class Client:
         # prepare lock), and an app that reads and sends from one task would wait
         # for good. So it holds the stored events not taken before this run, then
         # at most one envelope's (up to MAX_BACKLOG_FOR_AWAITED_MAIL while an app
-        # call waits for mail, and the rest of a window once the connection
-        # closed), and what the outbox and the app's own calls produced since the
-        # app last read (notices of the connection folded).
+        # call waits for mail), and what the outbox and the app's own calls
+        # produced since the app last read (notices of the connection folded).
         self._backlog: collections.deque[tuple[int | None, ClientEvent]] = collections.deque()
         # Set (and replaced) when a receive loop waiting for the app may look again:
         # the app took an event, an app call waits for mail, the connection closed.
@@ -1515,13 +1513,14 @@ class Client:
             self._backlog.popleft()
 
     async def _wait_for_the_app(self, connection: RelayConnection) -> None:
-        """Until no event waits for room in the app's queue (the receive loop's pace), an
-        app call waits for mail (while fewer than MAX_BACKLOG_FOR_AWAITED_MAIL events
-        wait), or the connection closed (the receive loop then learns it from the
-        connection, and the client reconnects)."""
+        """Until no event waits for room in the app's queue (the receive loop's pace), or
+        an app call waits for mail (while fewer than MAX_BACKLOG_FOR_AWAITED_MAIL events
+        wait). ConnectionClosed if the connection closes meanwhile: what was pushed and
+        not taken stays at the relay, unacknowledged, for the next connection (taken
+        now, a relay that closes again and again would add a window of events per
+        connection, however long the app does not read)."""
         while self._backlog:
-            if connection.state is ConnectionState.CLOSED:
-                return
+            connection.check_open()
             if self._mail_awaited and len(self._backlog) < MAX_BACKLOG_FOR_AWAITED_MAIL:
                 return
             await self._may_receive.wait()

@@ -232,6 +232,15 @@ class RelayConnection:
         """The relay's final error (e.g. Superseded, IdleTimeout), if it sent one."""
         return self._close_reason
 
+    def check_open(self) -> None:
+        """Raise ConnectionClosed, with the relay's reason, once the connection is closed.
+
+        What :meth:`receive` would raise after the envelopes already pushed, for a
+        caller that leaves those at the relay (unacknowledged, they come again).
+        """
+        if self._state is ConnectionState.CLOSED:
+            raise self._closed_error()
+
     def _closed_error(self) -> ConnectionClosed:
         reason = self._close_reason
         message = "connection closed" if reason is None else f"closed by relay: {reason.wire_code}"
