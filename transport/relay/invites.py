@@ -44,7 +44,7 @@ def issue_invites(db_path: str, count: int, *, lifetime_seconds: int) -> list[st
     psycopg's errors for PostgreSQL's; UnknownStateVersion if its schema is
     not the current one.
     """
-    tokens = [secrets.token_urlsafe(INVITE_TOKEN_BYTES) for _ in range(count)]
+    tokens = [secrets.token_hex(INVITE_TOKEN_BYTES) for _ in range(count)]
     expires_at = wall_clock_ms() + 1000 * lifetime_seconds
     if is_postgres_url(db_path):
         from .storage.postgres import insert_invites

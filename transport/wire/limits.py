@@ -118,9 +118,10 @@ PREKEY_LOW_THRESHOLD: Final = PREKEY_LOW_WATERMARK
 
 # ------------------------------------------------------------------ registration
 
-# Random bytes in an invitation token (printed base64url, 22 characters):
-# 128 bits, so the relay stores only a SHA-256 of it, and guessing one is out
-# of reach however many registrations are tried.
+# Random bytes in an invitation token (printed as 32 hex digits, which no
+# command line reads as an option): 128 bits, so the relay stores only a
+# SHA-256 of it, and guessing one is out of reach however many registrations
+# are tried.
 INVITE_TOKEN_BYTES: Final = 16
 
 # Longest invitation token a PUBLISH_DEVICE_LIST may carry, in UTF-8 bytes:
