@@ -38,7 +38,8 @@ computes it over the real one, and no request matches: the first device
 refuses (so trust the first device's verdict). Someone who sends many
 requests can push a real one out of the window, which makes the user start
 again (a nuisance, not a link). The throwaway user stays registered at the
-relay.
+relay; at a relay that registers by invitation it takes a token (the chat's
+``--link --invite TOKEN``).
 """
 
 from __future__ import annotations

@@ -1135,9 +1135,18 @@ def load_device(store: ClientStore, name: str, existed: bool) -> core.ClientCore
 
 
 async def link_new_device(
-    host: str, port: int, name: str, screen: Screen, relay_name: str | None = None
+    host: str,
+    port: int,
+    name: str,
+    screen: Screen,
+    relay_name: str | None = None,
+    invite: str | None = None,
 ) -> core.ClientCore:
-    """A new device of ``name``, linked by its first device (device_link.py); or SetupError."""
+    """A new device of ``name``, linked by its first device (device_link.py); or SetupError.
+
+    ``invite``: a token for the throwaway user that carries the request, at a relay
+    that registers by invitation.
+    """
     relay = format_address(host, port)
     try:  # say at once why the relay cannot be reached (the client would keep trying)
         async with connect_relay(host, port):
@@ -1155,9 +1164,13 @@ async def link_new_device(
                     user_id=throwaway_user_id(),
                     ready_timeout=COMMAND_READY_TIMEOUT,
                     expected_relay_name=relay_name,
+                    invite=invite,
                 ) as helper:
                     startup.deadline = float("inf")
                     return await ask_to_be_linked(helper, name, screen)
+        except (RegistrationClosed, InviteRefused, RelayNameMismatch) as refused:
+            why = explain_connect_failure(refused.code, relay, name, refused.message)
+            raise SetupError(f"to ask to be linked, a throwaway user registers: {why}") from None
         except NoSuchUser:
             raise SetupError(
                 f"no user named {shown(name)} on {relay}: start that user's first device "
@@ -1230,7 +1243,7 @@ async def run_chat(
         if link and device is not None:
             raise SetupError(f"{state_dir} already holds {possessive(name)} device", 2)
         if link:
-            device = await link_new_device(host, port, name, screen, relay_name)
+            device = await link_new_device(host, port, name, screen, relay_name, invite)
             store = open_store(state_dir, key)
         assert store is not None
         if device is None:
@@ -1356,7 +1369,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--invite",
         metavar="TOKEN",
         help="a new user's invitation, for a relay that registers by invitation (from "
-        "its operator's `hushchat relay invite`) (default: none)",
+        "its operator's `hushchat relay invite`); with --link, for the throwaway user that "
+        "asks (default: none)",
     )
     chat.add_argument(
         "--relay-name",

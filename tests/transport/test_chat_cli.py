@@ -171,6 +171,47 @@ def test_the_chat_joins_a_relay_by_invitation_and_one_dialled_by_another_name(
         assert result.returncode == 0, result.stdout + result.stderr
 
 
+def issue_invites(db: Path, count: int) -> list[str]:
+    """Tokens from the operator's `hushchat relay invite` on the relay's database."""
+    command = [sys.executable, "-m", "hushchat.transport.cli", "relay", "invite", "--db", str(db)]
+    issued = subprocess.run(
+        [*command, "--count", str(count)], capture_output=True, text=True, timeout=60, check=True
+    )
+    return [line.split()[0] for line in issued.stdout.splitlines() if line.strip()][:count]
+
+
+def test_linking_at_a_relay_that_registers_by_invitation(
+    tmp_path: Path, terminals: list[Terminal]
+) -> None:
+    """The new device registers a throwaway user to send its link request
+    (device_link.py), which such a relay refuses without a token: without --invite the
+    link is one line saying so, with it the link is made."""
+    db = tmp_path / "relay.db"
+    with relay_process(db, registration="invite") as (_, port):
+        for_alice, for_the_link = issue_invites(db, 2)
+        alice = Terminal(tmp_path, port, "alice", args=("--invite", for_alice), NO_COLOR="1")
+        terminals.append(alice)
+        alice.expect("connected to")
+        home = tmp_path / "home"
+        home.mkdir()
+        relay = ["--relay", f"127.0.0.1:{port}", "--name", "alice"]
+        refused = chat(home, "chat", *relay, "--link", "--state", str(home / "laptop"))
+        one_line(refused, 1, "registers new users by invitation")
+        assert "--invite" in refused.stderr
+        assert not (home / "laptop").exists()
+
+        args = ("--link", "--invite", for_the_link)
+        laptop = Terminal(tmp_path, port, "alice", "alice-laptop", args=args, NO_COLOR="1")
+        terminals.append(laptop)
+        code = laptop.expect(r"/link ([0-9A-Z]{5}-[0-9A-Z]{5})").group(1)
+        alice.expect(r"a new device asks to become yours \(alice\.2\)")
+        alice.type(f"/link {code}")
+        alice.expect(r"linked alice\.2")
+        laptop.expect(r"connected to .* as alice \(device alice\.2\)")
+        alice.type("/quit")
+        assert alice.finish() == 0
+
+
 def test_linking_without_a_relay_is_one_line_and_leaves_nothing(tmp_path: Path) -> None:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
