@@ -248,6 +248,27 @@ def queued_mail(db: Path, now: int = 10**12) -> None:
     database.close()
 
 
+def test_the_report_counts_one_of_a_kind_in_the_singular(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    db = tmp_path / "relay.db"
+    now = wall_clock_ms()
+    database = SqliteDatabase(str(db), clock=lambda: now)
+    register_devices(database, "alice", 1)
+    send = batch([("alice", 1)], (b"x",), counters={"alice": 0}, server_ts=now)
+    database.enqueue(send, max_mailbox_size=10)
+    database.close()
+    assert cli.main(["relay", "report", "--db", str(db)]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    for said in [
+        "1 user and 1 device:",
+        "1 queued envelope (1 distinct payload, ",
+        "the directory: 1 user id with",
+        "for the 1 envelope still queued",
+    ]:
+        assert said in out, said
+
+
 def test_a_lost_key_file_is_one_line_and_discards_nothing(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -631,10 +631,10 @@ async def test_invite_and_report_on_a_postgresql_database(
         f"(schema {POSTGRES_SCHEMA_VERSION})",
         "2 users and 2 devices",
         "prekeys: 1 signed, 1 last-resort ML-KEM-768, 3 one-time X25519, 2 one-time ML-KEM-768",
-        "1 queued envelopes (1 distinct payloads",
+        "1 queued envelope (1 distinct payload,",
         "1 accepted within the last hour",
         "The oldest epoch whose keys exist began",
-        "for the 1 envelopes still queued",
+        "for the 1 envelope still queued",
     ]:
         assert said in out, said
     assert cli.main(["relay", "report", "--db", dsn, "--key-file", str(tmp_path / "none")]) == 0

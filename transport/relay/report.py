@@ -251,6 +251,11 @@ def _wrapped(lines: list[str]) -> str:
     return "\n".join(out) + "\n"
 
 
+def _count(n: int, noun: str) -> str:
+    """``n`` and the noun, singular for one: "1 user", "2 users", "1,024 bytes"."""
+    return f"{n:,} {noun}{'' if n == 1 else 's'}"
+
+
 def format_report(report: RelayReport) -> str:
     """The report as text: the counts, then what is readable and what is not."""
     r = report
@@ -259,16 +264,16 @@ def format_report(report: RelayReport) -> str:
         f"database {r.db_path} (schema {r.schema_version}), key file {r.key_file}",
         "",
         "What the relay holds:",
-        f"  {r.users} users and {r.devices} devices: signed device lists",
+        f"  {_count(r.users, 'user')} and {_count(r.devices, 'device')}: signed device lists",
         f"  prekeys: {r.signed_prekeys} signed, {r.last_resort_kem_prekeys} last-resort "
         f"ML-KEM-768, {r.one_time_prekeys} one-time X25519, {r.one_time_kem_prekeys} "
         "one-time ML-KEM-768 (public keys)",
-        f"  {r.envelopes} queued envelopes ({r.payloads} distinct payloads, "
-        f"{r.payload_bytes:,} bytes)",
+        f"  {_count(r.envelopes, 'queued envelope')} "
+        f"({_count(r.payloads, 'distinct payload')}, {_count(r.payload_bytes, 'byte')})",
     ]
     lines += [f"    {age.envelopes} {age.label}" for age in r.ages]
     if r.notices:
-        lines.append(f"  {r.notices} expiry notices not yet told to their devices")
+        lines.append(f"  {_count(r.notices, 'expiry notice')} not yet told to their devices")
     if not r.sealed:
         lines += [
             "",
@@ -296,20 +301,20 @@ def format_report(report: RelayReport) -> str:
     lines += [
         "",
         "Anyone who seizes the relay (its disk and key file) can read:",
-        f"  - the directory: {r.users} user ids with their signed device lists and public "
-        "prekeys. It is public by design (the relay serves a user's list to any device that "
+        f"  - the directory: {_count(r.users, 'user id')} with their signed device lists and "
+        "public prekeys. It is public by design (the relay serves a user's list to any device that "
         "names the user) and outlives every key.",
     ]
     if r.budgets:
         lines.append(
-            f"  - the one-time budgets of {r.budgets} device{'' if r.budgets == 1 else 's'} "
+            f"  - the one-time budgets of {_count(r.budgets, 'device')} "
             "whose one-time prekeys were taken "
             "in about the last hour: how many and when the last was, not who took them (a "
             "database alone shows them too)."
         )
     if readable:
         lines.append(
-            f"  - for the {readable} envelopes still queued"
+            f"  - for the {_count(readable, 'envelope')} still queued"
             + (f" (accepted since {_when(since)})" if since is not None else "")
             + ": who sent each to which device, when, whether one-to-one or group, its size "
             "and its ciphertext, which is end-to-end encrypted (a group message's header names "
@@ -329,8 +334,9 @@ def format_report(report: RelayReport) -> str:
     ]
     if r.unreadable_envelopes:
         lines.append(
-            f"  {r.unreadable_envelopes} queued rows are in epochs without keys: no one can "
-            "open them; the next sweep deletes them."
+            f"  {_count(r.unreadable_envelopes, 'queued row')} "
+            f"{'is' if r.unreadable_envelopes == 1 else 'are'} in epochs without keys: no one "
+            "can open them; the next sweep deletes them."
         )
     lines += [
         "The relay keeps no contact lists, group memberships, delivery history, IP addresses "
