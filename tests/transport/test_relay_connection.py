@@ -195,6 +195,7 @@ async def test_wrong_relay_name_is_refused() -> None:
         lambda rid: b"\xc1",  # not msgpack
         lambda rid: encode_body(DeviceListFrame(rid, b"x")),  # wrong reply type
         lambda rid: encode_body(Ok(rid + 5)),  # a request never made
+        lambda rid: encode_body(Ok(rid + 1)),  # the next request, not made yet
         lambda rid: encode_body(QueueEmpty()),  # a push before authentication
         lambda rid: encode_body(Ping(rid)),  # a client frame
         lambda rid: encode_body(ErrorFrame(rid, "RATE_LIMITED", "x", "not a number")),
@@ -276,6 +277,28 @@ async def test_a_relay_of_another_version_is_named_in_the_error() -> None:
     assert str(info.value) == (
         f"the relay speaks relay protocol version 2, this client {RELAY_PROTOCOL_VERSION}"
     )
+
+
+async def test_a_welcome_in_another_version_is_a_violation() -> None:
+    """A relay that answers our HELLO in a version we did not offer speaks frames we
+    cannot trust to mean what we read: nothing is signed for it."""
+
+    async def other_version(relay: RawClient) -> None:
+        request = decode_request(await relay.receive_body() or b"")
+        assert isinstance(request, Hello)
+        answer = Welcome(request.request_id, RELAY_PROTOCOL_VERSION + 1, "fake", bytes(32))
+        await send(relay, answer)
+        await trio.sleep_forever()
+
+    client, server = trio.testing.memory_stream_pair()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(other_version, RawClient(server))
+        with pytest.raises(RelayProtocolViolation, match="version"):
+            async with open_relay_connection(
+                client, expected_relay_name="fake", keepalive_interval=None
+            ):
+                pass
+        nursery.cancel_scope.cancel()
 
 
 async def test_errors_before_authentication_close_the_connection() -> None:
