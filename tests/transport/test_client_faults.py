@@ -495,6 +495,35 @@ async def test_a_full_disk_is_reported_with_its_cause_and_the_client_recovers(
         assert (await next_matching(alice, MessageReceived)).body == b"back"
 
 
+async def test_an_envelope_whose_outcome_cannot_be_stored_stays_at_the_relay(
+    tmp_path: Path, relay: Relay, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Bob's store cannot write what an envelope produced (a full disk, an I/O error),
+    once. That envelope must not have been acknowledged: the relay still holds it, it
+    comes again on the next connection, and its message reaches the app. (The full-disk
+    test above does not show it: which write meets the full disk first varies, and it
+    passed with the acknowledgement sent before the commit.)"""
+    async with client(tmp_path, relay, "alice") as alice, client(tmp_path, relay, "bob") as bob:
+        await alice.send_direct("bob", b"first")
+        assert (await next_matching(bob, MessageReceived)).body == b"first"
+        real_commit = bob.store.commit
+        refused: list[bytes] = []
+
+        def commit(changes: Any, **kwargs: Any) -> Any:
+            if kwargs.get("processed") is not None and not refused:
+                refused.append(kwargs["processed"][0])
+                raise StoreFull("the disk is full")
+            return real_commit(changes, **kwargs)
+
+        monkeypatch.setattr(bob.store, "commit", commit)
+        await alice.send_direct("bob", b"not stored the first time")
+        lost = await next_matching(bob, Disconnected)
+        assert lost.reason == "STORE_FULL"
+        received = await next_matching(bob, MessageReceived)
+        assert received.body == b"not stored the first time"
+        assert len(refused) == 1
+
+
 def processed_rows(store: Path) -> int:
     with contextlib.closing(sqlite3.connect(f"file:{store}?mode=ro", uri=True)) as db:
         return int(db.execute("SELECT COUNT(*) FROM processed").fetchone()[0])
