@@ -376,6 +376,35 @@ async def test_dropped_duplicated_reordered_and_altered_envelopes(setup: Setup) 
         assert undecryptable(events) == []
 
 
+async def test_an_envelope_that_does_not_open_is_reported_once_however_often_it_comes(
+    setup: Setup,
+) -> None:
+    """The relay pushes one envelope again (our acknowledgement was lost, or it is
+    hostile), with its guid. One that opens the ratchet drops as a duplicate; one that
+    does not (altered on the way) only the guid remembered as processed recognises. Its
+    Undecryptable must reach the app once, not once per delivery: a relay must not be
+    able to make one bad envelope look like many."""
+    proxy = setup.proxy
+    async with client(setup, "alice") as alice, client(setup, "bob") as bob:
+        await converse(alice, bob)
+        altered: list[Envelope] = []
+
+        async def alter_and_repeat(link: Link, envelope: Envelope) -> list[Envelope]:
+            if link.address != BOB or envelope.sender_user != "alice" or altered:
+                return [envelope]
+            payload = bytearray(envelope.payload)
+            payload[-40] ^= 0x01
+            altered.append(dataclasses.replace(envelope, payload=bytes(payload)))
+            return altered * 3
+
+        proxy.envelope_hook = alter_and_repeat
+        await alice.send_direct("bob", b"altered")
+        await alice.send_direct("bob", b"sentinel")
+        events = await events_until(bob, body_is(b"sentinel"))
+        assert [e.reason for e in undecryptable(events)] == ["BAD_MAC"]
+        assert received(events) == [("alice", b"sentinel")]
+
+
 async def replay_everything(proxy: HostileRelay, to: Address) -> int:
     """Push every envelope ``to`` ever got again: with its own guid and with a fresh one."""
     link = await proxy.link(to)
