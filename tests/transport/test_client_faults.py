@@ -1259,6 +1259,29 @@ async def test_a_client_run_again_hands_each_stored_event_once(
             store.close()
 
 
+async def test_an_event_the_app_failed_while_handling_comes_again(
+    tmp_path: Path, relay: Relay
+) -> None:
+    """The app is handed a message and fails while handling it (an exception leaves
+    open_client's block; its process dying is the same to the store). The event must
+    come again on the next start: a stored event is deleted only when the app asks for
+    the next one or leaves the block normally, never when it is handed over."""
+
+    class AppFailed(Exception):
+        pass
+
+    async with client(tmp_path, relay, "bob") as bob:
+        with pytest.raises(AppFailed):
+            async with client(tmp_path, relay, "alice") as alice:
+                await bob.send_direct("alice", b"being handled")
+                await next_matching(alice, MessageReceived)
+                raise AppFailed
+        async with client(tmp_path, relay, "alice") as alice:
+            await bob.send_direct("alice", b"after the restart")
+            got = [(await next_matching(alice, MessageReceived)).body for _ in range(2)]
+    assert got == [b"being handled", b"after the restart"]
+
+
 async def test_a_connection_lost_while_the_app_does_not_read_is_noticed(
     tmp_path: Path, relay: Relay
 ) -> None:
