@@ -286,6 +286,62 @@ async def test_backoff_grows_across_refused_logins(
     assert refused_logins <= 10, refused_logins
 
 
+def count_connects(monkeypatch: pytest.MonkeyPatch) -> list[float]:
+    """When each connection attempt a client makes starts (trio time)."""
+    attempts: list[float] = []
+    real = connection_module.connect_relay
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        attempts.append(trio.current_time())
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(client_module, "connect_relay", counted)
+    return attempts
+
+
+async def test_the_backoff_stops_growing_at_reconnect_max_delay(
+    tmp_path: Path, relay: Relay, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The relay is gone for a while. The client's wait between attempts grows, but never
+    beyond reconnect_max_delay (within the jitter): else after a long outage it would
+    come back hours after its relay did."""
+    attempts = count_connects(monkeypatch)
+    async with client(tmp_path, relay, "alice", reconnect_max_delay=0.1) as alice:
+        await relay.stop()
+        await until(lambda: alice.status is not Status.READY)
+        start = len(attempts)
+        await trio.sleep(2)
+        tried = len(attempts) - start
+        await relay.start()
+        await until(lambda: alice.status is Status.READY)
+    # 0.05 s, 0.08 s, then 0.1 s (20 % jitter): at least 15 in 2 s; growing on, about 7.
+    assert tried >= 12, tried
+
+
+async def test_the_backoff_starts_over_once_connected(
+    tmp_path: Path, relay: Relay, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An outage makes the wait between attempts grow to reconnect_max_delay; the client
+    connects again. When that connection drops, the client must try again after
+    reconnect_first_delay, not after the wait the earlier outage grew to."""
+    attempts = count_connects(monkeypatch)
+    async with client(tmp_path, relay, "alice", reconnect_max_delay=0.6) as alice:
+        await relay.stop()
+        await until(lambda: alice.status is not Status.READY)
+        start = len(attempts)
+        # 0.05 s growing 1.6 times reaches 0.6 s in about 1.3 s of attempts.
+        await until(lambda: len(attempts) - start >= 7)
+        await relay.start()
+        await until(lambda: alice.status is Status.READY)
+        dropped, gone = len(attempts), trio.current_time()
+        await relay.stop()
+        await relay.start()
+        await until(lambda: len(attempts) > dropped)
+        waited = attempts[dropped] - gone
+    # About 0.1 s (the relay's stop, then 0.05 s); at least 0.48 s without the start over.
+    assert waited < 0.3, waited
+
+
 async def test_a_relay_restarted_on_an_empty_database(
     tmp_path: Path,
     relay: Relay,
@@ -1280,6 +1336,22 @@ async def test_an_event_the_app_failed_while_handling_comes_again(
             await bob.send_direct("alice", b"after the restart")
             got = [(await next_matching(alice, MessageReceived)).body for _ in range(2)]
     assert got == [b"being handled", b"after the restart"]
+
+
+async def test_an_operation_that_needs_the_relay_gives_up_after_ready_timeout(
+    tmp_path: Path, relay: Relay
+) -> None:
+    """The relay is gone. An app call that needs it (fetching a device list, a group
+    change, linking a device) waits for a connection at most ready_timeout, then raises
+    RelayTimeout: it must not hang for as long as the outage lasts."""
+    async with client(tmp_path, relay, "alice", ready_timeout=0.5) as alice:
+        await relay.stop()
+        await until(lambda: alice.status is not Status.READY)
+        start = trio.current_time()
+        with trio.fail_after(5), pytest.raises(RelayTimeout):
+            await alice.refresh_device_list("bob")
+        assert trio.current_time() - start >= 0.5
+        await relay.start()
 
 
 async def test_a_connection_lost_while_the_app_does_not_read_is_noticed(
