@@ -680,6 +680,25 @@ async def test_a_bad_own_device_list_makes_the_client_reconnect(setup: Setup) ->
         assert received(events) == [("alice", b"after the reconnect")]
 
 
+async def test_another_users_list_served_as_our_own_is_refused(setup: Setup) -> None:
+    """On connecting, alice's client takes her own device list from the relay. It serves
+    zed's instead (validly signed, a user alice never met): the connection is dropped
+    as a protocol violation, and alice keeps no list of zed."""
+    proxy = setup.proxy
+    zed = ClientCore.create_primary("zed", 1, now=0, rng=SeededRandom(b"zed")).own_device_list
+    assert zed is not None
+    async with client(setup, "alice") as alice:
+        proxy.device_list_hook = lambda user_id, data: zed.encode() if user_id == "alice" else data
+        await (await proxy.link(ALICE)).close()
+        await events_until(
+            alice,
+            lambda e: isinstance(e, Disconnected) and e.reason == "RELAY_PROTOCOL_VIOLATION",
+        )
+        assert alice.core.device_list("zed") is None
+        proxy.device_list_hook = lambda user_id, data: data
+        await events_until(alice, lambda e: isinstance(e, Connected))
+
+
 async def test_another_users_device_list_is_refused(setup: Setup) -> None:
     """Asked for bob's list, the relay serves carol's (validly signed): a remote error."""
     proxy = setup.proxy
