@@ -1029,6 +1029,24 @@ async def test_a_send_the_relay_tells_to_wait_for_weeks_does_not_hold_the_call(
         assert alice.pending_messages() == [message_id]
 
 
+async def test_a_send_the_relay_tells_to_wait_for_weeks_goes_after_retry_max_delay(
+    tmp_path: Path, relay: Relay, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As above, once: the client waits what the relay says, but never more than
+    RETRY_MAX_DELAY (here made 0.5 s), and then the send goes. A relay (hostile, or
+    with a broken clock) must not park a message for 49 days."""
+    monkeypatch.setattr(client_module, "RETRY_MAX_DELAY", 0.5)
+    async with client(tmp_path, relay, "alice") as alice, client(tmp_path, relay, "bob") as bob:
+        await alice.send_direct("bob", b"sessions up")
+        await next_matching(bob, MessageReceived)
+        refused = refuse_at_once(
+            monkeypatch, "send_direct", lambda *args: not refused, retry_after_ms=2**32
+        )
+        await alice.send_direct("bob", b"kept")
+        received = await next_matching(bob, MessageReceived, timeout=WINDOW)
+        assert received.body == b"kept" and len(refused) == 1
+
+
 async def test_a_message_whose_preparation_the_relay_tells_to_retry_at_once_does_not_spin(
     tmp_path: Path, relay: Relay, monkeypatch: pytest.MonkeyPatch
 ) -> None:
