@@ -18,6 +18,7 @@ from hushchat.protocol.client_core import (
     GroupUpdated,
     MessageReceived,
     MessageSentByOtherDevice,
+    RecordKey,
 )
 from hushchat.protocol.consts import MAX_PLAINTEXT_SIZE, SIGNED_PREKEY_ROTATION_AGE
 from hushchat.protocol.errors import InvalidArgument, LimitExceeded
@@ -30,7 +31,7 @@ from hushchat.transport.client.client import (
     load_or_create_core,
     open_client,
 )
-from hushchat.transport.client.store import ClientStore, StoreLocked
+from hushchat.transport.client.store import ClientStore, StoreFailed, StoreLocked
 from hushchat.transport.relay.config import RelayLimits, wall_clock_ms
 from hushchat.transport.wire.errors import ConnectionClosed
 from tests.support.clients import TIMEOUT, Relay, client, next_matching
@@ -287,6 +288,38 @@ def test_a_store_has_one_writer(tmp_path: Path) -> None:
     finally:
         store.close()
     ClientStore.open(path).close()  # free again once closed
+
+
+def test_a_write_that_fails_midway_leaves_the_store_as_it_was_and_usable(
+    tmp_path: Path,
+) -> None:
+    """A commit fails after part of its transaction was written, with an error SQLite
+    does not roll back by itself (a trigger refuses the inbox row here; a statement's
+    I/O error is the same to it). It raises StoreFailed, and none of it may stay: not
+    the record it wrote first, not even once a later commit succeeds, and that later
+    commit must succeed (before, a transaction left open refused every write after)."""
+    path = str(tmp_path / "s.db")
+    store = ClientStore.open(path)
+    try:
+        store._db.execute(
+            "CREATE TRIGGER refuse BEFORE INSERT ON inbox BEGIN SELECT RAISE(ABORT, 'no'); END"
+        )
+        with pytest.raises(StoreFailed):
+            store.commit(
+                {RecordKey.SYNCED: b"\x01"}, events=[SendFailed(bytes(16), "MAILBOX_FULL")]
+            )
+        store._db.execute("DROP TRIGGER refuse")
+        store.commit({RecordKey.PUBLISHED_PREKEYS: bytes(4)})
+        assert store.record(RecordKey.SYNCED) is None
+    finally:
+        store.close()
+    reopened = ClientStore.open(path)
+    try:
+        assert reopened.record(RecordKey.SYNCED) is None
+        assert reopened.record(RecordKey.PUBLISHED_PREKEYS) == bytes(4)
+        assert reopened.inbox() == []
+    finally:
+        reopened.close()
 
 
 async def test_relay_database_holds_no_plaintext(tmp_path: Path, relay: Relay) -> None:
