@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from hushchat.protocol.client_core import RecordKey
 from hushchat.transport.client.store import ClientStore
 from hushchat.transport.relay.invites import issue_invites
 from hushchat.transport.relay.storage.sqlite import SqliteDatabase
@@ -65,6 +66,30 @@ def test_a_client_store_left_readable_by_an_older_client_is_made_private(
     store = ClientStore.open(str(path))
     try:
         assert set(modes(tmp_path).values()) == {"0o600"}
+    finally:
+        store.close()
+
+
+def test_a_wal_left_readable_by_a_crash_is_made_private(tmp_path: Path) -> None:
+    """An older client died with its WAL (the newest state: session keys) full, and left
+    its files readable. Empty files, as above, SQLite replaces by itself; a WAL that
+    holds transactions it keeps, with its mode, so the store must make it private."""
+    crashed, left = tmp_path / "crashed", tmp_path / "left"
+    crashed.mkdir()
+    left.mkdir()
+    store = ClientStore.open(str(crashed / "alice.db"))
+    try:
+        store.commit({RecordKey.SYNCED: b"\x01"})
+        for name in ("alice.db", "alice.db-wal", "alice.db-shm"):  # as the crash left them
+            (left / name).write_bytes((crashed / name).read_bytes())
+            (left / name).chmod(0o644)
+    finally:
+        store.close()
+    assert (left / "alice.db-wal").stat().st_size > 0
+    store = ClientStore.open(str(left / "alice.db"))
+    try:
+        assert set(modes(left).values()) == {"0o600"}, modes(left)
+        assert store.record(RecordKey.SYNCED) == b"\x01"
     finally:
         store.close()
 
