@@ -129,6 +129,25 @@ def test_stray_receipts_never_crowd_out_one_that_overtook_its_acceptance(tmp_pat
         store.close()
 
 
+def test_stray_receipts_take_bounded_memory(tmp_path: Path) -> None:
+    """A contact confirming made-up message ids for as long as it likes: the client keeps
+    at most MAX_EARLY_RECEIPTS of them waiting for an ACCEPTED that never comes."""
+    from hushchat.protocol.client_core import ClientCore, DeliveryConfirmed
+    from hushchat.transport.client.client import MAX_EARLY_RECEIPTS, Client
+    from hushchat.transport.client.store import ClientStore
+
+    store = ClientStore.open(str(tmp_path / "alice.db"))
+    try:
+        core = ClientCore.create_primary("alice", 1, now=1_700_000_000)
+        alice = Client(store, core, "127.0.0.1", 1)
+        for batch in range(2 * MAX_EARLY_RECEIPTS // 100):
+            stray = tuple(bytes([batch, n]) + bytes(14) for n in range(100))
+            alice._confirm(DeliveryConfirmed(A("mallory"), stray), {})
+        assert len(alice._early_receipts) == MAX_EARLY_RECEIPTS
+    finally:
+        store.close()
+
+
 def test_a_device_confirms_only_for_itself(tmp_path: Path) -> None:
     """Mallory's device confirming alice's message to bob changes nothing: only bob's
     device (its receipt authenticated by its session) can say that bob's device has it."""
