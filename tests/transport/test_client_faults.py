@@ -930,7 +930,7 @@ async def test_a_group_change_is_refused_when_the_relay_asks_to_wait_too_long(
 
     monkeypatch.setattr(connection_module.RelayConnection, "fetch_bundle", limited)
     async with client(tmp_path, relay, "alice") as alice:
-        with pytest.raises(RateLimited) as refused:
+        with trio.fail_after(TIMEOUT), pytest.raises(RateLimited) as refused:
             await alice.create_group("too soon", ["bob"])
         assert refused.value.retry_after_ms == 3_600_000
         assert alice.core.group_ids == () and alice.store.outbox() == []
