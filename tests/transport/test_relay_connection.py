@@ -14,6 +14,7 @@ import pytest
 import trio
 import trio.testing
 
+from hushchat.protocol.encoding import UINT32_MAX
 from hushchat.protocol.errors import InvalidArgument, InvalidState
 from hushchat.transport.client.connection import (
     RelayConnection,
@@ -158,6 +159,21 @@ async def test_calls_before_authentication_fail_locally() -> None:
                 await connection.ack(*bad)
         with pytest.raises(InvalidArgument):
             await connection.fetch_device_list("")
+
+
+async def test_request_ids_last_to_the_largest_the_wire_carries() -> None:
+    """Request ids are uint32: the last one is UINT32_MAX, then the connection is spent
+    (InvalidState: reconnect) rather than wrapping round to an id still in use."""
+
+    async def answer(relay: RawClient) -> None:
+        await send(relay, Ok(await next_request_id(relay)))
+        await trio.sleep_forever()
+
+    async with fake_relay(answer) as connection:
+        connection._next_request_id = UINT32_MAX
+        await connection.ping()
+        with pytest.raises(InvalidState):
+            await connection.ping()
 
 
 async def test_request_times_out(autojump_clock: trio.testing.MockClock) -> None:
