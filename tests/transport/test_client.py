@@ -23,6 +23,7 @@ from hushchat.protocol.client_core import (
 from hushchat.protocol.consts import MAX_PLAINTEXT_SIZE, SIGNED_PREKEY_ROTATION_AGE
 from hushchat.protocol.errors import InvalidArgument, LimitExceeded
 from hushchat.transport.client.client import (
+    MAX_SEND_ATTEMPTS,
     Client,
     ClientEvent,
     MailExpired,
@@ -401,7 +402,10 @@ async def test_a_send_refused_for_its_device_list_each_time_is_dropped(
     from hushchat.transport.client import connection as connection_module
     from hushchat.transport.wire.errors import DeviceListMismatch
 
+    tries: list[bytes] = []
+
     async def refused(self: Any, *args: Any, **kwargs: Any) -> int:
+        tries.append(args[1][0][1])
         raise DeviceListMismatch("the devices named are not the current ones")
 
     async def rebuilt_alike(self: Any, connection: Any, send: Send, mismatch: Any) -> list[Send]:
@@ -419,6 +423,7 @@ async def test_a_send_refused_for_its_device_list_each_time_is_dropped(
         assert alice.pending_messages() == []
         failed = await next_matching(alice, SendFailed)
         assert (failed.message_id, failed.reason) == (message_id, SendDropped.code)
+        assert len(tries) == MAX_SEND_ATTEMPTS  # rebuilt and tried again, so often only
 
 
 def test_a_new_store_needs_a_user_id(tmp_path: Path) -> None:
