@@ -1214,6 +1214,28 @@ async def test_outages_while_the_app_does_not_read_pile_up_no_notices_without_bo
         assert got == [b"turn %d" % n for n in range(turns)]
 
 
+def test_notices_waiting_for_the_app_fold_from_the_first_two(tmp_path: Path) -> None:
+    """The fold of Client._queue_status, as its docstring says, from the first notices
+    that wait on: of two alike in a row the later stands for both; of went, came, went,
+    came the first and the last stay."""
+    store = ClientStore.open(str(tmp_path / "alice.db"))
+    try:
+        device = ClientCore.create_primary("alice", 1, now=NOW)
+        alice = Client(store, device, "127.0.0.1", 1, event_queue_size=0)  # all must wait
+        alice._queue_status(Disconnected("CONNECT_FAILED"))
+        alice._queue_status(Disconnected("CONNECTION_REFUSED"))
+        assert [e for _, e in alice._backlog] == [Disconnected("CONNECTION_REFUSED")]
+        alice._queue_status(Connected())
+        alice._queue_status(Disconnected("CONNECT_FAILED"))
+        alice._queue_status(Connected())
+        assert [e for _, e in alice._backlog] == [
+            Disconnected("CONNECTION_REFUSED"),
+            Connected(),
+        ]
+    finally:
+        store.close()
+
+
 def is_notice(event: ClientEvent) -> bool:
     return isinstance(event, Connected | Disconnected)
 
