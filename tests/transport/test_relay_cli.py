@@ -248,6 +248,12 @@ def queued_mail(db: Path, now: int = 10**12) -> None:
     database.close()
 
 
+def report(db: Path, capsys: pytest.CaptureFixture[str]) -> str:
+    """What ``hushchat relay report`` prints for ``db``, its lines joined by spaces."""
+    assert cli.main(["relay", "report", "--db", str(db)]) == 0
+    return " ".join(capsys.readouterr().out.split())
+
+
 def test_the_report_counts_one_of_a_kind_in_the_singular(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -258,8 +264,7 @@ def test_the_report_counts_one_of_a_kind_in_the_singular(
     send = batch([("alice", 1)], (b"x",), counters={"alice": 0}, server_ts=now)
     database.enqueue(send, max_mailbox_size=10)
     database.close()
-    assert cli.main(["relay", "report", "--db", str(db)]) == 0
-    out = " ".join(capsys.readouterr().out.split())
+    out = report(db, capsys)
     for said in [
         "1 user and 1 device:",
         "1 queued envelope (1 distinct payload, ",
@@ -289,8 +294,7 @@ def test_the_report_says_what_is_held_and_what_a_seizure_reveals(
     db = tmp_path / "relay.db"
     queued_mail(db, now=wall_clock_ms())
     before = db.read_bytes()
-    assert cli.main(["relay", "report", "--db", str(db)]) == 0
-    out = " ".join(capsys.readouterr().out.split())
+    out = report(db, capsys)
     for said in [
         "2 users and 3 devices",
         "prekeys: 1 signed, 1 last-resort ML-KEM-768, 3 one-time X25519, 2 one-time ML-KEM-768",
@@ -311,12 +315,10 @@ def test_the_report_says_what_is_held_and_what_a_seizure_reveals(
     database = SqliteDatabase(str(db), clock=wall_clock_ms)
     assert database.take_bundle("bob", 1, budget=RateLimit(20, 20 / 3600), now=wall_clock_ms())
     database.close()
-    assert cli.main(["relay", "report", "--db", str(db)]) == 0
-    out = " ".join(capsys.readouterr().out.split())
+    out = report(db, capsys)
     assert "the one-time budgets of 1 device whose one-time prekeys were taken" in out
     Path(f"{db}.keys").unlink()
-    assert cli.main(["relay", "report", "--db", str(db)]) == 0
-    out = " ".join(capsys.readouterr().out.split())
+    out = report(db, capsys)
     assert "does not exist: no queued envelope can be opened" in out
     assert "nothing of the queue: no envelope can be opened" in out
     assert "the one-time budgets of 1 device" in out  # no key opens or hides them
