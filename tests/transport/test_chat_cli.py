@@ -142,6 +142,15 @@ def test_a_relay_that_will_not_have_us_is_one_line_saying_why(
     assert files_under(home) == [".hushchat"]  # a failed first start leaves no state
 
 
+def issue_invites(db: Path, count: int) -> list[str]:
+    """Tokens from the operator's `hushchat relay invite` on the relay's database."""
+    command = [sys.executable, "-m", "hushchat.transport.cli", "relay", "invite", "--db", str(db)]
+    issued = subprocess.run(
+        [*command, "--count", str(count)], capture_output=True, text=True, timeout=60, check=True
+    )
+    return [line.split()[0] for line in issued.stdout.splitlines() if line.strip()][:count]
+
+
 def test_the_chat_joins_a_relay_by_invitation_and_one_dialled_by_another_name(
     tmp_path: Path,
 ) -> None:
@@ -151,14 +160,7 @@ def test_the_chat_joins_a_relay_by_invitation_and_one_dialled_by_another_name(
     home.mkdir()
     db = tmp_path / "relay.db"
     with relay_process(db, registration="invite", name="relay.example.org") as (_, port):
-        issued = subprocess.run(
-            [sys.executable, "-m", "hushchat.transport.cli", "relay", "invite", "--db", str(db)],
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=True,
-        )
-        token = issued.stdout.split()[0]
+        [token] = issue_invites(db, 1)
         relay = ["--relay", f"127.0.0.1:{port}", "--relay-name", "relay.example.org"]
         result = chat(home, "chat", *relay, "--name", "zed", "--invite", token, stdin="/quit\n")
         assert result.returncode == 0, result.stdout + result.stderr
@@ -169,15 +171,6 @@ def test_the_chat_joins_a_relay_by_invitation_and_one_dialled_by_another_name(
         # zed, registered, starts again without a token.
         result = chat(home, "chat", *relay, "--name", "zed", stdin="/quit\n")
         assert result.returncode == 0, result.stdout + result.stderr
-
-
-def issue_invites(db: Path, count: int) -> list[str]:
-    """Tokens from the operator's `hushchat relay invite` on the relay's database."""
-    command = [sys.executable, "-m", "hushchat.transport.cli", "relay", "invite", "--db", str(db)]
-    issued = subprocess.run(
-        [*command, "--count", str(count)], capture_output=True, text=True, timeout=60, check=True
-    )
-    return [line.split()[0] for line in issued.stdout.splitlines() if line.strip()][:count]
 
 
 def test_linking_at_a_relay_that_registers_by_invitation(
