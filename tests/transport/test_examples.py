@@ -287,6 +287,22 @@ def echo_bot(port: int, tmp_path: Path) -> list[str]:
     ]
 
 
+async def exit_status(process: trio.Process, timeout: float) -> int:
+    """``process``'s exit status. If it has not exited within ``timeout``, the failure
+    shows where it hangs: every thread's stack, which Python's faulthandler (enabled in
+    the process) writes to its stderr on SIGABRT. (Once in a full suite run the echo
+    bot did not exit on Ctrl-C within 20 s; it never did alone.)"""
+    with trio.move_on_after(timeout):
+        return await process.wait()
+    process.send_signal(signal.SIGABRT)
+    await process.wait()
+    assert process.stderr is not None
+    stacks = b""
+    while chunk := await process.stderr.receive_some():
+        stacks += chunk
+    raise AssertionError(f"no exit within {timeout} s; its stacks:\n{stacks.decode()}")
+
+
 @pytest.mark.parametrize(
     ("registration", "says"),
     [("closed", "REGISTRATION_CLOSED"), ("invite", "INVITE_REFUSED")],
@@ -316,6 +332,7 @@ async def test_echo_bot_answers_in_the_groups_it_is_added_to(tmp_path: Path) -> 
             echo_bot(port, tmp_path),
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
+            env={**os.environ, "PYTHONFAULTHANDLER": "1"},  # its stacks, should it hang
         )
         assert bot.stdout is not None and bot.stderr is not None
         output = b""
@@ -348,10 +365,11 @@ async def test_echo_bot_answers_in_the_groups_it_is_added_to(tmp_path: Path) -> 
                             if len(echoes) == 2:
                                 break
                     assert echoes == [b"echo: ping", b"echo: pong"]
-                bot.send_signal(signal.SIGINT)
-                assert await bot.wait() == 0
-                stderr = await bot.stderr.receive_some()
-                assert b"Traceback" not in stderr, stderr
+            bot.send_signal(signal.SIGINT)
+            assert await exit_status(bot, WAIT) == 0
+            stderr = await bot.stderr.receive_some()
+            assert b"Traceback" not in stderr, stderr
+            with trio.fail_after(WAIT):
                 await bot_says(b"bye")
         finally:
             store.close()
