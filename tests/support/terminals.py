@@ -17,7 +17,7 @@ import subprocess
 import sys
 import termios
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from tests.support.paths import REPO
@@ -95,14 +95,9 @@ class Terminal:
         args: tuple[str, ...] = (),
         **env: str,
     ) -> None:
-        self.name = name
-        master, slave = pty.openpty()
-        # A wide screen, so that readline does not wrap what the tests type.
-        fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 50, 200, 0, 0))
-        self.process = subprocess.Popen(
+        self._start(
+            name,
             [
-                sys.executable,
-                str(EXAMPLES / "group_chat.py"),
                 "chat",
                 "--relay",
                 f"127.0.0.1:{port}",
@@ -112,10 +107,27 @@ class Terminal:
                 str(tmp_path / (state or name)),
                 *args,
             ],
+            clean_env(TERM="xterm", HOME=str(tmp_path), **env),
+        )
+
+    @classmethod
+    def command(cls, name: str, arguments: Sequence[str], env: dict[str, str]) -> Terminal:
+        """group_chat.py with ``arguments`` (another command than a chat) in a terminal."""
+        terminal = cls.__new__(cls)
+        terminal._start(name, arguments, env)
+        return terminal
+
+    def _start(self, name: str, arguments: Sequence[str], env: dict[str, str]) -> None:
+        self.name = name
+        master, slave = pty.openpty()
+        # A wide screen, so that readline does not wrap what the tests type.
+        fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 50, 200, 0, 0))
+        self.process = subprocess.Popen(
+            [sys.executable, str(EXAMPLES / "group_chat.py"), *arguments],
             stdin=slave,
             stdout=slave,
             stderr=slave,
-            env=clean_env(TERM="xterm", HOME=str(tmp_path), **env),
+            env=env,
             start_new_session=True,
         )
         os.close(slave)

@@ -8,10 +8,7 @@ Also: names that are not file names, names with spaces, device linking
 from __future__ import annotations
 
 import contextlib
-import os
-import pty
 import re
-import select
 import socket
 import sqlite3
 import subprocess
@@ -357,7 +354,9 @@ def test_export_and_import_through_the_chat(tmp_path: Path) -> None:
     one_line(missing, 2, "no such backup file")
 
 
-def test_import_on_a_terminal_asks_the_new_store_passphrase_twice(tmp_path: Path) -> None:
+def test_import_on_a_terminal_asks_the_new_store_passphrase_twice(
+    tmp_path: Path, terminals: list[Terminal]
+) -> None:
     """As a new chat does: a typo there would seal the imported device under a
     passphrase no one knows."""
     make_device(tmp_path / "alice")
@@ -368,41 +367,17 @@ def test_import_on_a_terminal_asks_the_new_store_passphrase_twice(tmp_path: Path
     restored = tmp_path / "restored"
     env = clean_env(HOME=str(tmp_path), NO_COLOR="1")
     del env["HUSHCHAT_STORE_KEY"]  # the passphrase is typed
-    master, slave = pty.openpty()
-    process = subprocess.Popen(
-        [sys.executable, CHAT, "import", str(backup), "--name", "alice", "--state", str(restored)],
-        stdin=slave,
-        stdout=slave,
-        stderr=slave,
-        env=env,
-        start_new_session=True,
-    )
-    os.close(slave)
-    screen = b""
-
-    def answer(prompt: bytes, line: str) -> None:
-        nonlocal screen
-        while prompt not in screen:
-            ready, _, _ = select.select([master], [], [], 20)
-            try:
-                chunk = os.read(master, 4096) if ready else b""
-            except OSError:  # EIO: the program ended and the terminal closed
-                chunk = b""
-            assert chunk, f"no {prompt!r} on the screen: {screen!r}"
-            screen += chunk
-        screen = screen.split(prompt, 1)[1]
-        os.write(master, line.encode() + b"\r")
-
-    try:
-        answer(b"passphrase of", PASSPHRASE)
-        answer(b"passphrase for this device's messages: ", "the new passphrase")
-        answer(b"the same again: ", "the new passphrasf")
-        assert process.wait(timeout=60) == 2
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
-        os.close(master)
+    arguments = ["import", str(backup), "--name", "alice", "--state", str(restored)]
+    importer = Terminal.command("import", arguments, env)
+    terminals.append(importer)
+    for prompt, line in [
+        ("passphrase of", PASSPHRASE),
+        ("passphrase for this device's messages: ", "the new passphrase"),
+        ("the same again: ", "the new passphrasf"),
+    ]:
+        importer.expect(re.escape(prompt))
+        importer.type(line)
+    assert importer.finish(timeout=60) == 2
     assert not restored.exists()
 
 
