@@ -607,8 +607,7 @@ class ClientCore:
         we never met cannot make us keep their lists with envelopes that do
         not open (11-devices.md section 11.2; a sender that can make a real
         initial message is kept, as any first contact). A list of a user
-        already held is taken as
-        :meth:`process_device_list` takes it.
+        already held is taken as :meth:`process_device_list` takes it.
 
         Never raises for bad remote input: what cannot be read becomes an
         :class:`Undecryptable` event (duplicates are dropped silently, as a
