@@ -117,6 +117,19 @@ def opened_rows(db: Path, state: KeyState | None) -> list[object]:
     return opened
 
 
+def queue_of(db: Path) -> str:
+    """What a failed check was given: the rows of each queue table by epoch, the WAL's size."""
+    with contextlib.closing(_readable_copy(db)) as conn:
+        counts = {
+            table: conn.execute(
+                f"SELECT epoch, COUNT(*) FROM {table} GROUP BY epoch ORDER BY epoch"
+            ).fetchall()
+            for table in ("deliveries", "payloads", "mailboxes")
+        }
+    wal = Path(f"{db}-wal")
+    return f"rows by epoch {counts}, WAL {wal.stat().st_size if wal.exists() else None} bytes"
+
+
 def _readable_copy(db: Path) -> sqlite3.Connection:
     """A connection to a copy of ``db`` (and its WAL): reading a copy must not change it."""
     scratch = db.parent / f"read-{os.urandom(4).hex()}"
@@ -212,7 +225,8 @@ async def test_a_seized_disk_reads_nothing_older_than_the_retention_window(
 
         await talk("before the window")
         early = seize(db, tmp_path / "early")  # a backup made then: it holds that mail
-        assert opened_rows(early, read_key_file(f"{early}.keys")), "the check sees nothing"
+        early_keys = read_key_file(f"{early}.keys")
+        assert opened_rows(early, early_keys), f"nothing opens: {queue_of(early)}, {early_keys}"
 
         now[0] += WINDOW_MS + EPOCH_MS  # that mail's epoch leaves the window
         await purged(db)
