@@ -1,11 +1,14 @@
-"""Rows for the relay's storage, written straight into a database (no relay, no checks).
+"""Rows for the relay's storage, written straight into a database (no relay, no checks),
+and a running relay's files copied as at one moment.
 
 No tests here; the storage and group-commit tests import it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import secrets
+import shutil
 import sqlite3
 from collections.abc import Sequence
 from pathlib import Path
@@ -18,6 +21,28 @@ from hushchat.transport.wire.records import EnvelopeKind
 
 # Stands in for every signature: storage keeps signatures, it never checks them.
 SIGNATURE = b"\x05" * 64
+
+
+def copy_at_one_moment(relay_db: Path, into: Path) -> Path:
+    """Copy a running relay's files as a disk image would hold them at one moment:
+    database, WAL, key file (into the new folder ``into``, named ``relay.db*``).
+
+    Copying file after file is not one moment. The relay's sweep checkpoints
+    and truncates the WAL: between the database's copy and the WAL's, that
+    would lose from the copy what was committed to the WAL only. A read
+    transaction held meanwhile keeps the WAL from being reset; a checkpoint
+    may still copy frames into the database, but only frames the WAL's copy
+    holds too, so the copy opens as one state.
+    """
+    into.mkdir()
+    with contextlib.closing(sqlite3.connect(f"file:{relay_db}?mode=ro", uri=True)) as reader:
+        reader.execute("BEGIN")
+        reader.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()  # the snapshot begins
+        for suffix in ("", "-wal", ".keys"):
+            source = Path(f"{relay_db}{suffix}")
+            if source.exists():
+                shutil.copy(source, into / f"relay.db{suffix}")
+    return into / "relay.db"
 
 
 def device_list(user_id: str, counter: int, *devices: tuple[int, bytes]) -> StoredDeviceList:

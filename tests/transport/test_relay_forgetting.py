@@ -49,7 +49,7 @@ from tests.support.relay import (
     relay_config,
     running_relay,
 )
-from tests.support.storage import batch, register_devices
+from tests.support.storage import batch, copy_at_one_moment, register_devices
 from tests.support.users import make_user
 
 HOUR_MS = 3600 * 1000
@@ -73,16 +73,6 @@ DIRECTORY_TABLES = {
 
 
 # ------------------------------------------------------------------ the one who seizes
-
-
-def seize(relay_db: Path, into: Path) -> Path:
-    """Copy the relay's files as they are on disk now: database, WAL, key file."""
-    into.mkdir()
-    for suffix in ("", "-wal", ".keys"):
-        source = Path(f"{relay_db}{suffix}")
-        if source.exists():
-            shutil.copy(source, into / f"relay.db{suffix}")
-    return into / "relay.db"
 
 
 def files_of(db: Path) -> list[Path]:
@@ -224,7 +214,7 @@ async def test_a_seized_disk_reads_nothing_older_than_the_retention_window(
             assert (await next_matching(bob, MessageReceived)).body == plaintexts[-1]
 
         await talk("before the window")
-        early = seize(db, tmp_path / "early")  # a backup made then: it holds that mail
+        early = copy_at_one_moment(db, tmp_path / "early")  # a backup made then: it holds that mail
         early_keys = read_key_file(f"{early}.keys")
         assert opened_rows(early, early_keys), f"nothing opens: {queue_of(early)}, {early_keys}"
 
@@ -232,7 +222,7 @@ async def test_a_seized_disk_reads_nothing_older_than_the_retention_window(
         await purged(db)
         await talk("inside the window")
         seized_at = now[0]
-        seized = seize(db, tmp_path / "seized")  # the disk, taken now (T)
+        seized = copy_at_one_moment(db, tmp_path / "seized")  # the disk, taken now (T)
 
     # With the disk of T and its own key file: what is queued for carol is
     # readable (it is inside the window at T), and only that.

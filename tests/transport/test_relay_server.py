@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import shutil
 import sqlite3
 from pathlib import Path
 from typing import Any
@@ -73,7 +72,7 @@ from tests.support.relay import (
     relay_config,
     running_relay,
 )
-from tests.support.storage import schema_2_database
+from tests.support.storage import copy_at_one_moment, schema_2_database
 from tests.support.users import User, keypair, make_user, signed_list_naming
 
 # Every relay these tests start without a folder runs once on SQLite, once on PostgreSQL.
@@ -983,14 +982,9 @@ async def test_accepted_means_committed_to_disk(tmp_path: Path) -> None:
         await register(port, alice, bob)
         async with connected(port, alice.devices[1]) as sender:
             await sender.send_direct("bob", [(1, b"durable")])
-            # Snapshot the files as a crash right after ACCEPTED would leave them.
-            crash = tmp_path / "crash"
-            crash.mkdir()
-            for suffix in ("", "-wal", ".keys"):
-                source = tmp_path / f"relay.db{suffix}"
-                if source.exists():
-                    shutil.copy(source, crash / f"relay.db{suffix}")
-    recovered = SqliteDatabase(str(crash / "relay.db"))
+            # The files as a crash right after ACCEPTED would leave them.
+            crash = copy_at_one_moment(tmp_path / "relay.db", tmp_path / "crash")
+    recovered = SqliteDatabase(str(crash))
     pending = recovered.pending("bob", 1, after_seq=0, limit=10, now=0)
     assert [q.envelope.payload for q in pending] == [b"durable"]
     recovered.close()
