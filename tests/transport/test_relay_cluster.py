@@ -438,6 +438,48 @@ async def test_a_relay_that_lost_its_notifications_reads_its_devices_mailboxes_a
             assert (await next_envelope(receiver, timeout=20)).payload == b"while deaf"
 
 
+async def test_a_database_restart_costs_no_connection_of_a_device(
+    postgres_dsn: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The server ends every connection of both relays, their writers' too (a restart, a
+    failover). Each relay's listener notices at once and reads its devices' mailboxes
+    again once it listens again: that read, and the next device's login, must not meet
+    the writer's dead connection, which would end bob's connection (an ERROR traceback
+    for each device on each relay) where it only had to be read again."""
+    resyncs = [0]
+    both_resynced = trio.Event()
+    original = Relay._resynced
+
+    def resync(relay: Relay) -> None:
+        original(relay)
+        resyncs[0] += 1
+        if resyncs[0] == 2:
+            both_resynced.set()
+
+    monkeypatch.setattr(Relay, "_resynced", resync)
+    bob, carol = make_user("bob"), make_user("carol")
+    sessions = "SELECT pid FROM pg_stat_activity WHERE datname = current_database()"
+    with psycopg.connect(postgres_dsn, autocommit=True) as admin:
+        not_the_relays = [pid for (pid,) in admin.execute(sessions).fetchall()]
+    async with two_relays(postgres_dsn, tmp_path) as (port_a, port_b):
+        await register(port_a, bob, carol)
+        async with connected(port_a, bob.devices[1]) as receiver:
+            assert await envelopes_until_empty(receiver) == []
+            with psycopg.connect(postgres_dsn, autocommit=True) as admin:
+                cut = admin.execute(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                    "WHERE datname = current_database() AND backend_type = 'client backend' "
+                    "AND pid <> pg_backend_pid() AND NOT pid = ANY(%s)",
+                    (not_the_relays,),
+                ).fetchall()
+            assert len(cut) == 4  # each relay's writer and listener
+            with trio.fail_after(20):
+                await both_resynced.wait()
+            async with connected(port_b, carol.devices[1]) as sender:
+                await sender.send_direct("bob", [(1, b"after the restart")])
+            assert (await next_envelope(receiver, timeout=20)).payload == b"after the restart"
+
+
 @pytest.fixture
 def mailbox_reads(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     """How many mailbox reads the relays of this test made (one counter)."""
