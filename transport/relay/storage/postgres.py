@@ -1141,6 +1141,8 @@ class PostgresDatabase(SqliteDatabase):
         # (first seq, epoch) of each epoch_starts row, by seq; read when _epoch_seen was this.
         self._epoch_starts: list[tuple[int, int]] = []
         self._starts_read_at: int | None = None
+        # Set by the listener's thread (reconnected): run_batch starts on a new connection.
+        self._connection_suspect = False
         self._conn: Any = PostgresConnection(dsn)
         try:
             create_or_migrate_schema(self._conn)
@@ -1163,6 +1165,13 @@ class PostgresDatabase(SqliteDatabase):
     def channel(self) -> str:
         """This relay's notification channel."""
         return channel_of(self.relay_id)
+
+    def suspect_connection(self) -> None:
+        """The server ended another connection of this relay (the listener's): say it
+        restarted, which ended ours too; the next batch starts on a new connection. Else
+        that batch, the mailbox reads the listener's return starts, would be the one to
+        find ours dead, and fail each read's connection. Any thread may call it."""
+        self._connection_suspect = True
 
     # ---------------------------------------------------------------- SqliteDatabase's hooks
 
@@ -1314,7 +1323,8 @@ class PostgresDatabase(SqliteDatabase):
         Reconnects first if the connection was lost; starts a new epoch
         first if the clock entered one.
         """
-        if not self._conn.usable:
+        if self._connection_suspect or not self._conn.usable:
+            self._connection_suspect = False
             try:
                 self._conn.close()
                 self._conn = PostgresConnection(self._dsn)
@@ -2102,6 +2112,8 @@ class PostgresStorage(SqliteStorage):
                     try:
                         with connect(self._db._dsn) as conn:
                             conn.execute(f"LISTEN {self._db.channel}")
+                            if not first:
+                                self._db.suspect_connection()
                             token.run_sync_soon(listening.set if first else events.resynced)
                             first = False
                             while not self._stop.is_set():
