@@ -162,9 +162,12 @@ def test_the_chat_joins_a_relay_by_invitation_and_one_dialled_by_another_name(
         result = chat(home, "chat", *relay, "--name", "zed", "--invite", token, stdin="/quit\n")
         assert result.returncode == 0, result.stdout + result.stderr
         assert "Traceback" not in result.stdout + result.stderr
-        # The token is spent: a second new user with it is refused, in one line.
+        # The token is spent: a second new user with it is refused, in one line that
+        # says the token given was refused, not to give one.
         again = chat(home, "chat", *relay, "--name", "yan", "--invite", token, stdin="/quit\n")
-        one_line(again, 1, "registers new users by invitation")
+        one_line(again, 1, f"group_chat.py chat: the relay at 127.0.0.1:{port} refused the token")
+        assert "--invite TOKEN" not in again.stderr
+        assert again.stderr.endswith(" (INVITE_REFUSED)\n")
         # zed, registered, starts again without a token.
         result = chat(home, "chat", *relay, "--name", "zed", stdin="/quit\n")
         assert result.returncode == 0, result.stdout + result.stderr
