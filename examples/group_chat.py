@@ -314,10 +314,20 @@ def local_time(ms: int) -> str:
     return time.strftime("%a %d %b %H:%M", time.localtime(ms / 1000))
 
 
-def explain_connect_failure(reason: str, relay: str, me: str, detail: str = "") -> str:
-    """A first connection's failure (its code, and its message), and what to do, in one line."""
+def explain_connect_failure(
+    reason: str, relay: str, me: str, detail: str = "", *, invited: bool = False
+) -> str:
+    """A first connection's failure (its code, and its message), and what to do, in one line.
+
+    ``invited``: a token was given with --invite (the relay does not say why it refused one).
+    """
     where = f"the relay at {relay}"
     announced = re.match(r"relay calls itself ('.*?'),", detail)
+    if reason == "INVITE_REFUSED" and invited:
+        return (
+            f"{where} refused the token given with --invite: unknown there, expired or "
+            f"already used (each registers one user); ask its operator for another ({reason})"
+        )
     explained = {
         "CONNECTION_REFUSED": f"nothing listens at {relay}: is `hushchat relay` "
         "running there, on that port?",
@@ -351,8 +361,11 @@ def explain_connect_failure(reason: str, relay: str, me: str, detail: str = "") 
 class Chat:
     """One person's chat: shows events, runs commands."""
 
-    def __init__(self, client: Client, screen: Screen, relay: str, state_dir: str) -> None:
+    def __init__(
+        self, client: Client, screen: Screen, relay: str, state_dir: str, *, invited: bool = False
+    ) -> None:
         self.client = client
+        self.invited = invited  # a token was given with --invite (to explain a refusal)
         self.screen = screen
         self.relay = relay
         # Events come at least once: the last one shown before a restart comes again
@@ -434,7 +447,9 @@ class Chat:
         return False
 
     def _explain_failure(self, reason: str) -> str:
-        return explain_connect_failure(reason, self.relay, self.me, self.failure_detail)
+        return explain_connect_failure(
+            reason, self.relay, self.me, self.failure_detail, invited=self.invited
+        )
 
     # ------------------------------------------------------------ events
 
@@ -1169,7 +1184,9 @@ async def link_new_device(
                     startup.deadline = float("inf")
                     return await ask_to_be_linked(helper, name, screen)
         except (RegistrationClosed, InviteRefused, RelayNameMismatch) as refused:
-            why = explain_connect_failure(refused.code, relay, name, refused.message)
+            why = explain_connect_failure(
+                refused.code, relay, name, refused.message, invited=invite is not None
+            )
             raise SetupError(f"to ask to be linked, a throwaway user registers: {why}") from None
         except NoSuchUser:
             raise SetupError(
@@ -1257,7 +1274,8 @@ async def run_chat(
             expected_relay_name=relay_name,
             invite=invite,
         )
-        chat = Chat(client, screen, format_address(host, port), state_dir)
+        address = format_address(host, port)
+        chat = Chat(client, screen, address, state_dir, invited=invite is not None)
         stopped: list[HushchatError] = []
         try:
             async with trio.open_nursery() as nursery:
