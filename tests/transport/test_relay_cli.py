@@ -559,6 +559,10 @@ async def test_operator_commands_list_measure_and_delete(
         (["mailbox", "carol"], "hushchat relay mailbox: no user 'carol' at this relay\n"),
         (["delete-user", "carol"], "hushchat relay delete-user: no user 'carol' at this relay\n"),
         (["delete-device", "bob", "7"], "hushchat relay delete-device: bob has no device 7\n"),
+        (
+            ["delete-device", "carol", "1"],
+            "hushchat relay delete-device: no user 'carol' at this relay\n",
+        ),
     ],
 )
 async def test_operator_commands_name_what_is_not_there(
