@@ -621,6 +621,8 @@ def add_delete_device_command(operations: SubParsers) -> None:
 def run_delete_device(args: argparse.Namespace) -> int:
     def work(database: SqliteDatabase) -> int:
         deleted = database.delete_device_mail(args.user, args.device)
+        if deleted is None and database.mailbox_sizes(args.user) is None:
+            return fail("relay delete-device", f"no user {args.user!r} at this relay")
         if deleted is None:
             return fail("relay delete-device", f"{args.user} has no device {args.device}")
         mailbox = _plural(deleted, "envelope")
