@@ -342,6 +342,29 @@ async def test_the_backoff_starts_over_once_connected(
     assert waited < 0.3, waited
 
 
+async def test_ctrl_c_as_the_connection_drops_stops_the_client(
+    tmp_path: Path, relay: Relay, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """trio raises a Ctrl-C's KeyboardInterrupt in the task that runs when it comes. One
+    raised in a task of the connection as the relay dropped it, beside the receive loop's
+    ConnectionClosed, must stop the client: it used to be dropped for that error, and the
+    client connected again, so an app (the echo bot) never stopped on that Ctrl-C."""
+
+    async def interrupted(self: Client, connection: connection_module.RelayConnection) -> None:
+        # Work that reaches no checkpoint (the shield stands for it) from before the drop
+        # until the receive loop has raised ConnectionClosed, and is interrupted then.
+        with trio.CancelScope(shield=True):
+            await connection.wait_closed()
+            await trio.sleep(0.1)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Client, "_wake_receive_loop_on_close", interrupted)
+    with trio.fail_after(5), pytest.raises(KeyboardInterrupt):
+        async with client(tmp_path, relay, "alice"):
+            await relay.stop()
+            await trio.sleep_forever()
+
+
 async def test_a_relay_restarted_on_an_empty_database(
     tmp_path: Path,
     relay: Relay,
