@@ -2027,8 +2027,7 @@ async def _unwrapped(work: Awaitable[None]) -> None:
 
     The flusher, the receive loop and the acknowledger run in one nursery: when
     the connection fails, each may raise, or one raises and the others are cancelled. The
-    reconnect loop (and the app) expect one error, the first that is not a
-    cancellation.
+    reconnect loop (and the app) expect one error: see :func:`_real_error`.
     """
     try:
         await work
@@ -2040,15 +2039,24 @@ async def _unwrapped(work: Awaitable[None]) -> None:
 
 
 def _real_error(group: BaseExceptionGroup[BaseException]) -> BaseException | None:
-    """The first error of ``group`` (nested groups flattened) that is not trio.Cancelled."""
+    """The error ``group`` (nested groups flattened) stands for; None if all are trio.Cancelled.
+
+    A KeyboardInterrupt or SystemExit, if there is one, else the first that is
+    not a cancellation. trio raises a Ctrl-C in whichever task runs when it
+    comes, so it can come beside a connection's error: that error, taken for an
+    outage, would have the client connect again and the app run on.
+    """
+    errors = [error for error in _leaves(group) if not isinstance(error, trio.Cancelled)]
+    errors.sort(key=lambda error: isinstance(error, Exception))  # stable: the first of each kind
+    return errors[0] if errors else None
+
+
+def _leaves(group: BaseExceptionGroup[BaseException]) -> Iterable[BaseException]:
     for error in group.exceptions:
         if isinstance(error, BaseExceptionGroup):
-            inner = _real_error(error)
-            if inner is not None:
-                return inner
-        elif not isinstance(error, trio.Cancelled):
-            return error
-    return None
+            yield from _leaves(error)
+        else:
+            yield error
 
 
 def _check_address(address: object) -> RelayAddress:
