@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
@@ -20,6 +21,7 @@ from hushchat.transport.relay.storage.atrest import (
     epoch_seconds_for,
     read_key_file,
 )
+from hushchat.transport.relay.storage.sqlite import SqliteDatabase
 from hushchat.transport.wire.limits import DEFAULT_RETENTION_SECONDS, EPOCHS_PER_RETENTION
 
 STATE = KeyState(bytes(range(16)), 3600, 100, bytes(range(32, 64)))
@@ -162,3 +164,18 @@ def test_a_damaged_key_file_is_refused_not_read_as_another_chain(
     with pytest.raises(RelayKeysMissing, match="cannot be read"):
         read_key_file(str(path))
     assert read_key_file(str(tmp_path / "absent")) is None
+
+
+def test_a_key_file_others_can_read_is_made_owner_only_when_the_relay_opens_it(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Copied to another relay host with a plain ``cp`` (README, Running a relay cluster),
+    the key file may arrive 0644: anyone on that host could read the queue's keys."""
+    db = str(tmp_path / "relay.db")
+    SqliteDatabase(db).close()
+    os.chmod(f"{db}.keys", 0o644)
+    with caplog.at_level(logging.WARNING, logger="hushchat.relay"):
+        SqliteDatabase(db).close()
+    assert os.stat(f"{db}.keys").st_mode & 0o777 == 0o600
+    (line,) = [r.getMessage() for r in caplog.records if "key file" in r.getMessage()]
+    assert "0644" in line and "owner-only" in line
