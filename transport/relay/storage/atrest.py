@@ -282,6 +282,28 @@ def read_key_file(path: str) -> KeyState | None:
         ) from None
 
 
+def make_key_file_private(path: str) -> int | None:
+    """Make the key file at ``path`` owner-only (0600) if others may read or write it:
+    its former mode, or None if it was private already or is not there.
+
+    A key file copied to another relay host with a plain ``cp`` arrives with
+    the umask's mode, often 0644: the relay makes it private when it starts,
+    as it makes its database files private.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return None
+    try:
+        mode = os.fstat(fd).st_mode & 0o777
+        if not mode & 0o077:
+            return None
+        os.fchmod(fd, 0o600)
+        return mode
+    finally:
+        os.close(fd)
+
+
 def create_key_file(path: str, state: KeyState) -> KeyState:
     """Write ``state`` as a new key file, unless one exists already: the state the file holds.
 

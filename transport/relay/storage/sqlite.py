@@ -75,6 +75,7 @@ from .atrest import (
     create_key_file,
     default_key_file,
     epoch_seconds_for,
+    make_key_file_private,
     read_key_file,
 )
 from .interface import (
@@ -286,6 +287,12 @@ class SqliteDatabase:
         db = self._conn
         stored = None if version == UNSEALED_SCHEMA_VERSION else meta_value(db, "chain_id")
         has_mail = stored is not None and self._chain_in_use()
+        if self._key_file is not None and (mode := make_key_file_private(self._key_file)):
+            logger.warning(
+                "the key file %s could be read by others (mode %04o): made owner-only (0600)",
+                self._key_file,
+                mode,
+            )
         state = None if self._key_file is None else read_key_file(self._key_file)
         if state is not None and stored not in (None, state.chain_id) and has_mail and not reset:
             raise RelayKeysMissing(
