@@ -4,6 +4,7 @@ deadlock to another relay process (the storage and relay suites run on it too)."
 from __future__ import annotations
 
 import json
+import logging
 import os
 import threading
 from collections.abc import Iterator, Sequence
@@ -106,6 +107,33 @@ def test_a_failing_call_rolls_back_alone_in_its_batch(postgres_dsn: str, tmp_pat
     assert calls[2].result == PreKeyCounts(1, 0)
     assert db.prekey_counts("bob", 1) == db.prekey_counts("bob", 2) == PreKeyCounts(1, 0)
     db.close()
+
+
+def test_a_full_database_is_logged_once_a_minute_as_a_full_disk_is(
+    postgres_dsn: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Every batch that stores anything fails while the database is full: one warning
+    line, not one per batch (README Logging: at most one a minute, the rest counted)."""
+    db = PostgresDatabase(postgres_dsn, key_file=str(tmp_path / "relay.keys"))
+    register_devices(db, "bob", 1)
+    with psycopg.connect(postgres_dsn, autocommit=True) as admin:
+        admin.execute(
+            "CREATE FUNCTION disk_full() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+            "RAISE EXCEPTION 'could not extend file' USING ERRCODE = '53100'; END $$"
+        )
+        admin.execute(
+            "CREATE TRIGGER disk_full BEFORE INSERT ON one_time_prekeys "
+            "FOR EACH ROW EXECUTE FUNCTION disk_full()"
+        )
+    with caplog.at_level(logging.WARNING, logger="hushchat.relay"):
+        for key_id in range(1, 6):
+            key = [OneTimePreKeyPublic(key_id, bytes([key_id]) * 32)]
+            call = DatabaseCall(partial(db._store_prekeys, "bob", 1, None, None, key, [], 10))
+            db.run_batch([call])
+            assert isinstance(call.error, StorageFull)
+    db.close()
+    full = [r.getMessage() for r in caplog.records if "full" in r.getMessage()]
+    assert len(full) == 1, full
 
 
 def send_to_bob(
