@@ -74,6 +74,7 @@ import secrets
 import select
 import struct
 import threading
+import time
 from bisect import bisect_right
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -1405,7 +1406,13 @@ class PostgresDatabase(SqliteDatabase):
             # and the next batch must try the move again.
             self._epoch_seen = epoch_seen
         if any(isinstance(call.error, StorageFull) for call in calls):
-            logger.warning("the relay's database is full: requests that store are refused")
+            also = self._full_log.line_end(time.monotonic(), "more failed")
+            if also is not None:
+                logger.warning(
+                    "the relay's database is full: requests that store anything are refused "
+                    "(STORAGE_FULL) until it has room%s",
+                    also,
+                )
 
     def _advance_epoch(self) -> None:
         now = self._clock()
