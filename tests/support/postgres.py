@@ -15,7 +15,7 @@ import itertools
 import queue
 import threading
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from typing import Any
 
 import psycopg
@@ -93,7 +93,12 @@ class DatabasePool:
                         except queue.Full:
                             self._drop_used(conn)
         except Exception as exc:
-            self._ready.put(exc)
+            # For the next take() to raise; a blocking put into a full queue would
+            # hang close(), which stops the thread only between tries.
+            while not self._stop.is_set():
+                with suppress(queue.Full):
+                    self._ready.put(exc, timeout=0.1)
+                    break
 
     def close(self) -> None:
         self._stop.set()
