@@ -21,13 +21,16 @@ from hushchat.protocol.prekeys import OneTimePreKeyPublic
 from hushchat.transport import cli
 from hushchat.transport.relay.config import Registration, wall_clock_ms
 from hushchat.transport.relay.server import RelayStartError, serve_relay
+from hushchat.transport.relay.storage import postgres as postgres_storage
 from hushchat.transport.relay.storage.atrest import KeyChain, KeyState, read_key_file
+from hushchat.transport.relay.storage.interface import ClusterEvents
 from hushchat.transport.relay.storage.names import without_password
 from hushchat.transport.relay.storage.postgres import (
     POSTGRES_SCHEMA_VERSION,
     BinaryArray,
     PostgresConnection,
     PostgresDatabase,
+    PostgresStorage,
     postgres_sql,
 )
 from hushchat.transport.relay.storage.rows import open_delivery, open_payload
@@ -988,3 +991,49 @@ async def test_a_utf8_database_whose_client_encoding_defaults_otherwise_still_ho
         async with connected(port, bob.devices[1]) as receiver:
             got = await envelopes_until_empty(receiver, acknowledge=True)
             assert [(e.sender_user, e.payload) for e in got] == [("日本", b"hello")]
+
+
+async def test_a_database_away_is_logged_once_a_minute_on_one_line(
+    postgres_dsn: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The listener retries every POSTGRES_RECONNECT_INTERVAL while the server is away:
+    one warning, on one line (psycopg's reasons span several), not one per retry."""
+    refusals = [0]
+    real_connect = postgres_storage.connect
+
+    def connect(dsn: str) -> Any:
+        # The listener's only: the test's database pool connects from a thread too.
+        listener = threading.current_thread().name == "hushchat-relay-listen"
+        if listener and 0 < refusals[0] < 6:
+            refusals[0] += 1
+            raise psycopg.OperationalError(
+                "connection failed: No such file or directory\n\tIs the server running locally?"
+            )
+        return real_connect(dsn)
+
+    monkeypatch.setattr(postgres_storage, "connect", connect)
+    monkeypatch.setattr(postgres_storage, "POSTGRES_RECONNECT_INTERVAL", 0.01)
+    resynced = trio.Event()
+    events = ClusterEvents(lambda devices: None, lambda *superseded: None, resynced.set)
+    storage = await PostgresStorage.open(postgres_dsn, key_file=str(tmp_path / "relay.keys"))
+    try:
+        async with trio.open_nursery() as nursery:
+            with caplog.at_level(logging.WARNING, logger="hushchat.relay"):
+                await nursery.start(storage.listen, events)
+                refusals[0] = 1  # from the next connection on: refused five times
+                with psycopg.connect(postgres_dsn, autocommit=True) as admin:
+                    admin.execute(
+                        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                        "WHERE query LIKE 'LISTEN hushchat_relay_%'"
+                    )
+                with trio.fail_after(10):
+                    await resynced.wait()
+            nursery.cancel_scope.cancel()
+    finally:
+        await storage.aclose()
+    assert refusals[0] == 6
+    away = [r.getMessage() for r in caplog.records if "notifications" in r.getMessage()]
+    assert len(away) == 1 and "\n" not in away[0], away
