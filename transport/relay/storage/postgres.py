@@ -97,8 +97,10 @@ from ...wire.limits import (
     NOTIFY_PAYLOAD_LIMIT,
     NOTIFY_POLL_INTERVAL,
     POSTGRES_RECONNECT_INTERVAL,
+    WARNING_LOG_INTERVAL,
 )
 from ..config import wall_clock_ms
+from ..ratelimit import LogThrottle
 from .atrest import KeyChain
 from .interface import (
     ClusterEvents,
@@ -2112,6 +2114,9 @@ class PostgresStorage(SqliteStorage):
             except (ValueError, IndexError, TypeError, KeyError):
                 logger.warning("unreadable notification on the relay's channel")
 
+        # The listener retries every POSTGRES_RECONNECT_INTERVAL while the server is away.
+        away_log = LogThrottle(WARNING_LOG_INTERVAL)
+
         def run() -> None:
             first = True
             try:
@@ -2129,7 +2134,13 @@ class PostgresStorage(SqliteStorage):
                     except psycopg.OperationalError as exc:
                         if self._stop.is_set():
                             return
-                        logger.warning("lost the database's notifications (%s): reconnecting", exc)
+                        also = away_log.line_end(time.monotonic(), "more failed tries")
+                        if also is not None:
+                            logger.warning(
+                                "lost the database's notifications (%s): reconnecting%s",
+                                " ".join(str(exc).split()),  # psycopg's reasons span lines
+                                also,
+                            )
                         self._stop.wait(POSTGRES_RECONNECT_INTERVAL)
             except trio.RunFinishedError:
                 return
