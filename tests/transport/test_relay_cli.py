@@ -195,6 +195,25 @@ async def test_the_command_runs_a_relay(tmp_path: Path) -> None:
     assert db.exists()
 
 
+async def test_each_log_line_names_its_level(tmp_path: Path) -> None:
+    """README Logging lists what each level adds: a line says which it is."""
+    argv = [*RELAY_COMMAND, "--port", "0", "--db", str(tmp_path / "relay.db")]
+    process = await trio.lowlevel.open_process(argv, stderr=subprocess.PIPE)
+    assert process.stderr is not None
+    try:
+        output = b""
+        with trio.fail_after(20):
+            while b"listening" not in output:
+                chunk = await process.stderr.receive_some()
+                assert chunk, output
+                output += chunk
+    finally:
+        process.kill()
+        await process.wait()
+    (line,) = [line for line in output.decode().splitlines() if "listening" in line]
+    assert " INFO hushchat.relay relay '127.0.0.1' listening on 127.0.0.1 port " in line, line
+
+
 async def test_a_tls_relay_is_named_after_its_certificate(tmp_path: Path) -> None:
     """Without --name, a TLS relay calls itself by its certificate's DNS name, which is
     the TLS server name its clients dial and check."""
