@@ -355,7 +355,9 @@ def run_relay(args: argparse.Namespace) -> int:
     if (args.tls_cert is None) != (args.tls_key is None):
         print("hushchat relay: --tls-cert and --tls-key go together", file=sys.stderr)
         return 2
-    logging.basicConfig(level=args.log_level, format="%(asctime)s %(name)s %(message)s")
+    logging.basicConfig(
+        level=args.log_level, format="%(asctime)s %(levelname)s %(name)s %(message)s"
+    )
     ssl_context = None
     if args.tls_cert is not None:
         try:
