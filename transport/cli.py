@@ -159,7 +159,8 @@ def add_relay_command(subparsers: SubParsers) -> None:
     parser.add_argument(
         "--key-file",
         help="the keys of the queued mail, created at first start; never back it up "
-        "(default: the database's path + .keys)%(default).0s",
+        "(default: the database's path + .keys; on PostgreSQL, required: the same file "
+        "on every relay)%(default).0s",
     )
     parser.add_argument(
         "--reset-keys",
