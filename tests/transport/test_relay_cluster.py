@@ -406,78 +406,101 @@ def test_a_relay_with_another_key_file_does_not_start_on_the_cluster_s_database(
     PostgresDatabase(postgres_dsn, key_file=str(tmp_path / "relay.keys")).close()
 
 
-async def test_a_relay_that_lost_its_notifications_reads_its_devices_mailboxes_again(
-    postgres_dsn: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """The listening connection of bob's relay is cut (a database restart, a network
-    failure); carol's send through the other relay meanwhile wakes no one. Once the relay
-    listens again it reads every connected device's mailbox, and bob gets the mail."""
-    resynced = trio.Event()
+class Resyncs:
+    """How many times the relays read their devices' mailboxes again, their listeners
+    back (Relay._resynced, patched by the ``resyncs`` fixture)."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self._changed = trio.Event()
+
+    def note(self) -> None:
+        self.count += 1
+        self._changed.set()
+        self._changed = trio.Event()
+
+    async def wait_for(self, count: int) -> None:
+        with trio.fail_after(20):
+            while self.count < count:
+                await self._changed.wait()
+
+
+@pytest.fixture
+def resyncs(monkeypatch: pytest.MonkeyPatch) -> Resyncs:
+    counted = Resyncs()
     original = Relay._resynced
 
     def resync(relay: Relay) -> None:
         original(relay)
-        resynced.set()
+        counted.note()
 
     monkeypatch.setattr(Relay, "_resynced", resync)
-    bob, carol = make_user("bob"), make_user("carol")
-    async with two_relays(postgres_dsn, tmp_path) as (port_a, port_b):
+    return counted
+
+
+@asynccontextmanager
+async def bob_on_relay_a_then_cut(
+    dsn: str, tmp_path: Path, bob: User, carol: User, which: str, *params: Any
+) -> AsyncIterator[tuple[int, int, RelayConnection]]:
+    """Two relays; bob connected to the first, his mailbox read; then the server ends the
+    relays' connections that ``which`` (a condition on pg_stat_activity) names: how many,
+    the second relay's port and bob's connection."""
+    async with two_relays(dsn, tmp_path) as (port_a, port_b):
         await register(port_a, bob, carol)
         async with connected(port_a, bob.devices[1]) as receiver:
             assert await envelopes_until_empty(receiver) == []
-            with psycopg.connect(postgres_dsn, autocommit=True) as admin:
+            with psycopg.connect(dsn, autocommit=True) as admin:
                 cut = admin.execute(
                     "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-                    "WHERE query LIKE 'LISTEN hushchat_relay_%' AND pid <> pg_backend_pid()"
+                    f"WHERE pid <> pg_backend_pid() AND {which}",
+                    params,
                 ).fetchall()
-            assert len(cut) == 2  # both relays' listeners
-            async with connected(port_b, carol.devices[1]) as sender:
-                await sender.send_direct("bob", [(1, b"while deaf")])
-            with trio.fail_after(20):
-                await resynced.wait()
-            assert (await next_envelope(receiver, timeout=20)).payload == b"while deaf"
+            yield len(cut), port_b, receiver
+
+
+async def test_a_relay_that_lost_its_notifications_reads_its_devices_mailboxes_again(
+    postgres_dsn: str, tmp_path: Path, resyncs: Resyncs
+) -> None:
+    """The listening connection of bob's relay is cut (a database restart, a network
+    failure); carol's send through the other relay meanwhile wakes no one. Once the relay
+    listens again it reads every connected device's mailbox, and bob gets the mail."""
+    bob, carol = make_user("bob"), make_user("carol")
+    listeners = "query LIKE 'LISTEN hushchat_relay_%%'"
+    async with bob_on_relay_a_then_cut(postgres_dsn, tmp_path, bob, carol, listeners) as (
+        cut,
+        port_b,
+        receiver,
+    ):
+        assert cut == 2  # both relays' listeners
+        async with connected(port_b, carol.devices[1]) as sender:
+            await sender.send_direct("bob", [(1, b"while deaf")])
+        await resyncs.wait_for(1)
+        assert (await next_envelope(receiver, timeout=20)).payload == b"while deaf"
 
 
 async def test_a_database_restart_costs_no_connection_of_a_device(
-    postgres_dsn: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    postgres_dsn: str, tmp_path: Path, resyncs: Resyncs
 ) -> None:
     """The server ends every connection of both relays, their writers' too (a restart, a
     failover). Each relay's listener notices at once and reads its devices' mailboxes
     again once it listens again: that read, and the next device's login, must not meet
     the writer's dead connection, which would end bob's connection (an ERROR traceback
     for each device on each relay) where it only had to be read again."""
-    resyncs = [0]
-    both_resynced = trio.Event()
-    original = Relay._resynced
-
-    def resync(relay: Relay) -> None:
-        original(relay)
-        resyncs[0] += 1
-        if resyncs[0] == 2:
-            both_resynced.set()
-
-    monkeypatch.setattr(Relay, "_resynced", resync)
     bob, carol = make_user("bob"), make_user("carol")
     sessions = "SELECT pid FROM pg_stat_activity WHERE datname = current_database()"
     with psycopg.connect(postgres_dsn, autocommit=True) as admin:
         not_the_relays = [pid for (pid,) in admin.execute(sessions).fetchall()]
-    async with two_relays(postgres_dsn, tmp_path) as (port_a, port_b):
-        await register(port_a, bob, carol)
-        async with connected(port_a, bob.devices[1]) as receiver:
-            assert await envelopes_until_empty(receiver) == []
-            with psycopg.connect(postgres_dsn, autocommit=True) as admin:
-                cut = admin.execute(
-                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-                    "WHERE datname = current_database() AND backend_type = 'client backend' "
-                    "AND pid <> pg_backend_pid() AND NOT pid = ANY(%s)",
-                    (not_the_relays,),
-                ).fetchall()
-            assert len(cut) == 4  # each relay's writer and listener
-            with trio.fail_after(20):
-                await both_resynced.wait()
-            async with connected(port_b, carol.devices[1]) as sender:
-                await sender.send_direct("bob", [(1, b"after the restart")])
-            assert (await next_envelope(receiver, timeout=20)).payload == b"after the restart"
+    relays = (
+        "datname = current_database() AND backend_type = 'client backend' AND NOT pid = ANY(%s)"
+    )
+    async with bob_on_relay_a_then_cut(
+        postgres_dsn, tmp_path, bob, carol, relays, not_the_relays
+    ) as (cut, port_b, receiver):
+        assert cut == 4  # each relay's writer and listener
+        await resyncs.wait_for(2)
+        async with connected(port_b, carol.devices[1]) as sender:
+            await sender.send_direct("bob", [(1, b"after the restart")])
+        assert (await next_envelope(receiver, timeout=20)).payload == b"after the restart"
 
 
 @pytest.fixture
