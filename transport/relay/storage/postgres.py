@@ -1408,13 +1408,7 @@ class PostgresDatabase(SqliteDatabase):
             # and the next batch must try the move again.
             self._epoch_seen = epoch_seen
         if any(isinstance(call.error, StorageFull) for call in calls):
-            also = self._full_log.line_end(time.monotonic(), "more failed")
-            if also is not None:
-                logger.warning(
-                    "the relay's database is full: requests that store anything are refused "
-                    "(STORAGE_FULL) until it has room%s",
-                    also,
-                )
+            self._log_full("database", "it has room")
 
     def _advance_epoch(self) -> None:
         now = self._clock()

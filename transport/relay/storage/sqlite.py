@@ -456,17 +456,23 @@ class SqliteDatabase:
         run_batch(self._conn, calls)
         if any(isinstance(call.error, StorageFull) for call in calls):
             self._full = True
-            also = self._full_log.line_end(time.monotonic(), "more failed")
-            if also is not None:
-                logger.warning(
-                    "the relay's disk is full: requests that store anything are refused "
-                    "(STORAGE_FULL) until space is freed%s",
-                    also,
-                )
+            self._log_full("disk", "space is freed")
         elif self._full and self._conn.total_changes > changes:  # a write committed
             self._full = False
             if self._room_log.event(time.monotonic()) is not None:
                 logger.warning("the relay's disk has room again: storing resumed")
+
+    def _log_full(self, what: str, until: str) -> None:
+        """A batch failed on a full ``what``: at most one line a minute, the rest counted."""
+        also = self._full_log.line_end(time.monotonic(), "more failed")
+        if also is not None:
+            logger.warning(
+                "the relay's %s is full: requests that store anything are refused "
+                "(STORAGE_FULL) until %s%s",
+                what,
+                until,
+                also,
+            )
 
     def _single(
         self,
