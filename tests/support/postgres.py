@@ -14,6 +14,7 @@ from __future__ import annotations
 import itertools
 import queue
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from typing import Any
@@ -63,6 +64,14 @@ class DatabasePool:
         if isinstance(ready, BaseException):
             raise ready
         return ready
+
+    def settle(self) -> None:
+        """Wait until the thread has made every database it makes ahead: until one is
+        taken, it opens no connection (a test that ends other sessions spares it)."""
+        deadline = time.monotonic() + 60
+        while not self._ready.full():
+            assert time.monotonic() < deadline, "the test databases are not made"
+            time.sleep(0.01)
 
     def drop(self, dsn: str) -> None:
         """Drop a database a test used (later, by the thread)."""

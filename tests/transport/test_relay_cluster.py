@@ -34,6 +34,7 @@ from hushchat.transport.wire.frames import QueueEmpty
 from hushchat.transport.wire.limits import BUNDLE_FETCH_CAPACITY, TARGET_ONE_TIME_CAPACITY
 from hushchat.transport.wire.records import Envelope
 from tests.support.children import RELAY_COMMAND, STARTED, child_env
+from tests.support.postgres import DatabasePool
 from tests.support.relay import (
     announced_port,
     connected,
@@ -479,7 +480,7 @@ async def test_a_relay_that_lost_its_notifications_reads_its_devices_mailboxes_a
 
 
 async def test_a_database_restart_costs_no_connection_of_a_device(
-    postgres_dsn: str, tmp_path: Path, resyncs: Resyncs
+    postgres_dsn: str, postgres_databases: DatabasePool, tmp_path: Path, resyncs: Resyncs
 ) -> None:
     """The server ends every connection of both relays, their writers' too (a restart, a
     failover). Each relay's listener notices at once and reads its devices' mailboxes
@@ -487,6 +488,7 @@ async def test_a_database_restart_costs_no_connection_of_a_device(
     the writer's dead connection, which would end bob's connection (an ERROR traceback
     for each device on each relay) where it only had to be read again."""
     bob, carol = make_user("bob"), make_user("carol")
+    postgres_databases.settle()  # the sessions not the relays' stay the same
     sessions = "SELECT pid FROM pg_stat_activity WHERE datname = current_database()"
     with psycopg.connect(postgres_dsn, autocommit=True) as admin:
         not_the_relays = [pid for (pid,) in admin.execute(sessions).fetchall()]
