@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sqlite3
 from pathlib import Path
@@ -1149,6 +1150,31 @@ async def test_a_stranger_repeating_a_request_the_relay_fails_on_cannot_flood_it
                     await connection.upload_device_list(stranger.signed_list())
     errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
     assert [r.getMessage() for r in errors] == ["internal error handling PUBLISH_DEVICE_LIST"]
+
+
+async def test_a_storage_outage_that_ends_every_connection_cannot_flood_the_log(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The database goes away (or fails on every mailbox read): each connected device's
+    connection ends as its mailbox is read. One traceback for that kind of failure, not
+    one per device: a relay holds thousands, and each reconnects and fails again."""
+    users = [make_user(f"user{i}") for i in range(8)]
+    caplog.set_level(logging.DEBUG, logger="hushchat.relay")
+    async with running_relay(relay_config()) as port:
+        await register(port, *users)
+
+        async def failing(self: SqliteStorage, *args: Any, **kwargs: Any) -> Any:
+            raise RuntimeError("the database is away")
+
+        monkeypatch.setattr(SqliteStorage, "pending", failing)
+        for user in users:
+            with contextlib.suppress(ConnectionClosed):
+                async with connected(port, user.devices[1]) as connection:
+                    with trio.fail_after(10):
+                        await connection.wait_closed()
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert [r.getMessage() for r in errors] == ["connection failed (RuntimeError)"], errors
+    assert errors[0].exc_info is not None  # with its traceback
 
 
 async def test_a_user_id_containing_u0000_is_refused_as_malformed() -> None:
