@@ -141,6 +141,8 @@ class Relay:
         self._refused_logins = LogThrottle(WARNING_LOG_INTERVAL)
         # One per request type (a few dozen at most): each failing kind is seen.
         self._internal_errors: dict[str, LogThrottle] = {}
+        # One per type of error that ended a connection (the relay's own types, few).
+        self._failed_connections: dict[str, LogThrottle] = {}
         # Recently read or stored device lists, oldest first (see device_lists).
         self._directory: dict[str, StoredDeviceList] = {}
 
@@ -150,10 +152,10 @@ class Relay:
         self.connections_served += 1
         try:
             await RelaySession(self, stream).run()
-        except* Exception:
+        except* Exception as failed:
             # A bug must cost this connection only, never the relay (Cancelled,
             # a BaseException, still propagates when the relay shuts down).
-            logger.exception("connection failed")
+            self.connection_failed(failed)
         finally:
             self.connections_open -= 1
             await trio.aclose_forcefully(stream)
@@ -333,6 +335,23 @@ class Relay:
         also = throttle.line_end(trio.current_time() if now is None else now, "more")
         if also is not None:
             logger.exception("internal error handling %s%s", request, also)
+
+    def connection_failed(self, failed: BaseException, *, now: float | None = None) -> None:
+        """Log, from inside its ``except`` block, that ``failed`` ended a connection: the
+        traceback at ERROR, once a minute at most per kind (the first error's type).
+
+        A fault that meets every connection (the database away) ends each
+        connected device's, and each reconnects and meets it again: one line a
+        minute says so; another kind of fault is still seen at once.
+        """
+        first = failed
+        while isinstance(first, BaseExceptionGroup):
+            first = first.exceptions[0]
+        kind = type(first).__name__
+        throttle = self._failed_connections.setdefault(kind, LogThrottle(WARNING_LOG_INTERVAL))
+        also = throttle.line_end(trio.current_time() if now is None else now, "more")
+        if also is not None:
+            logger.exception("connection failed (%s)%s", kind, also)
 
     def is_low(self, counts: PreKeyCounts) -> bool:
         threshold = self.config.limits.prekey_low_threshold
