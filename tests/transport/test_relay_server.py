@@ -1177,6 +1177,31 @@ async def test_a_storage_outage_that_ends_every_connection_cannot_flood_the_log(
     assert errors[0].exc_info is not None  # with its traceback
 
 
+async def test_acknowledgements_the_storage_fails_to_store_cannot_flood_the_log(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Every acknowledgement fails to be stored (the database away): one traceback a
+    minute, not one per acknowledgement of every device."""
+    alice, bob = make_user("alice"), make_user("bob")
+    caplog.set_level(logging.DEBUG, logger="hushchat.relay")
+    async with running_relay(relay_config()) as port:
+        await register(port, alice, bob)
+        async with connected(port, alice.devices[1]) as sender:
+            for index in range(6):
+                await sender.send_direct("bob", [(1, b"%d" % index)])
+
+        async def failing(self: SqliteStorage, *args: Any, **kwargs: Any) -> Any:
+            raise RuntimeError("the database is away")
+
+        monkeypatch.setattr(SqliteStorage, "acknowledge", failing)
+        async with connected(port, bob.devices[1]) as receiver:
+            for envelope in await envelopes_until_empty(receiver):
+                await receiver.ack(envelope.guid)
+            await receiver.ping()  # the relay has read every acknowledgement
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert errors == ["acknowledgement not stored: the envelope will come again"], errors
+
+
 async def test_a_user_id_containing_u0000_is_refused_as_malformed() -> None:
     """A stranger registers and authenticates as "a\\x00stranger", which a C program
     reads as "a" and PostgreSQL text cannot hold: the relay refuses it as malformed on
