@@ -139,10 +139,8 @@ class Relay:
         self.connections_open = 0
         self.connections_served = 0
         self._refused_logins = LogThrottle(WARNING_LOG_INTERVAL)
-        # One per request type (a few dozen at most): each failing kind is seen.
-        self._internal_errors: dict[str, LogThrottle] = {}
-        # One per type of error that ended a connection (the relay's own types, few).
-        self._failed_connections: dict[str, LogThrottle] = {}
+        # One per kind of fault (see _fault): each failing kind is seen.
+        self._faults: dict[str, LogThrottle] = {}
         # Recently read or stored device lists, oldest first (see device_lists).
         self._directory: dict[str, StoredDeviceList] = {}
 
@@ -331,10 +329,7 @@ class Relay:
         store, before the protocol refused it): the log must not grow with it,
         and the operator must still see each kind of fault.
         """
-        throttle = self._internal_errors.setdefault(request, LogThrottle(WARNING_LOG_INTERVAL))
-        also = throttle.line_end(trio.current_time() if now is None else now, "more")
-        if also is not None:
-            logger.exception("internal error handling %s%s", request, also)
+        self._fault(f"internal error handling {request}", now)
 
     def connection_failed(self, failed: BaseException, *, now: float | None = None) -> None:
         """Log, from inside its ``except`` block, that ``failed`` ended a connection: the
@@ -347,11 +342,21 @@ class Relay:
         first = failed
         while isinstance(first, BaseExceptionGroup):
             first = first.exceptions[0]
-        kind = type(first).__name__
-        throttle = self._failed_connections.setdefault(kind, LogThrottle(WARNING_LOG_INTERVAL))
+        self._fault(f"connection failed ({type(first).__name__})", now)
+
+    def acknowledgement_not_stored(self, *, now: float | None = None) -> None:
+        """Log, from inside its ``except`` block, that the storage failed to delete what a
+        device acknowledged: the traceback at ERROR, once a minute at most (every
+        device's acknowledgements fail while the database is away)."""
+        self._fault("acknowledgement not stored: the envelope will come again", now)
+
+    def _fault(self, line: str, now: float | None) -> None:
+        """``line`` and the traceback being handled at ERROR, at most once a minute for
+        each ``line`` (a few dozen: the request types and the relay's error types)."""
+        throttle = self._faults.setdefault(line, LogThrottle(WARNING_LOG_INTERVAL))
         also = throttle.line_end(trio.current_time() if now is None else now, "more")
         if also is not None:
-            logger.exception("connection failed (%s)%s", kind, also)
+            logger.exception("%s%s", line, also)
 
     def is_low(self, counts: PreKeyCounts) -> bool:
         threshold = self.config.limits.prekey_low_threshold

@@ -773,7 +773,7 @@ class RelaySession:
         try:
             await self._acknowledge(seqs)
         except Exception:
-            logger.exception("acknowledgement not stored: the envelope will come again")
+            self._relay.acknowledgement_not_stored()
         finally:
             self._deletions.release()
         for guid in guids:
