@@ -82,6 +82,15 @@ def relay_process(
         relay.wait()
 
 
+def issue_invites(db: Path, count: int) -> list[str]:
+    """Tokens from the operator's `hushchat relay invite` on the relay's database."""
+    command = [sys.executable, "-m", "hushchat.transport.cli", "relay", "invite", "--db", str(db)]
+    issued = subprocess.run(
+        [*command, "--count", str(count)], capture_output=True, text=True, timeout=60, check=True
+    )
+    return [line.split()[0] for line in issued.stdout.splitlines() if line.strip()][:count]
+
+
 class Terminal:
     """One chat in a pseudo-terminal: type lines, wait for text on its screen."""
 

@@ -21,7 +21,14 @@ import trio
 from hushchat.protocol.client_core import ClientCore, RecordKey
 from hushchat.protocol.keys import IdentityKeyPair
 from hushchat.transport.client import ClientStore, open_client
-from tests.support.terminals import EXAMPLES, STORE_KEY, Terminal, clean_env, relay_process
+from tests.support.terminals import (
+    EXAMPLES,
+    STORE_KEY,
+    Terminal,
+    clean_env,
+    issue_invites,
+    relay_process,
+)
 
 CHAT = str(EXAMPLES / "group_chat.py")
 PASSPHRASE = "a long enough passphrase"
@@ -137,15 +144,6 @@ def test_a_relay_that_will_not_have_us_is_one_line_saying_why(
     one_line(result, 1, f"group_chat.py chat: the relay at 127.0.0.1:{port} {why}")
     assert result.stderr.endswith(f" ({code})\n")
     assert files_under(home) == [".hushchat"]  # a failed first start leaves no state
-
-
-def issue_invites(db: Path, count: int) -> list[str]:
-    """Tokens from the operator's `hushchat relay invite` on the relay's database."""
-    command = [sys.executable, "-m", "hushchat.transport.cli", "relay", "invite", "--db", str(db)]
-    issued = subprocess.run(
-        [*command, "--count", str(count)], capture_output=True, text=True, timeout=60, check=True
-    )
-    return [line.split()[0] for line in issued.stdout.splitlines() if line.strip()][:count]
 
 
 def test_the_chat_joins_a_relay_by_invitation_and_one_dialled_by_another_name(

@@ -44,6 +44,7 @@ from tests.support.terminals import (
     WAIT,
     Terminal,
     clean_env,
+    issue_invites,
     relay_process,
 )
 
@@ -322,6 +323,28 @@ def test_echo_bot_a_relay_will_not_have_is_one_line(
     assert "Traceback" not in result.stderr
     assert result.stderr.count("\n") == 1 and result.stderr.startswith("echo_bot.py: ")
     assert result.stderr.endswith(f"({says})\n")
+
+
+async def test_echo_bot_joins_a_relay_by_invitation(tmp_path: Path) -> None:
+    """--invite passes an operator's token at the bot's first registration."""
+    with relay_process(tmp_path / "relay.db", registration="invite") as (_, port):
+        (token,) = issue_invites(tmp_path / "relay.db", 1)
+        bot = await trio.lowlevel.open_process(
+            [*echo_bot(port, tmp_path), "--invite", token],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        assert bot.stdout is not None
+        try:
+            said = b""
+            with trio.fail_after(WAIT):
+                while b"echo-bot ready" not in said:
+                    chunk = await bot.stdout.receive_some()
+                    assert chunk, said
+                    said += chunk
+        finally:
+            bot.send_signal(signal.SIGINT)
+            assert await exit_status(bot, WAIT) == 0
 
 
 async def test_echo_bot_answers_in_the_groups_it_is_added_to(tmp_path: Path) -> None:
