@@ -65,12 +65,15 @@ async def echo(client: Client) -> None:
             answered = [*answered[-REMEMBERED_MESSAGES:], event.message_id]
 
 
-async def run_bot(host: str, port: int, name: str, state_dir: str) -> None:
+async def run_bot(
+    host: str, port: int, name: str, state_dir: str, invite: str | None = None
+) -> None:
     os.makedirs(state_dir, mode=0o700, exist_ok=True)
     store = ClientStore.open(os.path.join(state_dir, "client.db"))
     try:
-        # user_id is used only the first time, to create the user.
-        async with open_client(store, host, port, user_id=name) as client:
+        # user_id (and invite, at a relay that registers by invitation) are used only
+        # the first time, to create the user.
+        async with open_client(store, host, port, user_id=name, invite=invite) as client:
             print(f"{client.address.user_id} ready on {host}:{port}", flush=True)
             await echo(client)
     finally:
@@ -92,6 +95,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--name", type=user_name, default="echo-bot", help="the bot's user name (default echo-bot)"
     )
     parser.add_argument("--state", metavar="DIR", help="its state (default ~/.hushchat/NAME)")
+    parser.add_argument(
+        "--invite",
+        metavar="TOKEN",
+        help="at a relay that registers by invitation: the token its operator issued "
+        "(`hushchat relay invite`), used at the bot's first start",
+    )
     args = parser.parse_args(argv)
     host, _, port = args.relay.rpartition(":")
     if not host or not port.isdigit():
@@ -99,7 +108,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     state = args.state or default_state_dir(args.name)
     status = 0
     try:
-        trio.run(run_bot, host, int(port), args.name, state)
+        trio.run(run_bot, host, int(port), args.name, state, args.invite)
     except* KeyboardInterrupt:  # Ctrl-C stops the bot (trio may raise it in a group)
         print("bye", flush=True)
     except* HushchatError as group:
