@@ -34,3 +34,13 @@ def reap_started() -> None:
                 os.waitpid(pid, 0)
         except ChildProcessError:
             pass  # reaped already (so the pid is not ours to signal any more)
+
+
+async def read_until(stream: trio.abc.ReceiveStream, text: bytes, said: bytes = b"") -> bytes:
+    """``said`` and what ``stream`` (a child's output) says next, read until ``text`` is
+    in it; the stream ending first fails the test, showing what was said."""
+    while text not in said:
+        chunk = await stream.receive_some()
+        assert chunk, said
+        said += chunk
+    return said

@@ -37,6 +37,7 @@ from hushchat.transport.client.client import Client, ClientEvent, MailExpired, o
 from hushchat.transport.client.store import ClientStore
 from hushchat.transport.relay.config import RelayConfig
 from hushchat.transport.relay.server import serve_relay
+from tests.support.children import read_until
 from tests.support.clients import free_port
 from tests.support.terminals import (
     ANSI,
@@ -336,12 +337,8 @@ async def test_echo_bot_joins_a_relay_by_invitation(tmp_path: Path) -> None:
         )
         assert bot.stdout is not None
         try:
-            said = b""
             with trio.fail_after(WAIT):
-                while b"echo-bot ready" not in said:
-                    chunk = await bot.stdout.receive_some()
-                    assert chunk, said
-                    said += chunk
+                await read_until(bot.stdout, b"echo-bot ready")
         finally:
             bot.send_signal(signal.SIGINT)
             assert await exit_status(bot, WAIT) == 0
@@ -363,10 +360,7 @@ async def test_echo_bot_answers_in_the_groups_it_is_added_to(tmp_path: Path) -> 
         async def bot_says(text: bytes) -> None:
             nonlocal output
             assert bot.stdout is not None
-            while text not in output:
-                chunk = await bot.stdout.receive_some()
-                assert chunk, output
-                output += chunk
+            output = await read_until(bot.stdout, text, output)
 
         store = ClientStore.open(str(tmp_path / "alice.db"))
         try:

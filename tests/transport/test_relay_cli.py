@@ -22,7 +22,7 @@ from hushchat.transport.relay.ratelimit import RateLimit
 from hushchat.transport.relay.storage.sqlite import SqliteDatabase
 from hushchat.transport.wire.errors import AuthenticationFailed, MailboxFull, UnknownUser
 from hushchat.transport.wire.limits import DEFAULT_RETENTION_SECONDS
-from tests.support.children import RELAY_COMMAND
+from tests.support.children import RELAY_COMMAND, read_until
 from tests.support.relay import (
     announced_port,
     connected,
@@ -201,12 +201,8 @@ async def test_each_log_line_names_its_level(tmp_path: Path) -> None:
     process = await trio.lowlevel.open_process(argv, stderr=subprocess.PIPE)
     assert process.stderr is not None
     try:
-        output = b""
         with trio.fail_after(20):
-            while b"listening" not in output:
-                chunk = await process.stderr.receive_some()
-                assert chunk, output
-                output += chunk
+            output = await read_until(process.stderr, b"listening")
     finally:
         process.kill()
         await process.wait()
