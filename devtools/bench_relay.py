@@ -113,7 +113,7 @@ from hushchat.transport.client.connection import (
 )
 from hushchat.transport.relay.config import RelayConfig
 from hushchat.transport.relay.server import freeze_startup_objects, serve_relay
-from hushchat.transport.wire.errors import RateLimited, TransportError
+from hushchat.transport.wire.errors import RateLimited, TransportError, first_leaf
 from hushchat.transport.wire.frames import QueueEmpty
 from hushchat.transport.wire.limits import MAX_IN_FLIGHT
 from hushchat.transport.wire.records import Envelope
@@ -761,13 +761,6 @@ async def _load_in(
 PERCENTILES = (("p50", 0.50), ("p95", 0.95), ("p99", 0.99), ("p999", 0.999))
 
 
-def _first_leaf(error: BaseException) -> BaseException:
-    """The first exception inside ``error``'s (nested) groups."""
-    while isinstance(error, BaseExceptionGroup):
-        error = error.exceptions[0]
-    return error
-
-
 def _stop_all(relays: Sequence[_RelayProcess]) -> float:
     """Stop every relay, even if one fails to stop; their highest peak RSS in MiB."""
     peak_mb = 0.0
@@ -833,7 +826,7 @@ def run_relay_bench(
             try:
                 usage = trio.run(_run_load, load, started, timeout, databases.cpu_seconds)
             except* (TransportError, ProtocolError) as group:
-                failure = _first_leaf(group)
+                failure = first_leaf(group)
         finally:
             peak_mb = _stop_all(started)
         if failure is not None:

@@ -21,7 +21,7 @@ import trio
 
 from hushchat.protocol.errors import StateError
 
-from ..wire.errors import RelayError, StorageFull, Superseded, TransportError
+from ..wire.errors import RelayError, StorageFull, Superseded, TransportError, first_leaf
 from ..wire.frames import RequestLimits
 from ..wire.limits import WARNING_LOG_INTERVAL
 from ..wire.records import PreKeyCounts
@@ -339,10 +339,7 @@ class Relay:
         connected device's, and each reconnects and meets it again: one line a
         minute says so; another kind of fault is still seen at once.
         """
-        first = failed
-        while isinstance(first, BaseExceptionGroup):
-            first = first.exceptions[0]
-        self._fault(f"connection failed ({type(first).__name__})", now)
+        self._fault(f"connection failed ({type(first_leaf(failed)).__name__})", now)
 
     def acknowledgement_not_stored(self, *, now: float | None = None) -> None:
         """Log, from inside its ``except`` block, that the storage failed to delete what a

@@ -533,3 +533,10 @@ def relay_error_from_wire(code: str, message: str, detail: Any) -> RelayError:
         # A newer relay's code: its detail has no layout we know, so it is dropped.
         return RelayError(message, wire_code=code)
     return cls.from_wire(message, detail)
+
+
+def first_leaf(error: BaseException) -> BaseException:
+    """The first exception inside ``error``'s (nested) groups; ``error`` if not a group."""
+    while isinstance(error, BaseExceptionGroup):
+        error = error.exceptions[0]
+    return error
